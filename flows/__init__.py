@@ -1,0 +1,1 @@
+"""Prefect flows and tasks that wire actors and storage, deployments, and the CLI."""

