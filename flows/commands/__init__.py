@@ -1,0 +1,1 @@
+"""One module per ``obliviate`` sub-command; each exposes ``register(subparsers)``."""
