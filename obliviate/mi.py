@@ -1,0 +1,300 @@
+"""Mutual information between images (SPEC section 1).
+
+``MI(u, v) = H(u) + H(v) - H(u, v)`` over the gray-level histograms of two images, natural
+log, exactly as ``sklearn.metrics.mutual_info_score(u.ravel(), v.ravel())``.
+
+Speed comes from one identity: with ``f(c) = c log c`` and P pixels,
+``H(u, v) = log P - (1/P) * sum_c f(c)`` over the joint counts. For a row image ``u`` whose
+level counts are known, only the pixels where ``v`` is non-zero change the joint histogram
+away from "``u`` against an all-zero image", so each pair costs O(nnz(v)) table look-ups
+instead of O(P) or O(levels^2). On MNIST about 19 % of pixels are non-zero.
+
+The counting kernels are numba-compiled and run rows of a tile in parallel threads
+(``numba.set_num_threads`` decides how many).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from obliviate.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImages:
+    """Images quantised to ``bins`` levels plus what every pair needs, computed once.
+
+    Attributes:
+        codes: ``(n, P)`` uint8 quantised gray levels, C-contiguous.
+        nz_ptr: ``(n + 1,)`` CSR row pointers into ``nz_pos`` / ``nz_code``.
+        nz_pos: pixel positions of non-zero codes, image after image.
+        nz_code: the non-zero codes at those positions.
+        entropy: ``(n,)`` float64 entropy of each image's code histogram (nats).
+        bins: number of code levels used for counting.
+        clogc: ``f(c) = c log c`` for ``c = 0 .. P``.
+    """
+
+    codes: np.ndarray
+    nz_ptr: np.ndarray
+    nz_pos: np.ndarray
+    nz_code: np.ndarray
+    entropy: np.ndarray
+    bins: int
+    clogc: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def pixels(self) -> int:
+        return int(self.codes.shape[1])
+
+
+def quantize(images: np.ndarray, *, levels: int = 256, bins: int = 256) -> np.ndarray:
+    """Map gray levels ``0 .. levels-1`` to codes ``0 .. min(bins, levels)-1``.
+
+    Level ``x`` becomes ``floor(x * bins / levels)``; with ``bins >= levels`` codes equal levels.
+    Lowering ``bins`` below 256 changes which pairs look similar (SPEC section 1: on MNIST 5k,
+    32 bins ranks pairs with Spearman rho 0.94 against 256 levels).
+    """
+    _check_bins(levels=levels, bins=bins)
+    flat = _as_flat_uint8(images)
+    if bins >= levels:
+        return flat
+    return ((flat.astype(np.uint32) * bins) // levels).astype(np.uint8)
+
+
+def prepare_images(images: np.ndarray, *, levels: int = 256, bins: int = 256) -> PreparedImages:
+    """Quantise images and precompute entropies and sparse non-zero lists.
+
+    Args:
+        images: ``(n, H, W)`` or ``(n, P)`` uint8 gray levels.
+        levels: gray levels of the source (256 for 8-bit data).
+        bins: code levels to count with (SPEC default 256).
+    """
+    codes = np.ascontiguousarray(quantize(images, levels=levels, bins=bins))
+    n, pixels = codes.shape
+    mask = codes != 0
+    nz_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(mask.sum(axis=1), out=nz_ptr[1:])
+    rows, cols = np.nonzero(mask)
+    clogc = _clogc_table(pixels)
+    code_levels = min(bins, levels)
+    entropy = _entropies(codes, clogc, code_levels)
+    return PreparedImages(
+        codes=codes,
+        nz_ptr=nz_ptr,
+        nz_pos=cols.astype(np.int32),
+        nz_code=codes[rows, cols].astype(np.uint8),
+        entropy=entropy,
+        bins=code_levels,
+        clogc=clogc,
+    )
+
+
+def mutual_information(
+    u: np.ndarray, v: np.ndarray, *, levels: int = 256, bins: int = 256, normalize: bool = False
+) -> float:
+    """MI of one image pair (SPEC section 1).
+
+    Args:
+        u: gray-level image, any shape with the same number of pixels as ``v``.
+        v: gray-level image.
+        levels: gray levels of the source.
+        bins: code levels to count with.
+        normalize: return ``2 MI / (H(u) + H(v))`` instead of raw MI (1.0 for two constant images,
+            as ``sklearn.metrics.normalized_mutual_info_score``).
+    """
+    u_flat, v_flat = np.asarray(u).reshape(1, -1), np.asarray(v).reshape(1, -1)
+    if u_flat.shape != v_flat.shape:
+        raise DataError(
+            f"both images of a pair must have the same number of pixels; got {u_flat.shape[1]} and "
+            f"{v_flat.shape[1]}."
+        )
+    prepared = prepare_images(np.concatenate([u_flat, v_flat]), levels=levels, bins=bins)
+    tile = mi_tile(prepared, rows=np.array([0]), cols=np.array([1]), normalize=normalize)
+    return float(tile[0, 0])
+
+
+def mi_tile(
+    prepared: PreparedImages,
+    *,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    normalize: bool = False,
+    upper_only: bool = False,
+) -> np.ndarray:
+    """One tile of the MI matrix: ``tile[a, b] = MI(rows[a], cols[b])`` as float32.
+
+    Args:
+        prepared: output of :func:`prepare_images`.
+        rows: image indices of the tile's rows.
+        cols: image indices of the tile's columns.
+        normalize: normalised MI (SPEC section 1 switch).
+        upper_only: compute only entries with ``rows[a] < cols[b]`` and leave the rest 0;
+            for diagonal tiles of a symmetric plan, which mirror them afterwards.
+    """
+    rows = _check_indices(rows, prepared.n, "rows")
+    cols = _check_indices(cols, prepared.n, "cols")
+    tile = np.zeros((rows.shape[0], cols.shape[0]), dtype=np.float32)
+    _tile_kernel(
+        prepared.codes,
+        prepared.nz_ptr,
+        prepared.nz_pos,
+        prepared.nz_code,
+        prepared.entropy,
+        prepared.clogc,
+        prepared.bins,
+        rows,
+        cols,
+        normalize,
+        upper_only,
+        numba.get_num_threads(),
+        tile,
+    )
+    return tile
+
+
+def mi_matrix(
+    images: np.ndarray,
+    *,
+    levels: int = 256,
+    bins: int = 256,
+    normalize: bool = False,
+    block: int = 1024,
+) -> np.ndarray:
+    """The full symmetric ``(n, n)`` float32 MI matrix, computed tile by tile in this process.
+
+    The diagonal holds ``MI(u, u) = H(u)`` (1 when normalised). Use only where ``4 n^2`` bytes
+    fit in memory; the distributed ``reduce`` flow streams tiles through storage instead.
+    """
+    prepared = prepare_images(images, levels=levels, bins=bins)
+    n = prepared.n
+    matrix = np.zeros((n, n), dtype=np.float32)
+    for start_r in range(0, n, block):
+        rows = np.arange(start_r, min(start_r + block, n))
+        for start_c in range(start_r, n, block):
+            cols = np.arange(start_c, min(start_c + block, n))
+            tile = mi_tile(prepared, rows=rows, cols=cols, normalize=normalize, upper_only=start_c == start_r)
+            matrix[np.ix_(rows, cols)] = tile
+    upper = np.triu(matrix, k=1)
+    matrix = upper + upper.T
+    diag = np.ones(n, dtype=np.float32) if normalize else prepared.entropy.astype(np.float32)
+    np.fill_diagonal(matrix, diag)
+    return matrix
+
+
+def _check_bins(*, levels: int, bins: int) -> None:
+    if not 2 <= levels <= 256:
+        raise ConfigError(f"levels must be in 2..256 (gray levels of the source); got {levels}.")
+    if not 2 <= bins <= 256:
+        raise ConfigError(f"bins must be in 2..256; got {bins}. The spec default is 256.")
+
+
+def _as_flat_uint8(images: np.ndarray) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.dtype != np.uint8:
+        raise DataError(
+            f"images must be uint8 gray levels; got dtype {arr.dtype}. Cast with .astype(np.uint8) "
+            "after scaling to the source's levels."
+        )
+    if arr.ndim < 2:
+        raise DataError(f"images must have shape (n, P) or (n, H, W); got {arr.shape}.")
+    return arr.reshape(arr.shape[0], -1)
+
+
+def _check_indices(idx: np.ndarray, n: int, what: str) -> np.ndarray:
+    arr = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise ConfigError(f"{what} must index the {n} prepared images; got values {arr.min()}..{arr.max()}.")
+    return arr
+
+
+def _clogc_table(pixels: int) -> np.ndarray:
+    counts = np.arange(pixels + 1, dtype=np.float64)
+    table = np.zeros(pixels + 1, dtype=np.float64)
+    table[1:] = counts[1:] * np.log(counts[1:])
+    return table
+
+
+@numba.njit(cache=True, parallel=True)
+def _entropies(codes: np.ndarray, clogc: np.ndarray, bins: int) -> np.ndarray:
+    n, pixels = codes.shape
+    out = np.empty(n, dtype=np.float64)
+    log_p = math.log(pixels)
+    for i in numba.prange(n):
+        counts = np.zeros(bins, dtype=np.int64)
+        for p in range(pixels):
+            counts[codes[i, p]] += 1
+        acc = 0.0
+        for c in range(bins):
+            acc += clogc[counts[c]]
+        out[i] = log_p - acc / pixels
+    return out
+
+
+@numba.njit(cache=True, parallel=True)
+def _tile_kernel(
+    codes: np.ndarray,
+    nz_ptr: np.ndarray,
+    nz_pos: np.ndarray,
+    nz_code: np.ndarray,
+    entropy: np.ndarray,
+    clogc: np.ndarray,
+    bins: int,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    normalize: bool,
+    upper_only: bool,
+    n_threads: int,
+    tile: np.ndarray,
+) -> None:
+    pixels = codes.shape[1]
+    log_p = math.log(pixels)
+    n_rows = rows.shape[0]
+    # step[c] = f(c + 1) - f(c): the change of sum f when one count grows from c to c + 1.
+    step = clogc[1:] - clogc[:-1]
+    chunk = (n_rows + n_threads - 1) // n_threads
+    for t in numba.prange(n_threads):
+        # Per-thread scratch. joint[a * bins + b] counts pixels with u at a and v at b != 0;
+        # rest[a] counts pixels with u at a and v at 0. Both return to their start after each pair.
+        joint = np.zeros(bins * bins, dtype=np.int32)
+        rest = np.zeros(bins, dtype=np.int32)
+        for a in range(t * chunk, min((t + 1) * chunk, n_rows)):
+            u = rows[a]
+            rest[:] = 0
+            for p in range(pixels):
+                rest[codes[u, p]] += 1
+            base = 0.0
+            for lvl in range(bins):
+                base += clogc[rest[lvl]]
+            for b in range(cols.shape[0]):
+                v = cols[b]
+                if upper_only and v <= u:
+                    continue
+                gained = 0.0
+                lost = 0.0
+                for k in range(nz_ptr[v], nz_ptr[v + 1]):
+                    level_u = codes[u, nz_pos[k]]
+                    key = level_u * bins + nz_code[k]
+                    gained += step[joint[key]]
+                    joint[key] += 1
+                    rest[level_u] -= 1
+                    lost += step[rest[level_u]]
+                for k in range(nz_ptr[v], nz_ptr[v + 1]):
+                    level_u = codes[u, nz_pos[k]]
+                    joint[level_u * bins + nz_code[k]] = 0
+                    rest[level_u] += 1
+                joint_entropy = log_p - (base + gained - lost) / pixels
+                mi = entropy[u] + entropy[v] - joint_entropy
+                if mi < 0.0:
+                    mi = 0.0  # rounding below zero; MI is non-negative
+                if normalize:
+                    denom = entropy[u] + entropy[v]
+                    mi = 2.0 * mi / denom if denom > 0.0 else 1.0
+                tile[a, b] = mi
