@@ -22,7 +22,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
+from obliviate.data import ImageDataset, stratified_split
+from obliviate.errors import ConfigError
 from obliviate.selectors import Pool, acquire, image_entropy
 from obliviate.substitute import (
     TrainConfig,
@@ -232,3 +235,58 @@ def seed_reference(budget: int) -> tuple[float | None, float | None]:
 
 def _fmt(value: float | None, *, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def train_target(
+    data: ImageDataset,
+    *,
+    train_size: int,
+    config: TrainConfig,
+    seed: int,
+) -> tuple[torch.nn.Module, dict]:
+    """Train a target classifier on a stratified, seeded part of ``data``.
+
+    Returns:
+        the model and checkpoint metadata (``train_indices`` among them, so an audit can draw
+        its pool from the rest).
+    """
+    if not 1 <= train_size < len(data):
+        raise ConfigError(f"train_size must be in 1..{len(data) - 1} (leave images for the pool); got {train_size}.")
+    (train_idx,) = stratified_split(data.labels, sizes=(train_size,), rng=np.random.default_rng(seed))
+    model = train_classifier(
+        data.images[train_idx], data.labels[train_idx], config=config, seed=seed,
+        num_classes=data.num_classes, levels=data.levels,
+    )
+    meta = {
+        "num_classes": data.num_classes,
+        "image_size": data.image_shape[0],
+        "levels": data.levels,
+        "dataset": data.name,
+        "dataset_fingerprint": data.fingerprint,
+        "train_indices": sorted(int(i) for i in train_idx),
+        "train_steps": config.steps,
+        "seed": seed,
+    }
+    return model, meta
+
+
+def audit_split(
+    data: ImageDataset,
+    *,
+    exclude: Sequence[int],
+    pool_size: int,
+    test_size: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded pool and test indices drawn from ``data`` minus ``exclude`` (the target's
+    training indices), so the attacker's pool and the test set never overlap its training data."""
+    keep = np.setdiff1d(np.arange(len(data)), np.asarray(list(exclude), dtype=np.int64))
+    if pool_size + test_size > len(keep):
+        raise ConfigError(
+            f"pool_size + test_size = {pool_size + test_size} exceeds the {len(keep)} images not used to "
+            "train the target; lower them."
+        )
+    pool_part, test_part = stratified_split(
+        data.labels[keep], sizes=(pool_size, test_size), rng=np.random.default_rng(seed)
+    )
+    return keep[pool_part], keep[test_part]

@@ -22,6 +22,7 @@ import base64
 import hashlib
 import http.client
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -302,3 +303,52 @@ def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode) -> np.ndarr
     if answer.ndim != 2 or answer.shape[0] != n:
         raise TargetRequestError(f"probabilities must have shape ({n}, C); got {answer.shape}.")
     return answer.astype(np.float32)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, meta: dict) -> None:
+    """Save a target as ``{"arch", "state_dict", "meta"}`` with ``torch.save``.
+
+    ``meta`` should hold plain values only (numbers, strings, lists): ``num_classes``,
+    ``image_size``, ``levels``, ``dataset``, ``dataset_fingerprint`` and ``train_indices`` (so an
+    audit can keep its pool disjoint from the training data).
+    """
+    torch.save({"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load a target saved by :func:`save_checkpoint` (``weights_only=True``: no code is unpickled).
+
+    Returns:
+        the model in evaluation mode and its metadata (``meta`` plus ``arch``).
+    """
+    from obliviate.models import build_model
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ConfigError(f"target checkpoint {str(path)!r} does not exist; train one with `obliviate target train`.") from err
+    if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
+        raise ConfigError(
+            f"{str(path)!r} is not a target checkpoint: expected a dict with 'arch' and 'state_dict'. "
+            "Save targets with obliviate.target.save_checkpoint."
+        )
+    meta = dict(blob.get("meta", {}))
+    model = build_model(
+        blob["arch"], num_classes=int(meta.get("num_classes", 10)), image_size=int(meta.get("image_size", 28)), seed=0
+    )
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), meta | {"arch": blob["arch"]}
+
+
+def open_backend(target: str, *, timeout_s: float = 30.0, retries: int = 3) -> tuple[Backend, dict]:
+    """A backend for ``target``: an ``http(s)://`` URL or a checkpoint path.
+
+    Returns:
+        the backend and the target's metadata (checkpoint ``meta``, or the server's ``GET /info``;
+        ``{}`` when the server has none).
+    """
+    if target.startswith(("http://", "https://")):
+        backend = HttpBackend(target, timeout_s=timeout_s, retries=retries)
+        return backend, backend.info()
+    model, meta = load_checkpoint(target)
+    return LocalTorchBackend(model, levels=int(meta.get("levels", 256))), meta
