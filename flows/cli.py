@@ -18,6 +18,8 @@ from obliviate.errors import ObliviateError
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.reduce",
     "flows.commands.demo",
+    "flows.commands.target",
+    "flows.commands.steal",
 )
 
 
