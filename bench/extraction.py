@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", default="0.1,0.2,0.3")
     p.add_argument("--name", default="extraction")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--merge", default="",
+        help="comma-separated result names (e.g. one per split, run as parallel processes) to merge into --name",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge.split(","), args.name)
 
     torch.set_num_threads(args.threads)
     splits = [int(s) for s in args.splits.split(",")]
@@ -82,6 +88,28 @@ def main(argv: list[str] | None = None) -> int:
         per_split.append(run_split(data, split, budgets, selectors, eps, sub_train, target_train, args))
         _write(args.name, per_split, args, budgets, selectors, eps, time.perf_counter() - t_start, final=False)
     _write(args.name, per_split, args, budgets, selectors, eps, time.perf_counter() - t_start, final=True)
+    return 0
+
+
+def merge(names: list[str], name: str) -> int:
+    """Combine per-split result files (same config apart from --splits) into one result."""
+    docs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    per_split, seconds = [], 0.0
+    for doc in docs:
+        if not doc["complete"]:
+            raise SystemExit(f"{doc['config']['name']} is incomplete; wait for it to finish")
+        for info in doc["splits"]:
+            info = dict(info) | {"cells": [c for c in doc["cells"] if c["split"] == info["split"]]}
+            per_split.append(info)
+        seconds += doc["seconds"]
+    config = dict(docs[0]["config"])
+    config["splits"] = ",".join(str(i["split"]) for i in per_split)
+    config["merged_from"] = names
+    budgets, selectors, eps = config.pop("budgets"), config.pop("selectors"), tuple(config.pop("eps"))
+    for key in ("split_sizes", "substitute", "default_selector"):
+        config.pop(key, None)
+    config["name"] = name
+    _write(name, per_split, argparse.Namespace(**config), budgets, selectors, eps, seconds, final=True)
     return 0
 
 
@@ -216,8 +244,61 @@ def _write(name, per_split, args, budgets, selectors, eps, seconds, *, final: bo
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1, default=float))
+    (RESULTS / f"{name}.md").write_text(_markdown(doc, rows, budgets, eps))
     _plot(RESULTS / f"{name}.png", rows, budgets, eps)
     print(f"wrote {RESULTS / (name + '.json')} ({len(cells)} cells, {seconds:.0f}s)", flush=True)
+
+
+def _markdown(doc: dict, rows, budgets: list[int], eps) -> str:
+    """The experiment's tables: ours (mean ± std over splits and subsets) beside the seed's."""
+    e_keys = [f"{e:g}" for e in eps]
+    seed_acc = dict(zip(SEED_BUDGETS, SEED_TABLE["drmi"]["accuracy"]))
+    seed_tr = dict(zip(SEED_BUDGETS, SEED_TABLE["drmi"]["transferability"]))
+    prac_acc = dict(zip(SEED_BUDGETS, SEED_TABLE["practical"]["accuracy"]))
+    prac_tr = dict(zip(SEED_BUDGETS, SEED_TABLE["practical"]["transferability"]))
+    splits = doc["splits"]
+    out = [
+        f"# Model extraction on MNIST 5k ({len(splits)} splits; {'complete' if doc['complete'] else 'PARTIAL'})",
+        "",
+        "Target LeNet-5 on 2,000 images; accuracy on its 1,000 test images per split: "
+        + ", ".join(f"{100 * s['target_accuracy']:.2f} %" for s in splits) + ".",
+        f"Substitute LeNet-5, {doc['config']['sub_steps']} Adam steps; DRMI with {doc['config']['drmi_starts']} "
+        "seeded restarts. Percent, mean ± std over all runs (splits × subsets/seeds).",
+        "",
+        "| selector | budget | runs | accuracy | agreement | " + " | ".join(f"FGSM ε={e}" for e in e_keys)
+        + " | seed: DRMI acc / transfer | seed: Practical acc / transfer |",
+        "|" + "---|" * (6 + len(e_keys) + 1),
+    ]
+    for r in rows:
+        seed_cell = f"{seed_acc.get(r.budget, '–')} / {seed_tr.get(r.budget, '–')}"
+        prac_cell = f"{prac_acc.get(r.budget, '–')} / {prac_tr.get(r.budget, '–')}"
+        out.append(
+            f"| {r.selector} | {r.budget} | {r.runs} | {100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f} | "
+            f"{100 * r.agreement_mean:.2f} ± {100 * r.agreement_std:.2f} | "
+            + " | ".join(f"{100 * r.transfer_mean[e]:.2f} ± {100 * r.transfer_std[e]:.2f}" for e in e_keys)
+            + f" | {seed_cell} | {prac_cell} |"
+        )
+    diffs = doc["paired_vs_random_points"]
+    if diffs:
+        out += ["", "Paired agreement difference selector − random (points; random = mean of its subsets on the same split):", ""]
+        out.append("| selector | split | " + " | ".join(f"k={b}" for b in budgets) + " | wins |")
+        out.append("|" + "---|" * (len(budgets) + 3))
+        for sel, d in diffs.items():
+            for s, row in zip(splits, d["agreement"]):
+                out.append(
+                    f"| {sel} | {s['split']} | " + " | ".join("–" if v is None else f"{v:+.2f}" for v in row)
+                    + f" | {sum(1 for v in row if v is not None and v > 0)}/{len(row)} |"
+                )
+    out += ["", "Mean gray-level entropy of the bought images (nats) and class histogram (queried labels, mean over runs):", ""]
+    out.append("| selector | budget | mean entropy | histogram 0..9 |")
+    out.append("|---|---|---|---|")
+    out.append(
+        f"| pool | 2000 | {np.mean([s['pool_mean_entropy'] for s in splits]):.3f} | "
+        + " ".join(str(v) for v in splits[0]["pool_class_histogram"]) + " |"
+    )
+    for r in rows:
+        out.append(f"| {r.selector} | {r.budget} | {r.mean_entropy:.3f} | {' '.join(f'{v:g}' for v in r.class_histogram)} |")
+    return "\n".join(out) + "\n"
 
 
 def _plot(path: Path, rows, budgets, eps) -> None:

@@ -214,8 +214,9 @@ def jacobian_augment(
     """
     substitute.eval()
     x = images_to_tensor(images, levels=levels).requires_grad_(True)
-    logits = substitute(x)
-    picked = logits.gather(1, torch.as_tensor(labels, dtype=torch.long)[:, None]).sum()
+    # F is the substitute's softmax output, as in the paper (not the logit).
+    probs = torch.softmax(substitute(x), dim=1)
+    picked = probs.gather(1, torch.as_tensor(labels, dtype=torch.long)[:, None]).sum()
     (grad,) = torch.autograd.grad(picked, x)
     return tensor_to_images((x + lam * grad.sign()).clamp(0.0, 1.0).detach(), levels=levels)
 

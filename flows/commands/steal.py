@@ -13,7 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "steal", help="audit how well a black-box target can be extracted with k label queries"
     )
-    parser.add_argument("--target", required=True, help="checkpoint path (obliviate target train) or http(s)://.../predict")
+    parser.add_argument("--target", help="checkpoint path (obliviate target train) or http(s)://.../predict")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores)",
+    )
     parser.add_argument("--pool", default="mnist5k", help="dataset for the attacker's pool and the test set")
     parser.add_argument("--budgets", default="50,150,200,300,600", help="comma-separated query budgets")
     parser.add_argument("--selectors", default="drmi,random,jacobian", help="comma-separated selector names")
@@ -43,7 +47,22 @@ def _ints(text: str, what: str) -> list[int]:
         raise ConfigError(f"{what} must be comma-separated integers; got {text!r}.") from err
 
 
+DEMO_SETTINGS = {
+    "budgets": "50,150,300",
+    "selectors": "drmi,random,jacobian,facility",
+    "seeds": 1,
+    "pool_size": 1000,
+    "test_size": 500,
+    "steps": 150,
+    "drmi_starts": 8,
+}
+
+
 def run_steal(args: argparse.Namespace) -> int:
+    if args.demo:
+        return run_steal_demo(args)
+    if not args.target:
+        raise ConfigError("--target is required (a checkpoint path or an http(s) URL), unless --demo is given.")
     # The temporary Prefect server needs these before prefect is imported (PLATFORM.md).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -84,3 +103,18 @@ def run_steal(args: argparse.Namespace) -> int:
             ray.shutdown()
     print(f"audit report: {paths['markdown']} (also {paths['json']}, {paths['png']})")
     return 0
+
+
+def run_steal_demo(args: argparse.Namespace) -> int:
+    """Train a LeNet-5 target on 2,000 mnist5k images (once, kept under ``--out``) and audit it on a
+    small grid; prints where the report is."""
+    from flows.commands.target import run_train
+
+    checkpoint = Path(args.out) / "target.pt"
+    if not checkpoint.exists():
+        print(f"training a LeNet-5 target on 2,000 mnist5k images -> {checkpoint}", flush=True)
+        run_train(argparse.Namespace(
+            data=args.pool, out=str(checkpoint), arch="lenet5", train_size=2000, steps=600, seed=0
+        ))
+    demo = argparse.Namespace(**(vars(args) | DEMO_SETTINGS | {"target": str(checkpoint), "demo": False}))
+    return run_steal(demo)
