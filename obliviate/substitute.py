@@ -214,9 +214,10 @@ def jacobian_augment(
     """
     substitute.eval()
     x = images_to_tensor(images, levels=levels).requires_grad_(True)
-    # F is the substitute's softmax output, as in the paper (not the logit).
-    probs = torch.softmax(substitute(x), dim=1)
-    picked = probs.gather(1, torch.as_tensor(labels, dtype=torch.long)[:, None]).sum()
+    # F is the substitute's softmax output, as in the paper. grad log F_y = grad F_y / F_y has the
+    # same sign per pixel and does not underflow to 0 when the substitute is saturated (F_y = 1.0).
+    log_probs = torch.log_softmax(substitute(x), dim=1)
+    picked = log_probs.gather(1, torch.as_tensor(labels, dtype=torch.long)[:, None]).sum()
     (grad,) = torch.autograd.grad(picked, x)
     return tensor_to_images((x + lam * grad.sign()).clamp(0.0, 1.0).detach(), levels=levels)
 
