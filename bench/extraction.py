@@ -42,9 +42,10 @@ from obliviate.substitute import TrainConfig, accuracy, train_classifier  # noqa
 from obliviate.target import LocalTorchBackend, Target  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Selector-major order, most important first, so a run cut short still has every budget for these.
 ALL_SELECTORS = (
-    "drmi", "drmi_nmi", "drmi_bins16", "drmi_binary", "drmi_coarse",
-    "random", "jacobian", "kcenter", "facility", "cluster_centers",
+    "random", "drmi", "facility", "jacobian", "drmi_nmi", "kcenter", "cluster_centers",
+    "drmi_bins16", "drmi_binary", "drmi_coarse",
 )  # fmt: skip
 
 
@@ -85,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     per_split = []
     for split in splits:
-        per_split.append(run_split(data, split, budgets, selectors, eps, sub_train, target_train, args))
-        _write(args.name, per_split, args, budgets, selectors, eps, time.perf_counter() - t_start, final=False)
+        def save_partial(info: dict) -> None:
+            _write(args.name, per_split + [info], args, budgets, selectors, eps, time.perf_counter() - t_start, final=False)
+
+        per_split.append(run_split(data, split, budgets, selectors, eps, sub_train, target_train, args, save_partial))
     _write(args.name, per_split, args, budgets, selectors, eps, time.perf_counter() - t_start, final=True)
     return 0
 
@@ -121,7 +124,7 @@ def seeds_for(selector: str, args: argparse.Namespace) -> list[int]:
     return list(range(args.sub_seeds))
 
 
-def run_split(data, split, budgets, selectors, eps, sub_train, target_train, args) -> dict:
+def run_split(data, split, budgets, selectors, eps, sub_train, target_train, args, save_partial) -> dict:
     t0 = time.perf_counter()
     train_idx, pool_idx, test_idx = stratified_split(
         data.labels, sizes=(2000, 2000, 1000), rng=np.random.default_rng(split)
@@ -142,8 +145,8 @@ def run_split(data, split, budgets, selectors, eps, sub_train, target_train, arg
         "cells": [],
     }
     print(f"[split {split}] target accuracy {info['target_accuracy']:.4f}", flush=True)
-    for budget in budgets:
-        for sel in selectors:
+    for sel in selectors:
+        for budget in budgets:
             for r in seeds_for(sel, args):
                 cell_seed = 1000 * split + r
                 attacker = Target(LocalTorchBackend(target), budget=budget)
@@ -162,6 +165,7 @@ def run_split(data, split, budgets, selectors, eps, sub_train, target_train, arg
                     f"hist={cell.class_histogram} {cell.seconds:.1f}s",
                     flush=True,
                 )
+        save_partial(info)
     info["split_seconds"] = time.perf_counter() - t0
     return info
 
