@@ -45,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Selector-major order, most important first, so a run cut short still has every budget for these.
 ALL_SELECTORS = (
     "random", "drmi", "facility", "jacobian", "drmi_nmi", "kcenter", "cluster_centers",
-    "drmi_bins16", "drmi_binary", "drmi_coarse",
+    "drmi_bins16", "drmi_binary", "drmi_coarse", "jacobian_r2",
 )  # fmt: skip
 
 
@@ -97,18 +97,24 @@ def main(argv: list[str] | None = None) -> int:
 def merge(names: list[str], name: str) -> int:
     """Combine per-split result files (same config apart from --splits) into one result."""
     docs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
-    per_split, seconds = [], 0.0
+    by_split: dict[int, dict] = {}
+    seconds = 0.0
+    selectors: list[str] = []
     for doc in docs:
         if not doc["complete"]:
             raise SystemExit(f"{doc['config']['name']} is incomplete; wait for it to finish")
+        selectors += [s for s in doc["config"]["selectors"] if s not in selectors]
         for info in doc["splits"]:
-            info = dict(info) | {"cells": [c for c in doc["cells"] if c["split"] == info["split"]]}
-            per_split.append(info)
+            cells = [c for c in doc["cells"] if c["split"] == info["split"]]
+            # Files run on the same split (e.g. a selector added later) share its target: append cells.
+            by_split.setdefault(info["split"], dict(info) | {"cells": []})["cells"].extend(cells)
         seconds += doc["seconds"]
+    per_split = [by_split[k] for k in sorted(by_split)]
     config = dict(docs[0]["config"])
     config["splits"] = ",".join(str(i["split"]) for i in per_split)
     config["merged_from"] = names
-    budgets, selectors, eps = config.pop("budgets"), config.pop("selectors"), tuple(config.pop("eps"))
+    budgets, eps = config.pop("budgets"), tuple(config.pop("eps"))
+    config.pop("selectors")
     for key in ("split_sizes", "substitute", "default_selector"):
         config.pop(key, None)
     config["name"] = name
@@ -119,7 +125,7 @@ def merge(names: list[str], name: str) -> int:
 def seeds_for(selector: str, args: argparse.Namespace) -> list[int]:
     if selector == "random":
         return list(range(args.random_subsets))
-    if selector == "jacobian":
+    if selector.startswith("jacobian"):
         return list(range(args.jacobian_seeds))
     return list(range(args.sub_seeds))
 

@@ -78,6 +78,13 @@ def test_jacobian_selector_spends_exactly_k_queries(pool, target_model):
     assert [r.size for r in target.log] == [13, 13, 24]
 
 
+def test_two_round_jacobian_uses_a_quarter_of_the_budget_as_seed_set(pool, target_model):
+    target = Target(LocalTorchBackend(target_model), budget=100)
+    got = acquire("jacobian_r2", pool, k=100, rng=np.random.default_rng(2), target=target, train=TINY)
+    assert target.used == 100 and [r.size for r in target.log] == [25, 25, 50]
+    assert (got.pool_indices >= 0).sum() == 25
+
+
 def test_adding_a_selector_is_one_function(pool, target_model):
     @selector("first_k_test_only")
     def first_k(pool, *, k, rng):
