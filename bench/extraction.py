@@ -13,10 +13,14 @@ differences against random per split, the seed's table) and ``<name>.png``.
 Usage (from the repository root)::
 
     nice -n 10 python bench/extraction.py                      # the reported grid
-    nice -n 10 python bench/extraction.py --splits 100,101 --name extraction_pilot  # pilot splits
+    # what was committed: one process per split, then merged
+    nice -n 10 python bench/extraction.py --splits 0 --jacobian-seeds 1 --name extraction_parts/extraction_split0
+    nice -n 10 python bench/extraction.py --splits 0 --selectors jacobian_r2 --name extraction_parts/extraction_jr2_0
+    python bench/extraction.py --merge extraction_parts/extraction_split0,...,extraction_parts/extraction_jr2_2 --name extraction
+    nice -n 10 python bench/extraction.py --splits 3 --selectors random,cluster_centers,facility --name extraction_parts/extraction_confirm3
 
-Never tune on the reported splits: the default selector is chosen on pilot splits
-(different seeds) and then run unchanged here.
+Never tune on the reported splits: any selector chosen after seeing splits 0-2 is checked on
+fresh splits (3-5, ``extraction_confirm``).
 """
 
 from __future__ import annotations
