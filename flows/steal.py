@@ -167,7 +167,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
     ]
     if setup.overlap_warning:
         md += [f"**Warning:** {setup.overlap_warning}", ""]
-    report_md = "\n".join(md) + markdown_report(rows, pool_histogram=setup.pool_histogram, pool_entropy=setup.pool_entropy)
+    report_md = "\n".join(md) + "\n" + markdown_report(rows, pool_histogram=setup.pool_histogram, pool_entropy=setup.pool_entropy)
     doc = {
         "config": config,
         "target": setup.target,

@@ -49,7 +49,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 DEMO_SETTINGS = {
     "budgets": "50,150,300",
-    "selectors": "drmi,random,jacobian,facility",
+    "selectors": "drmi,random,jacobian_r2,cluster_centers",
     "seeds": 1,
     "pool_size": 1000,
     "test_size": 500,
