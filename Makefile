@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/obliviate demo
+	$(VENV)/bin/obliviate demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest

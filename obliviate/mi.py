@@ -16,6 +16,7 @@ The counting kernels are numba-compiled and run rows of a tile in parallel threa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numba
@@ -167,21 +168,36 @@ def mi_matrix(
     bins: int = 256,
     normalize: bool = False,
     block: int = 1024,
+    on_tile: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """The full symmetric ``(n, n)`` float32 MI matrix, computed tile by tile in this process.
 
     The diagonal holds ``MI(u, u) = H(u)`` (1 when normalised). Use only where ``4 n^2`` bytes
     fit in memory; the distributed ``reduce`` flow streams tiles through storage instead.
+
+    Args:
+        images: ``(n, H, W)`` or ``(n, P)`` uint8 gray levels.
+        levels: gray levels of the source.
+        bins: code levels to count with.
+        normalize: normalised MI.
+        block: tile side.
+        on_tile: called as ``on_tile(done, total)`` after each tile, for progress display.
     """
     prepared = prepare_images(images, levels=levels, bins=bins)
     n = prepared.n
     matrix = np.zeros((n, n), dtype=np.float32)
-    for start_r in range(0, n, block):
+    starts = range(0, n, block)
+    total = len(starts) * (len(starts) + 1) // 2
+    done = 0
+    for start_r in starts:
         rows = np.arange(start_r, min(start_r + block, n))
         for start_c in range(start_r, n, block):
             cols = np.arange(start_c, min(start_c + block, n))
             tile = mi_tile(prepared, rows=rows, cols=cols, normalize=normalize, upper_only=start_c == start_r)
-            matrix[np.ix_(rows, cols)] = tile
+            matrix[start_r : start_r + rows.shape[0], start_c : start_c + cols.shape[0]] = tile
+            done += 1
+            if on_tile is not None:
+                on_tile(done, total)
     upper = np.triu(matrix, k=1)
     matrix = upper + upper.T
     diag = np.ones(n, dtype=np.float32) if normalize else prepared.entropy.astype(np.float32)

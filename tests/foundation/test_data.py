@@ -1,0 +1,141 @@
+"""Loading real data, fingerprints, splits and bad-input errors (issue 2, data)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from obliviate.data import ImageDataset, load_dataset, stratified_split, to_gray
+from obliviate.errors import DataError
+
+
+def test_mnist5k_is_real_uint8_mnist_with_500_per_class() -> None:
+    data = load_dataset("mnist5k")
+    assert data.images.shape == (5000, 28, 28)
+    assert data.images.dtype == np.uint8
+    assert data.levels == 256
+    assert np.bincount(data.labels).tolist() == [500] * 10
+    # Real MNIST: mostly background, strokes reach full intensity.
+    assert 0.7 < (data.images == 0).mean() < 0.9
+    assert data.images.max() == 255
+
+
+def test_digits_keeps_its_17_levels() -> None:
+    data = load_dataset("digits")
+    assert data.images.shape == (1797, 8, 8)
+    assert data.levels == 17
+    assert data.images.max() == 16
+
+
+def test_npz_round_trip_and_fingerprint(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(20, 6, 6), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=20)
+    path = tmp_path / "pool.npz"
+    np.savez(path, images=images, labels=labels)
+    loaded = load_dataset(path)
+    assert np.array_equal(loaded.images, images)
+    assert np.array_equal(loaded.labels, labels)
+    again = ImageDataset("elsewhere", images.copy(), labels.copy(), 256)
+    assert loaded.fingerprint == again.fingerprint
+    changed = images.copy()
+    changed[0, 0, 0] ^= 1
+    assert ImageDataset("x", changed, labels, 256).fingerprint != loaded.fingerprint
+
+
+def test_npz_flat_and_colour_images_are_reshaped_and_grayed(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    flat = rng.integers(0, 256, size=(5, 16), dtype=np.uint8)
+    np.savez(tmp_path / "flat.npz", x=flat, y=np.arange(5))
+    assert load_dataset(tmp_path / "flat.npz").images.shape == (5, 4, 4)
+    colour = rng.integers(0, 256, size=(5, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "colour.npz", images=colour, labels=np.arange(5))
+    assert np.array_equal(load_dataset(tmp_path / "colour.npz").images, to_gray(colour))
+    assert np.array_equal(load_dataset(tmp_path / "colour.npz", gray="mean").images, to_gray(colour, mode="mean"))
+
+
+def test_luma_and_mean_differ_on_pure_green() -> None:
+    green = np.zeros((1, 1, 3), dtype=np.uint8)
+    green[..., 1] = 255
+    assert to_gray(green)[0, 0] == 150  # round(0.587 * 255)
+    assert to_gray(green, mode="mean")[0, 0] == 85
+
+
+def test_image_folder_layout(tmp_path) -> None:
+    for label, name in enumerate(["cat", "dog"]):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            pixels = np.full((5, 5, 3), 40 * (label + 1) + i, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    data = load_dataset(tmp_path)
+    assert data.images.shape == (6, 5, 5)
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.images[4, 0, 0] == 81
+
+
+def test_torchvision_mnist_raw_idx_folder(tmp_path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    with gzip.open(raw / "train-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">BBBBiii", 0, 0, 8, 3, 2, 3, 3) + images.tobytes())
+    with open(raw / "train-labels-idx1-ubyte", "wb") as fh:
+        fh.write(struct.pack(">BBBBi", 0, 0, 8, 1, 2) + bytes([7, 3]))
+    data = load_dataset(tmp_path)
+    assert np.array_equal(data.images, images)
+    assert data.labels.tolist() == [7, 3]
+
+
+@pytest.mark.parametrize(
+    ("make_source", "message"),
+    [
+        (lambda tmp: "mnist6k", "unknown dataset name 'mnist6k'"),
+        (lambda tmp: str(tmp / "missing.npz"), "does not exist"),
+        (lambda tmp: _write(tmp / "notes.txt", b"hello"), "only .npz files"),
+        (lambda tmp: _npz(tmp / "f.npz", images=np.zeros((2, 3, 3), np.float32), labels=np.zeros(2, int)), "dtype float32"),
+        (lambda tmp: _npz(tmp / "s.npz", images=np.zeros((2, 5), np.uint8), labels=np.zeros(2, int)), "square number"),
+        (lambda tmp: _npz(tmp / "k.npz", pixels=np.zeros((2, 3, 3), np.uint8)), "must hold arrays"),
+        (lambda tmp: _npz(tmp / "l.npz", images=np.zeros((2, 3, 3), np.uint8), labels=np.zeros(3, int)), "one label per image"),
+        (lambda tmp: _mkdir(tmp / "empty"), "neither class sub-folders"),
+    ],
+)
+def test_bad_sources_raise_data_error_naming_the_problem(tmp_path, make_source, message) -> None:
+    source = make_source(tmp_path)
+    with pytest.raises(DataError, match=message):
+        load_dataset(source)
+
+
+def test_levels_above_declared_range_are_rejected() -> None:
+    with pytest.raises(DataError, match="below levels=17"):
+        ImageDataset("d", np.full((1, 2, 2), 20, np.uint8), np.zeros(1, np.int64), 17)
+
+
+def test_stratified_split_is_disjoint_balanced_and_seeded() -> None:
+    labels = load_dataset("mnist5k").labels
+    a, b, c = stratified_split(labels, sizes=(2000, 2000, 1000), rng=np.random.default_rng(3))
+    assert len(set(a) | set(b) | set(c)) == 5000
+    for part, size in ((a, 2000), (b, 2000), (c, 1000)):
+        assert np.bincount(labels[part], minlength=10).tolist() == [size // 10] * 10
+    a2, _, _ = stratified_split(labels, sizes=(2000, 2000, 1000), rng=np.random.default_rng(3))
+    assert np.array_equal(a, a2)
+    with pytest.raises(DataError, match="sum to at most n=5000"):
+        stratified_split(labels, sizes=(4000, 2000), rng=np.random.default_rng(0))
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path

@@ -1,0 +1,73 @@
+"""The README's two commands are the ones CI and users run (issue 2, set-up)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_has_exactly_two_commands_demo_then_test() -> None:
+    assert readme_commands() == ["make demo", "make test"]
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    test_command = readme_commands()[1]
+    ci_lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert ci_lines[-1] == test_command
+    assert "set -euo pipefail" in ci_lines  # a failing test fails CI
+
+
+def test_make_test_runs_pytest_which_fails_on_no_tests(tmp_path) -> None:
+    dry_run = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert re.search(r"\.venv/bin/python -m pytest\s*$", dry_run.stdout, flags=re.M), dry_run.stdout
+    # pytest exits 5 when it collects nothing; make and .ci/run (set -e) turn that into a failure.
+    (tmp_path / "test_none.py").write_text("")
+    empty = subprocess.run([sys.executable, "-m", "pytest", "-q", str(tmp_path)], capture_output=True, text=True)
+    assert empty.returncode == 5
+
+
+@pytest.mark.slow
+def test_make_demo_runs_the_main_job(tmp_path) -> None:
+    demo = readme_commands()[0]
+    completed = subprocess.run(
+        demo.split() + [f"DEMO_ARGS=--out {tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert re.search(r"^H = [0-9.]+ over 5000 restarts", completed.stdout, flags=re.M), completed.stdout
+    assert "class histogram: 0:" in completed.stdout
+    subsets = list(tmp_path.glob("reduce-*/subset.npy"))
+    assert len(subsets) == 1
+
+
+def test_cli_reports_bad_input_without_a_traceback(capsys) -> None:
+    assert main(["reduce", "--data", "mnist6k", "--k", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset name 'mnist6k'" in err and "Traceback" not in err
+    assert main(["reduce", "--data", "digits", "--k", "1"]) == 2
+    assert "k must satisfy 2 <= k < n=1797; got k=1" in capsys.readouterr().err
+
+
+def test_cli_reduce_on_digits_writes_subset(tmp_path, capsys) -> None:
+    assert main(["reduce", "--data", "digits", "--k", "20", "--starts", "30", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "over 30 restarts" in out
+    assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
