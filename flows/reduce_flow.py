@@ -66,10 +66,10 @@ def result_key(*, fingerprint: str, bins: int, normalize: bool, k: int, starts: 
     return f"reduce-{fingerprint}-b{bins}{'n' if normalize else ''}-k{k}{sample}"
 
 
-def restart_memory_bytes(plan: TilePlan, *, k: int, limit_mb: int | None) -> int:
+def restart_memory_bytes(plan: TilePlan, *, k: int, limit_mb: float | None) -> int:
     """Matrix bytes a restart worker may hold: the whole matrix if it fits the limit, else O(n k)."""
     if limit_mb is not None:
-        return max(int(limit_mb) * 1024**2, plan.band_bytes)
+        return max(int(limit_mb * 1024**2), plan.band_bytes)
     if plan.dense_bytes <= DENSE_RESTART_LIMIT_BYTES:
         return plan.dense_bytes
     return max(plan.band_bytes, k * plan.n * 4)
@@ -238,7 +238,7 @@ def reduce_flow(
     workers: int | None = None,
     tile_size: int = DEFAULT_TILE_SIZE,
     aggregate: str = "sum",
-    restart_memory_mb: int | None = None,
+    restart_memory_mb: float | None = None,
     threads_per_worker: int = 1,
 ) -> dict[str, Any]:
     """Choose the k least mutually informative images of ``data`` on Ray, results in ``store_url``.

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Ray actors per stage (default: the cluster's CPUs); 0 runs in this process without Ray/Prefect",
     )
     parser.add_argument("--tile-size", type=int, default=512, help="MI tile side (default 512)")
-    parser.add_argument("--restart-memory-mb", type=int, default=None,
+    parser.add_argument("--restart-memory-mb", type=float, default=None,
                         help="matrix memory per restart worker (default: whole matrix up to 2 GiB, else O(n k))")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default RAY_ADDRESS, else local)")
     parser.set_defaults(handler=run_reduce)
