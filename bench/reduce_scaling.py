@@ -176,6 +176,8 @@ def main() -> None:
         "prefect_api": api_url,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version()},
         "load_average_end": _load(),
+        "contended": max(x for rs in results.values() for r in rs for x in r["load_before"] + r["load_after"])
+        > (os.cpu_count() or 1),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
