@@ -18,6 +18,7 @@ from obliviate.errors import ObliviateError
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.reduce",
     "flows.commands.demo",
+    "flows.commands.submit",
 )
 
 

@@ -8,6 +8,7 @@ pure functions (:func:`run_reduce_in_process`); both give the same subset and th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")
     parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing start vertices")
-    parser.add_argument("--store", default=None, help="result store URL: file://./runs (default) or s3://bucket/prefix")
+    parser.add_argument(
+        "--store", default=None,
+        help="store URL: file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)",
+    )
     parser.add_argument("--out", default=None, help="local folder for results (same as --store file://OUT)")
     parser.add_argument(
         "--workers", type=int, default=None,
@@ -54,7 +58,9 @@ def _store_url(args: argparse.Namespace) -> str:
         raise ConfigError(f"give either --store or --out, not both; got --store {store} and --out {out}.")
     if store:
         return store
-    return f"file://{Path(out or 'runs').expanduser().resolve()}"
+    if out:
+        return f"file://{Path(out).expanduser().resolve()}"
+    return os.environ.get("OBLIVIATE_STORE") or f"file://{Path('runs').resolve()}"
 
 
 def _check(args: argparse.Namespace, n: int) -> None:
