@@ -348,10 +348,31 @@ def headline(summary: dict, epsilons) -> list[dict]:
     return out
 
 
+def markdown_table(result: dict) -> str:
+    """Medians per regime (CPU-time speed-up over naive; worst accuracy gap vs naive in points)."""
+    names = list(result["summary"]["per_policy"])
+    short = {n: n.replace("deepobliviate_eps", "DO ε=").replace("_freeb", " free b") for n in names}
+    head = ["B", "schedule", "draws", "n", "orig. consist."] + [f"{short[n]} speed-up / gap / stops" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in result["summary"]["per_regime"]:
+        cells = [str(g["num_blocks"]), g["schedule"], f"{g['kind']} ×{g['draws']}", str(g["size"]),
+                 f"{g['original_median_consistency']:.3f}"]
+        for n in names:
+            r = g[n]
+            stops = f" / {r['stop_fired']}" if "stop_fired" in r else ""
+            cells.append(f"{r['median_speedup_vs_naive']:.2f}× / {r['worst_gap_points']:+.1f}{stops}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid smoke test (writes unlearning_quick.json)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of an existing unlearning.json")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads((RESULTS / "unlearning.json").read_text())))
+        return 0
     started = time.time()
     load_start = os.getloadavg()
     train, val, test_ds = _load(SEED)
