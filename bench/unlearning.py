@@ -304,17 +304,21 @@ def plot(configs: list[dict], epsilons, out_dir: Path, suffix: str = "") -> list
                 fig_p = r["policies"][policy]
                 series = np.asarray(fig_p["delta_series"])
                 t = np.arange(1, series.size + 1)
-                line, = ax.plot(t, series, marker=".", ms=3, lw=1, label=f"d={r['first_affected_block']}")
+                positive = series > 0
+                line, = ax.plot(t[positive], series[positive], marker=".", ms=3, lw=1, label=f"d={r['first_affected_block']}"
+                                + ("" if fig_p["tau"] is None else f", stop τ={fig_p['tau']}"))
                 if fig_p["fit"] is not None:
                     fit = PowerLawFit(**fig_p["fit"])
-                    tt = np.linspace(1, fit.num_points, 100)
-                    ax.plot(tt, fit.predict(tt), ls="--", lw=1, color=line.get_color())
-            ax.set_yscale("symlog", linthresh=1e-2)
+                    tt = np.linspace(1, fit.num_points, 200)
+                    curve = fit.predict(tt)
+                    ax.plot(tt[curve > 0], curve[curve > 0], ls="--", lw=1, color=line.get_color())
+            ax.set_yscale("log")
             ax.set_title(f"B={c['num_blocks']}, {schedule} LR, 1 deleted sample")
             ax.set_xlabel("t (blocks since first affected block d)")
             ax.set_ylabel("Δ_t = L1 residual memory")
             ax.legend(fontsize=7)
-        fig.suptitle("DeepObliviate residual memory Δ_t (dots) and last fit a·t^-h+b (dashed)", fontsize=10)
+        fig.suptitle(f"Δ_t (dots, zeros hidden), last fit a·t^-h+b (dashed), "
+                     f"{policy.replace('deepobliviate_eps', 'ε=')}", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"unlearning_delta_{schedule}{suffix}.png"
         fig.savefig(path, dpi=110)
@@ -369,9 +373,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid smoke test (writes unlearning_quick.json)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of an existing unlearning.json")
+    parser.add_argument("--replot", action="store_true", help="redraw the Δ plots from an existing unlearning.json")
     args = parser.parse_args(argv)
-    if args.table:
-        print(markdown_table(json.loads((RESULTS / "unlearning.json").read_text())))
+    if args.table or args.replot:
+        existing = json.loads((RESULTS / "unlearning.json").read_text())
+        if args.replot:
+            print(plot(existing["configs"], tuple(existing["grid"]["epsilons"]), RESULTS))
+        if args.table:
+            print(markdown_table(existing))
         return 0
     started = time.time()
     load_start = os.getloadavg()
