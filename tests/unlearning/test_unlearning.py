@@ -165,3 +165,15 @@ def test_unknown_policy_and_bad_options_are_refused(adam_chain: Chain, digits_da
         DeepObliviateOptions(min_points=2)
     with pytest.raises(ValueError, match="options apply to the deepobliviate policy only"):
         unlearn(adam_chain, [1], data=digits_data, policy="exact", options=DeepObliviateOptions())
+
+
+def test_second_deletion_after_deepobliviate_starts_from_its_chain(adam_chain: Chain, digits_data: BlockData) -> None:
+    first = unlearn_deepobliviate(adam_chain, _ids(adam_chain, 4), data=digits_data, options=EAGER).chain
+    second = unlearn(first, _ids(adam_chain, 10), data=digits_data)
+    assert second.chain.checkpoints[9] is first.checkpoints[9]  # M_{d-1} of the current chain, not the original
+    assert second.chain.deleted_ids == first.deleted_ids | {_ids(adam_chain, 10)[0]}
+    expected = train_chain(
+        config=adam_chain.config, data=digits_data, excluded_ids=sorted(second.chain.deleted_ids),
+        resume_from=first.checkpoints[:10],
+    )
+    assert _equal(second.chain.final.model_state, expected.final.model_state)
