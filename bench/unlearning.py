@@ -247,6 +247,7 @@ def summarise(configs: list[dict], epsilons) -> dict:
             "max_speedup_vs_naive": max(speed),
             "median_wall_speedup_vs_naive": statistics.median(wall),
             "median_speedup_vs_exact": statistics.median(vs_exact),
+            "max_speedup_vs_exact": max(vs_exact),
             "worst_accuracy_gap_vs_naive_points": 100 * min(gaps),
             "draws_more_than_1_point_below_naive": sum(g < -0.01 - 1e-9 for g in gaps),
             "median_consistency_with_naive": statistics.median(r["policies"][p]["consistency_with_naive"] for _, r in rows),
@@ -347,6 +348,9 @@ def headline(summary: dict, epsilons) -> list[dict]:
         out.append({"metric": f"{name}: stop rule fired (draws of {entry['draws']}); guardrail outcomes {entry['guardrail_outcomes']}",
                     "value": entry["stop_fired"], "target": None, "better": "higher", "unit": "draws", "peer": None})
     best_do = max(pp[name]["max_speedup_vs_naive"] for name in do_variants(epsilons))
+    out.append({"metric": "best DeepObliviate speed-up over exact in any draw (any eps)",
+                "value": max(pp[name]["max_speedup_vs_exact"] for name in do_variants(epsilons)), "target": None,
+                "better": "higher", "unit": "x", "peer": "exact policy, same deletion"})
     out.append({"metric": "seed's 66.7x MNIST claim: best DeepObliviate speed-up over naive in any draw",
                 "value": best_do, "target": SEED_CLAIM, "better": "higher", "unit": "x", "peer": "naive retraining"})
     return out
@@ -369,16 +373,55 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_claim_verdict(configs: list[dict], epsilons) -> dict:
+    """The seed's 66.7x, checked against DeepObliviate and against exact restart on the same deletions."""
+    best = None
+    gains = []
+    for c in configs:
+        for r in c["draws"]:
+            for name in do_variants(epsilons):
+                p = r["policies"][name]
+                gains.append(p["speedup_vs_exact"])
+                if best is None or p["speedup_vs_naive"] > best["speedup_vs_naive"]:
+                    best = {"policy": name, "num_blocks": c["num_blocks"], "schedule": c["schedule"], "kind": r["kind"],
+                            "size": r["size"], "first_affected_block": r["first_affected_block"],
+                            "speedup_vs_naive": p["speedup_vs_naive"], "tau": p["tau"],
+                            "exact_speedup_same_deletion": r["policies"]["exact"]["speedup_vs_naive"]}
+    reached = best["speedup_vs_naive"] >= SEED_CLAIM
+    text = (
+        f"Seed: {SEED_CLAIM}x over retraining on MNIST. Best DeepObliviate speed-up over naive here: "
+        f"{best['speedup_vs_naive']:.1f}x ({best['policy']}, B={best['num_blocks']} {best['schedule']}, first affected "
+        f"block {best['first_affected_block']}), where exact restart from M_(d-1) reached "
+        f"{best['exact_speedup_same_deletion']:.1f}x on the same deletion. DeepObliviate's own gain over exact: median "
+        f"{statistics.median(gains):.2f}x, best {max(gains):.2f}x. "
+        + ("The 66.7x figure is reached, " if reached else "The 66.7x figure is not reached; ")
+        + "and large speed-ups over naive come from deletions late in the chain (about B/(B-d+1)), which exact restart "
+        "gets as well, without early stopping, stitching or any accuracy risk."
+    )
+    return {"text": text, "best": best, "median_gain_over_exact": statistics.median(gains), "max_gain_over_exact": max(gains),
+            "reached": reached}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid smoke test (writes unlearning_quick.json)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of an existing unlearning.json")
-    parser.add_argument("--replot", action="store_true", help="redraw the Δ plots from an existing unlearning.json")
+    parser.add_argument(
+        "--refresh", action="store_true",
+        help="re-derive summary, headline, verdict, table and plots of an existing unlearning.json (no new measurement)",
+    )
     args = parser.parse_args(argv)
-    if args.table or args.replot:
+    if args.table or args.refresh:
         existing = json.loads((RESULTS / "unlearning.json").read_text())
-        if args.replot:
-            print(plot(existing["configs"], tuple(existing["grid"]["epsilons"]), RESULTS))
+        if args.refresh:
+            epsilons = tuple(existing["grid"]["epsilons"])
+            existing["summary"] = summarise(existing["configs"], epsilons)
+            existing["headline"] = headline(existing["summary"], epsilons)
+            existing["seed_claim"] = seed_claim_verdict(existing["configs"], epsilons)
+            existing["seed_claim_verdict"] = existing["seed_claim"]["text"]
+            existing["plots"] = plot(existing["configs"], epsilons, RESULTS)
+            existing["table_markdown"] = markdown_table(existing)
+            (RESULTS / "unlearning.json").write_text(json.dumps(existing, indent=1, default=float))
         if args.table:
             print(markdown_table(existing))
         return 0
@@ -411,13 +454,11 @@ def main(argv=None) -> int:
 def _write(configs, epsilons, grid, args, started, load_start, suffix, *, complete, log) -> None:
     summary = summarise(configs, epsilons)
     plots = plot(configs, epsilons, RESULTS, suffix)
-    best_do = max(summary["per_policy"][name]["max_speedup_vs_naive"] for name in do_variants(epsilons))
+    claim = seed_claim_verdict(configs, epsilons)
     result = {
         "headline": headline(summary, epsilons),
-        "seed_claim_verdict": (
-            f"seed claims {SEED_CLAIM}x over retraining on MNIST; best DeepObliviate speed-up measured in any draw here is "
-            f"{best_do:.1f}x ({'reached' if best_do >= SEED_CLAIM else 'not reached'}); see per_regime for medians."
-        ),
+        "seed_claim_verdict": claim["text"],
+        "seed_claim": claim,
         "summary": summary,
         "grid": {**grid, "epsilons": epsilons, "local_epochs": 3, "seed": SEED,
                  "data": "mnist5k: 4000 train / 500 validation (guardrail) / 500 test (reported)"},
@@ -432,6 +473,7 @@ def _write(configs, epsilons, grid, args, started, load_start, suffix, *, comple
         "complete": complete,
         "configs_done": [[c["num_blocks"], c["schedule"]] for c in configs],
     }
+    result["table_markdown"] = markdown_table(result)
     (RESULTS / f"unlearning{suffix}.json").write_text(json.dumps(result, indent=1, default=float))
     log(f"wrote {RESULTS / f'unlearning{suffix}.json'}")
     for h in result["headline"]:
