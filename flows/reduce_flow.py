@@ -187,7 +187,9 @@ def run_restart_stage(actors: list[Any], starts: np.ndarray, *, k: int, aggregat
         outcomes.append(outcome)
         done += len(outcome["restarts"])
         _report("restarts", done, len(starts))
-        logger.info("restarts %d/%d done (%s rows, %.1f s)", done, len(starts), outcome["mode"], time.perf_counter() - t0)
+        logger.info(
+            "restarts %d/%d done (%s rows, %.1f s)", done, len(starts), outcome["mode"], time.perf_counter() - t0
+        )
     best = min(outcomes, key=lambda o: (o["best_h"], o["best_start"]))
     by_start = {r["start"]: r for o in outcomes for r in o["restarts"]}
     return {

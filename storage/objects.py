@@ -439,7 +439,9 @@ class ObjectStore:
 def _parse_url(url: str) -> tuple[str, str, str]:
     """``(normalised url, protocol, root path as fsspec wants it)``."""
     if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"a store URL must be a non-empty string like file://./runs or s3://bucket/prefix; got {url!r}.")
+        raise ConfigError(
+            f"a store URL must be a non-empty string like file://./runs or s3://bucket/prefix; got {url!r}."
+        )
     url = url.strip().rstrip("/")
     if url.startswith("s3://"):
         root = url[len("s3://"):].strip("/")
@@ -466,7 +468,9 @@ def _check_key(key: str, *, allow_empty: bool = False) -> str:
         raise ConfigError("an object key must not be empty.")
     parts = key.split("/") if key else []
     if any(part in ("", ".", "..") or part.startswith(_TMP_MARK) for part in parts):
-        raise ConfigError(f"object key {key!r} has an empty, '.', '..' or reserved '{_TMP_MARK}' segment; use plain names.")
+        raise ConfigError(
+            f"object key {key!r} has an empty, '.', '..' or reserved '{_TMP_MARK}' segment; use plain names."
+        )
     if key.endswith(COMMIT_SUFFIX):
         raise ConfigError(f"object key {key!r} ends with the reserved suffix {COMMIT_SUFFIX!r}.")
     return key

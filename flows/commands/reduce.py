@@ -94,7 +94,10 @@ def print_plan(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers else 1
     report = plan_report(n=args.plan, tile_size=args.tile_size, k=args.k, workers=workers)
     for name, value in report.items():
-        shown = f"{value / 1e9:.3f} GB" if name.endswith("_bytes") else f"{value:,}" if isinstance(value, int) else value
+        if name.endswith("_bytes"):
+            shown = f"{value / 1e9:.3f} GB"
+        else:
+            shown = f"{value:,}" if isinstance(value, int) else value
         print(f"{name:>32}: {shown}")
     return 0
 
@@ -130,13 +133,17 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
                 tiles_only=getattr(args, "tiles_only", False),
             )
     if getattr(args, "tiles_only", False):
-        print(f"tiles: {summary['tiles_computed']} computed, {summary['tiles_reused']} reused; stored at {summary['tiles_url']}")
+        print(
+            f"tiles: {summary['tiles_computed']} computed, {summary['tiles_reused']} reused; "
+            f"stored at {summary['tiles_url']}"
+        )
         return 0
     print(f"H = {summary['h']:.4f} over {summary['restarts']} restarts (best start {summary['best_start']})")
     print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(summary["class_histogram"])))
     print(
         f"tiles: {summary['tiles_computed']} computed, {summary['tiles_reused']} reused ({summary['tiles_url']}); "
-        f"{summary['workers']} workers; tile stage {summary['tile_seconds']:.1f} s, restarts {summary['restart_seconds']:.1f} s, "
+        f"{summary['workers']} workers; tile stage {summary['tile_seconds']:.1f} s, "
+        f"restarts {summary['restart_seconds']:.1f} s, "
         f"total {time.perf_counter() - t0:.1f} s"
     )
     print(f"subset written to {summary['result_url']}/subset.npy (summary: {summary['result_url']}/summary.json)")
