@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +42,19 @@ def wait_until_jobs_accepted(address: str, env: dict) -> None:
     raise TimeoutError(f"Ray head at {address} accepted no job within 150 s: {last_error}")
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     gcs_port, dashboard_port = free_port(), free_port()
@@ -52,7 +66,9 @@ def ray_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     temp_dir = tmp_path_factory.mktemp("ray")
-    subprocess.run(
+    # --block keeps `ray start` in the foreground as the parent of this head's processes, so the
+    # teardown stops exactly this head (its process group), never another Ray on the machine.
+    head = subprocess.Popen(
         [
             str(BIN / "ray"),
             "start",
@@ -61,14 +77,21 @@ def ray_head(tmp_path_factory):
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            # Ray's fixed default agent ports collide with any other Ray on the machine.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
+            "--block",
         ],
         env=env,
-        check=True,
-        capture_output=True,
-        timeout=180,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     previous_auth = os.environ.get("RAY_AUTH_MODE")
@@ -81,7 +104,7 @@ def ray_head(tmp_path_factory):
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_process_group(head)
 
 
 @pytest.mark.slow
