@@ -83,9 +83,13 @@ def store(request):
 def ray_runtime(moto_endpoint):
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from flows.runtime import ensure_ray
+
+    started = not ray.is_initialized()
+    ensure_ray(address="local", num_cpus=2)
     yield ray
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
