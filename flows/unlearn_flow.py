@@ -95,6 +95,7 @@ def process_open_requests(
             per_run.setdefault(run_id, {})[entry.request_id] = ids
 
     results: dict[str, dict[str, Any]] = {}
+    fanout: dict[str, Any] = {}
     if per_run:
         ensure_ray()
         pool_size = max(1, min(len(per_run), workers or cluster_cpus()))
@@ -113,7 +114,8 @@ def process_open_requests(
                 results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         for actor in actors:
             ray.kill(actor, no_restart=True)
-        logger.info("fan-out finished in %.1f s", time.time() - started)
+        fanout = {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
+        logger.info("fan-out of %d run(s) on %d worker(s) finished in %.1f s", len(per_run), pool_size, fanout["seconds"])
 
     for request_id, affected in affected_of.items():
         audits = {run_id: _for_request(results[run_id], request_id) for run_id in affected}
@@ -127,7 +129,7 @@ def process_open_requests(
                               allowed_from=(CLAIMED,))
             settled[request_id] = DONE
     logger.info("settled: %s", settled)
-    return {"claimed": [c.request_id for c in claimed], "runs": results, "settled": settled}
+    return {"claimed": [c.request_id for c in claimed], "runs": results, "settled": settled, "fanout": fanout}
 
 
 def _for_request(audit: dict[str, Any], request_id: str) -> dict[str, Any]:
