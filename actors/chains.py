@@ -135,6 +135,7 @@ class ChainWorker:
             held-out accuracy, consistency with a naive retrain when ``verify``.
         """
         started_at = time.time()
+        retries_before = self.storage_retries
         registry = self.registry
         for _ in range(_PUBLISH_ATTEMPTS):
             current = self._io(lambda: registry.current(run_id))
@@ -145,8 +146,9 @@ class ChainWorker:
                 return {"run_id": run_id, "status": "already_applied", "version": current.version,
                         "requests": sorted(requests), "started_at": started_at}
             try:
-                return self._unlearn_from(current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon,
-                                          started_at=started_at)
+                audit = self._unlearn_from(current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon,
+                                           started_at=started_at)
+                return {**audit, "storage_retries": self.storage_retries - retries_before}
             except PointerConflict:
                 continue  # another publisher won: recompute from the newer version
         raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_PUBLISH_ATTEMPTS} attempts.")
@@ -229,8 +231,7 @@ class ChainWorker:
                     "metrics": metrics},
             expected_version=current.version,
         )
-        audit.update(status="published", to_version=version.version, published_at=version.published_at,
-                     storage_retries=self.storage_retries)
+        audit.update(status="published", to_version=version.version, published_at=version.published_at)
         return audit
 
     def _retrain_exact(

@@ -97,6 +97,14 @@ def submit_deletion(
         out["note"] = ("recorded in the ledger; no Prefect API is configured and no `obliviate serve` announced one "
                        "for this store, so it waits for the next serve's reconciliation.")
         return out
+    from flows.runtime import ServerStartError, wait_healthy
+
+    try:
+        wait_healthy(target, timeout=5)
+    except ServerStartError:
+        out["note"] = (f"recorded in the ledger; the Prefect API {target} does not answer (is `obliviate serve` still "
+                       "running?), so the next reconciliation will process it.")
+        return out
     try:
         out["event_id"] = emit_deletion_event(store.url, {"request_id": request_id, "store": store.url}, api_url=target)
         out["note"] = f"recorded in the ledger and announced to {target}."

@@ -11,6 +11,7 @@ Call ``ray.init`` once before (``flows.runtime.ensure_ray``); the flow reuses th
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -31,6 +32,45 @@ def remote_worker(store: str, *, name: str, retries: int = 2):
 
     worker_class = ray.remote(num_cpus=1, max_restarts=retries, max_task_retries=retries)(ChainWorker)
     return worker_class.options(name=name, namespace=RAY_NAMESPACE, lifetime=None).remote(store)
+
+
+def pool_actor_name(store: str, index: int) -> str:
+    """Name of the ``index``-th pooled unlearning worker of ``store``."""
+    digest = hashlib.sha256(ObjectStore(store).url.encode()).hexdigest()[:10]
+    return f"pool/{digest}/{index}"
+
+
+def worker_pool(store: str, size: int) -> list:
+    """``size`` long-lived :class:`ChainWorker` actors for ``store``, created once and then reused.
+
+    Unlearning is latency-bound: a fresh actor costs a process start and the torch import on
+    every deletion. Pooled actors are detached (they outlive the flow run that created them, up
+    to the Ray runtime's end, e.g. ``obliviate serve`` stopping) and keep the data they loaded.
+    They reserve no CPU (``num_cpus=0``, spread over nodes) so an idle pool never blocks other
+    work; the pool's size bounds the parallelism. Ray restarts a dead one and retries its call.
+    """
+    import ray
+
+    worker_class = ray.remote(ChainWorker)
+    return [
+        worker_class.options(
+            name=pool_actor_name(store, index), namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
+            num_cpus=0, scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=2,
+        ).remote(ObjectStore(store).url)
+        for index in range(size)
+    ]
+
+
+def shutdown_pools() -> int:
+    """Kill every pooled worker in this Ray runtime (``serve`` does this on exit); returns how many."""
+    import ray
+
+    killed = 0
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == RAY_NAMESPACE and actor["name"].startswith("pool/"):
+            ray.kill(ray.get_actor(actor["name"], namespace=RAY_NAMESPACE), no_restart=True)
+            killed += 1
+    return killed
 
 
 def run_spec(

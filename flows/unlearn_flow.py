@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.train_flow import remote_worker
+from flows.train_flow import worker_pool
 from obliviate.service import RequestError, parse_event_payload
 from storage.ledger import CLAIMED, DONE, PENDING, REJECTED, TERMINAL, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
@@ -99,8 +99,7 @@ def process_open_requests(
     if per_run:
         ensure_ray()
         pool_size = max(1, min(len(per_run), workers or cluster_cpus()))
-        actors = [remote_worker(store, name=f"unlearn/{run_id}/{uuid.uuid4().hex[:8]}")
-                  for run_id in sorted(per_run)[:pool_size]]
+        actors = worker_pool(store, pool_size)
         started = time.time()
         futures = {
             run_id: actors[i % pool_size].unlearn.remote(run_id, per_run[run_id], policy=policy, verify=verify)
@@ -112,8 +111,6 @@ def process_open_requests(
                 results[run_id] = ray.get(future)
             except Exception as err:  # one run failing must not lose the others' results
                 results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
         fanout = {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
         logger.info("fan-out of %d run(s) on %d worker(s) finished in %.1f s", len(per_run), pool_size, fanout["seconds"])
 

@@ -43,5 +43,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
         # Flow runs execute in subprocesses of the runner: they join this Ray runtime, not a new one.
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        serve_deployments(options, api_url=api_url)
+        from flows.train_flow import shutdown_pools
+
+        try:
+            serve_deployments(options, api_url=api_url)
+        finally:
+            shutdown_pools()
     return 0

@@ -100,6 +100,18 @@ def ray_address(moto_endpoint):
         os.environ["RAY_ADDRESS"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _no_pooled_workers_left():
+    """Pooled unlearning workers are detached: stop each test's pool so the next starts clean."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        from flows.train_flow import shutdown_pools
+
+        shutdown_pools()
+
+
 @pytest.fixture
 def serve(prefect_api_url, ray_address, tmp_path):
     """Start ``obliviate serve`` for a store; returns (process, log path)."""

@@ -11,7 +11,7 @@ import torch
 
 from actors.chains import ChainWorker
 from flows.deletion import submit_deletion
-from flows.train_flow import run_spec, train_flow
+from flows.train_flow import pool_actor_name, run_spec, train_flow
 from flows.unlearn_flow import reconcile_flow
 from obliviate.blocks import train_chain
 from obliviate.data import load_dataset
@@ -81,7 +81,7 @@ def test_killed_unlearning_worker_resumes_and_completes(tmp_path, prefect_api_ur
     thread = threading.Thread(target=lambda: result.update(reconcile_flow(store=url, workers=1)))
     thread.start()
     _wait(lambda: len(_retrained_keys(store, "r1")) >= 2, 180, "two retrained checkpoints")
-    _kill_actor("unlearn/r1/")
+    _kill_actor(pool_actor_name(url, 0))
     thread.join(timeout=300)
     assert result["settled"] == {request["request_id"]: "done"}
     entry = DeletionLedger(store).get(request["request_id"])
