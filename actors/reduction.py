@@ -94,6 +94,10 @@ class RestartWorker:
         self._memory_bytes = memory_bytes
         self._rows_cache: TiledMatrix | None = None
         self._dense: np.ndarray | None = None
+        # Load the compiled restart kernels now (numba's on-disk cache), while the worker waits
+        # for the tile stage, rather than on the first real call.
+        warm = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]], dtype=np.float32)
+        run_restarts(warm, k=2, starts=np.array([0]))
 
     @property
     def _rows(self) -> TiledMatrix:

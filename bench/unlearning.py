@@ -7,7 +7,9 @@ it is judged on.
 
 For every B in the grid and every schedule: one chain is trained and reused across draws; each
 draw deletes ids at seeded random positions, and in the same run we time naive retraining from
-scratch without the ids and every policy. ``exact`` and DeepObliviate at both ε share one
+scratch without the ids and every policy. Speed-ups are ratios of CPU time (``time.process_time``;
+training runs on one thread), because the 2-core machine is shared and wall times swing with other
+processes' load; wall-time speed-ups are reported next to them. ``exact`` and DeepObliviate at both ε share one
 deterministic retrain from M_{d-1} (bit-identical by construction, tested); each policy is charged
 the measured time of the blocks it used plus its own work (Δ, fits, stitching, guardrail).
 
@@ -81,9 +83,10 @@ def do_variants(epsilons) -> dict[str, DeepObliviateOptions]:
 
 
 def _time(fn):
-    began = time.perf_counter()
+    """(result, wall seconds, CPU seconds of this process)."""
+    began, began_cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - began
+    return out, time.perf_counter() - began, time.process_time() - began_cpu
 
 
 def _model_figures(predictor, state, *, naive_pred, naive_state, test, x_del, y_del, model_for_loss):
@@ -107,7 +110,7 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
     )
     test = {"x": BlockData(train=test_ds, heldout=test_ds).x_heldout, "y": torch.from_numpy(test_ds.labels.copy())}
     clean = BlockData(train=train, heldout=val)
-    chain, chain_seconds = _time(lambda: train_chain(config=config, data=clean))
+    chain, chain_seconds, _ = _time(lambda: train_chain(config=config, data=clean))
     sisa_config = SisaConfig(base=replace(config, num_blocks=1, schedule="constant", accuracy_every=1),
                              num_shards=5, num_slices=4, epochs_per_slice=local_epochs)
     # SISA (constant rate, see SisaConfig) depends on neither B nor the chain's schedule, and the
@@ -115,7 +118,7 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
     # once and reused.
     if "clean" not in _SISA_CACHE:
         _SISA_CACHE["clean"] = _time(lambda: train_sisa(sisa_config, clean))
-    sisa, sisa_seconds = _SISA_CACHE["clean"]
+    sisa, sisa_seconds, _ = _SISA_CACHE["clean"]
     log(f"B={num_blocks} {schedule}: chain {chain_seconds:.1f}s acc {chain.final.heldout_accuracy:.3f}, SISA {sisa_seconds:.1f}s")
 
     rng = np.random.default_rng((SEED, num_blocks))
@@ -138,7 +141,9 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
     for number, draw in enumerate(draws):
         data, base_chain, base_sisa, backdoor = contexts["backdoor" if draw["kind"] == "backdoor" else "clean"]
         ids = [int(i) for i in draw["ids"]]
-        naive, naive_seconds = _time(lambda: train_chain(config=config, data=data, plan=base_chain.plan, excluded_ids=ids))
+        naive, naive_seconds, naive_cpu = _time(
+            lambda: train_chain(config=config, data=data, plan=base_chain.plan, excluded_ids=ids)
+        )
         naive_model, original_model = naive.model(), base_chain.model()
         naive_pred, original_pred = predict(naive_model, test["x"]), predict(original_model, test["x"])
         x_del, y_del = data.x_train[ids], data.y_train[ids]
@@ -148,6 +153,7 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
             "first_affected_block": int(base_chain.plan.block_of(ids).min()),
             "last_affected_block": int(base_chain.plan.block_of(ids).max()),
             "naive_seconds": naive_seconds,
+            "naive_cpu_seconds": naive_cpu,
             "naive": {"accuracy": consistency(naive_pred, test["y"]), "deleted_loss": mean_loss(naive_model, x_del, y_del)},
             "original": _model_figures(lambda x: predict(original_model, x), base_chain.final.model_state,
                                        model_for_loss=original_model, **common),
@@ -168,7 +174,9 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
             figures = _model_figures(lambda x, m=model: predict(m, x), result.chain.final.model_state, model_for_loss=model, **common)
             figures.update({
                 "seconds": record.wall_time_seconds,
-                "speedup_vs_naive": naive_seconds / record.wall_time_seconds,
+                "cpu_seconds": record.cpu_seconds,
+                "speedup_vs_naive": naive_cpu / record.cpu_seconds,
+                "wall_speedup_vs_naive": naive_seconds / record.wall_time_seconds,
                 "blocks_retrained": len(record.blocks_retrained),
                 "stop_fired": record.stop_block is not None,
                 "tau": None if record.stop_block is None else record.stop_block - record.first_affected_block + 1,
@@ -185,9 +193,9 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
             if backdoor is not None:
                 figures["attack_success_rate"] = attack_success_rate(lambda x, m=model: predict(m, x), test_ds, target_class=TARGET_CLASS)
             row["policies"][name] = figures
-        exact_seconds = row["policies"]["exact"]["seconds"]
+        exact_cpu = row["policies"]["exact"]["cpu_seconds"]
         for figures in row["policies"].values():
-            figures["speedup_vs_exact"] = exact_seconds / figures["seconds"]
+            figures["speedup_vs_exact"] = exact_cpu / figures["cpu_seconds"]
 
         key = ("unlearn", num_blocks, number)
         if key not in _SISA_CACHE:
@@ -196,8 +204,10 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
         sisa_figures = _model_figures(lambda x: new_sisa.predict(x), None, model_for_loss=None, **common)
         sisa_figures.update({
             "seconds": sisa_record.wall_time_seconds,
-            "speedup_vs_naive": naive_seconds / sisa_record.wall_time_seconds,
-            "speedup_vs_exact": exact_seconds / sisa_record.wall_time_seconds,
+            "cpu_seconds": sisa_record.cpu_seconds,
+            "speedup_vs_naive": naive_cpu / sisa_record.cpu_seconds,
+            "wall_speedup_vs_naive": naive_seconds / sisa_record.wall_time_seconds,
+            "speedup_vs_exact": exact_cpu / sisa_record.cpu_seconds,
             "shards_retrained": len(sisa_record.blocks_retrained),
             "stop_reason": sisa_record.stop_reason,
             "original_ensemble_accuracy": consistency(base_sisa.predict(test["x"]), test["y"]),
@@ -210,7 +220,7 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
         pol = row["policies"]
         log(
             f"  B={num_blocks} {schedule} draw {number} {draw['kind']} n={draw['size']} d={row['first_affected_block']}: "
-            f"naive {naive_seconds:.2f}s acc {row['naive']['accuracy']:.3f} | "
+            f"naive {naive_cpu:.2f}s cpu acc {row['naive']['accuracy']:.3f} | "
             + " | ".join(f"{k} x{v['speedup_vs_naive']:.1f} acc {v['accuracy']:.3f}" + (" STOP" if v.get("stop_fired") else "") for k, v in pol.items())
         )
     return {
@@ -229,12 +239,15 @@ def summarise(configs: list[dict], epsilons) -> dict:
     summary = {"per_policy": {}, "per_regime": []}
     for p in policies:
         speed = [r["policies"][p]["speedup_vs_naive"] for _, r in rows]
+        wall = [r["policies"][p]["wall_speedup_vs_naive"] for _, r in rows]
         vs_exact = [r["policies"][p]["speedup_vs_exact"] for _, r in rows]
         gaps = [r["policies"][p]["accuracy"] - r["naive"]["accuracy"] for _, r in rows]
         entry = {
             "median_speedup_vs_naive": statistics.median(speed),
             "max_speedup_vs_naive": max(speed),
+            "median_wall_speedup_vs_naive": statistics.median(wall),
             "median_speedup_vs_exact": statistics.median(vs_exact),
+            "max_speedup_vs_exact": max(vs_exact),
             "worst_accuracy_gap_vs_naive_points": 100 * min(gaps),
             "draws_more_than_1_point_below_naive": sum(g < -0.01 - 1e-9 for g in gaps),
             "median_consistency_with_naive": statistics.median(r["policies"][p]["consistency_with_naive"] for _, r in rows),
@@ -254,6 +267,8 @@ def summarise(configs: list[dict], epsilons) -> dict:
         for p in policies:
             regime[p] = {
                 "median_speedup_vs_naive": statistics.median(r["policies"][p]["speedup_vs_naive"] for r in rs),
+                "max_speedup_vs_naive": max(r["policies"][p]["speedup_vs_naive"] for r in rs),
+                "median_wall_speedup_vs_naive": statistics.median(r["policies"][p]["wall_speedup_vs_naive"] for r in rs),
                 "median_speedup_vs_exact": statistics.median(r["policies"][p]["speedup_vs_exact"] for r in rs),
                 "worst_gap_points": 100 * min(r["policies"][p]["accuracy"] - r["naive"]["accuracy"] for r in rs),
                 "median_consistency": statistics.median(r["policies"][p]["consistency_with_naive"] for r in rs),
@@ -290,17 +305,21 @@ def plot(configs: list[dict], epsilons, out_dir: Path, suffix: str = "") -> list
                 fig_p = r["policies"][policy]
                 series = np.asarray(fig_p["delta_series"])
                 t = np.arange(1, series.size + 1)
-                line, = ax.plot(t, series, marker=".", ms=3, lw=1, label=f"d={r['first_affected_block']}")
+                positive = series > 0
+                line, = ax.plot(t[positive], series[positive], marker=".", ms=3, lw=1, label=f"d={r['first_affected_block']}"
+                                + ("" if fig_p["tau"] is None else f", stop τ={fig_p['tau']}"))
                 if fig_p["fit"] is not None:
                     fit = PowerLawFit(**fig_p["fit"])
-                    tt = np.linspace(1, fit.num_points, 100)
-                    ax.plot(tt, fit.predict(tt), ls="--", lw=1, color=line.get_color())
-            ax.set_yscale("symlog", linthresh=1e-2)
+                    tt = np.linspace(1, fit.num_points, 200)
+                    curve = fit.predict(tt)
+                    ax.plot(tt[curve > 0], curve[curve > 0], ls="--", lw=1, color=line.get_color())
+            ax.set_yscale("log")
             ax.set_title(f"B={c['num_blocks']}, {schedule} LR, 1 deleted sample")
             ax.set_xlabel("t (blocks since first affected block d)")
             ax.set_ylabel("Δ_t = L1 residual memory")
             ax.legend(fontsize=7)
-        fig.suptitle("DeepObliviate residual memory Δ_t (dots) and last fit a·t^-h+b (dashed)", fontsize=10)
+        fig.suptitle(f"Δ_t (dots, zeros hidden), last fit a·t^-h+b (dashed), "
+                     f"{policy.replace('deepobliviate_eps', 'ε=')}", fontsize=10)
         fig.tight_layout()
         path = out_dir / f"unlearning_delta_{schedule}{suffix}.png"
         fig.savefig(path, dpi=110)
@@ -316,7 +335,7 @@ def headline(summary: dict, epsilons) -> list[dict]:
         regime = entry["largest_median_regime"]
         where = f"largest median {regime['median_speedup_vs_naive']:.1f}x at B={regime['num_blocks']} {regime['schedule']} {regime['kind']} n={regime['size']}"
         out.append({"metric": f"{p}: median speed-up over naive retraining ({where})", "value": entry["median_speedup_vs_naive"],
-                    "target": None, "better": "higher", "unit": "x", "peer": "naive retraining from scratch, same run"})
+                    "target": None, "better": "higher", "unit": "x", "peer": "naive retraining from scratch, same run (CPU time)"})
         if p != "exact":
             out.append({"metric": f"{p}: median speed-up over exact", "value": entry["median_speedup_vs_exact"], "target": None,
                         "better": "higher", "unit": "x", "peer": "exact policy, same run"})
@@ -329,15 +348,83 @@ def headline(summary: dict, epsilons) -> list[dict]:
         out.append({"metric": f"{name}: stop rule fired (draws of {entry['draws']}); guardrail outcomes {entry['guardrail_outcomes']}",
                     "value": entry["stop_fired"], "target": None, "better": "higher", "unit": "draws", "peer": None})
     best_do = max(pp[name]["max_speedup_vs_naive"] for name in do_variants(epsilons))
+    out.append({"metric": "best DeepObliviate speed-up over exact in any draw (any eps)",
+                "value": max(pp[name]["max_speedup_vs_exact"] for name in do_variants(epsilons)), "target": None,
+                "better": "higher", "unit": "x", "peer": "exact policy, same deletion"})
     out.append({"metric": "seed's 66.7x MNIST claim: best DeepObliviate speed-up over naive in any draw",
                 "value": best_do, "target": SEED_CLAIM, "better": "higher", "unit": "x", "peer": "naive retraining"})
     return out
 
 
+def markdown_table(result: dict) -> str:
+    """Medians per regime (CPU-time speed-up over naive; worst accuracy gap vs naive in points)."""
+    names = list(result["summary"]["per_policy"])
+    short = {n: n.replace("deepobliviate_eps", "DO ε=").replace("_freeb", " free b") for n in names}
+    head = ["B", "schedule", "draws", "n", "orig. consist."] + [f"{short[n]} speed-up / gap / stops" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in result["summary"]["per_regime"]:
+        cells = [str(g["num_blocks"]), g["schedule"], f"{g['kind']} ×{g['draws']}", str(g["size"]),
+                 f"{g['original_median_consistency']:.3f}"]
+        for n in names:
+            r = g[n]
+            stops = f" / {r['stop_fired']}" if "stop_fired" in r else ""
+            cells.append(f"{r['median_speedup_vs_naive']:.2f}× / {r['worst_gap_points']:+.1f}{stops}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_claim_verdict(configs: list[dict], epsilons) -> dict:
+    """The seed's 66.7x, checked against DeepObliviate and against exact restart on the same deletions."""
+    best = None
+    gains = []
+    for c in configs:
+        for r in c["draws"]:
+            for name in do_variants(epsilons):
+                p = r["policies"][name]
+                gains.append(p["speedup_vs_exact"])
+                if best is None or p["speedup_vs_naive"] > best["speedup_vs_naive"]:
+                    best = {"policy": name, "num_blocks": c["num_blocks"], "schedule": c["schedule"], "kind": r["kind"],
+                            "size": r["size"], "first_affected_block": r["first_affected_block"],
+                            "speedup_vs_naive": p["speedup_vs_naive"], "tau": p["tau"],
+                            "exact_speedup_same_deletion": r["policies"]["exact"]["speedup_vs_naive"]}
+    reached = best["speedup_vs_naive"] >= SEED_CLAIM
+    text = (
+        f"Seed: {SEED_CLAIM}x over retraining on MNIST. Best DeepObliviate speed-up over naive here: "
+        f"{best['speedup_vs_naive']:.1f}x ({best['policy']}, B={best['num_blocks']} {best['schedule']}, first affected "
+        f"block {best['first_affected_block']}), where exact restart from M_(d-1) reached "
+        f"{best['exact_speedup_same_deletion']:.1f}x on the same deletion. DeepObliviate's own gain over exact: median "
+        f"{statistics.median(gains):.2f}x, best {max(gains):.2f}x. "
+        + ("The 66.7x figure is reached, " if reached else "The 66.7x figure is not reached; ")
+        + "and large speed-ups over naive come from deletions late in the chain (about B/(B-d+1)), which exact restart "
+        "gets as well, without early stopping, stitching or any accuracy risk."
+    )
+    return {"text": text, "best": best, "median_gain_over_exact": statistics.median(gains), "max_gain_over_exact": max(gains),
+            "reached": reached}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny grid smoke test (writes unlearning_quick.json)")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of an existing unlearning.json")
+    parser.add_argument(
+        "--refresh", action="store_true",
+        help="re-derive summary, headline, verdict, table and plots of an existing unlearning.json (no new measurement)",
+    )
     args = parser.parse_args(argv)
+    if args.table or args.refresh:
+        existing = json.loads((RESULTS / "unlearning.json").read_text())
+        if args.refresh:
+            epsilons = tuple(existing["grid"]["epsilons"])
+            existing["summary"] = summarise(existing["configs"], epsilons)
+            existing["headline"] = headline(existing["summary"], epsilons)
+            existing["seed_claim"] = seed_claim_verdict(existing["configs"], epsilons)
+            existing["seed_claim_verdict"] = existing["seed_claim"]["text"]
+            existing["plots"] = plot(existing["configs"], epsilons, RESULTS)
+            existing["table_markdown"] = markdown_table(existing)
+            (RESULTS / "unlearning.json").write_text(json.dumps(existing, indent=1, default=float))
+        if args.table:
+            print(markdown_table(existing))
+        return 0
     started = time.time()
     load_start = os.getloadavg()
     train, val, test_ds = _load(SEED)
@@ -367,13 +454,11 @@ def main(argv=None) -> int:
 def _write(configs, epsilons, grid, args, started, load_start, suffix, *, complete, log) -> None:
     summary = summarise(configs, epsilons)
     plots = plot(configs, epsilons, RESULTS, suffix)
-    best_do = max(summary["per_policy"][name]["max_speedup_vs_naive"] for name in do_variants(epsilons))
+    claim = seed_claim_verdict(configs, epsilons)
     result = {
         "headline": headline(summary, epsilons),
-        "seed_claim_verdict": (
-            f"seed claims {SEED_CLAIM}x over retraining on MNIST; best DeepObliviate speed-up measured in any draw here is "
-            f"{best_do:.1f}x ({'reached' if best_do >= SEED_CLAIM else 'not reached'}); see per_regime for medians."
-        ),
+        "seed_claim_verdict": claim["text"],
+        "seed_claim": claim,
         "summary": summary,
         "grid": {**grid, "epsilons": epsilons, "local_epochs": 3, "seed": SEED,
                  "data": "mnist5k: 4000 train / 500 validation (guardrail) / 500 test (reported)"},
@@ -388,6 +473,7 @@ def _write(configs, epsilons, grid, args, started, load_start, suffix, *, comple
         "complete": complete,
         "configs_done": [[c["num_blocks"], c["schedule"]] for c in configs],
     }
+    result["table_markdown"] = markdown_table(result)
     (RESULTS / f"unlearning{suffix}.json").write_text(json.dumps(result, indent=1, default=float))
     log(f"wrote {RESULTS / f'unlearning{suffix}.json'}")
     for h in result["headline"]:

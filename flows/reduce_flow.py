@@ -240,6 +240,7 @@ def reduce_flow(
     aggregate: str = "sum",
     restart_memory_mb: float | None = None,
     threads_per_worker: int = 1,
+    tiles_only: bool = False,
 ) -> dict[str, Any]:
     """Choose the k least mutually informative images of ``data`` on Ray, results in ``store_url``.
 
@@ -257,6 +258,7 @@ def reduce_flow(
         restart_memory_mb: matrix memory a restart worker may hold; default the whole matrix up
             to 2 GiB, else O(n k) streamed row bands.
         threads_per_worker: numba threads (and Ray CPUs) per actor.
+        tiles_only: stop after the tile stage (precompute or extend a stored matrix).
 
     Returns:
         the summary written to storage, plus ``result_url``.
@@ -289,7 +291,7 @@ def reduce_flow(
         import ray
 
         remote_restart = ray.remote(RestartWorker)
-        restart_actors = [
+        restart_actors = [] if tiles_only else [
             remote_restart.options(**slots.options(i, busy=False)).remote(
                 store, prefix, memory_bytes=memory, threads=threads_per_worker
             )
@@ -298,6 +300,15 @@ def reduce_flow(
         meta = None if has_meta else {"fingerprint": dataset.fingerprint, "bins": bins, "normalize": normalize}
         tiles = compute_tiles(dataset.images, store, prefix, plan, missing, levels=dataset.levels, bins=bins,
                               normalize=normalize, write_meta=meta, slots=slots)
+        if tiles_only:
+            return {
+                "data": dataset.name, "fingerprint": dataset.fingerprint, "n": n, "tile_size": tile_size,
+                "tiles_total": plan.num_tiles, "tiles_computed": tiles["computed"],
+                "tiles_reused": plan.num_tiles - tiles["computed"], "tiles_url": store.uri(prefix),
+                "stored_bytes": plan.stored_bytes, "workers": pool, "tile_seconds": round(tiles["seconds"], 3),
+                "tile_compute_seconds": round(tiles["compute_seconds"], 3),
+                "flow_seconds": round(time.perf_counter() - t_flow, 3),
+            }
         restarts = run_restart_stage(restart_actors, start_vertices, k=k, aggregate=aggregate)
     finally:
         for actor in restart_actors:

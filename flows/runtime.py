@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from obliviate.errors import ConfigError, ObliviateError
+from obliviate.errors import ObliviateError
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -176,7 +176,3 @@ def _stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=5)
 
-
-def check_workers(workers: int | None) -> None:
-    if workers is not None and workers < 0:
-        raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset (cluster size); got {workers}.")

@@ -161,6 +161,7 @@ class UnlearningRecord:
     retrain_seconds: float = 0.0
     overhead_seconds: float = 0.0
     wall_time_seconds: float = 0.0
+    cpu_seconds: float = 0.0
     heldout_accuracy: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -250,6 +251,7 @@ class ChainRetrainer:
         self.trainer = BlockTrainer(config=chain.config, data=data, plan=chain.plan)
         self.checkpoints: dict[int, Checkpoint] = {self.first_affected - 1: chain.checkpoints[self.first_affected - 1]}
         self.seconds: dict[int, float] = {}
+        self.cpu_seconds: dict[int, float] = {}
         self._iterator = None
 
     @property
@@ -272,16 +274,19 @@ class ChainRetrainer:
             checkpoint = next(self._iterator)
             self.checkpoints[checkpoint.block_index] = checkpoint
             self.seconds[checkpoint.block_index] = self._timings[-1].seconds
+            self.cpu_seconds[checkpoint.block_index] = self._timings[-1].cpu_seconds
         return self.checkpoints[block]
 
     @property
-    def total_seconds(self) -> float:
-        """Measured time of every block retrained so far."""
-        return float(sum(self.seconds.values()))
+    def total_seconds(self) -> tuple[float, float]:
+        """Measured (wall, CPU) time of every block retrained so far."""
+        return float(sum(self.seconds.values())), float(sum(self.cpu_seconds.values()))
 
-    def seconds_through(self, block: int) -> float:
-        """Measured retraining time of blocks d..block."""
-        return float(sum(s for b, s in self.seconds.items() if b <= block))
+    def seconds_through(self, block: int) -> tuple[float, float]:
+        """Measured (wall, CPU) retraining time of blocks d..block."""
+        wall = sum(s for b, s in self.seconds.items() if b <= block)
+        cpu = sum(s for b, s in self.cpu_seconds.items() if b <= block)
+        return float(wall), float(cpu)
 
 
 def unlearn(
@@ -316,7 +321,7 @@ def unlearn_exact(
         DeletionError: a bad request (nothing changes).
         ChainMismatchError: ``data`` is not the chain's data.
     """
-    began = time.perf_counter()
+    began = (time.perf_counter(), time.process_time())
     retrainer = _retrainer_for(chain, ids, data=data, retrainer=retrainer)
     trained_before = retrainer.total_seconds
     num_blocks = chain.config.num_blocks
@@ -457,7 +462,7 @@ def unlearn_deepobliviate(
         DeletionError: a bad request (nothing changes).
         ChainMismatchError: ``data`` is not the chain's data.
     """
-    began = time.perf_counter()
+    began = (time.perf_counter(), time.process_time())
     retrainer = _retrainer_for(chain, ids, data=data, retrainer=retrainer)
     trained_before = retrainer.total_seconds
     config, original = chain.config, chain.checkpoints
@@ -580,7 +585,9 @@ def _stitched_checkpoints(
     return out
 
 
-def _times(began: float, retrainer: ChainRetrainer, *, trained_before: float, last_used: int) -> dict[str, float]:
+def _times(
+    began: tuple[float, float], retrainer: ChainRetrainer, *, trained_before: tuple[float, float], last_used: int
+) -> dict[str, float]:
     """Wall time = measured retraining time of the blocks used + this policy's own work.
 
     The policy's own work (Δ, fits, stitching, guardrail evaluations, validation) is the call's
@@ -588,11 +595,17 @@ def _times(began: float, retrainer: ChainRetrainer, *, trained_before: float, la
     plain wall time of the call; with a shared one, blocks retrained earlier by another policy are
     charged at their measured time.
     """
-    elapsed = time.perf_counter() - began
-    trained_now = retrainer.total_seconds - trained_before
-    overhead = max(elapsed - trained_now, 0.0)
-    retrain = retrainer.seconds_through(last_used)
-    return {"retrain_seconds": retrain, "overhead_seconds": overhead, "wall_time_seconds": retrain + overhead}
+    elapsed, elapsed_cpu = time.perf_counter() - began[0], time.process_time() - began[1]
+    now, now_cpu = retrainer.total_seconds
+    overhead = max(elapsed - (now - trained_before[0]), 0.0)
+    overhead_cpu = max(elapsed_cpu - (now_cpu - trained_before[1]), 0.0)
+    retrain, retrain_cpu = retrainer.seconds_through(last_used)
+    return {
+        "retrain_seconds": retrain,
+        "overhead_seconds": overhead,
+        "wall_time_seconds": retrain + overhead,
+        "cpu_seconds": retrain_cpu + overhead_cpu,
+    }
 
 
 def _commit(checkpoints: Sequence[Checkpoint], sink: CheckpointSink | None) -> None:

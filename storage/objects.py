@@ -16,7 +16,10 @@ Visibility rule (atomic from a reader's point of view):
   records every member's checksum; a reader that finds the manifest finds all members.
 * mutable "current" pointers use :meth:`swap_pointer`: versions are create-if-absent objects
   (``O_EXCL`` locally, ``If-None-Match: *`` on S3), so of two writers expecting the same
-  version exactly one wins and the other gets :class:`PointerConflict`.
+  version exactly one wins and the other gets :class:`PointerConflict`. A pointer created with
+  ``expected_version=0`` doubles as an exactly-once record (e.g. one per request id: a repeat
+  gets :class:`PointerConflict`), and its later versions as that record's status transitions;
+  :meth:`list_pointers` enumerates them.
 
 Objects other than pointers are meant to be written once (or rewritten with identical
 content, as deterministic tiles are): rewriting a key with different bytes while another
@@ -310,6 +313,24 @@ class ObjectStore:
                     "re-read it and retry from the current version."
                 ) from err
         return Pointer(key=key, version=version, target=dict(target), created_at=body["created_at"])
+
+    def list_pointers(self, prefix: str = "") -> list[str]:
+        """Keys of the pointers under ``prefix`` (e.g. one per ledger entry), sorted."""
+        prefix = _check_key(prefix, allow_empty=True)
+        base = self._path(prefix) if prefix else self._root
+        with _translated(self.uri(prefix)):
+            try:
+                found = self._fs.find(base)
+            except FileNotFoundError:
+                return []
+        root = self._root.rstrip("/") + "/"
+        keys = set()
+        for path in (_strip(p, self._protocol) for p in found):
+            relative = path[len(root):] if path.startswith(root) else path
+            parent, _, name = relative.rpartition("/")
+            if parent and _POINTER_VERSION.match(name):
+                keys.add(parent)
+        return sorted(keys)
 
     def ensure_container(self) -> None:
         """Create the bucket (S3) or folder (local) the store lives in, if missing."""

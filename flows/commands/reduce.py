@@ -8,6 +8,7 @@ pure functions (:func:`run_reduce_in_process`); both give the same subset and th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")
     parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing start vertices")
-    parser.add_argument("--store", default=None, help="result store URL: file://./runs (default) or s3://bucket/prefix")
+    parser.add_argument(
+        "--store", default=None,
+        help="store URL: file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)",
+    )
     parser.add_argument("--out", default=None, help="local folder for results (same as --store file://OUT)")
     parser.add_argument(
         "--workers", type=int, default=None,
@@ -39,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--restart-memory-mb", type=float, default=None,
                         help="matrix memory per restart worker (default: whole matrix up to 2 GiB, else O(n k))")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default RAY_ADDRESS, else local)")
+    parser.add_argument("--tiles-only", action="store_true", help="stop after computing and storing the MI tiles")
+    parser.add_argument(
+        "--plan", type=int, default=None, metavar="N",
+        help="print tile count, bytes and per-worker memory for a pool of N images, computing nothing",
+    )
     parser.set_defaults(handler=run_reduce)
 
 
@@ -49,7 +58,9 @@ def _store_url(args: argparse.Namespace) -> str:
         raise ConfigError(f"give either --store or --out, not both; got --store {store} and --out {out}.")
     if store:
         return store
-    return f"file://{Path(out or 'runs').expanduser().resolve()}"
+    if out:
+        return f"file://{Path(out).expanduser().resolve()}"
+    return os.environ.get("OBLIVIATE_STORE") or f"file://{Path('runs').resolve()}"
 
 
 def _check(args: argparse.Namespace, n: int) -> None:
@@ -61,6 +72,8 @@ def _check(args: argparse.Namespace, n: int) -> None:
 
 
 def run_reduce(args: argparse.Namespace) -> int:
+    if getattr(args, "plan", None) is not None:
+        return print_plan(args)
     dataset = load_dataset(args.data)
     _check(args, len(dataset))
     if args.bins < 256:
@@ -72,6 +85,18 @@ def run_reduce(args: argparse.Namespace) -> int:
     if getattr(args, "workers", None) == 0:
         return run_reduce_in_process(args, dataset)
     return run_reduce_flow(args)
+
+
+def print_plan(args: argparse.Namespace) -> int:
+    """The reduction's sizes for ``--plan N`` images, without computing anything."""
+    from obliviate.tiling import plan_report
+
+    workers = args.workers if args.workers else 1
+    report = plan_report(n=args.plan, tile_size=args.tile_size, k=args.k, workers=workers)
+    for name, value in report.items():
+        shown = f"{value / 1e9:.3f} GB" if name.endswith("_bytes") else f"{value:,}" if isinstance(value, int) else value
+        print(f"{name:>32}: {shown}")
+    return 0
 
 
 def run_reduce_flow(args: argparse.Namespace) -> int:
@@ -102,7 +127,11 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
                 workers=getattr(args, "workers", None),
                 tile_size=getattr(args, "tile_size", 512),
                 restart_memory_mb=getattr(args, "restart_memory_mb", None),
+                tiles_only=getattr(args, "tiles_only", False),
             )
+    if getattr(args, "tiles_only", False):
+        print(f"tiles: {summary['tiles_computed']} computed, {summary['tiles_reused']} reused; stored at {summary['tiles_url']}")
+        return 0
     print(f"H = {summary['h']:.4f} over {summary['restarts']} restarts (best start {summary['best_start']})")
     print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(summary["class_histogram"])))
     print(

@@ -58,10 +58,20 @@ def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, f
     assert set(manifest.members) == {"subset", "restarts", "summary"}
     assert first["tiles_computed"] == first["tiles_total"] == 15 and first["tiles_reused"] == 0
     assert ("tiles", 15, 15) in events and ("restarts", 300, 300) in events
+    assert _artifact_mentions(first["result_url"])
 
     second = reduce_flow(data=path, k=30, store_url=file_store.url, workers=2, tile_size=64)
     assert second["tiles_computed"] == 0 and second["tiles_reused"] == 15
     assert second["h"] == expected.h and second["best_start"] == first["best_start"]
+
+
+def _artifact_mentions(text: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drmi-reduction"])))
+    return any(a.type == "table" and text in (a.description or "") for a in artifacts)
 
 
 def test_resumed_run_computes_only_missing_tiles(ray_runtime, prefect_harness, file_store, mnist_pool, in_process):

@@ -133,6 +133,17 @@ def test_pointer_compare_and_swap(store):
     assert current.version == 2 and current.target == {"version": "v2"}
 
 
+def test_pointers_as_exactly_once_records(store):
+    store.swap_pointer("ledger/req-1", {"status": "pending"}, expected_version=0)
+    store.swap_pointer("ledger/req-2", {"status": "pending"}, expected_version=0)
+    with pytest.raises(PointerConflict):  # the same request id again
+        store.swap_pointer("ledger/req-1", {"status": "pending"}, expected_version=0)
+    store.swap_pointer("ledger/req-1", {"status": "done"}, expected_version=1)
+    store.put_json("ledger/readme.json", {"not": "a pointer"})
+    assert store.list_pointers("ledger") == ["ledger/req-1", "ledger/req-2"]
+    assert store.read_pointer("ledger/req-1").target == {"status": "done"}
+
+
 def test_pointer_versions_are_create_if_absent(store):
     # The primitive under swap_pointer: a second create of the same version must fail on the
     # backend itself (O_EXCL / If-None-Match), not only in our version check.

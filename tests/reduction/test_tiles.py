@@ -92,3 +92,11 @@ def test_damaged_tile_is_refused(file_store, digits_pool):
         handle.write(b"\x00\x00\x80\x7f")  # a +inf where an MI value was
     with pytest.raises(CorruptObject):
         TiledMatrix(file_store, prefix, cache_bytes=plan.dense_bytes).dense()
+
+
+def test_cli_plan_for_60000_computes_nothing(capsys):
+    from flows.cli import main
+
+    assert main(["reduce", "--plan", "60000", "--tile-size", "2048", "--workers", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "tiles: 465" in out and "dense_matrix_bytes: 14.400 GB" in out
