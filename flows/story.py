@@ -150,7 +150,7 @@ def deletion_story(
             "speedup_vs_full_retrain": audit.get("speedup_vs_full_retrain") if audit else None,
             "theoretical_speedup": audit.get("theoretical_speedup") if audit else None,
             "verification": audit.get("verification") if audit else None,
-            "ids_gone": set(forget) <= set(after.deleted_ids) if audit else None,
+            "ids_gone": (set(forget) & set(registry.spec(run_id).train_ids)) <= set(after.deleted_ids),
         }
     return {
         "store": store.url,
