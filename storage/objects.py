@@ -278,6 +278,10 @@ class ObjectStore:
             return None
         return self._load_pointer(key, versions[-1])
 
+    def read_pointer_version(self, key: str, version: int) -> Pointer:
+        """One past (or the current) version of pointer ``key``: its history, for audit trails."""
+        return self._load_pointer(_check_key(key), version)
+
     def swap_pointer(self, key: str, target: Mapping[str, Any], *, expected_version: int) -> Pointer:
         """Move pointer ``key`` to ``target`` if its current version is ``expected_version``.
 
@@ -349,6 +353,9 @@ class ObjectStore:
                 self._fs_cache = fsspec.filesystem(
                     "s3",
                     skip_instance_cache=True,
+                    # No listings cache: pointer versions and commit records are discovered by
+                    # listing, and a cached listing would hide versions other processes wrote.
+                    use_listings_cache=False,
                     endpoint_url=self._endpoint_url,
                     config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
                 )
