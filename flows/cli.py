@@ -19,6 +19,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.reduce",
     "flows.commands.demo",
     "flows.commands.submit",
+    "flows.commands.train",
+    "flows.commands.forget",
+    "flows.commands.serve",
     "flows.commands.target",
     "flows.commands.steal",
 )

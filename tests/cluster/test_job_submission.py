@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +42,19 @@ def wait_until_jobs_accepted(address: str, env: dict) -> None:
     raise TimeoutError(f"Ray head at {address} accepted no job within 150 s: {last_error}")
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     gcs_port, dashboard_port = free_port(), free_port()
@@ -52,13 +66,32 @@ def ray_head(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     temp_dir = tmp_path_factory.mktemp("ray")
-    subprocess.run(
+    # --block keeps `ray start` in the foreground as the parent of this head's processes, so the
+    # teardown stops exactly this head (its process group), never another Ray on the machine.
+    head = subprocess.Popen(
         [
-            str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            # Ray's fixed default agent ports collide with any other Ray on the machine.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            "--block",
         ],
-        env=env, check=True, capture_output=True, timeout=180,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     previous_auth = os.environ.get("RAY_AUTH_MODE")
@@ -71,7 +104,7 @@ def ray_head(tmp_path_factory):
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_process_group(head)
 
 
 @pytest.mark.slow
@@ -80,12 +113,33 @@ def test_ray_job_submit_runs_reduce_and_result_lands(ray_head, tmp_path) -> None
     runtime_env = json.dumps({"excludes": [".venv", ".git", "runs", "**/__pycache__"]})
     completed = subprocess.run(
         [
-            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-            "--runtime-env-json", runtime_env, "--",
-            "python", "-m", "flows.cli", "reduce", "--data", "digits", "--k", "20", "--starts", "10",
-            "--out", str(tmp_path),
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            "python",
+            "-m",
+            "flows.cli",
+            "reduce",
+            "--data",
+            "digits",
+            "--k",
+            "20",
+            "--starts",
+            "10",
+            "--out",
+            str(tmp_path),
         ],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "over 10 restarts" in completed.stdout
@@ -99,10 +153,27 @@ def test_obliviate_submit_wrapper_waits_and_reports(ray_head, tmp_path) -> None:
     address, env = ray_head
     completed = subprocess.run(
         [
-            str(BIN / "obliviate"), "submit", "--address", address, "--working-dir", str(ROOT), "--",
-            "reduce", "--data", "digits", "--k", "15", "--starts", "5", "--out", str(tmp_path),
+            str(BIN / "obliviate"),
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "reduce",
+            "--data",
+            "digits",
+            "--k",
+            "15",
+            "--starts",
+            "5",
+            "--out",
+            str(tmp_path),
         ],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "SUCCEEDED" in completed.stdout and "over 5 restarts" in completed.stdout

@@ -1,0 +1,160 @@
+"""Latency and fan-out of the unlearning service → bench/results/service_latency.json.
+
+Measured on the embedded default (``file://`` store), a real ``prefect server`` on 127.0.0.1 and
+one local Ray runtime (2 CPUs), with the same pieces a user runs (``obliviate serve`` in a
+subprocess, deletion requests through the ledger and a Prefect event):
+
+* event-to-unlearning-start: from the request (ledger time; the event is emitted right after)
+  to the ``unlearn`` flow claiming it, and to the Ray worker starting on it (target <= 10 s);
+* end-to-end deletion latency for one small model (LeNet-5 on digits, 6 blocks): request to
+  ledger ``done`` with the new version current;
+* fan-out efficiency: 2 affected runs unlearned on 1 worker vs on 2 workers, same work (fresh
+  stores with identical runs, ids in block 1 so every block is retrained), efficiency =
+  T(1 worker) / (2 x T(2 workers)) (target >= 85 %), on a warm worker pool (as under ``serve``
+  after its first deletion).
+
+Usage: ``nice -n 10 python bench/service_latency.py [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.chains import ChainWorker  # noqa: E402
+from flows.deletion import submit_deletion, wait_for_request  # noqa: E402
+from flows.story import request_latencies, serving  # noqa: E402
+from flows.train_flow import run_spec, worker_pool  # noqa: E402
+from flows.unlearn_flow import reconcile_flow  # noqa: E402
+from storage.objects import ObjectStore  # noqa: E402
+from storage.registry import RunRegistry  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "service_latency.json"
+SMALL = dict(data="digits", model="lenet5", blocks=6, epochs=3, batch_size=32, learning_rate=0.01, schedule="constant",
+             seed=0, train_size=1200, heldout_size=300)
+# Fan-out workloads: the small one (about 1 s of training per run on an idle core), and a heavier
+# one (5x the epochs) where fixed per-run costs (loading data and checkpoints) weigh less.
+FANOUT = {**SMALL, "epochs": 8, "batch_size": 16}
+FANOUT_HEAVY = {**SMALL, "epochs": 40, "batch_size": 16}
+
+
+def _train(url: str, run_id: str, *, split_seed: int, options: dict) -> dict:
+    return ChainWorker(url).train(run_spec(run_id=run_id, split_seed=split_seed, **options))
+
+
+def measure_latency(root: Path, api_url: str, repeats: int) -> dict:
+    url = f"file://{root}/latency"
+    _train(url, "small", split_seed=0, options=SMALL)
+    spec = RunRegistry(ObjectStore(url)).spec("small")
+    samples = []
+    with serving(url, api_url=api_url) as process:
+        time.sleep(3)  # let the runner start polling, as a long-running serve would be
+        for repeat in range(repeats):
+            ids = list(spec.train_ids[10 * repeat : 10 * repeat + 3])
+            request = submit_deletion(url, ids, dataset="digits", reason="bench")
+            entry = wait_for_request(url, request["request_id"], timeout_s=300)
+            assert entry["status"] == "done", entry
+            audit = entry["details"]["runs"]["small"]
+            samples.append({**request_latencies(url, request["request_id"]), "request_id": request["request_id"],
+                            "first_affected_block": audit["first_affected_block"],
+                            "worker_wall_s": audit["wall_seconds"], "to_version": audit["to_version"]})
+        log_path = process.log_path
+    return {"samples": samples, "serve_log": log_path,
+            "median": {k: statistics.median(s[k] for s in samples) for k in
+                       ("event_to_unlearning_start_s", "event_to_worker_start_s", "end_to_end_s")}}
+
+
+def measure_fanout(root: Path, workers: int, options: dict, tag: str) -> dict:
+    url = f"file://{root}/fanout-{tag}-{workers}"
+    _train(url, "fan-a", split_seed=0, options=options)
+    _train(url, "fan-b", split_seed=1, options=options)
+    registry = RunRegistry(ObjectStore(url))
+    a, b = registry.entry("fan-a"), registry.entry("fan-b")
+    # Ids in block 1 of both runs: both retrain every block, the same work in both measurements.
+    shared = sorted(set(a["block_sample_ids"][0]) & set(b["block_sample_ids"][0]))[:2]
+    submit_deletion(url, shared, dataset="digits", emit=False)
+    # Warm pool, as under `serve` after the first deletion: time the unlearning, not process start-up.
+    import ray
+
+    ray.get([actor.pid.remote() for actor in worker_pool(url, workers)])
+    began = time.perf_counter()
+    result = reconcile_flow(store=url, workers=workers)
+    wall = time.perf_counter() - began
+    assert list(result["settled"].values()) == ["done"], result
+    return {
+        "workers": workers,
+        "ids": shared,
+        "fanout_seconds": result["fanout"]["seconds"],
+        "flow_seconds": wall,
+        "per_run_worker_seconds": {r: result["runs"][r]["wall_seconds"] for r in result["runs"]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import ray
+
+    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+
+    apply_prefect_defaults()
+    root = Path(tempfile.mkdtemp(prefix="obliviate-bench-"))
+    load_before = os.getloadavg()
+    with prefect_api(home=root / "prefect") as api_url:
+        ensure_ray(num_cpus=2)
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        latency = measure_latency(root, api_url, args.repeats)
+        fan1 = measure_fanout(root, 1, FANOUT, "small")
+        fan2 = measure_fanout(root, 2, FANOUT, "small")
+        heavy1 = measure_fanout(root, 1, FANOUT_HEAVY, "heavy")
+        heavy2 = measure_fanout(root, 2, FANOUT_HEAVY, "heavy")
+    efficiency = fan1["fanout_seconds"] / (2 * fan2["fanout_seconds"])
+    heavy_efficiency = heavy1["fanout_seconds"] / (2 * heavy2["fanout_seconds"])
+    median = latency["median"]
+    out = {
+        "headline": [
+            {"metric": "event_to_unlearning_start_s (median, flow claims the request)",
+             "value": round(median["event_to_unlearning_start_s"], 2), "target": 10, "better": "lower", "unit": "s",
+             "peer": None},
+            {"metric": "event_to_worker_start_s (median, Ray worker starts retraining)",
+             "value": round(median["event_to_worker_start_s"], 2), "target": 10, "better": "lower", "unit": "s",
+             "peer": None},
+            {"metric": "end_to_end_deletion_latency_s (median, one small model: LeNet-5/digits, 6 blocks)",
+             "value": round(median["end_to_end_s"], 2), "target": None, "better": "lower", "unit": "s", "peer": None},
+            {"metric": "fanout_efficiency_2_runs_2_workers", "value": round(efficiency, 3), "target": 0.85,
+             "better": "higher", "unit": "fraction",
+             "peer": f"same 2 unlearnings on 1 worker: {fan1['fanout_seconds']:.1f} s vs {fan2['fanout_seconds']:.1f} s on 2"},
+            {"metric": "fanout_efficiency_2_runs_2_workers_heavier_runs (5x epochs)", "value": round(heavy_efficiency, 3),
+             "target": 0.85, "better": "higher", "unit": "fraction",
+             "peer": f"1 worker: {heavy1['fanout_seconds']:.1f} s vs {heavy2['fanout_seconds']:.1f} s on 2"},
+        ],
+        "latency": latency,
+        "fanout": {"one_worker": fan1, "two_workers": fan2, "efficiency": efficiency},
+        "fanout_heavy": {"one_worker": heavy1, "two_workers": heavy2, "efficiency": heavy_efficiency},
+        "config": {"small": SMALL, "fanout": FANOUT, "fanout_heavy": FANOUT_HEAVY, "store": "file:// (embedded default)", "repeats": args.repeats},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                    "note": "2 cores shared with other jobs; load averages show the contention"},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2, default=str))
+    for row in out["headline"]:
+        print(f"{row['metric']}: {row['value']} {row['unit']} (target {row['target']})")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

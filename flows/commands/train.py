@@ -1,0 +1,49 @@
+"""``obliviate train``: block-sequenced training of a run into a store (SPEC section 4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a run block by block, checkpoints in the store (SPEC 4)")
+    parser.add_argument("--store", default="file://./runs", help="file://PATH (default ./runs) or s3://bucket/prefix")
+    parser.add_argument("--run-id", required=True, help="the run's name; rerun with the same options to resume")
+    parser.add_argument("--data", default="digits", help="digits (default), mnist5k, an .npz file or a dataset folder")
+    parser.add_argument("--model", default="lenet5", choices=["lenet5", "c3f2", "resnet18"])
+    parser.add_argument("--blocks", type=int, default=6, help="B, number of blocks (default 6)")
+    parser.add_argument("--epochs", type=int, default=3, help="E, local epochs per block (default 3)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    parser.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01)")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine", "exponential"])
+    parser.add_argument("--seed", type=int, default=0, help="chain seed (init, block split, batch order)")
+    parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all not held out)")
+    parser.add_argument("--heldout-size", type=int, default=300, help="held-out samples (default 300)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out split")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+    from flows.train_flow import train_flow
+
+    apply_prefect_defaults()
+    with prefect_api() as api_url:
+        print(f"Prefect API: {api_url}", file=sys.stderr)
+        ensure_ray(address=args.ray_address)
+        summary = train_flow(
+            store=args.store, run_id=args.run_id, data=args.data, model=args.model, blocks=args.blocks,
+            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+            seed=args.seed, train_size=args.train_size, heldout_size=args.heldout_size, split_seed=args.split_seed,
+        )
+    print(
+        f"run {summary['run_id']}: version {summary['version']} ({summary['status']}), held-out accuracy "
+        f"{summary.get('heldout_accuracy')}, {summary.get('trained_blocks', 0)} blocks trained, "
+        f"{summary.get('resumed_blocks', 0)} resumed; store {summary['store']}"
+    )
+    print(json.dumps(summary, default=str))
+    return 0

@@ -1,0 +1,246 @@
+"""Pure rules of the unlearning service (SPEC sections 4-5 applied to registered runs).
+
+The service keeps many block-sequenced runs, each trained on a subset of a dataset. A deletion
+request names *dataset* sample ids (row indices of the dataset the runs were drawn from); this
+module maps them to each run's training positions (the ids :mod:`obliviate.blocks` and
+:mod:`obliviate.unlearning` work with), checks requests and event payloads, and derives the
+deterministic names that make retried work land in the same place.
+
+No storage, Ray or Prefect here: :mod:`storage.registry` and :mod:`storage.ledger` persist what
+these functions compute, :mod:`actors.chains` and :mod:`flows.unlearn` run them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from obliviate.blocks import BlockData, BlockPlan, BlockTrainingConfig
+from obliviate.data import ImageDataset, stratified_split
+from obliviate.errors import ConfigError, ObliviateError
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+REQUEST_ID_PATTERN = RUN_ID_PATTERN
+_SPLIT_STREAM = 0x5E1F  # keeps the train/held-out split independent of the block split
+
+
+class RequestError(ObliviateError, ValueError):
+    """A deletion request or event payload breaks a rule; nothing was changed."""
+
+
+def check_name(value: Any, *, what: str) -> str:
+    """Return ``value`` if it is a usable run or request id, else raise :class:`RequestError`."""
+    if not isinstance(value, str) or not RUN_ID_PATTERN.match(value):
+        raise RequestError(
+            f"rule: a {what} is 1-64 characters of letters, digits, '_', '.', '-' starting with a letter or "
+            f"digit; got {value!r}."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a registered run was trained on: enough to rebuild its data and map deletions.
+
+    Attributes:
+        run_id: unique name of the run in its store.
+        dataset: source passed to :func:`obliviate.data.load_dataset` (``digits``, ``mnist5k``, a path).
+        dataset_fingerprint: fingerprint of the whole dataset at training time.
+        train_ids: dataset row ids of the training set, in training-position order: position p of
+            the chain (the id :mod:`obliviate.blocks` uses) is dataset row ``train_ids[p]``.
+        heldout_ids: dataset row ids of the held-out set (accuracy, guardrail, consistency).
+        config: the chain's :class:`BlockTrainingConfig`.
+        split_seed: seed of the train/held-out split.
+    """
+
+    run_id: str
+    dataset: str
+    dataset_fingerprint: str
+    train_ids: tuple[int, ...]
+    heldout_ids: tuple[int, ...]
+    config: BlockTrainingConfig
+    split_seed: int
+    _position: dict[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_name(self.run_id, what="run id")
+        if set(self.train_ids) & set(self.heldout_ids):
+            raise ConfigError("a run's training and held-out ids must be disjoint.")
+        object.__setattr__(self, "_position", {int(d): p for p, d in enumerate(self.train_ids)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "dataset": self.dataset,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "train_ids": list(self.train_ids),
+            "heldout_ids": list(self.heldout_ids),
+            "config": self.config.to_dict(),
+            "split_seed": self.split_seed,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RunSpec:
+        return cls(
+            run_id=values["run_id"],
+            dataset=values["dataset"],
+            dataset_fingerprint=values["dataset_fingerprint"],
+            train_ids=tuple(int(i) for i in values["train_ids"]),
+            heldout_ids=tuple(int(i) for i in values["heldout_ids"]),
+            config=BlockTrainingConfig.from_dict(dict(values["config"])),
+            split_seed=int(values["split_seed"]),
+        )
+
+    def positions(self, dataset_ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions of the ids this run trained on, dataset ids it never trained on)``."""
+        held, missing = [], []
+        for value in dataset_ids:
+            position = self._position.get(int(value))
+            if position is None:
+                missing.append(int(value))
+            else:
+                held.append(position)
+        return np.asarray(sorted(held), dtype=np.int64), np.asarray(sorted(missing), dtype=np.int64)
+
+    def dataset_ids(self, positions: Iterable[int]) -> list[int]:
+        """Dataset row ids of training positions."""
+        return sorted(int(self.train_ids[int(p)]) for p in positions)
+
+
+def plan_run(
+    *,
+    run_id: str,
+    dataset: ImageDataset,
+    source: str,
+    train_size: int | None,
+    heldout_size: int,
+    split_seed: int,
+    config: BlockTrainingConfig,
+) -> RunSpec:
+    """Draw a run's class-stratified train/held-out split and check the config fits the data (SPEC 4).
+
+    Args:
+        run_id: the run's name.
+        dataset: the loaded dataset.
+        source: how to load it again (stored with the run).
+        train_size: training samples (default: everything not held out).
+        heldout_size: held-out samples.
+        split_seed: seed of the split (independent of ``config.seed``).
+        config: the chain's options; ``image_size``, ``levels`` and ``num_classes`` must match the data.
+    """
+    n = len(dataset)
+    train_size = n - heldout_size if train_size is None else train_size
+    if heldout_size < 1 or train_size < config.num_blocks or train_size + heldout_size > n:
+        raise ConfigError(
+            f"need 1 <= heldout_size, num_blocks={config.num_blocks} <= train_size and train_size + heldout_size "
+            f"<= {n} (the dataset's size); got train_size={train_size}, heldout_size={heldout_size}."
+        )
+    height, width = dataset.image_shape
+    if (config.image_size, config.image_size) != (height, width) or config.levels != dataset.levels:
+        raise ConfigError(
+            f"config image_size={config.image_size}, levels={config.levels} do not match the data "
+            f"({height}x{width} images, {dataset.levels} levels); set them from the dataset."
+        )
+    if config.num_classes < dataset.num_classes:
+        raise ConfigError(f"config num_classes={config.num_classes} < the data's {dataset.num_classes} classes.")
+    train_idx, heldout_idx = stratified_split(
+        dataset.labels, sizes=(train_size, heldout_size), rng=np.random.default_rng((split_seed, _SPLIT_STREAM))
+    )
+    return RunSpec(
+        run_id=check_name(run_id, what="run id"),
+        dataset=source,
+        dataset_fingerprint=dataset.fingerprint,
+        train_ids=tuple(int(i) for i in train_idx),
+        heldout_ids=tuple(int(i) for i in heldout_idx),
+        config=config,
+        split_seed=split_seed,
+    )
+
+
+def block_data(spec: RunSpec, dataset: ImageDataset) -> BlockData:
+    """The run's :class:`BlockData`, after checking ``dataset`` is the one it was trained on."""
+    if dataset.fingerprint != spec.dataset_fingerprint:
+        raise ConfigError(
+            f"run {spec.run_id} was trained on dataset {spec.dataset!r} with fingerprint {spec.dataset_fingerprint}, "
+            f"but the data loaded now has {dataset.fingerprint}: the source changed. Point the run at its data."
+        )
+    return BlockData(
+        train=dataset.subset(np.asarray(spec.train_ids, dtype=np.int64)),
+        heldout=dataset.subset(np.asarray(spec.heldout_ids, dtype=np.int64)),
+    )
+
+
+def block_holdings(spec: RunSpec, plan: BlockPlan) -> list[list[int]]:
+    """Dataset sample ids held by each block (block 1 first): what the registry records."""
+    return [spec.dataset_ids(plan.block_ids(b)) for b in range(1, plan.num_blocks + 1)]
+
+
+def parse_ids(raw: Any) -> tuple[int, ...]:
+    """Check the ids of a deletion request; return them sorted.
+
+    Accepts a list of non-negative integers (or a string ``"3,17,42"`` from a CLI).
+
+    Raises:
+        RequestError: empty, non-integer, negative or repeated ids.
+    """
+    if isinstance(raw, str):
+        parts = [p.strip() for p in raw.replace(" ", ",").split(",") if p.strip()]
+        try:
+            raw = [int(p) for p in parts]
+        except ValueError:
+            raise RequestError(f"rule: ids are comma-separated integers like 3,17,42; got {raw!r}.") from None
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise RequestError(f"rule: a deletion names a non-empty list of sample ids; got {raw!r}.")
+    bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0]
+    if bad:
+        raise RequestError(f"rule: sample ids are non-negative integers (dataset row indices); got {bad[:5]!r}.")
+    values = sorted(int(v) for v in raw)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise RequestError(f"rule: each sample id appears once per request; repeated: {repeated[:10]}.")
+    return tuple(values)
+
+
+def request_id_for(ids: Sequence[int], dataset: str, salt: str) -> str:
+    """A request id derived from its content and a caller-chosen salt (a time stamp, a ticket)."""
+    digest = hashlib.sha256(f"{dataset}|{','.join(map(str, ids))}|{salt}".encode()).hexdigest()
+    return f"del-{digest[:16]}"
+
+
+def parse_event_payload(payload: Any) -> str:
+    """The request id a deletion event refers to.
+
+    An event is only a notification: the ledger entry it names holds the request, so the only
+    field read is ``request_id``.
+
+    Raises:
+        RequestError: the payload is not a mapping with a valid ``request_id``.
+    """
+    if not isinstance(payload, Mapping):
+        raise RequestError(
+            f"rule: a deletion event's payload is an object {{'request_id': ...}}; got {type(payload).__name__} "
+            f"{str(payload)[:80]!r}."
+        )
+    if "request_id" not in payload:
+        raise RequestError(
+            f"rule: a deletion event's payload names the ledger entry in 'request_id'; got keys {sorted(payload)[:8]}. "
+            "Submit deletions with `obliviate forget` (or flows.deletion.submit_deletion), which writes the ledger first."
+        )
+    return check_name(payload["request_id"], what="request id")
+
+
+def work_token(*, base_version: int, excluded_positions: Iterable[int], policy: str) -> str:
+    """Name of the folder an unlearning writes new checkpoints to.
+
+    Depends only on what is computed (base model version, every excluded position, policy), so a
+    retried or restarted worker finds the checkpoints a killed one already wrote and resumes.
+    """
+    digest = hashlib.sha256(
+        f"{base_version}|{policy}|{','.join(str(int(p)) for p in sorted(excluded_positions))}".encode()
+    ).hexdigest()
+    return f"u{base_version:06d}-{digest[:12]}"

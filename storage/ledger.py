@@ -1,0 +1,183 @@
+"""The deletion ledger: every deletion request and its status history, durable in the store.
+
+Layout under the store:
+
+* ``ledger/requests/<request>.json``: the request as received (ids, dataset, reason, time);
+  written once, before any event is emitted, so nothing acknowledged can be lost.
+* ``ledger/status/<request>``: a pointer whose versions are the request's status history
+  (``pending`` -> ``claimed`` -> ``done`` | ``rejected``). Every transition is a compare-and-swap,
+  so two flow runs can never both claim or both finish one request.
+* ``ledger/events/<event>.json``: what happened to each deletion event received (processed, a
+  duplicate, or rejected with the reason), the audit trail of the event side.
+
+A request whose status pointer is missing (a crash between the two writes) reads as ``pending``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from obliviate.service import RequestError, check_name
+from storage.errors import ObjectNotFound, PointerConflict
+from storage.objects import ObjectStore
+
+PENDING, CLAIMED, DONE, REJECTED = "pending", "claimed", "done", "rejected"
+TERMINAL = frozenset({DONE, REJECTED})
+_CAS_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class RequestStatus:
+    """One request with its latest status (``version`` 0: no status written yet = pending)."""
+
+    request: dict[str, Any]
+    status: str
+    details: dict[str, Any]
+    version: int
+    updated_at: float
+
+    @property
+    def request_id(self) -> str:
+        return str(self.request["request_id"])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.request, "status": self.status, "status_version": self.version, "details": self.details,
+                "updated_at": self.updated_at}
+
+
+class DeletionLedger:
+    """Append, claim and settle deletion requests in one :class:`ObjectStore`."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def _request_key(self, request_id: str) -> str:
+        return f"ledger/requests/{check_name(request_id, what='request id')}.json"
+
+    def _status_key(self, request_id: str) -> str:
+        return f"ledger/status/{check_name(request_id, what='request id')}"
+
+    def append(
+        self, *, request_id: str, ids: Sequence[int], dataset: str, reason: str | None
+    ) -> tuple[RequestStatus, bool]:
+        """Record a request durably; returns ``(its status, whether it is new)``.
+
+        Repeating a request id with the same ids is a no-op (the existing entry comes back);
+        reusing it for other ids is refused.
+
+        Raises:
+            RequestError: the request id already names a different request.
+        """
+        key = self._request_key(request_id)
+        body = {"request_id": request_id, "ids": [int(i) for i in ids], "dataset": dataset, "reason": reason or ""}
+        if self.store.exists(key):
+            stored = self.store.get_json(key)
+            if stored["ids"] != body["ids"] or stored["dataset"] != dataset:
+                raise RequestError(
+                    f"rule: a request id names one request; {request_id!r} already holds {len(stored['ids'])} ids of "
+                    f"{stored['dataset']!r}. Use a new request id (or omit it to get one). Nothing changed."
+                )
+            return self.get(request_id), False
+        self.store.put_json(key, {**body, "requested_at": time.time()})
+        self.transition(request_id, status=PENDING, details={}, allowed_from=(PENDING,))
+        return self.get(request_id), True
+
+    def get(self, request_id: str) -> RequestStatus:
+        """The request and its latest status.
+
+        Raises:
+            ObjectNotFound: no such request in the ledger.
+        """
+        request = self.store.get_json(self._request_key(request_id))
+        pointer = self.store.read_pointer(self._status_key(request_id))
+        if pointer is None:
+            return RequestStatus(request, PENDING, {}, 0, float(request["requested_at"]))
+        return RequestStatus(
+            request, pointer.target["status"], dict(pointer.target.get("details", {})), pointer.version, pointer.created_at
+        )
+
+    def exists(self, request_id: str) -> bool:
+        return self.store.exists(self._request_key(request_id))
+
+    def history(self, request_id: str) -> list[dict[str, Any]]:
+        """Every status the request went through, oldest first."""
+        key = self._status_key(request_id)
+        current = self.store.read_pointer(key)
+        if current is None:
+            return []
+        out = []
+        for version in range(1, current.version + 1):
+            raw = self.store.read_pointer_version(key, version)
+            out.append({"version": version, "status": raw.target["status"], "at": raw.created_at,
+                        "details": raw.target.get("details", {})})
+        return out
+
+    def request_ids(self) -> list[str]:
+        return [key.rsplit("/", 1)[-1][: -len(".json")] for key in self.store.list("ledger/requests")]
+
+    def entries(self) -> list[RequestStatus]:
+        """Every request with its status, oldest request first."""
+        found = []
+        for request_id in self.request_ids():
+            try:
+                found.append(self.get(request_id))
+            except ObjectNotFound:
+                continue
+        return sorted(found, key=lambda entry: (entry.request.get("requested_at", 0.0), entry.request_id))
+
+    def open_entries(self, *, stale_after_s: float) -> list[RequestStatus]:
+        """Requests not settled: pending ones, and claims older than ``stale_after_s`` (a crashed worker)."""
+        now = time.time()
+        return [
+            entry
+            for entry in self.entries()
+            if entry.status == PENDING or (entry.status == CLAIMED and now - entry.updated_at > stale_after_s)
+        ]
+
+    def transition(
+        self,
+        request_id: str,
+        *,
+        status: str,
+        details: Mapping[str, Any],
+        allowed_from: Sequence[str],
+        stale_claim_after_s: float | None = None,
+    ) -> RequestStatus | None:
+        """Move a request to ``status`` if its current status is in ``allowed_from`` (CAS, retried).
+
+        A ``claimed`` status also counts as movable once it is older than ``stale_claim_after_s``.
+
+        Returns:
+            the new status, or ``None`` when the request was in another status (someone else
+            claimed or settled it): the caller must then leave it alone.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.get(request_id)
+            movable = current.status in allowed_from or (
+                current.status == CLAIMED
+                and stale_claim_after_s is not None
+                and time.time() - current.updated_at > stale_claim_after_s
+            )
+            if not movable:
+                return None
+            try:
+                self.store.swap_pointer(
+                    self._status_key(request_id),
+                    {"status": status, "details": dict(details)},
+                    expected_version=current.version,
+                )
+            except PointerConflict:
+                continue
+            return self.get(request_id)
+        raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
+
+    def record_event(self, event_id: str, body: Mapping[str, Any]) -> None:
+        """What was done with a deletion event (kept for the audit trail)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(event_id))[:80] or "unknown"
+        self.store.put_json(f"ledger/events/{safe}.json", {**body, "event_id": str(event_id), "recorded_at": time.time()})
+
+    def events(self) -> list[dict[str, Any]]:
+        return [self.store.get_json(key) for key in self.store.list("ledger/events")]

@@ -1,0 +1,219 @@
+"""The model registry: block checkpoints, published versions and run descriptions in one store.
+
+Layout under the store (all through :class:`storage.objects.ObjectStore`):
+
+* ``runs/<run>/spec.json``: the :class:`obliviate.service.RunSpec` (written once).
+* ``runs/<run>/chains/<chain>/ckpt-<i>.pt``: checkpoint M_i of a chain, as
+  :meth:`obliviate.blocks.Checkpoint.to_state` (tensors + JSON metadata, loaded with
+  ``weights_only=True``), preceded by ``ckpt-<i>.json`` with its training seconds. ``<chain>`` is
+  ``train`` for the original training, or a :func:`obliviate.service.work_token` for an unlearning.
+* ``runs/<run>/manifests/v<version>-<chain>.json``: a manifest whose members are M_0..M_B of one
+  model version (unchanged checkpoints are shared with the previous version) and whose metadata
+  holds the chain manifest, the metrics and the unlearning record.
+* ``runs/<run>/current``: the version pointer. It moves (compare-and-swap) only after every
+  member and the manifest are committed, so readers always find a complete version.
+* ``registry/<run>.json``: the registry entry (dataset, which sample ids each block holds),
+  written once the first version is current.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from obliviate.blocks import Chain, Checkpoint
+from obliviate.errors import ConfigError
+from obliviate.service import RunSpec, check_name
+from storage.errors import CorruptObject, ObjectNotFound
+from storage.objects import Manifest, ObjectInfo, ObjectStore, Pointer
+
+TRAIN_CHAIN = "train"
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A published model version of a run: pointer version, its manifest and what it applied."""
+
+    run_id: str
+    version: int
+    manifest_key: str
+    applied_requests: tuple[str, ...]
+    deleted_ids: tuple[int, ...]
+    metrics: dict[str, Any]
+    published_at: float
+
+    @classmethod
+    def from_pointer(cls, run_id: str, pointer: Pointer) -> ModelVersion:
+        target = pointer.target
+        return cls(
+            run_id=run_id,
+            version=pointer.version,
+            manifest_key=target["manifest"],
+            applied_requests=tuple(target.get("applied_requests", [])),
+            deleted_ids=tuple(int(i) for i in target.get("deleted_ids", [])),
+            metrics=dict(target.get("metrics", {})),
+            published_at=pointer.created_at,
+        )
+
+
+class RunRegistry:
+    """Checkpoints, versions and registry entries of every run in one :class:`ObjectStore`."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    # ----- run specs and registry entries -----------------------------------------------------
+
+    def put_spec(self, spec: RunSpec) -> None:
+        """Store a run's spec; a restarted run must bring the identical spec."""
+        key = f"runs/{spec.run_id}/spec.json"
+        if self.store.exists(key):
+            stored = self.store.get_json(key)
+            if stored != spec.to_dict():
+                raise ConfigError(
+                    f"run {spec.run_id!r} already exists in {self.store.uri()} with another dataset split or config; "
+                    "choose a new --run-id, or repeat the original options to resume it."
+                )
+            return
+        self.store.put_json(key, spec.to_dict())
+
+    def spec(self, run_id: str) -> RunSpec:
+        return RunSpec.from_dict(self.store.get_json(f"runs/{check_name(run_id, what='run id')}/spec.json"))
+
+    def register(self, spec: RunSpec, *, block_ids: list[list[int]]) -> None:
+        """Write the registry entry (idempotent): dataset and the sample ids of every block."""
+        key = f"registry/{spec.run_id}.json"
+        if self.store.exists(key):
+            return
+        self.store.put_json(
+            key,
+            {
+                "run_id": spec.run_id,
+                "dataset": spec.dataset,
+                "dataset_fingerprint": spec.dataset_fingerprint,
+                "model": spec.config.model,
+                "num_blocks": spec.config.num_blocks,
+                "block_sample_ids": block_ids,
+                "registered_at": time.time(),
+            },
+        )
+
+    def run_ids(self) -> list[str]:
+        """Registered runs (those with a published first version)."""
+        return sorted(key.rsplit("/", 1)[-1][: -len(".json")] for key in self.store.list("registry"))
+
+    def entry(self, run_id: str) -> dict[str, Any]:
+        """The registry entry plus the current version and its metrics."""
+        entry = dict(self.store.get_json(f"registry/{check_name(run_id, what='run id')}.json"))
+        current = self.current(run_id)
+        entry["current_version"] = current.version if current else None
+        entry["metrics"] = current.metrics if current else {}
+        entry["deleted_ids"] = list(current.deleted_ids) if current else []
+        return entry
+
+    # ----- checkpoints -------------------------------------------------------------------------
+
+    def checkpoint_key(self, run_id: str, chain: str, block_index: int) -> str:
+        return f"runs/{run_id}/chains/{chain}/ckpt-{block_index:04d}.pt"
+
+    def checkpoint_sink(
+        self, run_id: str, chain: str, *, seconds_of: Callable[[int], float | None], written: dict[int, ObjectInfo]
+    ) -> Callable[[Checkpoint], None]:
+        """A :data:`obliviate.blocks.CheckpointSink` writing each checkpoint as it is produced."""
+
+        def sink(checkpoint: Checkpoint) -> None:
+            index = checkpoint.block_index
+            key = self.checkpoint_key(run_id, chain, index)
+            self.store.put_json(key[: -len(".pt")] + ".json", {"seconds": seconds_of(index)})
+            written[index] = self.store.put_torch(key, checkpoint.to_state())
+
+        return sink
+
+    def stored_checkpoints(self, run_id: str, chain: str, *, first: int) -> list[tuple[Checkpoint, ObjectInfo, float]]:
+        """The contiguous committed checkpoints M_first, M_first+1, ... of a chain (a resume point)."""
+        prefix = f"runs/{run_id}/chains/{chain}"
+        present = set(self.store.list(prefix))
+        out = []
+        index = first
+        while self.checkpoint_key(run_id, chain, index) in present:
+            key = self.checkpoint_key(run_id, chain, index)
+            timing = self.store.get_json(key[: -len(".pt")] + ".json").get("seconds")
+            out.append((self.load_checkpoint(key), self.store.info(key), float(timing or 0.0)))
+            index += 1
+        return out
+
+    def load_checkpoint(self, key: str, *, expected: ObjectInfo | None = None) -> Checkpoint:
+        """A checkpoint read with ``torch.load(weights_only=True)``; code in the pickle is refused."""
+        import torch
+
+        data = self.store.get_member(_single(key, expected), "m") if expected else self.store.get_bytes(key)
+        try:
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as err:  # UnpicklingError / RuntimeError for refused content
+            raise CorruptObject(
+                f"{self.store.uri(key)} is not loadable with torch.load(weights_only=True): {err}. Checkpoints hold "
+                "tensors and plain containers only; a pickle that carries code is refused."
+            ) from err
+        try:
+            return Checkpoint.from_state(state)
+        except Exception as err:
+            raise CorruptObject(f"{self.store.uri(key)} is not an obliviate checkpoint: {err}.") from err
+
+    # ----- versions ------------------------------------------------------------------------------
+
+    def pointer_key(self, run_id: str) -> str:
+        return f"runs/{run_id}/current"
+
+    def current(self, run_id: str) -> ModelVersion | None:
+        pointer = self.store.read_pointer(self.pointer_key(run_id))
+        return None if pointer is None else ModelVersion.from_pointer(run_id, pointer)
+
+    def manifest(self, version: ModelVersion) -> Manifest:
+        return self.store.read_manifest(version.manifest_key)
+
+    def load_chain(self, version: ModelVersion) -> tuple[Chain, Manifest]:
+        """The chain of a published version, every checkpoint verified against the manifest."""
+        manifest = self.manifest(version)
+
+        def load(index: int) -> Checkpoint:
+            member = manifest.members.get(str(index))
+            if member is None:
+                raise ObjectNotFound(f"manifest {self.store.uri(manifest.key)} lacks checkpoint {index}.")
+            return self.load_checkpoint(member.key, expected=member)
+
+        return Chain.from_manifest(manifest.metadata["chain"], load_checkpoint=load), manifest
+
+    def publish(
+        self,
+        run_id: str,
+        *,
+        chain_name: str,
+        members: Mapping[int, ObjectInfo],
+        metadata: Mapping[str, Any],
+        pointer_target: Mapping[str, Any],
+        expected_version: int,
+    ) -> ModelVersion:
+        """Commit a version's manifest, then move the pointer from ``expected_version`` (CAS).
+
+        Raises:
+            PointerConflict: another publisher moved the pointer first; nothing was made current.
+        """
+        manifest_key = f"runs/{run_id}/manifests/v{expected_version + 1:06d}-{chain_name}.json"
+        self.store.commit_manifest(manifest_key, {str(i): info for i, info in sorted(members.items())}, metadata)
+        pointer = self.store.swap_pointer(
+            self.pointer_key(run_id), {**pointer_target, "manifest": manifest_key}, expected_version=expected_version
+        )
+        return ModelVersion.from_pointer(run_id, pointer)
+
+    def history(self, run_id: str) -> list[int]:
+        """Versions the pointer has had (1 = trained)."""
+        current = self.current(run_id)
+        return list(range(1, current.version + 1)) if current else []
+
+
+def _single(key: str, expected: ObjectInfo) -> Manifest:
+    """A one-member manifest, so a checkpoint is read through the manifest's checksum check."""
+    return Manifest(key=key, members={"m": expected}, metadata={}, created_at=0.0)

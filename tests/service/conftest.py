@@ -1,0 +1,233 @@
+"""Real servers for the service tests, all on 127.0.0.1 and started here.
+
+* ``moto_endpoint``: a moto S3 server for the session; ``s3_url`` gives each test a fresh bucket.
+* ``prefect_api_url``: a real ``prefect server start`` (events, triggers and schedules need one),
+  through :func:`flows.runtime.prefect_api`.
+* ``ray_address``: one local Ray runtime (``address="local"``); its address is exported so
+  ``obliviate serve`` subprocesses and their flow runs join it instead of starting their own.
+* ``serve``: starts ``python -m flows.cli serve`` for a store and stops it afterwards.
+
+Credentials and endpoint are in the environment before Ray starts, so workers inherit them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    previous = {name: os.environ.get(name) for name in [*_CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(_CREDENTIALS)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def s3_url(moto_endpoint):
+    import s3fs
+
+    from storage import ObjectStore
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = f"s3://svc-{uuid.uuid4().hex[:10]}/store"
+    ObjectStore(url).ensure_container()
+    return url
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(tmp_path_factory):
+    from flows.runtime import prefect_api
+
+    with prefect_api(home=tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def ray_address(moto_endpoint):
+    import ray
+
+    from flows.runtime import ensure_ray
+
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(num_cpus=2)
+    address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address
+    yield address
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _no_pooled_workers_left():
+    """Pooled unlearning workers are detached: stop each test's pool so the next starts clean."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        from flows.train_flow import shutdown_pools
+
+        shutdown_pools()
+
+
+@pytest.fixture
+def serve(prefect_api_url, ray_address, tmp_path):
+    """Start ``obliviate serve`` for a store; returns (process, log path)."""
+    started: list[subprocess.Popen] = []
+
+    def start(store_url: str, *extra: str, timeout: float = 120.0) -> subprocess.Popen:
+        from storage import ObjectStore
+
+        store = ObjectStore(store_url)
+        log = tmp_path / f"serve-{len(started)}.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": prefect_api_url, "RAY_ADDRESS": ray_address,
+               "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--store", store_url, "--audit-cron", "off", *extra],
+            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        started.append(process)
+        process.log_path = log  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"serve exited early:\n{log.read_text()[-3000:]}")
+            if store.exists("service/endpoint.json") and store.get_json("service/endpoint.json")["pid"] == process.pid:
+                return process
+            time.sleep(0.5)
+        raise RuntimeError(f"serve not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server that the test can take down and bring back.
+
+    While down, every open connection is cut and new ones are closed at once: the client sees a
+    real network failure, not a simulated exception.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.is_up = True
+        self.refused = 0
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def down(self) -> None:
+        with self._lock:
+            self.is_up = False
+            for sock in list(self._open):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self._open.clear()
+
+    def up(self) -> None:
+        self.is_up = True
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.is_up:
+                self.refused += 1
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open.update({client, upstream})
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.down()
+
+
+@pytest.fixture
+def flaky_s3(moto_endpoint):
+    proxy = FlakyProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.close()
