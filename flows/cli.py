@@ -19,6 +19,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.reduce",
     "flows.commands.demo",
     "flows.commands.submit",
+    "flows.commands.target",
+    "flows.commands.steal",
 )
 
 

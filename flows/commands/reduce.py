@@ -1,9 +1,13 @@
-"""``obliviate reduce``: choose the k least mutually informative images of a pool (DRMI)."""
+"""``obliviate reduce``: choose the k least mutually informative images of a pool (DRMI).
+
+By default the ``reduce`` Prefect flow runs on Ray (tiles and restarts fanned out over actors,
+everything in the store). ``--workers 0`` runs the same computation in this process with the
+pure functions (:func:`run_reduce_in_process`); both give the same subset and the same H.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -12,6 +16,7 @@ import numpy as np
 
 from flows.progress import ProgressBar
 from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
 from obliviate.mi import mi_matrix
 from obliviate.reduce import drmi_reduce
 
@@ -24,18 +29,97 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")
     parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing start vertices")
-    parser.add_argument("--out", default="runs", help="folder the subset is written under (default ./runs)")
+    parser.add_argument("--store", default=None, help="result store URL: file://./runs (default) or s3://bucket/prefix")
+    parser.add_argument("--out", default=None, help="local folder for results (same as --store file://OUT)")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="Ray actors per stage (default: the cluster's CPUs); 0 runs in this process without Ray/Prefect",
+    )
+    parser.add_argument("--tile-size", type=int, default=512, help="MI tile side (default 512)")
+    parser.add_argument("--restart-memory-mb", type=float, default=None,
+                        help="matrix memory per restart worker (default: whole matrix up to 2 GiB, else O(n k))")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default RAY_ADDRESS, else local)")
     parser.set_defaults(handler=run_reduce)
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    store = getattr(args, "store", None)
+    out = getattr(args, "out", None)
+    if store and out:
+        raise ConfigError(f"give either --store or --out, not both; got --store {store} and --out {out}.")
+    if store:
+        return store
+    return f"file://{Path(out or 'runs').expanduser().resolve()}"
+
+
+def _check(args: argparse.Namespace, n: int) -> None:
+    if not 2 <= args.k < n:
+        raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={args.k}. Choose a smaller subset or a larger pool.")
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset; got {workers}.")
 
 
 def run_reduce(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
+    _check(args, len(dataset))
     if args.bins < 256:
         print(
             f"note: MI at {args.bins} bins ranks pairs differently from exact 256 levels "
             "(SPEC section 1: on MNIST 5k the k=600 subset scores +5.1 % worse at 32 bins).",
             file=sys.stderr,
         )
+    if getattr(args, "workers", None) == 0:
+        return run_reduce_in_process(args, dataset)
+    return run_reduce_flow(args)
+
+
+def run_reduce_flow(args: argparse.Namespace) -> int:
+    """Run the ``reduce`` flow on Ray, with a Prefect server of our own when none is configured."""
+    from flows.reduce_flow import progress_to, reduce_flow
+    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+
+    apply_prefect_defaults()
+    bars: dict[str, ProgressBar] = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        if total:
+            bars.setdefault(stage, ProgressBar(f"{stage:>8}"))(done, total)
+
+    t0 = time.perf_counter()
+    with prefect_api() as api_url:
+        print(f"Prefect API: {api_url}", file=sys.stderr)
+        ensure_ray(address=getattr(args, "ray_address", None))
+        with progress_to(show):
+            summary = reduce_flow(
+                data=args.data,
+                k=args.k,
+                store_url=_store_url(args),
+                bins=args.bins,
+                normalize=args.normalize,
+                starts=args.starts,
+                seed=args.seed,
+                workers=getattr(args, "workers", None),
+                tile_size=getattr(args, "tile_size", 512),
+                restart_memory_mb=getattr(args, "restart_memory_mb", None),
+            )
+    print(f"H = {summary['h']:.4f} over {summary['restarts']} restarts (best start {summary['best_start']})")
+    print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(summary["class_histogram"])))
+    print(
+        f"tiles: {summary['tiles_computed']} computed, {summary['tiles_reused']} reused ({summary['tiles_url']}); "
+        f"{summary['workers']} workers; tile stage {summary['tile_seconds']:.1f} s, restarts {summary['restart_seconds']:.1f} s, "
+        f"total {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"subset written to {summary['result_url']}/subset.npy (summary: {summary['result_url']}/summary.json)")
+    return 0
+
+
+def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
+    """The whole reduction in this process with the pure functions (no Ray, no Prefect)."""
+    from flows.reduce_flow import result_key
+    from storage.objects import ObjectStore
+
+    dataset = dataset if dataset is not None else load_dataset(args.data)
     t0 = time.perf_counter()
     matrix = mi_matrix(
         dataset.images,
@@ -46,9 +130,11 @@ def run_reduce(args: argparse.Namespace) -> int:
     )
     mi_seconds = time.perf_counter() - t0
     result = drmi_reduce(matrix, k=args.k, num_starts=args.starts, rng=np.random.default_rng(args.seed))
-    out_dir = Path(args.out) / f"reduce-{dataset.fingerprint}-b{args.bins}{'n' if args.normalize else ''}-k{args.k}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "subset.npy", result.subset)
+    store = ObjectStore(_store_url(args))
+    key = result_key(
+        fingerprint=dataset.fingerprint, bins=args.bins, normalize=args.normalize, k=args.k, starts=args.starts,
+        seed=args.seed,
+    )
     histogram = np.bincount(dataset.labels[result.subset], minlength=dataset.num_classes)
     summary = {
         "data": dataset.name,
@@ -57,15 +143,25 @@ def run_reduce(args: argparse.Namespace) -> int:
         "k": args.k,
         "bins": args.bins,
         "normalize": args.normalize,
+        "seed": args.seed,
         "restarts": len(result.restarts),
         "best_start": result.best_start,
         "h": result.h,
         "class_histogram": histogram.tolist(),
+        "workers": 0,
         "mi_seconds": round(mi_seconds, 3),
         "restart_seconds": round(result.seconds, 3),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    members = {
+        "subset": store.put_array(f"{key}/subset.npy", result.subset.astype(np.int64)),
+        "restarts": store.put_json(
+            f"{key}/restarts.json",
+            [{"start": r.start, "h_greedy": r.h_greedy, "h": r.h, "swaps": r.swaps} for r in result.restarts],
+        ),
+        "summary": store.put_json(f"{key}/summary.json", summary),
+    }
+    store.commit_manifest(f"{key}/manifest.json", members, {"kind": "drmi-reduction", "h": result.h})
     print(f"H = {result.h:.4f} over {len(result.restarts)} restarts (best start {result.best_start})")
     print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(histogram)))
-    print(f"subset written to {out_dir / 'subset.npy'} (summary: {out_dir / 'summary.json'})")
+    print(f"subset written to {store.uri(key)}/subset.npy (summary: {store.uri(key)}/summary.json)")
     return 0

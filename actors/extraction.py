@@ -1,0 +1,74 @@
+"""Ray-side work of the extraction audit: one (selector, budget, seed) cell per call.
+
+Plain code, made remote at the call site (``ray.remote(run_cell_task)``); each call is one
+call into :func:`obliviate.audit.run_cell`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from obliviate.audit import run_cell
+from obliviate.selectors import Pool
+from obliviate.substitute import TrainConfig
+from obliviate.target import OutputMode, Target, open_backend
+
+
+class AuditWorker:
+    """Holds one target connection and the audit's data; runs cells against them.
+
+    Args:
+        target: checkpoint path or ``http(s)://`` URL.
+        pool: the attacker's pool (with any precomputed selector cache).
+        test_images: held-out images.
+        test_labels: their true labels.
+        oracle_test_labels: the target's labels on the test images (computed once by the driver).
+        timeout_s: HTTP timeout per request.
+        retries: HTTP retries on transient errors.
+    """
+
+    def __init__(
+        self,
+        *,
+        target: str,
+        pool: Pool,
+        test_images: np.ndarray,
+        test_labels: np.ndarray,
+        oracle_test_labels: np.ndarray,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+    ) -> None:
+        self.backend, self.meta = open_backend(target, timeout_s=timeout_s, retries=retries)
+        self.pool = pool
+        self.test_images = test_images
+        self.test_labels = test_labels
+        self.oracle_test_labels = oracle_test_labels
+
+    def run_cell(
+        self,
+        *,
+        selector: str,
+        budget: int,
+        seed: int,
+        train: TrainConfig,
+        eps: Sequence[float],
+        iterative: bool,
+    ) -> dict:
+        attacker = Target(self.backend, budget=budget, output=OutputMode.LABELS)
+        oracle = Target(self.backend, budget=None)
+        cell = run_cell(
+            selector=selector, budget=budget, seed=seed, pool=self.pool, attacker=attacker, oracle=oracle,
+            test_images=self.test_images, test_labels=self.test_labels, train=train, eps=eps,
+            iterative=iterative, oracle_test_labels=self.oracle_test_labels,
+        )
+        return cell.to_dict() | {"query_calls": len(attacker.log), "queries_used": attacker.used}
+
+
+def run_cell_task(worker: dict, cell: dict) -> dict:
+    """One cell as a Ray task: ``worker`` holds :class:`AuditWorker`'s arguments, ``cell`` :meth:`run_cell`'s."""
+    import torch
+
+    torch.set_num_threads(1)
+    return AuditWorker(**worker).run_cell(**cell)

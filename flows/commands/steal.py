@@ -1,0 +1,120 @@
+"""``obliviate steal``: the model-extraction audit (SPEC section 3) as a Prefect flow over Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from obliviate.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "steal", help="audit how well a black-box target can be extracted with k label queries"
+    )
+    parser.add_argument("--target", help="checkpoint path (obliviate target train) or http(s)://.../predict")
+    parser.add_argument(
+        "--demo", action="store_true",
+        help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores)",
+    )
+    parser.add_argument("--pool", default="mnist5k", help="dataset for the attacker's pool and the test set")
+    parser.add_argument("--budgets", default="50,150,200,300,600", help="comma-separated query budgets")
+    parser.add_argument("--selectors", default="drmi,random,jacobian", help="comma-separated selector names")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per (selector, budget)")
+    parser.add_argument("--out", default="runs/steal", help="output directory (default runs/steal)")
+    parser.add_argument("--pool-size", type=int, default=2000)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--substitute", default="lenet5", help="lenet5 (default) or c3f2")
+    parser.add_argument("--steps", type=int, default=300, help="substitute training steps (default 300)")
+    parser.add_argument("--eps", default="0.1,0.2,0.3", help="FGSM radii on [0,1] inputs")
+    parser.add_argument("--ifgsm", action="store_true", help="iterative FGSM instead of FGSM")
+    parser.add_argument(
+        "--drmi-starts", type=int, default=32,
+        help="seeded DRMI restarts (default 32; 0 = one per pool image, the SPEC default, slow)",
+    )
+    parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request, seconds")
+    parser.add_argument("--retries", type=int, default=3, help="HTTP retries on transient errors")
+    parser.set_defaults(handler=run_steal)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ConfigError(f"{what} must be comma-separated integers; got {text!r}.") from err
+
+
+DEMO_SETTINGS = {
+    "budgets": "50,150,300",
+    "selectors": "drmi,random,jacobian,facility",
+    "seeds": 1,
+    "pool_size": 1000,
+    "test_size": 500,
+    "steps": 150,
+    "drmi_starts": 8,
+}
+
+
+def run_steal(args: argparse.Namespace) -> int:
+    if args.demo:
+        return run_steal_demo(args)
+    if not args.target:
+        raise ConfigError("--target is required (a checkpoint path or an http(s) URL), unless --demo is given.")
+    # The temporary Prefect server needs these before prefect is imported (PLATFORM.md).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not args.target.startswith(("http://", "https://")) and not Path(args.target).exists():
+        raise ConfigError(
+            f"target {args.target!r} is neither an http(s) URL nor an existing checkpoint; "
+            "make one with `obliviate target train --out runs/target.pt`."
+        )
+    import ray
+
+    from flows.steal import steal_flow
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        paths = steal_flow(
+            target=args.target,
+            pool=args.pool,
+            budgets=_ints(args.budgets, "--budgets"),
+            selectors=[s for s in args.selectors.split(",") if s],
+            seeds=args.seeds,
+            out=args.out,
+            pool_size=args.pool_size,
+            test_size=args.test_size,
+            split_seed=args.split_seed,
+            substitute=args.substitute,
+            steps=args.steps,
+            eps=[float(e) for e in args.eps.split(",") if e],
+            iterative=args.ifgsm,
+            drmi_starts=args.drmi_starts or None,
+            timeout_s=args.timeout,
+            retries=args.retries,
+        )
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(f"audit report: {paths['markdown']} (also {paths['json']}, {paths['png']})")
+    return 0
+
+
+def run_steal_demo(args: argparse.Namespace) -> int:
+    """Train a LeNet-5 target on 2,000 mnist5k images (once, kept under ``--out``) and audit it on a
+    small grid; prints where the report is."""
+    from flows.commands.target import run_train
+
+    checkpoint = Path(args.out) / "target.pt"
+    if not checkpoint.exists():
+        print(f"training a LeNet-5 target on 2,000 mnist5k images -> {checkpoint}", flush=True)
+        run_train(argparse.Namespace(
+            data=args.pool, out=str(checkpoint), arch="lenet5", train_size=2000, steps=600, seed=0
+        ))
+    demo = argparse.Namespace(**(vars(args) | DEMO_SETTINGS | {"target": str(checkpoint), "demo": False}))
+    return run_steal(demo)

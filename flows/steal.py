@@ -1,0 +1,303 @@
+"""The ``steal`` flow: audit how well a black-box target can be extracted (SPEC section 3).
+
+Prefect wires three steps; the (selector, budget, seed) cells fan out as Ray tasks:
+
+1. ``prepare_audit``: open the target (checkpoint or URL), draw pool and test set from the pool
+   dataset minus the target's training indices, take the target's labels on the test set once,
+   and precompute what selectors need on the pool (MI matrices, features) so no cell repeats it.
+2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`).
+3. ``write_report``: JSON + Markdown table + PNG plot + a Prefect table artifact, all written
+   through :func:`write_output` (the one place that touches the output location).
+
+Call ``ray.init(address="local", num_cpus=...)`` once before the flow (the CLI does); the flow
+reuses that runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from actors.extraction import run_cell_task
+from obliviate.audit import SEED_BUDGETS, SEED_TABLE, audit_split, markdown_report, seed_reference, summarize
+from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
+from obliviate.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, get_selector, image_entropy
+from obliviate.substitute import TrainConfig, accuracy
+from obliviate.target import Target, open_backend
+
+
+def write_output(location: str, name: str, data: bytes) -> str:
+    """Write one report file; returns where it went. Swap this for object storage later."""
+    path = Path(location).expanduser() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+@dataclass(frozen=True)
+class AuditSetup:
+    target: str
+    target_meta: dict
+    pool: Pool
+    pool_indices: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    oracle_test_labels: np.ndarray
+    pool_histogram: list[int]
+    pool_entropy: float
+    target_accuracy: float
+    overlap_warning: str | None
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_audit(
+    target: str,
+    pool_source: str,
+    *,
+    pool_size: int,
+    test_size: int,
+    split_seed: int,
+    selectors: list[str],
+    drmi_starts: int | None,
+    timeout_s: float,
+    retries: int,
+) -> AuditSetup:
+    logger = get_run_logger()
+    backend, meta = open_backend(target, timeout_s=timeout_s, retries=retries)
+    data = load_dataset(pool_source)
+    exclude = meta.get("train_indices", [])
+    warning = None
+    if not exclude:
+        warning = "the target did not say which images trained it: the pool may overlap its training data."
+    elif meta.get("dataset_fingerprint") not in (None, data.fingerprint):
+        warning = (
+            f"the target was trained on data with fingerprint {meta.get('dataset_fingerprint')}, not "
+            f"{data.fingerprint}; its training indices were not excluded from the pool."
+        )
+        exclude = []
+    if warning:
+        logger.warning(warning)
+    pool_idx, test_idx = audit_split(data, exclude=exclude, pool_size=pool_size, test_size=test_size, seed=split_seed)
+    pool = Pool(data.images[pool_idx], levels=data.levels, drmi_starts=drmi_starts)
+    warm = np.random.default_rng(0)
+    for name in selectors:
+        spec = get_selector(name)
+        if not spec.needs_target:
+            # A tiny selection fills the pool's cache (MI matrix, features) once for every cell.
+            spec.fn(pool, k=min(2, pool.n), rng=warm)
+    oracle = Target(backend, budget=None)
+    test_images, test_labels = data.images[test_idx], data.labels[test_idx]
+    oracle_test = oracle.query(test_images)
+    logger.info("target accuracy on %d test images: %.4f", len(test_idx), accuracy(oracle_test, test_labels))
+    return AuditSetup(
+        target=target,
+        target_meta={k: v for k, v in meta.items() if k != "train_indices"},
+        pool=pool,
+        pool_indices=pool_idx,
+        test_images=test_images,
+        test_labels=test_labels,
+        oracle_test_labels=oracle_test,
+        pool_histogram=np.bincount(data.labels[pool_idx], minlength=data.num_classes).tolist(),
+        pool_entropy=float(image_entropy(pool.images, levels=data.levels).mean()),
+        target_accuracy=accuracy(oracle_test, test_labels),
+        overlap_warning=warning,
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def run_cells(
+    setup: AuditSetup,
+    cells: list[dict],
+    *,
+    timeout_s: float,
+    retries: int,
+) -> list[dict]:
+    logger = get_run_logger()
+    if not ray.is_initialized():
+        raise ConfigError("Ray is not initialised: call ray.init(address='local', num_cpus=N) before the flow.")
+    worker = ray.put(
+        {
+            "target": setup.target,
+            "pool": setup.pool,
+            "test_images": setup.test_images,
+            "test_labels": setup.test_labels,
+            "oracle_test_labels": setup.oracle_test_labels,
+            "timeout_s": timeout_s,
+            "retries": retries,
+        }
+    )
+    remote = ray.remote(num_cpus=1)(run_cell_task)
+    pending = {remote.remote(worker, cell): cell for cell in cells}
+    results = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(done[0])
+        result = ray.get(done[0])
+        logger.info(
+            "%s k=%d seed=%d: accuracy %.4f agreement %.4f (%.1fs)",
+            cell["selector"], cell["budget"], cell["seed"], result["accuracy"], result["agreement"], result["seconds"],
+        )
+        results.append(result)
+    order = {(c["selector"], c["budget"], c["seed"]): i for i, c in enumerate(cells)}
+    return sorted(results, key=lambda r: order[(r["selector"], r["budget"], r["seed"])])
+
+
+@task(cache_policy=NO_CACHE)
+def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: dict) -> dict:
+    rows = summarize(results)
+    md = [
+        "# Model-extraction audit",
+        "",
+        f"Target: `{setup.target}` (accuracy on the {len(setup.test_labels)} test images: "
+        f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; label-only queries.",
+        f"Substitute: {config['substitute']}, {config['steps']} steps. FGSM{' (iterative)' if config['iterative'] else ''}. "
+        f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. Seeds per cell: {config['seeds']}.",
+        "Rates are percent, mean ± std over seeds; the seed's DRMI numbers (MNIST, LeNet-5) beside them.",
+        "",
+    ]
+    if setup.overlap_warning:
+        md += [f"**Warning:** {setup.overlap_warning}", ""]
+    report_md = "\n".join(md) + markdown_report(rows, pool_histogram=setup.pool_histogram, pool_entropy=setup.pool_entropy)
+    doc = {
+        "config": config,
+        "target": setup.target,
+        "target_meta": setup.target_meta,
+        "target_accuracy": setup.target_accuracy,
+        "pool_class_histogram": setup.pool_histogram,
+        "pool_mean_entropy": setup.pool_entropy,
+        "overlap_warning": setup.overlap_warning,
+        "summary": [asdict(r) for r in rows],
+        "cells": results,
+        "seed_table": {"budgets": list(SEED_BUDGETS), **SEED_TABLE},
+    }
+    paths = {
+        "json": write_output(out, "steal.json", json.dumps(doc, indent=1, default=float).encode()),
+        "markdown": write_output(out, "steal.md", report_md.encode()),
+        "png": write_output(out, "steal.png", plot_summary(rows, eps=config["eps"])),
+    }
+    table = []
+    for r in rows:
+        seed_acc, seed_tr = seed_reference(r.budget)
+        row = {
+            "selector": r.selector,
+            "budget": r.budget,
+            "accuracy %": f"{100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f}",
+            "agreement %": f"{100 * r.agreement_mean:.2f} ± {100 * r.agreement_std:.2f}",
+        }
+        row |= {f"transfer ε={e} %": f"{100 * r.transfer_mean[e]:.2f}" for e in r.transfer_mean}
+        row |= {"seed DRMI acc %": seed_acc, "seed DRMI transfer %": seed_tr}
+        table.append(row)
+    create_table_artifact(key="steal-audit", table=table, description="Model-extraction audit (SPEC section 3)")
+    return paths
+
+
+def plot_summary(rows, *, eps: list[float]) -> bytes:
+    """PNG bytes: accuracy, agreement and transferability vs budget, one line per selector, the
+    seed's DRMI numbers as a dashed reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("accuracy", "substitute accuracy %"), ("agreement", "agreement with target %")]
+    panels += [(f"{e:g}", f"transferability ε={e:g} %") for e in eps]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for sel in dict.fromkeys(r.selector for r in rows):
+            rs = sorted((r for r in rows if r.selector == sel), key=lambda r: r.budget)
+            if key in ("accuracy", "agreement"):
+                y = [100 * getattr(r, f"{key}_mean") for r in rs]
+            else:
+                y = [100 * r.transfer_mean[key] for r in rs]
+            ax.plot([r.budget for r in rs], y, marker="o", ms=3, label=sel)
+        if key == "accuracy":
+            ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["accuracy"], "k--", label="seed's DRMI")
+        elif key not in ("agreement",):
+            ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["transferability"], "k--", label="seed's DRMI (ε=0.3)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("query budget")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@flow(name="steal")
+def steal_flow(
+    target: str,
+    pool: str = "mnist5k",
+    budgets: list[int] = list(SEED_BUDGETS),
+    selectors: list[str] = ["drmi", "random", "jacobian", DEFAULT_SELECTOR],
+    seeds: int = 3,
+    out: str = "runs/steal",
+    pool_size: int = 2000,
+    test_size: int = 1000,
+    split_seed: int = 0,
+    substitute: str = "lenet5",
+    steps: int = 300,
+    eps: list[float] = [0.1, 0.2, 0.3],
+    iterative: bool = False,
+    drmi_starts: int | None = 32,
+    timeout_s: float = 30.0,
+    retries: int = 3,
+) -> dict:
+    """Audit ``target`` with every (selector, budget, seed) cell; returns the report's paths.
+
+    Args:
+        target: checkpoint path (``obliviate target train``) or ``http(s)://.../predict`` URL.
+        pool: dataset the attacker's pool and the test set are drawn from (minus the target's
+            training indices when the target declares them).
+        budgets: query budgets.
+        selectors: selector names (see :data:`obliviate.selectors.SELECTORS`).
+        seeds: seeds per (selector, budget): 0 .. seeds-1.
+        out: output directory.
+        pool_size: attacker's pool size.
+        test_size: held-out test size.
+        split_seed: seed of the pool/test split.
+        substitute: substitute architecture (``lenet5`` or ``c3f2``).
+        steps: substitute training steps.
+        eps: FGSM radii.
+        iterative: I-FGSM instead of FGSM.
+        drmi_starts: seeded DRMI restarts (``None``: one per pool image, the SPEC default).
+        timeout_s: HTTP timeout.
+        retries: HTTP retries on transient errors.
+    """
+    unknown = [s for s in selectors if s not in SELECTORS]
+    if unknown:
+        raise ConfigError(f"unknown selectors {unknown}: choose from {', '.join(sorted(SELECTORS))}.")
+    if not budgets or min(budgets) < 1 or seeds < 1:
+        raise ConfigError(f"need budgets >= 1 and seeds >= 1; got budgets={budgets}, seeds={seeds}.")
+    t0 = time.perf_counter()
+    setup = prepare_audit(
+        target, pool, pool_size=pool_size, test_size=test_size, split_seed=split_seed, selectors=selectors,
+        drmi_starts=drmi_starts, timeout_s=timeout_s, retries=retries,
+    )
+    train = TrainConfig(arch=substitute, steps=steps)
+    cells = [
+        {"selector": s, "budget": b, "seed": seed, "train": train, "eps": list(eps), "iterative": iterative}
+        for s in selectors
+        for b in budgets
+        for seed in range(seeds)
+    ]
+    results = run_cells(setup, cells, timeout_s=timeout_s, retries=retries)
+    config = {
+        "target": target, "pool": pool, "budgets": list(budgets), "selectors": list(selectors), "seeds": seeds,
+        "pool_size": pool_size, "test_size": test_size, "split_seed": split_seed, "substitute": substitute,
+        "steps": steps, "eps": list(eps), "iterative": iterative, "drmi_starts": drmi_starts,
+    }
+    paths = write_report(setup, results, out=out, config=config)
+    get_run_logger().info("audit written to %s in %.0fs", paths["markdown"], time.perf_counter() - t0)
+    return paths

@@ -1,0 +1,292 @@
+"""The model-extraction audit: one (selector, budget, seed) cell, and the report over cells.
+
+SPEC section 3. A cell spends ``budget`` label queries chosen by a selector, trains a
+substitute on the answers, and measures
+
+* accuracy of the substitute on a held-out test set (true labels),
+* agreement with the target on that test set (the fairer figure: the target's own accuracy
+  caps the first),
+* transferability of FGSM / I-FGSM examples crafted on the substitute, at each eps, from test
+  inputs the target classifies correctly,
+* what was bought: the class histogram of the queried labels and the mean image entropy of
+  the queried images, next to the pool's (the failure mode of raw-MI DRMI is visible here).
+
+The target is seen twice: the attacker's budgeted :class:`~obliviate.target.Target` and an
+evaluation oracle (``budget=None``) that only the metrics use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from obliviate.data import ImageDataset, stratified_split
+from obliviate.errors import ConfigError
+from obliviate.selectors import Pool, acquire, image_entropy
+from obliviate.substitute import (
+    TrainConfig,
+    accuracy,
+    agreement,
+    predict_labels,
+    train_classifier,
+    transferability,
+)
+from obliviate.target import Target
+
+#: The seed's table (SPEC section 3): MNIST, LeNet-5 target, accuracy / transferability in %.
+SEED_BUDGETS = (50, 150, 200, 300, 600)
+SEED_TABLE = {
+    "drmi": {
+        "accuracy": (82.27, 92.13, 93.27, 94.34, 96.49),
+        "transferability": (66.06, 68.32, 69.15, 69.80, 71.98),
+    },
+    "practical": {"accuracy": (65, 81.2, 85, 87, 90), "transferability": (19, 27, 28, 33, 39)},
+    "prada": {"accuracy": (75, 89, 90, 91, 94), "transferability": None},
+}
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """Metrics of one (selector, budget, seed) cell. Rates are fractions in ``[0, 1]``."""
+
+    selector: str
+    budget: int
+    seed: int
+    queries: int
+    accuracy: float
+    agreement: float
+    transfer: dict[str, float]
+    class_histogram: list[int]
+    mean_entropy: float
+    synthetic: int
+    seconds: float
+    substitute: str
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_cell(
+    *,
+    selector: str,
+    budget: int,
+    seed: int,
+    pool: Pool,
+    attacker: Target,
+    oracle: Target,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    train: TrainConfig = TrainConfig(),
+    eps: Sequence[float] = (0.3,),
+    iterative: bool = False,
+    num_classes: int = 10,
+    oracle_test_labels: np.ndarray | None = None,
+) -> CellResult:
+    """Run one audit cell (SPEC section 3).
+
+    Args:
+        selector: a name registered in :data:`obliviate.selectors.SELECTORS`.
+        budget: queries the attacker may spend (``attacker.budget`` must allow it).
+        seed: seeds the selector's generator and the substitute's initialisation.
+        pool: the attacker's unlabeled pool.
+        attacker: the budgeted, label-only view of the target.
+        oracle: an unbudgeted view used only for measuring (agreement, transferability).
+        test_images: ``(m, H, W)`` uint8 held-out images, disjoint from pool and target training.
+        test_labels: their true labels.
+        train: substitute architecture and training.
+        eps: FGSM radii on ``[0, 1]`` inputs.
+        iterative: I-FGSM instead of FGSM.
+        num_classes: classes of the task.
+        oracle_test_labels: the target's labels on the test set, if already known.
+    """
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    bought = acquire(selector, pool, k=budget, rng=rng, target=attacker, train=train)
+    substitute = train_classifier(
+        bought.images, bought.labels, config=train, seed=seed, num_classes=num_classes, levels=pool.levels
+    )
+    sub_labels = predict_labels(substitute, test_images, levels=pool.levels)
+    target_labels = oracle.query(test_images) if oracle_test_labels is None else oracle_test_labels
+    transfer = {
+        f"{e:g}": transferability(
+            substitute, oracle.query, test_images, test_labels, eps=e, iterative=iterative, levels=pool.levels
+        )
+        for e in eps
+    }
+    return CellResult(
+        selector=selector,
+        budget=budget,
+        seed=seed,
+        queries=bought.queries,
+        accuracy=accuracy(sub_labels, test_labels),
+        agreement=agreement(sub_labels, target_labels),
+        transfer=transfer,
+        class_histogram=np.bincount(bought.labels, minlength=num_classes).tolist(),
+        mean_entropy=float(image_entropy(bought.images, levels=pool.levels).mean()),
+        synthetic=int((bought.pool_indices < 0).sum()),
+        seconds=time.perf_counter() - start,
+        substitute=train.arch,
+    )
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    """Mean and standard deviation over seeds of one (selector, budget)."""
+
+    selector: str
+    budget: int
+    runs: int
+    accuracy_mean: float
+    accuracy_std: float
+    agreement_mean: float
+    agreement_std: float
+    transfer_mean: dict[str, float]
+    transfer_std: dict[str, float]
+    class_histogram: list[float]
+    mean_entropy: float
+
+
+def summarize(cells: Sequence[CellResult | dict]) -> list[SummaryRow]:
+    """Group cells by (selector, budget) and average over seeds (population std, ddof=0)."""
+    dicts = [c.to_dict() if isinstance(c, CellResult) else c for c in cells]
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for c in dicts:
+        groups.setdefault((c["selector"], int(c["budget"])), []).append(c)
+    rows = []
+    for (sel, budget), members in sorted(groups.items(), key=lambda kv: (_order(kv[0][0], dicts), kv[0][1])):
+        acc = np.array([m["accuracy"] for m in members])
+        agr = np.array([m["agreement"] for m in members])
+        eps_keys = list(members[0]["transfer"])
+        tr = {e: np.array([m["transfer"][e] for m in members]) for e in eps_keys}
+        rows.append(
+            SummaryRow(
+                selector=sel,
+                budget=budget,
+                runs=len(members),
+                accuracy_mean=float(acc.mean()),
+                accuracy_std=float(acc.std()),
+                agreement_mean=float(agr.mean()),
+                agreement_std=float(agr.std()),
+                transfer_mean={e: float(np.nanmean(v)) for e, v in tr.items()},
+                transfer_std={e: float(np.nanstd(v)) for e, v in tr.items()},
+                class_histogram=np.mean([m["class_histogram"] for m in members], axis=0).round(2).tolist(),
+                mean_entropy=float(np.mean([m["mean_entropy"] for m in members])),
+            )
+        )
+    return rows
+
+
+def _order(selector: str, dicts: list[dict]) -> int:
+    names = list(dict.fromkeys(d["selector"] for d in dicts))
+    return names.index(selector)
+
+
+def markdown_report(
+    rows: Sequence[SummaryRow],
+    *,
+    pool_histogram: Sequence[int] | None = None,
+    pool_entropy: float | None = None,
+) -> str:
+    """A Markdown report: the metrics table (percent, mean ± std over seeds) with the seed's DRMI
+    numbers beside it, then what each selector bought (class histogram, mean entropy) next to the pool's."""
+    eps_keys = list(rows[0].transfer_mean) if rows else []
+    head = ["selector", "budget", "runs", "accuracy %", "agreement %"] + [f"transfer ε={e} %" for e in eps_keys]
+    head += ["seed DRMI acc %", "seed DRMI transfer %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        seed_acc, seed_tr = seed_reference(r.budget)
+        cells = [
+            r.selector,
+            str(r.budget),
+            str(r.runs),
+            f"{100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f}",
+            f"{100 * r.agreement_mean:.2f} ± {100 * r.agreement_std:.2f}",
+        ]
+        cells += [f"{100 * r.transfer_mean[e]:.2f} ± {100 * r.transfer_std[e]:.2f}" for e in eps_keys]
+        cells += [_fmt(seed_acc), _fmt(seed_tr)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "What each selector bought (class histogram of the queried labels, mean over seeds; "
+              "mean gray-level entropy of the queried images, nats):", ""]
+    lines.append("| selector | budget | class histogram 0..9 | mean entropy |")
+    lines.append("|---|---|---|---|")
+    if pool_histogram is not None:
+        lines.append(
+            f"| pool | {int(np.sum(pool_histogram))} | {' '.join(str(int(v)) for v in pool_histogram)} | "
+            f"{_fmt(pool_entropy, digits=3)} |"
+        )
+    for r in rows:
+        hist = " ".join(f"{v:g}" for v in r.class_histogram)
+        lines.append(f"| {r.selector} | {r.budget} | {hist} | {r.mean_entropy:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_reference(budget: int) -> tuple[float | None, float | None]:
+    """The seed's DRMI accuracy and transferability (percent) at ``budget``, if it reported one."""
+    if budget not in SEED_BUDGETS:
+        return None, None
+    i = SEED_BUDGETS.index(budget)
+    return SEED_TABLE["drmi"]["accuracy"][i], SEED_TABLE["drmi"]["transferability"][i]
+
+
+def _fmt(value: float | None, *, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def train_target(
+    data: ImageDataset,
+    *,
+    train_size: int,
+    config: TrainConfig,
+    seed: int,
+) -> tuple[torch.nn.Module, dict]:
+    """Train a target classifier on a stratified, seeded part of ``data``.
+
+    Returns:
+        the model and checkpoint metadata (``train_indices`` among them, so an audit can draw
+        its pool from the rest).
+    """
+    if not 1 <= train_size < len(data):
+        raise ConfigError(f"train_size must be in 1..{len(data) - 1} (leave images for the pool); got {train_size}.")
+    (train_idx,) = stratified_split(data.labels, sizes=(train_size,), rng=np.random.default_rng(seed))
+    model = train_classifier(
+        data.images[train_idx], data.labels[train_idx], config=config, seed=seed,
+        num_classes=data.num_classes, levels=data.levels,
+    )
+    meta = {
+        "num_classes": data.num_classes,
+        "image_size": data.image_shape[0],
+        "levels": data.levels,
+        "dataset": data.name,
+        "dataset_fingerprint": data.fingerprint,
+        "train_indices": sorted(int(i) for i in train_idx),
+        "train_steps": config.steps,
+        "seed": seed,
+    }
+    return model, meta
+
+
+def audit_split(
+    data: ImageDataset,
+    *,
+    exclude: Sequence[int],
+    pool_size: int,
+    test_size: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded pool and test indices drawn from ``data`` minus ``exclude`` (the target's
+    training indices), so the attacker's pool and the test set never overlap its training data."""
+    keep = np.setdiff1d(np.arange(len(data)), np.asarray(list(exclude), dtype=np.int64))
+    if pool_size + test_size > len(keep):
+        raise ConfigError(
+            f"pool_size + test_size = {pool_size + test_size} exceeds the {len(keep)} images not used to "
+            "train the target; lower them."
+        )
+    pool_part, test_part = stratified_split(
+        data.labels[keep], sizes=(pool_size, test_size), rng=np.random.default_rng(seed)
+    )
+    return keep[pool_part], keep[test_part]

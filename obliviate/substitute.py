@@ -1,0 +1,227 @@
+"""Substitute models trained on queried labels, and the audit's metrics (SPEC section 3).
+
+* :func:`train_classifier`: a seeded, fixed-number-of-steps trainer (Adam, minibatches drawn
+  with a seeded generator), used for substitutes and for targets.
+* :func:`accuracy` / :func:`agreement`: against true labels / against the target's labels.
+* :func:`fgsm`: FGSM (Goodfellow et al. 2015) or I-FGSM (Kurakin et al. 2017) on ``[0, 1]`` inputs.
+* :func:`transferability`: the share of adversarial examples crafted on the substitute, from
+  test inputs the target classifies correctly, that the target then misclassifies.
+* :func:`jacobian_augment`: Papernot et al. 2017's dataset augmentation step
+  ``x + lambda * sign(dF_sub[label(x)] / dx)``.
+
+Training uses a fixed number of gradient steps, not epochs, so a budget of 50 and a budget
+of 600 get the same optimisation effort and the comparison is about the data only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from obliviate.errors import ConfigError
+from obliviate.models import build_model, images_to_tensor
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a classifier is trained.
+
+    Attributes:
+        arch: ``lenet5`` or ``c3f2`` (any name :func:`obliviate.models.build_model` knows).
+        steps: gradient steps (fixed, independent of the data size).
+        batch_size: images per step (capped at the data size).
+        lr: Adam learning rate.
+        weight_decay: Adam L2 penalty.
+    """
+
+    arch: str = "lenet5"
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError(
+                f"need steps >= 1, batch_size >= 1, lr > 0; got {self.steps}, {self.batch_size}, {self.lr}."
+            )
+
+
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    config: TrainConfig,
+    seed: int,
+    num_classes: int = 10,
+    levels: int = 256,
+) -> nn.Module:
+    """Train a fresh classifier on ``(images, labels)`` for ``config.steps`` Adam steps.
+
+    Weights and the minibatch order depend only on ``seed``; the global torch RNG is untouched.
+
+    Args:
+        images: ``(n, H, W)`` uint8 gray levels.
+        labels: ``(n,)`` integer labels (the target's answers for a substitute).
+        config: architecture and optimiser settings.
+        seed: seed of initial weights and minibatch order.
+        num_classes: output classes.
+        levels: gray levels of the images.
+
+    Returns:
+        the trained model in evaluation mode.
+    """
+    if len(images) == 0 or len(images) != len(labels):
+        raise ConfigError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}.")
+    model = build_model(
+        config.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed
+    )
+    x = images_to_tensor(images, levels=levels)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    order = np.random.default_rng(seed)
+    batch = min(config.batch_size, len(x))
+    model.train()
+    for _ in range(config.steps):
+        idx = torch.from_numpy(order.choice(len(x), size=batch, replace=False))
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def predict_labels(model: nn.Module, images: np.ndarray, *, levels: int = 256, batch_size: int = 1000) -> np.ndarray:
+    """``(n,)`` int64 argmax predictions of ``model`` on uint8 images."""
+    return predict_tensor(model, images_to_tensor(images, levels=levels), batch_size=batch_size)
+
+
+def predict_tensor(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> np.ndarray:
+    """``(n,)`` int64 argmax predictions of ``model`` on ``(n, 1, H, W)`` floats in ``[0, 1]``."""
+    model.eval()
+    with torch.no_grad():
+        out = [model(x[s : s + batch_size]).argmax(1) for s in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Share of positions where ``predicted`` equals ``truth``."""
+    return float(np.mean(np.asarray(predicted) == np.asarray(truth))) if len(truth) else float("nan")
+
+
+def agreement(substitute_labels: np.ndarray, target_labels: np.ndarray) -> float:
+    """Share of inputs on which substitute and target predict the same class."""
+    return accuracy(substitute_labels, target_labels)
+
+
+def fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    iterative: bool = False,
+    iterations: int = 10,
+    step: float | None = None,
+) -> torch.Tensor:
+    """FGSM (one signed-gradient step of size ``eps``) or I-FGSM, on inputs in ``[0, 1]``.
+
+    Args:
+        model: the model whose loss is increased (the substitute).
+        x: ``(n, 1, H, W)`` inputs in ``[0, 1]``.
+        y: ``(n,)`` labels whose loss is increased.
+        eps: L-infinity radius.
+        iterative: I-FGSM: ``iterations`` steps of size ``step`` (default ``eps / iterations * 2.5``,
+            capped at ``eps``), each projected back into the eps-ball and ``[0, 1]``.
+        iterations: I-FGSM steps.
+        step: I-FGSM step size.
+
+    Returns:
+        adversarial inputs, same shape as ``x``, in ``[0, 1]``.
+    """
+    if eps < 0:
+        raise ConfigError(f"eps must be >= 0; got {eps}.")
+    model.eval()
+    n_steps = iterations if iterative else 1
+    alpha = (min(eps, step if step is not None else 2.5 * eps / iterations)) if iterative else eps
+    adv = x.clone()
+    for _ in range(n_steps):
+        adv.requires_grad_(True)
+        loss = F.cross_entropy(model(adv), y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        with torch.no_grad():
+            adv = adv + alpha * grad.sign()
+            adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0.0, 1.0)
+    return adv.detach()
+
+
+def transferability(
+    substitute: nn.Module,
+    target_predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    eps: float,
+    iterative: bool = False,
+    levels: int = 256,
+) -> float:
+    """Share of substitute-crafted adversarial examples that the target misclassifies.
+
+    Only inputs the target classifies correctly are attacked (SPEC section 3). The adversarial
+    images are quantised back to uint8 before being shown to the target, as a real attacker
+    sending images to an endpoint would.
+
+    Args:
+        substitute: where the attack is crafted (white box to the attacker).
+        target_predict: the target's label function on uint8 ``(n, H, W)`` images.
+        images: ``(n, H, W)`` uint8 test images.
+        labels: their true labels.
+        eps: L-infinity radius on ``[0, 1]`` inputs.
+        iterative: I-FGSM instead of FGSM.
+        levels: gray levels of the images.
+
+    Returns:
+        the transfer rate in ``[0, 1]`` (NaN if the target gets no input right).
+    """
+    correct = target_predict(images) == labels
+    if not correct.any():
+        return float("nan")
+    x = images_to_tensor(images[correct], levels=levels)
+    y = torch.as_tensor(labels[correct], dtype=torch.long)
+    adv = fgsm(substitute, x, y, eps=eps, iterative=iterative)
+    adv_images = tensor_to_images(adv, levels=levels)
+    return float(np.mean(target_predict(adv_images) != labels[correct]))
+
+
+def jacobian_augment(
+    substitute: nn.Module, images: np.ndarray, labels: np.ndarray, *, lam: float = 0.1, levels: int = 256
+) -> np.ndarray:
+    """Papernot et al. 2017's augmentation: ``x + lam * sign(d F_sub(x)[label(x)] / dx)``.
+
+    Args:
+        substitute: the current substitute F_sub.
+        images: ``(n, H, W)`` uint8 images already queried.
+        labels: the target's labels for them.
+        lam: step size on ``[0, 1]`` inputs (0.1 in the paper).
+        levels: gray levels.
+
+    Returns:
+        ``(n, H, W)`` uint8 new images (clipped to the valid range, rounded to gray levels).
+    """
+    substitute.eval()
+    x = images_to_tensor(images, levels=levels).requires_grad_(True)
+    # F is the substitute's softmax output, as in the paper. grad log F_y = grad F_y / F_y has the
+    # same sign per pixel and does not underflow to 0 when the substitute is saturated (F_y = 1.0).
+    log_probs = torch.log_softmax(substitute(x), dim=1)
+    picked = log_probs.gather(1, torch.as_tensor(labels, dtype=torch.long)[:, None]).sum()
+    (grad,) = torch.autograd.grad(picked, x)
+    return tensor_to_images((x + lam * grad.sign()).clamp(0.0, 1.0).detach(), levels=levels)
+
+
+def tensor_to_images(x: torch.Tensor, *, levels: int = 256) -> np.ndarray:
+    """``(n, 1, H, W)`` floats in ``[0, 1]`` to ``(n, H, W)`` uint8 gray levels (rounded)."""
+    return np.clip(np.rint(x[:, 0].numpy() * (levels - 1)), 0, levels - 1).astype(np.uint8)

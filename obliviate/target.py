@@ -1,0 +1,354 @@
+"""A black-box target: the model under audit, reachable only through ``query(batch)``.
+
+SPEC section 3: the target is a trained classifier the attacker can only query. Every image
+sent costs one query; the :class:`Target` counts them against a budget, refuses a batch that
+would pass the budget (nothing of that batch is answered), and logs every call. By default it
+answers labels only; probabilities are a switch, because a label-only oracle is the threat
+model of the seed's table.
+
+Two backends answer the queries:
+
+* :class:`LocalTorchBackend`: a ``torch.nn.Module`` in this process.
+* :class:`HttpBackend`: a model behind an HTTP endpoint, JSON in and out (stdlib ``urllib``),
+  with a per-request timeout and retries on transient failures only (connection errors,
+  timeouts, HTTP 5xx); a 4xx answer is the caller's mistake and is raised at once.
+
+Images travel as ``(n, H, W)`` uint8 gray levels, the same arrays :mod:`obliviate.data` loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from obliviate.errors import ConfigError, ObliviateError
+from obliviate.models import images_to_tensor
+
+
+class BudgetExceeded(ObliviateError):
+    """A query batch would take the target past its query budget."""
+
+
+class TargetRequestError(ObliviateError):
+    """The target's endpoint rejected a request (HTTP 4xx): retrying cannot help."""
+
+
+class TargetUnavailable(ObliviateError):
+    """The target's endpoint kept failing transiently (5xx, timeout, connection) past all retries."""
+
+
+class OutputMode(str, Enum):
+    """What a query returns: class labels only (default) or class probabilities."""
+
+    LABELS = "labels"
+    PROBABILITIES = "probabilities"
+
+
+class Backend(Protocol):
+    """Something that answers a batch of gray-level images."""
+
+    def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
+        """Labels ``(n,)`` int64 or probabilities ``(n, C)`` float32 for ``(n, H, W)`` uint8 images."""
+        ...
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """One answered (or refused) call to :meth:`Target.query`.
+
+    Attributes:
+        call: 0-based index of the call.
+        size: number of images in the batch.
+        used_after: queries used after this call (unchanged when refused).
+        digest: SHA-256 (first 16 hex chars) of the batch's bytes, to audit what was asked.
+        seconds: wall time the backend took (0 when refused).
+        refused: True when the budget refused the batch.
+    """
+
+    call: int
+    size: int
+    used_after: int
+    digest: str
+    seconds: float
+    refused: bool = False
+
+
+@dataclass
+class Target:
+    """A budgeted, logged, black-box view of a classifier (SPEC section 3).
+
+    Attributes:
+        backend: what answers the queries.
+        budget: the most images that may be queried in total; ``None`` means unlimited (use it
+            only for evaluation oracles, never for the attacker's view).
+        output: labels only (default) or probabilities.
+        used: images queried so far.
+        log: one :class:`QueryRecord` per call.
+    """
+
+    backend: Backend
+    budget: int | None
+    output: OutputMode = OutputMode.LABELS
+    used: int = 0
+    log: list[QueryRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.output = OutputMode(self.output)
+        if self.budget is not None and self.budget < 0:
+            raise ConfigError(f"budget must be a non-negative number of queries or None; got {self.budget}.")
+
+    @property
+    def remaining(self) -> int | None:
+        """Queries left, or ``None`` when unlimited."""
+        return None if self.budget is None else self.budget - self.used
+
+    def query(self, images: np.ndarray) -> np.ndarray:
+        """Ask the target about a batch; each image costs one query.
+
+        Args:
+            images: ``(n, H, W)`` uint8 gray levels (a single ``(H, W)`` image is not accepted:
+                wrap it as a batch of one).
+
+        Returns:
+            ``(n,)`` int64 labels in label mode; ``(n, C)`` float32 probabilities otherwise.
+
+        Raises:
+            BudgetExceeded: the batch would pass the budget; nothing is answered or counted.
+        """
+        images = _check_batch(images)
+        n = int(images.shape[0])
+        digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
+        if self.budget is not None and self.used + n > self.budget:
+            self.log.append(QueryRecord(len(self.log), n, self.used, digest, 0.0, refused=True))
+            raise BudgetExceeded(
+                f"query budget is {self.budget} images and {self.used} are used; a batch of {n} "
+                f"would need {self.used + n}. Query at most {self.budget - self.used} more images, "
+                "or audit with a larger budget."
+            )
+        start = time.perf_counter()
+        answer = self.backend.predict(images, output=self.output) if n else _empty_answer(self.output)
+        seconds = time.perf_counter() - start
+        answer = _check_answer(answer, n=n, output=self.output)
+        self.used += n
+        self.log.append(QueryRecord(len(self.log), n, self.used, digest, seconds))
+        return answer
+
+
+class LocalTorchBackend:
+    """Answers queries with a torch classifier in this process (evaluation mode, no gradients).
+
+    Args:
+        model: a classifier mapping ``(n, 1, H, W)`` floats in ``[0, 1]`` to logits.
+        levels: gray levels of the inputs (256 for 8-bit images).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, model: nn.Module, *, levels: int = 256, batch_size: int = 512) -> None:
+        self.model = model.eval()
+        self.levels = levels
+        self.batch_size = batch_size
+
+    def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
+        probs = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                x = images_to_tensor(images[start : start + self.batch_size], levels=self.levels)
+                probs.append(torch.softmax(self.model(x), dim=1))
+        p = torch.cat(probs).numpy().astype(np.float32)
+        if OutputMode(output) is OutputMode.LABELS:
+            return p.argmax(axis=1).astype(np.int64)
+        return p
+
+
+class HttpBackend:
+    """Answers queries by POSTing JSON to a model endpoint (see ``flows/target_server.py``).
+
+    Request body: ``{"shape": [n, H, W], "dtype": "uint8", "data": <base64 of the bytes>,
+    "output": "labels" | "probabilities"}``. Response: ``{"labels": [...]}`` in label mode,
+    ``{"probabilities": [[...], ...]}`` otherwise.
+
+    Args:
+        url: the prediction endpoint, e.g. ``http://127.0.0.1:8000/predict``.
+        timeout_s: seconds to wait for each request.
+        retries: extra attempts after a transient failure (connection error, timeout, 5xx).
+        backoff_s: wait before the first retry; doubles after each further failure.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.2) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"target URL must start with http:// or https://; got {url!r}.")
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+            raise ConfigError(
+                f"need timeout_s > 0, retries >= 0, backoff_s >= 0; got {timeout_s}, {retries}, {backoff_s}."
+            )
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.attempts = 0
+
+    def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
+        output = OutputMode(output)
+        body = json.dumps(encode_images(images) | {"output": output.value}).encode()
+        reply = self._post(body)
+        key = output.value
+        if key not in reply:
+            raise TargetRequestError(f"endpoint {self.url} answered without {key!r}: keys {sorted(reply)}.")
+        if output is OutputMode.LABELS:
+            return np.asarray(reply[key], dtype=np.int64)
+        return np.asarray(reply[key], dtype=np.float32)
+
+    def info(self) -> dict:
+        """The server's ``GET /info`` metadata (model name, training indices), or ``{}``."""
+        info_url = self.url.rsplit("/", 1)[0] + "/info"
+        try:
+            with urllib.request.urlopen(info_url, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, TimeoutError, socket.timeout, json.JSONDecodeError):
+            return {}
+
+    def _post(self, body: bytes) -> dict:
+        failures: list[str] = []
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            self.attempts += 1
+            request = urllib.request.Request(
+                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                detail = err.read()[:200].decode(errors="replace")
+                if err.code < 500:
+                    raise TargetRequestError(
+                        f"endpoint {self.url} rejected the request with HTTP {err.code}: {detail}. "
+                        "Client errors are not retried; fix the request or the URL."
+                    ) from err
+                failures.append(f"HTTP {err.code}")
+            except (TimeoutError, socket.timeout) as err:
+                failures.append(f"timeout after {self.timeout_s}s ({err})")
+            except urllib.error.URLError as err:
+                if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                    failures.append(f"timeout after {self.timeout_s}s")
+                else:
+                    failures.append(f"connection error: {err.reason}")
+            except (ConnectionError, http.client.HTTPException) as err:
+                failures.append(f"connection error: {err!r}")
+        raise TargetUnavailable(
+            f"endpoint {self.url} failed {len(failures)} times ({'; '.join(failures)}); transient "
+            f"errors are retried {self.retries} times. Check the server, or raise timeout_s/retries."
+        )
+
+
+def encode_images(images: np.ndarray) -> dict:
+    """``(n, H, W)`` uint8 images as the JSON-ready payload of the HTTP protocol."""
+    images = np.ascontiguousarray(_check_batch(images))
+    return {"shape": list(images.shape), "dtype": "uint8", "data": base64.b64encode(images.tobytes()).decode()}
+
+
+def decode_images(payload: dict) -> np.ndarray:
+    """Inverse of :func:`encode_images`; raises ``ConfigError`` on a malformed payload."""
+    try:
+        shape = tuple(int(s) for s in payload["shape"])
+        raw = base64.b64decode(payload["data"], validate=True)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"payload needs 'shape' and base64 'data'; could not read it ({err}).") from err
+    if payload.get("dtype", "uint8") != "uint8" or len(shape) != 3 or int(np.prod(shape)) != len(raw):
+        raise ConfigError(
+            f"payload must hold uint8 images of shape (n, H, W) matching its bytes; got dtype "
+            f"{payload.get('dtype')!r}, shape {shape}, {len(raw)} bytes."
+        )
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+
+
+def _check_batch(images: np.ndarray) -> np.ndarray:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
+        raise ConfigError(
+            "a query batch must be a uint8 array of gray levels with shape (n, H, W); got "
+            f"{type(images).__name__} dtype {getattr(images, 'dtype', None)} shape "
+            f"{getattr(images, 'shape', None)}. Wrap one image as images[None]."
+        )
+    return images
+
+
+def _empty_answer(output: OutputMode) -> np.ndarray:
+    return np.zeros(0, np.int64) if output is OutputMode.LABELS else np.zeros((0, 0), np.float32)
+
+
+def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode) -> np.ndarray:
+    answer = np.asarray(answer)
+    if output is OutputMode.LABELS:
+        if answer.shape != (n,) or not np.issubdtype(answer.dtype, np.integer):
+            raise TargetRequestError(
+                f"a label-only target must answer {n} integer labels; got dtype {answer.dtype} shape "
+                f"{answer.shape}. The backend may be leaking probabilities."
+            )
+        return answer.astype(np.int64)
+    if answer.ndim != 2 or answer.shape[0] != n:
+        raise TargetRequestError(f"probabilities must have shape ({n}, C); got {answer.shape}.")
+    return answer.astype(np.float32)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, meta: dict) -> None:
+    """Save a target as ``{"arch", "state_dict", "meta"}`` with ``torch.save``.
+
+    ``meta`` should hold plain values only (numbers, strings, lists): ``num_classes``,
+    ``image_size``, ``levels``, ``dataset``, ``dataset_fingerprint`` and ``train_indices`` (so an
+    audit can keep its pool disjoint from the training data).
+    """
+    torch.save({"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
+    """Load a target saved by :func:`save_checkpoint` (``weights_only=True``: no code is unpickled).
+
+    Returns:
+        the model in evaluation mode and its metadata (``meta`` plus ``arch``).
+    """
+    from obliviate.models import build_model
+
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ConfigError(f"target checkpoint {str(path)!r} does not exist; train one with `obliviate target train`.") from err
+    if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
+        raise ConfigError(
+            f"{str(path)!r} is not a target checkpoint: expected a dict with 'arch' and 'state_dict'. "
+            "Save targets with obliviate.target.save_checkpoint."
+        )
+    meta = dict(blob.get("meta", {}))
+    model = build_model(
+        blob["arch"], num_classes=int(meta.get("num_classes", 10)), image_size=int(meta.get("image_size", 28)), seed=0
+    )
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), meta | {"arch": blob["arch"]}
+
+
+def open_backend(target: str, *, timeout_s: float = 30.0, retries: int = 3) -> tuple[Backend, dict]:
+    """A backend for ``target``: an ``http(s)://`` URL or a checkpoint path.
+
+    Returns:
+        the backend and the target's metadata (checkpoint ``meta``, or the server's ``GET /info``;
+        ``{}`` when the server has none).
+    """
+    if target.startswith(("http://", "https://")):
+        backend = HttpBackend(target, timeout_s=timeout_s, retries=retries)
+        return backend, backend.info()
+    model, meta = load_checkpoint(target)
+    return LocalTorchBackend(model, levels=int(meta.get("levels", 256))), meta

@@ -1,0 +1,154 @@
+"""How the symmetric MI matrix is cut into tiles, and what that costs (SPEC section 1).
+
+Only the upper triangle of blocks is computed: tile ``(r, c)`` with ``r <= c`` covers rows
+``[r*T, (r+1)*T)`` and columns ``[c*T, (c+1)*T)``; diagonal tiles hold only their strictly
+upper entries. Row ``i`` of the matrix is assembled from the tiles of its row block (as stored)
+and of its column block (transposed), plus the diagonal ``I[i][i] = H(i)`` (1 when normalised).
+
+Everything here is arithmetic on sizes, so a plan for n = 60,000 is made without computing
+anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from obliviate.errors import ConfigError
+
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True, order=True)
+class TileSpec:
+    """One tile: the half-open row and column ranges it covers."""
+
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+
+    @property
+    def diagonal(self) -> bool:
+        return self.row_start == self.col_start
+
+    @property
+    def name(self) -> str:
+        """Stable object name, sortable by position."""
+        return f"r{self.row_start:07d}-c{self.col_start:07d}.npy"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.row_stop - self.row_start, self.col_stop - self.col_start
+
+    @property
+    def pairs(self) -> int:
+        """Image pairs this tile computes (strict upper half on diagonal tiles)."""
+        rows, cols = self.shape
+        return rows * (rows - 1) // 2 if self.diagonal else rows * cols
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The upper-triangle tiling of an ``n x n`` matrix with square tiles of side ``tile_size``."""
+
+    n: int
+    tile_size: int
+
+    def __post_init__(self) -> None:
+        if self.n < 2:
+            raise ConfigError(f"a tile plan needs at least 2 images; got n={self.n}.")
+        if self.tile_size < 1:
+            raise ConfigError(f"tile_size must be positive; got {self.tile_size}.")
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.n // self.tile_size)
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        start = block * self.tile_size
+        return start, min(start + self.tile_size, self.n)
+
+    def block_of(self, index: int) -> int:
+        return index // self.tile_size
+
+    def tile(self, row_block: int, col_block: int) -> TileSpec:
+        if not 0 <= row_block <= col_block < self.blocks:
+            raise ConfigError(
+                f"tiles exist for 0 <= row block <= column block < {self.blocks}; got ({row_block}, {col_block})."
+            )
+        r0, r1 = self.block_range(row_block)
+        c0, c1 = self.block_range(col_block)
+        return TileSpec(r0, r1, c0, c1)
+
+    def tiles(self) -> list[TileSpec]:
+        """Every tile of the upper triangle, row block by row block."""
+        return [self.tile(r, c) for r in range(self.blocks) for c in range(r, self.blocks)]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.blocks * (self.blocks + 1) // 2
+
+    @property
+    def pairs(self) -> int:
+        return self.n * (self.n - 1) // 2
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of all stored tiles (float32; diagonal tiles are stored whole)."""
+        return sum(t.shape[0] * t.shape[1] for t in self.tiles()) * FLOAT32_BYTES
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the whole matrix held in one process."""
+        return self.n * self.n * FLOAT32_BYTES
+
+    @property
+    def band_bytes(self) -> int:
+        """Bytes of one row band (``tile_size`` full rows): the unit a streaming reader caches."""
+        return min(self.tile_size, self.n) * self.n * FLOAT32_BYTES
+
+
+def plan_report(
+    *, n: int, tile_size: int, k: int, workers: int, pixels: int = 784, nonzero_share: float = 0.19,
+    pairs_per_second: float | None = None,
+) -> dict[str, float | int | str]:
+    """Sizes and per-worker memory of a reduction, computed without computing anything.
+
+    Args:
+        n: pool size.
+        tile_size: tile side.
+        k: subset size.
+        workers: actors per stage.
+        pixels: pixels per image (784 for 28x28).
+        nonzero_share: share of non-zero pixels (about 0.19 on MNIST), for the sparse lists.
+        pairs_per_second: measured single-thread MI throughput, to estimate the tile stage time.
+
+    Returns:
+        tile count, bytes stored, per-worker memory of both stages, and which restart mode
+        (dense or streamed row bands) a given budget implies.
+    """
+    plan = TilePlan(n=n, tile_size=tile_size)
+    prepared = n * pixels + int(n * pixels * nonzero_share) * 5 + n * 8 * 3  # codes, (pos, code), ptr/entropy
+    tile_worker = prepared + tile_size * tile_size * FLOAT32_BYTES * 2  # tile + its serialised copy
+    # A streaming restart worker holds: O(n) float64 sums and flags, and a row-band cache sized
+    # to about k rows (O(n k)), the rows a restart touches most.
+    streaming_cache = max(plan.band_bytes, k * n * FLOAT32_BYTES)
+    restart_worker_streaming = streaming_cache + n * (8 * 2 + 1) + plan.band_bytes
+    report: dict[str, float | int | str] = {
+        "n": n,
+        "tile_size": tile_size,
+        "k": k,
+        "workers": workers,
+        "pairs": plan.pairs,
+        "tiles": plan.num_tiles,
+        "tiles_per_worker": -(-plan.num_tiles // max(workers, 1)),
+        "stored_bytes": plan.stored_bytes,
+        "dense_matrix_bytes": plan.dense_bytes,
+        "band_bytes": plan.band_bytes,
+        "tile_worker_bytes": tile_worker,
+        "restart_worker_dense_bytes": plan.dense_bytes + n * 17,
+        "restart_worker_streaming_bytes": restart_worker_streaming,
+    }
+    if pairs_per_second:
+        report["tile_stage_seconds_estimate"] = plan.pairs / (pairs_per_second * max(workers, 1))
+    return report

@@ -1,0 +1,30 @@
+"""Storage exceptions: every backend error leaves :mod:`storage` as one of these.
+
+Each derives from the builtin a caller would naturally catch (``FileNotFoundError``,
+``ConnectionError``, ``ValueError``) and from :class:`obliviate.errors.ObliviateError`, so the
+CLI reports it as a clean error and retry logic can key on ``ConnectionError``.
+"""
+
+from __future__ import annotations
+
+from obliviate.errors import ObliviateError
+
+
+class StorageError(ObliviateError, OSError):
+    """Base class of storage failures."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """No committed object under this key (it was never written, or its write never finished)."""
+
+
+class StorageUnavailable(StorageError, ConnectionError):
+    """The backend could not be reached or refused the request; retrying later may succeed."""
+
+
+class CorruptObject(ObliviateError, ValueError):
+    """An object's bytes do not match the checksum recorded when it was committed."""
+
+
+class PointerConflict(ObliviateError, RuntimeError):
+    """A compare-and-swap on a pointer found a different version than the caller expected."""

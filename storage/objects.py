@@ -1,0 +1,501 @@
+"""One small object-store API over fsspec, addressed by URL.
+
+``ObjectStore("file://./runs")`` (the default backend; a bare path means the same) or
+``ObjectStore("s3://bucket/prefix")``. For S3 the endpoint and credentials come only from the
+environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), never from arguments or files
+here, so the same code serves AWS, MinIO and a moto test server.
+
+Visibility rule (atomic from a reader's point of view):
+
+* every object is written data first, then a small commit record ``<key>.sha256`` holding its
+  SHA-256 and size. Until the commit record exists the object does not exist for
+  :meth:`get_bytes`, :meth:`exists` and :meth:`list`; a write that fails half way leaves
+  nothing visible. Each single write is itself atomic: a rename on local disk, one PUT on S3.
+* reads verify the bytes against the commit record and raise :class:`CorruptObject` on mismatch.
+* groups of objects are published by a manifest written last (:meth:`commit_manifest`) that
+  records every member's checksum; a reader that finds the manifest finds all members.
+* mutable "current" pointers use :meth:`swap_pointer`: versions are create-if-absent objects
+  (``O_EXCL`` locally, ``If-None-Match: *`` on S3), so of two writers expecting the same
+  version exactly one wins and the other gets :class:`PointerConflict`.
+
+Objects other than pointers are meant to be written once (or rewritten with identical
+content, as deterministic tiles are): rewriting a key with different bytes while another
+process reads it can make that read fail its checksum.
+
+All backend exceptions are translated in :func:`_translated`, the single boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from obliviate.errors import ConfigError, ObliviateError
+from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError, StorageUnavailable
+
+COMMIT_SUFFIX = ".sha256"
+_TMP_MARK = ".tmp-"
+_POINTER_VERSION = re.compile(r"^v(\d{9})\.json$")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A committed object: its key (relative to the store), SHA-256 hex digest and size in bytes."""
+
+    key: str
+    sha256: str
+    size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "sha256": self.sha256, "size": self.size}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A published group of objects: member name -> :class:`ObjectInfo`, plus free metadata."""
+
+    key: str
+    members: dict[str, ObjectInfo]
+    metadata: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """One version of a mutable pointer (e.g. a run's current model)."""
+
+    key: str
+    version: int
+    target: dict[str, Any]
+    created_at: float
+
+
+class ObjectStore:
+    """Bytes, arrays, JSON and torch state under one URL prefix.
+
+    Args:
+        url: ``file:///abs/path``, ``file://./relative``, a plain path, or ``s3://bucket/prefix``.
+    """
+
+    def __init__(self, url: str = "file://./runs") -> None:
+        self._url, self._protocol, self._root = _parse_url(url)
+        self._endpoint_url = os.environ.get("AWS_ENDPOINT_URL") if self._protocol == "s3" else None
+        self._fs_cache: fsspec.AbstractFileSystem | None = None
+
+    # The filesystem object is rebuilt after unpickling (stores travel to Ray actors); only the
+    # URL and the endpoint travel, credentials are looked up in the receiving process's environment.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self._url, "endpoint_url": self._endpoint_url}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._url, self._protocol, self._root = _parse_url(state["url"])
+        self._endpoint_url = state["endpoint_url"]
+        self._fs_cache = None
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self._url!r})"
+
+    @property
+    def url(self) -> str:
+        """The store's root URL (absolute for local paths)."""
+        return self._url
+
+    @property
+    def is_local(self) -> bool:
+        return self._protocol == "file"
+
+    def uri(self, key: str = "") -> str:
+        """Full URL of ``key``, for messages and reports."""
+        key = _check_key(key, allow_empty=True)
+        return f"{self._url}/{key}" if key else self._url
+
+    def child(self, prefix: str) -> ObjectStore:
+        """A store rooted at ``prefix`` inside this one."""
+        return ObjectStore(self.uri(_check_key(prefix)))
+
+    # ----- bytes -----------------------------------------------------------------------------
+
+    def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
+        """Write ``data`` under ``key``, then its commit record; returns what was committed."""
+        return self.put_chunks(key, [bytes(data)])
+
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> ObjectInfo:
+        """Write the concatenation of ``chunks``; if producing a chunk fails, nothing is written."""
+        key = _check_key(key)
+        # Everything is gathered before the first backend call: an exception while producing
+        # the data (a crash, a serialisation error) therefore never reaches storage.
+        data = b"".join(chunks)
+        info = ObjectInfo(key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        record = json.dumps({"sha256": info.sha256, "size": info.size, "committed_at": time.time()}).encode()
+        with _translated(self.uri(key)):
+            self._write_atomic(self._path(key), data)
+            self._write_atomic(self._path(key) + COMMIT_SUFFIX, record)
+        return info
+
+    def get_bytes(self, key: str) -> bytes:
+        """The committed bytes of ``key``, verified against their checksum.
+
+        Raises:
+            ObjectNotFound: nothing committed under ``key``.
+            CorruptObject: the bytes differ from what was committed.
+            StorageUnavailable: the backend cannot be reached.
+        """
+        return self._get_verified(_check_key(key), expected=None)
+
+    def info(self, key: str) -> ObjectInfo:
+        """Checksum and size recorded when ``key`` was committed."""
+        key = _check_key(key)
+        record = self._read_commit_record(key)
+        return ObjectInfo(key=key, sha256=record["sha256"], size=int(record["size"]))
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` is committed (its commit record exists)."""
+        key = _check_key(key)
+        with _translated(self.uri(key)):
+            return bool(self._fs.exists(self._path(key) + COMMIT_SUFFIX))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Committed keys under ``prefix`` (a folder-like prefix), sorted; half-written ones are hidden."""
+        prefix = _check_key(prefix, allow_empty=True)
+        base = self._path(prefix) if prefix else self._root
+        with _translated(self.uri(prefix)):
+            try:
+                found = self._fs.find(base)
+            except FileNotFoundError:
+                return []
+        root = self._root.rstrip("/") + "/"
+        names = {p[len(root):] if p.startswith(root) else p for p in (_strip(p, self._protocol) for p in found)}
+        keys = [
+            name[: -len(COMMIT_SUFFIX)]
+            for name in names
+            if name.endswith(COMMIT_SUFFIX) and _TMP_MARK not in name and name[: -len(COMMIT_SUFFIX)] in names
+        ]
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``: its commit record first, so readers never see data without a record."""
+        key = _check_key(key)
+        with _translated(self.uri(key)):
+            for path in (self._path(key) + COMMIT_SUFFIX, self._path(key)):
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(path)
+
+    # ----- typed helpers ---------------------------------------------------------------------
+
+    def put_array(self, key: str, array: np.ndarray) -> ObjectInfo:
+        """A numpy array as ``.npy`` bytes (no pickled objects)."""
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(array), allow_pickle=False)
+        return self.put_bytes(key, buffer.getvalue())
+
+    def get_array(self, key: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.get_bytes(key)), allow_pickle=False)
+
+    def put_json(self, key: str, value: Any) -> ObjectInfo:
+        return self.put_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode())
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def put_torch(self, key: str, state: Any) -> ObjectInfo:
+        """Tensors / state dicts via ``torch.save``; read back with :meth:`get_torch`."""
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return self.put_bytes(key, buffer.getvalue())
+
+    def get_torch(self, key: str) -> Any:
+        """Load torch state with ``weights_only=True``: a pickle carrying code is refused.
+
+        Raises:
+            CorruptObject: checksum mismatch, or the bytes are not loadable as plain weights.
+        """
+        import torch
+
+        data = self.get_bytes(key)
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as err:  # torch raises UnpicklingError / RuntimeError for refused content
+            raise CorruptObject(
+                f"{self.uri(key)} is not loadable with torch.load(weights_only=True): {err}. Only plain "
+                "tensors and containers of them are accepted; re-save the state dict without custom objects."
+            ) from err
+
+    # ----- manifests and pointers -------------------------------------------------------------
+
+    def commit_manifest(
+        self, key: str, members: Mapping[str, ObjectInfo], metadata: Mapping[str, Any] | None = None
+    ) -> ObjectInfo:
+        """Publish a group: write a manifest listing each member's checksum, after the members."""
+        for name, member in members.items():
+            committed = self.info(member.key)
+            if committed.sha256 != member.sha256:
+                raise CorruptObject(
+                    f"manifest member {name!r} ({self.uri(member.key)}) holds sha256 {committed.sha256[:12]}..., "
+                    f"not the {member.sha256[:12]}... written; it was overwritten before publication."
+                )
+        body = {
+            "members": {name: member.as_dict() for name, member in members.items()},
+            "metadata": dict(metadata or {}),
+            "created_at": time.time(),
+        }
+        return self.put_json(key, body)
+
+    def read_manifest(self, key: str) -> Manifest:
+        body = self.get_json(key)
+        members = {name: ObjectInfo(**value) for name, value in body["members"].items()}
+        return Manifest(key=key, members=members, metadata=body["metadata"], created_at=body["created_at"])
+
+    def get_member(self, manifest: Manifest, name: str) -> bytes:
+        """A manifest member's bytes, verified against the checksum in the manifest."""
+        if name not in manifest.members:
+            raise ObjectNotFound(
+                f"manifest {self.uri(manifest.key)} has no member {name!r}; it has {sorted(manifest.members)}."
+            )
+        member = manifest.members[name]
+        return self._get_verified(member.key, expected=member.sha256)
+
+    def read_pointer(self, key: str) -> Pointer | None:
+        """The newest version of pointer ``key``, or ``None`` if it was never set."""
+        versions = self._pointer_versions(_check_key(key))
+        if not versions:
+            return None
+        return self._load_pointer(key, versions[-1])
+
+    def swap_pointer(self, key: str, target: Mapping[str, Any], *, expected_version: int) -> Pointer:
+        """Move pointer ``key`` to ``target`` if its current version is ``expected_version``.
+
+        Use ``expected_version=0`` to create it. The new version is written with
+        create-if-absent semantics, so concurrent swaps from the same version cannot both win.
+
+        Raises:
+            PointerConflict: the pointer is at another version; re-read it and decide again.
+        """
+        key = _check_key(key)
+        current = self._pointer_versions(key)
+        seen = current[-1] if current else 0
+        if seen != expected_version:
+            raise PointerConflict(
+                f"pointer {self.uri(key)} is at version {seen}, not the expected {expected_version}; "
+                "read it again with read_pointer() and retry from the current version."
+            )
+        version = expected_version + 1
+        body = {"version": version, "target": dict(target), "created_at": time.time()}
+        payload = json.dumps(body, sort_keys=True)
+        data = json.dumps({"body": body, "sha256": hashlib.sha256(payload.encode()).hexdigest()}).encode()
+        path = self._path(f"{key}/v{version:09d}.json")
+        with _translated(self.uri(key)):
+            try:
+                self._create_exclusive(path, data)
+            except FileExistsError as err:
+                raise PointerConflict(
+                    f"pointer {self.uri(key)} moved to version {version} while this swap ran; "
+                    "re-read it and retry from the current version."
+                ) from err
+        return Pointer(key=key, version=version, target=dict(target), created_at=body["created_at"])
+
+    def ensure_container(self) -> None:
+        """Create the bucket (S3) or folder (local) the store lives in, if missing."""
+        with _translated(self._url):
+            if self._protocol == "s3":
+                bucket = self._root.split("/", 1)[0]
+                if not self._fs.exists(bucket):
+                    self._fs.mkdir(bucket)
+            else:
+                self._fs.makedirs(self._root, exist_ok=True)
+
+    # ----- internals ---------------------------------------------------------------------------
+
+    @property
+    def _fs(self) -> fsspec.AbstractFileSystem:
+        if self._fs_cache is None:
+            if self._protocol == "s3":
+                # skip_instance_cache: a cached client would keep an endpoint from an older
+                # environment (tests move AWS_ENDPOINT_URL between servers).
+                self._fs_cache = fsspec.filesystem(
+                    "s3",
+                    skip_instance_cache=True,
+                    endpoint_url=self._endpoint_url,
+                    config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
+                )
+            else:
+                self._fs_cache = fsspec.filesystem("file")
+        return self._fs_cache
+
+    def _path(self, key: str) -> str:
+        return f"{self._root}/{key}"
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        if self._protocol == "s3":
+            self._fs.pipe_file(path, data)  # one PUT: visible whole or not at all
+            return
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f"{_TMP_MARK}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+    def _create_exclusive(self, path: str, data: bytes) -> None:
+        if self._protocol == "s3":
+            self._fs.pipe_file(path, data, IfNoneMatch="*")
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{os.path.dirname(path)}/{_TMP_MARK}{uuid.uuid4().hex}"
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        try:
+            os.link(tmp, path)  # fails with FileExistsError if another writer got there first
+        finally:
+            os.remove(tmp)
+
+    def _read_commit_record(self, key: str) -> dict[str, Any]:
+        with _translated(self.uri(key)):
+            raw = self._fs.cat_file(self._path(key) + COMMIT_SUFFIX)
+        try:
+            record = json.loads(raw)
+            return {"sha256": str(record["sha256"]), "size": int(record["size"])}
+        except (ValueError, KeyError, TypeError) as err:
+            raise CorruptObject(f"commit record of {self.uri(key)} is unreadable ({err}); rewrite the object.") from err
+
+    def _get_verified(self, key: str, *, expected: str | None) -> bytes:
+        record = self._read_commit_record(key)
+        with _translated(self.uri(key)):
+            data = self._fs.cat_file(self._path(key))
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record["sha256"] or len(data) != record["size"]:
+            raise CorruptObject(
+                f"{self.uri(key)} has sha256 {digest[:12]}... and {len(data)} bytes, but was committed with "
+                f"{record['sha256'][:12]}... and {record['size']} bytes; the object is damaged: delete and rewrite it."
+            )
+        if expected is not None and digest != expected:
+            raise CorruptObject(
+                f"{self.uri(key)} has sha256 {digest[:12]}..., but its manifest recorded {expected[:12]}...; "
+                "it was overwritten after publication."
+            )
+        return data
+
+    def _pointer_versions(self, key: str) -> list[int]:
+        with _translated(self.uri(key)):
+            try:
+                names = [p.rsplit("/", 1)[-1] for p in self._fs.ls(self._path(key), detail=False)]
+            except FileNotFoundError:
+                return []
+        return sorted(int(m.group(1)) for m in map(_POINTER_VERSION.match, names) if m)
+
+    def _load_pointer(self, key: str, version: int) -> Pointer:
+        with _translated(self.uri(key)):
+            raw = self._fs.cat_file(self._path(f"{key}/v{version:09d}.json"))
+        try:
+            wrapped = json.loads(raw)
+            body = wrapped["body"]
+            ok = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() == wrapped["sha256"]
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise CorruptObject(f"pointer {self.uri(key)} version {version} fails its checksum; it was damaged.")
+        return Pointer(key=key, version=int(body["version"]), target=body["target"], created_at=body["created_at"])
+
+
+def _parse_url(url: str) -> tuple[str, str, str]:
+    """``(normalised url, protocol, root path as fsspec wants it)``."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"a store URL must be a non-empty string like file://./runs or s3://bucket/prefix; got {url!r}.")
+    url = url.strip().rstrip("/")
+    if url.startswith("s3://"):
+        root = url[len("s3://"):].strip("/")
+        if not root:
+            raise ConfigError(f"an S3 store URL must name a bucket: s3://bucket[/prefix]; got {url!r}.")
+        return f"s3://{root}", "s3", root
+    if "://" in url and not url.startswith("file://"):
+        scheme = url.split("://", 1)[0]
+        raise ConfigError(f"store URL scheme {scheme!r} is not supported; use file://PATH or s3://bucket/prefix.")
+    path = url[len("file://"):] if url.startswith("file://") else url
+    root = os.path.abspath(os.path.expanduser(path or "."))
+    return f"file://{root}", "file", root
+
+
+def _strip(path: str, protocol: str) -> str:
+    return path[len("file://"):] if protocol == "file" and path.startswith("file://") else path
+
+
+def _check_key(key: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(key, str):
+        raise ConfigError(f"object keys are strings; got {type(key).__name__}.")
+    key = key.strip("/")
+    if not key and not allow_empty:
+        raise ConfigError("an object key must not be empty.")
+    parts = key.split("/") if key else []
+    if any(part in ("", ".", "..") or part.startswith(_TMP_MARK) for part in parts):
+        raise ConfigError(f"object key {key!r} has an empty, '.', '..' or reserved '{_TMP_MARK}' segment; use plain names.")
+    if key.endswith(COMMIT_SUFFIX):
+        raise ConfigError(f"object key {key!r} ends with the reserved suffix {COMMIT_SUFFIX!r}.")
+    return key
+
+
+@contextlib.contextmanager
+def _translated(where: str) -> Iterator[None]:
+    """The single boundary where backend exceptions become :mod:`storage.errors` ones."""
+    try:
+        yield
+    except ObliviateError:
+        raise
+    except FileNotFoundError as err:
+        raise ObjectNotFound(f"no object at {where} ({err}); check the key, or that the write was committed.") from err
+    except FileExistsError as err:
+        raise StorageError(f"an object or folder already exists at {where}: {err}.") from err
+    except PermissionError as err:
+        raise StorageError(f"permission denied at {where}: {err}. Check the credentials in the environment.") from err
+    except Exception as err:
+        if _is_unavailable(err):
+            raise StorageUnavailable(
+                f"storage at {where} is unreachable: {err}. Check AWS_ENDPOINT_URL / network and retry."
+            ) from err
+        if _is_credentials(err):
+            raise StorageError(
+                f"no usable credentials for {where}: {err}. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
+            ) from err
+        if isinstance(err, OSError):
+            raise StorageError(f"storage error at {where}: {err}") from err
+        raise
+
+
+def _is_unavailable(err: BaseException) -> bool:
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(
+        names
+        & {
+            "EndpointConnectionError",
+            "ConnectionError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+            "ConnectionClosedError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ClientOSError",
+        }
+    ) or (isinstance(err, OSError) and any(code in str(err) for code in ("503", "SlowDown", "ServiceUnavailable")))
+
+
+def _is_credentials(err: BaseException) -> bool:
+    return any(cls.__name__ in {"NoCredentialsError", "PartialCredentialsError"} for cls in type(err).__mro__)

@@ -1,0 +1,138 @@
+"""The HTTP target adapter against a real model server on 127.0.0.1 (started by each test)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from flows.target_server import PredictHandler, TargetServer
+from obliviate.target import (
+    BudgetExceeded,
+    HttpBackend,
+    LocalTorchBackend,
+    Target,
+    TargetRequestError,
+    TargetUnavailable,
+    encode_images,
+)
+
+
+class FailingFirst(PredictHandler):
+    """Answers HTTP 503 to the first ``failures`` predictions, then serves normally."""
+
+    failures = 2
+    seen = 0
+    lock = threading.Lock()
+
+    def do_POST(self):  # noqa: N802
+        with FailingFirst.lock:
+            FailingFirst.seen += 1
+            fail = FailingFirst.seen <= FailingFirst.failures
+        if fail:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_json(503, {"error": "warming up"})
+            return
+        super().do_POST()
+
+
+class Slow(PredictHandler):
+    """Sleeps past the client's timeout before answering."""
+
+    delay_s = 1.5
+
+    def do_POST(self):  # noqa: N802
+        time.sleep(Slow.delay_s)
+        super().do_POST()
+
+
+def test_http_target_answers_like_the_local_model(target_model, pool_images):
+    with TargetServer(target_model, info={"arch": "lenet5", "train_indices": [3, 4]}) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        backend = HttpBackend(server.url, timeout_s=10, retries=0)
+        remote = Target(backend, budget=30)
+        local = Target(LocalTorchBackend(target_model), budget=30)
+        np.testing.assert_array_equal(remote.query(pool_images[:25]), local.query(pool_images[:25]))
+        assert remote.used == 25
+        with pytest.raises(BudgetExceeded):
+            remote.query(pool_images[:6])
+        assert server.requests == 1  # the refused batch never reached the server
+        assert backend.info()["train_indices"] == [3, 4]
+
+
+def test_label_only_answers_carry_no_probabilities_on_the_wire(target_model, pool_images):
+    with TargetServer(target_model, allow_probabilities=False) as server:
+        body = json.dumps(encode_images(pool_images[:4]) | {"output": "labels"}).encode()
+        request = urllib.request.Request(server.url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            reply = json.loads(resp.read())
+        assert set(reply) == {"labels"}
+        assert all(isinstance(v, int) for v in reply["labels"])
+        # Asking a label-only server for probabilities is a client error (403): raised, never retried.
+        backend = HttpBackend(server.url, timeout_s=10, retries=3, backoff_s=0.01)
+        with pytest.raises(TargetRequestError, match="HTTP 403"):
+            Target(backend, budget=10, output="probabilities").query(pool_images[:2])
+        assert backend.attempts == 1
+
+
+def test_malformed_requests_are_4xx_and_not_retried(target_model, pool_images):
+    with TargetServer(target_model) as server:
+        backend = HttpBackend(server.url.replace("/predict", "/nowhere"), timeout_s=10, retries=3, backoff_s=0.01)
+        with pytest.raises(TargetRequestError, match="HTTP 404"):
+            Target(backend, budget=10).query(pool_images[:2])
+        assert backend.attempts == 1
+        bad = urllib.request.Request(server.url, data=b'{"shape": [1, 2, 2], "data": "!!"}')
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(bad, timeout=10)
+        assert info.value.code == 400
+
+
+def test_server_errors_are_retried_then_succeed(target_model, pool_images):
+    FailingFirst.seen, FailingFirst.failures = 0, 2
+    with TargetServer(target_model, handler=FailingFirst) as server:
+        backend = HttpBackend(server.url, timeout_s=10, retries=3, backoff_s=0.01)
+        target = Target(backend, budget=10)
+        labels = target.query(pool_images[:5])
+        assert backend.attempts == 3
+        np.testing.assert_array_equal(labels, Target(LocalTorchBackend(target_model), budget=None).query(pool_images[:5]))
+        assert target.used == 5
+
+
+def test_persistent_server_errors_raise_after_the_retries(target_model, pool_images):
+    FailingFirst.seen, FailingFirst.failures = 0, 100
+    with TargetServer(target_model, handler=FailingFirst) as server:
+        backend = HttpBackend(server.url, timeout_s=10, retries=2, backoff_s=0.01)
+        target = Target(backend, budget=10)
+        with pytest.raises(TargetUnavailable, match="failed 3 times .*HTTP 503"):
+            target.query(pool_images[:5])
+        assert backend.attempts == 3
+        assert target.used == 0  # nothing answered, nothing counted
+
+
+def test_timeouts_are_retried_then_raised(target_model, pool_images):
+    Slow.delay_s = 1.5
+    with TargetServer(target_model, handler=Slow) as server:
+        backend = HttpBackend(server.url, timeout_s=0.3, retries=1, backoff_s=0.01)
+        start = time.perf_counter()
+        with pytest.raises(TargetUnavailable, match="timeout"):
+            Target(backend, budget=10).query(pool_images[:2])
+        assert backend.attempts == 2
+        assert time.perf_counter() - start < 5
+
+
+def test_connection_refused_is_transient(pool_images):
+    # Bind a port, then close it: nothing listens there.
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    backend = HttpBackend(f"http://127.0.0.1:{port}/predict", timeout_s=2, retries=2, backoff_s=0.01)
+    with pytest.raises(TargetUnavailable, match="connection error"):
+        Target(backend, budget=10).query(pool_images[:1])
+    assert backend.attempts == 3

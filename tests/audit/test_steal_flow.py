@@ -1,0 +1,90 @@
+"""The steal flow end to end on a tiny configuration: CLI -> Prefect -> Ray cells -> report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(280)]
+
+
+@pytest.fixture(scope="module")
+def prefect_and_ray():
+    import ray
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from flows.cli import main
+
+    path = tmp_path_factory.mktemp("target") / "target.pt"
+    assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", "60"]) == 0
+    return path
+
+
+def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, checkpoint, tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "report"
+    code = main([
+        "steal", "--target", str(checkpoint), "--pool", "mnist5k", "--budgets", "20,40",
+        "--selectors", "drmi,random,jacobian,facility", "--seeds", "2", "--out", str(out),
+        "--pool-size", "120", "--test-size", "100", "--steps", "15", "--eps", "0.1,0.3", "--drmi-starts", "4",
+    ])
+    assert code == 0
+    assert str(out / "steal.md") in capsys.readouterr().out
+    doc = json.loads((out / "steal.json").read_text())
+    assert len(doc["cells"]) == 4 * 2 * 2
+    for cell in doc["cells"]:
+        assert cell["queries_used"] == cell["budget"] == sum(cell["class_histogram"])
+        assert set(cell["transfer"]) == {"0.1", "0.3"}
+    jac = [c for c in doc["cells"] if c["selector"] == "jacobian"]
+    assert all(c["synthetic"] > 0 for c in jac)
+    assert doc["overlap_warning"] is None  # the checkpoint's training indices were excluded
+    md = (out / "steal.md").read_text()
+    assert "| drmi | 20 | 2 |" in md and "| pool | 120 |" in md
+    assert (out / "steal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    import asyncio
+
+    async def latest():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["steal-audit"])))
+
+    artifacts = asyncio.run(latest())
+    assert artifacts and artifacts[0].type == "table"
+
+
+def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoint, tmp_path):
+    from flows.steal import steal_flow
+    from flows.target_server import TargetServer
+    from obliviate.target import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    with TargetServer(model, info=meta, allow_probabilities=False) as server:
+        paths = steal_flow(
+            target=server.url, budgets=[15], selectors=["random"], seeds=2, out=str(tmp_path),
+            pool_size=100, test_size=80, steps=10, eps=[0.3],
+        )
+        requests = server.requests
+    doc = json.loads(open(paths["json"]).read())
+    assert [c["queries_used"] for c in doc["cells"]] == [15, 15]
+    assert doc["overlap_warning"] is None  # /info told the auditor which images trained the target
+    # 1 request for the test labels, then per cell: 1 query + 2 oracle calls for the transfer metric.
+    assert requests == 1 + 2 * 3

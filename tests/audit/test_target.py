@@ -1,0 +1,104 @@
+"""Budget enforcement, query counting and label-only answers of the black-box target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from obliviate.errors import ConfigError
+from obliviate.target import (
+    BudgetExceeded,
+    LocalTorchBackend,
+    OutputMode,
+    Target,
+    decode_images,
+    encode_images,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def test_every_image_counts_and_the_budget_refuses_the_batch_that_would_pass_it(target_model, pool_images):
+    target = Target(LocalTorchBackend(target_model), budget=10)
+    target.query(pool_images[:4])
+    target.query(pool_images[4:7])
+    assert target.used == 7 and target.remaining == 3
+    with pytest.raises(BudgetExceeded, match="budget is 10 images and 7 are used"):
+        target.query(pool_images[7:11])
+    # A refused batch is not answered and not counted, but it is logged.
+    assert target.used == 7
+    assert [r.size for r in target.log] == [4, 3, 4]
+    assert [r.refused for r in target.log] == [False, False, True]
+    assert [r.used_after for r in target.log] == [4, 7, 7]
+    target.query(pool_images[7:10])
+    assert target.used == 10
+    with pytest.raises(BudgetExceeded):
+        target.query(pool_images[:1])
+
+
+def test_the_log_identifies_what_was_asked(target_model, pool_images):
+    target = Target(LocalTorchBackend(target_model), budget=None)
+    target.query(pool_images[:3])
+    target.query(pool_images[:3])
+    target.query(pool_images[3:6])
+    digests = [r.digest for r in target.log]
+    assert digests[0] == digests[1] != digests[2]
+
+
+def test_label_only_target_answers_integer_labels_and_nothing_else(target_model, pool_images):
+    target = Target(LocalTorchBackend(target_model), budget=50)
+    answer = target.query(pool_images[:20])
+    assert answer.dtype == np.int64 and answer.shape == (20,)
+    with torch.no_grad():
+        from obliviate.models import images_to_tensor
+
+        expected = target_model(images_to_tensor(pool_images[:20])).argmax(1).numpy()
+    np.testing.assert_array_equal(answer, expected)
+
+
+def test_probabilities_only_behind_the_switch(target_model, pool_images):
+    target = Target(LocalTorchBackend(target_model), budget=50, output="probabilities")
+    probs = target.query(pool_images[:5])
+    assert probs.shape == (5, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert target.used == 5
+
+
+def test_a_backend_leaking_probabilities_is_caught_in_label_mode(pool_images):
+    class Leaky:
+        def predict(self, images, *, output):
+            return np.full((len(images), 10), 0.1, np.float32)
+
+    with pytest.raises(Exception, match="leaking probabilities"):
+        Target(Leaky(), budget=5).query(pool_images[:2])
+
+
+def test_bad_batches_and_budgets_are_rejected(target_model, pool_images):
+    with pytest.raises(ConfigError, match="non-negative"):
+        Target(LocalTorchBackend(target_model), budget=-1)
+    target = Target(LocalTorchBackend(target_model), budget=5)
+    with pytest.raises(ConfigError, match=r"\(n, H, W\)"):
+        target.query(pool_images[0])
+    with pytest.raises(ConfigError, match="uint8"):
+        target.query(pool_images[:2].astype(np.float32))
+    assert target.used == 0
+
+
+def test_payload_round_trip(pool_images):
+    np.testing.assert_array_equal(decode_images(encode_images(pool_images[:3])), pool_images[:3])
+    with pytest.raises(ConfigError):
+        decode_images({"shape": [2, 28, 28], "data": "AAAA"})
+
+
+def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, target_model, pool_images):
+    path = tmp_path / "t.pt"
+    save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28, "train_indices": [1, 2]})
+    model, meta = load_checkpoint(path)
+    assert meta["arch"] == "lenet5" and meta["train_indices"] == [1, 2]
+    a = Target(LocalTorchBackend(target_model), budget=None, output=OutputMode.PROBABILITIES).query(pool_images[:8])
+    b = Target(LocalTorchBackend(model), budget=None, output=OutputMode.PROBABILITIES).query(pool_images[:8])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    torch.save({"not": "a target"}, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError, match="not a target checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")

@@ -1,0 +1,136 @@
+"""The ``reduce`` flow end to end on local Ray and a Prefect test server (real components)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+
+import numpy as np
+import pytest
+
+from obliviate.data import load_dataset
+from obliviate.mi import mi_matrix
+from obliviate.reduce import drmi_reduce
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def mnist_pool(tmp_path_factory):
+    """300 real MNIST images (30 per class) as an .npz the flow loads by path."""
+    data = load_dataset("mnist5k")
+    idx = np.concatenate([np.flatnonzero(data.labels == c)[:30] for c in range(10)])
+    pool = data.subset(idx)
+    path = tmp_path_factory.mktemp("pool") / "mnist300.npz"
+    np.savez(path, images=pool.images, labels=pool.labels)
+    return pool, str(path)
+
+
+@pytest.fixture(scope="module")
+def in_process(mnist_pool):
+    pool, _ = mnist_pool
+    matrix = mi_matrix(pool.images, levels=pool.levels)
+    return {
+        "all": drmi_reduce(matrix, k=30),
+        "sample": drmi_reduce(matrix, k=30, num_starts=40, rng=np.random.default_rng(7)),
+        "sample10": drmi_reduce(matrix, k=30, num_starts=10, rng=np.random.default_rng(7)),
+    }
+
+
+def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, file_store, mnist_pool, in_process):
+    from flows.reduce_flow import reduce_flow
+
+    _, path = mnist_pool
+    events = []
+    from flows.reduce_flow import progress_to
+
+    with progress_to(lambda stage, done, total: events.append((stage, done, total))):
+        first = reduce_flow(data=path, k=30, store_url=file_store.url, workers=2, tile_size=64)
+    expected = in_process["all"]
+    assert first["restarts"] == 300
+    assert first["h"] == expected.h
+    assert np.array_equal(file_store.get_array(f"{first['result_key']}/subset.npy"), expected.subset)
+    restarts = file_store.get_json(f"{first['result_key']}/restarts.json")
+    assert [r["h"] for r in restarts] == [r.h for r in expected.restarts]
+    assert [r["start"] for r in restarts] == list(range(300))
+    manifest = file_store.read_manifest(f"{first['result_key']}/manifest.json")
+    assert set(manifest.members) == {"subset", "restarts", "summary"}
+    assert first["tiles_computed"] == first["tiles_total"] == 15 and first["tiles_reused"] == 0
+    assert ("tiles", 15, 15) in events and ("restarts", 300, 300) in events
+
+    second = reduce_flow(data=path, k=30, store_url=file_store.url, workers=2, tile_size=64)
+    assert second["tiles_computed"] == 0 and second["tiles_reused"] == 15
+    assert second["h"] == expected.h and second["best_start"] == first["best_start"]
+
+
+def test_resumed_run_computes_only_missing_tiles(ray_runtime, prefect_harness, file_store, mnist_pool, in_process):
+    from flows.reduce_flow import reduce_flow
+    from storage.tiles import matrix_prefix
+
+    pool, path = mnist_pool
+    reduce_flow(data=path, k=30, store_url=file_store.url, workers=1, tile_size=100, starts=5, seed=1)
+    prefix = matrix_prefix(fingerprint=pool.fingerprint, bins=256, normalize=False, tile_size=100)
+    # As if the first run had crashed before committing two tiles.
+    file_store.delete(f"{prefix}/r0000000-c0000200.npy")
+    file_store.delete(f"{prefix}/r0000100-c0000100.npy")
+    resumed = reduce_flow(data=path, k=30, store_url=file_store.url, workers=2, tile_size=100, starts=40, seed=7)
+    assert resumed["tiles_computed"] == 2 and resumed["tiles_reused"] == 4
+    assert resumed["h"] == in_process["sample"].h
+
+
+def test_flow_on_s3_with_streaming_restarts(ray_runtime, prefect_harness, s3_store, mnist_pool, in_process):
+    from flows.reduce_flow import reduce_flow
+
+    _, path = mnist_pool
+    out = reduce_flow(
+        data=path, k=30, store_url=s3_store.url, workers=2, tile_size=64, starts=10, seed=7,
+        restart_memory_mb=0.2,  # 2 of 5 row bands: rows are streamed from S3 tiles, never the whole matrix
+    )
+    expected = in_process["sample10"]
+    assert out["restart_mode"] == "streaming"
+    assert out["h"] == expected.h
+    assert np.array_equal(s3_store.get_array(f"{out['result_key']}/subset.npy"), expected.subset)
+    assert out["result_url"].startswith("s3://")
+
+
+def test_cli_reduce_against_s3(ray_runtime, prefect_harness, s3_store, mnist_pool, in_process, capsys, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.cli import main
+
+    _, path = mnist_pool
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the harness's server
+    code = main(["reduce", "--data", path, "--k", "30", "--starts", "40", "--seed", "7", "--store", s3_store.url,
+                 "--workers", "2", "--tile-size", "128"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert f"H = {in_process['sample'].h:.4f} over 40 restarts" in captured.out
+    assert "subset written to s3://" in captured.out
+    assert "restarts [" in captured.err and "40/40" in captured.err  # the progress bar
+    keys = s3_store.list()
+    assert any(key.endswith("/subset.npy") for key in keys)
+    summary = json.loads(s3_store.get_bytes([k for k in keys if k.endswith("summary.json")][0]))
+    assert summary["tiles_computed"] == 6
+
+
+def test_cli_in_process_path_matches(tmp_path, mnist_pool, in_process, capsys):
+    from flows.cli import main
+
+    _, path = mnist_pool
+    assert main(["reduce", "--data", path, "--k", "30", "--workers", "0", "--out", str(tmp_path)]) == 0
+    assert f"H = {in_process['all'].h:.4f} over 300 restarts" in capsys.readouterr().out
+
+
+def test_prefect_server_helper_starts_and_stops(monkeypatch, tmp_path):
+    from flows.runtime import prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with prefect_api(home=tmp_path / "prefect") as api_url:
+        assert api_url.startswith("http://127.0.0.1:")
+        assert os.environ["PREFECT_API_URL"] == api_url
+        with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+            assert response.status == 200
+    assert "PREFECT_API_URL" not in os.environ
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{api_url}/health", timeout=2)

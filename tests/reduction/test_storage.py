@@ -1,0 +1,176 @@
+"""Storage contract, run against local disk and a moto S3 server alike."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from storage import CorruptObject, ObjectNotFound, ObjectStore, PointerConflict, StorageUnavailable
+from storage.objects import COMMIT_SUFFIX
+
+
+def _raw_fs_and_path(store: ObjectStore, key: str):
+    """The backend filesystem and path of ``key``: used only to simulate crashes and damage."""
+    return store._fs, store._path(key)
+
+
+def test_bytes_roundtrip_exists_and_list(store):
+    info = store.put_bytes("a/b/one.bin", b"hello")
+    store.put_bytes("a/two.bin", b"")
+    store.put_bytes("other.bin", b"x")
+    assert store.get_bytes("a/b/one.bin") == b"hello"
+    assert store.get_bytes("a/two.bin") == b""
+    assert info.size == 5 and len(info.sha256) == 64
+    assert store.exists("a/b/one.bin") and not store.exists("a/b/missing.bin")
+    assert store.list("a") == ["a/b/one.bin", "a/two.bin"]
+    assert store.list() == ["a/b/one.bin", "a/two.bin", "other.bin"]
+    assert store.list("nothing/here") == []
+
+
+def test_array_json_torch_roundtrip(store):
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    store.put_array("m.npy", array)
+    back = store.get_array("m.npy")
+    assert back.dtype == np.float32 and np.array_equal(back, array)
+    store.put_json("cfg.json", {"k": 600, "bins": [256]})
+    assert store.get_json("cfg.json") == {"k": 600, "bins": [256]}
+    state = {"w": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(3)}
+    store.put_torch("ckpt.pt", state)
+    loaded = store.get_torch("ckpt.pt")
+    assert torch.equal(loaded["w"], state["w"]) and int(loaded["step"]) == 3
+
+
+class _CodeCarrier:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_torch_pickle_with_code_is_refused(store):
+    buffer = io.BytesIO()
+    torch.save({"payload": _CodeCarrier()}, buffer)
+    store.put_bytes("evil.pt", buffer.getvalue())
+    with pytest.raises(CorruptObject, match="weights_only=True"):
+        store.get_torch("evil.pt")
+
+
+def test_missing_object_is_object_not_found(store):
+    with pytest.raises(ObjectNotFound) as caught:
+        store.get_bytes("never/written.bin")
+    assert isinstance(caught.value, FileNotFoundError)
+
+
+def test_failed_write_leaves_nothing_visible(store):
+    def chunks():
+        yield b"first half"
+        raise RuntimeError("producer crashed mid-write")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        store.put_chunks("half.bin", chunks())
+    assert not store.exists("half.bin")
+    assert store.list() == []
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("half.bin")
+
+
+def test_data_without_commit_record_is_invisible(store):
+    # A writer that died after its data write but before the commit record.
+    fs, path = _raw_fs_and_path(store, "crashed.bin")
+    fs.makedirs(os.path.dirname(path), exist_ok=True) if store.is_local else None
+    fs.pipe_file(path, b"orphan data")
+    assert not store.exists("crashed.bin")
+    assert store.list() == []
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("crashed.bin")
+
+
+def test_corrupted_object_is_detected(store):
+    store.put_array("tile.npy", np.ones((4, 4), dtype=np.float32))
+    fs, path = _raw_fs_and_path(store, "tile.npy")
+    damaged = bytearray(fs.cat_file(path))
+    damaged[-1] ^= 0xFF
+    fs.pipe_file(path, bytes(damaged))
+    with pytest.raises(CorruptObject) as caught:
+        store.get_array("tile.npy")
+    assert isinstance(caught.value, ValueError)
+
+
+def test_truncated_commit_record_is_corrupt(store):
+    store.put_bytes("x.bin", b"abc")
+    fs, path = _raw_fs_and_path(store, "x.bin")
+    fs.pipe_file(path + COMMIT_SUFFIX, b"{not json")
+    with pytest.raises(CorruptObject):
+        store.get_bytes("x.bin")
+
+
+def test_manifest_publishes_members_with_checksums(store):
+    a = store.put_array("run/subset.npy", np.array([3, 1, 2]))
+    b = store.put_json("run/summary.json", {"h": 1.5})
+    store.commit_manifest("run/manifest.json", {"subset": a, "summary": b}, {"k": 3})
+    manifest = store.read_manifest("run/manifest.json")
+    assert manifest.metadata == {"k": 3}
+    assert np.load(io.BytesIO(store.get_member(manifest, "subset"))).tolist() == [3, 1, 2]
+    # A member rewritten after publication no longer matches its manifest.
+    store.put_json("run/summary.json", {"h": 99.0})
+    with pytest.raises(CorruptObject, match="manifest"):
+        store.get_member(manifest, "summary")
+
+
+def test_pointer_compare_and_swap(store):
+    assert store.read_pointer("models/current") is None
+    first = store.swap_pointer("models/current", {"version": "v1"}, expected_version=0)
+    assert first.version == 1
+    second = store.swap_pointer("models/current", {"version": "v2"}, expected_version=1)
+    assert second.version == 2
+    with pytest.raises(PointerConflict, match="version 2"):
+        store.swap_pointer("models/current", {"version": "stale"}, expected_version=1)
+    current = store.read_pointer("models/current")
+    assert current.version == 2 and current.target == {"version": "v2"}
+
+
+def test_pointer_versions_are_create_if_absent(store):
+    # The primitive under swap_pointer: a second create of the same version must fail on the
+    # backend itself (O_EXCL / If-None-Match), not only in our version check.
+    store.swap_pointer("p", {"n": 1}, expected_version=0)
+    path = store._path("p/v000000002.json")
+    store._create_exclusive(path, b"{}")
+    with pytest.raises(FileExistsError):
+        store._create_exclusive(path, b"{}")
+    late = ObjectStore(store.url)
+    with pytest.raises(PointerConflict):
+        late.swap_pointer("p", {"n": "late"}, expected_version=1)
+
+
+def test_store_pickles_without_credentials(store):
+    clone = pickle.loads(pickle.dumps(store))
+    store.put_bytes("k.bin", b"v")
+    assert clone.get_bytes("k.bin") == b"v"
+    assert b"testing" not in pickle.dumps(store)
+
+
+def test_bad_keys_and_urls_are_rejected(tmp_path):
+    store = ObjectStore(f"file://{tmp_path}")
+    for key in ["", "../escape", "a//b", "x.sha256"]:
+        with pytest.raises(ValueError):
+            store.put_bytes(key, b"")
+    with pytest.raises(ValueError, match="scheme"):
+        ObjectStore("gs://bucket")
+    assert ObjectStore("file://./runs").url == f"file://{os.path.abspath('runs')}"
+
+
+def test_unreachable_s3_is_storage_unavailable(monkeypatch, moto_endpoint):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead_port}")
+    store = ObjectStore("s3://bucket/prefix")
+    with pytest.raises(StorageUnavailable) as caught:
+        store.put_bytes("k.bin", b"v")
+    assert isinstance(caught.value, ConnectionError)
+    with pytest.raises(StorageUnavailable):
+        store.get_bytes("k.bin")

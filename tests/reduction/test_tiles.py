@@ -1,0 +1,94 @@
+"""Stored tiles reassemble the in-process MI matrix exactly; restart workers match drmi_reduce."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.reduction import MITileWorker, RestartWorker
+from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
+from obliviate.mi import mi_matrix
+from obliviate.reduce import drmi_reduce
+from obliviate.tiling import TilePlan, plan_report
+from storage.tiles import DIAGONAL, PLAN, TiledMatrix, matrix_prefix, stored_tiles, tile_key
+
+
+@pytest.fixture(scope="module")
+def digits_pool():
+    data = load_dataset("digits")
+    return data.subset(np.arange(0, 1797, 9)[:190])  # 190 real 8x8 digits
+
+
+def _write_tiles(store, data, *, tile_size, normalize=False):
+    plan = TilePlan(n=len(data), tile_size=tile_size)
+    prefix = matrix_prefix(fingerprint=data.fingerprint, bins=256, normalize=normalize, tile_size=tile_size)
+    worker = MITileWorker(data.images, store, prefix, levels=data.levels, bins=256, normalize=normalize)
+    store.put_array(f"{prefix}/{DIAGONAL}", worker.diagonal())
+    store.put_json(f"{prefix}/{PLAN}", {"n": plan.n, "tile_size": plan.tile_size})
+    for tile in plan.tiles():
+        worker.compute(tile)
+    return plan, prefix
+
+
+def test_plan_covers_upper_triangle_once():
+    plan = TilePlan(n=1000, tile_size=300)
+    covered = np.zeros((1000, 1000), dtype=np.int64)
+    for tile in plan.tiles():
+        covered[tile.row_start:tile.row_stop, tile.col_start:tile.col_stop] += 1
+    assert plan.num_tiles == len(plan.tiles()) == 10
+    assert np.array_equal(np.triu(covered), np.triu(np.ones_like(covered)))
+    assert np.tril(covered, k=-1)[np.tril_indices(1000, k=-1)].max() <= 1  # only diagonal tiles reach below
+    assert sum(t.pairs for t in plan.tiles()) == plan.pairs == 1000 * 999 // 2
+
+
+def test_n60000_is_plannable_without_computing():
+    report = plan_report(n=60_000, tile_size=2048, k=600, workers=16)
+    assert report["pairs"] == 1_799_970_000
+    assert report["dense_matrix_bytes"] == 14_400_000_000
+    assert report["tiles"] == 30 * 31 // 2
+    assert report["stored_bytes"] < 1.1 * report["dense_matrix_bytes"] / 2 + 30 * 2048 * 2048 * 4
+    # A streaming restart worker holds O(n k) plus row bands: under 1 GB, about 7% of the matrix.
+    assert report["restart_worker_streaming_bytes"] < report["dense_matrix_bytes"] / 10
+    assert report["tile_worker_bytes"] < 200e6
+    with pytest.raises(ConfigError):
+        TilePlan(n=1, tile_size=10)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_stored_tiles_reassemble_mi_matrix_exactly(store, digits_pool, normalize):
+    plan, prefix = _write_tiles(store, digits_pool, tile_size=64, normalize=normalize)
+    expected = mi_matrix(digits_pool.images, levels=digits_pool.levels, bins=256, normalize=normalize)
+    assert stored_tiles(store, prefix, plan) == set(plan.tiles())
+    # One band of cache: rows come from evicted and reloaded bands, still bit-identical.
+    rows = TiledMatrix(store, prefix, cache_bytes=plan.band_bytes)
+    for i in [0, 63, 64, 100, 189, 5]:
+        assert np.array_equal(rows.row(i), expected[i])
+    assert rows.bands_loaded >= 4
+    assert np.array_equal(rows.diagonal(), np.diagonal(expected))
+    assert np.array_equal(TiledMatrix(store, prefix, cache_bytes=0).dense(), expected)
+
+
+def test_restart_worker_dense_and_streaming_equal_in_process(file_store, digits_pool):
+    plan, prefix = _write_tiles(file_store, digits_pool, tile_size=48)
+    expected = drmi_reduce(mi_matrix(digits_pool.images, levels=digits_pool.levels), k=25, starts=range(0, 190, 7))
+    starts = list(range(0, 190, 7))
+    dense = RestartWorker(file_store, prefix, memory_bytes=plan.dense_bytes).run(starts, k=25)
+    streaming = RestartWorker(file_store, prefix, memory_bytes=2 * plan.band_bytes).run(starts, k=25)
+    assert dense["mode"] == "dense" and streaming["mode"] == "streaming"
+    for outcome in (dense, streaming):
+        assert outcome["best_h"] == expected.h
+        assert np.array_equal(outcome["best_subset"], expected.subset)
+        assert [r["h"] for r in outcome["restarts"]] == [r.h for r in expected.restarts]
+
+
+def test_damaged_tile_is_refused(file_store, digits_pool):
+    from storage import CorruptObject
+
+    plan, prefix = _write_tiles(file_store, digits_pool, tile_size=96)
+    path = file_store._path(tile_key(prefix, plan.tiles()[1]))
+    with open(path, "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x7f")  # a +inf where an MI value was
+    with pytest.raises(CorruptObject):
+        TiledMatrix(file_store, prefix, cache_bytes=plan.dense_bytes).dense()
