@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.submit",
     "flows.commands.target",
     "flows.commands.steal",
+    "flows.commands.tune",
 )
 
 
