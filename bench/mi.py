@@ -66,12 +66,45 @@ def main() -> None:
             print(f"bins={bins:3d} threads={threads}: {ours:,.0f} pairs/s  sklearn {peer:,.0f}  x{ours / peer:,.0f}")
     two = {r["bins"]: r for r in runs if r["threads"] == 2}
     headlines = [
-        headline("pairs/s exact 256 levels, 2 threads", two[256]["pairs_per_second"], target=1.5e6, better="higher", unit="pairs/s", peer="sklearn mutual_info_score per pair"),
-        headline("speed-up over sklearn, 256 levels, 2 threads", two[256]["speedup_vs_sklearn"], target=3000, better="higher", unit="x", peer="sklearn mutual_info_score per pair"),
-        headline("pairs/s 32 levels, 2 threads", two[32]["pairs_per_second"], target=2.5e6, better="higher", unit="pairs/s", peer="sklearn mutual_info_score per pair"),
-        headline("projected n=60,000 exact matrix here", two[256]["projected_minutes_n60000"], target=20, better="lower", unit="minutes", peer="none (projection from measured rate)"),
+        headline(
+            "pairs/s exact 256 levels, 2 threads",
+            two[256]["pairs_per_second"],
+            target=1.5e6,
+            better="higher",
+            unit="pairs/s",
+            peer="sklearn mutual_info_score per pair",
+        ),
+        headline(
+            "speed-up over sklearn, 256 levels, 2 threads",
+            two[256]["speedup_vs_sklearn"],
+            target=3000,
+            better="higher",
+            unit="x",
+            peer="sklearn mutual_info_score per pair",
+        ),
+        headline(
+            "pairs/s 32 levels, 2 threads",
+            two[32]["pairs_per_second"],
+            target=2.5e6,
+            better="higher",
+            unit="pairs/s",
+            peer="sklearn mutual_info_score per pair",
+        ),
+        headline(
+            "projected n=60,000 exact matrix here",
+            two[256]["projected_minutes_n60000"],
+            target=20,
+            better="lower",
+            unit="minutes",
+            peer="none (projection from measured rate)",
+        ),
     ]
-    path = write_result("mi", headlines=headlines, data={"runs": runs, "tile": [1000, 4000], "sklearn_pairs": len(pairs)}, started=started)
+    path = write_result(
+        "mi",
+        headlines=headlines,
+        data={"runs": runs, "tile": [1000, 4000], "sklearn_pairs": len(pairs)},
+        started=started,
+    )
     print(f"wrote {path}")
 
 

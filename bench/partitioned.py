@@ -52,18 +52,48 @@ def main() -> None:
                     "shared_with_exact": int(np.intersect1d(result.subset, exact.subset).size),
                 }
             )
-            print(f"m={parts} seed={seed}: H ratio {h_full / exact.h:.5f}, time ratio {result.seconds / exact_seconds:.2f}")
+            print(
+                f"m={parts} seed={seed}: H ratio {h_full / exact.h:.5f}, time ratio {result.seconds / exact_seconds:.2f}"
+            )
     worst = max(r["h_ratio"] for r in runs)
     m4 = [r for r in runs if r["parts"] == 4]
     headlines = [
-        headline("worst H ratio partitioned/exact (m in 2,4,8; 3 seeds)", worst, target=1.05, better="lower", unit="ratio", peer="exact reduction, same run"),
-        headline("wall-time ratio partitioned/exact, m=4 (mean)", float(np.mean([r["time_ratio"] for r in m4])), target=None, better="lower", unit="ratio", peer="exact reduction, same run"),
-        headline("MI pairs computed partitioned/exact, m=4", float(np.mean([r["pair_ratio"] for r in m4])), target=None, better="lower", unit="ratio", peer="exact reduction, same run"),
+        headline(
+            "worst H ratio partitioned/exact (m in 2,4,8; 3 seeds)",
+            worst,
+            target=1.05,
+            better="lower",
+            unit="ratio",
+            peer="exact reduction, same run",
+        ),
+        headline(
+            "wall-time ratio partitioned/exact, m=4 (mean)",
+            float(np.mean([r["time_ratio"] for r in m4])),
+            target=None,
+            better="lower",
+            unit="ratio",
+            peer="exact reduction, same run",
+        ),
+        headline(
+            "MI pairs computed partitioned/exact, m=4",
+            float(np.mean([r["pair_ratio"] for r in m4])),
+            target=None,
+            better="lower",
+            unit="ratio",
+            peer="exact reduction, same run",
+        ),
     ]
     path = write_result(
         "partitioned",
         headlines=headlines,
-        data={"n": len(data), "k": K, "oversample": 2.0, "exact_h": exact.h, "exact_seconds": exact_seconds, "runs": runs},
+        data={
+            "n": len(data),
+            "k": K,
+            "oversample": 2.0,
+            "exact_h": exact.h,
+            "exact_seconds": exact_seconds,
+            "runs": runs,
+        },
         started=started,
     )
     print(f"wrote {path}")

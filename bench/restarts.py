@@ -64,8 +64,12 @@ def main() -> None:
         peer_h = [numpy_restart(matrix, int(s), k) for s in sample[:10]]
         peer = (time.perf_counter() - t0) / 10 * 1000
         assert np.allclose(peer_h, [r.h for r in records[:10]], rtol=1e-9), "peer and ours disagree"
-        per_restart[k] = {"ms_per_restart_1_thread": ours, "numpy_peer_ms_per_restart": peer, "speedup": peer / ours,
-                          "mean_swaps": float(np.mean([r.swaps for r in records]))}
+        per_restart[k] = {
+            "ms_per_restart_1_thread": ours,
+            "numpy_peer_ms_per_restart": peer,
+            "speedup": peer / ours,
+            "mean_swaps": float(np.mean([r.swaps for r in records])),
+        }
         print(f"k={k}: {ours:.3f} ms/restart (numpy peer {peer:.2f} ms)")
     numba.set_num_threads(2)
     t0 = time.perf_counter()
@@ -73,9 +77,30 @@ def main() -> None:
     all_seconds = time.perf_counter() - t0
     print(f"all 5,000 restarts at k=600 on 2 threads: {all_seconds:.2f} s, H = {result.h:.3f}")
     headlines = [
-        headline("ms per restart, n=5000, k=600, 1 thread", per_restart[600]["ms_per_restart_1_thread"], target=3.0, better="lower", unit="ms", peer="plain numpy restart"),
-        headline("ms per restart, n=5000, k=50, 1 thread", per_restart[50]["ms_per_restart_1_thread"], target=None, better="lower", unit="ms", peer="plain numpy restart"),
-        headline("all 5,000 restarts, k=600, 2 threads", all_seconds, target=10.0, better="lower", unit="s", peer="plain numpy restart x 5000 / 2 (projected)"),
+        headline(
+            "ms per restart, n=5000, k=600, 1 thread",
+            per_restart[600]["ms_per_restart_1_thread"],
+            target=3.0,
+            better="lower",
+            unit="ms",
+            peer="plain numpy restart",
+        ),
+        headline(
+            "ms per restart, n=5000, k=50, 1 thread",
+            per_restart[50]["ms_per_restart_1_thread"],
+            target=None,
+            better="lower",
+            unit="ms",
+            peer="plain numpy restart",
+        ),
+        headline(
+            "all 5,000 restarts, k=600, 2 threads",
+            all_seconds,
+            target=10.0,
+            better="lower",
+            unit="s",
+            peer="plain numpy restart x 5000 / 2 (projected)",
+        ),
     ]
     data_out = {
         "n": len(data),

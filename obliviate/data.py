@@ -125,7 +125,7 @@ def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) ->
         return _load_mnist5k() if source == "mnist5k" else _load_digits()
     path = Path(source).expanduser()
     if not path.exists():
-        if isinstance(source, str) and not any(sep in source for sep in "/\\.") :
+        if isinstance(source, str) and not any(sep in source for sep in "/\\."):
             raise DataError(
                 f"unknown dataset name {source!r}: built-in names are {', '.join(BUILTIN_DATASETS)}; "
                 "otherwise pass the path of an .npz file or a dataset folder."
@@ -141,9 +141,7 @@ def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) ->
     return _load_folder(path, gray=gray)
 
 
-def stratified_split(
-    labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.random.Generator
-) -> tuple[np.ndarray, ...]:
+def stratified_split(labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """Split indices into disjoint parts of the given sizes, each stratified by class.
 
     Each part receives (as nearly as possible) the class proportions of ``labels``.
@@ -222,8 +220,7 @@ def _load_npz(path: Path, *, gray: GrayMode) -> ImageDataset:
         label_key = next((k for k in ("labels", "y", "Y") if k in keys), None)
         if image_key is None or label_key is None:
             raise DataError(
-                f"{str(path)!r} must hold arrays 'images' and 'labels' (or 'x' and 'y'); "
-                f"it holds {sorted(keys)}."
+                f"{str(path)!r} must hold arrays 'images' and 'labels' (or 'x' and 'y'); it holds {sorted(keys)}."
             )
         images, labels = archive[image_key], archive[label_key]
     if images.dtype != np.uint8:
@@ -249,9 +246,7 @@ def _load_npz(path: Path, *, gray: GrayMode) -> ImageDataset:
 
 
 def _load_folder(root: Path, *, gray: GrayMode) -> ImageDataset:
-    idx_files = sorted(root.glob("**/raw/train-images-idx3-ubyte*")) or sorted(
-        root.glob("**/train-images-idx3-ubyte*")
-    )
+    idx_files = sorted(root.glob("**/raw/train-images-idx3-ubyte*")) or sorted(root.glob("**/train-images-idx3-ubyte*"))
     if idx_files:
         return _load_idx_folder(idx_files[0].parent, name=str(root))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())

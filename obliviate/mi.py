@@ -114,8 +114,7 @@ def mutual_information(
     u_flat, v_flat = np.asarray(u).reshape(1, -1), np.asarray(v).reshape(1, -1)
     if u_flat.shape != v_flat.shape:
         raise DataError(
-            f"both images of a pair must have the same number of pixels; got {u_flat.shape[1]} and "
-            f"{v_flat.shape[1]}."
+            f"both images of a pair must have the same number of pixels; got {u_flat.shape[1]} and {v_flat.shape[1]}."
         )
     prepared = prepare_images(np.concatenate([u_flat, v_flat]), levels=levels, bins=bins)
     tile = mi_tile(prepared, rows=np.array([0]), cols=np.array([1]), normalize=normalize)

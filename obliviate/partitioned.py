@@ -93,9 +93,7 @@ def partitioned_reduce(
         part_subsets.append(np.sort(part[_reduce(matrix, budget, num_starts, rng).subset]))
     union = np.sort(np.concatenate(part_subsets))
     if len(union) <= k:
-        raise ConfigError(
-            f"the union of part subsets has {len(union)} images, not more than k={k}; raise oversample."
-        )
+        raise ConfigError(f"the union of part subsets has {len(union)} images, not more than k={k}; raise oversample.")
     union_matrix = mi_matrix(images[union], levels=levels, bins=bins, normalize=normalize)
     pairs += len(union) * (len(union) - 1) // 2
     final = _reduce(union_matrix, k, num_starts, rng)

@@ -145,7 +145,9 @@ def drmi_reduce(
     source = _as_source(matrix)
     _check_k(k, source.n)
     start_vertices = (
-        _check_starts(starts, source.n) if starts is not None else choose_starts(source.n, num_starts=num_starts, rng=rng)
+        _check_starts(starts, source.n)
+        if starts is not None
+        else choose_starts(source.n, num_starts=num_starts, rng=rng)
     )
     t0 = time.perf_counter()
     records = run_restarts(source, k=k, starts=start_vertices, aggregate=aggregate)
@@ -208,7 +210,9 @@ def one_hot_replacement(
     source = _as_source(matrix)
     members = np.array(subset, dtype=np.int64)
     if np.unique(members).shape[0] != members.shape[0]:
-        raise ConfigError(f"subset must hold distinct indices; got {members.shape[0] - np.unique(members).shape[0]} repeats.")
+        raise ConfigError(
+            f"subset must hold distinct indices; got {members.shape[0] - np.unique(members).shape[0]} repeats."
+        )
     _check_k(members.shape[0], source.n)
     sums = np.zeros(source.n, dtype=np.float64)
     for m in members:

@@ -54,11 +54,21 @@ def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("ray")
     subprocess.run(
         [
-            str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={gcs_port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
         ],
-        env=env, check=True, capture_output=True, timeout=180,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
     previous_auth = os.environ.get("RAY_AUTH_MODE")
@@ -80,12 +90,33 @@ def test_ray_job_submit_runs_reduce_and_result_lands(ray_head, tmp_path) -> None
     runtime_env = json.dumps({"excludes": [".venv", ".git", "runs", "**/__pycache__"]})
     completed = subprocess.run(
         [
-            str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-            "--runtime-env-json", runtime_env, "--",
-            "python", "-m", "flows.cli", "reduce", "--data", "digits", "--k", "20", "--starts", "10",
-            "--out", str(tmp_path),
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            "python",
+            "-m",
+            "flows.cli",
+            "reduce",
+            "--data",
+            "digits",
+            "--k",
+            "20",
+            "--starts",
+            "10",
+            "--out",
+            str(tmp_path),
         ],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "over 10 restarts" in completed.stdout
@@ -99,10 +130,27 @@ def test_obliviate_submit_wrapper_waits_and_reports(ray_head, tmp_path) -> None:
     address, env = ray_head
     completed = subprocess.run(
         [
-            str(BIN / "obliviate"), "submit", "--address", address, "--working-dir", str(ROOT), "--",
-            "reduce", "--data", "digits", "--k", "15", "--starts", "5", "--out", str(tmp_path),
+            str(BIN / "obliviate"),
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "reduce",
+            "--data",
+            "digits",
+            "--k",
+            "15",
+            "--starts",
+            "5",
+            "--out",
+            str(tmp_path),
         ],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "SUCCEEDED" in completed.stdout and "over 5 restarts" in completed.stdout

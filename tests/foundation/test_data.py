@@ -96,10 +96,16 @@ def test_torchvision_mnist_raw_idx_folder(tmp_path) -> None:
         (lambda tmp: "mnist6k", "unknown dataset name 'mnist6k'"),
         (lambda tmp: str(tmp / "missing.npz"), "does not exist"),
         (lambda tmp: _write(tmp / "notes.txt", b"hello"), "only .npz files"),
-        (lambda tmp: _npz(tmp / "f.npz", images=np.zeros((2, 3, 3), np.float32), labels=np.zeros(2, int)), "dtype float32"),
+        (
+            lambda tmp: _npz(tmp / "f.npz", images=np.zeros((2, 3, 3), np.float32), labels=np.zeros(2, int)),
+            "dtype float32",
+        ),
         (lambda tmp: _npz(tmp / "s.npz", images=np.zeros((2, 5), np.uint8), labels=np.zeros(2, int)), "square number"),
         (lambda tmp: _npz(tmp / "k.npz", pixels=np.zeros((2, 3, 3), np.uint8)), "must hold arrays"),
-        (lambda tmp: _npz(tmp / "l.npz", images=np.zeros((2, 3, 3), np.uint8), labels=np.zeros(3, int)), "one label per image"),
+        (
+            lambda tmp: _npz(tmp / "l.npz", images=np.zeros((2, 3, 3), np.uint8), labels=np.zeros(3, int)),
+            "one label per image",
+        ),
         (lambda tmp: _mkdir(tmp / "empty"), "neither class sub-folders"),
     ],
 )

@@ -46,7 +46,10 @@ def test_tile_matches_sklearn_on_real_digits(digits_sample, bins, normalize) -> 
     tile = mi_tile(prepared, rows=rows, cols=cols, normalize=normalize)
     assert tile.dtype == np.float32 and tile.shape == (12, 28)
     expected = np.array(
-        [[_oracle(digits_sample[r], digits_sample[c], levels=17, bins=bins, normalize=normalize) for c in cols] for r in rows]
+        [
+            [_oracle(digits_sample[r], digits_sample[c], levels=17, bins=bins, normalize=normalize) for c in cols]
+            for r in rows
+        ]
     )
     np.testing.assert_allclose(tile, expected, atol=1e-5)
 
@@ -65,7 +68,9 @@ def test_matrix_is_symmetric_with_entropy_diagonal(mnist_sample) -> None:
     matrix = mi_matrix(mnist_sample, block=16)
     np.testing.assert_array_equal(matrix, matrix.T)
     for i in (0, 17, 39):
-        assert matrix[i, i] == pytest.approx(mutual_info_score(mnist_sample[i].ravel(), mnist_sample[i].ravel()), abs=1e-5)
+        assert matrix[i, i] == pytest.approx(
+            mutual_info_score(mnist_sample[i].ravel(), mnist_sample[i].ravel()), abs=1e-5
+        )
     direct = mi_tile(prepare_images(mnist_sample), rows=np.arange(40), cols=np.arange(40))
     off = ~np.eye(40, dtype=bool)
     np.testing.assert_array_equal(matrix[off], direct[off])
