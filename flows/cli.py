@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.commands.serve",
     "flows.commands.target",
     "flows.commands.steal",
+    "flows.commands.tune",
 )
 
 

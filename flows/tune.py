@@ -1,0 +1,241 @@
+"""Ray Tune sweeps over the trade-offs users choose (issue 7).
+
+* ``unlearning``: (B, ε) grid; each trial sets DeepObliviate's speed-up over naive retraining
+  against its consistency with the naive model; the report marks the Pareto front.
+* ``reduction``: (k, bins) grid; each trial buys k DRMI-chosen labels at that MI resolution and
+  reports the substitute's accuracy and agreement against the queries spent.
+
+Every trial writes its result to object storage (``file://`` or ``s3://``) under
+``tune/<sweep>/trials/``; the sweep then reads them back from storage, so the report shows only
+what landed, and writes ``results.json``, ``table.md`` and ``plot.png`` next to them. Tune's own
+experiment state goes to local disk for ``file://`` stores and to the same bucket for ``s3://``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flows.runtime import ensure_ray
+from obliviate.errors import ConfigError
+from obliviate.sweeps import pareto_front
+from storage import ObjectStore
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """Where a finished sweep's artefacts lie and what it found."""
+
+    name: str
+    trials: list[dict[str, Any]]
+    front: list[int]
+    results_uri: str
+    table_uri: str
+    plot_uri: str
+    errors: int
+
+
+def unlearning_trainable(config: dict[str, Any]) -> None:
+    """One (B, ε) trial; runs inside a Tune worker. Data is loaded there (it ships in a package)."""
+    from ray import tune
+
+    from obliviate.blocks import BlockData, BlockTrainingConfig
+    from obliviate.data import load_dataset, stratified_split
+    from obliviate.sweeps import unlearning_trial
+
+    data = load_dataset(config["data"])
+    train_idx, heldout_idx = stratified_split(
+        data.labels, sizes=(config["train_size"], config["heldout_size"]), rng=np.random.default_rng(config["seed"])
+    )
+    block_data = BlockData(train=data.subset(train_idx), heldout=data.subset(heldout_idx))
+    base = BlockTrainingConfig(
+        model=config["model"],
+        image_size=data.image_shape[0],
+        levels=data.levels,
+        local_epochs=config["local_epochs"],
+        schedule=config["schedule"],
+        seed=config["seed"],
+        accuracy_every=10_000,
+    )
+    result = unlearning_trial(
+        num_blocks=config["num_blocks"],
+        epsilon=config["epsilon"],
+        config=base,
+        data=block_data,
+        num_deleted=config["num_deleted"],
+        seed=config["seed"],
+    )
+    _store_trial(config, f"B{config['num_blocks']}-eps{config['epsilon']:g}", result)
+    tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool))})
+
+
+def reduction_trainable(config: dict[str, Any]) -> None:
+    """One (k, bins) trial: train (or reuse) the target, reduce the pool, buy labels, train a substitute."""
+    from ray import tune
+
+    from obliviate.audit import audit_split, train_target
+    from obliviate.data import load_dataset
+    from obliviate.substitute import TrainConfig
+    from obliviate.sweeps import reduction_trial
+    from obliviate.target import LocalTorchBackend
+
+    data = load_dataset(config["data"])
+    train = TrainConfig(arch=config["model"], steps=config["steps"])
+    target_model, meta = train_target(data, train_size=config["target_size"], config=train, seed=config["seed"])
+    pool_idx, test_idx = audit_split(
+        data, exclude=meta["train_indices"], pool_size=config["pool_size"], test_size=config["test_size"], seed=config["seed"]
+    )
+    result = reduction_trial(
+        k=config["k"],
+        bins=config["bins"],
+        pool_images=data.images[pool_idx],
+        levels=data.levels,
+        backend=LocalTorchBackend(target_model, levels=data.levels),
+        test_images=data.images[test_idx],
+        test_labels=data.labels[test_idx],
+        train=train,
+        num_starts=config["num_starts"],
+        seed=config["seed"],
+    )
+    _store_trial(config, f"k{config['k']}-bins{config['bins']}", result)
+    tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool))})
+
+
+def run_sweep(
+    kind: str,
+    *,
+    store_url: str,
+    grid: dict[str, list[Any]],
+    constants: dict[str, Any],
+    workers: int,
+    name: str | None = None,
+) -> SweepReport:
+    """Run a grid sweep with Ray Tune and write its report to storage.
+
+    Args:
+        kind: ``unlearning`` or ``reduction``.
+        store_url: where trials and the report are written.
+        grid: the swept parameters and their values.
+        constants: every other trial parameter.
+        workers: trials run at once (one CPU each).
+        name: sweep name (default: kind and a timestamp).
+    """
+    from ray import tune
+
+    trainables = {"unlearning": unlearning_trainable, "reduction": reduction_trainable}
+    if kind not in trainables:
+        raise ConfigError(f"sweep kind must be one of {', '.join(trainables)}; got {kind!r}.")
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1; got {workers}.")
+    store = ObjectStore(store_url)
+    name = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    prefix = f"tune/{name}"
+    ensure_ray()
+    param_space = {**constants, **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
+    param_space.update({"store_url": store.url, "prefix": prefix})
+    tuner = tune.Tuner(
+        tune.with_resources(trainables[kind], {"cpu": 1}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=workers),
+        run_config=tune.RunConfig(name=name, storage_path=_tune_storage_path(store), verbose=0),
+    )
+    results = tuner.fit()
+    trials = [store.get_json(key) for key in sorted(store.list(f"{prefix}/trials")) if key.endswith(".json")]
+    if kind == "unlearning":
+        front = pareto_front(trials, maximize=("speedup", "consistency")) if trials else []
+    else:
+        front = pareto_front([{"neg_queries": -t["queries"], "agreement": t["agreement"]} for t in trials], maximize=("neg_queries", "agreement")) if trials else []
+    store.put_json(f"{prefix}/results.json", {"kind": kind, "grid": grid, "constants": constants, "trials": trials, "pareto_front": front, "errors": len(results.errors)})
+    store.put_bytes(f"{prefix}/table.md", _table(kind, trials, front).encode())
+    store.put_bytes(f"{prefix}/plot.png", _plot(kind, trials, front))
+    return SweepReport(
+        name=name,
+        trials=trials,
+        front=front,
+        results_uri=store.uri(f"{prefix}/results.json"),
+        table_uri=store.uri(f"{prefix}/table.md"),
+        plot_uri=store.uri(f"{prefix}/plot.png"),
+        errors=len(results.errors),
+    )
+
+
+def _store_trial(config: dict[str, Any], label: str, result: dict[str, Any]) -> None:
+    ObjectStore(config["store_url"]).put_json(f"{config['prefix']}/trials/{label}.json", result)
+
+
+def _tune_storage_path(store: ObjectStore) -> str:
+    if store.is_local:
+        path = Path(store.url.removeprefix("file://")) / "tune-state"
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+    return store.uri("tune-state")
+
+
+def _table(kind: str, trials: list[dict[str, Any]], front: list[int]) -> str:
+    if kind == "unlearning":
+        header = "| B | ε | speed-up | consistency | noise floor | accuracy | naive accuracy | stopped early | fell back | Pareto |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        rows = [
+            f"| {t['num_blocks']} | {t['epsilon']:g} | {t['speedup']:.2f}× | {t['consistency']:.3f} | "
+            f"{t['noise_floor_consistency']:.3f} | {t['accuracy']:.3f} | {t['naive_accuracy']:.3f} | "
+            f"{'yes' if t['stopped_early'] else 'no'} | {'yes' if t['guardrail_fell_back'] else 'no'} | {'★' if i in front else ''} |"
+            for i, t in enumerate(trials)
+        ]
+    else:
+        header = "| k (queries) | bins | accuracy | agreement | mean entropy | Pareto |\n|---|---|---|---|---|---|\n"
+        rows = [
+            f"| {t['queries']} | {t['bins']} | {t['accuracy']:.3f} | {t['agreement']:.3f} | {t['mean_entropy']:.2f} | {'★' if i in front else ''} |"
+            for i, t in enumerate(trials)
+        ]
+    return header + "\n".join(rows) + "\n"
+
+
+def _plot(kind: str, trials: list[dict[str, Any]], front: list[int]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if kind == "unlearning":
+        for t in trials:
+            ax.scatter(t["speedup"], t["consistency"], color="tab:blue")
+            ax.annotate(f"B={t['num_blocks']}, ε={t['epsilon']:g}", (t["speedup"], t["consistency"]), fontsize=7)
+        if front:
+            pts = sorted((trials[i]["speedup"], trials[i]["consistency"]) for i in front)
+            ax.plot(*zip(*pts), color="tab:red", label="Pareto front")
+        if trials:
+            ax.axhline(float(np.mean([t["noise_floor_consistency"] for t in trials])), color="grey", ls="--", label="noise floor (original vs naive)")
+        ax.set_xlabel("speed-up over naive retraining (CPU time)")
+        ax.set_ylabel("consistency with naive retrain")
+        ax.set_title("DeepObliviate: speed-up vs consistency")
+    else:
+        for bins in sorted({t["bins"] for t in trials}):
+            pts = sorted((t["queries"], t["accuracy"]) for t in trials if t["bins"] == bins)
+            ax.plot(*zip(*pts), marker="o", label=f"DRMI at {bins} bins")
+        ax.set_xlabel("label queries (k)")
+        ax.set_ylabel("substitute accuracy")
+        ax.set_title("Reduction sweep: substitute accuracy vs queries")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def describe(report: SweepReport) -> str:
+    """A short human summary for the CLI."""
+    lines = [f"sweep {report.name}: {len(report.trials)} trials, {report.errors} errors"]
+    lines.append(f"results: {report.results_uri}")
+    lines.append(f"table:   {report.table_uri}")
+    lines.append(f"plot:    {report.plot_uri}")
+    if report.front:
+        lines.append("Pareto front: " + json.dumps([report.trials[i] for i in report.front][:5], default=str)[:400])
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Small Ray Tune sweeps complete with every trial's result in storage (issue 7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.tune import run_sweep
+from obliviate.errors import ConfigError
+from obliviate.sweeps import pareto_front
+from storage import ObjectStore
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_unlearning_sweep_stores_every_trial_and_a_report(local_ray, tmp_path) -> None:
+    store_url = f"file://{tmp_path}"
+    report = run_sweep(
+        "unlearning",
+        store_url=store_url,
+        grid={"num_blocks": [6, 8], "epsilon": [0.1]},
+        constants={"data": "digits", "model": "lenet5", "seed": 0, "num_deleted": 3, "train_size": 300,
+                   "heldout_size": 150, "local_epochs": 1, "schedule": "cosine"},
+        workers=2,
+        name="tiny-unlearning",
+    )
+    assert report.errors == 0
+    store = ObjectStore(store_url)
+    trials = store.list("tune/tiny-unlearning/trials")
+    assert len(trials) == 2 and len(report.trials) == 2
+    assert {t["num_blocks"] for t in report.trials} == {6, 8}
+    for trial in report.trials:
+        assert trial["speedup"] > 0 and 0.0 <= trial["consistency"] <= 1.0
+        assert 0.0 <= trial["noise_floor_consistency"] <= 1.0
+    assert report.front and all(0 <= i < 2 for i in report.front)
+    assert store.get_bytes("tune/tiny-unlearning/plot.png").startswith(b"\x89PNG")
+    assert "| B | ε |" in store.get_bytes("tune/tiny-unlearning/table.md").decode()
+
+
+@pytest.mark.slow
+def test_reduction_sweep_reports_accuracy_against_queries(local_ray, tmp_path) -> None:
+    report = run_sweep(
+        "reduction",
+        store_url=f"file://{tmp_path}",
+        grid={"k": [20, 40], "bins": [256]},
+        constants={"data": "digits", "model": "lenet5", "seed": 0, "target_size": 600, "pool_size": 400,
+                   "test_size": 300, "steps": 60, "num_starts": 5},
+        workers=2,
+        name="tiny-reduction",
+    )
+    assert report.errors == 0
+    assert sorted(t["queries"] for t in report.trials) == [20, 40]
+    for trial in report.trials:
+        assert 0.0 <= trial["accuracy"] <= 1.0 and sum(trial["class_histogram"]) == trial["queries"]
+    assert len(ObjectStore(f"file://{tmp_path}").list("tune/tiny-reduction/trials")) == 2
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    points = [{"a": 1, "b": 5}, {"a": 2, "b": 4}, {"a": 1, "b": 4}, {"a": 3, "b": 1}, {"a": 2, "b": 4}]
+    assert pareto_front(points, maximize=("a", "b")) == [0, 1, 3, 4]
+
+
+def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="sweep kind must be one of unlearning, reduction; got 'speed'"):
+        run_sweep("speed", store_url=f"file://{tmp_path}", grid={}, constants={}, workers=1)
