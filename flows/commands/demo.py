@@ -1,20 +1,116 @@
-"""``obliviate demo``: the README's main job on the embedded default."""
+"""``obliviate demo``: the README's main job, the whole story on the embedded default.
+
+reduce (DRMI on mnist5k) -> extraction audit of a LeNet-5 target -> block-sequenced training of
+two runs -> a deletion request -> event-triggered unlearning -> verification, then a summary
+table and where each report lies. Local Ray, a Prefect server on 127.0.0.1 started on demand,
+``file://`` storage, data from packages. ``--quick`` shrinks every step (used by the tests).
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
+from typing import Any
 
-from flows.commands.reduce import run_reduce
+from flows.cli import main as cli_main
+
+FULL = {
+    "reduce": ["--data", "mnist5k", "--k", "600", "--workers", "2"],
+    "target": ["--train-size", "2000", "--steps", "600"],
+    "steal": ["--budgets", "50,150,300", "--seeds", "1", "--selectors", "drmi,random,jacobian_r2,cluster_centers",
+              "--pool-size", "1000", "--test-size", "500", "--steps", "150", "--drmi-starts", "8"],
+    "story": {"data": "digits", "run_ids": ("story-a", "story-b"), "forget_count": 5, "blocks": 8, "epochs": 3},
+}
+QUICK = {
+    "reduce": ["--data", "digits", "--k", "50", "--starts", "40", "--workers", "2"],
+    "target": ["--train-size", "1000", "--steps", "200"],
+    "steal": ["--budgets", "50,150", "--seeds", "1", "--selectors", "drmi,random,cluster_centers",
+              "--pool-size", "500", "--test-size", "300", "--steps", "80", "--drmi-starts", "4", "--eps", "0.3"],
+    "story": {"data": "digits", "run_ids": ("story-a",), "forget_count": 3, "blocks": 4, "epochs": 1,
+              "train_size": 400, "heldout_size": 150},
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="run the main job on the embedded default (mnist5k, ./runs)")
-    parser.add_argument("--out", default="runs", help="folder for every artefact (default ./runs)")
+    parser = subparsers.add_parser(
+        "demo", help="the whole story on the embedded default: reduce, audit, train, forget, unlearn, verify"
+    )
+    parser.add_argument("--out", default="runs/demo", help="folder for every artefact (default ./runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a small version of every step (about 3 minutes)")
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    reduce_args = argparse.Namespace(
-        data="mnist5k", k=600, bins=256, normalize=False, starts=None, seed=0, out=args.out
-    )
-    return run_reduce(reduce_args)
+    root = Path(args.out).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    store_url = f"file://{root}"
+    settings = QUICK if args.quick else FULL
+    rows: list[dict[str, Any]] = []
+
+    _banner("1/3 reduce: the k least mutually informative images (DRMI)")
+    began = time.perf_counter()
+    code = cli_main(["reduce", *settings["reduce"], "--store", store_url])
+    rows.append(_row("reduce (DRMI)", began, code, f"{store_url}/reduce-*/summary.json"))
+
+    _banner("2/3 extraction audit: how well k label queries steal a LeNet-5 target")
+    began = time.perf_counter()
+    steal_out = root / "steal"
+    checkpoint = steal_out / "target.pt"
+    code_steal = 0 if checkpoint.exists() else cli_main(["target", "train", "--out", str(checkpoint), *settings["target"]])
+    if code_steal == 0:
+        code_steal = cli_main(["steal", "--target", str(checkpoint), "--out", str(steal_out), *settings["steal"]])
+    rows.append(_row("extraction audit", began, code_steal, str(steal_out / "steal.md")))
+
+    _banner("3/3 train two runs block by block, request a deletion, unlearn on the event, verify")
+    from flows.story import deletion_story
+
+    began = time.perf_counter()
+    story = deletion_story(f"{store_url}/service", **settings["story"])
+    story_ok = story["status"] == "done" and all(run["ids_gone"] for run in story["runs"].values())
+    rows.append(_row("train + forget + unlearn", began, 0 if story_ok else 1, story["ledger"]))
+
+    _print_story(story)
+    _print_summary(rows)
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def _row(step: str, began: float, code: int, where: str) -> dict[str, Any]:
+    return {"step": step, "seconds": time.perf_counter() - began, "ok": code == 0, "where": where}
+
+
+def _print_story(story: dict[str, Any]) -> None:
+    print(f"\ndeletion request {story['request_id']}: {story['status']}, ids {story['forgotten_ids']}")
+    latency = story.get("latency") or {}
+    if latency:
+        shown = ", ".join(f"{name} {value:.1f} s" for name, value in latency.items() if value is not None)
+        print(f"latency: {shown}")
+    print("| run | version | held-out acc before → after | blocks retrained | speed-up | consistency with naive (noise floor) | ids gone |")
+    print("|---|---|---|---|---|---|---|")
+    for run_id, run in story["runs"].items():
+        check = run.get("verification") or {}
+        consistency = check.get("consistency_with_naive")
+        floor = check.get("noise_floor_consistency")
+        shown = f"{consistency:.3f} ({floor:.3f})" if consistency is not None and floor is not None else "–"
+        speedup = run.get("speedup_vs_full_retrain")
+        print(
+            f"| {run_id} | {run['version_before']} → {run['version_after']} | "
+            f"{_pct(run['heldout_accuracy_before'])} → {_pct(run['heldout_accuracy_after'])} | "
+            f"{len(run['blocks_retrained'] or [])} | {f'{speedup:.2f}×' if speedup else '–'} | {shown} | "
+            f"{'yes' if run['ids_gone'] else 'NO'} |"
+        )
+
+
+def _print_summary(rows: list[dict[str, Any]]) -> None:
+    print("\n| step | result | seconds | report |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['step']} | {'ok' if row['ok'] else 'FAILED'} | {row['seconds']:.0f} | {row['where']} |")
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.1f} %" if value is not None else "–"
