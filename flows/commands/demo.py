@@ -27,8 +27,8 @@ QUICK = {
     "target": ["--train-size", "1000", "--steps", "200"],
     "steal": ["--budgets", "50,150", "--seeds", "1", "--selectors", "drmi,random,cluster_centers",
               "--pool-size", "500", "--test-size", "300", "--steps", "80", "--drmi-starts", "4", "--eps", "0.3"],
-    "story": {"data": "digits", "run_ids": ("story-a",), "forget_count": 3, "blocks": 4, "epochs": 1,
-              "train_size": 400, "heldout_size": 150},
+    "story": {"data": "digits", "run_ids": ("story-a",), "forget_count": 3, "blocks": 4, "epochs": 3,
+              "train_size": 600, "heldout_size": 200},
 }
 
 
@@ -42,6 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from flows.runtime import prefect_api
+
+    # One Prefect server for every step (started here when PREFECT_API_URL is unset).
+    with prefect_api() as api_url:
+        print(f"Prefect API: {api_url}", flush=True)
+        return _run_steps(args)
+
+
+def _run_steps(args: argparse.Namespace) -> int:
     root = Path(args.out).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     store_url = f"file://{root}"
