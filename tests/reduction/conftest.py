@@ -1,6 +1,6 @@
 """Real servers for the reduction tests, all on 127.0.0.1 and started here.
 
-* ``moto_endpoint``: a moto S3 server (the pattern s3fs's own suite uses), reset before each test.
+* ``s3_store``: a fresh bucket on the session's moto S3 server (``tests/conftest.py``), reset before each test.
 * ``ray_runtime``: one local Ray runtime for the session (``address="local"``, no dashboard).
 * ``prefect_harness``: Prefect's test harness (a temporary API server and database).
 
@@ -10,49 +10,11 @@ worker processes inherit them as real deployments would.
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 import uuid
 
 import pytest
 import requests
-
-_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SECURITY_TOKEN": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    previous = {name: os.environ.get(name) for name in [*_CREDENTIALS, "AWS_ENDPOINT_URL"]}
-    os.environ.update(_CREDENTIALS)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    yield endpoint
-    server.stop()
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
 
 @pytest.fixture
 def s3_store(moto_endpoint):
@@ -85,11 +47,13 @@ def ray_runtime(moto_endpoint):
 
     from flows.runtime import ensure_ray
 
-    started = not ray.is_initialized()
+    # A runtime left by an earlier test (an in-process CLI call) has workers started before the
+    # S3 endpoint was in the environment; start a fresh one that inherits it.
+    if ray.is_initialized():
+        ray.shutdown()
     ensure_ray(address="local", num_cpus=2)
     yield ray
-    if started:
-        ray.shutdown()
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Real servers for the service tests, all on 127.0.0.1 and started here.
 
-* ``moto_endpoint``: a moto S3 server for the session; ``s3_url`` gives each test a fresh bucket.
+* ``s3_url``: a fresh bucket on the session's moto S3 server (``tests/conftest.py``).
 * ``prefect_api_url``: a real ``prefect server start`` (events, triggers and schedules need one),
   through :func:`flows.runtime.prefect_api`.
 * ``ray_address``: one local Ray runtime (``address="local"``); its address is exported so
@@ -12,7 +12,6 @@ Credentials and endpoint are in the environment before Ray starts, so workers in
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -25,42 +24,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SECURITY_TOKEN": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    previous = {name: os.environ.get(name) for name in [*_CREDENTIALS, "AWS_ENDPOINT_URL"]}
-    os.environ.update(_CREDENTIALS)
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    yield endpoint
-    server.stop()
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
 @pytest.fixture
 def s3_url(moto_endpoint):
     import s3fs
@@ -89,6 +52,8 @@ def ray_address(moto_endpoint):
 
     previous = os.environ.get("RAY_ADDRESS")
     os.environ.pop("RAY_ADDRESS", None)
+    if ray.is_initialized():  # a runtime from earlier tests predates this session's S3 environment
+        ray.shutdown()
     ensure_ray(num_cpus=2)
     address = ray.get_runtime_context().gcs_address
     os.environ["RAY_ADDRESS"] = address
