@@ -171,15 +171,7 @@ class ObjectStore:
 
     def list(self, prefix: str = "") -> list[str]:
         """Committed keys under ``prefix`` (a folder-like prefix), sorted; half-written ones are hidden."""
-        prefix = _check_key(prefix, allow_empty=True)
-        base = self._path(prefix) if prefix else self._root
-        with _translated(self.uri(prefix)):
-            try:
-                found = self._fs.find(base)
-            except FileNotFoundError:
-                return []
-        root = self._root.rstrip("/") + "/"
-        names = {p[len(root):] if p.startswith(root) else p for p in (_strip(p, self._protocol) for p in found)}
+        names = set(self._names_under(prefix))
         keys = [
             name[: -len(COMMIT_SUFFIX)]
             for name in names
@@ -316,17 +308,8 @@ class ObjectStore:
 
     def list_pointers(self, prefix: str = "") -> list[str]:
         """Keys of the pointers under ``prefix`` (e.g. one per ledger entry), sorted."""
-        prefix = _check_key(prefix, allow_empty=True)
-        base = self._path(prefix) if prefix else self._root
-        with _translated(self.uri(prefix)):
-            try:
-                found = self._fs.find(base)
-            except FileNotFoundError:
-                return []
-        root = self._root.rstrip("/") + "/"
         keys = set()
-        for path in (_strip(p, self._protocol) for p in found):
-            relative = path[len(root):] if path.startswith(root) else path
+        for relative in self._names_under(prefix):
             parent, _, name = relative.rpartition("/")
             if parent and _POINTER_VERSION.match(name):
                 keys.add(parent)
@@ -343,6 +326,18 @@ class ObjectStore:
                 self._fs.makedirs(self._root, exist_ok=True)
 
     # ----- internals ---------------------------------------------------------------------------
+
+    def _names_under(self, prefix: str) -> list[str]:
+        """Every stored name under ``prefix`` (objects, commit records, pointer versions), relative to the root."""
+        prefix = _check_key(prefix, allow_empty=True)
+        base = self._path(prefix) if prefix else self._root
+        with _translated(self.uri(prefix)):
+            try:
+                found = self._fs.find(base)
+            except FileNotFoundError:
+                return []
+        root = self._root.rstrip("/") + "/"
+        return [p[len(root):] if p.startswith(root) else p for p in (_strip(p, self._protocol) for p in found)]
 
     @property
     def _fs(self) -> fsspec.AbstractFileSystem:
