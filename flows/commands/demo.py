@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="the whole story on the embedded default: reduce, audit, train, forget, unlearn, verify"
     )
     parser.add_argument("--out", default="runs/demo", help="folder for every artefact (default ./runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="a small version of every step (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a small version of every step (about a minute)")
     parser.set_defaults(handler=run_demo)
 
 
