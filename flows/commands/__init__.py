@@ -1,1 +1,0 @@
-"""One module per ``obliviate`` sub-command; each exposes ``register(subparsers)``."""
