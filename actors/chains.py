@@ -23,18 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from obliviate.blocks import BlockData, Chain, heldout_accuracy, make_block_plan, predict, train_chain
 from obliviate.data import load_dataset
-from obliviate.service import RunSpec, block_data, block_holdings, work_token
-from obliviate.unlearning import (
-    DeepObliviateOptions,
-    GuardrailResult,
-    Policy,
-    UnlearningRecord,
-    unlearn,
-    validate_deletion,
-)
-from obliviate.verification import consistency
+from obliviate.unlearning.chain import BlockData, Chain
+from obliviate.unlearning.deepobliviate import DeepObliviateOptions
+from obliviate.unlearning.exact import validate_deletion
+from obliviate.unlearning.plan import make_block_plan
+from obliviate.unlearning.policies import unlearn
+from obliviate.unlearning.records import GuardrailResult, Policy, UnlearningRecord
+from obliviate.unlearning.service import RunSpec, block_data, block_holdings, work_token
+from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain
+from obliviate.unlearning.verification import consistency
 from storage.errors import PointerConflict
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
@@ -143,18 +141,30 @@ class ChainWorker:
                 return {"run_id": run_id, "status": "not_trained", "started_at": started_at}
             todo = {rid: ids for rid, ids in requests.items() if rid not in current.applied_requests}
             if not todo:
-                return {"run_id": run_id, "status": "already_applied", "version": current.version,
-                        "requests": sorted(requests), "started_at": started_at}
+                return {
+                    "run_id": run_id,
+                    "status": "already_applied",
+                    "version": current.version,
+                    "requests": sorted(requests),
+                    "started_at": started_at,
+                }
             try:
-                audit = self._unlearn_from(current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon,
-                                           started_at=started_at)
+                audit = self._unlearn_from(
+                    current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon, started_at=started_at
+                )
                 return {**audit, "storage_retries": self.storage_retries - retries_before}
             except PointerConflict:
                 continue  # another publisher won: recompute from the newer version
         raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_PUBLISH_ATTEMPTS} attempts.")
 
     def _unlearn_from(
-        self, current: ModelVersion, todo: dict[str, list[int]], *, policy: Policy, verify: bool, epsilon: float,
+        self,
+        current: ModelVersion,
+        todo: dict[str, list[int]],
+        *,
+        policy: Policy,
+        verify: bool,
+        epsilon: float,
         started_at: float,
     ) -> dict[str, Any]:
         registry, run_id = self.registry, current.run_id
@@ -165,8 +175,12 @@ class ChainWorker:
         new_positions = np.asarray(sorted(set(positions.tolist()) - chain.deleted_ids), dtype=np.int64)
         base = {"run_id": run_id, "requests": sorted(todo), "from_version": current.version, "started_at": started_at}
         if new_positions.size == 0:
-            return {**base, "status": "nothing_to_forget", "version": current.version,
-                    "note": "every requested id this run trained on was already forgotten"}
+            return {
+                **base,
+                "status": "nothing_to_forget",
+                "version": current.version,
+                "note": "every requested id this run trained on was already forgotten",
+            }
         validate_deletion(chain, new_positions)
         data = self._block_data(spec)
         excluded = frozenset(chain.deleted_ids | set(new_positions.tolist()))
@@ -177,14 +191,25 @@ class ChainWorker:
         began = time.perf_counter()
         if policy is Policy.EXACT:
             new_chain, record, resumed_from = self._retrain_exact(
-                run_id, chain, data, excluded=excluded, token=token, first=first, last=last, members=members,
+                run_id,
+                chain,
+                data,
+                excluded=excluded,
+                token=token,
+                first=first,
+                last=last,
+                members=members,
                 new_ids=new_positions,
             )
         else:
             timings: list = []
             result = unlearn(
-                chain, new_positions.tolist(), data=data, policy=policy,
-                options=DeepObliviateOptions(epsilon=epsilon), sink=self._sink(run_id, token, timings, members),
+                chain,
+                new_positions.tolist(),
+                data=data,
+                policy=policy,
+                options=DeepObliviateOptions(epsilon=epsilon),
+                sink=self._sink(run_id, token, timings, members),
             )
             new_chain, record, resumed_from = result.chain, result.record, 0
         wall = time.perf_counter() - began
@@ -215,8 +240,9 @@ class ChainWorker:
             # Speed-up over retraining every block from scratch: training time of the whole chain (timed
             # when it was trained) over the training time of the retrained blocks; storage I/O and
             # loading are in wall_seconds, not here.
-            "speedup_vs_full_retrain": (train_seconds / record.retrain_seconds) if record.retrain_seconds > 0
-            and train_seconds > 0 else None,
+            "speedup_vs_full_retrain": (train_seconds / record.retrain_seconds)
+            if record.retrain_seconds > 0 and train_seconds > 0
+            else None,
             "theoretical_speedup": num_blocks / (num_blocks - first + 1),
             "heldout_accuracy": new_chain.final.heldout_accuracy,
             "previous_heldout_accuracy": chain.final.heldout_accuracy,
@@ -228,18 +254,35 @@ class ChainWorker:
             run_id,
             chain_name=token,
             members=members,
-            metadata={"chain": new_chain.manifest(), "metrics": metrics, "record": record.to_dict(),
-                      "audit": audit, "block_seconds": manifest.metadata.get("block_seconds")},
-            target={"applied_requests": [*current.applied_requests, *sorted(todo)], "deleted_ids": all_deleted,
-                    "metrics": metrics},
+            metadata={
+                "chain": new_chain.manifest(),
+                "metrics": metrics,
+                "record": record.to_dict(),
+                "audit": audit,
+                "block_seconds": manifest.metadata.get("block_seconds"),
+            },
+            target={
+                "applied_requests": [*current.applied_requests, *sorted(todo)],
+                "deleted_ids": all_deleted,
+                "metrics": metrics,
+            },
             expected_version=current.version,
         )
         audit.update(status="published", to_version=version.version, published_at=version.published_at)
         return audit
 
     def _retrain_exact(
-        self, run_id: str, chain: Chain, data: BlockData, *, excluded: frozenset[int], token: str, first: int,
-        last: int, members: dict[int, ObjectInfo], new_ids: np.ndarray,
+        self,
+        run_id: str,
+        chain: Chain,
+        data: BlockData,
+        *,
+        excluded: frozenset[int],
+        token: str,
+        first: int,
+        last: int,
+        members: dict[int, ObjectInfo],
+        new_ids: np.ndarray,
     ) -> tuple[Chain, UnlearningRecord, int]:
         """Exact unlearning (SPEC 5): retrain from M_{d-1} without the ids, resuming stored progress.
 
@@ -295,11 +338,17 @@ class ChainWorker:
         write = self.registry.checkpoint_sink(run_id, chain_name, seconds_of=seconds_of, written=members)
         return lambda checkpoint: self._io(lambda: write(checkpoint))
 
-    def _publish(self, run_id: str, *, chain_name: str, members, metadata, target, expected_version: int) -> ModelVersion:
+    def _publish(
+        self, run_id: str, *, chain_name: str, members, metadata, target, expected_version: int
+    ) -> ModelVersion:
         def attempt() -> ModelVersion:
             try:
                 return self.registry.publish(
-                    run_id, chain_name=chain_name, members=members, metadata=metadata, pointer_target=target,
+                    run_id,
+                    chain_name=chain_name,
+                    members=members,
+                    metadata=metadata,
+                    pointer_target=target,
                     expected_version=expected_version,
                 )
             except PointerConflict:

@@ -1,7 +1,7 @@
 """Ray-side work of the extraction audit: one (selector, budget, seed) cell per call.
 
 Plain code, made remote at the call site (``ray.remote(run_cell_task)``); each call is one
-call into :func:`obliviate.audit.run_cell`.
+call into :func:`obliviate.extraction.audit.run_cell`.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from obliviate.audit import run_cell
-from obliviate.selectors import Pool
-from obliviate.substitute import TrainConfig
-from obliviate.target import OutputMode, Target, open_backend
+from obliviate.extraction.audit import run_cell
+from obliviate.extraction.selectors import Pool
+from obliviate.extraction.substitute import TrainConfig
+from obliviate.extraction.target import OutputMode, Target, open_backend
 
 
 class AuditWorker:
@@ -59,9 +59,18 @@ class AuditWorker:
         attacker = Target(self.backend, budget=budget, output=OutputMode.LABELS)
         oracle = Target(self.backend, budget=None)
         cell = run_cell(
-            selector=selector, budget=budget, seed=seed, pool=self.pool, attacker=attacker, oracle=oracle,
-            test_images=self.test_images, test_labels=self.test_labels, train=train, eps=eps,
-            iterative=iterative, oracle_test_labels=self.oracle_test_labels,
+            selector=selector,
+            budget=budget,
+            seed=seed,
+            pool=self.pool,
+            attacker=attacker,
+            oracle=oracle,
+            test_images=self.test_images,
+            test_labels=self.test_labels,
+            train=train,
+            eps=eps,
+            iterative=iterative,
+            oracle_test_labels=self.oracle_test_labels,
         )
         return cell.to_dict() | {"query_calls": len(attacker.log), "queries_used": attacker.used}
 

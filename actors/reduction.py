@@ -12,9 +12,9 @@ from typing import Any
 import numba
 import numpy as np
 
-from obliviate.mi import prepare_images, mi_tile
-from obliviate.reduce import Aggregate, run_restarts
-from obliviate.tiling import TileSpec
+from obliviate.reduction.drmi import Aggregate, run_restarts
+from obliviate.reduction.mi import mi_tile, prepare_images
+from obliviate.reduction.tiling import TileSpec
 from storage.objects import ObjectStore
 from storage.tiles import TiledMatrix, tile_key
 
@@ -50,7 +50,7 @@ class MITileWorker:
         self._normalize = normalize
 
     def diagonal(self) -> np.ndarray:
-        """``I[x][x]``: the image entropies, or ones when normalised (as :func:`obliviate.mi.mi_matrix`)."""
+        """``I[x][x]``: the image entropies, or ones when normalised (as :func:`obliviate.reduction.mi.mi_matrix`)."""
         if self._normalize:
             return np.ones(self._prepared.n, dtype=np.float32)
         return self._prepared.entropy.astype(np.float32)
@@ -67,8 +67,13 @@ class MITileWorker:
         )
         seconds = time.perf_counter() - t0
         info = self._store.put_array(tile_key(self._prefix, tile), values)
-        return {"key": info.key, "sha256": info.sha256, "bytes": info.size, "compute_seconds": seconds,
-                "total_seconds": time.perf_counter() - t0}
+        return {
+            "key": info.key,
+            "sha256": info.sha256,
+            "bytes": info.size,
+            "compute_seconds": seconds,
+            "total_seconds": time.perf_counter() - t0,
+        }
 
 
 class RestartWorker:
@@ -127,9 +132,7 @@ class RestartWorker:
         records = run_restarts(source, k=k, starts=np.asarray(starts, dtype=np.int64), aggregate=aggregate)
         best = min(records, key=lambda r: (r.h, r.start))
         return {
-            "restarts": [
-                {"start": r.start, "h_greedy": r.h_greedy, "h": r.h, "swaps": r.swaps} for r in records
-            ],
+            "restarts": [{"start": r.start, "h_greedy": r.h_greedy, "h": r.h, "swaps": r.swaps} for r in records],
             "best_start": best.start,
             "best_h": best.h,
             "best_subset": np.sort(best.subset),

@@ -41,7 +41,7 @@ def write_result(name: str, *, headlines: list[dict], data: dict[str, Any], star
     payload = {
         "headline": headlines,
         "machine": started,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **data,
     }
     path = RESULTS / f"{name}.json"

@@ -14,13 +14,13 @@ Usage (from the repository root)::
 
     nice -n 10 python bench/extraction.py                      # the reported grid
     # what was committed: one process per split, then merged
-    nice -n 10 python bench/extraction.py --splits 0 --jacobian-seeds 1 --name extraction_parts/extraction_split0
-    nice -n 10 python bench/extraction.py --splits 0 --selectors jacobian_r2 --name extraction_parts/extraction_jr2_0
-    python bench/extraction.py --merge extraction_parts/extraction_split0,...,extraction_parts/extraction_jr2_2 --name extraction
-    nice -n 10 python bench/extraction.py --splits 3 --selectors random,cluster_centers,facility --name extraction_parts/extraction_confirm3
+    nice -n 10 python bench/extraction.py --splits 0 --jacobian-seeds 1 --name extraction/split0
+    nice -n 10 python bench/extraction.py --splits 0 --selectors jacobian_r2 --name extraction/jr2_0
+    python bench/extraction.py --merge extraction/split0,...,extraction/jr2_2 --name extraction
+    nice -n 10 python bench/extraction.py --splits 3 --selectors random,cluster_centers,facility --name extraction/confirm3
 
 Never tune on the reported splits: any selector chosen after seeing splits 0-2 is checked on
-fresh splits (3-5, ``extraction_confirm``).
+fresh splits (3-5, ``extraction/confirm``).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from obliviate.audit import SEED_BUDGETS, SEED_TABLE, run_cell, summarize  # noqa: E402
-from obliviate.data import load_dataset, stratified_split  # noqa: E402
-from obliviate.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, image_entropy  # noqa: E402
-from obliviate.substitute import TrainConfig, accuracy, train_classifier  # noqa: E402
-from obliviate.target import LocalTorchBackend, Target  # noqa: E402
+from obliviate.data import load_dataset, stratified_split
+from obliviate.extraction.audit import SEED_BUDGETS, SEED_TABLE, run_cell, summarize
+from obliviate.extraction.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, image_entropy
+from obliviate.extraction.substitute import TrainConfig, accuracy, train_classifier
+from obliviate.extraction.target import LocalTorchBackend, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Selector-major order, most important first, so a run cut short still has every budget for these.
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="extraction")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
-        "--merge", default="",
+        "--merge",
+        default="",
         help="comma-separated result names (e.g. one per split, run as parallel processes) to merge into --name",
     )
     args = p.parse_args(argv)
@@ -90,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     per_split = []
     for split in splits:
+
         def save_partial(info: dict) -> None:
-            _write(args.name, per_split + [info], args, budgets, selectors, eps, time.perf_counter() - t_start, final=False)
+            _write(
+                args.name, per_split + [info], args, budgets, selectors, eps, time.perf_counter() - t_start, final=False
+            )
 
         per_split.append(run_split(data, split, budgets, selectors, eps, sub_train, target_train, args, save_partial))
     _write(args.name, per_split, args, budgets, selectors, eps, time.perf_counter() - t_start, final=True)
@@ -139,9 +143,7 @@ def run_split(data, split, budgets, selectors, eps, sub_train, target_train, arg
     train_idx, pool_idx, test_idx = stratified_split(
         data.labels, sizes=(2000, 2000, 1000), rng=np.random.default_rng(split)
     )
-    target = train_classifier(
-        data.images[train_idx], data.labels[train_idx], config=target_train, seed=10_000 + split
-    )
+    target = train_classifier(data.images[train_idx], data.labels[train_idx], config=target_train, seed=10_000 + split)
     test_images, test_labels = data.images[test_idx], data.labels[test_idx]
     oracle = Target(LocalTorchBackend(target), budget=None)
     target_test = oracle.query(test_images)
@@ -161,8 +163,16 @@ def run_split(data, split, budgets, selectors, eps, sub_train, target_train, arg
                 cell_seed = 1000 * split + r
                 attacker = Target(LocalTorchBackend(target), budget=budget)
                 cell = run_cell(
-                    selector=sel, budget=budget, seed=cell_seed, pool=pool, attacker=attacker, oracle=oracle,
-                    test_images=test_images, test_labels=test_labels, train=sub_train, eps=eps,
+                    selector=sel,
+                    budget=budget,
+                    seed=cell_seed,
+                    pool=pool,
+                    attacker=attacker,
+                    oracle=oracle,
+                    test_images=test_images,
+                    test_labels=test_labels,
+                    train=sub_train,
+                    eps=eps,
                     oracle_test_labels=target_test,
                 )
                 if attacker.used != budget:
@@ -223,39 +233,64 @@ def _write(name, per_split, args, budgets, selectors, eps, seconds, *, final: bo
             r = by.get((sel, b))
             if r is None:
                 continue
-            headline.append({
-                "metric": f"{sel} substitute agreement with target, budget {b}",
-                "value": round(100 * r.agreement_mean, 2), "target": None, "better": "higher", "unit": "%",
-                "peer": f"random {100 * by[('random', b)].agreement_mean:.2f}" if ("random", b) in by else None,
-            })
+            headline.append(
+                {
+                    "metric": f"{sel} substitute agreement with target, budget {b}",
+                    "value": round(100 * r.agreement_mean, 2),
+                    "target": None,
+                    "better": "higher",
+                    "unit": "%",
+                    "peer": f"random {100 * by[('random', b)].agreement_mean:.2f}" if ("random", b) in by else None,
+                }
+            )
             if sel == "drmi" and b in SEED_BUDGETS:
                 i = SEED_BUDGETS.index(b)
-                headline.append({
-                    "metric": f"drmi substitute accuracy, budget {b}", "value": round(100 * r.accuracy_mean, 2),
-                    "target": SEED_TABLE["drmi"]["accuracy"][i], "better": "higher", "unit": "%",
-                    "peer": f"random {100 * by[('random', b)].accuracy_mean:.2f}" if ("random", b) in by else None,
-                })
+                headline.append(
+                    {
+                        "metric": f"drmi substitute accuracy, budget {b}",
+                        "value": round(100 * r.accuracy_mean, 2),
+                        "target": SEED_TABLE["drmi"]["accuracy"][i],
+                        "better": "higher",
+                        "unit": "%",
+                        "peer": f"random {100 * by[('random', b)].accuracy_mean:.2f}" if ("random", b) in by else None,
+                    }
+                )
     for sel, d in diffs.items():
-        headline.append({
-            "metric": f"{sel} beats random's mean agreement on splits x budgets", "value":
-            d["splits_x_budgets_won_on_agreement"], "target": "all", "better": "higher", "unit": "cells", "peer": "random",
-        })
+        headline.append(
+            {
+                "metric": f"{sel} beats random's mean agreement on splits x budgets",
+                "value": d["splits_x_budgets_won_on_agreement"],
+                "target": "all",
+                "better": "higher",
+                "unit": "cells",
+                "peer": "random",
+            }
+        )
     doc = {
         "headline": headline,
         "complete": final,
-        "config": vars(args) | {"budgets": budgets, "selectors": selectors, "eps": list(eps),
-                                "split_sizes": {"target_train": 2000, "pool": 2000, "test": 1000},
-                                "substitute": "lenet5, Adam lr 1e-3, batch 64, fixed steps",
-                                "default_selector": DEFAULT_SELECTOR},
+        "config": vars(args)
+        | {
+            "budgets": budgets,
+            "selectors": selectors,
+            "eps": list(eps),
+            "split_sizes": {"target_train": 2000, "pool": 2000, "test": 1000},
+            "substitute": "lenet5, Adam lr 1e-3, batch 64, fixed steps",
+            "default_selector": DEFAULT_SELECTOR,
+        },
         "seed_table": {"budgets": list(SEED_BUDGETS), **SEED_TABLE},
         "splits": [{k: v for k, v in info.items() if k != "cells"} for info in per_split],
         "summary": summary,
         "paired_vs_random_points": diffs,
         "cells": cells,
         "seconds": seconds,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1, default=float))
     (RESULTS / f"{name}.md").write_text(_markdown(doc, rows, budgets, eps))
@@ -275,11 +310,15 @@ def _markdown(doc: dict, rows, budgets: list[int], eps) -> str:
         f"# Model extraction on MNIST 5k ({len(splits)} splits; {'complete' if doc['complete'] else 'PARTIAL'})",
         "",
         "Target LeNet-5 on 2,000 images; accuracy on its 1,000 test images per split: "
-        + ", ".join(f"{100 * s['target_accuracy']:.2f} %" for s in splits) + ".",
-        f"Substitute LeNet-5, {doc['config']['sub_steps']} Adam steps; DRMI with {doc['config']['drmi_starts']} "
-        "seeded restarts. Percent, mean ± std over all runs (splits × subsets/seeds).",
+        + ", ".join(f"{100 * s['target_accuracy']:.2f} %" for s in splits)
+        + ".",
+        (
+            f"Substitute LeNet-5, {doc['config']['sub_steps']} Adam steps; DRMI with {doc['config']['drmi_starts']} "
+            "seeded restarts. Percent, mean ± std over all runs (splits × subsets/seeds)."
+        ),
         "",
-        "| selector | budget | runs | accuracy | agreement | " + " | ".join(f"FGSM ε={e}" for e in e_keys)
+        "| selector | budget | runs | accuracy | agreement | "
+        + " | ".join(f"FGSM ε={e}" for e in e_keys)
         + " | seed: DRMI acc / transfer | seed: Practical acc / transfer |",
         "|" + "---|" * (6 + len(e_keys) + 1),
     ]
@@ -294,24 +333,36 @@ def _markdown(doc: dict, rows, budgets: list[int], eps) -> str:
         )
     diffs = doc["paired_vs_random_points"]
     if diffs:
-        out += ["", "Paired agreement difference selector − random (points; random = mean of its subsets on the same split):", ""]
+        out += [
+            "",
+            "Paired agreement difference selector − random (points; random = mean of its subsets on the same split):",
+            "",
+        ]
         out.append("| selector | split | " + " | ".join(f"k={b}" for b in budgets) + " | wins |")
         out.append("|" + "---|" * (len(budgets) + 3))
         for sel, d in diffs.items():
             for s, row in zip(splits, d["agreement"]):
                 out.append(
-                    f"| {sel} | {s['split']} | " + " | ".join("–" if v is None else f"{v:+.2f}" for v in row)
+                    f"| {sel} | {s['split']} | "
+                    + " | ".join("–" if v is None else f"{v:+.2f}" for v in row)
                     + f" | {sum(1 for v in row if v is not None and v > 0)}/{len(row)} |"
                 )
-    out += ["", "Mean gray-level entropy of the bought images (nats) and class histogram (queried labels, mean over runs):", ""]
+    out += [
+        "",
+        "Mean gray-level entropy of the bought images (nats) and class histogram (queried labels, mean over runs):",
+        "",
+    ]
     out.append("| selector | budget | mean entropy | histogram 0..9 |")
     out.append("|---|---|---|---|")
     out.append(
         f"| pool | 2000 | {np.mean([s['pool_mean_entropy'] for s in splits]):.3f} | "
-        + " ".join(str(v) for v in splits[0]["pool_class_histogram"]) + " |"
+        + " ".join(str(v) for v in splits[0]["pool_class_histogram"])
+        + " |"
     )
     for r in rows:
-        out.append(f"| {r.selector} | {r.budget} | {r.mean_entropy:.3f} | {' '.join(f'{v:g}' for v in r.class_histogram)} |")
+        out.append(
+            f"| {r.selector} | {r.budget} | {r.mean_entropy:.3f} | {' '.join(f'{v:g}' for v in r.class_histogram)} |"
+        )
     return "\n".join(out) + "\n"
 
 

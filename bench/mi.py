@@ -15,10 +15,10 @@ import numpy as np
 from sklearn.metrics import mutual_info_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import headline, machine, write_result  # noqa: E402
+from _common import headline, machine, write_result
 
-from obliviate.data import load_dataset  # noqa: E402
-from obliviate.mi import mi_tile, prepare_images, quantize  # noqa: E402
+from obliviate.data import load_dataset
+from obliviate.reduction.mi import mi_tile, prepare_images, quantize
 
 PAIRS_60K = 60_000 * 59_999 / 2
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import headline, machine, write_result  # noqa: E402
+from _common import headline, machine, write_result
 
-from obliviate.data import load_dataset  # noqa: E402
-from obliviate.mi import mi_matrix  # noqa: E402
-from obliviate.partitioned import partitioned_reduce  # noqa: E402
-from obliviate.reduce import drmi_reduce, subset_cost  # noqa: E402
+from obliviate.data import load_dataset
+from obliviate.reduction.drmi import drmi_reduce, subset_cost
+from obliviate.reduction.mi import mi_matrix
+from obliviate.reduction.partitioned import partitioned_reduce
 
 K = 600
 

@@ -7,7 +7,7 @@ One command, about 5-8 minutes on 2 cores:
 On n = 5,000 real MNIST images (mnist5k), k = 600, one restart per image (the SPEC default), it
 measures in the same process and run:
 
-* in-process: :func:`obliviate.mi.mi_matrix` then :func:`obliviate.reduce.drmi_reduce` with numba
+* in-process: :func:`obliviate.reduction.mi.mi_matrix` then :func:`obliviate.reduction.drmi.drmi_reduce` with numba
   limited to 1 thread, and again with 2 threads (equal total threads to 1 and 2 workers);
 * the ``reduce`` flow on a local Ray runtime with a real Prefect server, 1 and 2 workers of one
   numba thread each, every run on a fresh store (no tile reuse).
@@ -40,9 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from obliviate.data import load_dataset  # noqa: E402
-from obliviate.mi import mi_matrix  # noqa: E402
-from obliviate.reduce import drmi_reduce  # noqa: E402
+from obliviate.data import load_dataset
+from obliviate.reduction.drmi import drmi_reduce
+from obliviate.reduction.mi import mi_matrix
 
 
 def _load() -> list[float]:
@@ -58,13 +58,18 @@ def in_process(images: np.ndarray, *, k: int, threads: int) -> dict:
     result = drmi_reduce(matrix, k=k)
     t2 = time.perf_counter()
     return {
-        "tile_seconds": t1 - t0, "restart_seconds": t2 - t1, "total_seconds": t2 - t0, "h": result.h,
-        "subset": result.subset.tolist(), "load_before": load_before, "load_after": _load(),
+        "tile_seconds": t1 - t0,
+        "restart_seconds": t2 - t1,
+        "total_seconds": t2 - t0,
+        "h": result.h,
+        "subset": result.subset.tolist(),
+        "load_before": load_before,
+        "load_after": _load(),
     }
 
 
 def distributed(data_path: str, *, k: int, workers: int, workdir: Path) -> dict:
-    from flows.reduce_flow import reduce_flow
+    from flows.reduce import reduce_flow
 
     store = Path(tempfile.mkdtemp(dir=workdir))
     load_before = _load()
@@ -74,18 +79,26 @@ def distributed(data_path: str, *, k: int, workers: int, workdir: Path) -> dict:
     subset = np.load(store / summary["result_key"] / "subset.npy").tolist()
     shutil.rmtree(store, ignore_errors=True)
     return {
-        "tile_seconds": summary["tile_seconds"], "restart_seconds": summary["restart_seconds"],
-        "total_seconds": total, "flow_seconds": summary["flow_seconds"], "h": summary["h"], "subset": subset,
-        "tiles_computed": summary["tiles_computed"], "restart_mode": summary["restart_mode"],
-        "load_before": load_before, "load_after": _load(),
+        "tile_seconds": summary["tile_seconds"],
+        "restart_seconds": summary["restart_seconds"],
+        "total_seconds": total,
+        "flow_seconds": summary["flow_seconds"],
+        "h": summary["h"],
+        "subset": subset,
+        "tiles_computed": summary["tiles_computed"],
+        "restart_mode": summary["restart_mode"],
+        "load_before": load_before,
+        "load_after": _load(),
     }
 
 
 def best(runs: list[dict]) -> dict:
     keys = ["tile_seconds", "restart_seconds", "total_seconds"]
     out = {key: round(min(r[key] for r in runs), 3) for key in keys}
-    out["runs"] = [{**{key: round(r[key], 3) for key in keys}, "load_before": r["load_before"],
-                    "load_after": r["load_after"]} for r in runs]
+    out["runs"] = [
+        {**{key: round(r[key], 3) for key in keys}, "load_before": r["load_before"], "load_after": r["load_after"]}
+        for r in runs
+    ]
     return out
 
 
@@ -128,12 +141,17 @@ def main() -> None:
             ]:
                 outcome = run()
                 results[name].append(outcome)
-                print(f"[{repeat}] {name}: tiles {outcome['tile_seconds']:.2f}s restarts {outcome['restart_seconds']:.2f}s "
-                      f"total {outcome['total_seconds']:.2f}s load {outcome['load_before']}", file=sys.stderr)
+                print(
+                    f"[{repeat}] {name}: tiles {outcome['tile_seconds']:.2f}s restarts {outcome['restart_seconds']:.2f}s "
+                    f"total {outcome['total_seconds']:.2f}s load {outcome['load_before']}",
+                    file=sys.stderr,
+                )
     shutil.rmtree(workdir, ignore_errors=True)
 
     reference = results["inproc_1t"][0]
-    identical = all(r["h"] == reference["h"] and r["subset"] == reference["subset"] for rs in results.values() for r in rs)
+    identical = all(
+        r["h"] == reference["h"] and r["subset"] == reference["subset"] for rs in results.values() for r in rs
+    )
     table = {name: best(runs) for name, runs in results.items()}
     f1, f2, i1, i2 = table["flow_1w"], table["flow_2w"], table["inproc_1t"], table["inproc_2t"]
 
@@ -144,21 +162,51 @@ def main() -> None:
         return round((flow - local) / local, 3)
 
     headline = [
-        {"metric": "tile stage parallel efficiency, 2 Ray workers", "value": eff(f1["tile_seconds"], f2["tile_seconds"]),
-         "target": 0.85, "better": "higher", "unit": "ratio", "peer": None},
-        {"metric": "restart stage parallel efficiency, 2 Ray workers",
-         "value": eff(f1["restart_seconds"], f2["restart_seconds"]), "target": 0.85, "better": "higher",
-         "unit": "ratio", "peer": None},
-        {"metric": "orchestration overhead, whole flow 1 worker vs in-process 1 thread",
-         "value": overhead(f1["total_seconds"], i1["total_seconds"]), "target": 0.10, "better": "lower",
-         "unit": "fraction of in-process", "peer": f"in-process {i1['total_seconds']:.2f} s"},
-        {"metric": "flow wall time, 2 workers (n=5000, k=600, all starts)", "value": f2["total_seconds"],
-         "target": None, "better": "lower", "unit": "s", "peer": f"in-process 2 threads {i2['total_seconds']:.2f} s"},
+        {
+            "metric": "tile stage parallel efficiency, 2 Ray workers",
+            "value": eff(f1["tile_seconds"], f2["tile_seconds"]),
+            "target": 0.85,
+            "better": "higher",
+            "unit": "ratio",
+            "peer": None,
+        },
+        {
+            "metric": "restart stage parallel efficiency, 2 Ray workers",
+            "value": eff(f1["restart_seconds"], f2["restart_seconds"]),
+            "target": 0.85,
+            "better": "higher",
+            "unit": "ratio",
+            "peer": None,
+        },
+        {
+            "metric": "orchestration overhead, whole flow 1 worker vs in-process 1 thread",
+            "value": overhead(f1["total_seconds"], i1["total_seconds"]),
+            "target": 0.10,
+            "better": "lower",
+            "unit": "fraction of in-process",
+            "peer": f"in-process {i1['total_seconds']:.2f} s",
+        },
+        {
+            "metric": "flow wall time, 2 workers (n=5000, k=600, all starts)",
+            "value": f2["total_seconds"],
+            "target": None,
+            "better": "lower",
+            "unit": "s",
+            "peer": f"in-process 2 threads {i2['total_seconds']:.2f} s",
+        },
     ]
     report = {
         "headline": headline,
-        "config": {"n": len(data), "k": args.k, "starts": "all", "bins": 256, "tile_size": 512, "repeats": args.repeats,
-                   "data": "mnist5k (real MNIST)", "numba_threads_per_worker": 1},
+        "config": {
+            "n": len(data),
+            "k": args.k,
+            "starts": "all",
+            "bins": 256,
+            "tile_size": 512,
+            "repeats": args.repeats,
+            "data": "mnist5k (real MNIST)",
+            "numba_threads_per_worker": 1,
+        },
         "results": table,
         "derived": {
             "tile_efficiency_2w": eff(f1["tile_seconds"], f2["tile_seconds"]),

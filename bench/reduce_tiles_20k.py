@@ -7,7 +7,7 @@ pixels right, down, and up-left with zero fill (labels unchanged). No image is s
 quarters are translated copies, which keeps pixel statistics and the sparsity the MI kernel
 relies on. The flow computes and stores all upper-triangle tiles on a local Ray runtime
 (``tiles_only``); then one row band and the diagonal block are read back from storage and
-compared with the in-process :func:`obliviate.mi.mi_tile` on the same images. The full 20,000 x
+compared with the in-process :func:`obliviate.reduction.mi.mi_tile` on the same images. The full 20,000 x
 20,000 matrix (1.6 GB) is never held by any process. Finally the n = 60,000 plan (tile count,
 bytes, per-worker memory, time estimate at the throughput measured here) is computed without
 computing anything.
@@ -33,9 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from obliviate.data import load_dataset  # noqa: E402
-from obliviate.mi import mi_tile, prepare_images  # noqa: E402
-from obliviate.tiling import plan_report  # noqa: E402
+from obliviate.data import load_dataset
+from obliviate.reduction.mi import mi_tile, prepare_images
+from obliviate.reduction.tiling import plan_report
 
 
 def shifted(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from flows.reduce_flow import reduce_flow
+    from flows.reduce import reduce_flow
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
     from storage.objects import ObjectStore
     from storage.tiles import TiledMatrix, matrix_prefix
@@ -80,8 +80,14 @@ def main() -> None:
     with prefect_api(home=workdir / "prefect"):
         ensure_ray(address="local", num_cpus=args.workers)
         t0 = time.perf_counter()
-        summary = reduce_flow(data=str(data_path), k=600, store_url=store_url, workers=args.workers,
-                              tile_size=args.tile_size, tiles_only=True)
+        summary = reduce_flow(
+            data=str(data_path),
+            k=600,
+            store_url=store_url,
+            workers=args.workers,
+            tile_size=args.tile_size,
+            tiles_only=True,
+        )
         wall = time.perf_counter() - t0
     load_after = [round(x, 2) for x in os.getloadavg()]
 
@@ -103,18 +109,40 @@ def main() -> None:
     plan_60k = plan_report(n=60000, tile_size=2048, k=600, workers=16, pairs_per_second=pairs_per_second)
     report = {
         "headline": [
-            {"metric": f"tile stage wall time, n={args.n}, {summary['workers']} Ray workers",
-             "value": summary["tile_seconds"], "target": None, "better": "lower", "unit": "s", "peer": None},
-            {"metric": "stored tiles equal in-process mi_tile (64-row band spot check)",
-             "value": int(spot_check_equal), "target": 1, "better": "higher", "unit": "bool", "peer": None},
-            {"metric": "n=60000 tile count (plan only)", "value": plan_60k["tiles"], "target": None,
-             "better": "lower", "unit": "tiles", "peer": None},
+            {
+                "metric": f"tile stage wall time, n={args.n}, {summary['workers']} Ray workers",
+                "value": summary["tile_seconds"],
+                "target": None,
+                "better": "lower",
+                "unit": "s",
+                "peer": None,
+            },
+            {
+                "metric": "stored tiles equal in-process mi_tile (64-row band spot check)",
+                "value": int(spot_check_equal),
+                "target": 1,
+                "better": "higher",
+                "unit": "bool",
+                "peer": None,
+            },
+            {
+                "metric": "n=60000 tile count (plan only)",
+                "value": plan_60k["tiles"],
+                "target": None,
+                "better": "lower",
+                "unit": "tiles",
+                "peer": None,
+            },
         ],
         "data": "mnist5k real MNIST + 3 shifted copies (2 px right, 2 px down, 2 px up-left; zero fill)",
-        "tile_stage": {**summary, "wall_seconds": round(wall, 3), "disk_bytes": disk_bytes,
-                       "pairs_per_second_per_worker": round(pairs_per_second),
-                       "max_process_matrix_bytes": args.tile_size * args.n * 4,
-                       "full_matrix_bytes": args.n * args.n * 4},
+        "tile_stage": {
+            **summary,
+            "wall_seconds": round(wall, 3),
+            "disk_bytes": disk_bytes,
+            "pairs_per_second_per_worker": round(pairs_per_second),
+            "max_process_matrix_bytes": args.tile_size * args.n * 4,
+            "full_matrix_bytes": args.n * args.n * 4,
+        },
         "spot_check_equal": spot_check_equal,
         "plan_60k": plan_60k,
         "load_before": load_before,

@@ -15,11 +15,11 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import headline, machine, write_result  # noqa: E402
+from _common import headline, machine, write_result
 
-from obliviate.data import load_dataset  # noqa: E402
-from obliviate.mi import mi_matrix  # noqa: E402
-from obliviate.reduce import drmi_reduce, run_restarts  # noqa: E402
+from obliviate.data import load_dataset
+from obliviate.reduction.drmi import drmi_reduce, run_restarts
+from obliviate.reduction.mi import mi_matrix
 
 
 def numpy_restart(matrix: np.ndarray, start: int, k: int) -> float:

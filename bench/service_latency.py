@@ -26,22 +26,32 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.chains import ChainWorker  # noqa: E402
-from flows.deletion import submit_deletion, wait_for_request  # noqa: E402
-from flows.story import request_latencies, serving  # noqa: E402
-from flows.train_flow import run_spec, worker_pool  # noqa: E402
-from flows.unlearn_flow import reconcile_flow  # noqa: E402
-from storage.objects import ObjectStore  # noqa: E402
-from storage.registry import RunRegistry  # noqa: E402
+from actors.chains import ChainWorker
+from flows.cli.story import request_latencies, serving
+from flows.reconcile import reconcile_flow
+from flows.train import run_spec, worker_pool
+from flows.unlearn import submit_deletion, wait_for_request
+from storage.objects import ObjectStore
+from storage.registry import RunRegistry
 
 RESULTS = Path(__file__).resolve().parent / "results" / "service_latency.json"
-SMALL = dict(data="digits", model="lenet5", blocks=6, epochs=3, batch_size=32, learning_rate=0.01, schedule="constant",
-             seed=0, train_size=1200, heldout_size=300)
+SMALL = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 6,
+    "epochs": 3,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "seed": 0,
+    "train_size": 1200,
+    "heldout_size": 300,
+}
 # Fan-out workloads: the small one (about 1 s of training per run on an idle core), and a heavier
 # one (5x the epochs) where fixed per-run costs (loading data and checkpoints) weigh less.
 FANOUT = {**SMALL, "epochs": 8, "batch_size": 16}
@@ -65,13 +75,24 @@ def measure_latency(root: Path, api_url: str, repeats: int) -> dict:
             entry = wait_for_request(url, request["request_id"], timeout_s=300)
             assert entry["status"] == "done", entry
             audit = entry["details"]["runs"]["small"]
-            samples.append({**request_latencies(url, request["request_id"]), "request_id": request["request_id"],
-                            "first_affected_block": audit["first_affected_block"],
-                            "worker_wall_s": audit["wall_seconds"], "to_version": audit["to_version"]})
+            samples.append(
+                {
+                    **request_latencies(url, request["request_id"]),
+                    "request_id": request["request_id"],
+                    "first_affected_block": audit["first_affected_block"],
+                    "worker_wall_s": audit["wall_seconds"],
+                    "to_version": audit["to_version"],
+                }
+            )
         log_path = process.log_path
-    return {"samples": samples, "serve_log": log_path,
-            "median": {k: statistics.median(s[k] for s in samples) for k in
-                       ("event_to_unlearning_start_s", "event_to_worker_start_s", "end_to_end_s")}}
+    return {
+        "samples": samples,
+        "serve_log": log_path,
+        "median": {
+            k: statistics.median(s[k] for s in samples)
+            for k in ("event_to_unlearning_start_s", "event_to_worker_start_s", "end_to_end_s")
+        },
+    }
 
 
 def measure_fanout(root: Path, workers: int, options: dict, tag: str) -> dict:
@@ -125,29 +146,66 @@ def main() -> None:
     median = latency["median"]
     out = {
         "headline": [
-            {"metric": "event_to_unlearning_start_s (median, flow claims the request)",
-             "value": round(median["event_to_unlearning_start_s"], 2), "target": 10, "better": "lower", "unit": "s",
-             "peer": None},
-            {"metric": "event_to_worker_start_s (median, Ray worker starts retraining)",
-             "value": round(median["event_to_worker_start_s"], 2), "target": 10, "better": "lower", "unit": "s",
-             "peer": None},
-            {"metric": "end_to_end_deletion_latency_s (median, one small model: LeNet-5/digits, 6 blocks)",
-             "value": round(median["end_to_end_s"], 2), "target": None, "better": "lower", "unit": "s", "peer": None},
-            {"metric": "fanout_efficiency_2_runs_2_workers", "value": round(efficiency, 3), "target": 0.85,
-             "better": "higher", "unit": "fraction",
-             "peer": f"same 2 unlearnings on 1 worker: {fan1['fanout_seconds']:.1f} s vs {fan2['fanout_seconds']:.1f} s on 2"},
-            {"metric": "fanout_efficiency_2_runs_2_workers_heavier_runs (5x epochs)", "value": round(heavy_efficiency, 3),
-             "target": 0.85, "better": "higher", "unit": "fraction",
-             "peer": f"1 worker: {heavy1['fanout_seconds']:.1f} s vs {heavy2['fanout_seconds']:.1f} s on 2"},
+            {
+                "metric": "event_to_unlearning_start_s (median, flow claims the request)",
+                "value": round(median["event_to_unlearning_start_s"], 2),
+                "target": 10,
+                "better": "lower",
+                "unit": "s",
+                "peer": None,
+            },
+            {
+                "metric": "event_to_worker_start_s (median, Ray worker starts retraining)",
+                "value": round(median["event_to_worker_start_s"], 2),
+                "target": 10,
+                "better": "lower",
+                "unit": "s",
+                "peer": None,
+            },
+            {
+                "metric": "end_to_end_deletion_latency_s (median, one small model: LeNet-5/digits, 6 blocks)",
+                "value": round(median["end_to_end_s"], 2),
+                "target": None,
+                "better": "lower",
+                "unit": "s",
+                "peer": None,
+            },
+            {
+                "metric": "fanout_efficiency_2_runs_2_workers",
+                "value": round(efficiency, 3),
+                "target": 0.85,
+                "better": "higher",
+                "unit": "fraction",
+                "peer": f"same 2 unlearnings on 1 worker: {fan1['fanout_seconds']:.1f} s vs {fan2['fanout_seconds']:.1f} s on 2",
+            },
+            {
+                "metric": "fanout_efficiency_2_runs_2_workers_heavier_runs (5x epochs)",
+                "value": round(heavy_efficiency, 3),
+                "target": 0.85,
+                "better": "higher",
+                "unit": "fraction",
+                "peer": f"1 worker: {heavy1['fanout_seconds']:.1f} s vs {heavy2['fanout_seconds']:.1f} s on 2",
+            },
         ],
         "latency": latency,
         "fanout": {"one_worker": fan1, "two_workers": fan2, "efficiency": efficiency},
         "fanout_heavy": {"one_worker": heavy1, "two_workers": heavy2, "efficiency": heavy_efficiency},
-        "config": {"small": SMALL, "fanout": FANOUT, "fanout_heavy": FANOUT_HEAVY, "store": "file:// (embedded default)", "repeats": args.repeats},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                    "note": "2 cores shared with other jobs; load averages show the contention"},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": {
+            "small": SMALL,
+            "fanout": FANOUT,
+            "fanout_heavy": FANOUT_HEAVY,
+            "store": "file:// (embedded default)",
+            "repeats": args.repeats,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "note": "2 cores shared with other jobs; load averages show the contention",
+        },
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2, default=str))

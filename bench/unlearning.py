@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -41,11 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from obliviate.blocks import BlockData, BlockTrainingConfig, predict, state_l1, train_chain
 from obliviate.data import load_dataset, stratified_split
-from obliviate.sisa import SisaConfig, train_sisa, unlearn_sisa
-from obliviate.unlearning import ChainRetrainer, DeepObliviateOptions, unlearn_deepobliviate, unlearn_exact
-from obliviate.verification import attack_success_rate, choose_backdoor_ids, consistency, mean_loss, poison
+from obliviate.unlearning.chain import BlockData, state_l1
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.deepobliviate import DeepObliviateOptions, unlearn_deepobliviate
+from obliviate.unlearning.exact import ChainRetrainer, unlearn_exact
+from obliviate.unlearning.sisa import SisaConfig, train_sisa, unlearn_sisa
+from obliviate.unlearning.trainer import predict, train_chain
+from obliviate.unlearning.verification import attack_success_rate, choose_backdoor_ids, consistency, mean_loss, poison
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -67,10 +71,23 @@ def _draws(plan, *, sizes, windows, rng) -> list[dict]:
         for k in range(windows):
             lo, hi = k * num_blocks // windows + 1, (k + 1) * num_blocks // windows
             pool = np.concatenate([plan.block_ids(b) for b in range(lo, hi + 1)])
-            draws.append({"kind": "windowed", "size": size, "window": [lo, hi], "ids": np.sort(rng.choice(pool, size, replace=False))})
+            draws.append(
+                {
+                    "kind": "windowed",
+                    "size": size,
+                    "window": [lo, hi],
+                    "ids": np.sort(rng.choice(pool, size, replace=False)),
+                }
+            )
         if size > 1:
-            draws.append({"kind": "scattered", "size": size, "window": [1, num_blocks],
-                          "ids": np.sort(rng.choice(plan.num_samples, size, replace=False))})
+            draws.append(
+                {
+                    "kind": "scattered",
+                    "size": size,
+                    "window": [1, num_blocks],
+                    "ids": np.sort(rng.choice(plan.num_samples, size, replace=False)),
+                }
+            )
     return draws
 
 
@@ -78,7 +95,9 @@ def do_variants(epsilons) -> dict[str, DeepObliviateOptions]:
     """DeepObliviate settings measured: the spec's rule at each ε with the default b >= 0 fit, and the
     smallest ε with an unconstrained b (the literal least-squares fit), to show what the floor does."""
     out = {f"deepobliviate_eps{e}": DeepObliviateOptions(epsilon=e) for e in epsilons}
-    out[f"deepobliviate_eps{min(epsilons)}_freeb"] = DeepObliviateOptions(epsilon=min(epsilons), nonnegative_floor=False)
+    out[f"deepobliviate_eps{min(epsilons)}_freeb"] = DeepObliviateOptions(
+        epsilon=min(epsilons), nonnegative_floor=False
+    )
     return out
 
 
@@ -102,31 +121,54 @@ def _model_figures(predictor, state, *, naive_pred, naive_state, test, x_del, y_
 _SISA_CACHE: dict = {}
 
 
-def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, backdoor_count, epsilons, local_epochs, log):
+def run_config(
+    *, num_blocks, schedule, train, val, test_ds, sizes, windows, backdoor_count, epsilons, local_epochs, log
+):
     config = BlockTrainingConfig(
-        model="lenet5", num_blocks=num_blocks, local_epochs=local_epochs, batch_size=32, optimizer="sgd",
-        learning_rate=0.02, momentum=0.9, schedule=schedule, min_lr_fraction=0.0, seed=SEED,
+        model="lenet5",
+        num_blocks=num_blocks,
+        local_epochs=local_epochs,
+        batch_size=32,
+        optimizer="sgd",
+        learning_rate=0.02,
+        momentum=0.9,
+        schedule=schedule,
+        min_lr_fraction=0.0,
+        seed=SEED,
         accuracy_every=max(num_blocks // 10, 1),
     )
     test = {"x": BlockData(train=test_ds, heldout=test_ds).x_heldout, "y": torch.from_numpy(test_ds.labels.copy())}
     clean = BlockData(train=train, heldout=val)
     chain, chain_seconds, _ = _time(lambda: train_chain(config=config, data=clean))
-    sisa_config = SisaConfig(base=replace(config, num_blocks=1, schedule="constant", accuracy_every=1),
-                             num_shards=5, num_slices=4, epochs_per_slice=local_epochs)
+    sisa_config = SisaConfig(
+        base=replace(config, num_blocks=1, schedule="constant", accuracy_every=1),
+        num_shards=5,
+        num_slices=4,
+        epochs_per_slice=local_epochs,
+    )
     # SISA (constant rate, see SisaConfig) depends on neither B nor the chain's schedule, and the
     # draws of a given B are the same for both schedules: its training and unlearning are measured
     # once and reused.
     if "clean" not in _SISA_CACHE:
         _SISA_CACHE["clean"] = _time(lambda: train_sisa(sisa_config, clean))
     sisa, sisa_seconds, _ = _SISA_CACHE["clean"]
-    log(f"B={num_blocks} {schedule}: chain {chain_seconds:.1f}s acc {chain.final.heldout_accuracy:.3f}, SISA {sisa_seconds:.1f}s")
+    log(
+        f"B={num_blocks} {schedule}: chain {chain_seconds:.1f}s acc {chain.final.heldout_accuracy:.3f}, SISA {sisa_seconds:.1f}s"
+    )
 
     rng = np.random.default_rng((SEED, num_blocks))
     draws = _draws(chain.plan, sizes=sizes, windows=windows, rng=rng)
     contexts = {"clean": (clean, chain, sisa, None)}
     if backdoor_count:
-        ids = choose_backdoor_ids(train.labels, chain.plan, count=backdoor_count, target_class=TARGET_CLASS,
-                                  first_block=1, last_block=num_blocks, rng=rng)
+        ids = choose_backdoor_ids(
+            train.labels,
+            chain.plan,
+            count=backdoor_count,
+            target_class=TARGET_CLASS,
+            first_block=1,
+            last_block=num_blocks,
+            rng=rng,
+        )
         poisoned_train, backdoor = poison(train, chain.plan, ids, target_class=TARGET_CLASS)
         poisoned = BlockData(train=poisoned_train, heldout=val)
         poisoned_chain = train_chain(config=config, data=poisoned, plan=chain.plan)
@@ -134,35 +176,62 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
             _SISA_CACHE[("poisoned", num_blocks)] = train_sisa(sisa_config, poisoned)
         poisoned_sisa = _SISA_CACHE[("poisoned", num_blocks)]
         contexts["backdoor"] = (poisoned, poisoned_chain, poisoned_sisa, backdoor)
-        draws.append({"kind": "backdoor", "size": int(ids.size), "window": [1, num_blocks], "ids": ids,
-                      "placement": backdoor.placement()})
+        draws.append(
+            {
+                "kind": "backdoor",
+                "size": int(ids.size),
+                "window": [1, num_blocks],
+                "ids": ids,
+                "placement": backdoor.placement(),
+            }
+        )
 
     rows = []
     for number, draw in enumerate(draws):
         data, base_chain, base_sisa, backdoor = contexts["backdoor" if draw["kind"] == "backdoor" else "clean"]
         ids = [int(i) for i in draw["ids"]]
         naive, naive_seconds, naive_cpu = _time(
-            lambda: train_chain(config=config, data=data, plan=base_chain.plan, excluded_ids=ids)
+            functools.partial(train_chain, config=config, data=data, plan=base_chain.plan, excluded_ids=ids)
         )
         naive_model, original_model = naive.model(), base_chain.model()
-        naive_pred, original_pred = predict(naive_model, test["x"]), predict(original_model, test["x"])
+        naive_pred, _original_pred = predict(naive_model, test["x"]), predict(original_model, test["x"])
         x_del, y_del = data.x_train[ids], data.y_train[ids]
-        common = {"naive_pred": naive_pred, "naive_state": naive.final.model_state, "test": test, "x_del": x_del, "y_del": y_del}
+        common = {
+            "naive_pred": naive_pred,
+            "naive_state": naive.final.model_state,
+            "test": test,
+            "x_del": x_del,
+            "y_del": y_del,
+        }
         row = {
-            "draw": number, "kind": draw["kind"], "size": draw["size"], "window": draw["window"],
+            "draw": number,
+            "kind": draw["kind"],
+            "size": draw["size"],
+            "window": draw["window"],
             "first_affected_block": int(base_chain.plan.block_of(ids).min()),
             "last_affected_block": int(base_chain.plan.block_of(ids).max()),
             "naive_seconds": naive_seconds,
             "naive_cpu_seconds": naive_cpu,
-            "naive": {"accuracy": consistency(naive_pred, test["y"]), "deleted_loss": mean_loss(naive_model, x_del, y_del)},
-            "original": _model_figures(lambda x: predict(original_model, x), base_chain.final.model_state,
-                                       model_for_loss=original_model, **common),
+            "naive": {
+                "accuracy": consistency(naive_pred, test["y"]),
+                "deleted_loss": mean_loss(naive_model, x_del, y_del),
+            },
+            "original": _model_figures(
+                functools.partial(predict, original_model),
+                base_chain.final.model_state,
+                model_for_loss=original_model,
+                **common,
+            ),
             "policies": {},
         }
         if backdoor is not None:
             row["placement"] = draw["placement"]
-            row["naive"]["attack_success_rate"] = attack_success_rate(lambda x: predict(naive_model, x), test_ds, target_class=TARGET_CLASS)
-            row["original"]["attack_success_rate"] = attack_success_rate(lambda x: predict(original_model, x), test_ds, target_class=TARGET_CLASS)
+            row["naive"]["attack_success_rate"] = attack_success_rate(
+                functools.partial(predict, naive_model), test_ds, target_class=TARGET_CLASS
+            )
+            row["original"]["attack_success_rate"] = attack_success_rate(
+                functools.partial(predict, original_model), test_ds, target_class=TARGET_CLASS
+            )
 
         retrainer = ChainRetrainer(chain=base_chain, data=data, ids=ids)
         results = {"exact": unlearn_exact(base_chain, ids, data=data, retrainer=retrainer)}
@@ -171,27 +240,34 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
         for name, result in results.items():
             model = result.chain.model()
             record = result.record
-            figures = _model_figures(lambda x, m=model: predict(m, x), result.chain.final.model_state, model_for_loss=model, **common)
-            figures.update({
-                "seconds": record.wall_time_seconds,
-                "cpu_seconds": record.cpu_seconds,
-                "speedup_vs_naive": naive_cpu / record.cpu_seconds,
-                "wall_speedup_vs_naive": naive_seconds / record.wall_time_seconds,
-                "blocks_retrained": len(record.blocks_retrained),
-                "stop_fired": record.stop_block is not None,
-                "tau": None if record.stop_block is None else record.stop_block - record.first_affected_block + 1,
-                "stop_reason": record.stop_reason,
-                "guardrail": record.guardrail.outcome if record.guardrail else None,
-                "guardrail_attempts": [vars(a) for a in record.guardrail.attempts] if record.guardrail else [],
-                "bit_identical_to_naive": all(
-                    torch.equal(result.chain.final.model_state[k], naive.final.model_state[k]) for k in naive.final.model_state
-                ),
-            })
+            figures = _model_figures(
+                lambda x, m=model: predict(m, x), result.chain.final.model_state, model_for_loss=model, **common
+            )
+            figures.update(
+                {
+                    "seconds": record.wall_time_seconds,
+                    "cpu_seconds": record.cpu_seconds,
+                    "speedup_vs_naive": naive_cpu / record.cpu_seconds,
+                    "wall_speedup_vs_naive": naive_seconds / record.wall_time_seconds,
+                    "blocks_retrained": len(record.blocks_retrained),
+                    "stop_fired": record.stop_block is not None,
+                    "tau": None if record.stop_block is None else record.stop_block - record.first_affected_block + 1,
+                    "stop_reason": record.stop_reason,
+                    "guardrail": record.guardrail.outcome if record.guardrail else None,
+                    "guardrail_attempts": [vars(a) for a in record.guardrail.attempts] if record.guardrail else [],
+                    "bit_identical_to_naive": all(
+                        torch.equal(result.chain.final.model_state[k], naive.final.model_state[k])
+                        for k in naive.final.model_state
+                    ),
+                }
+            )
             if name.startswith("deepobliviate"):
                 figures["delta_series"] = list(record.delta_series)
                 figures["fit"] = None if record.fit is None else vars(record.fit)
             if backdoor is not None:
-                figures["attack_success_rate"] = attack_success_rate(lambda x, m=model: predict(m, x), test_ds, target_class=TARGET_CLASS)
+                figures["attack_success_rate"] = attack_success_rate(
+                    lambda x, m=model: predict(m, x), test_ds, target_class=TARGET_CLASS
+                )
             row["policies"][name] = figures
         exact_cpu = row["policies"]["exact"]["cpu_seconds"]
         for figures in row["policies"].values():
@@ -201,31 +277,44 @@ def run_config(*, num_blocks, schedule, train, val, test_ds, sizes, windows, bac
         if key not in _SISA_CACHE:
             _SISA_CACHE[key] = unlearn_sisa(base_sisa, ids, data=data)
         new_sisa, sisa_record = _SISA_CACHE[key]
-        sisa_figures = _model_figures(lambda x: new_sisa.predict(x), None, model_for_loss=None, **common)
-        sisa_figures.update({
-            "seconds": sisa_record.wall_time_seconds,
-            "cpu_seconds": sisa_record.cpu_seconds,
-            "speedup_vs_naive": naive_cpu / sisa_record.cpu_seconds,
-            "wall_speedup_vs_naive": naive_seconds / sisa_record.wall_time_seconds,
-            "speedup_vs_exact": exact_cpu / sisa_record.cpu_seconds,
-            "shards_retrained": len(sisa_record.blocks_retrained),
-            "stop_reason": sisa_record.stop_reason,
-            "original_ensemble_accuracy": consistency(base_sisa.predict(test["x"]), test["y"]),
-        })
+        sisa_figures = _model_figures(new_sisa.predict, None, model_for_loss=None, **common)
+        sisa_figures.update(
+            {
+                "seconds": sisa_record.wall_time_seconds,
+                "cpu_seconds": sisa_record.cpu_seconds,
+                "speedup_vs_naive": naive_cpu / sisa_record.cpu_seconds,
+                "wall_speedup_vs_naive": naive_seconds / sisa_record.wall_time_seconds,
+                "speedup_vs_exact": exact_cpu / sisa_record.cpu_seconds,
+                "shards_retrained": len(sisa_record.blocks_retrained),
+                "stop_reason": sisa_record.stop_reason,
+                "original_ensemble_accuracy": consistency(base_sisa.predict(test["x"]), test["y"]),
+            }
+        )
         if backdoor is not None:
-            sisa_figures["attack_success_rate"] = attack_success_rate(new_sisa.predict, test_ds, target_class=TARGET_CLASS)
-            sisa_figures["original_attack_success_rate"] = attack_success_rate(base_sisa.predict, test_ds, target_class=TARGET_CLASS)
+            sisa_figures["attack_success_rate"] = attack_success_rate(
+                new_sisa.predict, test_ds, target_class=TARGET_CLASS
+            )
+            sisa_figures["original_attack_success_rate"] = attack_success_rate(
+                base_sisa.predict, test_ds, target_class=TARGET_CLASS
+            )
         row["policies"]["sisa"] = sisa_figures
         rows.append(row)
         pol = row["policies"]
         log(
             f"  B={num_blocks} {schedule} draw {number} {draw['kind']} n={draw['size']} d={row['first_affected_block']}: "
             f"naive {naive_cpu:.2f}s cpu acc {row['naive']['accuracy']:.3f} | "
-            + " | ".join(f"{k} x{v['speedup_vs_naive']:.1f} acc {v['accuracy']:.3f}" + (" STOP" if v.get("stop_fired") else "") for k, v in pol.items())
+            + " | ".join(
+                f"{k} x{v['speedup_vs_naive']:.1f} acc {v['accuracy']:.3f}" + (" STOP" if v.get("stop_fired") else "")
+                for k, v in pol.items()
+            )
         )
     return {
-        "num_blocks": num_blocks, "schedule": schedule, "config": config.to_dict(), "sisa_config": sisa_config.to_dict(),
-        "chain_seconds": chain_seconds, "sisa_train_seconds": sisa_seconds,
+        "num_blocks": num_blocks,
+        "schedule": schedule,
+        "config": config.to_dict(),
+        "sisa_config": sisa_config.to_dict(),
+        "chain_seconds": chain_seconds,
+        "sisa_train_seconds": sisa_seconds,
         "chain_accuracy_validation": chain.final.heldout_accuracy,
         "chain_accuracy_test": consistency(predict(chain.model(), test["x"]), test["y"]),
         "sisa_accuracy_test": consistency(sisa.predict(test["x"]), test["y"]),
@@ -250,7 +339,9 @@ def summarise(configs: list[dict], epsilons) -> dict:
             "max_speedup_vs_exact": max(vs_exact),
             "worst_accuracy_gap_vs_naive_points": 100 * min(gaps),
             "draws_more_than_1_point_below_naive": sum(g < -0.01 - 1e-9 for g in gaps),
-            "median_consistency_with_naive": statistics.median(r["policies"][p]["consistency_with_naive"] for _, r in rows),
+            "median_consistency_with_naive": statistics.median(
+                r["policies"][p]["consistency_with_naive"] for _, r in rows
+            ),
             "draws": len(rows),
         }
         if p != "sisa":
@@ -268,7 +359,9 @@ def summarise(configs: list[dict], epsilons) -> dict:
             regime[p] = {
                 "median_speedup_vs_naive": statistics.median(r["policies"][p]["speedup_vs_naive"] for r in rs),
                 "max_speedup_vs_naive": max(r["policies"][p]["speedup_vs_naive"] for r in rs),
-                "median_wall_speedup_vs_naive": statistics.median(r["policies"][p]["wall_speedup_vs_naive"] for r in rs),
+                "median_wall_speedup_vs_naive": statistics.median(
+                    r["policies"][p]["wall_speedup_vs_naive"] for r in rs
+                ),
                 "median_speedup_vs_exact": statistics.median(r["policies"][p]["speedup_vs_exact"] for r in rs),
                 "worst_gap_points": 100 * min(r["policies"][p]["accuracy"] - r["naive"]["accuracy"] for r in rs),
                 "median_consistency": statistics.median(r["policies"][p]["consistency_with_naive"] for r in rs),
@@ -291,7 +384,7 @@ def plot(configs: list[dict], epsilons, out_dir: Path, suffix: str = "") -> list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from obliviate.unlearning import PowerLawFit
+    from obliviate.unlearning.records import PowerLawFit
 
     written = []
     policy = f"deepobliviate_eps{min(epsilons)}"
@@ -306,8 +399,15 @@ def plot(configs: list[dict], epsilons, out_dir: Path, suffix: str = "") -> list
                 series = np.asarray(fig_p["delta_series"])
                 t = np.arange(1, series.size + 1)
                 positive = series > 0
-                line, = ax.plot(t[positive], series[positive], marker=".", ms=3, lw=1, label=f"d={r['first_affected_block']}"
-                                + ("" if fig_p["tau"] is None else f", stop τ={fig_p['tau']}"))
+                (line,) = ax.plot(
+                    t[positive],
+                    series[positive],
+                    marker=".",
+                    ms=3,
+                    lw=1,
+                    label=f"d={r['first_affected_block']}"
+                    + ("" if fig_p["tau"] is None else f", stop τ={fig_p['tau']}"),
+                )
                 if fig_p["fit"] is not None:
                     fit = PowerLawFit(**fig_p["fit"])
                     tt = np.linspace(1, fit.num_points, 200)
@@ -318,13 +418,16 @@ def plot(configs: list[dict], epsilons, out_dir: Path, suffix: str = "") -> list
             ax.set_xlabel("t (blocks since first affected block d)")
             ax.set_ylabel("Δ_t = L1 residual memory")
             ax.legend(fontsize=7)
-        fig.suptitle(f"Δ_t (dots, zeros hidden), last fit a·t^-h+b (dashed), "
-                     f"{policy.replace('deepobliviate_eps', 'ε=')}", fontsize=10)
+        fig.suptitle(
+            f"Δ_t (dots, zeros hidden), last fit a·t^-h+b (dashed), {policy.replace('deepobliviate_eps', 'ε=')}",
+            fontsize=10,
+        )
         fig.tight_layout()
-        path = out_dir / f"unlearning_delta_{schedule}{suffix}.png"
+        path = out_dir / "unlearning" / f"delta_{schedule}{suffix}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        written.append(path.name)
+        written.append(str(path.relative_to(out_dir)))
     return written
 
 
@@ -334,25 +437,80 @@ def headline(summary: dict, epsilons) -> list[dict]:
     for p, entry in pp.items():
         regime = entry["largest_median_regime"]
         where = f"largest median {regime['median_speedup_vs_naive']:.1f}x at B={regime['num_blocks']} {regime['schedule']} {regime['kind']} n={regime['size']}"
-        out.append({"metric": f"{p}: median speed-up over naive retraining ({where})", "value": entry["median_speedup_vs_naive"],
-                    "target": None, "better": "higher", "unit": "x", "peer": "naive retraining from scratch, same run (CPU time)"})
+        out.append(
+            {
+                "metric": f"{p}: median speed-up over naive retraining ({where})",
+                "value": entry["median_speedup_vs_naive"],
+                "target": None,
+                "better": "higher",
+                "unit": "x",
+                "peer": "naive retraining from scratch, same run (CPU time)",
+            }
+        )
         if p != "exact":
-            out.append({"metric": f"{p}: median speed-up over exact", "value": entry["median_speedup_vs_exact"], "target": None,
-                        "better": "higher", "unit": "x", "peer": "exact policy, same run"})
-        out.append({"metric": f"{p}: worst test-accuracy gap vs naive", "value": entry["worst_accuracy_gap_vs_naive_points"],
-                    "target": -1.0, "better": "higher", "unit": "points", "peer": "naive retraining from scratch, same run"})
-    out.append({"metric": "exact bit-identical to naive (draws)", "value": pp["exact"]["bit_identical_to_naive"],
-                "target": pp["exact"]["draws"], "better": "higher", "unit": "draws", "peer": "naive retraining"})
+            out.append(
+                {
+                    "metric": f"{p}: median speed-up over exact",
+                    "value": entry["median_speedup_vs_exact"],
+                    "target": None,
+                    "better": "higher",
+                    "unit": "x",
+                    "peer": "exact policy, same run",
+                }
+            )
+        out.append(
+            {
+                "metric": f"{p}: worst test-accuracy gap vs naive",
+                "value": entry["worst_accuracy_gap_vs_naive_points"],
+                "target": -1.0,
+                "better": "higher",
+                "unit": "points",
+                "peer": "naive retraining from scratch, same run",
+            }
+        )
+    out.append(
+        {
+            "metric": "exact bit-identical to naive (draws)",
+            "value": pp["exact"]["bit_identical_to_naive"],
+            "target": pp["exact"]["draws"],
+            "better": "higher",
+            "unit": "draws",
+            "peer": "naive retraining",
+        }
+    )
     for name in do_variants(epsilons):
         entry = pp[name]
-        out.append({"metric": f"{name}: stop rule fired (draws of {entry['draws']}); guardrail outcomes {entry['guardrail_outcomes']}",
-                    "value": entry["stop_fired"], "target": None, "better": "higher", "unit": "draws", "peer": None})
+        out.append(
+            {
+                "metric": f"{name}: stop rule fired (draws of {entry['draws']}); guardrail outcomes {entry['guardrail_outcomes']}",
+                "value": entry["stop_fired"],
+                "target": None,
+                "better": "higher",
+                "unit": "draws",
+                "peer": None,
+            }
+        )
     best_do = max(pp[name]["max_speedup_vs_naive"] for name in do_variants(epsilons))
-    out.append({"metric": "best DeepObliviate speed-up over exact in any draw (any eps)",
-                "value": max(pp[name]["max_speedup_vs_exact"] for name in do_variants(epsilons)), "target": None,
-                "better": "higher", "unit": "x", "peer": "exact policy, same deletion"})
-    out.append({"metric": "seed's 66.7x MNIST claim: best DeepObliviate speed-up over naive in any draw",
-                "value": best_do, "target": SEED_CLAIM, "better": "higher", "unit": "x", "peer": "naive retraining"})
+    out.append(
+        {
+            "metric": "best DeepObliviate speed-up over exact in any draw (any eps)",
+            "value": max(pp[name]["max_speedup_vs_exact"] for name in do_variants(epsilons)),
+            "target": None,
+            "better": "higher",
+            "unit": "x",
+            "peer": "exact policy, same deletion",
+        }
+    )
+    out.append(
+        {
+            "metric": "seed's 66.7x MNIST claim: best DeepObliviate speed-up over naive in any draw",
+            "value": best_do,
+            "target": SEED_CLAIM,
+            "better": "higher",
+            "unit": "x",
+            "peer": "naive retraining",
+        }
+    )
     return out
 
 
@@ -363,8 +521,13 @@ def markdown_table(result: dict) -> str:
     head = ["B", "schedule", "draws", "n", "orig. consist."] + [f"{short[n]} speed-up / gap / stops" for n in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in result["summary"]["per_regime"]:
-        cells = [str(g["num_blocks"]), g["schedule"], f"{g['kind']} ×{g['draws']}", str(g["size"]),
-                 f"{g['original_median_consistency']:.3f}"]
+        cells = [
+            str(g["num_blocks"]),
+            g["schedule"],
+            f"{g['kind']} ×{g['draws']}",
+            str(g["size"]),
+            f"{g['original_median_consistency']:.3f}",
+        ]
         for n in names:
             r = g[n]
             stops = f" / {r['stop_fired']}" if "stop_fired" in r else ""
@@ -383,10 +546,17 @@ def seed_claim_verdict(configs: list[dict], epsilons) -> dict:
                 p = r["policies"][name]
                 gains.append(p["speedup_vs_exact"])
                 if best is None or p["speedup_vs_naive"] > best["speedup_vs_naive"]:
-                    best = {"policy": name, "num_blocks": c["num_blocks"], "schedule": c["schedule"], "kind": r["kind"],
-                            "size": r["size"], "first_affected_block": r["first_affected_block"],
-                            "speedup_vs_naive": p["speedup_vs_naive"], "tau": p["tau"],
-                            "exact_speedup_same_deletion": r["policies"]["exact"]["speedup_vs_naive"]}
+                    best = {
+                        "policy": name,
+                        "num_blocks": c["num_blocks"],
+                        "schedule": c["schedule"],
+                        "kind": r["kind"],
+                        "size": r["size"],
+                        "first_affected_block": r["first_affected_block"],
+                        "speedup_vs_naive": p["speedup_vs_naive"],
+                        "tau": p["tau"],
+                        "exact_speedup_same_deletion": r["policies"]["exact"]["speedup_vs_naive"],
+                    }
     reached = best["speedup_vs_naive"] >= SEED_CLAIM
     text = (
         f"Seed: {SEED_CLAIM}x over retraining on MNIST. Best DeepObliviate speed-up over naive here: "
@@ -398,8 +568,13 @@ def seed_claim_verdict(configs: list[dict], epsilons) -> dict:
         + "and large speed-ups over naive come from deletions late in the chain (about B/(B-d+1)), which exact restart "
         "gets as well, without early stopping, stitching or any accuracy risk."
     )
-    return {"text": text, "best": best, "median_gain_over_exact": statistics.median(gains), "max_gain_over_exact": max(gains),
-            "reached": reached}
+    return {
+        "text": text,
+        "best": best,
+        "median_gain_over_exact": statistics.median(gains),
+        "max_gain_over_exact": max(gains),
+        "reached": reached,
+    }
 
 
 def main(argv=None) -> int:
@@ -407,7 +582,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny grid smoke test (writes unlearning_quick.json)")
     parser.add_argument("--table", action="store_true", help="print the markdown table of an existing unlearning.json")
     parser.add_argument(
-        "--refresh", action="store_true",
+        "--refresh",
+        action="store_true",
         help="re-derive summary, headline, verdict, table and plots of an existing unlearning.json (no new measurement)",
     )
     args = parser.parse_args(argv)
@@ -430,9 +606,21 @@ def main(argv=None) -> int:
     train, val, test_ds = _load(SEED)
     epsilons = (0.1, 0.05)
     if args.quick:
-        grid = dict(blocks=(20,), schedules=("constant", "cosine"), sizes=(1, 10), windows=2, backdoor_count=20)
+        grid = {
+            "blocks": (20,),
+            "schedules": ("constant", "cosine"),
+            "sizes": (1, 10),
+            "windows": 2,
+            "backdoor_count": 20,
+        }
     else:
-        grid = dict(blocks=(50, 100, 200), schedules=("constant", "cosine"), sizes=(1, 10, 100), windows=6, backdoor_count=200)
+        grid = {
+            "blocks": (50, 100, 200),
+            "schedules": ("constant", "cosine"),
+            "sizes": (1, 10, 100),
+            "windows": 6,
+            "backdoor_count": 200,
+        }
 
     def log(msg: str) -> None:
         print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
@@ -443,9 +631,21 @@ def main(argv=None) -> int:
     total = len(grid["blocks"]) * len(grid["schedules"])
     for num_blocks in grid["blocks"]:
         for schedule in grid["schedules"]:
-            configs.append(run_config(num_blocks=num_blocks, schedule=schedule, train=train, val=val, test_ds=test_ds,
-                                      sizes=grid["sizes"], windows=grid["windows"], backdoor_count=grid["backdoor_count"],
-                                      epsilons=epsilons, local_epochs=3, log=log))
+            configs.append(
+                run_config(
+                    num_blocks=num_blocks,
+                    schedule=schedule,
+                    train=train,
+                    val=val,
+                    test_ds=test_ds,
+                    sizes=grid["sizes"],
+                    windows=grid["windows"],
+                    backdoor_count=grid["backdoor_count"],
+                    epsilons=epsilons,
+                    local_epochs=3,
+                    log=log,
+                )
+            )
             # Partial results after every (B, schedule), so a cut run still leaves its data behind.
             _write(configs, epsilons, grid, args, started, load_start, suffix, complete=len(configs) == total, log=log)
     return 0
@@ -460,14 +660,25 @@ def _write(configs, epsilons, grid, args, started, load_start, suffix, *, comple
         "seed_claim_verdict": claim["text"],
         "seed_claim": claim,
         "summary": summary,
-        "grid": {**grid, "epsilons": epsilons, "local_epochs": 3, "seed": SEED,
-                 "data": "mnist5k: 4000 train / 500 validation (guardrail) / 500 test (reported)"},
+        "grid": {
+            **grid,
+            "epsilons": epsilons,
+            "local_epochs": 3,
+            "seed": SEED,
+            "data": "mnist5k: 4000 train / 500 validation (guardrail) / 500 test (reported)",
+        },
         "plots": plots,
         "configs": configs,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "torch_threads_in_training": 1,
-                    "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()},
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads_in_training": 1,
+            "load_average_at_start": load_start,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_seconds": time.time() - started,
         "command": "nice -n 10 python bench/unlearning.py" + (" --quick" if args.quick else ""),
         "complete": complete,

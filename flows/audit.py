@@ -11,15 +11,24 @@ Prefect wires three steps; the (selector, budget, seed) cells fan out as Ray tas
 
 Call ``ray.init(address="local", num_cpus=...)`` once before the flow (the CLI does); the flow
 reuses that runtime.
+
+The scheduled ``extraction-audit`` flow (:func:`audit_flow`) asks the same question of the
+*current* model of each registered run: the current version's final model is exported as an audit
+target checkpoint (``{"arch", "state_dict", "meta"}`` with the run's training ids, so the
+attacker's pool excludes them) and :func:`steal_flow` audits it. The report's JSON is copied next
+to the run in the store: ``runs/<run>/audits/v<version>/report.json``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -28,12 +37,15 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from actors.extraction import run_cell_task
-from obliviate.audit import SEED_BUDGETS, SEED_TABLE, audit_split, markdown_report, seed_reference, summarize
+from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, get_selector, image_entropy
-from obliviate.substitute import TrainConfig, accuracy
-from obliviate.target import Target, open_backend
+from obliviate.extraction.audit import SEED_BUDGETS, SEED_TABLE, audit_split, markdown_report, seed_reference, summarize
+from obliviate.extraction.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, get_selector, image_entropy
+from obliviate.extraction.substitute import TrainConfig, accuracy
+from obliviate.extraction.target import Target, open_backend, save_checkpoint
+from storage.objects import ObjectStore
+from storage.registry import RunRegistry
 
 
 def write_output(location: str, name: str, data: bytes) -> str:
@@ -145,9 +157,15 @@ def run_cells(
         result = ray.get(done[0])
         logger.info(
             "%s k=%d seed=%d: accuracy %.4f agreement %.4f (%.1fs)",
-            cell["selector"], cell["budget"], cell["seed"], result["accuracy"], result["agreement"], result["seconds"],
+            cell["selector"],
+            cell["budget"],
+            cell["seed"],
+            result["accuracy"],
+            result["agreement"],
+            result["seconds"],
         )
         results.append(result)
+        report("cells", len(results), len(cells))
     order = {(c["selector"], c["budget"], c["seed"]): i for i, c in enumerate(cells)}
     return sorted(results, key=lambda r: order[(r["selector"], r["budget"], r["seed"])])
 
@@ -158,16 +176,24 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
     md = [
         "# Model-extraction audit",
         "",
-        f"Target: `{setup.target}` (accuracy on the {len(setup.test_labels)} test images: "
-        f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; label-only queries.",
-        f"Substitute: {config['substitute']}, {config['steps']} steps. FGSM{' (iterative)' if config['iterative'] else ''}. "
-        f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. Seeds per cell: {config['seeds']}.",
+        (
+            f"Target: `{setup.target}` (accuracy on the {len(setup.test_labels)} test images: "
+            f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; label-only queries."
+        ),
+        (
+            f"Substitute: {config['substitute']}, {config['steps']} steps. FGSM{' (iterative)' if config['iterative'] else ''}. "
+            f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. Seeds per cell: {config['seeds']}."
+        ),
         "Rates are percent, mean ± std over seeds; the seed's DRMI numbers (MNIST, LeNet-5) beside them.",
         "",
     ]
     if setup.overlap_warning:
         md += [f"**Warning:** {setup.overlap_warning}", ""]
-    report_md = "\n".join(md) + "\n" + markdown_report(rows, pool_histogram=setup.pool_histogram, pool_entropy=setup.pool_entropy)
+    report_md = (
+        "\n".join(md)
+        + "\n"
+        + markdown_report(rows, pool_histogram=setup.pool_histogram, pool_entropy=setup.pool_entropy)
+    )
     doc = {
         "config": config,
         "target": setup.target,
@@ -239,8 +265,8 @@ def plot_summary(rows, *, eps: list[float]) -> bytes:
 def steal_flow(
     target: str,
     pool: str = "mnist5k",
-    budgets: list[int] = list(SEED_BUDGETS),
-    selectors: list[str] = ["drmi", "random", "jacobian", DEFAULT_SELECTOR],
+    budgets: Sequence[int] = tuple(SEED_BUDGETS),
+    selectors: Sequence[str] = ("drmi", "random", "jacobian", DEFAULT_SELECTOR),
     seeds: int = 3,
     out: str = "runs/steal",
     pool_size: int = 2000,
@@ -248,7 +274,7 @@ def steal_flow(
     split_seed: int = 0,
     substitute: str = "lenet5",
     steps: int = 300,
-    eps: list[float] = [0.1, 0.2, 0.3],
+    eps: Sequence[float] = (0.1, 0.2, 0.3),
     iterative: bool = False,
     drmi_starts: int | None = 32,
     timeout_s: float = 30.0,
@@ -261,7 +287,7 @@ def steal_flow(
         pool: dataset the attacker's pool and the test set are drawn from (minus the target's
             training indices when the target declares them).
         budgets: query budgets.
-        selectors: selector names (see :data:`obliviate.selectors.SELECTORS`).
+        selectors: selector names (see :data:`obliviate.extraction.selectors.SELECTORS`).
         seeds: seeds per (selector, budget): 0 .. seeds-1.
         out: output directory.
         pool_size: attacker's pool size.
@@ -282,8 +308,15 @@ def steal_flow(
         raise ConfigError(f"need budgets >= 1 and seeds >= 1; got budgets={budgets}, seeds={seeds}.")
     t0 = time.perf_counter()
     setup = prepare_audit(
-        target, pool, pool_size=pool_size, test_size=test_size, split_seed=split_seed, selectors=selectors,
-        drmi_starts=drmi_starts, timeout_s=timeout_s, retries=retries,
+        target,
+        pool,
+        pool_size=pool_size,
+        test_size=test_size,
+        split_seed=split_seed,
+        selectors=selectors,
+        drmi_starts=drmi_starts,
+        timeout_s=timeout_s,
+        retries=retries,
     )
     train = TrainConfig(arch=substitute, steps=steps)
     cells = [
@@ -294,10 +327,83 @@ def steal_flow(
     ]
     results = run_cells(setup, cells, timeout_s=timeout_s, retries=retries)
     config = {
-        "target": target, "pool": pool, "budgets": list(budgets), "selectors": list(selectors), "seeds": seeds,
-        "pool_size": pool_size, "test_size": test_size, "split_seed": split_seed, "substitute": substitute,
-        "steps": steps, "eps": list(eps), "iterative": iterative, "drmi_starts": drmi_starts,
+        "target": target,
+        "pool": pool,
+        "budgets": list(budgets),
+        "selectors": list(selectors),
+        "seeds": seeds,
+        "pool_size": pool_size,
+        "test_size": test_size,
+        "split_seed": split_seed,
+        "substitute": substitute,
+        "steps": steps,
+        "eps": list(eps),
+        "iterative": iterative,
+        "drmi_starts": drmi_starts,
     }
     paths = write_report(setup, results, out=out, config=config)
     get_run_logger().info("audit written to %s in %.0fs", paths["markdown"], time.perf_counter() - t0)
     return paths
+
+
+def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, Any]:
+    """Write the current model of ``run_id`` as an audit target checkpoint; returns its metadata."""
+    current = registry.current(run_id)
+    if current is None:
+        raise ConfigError(f"run {run_id!r} has no published version to audit; train it first.")
+    spec = registry.spec(run_id)
+    chain, _ = registry.load_chain(current)
+    meta = {
+        "num_classes": spec.config.num_classes,
+        "image_size": spec.config.image_size,
+        "levels": spec.config.levels,
+        "dataset": spec.dataset,
+        "dataset_fingerprint": spec.dataset_fingerprint,
+        "train_indices": list(spec.train_ids),
+        "run_id": run_id,
+        "version": current.version,
+    }
+    save_checkpoint(path, chain.model(), arch=spec.config.model, meta=meta)
+    return meta
+
+
+@flow(name="extraction-audit")
+def audit_flow(
+    store: str,
+    run_id: str | None = None,
+    budgets: Sequence[int] = (50, 100),
+    selectors: Sequence[str] = ("random", "drmi"),
+    seeds: int = 1,
+    pool_size: int = 200,
+    test_size: int = 150,
+    steps: int = 100,
+) -> dict[str, Any]:
+    """Audit the current model of every registered run (or ``run_id``); returns where reports lie."""
+    logger = get_run_logger()
+    object_store = ObjectStore(store)
+    registry = RunRegistry(object_store)
+    runs = [run_id] if run_id else registry.run_ids()
+    reports: dict[str, Any] = {}
+    for run in runs:
+        with tempfile.TemporaryDirectory(prefix="obliviate-audit-") as tmp:
+            target = Path(tmp) / "target.pt"
+            meta = export_target(registry, run, target)
+            paths = steal_flow(
+                target=str(target),
+                pool=meta["dataset"],
+                budgets=list(budgets),
+                selectors=list(selectors),
+                seeds=seeds,
+                out=str(Path(tmp) / "report"),
+                pool_size=pool_size,
+                test_size=test_size,
+                steps=steps,
+                drmi_starts=8,
+            )
+            report_key = f"runs/{run}/audits/v{meta['version']:06d}/report.json"
+            json_path = next((Path(p) for p in paths.values() if str(p).endswith(".json")), None)
+            body = json.loads(json_path.read_text()) if json_path else {"paths": paths}
+            object_store.put_json(report_key, body)
+            reports[run] = {"version": meta["version"], "report": object_store.uri(report_key)}
+            logger.info("run %s version %s audited: %s", run, meta["version"], object_store.uri(report_key))
+    return reports

@@ -3,7 +3,7 @@
 :func:`build_deployments` returns what ``obliviate serve`` serves for one store:
 
 * ``unlearn-<store>``: triggered by ``obliviate.deletion.requested`` events whose resource is this
-  store (:func:`flows.deletion.store_resource_id`); the event's payload and id become parameters;
+  store (:func:`flows.unlearn.store_resource_id`); the event's payload and id become parameters;
 * ``reconcile-<store>``: cron; finishes every ledger entry not done (lost events, crashes);
 * ``audit-<store>``: cron; extraction audit of every run's current model.
 
@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from flows.audit_flow import audit_flow
-from flows.deletion import ENDPOINT_KEY, EVENT_NAME, store_resource_id
-from flows.unlearn_flow import DEFAULT_STALE_AFTER_S, reconcile_flow, unlearn_flow
+from flows.audit import audit_flow
+from flows.reconcile import reconcile_flow
+from flows.unlearn import DEFAULT_STALE_AFTER_S, ENDPOINT_KEY, EVENT_NAME, store_resource_id, unlearn_flow
 from storage.objects import ObjectStore
 
 
@@ -58,8 +58,13 @@ def build_deployments(options: ServiceOptions) -> list[Any]:
     from prefect.events import DeploymentEventTrigger
 
     store = ObjectStore(options.store).url
-    common = {"store": store, "policy": options.policy, "verify": options.verify, "workers": options.workers,
-              "stale_after_s": options.stale_after_s}
+    common = {
+        "store": store,
+        "policy": options.policy,
+        "verify": options.verify,
+        "workers": options.workers,
+        "stale_after_s": options.stale_after_s,
+    }
     trigger = DeploymentEventTrigger(
         name=f"deletion-requested-{options.suffix}",
         expect={EVENT_NAME},
@@ -68,11 +73,15 @@ def build_deployments(options: ServiceOptions) -> list[Any]:
     )
     deployments = [
         unlearn_flow.to_deployment(name=f"unlearn-{options.suffix}", parameters=common, triggers=[trigger]),
-        reconcile_flow.to_deployment(name=f"reconcile-{options.suffix}", parameters=common, cron=options.reconcile_cron),
+        reconcile_flow.to_deployment(
+            name=f"reconcile-{options.suffix}", parameters=common, cron=options.reconcile_cron
+        ),
     ]
     if options.audit_cron:
         deployments.append(
-            audit_flow.to_deployment(name=f"audit-{options.suffix}", parameters={"store": store}, cron=options.audit_cron)
+            audit_flow.to_deployment(
+                name=f"audit-{options.suffix}", parameters={"store": store}, cron=options.audit_cron
+            )
         )
     return deployments
 
@@ -90,8 +99,13 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         ids = [str(runner.add_deployment(deployment)) for deployment in build_deployments(options)]
         store.put_json(
             ENDPOINT_KEY,
-            {"api_url": api_url, "deployments": ids, "pid": os.getpid(), "started_at": time.time(),
-             "ray_address": os.environ.get("RAY_ADDRESS")},
+            {
+                "api_url": api_url,
+                "deployments": ids,
+                "pid": os.getpid(),
+                "started_at": time.time(),
+                "ray_address": os.environ.get("RAY_ADDRESS"),
+            },
         )
         print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}", flush=True)
         try:

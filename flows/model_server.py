@@ -1,7 +1,7 @@
 """A tiny HTTP model server for a black-box target (stdlib ``http.server``).
 
 Service code, so it lives outside the pure package. It speaks the protocol of
-:class:`obliviate.target.HttpBackend`:
+:class:`obliviate.extraction.target.HttpBackend`:
 
 * ``POST /predict`` with ``{"shape", "dtype", "data", "output"}`` answers ``{"labels": [...]}``
   or, only when ``output`` is ``"probabilities"`` and the server allows it,
@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 import numpy as np
 from torch import nn
 
 from obliviate.errors import ConfigError
-from obliviate.target import LocalTorchBackend, OutputMode, decode_images
+from obliviate.extraction.target import LocalTorchBackend, OutputMode, decode_images
 
 
 class PredictHandler(BaseHTTPRequestHandler):
@@ -34,10 +35,10 @@ class PredictHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         return  # quiet: the Target's own query log is the audit trail
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         owner: TargetServer = self.server.target_server  # type: ignore[attr-defined]
         if self.path == "/info":
             self.send_json(200, owner.info)
@@ -46,7 +47,7 @@ class PredictHandler(BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"error": f"no route {self.path}; use POST /predict, GET /info"})
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+    def do_POST(self) -> None:
         owner: TargetServer = self.server.target_server  # type: ignore[attr-defined]
         if self.path != "/predict":
             self.send_json(404, {"error": f"no route {self.path}; use POST /predict"})
@@ -133,7 +134,7 @@ class TargetServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> TargetServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,8 @@ Stages:
 3. the best (lowest H, then lowest start) subset is written with H and every restart's summary,
    published by a manifest written last, and shown as a Prefect table artifact.
 
-The starts and the tie-break are those of :func:`obliviate.reduce.drmi_reduce`, and the stored
-tiles reassemble exactly the floats of :func:`obliviate.mi.mi_matrix`, so the result equals the
+The starts and the tie-break are those of :func:`obliviate.reduction.drmi.drmi_reduce`, and the stored
+tiles reassemble exactly the floats of :func:`obliviate.reduction.mi.mi_matrix`, so the result equals the
 in-process one for the same seed: same subset, same H.
 
 Ray must be initialised once beforehand (:func:`flows.runtime.ensure_ray`).
@@ -19,9 +19,7 @@ Ray must be initialised once beforehand (:func:`flows.runtime.ensure_ray`).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -30,34 +28,17 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from actors.reduction import MITileWorker, RestartWorker
+from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.reduce import Aggregate, choose_starts
-from obliviate.tiling import TilePlan, TileSpec
+from obliviate.reduction.drmi import Aggregate, choose_starts
+from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.objects import ObjectStore
 from storage.tiles import DIAGONAL, PLAN, matrix_prefix, stored_tiles
 
 DEFAULT_TILE_SIZE = 512
 DENSE_RESTART_LIMIT_BYTES = 2 * 1024**3
 CHUNKS_PER_WORKER = 4
-
-ProgressCallback = Callable[[str, int, int], None]
-_progress_listeners: list[ProgressCallback] = []
-
-
-@contextlib.contextmanager
-def progress_to(callback: ProgressCallback) -> Iterator[None]:
-    """Send ``callback(stage, done, total)`` updates from flows run in this process meanwhile."""
-    _progress_listeners.append(callback)
-    try:
-        yield
-    finally:
-        _progress_listeners.remove(callback)
-
-
-def _report(stage: str, done: int, total: int) -> None:
-    for listener in list(_progress_listeners):
-        listener(stage, done, total)
 
 
 def result_key(*, fingerprint: str, bins: int, normalize: bool, k: int, starts: int | None, seed: int) -> str:
@@ -118,16 +99,31 @@ def plan_tiles(store: ObjectStore, prefix: str, plan: TilePlan) -> tuple[list[Ti
     missing = [t for t in plan.tiles() if t not in done]
     logger.info(
         "tile plan: n=%d, tile %d, %d tiles (%d pairs, %.1f MB); %d reused from %s, %d to compute",
-        plan.n, plan.tile_size, plan.num_tiles, plan.pairs, plan.stored_bytes / 1e6, len(done),
-        store.uri(prefix), len(missing),
+        plan.n,
+        plan.tile_size,
+        plan.num_tiles,
+        plan.pairs,
+        plan.stored_bytes / 1e6,
+        len(done),
+        store.uri(prefix),
+        len(missing),
     )
     return missing, store.exists(f"{prefix}/{PLAN}")
 
 
 @task(name="compute-tiles", cache_policy=NO_CACHE)
 def compute_tiles(
-    images: np.ndarray, store: ObjectStore, prefix: str, plan: TilePlan, tiles: list[TileSpec], *,
-    levels: int, bins: int, normalize: bool, write_meta: dict[str, Any] | None, slots: WorkerSlots,
+    images: np.ndarray,
+    store: ObjectStore,
+    prefix: str,
+    plan: TilePlan,
+    tiles: list[TileSpec],
+    *,
+    levels: int,
+    bins: int,
+    normalize: bool,
+    write_meta: dict[str, Any] | None,
+    slots: WorkerSlots,
 ) -> dict[str, Any]:
     """Fan the missing tiles out over a pool of tile actors; each commits its tile to storage.
 
@@ -140,7 +136,7 @@ def compute_tiles(
     logger = get_run_logger()
     t0 = time.perf_counter()
     if not tiles and write_meta is None:
-        _report("tiles", 0, 0)
+        report("tiles", 0, 0)
         return {"computed": 0, "seconds": 0.0, "compute_seconds": 0.0, "workers": 0}
     pool_size = max(1, min(slots.size, len(tiles)))
     images_ref = ray.put(np.ascontiguousarray(images))
@@ -162,14 +158,18 @@ def compute_tiles(
         pool = ActorPool(actors)
         for done, outcome in enumerate(pool.map_unordered(lambda a, t: a.compute.remote(t), ordered), start=1):
             compute_seconds += outcome["compute_seconds"]
-            _report("tiles", done, len(ordered))
+            report("tiles", done, len(ordered))
             if done % step == 0 or done == len(ordered):
                 logger.info("tiles %d/%d committed (%.1f s)", done, len(ordered), time.perf_counter() - t0)
     finally:
         for actor in actors:
             ray.kill(actor)
-    return {"computed": len(ordered), "seconds": time.perf_counter() - t0, "compute_seconds": compute_seconds,
-            "workers": pool_size}
+    return {
+        "computed": len(ordered),
+        "seconds": time.perf_counter() - t0,
+        "compute_seconds": compute_seconds,
+        "workers": pool_size,
+    }
 
 
 @task(name="run-restarts", cache_policy=NO_CACHE)
@@ -186,7 +186,7 @@ def run_restart_stage(actors: list[Any], starts: np.ndarray, *, k: int, aggregat
     for outcome in pool.map_unordered(lambda a, c: a.run.remote(c.tolist(), k=k, aggregate=aggregate), chunks):
         outcomes.append(outcome)
         done += len(outcome["restarts"])
-        _report("restarts", done, len(starts))
+        report("restarts", done, len(starts))
         logger.info(
             "restarts %d/%d done (%s rows, %.1f s)", done, len(starts), outcome["mode"], time.perf_counter() - t0
         )
@@ -205,8 +205,9 @@ def run_restart_stage(actors: list[Any], starts: np.ndarray, *, k: int, aggregat
 
 
 @task(name="publish-result", cache_policy=NO_CACHE)
-def publish_result(store: ObjectStore, key: str, subset: np.ndarray, summary: dict[str, Any],
-                   restarts: list[dict[str, Any]]) -> str:
+def publish_result(
+    store: ObjectStore, key: str, subset: np.ndarray, summary: dict[str, Any], restarts: list[dict[str, Any]]
+) -> str:
     """Write subset, per-restart summary and summary, then the manifest that publishes them."""
     members = {
         "subset": store.put_array(f"{key}/subset.npy", np.asarray(subset, dtype=np.int64)),
@@ -281,8 +282,17 @@ def reduce_flow(
     store.ensure_container()
     plan = TilePlan(n=n, tile_size=tile_size)
     prefix = matrix_prefix(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, tile_size=tile_size)
-    logger.info("reduce %s: n=%d, k=%d, bins=%d, normalize=%s, %d workers x %d threads, store %s",
-                dataset.name, n, k, bins, normalize, pool, threads_per_worker, store.url)
+    logger.info(
+        "reduce %s: n=%d, k=%d, bins=%d, normalize=%s, %d workers x %d threads, store %s",
+        dataset.name,
+        n,
+        k,
+        bins,
+        normalize,
+        pool,
+        threads_per_worker,
+        store.url,
+    )
 
     missing, has_meta = plan_tiles(store, prefix, plan)
     start_vertices = choose_starts(n, num_starts=starts, rng=np.random.default_rng(seed))
@@ -293,21 +303,42 @@ def reduce_flow(
         import ray
 
         remote_restart = ray.remote(RestartWorker)
-        restart_actors = [] if tiles_only else [
-            remote_restart.options(**slots.options(i, busy=False)).remote(
-                store, prefix, memory_bytes=memory, threads=threads_per_worker
-            )
-            for i in range(min(pool, len(start_vertices)))
-        ]
+        restart_actors = (
+            []
+            if tiles_only
+            else [
+                remote_restart.options(**slots.options(i, busy=False)).remote(
+                    store, prefix, memory_bytes=memory, threads=threads_per_worker
+                )
+                for i in range(min(pool, len(start_vertices)))
+            ]
+        )
         meta = None if has_meta else {"fingerprint": dataset.fingerprint, "bins": bins, "normalize": normalize}
-        tiles = compute_tiles(dataset.images, store, prefix, plan, missing, levels=dataset.levels, bins=bins,
-                              normalize=normalize, write_meta=meta, slots=slots)
+        tiles = compute_tiles(
+            dataset.images,
+            store,
+            prefix,
+            plan,
+            missing,
+            levels=dataset.levels,
+            bins=bins,
+            normalize=normalize,
+            write_meta=meta,
+            slots=slots,
+        )
         if tiles_only:
             return {
-                "data": dataset.name, "fingerprint": dataset.fingerprint, "n": n, "tile_size": tile_size,
-                "tiles_total": plan.num_tiles, "tiles_computed": tiles["computed"],
-                "tiles_reused": plan.num_tiles - tiles["computed"], "tiles_url": store.uri(prefix),
-                "stored_bytes": plan.stored_bytes, "workers": pool, "tile_seconds": round(tiles["seconds"], 3),
+                "data": dataset.name,
+                "fingerprint": dataset.fingerprint,
+                "n": n,
+                "tile_size": tile_size,
+                "tiles_total": plan.num_tiles,
+                "tiles_computed": tiles["computed"],
+                "tiles_reused": plan.num_tiles - tiles["computed"],
+                "tiles_url": store.uri(prefix),
+                "stored_bytes": plan.stored_bytes,
+                "workers": pool,
+                "tile_seconds": round(tiles["seconds"], 3),
                 "tile_compute_seconds": round(tiles["compute_seconds"], 3),
                 "flow_seconds": round(time.perf_counter() - t_flow, 3),
             }
@@ -329,7 +360,7 @@ def reduce_flow(
         "normalize": normalize,
         "aggregate": aggregate,
         "seed": seed,
-        "restarts": int(len(start_vertices)),
+        "restarts": len(start_vertices),
         "best_start": int(restarts["best_start"]),
         "h": float(restarts["h"]),
         "class_histogram": histogram.tolist(),
@@ -348,6 +379,11 @@ def reduce_flow(
     }
     url = publish_result(store, key, subset, summary, restarts["restarts"])
     summary["flow_seconds"] = round(time.perf_counter() - t_flow, 3)
-    logger.info("H = %.4f over %d restarts (best start %d); result at %s", summary["h"], summary["restarts"],
-                summary["best_start"], url)
+    logger.info(
+        "H = %.4f over %d restarts (best start %d); result at %s",
+        summary["h"],
+        summary["restarts"],
+        summary["best_start"],
+        url,
+    )
     return {**summary, "result_url": url, "result_key": key}

@@ -115,8 +115,18 @@ def prefect_api(*, home: str | Path | None = None, startup_timeout: float = 90.0
     env.pop("PREFECT_API_URL", None)
     log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--analytics-off"],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--analytics-off",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -175,4 +185,3 @@ def _stop(process: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=5)
-

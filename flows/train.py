@@ -18,9 +18,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from actors.chains import ChainWorker
-from obliviate.blocks import BlockTrainingConfig
 from obliviate.data import load_dataset
-from obliviate.service import plan_run
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.service import plan_run
 from storage.objects import ObjectStore
 
 RAY_NAMESPACE = "obliviate"
@@ -54,8 +54,14 @@ def worker_pool(store: str, size: int) -> list:
     worker_class = ray.remote(ChainWorker)
     return [
         worker_class.options(
-            name=pool_actor_name(store, index), namespace=RAY_NAMESPACE, lifetime="detached", get_if_exists=True,
-            num_cpus=0, scheduling_strategy="SPREAD", max_restarts=2, max_task_retries=2,
+            name=pool_actor_name(store, index),
+            namespace=RAY_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            scheduling_strategy="SPREAD",
+            max_restarts=2,
+            max_task_retries=2,
         ).remote(ObjectStore(store).url)
         for index in range(size)
     ]
@@ -105,8 +111,13 @@ def run_spec(
         seed=seed,
     )
     spec = plan_run(
-        run_id=run_id, dataset=dataset, source=data, train_size=train_size, heldout_size=heldout_size,
-        split_seed=split_seed, config=config,
+        run_id=run_id,
+        dataset=dataset,
+        source=data,
+        train_size=train_size,
+        heldout_size=heldout_size,
+        split_seed=split_seed,
+        config=config,
     )
     return spec.to_dict()
 
@@ -152,9 +163,19 @@ def train_flow(
 
     logger = get_run_logger()
     spec = run_spec(
-        run_id=run_id, data=data, model=model, blocks=blocks, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, optimizer=optimizer, schedule=schedule, seed=seed, train_size=train_size,
-        heldout_size=heldout_size, split_seed=split_seed,
+        run_id=run_id,
+        data=data,
+        model=model,
+        blocks=blocks,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        schedule=schedule,
+        seed=seed,
+        train_size=train_size,
+        heldout_size=heldout_size,
+        split_seed=split_seed,
     )
     ObjectStore(store).ensure_container()
     ensure_ray()
@@ -165,7 +186,10 @@ def train_flow(
         ray.kill(worker, no_restart=True)
     logger.info(
         "run %s: version %s, held-out accuracy %s, %s blocks trained now, %s resumed from storage",
-        run_id, summary["version"], summary.get("heldout_accuracy"), summary.get("trained_blocks", 0),
+        run_id,
+        summary["version"],
+        summary.get("heldout_accuracy"),
+        summary.get("trained_blocks", 0),
         summary.get("resumed_blocks", 0),
     )
     return {**summary, "store": ObjectStore(store).url}

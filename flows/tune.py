@@ -45,9 +45,10 @@ def unlearning_trainable(config: dict[str, Any]) -> None:
     """One (B, ε) trial; runs inside a Tune worker. Data is loaded there (it ships in a package)."""
     from ray import tune
 
-    from obliviate.blocks import BlockData, BlockTrainingConfig
     from obliviate.data import load_dataset, stratified_split
     from obliviate.sweeps import unlearning_trial
+    from obliviate.unlearning.chain import BlockData
+    from obliviate.unlearning.config import BlockTrainingConfig
 
     data = load_dataset(config["data"])
     train_idx, heldout_idx = stratified_split(
@@ -79,17 +80,21 @@ def reduction_trainable(config: dict[str, Any]) -> None:
     """One (k, bins) trial: train (or reuse) the target, reduce the pool, buy labels, train a substitute."""
     from ray import tune
 
-    from obliviate.audit import audit_split, train_target
     from obliviate.data import load_dataset
-    from obliviate.substitute import TrainConfig
+    from obliviate.extraction.audit import audit_split, train_target
+    from obliviate.extraction.substitute import TrainConfig
+    from obliviate.extraction.target import LocalTorchBackend
     from obliviate.sweeps import reduction_trial
-    from obliviate.target import LocalTorchBackend
 
     data = load_dataset(config["data"])
     train = TrainConfig(arch=config["model"], steps=config["steps"])
     target_model, meta = train_target(data, train_size=config["target_size"], config=train, seed=config["seed"])
     pool_idx, test_idx = audit_split(
-        data, exclude=meta["train_indices"], pool_size=config["pool_size"], test_size=config["test_size"], seed=config["seed"]
+        data,
+        exclude=meta["train_indices"],
+        pool_size=config["pool_size"],
+        test_size=config["test_size"],
+        seed=config["seed"],
     )
     result = reduction_trial(
         k=config["k"],
@@ -150,8 +155,25 @@ def run_sweep(
     if kind == "unlearning":
         front = pareto_front(trials, maximize=("speedup", "consistency")) if trials else []
     else:
-        front = pareto_front([{"neg_queries": -t["queries"], "agreement": t["agreement"]} for t in trials], maximize=("neg_queries", "agreement")) if trials else []
-    store.put_json(f"{prefix}/results.json", {"kind": kind, "grid": grid, "constants": constants, "trials": trials, "pareto_front": front, "errors": len(results.errors)})
+        front = (
+            pareto_front(
+                [{"neg_queries": -t["queries"], "agreement": t["agreement"]} for t in trials],
+                maximize=("neg_queries", "agreement"),
+            )
+            if trials
+            else []
+        )
+    store.put_json(
+        f"{prefix}/results.json",
+        {
+            "kind": kind,
+            "grid": grid,
+            "constants": constants,
+            "trials": trials,
+            "pareto_front": front,
+            "errors": len(results.errors),
+        },
+    )
     store.put_bytes(f"{prefix}/table.md", _table(kind, trials, front).encode())
     store.put_bytes(f"{prefix}/plot.png", _plot(kind, trials, front))
     return SweepReport(
@@ -210,7 +232,12 @@ def _plot(kind: str, trials: list[dict[str, Any]], front: list[int]) -> bytes:
             pts = sorted((trials[i]["speedup"], trials[i]["consistency"]) for i in front)
             ax.plot(*zip(*pts), color="tab:red", label="Pareto front")
         if trials:
-            ax.axhline(float(np.mean([t["noise_floor_consistency"] for t in trials])), color="grey", ls="--", label="noise floor (original vs naive)")
+            ax.axhline(
+                float(np.mean([t["noise_floor_consistency"] for t in trials])),
+                color="grey",
+                ls="--",
+                label="noise floor (original vs naive)",
+            )
         ax.set_xlabel("speed-up over naive retraining (CPU time)")
         ax.set_ylabel("consistency with naive retrain")
         ax.set_title("DeepObliviate: speed-up vs consistency")

@@ -162,7 +162,7 @@ def stratified_split(labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.rand
     order = rng.permutation(n)
     # A stable sort by label of a random permutation interleaves classes evenly when dealt round-robin.
     by_class = order[np.argsort(labels[order], kind="stable")]
-    classes, counts = np.unique(labels[by_class], return_counts=True)
+    _classes, counts = np.unique(labels[by_class], return_counts=True)
     rank_in_class = np.concatenate([np.arange(c) / c for c in counts])
     dealt = by_class[np.argsort(rank_in_class, kind="stable")]
     parts, start = [], 0
@@ -233,7 +233,7 @@ def _load_npz(path: Path, *, gray: GrayMode) -> ImageDataset:
     elif images.ndim == 4 and images.shape[1] in (3, 4):
         images = to_gray(np.moveaxis(images, 1, -1), mode=gray)
     elif images.ndim == 2:
-        side = int(round(np.sqrt(images.shape[1])))
+        side = round(np.sqrt(images.shape[1]))
         if side * side != images.shape[1]:
             raise DataError(
                 f"flat images in {str(path)!r} must have a square number of pixels; got "
@@ -289,7 +289,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _load_idx_folder(raw_dir: Path, *, name: str) -> ImageDataset:
-    image_file = sorted(raw_dir.glob("train-images-idx3-ubyte*"))[0]
+    image_file = min(raw_dir.glob("train-images-idx3-ubyte*"))
     label_files = sorted(raw_dir.glob("train-labels-idx1-ubyte*"))
     if not label_files:
         raise DataError(f"{str(raw_dir)!r} has {image_file.name} but no train-labels-idx1-ubyte file.")

@@ -20,15 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from obliviate.blocks import BlockData, BlockTrainingConfig, predict, train_chain
 from obliviate.errors import ConfigError
-from obliviate.mi import mi_matrix
-from obliviate.reduce import drmi_reduce
-from obliviate.selectors import image_entropy
-from obliviate.substitute import TrainConfig, accuracy, agreement, predict_labels, train_classifier
-from obliviate.target import Backend, Target
-from obliviate.unlearning import DeepObliviateOptions, unlearn_deepobliviate
-from obliviate.verification import consistency
+from obliviate.extraction.selectors import image_entropy
+from obliviate.extraction.substitute import TrainConfig, accuracy, agreement, predict_labels, train_classifier
+from obliviate.extraction.target import Backend, Target
+from obliviate.reduction.drmi import drmi_reduce
+from obliviate.reduction.mi import mi_matrix
+from obliviate.unlearning.chain import BlockData
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.deepobliviate import DeepObliviateOptions, unlearn_deepobliviate
+from obliviate.unlearning.trainer import predict, train_chain
+from obliviate.unlearning.verification import consistency
 
 
 def unlearning_trial(

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from obliviate.service import RequestError, check_name
+from obliviate.unlearning.service import RequestError, check_name
 from storage.errors import ObjectNotFound, PointerConflict
 from storage.objects import ObjectStore
 
@@ -44,8 +44,13 @@ class RequestStatus:
         return str(self.request["request_id"])
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.request, "status": self.status, "status_version": self.version, "details": self.details,
-                "updated_at": self.updated_at}
+        return {
+            **self.request,
+            "status": self.status,
+            "status_version": self.version,
+            "details": self.details,
+            "updated_at": self.updated_at,
+        }
 
 
 class DeletionLedger:
@@ -96,7 +101,11 @@ class DeletionLedger:
         if pointer is None:
             return RequestStatus(request, PENDING, {}, 0, float(request["requested_at"]))
         return RequestStatus(
-            request, pointer.target["status"], dict(pointer.target.get("details", {})), pointer.version, pointer.created_at
+            request,
+            pointer.target["status"],
+            dict(pointer.target.get("details", {})),
+            pointer.version,
+            pointer.created_at,
         )
 
     def exists(self, request_id: str) -> bool:
@@ -111,8 +120,14 @@ class DeletionLedger:
         out = []
         for version in range(1, current.version + 1):
             raw = self.store.read_pointer_version(key, version)
-            out.append({"version": version, "status": raw.target["status"], "at": raw.created_at,
-                        "details": raw.target.get("details", {})})
+            out.append(
+                {
+                    "version": version,
+                    "status": raw.target["status"],
+                    "at": raw.created_at,
+                    "details": raw.target.get("details", {}),
+                }
+            )
         return out
 
     def request_ids(self) -> list[str]:
@@ -177,7 +192,9 @@ class DeletionLedger:
     def record_event(self, event_id: str, body: Mapping[str, Any]) -> None:
         """What was done with a deletion event (kept for the audit trail)."""
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(event_id))[:80] or "unknown"
-        self.store.put_json(f"ledger/events/{safe}.json", {**body, "event_id": str(event_id), "recorded_at": time.time()})
+        self.store.put_json(
+            f"ledger/events/{safe}.json", {**body, "event_id": str(event_id), "recorded_at": time.time()}
+        )
 
     def events(self) -> list[dict[str, Any]]:
         return [self.store.get_json(key) for key in self.store.list("ledger/events")]

@@ -30,6 +30,7 @@ All backend exceptions are translated in :func:`_translated`, the single boundar
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import io
@@ -169,9 +170,9 @@ class ObjectStore:
         with _translated(self.uri(key)):
             return bool(self._fs.exists(self._path(key) + COMMIT_SUFFIX))
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "") -> builtins.list[str]:
         """Committed keys under ``prefix`` (a folder-like prefix), sorted; half-written ones are hidden."""
-        names = set(self._names_under(prefix))
+        names: set[str] = set(self._names_under(prefix))
         keys = [
             name[: -len(COMMIT_SUFFIX)]
             for name in names
@@ -252,7 +253,7 @@ class ObjectStore:
     def read_manifest(self, key: str) -> Manifest:
         body = self.get_json(key)
         members = {name: ObjectInfo(**value) for name, value in body["members"].items()}
-        return Manifest(key=key, members=members, metadata=body["metadata"], created_at=body["created_at"])
+        return Manifest(key=key, members=members, metadata=body["metadata"], created_at=float(body["created_at"]))
 
     def get_member(self, manifest: Manifest, name: str) -> bytes:
         """A manifest member's bytes, verified against the checksum in the manifest."""
@@ -292,7 +293,8 @@ class ObjectStore:
                 "read it again with read_pointer() and retry from the current version."
             )
         version = expected_version + 1
-        body = {"version": version, "target": dict(target), "created_at": time.time()}
+        created_at = time.time()
+        body = {"version": version, "target": dict(target), "created_at": created_at}
         payload = json.dumps(body, sort_keys=True)
         data = json.dumps({"body": body, "sha256": hashlib.sha256(payload.encode()).hexdigest()}).encode()
         path = self._path(f"{key}/v{version:09d}.json")
@@ -304,11 +306,11 @@ class ObjectStore:
                     f"pointer {self.uri(key)} moved to version {version} while this swap ran; "
                     "re-read it and retry from the current version."
                 ) from err
-        return Pointer(key=key, version=version, target=dict(target), created_at=body["created_at"])
+        return Pointer(key=key, version=version, target=dict(target), created_at=created_at)
 
-    def list_pointers(self, prefix: str = "") -> list[str]:
+    def list_pointers(self, prefix: str = "") -> builtins.list[str]:
         """Keys of the pointers under ``prefix`` (e.g. one per ledger entry), sorted."""
-        keys = set()
+        keys: set[str] = set()
         for relative in self._names_under(prefix):
             parent, _, name = relative.rpartition("/")
             if parent and _POINTER_VERSION.match(name):
@@ -327,7 +329,7 @@ class ObjectStore:
 
     # ----- internals ---------------------------------------------------------------------------
 
-    def _names_under(self, prefix: str) -> list[str]:
+    def _names_under(self, prefix: str) -> builtins.list[str]:
         """Every stored name under ``prefix`` (objects, commit records, pointer versions), relative to the root."""
         prefix = _check_key(prefix, allow_empty=True)
         base = self._path(prefix) if prefix else self._root
@@ -337,7 +339,7 @@ class ObjectStore:
             except FileNotFoundError:
                 return []
         root = self._root.rstrip("/") + "/"
-        return [p[len(root):] if p.startswith(root) else p for p in (_strip(p, self._protocol) for p in found)]
+        return [p.removeprefix(root) for p in (_strip(p, self._protocol) for p in found)]
 
     @property
     def _fs(self) -> fsspec.AbstractFileSystem:
@@ -416,7 +418,7 @@ class ObjectStore:
             )
         return data
 
-    def _pointer_versions(self, key: str) -> list[int]:
+    def _pointer_versions(self, key: str) -> builtins.list[int]:
         with _translated(self.uri(key)):
             try:
                 names = [p.rsplit("/", 1)[-1] for p in self._fs.ls(self._path(key), detail=False)]
@@ -435,7 +437,9 @@ class ObjectStore:
             ok = False
         if not ok:
             raise CorruptObject(f"pointer {self.uri(key)} version {version} fails its checksum; it was damaged.")
-        return Pointer(key=key, version=int(body["version"]), target=body["target"], created_at=body["created_at"])
+        return Pointer(
+            key=key, version=int(body["version"]), target=body["target"], created_at=float(body["created_at"])
+        )
 
 
 def _parse_url(url: str) -> tuple[str, str, str]:
@@ -446,20 +450,20 @@ def _parse_url(url: str) -> tuple[str, str, str]:
         )
     url = url.strip().rstrip("/")
     if url.startswith("s3://"):
-        root = url[len("s3://"):].strip("/")
+        root = url[len("s3://") :].strip("/")
         if not root:
             raise ConfigError(f"an S3 store URL must name a bucket: s3://bucket[/prefix]; got {url!r}.")
         return f"s3://{root}", "s3", root
     if "://" in url and not url.startswith("file://"):
         scheme = url.split("://", 1)[0]
         raise ConfigError(f"store URL scheme {scheme!r} is not supported; use file://PATH or s3://bucket/prefix.")
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url.removeprefix("file://")
     root = os.path.abspath(os.path.expanduser(path or "."))
     return f"file://{root}", "file", root
 
 
 def _strip(path: str, protocol: str) -> str:
-    return path[len("file://"):] if protocol == "file" and path.startswith("file://") else path
+    return path[len("file://") :] if protocol == "file" and path.startswith("file://") else path
 
 
 def _check_key(key: str, *, allow_empty: bool = False) -> str:

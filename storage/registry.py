@@ -2,11 +2,11 @@
 
 Layout under the store (all through :class:`storage.objects.ObjectStore`):
 
-* ``runs/<run>/spec.json``: the :class:`obliviate.service.RunSpec` (written once).
+* ``runs/<run>/spec.json``: the :class:`obliviate.unlearning.service.RunSpec` (written once).
 * ``runs/<run>/chains/<chain>/ckpt-<i>.pt``: checkpoint M_i of a chain, as
-  :meth:`obliviate.blocks.Checkpoint.to_state` (tensors + JSON metadata, loaded with
+  :meth:`obliviate.unlearning.chain.Checkpoint.to_state` (tensors + JSON metadata, loaded with
   ``weights_only=True``), preceded by ``ckpt-<i>.json`` with its training seconds. ``<chain>`` is
-  ``train`` for the original training, or a :func:`obliviate.service.work_token` for an unlearning.
+  ``train`` for the original training, or a :func:`obliviate.unlearning.service.work_token` for an unlearning.
 * ``runs/<run>/manifests/v<version>-<chain>.json``: a manifest whose members are M_0..M_B of one
   model version (unchanged checkpoints are shared with the previous version) and whose metadata
   holds the chain manifest, the metrics and the unlearning record.
@@ -24,9 +24,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from obliviate.blocks import Chain, Checkpoint
 from obliviate.errors import ConfigError
-from obliviate.service import RunSpec, check_name
+from obliviate.unlearning.chain import Chain, Checkpoint
+from obliviate.unlearning.service import RunSpec, check_name
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import Manifest, ObjectInfo, ObjectStore, Pointer
 
@@ -122,7 +122,7 @@ class RunRegistry:
     def checkpoint_sink(
         self, run_id: str, chain: str, *, seconds_of: Callable[[int], float | None], written: dict[int, ObjectInfo]
     ) -> Callable[[Checkpoint], None]:
-        """A :data:`obliviate.blocks.CheckpointSink` writing each checkpoint as it is produced."""
+        """A :data:`obliviate.unlearning.chain.CheckpointSink` writing each checkpoint as it is produced."""
 
         def sink(checkpoint: Checkpoint) -> None:
             index = checkpoint.block_index

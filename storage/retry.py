@@ -28,7 +28,10 @@ class RetryPolicy:
 
 
 def retry_unavailable(
-    call: Callable[[], T], *, policy: RetryPolicy = RetryPolicy(), on_retry: Callable[[int, Exception], None] | None = None
+    call: Callable[[], T],
+    *,
+    policy: RetryPolicy = RetryPolicy(),
+    on_retry: Callable[[int, Exception], None] | None = None,
 ) -> T:
     """Run ``call``; while it raises :class:`StorageUnavailable`, wait and retry until the deadline.
 

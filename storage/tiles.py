@@ -5,12 +5,12 @@ Layout under a store: ``mi-tiles/<fingerprint>-b<bins>-<raw|nmi>-t<tile>/`` hold
 everything the values depend on, so a rerun with the same data and options finds and reuses
 the tiles; each tile is committed on its own, so a crashed run keeps every finished tile.
 
-:class:`TiledMatrix` is an :class:`obliviate.reduce.RowSource` over such a folder. It reads
+:class:`TiledMatrix` is an :class:`obliviate.reduction.drmi.RowSource` over such a folder. It reads
 row bands (``tile_size`` full rows, assembled from one row of tiles and one column of tiles,
 transposed) into a least-recently-used cache bounded in bytes, so a reader needs at most its
 cache budget, never the whole matrix. :meth:`TiledMatrix.dense` assembles the whole matrix
 for callers that checked it fits. Both give exactly the floats of
-:func:`obliviate.mi.mi_matrix` (``upper + upper.T`` with the diagonal filled).
+:func:`obliviate.reduction.mi.mi_matrix` (``upper + upper.T`` with the diagonal filled).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import OrderedDict
 import numpy as np
 
 from obliviate.errors import ConfigError
-from obliviate.tiling import TilePlan, TileSpec
+from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.objects import ObjectStore
 
 DIAGONAL = "diagonal.npy"

@@ -1,6 +1,6 @@
 """The ``obliviate`` command line.
 
-Each sub-command lives in its own module under :mod:`flows.commands` and exposes
+Each sub-command lives in its own module under :mod:`flows.cli` and exposes
 ``register(subparsers)``, which adds its parser and sets ``handler`` to a function taking the
 parsed arguments and returning an exit code. Parsers are built when :func:`main` runs, never
 at import time.
@@ -16,15 +16,15 @@ from collections.abc import Sequence
 from obliviate.errors import ObliviateError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "flows.commands.reduce",
-    "flows.commands.demo",
-    "flows.commands.submit",
-    "flows.commands.train",
-    "flows.commands.forget",
-    "flows.commands.serve",
-    "flows.commands.target",
-    "flows.commands.steal",
-    "flows.commands.tune",
+    "flows.cli.reduce",
+    "flows.cli.demo",
+    "flows.cli.submit",
+    "flows.cli.train",
+    "flows.cli.forget",
+    "flows.cli.serve",
+    "flows.cli.target",
+    "flows.cli.steal",
+    "flows.cli.tune",
 )
 
 
@@ -46,7 +46,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ObliviateError as err:
         print(f"obliviate {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,17 +18,54 @@ from flows.cli import main as cli_main
 FULL = {
     "reduce": ["--data", "mnist5k", "--k", "600", "--workers", "2"],
     "target": ["--train-size", "2000", "--steps", "600"],
-    "steal": ["--budgets", "50,150,300", "--seeds", "1", "--selectors", "drmi,random,jacobian_r2,cluster_centers",
-              "--pool-size", "1000", "--test-size", "500", "--steps", "150", "--drmi-starts", "8"],
+    "steal": [
+        "--budgets",
+        "50,150,300",
+        "--seeds",
+        "1",
+        "--selectors",
+        "drmi,random,jacobian_r2,cluster_centers",
+        "--pool-size",
+        "1000",
+        "--test-size",
+        "500",
+        "--steps",
+        "150",
+        "--drmi-starts",
+        "8",
+    ],
     "story": {"data": "digits", "run_ids": ("story-a", "story-b"), "forget_count": 5, "blocks": 8, "epochs": 3},
 }
 QUICK = {
     "reduce": ["--data", "digits", "--k", "50", "--starts", "40", "--workers", "2"],
     "target": ["--train-size", "1000", "--steps", "200"],
-    "steal": ["--budgets", "50,150", "--seeds", "1", "--selectors", "drmi,random,cluster_centers",
-              "--pool-size", "500", "--test-size", "300", "--steps", "80", "--drmi-starts", "4", "--eps", "0.3"],
-    "story": {"data": "digits", "run_ids": ("story-a",), "forget_count": 3, "blocks": 4, "epochs": 3,
-              "train_size": 600, "heldout_size": 200},
+    "steal": [
+        "--budgets",
+        "50,150",
+        "--seeds",
+        "1",
+        "--selectors",
+        "drmi,random,cluster_centers",
+        "--pool-size",
+        "500",
+        "--test-size",
+        "300",
+        "--steps",
+        "80",
+        "--drmi-starts",
+        "4",
+        "--eps",
+        "0.3",
+    ],
+    "story": {
+        "data": "digits",
+        "run_ids": ("story-a",),
+        "forget_count": 3,
+        "blocks": 4,
+        "epochs": 3,
+        "train_size": 600,
+        "heldout_size": 200,
+    },
 }
 
 
@@ -66,13 +103,15 @@ def _run_steps(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     steal_out = root / "steal"
     checkpoint = steal_out / "target.pt"
-    code_steal = 0 if checkpoint.exists() else cli_main(["target", "train", "--out", str(checkpoint), *settings["target"]])
+    code_steal = (
+        0 if checkpoint.exists() else cli_main(["target", "train", "--out", str(checkpoint), *settings["target"]])
+    )
     if code_steal == 0:
         code_steal = cli_main(["steal", "--target", str(checkpoint), "--out", str(steal_out), *settings["steal"]])
     rows.append(_row("extraction audit", began, code_steal, str(steal_out / "steal.md")))
 
     _banner("3/3 train two runs block by block, request a deletion, unlearn on the event, verify")
-    from flows.story import deletion_story
+    from flows.cli.story import deletion_story
 
     began = time.perf_counter()
     story = deletion_story(f"{store_url}/service", **settings["story"])
@@ -98,7 +137,9 @@ def _print_story(story: dict[str, Any]) -> None:
     if latency:
         shown = ", ".join(f"{name} {value:.1f} s" for name, value in latency.items() if value is not None)
         print(f"latency: {shown}")
-    print("| run | version | held-out acc before → after | blocks retrained | speed-up | consistency with naive (noise floor) | ids gone |")
+    print(
+        "| run | version | held-out acc before → after | blocks retrained | speed-up | consistency with naive (noise floor) | ids gone |"
+    )
     print("|---|---|---|---|---|---|---|")
     for run_id, run in story["runs"].items():
         check = run.get("verification") or {}

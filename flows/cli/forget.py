@@ -19,22 +19,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reason", default=None, help="free text kept in the ledger (ticket, legal basis)")
     parser.add_argument("--request-id", default=None, help="idempotency key; repeating it changes nothing")
     parser.add_argument("--no-event", action="store_true", help="only record it; reconciliation will process it")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                        help="wait up to SECONDS for the request to be done or rejected")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the request to be done or rejected",
+    )
     parser.add_argument("--status", default=None, metavar="REQUEST_ID", help="print a request's ledger entry and exit")
     parser.set_defaults(handler=run_forget)
 
 
 def run_forget(args: argparse.Namespace) -> int:
-    from flows.deletion import submit_deletion, wait_for_request
+    from flows.unlearn import submit_deletion, wait_for_request
     from obliviate.errors import ConfigError
     from storage.ledger import REJECTED, DeletionLedger
     from storage.objects import ObjectStore
 
     if args.status:
         ledger = DeletionLedger(ObjectStore(args.store))
-        print(json.dumps({**ledger.get(args.status).as_dict(), "history": ledger.history(args.status)}, indent=2,
-                         default=str))
+        print(
+            json.dumps(
+                {**ledger.get(args.status).as_dict(), "history": ledger.history(args.status)}, indent=2, default=str
+            )
+        )
         return 0
     if args.ids is None:
         raise ConfigError("forget needs --ids 3,17,42 (or --status REQUEST_ID).")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flows.progress import ProgressBar
+from flows.progress import shown_progress
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.mi import mi_matrix
-from obliviate.reduce import drmi_reduce
+from obliviate.reduction.drmi import drmi_reduce
+from obliviate.reduction.mi import mi_matrix
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,21 +31,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
     parser.add_argument("--seed", type=int, default=0, help="seed for drawing start vertices")
     parser.add_argument(
-        "--store", default=None,
+        "--store",
+        default=None,
         help="store URL: file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)",
     )
     parser.add_argument("--out", default=None, help="local folder for results (same as --store file://OUT)")
     parser.add_argument(
-        "--workers", type=int, default=None,
+        "--workers",
+        type=int,
+        default=None,
         help="Ray actors per stage (default: the cluster's CPUs); 0 runs in this process without Ray/Prefect",
     )
     parser.add_argument("--tile-size", type=int, default=512, help="MI tile side (default 512)")
-    parser.add_argument("--restart-memory-mb", type=float, default=None,
-                        help="matrix memory per restart worker (default: whole matrix up to 2 GiB, else O(n k))")
+    parser.add_argument(
+        "--restart-memory-mb",
+        type=float,
+        default=None,
+        help="matrix memory per restart worker (default: whole matrix up to 2 GiB, else O(n k))",
+    )
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default RAY_ADDRESS, else local)")
     parser.add_argument("--tiles-only", action="store_true", help="stop after computing and storing the MI tiles")
     parser.add_argument(
-        "--plan", type=int, default=None, metavar="N",
+        "--plan",
+        type=int,
+        default=None,
+        metavar="N",
         help="print tile count, bytes and per-worker memory for a pool of N images, computing nothing",
     )
     parser.set_defaults(handler=run_reduce)
@@ -89,7 +99,7 @@ def run_reduce(args: argparse.Namespace) -> int:
 
 def print_plan(args: argparse.Namespace) -> int:
     """The reduction's sizes for ``--plan N`` images, without computing anything."""
-    from obliviate.tiling import plan_report
+    from obliviate.reduction.tiling import plan_report
 
     workers = args.workers if args.workers else 1
     report = plan_report(n=args.plan, tile_size=args.tile_size, k=args.k, workers=workers)
@@ -104,21 +114,15 @@ def print_plan(args: argparse.Namespace) -> int:
 
 def run_reduce_flow(args: argparse.Namespace) -> int:
     """Run the ``reduce`` flow on Ray, with a Prefect server of our own when none is configured."""
-    from flows.reduce_flow import progress_to, reduce_flow
+    from flows.reduce import reduce_flow
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
 
     apply_prefect_defaults()
-    bars: dict[str, ProgressBar] = {}
-
-    def show(stage: str, done: int, total: int) -> None:
-        if total:
-            bars.setdefault(stage, ProgressBar(f"{stage:>8}"))(done, total)
-
     t0 = time.perf_counter()
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=getattr(args, "ray_address", None))
-        with progress_to(show):
+        with shown_progress():
             summary = reduce_flow(
                 data=args.data,
                 k=args.k,
@@ -152,23 +156,28 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
 
 def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
     """The whole reduction in this process with the pure functions (no Ray, no Prefect)."""
-    from flows.reduce_flow import result_key
+    from flows.reduce import result_key
     from storage.objects import ObjectStore
 
     dataset = dataset if dataset is not None else load_dataset(args.data)
     t0 = time.perf_counter()
-    matrix = mi_matrix(
-        dataset.images,
-        levels=dataset.levels,
-        bins=args.bins,
-        normalize=args.normalize,
-        on_tile=ProgressBar(f"MI matrix {len(dataset)}x{len(dataset)}"),
-    )
+    with shown_progress() as show:
+        matrix = mi_matrix(
+            dataset.images,
+            levels=dataset.levels,
+            bins=args.bins,
+            normalize=args.normalize,
+            on_tile=lambda done, total: show("MI tiles", done, total),
+        )
     mi_seconds = time.perf_counter() - t0
     result = drmi_reduce(matrix, k=args.k, num_starts=args.starts, rng=np.random.default_rng(args.seed))
     store = ObjectStore(_store_url(args))
     key = result_key(
-        fingerprint=dataset.fingerprint, bins=args.bins, normalize=args.normalize, k=args.k, starts=args.starts,
+        fingerprint=dataset.fingerprint,
+        bins=args.bins,
+        normalize=args.normalize,
+        k=args.k,
+        starts=args.starts,
         seed=args.seed,
     )
     histogram = np.bincount(dataset.labels[result.subset], minlength=dataset.num_classes)

@@ -14,14 +14,23 @@ import sys
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve event-triggered unlearning + scheduled reconcile and audit")
     parser.add_argument("--store", default="file://./runs", help="file://PATH (default ./runs) or s3://bucket/prefix")
-    parser.add_argument("--policy", default="exact", choices=["exact", "deepobliviate"],
-                        help="unlearning policy (default exact: bit-identical to retraining)")
+    parser.add_argument(
+        "--policy",
+        default="exact",
+        choices=["exact", "deepobliviate"],
+        help="unlearning policy (default exact: bit-identical to retraining)",
+    )
     parser.add_argument("--verify", action="store_true", help="also retrain naively and record consistency")
     parser.add_argument("--workers", type=int, default=None, help="Ray workers per fan-out (default: cluster CPUs)")
     parser.add_argument("--reconcile-cron", default="*/5 * * * *", help="reconciliation schedule (default every 5 min)")
     parser.add_argument("--audit-cron", default="0 3 * * *", help="extraction audit schedule; 'off' disables it")
-    parser.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
-                        help="a claimed request older than this is taken over (default 600)")
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a claimed request older than this is taken over (default 600)",
+    )
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
     parser.set_defaults(handler=run_serve)
 
@@ -32,8 +41,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     apply_prefect_defaults()
     options = ServiceOptions(
-        store=args.store, policy=args.policy, verify=args.verify, workers=args.workers,
-        reconcile_cron=args.reconcile_cron, audit_cron=None if args.audit_cron == "off" else args.audit_cron,
+        store=args.store,
+        policy=args.policy,
+        verify=args.verify,
+        workers=args.workers,
+        reconcile_cron=args.reconcile_cron,
+        audit_cron=None if args.audit_cron == "off" else args.audit_cron,
         stale_after_s=args.stale_after,
     )
     with prefect_api() as api_url:
@@ -43,7 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         # Flow runs execute in subprocesses of the runner: they join this Ray runtime, not a new one.
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        from flows.train_flow import shutdown_pools
+        from flows.train import shutdown_pools
 
         try:
             serve_deployments(options, api_url=api_url)

@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--target", help="checkpoint path (obliviate target train) or http(s)://.../predict")
     parser.add_argument(
-        "--demo", action="store_true",
+        "--demo",
+        action="store_true",
         help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores)",
     )
     parser.add_argument("--pool", default="mnist5k", help="dataset for the attacker's pool and the test set")
@@ -31,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eps", default="0.1,0.2,0.3", help="FGSM radii on [0,1] inputs")
     parser.add_argument("--ifgsm", action="store_true", help="iterative FGSM instead of FGSM")
     parser.add_argument(
-        "--drmi-starts", type=int, default=32,
+        "--drmi-starts",
+        type=int,
+        default=32,
         help="seeded DRMI restarts (default 32; 0 = one per pool image, the SPEC default, slow)",
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
@@ -73,31 +76,35 @@ def run_steal(args: argparse.Namespace) -> int:
         )
     import ray
 
-    from flows.steal import steal_flow
+    from flows.audit import steal_flow
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
-    try:
-        paths = steal_flow(
-            target=args.target,
-            pool=args.pool,
-            budgets=_ints(args.budgets, "--budgets"),
-            selectors=[s for s in args.selectors.split(",") if s],
-            seeds=args.seeds,
-            out=args.out,
-            pool_size=args.pool_size,
-            test_size=args.test_size,
-            split_seed=args.split_seed,
-            substitute=args.substitute,
-            steps=args.steps,
-            eps=[float(e) for e in args.eps.split(",") if e],
-            iterative=args.ifgsm,
-            drmi_starts=args.drmi_starts or None,
-            timeout_s=args.timeout,
-            retries=args.retries,
+        ray.init(
+            address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False
         )
+    try:
+        from flows.progress import shown_progress
+
+        with shown_progress():
+            paths = steal_flow(
+                target=args.target,
+                pool=args.pool,
+                budgets=_ints(args.budgets, "--budgets"),
+                selectors=[s for s in args.selectors.split(",") if s],
+                seeds=args.seeds,
+                out=args.out,
+                pool_size=args.pool_size,
+                test_size=args.test_size,
+                split_seed=args.split_seed,
+                substitute=args.substitute,
+                steps=args.steps,
+                eps=[float(e) for e in args.eps.split(",") if e],
+                iterative=args.ifgsm,
+                drmi_starts=args.drmi_starts or None,
+                timeout_s=args.timeout,
+                retries=args.retries,
+            )
     finally:
         if started_ray:
             ray.shutdown()
@@ -108,13 +115,13 @@ def run_steal(args: argparse.Namespace) -> int:
 def run_steal_demo(args: argparse.Namespace) -> int:
     """Train a LeNet-5 target on 2,000 mnist5k images (once, kept under ``--out``) and audit it on a
     small grid; prints where the report is."""
-    from flows.commands.target import run_train
+    from flows.cli.target import run_train
 
     checkpoint = Path(args.out) / "target.pt"
     if not checkpoint.exists():
         print(f"training a LeNet-5 target on 2,000 mnist5k images -> {checkpoint}", flush=True)
-        run_train(argparse.Namespace(
-            data=args.pool, out=str(checkpoint), arch="lenet5", train_size=2000, steps=600, seed=0
-        ))
+        run_train(
+            argparse.Namespace(data=args.pool, out=str(checkpoint), arch="lenet5", train_size=2000, steps=600, seed=0)
+        )
     demo = argparse.Namespace(**(vars(args) | DEMO_SETTINGS | {"target": str(checkpoint), "demo": False}))
     return run_steal(demo)

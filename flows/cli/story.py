@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.deletion import ENDPOINT_KEY, submit_deletion, wait_for_request
+from flows.unlearn import ENDPOINT_KEY, submit_deletion, wait_for_request
 from storage.ledger import DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
@@ -29,8 +29,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def serving(store_url: str, *, api_url: str, extra_args: Sequence[str] = (), ready_timeout_s: float = 180.0,
-            log_path: str | Path | None = None) -> Iterator[subprocess.Popen]:
+def serving(
+    store_url: str,
+    *,
+    api_url: str,
+    extra_args: Sequence[str] = (),
+    ready_timeout_s: float = 180.0,
+    log_path: str | Path | None = None,
+) -> Iterator[subprocess.Popen]:
     """Run ``obliviate serve`` for ``store_url`` in a subprocess while the block runs.
 
     The subprocess joins this process's Ray runtime (``RAY_ADDRESS``) and Prefect API; the block
@@ -39,22 +45,33 @@ def serving(store_url: str, *, api_url: str, extra_args: Sequence[str] = (), rea
     import ray
 
     store = ObjectStore(store_url)
-    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
     if ray.is_initialized():
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     log_path = Path(log_path or tempfile.mkstemp(prefix="obliviate-serve-", suffix=".log")[1])
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--store", store_url, "--audit-cron", "off", *extra_args],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + ready_timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"obliviate serve exited with {process.returncode}; its log {log_path} ends with:\n"
-                                   f"{log_path.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"obliviate serve exited with {process.returncode}; its log {log_path} ends with:\n"
+                    f"{log_path.read_text()[-2000:]}"
+                )
             if store.exists(ENDPOINT_KEY) and store.get_json(ENDPOINT_KEY).get("pid") == process.pid:
                 break
             if time.monotonic() > deadline:
@@ -115,7 +132,7 @@ def deletion_story(
     import ray
 
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
-    from flows.train_flow import train_flow
+    from flows.train import train_flow
 
     apply_prefect_defaults()
     store = ObjectStore(store_url)
@@ -128,8 +145,14 @@ def deletion_story(
         trained = {}
         for number, run_id in enumerate(run_ids):
             trained[run_id] = train_flow(
-                store=store.url, run_id=run_id, data=data, blocks=blocks, epochs=epochs, train_size=train_size,
-                heldout_size=heldout_size, split_seed=number,
+                store=store.url,
+                run_id=run_id,
+                data=data,
+                blocks=blocks,
+                epochs=epochs,
+                train_size=train_size,
+                heldout_size=heldout_size,
+                split_seed=number,
             )
         forget = sorted(registry.spec(run_ids[0]).train_ids[:forget_count])
         before = {run_id: registry.current(run_id) for run_id in run_ids}

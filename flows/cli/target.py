@@ -31,10 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from obliviate.audit import train_target
     from obliviate.data import load_dataset
-    from obliviate.substitute import TrainConfig
-    from obliviate.target import save_checkpoint
+    from obliviate.extraction.audit import train_target
+    from obliviate.extraction.substitute import TrainConfig
+    from obliviate.extraction.target import save_checkpoint
 
     data = load_dataset(args.data)
     model, meta = train_target(
@@ -48,14 +48,18 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from flows.target_server import TargetServer
-    from obliviate.target import load_checkpoint
+    from flows.model_server import TargetServer
+    from obliviate.extraction.target import load_checkpoint
 
     if not Path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; make one with `obliviate target train`.")
     model, meta = load_checkpoint(args.checkpoint)
     server = TargetServer(
-        model, host=args.host, port=args.port, levels=int(meta.get("levels", 256)), info=meta,
+        model,
+        host=args.host,
+        port=args.port,
+        levels=int(meta.get("levels", 256)),
+        info=meta,
         allow_probabilities=args.probabilities,
     )
     print(f"serving {args.checkpoint} at {server.url} (Ctrl-C stops)", flush=True)

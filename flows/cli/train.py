@@ -29,16 +29,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
-    from flows.train_flow import train_flow
+    from flows.train import train_flow
 
     apply_prefect_defaults()
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=args.ray_address)
         summary = train_flow(
-            store=args.store, run_id=args.run_id, data=args.data, model=args.model, blocks=args.blocks,
-            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-            seed=args.seed, train_size=args.train_size, heldout_size=args.heldout_size, split_seed=args.split_seed,
+            store=args.store,
+            run_id=args.run_id,
+            data=args.data,
+            model=args.model,
+            blocks=args.blocks,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            optimizer=args.optimizer,
+            schedule=args.schedule,
+            seed=args.seed,
+            train_size=args.train_size,
+            heldout_size=args.heldout_size,
+            split_seed=args.split_seed,
         )
     print(
         f"run {summary['run_id']}: version {summary['version']} ({summary['status']}), held-out accuracy "

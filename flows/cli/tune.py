@@ -13,8 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default="mnist5k", help="mnist5k, digits, an .npz file or a dataset folder")
-    common.add_argument("--store", default=os.environ.get("OBLIVIATE_STORE", "file://./runs"),
-                        help="file://... or s3://bucket/prefix (default $OBLIVIATE_STORE or file://./runs)")
+    common.add_argument(
+        "--store",
+        default=os.environ.get("OBLIVIATE_STORE", "file://./runs"),
+        help="file://... or s3://bucket/prefix (default $OBLIVIATE_STORE or file://./runs)",
+    )
     common.add_argument("--workers", type=int, default=2, help="trials at once, one CPU each (default 2)")
     common.add_argument("--model", default="lenet5", help="lenet5 or c3f2")
     common.add_argument("--seed", type=int, default=0)
@@ -56,17 +59,28 @@ def run_tune(args: argparse.Namespace) -> int:
 
     constants = {"data": args.data, "model": args.model, "seed": args.seed}
     if args.sweep == "unlearning":
-        grid = {"num_blocks": _values(args.blocks, int, "--blocks"), "epsilon": _values(args.epsilons, float, "--epsilons")}
+        grid = {
+            "num_blocks": _values(args.blocks, int, "--blocks"),
+            "epsilon": _values(args.epsilons, float, "--epsilons"),
+        }
         constants.update(
-            num_deleted=args.deleted, train_size=args.train_size, heldout_size=args.heldout_size,
-            local_epochs=args.local_epochs, schedule=args.schedule,
+            num_deleted=args.deleted,
+            train_size=args.train_size,
+            heldout_size=args.heldout_size,
+            local_epochs=args.local_epochs,
+            schedule=args.schedule,
         )
     else:
         grid = {"k": _values(args.ks, int, "--ks"), "bins": _values(args.bins, int, "--bins")}
         constants.update(
-            target_size=args.target_size, pool_size=args.pool_size, test_size=args.test_size,
-            steps=args.steps, num_starts=args.starts,
+            target_size=args.target_size,
+            pool_size=args.pool_size,
+            test_size=args.test_size,
+            steps=args.steps,
+            num_starts=args.starts,
         )
-    report = run_sweep(args.sweep, store_url=args.store, grid=grid, constants=constants, workers=args.workers, name=args.name)
+    report = run_sweep(
+        args.sweep, store_url=args.store, grid=grid, constants=constants, workers=args.workers, name=args.name
+    )
     print(describe(report))
     return 0 if report.errors == 0 else 1

@@ -11,7 +11,7 @@ substitute on the answers, and measures
 * what was bought: the class histogram of the queried labels and the mean image entropy of
   the queried images, next to the pool's (the failure mode of raw-MI DRMI is visible here).
 
-The target is seen twice: the attacker's budgeted :class:`~obliviate.target.Target` and an
+The target is seen twice: the attacker's budgeted :class:`~obliviate.extraction.target.Target` and an
 evaluation oracle (``budget=None``) that only the metrics use.
 """
 
@@ -26,8 +26,8 @@ import torch
 
 from obliviate.data import ImageDataset, stratified_split
 from obliviate.errors import ConfigError
-from obliviate.selectors import Pool, acquire, image_entropy
-from obliviate.substitute import (
+from obliviate.extraction.selectors import Pool, acquire, image_entropy
+from obliviate.extraction.substitute import (
     TrainConfig,
     accuracy,
     agreement,
@@ -35,17 +35,17 @@ from obliviate.substitute import (
     train_classifier,
     transferability,
 )
-from obliviate.target import Target
+from obliviate.extraction.target import Target
 
 #: The seed's table (SPEC section 3): MNIST, LeNet-5 target, accuracy / transferability in %.
 SEED_BUDGETS = (50, 150, 200, 300, 600)
-SEED_TABLE = {
+SEED_TABLE: dict[str, dict[str, tuple[float, ...]]] = {
     "drmi": {
         "accuracy": (82.27, 92.13, 93.27, 94.34, 96.49),
         "transferability": (66.06, 68.32, 69.15, 69.80, 71.98),
     },
     "practical": {"accuracy": (65, 81.2, 85, 87, 90), "transferability": (19, 27, 28, 33, 39)},
-    "prada": {"accuracy": (75, 89, 90, 91, 94), "transferability": None},
+    "prada": {"accuracy": (75, 89, 90, 91, 94), "transferability": ()},  # the seed reports none
 }
 
 
@@ -90,7 +90,7 @@ def run_cell(
     """Run one audit cell (SPEC section 3).
 
     Args:
-        selector: a name registered in :data:`obliviate.selectors.SELECTORS`.
+        selector: a name registered in :data:`obliviate.extraction.selectors.SELECTORS`.
         budget: queries the attacker may spend (``attacker.budget`` must allow it).
         seed: seeds the selector's generator and the substitute's initialisation.
         pool: the attacker's unlabeled pool.
@@ -210,8 +210,14 @@ def markdown_report(
         cells += [f"{100 * r.transfer_mean[e]:.2f} ± {100 * r.transfer_std[e]:.2f}" for e in eps_keys]
         cells += [_fmt(seed_acc), _fmt(seed_tr)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "What each selector bought (class histogram of the queried labels, mean over seeds; "
-              "mean gray-level entropy of the queried images, nats):", ""]
+    lines += [
+        "",
+        (
+            "What each selector bought (class histogram of the queried labels, mean over seeds; "
+            "mean gray-level entropy of the queried images, nats):"
+        ),
+        "",
+    ]
     lines.append("| selector | budget | class histogram 0..9 | mean entropy |")
     lines.append("|---|---|---|---|")
     if pool_histogram is not None:
@@ -254,8 +260,12 @@ def train_target(
         raise ConfigError(f"train_size must be in 1..{len(data) - 1} (leave images for the pool); got {train_size}.")
     (train_idx,) = stratified_split(data.labels, sizes=(train_size,), rng=np.random.default_rng(seed))
     model = train_classifier(
-        data.images[train_idx], data.labels[train_idx], config=config, seed=seed,
-        num_classes=data.num_classes, levels=data.levels,
+        data.images[train_idx],
+        data.labels[train_idx],
+        config=config,
+        seed=seed,
+        num_classes=data.num_classes,
+        levels=data.levels,
     )
     meta = {
         "num_classes": data.num_classes,

@@ -78,9 +78,7 @@ def train_classifier(
     """
     if len(images) == 0 or len(images) != len(labels):
         raise ConfigError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}.")
-    model = build_model(
-        config.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed
-    )
+    model = build_model(config.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed)
     x = images_to_tensor(images, levels=levels)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -175,7 +175,7 @@ class LocalTorchBackend:
 
 
 class HttpBackend:
-    """Answers queries by POSTing JSON to a model endpoint (see ``flows/target_server.py``).
+    """Answers queries by POSTing JSON to a model endpoint (see ``flows/model_server.py``).
 
     Request body: ``{"shape": [n, H, W], "dtype": "uint8", "data": <base64 of the bytes>,
     "output": "labels" | "probabilities"}``. Response: ``{"labels": [...]}`` in label mode,
@@ -218,7 +218,7 @@ class HttpBackend:
         try:
             with urllib.request.urlopen(info_url, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
-        except (urllib.error.URLError, TimeoutError, socket.timeout, json.JSONDecodeError):
+        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError):
             return {}
 
     def _post(self, body: bytes) -> dict:
@@ -241,7 +241,7 @@ class HttpBackend:
                         "Client errors are not retried; fix the request or the URL."
                     ) from err
                 failures.append(f"HTTP {err.code}")
-            except (TimeoutError, socket.timeout) as err:
+            except TimeoutError as err:
                 failures.append(f"timeout after {self.timeout_s}s ({err})")
             except urllib.error.URLError as err:
                 if isinstance(err.reason, (TimeoutError, socket.timeout)):
@@ -326,11 +326,13 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
-        raise ConfigError(f"target checkpoint {str(path)!r} does not exist; train one with `obliviate target train`.") from err
+        raise ConfigError(
+            f"target checkpoint {str(path)!r} does not exist; train one with `obliviate target train`."
+        ) from err
     if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
         raise ConfigError(
             f"{str(path)!r} is not a target checkpoint: expected a dict with 'arch' and 'state_dict'. "
-            "Save targets with obliviate.target.save_checkpoint."
+            "Save targets with obliviate.extraction.target.save_checkpoint."
         )
     meta = dict(blob.get("meta", {}))
     model = build_model(

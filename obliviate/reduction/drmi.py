@@ -15,6 +15,10 @@ index, so they return the same subset and the same H bit for bit.
 In/Out are kept as one float64 array ``A[x] = sum_{j in S} I[x][j]``: ``Out[x] = A[x]`` for
 non-members and ``In[x] = A[x] - I[x][x]`` for members. A swap of member ``p`` for
 ``q`` adds ``I[q] - I[p]`` to ``A`` (seed lines 13-16), an O(n) update, never a recomputation.
+
+Why one module past 400 lines: the dense and row-source back-ends must stay bit-identical
+(tested), so their shared arithmetic and tie-break are kept side by side where a change to one
+is seen next to the other.
 """
 
 from __future__ import annotations
@@ -304,8 +308,7 @@ def _accumulate(total: np.ndarray, row: np.ndarray) -> None:
 @numba.njit(cache=True)
 def _fold_max(total: np.ndarray, row: np.ndarray) -> None:
     for x in range(total.shape[0]):
-        if row[x] > total[x]:
-            total[x] = row[x]
+        total[x] = max(total[x], row[x])
 
 
 @numba.njit(cache=True)

@@ -307,8 +307,7 @@ def _tile_kernel(
                     rest[level_u] += 1
                 joint_entropy = log_p - (base + gained - lost) / pixels
                 mi = entropy[u] + entropy[v] - joint_entropy
-                if mi < 0.0:
-                    mi = 0.0  # rounding below zero; MI is non-negative
+                mi = max(mi, 0.0)  # rounding below zero; MI is non-negative
                 if normalize:
                     denom = entropy[u] + entropy[v]
                     mi = 2.0 * mi / denom if denom > 0.0 else 1.0

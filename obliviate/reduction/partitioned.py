@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from obliviate.errors import ConfigError
-from obliviate.mi import mi_matrix
-from obliviate.reduce import ReductionResult, drmi_reduce
+from obliviate.reduction.drmi import ReductionResult, drmi_reduce
+from obliviate.reduction.mi import mi_matrix
 
 
 @dataclass(frozen=True)

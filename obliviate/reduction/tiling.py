@@ -109,7 +109,13 @@ class TilePlan:
 
 
 def plan_report(
-    *, n: int, tile_size: int, k: int, workers: int, pixels: int = 784, nonzero_share: float = 0.19,
+    *,
+    n: int,
+    tile_size: int,
+    k: int,
+    workers: int,
+    pixels: int = 784,
+    nonzero_share: float = 0.19,
     pairs_per_second: float | None = None,
 ) -> dict[str, float | int | str]:
     """Sizes and per-worker memory of a reduction, computed without computing anything.

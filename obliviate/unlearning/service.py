@@ -2,7 +2,7 @@
 
 The service keeps many block-sequenced runs, each trained on a subset of a dataset. A deletion
 request names *dataset* sample ids (row indices of the dataset the runs were drawn from); this
-module maps them to each run's training positions (the ids :mod:`obliviate.blocks` and
+module maps them to each run's training positions (the ids :mod:`obliviate.unlearning.trainer` and
 :mod:`obliviate.unlearning` work with), checks requests and event payloads, and derives the
 deterministic names that make retried work land in the same place.
 
@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from obliviate.blocks import BlockData, BlockPlan, BlockTrainingConfig
 from obliviate.data import ImageDataset, stratified_split
 from obliviate.errors import ConfigError, ObliviateError
+from obliviate.unlearning.chain import BlockData
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.plan import BlockPlan
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REQUEST_ID_PATTERN = RUN_ID_PATTERN
@@ -52,7 +54,7 @@ class RunSpec:
         dataset: source passed to :func:`obliviate.data.load_dataset` (``digits``, ``mnist5k``, a path).
         dataset_fingerprint: fingerprint of the whole dataset at training time.
         train_ids: dataset row ids of the training set, in training-position order: position p of
-            the chain (the id :mod:`obliviate.blocks` uses) is dataset row ``train_ids[p]``.
+            the chain (the id :mod:`obliviate.unlearning.trainer` uses) is dataset row ``train_ids[p]``.
         heldout_ids: dataset row ids of the held-out set (accuracy, guardrail, consistency).
         config: the chain's :class:`BlockTrainingConfig`.
         split_seed: seed of the train/held-out split.
@@ -229,7 +231,7 @@ def parse_event_payload(payload: Any) -> str:
     if "request_id" not in payload:
         raise RequestError(
             f"rule: a deletion event's payload names the ledger entry in 'request_id'; got keys {sorted(payload)[:8]}. "
-            "Submit deletions with `obliviate forget` (or flows.deletion.submit_deletion), which writes the ledger first."
+            "Submit deletions with `obliviate forget` (or flows.unlearn.submit_deletion), which writes the ledger first."
         )
     return check_name(payload["request_id"], what="request id")
 

@@ -22,23 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from obliviate.blocks import (
-    BlockData,
-    BlockTrainingConfig,
-    ScheduleName,
+from obliviate.data import stratified_split
+from obliviate.errors import ConfigError
+from obliviate.unlearning.chain import BlockData
+from obliviate.unlearning.config import BlockTrainingConfig, ScheduleName, model_from_state, new_model, schedule_rate
+from obliviate.unlearning.records import DeletionError, UnlearningRecord
+from obliviate.unlearning.trainer import (
     block_seed,
     deterministic_torch,
     keep_mask,
-    model_from_state,
-    new_model,
     new_optimizer,
-    schedule_rate,
     snapshot_state,
     train_block,
 )
-from obliviate.data import stratified_split
-from obliviate.errors import ConfigError
-from obliviate.unlearning import DeletionError, UnlearningRecord
 
 _SISA_STREAM = 0x515A
 
@@ -115,7 +111,9 @@ class SisaEnsemble:
         return (votes + prob_sum / (len(self.states) + 1)).argmax(1)
 
 
-def make_sisa_slices(labels: np.ndarray, *, num_shards: int, num_slices: int, seed: int) -> tuple[tuple[np.ndarray, ...], ...]:
+def make_sisa_slices(
+    labels: np.ndarray, *, num_shards: int, num_slices: int, seed: int
+) -> tuple[tuple[np.ndarray, ...], ...]:
     n = int(np.asarray(labels).shape[0])
     parts = num_shards * num_slices
     if parts > n:
@@ -185,7 +183,9 @@ def train_sisa(config: SisaConfig, data: BlockData, *, excluded_ids: Iterable[in
     return SisaEnsemble(config, slices, tuple(states), data.fingerprint, excluded)
 
 
-def unlearn_sisa(ensemble: SisaEnsemble, ids: Iterable[int], *, data: BlockData) -> tuple[SisaEnsemble, UnlearningRecord]:
+def unlearn_sisa(
+    ensemble: SisaEnsemble, ids: Iterable[int], *, data: BlockData
+) -> tuple[SisaEnsemble, UnlearningRecord]:
     """Retrain every affected shard from its first affected slice without ``ids``.
 
     Raises:
@@ -206,8 +206,13 @@ def unlearn_sisa(ensemble: SisaEnsemble, ids: Iterable[int], *, data: BlockData)
     for k in sorted(set(shards.tolist())):
         first = int(slices[shards == k].min())
         tail = _train_shard(
-            ensemble.config, data, shard=k, slices=ensemble.slices[k], start_slice=first - 1,
-            start_state=states[k][first - 1], keep=keep,
+            ensemble.config,
+            data,
+            shard=k,
+            slices=ensemble.slices[k],
+            start_slice=first - 1,
+            start_state=states[k][first - 1],
+            keep=keep,
         )
         states[k] = tuple(states[k][:first]) + tuple(tail)
         retrained.append(f"shard {k} slices {first}..{ensemble.config.num_slices}")
@@ -236,7 +241,9 @@ def _validate(ensemble: SisaEnsemble, ids: Iterable[int]) -> np.ndarray:
     values = np.asarray([int(v) for v in raw], dtype=np.int64)
     unique, counts = np.unique(values, return_counts=True)
     if (counts > 1).any():
-        raise DeletionError(f"rule: each sample id may appear once per request; duplicated: {unique[counts > 1][:10].tolist()}.")
+        raise DeletionError(
+            f"rule: each sample id may appear once per request; duplicated: {unique[counts > 1][:10].tolist()}."
+        )
     n = sum(len(s) for shard in ensemble.slices for s in shard)
     unknown = unique[(unique < 0) | (unique >= n)]
     if unknown.size:

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from obliviate.blocks import BlockPlan, state_l1
 from obliviate.data import ImageDataset
 from obliviate.errors import ConfigError
 from obliviate.models import images_to_tensor
+from obliviate.unlearning.chain import state_l1
+from obliviate.unlearning.plan import BlockPlan
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -90,7 +91,13 @@ def choose_backdoor_ids(
 
 
 def poison(
-    train: ImageDataset, plan: BlockPlan, ids: np.ndarray, *, target_class: int, size: int = 3, corner: str = "bottom_right"
+    train: ImageDataset,
+    plan: BlockPlan,
+    ids: np.ndarray,
+    *,
+    target_class: int,
+    size: int = 3,
+    corner: str = "bottom_right",
 ) -> tuple[ImageDataset, BackdoorSet]:
     """The training set with the trigger stamped on ``ids`` and their labels set to ``target_class``."""
     images = train.images.copy()
@@ -168,15 +175,18 @@ def verify(
         losses: (unlearned, naive, original) mean loss on the deleted samples, if computed.
     """
     pu, pn, po = unlearned(x_test), naive(x_test), original(x_test)
-    with_states = unlearned_state is not None and naive_state is not None and original_state is not None
+    l1_to_naive = original_l1_to_naive = None
+    if unlearned_state is not None and naive_state is not None and original_state is not None:
+        l1_to_naive = state_l1(unlearned_state, naive_state)
+        original_l1_to_naive = state_l1(original_state, naive_state)
     return VerificationFigures(
         accuracy=consistency(pu, y_test),
         naive_accuracy=consistency(pn, y_test),
         original_accuracy=consistency(po, y_test),
         consistency_with_naive=consistency(pu, pn),
         original_consistency_with_naive=consistency(po, pn),
-        l1_to_naive=state_l1(unlearned_state, naive_state) if with_states else None,
-        original_l1_to_naive=state_l1(original_state, naive_state) if with_states else None,
+        l1_to_naive=l1_to_naive,
+        original_l1_to_naive=original_l1_to_naive,
         deleted_loss=losses[0] if losses else None,
         naive_deleted_loss=losses[1] if losses else None,
         original_deleted_loss=losses[2] if losses else None,

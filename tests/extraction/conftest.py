@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from obliviate.data import load_dataset, stratified_split
-from obliviate.substitute import TrainConfig, train_classifier
+from obliviate.extraction.substitute import TrainConfig, train_classifier
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,9 +33,7 @@ def split(mnist):
 @pytest.fixture(scope="session")
 def target_model(mnist, split):
     train_idx = split[0]
-    return train_classifier(
-        mnist.images[train_idx], mnist.labels[train_idx], config=TrainConfig(steps=60), seed=3
-    )
+    return train_classifier(mnist.images[train_idx], mnist.labels[train_idx], config=TrainConfig(steps=60), seed=3)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from flows.target_server import PredictHandler, TargetServer
-from obliviate.target import (
+from flows.model_server import PredictHandler, TargetServer
+from obliviate.extraction.target import (
     BudgetExceeded,
     HttpBackend,
     LocalTorchBackend,
@@ -29,7 +29,7 @@ class FailingFirst(PredictHandler):
     seen = 0
     lock = threading.Lock()
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         with FailingFirst.lock:
             FailingFirst.seen += 1
             fail = FailingFirst.seen <= FailingFirst.failures
@@ -45,7 +45,7 @@ class Slow(PredictHandler):
 
     delay_s = 1.5
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         time.sleep(Slow.delay_s)
         super().do_POST()
 
@@ -98,7 +98,9 @@ def test_server_errors_are_retried_then_succeed(target_model, pool_images):
         target = Target(backend, budget=10)
         labels = target.query(pool_images[:5])
         assert backend.attempts == 3
-        np.testing.assert_array_equal(labels, Target(LocalTorchBackend(target_model), budget=None).query(pool_images[:5]))
+        np.testing.assert_array_equal(
+            labels, Target(LocalTorchBackend(target_model), budget=None).query(pool_images[:5])
+        )
         assert target.used == 5
 
 

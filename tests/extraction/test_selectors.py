@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import mutual_info_score
 
 from obliviate.errors import ConfigError
-from obliviate.selectors import (
+from obliviate.extraction.selectors import (
     SELECTORS,
     Pool,
     acquire,
@@ -16,8 +16,8 @@ from obliviate.selectors import (
     image_entropy,
     selector,
 )
-from obliviate.substitute import TrainConfig
-from obliviate.target import LocalTorchBackend, Target
+from obliviate.extraction.substitute import TrainConfig
+from obliviate.extraction.target import LocalTorchBackend, Target
 
 LABEL_FREE = sorted(name for name, spec in SELECTORS.items() if not spec.needs_target)
 TINY = TrainConfig(steps=15)
@@ -61,7 +61,7 @@ def test_jacobian_round_doubles_the_set_and_its_queries(pool, target_model):
     labels = target.query(seed_images)
     images, labels = augmentation_round(TINY, seed_images, labels, target, seed=0)
     assert len(images) == len(labels) == 20 and target.used == 20
-    images2, labels2 = augmentation_round(TINY, images, labels, target, seed=0)
+    images2, _labels2 = augmentation_round(TINY, images, labels, target, seed=0)
     assert len(images2) == 40 and target.used == 40
     np.testing.assert_array_equal(images2[:20], images)
     # Each new image is its parent moved by lambda = 0.1 per pixel (25.5 gray levels, rounded), clipped.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -39,11 +40,33 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
     from flows.cli import main
 
     out = tmp_path / "report"
-    code = main([
-        "steal", "--target", str(checkpoint), "--pool", "mnist5k", "--budgets", "20,40",
-        "--selectors", "drmi,random,jacobian,facility", "--seeds", "2", "--out", str(out),
-        "--pool-size", "120", "--test-size", "100", "--steps", "15", "--eps", "0.1,0.3", "--drmi-starts", "4",
-    ])
+    code = main(
+        [
+            "steal",
+            "--target",
+            str(checkpoint),
+            "--pool",
+            "mnist5k",
+            "--budgets",
+            "20,40",
+            "--selectors",
+            "drmi,random,jacobian,facility",
+            "--seeds",
+            "2",
+            "--out",
+            str(out),
+            "--pool-size",
+            "120",
+            "--test-size",
+            "100",
+            "--steps",
+            "15",
+            "--eps",
+            "0.1,0.3",
+            "--drmi-starts",
+            "4",
+        ]
+    )
     assert code == 0
     assert str(out / "steal.md") in capsys.readouterr().out
     doc = json.loads((out / "steal.json").read_text())
@@ -58,32 +81,41 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
     assert "| drmi | 20 | 2 |" in md and "| pool | 120 |" in md
     assert (out / "steal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    import asyncio
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    import asyncio
-
     async def latest():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["steal-audit"])))
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["steal-audit"]))
+            )
 
     artifacts = asyncio.run(latest())
     assert artifacts and artifacts[0].type == "table"
 
 
 def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoint, tmp_path):
-    from flows.steal import steal_flow
-    from flows.target_server import TargetServer
-    from obliviate.target import load_checkpoint
+    from flows.audit import steal_flow
+    from flows.model_server import TargetServer
+    from obliviate.extraction.target import load_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
     with TargetServer(model, info=meta, allow_probabilities=False) as server:
         paths = steal_flow(
-            target=server.url, budgets=[15], selectors=["random"], seeds=2, out=str(tmp_path),
-            pool_size=100, test_size=80, steps=10, eps=[0.3],
+            target=server.url,
+            budgets=[15],
+            selectors=["random"],
+            seeds=2,
+            out=str(tmp_path),
+            pool_size=100,
+            test_size=80,
+            steps=10,
+            eps=[0.3],
         )
         requests = server.requests
-    doc = json.loads(open(paths["json"]).read())
+    doc = json.loads(Path(paths["json"]).read_text())
     assert [c["queries_used"] for c in doc["cells"]] == [15, 15]
     assert doc["overlap_warning"] is None  # /info told the auditor which images trained the target
     # 1 request for the test labels, then per cell: 1 query + 2 oracle calls for the transfer metric.

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from obliviate.audit import markdown_report, run_cell, seed_reference, summarize
-from obliviate.models import images_to_tensor
-from obliviate.selectors import Pool
-from obliviate.substitute import (
+from obliviate.extraction.audit import markdown_report, run_cell, seed_reference, summarize
+from obliviate.extraction.selectors import Pool
+from obliviate.extraction.substitute import (
     TrainConfig,
     accuracy,
     fgsm,
@@ -16,7 +15,8 @@ from obliviate.substitute import (
     train_classifier,
     transferability,
 )
-from obliviate.target import LocalTorchBackend, Target
+from obliviate.extraction.target import LocalTorchBackend, Target
+from obliviate.models import images_to_tensor
 
 
 def test_training_is_seeded_and_leaves_global_rng_alone(mnist, split):
@@ -69,8 +69,16 @@ def test_a_cell_spends_its_budget_and_reports_what_it_bought(target_model, mnist
         attacker = Target(LocalTorchBackend(target_model), budget=30)
         oracle = Target(LocalTorchBackend(target_model), budget=None)
         cell = run_cell(
-            selector=sel, budget=30, seed=0, pool=pool, attacker=attacker, oracle=oracle,
-            test_images=test_images, test_labels=test_labels, train=TrainConfig(steps=20), eps=(0.1, 0.3),
+            selector=sel,
+            budget=30,
+            seed=0,
+            pool=pool,
+            attacker=attacker,
+            oracle=oracle,
+            test_images=test_images,
+            test_labels=test_labels,
+            train=TrainConfig(steps=20),
+            eps=(0.1, 0.3),
         )
         assert attacker.used == cell.queries == 30
         assert sum(cell.class_histogram) == 30 and len(cell.class_histogram) == 10

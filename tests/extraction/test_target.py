@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from obliviate.errors import ConfigError
-from obliviate.target import (
+from obliviate.extraction.target import (
     BudgetExceeded,
     LocalTorchBackend,
     OutputMode,
@@ -93,7 +93,9 @@ def test_payload_round_trip(pool_images):
 
 def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, target_model, pool_images):
     path = tmp_path / "t.pt"
-    save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28, "train_indices": [1, 2]})
+    save_checkpoint(
+        path, target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28, "train_indices": [1, 2]}
+    )
     model, meta = load_checkpoint(path)
     assert meta["arch"] == "lenet5" and meta["train_indices"] == [1, 2]
     a = Target(LocalTorchBackend(target_model), budget=None, output=OutputMode.PROBABILITIES).query(pool_images[:8])

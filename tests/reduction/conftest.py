@@ -16,6 +16,7 @@ import uuid
 import pytest
 import requests
 
+
 @pytest.fixture
 def s3_store(moto_endpoint):
     import s3fs

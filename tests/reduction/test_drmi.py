@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.mi import mi_matrix
-from obliviate.reduce import (
+from obliviate.reduction.drmi import (
     DenseRows,
     drmi_reduce,
     greedy_init,
@@ -21,6 +20,7 @@ from obliviate.reduce import (
     run_restarts,
     subset_cost,
 )
+from obliviate.reduction.mi import mi_matrix
 
 
 class StreamedRows:

@@ -8,7 +8,7 @@ from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError, DataError
-from obliviate.mi import mi_matrix, mi_tile, mutual_information, prepare_images, quantize
+from obliviate.reduction.mi import mi_matrix, mi_tile, mutual_information, prepare_images, quantize
 
 
 @pytest.fixture(scope="module")

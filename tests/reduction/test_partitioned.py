@@ -7,9 +7,9 @@ import pytest
 
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.mi import mi_matrix
-from obliviate.partitioned import partition_budgets, partitioned_reduce
-from obliviate.reduce import drmi_reduce, subset_cost
+from obliviate.reduction.drmi import drmi_reduce, subset_cost
+from obliviate.reduction.mi import mi_matrix
+from obliviate.reduction.partitioned import partition_budgets, partitioned_reduce
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 from actors.reduction import MITileWorker, RestartWorker
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.mi import mi_matrix
-from obliviate.reduce import drmi_reduce
-from obliviate.tiling import TilePlan, plan_report
+from obliviate.reduction.drmi import drmi_reduce
+from obliviate.reduction.mi import mi_matrix
+from obliviate.reduction.tiling import TilePlan, plan_report
 from storage.tiles import DIAGONAL, PLAN, TiledMatrix, matrix_prefix, stored_tiles, tile_key
 
 
@@ -35,7 +35,7 @@ def test_plan_covers_upper_triangle_once():
     plan = TilePlan(n=1000, tile_size=300)
     covered = np.zeros((1000, 1000), dtype=np.int64)
     for tile in plan.tiles():
-        covered[tile.row_start:tile.row_stop, tile.col_start:tile.col_stop] += 1
+        covered[tile.row_start : tile.row_stop, tile.col_start : tile.col_stop] += 1
     assert plan.num_tiles == len(plan.tiles()) == 10
     assert np.array_equal(np.triu(covered), np.triu(np.ones_like(covered)))
     assert np.tril(covered, k=-1)[np.tril_indices(1000, k=-1)].max() <= 1  # only diagonal tiles reach below

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from obliviate.blocks import BlockData, BlockTrainingConfig, Chain, train_chain
 from obliviate.data import load_dataset, stratified_split
+from obliviate.unlearning.chain import BlockData, Chain
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.trainer import train_chain
 
 
 @pytest.fixture(scope="session")
@@ -19,16 +21,35 @@ def digits_data() -> BlockData:
 @pytest.fixture(scope="session")
 def adam_config() -> BlockTrainingConfig:
     return BlockTrainingConfig(
-        model="lenet5", image_size=8, levels=17, num_blocks=12, local_epochs=3, batch_size=16,
-        optimizer="adam", learning_rate=0.005, schedule="cosine", seed=3,
+        model="lenet5",
+        image_size=8,
+        levels=17,
+        num_blocks=12,
+        local_epochs=3,
+        batch_size=16,
+        optimizer="adam",
+        learning_rate=0.005,
+        schedule="cosine",
+        seed=3,
     )
 
 
 @pytest.fixture(scope="session")
 def sgd_config() -> BlockTrainingConfig:
     return BlockTrainingConfig(
-        model="lenet5", image_size=8, levels=17, num_blocks=10, local_epochs=4, batch_size=16,
-        optimizer="sgd", learning_rate=0.05, momentum=0.9, schedule="step", step_every_blocks=4, gamma=0.5, seed=5,
+        model="lenet5",
+        image_size=8,
+        levels=17,
+        num_blocks=10,
+        local_epochs=4,
+        batch_size=16,
+        optimizer="sgd",
+        learning_rate=0.05,
+        momentum=0.9,
+        schedule="step",
+        step_every_blocks=4,
+        gamma=0.5,
+        seed=5,
     )
 
 

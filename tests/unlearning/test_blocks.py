@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from obliviate.blocks import (
+from obliviate.errors import ConfigError
+from obliviate.unlearning.chain import (
     BlockData,
-    BlockTrainingConfig,
     Chain,
     ChainMismatchError,
     Checkpoint,
     InMemoryChainStore,
-    make_block_plan,
     state_difference_l1,
-    train_chain,
 )
-from obliviate.errors import ConfigError
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.plan import make_block_plan
+from obliviate.unlearning.trainer import train_chain
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -46,7 +46,7 @@ def test_plan_is_stratified_disjoint_complete_and_seeded(digits_data: BlockData)
 
 
 def test_schedules_give_documented_rates() -> None:
-    base = dict(num_blocks=10, learning_rate=0.1)
+    base = {"num_blocks": 10, "learning_rate": 0.1}
     assert [BlockTrainingConfig(**base).learning_rate_at(i) for i in (1, 10)] == [0.1, 0.1]
     step = BlockTrainingConfig(**base, schedule="step", step_every_blocks=4, gamma=0.5)
     assert [step.learning_rate_at(i) for i in (1, 4, 5, 9)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
@@ -60,8 +60,12 @@ def test_schedules_give_documented_rates() -> None:
 
 @pytest.mark.parametrize(
     "field, value, fragment",
-    [("num_blocks", 0, "num_blocks must be a positive integer"), ("optimizer", "rmsprop", "optimizer must be one of"),
-     ("gamma", 1.5, "gamma must be in (0, 1]"), ("learning_rate", 0.0, "learning_rate must be > 0")],
+    [
+        ("num_blocks", 0, "num_blocks must be a positive integer"),
+        ("optimizer", "rmsprop", "optimizer must be one of"),
+        ("gamma", 1.5, "gamma must be in (0, 1]"),
+        ("learning_rate", 0.0, "learning_rate must be > 0"),
+    ],
 )
 def test_config_rejects_bad_options(field: str, value: object, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -84,8 +88,10 @@ def test_retraining_with_nothing_deleted_reproduces_the_chain_and_delta_is_zero(
     for i in range(1, chain.config.num_blocks + 1):
         assert _equal(again.checkpoints[i].model_state, chain.checkpoints[i].model_state)
         delta = state_difference_l1(
-            chain.checkpoints[i].model_state, chain.checkpoints[i - 1].model_state,
-            again.checkpoints[i].model_state, again.checkpoints[i - 1].model_state,
+            chain.checkpoints[i].model_state,
+            chain.checkpoints[i - 1].model_state,
+            again.checkpoints[i].model_state,
+            again.checkpoints[i - 1].model_state,
         )
         assert delta == 0.0
         assert again.checkpoints[i].heldout_accuracy == chain.checkpoints[i].heldout_accuracy

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from obliviate.blocks import BlockData, BlockTrainingConfig, Chain, make_block_plan, predict
-from obliviate.sisa import SisaConfig, train_sisa, unlearn_sisa
-from obliviate.unlearning import DeletionError
-from obliviate.verification import (
+from obliviate.unlearning.chain import BlockData, Chain
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.plan import make_block_plan
+from obliviate.unlearning.records import DeletionError
+from obliviate.unlearning.sisa import SisaConfig, train_sisa, unlearn_sisa
+from obliviate.unlearning.trainer import predict
+from obliviate.unlearning.verification import (
     attack_success_rate,
     choose_backdoor_ids,
     consistency,
@@ -67,7 +70,9 @@ def test_trigger_is_a_white_corner_patch() -> None:
 def test_backdoor_ids_are_spread_over_blocks_and_outside_the_target(digits_data: BlockData) -> None:
     labels = digits_data.train.labels
     plan = make_block_plan(labels, num_blocks=12, seed=3)
-    ids = choose_backdoor_ids(labels, plan, count=30, target_class=0, first_block=1, last_block=12, rng=np.random.default_rng(1))
+    ids = choose_backdoor_ids(
+        labels, plan, count=30, target_class=0, first_block=1, last_block=12, rng=np.random.default_rng(1)
+    )
     assert ids.size == np.unique(ids).size == 30
     assert (labels[ids] != 0).all()
     per_block = np.bincount(plan.block_of(ids), minlength=13)[1:]
@@ -98,8 +103,13 @@ def test_verify_reports_figures_next_to_their_noise_floor(adam_chain: Chain, dig
     earlier = adam_chain.model(6)
     x, y = digits_data.x_heldout, digits_data.y_heldout
     figures = verify(
-        unlearned=lambda v: predict(original, v), naive=lambda v: predict(original, v), original=lambda v: predict(earlier, v),
-        x_test=x, y_test=y, unlearned_state=adam_chain.final.model_state, naive_state=adam_chain.final.model_state,
+        unlearned=lambda v: predict(original, v),
+        naive=lambda v: predict(original, v),
+        original=lambda v: predict(earlier, v),
+        x_test=x,
+        y_test=y,
+        unlearned_state=adam_chain.final.model_state,
+        naive_state=adam_chain.final.model_state,
         original_state=adam_chain.checkpoints[6].model_state,
     )
     assert figures.consistency_with_naive == 1.0 and figures.l1_to_naive == 0.0

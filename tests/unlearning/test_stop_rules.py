@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from obliviate.errors import ConfigError
-from obliviate.unlearning import StopRule, fit_power_law, stop_rule_statistic
+from obliviate.unlearning.deepobliviate import StopRule, fit_power_law, stop_rule_statistic
 
 RULES = list(StopRule)
 

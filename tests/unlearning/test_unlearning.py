@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from obliviate.blocks import BlockData, Chain, ChainMismatchError, InMemoryChainStore, train_chain
-from obliviate.unlearning import (
-    DeepObliviateOptions,
-    DeletionError,
-    stitch_state,
-    unlearn,
-    unlearn_deepobliviate,
-    unlearn_exact,
-)
+from obliviate.unlearning.chain import BlockData, Chain, ChainMismatchError, InMemoryChainStore
+from obliviate.unlearning.deepobliviate import DeepObliviateOptions, stitch_state, unlearn_deepobliviate
+from obliviate.unlearning.exact import unlearn_exact
+from obliviate.unlearning.policies import unlearn
+from obliviate.unlearning.records import DeletionError
+from obliviate.unlearning.trainer import train_chain
 
 # A rule that fires as soon as the residual memory has started to fall (fit a > 0, Δ_τ < Δ_1):
 # the slope rule with a huge ε. It makes stitching happen deterministically on the tiny set-up.
@@ -111,7 +108,9 @@ def test_guardrail_rejects_a_broken_stitched_model_and_falls_back_to_exact(
     # Corrupt the stored M_B (its recorded accuracy stays): every stitched model M'_j + (M_B − M_j)
     # inherits the damage, so the guardrail must refuse each one and end at the exact result.
     generator = torch.Generator().manual_seed(0)
-    broken_state = {k: v + 5.0 * torch.randn(v.shape, generator=generator) for k, v in adam_chain.final.model_state.items()}
+    broken_state = {
+        k: v + 5.0 * torch.randn(v.shape, generator=generator) for k, v in adam_chain.final.model_state.items()
+    }
     broken = replace(
         adam_chain, checkpoints=adam_chain.checkpoints[:-1] + (replace(adam_chain.final, model_state=broken_state),)
     )
@@ -173,7 +172,9 @@ def test_second_deletion_after_deepobliviate_starts_from_its_chain(adam_chain: C
     assert second.chain.checkpoints[9] is first.checkpoints[9]  # M_{d-1} of the current chain, not the original
     assert second.chain.deleted_ids == first.deleted_ids | {_ids(adam_chain, 10)[0]}
     expected = train_chain(
-        config=adam_chain.config, data=digits_data, excluded_ids=sorted(second.chain.deleted_ids),
+        config=adam_chain.config,
+        data=digits_data,
+        excluded_ids=sorted(second.chain.deleted_ids),
         resume_from=first.checkpoints[:10],
     )
     assert _equal(second.chain.final.model_state, expected.final.model_state)

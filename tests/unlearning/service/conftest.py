@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
+
+
 @pytest.fixture
 def s3_url(moto_endpoint):
     import s3fs
@@ -72,7 +74,7 @@ def _no_pooled_workers_left():
     import ray
 
     if ray.is_initialized():
-        from flows.train_flow import shutdown_pools
+        from flows.train import shutdown_pools
 
         shutdown_pools()
 
@@ -87,11 +89,21 @@ def serve(prefect_api_url, ray_address, tmp_path):
 
         store = ObjectStore(store_url)
         log = tmp_path / f"serve-{len(started)}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": prefect_api_url, "RAY_ADDRESS": ray_address,
-               "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "PREFECT_API_URL": prefect_api_url,
+            "RAY_ADDRESS": ray_address,
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+            "PYTHONUNBUFFERED": "1",
+        }
         process = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", "--store", store_url, "--audit-cron", "off", *extra],
-            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         started.append(process)
         process.log_path = log  # type: ignore[attr-defined]

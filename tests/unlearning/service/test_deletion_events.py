@@ -6,17 +6,26 @@ import time
 
 import pytest
 
-from flows.deletion import emit_deletion_event, submit_deletion, wait_for_request
 from actors.chains import ChainWorker
-from flows.train_flow import run_spec
+from flows.train import run_spec
+from flows.unlearn import emit_deletion_event, submit_deletion, wait_for_request
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 
 pytestmark = pytest.mark.slow
 
-TINY = {"data": "digits", "model": "lenet5", "blocks": 4, "epochs": 2, "batch_size": 32, "learning_rate": 0.01,
-        "schedule": "constant", "train_size": 600, "heldout_size": 200}
+TINY = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 4,
+    "epochs": 2,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "train_size": 600,
+    "heldout_size": 200,
+}
 
 
 def train(store_url: str, run_id: str, *, split_seed: int, seed: int = 0) -> dict:

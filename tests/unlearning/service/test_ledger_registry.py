@@ -11,16 +11,26 @@ import pytest
 import torch
 
 from actors.chains import ChainWorker
-from flows.deletion import submit_deletion
-from flows.train_flow import run_spec
+from flows.train import run_spec
+from flows.unlearn import submit_deletion
 from obliviate.errors import ConfigError
-from obliviate.service import RequestError, RunSpec, parse_event_payload, parse_ids, work_token
+from obliviate.unlearning.service import RequestError, RunSpec, parse_event_payload, parse_ids, work_token
 from storage import CorruptObject, ObjectStore
 from storage.ledger import CLAIMED, PENDING, DeletionLedger
 from storage.registry import TRAIN_CHAIN, RunRegistry
 
-TINY = dict(data="digits", model="lenet5", blocks=3, epochs=1, batch_size=32, learning_rate=0.01, schedule="constant",
-            seed=0, train_size=300, heldout_size=100)
+TINY = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 3,
+    "epochs": 1,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "seed": 0,
+    "train_size": 300,
+    "heldout_size": 100,
+}
 
 
 @pytest.fixture
@@ -38,8 +48,13 @@ def test_request_ids_are_checked_before_anything_is_written(store_url):
 
 def test_event_payload_rules():
     assert parse_event_payload({"request_id": "del-1", "store": "x"}) == "del-1"
-    for bad, match in (("del-1", "object"), ({"ids": [1]}, "request_id"), ({"request_id": 7}, "request id"),
-                       ({"request_id": "../x"}, "request id"), (None, "object")):
+    for bad, match in (
+        ("del-1", "object"),
+        ({"ids": [1]}, "request_id"),
+        ({"request_id": 7}, "request id"),
+        ({"request_id": "../x"}, "request id"),
+        (None, "object"),
+    ):
         with pytest.raises(RequestError, match=match):
             parse_event_payload(bad)
 
@@ -159,5 +174,6 @@ def test_unlearning_applies_once_and_rejects_stale_bases(store_url):
     current = registry.current("r1")
     assert set(ids) | set(more) == set(current.deleted_ids) and current.applied_requests == ("req-1", "req-2")
     assert work_token(base_version=1, excluded_positions=[3, 1], policy="exact") == work_token(
-        base_version=1, excluded_positions=[1, 3], policy="exact")
+        base_version=1, excluded_positions=[1, 3], policy="exact"
+    )
     assert np.isfinite(current.metrics["heldout_accuracy"])

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from actors.chains import ChainWorker
-from flows.deletion import submit_deletion
-from flows.train_flow import pool_actor_name, run_spec, train_flow
-from flows.unlearn_flow import reconcile_flow
-from obliviate.blocks import train_chain
+from flows.reconcile import reconcile_flow
+from flows.train import pool_actor_name, run_spec, train_flow
+from flows.unlearn import submit_deletion
 from obliviate.data import load_dataset
-from obliviate.service import RunSpec, block_data
+from obliviate.unlearning.service import RunSpec, block_data
+from obliviate.unlearning.trainer import train_chain
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.registry import TRAIN_CHAIN, RunRegistry
@@ -23,8 +23,19 @@ from storage.registry import TRAIN_CHAIN, RunRegistry
 pytestmark = pytest.mark.slow
 
 # Small batches and several epochs make each block take about a second: long enough to act mid-chain.
-SLOW_BLOCKS = dict(data="digits", model="lenet5", blocks=5, epochs=6, batch_size=8, learning_rate=0.003,
-                   schedule="constant", seed=0, train_size=800, heldout_size=200, split_seed=0)
+SLOW_BLOCKS = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 5,
+    "epochs": 6,
+    "batch_size": 8,
+    "learning_rate": 0.003,
+    "schedule": "constant",
+    "seed": 0,
+    "train_size": 800,
+    "heldout_size": 200,
+    "split_seed": 0,
+}
 
 
 def _retrained_keys(store: ObjectStore, run_id: str) -> list[str]:

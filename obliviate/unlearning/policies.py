@@ -1,0 +1,41 @@
+"""Choosing an unlearning policy: ``exact`` (default) or ``deepobliviate`` (SPEC section 5).
+
+Every policy takes the current :class:`~obliviate.unlearning.chain.Chain`, a set of training-sample
+ids to forget and the chain's :class:`~obliviate.unlearning.chain.BlockData`, and returns an
+:class:`~obliviate.unlearning.records.UnlearningResult`: the new current chain (which a second
+deletion starts from) and an :class:`~obliviate.unlearning.records.UnlearningRecord`. New
+checkpoints reach the caller's sink only once the result is final; a rejected request
+(:class:`~obliviate.unlearning.records.DeletionError`) changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from obliviate.errors import ConfigError
+from obliviate.unlearning.chain import (
+    BlockData,
+    Chain,
+    CheckpointSink,
+)
+from obliviate.unlearning.deepobliviate import DeepObliviateOptions, unlearn_deepobliviate
+from obliviate.unlearning.exact import unlearn_exact
+from obliviate.unlearning.records import Policy, UnlearningResult
+
+
+def unlearn(
+    chain: Chain,
+    ids: Iterable[int],
+    *,
+    data: BlockData,
+    policy: Policy | str = Policy.EXACT,
+    options: DeepObliviateOptions | None = None,
+    sink: CheckpointSink | None = None,
+) -> UnlearningResult:
+    """Forget ``ids`` with the chosen policy (``exact`` by default). See the module docstring."""
+    policy = Policy(policy)
+    if policy is Policy.EXACT:
+        if options is not None:
+            raise ConfigError("options apply to the deepobliviate policy only; the exact policy takes none.")
+        return unlearn_exact(chain, ids, data=data, sink=sink)
+    return unlearn_deepobliviate(chain, ids, data=data, options=options or DeepObliviateOptions(), sink=sink)
