@@ -27,6 +27,7 @@ from obliviate.data import load_dataset
 from obliviate.unlearning.chain import BlockData, Chain
 from obliviate.unlearning.deepobliviate import DeepObliviateOptions
 from obliviate.unlearning.exact import validate_deletion
+from obliviate.unlearning.lineage import lineage_manifest
 from obliviate.unlearning.plan import make_block_plan
 from obliviate.unlearning.policies import unlearn
 from obliviate.unlearning.records import GuardrailResult, Policy, UnlearningRecord
@@ -96,7 +97,13 @@ class ChainWorker:
             run.run_id,
             chain_name=TRAIN_CHAIN,
             members=members,
-            metadata={"chain": chain.manifest(), "metrics": metrics, "block_seconds": block_seconds, "record": None},
+            metadata={
+                "chain": chain.manifest(),
+                "metrics": metrics,
+                "block_seconds": block_seconds,
+                "record": None,
+                "lineage": _lineage(chain, members),  # issue 11: proof by replay (obliviate verify)
+            },
             target={"applied_requests": [], "deleted_ids": [], "metrics": metrics},
             expected_version=0,
         )
@@ -260,6 +267,7 @@ class ChainWorker:
                 "record": record.to_dict(),
                 "audit": audit,
                 "block_seconds": manifest.metadata.get("block_seconds"),
+                "lineage": _lineage(new_chain, members),  # issue 11: proof by replay (obliviate verify)
             },
             target={
                 "applied_requests": [*current.applied_requests, *sorted(todo)],
@@ -383,3 +391,13 @@ def _verify(original: Chain, unlearned: Chain, data: BlockData, excluded: frozen
         "naive_heldout_accuracy": heldout_accuracy(naive.model(), data),
         "naive_retrain_seconds": naive_seconds,
     }
+
+
+def _lineage(chain: Chain, members: dict[int, ObjectInfo]) -> dict[str, Any]:
+    """The lineage manifest of a version about to be published (issue 11, SPEC 6 Proof)."""
+    return lineage_manifest(
+        config=chain.config,
+        plan=chain.plan,
+        deleted_ids=chain.deleted_ids,
+        checkpoint_sha256={index: info.sha256 for index, info in members.items()},
+    )
