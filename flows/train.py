@@ -192,4 +192,6 @@ def train_flow(
         summary.get("trained_blocks", 0),
         summary.get("resumed_blocks", 0),
     )
+    for message in summary.get("sharp_drops") or []:  # issue 11: diverging settings are not accepted silently
+        logger.warning("run %s: %s", run_id, message)
     return {**summary, "store": ObjectStore(store).url}

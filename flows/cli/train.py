@@ -56,5 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
         f"{summary.get('heldout_accuracy')}, {summary.get('trained_blocks', 0)} blocks trained, "
         f"{summary.get('resumed_blocks', 0)} resumed; store {summary['store']}"
     )
+    for message in summary.get("sharp_drops") or []:
+        print(f"warning: {message}", file=sys.stderr)
     print(json.dumps(summary, default=str))
     return 0

@@ -203,3 +203,13 @@ def test_per_sample_loss_matches_the_mean_loss(adam_chain: Chain, digits_data: B
     with torch.no_grad():
         full = torch.nn.functional.cross_entropy(model.eval()(digits_data.x_heldout).double(), digits_data.y_heldout)
     assert losses.shape == (len(digits_data.y_heldout),) and float(losses.mean()) == pytest.approx(float(full))
+
+
+def test_sharp_block_drops_are_named_and_healthy_chains_pass(adam_chain: Chain) -> None:
+    from obliviate.unlearning.health import sharp_drops
+
+    drops = sharp_drops([None, 0.5, 0.8, 0.6, 0.79, 0.9])
+    assert [(d.block, round(d.drop, 2)) for d in drops] == [(3, 0.2)]
+    assert "block 3" in drops[0].message()
+    healthy = [c.heldout_accuracy for c in adam_chain.checkpoints]
+    assert sharp_drops(healthy, threshold=0.2) == []

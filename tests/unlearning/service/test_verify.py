@@ -88,3 +88,15 @@ def test_verify_catches_an_applied_id_left_in_a_block_list(unlearned_store) -> N
     result = verify_run(url, "v-run", blocks="retrained")
     assert result["status"] == "failed"
     assert any("still lists ids of applied requests" in p for p in result["problems"])
+
+
+def test_block_plan_is_fixed_at_registration_and_read_back(unlearned_store) -> None:
+    url, _ = unlearned_store
+    store = ObjectStore(url)
+    stored = store.get_json("runs/v-run/plan.json")
+    registry = RunRegistry(store)
+    chain, _ = registry.load_chain(registry.current("v-run"))
+    assert chain.plan.to_dict() == stored
+    # a later train call with the same run reads the stored plan, whatever the labels say now
+    store.put_json("runs/v-run/plan.json", {**stored, "blocks": list(reversed(stored["blocks"]))})
+    assert ChainWorker(url)._fixed_plan(registry.spec("v-run"), None).to_dict()["blocks"][0] == stored["blocks"][-1]  # type: ignore[arg-type]
