@@ -96,6 +96,14 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     deadlines = {r.request_id: r.deadline for r in batch}
     if not batch:
         return {"flush": False, "reason": "empty", "batched_until": None, "requests": [], "deadlines": {}}
+    if policy.window_s == 0 and not forced:  # immediate (the default): no manifest reads, no extra writes
+        return {
+            "flush": True,
+            "reason": "window",
+            "batched_until": now,
+            "requests": sorted(deadlines),
+            "deadlines": deadlines,
+        }
     decision = flush_decision(
         batch, now=now, policy=policy, expected_retrain_s=expected_retrain(store), force=bool(forced)
     )
