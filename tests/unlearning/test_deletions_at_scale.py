@@ -213,3 +213,49 @@ def test_sharp_block_drops_are_named_and_healthy_chains_pass(adam_chain: Chain) 
     assert "block 3" in drops[0].message()
     healthy = [c.heldout_accuracy for c in adam_chain.checkpoints]
     assert sharp_drops(healthy, threshold=0.2) == []
+
+
+# ----- lineage and replay (pure) -------------------------------------------------------------------
+
+
+def test_replay_names_another_environment_as_inconclusive_not_failed(sgd_chain: Chain, digits_data: BlockData) -> None:
+    import dataclasses
+    import hashlib
+    import io
+
+    from obliviate.unlearning.lineage import FAILED, INCONCLUSIVE, PASSED, lineage_manifest, verify_replay
+
+    def digest(checkpoint) -> str:
+        buffer = io.BytesIO()
+        torch.save(checkpoint.to_state(), buffer)
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+    chain = sgd_chain
+    sha = {c.block_index: digest(c) for c in chain.checkpoints}
+    lineage = lineage_manifest(
+        config=chain.config, plan=chain.plan, deleted_ids=chain.deleted_ids, checkpoint_sha256=sha
+    )
+    common = {
+        "config": chain.config,
+        "plan": chain.plan,
+        "deleted_ids": chain.deleted_ids,
+        "data": digits_data,
+        "stored_sha256": sha,
+        "unreadable": {},
+        "applied_ids": [],
+        "blocks": [3],
+    }
+    checkpoints = dict(enumerate(chain.checkpoints))
+    assert verify_replay(lineage=lineage, checkpoints=checkpoints, **common).status == PASSED
+    # a stored M_3 that re-training does not reproduce (its hash made consistent, as a forger would)
+    state = {k: v.clone() for k, v in chain.checkpoints[3].model_state.items()}
+    first = next(iter(state))
+    state[first] = state[first] + 1e-6
+    forged = dict(checkpoints)
+    forged[3] = dataclasses.replace(chain.checkpoints[3], model_state=state)
+    failed = verify_replay(lineage=lineage, checkpoints=forged, **common)
+    assert failed.status == FAILED and failed.bit_identical == {3: False}
+    assert "matching environment" in failed.problems[0]
+    other = {**lineage, "environment": {**lineage["environment"], "torch_version": "0.0-other"}}
+    unsure = verify_replay(lineage=other, checkpoints=forged, **common)
+    assert unsure.status == INCONCLUSIVE and "torch_version" in unsure.problems[0]
