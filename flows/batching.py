@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from flows.rollback import load_rollback, publish_interim
 from obliviate.errors import ConfigError
 from obliviate.unlearning.batching import BatchPolicy, expected_retrain_seconds, flush_decision, new_request
 from storage.errors import ObjectNotFound
@@ -107,14 +108,21 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     decision = flush_decision(
         batch, now=now, policy=policy, expected_retrain_s=expected_retrain(store), force=bool(forced)
     )
+    due, reason, interim = decision.due, decision.reason, None
+    rollback = load_rollback(store)
+    if rollback["enabled"]:  # exact at once: every affected run serves a checkpoint that never saw the ids
+        interim = publish_interim(store, pending, floor_points=float(rollback["floor_points"]))
+        if interim["flush_now"] and not due:
+            due, reason = True, "rollback_below_floor"
     out = {
-        "flush": decision.due,
-        "reason": decision.reason,
+        "flush": due,
+        "reason": reason,
+        "interim": interim,
         "batched_until": decision.at,
         "requests": sorted(deadlines),
         "deadlines": deadlines,
     }
-    if decision.due:
+    if due:
         for key in forced:
             store.delete(key)
         store.put_json(OPEN_BATCH_KEY, {**out, "flushed_at": now})
