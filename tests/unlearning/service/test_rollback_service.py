@@ -80,7 +80,7 @@ def test_interim_serves_m_d_minus_1_at_once_and_the_retrain_restores_the_full_mo
 
 
 def test_below_the_floor_the_batch_flushes_now_and_block_1_pauses_the_run(trained, tmp_path) -> None:
-    url, store, ids_in = trained
+    _url, store, ids_in = trained
     save_rollback(store, enabled=True, floor_points=0.0)  # only the final model meets the floor
     ledger = DeletionLedger(store)
     ledger.append(request_id="first-block", ids=ids_in(1), dataset="digits", reason=None)
