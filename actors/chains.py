@@ -27,7 +27,9 @@ from obliviate.data import load_dataset
 from obliviate.unlearning.chain import BlockData, Chain
 from obliviate.unlearning.deepobliviate import DeepObliviateOptions
 from obliviate.unlearning.exact import validate_deletion
-from obliviate.unlearning.plan import make_block_plan
+from obliviate.unlearning.health import sharp_drops
+from obliviate.unlearning.lineage import lineage_manifest
+from obliviate.unlearning.plan import BlockPlan, make_block_plan
 from obliviate.unlearning.policies import unlearn
 from obliviate.unlearning.records import GuardrailResult, Policy, UnlearningRecord
 from obliviate.unlearning.service import RunSpec, block_data, block_holdings, work_token
@@ -70,7 +72,7 @@ class ChainWorker:
         registry = self.registry
         current = self._io(lambda: registry.current(run.run_id))
         data = self._block_data(run)
-        plan = make_block_plan(data.train.labels, num_blocks=run.config.num_blocks, seed=run.config.seed)
+        plan = self._fixed_plan(run, data)
         if current is not None:
             self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan)))
             return {"run_id": run.run_id, "version": current.version, "status": "already_trained", **current.metrics}
@@ -88,6 +90,8 @@ class ChainWorker:
         block_seconds = [float(seconds.get(b, 0.0)) for b in range(1, run.config.num_blocks + 1)]
         metrics = {
             "heldout_accuracy": chain.final.heldout_accuracy,
+            # issue 11: a block that drops held-out accuracy sharply is reported (the train flow warns)
+            "sharp_drops": [d.message() for d in sharp_drops([c.heldout_accuracy for c in chain.checkpoints])],
             "train_seconds": float(sum(block_seconds)),
             "num_blocks": run.config.num_blocks,
             "num_train": data.num_train,
@@ -96,7 +100,13 @@ class ChainWorker:
             run.run_id,
             chain_name=TRAIN_CHAIN,
             members=members,
-            metadata={"chain": chain.manifest(), "metrics": metrics, "block_seconds": block_seconds, "record": None},
+            metadata={
+                "chain": chain.manifest(),
+                "metrics": metrics,
+                "block_seconds": block_seconds,
+                "record": None,
+                "lineage": _lineage(chain, members),  # issue 11: proof by replay (obliviate verify)
+            },
             target={"applied_requests": [], "deleted_ids": [], "metrics": metrics},
             expected_version=0,
         )
@@ -110,6 +120,19 @@ class ChainWorker:
             "wall_seconds": time.perf_counter() - began,
             **metrics,
         }
+
+    def _fixed_plan(self, run: RunSpec, data: BlockData) -> BlockPlan:
+        """The run's block plan, fixed at registration (issue 11): stored once, then always read back.
+
+        Deriving it again from the labels would move samples between blocks if labels changed
+        (relabelled or poisoned data); the stored plan keeps every block's ids fixed.
+        """
+        key = f"runs/{run.run_id}/plan.json"
+        if self._io(lambda: self.registry.store.exists(key)):
+            return BlockPlan.from_dict(self._io(lambda: self.registry.store.get_json(key)))
+        plan = make_block_plan(data.train.labels, num_blocks=run.config.num_blocks, seed=run.config.seed)
+        self._io(lambda: self.registry.store.put_json(key, plan.to_dict()))
+        return plan
 
     # ----- unlearning ----------------------------------------------------------------------------
 
@@ -260,6 +283,7 @@ class ChainWorker:
                 "record": record.to_dict(),
                 "audit": audit,
                 "block_seconds": manifest.metadata.get("block_seconds"),
+                "lineage": _lineage(new_chain, members),  # issue 11: proof by replay (obliviate verify)
             },
             target={
                 "applied_requests": [*current.applied_requests, *sorted(todo)],
@@ -383,3 +407,13 @@ def _verify(original: Chain, unlearned: Chain, data: BlockData, excluded: frozen
         "naive_heldout_accuracy": heldout_accuracy(naive.model(), data),
         "naive_retrain_seconds": naive_seconds,
     }
+
+
+def _lineage(chain: Chain, members: dict[int, ObjectInfo]) -> dict[str, Any]:
+    """The lineage manifest of a version about to be published (issue 11, SPEC 6 Proof)."""
+    return lineage_manifest(
+        config=chain.config,
+        plan=chain.plan,
+        deleted_ids=chain.deleted_ids,
+        checkpoint_sha256={index: info.sha256 for index, info in members.items()},
+    )

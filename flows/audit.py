@@ -352,7 +352,12 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
     if current is None:
         raise ConfigError(f"run {run_id!r} has no published version to audit; train it first.")
     spec = registry.spec(run_id)
-    chain, _ = registry.load_chain(current)
+    chain, manifest = registry.load_chain(current)
+    block = manifest.metadata.get("serve_block", chain.config.num_blocks)  # issue 11: an interim version serves M_{d-1}
+    if block is None:
+        raise ConfigError(
+            f"run {run_id!r} is paused: its rollback left no checkpoint to serve until the retrain lands."
+        )
     meta = {
         "num_classes": spec.config.num_classes,
         "image_size": spec.config.image_size,
@@ -363,7 +368,7 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
         "run_id": run_id,
         "version": current.version,
     }
-    save_checkpoint(path, chain.model(), arch=spec.config.model, meta=meta)
+    save_checkpoint(path, chain.model(int(block)), arch=spec.config.model, meta=meta)
     return meta
 
 

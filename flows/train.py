@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from actors.chains import ChainWorker
 from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
 from obliviate.unlearning.config import BlockTrainingConfig
-from obliviate.unlearning.service import plan_run
+from obliviate.unlearning.service import RunSpec, plan_run
+from obliviate.unlearning.shards import make_shard_plan
 from storage.objects import ObjectStore
 
 RAY_NAMESPACE = "obliviate"
@@ -94,8 +97,16 @@ def run_spec(
     optimizer: str = "adam",
     heldout_size: int,
     split_seed: int,
+    shards: int = 1,
+    shard: int = 0,
 ) -> dict[str, Any]:
-    """Plan a run from CLI-like options (image size, levels and classes come from the data)."""
+    """Plan a run from CLI-like options (image size, levels and classes come from the data).
+
+    With ``shards`` S > 1 (issue 11, SPEC 6 Sharding) the run is shard ``shard`` of S: its training
+    ids are that shard of a class-stratified split of the training set into S disjoint shards
+    (seeded by ``split_seed``), and its run id is ``<run_id>-s<shard>of<S>``; all shards share the
+    held-out set, so each is an ordinary run that deletions reach independently.
+    """
     dataset = load_dataset(data)
     config = BlockTrainingConfig(
         model=model,
@@ -119,7 +130,29 @@ def run_spec(
         split_seed=split_seed,
         config=config,
     )
+    if shards > 1:
+        spec = shard_spec(spec, labels=dataset.labels, shards=shards, shard=shard)
     return spec.to_dict()
+
+
+def shard_spec(spec: RunSpec, *, labels: Any, shards: int, shard: int) -> RunSpec:
+    """Shard ``shard`` of ``shards`` of a planned run (disjoint, class-stratified, seeded by its split seed)."""
+    import numpy as np
+
+    if not 0 <= shard < shards:
+        raise ConfigError(f"shard must be in 0..{shards - 1}; got {shard}.")
+    train = np.asarray(spec.train_ids, dtype=np.int64)
+    plan = make_shard_plan(np.asarray(labels)[train], num_shards=shards, seed=spec.split_seed)
+    return replace(
+        spec,
+        run_id=f"{spec.run_id}-s{shard}of{shards}",
+        train_ids=tuple(int(i) for i in train[plan.shards[shard]]),
+    )
+
+
+def shard_run_ids(run_id: str, shards: int) -> list[str]:
+    """The run ids of a sharded run's members."""
+    return [f"{run_id}-s{k}of{shards}" for k in range(shards)] if shards > 1 else [run_id]
 
 
 @flow(name="train", log_prints=False)
@@ -138,8 +171,13 @@ def train_flow(
     train_size: int | None = None,
     heldout_size: int = 300,
     split_seed: int = 0,
+    shards: int = 1,
 ) -> dict[str, Any]:
     """Train run ``run_id`` on ``data`` block by block into ``store``; returns its summary.
+
+    With ``shards`` S > 1, S runs ``<run_id>-s<k>of<S>`` are trained in parallel on disjoint
+    stratified shards (one Ray actor each) and a group record ``groups/<run_id>.json`` states how
+    they are served as one model (mean of their softmax probabilities, ties to the lowest class).
 
     Args:
         store: ``file://...`` or ``s3://bucket/prefix``.
@@ -162,28 +200,35 @@ def train_flow(
     from flows.runtime import ensure_ray
 
     logger = get_run_logger()
-    spec = run_spec(
-        run_id=run_id,
-        data=data,
-        model=model,
-        blocks=blocks,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        optimizer=optimizer,
-        schedule=schedule,
-        seed=seed,
-        train_size=train_size,
-        heldout_size=heldout_size,
-        split_seed=split_seed,
-    )
+    options = {
+        "data": data,
+        "model": model,
+        "blocks": blocks,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "seed": seed,
+        "train_size": train_size,
+        "heldout_size": heldout_size,
+        "split_seed": split_seed,
+    }
     ObjectStore(store).ensure_container()
     ensure_ray()
-    worker = remote_worker(store, name=f"train/{run_id}/{uuid.uuid4().hex[:8]}")
+    specs = [run_spec(run_id=run_id, shards=shards, shard=k, **options) for k in range(max(shards, 1))]
+    workers = [remote_worker(store, name=f"train/{s['run_id']}/{uuid.uuid4().hex[:8]}") for s in specs]
     try:
-        summary = ray.get(worker.train.remote(spec))
+        summaries = ray.get([w.train.remote(s) for w, s in zip(workers, specs, strict=True)])
     finally:
-        ray.kill(worker, no_restart=True)
+        for worker in workers:
+            ray.kill(worker, no_restart=True)
+    summary = summaries[0]
+    if shards > 1:
+        group = {"run_id": run_id, "members": [s["run_id"] for s in summaries], "rule": "mean_probability"}
+        ObjectStore(store).put_json(f"groups/{run_id}.json", group)
+        accuracies = [s.get("heldout_accuracy") for s in summaries]
+        summary = {**summary, "run_id": run_id, "shards": summaries, "group": group, "heldout_accuracy": accuracies}
     logger.info(
         "run %s: version %s, held-out accuracy %s, %s blocks trained now, %s resumed from storage",
         run_id,
@@ -192,4 +237,6 @@ def train_flow(
         summary.get("trained_blocks", 0),
         summary.get("resumed_blocks", 0),
     )
+    for message in summary.get("sharp_drops") or []:  # issue 11: diverging settings are not accepted silently
+        logger.warning("run %s: %s", run_id, message)
     return {**summary, "store": ObjectStore(store).url}

@@ -34,6 +34,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.batching import batch_gate
 from flows.train import worker_pool
 from obliviate.unlearning.service import RequestError, parse_event_payload, parse_ids, request_id_for
 from storage.ledger import CLAIMED, DONE, PENDING, REJECTED, TERMINAL, DeletionLedger, RequestStatus
@@ -62,7 +63,16 @@ def process_open_requests(
     ledger, registry = DeletionLedger(object_store), RunRegistry(object_store)
     holder = holder or f"{flow_run.get_id() or 'local'}"
     claimed: list[RequestStatus] = []
-    for entry in ledger.open_entries(stale_after_s=stale_after_s):
+    open_entries = ledger.open_entries(stale_after_s=stale_after_s)
+    # --- issue 11: deadline-aware batching (flows/batching.py); requests wait until their batch is due ---
+    gate = batch_gate(object_store, open_entries)
+    if open_entries and not gate["flush"]:
+        logger.info(
+            "%d request(s) batched until %s (%s rule)", len(open_entries), gate["batched_until"], gate["reason"]
+        )
+        return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
+    # --- end issue 11 ---
+    for entry in open_entries:
         taken = ledger.transition(
             entry.request_id,
             status=CLAIMED,
@@ -145,8 +155,14 @@ def process_open_requests(
             )
             settled[request_id] = PENDING
         else:
+            exact_at = time.time()  # issue 11: when the request became exact, against its deadline
+            deadline = gate["deadlines"].get(request_id)
+            timing = {"exact_at": exact_at, "deadline": deadline, "late": deadline is not None and exact_at > deadline}
             ledger.transition(
-                request_id, status=DONE, details={"runs": audits, "finished_at": time.time()}, allowed_from=(CLAIMED,)
+                request_id,
+                status=DONE,
+                details={"runs": audits, "finished_at": exact_at, "batch": gate["reason"], **timing},
+                allowed_from=(CLAIMED,),
             )
             settled[request_id] = DONE
     logger.info("settled: %s", settled)

@@ -27,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="wait up to SECONDS for the request to be done or rejected",
     )
     parser.add_argument("--status", default=None, metavar="REQUEST_ID", help="print a request's ledger entry and exit")
+    parser.add_argument("--now", action="store_true", help="flush the open batch now instead of waiting for it")
     parser.set_defaults(handler=run_forget)
 
 
@@ -38,12 +39,19 @@ def run_forget(args: argparse.Namespace) -> int:
 
     if args.status:
         ledger = DeletionLedger(ObjectStore(args.store))
-        print(
-            json.dumps(
-                {**ledger.get(args.status).as_dict(), "history": ledger.history(args.status)}, indent=2, default=str
-            )
-        )
+        from flows.batching import batch_status  # issue 11: "batched until T"
+
+        entry = {**ledger.get(args.status).as_dict(), "history": ledger.history(args.status)}
+        entry["batch"] = batch_status(ObjectStore(args.store), args.status)
+        print(json.dumps(entry, indent=2, default=str))
         return 0
+    if args.now:  # issue 11: the next pass flushes the open batch
+        from flows.batching import request_flush
+
+        request_flush(ObjectStore(args.store), reason=args.reason or "forget --now")
+        if args.ids is None:
+            print("the open batch flushes on the next pass (event or reconcile)", file=sys.stderr)
+            return 0
     if args.ids is None:
         raise ConfigError("forget needs --ids 3,17,42 (or --status REQUEST_ID).")
     result = submit_deletion(

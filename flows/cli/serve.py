@@ -32,14 +32,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a claimed request older than this is taken over (default 600)",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
+    # issue 11: deadline-aware batching (flows/batching.py)
+    parser.add_argument("--batch-window", default="0", help="hold requests this long in one batch: 1h, 1d (default 0)")
+    parser.add_argument("--batch-max", type=int, default=None, help="flush a batch once it holds this many requests")
+    parser.add_argument("--deadline", default="30d", help="each request's deadline after receipt (default 30d)")
+    parser.add_argument(
+        "--rollback", action="store_true", help="on acceptance, serve M_{d-1} of each affected run (exact at once)"
+    )
+    parser.add_argument(
+        "--floor-points", type=float, default=2.0, help="with --rollback: flush now when M_{d-1} is this far below"
+    )
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from flows.batching import save_policy
     from flows.deployments import ServiceOptions, serve_deployments
+    from flows.rollback import save_rollback
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+    from obliviate.unlearning.batching import BatchPolicy, parse_duration
+    from storage.objects import ObjectStore
 
     apply_prefect_defaults()
+    policy = BatchPolicy(
+        window_s=parse_duration(args.batch_window), batch_max=args.batch_max, deadline_s=parse_duration(args.deadline)
+    )
+    save_policy(ObjectStore(args.store), policy)
+    save_rollback(ObjectStore(args.store), enabled=args.rollback, floor_points=args.floor_points)
     options = ServiceOptions(
         store=args.store,
         policy=args.policy,

@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all not held out)")
     parser.add_argument("--heldout-size", type=int, default=300, help="held-out samples (default 300)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out split")
+    parser.add_argument(
+        "--shards", type=int, default=1, help="S > 1: S chains on disjoint stratified shards, trained in parallel"
+    )
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
     parser.set_defaults(handler=run_train)
 
@@ -50,11 +53,14 @@ def run_train(args: argparse.Namespace) -> int:
             train_size=args.train_size,
             heldout_size=args.heldout_size,
             split_seed=args.split_seed,
+            shards=args.shards,
         )
     print(
         f"run {summary['run_id']}: version {summary['version']} ({summary['status']}), held-out accuracy "
         f"{summary.get('heldout_accuracy')}, {summary.get('trained_blocks', 0)} blocks trained, "
         f"{summary.get('resumed_blocks', 0)} resumed; store {summary['store']}"
     )
+    for message in summary.get("sharp_drops") or []:
+        print(f"warning: {message}", file=sys.stderr)
     print(json.dumps(summary, default=str))
     return 0

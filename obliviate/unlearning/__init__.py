@@ -5,6 +5,18 @@ the deletion service's pure rules.
 Public names are importable from here; the modules hold them.
 """
 
+from obliviate.unlearning.batching import (
+    BatchPolicy,
+    FlushDecision,
+    PendingRequest,
+    amortised_fraction,
+    expected_retrain_seconds,
+    flush_decision,
+    flush_time,
+    late_requests,
+    new_request,
+    parse_duration,
+)
 from obliviate.unlearning.chain import (
     CHECKPOINT_FORMAT,
     BlockData,
@@ -39,6 +51,8 @@ from obliviate.unlearning.exact import (
     unlearn_exact,
     validate_deletion,
 )
+from obliviate.unlearning.health import SharpDrop, sharp_drops
+from obliviate.unlearning.lineage import VerifyReport, lineage_manifest, verify_replay
 from obliviate.unlearning.plan import (
     BlockPlan,
     make_block_plan,
@@ -46,6 +60,7 @@ from obliviate.unlearning.plan import (
 from obliviate.unlearning.policies import (
     unlearn,
 )
+from obliviate.unlearning.probes import per_sample_loss, stamp_pattern
 from obliviate.unlearning.records import (
     DeletionError,
     GuardrailAttempt,
@@ -55,6 +70,7 @@ from obliviate.unlearning.records import (
     UnlearningRecord,
     UnlearningResult,
 )
+from obliviate.unlearning.rollback import InterimPlan, ShardCheckpoints, plan_interim
 from obliviate.unlearning.service import (
     REQUEST_ID_PATTERN,
     RUN_ID_PATTERN,
@@ -69,6 +85,7 @@ from obliviate.unlearning.service import (
     request_id_for,
     work_token,
 )
+from obliviate.unlearning.shards import ShardPlan, combine, make_shard_plan, predict_shards
 from obliviate.unlearning.sisa import (
     SisaConfig,
     SisaEnsemble,
@@ -108,6 +125,7 @@ __all__ = [
     "REQUEST_ID_PATTERN",
     "RUN_ID_PATTERN",
     "BackdoorSet",
+    "BatchPolicy",
     "BlockData",
     "BlockPlan",
     "BlockTiming",
@@ -120,22 +138,30 @@ __all__ = [
     "CheckpointSink",
     "DeepObliviateOptions",
     "DeletionError",
+    "FlushDecision",
     "GuardrailAttempt",
     "GuardrailResult",
     "InMemoryChainStore",
+    "InterimPlan",
     "OptimizerName",
+    "PendingRequest",
     "Policy",
     "PowerLawFit",
     "Predictor",
     "RequestError",
     "RunSpec",
     "ScheduleName",
+    "ShardCheckpoints",
+    "ShardPlan",
+    "SharpDrop",
     "SisaConfig",
     "SisaEnsemble",
     "StopRule",
     "UnlearningRecord",
     "UnlearningResult",
     "VerificationFigures",
+    "VerifyReport",
+    "amortised_fraction",
     "attack_success_rate",
     "block_data",
     "block_holdings",
@@ -143,26 +169,40 @@ __all__ = [
     "check_checkpoint",
     "check_name",
     "choose_backdoor_ids",
+    "combine",
     "consistency",
     "deterministic_torch",
+    "expected_retrain_seconds",
     "fit_power_law",
+    "flush_decision",
+    "flush_time",
     "heldout_accuracy",
     "initial_checkpoint",
     "keep_mask",
+    "late_requests",
+    "lineage_manifest",
     "make_block_plan",
+    "make_shard_plan",
     "make_sisa_slices",
     "mean_loss",
     "model_from_state",
     "new_model",
     "new_optimizer",
+    "new_request",
+    "parse_duration",
     "parse_event_payload",
     "parse_ids",
+    "per_sample_loss",
+    "plan_interim",
     "plan_run",
     "poison",
     "predict",
+    "predict_shards",
     "request_id_for",
     "schedule_rate",
+    "sharp_drops",
     "snapshot_state",
+    "stamp_pattern",
     "stamp_trigger",
     "state_difference_l1",
     "state_l1",
@@ -177,6 +217,7 @@ __all__ = [
     "unlearn_sisa",
     "validate_deletion",
     "verify",
+    "verify_replay",
     "with_replaced",
     "work_token",
 ]

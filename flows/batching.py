@@ -1,0 +1,146 @@
+"""Deadline-aware batching in the service (SPEC section 6): when the open requests are processed.
+
+The rules are pure (:mod:`obliviate.unlearning.batching`); this module keeps their state in the
+store next to the ledger:
+
+* ``service/batch_policy.json``: the policy ``obliviate serve --batch-window/--batch-max/--deadline``
+  runs with (absent: every request is processed at once, as before batching);
+* ``ledger/batch/open.json``: the open batch: its requests, each one's deadline, and
+  ``batched_until`` (when it flushes and which rule decides it) -- what ``forget --status`` shows;
+* ``ledger/flush/<time>.json``: a forced flush (``forget --now``), consumed by the next pass.
+
+:func:`batch_gate` is called at the start of every unlearning pass (event or cron reconcile): it
+says whether the open requests are due. The expected retrain time is the slowest registered run's
+recorded block times from block 1 (the worst case), so a batch flushes early enough for every
+request to be exact before its deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flows.rollback import load_rollback, publish_interim
+from obliviate.errors import ConfigError
+from obliviate.unlearning.batching import BatchPolicy, expected_retrain_seconds, flush_decision, new_request
+from storage.errors import ObjectNotFound
+from storage.objects import ObjectStore
+from storage.registry import RunRegistry
+
+POLICY_KEY = "service/batch_policy.json"
+OPEN_BATCH_KEY = "ledger/batch/open.json"
+FLUSH_PREFIX = "ledger/flush"
+
+
+def save_policy(store: ObjectStore, policy: BatchPolicy) -> None:
+    store.put_json(
+        POLICY_KEY,
+        {
+            "window_s": policy.window_s,
+            "batch_max": policy.batch_max,
+            "deadline_s": policy.deadline_s,
+            "margin_s": policy.margin_s,
+        },
+    )
+
+
+def load_policy(store: ObjectStore) -> BatchPolicy:
+    """The store's batch policy (immediate processing when ``serve`` never set one)."""
+    try:
+        return BatchPolicy(**store.get_json(POLICY_KEY))
+    except ObjectNotFound:
+        return BatchPolicy()
+
+
+def request_flush(store: ObjectStore, *, reason: str) -> str:
+    """Ask the next pass to flush the open batch now (``forget --now``)."""
+    key = f"{FLUSH_PREFIX}/{time.time():.6f}.json"
+    store.put_json(key, {"reason": reason, "at": time.time()})
+    return key
+
+
+def expected_retrain(store: ObjectStore) -> float:
+    """Worst-case exact retrain of any registered run: all its recorded block times (block 1 on)."""
+    registry = RunRegistry(store)
+    worst = 0.0
+    for run_id in registry.run_ids():
+        current = registry.current(run_id)
+        if current is None:
+            continue
+        seconds = registry.manifest(current).metadata.get("block_seconds") or []
+        try:
+            worst = max(worst, expected_retrain_seconds(seconds, first_block=1))
+        except ConfigError:
+            continue
+    return worst
+
+
+def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None = None) -> dict[str, Any]:
+    """Whether the pending ledger entries flush now; records the open batch when they wait.
+
+    Args:
+        store: the service's store.
+        pending: ledger entries not yet processed (objects with ``request_id`` and ``request``).
+        now: the current time (default: the clock).
+
+    Returns:
+        ``{"flush": bool, "reason", "batched_until", "requests", "deadlines"}``.
+    """
+    now = time.time() if now is None else now
+    policy = load_policy(store)
+    forced = store.list(FLUSH_PREFIX)
+    batch = [
+        new_request(request_id=e.request_id, received_at=float(e.request.get("requested_at", now)), policy=policy)
+        for e in pending
+    ]
+    deadlines = {r.request_id: r.deadline for r in batch}
+    if not batch:
+        return {"flush": False, "reason": "empty", "batched_until": None, "requests": [], "deadlines": {}}
+    if policy.window_s == 0 and not forced:  # immediate (the default): no manifest reads, no extra writes
+        return {
+            "flush": True,
+            "reason": "window",
+            "batched_until": now,
+            "requests": sorted(deadlines),
+            "deadlines": deadlines,
+        }
+    decision = flush_decision(
+        batch, now=now, policy=policy, expected_retrain_s=expected_retrain(store), force=bool(forced)
+    )
+    due, reason, interim = decision.due, decision.reason, None
+    rollback = load_rollback(store)
+    if rollback["enabled"]:  # exact at once: every affected run serves a checkpoint that never saw the ids
+        interim = publish_interim(store, pending, floor_points=float(rollback["floor_points"]))
+        if interim["flush_now"] and not due:
+            due, reason = True, "rollback_below_floor"
+    out = {
+        "flush": due,
+        "reason": reason,
+        "interim": interim,
+        "batched_until": decision.at,
+        "requests": sorted(deadlines),
+        "deadlines": deadlines,
+    }
+    if due:
+        for key in forced:
+            store.delete(key)
+        store.put_json(OPEN_BATCH_KEY, {**out, "flushed_at": now})
+    else:
+        store.put_json(OPEN_BATCH_KEY, {**out, "recorded_at": now})
+    return out
+
+
+def batch_status(store: ObjectStore, request_id: str) -> dict[str, Any] | None:
+    """The open batch as seen by one request (``batched until T``), or ``None`` if it is not waiting in it."""
+    try:
+        batch = store.get_json(OPEN_BATCH_KEY)
+    except ObjectNotFound:
+        return None
+    if request_id not in batch.get("requests", []) or batch.get("flush"):
+        return None
+    return {
+        "batched_until": batch["batched_until"],
+        "flush_rule": batch["reason"],
+        "deadline": batch["deadlines"].get(request_id),
+    }

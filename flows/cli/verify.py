@@ -1,0 +1,49 @@
+"""``obliviate verify``: prove by replay that a published model never trained on deleted ids (SPEC 6).
+
+Re-trains the chosen blocks from their stored predecessors, checks bit-identity with the stored
+checkpoints, the lineage hashes, and that no id of an applied request remains in any block's id
+list. Exit code 0: passed; 4: failed; 5: inconclusive (another CPU capability or torch build:
+bit-identity is only promised on the lineage's environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("verify", help="re-train blocks from stored checkpoints and check bit-identity")
+    parser.add_argument("--store", default="file://./runs", help="file://PATH (default ./runs) or s3://bucket/prefix")
+    parser.add_argument("--run", required=True, help="the run id")
+    parser.add_argument("--version", type=int, default=None, help="a published version (default: the current one)")
+    parser.add_argument(
+        "--blocks", default="all", help="all (default), retrained (from the earliest deletion on) or one block number"
+    )
+    parser.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifact)")
+    parser.set_defaults(handler=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    if args.no_prefect:
+        from flows.verify import verify_run
+
+        result = verify_run(args.store, args.run, version=args.version, blocks=args.blocks)
+    else:
+        from flows.runtime import apply_prefect_defaults, prefect_api
+        from flows.verify import verify_flow
+
+        apply_prefect_defaults()
+        with prefect_api():
+            result = verify_flow(store=args.store, run_id=args.run, version=args.version, blocks=args.blocks)
+    identical = sum(result["bit_identical"].values())
+    print(
+        f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
+        f"{len(result['bit_identical'])} replayed blocks bit-identical",
+        file=sys.stderr,
+    )
+    for problem in result["problems"]:
+        print(f"  {problem}", file=sys.stderr)
+    print(json.dumps(result, default=str))
+    return {"passed": 0, "failed": 4}.get(result["status"], 5)

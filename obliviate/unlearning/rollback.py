@@ -1,0 +1,149 @@
+"""Exact forgetting at once, by rollback: which interim version to serve (SPEC section 6).
+
+Every stored checkpoint M_i with i < d (d = the earliest block holding a deleted id) never saw the
+ids, so serving it is exact the moment a request is accepted. For a sharded run (S chains on
+disjoint shards, :mod:`obliviate.unlearning.shards`) only the affected shards roll back, each to
+its last checkpoint before its earliest affected block; a shard whose rolled-back held-out
+accuracy falls below ``shard_floor`` (or that rolls back to M_0, the untrained model) leaves the
+vote. A single chain serves M_{d-1}.
+
+Exactness comes first: the interim plan never serves a checkpoint at or after an affected block.
+When the interim ensemble's accuracy is below ``served_floor`` (e.g. a deletion in block 1 of a
+single chain) the plan still serves it, marks ``flush_now`` and the batch is retrained at once;
+each retrained block M'_i is exact too and may be served as it lands
+(:func:`advance_after_retrain`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from obliviate.errors import ConfigError
+
+ServedBlocks = Mapping[int, int | None]
+"""shard -> index of the checkpoint it serves (``None``: the shard is out of the vote)."""
+
+
+@dataclass(frozen=True)
+class ShardCheckpoints:
+    """What a shard offers: the held-out accuracy of each stored checkpoint M_0..M_B of its current chain.
+
+    Attributes:
+        shard: the shard's number (0-based).
+        accuracies: held-out accuracy of M_0..M_B (``None`` where not evaluated; such a
+            checkpoint is never chosen as an interim, since its accuracy is unknown).
+        served_block: the checkpoint the shard serves now (B normally; less after an earlier rollback
+            whose retrain has not landed; ``None`` if the shard is out of the vote).
+    """
+
+    shard: int
+    accuracies: tuple[float | None, ...]
+    served_block: int | None
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.accuracies) - 1
+
+
+@dataclass(frozen=True)
+class InterimPlan:
+    """The interim version: what each shard serves, its expected accuracy, and whether to flush now."""
+
+    served: dict[int, int | None]
+    accuracy: float | None
+    flush_now: bool
+    reason: str
+    rolled_back: tuple[int, ...]
+    left_vote: tuple[int, ...]
+
+
+def rollback_block(*, served_block: int | None, first_affected_block: int) -> int | None:
+    """The newest checkpoint index a shard may serve after deleting from ``first_affected_block`` on.
+
+    ``min(served, d - 1)``: a shard already rolled back further stays there; ``None`` stays out.
+    """
+    if first_affected_block < 1:
+        raise ConfigError(f"first_affected_block must be >= 1 (blocks are 1-based); got {first_affected_block}.")
+    if served_block is None:
+        return None
+    return min(served_block, first_affected_block - 1)
+
+
+def plan_interim(
+    *,
+    shards: Sequence[ShardCheckpoints],
+    affected: Mapping[int, int],
+    served_floor: float,
+    shard_floor: float,
+    ensemble_accuracy: Callable[[ServedBlocks], float] | None = None,
+) -> InterimPlan:
+    """Roll back the affected shards and decide whether the interim version meets the floor.
+
+    Args:
+        shards: every shard's checkpoints and what it serves now.
+        affected: shard -> its earliest affected block (1-based) for the accepted request(s).
+        served_floor: the lowest held-out accuracy the served model may have without an immediate flush.
+        shard_floor: a rolled-back shard below this accuracy (or at M_0) leaves the vote.
+        ensemble_accuracy: accuracy of a served combination (needed for S > 1; a single chain uses
+            its checkpoint's recorded accuracy).
+
+    Raises:
+        ConfigError: an affected shard that does not exist.
+    """
+    by_id = {s.shard: s for s in shards}
+    unknown = sorted(set(affected) - set(by_id))
+    if unknown:
+        raise ConfigError(f"affected shards {unknown} are not among the run's shards {sorted(by_id)}.")
+    served: dict[int, int | None] = {s.shard: s.served_block for s in shards}
+    rolled, left = [], []
+    for shard_id, first in sorted(affected.items()):
+        target = rollback_block(served_block=served[shard_id], first_affected_block=first)
+        if target != served[shard_id]:
+            rolled.append(shard_id)
+        accuracy = None if target is None else by_id[shard_id].accuracies[target]
+        if target is None or target == 0 or accuracy is None or accuracy < shard_floor:
+            if served[shard_id] is not None:
+                left.append(shard_id)
+            target = None
+        served[shard_id] = target
+    in_vote = {k: v for k, v in served.items() if v is not None}
+    if not in_vote:
+        return InterimPlan(served, None, True, "no shard meets the floor: flush now", tuple(rolled), tuple(left))
+    if len(shards) == 1:
+        only = next(iter(in_vote.items()))
+        accuracy = by_id[only[0]].accuracies[only[1]]
+    elif ensemble_accuracy is None:
+        raise ConfigError("a sharded run needs ensemble_accuracy to judge its interim version against the floor.")
+    else:
+        accuracy = ensemble_accuracy(served)
+    if accuracy is None or accuracy < served_floor:
+        return InterimPlan(
+            served, accuracy, True, f"interim accuracy {accuracy} below the floor {served_floor}: flush now",
+            tuple(rolled), tuple(left),
+        )  # fmt: skip
+    return InterimPlan(served, accuracy, False, "interim version meets the floor", tuple(rolled), tuple(left))
+
+
+def advance_after_retrain(*, served: ServedBlocks, shard: int, retrained_block: int) -> dict[int, int | None]:
+    """Serve a shard's freshly retrained (exact) block M'_i: the shard re-enters the vote at block i."""
+    out = dict(served)
+    current = out.get(shard)
+    out[shard] = retrained_block if current is None or retrained_block > current else current
+    return out
+
+
+def saw_deleted(
+    *, served: ServedBlocks, affected: Mapping[int, int], retrained_through: Mapping[int, int]
+) -> list[int]:
+    """Shards serving a checkpoint that trained on deleted ids (the invariant says: none).
+
+    A shard's served block i is clean if i < its earliest affected block, or if the retrain of the
+    batch (which excludes the ids) has produced blocks up to at least i (``retrained_through``).
+    """
+    bad = []
+    for shard, first in affected.items():
+        block = served.get(shard)
+        if block is not None and block >= first and retrained_through.get(shard, first - 1) < block:
+            bad.append(shard)
+    return sorted(bad)

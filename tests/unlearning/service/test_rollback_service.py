@@ -1,0 +1,93 @@
+"""Rollback in the service (issue 11): an interim version never serves a block that saw the ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.chains import ChainWorker
+from flows.audit import export_target
+from flows.batching import batch_gate, save_policy
+from flows.rollback import save_rollback, served_model
+from flows.train import run_spec
+from obliviate.errors import ConfigError
+from obliviate.unlearning.batching import DAY_S, BatchPolicy
+from obliviate.unlearning.plan import BlockPlan
+from obliviate.unlearning.rollback import saw_deleted
+from storage import ObjectStore
+from storage.ledger import DeletionLedger
+from storage.registry import RunRegistry
+
+TINY = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 4,
+    "epochs": 1,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "train_size": 400,
+    "heldout_size": 200,
+    "seed": 0,
+    "split_seed": 0,
+}
+
+
+@pytest.fixture
+def trained(tmp_path: Path):
+    url = f"file://{tmp_path / 'store'}"
+    store = ObjectStore(url)
+    store.ensure_container()
+    spec = run_spec(run_id="rb", **TINY)
+    ChainWorker(url).train(spec)
+    plan = BlockPlan.from_dict(store.get_json("runs/rb/plan.json"))
+
+    def ids_in(block: int) -> list[int]:
+        return [int(spec["train_ids"][p]) for p in plan.block_ids(block)[:2]]
+
+    save_policy(store, BatchPolicy(window_s=DAY_S))
+    return url, store, ids_in
+
+
+def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_interim_serves_m_d_minus_1_at_once_and_the_retrain_restores_the_full_model(trained, tmp_path) -> None:
+    url, store, ids_in = trained
+    save_rollback(store, enabled=True, floor_points=100.0)  # any checkpoint meets this floor
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="late-block", ids=ids_in(3), dataset="digits", reason=None)
+    gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert not gate["flush"] and gate["interim"]["runs"]["rb"]["serve_block"] == 2
+    registry = RunRegistry(store)
+    chain, _ = registry.load_chain(registry.current("rb"))
+    served = served_model(registry, "rb")
+    assert served is not None and _states_equal(served, chain.model(2))
+    assert saw_deleted(served={0: 2}, affected={0: 3}, retrained_through={}) == []
+    assert store.exists("ledger/forgotten/late-block.json")
+    assert export_target(registry, "rb", tmp_path / "target.pt")["version"] == 2
+    # the batch's retrain (from the interim version) publishes the full, exact model
+    audit = ChainWorker(url).unlearn("rb", {"late-block": ids_in(3)})
+    assert audit["status"] == "published"
+    new_chain, manifest = registry.load_chain(registry.current("rb"))
+    assert "serve_block" not in manifest.metadata
+    final = served_model(registry, "rb")
+    assert final is not None and _states_equal(final, new_chain.model())
+
+
+def test_below_the_floor_the_batch_flushes_now_and_block_1_pauses_the_run(trained, tmp_path) -> None:
+    _url, store, ids_in = trained
+    save_rollback(store, enabled=True, floor_points=0.0)  # only the final model meets the floor
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="first-block", ids=ids_in(1), dataset="digits", reason=None)
+    gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert gate["flush"] and gate["reason"] == "rollback_below_floor"
+    assert gate["interim"]["runs"]["rb"]["serve_block"] is None
+    registry = RunRegistry(store)
+    assert served_model(registry, "rb") is None
+    with pytest.raises(ConfigError, match="paused"):
+        export_target(registry, "rb", tmp_path / "target.pt")

@@ -1,0 +1,102 @@
+"""`obliviate verify` (SPEC 6, Proof by replay): passes on an honest store, catches tampering.
+
+The runs are trained and unlearned in-process with the worker the flows use, in a file:// store
+(no servers needed: the flow wrapper adds only the Prefect artifact).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.chains import ChainWorker
+from flows.cli import main
+from flows.train import run_spec
+from flows.verify import verify_run
+from storage import ObjectStore
+from storage.registry import RunRegistry
+
+TINY = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 4,
+    "epochs": 1,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "train_size": 400,
+    "heldout_size": 200,
+    "seed": 0,
+    "split_seed": 0,
+}
+
+
+@pytest.fixture
+def unlearned_store(tmp_path: Path) -> tuple[str, list[int]]:
+    url = f"file://{tmp_path / 'store'}"
+    ObjectStore(url).ensure_container()
+    worker = ChainWorker(url)
+    spec = run_spec(run_id="v-run", **TINY)
+    worker.train(spec)
+    ids = [int(spec["train_ids"][i]) for i in (150, 151, 390)]  # blocks in the middle and the end
+    audit = worker.unlearn("v-run", {"req-1": ids})
+    assert audit["status"] == "published" and audit["to_version"] == 2
+    return url, ids
+
+
+def test_verify_passes_on_an_honest_store_and_records_the_result(unlearned_store) -> None:
+    url, _ = unlearned_store
+    result = verify_run(url, "v-run", blocks="all")
+    assert result["status"] == "passed", result["problems"]
+    assert result["blocks_replayed"] == [1, 2, 3, 4] and all(result["bit_identical"].values())
+    assert result["lineage"] == "recorded" and result["applied_requests"] == ["req-1"]
+    assert ObjectStore(url).list("ledger/verifications")
+    first = verify_run(url, "v-run", version=1, blocks="2")
+    assert first["status"] == "passed" and first["blocks_replayed"] == [2]
+
+
+def test_verify_catches_a_flipped_checkpoint_byte(unlearned_store, tmp_path: Path, capsys) -> None:
+    url, _ = unlearned_store
+    registry = RunRegistry(ObjectStore(url))
+    member = registry.manifest(registry.current("v-run")).members["3"]
+    path = tmp_path / "store" / member.key
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    code = main(["verify", "--store", url, "--run", "v-run", "--blocks", "all", "--no-prefect"])
+    assert code == 4
+    err = capsys.readouterr().err
+    assert "failed" in err and "M_3 cannot be read" in err
+
+
+def test_verify_catches_an_applied_id_left_in_a_block_list(unlearned_store) -> None:
+    """A dishonest publisher: version 3 claims req-1 applied but serves the chain that still holds its ids."""
+    url, _ = unlearned_store
+    registry = RunRegistry(ObjectStore(url))
+    current = registry.current("v-run")
+    original = registry.store.read_pointer_version(registry.pointer_key("v-run"), 1)
+    old = registry.store.read_manifest(original.target["manifest"])
+    registry.publish(
+        "v-run",
+        chain_name="forged",
+        members={int(k): v for k, v in old.members.items()},
+        metadata=old.metadata,
+        pointer_target={"applied_requests": ["req-1"], "deleted_ids": list(current.deleted_ids), "metrics": {}},
+        expected_version=current.version,
+    )
+    result = verify_run(url, "v-run", blocks="retrained")
+    assert result["status"] == "failed"
+    assert any("still lists ids of applied requests" in p for p in result["problems"])
+
+
+def test_block_plan_is_fixed_at_registration_and_read_back(unlearned_store) -> None:
+    url, _ = unlearned_store
+    store = ObjectStore(url)
+    stored = store.get_json("runs/v-run/plan.json")
+    registry = RunRegistry(store)
+    chain, _ = registry.load_chain(registry.current("v-run"))
+    assert chain.plan.to_dict() == stored
+    # a later train call with the same run reads the stored plan, whatever the labels say now
+    store.put_json("runs/v-run/plan.json", {**stored, "blocks": list(reversed(stored["blocks"]))})
+    assert ChainWorker(url)._fixed_plan(registry.spec("v-run"), None).to_dict()["blocks"][0] == stored["blocks"][-1]  # type: ignore[arg-type]
