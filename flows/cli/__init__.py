@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli.target",
     "flows.cli.steal",
     "flows.cli.tune",
+    "flows.cli.ui",
 )
 
 

@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from flows.deployments import ServiceOptions, serve_deployments
-    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api, ui_url_of
 
     apply_prefect_defaults()
     options = ServiceOptions(
@@ -50,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> int:
         stale_after_s=args.stale_after,
     )
     with prefect_api() as api_url:
-        print(f"Prefect API: {api_url}", file=sys.stderr)
+        print(f"Prefect API: {api_url} (dashboard: {ui_url_of(api_url)})", file=sys.stderr)
         ensure_ray(address=args.ray_address)
         import ray
 
