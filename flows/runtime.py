@@ -167,7 +167,7 @@ def prefect_server(
     if log_path is None:
         with tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False) as handle:
             log_path = Path(handle.name)
-    with open(log_path, "ab") as log:
+    with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
