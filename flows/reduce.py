@@ -221,7 +221,10 @@ def publish_result(
         title=reduction_title(summary),
         rows=reduction_rows(best),
         lines=reduction_lines(summary),
-        links={name: store.uri(f"{key}/{name}") for name in ("summary.json", "subset.npy", "restarts.json")},
+        links={
+            "result": store.uri(key),
+            **{name: store.uri(f"{key}/{name}") for name in ("summary.json", "subset.npy", "restarts.json")},
+        },
     )
     return store.uri(key)
 

@@ -115,8 +115,6 @@ def server_environment(*, port: int, home: Path) -> dict[str, str]:
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_UI_API_URL": api_url,
         "PREFECT_UI_URL": ui_url_of(api_url),
     }
