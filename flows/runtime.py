@@ -161,7 +161,7 @@ def prefect_server(
             "choose another with --port N, or --port 0 for any free one."
         )
     env = server_environment(port=port, home=home_dir)
-    api_url = env["PREFECT_UI_API_URL"]
+    api_url = f"http://127.0.0.1:{port}/api"
     if log_path is None:
         with tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False) as handle:
             log_path = Path(handle.name)

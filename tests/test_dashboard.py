@@ -98,10 +98,10 @@ def test_dashboard_shows_flow_runs_and_artifacts_in_a_real_browser(tmp_path, mon
     # 1. A command's embedded server: its UI calls its own API, so the flow run shows.
     with prefect_api() as api_url:
         ui = ui_url_of(api_url)
-        assert get_json(f"{ui}/ui-settings")["api_url"] == api_url
         artifact_id = make_artifact.with_options(flow_run_name=RUN_NAME)()
         runs = render(f"{ui}/runs", tmp_path)
         assert RUN_NAME in runs and "Something went wrong" not in runs, runs[-3000:]
+        assert get_json(f"{ui}/ui-settings")["api_url"] == api_url
     assert not is_healthy(api_url)
 
     # 2. After the command exited: `obliviate ui` on the same database shows the run and the artifact.
