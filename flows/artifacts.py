@@ -33,7 +33,8 @@ def describe(*, title: str, lines: Iterable[str] = (), links: Mapping[str, str] 
     parts = [f"# {title}", *[line for line in lines if line]]
     if links:
         parts.append(
-            "**Full reports:** " + " · ".join(f"[{name}]({as_url(url)}) `{as_url(url)}`" for name, url in links.items())
+            "**Full reports:**\n\n"
+            + "\n".join(f"- [{name}]({as_url(url)}) `{as_url(url)}`" for name, url in links.items())
         )
     return "\n\n".join(parts)
 
@@ -60,9 +61,7 @@ def publish_markdown(
     """Create a Markdown artifact (title, lines, links, then ``body``); returns its id."""
     from prefect.artifacts import create_markdown_artifact
 
-    return create_markdown_artifact(
-        key=key, markdown=describe(title=title, lines=lines, links=links) + "\n\n" + body, description=title
-    )
+    return create_markdown_artifact(key=key, markdown=describe(title=title, lines=lines, links=links) + "\n\n" + body)
 
 
 # --- DRMI reduction (SPEC section 2) ---------------------------------------------------------------
@@ -91,7 +90,8 @@ def reduction_lines(summary: Mapping[str, Any]) -> list[str]:
     return [
         (
             f"**H = {summary['h']:.4f} nats**: mutual information summed over every pair of the chosen images "
-            f"(lower is better), the best of {summary['restarts']} restarts (start vertex {summary['best_start']})."
+            f"(lower is better), the best of {summary['restarts']} restarts (start vertex {summary['best_start']}); "
+            "the 10 best restarts below."
         ),
         (
             f"{summary['bins']} gray-level bins, {'normalised' if summary['normalize'] else 'raw'} MI, greedy fold "
@@ -105,7 +105,6 @@ def reduction_lines(summary: Mapping[str, Any]) -> list[str]:
             f"computed, {summary['tiles_reused']} reused), restarts {summary['restart_seconds']:.1f} s, "
             f"{summary['workers']} Ray worker(s)."
         ),
-        "The 10 best restarts:",
     ]
 
 

@@ -172,5 +172,5 @@ def test_unlearning_record_and_ledger_entry_read_well(tmp_path):
         assert f"| {version} | {status} | 20" in markdown  # the status history, with UTC times
 
     text = describe(title="Unlearning record", lines=["one", ""], links={"ledger": store.uri("ledger")})
-    assert text.startswith("# Unlearning record\n\none\n\n**Full reports:** [ledger](file://")
+    assert text.startswith("# Unlearning record\n\none\n\n**Full reports:**\n\n- [ledger](file://")
     assert as_url("relative/report.md") == (Path.cwd() / "relative" / "report.md").as_uri()
