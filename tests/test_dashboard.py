@@ -163,8 +163,9 @@ def test_unlearning_record_and_ledger_entry_read_well(tmp_path):
 
     (row,) = unlearning_rows(entry["details"]["runs"])
     assert row["version"] == "1 → 2" and row["blocks retrained"] == 2 and row["ids forgotten"] == 2
-    assert row["speed-up vs full retrain (×)"] == "2.40" and row["seed's speed-up, MNIST (×)"] == 66.7
-    assert row["held-out acc after (%)"] == "90.50" and row["agreement with naive retrain (%)"] == "100.00"
+    assert row["speed-up (×)"] == "2.40" and row["seed's speed-up, MNIST (×)"] == 66.7
+    assert row["held-out acc before → after (%)"] == "90.00 → 90.50"
+    assert row["agreement with naive retrain (noise floor) (%)"] == "100.00 (99.00)"
 
     markdown = ledger_markdown(entry, ledger.history("req-1"))
     assert "| status | **done** |" in markdown and "| ids | 3, 5 |" in markdown
