@@ -110,7 +110,7 @@ def test_dashboard_shows_flow_runs_and_artifacts_in_a_real_browser(tmp_path, mon
         )
 
     # 1. A command's embedded server: its UI calls its own API, so the flow run shows.
-    with prefect_api() as api_url:
+    with prefect_api(startup_timeout=180) as api_url:  # 15 s on an idle machine
         ui = ui_url_of(api_url)
         artifact_id = make_artifact.with_options(flow_run_name=RUN_NAME)()
         runs = render_showing(f"{ui}/runs", tmp_path, [RUN_NAME], name="runs")
@@ -129,7 +129,7 @@ def test_dashboard_shows_flow_runs_and_artifacts_in_a_real_browser(tmp_path, mon
             stderr=stderr,
         )
     try:
-        ui = read_line(out, "Prefect dashboard:", process, timeout=120)
+        ui = read_line(out, "Prefect dashboard:", process, timeout=240)
         with prefect_api() as reused:  # a command run meanwhile uses this server: its links stay live
             assert reused == f"{ui}/api"
         assert is_healthy(f"{ui}/api")

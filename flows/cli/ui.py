@@ -74,7 +74,8 @@ def _serve(home: Path, port: int, *, stop: threading.Event, serving: threading.E
 
     print(f"starting the Prefect server on {home} (about 15 s) ...", file=sys.stderr, flush=True)
     home.mkdir(parents=True, exist_ok=True)
-    with prefect_server(home=home, port=port, log_path=home / "ui-server.log") as server:
+    # A person waits for it: a generous start-up time beats failing on a busy machine.
+    with prefect_server(home=home, port=port, startup_timeout=180.0, log_path=home / "ui-server.log") as server:
         record_ui_server(home, server)
         serving.set()
         try:
