@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean ui browser
 
 install: $(STAMP)
 
@@ -20,8 +20,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/obliviate demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
+
+# The dashboard test (tests/test_dashboard.py) drives Debian's chromium in headless mode; installed
+# here once when missing (CI runs as root; elsewhere through sudo). If that fails the test says so.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium for the browser test (apt-get, about a minute)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "warning: could not install chromium; tests/test_dashboard.py will fail until it is installed" >&2
+
+# The Prefect dashboard of every run the commands recorded (~/.obliviate/prefect), until Ctrl-C.
+ui: $(STAMP)
+	$(VENV)/bin/obliviate ui $(UI_ARGS)
 
 # The habits that keep the tree tidy: lint, format and types (settings in pyproject.toml).
 lint: $(STAMP)

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import ray
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from actors.extraction import run_cell_task
+from flows.artifacts import publish_table
 from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
@@ -223,7 +223,13 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         row |= {f"transfer ε={e} %": f"{100 * r.transfer_mean[e]:.2f}" for e in r.transfer_mean}
         row |= {"seed DRMI acc %": seed_acc, "seed DRMI transfer %": seed_tr}
         table.append(row)
-    create_table_artifact(key="steal-audit", table=table, description="Model-extraction audit (SPEC section 3)")
+    publish_table(
+        key="steal-audit",
+        title=f"Model-extraction audit of {Path(setup.target).name} (SPEC section 3)",
+        rows=table,
+        lines=[line for line in md[1:] if line],
+        links=paths,
+    )
     return paths
 
 

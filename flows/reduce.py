@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from actors.reduction import MITileWorker, RestartWorker
+from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title
 from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
@@ -216,15 +216,15 @@ def publish_result(
     }
     store.commit_manifest(f"{key}/manifest.json", members, {"kind": "drmi-reduction", "h": summary["h"]})
     best = sorted(restarts, key=lambda r: (r["h"], r["start"]))[:10]
-    create_table_artifact(
+    publish_table(
         key="drmi-reduction",
-        table=[{"rank": i + 1, **r} for i, r in enumerate(best)],
-        description=(
-            f"DRMI on {summary['data']} (n={summary['n']}, k={summary['k']}, bins={summary['bins']}): "
-            f"H = {summary['h']:.4f}, best start {summary['best_start']} of {summary['restarts']} restarts; "
-            f"tiles computed {summary['tiles_computed']}, reused {summary['tiles_reused']}. "
-            f"Result: {store.uri(key)}"
-        ),
+        title=reduction_title(summary),
+        rows=reduction_rows(best),
+        lines=reduction_lines(summary),
+        links={
+            "result": store.uri(key),
+            **{name: store.uri(f"{key}/{name}") for name in ("summary.json", "subset.npy", "restarts.json")},
+        },
     )
     return store.uri(key)
 

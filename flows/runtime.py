@@ -3,12 +3,15 @@
 Both follow ``shared/PLATFORM.md``: Ray is initialised once before any flow (prefect-ray would
 otherwise start and stop it on every flow run), and when no ``PREFECT_API_URL`` is configured a
 real ``prefect server`` is started on 127.0.0.1 for the command's lifetime (the temporary
-in-process server runs no schedules and loses logs of work done elsewhere).
+in-process server runs no schedules and loses logs of work done elsewhere), unless ``obliviate
+ui`` keeps one up on the same database. Every server started here serves a dashboard that calls
+its own API (``PREFECT_UI_API_URL``), so the "View at" links of flow logs open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from obliviate.errors import ObliviateError
@@ -78,24 +82,130 @@ def wait_healthy(api_url: str, *, timeout: float, process: subprocess.Popen | No
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise ServerStartError(f"prefect server exited with code {process.returncode} before becoming healthy.")
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
+        if is_healthy(api_url):
+            return
         time.sleep(0.5)
     raise ServerStartError(f"prefect server at {api_url} was not healthy after {timeout:.0f} s.")
+
+
+DEFAULT_PREFECT_HOME = Path("~/.obliviate/prefect")
+#: Where ``obliviate ui`` records the server it keeps up, so commands run meanwhile use it.
+UI_SERVER_RECORD = "ui-server.json"
+
+
+def prefect_home(home: str | Path | None = None) -> Path:
+    """The Prefect home (database, logs) the commands share: ``home`` or ``~/.obliviate/prefect``."""
+    return Path(home or DEFAULT_PREFECT_HOME).expanduser()
+
+
+def ui_url_of(api_url: str) -> str:
+    """The dashboard URL of a Prefect API URL (``http://host:port/api`` -> ``http://host:port``)."""
+    return api_url.rstrip("/").removesuffix("/api")
+
+
+def server_environment(*, port: int, home: Path) -> dict[str, str]:
+    """Environment of a ``prefect server start`` on 127.0.0.1:``port`` whose UI calls its own API.
+
+    The UI asks ``GET /ui-settings`` for the API address; unless ``PREFECT_UI_API_URL`` says
+    otherwise the server answers with port 4200 whatever ``--port`` was (PLATFORM.md, Prefect), so
+    the dashboard of a server on any other port shows "Oops. Something went wrong" and no runs.
+    """
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": api_url,
+        "PREFECT_UI_URL": ui_url_of(api_url),
+    }
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@dataclass(frozen=True)
+class PrefectServer:
+    """A running ``prefect server start``: its API and dashboard URLs, process and log file."""
+
+    api_url: str
+    ui_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+
+@contextlib.contextmanager
+def prefect_server(
+    *,
+    home: str | Path | None = None,
+    port: int | None = None,
+    startup_timeout: float = 90.0,
+    log_path: Path | None = None,
+) -> Iterator[PrefectServer]:
+    """Run ``prefect server start`` on 127.0.0.1 with its database under ``home`` meanwhile.
+
+    Args:
+        home: the Prefect home (default ``~/.obliviate/prefect``, kept between runs).
+        port: the port (default or 0: a free one).
+        startup_timeout: seconds to wait for ``/health``.
+        log_path: the server's log (default: a new temporary file).
+
+    Raises:
+        ServerStartError: the port is taken, or the server did not become healthy.
+    """
+    home_dir = prefect_home(home)
+    home_dir.mkdir(parents=True, exist_ok=True)
+    if not port:
+        port = free_port()
+    elif not port_is_free(port):
+        raise ServerStartError(
+            f"port {port} on 127.0.0.1 is already in use (another Prefect server?); "
+            "choose another with --port N, or --port 0 for any free one."
+        )
+    env = server_environment(port=port, home=home_dir)
+    api_url = f"http://127.0.0.1:{port}/api"
+    if log_path is None:
+        with tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False) as handle:
+            log_path = Path(handle.name)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--analytics-off",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches the command, which stops the server in order
+        )
+    try:
+        try:
+            wait_healthy(api_url, timeout=startup_timeout, process=process)
+        except ServerStartError as err:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise ServerStartError(f"{err} Its log ({log_path}) ends with:\n{tail}") from err
+        yield PrefectServer(api_url=api_url, ui_url=ui_url_of(api_url), process=process, log_path=log_path)
+    finally:
+        _stop(process)
 
 
 @contextlib.contextmanager
 def prefect_api(*, home: str | Path | None = None, startup_timeout: float = 90.0) -> Iterator[str]:
     """Use the configured Prefect API, or run ``prefect server start`` on 127.0.0.1 meanwhile.
 
-    When ``PREFECT_API_URL`` is set, nothing is started and that URL is yielded. Otherwise a
-    server is started on a free port with its database under ``home`` (default
-    ``~/.obliviate/prefect``, kept between runs so flow history survives), ``PREFECT_API_URL``
-    points every later process (Ray workers included) at it, and the server is stopped on exit.
+    In order: ``PREFECT_API_URL`` when set (nothing started); the server an ``obliviate ui``
+    keeps up on the same ``home`` (its links stay live after the command); else a server started
+    on a free port with its database under ``home`` (default ``~/.obliviate/prefect``, kept between
+    runs so flow history survives, browsable later with ``obliviate ui``) and stopped on exit.
+    Meanwhile ``PREFECT_API_URL`` and ``PREFECT_UI_URL`` point every later process (Ray workers
+    included) at it.
 
     Yields:
         the API URL in use.
@@ -105,49 +215,83 @@ def prefect_api(*, home: str | Path | None = None, startup_timeout: float = 90.0
     if configured:
         yield configured
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    home_dir = prefect_home(home)
+    running = running_ui_server(home_dir)
+    if running is not None:
+        with _pointed_at(running):
+            yield running
+        return
+    with prefect_server(home=home_dir, startup_timeout=startup_timeout) as server, _pointed_at(server.api_url):
+        yield server.api_url
 
-    home_dir = Path(home or Path.home() / ".obliviate" / "prefect").expanduser()
-    home_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home_dir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log = tempfile.NamedTemporaryFile(prefix="prefect-server-", suffix=".log", delete=False)  # noqa: SIM115
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--analytics-off",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+
+@contextlib.contextmanager
+def _pointed_at(api_url: str) -> Iterator[None]:
+    """Point this process and its children at ``api_url`` meanwhile; flush Prefect's senders on exit."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    ui_url = ui_url_of(api_url)
+    previous_ui_url = os.environ.get("PREFECT_UI_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    os.environ["PREFECT_UI_URL"] = ui_url
     try:
-        try:
-            wait_healthy(api_url, timeout=startup_timeout, process=process)
-        except ServerStartError as err:
-            tail = Path(log.name).read_text(errors="replace")[-2000:]
-            raise ServerStartError(f"{err} Its log ({log.name}) ends with:\n{tail}") from err
-        os.environ["PREFECT_API_URL"] = api_url
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_URL: ui_url}):
             try:
-                yield api_url
+                yield
             finally:
                 _drain_prefect_workers()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        _stop(process)
-        log.close()
+        if previous_ui_url is None:
+            os.environ.pop("PREFECT_UI_URL", None)
+        else:
+            os.environ["PREFECT_UI_URL"] = previous_ui_url
+
+
+def record_ui_server(home: Path, server: PrefectServer) -> Path:
+    """Record ``server`` as the one ``obliviate ui`` keeps up on ``home`` (written atomically)."""
+    record = home / UI_SERVER_RECORD
+    partial = record.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"api_url": server.api_url, "pid": server.process.pid}))
+    os.replace(partial, record)
+    return record
+
+
+def forget_ui_server(home: Path, server: PrefectServer) -> None:
+    """Remove the record of ``server`` (only if it still names this server)."""
+    record = home / UI_SERVER_RECORD
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(record.read_text()).get("pid") == server.process.pid:
+            record.unlink()
+
+
+def running_ui_server(home: Path) -> str | None:
+    """The API URL of the server an ``obliviate ui`` keeps up on ``home``, if it answers."""
+    try:
+        recorded = json.loads((home / UI_SERVER_RECORD).read_text())
+        api_url, pid = str(recorded["api_url"]), int(recorded["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return api_url if is_healthy(api_url) else None
+
+
+def is_healthy(api_url: str) -> bool:
+    """Whether ``{api_url}/health`` answers 200 now."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _drain_prefect_workers() -> None:

@@ -34,6 +34,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.artifacts import publish_request_artifacts
 from flows.batching import batch_gate
 from flows.train import worker_pool
 from obliviate.unlearning.service import RequestError, parse_event_payload, parse_ids, request_id_for
@@ -166,6 +167,10 @@ def process_open_requests(
             )
             settled[request_id] = DONE
     logger.info("settled: %s", settled)
+    try:
+        publish_request_artifacts(object_store, ledger, settled)
+    except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
+        logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(settled), err)
     return {"claimed": [c.request_id for c in claimed], "runs": results, "settled": settled, "fanout": fanout}
 
 

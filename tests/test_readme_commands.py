@@ -66,6 +66,7 @@ def test_make_demo_tells_the_whole_story(tmp_path) -> None:
     assert re.search(r"^\| story-a \| 1 → 2 \|.*\| yes \|$", out, flags=re.MULTILINE), out[-3000:]
     assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
     assert (tmp_path / "steal" / "steal.md").exists()
+    assert "`make ui` (or `.venv/bin/obliviate ui`), then open http://127.0.0.1:4200" in out  # issue 15
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys) -> None:

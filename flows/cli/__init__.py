@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli.steal",
     "flows.cli.tune",
     "flows.cli.verify",
+    "flows.cli.ui",
 )
 
 

@@ -84,7 +84,23 @@ def run_demo(args: argparse.Namespace) -> int:
     # One Prefect server for every step (started here when PREFECT_API_URL is unset).
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", flush=True)
-        return _run_steps(args)
+        code = _run_steps(args)
+    _print_dashboard_hint(api_url)
+    return code
+
+
+def _print_dashboard_hint(api_url: str) -> None:
+    """How to open the flow runs, logs and artifacts of the demo in the Prefect dashboard."""
+    from flows.runtime import is_healthy, prefect_home, ui_url_of
+
+    if is_healthy(api_url):  # PREFECT_API_URL or a running `obliviate ui`: the server is still up
+        print(f"\nBrowse the flow runs, logs and artifacts now: {ui_url_of(api_url)}/runs", flush=True)
+        return
+    print(
+        f"\nThe flow runs, logs and artifacts are kept in {prefect_home()}. To browse them: `make ui` "
+        "(or `.venv/bin/obliviate ui`), then open http://127.0.0.1:4200 (Ctrl-C stops it).",
+        flush=True,
+    )
 
 
 def _run_steps(args: argparse.Namespace) -> int:

@@ -49,7 +49,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.batching import save_policy
     from flows.deployments import ServiceOptions, serve_deployments
     from flows.rollback import save_rollback
-    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api, ui_url_of
     from obliviate.unlearning.batching import BatchPolicy, parse_duration
     from storage.objects import ObjectStore
 
@@ -69,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
         stale_after_s=args.stale_after,
     )
     with prefect_api() as api_url:
-        print(f"Prefect API: {api_url}", file=sys.stderr)
+        print(f"Prefect API: {api_url} (dashboard: {ui_url_of(api_url)})", file=sys.stderr)
         ensure_ray(address=args.ray_address)
         import ray
 

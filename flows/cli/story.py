@@ -91,6 +91,31 @@ def serving(
                 process.wait(timeout=10)
 
 
+def wait_for_flow_runs(api_url: str, flow_names: Sequence[str], *, timeout_s: float) -> bool:
+    """Wait until no run of ``flow_names`` is pending or running; ``False`` if ``timeout_s`` passed first."""
+    import json
+    import urllib.request
+
+    query = {
+        "flows": {"name": {"any_": list(flow_names)}},
+        "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
+        "limit": 1,
+    }
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(
+            f"{api_url}/flow_runs/filter",
+            data=json.dumps(query).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            if not json.loads(response.read()):
+                return True
+        time.sleep(0.5)
+    return False
+
+
 def request_latencies(store_url: str, request_id: str) -> dict[str, float | None]:
     """Seconds from the request (ledger time, the event follows at once) to the unlearning's start and end."""
     ledger = DeletionLedger(ObjectStore(store_url))
@@ -159,6 +184,9 @@ def deletion_story(
         with serving(store.url, api_url=api_url, extra_args=["--verify"] if verify else []):
             submitted = submit_deletion(store.url, forget, dataset=data, reason="deletion story")
             entry = wait_for_request(store.url, submitted["request_id"], timeout_s=timeout_s)
+            # Let the flow run finish (its dashboard artifacts come after the ledger settles)
+            # before serve stops: stopping it kills runs in flight, which then read "Crashed".
+            wait_for_flow_runs(api_url, ("unlearn", "reconcile"), timeout_s=60.0)
     runs = {}
     for run_id in run_ids:
         audit = entry["details"].get("runs", {}).get(run_id)
