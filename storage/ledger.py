@@ -219,13 +219,18 @@ class DeletionLedger:
         now = time.time() if now is None else now
         due = []
         for entry in self.entries():
-            if entry.status == PENDING and float(entry.details.get("next_attempt_at", 0.0)) <= now or entry.status == CLAIMED and lease.lapsed(
-                self.store,
-                entry.request_id,
-                claim_version=entry.version,
-                claimed_at=entry.updated_at,
-                lease_s=lease_s,
-                now=now,
+            if (
+                entry.status == PENDING
+                and float(entry.details.get("next_attempt_at", 0.0)) <= now
+                or entry.status == CLAIMED
+                and lease.lapsed(
+                    self.store,
+                    entry.request_id,
+                    claim_version=entry.version,
+                    claimed_at=entry.updated_at,
+                    lease_s=lease_s,
+                    now=now,
+                )
             ):
                 due.append(entry)
         return due
@@ -242,7 +247,7 @@ class DeletionLedger:
         for _ in range(_CAS_ATTEMPTS):
             current = self.get(request_id)
             details = current.details
-            errors = list(details.get("errors", []))
+            errors = list(details.get("errors") or [])
             if current.status == PENDING:
                 if float(details.get("next_attempt_at", 0.0)) > now:
                     return None
@@ -326,7 +331,7 @@ class DeletionLedger:
             return None
         attempt = int(current.details.get("attempt", 1))
         now = time.time()
-        errors = [*current.details.get("errors", []), {"attempt": attempt, "error": error[:2000], "at": now}][-10:]
+        errors = [*(current.details.get("errors") or []), {"attempt": attempt, "error": error[:2000], "at": now}][-10:]
         if attempt >= max_attempts:
             status = FAILED
             details: dict[str, Any] = {
@@ -371,7 +376,11 @@ class DeletionLedger:
         moved = self.transition(
             request_id,
             status=CANCELLED,
-            details={"cancelled_at": time.time(), "previous": current.status, "errors": current.details.get("errors")},
+            details={
+                "cancelled_at": time.time(),
+                "previous": current.status,
+                "errors": current.details.get("errors") or [],
+            },
             allowed_from=(current.status,),
         )
         if moved is None:
@@ -392,7 +401,7 @@ class DeletionLedger:
         moved = self.transition(
             request_id,
             status=PENDING,
-            details={"attempts": 0, "retried_at": time.time(), "errors": current.details.get("errors", [])},
+            details={"attempts": 0, "retried_at": time.time(), "errors": current.details.get("errors") or []},
             allowed_from=(FAILED,),
         )
         if moved is None:

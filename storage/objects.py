@@ -341,6 +341,47 @@ class ObjectStore:
             else:
                 self._fs.makedirs(self._root, exist_ok=True)
 
+    # ----- maintenance (storage.check: integrity checks and orphan collection) ----------------
+
+    def stored_names(self, prefix: str = "") -> builtins.list[str]:
+        """Every name stored under ``prefix``: objects, commit records, pointer versions, temporary files."""
+        return self._names_under(prefix)
+
+    def pointer_versions(self, key: str) -> builtins.list[int]:
+        """The versions pointer ``key`` has had, oldest first."""
+        return self._pointer_versions(_check_key(key))
+
+    def get_unverified_json(self, key: str) -> Any:
+        """JSON read *without* its checksum check: only to report what a damaged object referred to."""
+        key = _check_key(key)
+        with _translated(self.uri(key)):
+            return json.loads(self._fs.cat_file(self._path(key)))
+
+    def committed_at(self, key: str) -> float:
+        """When ``key`` was committed (0.0 if its commit record does not say)."""
+        key = _check_key(key)
+        with _translated(self.uri(key)):
+            raw = self._fs.cat_file(self._path(key) + COMMIT_SUFFIX)
+        try:
+            return float(json.loads(raw).get("committed_at", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            return 0.0
+
+    def stored_age_s(self, name: str) -> float:
+        """Seconds since a stored name (e.g. a temporary file) was last modified."""
+        with _translated(self.uri()):
+            info = self._fs.info(self._path(name))
+        value = info.get("mtime") or info.get("LastModified") or info.get("created")
+        stamp = value.timestamp() if hasattr(value, "timestamp") else float(value or time.time())
+        return max(0.0, time.time() - float(stamp))
+
+    def remove_temporary(self, name: str) -> None:
+        """Delete a leftover temporary file of a crashed write (never a committed object)."""
+        if _TMP_MARK not in name.rsplit("/", 1)[-1]:
+            raise ConfigError(f"{name!r} is not a temporary file; delete committed objects with delete().")
+        with _translated(self.uri(), writing=True), contextlib.suppress(FileNotFoundError):
+            self._fs.rm_file(self._path(name))
+
     # ----- internals ---------------------------------------------------------------------------
 
     def _names_under(self, prefix: str) -> builtins.list[str]:
