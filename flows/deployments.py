@@ -11,8 +11,9 @@
 ``obliviate forget`` finds where to send events), and runs them until interrupted. While it
 runs, a watcher thread renews the announcement (``heartbeat_at``: an announcement not renewed
 for :data:`flows.unlearn.ENDPOINT_STALE_S` is stale, so ``forget`` never reports success to a
-dead ``serve``) and wakes the ``unlearn`` deployment for due requests nobody works on: a claim
-whose holder died (its lease lapsed), a retry past its back-off, a request whose event was lost.
+dead ``serve``) and runs the ``reconcile`` flow in-process for due requests nobody works on: a
+claim whose holder died (its lease lapsed), a retry past its back-off, a request whose event was
+lost.
 On exit the announcement is withdrawn.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 
 from flows.audit import audit_flow
 from flows.reconcile import reconcile_flow
-from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, emit_deletion_event, store_resource_id, unlearn_flow
+from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, store_resource_id, unlearn_flow
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
@@ -142,53 +143,62 @@ def withdraw_endpoint(store: ObjectStore, *, pid: int) -> bool:
 
 
 class ServiceWatcher:
-    """Renews ``serve``'s announcement and wakes ``unlearn`` for due requests nobody works on.
+    """Renews ``serve``'s announcement and finishes due requests nobody works on.
 
-    A thin thread: every ``options.watch_s`` it rewrites the announcement with ``heartbeat_at``
-    and lists the ledger's due requests (:meth:`storage.ledger.DeletionLedger.due_entries`); for
-    one that is still due after a grace period (so the normal event path goes first) it emits a
-    deletion event, at most once per request per ``2 * lease_s``.
+    Two daemon threads of ``serve``: one rewrites the announcement with ``heartbeat_at`` every
+    ``options.watch_s``; the other lists the ledger's due requests
+    (:meth:`storage.ledger.DeletionLedger.due_entries`) every ``options.watch_s`` and, when one
+    is a claim whose lease lapsed (its holder died) or a request still pending after a grace
+    period (its event was lost, or its retry back-off ended), runs the ``reconcile`` flow right
+    here. In-process, a takeover starts within seconds: no new flow-run process to start (tens
+    of seconds on a loaded machine), and never a pile of queued runs.
     """
 
     def __init__(self, options: ServiceOptions, *, announcement: dict[str, Any], api_url: str) -> None:
         self.options, self.announcement, self.api_url = options, announcement, api_url
         self.store = ObjectStore(options.store)
         self.grace_s = max(10.0, options.watch_s * 2)
-        self._woken: dict[str, float] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="serve-watcher", daemon=True)
-        self.wakeups = 0
+        self._threads = [
+            threading.Thread(target=self._heartbeat, name="serve-heartbeat", daemon=True),
+            threading.Thread(target=self._reconcile, name="serve-reconcile", daemon=True),
+        ]
+        self.passes: list[dict[str, Any]] = []
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        self._threads[0].join(timeout=10)
 
-    def _loop(self) -> None:
+    def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):
-            with contextlib.suppress(Exception):  # an outage: try again next tick; the lease has slack
+            with contextlib.suppress(Exception):  # an outage: try again next tick; staleness takes 30 s
                 self.store.put_json(ENDPOINT_KEY, {**self.announcement, "heartbeat_at": time.time()})
-            with contextlib.suppress(Exception):
-                self.wake_due()
 
-    def wake_due(self) -> list[str]:
-        """Emit a deletion event for each due request nobody works on; returns their ids."""
+    def _reconcile(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.needs_pass():
+                    result = reconcile_flow(
+                        store=self.store.url,
+                        policy=self.options.policy,
+                        verify=self.options.verify,
+                        workers=self.options.workers,
+                        lease_s=self.options.lease_s,
+                        max_attempts=self.options.max_attempts,
+                    )
+                    self.passes.append({"at": time.time(), "settled": result.get("settled", {})})
+            except Exception as err:  # noqa: BLE001 -- the watcher must outlive any one pass; next tick retries
+                print(f"obliviate serve: watcher pass failed: {type(err).__name__}: {err}", flush=True)
+            self._stop.wait(self.options.watch_s)
+
+    def needs_pass(self) -> bool:
+        """Whether a due request is orphaned: a lapsed claim, or pending longer than the grace period."""
         now = time.time()
-        woken = []
         for entry in DeletionLedger(self.store).due_entries(lease_s=self.options.lease_s, now=now):
-            waiting_since = entry.updated_at
-            if entry.status != CLAIMED and now - waiting_since < self.grace_s:
-                continue
-            if now - self._woken.get(entry.request_id, 0.0) < 2 * self.options.lease_s:
-                continue
-            self._woken[entry.request_id] = now
-            emit_deletion_event(
-                self.store.url,
-                {"request_id": entry.request_id, "store": self.store.url, "woken_by": "serve"},
-                api_url=self.api_url,
-            )
-            self.wakeups += 1
-            woken.append(entry.request_id)
-        return woken
+            if entry.status == CLAIMED or now - entry.updated_at >= self.grace_s:
+                return True
+        return False
