@@ -104,7 +104,8 @@ def fan_out_unlearning(
         try:
             results[run_id] = ray.get(future)
         except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
-            results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(err).__name__}: {err}"[:4000]}
+            cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the worker's own exception
+            results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(cause).__name__}: {cause}"[:4000]}
     return results, {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
 
 
