@@ -9,7 +9,7 @@
 
 :func:`serve_deployments` registers them, announces the Prefect API URL in the store (so
 ``obliviate forget`` finds where to send events), and runs them until interrupted. While it
-runs, a watcher thread renews the announcement (``heartbeat_at``: an announcement not renewed
+runs, a watcher thread renews its heartbeat (``service/heartbeat.json``: an announcement not renewed
 for :data:`flows.unlearn.ENDPOINT_STALE_S` is stale, so ``forget`` never reports success to a
 dead ``serve``) and runs the ``reconcile`` flow in-process for due requests nobody works on: a
 claim whose holder died (its lease lapsed), a retry past its back-off, a request whose event was
@@ -30,7 +30,7 @@ from typing import Any
 
 from flows.audit import audit_flow
 from flows.reconcile import reconcile_flow
-from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, store_resource_id, unlearn_flow
+from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
@@ -119,7 +119,8 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
             "started_at": time.time(),
             "ray_address": os.environ.get("RAY_ADDRESS"),
         }
-        store.put_json(ENDPOINT_KEY, {**announcement, "heartbeat_at": time.time()})
+        store.put_json(HEARTBEAT_KEY, {"pid": os.getpid(), "heartbeat_at": time.time()})
+        store.put_json(ENDPOINT_KEY, announcement)
         watcher = ServiceWatcher(options, announcement=announcement, api_url=api_url)
         watcher.start()
         print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}", flush=True)
@@ -145,7 +146,7 @@ def withdraw_endpoint(store: ObjectStore, *, pid: int) -> bool:
 class ServiceWatcher:
     """Renews ``serve``'s announcement and finishes due requests nobody works on.
 
-    Two daemon threads of ``serve``: one rewrites the announcement with ``heartbeat_at`` every
+    Two daemon threads of ``serve``: one rewrites the heartbeat (``service/heartbeat.json``) every
     ``options.watch_s``; the other lists the ledger's due requests
     (:meth:`storage.ledger.DeletionLedger.due_entries`) every ``options.watch_s`` and, when one
     is a claim whose lease lapsed (its holder died) or a request still pending after a grace
@@ -176,7 +177,7 @@ class ServiceWatcher:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):
             with contextlib.suppress(Exception):  # an outage: try again next tick; staleness takes 30 s
-                self.store.put_json(ENDPOINT_KEY, {**self.announcement, "heartbeat_at": time.time()})
+                self.store.put_json(HEARTBEAT_KEY, {"pid": self.announcement["pid"], "heartbeat_at": time.time()})
 
     def _reconcile(self) -> None:
         while not self._stop.is_set():

@@ -28,6 +28,7 @@ acknowledged request is never lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -175,6 +176,7 @@ def unlearn_flow(
 
 EVENT_NAME = "obliviate.deletion.requested"
 ENDPOINT_KEY = "service/endpoint.json"
+HEARTBEAT_KEY = "service/heartbeat.json"
 
 
 def store_resource_id(store_url: str) -> str:
@@ -207,7 +209,11 @@ def served_endpoint(store: ObjectStore) -> tuple[str | None, str]:
     api_url = str(body.get("api_url") or "") or None
     if body.get("stopped_at"):
         return None, f"the `obliviate serve` that announced {api_url} stopped"
-    heartbeat = float(body.get("heartbeat_at", body.get("started_at", 0.0)))
+    heartbeat = float(body.get("started_at", 0.0))
+    with contextlib.suppress(ObjectNotFound, CorruptObject):  # a heartbeat being rewritten: the start counts
+        beat = store.get_json(HEARTBEAT_KEY)
+        if beat.get("pid") == body.get("pid"):
+            heartbeat = max(heartbeat, float(beat.get("heartbeat_at", 0.0)))
     age = time.time() - heartbeat
     if age > ENDPOINT_STALE_S:
         return None, f"the `obliviate serve` that announced {api_url} stopped renewing it {age:.0f} s ago"

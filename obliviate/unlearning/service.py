@@ -190,7 +190,7 @@ def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the 
     """Check the ids of a deletion request at the boundary; return them sorted.
 
     Accepts a list of non-negative integers (or a string ``"3,17,42"`` from a CLI). Each CLI token
-    is plain ASCII digits (Python's ``int`` would also take ``+5``, ``1_000``, `` 5`` and other
+    is plain ASCII digits (Python's ``int`` would also take ``+5``, ``1_000`` and other
     scripts' digits: refused here, so what the user typed is what is deleted). Every id fits in
     int64 and, when ``dataset_size`` is known, indexes a row of the dataset (SPEC 5: a deletion
     names training samples by dataset row).
