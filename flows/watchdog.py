@@ -63,7 +63,7 @@ def alive(pid: int, start: int | None = None) -> bool:
     return stat is not None and (start is None or stat[1] == start)
 
 
-def watch(pid: int, store_url: str, *, poll_s: float = 0.5) -> int:
+def watch(pid: int, store_url: str, *, poll_s: float = 1.0) -> int:
     """Wait for ``pid`` to end, then kill what it left behind and withdraw its announcement."""
     start = _stat(pid)
     if start is None:
