@@ -158,7 +158,7 @@ class ServiceWatcher:
     def __init__(self, options: ServiceOptions, *, announcement: dict[str, Any], api_url: str) -> None:
         self.options, self.announcement, self.api_url = options, announcement, api_url
         self.store = ObjectStore(options.store)
-        self.grace_s = max(10.0, options.watch_s * 2)
+        self.grace_s = max(30.0, options.watch_s * 3)  # the event path goes first (3-8 s, more under load)
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._heartbeat, name="serve-heartbeat", daemon=True),
