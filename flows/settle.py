@@ -150,7 +150,7 @@ def run_pass(
             for run_id in affected:
                 per_run.setdefault(run_id, {})[entry.request_id] = ids
 
-        results = unlearn_runs(per_run) if per_run else {}
+        results = _guarded(unlearn_runs, per_run) if per_run else {}
         # A run that merged several requests and failed: each request alone on that run, so a poison
         # request only fails itself.
         split = {
@@ -162,7 +162,7 @@ def run_pass(
         for run_id, requests in split.items():
             log.warning("run %s failed with %d merged requests; retrying each alone", run_id, len(requests))
             for request_id, ids in sorted(requests.items()):
-                alone[(run_id, request_id)] = unlearn_runs({run_id: {request_id: ids}}).get(run_id, {})
+                alone[(run_id, request_id)] = _guarded(unlearn_runs, {run_id: {request_id: ids}}).get(run_id, {})
 
         for request_id, (entry, affected) in affected_of.items():
             audits = {
@@ -206,6 +206,17 @@ def run_until_quiet(
             break
         time.sleep(max(0.0, wait) + 0.1)
     return merged
+
+
+def _guarded(
+    unlearn_runs: Callable[[dict[str, dict[str, list[int]]]], dict[str, dict[str, Any]]],
+    per_run: dict[str, dict[str, list[int]]],
+) -> dict[str, dict[str, Any]]:
+    """``unlearn_runs``, with a failure of the fan-out itself (no Ray, no workers) recorded on every run."""
+    try:
+        return unlearn_runs(per_run)
+    except Exception as err:  # noqa: BLE001 -- becomes a failed attempt of each request, never a stuck claim
+        return {run_id: {"run_id": run_id, "status": "failed", "error": _error_text(err)} for run_id in per_run}
 
 
 def _load_specs(registry: RunRegistry) -> tuple[dict[str, RunSpec], dict[str, str]]:
