@@ -225,7 +225,7 @@ def serve_cases(work: Path, api_url: str, repeats: int, lease_s: float, log) -> 
     """``poison`` and ``serve_kill`` against one S3 store and a served ``obliviate serve``."""
     from actors.chains import ChainWorker
     from flows.train import run_spec, shutdown_pools
-    from flows.unlearn import ENDPOINT_KEY, emit_deletion_event, submit_deletion
+    from flows.unlearn import emit_deletion_event, served_endpoint, submit_deletion
     from storage.ledger import CLAIMED, DONE, REJECTED, DeletionLedger
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
@@ -287,9 +287,7 @@ def serve_cases(work: Path, api_url: str, repeats: int, lease_s: float, log) -> 
                 os.kill(process.pid, signal.SIGKILL)
                 killed = time.monotonic()
                 mid_flight = first_claim.status == CLAIMED
-                withdrawn_s = _wait(
-                    lambda: store.get_json(ENDPOINT_KEY).get("stopped_at") is not None, 120, "withdrawal"
-                )
+                withdrawn_s = _wait(lambda: served_endpoint(store)[0] is None, 120, "withdrawal")
                 process = _start_serve(url, api_url, serve_log, lease_s)
                 restarted_s = time.monotonic() - killed
 
