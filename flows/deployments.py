@@ -31,6 +31,7 @@ from typing import Any
 from flows.audit import audit_flow
 from flows.reconcile import reconcile_flow
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
+from flows.watchdog import withdraw_endpoint
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
@@ -131,16 +132,6 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         finally:
             watcher.stop()
             withdraw_endpoint(store, pid=os.getpid())
-
-
-def withdraw_endpoint(store: ObjectStore, *, pid: int) -> bool:
-    """Mark this serve's announcement stopped (only if it is still ours); returns whether it was."""
-    with contextlib.suppress(Exception):
-        body = store.get_json(ENDPOINT_KEY)
-        if int(body.get("pid", -1)) == pid and not body.get("stopped_at"):
-            store.put_json(ENDPOINT_KEY, {**body, "api_url": None, "stopped_at": time.time()})
-            return True
-    return False
 
 
 class ServiceWatcher:

@@ -23,6 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from storage.objects import ObjectStore  # imported up front: nothing heavy to load once serve is gone
+
+ENDPOINT_KEY = "service/endpoint.json"  # = flows.unlearn.ENDPOINT_KEY; kept here so the watchdog stays light
+
 
 def _stat(pid: int) -> tuple[int, int] | None:
     """``(parent pid, start time in clock ticks)`` of a live process, from ``/proc/<pid>/stat``."""
@@ -80,12 +84,19 @@ def watch(pid: int, store_url: str, *, poll_s: float = 1.0) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(child, signal.SIGKILL)
                 killed += 1
-    from flows.deployments import withdraw_endpoint
-    from storage.objects import ObjectStore
-
     withdrawn = withdraw_endpoint(ObjectStore(store_url), pid=pid)
     print(f"watchdog: serve {pid} ended; killed {killed} leftover process(es); announcement withdrawn: {withdrawn}")
     return 0
+
+
+def withdraw_endpoint(store: ObjectStore, *, pid: int) -> bool:
+    """Mark a serve's announcement stopped (only if it is still that serve's); returns whether it was."""
+    with contextlib.suppress(Exception):
+        body = store.get_json(ENDPOINT_KEY)
+        if int(body.get("pid", -1)) == pid and not body.get("stopped_at"):
+            store.put_json(ENDPOINT_KEY, {**body, "api_url": None, "stopped_at": time.time()})
+            return True
+    return False
 
 
 def start_watchdog(store_url: str) -> subprocess.Popen:

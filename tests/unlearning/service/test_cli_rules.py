@@ -52,6 +52,17 @@ def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, caps
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_the_watchdog_withdraws_the_same_announcement_forget_reads(tmp_path):
+    from flows import unlearn, watchdog
+
+    assert watchdog.ENDPOINT_KEY == unlearn.ENDPOINT_KEY
+    store = ObjectStore(f"file://{tmp_path}/s")
+    store.put_json(unlearn.ENDPOINT_KEY, {"api_url": "http://127.0.0.1:1/api", "pid": 4242, "started_at": 0.0})
+    assert unlearn.served_endpoint(store)[0] is None  # no heartbeat for 30 s: stale
+    assert not watchdog.withdraw_endpoint(store, pid=4243) and watchdog.withdraw_endpoint(store, pid=4242)
+    assert "stopped" in unlearn.served_endpoint(store)[1]
+
+
 def test_store_check_command_on_an_empty_store(tmp_path, capsys):
     url = f"file://{tmp_path}/s"
     assert main(["store", "check", "--store", url]) == 2  # nothing to check: refused as a missing store
