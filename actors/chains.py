@@ -158,6 +158,7 @@ class ChainWorker:
         started_at = time.time()
         retries_before = self.storage_retries
         registry = self.registry
+        lost_races: list[dict[str, Any]] = []  # audit: publishes that lost the compare-and-swap
         for _ in range(_PUBLISH_ATTEMPTS):
             current = self._io(lambda: registry.current(run_id))
             if current is None:
@@ -170,14 +171,18 @@ class ChainWorker:
                     "version": current.version,
                     "requests": sorted(requests),
                     "started_at": started_at,
+                    "lost_races": lost_races,
                 }
             try:
                 audit = self._unlearn_from(
                     current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon, started_at=started_at
                 )
-                return {**audit, "storage_retries": self.storage_retries - retries_before}
-            except PointerConflict:
-                continue  # another publisher won: recompute from the newer version
+                return {**audit, "storage_retries": self.storage_retries - retries_before, "lost_races": lost_races}
+            except PointerConflict as err:
+                # Another publisher won: recompute from the newer version. The chain written for the
+                # stale base is an orphan now; `obliviate store check --repair` collects it.
+                lost_races.append({"base_version": current.version, "at": time.time(), "error": str(err)[:300]})
+                continue
         raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_PUBLISH_ATTEMPTS} attempts.")
 
     def _unlearn_from(

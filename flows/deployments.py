@@ -8,21 +8,32 @@
 * ``audit-<store>``: cron; extraction audit of every run's current model.
 
 :func:`serve_deployments` registers them, announces the Prefect API URL in the store (so
-``obliviate forget`` finds where to send events), and runs them until interrupted.
+``obliviate forget`` finds where to send events), and runs them until interrupted. While it
+runs, a watcher thread renews its heartbeat (``service/heartbeat.json``: an announcement not renewed
+for :data:`flows.unlearn.ENDPOINT_STALE_S` is stale, so ``forget`` never reports success to a
+dead ``serve``) and runs the ``reconcile`` flow in-process for due requests nobody works on: a
+claim whose holder died (its lease lapsed), a retry past its back-off, a request whose event was
+lost.
+On exit the announcement is withdrawn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from flows.audit import audit_flow
 from flows.reconcile import reconcile_flow
-from flows.unlearn import DEFAULT_STALE_AFTER_S, ENDPOINT_KEY, EVENT_NAME, store_resource_id, unlearn_flow
+from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
+from flows.watchdog import withdraw_endpoint
+from storage.lease import DEFAULT_LEASE_S
+from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
 
 
@@ -37,7 +48,10 @@ class ServiceOptions:
         workers: Ray workers per fan-out (default: cluster CPUs).
         reconcile_cron: schedule of the reconciliation.
         audit_cron: schedule of the extraction audit (``None``: no audit deployment).
-        stale_after_s: a claim older than this is considered crashed.
+        lease_s: a claim whose lease is not renewed for this long is taken over.
+        max_attempts: attempts per request before it becomes ``failed``.
+        watch_s: how often ``serve`` renews its announcement and looks for due requests nobody
+            works on (a crashed holder's lapsed claim, a retry past its back-off, a lost event).
     """
 
     store: str
@@ -46,7 +60,9 @@ class ServiceOptions:
     workers: int | None = None
     reconcile_cron: str = "*/5 * * * *"
     audit_cron: str | None = "0 3 * * *"
-    stale_after_s: float = DEFAULT_STALE_AFTER_S
+    lease_s: float = DEFAULT_LEASE_S
+    max_attempts: int = 3
+    watch_s: float = 5.0
 
     @property
     def suffix(self) -> str:
@@ -63,7 +79,8 @@ def build_deployments(options: ServiceOptions) -> list[Any]:
         "policy": options.policy,
         "verify": options.verify,
         "workers": options.workers,
-        "stale_after_s": options.stale_after_s,
+        "lease_s": options.lease_s,
+        "max_attempts": options.max_attempts,
     }
     trigger = DeploymentEventTrigger(
         name=f"deletion-requested-{options.suffix}",
@@ -93,22 +110,87 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
 
     poll = int(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2"))
     store = ObjectStore(options.store)
-    store.ensure_container()
     with temporary_settings(updates={PREFECT_RUNNER_POLL_FREQUENCY: poll}):
         runner = Runner(name=f"obliviate-{options.suffix}", pause_on_shutdown=False)
         ids = [str(runner.add_deployment(deployment)) for deployment in build_deployments(options)]
-        store.put_json(
-            ENDPOINT_KEY,
-            {
-                "api_url": api_url,
-                "deployments": ids,
-                "pid": os.getpid(),
-                "started_at": time.time(),
-                "ray_address": os.environ.get("RAY_ADDRESS"),
-            },
-        )
+        announcement = {
+            "api_url": api_url,
+            "deployments": ids,
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            "ray_address": os.environ.get("RAY_ADDRESS"),
+        }
+        store.put_json(HEARTBEAT_KEY, {"pid": os.getpid(), "heartbeat_at": time.time()})
+        store.put_json(ENDPOINT_KEY, announcement)
+        watcher = ServiceWatcher(options, announcement=announcement, api_url=api_url)
+        watcher.start()
         print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}", flush=True)
         try:
             asyncio.run(runner.start())
         except KeyboardInterrupt:
             pass
+        finally:
+            watcher.stop()
+            withdraw_endpoint(store, pid=os.getpid())
+
+
+class ServiceWatcher:
+    """Renews ``serve``'s announcement and finishes due requests nobody works on.
+
+    Two daemon threads of ``serve``: one rewrites the heartbeat (``service/heartbeat.json``) every
+    ``options.watch_s``; the other lists the ledger's due requests
+    (:meth:`storage.ledger.DeletionLedger.due_entries`) every ``options.watch_s`` and, when one
+    is a claim whose lease lapsed (its holder died) or a request still pending after a grace
+    period (its event was lost, or its retry back-off ended), runs the ``reconcile`` flow right
+    here. In-process, a takeover starts within seconds: no new flow-run process to start (tens
+    of seconds on a loaded machine), and never a pile of queued runs.
+    """
+
+    def __init__(self, options: ServiceOptions, *, announcement: dict[str, Any], api_url: str) -> None:
+        self.options, self.announcement, self.api_url = options, announcement, api_url
+        self.store = ObjectStore(options.store)
+        self.grace_s = max(30.0, options.watch_s * 3)  # the event path goes first (3-8 s, more under load)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._heartbeat, name="serve-heartbeat", daemon=True),
+            threading.Thread(target=self._reconcile, name="serve-reconcile", daemon=True),
+        ]
+        self.passes: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._threads[0].join(timeout=10)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.options.watch_s):
+            with contextlib.suppress(Exception):  # an outage: try again next tick; staleness takes 30 s
+                self.store.put_json(HEARTBEAT_KEY, {"pid": self.announcement["pid"], "heartbeat_at": time.time()})
+
+    def _reconcile(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.needs_pass():
+                    result = reconcile_flow(
+                        store=self.store.url,
+                        policy=self.options.policy,
+                        verify=self.options.verify,
+                        workers=self.options.workers,
+                        lease_s=self.options.lease_s,
+                        max_attempts=self.options.max_attempts,
+                    )
+                    self.passes.append({"at": time.time(), "settled": result.get("settled", {})})
+            except Exception as err:  # noqa: BLE001 -- the watcher must outlive any one pass; next tick retries
+                print(f"obliviate serve: watcher pass failed: {type(err).__name__}: {err}", flush=True)
+            self._stop.wait(self.options.watch_s)
+
+    def needs_pass(self) -> bool:
+        """Whether a due request is orphaned: a lapsed claim, or pending longer than the grace period."""
+        now = time.time()
+        for entry in DeletionLedger(self.store).due_entries(lease_s=self.options.lease_s, now=now):
+            if entry.status == CLAIMED or now - entry.updated_at >= self.grace_s:
+                return True
+        return False

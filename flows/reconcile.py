@@ -1,8 +1,11 @@
-"""The ``reconcile`` flow (cron): finish every ledger entry that is not done.
+"""The ``reconcile`` flow (cron, or by hand): finish every ledger entry that is not done.
 
-The safety net behind the event-triggered ``unlearn`` flow: a lost event or a crashed pass loses
-nothing, because this pass processes every open ledger request the same way
-(:func:`flows.unlearn.process_open_requests`).
+The safety net behind the event-triggered ``unlearn`` flow: a lost event, a crashed pass or a
+request waiting out its retry back-off loses nothing, because this pass processes every due
+ledger request the same way (:func:`flows.unlearn.process_open_requests`): pending ones past
+their back-off, and claims whose lease lapsed (their holder died). Run it by hand with
+``python -c "from flows.reconcile import reconcile_flow; reconcile_flow(store='file://./runs')"``
+or ``prefect deployment run 'reconcile/reconcile-<suffix>'`` against a running ``serve``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from typing import Any
 
 from prefect import flow
 
-from flows.unlearn import DEFAULT_STALE_AFTER_S, process_open_requests
+from flows.settle import AttemptPolicy
+from flows.unlearn import process_open_requests
+from storage.lease import DEFAULT_LEASE_S
 
 
 @flow(name="reconcile")
@@ -20,7 +25,9 @@ def reconcile_flow(
     policy: str = "exact",
     verify: bool = False,
     workers: int | None = None,
-    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    lease_s: float = DEFAULT_LEASE_S,
+    max_attempts: int = 3,
 ) -> dict[str, Any]:
-    """Finish every ledger entry that is not done (a lost event, a crashed pass): the cron safety net."""
-    return process_open_requests(store, policy=policy, verify=verify, workers=workers, stale_after_s=stale_after_s)
+    """Finish every due ledger entry (a lost event, a crashed pass, a retry): the cron safety net."""
+    attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
+    return process_open_requests(store, policy=policy, verify=verify, workers=workers, attempts=attempts)

@@ -5,15 +5,18 @@ processes every open ledger request, so requests that arrived meanwhile are merg
 pass; ``reconcile`` (cron) does the same without an event, so a lost event or a crashed run loses
 nothing. One pass:
 
-1. claim open requests (CAS on each request's status: a request is processed by one pass only;
-   a claim older than ``stale_after_s`` is taken over, the work it left in storage is resumed);
-2. validate them against the registry: a request naming ids no registered run of its dataset
+1. claim due requests (CAS on each request's status: a request is processed by one pass only;
+   a claim whose lease lapsed, :mod:`storage.lease`, is taken over and the work it left in
+   storage is resumed);
+2. validate each against the registry: a request naming ids no registered run of its dataset
    trained on is rejected with the reason, nothing changed;
 3. fan out one unlearning per affected run on Ray actors in parallel
    (:meth:`actors.chains.ChainWorker.unlearn`), each publishing a new model version by CAS;
-4. settle the ledger: ``done`` with the audit trail of every affected run, or back to
-   ``pending`` with the error if a run failed (the next pass retries; finished runs are skipped
-   because their version already lists the request).
+4. settle each request on its own: ``done`` with the audit trail of every affected run, or a
+   failed attempt recorded on that request (``pending`` after a back-off, ``failed`` after the
+   last attempt); finished runs are skipped on a retry because their version lists the request.
+
+Every request and run is isolated from the others (:mod:`flows.settle`).
 
 Requests reach it through the ledger first, then a Prefect event (the Python API behind
 `obliviate forget`): :func:`submit_deletion` appends the request to the store's ledger (durable before anything else
@@ -25,6 +28,7 @@ acknowledged request is never lost.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -36,13 +40,13 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import publish_request_artifacts
 from flows.batching import batch_gate
+from flows.settle import AttemptPolicy, run_pass, run_until_quiet
 from flows.train import worker_pool
 from obliviate.unlearning.service import RequestError, parse_event_payload, parse_ids, request_id_for
-from storage.ledger import CLAIMED, DONE, PENDING, REJECTED, TERMINAL, DeletionLedger, RequestStatus
+from storage import lease
+from storage.lease import DEFAULT_LEASE_S
+from storage.ledger import CLAIMED, REJECTED, TERMINAL, DeletionLedger
 from storage.objects import ObjectStore
-from storage.registry import RunRegistry
-
-DEFAULT_STALE_AFTER_S = 600.0
 
 
 def process_open_requests(
@@ -51,137 +55,77 @@ def process_open_requests(
     policy: str = "exact",
     verify: bool = False,
     workers: int | None = None,
-    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    attempts: AttemptPolicy | None = None,
     holder: str | None = None,
 ) -> dict[str, Any]:
-    """Claim, validate, fan out and settle every open request of ``store`` (one pass)."""
+    """Claim, validate, fan out and settle every due request of ``store``, retrying soon-due failures.
+
+    Each request and each run is isolated (:func:`flows.settle.run_pass`); the Ray fan-out is here.
+    """
+    attempts = attempts or AttemptPolicy()
+    logger = get_run_logger()
+    holder = holder or f"{flow_run.get_id() or 'local'}-{os.getpid()}"
+    fanouts: list[dict[str, Any]] = []
+
+    def unlearn_runs(per_run: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, Any]]:
+        results, fanout = fan_out_unlearning(store, per_run, policy=policy, verify=verify, workers=workers)
+        fanouts.append(fanout)
+        logger.info(
+            "fan-out of %d run(s) on %d worker(s) finished in %.1f s",
+            len(per_run),
+            fanout["workers"],
+            fanout["seconds"],
+        )
+        return results
+
+    object_store = ObjectStore(store)
+    ledger = DeletionLedger(object_store)
+    # Deadline-aware batching (flows/batching.py): due requests wait until their batch flushes.
+    gate = batch_gate(object_store, ledger.due_entries(lease_s=attempts.lease_s))
+    if gate["requests"] and not gate["flush"]:
+        logger.info(
+            "%d request(s) batched until %s (%s rule)", len(gate["requests"]), gate["batched_until"], gate["reason"]
+        )
+        return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
+    batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
+    result = run_until_quiet(
+        store,
+        attempts=attempts,
+        run_once=lambda: run_pass(
+            store, unlearn_runs=unlearn_runs, attempts=attempts, holder=holder, logger=logger, batch=batch
+        ),
+    )
+    try:
+        publish_request_artifacts(object_store, ledger, result["settled"])
+    except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
+        logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(result["settled"]), err)
+    return {**result, "fanout": fanouts[0] if fanouts else {}, "fanouts": fanouts}
+
+
+def fan_out_unlearning(
+    store: str, per_run: dict[str, dict[str, list[int]]], *, policy: str, verify: bool, workers: int | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``."""
     import ray
 
     from flows.runtime import cluster_cpus, ensure_ray
 
-    logger = get_run_logger()
-    object_store = ObjectStore(store)
-    ledger, registry = DeletionLedger(object_store), RunRegistry(object_store)
-    holder = holder or f"{flow_run.get_id() or 'local'}"
-    claimed: list[RequestStatus] = []
-    open_entries = ledger.open_entries(stale_after_s=stale_after_s)
-    # --- issue 11: deadline-aware batching (flows/batching.py); requests wait until their batch is due ---
-    gate = batch_gate(object_store, open_entries)
-    if open_entries and not gate["flush"]:
-        logger.info(
-            "%d request(s) batched until %s (%s rule)", len(open_entries), gate["batched_until"], gate["reason"]
-        )
-        return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
-    # --- end issue 11 ---
-    for entry in open_entries:
-        taken = ledger.transition(
-            entry.request_id,
-            status=CLAIMED,
-            details={"holder": holder, "claimed_at": time.time()},
-            allowed_from=(PENDING,),
-            stale_claim_after_s=stale_after_s,
-        )
-        if taken is not None:
-            claimed.append(taken)
-    if not claimed:
-        return {"claimed": [], "runs": {}, "settled": {}}
-    logger.info("claimed %d request(s): %s", len(claimed), [c.request_id for c in claimed])
-
-    specs = {run_id: registry.spec(run_id) for run_id in registry.run_ids()}
-    per_run: dict[str, dict[str, list[int]]] = {}
-    affected_of: dict[str, list[str]] = {}
-    settled: dict[str, str] = {}
-    for entry in claimed:
-        ids, dataset = [int(i) for i in entry.request["ids"]], entry.request["dataset"]
-        runs = [spec for spec in specs.values() if spec.dataset == dataset]
-        if not runs:
-            _reject(
-                ledger,
-                entry,
-                f"no registered run was trained on dataset {dataset!r} (registered datasets: "
-                f"{sorted({s.dataset for s in specs.values()})}); nothing changed.",
-            )
-            settled[entry.request_id] = REJECTED
-            continue
-        known: set[int] = set()
-        affected = []
-        for spec in runs:
-            positions, _ = spec.positions(ids)
-            if positions.size:
-                affected.append(spec.run_id)
-                known.update(spec.dataset_ids(positions))
-        unknown = sorted(set(ids) - known)
-        if unknown:
-            _reject(
-                ledger,
-                entry,
-                f"unknown ids {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: no registered run "
-                f"of dataset {dataset!r} trained on them (held-out, out of range, or never used); the request "
-                "is rejected as a whole and nothing changed. Resubmit without them.",
-            )
-            settled[entry.request_id] = REJECTED
-            continue
-        affected_of[entry.request_id] = affected
-        for run_id in affected:
-            per_run.setdefault(run_id, {})[entry.request_id] = ids
-
+    ensure_ray()
+    pool_size = max(1, min(len(per_run), workers or cluster_cpus()))
+    actors = worker_pool(store, pool_size)
+    started = time.time()
+    futures = {
+        run_id: actors[i % pool_size].unlearn.remote(run_id, per_run[run_id], policy=policy, verify=verify)
+        for i, run_id in enumerate(sorted(per_run))
+    }
     results: dict[str, dict[str, Any]] = {}
-    fanout: dict[str, Any] = {}
-    if per_run:
-        ensure_ray()
-        pool_size = max(1, min(len(per_run), workers or cluster_cpus()))
-        actors = worker_pool(store, pool_size)
-        started = time.time()
-        futures = {
-            run_id: actors[i % pool_size].unlearn.remote(run_id, per_run[run_id], policy=policy, verify=verify)
-            for i, run_id in enumerate(sorted(per_run))
-        }
-        logger.info("fanned out %d unlearning(s) over %d worker(s)", len(futures), pool_size)
-        for run_id, future in futures.items():
-            try:
-                results[run_id] = ray.get(future)
-            except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
-                results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        fanout = {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
-        logger.info(
-            "fan-out of %d run(s) on %d worker(s) finished in %.1f s", len(per_run), pool_size, fanout["seconds"]
-        )
-
-    for request_id, affected in affected_of.items():
-        audits = {run_id: _for_request(results[run_id], request_id) for run_id in affected}
-        failed = {run_id: a for run_id, a in audits.items() if a.get("status") == "failed"}
-        if failed:
-            ledger.transition(
-                request_id, status=PENDING, details={"last_error": failed, "runs": audits}, allowed_from=(CLAIMED,)
-            )
-            settled[request_id] = PENDING
-        else:
-            exact_at = time.time()  # issue 11: when the request became exact, against its deadline
-            deadline = gate["deadlines"].get(request_id)
-            timing = {"exact_at": exact_at, "deadline": deadline, "late": deadline is not None and exact_at > deadline}
-            ledger.transition(
-                request_id,
-                status=DONE,
-                details={"runs": audits, "finished_at": exact_at, "batch": gate["reason"], **timing},
-                allowed_from=(CLAIMED,),
-            )
-            settled[request_id] = DONE
-    logger.info("settled: %s", settled)
-    try:
-        publish_request_artifacts(object_store, ledger, settled)
-    except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
-        logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(settled), err)
-    return {"claimed": [c.request_id for c in claimed], "runs": results, "settled": settled, "fanout": fanout}
-
-
-def _for_request(audit: dict[str, Any], request_id: str) -> dict[str, Any]:
-    """A run's audit as seen by one of the requests it applied (merged requests share it)."""
-    return {**audit, "merged_with": [r for r in audit.get("requests", []) if r != request_id]}
-
-
-def _reject(ledger: DeletionLedger, entry: RequestStatus, reason: str) -> None:
-    get_run_logger().warning("request %s rejected: %s", entry.request_id, reason)
-    ledger.transition(entry.request_id, status=REJECTED, details={"reason": reason}, allowed_from=(CLAIMED,))
+    for run_id, future in futures.items():
+        try:
+            results[run_id] = ray.get(future)
+        except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
+            cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the worker's own exception
+            results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(cause).__name__}: {cause}"[:4000]}
+    return results, {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
 
 
 @flow(name="unlearn")
@@ -192,7 +136,8 @@ def unlearn_flow(
     policy: str = "exact",
     verify: bool = False,
     workers: int | None = None,
-    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    lease_s: float = DEFAULT_LEASE_S,
+    max_attempts: int = 3,
 ) -> dict[str, Any]:
     """Handle one deletion event: check it, then settle every open request (merged).
 
@@ -203,7 +148,8 @@ def unlearn_flow(
         policy: ``exact`` (default) or ``deepobliviate``.
         verify: also retrain naively and report consistency (costs a full retrain per run).
         workers: Ray workers for the fan-out (default: cluster CPUs).
-        stale_after_s: a claim older than this is considered crashed and taken over.
+        lease_s: a claim whose lease was not renewed for this long is taken over.
+        max_attempts: attempts per request before it becomes ``failed``.
     """
     logger = get_run_logger()
     ledger = DeletionLedger(ObjectStore(store))
@@ -224,7 +170,15 @@ def unlearn_flow(
         )
         return {"event_id": event_id, "outcome": REJECTED, "reason": str(err)}
     entry = ledger.get(request_id)
-    if entry.status in TERMINAL or (entry.status == CLAIMED and received_at - entry.updated_at <= stale_after_s):
+    live_claim = entry.status == CLAIMED and not lease.lapsed(
+        ledger.store,
+        request_id,
+        claim_version=entry.version,
+        claimed_at=entry.updated_at,
+        lease_s=lease_s,
+        now=received_at,
+    )
+    if entry.status in TERMINAL or live_claim:
         ledger.record_event(
             event_id,
             {"outcome": "duplicate", "request_id": request_id, "status": entry.status, "received_at": received_at},
@@ -232,13 +186,15 @@ def unlearn_flow(
         logger.info("event %s: request %s is already %s; nothing to do", event_id, request_id, entry.status)
         return {"event_id": event_id, "outcome": "duplicate", "request_id": request_id, "status": entry.status}
     ledger.record_event(event_id, {"outcome": "processing", "request_id": request_id, "received_at": received_at})
-    result = process_open_requests(store, policy=policy, verify=verify, workers=workers, stale_after_s=stale_after_s)
+    attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
+    result = process_open_requests(store, policy=policy, verify=verify, workers=workers, attempts=attempts)
     outcome = "processed" if request_id in result["claimed"] else "duplicate"
     return {"event_id": event_id, "outcome": outcome, "request_id": request_id, **result}
 
 
 EVENT_NAME = "obliviate.deletion.requested"
 ENDPOINT_KEY = "service/endpoint.json"
+HEARTBEAT_KEY = "service/heartbeat.json"
 
 
 def store_resource_id(store_url: str) -> str:
@@ -246,11 +202,40 @@ def store_resource_id(store_url: str) -> str:
     return "obliviate.store." + hashlib.sha256(ObjectStore(store_url).url.encode()).hexdigest()[:16]
 
 
+ENDPOINT_STALE_S = 30.0  # serve renews its announcement every few seconds; older means it is gone
+
+
 def served_api_url(store: ObjectStore) -> str | None:
-    """The Prefect API URL an ``obliviate serve`` of this store announced, if any."""
-    if not store.exists(ENDPOINT_KEY):
-        return None
-    return str(store.get_json(ENDPOINT_KEY).get("api_url") or "") or None
+    """The Prefect API URL a live ``obliviate serve`` of this store announced, if any."""
+    return served_endpoint(store)[0]
+
+
+def served_endpoint(store: ObjectStore) -> tuple[str | None, str]:
+    """``(API URL of a live serve or None, why not)``: an announcement whose heartbeat stopped is stale."""
+    from storage.errors import CorruptObject, ObjectNotFound
+
+    for _ in range(3):
+        try:
+            body = store.get_json(ENDPOINT_KEY)
+            break
+        except ObjectNotFound:
+            return None, "no `obliviate serve` announced itself for this store"
+        except CorruptObject:  # being rewritten by the heartbeat: read again
+            time.sleep(0.2)
+    else:
+        return None, "the serve announcement in the store is unreadable"
+    api_url = str(body.get("api_url") or "") or None
+    if body.get("stopped_at"):
+        return None, f"the `obliviate serve` that announced {api_url} stopped"
+    heartbeat = float(body.get("started_at", 0.0))
+    with contextlib.suppress(ObjectNotFound, CorruptObject):  # a heartbeat being rewritten: the start counts
+        beat = store.get_json(HEARTBEAT_KEY)
+        if beat.get("pid") == body.get("pid"):
+            heartbeat = max(heartbeat, float(beat.get("heartbeat_at", 0.0)))
+    age = time.time() - heartbeat
+    if age > ENDPOINT_STALE_S:
+        return None, f"the `obliviate serve` that announced {api_url} stopped renewing it {age:.0f} s ago"
+    return api_url, "announced by a live `obliviate serve`"
 
 
 def emit_deletion_event(store_url: str, payload: dict[str, Any], *, api_url: str) -> str | None:
@@ -316,11 +301,12 @@ def submit_deletion(
     if not emit:
         out["note"] = "recorded in the ledger; the reconciliation schedule will process it."
         return out
-    target = api_url or os.environ.get("PREFECT_API_URL") or served_api_url(store)
+    served, why = served_endpoint(store)
+    target = api_url or os.environ.get("PREFECT_API_URL") or served
     if not target:
         out["note"] = (
-            "recorded in the ledger; no Prefect API is configured and no `obliviate serve` announced one "
-            "for this store, so it waits for the next serve's reconciliation."
+            f"recorded in the ledger; no Prefect API is configured and {why}, so it waits for the next "
+            "serve's reconciliation."
         )
         return out
     from flows.runtime import ServerStartError, wait_healthy
@@ -358,4 +344,29 @@ def wait_for_request(store_url: str, request_id: str, *, timeout_s: float, poll_
                 f"request {request_id} is still {entry.status!r} after {timeout_s:.0f} s; is `obliviate serve` running "
                 "for this store? The entry stays in the ledger and will be processed."
             )
+        time.sleep(poll_s)
+
+
+def wait_outcome(
+    store_url: str, request_id: str, *, timeout_s: float, poll_s: float = 0.5
+) -> tuple[dict[str, Any], bool]:
+    """Poll the ledger until the request is settled or ``timeout_s`` passes; never raises on a timeout.
+
+    Returns:
+        ``(its entry, whether it is settled)``: the entry holds the real state, ``attempts``,
+        ``last_error`` / ``reason`` and, for a claim, the holder and its lease.
+    """
+    store = ObjectStore(store_url)
+    ledger = DeletionLedger(store)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entry = ledger.get(request_id)
+        if entry.status in TERMINAL:
+            return entry.as_dict(), True
+        if time.monotonic() > deadline:
+            out = entry.as_dict()
+            if entry.status == CLAIMED:
+                held = lease.read(store, request_id, claim_version=entry.version)
+                out["lease"] = held.as_dict() if held else None
+            return out, False
         time.sleep(poll_s)

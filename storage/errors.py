@@ -28,3 +28,7 @@ class CorruptObject(ObliviateError, ValueError):
 
 class PointerConflict(ObliviateError, RuntimeError):
     """A compare-and-swap on a pointer found a different version than the caller expected."""
+
+
+class WriteFailed(StorageError):
+    """A write did not happen (missing bucket or folder, no permission, read-only store): nothing was stored."""

@@ -4,9 +4,20 @@ Layout under the store:
 
 * ``ledger/requests/<request>.json``: the request as received (ids, dataset, reason, time);
   written once, before any event is emitted, so nothing acknowledged can be lost.
-* ``ledger/status/<request>``: a pointer whose versions are the request's status history
-  (``pending`` -> ``claimed`` -> ``done`` | ``rejected``). Every transition is a compare-and-swap,
-  so two flow runs can never both claim or both finish one request.
+* ``ledger/status/<request>``: a pointer whose versions are the request's status history.
+  Every transition is a compare-and-swap, so two flow runs can never both claim or both finish
+  one request. The states (README "Request states"):
+
+  - ``pending``: waiting for a pass; after a failed attempt it carries ``attempts``,
+    ``last_error`` and ``next_attempt_at`` (back-off) and is not picked up before that time;
+  - ``claimed``: a pass works on it (``holder``, ``attempt``); its lease
+    (:mod:`storage.lease`) is renewed while it works, and a lapsed lease lets the next pass take
+    it over (the lapse counts as a failed attempt);
+  - ``done``: applied to every affected run (audit trail in ``details``);
+  - ``rejected``: refused as a whole with the reason (unknown ids, no run of its dataset);
+  - ``failed``: gave up after ``max_attempts`` attempts, with every error; ``--retry`` puts it
+    back to ``pending``;
+  - ``cancelled``: withdrawn before it was applied (``forget --cancel``).
 * ``ledger/events/<event>.json``: what happened to each deletion event received (processed, a
   duplicate, or rejected with the reason), the audit trail of the event side.
 
@@ -20,12 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from obliviate.unlearning.service import RequestError, check_name
+from obliviate.unlearning.service import RequestError, check_name, retry_delay_s
+from storage import lease
 from storage.errors import ObjectNotFound, PointerConflict
 from storage.objects import ObjectStore
 
 PENDING, CLAIMED, DONE, REJECTED = "pending", "claimed", "done", "rejected"
-TERMINAL = frozenset({DONE, REJECTED})
+FAILED, CANCELLED = "failed", "cancelled"
+TERMINAL = frozenset({DONE, REJECTED, FAILED, CANCELLED})
 _CAS_ATTEMPTS = 20
 
 
@@ -198,3 +211,199 @@ class DeletionLedger:
 
     def events(self) -> list[dict[str, Any]]:
         return [self.store.get_json(key) for key in self.store.list("ledger/events")]
+
+    # ----- attempts, leases, terminal states (the pass in flows.settle uses these) -------------
+
+    def due_entries(self, *, lease_s: float, now: float | None = None) -> list[RequestStatus]:
+        """Requests a pass should take now: pending ones past their back-off, claims whose lease lapsed."""
+        now = time.time() if now is None else now
+        due = []
+        for entry in self.entries():
+            if (
+                entry.status == PENDING
+                and float(entry.details.get("next_attempt_at", 0.0)) <= now
+                or entry.status == CLAIMED
+                and lease.lapsed(
+                    self.store,
+                    entry.request_id,
+                    claim_version=entry.version,
+                    claimed_at=entry.updated_at,
+                    lease_s=lease_s,
+                    now=now,
+                )
+            ):
+                due.append(entry)
+        return due
+
+    def claim(
+        self, request_id: str, *, holder: str, lease_s: float, max_attempts: int, now: float | None = None
+    ) -> RequestStatus | None:
+        """Claim a due request for one attempt (CAS); ``None`` if it is not due or someone else won.
+
+        A lapsed claim is taken over and its lapse counted as a failed attempt; a request out of
+        attempts becomes ``failed`` instead (returned, so the caller sees it was settled).
+        """
+        now = time.time() if now is None else now
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.get(request_id)
+            details = current.details
+            errors = list(details.get("errors") or [])
+            if current.status == PENDING:
+                if float(details.get("next_attempt_at", 0.0)) > now:
+                    return None
+                attempt = int(details.get("attempts", 0)) + 1
+            elif current.status == CLAIMED and lease.lapsed(
+                self.store,
+                request_id,
+                claim_version=current.version,
+                claimed_at=current.updated_at,
+                lease_s=lease_s,
+                now=now,
+            ):
+                attempt = int(details.get("attempt", 1)) + 1
+                errors.append(
+                    {
+                        "attempt": attempt - 1,
+                        "error": f"holder {details.get('holder')!r} stopped renewing its {lease_s:.0f} s lease "
+                        "(crashed or killed); its stored progress is resumed",
+                        "at": now,
+                    }
+                )
+            else:
+                return None
+            if attempt > max_attempts:
+                target = (
+                    FAILED,
+                    {
+                        "attempts": attempt - 1,
+                        "errors": errors[-10:],
+                        "reason": f"gave up after {attempt - 1} attempt(s) (max {max_attempts}); last error: "
+                        f"{errors[-1]['error'] if errors else 'unknown'}. Fix the cause, then "
+                        f"`obliviate forget --retry {request_id}`.",
+                    },
+                )
+            else:
+                target = (CLAIMED, {"holder": holder, "claimed_at": now, "attempt": attempt, "errors": errors[-10:]})
+            try:
+                self.store.swap_pointer(
+                    self._status_key(request_id),
+                    {"status": target[0], "details": target[1]},
+                    expected_version=current.version,
+                )
+            except PointerConflict:
+                continue
+            return self.get(request_id)
+        return None
+
+    def settle(
+        self, request_id: str, *, claim_version: int, status: str, details: Mapping[str, Any]
+    ) -> RequestStatus | None:
+        """Move a claim this caller holds to ``status``; ``None`` if the claim was taken over meanwhile."""
+        current = self.get(request_id)
+        if current.status != CLAIMED or current.version != claim_version:
+            return None
+        try:
+            self.store.swap_pointer(
+                self._status_key(request_id),
+                {"status": status, "details": dict(details)},
+                expected_version=claim_version,
+            )
+        except PointerConflict:
+            return None
+        if status != CLAIMED:
+            lease.drop(self.store, request_id)
+        return self.get(request_id)
+
+    def fail_attempt(
+        self,
+        request_id: str,
+        *,
+        claim_version: int,
+        error: str,
+        max_attempts: int,
+        first_backoff_s: float,
+        max_backoff_s: float,
+        extra: Mapping[str, Any] | None = None,
+    ) -> RequestStatus | None:
+        """Record a failed attempt on a held claim: back to ``pending`` after a back-off, or ``failed``."""
+        current = self.get(request_id)
+        if current.status != CLAIMED or current.version != claim_version:
+            return None
+        attempt = int(current.details.get("attempt", 1))
+        now = time.time()
+        errors = [*(current.details.get("errors") or []), {"attempt": attempt, "error": error[:2000], "at": now}][-10:]
+        if attempt >= max_attempts:
+            status = FAILED
+            details: dict[str, Any] = {
+                "attempts": attempt,
+                "errors": errors,
+                "last_error": error[:2000],
+                "reason": f"gave up after {attempt} attempt(s) (max {max_attempts}); last error: {error[:500]}. "
+                f"Fix the cause, then `obliviate forget --retry {request_id}`.",
+            }
+        else:
+            status = PENDING
+            delay = retry_delay_s(attempt, first_s=first_backoff_s, max_s=max_backoff_s)
+            details = {
+                "attempts": attempt,
+                "errors": errors,
+                "last_error": error[:2000],
+                "next_attempt_at": now + delay,
+            }
+        return self.settle(request_id, claim_version=claim_version, status=status, details={**(extra or {}), **details})
+
+    def cancel(self, request_id: str, *, applied_to: Sequence[str]) -> RequestStatus:
+        """Withdraw a request that no run has applied yet (``pending`` or ``failed``).
+
+        Args:
+            applied_to: runs whose current version already lists the request (from the registry).
+
+        Raises:
+            RequestError: it is being worked on, already settled, or (partly) applied.
+        """
+        current = self.get(request_id)
+        if applied_to:
+            raise RequestError(
+                f"rule: only a request no model has applied can be cancelled; {request_id} is applied to runs "
+                f"{sorted(applied_to)}. Nothing changed; submit nothing, or retrain those runs."
+            )
+        if current.status not in (PENDING, FAILED):
+            raise RequestError(
+                f"rule: a request can be cancelled while pending or failed; {request_id} is {current.status!r}"
+                + (" (a pass is applying it now; wait for it)" if current.status == CLAIMED else "")
+                + ". Nothing changed."
+            )
+        moved = self.transition(
+            request_id,
+            status=CANCELLED,
+            details={
+                "cancelled_at": time.time(),
+                "previous": current.status,
+                "errors": current.details.get("errors") or [],
+            },
+            allowed_from=(current.status,),
+        )
+        if moved is None:
+            raise RequestError(f"request {request_id} changed status while cancelling; look again with --status.")
+        return moved
+
+    def retry(self, request_id: str) -> RequestStatus:
+        """Put a ``failed`` request back to ``pending`` with a fresh attempt budget.
+
+        Raises:
+            RequestError: the request is not ``failed``.
+        """
+        current = self.get(request_id)
+        if current.status != FAILED:
+            raise RequestError(
+                f"rule: only a failed request can be retried; {request_id} is {current.status!r}. Nothing changed."
+            )
+        moved = self.transition(
+            request_id,
+            status=PENDING,
+            details={"attempts": 0, "retried_at": time.time(), "errors": current.details.get("errors") or []},
+            allowed_from=(FAILED,),
+        )
+        if moved is None:
+            raise RequestError(f"request {request_id} changed status while retrying; look again with --status.")
+        return moved

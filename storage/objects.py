@@ -47,7 +47,14 @@ import fsspec
 import numpy as np
 
 from obliviate.errors import ConfigError, ObliviateError
-from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError, StorageUnavailable
+from storage.errors import (
+    CorruptObject,
+    ObjectNotFound,
+    PointerConflict,
+    StorageError,
+    StorageUnavailable,
+    WriteFailed,
+)
 
 COMMIT_SUFFIX = ".sha256"
 _TMP_MARK = ".tmp-"
@@ -143,7 +150,7 @@ class ObjectStore:
         data = b"".join(chunks)
         info = ObjectInfo(key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
         record = json.dumps({"sha256": info.sha256, "size": info.size, "committed_at": time.time()}).encode()
-        with _translated(self.uri(key)):
+        with _translated(self.uri(key), writing=True):
             self._write_atomic(self._path(key), data)
             self._write_atomic(self._path(key) + COMMIT_SUFFIX, record)
         return info
@@ -298,7 +305,7 @@ class ObjectStore:
         payload = json.dumps(body, sort_keys=True)
         data = json.dumps({"body": body, "sha256": hashlib.sha256(payload.encode()).hexdigest()}).encode()
         path = self._path(f"{key}/v{version:09d}.json")
-        with _translated(self.uri(key)):
+        with _translated(self.uri(key), writing=True):
             try:
                 self._create_exclusive(path, data)
             except FileExistsError as err:
@@ -317,6 +324,13 @@ class ObjectStore:
                 keys.add(parent)
         return sorted(keys)
 
+    def container_exists(self) -> bool:
+        """Whether the bucket (S3) or folder (local) the store lives in exists."""
+        with _translated(self._url):
+            if self._protocol == "s3":
+                return bool(self._fs.exists(self._root.split("/", 1)[0]))
+            return os.path.isdir(self._root)
+
     def ensure_container(self) -> None:
         """Create the bucket (S3) or folder (local) the store lives in, if missing."""
         with _translated(self._url):
@@ -326,6 +340,47 @@ class ObjectStore:
                     self._fs.mkdir(bucket)
             else:
                 self._fs.makedirs(self._root, exist_ok=True)
+
+    # ----- maintenance (storage.check: integrity checks and orphan collection) ----------------
+
+    def stored_names(self, prefix: str = "") -> builtins.list[str]:
+        """Every name stored under ``prefix``: objects, commit records, pointer versions, temporary files."""
+        return self._names_under(prefix)
+
+    def pointer_versions(self, key: str) -> builtins.list[int]:
+        """The versions pointer ``key`` has had, oldest first."""
+        return self._pointer_versions(_check_key(key))
+
+    def get_unverified_json(self, key: str) -> Any:
+        """JSON read *without* its checksum check: only to report what a damaged object referred to."""
+        key = _check_key(key)
+        with _translated(self.uri(key)):
+            return json.loads(self._fs.cat_file(self._path(key)))
+
+    def committed_at(self, key: str) -> float:
+        """When ``key`` was committed (0.0 if its commit record does not say)."""
+        key = _check_key(key)
+        with _translated(self.uri(key)):
+            raw = self._fs.cat_file(self._path(key) + COMMIT_SUFFIX)
+        try:
+            return float(json.loads(raw).get("committed_at", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            return 0.0
+
+    def stored_age_s(self, name: str) -> float:
+        """Seconds since a stored name (e.g. a temporary file) was last modified."""
+        with _translated(self.uri()):
+            info = self._fs.info(self._path(name))
+        value = info.get("mtime") or info.get("LastModified") or info.get("created")
+        stamp = value.timestamp() if hasattr(value, "timestamp") else float(value or time.time())
+        return max(0.0, time.time() - float(stamp))
+
+    def remove_temporary(self, name: str) -> None:
+        """Delete a leftover temporary file of a crashed write (never a committed object)."""
+        if _TMP_MARK not in name.rsplit("/", 1)[-1]:
+            raise ConfigError(f"{name!r} is not a temporary file; delete committed objects with delete().")
+        with _translated(self.uri(), writing=True), contextlib.suppress(FileNotFoundError):
+            self._fs.rm_file(self._path(name))
 
     # ----- internals ---------------------------------------------------------------------------
 
@@ -483,18 +538,28 @@ def _check_key(key: str, *, allow_empty: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def _translated(where: str) -> Iterator[None]:
-    """The single boundary where backend exceptions become :mod:`storage.errors` ones."""
+def _translated(where: str, *, writing: bool = False) -> Iterator[None]:
+    """The single boundary where backend exceptions become :mod:`storage.errors` ones.
+
+    ``writing``: the call writes, so a missing bucket / folder or a refusal is a failed write
+    (:class:`WriteFailed`), never a missing object.
+    """
     try:
         yield
     except ObliviateError:
         raise
     except FileNotFoundError as err:
+        if writing:
+            raise WriteFailed(
+                f"could not write {where}: {err}. The bucket or folder of the store does not exist (any more); "
+                "create it, or run a command that prepares the store (train, serve, forget)."
+            ) from err
         raise ObjectNotFound(f"no object at {where} ({err}); check the key, or that the write was committed.") from err
     except FileExistsError as err:
         raise StorageError(f"an object or folder already exists at {where}: {err}.") from err
     except PermissionError as err:
-        raise StorageError(f"permission denied at {where}: {err}. Check the credentials in the environment.") from err
+        error = WriteFailed if writing else StorageError
+        raise error(f"permission denied at {where}: {err}. Check the credentials in the environment.") from err
     except Exception as err:
         if _is_unavailable(err):
             raise StorageUnavailable(
@@ -505,6 +570,8 @@ def _translated(where: str) -> Iterator[None]:
                 f"no usable credentials for {where}: {err}. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
             ) from err
         if isinstance(err, OSError):
+            if writing:
+                raise WriteFailed(f"could not write {where}: {err}") from err
             raise StorageError(f"storage error at {where}: {err}") from err
         raise
 

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli.train",
     "flows.cli.forget",
     "flows.cli.serve",
+    "flows.cli.store",
     "flows.cli.target",
     "flows.cli.steal",
     "flows.cli.tune",

@@ -1,7 +1,10 @@
 """``obliviate forget``: ask every model that saw some samples to forget them.
 
 The request goes to the store's ledger first, then a Prefect event wakes the ``unlearn``
-deployment of ``obliviate serve``. ``--wait`` polls the ledger until the request is settled.
+deployment of ``obliviate serve``. ``--wait`` polls the ledger until the request is settled and
+exits with a code per outcome (:data:`EXIT_CODES`, README "Exit codes of forget"); ``--status``
+shows an entry, ``--cancel`` withdraws one before any model applied it, ``--retry`` puts a
+``failed`` one back in the queue.
 """
 
 from __future__ import annotations
@@ -9,11 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
+
+from flows.cli._store import add_store_argument, prepare_store, store_url
+
+# Exit codes of `forget --wait` (and of --status when asked with --wait 0): one per outcome.
+EXIT_DONE, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_PENDING, EXIT_TIMEOUT, EXIT_CANCELLED = 0, 2, 3, 4, 5, 6, 7
+EXIT_CODES = {
+    "done": EXIT_DONE,
+    "rejected": EXIT_REJECTED,
+    "failed": EXIT_FAILED,
+    "pending": EXIT_PENDING,
+    "claimed": EXIT_TIMEOUT,
+    "cancelled": EXIT_CANCELLED,
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("forget", help="request deletion of sample ids from every registered run")
-    parser.add_argument("--store", default="file://./runs", help="file://PATH (default ./runs) or s3://bucket/prefix")
+    add_store_argument(parser)
     parser.add_argument("--ids", default=None, help="dataset sample ids, comma separated: 3,17,42")
     parser.add_argument("--data", default="digits", help="the dataset the ids index (as given to train --data)")
     parser.add_argument("--reason", default=None, help="free text kept in the ledger (ticket, legal basis)")
@@ -24,51 +41,120 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="wait up to SECONDS for the request to be done or rejected",
+        help="wait up to SECONDS for the request to be settled; the exit code tells the outcome",
     )
-    parser.add_argument("--status", default=None, metavar="REQUEST_ID", help="print a request's ledger entry and exit")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--status", default=None, metavar="REQUEST_ID", help="print a request's ledger entry and exit")
+    action.add_argument("--cancel", default=None, metavar="REQUEST_ID", help="withdraw a request no model applied yet")
+    action.add_argument("--retry", default=None, metavar="REQUEST_ID", help="queue a failed request again")
     parser.add_argument("--now", action="store_true", help="flush the open batch now instead of waiting for it")
     parser.set_defaults(handler=run_forget)
 
 
+def describe(entry: dict[str, Any]) -> str:
+    """One line: the request's real state and what it is waiting for or why it ended."""
+    details = entry.get("details") or {}
+    status = entry["status"]
+    line = f"request {entry['request_id']}: {status}"
+    if status == "rejected":
+        line += f"; reason: {details.get('reason')}"
+    elif status == "failed":
+        line += f"; {details.get('reason') or details.get('last_error')}"
+    elif status == "pending" and details.get("last_error"):
+        line += (
+            f" (attempt {details.get('attempts')} failed, retried after a back-off); last error: "
+            f"{str(details['last_error'])[:300]}"
+        )
+    elif status == "pending":
+        line += " (not picked up yet: is `obliviate serve` running for this store?)"
+    elif status == "claimed":
+        holder = (entry.get("lease") or {}).get("holder") or details.get("holder")
+        line += f" (attempt {details.get('attempt')} in progress by {holder})"
+    elif status == "cancelled":
+        line += f" (withdrawn while {details.get('previous')})"
+    return line
+
+
 def run_forget(args: argparse.Namespace) -> int:
-    from flows.unlearn import submit_deletion, wait_for_request
+    from flows.unlearn import submit_deletion
+    from obliviate.data import load_dataset
     from obliviate.errors import ConfigError
-    from storage.ledger import REJECTED, DeletionLedger
+    from obliviate.unlearning.service import check_name, parse_ids
+    from storage.ledger import DeletionLedger
     from storage.objects import ObjectStore
+    from storage.registry import RunRegistry
 
+    reading = bool(args.status)
+    url = prepare_store(store_url(args), write=not reading)
+    ledger = DeletionLedger(ObjectStore(url))
+    request_id = args.status or args.cancel or args.retry
+    if request_id:
+        check_name(request_id, what="request id")
+        if not ledger.exists(request_id):
+            raise ConfigError(f"no request {request_id!r} in the ledger of {url}; list them with the Python API.")
+    if args.cancel:
+        registry = RunRegistry(ledger.store)
+        applied = [r for r in registry.run_ids() if args.cancel in (registry.current(r) or _Nothing()).applied_requests]
+        print(describe(ledger.cancel(args.cancel, applied_to=applied).as_dict()), file=sys.stderr)
+        return EXIT_DONE
+    if args.retry:
+        entry = ledger.retry(args.retry)
+        print(describe(entry.as_dict()), file=sys.stderr)
+        if not args.no_event:  # announce it again; the ledger entry is the same request
+            stored = entry.request
+            submit_deletion(url, stored["ids"], dataset=stored["dataset"], request_id=args.retry)
+        return _waited(url, args.retry, args.wait) if args.wait > 0 else EXIT_DONE
     if args.status:
-        ledger = DeletionLedger(ObjectStore(args.store))
-        from flows.batching import batch_status  # issue 11: "batched until T"
+        if args.wait > 0:
+            return _waited(url, args.status, args.wait)
+        from flows.batching import batch_status  # "batched until T" (deadline-aware batching)
 
-        entry = {**ledger.get(args.status).as_dict(), "history": ledger.history(args.status)}
-        entry["batch"] = batch_status(ObjectStore(args.store), args.status)
-        print(json.dumps(entry, indent=2, default=str))
-        return 0
-    if args.now:  # issue 11: the next pass flushes the open batch
+        entry = ledger.get(args.status)
+        shown = {**entry.as_dict(), "history": ledger.history(args.status)}
+        shown["batch"] = batch_status(ObjectStore(url), args.status)
+        print(json.dumps(shown, indent=2, default=str))
+        print(describe(entry.as_dict()), file=sys.stderr)
+        return EXIT_DONE
+    if args.now:  # the next pass flushes the open batch (deadline-aware batching)
         from flows.batching import request_flush
 
-        request_flush(ObjectStore(args.store), reason=args.reason or "forget --now")
+        request_flush(ObjectStore(url), reason=args.reason or "forget --now")
         if args.ids is None:
             print("the open batch flushes on the next pass (event or reconcile)", file=sys.stderr)
-            return 0
+            return EXIT_DONE
     if args.ids is None:
-        raise ConfigError("forget needs --ids 3,17,42 (or --status REQUEST_ID).")
+        raise ConfigError("forget needs --ids 3,17,42 (or --status / --cancel / --retry REQUEST_ID).")
+    dataset = load_dataset(args.data)
+    ids = parse_ids(args.ids, dataset_size=len(dataset), dataset=args.data)
     result = submit_deletion(
-        args.store, args.ids, dataset=args.data, reason=args.reason, request_id=args.request_id, emit=not args.no_event
+        url, list(ids), dataset=args.data, reason=args.reason, request_id=args.request_id, emit=not args.no_event
     )
     print(f"request {result['request_id']}: {result['status']}; {result.get('note', '')}", file=sys.stderr)
     if args.wait > 0:
-        entry = wait_for_request(args.store, result["request_id"], timeout_s=args.wait)
-        runs = entry["details"].get("runs", {})
-        for run_id, audit in runs.items():
-            print(
-                f"  run {run_id}: {audit.get('status')} version {audit.get('from_version')} -> "
-                f"{audit.get('to_version', audit.get('version'))}, blocks retrained {audit.get('blocks_retrained')}, "
-                f"speed-up {audit.get('speedup_vs_full_retrain')}",
-                file=sys.stderr,
-            )
-        print(json.dumps(entry, default=str))
-        return 3 if entry["status"] == REJECTED else 0
+        return _waited(url, result["request_id"], args.wait)
     print(json.dumps(result, default=str))
-    return 0
+    return EXIT_DONE
+
+
+class _Nothing:
+    applied_requests: tuple[str, ...] = ()
+
+
+def _waited(url: str, request_id: str, timeout_s: float) -> int:
+    """Wait, print the real state (stderr: one line; stdout: the entry as JSON), return its exit code."""
+    from flows.unlearn import wait_outcome
+
+    entry, settled = wait_outcome(url, request_id, timeout_s=timeout_s)
+    for run_id, audit in (entry["details"].get("runs") or {}).items():
+        print(
+            f"  run {run_id}: {audit.get('status')} version {audit.get('from_version')} -> "
+            f"{audit.get('to_version', audit.get('version'))}, blocks retrained {audit.get('blocks_retrained')}, "
+            f"speed-up {audit.get('speedup_vs_full_retrain')}",
+            file=sys.stderr,
+        )
+    line = describe(entry)
+    if not settled:
+        line = f"{line}; still not settled after {timeout_s:.0f} s (the request stays in the ledger)"
+    print(line, file=sys.stderr)
+    print(json.dumps({**entry, "settled": settled}, default=str))
+    return EXIT_CODES.get(entry["status"], EXIT_TIMEOUT)

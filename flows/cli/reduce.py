@@ -73,6 +73,13 @@ def _store_url(args: argparse.Namespace) -> str:
     return os.environ.get("OBLIVIATE_STORE") or f"file://{Path('runs').resolve()}"
 
 
+def _prepared_store_url(args: argparse.Namespace) -> str:
+    """The store, checked reachable and writable before any work (README "Stores")."""
+    from flows.cli._store import prepare_store
+
+    return prepare_store(_store_url(args), write=True)
+
+
 def _check(args: argparse.Namespace, n: int) -> None:
     if not 2 <= args.k < n:
         raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={args.k}. Choose a smaller subset or a larger pool.")
@@ -119,6 +126,7 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
 
     apply_prefect_defaults()
     t0 = time.perf_counter()
+    store_url = _prepared_store_url(args)
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=getattr(args, "ray_address", None))
@@ -126,7 +134,7 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
             summary = reduce_flow(
                 data=args.data,
                 k=args.k,
-                store_url=_store_url(args),
+                store_url=store_url,
                 bins=args.bins,
                 normalize=args.normalize,
                 starts=args.starts,
@@ -159,6 +167,7 @@ def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
     from flows.reduce import result_key
     from storage.objects import ObjectStore
 
+    store = ObjectStore(_prepared_store_url(args))
     dataset = dataset if dataset is not None else load_dataset(args.data)
     t0 = time.perf_counter()
     with shown_progress() as show:
@@ -171,7 +180,6 @@ def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
         )
     mi_seconds = time.perf_counter() - t0
     result = drmi_reduce(matrix, k=args.k, num_starts=args.starts, rng=np.random.default_rng(args.seed))
-    store = ObjectStore(_store_url(args))
     key = result_key(
         fingerprint=dataset.fingerprint,
         bins=args.bins,

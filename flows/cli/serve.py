@@ -1,7 +1,9 @@
 """``obliviate serve``: serve the unlearning deployments of one store until interrupted.
 
 Starts (or joins) a Prefect API server and a Ray runtime, then serves: the event-triggered
-``unlearn`` flow, the cron ``reconcile`` flow and the cron extraction audit.
+``unlearn`` flow, the cron ``reconcile`` flow and the cron extraction audit. A watchdog process
+(:mod:`flows.watchdog`) kills what ``serve`` started if ``serve`` dies, even by ``kill -9``, and
+withdraws its announcement from the store; a clean stop withdraws it too.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import argparse
 import os
 import sys
 
+from flows.cli._store import add_store_argument, prepare_store, store_url
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve event-triggered unlearning + scheduled reconcile and audit")
-    parser.add_argument("--store", default="file://./runs", help="file://PATH (default ./runs) or s3://bucket/prefix")
+    add_store_argument(parser)
     parser.add_argument(
         "--policy",
         default="exact",
@@ -25,11 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reconcile-cron", default="*/5 * * * *", help="reconciliation schedule (default every 5 min)")
     parser.add_argument("--audit-cron", default="0 3 * * *", help="extraction audit schedule; 'off' disables it")
     parser.add_argument(
-        "--stale-after",
+        "--lease",
         type=float,
-        default=600.0,
+        default=None,
         metavar="SECONDS",
-        help="a claimed request older than this is taken over (default 600)",
+        help="a claim not renewed for this long belongs to a dead worker and is taken over (default 20)",
+    )
+    parser.add_argument(
+        "--max-attempts", type=int, default=3, help="attempts per request before it is marked failed (default 3)"
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
     # issue 11: deadline-aware batching (flows/batching.py)
@@ -50,24 +57,33 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.deployments import ServiceOptions, serve_deployments
     from flows.rollback import save_rollback
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api, ui_url_of
+    from flows.watchdog import start_watchdog
+    from obliviate.errors import ConfigError
     from obliviate.unlearning.batching import BatchPolicy, parse_duration
+    from storage.lease import DEFAULT_LEASE_S
     from storage.objects import ObjectStore
 
     apply_prefect_defaults()
+    lease_s = DEFAULT_LEASE_S if args.lease is None else args.lease
+    if lease_s < 2 or args.max_attempts < 1:
+        raise ConfigError(f"need --lease >= 2 s and --max-attempts >= 1; got {lease_s} and {args.max_attempts}.")
+    store = prepare_store(store_url(args), write=True)
     policy = BatchPolicy(
         window_s=parse_duration(args.batch_window), batch_max=args.batch_max, deadline_s=parse_duration(args.deadline)
     )
-    save_policy(ObjectStore(args.store), policy)
-    save_rollback(ObjectStore(args.store), enabled=args.rollback, floor_points=args.floor_points)
+    save_policy(ObjectStore(store), policy)
+    save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     options = ServiceOptions(
-        store=args.store,
+        store=store,
         policy=args.policy,
         verify=args.verify,
         workers=args.workers,
         reconcile_cron=args.reconcile_cron,
         audit_cron=None if args.audit_cron == "off" else args.audit_cron,
-        stale_after_s=args.stale_after,
+        lease_s=lease_s,
+        max_attempts=args.max_attempts,
     )
+    start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url} (dashboard: {ui_url_of(api_url)})", file=sys.stderr)
         ensure_ray(address=args.ray_address)

@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 
+from flows.cli._store import add_store_argument, prepare_store, store_url
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a run block by block, checkpoints in the store (SPEC 4)")
-    parser.add_argument("--store", default="file://./runs", help="file://PATH (default ./runs) or s3://bucket/prefix")
+    add_store_argument(parser)
     parser.add_argument("--run-id", required=True, help="the run's name; rerun with the same options to resume")
     parser.add_argument("--data", default="digits", help="digits (default), mnist5k, an .npz file or a dataset folder")
     parser.add_argument("--model", default="lenet5", choices=["lenet5", "c3f2", "resnet18"])
@@ -35,11 +37,12 @@ def run_train(args: argparse.Namespace) -> int:
     from flows.train import train_flow
 
     apply_prefect_defaults()
+    store = prepare_store(store_url(args), write=True)
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=args.ray_address)
         summary = train_flow(
-            store=args.store,
+            store=store,
             run_id=args.run_id,
             data=args.data,
             model=args.model,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 
+from flows.cli._store import add_store_argument, prepare_store, store_url
 from obliviate.errors import ConfigError
 
 
@@ -13,11 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", default="mnist5k", help="mnist5k, digits, an .npz file or a dataset folder")
-    common.add_argument(
-        "--store",
-        default=os.environ.get("OBLIVIATE_STORE", "file://./runs"),
-        help="file://... or s3://bucket/prefix (default $OBLIVIATE_STORE or file://./runs)",
-    )
+    add_store_argument(common)
     common.add_argument("--workers", type=int, default=2, help="trials at once, one CPU each (default 2)")
     common.add_argument("--model", default="lenet5", help="lenet5 or c3f2")
     common.add_argument("--seed", type=int, default=0)
@@ -80,7 +76,12 @@ def run_tune(args: argparse.Namespace) -> int:
             num_starts=args.starts,
         )
     report = run_sweep(
-        args.sweep, store_url=args.store, grid=grid, constants=constants, workers=args.workers, name=args.name
+        args.sweep,
+        store_url=prepare_store(store_url(args), write=True),
+        grid=grid,
+        constants=constants,
+        workers=args.workers,
+        name=args.name,
     )
     print(describe(report))
     return 0 if report.errors == 0 else 1

@@ -182,30 +182,53 @@ def block_holdings(spec: RunSpec, plan: BlockPlan) -> list[list[int]]:
     return [spec.dataset_ids(plan.block_ids(b)) for b in range(1, plan.num_blocks + 1)]
 
 
-def parse_ids(raw: Any) -> tuple[int, ...]:
-    """Check the ids of a deletion request; return them sorted.
+MAX_SAMPLE_ID = 2**63 - 1  # ids travel as int64 arrays; anything larger cannot index a dataset
+_ID_TOKEN = re.compile(r"^[0-9]{1,19}$")  # ASCII digits only: no '+5', '1_000', ' 5' or non-ASCII digits
 
-    Accepts a list of non-negative integers (or a string ``"3,17,42"`` from a CLI).
+
+def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the dataset") -> tuple[int, ...]:
+    """Check the ids of a deletion request at the boundary; return them sorted.
+
+    Accepts a list of non-negative integers (or a string ``"3,17,42"`` from a CLI). Each CLI token
+    is plain ASCII digits (Python's ``int`` would also take ``+5``, ``1_000`` and other
+    scripts' digits: refused here, so what the user typed is what is deleted). Every id fits in
+    int64 and, when ``dataset_size`` is known, indexes a row of the dataset (SPEC 5: a deletion
+    names training samples by dataset row).
 
     Raises:
-        RequestError: empty, non-integer, negative or repeated ids.
+        RequestError: empty, non-integer, negative, too large, out of range or repeated ids.
     """
     if isinstance(raw, str):
         parts = [p.strip() for p in raw.replace(" ", ",").split(",") if p.strip()]
-        try:
-            raw = [int(p) for p in parts]
-        except ValueError:
-            raise RequestError(f"rule: ids are comma-separated integers like 3,17,42; got {raw!r}.") from None
+        bad_tokens = [p for p in parts if not _ID_TOKEN.match(p)]
+        if bad_tokens:
+            raise RequestError(
+                f"rule: ids are comma-separated integers like 3,17,42 (ASCII digits only, no sign, '_' or "
+                f"exponent); got {bad_tokens[:5]!r} in {raw[:80]!r}."
+            )
+        raw = [int(p) for p in parts]
     if not isinstance(raw, (list, tuple)) or not raw:
         raise RequestError(f"rule: a deletion names a non-empty list of sample ids; got {raw!r}.")
     bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0]
     if bad:
         raise RequestError(f"rule: sample ids are non-negative integers (dataset row indices); got {bad[:5]!r}.")
     values = sorted(int(v) for v in raw)
-    repeated = sorted({v for v in values if values.count(v) > 1})
+    limit = MAX_SAMPLE_ID if dataset_size is None else int(dataset_size) - 1
+    too_large = [v for v in values if v > limit]
+    if too_large:
+        where = "int64" if dataset_size is None else f"{dataset} ({dataset_size} rows: ids 0..{limit})"
+        raise RequestError(
+            f"rule: a sample id is a row index of {where}; got {too_large[:5]!r}. Remove them; nothing was recorded."
+        )
+    repeated = sorted({v for v, n in zip(values, np.diff(values, prepend=-1), strict=True) if n == 0})
     if repeated:
         raise RequestError(f"rule: each sample id appears once per request; repeated: {repeated[:10]}.")
     return tuple(values)
+
+
+def retry_delay_s(attempt: int, *, first_s: float, max_s: float) -> float:
+    """Back-off before retry number ``attempt`` (1-based) of a failed request: doubling, capped."""
+    return float(min(max_s, first_s * 2 ** max(0, attempt - 1)))
 
 
 def request_id_for(ids: Sequence[int], dataset: str, salt: str) -> str:

@@ -84,7 +84,9 @@ def test_deletion_event_unlearns_every_affected_run_exactly_once(s3_url, prefect
     emit_deletion_event(store.url, {"request_id": "never-submitted"}, api_url=prefect_api_url)
     events = _wait_events(ledger, 4)
     outcomes = sorted(e["outcome"] for e in events)
-    assert outcomes.count("rejected") == 2 and outcomes.count("duplicate") == 1, events
+    # The repeat is a duplicate; so is the first event when serve's watcher got to the request before it.
+    assert outcomes.count("rejected") == 2 and outcomes.count("duplicate") >= 1, events
+    assert outcomes.count("processing") + outcomes.count("duplicate") == 2, events
     reasons = " ".join(e.get("reason", "") for e in events)
     assert "request_id" in reasons and "not there" in reasons
     assert [s["status"] for s in ledger.history(submitted["request_id"])] == ["pending", "claimed", "done"]

@@ -17,6 +17,7 @@ from obliviate.data import load_dataset
 from obliviate.unlearning.service import RunSpec, block_data
 from obliviate.unlearning.trainer import train_chain
 from storage import ObjectStore
+from storage.check import check_store
 from storage.ledger import DeletionLedger
 from storage.registry import TRAIN_CHAIN, RunRegistry
 
@@ -104,6 +105,7 @@ def test_killed_unlearning_worker_resumes_and_completes(tmp_path, prefect_api_ur
     chain = registry.load_chain(registry.current("r1"))[0]
     naive = _naive_final_state(spec_obj, set(spec_obj.positions(forget)[0].tolist()))
     assert all(torch.equal(chain.final.model_state[k], v) for k, v in naive.items())
+    assert check_store(store, min_age_s=3600).healthy  # the current pointer names a complete, checksummed version
 
 
 def test_s3_outage_during_publish_is_retried_and_old_version_stays_current(s3_url, flaky_s3):
@@ -132,3 +134,4 @@ def test_s3_outage_during_publish_is_retried_and_old_version_stays_current(s3_ur
     # s3fs retry short outages themselves, storage.retry takes over beyond theirs (storage_retries).
     assert flaky_s3.refused > 0
     assert direct.current("r1").version == 2 and set(forget) <= set(direct.current("r1").deleted_ids)
+    assert check_store(direct.store, min_age_s=3600).healthy  # nothing half-published by the outage

@@ -1,0 +1,66 @@
+"""The one store rule every command follows (README "Stores: one rule for every command").
+
+* Which store: ``--store URL``, else ``$OBLIVIATE_STORE``, else ``file://./runs``, resolved when
+  the command runs (never at import time).
+* Before any work: the store must be reachable. A command that writes (``train``, ``serve``,
+  ``forget``, ``reduce``, ``tune``, ``store check --repair``) creates a missing bucket or folder and
+  proves it can write by committing and deleting a probe object; a command that only reads
+  (``forget --status``, ``store check``) refuses a store that does not exist. A failure is
+  reported before anything is computed, as what it is (unreachable, not writable, missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import uuid
+
+from obliviate.errors import ConfigError
+
+DEFAULT_STORE = "file://./runs"
+STORE_HELP = "file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)"
+
+
+def add_store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=None, help=STORE_HELP)
+
+
+def store_url(args: argparse.Namespace) -> str:
+    """``--store``, else ``$OBLIVIATE_STORE``, else ``file://./runs``."""
+    return getattr(args, "store", None) or os.environ.get("OBLIVIATE_STORE") or DEFAULT_STORE
+
+
+def prepare_store(url: str, *, write: bool) -> str:
+    """Check the store before any work; returns its normalised URL.
+
+    Raises:
+        ConfigError: a malformed URL, or (reading) a store that does not exist.
+        storage.StorageUnavailable: the backend cannot be reached.
+        storage.errors.WriteFailed: (writing) the store cannot be created or written.
+    """
+    from storage import ObjectStore, StorageError, StorageUnavailable
+    from storage.errors import WriteFailed
+
+    store = ObjectStore(url)
+    if not store.container_exists():
+        if not write:
+            raise ConfigError(
+                f"store {store.url} does not exist (no bucket or folder there); nothing to read. Check --store / "
+                "$OBLIVIATE_STORE, or create it by writing to it (train, serve, forget)."
+            )
+        try:
+            store.ensure_container()
+        except StorageUnavailable:
+            raise
+        except StorageError as err:
+            raise WriteFailed(f"could not create store {store.url}: {err}") from err
+    if write:
+        probe = f"service/probe-{uuid.uuid4().hex[:12]}"
+        try:
+            store.put_bytes(probe, b"probe")
+            store.delete(probe)
+        except (WriteFailed, StorageUnavailable):
+            raise
+        except StorageError as err:
+            raise WriteFailed(f"store {store.url} is not writable: {err}") from err
+    return store.url

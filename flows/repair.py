@@ -1,0 +1,123 @@
+"""Repairing a store: rebuild damaged chain checkpoints by deterministic replay (``store check --repair``).
+
+Exact training is bit-identical (SPEC 4-5: every block's randomness comes from the chain seed and
+the block index), so checkpoint M_i of a chain is a pure function of M_(i-1), the run's data, its
+block plan and the ids excluded when the chain was trained. :func:`rebuild_checkpoint` replays
+that one block and rewrites the object only if the replayed bytes hash to the checksum recorded
+when it was first committed (and pinned by every manifest that uses it). Anything else (a
+DeepObliviate checkpoint, a damaged predecessor that cannot be rebuilt, a damaged manifest or run
+spec) is reported as unrecoverable with the runs and versions that depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from typing import Any
+
+from obliviate.data import load_dataset
+from obliviate.unlearning.chain import Checkpoint
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.plan import BlockPlan
+from obliviate.unlearning.service import block_data
+from obliviate.unlearning.trainer import BlockTrainer, initial_checkpoint
+from storage.check import StoreReport, check_store, collect_orphans
+from storage.errors import CorruptObject, ObjectNotFound
+from storage.objects import ObjectStore
+from storage.registry import RunRegistry
+
+_CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
+
+
+def check_and_repair(store_url: str, *, repair: bool, min_orphan_age_s: float = 600.0) -> StoreReport:
+    """``obliviate store check [--repair]``: check; with ``repair``, rebuild and collect orphans, then re-check."""
+    store = ObjectStore(store_url)
+    report = check_store(store, min_age_s=min_orphan_age_s)
+    if not repair:
+        for item in report.corrupt:
+            item["repairable_by_replay"] = bool(_CKPT.match(item["key"]))
+        return report
+    damaged = sorted(
+        {item["key"] for item in report.corrupt} | {p["key"] for p in report.lineage if _CKPT.match(p["key"])},
+        key=_block_order,
+    )
+    registry = RunRegistry(store)
+    for key in damaged:
+        try:
+            report.repaired.append(rebuild_checkpoint(registry, key))
+        except (CorruptObject, ObjectNotFound, ValueError, KeyError) as err:
+            needed = next((c.get("needed_by", []) for c in report.corrupt if c["key"] == key), [])
+            report.unrecoverable.append({"key": key, "error": str(err), "needed_by": needed})
+    collect_orphans(store, report)
+    after = check_store(store, min_age_s=min_orphan_age_s)
+    report.corrupt, report.lineage = after.corrupt, after.lineage
+    return report
+
+
+def _block_order(key: str) -> tuple[str, int, str]:
+    match = _CKPT.match(key)
+    return (match.group("run"), int(match.group("index")), key) if match else ("~", 0, key)
+
+
+def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
+    """Rebuild one damaged checkpoint (or its timing sidecar) by replaying its block.
+
+    Raises:
+        CorruptObject: the replay does not reproduce the committed bytes, or its inputs are damaged.
+        ObjectNotFound: no published version uses the chain this checkpoint belongs to.
+    """
+    store = registry.store
+    match = _CKPT.match(key)
+    if match is None:
+        raise CorruptObject(f"{store.uri(key)} is not a chain checkpoint; only checkpoints can be rebuilt by replay.")
+    run_id, chain_name, index = match.group("run"), match.group("chain"), int(match.group("index"))
+    if match.group("ext") == "json":  # the timing sidecar: informational only
+        store.put_json(key, {"seconds": None, "rebuilt": True})
+        return {"key": key, "how": "timing sidecar rewritten (its time is unknown now)"}
+    expected = store.info(key).sha256
+    manifest = _publishing_manifest(store, run_id, chain_name)
+    chain_meta = manifest.metadata["chain"]
+    config = BlockTrainingConfig.from_dict(chain_meta["config"])
+    plan = BlockPlan.from_dict(chain_meta["plan"])
+    spec = registry.spec(run_id)
+    data = block_data(spec, load_dataset(spec.dataset))
+    if index == 0:
+        rebuilt = initial_checkpoint(config, data)
+    else:
+        predecessor = manifest.members.get(str(index - 1))
+        if predecessor is None:
+            raise ObjectNotFound(f"manifest {manifest.key} has no checkpoint {index - 1} to replay from.")
+        start = registry.load_checkpoint(predecessor.key, expected=predecessor)
+        excluded = frozenset(int(i) for i in chain_meta.get("deleted_ids", []))
+        trainer = BlockTrainer(config=config, data=data, plan=plan)
+        rebuilt = list(trainer.run(start=start, last_block=index, excluded_ids=excluded))[-1]
+    payload = _serialised(rebuilt)
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != expected:
+        raise CorruptObject(
+            f"replaying block {index} of chain {chain_name} of run {run_id} gives sha256 {digest[:12]}..., not the "
+            f"committed {expected[:12]}...: this checkpoint was not produced by exact training from its predecessor "
+            "(e.g. a DeepObliviate chain), so it cannot be rebuilt. Retrain the run or roll back the versions using it."
+        )
+    store.put_bytes(key, payload)
+    return {"key": key, "how": f"replayed block {index} from checkpoint {index - 1}" if index else "re-initialised M_0"}
+
+
+def _serialised(checkpoint: Checkpoint) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint.to_state(), buffer)
+    return buffer.getvalue()
+
+
+def _publishing_manifest(store: ObjectStore, run_id: str, chain_name: str):
+    """The manifest of the version that chain ``chain_name`` published (its chain metadata is the recipe)."""
+    for key in store.list(f"runs/{run_id}/manifests"):
+        if key.endswith(f"-{chain_name}.json"):
+            return store.read_manifest(key)
+    raise ObjectNotFound(
+        f"no published version of run {run_id} comes from chain {chain_name}: it is an orphan (a lost race or a "
+        "crashed attempt), not needed by any model; `store check --repair` collects it once nothing is open."
+    )

@@ -1,0 +1,290 @@
+"""One pass over the deletion ledger with every request and every run isolated from the others.
+
+:func:`run_pass` is what the ``unlearn`` (event) and ``reconcile`` (cron) flows run
+(:func:`flows.unlearn.process_open_requests`):
+
+1. claim each due request on its own (CAS; a request past its back-off, or a claim whose lease
+   lapsed: :mod:`storage.lease`), and renew the leases of every claim held while the pass works;
+2. check each claimed request on its own (ids re-validated, mapped to runs): a request breaking a
+   rule is ``rejected`` with the reason; any other error while handling it is a failed attempt
+   recorded on that request only;
+3. fan out one unlearning per affected run on Ray actors; when a run that merged several requests
+   fails, each of its requests is retried alone on that run, so one poison request cannot sink
+   the good ones merged with it;
+4. settle each request from its own runs' outcomes: ``done``, or a failed attempt (back to
+   ``pending`` after a back-off, ``failed`` after ``max_attempts``) with the error.
+
+:func:`run_until_quiet` repeats passes while a failed attempt's back-off ends soon, so bounded
+retries happen within one flow run instead of waiting for the next cron.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from obliviate.unlearning.service import RequestError, RunSpec, parse_ids
+from storage.lease import DEFAULT_LEASE_S, LeaseKeeper
+from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus
+from storage.objects import ObjectStore
+from storage.registry import RunRegistry
+
+
+@dataclass(frozen=True)
+class AttemptPolicy:
+    """Leases and bounded retries of the deletion service (README "Request states").
+
+    Attributes:
+        lease_s: a claim not renewed for this long belongs to a dead holder and is taken over.
+        max_attempts: attempts per request before it becomes ``failed``.
+        first_backoff_s: wait after the first failed attempt; doubles per attempt.
+        max_backoff_s: cap of that wait.
+        retry_window_s: a flow run waits for a retry due within this long and runs it itself.
+    """
+
+    lease_s: float = DEFAULT_LEASE_S
+    max_attempts: int = 3
+    first_backoff_s: float = 5.0
+    max_backoff_s: float = 60.0
+    retry_window_s: float = 30.0
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def run_pass(
+    store: str,
+    *,
+    unlearn_runs: Callable[[dict[str, dict[str, list[int]]]], dict[str, dict[str, Any]]],
+    attempts: AttemptPolicy = AttemptPolicy(),
+    holder: str | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    batch: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Claim, check, unlearn and settle every due request of ``store`` once.
+
+    Args:
+        store: the store of runs and ledger.
+        unlearn_runs: runs ``{run_id: {request_id: ids}}`` on workers and returns each run's audit
+            (``{"status": "failed", "error": ...}`` for a run that raised).
+        attempts: leases and retry bounds.
+        holder: this pass's name in claims and leases.
+        logger: where progress goes.
+        batch: the flushed batch (``reason``, ``deadlines`` by request id, from
+            :func:`flows.batching.batch_gate`); each done request records when it became exact
+            against its deadline (``exact_at``, ``deadline``, ``late``).
+
+    Returns:
+        ``claimed`` request ids, ``runs`` (audits), ``settled`` (request id -> state) and ``lost``
+        (claims taken over by another pass while this one worked).
+    """
+    log = logger or logging.getLogger(__name__)
+    object_store = ObjectStore(store)
+    ledger, registry = DeletionLedger(object_store), RunRegistry(object_store)
+    holder = holder or f"pass-{os.getpid()}-{time.time_ns()}"
+    settled: dict[str, str] = {}
+    lost: list[str] = []
+    with LeaseKeeper(object_store, lease_s=attempts.lease_s, holder=holder) as keeper:
+        claimed: list[RequestStatus] = []
+        for entry in ledger.due_entries(lease_s=attempts.lease_s):
+            try:
+                taken = ledger.claim(
+                    entry.request_id, holder=holder, lease_s=attempts.lease_s, max_attempts=attempts.max_attempts
+                )
+                if taken is None:
+                    continue
+                if taken.status == FAILED:
+                    settled[entry.request_id] = FAILED
+                    log.warning("request %s failed: %s", entry.request_id, taken.details.get("reason"))
+                    continue
+                keeper.hold(entry.request_id, taken.version)
+                claimed.append(taken)
+            except Exception as err:  # noqa: BLE001 -- one unreadable entry must not stop the others
+                log.warning("request %s could not be claimed: %s", entry.request_id, _error_text(err))
+        if not claimed:
+            return {"claimed": [], "runs": {}, "settled": settled, "lost": lost}
+        log.info("claimed %d request(s): %s", len(claimed), [c.request_id for c in claimed])
+
+        def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
+            outcome = ledger.fail_attempt(
+                entry.request_id,
+                claim_version=entry.version,
+                error=error,
+                max_attempts=attempts.max_attempts,
+                first_backoff_s=attempts.first_backoff_s,
+                max_backoff_s=attempts.max_backoff_s,
+                extra=extra,
+            )
+            keeper.release(entry.request_id)
+            if outcome is None:
+                lost.append(entry.request_id)
+            else:
+                settled[entry.request_id] = outcome.status
+                log.warning("request %s attempt failed (%s): %s", entry.request_id, outcome.status, error[:300])
+
+        def settle(entry: RequestStatus, status: str, details: dict[str, Any]) -> None:
+            outcome = ledger.settle(entry.request_id, claim_version=entry.version, status=status, details=details)
+            keeper.release(entry.request_id)
+            if outcome is None:
+                lost.append(entry.request_id)
+                log.warning("request %s: claim taken over by another pass; its result is left to it", entry.request_id)
+            else:
+                settled[entry.request_id] = status
+
+        specs, spec_errors = _load_specs(registry)
+        per_run: dict[str, dict[str, list[int]]] = {}
+        affected_of: dict[str, tuple[RequestStatus, list[str]]] = {}
+        for entry in claimed:
+            try:
+                affected = _runs_of(entry, specs, spec_errors)
+            except RequestError as err:
+                log.warning("request %s rejected: %s", entry.request_id, err)
+                settle(entry, REJECTED, {"reason": str(err), "attempt": entry.details.get("attempt")})
+                continue
+            except Exception as err:  # noqa: BLE001 -- anything else is a failed attempt of this request only
+                fail(entry, _error_text(err))
+                continue
+            affected_of[entry.request_id] = (entry, affected)
+            ids = [int(i) for i in entry.request["ids"]]
+            for run_id in affected:
+                per_run.setdefault(run_id, {})[entry.request_id] = ids
+
+        results = _guarded(unlearn_runs, per_run) if per_run else {}
+        # A run that merged several requests and failed: each request alone on that run, so a poison
+        # request only fails itself.
+        split = {
+            run_id: requests
+            for run_id, requests in per_run.items()
+            if len(requests) > 1 and results.get(run_id, {}).get("status") == "failed"
+        }
+        alone: dict[tuple[str, str], dict[str, Any]] = {}
+        for run_id, requests in split.items():
+            log.warning("run %s failed with %d merged requests; retrying each alone", run_id, len(requests))
+            for request_id, ids in sorted(requests.items()):
+                alone[(run_id, request_id)] = _guarded(unlearn_runs, {run_id: {request_id: ids}}).get(run_id, {})
+
+        for request_id, (entry, affected) in affected_of.items():
+            audits = {
+                run_id: _for_request(alone.get((run_id, request_id)) or results.get(run_id, {}), request_id)
+                for run_id in affected
+            }
+            failed = {run_id: a for run_id, a in audits.items() if a.get("status") in ("failed", None)}
+            if failed:
+                error = "; ".join(f"run {r}: {a.get('error', 'no result')}" for r, a in sorted(failed.items()))
+                fail(entry, error, {"runs": audits})
+            else:
+                exact_at = time.time()
+                deadline = (batch or {}).get("deadlines", {}).get(request_id)
+                timing = {
+                    "exact_at": exact_at,
+                    "deadline": deadline,
+                    "late": deadline is not None and exact_at > deadline,
+                }
+                settle(
+                    entry,
+                    DONE,
+                    {
+                        "runs": audits,
+                        "finished_at": exact_at,
+                        "attempt": entry.details.get("attempt"),
+                        "batch": (batch or {}).get("reason"),
+                        **timing,
+                    },
+                )
+    log.info("settled: %s", settled)
+    return {"claimed": [c.request_id for c in claimed], "runs": results, "settled": settled, "lost": lost}
+
+
+def run_until_quiet(
+    store: str, *, attempts: AttemptPolicy, run_once: Callable[[], dict[str, Any]], max_passes: int | None = None
+) -> dict[str, Any]:
+    """Run passes while a retry is due within ``attempts.retry_window_s``; merge their results."""
+    ledger = DeletionLedger(ObjectStore(store))
+    merged: dict[str, Any] = {"claimed": [], "runs": {}, "settled": {}, "lost": [], "passes": 0}
+    for _ in range(max_passes or attempts.max_attempts + 1):
+        result = run_once()
+        merged["passes"] += 1
+        merged["claimed"] += [r for r in result["claimed"] if r not in merged["claimed"]]
+        merged["runs"].update(result.get("runs", {}))
+        merged["settled"].update(result.get("settled", {}))
+        merged["lost"] += result.get("lost", [])
+        merged["fanout"] = result.get("fanout", merged.get("fanout"))
+        retrying = [r for r, status in result.get("settled", {}).items() if status == PENDING]
+        if not retrying:
+            break
+        soonest = min(float(ledger.get(r).details.get("next_attempt_at", 0.0)) for r in retrying)
+        wait = soonest - time.time()
+        if wait > attempts.retry_window_s:
+            break
+        time.sleep(max(0.0, wait) + 0.1)
+    return merged
+
+
+def _guarded(
+    unlearn_runs: Callable[[dict[str, dict[str, list[int]]]], dict[str, dict[str, Any]]],
+    per_run: dict[str, dict[str, list[int]]],
+) -> dict[str, dict[str, Any]]:
+    """``unlearn_runs``, with a failure of the fan-out itself (no Ray, no workers) recorded on every run."""
+    try:
+        return unlearn_runs(per_run)
+    except Exception as err:  # noqa: BLE001 -- becomes a failed attempt of each request, never a stuck claim
+        return {run_id: {"run_id": run_id, "status": "failed", "error": _error_text(err)} for run_id in per_run}
+
+
+def _load_specs(registry: RunRegistry) -> tuple[dict[str, RunSpec], dict[str, str]]:
+    """Every registered run's spec; an unreadable one is noted, not fatal (its requests retry later)."""
+    specs: dict[str, RunSpec] = {}
+    errors: dict[str, str] = {}
+    for run_id in registry.run_ids():
+        try:
+            specs[run_id] = registry.spec(run_id)
+        except Exception as err:  # noqa: BLE001 -- a damaged spec affects only requests that might need it
+            errors[run_id] = _error_text(err)
+    return specs, errors
+
+
+def _runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[str, str]) -> list[str]:
+    """The runs a request affects, after re-checking its ids (a ledger entry may predate the rules).
+
+    Raises:
+        RequestError: the request breaks a rule or names ids no run trained on (reject it).
+        RuntimeError: a run spec could not be read, so the answer is unknown (retry later).
+    """
+    ids = list(parse_ids(list(entry.request["ids"])))
+    dataset = entry.request["dataset"]
+    if spec_errors:
+        raise RuntimeError(
+            f"run specs unreadable, so the runs trained on these ids are unknown: {spec_errors}; "
+            "`obliviate store check` reports the damage."
+        )
+    runs = [spec for spec in specs.values() if spec.dataset == dataset]
+    if not runs:
+        raise RequestError(
+            f"no registered run was trained on dataset {dataset!r} (registered datasets: "
+            f"{sorted({s.dataset for s in specs.values()})}); nothing changed."
+        )
+    known: set[int] = set()
+    affected = []
+    for spec in runs:
+        positions, _ = spec.positions(ids)
+        if positions.size:
+            affected.append(spec.run_id)
+            known.update(spec.dataset_ids(positions))
+    unknown = sorted(set(ids) - known)
+    if unknown:
+        raise RequestError(
+            f"unknown ids {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: no registered run "
+            f"of dataset {dataset!r} trained on them (held-out, out of range, or never used); the request "
+            "is rejected as a whole and nothing changed. Resubmit without them."
+        )
+    return affected
+
+
+def _for_request(audit: dict[str, Any], request_id: str) -> dict[str, Any]:
+    """A run's audit as seen by one of the requests it applied (merged requests share it)."""
+    return {**audit, "merged_with": [r for r in audit.get("requests", []) if r != request_id]}

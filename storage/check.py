@@ -1,0 +1,236 @@
+"""Checking a store: committed objects' checksums, versions' lineage, orphans (``obliviate store check``).
+
+:func:`check_store` reads everything once and reports:
+
+* ``corrupt``: committed objects whose bytes fail their commit record (and pointer versions that
+  fail their own checksum), each with the ``(run, version)`` pairs whose manifests need it;
+* ``lineage``: per run, problems of the version history: a version whose manifest is missing or
+  damaged, a manifest member missing or not matching the checksum the manifest recorded, a
+  version that dropped requests or deleted ids an earlier version had applied;
+* ``orphans``: objects nothing can reach: checkpoints and manifests of attempts that lost a
+  publish race or crashed, leases of settled requests, half-written temporary files. They are
+  listed only when no pointer refers to them, no open request could still publish them (no
+  request is ``pending`` or ``claimed``), their run has a current version (a training in
+  progress is never touched) and they are older than ``min_age_s``.
+
+Repair (rebuilding damaged checkpoints by replay) needs training, so it lives in
+:mod:`flows.repair`; :func:`collect_orphans` deletes what :func:`check_store` listed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.errors import CorruptObject, ObjectNotFound, StorageError
+from storage.objects import ObjectStore
+
+_TMP_MARK = ".tmp-"
+_CHAIN_KEY = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(pt|json)$")
+_MANIFEST_KEY = re.compile(r"^runs/(?P<run>[^/]+)/manifests/v\d{6}-(?P<chain>[^/]+)\.json$")
+
+
+@dataclass
+class StoreReport:
+    """What :func:`check_store` found (JSON-able through :meth:`as_dict`)."""
+
+    url: str
+    objects_checked: int = 0
+    pointers_checked: int = 0
+    corrupt: list[dict[str, Any]] = field(default_factory=list)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    orphans_held_back: str | None = None
+    repaired: list[dict[str, Any]] = field(default_factory=list)
+    unrecoverable: list[dict[str, Any]] = field(default_factory=list)
+    collected: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """No damage left (orphans are garbage, not damage)."""
+        fixed = {r["key"] for r in self.repaired}
+        return not [c for c in self.corrupt if c["key"] not in fixed] and not self.lineage_unfixed(fixed)
+
+    def lineage_unfixed(self, fixed: set[str]) -> list[dict[str, Any]]:
+        return [problem for problem in self.lineage if problem.get("key") not in fixed]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "objects_checked": self.objects_checked,
+            "pointers_checked": self.pointers_checked,
+            "corrupt": self.corrupt,
+            "lineage": self.lineage,
+            "orphans": self.orphans,
+            "orphans_held_back": self.orphans_held_back,
+            "repaired": self.repaired,
+            "unrecoverable": self.unrecoverable,
+            "collected": self.collected,
+            "seconds": self.seconds,
+        }
+
+
+def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
+    """Verify every committed object and pointer version, every run's lineage; list orphans."""
+    began = time.monotonic()
+    report = StoreReport(url=store.url)
+    names = store.stored_names("")
+    keys = store.list("")
+    for key in keys:
+        report.objects_checked += 1
+        try:
+            store.get_bytes(key)
+        except CorruptObject as err:
+            report.corrupt.append({"key": key, "error": str(err)})
+    pointer_keys = store.list_pointers("")
+    for pointer_key in pointer_keys:
+        latest = _latest_version(store, pointer_key)
+        for version in range(1, latest + 1):
+            report.pointers_checked += 1
+            try:
+                store.read_pointer_version(pointer_key, version)
+            except (CorruptObject, ObjectNotFound) as err:
+                report.corrupt.append({"key": f"{pointer_key}/v{version:09d}.json", "error": str(err)})
+
+    referenced: set[str] = set()
+    dependents: dict[str, list[dict[str, Any]]] = {}
+    runs_with_versions: set[str] = set()
+    for pointer_key in pointer_keys:
+        if not (pointer_key.startswith("runs/") and pointer_key.endswith("/current")):
+            continue
+        run_id = pointer_key.split("/")[1]
+        runs_with_versions.add(run_id)
+        _check_run(store, run_id, pointer_key, report, referenced, dependents)
+    for item in report.corrupt:
+        item["needed_by"] = dependents.get(item["key"], [])
+
+    report.orphans, report.orphans_held_back = _orphans(store, keys, names, referenced, runs_with_versions, min_age_s)
+    report.seconds = time.monotonic() - began
+    return report
+
+
+def _latest_version(store: ObjectStore, pointer_key: str) -> int:
+    versions = store.pointer_versions(pointer_key)
+    return versions[-1] if versions else 0
+
+
+def _check_run(
+    store: ObjectStore,
+    run_id: str,
+    pointer_key: str,
+    report: StoreReport,
+    referenced: set[str],
+    dependents: dict[str, list[dict[str, Any]]],
+) -> None:
+    previous: dict[str, Any] | None = None
+    for version in range(1, _latest_version(store, pointer_key) + 1):
+        try:
+            target = store.read_pointer_version(pointer_key, version).target
+        except (CorruptObject, ObjectNotFound):
+            continue  # already reported as corrupt
+        manifest_key = str(target.get("manifest", ""))
+        referenced.add(manifest_key)
+        dependents.setdefault(manifest_key, []).append({"run": run_id, "version": version})
+        try:
+            body = store.get_unverified_json(manifest_key)  # members even if the manifest is damaged
+        except Exception as err:  # noqa: BLE001 -- any failure here is a lineage problem to report
+            report.lineage.append(
+                {"run": run_id, "version": version, "key": manifest_key, "problem": f"manifest unreadable: {err}"}
+            )
+            body = {"members": {}}
+        for name, member in body.get("members", {}).items():
+            key = member["key"]
+            referenced.update({key, key[: -len(".pt")] + ".json" if key.endswith(".pt") else key})
+            dependents.setdefault(key, []).append({"run": run_id, "version": version, "member": name})
+            try:
+                committed = store.info(key)
+            except (ObjectNotFound, CorruptObject) as err:
+                report.lineage.append(
+                    {"run": run_id, "version": version, "key": key, "problem": f"member {name} missing: {err}"}
+                )
+                continue
+            if committed.sha256 != member["sha256"]:
+                report.lineage.append(
+                    {
+                        "run": run_id,
+                        "version": version,
+                        "key": key,
+                        "problem": f"member {name} was rewritten after publication (sha256 {committed.sha256[:12]}..."
+                        f" != manifest's {member['sha256'][:12]}...)",
+                    }
+                )
+        if previous is not None:
+            dropped = set(previous.get("applied_requests", [])) - set(target.get("applied_requests", []))
+            undeleted = set(previous.get("deleted_ids", [])) - set(target.get("deleted_ids", []))
+            if dropped or undeleted:
+                report.lineage.append(
+                    {
+                        "run": run_id,
+                        "version": version,
+                        "key": manifest_key,
+                        "problem": f"version {version} dropped requests {sorted(dropped)[:5]} / ids "
+                        f"{sorted(undeleted)[:5]} that version {version - 1} had applied",
+                    }
+                )
+        previous = target
+
+
+def _orphans(
+    store: ObjectStore,
+    keys: list[str],
+    names: list[str],
+    referenced: set[str],
+    runs_with_versions: set[str],
+    min_age_s: float,
+) -> tuple[list[str], str | None]:
+    from storage.ledger import CLAIMED, PENDING, DeletionLedger
+
+    ledger = DeletionLedger(store)
+    open_requests = [e.request_id for e in ledger.entries() if e.status in (PENDING, CLAIMED)]
+    if open_requests:
+        return [], (
+            f"{len(open_requests)} request(s) still open ({open_requests[:5]}): an attempt in progress may still "
+            "publish what looks unreferenced, so nothing is collected now."
+        )
+    now = time.time()
+    settled = {e.request_id for e in ledger.entries()}
+    found = []
+    for key in keys:
+        chain = _CHAIN_KEY.match(key) or _MANIFEST_KEY.match(key)
+        lease_of = key.split("/")[2] if key.startswith("ledger/leases/") else None
+        if chain is not None:
+            if chain.group("run") not in runs_with_versions or key in referenced:
+                continue
+        elif lease_of is None or lease_of not in settled:
+            continue
+        if now - _committed_at(store, key) >= min_age_s:
+            found.append(key)
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith(_TMP_MARK) and store.stored_age_s(name) >= min_age_s:
+            found.append(name)
+    return sorted(found), None
+
+
+def _committed_at(store: ObjectStore, key: str) -> float:
+    try:
+        return store.committed_at(key)
+    except StorageError:  # unreadable record: treat as old; the object is unreferenced anyway
+        return 0.0
+
+
+def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:
+    """Delete the orphans ``report`` listed (commit record first, as every delete); returns them."""
+    collected = []
+    for name in report.orphans:
+        if name.rsplit("/", 1)[-1].startswith(_TMP_MARK):
+            store.remove_temporary(name)
+        else:
+            store.delete(name)
+        collected.append(name)
+    report.collected = collected
+    return collected

@@ -1,0 +1,71 @@
+"""The command line's rules for stores, waits and exit codes (in-process; moto S3 for buckets)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from flows.cli import main
+from flows.cli._store import prepare_store
+from obliviate.errors import ConfigError
+from storage import ObjectStore
+from storage.errors import WriteFailed
+from storage.ledger import DeletionLedger
+
+
+def test_one_store_rule_for_a_missing_bucket(moto_endpoint):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    missing = f"s3://missing-{uuid.uuid4().hex[:10]}/x"
+    with pytest.raises(ConfigError, match="does not exist"):
+        prepare_store(missing, write=False)  # a reader refuses it ...
+    assert prepare_store(missing, write=True) == missing  # ... a writer creates it and proves it can write
+    assert ObjectStore(missing).container_exists() and ObjectStore(missing).list("") == []
+    # A write into a bucket that vanished is a failed write, not a missing object.
+    gone = ObjectStore(f"s3://never-{uuid.uuid4().hex[:10]}/x")
+    with pytest.raises(WriteFailed, match="could not write"):
+        gone.put_json("a.json", {"x": 1})
+
+
+def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, capsys):
+    url = f"file://{tmp_path}/runs"
+    monkeypatch.setenv("OBLIVIATE_STORE", url)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    for bad in ("1_000", "+5", "1797", "18446744073709551616"):
+        assert main(["forget", "--ids", bad, "--data", "digits"]) == 2
+        assert "rule" in capsys.readouterr().err
+    assert not ObjectStore(url).list("ledger")  # nothing recorded for a refused request
+    assert main(["forget", "--ids", "5,9", "--data", "digits", "--no-event", "--wait", "0.5"]) == 5
+    captured = capsys.readouterr()
+    entry = json.loads(captured.out.strip().splitlines()[-1])
+    assert entry["status"] == "pending" and not entry["settled"] and "not picked up yet" in captured.err
+    assert ObjectStore(url).exists(f"ledger/requests/{entry['request_id']}.json")  # $OBLIVIATE_STORE was used
+    assert main(["forget", "--retry", entry["request_id"]]) == 2  # only a failed request can be retried
+    assert "only a failed request" in capsys.readouterr().err
+    assert main(["forget", "--cancel", entry["request_id"]]) == 0
+    assert main(["forget", "--status", entry["request_id"], "--wait", "1"]) == 7
+    assert DeletionLedger(ObjectStore(url)).get(entry["request_id"]).status == "cancelled"
+    assert main(["forget", "--status", "del-none", "--store", f"file://{tmp_path}/elsewhere"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_watchdog_withdraws_the_same_announcement_forget_reads(tmp_path):
+    from flows import unlearn, watchdog
+
+    assert watchdog.ENDPOINT_KEY == unlearn.ENDPOINT_KEY
+    store = ObjectStore(f"file://{tmp_path}/s")
+    store.put_json(unlearn.ENDPOINT_KEY, {"api_url": "http://127.0.0.1:1/api", "pid": 4242, "started_at": 0.0})
+    assert unlearn.served_endpoint(store)[0] is None  # no heartbeat for 30 s: stale
+    assert not watchdog.withdraw_endpoint(store, pid=4243) and watchdog.withdraw_endpoint(store, pid=4242)
+    assert "stopped" in unlearn.served_endpoint(store)[1]
+
+
+def test_store_check_command_on_an_empty_store(tmp_path, capsys):
+    url = f"file://{tmp_path}/s"
+    assert main(["store", "check", "--store", url]) == 2  # nothing to check: refused as a missing store
+    assert main(["store", "check", "--store", url, "--repair"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["healthy"] and report["objects_checked"] == 0

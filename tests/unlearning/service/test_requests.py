@@ -1,0 +1,175 @@
+"""Request robustness on a local store (fast; no servers): ids at the boundary, attempts, leases,
+terminal states, poison isolation inside a pass, store check and repair."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pytest
+import torch
+
+from actors.chains import ChainWorker
+from flows.repair import check_and_repair
+from flows.settle import AttemptPolicy, run_pass
+from flows.train import run_spec
+from flows.unlearn import submit_deletion
+from obliviate.unlearning.service import MAX_SAMPLE_ID, RequestError, parse_ids
+from storage import ObjectStore
+from storage.ledger import CANCELLED, CLAIMED, DONE, FAILED, PENDING, REJECTED, DeletionLedger
+from storage.registry import TRAIN_CHAIN, RunRegistry
+
+TINY = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 3,
+    "epochs": 1,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "seed": 0,
+    "train_size": 300,
+    "heldout_size": 100,
+}
+
+
+@pytest.fixture
+def store_url(tmp_path):
+    return f"file://{tmp_path}/store"
+
+
+@pytest.fixture
+def trained(store_url):
+    """One tiny trained run shared by a test: (store url, spec dict)."""
+    spec = run_spec(run_id="r1", split_seed=0, **TINY)
+    ChainWorker(store_url).train(spec)
+    return store_url, spec
+
+
+def in_process(store_url: str):
+    """The pass's fan-out with the real worker, in this process (the Ray fan-out is tested elsewhere)."""
+    worker = ChainWorker(store_url)
+
+    def unlearn_runs(per_run):
+        out = {}
+        for run_id, requests in per_run.items():
+            try:
+                out[run_id] = worker.unlearn(run_id, requests)
+            except Exception as err:  # noqa: BLE001 -- as the Ray fan-out reports it
+                out[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        return out
+
+    return unlearn_runs
+
+
+def test_ids_are_checked_fully_at_the_boundary():
+    for bad in ("1_000", "+5", "٣", "5e3", "0x10", "99999999999999999999", [2**63], [2**64 + 1]):
+        with pytest.raises(RequestError, match="rule"):
+            parse_ids(bad)
+    assert parse_ids([MAX_SAMPLE_ID]) == (MAX_SAMPLE_ID,)
+    with pytest.raises(RequestError, match=r"1797 rows: ids 0\.\.1796"):
+        parse_ids("5,1797", dataset_size=1797, dataset="digits")
+    assert parse_ids(" 7, 3", dataset_size=1797) == (3, 7)
+
+
+def test_attempts_back_off_then_fail_and_retry_and_cancel(store_url):
+    submit_deletion(store_url, [1], dataset="digits", request_id="r-1", emit=False)
+    ledger = DeletionLedger(ObjectStore(store_url))
+    for attempt in (1, 2):
+        claim = ledger.claim("r-1", holder="h", lease_s=30, max_attempts=2)
+        assert claim.status == CLAIMED and claim.details["attempt"] == attempt
+        assert ledger.claim("r-1", holder="other", lease_s=30, max_attempts=2) is None  # held
+        settled = ledger.fail_attempt(
+            "r-1",
+            claim_version=claim.version,
+            error=f"boom {attempt}",
+            max_attempts=2,
+            first_backoff_s=0.3,
+            max_backoff_s=1,
+        )
+        if attempt == 1:
+            assert settled.status == PENDING and settled.details["last_error"] == "boom 1"
+            assert ledger.due_entries(lease_s=30) == []  # backing off
+            assert ledger.claim("r-1", holder="h", lease_s=30, max_attempts=2) is None
+            time.sleep(0.35)
+            assert [e.request_id for e in ledger.due_entries(lease_s=30)] == ["r-1"]
+    final = ledger.get("r-1")
+    assert final.status == FAILED and "gave up after 2 attempt(s)" in final.details["reason"]
+    assert [e["error"] for e in final.details["errors"]] == ["boom 1", "boom 2"]
+    assert ledger.due_entries(lease_s=30) == []
+    assert ledger.retry("r-1").status == PENDING and ledger.get("r-1").details["attempts"] == 0
+    with pytest.raises(RequestError, match="only a failed request"):
+        ledger.retry("r-1")
+    claim = ledger.claim("r-1", holder="h", lease_s=30, max_attempts=2)
+    with pytest.raises(RequestError, match="a pass is applying it now"):
+        ledger.cancel("r-1", applied_to=[])
+    ledger.settle("r-1", claim_version=claim.version, status=PENDING, details={})
+    with pytest.raises(RequestError, match="applied to runs"):
+        ledger.cancel("r-1", applied_to=["run-a"])
+    assert ledger.cancel("r-1", applied_to=[]).status == CANCELLED
+    assert ledger.claim("r-1", holder="h", lease_s=30, max_attempts=2) is None
+
+
+def test_a_lapsed_lease_is_taken_over_and_the_old_holder_cannot_settle(store_url):
+    submit_deletion(store_url, [1], dataset="digits", request_id="r-1", emit=False)
+    ledger = DeletionLedger(ObjectStore(store_url))
+    first = ledger.claim("r-1", holder="dead", lease_s=0.5, max_attempts=3)
+    assert ledger.due_entries(lease_s=0.5) == []
+    time.sleep(0.6)
+    assert [e.request_id for e in ledger.due_entries(lease_s=0.5)] == ["r-1"]
+    second = ledger.claim("r-1", holder="alive", lease_s=0.5, max_attempts=3)
+    assert second.details["attempt"] == 2 and "stopped renewing" in second.details["errors"][-1]["error"]
+    assert ledger.settle("r-1", claim_version=first.version, status=DONE, details={}) is None  # lost its claim
+    assert ledger.settle("r-1", claim_version=second.version, status=DONE, details={}).status == DONE
+
+
+def test_a_poison_request_fails_alone_and_good_ones_merged_with_it_are_applied(trained):
+    store_url, spec = trained
+    store = ObjectStore(store_url)
+    ledger = DeletionLedger(store)
+    good_1 = submit_deletion(store_url, spec["train_ids"][:2], dataset="digits", emit=False)["request_id"]
+    # Entries written by hand (or by an older version without the rules): ids beyond int64, not integers.
+    for request_id, ids in (("poison-big", [2**64]), ("poison-text", ["x1"])):
+        store.put_json(
+            f"ledger/requests/{request_id}.json",
+            {"request_id": request_id, "ids": ids, "dataset": "digits", "reason": "", "requested_at": time.time()},
+        )
+    good_2 = submit_deletion(store_url, spec["train_ids"][2:4], dataset="digits", emit=False)["request_id"]
+    result = run_pass(store_url, unlearn_runs=in_process(store_url), attempts=AttemptPolicy(max_attempts=1))
+    assert result["settled"] == {good_1: DONE, good_2: DONE, "poison-big": REJECTED, "poison-text": REJECTED}
+    assert "int64" in ledger.get("poison-big").details["reason"]
+    current = RunRegistry(store).current("r1")
+    assert set(current.applied_requests) == {good_1, good_2} and current.version == 2  # merged, applied once
+
+
+def test_store_check_rebuilds_a_flipped_byte_and_collects_orphans_only_when_nothing_is_open(trained, tmp_path):
+    store_url, spec = trained
+    store = ObjectStore(store_url)
+    registry = RunRegistry(store)
+    key = registry.checkpoint_key("r1", TRAIN_CHAIN, 2)
+    original = store.get_bytes(key)
+    path = tmp_path / "store" / key
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    # An orphan: a chain an attempt wrote and never published (a lost race, a crash).
+    store.put_bytes("runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt", b"left behind")
+    submit_deletion(store_url, spec["train_ids"][:1], dataset="digits", request_id="open-1", emit=False)
+
+    report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
+    assert [c["key"] for c in report.corrupt] == [key] and report.corrupt[0]["repairable_by_replay"]
+    assert report.corrupt[0]["needed_by"] == [{"run": "r1", "version": 1, "member": "2"}]
+    assert not report.healthy and report.orphans == [] and "still open" in report.orphans_held_back
+
+    repaired = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    assert [r["key"] for r in repaired.repaired] == [key] and repaired.healthy
+    assert hashlib.sha256(store.get_bytes(key)).digest() == hashlib.sha256(original).digest()
+    assert store.exists("runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt")  # held back: a request is open
+
+    ledger = DeletionLedger(store)
+    ledger.cancel("open-1", applied_to=[])
+    collected = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    assert collected.collected == ["runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt"]
+    assert not store.exists("runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt")
+    chain = registry.load_chain(registry.current("r1"))[0]  # the whole published version reads clean
+    assert chain.final.block_index == 3 and all(torch.isfinite(v).all() for v in chain.final.model_state.values())
