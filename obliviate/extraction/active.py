@@ -37,7 +37,8 @@ class ActiveOptions:
         rounds: rounds the budget is spent over (round 0 included).
         uncertainty: ``margin`` (top-1 minus top-2 probability, smaller is more uncertain) or ``entropy``.
         candidates: the round's diverse picks are drawn from this many times more uncertain images.
-        trainer: the attacker that trains the in-loop substitute (``augmented``: cheap and strong).
+        trainer: the attacker that trains the in-loop substitute (``augmented``: cheap and strong),
+            for ``train.steps`` plus one step per bought image, at most ``2 * train.steps``.
     """
 
     rounds: int = 4
@@ -74,7 +75,8 @@ def adaptive(
     taken = np.zeros(pool.n, bool)
     chosen = _kcenter(pool_features(pool), sizes[0], taken=taken, rng=rng)
     labels = target.query(pool.images[chosen])
-    attack = AttackOptions(arch=train.arch)
+    # The in-loop substitute: the `trainer` attacker at train.steps .. 2 x train.steps steps (cheap next to the cell's own).
+    attack = AttackOptions(arch=train.arch, min_steps=train.steps, steps_per_image=1.0, max_steps=2 * train.steps)
     seed = int(rng.integers(2**31 - 1))
     for size in sizes[1:]:
         taken[chosen] = True

@@ -222,8 +222,8 @@ def semi_supervised(
     """``augmented``, then self-training rounds on confident pseudo-labels of the unlabeled pool (FixMatch-style)."""
     state = _Fit.start(images, labels, options=options, seed=seed, num_classes=num_classes, levels=levels)
     info: dict = {"supervised": state.train(steps=options.supervised_steps(len(images)), pseudo=None), "rounds": []}
-    pool_x = images_to_tensor(unlabeled, levels=levels) if len(unlabeled) else None
-    for r in range(options.rounds if pool_x is not None else 0):
+    pool_x = images_to_tensor(unlabeled, levels=levels)
+    for r in range(options.rounds if len(pool_x) else 0):
         probs = torch.softmax(_logits(state.model, pool_x), dim=1)
         for _ in range(options.tta):
             view = random_affine(pool_x, options=options.augment, generator=state.generator)

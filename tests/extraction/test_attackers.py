@@ -19,7 +19,7 @@ from obliviate.extraction.substitute import TrainConfig, accuracy, predict_label
 from obliviate.extraction.target import LocalTorchBackend, Target
 
 #: Small enough for CI (a few seconds per substitute), large enough that the attackers differ.
-FAST = AttackOptions(min_steps=150, steps_per_image=1.0, max_steps=200, round_steps=150, rounds=1, eval_every=25)
+FAST = AttackOptions(min_steps=300, steps_per_image=0.0, max_steps=300, round_steps=300, rounds=1, eval_every=25)
 
 
 @pytest.fixture(scope="module")
