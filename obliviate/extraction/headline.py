@@ -42,18 +42,9 @@ class QueriesTo:
     budgets: list[int]
 
     def spread(self) -> str:
-        """``"150-300 over 3 splits"``-like text; ``>B`` stands for a group that never reached the level."""
-        vals = list(self.per_group.values())
-        if not vals:
-            return "no groups"
-        top = max(self.budgets)
-        fmt = [v if v is not None else None for v in vals]
-        lo = min((v for v in fmt if v is not None), default=None)
-        hi = max((v for v in fmt if v is not None), default=None)
-        missed = sum(v is None for v in fmt)
-        low = f">{top}" if lo is None else str(lo)
-        high = f">{top}" if missed else str(hi)
-        return f"{low}" + ("" if low == high else f"–{high}") + f" over {len(vals)}"
+        """Each group's answer, e.g. ``"150, 300, >600"`` (``>B``: never reached on the grid up to ``B``)."""
+        top = max(self.budgets) if self.budgets else 0
+        return ", ".join(str(v) if v is not None else f">{top}" for v in self.per_group.values()) or "none"
 
     def to_dict(self) -> dict:
         return {
@@ -108,7 +99,7 @@ def headline_sentence(at90: QueriesTo, at95: QueriesTo, *, group_name: str = "se
 
     def part(q: QueriesTo) -> str:
         where = f"{q.mean} queries" if q.mean is not None else f"more than {max(q.budgets)} queries (not reached)"
-        return f"**{100 * q.level:g} % agreement at {where}** (per {group_name[:-1]}: {q.spread()} {group_name})"
+        return f"**{100 * q.level:g} % agreement at {where}** ({group_name}: {q.spread()})"
 
     return (
         f"Queries to steal: the strongest attacker measured (`{at90.attacker}`, queries chosen by "
