@@ -281,8 +281,8 @@ class _Fit:
     def train(self, *, steps: int, pseudo: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
         """Adam with a cosine schedule for up to ``steps`` steps; keeps the state with the lowest
         held-out loss (evaluated every ``eval_every`` steps) and stops after ``patience`` evaluations
-        without improvement, once half the steps are done. Each step: a batch of augmented bought images, plus as many augmented
-        pseudo-labelled pool images when ``pseudo`` is given."""
+        without improvement, once half the steps are done. Each step: a batch of augmented bought
+        images, plus up to ``batch_size`` augmented pseudo-labelled pool images when ``pseudo`` is given."""
         o = self.options
         opt = torch.optim.Adam(self.model.parameters(), lr=o.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
@@ -295,7 +295,9 @@ class _Fit:
             idx = torch.randint(len(self.x), (batch,), generator=self.generator)
             xb, yb = self.x[idx], self.y[idx]
             if pseudo is not None:
-                pidx = torch.randint(len(pseudo[0]), (o.batch_size,), generator=self.generator)
+                # As many pseudo-labelled images as labelled ones at most: a few confident pool images
+                # must not outweigh the bought labels.
+                pidx = torch.randint(len(pseudo[0]), (min(o.batch_size, len(pseudo[0])),), generator=self.generator)
                 xb, yb = torch.cat([xb, pseudo[0][pidx]]), torch.cat([yb, pseudo[1][pidx]])
             xb = random_affine(xb, options=o.augment, generator=self.generator)
             opt.zero_grad(set_to_none=True)
