@@ -324,7 +324,7 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
                     "value": q["mean"],
                     "target": None,
                     "better": "lower",
-                    "unit": "queries (budget grid; null = not reached)",
+                    "unit": "queries (budget grid; null = not reached by 600)",
                     "peer": "basic" if atk != "basic" else DEFAULT_ATTACKER,
                 }
             )
