@@ -355,6 +355,20 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
                 "peer": "cell times measured on a machine shared by 5 helpers (see machine.load_average_*)",
             }
         )
+    cpu = RESULTS / "extraction" / "default_audit_cpu.json"
+    if cpu.exists():
+        # CPU seconds of one default cell per budget (one thread): the idle-machine cost of a cell.
+        per = json.loads(cpu.read_text())["cells"]
+        out.append(
+            {
+                "metric": "whole default audit of one model (5 budgets x 3 seeds on 2 cores), from CPU seconds per cell",
+                "value": round(3 * sum(v["cpu_s"] for v in per.values()) / 2 / 60, 1),
+                "target": 15,
+                "better": "lower",
+                "unit": "min",
+                "peer": "CPU seconds per cell: " + ", ".join(f"k={k} {v['cpu_s']:.0f}s" for k, v in per.items()),
+            }
+        )
     return out
 
 
