@@ -1,4 +1,4 @@
-"""Ray-side work of the extraction audit: one (selector, budget, seed) cell per call.
+"""Ray-side work of the extraction audit: one (attacker, selector, budget, seed) cell per call.
 
 Plain code, made remote at the call site (``ray.remote(run_cell_task)``); each call is one
 call into :func:`obliviate.extraction.audit.run_cell`.
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from obliviate.extraction.attackers import AttackOptions
 from obliviate.extraction.audit import run_cell
 from obliviate.extraction.selectors import Pool
 from obliviate.extraction.substitute import TrainConfig
@@ -55,6 +56,8 @@ class AuditWorker:
         train: TrainConfig,
         eps: Sequence[float],
         iterative: bool,
+        attack: str = "basic",
+        attack_options: AttackOptions | None = None,
     ) -> dict:
         attacker = Target(self.backend, budget=budget, output=OutputMode.LABELS)
         oracle = Target(self.backend, budget=None)
@@ -71,6 +74,8 @@ class AuditWorker:
             eps=eps,
             iterative=iterative,
             oracle_test_labels=self.oracle_test_labels,
+            attack=attack,
+            attack_options=attack_options,
         )
         return cell.to_dict() | {"query_calls": len(attacker.log), "queries_used": attacker.used}
 

@@ -1,13 +1,16 @@
-"""The ``steal`` flow: audit how well a black-box target can be extracted (SPEC section 3).
+"""The ``steal`` flow: audit how well a black-box target can be extracted (SPEC sections 3, 3b).
 
-Prefect wires three steps; the (selector, budget, seed) cells fan out as Ray tasks:
+Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out as Ray tasks:
 
 1. ``prepare_audit``: open the target (checkpoint or URL), draw pool and test set from the pool
-   dataset minus the target's training indices, take the target's labels on the test set once,
-   and precompute what selectors need on the pool (MI matrices, features) so no cell repeats it.
+   dataset minus the target's training indices (with :func:`~obliviate.extraction.audit.draw_split`,
+   the bench's split, when the target declares its split seed), take the target's labels on the
+   test set once, and precompute what selectors need on the pool (MI matrices, features) so no
+   cell repeats it.
 2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`).
 3. ``write_report``: JSON + Markdown table + PNG plot + a Prefect table artifact, all written
-   through :func:`write_output` (the one place that touches the output location).
+   through :func:`write_output` (the one place that touches the output location). ``steal.md``
+   leads with the queries at which the strongest attacker reaches 90 % and 95 % agreement.
 
 Call ``ray.init(address="local", num_cpus=...)`` once before the flow (the CLI does); the flow
 reuses that runtime.
@@ -40,7 +43,17 @@ from flows.artifacts import publish_table
 from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.extraction.audit import SEED_BUDGETS, SEED_TABLE, audit_split, markdown_report, seed_reference, summarize
+from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOptions
+from obliviate.extraction.audit import (
+    SEED_BUDGETS,
+    SEED_TABLE,
+    audit_split,
+    draw_split,
+    markdown_report,
+    seed_reference,
+    summarize,
+)
+from obliviate.extraction.headline import headline_sentence, queries_to_agreement, strongest, threat_model
 from obliviate.extraction.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
 from obliviate.extraction.target import Target, open_backend, save_checkpoint
@@ -69,6 +82,7 @@ class AuditSetup:
     pool_entropy: float
     target_accuracy: float
     overlap_warning: str | None
+    split: str
 
 
 @task(cache_policy=NO_CACHE)
@@ -78,7 +92,7 @@ def prepare_audit(
     *,
     pool_size: int,
     test_size: int,
-    split_seed: int,
+    split_seed: int | None,
     selectors: list[str],
     drmi_starts: int | None,
     timeout_s: float,
@@ -99,7 +113,10 @@ def prepare_audit(
         exclude = []
     if warning:
         logger.warning(warning)
-    pool_idx, test_idx = audit_split(data, exclude=exclude, pool_size=pool_size, test_size=test_size, seed=split_seed)
+    pool_idx, test_idx, split = _pool_and_test(
+        data, meta, exclude=exclude, pool_size=pool_size, test_size=test_size, split_seed=split_seed
+    )
+    logger.info("pool and test set: %s", split)
     pool = Pool(data.images[pool_idx], levels=data.levels, drmi_starts=drmi_starts)
     warm = np.random.default_rng(0)
     for name in selectors:
@@ -123,7 +140,33 @@ def prepare_audit(
         pool_entropy=float(image_entropy(pool.images, levels=data.levels).mean()),
         target_accuracy=accuracy(oracle_test, test_labels),
         overlap_warning=warning,
+        split=split,
     )
+
+
+def _pool_and_test(
+    data, meta: dict, *, exclude: list, pool_size: int, test_size: int, split_seed: int | None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Pool and test indices. A target that declares its split (``split_seed``, ``train_size``:
+    ``obliviate target train``) gets the bench's split (:func:`draw_split`) when ``split_seed`` is
+    ``None`` or equal to it; otherwise the pool and test set are drawn from the images not in
+    ``exclude`` with seed ``split_seed`` (0 when ``None``)."""
+    declared = meta.get("split_seed"), meta.get("train_size")
+    if exclude and None not in declared and split_seed in (None, declared[0]):
+        train_size = int(declared[1])
+        if train_size + pool_size + test_size <= len(data):
+            train_idx, pool_idx, test_idx = draw_split(
+                data.labels, train_size=train_size, pool_size=pool_size, test_size=test_size, seed=int(declared[0])
+            )
+            if sorted(int(i) for i in train_idx) == sorted(int(i) for i in exclude):
+                return (
+                    pool_idx,
+                    test_idx,
+                    f"draw_split(seed={declared[0]}, train_size={train_size}) (the bench's split)",
+                )
+    seed = 0 if split_seed is None else split_seed
+    pool_idx, test_idx = audit_split(data, exclude=exclude, pool_size=pool_size, test_size=test_size, seed=seed)
+    return pool_idx, test_idx, f"audit_split(seed={seed}) of the images outside the target's training set"
 
 
 @task(cache_policy=NO_CACHE)
@@ -156,7 +199,8 @@ def run_cells(
         cell = pending.pop(done[0])
         result = ray.get(done[0])
         logger.info(
-            "%s k=%d seed=%d: accuracy %.4f agreement %.4f (%.1fs)",
+            "%s/%s k=%d seed=%d: accuracy %.4f agreement %.4f (%.1fs)",
+            cell["attack"],
             cell["selector"],
             cell["budget"],
             cell["seed"],
@@ -166,23 +210,38 @@ def run_cells(
         )
         results.append(result)
         report("cells", len(results), len(cells))
-    order = {(c["selector"], c["budget"], c["seed"]): i for i, c in enumerate(cells)}
-    return sorted(results, key=lambda r: order[(r["selector"], r["budget"], r["seed"])])
+    order = {(c["attack"], c["selector"], c["budget"], c["seed"]): i for i, c in enumerate(cells)}
+    return sorted(results, key=lambda r: order[(r["attacker"], r["selector"], r["budget"], r["seed"])])
 
 
 @task(cache_policy=NO_CACHE)
 def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: dict) -> dict:
     rows = summarize(results)
+    best = strongest(results)
+    reach = {
+        level: queries_to_agreement(results, attacker=best[0], selector=best[1], level=level) for level in (0.9, 0.95)
+    }
     md = [
         "# Model-extraction audit",
+        "",
+        headline_sentence(reach[0.9], reach[0.95]),
         "",
         (
             f"Target: `{setup.target}` (accuracy on the {len(setup.test_labels)} test images: "
             f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; label-only queries."
         ),
         (
-            f"Substitute: {config['substitute']}, {config['steps']} steps. FGSM{' (iterative)' if config['iterative'] else ''}. "
-            f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. Seeds per cell: {config['seeds']}."
+            f"Attackers: {', '.join(config['attackers'])}; selectors: {', '.join(config['selectors'])}. "
+            f"Substitute: {config['substitute']}. FGSM{' (iterative)' if config['iterative'] else ''}. "
+            f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. Seeds per cell: {config['seeds']}. "
+            f"Split: {setup.split}."
+        ),
+        "",
+        threat_model(
+            config["attackers"],
+            config["selectors"],
+            substitute=config["substitute"],
+            target_arch=setup.target_meta.get("arch"),
         ),
         "Rates are percent, mean ± std over seeds; the seed's DRMI numbers (MNIST, LeNet-5) beside them.",
         "",
@@ -202,6 +261,9 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         "pool_class_histogram": setup.pool_histogram,
         "pool_mean_entropy": setup.pool_entropy,
         "overlap_warning": setup.overlap_warning,
+        "split": setup.split,
+        "strongest": {"attacker": best[0], "selector": best[1]},
+        "queries_to_agreement": {f"{level:g}": q.to_dict() for level, q in reach.items()},
         "summary": [asdict(r) for r in rows],
         "cells": results,
         "seed_table": {"budgets": list(SEED_BUDGETS), **SEED_TABLE},
@@ -215,6 +277,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
     for r in rows:
         seed_acc, seed_tr = seed_reference(r.budget)
         row = {
+            "attacker": r.attacker,
             "selector": r.selector,
             "budget": r.budget,
             "accuracy %": f"{100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f}",
@@ -234,8 +297,8 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
 
 
 def plot_summary(rows, *, eps: list[float]) -> bytes:
-    """PNG bytes: accuracy, agreement and transferability vs budget, one line per selector, the
-    seed's DRMI numbers as a dashed reference."""
+    """PNG bytes: accuracy, agreement and transferability vs budget, one line per (attacker,
+    selector), the seed's DRMI numbers as a dashed reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,13 +308,13 @@ def plot_summary(rows, *, eps: list[float]) -> bytes:
     panels += [(f"{e:g}", f"transferability ε={e:g} %") for e in eps]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        for sel in dict.fromkeys(r.selector for r in rows):
-            rs = sorted((r for r in rows if r.selector == sel), key=lambda r: r.budget)
+        for name in dict.fromkeys(r.label for r in rows):
+            rs = sorted((r for r in rows if r.label == name), key=lambda r: r.budget)
             if key in ("accuracy", "agreement"):
                 y = [100 * getattr(r, f"{key}_mean") for r in rs]
             else:
                 y = [100 * r.transfer_mean[key] for r in rs]
-            ax.plot([r.budget for r in rs], y, marker="o", ms=3, label=sel)
+            ax.plot([r.budget for r in rs], y, marker="o", ms=3, label=name)
         if key == "accuracy":
             ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["accuracy"], "k--", label="seed's DRMI")
         elif key not in ("agreement",):
@@ -272,21 +335,25 @@ def steal_flow(
     target: str,
     pool: str = "mnist5k",
     budgets: Sequence[int] = tuple(SEED_BUDGETS),
-    selectors: Sequence[str] = ("drmi", "random", "jacobian", DEFAULT_SELECTOR),
+    selectors: Sequence[str] = (DEFAULT_SELECTOR,),
     seeds: int = 3,
     out: str = "runs/steal",
     pool_size: int = 2000,
     test_size: int = 1000,
-    split_seed: int = 0,
+    split_seed: int | None = None,
     substitute: str = "lenet5",
     steps: int = 300,
+    attackers: Sequence[str] = (DEFAULT_ATTACKER,),
+    attack_steps: int = AttackOptions().max_steps,
+    rounds: int = AttackOptions().rounds,
+    round_steps: int = AttackOptions().round_steps,
     eps: Sequence[float] = (0.1, 0.2, 0.3),
     iterative: bool = False,
     drmi_starts: int | None = 32,
     timeout_s: float = 30.0,
     retries: int = 3,
 ) -> dict:
-    """Audit ``target`` with every (selector, budget, seed) cell; returns the report's paths.
+    """Audit ``target`` with every (attacker, selector, budget, seed) cell; returns the report's paths.
 
     Args:
         target: checkpoint path (``obliviate target train``) or ``http(s)://.../predict`` URL.
@@ -298,9 +365,14 @@ def steal_flow(
         out: output directory.
         pool_size: attacker's pool size.
         test_size: held-out test size.
-        split_seed: seed of the pool/test split.
+        split_seed: seed of the pool/test split (``None``: the target's own split seed when it
+            declares one, the bench's split; otherwise 0).
         substitute: substitute architecture (``lenet5`` or ``c3f2``).
-        steps: substitute training steps.
+        steps: the ``basic`` attacker's training steps.
+        attackers: attacker names (see :data:`obliviate.extraction.attackers.ATTACKERS`).
+        attack_steps: cap of the supervised phase of ``augmented`` / ``semi_supervised``.
+        rounds: self-training rounds of ``semi_supervised``.
+        round_steps: steps per self-training round.
         eps: FGSM radii.
         iterative: I-FGSM instead of FGSM.
         drmi_starts: seeded DRMI restarts (``None``: one per pool image, the SPEC default).
@@ -310,6 +382,9 @@ def steal_flow(
     unknown = [s for s in selectors if s not in SELECTORS]
     if unknown:
         raise ConfigError(f"unknown selectors {unknown}: choose from {', '.join(sorted(SELECTORS))}.")
+    unknown = [a for a in attackers if a not in ATTACKERS]
+    if unknown or not attackers:
+        raise ConfigError(f"unknown attackers {unknown or '(none given)'}: choose from {', '.join(ATTACKERS)}.")
     if not budgets or min(budgets) < 1 or seeds < 1:
         raise ConfigError(f"need budgets >= 1 and seeds >= 1; got budgets={budgets}, seeds={seeds}.")
     t0 = time.perf_counter()
@@ -325,8 +400,26 @@ def steal_flow(
         retries=retries,
     )
     train = TrainConfig(arch=substitute, steps=steps)
+    options = AttackOptions(
+        arch=substitute,
+        basic_steps=steps,
+        min_steps=min(AttackOptions().min_steps, attack_steps),
+        max_steps=attack_steps,
+        rounds=rounds,
+        round_steps=round_steps,
+    )
     cells = [
-        {"selector": s, "budget": b, "seed": seed, "train": train, "eps": list(eps), "iterative": iterative}
+        {
+            "attack": a,
+            "attack_options": options,
+            "selector": s,
+            "budget": b,
+            "seed": seed,
+            "train": train,
+            "eps": list(eps),
+            "iterative": iterative,
+        }
+        for a in attackers
         for s in selectors
         for b in budgets
         for seed in range(seeds)
@@ -336,6 +429,8 @@ def steal_flow(
         "target": target,
         "pool": pool,
         "budgets": list(budgets),
+        "attackers": list(attackers),
+        "attack_options": asdict(options),
         "selectors": list(selectors),
         "seeds": seeds,
         "pool_size": pool_size,
@@ -388,6 +483,10 @@ def audit_flow(
     pool_size: int = 200,
     test_size: int = 150,
     steps: int = 100,
+    attackers: Sequence[str] = (DEFAULT_ATTACKER,),
+    attack_steps: int = 400,
+    rounds: int = 1,
+    round_steps: int = 300,
 ) -> dict[str, Any]:
     """Audit the current model of every registered run (or ``run_id``); returns where reports lie."""
     logger = get_run_logger()
@@ -409,6 +508,10 @@ def audit_flow(
                 pool_size=pool_size,
                 test_size=test_size,
                 steps=steps,
+                attackers=list(attackers),
+                attack_steps=attack_steps,
+                rounds=rounds,
+                round_steps=round_steps,
                 drmi_starts=8,
             )
             report_key = f"runs/{run}/audits/v{meta['version']:06d}/report.json"

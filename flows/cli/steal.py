@@ -1,4 +1,9 @@
-"""``obliviate steal``: the model-extraction audit (SPEC section 3) as a Prefect flow over Ray."""
+"""``obliviate steal``: the model-extraction audit (SPEC sections 3 and 3b) as a Prefect flow over Ray.
+
+By default it assumes the strongest attacker measured (``semi_supervised``) buying the queries the
+default selector (``cluster_centers``) picks, and its report leads with the fewest queries at which
+that attacker reaches 90 % and 95 % agreement with the target.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import os
 from pathlib import Path
 
 from obliviate.errors import ConfigError
+from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
+from obliviate.extraction.selectors import DEFAULT_SELECTOR
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,14 +28,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--pool", default="mnist5k", help="dataset for the attacker's pool and the test set")
     parser.add_argument("--budgets", default="50,150,200,300,600", help="comma-separated query budgets")
-    parser.add_argument("--selectors", default="drmi,random,jacobian", help="comma-separated selector names")
+    parser.add_argument(
+        "--attackers",
+        default=DEFAULT_ATTACKER,
+        help=f"comma-separated attackers: basic, augmented, semi_supervised (default {DEFAULT_ATTACKER}, the strongest)",
+    )
+    parser.add_argument(
+        "--selectors",
+        default=DEFAULT_SELECTOR,
+        help=f"comma-separated selector names, e.g. {DEFAULT_SELECTOR},random,drmi,jacobian,adaptive "
+        f"(default {DEFAULT_SELECTOR})",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per (selector, budget)")
     parser.add_argument("--out", default="runs/steal", help="output directory (default runs/steal)")
     parser.add_argument("--pool-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=1000)
-    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the pool/test split (default: the target's own, so `target train --seed S` gives the bench's split S)",
+    )
     parser.add_argument("--substitute", default="lenet5", help="lenet5 (default) or c3f2")
-    parser.add_argument("--steps", type=int, default=300, help="substitute training steps (default 300)")
+    parser.add_argument("--steps", type=int, default=300, help="the basic attacker's training steps (default 300)")
+    parser.add_argument(
+        "--attack-steps",
+        type=int,
+        default=AttackOptions().max_steps,
+        help=f"most supervised steps of augmented / semi_supervised (default {AttackOptions().max_steps})",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=AttackOptions().rounds, help="semi_supervised self-training rounds"
+    )
+    parser.add_argument(
+        "--round-steps", type=int, default=AttackOptions().round_steps, help="steps per self-training round"
+    )
     parser.add_argument("--eps", default="0.1,0.2,0.3", help="FGSM radii on [0,1] inputs")
     parser.add_argument("--ifgsm", action="store_true", help="iterative FGSM instead of FGSM")
     parser.add_argument(
@@ -52,7 +86,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 DEMO_SETTINGS = {
     "budgets": "50,150,300",
-    "selectors": "drmi,random,jacobian_r2,cluster_centers",
+    "attackers": f"basic,{DEFAULT_ATTACKER}",
+    "selectors": "random,cluster_centers",
     "seeds": 1,
     "pool_size": 1000,
     "test_size": 500,
@@ -92,6 +127,10 @@ def run_steal(args: argparse.Namespace) -> int:
                 pool=args.pool,
                 budgets=_ints(args.budgets, "--budgets"),
                 selectors=[s for s in args.selectors.split(",") if s],
+                attackers=[a for a in args.attackers.split(",") if a],
+                attack_steps=args.attack_steps,
+                rounds=args.rounds,
+                round_steps=args.round_steps,
                 seeds=args.seeds,
                 out=args.out,
                 pool_size=args.pool_size,

@@ -19,7 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--arch", default="lenet5", help="lenet5 (default) or c3f2")
     train.add_argument("--train-size", type=int, default=2000, help="training images (stratified; default 2000)")
     train.add_argument("--steps", type=int, default=1500, help="Adam steps, batch 64 (default 1500)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the split, weights and batches")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the split (draw_split: `steal` then uses the bench's split SEED), weights and batches",
+    )
     train.set_defaults(handler=run_train)
 
     serve = actions.add_parser("serve", help="serve a checkpoint at http://HOST:PORT/predict (label-only by default)")

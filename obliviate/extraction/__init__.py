@@ -1,21 +1,36 @@
-"""The model-extraction audit (SPEC section 3): the black-box target, the query selectors, the
-substitute trainers and metrics, and the audit's cells and report.
+"""The model-extraction audit (SPEC sections 3 and 3b): the black-box target, the query selectors
+(one-shot and adaptive), the attackers that train substitutes, the metrics, and the audit's cells,
+report and "queries to steal" headline.
 
 Public names are importable from here; the modules hold them.
 """
 
+from obliviate.extraction.active import ActiveOptions, adaptive, round_sizes
+from obliviate.extraction.attackers import (
+    ATTACKERS,
+    DEFAULT_ATTACKER,
+    AttackerSpec,
+    AttackOptions,
+    Substitute,
+    attacker,
+    get_attacker,
+    train_substitute,
+)
 from obliviate.extraction.audit import (
     SEED_BUDGETS,
     SEED_TABLE,
     CellResult,
     SummaryRow,
     audit_split,
+    draw_split,
     markdown_report,
     run_cell,
     seed_reference,
     summarize,
     train_target,
 )
+from obliviate.extraction.augment import AugmentOptions, random_affine
+from obliviate.extraction.headline import QueriesTo, headline_sentence, queries_to_agreement, strongest, threat_model
 from obliviate.extraction.selectors import (
     DEFAULT_SELECTOR,
     SELECTORS,
@@ -73,11 +88,17 @@ from obliviate.extraction.target import (
 )
 
 __all__ = [
+    "ATTACKERS",
+    "DEFAULT_ATTACKER",
     "DEFAULT_SELECTOR",
     "SEED_BUDGETS",
     "SEED_TABLE",
     "SELECTORS",
     "Acquisition",
+    "ActiveOptions",
+    "AttackOptions",
+    "AttackerSpec",
+    "AugmentOptions",
     "Backend",
     "BudgetExceeded",
     "CellResult",
@@ -86,9 +107,11 @@ __all__ = [
     "LocalTorchBackend",
     "OutputMode",
     "Pool",
+    "QueriesTo",
     "QueryRecord",
     "QueryingSelector",
     "SelectorSpec",
+    "Substitute",
     "SummaryRow",
     "Target",
     "TargetRequestError",
@@ -96,12 +119,15 @@ __all__ = [
     "TrainConfig",
     "accuracy",
     "acquire",
+    "adaptive",
     "agreement",
+    "attacker",
     "audit_split",
     "augmentation_round",
     "check_indices",
     "cluster_centers",
     "decode_images",
+    "draw_split",
     "drmi",
     "drmi_binary",
     "drmi_bins16",
@@ -110,7 +136,9 @@ __all__ = [
     "encode_images",
     "facility_location",
     "fgsm",
+    "get_attacker",
     "get_selector",
+    "headline_sentence",
     "image_entropy",
     "jacobian",
     "jacobian_augment",
@@ -122,14 +150,20 @@ __all__ = [
     "pool_features",
     "predict_labels",
     "predict_tensor",
+    "queries_to_agreement",
+    "random_affine",
     "random_subset",
+    "round_sizes",
     "run_cell",
     "save_checkpoint",
     "seed_reference",
     "selector",
+    "strongest",
     "summarize",
     "tensor_to_images",
+    "threat_model",
     "train_classifier",
+    "train_substitute",
     "train_target",
     "transferability",
 ]

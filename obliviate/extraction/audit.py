@@ -1,7 +1,8 @@
-"""The model-extraction audit: one (selector, budget, seed) cell, and the report over cells.
+"""The model-extraction audit: one (attacker, selector, budget, seed) cell, and the report over cells.
 
-SPEC section 3. A cell spends ``budget`` label queries chosen by a selector, trains a
-substitute on the answers, and measures
+SPEC sections 3 and 3b. A cell spends ``budget`` label queries chosen by a selector, lets an
+attacker (:mod:`obliviate.extraction.attackers`) train a substitute on the answers and the
+unlabeled rest of the pool, and measures
 
 * accuracy of the substitute on a held-out test set (true labels),
 * agreement with the target on that test set (the fairer figure: the target's own accuracy
@@ -20,12 +21,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
 
 from obliviate.data import ImageDataset, stratified_split
 from obliviate.errors import ConfigError
+from obliviate.extraction.attackers import AttackOptions, train_substitute
 from obliviate.extraction.selectors import Pool, acquire, image_entropy
 from obliviate.extraction.substitute import (
     TrainConfig,
@@ -51,7 +54,7 @@ SEED_TABLE: dict[str, dict[str, tuple[float, ...]]] = {
 
 @dataclass(frozen=True)
 class CellResult:
-    """Metrics of one (selector, budget, seed) cell. Rates are fractions in ``[0, 1]``."""
+    """Metrics of one (attacker, selector, budget, seed) cell. Rates are fractions in ``[0, 1]``."""
 
     selector: str
     budget: int
@@ -65,6 +68,7 @@ class CellResult:
     synthetic: int
     seconds: float
     substitute: str
+    attacker: str = "basic"
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -86,8 +90,10 @@ def run_cell(
     iterative: bool = False,
     num_classes: int = 10,
     oracle_test_labels: np.ndarray | None = None,
+    attack: str = "basic",
+    attack_options: AttackOptions | None = None,
 ) -> CellResult:
-    """Run one audit cell (SPEC section 3).
+    """Run one audit cell (SPEC sections 3 and 3b).
 
     Args:
         selector: a name registered in :data:`obliviate.extraction.selectors.SELECTORS`.
@@ -103,13 +109,27 @@ def run_cell(
         iterative: I-FGSM instead of FGSM.
         num_classes: classes of the task.
         oracle_test_labels: the target's labels on the test set, if already known.
+        attack: the attacker that trains the substitute (:data:`obliviate.extraction.attackers.ATTACKERS`).
+        attack_options: its options (default: ``AttackOptions`` with ``train``'s architecture and,
+            for ``basic``, ``train``'s steps).
     """
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     bought = acquire(selector, pool, k=budget, rng=rng, target=attacker, train=train)
-    substitute = train_classifier(
-        bought.images, bought.labels, config=train, seed=seed, num_classes=num_classes, levels=pool.levels
+    options = attack_options or AttackOptions(arch=train.arch, basic_steps=train.steps)
+    unbought = np.ones(pool.n, bool)
+    unbought[bought.pool_indices[bought.pool_indices >= 0]] = False
+    trained = train_substitute(
+        attack,
+        images=bought.images,
+        labels=bought.labels,
+        unlabeled=pool.images[unbought],
+        options=options,
+        seed=seed,
+        num_classes=num_classes,
+        levels=pool.levels,
     )
+    substitute = trained.model
     sub_labels = predict_labels(substitute, test_images, levels=pool.levels)
     target_labels = oracle.query(test_images) if oracle_test_labels is None else oracle_test_labels
     transfer = {
@@ -130,13 +150,15 @@ def run_cell(
         mean_entropy=float(image_entropy(bought.images, levels=pool.levels).mean()),
         synthetic=int((bought.pool_indices < 0).sum()),
         seconds=time.perf_counter() - start,
-        substitute=train.arch,
+        substitute=options.arch,
+        attacker=attack,
+        extra={"training": trained.info},
     )
 
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """Mean and standard deviation over seeds of one (selector, budget)."""
+    """Mean and standard deviation over seeds of one (attacker, selector, budget)."""
 
     selector: str
     budget: int
@@ -149,16 +171,24 @@ class SummaryRow:
     transfer_std: dict[str, float]
     class_histogram: list[float]
     mean_entropy: float
+    attacker: str = "basic"
+    seconds_mean: float = float("nan")
+
+    @property
+    def label(self) -> str:
+        """``attacker / selector``, how reports name a curve."""
+        return f"{self.attacker} / {self.selector}"
 
 
 def summarize(cells: Sequence[CellResult | dict]) -> list[SummaryRow]:
-    """Group cells by (selector, budget) and average over seeds (population std, ddof=0)."""
+    """Group cells by (attacker, selector, budget) and average over seeds (population std, ddof=0)."""
     dicts = [c.to_dict() if isinstance(c, CellResult) else c for c in cells]
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for c in dicts:
-        groups.setdefault((c["selector"], int(c["budget"])), []).append(c)
+        groups.setdefault((c.get("attacker", "basic"), c["selector"], int(c["budget"])), []).append(c)
+    names = list(dict.fromkeys((d.get("attacker", "basic"), d["selector"]) for d in dicts))
     rows = []
-    for (sel, budget), members in sorted(groups.items(), key=lambda kv: (_order(kv[0][0], dicts), kv[0][1])):
+    for (atk, sel, budget), members in sorted(groups.items(), key=lambda kv: (names.index(kv[0][:2]), kv[0][2])):
         acc = np.array([m["accuracy"] for m in members])
         agr = np.array([m["agreement"] for m in members])
         eps_keys = list(members[0]["transfer"])
@@ -176,14 +206,11 @@ def summarize(cells: Sequence[CellResult | dict]) -> list[SummaryRow]:
                 transfer_std={e: float(np.nanstd(v)) for e, v in tr.items()},
                 class_histogram=np.mean([m["class_histogram"] for m in members], axis=0).round(2).tolist(),
                 mean_entropy=float(np.mean([m["mean_entropy"] for m in members])),
+                attacker=atk,
+                seconds_mean=float(np.mean([m["seconds"] for m in members])),
             )
         )
     return rows
-
-
-def _order(selector: str, dicts: list[dict]) -> int:
-    names = list(dict.fromkeys(d["selector"] for d in dicts))
-    return names.index(selector)
 
 
 def markdown_report(
@@ -195,12 +222,15 @@ def markdown_report(
     """A Markdown report: the metrics table (percent, mean ± std over seeds) with the seed's DRMI
     numbers beside it, then what each selector bought (class histogram, mean entropy) next to the pool's."""
     eps_keys = list(rows[0].transfer_mean) if rows else []
-    head = ["selector", "budget", "runs", "accuracy %", "agreement %"] + [f"transfer ε={e} %" for e in eps_keys]
-    head += ["seed DRMI acc %", "seed DRMI transfer %"]
+    head = ["attacker", "selector", "budget", "runs", "accuracy %", "agreement %"] + [
+        f"transfer ε={e} %" for e in eps_keys
+    ]
+    head += ["seconds / cell", "seed DRMI acc %", "seed DRMI transfer %"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         seed_acc, seed_tr = seed_reference(r.budget)
         cells = [
+            r.attacker,
             r.selector,
             str(r.budget),
             str(r.runs),
@@ -208,7 +238,7 @@ def markdown_report(
             f"{100 * r.agreement_mean:.2f} ± {100 * r.agreement_std:.2f}",
         ]
         cells += [f"{100 * r.transfer_mean[e]:.2f} ± {100 * r.transfer_std[e]:.2f}" for e in eps_keys]
-        cells += [_fmt(seed_acc), _fmt(seed_tr)]
+        cells += [f"{r.seconds_mean:.1f}", _fmt(seed_acc), _fmt(seed_tr)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -225,7 +255,11 @@ def markdown_report(
             f"| pool | {int(np.sum(pool_histogram))} | {' '.join(str(int(v)) for v in pool_histogram)} | "
             f"{_fmt(pool_entropy, digits=3)} |"
         )
+    seen = set()
     for r in rows:
+        if (r.selector, r.budget) in seen:
+            continue  # what was bought depends on the selector, not on the attacker
+        seen.add((r.selector, r.budget))
         hist = " ".join(f"{v:g}" for v in r.class_histogram)
         lines.append(f"| {r.selector} | {r.budget} | {hist} | {r.mean_entropy:.3f} |")
     return "\n".join(lines) + "\n"
@@ -258,7 +292,7 @@ def train_target(
     """
     if not 1 <= train_size < len(data):
         raise ConfigError(f"train_size must be in 1..{len(data) - 1} (leave images for the pool); got {train_size}.")
-    (train_idx,) = stratified_split(data.labels, sizes=(train_size,), rng=np.random.default_rng(seed))
+    train_idx, _, _ = draw_split(data.labels, train_size=train_size, pool_size=0, test_size=0, seed=seed)
     model = train_classifier(
         data.images[train_idx],
         data.labels[train_idx],
@@ -276,8 +310,27 @@ def train_target(
         "train_indices": sorted(int(i) for i in train_idx),
         "train_steps": config.steps,
         "seed": seed,
+        # How to redraw the split: draw_split(labels, train_size=..., seed=split_seed) (same as the bench).
+        "split_seed": seed,
+        "train_size": train_size,
     }
     return model, meta
+
+
+def draw_split(
+    labels: np.ndarray, *, train_size: int, pool_size: int, test_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one split of the audit: disjoint stratified (target training, attacker pool, test) indices.
+
+    ``obliviate target train``, ``obliviate steal`` and ``bench/extraction.py`` all draw with this
+    function, so "split s" names the same images everywhere. The training part depends only on
+    ``(seed, train_size)``, not on the pool and test sizes, so a target trained with
+    ``pool_size = test_size = 0`` meets the same pool and test set later.
+    """
+    return cast(
+        tuple[np.ndarray, np.ndarray, np.ndarray],
+        stratified_split(labels, sizes=(train_size, pool_size, test_size), rng=np.random.default_rng(seed)),
+    )
 
 
 def audit_split(

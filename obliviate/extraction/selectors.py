@@ -7,7 +7,8 @@ Every selector is one function registered with :func:`selector`. Two kinds exist
   queries to label them. ``drmi`` and its variants, ``random``, ``kcenter``, ``facility``,
   ``cluster_centers``.
 * **querying** selectors, ``fn(pool, *, k, rng, target, train) -> Acquisition``: use the target
-  while they choose (``jacobian``), so they spend the budget themselves.
+  while they choose (``jacobian``; ``adaptive`` in :mod:`obliviate.extraction.active`, which also
+  trains substitutes between its rounds: ``needs_substitute``), so they spend the budget themselves.
 
 Adding a selector = writing one function with the ``@selector(name)`` decorator.
 
@@ -101,6 +102,8 @@ class SelectorSpec:
     fn: Callable
     needs_target: bool
     summary: str
+    #: Trains substitutes between its query rounds (adaptive selection): costlier per cell.
+    needs_substitute: bool = False
 
 
 SELECTORS: dict[str, SelectorSpec] = {}
@@ -112,14 +115,16 @@ SELECTORS: dict[str, SelectorSpec] = {}
 DEFAULT_SELECTOR = "cluster_centers"
 
 
-def selector(name: str, *, needs_target: bool = False) -> Callable[[Callable], Callable]:
+def selector(
+    name: str, *, needs_target: bool = False, needs_substitute: bool = False
+) -> Callable[[Callable], Callable]:
     """Register ``fn`` under ``name``; its docstring's first line becomes its summary."""
 
     def register(fn: Callable) -> Callable:
         if name in SELECTORS:
             raise ConfigError(f"selector {name!r} is registered twice; pick another name.")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        SELECTORS[name] = SelectorSpec(name, fn, needs_target, summary)
+        SELECTORS[name] = SelectorSpec(name, fn, needs_target, summary, needs_substitute)
         return fn
 
     return register
@@ -327,17 +332,23 @@ def cluster_centers(pool: Pool, *, k: int, rng: np.random.Generator) -> np.ndarr
 
     feats = pool_features(pool)
     km = KMeans(n_clusters=k, n_init=1, random_state=int(rng.integers(2**31 - 1)), max_iter=100).fit(feats)
-    d2 = ((feats[:, None, :] - km.cluster_centers_[None, :, :]) ** 2).sum(axis=2) if pool.n * k < 4e6 else None
+    centres = km.cluster_centers_.astype(np.float64)
+    f = feats.astype(np.float64)
+    sq = (f**2).sum(axis=1)
+    # Distances to centres in column blocks of at most ~4e6 entries, never a dense (n, k, d) array.
+    block = max(1, int(4e6 // max(pool.n, 1)))
     chosen: list[int] = []
     taken = np.zeros(pool.n, bool)
-    for c in range(k):
-        dist = d2[:, c] if d2 is not None else ((feats - km.cluster_centers_[c]) ** 2).sum(axis=1)
-        members = np.flatnonzero(km.labels_ == c)
-        candidates = members if len(members) and not taken[members].all() else np.arange(pool.n)
-        candidates = candidates[~taken[candidates]]
-        pick = int(candidates[np.argmin(dist[candidates])])
-        chosen.append(pick)
-        taken[pick] = True
+    for lo in range(0, k, block):
+        c = centres[lo : lo + block]
+        d2 = sq[:, None] + (c**2).sum(axis=1)[None, :] - 2.0 * f @ c.T
+        for j in range(len(c)):
+            members = np.flatnonzero(km.labels_ == lo + j)
+            candidates = members if len(members) and not taken[members].all() else np.arange(pool.n)
+            candidates = candidates[~taken[candidates]]
+            pick = int(candidates[np.argmin(d2[candidates, j])])
+            chosen.append(pick)
+            taken[pick] = True
     return np.array(chosen, dtype=np.int64)
 
 

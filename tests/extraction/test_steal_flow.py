@@ -49,10 +49,12 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
             "mnist5k",
             "--budgets",
             "20,40",
+            "--attackers",
+            "basic,semi_supervised",
             "--selectors",
-            "drmi,random,jacobian,facility",
+            "drmi,random,jacobian,adaptive",
             "--seeds",
-            "2",
+            "1",
             "--out",
             str(out),
             "--pool-size",
@@ -61,6 +63,12 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
             "100",
             "--steps",
             "15",
+            "--attack-steps",
+            "20",
+            "--rounds",
+            "1",
+            "--round-steps",
+            "10",
             "--eps",
             "0.1,0.3",
             "--drmi-starts",
@@ -70,15 +78,24 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
     assert code == 0
     assert str(out / "steal.md") in capsys.readouterr().out
     doc = json.loads((out / "steal.json").read_text())
-    assert len(doc["cells"]) == 4 * 2 * 2
+    assert len(doc["cells"]) == 2 * 4 * 2 * 1
+    assert {c["attacker"] for c in doc["cells"]} == {"basic", "semi_supervised"}
     for cell in doc["cells"]:
         assert cell["queries_used"] == cell["budget"] == sum(cell["class_histogram"])
         assert set(cell["transfer"]) == {"0.1", "0.3"}
     jac = [c for c in doc["cells"] if c["selector"] == "jacobian"]
     assert all(c["synthetic"] > 0 for c in jac)
     assert doc["overlap_warning"] is None  # the checkpoint's training indices were excluded
+    assert doc["split"].startswith("draw_split(seed=0, train_size=300)")  # the bench's split 0
+    adaptive = [c for c in doc["cells"] if c["selector"] == "adaptive"]
+    assert all(c["query_calls"] > 1 and c["synthetic"] == 0 for c in adaptive)  # rounds, pool images only
     md = (out / "steal.md").read_text()
-    assert "| drmi | 20 | 2 |" in md and "| pool | 120 |" in md
+    assert md.splitlines()[2].startswith("Queries to steal: the strongest attacker measured")
+    assert set(doc["queries_to_agreement"]) == {"0.9", "0.95"}
+    assert (doc["strongest"]["attacker"], doc["strongest"]["selector"]) in {
+        (c["attacker"], c["selector"]) for c in doc["cells"]
+    }
+    assert "| basic | drmi | 20 | 1 |" in md and "| pool | 120 |" in md and "Threat model:" in md
     assert (out / "steal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     import asyncio
@@ -107,6 +124,7 @@ def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoin
             target=server.url,
             budgets=[15],
             selectors=["random"],
+            attackers=["basic"],
             seeds=2,
             out=str(tmp_path),
             pool_size=100,

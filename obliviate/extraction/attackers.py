@@ -1,0 +1,332 @@
+"""Attackers: how a thief turns bought labels into a substitute (SPEC section 3b).
+
+An attacker is a pure function ``fn(*, images, labels, unlabeled, options, seed, num_classes,
+levels) -> Substitute``: the bought images and the target's labels for them, the rest of the
+attacker's pool (unlabeled), typed options and a seed. Attackers never hold the target, so they
+cannot spend a query: the budget is spent by the selector before they run.
+
+* ``basic``: :func:`obliviate.extraction.substitute.train_classifier`, a fixed 300 Adam steps on
+  the bought set: the weak reference the audit used before issue 13.
+* ``augmented``: label-preserving augmentation (:mod:`obliviate.extraction.augment`), a cosine
+  learning-rate schedule, a training length that grows with the bought set, and early stopping
+  on a held-out part of the bought set (no extra queries).
+* ``semi_supervised`` (the audit's default): ``augmented``, then rounds of self-training on the
+  unlabeled pool: the substitute labels the un-augmented pool images, those above a confidence
+  threshold join training as augmented images (weak-to-strong pseudo-labelling, FixMatch: Sohn
+  et al., NeurIPS 2020). Semi-supervised extraction is Jagielski et al., "High accuracy and high
+  fidelity extraction of neural networks", USENIX Security 2020 (they used MixMatch).
+
+Adding an attacker = one function with the ``@attacker(name)`` decorator.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from obliviate.errors import ConfigError
+from obliviate.extraction.augment import AugmentOptions, random_affine
+from obliviate.extraction.substitute import TrainConfig, train_classifier
+from obliviate.models import build_model, images_to_tensor
+
+
+@dataclass(frozen=True)
+class AttackOptions:
+    """How the attackers train (one options object serves all three; each reads its part).
+
+    Attributes:
+        arch: substitute architecture (``lenet5`` or ``c3f2``).
+        batch_size: labelled images per step (pseudo-labelled ones add as many again).
+        lr: peak Adam learning rate (cosine-annealed to 0 in each phase; ``basic`` uses it flat).
+        basic_steps: ``basic``'s fixed number of steps.
+        min_steps: the least steps of the supervised phase.
+        steps_per_image: the supervised phase trains ``min_steps + steps_per_image * n`` steps
+            (capped at ``max_steps``) for ``n`` bought images: length scales with the bought set.
+        max_steps: cap of the supervised phase.
+        holdout: share of the bought set held out for early stopping (none below 10 images).
+        eval_every: steps between evaluations on the held-out part.
+        patience: evaluations without improvement before stopping.
+        augment: augmentation ranges.
+        rounds: self-training rounds of ``semi_supervised``.
+        threshold: least softmax confidence for a pool image to get a pseudo-label.
+        round_steps: steps per self-training round.
+        fresh_student: each round trains a freshly initialised student (seeded per round) rather
+            than fine-tuning the teacher, which would mostly confirm its own labels (Noisy Student,
+            Xie et al., CVPR 2020).
+        tta: augmented views averaged with the plain image when pseudo-labelling (0: plain only).
+    """
+
+    arch: str = "lenet5"
+    batch_size: int = 64
+    lr: float = 2e-3
+    basic_steps: int = 300
+    min_steps: int = 400
+    steps_per_image: float = 2.0
+    max_steps: int = 1200
+    holdout: float = 0.1
+    eval_every: int = 50
+    patience: int = 6
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+    rounds: int = 2
+    threshold: float = 0.9
+    round_steps: int = 600
+    fresh_student: bool = True
+    tta: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.basic_steps, self.min_steps, self.eval_every, self.patience) < 1:
+            raise ConfigError(
+                "batch_size, basic_steps, min_steps, eval_every and patience must be >= 1; got "
+                f"{self.batch_size}, {self.basic_steps}, {self.min_steps}, {self.eval_every}, {self.patience}."
+            )
+        if self.lr <= 0 or self.max_steps < self.min_steps or not 0 <= self.holdout < 0.5:
+            raise ConfigError(
+                f"need lr > 0, max_steps >= min_steps, 0 <= holdout < 0.5; got {self.lr}, {self.max_steps}, "
+                f"{self.holdout}."
+            )
+        if self.rounds < 0 or not 0 < self.threshold <= 1 or self.round_steps < 1:
+            raise ConfigError(
+                f"need rounds >= 0, 0 < threshold <= 1, round_steps >= 1; got {self.rounds}, {self.threshold}, "
+                f"{self.round_steps}."
+            )
+
+    def supervised_steps(self, n: int) -> int:
+        """Steps of the supervised phase for ``n`` bought images."""
+        return int(min(self.max_steps, self.min_steps + self.steps_per_image * n))
+
+
+@dataclass
+class Substitute:
+    """A trained substitute and what its training did (steps, stops, pseudo-labels per round)."""
+
+    model: nn.Module
+    info: dict = field(default_factory=dict)
+
+
+Attacker = Callable[..., Substitute]
+
+
+@dataclass(frozen=True)
+class AttackerSpec:
+    name: str
+    fn: Attacker
+    summary: str
+    #: What the attacker must hold besides the bought labels (stated in the audit's threat model).
+    assumes: str
+
+
+ATTACKERS: dict[str, AttackerSpec] = {}
+
+#: The attacker the audit assumes by default: the strongest measured (bench/results/extraction.md).
+DEFAULT_ATTACKER = "semi_supervised"
+
+
+def attacker(name: str, *, assumes: str) -> Callable[[Attacker], Attacker]:
+    """Register ``fn`` under ``name``; its docstring's first line becomes its summary."""
+
+    def register(fn: Attacker) -> Attacker:
+        if name in ATTACKERS:
+            raise ConfigError(f"attacker {name!r} is registered twice; pick another name.")
+        summary = (fn.__doc__ or name).strip().splitlines()[0]
+        ATTACKERS[name] = AttackerSpec(name, fn, summary, assumes)
+        return fn
+
+    return register
+
+
+def get_attacker(name: str) -> AttackerSpec:
+    if name not in ATTACKERS:
+        raise ConfigError(f"unknown attacker {name!r}: choose from {', '.join(ATTACKERS)}.")
+    return ATTACKERS[name]
+
+
+def train_substitute(
+    name: str,
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    unlabeled: np.ndarray,
+    options: AttackOptions = AttackOptions(),
+    seed: int,
+    num_classes: int = 10,
+    levels: int = 256,
+) -> Substitute:
+    """Run attacker ``name`` (see :data:`ATTACKERS`) on bought ``(images, labels)`` and the ``unlabeled`` rest."""
+    if len(images) == 0 or len(images) != len(labels):
+        raise ConfigError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}.")
+    return get_attacker(name).fn(
+        images=images,
+        labels=np.asarray(labels, dtype=np.int64),
+        unlabeled=unlabeled,
+        options=options,
+        seed=seed,
+        num_classes=num_classes,
+        levels=levels,
+    )
+
+
+@attacker("basic", assumes="bought labels only")
+def basic(
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    unlabeled: np.ndarray,
+    options: AttackOptions,
+    seed: int,
+    num_classes: int,
+    levels: int,
+) -> Substitute:
+    """Fixed 300 Adam steps on the bought set, no augmentation (the weak reference)."""
+    config = TrainConfig(arch=options.arch, steps=options.basic_steps, batch_size=options.batch_size, lr=1e-3)
+    model = train_classifier(images, labels, config=config, seed=seed, num_classes=num_classes, levels=levels)
+    return Substitute(model, {"steps": options.basic_steps})
+
+
+@attacker("augmented", assumes="bought labels; the task's image geometry (label-preserving shifts)")
+def augmented(
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    unlabeled: np.ndarray,
+    options: AttackOptions,
+    seed: int,
+    num_classes: int,
+    levels: int,
+) -> Substitute:
+    """Augmentation, cosine schedule, length scaling with the bought set, early stopping on a held-out part."""
+    state = _Fit.start(images, labels, options=options, seed=seed, num_classes=num_classes, levels=levels)
+    info = state.train(steps=options.supervised_steps(len(images)), pseudo=None)
+    return Substitute(state.model.eval(), {"supervised": info})
+
+
+@attacker(
+    "semi_supervised",
+    assumes="bought labels; the unlabeled pool (its other images); the task's image geometry",
+)
+def semi_supervised(
+    *,
+    images: np.ndarray,
+    labels: np.ndarray,
+    unlabeled: np.ndarray,
+    options: AttackOptions,
+    seed: int,
+    num_classes: int,
+    levels: int,
+) -> Substitute:
+    """``augmented``, then self-training rounds on confident pseudo-labels of the unlabeled pool (FixMatch-style)."""
+    state = _Fit.start(images, labels, options=options, seed=seed, num_classes=num_classes, levels=levels)
+    info: dict = {"supervised": state.train(steps=options.supervised_steps(len(images)), pseudo=None), "rounds": []}
+    pool_x = images_to_tensor(unlabeled, levels=levels)
+    for r in range(options.rounds if len(pool_x) else 0):
+        probs = torch.softmax(_logits(state.model, pool_x), dim=1)
+        for _ in range(options.tta):
+            view = random_affine(pool_x, options=options.augment, generator=state.generator)
+            probs += torch.softmax(_logits(state.model, view), dim=1)
+        probs /= 1 + options.tta
+        confidence, guess = probs.max(dim=1)
+        keep = confidence >= options.threshold
+        if not bool(keep.any()):
+            break
+        if options.fresh_student:
+            state.model = build_model(
+                options.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed + r + 1
+            )
+        round_info = state.train(steps=options.round_steps, pseudo=(pool_x[keep], guess[keep]))
+        round_info["pseudo_labels"] = int(keep.sum())
+        info["rounds"].append(round_info)
+    return Substitute(state.model.eval(), info)
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+@dataclass
+class _Fit:
+    """One substitute under training: its data split, generator, and best state so far."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    options: AttackOptions
+    generator: torch.Generator
+
+    @classmethod
+    def start(
+        cls,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        options: AttackOptions,
+        seed: int,
+        num_classes: int,
+        levels: int,
+    ) -> _Fit:
+        model = build_model(options.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed)
+        x = images_to_tensor(images, levels=levels)
+        y = torch.as_tensor(labels, dtype=torch.long)
+        n_val = round(options.holdout * len(x)) if len(x) >= 10 else 0
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
+        val, train = order[:n_val], order[n_val:]
+        generator = torch.Generator().manual_seed(int(seed))
+        return cls(model, x[train], y[train], x[val], y[val], options, generator)
+
+    def train(self, *, steps: int, pseudo: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+        """Adam with a cosine schedule for up to ``steps`` steps; keeps the state with the lowest
+        held-out loss (evaluated every ``eval_every`` steps) and stops after ``patience`` evaluations
+        without improvement, once half the steps are done. Each step: a batch of augmented bought
+        images, plus up to ``batch_size`` augmented pseudo-labelled pool images when ``pseudo`` is given."""
+        o = self.options
+        opt = torch.optim.Adam(self.model.parameters(), lr=o.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+        batch = min(o.batch_size, len(self.x))
+        # The state at the start (untrained, or the teacher's) never wins: a 5-image held-out part
+        # must not send a trained model back to its initialisation. No stop before half the steps.
+        best_loss, best_state, best_step, waited, step = float("inf"), None, 0, 0, 0
+        for step in range(1, steps + 1):
+            self.model.train()
+            idx = torch.randint(len(self.x), (batch,), generator=self.generator)
+            xb, yb = self.x[idx], self.y[idx]
+            if pseudo is not None:
+                # As many pseudo-labelled images as labelled ones at most: a few confident pool images
+                # must not outweigh the bought labels.
+                pidx = torch.randint(len(pseudo[0]), (min(o.batch_size, len(pseudo[0])),), generator=self.generator)
+                xb, yb = torch.cat([xb, pseudo[0][pidx]]), torch.cat([yb, pseudo[1][pidx]])
+            xb = random_affine(xb, options=o.augment, generator=self.generator)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(xb), yb).backward()
+            opt.step()
+            sched.step()
+            if len(self.val_x) and (step % o.eval_every == 0 or step == steps):
+                loss = self._val_loss()
+                if loss < best_loss:
+                    best_loss, best_state, best_step, waited = loss, copy.deepcopy(self.model.state_dict()), step, 0
+                else:
+                    waited += 1
+                    if waited >= o.patience and step >= steps // 2:
+                        break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        else:
+            best_step = step
+        self.model.eval()
+        return {"steps_run": step, "best_step": best_step, "holdout": len(self.val_x), "holdout_loss": best_loss}
+
+    def _val_loss(self) -> float:
+        if not len(self.val_x):
+            return float("inf")
+        with torch.no_grad():
+            return float(F.cross_entropy(_logits(self.model, self.val_x), self.val_y))
+
+
+def _logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[s : s + batch_size]) for s in range(0, len(x), batch_size)])
