@@ -180,6 +180,35 @@ def run_phase(phase: str, args: argparse.Namespace, data_path: Path, store: Path
     return record
 
 
+def tile_progress(workdir: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """While (or if) no ``full`` phase finished: tiles committed so far, their rate, the projection."""
+    from obliviate.reduction.tiling import TilePlan
+
+    tiles = sorted((workdir / "store").glob("mi-tiles/*/r*-c*.npy.sha256")) or sorted(
+        (workdir / "store").glob("mi-tiles/*/r*-c*.npy")
+    )
+    plan_files = sorted((workdir / "store").glob("mi-tiles/*/plan.json*"))
+    if not tiles:
+        return None
+    plan = TilePlan(n=args.n, tile_size=args.tile_size)
+    started = min(f.stat().st_mtime for f in plan_files) if plan_files else min(f.stat().st_mtime for f in tiles)
+    last = max(f.stat().st_mtime for f in tiles)
+    folder = tiles[0].parent
+    done_pairs = sum(t.pairs for t in plan.tiles() if (folder / t.name).exists())
+    elapsed = last - started
+    rate = done_pairs / elapsed if elapsed > 0 else None
+    return {
+        "tiles_committed": len(tiles),
+        "tiles_total": plan.num_tiles,
+        "pairs_done": done_pairs,
+        "pairs_total": plan.pairs,
+        "seconds_since_plan_written": round(elapsed, 1),
+        "pairs_per_second": None if rate is None else round(rate),
+        "projected_tile_stage_seconds": None if not rate else round(plan.pairs / rate, 1),
+        "note": "tiles are done largest first, so the remaining ones are no larger than those done",
+    }
+
+
 def compose(args: argparse.Namespace) -> dict[str, Any]:
     """``reduce_60k.json`` from the phase records present."""
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(PARTS.glob("*.json"))}
@@ -227,8 +256,13 @@ def compose(args: argparse.Namespace) -> dict[str, Any]:
             "peer": None,
         },
     ]
+    progress = None if full is not None else tile_progress(Path(args.store), args)
+    if progress is not None:
+        headline[0]["value"] = None
+        headline[0]["metric"] += " (not finished: see tile_progress for the projection)"
     return {
         "headline": headline,
+        "tile_progress": progress,
         "config": {
             "n": args.n,
             "k": args.k,

@@ -4,11 +4,18 @@ Stages:
 
 1. plan the upper-triangle tiles of the MI matrix; tiles already committed for the same
    (dataset fingerprint, bins, normalisation, tile size) are reused, the rest are fanned out
-   over a pool of :class:`actors.reduction.MITileWorker` actors sized to the cluster;
+   over warm :class:`actors.reduction.ReductionWorker` actors (:class:`WorkerPool`, one pool
+   for every stage and run of this process), which read the images prepared once here from
+   Ray's object store, zero-copy, and commit each tile to storage;
 2. restarts (every start vertex, or a seeded sample) are split into chunks and fanned out over
-   a pool of :class:`actors.reduction.RestartWorker` actors;
+   the same workers: when the matrix fits, it is assembled once here (computed tiles arrive
+   through the object store, reused ones from storage) and put once, and every worker reads it
+   zero-copy; otherwise each worker streams single rows from the stored tiles;
 3. the best (lowest H, then lowest start) subset is written with H and every restart's summary,
    published by a manifest written last, and shown as a Prefect table artifact.
+
+The summary's ``stages`` give the seconds of each part (scheduling, actor start, data
+preparation, object-store transfer, compute and storage write per worker, stage wall times).
 
 The starts and the tie-break are those of :func:`obliviate.reduction.drmi.drmi_reduce`, and the stored
 tiles reassemble exactly the floats of :func:`obliviate.reduction.mi.mi_matrix`, so the result equals the
@@ -91,51 +98,58 @@ class WorkerSlots:
 class WorkerPool:
     """Warm :class:`actors.reduction.ReductionWorker` actors, kept for the Ray runtime's life.
 
-    One pool serves both stages of a run and every later run in the same process with the same
-    ``(size, threads)``: the worker processes start, import and load their compiled kernels once.
-    Use :meth:`get`; :func:`release_pools` stops them.
+    One pool per thread count serves both stages of a run and every later run in the same
+    process: the worker processes start, import and load their compiled kernels once. A run
+    that asks for more workers than the pool holds grows it; one that asks for fewer uses the
+    first ones. Use :meth:`get`; :func:`release_pools` stops them.
     """
 
-    _pools: ClassVar[dict[tuple[str, int, int], WorkerPool]] = {}
+    _pools: ClassVar[dict[tuple[str, int], WorkerPool]] = {}
 
-    def __init__(self, size: int, threads: int) -> None:
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.actors: list[Any] = []
+
+    def grow(self, size: int) -> None:
         import ray
 
         remote_cls = ray.remote(ReductionWorker)
-        t0 = time.perf_counter()
-        self.size = size
-        self.threads = threads
         # No CPUs of their own (the run's WorkerSlots reserve them); SPREAD over the nodes.
-        self.actors = [
-            remote_cls.options(num_cpus=0, scheduling_strategy="SPREAD").remote(threads=threads) for _ in range(size)
+        fresh = [
+            remote_cls.options(num_cpus=0, scheduling_strategy="SPREAD").remote(threads=self.threads)
+            for _ in range(size - len(self.actors))
         ]
-        ray.get([a.ready.remote() for a in self.actors])
-        self.start_seconds = time.perf_counter() - t0
+        ray.get([a.ready.remote() for a in fresh])
+        self.actors.extend(fresh)
 
     @classmethod
-    def get(cls, size: int, threads: int) -> tuple[WorkerPool, bool]:
-        """The warm pool of ``size`` workers x ``threads``, started if needed; and whether it was warm."""
+    def get(cls, size: int, threads: int) -> tuple[list[Any], bool]:
+        """``size`` warm workers of ``threads`` threads, started if needed; and whether all were warm."""
         import ray
 
-        key = (ray.get_runtime_context().get_job_id(), size, threads)
+        key = (ray.get_runtime_context().get_job_id(), threads)
         pool = cls._pools.get(key)
         if pool is not None:
             try:
                 ray.get([a.ready.remote() for a in pool.actors], timeout=60)
-                return pool, True
             except Exception:  # noqa: BLE001 - a dead worker: start a fresh pool
                 pool.close()
-        release_pools()
-        pool = cls(size, threads)
-        cls._pools[key] = pool
-        return pool, False
+                pool = None
+        if pool is None:
+            pool = cls._pools[key] = cls(threads)
+        warm = len(pool.actors) >= size
+        if not warm:
+            pool.grow(size)
+        return pool.actors[:size], warm
 
     def close(self) -> None:
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
-        self._pools.pop(next((k for k, v in self._pools.items() if v is self), ("", 0, 0)), None)
+        self.actors = []
+        for key in [k for k, v in self._pools.items() if v is self]:
+            del self._pools[key]
 
 
 def release_pools() -> None:
@@ -197,7 +211,7 @@ def compute_tiles(
     *,
     normalize: bool,
     write_meta: dict[str, Any] | None,
-    pool: WorkerPool,
+    actors: list[Any],
     dense: np.ndarray | None,
 ) -> dict[str, Any]:
     """Fan the missing tiles out over the warm pool; each worker commits its tile to storage.
@@ -214,7 +228,7 @@ def compute_tiles(
         report("tiles", 0, 0)
         return {"computed": 0, "seconds": 0.0, "compute_seconds": 0.0, "write_seconds": 0.0, "transfer_seconds": 0.0}
     images_ref = ray.put(prepared)
-    ray.get([a.use_images.remote(images_key, images_ref) for a in pool.actors])
+    ray.get([a.use_images.remote(images_key, images_ref) for a in actors])
     transfer = time.perf_counter() - t0
     write_seconds = 0.0
     if write_meta is not None:
@@ -235,7 +249,7 @@ def compute_tiles(
         )
 
     place_seconds = 0.0
-    for done, outcome in enumerate(fan_out(pool.actors, call, ordered), start=1):
+    for done, outcome in enumerate(fan_out(actors, call, ordered), start=1):
         compute_seconds += outcome["compute_seconds"]
         write_seconds += outcome["write_seconds"]
         if dense is not None:
@@ -263,7 +277,7 @@ def prepared_diagonal(prepared: PreparedImages, *, normalize: bool) -> np.ndarra
 
 @task(name="run-restarts", cache_policy=NO_CACHE)
 def run_restart_stage(
-    pool: WorkerPool,
+    actors: list[Any],
     matrix_key: str,
     dense: np.ndarray | None,
     starts: np.ndarray,
@@ -287,12 +301,12 @@ def run_restart_stage(
     held = ray.get(
         [
             a.use_matrix.remote(matrix_key, matrix_ref, store=store, prefix=prefix, memory_bytes=memory_bytes)
-            for a in pool.actors
+            for a in actors
         ]
     )
     del matrix_ref  # the workers hold it now; it leaves the object store when they release it
     transfer = time.perf_counter() - t0
-    chunks = [c.tolist() for c in np.array_split(starts, len(pool.actors) * CHUNKS_PER_WORKER) if c.size]
+    chunks = [c.tolist() for c in np.array_split(starts, len(actors) * CHUNKS_PER_WORKER) if c.size]
     outcomes: list[dict[str, Any]] = []
     done = 0
 
@@ -300,7 +314,7 @@ def run_restart_stage(
         return actor.run.remote(chunk, key=matrix_key, k=k, aggregate=aggregate)
 
     try:
-        for outcome in fan_out(pool.actors, call, chunks):
+        for outcome in fan_out(actors, call, chunks):
             outcomes.append(outcome)
             done += len(outcome["restarts"])
             report("restarts", done, len(starts))
@@ -308,7 +322,7 @@ def run_restart_stage(
                 "restarts %d/%d done (%s rows, %.1f s)", done, len(starts), outcome["mode"], time.perf_counter() - t0
             )
     finally:
-        ray.get([a.release.remote() for a in pool.actors])
+        ray.get([a.release.remote() for a in actors])
     best = min(outcomes, key=lambda o: (o["best_h"], o["best_start"]))
     by_start = {r["start"]: r for o in outcomes for r in o["restarts"]}
     return {
@@ -317,7 +331,7 @@ def run_restart_stage(
         "subset": best["best_subset"],
         "restarts": [by_start[int(s)] for s in starts],
         "mode": held[0]["mode"],
-        "workers": len(pool.actors),
+        "workers": len(actors),
         "seconds": time.perf_counter() - t0,
         "transfer_seconds": transfer,
         "compute_seconds": sum(o["seconds"] for o in outcomes),
@@ -425,7 +439,7 @@ def reduce_flow(
     scheduling = time.perf_counter() - t_sched
     try:
         t_pool = time.perf_counter()
-        pool, warm = WorkerPool.get(pool_size, threads_per_worker)
+        actors, warm = WorkerPool.get(pool_size, threads_per_worker)
         actor_start = time.perf_counter() - t_pool
         t_prep = time.perf_counter()
         meta = None if has_meta else {"fingerprint": dataset.fingerprint, "bins": bins, "normalize": normalize}
@@ -442,7 +456,7 @@ def reduce_flow(
             missing,
             normalize=normalize,
             write_meta=meta,
-            pool=pool,
+            actors=actors,
             dense=dense,
         )
         stages: dict[str, float] = {
@@ -482,7 +496,7 @@ def reduce_flow(
             np.fill_diagonal(dense, stored.diagonal())
         stages["storage_read"] = time.perf_counter() - t_read
         restarts = run_restart_stage(
-            pool,
+            actors,
             f"{prefix}#{uuid.uuid4().hex[:12]}",
             dense,
             start_vertices,
