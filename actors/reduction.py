@@ -8,7 +8,8 @@ What a worker needs arrives once through Ray's object store, read zero-copy:
 
 * the prepared images (:class:`obliviate.reduction.mi.PreparedImages`, prepared once by the
   flow) for the tile stage, kept until another dataset comes;
-* the whole MI matrix, put once by the flow when it fits, for the restart stage; otherwise the
+* the whole MI matrix, put once by the flow when it fits, for the restart stage (copied once
+  into the worker's own memory, see :meth:`ReductionWorker.use_matrix`); otherwise the
   worker streams single rows from the stored tiles through a row cache
   (:class:`storage.tiles.TiledRows`).
 
@@ -49,11 +50,8 @@ class ReductionWorker:
         self._prepared: PreparedImages | None = None
         self._matrix_key: str | None = None
         self._matrix: np.ndarray | TiledRows | None = None
-        # Load the compiled restart kernels now (numba's on-disk cache) for both a writable and a
-        # read-only (zero-copy from the object store) matrix, rather than on the first real call.
+        # Load the compiled restart kernels now (numba's on-disk cache), not on the first real call.
         warm = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]], dtype=np.float32)
-        run_restarts(warm, k=2, starts=np.array([0]))
-        warm.flags.writeable = False
         run_restarts(warm, k=2, starts=np.array([0]))
         self._start_seconds = time.perf_counter() - t0
 
@@ -137,7 +135,13 @@ class ReductionWorker:
         prefix: str,
         memory_bytes: int,
     ) -> dict[str, Any]:
-        """Hold the MI matrix of ``key``: ``matrix`` (dense, zero-copy) or rows streamed from ``prefix``.
+        """Hold the MI matrix of ``key``: ``matrix`` (dense) or rows streamed from ``prefix``.
+
+        A dense matrix arrives zero-copy from Ray's object store and is copied once into this
+        process's own memory: the object store is shared memory in 4 KiB pages, while numpy asks
+        the kernel for transparent huge pages, and restarts, which walk rows of the whole matrix,
+        run 1.4-1.7x slower on the shared pages (measured here; ``docs/scaling.md``). The copy
+        costs about 0.1 s per 100 MB, once per run.
 
         Returns:
             the mode (``"dense"`` or ``"streaming"``) and the seconds spent.
@@ -145,7 +149,11 @@ class ReductionWorker:
         t0 = time.perf_counter()
         if self._matrix_key != key:
             self._matrix = None  # drop the previous one before taking the next
-            self._matrix = matrix if matrix is not None else TiledRows(store, prefix, cache_bytes=memory_bytes)
+            self._matrix = (
+                np.array(matrix, dtype=np.float32, order="C", copy=True)
+                if matrix is not None
+                else TiledRows(store, prefix, cache_bytes=memory_bytes)
+            )
             self._matrix_key = key
         return {"mode": self._mode(), "seconds": time.perf_counter() - t0}
 

@@ -158,6 +158,13 @@ def measure_service_vs_inprocess(root: Path, api_url: str, repeats: int, options
                     measured["served_worker_s"] = run_audit["wall_seconds"]
                     measured["served_accuracy"] = run_audit.get("heldout_accuracy")
             measured["load_after"] = os.getloadavg()
+            to_worker = measured["event_to_worker_start_s"] or 0.0
+            measured["breakdown_s"] = {
+                "scheduling: request to flow claim": measured["event_to_unlearning_start_s"],
+                "scheduling + actor dispatch: request to worker start": to_worker,
+                "worker: data, retraining, checkpoint writes, publish": measured["served_worker_s"],
+                "after the worker: ledger done": measured["end_to_end_s"] - to_worker - measured["served_worker_s"],
+            }
             measured["ratio"] = measured["end_to_end_s"] / measured["inprocess_s"]
             measured["worker_ratio"] = measured["served_worker_s"] / measured["inprocess_s"]
             samples.append(measured)

@@ -10,7 +10,8 @@ Stages:
 2. restarts (every start vertex, or a seeded sample) are split into chunks and fanned out over
    the same workers: when the matrix fits, it is assembled once here (computed tiles arrive
    through the object store, reused ones from storage) and put once, and every worker reads it
-   zero-copy; otherwise each worker streams single rows from the stored tiles;
+   zero-copy, copying it once into its own memory (huge pages: restarts run faster there);
+   otherwise each worker streams single rows from the stored tiles;
 3. the best (lowest H, then lowest start) subset is written with H and every restart's summary,
    published by a manifest written last, and shown as a Prefect table artifact.
 
