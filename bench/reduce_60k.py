@@ -82,8 +82,9 @@ def _children() -> dict[int, int]:
 class PeakRss:
     """Polls ``VmHWM`` (the kernel's peak resident set) of this process and all its descendants."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, *, root: int | None = None) -> None:
         self._interval = interval
+        self._root = root or os.getpid()
         self._stop = threading.Event()
         self.peaks: dict[int, dict[str, Any]] = {}
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -103,7 +104,7 @@ class PeakRss:
 
     def _sample(self) -> None:
         parents = _children()
-        ours = {os.getpid()}
+        ours = {self._root}
         changed = True
         while changed:
             changed = False
@@ -257,6 +258,10 @@ def compose(args: argparse.Namespace) -> dict[str, Any]:
         },
     ]
     progress = None if full is not None else tile_progress(Path(args.store), args)
+    if progress is not None and args.watch_pid:
+        running = PeakRss(root=args.watch_pid)
+        running._sample()
+        progress["running_phase_peak_rss_so_far"] = running.summary()
     if progress is not None:
         headline[0]["value"] = None
         headline[0]["metric"] += " (not finished: see tile_progress for the projection)"
@@ -299,6 +304,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tile-size", type=int, default=2048)
     parser.add_argument("--store", default="/tmp/obliviate-reduce-60k")
+    parser.add_argument(
+        "--watch-pid", type=int, default=None, help="compose: also read the peak RSS of a running phase"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "reduce_60k.json"))
     args = parser.parse_args()
 
