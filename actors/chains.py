@@ -49,9 +49,14 @@ class ChainWorker:
     Args:
         store_url: the store (``file://...`` or ``s3://...``; S3 endpoint from the environment).
         retry_deadline_s: how long storage outages are retried before the call fails.
+        threads: torch threads of this worker's process: 1 (the default), so W pooled workers
+            use W cores and never oversubscribe them, whatever ``OMP_NUM_THREADS`` says.
     """
 
-    def __init__(self, store_url: str, *, retry_deadline_s: float = 300.0) -> None:
+    def __init__(self, store_url: str, *, retry_deadline_s: float = 300.0, threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
         self.registry = RunRegistry(ObjectStore(store_url))
         self.retry_policy = RetryPolicy(deadline_s=retry_deadline_s)
         self.storage_retries = 0

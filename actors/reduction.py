@@ -1,11 +1,25 @@
-"""Actors of the distributed reduction (SPEC sections 1-2): tiles of the MI matrix, and restarts.
+"""The actor of the distributed reduction (SPEC sections 1-2): tiles of the MI matrix, and restarts.
 
-Plain classes; the flow makes them remote with ``ray.remote(Cls)`` and sizes the pool.
-Each method is one call into :mod:`obliviate` plus storage I/O.
+A plain class; :mod:`flows.reduce` makes it remote with ``ray.remote(ReductionWorker)`` and keeps
+a warm pool of them for the life of the Ray runtime, so one worker process serves the tile stage,
+then the restart stage, then the next flow run, without starting or importing anything again.
+
+What a worker needs arrives once through Ray's object store, read zero-copy:
+
+* the prepared images (:class:`obliviate.reduction.mi.PreparedImages`, prepared once by the
+  flow) for the tile stage, kept until another dataset comes;
+* the whole MI matrix, put once by the flow when it fits, for the restart stage (copied once
+  into the worker's own memory, see :meth:`ReductionWorker.use_matrix`); otherwise the
+  worker streams single rows from the stored tiles through a row cache
+  (:class:`storage.tiles.TiledRows`).
+
+Each method is one call into :mod:`obliviate` plus storage I/O, and returns its own timings
+(compute, storage write, load) so the flow can report where the time went.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -13,131 +27,159 @@ import numba
 import numpy as np
 
 from obliviate.reduction.drmi import Aggregate, run_restarts
-from obliviate.reduction.mi import mi_tile, prepare_images
+from obliviate.reduction.mi import PreparedImages, mi_tile
 from obliviate.reduction.tiling import TileSpec
 from storage.objects import ObjectStore
-from storage.tiles import TiledMatrix, tile_key
+from storage.tiles import TiledRows, tile_key
 
 
-class MITileWorker:
-    """Prepares the images once, then computes tiles and commits each to storage.
+class ReductionWorker:
+    """One warm worker of both reduction stages.
 
     Args:
-        images: ``(n, H, W)`` or ``(n, P)`` uint8 gray levels.
-        levels: gray levels of the source.
-        bins: code levels MI counts (SPEC default 256).
-        store: where tiles go.
-        prefix: the matrix folder (:func:`storage.tiles.matrix_prefix`).
-        normalize: normalised MI (SPEC section 1 switch).
-        threads: numba threads for this worker (1 when one worker runs per CPU).
+        threads: numba threads (and torch threads, should torch be loaded) for this worker; 1
+            when one worker runs per CPU, so W workers use W cores and never oversubscribe.
     """
 
-    def __init__(
+    def __init__(self, *, threads: int = 1) -> None:
+        t0 = time.perf_counter()
+        numba.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        self._threads = threads
+        self._images_key: str | None = None
+        self._prepared: PreparedImages | None = None
+        self._matrix_key: str | None = None
+        self._matrix: np.ndarray | TiledRows | None = None
+        # Load the compiled restart kernels now (numba's on-disk cache), not on the first real call.
+        warm = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]], dtype=np.float32)
+        run_restarts(warm, k=2, starts=np.array([0]))
+        self._start_seconds = time.perf_counter() - t0
+
+    def ready(self) -> dict[str, Any]:
+        """Returns once the worker process is up, imported and warm."""
+        return {"pid": os.getpid(), "init_seconds": self._start_seconds}
+
+    # ----- tile stage ------------------------------------------------------------------------
+
+    def use_images(self, key: str, prepared: PreparedImages) -> float:
+        """Hold ``prepared`` (zero-copy from the object store) as the images of dataset ``key``.
+
+        Returns:
+            seconds spent (0 when this worker already holds ``key``).
+        """
+        t0 = time.perf_counter()
+        if self._images_key != key:
+            self._prepared = prepared
+            self._images_key = key
+        return time.perf_counter() - t0
+
+    def diagonal(self, *, normalize: bool) -> np.ndarray:
+        """``I[x][x]``: the image entropies, or ones when normalised (as :func:`obliviate.reduction.mi.mi_matrix`)."""
+        prepared = self._images()
+        if normalize:
+            return np.ones(prepared.n, dtype=np.float32)
+        return prepared.entropy.astype(np.float32)
+
+    def compute(
         self,
-        images: np.ndarray,
+        tile: TileSpec,
+        *,
+        key: str,
         store: ObjectStore,
         prefix: str,
-        *,
-        levels: int,
-        bins: int,
         normalize: bool,
-        threads: int = 1,
-    ) -> None:
-        numba.set_num_threads(threads)
-        self._prepared = prepare_images(images, levels=levels, bins=bins)
-        self._store = store
-        self._prefix = prefix
-        self._normalize = normalize
+        return_values: bool,
+    ) -> dict[str, Any]:
+        """Compute one tile and commit it; returns its key, checksum, size and timings.
 
-    def diagonal(self) -> np.ndarray:
-        """``I[x][x]``: the image entropies, or ones when normalised (as :func:`obliviate.reduction.mi.mi_matrix`)."""
-        if self._normalize:
-            return np.ones(self._prepared.n, dtype=np.float32)
-        return self._prepared.entropy.astype(np.float32)
-
-    def compute(self, tile: TileSpec) -> dict[str, Any]:
-        """Compute one tile and commit it; returns its key, checksum, size and compute seconds."""
+        With ``return_values`` the tile's floats come back too (through the object store), for
+        a flow that assembles the whole matrix in memory.
+        """
+        prepared = self._images(key)
         t0 = time.perf_counter()
         values = mi_tile(
-            self._prepared,
+            prepared,
             rows=np.arange(tile.row_start, tile.row_stop),
             cols=np.arange(tile.col_start, tile.col_stop),
-            normalize=self._normalize,
+            normalize=normalize,
             upper_only=tile.diagonal,
         )
-        seconds = time.perf_counter() - t0
-        info = self._store.put_array(tile_key(self._prefix, tile), values)
+        t1 = time.perf_counter()
+        info = store.put_array(tile_key(prefix, tile), values)
+        t2 = time.perf_counter()
         return {
+            "tile": tile,
             "key": info.key,
             "sha256": info.sha256,
             "bytes": info.size,
-            "compute_seconds": seconds,
-            "total_seconds": time.perf_counter() - t0,
+            "compute_seconds": t1 - t0,
+            "write_seconds": t2 - t1,
+            "values": values if return_values else None,
         }
 
+    def _images(self, key: str | None = None) -> PreparedImages:
+        if self._prepared is None or (key is not None and key != self._images_key):
+            raise RuntimeError(
+                f"worker holds images {self._images_key!r}, asked for {key!r}: call use_images first (a flow bug)."
+            )
+        return self._prepared
 
-class RestartWorker:
-    """Runs greedy + replacement restarts over a stored tiled matrix.
+    # ----- restart stage ---------------------------------------------------------------------
 
-    When the whole matrix fits ``memory_bytes`` it is assembled once and restarts run on the
-    dense in-memory path; otherwise rows are streamed through a row-band cache of that size
-    (O(n k) with the default budget). Both paths return the same floats (SPEC section 2
-    invariant, checked by the tests).
+    def use_matrix(
+        self,
+        key: str,
+        matrix: np.ndarray | None,
+        *,
+        store: ObjectStore,
+        prefix: str,
+        memory_bytes: int,
+    ) -> dict[str, Any]:
+        """Hold the MI matrix of ``key``: ``matrix`` (dense) or rows streamed from ``prefix``.
 
-    Args:
-        store: where the tiles are.
-        prefix: the matrix folder.
-        memory_bytes: the most bytes of matrix this worker may hold.
-        threads: numba threads for this worker.
-    """
+        A dense matrix arrives zero-copy from Ray's object store and is copied once into this
+        process's own memory: the object store is shared memory in 4 KiB pages, while numpy asks
+        the kernel for transparent huge pages, and restarts, which walk rows of the whole matrix,
+        run 1.4-1.7x slower on the shared pages (measured here; ``docs/scaling.md``). The copy
+        costs about 0.1 s per 100 MB, once per run.
 
-    def __init__(self, store: ObjectStore, prefix: str, *, memory_bytes: int, threads: int = 1) -> None:
-        numba.set_num_threads(threads)
-        # Opened on first use: the worker may be started while the tiles are still being computed.
-        self._store = store
-        self._prefix = prefix
-        self._memory_bytes = memory_bytes
-        self._rows_cache: TiledMatrix | None = None
-        self._dense: np.ndarray | None = None
-        # Load the compiled restart kernels now (numba's on-disk cache), while the worker waits
-        # for the tile stage, rather than on the first real call.
-        warm = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]], dtype=np.float32)
-        run_restarts(warm, k=2, starts=np.array([0]))
-
-    @property
-    def _rows(self) -> TiledMatrix:
-        if self._rows_cache is None:
-            self._rows_cache = TiledMatrix(self._store, self._prefix, cache_bytes=self._memory_bytes)
-        return self._rows_cache
-
-    @property
-    def mode(self) -> str:
-        """``"dense"`` when the whole matrix fits the budget, else ``"streaming"`` row bands."""
-        return "dense" if self._rows.plan.dense_bytes <= self._memory_bytes else "streaming"
-
-    def ready(self) -> bool:
-        """A no-op call: returns once the worker process is up and imported."""
-        return True
-
-    def run(self, starts: list[int], *, k: int, aggregate: str = Aggregate.SUM.value) -> dict[str, Any]:
-        """Restarts from ``starts``; returns per-restart summaries and the best (H, subset)."""
+        Returns:
+            the mode (``"dense"`` or ``"streaming"``) and the seconds spent.
+        """
         t0 = time.perf_counter()
-        if self.mode == "dense":
-            if self._dense is None:
-                self._dense = self._rows.dense()
-            source: Any = self._dense
-        else:
-            source = self._rows
-        load_seconds = time.perf_counter() - t0
-        records = run_restarts(source, k=k, starts=np.asarray(starts, dtype=np.int64), aggregate=aggregate)
+        if self._matrix_key != key:
+            self._matrix = None  # drop the previous one before taking the next
+            self._matrix = (
+                np.array(matrix, dtype=np.float32, order="C", copy=True)
+                if matrix is not None
+                else TiledRows(store, prefix, cache_bytes=memory_bytes)
+            )
+            self._matrix_key = key
+        return {"mode": self._mode(), "seconds": time.perf_counter() - t0}
+
+    def _mode(self) -> str:
+        return "dense" if isinstance(self._matrix, np.ndarray) else "streaming"
+
+    def run(self, starts: list[int], *, key: str, k: int, aggregate: str = Aggregate.SUM.value) -> dict[str, Any]:
+        """Restarts from ``starts``; returns per-restart summaries and the best (H, subset)."""
+        if self._matrix is None or key != self._matrix_key:
+            raise RuntimeError(f"worker holds matrix {self._matrix_key!r}, asked for {key!r}: call use_matrix first.")
+        t0 = time.perf_counter()
+        tiles_before = self._matrix.tiles_read if isinstance(self._matrix, TiledRows) else 0
+        records = run_restarts(self._matrix, k=k, starts=np.asarray(starts, dtype=np.int64), aggregate=aggregate)
         best = min(records, key=lambda r: (r.h, r.start))
+        tiles_read = (self._matrix.tiles_read if isinstance(self._matrix, TiledRows) else 0) - tiles_before
         return {
             "restarts": [{"start": r.start, "h_greedy": r.h_greedy, "h": r.h, "swaps": r.swaps} for r in records],
             "best_start": best.start,
             "best_h": best.h,
             "best_subset": np.sort(best.subset),
-            "mode": self.mode,
-            "tiles_read": self._rows.tiles_read,
-            "load_seconds": load_seconds,
+            "mode": self._mode(),
+            "tiles_read": tiles_read,
             "seconds": time.perf_counter() - t0,
         }
+
+    def release(self) -> None:
+        """Drop the held matrix (the images stay: the next flow run is likely on the same data)."""
+        self._matrix = None
+        self._matrix_key = None

@@ -12,6 +12,13 @@ subprocess, deletion requests through the ledger and a Prefect event):
   stores with identical runs, ids in block 1 so every block is retrained), efficiency =
   T(1 worker) / (2 x T(2 workers)) (target >= 85 %), on a warm worker pool (as under ``serve``
   after its first deletion).
+* one exact unlearning through the service vs the same unlearning in-process (issue 14): two
+  copies of one trained store; per repeat, the same ids (in block 1, so every block is
+  retrained) are forgotten in one copy by ``ChainWorker.unlearn`` in this process and in the
+  other through the service (request, event, ``unlearn`` flow, warm Ray worker, ledger
+  ``done``), the two interleaved with the order alternating; ratio = service end to end /
+  in-process wall, median over repeats (after one warm-up deletion each, so both sides have
+  their data loaded); the new versions' held-out accuracies must be equal.
 
 Usage: ``nice -n 10 python bench/service_latency.py [--repeats 3]``.
 """
@@ -121,6 +128,57 @@ def measure_fanout(root: Path, workers: int, options: dict, tag: str) -> dict:
     }
 
 
+def measure_service_vs_inprocess(root: Path, api_url: str, repeats: int, options: dict) -> dict:
+    import shutil
+
+    served_url, local_url = f"file://{root}/compare-served", f"file://{root}/compare-local"
+    _train(served_url, "cmp", split_seed=0, options=options)
+    shutil.copytree(root / "compare-served", root / "compare-local")
+    block_one = sorted(RunRegistry(ObjectStore(served_url)).entry("cmp")["block_sample_ids"][0])
+    local = ChainWorker(local_url)
+    samples = []
+    with serving(served_url, api_url=api_url):
+        time.sleep(3)
+        for repeat in range(repeats + 1):
+            ids = [int(i) for i in block_one[2 * repeat : 2 * repeat + 2]]
+            request_id = f"cmp-{repeat}"
+            measured: dict = {"repeat": repeat, "ids": ids, "load_before": os.getloadavg()}
+            for side in ["local", "served"] if repeat % 2 == 0 else ["served", "local"]:
+                if side == "local":
+                    began = time.perf_counter()
+                    audit = local.unlearn("cmp", {request_id: ids})
+                    measured["inprocess_s"] = time.perf_counter() - began
+                    measured["inprocess_accuracy"] = audit.get("heldout_accuracy")
+                else:
+                    request = submit_deletion(served_url, ids, dataset="digits", reason="bench", request_id=request_id)
+                    entry = wait_for_request(served_url, request["request_id"], timeout_s=600)
+                    assert entry["status"] == "done", entry
+                    run_audit = entry["details"]["runs"]["cmp"]
+                    measured.update(request_latencies(served_url, request["request_id"]))
+                    measured["served_worker_s"] = run_audit["wall_seconds"]
+                    measured["served_accuracy"] = run_audit.get("heldout_accuracy")
+            measured["load_after"] = os.getloadavg()
+            to_worker = measured["event_to_worker_start_s"] or 0.0
+            measured["breakdown_s"] = {
+                "scheduling: request to flow claim": measured["event_to_unlearning_start_s"],
+                "scheduling + actor dispatch: request to worker start": to_worker,
+                "worker: data, retraining, checkpoint writes, publish": measured["served_worker_s"],
+                "after the worker: ledger done": measured["end_to_end_s"] - to_worker - measured["served_worker_s"],
+            }
+            measured["ratio"] = measured["end_to_end_s"] / measured["inprocess_s"]
+            measured["worker_ratio"] = measured["served_worker_s"] / measured["inprocess_s"]
+            samples.append(measured)
+    counted = samples[1:]  # the first deletion of each side loads data and warms the worker
+    return {
+        "samples": samples,
+        "ratio_median": statistics.median(s["ratio"] for s in counted),
+        "worker_ratio_median": statistics.median(s["worker_ratio"] for s in counted),
+        "inprocess_median_s": statistics.median(s["inprocess_s"] for s in counted),
+        "served_median_s": statistics.median(s["end_to_end_s"] for s in counted),
+        "identical_accuracy": all(s["inprocess_accuracy"] == s["served_accuracy"] for s in samples),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -141,6 +199,7 @@ def main() -> None:
         fan2 = measure_fanout(root, 2, FANOUT, "small")
         heavy1 = measure_fanout(root, 1, FANOUT_HEAVY, "heavy")
         heavy2 = measure_fanout(root, 2, FANOUT_HEAVY, "heavy")
+        compare = measure_service_vs_inprocess(root, api_url, args.repeats, FANOUT_HEAVY)
     efficiency = fan1["fanout_seconds"] / (2 * fan2["fanout_seconds"])
     heavy_efficiency = heavy1["fanout_seconds"] / (2 * heavy2["fanout_seconds"])
     median = latency["median"]
@@ -186,8 +245,19 @@ def main() -> None:
                 "unit": "fraction",
                 "peer": f"1 worker: {heavy1['fanout_seconds']:.1f} s vs {heavy2['fanout_seconds']:.1f} s on 2",
             },
+            {
+                "metric": "one exact unlearning through the service / the same in-process (heavier run, all blocks)",
+                "value": round(compare["ratio_median"], 3),
+                "target": 1.15,
+                "better": "lower",
+                "unit": "ratio (median of interleaved pairs)",
+                "peer": f"in-process ChainWorker.unlearn {compare['inprocess_median_s']:.1f} s vs "
+                f"request to done {compare['served_median_s']:.1f} s; worker alone "
+                f"{compare['worker_ratio_median']:.2f}x; same accuracy: {compare['identical_accuracy']}",
+            },
         ],
         "latency": latency,
+        "service_vs_inprocess": compare,
         "fanout": {"one_worker": fan1, "two_workers": fan2, "efficiency": efficiency},
         "fanout_heavy": {"one_worker": heavy1, "two_workers": heavy2, "efficiency": heavy_efficiency},
         "config": {

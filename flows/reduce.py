@@ -4,11 +4,19 @@ Stages:
 
 1. plan the upper-triangle tiles of the MI matrix; tiles already committed for the same
    (dataset fingerprint, bins, normalisation, tile size) are reused, the rest are fanned out
-   over a pool of :class:`actors.reduction.MITileWorker` actors sized to the cluster;
+   over warm :class:`actors.reduction.ReductionWorker` actors (:class:`WorkerPool`, one pool
+   for every stage and run of this process), which read the images prepared once here from
+   Ray's object store, zero-copy, and commit each tile to storage;
 2. restarts (every start vertex, or a seeded sample) are split into chunks and fanned out over
-   a pool of :class:`actors.reduction.RestartWorker` actors;
+   the same workers: when the matrix fits, it is assembled once here (computed tiles arrive
+   through the object store, reused ones from storage) and put once, and every worker reads it
+   zero-copy, copying it once into its own memory (huge pages: restarts run faster there);
+   otherwise each worker streams single rows from the stored tiles;
 3. the best (lowest H, then lowest start) subset is written with H and every restart's summary,
    published by a manifest written last, and shown as a Prefect table artifact.
+
+The summary's ``stages`` give the seconds of each part (scheduling, actor start, data
+preparation, object-store transfer, compute and storage write per worker, stage wall times).
 
 The starts and the tie-break are those of :func:`obliviate.reduction.drmi.drmi_reduce`, and the stored
 tiles reassemble exactly the floats of :func:`obliviate.reduction.mi.mi_matrix`, so the result equals the
@@ -20,25 +28,27 @@ Ray must be initialised once beforehand (:func:`flows.runtime.ensure_ray`).
 from __future__ import annotations
 
 import time
-from typing import Any
+import uuid
+from typing import Any, ClassVar
 
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from actors.reduction import MITileWorker, RestartWorker
+from actors.reduction import ReductionWorker
 from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title
 from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.reduction.drmi import Aggregate, choose_starts
+from obliviate.reduction.mi import PreparedImages, prepare_images
 from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.objects import ObjectStore
-from storage.tiles import DIAGONAL, PLAN, matrix_prefix, stored_tiles
+from storage.tiles import DIAGONAL, PLAN, TiledMatrix, matrix_prefix, place_tile, stored_tiles
 
 DEFAULT_TILE_SIZE = 512
 DENSE_RESTART_LIMIT_BYTES = 2 * 1024**3
-CHUNKS_PER_WORKER = 4
+CHUNKS_PER_WORKER = 8
 
 
 def result_key(*, fingerprint: str, bins: int, normalize: bool, k: int, starts: int | None, seed: int) -> str:
@@ -59,9 +69,10 @@ def restart_memory_bytes(plan: TilePlan, *, k: int, limit_mb: float | None) -> i
 class WorkerSlots:
     """``size`` CPU slots of ``threads`` CPUs each, reserved as one Ray placement group.
 
-    Stage actors run in these slots one stage after another: a tile actor holds its slot's CPUs
-    while it computes; the restart actor of the same slot is started early with no CPUs of its
-    own (it idles until the tile actors are gone), so its start-up overlaps the tile stage.
+    The reservation is Ray's accounting for the CPUs a flow run's stages use: it is taken at the
+    start of a run and returned at its end, so other Ray work waits for those CPUs meanwhile
+    instead of oversubscribing them. The warm workers themselves (:class:`WorkerPool`) hold no
+    CPUs between runs.
     """
 
     def __init__(self, size: int, threads: int, *, timeout: float = 120.0) -> None:
@@ -79,16 +90,95 @@ class WorkerSlots:
                 f"(it has {ray.cluster_resources().get('CPU', 0):.0f} CPUs); lower --workers."
             )
 
-    def options(self, slot: int, *, busy: bool) -> dict[str, Any]:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        strategy = PlacementGroupSchedulingStrategy(placement_group=self._group, placement_group_bundle_index=slot)
-        return {"num_cpus": self.threads if busy else 0, "scheduling_strategy": strategy}
-
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
         remove_placement_group(self._group)
+
+
+class WorkerPool:
+    """Warm :class:`actors.reduction.ReductionWorker` actors, kept for the Ray runtime's life.
+
+    One pool per thread count serves both stages of a run and every later run in the same
+    process: the worker processes start, import and load their compiled kernels once. A run
+    that asks for more workers than the pool holds grows it; one that asks for fewer uses the
+    first ones. Use :meth:`get`; :func:`release_pools` stops them.
+    """
+
+    _pools: ClassVar[dict[tuple[str, int], WorkerPool]] = {}
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.actors: list[Any] = []
+
+    def grow(self, size: int) -> None:
+        import ray
+
+        remote_cls = ray.remote(ReductionWorker)
+        # No CPUs of their own (the run's WorkerSlots reserve them); SPREAD over the nodes.
+        fresh = [
+            remote_cls.options(num_cpus=0, scheduling_strategy="SPREAD").remote(threads=self.threads)
+            for _ in range(size - len(self.actors))
+        ]
+        ray.get([a.ready.remote() for a in fresh])
+        self.actors.extend(fresh)
+
+    @classmethod
+    def get(cls, size: int, threads: int) -> tuple[list[Any], bool]:
+        """``size`` warm workers of ``threads`` threads, started if needed; and whether all were warm."""
+        import ray
+
+        key = (ray.get_runtime_context().get_job_id(), threads)
+        pool = cls._pools.get(key)
+        if pool is not None:
+            try:
+                ray.get([a.ready.remote() for a in pool.actors], timeout=60)
+            except Exception:  # noqa: BLE001 - a dead worker: start a fresh pool
+                pool.close()
+                pool = None
+        if pool is None:
+            pool = cls._pools[key] = cls(threads)
+        warm = len(pool.actors) >= size
+        if not warm:
+            pool.grow(size)
+        return pool.actors[:size], warm
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        for key in [k for k, v in self._pools.items() if v is self]:
+            del self._pools[key]
+
+
+def release_pools() -> None:
+    """Stop every warm reduction worker of this process (they also stop with the Ray runtime)."""
+    for pool in list(WorkerPool._pools.values()):
+        pool.close()
+
+
+def fan_out(actors: list[Any], call: Any, items: list[Any], *, in_flight: int = 2) -> Any:
+    """Yield ``call(actor, item)`` results as they finish, keeping ``in_flight`` calls queued per actor.
+
+    A queued call starts the moment the worker's previous one ends, so no worker waits for a
+    round trip through the driver between items.
+    """
+    import ray
+
+    pending: dict[Any, Any] = {}
+    queue = list(reversed(items))
+    for actor in actors:
+        for _ in range(in_flight):
+            if queue:
+                pending[call(actor, queue.pop())] = actor
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        actor = pending.pop(ref)
+        if queue:
+            pending[call(actor, queue.pop())] = actor
+        yield ray.get(ref)
 
 
 @task(name="plan-tiles", cache_policy=NO_CACHE)
@@ -113,83 +203,127 @@ def plan_tiles(store: ObjectStore, prefix: str, plan: TilePlan) -> tuple[list[Ti
 
 @task(name="compute-tiles", cache_policy=NO_CACHE)
 def compute_tiles(
-    images: np.ndarray,
+    prepared: PreparedImages,
+    images_key: str,
     store: ObjectStore,
     prefix: str,
     plan: TilePlan,
     tiles: list[TileSpec],
     *,
-    levels: int,
-    bins: int,
     normalize: bool,
     write_meta: dict[str, Any] | None,
-    slots: WorkerSlots,
+    actors: list[Any],
+    dense: np.ndarray | None,
 ) -> dict[str, Any]:
-    """Fan the missing tiles out over a pool of tile actors; each commits its tile to storage.
+    """Fan the missing tiles out over the warm pool; each worker commits its tile to storage.
 
+    The prepared images go into Ray's object store once and every worker reads them zero-copy.
     With ``write_meta``, the diagonal and then ``plan.json`` (last, it marks the matrix folder
-    usable) are written too.
+    usable) are written too. With ``dense``, each computed tile is also placed into that matrix.
     """
     import ray
-    from ray.util import ActorPool
 
     logger = get_run_logger()
     t0 = time.perf_counter()
     if not tiles and write_meta is None:
         report("tiles", 0, 0)
-        return {"computed": 0, "seconds": 0.0, "compute_seconds": 0.0, "workers": 0}
-    pool_size = max(1, min(slots.size, len(tiles)))
-    images_ref = ray.put(np.ascontiguousarray(images))
-    remote_cls = ray.remote(MITileWorker)
-    actors = [
-        remote_cls.options(**slots.options(i, busy=True)).remote(
-            images_ref, store, prefix, levels=levels, bins=bins, normalize=normalize, threads=slots.threads
-        )
-        for i in range(pool_size)
-    ]
+        return {"computed": 0, "seconds": 0.0, "compute_seconds": 0.0, "write_seconds": 0.0, "transfer_seconds": 0.0}
+    images_ref = ray.put(prepared)
+    ray.get([a.use_images.remote(images_key, images_ref) for a in actors])
+    transfer = time.perf_counter() - t0
+    write_seconds = 0.0
+    if write_meta is not None:
+        t_meta = time.perf_counter()
+        diagonal = prepared_diagonal(prepared, normalize=normalize)
+        store.put_array(f"{prefix}/{DIAGONAL}", diagonal)
+        store.put_json(f"{prefix}/{PLAN}", {"n": plan.n, "tile_size": plan.tile_size, **write_meta})
+        write_seconds += time.perf_counter() - t_meta
     # Largest tiles first, so the pool does not end waiting on one big straggler.
     ordered = sorted(tiles, key=lambda t: -t.pairs)
     compute_seconds = 0.0
     step = max(1, len(ordered) // 10)
-    try:
-        if write_meta is not None:
-            store.put_array(f"{prefix}/{DIAGONAL}", ray.get(actors[0].diagonal.remote()))
-            store.put_json(f"{prefix}/{PLAN}", {"n": plan.n, "tile_size": plan.tile_size, **write_meta})
-        pool = ActorPool(actors)
-        for done, outcome in enumerate(pool.map_unordered(lambda a, t: a.compute.remote(t), ordered), start=1):
-            compute_seconds += outcome["compute_seconds"]
-            report("tiles", done, len(ordered))
-            if done % step == 0 or done == len(ordered):
-                logger.info("tiles %d/%d committed (%.1f s)", done, len(ordered), time.perf_counter() - t0)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    want_values = dense is not None
+
+    def call(actor: Any, tile: TileSpec) -> Any:
+        return actor.compute.remote(
+            tile, key=images_key, store=store, prefix=prefix, normalize=normalize, return_values=want_values
+        )
+
+    place_seconds = 0.0
+    for done, outcome in enumerate(fan_out(actors, call, ordered), start=1):
+        compute_seconds += outcome["compute_seconds"]
+        write_seconds += outcome["write_seconds"]
+        if dense is not None:
+            t_place = time.perf_counter()
+            place_tile(dense, outcome["tile"], outcome["values"])
+            place_seconds += time.perf_counter() - t_place
+        report("tiles", done, len(ordered))
+        if done % step == 0 or done == len(ordered):
+            logger.info("tiles %d/%d committed (%.1f s)", done, len(ordered), time.perf_counter() - t0)
     return {
         "computed": len(ordered),
         "seconds": time.perf_counter() - t0,
         "compute_seconds": compute_seconds,
-        "workers": pool_size,
+        "write_seconds": write_seconds,
+        "transfer_seconds": transfer + place_seconds,
     }
 
 
+def prepared_diagonal(prepared: PreparedImages, *, normalize: bool) -> np.ndarray:
+    """``I[x][x]``: the image entropies, or ones when normalised (as :func:`obliviate.reduction.mi.mi_matrix`)."""
+    if normalize:
+        return np.ones(prepared.n, dtype=np.float32)
+    return prepared.entropy.astype(np.float32)
+
+
 @task(name="run-restarts", cache_policy=NO_CACHE)
-def run_restart_stage(actors: list[Any], starts: np.ndarray, *, k: int, aggregate: str) -> dict[str, Any]:
-    """Fan restarts out over the restart actors and keep the best (H, then start vertex)."""
-    from ray.util import ActorPool
+def run_restart_stage(
+    actors: list[Any],
+    matrix_key: str,
+    dense: np.ndarray | None,
+    starts: np.ndarray,
+    *,
+    store: ObjectStore,
+    prefix: str,
+    memory_bytes: int,
+    k: int,
+    aggregate: str,
+) -> dict[str, Any]:
+    """Fan restarts out over the warm pool and keep the best (H, then start vertex).
+
+    A dense matrix is put into Ray's object store once and read zero-copy by every worker;
+    without one, each worker streams rows from the stored tiles within ``memory_bytes``.
+    """
+    import ray
 
     logger = get_run_logger()
     t0 = time.perf_counter()
-    chunks = [c for c in np.array_split(starts, len(actors) * CHUNKS_PER_WORKER) if c.size]
+    matrix_ref = ray.put(dense) if dense is not None else None
+    held = ray.get(
+        [
+            a.use_matrix.remote(matrix_key, matrix_ref, store=store, prefix=prefix, memory_bytes=memory_bytes)
+            for a in actors
+        ]
+    )
+    del matrix_ref  # the workers hold it now; it leaves the object store when they release it
+    transfer = time.perf_counter() - t0
+    chunks = [c.tolist() for c in np.array_split(starts, len(actors) * CHUNKS_PER_WORKER) if c.size]
     outcomes: list[dict[str, Any]] = []
     done = 0
-    pool = ActorPool(actors)
-    for outcome in pool.map_unordered(lambda a, c: a.run.remote(c.tolist(), k=k, aggregate=aggregate), chunks):
-        outcomes.append(outcome)
-        done += len(outcome["restarts"])
-        report("restarts", done, len(starts))
-        logger.info(
-            "restarts %d/%d done (%s rows, %.1f s)", done, len(starts), outcome["mode"], time.perf_counter() - t0
-        )
+
+    def call(actor: Any, chunk: list[int]) -> Any:
+        return actor.run.remote(chunk, key=matrix_key, k=k, aggregate=aggregate)
+
+    try:
+        for outcome in fan_out(actors, call, chunks):
+            outcomes.append(outcome)
+            done += len(outcome["restarts"])
+            report("restarts", done, len(starts))
+            logger.info(
+                "restarts %d/%d done (%s rows, %.1f s)", done, len(starts), outcome["mode"], time.perf_counter() - t0
+            )
+    finally:
+        ray.get([a.release.remote() for a in actors])
     best = min(outcomes, key=lambda o: (o["best_h"], o["best_start"]))
     by_start = {r["start"]: r for o in outcomes for r in o["restarts"]}
     return {
@@ -197,10 +331,12 @@ def run_restart_stage(actors: list[Any], starts: np.ndarray, *, k: int, aggregat
         "h": best["best_h"],
         "subset": best["best_subset"],
         "restarts": [by_start[int(s)] for s in starts],
-        "mode": best["mode"],
+        "mode": held[0]["mode"],
         "workers": len(actors),
         "seconds": time.perf_counter() - t0,
-        "load_seconds": max(o["load_seconds"] for o in outcomes),
+        "transfer_seconds": transfer,
+        "compute_seconds": sum(o["seconds"] for o in outcomes),
+        "tiles_read": sum(o["tiles_read"] for o in outcomes),
     }
 
 
@@ -272,12 +408,13 @@ def reduce_flow(
     t_flow = time.perf_counter()
     aggregate = Aggregate(aggregate).value
     dataset = load_dataset(data)
+    load_seconds = time.perf_counter() - t_flow
     n = len(dataset)
     if not 2 <= k < n:
         raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}. Choose a smaller subset or a larger pool.")
     if threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker must be at least 1; got {threads_per_worker}.")
-    pool = workers if workers else max(1, cluster_cpus() // threads_per_worker)
+    pool_size = workers if workers else max(1, cluster_cpus() // threads_per_worker)
     store = ObjectStore(store_url)
     store.ensure_container()
     plan = TilePlan(n=n, tile_size=tile_size)
@@ -289,43 +426,49 @@ def reduce_flow(
         k,
         bins,
         normalize,
-        pool,
+        pool_size,
         threads_per_worker,
         store.url,
     )
 
+    t_sched = time.perf_counter()
     missing, has_meta = plan_tiles(store, prefix, plan)
     start_vertices = choose_starts(n, num_starts=starts, rng=np.random.default_rng(seed))
     memory = restart_memory_bytes(plan, k=k, limit_mb=restart_memory_mb)
-    slots = WorkerSlots(pool, threads_per_worker)
-    restart_actors: list[Any] = []
+    dense_mode = not tiles_only and plan.dense_bytes <= memory
+    slots = WorkerSlots(pool_size, threads_per_worker)
+    scheduling = time.perf_counter() - t_sched
     try:
-        import ray
-
-        remote_restart = ray.remote(RestartWorker)
-        restart_actors = (
-            []
-            if tiles_only
-            else [
-                remote_restart.options(**slots.options(i, busy=False)).remote(
-                    store, prefix, memory_bytes=memory, threads=threads_per_worker
-                )
-                for i in range(min(pool, len(start_vertices)))
-            ]
-        )
+        t_pool = time.perf_counter()
+        actors, warm = WorkerPool.get(pool_size, threads_per_worker)
+        actor_start = time.perf_counter() - t_pool
+        t_prep = time.perf_counter()
         meta = None if has_meta else {"fingerprint": dataset.fingerprint, "bins": bins, "normalize": normalize}
+        needs_images = bool(missing) or meta is not None
+        prepared = prepare_images(dataset.images, levels=dataset.levels, bins=bins) if needs_images else None
+        preparation = load_seconds + time.perf_counter() - t_prep
+        dense = np.zeros((n, n), dtype=np.float32) if dense_mode else None
         tiles = compute_tiles(
-            dataset.images,
+            prepared,
+            f"{dataset.fingerprint}-l{dataset.levels}-b{bins}",
             store,
             prefix,
             plan,
             missing,
-            levels=dataset.levels,
-            bins=bins,
             normalize=normalize,
             write_meta=meta,
-            slots=slots,
+            actors=actors,
+            dense=dense,
         )
+        stages: dict[str, float] = {
+            "scheduling": scheduling,
+            "actor_start": actor_start,
+            "data_preparation": preparation,
+            "object_store_transfer": tiles["transfer_seconds"],
+            "tile_compute_worker_seconds": tiles["compute_seconds"],
+            "storage_write_worker_seconds": tiles["write_seconds"],
+            "tile_stage_wall": tiles["seconds"],
+        }
         if tiles_only:
             return {
                 "data": dataset.name,
@@ -337,15 +480,38 @@ def reduce_flow(
                 "tiles_reused": plan.num_tiles - tiles["computed"],
                 "tiles_url": store.uri(prefix),
                 "stored_bytes": plan.stored_bytes,
-                "workers": pool,
+                "workers": pool_size,
+                "warm_pool": warm,
                 "tile_seconds": round(tiles["seconds"], 3),
                 "tile_compute_seconds": round(tiles["compute_seconds"], 3),
+                "stages": {name: round(value, 3) for name, value in stages.items()},
                 "flow_seconds": round(time.perf_counter() - t_flow, 3),
             }
-        restarts = run_restart_stage(restart_actors, start_vertices, k=k, aggregate=aggregate)
+        t_read = time.perf_counter()
+        if dense is not None:
+            stored = TiledMatrix(store, prefix, cache_bytes=0)
+            computed = set(missing)
+            for tile in plan.tiles():
+                if tile not in computed:
+                    place_tile(dense, tile, stored.read_tile(tile))
+            np.fill_diagonal(dense, stored.diagonal())
+        stages["storage_read"] = time.perf_counter() - t_read
+        restarts = run_restart_stage(
+            actors,
+            f"{prefix}#{uuid.uuid4().hex[:12]}",
+            dense,
+            start_vertices,
+            store=store,
+            prefix=prefix,
+            memory_bytes=memory,
+            k=k,
+            aggregate=aggregate,
+        )
+        del dense
+        stages["object_store_transfer"] += restarts["transfer_seconds"]
+        stages["restart_compute_worker_seconds"] = restarts["compute_seconds"]
+        stages["restart_stage_wall"] = restarts["seconds"]
     finally:
-        for actor in restart_actors:
-            ray.kill(actor)
         slots.close()
 
     key = result_key(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, k=k, starts=starts, seed=seed)
@@ -369,15 +535,19 @@ def reduce_flow(
         "tiles_computed": tiles["computed"],
         "tiles_reused": plan.num_tiles - tiles["computed"],
         "tiles_url": store.uri(prefix),
-        "workers": pool,
+        "workers": pool_size,
         "threads_per_worker": threads_per_worker,
+        "warm_pool": warm,
         "restart_mode": restarts["mode"],
         "restart_memory_bytes": memory,
+        "restart_tiles_read": restarts["tiles_read"],
         "tile_seconds": round(tiles["seconds"], 3),
         "restart_seconds": round(restarts["seconds"], 3),
-        "restart_load_seconds": round(restarts["load_seconds"], 3),
     }
+    t_publish = time.perf_counter()
     url = publish_result(store, key, subset, summary, restarts["restarts"])
+    stages["storage_write_publish"] = time.perf_counter() - t_publish
+    summary["stages"] = {name: round(value, 3) for name, value in stages.items()}
     summary["flow_seconds"] = round(time.perf_counter() - t_flow, 3)
     logger.info(
         "H = %.4f over %d restarts (best start %d); result at %s",

@@ -58,8 +58,13 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     options: dict[str, object] = {"include_dashboard": False, "log_to_driver": False}
-    if target == "local" and num_cpus is not None:
-        options["num_cpus"] = num_cpus
+    if target == "local":
+        # Ray starts its workers 15 nice levels below the driver: on a busy machine they then get
+        # a fraction of the CPU share the same work gets in-process. Workers of a local runtime run
+        # at the driver's priority instead (``ray job submit`` does the same for job drivers).
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        if num_cpus is not None:
+            options["num_cpus"] = num_cpus
     ray.init(address=target, **options)
 
 

@@ -60,9 +60,15 @@ def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, f
     assert ("tiles", 15, 15) in events and ("restarts", 300, 300) in events
     assert _artifact_mentions(first["result_url"])
 
+    stages = {"scheduling", "actor_start", "data_preparation", "object_store_transfer", "storage_write_publish"}
+    assert stages <= set(first["stages"]) and first["restart_mode"] == "dense"
+
     second = reduce_flow(data=path, k=30, store_url=file_store.url, workers=2, tile_size=64)
     assert second["tiles_computed"] == 0 and second["tiles_reused"] == 15
     assert second["h"] == expected.h and second["best_start"] == first["best_start"]
+    # The second run found the worker pool warm: no worker process was started for it.
+    assert second["warm_pool"] is True
+    assert second["stages"]["actor_start"] < first["stages"]["actor_start"] or not first["warm_pool"]
 
 
 def _artifact_mentions(text: str) -> bool:

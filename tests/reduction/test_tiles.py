@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.reduction import MITileWorker, RestartWorker
+from actors.reduction import ReductionWorker
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.reduction.drmi import drmi_reduce
-from obliviate.reduction.mi import mi_matrix
+from obliviate.reduction.mi import mi_matrix, prepare_images
 from obliviate.reduction.tiling import TilePlan, plan_report
-from storage.tiles import DIAGONAL, PLAN, TiledMatrix, matrix_prefix, stored_tiles, tile_key
+from storage.tiles import DIAGONAL, PLAN, TiledMatrix, TiledRows, matrix_prefix, stored_tiles, tile_key
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,13 @@ def digits_pool():
 def _write_tiles(store, data, *, tile_size, normalize=False):
     plan = TilePlan(n=len(data), tile_size=tile_size)
     prefix = matrix_prefix(fingerprint=data.fingerprint, bins=256, normalize=normalize, tile_size=tile_size)
-    worker = MITileWorker(data.images, store, prefix, levels=data.levels, bins=256, normalize=normalize)
-    store.put_array(f"{prefix}/{DIAGONAL}", worker.diagonal())
+    worker = ReductionWorker()
+    worker.use_images("pool", prepare_images(data.images, levels=data.levels, bins=256))
+    store.put_array(f"{prefix}/{DIAGONAL}", worker.diagonal(normalize=normalize))
     store.put_json(f"{prefix}/{PLAN}", {"n": plan.n, "tile_size": plan.tile_size})
     for tile in plan.tiles():
-        worker.compute(tile)
+        out = worker.compute(tile, key="pool", store=store, prefix=prefix, normalize=normalize, return_values=False)
+        assert out["values"] is None and out["bytes"] > 0
     return plan, prefix
 
 
@@ -67,19 +69,35 @@ def test_stored_tiles_reassemble_mi_matrix_exactly(store, digits_pool, normalize
     assert rows.bands_loaded >= 4
     assert np.array_equal(rows.diagonal(), np.diagonal(expected))
     assert np.array_equal(TiledMatrix(store, prefix, cache_bytes=0).dense(), expected)
+    # Single rows (memory-mapped slices on file://, whole tiles on S3), 3 rows of cache.
+    single = TiledRows(store, prefix, cache_bytes=3 * plan.n * 4 + (0 if store.is_local else 64 * 64 * 4))
+    for i in [0, 63, 64, 100, 189, 5, 0, 64]:
+        assert np.array_equal(single.row(i), expected[i])
+    assert single.rows_loaded == 8  # 3 rows held: the repeats were evicted and loaded again
+    assert np.array_equal(single.diagonal(), np.diagonal(expected))
 
 
 def test_restart_worker_dense_and_streaming_equal_in_process(file_store, digits_pool):
     plan, prefix = _write_tiles(file_store, digits_pool, tile_size=48)
-    expected = drmi_reduce(mi_matrix(digits_pool.images, levels=digits_pool.levels), k=25, starts=range(0, 190, 7))
+    matrix = mi_matrix(digits_pool.images, levels=digits_pool.levels)
+    expected = drmi_reduce(matrix, k=25, starts=range(0, 190, 7))
     starts = list(range(0, 190, 7))
-    dense = RestartWorker(file_store, prefix, memory_bytes=plan.dense_bytes).run(starts, k=25)
-    streaming = RestartWorker(file_store, prefix, memory_bytes=2 * plan.band_bytes).run(starts, k=25)
-    assert dense["mode"] == "dense" and streaming["mode"] == "streaming"
+    worker = ReductionWorker()
+    shared = TiledMatrix(file_store, prefix, cache_bytes=0).dense()
+    shared.flags.writeable = False  # as a zero-copy read from Ray's object store arrives
+    held = worker.use_matrix("m1", shared, store=file_store, prefix=prefix, memory_bytes=plan.dense_bytes)
+    dense = worker.run(starts, key="m1", k=25)
+    worker.release()
+    held_rows = worker.use_matrix("m2", None, store=file_store, prefix=prefix, memory_bytes=2 * plan.band_bytes)
+    streaming = worker.run(starts, key="m2", k=25)
+    assert held["mode"] == dense["mode"] == "dense"
+    assert held_rows["mode"] == streaming["mode"] == "streaming" and streaming["tiles_read"] > 0
     for outcome in (dense, streaming):
         assert outcome["best_h"] == expected.h
         assert np.array_equal(outcome["best_subset"], expected.subset)
         assert [r["h"] for r in outcome["restarts"]] == [r.h for r in expected.restarts]
+    with pytest.raises(RuntimeError, match="use_matrix first"):
+        worker.run(starts, key="m1", k=25)
 
 
 def test_damaged_tile_is_refused(file_store, digits_pool):
