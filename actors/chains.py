@@ -36,9 +36,19 @@ from obliviate.unlearning.service import RunSpec, block_data, block_holdings, wo
 from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain
 from obliviate.unlearning.verification import consistency
 from storage.errors import PointerConflict
+from storage.ledger import CANCELLED, CLAIMED, PENDING, REJECTED, DeletionLedger
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
 from storage.retry import RetryPolicy, retry_unavailable
+from storage.serving import (
+    chain_source,
+    first_blocks,
+    load_rollback,
+    pointer_target,
+    publish_served,
+    record_forgotten,
+    serve_cap,
+)
 
 _PUBLISH_ATTEMPTS = 5
 
@@ -202,7 +212,11 @@ class ChainWorker:
     ) -> dict[str, Any]:
         registry, run_id = self.registry, current.run_id
         spec = self._io(lambda: registry.spec(run_id))
-        chain, manifest = self._io(lambda: registry.load_chain(current))
+        # A rolled-back (interim or progressive) version keeps only M_0..M_s: retrain from the full
+        # chain it derives from (issue 11), under that version's work token so stored progress resumes.
+        base_version, base_key = chain_source(current, self._io(lambda: registry.manifest(current)))
+        base = replace(current, version=base_version, manifest_key=base_key)
+        chain, manifest = self._io(lambda: registry.load_chain(base))
         wanted = sorted({int(i) for ids in todo.values() for i in ids})
         positions, _ = spec.positions(wanted)
         new_positions = np.asarray(sorted(set(positions.tolist()) - chain.deleted_ids), dtype=np.int64)
@@ -217,10 +231,21 @@ class ChainWorker:
         validate_deletion(chain, new_positions)
         data = self._block_data(spec)
         excluded = frozenset(chain.deleted_ids | set(new_positions.tolist()))
-        token = work_token(base_version=current.version, excluded_positions=excluded, policy=policy.value)
+        token = work_token(base_version=base_version, excluded_positions=excluded, policy=policy.value)
         blocks = chain.plan.block_of(new_positions)
         first, last, num_blocks = int(blocks.min()), int(blocks.max()), chain.config.num_blocks
         members = {i: manifest.members[str(i)] for i in range(first)}
+        progress = _Progress(
+            self,
+            current=current,
+            todo=todo,
+            dataset=spec.dataset,
+            chain_meta={**chain.manifest(), "deleted_ids": sorted(excluded), "generation": chain.generation + 1},
+            chain_of={"version": base_version, "manifest": base_key},
+            token=token,
+            members=members,
+            reference_accuracy=chain.final.heldout_accuracy,
+        )
         began = time.perf_counter()
         if policy is Policy.EXACT:
             new_chain, record, resumed_from = self._retrain_exact(
@@ -233,6 +258,7 @@ class ChainWorker:
                 last=last,
                 members=members,
                 new_ids=new_positions,
+                progress=progress,
             )
         else:
             timings: list = []
@@ -283,6 +309,9 @@ class ChainWorker:
         if verify:
             audit["verification"] = _verify(chain, new_chain, data, excluded)
         all_deleted = sorted(set(current.deleted_ids) | set(audit["deleted_ids"]))
+        # Requests accepted meanwhile and rolled back still hold the served block back (issue 11).
+        holds = progress.remaining_holds(poll=True)
+        held = {"serve_block": serve_cap(holds), "holds": holds, "forgotten_requests": sorted(holds)} if holds else {}
         version = self._publish(
             run_id,
             chain_name=token,
@@ -294,15 +323,23 @@ class ChainWorker:
                 "audit": audit,
                 "block_seconds": manifest.metadata.get("block_seconds"),
                 "lineage": _lineage(new_chain, members),  # issue 11: proof by replay (obliviate verify)
+                **({"serve_block": held["serve_block"]} if held else {}),
             },
             target={
                 "applied_requests": [*current.applied_requests, *sorted(todo)],
                 "deleted_ids": all_deleted,
                 "metrics": metrics,
+                **held,
             },
-            expected_version=current.version,
+            expected_version=progress.expected_version,
         )
-        audit.update(status="published", to_version=version.version, published_at=version.published_at)
+        audit.update(
+            status="published",
+            to_version=version.version,
+            published_at=version.published_at,
+            progressive_versions=progress.published,
+            held_by=sorted(holds),
+        )
         return audit
 
     def _retrain_exact(
@@ -317,6 +354,7 @@ class ChainWorker:
         last: int,
         members: dict[int, ObjectInfo],
         new_ids: np.ndarray,
+        progress: _Progress | None = None,
     ) -> tuple[Chain, UnlearningRecord, int]:
         """Exact unlearning (SPEC 5): retrain from M_{d-1} without the ids, resuming stored progress.
 
@@ -329,12 +367,19 @@ class ChainWorker:
         seconds = {c.block_index: s for c, _, s in stored}
         timings: list = []
         began = time.perf_counter()
+        write = self._sink(run_id, token, timings, members)
+
+        def sink(checkpoint) -> None:
+            write(checkpoint)
+            if progress is not None:  # issue 11: serve each exact retrained block as it lands
+                progress.landed(checkpoint)
+
         retrained = train_chain(
             config=chain.config,
             data=data,
             plan=chain.plan,
             excluded_ids=excluded,
-            sink=self._sink(run_id, token, timings, members),
+            sink=sink,
             resume_from=list(chain.checkpoints[:first]) + [c for c, _, _ in stored],
             timings=timings,
         )
@@ -427,3 +472,126 @@ def _lineage(chain: Chain, members: dict[int, ObjectInfo]) -> dict[str, Any]:
         deleted_ids=chain.deleted_ids,
         checkpoint_sha256={index: info.sha256 for index, info in members.items()},
     )
+
+
+class _Progress:
+    """Progressive publishing of one exact retrain (issue 11, SPEC 6 Rollback): see :mod:`storage.serving`.
+
+    When the run serves a rolled-back version, each retrained block M'_i is published as it lands
+    (it never saw the batch's ids), capped by the holds of requests accepted meanwhile: with
+    ``serve --rollback`` the ledger is read after every block, and a request that arrived during the
+    retrain is rolled back right then, not by the next pass.
+    """
+
+    def __init__(
+        self,
+        worker: ChainWorker,
+        *,
+        current: ModelVersion,
+        todo: dict[str, list[int]],
+        dataset: str,
+        chain_meta: dict[str, Any],
+        chain_of: dict[str, Any],
+        token: str,
+        members: dict[int, ObjectInfo],
+        reference_accuracy: float | None,
+    ) -> None:
+        self.worker, self.run_id, self.todo, self.dataset = worker, current.run_id, todo, dataset
+        self.applied = set(current.applied_requests)
+        _, self.target = worker._io(lambda: pointer_target(worker.registry, current.run_id))
+        self.expected_version = current.version
+        self.chain_meta, self.chain_of, self.token, self.members = chain_meta, chain_of, token, members
+        self.reference_accuracy = reference_accuracy
+        self.holds = {str(k): int(v) for k, v in (self.target.get("holds") or {}).items()}
+        self.progressive = "serve_block" in self.target
+        self.served = self.target.get("serve_block")
+        self.rollback = worker._io(lambda: load_rollback(worker.registry.store))
+        self.published: list[dict[str, Any]] = []
+
+    def remaining_holds(self, *, poll: bool) -> dict[str, int]:
+        """Holds of requests not applied by this retrain (after reading the ledger when ``poll``)."""
+        if poll and self.rollback.get("enabled"):
+            self._poll()
+        return {r: b for r, b in self.holds.items() if r not in self.todo and r not in self.applied}
+
+    def _poll(self) -> list[str]:
+        """Hold back every request accepted meanwhile (pending or claimed elsewhere) that touches this run."""
+        store = self.worker.registry.store
+        entries = self.worker._io(lambda: DeletionLedger(store).entries())
+        for entry in entries:  # a request refused or withdrawn before it was applied holds nothing back
+            if entry.status in (REJECTED, CANCELLED):
+                self.holds.pop(entry.request_id, None)
+        fresh = {
+            e.request_id: [int(i) for i in e.request["ids"]]
+            for e in entries
+            if e.status in (PENDING, CLAIMED)
+            and e.request.get("dataset") == self.dataset
+            and e.request_id not in self.todo
+            and e.request_id not in self.applied
+            and e.request_id not in self.holds
+        }
+        if not fresh:
+            return []
+        deleted = frozenset(int(i) for i in self.chain_meta["deleted_ids"])
+        found = self.worker._io(lambda: first_blocks(self.worker.registry, self.run_id, fresh, deleted=deleted))
+        self.holds.update(found)
+        return sorted(found)
+
+    def landed(self, checkpoint: Any) -> None:
+        """A retrained block landed: publish it (or the newest block the holds allow) as the served model."""
+        index = int(checkpoint.block_index)
+        entries = self.chain_meta["checkpoints"]
+        entries[index] = {
+            **entries[index],
+            "origin": checkpoint.origin,
+            "heldout_accuracy": checkpoint.heldout_accuracy,
+        }
+        fresh = self._poll() if self.rollback.get("enabled") else []
+        if not (self.progressive or fresh):
+            return
+        cap = serve_cap(self.remaining_holds(poll=False))
+        serve = index if cap is None else min(index, cap)
+        if serve < 1:
+            serve_block: int | None = None
+        else:
+            serve_block = serve
+        if serve_block == self.served and not fresh:
+            return
+        holds = self.remaining_holds(poll=False)
+        accuracy = None if serve_block is None else entries[serve_block]["heldout_accuracy"]
+        target = {
+            "applied_requests": sorted(self.applied),
+            "deleted_ids": list(self.target.get("deleted_ids", [])),
+            "metrics": {**dict(self.target.get("metrics", {})), "served_accuracy": accuracy},
+            "forgotten_requests": sorted(set(self.todo) | set(holds)),
+            "holds": holds,
+            "retraining": sorted(self.todo),
+        }
+        version = self.worker._io(
+            lambda: publish_served(
+                self.worker.registry,
+                self.run_id,
+                chain_name=f"{self.token}-at{index:04d}",
+                chain_meta=self.chain_meta,
+                members=self.members,
+                serve=serve_block,
+                chain_of=self.chain_of,
+                target=target,
+                metadata={
+                    "metrics": target["metrics"],
+                    "record": None,
+                    "reference_accuracy": self.reference_accuracy,
+                    "published_for": "progressive",
+                    "retrained_through": index,
+                    "retraining": sorted(self.todo),
+                    "interim_for": sorted(holds),
+                },
+                expected_version=self.expected_version,
+            )
+        )
+        if fresh:
+            record_forgotten(self.worker.registry.store, fresh, runs={self.run_id: {"serve_block": serve_block}})
+        self.expected_version, self.served, self.target = version.version, serve_block, target
+        self.published.append(
+            {"version": version.version, "block": index, "serve_block": serve_block, "at": version.published_at}
+        )

@@ -97,7 +97,8 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     deadlines = {r.request_id: r.deadline for r in batch}
     if not batch:
         return {"flush": False, "reason": "empty", "batched_until": None, "requests": [], "deadlines": {}}
-    if policy.window_s == 0 and not forced:  # immediate (the default): no manifest reads, no extra writes
+    rollback = load_rollback(store)
+    if policy.window_s == 0 and not forced and not rollback["enabled"]:  # immediate (default): no extra I/O
         return {
             "flush": True,
             "reason": "window",
@@ -109,7 +110,6 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         batch, now=now, policy=policy, expected_retrain_s=expected_retrain(store), force=bool(forced)
     )
     due, reason, interim = decision.due, decision.reason, None
-    rollback = load_rollback(store)
     if rollback["enabled"]:  # exact at once: every affected run serves a checkpoint that never saw the ids
         interim = publish_interim(store, pending, floor_points=float(rollback["floor_points"]))
         if interim["flush_now"] and not due:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -30,6 +31,7 @@ from obliviate.unlearning.service import block_data, check_name
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectStore
 from storage.registry import ModelVersion, RunRegistry
+from storage.serving import chain_source
 
 
 def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion:
@@ -146,4 +148,5 @@ def chain_of(store_url: str, run_id: str) -> Chain:
     current = registry.current(run_id)
     if current is None:
         raise ConfigError(f"run {run_id!r} is not trained.")
-    return registry.load_chain(current)[0]
+    version, key = chain_source(current, registry.manifest(current))  # a rolled-back version: its full chain
+    return registry.load_chain(replace(current, version=version, manifest_key=key))[0]
