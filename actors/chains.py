@@ -333,6 +333,8 @@ class ChainWorker:
             },
             expected_version=progress.expected_version,
         )
+        if holds:  # first time only: when each held request became forgotten
+            record_forgotten(registry.store, sorted(holds), runs={run_id: {"serve_block": held["serve_block"]}})
         audit.update(
             status="published",
             to_version=version.version,
@@ -547,7 +549,8 @@ class _Progress:
             "heldout_accuracy": checkpoint.heldout_accuracy,
         }
         fresh = self._poll() if self.rollback.get("enabled") else []
-        if not (self.progressive or fresh):
+        last = index >= int(self.chain_meta["config"]["num_blocks"])  # the final version follows at once
+        if not (self.progressive or fresh) or last:
             return
         cap = serve_cap(self.remaining_holds(poll=False))
         serve = index if cap is None else min(index, cap)
