@@ -66,7 +66,9 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
     checkpoints: dict[int, Checkpoint] = {}
     stored_sha256: dict[int, str] = {}
     unreadable: dict[int, str] = {}
-    for index in range(config.num_blocks + 1):
+    # a rolled-back (interim or progressive) version keeps only M_0..M_s (issue 11): verify those
+    last = max(int(k) for k in manifest.members) if "serve_block" in manifest.metadata else config.num_blocks
+    for index in range(last + 1):
         member = manifest.members.get(str(index))
         if member is None:
             unreadable[index] = "the manifest lists no such checkpoint"
@@ -100,7 +102,9 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         stored_sha256=stored_sha256,
         unreadable=unreadable,
         applied_ids=applied_positions.tolist(),
-        blocks=choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=first_deleted),
+        blocks=[
+            b for b in choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=first_deleted) if b <= last
+        ],
     )
     result = {
         "run_id": run_id,

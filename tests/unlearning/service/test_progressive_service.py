@@ -12,6 +12,7 @@ from actors.chains import ChainWorker
 from flows.batching import batch_gate, save_policy
 from flows.rollback import save_rollback
 from flows.train import run_spec
+from flows.verify import verify_run
 from obliviate.unlearning.batching import DAY_S, BatchPolicy
 from obliviate.unlearning.lineage import effective_block_ids, ids_sha256
 from obliviate.unlearning.plan import BlockPlan
@@ -103,6 +104,9 @@ def test_a_batch_retrain_publishes_each_exact_block_as_it_lands(tmp_path) -> Non
     assert "serve_block" not in final.metadata and final_target["applied_requests"] == ["r1"]
     accuracies = [t["metrics"].get("served_accuracy") for _, t, _ in versions[1:-1]]
     assert all(a is not None for a in accuracies)  # each block's held-out accuracy is on the version
+    # a progressive version is a proof by replay too: its M'_2, M'_3 re-train bit for bit
+    report = verify_run(url, "pg", version=4, blocks="all")
+    assert report["status"] == "passed" and report["blocks_replayed"] == [1, 2, 3], report
 
 
 def test_a_request_accepted_while_a_retrain_runs_is_rolled_back_by_that_retrain(s3_url) -> None:
