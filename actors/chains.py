@@ -245,6 +245,7 @@ class ChainWorker:
             token=token,
             members=members,
             reference_accuracy=chain.final.heldout_accuracy,
+            first_block=first,
         )
         began = time.perf_counter()
         if policy is Policy.EXACT:
@@ -497,6 +498,7 @@ class _Progress:
         token: str,
         members: dict[int, ObjectInfo],
         reference_accuracy: float | None,
+        first_block: int,
     ) -> None:
         self.worker, self.run_id, self.todo, self.dataset = worker, current.run_id, todo, dataset
         self.applied = set(current.applied_requests)
@@ -505,6 +507,9 @@ class _Progress:
         self.chain_meta, self.chain_of, self.token, self.members = chain_meta, chain_of, token, members
         self.reference_accuracy = reference_accuracy
         self.holds = {str(k): int(v) for k, v in (self.target.get("holds") or {}).items()}
+        # The batch's own requests hold every other chain back (a concurrent retrain that kept their
+        # ids must not serve past them); this retrain's chain excludes them, so its cap ignores them.
+        self.holds.update({r: int(first_block) for r in todo if r not in self.holds})
         self.progressive = "serve_block" in self.target
         self.served = self.target.get("serve_block")
         self.rollback = worker._io(lambda: load_rollback(worker.registry.store))
@@ -560,13 +565,13 @@ class _Progress:
             serve_block = serve
         if serve_block == self.served and not fresh:
             return
-        holds = self.remaining_holds(poll=False)
+        holds = {r: b for r, b in self.holds.items() if r not in self.applied}
         accuracy = None if serve_block is None else entries[serve_block]["heldout_accuracy"]
         target = {
             "applied_requests": sorted(self.applied),
             "deleted_ids": list(self.target.get("deleted_ids", [])),
             "metrics": {**dict(self.target.get("metrics", {})), "served_accuracy": accuracy},
-            "forgotten_requests": sorted(set(self.todo) | set(holds)),
+            "forgotten_requests": sorted(holds),
             "holds": holds,
             "retraining": sorted(self.todo),
         }
