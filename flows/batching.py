@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from flows.rollback import load_rollback, publish_interim
+from flows.rollback import load_rollback, publish_interim, release_refused
 from obliviate.errors import ConfigError
 from obliviate.unlearning.batching import BatchPolicy, expected_retrain_seconds, flush_decision, new_request
 from storage.errors import ObjectNotFound
@@ -95,9 +95,11 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         for e in pending
     ]
     deadlines = {r.request_id: r.deadline for r in batch}
+    rollback = load_rollback(store)
+    if rollback["enabled"]:  # requests rejected or cancelled since their rollback hold nothing back any more
+        release_refused(store)
     if not batch:
         return {"flush": False, "reason": "empty", "batched_until": None, "requests": [], "deadlines": {}}
-    rollback = load_rollback(store)
     if policy.window_s == 0 and not forced and not rollback["enabled"]:  # immediate (default): no extra I/O
         return {
             "flush": True,

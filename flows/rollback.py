@@ -20,11 +20,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from storage.ledger import CANCELLED, REJECTED, DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
-from storage.serving import ROLLBACK_KEY, load_rollback, record_forgotten, roll_back, save_rollback, served_model
+from storage.serving import (
+    ROLLBACK_KEY,
+    load_rollback,
+    pointer_target,
+    record_forgotten,
+    release,
+    roll_back,
+    save_rollback,
+    served_model,
+)
 
-__all__ = ["ROLLBACK_KEY", "load_rollback", "publish_interim", "record_forgotten", "save_rollback", "served_model"]
+__all__ = [
+    "ROLLBACK_KEY",
+    "load_rollback",
+    "publish_interim",
+    "record_forgotten",
+    "release_refused",
+    "save_rollback",
+    "served_model",
+]
 
 
 def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points: float) -> dict[str, Any]:
@@ -49,4 +67,23 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
             out["flush_now"] = out["flush_now"] or done.pop("flush_now")
             out["runs"][run_id] = done
     record_forgotten(store, [e.request_id for e in pending], runs=out["runs"])
+    return out
+
+
+def release_refused(store: ObjectStore) -> dict[str, list[str]]:
+    """Release every hold of a request that was rejected or cancelled before it was applied (run -> released).
+
+    A refused request forgets nothing, so the runs it rolled back serve their full model again (or
+    the newest block other holds allow); run by the batch gate of every pass.
+    """
+    registry, ledger = RunRegistry(store), DeletionLedger(store)
+    out: dict[str, list[str]] = {}
+    for run_id in registry.run_ids():
+        _, target = pointer_target(registry, run_id)
+        refused = set()
+        for request_id in target.get("holds") or {}:
+            if ledger.exists(request_id) and ledger.get(request_id).status in (REJECTED, CANCELLED):
+                refused.add(request_id)
+        if refused and release(registry, run_id, refused) is not None:
+            out[run_id] = sorted(refused)
     return out

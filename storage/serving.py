@@ -270,3 +270,54 @@ def roll_back(
             "published": True,
         }
     raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_CAS_ATTEMPTS} rollback attempts.")
+
+
+def release(registry: RunRegistry, run_id: str, request_ids: set[str] | frozenset[str]) -> ModelVersion | None:
+    """Drop the holds of requests refused or withdrawn before they were applied; serve what they held back.
+
+    The newest block the remaining holds allow of the full chain the current version derives from
+    is served again (its final model when no hold remains). A version of a retrain in flight is left
+    alone: that retrain drops such holds itself after its next block.
+
+    Returns:
+        the published version, or ``None`` if nothing was held by these requests.
+    """
+    for _ in range(_CAS_ATTEMPTS):
+        current, target = pointer_target(registry, run_id)
+        if current is None or "retraining" in target:
+            return None
+        holds = {str(k): int(v) for k, v in (target.get("holds") or {}).items()}
+        if not set(holds) & set(request_ids):
+            return None
+        remaining = {r: b for r, b in holds.items() if r not in request_ids}
+        version_of, key_of = chain_source(current, registry.manifest(current))
+        full = registry.store.read_manifest(key_of)
+        members = {int(k): v for k, v in full.members.items()}
+        kept = {k: v for k, v in target.items() if k not in ("manifest", "serve_block", "holds", "forgotten_requests")}
+        metadata = {k: v for k, v in full.metadata.items() if k not in ("serve_block", "chain_of", "interim_for")}
+        try:
+            if not remaining:
+                return registry.publish(
+                    run_id,
+                    chain_name=f"release-{current.version:06d}",
+                    members=members,
+                    metadata={**metadata, "published_for": "release", "released": sorted(set(holds) - set(remaining))},
+                    pointer_target={**kept, "metrics": dict(full.metadata.get("metrics") or current.metrics)},
+                    expected_version=current.version,
+                )
+            cap = serve_cap(remaining)
+            return publish_served(
+                registry,
+                run_id,
+                chain_name=f"release-{current.version:06d}-{cap}",
+                chain_meta=full.metadata["chain"],
+                members=members,
+                serve=cap if cap and cap > 0 else None,
+                chain_of={"version": version_of, "manifest": key_of},
+                target={**kept, "holds": remaining, "forgotten_requests": sorted(remaining)},
+                metadata={**metadata, "published_for": "release", "interim_for": sorted(remaining)},
+                expected_version=current.version,
+            )
+        except PointerConflict:
+            continue
+    raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_CAS_ATTEMPTS} release attempts.")

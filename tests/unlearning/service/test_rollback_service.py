@@ -92,3 +92,25 @@ def test_below_the_floor_the_batch_flushes_now_and_block_1_pauses_the_run(traine
     assert served_model(registry, "rb") is None
     with pytest.raises(ConfigError, match="paused"):
         export_target(registry, "rb", tmp_path / "target.pt")
+
+
+def test_a_cancelled_request_releases_its_rollback_at_the_next_pass(trained) -> None:
+    _url, store, ids_in = trained
+    save_rollback(store, enabled=True, floor_points=100.0)
+    ledger = DeletionLedger(store)
+    registry = RunRegistry(store)
+    final = served_model(registry, "rb")
+    ledger.append(request_id="keep", ids=ids_in(4), dataset="digits", reason=None)
+    ledger.append(request_id="drop", ids=ids_in(2), dataset="digits", reason=None)
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert registry.manifest(registry.current("rb")).metadata["serve_block"] == 1
+    ledger.cancel("drop", applied_to=[])
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))  # the next pass: only "keep" holds the run back
+    manifest = registry.manifest(registry.current("rb"))
+    assert manifest.metadata["serve_block"] == 3 and set(manifest.members) == {"0", "1", "2", "3"}
+    ledger.cancel("keep", applied_to=[])
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    current = registry.current("rb")
+    assert "serve_block" not in registry.manifest(current).metadata
+    served = served_model(registry, "rb")
+    assert final is not None and served is not None and _states_equal(served, final)
