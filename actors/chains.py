@@ -312,7 +312,13 @@ class ChainWorker:
         all_deleted = sorted(set(current.deleted_ids) | set(audit["deleted_ids"]))
         # Requests accepted meanwhile and rolled back still hold the served block back (issue 11).
         holds = progress.remaining_holds(poll=True)
-        held = {"serve_block": serve_cap(holds), "holds": holds, "forgotten_requests": sorted(holds)} if holds else {}
+        cap = serve_cap(holds)
+        held: dict[str, Any] = {}
+        if cap is not None:  # serve the newest block before every hold (M_0 is no model: paused)
+            block = cap if cap >= 1 else None
+            held = {"serve_block": block, "holds": holds, "forgotten_requests": sorted(holds)}
+            served = None if block is None else new_chain.checkpoints[block].heldout_accuracy
+            metrics = {**metrics, "served_accuracy": served}
         version = self._publish(
             run_id,
             chain_name=token,
