@@ -114,3 +114,14 @@ def test_a_cancelled_request_releases_its_rollback_at_the_next_pass(trained) -> 
     assert "serve_block" not in registry.manifest(current).metadata
     served = served_model(registry, "rb")
     assert final is not None and served is not None and _states_equal(served, final)
+
+
+def test_with_no_window_rollback_still_serves_m_d_minus_1_until_the_retrain_lands(trained) -> None:
+    _url, store, ids_in = trained
+    save_policy(store, BatchPolicy())  # immediate, as without batching
+    save_rollback(store, enabled=True, floor_points=100.0)
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="now", ids=ids_in(3), dataset="digits", reason=None)
+    gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert gate["flush"] and gate["interim"]["runs"]["rb"]["serve_block"] == 2
+    assert store.exists("ledger/forgotten/now.json")
