@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from actors.chains import ChainWorker
 from flows.audit import export_target
 from flows.batching import batch_gate, save_policy
+from flows.cli import main
 from flows.rollback import save_rollback, served_model
 from flows.train import run_spec
 from flows.verify import chain_of
@@ -116,8 +118,8 @@ def test_a_cancelled_request_releases_its_rollback_at_the_next_pass(trained) -> 
     assert final is not None and served is not None and _states_equal(served, final)
 
 
-def test_with_no_window_rollback_still_serves_m_d_minus_1_until_the_retrain_lands(trained) -> None:
-    _url, store, ids_in = trained
+def test_with_no_window_rollback_still_serves_m_d_minus_1_until_the_retrain_lands(trained, capsys) -> None:
+    url, store, ids_in = trained
     save_policy(store, BatchPolicy())  # immediate, as without batching
     save_rollback(store, enabled=True, floor_points=100.0)
     ledger = DeletionLedger(store)
@@ -125,3 +127,6 @@ def test_with_no_window_rollback_still_serves_m_d_minus_1_until_the_retrain_land
     gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
     assert gate["flush"] and gate["interim"]["runs"]["rb"]["serve_block"] == 2
     assert store.exists("ledger/forgotten/now.json")
+    assert main(["forget", "--status", "now", "--store", url]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["forgotten"]["forgotten_at"] >= shown["requested_at"]
