@@ -36,19 +36,11 @@ from obliviate.unlearning.service import RunSpec, block_data, block_holdings, wo
 from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain
 from obliviate.unlearning.verification import consistency
 from storage.errors import PointerConflict
-from storage.ledger import CANCELLED, CLAIMED, PENDING, REJECTED, DeletionLedger
 from storage.objects import ObjectInfo, ObjectStore
+from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
 from storage.retry import RetryPolicy, retry_unavailable
-from storage.serving import (
-    chain_source,
-    first_blocks,
-    load_rollback,
-    pointer_target,
-    publish_served,
-    record_forgotten,
-    serve_cap,
-)
+from storage.serving import chain_source, record_forgotten, serve_cap
 
 _PUBLISH_ATTEMPTS = 5
 
@@ -235,8 +227,9 @@ class ChainWorker:
         blocks = chain.plan.block_of(new_positions)
         first, last, num_blocks = int(blocks.min()), int(blocks.max()), chain.config.num_blocks
         members = {i: manifest.members[str(i)] for i in range(first)}
-        progress = _Progress(
-            self,
+        progress = ProgressivePublisher(
+            registry,
+            io=self._io,
             current=current,
             todo=todo,
             dataset=spec.dataset,
@@ -363,7 +356,7 @@ class ChainWorker:
         last: int,
         members: dict[int, ObjectInfo],
         new_ids: np.ndarray,
-        progress: _Progress | None = None,
+        progress: ProgressivePublisher | None = None,
     ) -> tuple[Chain, UnlearningRecord, int]:
         """Exact unlearning (SPEC 5): retrain from M_{d-1} without the ids, resuming stored progress.
 
@@ -481,131 +474,3 @@ def _lineage(chain: Chain, members: dict[int, ObjectInfo]) -> dict[str, Any]:
         deleted_ids=chain.deleted_ids,
         checkpoint_sha256={index: info.sha256 for index, info in members.items()},
     )
-
-
-class _Progress:
-    """Progressive publishing of one exact retrain (issue 11, SPEC 6 Rollback): see :mod:`storage.serving`.
-
-    When the run serves a rolled-back version, each retrained block M'_i is published as it lands
-    (it never saw the batch's ids), capped by the holds of requests accepted meanwhile: with
-    ``serve --rollback`` the ledger is read after every block, and a request that arrived during the
-    retrain is rolled back right then, not by the next pass.
-    """
-
-    def __init__(
-        self,
-        worker: ChainWorker,
-        *,
-        current: ModelVersion,
-        todo: dict[str, list[int]],
-        dataset: str,
-        chain_meta: dict[str, Any],
-        chain_of: dict[str, Any],
-        token: str,
-        members: dict[int, ObjectInfo],
-        reference_accuracy: float | None,
-        first_block: int,
-    ) -> None:
-        self.worker, self.run_id, self.todo, self.dataset = worker, current.run_id, todo, dataset
-        self.applied = set(current.applied_requests)
-        _, self.target = worker._io(lambda: pointer_target(worker.registry, current.run_id))
-        self.expected_version = current.version
-        self.chain_meta, self.chain_of, self.token, self.members = chain_meta, chain_of, token, members
-        self.reference_accuracy = reference_accuracy
-        self.holds = {str(k): int(v) for k, v in (self.target.get("holds") or {}).items()}
-        # The batch's own requests hold every other chain back (a concurrent retrain that kept their
-        # ids must not serve past them); this retrain's chain excludes them, so its cap ignores them.
-        self.holds.update({r: int(first_block) for r in todo if r not in self.holds})
-        self.progressive = "serve_block" in self.target
-        self.served = self.target.get("serve_block")
-        self.rollback = worker._io(lambda: load_rollback(worker.registry.store))
-        self.published: list[dict[str, Any]] = []
-
-    def remaining_holds(self, *, poll: bool) -> dict[str, int]:
-        """Holds of requests not applied by this retrain (after reading the ledger when ``poll``)."""
-        if poll and self.rollback.get("enabled"):
-            self._poll()
-        return {r: b for r, b in self.holds.items() if r not in self.todo and r not in self.applied}
-
-    def _poll(self) -> list[str]:
-        """Hold back every request accepted meanwhile (pending or claimed elsewhere) that touches this run."""
-        store = self.worker.registry.store
-        entries = self.worker._io(lambda: DeletionLedger(store).entries())
-        for entry in entries:  # a request refused or withdrawn before it was applied holds nothing back
-            if entry.status in (REJECTED, CANCELLED):
-                self.holds.pop(entry.request_id, None)
-        fresh = {
-            e.request_id: [int(i) for i in e.request["ids"]]
-            for e in entries
-            if e.status in (PENDING, CLAIMED)
-            and e.request.get("dataset") == self.dataset
-            and e.request_id not in self.todo
-            and e.request_id not in self.applied
-            and e.request_id not in self.holds
-        }
-        if not fresh:
-            return []
-        deleted = frozenset(int(i) for i in self.chain_meta["deleted_ids"])
-        found = self.worker._io(lambda: first_blocks(self.worker.registry, self.run_id, fresh, deleted=deleted))
-        self.holds.update(found)
-        return sorted(found)
-
-    def landed(self, checkpoint: Any) -> None:
-        """A retrained block landed: publish it (or the newest block the holds allow) as the served model."""
-        index = int(checkpoint.block_index)
-        entries = self.chain_meta["checkpoints"]
-        entries[index] = {
-            **entries[index],
-            "origin": checkpoint.origin,
-            "heldout_accuracy": checkpoint.heldout_accuracy,
-        }
-        fresh = self._poll() if self.rollback.get("enabled") else []
-        last = index >= int(self.chain_meta["config"]["num_blocks"])  # the final version follows at once
-        if not (self.progressive or fresh) or last:
-            return
-        cap = serve_cap(self.remaining_holds(poll=False))
-        serve = index if cap is None else min(index, cap)
-        if serve < 1:
-            serve_block: int | None = None
-        else:
-            serve_block = serve
-        if serve_block == self.served and not fresh:
-            return
-        holds = {r: b for r, b in self.holds.items() if r not in self.applied}
-        accuracy = None if serve_block is None else entries[serve_block]["heldout_accuracy"]
-        target = {
-            "applied_requests": sorted(self.applied),
-            "deleted_ids": list(self.target.get("deleted_ids", [])),
-            "metrics": {**dict(self.target.get("metrics", {})), "served_accuracy": accuracy},
-            "forgotten_requests": sorted(holds),
-            "holds": holds,
-            "retraining": sorted(self.todo),
-        }
-        version = self.worker._io(
-            lambda: publish_served(
-                self.worker.registry,
-                self.run_id,
-                chain_name=f"{self.token}-at{index:04d}",
-                chain_meta=self.chain_meta,
-                members=self.members,
-                serve=serve_block,
-                chain_of=self.chain_of,
-                target=target,
-                metadata={
-                    "metrics": target["metrics"],
-                    "record": None,
-                    "reference_accuracy": self.reference_accuracy,
-                    "published_for": "progressive",
-                    "retrained_through": index,
-                    "retraining": sorted(self.todo),
-                    "interim_for": sorted(holds),
-                },
-                expected_version=self.expected_version,
-            )
-        )
-        if fresh:
-            record_forgotten(self.worker.registry.store, fresh, runs={self.run_id: {"serve_block": serve_block}})
-        self.expected_version, self.served, self.target = version.version, serve_block, target
-        self.published.append(
-            {"version": version.version, "block": index, "serve_block": serve_block, "at": version.published_at}
-        )
