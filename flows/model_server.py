@@ -40,6 +40,7 @@ from obliviate.errors import ConfigError
 from obliviate.extraction.target import Backend, LocalTorchBackend, OutputMode, decode_images
 from obliviate.models import images_to_tensor
 from obliviate.unlearning.shards import MEAN, combine, shard_probabilities
+from storage.errors import StorageError
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import served_model
@@ -159,7 +160,7 @@ class PredictHandler(BaseHTTPRequestHandler):
         try:
             with owner.lock:
                 answer = owner.backend.predict(np.array(images), output=output)
-        except ConfigError as err:  # nothing to serve now (a paused run): the client may retry later
+        except (ConfigError, StorageError) as err:  # nothing to serve now (paused run, store outage): retry later
             self.send_json(503, {"error": str(err)})
             return
         owner.requests += 1
