@@ -37,8 +37,10 @@ from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain
 from obliviate.unlearning.verification import consistency
 from storage.errors import PointerConflict
 from storage.objects import ObjectInfo, ObjectStore
+from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
 from storage.retry import RetryPolicy, retry_unavailable
+from storage.serving import chain_source, record_forgotten, serve_cap
 
 _PUBLISH_ATTEMPTS = 5
 
@@ -202,7 +204,11 @@ class ChainWorker:
     ) -> dict[str, Any]:
         registry, run_id = self.registry, current.run_id
         spec = self._io(lambda: registry.spec(run_id))
-        chain, manifest = self._io(lambda: registry.load_chain(current))
+        # A rolled-back (interim or progressive) version keeps only M_0..M_s: retrain from the full
+        # chain it derives from (issue 11), under that version's work token so stored progress resumes.
+        base_version, base_key = chain_source(current, self._io(lambda: registry.manifest(current)))
+        base = replace(current, version=base_version, manifest_key=base_key)
+        chain, manifest = self._io(lambda: registry.load_chain(base))
         wanted = sorted({int(i) for ids in todo.values() for i in ids})
         positions, _ = spec.positions(wanted)
         new_positions = np.asarray(sorted(set(positions.tolist()) - chain.deleted_ids), dtype=np.int64)
@@ -217,10 +223,23 @@ class ChainWorker:
         validate_deletion(chain, new_positions)
         data = self._block_data(spec)
         excluded = frozenset(chain.deleted_ids | set(new_positions.tolist()))
-        token = work_token(base_version=current.version, excluded_positions=excluded, policy=policy.value)
+        token = work_token(base_version=base_version, excluded_positions=excluded, policy=policy.value)
         blocks = chain.plan.block_of(new_positions)
         first, last, num_blocks = int(blocks.min()), int(blocks.max()), chain.config.num_blocks
         members = {i: manifest.members[str(i)] for i in range(first)}
+        progress = ProgressivePublisher(
+            registry,
+            io=self._io,
+            current=current,
+            todo=todo,
+            dataset=spec.dataset,
+            chain_meta={**chain.manifest(), "deleted_ids": sorted(excluded), "generation": chain.generation + 1},
+            chain_of={"version": base_version, "manifest": base_key},
+            token=token,
+            members=members,
+            reference_accuracy=chain.final.heldout_accuracy,
+            first_block=first,
+        )
         began = time.perf_counter()
         if policy is Policy.EXACT:
             new_chain, record, resumed_from = self._retrain_exact(
@@ -233,6 +252,7 @@ class ChainWorker:
                 last=last,
                 members=members,
                 new_ids=new_positions,
+                progress=progress,
             )
         else:
             timings: list = []
@@ -283,6 +303,15 @@ class ChainWorker:
         if verify:
             audit["verification"] = _verify(chain, new_chain, data, excluded)
         all_deleted = sorted(set(current.deleted_ids) | set(audit["deleted_ids"]))
+        # Requests accepted meanwhile and rolled back still hold the served block back (issue 11).
+        holds = progress.remaining_holds(poll=True)
+        cap = serve_cap(holds)
+        held: dict[str, Any] = {}
+        if cap is not None:  # serve the newest block before every hold (M_0 is no model: paused)
+            block = cap if cap >= 1 else None
+            held = {"serve_block": block, "holds": holds, "forgotten_requests": sorted(holds)}
+            served = None if block is None else new_chain.checkpoints[block].heldout_accuracy
+            metrics = {**metrics, "served_accuracy": served}
         version = self._publish(
             run_id,
             chain_name=token,
@@ -294,15 +323,25 @@ class ChainWorker:
                 "audit": audit,
                 "block_seconds": manifest.metadata.get("block_seconds"),
                 "lineage": _lineage(new_chain, members),  # issue 11: proof by replay (obliviate verify)
+                **({"serve_block": held["serve_block"]} if held else {}),
             },
             target={
                 "applied_requests": [*current.applied_requests, *sorted(todo)],
                 "deleted_ids": all_deleted,
                 "metrics": metrics,
+                **held,
             },
-            expected_version=current.version,
+            expected_version=progress.expected_version,
         )
-        audit.update(status="published", to_version=version.version, published_at=version.published_at)
+        if holds:  # first time only: when each held request became forgotten
+            record_forgotten(registry.store, sorted(holds), runs={run_id: {"serve_block": held["serve_block"]}})
+        audit.update(
+            status="published",
+            to_version=version.version,
+            published_at=version.published_at,
+            progressive_versions=progress.published,
+            held_by=sorted(holds),
+        )
         return audit
 
     def _retrain_exact(
@@ -317,6 +356,7 @@ class ChainWorker:
         last: int,
         members: dict[int, ObjectInfo],
         new_ids: np.ndarray,
+        progress: ProgressivePublisher | None = None,
     ) -> tuple[Chain, UnlearningRecord, int]:
         """Exact unlearning (SPEC 5): retrain from M_{d-1} without the ids, resuming stored progress.
 
@@ -329,12 +369,19 @@ class ChainWorker:
         seconds = {c.block_index: s for c, _, s in stored}
         timings: list = []
         began = time.perf_counter()
+        write = self._sink(run_id, token, timings, members)
+
+        def sink(checkpoint) -> None:
+            write(checkpoint)
+            if progress is not None:  # issue 11: serve each exact retrained block as it lands
+                progress.landed(checkpoint)
+
         retrained = train_chain(
             config=chain.config,
             data=data,
             plan=chain.plan,
             excluded_ids=excluded,
-            sink=self._sink(run_id, token, timings, members),
+            sink=sink,
             resume_from=list(chain.checkpoints[:first]) + [c for c, _, _ in stored],
             timings=timings,
         )

@@ -59,6 +59,7 @@ from obliviate.extraction.substitute import TrainConfig, accuracy
 from obliviate.extraction.target import Target, open_backend, save_checkpoint
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
+from storage.serving import served_model
 
 
 def write_output(location: str, name: str, data: bytes) -> str:
@@ -453,9 +454,8 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
     if current is None:
         raise ConfigError(f"run {run_id!r} has no published version to audit; train it first.")
     spec = registry.spec(run_id)
-    chain, manifest = registry.load_chain(current)
-    block = manifest.metadata.get("serve_block", chain.config.num_blocks)  # issue 11: an interim version serves M_{d-1}
-    if block is None:
+    model = served_model(registry, run_id)  # issue 11: a rolled-back version serves M_s, not M_B
+    if model is None:
         raise ConfigError(
             f"run {run_id!r} is paused: its rollback left no checkpoint to serve until the retrain lands."
         )
@@ -469,7 +469,7 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
         "run_id": run_id,
         "version": current.version,
     }
-    save_checkpoint(path, chain.model(int(block)), arch=spec.config.model, meta=meta)
+    save_checkpoint(path, model, arch=spec.config.model, meta=meta)
     return meta
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from flows.rollback import load_rollback, publish_interim
+from flows.rollback import load_rollback, publish_interim, release_refused
 from obliviate.errors import ConfigError
 from obliviate.unlearning.batching import BatchPolicy, expected_retrain_seconds, flush_decision, new_request
 from storage.errors import ObjectNotFound
@@ -95,9 +95,12 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         for e in pending
     ]
     deadlines = {r.request_id: r.deadline for r in batch}
+    rollback = load_rollback(store)
+    if rollback["enabled"]:  # requests rejected or cancelled since their rollback hold nothing back any more
+        release_refused(store)
     if not batch:
         return {"flush": False, "reason": "empty", "batched_until": None, "requests": [], "deadlines": {}}
-    if policy.window_s == 0 and not forced:  # immediate (the default): no manifest reads, no extra writes
+    if policy.window_s == 0 and not forced and not rollback["enabled"]:  # immediate (default): no extra I/O
         return {
             "flush": True,
             "reason": "window",
@@ -109,7 +112,6 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         batch, now=now, policy=policy, expected_retrain_s=expected_retrain(store), force=bool(forced)
     )
     due, reason, interim = decision.due, decision.reason, None
-    rollback = load_rollback(store)
     if rollback["enabled"]:  # exact at once: every affected run serves a checkpoint that never saw the ids
         interim = publish_interim(store, pending, floor_points=float(rollback["floor_points"]))
         if interim["flush_now"] and not due:

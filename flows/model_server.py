@@ -10,24 +10,117 @@ Service code, so it lives outside the pure package. It speaks the protocol of
   auditor can keep its pool disjoint from the target's training data.
 * ``GET /health`` answers ``{"ok": true}``.
 
+It serves a torch model, or (issue 11) what a run of a store serves now (:class:`RunBackend`):
+the run's current version, re-read when its pointer moves, so an interim (rolled-back) or
+progressive version is served the moment it is published; a sharded run (``train --shards S``,
+``groups/<run>.json``) answers with the argmax of the mean of its shards' softmax probabilities,
+ties to the lowest class (:mod:`obliviate.unlearning.shards`), and a shard paused by a rollback
+leaves the vote. When nothing can be served (every shard paused) a prediction gets HTTP 503.
+
 Usage::
 
     with TargetServer(model, info={"arch": "lenet5"}) as server:
         print(server.url)  # http://127.0.0.1:<port>/predict
+    with TargetServer(backend=RunBackend("file://./runs", "g")) as server: ...
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from typing import Any, Self, cast
 
 import numpy as np
+import torch
 from torch import nn
 
 from obliviate.errors import ConfigError
-from obliviate.extraction.target import LocalTorchBackend, OutputMode, decode_images
+from obliviate.extraction.target import Backend, LocalTorchBackend, OutputMode, decode_images
+from obliviate.models import images_to_tensor
+from obliviate.unlearning.shards import MEAN, combine, shard_probabilities
+from storage.errors import StorageError
+from storage.objects import ObjectStore
+from storage.registry import RunRegistry
+from storage.serving import served_model
+
+
+class RunBackend:
+    """Answers with the model run ``run_id`` of a store serves now (a sharded run: mean of probabilities).
+
+    Args:
+        store_url: the store of runs.
+        run_id: a run, or the name of a sharded run (its ``groups/<run_id>.json`` lists the shards).
+        refresh_s: how often the version pointers are re-read (a moved pointer reloads that shard).
+        batch_size: images per forward pass.
+
+    Raises:
+        ConfigError: no such run or group in the store.
+    """
+
+    def __init__(self, store_url: str, run_id: str, *, refresh_s: float = 1.0, batch_size: int = 512) -> None:
+        self.store = ObjectStore(store_url)
+        self.registry = RunRegistry(self.store)
+        self.run_id, self.refresh_s, self.batch_size = run_id, refresh_s, batch_size
+        group_key = f"groups/{run_id}.json"
+        if self.store.exists(group_key):
+            group = self.store.get_json(group_key)
+            self.members, self.rule = [str(m) for m in group["members"]], str(group.get("rule", "mean_probability"))
+        else:
+            self.members, self.rule = [run_id], "single"
+        if self.registry.current(self.members[0]) is None:
+            raise ConfigError(f"run {run_id!r} has no published version in {self.store.uri()}; train it first.")
+        spec = self.registry.spec(self.members[0])
+        self.levels = int(spec.config.levels)
+        self.spec_info = {
+            "run_id": run_id,
+            "members": self.members,
+            "rule": self.rule,
+            "dataset": spec.dataset,
+            "arch": spec.config.model,
+            "levels": self.levels,
+            "train_indices": sorted({int(i) for m in self.members for i in self.registry.spec(m).train_ids}),
+        }
+        self._loaded: dict[str, tuple[int | None, nn.Module | None]] = {}
+        self._checked = float("-inf")
+        self.lock = threading.Lock()
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Reload every shard whose version pointer moved (at most every ``refresh_s`` unless forced)."""
+        with self.lock:
+            if not force and time.monotonic() - self._checked < self.refresh_s:
+                return
+            for member in self.members:
+                current = self.registry.current(member)
+                version = None if current is None else current.version
+                if member not in self._loaded or self._loaded[member][0] != version:
+                    self._loaded[member] = (version, served_model(self.registry, member))
+            self._checked = time.monotonic()
+
+    def served(self) -> dict[str, Any]:
+        """Which version each shard serves and whether it is in the vote (``GET /info``)."""
+        self.refresh()
+        with self.lock:
+            return {m: {"version": v, "in_vote": model is not None} for m, (v, model) in self._loaded.items()}
+
+    def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
+        """Labels (argmax of the float64 mean probability, ties to the lowest class) or mean probabilities."""
+        self.refresh()
+        with self.lock:
+            models = [model for _, model in self._loaded.values() if model is not None]
+        if not models:
+            raise ConfigError(
+                f"run {self.run_id!r} is paused: a rollback left no checkpoint to serve until its retrain lands."
+            )
+        x = images_to_tensor(np.asarray(images), levels=self.levels)
+        probabilities = [
+            torch.cat([shard_probabilities(m, x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+            for m in models
+        ]
+        if OutputMode(output) is OutputMode.LABELS:
+            return combine(probabilities, rule=MEAN).numpy().astype(np.int64)
+        return torch.stack(probabilities).mean(dim=0).numpy().astype(np.float32)
 
 
 class PredictHandler(BaseHTTPRequestHandler):
@@ -41,7 +134,8 @@ class PredictHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         owner: TargetServer = self.server.target_server  # type: ignore[attr-defined]
         if self.path == "/info":
-            self.send_json(200, owner.info)
+            served = owner.backend.served() if isinstance(owner.backend, RunBackend) else None
+            self.send_json(200, {**owner.info, **({"served": served} if served is not None else {})})
         elif self.path == "/health":
             self.send_json(200, {"ok": True})
         else:
@@ -63,8 +157,12 @@ class PredictHandler(BaseHTTPRequestHandler):
         if output is OutputMode.PROBABILITIES and not owner.allow_probabilities:
             self.send_json(403, {"error": "this target answers labels only"})
             return
-        with owner.lock:
-            answer = owner.backend.predict(np.array(images), output=output)
+        try:
+            with owner.lock:
+                answer = owner.backend.predict(np.array(images), output=output)
+        except (ConfigError, StorageError) as err:  # nothing to serve now (paused run, store outage): retry later
+            self.send_json(503, {"error": str(err)})
+            return
         owner.requests += 1
         self.send_json(200, {output.value: answer.tolist()})
 
@@ -84,7 +182,8 @@ class TargetServer:
     """Serve a torch classifier on ``host:port`` in a background thread.
 
     Args:
-        model: the classifier (inputs ``(n, 1, H, W)`` in ``[0, 1]``).
+        model: the classifier (inputs ``(n, 1, H, W)`` in ``[0, 1]``); or give ``backend``.
+        backend: what answers instead of ``model`` (e.g. a :class:`RunBackend`).
         host: interface to bind (127.0.0.1 by default: never all interfaces unless asked).
         port: TCP port; 0 picks a free one.
         levels: gray levels of the inputs.
@@ -95,8 +194,9 @@ class TargetServer:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None = None,
         *,
+        backend: Backend | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         levels: int = 256,
@@ -104,7 +204,9 @@ class TargetServer:
         allow_probabilities: bool = True,
         handler: type[PredictHandler] = PredictHandler,
     ) -> None:
-        self.backend = LocalTorchBackend(model, levels=levels)
+        if (model is None) == (backend is None):
+            raise ConfigError("TargetServer serves either a model or a backend; give exactly one.")
+        self.backend: Backend = LocalTorchBackend(model, levels=levels) if model is not None else cast(Backend, backend)
         self.info = dict(info or {})
         self.allow_probabilities = allow_probabilities
         self.lock = threading.Lock()

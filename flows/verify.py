@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -30,6 +31,7 @@ from obliviate.unlearning.service import block_data, check_name
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectStore
 from storage.registry import ModelVersion, RunRegistry
+from storage.serving import chain_source
 
 
 def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion:
@@ -64,7 +66,9 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
     checkpoints: dict[int, Checkpoint] = {}
     stored_sha256: dict[int, str] = {}
     unreadable: dict[int, str] = {}
-    for index in range(config.num_blocks + 1):
+    # a rolled-back (interim or progressive) version keeps only M_0..M_s (issue 11): verify those
+    last = max(int(k) for k in manifest.members) if "serve_block" in manifest.metadata else config.num_blocks
+    for index in range(last + 1):
         member = manifest.members.get(str(index))
         if member is None:
             unreadable[index] = "the manifest lists no such checkpoint"
@@ -98,7 +102,9 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         stored_sha256=stored_sha256,
         unreadable=unreadable,
         applied_ids=applied_positions.tolist(),
-        blocks=choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=first_deleted),
+        blocks=[
+            b for b in choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=first_deleted) if b <= last
+        ],
     )
     result = {
         "run_id": run_id,
@@ -146,4 +152,5 @@ def chain_of(store_url: str, run_id: str) -> Chain:
     current = registry.current(run_id)
     if current is None:
         raise ConfigError(f"run {run_id!r} is not trained.")
-    return registry.load_chain(current)[0]
+    version, key = chain_source(current, registry.manifest(current))  # a rolled-back version: its full chain
+    return registry.load_chain(replace(current, version=version, manifest_key=key))[0]

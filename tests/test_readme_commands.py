@@ -64,6 +64,14 @@ def test_make_demo_tells_the_whole_story(tmp_path) -> None:
     for step in ("reduce (DRMI)", "extraction audit", "train + forget + unlearn"):
         assert re.search(rf"^\| {re.escape(step)} \| ok \|", out, flags=re.MULTILINE), out[-3000:]
     assert re.search(r"^\| story-a \| 1 → 2 \|.*\| yes \|$", out, flags=re.MULTILINE), out[-3000:]
+    # issue 11: a batch of requests, forgotten at once by rollback, exact after one retrain, its cost per request
+    assert re.search(r"^batch of 3 deletion requests .* batched until \d", out, flags=re.MULTILINE), out[-3000:]
+    assert (
+        len(re.findall(r"^\| del-\w+ \| \[\d+\] \| done \| [0-9.]+ s \| [0-9.]+ s \| no \|$", out, re.MULTILINE)) == 3
+    )
+    assert re.search(
+        r"^batch cost: .* per request vs naive retraining [0-9.]+ block-trainings", out, flags=re.MULTILINE
+    ), out[-3000:]
     assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
     assert (tmp_path / "steal" / "steal.md").exists()
     assert "`make ui` (or `.venv/bin/obliviate ui`), then open http://127.0.0.1:4200" in out  # issue 15

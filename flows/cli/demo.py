@@ -1,8 +1,9 @@
 """``obliviate demo``: the README's main job, the whole story on the embedded default.
 
 reduce (DRMI on mnist5k) -> extraction audit of a LeNet-5 target -> block-sequenced training of
-two runs -> a deletion request -> event-triggered unlearning -> verification, then a summary
-table and where each report lies. Local Ray, a Prefect server on 127.0.0.1 started on demand,
+two runs -> a deletion request -> event-triggered unlearning -> verification -> a batch of
+requests (forgotten at once by rollback, exact after one retrain, its compute per request against
+naive retraining), then a summary table and where each report lies. Local Ray, a Prefect server on 127.0.0.1 started on demand,
 ``file://`` storage, data from packages. ``--quick`` shrinks every step (used by the tests).
 """
 
@@ -36,7 +37,14 @@ FULL = {
         "--drmi-starts",
         "8",
     ],
-    "story": {"data": "digits", "run_ids": ("story-a", "story-b"), "forget_count": 5, "blocks": 8, "epochs": 3},
+    "story": {
+        "data": "digits",
+        "run_ids": ("story-a", "story-b"),
+        "forget_count": 5,
+        "blocks": 8,
+        "epochs": 3,
+        "batch_requests": 4,
+    },
 }
 QUICK = {
     "reduce": ["--data", "digits", "--k", "50", "--starts", "40", "--workers", "2"],
@@ -69,6 +77,7 @@ QUICK = {
         "epochs": 3,
         "train_size": 600,
         "heldout_size": 200,
+        "batch_requests": 3,
     },
 }
 
@@ -130,15 +139,19 @@ def _run_steps(args: argparse.Namespace) -> int:
         code_steal = cli_main(["steal", "--target", str(checkpoint), "--out", str(steal_out), *settings["steal"]])
     rows.append(_row("extraction audit", began, code_steal, str(steal_out / "steal.md")))
 
-    _banner("3/3 train two runs block by block, request a deletion, unlearn on the event, verify")
+    _banner("3/3 train two runs block by block, request a deletion, unlearn on the event, verify; then a batch")
     from flows.cli.story import deletion_story
 
     began = time.perf_counter()
     story = deletion_story(f"{store_url}/service", **settings["story"])
     story_ok = story["status"] == "done" and all(run["ids_gone"] for run in story["runs"].values())
+    batch = story.get("batch") or {"requests": []}
+    story_ok = story_ok and all(r["status"] == "done" and not r["late"] for r in batch["requests"])
     rows.append(_row("train + forget + unlearn", began, 0 if story_ok else 1, story["ledger"]))
 
     _print_story(story)
+    if story.get("batch"):
+        _print_batch(story["batch"])
     _print_summary(rows)
     return 0 if all(row["ok"] for row in rows) else 1
 
@@ -173,6 +186,58 @@ def _print_story(story: dict[str, Any]) -> None:
             f"{len(run['blocks_retrained'] or [])} | {f'{speedup:.2f}×' if speedup else '–'} | {shown} | "
             f"{'yes' if run['ids_gone'] else 'NO'} |"
         )
+
+
+def _print_batch(batch: dict[str, Any]) -> None:
+    """The batch of requests (issue 11): forgotten at once by rollback, exact after one retrain, cost per request."""
+    n = len(batch["requests"])
+    until = batch.get("batched_until")
+    shown_until = time.strftime("%H:%M:%S UTC", time.gmtime(until)) if until else "–"
+    print(
+        f"\nbatch of {n} deletion requests (serve --batch-window {batch['window_s'] / 3600:g}h --rollback, "
+        f"floor {batch['floor_points']:g} points): batched until {shown_until} ({batch.get('batched_rule')} rule), "
+        "then flushed by `forget --now`"
+    )
+    for run_id, interim in batch["interim"].items():
+        block = interim["serve_block"]
+        served = "nothing (paused)" if block is None else f"M_{block}"
+        print(f"  rolled back at once: {run_id} v{interim['version']} serves {served}, which never saw the ids")
+    print("| request | ids | status | forgotten after | exact after | late |")
+    print("|---|---|---|---|---|---|")
+    for r in batch["requests"]:
+        print(
+            f"| {r['request_id']} | {r['ids']} | {r['status']} | {_secs(r['forget_s'])} | {_secs(r['exact_s'])} | "
+            f"{'YES' if r['late'] else 'no'} |"
+        )
+    for run_id, history in batch["served"].items():
+        steps = " → ".join(
+            f"v{h['version']} {'full' if h['serve_block'] == 'final' else _served(h['serve_block'], h['retrained'])}"
+            f" ({_pct(h.get('served_accuracy', h.get('heldout_accuracy')))})"
+            for h in history
+        )
+        print(f"  {run_id} served while the batch retrained: {steps}")
+    naive_blocks, naive_s = batch["naive_per_request_block_trainings"], batch["naive_per_request_seconds"]
+    per_blocks, per_s = batch["per_request_block_trainings"], batch["per_request_seconds"]
+    ratio = (
+        f"{naive_blocks / per_blocks:.1f}× fewer block-trainings, {naive_s / per_s:.1f}× fewer seconds"
+        if per_s > 0 and per_blocks > 0
+        else "–"
+    )
+    print(
+        f"batch cost: one exact retrain of {batch['block_trainings']} block-trainings ({batch['retrain_seconds']:.1f} s) "
+        f"for {n} requests = {per_blocks:.2f} block-trainings ({per_s:.2f} s) per request vs naive retraining "
+        f"{naive_blocks:.1f} block-trainings ({naive_s:.2f} s) per request: {ratio}"
+    )
+
+
+def _served(block: int | None, retrained: bool) -> str:
+    if block is None:
+        return "paused"
+    return f"M'_{block}" if retrained else f"M_{block}"
+
+
+def _secs(value: float | None) -> str:
+    return f"{value:.1f} s" if value is not None else "–"
 
 
 def _print_summary(rows: list[dict[str, Any]]) -> None:

@@ -112,6 +112,8 @@ def run_forget(args: argparse.Namespace) -> int:
         entry = ledger.get(args.status)
         shown = {**entry.as_dict(), "history": ledger.history(args.status)}
         shown["batch"] = batch_status(ObjectStore(url), args.status)
+        forgotten_key = f"ledger/forgotten/{args.status}.json"  # rolled back (exact at once), issue 11
+        shown["forgotten"] = ledger.store.get_json(forgotten_key) if ledger.store.exists(forgotten_key) else None
         print(json.dumps(shown, indent=2, default=str))
         print(describe(entry.as_dict()), file=sys.stderr)
         return EXIT_DONE

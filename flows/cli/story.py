@@ -145,6 +145,8 @@ def deletion_story(
     heldout_size: int = 300,
     verify: bool = True,
     timeout_s: float = 600.0,
+    batch_requests: int = 0,
+    batch_floor_points: float = 25.0,
 ) -> dict[str, Any]:
     """Train small runs, serve the store, forget ``forget_count`` ids, wait for the new versions.
 
@@ -152,7 +154,8 @@ def deletion_story(
     is unlearned (the runs differ by split seed, so some may share ids). Returns a summary:
     store, request id, ledger status, latencies, and per run the versions, held-out accuracy
     before and after, blocks retrained, speed-up and (with ``verify``) consistency with a naive
-    retrain.
+    retrain. With ``batch_requests`` N > 0 the same ``serve`` then takes N more requests in one
+    batch (:func:`batch_story`) and the summary's ``batch`` tells its per-request cost.
     """
     import ray
 
@@ -187,10 +190,24 @@ def deletion_story(
             # Let the flow run finish (its dashboard artifacts come after the ledger settles)
             # before serve stops: stopping it kills runs in flight, which then read "Crashed".
             wait_for_flow_runs(api_url, ("unlearn", "reconcile"), timeout_s=60.0)
+            after_single = {run_id: registry.current(run_id) for run_id in run_ids}
+            batch = (
+                batch_story(
+                    store.url,
+                    api_url=api_url,
+                    data=data,
+                    run_ids=run_ids,
+                    requests=batch_requests,
+                    floor_points=batch_floor_points,
+                    timeout_s=timeout_s,
+                )
+                if batch_requests
+                else None
+            )
     runs = {}
     for run_id in run_ids:
         audit = entry["details"].get("runs", {}).get(run_id)
-        after = registry.current(run_id)
+        after = after_single[run_id]
         runs[run_id] = {
             "version_before": before[run_id].version,
             "version_after": after.version,
@@ -212,5 +229,141 @@ def deletion_story(
         "latency": request_latencies(store.url, submitted["request_id"]),
         "runs": runs,
         "trained": trained,
+        "batch": batch,
         "wall_seconds": time.perf_counter() - began,
+    }
+
+
+def batch_story(
+    store_url: str,
+    *,
+    api_url: str,
+    data: str,
+    run_ids: Sequence[str],
+    requests: int,
+    floor_points: float,
+    timeout_s: float,
+    window_s: float = 3600.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """N deletion requests in one batch against a running ``serve``: rollback at once, one retrain, its cost.
+
+    The store's batch policy becomes a ``window_s`` window with rollback (``serve --batch-window 1h
+    --rollback``); N requests of one id each, drawn (seeded) round robin from the newest half of the
+    first run's blocks (recent data, deleted more often), are submitted; one event lets a pass gate them (``batched until T``, each
+    affected run serves the checkpoint before the earliest affected block); ``forget --now`` and
+    one more event flush the batch: one exact retrain per affected run, publishing each block as
+    it lands. Returns per request its forget and exact times, and the batch's retrain compute
+    (block-trainings and seconds) per request against naive retraining per request.
+    """
+    import numpy as np
+
+    from flows.batching import OPEN_BATCH_KEY, request_flush, save_policy
+    from flows.rollback import save_rollback
+    from flows.unlearn import emit_deletion_event
+    from obliviate.unlearning.batching import BatchPolicy
+    from obliviate.unlearning.plan import BlockPlan
+
+    store = ObjectStore(store_url)
+    registry = RunRegistry(store)
+    save_policy(store, BatchPolicy(window_s=window_s))
+    save_rollback(store, enabled=True, floor_points=floor_points)
+    first = run_ids[0]
+    spec = registry.spec(first)
+    plan = BlockPlan.from_dict(store.get_json(f"runs/{first}/plan.json"))
+    deleted = set(registry.current(first).deleted_ids)
+    newest = list(range(plan.num_blocks // 2 + 1, plan.num_blocks + 1))
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for k in range(requests):  # one id per request, round robin over the newest half of the blocks
+        block = newest[k % len(newest)]
+        candidates = [int(spec.train_ids[p]) for p in plan.block_ids(block)]
+        candidates = [i for i in candidates if i not in deleted and i not in chosen]
+        chosen.append(int(rng.choice(candidates)))
+    before = {run_id: registry.current(run_id) for run_id in run_ids}
+    submitted = [
+        submit_deletion(store.url, [int(i)], dataset=data, reason=f"batch story {k + 1}/{requests}", emit=False)
+        for k, i in enumerate(chosen)
+    ]
+    request_ids = [s["request_id"] for s in submitted]
+    emit_deletion_event(store.url, {"request_id": request_ids[-1], "store": store.url}, api_url=api_url)
+    deadline = time.monotonic() + timeout_s
+    gated: dict[str, Any] = {}
+    while time.monotonic() < deadline:  # the pass gates the open batch: batched until T, rolled back
+        with contextlib.suppress(Exception):
+            gated = store.get_json(OPEN_BATCH_KEY)
+        if set(request_ids) <= set(gated.get("requests", [])) and gated.get("interim"):
+            break
+        time.sleep(0.5)
+    interim = {run_id: registry.current(run_id) for run_id in run_ids}
+    request_flush(store, reason="batch story: forget --now")
+    emit_deletion_event(store.url, {"request_id": request_ids[-1], "store": store.url}, api_url=api_url)
+    entries = {rid: wait_for_request(store.url, rid, timeout_s=timeout_s) for rid in request_ids}
+    wait_for_flow_runs(api_url, ("unlearn", "reconcile"), timeout_s=60.0)
+    ledger = DeletionLedger(store)
+    audits: dict[str, dict[str, Any]] = {}
+    for entry in entries.values():
+        for run_id, audit in (entry["details"].get("runs") or {}).items():
+            if audit.get("status") == "published":
+                audits.setdefault(run_id, audit)
+    block_trainings = sum(len(a.get("blocks_retrained") or []) for a in audits.values())
+    retrain_seconds = sum(float(a.get("retrain_seconds") or 0.0) for a in audits.values())
+    # naive: every request retrains every run it affects from scratch (the runs' recorded block times)
+    affected = [[r for r in (e["details"].get("runs") or {}) if r in before] for e in entries.values()]
+    naive_blocks = sum(int(before[r].metrics.get("num_blocks", 0)) for runs in affected for r in runs) / requests
+    naive_seconds = (
+        sum(float(before[r].metrics.get("train_seconds", 0.0)) for runs in affected for r in runs) / requests
+    )
+    per_request = []
+    for rid in request_ids:
+        requested = float(ledger.get(rid).request["requested_at"])
+        forgotten = None
+        with contextlib.suppress(Exception):
+            forgotten = float(store.get_json(f"ledger/forgotten/{rid}.json")["forgotten_at"]) - requested
+        details = entries[rid]["details"]
+        exact = float(details["exact_at"]) - requested if details.get("exact_at") else None
+        per_request.append(
+            {
+                "request_id": rid,
+                "ids": entries[rid]["ids"],
+                "status": entries[rid]["status"],
+                "forget_s": forgotten,
+                "exact_s": exact,
+                "late": details.get("late"),
+            }
+        )
+    served = {}
+    for run_id in run_ids:
+        history = []
+        for version in range(before[run_id].version + 1, registry.current(run_id).version + 1):
+            pointer = store.read_pointer_version(registry.pointer_key(run_id), version)
+            block = pointer.target.get("serve_block", "final")
+            history.append(
+                {
+                    "version": version,
+                    "serve_block": block,
+                    "retrained": "retraining" in pointer.target,  # a progressive version: M'_i of the retrain
+                    **pointer.target.get("metrics", {}),
+                }
+            )
+        served[run_id] = history
+    return {
+        "requests": per_request,
+        "window_s": window_s,
+        "batched_until": gated.get("batched_until"),
+        "batched_rule": gated.get("reason"),
+        "interim": {
+            run_id: {"version": v.version, "serve_block": registry.manifest(v).metadata.get("serve_block")}
+            for run_id, v in interim.items()
+            if v.version != before[run_id].version
+        },
+        "runs_retrained": sorted(audits),
+        "block_trainings": block_trainings,
+        "retrain_seconds": retrain_seconds,
+        "per_request_block_trainings": block_trainings / requests,
+        "per_request_seconds": retrain_seconds / requests,
+        "naive_per_request_block_trainings": naive_blocks,
+        "naive_per_request_seconds": naive_seconds,
+        "served": served,
+        "floor_points": floor_points,
     }

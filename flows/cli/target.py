@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from flows.cli._store import add_store_argument, prepare_store, store_url
 from obliviate.errors import ConfigError
 
 
@@ -28,7 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=run_train)
 
     serve = actions.add_parser("serve", help="serve a checkpoint at http://HOST:PORT/predict (label-only by default)")
-    serve.add_argument("--checkpoint", required=True, help="path written by `obliviate target train`")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="path written by `obliviate target train`")
+    source.add_argument(
+        "--run", help="serve what this run of --store serves now (interim versions, sharded runs; issue 11)"
+    )
+    add_store_argument(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--probabilities", action="store_true", help="also answer probability requests")
@@ -53,9 +59,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from flows.model_server import TargetServer
+    from flows.model_server import RunBackend, TargetServer
     from obliviate.extraction.target import load_checkpoint
 
+    if args.run:
+        backend = RunBackend(prepare_store(store_url(args), write=False), args.run)
+        server = TargetServer(
+            backend=backend,
+            host=args.host,
+            port=args.port,
+            info=backend.spec_info,
+            allow_probabilities=args.probabilities,
+        )
+        print(f"serving run {args.run} ({backend.rule}) at {server.url} (Ctrl-C stops)", flush=True)
+        return _serve(server)
     if not Path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; make one with `obliviate target train`.")
     model, meta = load_checkpoint(args.checkpoint)
@@ -68,6 +85,10 @@ def run_serve(args: argparse.Namespace) -> int:
         allow_probabilities=args.probabilities,
     )
     print(f"serving {args.checkpoint} at {server.url} (Ctrl-C stops)", flush=True)
+    return _serve(server)
+
+
+def _serve(server) -> int:
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -178,7 +178,8 @@ def verify_replay(
             report.fail(
                 f"checkpoint M_{index}: stored bytes hash to {digest[:16]}…, lineage says {str(expected)[:16]}…."
             )
-    for block in range(1, config.num_blocks + 1):
+    # A rolled-back version keeps (and its lineage lists) only M_0..M_s: ``through_block`` = s.
+    for block in range(1, int(lineage.get("through_block", config.num_blocks)) + 1):
         ids = effective_block_ids(plan, block, deleted_ids)
         if ids_sha256(ids) != by_block.get(block, {}).get("ids_sha256"):
             report.fail(f"block {block}: its id list after deletions does not hash to the lineage's entry.")

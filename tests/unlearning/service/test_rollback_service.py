@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 from actors.chains import ChainWorker
 from flows.audit import export_target
 from flows.batching import batch_gate, save_policy
+from flows.cli import main
 from flows.rollback import save_rollback, served_model
 from flows.train import run_spec
+from flows.verify import chain_of
 from obliviate.errors import ConfigError
 from obliviate.unlearning.batching import DAY_S, BatchPolicy
 from obliviate.unlearning.plan import BlockPlan
@@ -64,7 +67,7 @@ def test_interim_serves_m_d_minus_1_at_once_and_the_retrain_restores_the_full_mo
     gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
     assert not gate["flush"] and gate["interim"]["runs"]["rb"]["serve_block"] == 2
     registry = RunRegistry(store)
-    chain, _ = registry.load_chain(registry.current("rb"))
+    chain = chain_of(url, "rb")  # the full chain the interim version derives from
     served = served_model(registry, "rb")
     assert served is not None and _states_equal(served, chain.model(2))
     assert saw_deleted(served={0: 2}, affected={0: 3}, retrained_through={}) == []
@@ -91,3 +94,39 @@ def test_below_the_floor_the_batch_flushes_now_and_block_1_pauses_the_run(traine
     assert served_model(registry, "rb") is None
     with pytest.raises(ConfigError, match="paused"):
         export_target(registry, "rb", tmp_path / "target.pt")
+
+
+def test_a_cancelled_request_releases_its_rollback_at_the_next_pass(trained) -> None:
+    _url, store, ids_in = trained
+    save_rollback(store, enabled=True, floor_points=100.0)
+    ledger = DeletionLedger(store)
+    registry = RunRegistry(store)
+    final = served_model(registry, "rb")
+    ledger.append(request_id="keep", ids=ids_in(4), dataset="digits", reason=None)
+    ledger.append(request_id="drop", ids=ids_in(2), dataset="digits", reason=None)
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert registry.manifest(registry.current("rb")).metadata["serve_block"] == 1
+    ledger.cancel("drop", applied_to=[])
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))  # the next pass: only "keep" holds the run back
+    manifest = registry.manifest(registry.current("rb"))
+    assert manifest.metadata["serve_block"] == 3 and set(manifest.members) == {"0", "1", "2", "3"}
+    ledger.cancel("keep", applied_to=[])
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    current = registry.current("rb")
+    assert "serve_block" not in registry.manifest(current).metadata
+    served = served_model(registry, "rb")
+    assert final is not None and served is not None and _states_equal(served, final)
+
+
+def test_with_no_window_rollback_still_serves_m_d_minus_1_until_the_retrain_lands(trained, capsys) -> None:
+    url, store, ids_in = trained
+    save_policy(store, BatchPolicy())  # immediate, as without batching
+    save_rollback(store, enabled=True, floor_points=100.0)
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="now", ids=ids_in(3), dataset="digits", reason=None)
+    gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert gate["flush"] and gate["interim"]["runs"]["rb"]["serve_block"] == 2
+    assert store.exists("ledger/forgotten/now.json")
+    assert main(["forget", "--status", "now", "--store", url]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["forgotten"]["forgotten_at"] >= shown["requested_at"]

@@ -1,0 +1,161 @@
+"""Progressive versions of an exact retrain (issue 11, SPEC 6 Rollback): what a batch's retrain publishes.
+
+When the run serves a rolled-back version (:mod:`storage.serving`), each retrained block M'_i is
+exact (trained from a checkpoint that never saw the batch's ids, on data without them), so
+:class:`ProgressivePublisher` publishes it as it lands and served accuracy climbs back. With
+``serve --rollback`` it reads the ledger after every block: a request accepted meanwhile becomes
+a hold, so this retrain (its progressive versions and its final one) never serves a block at or
+after the held request's earliest block. Used by :class:`actors.chains.ChainWorker`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from obliviate.unlearning.chain import Checkpoint
+from storage.ledger import CANCELLED, CLAIMED, PENDING, REJECTED, DeletionLedger
+from storage.objects import ObjectInfo
+from storage.registry import ModelVersion, RunRegistry
+from storage.serving import first_blocks, load_rollback, pointer_target, publish_served, record_forgotten, serve_cap
+
+Io = Callable[[Callable[[], Any]], Any]
+"""How storage calls are made (the worker retries outages: :func:`storage.retry.retry_unavailable`)."""
+
+
+class ProgressivePublisher:
+    """Publishes each block of one exact retrain as it lands, capped by the holds (module docstring).
+
+    Args:
+        registry: the run's registry.
+        io: how storage calls are made (with the worker's outage retries).
+        current: the version the retrain started from (rolled back or full).
+        todo: the batch's requests (request id -> ids) this retrain applies.
+        dataset: the run's dataset (requests of other datasets never hold it back).
+        chain_meta: the new chain's manifest (its ``deleted_ids`` exclude the batch's ids).
+        chain_of: the full version the retrain starts from (``version``, ``manifest``).
+        token: the retrain's work token (its chain folder).
+        members: checkpoints of the new chain by block, filled as blocks land.
+        reference_accuracy: the pre-deletion model's held-out accuracy (the rollback floor's reference).
+        first_block: the batch's earliest affected block.
+    """
+
+    def __init__(
+        self,
+        registry: RunRegistry,
+        *,
+        io: Io,
+        current: ModelVersion,
+        todo: dict[str, list[int]],
+        dataset: str,
+        chain_meta: dict[str, Any],
+        chain_of: dict[str, Any],
+        token: str,
+        members: dict[int, ObjectInfo],
+        reference_accuracy: float | None,
+        first_block: int,
+    ) -> None:
+        self.registry, self.io = registry, io
+        self.run_id, self.todo, self.dataset = current.run_id, todo, dataset
+        self.applied = set(current.applied_requests)
+        _, self.target = io(lambda: pointer_target(registry, current.run_id))
+        self.expected_version = current.version
+        self.chain_meta, self.chain_of, self.token, self.members = chain_meta, chain_of, token, members
+        self.reference_accuracy = reference_accuracy
+        self.holds = {str(k): int(v) for k, v in (self.target.get("holds") or {}).items()}
+        # The batch's own requests hold every other chain back (a concurrent retrain that kept their
+        # ids must not serve past them); this retrain's chain excludes them, so its cap ignores them.
+        self.holds.update({r: int(first_block) for r in todo if r not in self.holds})
+        self.progressive = "serve_block" in self.target
+        self.served = self.target.get("serve_block")
+        self.rollback = io(lambda: load_rollback(registry.store))
+        self.published: list[dict[str, Any]] = []
+
+    def remaining_holds(self, *, poll: bool) -> dict[str, int]:
+        """Holds of requests not applied by this retrain (after reading the ledger when ``poll``)."""
+        if poll and self.rollback.get("enabled"):
+            self._poll()
+        return {r: b for r, b in self.holds.items() if r not in self.todo and r not in self.applied}
+
+    def _poll(self) -> list[str]:
+        """Hold back every request accepted meanwhile (pending or claimed elsewhere) that touches this run."""
+        store = self.registry.store
+        entries = self.io(lambda: DeletionLedger(store).entries())
+        for entry in entries:  # a request refused or withdrawn before it was applied holds nothing back
+            if entry.status in (REJECTED, CANCELLED):
+                self.holds.pop(entry.request_id, None)
+        fresh = {
+            e.request_id: [int(i) for i in e.request["ids"]]
+            for e in entries
+            if e.status in (PENDING, CLAIMED)
+            and e.request.get("dataset") == self.dataset
+            and e.request_id not in self.todo
+            and e.request_id not in self.applied
+            and e.request_id not in self.holds
+        }
+        if not fresh:
+            return []
+        deleted = frozenset(int(i) for i in self.chain_meta["deleted_ids"])
+        found = self.io(lambda: first_blocks(self.registry, self.run_id, fresh, deleted=deleted))
+        self.holds.update(found)
+        return sorted(found)
+
+    def landed(self, checkpoint: Checkpoint) -> None:
+        """A retrained block landed: publish it (or the newest block the holds allow) as the served model."""
+        index = int(checkpoint.block_index)
+        entries = self.chain_meta["checkpoints"]
+        entries[index] = {
+            **entries[index],
+            "origin": checkpoint.origin,
+            "heldout_accuracy": checkpoint.heldout_accuracy,
+        }
+        fresh = self._poll() if self.rollback.get("enabled") else []
+        last = index >= int(self.chain_meta["config"]["num_blocks"])  # the final version follows at once
+        if not (self.progressive or fresh) or last:
+            return
+        cap = serve_cap(self.remaining_holds(poll=False))
+        serve = index if cap is None else min(index, cap)
+        if serve < 1:
+            serve_block: int | None = None
+        else:
+            serve_block = serve
+        if serve_block == self.served and not fresh:
+            return
+        holds = {r: b for r, b in self.holds.items() if r not in self.applied}
+        accuracy = None if serve_block is None else entries[serve_block]["heldout_accuracy"]
+        target = {
+            "applied_requests": sorted(self.applied),
+            "deleted_ids": list(self.target.get("deleted_ids", [])),
+            "metrics": {**dict(self.target.get("metrics", {})), "served_accuracy": accuracy},
+            "forgotten_requests": sorted(holds),
+            "holds": holds,
+            "retraining": sorted(self.todo),
+        }
+        version = self.io(
+            lambda: publish_served(
+                self.registry,
+                self.run_id,
+                chain_name=f"{self.token}-at{index:04d}",
+                chain_meta=self.chain_meta,
+                members=self.members,
+                serve=serve_block,
+                chain_of=self.chain_of,
+                target=target,
+                metadata={
+                    "metrics": target["metrics"],
+                    "record": None,
+                    "reference_accuracy": self.reference_accuracy,
+                    "published_for": "progressive",
+                    "retrained_through": index,
+                    "retraining": sorted(self.todo),
+                    "interim_for": sorted(holds),
+                },
+                expected_version=self.expected_version,
+            )
+        )
+        if fresh:
+            record_forgotten(self.registry.store, fresh, runs={self.run_id: {"serve_block": serve_block}})
+        self.expected_version, self.served, self.target = version.version, serve_block, target
+        self.published.append(
+            {"version": version.version, "block": index, "serve_block": serve_block, "at": version.published_at}
+        )

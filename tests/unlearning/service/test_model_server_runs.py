@@ -1,0 +1,89 @@
+"""The HTTP model server serves what a run serves now: sharded runs (mean of probabilities) and
+interim versions the moment they are published (issue 11)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+
+from actors.chains import ChainWorker
+from flows.batching import batch_gate, save_policy
+from flows.model_server import RunBackend, TargetServer
+from flows.rollback import save_rollback
+from flows.train import run_spec
+from flows.verify import chain_of
+from obliviate.data import load_dataset
+from obliviate.extraction.target import HttpBackend, OutputMode, TargetUnavailable
+from obliviate.models import images_to_tensor
+from obliviate.unlearning.batching import DAY_S, BatchPolicy
+from obliviate.unlearning.plan import BlockPlan
+from obliviate.unlearning.shards import predict_shards
+from storage import ObjectStore
+from storage.ledger import DeletionLedger
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 3,
+    "epochs": 1,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "train_size": 400,
+    "heldout_size": 200,
+    "seed": 0,
+    "split_seed": 0,
+}
+
+
+def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_rollback(tmp_path) -> None:
+    url = f"file://{tmp_path / 'store'}"
+    store = ObjectStore(url)
+    store.ensure_container()
+    specs = [run_spec(run_id="g", shards=2, shard=k, **TINY) for k in range(2)]
+    for spec in specs:
+        ChainWorker(url).train(spec)
+    store.put_json("groups/g.json", {"run_id": "g", "members": ["g-s0of2", "g-s1of2"], "rule": "mean_probability"})
+    save_policy(store, BatchPolicy(window_s=DAY_S))
+    save_rollback(store, enabled=True, floor_points=100.0)
+    chains = [chain_of(url, s["run_id"]) for s in specs]
+    data = load_dataset("digits")
+    images = data.images[list(specs[0]["heldout_ids"])[:60]]
+    x = images_to_tensor(images, levels=data.levels)
+
+    def ids_in(shard: int, block: int) -> list[int]:
+        plan = BlockPlan.from_dict(store.get_json(f"runs/{specs[shard]['run_id']}/plan.json"))
+        return [int(specs[shard]["train_ids"][p]) for p in plan.block_ids(block)[:2]]
+
+    ledger = DeletionLedger(store)
+    with TargetServer(backend=RunBackend(url, "g", refresh_s=0.0), info={"run": "g"}) as server:
+        remote = HttpBackend(server.url, timeout_s=30, retries=0)
+        labels = remote.predict(images, output=OutputMode.LABELS)
+        np.testing.assert_array_equal(labels, predict_shards([c.model() for c in chains], x).numpy())
+        # shard 0 rolls back to M_1 (ids in its block 2): served at once, shard 1 unchanged
+        ledger.append(request_id="r0", ids=ids_in(0, 2), dataset="digits", reason=None)
+        batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+        labels = remote.predict(images, output=OutputMode.LABELS)
+        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1), chains[1].model()], x).numpy())
+        # shard 1 pauses (ids in its block 1): it leaves the vote
+        ledger.append(request_id="r1", ids=ids_in(1, 1), dataset="digits", reason=None)
+        batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+        labels = remote.predict(images, output=OutputMode.LABELS)
+        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1)], x).numpy())
+        with urllib.request.urlopen(server.url.replace("/predict", "/info"), timeout=10) as reply:
+            served = json.loads(reply.read())["served"]
+        assert served["g-s0of2"]["in_vote"] and not served["g-s1of2"]["in_vote"]
+        # shard 0 pauses too: nothing to serve, HTTP 503 until a retrain lands
+        ledger.append(request_id="r2", ids=ids_in(0, 1), dataset="digits", reason=None)
+        batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+        with pytest.raises(TargetUnavailable):
+            remote.predict(images, output=OutputMode.LABELS)
+        # the retrain of shard 1 lands: served again, by shard 1 alone
+        ChainWorker(url).unlearn("g-s1of2", {"r1": ids_in(1, 1)})
+        labels = remote.predict(images, output=OutputMode.LABELS)
+        np.testing.assert_array_equal(labels, predict_shards([chain_of(url, "g-s1of2").model()], x).numpy())
