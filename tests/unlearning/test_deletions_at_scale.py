@@ -27,6 +27,7 @@ from obliviate.unlearning.probes import checker_pattern, per_sample_loss, square
 from obliviate.unlearning.rollback import (
     ShardCheckpoints,
     advance_after_retrain,
+    heldout_margin_points,
     plan_interim,
     saw_deleted,
     served_floor,
@@ -163,6 +164,11 @@ def test_served_floor_keeps_a_margin_for_heldout_vs_test_noise() -> None:
     assert served_floor(pre_deletion_accuracy=0.95, floor_points=2.0) == pytest.approx(0.93)
     with pytest.raises(ConfigError, match="margin"):
         served_floor(pre_deletion_accuracy=0.95, floor_points=1.0, margin_points=2.0)
+    # one standard error of a difference of two 500-sample accuracies; never more than the floor
+    assert heldout_margin_points(accuracy=0.96, heldout_size=500, floor_points=2.0) == pytest.approx(1.24, abs=0.01)
+    assert heldout_margin_points(accuracy=0.80, heldout_size=500, floor_points=2.0) == 2.0
+    with pytest.raises(ConfigError):
+        heldout_margin_points(accuracy=1.5, heldout_size=500, floor_points=2.0)
 
 
 def test_an_interim_below_the_floor_is_never_published_and_the_batch_flushes() -> None:
