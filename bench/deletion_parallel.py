@@ -83,7 +83,7 @@ def _batch(train_ids: tuple[int, ...], rng: np.random.Generator, requests: int =
     return sorted(ids)
 
 
-def measure(config: BlockTrainingConfig, *, repetitions: int = 3, seed: int = 0) -> dict[str, Any]:
+def measure(config: BlockTrainingConfig, *, repetitions: int = 5, seed: int = 0) -> dict[str, Any]:
     """Interleaved wall time to exact of S = 1 (1 actor) and S = 2 (2 actors in parallel)."""
     import ray
 

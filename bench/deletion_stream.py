@@ -1,9 +1,8 @@
 """A month of deletion requests (issue 11, SPEC section 6): batching, shards, rollback, against naive.
 
 Setting: MNIST 5k, LeNet-5, 4,000 train / 500 validation (floors, rollback decisions) / 500 test
-(every reported accuracy and attack success), B = 20 blocks, E = 5, batch 32, Adam 3e-3 with a
-cosine decay to 30 % across blocks: a configuration that memorises a backdoor (ASR 0.80) with a
-block tax of about 0.2 point. 100 training samples of global blocks 16-20 (recent data) get a 3x3
+(every reported accuracy and attack success), B = 20 blocks, E = 5, batch 32, Adam 1e-3 constant:
+a configuration that memorises a backdoor (ASR 0.80; its block tax is about 1 point). 100 training samples of global blocks 16-20 (recent data) get a 3x3
 white corner trigger and label 0; one request (day 10) deletes exactly them. Shards: S
 class-stratified shards; shard k's block i holds its samples of global block i (blocks are
 arrival order, so recent data is recent in every shard).
@@ -12,8 +11,8 @@ What is trained for real (one torch thread, CPU seconds measured with ``time.pro
 * the chains of S = 1, 2, 4 on the poisoned set;
 * each affected shard's exact retrain without the poisoned ids, and its naive retrain from scratch
   (bit-identity with exact is checked for every shard);
-* the block tax: chain vs plain training (B = 1, same E) on clean data, 3 seeds, for the CLI
-  defaults, the bench config and the previous bench config;
+* the block tax: chain vs plain training (B = 1, same E) on clean data, 5 seeds, 1,000 held-out
+  samples, for the CLI defaults, the bench config and two tried alternatives;
 * a timed Ray run (``bench/deletion_parallel.py``): S = 2 on two ChainWorker actors vs S = 1 on one.
 
 What is simulated (pure rules of :mod:`obliviate.unlearning.batching` / ``rollback`` in simulated
@@ -72,18 +71,11 @@ WORKERS = 2
 FLOOR_POINTS = 2.0  # served accuracy may never fall more than this below the pre-deletion model (test)
 INTERIM_LATENCY_S = 1.0  # acceptance -> interim published (assumed; the publish itself is timed separately)
 CACHE = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "obliviate-deletion-stream"
-# Adam 3e-3 with a cosine decay to 30 % across the blocks: memorises the backdoor as strongly as the
-# issue's Adam 1e-3 constant (ASR 0.80 untouched) with a block tax of 0.2 point (3 seeds) instead of 1.2.
+# The issue's memorising configuration (Adam 1e-3 constant; ASR 0.80 untouched). A cosine decay at
+# 3e-3 looked tax-free on 3 seeds x 500 test samples but was not on 5 seeds x 1,000 (1.0 point vs
+# 0.9) and cost S=2 4.4 points of accuracy, so it is kept as a block-tax row only.
 CONFIG = BlockTrainingConfig(
-    num_blocks=B,
-    local_epochs=E,
-    optimizer="adam",
-    learning_rate=3e-3,
-    schedule="cosine",
-    min_lr_fraction=0.3,
-    batch_size=32,
-    seed=SEED,
-    accuracy_every=1,
+    num_blocks=B, local_epochs=E, optimizer="adam", learning_rate=1e-3, batch_size=32, seed=SEED, accuracy_every=1
 )
 
 
@@ -193,31 +185,60 @@ def train_world(fresh: bool) -> dict:
                 )
             meta["shards"][str(S)]["shards"].append(info)
             print(f"S={S} shard {k}: trained ({train_cpu:.1f} s CPU)", file=sys.stderr)
-    meta["block_tax"] = block_tax(d, x_test)
+    meta["block_tax"] = block_tax(d)
     np.savez_compressed(arrays_path, **arrays)
     meta_path.write_text(json.dumps(meta))
     return {"meta": meta, "arrays": arrays}
 
 
-TAX_SEEDS = (0, 1, 2)
+TAX_SEEDS = (0, 1, 2, 3, 4)
 TAX_CONFIGS = {
     "CLI defaults (B=6, E=3, Adam 1e-2)": BlockTrainingConfig(
         num_blocks=6, local_epochs=3, optimizer="adam", learning_rate=0.01, seed=SEED
     ),
-    "bench config (B=20, E=5, Adam 3e-3 cosine to 30 %)": CONFIG,
-    "previous bench config (B=20, E=5, Adam 1e-3 constant)": BlockTrainingConfig(
-        num_blocks=B, local_epochs=E, optimizer="adam", learning_rate=1e-3, batch_size=32, seed=SEED
+    "bench config (B=20, E=5, Adam 1e-3 constant)": CONFIG,
+    "B=20, E=5, Adam 3e-3 cosine to 30 %": BlockTrainingConfig(
+        num_blocks=B,
+        local_epochs=E,
+        optimizer="adam",
+        learning_rate=3e-3,
+        schedule="cosine",
+        min_lr_fraction=0.3,
+        batch_size=32,
+        seed=SEED,
+    ),
+    "B=20, E=5, Adam 3e-3 cosine to 2 %": BlockTrainingConfig(
+        num_blocks=B,
+        local_epochs=E,
+        optimizer="adam",
+        learning_rate=3e-3,
+        schedule="cosine",
+        min_lr_fraction=0.02,
+        batch_size=32,
+        seed=SEED,
+    ),
+    "candidate default (B=6, E=3, Adam 3e-3 cosine to 30 %)": BlockTrainingConfig(
+        num_blocks=6,
+        local_epochs=3,
+        optimizer="adam",
+        learning_rate=3e-3,
+        schedule="cosine",
+        min_lr_fraction=0.3,
+        seed=SEED,
     ),
 }
 
 
-def block_tax(d: dict, x_test: torch.Tensor, *, skip: Sequence[str] = ()) -> list[dict]:
-    """Test accuracy of the chain vs plain training (one block of everything, same epochs), clean data.
+def block_tax(d: dict, *, skip: Sequence[str] = ()) -> list[dict]:
+    """Held-out accuracy of the chain vs plain training (one block of everything, same epochs), clean data.
 
     Plain training is the same config with B = 1 (E epochs over all the data at block 1's rate).
-    Mean over ``TAX_SEEDS`` (the chain seed: initialisation, block split, batch order): one seed's
-    tax on 500 test samples moves by about a point.
+    Accuracy on validation + test (1,000 samples, neither trained on), mean over ``TAX_SEEDS`` (the
+    chain seed: initialisation, block split, batch order): one seed's tax on 500 samples moves by
+    about a point.
     """
+    x_eval = torch.cat([images_to_tensor(d[k].images, levels=256) for k in ("val", "test")])
+    y_eval = np.concatenate([d["val"].labels, d["test"].labels])
     out = []
     for label, base in TAX_CONFIGS.items():
         if label in skip:
@@ -240,10 +261,8 @@ def block_tax(d: dict, x_test: torch.Tensor, *, skip: Sequence[str] = ()) -> lis
             ):
                 began = time.process_time()
                 chain = train_chain(config=cfg, data=data)
-                probs = shard_probabilities(chain.model(), x_test)
-                row.setdefault(f"{kind}_test_accuracy", []).append(
-                    float((probs.argmax(1).numpy() == d["test"].labels).mean())
-                )
+                probs = shard_probabilities(chain.model(), x_eval)
+                row.setdefault(f"{kind}_heldout_accuracy", []).append(float((probs.argmax(1).numpy() == y_eval).mean()))
                 row.setdefault(f"{kind}_cpu_seconds", []).append(time.process_time() - began)
                 if kind == "chain":
                     accs = [c.heldout_accuracy for c in chain.checkpoints[1:] if c.heldout_accuracy is not None]
@@ -251,7 +270,7 @@ def block_tax(d: dict, x_test: torch.Tensor, *, skip: Sequence[str] = ()) -> lis
                         100 * max([0.0] + [a - b for a, b in itertools.pairwise(accs)])
                     )
         row["tax_points_per_seed"] = [
-            100 * (p - c) for p, c in zip(row["plain_test_accuracy"], row["chain_test_accuracy"], strict=True)
+            100 * (p - c) for p, c in zip(row["plain_heldout_accuracy"], row["chain_heldout_accuracy"], strict=True)
         ]
         row["tax_points"] = float(np.mean(row["tax_points_per_seed"]))
         out.append(row)
@@ -550,7 +569,7 @@ def main() -> int:
     done = {row["config"] for row in world["meta"]["block_tax"]}
     if set(TAX_CONFIGS) - done:  # configs added after the cache was built
         d = _data()
-        world["meta"]["block_tax"] += block_tax(d, images_to_tensor(d["test"].images, levels=256), skip=sorted(done))
+        world["meta"]["block_tax"] += block_tax(d, skip=sorted(done))
         (CACHE / "world.json").write_text(json.dumps(world["meta"]))
     train_wall = time.perf_counter() - began
     rows = []
@@ -723,7 +742,7 @@ def main() -> int:
         headlines.append(
             headline(
                 "S=2 on 2 workers: wall time to exact / S=1, measured (2 ChainWorker Ray actors, 1 torch thread each, "
-                "a 20-request batch, median of 3 interleaved, bench lock held)",
+                "a 20-request batch, median of 5 interleaved, bench lock held)",
                 parallel["ratio_median"],
                 target=0.6,
                 better="lower",
@@ -760,8 +779,10 @@ def main() -> int:
     ]
     for label, target in (
         ("CLI defaults (B=6, E=3, Adam 1e-2)", 0.5),
-        ("bench config (B=20, E=5, Adam 3e-3 cosine to 30 %)", 0.5),
-        ("previous bench config (B=20, E=5, Adam 1e-3 constant)", None),
+        ("bench config (B=20, E=5, Adam 1e-3 constant)", 0.5),
+        ("B=20, E=5, Adam 3e-3 cosine to 30 %", None),
+        ("B=20, E=5, Adam 3e-3 cosine to 2 %", None),
+        ("candidate default (B=6, E=3, Adam 3e-3 cosine to 30 %)", None),
     ):
         headlines.append(
             headline(
@@ -796,7 +817,7 @@ def main() -> int:
             "asr_peer": "naive retraining of the same S (bit-identical to the exact retrain; checked per shard)",
             "interim_latency_s_assumed": INTERIM_LATENCY_S,
             "what_ran": "real: chains S=1,2,4, poison-free exact retrains and naive retrains of every affected "
-            "shard, block tax (3 seeds), a timed Ray run of S=1 vs S=2; simulated (pure rules): arrivals, "
+            "shard, block tax (5 seeds), a timed Ray run of S=1 vs S=2; simulated (pure rules): arrivals, "
             "batching, rollback, compute = block-trainings x measured CPU seconds per block",
             "approximations": [
                 "accuracy effect of the random deletions' data loss not modelled (common to every strategy)",
