@@ -1,31 +1,36 @@
 """A month of deletion requests (issue 11, SPEC section 6): batching, shards, rollback, against naive.
 
 Setting: MNIST 5k, LeNet-5, 4,000 train / 500 validation (floors, rollback decisions) / 500 test
-(every reported accuracy and attack success), B = 20 blocks, Adam lr 1e-3, E = 5, batch 32: a
-configuration that memorises a backdoor. 100 training samples of blocks 16-20 (recent data) get a
-3x3 white corner trigger and label 0; one request (day 10) deletes exactly them.
+(every reported accuracy and attack success), B = 20 blocks, E = 5, batch 32, Adam 1e-3 constant:
+a configuration that memorises a backdoor (ASR 0.80; its block tax is about 1 point). 100 training samples of global blocks 16-20 (recent data) get a 3x3
+white corner trigger and label 0; one request (day 10) deletes exactly them. Shards: S
+class-stratified shards; shard k's block i holds its samples of global block i (blocks are
+arrival order, so recent data is recent in every shard).
 
 What is trained for real (one torch thread, CPU seconds measured with ``time.process_time``):
-* the chains of S = 1, 2, 4 (S class-stratified shards, each its own 20-block chain) on the poisoned set;
-* each chain's exact retrain without the poisoned ids (from each shard's earliest affected block),
-  and one naive retrain from scratch for S = 1 (bit-identity with exact is checked);
-* the block tax: chain vs plain training (one block of everything, same E) on clean data, for the
-  bench config and the CLI defaults.
+* the chains of S = 1, 2, 4 on the poisoned set;
+* each affected shard's exact retrain without the poisoned ids, and its naive retrain from scratch
+  (bit-identity with exact is checked for every shard);
+* the block tax: chain vs plain training (B = 1, same E) on clean data, 5 seeds, 1,000 held-out
+  samples, for the CLI defaults, the bench config and two tried alternatives;
+* a timed Ray run (``bench/deletion_parallel.py``): S = 2 on two ChainWorker actors vs S = 1 on one.
 
-What is simulated (pure rules of :mod:`obliviate.unlearning.batching` / ``rollback`` / ``shards`` in
-simulated time): Poisson arrivals over 30 days at 20 and 100 per day, 1-10 ids each, uniform over the
-training set or recent-heavy (80 % of ids from blocks 16-20); strategies naive per request, exact
-per request, batched exact with windows 1 h, 1 d, 7 d; S = 1, 2, 4; with and without rollback.
-Retrain cost of a batch = per shard (B - d + 1) block-trainings at the measured mean CPU seconds per
-block of that S; shards run on 2 workers. Served accuracy and attack success come from the real
-checkpoints: interim versions are rolled-back checkpoints (original chain, or the poison-free
-retrain after the poison request's batch has landed); a full model after a batch is the chain's final
-model. Approximation, stated in the JSON: the accuracy effect of the *random* deletions' data loss
-is not modelled (every strategy ends at the same naive model, so it does not change comparisons);
-ids repeat across requests (at 100/day a month names 16,500 ids, more than the 4,000 samples).
+What is simulated (pure rules of :mod:`obliviate.unlearning.batching` / ``rollback`` in simulated
+time): Poisson arrivals over 30 days at 20 and 100 per day, 1-10 ids each, uniform over the training
+set or recent-heavy (80 % of ids from blocks 16-20); strategies naive per request, exact per request,
+batched exact with windows 1 h, 1 d, 7 d; S = 1, 2, 4; with and without rollback. Retrain cost of
+a batch = per shard (B - d + 1) block-trainings at the measured mean CPU seconds per block of that
+shard; shards run on 2 workers. With rollback, an interim version is published only if its
+validation accuracy is within (floor - margin) of the pre-deletion model (margin: one standard error of
+a difference of two 500-sample accuracies, 1.2 points for S = 1, capped at the floor); otherwise the
+batch flushes now and the version served so far stays until the retrain lands (that request's
+forget time is its retrain's end). Served accuracy and attack success come from the real
+checkpoints. Approximations (stated in the JSON): the accuracy effect of the *random* deletions'
+data loss is not modelled (every strategy ends at the same naive model); ids repeat across requests.
 
-Run: ``nice -n 10 python bench/deletion_stream.py`` (models are cached under
-``$TMPDIR/obliviate-deletion-stream``; ``--fresh`` retrains them).
+Run (one command, ~10-15 min on a quiet 2-core machine; the timed part takes /work/bench.lock itself):
+``nice -n 5 ./.venv/bin/python bench/deletion_stream.py --fresh`` (models are cached under
+``$TMPDIR/obliviate-deletion-stream``; without ``--fresh`` the cache is reused).
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ from obliviate.unlearning.batching import DAY_S, BatchPolicy, flush_time, new_re
 from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.exact import ChainRetrainer
-from obliviate.unlearning.plan import make_block_plan
-from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim
+from obliviate.unlearning.plan import BlockPlan, make_block_plan
+from obliviate.unlearning.rollback import ShardCheckpoints, heldout_margin_points, plan_interim, served_floor
 from obliviate.unlearning.shards import make_shard_plan, shard_probabilities
 from obliviate.unlearning.trainer import train_chain
 from obliviate.unlearning.verification import choose_backdoor_ids, poison, stamp_trigger
@@ -63,7 +68,12 @@ B, E, SEED, TARGET = 20, 5, 0, 0
 POISON_COUNT, POISON_BLOCKS = 100, (16, 20)
 SHARDS = (1, 2, 4)
 WORKERS = 2
+FLOOR_POINTS = 2.0  # served accuracy may never fall more than this below the pre-deletion model (test)
+INTERIM_LATENCY_S = 1.0  # acceptance -> interim published (assumed; the publish itself is timed separately)
 CACHE = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "obliviate-deletion-stream"
+# The issue's memorising configuration (Adam 1e-3 constant; ASR 0.80 untouched). A cosine decay at
+# 3e-3 looked tax-free on 3 seeds x 500 test samples but was not on 5 seeds x 1,000 (1.0 point vs
+# 0.9) and cost S=2 4.4 points of accuracy, so it is kept as a block-tax row only.
 CONFIG = BlockTrainingConfig(
     num_blocks=B, local_epochs=E, optimizer="adam", learning_rate=1e-3, batch_size=32, seed=SEED, accuracy_every=1
 )
@@ -102,6 +112,16 @@ def _data() -> dict:
     }
 
 
+def restrict_plan(plan: BlockPlan, positions: np.ndarray) -> BlockPlan:
+    """Block plan of a shard: its block i = the shard's samples of global block i (local ids, same order)."""
+    local = {int(p): j for j, p in enumerate(positions)}
+    blocks = tuple(
+        np.asarray([local[int(i)] for i in plan.block_ids(b) if int(i) in local], dtype=np.int64)
+        for b in range(1, plan.num_blocks + 1)
+    )
+    return BlockPlan(blocks=blocks, num_samples=int(positions.size))
+
+
 def _probs(states, config, data_x):
     from obliviate.unlearning.config import model_from_state
 
@@ -111,7 +131,7 @@ def _probs(states, config, data_x):
 
 
 def train_world(fresh: bool) -> dict:
-    """Chains of S = 1, 2, 4, their poison-free exact retrains, naive S = 1, block tax (cached)."""
+    """Chains of S = 1, 2, 4, their poison-free exact retrains, naive retrains of the affected shards, block tax (cached)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     meta_path, arrays_path = CACHE / "world.json", CACHE / "world.npz"
     if meta_path.exists() and arrays_path.exists() and not fresh:
@@ -129,9 +149,9 @@ def train_world(fresh: bool) -> dict:
             data = BlockData(train=d["poisoned"].subset(positions), heldout=d["val"])
             timings: list = []
             began = time.process_time()
-            # The block plan is fixed from the clean labels (as the service stores it at registration):
-            # deriving it from the poisoned labels would move the poisoned samples between blocks.
-            plan = make_block_plan(d["train"].labels[positions], num_blocks=B, seed=SEED)
+            # A shard's block i holds its samples of the global block i (blocks are arrival order: recent
+            # data is in the last blocks of every shard); the plan is fixed from the clean labels.
+            plan = restrict_plan(d["plan"], positions)
             chain = train_chain(config=CONFIG, data=data, plan=plan, timings=timings)
             train_cpu = time.process_time() - began
             local_poison = np.flatnonzero(np.isin(positions, d["poison_ids"]))
@@ -156,72 +176,107 @@ def train_world(fresh: bool) -> dict:
                 clean_states = [c.model_state for c in clean]
                 for name, x in (("val", x_val), ("test", x_test), ("trig", d["x_trig"])):
                     arrays[f"S{S}k{k}_clean_{name}"] = _probs(clean_states, CONFIG, x)
-                if S == 1:
-                    began = time.process_time()
-                    naive = train_chain(config=CONFIG, data=data, plan=plan, excluded_ids=local_poison.tolist())
-                    info["naive_cpu_seconds"] = time.process_time() - began
-                    info["exact_bit_identical_to_naive"] = all(
-                        torch.equal(naive.final.model_state[key], clean[-1].model_state[key])
-                        for key in clean_states[-1]
-                    )
+                # naive retrain of every affected shard: the exact retrain must equal it bit for bit
+                began = time.process_time()
+                naive = train_chain(config=CONFIG, data=data, plan=plan, excluded_ids=local_poison.tolist())
+                info["naive_cpu_seconds"] = time.process_time() - began
+                info["exact_bit_identical_to_naive"] = all(
+                    torch.equal(naive.final.model_state[key], clean[-1].model_state[key]) for key in clean_states[-1]
+                )
             meta["shards"][str(S)]["shards"].append(info)
             print(f"S={S} shard {k}: trained ({train_cpu:.1f} s CPU)", file=sys.stderr)
-    meta["block_tax"] = block_tax(d, x_test)
+    meta["block_tax"] = block_tax(d)
     np.savez_compressed(arrays_path, **arrays)
     meta_path.write_text(json.dumps(meta))
     return {"meta": meta, "arrays": arrays}
 
 
+TAX_SEEDS = (0, 1, 2, 3, 4)
 TAX_CONFIGS = {
-    "bench config (B=20, E=5, Adam 1e-3)": CONFIG,
     "CLI defaults (B=6, E=3, Adam 1e-2)": BlockTrainingConfig(
         num_blocks=6, local_epochs=3, optimizer="adam", learning_rate=0.01, seed=SEED
     ),
+    "bench config (B=20, E=5, Adam 1e-3 constant)": CONFIG,
+    "B=20, E=5, Adam 3e-3 cosine to 30 %": BlockTrainingConfig(
+        num_blocks=B,
+        local_epochs=E,
+        optimizer="adam",
+        learning_rate=3e-3,
+        schedule="cosine",
+        min_lr_fraction=0.3,
+        batch_size=32,
+        seed=SEED,
+    ),
     "B=20, E=5, Adam 3e-3 cosine to 2 %": BlockTrainingConfig(
-        num_blocks=20,
-        local_epochs=5,
+        num_blocks=B,
+        local_epochs=E,
         optimizer="adam",
         learning_rate=3e-3,
         schedule="cosine",
         min_lr_fraction=0.02,
+        batch_size=32,
+        seed=SEED,
+    ),
+    "candidate default (B=6, E=3, Adam 3e-3 cosine to 30 %)": BlockTrainingConfig(
+        num_blocks=6,
+        local_epochs=3,
+        optimizer="adam",
+        learning_rate=3e-3,
+        schedule="cosine",
+        min_lr_fraction=0.3,
         seed=SEED,
     ),
 }
 
 
-def block_tax(d: dict, x_test: torch.Tensor, *, skip: Sequence[str] = ()) -> list[dict]:
-    """Test accuracy of the chain vs plain training (one block of everything, same epochs), clean data.
+def block_tax(d: dict, *, skip: Sequence[str] = ()) -> list[dict]:
+    """Held-out accuracy of the chain vs plain training (one block of everything, same epochs), clean data.
 
-    Plain training is the same config with B = 1 (E epochs over all the data, the rate of block 1).
+    Plain training is the same config with B = 1 (E epochs over all the data at block 1's rate).
+    Accuracy on validation + test (1,000 samples, neither trained on), mean over ``TAX_SEEDS`` (the
+    chain seed: initialisation, block split, batch order): one seed's tax on 500 samples moves by
+    about a point.
     """
+    x_eval = torch.cat([images_to_tensor(d[k].images, levels=256) for k in ("val", "test")])
+    y_eval = np.concatenate([d["val"].labels, d["test"].labels])
     out = []
-    for label, config in TAX_CONFIGS.items():
+    for label, base in TAX_CONFIGS.items():
         if label in skip:
             continue
         data = BlockData(train=d["train"], heldout=d["val"])
-        row = {
+        row: dict = {
             "config": label,
             **{
                 k: v
-                for k, v in config.to_dict().items()
-                if k in ("num_blocks", "local_epochs", "learning_rate", "optimizer")
+                for k, v in base.to_dict().items()
+                if k in ("num_blocks", "local_epochs", "learning_rate", "optimizer", "schedule", "min_lr_fraction")
             },
+            "seeds": list(TAX_SEEDS),
         }
-        for kind, cfg in (
-            ("chain", config),
-            ("plain", BlockTrainingConfig.from_dict({**config.to_dict(), "num_blocks": 1})),
-        ):
-            began = time.process_time()
-            chain = train_chain(config=cfg, data=data)
-            probs = shard_probabilities(chain.model(), x_test)
-            row[f"{kind}_test_accuracy"] = float((probs.argmax(1).numpy() == d["test"].labels).mean())
-            row[f"{kind}_cpu_seconds"] = time.process_time() - began
-            if kind == "chain":
-                accs = [c.heldout_accuracy for c in chain.checkpoints[1:] if c.heldout_accuracy is not None]
-                row["largest_block_drop_points"] = 100 * max([0.0] + [a - b for a, b in itertools.pairwise(accs)])
-        row["tax_points"] = 100 * (row["plain_test_accuracy"] - row["chain_test_accuracy"])
+        for seed in TAX_SEEDS:
+            config = BlockTrainingConfig.from_dict({**base.to_dict(), "seed": seed})
+            for kind, cfg in (
+                ("chain", config),
+                ("plain", BlockTrainingConfig.from_dict({**config.to_dict(), "num_blocks": 1})),
+            ):
+                began = time.process_time()
+                chain = train_chain(config=cfg, data=data)
+                probs = shard_probabilities(chain.model(), x_eval)
+                row.setdefault(f"{kind}_heldout_accuracy", []).append(float((probs.argmax(1).numpy() == y_eval).mean()))
+                row.setdefault(f"{kind}_cpu_seconds", []).append(time.process_time() - began)
+                if kind == "chain":
+                    accs = [c.heldout_accuracy for c in chain.checkpoints[1:] if c.heldout_accuracy is not None]
+                    row.setdefault("largest_block_drop_points", []).append(
+                        100 * max([0.0] + [a - b for a, b in itertools.pairwise(accs)])
+                    )
+        row["tax_points_per_seed"] = [
+            100 * (p - c) for p, c in zip(row["plain_heldout_accuracy"], row["chain_heldout_accuracy"], strict=True)
+        ]
+        row["tax_points"] = float(np.mean(row["tax_points_per_seed"]))
         out.append(row)
-        print(f"block tax {label}: {row['tax_points']:.2f} points", file=sys.stderr)
+        print(
+            f"block tax {label}: {row['tax_points']:.2f} points (seeds {row['tax_points_per_seed']})", file=sys.stderr
+        )
     return out
 
 
@@ -282,33 +337,46 @@ def make_stream(rate: float, variant: str, *, world: dict, seed: int) -> list[di
 def simulate(
     stream: list[dict], *, world: dict, S: int, window_s: float | None, rollback: bool, naive: bool = False
 ) -> dict:
-    """Run the pure rules over the stream in simulated time (window_s None: exact per request)."""
+    """Run the pure rules over the stream in simulated time (window_s None: exact per request).
+
+    Served versions are events: a batch landing serves the full model (or, while requests are still
+    open, their interim plan); a request accepted with rollback publishes its interim only if it
+    meets the floor (``plan.publish``), otherwise the batch flushes now and the version served so far
+    stays until that retrain lands (the request's forget time is then its retrain's end).
+    """
     info = world["meta"]["shards"][str(S)]
     models = Models(world, S)
     plans = [np.asarray(p) for p in info["plan"]]
     owner = {int(pos): (k, j) for k, p in enumerate(plans) for j, pos in enumerate(p)}
     block_of = [np.asarray(s["block_of_local"]) for s in info["shards"]]
     block_s = [float(np.mean(s["block_cpu_seconds"])) for s in info["shards"]]
-    naive_s = float(sum(world["meta"]["shards"]["1"]["shards"][0]["block_cpu_seconds"]))
+    naive_s1 = float(sum(world["meta"]["shards"]["1"]["shards"][0]["block_cpu_seconds"]))
+    naive_same_s = float(sum(B * s for s in block_s))  # the whole sharded model retrained from scratch
     acc_final = {k: models.metric({k: B}, frozenset(), "val") for k in range(S)}
-    pre_val = models.metric(dict.fromkeys(range(S), B), frozenset(), "val")
-    pre_test = models.metric(dict.fromkeys(range(S), B), frozenset(), "test")
-    served_floor = pre_val - 0.02
+    full = dict.fromkeys(range(S), B)
+    pre_val = models.metric(full, frozenset(), "val")
+    pre_test = models.metric(full, frozenset(), "test")
+    # the margin kept back for held-out vs test noise: one s.e. of a difference of two 500-sample accuracies
+    margin = heldout_margin_points(accuracy=pre_val, heldout_size=len(models.y_val), floor_points=FLOOR_POINTS)
+    floor_val = served_floor(pre_deletion_accuracy=pre_val, floor_points=FLOOR_POINTS, margin_points=margin)
+    shard_floor = min(acc_final.values()) - 0.05
     policy = BatchPolicy(window_s=window_s or 0.0)
-    # Acceptance -> interim version published: an assumed 1 s (not timed in this bench); publishing an
-    # interim version in a file:// store (flows/rollback.publish_interim) is timed separately in docs/unlearning.md.
-    interim_latency = 1.0
 
     deleted: set[int] = set()
     pending: list[dict] = []  # accepted, not yet in a batch
-    inflight: list[dict] = []  # batched, exact_at known
+    reqs: dict[str, dict] = {}  # every accepted request: t, ids, aff, exact_at (once batched)
     busy_until = 0.0
-    results: dict[str, dict] = {}
-    batches = []
+    batches: list[dict] = []
     compute_s = compute_blocks = 0.0
     clean_at: dict[int, float] = {}  # shard -> time its poison-free retrain landed
+    landings: list[float] = []  # exact_at of batches not yet processed as served-version events
+    changes: list[tuple[float, dict, frozenset]] = [(0.0, full, frozenset())]  # (from, served, clean shards)
+    forgotten_at: dict[str, float] = {}
 
-    def affected(ids):
+    def clean_set(t: float) -> frozenset:
+        return frozenset(k for k, c in clean_at.items() if c <= t)
+
+    def affected(ids) -> dict[int, int]:
         out: dict[int, int] = {}
         for pos in ids:
             if pos in deleted:
@@ -347,18 +415,55 @@ def simulate(
             }
         )
         for r in pending:
-            results[r["id"]]["exact_at"] = exact_at
-            results[r["id"]]["affected"] = affected(r["ids"])
-            inflight.append({**r, "exact_at": exact_at, "aff": affected(r["ids"])})
+            reqs[r["id"]]["exact_at"] = exact_at
         if any(r["id"] == "poison" for r in pending):
             for k in affected(set(world["meta"]["poison_ids"])):
                 clean_at[k] = exact_at
         deleted.update(ids)
+        landings.append(exact_at)
         pending = []
 
     def expected(ids_lists) -> float:
         aff = affected({i for ids in ids_lists for i in ids})
         return retrain_seconds(aff)[0] if aff else 0.0
+
+    def open_at(t: float) -> list[dict]:
+        return [q for q in reqs.values() if q["t"] <= t and q.get("exact_at", np.inf) > t]
+
+    def plan_for(open_reqs: list[dict], t: float):
+        aff: dict[int, int] = {}
+        for q in open_reqs:
+            for k, d in q["aff"].items():
+                aff[k] = min(aff.get(k, B + 1), d)
+        if not aff:
+            return None
+        clean = clean_set(t)
+        # every open request's rollback from the full chain: the same as rolling back step by step
+        shards = [
+            ShardCheckpoints(k, tuple(models.metric({k: i}, clean, "val") for i in range(B + 1)), B) for k in range(S)
+        ]
+        return plan_interim(
+            shards=shards,
+            affected=aff,
+            served_floor=floor_val,
+            shard_floor=shard_floor,
+            ensemble_accuracy=(lambda served: models.metric(dict(served), clean, "val") or 0.0) if S > 1 else None,
+        )
+
+    def land_until(t: float) -> None:
+        """Served-version events of the batches that landed by ``t``."""
+        while landings and min(landings) <= t:
+            at = min(landings)
+            landings.remove(at)
+            if not rollback:
+                changes.append((at, full, clean_set(at)))
+                continue
+            plan = plan_for(open_at(at), at)
+            if plan is None:
+                changes.append((at, full, clean_set(at)))
+            elif plan.publish:
+                changes.append((at, dict(plan.served), clean_set(at)))
+            # else: the version served so far never saw the still-open ids of forgotten requests; it stays
 
     for r in stream:
         t = r["t"]
@@ -369,122 +474,93 @@ def simulate(
                 if at > t:
                     break
                 flush(at, reason)
-        results[r["id"]] = {"t": t, "deadline": t + policy.deadline_s}
-        pending.append({**r, "aff": affected(r["ids"])})
+        land_until(t)
+        reqs[r["id"]] = {**r, "aff": affected(r["ids"]), "deadline": t + policy.deadline_s}
+        pending.append(reqs[r["id"]])
         if naive or window_s is None:
             flush(t, "per_request")
         elif rollback:
-            # the interim version for every request not yet exact (pending or in flight)
-            open_reqs = pending + [q for q in inflight if q["exact_at"] > t]
-            served = served_state(open_reqs, t, acc_final, models, clean_at, served_floor, S)
-            if served["flush_now"]:
+            plan = plan_for(open_at(t), t)
+            if plan is None:  # every id already deleted
+                forgotten_at[r["id"]] = t
+            elif plan.publish:
+                changes.append((t + INTERIM_LATENCY_S, dict(plan.served), clean_set(t)))
+                forgotten_at[r["id"]] = t + INTERIM_LATENCY_S
+            else:
                 flush(t, "rollback_below_floor")
     if window_s is not None and pending:
         batch = [new_request(request_id=p["id"], received_at=p["t"], policy=policy) for p in pending]
         at, reason = flush_time(batch, policy=policy, expected_retrain_s=expected([p["ids"] for p in pending]))
         flush(at, reason)
+    land_until(np.inf)
     if naive:
-        compute_s = naive_s * len(stream)
+        compute_s = naive_s1 * len(stream)
         compute_blocks = float(B * len(stream))
-        for r in stream:
-            results[r["id"]]["exact_at"] = (
-                r["t"] + naive_s
-            )  # serialised naive retrains would queue; reported optimistic
+        for r in stream:  # serialised naive retrains would queue; reported optimistic
+            reqs[r["id"]]["exact_at"] = r["t"] + naive_s1
+    for r in stream:
+        forgotten_at.setdefault(r["id"], reqs[r["id"]]["exact_at"])
 
     # ----- timeline of served versions -------------------------------------------------------------
-    changes = sorted({r["t"] for r in stream} | {v["exact_at"] for v in results.values()} | {30 * DAY_S})
-    reqs = [
-        {**r, "exact_at": results[r["id"]]["exact_at"], "aff": results[r["id"]].get("affected") or {}} for r in stream
-    ]
-    poison_req = next(r for r in reqs if r["id"] == "poison")
-    acc_points, asr_points, paused_s, below_floor_s = [], [], 0.0, 0.0
-    forgotten_at: dict[str, float] = {}
-    for a, b in itertools.pairwise(changes):
+    changes.sort(key=lambda c: c[0])
+    poison_forgotten = forgotten_at["poison"]
+    naive_asr_s = models.metric(full, frozenset(range(S)), "asr")
+    acc_points, asr_points = [], []
+    ends = [c[0] for c in changes[1:]] + [30 * DAY_S]
+    for (a, state, clean), b in zip(changes, ends, strict=True):
         if b <= a:
             continue
-        open_reqs = [q for q in reqs if q["t"] <= a < q["exact_at"]]
-        clean = frozenset(k for k, c in clean_at.items() if c <= a)
-        if rollback and open_reqs:
-            state = served_state(open_reqs, a, acc_final, models, clean_at, served_floor, S)["served"]
-        else:
-            state = dict.fromkeys(range(S), B)
         acc = models.metric(state, clean, "test")
-        if acc is None:
-            paused_s += b - a
-        else:
-            acc_points.append((acc, b - a))
-            if acc < pre_test - 0.02:
-                below_floor_s += b - a
-        if a >= poison_req["t"] and acc is not None:
-            poison_open = poison_req["exact_at"] > a
-            if not poison_open or rollback:
-                asr_points.append(models.metric(state, clean, "asr"))
-    for r in reqs:
-        if rollback and r["id"] in results:
-            open_at = [q for q in reqs if q["t"] <= r["t"] < q["exact_at"]]
-            served = served_state(open_at, r["t"], acc_final, models, clean_at, served_floor, S)
-            has_interim = any(v is not None for v in served["served"].values()) or not r["aff"]
-            forgotten_at[r["id"]] = r["t"] + interim_latency if has_interim else r["exact_at"]
-        else:
-            forgotten_at[r["id"]] = r["exact_at"]
+        acc_points.append((acc, b - a))
+        if b > poison_forgotten:
+            asr_points.append(models.metric(state, clean, "asr"))
     n = len(stream)
-    to_exact = np.asarray([results[r["id"]]["exact_at"] - r["t"] for r in stream])
+    to_exact = np.asarray([reqs[r["id"]]["exact_at"] - r["t"] for r in stream])
     to_forget = np.asarray([forgotten_at[r["id"]] - r["t"] for r in stream])
-    late = sum(results[r["id"]]["exact_at"] > results[r["id"]]["deadline"] for r in stream)
-    applied = sum(1 for b_ in batches for _ in range(b_["requests"])) if not naive else n
+    late = sum(reqs[r["id"]]["exact_at"] > reqs[r["id"]]["deadline"] for r in stream)
+    applied = sum(b_["requests"] for b_ in batches) if not naive else n
     weights = np.asarray([w for _, w in acc_points])
     values = np.asarray([v for v, _ in acc_points])
+    below = float(sum(w for v, w in acc_points if v < pre_test - FLOOR_POINTS / 100))
     return {
         "requests": n,
         "batches": len(batches) if not naive else n,
-        "flush_reasons": {k: sum(b_["reason"] == k for b_ in batches) for k in {b_["reason"] for b_ in batches}},
+        "flush_reasons": {
+            k: sum(b_["reason"] == k for b_ in batches) for k in sorted({b_["reason"] for b_ in batches})
+        },
         "mean_requests_per_batch": n / max(len(batches), 1) if not naive else 1.0,
         "compute_cpu_seconds": compute_s,
         "compute_block_trainings_S1_equivalent": compute_blocks,
-        "compute_per_request_fraction_of_naive": compute_s / n / naive_s,
+        "compute_per_request_fraction_of_naive_same_S": compute_s / n / (naive_same_s if not naive else naive_s1),
+        "compute_per_request_fraction_of_naive_S1": compute_s / n / naive_s1,
+        "naive_retrain_cpu_seconds_same_S": naive_same_s,
         "requests_past_deadline": int(late),
         "requests_lost_or_applied_twice": int(abs(applied - n)),
         "time_to_exact_p50_s": float(np.percentile(to_exact, 50)),
         "time_to_exact_p95_s": float(np.percentile(to_exact, 95)),
         "time_to_forgotten_p50_s": float(np.percentile(to_forget, 50)),
         "time_to_forgotten_p95_s": float(np.percentile(to_forget, 95)),
+        "forgotten_by_interim": int(sum(1 for r in stream if forgotten_at[r["id"]] < reqs[r["id"]]["exact_at"])),
+        "pre_deletion_validation_accuracy": pre_val,
+        "served_floor_validation": floor_val,
+        "served_floor_margin_points": margin,
         "pre_deletion_test_accuracy": pre_test,
-        "served_test_accuracy_min": float(values.min()) if values.size else None,
-        "served_test_accuracy_mean": float((values * weights).sum() / weights.sum()) if values.size else None,
-        "served_accuracy_max_drop_points": 100 * (pre_test - float(values.min())) if values.size else None,
-        "paused_hours": paused_s / 3600,
-        "hours_below_pre_minus_2_points": below_floor_s / 3600,
+        "served_test_accuracy_min": float(values.min()),
+        "served_test_accuracy_mean": float((values * weights).sum() / weights.sum()),
+        "served_accuracy_max_drop_points": 100 * (pre_test - float(values.min())),
+        "hours_below_pre_minus_floor": below / 3600,
         "retrain_wall_per_batch_mean_s": float(np.mean([b_["retrain_wall_s"] for b_ in batches])) if batches else None,
-        "asr_after_forget_max": max((a for a in asr_points if a is not None), default=None),
-        "asr_after_forget_min": min((a for a in asr_points if a is not None), default=None),
+        "naive_same_S_asr": naive_asr_s,
+        "asr_after_forget_max": max(asr_points),
+        "asr_after_forget_min": min(asr_points),
+        "asr_after_forget_max_deviation_from_naive_same_S_points": 100 * max(abs(a - naive_asr_s) for a in asr_points),
     }
-
-
-def served_state(open_reqs, t, acc_final, models: Models, clean_at, served_floor, S) -> dict:
-    """What the rollback rules serve while ``open_reqs`` are not exact yet."""
-    aff: dict[int, int] = {}
-    for q in open_reqs:
-        for k, d in (q.get("aff") or {}).items():
-            aff[int(k)] = min(aff.get(int(k), B + 1), int(d))
-    if not aff:
-        return {"served": dict.fromkeys(range(S), B), "flush_now": False}
-    clean = frozenset(k for k, c in clean_at.items() if c <= t)
-    shards = [
-        ShardCheckpoints(k, tuple(models.metric({k: i}, clean, "val") for i in range(B + 1)), B) for k in range(S)
-    ]
-    plan = plan_interim(
-        shards=shards,
-        affected=aff,
-        served_floor=served_floor,
-        shard_floor=min(acc_final.values()) - 0.05,
-        ensemble_accuracy=(lambda served: models.metric(dict(served), clean, "val") or 0.0) if S > 1 else None,
-    )
-    return {"served": plan.served, "flush_now": plan.flush_now}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fresh", action="store_true", help="retrain the cached chains")
+    parser.add_argument("--no-parallel", action="store_true", help="skip the timed Ray run (S = 2 on 2 workers)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = machine()
@@ -493,7 +569,7 @@ def main() -> int:
     done = {row["config"] for row in world["meta"]["block_tax"]}
     if set(TAX_CONFIGS) - done:  # configs added after the cache was built
         d = _data()
-        world["meta"]["block_tax"] += block_tax(d, images_to_tensor(d["test"].images, levels=256), skip=sorted(done))
+        world["meta"]["block_tax"] += block_tax(d, skip=sorted(done))
         (CACHE / "world.json").write_text(json.dumps(world["meta"]))
     train_wall = time.perf_counter() - began
     rows = []
@@ -511,13 +587,23 @@ def main() -> int:
                     {"rate_per_day": rate, "ids": variant, "strategy": label, "shards": S, "rollback": rollback, **sim}
                 )
                 print(
-                    f"{rate:.0f}/d {variant} {label} S={S} rb={rollback}: {sim['compute_per_request_fraction_of_naive']:.4f} of naive, late {sim['requests_past_deadline']}",
+                    f"{rate:.0f}/d {variant} {label} S={S} rb={rollback}: "
+                    f"{sim['compute_per_request_fraction_of_naive_same_S']:.4f} of naive (same S), "
+                    f"drop {sim['served_accuracy_max_drop_points']:.1f}, "
+                    f"asr dev {sim['asr_after_forget_max_deviation_from_naive_same_S_points']:.1f}, "
+                    f"late {sim['requests_past_deadline']}",
                     file=sys.stderr,
                 )
+    sim_wall = time.perf_counter() - began - train_wall
+    parallel = None
+    if not args.no_parallel:
+        from bench.deletion_parallel import measure
+
+        parallel = measure(CONFIG)
     meta = world["meta"]
     s1 = meta["shards"]["1"]["shards"][0]
-    naive_asr = Models(world, 1).metric({0: B}, frozenset({0}), "asr")
-    orig_asr = Models(world, 1).metric({0: B}, frozenset(), "asr")
+    naive_asr = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(range(S)), "asr") for S in SHARDS}
+    orig_asr = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(), "asr") for S in SHARDS}
 
     def pick(**kw):
         return next(r for r in rows if all(r[k] == v for k, v in kw.items()))
@@ -525,31 +611,49 @@ def main() -> int:
     b1d = pick(rate_per_day=20.0, ids="uniform", strategy="batched 1d", shards=1, rollback=False)
     b7d = pick(rate_per_day=20.0, ids="uniform", strategy="batched 7d", shards=1, rollback=False)
     batched_20 = [r for r in rows if r["strategy"].startswith("batched") and r["mean_requests_per_batch"] >= 20]
+    worst_same = max(batched_20, key=lambda r: r["compute_per_request_fraction_of_naive_same_S"])
+    worst_s1 = max(batched_20, key=lambda r: r["compute_per_request_fraction_of_naive_S1"])
     rb = [r for r in rows if r["rollback"]]
     worst_rb = max(rb, key=lambda r: r["time_to_forgotten_p95_s"])
     best_rb = min(rb, key=lambda r: r["time_to_forgotten_p95_s"])
-    drops = [r["served_accuracy_max_drop_points"] for r in rows if r["served_accuracy_max_drop_points"] is not None]
-    asr_dev = [abs(r["asr_after_forget_max"] - naive_asr) for r in rows if r["asr_after_forget_max"] is not None]
+    worst_drop = max(rows, key=lambda r: r["served_accuracy_max_drop_points"])
+    worst_asr = max(rows, key=lambda r: r["asr_after_forget_max_deviation_from_naive_same_S_points"])
     s_acc = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(), "test") for S in SHARDS}
+    s_acc_naive = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(range(S)), "test") for S in SHARDS}
     wall_exact = {
         S: pick(rate_per_day=20.0, ids="uniform", strategy="batched 1d", shards=S, rollback=False)[
             "retrain_wall_per_batch_mean_s"
         ]
         for S in SHARDS
     }
-    tax = meta["block_tax"][0]
+    tax = {row["config"]: row for row in meta["block_tax"]}
+    where = "{rate_per_day:.0f}/day {ids}, {strategy}, S={shards}{rb}"
+
+    def name(r: dict) -> str:
+        return where.format(**r, rb=" rollback" if r["rollback"] else "")
+
     headlines = [
         headline(
-            "batched exact (>=20 requests/window): worst amortised compute per request, fraction of naive per request",
-            max(r["compute_per_request_fraction_of_naive"] for r in batched_20),
+            "batched exact (>=20 requests/window): worst amortised compute per request, fraction of naive per request "
+            f"of the same sharded model ({name(worst_same)})",
+            worst_same["compute_per_request_fraction_of_naive_same_S"],
             target=1 / 20,
             better="lower",
             unit="x naive",
-            peer="naive per request (same run)",
+            peer="naive per request: the whole model of the same S retrained from scratch (same run)",
+        ),
+        headline(
+            "batched exact (>=20 requests/window): worst amortised compute per request, fraction of the S=1 "
+            f"whole-model naive retrain ({name(worst_s1)}; includes sharding's per-block overhead)",
+            worst_s1["compute_per_request_fraction_of_naive_S1"],
+            target=1 / 20,
+            better="lower",
+            unit="x naive",
+            peer="naive per request, S=1 (same run)",
         ),
         headline(
             "batched 1d, 20/day uniform, S=1: compute per request, fraction of naive",
-            b1d["compute_per_request_fraction_of_naive"],
+            b1d["compute_per_request_fraction_of_naive_same_S"],
             target=1 / 20,
             better="lower",
             unit="x naive",
@@ -557,7 +661,7 @@ def main() -> int:
         ),
         headline(
             "batched 7d, 20/day uniform, S=1: compute per request, fraction of naive",
-            b7d["compute_per_request_fraction_of_naive"],
+            b7d["compute_per_request_fraction_of_naive_same_S"],
             target=1 / 20,
             better="lower",
             unit="x naive",
@@ -580,7 +684,7 @@ def main() -> int:
             peer="none",
         ),
         headline(
-            "time to first served version without the ids, p95, best rollback configuration",
+            f"time to first served version without the ids, p95, best rollback configuration ({name(best_rb)})",
             best_rb["time_to_forgotten_p95_s"],
             target=60,
             better="lower",
@@ -588,7 +692,8 @@ def main() -> int:
             peer=f"time to full retrain p95 {best_rb['time_to_exact_p95_s']:.0f} s",
         ),
         headline(
-            "time to first served version without the ids, p95, worst rollback configuration",
+            "time to first served version without the ids, p95, worst rollback configuration "
+            f"({name(worst_rb)}; requests whose interim misses the floor count their retrain's end)",
             worst_rb["time_to_forgotten_p95_s"],
             target=60,
             better="lower",
@@ -612,23 +717,43 @@ def main() -> int:
             peer="pre-deletion model",
         ),
         headline(
-            "served accuracy: worst drop below the pre-deletion model over all configurations",
-            max(drops),
+            f"served accuracy: worst drop below the pre-deletion model over all configurations ({name(worst_drop)})",
+            worst_drop["served_accuracy_max_drop_points"],
             target=2.0,
             better="lower",
             unit="points",
             peer="pre-deletion model of the same S",
         ),
         headline(
-            "backdoor attack success after forget time: max deviation from naive",
-            max(asr_dev) * 100 if asr_dev else None,
+            "backdoor attack success of every served version after the poison request's forget time: max deviation "
+            f"from naive retraining of the same S ({name(worst_asr)})",
+            worst_asr["asr_after_forget_max_deviation_from_naive_same_S_points"],
             target=1.0,
             better="lower",
             unit="points",
-            peer=f"naive retrain ASR {naive_asr:.3f} (untouched {orig_asr:.3f})",
+            peer="naive ASR "
+            + ", ".join(f"S={S} {naive_asr[S]:.3f}" for S in SHARDS)
+            + " (untouched "
+            + ", ".join(f"S={S} {orig_asr[S]:.3f}" for S in SHARDS)
+            + ")",
         ),
+    ]
+    if parallel is not None:
+        headlines.append(
+            headline(
+                "S=2 on 2 workers: wall time to exact / S=1, measured (2 ChainWorker Ray actors, 1 torch thread each, "
+                "a 20-request batch, median of 5 interleaved, bench lock held)",
+                parallel["ratio_median"],
+                target=0.6,
+                better="lower",
+                unit="ratio",
+                peer="S=1 on 1 worker, same batch, same run",
+            )
+        )
+    headlines += [
         headline(
-            "S=2 on 2 workers: retrain wall time to exact per batch / S=1 (batched 1d, 20/day uniform; simulated from measured block CPU)",
+            "S=2 on 2 workers: retrain wall time to exact per batch / S=1, CPU-derived (batched 1d, 20/day uniform; "
+            "measured block CPU seconds, shards packed on 2 workers)",
             wall_exact[2] / wall_exact[1],
             target=0.6,
             better="lower",
@@ -636,71 +761,108 @@ def main() -> int:
             peer="S=1",
         ),
         headline(
-            "accuracy cost of S=2 (test, pre-deletion)",
-            100 * (s_acc[1] - s_acc[2]),
+            "accuracy cost of S=2 (test, poison-free models: the exact = naive retrain without the poisoned ids)",
+            100 * (s_acc_naive[1] - s_acc_naive[2]),
             target=1.0,
             better="lower",
             unit="points",
             peer="S=1",
         ),
         headline(
-            "accuracy cost of S=4 (test, pre-deletion)",
-            100 * (s_acc[1] - s_acc[4]),
+            "accuracy cost of S=4 (test, poison-free models)",
+            100 * (s_acc_naive[1] - s_acc_naive[4]),
             target=None,
             better="lower",
             unit="points",
             peer="S=1",
         ),
         headline(
-            "block tax of the bench config (B=20, E=5, Adam 1e-3)",
-            tax["tax_points"],
-            target=0.5,
+            "accuracy cost of S=2 (test, pre-deletion poisoned models; the poison in recent blocks costs each S "
+            "differently)",
+            100 * (s_acc[1] - s_acc[2]),
+            target=None,
             better="lower",
             unit="points",
-            peer="plain training, same data and epochs",
-        ),
-        headline(
-            "block tax of the CLI defaults (B=6, E=3, Adam 1e-2)",
-            meta["block_tax"][1]["tax_points"],
-            target=0.5,
-            better="lower",
-            unit="points",
-            peer="plain training",
+            peer="S=1",
         ),
     ]
+    for label, target in (
+        ("CLI defaults (B=6, E=3, Adam 1e-2)", 0.5),
+        ("bench config (B=20, E=5, Adam 1e-3 constant)", 0.5),
+        ("B=20, E=5, Adam 3e-3 cosine to 30 %", None),
+        ("B=20, E=5, Adam 3e-3 cosine to 2 %", None),
+        ("candidate default (B=6, E=3, Adam 3e-3 cosine to 30 %)", None),
+    ):
+        headlines.append(
+            headline(
+                f"block tax of the {label}, mean of {len(TAX_SEEDS)} seeds",
+                tax[label]["tax_points"],
+                target=target,
+                better="lower",
+                unit="points",
+                peer="plain training (B=1), same data and epochs",
+            )
+        )
     data = {
+        "command": "nice -n 5 ./.venv/bin/python bench/deletion_stream.py --fresh  (takes /work/bench.lock itself "
+        "for the timed Ray part only; about 10-15 min on a quiet 2-core machine)",
         "setup": {
             "data": "mnist5k: 4000 train / 500 validation / 500 test",
             "model": "lenet5",
             "config": CONFIG.to_dict(),
-            "poison": f"{POISON_COUNT} ids in blocks {POISON_BLOCKS} (S=1 plan), 3x3 white corner -> class {TARGET}; one request on day 10",
+            "poison": f"{POISON_COUNT} ids in global blocks {POISON_BLOCKS}, 3x3 white corner -> class {TARGET}; "
+            "one request on day 10",
+            "shard_block_plans": "shard k's block i = its samples of global block i (blocks are arrival order)",
             "workers": WORKERS,
-            "served_floor": "pre-deletion validation accuracy - 2 points",
-            "shard_floor": "lowest shard final accuracy - 5 points",
-            "interim_latency_s_assumed": 1.0,
-            "what_ran": "real: chains S=1,2,4, poison-free exact retrains, naive S=1, block tax; simulated (pure rules): arrivals, batching, rollback, compute = block-trainings x measured CPU seconds per block",
+            "served_floor": f"interim published only if its validation accuracy >= pre-deletion validation - "
+            f"({FLOOR_POINTS} - margin) points, margin = min({FLOOR_POINTS}, one standard error of a difference of two "
+            "500-sample accuracies at the pre-deletion validation accuracy) (heldout_margin_points); "
+            "otherwise the batch flushes now and the version served so far stays until the retrain lands (the "
+            "request's forget time = retrain end)",
+            "shard_floor": "lowest shard final accuracy - 5 points; rolled-back shards also leave the vote when "
+            "they lower the ensemble's validation accuracy",
+            "compute_peer": "naive per request of the same S = all S shards retrained from scratch; also reported "
+            "against the S=1 whole-model naive retrain",
+            "asr_peer": "naive retraining of the same S (bit-identical to the exact retrain; checked per shard)",
+            "interim_latency_s_assumed": INTERIM_LATENCY_S,
+            "what_ran": "real: chains S=1,2,4, poison-free exact retrains and naive retrains of every affected "
+            "shard, block tax (5 seeds), a timed Ray run of S=1 vs S=2; simulated (pure rules): arrivals, "
+            "batching, rollback, compute = block-trainings x measured CPU seconds per block",
             "approximations": [
                 "accuracy effect of the random deletions' data loss not modelled (common to every strategy)",
                 "ids repeat across requests (a month at 100/day names more ids than the training set)",
                 "naive per request: retrains counted, not queued (time to exact optimistic)",
                 "retrained blocks are not published progressively in the simulation (interim stays until the batch lands)",
-                "S workers wall time is simulated from measured single-thread CPU seconds, not a real parallel run",
             ],
             "train_wall_seconds": train_wall,
+            "simulation_wall_seconds": sim_wall,
         },
-        "s1_measured": {
-            k: s1.get(k)
-            for k in (
-                "train_cpu_seconds",
-                "poison_retrain_cpu_seconds",
-                "naive_cpu_seconds",
-                "exact_bit_identical_to_naive",
-                "poison_first_block",
-            )
+        "shards_measured": {
+            S: [
+                {
+                    k: sh.get(k)
+                    for k in (
+                        "train_cpu_seconds",
+                        "poison_first_block",
+                        "poison_retrain_cpu_seconds",
+                        "naive_cpu_seconds",
+                        "exact_bit_identical_to_naive",
+                    )
+                }
+                | {"block_cpu_seconds_sum": float(sum(sh["block_cpu_seconds"]))}
+                for sh in meta["shards"][S]["shards"]
+            ]
+            for S in meta["shards"]
         },
+        "s1_measured": {k: s1.get(k) for k in ("train_cpu_seconds", "poison_retrain_cpu_seconds", "naive_cpu_seconds")},
         "shard_test_accuracy": {str(S): v for S, v in s_acc.items()},
-        "asr": {"untouched_S1": orig_asr, "naive_S1": naive_asr},
+        "shard_test_accuracy_after_poison_deletion": {str(S): v for S, v in s_acc_naive.items()},
+        "asr": {
+            "untouched": {str(S): v for S, v in orig_asr.items()},
+            "naive": {str(S): v for S, v in naive_asr.items()},
+        },
         "block_tax": meta["block_tax"],
+        "parallel": parallel,
         "configurations": rows,
     }
     path = write_result("deletion_stream", headlines=headlines, data=data, started=started)
@@ -721,10 +883,10 @@ def plot(rows: list[dict], path: Path) -> None:
     sel = [r for r in rows if r["rate_per_day"] == 20.0 and r["ids"] == "uniform"]
     labels = [f"{r['strategy']}\nS={r['shards']}{' rb' if r['rollback'] else ''}" for r in sel]
     x = np.arange(len(sel))
-    axes[0].bar(x, [r["compute_per_request_fraction_of_naive"] for r in sel])
+    axes[0].bar(x, [r["compute_per_request_fraction_of_naive_same_S"] for r in sel])
     axes[0].axhline(1 / 20, color="r", ls="--", label="target 1/20")
     axes[0].set_yscale("log")
-    axes[0].set_title("compute per request / naive (20/day, uniform)")
+    axes[0].set_title("compute per request / naive of the same S (20/day, uniform)")
     axes[1].bar(x, [max(r["time_to_forgotten_p95_s"], 0.1) for r in sel], label="to forgotten p95")
     axes[1].scatter(x, [max(r["time_to_exact_p95_s"], 0.1) for r in sel], color="k", label="to exact p95", zorder=3)
     axes[1].axhline(60, color="r", ls="--")

@@ -5,17 +5,23 @@ ids, so serving it is exact the moment a request is accepted. For a sharded run 
 disjoint shards, :mod:`obliviate.unlearning.shards`) only the affected shards roll back, each to
 its last checkpoint before its earliest affected block; a shard whose rolled-back held-out
 accuracy falls below ``shard_floor`` (or that rolls back to M_0, the untrained model) leaves the
-vote. A single chain serves M_{d-1}.
+vote, and so does a rolled-back shard whose vote lowers the ensemble's held-out accuracy (greedy,
+deterministic; at worst only the unaffected shards serve). A single chain serves M_{d-1}.
 
-Exactness comes first: the interim plan never serves a checkpoint at or after an affected block.
-When the interim ensemble's accuracy is below ``served_floor`` (e.g. a deletion in block 1 of a
-single chain) the plan still serves it, marks ``flush_now`` and the batch is retrained at once;
-each retrained block M'_i is exact too and may be served as it lands
-(:func:`advance_after_retrain`).
+The floor (issue 11): an interim version is **published only if** its held-out accuracy is at least
+``served_floor`` (:func:`served_floor`: the pre-deletion accuracy minus the allowed drop, tightened by
+a margin for held-out vs test noise). When no interim version meets it (e.g. a deletion in block 1
+of a single chain) nothing is published (``publish`` False), the batch flushes now, and the version
+served so far stays until the retrain lands: the request's forget time is then its retrain's end,
+not its acceptance (it counts in the time-to-forgotten latency). Exactness is never traded: the
+plan never serves a checkpoint at or after an affected block; accuracy is never traded either: a
+below-floor interim is never served. Each retrained block M'_i is exact too and may be served as it
+lands (:func:`advance_after_retrain`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,6 +62,42 @@ class InterimPlan:
     reason: str
     rolled_back: tuple[int, ...]
     left_vote: tuple[int, ...]
+    publish: bool = True
+    """False: no interim meets the floor; keep serving the current version until the flush's retrain lands."""
+
+
+def served_floor(*, pre_deletion_accuracy: float, floor_points: float, margin_points: float = 0.0) -> float:
+    """Lowest held-out accuracy of a publishable interim version: pre-deletion - (floor - margin) points.
+
+    ``floor_points`` is the promised worst drop of the *served* accuracy (measured on other data
+    than the held-out set that judges the interim), ``margin_points`` the part of it kept back for
+    the difference between held-out and test estimates (e.g. about one binomial standard error of
+    the held-out set). Accuracies are fractions, points are percentage points.
+
+    Raises:
+        ConfigError: a negative floor or margin, or a margin larger than the floor.
+    """
+    if floor_points < 0 or margin_points < 0 or margin_points > floor_points:
+        raise ConfigError(
+            f"need 0 <= margin_points <= floor_points; got floor {floor_points!r}, margin {margin_points!r}. "
+            "The margin is the part of the allowed drop kept back for held-out vs test noise."
+        )
+    return float(pre_deletion_accuracy) - (floor_points - margin_points) / 100.0
+
+
+def heldout_margin_points(*, accuracy: float, heldout_size: int, floor_points: float) -> float:
+    """A margin for :func:`served_floor`: one standard error of a difference of two accuracies, capped at the floor.
+
+    ``100 * sqrt(2 p (1 - p) / n)`` points at held-out accuracy ``p`` over ``n`` samples (two
+    independent binomial estimates; held-out and test sets of equal size). 500 samples at p = 0.96:
+    1.2 points; at p = 0.89 (a 4-shard ensemble): 2.0 points, the whole of a 2-point floor.
+
+    Raises:
+        ConfigError: ``accuracy`` outside [0, 1] or ``heldout_size`` < 1.
+    """
+    if not 0.0 <= accuracy <= 1.0 or heldout_size < 1:
+        raise ConfigError(f"need 0 <= accuracy <= 1 and heldout_size >= 1; got {accuracy!r}, {heldout_size!r}.")
+    return float(min(floor_points, 100.0 * math.sqrt(2.0 * accuracy * (1.0 - accuracy) / heldout_size)))
 
 
 def rollback_block(*, served_block: int | None, first_affected_block: int) -> int | None:
@@ -109,20 +151,62 @@ def plan_interim(
         served[shard_id] = target
     in_vote = {k: v for k, v in served.items() if v is not None}
     if not in_vote:
-        return InterimPlan(served, None, True, "no shard meets the floor: flush now", tuple(rolled), tuple(left))
+        return InterimPlan(
+            served, None, True, "no shard meets the floor: flush now", tuple(rolled), tuple(left), publish=False
+        )
     if len(shards) == 1:
         only = next(iter(in_vote.items()))
         accuracy = by_id[only[0]].accuracies[only[1]]
     elif ensemble_accuracy is None:
         raise ConfigError("a sharded run needs ensemble_accuracy to judge its interim version against the floor.")
     else:
-        accuracy = ensemble_accuracy(served)
+        candidates = [k for k in sorted(affected) if served[k] is not None]
+        served, accuracy, dropped = _best_vote(served, candidates, ensemble_accuracy)
+        left.extend(k for k in dropped if k not in left)
     if accuracy is None or accuracy < served_floor:
         return InterimPlan(
-            served, accuracy, True, f"interim accuracy {accuracy} below the floor {served_floor}: flush now",
-            tuple(rolled), tuple(left),
+            served, accuracy, True,
+            f"interim accuracy {accuracy} below the floor {served_floor}: not published, flush now",
+            tuple(rolled), tuple(sorted(left)), publish=False,
         )  # fmt: skip
-    return InterimPlan(served, accuracy, False, "interim version meets the floor", tuple(rolled), tuple(left))
+    return InterimPlan(served, accuracy, False, "interim version meets the floor", tuple(rolled), tuple(sorted(left)))
+
+
+def _best_vote(
+    served: dict[int, int | None], candidates: Sequence[int], ensemble_accuracy: Callable[[ServedBlocks], float]
+) -> tuple[dict[int, int | None], float, list[int]]:
+    """Drop rolled-back shards from the vote while that raises the ensemble's held-out accuracy.
+
+    Greedy backward elimination over ``candidates`` (the rolled-back shards still voting), the
+    largest gain first, ties to the lowest shard; stops when no removal strictly helps. Finally the
+    unaffected shards alone are tried too. Leaving the vote never harms exactness.
+    """
+    current = dict(served)
+    best = ensemble_accuracy(current)
+    dropped: list[int] = []
+    while True:
+        voting = [k for k, v in current.items() if v is not None]
+        options = []
+        for k in candidates:
+            if k in dropped or len(voting) < 2:
+                continue
+            trial = {**current, k: None}
+            options.append((ensemble_accuracy(trial), -k, trial))
+        if not options:
+            break
+        accuracy, neg_k, trial = max(options, key=lambda o: (o[0], o[1]))
+        if accuracy <= best:
+            break
+        current, best = trial, accuracy
+        dropped.append(-neg_k)
+    rest = [k for k in candidates if k not in dropped]
+    unaffected = {k: (None if k in candidates else v) for k, v in current.items()}
+    if rest and any(v is not None for v in unaffected.values()):
+        accuracy = ensemble_accuracy(unaffected)
+        if accuracy > best:
+            current, best = unaffected, accuracy
+            dropped.extend(rest)
+    return current, best, dropped
 
 
 def advance_after_retrain(*, served: ServedBlocks, shard: int, retrained_block: int) -> dict[int, int | None]:

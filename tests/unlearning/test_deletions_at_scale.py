@@ -24,7 +24,14 @@ from obliviate.unlearning.batching import (
 )
 from obliviate.unlearning.chain import BlockData, Chain
 from obliviate.unlearning.probes import checker_pattern, per_sample_loss, square_pattern, stamp_pattern
-from obliviate.unlearning.rollback import ShardCheckpoints, advance_after_retrain, plan_interim, saw_deleted
+from obliviate.unlearning.rollback import (
+    ShardCheckpoints,
+    advance_after_retrain,
+    heldout_margin_points,
+    plan_interim,
+    saw_deleted,
+    served_floor,
+)
 from obliviate.unlearning.shards import MEAN, VOTE, combine, make_shard_plan, predict_shards
 from obliviate.unlearning.verification import stamp_trigger
 
@@ -150,6 +157,61 @@ def test_affected_shards_roll_back_or_leave_the_vote_and_retrained_blocks_bring_
     # a shard already rolled back further stays there
     again = plan_interim(shards=[ShardCheckpoints(0, ACC, 2)], affected={0: 4}, served_floor=0.0, shard_floor=0.0)
     assert again.served == {0: 2}
+
+
+def test_served_floor_keeps_a_margin_for_heldout_vs_test_noise() -> None:
+    assert served_floor(pre_deletion_accuracy=0.95, floor_points=2.0, margin_points=1.0) == pytest.approx(0.94)
+    assert served_floor(pre_deletion_accuracy=0.95, floor_points=2.0) == pytest.approx(0.93)
+    with pytest.raises(ConfigError, match="margin"):
+        served_floor(pre_deletion_accuracy=0.95, floor_points=1.0, margin_points=2.0)
+    # one standard error of a difference of two 500-sample accuracies; never more than the floor
+    assert heldout_margin_points(accuracy=0.96, heldout_size=500, floor_points=2.0) == pytest.approx(1.24, abs=0.01)
+    assert heldout_margin_points(accuracy=0.80, heldout_size=500, floor_points=2.0) == 2.0
+    with pytest.raises(ConfigError):
+        heldout_margin_points(accuracy=1.5, heldout_size=500, floor_points=2.0)
+
+
+def test_an_interim_below_the_floor_is_never_published_and_the_batch_flushes() -> None:
+    below = plan_interim(shards=[ShardCheckpoints(0, ACC, 4)], affected={0: 2}, served_floor=0.85, shard_floor=0.0)
+    assert below.flush_now and not below.publish
+    meets = plan_interim(shards=[ShardCheckpoints(0, ACC, 4)], affected={0: 4}, served_floor=0.85, shard_floor=0.0)
+    assert meets.publish and not meets.flush_now and meets.accuracy is not None and meets.accuracy >= 0.85
+
+
+def _ensemble(weights: dict[int, dict[int | None, float]]):
+    """Held-out accuracy of a vote: the mean of the voting shards' per-block accuracies (a stand-in rule)."""
+
+    def accuracy(served) -> float:
+        values = [weights[k][b] for k, b in served.items() if b is not None]
+        return sum(values) / len(values)
+
+    return accuracy
+
+
+def test_a_weak_rolled_back_shard_leaves_the_vote_when_it_lowers_the_ensemble() -> None:
+    shards = [ShardCheckpoints(k, ACC, 4) for k in range(4)]
+
+    def acc(served) -> float:  # shard 1 at M_1 drags the vote down; shard 0 at M_3 still helps it
+        if served.get(1) is not None:
+            return 0.80
+        return 0.95 if served.get(0) is not None else 0.94
+
+    plan = plan_interim(shards=shards, affected={0: 4, 1: 2}, served_floor=0.92, shard_floor=0.0, ensemble_accuracy=acc)
+    assert plan.served == {0: 3, 1: None, 2: 4, 3: 4}
+    assert plan.left_vote == (1,) and plan.publish and not plan.flush_now and plan.accuracy == 0.95
+    # the published vote never holds a block that saw the ids
+    assert saw_deleted(served=plan.served, affected={0: 4, 1: 2}, retrained_through={}) == []
+
+
+def test_when_no_vote_meets_the_floor_nothing_is_published_and_the_batch_flushes_now() -> None:
+    shards = [ShardCheckpoints(k, ACC, 4) for k in range(2)]
+    acc = _ensemble({k: dict(enumerate(ACC)) for k in range(2)})
+    plan = plan_interim(shards=shards, affected={0: 2, 1: 2}, served_floor=0.9, shard_floor=0.0, ensemble_accuracy=acc)
+    assert plan.flush_now and not plan.publish
+    assert saw_deleted(served=plan.served, affected={0: 2, 1: 2}, retrained_through={}) == []
+    # one unaffected shard that meets the floor alone is served (the affected shard leaves the vote)
+    alone = plan_interim(shards=shards, affected={0: 2}, served_floor=0.9, shard_floor=0.0, ensemble_accuracy=acc)
+    assert alone.served == {0: None, 1: 4} and alone.publish and alone.left_vote == (0,)
 
 
 # ----- shards --------------------------------------------------------------------------------------
