@@ -6,8 +6,10 @@ request's earliest affected block, M_{d-1}, which never saw the ids, and keeps o
 Its pointer target carries ``serve_block`` (``None``: nothing can be served, the run is paused
 until its retrain lands), ``holds`` and ``forgotten_requests``; :func:`served_model` is what
 anything serving or auditing a run must load. When M_{d-1} is below the served-accuracy floor
-(the pre-deletion accuracy minus ``floor_points``) the batch flushes now; the interim version is
-still published (exactness first). The batch's retrain starts from the full chain the interim
+(the pre-deletion accuracy minus ``floor_points``) nothing is published, the run keeps serving
+its version and the batch flushes now: those requests become forgotten when their retrain lands
+(``serve --floor-points 100`` accepts any drop, so every request rolls back at once unless its ids
+lie in block 1 of a single chain: M_0 is no model, so that batch flushes now too). The batch's retrain starts from the full chain the interim
 derives from (``chain_of``), publishes each retrained block as it lands (progressive versions,
 :mod:`actors.chains`), and finally the full model, whose ``serve_block`` is absent unless a
 request accepted meanwhile still holds it back.
@@ -32,6 +34,7 @@ from storage.serving import (
     roll_back,
     save_rollback,
     served_model,
+    shard_runs,
 )
 
 __all__ = [
@@ -53,6 +56,8 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
     """
     registry = RunRegistry(store)
     out: dict[str, Any] = {"flush_now": False, "runs": {}}
+    unforgotten: set[str] = set()
+    shards = shard_runs(store)
     for run_id in registry.run_ids():
         spec = registry.spec(run_id)
         requests = {
@@ -62,11 +67,13 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
         }
         if not requests:
             continue
-        done = roll_back(registry, run_id, requests, floor_points=floor_points)
+        done = roll_back(registry, run_id, requests, floor_points=floor_points, is_shard=run_id in shards)
         if done is not None:
             out["flush_now"] = out["flush_now"] or done.pop("flush_now")
+            unforgotten.update(done.get("below_floor", ()))
             out["runs"][run_id] = done
-    record_forgotten(store, [e.request_id for e in pending], runs=out["runs"])
+    forgotten = [e.request_id for e in pending if e.request_id not in unforgotten]
+    record_forgotten(store, forgotten, runs=out["runs"])
     return out
 
 

@@ -189,10 +189,28 @@ def publish_served(
     )
 
 
+def shard_runs(store: ObjectStore) -> set[str]:
+    """Every run that is a shard of a sharded run (listed as a member by some ``groups/<run>.json``)."""
+    members: set[str] = set()
+    for key in store.list("groups/"):
+        if key.endswith(".json"):
+            members.update(str(m) for m in store.get_json(key).get("members", ()))
+    return members
+
+
 def roll_back(
-    registry: RunRegistry, run_id: str, requests: Mapping[str, Sequence[int]], *, floor_points: float
+    registry: RunRegistry,
+    run_id: str,
+    requests: Mapping[str, Sequence[int]],
+    *,
+    floor_points: float,
+    is_shard: bool = False,
 ) -> dict[str, Any] | None:
     """Publish an interim version of ``run_id`` that never saw the ids of ``requests`` (request id -> ids).
+
+    A single chain publishes M_{d-1} only if it meets the floor; a shard of a sharded run always
+    rolls back, and leaves the vote (pauses) when nothing before block d is a model: the other
+    shards serve (the group's accuracy is not judged here, see docs/unlearning.md).
 
     Idempotent: requests already held change nothing. Lost races (a retrain publishing a block
     meanwhile) are retried on the newer version.
@@ -200,7 +218,8 @@ def roll_back(
     Returns:
         ``None`` if no request touches the run, else ``{"serve_block", "accuracy", "version",
         "flush_now", "published"}`` (``flush_now``: the interim is below the served floor, the
-        reference accuracy minus ``floor_points``).
+        reference accuracy minus ``floor_points``; then nothing is published and ``below_floor``
+        lists the requests that stay unforgotten until their retrain lands).
     """
     for _ in range(_CAS_ATTEMPTS):
         current, target = pointer_target(registry, run_id)
@@ -225,6 +244,18 @@ def roll_back(
             shard_floor=0.0,
         )
         block = interim.served[0]
+        if not interim.publish and not is_shard:
+            # The issue-11 floor: a below-floor interim is never served; the run keeps its version
+            # (which still holds the ids) and the batch flushes now, so the request is forgotten
+            # when its retrain lands rather than at acceptance.
+            return {
+                "serve_block": served_now,
+                "accuracy": interim.accuracy,
+                "version": current.version,
+                "flush_now": True,
+                "published": False,
+                "below_floor": sorted(firsts),
+            }
         if block == served_now and set(firsts) <= set(target.get("holds") or {}):
             return {
                 "serve_block": block,

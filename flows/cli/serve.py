@@ -47,7 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rollback", action="store_true", help="on acceptance, serve M_{d-1} of each affected run (exact at once)"
     )
     parser.add_argument(
-        "--floor-points", type=float, default=2.0, help="with --rollback: flush now when M_{d-1} is this far below"
+        "--floor-points",
+        type=float,
+        default=2.0,
+        help="with --rollback: publish M_{d-1} only if its held-out accuracy is within this many points of the model before the deletion, else keep serving and flush now (100 accepts any drop)",
     )
     parser.set_defaults(handler=run_serve)
 

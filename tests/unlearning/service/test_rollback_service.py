@@ -15,7 +15,6 @@ from flows.cli import main
 from flows.rollback import save_rollback, served_model
 from flows.train import run_spec
 from flows.verify import chain_of
-from obliviate.errors import ConfigError
 from obliviate.unlearning.batching import DAY_S, BatchPolicy
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.rollback import saw_deleted
@@ -82,18 +81,32 @@ def test_interim_serves_m_d_minus_1_at_once_and_the_retrain_restores_the_full_mo
     assert final is not None and _states_equal(final, new_chain.model())
 
 
-def test_below_the_floor_the_batch_flushes_now_and_block_1_pauses_the_run(trained, tmp_path) -> None:
+def test_below_the_floor_nothing_is_published_and_the_batch_flushes_now(trained) -> None:
     _url, store, ids_in = trained
-    save_rollback(store, enabled=True, floor_points=0.0)  # only the final model meets the floor
+    save_rollback(store, enabled=True, floor_points=-100.0)  # a floor above any accuracy: no interim meets it
+    registry = RunRegistry(store)
+    before = registry.current("rb")
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="late-block", ids=ids_in(3), dataset="digits", reason=None)
+    gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert gate["flush"] and gate["reason"] == "rollback_below_floor"
+    assert gate["interim"]["runs"]["rb"]["published"] is False
+    assert registry.current("rb").version == before.version  # the run keeps serving its model
+    assert not store.exists("ledger/forgotten/late-block.json")  # forgotten when its retrain lands
+
+
+def test_block_1_never_pauses_the_run_it_flushes_now(trained) -> None:
+    _url, store, ids_in = trained
+    save_rollback(store, enabled=True, floor_points=100.0)  # any accuracy drop accepted, yet M_0 is no model
+    registry = RunRegistry(store)
+    before = registry.current("rb")
     ledger = DeletionLedger(store)
     ledger.append(request_id="first-block", ids=ids_in(1), dataset="digits", reason=None)
     gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
     assert gate["flush"] and gate["reason"] == "rollback_below_floor"
-    assert gate["interim"]["runs"]["rb"]["serve_block"] is None
-    registry = RunRegistry(store)
-    assert served_model(registry, "rb") is None
-    with pytest.raises(ConfigError, match="paused"):
-        export_target(registry, "rb", tmp_path / "target.pt")
+    assert gate["interim"]["runs"]["rb"]["published"] is False
+    assert registry.current("rb").version == before.version and served_model(registry, "rb") is not None
+    assert not store.exists("ledger/forgotten/first-block.json")
 
 
 def test_a_cancelled_request_releases_its_rollback_at_the_next_pass(trained) -> None:
