@@ -27,6 +27,32 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
+def tiny_run():
+    """Options of a tiny block-trained run (digits, LeNet-5, 4 blocks of 1 epoch): ``tiny_run(blocks=3)`` overrides."""
+
+    def options(**changes):
+        return {
+            "data": "digits",
+            "model": "lenet5",
+            "blocks": 4,
+            "epochs": 1,
+            "batch_size": 32,
+            "learning_rate": 0.01,
+            "schedule": "constant",
+            "train_size": 400,
+            "heldout_size": 200,
+            "seed": 0,
+        } | changes
+
+    return options
+
+
+@pytest.fixture
+def store_url(tmp_path):
+    return f"file://{tmp_path}/store"
+
+
+@pytest.fixture
 def s3_url(moto_endpoint):
     import s3fs
 

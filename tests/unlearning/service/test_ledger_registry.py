@@ -19,23 +19,10 @@ from storage import CorruptObject, ObjectStore
 from storage.ledger import CLAIMED, PENDING, DeletionLedger
 from storage.registry import TRAIN_CHAIN, RunRegistry
 
-TINY = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 3,
-    "epochs": 1,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "seed": 0,
-    "train_size": 300,
-    "heldout_size": 100,
-}
-
 
 @pytest.fixture
-def store_url(tmp_path):
-    return f"file://{tmp_path}/store"
+def small_run(tiny_run):
+    return tiny_run(blocks=3, train_size=300, heldout_size=100)
 
 
 def test_request_ids_are_checked_before_anything_is_written(store_url):
@@ -97,9 +84,9 @@ class _Exploit:
         return (os.system, ("touch /tmp/obliviate-pwned",))
 
 
-def test_checkpoints_load_with_weights_only_and_code_is_refused(store_url, tmp_path):
+def test_checkpoints_load_with_weights_only_and_code_is_refused(store_url, tmp_path, small_run):
     worker = ChainWorker(store_url)
-    summary = worker.train(run_spec(run_id="r1", split_seed=0, **TINY))
+    summary = worker.train(run_spec(run_id="r1", split_seed=0, **small_run))
     registry = RunRegistry(ObjectStore(store_url))
     key = registry.checkpoint_key("r1", TRAIN_CHAIN, 1)
     assert registry.load_checkpoint(key).block_index == 1
@@ -119,8 +106,8 @@ def test_checkpoints_load_with_weights_only_and_code_is_refused(store_url, tmp_p
     assert summary["version"] == 1
 
 
-def test_train_resumes_from_stored_checkpoints_bit_for_bit(store_url, tmp_path):
-    spec = run_spec(run_id="r1", split_seed=0, **TINY)
+def test_train_resumes_from_stored_checkpoints_bit_for_bit(store_url, tmp_path, small_run):
+    spec = run_spec(run_id="r1", split_seed=0, **small_run)
     ChainWorker(store_url).train(spec)
     registry = RunRegistry(ObjectStore(store_url))
     reference = registry.load_chain(registry.current("r1"))[0]
@@ -140,8 +127,8 @@ def test_train_resumes_from_stored_checkpoints_bit_for_bit(store_url, tmp_path):
     assert resumed.entry("r1")["block_sample_ids"] == registry.entry("r1")["block_sample_ids"]
 
 
-def test_registry_records_blocks_and_refuses_a_different_spec_under_the_same_run(store_url):
-    ChainWorker(store_url).train(run_spec(run_id="r1", split_seed=0, **TINY))
+def test_registry_records_blocks_and_refuses_a_different_spec_under_the_same_run(store_url, small_run):
+    ChainWorker(store_url).train(run_spec(run_id="r1", split_seed=0, **small_run))
     registry = RunRegistry(ObjectStore(store_url))
     entry = registry.entry("r1")
     spec = registry.spec("r1")
@@ -150,12 +137,12 @@ def test_registry_records_blocks_and_refuses_a_different_spec_under_the_same_run
     assert held == sorted(spec.train_ids)
     assert 0 < entry["metrics"]["heldout_accuracy"] <= 1
     with pytest.raises(ConfigError, match="already exists"):
-        registry.put_spec(RunSpec.from_dict(run_spec(run_id="r1", split_seed=1, **TINY)))
+        registry.put_spec(RunSpec.from_dict(run_spec(run_id="r1", split_seed=1, **small_run)))
 
 
-def test_unlearning_applies_once_and_rejects_stale_bases(store_url):
+def test_unlearning_applies_once_and_rejects_stale_bases(store_url, small_run):
     worker = ChainWorker(store_url)
-    spec = run_spec(run_id="r1", split_seed=0, **TINY)
+    spec = run_spec(run_id="r1", split_seed=0, **small_run)
     worker.train(spec)
     ids = spec["train_ids"][:2]
     audit = worker.unlearn("r1", {"req-1": ids})

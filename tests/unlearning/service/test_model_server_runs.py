@@ -26,26 +26,12 @@ from storage.ledger import DeletionLedger
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 3,
-    "epochs": 1,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "train_size": 400,
-    "heldout_size": 200,
-    "seed": 0,
-    "split_seed": 0,
-}
 
-
-def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_rollback(tmp_path) -> None:
+def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_rollback(tmp_path, tiny_run) -> None:
     url = f"file://{tmp_path / 'store'}"
     store = ObjectStore(url)
     store.ensure_container()
-    specs = [run_spec(run_id="g", shards=2, shard=k, **TINY) for k in range(2)]
+    specs = [run_spec(run_id="g", shards=2, shard=k, **tiny_run(blocks=3, split_seed=0)) for k in range(2)]
     for spec in specs:
         ChainWorker(url).train(spec)
     store.put_json("groups/g.json", {"run_id": "g", "members": ["g-s0of2", "g-s1of2"], "rule": "mean_probability"})

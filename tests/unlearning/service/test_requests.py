@@ -19,31 +19,18 @@ from storage import ObjectStore
 from storage.ledger import CANCELLED, CLAIMED, DONE, FAILED, PENDING, REJECTED, DeletionLedger
 from storage.registry import TRAIN_CHAIN, RunRegistry
 
-TINY = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 3,
-    "epochs": 1,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "seed": 0,
-    "train_size": 300,
-    "heldout_size": 100,
-}
-
 
 @pytest.fixture
-def store_url(tmp_path):
-    return f"file://{tmp_path}/store"
-
-
-@pytest.fixture
-def trained(store_url):
+def trained(store_url, small_run):
     """One tiny trained run shared by a test: (store url, spec dict)."""
-    spec = run_spec(run_id="r1", split_seed=0, **TINY)
+    spec = run_spec(run_id="r1", split_seed=0, **small_run)
     ChainWorker(store_url).train(spec)
     return store_url, spec
+
+
+@pytest.fixture
+def small_run(tiny_run):
+    return tiny_run(blocks=3, train_size=300, heldout_size=100)
 
 
 def in_process(store_url: str):

@@ -22,27 +22,13 @@ from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 
-TINY = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 4,
-    "epochs": 1,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "train_size": 400,
-    "heldout_size": 200,
-    "seed": 0,
-    "split_seed": 0,
-}
-
 
 @pytest.fixture
-def trained(tmp_path: Path):
+def trained(tmp_path: Path, tiny_run):
     url = f"file://{tmp_path / 'store'}"
     store = ObjectStore(url)
     store.ensure_container()
-    spec = run_spec(run_id="rb", **TINY)
+    spec = run_spec(run_id="rb", **tiny_run(split_seed=0))
     ChainWorker(url).train(spec)
     plan = BlockPlan.from_dict(store.get_json("runs/rb/plan.json"))
 

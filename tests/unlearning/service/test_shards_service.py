@@ -7,24 +7,10 @@ import numpy as np
 from flows.train import run_spec, shard_run_ids
 from obliviate.data import load_dataset
 
-OPTIONS = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 4,
-    "epochs": 1,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "train_size": 400,
-    "heldout_size": 200,
-    "seed": 0,
-    "split_seed": 0,
-}
 
-
-def test_shards_are_disjoint_stratified_cover_the_split_and_share_the_heldout_set() -> None:
-    whole = run_spec(run_id="g", **OPTIONS)
-    parts = [run_spec(run_id="g", shards=2, shard=k, **OPTIONS) for k in range(2)]
+def test_shards_are_disjoint_stratified_cover_the_split_and_share_the_heldout_set(tiny_run) -> None:
+    whole = run_spec(run_id="g", **tiny_run(split_seed=0))
+    parts = [run_spec(run_id="g", shards=2, shard=k, **tiny_run(split_seed=0)) for k in range(2)]
     assert [p["run_id"] for p in parts] == shard_run_ids("g", 2) == ["g-s0of2", "g-s1of2"]
     assert not set(parts[0]["train_ids"]) & set(parts[1]["train_ids"])
     assert sorted(parts[0]["train_ids"] + parts[1]["train_ids"]) == sorted(whole["train_ids"])

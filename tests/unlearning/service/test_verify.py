@@ -17,27 +17,13 @@ from flows.verify import verify_run
 from storage import ObjectStore
 from storage.registry import RunRegistry
 
-TINY = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 4,
-    "epochs": 1,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "train_size": 400,
-    "heldout_size": 200,
-    "seed": 0,
-    "split_seed": 0,
-}
-
 
 @pytest.fixture
-def unlearned_store(tmp_path: Path) -> tuple[str, list[int]]:
+def unlearned_store(tmp_path: Path, tiny_run) -> tuple[str, list[int]]:
     url = f"file://{tmp_path / 'store'}"
     ObjectStore(url).ensure_container()
     worker = ChainWorker(url)
-    spec = run_spec(run_id="v-run", **TINY)
+    spec = run_spec(run_id="v-run", **tiny_run(split_seed=0))
     worker.train(spec)
     ids = [int(spec["train_ids"][i]) for i in (150, 151, 390)]  # blocks in the middle and the end
     audit = worker.unlearn("v-run", {"req-1": ids})
