@@ -32,18 +32,11 @@ from storage.registry import RunRegistry
 
 pytestmark = pytest.mark.slow
 
-SMALL = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 4,
-    "epochs": 2,
-    "batch_size": 16,
-    "learning_rate": 0.005,
-    "schedule": "constant",
-    "seed": 0,
-    "train_size": 400,
-    "heldout_size": 150,
-}
+
+@pytest.fixture
+def small_run(tiny_run):
+    """The chaos tests' run: 4 blocks of 2 epochs at batch 16 (a retrain long enough to interrupt)."""
+    return tiny_run(epochs=2, batch_size=16, learning_rate=0.005, heldout_size=150)
 
 
 def _naive_equal(registry: RunRegistry, run_id: str) -> bool:
@@ -83,11 +76,13 @@ def _hand_written(store: ObjectStore, request_id: str, ids: list) -> None:
     )
 
 
-def test_poison_next_to_good_requests_then_serve_killed_and_restarted(s3_url, prefect_api_url, ray_address, serve):
+def test_poison_next_to_good_requests_then_serve_killed_and_restarted(
+    s3_url, prefect_api_url, ray_address, serve, small_run
+):
     store = ObjectStore(s3_url)
     registry, ledger = RunRegistry(store), DeletionLedger(store)
     # Slower blocks (about a second each) so that serve can be killed while it retrains.
-    slow = {**SMALL, "epochs": 6, "batch_size": 8, "train_size": 600}
+    slow = {**small_run, "epochs": 6, "batch_size": 8, "train_size": 600}
     ChainWorker(s3_url).train(run_spec(run_id="run-a", split_seed=0, **slow))
     specs = {"run-a": registry.spec("run-a")}
     train_ids = list(specs["run-a"].train_ids)
@@ -130,12 +125,14 @@ def test_poison_next_to_good_requests_then_serve_killed_and_restarted(s3_url, pr
     assert set(train_ids) >= set(current.deleted_ids)
 
 
-def test_flipped_byte_fails_terminally_then_repair_and_retry_complete_it(tmp_path, prefect_api_url, ray_address):
+def test_flipped_byte_fails_terminally_then_repair_and_retry_complete_it(
+    tmp_path, prefect_api_url, ray_address, small_run
+):
     url = f"file://{tmp_path}/store"
     store = ObjectStore(url)
     registry, ledger = RunRegistry(store), DeletionLedger(store)
     for run_id, split_seed in (("run-a", 0), ("run-b", 1)):
-        ChainWorker(url).train(run_spec(run_id=run_id, split_seed=split_seed, **SMALL))
+        ChainWorker(url).train(run_spec(run_id=run_id, split_seed=split_seed, **small_run))
     spec_a, spec_b = registry.spec("run-a"), registry.spec("run-b")
     # Ids both runs trained on, in run-a's last block: run-a retrains from its M_3 (damaged below).
     last_a = registry.entry("run-a")["block_sample_ids"][3]
@@ -166,11 +163,11 @@ def test_flipped_byte_fails_terminally_then_repair_and_retry_complete_it(tmp_pat
     assert spec_a.run_id == "run-a"
 
 
-def test_two_racing_requests_on_one_run_leave_one_exact_model_and_collectable_garbage(tmp_path):
+def test_two_racing_requests_on_one_run_leave_one_exact_model_and_collectable_garbage(tmp_path, small_run):
     url = f"file://{tmp_path}/store"
     store = ObjectStore(url)
     registry = RunRegistry(store)
-    ChainWorker(url).train(run_spec(run_id="run-a", split_seed=0, **SMALL))
+    ChainWorker(url).train(run_spec(run_id="run-a", split_seed=0, **small_run))
     blocks = registry.entry("run-a")["block_sample_ids"]
     results: dict[str, dict] = {}
     barrier = threading.Barrier(2)
