@@ -42,6 +42,8 @@ from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
+POOL_KEY = "service/pool.json"  # serve's warm worker pool: when it was warmed, each worker's runs
+
 
 @dataclass(frozen=True)
 class ServiceOptions:
@@ -276,8 +278,18 @@ class ServiceWatcher:
         runs = frozenset(RunRegistry(self.store).run_ids())
         if runs == self.warm_runs:
             return
+        began = time.time()
         self.warm_results = warm_pool(self.store.url, size=self.options.workers)
         self.warm_runs = runs
+        self.store.put_json(
+            POOL_KEY,
+            {
+                "pid": os.getpid(),
+                "warmed_at": time.time(),
+                "seconds": time.time() - began,
+                "workers": self.warm_results,
+            },
+        )
 
     def needs_pass(self) -> bool:
         """Whether a due request is orphaned: a lapsed claim, or pending longer than the grace period."""
