@@ -9,15 +9,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import pytest
 
 from actors.chains import ChainWorker
+from flows.deployments import POOL_KEY
 from flows.train import run_spec
+from flows.unlearn import submit_deletion, wait_for_request
 from obliviate.unlearning.service import work_token
 from storage.background import BackgroundWriteError, BackgroundWriter
+from storage.ledger import DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
@@ -127,3 +132,45 @@ def test_warm_loads_every_registered_run(tmp_path):
     assert summary["runs"] == ["a", "b"] and summary["skipped"] == {}
     assert summary["warm_up_seconds"] > 0 and len(fresh._data) == 2
     assert fresh.warm(["missing"])["skipped"]  # a run that cannot be read is named, not fatal
+
+
+def _claim_holder(url: str, request_id: str) -> str:
+    history = DeletionLedger(ObjectStore(url)).history(request_id)
+    return next(h["details"]["holder"] for h in history if h["status"] == "claimed")
+
+
+@pytest.mark.slow
+def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_still_works(
+    s3_url, prefect_api_url, ray_address, serve
+):
+    """Default ``--dispatch warm``: serve's own process claims the request (the claim's holder ends
+    with serve's pid) on a pool it warmed; ``--dispatch runner``: a runner subprocess does."""
+    trained = ChainWorker(s3_url).train(run_spec(run_id="hot", split_seed=0, seed=0, **TINY))
+    assert trained["version"] == 1
+    registry = RunRegistry(ObjectStore(s3_url))
+    block_ids = [int(i) for i in registry.entry("hot")["block_sample_ids"][1]]
+
+    process = serve(s3_url)
+    deadline = time.monotonic() + 120
+    while not ObjectStore(s3_url).exists(POOL_KEY) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    pool = ObjectStore(s3_url).get_json(POOL_KEY)
+    assert pool["pid"] == process.pid and all(w["runs"] == ["hot"] for w in pool["workers"])
+    submitted = submit_deletion(s3_url, block_ids[:2], dataset="digits")
+    assert submitted["event_id"] is not None
+    entry = wait_for_request(s3_url, submitted["request_id"], timeout_s=120)
+    assert entry["status"] == "done" and entry["details"]["runs"]["hot"]["to_version"] == 2
+    assert _claim_holder(s3_url, submitted["request_id"]).endswith(f"-{process.pid}")
+    outcomes = [e["outcome"] for e in DeletionLedger(ObjectStore(s3_url)).events()]
+    assert outcomes == ["processing"]  # the event itself started the pass, not the watcher's safety net
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+    other = f"{s3_url}-runner"  # a store of its own: no race with the stopped serve's withdrawal
+    ChainWorker(other).train(run_spec(run_id="hot", split_seed=0, seed=0, **TINY))
+    runner = serve(other, "--dispatch", "runner")
+    submitted = submit_deletion(other, block_ids[2:4], dataset="digits")
+    entry = wait_for_request(other, submitted["request_id"], timeout_s=150)
+    assert entry["status"] == "done" and entry["details"]["runs"]["hot"]["to_version"] == 2
+    holder_pid = int(_claim_holder(other, submitted["request_id"]).rsplit("-", 1)[1])
+    assert holder_pid not in (runner.pid, os.getpid())  # a flow-run subprocess of the runner
