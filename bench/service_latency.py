@@ -149,7 +149,7 @@ def measure_latency(root: Path, api_url: str, repeats: int, dispatch: str) -> di
         for repeat in range(repeats):
             ids = list(spec.train_ids[10 * repeat : 10 * repeat + 3])
             request = submit_deletion(url, ids, dataset="digits", reason="bench")
-            entry = wait_for_request(url, request["request_id"], timeout_s=300, poll_s=0.1)
+            entry = wait_for_request(url, request["request_id"], timeout_s=300, poll_s=0.5)
             assert entry["status"] == "done", entry
             audit = entry["details"]["runs"]["small"]
             samples.append(
@@ -199,7 +199,7 @@ def measure_service_vs_inprocess(root: Path, api_url: str, repeats: int, options
                     measured["inprocess_accuracy"] = audit.get("heldout_accuracy")
                 else:
                     request = submit_deletion(served_url, ids, dataset="digits", reason="bench", request_id=request_id)
-                    entry = wait_for_request(served_url, request["request_id"], timeout_s=600, poll_s=0.1)
+                    entry = wait_for_request(served_url, request["request_id"], timeout_s=600, poll_s=0.5)
                     assert entry["status"] == "done", entry
                     run_audit = entry["details"]["runs"]["cmp"]
                     measured.update(request_latencies(served_url, request["request_id"]))

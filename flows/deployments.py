@@ -129,6 +129,10 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
     from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
 
     poll = int(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2"))
+    if options.dispatch == "warm":
+        # The runner only starts cron runs and runs by hand then: no need to ask the API every 2 s
+        # (each poll costs the server and this process CPU while an unlearning runs).
+        poll = max(poll, 10)
     store = ObjectStore(options.store)
     with temporary_settings(updates={PREFECT_RUNNER_POLL_FREQUENCY: poll}):
         runner = Runner(name=f"obliviate-{options.suffix}", pause_on_shutdown=False)
