@@ -209,7 +209,7 @@ class ChainWorker:
             the audit trail: versions, requests applied, blocks retrained, Δ series, speed-up,
             held-out accuracy, consistency with a naive retrain when ``verify``.
         """
-        started_at = time.time()
+        started_at, cpu_before = time.time(), time.process_time()
         retries_before = self.storage_retries
         registry = self.registry
         lost_races: list[dict[str, Any]] = []  # audit: publishes that lost the compare-and-swap
@@ -231,7 +231,14 @@ class ChainWorker:
                 audit = self._unlearn_from(
                     current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon, started_at=started_at
                 )
-                return {**audit, "storage_retries": self.storage_retries - retries_before, "lost_races": lost_races}
+                return {
+                    **audit,
+                    "storage_retries": self.storage_retries - retries_before,
+                    "lost_races": lost_races,
+                    # CPU seconds of this worker's process for the call (all threads): with the wall
+                    # time it says what share of a core the worker got (issue 14, fan-out figures).
+                    "cpu_seconds": time.process_time() - cpu_before,
+                }
             except PointerConflict as err:
                 # Another publisher won: recompute from the newer version. The chain written for the
                 # stale base is an orphan now; `obliviate store check --repair` collects it.

@@ -27,6 +27,10 @@ flow in this process. Per repeat the 1- and 2-worker measurements alternate, on 
 (:func:`flows.train.warm_pool`: actors started, every run's data loaded and torch warmed up
 before the clock starts, as under ``serve``) and on a **cold** pool (fresh actors: actor start,
 data and torch's first step inside the measurement), for a small and a 5x heavier workload.
+Each worker also reports the CPU seconds its process used for the call; CPU seconds per second
+of fan-out per worker (``cpu_share_per_worker``, 1.0 = a whole core each) tells a fan-out that
+wastes work from one that got less CPU: on a shared machine with ``sched_autogroup`` on, a
+session gets one share however many processes it runs.
 
 Usage (one command; takes the machine-wide benchmark lock):
 ``flock /work/bench.lock nice -n 5 .venv/bin/python bench/service_latency.py [--repeats 3]``.
@@ -260,6 +264,10 @@ def measure_fanout_once(root: Path, template: Path, ids: list[int], *, workers: 
         "flow_seconds": wall,
         "per_run_worker_seconds": {r: float(runs[r]["published_at"]) - float(runs[r]["started_at"]) for r in runs},
         "per_run_retrain_seconds": {r: runs[r]["wall_seconds"] for r in runs},
+        "per_run_cpu_seconds": {r: runs[r].get("cpu_seconds") for r in runs},
+        # CPU seconds the workers got per second of fan-out per worker: 1.0 = a whole core each.
+        "cpu_share_per_worker": sum(float(runs[r].get("cpu_seconds") or 0.0) for r in runs)
+        / (workers * result["fanout"]["seconds"]),
         "warm_up": warm_summary,
         "load": os.getloadavg(),
     }
@@ -297,6 +305,18 @@ def measure_fanout(root: Path, repeats: int, options: dict, tag: str) -> dict:
             "efficiencies": [round(s["efficiency"], 3) for s in chosen],
             "one_worker_median_s": statistics.median(s["one_worker"]["fanout_seconds"] for s in chosen),
             "two_workers_median_s": statistics.median(s["two_workers"]["fanout_seconds"] for s in chosen),
+            "cpu_share_per_worker_median": {
+                "one_worker": statistics.median(s["one_worker"]["cpu_share_per_worker"] for s in chosen),
+                "two_workers": statistics.median(s["two_workers"]["cpu_share_per_worker"] for s in chosen),
+            },
+            "cpu_seconds_per_run_median": {
+                "one_worker": statistics.median(
+                    v for s in chosen for v in s["one_worker"]["per_run_cpu_seconds"].values() if v is not None
+                ),
+                "two_workers": statistics.median(
+                    v for s in chosen for v in s["two_workers"]["per_run_cpu_seconds"].values() if v is not None
+                ),
+            },
         }
 
     return {"ids": ids, "samples": samples, "warm": summary(True), "cold": summary(False)}
@@ -347,7 +367,9 @@ def main() -> None:
                 "better": "higher",
                 "unit": "fraction (median of interleaved 1-/2-worker pairs)",
                 "peer": f"same 2 unlearnings on 1 warm worker: {fan['warm']['one_worker_median_s']:.2f} s vs "
-                f"{fan['warm']['two_workers_median_s']:.2f} s on 2; cold pool {fan['cold']['efficiency_median']:.3f}",
+                f"{fan['warm']['two_workers_median_s']:.2f} s on 2; cold pool {fan['cold']['efficiency_median']:.3f}; "
+                f"CPU share per worker 1w/2w {fan['warm']['cpu_share_per_worker_median']['one_worker']:.2f}/"
+                f"{fan['warm']['cpu_share_per_worker_median']['two_workers']:.2f}",
             },
             {
                 "metric": "fanout_efficiency_2_runs_2_workers_heavier_runs (5x epochs, warm pool)",
