@@ -4,14 +4,18 @@ A plain class, made remote at the call site (``ray.remote(ChainWorker)``). Each 
 is one call into :mod:`obliviate` (``train_chain`` / ``unlearn``) plus storage I/O through
 :class:`storage.registry.RunRegistry`:
 
-* every checkpoint is written the moment it exists, under a folder named by what is computed,
-  so a worker killed mid-way and started again (Ray retries the call) resumes after the last
-  complete checkpoint instead of starting over;
+* every checkpoint is handed to a background writer the moment it exists and written while the
+  next block trains (:mod:`storage.background`, in order, atomically), under a folder named by
+  what is computed, so a worker killed mid-way and started again (Ray retries the call) resumes
+  after the last complete checkpoint instead of starting over;
 * a new model version becomes current only by a compare-and-swap of the run's version pointer
-  after all its checkpoints, the metrics and the manifest are committed; a lost race re-reads the
+  after all its checkpoints (every background write finished), the metrics and the manifest
+  are committed; a lost race re-reads the
   pointer and recomputes from the newer version, so nothing is applied to a stale model;
 * storage outages are retried with back-off (:mod:`storage.retry`); meanwhile the old version
-  stays current.
+  stays current;
+* pooled workers (:func:`flows.train.warm_pool`) are warmed before any request:
+  :meth:`ChainWorker.warm` loads every run's data once and warms torch up.
 """
 
 from __future__ import annotations
