@@ -4,27 +4,33 @@ A plain class, made remote at the call site (``ray.remote(ChainWorker)``). Each 
 is one call into :mod:`obliviate` (``train_chain`` / ``unlearn``) plus storage I/O through
 :class:`storage.registry.RunRegistry`:
 
-* every checkpoint is written the moment it exists, under a folder named by what is computed,
-  so a worker killed mid-way and started again (Ray retries the call) resumes after the last
-  complete checkpoint instead of starting over;
+* every checkpoint is handed to a background writer the moment it exists and written while the
+  next block trains (:mod:`storage.background`, in order, atomically), under a folder named by
+  what is computed, so a worker killed mid-way and started again (Ray retries the call) resumes
+  after the last complete checkpoint instead of starting over;
 * a new model version becomes current only by a compare-and-swap of the run's version pointer
-  after all its checkpoints, the metrics and the manifest are committed; a lost race re-reads the
+  after all its checkpoints (every background write finished), the metrics and the manifest
+  are committed; a lost race re-reads the
   pointer and recomputes from the newer version, so nothing is applied to a stale model;
 * storage outages are retried with back-off (:mod:`storage.retry`); meanwhile the old version
-  stays current.
+  stays current;
+* pooled workers (:func:`flows.train.warm_pool`) are warmed before any request:
+  :meth:`ChainWorker.warm` loads every run's data once and warms torch up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from obliviate.data import load_dataset
-from obliviate.unlearning.chain import BlockData, Chain
+from obliviate.unlearning.chain import BlockData, Chain, Checkpoint
 from obliviate.unlearning.deepobliviate import DeepObliviateOptions
 from obliviate.unlearning.exact import validate_deletion
 from obliviate.unlearning.health import sharp_drops
@@ -33,8 +39,9 @@ from obliviate.unlearning.plan import BlockPlan, make_block_plan
 from obliviate.unlearning.policies import unlearn
 from obliviate.unlearning.records import GuardrailResult, Policy, UnlearningRecord
 from obliviate.unlearning.service import RunSpec, block_data, block_holdings, work_token
-from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain
+from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain, warm_up
 from obliviate.unlearning.verification import consistency
+from storage.background import BackgroundWriter
 from storage.errors import PointerConflict
 from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
@@ -53,12 +60,17 @@ class ChainWorker:
         retry_deadline_s: how long storage outages are retried before the call fails.
         threads: torch threads of this worker's process: 1 (the default), so W pooled workers
             use W cores and never oversubscribe them, whatever ``OMP_NUM_THREADS`` says.
+        write_depth: checkpoints that may wait for the background writer while the next block
+            trains (issue 14); 0 writes each one before training goes on.
     """
 
-    def __init__(self, store_url: str, *, retry_deadline_s: float = 300.0, threads: int = 1) -> None:
+    def __init__(
+        self, store_url: str, *, retry_deadline_s: float = 300.0, threads: int = 1, write_depth: int = 2
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
+        self.write_depth = write_depth
         self.registry = RunRegistry(ObjectStore(store_url))
         self.retry_policy = RetryPolicy(deadline_s=retry_deadline_s)
         self.storage_retries = 0
@@ -66,6 +78,42 @@ class ChainWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def warm(self, run_ids: list[str] | None = None) -> dict[str, Any]:
+        """Get ready for the store's unlearnings before any arrives (issue 14: warm pool).
+
+        Loads the data of each registered run (``run_ids``, default all) once into this worker
+        and runs a few throwaway training steps (:func:`obliviate.unlearning.trainer.warm_up`),
+        so the first unlearning this worker runs costs what later ones cost. A run whose spec
+        cannot be read is skipped and named; it is loaded on first use instead.
+
+        Returns:
+            ``pid``, ``runs`` loaded, ``skipped`` (run id -> error), ``seconds`` and the
+            warm-up's own ``warm_up_seconds``.
+        """
+        began = time.perf_counter()
+        registry = self.registry
+        wanted = run_ids if run_ids is not None else self._io(registry.run_ids)
+        loaded, skipped, warm_up_seconds = [], {}, 0.0
+        datasets: dict[str, Any] = {}
+        for run_id in wanted:
+            try:
+                spec = self._io(lambda run_id=run_id: registry.spec(run_id))
+                if spec.dataset not in datasets:
+                    datasets[spec.dataset] = load_dataset(spec.dataset)
+                data = self._block_data(spec, dataset=datasets[spec.dataset])
+                if not loaded:
+                    warm_up_seconds = warm_up(config=spec.config, data=data)
+                loaded.append(run_id)
+            except Exception as err:  # noqa: BLE001 -- warming is an optimisation; the real call reports errors
+                skipped[run_id] = f"{type(err).__name__}: {err}"[:300]
+        return {
+            "pid": os.getpid(),
+            "runs": loaded,
+            "skipped": skipped,
+            "seconds": time.perf_counter() - began,
+            "warm_up_seconds": warm_up_seconds,
+        }
 
     # ----- training ------------------------------------------------------------------------------
 
@@ -88,11 +136,16 @@ class ChainWorker:
         members = {checkpoint.block_index: info for checkpoint, info, _ in stored}
         seconds = {checkpoint.block_index: s for checkpoint, _, s in stored}
         timings: list = []
-        sink = self._sink(run.run_id, TRAIN_CHAIN, timings, members)
         began = time.perf_counter()
-        chain = train_chain(
-            config=run.config, data=data, plan=plan, sink=sink, resume_from=[c for c, _, _ in stored], timings=timings
-        )
+        with self._sink(run.run_id, TRAIN_CHAIN, timings, members) as sink:
+            chain = train_chain(
+                config=run.config,
+                data=data,
+                plan=plan,
+                sink=sink,
+                resume_from=[c for c, _, _ in stored],
+                timings=timings,
+            )
         seconds.update({t.block_index: t.seconds for t in timings})
         block_seconds = [float(seconds.get(b, 0.0)) for b in range(1, run.config.num_blocks + 1)]
         metrics = {
@@ -162,7 +215,7 @@ class ChainWorker:
             the audit trail: versions, requests applied, blocks retrained, Δ series, speed-up,
             held-out accuracy, consistency with a naive retrain when ``verify``.
         """
-        started_at = time.time()
+        started_at, cpu_before = time.time(), time.process_time()
         retries_before = self.storage_retries
         registry = self.registry
         lost_races: list[dict[str, Any]] = []  # audit: publishes that lost the compare-and-swap
@@ -184,7 +237,14 @@ class ChainWorker:
                 audit = self._unlearn_from(
                     current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon, started_at=started_at
                 )
-                return {**audit, "storage_retries": self.storage_retries - retries_before, "lost_races": lost_races}
+                return {
+                    **audit,
+                    "storage_retries": self.storage_retries - retries_before,
+                    "lost_races": lost_races,
+                    # CPU seconds of this worker's process for the call (all threads): with the wall
+                    # time it says what share of a core the worker got (issue 14, fan-out figures).
+                    "cpu_seconds": time.process_time() - cpu_before,
+                }
             except PointerConflict as err:
                 # Another publisher won: recompute from the newer version. The chain written for the
                 # stale base is an orphan now; `obliviate store check --repair` collects it.
@@ -256,14 +316,15 @@ class ChainWorker:
             )
         else:
             timings: list = []
-            result = unlearn(
-                chain,
-                new_positions.tolist(),
-                data=data,
-                policy=policy,
-                options=DeepObliviateOptions(epsilon=epsilon),
-                sink=self._sink(run_id, token, timings, members),
-            )
+            with self._sink(run_id, token, timings, members) as sink:
+                result = unlearn(
+                    chain,
+                    new_positions.tolist(),
+                    data=data,
+                    policy=policy,
+                    options=DeepObliviateOptions(epsilon=epsilon),
+                    sink=sink,
+                )
             new_chain, record, resumed_from = result.chain, result.record, 0
         wall = time.perf_counter() - began
         train_seconds = float(sum(manifest.metadata.get("block_seconds") or [0.0])) or float(
@@ -369,22 +430,18 @@ class ChainWorker:
         seconds = {c.block_index: s for c, _, s in stored}
         timings: list = []
         began = time.perf_counter()
-        write = self._sink(run_id, token, timings, members)
-
-        def sink(checkpoint) -> None:
-            write(checkpoint)
-            if progress is not None:  # issue 11: serve each exact retrained block as it lands
-                progress.landed(checkpoint)
-
-        retrained = train_chain(
-            config=chain.config,
-            data=data,
-            plan=chain.plan,
-            excluded_ids=excluded,
-            sink=sink,
-            resume_from=list(chain.checkpoints[:first]) + [c for c, _, _ in stored],
-            timings=timings,
-        )
+        # issue 11: serve each exact retrained block as it lands, once its checkpoint is stored
+        landed = progress.landed if progress is not None else None
+        with self._sink(run_id, token, timings, members, after_write=landed) as sink:
+            retrained = train_chain(
+                config=chain.config,
+                data=data,
+                plan=chain.plan,
+                excluded_ids=excluded,
+                sink=sink,
+                resume_from=list(chain.checkpoints[:first]) + [c for c, _, _ in stored],
+                timings=timings,
+            )
         elapsed = time.perf_counter() - began
         seconds.update({t.block_index: t.seconds for t in timings})
         new_chain = replace(retrained, generation=chain.generation + 1)
@@ -412,12 +469,53 @@ class ChainWorker:
 
         return retry_unavailable(call, policy=self.retry_policy, on_retry=count)
 
-    def _sink(self, run_id: str, chain_name: str, timings: list, members: dict[int, ObjectInfo]):
-        def seconds_of(index: int) -> float | None:
-            return timings[-1].seconds if timings and timings[-1].block_index == index else None
+    def _sink(
+        self,
+        run_id: str,
+        chain_name: str,
+        timings: list,
+        members: dict[int, ObjectInfo],
+        *,
+        after_write: Callable[[Checkpoint], None] | None = None,
+    ) -> contextlib.AbstractContextManager[Callable[[Checkpoint], None]]:
+        """The checkpoint sink of one chain: each checkpoint is written while the next block trains.
 
-        write = self.registry.checkpoint_sink(run_id, chain_name, seconds_of=seconds_of, written=members)
-        return lambda checkpoint: self._io(lambda: write(checkpoint))
+        A :class:`storage.background.BackgroundWriter` (one thread, at most
+        ``self.write_depth`` checkpoints waiting) writes them in order; leaving the ``with``
+        block waits for every write and raises the first failure, so ``members`` is complete
+        before anything is published. The block's training seconds are taken when the
+        checkpoint is handed over (the trainer has appended them), not when it is written.
+        With ``write_depth`` 0 the writes happen in the caller, one after the other.
+        ``after_write`` runs (on the writer's thread) once a checkpoint is stored and in
+        ``members``: a progressive version may only name checkpoints that exist.
+        """
+        seconds: dict[int, float | None] = {}
+        write = self.registry.checkpoint_sink(run_id, chain_name, seconds_of=seconds.get, written=members)
+
+        def put(checkpoint: Checkpoint) -> None:
+            self._io(lambda: write(checkpoint))
+            if after_write is not None:
+                after_write(checkpoint)
+
+        def hand_over(writer: Callable[[Checkpoint], None]) -> Callable[[Checkpoint], None]:
+            def sink(checkpoint: Checkpoint) -> None:
+                index = checkpoint.block_index
+                seconds[index] = timings[-1].seconds if timings and timings[-1].block_index == index else None
+                writer(checkpoint)
+
+            return sink
+
+        if self.write_depth < 1:
+            return contextlib.nullcontext(hand_over(put))
+        return _handing_over(
+            BackgroundWriter(
+                put,
+                depth=self.write_depth,
+                name=f"checkpoints-{run_id}",
+                describe=lambda c: f"checkpoint {c.block_index} of run {run_id}, chain {chain_name}",
+            ),
+            hand_over,
+        )
 
     def _publish(
         self, run_id: str, *, chain_name: str, members, metadata, target, expected_version: int
@@ -442,11 +540,20 @@ class ChainWorker:
 
         return self._io(attempt)
 
-    def _block_data(self, spec: RunSpec) -> BlockData:
+    def _block_data(self, spec: RunSpec, *, dataset: Any = None) -> BlockData:
         key = f"{spec.dataset_fingerprint}|{hash((spec.train_ids, spec.heldout_ids))}"
         if key not in self._data:
-            self._data[key] = block_data(spec, load_dataset(spec.dataset))
+            self._data[key] = block_data(spec, dataset if dataset is not None else load_dataset(spec.dataset))
         return self._data[key]
+
+
+@contextlib.contextmanager
+def _handing_over(
+    writer: BackgroundWriter[Checkpoint],
+    hand_over: Callable[[Callable[[Checkpoint], None]], Callable[[Checkpoint], None]],
+) -> Iterator[Callable[[Checkpoint], None]]:
+    with writer:
+        yield hand_over(writer)
 
 
 def _verify(original: Chain, unlearned: Chain, data: BlockData, excluded: frozenset[int]) -> dict[str, Any]:

@@ -2,8 +2,12 @@
 
 :func:`build_deployments` returns what ``obliviate serve`` serves for one store:
 
-* ``unlearn-<store>``: triggered by ``obliviate.deletion.requested`` events whose resource is this
-  store (:func:`flows.unlearn.store_resource_id`); the event's payload and id become parameters;
+* ``unlearn-<store>``: the flow for ``obliviate.deletion.requested`` events whose resource is this
+  store (:func:`flows.unlearn.store_resource_id`); the event's payload and id become parameters.
+  With ``dispatch="warm"`` (the default) ``serve`` receives those events itself over Prefect's
+  event stream and runs the flow in its own process, on a warm Ray connection and worker pool
+  (:class:`ServiceWatcher`, issue 14); with ``dispatch="runner"`` the deployment carries an
+  event trigger and the Prefect runner starts each run in a fresh subprocess;
 * ``reconcile-<store>``: cron; finishes every ledger entry not done (lost events, crashes);
 * ``audit-<store>``: cron; extraction audit of every run's current model.
 
@@ -23,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +40,9 @@ from flows.watchdog import withdraw_endpoint
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
+from storage.registry import RunRegistry
+
+POOL_KEY = "service/pool.json"  # serve's warm worker pool: when it was warmed, each worker's runs
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,11 @@ class ServiceOptions:
         max_attempts: attempts per request before it becomes ``failed``.
         watch_s: how often ``serve`` renews its announcement and looks for due requests nobody
             works on (a crashed holder's lapsed claim, a retry past its back-off, a lost event).
+        dispatch: ``warm`` (default): ``serve`` subscribes to the store's deletion events and runs
+            the ``unlearn`` flow itself, on its warm Ray connection and worker pool
+            (:mod:`flows.listener`); ``runner``: the deployment's event trigger starts each
+            ``unlearn`` run through the Prefect runner in a fresh subprocess (as a separate
+            Prefect worker would).
     """
 
     store: str
@@ -63,6 +76,7 @@ class ServiceOptions:
     lease_s: float = DEFAULT_LEASE_S
     max_attempts: int = 3
     watch_s: float = 5.0
+    dispatch: str = "warm"
 
     @property
     def suffix(self) -> str:
@@ -88,8 +102,10 @@ def build_deployments(options: ServiceOptions) -> list[Any]:
         match={"prefect.resource.id": store_resource_id(store)},
         parameters={**common, "payload": "{{ event.payload }}", "event_id": "{{ event.id|string }}"},
     )
+    # dispatch "warm": serve runs the flow on each event itself; the deployment stays for runs by hand.
+    triggers = [trigger] if options.dispatch == "runner" else []
     deployments = [
-        unlearn_flow.to_deployment(name=f"unlearn-{options.suffix}", parameters=common, triggers=[trigger]),
+        unlearn_flow.to_deployment(name=f"unlearn-{options.suffix}", parameters=common, triggers=triggers),
         reconcile_flow.to_deployment(
             name=f"reconcile-{options.suffix}", parameters=common, cron=options.reconcile_cron
         ),
@@ -104,17 +120,26 @@ def build_deployments(options: ServiceOptions) -> list[Any]:
 
 
 def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
-    """Register the deployments, announce the API URL in the store, and serve until interrupted."""
+    """Register the deployments, announce the API URL in the store, and serve until interrupted.
+
+    With ``options.dispatch == "warm"`` the watcher also warms the store's worker pool
+    (:func:`flows.train.warm_pool`) and listens for deletion events (:mod:`flows.listener`).
+    """
     from prefect.runner import Runner
     from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
 
     poll = int(os.environ.get("PREFECT_RUNNER_POLL_FREQUENCY", "2"))
+    if options.dispatch == "warm":
+        # The runner only starts cron runs and runs by hand then: no need to ask the API every 2 s
+        # (each poll costs the server and this process CPU while an unlearning runs).
+        poll = max(poll, 10)
     store = ObjectStore(options.store)
     with temporary_settings(updates={PREFECT_RUNNER_POLL_FREQUENCY: poll}):
         runner = Runner(name=f"obliviate-{options.suffix}", pause_on_shutdown=False)
         ids = [str(runner.add_deployment(deployment)) for deployment in build_deployments(options)]
         announcement = {
             "api_url": api_url,
+            "dispatch": options.dispatch,
             "deployments": ids,
             "pid": os.getpid(),
             "started_at": time.time(),
@@ -135,15 +160,23 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
 
 
 class ServiceWatcher:
-    """Renews ``serve``'s announcement and finishes due requests nobody works on.
+    """Renews ``serve``'s announcement, dispatches deletion events and finishes orphaned requests.
 
-    Two daemon threads of ``serve``: one rewrites the heartbeat (``service/heartbeat.json``) every
-    ``options.watch_s``; the other lists the ledger's due requests
-    (:meth:`storage.ledger.DeletionLedger.due_entries`) every ``options.watch_s`` and, when one
-    is a claim whose lease lapsed (its holder died) or a request still pending after a grace
-    period (its event was lost, or its retry back-off ended), runs the ``reconcile`` flow right
-    here. In-process, a takeover starts within seconds: no new flow-run process to start (tens
-    of seconds on a loaded machine), and never a pile of queued runs.
+    Daemon threads of ``serve``:
+
+    * heartbeat: rewrites ``service/heartbeat.json`` every ``options.watch_s``;
+    * dispatcher: one pass at a time, in ``serve`` itself (never a pile of queued runs). With
+      ``dispatch="warm"`` it runs the ``unlearn`` flow for each deletion event the moment the
+      listener (:class:`flows.listener.DeletionListener`) hands it over, and keeps the store's
+      worker pool warm (every registered run's data loaded, torch warmed up: new runs are
+      picked up within a tick). On every tick, in both modes, it lists the ledger's due
+      requests (:meth:`storage.ledger.DeletionLedger.due_entries`) and, when one is a claim
+      whose lease lapsed (its holder died) or a request still pending after a grace period
+      (its event was lost, its retry back-off ended; no grace while the listener is not
+      connected), runs the ``reconcile`` flow right here.
+
+    Leases, retries and isolation are those of :mod:`flows.settle`: the flows run here are the
+    same flows the deployments run.
     """
 
     def __init__(self, options: ServiceOptions, *, announcement: dict[str, Any], api_url: str) -> None:
@@ -151,18 +184,39 @@ class ServiceWatcher:
         self.store = ObjectStore(options.store)
         self.grace_s = max(30.0, options.watch_s * 3)  # the event path goes first (3-8 s, more under load)
         self._stop = threading.Event()
+        self.wakeups: queue.Queue[Any] = queue.Queue()
+        self.listener: Any = None
+        self.warm_runs: frozenset[str] | None = None
+        self.warm_results: list[dict[str, Any]] = []
         self._threads = [
             threading.Thread(target=self._heartbeat, name="serve-heartbeat", daemon=True),
-            threading.Thread(target=self._reconcile, name="serve-reconcile", daemon=True),
+            threading.Thread(target=self._dispatch, name="serve-dispatcher", daemon=True),
         ]
         self.passes: list[dict[str, Any]] = []
 
+    @property
+    def warm(self) -> bool:
+        return self.options.dispatch == "warm"
+
     def start(self) -> None:
+        if self.warm:
+            from flows.listener import DeletionListener
+
+            self.listener = DeletionListener(self.store.url, api_url=self.api_url, wakeups=self.wakeups)
+            if not self.listener.start():
+                print(
+                    "obliviate serve: the Prefect event stream is not connected yet; pending requests are "
+                    f"picked up every {self.options.watch_s:.0f} s until it is",
+                    flush=True,
+                )
         for thread in self._threads:
             thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.wakeups.put(None)
+        if self.listener is not None:
+            self.listener.stop()
         self._threads[0].join(timeout=10)
 
     def _heartbeat(self) -> None:
@@ -170,27 +224,83 @@ class ServiceWatcher:
             with contextlib.suppress(Exception):  # an outage: try again next tick; staleness takes 30 s
                 self.store.put_json(HEARTBEAT_KEY, {"pid": self.announcement["pid"], "heartbeat_at": time.time()})
 
-    def _reconcile(self) -> None:
+    def _flow_options(self) -> dict[str, Any]:
+        return {
+            "store": self.store.url,
+            "policy": self.options.policy,
+            "verify": self.options.verify,
+            "workers": self.options.workers,
+            "lease_s": self.options.lease_s,
+            "max_attempts": self.options.max_attempts,
+        }
+
+    def _dispatch(self) -> None:
+        if self.warm:
+            self._guarded("warming the worker pool", self.keep_pool_warm)
+        self._guarded("reconcile pass", self.reconcile_if_needed)
         while not self._stop.is_set():
             try:
-                if self.needs_pass():
-                    result = reconcile_flow(
-                        store=self.store.url,
-                        policy=self.options.policy,
-                        verify=self.options.verify,
-                        workers=self.options.workers,
-                        lease_s=self.options.lease_s,
-                        max_attempts=self.options.max_attempts,
-                    )
-                    self.passes.append({"at": time.time(), "settled": result.get("settled", {})})
-            except Exception as err:  # noqa: BLE001 -- the watcher must outlive any one pass; next tick retries
-                print(f"obliviate serve: watcher pass failed: {type(err).__name__}: {err}", flush=True)
-            self._stop.wait(self.options.watch_s)
+                event = self.wakeups.get(timeout=self.options.watch_s)
+            except queue.Empty:
+                event = None
+            if self._stop.is_set():
+                return
+            if event is not None:
+                self._guarded(f"event {event.event_id}", lambda e=event: self.handle_event(e))
+            else:
+                self._guarded("reconcile pass", self.reconcile_if_needed)
+                if self.warm:
+                    self._guarded("warming the worker pool", self.keep_pool_warm)
+
+    def _guarded(self, what: str, call: Any) -> None:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 -- the dispatcher must outlive any one pass; next tick retries
+            print(f"obliviate serve: {what} failed: {type(err).__name__}: {err}", flush=True)
+
+    def handle_event(self, event: Any) -> None:
+        """Run the ``unlearn`` flow for one deletion event, here (a Prefect flow run of this process)."""
+        result = unlearn_flow(payload=event.payload, event_id=event.event_id, **self._flow_options())
+        self.passes.append(
+            {
+                "at": time.time(),
+                "event_id": event.event_id,
+                "outcome": result.get("outcome"),
+                "settled": result.get("settled", {}),
+            }
+        )
+
+    def reconcile_if_needed(self) -> None:
+        if self.needs_pass():
+            result = reconcile_flow(**self._flow_options())
+            self.passes.append({"at": time.time(), "settled": result.get("settled", {})})
+
+    def keep_pool_warm(self) -> None:
+        """Warm the store's worker pool when the registered runs changed (cheap: one listing)."""
+        from flows.train import warm_pool
+
+        runs = frozenset(RunRegistry(self.store).run_ids())
+        if runs == self.warm_runs:
+            return
+        began = time.time()
+        self.warm_results = warm_pool(self.store.url, size=self.options.workers)
+        self.warm_runs = runs
+        self.store.put_json(
+            POOL_KEY,
+            {
+                "pid": os.getpid(),
+                "warmed_at": time.time(),
+                "seconds": time.time() - began,
+                "workers": self.warm_results,
+            },
+        )
 
     def needs_pass(self) -> bool:
         """Whether a due request is orphaned: a lapsed claim, or pending longer than the grace period."""
         now = time.time()
+        listening = self.listener is None or self.listener.connected.is_set()
+        grace_s = self.grace_s if listening else 0.0
         for entry in DeletionLedger(self.store).due_entries(lease_s=self.options.lease_s, now=now):
-            if entry.status == CLAIMED or now - entry.updated_at >= self.grace_s:
+            if entry.status == CLAIMED or now - entry.updated_at >= grace_s:
                 return True
         return False

@@ -70,6 +70,31 @@ def worker_pool(store: str, size: int) -> list:
     ]
 
 
+def warm_pool(store: str, *, size: int | None = None, run_ids: list[str] | None = None) -> list[dict[str, Any]]:
+    """Start the store's pooled workers and get each ready: data of every run loaded, torch warmed up.
+
+    A warm pool (issue 14) makes an unlearning cost what the work costs: without it, the first
+    unlearning on each worker also pays the actor start, loading the run's data and torch's
+    first-step initialisation (1-2 s on this 2-core machine, on both workers of a fan-out).
+    ``obliviate serve`` warms its pool when it starts and again when runs are registered.
+
+    Args:
+        store: the store whose pool is warmed.
+        size: workers (default: the cluster's CPUs, the fan-out's default width).
+        run_ids: runs to load (default: every registered run).
+
+    Returns:
+        each worker's :meth:`actors.chains.ChainWorker.warm` summary.
+    """
+    import ray
+
+    from flows.runtime import cluster_cpus, ensure_ray
+
+    ensure_ray()
+    actors = worker_pool(store, max(1, size or cluster_cpus()))
+    return list(ray.get([actor.warm.remote(run_ids) for actor in actors]))
+
+
 def shutdown_pools() -> int:
     """Kill every pooled worker in this Ray runtime (``serve`` does this on exit); returns how many."""
     import ray

@@ -1,7 +1,9 @@
 """``obliviate serve``: serve the unlearning deployments of one store until interrupted.
 
-Starts (or joins) a Prefect API server and a Ray runtime, then serves: the event-triggered
-``unlearn`` flow, the cron ``reconcile`` flow and the cron extraction audit. A watchdog process
+Starts (or joins) a Prefect API server and a Ray runtime, then serves: the ``unlearn`` flow on
+every deletion event (by default run in this process on a warm worker pool, ``--dispatch warm``;
+``--dispatch runner`` lets the deployment's event trigger start each run in a subprocess), the
+cron ``reconcile`` flow and the cron extraction audit. A watchdog process
 (:mod:`flows.watchdog`) kills what ``serve`` started if ``serve`` dies, even by ``kill -9``, and
 withdraws its announcement from the store; a clean stop withdraws it too.
 """
@@ -37,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-attempts", type=int, default=3, help="attempts per request before it is marked failed (default 3)"
+    )
+    parser.add_argument(
+        "--dispatch",
+        default="warm",
+        choices=["warm", "runner"],
+        help="warm (default): serve receives deletion events and unlearns on its warm worker pool; "
+        "runner: each event triggers a deployment run in a fresh subprocess",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
     # issue 11: deadline-aware batching (flows/batching.py)
@@ -85,6 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
         audit_cron=None if args.audit_cron == "off" else args.audit_cron,
         lease_s=lease_s,
         max_attempts=args.max_attempts,
+        dispatch=args.dispatch,
     )
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
     with prefect_api() as api_url:

@@ -154,6 +154,40 @@ def initial_checkpoint(config: BlockTrainingConfig, data: BlockData) -> Checkpoi
     )
 
 
+def warm_up(*, config: BlockTrainingConfig, data: BlockData, steps: int = 2) -> float:
+    """A few throwaway training steps and one evaluation, so a fresh process pays its one-off costs now.
+
+    The first training step of a process is slow: torch initialises its kernels, autograd and
+    the optimizer's code paths on first use (about a second on a loaded 2-core machine). A
+    pooled worker calls this once while idle (issue 14), so the first real unlearning it runs
+    costs what later ones cost. Nothing here touches the chain's models or any global random
+    state (the throwaway model is seeded by ``config.seed``), so results stay bit-identical.
+
+    Returns:
+        the seconds it took.
+    """
+    began = time.perf_counter()
+    with deterministic_torch(config.num_threads):
+        model = new_model(config)
+        optimizer = new_optimizer(model, config)
+        ids = np.arange(min(data.num_train, config.batch_size * steps), dtype=np.int64)
+        train_block(
+            model,
+            optimizer,
+            x=data.x_train,
+            y=data.y_train,
+            block_ids=ids,
+            keep=keep_mask(data.num_train, ()),
+            learning_rate=config.learning_rate,
+            epochs=1,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
+        heldout_accuracy(model, data)
+        copy.deepcopy(optimizer.state_dict())
+    return time.perf_counter() - began
+
+
 @dataclass
 class BlockTiming:
     """Time spent producing one checkpoint (training plus held-out evaluation).

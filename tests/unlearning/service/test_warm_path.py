@@ -1,0 +1,176 @@
+"""Issue 14: checkpoint writes overlapped with training, and the warm worker pool.
+
+* :class:`storage.background.BackgroundWriter`: in order, bounded, failures surface.
+* A run trained and unlearned with background checkpoint writes stores the same bytes as with
+  synchronous writes (bit-identical checkpoints, same sha256 in the manifests).
+* A write that fails stops the chain before anything is published: the old version stays.
+* ``ChainWorker.warm`` loads every registered run's data and warms torch up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from actors.chains import ChainWorker
+from flows.deployments import POOL_KEY
+from flows.train import run_spec
+from flows.unlearn import submit_deletion, wait_for_request
+from obliviate.unlearning.service import work_token
+from storage.background import BackgroundWriteError, BackgroundWriter
+from storage.ledger import DeletionLedger
+from storage.objects import ObjectStore
+from storage.registry import RunRegistry
+
+TINY = {
+    "data": "digits",
+    "model": "lenet5",
+    "blocks": 3,
+    "epochs": 1,
+    "batch_size": 32,
+    "learning_rate": 0.01,
+    "schedule": "constant",
+    "train_size": 300,
+    "heldout_size": 100,
+}
+
+
+def test_background_writer_keeps_order_bounds_the_queue_and_surfaces_failures():
+    written: list[int] = []
+    gate = threading.Event()
+
+    def slow_write(item: int) -> None:
+        gate.wait(5)
+        written.append(item)
+
+    writer = BackgroundWriter(slow_write, depth=2)
+    writer(0)  # taken by the thread, which waits at the gate
+    time.sleep(0.1)
+    writer(1)
+    writer(2)  # the queue holds 2 now: the next call blocks until the writer moves on
+    blocked = threading.Thread(target=writer, args=(3,))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive() and written == []
+    gate.set()
+    blocked.join(5)
+    writer.close()
+    assert written == [0, 1, 2, 3] and writer.written == 4
+
+    def failing(item: int) -> None:
+        if item == 1:
+            raise OSError("disk full")
+        written.append(item)
+
+    written.clear()
+    writer = BackgroundWriter(failing, depth=1)
+    with pytest.raises(BackgroundWriteError, match="disk full"), writer:
+        for item in range(5):
+            writer(item)
+            time.sleep(0.05)
+    assert written == [0]  # nothing after the failed item is written
+
+    with pytest.raises(ValueError, match="depth"):
+        BackgroundWriter(failing, depth=0)
+
+
+def _chain_hashes(url: str, run_id: str, version: int | None = None) -> dict[str, str]:
+    registry = RunRegistry(ObjectStore(url))
+    current = registry.current(run_id)
+    return {index: member.sha256 for index, member in registry.manifest(current).members.items()}
+
+
+@pytest.mark.slow
+def test_background_checkpoint_writes_are_bit_identical_and_failures_block_publishing(tmp_path):
+    spec = run_spec(run_id="w", split_seed=0, seed=0, **TINY)
+    urls = {depth: f"file://{tmp_path}/depth{depth}" for depth in (0, 2)}
+    for depth, url in urls.items():
+        worker = ChainWorker(url, write_depth=depth)
+        worker.train(spec)
+        block_two = RunRegistry(ObjectStore(url)).entry("w")["block_sample_ids"][1][:2]
+        audit = worker.unlearn("w", {"r1": [int(i) for i in block_two]})
+        assert audit["status"] == "published" and audit["to_version"] == 2
+    assert _chain_hashes(urls[0], "w") == _chain_hashes(urls[2], "w")
+    assert len(_chain_hashes(urls[2], "w")) == TINY["blocks"] + 1
+
+    # A checkpoint write that fails (a real filesystem error: a directory sits where the last
+    # block's checkpoint goes): the unlearning raises, nothing is published, version 2 stays.
+    url = urls[2]
+    registry = RunRegistry(ObjectStore(url))
+    current = registry.current("w")
+    chain, _ = registry.load_chain(current)
+    ids = [int(i) for i in registry.entry("w")["block_sample_ids"][0][:2]]
+    positions, _ = spec_of(registry).positions(ids)
+    token = work_token(
+        base_version=current.version, excluded_positions=chain.deleted_ids | set(positions.tolist()), policy="exact"
+    )
+    blocker = tmp_path / "depth2" / registry.checkpoint_key("w", token, TINY["blocks"])
+    blocker.mkdir(parents=True)
+    worker = ChainWorker(url, write_depth=2, retry_deadline_s=0.5)
+    with pytest.raises(BackgroundWriteError, match=f"checkpoint {TINY['blocks']} of run w"):
+        worker.unlearn("w", {"r2": ids})
+    assert registry.current("w").version == 2
+    assert registry.stored_checkpoints("w", token, first=1)  # the blocks before it were written
+
+
+def spec_of(registry: RunRegistry):
+    return registry.spec("w")
+
+
+@pytest.mark.slow
+def test_warm_loads_every_registered_run(tmp_path):
+    url = f"file://{tmp_path}/store"
+    trainer = ChainWorker(url)
+    trainer.train(run_spec(run_id="a", split_seed=0, seed=0, **TINY))
+    trainer.train(run_spec(run_id="b", split_seed=1, seed=0, **TINY))
+    fresh = ChainWorker(url)
+    summary = fresh.warm()
+    assert summary["runs"] == ["a", "b"] and summary["skipped"] == {}
+    assert summary["warm_up_seconds"] > 0 and len(fresh._data) == 2
+    assert fresh.warm(["missing"])["skipped"]  # a run that cannot be read is named, not fatal
+
+
+def _claim_holder(url: str, request_id: str) -> str:
+    history = DeletionLedger(ObjectStore(url)).history(request_id)
+    return next(h["details"]["holder"] for h in history if h["status"] == "claimed")
+
+
+@pytest.mark.slow
+def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_still_works(
+    s3_url, prefect_api_url, ray_address, serve
+):
+    """Default ``--dispatch warm``: serve's own process claims the request (the claim's holder ends
+    with serve's pid) on a pool it warmed; ``--dispatch runner``: a runner subprocess does."""
+    trained = ChainWorker(s3_url).train(run_spec(run_id="hot", split_seed=0, seed=0, **TINY))
+    assert trained["version"] == 1
+    registry = RunRegistry(ObjectStore(s3_url))
+    block_ids = [int(i) for i in registry.entry("hot")["block_sample_ids"][1]]
+
+    process = serve(s3_url)
+    deadline = time.monotonic() + 120
+    while not ObjectStore(s3_url).exists(POOL_KEY) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    pool = ObjectStore(s3_url).get_json(POOL_KEY)
+    assert pool["pid"] == process.pid and all(w["runs"] == ["hot"] for w in pool["workers"])
+    submitted = submit_deletion(s3_url, block_ids[:2], dataset="digits")
+    assert submitted["event_id"] is not None
+    entry = wait_for_request(s3_url, submitted["request_id"], timeout_s=120)
+    assert entry["status"] == "done" and entry["details"]["runs"]["hot"]["to_version"] == 2
+    assert _claim_holder(s3_url, submitted["request_id"]).endswith(f"-{process.pid}")
+    outcomes = [e["outcome"] for e in DeletionLedger(ObjectStore(s3_url)).events()]
+    assert outcomes == ["processing"]  # the event itself started the pass, not the watcher's safety net
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+    other = f"{s3_url}-runner"  # a store of its own: no race with the stopped serve's withdrawal
+    ChainWorker(other).train(run_spec(run_id="hot", split_seed=0, seed=0, **TINY))
+    runner = serve(other, "--dispatch", "runner")
+    submitted = submit_deletion(other, block_ids[2:4], dataset="digits")
+    entry = wait_for_request(other, submitted["request_id"], timeout_s=150)
+    assert entry["status"] == "done" and entry["details"]["runs"]["hot"]["to_version"] == 2
+    holder_pid = int(_claim_holder(other, submitted["request_id"]).rsplit("-", 1)[1])
+    assert holder_pid not in (runner.pid, os.getpid())  # a flow-run subprocess of the runner
