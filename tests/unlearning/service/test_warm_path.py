@@ -150,7 +150,9 @@ def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_st
     registry = RunRegistry(ObjectStore(s3_url))
     block_ids = [int(i) for i in registry.entry("hot")["block_sample_ids"][1]]
 
-    process = serve(s3_url)
+    # No reconcile cron inside the test: a cron pass started by the runner may legitimately claim
+    # the request first (in a subprocess), which is not the path under test.
+    process = serve(s3_url, "--reconcile-cron", "0 0 1 1 *")
     deadline = time.monotonic() + 120
     while not ObjectStore(s3_url).exists(POOL_KEY) and time.monotonic() < deadline:
         time.sleep(0.5)
