@@ -54,9 +54,8 @@ DEFAULT = f"{DEFAULT_ATTACKER}:{DEFAULT_SELECTOR}"
 CONFIGS = (
     DEFAULT,
     f"basic:{DEFAULT_SELECTOR}",
-    "augmented:" + DEFAULT_SELECTOR,
+    f"pseudo_label:{DEFAULT_SELECTOR}",
     f"{DEFAULT_ATTACKER}:random",
-    "basic:random",
 )
 SIZES = {"train": 2000, "pool": 2000, "test": 1000}
 
@@ -271,6 +270,9 @@ def _peer_text(by, budget: int, metric: str) -> str:
         ("basic", ("basic", DEFAULT_SELECTOR)),
         ("random queries", (DEFAULT_ATTACKER, "random")),
         ("ART KnockoffNets", ("art_knockoff_random", "random")),
+        ("ART CopycatCNN", ("art_copycat", "random")),
+        ("pseudo_label (previous default)", ("pseudo_label", DEFAULT_SELECTOR)),
+        ("adaptive selector", (DEFAULT_ATTACKER, "adaptive")),
     ):
         r = by.get((*key, budget))
         if r is not None:
@@ -383,8 +385,9 @@ def _markdown(doc: dict, rows) -> str:
         (
             "Threat model: label-only counted queries; pool (2,000) and test set (1,000) disjoint from the target's "
             "training images; every substitute is LeNet-5 (the target's architecture: assumed known). `basic` uses "
-            "the bought labels only; `augmented` adds label-preserving affine augmentation; `semi_supervised` also "
-            "uses the unlabeled pool; ART peers use random queries and ART's own trainer."
+            "the bought labels only; `augmented` adds label-preserving affine augmentation; `pseudo_label` adds "
+            "confident pseudo-labels of the unlabeled pool; `semi_supervised` (default) adds FixMatch consistency "
+            "training on the unlabeled pool instead; ART peers use random queries and ART's own trainer."
         ),
         "",
         "## Headline",
