@@ -61,7 +61,7 @@ class AttackOptions:
         unlabeled_ratio: pool images per bought image in each FixMatch step (FixMatch's mu).
         consistency_threshold: least confidence on the weak view for a pool image to count.
         consistency_weight: weight of the pool term in the FixMatch loss (FixMatch's lambda_u).
-        strong: the strong view's affine ranges (cutout is added on top).
+        strong: the second view's affine ranges (cutout is added on top).
         cutout: side of the square the strong view erases (0: none).
         rounds: self-training rounds of ``pseudo_label``.
         threshold: least softmax confidence for a pool image to get a pseudo-label.
@@ -87,10 +87,11 @@ class AttackOptions:
     unlabeled_ratio: int = 2
     consistency_threshold: float = 0.95
     consistency_weight: float = 1.0
-    strong: AugmentOptions = field(
-        default_factory=lambda: AugmentOptions(degrees=25.0, translate=0.15, scale=(0.8, 1.2))
-    )
-    cutout: int = 10
+    # Tuned on splits 11-12 (never reported): FixMatch's stronger view (25 degrees, 0.15 shift, 0.8-1.2
+    # zoom, cutout 10) lost about 1.5 agreement points at k = 50 against an independent second draw of
+    # the weak ranges, and tied at k = 600; MNIST digits do not survive heavy distortion unchanged.
+    strong: AugmentOptions = field(default_factory=AugmentOptions)
+    cutout: int = 0
     rounds: int = 2
     threshold: float = 0.9
     round_steps: int = 600

@@ -4,8 +4,10 @@ FixMatch (Sohn et al., "FixMatch: Simplifying semi-supervised learning with cons
 confidence", NeurIPS 2020): every step draws a batch of bought images (weakly augmented, the
 target's labels as targets) and ``unlabeled_ratio`` times as many unlabeled pool images. The
 current model labels a *weak* view of each pool image; where its softmax confidence reaches
-``consistency_threshold``, that label is the target for a *strong* view of the same image
-(larger affine range plus cutout). One loss per step: cross-entropy on the bought batch plus
+``consistency_threshold``, that label is the target for a second, independently drawn view of
+the same image (FixMatch's *strong* view: ``options.strong`` ranges plus ``options.cutout``; on
+MNIST the measured best second view uses the weak ranges again, without cutout; see
+:class:`~obliviate.extraction.attackers.AttackOptions`). One loss per step: cross-entropy on the bought batch plus
 ``consistency_weight`` times the masked cross-entropy on the pool batch (averaged over the
 whole pool batch, so the unlabeled term grows as the model grows confident).
 
