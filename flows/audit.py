@@ -348,6 +348,7 @@ def steal_flow(
     attack_steps: int = AttackOptions().max_steps,
     rounds: int = AttackOptions().rounds,
     round_steps: int = AttackOptions().round_steps,
+    consistency_steps: int = AttackOptions().consistency_steps,
     eps: Sequence[float] = (0.1, 0.2, 0.3),
     iterative: bool = False,
     drmi_starts: int | None = 32,
@@ -372,8 +373,9 @@ def steal_flow(
         steps: the ``basic`` attacker's training steps.
         attackers: attacker names (see :data:`obliviate.extraction.attackers.ATTACKERS`).
         attack_steps: cap of the supervised phase of ``augmented`` / ``semi_supervised``.
-        rounds: self-training rounds of ``semi_supervised``.
+        rounds: self-training rounds of ``pseudo_label``.
         round_steps: steps per self-training round.
+        consistency_steps: FixMatch steps of ``semi_supervised`` on the unlabeled pool.
         eps: FGSM radii.
         iterative: I-FGSM instead of FGSM.
         drmi_starts: seeded DRMI restarts (``None``: one per pool image, the SPEC default).
@@ -408,6 +410,7 @@ def steal_flow(
         max_steps=attack_steps,
         rounds=rounds,
         round_steps=round_steps,
+        consistency_steps=consistency_steps,
     )
     cells = [
         {
@@ -487,6 +490,7 @@ def audit_flow(
     attack_steps: int = 400,
     rounds: int = 1,
     round_steps: int = 300,
+    consistency_steps: int = 300,
 ) -> dict[str, Any]:
     """Audit the current model of every registered run (or ``run_id``); returns where reports lie."""
     logger = get_run_logger()
@@ -512,6 +516,7 @@ def audit_flow(
                 attack_steps=attack_steps,
                 rounds=rounds,
                 round_steps=round_steps,
+                consistency_steps=consistency_steps,
                 drmi_starts=8,
             )
             report_key = f"runs/{run}/audits/v{meta['version']:06d}/report.json"

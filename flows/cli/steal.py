@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--attackers",
         default=DEFAULT_ATTACKER,
-        help=f"comma-separated attackers: basic, augmented, semi_supervised (default {DEFAULT_ATTACKER}, the strongest)",
+        help=f"comma-separated attackers: basic, augmented, pseudo_label, semi_supervised (default {DEFAULT_ATTACKER}, the strongest)",
     )
     parser.add_argument(
         "--selectors",
@@ -55,10 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--attack-steps",
         type=int,
         default=AttackOptions().max_steps,
-        help=f"most supervised steps of augmented / semi_supervised (default {AttackOptions().max_steps})",
+        help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {AttackOptions().max_steps})",
     )
+    parser.add_argument("--rounds", type=int, default=AttackOptions().rounds, help="pseudo_label self-training rounds")
     parser.add_argument(
-        "--rounds", type=int, default=AttackOptions().rounds, help="semi_supervised self-training rounds"
+        "--consistency-steps",
+        type=int,
+        default=AttackOptions().consistency_steps,
+        help=f"semi_supervised FixMatch steps on the unlabeled pool (default {AttackOptions().consistency_steps})",
     )
     parser.add_argument(
         "--round-steps", type=int, default=AttackOptions().round_steps, help="steps per self-training round"
@@ -131,6 +135,7 @@ def run_steal(args: argparse.Namespace) -> int:
                 attack_steps=args.attack_steps,
                 rounds=args.rounds,
                 round_steps=args.round_steps,
+                consistency_steps=args.consistency_steps,
                 seeds=args.seeds,
                 out=args.out,
                 pool_size=args.pool_size,

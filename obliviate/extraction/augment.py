@@ -72,3 +72,20 @@ def random_affine(x: torch.Tensor, *, options: AugmentOptions, generator: torch.
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def cutout(x: torch.Tensor, *, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero one ``size`` x ``size`` square per image at a random centre (may overlap the border).
+
+    Cutout (DeVries and Taylor 2017), the erasing part of FixMatch's strong augmentation
+    (Sohn et al., NeurIPS 2020). ``size <= 0`` returns a copy.
+    """
+    n, _, h, w = x.shape
+    if size <= 0 or n == 0:
+        return x.clone()
+    centre = torch.stack(
+        [torch.randint(0, h, (n,), generator=generator), torch.randint(0, w, (n,), generator=generator)], 1
+    )
+    rows = (torch.arange(h).view(1, h, 1) - centre[:, 0].view(n, 1, 1)).abs() <= size // 2
+    cols = (torch.arange(w).view(1, 1, w) - centre[:, 1].view(n, 1, 1)).abs() <= size // 2
+    return x * (~(rows & cols)).unsqueeze(1).to(x.dtype)

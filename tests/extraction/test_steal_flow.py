@@ -69,6 +69,8 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
             "1",
             "--round-steps",
             "10",
+            "--consistency-steps",
+            "10",
             "--eps",
             "0.1,0.3",
             "--drmi-starts",
