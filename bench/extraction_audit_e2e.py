@@ -51,7 +51,10 @@ def main() -> int:
         load_after = os.getloadavg()
         lead = (work / "steal" / "steal.md").read_text().splitlines()[:6]
     result = {
-        "commands": ["obliviate target train --data mnist5k --out target.pt", " ".join(steal[1:]) + " --out steal"],
+        "commands": [
+            "obliviate target train --data mnist5k --out target.pt",
+            "obliviate " + " ".join(steal[1:]) + " --out steal",
+        ],
         "target_train_seconds": round(train_s, 1),
         "steal_seconds": round(steal_s, 1),
         "total_minutes": round((train_s + steal_s) / 60, 2),
