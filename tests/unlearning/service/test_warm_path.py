@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,7 +21,7 @@ import pytest
 from actors.chains import ChainWorker
 from flows.deployments import POOL_KEY
 from flows.train import run_spec
-from flows.unlearn import submit_deletion, wait_for_request
+from flows.unlearn import wait_for_request
 from obliviate.unlearning.service import work_token
 from storage.background import BackgroundWriteError, BackgroundWriter
 from storage.ledger import DeletionLedger
@@ -134,6 +136,19 @@ def test_warm_loads_every_registered_run(tmp_path):
     assert fresh.warm(["missing"])["skipped"]  # a run that cannot be read is named, not fatal
 
 
+def _forget(url: str, ids: list[int], request_id: str, *, api_url: str) -> None:
+    """Submit a deletion as a user does, with ``obliviate forget`` in a process of its own.
+
+    (In this long-lived pytest process, Prefect's process-wide events worker can be left wedged by
+    earlier tests, and the event then never leaves; a user's command starts fresh.)
+    """
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    command = [sys.executable, "-m", "flows.cli", "forget", "--store", url, "--data", "digits"]
+    command += ["--ids", ",".join(map(str, ids)), "--request-id", request_id]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def _claim_holder(url: str, request_id: str) -> str:
     history = DeletionLedger(ObjectStore(url)).history(request_id)
     return next(h["details"]["holder"] for h in history if h["status"] == "claimed")
@@ -158,11 +173,10 @@ def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_st
         time.sleep(0.5)
     pool = ObjectStore(s3_url).get_json(POOL_KEY)
     assert pool["pid"] == process.pid and all(w["runs"] == ["hot"] for w in pool["workers"])
-    submitted = submit_deletion(s3_url, block_ids[:2], dataset="digits")
-    assert submitted["event_id"] is not None
-    entry = wait_for_request(s3_url, submitted["request_id"], timeout_s=120)
+    _forget(s3_url, block_ids[:2], "warm-1", api_url=prefect_api_url)
+    entry = wait_for_request(s3_url, "warm-1", timeout_s=120)
     assert entry["status"] == "done" and entry["details"]["runs"]["hot"]["to_version"] == 2
-    assert _claim_holder(s3_url, submitted["request_id"]).endswith(f"-{process.pid}")
+    assert _claim_holder(s3_url, "warm-1").endswith(f"-{process.pid}")
     # The event reaches serve's own listener: it started the pass ("processing") or, when the
     # event stream lagged past the watcher's 5-s safety net (seen on a loaded CI machine), it finds
     # the request already done ("duplicate"). Either way it is recorded, by serve, not lost.
@@ -178,8 +192,8 @@ def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_st
     other = f"{s3_url}-runner"  # a store of its own: no race with the stopped serve's withdrawal
     ChainWorker(other).train(run_spec(run_id="hot", split_seed=0, seed=0, **TINY))
     runner = serve(other, "--dispatch", "runner")
-    submitted = submit_deletion(other, block_ids[2:4], dataset="digits")
-    entry = wait_for_request(other, submitted["request_id"], timeout_s=150)
+    _forget(other, block_ids[2:4], "runner-1", api_url=prefect_api_url)
+    entry = wait_for_request(other, "runner-1", timeout_s=150)
     assert entry["status"] == "done" and entry["details"]["runs"]["hot"]["to_version"] == 2
-    holder_pid = int(_claim_holder(other, submitted["request_id"]).rsplit("-", 1)[1])
+    holder_pid = int(_claim_holder(other, "runner-1").rsplit("-", 1)[1])
     assert holder_pid not in (runner.pid, os.getpid())  # a flow-run subprocess of the runner
