@@ -28,7 +28,7 @@ from torch import nn
 
 from obliviate.unlearning.chain import Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig, model_from_state
-from obliviate.unlearning.lineage import LINEAGE_FORMAT, effective_block_ids, environment, ids_sha256
+from obliviate.unlearning.lineage import lineage_manifest
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim
 from storage.errors import ObjectNotFound, PointerConflict
@@ -128,26 +128,14 @@ def serve_cap(holds: Mapping[str, int]) -> int | None:
 def partial_lineage(
     *, config: BlockTrainingConfig, plan: BlockPlan, deleted_ids: frozenset[int], members: Mapping[int, ObjectInfo]
 ) -> dict[str, Any]:
-    """The lineage manifest (format of :func:`obliviate.unlearning.lineage.lineage_manifest`) of M_0..M_s only."""
-    return {
-        "format": LINEAGE_FORMAT,
-        "config_fingerprint": config.fingerprint,
-        "seed": config.seed,
-        "plan_fingerprint": plan.fingerprint,
-        "deleted_count": len(deleted_ids),
-        "deleted_sha256": ids_sha256(deleted_ids),
-        "environment": environment(num_threads=config.num_threads),
-        "through_block": max(members),
-        "blocks": [
-            {
-                "block": i,
-                "checkpoint_sha256": members[i].sha256,
-                "ids_sha256": ids_sha256(effective_block_ids(plan, i, deleted_ids)) if i else ids_sha256([]),
-                "count": int(effective_block_ids(plan, i, deleted_ids).size) if i else 0,
-            }
-            for i in sorted(members)
-        ],
-    }
+    """The lineage manifest (:func:`obliviate.unlearning.lineage.lineage_manifest`) of M_0..M_s only."""
+    return lineage_manifest(
+        config=config,
+        plan=plan,
+        deleted_ids=deleted_ids,
+        checkpoint_sha256={i: info.sha256 for i, info in members.items()},
+        through_block=max(members),
+    )
 
 
 def publish_served(

@@ -61,16 +61,25 @@ def environment(*, num_threads: int) -> dict[str, Any]:
 
 
 def lineage_manifest(
-    *, config: BlockTrainingConfig, plan: BlockPlan, deleted_ids: frozenset[int], checkpoint_sha256: Mapping[int, str]
+    *,
+    config: BlockTrainingConfig,
+    plan: BlockPlan,
+    deleted_ids: frozenset[int],
+    checkpoint_sha256: Mapping[int, str],
+    through_block: int | None = None,
 ) -> dict[str, Any]:
     """The lineage of a chain version (JSON-able); ``checkpoint_sha256``: block index -> stored sha256.
 
+    ``through_block`` s: the lineage of a version that keeps only M_0..M_s (a rolled-back or
+    progressive version, issue 11); it is recorded in the manifest. Default: the whole chain.
+
     Raises:
-        ConfigError: a checkpoint M_0..M_B without a sha256.
+        ConfigError: a checkpoint M_0..M_s (M_0..M_B) without a sha256.
     """
-    missing = [i for i in range(config.num_blocks + 1) if i not in checkpoint_sha256]
+    last = config.num_blocks if through_block is None else through_block
+    missing = [i for i in range(last + 1) if i not in checkpoint_sha256]
     if missing:
-        raise ConfigError(f"lineage needs the stored sha256 of every checkpoint M_0..M_B; missing {missing[:10]}.")
+        raise ConfigError(f"lineage needs the stored sha256 of every checkpoint M_0..M_{last}; missing {missing[:10]}.")
     return {
         "format": LINEAGE_FORMAT,
         "config_fingerprint": config.fingerprint,
@@ -79,6 +88,7 @@ def lineage_manifest(
         "deleted_count": len(deleted_ids),
         "deleted_sha256": ids_sha256(deleted_ids),
         "environment": environment(num_threads=config.num_threads),
+        **({} if through_block is None else {"through_block": through_block}),
         "blocks": [
             {
                 "block": i,
@@ -86,7 +96,7 @@ def lineage_manifest(
                 "ids_sha256": ids_sha256(effective_block_ids(plan, i, deleted_ids)) if i else ids_sha256([]),
                 "count": int(effective_block_ids(plan, i, deleted_ids).size) if i else 0,
             }
-            for i in range(config.num_blocks + 1)
+            for i in range(last + 1)
         ],
     }
 
