@@ -21,8 +21,10 @@ set or recent-heavy (80 % of ids from blocks 16-20); strategies naive per reques
 batched exact with windows 1 h, 1 d, 7 d; S = 1, 2, 4; with and without rollback. Retrain cost of
 a batch = per shard (B - d + 1) block-trainings at the measured mean CPU seconds per block of that
 shard; shards run on 2 workers. With rollback, an interim version is published only if its
-validation accuracy is within (floor - margin) of the pre-deletion model (margin: one standard error of
-a difference of two 500-sample accuracies, 1.2 points for S = 1, capped at the floor); otherwise the
+validation accuracy is within (floor - margin) of the pre-deletion model, the margin judged per
+candidate from its disagreement with the pre-deletion model (``paired_margin_points``, two standard
+errors of the difference of two paired drop estimates; the vote is chosen by that lower bound);
+otherwise the
 batch flushes now and the version served so far stays until the retrain lands (that request's
 forget time is its retrain's end). Served accuracy and attack success come from the real
 checkpoints. Approximations (stated in the JSON): the accuracy effect of the *random* deletions'
@@ -59,7 +61,7 @@ from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.exact import ChainRetrainer
 from obliviate.unlearning.plan import BlockPlan, make_block_plan
-from obliviate.unlearning.rollback import ShardCheckpoints, heldout_margin_points, plan_interim, served_floor
+from obliviate.unlearning.rollback import ShardCheckpoints, paired_margin_points, plan_interim, served_floor
 from obliviate.unlearning.shards import make_shard_plan, shard_probabilities
 from obliviate.unlearning.trainer import train_chain
 from obliviate.unlearning.verification import choose_backdoor_ids, poison, stamp_trigger
@@ -296,25 +298,26 @@ class Models:
         key = f"S{self.S}k{k}_{'clean' if clean and f'S{self.S}k{k}_clean_val' in self.arrays else 'orig'}_{split}"
         return self.arrays[key]
 
-    def metric(self, served: dict, clean: frozenset, split: str) -> float | None:
-        """served: shard -> block or None; clean: shards whose poison-free retrain has landed."""
-        key = (tuple(sorted(served.items(), key=lambda kv: kv[0])), clean, split)
+    def predictions(self, served: dict, clean: frozenset, split: str) -> np.ndarray | None:
+        """Predicted classes of a served combination (mean of the voting shards' probabilities)."""
+        key = ("pred", tuple(sorted(served.items(), key=lambda kv: kv[0])), clean, split)
         if key not in self._cache:
             parts = [
                 self._p(k, k in clean, "trig" if split == "asr" else split)[b]
                 for k, b in served.items()
                 if b is not None
             ]
-            if not parts:
-                self._cache[key] = None
-            else:
-                pred = np.mean(np.stack(parts).astype(np.float64), axis=0).argmax(1)
-                self._cache[key] = (
-                    float((pred == TARGET).mean())
-                    if split == "asr"
-                    else float((pred == (self.y_val if split == "val" else self.y_test)).mean())
-                )
+            self._cache[key] = np.mean(np.stack(parts).astype(np.float64), axis=0).argmax(1) if parts else None
         return self._cache[key]
+
+    def metric(self, served: dict, clean: frozenset, split: str) -> float | None:
+        """served: shard -> block or None; clean: shards whose poison-free retrain has landed."""
+        pred = self.predictions(served, clean, split)
+        if pred is None:
+            return None
+        if split == "asr":
+            return float((pred == TARGET).mean())
+        return float((pred == (self.y_val if split == "val" else self.y_test)).mean())
 
 
 def make_stream(rate: float, variant: str, *, world: dict, seed: int) -> list[dict]:
@@ -356,9 +359,20 @@ def simulate(
     full = dict.fromkeys(range(S), B)
     pre_val = models.metric(full, frozenset(), "val")
     pre_test = models.metric(full, frozenset(), "test")
-    # the margin kept back for held-out vs test noise: one s.e. of a difference of two 500-sample accuracies
-    margin = heldout_margin_points(accuracy=pre_val, heldout_size=len(models.y_val), floor_points=FLOOR_POINTS)
-    floor_val = served_floor(pre_deletion_accuracy=pre_val, floor_points=FLOOR_POINTS, margin_points=margin)
+    # the margin kept back for held-out vs test noise, per candidate: one s.e. of the difference of two paired
+    # drop estimates, from the candidate's disagreement with the pre-deletion model on the validation set
+    pre_val_pred = models.predictions(full, frozenset(), "val")
+    floor_val = served_floor(pre_deletion_accuracy=pre_val, floor_points=FLOOR_POINTS)
+    margins: list[float] = []
+
+    def margin_of(clean: frozenset):
+        def margin(served) -> float:
+            return paired_margin_points(
+                reference=pre_val_pred, candidate=models.predictions(dict(served), clean, "val")
+            )
+
+        return margin
+
     shard_floor = min(acc_final.values()) - 0.05
     policy = BatchPolicy(window_s=window_s or 0.0)
 
@@ -448,6 +462,7 @@ def simulate(
             served_floor=floor_val,
             shard_floor=shard_floor,
             ensemble_accuracy=(lambda served: models.metric(dict(served), clean, "val") or 0.0) if S > 1 else None,
+            margin_of=margin_of(clean),
         )
 
     def land_until(t: float) -> None:
@@ -484,6 +499,7 @@ def simulate(
             if plan is None:  # every id already deleted
                 forgotten_at[r["id"]] = t
             elif plan.publish:
+                margins.append(margin_of(clean_set(t))(plan.served))
                 changes.append((t + INTERIM_LATENCY_S, dict(plan.served), clean_set(t)))
                 forgotten_at[r["id"]] = t + INTERIM_LATENCY_S
             else:
@@ -543,7 +559,8 @@ def simulate(
         "forgotten_by_interim": int(sum(1 for r in stream if forgotten_at[r["id"]] < reqs[r["id"]]["exact_at"])),
         "pre_deletion_validation_accuracy": pre_val,
         "served_floor_validation": floor_val,
-        "served_floor_margin_points": margin,
+        "published_interim_margin_points_mean": float(np.mean(margins)) if margins else None,
+        "published_interim_margin_points_max": float(max(margins)) if margins else None,
         "pre_deletion_test_accuracy": pre_test,
         "served_test_accuracy_min": float(values.min()),
         "served_test_accuracy_mean": float((values * weights).sum() / weights.sum()),
@@ -815,8 +832,9 @@ def main() -> int:
             "shard_block_plans": "shard k's block i = its samples of global block i (blocks are arrival order)",
             "workers": WORKERS,
             "served_floor": f"interim published only if its validation accuracy >= pre-deletion validation - "
-            f"({FLOOR_POINTS} - margin) points, margin = min({FLOOR_POINTS}, one standard error of a difference of two "
-            "500-sample accuracies at the pre-deletion validation accuracy) (heldout_margin_points); "
+            f"{FLOOR_POINTS} points + its margin; margin = paired_margin_points (z = 2): 100 * 2 * sqrt(2 q / 500), "
+            "q = the candidate's disagreement with the pre-deletion model on the validation set; the vote is "
+            "chosen by accuracy - margin; "
             "otherwise the batch flushes now and the version served so far stays until the retrain lands (the "
             "request's forget time = retrain end)",
             "shard_floor": "lowest shard final accuracy - 5 points; rolled-back shards also leave the vote when "

@@ -28,6 +28,7 @@ from obliviate.unlearning.rollback import (
     ShardCheckpoints,
     advance_after_retrain,
     heldout_margin_points,
+    paired_margin_points,
     plan_interim,
     saw_deleted,
     served_floor,
@@ -321,3 +322,53 @@ def test_replay_names_another_environment_as_inconclusive_not_failed(sgd_chain: 
     other = {**lineage, "environment": {**lineage["environment"], "torch_version": "0.0-other"}}
     unsure = verify_replay(lineage=other, checkpoints=forged, **common)
     assert unsure.status == INCONCLUSIVE and "torch_version" in unsure.problems[0]
+
+
+def test_paired_margin_grows_with_disagreement_not_with_accuracy() -> None:
+    reference = np.zeros(500, dtype=np.int64)
+    close, far = reference.copy(), reference.copy()
+    close[:10], far[:100] = 1, 1  # differ on 2 % and on 20 % of the held-out samples
+    assert paired_margin_points(reference=reference, candidate=reference) == 0.0
+    assert paired_margin_points(reference=reference, candidate=close, z=1.0) == pytest.approx(0.894, abs=0.001)
+    assert paired_margin_points(reference=reference, candidate=far) == pytest.approx(5.657, abs=0.001)
+    with pytest.raises(ConfigError, match="same held-out samples"):
+        paired_margin_points(reference=reference, candidate=close[:10])
+
+
+def test_an_interim_must_clear_the_floor_by_its_own_margin() -> None:
+    # M_3 meets the bare floor (0.90 >= 0.85) but differs too much from the model it replaces to be vouched for
+    plan = plan_interim(
+        shards=[ShardCheckpoints(0, ACC, 4)],
+        affected={0: 4},
+        served_floor=0.85,
+        shard_floor=0.0,
+        margin_of=lambda served: 6.0,
+    )
+    assert not plan.publish and plan.flush_now and "margin 6.00" in plan.reason
+    vouched = plan_interim(
+        shards=[ShardCheckpoints(0, ACC, 4)],
+        affected={0: 4},
+        served_floor=0.85,
+        shard_floor=0.0,
+        margin_of=lambda s: 1.0,
+    )
+    assert vouched.publish and vouched.served == {0: 3}
+
+
+def test_with_a_margin_the_vote_is_chosen_by_its_lower_bound() -> None:
+    shards = [ShardCheckpoints(k, ACC, 4) for k in range(3)]
+
+    def acc(served) -> float:  # keeping the rolled-back shard 0 scores higher on held-out data ...
+        return 0.95 if served.get(0) is not None else 0.94
+
+    def margin(served) -> float:  # ... but it makes the vote differ much more from the pre-deletion model
+        return 4.0 if served.get(0) is not None else 1.0
+
+    by_accuracy = plan_interim(
+        shards=shards, affected={0: 2}, served_floor=0.90, shard_floor=0.0, ensemble_accuracy=acc
+    )
+    assert by_accuracy.served[0] == 1
+    by_bound = plan_interim(
+        shards=shards, affected={0: 2}, served_floor=0.90, shard_floor=0.0, ensemble_accuracy=acc, margin_of=margin
+    )
+    assert by_bound.served == {0: None, 1: 4, 2: 4} and by_bound.publish and by_bound.left_vote == (0,)
