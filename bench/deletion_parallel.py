@@ -57,7 +57,6 @@ def bench_lock(path: Path = LOCK) -> Iterator[float]:
 
 def _specs(config: BlockTrainingConfig) -> tuple[RunSpec, list[RunSpec]]:
     dataset = load_dataset("mnist5k")
-    config = replace(config, accuracy_every=1)
     base = plan_run(
         run_id="par-s1",
         dataset=dataset,

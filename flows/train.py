@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 from actors.chains import ChainWorker
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
 from storage.objects import ObjectStore
@@ -120,6 +120,7 @@ def run_spec(
     seed: int,
     train_size: int | None,
     optimizer: str = "adam",
+    min_lr_fraction: float = 0.0,
     heldout_size: int,
     split_seed: int,
     shards: int = 1,
@@ -144,6 +145,7 @@ def run_spec(
         learning_rate=learning_rate,
         optimizer=optimizer,
         schedule=schedule,
+        min_lr_fraction=min_lr_fraction,
         seed=seed,
     )
     spec = plan_run(
@@ -186,12 +188,13 @@ def train_flow(
     run_id: str,
     data: str = "digits",
     model: str = "lenet5",
-    blocks: int = 6,
-    epochs: int = 3,
-    batch_size: int = 32,
-    learning_rate: float = 0.01,
-    optimizer: str = "adam",
-    schedule: str = "constant",
+    blocks: int = DEFAULT_RECIPE["num_blocks"],
+    epochs: int = DEFAULT_RECIPE["local_epochs"],
+    batch_size: int = DEFAULT_RECIPE["batch_size"],
+    learning_rate: float = DEFAULT_RECIPE["learning_rate"],
+    optimizer: str = DEFAULT_RECIPE["optimizer"],
+    schedule: str = DEFAULT_RECIPE["schedule"],
+    min_lr_fraction: float = DEFAULT_RECIPE["min_lr_fraction"],
     seed: int = 0,
     train_size: int | None = None,
     heldout_size: int = 300,
@@ -214,7 +217,8 @@ def train_flow(
         batch_size: mini-batch size.
         learning_rate: base learning rate.
         optimizer: ``adam`` (default) or ``sgd``.
-        schedule: ``constant``, ``step``, ``cosine`` or ``exponential``.
+        schedule: ``constant``, ``step``, ``cosine`` or ``exponential`` across blocks.
+        min_lr_fraction: for ``cosine``, the last block's rate as a fraction of ``learning_rate``.
         seed: chain seed (initialisation, block split, batch order).
         train_size: training samples (default: all not held out).
         heldout_size: held-out samples.
@@ -234,6 +238,7 @@ def train_flow(
         "learning_rate": learning_rate,
         "optimizer": optimizer,
         "schedule": schedule,
+        "min_lr_fraction": min_lr_fraction,
         "seed": seed,
         "train_size": train_size,
         "heldout_size": heldout_size,

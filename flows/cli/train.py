@@ -7,6 +7,7 @@ import json
 import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from obliviate.unlearning.config import DEFAULT_RECIPE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,12 +16,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run-id", required=True, help="the run's name; rerun with the same options to resume")
     parser.add_argument("--data", default="digits", help="digits (default), mnist5k, an .npz file or a dataset folder")
     parser.add_argument("--model", default="lenet5", choices=["lenet5", "c3f2", "resnet18"])
-    parser.add_argument("--blocks", type=int, default=6, help="B, number of blocks (default 6)")
-    parser.add_argument("--epochs", type=int, default=3, help="E, local epochs per block (default 3)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    parser.add_argument("--lr", type=float, default=0.01, help="base learning rate (default 0.01)")
-    parser.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine", "exponential"])
+    recipe = DEFAULT_RECIPE
+    parser.add_argument(
+        "--blocks", type=int, default=recipe["num_blocks"], help=f"B, number of blocks (default {recipe['num_blocks']})"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=recipe["local_epochs"],
+        help=f"E, local epochs per block (default {recipe['local_epochs']})",
+    )
+    parser.add_argument("--batch-size", type=int, default=recipe["batch_size"])
+    parser.add_argument("--optimizer", default=recipe["optimizer"], choices=["adam", "sgd"])
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=recipe["learning_rate"],
+        help=f"block 1's learning rate (default {recipe['learning_rate']})",
+    )
+    parser.add_argument(
+        "--schedule",
+        default=recipe["schedule"],
+        choices=["constant", "step", "cosine", "exponential"],
+        help=f"learning rate across blocks (default {recipe['schedule']})",
+    )
+    parser.add_argument(
+        "--min-lr-fraction",
+        type=float,
+        default=recipe["min_lr_fraction"],
+        help=f"cosine: the last block's rate as a fraction of --lr (default {recipe['min_lr_fraction']})",
+    )
     parser.add_argument("--seed", type=int, default=0, help="chain seed (init, block split, batch order)")
     parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all not held out)")
     parser.add_argument("--heldout-size", type=int, default=300, help="held-out samples (default 300)")
@@ -52,6 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
             learning_rate=args.lr,
             optimizer=args.optimizer,
             schedule=args.schedule,
+            min_lr_fraction=args.min_lr_fraction,
             seed=args.seed,
             train_size=args.train_size,
             heldout_size=args.heldout_size,

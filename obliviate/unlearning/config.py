@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -19,6 +20,25 @@ from torch import nn
 
 from obliviate.errors import ConfigError
 from obliviate.models import build_model
+
+DEFAULT_RECIPE: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "num_blocks": 6,
+        "local_epochs": 3,
+        "batch_size": 32,
+        "optimizer": "adam",
+        "learning_rate": 3e-3,
+        "schedule": "cosine",
+        "min_lr_fraction": 0.3,
+    }
+)
+"""The recipe ``obliviate train`` uses unless told otherwise (issue 11, "block training that trains well").
+
+Block tax (held-out accuracy of plain training minus the chain's, same data and epochs, mnist5k,
+4,000 train / 1,000 held-out, 5 seeds; ``bench/deletion_stream.py``): -0.32 points, against 0.62
+for the earlier default (Adam 1e-2 constant), whose chains were also 0.9 points less accurate.
+The cosine decay across blocks to 30 % keeps late blocks from overwriting early ones.
+"""
 
 
 class OptimizerName(str, Enum):
