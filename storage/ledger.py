@@ -20,6 +20,12 @@ Layout under the store:
   - ``cancelled``: withdrawn before it was applied (``forget --cancel``).
 * ``ledger/events/<event>.json``: what happened to each deletion event received (processed, a
   duplicate, or rejected with the reason), the audit trail of the event side.
+* ``ledger/open/<request>.json``: a marker for every request not in a terminal state, so a pass
+  (and a retrain polling for new holds after every block) reads the open requests only, not a
+  month of settled history. Written *before* a request or a non-terminal status is stored, and
+  removed *after* a terminal status is: a crash can leave a stale marker (skipped, and removed
+  when read) but never an open request without one. ``ledger/open-index.json`` records that the
+  markers are complete; a ledger written before they existed is indexed once, on first use.
 
 A request whose status pointer is missing (a crash between the two writes) reads as ``pending``.
 """
@@ -40,6 +46,7 @@ PENDING, CLAIMED, DONE, REJECTED = "pending", "claimed", "done", "rejected"
 FAILED, CANCELLED = "failed", "cancelled"
 TERMINAL = frozenset({DONE, REJECTED, FAILED, CANCELLED})
 _CAS_ATTEMPTS = 20
+_OPEN_PREFIX, _OPEN_INDEX_KEY = "ledger/open", "ledger/open-index.json"
 
 
 @dataclass(frozen=True)
@@ -71,12 +78,48 @@ class DeletionLedger:
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
+        self._indexed = False
 
     def _request_key(self, request_id: str) -> str:
         return f"ledger/requests/{check_name(request_id, what='request id')}.json"
 
     def _status_key(self, request_id: str) -> str:
         return f"ledger/status/{check_name(request_id, what='request id')}"
+
+    def _open_key(self, request_id: str) -> str:
+        return f"{_OPEN_PREFIX}/{check_name(request_id, what='request id')}.json"
+
+    def _mark_open(self, request_id: str) -> None:
+        self.store.put_json(self._open_key(request_id), {"at": time.time()})
+
+    def _unmark_open(self, request_id: str) -> None:
+        """Drop a terminal request's marker; put it back if the request was reopened meanwhile (``--retry``)."""
+        self.store.delete(self._open_key(request_id))
+        if self.get(request_id).status not in TERMINAL:
+            self._mark_open(request_id)
+
+    def _swap_status(self, request_id: str, status: str, details: Mapping[str, Any], *, expected_version: int) -> None:
+        """The one place a status is written (CAS), keeping the open markers true (module docstring)."""
+        if status not in TERMINAL:
+            self._mark_open(request_id)
+        self.store.swap_pointer(
+            self._status_key(request_id),
+            {"status": status, "details": dict(details)},
+            expected_version=expected_version,
+        )
+        if status in TERMINAL:
+            self._unmark_open(request_id)
+
+    def _ensure_open_index(self) -> None:
+        """Index a ledger written before the open markers existed (once per store)."""
+        if self._indexed or self.store.exists(_OPEN_INDEX_KEY):
+            self._indexed = True
+            return
+        for entry in self.entries():
+            if entry.status not in TERMINAL:
+                self._mark_open(entry.request_id)
+        self.store.put_json(_OPEN_INDEX_KEY, {"built_at": time.time()})
+        self._indexed = True
 
     def append(
         self, *, request_id: str, ids: Sequence[int], dataset: str, reason: str | None
@@ -99,6 +142,7 @@ class DeletionLedger:
                     f"{stored['dataset']!r}. Use a new request id (or omit it to get one). Nothing changed."
                 )
             return self.get(request_id), False
+        self._mark_open(request_id)
         self.store.put_json(key, {**body, "requested_at": time.time()})
         self.transition(request_id, status=PENDING, details={}, allowed_from=(PENDING,))
         return self.get(request_id), True
@@ -146,14 +190,27 @@ class DeletionLedger:
     def request_ids(self) -> list[str]:
         return [key.rsplit("/", 1)[-1][: -len(".json")] for key in self.store.list("ledger/requests")]
 
-    def entries(self) -> list[RequestStatus]:
-        """Every request with its status, oldest request first."""
+    def open_request_ids(self) -> list[str]:
+        """Requests not in a terminal state, from their markers (a superset: stale markers are filtered on read)."""
+        self._ensure_open_index()
+        return [key.rsplit("/", 1)[-1][: -len(".json")] for key in self.store.list(_OPEN_PREFIX)]
+
+    def entries(self, *, open_only: bool = False) -> list[RequestStatus]:
+        """Every request with its status, oldest request first; ``open_only``: pending and claimed ones only.
+
+        ``open_only`` reads only the open markers, so its cost follows the open requests, not the
+        ledger's whole history.
+        """
         found = []
-        for request_id in self.request_ids():
+        for request_id in self.open_request_ids() if open_only else self.request_ids():
             try:
-                found.append(self.get(request_id))
-            except ObjectNotFound:
+                entry = self.get(request_id)
+            except ObjectNotFound:  # a marker whose request is being appended (or never was): not yet a request
                 continue
+            if open_only and entry.status in TERMINAL:  # a marker a crash left behind
+                self._unmark_open(request_id)
+                continue
+            found.append(entry)
         return sorted(found, key=lambda entry: (entry.request.get("requested_at", 0.0), entry.request_id))
 
     def open_entries(self, *, stale_after_s: float) -> list[RequestStatus]:
@@ -161,7 +218,7 @@ class DeletionLedger:
         now = time.time()
         return [
             entry
-            for entry in self.entries()
+            for entry in self.entries(open_only=True)
             if entry.status == PENDING or (entry.status == CLAIMED and now - entry.updated_at > stale_after_s)
         ]
 
@@ -192,11 +249,7 @@ class DeletionLedger:
             if not movable:
                 return None
             try:
-                self.store.swap_pointer(
-                    self._status_key(request_id),
-                    {"status": status, "details": dict(details)},
-                    expected_version=current.version,
-                )
+                self._swap_status(request_id, status, details, expected_version=current.version)
             except PointerConflict:
                 continue
             return self.get(request_id)
@@ -218,7 +271,7 @@ class DeletionLedger:
         """Requests a pass should take now: pending ones past their back-off, claims whose lease lapsed."""
         now = time.time() if now is None else now
         due = []
-        for entry in self.entries():
+        for entry in self.entries(open_only=True):
             if (
                 entry.status == PENDING
                 and float(entry.details.get("next_attempt_at", 0.0)) <= now
@@ -285,11 +338,7 @@ class DeletionLedger:
             else:
                 target = (CLAIMED, {"holder": holder, "claimed_at": now, "attempt": attempt, "errors": errors[-10:]})
             try:
-                self.store.swap_pointer(
-                    self._status_key(request_id),
-                    {"status": target[0], "details": target[1]},
-                    expected_version=current.version,
-                )
+                self._swap_status(request_id, target[0], target[1], expected_version=current.version)
             except PointerConflict:
                 continue
             return self.get(request_id)
@@ -303,11 +352,7 @@ class DeletionLedger:
         if current.status != CLAIMED or current.version != claim_version:
             return None
         try:
-            self.store.swap_pointer(
-                self._status_key(request_id),
-                {"status": status, "details": dict(details)},
-                expected_version=claim_version,
-            )
+            self._swap_status(request_id, status, details, expected_version=claim_version)
         except PointerConflict:
             return None
         if status != CLAIMED:

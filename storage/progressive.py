@@ -3,8 +3,8 @@
 When the run serves a rolled-back version (:mod:`storage.serving`), each retrained block M'_i is
 exact (trained from a checkpoint that never saw the batch's ids, on data without them), so
 :class:`ProgressivePublisher` publishes it as it lands and served accuracy climbs back. With
-``serve --rollback`` it reads the ledger after every block: a request accepted meanwhile becomes
-a hold, so this retrain (its progressive versions and its final one) never serves a block at or
+``serve --rollback`` it reads the ledger's open requests after every block: a request accepted
+meanwhile becomes a hold, so this retrain (its progressive versions and its final one) never serves a block at or
 after the held request's earliest block. Used by :class:`actors.chains.ChainWorker`.
 """
 
@@ -79,11 +79,17 @@ class ProgressivePublisher:
 
     def _poll(self) -> list[str]:
         """Hold back every request accepted meanwhile (pending or claimed elsewhere) that touches this run."""
-        store = self.registry.store
-        entries = self.io(lambda: DeletionLedger(store).entries())
-        for entry in entries:  # a request refused or withdrawn before it was applied holds nothing back
-            if entry.status in (REJECTED, CANCELLED):
-                self.holds.pop(entry.request_id, None)
+        ledger = DeletionLedger(self.registry.store)
+
+        def refused(request_id: str) -> bool:
+            return ledger.exists(request_id) and ledger.get(request_id).status in (REJECTED, CANCELLED)
+
+        for request_id in [r for r in self.holds if r not in self.todo]:
+            # a request refused or withdrawn before it was applied holds nothing back
+            if self.io(lambda held=request_id: refused(held)):
+                self.holds.pop(request_id, None)
+        # the open requests only (their markers), so a block's poll costs what is open, not the ledger's history
+        entries = self.io(lambda: ledger.entries(open_only=True))
         fresh = {
             e.request_id: [int(i) for i in e.request["ids"]]
             for e in entries

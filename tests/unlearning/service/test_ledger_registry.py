@@ -16,7 +16,7 @@ from flows.unlearn import submit_deletion
 from obliviate.errors import ConfigError
 from obliviate.unlearning.service import RequestError, RunSpec, parse_event_payload, parse_ids, work_token
 from storage import CorruptObject, ObjectStore
-from storage.ledger import CLAIMED, PENDING, DeletionLedger
+from storage.ledger import CANCELLED, CLAIMED, DONE, FAILED, PENDING, DeletionLedger
 from storage.registry import TRAIN_CHAIN, RunRegistry
 
 
@@ -77,6 +77,46 @@ def test_only_one_of_many_concurrent_claims_wins(store_url):
     assert [h["status"] for h in ledger.history("r-1")] == [PENDING, CLAIMED]
     assert ledger.open_entries(stale_after_s=600) == []
     assert [e.request_id for e in ledger.open_entries(stale_after_s=-1)] == ["r-1"]  # a stale claim is reclaimable
+
+
+@pytest.mark.parametrize("backend", ["store_url", "s3_url"])
+def test_passes_read_only_open_requests_and_the_markers_stay_true(backend, request):
+    url = request.getfixturevalue(backend)
+    for name in ("a", "b", "c", "d"):
+        submit_deletion(url, [1], dataset="digits", request_id=name, emit=False)
+    store = ObjectStore(url)
+    ledger = DeletionLedger(store)
+    claim = ledger.claim("a", holder="t", lease_s=60, max_attempts=3)
+    assert claim is not None and ledger.settle("a", claim_version=claim.version, status=DONE, details={}) is not None
+    ledger.cancel("b", applied_to=[])
+    claim = ledger.claim("c", holder="t", lease_s=60, max_attempts=3)
+    assert claim is not None
+    ledger.fail_attempt(
+        "c", claim_version=claim.version, error="boom", max_attempts=1, first_backoff_s=1, max_backoff_s=1
+    )
+    assert ledger.get("c").status == FAILED and ledger.get("b").status == CANCELLED
+    assert ledger.open_request_ids() == ["d"]  # settled, cancelled and failed requests drop out
+    assert [e.request_id for e in ledger.due_entries(lease_s=60)] == ["d"]
+    ledger.retry("c")  # a failed request put back to pending is open again
+    assert ledger.open_request_ids() == ["c", "d"]
+    # a crash between a terminal status and its marker's removal leaves a stale marker: skipped, then removed
+    store.put_json("ledger/open/a.json", {"at": 0})
+    assert [e.request_id for e in ledger.entries(open_only=True)] == ["c", "d"]
+    assert not store.exists("ledger/open/a.json")
+
+
+def test_a_ledger_written_before_open_markers_is_indexed_once(store_url):
+    for name in ("old-1", "old-2"):
+        submit_deletion(store_url, [2], dataset="digits", request_id=name, emit=False)
+    store = ObjectStore(store_url)
+    ledger = DeletionLedger(store)
+    ledger.cancel("old-1", applied_to=[])
+    for key in store.list("ledger/open"):  # as an earlier version wrote it: no markers, no index record
+        store.delete(key)
+    store.delete("ledger/open-index.json")
+    fresh = DeletionLedger(store)
+    assert [e.request_id for e in fresh.open_entries(stale_after_s=600)] == ["old-2"]  # nothing pending is lost
+    assert store.exists("ledger/open-index.json") and store.list("ledger/open") == ["ledger/open/old-2.json"]
 
 
 class _Exploit:
