@@ -96,6 +96,11 @@ def run_forget(args: argparse.Namespace) -> int:
         registry = RunRegistry(ledger.store)
         applied = [r for r in registry.run_ids() if args.cancel in (registry.current(r) or _Nothing()).applied_requests]
         print(describe(ledger.cancel(args.cancel, applied_to=applied).as_dict()), file=sys.stderr)
+        from flows.rollback import release_refused
+
+        # a withdrawn request forgets nothing: the runs it rolled back serve their model again now, not at the next pass
+        for run_id, released in release_refused(ledger.store).items():
+            print(f"run {run_id}: released the rollback held for {released}", file=sys.stderr)
         return EXIT_DONE
     if args.retry:
         entry = ledger.retry(args.retry)

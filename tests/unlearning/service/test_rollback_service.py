@@ -117,6 +117,22 @@ def test_a_cancelled_request_releases_its_rollback_at_the_next_pass(trained) -> 
     assert final is not None and served is not None and _states_equal(served, final)
 
 
+def test_forget_cancel_releases_the_rollback_at_once(trained, capsys) -> None:
+    url, store, ids_in = trained
+    save_rollback(store, enabled=True, floor_points=100.0)
+    ledger = DeletionLedger(store)
+    registry = RunRegistry(store)
+    final = served_model(registry, "rb")
+    ledger.append(request_id="withdrawn", ids=ids_in(3), dataset="digits", reason=None)
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert registry.manifest(registry.current("rb")).metadata["serve_block"] == 2
+    assert main(["forget", "--cancel", "withdrawn", "--store", url]) == 0  # no pass runs after this
+    assert "released the rollback held for ['withdrawn']" in capsys.readouterr().err
+    assert "serve_block" not in registry.manifest(registry.current("rb")).metadata
+    served = served_model(registry, "rb")
+    assert final is not None and served is not None and _states_equal(served, final)
+
+
 def test_with_no_window_rollback_still_serves_m_d_minus_1_until_the_retrain_lands(trained, capsys) -> None:
     url, store, ids_in = trained
     save_policy(store, BatchPolicy())  # immediate, as without batching
