@@ -10,6 +10,7 @@ after the held request's earliest block. Used by :class:`actors.chains.ChainWork
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -86,7 +87,7 @@ class ProgressivePublisher:
 
         for request_id in [r for r in self.holds if r not in self.todo]:
             # a request refused or withdrawn before it was applied holds nothing back
-            if self.io(lambda held=request_id: refused(held)):
+            if self.io(functools.partial(refused, request_id)):
                 self.holds.pop(request_id, None)
         # the open requests only (their markers), so a block's poll costs what is open, not the ledger's history
         entries = self.io(lambda: ledger.entries(open_only=True))
