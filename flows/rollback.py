@@ -22,23 +22,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
+from obliviate.unlearning.judge import HeldoutJudge
+from obliviate.unlearning.service import RunSpec, block_data
 from storage.ledger import CANCELLED, REJECTED, DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import (
     ROLLBACK_KEY,
+    RunState,
+    checkpoint_model,
     load_rollback,
     pointer_target,
     record_forgotten,
+    reference_model,
     release,
     roll_back,
+    roll_back_group,
     save_rollback,
     served_model,
-    shard_runs,
+    sharded_runs,
 )
 
 __all__ = [
     "ROLLBACK_KEY",
+    "heldout_judge",
     "load_rollback",
     "publish_interim",
     "record_forgotten",
@@ -48,26 +59,105 @@ __all__ = [
 ]
 
 
+SHARD_FLOOR_POINTS = 5.0
+"""A rolled-back shard below the weakest shard's pre-deletion held-out accuracy minus this leaves the vote (as the bench)."""
+
+
+def heldout_judge(registry: RunRegistry, states: Sequence[RunState], *, z: float = 2.0) -> HeldoutJudge:
+    """The held-out judge of a run's interim versions (``states``: one run, or a sharded run's members in order).
+
+    The held-out set is loaded from the run's registered dataset spec (cached per process, so a
+    pass costs one data load at most); the reference is each member's pre-deletion model, the final
+    M_B of the full chain its version derives from; candidates are loaded from the version's kept
+    checkpoints when a judgement needs them.
+
+    Raises:
+        ConfigError: members that do not share one held-out set (a sharded run always does).
+    """
+    specs = [registry.spec(s.run_id) for s in states]
+    first = specs[0]
+    for spec in specs[1:]:
+        if (spec.dataset_fingerprint, spec.heldout_ids) != (first.dataset_fingerprint, first.heldout_ids):
+            raise ConfigError(
+                f"the shards of a sharded run must share one held-out set to be judged as one model; {spec.run_id} "
+                f"and {first.run_id} differ. Train the shards together (train --shards S)."
+            )
+    x, y = _heldout(first)
+    return HeldoutJudge(
+        x=x,
+        y=y,
+        reference=[reference_model(registry, s) for s in states],
+        load=lambda k, block: checkpoint_model(registry, states[k].manifest, block),
+        z=z,
+    )
+
+
+_HELDOUT: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _heldout(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's held-out tensors, from its registered dataset (loaded once per process and held-out set)."""
+    key = (spec.dataset, spec.dataset_fingerprint, hash(spec.heldout_ids))
+    if key not in _HELDOUT:
+        data = block_data(spec, load_dataset(spec.dataset))
+        _HELDOUT.clear()  # one held-out set at a time: a service judges few datasets
+        _HELDOUT[key] = (data.x_heldout, data.y_heldout)
+    return _HELDOUT[key]
+
+
 def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points: float) -> dict[str, Any]:
     """Publish an interim version for every run the pending requests affect; returns what was done.
 
+    A single chain is judged alone (:func:`storage.serving.roll_back`), a sharded run as one model
+    (:func:`storage.serving.roll_back_group`), both by the bench's rule with the paired margin
+    against the pre-deletion model on the run's held-out set (:func:`heldout_judge`).
+
     Returns:
-        ``{"flush_now": bool, "runs": {run_id: {"serve_block", "accuracy", "version", "published"}}}``.
+        ``{"flush_now": bool, "runs": {run_id: {"serve_block", "accuracy", "version", "published"}},
+        "groups": {group: {"accuracy", "margin_points", "floor", ...}}}``.
     """
     registry = RunRegistry(store)
-    out: dict[str, Any] = {"flush_now": False, "runs": {}}
+    out: dict[str, Any] = {"flush_now": False, "runs": {}, "groups": {}}
     unforgotten: set[str] = set()
-    shards = shard_runs(store)
-    for run_id in registry.run_ids():
-        spec = registry.spec(run_id)
-        requests = {
-            e.request_id: [int(i) for i in e.request["ids"]]
-            for e in pending
-            if e.request.get("dataset") == spec.dataset
+
+    def judge_for(states: Sequence[RunState]) -> HeldoutJudge:
+        return heldout_judge(registry, states)
+
+    def requests_of(run_id: str) -> dict[str, list[int]]:
+        dataset = registry.spec(run_id).dataset
+        return {
+            e.request_id: [int(i) for i in e.request["ids"]] for e in pending if e.request.get("dataset") == dataset
         }
+
+    groups, registered = sharded_runs(store), registry.run_ids()
+    members = {m for ms in groups.values() for m in ms}
+    for group, shards in groups.items():
+        requests = requests_of(shards[0]) if shards and set(shards) <= set(registered) else {}
         if not requests:
             continue
-        done = roll_back(registry, run_id, requests, floor_points=floor_points, is_shard=run_id in shards)
+        done = roll_back_group(
+            registry,
+            group,
+            shards,
+            requests,
+            floor_points=floor_points,
+            judge_for=judge_for,
+            shard_floor_points=SHARD_FLOOR_POINTS,
+        )
+        if done is not None:
+            out["flush_now"] = out["flush_now"] or done["flush_now"]
+            unforgotten.update(done["below_floor"])
+            for run_id, result in done.pop("runs").items():
+                result.pop("flush_now", None)
+                out["runs"][run_id] = result
+            out["groups"][group] = done
+    for run_id in registered:
+        if run_id in members:
+            continue
+        requests = requests_of(run_id)
+        if not requests:
+            continue
+        done = roll_back(registry, run_id, requests, floor_points=floor_points, judge_for=judge_for)
         if done is not None:
             out["flush_now"] = out["flush_now"] or done.pop("flush_now")
             unforgotten.update(done.get("below_floor", ()))
