@@ -1,18 +1,35 @@
 """Exact forgetting at acceptance, by rollback (SPEC section 6): interim versions for every affected run.
 
 When ``serve --rollback`` is on, every run an accepted request affects publishes an *interim*
-version at once (:func:`storage.serving.roll_back`): it serves the last checkpoint before the
-request's earliest affected block, M_{d-1}, which never saw the ids, and keeps only M_0..M_{d-1}.
-Its pointer target carries ``serve_block`` (``None``: nothing can be served, the run is paused
-until its retrain lands), ``holds`` and ``forgotten_requests``; :func:`served_model` is what
-anything serving or auditing a run must load. When M_{d-1} is below the served-accuracy floor
-(the pre-deletion accuracy minus ``floor_points``) nothing is published, the run keeps serving
-its version and the batch flushes now: those requests become forgotten when their retrain lands
-(``serve --floor-points 100`` accepts any drop, so every request rolls back at once unless its ids
-lie in block 1 of a single chain: M_0 is no model, so that batch flushes now too). The batch's retrain starts from the full chain the interim
-derives from (``chain_of``), publishes each retrained block as it lands (progressive versions,
-:mod:`actors.chains`), and finally the full model, whose ``serve_block`` is absent unless a
-request accepted meanwhile still holds it back.
+version at once if it meets the served-accuracy floor, by the same rule as
+``bench/deletion_stream.py`` (:func:`obliviate.unlearning.rollback.plan_interim`):
+
+* a single chain (:func:`storage.serving.roll_back`) serves M_{d-1}, the last checkpoint before
+  the request's earliest affected block d, which never saw the ids, and keeps only M_0..M_{d-1}. It
+  is published only if its recorded held-out accuracy is at least the pre-deletion accuracy minus
+  ``floor_points`` *plus* its paired margin (:func:`obliviate.unlearning.rollback.paired_margin_points`,
+  z = 2): the margin grows with how often M_{d-1} and the pre-deletion model (the final M_B of the
+  full chain the version derives from) disagree on the run's held-out set;
+* a sharded run (``groups/<run>.json``, :func:`storage.serving.roll_back_group`) is judged as one
+  model: every affected shard rolls back to before its earliest affected block, a shard leaves the
+  vote when it rolls back to M_0, falls below the shard floor (the weakest shard's pre-deletion
+  held-out accuracy minus :data:`SHARD_FLOOR_POINTS`) or lowers the ensemble's judged accuracy, and
+  the ensemble (argmax of the mean of the voting shards' softmax probabilities) must clear the
+  pre-deletion ensemble's accuracy minus ``floor_points`` plus its paired margin against the
+  pre-deletion ensemble's predictions. Then every affected shard publishes its block
+  (``serve_block`` ``None``: out of the vote), or none does.
+
+:func:`heldout_judge` computes these figures: it loads the run's held-out set from its registered
+dataset spec (once per process) and evaluates only the checkpoints a judgement needs (tens of
+milliseconds for LeNet-5). An interim version's pointer target carries ``serve_block``, ``holds`` and
+``forgotten_requests``; :func:`served_model` is what anything serving or auditing a run must load.
+When the interim is not publishable (below the floor plus margin, or a deletion in block 1 of a
+single chain: M_0 is no model; ``serve --floor-points 100`` accepts any drop but still needs a
+model), nothing is published, the run keeps serving its version and the batch flushes now: those
+requests become forgotten when their retrain lands. The batch's retrain starts from the full chain
+the interim derives from (``chain_of``), publishes each retrained block as it lands (progressive
+versions, :mod:`actors.chains`), and finally the full model, whose ``serve_block`` is absent unless
+a request accepted meanwhile still holds it back.
 
 The time each request became forgotten is kept in ``ledger/forgotten/<request>.json``.
 """

@@ -3,9 +3,13 @@
 A published version normally serves its final checkpoint M_B. Two kinds of version serve an
 earlier checkpoint, recorded as ``serve_block`` in the manifest metadata and the pointer target:
 
-* an *interim* version (:func:`roll_back`), published the moment a request is accepted: it
-  serves ``min(served, d - 1)``, d the earliest block holding one of the request's ids under the
-  run's fixed block plan, so it never saw the ids (rule: :func:`obliviate.unlearning.rollback.plan_interim`);
+* an *interim* version, published the moment a request is accepted: it serves ``min(served,
+  d - 1)``, d the earliest block holding one of the request's ids under the run's fixed block
+  plan, so it never saw the ids (rule: :func:`obliviate.unlearning.rollback.plan_interim`, with the
+  paired margin against the pre-deletion model). :func:`roll_back` decides it for a single chain,
+  :func:`roll_back_group` for all members of a sharded run at once (published for every affected
+  member or for none). The held-out figures come from an :class:`InterimJudge` the caller builds
+  (``flows.rollback.heldout_judge``): this module loads checkpoints, it never evaluates a model;
 * a *progressive* version, published by a batch's retrain (:mod:`actors.chains`) as each retrained
   block M'_i lands: M'_i was trained from a checkpoint that never saw the batch's ids on data
   without them, so it is exact too, and served accuracy climbs back block by block.
@@ -523,7 +527,13 @@ def roll_back_group(
                         firsts=firsts[k],
                         accuracy=shard_accuracy,
                         reference=state.manifest.metadata.get("reference_accuracy", state.accuracies[-1]) or 0.0,
-                        extra={"group_interim": {"group": group, "served": interim.served, **summary}},
+                        extra={
+                            "group_interim": {
+                                "group": group,
+                                "served": {str(k): b for k, b in interim.served.items()},
+                                **summary,
+                            }
+                        },
                     ).version
                     published = True
                 runs[state.run_id] = {

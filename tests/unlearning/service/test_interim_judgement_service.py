@@ -110,7 +110,7 @@ def test_a_single_chain_interim_within_the_bare_floor_but_not_its_paired_margin_
 
 
 def test_a_group_whose_rolled_back_ensemble_misses_the_floor_publishes_nothing_for_any_member(group_store):
-    url, store, chains, accuracy_of = group_store
+    _url, store, chains, accuracy_of = group_store
     registry = RunRegistry(store)
     before = {m: registry.current(m).version for m in MEMBERS}
     reference, reference_predicted = accuracy_of({0: 4, 1: 4})
@@ -132,7 +132,7 @@ def test_a_group_whose_rolled_back_ensemble_misses_the_floor_publishes_nothing_f
 
 
 def test_a_group_whose_ensemble_meets_the_floor_publishes_each_members_block_before_the_ids(group_store):
-    url, store, chains, accuracy_of = group_store
+    _url, store, _chains, accuracy_of = group_store
     registry = RunRegistry(store)
     before = {m: registry.current(m).version for m in MEMBERS}
     reference, reference_predicted = accuracy_of({0: 4, 1: 4})
