@@ -8,7 +8,7 @@ version at once if it meets the served-accuracy floor, by the same rule as
   the request's earliest affected block d, which never saw the ids, and keeps only M_0..M_{d-1}. It
   is published only if its recorded held-out accuracy is at least the pre-deletion accuracy minus
   ``floor_points`` *plus* its paired margin (:func:`obliviate.unlearning.rollback.paired_margin_points`,
-  z = 2): the margin grows with how often M_{d-1} and the pre-deletion model (the final M_B of the
+  its default z, as the bench): the margin grows with how often M_{d-1} and the pre-deletion model (the final M_B of the
   full chain the version derives from) disagree on the run's held-out set;
 * a sharded run (``groups/<run>.json``, :func:`storage.serving.roll_back_group`) is judged as one
   model: every affected shard rolls back to before its earliest affected block, a shard leaves the
@@ -80,7 +80,7 @@ SHARD_FLOOR_POINTS = 5.0
 """A rolled-back shard below the weakest shard's pre-deletion held-out accuracy minus this leaves the vote (as the bench)."""
 
 
-def heldout_judge(registry: RunRegistry, states: Sequence[RunState], *, z: float = 2.0) -> HeldoutJudge:
+def heldout_judge(registry: RunRegistry, states: Sequence[RunState], *, z: float | None = None) -> HeldoutJudge:
     """The held-out judge of a run's interim versions (``states``: one run, or a sharded run's members in order).
 
     The held-out set is loaded from the run's registered dataset spec (cached per process, so a

@@ -36,7 +36,8 @@ class HeldoutJudge:
         reference: every shard's pre-deletion model (shard k at index k): the model served before
             the request(s) being judged.
         load: ``(shard, block) -> model``: checkpoint M_block of a shard's current chain.
-        z: standard errors kept back by the paired margin (default 2, as the bench).
+        z: standard errors kept back by the paired margin (``None``: the default of
+            :func:`~obliviate.unlearning.rollback.paired_margin_points`, as the bench).
 
     Raises:
         ConfigError: no reference model, empty held-out set, or unequal ``x`` and ``y``.
@@ -49,7 +50,7 @@ class HeldoutJudge:
         y: torch.Tensor,
         reference: Sequence[nn.Module],
         load: Callable[[int, int], nn.Module],
-        z: float = 2.0,
+        z: float | None = None,
     ) -> None:
         if not reference or len(x) == 0 or len(x) != len(y):
             raise ConfigError(
@@ -100,4 +101,7 @@ class HeldoutJudge:
         """Points ``served`` must clear above the served floor: the paired margin vs the pre-deletion model."""
         if all(b is None for b in served.values()):
             return 0.0
-        return paired_margin_points(reference=self.reference_predictions, candidate=self.predictions(served), z=self.z)
+        predicted = self.predictions(served)
+        if self.z is None:
+            return paired_margin_points(reference=self.reference_predictions, candidate=predicted)
+        return paired_margin_points(reference=self.reference_predictions, candidate=predicted, z=self.z)

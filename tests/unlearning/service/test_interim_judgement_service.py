@@ -139,7 +139,7 @@ def test_a_group_whose_ensemble_meets_the_floor_publishes_each_members_block_bef
     interim, interim_predicted = accuracy_of({0: 3})  # shard 0 serves M_3, shard 1 (block 1 hit) leaves the vote
     margin = paired_margin_points(reference=reference_predicted, candidate=interim_predicted)
     floor_points = 100.0 * (reference - interim) + margin + 1.0  # met with one point to spare
-    assert floor_points < 10.0
+    assert floor_points < 15.0  # a floor of a few points, not "any drop"
 
     save_rollback(store, enabled=True, floor_points=floor_points)
     ids = {MEMBERS[0]: _ids_in(store, MEMBERS[0], 4), MEMBERS[1]: _ids_in(store, MEMBERS[1], 1)}
