@@ -194,11 +194,6 @@ def sharded_runs(store: ObjectStore) -> dict[str, list[str]]:
     return out
 
 
-def shard_runs(store: ObjectStore) -> set[str]:
-    """Every run that is a shard of a sharded run (listed as a member by some ``groups/<run>.json``)."""
-    return {m for members in sharded_runs(store).values() for m in members}
-
-
 @dataclass(frozen=True)
 class RunState:
     """One run as a rollback reads it: its current version, raw pointer target and manifest."""
