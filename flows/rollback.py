@@ -1,18 +1,35 @@
 """Exact forgetting at acceptance, by rollback (SPEC section 6): interim versions for every affected run.
 
 When ``serve --rollback`` is on, every run an accepted request affects publishes an *interim*
-version at once (:func:`storage.serving.roll_back`): it serves the last checkpoint before the
-request's earliest affected block, M_{d-1}, which never saw the ids, and keeps only M_0..M_{d-1}.
-Its pointer target carries ``serve_block`` (``None``: nothing can be served, the run is paused
-until its retrain lands), ``holds`` and ``forgotten_requests``; :func:`served_model` is what
-anything serving or auditing a run must load. When M_{d-1} is below the served-accuracy floor
-(the pre-deletion accuracy minus ``floor_points``) nothing is published, the run keeps serving
-its version and the batch flushes now: those requests become forgotten when their retrain lands
-(``serve --floor-points 100`` accepts any drop, so every request rolls back at once unless its ids
-lie in block 1 of a single chain: M_0 is no model, so that batch flushes now too). The batch's retrain starts from the full chain the interim
-derives from (``chain_of``), publishes each retrained block as it lands (progressive versions,
-:mod:`actors.chains`), and finally the full model, whose ``serve_block`` is absent unless a
-request accepted meanwhile still holds it back.
+version at once if it meets the served-accuracy floor, by the same rule as
+``bench/deletion_stream.py`` (:func:`obliviate.unlearning.rollback.plan_interim`):
+
+* a single chain (:func:`storage.serving.roll_back`) serves M_{d-1}, the last checkpoint before
+  the request's earliest affected block d, which never saw the ids, and keeps only M_0..M_{d-1}. It
+  is published only if its recorded held-out accuracy is at least the pre-deletion accuracy minus
+  ``floor_points`` *plus* its paired margin (:func:`obliviate.unlearning.rollback.paired_margin_points`,
+  its default z, as the bench): the margin grows with how often M_{d-1} and the pre-deletion model (the final M_B of the
+  full chain the version derives from) disagree on the run's held-out set;
+* a sharded run (``groups/<run>.json``, :func:`storage.serving.roll_back_group`) is judged as one
+  model: every affected shard rolls back to before its earliest affected block, a shard leaves the
+  vote when it rolls back to M_0, falls below the shard floor (the weakest shard's pre-deletion
+  held-out accuracy minus :data:`SHARD_FLOOR_POINTS`) or lowers the ensemble's judged accuracy, and
+  the ensemble (argmax of the mean of the voting shards' softmax probabilities) must clear the
+  pre-deletion ensemble's accuracy minus ``floor_points`` plus its paired margin against the
+  pre-deletion ensemble's predictions. Then every affected shard publishes its block
+  (``serve_block`` ``None``: out of the vote), or none does.
+
+:func:`heldout_judge` computes these figures: it loads the run's held-out set from its registered
+dataset spec (once per process) and evaluates only the checkpoints a judgement needs (tens of
+milliseconds for LeNet-5). An interim version's pointer target carries ``serve_block``, ``holds`` and
+``forgotten_requests``; :func:`served_model` is what anything serving or auditing a run must load.
+When the interim is not publishable (below the floor plus margin, or a deletion in block 1 of a
+single chain: M_0 is no model; ``serve --floor-points 100`` accepts any drop but still needs a
+model), nothing is published, the run keeps serving its version and the batch flushes now: those
+requests become forgotten when their retrain lands. The batch's retrain starts from the full chain
+the interim derives from (``chain_of``), publishes each retrained block as it lands (progressive
+versions, :mod:`actors.chains`), and finally the full model, whose ``serve_block`` is absent unless
+a request accepted meanwhile still holds it back.
 
 The time each request became forgotten is kept in ``ledger/forgotten/<request>.json``.
 """
@@ -22,23 +39,34 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
+from obliviate.unlearning.judge import HeldoutJudge
+from obliviate.unlearning.service import RunSpec, block_data
 from storage.ledger import CANCELLED, REJECTED, DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import (
     ROLLBACK_KEY,
+    RunState,
+    checkpoint_model,
     load_rollback,
     pointer_target,
     record_forgotten,
+    reference_model,
     release,
     roll_back,
+    roll_back_group,
     save_rollback,
     served_model,
-    shard_runs,
+    sharded_runs,
 )
 
 __all__ = [
     "ROLLBACK_KEY",
+    "heldout_judge",
     "load_rollback",
     "publish_interim",
     "record_forgotten",
@@ -48,26 +76,105 @@ __all__ = [
 ]
 
 
+SHARD_FLOOR_POINTS = 5.0
+"""A rolled-back shard below the weakest shard's pre-deletion held-out accuracy minus this leaves the vote (as the bench)."""
+
+
+def heldout_judge(registry: RunRegistry, states: Sequence[RunState], *, z: float | None = None) -> HeldoutJudge:
+    """The held-out judge of a run's interim versions (``states``: one run, or a sharded run's members in order).
+
+    The held-out set is loaded from the run's registered dataset spec (cached per process, so a
+    pass costs one data load at most); the reference is each member's pre-deletion model, the final
+    M_B of the full chain its version derives from; candidates are loaded from the version's kept
+    checkpoints when a judgement needs them.
+
+    Raises:
+        ConfigError: members that do not share one held-out set (a sharded run always does).
+    """
+    specs = [registry.spec(s.run_id) for s in states]
+    first = specs[0]
+    for spec in specs[1:]:
+        if (spec.dataset_fingerprint, spec.heldout_ids) != (first.dataset_fingerprint, first.heldout_ids):
+            raise ConfigError(
+                f"the shards of a sharded run must share one held-out set to be judged as one model; {spec.run_id} "
+                f"and {first.run_id} differ. Train the shards together (train --shards S)."
+            )
+    x, y = _heldout(first)
+    return HeldoutJudge(
+        x=x,
+        y=y,
+        reference=[reference_model(registry, s) for s in states],
+        load=lambda k, block: checkpoint_model(registry, states[k].manifest, block),
+        z=z,
+    )
+
+
+_HELDOUT: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _heldout(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's held-out tensors, from its registered dataset (loaded once per process and held-out set)."""
+    key = (spec.dataset, spec.dataset_fingerprint, hash(spec.heldout_ids))
+    if key not in _HELDOUT:
+        data = block_data(spec, load_dataset(spec.dataset))
+        _HELDOUT.clear()  # one held-out set at a time: a service judges few datasets
+        _HELDOUT[key] = (data.x_heldout, data.y_heldout)
+    return _HELDOUT[key]
+
+
 def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points: float) -> dict[str, Any]:
     """Publish an interim version for every run the pending requests affect; returns what was done.
 
+    A single chain is judged alone (:func:`storage.serving.roll_back`), a sharded run as one model
+    (:func:`storage.serving.roll_back_group`), both by the bench's rule with the paired margin
+    against the pre-deletion model on the run's held-out set (:func:`heldout_judge`).
+
     Returns:
-        ``{"flush_now": bool, "runs": {run_id: {"serve_block", "accuracy", "version", "published"}}}``.
+        ``{"flush_now": bool, "runs": {run_id: {"serve_block", "accuracy", "version", "published"}},
+        "groups": {group: {"accuracy", "margin_points", "floor", ...}}}``.
     """
     registry = RunRegistry(store)
-    out: dict[str, Any] = {"flush_now": False, "runs": {}}
+    out: dict[str, Any] = {"flush_now": False, "runs": {}, "groups": {}}
     unforgotten: set[str] = set()
-    shards = shard_runs(store)
-    for run_id in registry.run_ids():
-        spec = registry.spec(run_id)
-        requests = {
-            e.request_id: [int(i) for i in e.request["ids"]]
-            for e in pending
-            if e.request.get("dataset") == spec.dataset
+
+    def judge_for(states: Sequence[RunState]) -> HeldoutJudge:
+        return heldout_judge(registry, states)
+
+    def requests_of(run_id: str) -> dict[str, list[int]]:
+        dataset = registry.spec(run_id).dataset
+        return {
+            e.request_id: [int(i) for i in e.request["ids"]] for e in pending if e.request.get("dataset") == dataset
         }
+
+    groups, registered = sharded_runs(store), registry.run_ids()
+    members = {m for ms in groups.values() for m in ms}
+    for group, shards in groups.items():
+        requests = requests_of(shards[0]) if shards and set(shards) <= set(registered) else {}
         if not requests:
             continue
-        done = roll_back(registry, run_id, requests, floor_points=floor_points, is_shard=run_id in shards)
+        done = roll_back_group(
+            registry,
+            group,
+            shards,
+            requests,
+            floor_points=floor_points,
+            judge_for=judge_for,
+            shard_floor_points=SHARD_FLOOR_POINTS,
+        )
+        if done is not None:
+            out["flush_now"] = out["flush_now"] or done["flush_now"]
+            unforgotten.update(done["below_floor"])
+            for run_id, result in done.pop("runs").items():
+                result.pop("flush_now", None)
+                out["runs"][run_id] = result
+            out["groups"][group] = done
+    for run_id in registered:
+        if run_id in members:
+            continue
+        requests = requests_of(run_id)
+        if not requests:
+            continue
+        done = roll_back(registry, run_id, requests, floor_points=floor_points, judge_for=judge_for)
         if done is not None:
             out["flush_now"] = out["flush_now"] or done.pop("flush_now")
             unforgotten.update(done.get("below_floor", ()))

@@ -3,9 +3,13 @@
 A published version normally serves its final checkpoint M_B. Two kinds of version serve an
 earlier checkpoint, recorded as ``serve_block`` in the manifest metadata and the pointer target:
 
-* an *interim* version (:func:`roll_back`), published the moment a request is accepted: it
-  serves ``min(served, d - 1)``, d the earliest block holding one of the request's ids under the
-  run's fixed block plan, so it never saw the ids (rule: :func:`obliviate.unlearning.rollback.plan_interim`);
+* an *interim* version, published the moment a request is accepted: it serves ``min(served,
+  d - 1)``, d the earliest block holding one of the request's ids under the run's fixed block
+  plan, so it never saw the ids (rule: :func:`obliviate.unlearning.rollback.plan_interim`, with the
+  paired margin against the pre-deletion model). :func:`roll_back` decides it for a single chain,
+  :func:`roll_back_group` for all members of a sharded run at once (published for every affected
+  member or for none). The held-out figures come from an :class:`InterimJudge` the caller builds
+  (``flows.rollback.heldout_judge``): this module loads checkpoints, it never evaluates a model;
 * a *progressive* version, published by a batch's retrain (:mod:`actors.chains`) as each retrained
   block M'_i lands: M'_i was trained from a checkpoint that never saw the batch's ids on data
   without them, so it is exact too, and served accuracy climbs back block by block.
@@ -21,8 +25,9 @@ runs stays forgotten when that retrain lands; ``forgotten_requests`` lists what 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -177,13 +182,142 @@ def publish_served(
     )
 
 
-def shard_runs(store: ObjectStore) -> set[str]:
-    """Every run that is a shard of a sharded run (listed as a member by some ``groups/<run>.json``)."""
-    members: set[str] = set()
-    for key in store.list("groups/"):
+def sharded_runs(store: ObjectStore) -> dict[str, list[str]]:
+    """Every sharded run: group name -> its member runs in shard order (``groups/<run>.json``)."""
+    out: dict[str, list[str]] = {}
+    for key in sorted(store.list("groups/")):
         if key.endswith(".json"):
-            members.update(str(m) for m in store.get_json(key).get("members", ()))
-    return members
+            group = store.get_json(key)
+            out[str(group.get("run_id") or key.rsplit("/", 1)[-1][: -len(".json")])] = [
+                str(m) for m in group.get("members", ())
+            ]
+    return out
+
+
+@dataclass(frozen=True)
+class RunState:
+    """One run as a rollback reads it: its current version, raw pointer target and manifest."""
+
+    run_id: str
+    version: ModelVersion
+    target: dict[str, Any]
+    manifest: Manifest
+
+    @property
+    def served_block(self) -> int | None:
+        return served_block(self.manifest)
+
+    @property
+    def accuracies(self) -> tuple[float | None, ...]:
+        """Recorded held-out accuracy of M_0..M_B (``None`` for checkpoints this version does not keep)."""
+        chain_meta = self.manifest.metadata["chain"]
+        recorded = tuple(c.get("heldout_accuracy") for c in chain_meta["checkpoints"])
+        return recorded + (None,) * (int(chain_meta["config"]["num_blocks"]) + 1 - len(recorded))
+
+    @property
+    def holds(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in (self.target.get("holds") or {}).items()}
+
+
+class InterimJudge(Protocol):
+    """Held-out judgement of served combinations (:class:`obliviate.unlearning.judge.HeldoutJudge`)."""
+
+    @property
+    def reference_accuracy(self) -> float: ...
+
+    def reference_shard_accuracy(self, shard: int) -> float: ...
+
+    def accuracy(self, served: Mapping[int, int | None]) -> float: ...
+
+    def margin(self, served: Mapping[int, int | None]) -> float: ...
+
+
+JudgeFor = Callable[[Sequence[RunState]], InterimJudge]
+"""Builds the judge of a run's (or a sharded run's members', in shard order) interim versions."""
+
+
+def run_state(registry: RunRegistry, run_id: str) -> RunState | None:
+    current, target = pointer_target(registry, run_id)
+    if current is None:
+        return None
+    return RunState(run_id, current, target, registry.manifest(current))
+
+
+def checkpoint_model(registry: RunRegistry, manifest: Manifest, block: int) -> nn.Module:
+    """M_block of a version's chain as a module (checksum-verified; the version must keep it)."""
+    member = manifest.members[str(block)]
+    checkpoint = registry.load_checkpoint(member.key, expected=member)
+    return model_from_state(BlockTrainingConfig.from_dict(manifest.metadata["chain"]["config"]), checkpoint.model_state)
+
+
+def reference_model(registry: RunRegistry, state: RunState) -> nn.Module:
+    """The model before the deletions a rollback of ``state`` judges: the final M_B of the full chain it derives from."""
+    _, key = chain_source(state.version, state.manifest)
+    full = registry.store.read_manifest(key)
+    return checkpoint_model(registry, full, max(int(k) for k in full.members))
+
+
+def _publish_interim(
+    registry: RunRegistry,
+    state: RunState,
+    *,
+    block: int | None,
+    firsts: Mapping[str, int],
+    accuracy: float | None,
+    reference: float,
+    extra: Mapping[str, Any] | None = None,
+) -> ModelVersion:
+    """Publish ``state``'s interim version serving M_block with ``firsts`` added to its holds (CAS).
+
+    Raises:
+        PointerConflict: another publisher moved the pointer first.
+    """
+    current, target, manifest = state.version, state.target, state.manifest
+    version_of, manifest_of = chain_source(current, manifest)
+    return publish_served(
+        registry,
+        state.run_id,
+        chain_name=f"interim-{current.version:06d}-{block}",
+        chain_meta=manifest.metadata["chain"],
+        members={int(k): v for k, v in manifest.members.items()},
+        serve=block,
+        chain_of={"version": version_of, "manifest": manifest_of},
+        target={
+            **{k: v for k, v in target.items() if k != "manifest"},
+            "metrics": {**current.metrics, "served_accuracy": accuracy},
+            "forgotten_requests": sorted(set(target.get("forgotten_requests") or []) | set(firsts)),
+            "holds": {**state.holds, **firsts},
+        },
+        metadata={
+            **{k: v for k, v in manifest.metadata.items() if k not in ("lineage",)},
+            "interim_for": sorted(firsts),
+            "record": None,
+            "reference_accuracy": reference,
+            "published_for": "rollback",
+            "published_at": time.time(),
+            **(extra or {}),
+        },
+        expected_version=current.version,
+    )
+
+
+def _chain_margin(
+    judge_for: JudgeFor | None, state: RunState, *, floor: float, seen: dict[int, float]
+) -> Callable[[Mapping[int, int | None]], float]:
+    """``margin_of`` of a single chain: its judge's paired margin, evaluated once per block into ``seen``.
+
+    A candidate already below the bare floor is not evaluated (no margin can lift it): 0.
+    """
+
+    def margin_of(served: Mapping[int, int | None]) -> float:
+        block = served[0]
+        if block is None or judge_for is None or (state.accuracies[block] or 0.0) < floor:
+            return 0.0
+        if block not in seen:
+            seen[block] = judge_for([state]).margin({0: block})
+        return seen[block]
+
+    return margin_of
 
 
 def roll_back(
@@ -192,103 +326,224 @@ def roll_back(
     requests: Mapping[str, Sequence[int]],
     *,
     floor_points: float,
-    is_shard: bool = False,
+    judge_for: JudgeFor | None = None,
 ) -> dict[str, Any] | None:
-    """Publish an interim version of ``run_id`` that never saw the ids of ``requests`` (request id -> ids).
+    """Publish an interim version of single-chain run ``run_id`` that never saw the ids of ``requests``.
 
-    A single chain publishes M_{d-1} only if it meets the floor; a shard of a sharded run always
-    rolls back, and leaves the vote (pauses) when nothing before block d is a model: the other
-    shards serve (the group's accuracy is not judged here, see docs/unlearning.md).
+    The interim serves M_{d-1} (or the block it serves already, if earlier) and is published only
+    if its recorded held-out accuracy is at least the pre-deletion accuracy minus ``floor_points``
+    plus its paired margin (``judge_for(...).margin``: its held-out disagreement with the
+    pre-deletion model, the final M_B of the full chain it derives from); the rule is
+    :func:`obliviate.unlearning.rollback.plan_interim`, as in ``bench/deletion_stream.py``. Without
+    ``judge_for`` the margin is 0. A candidate already below the bare floor is not evaluated (no
+    margin can lift it). Sharded runs: :func:`roll_back_group`.
 
-    Idempotent: requests already held change nothing. Lost races (a retrain publishing a block
-    meanwhile) are retried on the newer version.
+    Idempotent: requests already held change nothing (and are not judged again). Lost races (a
+    retrain publishing a block meanwhile) are retried on the newer version.
 
     Returns:
-        ``None`` if no request touches the run, else ``{"serve_block", "accuracy", "version",
-        "flush_now", "published"}`` (``flush_now``: the interim is below the served floor, the
-        reference accuracy minus ``floor_points``; then nothing is published and ``below_floor``
-        lists the requests that stay unforgotten until their retrain lands).
+        ``None`` if no request touches the run, else ``{"serve_block", "accuracy", "margin_points",
+        "version", "flush_now", "published"}`` (``flush_now``: the interim is below the floor; then
+        nothing is published and ``below_floor`` lists the requests that stay unforgotten until
+        their retrain lands).
     """
     for _ in range(_CAS_ATTEMPTS):
-        current, target = pointer_target(registry, run_id)
-        if current is None:
+        state = run_state(registry, run_id)
+        if state is None:
             return None
-        manifest = registry.manifest(current)
-        chain_meta = manifest.metadata["chain"]
-        deleted = frozenset(int(i) for i in chain_meta["deleted_ids"])
+        current, manifest = state.version, state.manifest
+        deleted = frozenset(int(i) for i in manifest.metadata["chain"]["deleted_ids"])
         todo = {r: ids for r, ids in requests.items() if r not in current.applied_requests}
         firsts = first_blocks(registry, run_id, todo, deleted=deleted)
         if not firsts:
             return None
-        holds = {**{str(k): int(v) for k, v in (target.get("holds") or {}).items()}, **firsts}
-        accuracies = tuple(c.get("heldout_accuracy") for c in chain_meta["checkpoints"])
-        served_now = served_block(manifest)
+        accuracies, served_now = state.accuracies, state.served_block
+        if served_now is not None and set(firsts) <= set(state.holds):  # judged and published by an earlier pass
+            return {
+                "serve_block": served_now,
+                "accuracy": accuracies[served_now],
+                "version": current.version,
+                "flush_now": False,
+                "published": False,
+            }
         reference = manifest.metadata.get("reference_accuracy", accuracies[-1]) or 0.0
-        full_accuracies = accuracies + (None,) * (int(chain_meta["config"]["num_blocks"]) + 1 - len(accuracies))
+        floor = reference - floor_points / 100
+        margins: dict[int, float] = {}
+        margin_of = _chain_margin(judge_for, state, floor=floor, seen=margins)
         interim = plan_interim(
-            shards=[ShardCheckpoints(0, full_accuracies, served_now)],
+            shards=[ShardCheckpoints(0, accuracies, served_now)],
             affected={0: min(firsts.values())},
-            served_floor=reference - floor_points / 100,
+            served_floor=floor,
             shard_floor=0.0,
+            margin_of=margin_of,
         )
         block = interim.served[0]
-        if not interim.publish and not is_shard:
+        margin = None if block is None else margins.get(block)
+        if not interim.publish:
             # The issue-11 floor: a below-floor interim is never served; the run keeps its version
             # (which still holds the ids) and the batch flushes now, so the request is forgotten
             # when its retrain lands rather than at acceptance.
             return {
                 "serve_block": served_now,
                 "accuracy": interim.accuracy,
+                "margin_points": margin,
                 "version": current.version,
                 "flush_now": True,
                 "published": False,
                 "below_floor": sorted(firsts),
             }
-        if block == served_now and set(firsts) <= set(target.get("holds") or {}):
-            return {
-                "serve_block": block,
-                "accuracy": interim.accuracy,
-                "version": current.version,
-                "flush_now": interim.flush_now,
-                "published": False,
-            }
-        forgotten = sorted(set(target.get("forgotten_requests") or []) | set(firsts))
-        version_of, manifest_of = chain_source(current, manifest)
         try:
-            version = publish_served(
+            version = _publish_interim(
                 registry,
-                run_id,
-                chain_name=f"interim-{current.version:06d}-{block}",
-                chain_meta=chain_meta,
-                members={int(k): v for k, v in manifest.members.items()},
-                serve=block,
-                chain_of={"version": version_of, "manifest": manifest_of},
-                target={
-                    **{k: v for k, v in target.items() if k != "manifest"},
-                    "metrics": {**current.metrics, "served_accuracy": interim.accuracy},
-                    "forgotten_requests": forgotten,
-                    "holds": holds,
-                },
-                metadata={
-                    **{k: v for k, v in manifest.metadata.items() if k not in ("lineage",)},
-                    "interim_for": sorted(firsts),
-                    "record": None,
-                    "reference_accuracy": reference,
-                    "published_for": "rollback",
-                    "published_at": time.time(),
-                },
-                expected_version=current.version,
+                state,
+                block=block,
+                firsts=firsts,
+                accuracy=interim.accuracy,
+                reference=reference,
+                extra={"interim_margin_points": margin},
             )
         except PointerConflict:
             continue
         return {
             "serve_block": block,
             "accuracy": interim.accuracy,
+            "margin_points": margin,
             "version": version.version,
-            "flush_now": interim.flush_now,
+            "flush_now": False,
             "published": True,
         }
     raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_CAS_ATTEMPTS} rollback attempts.")
+
+
+def roll_back_group(
+    registry: RunRegistry,
+    group: str,
+    members: Sequence[str],
+    requests: Mapping[str, Sequence[int]],
+    *,
+    floor_points: float,
+    judge_for: JudgeFor,
+    shard_floor_points: float = 5.0,
+) -> dict[str, Any] | None:
+    """Plan and publish the interim version of sharded run ``group`` as a whole (members in shard order).
+
+    The group's interim is decided at once by :func:`obliviate.unlearning.rollback.plan_interim`,
+    as in ``bench/deletion_stream.py``: every affected member rolls back to before its earliest
+    affected block; a member leaves the vote (``serve_block`` ``None``) when it rolls back to M_0,
+    when its rolled-back accuracy is below the shard floor (the weakest member's pre-deletion
+    held-out accuracy minus ``shard_floor_points``), or when leaving raises the ensemble's judged
+    accuracy; the ensemble (mean of the voting members' probabilities) is published only if its
+    held-out accuracy is at least the pre-deletion ensemble's minus ``floor_points`` plus its paired
+    margin against the pre-deletion ensemble's predictions. Then each affected member publishes its
+    decided block. If the group's interim is not publishable, no member publishes anything and
+    ``flush_now`` is set: the requests stay unforgotten until their retrain lands.
+
+    Idempotent: when every affected member already holds its requests nothing is judged or
+    published. A member's lost race restarts the whole plan on fresh versions; members published
+    before it then hold the requests and are not published again.
+
+    Returns:
+        ``None`` if no request touches the group (or a member is untrained), else ``{"runs": {member:
+        {"serve_block", "accuracy", "version", "flush_now", "published"}}, "accuracy", "margin_points",
+        "floor", "flush_now", "below_floor"}`` (``accuracy``: the group's interim held-out accuracy).
+    """
+    for _ in range(_CAS_ATTEMPTS):
+        states = [run_state(registry, m) for m in members]
+        if not states or any(s is None for s in states):
+            return None
+        ready = [s for s in states if s is not None]
+        firsts: dict[int, dict[str, int]] = {}
+        for k, state in enumerate(ready):
+            todo = {r: ids for r, ids in requests.items() if r not in state.version.applied_requests}
+            deleted = frozenset(int(i) for i in state.manifest.metadata["chain"]["deleted_ids"])
+            found = first_blocks(registry, state.run_id, todo, deleted=deleted)
+            if found:
+                firsts[k] = found
+        if not firsts:
+            return None
+        requests_here = sorted({r for found in firsts.values() for r in found})
+        if all(set(found) <= set(ready[k].holds) for k, found in firsts.items()):
+            return {
+                "runs": {
+                    ready[k].run_id: {
+                        "serve_block": ready[k].served_block,
+                        "version": ready[k].version.version,
+                        "flush_now": False,
+                        "published": False,
+                    }
+                    for k in sorted(firsts)
+                },
+                "flush_now": False,
+                "below_floor": [],
+            }
+        judge = judge_for(ready)
+        floor = judge.reference_accuracy - floor_points / 100
+        shard_floor = min(judge.reference_shard_accuracy(k) for k in range(len(ready))) - shard_floor_points / 100
+        interim = plan_interim(
+            shards=[ShardCheckpoints(k, s.accuracies, s.served_block) for k, s in enumerate(ready)],
+            affected={k: min(found.values()) for k, found in firsts.items()},
+            served_floor=floor,
+            shard_floor=shard_floor,
+            ensemble_accuracy=judge.accuracy,
+            margin_of=judge.margin,
+        )
+        margin = judge.margin(interim.served) if interim.accuracy is not None else None
+        summary = {"accuracy": interim.accuracy, "margin_points": margin, "floor": floor, "shard_floor": shard_floor}
+        if not interim.publish:
+            return {
+                "runs": {
+                    ready[k].run_id: {
+                        "serve_block": ready[k].served_block,
+                        "accuracy": interim.accuracy,
+                        "version": ready[k].version.version,
+                        "flush_now": True,
+                        "published": False,
+                        "below_floor": sorted(firsts[k]),
+                    }
+                    for k in sorted(firsts)
+                },
+                **summary,
+                "flush_now": True,
+                "below_floor": requests_here,
+                "reason": interim.reason,
+            }
+        runs: dict[str, Any] = {}
+        try:
+            for k in sorted(firsts):
+                state, block = ready[k], interim.served[k]
+                shard_accuracy = None if block is None else state.accuracies[block]
+                if block == state.served_block and set(firsts[k]) <= set(state.holds):
+                    version_number, published = state.version.version, False
+                else:
+                    version_number = _publish_interim(
+                        registry,
+                        state,
+                        block=block,
+                        firsts=firsts[k],
+                        accuracy=shard_accuracy,
+                        reference=state.manifest.metadata.get("reference_accuracy", state.accuracies[-1]) or 0.0,
+                        extra={
+                            "group_interim": {
+                                "group": group,
+                                "served": {str(k): b for k, b in interim.served.items()},
+                                **summary,
+                            }
+                        },
+                    ).version
+                    published = True
+                runs[state.run_id] = {
+                    "serve_block": block,
+                    "accuracy": shard_accuracy,
+                    "version": version_number,
+                    "flush_now": False,
+                    "published": published,
+                }
+        except PointerConflict:
+            continue
+        return {"runs": runs, **summary, "flush_now": False, "below_floor": [], "left_vote": list(interim.left_vote)}
+    raise PointerConflict(
+        f"sharded run {group}: a member's pointer kept moving over {_CAS_ATTEMPTS} rollback attempts."
+    )
 
 
 def release(registry: RunRegistry, run_id: str, request_ids: set[str] | frozenset[str]) -> ModelVersion | None:
