@@ -78,7 +78,7 @@ QUICK = {
         "run_ids": ("story-a",),
         "forget_count": 3,
         "blocks": 4,
-        "epochs": 3,
+        "epochs": 5,
         "train_size": 600,
         "heldout_size": 200,
         "batch_requests": 3,
