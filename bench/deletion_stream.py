@@ -593,6 +593,7 @@ def simulate(
         "forgotten_by_interim": int(sum(1 for r in stream if forgotten_at[r["id"]] < reqs[r["id"]]["exact_at"])),
         "pre_deletion_validation_accuracy": pre_val,
         "served_floor_validation": floor_val,
+        "interims_published_at_acceptance": len(margins),
         "published_interim_margin_points_mean": float(np.mean(margins)) if margins else None,
         "published_interim_margin_points_max": float(max(margins)) if margins else None,
         "pre_deletion_test_accuracy": pre_test,
