@@ -375,6 +375,8 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
     for atk in sorted({c["attacker"] for c in cells}):
         # One-shot selectors only: the adaptive selector's in-loop training has its own row below.
         secs = [c["seconds"] for c in cells if c["attacker"] == atk and c["selector"] != "adaptive"]
+        if not secs:
+            continue
         out.append(
             {
                 "metric": f"seconds per cell, {atk} (one-shot selectors; mean over budgets and splits; contended machine)",
@@ -495,9 +497,17 @@ def _adaptive_headline(pairs: list[dict]) -> list[dict]:
                 f"mean {100 * p['difference_mean']:+.2f} ± {100 * p['difference_std']:.2f})"
             )
         parts.append(
-            f"s / cell {main['adaptive_seconds_mean']:.0f} vs {main['peer_seconds_mean']:.0f} for {main['peer']} "
-            "(contended machine)"
+            f"wall s / cell {main['adaptive_seconds_mean']:.0f} vs {main['peer_seconds_mean']:.0f} for {main['peer']} "
+            "(contended machine, cells not run side by side)"
         )
+        cpu = [c for c in main["adaptive_cpu_seconds"] if c is not None]
+        one_shot = RESULTS / "extraction" / "default_audit_cpu.json"
+        if cpu and one_shot.exists():
+            ref = json.loads(one_shot.read_text())["cells"].get(str(budget))
+            parts.append(
+                f"CPU s / cell {np.mean(cpu):.0f}"
+                + (f" vs {ref['cpu_s']:.0f} for one default one-shot cell (default_audit_cpu.json)" if ref else "")
+            )
         out.append(
             {
                 "metric": (
