@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = machine()
     configs = [tuple(c.split(":")) for c in args.configs.split(",") if c]
+    for _, sel in configs:
+        if sel.startswith("adaptive_r") and sel not in SELECTORS:
+            _register_adaptive_rounds(int(sel.removeprefix("adaptive_r")))
     unknown = [s for _, s in configs if s not in SELECTORS]
     if unknown:
         raise SystemExit(f"unknown selectors {unknown}")
@@ -114,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
         cells.extend(new)
     write(args.name, splits, cells, config | {"complete": True}, started, time.perf_counter() - t0)
     return 0
+
+
+def _register_adaptive_rounds(rounds: int) -> None:
+    """Bench-only selector ``adaptive_r<R>``: the adaptive selector with ``R`` rounds (its default is 4)."""
+    from obliviate.extraction.active import ActiveOptions, adaptive
+    from obliviate.extraction.selectors import selector
+
+    def fn(pool: Pool, *, k: int, rng: np.random.Generator, target: Target, train: TrainConfig):
+        return adaptive(pool, k=k, rng=rng, target=target, train=train, options=ActiveOptions(rounds=rounds))
+
+    fn.__doc__ = f"The adaptive selector with {rounds} rounds."
+    selector(f"adaptive_r{rounds}", needs_target=True, needs_substitute=True)(fn)
 
 
 def run_split(data, split: int, budgets: list[int], configs, args, partial) -> tuple[dict, list[dict]]:
@@ -442,52 +457,78 @@ def _e2e_headline() -> list[dict]:
     ]
 
 
+def _rounds(sel: str) -> int:
+    from obliviate.extraction.active import ActiveOptions
+
+    return ActiveOptions().rounds if sel == "adaptive" else int(sel.removeprefix("adaptive_r"))
+
+
+def _cpu_mean(cells: list[dict]) -> float | None:
+    cpu = [c["cpu_seconds"] for c in cells if c.get("cpu_seconds") is not None]
+    return float(np.mean(cpu)) if cpu else None
+
+
 def _adaptive_pairs(cells: list[dict]) -> list[dict]:
-    """The adaptive selector against one-shot selectors, paired by split (same target, same seed)."""
+    """Adaptive selectors (``adaptive``, bench-only ``adaptive_r<R>``) against one-shot selectors,
+    paired by split (same target, same seed)."""
     out = []
-    adaptive = {
-        (c["budget"], c["split"]): c for c in cells if (c["attacker"], c["selector"]) == (DEFAULT_ATTACKER, "adaptive")
-    }
-    for budget in sorted({b for b, _ in adaptive}):
-        for peer in (DEFAULT_SELECTOR, "random"):
-            others = {
-                c["split"]: c
-                for c in cells
-                if (c["attacker"], c["selector"], c["budget"]) == (DEFAULT_ATTACKER, peer, budget)
-            }
-            common = sorted(s for b, s in adaptive if b == budget and s in others)
-            if not common:
-                continue
-            a = np.array([adaptive[budget, s]["agreement"] for s in common])
-            o = np.array([others[s]["agreement"] for s in common])
-            out.append(
-                {
-                    "budget": budget,
-                    "peer": f"{DEFAULT_ATTACKER}:{peer}",
-                    "splits": common,
-                    "adaptive_agreement_mean": float(a.mean()),
-                    "adaptive_agreement_std": float(a.std()),
-                    "peer_agreement_mean": float(o.mean()),
-                    "peer_agreement_std": float(o.std()),
-                    "difference_per_split": [float(d) for d in a - o],
-                    "difference_mean": float((a - o).mean()),
-                    "difference_std": float((a - o).std()),
-                    "adaptive_accuracy_mean": float(np.mean([adaptive[budget, s]["accuracy"] for s in common])),
-                    "peer_accuracy_mean": float(np.mean([others[s]["accuracy"] for s in common])),
-                    "adaptive_seconds_mean": float(np.mean([adaptive[budget, s]["seconds"] for s in common])),
-                    "peer_seconds_mean": float(np.mean([others[s]["seconds"] for s in common])),
-                    "adaptive_cpu_seconds": [adaptive[budget, s].get("cpu_seconds") for s in common],
+    adaptive_selectors = sorted(
+        {c["selector"] for c in cells if c["attacker"] == DEFAULT_ATTACKER and c["selector"].startswith("adaptive")}
+    )
+    for sel in adaptive_selectors:
+        adaptive = {
+            (c["budget"], c["split"]): c for c in cells if (c["attacker"], c["selector"]) == (DEFAULT_ATTACKER, sel)
+        }
+        for budget in sorted({b for b, _ in adaptive}):
+            for peer in (DEFAULT_SELECTOR, "random"):
+                others = {
+                    c["split"]: c
+                    for c in cells
+                    if (c["attacker"], c["selector"], c["budget"]) == (DEFAULT_ATTACKER, peer, budget)
                 }
-            )
+                common = sorted(s for b, s in adaptive if b == budget and s in others)
+                if not common:
+                    continue
+                mine = [adaptive[budget, s] for s in common]
+                theirs = [others[s] for s in common]
+                a = np.array([c["agreement"] for c in mine])
+                o = np.array([c["agreement"] for c in theirs])
+                out.append(
+                    {
+                        "selector": f"{DEFAULT_ATTACKER}:{sel}",
+                        "rounds": _rounds(sel),
+                        "budget": budget,
+                        "peer": f"{DEFAULT_ATTACKER}:{peer}",
+                        "splits": common,
+                        "adaptive_agreement_mean": float(a.mean()),
+                        "adaptive_agreement_std": float(a.std()),
+                        "peer_agreement_mean": float(o.mean()),
+                        "peer_agreement_std": float(o.std()),
+                        "difference_per_split": [float(d) for d in a - o],
+                        "difference_mean": float((a - o).mean()),
+                        "difference_std": float((a - o).std()),
+                        "adaptive_accuracy_mean": float(np.mean([c["accuracy"] for c in mine])),
+                        "peer_accuracy_mean": float(np.mean([c["accuracy"] for c in theirs])),
+                        "adaptive_seconds_mean": float(np.mean([c["seconds"] for c in mine])),
+                        "peer_seconds_mean": float(np.mean([c["seconds"] for c in theirs])),
+                        # CPU seconds (one torch thread) where the cell recorded them; pairs where both did.
+                        "adaptive_cpu_seconds_mean": _cpu_mean(mine),
+                        "cpu_pairs": [
+                            [m["cpu_seconds"], t["cpu_seconds"]]
+                            for m, t in zip(mine, theirs)
+                            if m.get("cpu_seconds") is not None and t.get("cpu_seconds") is not None
+                        ],
+                    }
+                )
     return out
 
 
 def _adaptive_headline(pairs: list[dict]) -> list[dict]:
-    from obliviate.extraction.active import ActiveOptions
-
     out = []
-    for budget in sorted({p["budget"] for p in pairs}):
-        ps = {p["peer"]: p for p in pairs if p["budget"] == budget}
+    one_shot = RESULTS / "extraction" / "default_audit_cpu.json"
+    reference = json.loads(one_shot.read_text())["cells"] if one_shot.exists() else {}
+    for sel, budget in sorted({(p["selector"], p["budget"]) for p in pairs}, key=lambda t: (len(t[0]), t)):
+        ps = {p["peer"]: p for p in pairs if (p["selector"], p["budget"]) == (sel, budget)}
         main = ps.get(DEFAULT) or next(iter(ps.values()))
         parts = []
         for peer, p in ps.items():
@@ -496,22 +537,22 @@ def _adaptive_headline(pairs: list[dict]) -> list[dict]:
                 f"{peer} on the same splits {100 * p['peer_agreement_mean']:.2f} (adaptive minus it per split {diffs}; "
                 f"mean {100 * p['difference_mean']:+.2f} ± {100 * p['difference_std']:.2f})"
             )
-        parts.append(
-            f"wall s / cell {main['adaptive_seconds_mean']:.0f} vs {main['peer_seconds_mean']:.0f} for {main['peer']} "
-            "(contended machine, cells not run side by side)"
-        )
-        cpu = [c for c in main["adaptive_cpu_seconds"] if c is not None]
-        one_shot = RESULTS / "extraction" / "default_audit_cpu.json"
-        if cpu and one_shot.exists():
-            ref = json.loads(one_shot.read_text())["cells"].get(str(budget))
-            parts.append(
-                f"CPU s / cell {np.mean(cpu):.0f}"
-                + (f" vs {ref['cpu_s']:.0f} for one default one-shot cell (default_audit_cpu.json)" if ref else "")
+        cost = [f"wall s / cell {main['adaptive_seconds_mean']:.0f} (contended machine)"]
+        if main["adaptive_cpu_seconds_mean"] is not None:
+            cost.append(f"CPU s / cell {main['adaptive_cpu_seconds_mean']:.0f}")
+        pairs_cpu = [c for p in ps.values() for c in p["cpu_pairs"] if p["peer"].endswith(":random")]
+        if pairs_cpu:
+            ratio = np.mean([a / b for a, b in pairs_cpu])
+            cost.append(f"{ratio:.2f}x the CPU of the one-shot random cell on the same split")
+        elif str(budget) in reference:
+            cost.append(
+                f"one default one-shot cell {reference[str(budget)]['cpu_s']:.0f} CPU s (default_audit_cpu.json)"
             )
+        parts.append(", ".join(cost))
         out.append(
             {
                 "metric": (
-                    f"adaptive selector ({DEFAULT_ATTACKER}:adaptive, {ActiveOptions().rounds} rounds) mean agreement, "
+                    f"adaptive selector ({sel}, {main['rounds']} rounds) mean agreement, "
                     f"budget {budget} (splits {', '.join(map(str, main['splits']))})"
                 ),
                 "value": round(100 * main["adaptive_agreement_mean"], 2),
@@ -686,14 +727,14 @@ def _markdown(doc: dict, rows) -> str:
             "## Adaptive selector against one-shot selectors, paired by split (same target, same seed)",
             "",
             (
-                "| budget | peer | splits | adaptive agreement | peer agreement | adaptive minus peer per split | "
-                "mean ± std | s / cell adaptive vs peer |"
+                "| selector | rounds | budget | peer | splits | adaptive agreement | peer agreement | "
+                "adaptive minus peer per split | mean ± std | wall s / cell adaptive vs peer |"
             ),
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in doc["adaptive_vs_one_shot"]:
             out.append(
-                f"| {p['budget']} | {p['peer']} | {', '.join(map(str, p['splits']))} | "
+                f"| {p['selector']} | {p['rounds']} | {p['budget']} | {p['peer']} | {', '.join(map(str, p['splits']))} | "
                 f"{100 * p['adaptive_agreement_mean']:.2f} | {100 * p['peer_agreement_mean']:.2f} | "
                 f"{' / '.join(f'{100 * d:+.1f}' for d in p['difference_per_split'])} | "
                 f"{100 * p['difference_mean']:+.2f} ± {100 * p['difference_std']:.2f} | "
