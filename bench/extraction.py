@@ -434,6 +434,24 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
     return out
 
 
+def _adaptive_verdict(pairs: list[dict]) -> str:
+    """One sentence per adaptive selector: where its paired gain over the default one-shot selector
+    exceeds the spread (std over splits) of the paired differences."""
+    lines = []
+    for sel in sorted({p["selector"] for p in pairs}, key=lambda t: (len(t), t)):
+        rows = [p for p in pairs if p["selector"] == sel and p["peer"] == DEFAULT]
+        beyond = [p["budget"] for p in rows if p["difference_mean"] > p["difference_std"]]
+        text = ", ".join(
+            f"{p['budget']}: {100 * p['difference_mean']:+.2f} ± {100 * p['difference_std']:.2f}" for p in rows
+        )
+        lines.append(
+            f"`{sel}` ({rows[0]['rounds'] if rows else '?'} rounds) minus `{DEFAULT}`, paired, by budget: {text} "
+            f"points; the mean gain exceeds the spread of the paired differences at "
+            f"{', '.join(map(str, beyond)) or 'no budget'}."
+        )
+    return " ".join(lines)
+
+
 def _e2e_headline() -> list[dict]:
     """The end-to-end default audit (``bench/extraction_audit_e2e.py``), kept across merges."""
     from bench.extraction_audit_e2e import METRIC
@@ -480,7 +498,7 @@ def _adaptive_pairs(cells: list[dict]) -> list[dict]:
             (c["budget"], c["split"]): c for c in cells if (c["attacker"], c["selector"]) == (DEFAULT_ATTACKER, sel)
         }
         for budget in sorted({b for b, _ in adaptive}):
-            for peer in (DEFAULT_SELECTOR, "random"):
+            for peer in (DEFAULT_SELECTOR, "random") + (("adaptive",) if sel != "adaptive" else ()):
                 others = {
                     c["split"]: c
                     for c in cells
@@ -659,11 +677,29 @@ def _ceiling_markdown(doc: dict) -> list[str]:
             f"reveals. The default attacker at 600 queries ({100 * default:.2f} %) is {t - 100 * default:.2f} "
             "points below the twin, without the target's training data. "
         )
+        goals = []
+        for budget, goal in ((150, 95), (300, 96), (600, 97)):
+            reached, _ = _default_at(cells, budget, twin["splits"])
+            where = (
+                "above the twin: asks a label-only thief without the target's data to copy the target more "
+                "closely than a retrained copy of the target itself does"
+                if goal > t
+                else (
+                    f"{t - goal:.2f} points below the twin"
+                    + (
+                        ", within the twin's own spread over splits"
+                        if goal >= round(100 * twin["agreement_min"], 1)
+                        else ""
+                    )
+                )
+            )
+            goals.append(f"{goal} % at {budget} queries (default {100 * reached:.2f} %): {where}")
+        text += "The issue's agreement targets against this ceiling: " + "; ".join(goals) + ". "
         if close:
             text += (
-                f"Agreement targets of {' / '.join(f'{g} %' for g in close)} lie within half a point of the "
-                "twin's figure or above it: reaching them asks a label-only thief without the target's data to "
-                "copy the target about as closely as a retrained copy of the target itself does, or more. "
+                f"So {' / '.join(f'{g} %' for g in close)} {'asks' if len(close) == 1 else 'ask'} for the agreement "
+                "of an identically trained "
+                "model with the target's own data, not of an attacker with a pool and a budget. "
             )
         if pool_true:
             text += (
@@ -740,6 +776,7 @@ def _markdown(doc: dict, rows) -> str:
                 f"{100 * p['difference_mean']:+.2f} ± {100 * p['difference_std']:.2f} | "
                 f"{p['adaptive_seconds_mean']:.0f} vs {p['peer_seconds_mean']:.0f} |"
             )
+        out += ["", _adaptive_verdict(doc["adaptive_vs_one_shot"])]
     out += _ceiling_markdown(doc)
     return "\n".join(out) + "\n"
 
