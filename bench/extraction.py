@@ -21,7 +21,7 @@ Usage (from the repository root; what was committed is in ``bench/results/extrac
     nice -n 10 python bench/extraction.py --splits 3 --configs semi_supervised:cluster_centers,\\
         basic:cluster_centers --name extraction/confirm3                     # one process per split
     nice -n 10 python bench/extraction_default_cost.py      # CPU seconds of one default cell per budget
-    python bench/extraction.py --merge extraction/split0,...,extraction/confirm5 --name extraction
+    python bench/extraction.py --merge extraction/split0,...,extraction/adaptive_r8_2 --name extraction  # list: config.merged_from
 
 The committed run added, on splits 0-2 in separate processes (same seeded targets), the previous
 default and ART's CopycatCNN::
@@ -36,6 +36,9 @@ random queries and ART KnockoffNets were added later in the same way (same seede
         --configs semi_supervised:adaptive --name extraction/adaptive0        # and adaptive0_50 at 50
     nice -n 10 python bench/extraction.py --splits 3 --budgets 300,600,150,50 \\
         --configs semi_supervised:adaptive,semi_supervised:random --art knockoff_random --name extraction/confirm3b
+
+``--configs semi_supervised:adaptive_r8`` (bench-only: the adaptive selector with 8 rounds) ran on
+splits 0-2 at 150/300/600 the same way (``extraction/adaptive_r8_<split>``).
 
 The agreement ceiling (twins of the target, ``bench/extraction_ceiling.py``) is written to
 ``extraction/ceiling.json`` and folded in by ``--merge``.
