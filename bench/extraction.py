@@ -54,7 +54,7 @@ import datetime as dt
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,18 +134,41 @@ def _register_adaptive_rounds(rounds: int) -> None:
     selector(f"adaptive_r{rounds}", needs_target=True, needs_substitute=True)(fn)
 
 
-def run_split(data, split: int, budgets: list[int], configs, args, partial) -> tuple[dict, list[dict]]:
-    t0 = time.perf_counter()
-    target_cfg = TrainConfig(arch="lenet5", steps=args.target_steps)
-    target, meta = train_target(data, train_size=SIZES["train"], config=target_cfg, seed=split)
+@dataclass(frozen=True)
+class SplitSetting:
+    """One split of the bench: the target trained on its own data, the attacker's pool, the test set."""
+
+    target: torch.nn.Module
+    config: TrainConfig
+    train_idx: np.ndarray
+    pool_idx: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    oracle: Target
+    target_test: np.ndarray
+
+
+def split_setting(data, split: int, *, target_steps: int) -> SplitSetting:
+    """Train split ``split``'s target (seed = split) and draw its pool and test set, as the CLI does."""
+    config = TrainConfig(arch="lenet5", steps=target_steps)
+    target, meta = train_target(data, train_size=SIZES["train"], config=config, seed=split)
     train_idx, pool_idx, test_idx = draw_split(
         data.labels, train_size=SIZES["train"], pool_size=SIZES["pool"], test_size=SIZES["test"], seed=split
     )
-    assert sorted(train_idx.tolist()) == meta["train_indices"]
-    test_images, test_labels = data.images[test_idx], data.labels[test_idx]
+    assert sorted(train_idx.tolist()) == meta["train_indices"]  # "split s" means one thing (issue 13, fix 4)
+    test_images = data.images[test_idx]
     oracle = Target(LocalTorchBackend(target), budget=None)
-    target_test = oracle.query(test_images)
-    pool = Pool(data.images[pool_idx], levels=data.levels)
+    return SplitSetting(
+        target, config, train_idx, pool_idx, test_images, data.labels[test_idx], oracle, oracle.query(test_images)
+    )
+
+
+def run_split(data, split: int, budgets: list[int], configs, args, partial) -> tuple[dict, list[dict]]:
+    t0 = time.perf_counter()
+    setting = split_setting(data, split, target_steps=args.target_steps)
+    target, oracle, target_test = setting.target, setting.oracle, setting.target_test
+    test_images, test_labels = setting.test_images, setting.test_labels
+    pool = Pool(data.images[setting.pool_idx], levels=data.levels)
     info = {
         "split": split,
         "target_accuracy": accuracy(target_test, test_labels),

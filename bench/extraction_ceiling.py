@@ -42,14 +42,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine
+from bench.extraction import SIZES, split_setting
 from obliviate.data import load_dataset
 from obliviate.extraction.attackers import AttackOptions, train_substitute
-from obliviate.extraction.audit import draw_split, train_target
 from obliviate.extraction.substitute import TrainConfig, accuracy, predict_labels, train_classifier
-from obliviate.extraction.target import LocalTorchBackend, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SIZES = {"train": 2000, "pool": 2000, "test": 1000}  # bench/extraction.py's SIZES
 KINDS = ("twin", "twin_plus_pool_true", "twin_plus_pool_target", "whole_pool_augmented")
 
 
@@ -76,15 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_split(data, split: int, args) -> tuple[dict, list[dict]]:
     t0 = time.perf_counter()
-    cfg = TrainConfig(arch="lenet5", steps=args.target_steps)
-    target, meta = train_target(data, train_size=SIZES["train"], config=cfg, seed=split)
-    train_idx, pool_idx, test_idx = draw_split(
-        data.labels, train_size=SIZES["train"], pool_size=SIZES["pool"], test_size=SIZES["test"], seed=split
-    )
-    assert sorted(train_idx.tolist()) == meta["train_indices"]
-    test_images, test_labels = data.images[test_idx], data.labels[test_idx]
-    oracle = Target(LocalTorchBackend(target), budget=None)
-    target_test = oracle.query(test_images)
+    setting = split_setting(data, split, target_steps=args.target_steps)
+    cfg, train_idx, pool_idx, oracle = setting.config, setting.train_idx, setting.pool_idx, setting.oracle
+    test_images, test_labels, target_test = setting.test_images, setting.test_labels, setting.target_test
     pool_images = data.images[pool_idx]
     pool_target = oracle.query(pool_images)
     info = {
