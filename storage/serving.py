@@ -56,11 +56,15 @@ def load_rollback(store: ObjectStore) -> dict[str, Any]:
         return {"enabled": False, "floor_points": 2.0}
 
 
+def forgotten_key(request_id: str) -> str:
+    return f"ledger/forgotten/{request_id}.json"
+
+
 def record_forgotten(store: ObjectStore, request_ids: Sequence[str], *, runs: Mapping[str, Any]) -> None:
     """Record when each request became forgotten (first time only): ``ledger/forgotten/<request>.json``."""
     now = time.time()
     for request_id in request_ids:
-        key = f"ledger/forgotten/{request_id}.json"
+        key = forgotten_key(request_id)
         if not store.exists(key):
             store.put_json(key, {"request_id": request_id, "forgotten_at": now, "runs": dict(runs)})
 
@@ -440,7 +444,9 @@ def roll_back_group(
 
     Idempotent: when every affected member already holds its requests nothing is judged or
     published. A member's lost race restarts the whole plan on fresh versions; members published
-    before it then hold the requests and are not published again.
+    before it then hold the requests and are not published again, or, if the re-plan finds the
+    interim no longer publishable (or a crash left a partial publish), are released again
+    (``undone`` lists them).
 
     Returns:
         ``None`` if no request touches the group (or a member is untrained), else ``{"runs": {member:
@@ -490,7 +496,9 @@ def roll_back_group(
         margin = judge.margin(interim.served) if interim.accuracy is not None else None
         summary = {"accuracy": interim.accuracy, "margin_points": margin, "floor": floor, "shard_floor": shard_floor}
         if not interim.publish:
+            undone = _undo_partial_publish(registry, ready, requests_here)
             return {
+                "undone": undone,
                 "runs": {
                     ready[k].run_id: {
                         "serve_block": ready[k].served_block,
@@ -544,6 +552,23 @@ def roll_back_group(
     raise PointerConflict(
         f"sharded run {group}: a member's pointer kept moving over {_CAS_ATTEMPTS} rollback attempts."
     )
+
+
+def _undo_partial_publish(registry: RunRegistry, ready: Sequence[RunState], requests: Sequence[str]) -> list[str]:
+    """Release the holds an interrupted group publish left on some members; returns those members.
+
+    A lost race (or a crash) between members' publishes can leave some members rolled back for a
+    request the group's re-plan now finds unpublishable. Such a request was never recorded
+    forgotten, so its partial interim is undone: those members serve again what they served
+    before it (a group never serves a vote that was not judged as a whole). Holds of requests
+    already recorded forgotten belong to an earlier, whole interim and stay.
+    """
+    undone = []
+    for state in ready:
+        stray = {r for r in state.holds if r in requests and not registry.store.exists(forgotten_key(r))}
+        if stray and release(registry, state.run_id, stray) is not None:
+            undone.append(state.run_id)
+    return undone
 
 
 def release(registry: RunRegistry, run_id: str, request_ids: set[str] | frozenset[str]) -> ModelVersion | None:

@@ -14,7 +14,7 @@ import torch
 
 from actors.chains import ChainWorker
 from flows.batching import batch_gate, save_policy
-from flows.rollback import save_rollback
+from flows.rollback import heldout_judge, save_rollback
 from flows.train import run_spec
 from flows.verify import chain_of
 from obliviate.data import load_dataset
@@ -26,7 +26,7 @@ from obliviate.unlearning.shards import predict_shards
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
-from storage.serving import served_block
+from storage.serving import release, roll_back_group, served_block
 
 pytestmark = pytest.mark.slow
 
@@ -160,3 +160,28 @@ def test_a_group_whose_ensemble_meets_the_floor_publishes_each_members_block_bef
     # the next pass judges nothing again and publishes nothing (idempotent)
     batch_gate(store, DeletionLedger(store).open_entries(stale_after_s=600.0))
     assert {m: registry.current(m).version for m in MEMBERS} == {m: before[m] + 1 for m in MEMBERS}
+
+
+def test_a_partial_group_publish_is_undone_when_the_replan_is_not_publishable(group_store):
+    _url, store, _chains, _accuracy_of = group_store
+    registry = RunRegistry(store)
+    ids = _ids_in(store, MEMBERS[0], 4) + _ids_in(store, MEMBERS[1], 3)
+
+    def judge_for(states):
+        return heldout_judge(registry, states)
+
+    whole = roll_back_group(registry, GROUP, MEMBERS, {"part": ids}, floor_points=100.0, judge_for=judge_for)
+    assert whole is not None and not whole["flush_now"]
+    assert [served_block(registry.manifest(registry.current(m))) for m in MEMBERS] == [3, 2]
+    # a crash between the members' publishes, as left behind: member 1 back on its full model, member 0 rolled back
+    assert release(registry, MEMBERS[1], {"part"}) is not None
+    assert "serve_block" not in registry.manifest(registry.current(MEMBERS[1])).metadata  # its full model
+
+    # the re-plan under a floor no interim meets publishes nothing and undoes member 0's lone rollback
+    again = roll_back_group(registry, GROUP, MEMBERS, {"part": ids}, floor_points=-100.0, judge_for=judge_for)
+    assert again is not None and again["flush_now"] and again["undone"] == [MEMBERS[0]]
+    for member in MEMBERS:
+        manifest = registry.manifest(registry.current(member))
+        assert "serve_block" not in manifest.metadata
+        assert not registry.store.read_pointer(registry.pointer_key(member)).target.get("holds")
+    assert not store.exists("ledger/forgotten/part.json")
