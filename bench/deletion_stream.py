@@ -209,26 +209,12 @@ TAX_CONFIGS = {
         num_blocks=6, local_epochs=3, optimizer="adam", learning_rate=0.01, seed=SEED
     ),
     "bench config (B=20, E=5, Adam 1e-3 constant; chosen to memorise the backdoor, not a default)": CONFIG,
-    "B=20, E=5, Adam 3e-3 cosine to 30 %": BlockTrainingConfig(
-        num_blocks=B,
-        local_epochs=E,
-        optimizer="adam",
-        learning_rate=3e-3,
-        schedule="cosine",
-        min_lr_fraction=0.3,
-        batch_size=32,
-        seed=SEED,
-    ),
-    "B=20, E=5, Adam 3e-3 cosine to 2 %": BlockTrainingConfig(
-        num_blocks=B,
-        local_epochs=E,
-        optimizer="adam",
-        learning_rate=3e-3,
-        schedule="cosine",
-        min_lr_fraction=0.02,
-        batch_size=32,
-        seed=SEED,
-    ),
+    **{
+        f"B=20, E=5, Adam 3e-3 cosine to {round(100 * fraction)} %": replace(
+            CONFIG, learning_rate=3e-3, schedule="cosine", min_lr_fraction=fraction
+        )
+        for fraction in (0.3, 0.02)
+    },
 }
 
 
