@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     for _, sel in configs:
         if sel.startswith("adaptive_r") and sel not in SELECTORS:
             _register_adaptive_rounds(int(sel.removeprefix("adaptive_r")))
+        if sel == "adaptive_cc" and sel not in SELECTORS:
+            _register_adaptive_variant(sel, first_round="cluster_centers")
     unknown = [s for _, s in configs if s not in SELECTORS]
     if unknown:
         raise SystemExit(f"unknown selectors {unknown}")
@@ -124,14 +126,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def _register_adaptive_rounds(rounds: int) -> None:
     """Bench-only selector ``adaptive_r<R>``: the adaptive selector with ``R`` rounds (its default is 4)."""
+    _register_adaptive_variant(f"adaptive_r{rounds}", rounds=rounds)
+
+
+def _register_adaptive_variant(name: str, *, rounds: int = 4, first_round: str = "kcenter") -> None:
+    """A bench-only adaptive selector with other :class:`~obliviate.extraction.active.ActiveOptions`."""
     from obliviate.extraction.active import ActiveOptions, adaptive
     from obliviate.extraction.selectors import selector
 
-    def fn(pool: Pool, *, k: int, rng: np.random.Generator, target: Target, train: TrainConfig):
-        return adaptive(pool, k=k, rng=rng, target=target, train=train, options=ActiveOptions(rounds=rounds))
+    options = ActiveOptions(rounds=rounds, first_round=first_round)
 
-    fn.__doc__ = f"The adaptive selector with {rounds} rounds."
-    selector(f"adaptive_r{rounds}", needs_target=True, needs_substitute=True)(fn)
+    def fn(pool: Pool, *, k: int, rng: np.random.Generator, target: Target, train: TrainConfig):
+        return adaptive(pool, k=k, rng=rng, target=target, train=train, options=options)
+
+    fn.__doc__ = f"The adaptive selector with {rounds} rounds, round 0 by {first_round}."
+    selector(name, needs_target=True, needs_substitute=True)(fn)
 
 
 @dataclass(frozen=True)
@@ -504,7 +513,7 @@ def _e2e_headline() -> list[dict]:
 def _rounds(sel: str) -> int:
     from obliviate.extraction.active import ActiveOptions
 
-    return ActiveOptions().rounds if sel == "adaptive" else int(sel.removeprefix("adaptive_r"))
+    return int(sel.removeprefix("adaptive_r")) if sel.startswith("adaptive_r") else ActiveOptions().rounds
 
 
 def _cpu_mean(cells: list[dict]) -> float | None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import AttackOptions, train_substitute
-from obliviate.extraction.selectors import Acquisition, Pool, pool_features, selector
+from obliviate.extraction.selectors import Acquisition, Pool, check_indices, get_selector, pool_features, selector
 from obliviate.extraction.substitute import TrainConfig
 from obliviate.extraction.target import Target
 from obliviate.models import images_to_tensor
@@ -39,18 +39,26 @@ class ActiveOptions:
         candidates: the round's diverse picks are drawn from this many times more uncertain images.
         trainer: the attacker that trains the in-loop substitute (``augmented``: cheap and strong),
             for ``train.steps`` plus one step per bought image, at most ``2 * train.steps``.
+        first_round: how round 0 is chosen, label-free: ``kcenter`` (ActiveThief's seed) or a
+            registered one-shot selector such as ``cluster_centers``.
     """
 
     rounds: int = 4
     uncertainty: str = "margin"
     candidates: float = 4.0
     trainer: str = "augmented"
+    first_round: str = "kcenter"
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.candidates < 1 or self.uncertainty not in ("margin", "entropy"):
             raise ConfigError(
                 "need rounds >= 1, candidates >= 1 and uncertainty 'margin' or 'entropy'; got "
                 f"{self.rounds}, {self.candidates}, {self.uncertainty!r}."
+            )
+        if self.first_round != "kcenter" and get_selector(self.first_round).needs_target:
+            raise ConfigError(
+                f"round 0 of the adaptive selector must be label-free; {self.first_round!r} queries the target. "
+                "Use 'kcenter' or a one-shot selector such as 'cluster_centers'."
             )
 
 
@@ -73,7 +81,11 @@ def adaptive(
     """ActiveThief rounds: k-center seed, then margin uncertainty + k-center diversity on substitute features."""
     sizes = round_sizes(k, options.rounds)
     taken = np.zeros(pool.n, bool)
-    chosen = _kcenter(pool_features(pool), sizes[0], taken=taken, rng=rng)
+    if options.first_round == "kcenter":
+        chosen = _kcenter(pool_features(pool), sizes[0], taken=taken, rng=rng)
+    else:
+        first = get_selector(options.first_round)
+        chosen = check_indices(first.fn(pool, k=sizes[0], rng=rng), k=sizes[0], n=pool.n, name=first.name)
     labels = target.query(pool.images[chosen])
     # The in-loop substitute: the `trainer` attacker at train.steps .. 2 x train.steps steps (cheap next to the cell's own).
     attack = AttackOptions(arch=train.arch, min_steps=train.steps, steps_per_image=1.0, max_steps=2 * train.steps)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from obliviate.errors import ConfigError
 from obliviate.extraction.active import ActiveOptions, adaptive, round_sizes
 from obliviate.extraction.attackers import ATTACKERS, AttackOptions, train_substitute
 from obliviate.extraction.audit import draw_split, run_cell, train_target
@@ -133,18 +134,30 @@ def test_random_affine_draws_one_transform_per_image_from_the_generator():
 
 
 @pytest.mark.slow
-def test_adaptive_selector_never_queries_an_image_twice_and_spends_exactly_k(case):
+@pytest.mark.parametrize("first_round", ["kcenter", "cluster_centers"])
+def test_adaptive_selector_never_queries_an_image_twice_and_spends_exactly_k(case, first_round):
     assert SELECTORS["adaptive"].needs_target and SELECTORS["adaptive"].needs_substitute
     backend = HashingBackend(case["target"])
     target = Target(backend, budget=45)
+    options = ActiveOptions(first_round=first_round)
     bought = adaptive(
-        case["pool"], k=45, rng=np.random.default_rng(0), target=target, train=TrainConfig(), options=ActiveOptions()
+        case["pool"], k=45, rng=np.random.default_rng(0), target=target, train=TrainConfig(), options=options
     )
     assert target.used == bought.queries == 45 == len(backend.seen)
     assert len(set(backend.seen)) == 45  # no image asked twice (the pool has no duplicate images)
     assert len(np.unique(bought.pool_indices)) == 45 and bought.pool_indices.min() >= 0
     assert [r.size for r in target.log] == round_sizes(45, 4) == [12, 11, 11, 11]
     assert np.array_equal(case["pool"].images[bought.pool_indices], bought.images)
+    if first_round == "cluster_centers":  # round 0 is the one-shot selector's own choice, from the same generator
+        one_shot = SELECTORS["cluster_centers"].fn(case["pool"], k=12, rng=np.random.default_rng(0))
+        assert np.array_equal(bought.pool_indices[:12], one_shot)
+
+
+def test_adaptive_round_zero_must_be_label_free():
+    with pytest.raises(ConfigError, match="round 0 of the adaptive selector must be label-free; 'jacobian'"):
+        ActiveOptions(first_round="jacobian")
+    with pytest.raises(ConfigError, match="unknown selector 'nope'"):
+        ActiveOptions(first_round="nope")
 
 
 def test_the_split_is_one_function_for_target_train_steal_and_bench(mnist):
