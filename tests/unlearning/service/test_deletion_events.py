@@ -15,22 +15,10 @@ from storage.registry import RunRegistry
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 4,
-    "epochs": 2,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "train_size": 600,
-    "heldout_size": 200,
-}
 
-
-def train(store_url: str, run_id: str, *, split_seed: int, seed: int = 0) -> dict:
+def train(store_url: str, run_id: str, *, options: dict, split_seed: int, seed: int = 0) -> dict:
     """Train a tiny run with the worker the train flow uses (in-process: the flow is tested elsewhere)."""
-    return ChainWorker(store_url).train(run_spec(run_id=run_id, split_seed=split_seed, seed=seed, **TINY))
+    return ChainWorker(store_url).train(run_spec(run_id=run_id, **options | {"split_seed": split_seed, "seed": seed}))
 
 
 def _wait_events(ledger: DeletionLedger, count: int, timeout: float = 90.0) -> list[dict]:
@@ -43,12 +31,13 @@ def _wait_events(ledger: DeletionLedger, count: int, timeout: float = 90.0) -> l
     raise AssertionError(f"only {len(ledger.events())} of {count} events recorded after {timeout} s")
 
 
-def test_deletion_event_unlearns_every_affected_run_exactly_once(s3_url, prefect_api_url, ray_address, serve):
+def test_deletion_event_unlearns_every_affected_run_exactly_once(s3_url, prefect_api_url, ray_address, serve, tiny_run):
+    options = tiny_run(epochs=2, train_size=600)
     store = ObjectStore(s3_url)
     registry, ledger = RunRegistry(store), DeletionLedger(store)
-    a = train(s3_url, "run-a", split_seed=0)
-    b = train(s3_url, "run-b", split_seed=1)
-    c = train(s3_url, "run-c", split_seed=2, seed=3)
+    a = train(s3_url, "run-a", options=options, split_seed=0)
+    b = train(s3_url, "run-b", options=options, split_seed=1)
+    c = train(s3_url, "run-c", options=options, split_seed=2, seed=3)
     assert {a["version"], b["version"], c["version"]} == {1}
     specs = {r: registry.spec(r) for r in ("run-a", "run-b", "run-c")}
     # Ids in run-a and run-b's training sets but held out of run-c: exactly two runs are affected.

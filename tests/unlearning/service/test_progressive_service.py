@@ -24,24 +24,15 @@ from storage.serving import served_block
 
 pytestmark = pytest.mark.slow
 
-SMALL = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 5,
-    "epochs": 2,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "train_size": 600,
-    "heldout_size": 200,
-    "seed": 0,
-    "split_seed": 0,
-}
+
+@pytest.fixture
+def small_run(tiny_run) -> dict:
+    return tiny_run(blocks=5, epochs=2, train_size=600, split_seed=0)
 
 
-def _setup(url: str, run_id: str):
+def _setup(url: str, run_id: str, options: dict):
     store = ObjectStore(url)
-    spec = run_spec(run_id=run_id, **SMALL)
+    spec = run_spec(run_id=run_id, **options)
     ChainWorker(url).train(spec)
     plan = BlockPlan.from_dict(store.get_json(f"runs/{run_id}/plan.json"))
     save_policy(store, BatchPolicy(window_s=DAY_S))  # requests wait in the batch: only rollback forgets them now
@@ -77,9 +68,9 @@ def _assert_never_trained_on(manifest: Manifest, *, plan: BlockPlan, positions: 
         assert manifest.members[str(block)].sha256 == entry["checkpoint_sha256"]
 
 
-def test_a_batch_retrain_publishes_each_exact_block_as_it_lands(tmp_path) -> None:
+def test_a_batch_retrain_publishes_each_exact_block_as_it_lands(tmp_path, small_run) -> None:
     url = f"file://{tmp_path / 'store'}"
-    store, plan, ids_in = _setup(url, "pg")
+    store, plan, ids_in = _setup(url, "pg", small_run)
     registry = RunRegistry(store)
     original = registry.manifest(registry.current("pg"))
     ids, positions = ids_in(2)
@@ -109,8 +100,8 @@ def test_a_batch_retrain_publishes_each_exact_block_as_it_lands(tmp_path) -> Non
     assert report["status"] == "passed" and report["blocks_replayed"] == [1, 2, 3], report
 
 
-def test_a_request_accepted_while_a_retrain_runs_is_rolled_back_by_that_retrain(s3_url) -> None:
-    store, plan, ids_in = _setup(s3_url, "cc")
+def test_a_request_accepted_while_a_retrain_runs_is_rolled_back_by_that_retrain(s3_url, small_run) -> None:
+    store, plan, ids_in = _setup(s3_url, "cc", small_run)
     registry = RunRegistry(store)
     original = registry.manifest(registry.current("cc"))
     ids1, positions1 = ids_in(1)
@@ -149,5 +140,5 @@ def test_a_request_accepted_while_a_retrain_runs_is_rolled_back_by_that_retrain(
     audit = ChainWorker(s3_url).unlearn("cc", {"r2": ids2})
     assert audit["status"] == "published" and audit["held_by"] == []
     last = registry.manifest(registry.current("cc"))
-    assert "serve_block" not in last.metadata and served_block(last) == SMALL["blocks"]
+    assert "serve_block" not in last.metadata and served_block(last) == small_run["blocks"]
     _assert_never_trained_on(last, plan=plan, positions=positions1 + positions2, original=original)

@@ -28,17 +28,10 @@ from storage.ledger import DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
-TINY = {
-    "data": "digits",
-    "model": "lenet5",
-    "blocks": 3,
-    "epochs": 1,
-    "batch_size": 32,
-    "learning_rate": 0.01,
-    "schedule": "constant",
-    "train_size": 300,
-    "heldout_size": 100,
-}
+
+@pytest.fixture
+def tiny(tiny_run) -> dict:
+    return tiny_run(blocks=3, train_size=300, heldout_size=100, split_seed=0)
 
 
 def test_background_writer_keeps_order_bounds_the_queue_and_surfaces_failures():
@@ -87,8 +80,8 @@ def _chain_hashes(url: str, run_id: str, version: int | None = None) -> dict[str
 
 
 @pytest.mark.slow
-def test_background_checkpoint_writes_are_bit_identical_and_failures_block_publishing(tmp_path):
-    spec = run_spec(run_id="w", split_seed=0, seed=0, **TINY)
+def test_background_checkpoint_writes_are_bit_identical_and_failures_block_publishing(tmp_path, tiny):
+    spec = run_spec(run_id="w", **tiny)
     urls = {depth: f"file://{tmp_path}/depth{depth}" for depth in (0, 2)}
     for depth, url in urls.items():
         worker = ChainWorker(url, write_depth=depth)
@@ -97,7 +90,7 @@ def test_background_checkpoint_writes_are_bit_identical_and_failures_block_publi
         audit = worker.unlearn("w", {"r1": [int(i) for i in block_two]})
         assert audit["status"] == "published" and audit["to_version"] == 2
     assert _chain_hashes(urls[0], "w") == _chain_hashes(urls[2], "w")
-    assert len(_chain_hashes(urls[2], "w")) == TINY["blocks"] + 1
+    assert len(_chain_hashes(urls[2], "w")) == tiny["blocks"] + 1
 
     # A checkpoint write that fails (a real filesystem error: a directory sits where the last
     # block's checkpoint goes): the unlearning raises, nothing is published, version 2 stays.
@@ -110,10 +103,10 @@ def test_background_checkpoint_writes_are_bit_identical_and_failures_block_publi
     token = work_token(
         base_version=current.version, excluded_positions=chain.deleted_ids | set(positions.tolist()), policy="exact"
     )
-    blocker = tmp_path / "depth2" / registry.checkpoint_key("w", token, TINY["blocks"])
+    blocker = tmp_path / "depth2" / registry.checkpoint_key("w", token, tiny["blocks"])
     blocker.mkdir(parents=True)
     worker = ChainWorker(url, write_depth=2, retry_deadline_s=0.5)
-    with pytest.raises(BackgroundWriteError, match=f"checkpoint {TINY['blocks']} of run w"):
+    with pytest.raises(BackgroundWriteError, match=f"checkpoint {tiny['blocks']} of run w"):
         worker.unlearn("w", {"r2": ids})
     assert registry.current("w").version == 2
     assert registry.stored_checkpoints("w", token, first=1)  # the blocks before it were written
@@ -124,11 +117,11 @@ def spec_of(registry: RunRegistry):
 
 
 @pytest.mark.slow
-def test_warm_loads_every_registered_run(tmp_path):
+def test_warm_loads_every_registered_run(tmp_path, tiny):
     url = f"file://{tmp_path}/store"
     trainer = ChainWorker(url)
-    trainer.train(run_spec(run_id="a", split_seed=0, seed=0, **TINY))
-    trainer.train(run_spec(run_id="b", split_seed=1, seed=0, **TINY))
+    trainer.train(run_spec(run_id="a", **tiny))
+    trainer.train(run_spec(run_id="b", **tiny | {"split_seed": 1}))
     fresh = ChainWorker(url)
     summary = fresh.warm()
     assert summary["runs"] == ["a", "b"] and summary["skipped"] == {}
@@ -156,11 +149,11 @@ def _claim_holder(url: str, request_id: str) -> str:
 
 @pytest.mark.slow
 def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_still_works(
-    s3_url, prefect_api_url, ray_address, serve
+    s3_url, prefect_api_url, ray_address, serve, tiny
 ):
     """Default ``--dispatch warm``: serve's own process claims the request (the claim's holder ends
     with serve's pid) on a pool it warmed; ``--dispatch runner``: a runner subprocess does."""
-    trained = ChainWorker(s3_url).train(run_spec(run_id="hot", split_seed=0, seed=0, **TINY))
+    trained = ChainWorker(s3_url).train(run_spec(run_id="hot", **tiny))
     assert trained["version"] == 1
     registry = RunRegistry(ObjectStore(s3_url))
     block_ids = [int(i) for i in registry.entry("hot")["block_sample_ids"][1]]
@@ -190,7 +183,7 @@ def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_st
     process.wait(timeout=30)
 
     other = f"{s3_url}-runner"  # a store of its own: no race with the stopped serve's withdrawal
-    ChainWorker(other).train(run_spec(run_id="hot", split_seed=0, seed=0, **TINY))
+    ChainWorker(other).train(run_spec(run_id="hot", **tiny))
     runner = serve(other, "--dispatch", "runner")
     _forget(other, block_ids[2:4], "runner-1", api_url=prefect_api_url)
     entry = wait_for_request(other, "runner-1", timeout_s=150)
