@@ -38,7 +38,10 @@ random queries and ART KnockoffNets were added later in the same way (same seede
         --configs semi_supervised:adaptive,semi_supervised:random --art knockoff_random --name extraction/confirm3b
 
 ``--configs semi_supervised:adaptive_r8`` (bench-only: the adaptive selector with 8 rounds) ran on
-splits 0-2 at 150/300/600 the same way (``extraction/adaptive_r8_<split>``).
+splits 0-2 at 150/300/600 the same way (``extraction/adaptive_r8_<split>``), and
+``--configs semi_supervised:adaptive_cc`` (bench-only: round 0 by ``cluster_centers`` instead of
+k-center) on splits 0-5 at all four budgets (``extraction/adaptive_cc_a`` for splits 0-2,
+``adaptive_cc_b`` for 3-5).
 
 The agreement ceiling (twins of the target, ``bench/extraction_ceiling.py``) is written to
 ``extraction/ceiling.json`` and folded in by ``--merge``.
@@ -424,7 +427,7 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
             )
     for atk in sorted({c["attacker"] for c in cells}):
         # One-shot selectors only: the adaptive selector's in-loop training has its own row below.
-        secs = [c["seconds"] for c in cells if c["attacker"] == atk and c["selector"] != "adaptive"]
+        secs = [c["seconds"] for c in cells if c["attacker"] == atk and not c["selector"].startswith("adaptive")]
         if not secs:
             continue
         out.append(
@@ -605,7 +608,8 @@ def _adaptive_headline(pairs: list[dict]) -> list[dict]:
         out.append(
             {
                 "metric": (
-                    f"adaptive selector ({sel}, {main['rounds']} rounds) mean agreement, "
+                    f"adaptive selector ({sel}, {main['rounds']} rounds"
+                    f"{', round 0 by cluster_centers' if sel.endswith('adaptive_cc') else ''}) mean agreement, "
                     f"budget {budget} (splits {', '.join(map(str, main['splits']))})"
                 ),
                 "value": round(100 * main["adaptive_agreement_mean"], 2),
