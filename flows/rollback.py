@@ -36,7 +36,7 @@ The time each request became forgotten is kept in ``ledger/forgotten/<request>.j
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ from storage.serving import (
     ROLLBACK_KEY,
     RunState,
     checkpoint_model,
+    full_chain,
     load_rollback,
     pointer_target,
     record_forgotten,
@@ -59,6 +60,7 @@ from storage.serving import (
     release,
     roll_back,
     roll_back_group,
+    run_state,
     save_rollback,
     served_model,
     sharded_runs,
@@ -67,6 +69,7 @@ from storage.serving import (
 __all__ = [
     "ROLLBACK_KEY",
     "heldout_judge",
+    "judged_block",
     "load_rollback",
     "publish_interim",
     "record_forgotten",
@@ -100,11 +103,12 @@ def heldout_judge(registry: RunRegistry, states: Sequence[RunState], *, z: float
                 f"and {first.run_id} differ. Train the shards together (train --shards S)."
             )
     x, y = _heldout(first)
+    chains = [full_chain(registry, s) for s in states]  # candidates may lie beyond what an interim keeps
     return HeldoutJudge(
         x=x,
         y=y,
         reference=[reference_model(registry, s) for s in states],
-        load=lambda k, block: checkpoint_model(registry, states[k].manifest, block),
+        load=lambda k, block: checkpoint_model(registry, chains[k], block),
         z=z,
     )
 
@@ -187,10 +191,15 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
 def release_refused(store: ObjectStore) -> dict[str, list[str]]:
     """Release every hold of a request that was rejected or cancelled before it was applied (run -> released).
 
-    A refused request forgets nothing, so the runs it rolled back serve their full model again (or
-    the newest block other holds allow); run by the batch gate of every pass.
+    A refused request forgets nothing, so the runs it rolled back serve their full model again, or,
+    while other holds remain, the newest block they allow that meets the served floor by the same
+    judgement as an interim at acceptance (:func:`judged_block`; a sharded run's vote as a whole);
+    when none does, the block served now stays. Run by the batch gate of every pass and by
+    ``forget --cancel``.
     """
     registry, ledger = RunRegistry(store), DeletionLedger(store)
+    floor_points = float(load_rollback(store)["floor_points"])
+    group_of = {m: members for members in sharded_runs(store).values() for m in members}
     out: dict[str, list[str]] = {}
     for run_id in registry.run_ids():
         _, target = pointer_target(registry, run_id)
@@ -198,6 +207,35 @@ def release_refused(store: ObjectStore) -> dict[str, list[str]]:
         for request_id in target.get("holds") or {}:
             if ledger.exists(request_id) and ledger.get(request_id).status in (REJECTED, CANCELLED):
                 refused.add(request_id)
-        if refused and release(registry, run_id, refused) is not None:
+        if not refused:
+            continue
+        acceptable = judged_block(registry, run_id, group_of.get(run_id, [run_id]), floor_points=floor_points)
+        if release(registry, run_id, refused, acceptable=acceptable) is not None:
             out[run_id] = sorted(refused)
     return out
+
+
+def judged_block(
+    registry: RunRegistry, run_id: str, members: Sequence[str], *, floor_points: float
+) -> Callable[[int], bool]:
+    """Whether serving block ``b`` of ``run_id`` meets the floor: the interim rule at acceptance.
+
+    ``members``: the run alone, or its sharded run's members in shard order (the others keep what
+    they serve now). The candidate must clear the pre-deletion accuracy minus ``floor_points`` plus
+    its paired margin, both on the run's held-out set (:func:`heldout_judge`, built on first use).
+    """
+    judges: list[tuple[HeldoutJudge, dict[int, int | None]]] = []
+
+    def acceptable(block: int) -> bool:
+        if not judges:
+            states = [run_state(registry, m) for m in members]
+            if any(s is None for s in states):
+                raise ConfigError(f"a member of {list(members)} has no published version; train it first.")
+            ready = [s for s in states if s is not None]
+            judges.append((heldout_judge(registry, ready), {k: s.served_block for k, s in enumerate(ready)}))
+        judge, served = judges[0]
+        candidate = {**served, list(members).index(run_id): block}
+        floor = judge.reference_accuracy - floor_points / 100
+        return judge.accuracy(candidate) >= floor + judge.margin(candidate) / 100
+
+    return acceptable

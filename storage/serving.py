@@ -254,10 +254,15 @@ def checkpoint_model(registry: RunRegistry, manifest: Manifest, block: int) -> n
     return model_from_state(BlockTrainingConfig.from_dict(manifest.metadata["chain"]["config"]), checkpoint.model_state)
 
 
+def full_chain(registry: RunRegistry, state: RunState) -> Manifest:
+    """The manifest of the full chain ``state``'s version derives from (an interim keeps only M_0..M_s)."""
+    _, key = chain_source(state.version, state.manifest)
+    return state.manifest if key == state.manifest.key else registry.store.read_manifest(key)
+
+
 def reference_model(registry: RunRegistry, state: RunState) -> nn.Module:
     """The model before the deletions a rollback of ``state`` judges: the final M_B of the full chain it derives from."""
-    _, key = chain_source(state.version, state.manifest)
-    full = registry.store.read_manifest(key)
+    full = full_chain(registry, state)
     return checkpoint_model(registry, full, max(int(k) for k in full.members))
 
 
@@ -571,12 +576,21 @@ def _undo_partial_publish(registry: RunRegistry, ready: Sequence[RunState], requ
     return undone
 
 
-def release(registry: RunRegistry, run_id: str, request_ids: set[str] | frozenset[str]) -> ModelVersion | None:
+def release(
+    registry: RunRegistry,
+    run_id: str,
+    request_ids: set[str] | frozenset[str],
+    *,
+    acceptable: Callable[[int], bool] | None = None,
+) -> ModelVersion | None:
     """Drop the holds of requests refused or withdrawn before they were applied; serve what they held back.
 
-    The newest block the remaining holds allow of the full chain the current version derives from
-    is served again (its final model when no hold remains). A version of a retrain in flight is left
-    alone: that retrain drops such holds itself after its next block.
+    With no hold left the full chain the current version derives from is served again (its final
+    model: the pre-deletion model itself). Otherwise the newest block the remaining holds allow is
+    served, if ``acceptable`` (the floor's judgement of a candidate block) accepts it; else the newest
+    accepted block between it and the block served now, and failing that the block served now (it was
+    judged when its hold was placed), with the released holds dropped all the same. A version of a
+    retrain in flight is left alone: that retrain drops such holds itself after its next block.
 
     Returns:
         the published version, or ``None`` if nothing was held by these requests.
@@ -604,14 +618,14 @@ def release(registry: RunRegistry, run_id: str, request_ids: set[str] | frozense
                     pointer_target={**kept, "metrics": dict(full.metadata.get("metrics") or current.metrics)},
                     expected_version=current.version,
                 )
-            cap = serve_cap(remaining)
+            serve = _released_block(serve_cap(remaining), served_block(registry.manifest(current)), acceptable)
             return publish_served(
                 registry,
                 run_id,
-                chain_name=f"release-{current.version:06d}-{cap}",
+                chain_name=f"release-{current.version:06d}-{serve}",
                 chain_meta=full.metadata["chain"],
                 members=members,
-                serve=cap if cap and cap > 0 else None,
+                serve=serve,
                 chain_of={"version": version_of, "manifest": key_of},
                 target={**kept, "holds": remaining, "forgotten_requests": sorted(remaining)},
                 metadata={**metadata, "published_for": "release", "interim_for": sorted(remaining)},
@@ -620,3 +634,17 @@ def release(registry: RunRegistry, run_id: str, request_ids: set[str] | frozense
         except PointerConflict:
             continue
     raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_CAS_ATTEMPTS} release attempts.")
+
+
+def _released_block(cap: int | None, served_now: int | None, acceptable: Callable[[int], bool] | None) -> int | None:
+    """What a release serves: the newest block in (``served_now``, ``cap``] that ``acceptable`` takes, else ``served_now``.
+
+    ``None`` (or block 0) is a paused shard: it serves nothing. Never a block above ``cap``.
+    """
+    cap = cap if cap and cap > 0 else None
+    if acceptable is None or cap is None:
+        return cap
+    for block in range(cap, served_now or 0, -1):
+        if acceptable(block):
+            return block
+    return served_now if served_now is None or served_now <= cap else cap

@@ -12,7 +12,7 @@ from actors.chains import ChainWorker
 from flows.audit import export_target
 from flows.batching import batch_gate, save_policy
 from flows.cli import main
-from flows.rollback import save_rollback, served_model
+from flows.rollback import heldout_judge, release_refused, save_rollback, served_model
 from flows.train import run_spec
 from flows.verify import chain_of
 from obliviate.unlearning.batching import DAY_S, BatchPolicy
@@ -21,14 +21,19 @@ from obliviate.unlearning.rollback import saw_deleted
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
+from storage.serving import run_state
 
 
 @pytest.fixture
 def trained(tmp_path: Path, tiny_run):
+    return _train(tmp_path, tiny_run(split_seed=0))
+
+
+def _train(tmp_path: Path, options: dict):
     url = f"file://{tmp_path / 'store'}"
     store = ObjectStore(url)
     store.ensure_container()
-    spec = run_spec(run_id="rb", **tiny_run(split_seed=0))
+    spec = run_spec(run_id="rb", **options)
     ChainWorker(url).train(spec)
     plan = BlockPlan.from_dict(store.get_json("runs/rb/plan.json"))
 
@@ -131,6 +136,40 @@ def test_forget_cancel_releases_the_rollback_at_once(trained, capsys) -> None:
     assert "serve_block" not in registry.manifest(registry.current("rb")).metadata
     served = served_model(registry, "rb")
     assert final is not None and served is not None and _states_equal(served, final)
+
+
+def test_a_cancel_that_leaves_other_holds_serves_only_what_the_floor_vouches_for(tmp_path, tiny_run) -> None:
+    # Trained long enough that its blocks differ (held-out accuracy 0.23 / 0.45 / 0.60 / 0.72 after blocks 1-4).
+    url, store, ids_in = _train(tmp_path, tiny_run(epochs=2, train_size=600, split_seed=0))
+    registry, ledger = RunRegistry(store), DeletionLedger(store)
+
+    def served_now() -> tuple[int | None, dict]:
+        target = registry.store.read_pointer(registry.pointer_key("rb")).target
+        return registry.manifest(registry.current("rb")).metadata.get("serve_block"), dict(target.get("holds") or {})
+
+    save_rollback(store, enabled=True, floor_points=100.0)  # any drop is accepted at acceptance
+    ledger.append(request_id="late", ids=ids_in(4), dataset="digits", reason=None)
+    ledger.append(request_id="early", ids=ids_in(2), dataset="digits", reason=None)
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert served_now() == (1, {"late": 4, "early": 2})
+    # M_3 (what "late" alone allows) was never judged: "early" held the run at M_1 from the start.
+    # With a floor of 0 points M_3 must match the pre-deletion model's accuracy plus its paired margin,
+    # which it cannot once it disagrees with that model anywhere on the held-out set (nor can M_2).
+    judge = heldout_judge(registry, [run_state(registry, "rb")])
+    assert judge.margin({0: 3}) > 0 and judge.margin({0: 2}) > 0
+    save_rollback(store, enabled=True, floor_points=0.0)
+    ledger.cancel("early", applied_to=[])
+    assert release_refused(store) == {"rb": ["early"]}
+    assert served_now() == (1, {"late": 4})  # the hold is gone, the judged M_1 stays served
+    # Under a floor that vouches for M_3 the next refusal serves it.
+    save_rollback(store, enabled=True, floor_points=100.0)
+    ledger.append(request_id="early2", ids=ids_in(2), dataset="digits", reason=None)
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert served_now() == (1, {"late": 4, "early2": 2})
+    ledger.cancel("early2", applied_to=[])
+    assert release_refused(store) == {"rb": ["early2"]}
+    assert served_now() == (3, {"late": 4})
+    assert _states_equal(served_model(registry, "rb"), chain_of(url, "rb").model(3))
 
 
 def test_with_no_window_rollback_still_serves_m_d_minus_1_until_the_retrain_lands(trained, capsys) -> None:
