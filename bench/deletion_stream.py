@@ -193,6 +193,7 @@ def train_world(fresh: bool) -> dict:
             print(f"S={S} shard {k}: trained ({train_cpu:.1f} s CPU)", file=sys.stderr)
     meta["block_tax"] = block_tax(d)
     meta["sisa_plain"] = sisa_plain_cost(d)
+    meta["shard_cost_by_epochs"] = shard_cost_by_epochs(d)
     np.savez_compressed(arrays_path, **arrays)
     meta_path.write_text(json.dumps(meta))
     return {"meta": meta, "arrays": arrays}
@@ -226,8 +227,7 @@ def block_tax(d: dict, *, skip: Sequence[str] = ()) -> list[dict]:
     chain seed: initialisation, block split, batch order): one seed's tax on 500 samples moves by
     about a point.
     """
-    x_eval = torch.cat([images_to_tensor(d[k].images, levels=256) for k in ("val", "test")])
-    y_eval = np.concatenate([d["val"].labels, d["test"].labels])
+    x_eval, y_eval = _eval_set(d)
     out = []
     for label, base in TAX_CONFIGS.items():
         if label in skip:
@@ -272,33 +272,80 @@ def block_tax(d: dict, *, skip: Sequence[str] = ()) -> list[dict]:
 SISA_SEEDS = (0, 1, 2)
 
 
+def _eval_set(d: dict) -> tuple[torch.Tensor, np.ndarray]:
+    """Validation + test (1,000 samples): where the shard-cost rows are measured."""
+    x_eval = torch.cat([images_to_tensor(d[k].images, levels=256) for k in ("val", "test")])
+    return x_eval, np.concatenate([d["val"].labels, d["test"].labels])
+
+
+def shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool) -> dict:
+    """Accuracy of S = 1, 2, 4 class-stratified shards on the clean 4,000 samples, and S's cost in points.
+
+    Per seed of ``SISA_SEEDS`` (the config's seed and the shard split's): every shard trained with
+    ``config`` (``chains``: on the bench's block plan of that seed restricted to the shard; else
+    plainly, one block), served as the mean of the shards' probabilities, evaluated on validation + test.
+    """
+    x_eval, y_eval = _eval_set(d)
+    out: dict = {}
+    for S in SHARDS:
+        for seed in SISA_SEEDS:
+            block_plan = make_block_plan(d["train"].labels, num_blocks=B, seed=seed) if chains else None
+            probs = [
+                shard_probabilities(
+                    train_chain(
+                        config=replace(config, seed=seed),
+                        data=BlockData(train=d["train"].subset(p), heldout=d["val"]),
+                        plan=None if block_plan is None else restrict_plan(block_plan, p),
+                    ).model(),
+                    x_eval,
+                ).numpy()
+                for p in make_shard_plan(d["train"].labels, num_shards=S, seed=seed).shards
+            ]
+            out.setdefault(f"accuracy_S{S}", []).append(float((np.mean(probs, axis=0).argmax(1) == y_eval).mean()))
+    for S in SHARDS[1:]:
+        out[f"cost_points_S{S}"] = 100 * float(np.mean(out["accuracy_S1"]) - np.mean(out[f"accuracy_S{S}"]))
+    return out
+
+
 def sisa_plain_cost(d: dict) -> dict:
     """SISA's own accuracy cost at this data size: plain training (B = 1) of S shards vs one model.
 
     The same recipe as the bench chains (Adam 1e-3, E = 5) on the clean 4,000 training samples,
     S = 1, 2, 4 class-stratified shards served as the mean of their probabilities, no blocks at
     all; evaluated on validation + test (1,000 samples). What the chains' S = 2 cost should be
-    compared with: the part no block recipe can remove.
+    compared with: the part no block plan adds.
     """
-    x_eval = torch.cat([images_to_tensor(d[k].images, levels=256) for k in ("val", "test")])
-    y_eval = np.concatenate([d["val"].labels, d["test"].labels])
-    out: dict = {"seeds": list(SISA_SEEDS), "recipe": "bench config with B = 1 (plain training)"}
-    for S in SHARDS:
-        for seed in SISA_SEEDS:
-            plan = make_shard_plan(d["train"].labels, num_shards=S, seed=seed)
-            config = replace(CONFIG, num_blocks=1, seed=seed)
-            probs = [
-                shard_probabilities(
-                    train_chain(config=config, data=BlockData(train=d["train"].subset(p), heldout=d["val"])).model(),
-                    x_eval,
-                ).numpy()
-                for p in plan.shards
-            ]
-            accuracy = float((np.mean(probs, axis=0).argmax(1) == y_eval).mean())
-            out.setdefault(f"accuracy_S{S}", []).append(accuracy)
-        print(f"plain training, S={S}: {out[f'accuracy_S{S}']}", file=sys.stderr)
-    for S in SHARDS[1:]:
-        out[f"cost_points_S{S}"] = 100 * float(np.mean(out["accuracy_S1"]) - np.mean(out[f"accuracy_S{S}"]))
+    out = shard_costs(d, config=replace(CONFIG, num_blocks=1), chains=False)
+    return {"seeds": list(SISA_SEEDS), "recipe": "bench config with B = 1 (plain training)", **out}
+
+
+EPOCH_SWEEP = (5, 10, 20)
+
+
+def shard_cost_by_epochs(d: dict) -> dict:
+    """S = 2 / S = 4 accuracy cost as the local epochs grow (the rest of the bench config kept).
+
+    At every E of ``EPOCH_SWEEP``: the cost of the B = 20 chains (:func:`shard_costs` with
+    ``chains``) and of plain training with the same E, and the attack success of an S = 1 chain on
+    the poisoned data (seed 0): every E must still memorise the backdoor. What it shows: at E = 5 a
+    100-sample shard block is trained too little, so part of the S = 2 cost is training length, and
+    what is left at a longer E is the block plan's, not sharding's.
+    """
+    out: dict = {"seeds": list(SISA_SEEDS), "epochs": list(EPOCH_SWEEP), "by_epochs": {}}
+    for epochs in EPOCH_SWEEP:
+        config = replace(CONFIG, local_epochs=epochs)
+        poisoned = train_chain(config=config, data=BlockData(train=d["poisoned"], heldout=d["val"]), plan=d["plan"])
+        attack = shard_probabilities(poisoned.model(), d["x_trig"]).numpy().argmax(1) == TARGET
+        row = {
+            "chains": shard_costs(d, config=config, chains=True),
+            "plain": shard_costs(d, config=replace(config, num_blocks=1), chains=False),
+            "asr_S1_untouched": float(attack.mean()),
+        }
+        out["by_epochs"][str(epochs)] = row
+        print(
+            f"E={epochs}: S=2 cost, chains {row['chains']['cost_points_S2']:.2f}, plain {row['plain']['cost_points_S2']:.2f}",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -612,6 +659,9 @@ def main() -> int:
     if "sisa_plain" not in world["meta"]:
         world["meta"]["sisa_plain"] = sisa_plain_cost(_data())
         (CACHE / "world.json").write_text(json.dumps(world["meta"]))
+    if "plain" not in world["meta"].get("shard_cost_by_epochs", {}).get("by_epochs", {}).get("5", {}):
+        world["meta"]["shard_cost_by_epochs"] = shard_cost_by_epochs(_data())
+        (CACHE / "world.json").write_text(json.dumps(world["meta"]))
     train_wall = time.perf_counter() - began
     rows = []
     for rate in (20.0, 100.0):
@@ -644,6 +694,8 @@ def main() -> int:
         # the same with held-out accuracy recorded only at the last block: how much of the ratio is the
         # per-block evaluation (a fixed cost per block that does not shrink with the shard)
         parallel["last_block_accuracy_only"] = measure(replace(CONFIG, accuracy_every=B))
+        # and with twice the local epochs: the per-block fixed costs weigh half as much
+        parallel["epochs_10"] = measure(replace(CONFIG, local_epochs=10))
     meta = world["meta"]
     s1 = meta["shards"]["1"]["shards"][0]
     naive_asr = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(range(S)), "asr") for S in SHARDS}
@@ -800,6 +852,11 @@ def main() -> int:
                 parallel["last_block_accuracy_only"],
                 None,
             ),
+            (
+                "as the first with E = 10 local epochs (twice the training per block, the same fixed costs per block)",
+                parallel["epochs_10"],
+                None,
+            ),
         ):
             headlines.append(
                 headline(
@@ -837,6 +894,21 @@ def main() -> int:
             better="lower",
             unit="points",
             peer="one model on all 4,000 samples, plain training",
+        ),
+        *(
+            headline(
+                f"accuracy cost of S=2 at E = {epochs} local epochs: B = 20 chains (clean data, validation + test, "
+                f"mean of {len(SISA_SEEDS)} seeds; S=1 chain's backdoor attack success {row['asr_S1_untouched']:.2f})",
+                row["chains"]["cost_points_S2"],
+                target=None,
+                better="lower",
+                unit="points",
+                peer=(
+                    f"plain training (B = 1) at the same E: {row['plain']['cost_points_S2']:.2f}; S=4 chains "
+                    f"{row['chains']['cost_points_S4']:.1f}, plain {row['plain']['cost_points_S4']:.1f}"
+                ),
+            )
+            for epochs, row in meta["shard_cost_by_epochs"]["by_epochs"].items()
         ),
         headline(
             "accuracy cost of S=4 (test, poison-free models)",
@@ -934,6 +1006,7 @@ def main() -> int:
         },
         "block_tax": [row for row in meta["block_tax"] if row["config"] in TAX_CONFIGS],
         "sisa_plain_training": meta["sisa_plain"],
+        "shard_cost_by_epochs": meta["shard_cost_by_epochs"],
         "parallel": parallel,
         "configurations": rows,
     }
