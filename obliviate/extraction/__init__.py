@@ -30,6 +30,7 @@ from obliviate.extraction.audit import (
     train_target,
 )
 from obliviate.extraction.augment import AugmentOptions, random_affine
+from obliviate.extraction.ensemble import MeanOfSoftmax, semi_supervised_ensemble
 from obliviate.extraction.headline import QueriesTo, headline_sentence, queries_to_agreement, strongest, threat_model
 from obliviate.extraction.selectors import (
     DEFAULT_SELECTOR,
@@ -105,6 +106,7 @@ __all__ = [
     "HttpBackend",
     "LabelFreeSelector",
     "LocalTorchBackend",
+    "MeanOfSoftmax",
     "OutputMode",
     "Pool",
     "QueriesTo",
@@ -158,6 +160,7 @@ __all__ = [
     "save_checkpoint",
     "seed_reference",
     "selector",
+    "semi_supervised_ensemble",
     "strongest",
     "summarize",
     "tensor_to_images",

@@ -70,6 +70,7 @@ class AttackOptions:
             than fine-tuning the teacher, which would mostly confirm its own labels (Noisy Student,
             Xie et al., CVPR 2020).
         tta: augmented views averaged with the plain image when pseudo-labelling (0: plain only).
+        members: substitutes of ``semi_supervised_ensemble`` (:mod:`obliviate.extraction.ensemble`).
     """
 
     arch: str = "lenet5"
@@ -97,6 +98,7 @@ class AttackOptions:
     round_steps: int = 600
     fresh_student: bool = True
     tta: int = 0
+    members: int = 3
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.basic_steps, self.min_steps, self.eval_every, self.patience) < 1:
@@ -121,10 +123,10 @@ class AttackOptions:
                 f"consistency_weight >= 0, cutout >= 0; got {self.consistency_steps}, {self.unlabeled_ratio}, "
                 f"{self.consistency_threshold}, {self.consistency_weight}, {self.cutout}."
             )
-        if self.rounds < 0 or not 0 < self.threshold <= 1 or self.round_steps < 1:
+        if self.rounds < 0 or not 0 < self.threshold <= 1 or self.round_steps < 1 or self.members < 1:
             raise ConfigError(
-                f"need rounds >= 0, 0 < threshold <= 1, round_steps >= 1; got {self.rounds}, {self.threshold}, "
-                f"{self.round_steps}."
+                f"need rounds >= 0, 0 < threshold <= 1, round_steps >= 1, members >= 1; got {self.rounds}, "
+                f"{self.threshold}, {self.round_steps}, {self.members}."
             )
 
     def supervised_steps(self, n: int) -> int:
