@@ -83,6 +83,7 @@ CONFIGS = (
     f"{DEFAULT_ATTACKER}:random",
 )
 SIZES = {"train": 2000, "pool": 2000, "test": 1000}
+ENSEMBLE = "semi_supervised_ensemble"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,7 +335,11 @@ def write(
     ceiling_path = RESULTS / "extraction" / "ceiling.json"
     ceiling = json.loads(ceiling_path.read_text()) if references and ceiling_path.exists() else None
     adaptive = _adaptive_pairs(cells)
-    headline += _adaptive_headline(adaptive) + (_ceiling_headline(ceiling, cells) if ceiling else [])
+    headline += (
+        _adaptive_headline(adaptive)
+        + _ensemble_headline(cells)
+        + (_ceiling_headline(ceiling, cells) if ceiling else [])
+    )
     headline += _e2e_headline() if references else []
     doc = {
         "headline": headline,
@@ -368,6 +373,7 @@ def _peer_text(by, budget: int, metric: str) -> str:
         ("ART CopycatCNN", ("art_copycat", "random")),
         ("pseudo_label (previous default)", ("pseudo_label", DEFAULT_SELECTOR)),
         ("adaptive selector", (DEFAULT_ATTACKER, "adaptive")),
+        ("3-member ensemble", (ENSEMBLE, DEFAULT_SELECTOR)),
     ):
         r = by.get((*key, budget))
         if r is not None:
@@ -643,6 +649,50 @@ def _default_at(cells: list[dict], budget: int, splits: list[int]) -> tuple[floa
         and c["split"] in splits
     }
     return (float(np.mean(list(got.values()))) if got else float("nan")), sorted(got)
+
+
+def _ensemble_headline(cells: list[dict]) -> list[dict]:
+    """The ensemble thief (``semi_supervised_ensemble``, default selector) against the default attacker,
+    paired by split: the same bought labels, its member 0 is the default's substitute."""
+    out = []
+    agree_target = dict(zip((50, 150, 300, 600), (93, 95, 96, 97)))
+
+    def of(attack: str, budget: int) -> dict[int, dict]:
+        return {
+            c["split"]: c
+            for c in cells
+            if (c["attacker"], c["selector"], c["budget"]) == (attack, DEFAULT_SELECTOR, budget)
+        }
+
+    for budget in sorted({c["budget"] for c in cells if c["attacker"] == ENSEMBLE}):
+        ensemble, default = of(ENSEMBLE, budget), of(DEFAULT_ATTACKER, budget)
+        common = sorted(set(ensemble) & set(default))
+        if not common:
+            continue
+        e = np.array([100 * ensemble[s]["agreement"] for s in common])
+        d = np.array([100 * default[s]["agreement"] for s in common])
+        cpu = [(ensemble[s].get("cpu_seconds"), default[s].get("cpu_seconds")) for s in common]
+        ratio = np.mean([a / b for a, b in cpu if a and b]) if all(a and b for a, b in cpu) else None
+        out.append(
+            {
+                "metric": (
+                    f"ensemble thief ({ENSEMBLE}:{DEFAULT_SELECTOR}, 3 members) mean agreement, budget {budget} "
+                    f"(splits {', '.join(map(str, common))}; the issue's target for the default: {agree_target.get(budget)})"
+                ),
+                "value": round(float(e.mean()), 2),
+                "target": None,
+                "better": "higher",
+                "unit": "%",
+                "peer": (
+                    f"{DEFAULT} on the same splits {d.mean():.2f} (ensemble minus it per split "
+                    f"{' / '.join(f'{x:+.1f}' for x in e - d)}; mean {np.mean(e - d):+.2f} ± {np.std(e - d):.2f}); "
+                    f"test accuracy {np.mean([100 * ensemble[s]['accuracy'] for s in common]):.2f} vs "
+                    f"{np.mean([100 * default[s]['accuracy'] for s in common]):.2f}"
+                    + (f"; CPU per cell {ratio:.1f}x the default's" if ratio is not None else "")
+                ),
+            }
+        )
+    return out
 
 
 def _ceiling_headline(ceiling: dict, cells: list[dict]) -> list[dict]:
