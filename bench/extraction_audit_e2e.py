@@ -2,7 +2,7 @@
 
 Runs exactly what a user runs, with every other option at its default:
 ``obliviate target train --data mnist5k`` then ``obliviate steal --target T --pool mnist5k
---budgets 50,150,200,300,600 --seeds 3``, in a fresh HOME (its own Prefect database; the steal
+--budgets 50,150,200,300,600`` (the default attacker, selector and seeds), in a fresh HOME (its own Prefect database; the steal
 command starts its own Prefect server and local Ray, as on a fresh machine). Records the wall
 time of each command, the load average around them, and writes
 ``bench/results/extraction/default_audit_e2e.json``; the "whole default audit ... measured end to
@@ -24,11 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine
+from obliviate.extraction.audit import DEFAULT_SEEDS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BUDGETS = "50,150,200,300,600"
-METRIC = "whole default audit of one model (5 budgets x 3 seeds on 2 cores), measured end to end"
+METRIC = f"whole default audit of one model (5 budgets x {DEFAULT_SEEDS} seeds on 2 cores), measured end to end"
 
 
 def timed(command: list[str], *, env: dict[str, str], cwd: Path) -> float:
@@ -46,7 +47,7 @@ def main() -> int:
         (work / "home").mkdir()
         load_before = os.getloadavg()
         train_s = timed([cli, "target", "train", "--data", "mnist5k", "--out", "target.pt"], env=env, cwd=work)
-        steal = [cli, "steal", "--target", "target.pt", "--pool", "mnist5k", "--budgets", BUDGETS, "--seeds", "3"]
+        steal = [cli, "steal", "--target", "target.pt", "--pool", "mnist5k", "--budgets", BUDGETS]
         steal_s = timed([*steal, "--out", "steal"], env=env, cwd=work)
         load_after = os.getloadavg()
         lead = (work / "steal" / "steal.md").read_text().splitlines()[:6]

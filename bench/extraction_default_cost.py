@@ -1,6 +1,6 @@
 """CPU seconds of one default-audit cell per budget (issue 13): the idle-machine cost of the audit.
 
-One cell = ``cluster_centers`` selection, the ``semi_supervised`` attacker, FGSM at eps 0.1/0.2/0.3,
+One cell = ``cluster_centers`` selection, the default attacker (``DEFAULT_ATTACKER``), FGSM at eps 0.1/0.2/0.3,
 on split 0 (pool 2,000, test 1,000). Process CPU time on one torch thread is what the cell's wall
 time would be on an idle core; ``bench/extraction.py --merge`` turns it into the headline "whole
 default audit" figure. Writes ``bench/results/extraction/default_audit_cpu.json``.
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from obliviate.data import load_dataset
-from obliviate.extraction.attackers import AttackOptions
+from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import draw_split, run_cell, train_target
 from obliviate.extraction.selectors import Pool
 from obliviate.extraction.substitute import TrainConfig
@@ -48,7 +48,7 @@ def main() -> int:
             test_images=data.images[test_idx],
             test_labels=data.labels[test_idx],
             eps=(0.1, 0.2, 0.3),
-            attack="semi_supervised",
+            attack=DEFAULT_ATTACKER,
             attack_options=AttackOptions(),
         )
         cells[str(k)] = {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall}

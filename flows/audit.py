@@ -45,6 +45,7 @@ from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import (
+    DEFAULT_SEEDS,
     SEED_BUDGETS,
     SEED_TABLE,
     audit_split,
@@ -337,7 +338,7 @@ def steal_flow(
     pool: str = "mnist5k",
     budgets: Sequence[int] = tuple(SEED_BUDGETS),
     selectors: Sequence[str] = (DEFAULT_SELECTOR,),
-    seeds: int = 3,
+    seeds: int = DEFAULT_SEEDS,
     out: str = "runs/steal",
     pool_size: int = 2000,
     test_size: int = 1000,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
+from obliviate.extraction.audit import DEFAULT_SEEDS
 from obliviate.extraction.selectors import DEFAULT_SELECTOR
 
 
@@ -31,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--attackers",
         default=DEFAULT_ATTACKER,
-        help=f"comma-separated attackers: basic, augmented, pseudo_label, semi_supervised (default {DEFAULT_ATTACKER}, the strongest)",
+        help=(
+            "comma-separated attackers: basic, augmented, pseudo_label, semi_supervised, semi_supervised_ensemble "
+            f"(default {DEFAULT_ATTACKER}, the strongest)"
+        ),
     )
     parser.add_argument(
         "--selectors",
@@ -39,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated selector names, e.g. {DEFAULT_SELECTOR},random,drmi,jacobian,adaptive "
         f"(default {DEFAULT_SELECTOR})",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per (selector, budget)")
+    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per (selector, budget)")
     parser.add_argument("--out", default="runs/steal", help="output directory (default runs/steal)")
     parser.add_argument("--pool-size", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=1000)
@@ -90,7 +94,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 DEMO_SETTINGS = {
     "budgets": "50,150,300",
-    "attackers": f"basic,{DEFAULT_ATTACKER}",
+    "attackers": "basic,semi_supervised",  # the default's one member: the demo shows the audit, not its cost
     "selectors": "random,cluster_centers",
     "seeds": 1,
     "pool_size": 1000,

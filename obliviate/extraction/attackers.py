@@ -13,11 +13,13 @@ cannot spend a query: the budget is spent by the selector before they run.
 * ``pseudo_label``: ``augmented``, then rounds of self-training on the unlabeled pool: the
   substitute labels the un-augmented pool images, those above a confidence threshold join
   training as augmented images (the audit's default before FixMatch replaced it).
-* ``semi_supervised`` (the audit's default): ``augmented``, then FixMatch consistency training on
+* ``semi_supervised``: ``augmented``, then FixMatch consistency training on
   the unlabeled pool (:mod:`obliviate.extraction.consistency`; Sohn et al., NeurIPS 2020): one loss
   per step, the bought labels plus confident weak-view labels of pool images imposed on their
   strong views. Semi-supervised extraction is Jagielski et al., "High accuracy and high fidelity
   extraction of neural networks", USENIX Security 2020 (they used MixMatch, Berthelot et al. 2019).
+* ``semi_supervised_ensemble`` (the audit's default, :mod:`obliviate.extraction.ensemble`): three
+  ``semi_supervised`` substitutes of consecutive seeds, the mean of their softmax.
 
 Adding an attacker = one function with the ``@attacker(name)`` decorator.
 """
@@ -157,7 +159,7 @@ class AttackerSpec:
 ATTACKERS: dict[str, AttackerSpec] = {}
 
 #: The attacker the audit assumes by default: the strongest measured (bench/results/extraction.md).
-DEFAULT_ATTACKER = "semi_supervised"
+DEFAULT_ATTACKER = "semi_supervised_ensemble"
 
 
 def attacker(name: str, *, assumes: str) -> Callable[[Attacker], Attacker]:
