@@ -827,8 +827,9 @@ def _markdown(doc: dict, rows) -> str:
             "Threat model: label-only counted queries; pool (2,000) and test set (1,000) disjoint from the target's "
             "training images; every substitute is LeNet-5 (the target's architecture: assumed known). `basic` uses "
             "the bought labels only; `augmented` adds label-preserving affine augmentation; `pseudo_label` adds "
-            "confident pseudo-labels of the unlabeled pool; `semi_supervised` (default) adds FixMatch consistency "
-            "training on the unlabeled pool instead; ART peers use random queries and ART's own trainer (with label-only "
+            "confident pseudo-labels of the unlabeled pool; `semi_supervised` adds FixMatch consistency "
+            "training on the unlabeled pool instead; `semi_supervised_ensemble` (default) averages the softmax of "
+            "three `semi_supervised` substitutes (seeds s, s+1, s+2); ART peers use random queries and ART's own trainer (with label-only "
             "answers and the same seeds, ART 1.20.1's CopycatCNN and KnockoffNets(random) buy the same images and "
             "train alike: their rows coincide)."
         ),
