@@ -36,6 +36,7 @@ The time each request became forgotten is kept in ``ledger/forgotten/<request>.j
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.unlearning.judge import HeldoutJudge
 from obliviate.unlearning.service import RunSpec, block_data
-from storage.ledger import CANCELLED, REJECTED, DeletionLedger
+from storage.ledger import DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import (
@@ -203,10 +204,7 @@ def release_refused(store: ObjectStore) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for run_id in registry.run_ids():
         _, target = pointer_target(registry, run_id)
-        refused = set()
-        for request_id in target.get("holds") or {}:
-            if ledger.exists(request_id) and ledger.get(request_id).status in (REJECTED, CANCELLED):
-                refused.add(request_id)
+        refused = {request_id for request_id in target.get("holds") or {} if ledger.refused(request_id)}
         if not refused:
             continue
         acceptable = judged_block(registry, run_id, group_of.get(run_id, [run_id]), floor_points=floor_points)
@@ -224,17 +222,19 @@ def judged_block(
     they serve now). The candidate must clear the pre-deletion accuracy minus ``floor_points`` plus
     its paired margin, both on the run's held-out set (:func:`heldout_judge`, built on first use).
     """
-    judges: list[tuple[HeldoutJudge, dict[int, int | None]]] = []
+    position = list(members).index(run_id)
+
+    @functools.cache
+    def judged() -> tuple[HeldoutJudge, dict[int, int | None]]:
+        states = [run_state(registry, m) for m in members]
+        if any(s is None for s in states):
+            raise ConfigError(f"a member of {list(members)} has no published version; train it first.")
+        ready = [s for s in states if s is not None]
+        return heldout_judge(registry, ready), {k: s.served_block for k, s in enumerate(ready)}
 
     def acceptable(block: int) -> bool:
-        if not judges:
-            states = [run_state(registry, m) for m in members]
-            if any(s is None for s in states):
-                raise ConfigError(f"a member of {list(members)} has no published version; train it first.")
-            ready = [s for s in states if s is not None]
-            judges.append((heldout_judge(registry, ready), {k: s.served_block for k, s in enumerate(ready)}))
-        judge, served = judges[0]
-        candidate = {**served, list(members).index(run_id): block}
+        judge, served = judged()
+        candidate = {**served, position: block}
         floor = judge.reference_accuracy - floor_points / 100
         return judge.accuracy(candidate) >= floor + judge.margin(candidate) / 100
 

@@ -168,6 +168,10 @@ class DeletionLedger:
     def exists(self, request_id: str) -> bool:
         return self.store.exists(self._request_key(request_id))
 
+    def refused(self, request_id: str) -> bool:
+        """Whether the request was rejected or cancelled before it was applied (it holds no rollback back)."""
+        return self.exists(request_id) and self.get(request_id).status in (REJECTED, CANCELLED)
+
     def history(self, request_id: str) -> list[dict[str, Any]]:
         """Every status the request went through, oldest first."""
         key = self._status_key(request_id)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from obliviate.unlearning.chain import Checkpoint
-from storage.ledger import CANCELLED, CLAIMED, PENDING, REJECTED, DeletionLedger
+from storage.ledger import CLAIMED, PENDING, DeletionLedger
 from storage.objects import ObjectInfo
 from storage.registry import ModelVersion, RunRegistry
 from storage.serving import first_blocks, load_rollback, pointer_target, publish_served, record_forgotten, serve_cap
@@ -81,13 +81,9 @@ class ProgressivePublisher:
     def _poll(self) -> list[str]:
         """Hold back every request accepted meanwhile (pending or claimed elsewhere) that touches this run."""
         ledger = DeletionLedger(self.registry.store)
-
-        def refused(request_id: str) -> bool:
-            return ledger.exists(request_id) and ledger.get(request_id).status in (REJECTED, CANCELLED)
-
         for request_id in [r for r in self.holds if r not in self.todo]:
             # a request refused or withdrawn before it was applied holds nothing back
-            if self.io(functools.partial(refused, request_id)):
+            if self.io(functools.partial(ledger.refused, request_id)):
                 self.holds.pop(request_id, None)
         # the open requests only (their markers), so a block's poll costs what is open, not the ledger's history
         entries = self.io(lambda: ledger.entries(open_only=True))
