@@ -19,6 +19,27 @@ from torch import nn
 from obliviate.errors import ConfigError
 
 
+class MaxPool2x2(nn.Module):
+    """2x2 max-pooling with stride 2 (``nn.MaxPool2d(2)``), computed faster where no gradient is wanted.
+
+    Without autograd (``predict``, held-out evaluation, the rollback judge) it takes the elementwise
+    maximum of the four strided 2x2 offsets, which on one CPU thread is about 6x faster than
+    ``max_pool2d`` for LeNet-5's first layer (1.7 vs 9.6 ms for 500 MNIST images) and equal bit for
+    bit (a maximum does not round). With autograd it calls ``max_pool2d`` itself: ``torch.maximum``
+    splits the gradient between tied inputs (ReLU of a positive bias ties across a blank background),
+    which would change training and break bit-identical replay of stored chains.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return nn.functional.max_pool2d(x, 2)
+        height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode drops an odd last row/column
+        x = x[..., :height, :width]
+        return torch.maximum(
+            torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]), torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+        )
+
+
 class LeNet5(nn.Module):
     """LeNet-5 with ReLU and max-pooling; any square input side >= 8 (28 for MNIST)."""
 
@@ -27,10 +48,10 @@ class LeNet5(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Conv2d(6, 16, kernel_size=5, padding=2 if image_size < 16 else 0),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
         )
         side = _conv_side(self.features, in_channels=in_channels, image_size=image_size)
         self.classifier = nn.Sequential(
@@ -54,10 +75,10 @@ class C3F2(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, kernel_size=3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Conv2d(32, 64, kernel_size=3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2x2(),
             nn.Conv2d(64, 64, kernel_size=3, padding=1),
             nn.ReLU(),
         )
