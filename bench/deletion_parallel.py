@@ -11,7 +11,8 @@ trained first (not timed). Then, interleaved (S = 1 first on even repetitions, S
 the same batch of deletion requests (20 requests of 1-10 uniform ids, a one-day window at 20/day)
 is unlearned exactly: by the S = 1 run on one actor, and by the two shard runs at once on two
 actors (each shard gets the ids it holds). The wall time from the call to the last published
-version is the time to exact (storage I/O included).
+version is the time to exact (storage I/O included). No rollback is served here, so each retrain
+evaluates held-out accuracy at its last block only (``ChainWorker._retrain_exact``).
 """
 
 from __future__ import annotations

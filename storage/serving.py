@@ -24,6 +24,7 @@ runs stays forgotten when that retrain lands; ``forgotten_requests`` lists what 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from obliviate.unlearning.chain import Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig, model_from_state
 from obliviate.unlearning.lineage import lineage_manifest
 from obliviate.unlearning.plan import BlockPlan
-from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim
+from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim, rollback_block
 from storage.errors import ObjectNotFound, PointerConflict
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
@@ -310,8 +311,37 @@ def _publish_interim(
     )
 
 
+def with_measured(
+    accuracies: tuple[float | None, ...], block: int | None, measure: Callable[[int], float] | None
+) -> tuple[float | None, ...]:
+    """``accuracies`` with M_block's filled in by ``measure`` where it was not recorded.
+
+    A retrain records held-out accuracy only for the blocks it serves as they land and for M_B
+    (:meth:`actors.chains.ChainWorker._retrain_exact`): a rollback to another of its blocks has
+    that block judged here, once, instead of every block being evaluated on the way to exact.
+    Without ``measure`` (or for M_0, which is no model) the value stays unknown.
+    """
+    if block is None or block < 1 or accuracies[block] is not None or measure is None:
+        return accuracies
+    return (*accuracies[:block], float(measure(block)), *accuracies[block + 1 :])
+
+
+def _chain_accuracy(judge_for: JudgeFor, state: RunState, block: int) -> float:
+    return judge_for([state]).accuracy({0: block})
+
+
+def _member_accuracy(judge: InterimJudge, shard: int, block: int) -> float:
+    """Held-out accuracy of one member's M_block voting alone."""
+    return judge.accuracy({shard: block})
+
+
 def _chain_margin(
-    judge_for: JudgeFor | None, state: RunState, *, floor: float, seen: dict[int, float]
+    judge_for: JudgeFor | None,
+    state: RunState,
+    accuracies: tuple[float | None, ...],
+    *,
+    floor: float,
+    seen: dict[int, float],
 ) -> Callable[[Mapping[int, int | None]], float]:
     """``margin_of`` of a single chain: its judge's paired margin, evaluated once per block into ``seen``.
 
@@ -320,7 +350,7 @@ def _chain_margin(
 
     def margin_of(served: Mapping[int, int | None]) -> float:
         block = served[0]
-        if block is None or judge_for is None or (state.accuracies[block] or 0.0) < floor:
+        if block is None or judge_for is None or (accuracies[block] or 0.0) < floor:
             return 0.0
         if block not in seen:
             seen[block] = judge_for([state]).margin({0: block})
@@ -377,11 +407,17 @@ def roll_back(
             }
         reference = manifest.metadata.get("reference_accuracy", accuracies[-1]) or 0.0
         floor = reference - floor_points / 100
+        first = min(firsts.values())
+        accuracies = with_measured(
+            accuracies,
+            rollback_block(served_block=served_now, first_affected_block=first),
+            None if judge_for is None else functools.partial(_chain_accuracy, judge_for, state),
+        )
         margins: dict[int, float] = {}
-        margin_of = _chain_margin(judge_for, state, floor=floor, seen=margins)
+        margin_of = _chain_margin(judge_for, state, accuracies, floor=floor, seen=margins)
         interim = plan_interim(
             shards=[ShardCheckpoints(0, accuracies, served_now)],
-            affected={0: min(firsts.values())},
+            affected={0: first},
             served_floor=floor,
             shard_floor=0.0,
             margin_of=margin_of,
@@ -490,9 +526,17 @@ def roll_back_group(
         judge = judge_for(ready)
         floor = judge.reference_accuracy - floor_points / 100
         shard_floor = min(judge.reference_shard_accuracy(k) for k in range(len(ready))) - shard_floor_points / 100
+        affected = {k: min(found.values()) for k, found in firsts.items()}
+        accuracies = [s.accuracies for s in ready]
+        for k, first in affected.items():
+            accuracies[k] = with_measured(
+                accuracies[k],
+                rollback_block(served_block=ready[k].served_block, first_affected_block=first),
+                functools.partial(_member_accuracy, judge, k),
+            )
         interim = plan_interim(
-            shards=[ShardCheckpoints(k, s.accuracies, s.served_block) for k, s in enumerate(ready)],
-            affected={k: min(found.values()) for k, found in firsts.items()},
+            shards=[ShardCheckpoints(k, accuracies[k], s.served_block) for k, s in enumerate(ready)],
+            affected=affected,
             served_floor=floor,
             shard_floor=shard_floor,
             ensemble_accuracy=judge.accuracy,
@@ -524,7 +568,7 @@ def roll_back_group(
         try:
             for k in sorted(firsts):
                 state, block = ready[k], interim.served[k]
-                shard_accuracy = None if block is None else state.accuracies[block]
+                shard_accuracy = None if block is None else accuracies[k][block]
                 if block == state.served_block and set(firsts[k]) <= set(state.holds):
                     version_number, published = state.version.version, False
                 else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -194,12 +194,15 @@ class BlockTiming:
 
     ``cpu_seconds`` is this process's CPU time (``time.process_time``); with one training thread it
     measures the work itself and is robust to other processes competing for a shared machine.
+    ``evaluation_cpu_seconds`` is the part of it spent on held-out evaluation (0 where the block
+    was not evaluated).
     """
 
     block_index: int
     seconds: float
     cpu_seconds: float
     steps: int
+    evaluation_cpu_seconds: float = 0.0
 
 
 class BlockTrainer:
@@ -224,8 +227,14 @@ class BlockTrainer:
         last_block: int,
         excluded_ids: frozenset[int] | Sequence[int],
         timings: list[BlockTiming] | None = None,
+        evaluate: Callable[[int], bool] | None = None,
     ) -> Iterator[Checkpoint]:
-        """Yield checkpoints start.block_index+1 .. last_block, trained without ``excluded_ids``."""
+        """Yield checkpoints start.block_index+1 .. last_block, trained without ``excluded_ids``.
+
+        ``evaluate(block)`` says which checkpoints record held-out accuracy (default: every
+        ``config.accuracy_every``-th block); the chain's last block M_B always does.
+        """
+        wanted = evaluate or (lambda block: block % config.accuracy_every == 0)
         config = self.config
         check_checkpoint(start, config=config, data_fingerprint=self.data.fingerprint)
         if not start.block_index <= last_block <= config.num_blocks:
@@ -251,8 +260,10 @@ class BlockTrainer:
                     batch_size=config.batch_size,
                     seed=block_seed(config.seed, block),
                 )
-                evaluate = block % config.accuracy_every == 0 or block == config.num_blocks
-                accuracy = heldout_accuracy(model, self.data) if evaluate else None
+                evaluated = block == config.num_blocks or wanted(block)
+                trained_cpu = time.process_time()
+                accuracy = heldout_accuracy(model, self.data) if evaluated else None
+                evaluation_cpu = time.process_time() - trained_cpu
                 checkpoint = Checkpoint(
                     block_index=block,
                     model_state=snapshot_state(model),
@@ -266,7 +277,9 @@ class BlockTrainer:
                 )
                 if timings is not None:
                     timings.append(
-                        BlockTiming(block, time.perf_counter() - began, time.process_time() - began_cpu, steps)
+                        BlockTiming(
+                            block, time.perf_counter() - began, time.process_time() - began_cpu, steps, evaluation_cpu
+                        )
                     )
                 yield checkpoint
 
@@ -280,6 +293,7 @@ def train_chain(
     sink: CheckpointSink | None = None,
     resume_from: Sequence[Checkpoint] = (),
     timings: list[BlockTiming] | None = None,
+    evaluate: Callable[[int], bool] | None = None,
 ) -> Chain:
     """Train (or finish) a chain M_0..M_B and return it; every new checkpoint goes to ``sink``.
 
@@ -292,6 +306,8 @@ def train_chain(
         resume_from: stored checkpoints M_0..M_k of an interrupted chain (same config and data);
             training resumes after M_k and the result equals an uninterrupted run bit for bit.
         timings: if given, receives one :class:`BlockTiming` per trained block.
+        evaluate: which new checkpoints record held-out accuracy (block -> bool; default every
+            ``config.accuracy_every``-th; M_B always). Evaluation does not change training.
 
     Raises:
         ChainMismatchError: resumed checkpoints from another config or data, or out of order.
@@ -311,7 +327,7 @@ def train_chain(
         if sink is not None:
             sink(checkpoints[0])
     for checkpoint in trainer.run(
-        start=checkpoints[-1], last_block=config.num_blocks, excluded_ids=excluded, timings=timings
+        start=checkpoints[-1], last_block=config.num_blocks, excluded_ids=excluded, timings=timings, evaluate=evaluate
     ):
         checkpoints.append(checkpoint)
         if sink is not None:

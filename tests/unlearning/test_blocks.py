@@ -98,6 +98,17 @@ def test_retraining_with_nothing_deleted_reproduces_the_chain_and_delta_is_zero(
     assert chain.final.heldout_accuracy > 0.5  # the tiny set-up really learns
 
 
+def test_evaluating_fewer_blocks_changes_no_weights_and_m_b_is_always_evaluated(
+    adam_chain: Chain, digits_data: BlockData
+) -> None:
+    quiet = train_chain(config=adam_chain.config, data=digits_data, evaluate=lambda block: block == 2)
+    num_blocks = adam_chain.config.num_blocks
+    assert [i for i, c in enumerate(quiet.checkpoints) if i and c.heldout_accuracy is not None] == [2, num_blocks]
+    assert quiet.final.heldout_accuracy == adam_chain.final.heldout_accuracy
+    for ours, full in zip(quiet.checkpoints, adam_chain.checkpoints, strict=True):
+        assert _equal(ours.model_state, full.model_state)
+
+
 def test_chain_learns_and_records_checkpoint_contents(adam_chain: Chain) -> None:
     final = adam_chain.final
     assert final.block_index == adam_chain.config.num_blocks == final.schedule_position

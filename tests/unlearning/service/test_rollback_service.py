@@ -15,9 +15,12 @@ from flows.cli import main
 from flows.rollback import heldout_judge, release_refused, save_rollback, served_model
 from flows.train import run_spec
 from flows.verify import chain_of
+from obliviate.data import load_dataset
 from obliviate.unlearning.batching import DAY_S, BatchPolicy
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.rollback import saw_deleted
+from obliviate.unlearning.service import block_data
+from obliviate.unlearning.trainer import heldout_accuracy
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
@@ -70,6 +73,23 @@ def test_interim_serves_m_d_minus_1_at_once_and_the_retrain_restores_the_full_mo
     assert "serve_block" not in manifest.metadata
     final = served_model(registry, "rb")
     assert final is not None and _states_equal(final, new_chain.model())
+
+
+def test_a_retrain_evaluates_only_m_b_and_a_later_rollback_measures_the_block_it_serves(trained) -> None:
+    url, store, ids_in = trained
+    registry = RunRegistry(store)
+    # no rollback yet: the retrain publishes nothing on the way, so it evaluates only its last block
+    assert ChainWorker(url).unlearn("rb", {"early": ids_in(1)})["status"] == "published"
+    retrained, _ = registry.load_chain(registry.current("rb"))
+    assert [c.heldout_accuracy is None for c in retrained.checkpoints[1:]] == [True, True, True, False]
+    save_rollback(store, enabled=True, floor_points=100.0)
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="later", ids=ids_in(3), dataset="digits", reason=None)
+    interim = batch_gate(store, ledger.open_entries(stale_after_s=600.0))["interim"]["runs"]["rb"]
+    assert interim["published"] and interim["serve_block"] == 2
+    spec = registry.spec("rb")
+    data = block_data(spec, load_dataset(spec.dataset))
+    assert interim["accuracy"] == pytest.approx(heldout_accuracy(retrained.model(2), data))
 
 
 def test_below_the_floor_nothing_is_published_and_the_batch_flushes_now(trained) -> None:
