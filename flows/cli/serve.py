@@ -79,6 +79,11 @@ def run_serve(args: argparse.Namespace) -> int:
     lease_s = DEFAULT_LEASE_S if args.lease is None else args.lease
     if lease_s < 2 or args.max_attempts < 1:
         raise ConfigError(f"need --lease >= 2 s and --max-attempts >= 1; got {lease_s} and {args.max_attempts}.")
+    if not 0 <= args.floor_points <= 100:
+        raise ConfigError(
+            f"--floor-points is the largest held-out accuracy drop (points) a rolled-back version may serve, so it "
+            f"must be in 0..100; got {args.floor_points:g}. Use 0 to serve no drop at all, 100 to accept any."
+        )
     store = prepare_store(store_url(args), write=True)
     policy = BatchPolicy(
         window_s=parse_duration(args.batch_window), batch_max=args.batch_max, deadline_s=parse_duration(args.deadline)

@@ -52,6 +52,15 @@ def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, caps
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_floor_outside_0_to_100_before_touching_the_store(tmp_path, capsys):
+    url = f"file://{tmp_path}/runs"
+    for bad in ("-1", "150"):
+        assert main(["serve", "--store", url, "--rollback", "--floor-points", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--floor-points" in err and "0..100" in err and bad in err
+    assert not (tmp_path / "runs").exists()  # no policy or rollback setting was written
+
+
 def test_the_watchdog_withdraws_the_same_announcement_forget_reads(tmp_path):
     from flows import unlearn, watchdog
 
