@@ -21,6 +21,7 @@ is one call into :mod:`obliviate` (``train_chain`` / ``unlearn``) plus storage I
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +31,13 @@ from typing import Any
 import numpy as np
 
 from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData, Chain, Checkpoint
+from obliviate.unlearning.config import model_from_state
 from obliviate.unlearning.deepobliviate import DeepObliviateOptions
 from obliviate.unlearning.exact import validate_deletion
 from obliviate.unlearning.health import sharp_drops
+from obliviate.unlearning.judge import HeldoutJudge
 from obliviate.unlearning.lineage import lineage_manifest
 from obliviate.unlearning.plan import BlockPlan, make_block_plan
 from obliviate.unlearning.policies import unlearn
@@ -47,7 +51,15 @@ from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
 from storage.retry import RetryPolicy, retry_unavailable
-from storage.serving import chain_source, record_forgotten, serve_cap
+from storage.serving import (
+    chain_source,
+    checkpoint_model,
+    record_forgotten,
+    reference_model,
+    run_state,
+    serve_cap,
+    sharded_runs,
+)
 
 _PUBLISH_ATTEMPTS = 5
 
@@ -299,6 +311,7 @@ class ChainWorker:
             members=members,
             reference_accuracy=chain.final.heldout_accuracy,
             first_block=first,
+            acceptable=self._floor_judge(run_id, chain, data, members, floor_points=lambda: progress.floor_points),
         )
         began = time.perf_counter()
         if policy is Policy.EXACT:
@@ -404,6 +417,8 @@ class ChainWorker:
             published_at=version.published_at,
             progressive_versions=progress.published,
             held_by=sorted(holds),
+            # accepted meanwhile, but the block a hold would leave served is below the floor: the gate flushes them
+            not_held_below_floor=sorted(progress.below_floor),
         )
         return audit
 
@@ -470,6 +485,57 @@ class ChainWorker:
         return new_chain, record, len(stored)
 
     # ----- helpers -------------------------------------------------------------------------------
+
+    def _floor_judge(
+        self,
+        run_id: str,
+        chain: Chain,
+        data: BlockData,
+        members: dict[int, ObjectInfo],
+        *,
+        floor_points: Callable[[], float],
+    ) -> Callable[[int | None], bool]:
+        """Whether serving block ``b`` of this retrain's new chain meets the served floor (issue 11).
+
+        The acceptance rule (:meth:`HeldoutJudge.meets_floor`) on the run's held-out set: the
+        pre-deletion model is the final model of the chain the retrain started from; ``b`` is loaded
+        from the new chain's stored checkpoints (``members``, filled as blocks land). A shard of a
+        sharded run is judged in the vote, with the other shards as they serve now. Built on first use.
+        """
+        registry = self.registry
+
+        @functools.cache
+        def judged() -> tuple[HeldoutJudge, dict[int, int | None], int]:
+            group = next((m for m in sharded_runs(registry.store).values() if run_id in m), [run_id])
+            position = group.index(run_id)
+            others = {}
+            for k, member in enumerate(group):
+                state = run_state(registry, member) if k != position else None
+                if k != position and state is None:
+                    raise ConfigError(f"shard {member} of {group} has no published version; train it first.")
+                if state is not None:
+                    others[k] = state
+            references = [
+                chain.model() if k == position else reference_model(registry, others[k]) for k in range(len(group))
+            ]
+            served = {k: None if k == position else others[k].served_block for k in range(len(group))}
+
+            def load(shard: int, block: int) -> Any:
+                if shard == position:
+                    member = members[block]
+                    return model_from_state(
+                        chain.config, registry.load_checkpoint(member.key, expected=member).model_state
+                    )
+                return checkpoint_model(registry, others[shard].manifest, block)
+
+            judge = HeldoutJudge(x=data.x_heldout, y=data.y_heldout, reference=references, load=load)
+            return judge, served, position
+
+        def acceptable(block: int | None) -> bool:
+            judge, served, position = self._io(judged)  # storage reads retried; built once
+            return judge.meets_floor({**served, position: block}, floor_points=floor_points())
+
+        return acceptable
 
     def _io(self, call):
         def count(attempt: int, err: Exception) -> None:

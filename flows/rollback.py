@@ -29,7 +29,8 @@ model), nothing is published, the run keeps serving its version and the batch fl
 requests become forgotten when their retrain lands. The batch's retrain starts from the full chain
 the interim derives from (``chain_of``), publishes each retrained block as it lands (progressive
 versions, :mod:`actors.chains`), and finally the full model, whose ``serve_block`` is absent unless
-a request accepted meanwhile still holds it back.
+a request accepted meanwhile still holds it back (held only where the block it leaves served meets
+the same floor; otherwise that request's batch flushes at the next pass).
 
 The time each request became forgotten is kept in ``ledger/forgotten/<request>.json``.
 """
@@ -104,14 +105,16 @@ def heldout_judge(registry: RunRegistry, states: Sequence[RunState], *, z: float
                 f"and {first.run_id} differ. Train the shards together (train --shards S)."
             )
     x, y = _heldout(first)
-    chains = [full_chain(registry, s) for s in states]  # candidates may lie beyond what an interim keeps
-    return HeldoutJudge(
-        x=x,
-        y=y,
-        reference=[reference_model(registry, s) for s in states],
-        load=lambda k, block: checkpoint_model(registry, chains[k], block),
-        z=z,
-    )
+    chains = [full_chain(registry, s) for s in states]
+
+    def load(shard: int, block: int) -> torch.nn.Module:
+        # A block the version keeps is loaded from it: a progressive version keeps its retrain's new
+        # M'_0..M'_s, while the full chain it derives from still holds the blocks that saw the ids.
+        # Candidates beyond what a rolled-back version keeps come from that full chain.
+        manifest = states[shard].manifest
+        return checkpoint_model(registry, manifest if str(block) in manifest.members else chains[shard], block)
+
+    return HeldoutJudge(x=x, y=y, reference=[reference_model(registry, s) for s in states], load=load, z=z)
 
 
 _HELDOUT: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -234,8 +237,6 @@ def judged_block(
 
     def acceptable(block: int) -> bool:
         judge, served = judged()
-        candidate = {**served, position: block}
-        floor = judge.reference_accuracy - floor_points / 100
-        return judge.accuracy(candidate) >= floor + judge.margin(candidate) / 100
+        return judge.meets_floor({**served, position: block}, floor_points=floor_points)
 
     return acceptable

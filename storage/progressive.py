@@ -39,6 +39,11 @@ class ProgressivePublisher:
         members: checkpoints of the new chain by block, filled as blocks land.
         reference_accuracy: the pre-deletion model's held-out accuracy (the rollback floor's reference).
         first_block: the batch's earliest affected block.
+        acceptable: whether serving block ``b`` of the new chain (``None``: out of the vote, paused
+            for a single chain) meets the served floor, as an interim at acceptance must
+            (:meth:`obliviate.unlearning.judge.HeldoutJudge.meets_floor`). A request accepted
+            meanwhile is held only if the block its hold leaves served meets it; otherwise it is
+            left to the batch gate, which flushes it now (``below_floor``). ``None``: hold unjudged.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class ProgressivePublisher:
         members: dict[int, ObjectInfo],
         reference_accuracy: float | None,
         first_block: int,
+        acceptable: Callable[[int | None], bool] | None = None,
     ) -> None:
         self.registry, self.io = registry, io
         self.run_id, self.todo, self.dataset = current.run_id, todo, dataset
@@ -71,6 +77,14 @@ class ProgressivePublisher:
         self.served = self.target.get("serve_block")
         self.rollback = io(lambda: load_rollback(registry.store))
         self.published: list[dict[str, Any]] = []
+        self.acceptable = acceptable
+        self.latest = int(first_block) - 1  # the newest block of the new chain that has landed
+        self.below_floor: set[str] = set()
+
+    @property
+    def floor_points(self) -> float:
+        """The served floor of ``serve --rollback`` (points below the pre-deletion accuracy)."""
+        return float(self.rollback.get("floor_points", 2.0))
 
     def remaining_holds(self, *, poll: bool) -> dict[str, int]:
         """Holds of requests not applied by this retrain (after reading the ledger when ``poll``)."""
@@ -95,17 +109,25 @@ class ProgressivePublisher:
             and e.request_id not in self.todo
             and e.request_id not in self.applied
             and e.request_id not in self.holds
+            and e.request_id not in self.below_floor
         }
         if not fresh:
             return []
         deleted = frozenset(int(i) for i in self.chain_meta["deleted_ids"])
         found = self.io(lambda: first_blocks(self.registry, self.run_id, fresh, deleted=deleted))
+        if found and self.acceptable is not None:
+            cap = serve_cap({**self.remaining_holds(poll=False), **found})
+            candidate = self.latest if cap is None else min(self.latest, cap)
+            if not self.acceptable(candidate if candidate >= 1 else None):
+                self.below_floor.update(found)  # the gate flushes them now; forgotten when their retrain lands
+                return []
         self.holds.update(found)
         return sorted(found)
 
     def landed(self, checkpoint: Checkpoint) -> None:
         """A retrained block landed: publish it (or the newest block the holds allow) as the served model."""
         index = int(checkpoint.block_index)
+        self.latest = max(self.latest, index)
         entries = self.chain_meta["checkpoints"]
         entries[index] = {
             **entries[index],

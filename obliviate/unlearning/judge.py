@@ -97,6 +97,16 @@ class HeldoutJudge:
             return 0.0
         return float(np.mean(self.predictions(served) == self.y.numpy()))
 
+    def meets_floor(self, served: ServedBlocks, *, floor_points: float) -> bool:
+        """Whether ``served`` may be served: its held-out accuracy is at least the pre-deletion model's
+        minus ``floor_points`` plus its paired margin (the interim rule at acceptance, SPEC 6 Rollback).
+
+        Nothing in the vote (every shard ``None``: a paused run) never meets it.
+        """
+        if all(b is None for b in served.values()):
+            return False
+        return self.accuracy(served) >= self.reference_accuracy - floor_points / 100 + self.margin(served) / 100
+
     def margin(self, served: ServedBlocks) -> float:
         """Points ``served`` must clear above the served floor: the paired margin vs the pre-deletion model."""
         if all(b is None for b in served.values()):

@@ -7,20 +7,22 @@ import threading
 import time
 
 import pytest
+import torch
 
 from actors.chains import ChainWorker
 from flows.batching import batch_gate, save_policy
-from flows.rollback import save_rollback
+from flows.rollback import heldout_judge, save_rollback
 from flows.train import run_spec
 from flows.verify import verify_run
 from obliviate.unlearning.batching import DAY_S, BatchPolicy
 from obliviate.unlearning.lineage import effective_block_ids, ids_sha256
 from obliviate.unlearning.plan import BlockPlan
+from obliviate.unlearning.shards import shard_probabilities
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.objects import Manifest
-from storage.registry import RunRegistry
-from storage.serving import served_block
+from storage.registry import ModelVersion, RunRegistry
+from storage.serving import RunState, checkpoint_model, served_block
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +32,13 @@ def small_run(tiny_run) -> dict:
     return tiny_run(blocks=5, epochs=2, train_size=600, split_seed=0)
 
 
-def _setup(url: str, run_id: str, options: dict):
+def _setup(url: str, run_id: str, options: dict, *, floor_points: float = 100.0):
     store = ObjectStore(url)
     spec = run_spec(run_id=run_id, **options)
     ChainWorker(url).train(spec)
     plan = BlockPlan.from_dict(store.get_json(f"runs/{run_id}/plan.json"))
     save_policy(store, BatchPolicy(window_s=DAY_S))  # requests wait in the batch: only rollback forgets them now
-    save_rollback(store, enabled=True, floor_points=100.0)  # any checkpoint meets this floor
+    save_rollback(store, enabled=True, floor_points=floor_points)  # 100: any checkpoint meets this floor
 
     def ids_in(block: int, count: int = 2) -> tuple[list[int], list[int]]:
         positions = [int(p) for p in plan.block_ids(block)[:count]]
@@ -98,6 +100,50 @@ def test_a_batch_retrain_publishes_each_exact_block_as_it_lands(tmp_path, small_
     # a progressive version is a proof by replay too: its M'_2, M'_3 re-train bit for bit
     report = verify_run(url, "pg", version=4, blocks="all")
     assert report["status"] == "passed" and report["blocks_replayed"] == [1, 2, 3], report
+    # a gate judging that version (a request accepted while it was served) judges its own M'_3, not
+    # the M_3 of the chain it derives from, which saw r1's ids
+    pointer = store.read_pointer_version(registry.pointer_key("pg"), 4)
+    version = ModelVersion.from_pointer("pg", pointer)
+    state = RunState("pg", version, pointer.target, registry.manifest(version))
+    judge = heldout_judge(registry, [state])
+    retrained, _ = registry.load_chain(registry.current("pg"))
+    assert torch.equal(judge.probabilities(0, 3), shard_probabilities(retrained.model(3), judge.x))
+    before = shard_probabilities(checkpoint_model(registry, original, 3), judge.x)
+    assert not torch.equal(judge.probabilities(0, 3), before)
+
+
+def _accept_mid_retrain(url: str, run_id: str, first: list[int], later: list[int]) -> tuple[dict, float]:
+    """Run r1's retrain (``first``) and accept r2 (``later``) once its first block is served; wait for it."""
+    store, registry, ledger = ObjectStore(url), RunRegistry(ObjectStore(url)), DeletionLedger(ObjectStore(url))
+    ledger.append(request_id="r1", ids=first, dataset="digits", reason=None)
+    batch_gate(store, ledger.open_entries(stale_after_s=600.0))  # r1 in block 1: no interim, it flushes now
+    ledger.claim("r1", holder="test", lease_s=600.0, max_attempts=3)  # r1 is the running batch
+    outcome: dict = {}
+    retrain = threading.Thread(target=lambda: outcome.update(ChainWorker(url).unlearn(run_id, {"r1": first})))
+    retrain.start()
+    deadline = time.monotonic() + 120
+    while served_block(registry.manifest(registry.current(run_id))) in (None, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the retrain's first block (M'_1) is served
+    accepted_at = time.time()
+    ledger.append(request_id="r2", ids=later, dataset="digits", reason=None)  # accepted mid-retrain, no pass runs
+    retrain.join(timeout=300)
+    assert outcome.get("status") == "published", outcome
+    assert outcome["published_at"] > accepted_at, "the retrain ended before r2 was accepted; lengthen it"
+    return outcome, accepted_at
+
+
+def test_a_request_accepted_mid_retrain_is_not_held_where_the_held_block_misses_the_floor(tmp_path, small_run):
+    url = f"file://{tmp_path / 'store'}"
+    store, _plan, ids_in = _setup(url, "fl", small_run, floor_points=-100.0)  # no block meets this floor
+    outcome, _ = _accept_mid_retrain(url, "fl", ids_in(1)[0], ids_in(3)[0])
+    assert outcome["held_by"] == [] and outcome["not_held_below_floor"] == ["r2"]
+    assert outcome["progressive_versions"] == []  # nothing below the floor was served on the way
+    assert not store.exists("ledger/forgotten/r2.json")  # forgotten only when its own retrain lands
+    registry = RunRegistry(store)
+    assert "serve_block" not in registry.manifest(registry.current("fl")).metadata  # the full model, r1 applied
+    # the next pass judges r2 by the same rule: below the floor, its batch flushes now
+    gate = batch_gate(store, DeletionLedger(store).open_entries(stale_after_s=600.0))
+    assert gate["flush"] and gate["reason"] == "rollback_below_floor"
 
 
 def test_a_request_accepted_while_a_retrain_runs_is_rolled_back_by_that_retrain(s3_url, small_run) -> None:
