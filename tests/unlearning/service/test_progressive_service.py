@@ -112,7 +112,7 @@ def test_a_batch_retrain_publishes_each_exact_block_as_it_lands(tmp_path, small_
     assert not torch.equal(judge.probabilities(0, 3), before)
 
 
-def _accept_mid_retrain(url: str, run_id: str, first: list[int], later: list[int]) -> tuple[dict, float]:
+def _accept_mid_retrain(url: str, run_id: str, first: list[int], later: list[int]) -> dict:
     """Run r1's retrain (``first``) and accept r2 (``later``) once its first block is served; wait for it."""
     store, registry, ledger = ObjectStore(url), RunRegistry(ObjectStore(url)), DeletionLedger(ObjectStore(url))
     ledger.append(request_id="r1", ids=first, dataset="digits", reason=None)
@@ -129,13 +129,13 @@ def _accept_mid_retrain(url: str, run_id: str, first: list[int], later: list[int
     retrain.join(timeout=300)
     assert outcome.get("status") == "published", outcome
     assert outcome["published_at"] > accepted_at, "the retrain ended before r2 was accepted; lengthen it"
-    return outcome, accepted_at
+    return outcome
 
 
 def test_a_request_accepted_mid_retrain_is_not_held_where_the_held_block_misses_the_floor(tmp_path, small_run):
     url = f"file://{tmp_path / 'store'}"
     store, _plan, ids_in = _setup(url, "fl", small_run, floor_points=-100.0)  # no block meets this floor
-    outcome, _ = _accept_mid_retrain(url, "fl", ids_in(1)[0], ids_in(3)[0])
+    outcome = _accept_mid_retrain(url, "fl", ids_in(1)[0], ids_in(3)[0])
     assert outcome["held_by"] == [] and outcome["not_held_below_floor"] == ["r2"]
     assert outcome["progressive_versions"] == []  # nothing below the floor was served on the way
     assert not store.exists("ledger/forgotten/r2.json")  # forgotten only when its own retrain lands
@@ -153,20 +153,7 @@ def test_a_request_accepted_while_a_retrain_runs_is_rolled_back_by_that_retrain(
     ids1, positions1 = ids_in(1)
     ids2, positions2 = ids_in(3)
     ledger = DeletionLedger(store)
-    ledger.append(request_id="r1", ids=ids1, dataset="digits", reason=None)
-    batch_gate(store, ledger.open_entries(stale_after_s=600.0))  # r1: rolled back (paused: block 1)
-    ledger.claim("r1", holder="test", lease_s=600.0, max_attempts=3)  # r1 is the running batch
-    outcome: dict = {}
-    retrain = threading.Thread(target=lambda: outcome.update(ChainWorker(s3_url).unlearn("cc", {"r1": ids1})))
-    retrain.start()
-    deadline = time.monotonic() + 120
-    while served_block(registry.manifest(registry.current("cc"))) in (None, 0) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the retrain's first block (M'_1) is served
-    accepted_at = time.time()
-    ledger.append(request_id="r2", ids=ids2, dataset="digits", reason=None)  # accepted mid-retrain, no pass runs
-    retrain.join(timeout=300)
-    assert outcome.get("status") == "published", outcome
-    assert outcome["published_at"] > accepted_at, "the retrain ended before r2 was accepted; lengthen it"
+    outcome = _accept_mid_retrain(s3_url, "cc", ids1, ids2)
     assert outcome["held_by"] == ["r2"]
     forgotten = store.get_json("ledger/forgotten/r2.json")["forgotten_at"]
     assert forgotten < outcome["published_at"]  # rolled back by the running retrain, before it landed
