@@ -185,3 +185,31 @@ def test_a_partial_group_publish_is_undone_when_the_replan_is_not_publishable(gr
         assert "serve_block" not in manifest.metadata
         assert not registry.store.read_pointer(registry.pointer_key(member)).target.get("holds")
     assert not store.exists("ledger/forgotten/part.json")
+
+
+def test_a_member_whose_retrain_lands_mid_plan_is_replanned_on_its_new_version(group_store):
+    url, store, _chains, _accuracy_of = group_store
+    registry = RunRegistry(store)
+    before = {m: registry.current(m).version for m in MEMBERS}
+    part = _ids_in(store, MEMBERS[0], 4) + _ids_in(store, MEMBERS[1], 3)
+    landed: list[dict] = []
+
+    def judge_for(states):
+        if not landed:  # while the first plan is judged, member 1's retrain of another request publishes
+            landed.append(ChainWorker(url).unlearn(MEMBERS[1], {"other": _ids_in(store, MEMBERS[1], 4)}))
+        return heldout_judge(registry, states)
+
+    done = roll_back_group(registry, GROUP, MEMBERS, {"part": part}, floor_points=100.0, judge_for=judge_for)
+    assert landed[0]["status"] == "published" and landed[0]["to_version"] == before[MEMBERS[1]] + 1
+    assert done is not None and not done["flush_now"] and done["runs"][MEMBERS[1]]["published"]
+    # member 1's first publish lost its compare-and-swap to the retrain; the re-plan rolled back the new version
+    current = registry.current(MEMBERS[1])
+    manifest = registry.manifest(current)
+    assert current.version == before[MEMBERS[1]] + 2 and manifest.metadata["published_for"] == "rollback"
+    assert manifest.metadata["chain_of"]["version"] == before[MEMBERS[1]] + 1 and "other" in current.applied_requests
+    for member, first in ((MEMBERS[0], 4), (MEMBERS[1], 3)):
+        current = registry.current(member)
+        block = served_block(registry.manifest(current))
+        assert block is None or block < first  # nothing served saw part's ids
+        assert registry.store.read_pointer(registry.pointer_key(member)).target["holds"] == {"part": first}
+        assert current.version - before[member] <= 2  # member 0: its publish, and at most one re-plan
