@@ -213,3 +213,23 @@ def test_a_member_whose_retrain_lands_mid_plan_is_replanned_on_its_new_version(g
         assert block is None or block < first  # nothing served saw part's ids
         assert registry.store.read_pointer(registry.pointer_key(member)).target["holds"] == {"part": first}
         assert current.version - before[member] <= 2  # member 0: its publish, and at most one re-plan
+
+
+def test_a_group_rollback_measures_a_retrained_members_unrecorded_block(group_store):
+    url, store, _chains, _accuracy_of = group_store
+    registry = RunRegistry(store)
+    # member 1's retrain publishes nothing on the way (no rollback served), so it records only its M'_4
+    assert ChainWorker(url).unlearn(MEMBERS[1], {"early": _ids_in(store, MEMBERS[1], 1)})["status"] == "published"
+    retrained = chain_of(url, MEMBERS[1])
+    assert retrained.checkpoints[2].heldout_accuracy is None
+    part = _ids_in(store, MEMBERS[0], 4) + _ids_in(store, MEMBERS[1], 3)
+
+    def judge_for(states):
+        return heldout_judge(registry, states)
+
+    done = roll_back_group(registry, GROUP, MEMBERS, {"part": part}, floor_points=100.0, judge_for=judge_for)
+    assert done is not None and not done["flush_now"]
+    x, y = _heldout(store, MEMBERS[1])
+    alone = float((predict_shards([retrained.model(2)], x) == y).double().mean())
+    member = done["runs"][MEMBERS[1]]
+    assert member["serve_block"] == 2 and member["accuracy"] == pytest.approx(alone)  # judged, not left out unknown
