@@ -299,6 +299,9 @@ class ChainWorker:
         blocks = chain.plan.block_of(new_positions)
         first, last, num_blocks = int(blocks.min()), int(blocks.max()), chain.config.num_blocks
         members = {i: manifest.members[str(i)] for i in range(first)}
+        acceptable, measure = self._hold_judgement(
+            run_id, chain, data, members, floor_points=lambda: progress.floor_points
+        )
         progress = ProgressivePublisher(
             registry,
             io=self._io,
@@ -311,7 +314,8 @@ class ChainWorker:
             members=members,
             reference_accuracy=chain.final.heldout_accuracy,
             first_block=first,
-            acceptable=self._floor_judge(run_id, chain, data, members, floor_points=lambda: progress.floor_points),
+            acceptable=acceptable,
+            measure=measure,
         )
         began = time.perf_counter()
         if policy is Policy.EXACT:
@@ -486,7 +490,7 @@ class ChainWorker:
 
     # ----- helpers -------------------------------------------------------------------------------
 
-    def _floor_judge(
+    def _hold_judgement(
         self,
         run_id: str,
         chain: Chain,
@@ -494,13 +498,16 @@ class ChainWorker:
         members: dict[int, ObjectInfo],
         *,
         floor_points: Callable[[], float],
-    ) -> Callable[[int | None], bool]:
-        """Whether serving block ``b`` of this retrain's new chain meets the served floor (issue 11).
+    ) -> tuple[Callable[[int | None], bool], Callable[[int], float]]:
+        """How a retrain judges serving block ``b`` of its new chain (issue 11): ProgressivePublisher's
+        ``acceptable`` and ``measure``.
 
-        The acceptance rule (:meth:`HeldoutJudge.meets_floor`) on the run's held-out set: the
-        pre-deletion model is the final model of the chain the retrain started from; ``b`` is loaded
-        from the new chain's stored checkpoints (``members``, filled as blocks land). A shard of a
-        sharded run is judged in the vote, with the other shards as they serve now. Built on first use.
+        ``acceptable(b)``: whether it meets the served floor by the acceptance rule
+        (:meth:`HeldoutJudge.meets_floor`) on the run's held-out set; the pre-deletion model is the
+        final model of the chain the retrain started from, and ``b`` is loaded from the new chain's
+        stored checkpoints (``members``, filled as blocks land). A shard of a sharded run is judged
+        in the vote, with the other shards as they serve now. ``measure(b)``: M'_b's own held-out
+        accuracy. One judge, built on first use.
         """
         registry = self.registry
 
@@ -535,7 +542,11 @@ class ChainWorker:
             judge, served, position = self._io(judged)  # storage reads retried; built once
             return judge.meets_floor({**served, position: block}, floor_points=floor_points())
 
-        return acceptable
+        def measure(block: int) -> float:
+            judge, _, position = self._io(judged)
+            return judge.accuracy({position: block})
+
+        return acceptable, measure
 
     def _io(self, call):
         def count(attempt: int, err: Exception) -> None:

@@ -44,6 +44,8 @@ class ProgressivePublisher:
             (:meth:`obliviate.unlearning.judge.HeldoutJudge.meets_floor`). A request accepted
             meanwhile is held only if the block its hold leaves served meets it; otherwise it is
             left to the batch gate, which flushes it now (``below_floor``). ``None``: hold unjudged.
+        measure: held-out accuracy of block ``b`` of the new chain, for a served block the retrain
+            did not evaluate (``served_accuracy`` of its version); ``None``: left unknown.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class ProgressivePublisher:
         reference_accuracy: float | None,
         first_block: int,
         acceptable: Callable[[int | None], bool] | None = None,
+        measure: Callable[[int], float] | None = None,
     ) -> None:
         self.registry, self.io = registry, io
         self.run_id, self.todo, self.dataset = current.run_id, todo, dataset
@@ -77,7 +80,7 @@ class ProgressivePublisher:
         self.served = self.target.get("serve_block")
         self.rollback = io(lambda: load_rollback(registry.store))
         self.published: list[dict[str, Any]] = []
-        self.acceptable = acceptable
+        self.acceptable, self.measure = acceptable, measure
         self.latest = int(first_block) - 1  # the newest block of the new chain that has landed
         self.below_floor: set[str] = set()
 
@@ -148,6 +151,8 @@ class ProgressivePublisher:
             return
         holds = {r: b for r, b in self.holds.items() if r not in self.applied}
         accuracy = None if serve_block is None else entries[serve_block]["heldout_accuracy"]
+        if accuracy is None and serve_block is not None and self.measure is not None:
+            accuracy = self.measure(serve_block)  # a block this retrain did not evaluate (it was not to serve it)
         target = {
             "applied_requests": sorted(self.applied),
             "deleted_ids": list(self.target.get("deleted_ids", [])),

@@ -165,6 +165,7 @@ def test_a_request_accepted_while_a_retrain_runs_is_rolled_back_by_that_retrain(
         if held:  # from r2's hold on, nothing served saw r2's ids (block 3 and later)
             block = served_block(manifest)
             assert block is None or block < 3
+            assert block is None or target["metrics"]["served_accuracy"] is not None  # measured if not recorded
     assert held and ledger.get("r2").status == "pending"
     final_target, final = versions[-1][1], versions[-1][2]
     assert final_target["applied_requests"] == ["r1"] and final_target["holds"] == {"r2": 3}
