@@ -36,7 +36,7 @@ from obliviate.unlearning.chain import Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig, model_from_state
 from obliviate.unlearning.lineage import lineage_manifest
 from obliviate.unlearning.plan import BlockPlan
-from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim, rollback_block
+from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim, rollback_block, served_floor
 from storage.errors import ObjectNotFound, PointerConflict
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
@@ -406,7 +406,7 @@ def roll_back(
                 "published": False,
             }
         reference = manifest.metadata.get("reference_accuracy", accuracies[-1]) or 0.0
-        floor = reference - floor_points / 100
+        floor = served_floor(pre_deletion_accuracy=reference, floor_points=floor_points)
         first = min(firsts.values())
         accuracies = with_measured(
             accuracies,
@@ -524,7 +524,7 @@ def roll_back_group(
                 "below_floor": [],
             }
         judge = judge_for(ready)
-        floor = judge.reference_accuracy - floor_points / 100
+        floor = served_floor(pre_deletion_accuracy=judge.reference_accuracy, floor_points=floor_points)
         shard_floor = min(judge.reference_shard_accuracy(k) for k in range(len(ready))) - shard_floor_points / 100
         affected = {k: min(found.values()) for k, found in firsts.items()}
         accuracies = [s.accuracies for s in ready]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from obliviate.errors import ConfigError
-from obliviate.unlearning.rollback import paired_margin_points
+from obliviate.unlearning.rollback import paired_margin_points, served_floor
 from obliviate.unlearning.shards import combine, shard_probabilities
 
 ServedBlocks = Mapping[int, int | None]
@@ -105,7 +105,8 @@ class HeldoutJudge:
         """
         if all(b is None for b in served.values()):
             return False
-        return self.accuracy(served) >= self.reference_accuracy - floor_points / 100 + self.margin(served) / 100
+        floor = served_floor(pre_deletion_accuracy=self.reference_accuracy, floor_points=floor_points)
+        return self.accuracy(served) >= floor + self.margin(served) / 100
 
     def margin(self, served: ServedBlocks) -> float:
         """Points ``served`` must clear above the served floor: the paired margin vs the pre-deletion model."""

@@ -134,7 +134,7 @@ def _accept_mid_retrain(url: str, run_id: str, first: list[int], later: list[int
 
 def test_a_request_accepted_mid_retrain_is_not_held_where_the_held_block_misses_the_floor(tmp_path, small_run):
     url = f"file://{tmp_path / 'store'}"
-    store, _plan, ids_in = _setup(url, "fl", small_run, floor_points=-100.0)  # no block meets this floor
+    store, _plan, ids_in = _setup(url, "fl", small_run, floor_points=0.0)  # no drop at all: M'_1, M'_2 miss it
     outcome = _accept_mid_retrain(url, "fl", ids_in(1)[0], ids_in(3)[0])
     assert outcome["held_by"] == [] and outcome["not_held_below_floor"] == ["r2"]
     assert outcome["progressive_versions"] == []  # nothing below the floor was served on the way
