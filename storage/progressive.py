@@ -5,7 +5,9 @@ exact (trained from a checkpoint that never saw the batch's ids, on data without
 :class:`ProgressivePublisher` publishes it as it lands and served accuracy climbs back. With
 ``serve --rollback`` it reads the ledger's open requests after every block: a request accepted
 meanwhile becomes a hold, so this retrain (its progressive versions and its final one) never serves a block at or
-after the held request's earliest block. Used by :class:`actors.chains.ChainWorker`.
+after the held request's earliest block, provided the block the hold leaves served meets the served
+floor (``acceptable``); otherwise the request is left to the next pass, which flushes its batch.
+Used by :class:`actors.chains.ChainWorker`.
 """
 
 from __future__ import annotations
