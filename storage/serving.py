@@ -326,18 +326,13 @@ def with_measured(
     return (*accuracies[:block], float(measure(block)), *accuracies[block + 1 :])
 
 
-def _chain_accuracy(judge_for: JudgeFor, state: RunState, block: int) -> float:
-    return judge_for([state]).accuracy({0: block})
-
-
-def _member_accuracy(judge: InterimJudge, shard: int, block: int) -> float:
-    """Held-out accuracy of one member's M_block voting alone."""
-    return judge.accuracy({shard: block})
+def _accuracy_alone(judged: Callable[[], InterimJudge], shard: int, block: int) -> float:
+    """Held-out accuracy of one shard's M_block voting alone (``judged``: the judge, built on first use)."""
+    return judged().accuracy({shard: block})
 
 
 def _chain_margin(
-    judge_for: JudgeFor | None,
-    state: RunState,
+    judged: Callable[[], InterimJudge] | None,
     accuracies: tuple[float | None, ...],
     *,
     floor: float,
@@ -350,10 +345,10 @@ def _chain_margin(
 
     def margin_of(served: Mapping[int, int | None]) -> float:
         block = served[0]
-        if block is None or judge_for is None or (accuracies[block] or 0.0) < floor:
+        if block is None or judged is None or (accuracies[block] or 0.0) < floor:
             return 0.0
         if block not in seen:
-            seen[block] = judge_for([state]).margin({0: block})
+            seen[block] = judged().margin({0: block})
         return seen[block]
 
     return margin_of
@@ -408,13 +403,15 @@ def roll_back(
         reference = manifest.metadata.get("reference_accuracy", accuracies[-1]) or 0.0
         floor = served_floor(pre_deletion_accuracy=reference, floor_points=floor_points)
         first = min(firsts.values())
+        # one judge for the measured accuracy and the margin, built only if either is needed
+        judged = None if judge_for is None else functools.cache(functools.partial(judge_for, [state]))
         accuracies = with_measured(
             accuracies,
             rollback_block(served_block=served_now, first_affected_block=first),
-            None if judge_for is None else functools.partial(_chain_accuracy, judge_for, state),
+            None if judged is None else functools.partial(_accuracy_alone, judged, 0),
         )
         margins: dict[int, float] = {}
-        margin_of = _chain_margin(judge_for, state, accuracies, floor=floor, seen=margins)
+        margin_of = _chain_margin(judged, accuracies, floor=floor, seen=margins)
         interim = plan_interim(
             shards=[ShardCheckpoints(0, accuracies, served_now)],
             affected={0: first},
@@ -523,7 +520,8 @@ def roll_back_group(
                 "flush_now": False,
                 "below_floor": [],
             }
-        judge = judge_for(ready)
+        judged = functools.cache(functools.partial(judge_for, ready))
+        judge = judged()
         floor = served_floor(pre_deletion_accuracy=judge.reference_accuracy, floor_points=floor_points)
         shard_floor = min(judge.reference_shard_accuracy(k) for k in range(len(ready))) - shard_floor_points / 100
         affected = {k: min(found.values()) for k, found in firsts.items()}
@@ -532,7 +530,7 @@ def roll_back_group(
             accuracies[k] = with_measured(
                 accuracies[k],
                 rollback_block(served_block=ready[k].served_block, first_affected_block=first),
-                functools.partial(_member_accuracy, judge, k),
+                functools.partial(_accuracy_alone, judged, k),
             )
         interim = plan_interim(
             shards=[ShardCheckpoints(k, accuracies[k], s.served_block) for k, s in enumerate(ready)],
