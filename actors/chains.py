@@ -515,13 +515,10 @@ class ChainWorker:
         def judged() -> tuple[HeldoutJudge, dict[int, int | None], int]:
             group = next((m for m in sharded_runs(registry.store).values() if run_id in m), [run_id])
             position = group.index(run_id)
-            others = {}
-            for k, member in enumerate(group):
-                state = run_state(registry, member) if k != position else None
-                if k != position and state is None:
-                    raise ConfigError(f"shard {member} of {group} has no published version; train it first.")
-                if state is not None:
-                    others[k] = state
+            states = {k: run_state(registry, m) for k, m in enumerate(group) if k != position}
+            others = {k: s for k, s in states.items() if s is not None}
+            if len(others) < len(states):
+                raise ConfigError(f"a shard of {group} has no published version; train every shard first.")
             references = [
                 chain.model() if k == position else reference_model(registry, others[k]) for k in range(len(group))
             ]
