@@ -517,8 +517,9 @@ class ChainWorker:
             position = group.index(run_id)
             states = {k: run_state(registry, m) for k, m in enumerate(group) if k != position}
             others = {k: s for k, s in states.items() if s is not None}
-            if len(others) < len(states):
-                raise ConfigError(f"a shard of {group} has no published version; train every shard first.")
+            missing = [group[k] for k, s in states.items() if s is None]
+            if missing:
+                raise ConfigError(f"shards {missing} of {group} have no published version; train them first.")
             references = [
                 chain.model() if k == position else reference_model(registry, others[k]) for k in range(len(group))
             ]
