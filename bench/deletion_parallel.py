@@ -7,7 +7,8 @@ Part of ``bench/deletion_stream.py`` (it calls :func:`measure`), runnable alone 
 Setup: a fresh ``file://`` store, a local Ray runtime with 2 CPUs, two ChainWorker actors (the
 service's own worker class, ``actors/chains.py``), each with 1 torch thread; S = 1 runs on the first. The S = 1 run and the
 two shard runs of S = 2 (disjoint class-stratified shards, as ``train --shards 2`` makes them) are
-trained first (not timed). Then, interleaved (S = 1 first on even repetitions, S = 2 first on odd),
+trained first (not timed); a shard has B/2 blocks, so its blocks hold as many samples as those of
+S = 1 (``train --shards 2 --blocks B/2``). Then, interleaved (S = 1 first on even repetitions, S = 2 first on odd),
 the same batch of deletion requests (20 requests of 1-10 uniform ids, a one-day window at 20/day)
 is unlearned exactly: by the S = 1 run on one actor, and by the two shard runs at once on two
 actors (each shard gets the ids it holds). The wall time from the call to the last published
@@ -69,8 +70,15 @@ def _specs(config: BlockTrainingConfig) -> tuple[RunSpec, list[RunSpec]]:
     )
     train = np.asarray(base.train_ids, dtype=np.int64)
     plan = make_shard_plan(dataset.labels[train], num_shards=2, seed=base.split_seed)
+    # B/2 blocks per shard: a shard block holds as many samples as a block of S = 1 (as in deletion_stream)
+    shard_config = replace(config, num_blocks=config.num_blocks // 2)
     shards = [
-        replace(base, run_id=f"par-s2-s{k}of2", train_ids=tuple(int(i) for i in train[plan.shards[k]]))
+        replace(
+            base,
+            run_id=f"par-s2-s{k}of2",
+            train_ids=tuple(int(i) for i in train[plan.shards[k]]),
+            config=shard_config,
+        )
         for k in range(2)
     ]
     return base, shards

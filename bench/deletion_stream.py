@@ -4,8 +4,11 @@ Setting: MNIST 5k, LeNet-5, 4,000 train / 500 validation (floors, rollback decis
 (every reported accuracy and attack success), B = 20 blocks, E = 5, batch 32, Adam 1e-3 constant:
 a configuration that memorises a backdoor (ASR 0.80; its block tax is about 1 point). 100 training samples of global blocks 16-20 (recent data) get a 3x3
 white corner trigger and label 0; one request (day 10) deletes exactly them. Shards: S
-class-stratified shards; shard k's block i holds its samples of global block i (blocks are
-arrival order, so recent data is recent in every shard).
+class-stratified shards of B/S blocks each, so a shard block holds as many samples as a block of
+S = 1: shard k's block j holds its samples of global blocks (j-1)S+1..jS (blocks are arrival
+order, so recent data is recent in every shard). B blocks per shard (half-size blocks at S = 2)
+trained 14 % more optimizer steps at S = 4 and cost S = 2 0.8 points more accuracy (E = 5); that
+plan is kept as a comparison row of the accuracy sweep.
 
 What is trained for real (one torch thread, CPU seconds measured with ``time.process_time``):
 * the chains of S = 1, 2, 4 on the poisoned set;
@@ -22,7 +25,7 @@ What is simulated (pure rules of :mod:`obliviate.unlearning.batching` / ``rollba
 time): Poisson arrivals over 30 days at 20 and 100 per day, 1-10 ids each, uniform over the training
 set or recent-heavy (80 % of ids from blocks 16-20); strategies naive per request, exact per request,
 batched exact with windows 1 h, 1 d, 7 d; S = 1, 2, 4; with and without rollback. Retrain cost of
-a batch = per shard (B - d + 1) block-trainings at the measured mean CPU seconds per block of that
+a batch = per shard (B/S - d + 1) block-trainings at the measured mean CPU seconds per block of that
 shard; shards run on 2 workers. With rollback, an interim version is published only if its
 validation accuracy is within (floor - margin) of the pre-deletion model, the margin judged per
 candidate from its disagreement with the pre-deletion model (``paired_margin_points``, three standard
@@ -118,12 +121,25 @@ def _data() -> dict:
     }
 
 
-def restrict_plan(plan: BlockPlan, positions: np.ndarray) -> BlockPlan:
-    """Block plan of a shard: its block i = the shard's samples of global block i (local ids, same order)."""
+def blocks_per_shard(S: int) -> int:
+    """B/S: a shard block holds as many samples as a block of S = 1 (the same optimizer steps in all)."""
+    return B // S
+
+
+def restrict_plan(plan: BlockPlan, positions: np.ndarray, *, merge: int) -> BlockPlan:
+    """Block plan of a shard: its block j = the shard's samples of global blocks (j-1)·merge+1..j·merge.
+
+    Local ids, in the global plan's order, so a shard's recent data is in its last blocks.
+    """
+    if plan.num_blocks % merge:
+        raise ValueError(f"merge must divide the plan's {plan.num_blocks} blocks; got {merge}.")
     local = {int(p): j for j, p in enumerate(positions)}
     blocks = tuple(
-        np.asarray([local[int(i)] for i in plan.block_ids(b) if int(i) in local], dtype=np.int64)
-        for b in range(1, plan.num_blocks + 1)
+        np.asarray(
+            [local[int(i)] for b in range(first, first + merge) for i in plan.block_ids(b) if int(i) in local],
+            dtype=np.int64,
+        )
+        for first in range(1, plan.num_blocks + 1, merge)
     )
     return BlockPlan(blocks=blocks, num_samples=int(positions.size))
 
@@ -143,13 +159,14 @@ def train_world(fresh: bool) -> dict:
     cached = json.loads(meta_path.read_text()) if meta_path.exists() and not fresh else {}
     # a world cached before evaluation was timed apart from training retrains its chains (timings)
     # but keeps its accuracy sweeps, which that does not change
-    if cached and arrays_path.exists() and "block_evaluation_cpu_seconds" in cached["shards"]["1"]["shards"][0]:
+    plans_now = {str(S): blocks_per_shard(S) for S in SHARDS}
+    if cached and arrays_path.exists() and cached.get("blocks_per_shard") == plans_now:
         with np.load(arrays_path, allow_pickle=False) as npz:
             return {"meta": cached, "arrays": {k: npz[k] for k in npz.files}}
     d = _data()
     x_val = images_to_tensor(d["val"].images, levels=256)
     x_test = images_to_tensor(d["test"].images, levels=256)
-    meta: dict = {"poison_ids": d["poison_ids"].tolist(), "shards": {}, "block_tax": []}
+    meta: dict = {"poison_ids": d["poison_ids"].tolist(), "shards": {}, "block_tax": [], "blocks_per_shard": plans_now}
     arrays: dict[str, np.ndarray] = {"y_val": d["val"].labels, "y_test": d["test"].labels}
     for S in SHARDS:
         shard_plan = make_shard_plan(d["poisoned"].labels, num_shards=S, seed=SEED)
@@ -158,10 +175,11 @@ def train_world(fresh: bool) -> dict:
             data = BlockData(train=d["poisoned"].subset(positions), heldout=d["val"])
             timings: list = []
             began = time.process_time()
-            # A shard's block i holds its samples of the global block i (blocks are arrival order: recent
+            # A shard's block j holds its samples of S global blocks (blocks are arrival order: recent
             # data is in the last blocks of every shard); the plan is fixed from the clean labels.
-            plan = restrict_plan(d["plan"], positions)
-            chain = train_chain(config=CONFIG, data=data, plan=plan, timings=timings)
+            plan = restrict_plan(d["plan"], positions, merge=S)
+            config = replace(CONFIG, num_blocks=plan.num_blocks)
+            chain = train_chain(config=config, data=data, plan=plan, timings=timings)
             train_cpu = time.process_time() - began
             local_poison = np.flatnonzero(np.isin(positions, d["poison_ids"]))
             info = {
@@ -177,18 +195,18 @@ def train_world(fresh: bool) -> dict:
             if local_poison.size:
                 retrainer = ChainRetrainer(chain=chain, data=data, ids=local_poison.tolist())
                 began = time.process_time()
-                retrainer.advance_to(B)
+                retrainer.advance_to(plan.num_blocks)
                 info["poison_retrain_cpu_seconds"] = time.process_time() - began
                 clean = [
                     retrainer.checkpoints[i] if i >= info["poison_first_block"] else chain.checkpoints[i]
-                    for i in range(B + 1)
+                    for i in range(plan.num_blocks + 1)
                 ]
                 clean_states = [c.model_state for c in clean]
                 for name, x in (("val", x_val), ("test", x_test), ("trig", d["x_trig"])):
                     arrays[f"S{S}k{k}_clean_{name}"] = _probs(clean_states, CONFIG, x)
                 # naive retrain of every affected shard: the exact retrain must equal it bit for bit
                 began = time.process_time()
-                naive = train_chain(config=CONFIG, data=data, plan=plan, excluded_ids=local_poison.tolist())
+                naive = train_chain(config=config, data=data, plan=plan, excluded_ids=local_poison.tolist())
                 info["naive_cpu_seconds"] = time.process_time() - began
                 info["exact_bit_identical_to_naive"] = all(
                     torch.equal(naive.final.model_state[key], clean[-1].model_state[key]) for key in clean_states[-1]
@@ -197,7 +215,9 @@ def train_world(fresh: bool) -> dict:
             print(f"S={S} shard {k}: trained ({train_cpu:.1f} s CPU)", file=sys.stderr)
     meta["block_tax"] = cached.get("block_tax") or block_tax(d)
     meta["sisa_plain"] = cached.get("sisa_plain") or sisa_plain_cost(d)
-    meta["shard_cost_by_epochs"] = cached.get("shard_cost_by_epochs") or shard_cost_by_epochs(d)
+    # the sweep's chains follow the shard block plans, so a cache of other plans re-runs it
+    same_plans = cached.get("blocks_per_shard") == plans_now
+    meta["shard_cost_by_epochs"] = (same_plans and cached.get("shard_cost_by_epochs")) or shard_cost_by_epochs(d)
     np.savez_compressed(arrays_path, **arrays)
     meta_path.write_text(json.dumps(meta))
     return {"meta": meta, "arrays": arrays}
@@ -282,24 +302,26 @@ def _eval_set(d: dict) -> tuple[torch.Tensor, np.ndarray]:
     return x_eval, np.concatenate([d["val"].labels, d["test"].labels])
 
 
-def shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool) -> dict:
+def shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool, keep_block_size: bool = True) -> dict:
     """Accuracy of S = 1, 2, 4 class-stratified shards on the clean 4,000 samples, and S's cost in points.
 
     Per seed of ``SISA_SEEDS`` (the config's seed and the shard split's): every shard trained with
-    ``config`` (``chains``: on the bench's block plan of that seed restricted to the shard; else
-    plainly, one block), served as the mean of the shards' probabilities, evaluated on validation + test.
+    ``config`` (``chains``: on the bench's block plan of that seed restricted to the shard, B/S
+    blocks per shard, or with ``keep_block_size`` False B blocks of 1/S the size; else plainly, one
+    block), served as the mean of the shards' probabilities, evaluated on validation + test.
     """
     x_eval, y_eval = _eval_set(d)
     out: dict = {}
     for S in SHARDS:
+        merge = S if keep_block_size else 1
         for seed in SISA_SEEDS:
             block_plan = make_block_plan(d["train"].labels, num_blocks=B, seed=seed) if chains else None
             probs = [
                 shard_probabilities(
                     train_chain(
-                        config=replace(config, seed=seed),
+                        config=replace(config, seed=seed, num_blocks=B // merge if chains else 1),
                         data=BlockData(train=d["train"].subset(p), heldout=d["val"]),
-                        plan=None if block_plan is None else restrict_plan(block_plan, p),
+                        plan=None if block_plan is None else restrict_plan(block_plan, p, merge=merge),
                     ).model(),
                     x_eval,
                 ).numpy()
@@ -329,11 +351,12 @@ EPOCH_SWEEP = (5, 10, 20)
 def shard_cost_by_epochs(d: dict) -> dict:
     """S = 2 / S = 4 accuracy cost as the local epochs grow (the rest of the bench config kept).
 
-    At every E of ``EPOCH_SWEEP``: the cost of the B = 20 chains (:func:`shard_costs` with
-    ``chains``) and of plain training with the same E, and the attack success of an S = 1 chain on
-    the poisoned data (seed 0): every E must still memorise the backdoor. What it shows: at E = 5 a
-    100-sample shard block is trained too little, so part of the S = 2 cost is training length, and
-    what is left at a longer E is the block plan's, not sharding's.
+    At every E of ``EPOCH_SWEEP``: the cost of the chains (:func:`shard_costs` with ``chains``, B/S
+    blocks per shard) and of plain training with the same E, and the attack success of an S = 1
+    chain on the poisoned data (seed 0): every E must still memorise the backdoor. At the bench's E
+    also the chains of B blocks per shard (blocks of 1/S the size), the plan this bench used before.
+    What it shows: at E = 5 a shard is trained too little, so most of the S = 2 cost is training
+    length, and what is left at a longer E is the block plan's, not sharding's.
     """
     out: dict = {"seeds": list(SISA_SEEDS), "epochs": list(EPOCH_SWEEP), "by_epochs": {}}
     for epochs in EPOCH_SWEEP:
@@ -345,6 +368,8 @@ def shard_cost_by_epochs(d: dict) -> dict:
             "plain": shard_costs(d, config=replace(config, num_blocks=1), chains=False),
             "asr_S1_untouched": float(attack.mean()),
         }
+        if epochs == E:
+            row["chains_B_blocks_per_shard"] = shard_costs(d, config=config, chains=True, keep_block_size=False)
         out["by_epochs"][str(epochs)] = row
         print(
             f"E={epochs}: S=2 cost, chains {row['chains']['cost_points_S2']:.2f}, plain {row['plain']['cost_points_S2']:.2f}",
@@ -423,6 +448,7 @@ def simulate(
     plans = [np.asarray(p) for p in info["plan"]]
     owner = {int(pos): (k, j) for k, p in enumerate(plans) for j, pos in enumerate(p)}
     block_of = [np.asarray(s["block_of_local"]) for s in info["shards"]]
+    shard_blocks = blocks_per_shard(S)
     # A retrain (exact or naive) evaluates only its last block, as the service's worker does when no
     # rollback is served: the blocks' training CPU seconds plus one held-out evaluation.
     block_s, eval_s = [], []
@@ -433,9 +459,10 @@ def simulate(
     s1 = world["meta"]["shards"]["1"]["shards"][0]
     s1_evaluation = np.asarray(s1["block_evaluation_cpu_seconds"])
     naive_s1 = float(np.sum(np.asarray(s1["block_cpu_seconds"]) - s1_evaluation) + np.mean(s1_evaluation))
-    naive_same_s = float(sum(B * t + e for t, e in zip(block_s, eval_s, strict=True)))  # the sharded model from scratch
-    acc_final = {k: models.metric({k: B}, frozenset(), "val") for k in range(S)}
-    full = dict.fromkeys(range(S), B)
+    # the sharded model from scratch
+    naive_same_s = float(sum(shard_blocks * t + e for t, e in zip(block_s, eval_s, strict=True)))
+    acc_final = {k: models.metric({k: shard_blocks}, frozenset(), "val") for k in range(S)}
+    full = dict.fromkeys(range(S), shard_blocks)
     pre_val = models.metric(full, frozenset(), "val")
     pre_test = models.metric(full, frozenset(), "test")
     # the margin kept back for held-out vs test noise, per candidate: one s.e. of the difference of two paired
@@ -475,15 +502,15 @@ def simulate(
             if pos in deleted:
                 continue
             k, j = owner[pos]
-            out[k] = min(out.get(k, B + 1), int(block_of[k][j]))
+            out[k] = min(out.get(k, shard_blocks + 1), int(block_of[k][j]))
         return out
 
     def retrain_seconds(aff):
-        jobs = sorted(((B - d + 1) * block_s[k] + eval_s[k] for k, d in aff.items()), reverse=True)
+        jobs = sorted(((shard_blocks - d + 1) * block_s[k] + eval_s[k] for k, d in aff.items()), reverse=True)
         workers = [0.0] * WORKERS
         for job in jobs:
             workers[workers.index(min(workers))] += job
-        return max(workers) if jobs else 0.0, sum(jobs), sum(B - d + 1 for d in aff.values())
+        return max(workers) if jobs else 0.0, sum(jobs), sum(shard_blocks - d + 1 for d in aff.values())
 
     def flush(at: float, reason: str) -> None:
         nonlocal busy_until, compute_s, compute_blocks, pending
@@ -496,7 +523,7 @@ def simulate(
         exact_at = start + wall
         busy_until = exact_at
         compute_s += cpu
-        compute_blocks += blocks / S  # in S = 1 block equivalents (a shard block holds 1/S of the samples)
+        compute_blocks += blocks  # in S = 1 block equivalents (a shard block holds as many samples)
         batches.append(
             {
                 "at": at,
@@ -527,13 +554,16 @@ def simulate(
         aff: dict[int, int] = {}
         for q in open_reqs:
             for k, d in q["aff"].items():
-                aff[k] = min(aff.get(k, B + 1), d)
+                aff[k] = min(aff.get(k, shard_blocks + 1), d)
         if not aff:
             return None
         clean = clean_set(t)
         # every open request's rollback from the full chain: the same as rolling back step by step
         shards = [
-            ShardCheckpoints(k, tuple(models.metric({k: i}, clean, "val") for i in range(B + 1)), B) for k in range(S)
+            ShardCheckpoints(
+                k, tuple(models.metric({k: i}, clean, "val") for i in range(shard_blocks + 1)), shard_blocks
+            )
+            for k in range(S)
         ]
         return plan_interim(
             shards=shards,
@@ -671,7 +701,9 @@ def main() -> int:
     if "sisa_plain" not in world["meta"]:
         world["meta"]["sisa_plain"] = sisa_plain_cost(_data())
         (CACHE / "world.json").write_text(json.dumps(world["meta"]))
-    if "plain" not in world["meta"].get("shard_cost_by_epochs", {}).get("by_epochs", {}).get("5", {}):
+    if "chains_B_blocks_per_shard" not in world["meta"].get("shard_cost_by_epochs", {}).get("by_epochs", {}).get(
+        str(E), {}
+    ):
         world["meta"]["shard_cost_by_epochs"] = shard_cost_by_epochs(_data())
         (CACHE / "world.json").write_text(json.dumps(world["meta"]))
     train_wall = time.perf_counter() - began
@@ -707,8 +739,9 @@ def main() -> int:
         parallel["epochs_10"] = measure(replace(CONFIG, local_epochs=10))
     meta = world["meta"]
     s1 = meta["shards"]["1"]["shards"][0]
-    naive_asr = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(range(S)), "asr") for S in SHARDS}
-    orig_asr = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(), "asr") for S in SHARDS}
+    final = {S: dict.fromkeys(range(S), blocks_per_shard(S)) for S in SHARDS}
+    naive_asr = {S: Models(world, S).metric(final[S], frozenset(range(S)), "asr") for S in SHARDS}
+    orig_asr = {S: Models(world, S).metric(final[S], frozenset(), "asr") for S in SHARDS}
 
     def pick(**kw):
         return next(r for r in rows if all(r[k] == v for k, v in kw.items()))
@@ -723,8 +756,8 @@ def main() -> int:
     best_rb = min(rb, key=lambda r: r["time_to_forgotten_p95_s"])
     worst_drop = max(rows, key=lambda r: r["served_accuracy_max_drop_points"])
     worst_asr = max(rows, key=lambda r: r["asr_after_forget_max_deviation_from_naive_same_S_points"])
-    s_acc = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(), "test") for S in SHARDS}
-    s_acc_naive = {S: Models(world, S).metric(dict.fromkeys(range(S), B), frozenset(range(S)), "test") for S in SHARDS}
+    s_acc = {S: Models(world, S).metric(final[S], frozenset(), "test") for S in SHARDS}
+    s_acc_naive = {S: Models(world, S).metric(final[S], frozenset(range(S)), "test") for S in SHARDS}
     wall_exact = {
         S: pick(rate_per_day=20.0, ids="uniform", strategy="batched 1d", shards=S, rollback=False)[
             "retrain_wall_per_batch_mean_s"
@@ -880,9 +913,10 @@ def main() -> int:
             peer="S=1",
         ),
         headline(
-            "accuracy cost of S=2 (test, poison-free models: the exact = naive retrain without the poisoned ids)",
+            "accuracy cost of S=2 (test, poison-free models: the exact = naive retrain without the poisoned ids; "
+            "one seed and 500 test samples, so the 3-seed row of the bench config carries the target)",
             100 * (s_acc_naive[1] - s_acc_naive[2]),
-            target=1.0,
+            target=None,
             better="lower",
             unit="points",
             peer="S=1",
@@ -898,10 +932,12 @@ def main() -> int:
         ),
         *(
             headline(
-                f"accuracy cost of S=2 at E = {epochs} local epochs: B = 20 chains (clean data, validation + test, "
-                f"mean of {len(SISA_SEEDS)} seeds; S=1 chain's backdoor attack success {row['asr_S1_untouched']:.2f})",
+                f"accuracy cost of S=2 at E = {epochs} local epochs{' (the bench config)' if int(epochs) == E else ''}: "
+                "chains of B/S blocks per shard (clean data, "
+                f"validation + test, mean of {len(SISA_SEEDS)} seeds; S=1 chain's backdoor attack success "
+                f"{row['asr_S1_untouched']:.2f})",
                 row["chains"]["cost_points_S2"],
-                target=None,
+                target=1.0 if int(epochs) == E else None,
                 better="lower",
                 unit="points",
                 peer=(
@@ -910,6 +946,16 @@ def main() -> int:
                 ),
             )
             for epochs, row in meta["shard_cost_by_epochs"]["by_epochs"].items()
+        ),
+        headline(
+            f"accuracy cost of S=2 at E = {E}: chains of B = {B} blocks per shard (blocks of 1/S the size; the plan "
+            f"this bench used before), validation + test, mean of {len(SISA_SEEDS)} seeds",
+            meta["shard_cost_by_epochs"]["by_epochs"][str(E)]["chains_B_blocks_per_shard"]["cost_points_S2"],
+            target=None,
+            better="lower",
+            unit="points",
+            peer="S=4: "
+            f"{meta['shard_cost_by_epochs']['by_epochs'][str(E)]['chains_B_blocks_per_shard']['cost_points_S4']:.1f}",
         ),
         headline(
             "accuracy cost of S=4 (test, poison-free models)",
@@ -955,7 +1001,8 @@ def main() -> int:
             "config": CONFIG.to_dict(),
             "poison": f"{POISON_COUNT} ids in global blocks {POISON_BLOCKS}, 3x3 white corner -> class {TARGET}; "
             "one request on day 10",
-            "shard_block_plans": "shard k's block i = its samples of global block i (blocks are arrival order)",
+            "shard_block_plans": "B/S blocks per shard: shard k's block j = its samples of global blocks "
+            "(j-1)S+1..jS (blocks are arrival order), so a shard block holds as many samples as an S=1 block",
             "workers": WORKERS,
             "served_floor": f"interim published only if its validation accuracy >= pre-deletion validation - "
             f"{FLOOR_POINTS} points + its margin; margin = paired_margin_points (z = 3): 100 * 3 * sqrt(2 q / 500), "
