@@ -51,7 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--heldout-size", type=int, default=300, help="held-out samples (default 300)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out split")
     parser.add_argument(
-        "--shards", type=int, default=1, help="S > 1: S chains on disjoint stratified shards, trained in parallel"
+        "--shards",
+        type=int,
+        default=1,
+        help="S > 1: S chains on disjoint stratified shards, trained in parallel; --blocks counts each shard's "
+        "blocks, so B/S keeps the block size of an unsharded run of B blocks (smaller blocks cost accuracy)",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
     parser.set_defaults(handler=run_train)
