@@ -1,9 +1,11 @@
 """A month of deletion requests (issue 11, SPEC section 6): batching, shards, rollback, against naive.
 
 Setting: MNIST 5k, LeNet-5, 4,000 train / 500 validation (floors, rollback decisions) / 500 test
-(every reported accuracy and attack success), B = 20 blocks, E = 5, batch 32, Adam 1e-3 constant:
-a configuration that memorises a backdoor (ASR 0.80; its block tax is about 1 point). 100 training samples of global blocks 16-20 (recent data) get a 3x3
-white corner trigger and label 0; one request (day 10) deletes exactly them. Shards: S
+(every reported accuracy and attack success), B = 20 blocks, E = 5, batch 32, Adam 4e-3 constant:
+a configuration that memorises a backdoor. The rate is chosen in the run from 1e-3 (the issue's,
+attack success 0.80, under-trained at E = 5), 2e-3, 4e-3 and 8e-3: the best S=1 validation
+accuracy among rates whose S=1 chain memorises the backdoor (``learning_rate_choice``). 100
+training samples of global blocks 16-20 (recent data) get a 3x3 white corner trigger and label 0; one request (day 10) deletes exactly them. Shards: S
 class-stratified shards of B/S blocks each, so a shard block holds as many samples as a block of
 S = 1: shard k's block j holds its samples of global blocks (j-1)S+1..jS (blocks are arrival
 order, so recent data is recent in every shard). B blocks per shard (half-size blocks at S = 2)
@@ -80,11 +82,15 @@ WORKERS = 2
 FLOOR_POINTS = 2.0  # served accuracy may never fall more than this below the pre-deletion model (test)
 INTERIM_LATENCY_S = 1.0  # acceptance -> interim published (assumed; the publish itself is timed separately)
 CACHE = Path(os.environ.get("TMPDIR", tempfile.gettempdir())) / "obliviate-deletion-stream"
-# The issue's memorising configuration (Adam 1e-3 constant; ASR 0.80 untouched). A cosine decay at
-# 3e-3 looked tax-free on 3 seeds x 500 test samples but was not on 5 seeds x 1,000 (1.0 point vs
-# 0.9) and cost S=2 4.4 points of accuracy, so it is kept as a block-tax row only.
+# A memorising configuration: Adam, constant rate. The issue's 1e-3 (attack success 0.80) under-trains
+# at E = 5; the rate is the one of LEARNING_RATES with the best S=1 validation accuracy among those
+# whose S=1 chain memorises the backdoor (learning_rate_choice measures it, and the run checks it).
+# A cosine decay at 3e-3 looked tax-free on 3 seeds x 500 test samples but was not on 5 seeds x
+# 1,000 (1.0 point vs 0.9) and stopped memorising as it decayed further, so it is a block-tax row only.
+LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3)
+MEMORISES = 0.5  # S=1 attack success on triggered test inputs that counts as memorising the backdoor
 CONFIG = BlockTrainingConfig(
-    num_blocks=B, local_epochs=E, optimizer="adam", learning_rate=1e-3, batch_size=32, seed=SEED, accuracy_every=1
+    num_blocks=B, local_epochs=E, optimizer="adam", learning_rate=4e-3, batch_size=32, seed=SEED, accuracy_every=1
 )
 
 
@@ -160,13 +166,20 @@ def train_world(fresh: bool) -> dict:
     # a world cached before evaluation was timed apart from training retrains its chains (timings)
     # but keeps its accuracy sweeps, which that does not change
     plans_now = {str(S): blocks_per_shard(S) for S in SHARDS}
-    if cached and arrays_path.exists() and cached.get("blocks_per_shard") == plans_now:
+    same_world = cached.get("blocks_per_shard") == plans_now and cached.get("config") == CONFIG.to_dict()
+    if cached and arrays_path.exists() and same_world:
         with np.load(arrays_path, allow_pickle=False) as npz:
             return {"meta": cached, "arrays": {k: npz[k] for k in npz.files}}
     d = _data()
     x_val = images_to_tensor(d["val"].images, levels=256)
     x_test = images_to_tensor(d["test"].images, levels=256)
-    meta: dict = {"poison_ids": d["poison_ids"].tolist(), "shards": {}, "block_tax": [], "blocks_per_shard": plans_now}
+    meta: dict = {
+        "poison_ids": d["poison_ids"].tolist(),
+        "shards": {},
+        "block_tax": [],
+        "blocks_per_shard": plans_now,
+        "config": CONFIG.to_dict(),
+    }
     arrays: dict[str, np.ndarray] = {"y_val": d["val"].labels, "y_test": d["test"].labels}
     for S in SHARDS:
         shard_plan = make_shard_plan(d["poisoned"].labels, num_shards=S, seed=SEED)
@@ -213,11 +226,8 @@ def train_world(fresh: bool) -> dict:
                 )
             meta["shards"][str(S)]["shards"].append(info)
             print(f"S={S} shard {k}: trained ({train_cpu:.1f} s CPU)", file=sys.stderr)
-    meta["block_tax"] = cached.get("block_tax") or block_tax(d)
-    meta["sisa_plain"] = cached.get("sisa_plain") or sisa_plain_cost(d)
-    # the sweep's chains follow the shard block plans, so a cache of other plans re-runs it
-    same_plans = cached.get("blocks_per_shard") == plans_now
-    meta["shard_cost_by_epochs"] = (same_plans and cached.get("shard_cost_by_epochs")) or shard_cost_by_epochs(d)
+    # the studies on clean data do not depend on these chains; refresh_studies re-runs the stale ones
+    meta.update({name: cached[name] for name in (*STUDIES, "block_tax") if name in cached})
     np.savez_compressed(arrays_path, **arrays)
     meta_path.write_text(json.dumps(meta))
     return {"meta": meta, "arrays": arrays}
@@ -228,12 +238,16 @@ CLI_DEFAULTS = (
     f"CLI defaults (B={DEFAULT_RECIPE['num_blocks']}, E={DEFAULT_RECIPE['local_epochs']}, Adam "
     f"{DEFAULT_RECIPE['learning_rate']:g} {DEFAULT_RECIPE['schedule']} to {DEFAULT_RECIPE['min_lr_fraction']:.0%})"
 )
+BENCH_CONFIG = (
+    f"bench config (B=20, E=5, Adam {CONFIG.learning_rate:g} constant; chosen to memorise the backdoor, not a default)"
+)
 TAX_CONFIGS = {
     CLI_DEFAULTS: BlockTrainingConfig(**DEFAULT_RECIPE, seed=SEED),
     "earlier CLI defaults (B=6, E=3, Adam 1e-2 constant)": BlockTrainingConfig(
         num_blocks=6, local_epochs=3, optimizer="adam", learning_rate=0.01, seed=SEED
     ),
-    "bench config (B=20, E=5, Adam 1e-3 constant; chosen to memorise the backdoor, not a default)": CONFIG,
+    BENCH_CONFIG: CONFIG,
+    "issue's memorising config (B=20, E=5, Adam 1e-3 constant)": replace(CONFIG, learning_rate=1e-3),
     **{
         f"B=20, E=5, Adam 3e-3 cosine to {round(100 * fraction)} %": replace(
             CONFIG, learning_rate=3e-3, schedule="cosine", min_lr_fraction=fraction
@@ -293,7 +307,7 @@ def block_tax(d: dict, *, skip: Sequence[str] = ()) -> list[dict]:
     return out
 
 
-SISA_SEEDS = (0, 1, 2)
+SISA_SEEDS = (0, 1, 2, 3, 4)
 
 
 def _eval_set(d: dict) -> tuple[torch.Tensor, np.ndarray]:
@@ -327,7 +341,9 @@ def shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool, keep_bloc
                 ).numpy()
                 for p in make_shard_plan(d["train"].labels, num_shards=S, seed=seed).shards
             ]
-            out.setdefault(f"accuracy_S{S}", []).append(float((np.mean(probs, axis=0).argmax(1) == y_eval).mean()))
+            right = np.mean(probs, axis=0).argmax(1) == y_eval
+            out.setdefault(f"accuracy_S{S}", []).append(float(right.mean()))
+            out.setdefault(f"validation_accuracy_S{S}", []).append(float(right[: d["val"].labels.size].mean()))
     for S in SHARDS[1:]:
         out[f"cost_points_S{S}"] = 100 * float(np.mean(out["accuracy_S1"]) - np.mean(out[f"accuracy_S{S}"]))
     return out
@@ -336,7 +352,7 @@ def shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool, keep_bloc
 def sisa_plain_cost(d: dict) -> dict:
     """SISA's own accuracy cost at this data size: plain training (B = 1) of S shards vs one model.
 
-    The same recipe as the bench chains (Adam 1e-3, E = 5) on the clean 4,000 training samples,
+    The same recipe as the bench chains (``CONFIG``, E = 5) on the clean 4,000 training samples,
     S = 1, 2, 4 class-stratified shards served as the mean of their probabilities, no blocks at
     all; evaluated on validation + test (1,000 samples). What the chains' S = 2 cost should be
     compared with: the part no block plan adds.
@@ -346,6 +362,44 @@ def sisa_plain_cost(d: dict) -> dict:
 
 
 EPOCH_SWEEP = (5, 10, 20)
+
+
+def learning_rate_choice(d: dict) -> dict:
+    """The bench's learning rate: per rate of ``LEARNING_RATES`` (the rest of ``CONFIG`` kept), the
+    S = 1, 2, 4 chains' accuracy on clean data (:func:`shard_costs`) and the attack success of an S = 1
+    chain on the poisoned data (seed 0). Chosen: the best mean S = 1 validation accuracy among the
+    rates whose attack success is at least ``MEMORISES`` (validation only: test is what is reported).
+    """
+    rows: dict = {}
+    for rate in LEARNING_RATES:
+        config = replace(CONFIG, learning_rate=rate)
+        poisoned = train_chain(config=config, data=BlockData(train=d["poisoned"], heldout=d["val"]), plan=d["plan"])
+        attack = shard_probabilities(poisoned.model(), d["x_trig"]).numpy().argmax(1) == TARGET
+        rows[f"{rate:g}"] = {**shard_costs(d, config=config, chains=True), "asr_S1_untouched": float(attack.mean())}
+        print(
+            f"lr {rate:g}: S=2 cost {rows[f'{rate:g}']['cost_points_S2']:.2f}, ASR {attack.mean():.2f}", file=sys.stderr
+        )
+    memorising = [rate for rate in rows if rows[rate]["asr_S1_untouched"] >= MEMORISES]
+    chosen = max(memorising, key=lambda rate: np.mean(rows[rate]["validation_accuracy_S1"]), default=None)
+    return {
+        "seeds": list(SISA_SEEDS),
+        "memorises_at_asr": MEMORISES,
+        "by_rate": rows,
+        "chosen": chosen,
+    }
+
+
+def _choice_key() -> dict:
+    return {**_study_key(), "learning_rate": list(LEARNING_RATES)}
+
+
+def _study_key() -> dict:
+    """What a study on clean data depends on: the config, the seeds and the shard block plans."""
+    return {
+        **CONFIG.to_dict(),
+        "seeds": list(SISA_SEEDS),
+        "blocks_per_shard": {str(S): blocks_per_shard(S) for S in SHARDS},
+    }
 
 
 def shard_cost_by_epochs(d: dict) -> dict:
@@ -376,6 +430,28 @@ def shard_cost_by_epochs(d: dict) -> dict:
             file=sys.stderr,
         )
     return out
+
+
+# name in the world's meta -> (the key it was computed under, how to compute it)
+STUDIES = {
+    "sisa_plain": (_study_key, sisa_plain_cost),
+    "shard_cost_by_epochs": (_study_key, shard_cost_by_epochs),
+    "learning_rate_choice": (_choice_key, learning_rate_choice),
+}
+
+
+def refresh_studies(meta: dict) -> None:
+    """Re-run the studies (and block-tax rows) whose cached key is not today's; saves the world's meta."""
+    data = None
+    for name, (key, compute) in STUDIES.items():
+        if (meta.get(name) or {}).get("key") != key():
+            data = data or _data()
+            meta[name] = {**compute(data), "key": key()}
+    done = {row["config"] for row in meta.get("block_tax", [])}
+    if set(TAX_CONFIGS) - done:  # rows added after the cache was built
+        data = data or _data()
+        meta["block_tax"] = meta.get("block_tax", []) + block_tax(data, skip=sorted(done))
+    (CACHE / "world.json").write_text(json.dumps(meta))
 
 
 # ----- simulation ---------------------------------------------------------------------------------
@@ -693,19 +769,7 @@ def main() -> int:
     started = machine()
     began = time.perf_counter()
     world = train_world(args.fresh)
-    done = {row["config"] for row in world["meta"]["block_tax"]}
-    if set(TAX_CONFIGS) - done:  # configs added after the cache was built
-        d = _data()
-        world["meta"]["block_tax"] += block_tax(d, skip=sorted(done))
-        (CACHE / "world.json").write_text(json.dumps(world["meta"]))
-    if "sisa_plain" not in world["meta"]:
-        world["meta"]["sisa_plain"] = sisa_plain_cost(_data())
-        (CACHE / "world.json").write_text(json.dumps(world["meta"]))
-    if "chains_B_blocks_per_shard" not in world["meta"].get("shard_cost_by_epochs", {}).get("by_epochs", {}).get(
-        str(E), {}
-    ):
-        world["meta"]["shard_cost_by_epochs"] = shard_cost_by_epochs(_data())
-        (CACHE / "world.json").write_text(json.dumps(world["meta"]))
+    refresh_studies(world["meta"])
     train_wall = time.perf_counter() - began
     rows = []
     for rate in (20.0, 100.0):
@@ -739,6 +803,13 @@ def main() -> int:
         parallel["epochs_10"] = measure(replace(CONFIG, local_epochs=10))
     meta = world["meta"]
     s1 = meta["shards"]["1"]["shards"][0]
+    choice = meta["learning_rate_choice"]
+    if choice["chosen"] != f"{CONFIG.learning_rate:g}":
+        print(
+            f"warning: the bench config's rate {CONFIG.learning_rate:g} is not the chosen one ({choice['chosen']}); "
+            "set CONFIG's learning_rate to it and re-run with --fresh.",
+            file=sys.stderr,
+        )
     final = {S: dict.fromkeys(range(S), blocks_per_shard(S)) for S in SHARDS}
     naive_asr = {S: Models(world, S).metric(final[S], frozenset(range(S)), "asr") for S in SHARDS}
     orig_asr = {S: Models(world, S).metric(final[S], frozenset(), "asr") for S in SHARDS}
@@ -770,7 +841,19 @@ def main() -> int:
     def name(r: dict) -> str:
         return where.format(**r, rb=" rollback" if r["rollback"] else "")
 
+    issue_rate = choice["by_rate"]["0.001"]
     headlines = [
+        headline(
+            f"learning rate of the bench config (Adam, constant): the best S=1 validation accuracy among "
+            f"{', '.join(choice['by_rate'])} whose S=1 chain memorises the backdoor (attack success >= "
+            f"{MEMORISES}), mean of {len(SISA_SEEDS)} seeds",
+            CONFIG.learning_rate,
+            target=None,
+            better="higher",
+            unit="learning rate",
+            peer=f"the issue's 1e-3: attack success {issue_rate['asr_S1_untouched']:.2f}, S=2 cost "
+            f"{issue_rate['cost_points_S2']:.2f} points; chosen here {choice['chosen']}",
+        ),
         headline(
             "batched exact (>=20 requests/window): worst amortised compute per request, fraction of naive per request "
             f"of the same sharded model ({name(worst_same)})",
@@ -914,7 +997,7 @@ def main() -> int:
         ),
         headline(
             "accuracy cost of S=2 (test, poison-free models: the exact = naive retrain without the poisoned ids; "
-            "one seed and 500 test samples, so the 3-seed row of the bench config carries the target)",
+            f"one seed and 500 test samples, so the {len(SISA_SEEDS)}-seed row of the bench config carries the target)",
             100 * (s_acc_naive[1] - s_acc_naive[2]),
             target=None,
             better="lower",
@@ -942,7 +1025,12 @@ def main() -> int:
                 unit="points",
                 peer=(
                     f"plain training (B = 1) at the same E: {row['plain']['cost_points_S2']:.2f}; S=4 chains "
-                    f"{row['chains']['cost_points_S4']:.1f}, plain {row['plain']['cost_points_S4']:.1f}"
+                    f"{row['chains']['cost_points_S4']:.1f}, plain {row['plain']['cost_points_S4']:.1f}; S=2 chains "
+                    "per seed: "
+                    + ", ".join(
+                        f"{100 * (a - b):.1f}"
+                        for a, b in zip(row["chains"]["accuracy_S1"], row["chains"]["accuracy_S2"], strict=True)
+                    )
                 ),
             )
             for epochs, row in meta["shard_cost_by_epochs"]["by_epochs"].items()
@@ -978,7 +1066,8 @@ def main() -> int:
     for label, target in (
         (CLI_DEFAULTS, 0.5),
         ("earlier CLI defaults (B=6, E=3, Adam 1e-2 constant)", None),
-        ("bench config (B=20, E=5, Adam 1e-3 constant; chosen to memorise the backdoor, not a default)", None),
+        (BENCH_CONFIG, None),
+        ("issue's memorising config (B=20, E=5, Adam 1e-3 constant)", None),
         ("B=20, E=5, Adam 3e-3 cosine to 30 %", None),
         ("B=20, E=5, Adam 3e-3 cosine to 2 %", None),
     ):
@@ -1055,6 +1144,7 @@ def main() -> int:
         },
         "block_tax": [row for row in meta["block_tax"] if row["config"] in TAX_CONFIGS],
         "sisa_plain_training": meta["sisa_plain"],
+        "learning_rate_choice": choice,
         "shard_cost_by_epochs": meta["shard_cost_by_epochs"],
         "parallel": parallel,
         "configurations": rows,
