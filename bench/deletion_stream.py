@@ -5,12 +5,12 @@ Setting: MNIST 5k, LeNet-5, 4,000 train / 500 validation (floors, rollback decis
 a configuration that memorises a backdoor. The rate is chosen in the run from 1e-3 (the issue's,
 attack success 0.80, under-trained at E = 5), 2e-3, 4e-3 and 8e-3: the best S=1 validation
 accuracy among rates whose S=1 chain memorises the backdoor (``learning_rate_choice``). 100
-training samples of global blocks 16-20 (recent data) get a 3x3 white corner trigger and label 0; one request (day 10) deletes exactly them. Shards: S
-class-stratified shards of B/S blocks each, so a shard block holds as many samples as a block of
-S = 1: shard k's block j holds its samples of global blocks (j-1)S+1..jS (blocks are arrival
-order, so recent data is recent in every shard). B blocks per shard (half-size blocks at S = 2)
-trained 14 % more optimizer steps at S = 4 and cost S = 2 0.8 points more accuracy (E = 5); that
-plan is kept as a comparison row of the accuracy sweep.
+training samples of global blocks 16-20 (recent data) get a 3x3 white corner trigger and label 0;
+one request (day 10) deletes exactly them. Shards: S class-stratified shards of B/S blocks each,
+so a shard block holds as many samples as a block of S = 1: shard k's block j holds its samples of
+global blocks (j-1)S+1..jS (blocks are arrival order, so recent data is recent in every shard).
+B blocks per shard (blocks of 1/S the size) trained 14 % more optimizer steps at S = 4 and cost
+more accuracy; that plan is kept as a comparison row of the accuracy sweep.
 
 What is trained for real (one torch thread, CPU seconds measured with ``time.process_time``):
 * the chains of S = 1, 2, 4 on the poisoned set;
@@ -38,7 +38,8 @@ forget time is its retrain's end). Served accuracy and attack success come from 
 checkpoints. Approximations (stated in the JSON): the accuracy effect of the *random* deletions'
 data loss is not modelled (every strategy ends at the same naive model); ids repeat across requests.
 
-Run (one command, ~10-15 min on a quiet 2-core machine; the timed part takes /work/bench.lock itself):
+Run (one command, ~30 min from nothing on a quiet 2-core machine, 4 min from the cache; the timed
+part takes /work/bench.lock itself):
 ``nice -n 5 ./.venv/bin/python bench/deletion_stream.py --fresh`` (models are cached under
 ``$TMPDIR/obliviate-deletion-stream``; without ``--fresh`` the cache is reused).
 """
@@ -1083,7 +1084,7 @@ def main() -> int:
         )
     data = {
         "command": "nice -n 5 ./.venv/bin/python bench/deletion_stream.py --fresh  (takes /work/bench.lock itself "
-        "for the timed Ray part only; about 10-15 min on a quiet 2-core machine)",
+        "for the timed Ray part only; about 30 min from nothing on a quiet 2-core machine, 4 min from the cache)",
         "setup": {
             "data": "mnist5k: 4000 train / 500 validation / 500 test",
             "model": "lenet5",
