@@ -324,7 +324,17 @@ def shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool, keep_bloc
     ``config`` (``chains``: on the bench's block plan of that seed restricted to the shard, B/S
     blocks per shard, or with ``keep_block_size`` False B blocks of 1/S the size; else plainly, one
     block), served as the mean of the shards' probabilities, evaluated on validation + test.
+    Remembered in ``d``: the studies ask for the same case more than once (the bench config's chains
+    in the sweep and the rate choice; its plain training in the sweep and SISA's own cost).
     """
+    memo = d.setdefault("shard_costs", {})
+    case = (json.dumps(config.to_dict(), sort_keys=True), chains, keep_block_size)
+    if case not in memo:
+        memo[case] = _shard_costs(d, config=config, chains=chains, keep_block_size=keep_block_size)
+    return memo[case]
+
+
+def _shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool, keep_block_size: bool) -> dict:
     x_eval, y_eval = _eval_set(d)
     out: dict = {}
     for S in SHARDS:
