@@ -21,14 +21,16 @@ What is trained for real (one torch thread, CPU seconds measured with ``time.pro
   tried alternatives;
 * SISA's own accuracy cost at this data size: S = 1, 2, 4 shards under plain training (B = 1), 3 seeds;
 * a timed Ray run (``bench/deletion_parallel.py``): S = 2 on two ChainWorker actors vs S = 1 on one,
-  with held-out accuracy at every block (the bench config) and only at the last block.
+  with held-out accuracy at every block (the bench config) and only at the last block;
+* block timing (``time_blocks``, under the bench lock): every chain trained 5 more times, the order
+  of S rotating, each block's training and evaluation CPU seconds the median over the repetitions.
 
 What is simulated (pure rules of :mod:`obliviate.unlearning.batching` / ``rollback`` in simulated
 time): Poisson arrivals over 30 days at 20 and 100 per day, 1-10 ids each, uniform over the training
 set or recent-heavy (80 % of ids from blocks 16-20); strategies naive per request, exact per request,
 batched exact with windows 1 h, 1 d, 7 d; S = 1, 2, 4; with and without rollback. Retrain cost of
-a batch = per shard (B/S - d + 1) block-trainings at the measured mean CPU seconds per block of that
-shard; shards run on 2 workers. With rollback, an interim version is published only if its
+a batch = per shard (B/S - d + 1) block-trainings at the mean of that shard's per-block medians
+(``time_blocks``), plus one held-out evaluation per retrain; shards run on 2 workers. With rollback, an interim version is published only if its
 validation accuracy is within (floor - margin) of the pre-deletion model, the margin judged per
 candidate from its disagreement with the pre-deletion model (``paired_margin_points``, three standard
 errors of the difference of two paired drop estimates; the vote is chosen by that lower bound);
@@ -38,8 +40,8 @@ forget time is its retrain's end). Served accuracy and attack success come from 
 checkpoints. Approximations (stated in the JSON): the accuracy effect of the *random* deletions'
 data loss is not modelled (every strategy ends at the same naive model); ids repeat across requests.
 
-Run (one command, ~30 min from nothing on a quiet 2-core machine, 4 min from the cache; the timed
-part takes /work/bench.lock itself):
+Run (one command, ~30 min from nothing on a quiet 2-core machine, 5 min from the cache; the timed
+parts take /work/bench.lock themselves):
 ``nice -n 5 ./.venv/bin/python bench/deletion_stream.py --fresh`` (models are cached under
 ``$TMPDIR/obliviate-deletion-stream``; without ``--fresh`` the cache is reused).
 """
@@ -232,6 +234,60 @@ def train_world(fresh: bool) -> dict:
     np.savez_compressed(arrays_path, **arrays)
     meta_path.write_text(json.dumps(meta))
     return {"meta": meta, "arrays": arrays}
+
+
+TIMING_REPS = 5
+
+
+def time_blocks(world: dict, *, reps: int = TIMING_REPS) -> dict:
+    """Training and evaluation CPU seconds per block of every shard chain, S = 1, 2, 4 interleaved.
+
+    The world's own timings come from one pass that trains S = 1, then 2, then 4, minutes apart,
+    so a drift of the machine between them reads as a cost of sharding (S = 4's blocks measured 3 %
+    slower than S = 1's in one build, S = 2's shard 0 as fast as S = 1's and its shard 1 as slow as
+    S = 4's). Here each repetition trains every chain again, the order of S rotating between
+    repetitions, and the simulation takes each block's median over the repetitions.
+    """
+    d = _data()
+    chains = []
+    for S in SHARDS:
+        for positions in world["meta"]["shards"][str(S)]["plan"]:
+            positions = np.asarray(positions)
+            plan = restrict_plan(d["plan"], positions, merge=S)
+            data = BlockData(train=d["poisoned"].subset(positions), heldout=d["val"])
+            chains.append((S, data, plan))
+    train_s: dict[tuple[int, int], list[list[float]]] = {}
+    eval_s: dict[tuple[int, int], list[list[float]]] = {}
+    totals: dict[int, list[float]] = {S: [] for S in SHARDS}
+    for rep in range(reps):
+        order = SHARDS[rep % len(SHARDS) :] + SHARDS[: rep % len(SHARDS)]
+        for S in order:
+            total = 0.0
+            for k, (_, data, plan) in enumerate(c for c in chains if c[0] == S):
+                timings: list = []
+                train_chain(config=replace(CONFIG, num_blocks=plan.num_blocks), data=data, plan=plan, timings=timings)
+                train_s.setdefault((S, k), []).append([t.cpu_seconds - t.evaluation_cpu_seconds for t in timings])
+                eval_s.setdefault((S, k), []).append([t.evaluation_cpu_seconds for t in timings])
+                total += sum(t.cpu_seconds - t.evaluation_cpu_seconds for t in timings)
+            totals[S].append(total)
+        print(
+            f"block timing repetition {rep + 1}/{reps}: " + ", ".join(f"S={S} {totals[S][-1]:.2f} s" for S in SHARDS),
+            file=sys.stderr,
+        )
+    return {
+        "reps": reps,
+        "train_cpu_seconds_per_rep": {str(S): v for S, v in totals.items()},
+        "shards": {
+            str(S): [
+                {
+                    "block_train_cpu_seconds": np.median(train_s[S, k], axis=0).tolist(),
+                    "block_evaluation_cpu_seconds": np.median(eval_s[S, k], axis=0).tolist(),
+                }
+                for k in range(S)
+            ]
+            for S in SHARDS
+        },
+    }
 
 
 TAX_SEEDS = (0, 1, 2, 3, 4)
@@ -538,14 +594,12 @@ def simulate(
     shard_blocks = blocks_per_shard(S)
     # A retrain (exact or naive) evaluates only its last block, as the service's worker does when no
     # rollback is served: the blocks' training CPU seconds plus one held-out evaluation.
-    block_s, eval_s = [], []
-    for shard in info["shards"]:
-        evaluation = np.asarray(shard["block_evaluation_cpu_seconds"])
-        block_s.append(float(np.mean(np.asarray(shard["block_cpu_seconds"]) - evaluation)))
-        eval_s.append(float(np.mean(evaluation)))
-    s1 = world["meta"]["shards"]["1"]["shards"][0]
-    s1_evaluation = np.asarray(s1["block_evaluation_cpu_seconds"])
-    naive_s1 = float(np.sum(np.asarray(s1["block_cpu_seconds"]) - s1_evaluation) + np.mean(s1_evaluation))
+    # per-block medians of the interleaved repetitions (time_blocks)
+    timing = world["timing"]["shards"]
+    block_s = [float(np.mean(shard["block_train_cpu_seconds"])) for shard in timing[str(S)]]
+    eval_s = [float(np.mean(shard["block_evaluation_cpu_seconds"])) for shard in timing[str(S)]]
+    s1 = timing["1"][0]
+    naive_s1 = float(np.sum(s1["block_train_cpu_seconds"]) + np.mean(s1["block_evaluation_cpu_seconds"]))
     # the sharded model from scratch
     naive_same_s = float(sum(shard_blocks * t + e for t, e in zip(block_s, eval_s, strict=True)))
     acc_final = {k: models.metric({k: shard_blocks}, frozenset(), "val") for k in range(S)}
@@ -781,6 +835,10 @@ def main() -> int:
     began = time.perf_counter()
     world = train_world(args.fresh)
     refresh_studies(world["meta"])
+    from bench.deletion_parallel import bench_lock
+
+    with bench_lock():  # a timing: other benches would inflate it
+        world["timing"] = time_blocks(world)
     train_wall = time.perf_counter() - began
     rows = []
     for rate in (20.0, 100.0):
@@ -1094,7 +1152,8 @@ def main() -> int:
         )
     data = {
         "command": "nice -n 5 ./.venv/bin/python bench/deletion_stream.py --fresh  (takes /work/bench.lock itself "
-        "for the timed Ray part only; about 30 min from nothing on a quiet 2-core machine, 4 min from the cache)",
+        "for the block timing and the timed Ray part only; about 30 min from nothing on a quiet 2-core machine, "
+        "5 min from the cache)",
         "setup": {
             "data": "mnist5k: 4000 train / 500 validation / 500 test",
             "model": "lenet5",
@@ -1146,6 +1205,7 @@ def main() -> int:
             ]
             for S in meta["shards"]
         },
+        "block_timing": world["timing"],
         "s1_measured": {k: s1.get(k) for k in ("train_cpu_seconds", "poison_retrain_cpu_seconds", "naive_cpu_seconds")},
         "shard_test_accuracy": {str(S): v for S, v in s_acc.items()},
         "shard_test_accuracy_after_poison_deletion": {str(S): v for S, v in s_acc_naive.items()},
