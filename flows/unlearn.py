@@ -214,21 +214,17 @@ def served_endpoint(store: ObjectStore) -> tuple[str | None, str]:
     """``(API URL of a live serve or None, why not)``: an announcement whose heartbeat stopped is stale."""
     from storage.errors import CorruptObject, ObjectNotFound
 
-    for _ in range(3):
-        try:
-            body = store.get_json(ENDPOINT_KEY)
-            break
-        except ObjectNotFound:
-            return None, "no `obliviate serve` announced itself for this store"
-        except CorruptObject:  # being rewritten by the heartbeat: read again
-            time.sleep(0.2)
-    else:
+    try:
+        body = store.get_json(ENDPOINT_KEY)  # a read racing a rewrite is read again by the store
+    except ObjectNotFound:
+        return None, "no `obliviate serve` announced itself for this store"
+    except CorruptObject:
         return None, "the serve announcement in the store is unreadable"
     api_url = str(body.get("api_url") or "") or None
     if body.get("stopped_at"):
         return None, f"the `obliviate serve` that announced {api_url} stopped"
     heartbeat = float(body.get("started_at", 0.0))
-    with contextlib.suppress(ObjectNotFound, CorruptObject):  # a heartbeat being rewritten: the start counts
+    with contextlib.suppress(ObjectNotFound, CorruptObject):  # no readable heartbeat: the start counts
         beat = store.get_json(HEARTBEAT_KEY)
         if beat.get("pid") == body.get("pid"):
             heartbeat = max(heartbeat, float(beat.get("heartbeat_at", 0.0)))

@@ -22,8 +22,10 @@ Visibility rule (atomic from a reader's point of view):
   :meth:`list_pointers` enumerates them.
 
 Objects other than pointers are meant to be written once (or rewritten with identical
-content, as deterministic tiles are): rewriting a key with different bytes while another
-process reads it can make that read fail its checksum.
+content, as deterministic tiles are). Small documents that a process rewrites in place (a
+serve's announcement and heartbeat) are read safely too: a read that lands between a rewrite's
+data and its commit record sees them disagree, so a mismatch is read again over about 1.5 s
+before it is reported as :class:`CorruptObject`; only damage outlasts that.
 
 All backend exceptions are translated in :func:`_translated`, the single boundary.
 """
@@ -59,6 +61,9 @@ from storage.errors import (
 COMMIT_SUFFIX = ".sha256"
 _TMP_MARK = ".tmp-"
 _POINTER_VERSION = re.compile(r"^v(\d{9})\.json$")
+# Waits before reading a mismatched object again (1.55 s in all): a rewrite in flight settles in
+# milliseconds, so only damage outlasts them.
+_REREAD_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 @dataclass(frozen=True)
@@ -457,15 +462,22 @@ class ObjectStore:
             raise CorruptObject(f"commit record of {self.uri(key)} is unreadable ({err}); rewrite the object.") from err
 
     def _get_verified(self, key: str, *, expected: str | None) -> bytes:
-        record = self._read_commit_record(key)
-        with _translated(self.uri(key)):
-            data = self._fs.cat_file(self._path(key))
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record["sha256"] or len(data) != record["size"]:
-            raise CorruptObject(
-                f"{self.uri(key)} has sha256 {digest[:12]}... and {len(data)} bytes, but was committed with "
-                f"{record['sha256'][:12]}... and {record['size']} bytes; the object is damaged: delete and rewrite it."
-            )
+        # A read caught between a rewrite's data and its commit record sees them disagree for the
+        # moment the rewrite takes; damage stays. So a mismatch is read again before it is reported.
+        for wait_s in (*_REREAD_WAITS_S, None):
+            record = self._read_commit_record(key)
+            with _translated(self.uri(key)):
+                data = self._fs.cat_file(self._path(key))
+            digest = hashlib.sha256(data).hexdigest()
+            if digest == record["sha256"] and len(data) == record["size"]:
+                break
+            if wait_s is None:
+                raise CorruptObject(
+                    f"{self.uri(key)} has sha256 {digest[:12]}... and {len(data)} bytes, but was committed with "
+                    f"{record['sha256'][:12]}... and {record['size']} bytes (read {len(_REREAD_WAITS_S) + 1} "
+                    "times); the object is damaged: delete and rewrite it."
+                )
+            time.sleep(wait_s)
         if expected is not None and digest != expected:
             raise CorruptObject(
                 f"{self.uri(key)} has sha256 {digest[:12]}..., but its manifest recorded {expected[:12]}...; "

@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import socket
+import threading
 
 import numpy as np
 import pytest
@@ -98,6 +99,34 @@ def test_corrupted_object_is_detected(store):
     with pytest.raises(CorruptObject) as caught:
         store.get_array("tile.npy")
     assert isinstance(caught.value, ValueError)
+
+
+def test_read_racing_a_rewrite_returns_one_whole_version(store):
+    # A serve's announcement and heartbeat are rewritten in place while other processes read them.
+    # A read caught between a rewrite's data and its commit record must read again, not report damage.
+    # Here a rewrite every 0.1 s (a serve's heartbeat comes every few seconds) and reads back to back.
+    versions = [{"pid": 1, "pad": ""}, {"pid": 2, "pad": "x" * 40}]
+    store.put_json("service/endpoint.json", versions[0])
+    stop = threading.Event()
+    rewrites = [0]
+
+    def rewrite() -> None:
+        writer = ObjectStore(store.url)
+        while not stop.wait(0.1):
+            writer.put_json("service/endpoint.json", versions[(rewrites[0] + 1) % 2])
+            rewrites[0] += 1
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    seen: list = []
+    try:
+        while rewrites[0] < 20:
+            seen.append(store.get_json("service/endpoint.json"))
+    finally:
+        stop.set()
+        thread.join()
+    assert all(body in versions for body in seen)
+    assert len(seen) >= 20
 
 
 def test_truncated_commit_record_is_corrupt(store):
