@@ -72,6 +72,12 @@ def test_make_demo_tells_the_whole_story(tmp_path) -> None:
     assert re.search(
         r"^batch cost: .* per request vs naive retraining [0-9.]+ block-trainings", out, flags=re.MULTILINE
     ), out[-3000:]
+    # every run is accounted for in the batch: what it served while retraining, or why nothing changed
+    runs = re.findall(r"^\| (story-\w) \| \d+ → \d+ \|", out, flags=re.MULTILINE)
+    assert runs, out[-3000:]
+    for run in runs:
+        served = rf"^  {run}(: none of the batch's ids is in its training data| served while the batch retrained: v\d)"
+        assert re.search(served, out, flags=re.MULTILINE), out[-3000:]
     assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
     assert (tmp_path / "steal" / "steal.md").exists()
     assert "`make ui` (or `.venv/bin/obliviate ui`), then open http://127.0.0.1:4200" in out  # issue 15
@@ -90,3 +96,34 @@ def test_cli_reduce_on_digits_writes_subset(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "over 30 restarts" in out
     assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
+
+
+def test_demo_batch_accounts_for_a_run_the_batch_does_not_touch(capsys) -> None:
+    from flows.cli.demo import _print_batch
+
+    batch = {
+        "requests": [
+            {"request_id": "del-1", "ids": [7], "status": "done", "forget_s": 1.0, "exact_s": 2.0, "late": False}
+        ],
+        "window_s": 3600.0,
+        "batched_until": 0.0,
+        "batched_rule": "window",
+        "floor_points": 25.0,
+        "interim": {},
+        "served": {
+            "run-a": [{"version": 3, "serve_block": "final", "retrained": False, "heldout_accuracy": 0.9}],
+            "run-b": [],
+        },
+        "runs_retrained": ["run-a"],
+        "block_trainings": 1,
+        "retrain_seconds": 0.1,
+        "per_request_block_trainings": 1.0,
+        "per_request_seconds": 0.1,
+        "naive_per_request_block_trainings": 4.0,
+        "naive_per_request_seconds": 0.3,
+    }
+    _print_batch(batch)
+    out = capsys.readouterr().out
+    assert "  run-a served while the batch retrained: v3 full (90.0 %)" in out
+    assert "  run-b: none of the batch's ids is in its training data, so it keeps what it served" in out
+    assert "one exact retrain of 1 block-training (0.1 s)" in out

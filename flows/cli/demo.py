@@ -219,7 +219,12 @@ def _print_batch(batch: dict[str, Any]) -> None:
             f" ({_pct(h.get('served_accuracy', h.get('heldout_accuracy')))})"
             for h in history
         )
-        print(f"  {run_id} served while the batch retrained: {steps}")
+        if steps:
+            print(f"  {run_id} served while the batch retrained: {steps}")
+        elif run_id not in batch["runs_retrained"]:
+            print(f"  {run_id}: none of the batch's ids is in its training data, so it keeps what it served")
+        else:
+            print(f"  {run_id}: retrained, but published no new version (see its ledger entries)")
     naive_blocks, naive_s = batch["naive_per_request_block_trainings"], batch["naive_per_request_seconds"]
     per_blocks, per_s = batch["per_request_block_trainings"], batch["per_request_seconds"]
     ratio = (
@@ -228,7 +233,8 @@ def _print_batch(batch: dict[str, Any]) -> None:
         else "–"
     )
     print(
-        f"batch cost: one exact retrain of {batch['block_trainings']} block-trainings ({batch['retrain_seconds']:.1f} s) "
+        f"batch cost: one exact retrain of {batch['block_trainings']} block-training"
+        f"{'' if batch['block_trainings'] == 1 else 's'} ({batch['retrain_seconds']:.1f} s) "
         f"for {n} requests = {per_blocks:.2f} block-trainings ({per_s:.2f} s) per request vs naive retraining "
         f"{naive_blocks:.1f} block-trainings ({naive_s:.2f} s) per request: {ratio}"
     )
