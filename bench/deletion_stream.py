@@ -19,7 +19,7 @@ What is trained for real (one torch thread, CPU seconds measured with ``time.pro
 * the block tax: chain vs plain training (B = 1, same E) on clean data, 5 seeds, 1,000 held-out
   samples, for the CLI defaults (``DEFAULT_RECIPE``), the earlier CLI defaults, the bench config and two
   tried alternatives;
-* SISA's own accuracy cost at this data size: S = 1, 2, 4 shards under plain training (B = 1), 3 seeds;
+* SISA's own accuracy cost at this data size: S = 1, 2, 4 shards under plain training (B = 1), 5 seeds;
 * a timed Ray run (``bench/deletion_parallel.py``): S = 2 on two ChainWorker actors vs S = 1 on one,
   with held-out accuracy at every block (the bench config) and only at the last block;
 * block timing (``time_blocks``, under the bench lock): every chain trained 5 more times, the order
@@ -30,15 +30,15 @@ time): Poisson arrivals over 30 days at 20 and 100 per day, 1-10 ids each, unifo
 set or recent-heavy (80 % of ids from blocks 16-20); strategies naive per request, exact per request,
 batched exact with windows 1 h, 1 d, 7 d; S = 1, 2, 4; with and without rollback. Retrain cost of
 a batch = per shard (B/S - d + 1) block-trainings at the mean of that shard's per-block medians
-(``time_blocks``), plus one held-out evaluation per retrain; shards run on 2 workers. With rollback, an interim version is published only if its
-validation accuracy is within (floor - margin) of the pre-deletion model, the margin judged per
-candidate from its disagreement with the pre-deletion model (``paired_margin_points``, three standard
-errors of the difference of two paired drop estimates; the vote is chosen by that lower bound);
-otherwise the
-batch flushes now and the version served so far stays until the retrain lands (that request's
-forget time is its retrain's end). Served accuracy and attack success come from the real
-checkpoints. Approximations (stated in the JSON): the accuracy effect of the *random* deletions'
-data loss is not modelled (every strategy ends at the same naive model); ids repeat across requests.
+(``time_blocks``), plus one held-out evaluation per retrain; shards run on 2 workers. With
+rollback, an interim version is published only if its validation accuracy is within (floor -
+margin) of the pre-deletion model, the margin judged per candidate from its disagreement with the
+pre-deletion model (``paired_margin_points``, three standard errors of the difference of two
+paired drop estimates; the vote is chosen by that lower bound); otherwise the batch flushes now
+and the version served so far stays until the retrain lands (that request's forget time is its
+retrain's end). Served accuracy and attack success come from the real checkpoints.
+Approximations (stated in the JSON): the accuracy effect of the *random* deletions' data loss is
+not modelled (every strategy ends at the same naive model); ids repeat across requests.
 
 Run (one command, ~30 min from nothing on a quiet 2-core machine, 5 min from the cache; the timed
 parts take /work/bench.lock themselves):
