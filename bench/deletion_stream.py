@@ -161,6 +161,18 @@ def _probs(states, config, data_x):
     )
 
 
+def shard_inputs(d: dict, positions: np.ndarray, S: int) -> tuple[BlockData, BlockPlan, BlockTrainingConfig]:
+    """One poisoned shard's data, block plan and config among S shards.
+
+    A shard's block j holds its samples of S global blocks (blocks are arrival order: recent data is
+    in the last blocks of every shard); the plan is fixed from the clean labels.
+    """
+    positions = np.asarray(positions)
+    plan = restrict_plan(d["plan"], positions, merge=S)
+    data = BlockData(train=d["poisoned"].subset(positions), heldout=d["val"])
+    return data, plan, replace(CONFIG, num_blocks=plan.num_blocks)
+
+
 def train_world(fresh: bool) -> dict:
     """Chains of S = 1, 2, 4, their poison-free exact retrains, naive retrains of the affected shards, block tax (cached)."""
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -188,13 +200,9 @@ def train_world(fresh: bool) -> dict:
         shard_plan = make_shard_plan(d["poisoned"].labels, num_shards=S, seed=SEED)
         meta["shards"][str(S)] = {"plan": shard_plan.to_dict()["shards"], "shards": []}
         for k, positions in enumerate(shard_plan.shards):
-            data = BlockData(train=d["poisoned"].subset(positions), heldout=d["val"])
+            data, plan, config = shard_inputs(d, positions, S)
             timings: list = []
             began = time.process_time()
-            # A shard's block j holds its samples of S global blocks (blocks are arrival order: recent
-            # data is in the last blocks of every shard); the plan is fixed from the clean labels.
-            plan = restrict_plan(d["plan"], positions, merge=S)
-            config = replace(CONFIG, num_blocks=plan.num_blocks)
             chain = train_chain(config=config, data=data, plan=plan, timings=timings)
             train_cpu = time.process_time() - began
             local_poison = np.flatnonzero(np.isin(positions, d["poison_ids"]))
@@ -249,27 +257,19 @@ def time_blocks(world: dict, *, reps: int = TIMING_REPS) -> dict:
     repetitions, and the simulation takes each block's median over the repetitions.
     """
     d = _data()
-    chains = []
-    for S in SHARDS:
-        for positions in world["meta"]["shards"][str(S)]["plan"]:
-            positions = np.asarray(positions)
-            plan = restrict_plan(d["plan"], positions, merge=S)
-            data = BlockData(train=d["poisoned"].subset(positions), heldout=d["val"])
-            chains.append((S, data, plan))
+    chains = {S: [shard_inputs(d, p, S) for p in world["meta"]["shards"][str(S)]["plan"]] for S in SHARDS}
     train_s: dict[tuple[int, int], list[list[float]]] = {}
     eval_s: dict[tuple[int, int], list[list[float]]] = {}
     totals: dict[int, list[float]] = {S: [] for S in SHARDS}
     for rep in range(reps):
         order = SHARDS[rep % len(SHARDS) :] + SHARDS[: rep % len(SHARDS)]
         for S in order:
-            total = 0.0
-            for k, (_, data, plan) in enumerate(c for c in chains if c[0] == S):
+            for k, (data, plan, config) in enumerate(chains[S]):
                 timings: list = []
-                train_chain(config=replace(CONFIG, num_blocks=plan.num_blocks), data=data, plan=plan, timings=timings)
+                train_chain(config=config, data=data, plan=plan, timings=timings)
                 train_s.setdefault((S, k), []).append([t.cpu_seconds - t.evaluation_cpu_seconds for t in timings])
                 eval_s.setdefault((S, k), []).append([t.evaluation_cpu_seconds for t in timings])
-                total += sum(t.cpu_seconds - t.evaluation_cpu_seconds for t in timings)
-            totals[S].append(total)
+            totals[S].append(sum(sum(train_s[S, k][-1]) for k in range(S)))
         print(
             f"block timing repetition {rep + 1}/{reps}: " + ", ".join(f"S={S} {totals[S][-1]:.2f} s" for S in SHARDS),
             file=sys.stderr,
