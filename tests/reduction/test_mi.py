@@ -64,6 +64,14 @@ def test_dense_images_without_zero_background_match_sklearn() -> None:
             assert tile[r, c] == pytest.approx(mutual_info_score(images[r].ravel(), images[c].ravel()), abs=1e-5)
 
 
+def test_joint_counts_beyond_16_bits_match_sklearn() -> None:
+    # Images of more than 65,535 pixels count in a wider type; one joint cell here holds about 80,000.
+    rng = np.random.default_rng(6)
+    u = np.where(rng.random(100_000) < 0.8, 1, rng.integers(2, 9, size=100_000)).astype(np.uint8)
+    v = np.where(rng.random(100_000) < 0.9, u + 10, rng.integers(1, 256, size=100_000)).astype(np.uint8)
+    assert mutual_information(u, v) == pytest.approx(mutual_info_score(u, v), abs=1e-5)
+
+
 def test_matrix_is_symmetric_with_entropy_diagonal(mnist_sample) -> None:
     matrix = mi_matrix(mnist_sample, block=16)
     np.testing.assert_array_equal(matrix, matrix.T)
