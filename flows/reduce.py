@@ -59,6 +59,11 @@ def result_key(*, fingerprint: str, bins: int, normalize: bool, k: int, starts: 
 
 def restart_memory_bytes(plan: TilePlan, *, k: int, limit_mb: float | None) -> int:
     """Matrix bytes a restart worker may hold: the whole matrix if it fits the limit, else O(n k)."""
+    if limit_mb is not None and not limit_mb > 0:
+        raise ConfigError(
+            f"restart_memory_mb is the MiB of matrix one restart worker may hold and must be positive; "
+            f"got {limit_mb}. Leave it unset for the whole matrix up to 2 GiB."
+        )
     if limit_mb is not None:
         return max(int(limit_mb * 1024**2), plan.band_bytes)
     if plan.dense_bytes <= DENSE_RESTART_LIMIT_BYTES:

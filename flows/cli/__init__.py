@@ -9,9 +9,11 @@ at import time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from obliviate.errors import ObliviateError
 
@@ -42,10 +44,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WithoutTracebackOfOwnErrors(logging.Filter):
+    """Drops the traceback from a flow or task run's failure log when the error is one of ours.
+
+    Such an error states its rule and fix, and :func:`main` prints it as the command's error; the
+    traceback Prefect logs with it would only bury that line. The log line itself is kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ObliviateError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+# The loggers whose records Prefect's engine creates for a run's failure. A logger's filter sees
+# every record created there before any handler does, and Prefect's logging set-up (which may
+# run later, when the first flow starts) replaces handlers but keeps filters.
+_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+@contextlib.contextmanager
+def _own_errors_without_traceback() -> Iterator[None]:
+    quiet = _WithoutTracebackOfOwnErrors()
+    loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        with _own_errors_without_traceback():
+            return int(args.handler(args) or 0)
     except ObliviateError as err:
         print(f"obliviate {args.command}: error: {err}", file=sys.stderr)
         return 2

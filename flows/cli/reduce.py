@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from flows.progress import shown_progress
-from obliviate.data import load_dataset
+from obliviate.data import ImageDataset, load_dataset
 from obliviate.errors import ConfigError
-from obliviate.reduction.drmi import drmi_reduce
-from obliviate.reduction.mi import mi_matrix
+from obliviate.reduction.drmi import choose_starts, drmi_reduce
+from obliviate.reduction.mi import check_bins, mi_matrix
+from obliviate.reduction.tiling import TilePlan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,19 +81,27 @@ def _prepared_store_url(args: argparse.Namespace) -> str:
     return prepare_store(_store_url(args), write=True)
 
 
-def _check(args: argparse.Namespace, n: int) -> None:
+def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
+    """Every option's rule, checked before any server starts or any work is stored."""
+    from flows.reduce import restart_memory_bytes
+
+    n = len(dataset)
     if not 2 <= args.k < n:
         raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={args.k}. Choose a smaller subset or a larger pool.")
     workers = getattr(args, "workers", None)
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset; got {workers}.")
+    check_bins(levels=dataset.levels, bins=args.bins)
+    choose_starts(n, num_starts=args.starts, rng=np.random.default_rng(args.seed))
+    plan = TilePlan(n=n, tile_size=args.tile_size)
+    restart_memory_bytes(plan, k=args.k, limit_mb=getattr(args, "restart_memory_mb", None))
 
 
 def run_reduce(args: argparse.Namespace) -> int:
     if getattr(args, "plan", None) is not None:
         return print_plan(args)
     dataset = load_dataset(args.data)
-    _check(args, len(dataset))
+    _check(args, dataset)
     if args.bins < 256:
         print(
             f"note: MI at {args.bins} bins ranks pairs differently from exact 256 levels "

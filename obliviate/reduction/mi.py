@@ -63,7 +63,7 @@ def quantize(images: np.ndarray, *, levels: int = 256, bins: int = 256) -> np.nd
     Lowering ``bins`` below 256 changes which pairs look similar (SPEC section 1: on MNIST 5k,
     32 bins ranks pairs with Spearman rho 0.94 against 256 levels).
     """
-    _check_bins(levels=levels, bins=bins)
+    check_bins(levels=levels, bins=bins)
     flat = _as_flat_uint8(images)
     if bins >= levels:
         return flat
@@ -205,7 +205,8 @@ def mi_matrix(
     return matrix
 
 
-def _check_bins(*, levels: int, bins: int) -> None:
+def check_bins(*, levels: int, bins: int) -> None:
+    """Raise :class:`ConfigError` unless ``levels`` and ``bins`` are both in 2..256."""
     if not 2 <= levels <= 256:
         raise ConfigError(f"levels must be in 2..256 (gray levels of the source); got {levels}.")
     if not 2 <= bins <= 256:

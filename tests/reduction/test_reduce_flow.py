@@ -165,6 +165,27 @@ def test_cli_in_process_path_matches(tmp_path, mnist_pool, in_process, capsys):
     assert f"H = {in_process['all'].h:.4f} over 300 restarts" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "rule"),
+    [
+        ("--bins", "1", "bins must be in 2..256"),
+        ("--tile-size", "0", "tile_size must be positive"),
+        ("--starts", "0", "num_starts must be in 1..n=300"),
+        ("--restart-memory-mb", "-1", "restart_memory_mb is the MiB"),
+    ],
+)
+def test_cli_refuses_a_bad_option_before_starting_anything(tmp_path, mnist_pool, capsys, option, value, rule):
+    from flows.cli import main
+
+    _, path = mnist_pool
+    out = tmp_path / "out"
+    assert main(["reduce", "--data", path, "--k", "30", option, value, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert rule in err and value in err
+    assert "Prefect API" not in err and "note: MI at" not in err  # refused before any server or notice
+    assert not out.exists()  # nothing stored for a refused run
+
+
 def test_prefect_server_helper_starts_and_stops(monkeypatch, tmp_path):
     from flows.runtime import prefect_api
 

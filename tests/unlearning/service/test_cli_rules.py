@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -78,3 +81,20 @@ def test_store_check_command_on_an_empty_store(tmp_path, capsys):
     assert main(["store", "check", "--store", url, "--repair"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["healthy"] and report["objects_checked"] == 0
+
+
+def test_an_own_error_inside_a_flow_prints_its_rule_without_a_traceback(tmp_path, prefect_api_url):
+    # The verify flow starts, then finds no published version: a foreseeable failure, so the user
+    # sees Prefect's one-line failure log and the rule, not Prefect's logged traceback.
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "verify", "--store", f"file://{tmp_path}/runs", "--run", "nosuch"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Encountered exception during execution" in done.stderr  # the flow ran and failed
+    assert "obliviate verify: error: run 'nosuch' has no published version" in done.stderr
+    assert "Traceback" not in done.stderr
