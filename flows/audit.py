@@ -58,6 +58,7 @@ from obliviate.extraction.headline import headline_sentence, queries_to_agreemen
 from obliviate.extraction.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
 from obliviate.extraction.target import Target, open_backend, save_checkpoint
+from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import served_model
@@ -332,6 +333,37 @@ def plot_summary(rows, *, eps: list[float]) -> bytes:
     return buf.getvalue()
 
 
+def check_audit_grid(
+    *,
+    budgets: Sequence[int],
+    selectors: Sequence[str],
+    attackers: Sequence[str],
+    seeds: int,
+    pool_size: int,
+    substitute: str,
+    eps: Sequence[float],
+) -> None:
+    """Raise :class:`ConfigError` for an audit grid that cannot run, before anything is loaded or queried."""
+    unknown = [s for s in selectors if s not in SELECTORS]
+    if unknown or not selectors:
+        raise ConfigError(f"unknown selectors {unknown or '(none given)'}: choose from {', '.join(sorted(SELECTORS))}.")
+    unknown = [a for a in attackers if a not in ATTACKERS]
+    if unknown or not attackers:
+        raise ConfigError(f"unknown attackers {unknown or '(none given)'}: choose from {', '.join(ATTACKERS)}.")
+    if not budgets or min(budgets) < 1 or seeds < 1:
+        raise ConfigError(f"need budgets >= 1 and seeds >= 1; got budgets={list(budgets)}, seeds={seeds}.")
+    if max(budgets) > pool_size:
+        raise ConfigError(
+            f"a budget buys that many images of the pool, so it can be at most pool_size={pool_size}; "
+            f"got {max(budgets)}. Lower the budget or raise the pool size."
+        )
+    if substitute not in MODEL_BUILDERS:
+        raise ConfigError(f"unknown substitute {substitute!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
+    outside = [e for e in eps if not 0 < e <= 1]
+    if outside:
+        raise ConfigError(f"FGSM radii are on [0, 1] inputs and must be in (0, 1]; got {outside}.")
+
+
 @flow(name="steal")
 def steal_flow(
     target: str,
@@ -383,14 +415,25 @@ def steal_flow(
         timeout_s: HTTP timeout.
         retries: HTTP retries on transient errors.
     """
-    unknown = [s for s in selectors if s not in SELECTORS]
-    if unknown:
-        raise ConfigError(f"unknown selectors {unknown}: choose from {', '.join(sorted(SELECTORS))}.")
-    unknown = [a for a in attackers if a not in ATTACKERS]
-    if unknown or not attackers:
-        raise ConfigError(f"unknown attackers {unknown or '(none given)'}: choose from {', '.join(ATTACKERS)}.")
-    if not budgets or min(budgets) < 1 or seeds < 1:
-        raise ConfigError(f"need budgets >= 1 and seeds >= 1; got budgets={budgets}, seeds={seeds}.")
+    check_audit_grid(
+        budgets=budgets,
+        selectors=selectors,
+        attackers=attackers,
+        seeds=seeds,
+        pool_size=pool_size,
+        substitute=substitute,
+        eps=eps,
+    )
+    train = TrainConfig(arch=substitute, steps=steps)
+    options = AttackOptions(
+        arch=substitute,
+        basic_steps=steps,
+        min_steps=min(AttackOptions().min_steps, attack_steps),
+        max_steps=attack_steps,
+        rounds=rounds,
+        round_steps=round_steps,
+        consistency_steps=consistency_steps,
+    )
     t0 = time.perf_counter()
     setup = prepare_audit(
         target,
@@ -402,16 +445,6 @@ def steal_flow(
         drmi_starts=drmi_starts,
         timeout_s=timeout_s,
         retries=retries,
-    )
-    train = TrainConfig(arch=substitute, steps=steps)
-    options = AttackOptions(
-        arch=substitute,
-        basic_steps=steps,
-        min_steps=min(AttackOptions().min_steps, attack_steps),
-        max_steps=attack_steps,
-        rounds=rounds,
-        round_steps=round_steps,
-        consistency_steps=consistency_steps,
     )
     cells = [
         {

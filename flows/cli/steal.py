@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--demo",
         action="store_true",
-        help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores)",
+        help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores); "
+        "options you give replace the grid's",
     )
     parser.add_argument("--pool", default="mnist5k", help="dataset for the attacker's pool and the test set")
     parser.add_argument("--budgets", default="50,150,200,300,600", help="comma-separated query budgets")
@@ -82,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
     parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request, seconds")
     parser.add_argument("--retries", type=int, default=3, help="HTTP retries on transient errors")
-    parser.set_defaults(handler=run_steal)
+    parser.set_defaults(handler=run_steal, option_defaults={name: parser.get_default(name) for name in DEMO_SETTINGS})
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -90,6 +91,17 @@ def _ints(text: str, what: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError as err:
         raise ConfigError(f"{what} must be comma-separated integers; got {text!r}.") from err
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ConfigError(f"{what} must be comma-separated numbers like 0.1,0.2; got {text!r}.") from err
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 DEMO_SETTINGS = {
@@ -102,6 +114,23 @@ DEMO_SETTINGS = {
     "steps": 150,
     "drmi_starts": 8,
 }
+
+
+def _checked_grid(args: argparse.Namespace) -> tuple[list[int], list[float]]:
+    """The budgets and FGSM radii, once every option of the grid is checked (before any work starts)."""
+    from flows.audit import check_audit_grid
+
+    budgets, eps = _ints(args.budgets, "--budgets"), _floats(args.eps, "--eps")
+    check_audit_grid(
+        budgets=budgets,
+        selectors=_names(args.selectors),
+        attackers=_names(args.attackers),
+        seeds=args.seeds,
+        pool_size=args.pool_size,
+        substitute=args.substitute,
+        eps=eps,
+    )
+    return budgets, eps
 
 
 def run_steal(args: argparse.Namespace) -> int:
@@ -117,6 +146,7 @@ def run_steal(args: argparse.Namespace) -> int:
             f"target {args.target!r} is neither an http(s) URL nor an existing checkpoint; "
             "make one with `obliviate target train --out runs/target.pt`."
         )
+    budgets, eps = _checked_grid(args)
     import ray
 
     from flows.audit import steal_flow
@@ -133,9 +163,9 @@ def run_steal(args: argparse.Namespace) -> int:
             paths = steal_flow(
                 target=args.target,
                 pool=args.pool,
-                budgets=_ints(args.budgets, "--budgets"),
-                selectors=[s for s in args.selectors.split(",") if s],
-                attackers=[a for a in args.attackers.split(",") if a],
+                budgets=budgets,
+                selectors=_names(args.selectors),
+                attackers=_names(args.attackers),
                 attack_steps=args.attack_steps,
                 rounds=args.rounds,
                 round_steps=args.round_steps,
@@ -147,7 +177,7 @@ def run_steal(args: argparse.Namespace) -> int:
                 split_seed=args.split_seed,
                 substitute=args.substitute,
                 steps=args.steps,
-                eps=[float(e) for e in args.eps.split(",") if e],
+                eps=eps,
                 iterative=args.ifgsm,
                 drmi_starts=args.drmi_starts or None,
                 timeout_s=args.timeout,
@@ -166,10 +196,13 @@ def run_steal_demo(args: argparse.Namespace) -> int:
     from flows.cli.target import run_train
 
     checkpoint = Path(args.out) / "target.pt"
+    # The demo's small grid fills only what the user left at its default; an option given wins.
+    small_grid = {k: v for k, v in DEMO_SETTINGS.items() if getattr(args, k) == args.option_defaults[k]}
+    demo = argparse.Namespace(**(vars(args) | small_grid | {"target": str(checkpoint), "demo": False}))
+    _checked_grid(demo)
     if not checkpoint.exists():
         print(f"training a LeNet-5 target on 2,000 mnist5k images -> {checkpoint}", flush=True)
         run_train(
             argparse.Namespace(data=args.pool, out=str(checkpoint), arch="lenet5", train_size=2000, steps=600, seed=0)
         )
-    demo = argparse.Namespace(**(vars(args) | DEMO_SETTINGS | {"target": str(checkpoint), "demo": False}))
     return run_steal(demo)

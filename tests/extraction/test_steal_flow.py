@@ -36,6 +36,39 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        (["--budgets", "2500"], "at most pool_size=2000"),
+        (["--budgets", "50,x"], "--budgets must be comma-separated integers"),
+        (["--attackers", "basic,nosuch"], "unknown attackers ['nosuch']"),
+        (["--selectors", ","], "unknown selectors (none given)"),
+        (["--substitute", "vgg"], "unknown substitute 'vgg'"),
+        (["--eps", "2"], "must be in (0, 1]; got [2.0]"),
+        (["--eps", "0.1,big"], "--eps must be comma-separated numbers"),
+    ],
+)
+def test_cli_steal_refuses_a_grid_that_cannot_run_before_any_work(checkpoint, tmp_path, capsys, options, rule):
+    from flows.cli import main
+
+    out = tmp_path / "report"
+    assert main(["steal", "--target", str(checkpoint), "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert rule in err and "Traceback" not in err
+    assert not out.exists()  # nothing queried, trained or written
+
+
+def test_cli_steal_demo_keeps_the_options_given(tmp_path, capsys):
+    from flows.cli import main
+
+    # --demo's small grid would have replaced --budgets; the option given wins and is checked before
+    # the demo's target is trained.
+    out = tmp_path / "demo"
+    assert main(["steal", "--demo", "--out", str(out), "--budgets", "50,0"]) == 2
+    assert "got budgets=[50, 0]" in capsys.readouterr().err
+    assert not (out / "target.pt").exists()
+
+
 def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, checkpoint, tmp_path, capsys):
     from flows.cli import main
 
