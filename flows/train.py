@@ -133,6 +133,8 @@ def run_spec(
     (seeded by ``split_seed``), and its run id is ``<run_id>-s<shard>of<S>``; all shards share the
     held-out set, so each is an ordinary run that deletions reach independently.
     """
+    if shards < 1:
+        raise ConfigError(f"shards is the number of chains trained side by side and must be >= 1; got {shards}.")
     dataset = load_dataset(data)
     config = BlockTrainingConfig(
         model=model,
@@ -170,6 +172,12 @@ def shard_spec(spec: RunSpec, *, labels: Any, shards: int, shard: int) -> RunSpe
         raise ConfigError(f"shard must be in 0..{shards - 1}; got {shard}.")
     train = np.asarray(spec.train_ids, dtype=np.int64)
     plan = make_shard_plan(np.asarray(labels)[train], num_shards=shards, seed=spec.split_seed)
+    smallest = min(len(part) for part in plan.shards)
+    if smallest < spec.config.num_blocks:
+        raise ConfigError(
+            f"each shard needs at least one training sample per block: {len(train)} samples in {shards} shards "
+            f"leave {smallest} per shard, fewer than --blocks {spec.config.num_blocks}. Lower --shards or --blocks."
+        )
     return replace(
         spec,
         run_id=f"{spec.run_id}-s{shard}of{shards}",

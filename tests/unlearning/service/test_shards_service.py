@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from flows.train import run_spec, shard_run_ids
 from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
 
 
 def test_shards_are_disjoint_stratified_cover_the_split_and_share_the_heldout_set(tiny_run) -> None:
@@ -18,3 +20,12 @@ def test_shards_are_disjoint_stratified_cover_the_split_and_share_the_heldout_se
     labels = load_dataset("digits").labels
     counts = [np.bincount(labels[p["train_ids"]], minlength=10) for p in parts]
     assert np.abs(counts[0] - counts[1]).max() <= 1
+
+
+def test_a_shard_count_that_cannot_train_is_refused_before_any_actor_starts(tiny_run) -> None:
+    with pytest.raises(ConfigError, match="must be >= 1; got 0"):
+        run_spec(run_id="g", shards=0, **tiny_run(split_seed=0))  # was trained as one unsharded chain
+    # 400 samples in 150 shards leave 2 or 3 per shard, fewer than the 4 blocks each shard chain has
+    with pytest.raises(ConfigError, match="leave 2 per shard, fewer than --blocks 4"):
+        run_spec(run_id="g", shards=150, shard=0, **tiny_run(split_seed=0))
+    assert len(run_spec(run_id="g", shards=100, shard=99, **tiny_run(split_seed=0))["train_ids"]) == 4
