@@ -83,5 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _own_errors_without_traceback():
             return int(args.handler(args) or 0)
     except ObliviateError as err:
-        print(f"obliviate {args.command}: error: {err}", file=sys.stderr)
+        print(f"obliviate {args.command}: error: {error_message(err)}", file=sys.stderr)
         return 2
+
+
+def error_message(err: ObliviateError) -> str:
+    """The error's own words; for one raised in a Ray worker, the worker's error without Ray's traceback.
+
+    Ray re-raises a worker's exception as a ``RayTaskError`` that is also an instance of the
+    original class, but whose text is the remote traceback; the original is its ``cause``.
+    """
+    cause = getattr(err, "cause", None)
+    return str(cause) if isinstance(cause, ObliviateError) else str(err)

@@ -99,3 +99,23 @@ def test_an_own_error_inside_a_flow_prints_its_rule_without_a_traceback(tmp_path
     assert "Encountered exception during execution" in done.stderr  # the flow ran and failed
     assert "obliviate verify: error: run 'nosuch' has no published version" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_own_error_from_a_ray_worker_is_reported_in_its_own_words(ray_address, store_url, tiny_run):
+    import ray
+
+    from flows.cli import error_message
+    from flows.train import remote_worker, run_spec
+    from obliviate.errors import ObliviateError
+
+    spec = run_spec(run_id="too-small", split_seed=0, **tiny_run())
+    spec["train_ids"] = spec["train_ids"][:2]  # a stored spec with fewer samples than its 4 blocks
+    worker = remote_worker(store_url, name=f"cli-rules/{uuid.uuid4().hex[:8]}")
+    try:
+        with pytest.raises(ObliviateError) as caught:
+            ray.get(worker.train.remote(spec))
+    finally:
+        ray.kill(worker, no_restart=True)
+    assert "ray::ChainWorker.train()" in str(caught.value)  # Ray's text: the worker, then its stack
+    message = error_message(caught.value)
+    assert message.startswith("num_blocks must be in 1..n=2") and "ray::" not in message and "File " not in message
