@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
 from obliviate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from flows.model_server import TargetServer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,15 +53,42 @@ def run_train(args: argparse.Namespace) -> int:
     from obliviate.extraction.substitute import TrainConfig
     from obliviate.extraction.target import save_checkpoint
 
+    out = _writable_checkpoint_path(args.out)  # before training, which takes a while
     data = load_dataset(args.data)
     model, meta = train_target(
         data, train_size=args.train_size, config=TrainConfig(arch=args.arch, steps=args.steps), seed=args.seed
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, arch=args.arch, meta=meta)
     print(json.dumps({"checkpoint": str(out), "arch": args.arch, "train_size": args.train_size, "dataset": data.name}))
     return 0
+
+
+def _writable_checkpoint_path(out: str) -> Path:
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(
+            f"--out is the checkpoint's file path, but {out!r} is a folder; add a file name like target.pt."
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the folder of --out {out!r} ({err.strerror}); choose a writable path."
+        ) from err
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"cannot write into {str(path.parent)!r} for --out {out!r}; choose a writable path.")
+    return path
+
+
+def _listening(make_server: Callable[[], TargetServer], *, host: str, port: int) -> TargetServer:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 (0 lets the system pick a free one); got {port}.")
+    try:
+        return make_server()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({err.strerror or err}); pick another --port, or 0 for a free one."
+        ) from err
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -64,25 +97,33 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.run:
         backend = RunBackend(prepare_store(store_url(args), write=False), args.run)
-        server = TargetServer(
-            backend=backend,
+        server = _listening(
+            lambda: TargetServer(
+                backend=backend,
+                host=args.host,
+                port=args.port,
+                info=backend.spec_info,
+                allow_probabilities=args.probabilities,
+            ),
             host=args.host,
             port=args.port,
-            info=backend.spec_info,
-            allow_probabilities=args.probabilities,
         )
         print(f"serving run {args.run} ({backend.rule}) at {server.url} (Ctrl-C stops)", flush=True)
         return _serve(server)
     if not Path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; make one with `obliviate target train`.")
     model, meta = load_checkpoint(args.checkpoint)
-    server = TargetServer(
-        model,
+    server = _listening(
+        lambda: TargetServer(
+            model,
+            host=args.host,
+            port=args.port,
+            levels=int(meta.get("levels", 256)),
+            info=meta,
+            allow_probabilities=args.probabilities,
+        ),
         host=args.host,
         port=args.port,
-        levels=int(meta.get("levels", 256)),
-        info=meta,
-        allow_probabilities=args.probabilities,
     )
     print(f"serving {args.checkpoint} at {server.url} (Ctrl-C stops)", flush=True)
     return _serve(server)

@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -312,7 +313,15 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, met
     ``image_size``, ``levels``, ``dataset``, ``dataset_fingerprint`` and ``train_indices`` (so an
     audit can keep its pool disjoint from the training data).
     """
-    torch.save({"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}, path)
+    final = Path(path)
+    # Written beside the final name and renamed into place, so a reader (or a rerun after a crash)
+    # never finds half a checkpoint.
+    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    try:
+        torch.save({"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}, partial)
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:

@@ -104,3 +104,38 @@ def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, target_model, p
     torch.save({"not": "a target"}, tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match="not a target checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, target_model):
+    path = tmp_path / "t.pt"
+    save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 10, "version": 1})
+    with pytest.raises(Exception, match="pickle"):  # a value torch.save cannot write, found mid-save
+        save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 10, "hook": lambda: None})
+    assert load_checkpoint(path)[1]["version"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.pt"]
+
+
+def test_cli_target_refuses_an_unwritable_out_and_a_busy_port_in_words(tmp_path, capsys):
+    import socket
+
+    from flows.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    # refused before training: the folder for --out cannot be made under a file
+    assert main(["target", "train", "--out", str(blocker / "t.pt"), "--steps", "1"]) == 2
+    assert "cannot create the folder of --out" in capsys.readouterr().err
+    assert main(["target", "train", "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    checkpoint = tmp_path / "t.pt"
+    assert main(["target", "train", "--out", str(checkpoint), "--steps", "1", "--train-size", "50"]) == 0
+    capsys.readouterr()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["target", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert main(["target", "serve", "--checkpoint", str(checkpoint), "--port", "70000"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
