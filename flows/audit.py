@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -64,11 +65,29 @@ from storage.registry import RunRegistry
 from storage.serving import served_model
 
 
+def prepare_output(location: str) -> Path:
+    """The report folder, created and checked writable before an audit spends its queries."""
+    folder = Path(location).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot create the report folder {location!r} ({err.strerror}); choose a writable --out."
+        ) from err
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"cannot write into the report folder {location!r}; choose a writable --out.")
+    return folder
+
+
 def write_output(location: str, name: str, data: bytes) -> str:
-    """Write one report file; returns where it went. Swap this for object storage later."""
-    path = Path(location).expanduser() / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    """Write one report file whole (beside its name, then renamed into place); returns where it went."""
+    path = prepare_output(location) / name
+    partial = path.with_name(f".{name}.partial-{os.getpid()}")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return str(path)
 
 
@@ -424,6 +443,7 @@ def steal_flow(
         substitute=substitute,
         eps=eps,
     )
+    prepare_output(out)
     train = TrainConfig(arch=substitute, steps=steps)
     options = AttackOptions(
         arch=substitute,

@@ -118,7 +118,7 @@ DEMO_SETTINGS = {
 
 def _checked_grid(args: argparse.Namespace) -> tuple[list[int], list[float]]:
     """The budgets and FGSM radii, once every option of the grid is checked (before any work starts)."""
-    from flows.audit import check_audit_grid
+    from flows.audit import check_audit_grid, prepare_output
 
     budgets, eps = _ints(args.budgets, "--budgets"), _floats(args.eps, "--eps")
     check_audit_grid(
@@ -130,6 +130,7 @@ def _checked_grid(args: argparse.Namespace) -> tuple[list[int], list[float]]:
         substitute=args.substitute,
         eps=eps,
     )
+    prepare_output(args.out)
     return budgets, eps
 
 

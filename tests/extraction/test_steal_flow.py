@@ -58,6 +58,15 @@ def test_cli_steal_refuses_a_grid_that_cannot_run_before_any_work(checkpoint, tm
     assert not out.exists()  # nothing queried, trained or written
 
 
+def test_cli_steal_refuses_an_unwritable_report_folder_before_any_query(checkpoint, tmp_path, capsys):
+    from flows.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["steal", "--target", str(checkpoint), "--out", str(blocker / "report")]) == 2
+    assert "cannot create the report folder" in capsys.readouterr().err
+
+
 def test_cli_steal_demo_keeps_the_options_given(tmp_path, capsys):
     from flows.cli import main
 
