@@ -37,6 +37,7 @@ from flows.audit import audit_flow
 from flows.reconcile import reconcile_flow
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
+from obliviate.errors import ConfigError
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
@@ -78,9 +79,31 @@ class ServiceOptions:
     watch_s: float = 5.0
     dispatch: str = "warm"
 
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(
+                f"--workers is the Ray workers of one fan-out and must be >= 1, or unset for the cluster's CPUs; "
+                f"got {self.workers}."
+            )
+        for option, cron in (("--reconcile-cron", self.reconcile_cron), ("--audit-cron", self.audit_cron)):
+            if cron is not None:
+                _check_cron(option, cron)
+
     @property
     def suffix(self) -> str:
         return hashlib.sha256(ObjectStore(self.store).url.encode()).hexdigest()[:10]
+
+
+def _check_cron(option: str, cron: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError as err:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(
+            f"{option} must be a five-field cron expression like '*/5 * * * *' (minute hour day month weekday); "
+            f"got {cron!r}."
+        ) from err
 
 
 def build_deployments(options: ServiceOptions) -> list[Any]:

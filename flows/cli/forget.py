@@ -84,6 +84,8 @@ def run_forget(args: argparse.Namespace) -> int:
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
 
+    if not args.wait >= 0:
+        raise ConfigError(f"--wait is the most seconds to wait and must be >= 0 (0: do not wait); got {args.wait:g}.")
     reading = bool(args.status)
     url = prepare_store(store_url(args), write=not reading)
     ledger = DeletionLedger(ObjectStore(url))

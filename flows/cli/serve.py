@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
 
@@ -84,14 +85,8 @@ def run_serve(args: argparse.Namespace) -> int:
             f"--floor-points is the largest held-out accuracy drop (points) a rolled-back version may serve, so it "
             f"must be in 0..100; got {args.floor_points:g}. Use 0 to serve no drop at all, 100 to accept any."
         )
-    store = prepare_store(store_url(args), write=True)
-    policy = BatchPolicy(
-        window_s=parse_duration(args.batch_window), batch_max=args.batch_max, deadline_s=parse_duration(args.deadline)
-    )
-    save_policy(ObjectStore(store), policy)
-    save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     options = ServiceOptions(
-        store=store,
+        store=store_url(args),
         policy=args.policy,
         verify=args.verify,
         workers=args.workers,
@@ -101,6 +96,13 @@ def run_serve(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         dispatch=args.dispatch,
     )
+    store = prepare_store(options.store, write=True)
+    options = replace(options, store=store)
+    policy = BatchPolicy(
+        window_s=parse_duration(args.batch_window), batch_max=args.batch_max, deadline_s=parse_duration(args.deadline)
+    )
+    save_policy(ObjectStore(store), policy)
+    save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url} (dashboard: {ui_url_of(api_url)})", file=sys.stderr)

@@ -78,7 +78,7 @@ class BatchPolicy:
         if self.deadline_s <= self.margin_s:
             raise ConfigError(
                 f"deadline_s ({self.deadline_s}) must exceed margin_s ({self.margin_s}): otherwise every request "
-                "would be due before it arrives. Lengthen --deadline or shorten the margin."
+                "would be due before it arrives. Lengthen the deadline (serve --deadline) past the margin, or lower margin_s."
             )
 
 

@@ -40,6 +40,8 @@ def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, caps
     for bad in ("1_000", "+5", "1797", "18446744073709551616"):
         assert main(["forget", "--ids", bad, "--data", "digits"]) == 2
         assert "rule" in capsys.readouterr().err
+    assert main(["forget", "--ids", "5", "--data", "digits", "--wait", "-1"]) == 2
+    assert "--wait is the most seconds to wait and must be >= 0" in capsys.readouterr().err
     assert not ObjectStore(url).list("ledger")  # nothing recorded for a refused request
     assert main(["forget", "--ids", "5,9", "--data", "digits", "--no-event", "--wait", "0.5"]) == 5
     captured = capsys.readouterr()
@@ -81,6 +83,21 @@ def test_store_check_command_on_an_empty_store(tmp_path, capsys):
     assert main(["store", "check", "--store", url, "--repair"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["healthy"] and report["objects_checked"] == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "rule"),
+    [
+        ("--workers", "-1", "--workers is the Ray workers of one fan-out and must be >= 1"),
+        ("--reconcile-cron", "nonsense", "--reconcile-cron must be a five-field cron expression"),
+        ("--audit-cron", "61 * * * *", "--audit-cron must be a five-field cron expression"),
+    ],
+)
+def test_serve_refuses_bad_workers_or_schedules_before_touching_the_store(tmp_path, capsys, option, value, rule):
+    assert main(["serve", "--store", f"file://{tmp_path}/runs", option, value]) == 2
+    err = capsys.readouterr().err
+    assert rule in err and repr(value).strip("'") in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_own_error_inside_a_flow_prints_its_rule_without_a_traceback(tmp_path, prefect_api_url):
