@@ -112,6 +112,46 @@ def reduction_trainable(config: dict[str, Any]) -> None:
     tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool))})
 
 
+def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a grid point no trial could run, before Ray Tune starts any.
+
+    A trial that fails at run time is recorded as an error and the sweep goes on; a value that
+    breaks a rule would only fail every trial it is in, so it is refused up front.
+    """
+    from obliviate.models import MODEL_BUILDERS
+    from obliviate.reduction.mi import check_bins
+    from obliviate.unlearning.config import BlockTrainingConfig
+
+    if constants.get("model") not in MODEL_BUILDERS:
+        raise ConfigError(f"unknown model {constants.get('model')!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
+    if kind == "unlearning":
+        train_size = constants["train_size"]
+        for blocks in grid.get("num_blocks", []):
+            BlockTrainingConfig(
+                model=constants["model"],
+                num_blocks=blocks,
+                local_epochs=constants["local_epochs"],
+                schedule=constants["schedule"],
+            )
+            if blocks > train_size:
+                raise ConfigError(f"B must be at most train_size={train_size} (a sample per block); got {blocks}.")
+        outside = [epsilon for epsilon in grid.get("epsilon", []) if not epsilon > 0]
+        if outside:
+            raise ConfigError(f"every epsilon (the stop rule's threshold) must be > 0; got {outside}.")
+        if not 1 <= constants["num_deleted"] < train_size:
+            raise ConfigError(
+                f"the samples deleted per trial must be in 1..train_size-1={train_size - 1}; "
+                f"got {constants['num_deleted']}."
+            )
+    else:
+        for bins in grid.get("bins", []):
+            check_bins(levels=256, bins=bins)
+        pool_size = constants["pool_size"]
+        outside = [k for k in grid.get("k", []) if not 2 <= k < pool_size]
+        if outside:
+            raise ConfigError(f"every k must satisfy 2 <= k < pool_size={pool_size}; got {outside}.")
+
+
 def run_sweep(
     kind: str,
     *,
@@ -138,6 +178,7 @@ def run_sweep(
         raise ConfigError(f"sweep kind must be one of {', '.join(trainables)}; got {kind!r}.")
     if workers < 1:
         raise ConfigError(f"workers must be >= 1; got {workers}.")
+    check_trial_grid(kind, grid=grid, constants=constants)
     store = ObjectStore(store_url)
     name = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     prefix = f"tune/{name}"

@@ -51,7 +51,7 @@ def _values(text: str, cast: type, option: str) -> list:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from flows.tune import describe, run_sweep
+    from flows.tune import check_trial_grid, describe, run_sweep
 
     constants = {"data": args.data, "model": args.model, "seed": args.seed}
     if args.sweep == "unlearning":
@@ -75,6 +75,7 @@ def run_tune(args: argparse.Namespace) -> int:
             steps=args.steps,
             num_starts=args.starts,
         )
+    check_trial_grid(args.sweep, grid=grid, constants=constants)  # before the store is touched
     report = run_sweep(
         args.sweep,
         store_url=prepare_store(store_url(args), write=True),

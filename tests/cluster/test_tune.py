@@ -86,3 +86,23 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
 def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="sweep kind must be one of unlearning, reduction; got 'speed'"):
         run_sweep("speed", store_url=f"file://{tmp_path}", grid={}, constants={}, workers=1)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "option", "value", "rule"),
+    [
+        ("unlearning", "--blocks", "10,0", "num_blocks must be a positive integer; got 0"),
+        ("unlearning", "--epsilons", "0.1,-1", "every epsilon (the stop rule's threshold) must be > 0; got [-1.0]"),
+        ("unlearning", "--deleted", "0", "the samples deleted per trial must be in 1..train_size-1"),
+        ("unlearning", "--model", "vgg", "unknown model 'vgg'"),
+        ("reduction", "--ks", "50,2000", "every k must satisfy 2 <= k < pool_size=2000; got [2000]"),
+        ("reduction", "--bins", "1", "bins must be in 2..256; got 1"),
+    ],
+)
+def test_a_grid_no_trial_could_run_is_refused_before_the_store_or_ray(tmp_path, capsys, sweep, option, value, rule):
+    from flows.cli import main
+
+    # these ran every trial into the same error and wrote an empty report (exit code 1)
+    assert main(["tune", sweep, option, value, "--store", f"file://{tmp_path}/store"]) == 2
+    assert rule in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
