@@ -15,6 +15,7 @@ import json
 import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from obliviate.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_store_check(args: argparse.Namespace) -> int:
     from flows.repair import check_and_repair
 
+    if not args.orphan_age >= 0:
+        raise ConfigError(
+            f"--orphan-age is the least age (seconds) of an orphan to collect and must be >= 0; got {args.orphan_age:g}."
+        )
     url = prepare_store(store_url(args), write=args.repair)
     report = check_and_repair(url, repair=args.repair, min_orphan_age_s=args.orphan_age)
     print(

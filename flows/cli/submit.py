@@ -61,7 +61,13 @@ def run_submit(args: argparse.Namespace) -> int:
         )
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(args.address)
+    try:
+        client = JobSubmissionClient(args.address)
+    except ConnectionError as err:
+        raise ConfigError(
+            f"no Ray cluster answers at --address {args.address} ({err}); start one (`ray start --head`, or "
+            "`ray up cluster.yaml`) or pass its dashboard address, e.g. http://HEAD:8265."
+        ) from err
     entrypoint = "python -m flows.cli " + shlex.join(job)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(args.working_dir))
     print(f"submitted {job_id} to {args.address}: obliviate {shlex.join(job)}")

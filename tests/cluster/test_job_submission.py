@@ -187,3 +187,14 @@ def test_submit_without_a_command_states_the_rule(capsys) -> None:
 
     assert main(["submit", "--address", "http://127.0.0.1:1"]) == 2
     assert "needs the obliviate command to run after '--'" in capsys.readouterr().err
+
+
+def test_submit_to_an_address_nobody_answers_says_how_to_get_a_cluster(capsys):
+    from flows.cli import main
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--no-wait", "--", "reduce", "--k", "5"]) == 2
+    err = capsys.readouterr().err
+    assert f"no Ray cluster answers at --address http://127.0.0.1:{port}" in err and "ray start --head" in err

@@ -136,3 +136,9 @@ def test_an_own_error_from_a_ray_worker_is_reported_in_its_own_words(ray_address
     assert "ray::ChainWorker.train()" in str(caught.value)  # Ray's text: the worker, then its stack
     message = error_message(caught.value)
     assert message.startswith("num_blocks must be in 1..n=2") and "ray::" not in message and "File " not in message
+
+
+def test_store_check_refuses_a_negative_orphan_age(tmp_path, capsys):
+    # a negative age would make every orphan, even one an attempt is writing now, old enough to collect
+    assert main(["store", "check", "--store", f"file://{tmp_path}", "--repair", "--orphan-age", "-5"]) == 2
+    assert "--orphan-age is the least age (seconds) of an orphan to collect and must be >= 0" in capsys.readouterr().err
