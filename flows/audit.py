@@ -42,6 +42,7 @@ from prefect.cache_policies import NO_CACHE
 from actors.extraction import run_cell_task
 from flows.artifacts import publish_table
 from flows.progress import report
+from flows.runtime import writable_folder
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOptions
@@ -67,16 +68,7 @@ from storage.serving import served_model
 
 def prepare_output(location: str) -> Path:
     """The report folder, created and checked writable before an audit spends its queries."""
-    folder = Path(location).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(
-            f"cannot create the report folder {location!r} ({err.strerror}); choose a writable --out."
-        ) from err
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"cannot write into the report folder {location!r}; choose a writable --out.")
-    return folder
+    return writable_folder(location, what="the report folder (--out)")
 
 
 def write_output(location: str, name: str, data: bytes) -> str:

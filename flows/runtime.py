@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from obliviate.errors import ObliviateError
+from obliviate.errors import ConfigError, ObliviateError
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -35,6 +35,25 @@ PREFECT_DEFAULTS = {
 
 class ServerStartError(ObliviateError, RuntimeError):
     """A helper server (Prefect API) did not become healthy."""
+
+
+def writable_folder(location: str | Path, *, what: str) -> Path:
+    """``location`` as a local folder that exists and this process can write into; else a ConfigError.
+
+    Commands call it before their work, so a bad output path fails in seconds, not after the work.
+
+    Args:
+        location: the folder.
+        what: how the user named it, for the error (e.g. ``"the report folder (--out)"``).
+    """
+    folder = Path(location).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create {what} {str(location)!r} ({err.strerror}); choose a writable path.") from err
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"cannot write into {what} {str(location)!r}; choose a writable path.")
+    return folder
 
 
 def apply_prefect_defaults() -> None:

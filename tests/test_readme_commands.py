@@ -91,6 +91,14 @@ def test_cli_reports_bad_input_without_a_traceback(capsys) -> None:
     assert "k must satisfy 2 <= k < n=1797; got k=1" in capsys.readouterr().err
 
 
+def test_demo_refuses_an_out_it_cannot_write_before_starting_a_server(tmp_path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["demo", "--quick", "--out", str(blocker / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the demo's folder (--out)" in err and "Not a directory" in err
+
+
 def test_cli_reduce_on_digits_writes_subset(tmp_path, capsys) -> None:
     assert main(["reduce", "--data", "digits", "--k", "20", "--starts", "30", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -96,8 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from flows.runtime import prefect_api
+    from flows.runtime import prefect_api, writable_folder
 
+    writable_folder(Path(args.out).expanduser().resolve(), what="the demo's folder (--out)")
     # One Prefect server for every step (started here when PREFECT_API_URL is unset).
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", flush=True)
