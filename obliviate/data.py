@@ -62,6 +62,17 @@ class ImageDataset:
                 f"labels must have shape (n,) = ({self.images.shape[0]},) to match the images of "
                 f"{self.name!r}; got {self.labels.shape}. Pass one label per image."
             )
+        if self.labels.size and int(self.labels.min()) < 0:
+            raise DataError(
+                f"labels of {self.name!r} are class indices and must be >= 0; found {int(self.labels.min())}. "
+                "Map the classes to 0..C-1."
+            )
+        height, width = self.images.shape[1:]
+        if height != width:
+            raise DataError(
+                f"images of {self.name!r} must be square, as every model here takes H x H inputs; got "
+                f"{height} x {width}. Pad or crop them to a square."
+            )
         if not 2 <= self.levels <= 256:
             raise DataError(f"levels must be in 2..256; got {self.levels} for {self.name!r}.")
         if self.images.size and int(self.images.max()) >= self.levels:
@@ -214,7 +225,18 @@ def _load_digits() -> ImageDataset:
 
 
 def _load_npz(path: Path, *, gray: GrayMode) -> ImageDataset:
-    with np.load(path, allow_pickle=False) as archive:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # numpy reads a non-zip file as a pickle and refuses it
+        raise DataError(
+            f"{str(path)!r} is not a readable .npz archive ({err.__class__.__name__}); save the arrays with "
+            "np.savez(path, images=..., labels=...)."
+        ) from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{str(path)!r} holds one array, not an .npz archive; save it with np.savez(path, images=..., labels=...)."
+        )
+    with archive:
         keys = set(archive.files)
         image_key = next((k for k in ("images", "x", "X") if k in keys), None)
         label_key = next((k for k in ("labels", "y", "Y") if k in keys), None)

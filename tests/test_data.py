@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import struct
 
 import numpy as np
@@ -107,8 +108,24 @@ def test_torchvision_mnist_raw_idx_folder(tmp_path) -> None:
             "one label per image",
         ),
         (lambda tmp: _mkdir(tmp / "empty"), "neither class sub-folders"),
+        (
+            lambda tmp: _npz(tmp / "n.npz", images=np.zeros((2, 3, 3), np.uint8), labels=np.array([0, -1])),
+            "class indices and must be >= 0; found -1",
+        ),
+        (
+            lambda tmp: _npz(tmp / "r.npz", images=np.zeros((2, 8, 6), np.uint8), labels=np.zeros(2, int)),
+            "must be square.*got 8 x 6",
+        ),
+        (lambda tmp: _write(tmp / "g.npz", b"not a zip"), "not a readable .npz archive"),
+        (lambda tmp: _write(tmp / "one.npz", _npy_bytes(np.zeros(3))), "holds one array, not an .npz archive"),
     ],
 )
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def test_bad_sources_raise_data_error_naming_the_problem(tmp_path, make_source, message) -> None:
     source = make_source(tmp_path)
     with pytest.raises(DataError, match=message):
