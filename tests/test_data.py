@@ -91,6 +91,12 @@ def test_torchvision_mnist_raw_idx_folder(tmp_path) -> None:
     assert data.labels.tolist() == [7, 3]
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
     ("make_source", "message"),
     [
@@ -120,12 +126,6 @@ def test_torchvision_mnist_raw_idx_folder(tmp_path) -> None:
         (lambda tmp: _write(tmp / "one.npz", _npy_bytes(np.zeros(3))), "holds one array, not an .npz archive"),
     ],
 )
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def test_bad_sources_raise_data_error_naming_the_problem(tmp_path, make_source, message) -> None:
     source = make_source(tmp_path)
     with pytest.raises(DataError, match=message):
