@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,17 @@ def test_demo_batch_accounts_for_a_run_the_batch_does_not_touch(capsys) -> None:
     assert "  run-a served while the batch retrained: v3 full (90.0 %)" in out
     assert "  run-b: none of the batch's ids is in its training data, so it keeps what it served" in out
     assert "one exact retrain of 1 block-training (0.1 s)" in out
+
+
+def test_ctrl_c_stops_a_command_with_a_sentence_and_no_half_written_file(tmp_path) -> None:
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "flows.cli", "steal", "--demo", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    first = process.stdout.readline()  # printed once the target's training starts
+    assert first.startswith("training a LeNet-5 target"), first
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "obliviate steal: interrupted" in err and "Traceback" not in err
+    assert not [p.name for p in out.iterdir() if "partial" in p.name]  # no torn checkpoint left behind

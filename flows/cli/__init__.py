@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 
 from obliviate.errors import ObliviateError
 
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by SIGINT (128 + 2)
+
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli.reduce",
     "flows.cli.demo",
@@ -85,6 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ObliviateError as err:
         print(f"obliviate {args.command}: error: {error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"obliviate {args.command}: interrupted. Stores hold only whole objects, so nothing half-written was "
+            "kept; rerunning train or reduce resumes from what was stored.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def error_message(err: ObliviateError) -> str:
