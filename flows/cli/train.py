@@ -63,31 +63,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
-    from flows.train import train_flow
+    from flows.train import run_spec, train_flow
+    from obliviate.unlearning.service import check_name
 
+    options = {
+        "data": args.data,
+        "model": args.model,
+        "blocks": args.blocks,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "optimizer": args.optimizer,
+        "schedule": args.schedule,
+        "min_lr_fraction": args.min_lr_fraction,
+        "seed": args.seed,
+        "train_size": args.train_size,
+        "heldout_size": args.heldout_size,
+        "split_seed": args.split_seed,
+    }
+    # Every option's rule, checked by planning the run (each shard's, the most constrained) before
+    # any server starts or the store is touched.
+    check_name(args.run_id, what="run id")
+    run_spec(run_id=args.run_id, shards=args.shards, shard=max(args.shards, 1) - 1, **options)
     apply_prefect_defaults()
     store = prepare_store(store_url(args), write=True)
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=args.ray_address)
-        summary = train_flow(
-            store=store,
-            run_id=args.run_id,
-            data=args.data,
-            model=args.model,
-            blocks=args.blocks,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            optimizer=args.optimizer,
-            schedule=args.schedule,
-            min_lr_fraction=args.min_lr_fraction,
-            seed=args.seed,
-            train_size=args.train_size,
-            heldout_size=args.heldout_size,
-            split_seed=args.split_seed,
-            shards=args.shards,
-        )
+        summary = train_flow(store=store, run_id=args.run_id, shards=args.shards, **options)
     print(
         f"run {summary['run_id']}: version {summary['version']} ({summary['status']}), held-out accuracy "
         f"{summary.get('heldout_accuracy')}, {summary.get('trained_blocks', 0)} blocks trained, "

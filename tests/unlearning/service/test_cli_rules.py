@@ -142,3 +142,19 @@ def test_store_check_refuses_a_negative_orphan_age(tmp_path, capsys):
     # a negative age would make every orphan, even one an attempt is writing now, old enough to collect
     assert main(["store", "check", "--store", f"file://{tmp_path}", "--repair", "--orphan-age", "-5"]) == 2
     assert "--orphan-age is the least age (seconds) of an orphan to collect and must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        (["--blocks", "0"], "num_blocks must be a positive integer; got 0"),
+        (["--lr", "nan"], "learning_rate must be > 0; got nan"),
+        (["--shards", "300"], "leave 4 per shard, fewer than --blocks 6"),
+        (["--run-id", "a/b"], "rule: a run id is 1-64 characters"),
+    ],
+)
+def test_train_refuses_a_bad_option_before_a_server_starts_or_the_store_is_made(tmp_path, capsys, options, rule):
+    assert main(["train", "--store", f"file://{tmp_path}/runs", "--run-id", "r", "--data", "digits", *options]) == 2
+    err = capsys.readouterr().err
+    assert rule in err and "Prefect API" not in err
+    assert not (tmp_path / "runs").exists()
