@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
@@ -116,22 +117,22 @@ DEMO_SETTINGS = {
 }
 
 
-def _checked_grid(args: argparse.Namespace) -> tuple[list[int], list[float]]:
-    """The budgets and FGSM radii, once every option of the grid is checked (before any work starts)."""
+def _checked_grid(args: argparse.Namespace) -> dict[str, Any]:
+    """The audit grid's arguments of ``steal_flow``, once each is checked (before any work starts)."""
     from flows.audit import check_audit_grid, prepare_output
 
-    budgets, eps = _ints(args.budgets, "--budgets"), _floats(args.eps, "--eps")
-    check_audit_grid(
-        budgets=budgets,
-        selectors=_names(args.selectors),
-        attackers=_names(args.attackers),
-        seeds=args.seeds,
-        pool_size=args.pool_size,
-        substitute=args.substitute,
-        eps=eps,
-    )
+    grid = {
+        "budgets": _ints(args.budgets, "--budgets"),
+        "selectors": _names(args.selectors),
+        "attackers": _names(args.attackers),
+        "seeds": args.seeds,
+        "pool_size": args.pool_size,
+        "substitute": args.substitute,
+        "eps": _floats(args.eps, "--eps"),
+    }
+    check_audit_grid(**grid)
     prepare_output(args.out)
-    return budgets, eps
+    return grid
 
 
 def run_steal(args: argparse.Namespace) -> int:
@@ -147,7 +148,7 @@ def run_steal(args: argparse.Namespace) -> int:
             f"target {args.target!r} is neither an http(s) URL nor an existing checkpoint; "
             "make one with `obliviate target train --out runs/target.pt`."
         )
-    budgets, eps = _checked_grid(args)
+    grid = _checked_grid(args)
     import ray
 
     from flows.audit import steal_flow
@@ -164,21 +165,15 @@ def run_steal(args: argparse.Namespace) -> int:
             paths = steal_flow(
                 target=args.target,
                 pool=args.pool,
-                budgets=budgets,
-                selectors=_names(args.selectors),
-                attackers=_names(args.attackers),
+                **grid,
                 attack_steps=args.attack_steps,
                 rounds=args.rounds,
                 round_steps=args.round_steps,
                 consistency_steps=args.consistency_steps,
-                seeds=args.seeds,
                 out=args.out,
-                pool_size=args.pool_size,
                 test_size=args.test_size,
                 split_seed=args.split_seed,
-                substitute=args.substitute,
                 steps=args.steps,
-                eps=eps,
                 iterative=args.ifgsm,
                 drmi_starts=args.drmi_starts or None,
                 timeout_s=args.timeout,
