@@ -32,7 +32,7 @@ class PreparedImages:
     Attributes:
         codes: ``(n, P)`` uint8 quantised gray levels, C-contiguous.
         nz_ptr: ``(n + 1,)`` CSR row pointers into ``nz_pos`` / ``nz_code``.
-        nz_pos: pixel positions of non-zero codes, image after image.
+        nz_pos: pixel positions of non-zero codes, image after image (16-bit where P allows).
         nz_code: the non-zero codes at those positions.
         entropy: ``(n,)`` float64 entropy of each image's code histogram (nats).
         bins: number of code levels used for counting.
@@ -90,7 +90,7 @@ def prepare_images(images: np.ndarray, *, levels: int = 256, bins: int = 256) ->
     return PreparedImages(
         codes=codes,
         nz_ptr=nz_ptr,
-        nz_pos=cols.astype(np.int32),
+        nz_pos=cols.astype(_pixel_index_dtype(pixels)),
         nz_code=codes[rows, cols].astype(np.uint8),
         entropy=entropy,
         bins=code_levels,
@@ -156,7 +156,7 @@ def mi_tile(
         upper_only,
         numba.get_num_threads(),
         tile,
-        _count_dtype(prepared.pixels),
+        _pixel_index_dtype(prepared.pixels),
     )
     return tile
 
@@ -232,8 +232,12 @@ def _check_indices(idx: np.ndarray, n: int, what: str) -> np.ndarray:
     return arr
 
 
-def _count_dtype(pixels: int) -> type:
-    """The narrowest integer type that holds a joint count, which is at most ``pixels``."""
+def _pixel_index_dtype(pixels: int) -> type:
+    """The narrowest integer type that holds 0..``pixels``: every pixel position and joint count.
+
+    At 16 bits the non-zero positions of a 4,000-image tile (about 1.2 MB on MNIST) stay in a
+    core's L2 cache while each row image is compared with all of them, and the joint table halves.
+    """
     return np.uint16 if pixels <= np.iinfo(np.uint16).max else np.int32
 
 
