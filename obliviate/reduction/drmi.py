@@ -32,7 +32,7 @@ from typing import Protocol
 import numba
 import numpy as np
 
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, DataError
 
 
 class Aggregate(str, Enum):
@@ -147,6 +147,8 @@ def drmi_reduce(
         the subset with the lowest H over all restarts (ties: the lowest start vertex).
     """
     source = _as_source(matrix)
+    if isinstance(source, DenseRows):
+        _check_mi_matrix(source.matrix)
     _check_k(k, source.n)
     start_vertices = (
         _check_starts(starts, source.n)
@@ -440,6 +442,39 @@ def _as_source(matrix: np.ndarray | RowSource) -> RowSource:
             raise ConfigError(f"the MI matrix must be square (n, n); got shape {matrix.shape}.")
         return DenseRows(np.ascontiguousarray(matrix, dtype=np.float32))
     return matrix
+
+
+def _check_mi_matrix(matrix: np.ndarray) -> None:
+    """Refuse a dense matrix with a non-finite entry or one that is not symmetric.
+
+    Restarts read only one triangle's worth of each pair and compare sums, so NaN would give
+    out-of-range subsets and an asymmetric matrix an H that depends on the order of a pair.
+    """
+    i, j = _first_bad_entry(matrix)
+    if i < 0:
+        return
+    if not (np.isfinite(matrix[i, j]) and np.isfinite(matrix[j, i])):
+        raise DataError(
+            f"the MI matrix must hold finite numbers; entry ({i}, {j}) is {matrix[i, j]} and ({j}, {i}) is "
+            f"{matrix[j, i]}. Recompute it (obliviate.reduction.mi.mi_matrix) or replace the bad entries."
+        )
+    raise DataError(
+        f"the MI matrix must be symmetric (MI(u, v) = MI(v, u)); entry ({i}, {j}) is {matrix[i, j]} but ({j}, {i}) "
+        f"is {matrix[j, i]}. Symmetrise it, e.g. (m + m.T) / 2, or recompute it with mi_matrix."
+    )
+
+
+@numba.njit(cache=True)
+def _first_bad_entry(matrix: np.ndarray) -> tuple[int, int]:
+    n = matrix.shape[0]
+    for i in range(n):
+        for j in range(i, n):
+            a, b = matrix[i, j], matrix[j, i]
+            if not (np.isfinite(a) and np.isfinite(b)):
+                return i, j
+            if abs(a - b) > 1e-6 + 1e-5 * max(abs(a), abs(b)):
+                return i, j
+    return -1, -1
 
 
 def _check_k(k: int, n: int) -> None:

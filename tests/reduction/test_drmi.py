@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from obliviate.data import load_dataset
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, DataError
 from obliviate.reduction.drmi import (
     DenseRows,
     drmi_reduce,
@@ -166,3 +166,18 @@ def test_misuse_errors_state_the_rule(call, message) -> None:
 def test_dense_rows_source_is_accepted_directly() -> None:
     matrix = random_symmetric(12, seed=3)
     assert drmi_reduce(DenseRows(matrix), k=4).h == drmi_reduce(matrix, k=4).h
+
+
+def test_a_matrix_with_nan_or_asymmetry_is_refused_with_the_entry() -> None:
+    matrix = random_symmetric(10, seed=1)
+    with_nan = matrix.copy()
+    with_nan[3, 7] = with_nan[7, 3] = np.nan  # gave a subset with index -1 before
+    with pytest.raises(DataError, match=r"must hold finite numbers; entry \(3, 7\) is nan"):
+        drmi_reduce(with_nan, k=3)
+    lopsided = matrix.copy()
+    lopsided[2, 5] += 0.5  # gave an H that depends on which triangle a pair is read from
+    with pytest.raises(DataError, match=r"must be symmetric .*entry \(2, 5\)"):
+        drmi_reduce(lopsided, k=3)
+    tiny = matrix.copy()
+    tiny[2, 5] += 1e-7  # rounding of a matrix built elsewhere is accepted
+    assert drmi_reduce(tiny, k=3).subset.min() >= 0
