@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from flows.runtime import writable_folder
 from obliviate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,14 +69,7 @@ def _writable_checkpoint_path(out: str) -> Path:
         raise ConfigError(
             f"--out is the checkpoint's file path, but {out!r} is a folder; add a file name like target.pt."
         )
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(
-            f"cannot create the folder of --out {out!r} ({err.strerror}); choose a writable path."
-        ) from err
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"cannot write into {str(path.parent)!r} for --out {out!r}; choose a writable path.")
+    writable_folder(path.parent, what="the folder of --out")
     return path
 
 
