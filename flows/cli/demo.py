@@ -98,11 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from flows.runtime import prefect_api, writable_folder
 
-    writable_folder(Path(args.out).expanduser().resolve(), what="the demo's folder (--out)")
+    root = writable_folder(Path(args.out).expanduser().resolve(), what="the demo's folder (--out)")
     # One Prefect server for every step (started here when PREFECT_API_URL is unset).
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", flush=True)
-        code = _run_steps(args)
+        code = _run_steps(args, root)
     _print_dashboard_hint(api_url)
     return code
 
@@ -121,9 +121,7 @@ def _print_dashboard_hint(api_url: str) -> None:
     )
 
 
-def _run_steps(args: argparse.Namespace) -> int:
-    root = Path(args.out).expanduser().resolve()
-    root.mkdir(parents=True, exist_ok=True)
+def _run_steps(args: argparse.Namespace, root: Path) -> int:
     store_url = f"file://{root}"
     settings = QUICK if args.quick else FULL
     rows: list[dict[str, Any]] = []
