@@ -45,6 +45,10 @@ k-center) on splits 0-5 at all four budgets (``extraction/adaptive_cc_a`` for sp
 all four budgets the same way (``extraction/ensemble_a`` for splits 0-2, ``ensemble_b`` for 3-5); the
 rows labelled ``semi_supervised`` are its one-substitute member from the earlier runs, paired by split.
 
+The default attacker with the adaptive selector (``semi_supervised_ensemble:adaptive``) ran on splits
+0-5 the same way (``extraction/ens_adaptive_a`` for splits 0-2 and ``ens_adaptive_b`` for 3-5 at
+600/300/150, ``ens_adaptive_50a`` / ``ens_adaptive_50b`` at 50).
+
 The agreement ceiling (twins of the target, ``bench/extraction_ceiling.py``) is written to
 ``extraction/ceiling.json`` and folded in by ``--merge``.
 
@@ -385,6 +389,7 @@ def _peer_text(by, budget: int, metric: str) -> str:
         ("ART CopycatCNN", ("art_copycat", "random")),
         ("pseudo_label (the default before FixMatch)", ("pseudo_label", DEFAULT_SELECTOR)),
         (f"adaptive selector ({SINGLE})", (SINGLE, "adaptive")),
+        (f"adaptive selector ({DEFAULT_ATTACKER})", (DEFAULT_ATTACKER, "adaptive")),
     ):
         r = by.get((*key, budget))
         if r is not None:
@@ -491,16 +496,17 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
 
 def _adaptive_verdict(pairs: list[dict]) -> str:
     """One sentence per adaptive selector: where its paired gain over the default one-shot selector
-    exceeds the spread (std over splits) of the paired differences."""
+    (same attacker) exceeds the spread (std over splits) of the paired differences."""
     lines = []
     for sel in sorted({p["selector"] for p in pairs}, key=lambda t: (len(t), t)):
-        rows = [p for p in pairs if p["selector"] == sel and p["peer"] == DEFAULT]
+        one_shot = f"{sel.split(':')[0]}:{DEFAULT_SELECTOR}"
+        rows = [p for p in pairs if p["selector"] == sel and p["peer"] == one_shot]
         beyond = [p["budget"] for p in rows if p["difference_mean"] > p["difference_std"]]
         text = ", ".join(
             f"{p['budget']}: {100 * p['difference_mean']:+.2f} ± {100 * p['difference_std']:.2f}" for p in rows
         )
         lines.append(
-            f"`{sel}` ({rows[0]['rounds'] if rows else '?'} rounds) minus `{DEFAULT}`, paired, by budget: {text} "
+            f"`{sel}` ({rows[0]['rounds'] if rows else '?'} rounds) minus `{one_shot}`, paired, by budget: {text} "
             f"points; the mean gain exceeds the spread of the paired differences at "
             f"{', '.join(map(str, beyond)) or 'no budget'}."
         )
@@ -545,17 +551,19 @@ def _adaptive_pairs(cells: list[dict]) -> list[dict]:
     """Adaptive selectors (``adaptive``, bench-only ``adaptive_r<R>``) against one-shot selectors,
     paired by split (same target, same seed)."""
     out = []
-    adaptive_selectors = sorted(
-        {c["selector"] for c in cells if c["attacker"] == SINGLE and c["selector"].startswith("adaptive")}
+    adaptive_pairs = sorted(
+        {
+            (c["attacker"], c["selector"])
+            for c in cells
+            if c["attacker"] in (SINGLE, DEFAULT_ATTACKER) and c["selector"].startswith("adaptive")
+        }
     )
-    for sel in adaptive_selectors:
-        adaptive = {(c["budget"], c["split"]): c for c in cells if (c["attacker"], c["selector"]) == (SINGLE, sel)}
+    for atk, sel in adaptive_pairs:
+        adaptive = {(c["budget"], c["split"]): c for c in cells if (c["attacker"], c["selector"]) == (atk, sel)}
         for budget in sorted({b for b, _ in adaptive}):
             for peer in (DEFAULT_SELECTOR, "random") + (("adaptive",) if sel != "adaptive" else ()):
                 others = {
-                    c["split"]: c
-                    for c in cells
-                    if (c["attacker"], c["selector"], c["budget"]) == (SINGLE, peer, budget)
+                    c["split"]: c for c in cells if (c["attacker"], c["selector"], c["budget"]) == (atk, peer, budget)
                 }
                 common = sorted(s for b, s in adaptive if b == budget and s in others)
                 if not common:
@@ -566,10 +574,10 @@ def _adaptive_pairs(cells: list[dict]) -> list[dict]:
                 o = np.array([c["agreement"] for c in theirs])
                 out.append(
                     {
-                        "selector": f"{SINGLE}:{sel}",
+                        "selector": f"{atk}:{sel}",
                         "rounds": _rounds(sel),
                         "budget": budget,
-                        "peer": f"{SINGLE}:{peer}",
+                        "peer": f"{atk}:{peer}",
                         "splits": common,
                         "adaptive_agreement_mean": float(a.mean()),
                         "adaptive_agreement_std": float(a.std()),
