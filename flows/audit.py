@@ -45,6 +45,7 @@ from flows.progress import report
 from flows.runtime import writable_folder
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
+from obliviate.extraction.active import AUDIT_SELECTOR
 from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import (
     DEFAULT_SEEDS,
@@ -57,7 +58,7 @@ from obliviate.extraction.audit import (
     summarize,
 )
 from obliviate.extraction.headline import headline_sentence, queries_to_agreement, strongest, threat_model
-from obliviate.extraction.selectors import DEFAULT_SELECTOR, SELECTORS, Pool, get_selector, image_entropy
+from obliviate.extraction.selectors import SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
 from obliviate.extraction.target import Target, open_backend, save_checkpoint
 from obliviate.models import MODEL_BUILDERS
@@ -380,7 +381,7 @@ def steal_flow(
     target: str,
     pool: str = "mnist5k",
     budgets: Sequence[int] = tuple(SEED_BUDGETS),
-    selectors: Sequence[str] = (DEFAULT_SELECTOR,),
+    selectors: Sequence[str] = (AUDIT_SELECTOR,),
     seeds: int = DEFAULT_SEEDS,
     out: str = "runs/steal",
     pool_size: int = 2000,

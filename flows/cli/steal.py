@@ -1,8 +1,9 @@
 """``obliviate steal``: the model-extraction audit (SPEC sections 3 and 3b) as a Prefect flow over Ray.
 
-By default it assumes the strongest attacker measured (``semi_supervised``) buying the queries the
-default selector (``cluster_centers``) picks, and its report leads with the fewest queries at which
-that attacker reaches 90 % and 95 % agreement with the target.
+By default it assumes the strongest attacker measured (``semi_supervised_ensemble``) buying the
+queries the audit's selector (``auto``: ``cluster_centers`` below 150 queries, adaptive rounds from
+150) picks, and its report leads with the fewest queries at which that attacker reaches 90 % and
+95 % agreement with the target.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from obliviate.errors import ConfigError
+from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import DEFAULT_SEEDS
 from obliviate.extraction.selectors import DEFAULT_SELECTOR
@@ -41,9 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--selectors",
-        default=DEFAULT_SELECTOR,
-        help=f"comma-separated selector names, e.g. {DEFAULT_SELECTOR},random,drmi,jacobian,adaptive "
-        f"(default {DEFAULT_SELECTOR})",
+        default=AUDIT_SELECTOR,
+        help=f"comma-separated selector names, e.g. {AUDIT_SELECTOR},{DEFAULT_SELECTOR},random,drmi,jacobian,adaptive "
+        f"(default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive rounds from "
+        f"{ADAPTIVE_FROM_BUDGET})",
     )
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per (selector, budget)")
     parser.add_argument("--out", default="runs/steal", help="output directory (default runs/steal)")

@@ -5,7 +5,7 @@ report and "queries to steal" headline.
 Public names are importable from here; the modules hold them.
 """
 
-from obliviate.extraction.active import ActiveOptions, adaptive, round_sizes
+from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR, ActiveOptions, adaptive, auto, round_sizes
 from obliviate.extraction.attackers import (
     ATTACKERS,
     DEFAULT_ATTACKER,
@@ -89,7 +89,9 @@ from obliviate.extraction.target import (
 )
 
 __all__ = [
+    "ADAPTIVE_FROM_BUDGET",
     "ATTACKERS",
+    "AUDIT_SELECTOR",
     "DEFAULT_ATTACKER",
     "DEFAULT_SELECTOR",
     "SEED_BUDGETS",
@@ -126,6 +128,7 @@ __all__ = [
     "attacker",
     "audit_split",
     "augmentation_round",
+    "auto",
     "check_indices",
     "cluster_centers",
     "decode_images",

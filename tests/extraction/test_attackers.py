@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from obliviate.errors import ConfigError
-from obliviate.extraction.active import ActiveOptions, adaptive, round_sizes
+from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, ActiveOptions, adaptive, auto, round_sizes
 from obliviate.extraction.attackers import ATTACKERS, AttackOptions, train_substitute
 from obliviate.extraction.audit import draw_split, run_cell, train_target
 from obliviate.extraction.augment import AugmentOptions, cutout, random_affine
@@ -182,6 +182,24 @@ def test_adaptive_selector_never_queries_an_image_twice_and_spends_exactly_k(cas
     if first_round == "cluster_centers":  # round 0 is the one-shot selector's own choice, from the same generator
         one_shot = SELECTORS["cluster_centers"].fn(case["pool"], k=12, rng=np.random.default_rng(0))
         assert np.array_equal(bought.pool_indices[:12], one_shot)
+
+
+def test_auto_buys_cluster_centers_below_its_threshold_and_adaptive_rounds_from_it(case):
+    assert SELECTORS["auto"].needs_target and SELECTORS["auto"].needs_substitute
+    quick = TrainConfig(steps=20)  # the in-loop substitutes train 20..40 steps: only the picks are compared here
+    small = Target(HashingBackend(case["target"]), budget=ADAPTIVE_FROM_BUDGET - 1)
+    bought = auto(case["pool"], k=ADAPTIVE_FROM_BUDGET - 1, rng=np.random.default_rng(3), target=small, train=quick)
+    one_shot = SELECTORS["cluster_centers"].fn(case["pool"], k=ADAPTIVE_FROM_BUDGET - 1, rng=np.random.default_rng(3))
+    assert np.array_equal(bought.pool_indices, one_shot)
+    assert [r.size for r in small.log] == [ADAPTIVE_FROM_BUDGET - 1]  # one query, no rounds
+
+    k = ADAPTIVE_FROM_BUDGET
+    big, reference = (Target(HashingBackend(case["target"]), budget=k) for _ in range(2))
+    bought = auto(case["pool"], k=k, rng=np.random.default_rng(3), target=big, train=quick)
+    rounds = adaptive(case["pool"], k=k, rng=np.random.default_rng(3), target=reference, train=quick)
+    assert np.array_equal(bought.pool_indices, rounds.pool_indices)
+    assert [r.size for r in big.log] == round_sizes(k, ActiveOptions().rounds) and big.used == k
+    assert len(set(big.backend.seen)) == k
 
 
 def test_adaptive_round_zero_must_be_label_free():
