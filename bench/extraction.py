@@ -49,6 +49,10 @@ The default attacker with the adaptive selector (``semi_supervised_ensemble:adap
 0-5 the same way (``extraction/ens_adaptive_a`` for splits 0-2 and ``ens_adaptive_b`` for 3-5 at
 600/300/150, ``ens_adaptive_50a`` / ``ens_adaptive_50b`` at 50).
 
+The audit's default selector, ``auto`` (``cluster_centers`` below 150 queries, ``adaptive`` from 150),
+ran with the default attacker on splits 0-5 at all four budgets (``extraction/ens_auto_a`` for splits
+0-2, ``ens_auto_b`` for 3-5); those cells are the headline rows.
+
 The agreement ceiling (twins of the target, ``bench/extraction_ceiling.py``) is written to
 ``extraction/ceiling.json`` and folded in by ``--merge``.
 
@@ -73,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import machine
 from obliviate.data import load_dataset
+from obliviate.extraction.active import AUDIT_SELECTOR
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import (
     DEFAULT_SEEDS,
@@ -89,10 +94,15 @@ from obliviate.extraction.substitute import TrainConfig, accuracy, predict_label
 from obliviate.extraction.target import LocalTorchBackend, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: What ``obliviate steal`` runs by default: the headline rows.
+AUDIT = f"{DEFAULT_ATTACKER}:{AUDIT_SELECTOR}"
+#: The default attacker with the label-free default selector (the audit's default before ``auto``):
+#: the ensemble-vs-one-substitute and adaptive-vs-one-shot pairings are made on it.
 DEFAULT = f"{DEFAULT_ATTACKER}:{DEFAULT_SELECTOR}"
 #: The default's one member: the attacker the random-query, adaptive and previous-default cells ran with.
 SINGLE = "semi_supervised"
 CONFIGS = (
+    AUDIT,
     DEFAULT,
     f"basic:{DEFAULT_SELECTOR}",
     f"{SINGLE}:{DEFAULT_SELECTOR}",
@@ -382,6 +392,10 @@ def write(
 def _peer_text(by, budget: int, metric: str) -> str:
     parts = []
     for label, key in (
+        (
+            f"{DEFAULT_ATTACKER} with {DEFAULT_SELECTOR} (the default before {AUDIT_SELECTOR})",
+            (DEFAULT_ATTACKER, DEFAULT_SELECTOR),
+        ),
         ("basic", ("basic", DEFAULT_SELECTOR)),
         (f"{SINGLE} (one member of the default)", (SINGLE, DEFAULT_SELECTOR)),
         (f"random queries ({SINGLE})", (SINGLE, "random")),
@@ -403,12 +417,12 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
     seed_acc = dict(zip(SEED_BUDGETS, SEED_TABLE["drmi"]["accuracy"]))
     target_acc = 100 * float(np.mean([s["target_accuracy"] for s in splits]))
     for b in budgets:
-        r = by.get((DEFAULT_ATTACKER, DEFAULT_SELECTOR, b))
+        r = by.get((DEFAULT_ATTACKER, AUDIT_SELECTOR, b))
         if r is None:
             continue
         out.append(
             {
-                "metric": f"default attacker ({DEFAULT}) mean agreement, budget {b} ({r.runs} splits)",
+                "metric": f"default attacker ({AUDIT}) mean agreement, budget {b} ({r.runs} splits)",
                 "value": round(100 * r.agreement_mean, 2),
                 "target": agree_target.get(b),
                 "better": "higher",
@@ -429,9 +443,13 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
                 "peer": f"seed's DRMI {seed_acc.get(b)}; " + (_peer_text(by, b, "accuracy") or ""),
             }
         )
-    for atk in (DEFAULT_ATTACKER, "basic"):
+    for atk, sel in (
+        (DEFAULT_ATTACKER, AUDIT_SELECTOR),
+        (DEFAULT_ATTACKER, DEFAULT_SELECTOR),
+        ("basic", DEFAULT_SELECTOR),
+    ):
         for level in (0.9, 0.95):
-            q = reach.get(f"{atk}:{DEFAULT_SELECTOR}@{level:g}")
+            q = reach.get(f"{atk}:{sel}@{level:g}")
             if q is None:
                 continue
             per = ", ".join(
@@ -439,7 +457,7 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
             )
             out.append(
                 {
-                    "metric": f"queries to {100 * level:g} % agreement, {atk}:{DEFAULT_SELECTOR} (mean curve; {per})",
+                    "metric": f"queries to {100 * level:g} % agreement, {atk}:{sel} (mean curve; {per})",
                     "value": q["mean"],
                     "target": None,
                     "better": "lower",
@@ -449,7 +467,7 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
             )
     for atk in sorted({c["attacker"] for c in cells}):
         # One-shot selectors only: the adaptive selector's in-loop training has its own row below.
-        secs = [c["seconds"] for c in cells if c["attacker"] == atk and not c["selector"].startswith("adaptive")]
+        secs = [c["seconds"] for c in cells if c["attacker"] == atk and not _in_the_loop(c["selector"])]
         if not secs:
             continue
         out.append(
@@ -463,7 +481,7 @@ def _headline(by, budgets, reach, splits, cells) -> list[dict]:
             }
         )
     cpu = RESULTS / "extraction" / "default_audit_cpu.json"
-    default = [c for c in cells if c["attacker"] == DEFAULT_ATTACKER and c["selector"] == DEFAULT_SELECTOR]
+    default = [c for c in cells if c["attacker"] == DEFAULT_ATTACKER and c["selector"] == AUDIT_SELECTOR]
     if default and not cpu.exists():  # wall times on a contended machine: only when no CPU-second figure exists
         per_budget = {b: float(np.mean([c["seconds"] for c in default if c["budget"] == b])) for b in budgets}
         # The default audit: 5 budgets (50,150,200,300,600) x DEFAULT_SEEDS on 2 Ray workers; 200 interpolated.
@@ -534,6 +552,11 @@ def _e2e_headline() -> list[dict]:
             ),
         }
     ]
+
+
+def _in_the_loop(sel: str) -> bool:
+    """Whether the selector trains substitutes between query rounds (bench-only ``adaptive_*`` variants too)."""
+    return sel.startswith("adaptive") or (sel in SELECTORS and SELECTORS[sel].needs_substitute)
 
 
 def _rounds(sel: str) -> int:
@@ -662,7 +685,7 @@ def _default_at(cells: list[dict], budget: int, splits: list[int]) -> tuple[floa
     got = {
         c["split"]: c["agreement"]
         for c in cells
-        if (c["attacker"], c["selector"], c["budget"]) == (DEFAULT_ATTACKER, DEFAULT_SELECTOR, budget)
+        if (c["attacker"], c["selector"], c["budget"]) == (DEFAULT_ATTACKER, AUDIT_SELECTOR, budget)
         and c["split"] in splits
     }
     return (float(np.mean(list(got.values()))) if got else float("nan")), sorted(got)
@@ -837,7 +860,9 @@ def _markdown(doc: dict, rows) -> str:
             "the bought labels only; `augmented` adds label-preserving affine augmentation; `pseudo_label` adds "
             "confident pseudo-labels of the unlabeled pool; `semi_supervised` adds FixMatch consistency "
             "training on the unlabeled pool instead; `semi_supervised_ensemble` (default) averages the softmax of "
-            "three `semi_supervised` substitutes (seeds s, s+1, s+2); ART peers use random queries and ART's own trainer (with label-only "
+            "three `semi_supervised` substitutes (seeds s, s+1, s+2). Selector `auto` (the audit's default) buys "
+            "`cluster_centers` below 150 queries and runs `adaptive` rounds (the target answers between rounds) from "
+            "150; ART peers use random queries and ART's own trainer (with label-only "
             "answers and the same seeds, ART 1.20.1's CopycatCNN and KnockoffNets(random) buy the same images and "
             "train alike: their rows coincide)."
         ),
@@ -905,7 +930,7 @@ def _plot(path: Path, rows, ceiling: dict | None = None) -> None:
                 ms=3,
                 capsize=2,
                 label=label,
-                lw=2.2 if label == f"{DEFAULT_ATTACKER} / {DEFAULT_SELECTOR}" else 1.0,
+                lw=2.2 if label == f"{DEFAULT_ATTACKER} / {AUDIT_SELECTOR}" else 1.0,
             )
         if key == "accuracy":
             ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["accuracy"], "k--", label="seed's DRMI")

@@ -1,6 +1,6 @@
 """CPU seconds of one default-audit cell per budget (issue 13): the idle-machine cost of the audit.
 
-One cell = ``cluster_centers`` selection, the default attacker (``DEFAULT_ATTACKER``), FGSM at eps 0.1/0.2/0.3,
+One cell = the audit's default selector (``AUDIT_SELECTOR``), the default attacker (``DEFAULT_ATTACKER``), FGSM at eps 0.1/0.2/0.3,
 on split 0 (pool 2,000, test 1,000). Process CPU time on one torch thread is what the cell's wall
 time would be on an idle core; ``bench/extraction.py --merge`` turns it into the headline "whole
 default audit" figure. Writes ``bench/results/extraction/default_audit_cpu.json``.
@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from obliviate.data import load_dataset
+from obliviate.extraction.active import AUDIT_SELECTOR
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import draw_split, run_cell, train_target
 from obliviate.extraction.selectors import Pool
@@ -39,7 +40,7 @@ def main() -> int:
     for k in (50, 150, 200, 300, 600):
         wall, cpu = time.perf_counter(), time.process_time()
         run_cell(
-            selector="cluster_centers",
+            selector=AUDIT_SELECTOR,
             budget=k,
             seed=0,
             pool=pool,
