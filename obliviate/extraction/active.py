@@ -123,7 +123,8 @@ def adaptive(
     return Acquisition(pool.images[chosen], labels, chosen, len(chosen))
 
 
-#: What ``obliviate steal`` runs by default: the strongest selector measured at every budget.
+#: What ``obliviate steal`` runs by default: of the selectors measured with the default attacker on
+#: 6 splits (``cluster_centers``, ``adaptive``), the stronger at each budget (bench/results/extraction.md).
 AUDIT_SELECTOR = "auto"
 
 #: The smallest budget at which :func:`auto` runs adaptive rounds. Below it a round buys so few

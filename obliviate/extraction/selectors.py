@@ -108,7 +108,8 @@ class SelectorSpec:
 
 SELECTORS: dict[str, SelectorSpec] = {}
 
-#: The label-free selector the audit recommends. bench/extraction.py (MNIST 5k, 6 splits):
+#: The label-free selector the audit recommends, and what the audit's default (``auto`` in
+#: :mod:`obliviate.extraction.active`) buys below 150 queries. bench/extraction.py (MNIST 5k, 6 splits):
 #: cluster_centers beat random's mean agreement in 24 of 30 (split, budget) cells, facility
 #: (registered as default before the run) in 21 of 30; neither wins every cell (see
 #: bench/results/extraction.md). Both win by 6-11 points at k = 50 and by about 0-2 above.
