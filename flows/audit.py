@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -61,6 +60,7 @@ from obliviate.extraction.headline import headline_sentence, queries_to_agreemen
 from obliviate.extraction.selectors import SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
 from obliviate.extraction.target import Target, open_backend, save_checkpoint
+from obliviate.files import write_whole
 from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
@@ -74,14 +74,7 @@ def prepare_output(location: str) -> Path:
 
 def write_output(location: str, name: str, data: bytes) -> str:
     """Write one report file whole (beside its name, then renamed into place); returns where it went."""
-    path = prepare_output(location) / name
-    partial = path.with_name(f".{name}.partial-{os.getpid()}")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return str(path)
+    return str(write_whole(prepare_output(location) / name, lambda partial: partial.write_bytes(data)))
 
 
 @dataclass(frozen=True)

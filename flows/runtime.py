@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from obliviate.errors import ConfigError, ObliviateError
+from obliviate.files import write_whole
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -274,11 +275,8 @@ def _pointed_at(api_url: str) -> Iterator[None]:
 
 def record_ui_server(home: Path, server: PrefectServer) -> Path:
     """Record ``server`` as the one ``obliviate ui`` keeps up on ``home`` (written atomically)."""
-    record = home / UI_SERVER_RECORD
-    partial = record.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps({"api_url": server.api_url, "pid": server.process.pid}))
-    os.replace(partial, record)
-    return record
+    text = json.dumps({"api_url": server.api_url, "pid": server.process.pid})
+    return write_whole(home / UI_SERVER_RECORD, lambda partial: partial.write_text(text))
 
 
 def forget_ui_server(home: Path, server: PrefectServer) -> None:

@@ -29,7 +29,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from obliviate.errors import ConfigError, ObliviateError
+from obliviate.files import write_whole
 from obliviate.models import images_to_tensor
 
 
@@ -313,15 +313,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, met
     ``image_size``, ``levels``, ``dataset``, ``dataset_fingerprint`` and ``train_indices`` (so an
     audit can keep its pool disjoint from the training data).
     """
-    final = Path(path)
-    # Written beside the final name and renamed into place, so a reader (or a rerun after a crash)
-    # never finds half a checkpoint.
-    partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    try:
-        torch.save({"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}, partial)
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
+    checkpoint = {"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}
+    write_whole(path, lambda partial: torch.save(checkpoint, partial))
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
