@@ -46,6 +46,20 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
     return ModelVersion.from_pointer(run_id, pointer)
 
 
+def check_request(store_url: str, run_id: str, *, version: int | None, blocks: str) -> None:
+    """Refuse what :func:`verify_run` would refuse, from a few registry reads, before any work starts.
+
+    Raises:
+        ConfigError: a malformed run id, a run with no published version, a version outside
+            1..current, or a ``blocks`` choice that names no block of the run.
+    """
+    check_name(run_id, what="run id")
+    registry = RunRegistry(ObjectStore(store_url))
+    chosen = _version(registry, run_id, version)
+    config = BlockTrainingConfig.from_dict(registry.manifest(chosen).metadata["chain"]["config"])
+    choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=None)
+
+
 def verify_run(store_url: str, run_id: str, *, version: int | None = None, blocks: str = "all") -> dict[str, Any]:
     """Verify one published version by replay; returns the report (also written to the store).
 

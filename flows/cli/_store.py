@@ -5,7 +5,8 @@
 * Before any work: the store must be reachable. A command that writes (``train``, ``serve``,
   ``forget``, ``reduce``, ``tune``, ``store check --repair``) creates a missing bucket or folder and
   proves it can write by committing and deleting a probe object; a command that only reads
-  (``forget --status``, ``store check``) refuses a store that does not exist. A failure is
+  (``forget --status``, ``store check``) refuses a store that does not exist; ``verify`` refuses
+  one too, then proves it can write its result there before replaying. A failure is
   reported before anything is computed, as what it is (unreachable, not writable, missing).
 """
 

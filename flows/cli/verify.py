@@ -12,10 +12,12 @@ import argparse
 import json
 import sys
 
+from flows.cli._store import add_store_argument, prepare_store, store_url
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("verify", help="re-train blocks from stored checkpoints and check bit-identity")
-    parser.add_argument("--store", default="file://./runs", help="file://PATH (default ./runs) or s3://bucket/prefix")
+    add_store_argument(parser)
     parser.add_argument("--run", required=True, help="the run id")
     parser.add_argument("--version", type=int, default=None, help="a published version (default: the current one)")
     parser.add_argument(
@@ -26,17 +28,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from flows.verify import check_request
+
+    # Read-only rule: a store that does not exist holds nothing to verify. The run, version and
+    # blocks are checked here too, so a typo is answered before a Prefect server starts.
+    url = prepare_store(store_url(args), write=False)
+    check_request(url, args.run, version=args.version, blocks=args.blocks)
+    prepare_store(url, write=True)  # the result goes to the store's ledger: prove it can, before replaying
     if args.no_prefect:
         from flows.verify import verify_run
 
-        result = verify_run(args.store, args.run, version=args.version, blocks=args.blocks)
+        result = verify_run(url, args.run, version=args.version, blocks=args.blocks)
     else:
         from flows.runtime import apply_prefect_defaults, prefect_api
         from flows.verify import verify_flow
 
         apply_prefect_defaults()
         with prefect_api():
-            result = verify_flow(store=args.store, run_id=args.run, version=args.version, blocks=args.blocks)
+            result = verify_flow(store=url, run_id=args.run, version=args.version, blocks=args.blocks)
     identical = sum(result["bit_identical"].values())
     print(
         f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"

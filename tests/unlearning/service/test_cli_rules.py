@@ -100,12 +100,52 @@ def test_serve_refuses_bad_workers_or_schedules_before_touching_the_store(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_own_error_inside_a_flow_prints_its_rule_without_a_traceback(tmp_path, prefect_api_url):
-    # The verify flow starts, then finds no published version: a foreseeable failure, so the user
-    # sees Prefect's one-line failure log and the rule, not Prefect's logged traceback.
+@pytest.fixture
+def run_on_npz(tmp_path, tiny_run):
+    """A published run trained (in-process, as the flows' worker does) on an .npz copy of digits."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from actors.chains import ChainWorker
+    from flows.train import run_spec
+
+    digits = load_digits()
+    npz = tmp_path / "pool.npz"
+    np.savez(npz, images=(digits.images * 255 / 16).astype(np.uint8), labels=digits.target)
+    url = f"file://{tmp_path}/store"
+    ObjectStore(url).ensure_container()
+    ChainWorker(url).train(run_spec(run_id="npz-run", **tiny_run(data=str(npz), blocks=2, split_seed=0)))
+    return url, npz
+
+
+def test_verify_answers_a_wrong_run_version_or_block_before_any_flow_runs(run_on_npz, monkeypatch, capsys, caplog):
+    url, _ = run_on_npz
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: no server is started
+    caplog.set_level("INFO")
+    for argv, rule in [
+        (["--run", "nosuch"], "run 'nosuch' has no published version"),
+        (["--run", "npz-run", "--version", "3"], "--version must be in 1..1 for run 'npz-run'; got 3."),
+        (["--run", "npz-run", "--blocks", "7"], "--blocks must be all, retrained or a block number 1..2; got '7'."),
+        (["--run", "../x"], "run id"),
+    ]:
+        assert main(["verify", "--store", url, *argv]) == 2
+        err = capsys.readouterr().err
+        assert "obliviate verify: error: " in err and rule in err, err
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("prefect")]  # no flow run began
+    monkeypatch.setenv("OBLIVIATE_STORE", url.replace("/store", "/nowhere"))
+    assert main(["verify", "--run", "npz-run"]) == 2  # $OBLIVIATE_STORE is the store when --store is absent
+    assert "does not exist" in capsys.readouterr().err
+    assert not os.path.exists(url.removeprefix("file://").replace("/store", "/nowhere"))  # a reader creates nothing
+
+
+def test_an_own_error_inside_a_flow_prints_its_rule_without_a_traceback(run_on_npz, prefect_api_url):
+    # The run's data moved after training: only the verify flow, replaying, finds out. A foreseeable
+    # failure, so the user sees Prefect's one-line failure log and the rule, not a logged traceback.
+    url, npz = run_on_npz
+    npz.rename(npz.with_name("moved.npz"))
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
     done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "verify", "--store", f"file://{tmp_path}/runs", "--run", "nosuch"],
+        [sys.executable, "-m", "flows.cli", "verify", "--store", url, "--run", "npz-run"],
         check=False,
         capture_output=True,
         text=True,
@@ -114,7 +154,7 @@ def test_an_own_error_inside_a_flow_prints_its_rule_without_a_traceback(tmp_path
     )
     assert done.returncode == 2, done.stderr
     assert "Encountered exception during execution" in done.stderr  # the flow ran and failed
-    assert "obliviate verify: error: run 'nosuch' has no published version" in done.stderr
+    assert "obliviate verify: error: " in done.stderr and str(npz) in done.stderr
     assert "Traceback" not in done.stderr
 
 
