@@ -51,6 +51,7 @@ from obliviate.extraction.audit import (
     SEED_BUDGETS,
     SEED_TABLE,
     audit_split,
+    check_pool_fits_target,
     draw_split,
     markdown_report,
     seed_reference,
@@ -109,6 +110,7 @@ def prepare_audit(
     logger = get_run_logger()
     backend, meta = open_backend(target, timeout_s=timeout_s, retries=retries)
     data = load_dataset(pool_source)
+    check_pool_fits_target(pool=data, target_meta=meta)
     exclude = meta.get("train_indices", [])
     warning = None
     if not exclude:

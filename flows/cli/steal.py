@@ -151,6 +151,13 @@ def run_steal(args: argparse.Namespace) -> int:
             f"target {args.target!r} is neither an http(s) URL nor an existing checkpoint; "
             "make one with `obliviate target train --out runs/target.pt`."
         )
+    if not args.target.startswith(("http://", "https://")):
+        # The flow checks again with what an HTTP target declares; a checkpoint is read here, before any work.
+        from obliviate.data import load_dataset
+        from obliviate.extraction.audit import check_pool_fits_target
+        from obliviate.extraction.target import load_checkpoint
+
+        check_pool_fits_target(pool=load_dataset(args.pool), target_meta=load_checkpoint(args.target)[1])
     grid = _checked_grid(args)
     import ray
 

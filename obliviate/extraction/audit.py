@@ -280,6 +280,31 @@ def _fmt(value: float | None, *, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def check_pool_fits_target(*, pool: ImageDataset, target_meta: dict) -> None:
+    """Refuse a pool the target cannot be queried with: other image sides or other gray levels.
+
+    ``target_meta`` is what the target declares (checkpoint ``meta`` or the server's ``GET /info``);
+    a figure it does not declare is not checked.
+
+    Raises:
+        ConfigError: the pool's image side or gray levels differ from the target's.
+    """
+    side, levels = target_meta.get("image_size"), target_meta.get("levels")
+    trained_on = target_meta.get("dataset")
+    fix = (
+        f"pass the pool the target was trained on (--pool {trained_on})" if trained_on else "pass a pool like its data"
+    )
+    if side is not None and pool.image_shape[:2] != (int(side), int(side)):
+        raise ConfigError(
+            f"the target takes {side}x{side} images, but pool {pool.name!r} holds "
+            f"{pool.image_shape[0]}x{pool.image_shape[1]} images; {fix}."
+        )
+    if levels is not None and int(levels) != pool.levels:
+        raise ConfigError(
+            f"the target reads images of {levels} gray levels, but pool {pool.name!r} has {pool.levels}; {fix}."
+        )
+
+
 def train_target(
     data: ImageDataset,
     *,

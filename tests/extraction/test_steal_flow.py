@@ -58,6 +58,29 @@ def test_cli_steal_refuses_a_grid_that_cannot_run_before_any_work(checkpoint, tm
     assert not out.exists()  # nothing queried, trained or written
 
 
+def test_cli_steal_refuses_a_pool_the_target_cannot_read_before_any_work(checkpoint, tmp_path, capsys):
+    import numpy as np
+
+    from flows.cli import main
+
+    out = tmp_path / "report"
+    assert main(["steal", "--target", str(checkpoint), "--pool", "digits", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the target takes 28x28 images, but pool 'digits' holds 8x8 images" in err and "--pool mnist5k" in err
+    # Same side, other gray levels: 8-bit 8x8 images read by a target of digits' 17 levels (0..16).
+    small = tmp_path / "digits-target.pt"
+    assert (
+        main(["target", "train", "--data", "digits", "--out", str(small), "--train-size", "300", "--steps", "5"]) == 0
+    )
+    eight_bit = tmp_path / "eight-bit.npz"
+    np.savez(eight_bit, images=np.full((50, 8, 8), 200, np.uint8), labels=np.arange(50) % 10)
+    assert main(["steal", "--target", str(small), "--pool", str(eight_bit), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the target reads images of 17 gray levels, but pool" in err and "--pool digits" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
 def test_cli_steal_refuses_an_unwritable_report_folder_before_any_query(checkpoint, tmp_path, capsys):
     from flows.cli import main
 
