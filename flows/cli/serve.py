@@ -72,7 +72,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api, ui_url_of
     from flows.watchdog import start_watchdog
     from obliviate.errors import ConfigError
-    from obliviate.unlearning.batching import BatchPolicy, parse_duration
+    from obliviate.unlearning.batching import DEFAULT_MARGIN_S, BatchPolicy, parse_duration
     from storage.lease import DEFAULT_LEASE_S
     from storage.objects import ObjectStore
 
@@ -85,6 +85,19 @@ def run_serve(args: argparse.Namespace) -> int:
             f"--floor-points is the largest held-out accuracy drop (points) a rolled-back version may serve, so it "
             f"must be in 0..100; got {args.floor_points:g}. Use 0 to serve no drop at all, 100 to accept any."
         )
+    if args.batch_max is not None and args.batch_max < 1:
+        raise ConfigError(
+            f"--batch-max is the most requests one batch holds, so it must be >= 1; got {args.batch_max}. "
+            "Leave it out for no cap."
+        )
+    window_s, deadline_s = parse_duration(args.batch_window), parse_duration(args.deadline)
+    if deadline_s <= DEFAULT_MARGIN_S:
+        raise ConfigError(
+            f"--deadline must exceed the {DEFAULT_MARGIN_S / 3600:g} h kept back before each deadline for the retrain "
+            f"to land; got {args.deadline!r}. Use a longer one such as 1d (default 30d)."
+        )
+    # Every option is checked before the store is created or written.
+    policy = BatchPolicy(window_s=window_s, batch_max=args.batch_max, deadline_s=deadline_s)
     options = ServiceOptions(
         store=store_url(args),
         policy=args.policy,
@@ -98,9 +111,6 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     store = prepare_store(options.store, write=True)
     options = replace(options, store=store)
-    policy = BatchPolicy(
-        window_s=parse_duration(args.batch_window), batch_max=args.batch_max, deadline_s=parse_duration(args.deadline)
-    )
     save_policy(ObjectStore(store), policy)
     save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind

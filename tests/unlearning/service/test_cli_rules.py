@@ -91,9 +91,14 @@ def test_store_check_command_on_an_empty_store(tmp_path, capsys):
         ("--workers", "-1", "--workers is the Ray workers of one fan-out and must be >= 1"),
         ("--reconcile-cron", "nonsense", "--reconcile-cron must be a five-field cron expression"),
         ("--audit-cron", "61 * * * *", "--audit-cron must be a five-field cron expression"),
+        ("--batch-max", "0", "--batch-max is the most requests one batch holds, so it must be >= 1"),
+        ("--deadline", "30m", "--deadline must exceed the 1 h kept back before each deadline"),
+        ("--batch-window", "1x", "a duration is a number with an optional unit"),
     ],
 )
-def test_serve_refuses_bad_workers_or_schedules_before_touching_the_store(tmp_path, capsys, option, value, rule):
+def test_serve_refuses_bad_workers_schedules_or_batching_before_touching_the_store(
+    tmp_path, capsys, option, value, rule
+):
     assert main(["serve", "--store", f"file://{tmp_path}/runs", option, value]) == 2
     err = capsys.readouterr().err
     assert rule in err and repr(value).strip("'") in err and "Traceback" not in err
