@@ -86,14 +86,20 @@ def run_forget(args: argparse.Namespace) -> int:
 
     if not args.wait >= 0:
         raise ConfigError(f"--wait is the most seconds to wait and must be >= 0 (0: do not wait); got {args.wait:g}.")
-    reading = bool(args.status)
-    url = prepare_store(store_url(args), write=not reading)
-    ledger = DeletionLedger(ObjectStore(url))
     request_id = args.status or args.cancel or args.retry
     if request_id:
         check_name(request_id, what="request id")
-        if not ledger.exists(request_id):
-            raise ConfigError(f"no request {request_id!r} in the ledger of {url}; list them with the Python API.")
+    ids: tuple[int, ...] | None = None
+    if not request_id and args.ids is None and not args.now:
+        raise ConfigError("forget needs --ids 3,17,42 (or --status / --cancel / --retry REQUEST_ID).")
+    if not request_id and args.ids is not None:
+        # A new request's ids are checked before the store is created or written.
+        ids = parse_ids(args.ids, dataset_size=len(load_dataset(args.data)), dataset=args.data)
+    reading = bool(args.status)
+    url = prepare_store(store_url(args), write=not reading)
+    ledger = DeletionLedger(ObjectStore(url))
+    if request_id and not ledger.exists(request_id):
+        raise ConfigError(f"no request {request_id!r} in the ledger of {url}; list them with the Python API.")
     if args.cancel:
         registry = RunRegistry(ledger.store)
         applied = [r for r in registry.run_ids() if args.cancel in (registry.current(r) or _Nothing()).applied_requests]
@@ -128,13 +134,10 @@ def run_forget(args: argparse.Namespace) -> int:
         from flows.batching import request_flush
 
         request_flush(ObjectStore(url), reason=args.reason or "forget --now")
-        if args.ids is None:
+        if ids is None:
             print("the open batch flushes on the next pass (event or reconcile)", file=sys.stderr)
             return EXIT_DONE
-    if args.ids is None:
-        raise ConfigError("forget needs --ids 3,17,42 (or --status / --cancel / --retry REQUEST_ID).")
-    dataset = load_dataset(args.data)
-    ids = parse_ids(args.ids, dataset_size=len(dataset), dataset=args.data)
+    assert ids is not None  # refused above when neither --ids nor --now was given
     result = submit_deletion(
         url, list(ids), dataset=args.data, reason=args.reason, request_id=args.request_id, emit=not args.no_event
     )
