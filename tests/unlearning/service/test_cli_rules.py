@@ -55,6 +55,12 @@ def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, caps
     assert DeletionLedger(ObjectStore(url)).get(entry["request_id"]).status == "cancelled"
     assert main(["forget", "--status", "del-none", "--store", f"file://{tmp_path}/elsewhere"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["forget"]) == 2 and "forget needs --ids" in capsys.readouterr().err
+    assert main(["forget", "--now"]) == 0  # no ids: only asks the next pass to flush the open batch
+    assert "flushes on the next pass" in capsys.readouterr().err
+    from flows.batching import FLUSH_PREFIX
+
+    assert len(ObjectStore(url).list(FLUSH_PREFIX)) == 1
 
 
 def test_serve_refuses_a_floor_outside_0_to_100_before_touching_the_store(tmp_path, capsys):
