@@ -52,8 +52,14 @@ def writable_folder(location: str | Path, *, what: str) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"cannot create {what} {str(location)!r} ({err.strerror}); choose a writable path.") from err
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"cannot write into {what} {str(location)!r}; choose a writable path.")
+    try:
+        # os.access says yes to root where nothing can be created (/proc, a read-only mount): create a file.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".obliviate-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write into {what} {str(location)!r} ({err.strerror or err}); choose a writable path."
+        ) from err
     return folder
 
 

@@ -127,6 +127,9 @@ def test_cli_target_refuses_an_unwritable_out_and_a_busy_port_in_words(tmp_path,
     assert "cannot create the folder of --out" in capsys.readouterr().err
     assert main(["target", "train", "--out", str(tmp_path), "--steps", "1"]) == 2
     assert "is a folder" in capsys.readouterr().err
+    # /proc exists and even root may not create a file there: the probe file finds out before training
+    assert main(["target", "train", "--out", "/proc/t.pt", "--steps", "1"]) == 2
+    assert "cannot write into the folder of --out '/proc'" in capsys.readouterr().err
     checkpoint = tmp_path / "t.pt"
     assert main(["target", "train", "--out", str(checkpoint), "--steps", "1", "--train-size", "50"]) == 0
     capsys.readouterr()
