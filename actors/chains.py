@@ -137,13 +137,15 @@ class ChainWorker:
         """
         run = RunSpec.from_dict(spec)
         registry = self.registry
+        # Before anything else: a run id names one training, so other options for it are refused even
+        # once it is trained (they used to be answered "already_trained" with the stored model).
+        self._io(lambda: registry.put_spec(run))
         current = self._io(lambda: registry.current(run.run_id))
         data = self._block_data(run)
         plan = self._fixed_plan(run, data)
         if current is not None:
             self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan)))
             return {"run_id": run.run_id, "version": current.version, "status": "already_trained", **current.metrics}
-        self._io(lambda: registry.put_spec(run))
         stored = self._io(lambda: registry.stored_checkpoints(run.run_id, TRAIN_CHAIN, first=0))
         members = {checkpoint.block_index: info for checkpoint, info, _ in stored}
         seconds = {checkpoint.block_index: s for checkpoint, _, s in stored}

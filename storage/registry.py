@@ -71,11 +71,13 @@ class RunRegistry:
         """Store a run's spec; a restarted run must bring the identical spec."""
         key = f"runs/{spec.run_id}/spec.json"
         if self.store.exists(key):
-            stored = self.store.get_json(key)
+            # read back through RunSpec, so a field added since with its default still compares equal
+            stored = RunSpec.from_dict(self.store.get_json(key)).to_dict()
             if stored != spec.to_dict():
                 raise ConfigError(
-                    f"run {spec.run_id!r} already exists in {self.store.uri()} with another dataset split or config; "
-                    "choose a new --run-id, or repeat the original options to resume it."
+                    f"run {spec.run_id!r} already exists in {self.store.uri()} with another dataset split or config "
+                    f"({_differences(stored, spec.to_dict())}); a run id names one training: choose a new --run-id, "
+                    "or repeat the original options to resume or reuse it."
                 )
             return
         self.store.put_json(key, spec.to_dict())
@@ -217,3 +219,26 @@ class RunRegistry:
 def _single(key: str, expected: ObjectInfo) -> Manifest:
     """A one-member manifest, so a checkpoint is read through the manifest's checksum check."""
     return Manifest(key=key, members={"m": expected}, metadata={}, created_at=0.0)
+
+
+def _differences(stored: dict[str, Any], asked: dict[str, Any], *, shown: int = 4) -> str:
+    """``name: stored -> asked`` for the first ``shown`` differing fields (one level of nesting)."""
+
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    a, b = flat(stored), flat(asked)
+    keys = [k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+    def show(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else "a different list" if isinstance(value, list) else text[:37] + "..."
+
+    parts = [f"{k}: {show(a.get(k))} stored, {show(b.get(k))} asked" for k in keys[:shown]]
+    return "; ".join(parts) + (f"; {len(keys) - shown} more" if len(keys) > shown else "")

@@ -178,6 +178,11 @@ def test_registry_records_blocks_and_refuses_a_different_spec_under_the_same_run
     assert 0 < entry["metrics"]["heldout_accuracy"] <= 1
     with pytest.raises(ConfigError, match="already exists"):
         registry.put_spec(RunSpec.from_dict(run_spec(run_id="r1", split_seed=1, **small_run)))
+    # Once trained too: the same options reuse the model; other options are refused, naming what differs.
+    assert ChainWorker(store_url).train(run_spec(run_id="r1", split_seed=0, **small_run))["status"] == "already_trained"
+    with pytest.raises(ConfigError, match=r"config\.local_epochs: 1 stored, 2 asked\); a run id names one training"):
+        ChainWorker(store_url).train(run_spec(run_id="r1", split_seed=0, **(small_run | {"epochs": 2})))
+    assert registry.spec("r1").config.local_epochs == 1 and registry.current("r1").version == 1
 
 
 def test_unlearning_applies_once_and_rejects_stale_bases(store_url, small_run):
