@@ -150,3 +150,13 @@ def test_ctrl_c_stops_a_command_with_a_sentence_and_no_half_written_file(tmp_pat
     assert process.returncode == 130, err
     assert "obliviate steal: interrupted" in err and "Traceback" not in err
     assert not [p.name for p in out.iterdir() if "partial" in p.name]  # no torn checkpoint left behind
+
+
+def test_the_quick_demo_keeps_apart_from_the_full_one_unless_told() -> None:
+    from flows.cli import build_parser
+    from flows.cli.demo import demo_folder
+
+    parse = build_parser().parse_args
+    assert demo_folder(parse(["demo"])) == "runs/demo"
+    assert demo_folder(parse(["demo", "--quick"])) == "runs/demo-quick"
+    assert demo_folder(parse(["demo", "--quick", "--out", "x"])) == "x"

@@ -90,15 +90,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="the whole story on the embedded default: reduce, audit, train, forget, unlearn, verify"
     )
-    parser.add_argument("--out", default="runs/demo", help="folder for every artefact (default ./runs/demo)")
+    parser.add_argument(
+        "--out", default=None, help="folder for every artefact (default ./runs/demo; with --quick ./runs/demo-quick)"
+    )
     parser.add_argument("--quick", action="store_true", help="a small version of every step (about a minute)")
     parser.set_defaults(handler=run_demo)
+
+
+def demo_folder(args: argparse.Namespace) -> str:
+    """``--out``, else ``runs/demo`` (``runs/demo-quick`` with ``--quick``).
+
+    Apart by default: the quick demo trains its runs and target with other options, and a run id
+    names one training, so the full demo must not meet the quick one's runs.
+    """
+    return args.out or ("runs/demo-quick" if args.quick else "runs/demo")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from flows.runtime import prefect_api, writable_folder
 
-    root = writable_folder(Path(args.out).expanduser().resolve(), what="the demo's folder (--out)")
+    root = writable_folder(Path(demo_folder(args)).expanduser().resolve(), what="the demo's folder (--out)")
     # One Prefect server for every step (started here when PREFECT_API_URL is unset).
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", flush=True)
