@@ -25,6 +25,7 @@ from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
 from storage.objects import ObjectStore
+from storage.registry import RunRegistry
 
 RAY_NAMESPACE = "obliviate"
 
@@ -185,6 +186,31 @@ def shard_spec(spec: RunSpec, *, labels: Any, shards: int, shard: int) -> RunSpe
     )
 
 
+def check_run_shape(store: ObjectStore, run_id: str, members: list[str]) -> None:
+    """Refuse to train ``run_id`` as ``members`` when the store holds it in another shape.
+
+    A run id names one training: a sharded run of other shard count, or a single chain trained
+    as shards (or the reverse), would leave the group record and the served model disagreeing.
+
+    Raises:
+        ConfigError: the store holds ``run_id`` as another group, or as a single chain.
+    """
+    group_key = f"groups/{run_id}.json"
+    if store.exists(group_key):
+        stored = list(store.get_json(group_key)["members"])
+        if stored != members:
+            raise ConfigError(
+                f"run {run_id!r} is already trained as {len(stored)} shards ({', '.join(stored)}); this asks for "
+                f"{len(members) if len(members) > 1 else 'a single chain'}. A run id names one training: choose a "
+                f"new --run-id, or repeat --shards {len(stored)}."
+            )
+    elif len(members) > 1 and RunRegistry(store).current(run_id) is not None:
+        raise ConfigError(
+            f"run {run_id!r} is already trained as a single chain; this asks for {len(members)} shards. A run id "
+            "names one training: choose a new --run-id, or leave out --shards."
+        )
+
+
 def shard_run_ids(run_id: str, shards: int) -> list[str]:
     """The run ids of a sharded run's members."""
     return [f"{run_id}-s{k}of{shards}" for k in range(shards)] if shards > 1 else [run_id]
@@ -212,8 +238,9 @@ def train_flow(
     """Train run ``run_id`` on ``data`` block by block into ``store``; returns its summary.
 
     With ``shards`` S > 1, S runs ``<run_id>-s<k>of<S>`` are trained in parallel on disjoint
-    stratified shards (one Ray actor each) and a group record ``groups/<run_id>.json`` states how
-    they are served as one model (mean of their softmax probabilities, ties to the lowest class).
+    stratified shards (at most one Ray actor per cluster CPU) and a group record
+    ``groups/<run_id>.json`` states how they are served as one model (mean of their softmax
+    probabilities, ties to the lowest class).
 
     Args:
         store: ``file://...`` or ``s3://bucket/prefix``.
@@ -233,8 +260,9 @@ def train_flow(
         split_seed: seed of the train/held-out split.
     """
     import ray
+    from ray.util import ActorPool
 
-    from flows.runtime import ensure_ray
+    from flows.runtime import cluster_cpus, ensure_ray
 
     logger = get_run_logger()
     options = {
@@ -253,11 +281,17 @@ def train_flow(
         "split_seed": split_seed,
     }
     ObjectStore(store).ensure_container()
-    ensure_ray()
     specs = [run_spec(run_id=run_id, shards=shards, shard=k, **options) for k in range(max(shards, 1))]
-    workers = [remote_worker(store, name=f"train/{s['run_id']}/{uuid.uuid4().hex[:8]}") for s in specs]
+    check_run_shape(ObjectStore(store), run_id, [s["run_id"] for s in specs])
+    ensure_ray()
+    # At most one actor per cluster CPU, each training shards in turn: S actors of one CPU each on
+    # fewer CPUs would wait, alive and idle, for CPUs the others never give back.
+    workers = [
+        remote_worker(store, name=f"train/{run_id}/{k}/{uuid.uuid4().hex[:8]}")
+        for k in range(min(len(specs), cluster_cpus()))
+    ]
     try:
-        summaries = ray.get([w.train.remote(s) for w, s in zip(workers, specs, strict=True)])
+        summaries = list(ActorPool(workers).map(lambda worker, spec: worker.train.remote(spec), specs))
     finally:
         for worker in workers:
             ray.kill(worker, no_restart=True)

@@ -29,3 +29,30 @@ def test_a_shard_count_that_cannot_train_is_refused_before_any_actor_starts(tiny
     with pytest.raises(ConfigError, match="leave 2 per shard, fewer than --blocks 4"):
         run_spec(run_id="g", shards=150, shard=0, **tiny_run(split_seed=0))
     assert len(run_spec(run_id="g", shards=100, shard=99, **tiny_run(split_seed=0))["train_ids"]) == 4
+
+
+def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
+    tmp_path, tiny_run, prefect_api_url, ray_address
+) -> None:
+    from flows.train import train_flow
+    from storage import ObjectStore
+    from storage.registry import RunRegistry
+
+    url = f"file://{tmp_path}/store"
+    options = tiny_run(split_seed=0)
+    options.pop("split_seed")
+    # 3 shards on the session's 2-CPU Ray: one actor per shard used to wait forever for a third CPU
+    summary = train_flow(store=url, run_id="g3", shards=3, split_seed=0, **options)
+    assert summary["group"]["members"] == ["g3-s0of3", "g3-s1of3", "g3-s2of3"]
+    registry = RunRegistry(ObjectStore(url))
+    assert all(registry.current(m).version == 1 for m in summary["group"]["members"])
+    with pytest.raises(
+        ConfigError, match=r"already trained as 3 shards \(g3-s0of3, g3-s1of3, g3-s2of3\); this asks for 2"
+    ):
+        train_flow(store=url, run_id="g3", shards=2, split_seed=0, **options)
+    with pytest.raises(ConfigError, match="this asks for a single chain"):
+        train_flow(store=url, run_id="g3", split_seed=0, **options)
+    train_flow(store=url, run_id="one", split_seed=0, **options)
+    with pytest.raises(ConfigError, match="'one' is already trained as a single chain; this asks for 2 shards"):
+        train_flow(store=url, run_id="one", shards=2, split_seed=0, **options)
+    assert not ObjectStore(url).exists("groups/one.json") and registry.current("one-s0of2") is None
