@@ -31,7 +31,7 @@ from obliviate.unlearning.service import block_data, check_name
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectStore
 from storage.registry import ModelVersion, RunRegistry
-from storage.serving import chain_source
+from storage.serving import chain_source, sharded_runs
 
 
 def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion:
@@ -44,6 +44,24 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
         raise ConfigError(f"--version must be in 1..{current.version} for run {run_id!r}; got {version}.")
     pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
     return ModelVersion.from_pointer(run_id, pointer)
+
+
+def runs_to_verify(store_url: str, run_id: str, *, version: int | None) -> list[str]:
+    """``run_id``, or the shards of the sharded run of that name (``train --shards``), in shard order.
+
+    Raises:
+        ConfigError: ``version`` given for a sharded run (each shard has its own versions).
+    """
+    check_name(run_id, what="run id")
+    members = sharded_runs(ObjectStore(store_url)).get(run_id)
+    if not members:
+        return [run_id]
+    if version is not None:
+        raise ConfigError(
+            f"{run_id!r} is a sharded run ({', '.join(members)}) and each shard has its own versions; verify one "
+            f"shard's version with --run {members[0]} --version {version}, or leave out --version."
+        )
+    return members
 
 
 def check_request(store_url: str, run_id: str, *, version: int | None, blocks: str) -> None:

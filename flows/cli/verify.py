@@ -18,7 +18,7 @@ from flows.cli._store import add_store_argument, prepare_store, store_url
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("verify", help="re-train blocks from stored checkpoints and check bit-identity")
     add_store_argument(parser)
-    parser.add_argument("--run", required=True, help="the run id")
+    parser.add_argument("--run", required=True, help="the run id, or a sharded run's name (each shard is verified)")
     parser.add_argument("--version", type=int, default=None, help="a published version (default: the current one)")
     parser.add_argument(
         "--blocks", default="all", help="all (default), retrained (from the earliest deletion on) or one block number"
@@ -28,31 +28,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from flows.verify import check_request
+    from flows.verify import check_request, runs_to_verify
 
     # Read-only rule: a store that does not exist holds nothing to verify. The run, version and
     # blocks are checked here too, so a typo is answered before a Prefect server starts.
     url = prepare_store(store_url(args), write=False)
-    check_request(url, args.run, version=args.version, blocks=args.blocks)
+    runs = runs_to_verify(url, args.run, version=args.version)  # a sharded run: every shard
+    for run_id in runs:
+        check_request(url, run_id, version=args.version, blocks=args.blocks)
     prepare_store(url, write=True)  # the result goes to the store's ledger: prove it can, before replaying
     if args.no_prefect:
         from flows.verify import verify_run
 
-        result = verify_run(url, args.run, version=args.version, blocks=args.blocks)
+        results = [verify_run(url, run_id, version=args.version, blocks=args.blocks) for run_id in runs]
     else:
         from flows.runtime import apply_prefect_defaults, prefect_api
         from flows.verify import verify_flow
 
         apply_prefect_defaults()
         with prefect_api():
-            result = verify_flow(store=url, run_id=args.run, version=args.version, blocks=args.blocks)
-    identical = sum(result["bit_identical"].values())
-    print(
-        f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
-        f"{len(result['bit_identical'])} replayed blocks bit-identical",
-        file=sys.stderr,
-    )
-    for problem in result["problems"]:
-        print(f"  {problem}", file=sys.stderr)
-    print(json.dumps(result, default=str))
-    return {"passed": 0, "failed": 4}.get(result["status"], 5)
+            results = [
+                verify_flow(store=url, run_id=run_id, version=args.version, blocks=args.blocks) for run_id in runs
+            ]
+    for result in results:
+        identical = sum(result["bit_identical"].values())
+        print(
+            f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
+            f"{len(result['bit_identical'])} replayed blocks bit-identical",
+            file=sys.stderr,
+        )
+        for problem in result["problems"]:
+            print(f"  {problem}", file=sys.stderr)
+    statuses = {result["status"] for result in results}
+    status = "passed" if statuses == {"passed"} else "failed" if "failed" in statuses else "inconclusive"
+    if len(results) == 1:
+        print(json.dumps(results[0], default=str))
+    else:
+        print(f"verify {args.run} ({len(results)} shards): {status}", file=sys.stderr)
+        print(json.dumps({"run_id": args.run, "status": status, "shards": results}, default=str))
+    return {"passed": 0, "failed": 4}.get(status, 5)
