@@ -98,12 +98,16 @@ def headline_sentence(at90: QueriesTo, at95: QueriesTo, *, group_name: str = "se
     """The line an audit report leads with."""
 
     def part(q: QueriesTo) -> str:
-        where = f"{q.mean} queries" if q.mean is not None else f"more than {max(q.budgets)} queries (not reached)"
-        return f"**{100 * q.level:g} % agreement at {where}** ({group_name}: {q.spread()})"
+        if q.mean is None:
+            return (
+                f"does not reach **{100 * q.level:g} % agreement within {max(q.budgets)} queries** "
+                f"({group_name}: {q.spread()})"
+            )
+        return f"reaches **{100 * q.level:g} % agreement at {q.mean} queries** ({group_name}: {q.spread()})"
 
     return (
-        f"Queries to steal: the strongest attacker measured (`{at90.attacker}`, queries chosen by "
-        f"`{at90.selector}`) reaches {part(at90)} and {part(at95)} with the target, on the budget grid "
+        f"Queries to steal: against the target, the strongest attacker measured (`{at90.attacker}`, queries "
+        f"chosen by `{at90.selector}`) {part(at90)} and {part(at95)}, on the budget grid "
         f"{', '.join(map(str, at90.budgets))}."
     )
 

@@ -236,7 +236,8 @@ def test_queries_to_agreement_reads_the_grid_and_the_spread():
     assert q95.spread() == "300, >300"
     assert strongest(cells) == ("semi_supervised", "cc")
     line = headline_sentence(q90, q95, group_name="splits")
-    assert "90 % agreement at 150 queries" in line and "more than 300 queries (not reached)" in line
+    assert "reaches **90 % agreement at 150 queries** (splits: 150, 150)" in line
+    assert "does not reach **95 % agreement within 300 queries** (splits: 300, >300)" in line
 
 
 def test_pool_attackers_use_the_unlabeled_pool_only_when_given_one(case):
