@@ -306,4 +306,24 @@ def describe(report: SweepReport) -> str:
     lines.append(f"plot:    {report.plot_uri}")
     if report.front:
         lines.append("Pareto front: " + json.dumps([report.trials[i] for i in report.front][:5], default=str)[:400])
+    untrained = untrained_trials(report.trials)
+    if untrained:
+        seen = ", ".join(f"{100 * t['naive_accuracy']:.1f} %" for t in untrained[:4])
+        lines.append(
+            f"warning: {len(untrained)} of {len(report.trials)} trials trained a naive model near chance "
+            f"(held-out accuracy {seen}; chance "
+            f"{100 * untrained[0]['chance_accuracy']:.0f} %): those settings do not train, so their speed-up and "
+            "consistency say nothing. Raise --local-epochs or --train-size."
+        )
     return "\n".join(lines)
+
+
+def untrained_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Unlearning trials whose naive retrain stayed within 1.5x chance accuracy: nothing was learned."""
+    return [
+        t
+        for t in trials
+        if t.get("naive_accuracy") is not None
+        and t.get("chance_accuracy")
+        and t["naive_accuracy"] < 1.5 * t["chance_accuracy"]
+    ]

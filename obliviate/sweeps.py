@@ -85,6 +85,7 @@ def unlearning_trial(
         "noise_floor_consistency": consistency(original_pred, naive_pred),
         "accuracy": _accuracy(unlearned_pred, y),
         "naive_accuracy": _accuracy(naive_pred, y),
+        "chance_accuracy": 1.0 / chain_config.num_classes,
         "blocks_retrained": len(record.blocks_retrained),
         "stopped_early": record.stop_block is not None,
         "stop_reason": record.stop_reason,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.tune import run_sweep
+from flows.tune import SweepReport, describe, run_sweep, untrained_trials
 from obliviate.errors import ConfigError
 from obliviate.sweeps import pareto_front
 from storage import ObjectStore
@@ -50,6 +50,23 @@ def test_unlearning_sweep_stores_every_trial_and_a_report(local_ray, tmp_path) -
     assert report.front and all(0 <= i < 2 for i in report.front)
     assert store.get_bytes("tune/tiny-unlearning/plot.png").startswith(b"\x89PNG")
     assert "| B | ε |" in store.get_bytes("tune/tiny-unlearning/table.md").decode()
+    assert all(t["chance_accuracy"] == pytest.approx(0.1) for t in report.trials)  # digits: 10 classes
+    # 300 samples, one epoch: the naive models stay near chance, and the summary says so
+    assert ("trained a naive model near chance" in describe(report)) == bool(untrained_trials(report.trials))
+
+
+def test_a_sweep_whose_settings_do_not_train_is_flagged() -> None:
+    trials = [
+        {"num_blocks": 4, "naive_accuracy": 0.1, "chance_accuracy": 0.1},
+        {"num_blocks": 8, "naive_accuracy": 0.91, "chance_accuracy": 0.1},
+        {"num_blocks": 4, "naive_accuracy": None, "chance_accuracy": 0.1},  # an errored trial
+    ]
+    assert untrained_trials(trials) == trials[:1]
+    report = SweepReport("s", trials, [1], "file:///r", "file:///t", "file:///p", errors=1)
+    text = describe(report)
+    assert "warning: 1 of 3 trials trained a naive model near chance (held-out accuracy 10.0 %; chance 10 %)" in text
+    assert "Raise --local-epochs or --train-size" in text
+    assert "warning" not in describe(SweepReport("s", trials[1:2], [0], "r", "t", "p", errors=0))
 
 
 @pytest.mark.slow
