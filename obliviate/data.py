@@ -284,8 +284,14 @@ def _load_folder(root: Path, *, gray: GrayMode) -> ImageDataset:
         for file in sorted(class_dir.iterdir()):
             if file.suffix.lower() not in _IMAGE_SUFFIXES:
                 continue
-            with Image.open(file) as img:
-                arr = np.asarray(img.convert("RGB") if img.mode not in ("L", "1", "P") else img.convert("L"))
+            try:
+                with Image.open(file) as img:
+                    arr = np.asarray(img.convert("RGB") if img.mode not in ("L", "1", "P") else img.convert("L"))
+            except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+                raise DataError(
+                    f"{str(file)!r} in dataset folder {str(root)!r} is not a readable image ({err}); "
+                    "remove it or replace it with a readable one."
+                ) from err
             images.append(arr if arr.ndim == 2 else to_gray(arr, mode=gray))
             labels.append(label)
     if not images:
@@ -306,8 +312,15 @@ def _read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{str(path)!r} is not an IDX file of unsigned bytes.")
     ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(int(d) for d in dims))
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{str(path)!r} is cut short: its header names {ndim} dimensions it does not hold.")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    if len(raw) - 4 - 4 * ndim != int(np.prod(dims)):
+        raise DataError(
+            f"{str(path)!r} holds {len(raw) - 4 - 4 * ndim} bytes of data, but its header says {dims} "
+            f"({int(np.prod(dims))} bytes); the file is damaged or cut short, so download or copy it again."
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def _load_idx_folder(raw_dir: Path, *, name: str) -> ImageDataset:

@@ -91,6 +91,24 @@ def test_torchvision_mnist_raw_idx_folder(tmp_path) -> None:
     assert data.labels.tolist() == [7, 3]
 
 
+def test_an_unreadable_image_or_a_cut_idx_file_is_named_not_a_traceback(tmp_path) -> None:
+    folder = tmp_path / "folder"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / name / "ok.png")
+    (folder / "b" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"broken\.png' in dataset folder .* is not a readable image.*remove it"):
+        load_dataset(folder)
+    raw = tmp_path / "idx" / "raw"
+    raw.mkdir(parents=True)
+    images = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    # the download stopped 5 bytes early
+    (raw / "train-images-idx3-ubyte").write_bytes(struct.pack(">BBBBiii", 0, 0, 8, 3, 2, 3, 3) + images.tobytes()[:-5])
+    (raw / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBi", 0, 0, 8, 1, 2) + bytes([7, 3]))
+    with pytest.raises(DataError, match=r"holds 13 bytes of data, but its header says \(2, 3, 3\) \(18 bytes\)"):
+        load_dataset(tmp_path / "idx")
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
