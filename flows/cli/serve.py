@@ -70,6 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.deployments import ServiceOptions, serve_deployments
     from flows.rollback import save_rollback
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api, ui_url_of
+    from flows.unlearn import served_endpoint
     from flows.watchdog import start_watchdog
     from obliviate.errors import ConfigError
     from obliviate.unlearning.batching import DEFAULT_MARGIN_S, BatchPolicy, parse_duration
@@ -111,6 +112,14 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     store = prepare_store(options.store, write=True)
     options = replace(options, store=store)
+    live_api, _ = served_endpoint(ObjectStore(store))
+    if live_api is not None:
+        # The batching and rollback settings below are the store's: a second serve would change them
+        # under the first, and its announcement would replace the first's.
+        raise ConfigError(
+            f"store {store} is already served by a live `obliviate serve` (announced through {live_api}); one "
+            "serve per store. Stop that one first (Ctrl-C), or serve another --store."
+        )
     save_policy(ObjectStore(store), policy)
     save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind

@@ -72,6 +72,24 @@ def test_serve_refuses_a_floor_outside_0_to_100_before_touching_the_store(tmp_pa
     assert not (tmp_path / "runs").exists()  # no policy or rollback setting was written
 
 
+def test_serve_refuses_a_store_a_live_serve_already_serves(tmp_path, capsys):
+    import time
+
+    from flows import unlearn
+    from flows.batching import POLICY_KEY
+
+    store = ObjectStore(f"file://{tmp_path}/s")
+    # what a running serve keeps in its store: its announcement and a fresh heartbeat, its policy
+    store.put_json(unlearn.ENDPOINT_KEY, {"api_url": "http://127.0.0.1:1/api", "pid": 4242, "started_at": time.time()})
+    store.put_json(unlearn.HEARTBEAT_KEY, {"pid": 4242, "heartbeat_at": time.time()})
+    store.put_json(POLICY_KEY, {"window_s": 86400.0})
+    assert main(["serve", "--store", store.url, "--batch-window", "1h"]) == 2
+    err = capsys.readouterr().err
+    assert "is already served by a live `obliviate serve` (announced through http://127.0.0.1:1/api)" in err
+    assert store.get_json(POLICY_KEY) == {"window_s": 86400.0}  # the running serve's settings stay
+    assert store.get_json(unlearn.ENDPOINT_KEY)["pid"] == 4242
+
+
 def test_the_watchdog_withdraws_the_same_announcement_forget_reads(tmp_path):
     from flows import unlearn, watchdog
 
