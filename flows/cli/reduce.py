@@ -91,6 +91,14 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
     workers = getattr(args, "workers", None)
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset; got {workers}.")
+    local_cpus = os.cpu_count() or 1
+    if workers and not (getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS")) and workers > local_cpus:
+        # A local runtime never grows: the reservation would wait its full timeout, then fail.
+        raise ConfigError(
+            f"--workers {workers} needs {workers} CPUs, but the local Ray runtime this command starts has this "
+            f"machine's {local_cpus}; lower --workers to at most {local_cpus}, or join a cluster with --ray-address "
+            "or RAY_ADDRESS."
+        )
     check_bins(levels=dataset.levels, bins=args.bins)
     choose_starts(n, num_starts=args.starts, rng=np.random.default_rng(args.seed))
     plan = TilePlan(n=n, tile_size=args.tile_size)

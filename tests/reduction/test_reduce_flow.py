@@ -186,6 +186,22 @@ def test_cli_refuses_a_bad_option_before_starting_anything(tmp_path, mnist_pool,
     assert not out.exists()  # nothing stored for a refused run
 
 
+def test_cli_refuses_more_workers_than_a_local_runtime_has_cpus(tmp_path, mnist_pool, capsys, monkeypatch):
+    import os
+
+    from flows.cli import main
+
+    _, path = mnist_pool
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    too_many = str((os.cpu_count() or 1) + 1)
+    out = tmp_path / "out"
+    # it used to wait 120 s for a reservation a local runtime can never grant
+    assert main(["reduce", "--data", path, "--k", "30", "--workers", too_many, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--workers {too_many} needs {too_many} CPUs, but the local Ray runtime" in err and "--ray-address" in err
+    assert "Prefect API" not in err and not out.exists()
+
+
 def test_prefect_server_helper_starts_and_stops(monkeypatch, tmp_path):
     from flows.runtime import prefect_api
 
