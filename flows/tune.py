@@ -48,13 +48,16 @@ def unlearning_trainable(config: dict[str, Any]) -> None:
     from obliviate.data import load_dataset, stratified_split
     from obliviate.sweeps import unlearning_trial
     from obliviate.unlearning.chain import BlockData
-    from obliviate.unlearning.config import BlockTrainingConfig
+    from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 
     data = load_dataset(config["data"])
     train_idx, heldout_idx = stratified_split(
         data.labels, sizes=(config["train_size"], config["heldout_size"]), rng=np.random.default_rng(config["seed"])
     )
     block_data = BlockData(train=data.subset(train_idx), heldout=data.subset(heldout_idx))
+    # The recipe `obliviate train` uses: the sweep tunes (B, epsilon) for the model a user trains.
+    # BlockTrainingConfig's bare defaults (SGD 0.05, momentum 0.9) left LeNet-5 at chance on digits.
+    recipe = {key: DEFAULT_RECIPE[key] for key in ("optimizer", "learning_rate", "batch_size", "min_lr_fraction")}
     base = BlockTrainingConfig(
         model=config["model"],
         image_size=data.image_shape[0],
@@ -63,6 +66,7 @@ def unlearning_trainable(config: dict[str, Any]) -> None:
         schedule=config["schedule"],
         seed=config["seed"],
         accuracy_every=10_000,
+        **recipe,
     )
     result = unlearning_trial(
         num_blocks=config["num_blocks"],

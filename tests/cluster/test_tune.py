@@ -31,9 +31,9 @@ def test_unlearning_sweep_stores_every_trial_and_a_report(local_ray, tmp_path) -
             "model": "lenet5",
             "seed": 0,
             "num_deleted": 3,
-            "train_size": 300,
+            "train_size": 600,
             "heldout_size": 150,
-            "local_epochs": 1,
+            "local_epochs": 3,
             "schedule": "cosine",
         },
         workers=2,
@@ -51,8 +51,9 @@ def test_unlearning_sweep_stores_every_trial_and_a_report(local_ray, tmp_path) -
     assert store.get_bytes("tune/tiny-unlearning/plot.png").startswith(b"\x89PNG")
     assert "| B | ε |" in store.get_bytes("tune/tiny-unlearning/table.md").decode()
     assert all(t["chance_accuracy"] == pytest.approx(0.1) for t in report.trials)  # digits: 10 classes
-    # 300 samples, one epoch: the naive models stay near chance, and the summary says so
-    assert ("trained a naive model near chance" in describe(report)) == bool(untrained_trials(report.trials))
+    # Trials train with `obliviate train`'s recipe: the bare SGD defaults left them at chance here.
+    assert all(t["naive_accuracy"] > 0.5 for t in report.trials), [t["naive_accuracy"] for t in report.trials]
+    assert not untrained_trials(report.trials) and "warning" not in describe(report)
 
 
 def test_a_sweep_whose_settings_do_not_train_is_flagged() -> None:
