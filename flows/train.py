@@ -26,6 +26,7 @@ from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
+from storage.serving import group_members
 
 RAY_NAMESPACE = "obliviate"
 
@@ -195,9 +196,8 @@ def check_run_shape(store: ObjectStore, run_id: str, members: list[str]) -> None
     Raises:
         ConfigError: the store holds ``run_id`` as another group, or as a single chain.
     """
-    group_key = f"groups/{run_id}.json"
-    if store.exists(group_key):
-        stored = list(store.get_json(group_key)["members"])
+    stored = group_members(store, run_id)
+    if stored is not None:
         if stored != members:
             raise ConfigError(
                 f"run {run_id!r} is already trained as {len(stored)} shards ({', '.join(stored)}); this asks for "

@@ -31,7 +31,7 @@ from obliviate.unlearning.service import block_data, check_name
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectStore
 from storage.registry import ModelVersion, RunRegistry
-from storage.serving import chain_source, sharded_runs
+from storage.serving import chain_source, group_members
 
 
 def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion:
@@ -53,7 +53,7 @@ def runs_to_verify(store_url: str, run_id: str, *, version: int | None) -> list[
         ConfigError: ``version`` given for a sharded run (each shard has its own versions).
     """
     check_name(run_id, what="run id")
-    members = sharded_runs(ObjectStore(store_url)).get(run_id)
+    members = group_members(ObjectStore(store_url), run_id)
     if not members:
         return [run_id]
     if version is not None:

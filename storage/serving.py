@@ -187,6 +187,12 @@ def publish_served(
     )
 
 
+def group_members(store: ObjectStore, run_id: str) -> list[str] | None:
+    """The member runs of sharded run ``run_id`` in shard order (``groups/<run>.json``); ``None`` if it is not one."""
+    key = f"groups/{run_id}.json"
+    return [str(m) for m in store.get_json(key).get("members", ())] if store.exists(key) else None
+
+
 def sharded_runs(store: ObjectStore) -> dict[str, list[str]]:
     """Every sharded run: group name -> its member runs in shard order (``groups/<run>.json``)."""
     out: dict[str, list[str]] = {}
