@@ -24,7 +24,7 @@ from obliviate.unlearning.service import block_data
 from obliviate.unlearning.trainer import BlockTrainer, initial_checkpoint
 from storage.check import StoreReport, check_store, collect_orphans
 from storage.errors import CorruptObject, ObjectNotFound
-from storage.objects import ObjectStore
+from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
 
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
@@ -38,8 +38,10 @@ def check_and_repair(store_url: str, *, repair: bool, min_orphan_age_s: float = 
         for item in report.corrupt:
             item["repairable_by_replay"] = bool(_CKPT.match(item["key"]))
         return report
+    # A lost object nothing needs is garbage: collected below with the other orphans, not rebuilt.
     damaged = sorted(
-        {item["key"] for item in report.corrupt} | {p["key"] for p in report.lineage if _CKPT.match(p["key"])},
+        ({item["key"] for item in report.corrupt} | {p["key"] for p in report.lineage if _CKPT.match(p["key"])})
+        - set(report.orphans),
         key=_block_order,
     )
     registry = RunRegistry(store)
@@ -75,8 +77,8 @@ def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
     if match.group("ext") == "json":  # the timing sidecar: informational only
         store.put_json(key, {"seconds": None, "rebuilt": True})
         return {"key": key, "how": "timing sidecar rewritten (its time is unknown now)"}
-    expected = store.info(key).sha256
     manifest = _publishing_manifest(store, run_id, chain_name)
+    expected = _committed_sha256(store, key, manifest.members.get(str(index)))
     chain_meta = manifest.metadata["chain"]
     config = BlockTrainingConfig.from_dict(chain_meta["config"])
     plan = BlockPlan.from_dict(chain_meta["plan"])
@@ -102,6 +104,16 @@ def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
         )
     store.put_bytes(key, payload)
     return {"key": key, "how": f"replayed block {index} from checkpoint {index - 1}" if index else "re-initialised M_0"}
+
+
+def _committed_sha256(store: ObjectStore, key: str, member: ObjectInfo | None) -> str:
+    """The checksum the rebuilt bytes must have: the commit record's, else (record lost) the manifest's."""
+    try:
+        return store.info(key).sha256
+    except ObjectNotFound:
+        if member is None or member.key != key:
+            raise
+        return member.sha256
 
 
 def _serialised(checkpoint: Checkpoint) -> bytes:

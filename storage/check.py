@@ -2,8 +2,10 @@
 
 :func:`check_store` reads everything once and reports:
 
-* ``corrupt``: committed objects whose bytes fail their commit record (and pointer versions that
-  fail their own checksum), each with the ``(run, version)`` pairs whose manifests need it;
+* ``corrupt``: committed objects whose bytes fail their commit record or are gone (a commit record
+  left without its object: deleted or lost outside obliviate, since a write commits its bytes
+  first and a delete removes the record first), and pointer versions that fail their own
+  checksum; each with the ``(run, version)`` pairs whose manifests need it;
 * ``lineage``: per run, problems of the version history: a version whose manifest is missing or
   damaged, a manifest member missing or not matching the checksum the manifest recorded, a
   version that dropped requests or deleted ids an earlier version had applied;
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.errors import CorruptObject, ObjectNotFound, StorageError
-from storage.objects import ObjectStore
+from storage.objects import COMMIT_SUFFIX, ObjectStore
 
 _TMP_MARK = ".tmp-"
 _CHAIN_KEY = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(pt|json)$")
@@ -86,6 +88,16 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
             store.get_bytes(key)
         except CorruptObject as err:
             report.corrupt.append({"key": key, "error": str(err)})
+    lost = _lost_objects(names)
+    for key in lost:
+        report.objects_checked += 1
+        report.corrupt.append(
+            {
+                "key": key,
+                "error": f"{store.uri(key)} was committed but its bytes are gone (deleted or lost outside obliviate; "
+                "its commit record remains): rebuild it with `store check --repair`, or restore it from a backup.",
+            }
+        )
     pointer_keys = store.list_pointers("")
     for pointer_key in pointer_keys:
         latest = _latest_version(store, pointer_key)
@@ -108,9 +120,21 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     for item in report.corrupt:
         item["needed_by"] = dependents.get(item["key"], [])
 
-    report.orphans, report.orphans_held_back = _orphans(store, keys, names, referenced, runs_with_versions, min_age_s)
+    report.orphans, report.orphans_held_back = _orphans(
+        store, keys + lost, names, referenced, runs_with_versions, min_age_s
+    )
     report.seconds = time.monotonic() - began
     return report
+
+
+def _lost_objects(names: list[str]) -> list[str]:
+    """Keys whose commit record is stored without the object it commits."""
+    present = set(names)
+    return sorted(
+        name[: -len(COMMIT_SUFFIX)]
+        for name in names
+        if name.endswith(COMMIT_SUFFIX) and _TMP_MARK not in name and name[: -len(COMMIT_SUFFIX)] not in present
+    )
 
 
 def _latest_version(store: ObjectStore, pointer_key: str) -> int:
@@ -144,8 +168,10 @@ def _check_run(
             body = {"members": {}}
         for name, member in body.get("members", {}).items():
             key = member["key"]
-            referenced.update({key, key[: -len(".pt")] + ".json" if key.endswith(".pt") else key})
-            dependents.setdefault(key, []).append({"run": run_id, "version": version, "member": name})
+            timing_sidecar = key[: -len(".pt")] + ".json" if key.endswith(".pt") else key
+            referenced.update({key, timing_sidecar})
+            for needed in {key, timing_sidecar}:
+                dependents.setdefault(needed, []).append({"run": run_id, "version": version, "member": name})
             try:
                 committed = store.info(key)
             except (ObjectNotFound, CorruptObject) as err:
@@ -153,6 +179,15 @@ def _check_run(
                     {"run": run_id, "version": version, "key": key, "problem": f"member {name} missing: {err}"}
                 )
                 continue
+            if timing_sidecar != key and not store.exists(timing_sidecar):
+                report.lineage.append(
+                    {
+                        "run": run_id,
+                        "version": version,
+                        "key": timing_sidecar,
+                        "problem": f"member {name}'s timing record is not committed (resuming the chain reads it)",
+                    }
+                )
             if committed.sha256 != member["sha256"]:
                 report.lineage.append(
                     {

@@ -52,13 +52,23 @@ def run_store_check(args: argparse.Namespace) -> int:
     for item in report.repaired:
         print(f"  repaired {item['key']}: {item['how']}", file=sys.stderr)
     for item in report.unrecoverable:
-        print(f"  UNRECOVERABLE {item['key']}: {item['error']}; needed by {item.get('needed_by')}", file=sys.stderr)
+        print(f"  UNRECOVERABLE {item['key']}: {item['error']}; {_needed_by(item)}", file=sys.stderr)
     for item in report.corrupt if not args.repair else []:
         how = "rebuildable with --repair" if item.get("repairable_by_replay") else "not rebuildable"
-        print(f"  damaged {item['key']} ({how}); needed by {item.get('needed_by')}", file=sys.stderr)
+        print(f"  damaged {item['key']} ({how}); {_needed_by(item)}: {item['error']}", file=sys.stderr)
+    for problem in report.lineage:
+        print(f"  lineage of run {problem['run']} version {problem['version']}: {problem['problem']}", file=sys.stderr)
     if report.orphans_held_back:
         print(f"  orphans: {report.orphans_held_back}", file=sys.stderr)
     elif report.collected:
         print(f"  collected {len(report.collected)} orphan(s)", file=sys.stderr)
     print(json.dumps(report.as_dict(), default=str))
     return 0 if report.healthy else 1
+
+
+def _needed_by(item: dict) -> str:
+    """Which published versions need a damaged object, in words."""
+    versions = sorted({(str(n["run"]), int(n["version"])) for n in item.get("needed_by") or []})
+    if not versions:
+        return "no published version needs it"
+    return "needed by " + ", ".join(f"run {run} version {version}" for run, version in versions)

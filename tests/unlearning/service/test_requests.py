@@ -160,3 +160,43 @@ def test_store_check_rebuilds_a_flipped_byte_and_collects_orphans_only_when_noth
     assert not store.exists("runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt")
     chain = registry.load_chain(registry.current("r1"))[0]  # the whole published version reads clean
     assert chain.final.block_index == 3 and all(torch.isfinite(v).all() for v in chain.final.model_state.values())
+
+
+def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_restores_them(
+    trained, tmp_path, capsys
+):
+    """A deleted checkpoint (its commit record left behind) was invisible to ``store check``: listing
+    shows only objects with both halves, so the served model's M_B could vanish and the store read
+    healthy. A lost record and a lost timing record are lineage problems; a lost orphan is garbage."""
+    from flows.cli import main
+
+    store_url, _ = trained
+    store = ObjectStore(store_url)
+    registry = RunRegistry(store)
+    root = tmp_path / "store"
+    final, first = registry.checkpoint_key("r1", TRAIN_CHAIN, 3), registry.checkpoint_key("r1", TRAIN_CHAIN, 1)
+    sidecar = registry.checkpoint_key("r1", TRAIN_CHAIN, 2)[: -len(".pt")] + ".json"
+    originals = {key: store.get_bytes(key) for key in (final, first)}
+    orphan = "runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt"
+    store.put_bytes(orphan, b"left behind")
+    for lost_bytes in (final, orphan):
+        (root / lost_bytes).unlink()
+    (root / f"{first}.sha256").unlink()
+    (root / f"{sidecar}.sha256").unlink()
+
+    report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
+    assert [c["key"] for c in report.corrupt] == [final, orphan] and "bytes are gone" in report.corrupt[0]["error"]
+    assert report.corrupt[0]["needed_by"] == [{"run": "r1", "version": 1, "member": "3"}]
+    assert sorted(p["key"] for p in report.lineage) == sorted([first, sidecar]) and not report.healthy
+    assert report.orphans == [orphan]
+    assert main(["store", "check", "--store", store_url]) == 1
+    said = capsys.readouterr().err
+    assert f"damaged {final} (rebuildable with --repair); needed by run r1 version 1: " in said
+    assert "lineage of run r1 version 1: member 2's timing record is not committed" in said
+
+    repaired = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    assert sorted(r["key"] for r in repaired.repaired) == sorted([first, sidecar, final])
+    assert repaired.unrecoverable == [] and repaired.collected == [orphan] and repaired.healthy
+    assert {key: store.get_bytes(key) for key in (final, first)} == originals  # replayed bit for bit
+    again = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
+    assert again.healthy and again.corrupt == again.lineage == again.orphans == []
