@@ -300,15 +300,30 @@ def train_flow(
         group = {"run_id": run_id, "members": [s["run_id"] for s in summaries], "rule": "mean_probability"}
         ObjectStore(store).put_json(f"groups/{run_id}.json", group)
         accuracies = [s.get("heldout_accuracy") for s in summaries]
-        summary = {**summary, "run_id": run_id, "shards": summaries, "group": group, "heldout_accuracy": accuracies}
+        summary = {
+            **summary,
+            "run_id": run_id,
+            "shards": summaries,
+            "group": group,
+            "heldout_accuracy": accuracies,
+            "trained_blocks": sum(s.get("trained_blocks", 0) for s in summaries),
+            "resumed_blocks": sum(s.get("resumed_blocks", 0) for s in summaries),
+        }
     logger.info(
         "run %s: version %s, held-out accuracy %s, %s blocks trained now, %s resumed from storage",
         run_id,
         summary["version"],
-        summary.get("heldout_accuracy"),
+        accuracy_text(summary.get("heldout_accuracy")),
         summary.get("trained_blocks", 0),
         summary.get("resumed_blocks", 0),
     )
     for message in summary.get("sharp_drops") or []:  # issue 11: diverging settings are not accepted silently
         logger.warning("run %s: %s", run_id, message)
     return {**summary, "store": ObjectStore(store).url}
+
+
+def accuracy_text(accuracy: float | list[float | None] | None) -> str:
+    """A held-out accuracy (or one per shard) as people read it: ``87.7 %``, ``per shard 87.0 / 86.3 %``."""
+    if isinstance(accuracy, list):
+        return "per shard " + " / ".join("?" if a is None else f"{100 * a:.1f}" for a in accuracy) + " %"
+    return "unknown" if accuracy is None else f"{100 * accuracy:.1f} %"

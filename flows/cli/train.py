@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
-    from flows.train import run_spec, train_flow
+    from flows.train import accuracy_text, run_spec, train_flow
     from obliviate.unlearning.service import check_name
 
     options = {
@@ -93,7 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
         summary = train_flow(store=store, run_id=args.run_id, shards=args.shards, **options)
     print(
         f"run {summary['run_id']}: version {summary['version']} ({summary['status']}), held-out accuracy "
-        f"{summary.get('heldout_accuracy')}, {summary.get('trained_blocks', 0)} blocks trained, "
+        f"{accuracy_text(summary.get('heldout_accuracy'))}, {summary.get('trained_blocks', 0)} blocks trained, "
         f"{summary.get('resumed_blocks', 0)} resumed; store {summary['store']}"
     )
     for message in summary.get("sharp_drops") or []:

@@ -34,7 +34,7 @@ def test_a_shard_count_that_cannot_train_is_refused_before_any_actor_starts(tiny
 def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
     tmp_path, tiny_run, prefect_api_url, ray_address
 ) -> None:
-    from flows.train import train_flow
+    from flows.train import accuracy_text, train_flow
     from storage import ObjectStore
     from storage.registry import RunRegistry
 
@@ -46,6 +46,12 @@ def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
     assert summary["group"]["members"] == ["g3-s0of3", "g3-s1of3", "g3-s2of3"]
     registry = RunRegistry(ObjectStore(url))
     assert all(registry.current(m).version == 1 for m in summary["group"]["members"])
+    assert summary["trained_blocks"] == 3 * options["blocks"] == sum(s["trained_blocks"] for s in summary["shards"])
+    assert (
+        accuracy_text(summary["heldout_accuracy"])
+        == "per shard " + " / ".join(f"{100 * s['heldout_accuracy']:.1f}" for s in summary["shards"]) + " %"
+    )
+    assert accuracy_text(0.8766) == "87.7 %" and accuracy_text(None) == "unknown"
     with pytest.raises(
         ConfigError, match=r"already trained as 3 shards \(g3-s0of3, g3-s1of3, g3-s2of3\); this asks for 2"
     ):
