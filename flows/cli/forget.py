@@ -158,15 +158,30 @@ def _waited(url: str, request_id: str, timeout_s: float) -> int:
 
     entry, settled = wait_outcome(url, request_id, timeout_s=timeout_s)
     for run_id, audit in (entry["details"].get("runs") or {}).items():
-        print(
-            f"  run {run_id}: {audit.get('status')} version {audit.get('from_version')} -> "
-            f"{audit.get('to_version', audit.get('version'))}, blocks retrained {audit.get('blocks_retrained')}, "
-            f"speed-up {audit.get('speedup_vs_full_retrain')}",
-            file=sys.stderr,
-        )
+        print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
     line = describe(entry)
     if not settled:
         line = f"{line}; still not settled after {timeout_s:.0f} s (the request stays in the ledger)"
     print(line, file=sys.stderr)
     print(json.dumps({**entry, "settled": settled}, default=str))
     return EXIT_CODES.get(entry["status"], EXIT_TIMEOUT)
+
+
+def _run_outcome(run_id: str, audit: dict) -> str:
+    """One run's part of a settled request, in words: versions, blocks, speed-up, accuracy, verification."""
+    to_version = audit.get("to_version", audit.get("version"))
+    parts = [f"run {run_id}: {audit.get('status')} version {audit.get('from_version')} -> {to_version}"]
+    if audit.get("blocks_retrained") is not None:
+        parts.append(f"blocks retrained {audit['blocks_retrained']}")
+    if isinstance(audit.get("speedup_vs_full_retrain"), (int, float)):
+        parts.append(f"{audit['speedup_vs_full_retrain']:.2f}x faster than retraining from scratch")
+    before, after = audit.get("previous_heldout_accuracy"), audit.get("heldout_accuracy")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):
+        parts.append(f"held-out accuracy {100 * before:.1f} % -> {100 * after:.1f} %")
+    verification = audit.get("verification") or {}
+    if "bit_identical_to_naive" in verification:
+        same = "bit-identical to" if verification["bit_identical_to_naive"] else "NOT bit-identical to"
+        parts.append(f"{same} a naive retrain")
+    if audit.get("error"):
+        parts.append(str(audit["error"]))
+    return ", ".join(parts)

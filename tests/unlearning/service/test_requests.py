@@ -4,6 +4,7 @@ terminal states, poison isolation inside a pass, store check and repair."""
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 
 import pytest
@@ -127,6 +128,22 @@ def test_a_poison_request_fails_alone_and_good_ones_merged_with_it_are_applied(t
     assert "int64" in ledger.get("poison-big").details["reason"]
     current = RunRegistry(store).current("r1")
     assert set(current.applied_requests) == {good_1, good_2} and current.version == 2  # merged, applied once
+
+
+def test_forget_wait_says_what_each_run_did_in_words(trained, capsys):
+    from flows.cli import main
+
+    store_url, spec = trained
+    request_id = submit_deletion(store_url, spec["train_ids"][-2:], dataset="digits", emit=False)["request_id"]
+    run_pass(store_url, unlearn_runs=in_process(store_url), attempts=AttemptPolicy(max_attempts=1))
+    assert main(["forget", "--store", store_url, "--status", request_id, "--wait", "1"]) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("  run r1:"))
+    # it printed "speed-up 1.2922020945655124" and no accuracy
+    assert re.fullmatch(
+        r"  run r1: published version 1 -> 2, blocks retrained \[\d(, \d)*\], \d+\.\d\dx faster than retraining "
+        r"from scratch, held-out accuracy \d+\.\d % -> \d+\.\d %",
+        line,
+    ), line
 
 
 def test_store_check_rebuilds_a_flipped_byte_and_collects_orphans_only_when_nothing_is_open(trained, tmp_path):
