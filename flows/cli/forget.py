@@ -29,7 +29,12 @@ EXIT_CODES = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("forget", help="request deletion of sample ids from every registered run")
+    codes = ", ".join(f"{code} {status}" for status, code in EXIT_CODES.items())
+    parser = subparsers.add_parser(
+        "forget",
+        help="request deletion of sample ids from every registered run",
+        epilog=f"exit codes with --wait: {codes}, {EXIT_ERROR} refused (the error says why)",
+    )
     add_store_argument(parser)
     parser.add_argument("--ids", default=None, help="dataset sample ids, comma separated: 3,17,42")
     parser.add_argument("--data", default="digits", help="the dataset the ids index (as given to train --data)")
