@@ -108,7 +108,10 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         try:
             raw = store.get_member(manifest, str(index))
         except (CorruptObject, ObjectNotFound) as err:
-            unreadable[index] = f"{err}"
+            # an exact chain's checkpoint is a pure function of its predecessor: replay can rebuild it
+            unreadable[index] = (
+                f"{err} `obliviate store check --repair` rebuilds a damaged or lost checkpoint by replay"
+            )
             continue
         stored_sha256[index] = hashlib.sha256(raw).hexdigest()
         checkpoints[index] = registry.load_checkpoint(member.key, expected=member)

@@ -53,7 +53,7 @@ def test_verify_catches_a_flipped_checkpoint_byte(unlearned_store, tmp_path: Pat
     code = main(["verify", "--store", url, "--run", "v-run", "--blocks", "all", "--no-prefect"])
     assert code == 4
     err = capsys.readouterr().err
-    assert "failed" in err and "M_3 cannot be read" in err
+    assert "failed" in err and "M_3 cannot be read" in err and "`obliviate store check --repair` rebuilds" in err
 
 
 def test_verify_catches_an_applied_id_left_in_a_block_list(unlearned_store) -> None:
