@@ -56,6 +56,7 @@ from obliviate.extraction.audit import (
     markdown_report,
     seed_reference,
     summarize,
+    target_training_indices,
 )
 from obliviate.extraction.headline import headline_sentence, queries_to_agreement, strongest, threat_model
 from obliviate.extraction.selectors import SELECTORS, Pool, get_selector, image_entropy
@@ -111,16 +112,7 @@ def prepare_audit(
     backend, meta = open_backend(target, timeout_s=timeout_s, retries=retries)
     data = load_dataset(pool_source)
     check_pool_fits_target(pool=data, target_meta=meta)
-    exclude = meta.get("train_indices", [])
-    warning = None
-    if not exclude:
-        warning = "the target did not say which images trained it: the pool may overlap its training data."
-    elif meta.get("dataset_fingerprint") not in (None, data.fingerprint):
-        warning = (
-            f"the target was trained on data with fingerprint {meta.get('dataset_fingerprint')}, not "
-            f"{data.fingerprint}; its training indices were not excluded from the pool."
-        )
-        exclude = []
+    exclude, warning = target_training_indices(pool=data, target_meta=meta)
     if warning:
         logger.warning(warning)
     pool_idx, test_idx, split = _pool_and_test(
@@ -371,6 +363,43 @@ def check_audit_grid(
         raise ConfigError(f"FGSM radii are on [0, 1] inputs and must be in (0, 1]; got {outside}.")
 
 
+def check_audit_settings(
+    *,
+    pool_size: int,
+    test_size: int,
+    steps: int,
+    attack_steps: int,
+    rounds: int,
+    round_steps: int,
+    consistency_steps: int,
+    drmi_starts: int | None,
+    timeout_s: float,
+    retries: int,
+) -> None:
+    """Raise :class:`ConfigError` naming every audit setting out of range, in the flow's and the CLI's names."""
+    rules = [
+        ("pool_size", "--pool-size", pool_size, pool_size >= 1, ">= 1"),
+        ("test_size", "--test-size", test_size, test_size >= 1, ">= 1"),
+        ("steps", "--steps", steps, steps >= 1, ">= 1"),
+        ("attack_steps", "--attack-steps", attack_steps, attack_steps >= 1, ">= 1"),
+        ("rounds", "--rounds", rounds, rounds >= 0, ">= 0"),
+        ("round_steps", "--round-steps", round_steps, round_steps >= 1, ">= 1"),
+        ("consistency_steps", "--consistency-steps", consistency_steps, consistency_steps >= 0, ">= 0"),
+        (
+            "drmi_starts",
+            "--drmi-starts",
+            drmi_starts,
+            drmi_starts is None or drmi_starts >= 0,
+            ">= 0 (0: one per image)",
+        ),
+        ("timeout_s", "--timeout", timeout_s, timeout_s > 0, "> 0 seconds"),
+        ("retries", "--retries", retries, retries >= 0, ">= 0"),
+    ]
+    broken = [f"{name} ({option}) must be {rule}; got {value}" for name, option, value, ok, rule in rules if not ok]
+    if broken:
+        raise ConfigError("; ".join(broken) + ".")
+
+
 @flow(name="steal")
 def steal_flow(
     target: str,
@@ -430,6 +459,18 @@ def steal_flow(
         pool_size=pool_size,
         substitute=substitute,
         eps=eps,
+    )
+    check_audit_settings(
+        pool_size=pool_size,
+        test_size=test_size,
+        steps=steps,
+        attack_steps=attack_steps,
+        rounds=rounds,
+        round_steps=round_steps,
+        consistency_steps=consistency_steps,
+        drmi_starts=drmi_starts,
+        timeout_s=timeout_s,
+        retries=retries,
     )
     prepare_output(out)
     train = TrainConfig(arch=substitute, steps=steps)

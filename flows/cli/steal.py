@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per (selector, budget)")
     parser.add_argument("--out", default="runs/steal", help="output directory (default runs/steal)")
-    parser.add_argument("--pool-size", type=int, default=2000)
-    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help=f"the attacker's unlabeled pool (default {POOL_SIZE}, or 2/3 of the images that did not train the "
+        "target when fewer are left)",
+    )
+    parser.add_argument(
+        "--test-size", type=int, default=None, help=f"test images (default {TEST_SIZE}, or the other 1/3 likewise)"
+    )
     parser.add_argument(
         "--split-seed",
         type=int,
@@ -88,6 +97,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request, seconds")
     parser.add_argument("--retries", type=int, default=3, help="HTTP retries on transient errors")
     parser.set_defaults(handler=run_steal, option_defaults={name: parser.get_default(name) for name in DEMO_SETTINGS})
+
+
+POOL_SIZE, TEST_SIZE = 2000, 1000
+
+
+def _split_sizes(args: argparse.Namespace, *, available: int | None) -> tuple[int, int]:
+    """``--pool-size`` and ``--test-size``; left unset on a pool too small for the defaults, 2/3 and
+    1/3 of the ``available`` images that did not train the target (``None``: not known here)."""
+    from obliviate.extraction.audit import check_split_fits
+
+    pool_size = POOL_SIZE if args.pool_size is None else args.pool_size
+    test_size = TEST_SIZE if args.test_size is None else args.test_size
+    if available is None:
+        return pool_size, test_size
+    if args.pool_size is None and args.test_size is None and pool_size + test_size > available:
+        pool_size = 2 * available // 3
+        test_size = available - pool_size
+        print(
+            f"{args.pool} leaves {available} images outside the target's training set: pool {pool_size}, test "
+            f"{test_size} (--pool-size and --test-size choose others)",
+            file=sys.stderr,
+        )
+    check_split_fits(available=available, pool_size=pool_size, test_size=test_size, dataset=args.pool)
+    return pool_size, test_size
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -151,13 +184,33 @@ def run_steal(args: argparse.Namespace) -> int:
             f"target {args.target!r} is neither an http(s) URL nor an existing checkpoint; "
             "make one with `obliviate target train --out runs/target.pt`."
         )
+    from flows.audit import check_audit_settings
+
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus is the Ray CPUs to start and must be >= 1; got {args.num_cpus}.")
+    check_audit_settings(
+        pool_size=POOL_SIZE if args.pool_size is None else args.pool_size,
+        test_size=TEST_SIZE if args.test_size is None else args.test_size,
+        steps=args.steps,
+        attack_steps=args.attack_steps,
+        rounds=args.rounds,
+        round_steps=args.round_steps,
+        consistency_steps=args.consistency_steps,
+        drmi_starts=args.drmi_starts,
+        timeout_s=args.timeout,
+        retries=args.retries,
+    )
+    available = None
     if not args.target.startswith(("http://", "https://")):
         # The flow checks again with what an HTTP target declares; a checkpoint is read here, before any work.
         from obliviate.data import load_dataset
-        from obliviate.extraction.audit import check_pool_fits_target
+        from obliviate.extraction.audit import check_pool_fits_target, target_training_indices
         from obliviate.extraction.target import load_checkpoint
 
-        check_pool_fits_target(pool=load_dataset(args.pool), target_meta=load_checkpoint(args.target)[1])
+        data, meta = load_dataset(args.pool), load_checkpoint(args.target)[1]
+        check_pool_fits_target(pool=data, target_meta=meta)
+        available = len(data) - len(set(target_training_indices(pool=data, target_meta=meta)[0]))
+    args.pool_size, args.test_size = _split_sizes(args, available=available)
     grid = _checked_grid(args)
     import ray
 

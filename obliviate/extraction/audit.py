@@ -305,6 +305,41 @@ def check_pool_fits_target(*, pool: ImageDataset, target_meta: dict) -> None:
         )
 
 
+def target_training_indices(*, pool: ImageDataset, target_meta: dict) -> tuple[list[int], str | None]:
+    """The images that trained the target, to keep out of the attacker's pool and test set (SPEC 3b).
+
+    Returns:
+        The indices into ``pool`` (empty when the target does not declare them, or declares them
+        for other data), and a warning saying why none could be excluded, else ``None``.
+    """
+    exclude = [int(i) for i in target_meta.get("train_indices", [])]
+    if not exclude:
+        return [], "the target did not say which images trained it: the pool may overlap its training data."
+    if target_meta.get("dataset_fingerprint") not in (None, pool.fingerprint):
+        return [], (
+            f"the target was trained on data with fingerprint {target_meta.get('dataset_fingerprint')}, not "
+            f"{pool.fingerprint}; its training indices were not excluded from the pool."
+        )
+    return exclude, None
+
+
+def check_split_fits(*, available: int, pool_size: int, test_size: int, dataset: str) -> None:
+    """Refuse a pool and test set larger than the images left outside the target's training set.
+
+    Raises:
+        ConfigError: ``pool_size + test_size`` exceeds ``available``; the message suggests sizes
+            that fit, in the audit's 2 : 1 proportion.
+    """
+    if pool_size + test_size > available:
+        fit_pool = 2 * available // 3
+        raise ConfigError(
+            f"the pool and test set are drawn from the {available} images of {dataset} that did not train the "
+            f"target, so pool_size + test_size must be at most {available}; got {pool_size} + {test_size} = "
+            f"{pool_size + test_size}. Lower them (--pool-size, --test-size), e.g. {fit_pool} and "
+            f"{available - fit_pool}."
+        )
+
+
 def train_target(
     data: ImageDataset,
     *,
@@ -372,11 +407,7 @@ def audit_split(
     """Stratified, seeded pool and test indices drawn from ``data`` minus ``exclude`` (the target's
     training indices), so the attacker's pool and the test set never overlap its training data."""
     keep = np.setdiff1d(np.arange(len(data)), np.asarray(list(exclude), dtype=np.int64))
-    if pool_size + test_size > len(keep):
-        raise ConfigError(
-            f"pool_size + test_size = {pool_size + test_size} exceeds the {len(keep)} images not used to "
-            "train the target; lower them."
-        )
+    check_split_fits(available=len(keep), pool_size=pool_size, test_size=test_size, dataset=data.name)
     pool_part, test_part = stratified_split(
         data.labels[keep], sizes=(pool_size, test_size), rng=np.random.default_rng(seed)
     )

@@ -46,6 +46,21 @@ def checkpoint(tmp_path_factory):
         (["--substitute", "vgg"], "unknown substitute 'vgg'"),
         (["--eps", "2"], "must be in (0, 1]; got [2.0]"),
         (["--eps", "0.1,big"], "--eps must be comma-separated numbers"),
+        # settings of the attackers: checked in the options' names before a Prefect server starts (they
+        # failed inside the flow run, as "batch_size, basic_steps, min_steps, ... must be >= 1")
+        (
+            ["--attack-steps", "0", "--rounds", "-1"],
+            "attack_steps (--attack-steps) must be >= 1; got 0; rounds (--rounds) must be >= 0; got -1.",
+        ),
+        (["--consistency-steps", "-1"], "consistency_steps (--consistency-steps) must be >= 0; got -1."),
+        (["--drmi-starts", "-2"], "drmi_starts (--drmi-starts) must be >= 0 (0: one per image); got -2."),
+        (["--timeout", "0"], "timeout_s (--timeout) must be > 0 seconds; got 0.0."),
+        (["--num-cpus", "0"], "--num-cpus is the Ray CPUs to start and must be >= 1; got 0."),
+        # 300 of mnist5k's 5,000 images trained the target
+        (
+            ["--test-size", "3000"],
+            "must be at most 4700; got 2000 + 3000 = 5000. Lower them (--pool-size, --test-size)",
+        ),
     ],
 )
 def test_cli_steal_refuses_a_grid_that_cannot_run_before_any_work(checkpoint, tmp_path, capsys, options, rule):
@@ -79,6 +94,24 @@ def test_cli_steal_refuses_a_pool_the_target_cannot_read_before_any_work(checkpo
     assert "the target reads images of 17 gray levels, but pool" in err and "--pool digits" in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_cli_steal_fits_its_default_pool_and_test_set_to_the_images_left(capsys):
+    """digits has 1,797 images: beside a target trained on 300 the defaults (2,000 + 1,000) cannot
+    fit, and `steal --pool digits` ended in a flow run failure; sizes given are kept and checked."""
+    import argparse
+
+    from flows.cli.steal import _split_sizes
+    from obliviate.errors import ConfigError
+
+    left = argparse.Namespace(pool="digits", pool_size=None, test_size=None)
+    assert _split_sizes(left, available=1497) == (998, 499)
+    assert "digits leaves 1497 images outside the target's training set: pool 998, test 499" in capsys.readouterr().err
+    assert _split_sizes(left, available=4700) == (2000, 1000)
+    assert _split_sizes(left, available=None) == (2000, 1000)  # an HTTP target: the flow checks what it declares
+    given = argparse.Namespace(pool="digits", pool_size=1200, test_size=None)
+    with pytest.raises(ConfigError, match=r"at most 1497; got 1200 \+ 1000 = 2200\. .* e\.g\. 998 and 499"):
+        _split_sizes(given, available=1497)
 
 
 def test_cli_steal_refuses_an_unwritable_report_folder_before_any_query(checkpoint, tmp_path, capsys):
