@@ -104,7 +104,7 @@ POOL_SIZE, TEST_SIZE = 2000, 1000
 
 def _split_sizes(args: argparse.Namespace, *, available: int | None) -> tuple[int, int]:
     """``--pool-size`` and ``--test-size``; left unset on a pool too small for the defaults, 2/3 and
-    1/3 of the ``available`` images that did not train the target (``None``: not known here)."""
+    1/3 of the ``available`` images that did not train the target (``None``: not known)."""
     from obliviate.extraction.audit import check_split_fits
 
     pool_size = POOL_SIZE if args.pool_size is None else args.pool_size
@@ -200,16 +200,16 @@ def run_steal(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         retries=args.retries,
     )
-    available = None
-    if not args.target.startswith(("http://", "https://")):
-        # The flow checks again with what an HTTP target declares; a checkpoint is read here, before any work.
-        from obliviate.data import load_dataset
-        from obliviate.extraction.audit import check_pool_fits_target, target_training_indices
-        from obliviate.extraction.target import load_checkpoint
+    # What the target declares (a checkpoint's meta, a server's GET /info), read before any work: the
+    # pool must fit its images, and the pool and test set the images that did not train it. The flow
+    # checks again for callers of its API.
+    from obliviate.data import load_dataset
+    from obliviate.extraction.audit import check_pool_fits_target, target_training_indices
+    from obliviate.extraction.target import open_backend
 
-        data, meta = load_dataset(args.pool), load_checkpoint(args.target)[1]
-        check_pool_fits_target(pool=data, target_meta=meta)
-        available = len(data) - len(set(target_training_indices(pool=data, target_meta=meta)[0]))
+    data, meta = load_dataset(args.pool), open_backend(args.target, timeout_s=args.timeout, retries=args.retries)[1]
+    check_pool_fits_target(pool=data, target_meta=meta)
+    available = len(data) - len(set(target_training_indices(pool=data, target_meta=meta)[0]))
     args.pool_size, args.test_size = _split_sizes(args, available=available)
     grid = _checked_grid(args)
     import ray

@@ -214,12 +214,26 @@ class HttpBackend:
         return np.asarray(reply[key], dtype=np.float32)
 
     def info(self) -> dict:
-        """The server's ``GET /info`` metadata (model name, training indices), or ``{}``."""
+        """The server's ``GET /info`` metadata (model name, training indices), or ``{}`` when it has none.
+
+        Raises:
+            TargetUnavailable: no server answers at the URL's host and port (refused, unknown host),
+                so the audit stops before it starts rather than at its first query.
+        """
         info_url = self.url.rsplit("/", 1)[0] + "/info"
         try:
             with urllib.request.urlopen(info_url, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
-        except (urllib.error.URLError, TimeoutError, json.JSONDecodeError):
+        except urllib.error.HTTPError:
+            return {}  # a server without /info: it answers, it just declares nothing
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                return {}
+            raise TargetUnavailable(
+                f"no server answers at {self.url} ({err.reason}); start the target's server (e.g. "
+                "`obliviate target serve --checkpoint PATH`) or check the URL's host and port."
+            ) from err
+        except (TimeoutError, json.JSONDecodeError, ConnectionError, http.client.HTTPException):
             return {}
 
     def _post(self, body: bytes) -> dict:

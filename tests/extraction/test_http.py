@@ -138,3 +138,12 @@ def test_connection_refused_is_transient(pool_images):
     with pytest.raises(TargetUnavailable, match="connection error"):
         Target(backend, budget=10).query(pool_images[:1])
     assert backend.attempts == 3
+
+
+def test_info_of_a_server_that_is_gone_says_so_and_one_without_info_declares_nothing(target_model):
+    """A stopped server read as "declares nothing" ({}): the audit then started and failed at its first query."""
+    with TargetServer(target_model) as server:
+        url = server.url
+        assert HttpBackend(url.rsplit("/", 1)[0] + "/elsewhere/predict", timeout_s=5, retries=0).info() == {}  # 404
+    with pytest.raises(TargetUnavailable, match=r"no server answers at http://127\.0\.0\.1:\d+/predict \("):
+        HttpBackend(url, timeout_s=5, retries=0).info()

@@ -114,6 +114,21 @@ def test_cli_steal_fits_its_default_pool_and_test_set_to_the_images_left(capsys)
         _split_sizes(given, available=1497)
 
 
+def test_cli_steal_refuses_a_target_server_that_is_not_there_before_any_work(tmp_path, capsys):
+    import socket
+
+    from flows.cli import main
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = tmp_path / "report"
+    assert main(["steal", "--target", f"http://127.0.0.1:{port}/predict", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"no server answers at http://127.0.0.1:{port}/predict" in err and "Traceback" not in err
+    assert "Starting temporary server" not in err and not out.exists()
+
+
 def test_cli_steal_refuses_an_unwritable_report_folder_before_any_query(checkpoint, tmp_path, capsys):
     from flows.cli import main
 
