@@ -122,12 +122,16 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
     A trial that fails at run time is recorded as an error and the sweep goes on; a value that
     breaks a rule would only fail every trial it is in, so it is refused up front.
     """
+    from obliviate.data import load_dataset
     from obliviate.models import MODEL_BUILDERS
     from obliviate.reduction.mi import check_bins
     from obliviate.unlearning.config import BlockTrainingConfig
 
     if constants.get("model") not in MODEL_BUILDERS:
         raise ConfigError(f"unknown model {constants.get('model')!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
+    data = load_dataset(constants["data"])  # every trial loads it: a bad --data fails here, once
+    parts = ("train_size", "heldout_size") if kind == "unlearning" else ("target_size", "pool_size", "test_size")
+    _check_sizes_fit(data.name, len(data), {part: int(constants[part]) for part in parts})
     if kind == "unlearning":
         train_size = constants["train_size"]
         for blocks in grid.get("num_blocks", []):
@@ -149,11 +153,27 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
             )
     else:
         for bins in grid.get("bins", []):
-            check_bins(levels=256, bins=bins)
+            check_bins(levels=data.levels, bins=bins)
         pool_size = constants["pool_size"]
         outside = [k for k in grid.get("k", []) if not 2 <= k < pool_size]
         if outside:
             raise ConfigError(f"every k must satisfy 2 <= k < pool_size={pool_size}; got {outside}.")
+
+
+def _check_sizes_fit(dataset: str, available: int, sizes: dict[str, int]) -> None:
+    """Each trial splits the dataset into these disjoint parts: each must hold an image, all must fit."""
+    options = ", ".join(f"--{name.replace('_', '-')}" for name in sizes)
+    empty = [f"{name} {size}" for name, size in sizes.items() if size < 1]
+    if empty:
+        raise ConfigError(
+            f"every part of a trial's split must hold at least 1 image; got {', '.join(empty)} ({options})."
+        )
+    if sum(sizes.values()) > available:
+        shown = " + ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ConfigError(
+            f"a trial splits the {available} images of {dataset} into disjoint parts, so {shown} = {sum(sizes.values())} "
+            f"does not fit; lower them ({options})."
+        )
 
 
 def run_sweep(
@@ -293,7 +313,12 @@ def _plot(kind: str, trials: list[dict[str, Any]], front: list[int]) -> bytes:
         ax.set_xlabel("label queries (k)")
         ax.set_ylabel("substitute accuracy")
         ax.set_title("Reduction sweep: substitute accuracy vs queries")
-    ax.legend(fontsize=8)
+    if trials:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(
+            0.5, 0.5, "no trial finished (see the sweep's errors)", ha="center", va="center", transform=ax.transAxes
+        )
     ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.tight_layout()

@@ -115,6 +115,19 @@ def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
         ("unlearning", "--model", "vgg", "unknown model 'vgg'"),
         ("reduction", "--ks", "50,2000", "every k must satisfy 2 <= k < pool_size=2000; got [2000]"),
         ("reduction", "--bins", "1", "bins must be in 2..256; got 1"),
+        # digits has 1,797 images: the defaults split 5,000 (reduction) or 2,500 (unlearning)
+        (
+            "reduction",
+            "--data",
+            "digits",
+            (
+                "a trial splits the 1797 images of digits into disjoint parts, so target_size 2000 + pool_size 2000 "
+                "+ test_size 1000 = 5000 does not fit; lower them (--target-size, --pool-size, --test-size)."
+            ),
+        ),
+        ("unlearning", "--data", "digits", "train_size 2000 + heldout_size 500 = 2500 does not fit"),
+        ("unlearning", "--heldout-size", "0", "must hold at least 1 image; got heldout_size 0"),
+        ("unlearning", "--data", "nosuch", "nosuch"),
     ],
 )
 def test_a_grid_no_trial_could_run_is_refused_before_the_store_or_ray(tmp_path, capsys, sweep, option, value, rule):
