@@ -335,7 +335,7 @@ class DeletionLedger:
                         "attempts": attempt - 1,
                         "errors": errors[-10:],
                         "reason": f"gave up after {attempt - 1} attempt(s) (max {max_attempts}); last error: "
-                        f"{errors[-1]['error'] if errors else 'unknown'}. Fix the cause, then "
+                        f"{str(errors[-1]['error']).rstrip('.') if errors else 'unknown'}. Fix the cause, then "
                         f"`obliviate forget --retry {request_id}`.",
                     },
                 )
@@ -387,7 +387,8 @@ class DeletionLedger:
                 "attempts": attempt,
                 "errors": errors,
                 "last_error": error[:2000],
-                "reason": f"gave up after {attempt} attempt(s) (max {max_attempts}); last error: {error[:500]}. "
+                "reason": f"gave up after {attempt} attempt(s) (max {max_attempts}); last error: "
+                f"{error[:500].rstrip('.')}. "
                 f"Fix the cause, then `obliviate forget --retry {request_id}`.",
             }
         else:

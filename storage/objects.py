@@ -466,8 +466,15 @@ class ObjectStore:
         # moment the rewrite takes; damage stays. So a mismatch is read again before it is reported.
         for wait_s in (*_REREAD_WAITS_S, None):
             record = self._read_commit_record(key)
-            with _translated(self.uri(key)):
-                data = self._fs.cat_file(self._path(key))
+            try:
+                with _translated(self.uri(key)):
+                    data = self._fs.cat_file(self._path(key))
+            except ObjectNotFound as err:
+                raise ObjectNotFound(
+                    f"{self.uri(key)} is committed ({record['size']} bytes) but its bytes are missing: deleted while "
+                    "being read, or lost outside obliviate. `obliviate store check` lists such objects; `--repair` "
+                    "rebuilds a chain checkpoint by replay."
+                ) from err
             digest = hashlib.sha256(data).hexdigest()
             if digest == record["sha256"] and len(data) == record["size"]:
                 break

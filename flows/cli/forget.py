@@ -175,7 +175,9 @@ def _waited(url: str, request_id: str, timeout_s: float) -> int:
 def _run_outcome(run_id: str, audit: dict) -> str:
     """One run's part of a settled request, in words: versions, blocks, speed-up, accuracy, verification."""
     to_version = audit.get("to_version", audit.get("version"))
-    parts = [f"run {run_id}: {audit.get('status')} version {audit.get('from_version')} -> {to_version}"]
+    parts = [f"run {run_id}: {audit.get('status')}"]
+    if audit.get("from_version") is not None or to_version is not None:
+        parts[0] += f" version {audit.get('from_version')} -> {to_version}"
     if audit.get("blocks_retrained") is not None:
         parts.append(f"blocks retrained {audit['blocks_retrained']}")
     if isinstance(audit.get("speedup_vs_full_retrain"), (int, float)):

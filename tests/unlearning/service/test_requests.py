@@ -17,6 +17,7 @@ from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from obliviate.unlearning.service import MAX_SAMPLE_ID, RequestError, parse_ids
 from storage import ObjectStore
+from storage.errors import ObjectNotFound
 from storage.ledger import CANCELLED, CLAIMED, DONE, FAILED, PENDING, REJECTED, DeletionLedger
 from storage.registry import TRAIN_CHAIN, RunRegistry
 
@@ -187,7 +188,7 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
     healthy. A lost record and a lost timing record are lineage problems; a lost orphan is garbage."""
     from flows.cli import main
 
-    store_url, _ = trained
+    store_url, spec = trained
     store = ObjectStore(store_url)
     registry = RunRegistry(store)
     root = tmp_path / "store"
@@ -200,6 +201,17 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
         (root / lost_bytes).unlink()
     (root / f"{first}.sha256").unlink()
     (root / f"{sidecar}.sha256").unlink()
+
+    with pytest.raises(ObjectNotFound, match=r"is committed \(\d+ bytes\) but its bytes are missing: .*--repair"):
+        store.get_bytes(final)
+    # a deletion needing the lost M_B fails with that reason (once: max_attempts=1), then succeeds after repair
+    request_id = submit_deletion(store_url, spec["train_ids"][:1], dataset="digits", emit=False)["request_id"]
+    run_pass(store_url, unlearn_runs=in_process(store_url), attempts=AttemptPolicy(max_attempts=1))
+    failed = DeletionLedger(store).get(request_id)
+    assert failed.status == FAILED and "run r1: ObjectNotFound" in failed.details["reason"]
+    assert ".." not in failed.details["reason"] and failed.details["reason"].endswith(f"--retry {request_id}`.")
+    assert main(["forget", "--store", store_url, "--status", request_id, "--wait", "1"]) == 4
+    assert "  run r1: failed, ObjectNotFound: " in capsys.readouterr().err  # it said "version None -> None"
 
     report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
     assert [c["key"] for c in report.corrupt] == [final, orphan] and "bytes are gone" in report.corrupt[0]["error"]
@@ -217,3 +229,5 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
     assert {key: store.get_bytes(key) for key in (final, first)} == originals  # replayed bit for bit
     again = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
     assert again.healthy and again.corrupt == again.lineage == again.orphans == []
+    DeletionLedger(store).retry(request_id)
+    assert run_pass(store_url, unlearn_runs=in_process(store_url))["settled"] == {request_id: DONE}
