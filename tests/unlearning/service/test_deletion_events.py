@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -31,7 +32,9 @@ def _wait_events(ledger: DeletionLedger, count: int, timeout: float = 90.0) -> l
     raise AssertionError(f"only {len(ledger.events())} of {count} events recorded after {timeout} s")
 
 
-def test_deletion_event_unlearns_every_affected_run_exactly_once(s3_url, prefect_api_url, ray_address, serve, tiny_run):
+def test_deletion_event_unlearns_every_affected_run_exactly_once(
+    s3_url, prefect_api_url, ray_address, serve, tiny_run, caplog
+):
     options = tiny_run(epochs=2, train_size=600)
     store = ObjectStore(s3_url)
     registry, ledger = RunRegistry(store), DeletionLedger(store)
@@ -67,7 +70,10 @@ def test_deletion_event_unlearns_every_affected_run_exactly_once(s3_url, prefect
     assert registry.current("run-c").version == 1  # never trained on the ids: untouched
 
     # The same event again (same request id): recorded as a duplicate, no new version.
-    emit_deletion_event(store.url, {"request_id": submitted["request_id"]}, api_url=prefect_api_url)
+    with caplog.at_level(logging.WARNING):
+        emit_deletion_event(store.url, {"request_id": submitted["request_id"]}, api_url=prefect_api_url)
+    # draining the sender logged "Still processing items: 1 items remaining..." on every forget
+    assert not [r for r in caplog.records if r.name == "EventsWorker"], caplog.records
     # Malformed payloads: rejected in the ledger's event log, nothing changed.
     emit_deletion_event(store.url, {"ids": [1, 2, 3]}, api_url=prefect_api_url)
     emit_deletion_event(store.url, {"request_id": "never-submitted"}, api_url=prefect_api_url)
