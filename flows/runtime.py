@@ -83,6 +83,7 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
+    check_ray_address(target)
     options: dict[str, object] = {"include_dashboard": False, "log_to_driver": False}
     if target == "local":
         # Ray starts its workers 15 nice levels below the driver: on a busy machine they then get
@@ -92,6 +93,33 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
         if num_cpus is not None:
             options["num_cpus"] = num_cpus
     ray.init(address=target, **options)
+
+
+def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
+    """Refuse a Ray cluster address nothing answers at, before ``ray.init`` waits on it for good.
+
+    ``ray.init`` on an address where no cluster runs retries its GCS connection without end (Ray
+    2.60 logs "Failed to connect to GCS ... within 5 seconds" over and over), so a mistyped
+    ``--ray-address`` or a stopped cluster would hang the command.
+
+    Raises:
+        ConfigError: the address is malformed, or no server accepts a TCP connection there.
+    """
+    if address in (None, "", "local", "auto"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(
+            f"a Ray address is HOST:PORT (the head's GCS, e.g. 10.0.0.5:6379), ray://HOST:PORT, 'auto' or 'local'; "
+            f"got {address!r}."
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({err}); start one (`ray start --head`, or `ray up cluster.yaml`) "
+            "or fix --ray-address / RAY_ADDRESS."
+        ) from err
 
 
 def cluster_cpus() -> int:

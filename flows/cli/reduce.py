@@ -99,6 +99,10 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
             f"machine's {local_cpus}; lower --workers to at most {local_cpus}, or join a cluster with --ray-address "
             "or RAY_ADDRESS."
         )
+    if workers != 0:
+        from flows.runtime import check_ray_address
+
+        check_ray_address(getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS"))
     check_bins(levels=dataset.levels, bins=args.bins)
     choose_starts(n, num_starts=args.starts, rng=np.random.default_rng(args.seed))
     plan = TilePlan(n=n, tile_size=args.tile_size)

@@ -69,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.batching import save_policy
     from flows.deployments import ServiceOptions, serve_deployments
     from flows.rollback import save_rollback
-    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api, ui_url_of
+    from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api, ui_url_of
     from flows.unlearn import served_endpoint
     from flows.watchdog import start_watchdog
     from obliviate.errors import ConfigError
@@ -110,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         dispatch=args.dispatch,
     )
+    check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))
     store = prepare_store(options.store, write=True)
     options = replace(options, store=store)
     live_api, _ = served_endpoint(ObjectStore(store))

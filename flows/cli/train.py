@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+    from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api
     from flows.train import accuracy_text, run_spec, train_flow
     from obliviate.unlearning.service import check_name
 
@@ -85,6 +86,7 @@ def run_train(args: argparse.Namespace) -> int:
     # any server starts or the store is touched.
     check_name(args.run_id, what="run id")
     run_spec(run_id=args.run_id, shards=args.shards, shard=max(args.shards, 1) - 1, **options)
+    check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))
     apply_prefect_defaults()
     store = prepare_store(store_url(args), write=True)
     with prefect_api() as api_url:

@@ -230,3 +230,23 @@ def test_train_refuses_a_bad_option_before_a_server_starts_or_the_store_is_made(
     err = capsys.readouterr().err
     assert rule in err and "Prefect API" not in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train", "--run-id", "r", "--data", "digits"], ["serve"], ["reduce", "--data", "digits", "--k", "20"]],
+)
+def test_a_ray_address_nothing_answers_at_is_refused_at_once(tmp_path, capsys, monkeypatch, command):
+    """`train --ray-address 127.0.0.1:1` waited on Ray's GCS connection until killed (5 min seen)."""
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main([*command, "--store", f"file://{tmp_path}/runs", "--ray-address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in err and "Prefect API" not in err
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv("RAY_ADDRESS", "not-an-address")
+    assert main([*command, "--store", f"file://{tmp_path}/runs"]) == 2
+    assert "a Ray address is HOST:PORT" in capsys.readouterr().err
