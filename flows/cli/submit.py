@@ -59,6 +59,14 @@ def run_submit(args: argparse.Namespace) -> int:
             "submit needs the obliviate command to run after '--', e.g. "
             "'obliviate submit -- reduce --data mnist5k --k 600'; got nothing."
         )
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout is the most seconds to wait for the job and must be > 0; got {args.timeout}.")
+    if not os.path.isdir(args.working_dir):
+        raise ConfigError(
+            f"--working-dir {args.working_dir!r} is not a folder; pass the repository root (default '.') so the job "
+            "can import obliviate."
+        )
+    _check_job_command(job)
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -82,3 +90,18 @@ def run_submit(args: argparse.Namespace) -> int:
     state = status.split(".")[-1]
     print(f"job {job_id}: {state}")
     return 0 if state == "SUCCEEDED" else 1
+
+
+def _check_job_command(job: list[str]) -> None:
+    """Parse the job's command line here, so a typo fails now rather than on the cluster after the upload."""
+    from flows.cli import build_parser
+
+    try:
+        build_parser().parse_args(job)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):  # `-- train --help`: the help was printed here; nothing to run
+            raise SystemExit(0) from None
+        raise ConfigError(
+            f"the job after '--' must be an obliviate command line; {shlex.join(job)!r} is not (the parser's "
+            "message is above). Fix it and submit again; nothing was sent to the cluster."
+        ) from None

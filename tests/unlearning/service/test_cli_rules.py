@@ -250,3 +250,17 @@ def test_a_ray_address_nothing_answers_at_is_refused_at_once(tmp_path, capsys, m
     monkeypatch.setenv("RAY_ADDRESS", "not-an-address")
     assert main([*command, "--store", f"file://{tmp_path}/runs"]) == 2
     assert "a Ray address is HOST:PORT" in capsys.readouterr().err
+
+
+def test_submit_refuses_a_job_that_is_not_an_obliviate_command_before_contacting_a_cluster(tmp_path, capsys):
+    # no cluster runs at this address: a refusal naming the job proves the check came first
+    nowhere = ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path)]
+    for job, said in ((["nosuch"], "invalid choice: 'nosuch'"), (["train", "--blocks", "x"], "invalid int value: 'x'")):
+        assert main([*nowhere, "--", *job]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "the job after '--' must be an obliviate command line" in err
+        assert "no Ray cluster answers" not in err
+    assert main([*nowhere, "--timeout", "0", "--", "train", "--run-id", "a"]) == 2
+    assert "--timeout is the most seconds to wait for the job and must be > 0" in capsys.readouterr().err
+    assert main(["submit", "--working-dir", str(tmp_path / "nope"), "--", "train", "--run-id", "a"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
