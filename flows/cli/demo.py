@@ -207,11 +207,17 @@ def _print_batch(batch: dict[str, Any]) -> None:
     n = len(batch["requests"])
     until = batch.get("batched_until")
     shown_until = time.strftime("%H:%M:%S UTC", time.gmtime(until)) if until else "–"
+    flushed_by = (
+        f"flushed at once by the {batch['flushed_by_rule']} rule"
+        if batch.get("flushed_by_rule")
+        else f"batched until {shown_until} ({batch.get('batched_rule')} rule), then flushed by `forget --now`"
+    )
     print(
         f"\nbatch of {n} deletion requests (serve --batch-window {batch['window_s'] / 3600:g}h --rollback, "
-        f"floor {batch['floor_points']:g} points): batched until {shown_until} ({batch.get('batched_rule')} rule), "
-        "then flushed by `forget --now`"
+        f"floor {batch['floor_points']:g} points): {flushed_by}"
     )
+    if batch.get("flushed_by_rule") == "rollback_below_floor":
+        print("  (a run's checkpoint before the ids is below the served-accuracy floor, so the batch retrains now)")
     for run_id, interim in batch["interim"].items():
         block = interim["serve_block"]
         served = "nothing (paused)" if block is None else f"M_{block}"

@@ -297,7 +297,14 @@ def batch_story(
         if set(request_ids) <= set(gated.get("requests", [])) and gated.get("interim"):
             break
         time.sleep(0.5)
-    interim = {run_id: registry.current(run_id) for run_id in run_ids}
+    # what each run published at acceptance, as the gate recorded it: reading the current version
+    # instead raced with the retrain's progressive versions once a flush-now rule had started it
+    interim = {
+        run_id: {"version": done.get("version"), "serve_block": done.get("serve_block")}
+        for run_id, done in ((gated.get("interim") or {}).get("runs") or {}).items()
+        if run_id in run_ids and done.get("published")
+    }
+    flushed_by_rule = gated.get("reason") if gated.get("flush") else None
     request_flush(store, reason="batch story: forget --now")
     emit_deletion_event(store.url, {"request_id": request_ids[-1], "store": store.url}, api_url=api_url)
     entries = {rid: wait_for_request(store.url, rid, timeout_s=timeout_s) for rid in request_ids}
@@ -354,11 +361,8 @@ def batch_story(
         "window_s": window_s,
         "batched_until": gated.get("batched_until"),
         "batched_rule": gated.get("reason"),
-        "interim": {
-            run_id: {"version": v.version, "serve_block": registry.manifest(v).metadata.get("serve_block")}
-            for run_id, v in interim.items()
-            if v.version != before[run_id].version
-        },
+        "interim": interim,
+        "flushed_by_rule": flushed_by_rule,
         "runs_retrained": sorted(audits),
         "block_trainings": block_trainings,
         "retrain_seconds": retrain_seconds,
