@@ -43,7 +43,7 @@ from flows.artifacts import publish_table
 from flows.progress import report
 from flows.runtime import writable_folder
 from obliviate.data import load_dataset
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, ObliviateError
 from obliviate.extraction.active import AUDIT_SELECTOR
 from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import (
@@ -53,6 +53,7 @@ from obliviate.extraction.audit import (
     audit_split,
     check_pool_fits_target,
     draw_split,
+    fit_split,
     markdown_report,
     seed_reference,
     summarize,
@@ -575,23 +576,26 @@ def audit_flow(
     round_steps: int = 300,
     consistency_steps: int = 300,
 ) -> dict[str, Any]:
-    """Audit the current model of every registered run (or ``run_id``); returns where reports lie."""
+    """Audit the current model of every registered run (or ``run_id``); returns where reports lie.
+
+    Each run is audited on the images its training left out: the pool and test set shrink to fit
+    them (2 : 1), and budgets that no longer fit below the pool are dropped. A run with too few
+    such images is skipped with its reason; a run whose audit fails is recorded with its error
+    and the others are still audited; the flow run fails at the end, naming them.
+    """
     logger = get_run_logger()
     object_store = ObjectStore(store)
     registry = RunRegistry(object_store)
     runs = [run_id] if run_id else registry.run_ids()
     reports: dict[str, Any] = {}
     for run in runs:
-        with tempfile.TemporaryDirectory(prefix="obliviate-audit-") as tmp:
-            target = Path(tmp) / "target.pt"
-            meta = export_target(registry, run, target)
-            paths = steal_flow(
-                target=str(target),
-                pool=meta["dataset"],
+        try:
+            reports[run] = _audit_run(
+                registry,
+                run,
                 budgets=list(budgets),
                 selectors=list(selectors),
                 seeds=seeds,
-                out=str(Path(tmp) / "report"),
                 pool_size=pool_size,
                 test_size=test_size,
                 steps=steps,
@@ -600,12 +604,86 @@ def audit_flow(
                 rounds=rounds,
                 round_steps=round_steps,
                 consistency_steps=consistency_steps,
-                drmi_starts=8,
             )
-            report_key = f"runs/{run}/audits/v{meta['version']:06d}/report.json"
-            json_path = next((Path(p) for p in paths.values() if str(p).endswith(".json")), None)
-            body = json.loads(json_path.read_text()) if json_path else {"paths": paths}
-            object_store.put_json(report_key, body)
-            reports[run] = {"version": meta["version"], "report": object_store.uri(report_key)}
-            logger.info("run %s version %s audited: %s", run, meta["version"], object_store.uri(report_key))
+        except ObliviateError as err:
+            reports[run] = {"status": "failed", "reason": str(err)}
+            logger.warning("run %s not audited: %s", run, err)
+        else:
+            if reports[run]["status"] == "skipped":
+                logger.warning("run %s not audited: %s", run, reports[run]["reason"])
+            else:
+                logger.info("run %s version %s audited: %s", run, reports[run]["version"], reports[run]["report"])
+    failed = {run: r["reason"] for run, r in reports.items() if r["status"] == "failed"}
+    if failed:
+        raise AuditFailed(f"{len(failed)} of {len(reports)} run(s) could not be audited: {failed}")
     return reports
+
+
+class AuditFailed(ObliviateError, RuntimeError):
+    """At least one run's scheduled audit failed; the others were audited and stored."""
+
+
+#: The fewest test images an audit reports agreement on (one image moves it by 1/30 = 3.3 points).
+MIN_AUDIT_TEST_IMAGES = 30
+
+
+def _audit_run(
+    registry: RunRegistry,
+    run: str,
+    *,
+    budgets: Sequence[int],
+    selectors: Sequence[str],
+    seeds: int,
+    pool_size: int,
+    test_size: int,
+    steps: int,
+    attackers: Sequence[str],
+    attack_steps: int,
+    rounds: int,
+    round_steps: int,
+    consistency_steps: int,
+) -> dict[str, Any]:
+    """One run's audit on the images its training left out; ``skipped`` with a reason when too few are left."""
+    spec = registry.spec(run)
+    available = len(load_dataset(spec.dataset)) - len(set(spec.train_ids))
+    pool, test = fit_split(available=available, pool_size=pool_size, test_size=test_size)
+    fitting = [b for b in budgets if b < pool]
+    if not fitting or test < MIN_AUDIT_TEST_IMAGES:
+        return {
+            "status": "skipped",
+            "reason": f"its training left {available} images of {spec.dataset} out, too few for a pool above the "
+            f"smallest budget {min(budgets)} and {MIN_AUDIT_TEST_IMAGES} test images; train it with a larger "
+            "--heldout-size or audit it with `obliviate steal` on other data",
+        }
+    with tempfile.TemporaryDirectory(prefix="obliviate-audit-") as tmp:
+        target = Path(tmp) / "target.pt"
+        meta = export_target(registry, run, target)
+        paths = steal_flow(
+            target=str(target),
+            pool=meta["dataset"],
+            budgets=fitting,
+            pool_size=pool,
+            test_size=test,
+            out=str(Path(tmp) / "report"),
+            selectors=list(selectors),
+            seeds=seeds,
+            steps=steps,
+            attackers=list(attackers),
+            attack_steps=attack_steps,
+            rounds=rounds,
+            round_steps=round_steps,
+            consistency_steps=consistency_steps,
+            drmi_starts=8,
+        )
+        report_key = f"runs/{run}/audits/v{meta['version']:06d}/report.json"
+        json_path = next((Path(p) for p in paths.values() if str(p).endswith(".json")), None)
+        body = json.loads(json_path.read_text()) if json_path else {"paths": paths}
+        registry.store.put_json(report_key, body)
+    return {
+        "status": "audited",
+        "version": meta["version"],
+        "report": registry.store.uri(report_key),
+        "pool_size": pool,
+        "test_size": test,
+        "budgets": fitting,
+    }

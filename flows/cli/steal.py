@@ -105,15 +105,14 @@ POOL_SIZE, TEST_SIZE = 2000, 1000
 def _split_sizes(args: argparse.Namespace, *, available: int | None) -> tuple[int, int]:
     """``--pool-size`` and ``--test-size``; left unset on a pool too small for the defaults, 2/3 and
     1/3 of the ``available`` images that did not train the target (``None``: not known)."""
-    from obliviate.extraction.audit import check_split_fits
+    from obliviate.extraction.audit import check_split_fits, fit_split
 
     pool_size = POOL_SIZE if args.pool_size is None else args.pool_size
     test_size = TEST_SIZE if args.test_size is None else args.test_size
     if available is None:
         return pool_size, test_size
     if args.pool_size is None and args.test_size is None and pool_size + test_size > available:
-        pool_size = 2 * available // 3
-        test_size = available - pool_size
+        pool_size, test_size = fit_split(available=available, pool_size=pool_size, test_size=test_size)
         print(
             f"{args.pool} leaves {available} images outside the target's training set: pool {pool_size}, test "
             f"{test_size} (--pool-size and --test-size choose others)",

@@ -323,6 +323,12 @@ def target_training_indices(*, pool: ImageDataset, target_meta: dict) -> tuple[l
     return exclude, None
 
 
+def fit_split(*, available: int, pool_size: int, test_size: int) -> tuple[int, int]:
+    """Pool and test sizes no larger than asked that fit in ``available`` images, split 2 : 1 when short."""
+    pool = min(pool_size, 2 * available // 3)
+    return pool, min(test_size, available - pool)
+
+
 def check_split_fits(*, available: int, pool_size: int, test_size: int, dataset: str) -> None:
     """Refuse a pool and test set larger than the images left outside the target's training set.
 
@@ -331,12 +337,11 @@ def check_split_fits(*, available: int, pool_size: int, test_size: int, dataset:
             that fit, in the audit's 2 : 1 proportion.
     """
     if pool_size + test_size > available:
-        fit_pool = 2 * available // 3
+        fit_pool, fit_test = fit_split(available=available, pool_size=available, test_size=available)
         raise ConfigError(
             f"the pool and test set are drawn from the {available} images of {dataset} that did not train the "
             f"target, so pool_size + test_size must be at most {available}; got {pool_size} + {test_size} = "
-            f"{pool_size + test_size}. Lower them (--pool-size, --test-size), e.g. {fit_pool} and "
-            f"{available - fit_pool}."
+            f"{pool_size + test_size}. Lower them (--pool-size, --test-size), e.g. {fit_pool} and {fit_test}."
         )
 
 

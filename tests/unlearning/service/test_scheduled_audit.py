@@ -1,0 +1,41 @@
+"""The scheduled extraction audit of `obliviate serve` (flows.audit.audit_flow) on a real store."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.chains import ChainWorker
+from flows.train import run_spec
+from storage import ObjectStore
+from storage.registry import TRAIN_CHAIN, RunRegistry
+
+pytestmark = pytest.mark.slow
+
+
+def test_each_run_is_audited_on_what_its_training_left_out_and_one_failure_blocks_no_other(
+    store_url, tmp_path, tiny_run, prefect_api_url, ray_address
+):
+    """`serve`'s 03:00 audit asked every run for 200 pool + 150 test images: a default digits run
+    (300 held out) failed it, and the first failing run stopped the audit of the runs after it."""
+    from flows.audit import AuditFailed, audit_flow
+
+    runs = (("broken", 300, 100), ("ok", 300, 100), ("fitted", 1677, 120), ("small", 1757, 40))
+    for run_id, train_size, heldout_size in runs:
+        spec = run_spec(run_id=run_id, split_seed=0, **tiny_run(train_size=train_size, heldout_size=heldout_size))
+        ChainWorker(store_url).train(spec)
+    registry = RunRegistry(ObjectStore(store_url))
+    final = tmp_path / "store" / registry.checkpoint_key("broken", TRAIN_CHAIN, 4)
+    final.write_bytes(b"damaged")
+
+    grid = {"budgets": [10, 40], "selectors": ["random"], "attackers": ["basic"], "steps": 20}
+    with pytest.raises(AuditFailed, match=r"1 of 4 run\(s\) could not be audited: \{'broken': .*damaged"):
+        audit_flow(store=store_url, **grid)
+    report = ObjectStore(store_url).get_json("runs/ok/audits/v000001/report.json")  # audited after the failure
+    assert {row["budget"] for row in report["summary"]} == {10, 40} and report["target_meta"]["run_id"] == "ok"
+    # 120 images left out of "fitted": pool 80 and test 40 (2 : 1), both budgets below the pool
+    fitted = ObjectStore(store_url).get_json("runs/fitted/audits/v000001/report.json")
+    assert sum(fitted["pool_class_histogram"]) == 80 and len(fitted["cells"]) == 2
+    # 40 images left out of "small": pool 26 (budget 40 dropped), test 14 < 30: skipped, with its reason
+    reports = audit_flow(store=store_url, run_id="small", **grid)
+    assert reports["small"]["status"] == "skipped" and "left 40 images of digits out" in reports["small"]["reason"]
+    assert not ObjectStore(store_url).exists("runs/small/audits/v000001/report.json")
