@@ -24,6 +24,7 @@ to the run in the store: ``runs/<run>/audits/v<version>/report.json``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
@@ -67,7 +68,7 @@ from obliviate.files import write_whole
 from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
-from storage.serving import served_model
+from storage.serving import group_members, served_model, sharded_runs
 
 
 def prepare_output(location: str) -> Path:
@@ -586,7 +587,10 @@ def audit_flow(
     logger = get_run_logger()
     object_store = ObjectStore(store)
     registry = RunRegistry(object_store)
-    runs = [run_id] if run_id else registry.run_ids()
+    # a sharded run is audited as the one model it serves (its shards' mean probability), not shard by shard
+    groups = sharded_runs(object_store)
+    shards = {member for members in groups.values() for member in members}
+    runs = [run_id] if run_id else sorted(groups) + [r for r in registry.run_ids() if r not in shards]
     reports: dict[str, Any] = {}
     for run in runs:
         try:
@@ -643,9 +647,17 @@ def _audit_run(
     round_steps: int,
     consistency_steps: int,
 ) -> dict[str, Any]:
-    """One run's audit on the images its training left out; ``skipped`` with a reason when too few are left."""
-    spec = registry.spec(run)
-    available = len(load_dataset(spec.dataset)) - len(set(spec.train_ids))
+    """One run's audit on the images its training left out; ``skipped`` with a reason when too few are left.
+
+    A sharded run is queried as it is served, through a :class:`flows.model_server.TargetServer`
+    on 127.0.0.1 answering with its shards' mean probability; its training set is the shards' union.
+    """
+    from flows.model_server import RunBackend, TargetServer
+
+    members = group_members(registry.store, run) or [run]
+    spec = registry.spec(members[0])
+    trained_on = {int(i) for member in members for i in registry.spec(member).train_ids}
+    available = len(load_dataset(spec.dataset)) - len(trained_on)
     pool, test = fit_split(available=available, pool_size=pool_size, test_size=test_size)
     fitting = [b for b in budgets if b < pool]
     if not fitting or test < MIN_AUDIT_TEST_IMAGES:
@@ -655,12 +667,20 @@ def _audit_run(
             f"smallest budget {min(budgets)} and {MIN_AUDIT_TEST_IMAGES} test images; train it with a larger "
             "--heldout-size or audit it with `obliviate steal` on other data",
         }
-    with tempfile.TemporaryDirectory(prefix="obliviate-audit-") as tmp:
-        target = Path(tmp) / "target.pt"
-        meta = export_target(registry, run, target)
+    with tempfile.TemporaryDirectory(prefix="obliviate-audit-") as tmp, contextlib.ExitStack() as serving:
+        if len(members) > 1:
+            backend = RunBackend(registry.store.url, run)
+            server = serving.enter_context(TargetServer(backend=backend, info=backend.spec_info))
+            current = [registry.current(m) for m in members]
+            target, versions = server.url, [0 if c is None else c.version for c in current]
+            version_tag = "-".join(f"v{v:06d}" for v in versions)
+        else:
+            target = str(Path(tmp) / "target.pt")
+            versions = [export_target(registry, run, Path(target))["version"]]
+            version_tag = f"v{versions[0]:06d}"
         paths = steal_flow(
-            target=str(target),
-            pool=meta["dataset"],
+            target=target,
+            pool=spec.dataset,
             budgets=fitting,
             pool_size=pool,
             test_size=test,
@@ -675,13 +695,13 @@ def _audit_run(
             consistency_steps=consistency_steps,
             drmi_starts=8,
         )
-        report_key = f"runs/{run}/audits/v{meta['version']:06d}/report.json"
+        report_key = f"runs/{run}/audits/{version_tag}/report.json"
         json_path = next((Path(p) for p in paths.values() if str(p).endswith(".json")), None)
         body = json.loads(json_path.read_text()) if json_path else {"paths": paths}
         registry.store.put_json(report_key, body)
     return {
         "status": "audited",
-        "version": meta["version"],
+        "version": versions[0] if len(versions) == 1 else versions,
         "report": registry.store.uri(report_key),
         "pool_size": pool,
         "test_size": test,

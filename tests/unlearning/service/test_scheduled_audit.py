@@ -39,3 +39,26 @@ def test_each_run_is_audited_on_what_its_training_left_out_and_one_failure_block
     reports = audit_flow(store=store_url, run_id="small", **grid)
     assert reports["small"]["status"] == "skipped" and "left 40 images of digits out" in reports["small"]["reason"]
     assert not ObjectStore(store_url).exists("runs/small/audits/v000001/report.json")
+
+
+def test_a_sharded_run_is_audited_as_the_one_model_it_serves(store_url, tiny_run, prefect_api_url, ray_address):
+    """Each shard was audited alone, as if it were the served model, with the other shards' training
+    images in its pool; the audit now queries the group as served (mean probability)."""
+    from flows.audit import audit_flow
+    from flows.model_server import RunBackend
+    from flows.train import train_flow
+
+    options = tiny_run(split_seed=0)
+    options.pop("split_seed")
+    train_flow(store=store_url, run_id="g", shards=2, split_seed=0, **options)
+    grid = {"budgets": [10], "selectors": ["random"], "attackers": ["basic"], "steps": 20}
+    reports = audit_flow(store=store_url, **grid)
+    assert set(reports) == {"g"} and reports["g"]["version"] == [1, 1]
+    body = ObjectStore(store_url).get_json("runs/g/audits/v000001-v000001/report.json")
+    assert (
+        body["target_meta"]["members"] == ["g-s0of2", "g-s1of2"] and body["target_meta"]["rule"] == "mean_probability"
+    )
+    # the pool and test set leave out every shard's training images
+    trained = set(RunBackend(store_url, "g").spec_info["train_indices"])
+    assert len(trained) == options["train_size"] and "audit_split" in body["split"]
+    assert body["overlap_warning"] is None  # the served group declared them and they were excluded
