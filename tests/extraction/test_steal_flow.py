@@ -149,6 +149,18 @@ def test_cli_steal_demo_keeps_the_options_given(tmp_path, capsys):
     assert not (out / "target.pt").exists()
 
 
+def test_cli_steal_demo_on_digits_fits_its_target_pool_and_test_set(prefect_and_ray, tmp_path, capsys):
+    """`steal --demo --pool digits` printed "training ... on 2,000 mnist5k images" and failed: digits has 1,797."""
+    from flows.cli import main
+
+    out = tmp_path / "demo"
+    small = ["--attackers", "basic", "--selectors", "random", "--budgets", "20", "--steps", "20"]
+    assert main(["steal", "--demo", "--pool", "digits", "--out", str(out), *small]) == 0
+    assert "training a LeNet-5 target on 599 digits images" in capsys.readouterr().out
+    report = (out / "steal.md").read_text()
+    assert "Pool: 798 images" in report and "accuracy on the 400 test images" in report
+
+
 def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, checkpoint, tmp_path, capsys):
     from flows.cli import main
 
