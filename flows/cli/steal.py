@@ -248,22 +248,19 @@ def run_steal(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_TARGET_SIZE = 2000
-
-
 def run_steal_demo(args: argparse.Namespace) -> int:
     """Train a LeNet-5 target on 2,000 images of ``--pool`` (a third of a smaller dataset; once, kept
     under ``--out``) and audit it on a small grid; prints where the report is."""
     from flows.cli.target import run_train
     from obliviate.data import load_dataset
-    from obliviate.extraction.audit import fit_split
+    from obliviate.extraction.audit import default_target_train_size, fit_split
 
     checkpoint = Path(args.out) / "target.pt"
     # The demo's small grid fills only what the user left at its default; an option given wins.
     small_grid = {k: v for k, v in DEMO_SETTINGS.items() if getattr(args, k) == args.option_defaults[k]}
     demo = argparse.Namespace(**(vars(args) | small_grid | {"target": str(checkpoint), "demo": False}))
     size = len(load_dataset(args.pool))
-    target_size = min(DEMO_TARGET_SIZE, size // 3)
+    target_size = default_target_train_size(size)
     if "pool_size" in small_grid and "test_size" in small_grid:  # digits (1,797) cannot hold 2,000 + 1,500
         demo.pool_size, demo.test_size = fit_split(
             available=size - target_size, pool_size=demo.pool_size, test_size=demo.test_size

@@ -24,7 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--data", default="mnist5k", help="mnist5k, digits, an .npz file or a dataset folder")
     train.add_argument("--out", default="runs/target.pt", help="checkpoint path (default runs/target.pt)")
     train.add_argument("--arch", default="lenet5", help="lenet5 (default) or c3f2")
-    train.add_argument("--train-size", type=int, default=2000, help="training images (stratified; default 2000)")
+    train.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="training images (stratified; default 2000, or a third of a dataset smaller than 6,000 images)",
+    )
     train.add_argument("--steps", type=int, default=1500, help="Adam steps, batch 64 (default 1500)")
     train.add_argument(
         "--seed",
@@ -49,17 +54,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from obliviate.data import load_dataset
-    from obliviate.extraction.audit import train_target
+    from obliviate.extraction.audit import default_target_train_size, train_target
     from obliviate.extraction.substitute import TrainConfig
     from obliviate.extraction.target import save_checkpoint
 
     out = _writable_checkpoint_path(args.out)  # before training, which takes a while
     data = load_dataset(args.data)
+    train_size = default_target_train_size(len(data)) if args.train_size is None else args.train_size
+    if not 1 <= train_size < len(data):
+        raise ConfigError(
+            f"--train-size must leave images of {data.name} ({len(data)}) for the attacker's pool and test set, so "
+            f"it must be in 1..{len(data) - 1}; got {train_size}. The default takes "
+            f"{default_target_train_size(len(data))} here."
+        )
     model, meta = train_target(
-        data, train_size=args.train_size, config=TrainConfig(arch=args.arch, steps=args.steps), seed=args.seed
+        data, train_size=train_size, config=TrainConfig(arch=args.arch, steps=args.steps), seed=args.seed
     )
     save_checkpoint(out, model, arch=args.arch, meta=meta)
-    print(json.dumps({"checkpoint": str(out), "arch": args.arch, "train_size": args.train_size, "dataset": data.name}))
+    print(json.dumps({"checkpoint": str(out), "arch": args.arch, "train_size": train_size, "dataset": data.name}))
     return 0
 
 

@@ -323,6 +323,15 @@ def target_training_indices(*, pool: ImageDataset, target_meta: dict) -> tuple[l
     return exclude, None
 
 
+#: Images that train a target by default (``obliviate target train``, ``steal --demo``): the bench's 2,000.
+DEFAULT_TARGET_TRAIN_SIZE = 2000
+
+
+def default_target_train_size(dataset_size: int) -> int:
+    """The bench's 2,000 training images, or a third of a dataset too small to leave a pool and test set."""
+    return min(DEFAULT_TARGET_TRAIN_SIZE, dataset_size // 3)
+
+
 def fit_split(*, available: int, pool_size: int, test_size: int) -> tuple[int, int]:
     """Pool and test sizes no larger than asked that fit in ``available`` images, split 2 : 1 when short."""
     pool = min(pool_size, 2 * available // 3)

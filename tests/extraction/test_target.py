@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -142,3 +144,16 @@ def test_cli_target_refuses_an_unwritable_out_and_a_busy_port_in_words(tmp_path,
     assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
     assert main(["target", "serve", "--checkpoint", str(checkpoint), "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
+
+
+def test_cli_target_train_defaults_to_a_third_of_a_small_dataset(tmp_path, capsys):
+    """`target train --data digits` failed with its default 2,000 training images (digits has 1,797)."""
+    from flows.cli import main
+    from obliviate.extraction.target import load_checkpoint
+
+    checkpoint = tmp_path / "digits.pt"
+    assert main(["target", "train", "--data", "digits", "--out", str(checkpoint), "--steps", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_size"] == 599
+    assert len(load_checkpoint(str(checkpoint))[1]["train_indices"]) == 599
+    assert main(["target", "train", "--data", "digits", "--out", str(checkpoint), "--train-size", "1797"]) == 2
+    assert "must be in 1..1796; got 1797. The default takes 599 here." in capsys.readouterr().err
