@@ -40,7 +40,7 @@ from flows.artifacts import publish_table, reduction_lines, reduction_rows, redu
 from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.reduction.drmi import Aggregate, choose_starts
+from obliviate.reduction.drmi import Aggregate, check_subset_size, choose_starts
 from obliviate.reduction.mi import PreparedImages, prepare_images
 from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.objects import ObjectStore
@@ -415,8 +415,7 @@ def reduce_flow(
     dataset = load_dataset(data)
     load_seconds = time.perf_counter() - t_flow
     n = len(dataset)
-    if not 2 <= k < n:
-        raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}. Choose a smaller subset or a larger pool.")
+    check_subset_size(k, n)
     if threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker must be at least 1; got {threads_per_worker}.")
     pool_size = workers if workers else max(1, cluster_cpus() // threads_per_worker)

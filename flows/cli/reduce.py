@@ -18,7 +18,7 @@ import numpy as np
 from flows.progress import shown_progress
 from obliviate.data import ImageDataset, load_dataset
 from obliviate.errors import ConfigError
-from obliviate.reduction.drmi import choose_starts, drmi_reduce
+from obliviate.reduction.drmi import check_subset_size, choose_starts, drmi_reduce
 from obliviate.reduction.mi import check_bins, mi_matrix
 from obliviate.reduction.tiling import TilePlan
 
@@ -86,8 +86,7 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
     from flows.reduce import restart_memory_bytes
 
     n = len(dataset)
-    if not 2 <= args.k < n:
-        raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={args.k}. Choose a smaller subset or a larger pool.")
+    check_subset_size(args.k, n)
     workers = getattr(args, "workers", None)
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset; got {workers}.")

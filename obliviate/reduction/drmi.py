@@ -149,7 +149,7 @@ def drmi_reduce(
     source = _as_source(matrix)
     if isinstance(source, DenseRows):
         _check_mi_matrix(source.matrix)
-    _check_k(k, source.n)
+    check_subset_size(k, source.n)
     start_vertices = (
         _check_starts(starts, source.n)
         if starts is not None
@@ -171,7 +171,7 @@ def run_restarts(
     """Greedy + replacement from each start vertex; dense matrices run in parallel threads."""
     aggregate = Aggregate(aggregate)
     source = _as_source(matrix)
-    _check_k(k, source.n)
+    check_subset_size(k, source.n)
     start_vertices = _check_starts(starts, source.n)
     if isinstance(source, DenseRows):
         dense = np.ascontiguousarray(source.matrix, dtype=np.float32)
@@ -192,7 +192,7 @@ def greedy_init(
 ) -> np.ndarray:
     """Greedy initialisation from ``start`` (seed Algorithm 2): the k members in order of joining."""
     source = _as_source(matrix)
-    _check_k(k, source.n)
+    check_subset_size(k, source.n)
     members, _, _ = _greedy(source.row, source.n, start=start, k=k, use_max=Aggregate(aggregate) is Aggregate.MAX)
     return members
 
@@ -219,7 +219,7 @@ def one_hot_replacement(
         raise ConfigError(
             f"subset must hold distinct indices; got {members.shape[0] - np.unique(members).shape[0]} repeats."
         )
-    _check_k(members.shape[0], source.n)
+    check_subset_size(members.shape[0], source.n)
     sums = np.zeros(source.n, dtype=np.float64)
     for m in members:
         _accumulate(sums, source.row(int(m)))
@@ -477,8 +477,11 @@ def _first_bad_entry(matrix: np.ndarray) -> tuple[int, int]:
     return -1, -1
 
 
-def _check_k(k: int, n: int) -> None:
-    if not 2 <= k < n:
+def check_subset_size(k: int, n: int) -> None:
+    """Raise :class:`ConfigError` unless the subset size ``k`` satisfies ``2 <= k < n`` (SPEC section 2)."""
+    if k < 2:
+        raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}. A subset has at least 2 images: raise k.")
+    if k >= n:
         raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}. Choose a smaller subset or a larger pool.")
 
 

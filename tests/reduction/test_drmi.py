@@ -149,8 +149,11 @@ def test_greedy_sum_scores_are_h_growth() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda m: drmi_reduce(m, k=1), "k must satisfy 2 <= k < n=10; got k=1"),
-        (lambda m: drmi_reduce(m, k=10), "got k=10"),
+        (
+            lambda m: drmi_reduce(m, k=1),
+            "k must satisfy 2 <= k < n=10; got k=1. A subset has at least 2 images: raise k",
+        ),
+        (lambda m: drmi_reduce(m, k=10), "got k=10. Choose a smaller subset or a larger pool"),
         (lambda m: drmi_reduce(m[:, :5], k=3), "must be square"),
         (lambda m: drmi_reduce(m, k=3, num_starts=11, rng=np.random.default_rng(0)), "num_starts must be in 1..n=10"),
         (lambda m: drmi_reduce(m, k=3, num_starts=2), "explicit rng"),
