@@ -213,11 +213,18 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
     assert main(["forget", "--store", store_url, "--status", request_id, "--wait", "1"]) == 4
     assert "  run r1: failed, ObjectNotFound: " in capsys.readouterr().err  # it said "version None -> None"
 
+    # A lease renewed while its settled request drops it can be left as a record alone: garbage, not damage.
+    from storage.lease import lease_key
+
+    lease = lease_key(request_id, 1)
+    store.put_json(lease, {"holder": "h", "claim_version": 1, "renewed_at": 0.0, "lease_s": 4.0})
+    (root / lease).unlink()
+
     report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
     assert [c["key"] for c in report.corrupt] == [final, orphan] and "bytes are gone" in report.corrupt[0]["error"]
     assert report.corrupt[0]["needed_by"] == [{"run": "r1", "version": 1, "member": "3"}]
     assert sorted(p["key"] for p in report.lineage) == sorted([first, sidecar]) and not report.healthy
-    assert report.orphans == [orphan]
+    assert report.orphans == sorted([orphan, lease])
     assert main(["store", "check", "--store", store_url]) == 1
     said = capsys.readouterr().err
     assert f"damaged {final} (rebuildable with --repair); needed by run r1 version 1: " in said
@@ -225,7 +232,7 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
 
     repaired = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
     assert sorted(r["key"] for r in repaired.repaired) == sorted([first, sidecar, final])
-    assert repaired.unrecoverable == [] and repaired.collected == [orphan] and repaired.healthy
+    assert repaired.unrecoverable == [] and repaired.collected == sorted([orphan, lease]) and repaired.healthy
     assert {key: store.get_bytes(key) for key in (final, first)} == originals  # replayed bit for bit
     again = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
     assert again.healthy and again.corrupt == again.lineage == again.orphans == []
