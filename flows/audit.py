@@ -25,11 +25,12 @@ to the run in the store: ``runs/<run>/audits/v<version>/report.json``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -591,23 +592,24 @@ def audit_flow(
     groups = sharded_runs(object_store)
     shards = {member for members in groups.values() for member in members}
     runs = [run_id] if run_id else sorted(groups) + [r for r in registry.run_ids() if r not in shards]
+    # the attack settings every run is audited with; each run adds its own target, sizes and budgets
+    steal = functools.partial(
+        steal_flow,
+        selectors=list(selectors),
+        seeds=seeds,
+        steps=steps,
+        attackers=list(attackers),
+        attack_steps=attack_steps,
+        rounds=rounds,
+        round_steps=round_steps,
+        consistency_steps=consistency_steps,
+        drmi_starts=8,
+    )
     reports: dict[str, Any] = {}
     for run in runs:
         try:
             reports[run] = _audit_run(
-                registry,
-                run,
-                budgets=list(budgets),
-                selectors=list(selectors),
-                seeds=seeds,
-                pool_size=pool_size,
-                test_size=test_size,
-                steps=steps,
-                attackers=list(attackers),
-                attack_steps=attack_steps,
-                rounds=rounds,
-                round_steps=round_steps,
-                consistency_steps=consistency_steps,
+                registry, run, steal=steal, budgets=list(budgets), pool_size=pool_size, test_size=test_size
             )
         except ObliviateError as err:
             reports[run] = {"status": "failed", "reason": str(err)}
@@ -635,17 +637,10 @@ def _audit_run(
     registry: RunRegistry,
     run: str,
     *,
+    steal: Callable[..., dict],
     budgets: Sequence[int],
-    selectors: Sequence[str],
-    seeds: int,
     pool_size: int,
     test_size: int,
-    steps: int,
-    attackers: Sequence[str],
-    attack_steps: int,
-    rounds: int,
-    round_steps: int,
-    consistency_steps: int,
 ) -> dict[str, Any]:
     """One run's audit on the images its training left out; ``skipped`` with a reason when too few are left.
 
@@ -678,22 +673,13 @@ def _audit_run(
             target = str(Path(tmp) / "target.pt")
             versions = [export_target(registry, run, Path(target))["version"]]
             version_tag = f"v{versions[0]:06d}"
-        paths = steal_flow(
+        paths = steal(
             target=target,
             pool=spec.dataset,
             budgets=fitting,
             pool_size=pool,
             test_size=test,
             out=str(Path(tmp) / "report"),
-            selectors=list(selectors),
-            seeds=seeds,
-            steps=steps,
-            attackers=list(attackers),
-            attack_steps=attack_steps,
-            rounds=rounds,
-            round_steps=round_steps,
-            consistency_steps=consistency_steps,
-            drmi_starts=8,
         )
         report_key = f"runs/{run}/audits/{version_tag}/report.json"
         json_path = next((Path(p) for p in paths.values() if str(p).endswith(".json")), None)
