@@ -95,15 +95,25 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
     ray.init(address=target, **options)
 
 
+#: What a client sends first on an HTTP/2 connection (RFC 9113 section 3.4): the connection preface,
+#: then an empty SETTINGS frame. Ray's GCS and its client server are gRPC, so they answer with SETTINGS.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS_FRAME = 4
+
+
 def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
-    """Refuse a Ray cluster address nothing answers at, before ``ray.init`` waits on it for good.
+    """Refuse a Ray cluster address no Ray cluster answers at, before ``ray.init`` waits on it for good.
 
     ``ray.init`` on an address where no cluster runs retries its GCS connection without end (Ray
     2.60 logs "Failed to connect to GCS ... within 5 seconds" over and over), so a mistyped
-    ``--ray-address`` or a stopped cluster would hang the command.
+    ``--ray-address`` or a stopped cluster would hang the command. It waits the same way on a port
+    where some other server listens (a web server, the Prefect API), so the check also opens an
+    HTTP/2 connection: Ray's GCS and its client server speak gRPC and answer it with a SETTINGS
+    frame; anything else is not a Ray cluster.
 
     Raises:
-        ConfigError: the address is malformed, or no server accepts a TCP connection there.
+        ConfigError: the address is malformed, no server accepts a TCP connection there, or the
+            server there does not speak gRPC.
     """
     if address in (None, "", "local", "auto"):
         return
@@ -113,13 +123,41 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
             f"a Ray address is HOST:PORT (the head's GCS, e.g. 10.0.0.5:6379), ray://HOST:PORT, 'auto' or 'local'; "
             f"got {address!r}."
         )
+    fix = "start one (`ray start --head`, or `ray up cluster.yaml`) or fix --ray-address / RAY_ADDRESS."
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as err:
+        raise ConfigError(f"no Ray cluster answers at {address} ({err}); {fix}") from err
+    with connection:
+        try:
+            connection.sendall(_HTTP2_PREFACE)
+            reply: bytes | None = _read_up_to(connection, 9)
+        except OSError:  # a timeout or a reset: either way, not a gRPC server
+            reply = None
+    if reply is None or len(reply) < 9 or reply[3] != _HTTP2_SETTINGS_FRAME:
+        seen = (
+            f"it said nothing in {timeout_s:.0f} s"
+            if not reply
+            else f"it answered {reply.decode('ascii')!r}, not gRPC"
+            if reply.isascii() and reply.decode("ascii").isprintable()
+            else "it does not speak gRPC"
+        )
         raise ConfigError(
-            f"no Ray cluster answers at {address} ({err}); start one (`ray start --head`, or `ray up cluster.yaml`) "
-            "or fix --ray-address / RAY_ADDRESS."
-        ) from err
+            f"a server listens at {address} but it is not a Ray cluster ({seen}); point --ray-address / RAY_ADDRESS "
+            "at a Ray head's GCS port, which `ray start --head` prints (6379 by default), or at ray://HOST:10001 "
+            "for Ray Client."
+        )
+
+
+def _read_up_to(connection: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes: fewer only when the peer closes the connection first."""
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def cluster_cpus() -> int:

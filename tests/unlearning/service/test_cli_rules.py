@@ -252,6 +252,49 @@ def test_a_ray_address_nothing_answers_at_is_refused_at_once(tmp_path, capsys, m
     assert "a Ray address is HOST:PORT" in capsys.readouterr().err
 
 
+@pytest.fixture
+def listener_that_is_not_ray():
+    """A web server and a listener that never speaks, on 127.0.0.1; yields their addresses."""
+    import http.server
+    import socket
+    import threading
+
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # the kernel completes the handshake; nobody reads
+    try:
+        yield f"127.0.0.1:{web.server_address[1]}", f"127.0.0.1:{silent.getsockname()[1]}"
+    finally:
+        web.shutdown()
+        web.server_close()
+        silent.close()
+
+
+def test_a_ray_address_where_another_server_listens_is_refused(tmp_path, capsys, listener_that_is_not_ray):
+    """`train --ray-address` at a web server's port passed the TCP check, then Ray waited on it (2 min seen)."""
+    from flows.runtime import check_ray_address
+
+    web, silent = listener_that_is_not_ray
+    assert (
+        main(["train", "--run-id", "r", "--data", "digits", "--store", f"file://{tmp_path}/runs", "--ray-address", web])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"a server listens at {web} but it is not a Ray cluster (it answered '<!DOCTYPE', not gRPC)" in err
+    assert "`ray start --head` prints" in err and "Prefect API" not in err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(
+        ConfigError, match=rf"a server listens at {silent} but it is not a Ray cluster \(it said nothing"
+    ):
+        check_ray_address(silent, timeout_s=1)
+
+
+def test_a_ray_address_where_a_ray_head_listens_passes_the_check(ray_address):
+    from flows.runtime import check_ray_address
+
+    check_ray_address(ray_address)  # Ray's GCS answers the HTTP/2 preface: no error
+
+
 def test_submit_refuses_a_job_that_is_not_an_obliviate_command_before_contacting_a_cluster(tmp_path, capsys):
     # no cluster runs at this address: a refusal naming the job proves the check came first
     nowhere = ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path)]
