@@ -39,6 +39,10 @@ class GrayMode(str, Enum):
     MEAN = "mean"
 
 
+#: The most classes a dataset may have: every model here has one output per class index.
+MAX_CLASSES = 10_000
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
     """Gray-level images with labels.
@@ -66,6 +70,11 @@ class ImageDataset:
             raise DataError(
                 f"labels of {self.name!r} are class indices and must be >= 0; found {int(self.labels.min())}. "
                 "Map the classes to 0..C-1."
+            )
+        if self.labels.size and int(self.labels.max()) >= MAX_CLASSES:
+            raise DataError(
+                f"labels of {self.name!r} are class indices 0..C-1 with C at most {MAX_CLASSES:,} (a model has one "
+                f"output per class); found {int(self.labels.max())}. Map the classes to 0..C-1."
             )
         height, width = self.images.shape[1:]
         if height != width:
@@ -244,12 +253,16 @@ def _load_npz(path: Path, *, gray: GrayMode) -> ImageDataset:
             raise DataError(
                 f"{str(path)!r} must hold arrays 'images' and 'labels' (or 'x' and 'y'); it holds {sorted(keys)}."
             )
-        images, labels = archive[image_key], archive[label_key]
-    if images.dtype != np.uint8:
-        raise DataError(
-            f"images in {str(path)!r} must be uint8 gray levels 0..255; got dtype {images.dtype}. "
-            "Save them with .astype(np.uint8)."
-        )
+        try:
+            images, labels = archive[image_key], archive[label_key]
+        except ValueError as err:  # object arrays need pickle, which a data file must not run
+            raise DataError(
+                f"{str(path)!r} holds Python objects ({err}); save plain numeric arrays: uint8 images and "
+                "integer labels."
+            ) from err
+    if images.size == 0:
+        raise DataError(f"{str(path)!r} holds no images; save at least one image and its label.")
+    images = _as_gray_levels(images, source=str(path))
     if images.ndim == 4 and images.shape[-1] in (3, 4):
         images = to_gray(images, mode=gray)
     elif images.ndim == 4 and images.shape[1] in (3, 4):
@@ -265,6 +278,28 @@ def _load_npz(path: Path, *, gray: GrayMode) -> ImageDataset:
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"labels in {str(path)!r} must be integers; got dtype {labels.dtype}.")
     return ImageDataset(str(path), np.ascontiguousarray(images), labels.astype(np.int64), 256)
+
+
+def _as_gray_levels(images: np.ndarray, *, source: str) -> np.ndarray:
+    """``images`` as uint8: integers already in 0..255 are cast losslessly, anything else refused."""
+    if images.dtype == np.uint8:
+        return images
+    if np.issubdtype(images.dtype, np.integer) and int(images.min()) >= 0 and int(images.max()) <= 255:
+        return images.astype(np.uint8)
+    if np.issubdtype(images.dtype, np.floating):
+        finite = images[np.isfinite(images)]
+        scale = (
+            " They look like floats in [0, 1]: save (images * 255).round().astype(np.uint8)."
+            if finite.size == images.size and finite.min() >= 0 and finite.max() <= 1
+            else ""
+        )
+        raise DataError(
+            f"images in {source!r} must be integer gray levels 0..255; got dtype {images.dtype}.{scale or ' Scale them to 0..255 and save them with .astype(np.uint8).'}"
+        )
+    raise DataError(
+        f"images in {source!r} must be integer gray levels 0..255; got dtype {images.dtype} with values "
+        f"{images.min()}..{images.max()}. Scale them to 0..255 and save them with .astype(np.uint8)."
+    )
 
 
 def _load_folder(root: Path, *, gray: GrayMode) -> ImageDataset:

@@ -142,12 +142,36 @@ def _npy_bytes(array: np.ndarray) -> bytes:
         ),
         (lambda tmp: _write(tmp / "g.npz", b"not a zip"), "not a readable .npz archive"),
         (lambda tmp: _write(tmp / "one.npz", _npy_bytes(np.zeros(3))), "holds one array, not an .npz archive"),
+        # each of these was a traceback (an object array, labels up to 10**12) or wrong advice
+        (
+            lambda tmp: _npz(tmp / "o.npz", images=np.array([object()] * 2, dtype=object), labels=np.zeros(2, int)),
+            "holds Python objects",
+        ),
+        (
+            lambda tmp: _npz(tmp / "c.npz", images=np.zeros((2, 3, 3), np.uint8), labels=np.array([0, 10**12])),
+            "C at most 10,000 .*found 1000000000000",
+        ),
+        (
+            lambda tmp: _npz(tmp / "u.npz", images=np.full((2, 3, 3), 0.5, np.float32), labels=np.zeros(2, int)),
+            r"floats in \[0, 1\]: save \(images \* 255\).round\(\).astype\(np.uint8\)",
+        ),
+        (
+            lambda tmp: _npz(tmp / "w.npz", images=np.full((2, 3, 3), 300, np.int64), labels=np.zeros(2, int)),
+            "got dtype int64 with values 300..300",
+        ),
+        (lambda tmp: _npz(tmp / "e.npz", images=np.zeros((0, 3, 3), np.uint8), labels=np.zeros(0, int)), "no images"),
     ],
 )
 def test_bad_sources_raise_data_error_naming_the_problem(tmp_path, make_source, message) -> None:
     source = make_source(tmp_path)
     with pytest.raises(DataError, match=message):
         load_dataset(source)
+
+
+def test_integer_images_within_0_to_255_are_read_as_gray_levels(tmp_path) -> None:
+    images = np.arange(2 * 4 * 4, dtype=np.int64).reshape(2, 4, 4) * 7
+    dataset = load_dataset(_npz(tmp_path / "i.npz", images=images, labels=np.array([0, 1])))
+    assert dataset.images.dtype == np.uint8 and np.array_equal(dataset.images, images)
 
 
 def test_levels_above_declared_range_are_rejected() -> None:
