@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="chain seed (init, block split, batch order)")
     parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all not held out)")
-    parser.add_argument("--heldout-size", type=int, default=300, help="held-out samples (default 300)")
+    parser.add_argument(
+        "--heldout-size", type=int, default=None, help="held-out samples (default 300, or 1/5 of under 1,500 images)"
+    )
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out split")
     parser.add_argument(
         "--shards",

@@ -114,13 +114,18 @@ class RunSpec:
         return sorted(int(self.train_ids[int(p)]) for p in positions)
 
 
+def default_heldout_size(dataset_size: int) -> int:
+    """Held-out samples when none are asked for: 300, or a fifth of a dataset under 1,500 samples."""
+    return min(300, dataset_size // 5)
+
+
 def plan_run(
     *,
     run_id: str,
     dataset: ImageDataset,
     source: str,
     train_size: int | None,
-    heldout_size: int,
+    heldout_size: int | None,
     split_seed: int,
     config: BlockTrainingConfig,
 ) -> RunSpec:
@@ -131,16 +136,23 @@ def plan_run(
         dataset: the loaded dataset.
         source: how to load it again (stored with the run).
         train_size: training samples (default: everything not held out).
-        heldout_size: held-out samples.
+        heldout_size: held-out samples (default :func:`default_heldout_size`).
         split_seed: seed of the split (independent of ``config.seed``).
         config: the chain's options; ``image_size``, ``levels`` and ``num_classes`` must match the data.
     """
     n = len(dataset)
+    heldout_size = default_heldout_size(n) if heldout_size is None else heldout_size
     train_size = n - heldout_size if train_size is None else train_size
     if heldout_size < 1 or train_size < config.num_blocks or train_size + heldout_size > n:
+        fits = (
+            f"e.g. heldout_size={max(1, n // 5)} and train_size={n - max(1, n // 5)}"
+            if n - max(1, n // 5) >= config.num_blocks
+            else f"this dataset is too small for {config.num_blocks} blocks: use fewer blocks or more data"
+        )
         raise ConfigError(
-            f"need 1 <= heldout_size, num_blocks={config.num_blocks} <= train_size and train_size + heldout_size "
-            f"<= {n} (the dataset's size); got train_size={train_size}, heldout_size={heldout_size}."
+            f"a run needs 1 <= heldout_size (--heldout-size), num_blocks={config.num_blocks} <= train_size "
+            f"(--train-size) and train_size + heldout_size <= {n} (the dataset's size); got train_size={train_size}, "
+            f"heldout_size={heldout_size}. Sizes that fit: {fits}."
         )
     height, width = dataset.image_shape
     if (config.image_size, config.image_size) != (height, width) or config.levels != dataset.levels:

@@ -223,6 +223,7 @@ def test_store_check_refuses_a_negative_orphan_age(tmp_path, capsys):
         (["--lr", "nan"], "learning_rate must be > 0; got nan"),
         (["--shards", "300"], "leave 4 per shard, fewer than --blocks 6"),
         (["--run-id", "a/b"], "rule: a run id is 1-64 characters"),
+        (["--heldout-size", "1797"], "got train_size=0, heldout_size=1797. Sizes that fit: e.g. heldout_size=359"),
     ],
 )
 def test_train_refuses_a_bad_option_before_a_server_starts_or_the_store_is_made(tmp_path, capsys, options, rule):
@@ -230,6 +231,24 @@ def test_train_refuses_a_bad_option_before_a_server_starts_or_the_store_is_made(
     err = capsys.readouterr().err
     assert rule in err and "Prefect API" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_small_dataset_is_planned_with_a_fifth_held_out(tmp_path):
+    """A 60-image .npz failed `train` with its defaults: "got train_size=-240, heldout_size=300"."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from flows.train import run_spec
+
+    digits, source = load_digits(), str(tmp_path / "small.npz")
+    options = {"run_id": "r", "data": source, "model": "lenet5", "blocks": 6, "epochs": 1, "batch_size": 16}
+    options |= {"learning_rate": 0.01, "schedule": "constant", "seed": 0, "split_seed": 0}
+    np.savez(source, images=digits.images[:60].astype(np.uint8), labels=digits.target[:60])
+    spec = run_spec(**options, train_size=None, heldout_size=None)
+    assert (len(spec["train_ids"]), len(spec["heldout_ids"])) == (48, 12)
+    np.savez(source, images=digits.images[:4].astype(np.uint8), labels=digits.target[:4])
+    with pytest.raises(ConfigError, match="this dataset is too small for 6 blocks: use fewer blocks or more data"):
+        run_spec(**options, train_size=None, heldout_size=None)
 
 
 @pytest.mark.parametrize(
