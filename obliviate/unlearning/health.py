@@ -29,8 +29,8 @@ class SharpDrop:
 
     def message(self) -> str:
         return (
-            f"block {self.block}: held-out accuracy {self.accuracy:.3f} is {100 * self.drop:.1f} points below the "
-            f"best before it ({self.best_before:.3f}); the learning rate or epochs per block may be too high."
+            f"block {self.block}: held-out accuracy {100 * self.accuracy:.1f} % is {100 * self.drop:.1f} points below "
+            f"the best before it ({100 * self.best_before:.1f} %); the learning rate or epochs per block may be too high."
         )
 
 
