@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from flows.cli._store import add_store_argument, prepare_store, store_url
 from flows.runtime import writable_folder
 from obliviate.errors import ConfigError
@@ -55,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from obliviate.data import load_dataset
     from obliviate.extraction.audit import default_target_train_size, train_target
-    from obliviate.extraction.substitute import TrainConfig
+    from obliviate.extraction.substitute import TrainConfig, accuracy, predict_labels
     from obliviate.extraction.target import save_checkpoint
 
     out = _writable_checkpoint_path(args.out)  # before training, which takes a while
@@ -71,7 +73,25 @@ def run_train(args: argparse.Namespace) -> int:
         data, train_size=train_size, config=TrainConfig(arch=args.arch, steps=args.steps), seed=args.seed
     )
     save_checkpoint(out, model, arch=args.arch, meta=meta)
-    print(json.dumps({"checkpoint": str(out), "arch": args.arch, "train_size": train_size, "dataset": data.name}))
+    # Its accuracy on every image it did not train on: what an audit's agreement will be measured beside.
+    rest = np.setdiff1d(np.arange(len(data)), meta["train_indices"])
+    rest_accuracy = accuracy(predict_labels(model, data.images[rest], levels=data.levels), data.labels[rest])
+    print(
+        f"target {out}: {args.arch} trained on {train_size:,} images of {data.name} ({args.steps} steps); accuracy "
+        f"{100 * rest_accuracy:.1f} % on the other {len(rest):,} images. Audit it with `obliviate steal --target {out} "
+        f"--pool {args.data}`."
+    )
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(out),
+                "arch": args.arch,
+                "train_size": train_size,
+                "dataset": data.name,
+                "accuracy_on_the_rest": rest_accuracy,
+            }
+        )
+    )
     return 0
 
 

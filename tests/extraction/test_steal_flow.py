@@ -87,6 +87,9 @@ def test_cli_steal_refuses_a_pool_the_target_cannot_read_before_any_work(checkpo
     assert (
         main(["target", "train", "--data", "digits", "--out", str(small), "--train-size", "300", "--steps", "5"]) == 0
     )
+    said = capsys.readouterr().out  # the accuracy a user weighs the audit's agreement against
+    assert f"target {small}: lenet5 trained on 300 images of digits (5 steps); accuracy " in said
+    assert " % on the other 1,497 images" in said and json.loads(said.splitlines()[-1])["accuracy_on_the_rest"] >= 0
     eight_bit = tmp_path / "eight-bit.npz"
     np.savez(eight_bit, images=np.full((50, 8, 8), 200, np.uint8), labels=np.arange(50) % 10)
     assert main(["steal", "--target", str(small), "--pool", str(eight_bit), "--out", str(out)]) == 2
