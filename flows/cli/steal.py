@@ -175,9 +175,6 @@ def run_steal(args: argparse.Namespace) -> int:
         return run_steal_demo(args)
     if not args.target:
         raise ConfigError("--target is required (a checkpoint path or an http(s) URL), unless --demo is given.")
-    # The temporary Prefect server needs these before prefect is imported (PLATFORM.md).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not args.target.startswith(("http://", "https://")) and not Path(args.target).exists():
         raise ConfigError(
             f"target {args.target!r} is neither an http(s) URL nor an existing checkpoint; "
@@ -214,36 +211,37 @@ def run_steal(args: argparse.Namespace) -> int:
     import ray
 
     from flows.audit import steal_flow
+    from flows.progress import shown_progress
+    from flows.runtime import ensure_ray, prefect_api
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(
-            address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False
-        )
-    try:
-        from flows.progress import shown_progress
-
-        with shown_progress():
-            paths = steal_flow(
-                target=args.target,
-                pool=args.pool,
-                **grid,
-                attack_steps=args.attack_steps,
-                rounds=args.rounds,
-                round_steps=args.round_steps,
-                consistency_steps=args.consistency_steps,
-                out=args.out,
-                test_size=args.test_size,
-                split_seed=args.split_seed,
-                steps=args.steps,
-                iterative=args.ifgsm,
-                drmi_starts=args.drmi_starts or None,
-                timeout_s=args.timeout,
-                retries=args.retries,
-            )
-    finally:
-        if started_ray:
-            ray.shutdown()
+    # The Prefect server every command shares (its database is what `obliviate ui` browses), not
+    # Prefect's temporary one, whose flow runs land in a database no command shows.
+    with prefect_api() as api_url:
+        print(f"Prefect API: {api_url}", file=sys.stderr)
+        started_ray = not ray.is_initialized()
+        ensure_ray(address="local", num_cpus=args.num_cpus or os.cpu_count())
+        try:
+            with shown_progress():
+                paths = steal_flow(
+                    target=args.target,
+                    pool=args.pool,
+                    **grid,
+                    attack_steps=args.attack_steps,
+                    rounds=args.rounds,
+                    round_steps=args.round_steps,
+                    consistency_steps=args.consistency_steps,
+                    out=args.out,
+                    test_size=args.test_size,
+                    split_seed=args.split_seed,
+                    steps=args.steps,
+                    iterative=args.ifgsm,
+                    drmi_starts=args.drmi_starts or None,
+                    timeout_s=args.timeout,
+                    retries=args.retries,
+                )
+        finally:
+            if started_ray:
+                ray.shutdown()
     print(f"audit report: {paths['markdown']} (also {paths['json']}, {paths['png']})")
     return 0
 

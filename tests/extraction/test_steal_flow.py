@@ -20,11 +20,16 @@ def prefect_and_ray():
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):
+        from prefect.settings import PREFECT_API_URL
+
+        # the CLI uses a configured server, as a user's PREFECT_API_URL, instead of starting its own
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             yield
         finally:
             ray.shutdown()
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +211,10 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
         ]
     )
     assert code == 0
-    assert str(out / "steal.md") in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert str(out / "steal.md") in said.out
+    # the shared server (`obliviate ui` browses its runs), not a temporary one whose runs no command shows
+    assert f"Prefect API: {os.environ['PREFECT_API_URL']}" in said.err and "temporary server" not in said.err
     doc = json.loads((out / "steal.json").read_text())
     assert len(doc["cells"]) == 2 * 4 * 2 * 1
     assert {c["attacker"] for c in doc["cells"]} == {"basic", "semi_supervised"}
