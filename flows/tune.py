@@ -14,7 +14,6 @@ experiment state goes to local disk for ``file://`` stores and to the same bucke
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +333,8 @@ def describe(report: SweepReport) -> str:
     lines.append(f"table:   {report.table_uri}")
     lines.append(f"plot:    {report.plot_uri}")
     if report.front:
-        lines.append("Pareto front: " + json.dumps([report.trials[i] for i in report.front][:5], default=str)[:400])
+        lines.append("Pareto front (no trial does better on both):")
+        lines.extend(f"  {_front_point(report.trials[i])}" for i in report.front)
     untrained = untrained_trials(report.trials)
     if untrained:
         seen = ", ".join(f"{100 * t['naive_accuracy']:.1f} %" for t in untrained[:4])
@@ -345,6 +345,19 @@ def describe(report: SweepReport) -> str:
             "consistency say nothing. Raise --local-epochs or --train-size."
         )
     return "\n".join(lines)
+
+
+def _front_point(trial: dict[str, Any]) -> str:
+    if "speedup" in trial:
+        return (
+            f"B={trial['num_blocks']}, ε={trial['epsilon']:g}: {trial['speedup']:.2f}x faster than naive retraining, "
+            f"consistency {trial['consistency']:.3f} (noise floor {trial['noise_floor_consistency']:.3f}), "
+            f"held-out accuracy {100 * trial['accuracy']:.1f} %"
+        )
+    return (
+        f"k={trial['queries']}, {trial['bins']} bins: substitute accuracy {100 * trial['accuracy']:.1f} %, "
+        f"agreement {100 * trial['agreement']:.1f} %"
+    )
 
 
 def untrained_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -130,6 +130,18 @@ class ImageDataset:
         )
 
 
+def dataset_source(text: str) -> str:
+    """How to name a dataset so any process finds it: a built-in name as is, a path made absolute.
+
+    Runs store this name and deletion requests are matched to runs by it; Ray Tune trials and
+    ``serve`` load data from other working folders, where a relative path names nothing.
+    """
+    path = Path(text).expanduser()
+    if text in BUILTIN_DATASETS or not path.exists():  # a missing one keeps its name for load_dataset's error
+        return text
+    return str(path.resolve())
+
+
 def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) -> ImageDataset:
     """Load a dataset by built-in name or path.
 

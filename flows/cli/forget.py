@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from obliviate.data import dataset_source
 
 # Exit codes of `forget --wait` (and of --status when asked with --wait 0): one per outcome.
 EXIT_DONE, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_PENDING, EXIT_TIMEOUT, EXIT_CANCELLED = 0, 2, 3, 4, 5, 6, 7
@@ -37,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_store_argument(parser)
     parser.add_argument("--ids", default=None, help="dataset sample ids, comma separated: 3,17,42")
-    parser.add_argument("--data", default="digits", help="the dataset the ids index (as given to train --data)")
+    parser.add_argument(
+        "--data", default="digits", type=dataset_source, help="the dataset the ids index (as given to train --data)"
+    )
     parser.add_argument("--reason", default=None, help="free text kept in the ledger (ticket, legal basis)")
     parser.add_argument("--request-id", default=None, help="idempotency key; repeating it changes nothing")
     parser.add_argument("--no-event", action="store_true", help="only record it; reconciliation will process it")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from flows.progress import shown_progress
-from obliviate.data import ImageDataset, load_dataset
+from obliviate.data import ImageDataset, dataset_source, load_dataset
 from obliviate.errors import ConfigError
 from obliviate.reduction.drmi import check_subset_size, choose_starts, drmi_reduce
 from obliviate.reduction.mi import check_bins, mi_matrix
@@ -25,7 +25,9 @@ from obliviate.reduction.tiling import TilePlan
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("reduce", help="choose k query images by DRMI (SPEC section 2)")
-    parser.add_argument("--data", default="mnist5k", help="mnist5k, digits, an .npz file or a dataset folder")
+    parser.add_argument(
+        "--data", default="mnist5k", type=dataset_source, help="mnist5k, digits, an .npz file or a dataset folder"
+    )
     parser.add_argument("--k", type=int, default=600, help="subset size (default 600)")
     parser.add_argument("--bins", type=int, default=256, help="gray levels counted by MI (default 256: exact)")
     parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")

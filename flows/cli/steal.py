@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
@@ -32,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores); "
         "options you give replace the grid's",
     )
-    parser.add_argument("--pool", default="mnist5k", help="dataset for the attacker's pool and the test set")
+    parser.add_argument(
+        "--pool", default="mnist5k", type=dataset_source, help="dataset for the attacker's pool and the test set"
+    )
     parser.add_argument("--budgets", default="50,150,200,300,600", help="comma-separated query budgets")
     parser.add_argument(
         "--attackers",

@@ -12,6 +12,7 @@ import numpy as np
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
 from flows.runtime import writable_folder
+from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     train = actions.add_parser("train", help="train a classifier on part of a dataset and save it")
-    train.add_argument("--data", default="mnist5k", help="mnist5k, digits, an .npz file or a dataset folder")
+    train.add_argument(
+        "--data", default="mnist5k", type=dataset_source, help="mnist5k, digits, an .npz file or a dataset folder"
+    )
     train.add_argument("--out", default="runs/target.pt", help="checkpoint path (default runs/target.pt)")
     train.add_argument("--arch", default="lenet5", help="lenet5 (default) or c3f2")
     train.add_argument(

@@ -8,6 +8,7 @@ import os
 import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from obliviate.data import dataset_source
 from obliviate.unlearning.config import DEFAULT_RECIPE
 
 
@@ -15,7 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a run block by block, checkpoints in the store (SPEC 4)")
     add_store_argument(parser)
     parser.add_argument("--run-id", required=True, help="the run's name; rerun with the same options to resume")
-    parser.add_argument("--data", default="digits", help="digits (default), mnist5k, an .npz file or a dataset folder")
+    parser.add_argument(
+        "--data",
+        default="digits",
+        type=dataset_source,
+        help="digits (default), mnist5k, an .npz file or a dataset folder",
+    )
     parser.add_argument("--model", default="lenet5", choices=["lenet5", "c3f2", "resnet18"])
     recipe = DEFAULT_RECIPE
     parser.add_argument(

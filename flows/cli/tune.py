@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 
 
@@ -12,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tune", help="Ray Tune sweeps: unlearning (B, ε) or reduction (k, bins)")
     kinds = parser.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default="mnist5k", help="mnist5k, digits, an .npz file or a dataset folder")
+    common.add_argument(
+        "--data", default="mnist5k", type=dataset_source, help="mnist5k, digits, an .npz file or a dataset folder"
+    )
     add_store_argument(common)
     common.add_argument("--workers", type=int, default=2, help="trials at once, one CPU each (default 2)")
     common.add_argument("--model", default="lenet5", help="lenet5 or c3f2")
@@ -23,8 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     unlearning.add_argument("--blocks", default="10,20,40", help="values of B (default 10,20,40)")
     unlearning.add_argument("--epsilons", default="0.1,0.05", help="values of ε (default 0.1,0.05)")
     unlearning.add_argument("--deleted", type=int, default=10, help="samples deleted per trial (default 10)")
-    unlearning.add_argument("--train-size", type=int, default=2000)
-    unlearning.add_argument("--heldout-size", type=int, default=500)
+    unlearning.add_argument(
+        "--train-size", type=int, default=None, help="default 2000, or 4/5 of a dataset under 2,500 images"
+    )
+    unlearning.add_argument(
+        "--heldout-size", type=int, default=None, help="default 500, or 1/5 of a dataset under 2,500 images"
+    )
     unlearning.add_argument("--local-epochs", type=int, default=1)
     unlearning.add_argument("--schedule", default="cosine", help="constant, step, cosine or exponential")
     unlearning.set_defaults(handler=run_tune)
@@ -32,9 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reduction = kinds.add_parser("reduction", parents=[common], help="sweep (k, bins): accuracy vs queries")
     reduction.add_argument("--ks", default="50,150,300", help="values of k (default 50,150,300)")
     reduction.add_argument("--bins", default="256,32,16", help="values of bins (default 256,32,16)")
-    reduction.add_argument("--target-size", type=int, default=2000)
-    reduction.add_argument("--pool-size", type=int, default=2000)
-    reduction.add_argument("--test-size", type=int, default=1000)
+    reduction.add_argument(
+        "--target-size", type=int, default=None, help="default 2000, or 2/5 of a dataset under 5,000 images"
+    )
+    reduction.add_argument(
+        "--pool-size", type=int, default=None, help="default 2000, or 2/5 of a dataset under 5,000 images"
+    )
+    reduction.add_argument(
+        "--test-size", type=int, default=None, help="default 1000, or 1/5 of a dataset under 5,000 images"
+    )
     reduction.add_argument("--steps", type=int, default=300, help="substitute/target gradient steps")
     reduction.add_argument("--starts", type=int, default=50, help="seeded DRMI restarts (default 50)")
     reduction.set_defaults(handler=run_tune)
@@ -50,6 +63,28 @@ def _values(text: str, cast: type, option: str) -> list:
     return values
 
 
+def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str, int]:
+    """The trial's split sizes: those given, else the defaults, scaled down alike to a dataset too small for them."""
+    given = {part: getattr(args, part) for part in defaults}
+    if any(size is not None for size in given.values()):
+        return {part: defaults[part] if size is None else size for part, size in given.items()}
+    from obliviate.data import load_dataset
+
+    images = len(load_dataset(args.data))
+    if sum(defaults.values()) <= images:
+        return defaults
+    fitted = {part: size * images // sum(defaults.values()) for part, size in defaults.items()}
+    print(
+        f"{args.data} holds {images:,} images, fewer than the default split's {sum(defaults.values()):,}: "
+        + ", ".join(f"{part.replace('_', ' ')} {size:,}" for part, size in fitted.items())
+        + " ("
+        + ", ".join(f"--{part.replace('_', '-')}" for part in defaults)
+        + " choose others)",
+        flush=True,
+    )
+    return fitted
+
+
 def run_tune(args: argparse.Namespace) -> int:
     from flows.tune import check_trial_grid, describe, run_sweep
 
@@ -60,18 +95,15 @@ def run_tune(args: argparse.Namespace) -> int:
             "epsilon": _values(args.epsilons, float, "--epsilons"),
         }
         constants.update(
+            _split_sizes(args, {"train_size": 2000, "heldout_size": 500}),
             num_deleted=args.deleted,
-            train_size=args.train_size,
-            heldout_size=args.heldout_size,
             local_epochs=args.local_epochs,
             schedule=args.schedule,
         )
     else:
         grid = {"k": _values(args.ks, int, "--ks"), "bins": _values(args.bins, int, "--bins")}
         constants.update(
-            target_size=args.target_size,
-            pool_size=args.pool_size,
-            test_size=args.test_size,
+            _split_sizes(args, {"target_size": 2000, "pool_size": 2000, "test_size": 1000}),
             steps=args.steps,
             num_starts=args.starts,
         )

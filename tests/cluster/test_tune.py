@@ -59,7 +59,16 @@ def test_unlearning_sweep_stores_every_trial_and_a_report(local_ray, tmp_path) -
 def test_a_sweep_whose_settings_do_not_train_is_flagged() -> None:
     trials = [
         {"num_blocks": 4, "naive_accuracy": 0.1, "chance_accuracy": 0.1},
-        {"num_blocks": 8, "naive_accuracy": 0.91, "chance_accuracy": 0.1},
+        {
+            "num_blocks": 8,
+            "epsilon": 0.05,
+            "speedup": 1.5,
+            "consistency": 0.98,
+            "noise_floor_consistency": 0.97,
+            "accuracy": 0.9,
+            "naive_accuracy": 0.91,
+            "chance_accuracy": 0.1,
+        },
         {"num_blocks": 4, "naive_accuracy": None, "chance_accuracy": 0.1},  # an errored trial
     ]
     assert untrained_trials(trials) == trials[:1]
@@ -67,6 +76,11 @@ def test_a_sweep_whose_settings_do_not_train_is_flagged() -> None:
     text = describe(report)
     assert "warning: 1 of 3 trials trained a naive model near chance (held-out accuracy 10.0 %; chance 10 %)" in text
     assert "Raise --local-epochs or --train-size" in text
+    # the front in words (it was a JSON dump cut at 400 characters)
+    assert (
+        "Pareto front (no trial does better on both):\n  B=8, ε=0.05: 1.50x faster than naive retraining, consistency "
+        "0.980 (noise floor 0.970), held-out accuracy 90.0 %"
+    ) in text
     assert "warning" not in describe(SweepReport("s", trials[1:2], [0], "r", "t", "p", errors=0))
 
 
@@ -115,17 +129,17 @@ def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
         ("unlearning", "--model", "vgg", "unknown model 'vgg'"),
         ("reduction", "--ks", "50,2000", "every k must satisfy 2 <= k < pool_size=2000; got [2000]"),
         ("reduction", "--bins", "1", "bins must be in 2..256; got 1"),
-        # digits has 1,797 images: the defaults split 5,000 (reduction) or 2,500 (unlearning)
+        # sizes given that do not fit mnist5k's 5,000 images with the others' defaults
         (
             "reduction",
-            "--data",
-            "digits",
+            "--test-size",
+            "1500",
             (
-                "a trial splits the 1797 images of digits into disjoint parts, so target_size 2000 + pool_size 2000 "
-                "+ test_size 1000 = 5000 does not fit; lower them (--target-size, --pool-size, --test-size)."
+                "a trial splits the 5000 images of mnist5k into disjoint parts, so target_size 2000 + pool_size 2000 "
+                "+ test_size 1500 = 5500 does not fit; lower them (--target-size, --pool-size, --test-size)."
             ),
         ),
-        ("unlearning", "--data", "digits", "train_size 2000 + heldout_size 500 = 2500 does not fit"),
+        ("unlearning", "--train-size", "4600", "train_size 4600 + heldout_size 500 = 5100 does not fit"),
         ("unlearning", "--heldout-size", "0", "must hold at least 1 image; got heldout_size 0"),
         ("unlearning", "--data", "nosuch", "nosuch"),
     ],
@@ -137,3 +151,23 @@ def test_a_grid_no_trial_could_run_is_refused_before_the_store_or_ray(tmp_path, 
     assert main(["tune", sweep, option, value, "--store", f"file://{tmp_path}/store"]) == 2
     assert rule in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
+
+
+def test_a_dataset_too_small_for_the_default_split_gets_it_scaled_down(tmp_path, capsys):
+    """`tune unlearning --data digits` was refused with its defaults (2,000 + 500 of 1,797 images)."""
+    from flows.cli import main
+
+    assert main(["tune", "unlearning", "--data", "digits", "--deleted", "1437", "--store", f"file://{tmp_path}/s"]) == 2
+    said = capsys.readouterr()
+    assert (
+        "digits holds 1,797 images, fewer than the default split's 2,500: train size 1,437, heldout size 359"
+        in said.out
+    )
+    assert "the samples deleted per trial must be in 1..train_size-1=1436" in said.err  # the scaled sizes were used
+    assert main(["tune", "reduction", "--data", "digits", "--ks", "718", "--store", f"file://{tmp_path}/s"]) == 2
+    said = capsys.readouterr()
+    assert (
+        "target size 718, pool size 718, test size 359 (--target-size, --pool-size, --test-size choose others)"
+        in said.out
+    )
+    assert "every k must satisfy 2 <= k < pool_size=718; got [718]" in said.err
