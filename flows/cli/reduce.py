@@ -134,7 +134,7 @@ def print_plan(args: argparse.Namespace) -> int:
     report = plan_report(n=args.plan, tile_size=args.tile_size, k=args.k, workers=workers)
     for name, value in report.items():
         if name.endswith("_bytes"):
-            shown = f"{value / 1e9:.3f} GB"
+            shown = f"{value / 1e9:,.3f} GB"
         else:
             shown = f"{value:,}" if isinstance(value, int) else value
         print(f"{name:>32}: {shown}")

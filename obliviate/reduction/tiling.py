@@ -95,7 +95,11 @@ class TilePlan:
     @property
     def stored_bytes(self) -> int:
         """Bytes of all stored tiles (float32; diagonal tiles are stored whole)."""
-        return sum(t.shape[0] * t.shape[1] for t in self.tiles()) * FLOAT32_BYTES
+        # Over block sides s_i, the tiles (i <= j) hold sum s_i s_j = (n^2 + sum s_i^2) / 2 entries: in
+        # closed form, as ``--plan`` asks it of pools whose tiles would be too many to list.
+        full, rest = divmod(self.n, self.tile_size)
+        squares = full * self.tile_size**2 + rest**2
+        return (self.n**2 + squares) // 2 * FLOAT32_BYTES
 
     @property
     def dense_bytes(self) -> int:

@@ -57,6 +57,21 @@ def test_n60000_is_plannable_without_computing():
         TilePlan(n=1, tile_size=10)
 
 
+@pytest.mark.parametrize(("n", "tile_size"), [(2, 1), (513, 512), (1000, 7), (5000, 512), (4096, 2048)])
+def test_stored_bytes_in_closed_form_is_the_sum_over_tiles(n, tile_size):
+    plan = TilePlan(n=n, tile_size=tile_size)
+    assert plan.stored_bytes == sum(t.shape[0] * t.shape[1] for t in plan.tiles()) * 4
+
+
+def test_a_plan_for_a_pool_too_large_to_list_its_tiles(capsys):
+    """`reduce --plan 100000000` ran for minutes listing 19 billion tiles to sum their sizes."""
+    from flows.cli import main
+
+    assert main(["reduce", "--plan", "100000000"]) == 0
+    out = capsys.readouterr().out
+    assert "tiles: 19,073,681,641" in out and "dense_matrix_bytes: 40,000,000.000 GB" in out
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_stored_tiles_reassemble_mi_matrix_exactly(store, digits_pool, normalize):
     plan, prefix = _write_tiles(store, digits_pool, tile_size=64, normalize=normalize)
