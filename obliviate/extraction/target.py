@@ -345,6 +345,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise ConfigError(
             f"target checkpoint {str(path)!r} does not exist; train one with `obliviate target train`."
         ) from err
+    except Exception as err:  # torch.load fails on other files with RuntimeError, KeyError, EOFError, pickle errors
+        raise ConfigError(
+            f"{str(path)!r} is not a readable torch checkpoint ({err.__class__.__name__}: {str(err)[:120]}); point "
+            "at a file written by `obliviate target train`."
+        ) from err
     if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
         raise ConfigError(
             f"{str(path)!r} is not a target checkpoint: expected a dict with 'arch' and 'state_dict'. "
@@ -354,7 +359,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     model = build_model(
         blob["arch"], num_classes=int(meta.get("num_classes", 10)), image_size=int(meta.get("image_size", 28)), seed=0
     )
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ConfigError(
+            f"the weights in {str(path)!r} do not fit its architecture {blob['arch']!r} with "
+            f"{meta.get('num_classes', 10)} classes and {meta.get('image_size', 28)}-pixel images "
+            f"({str(err).splitlines()[0][:160]}); the checkpoint is damaged or was edited. Train it again."
+        ) from err
     return model.eval(), meta | {"arch": blob["arch"]}
 
 

@@ -108,6 +108,19 @@ def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, target_model, p
         load_checkpoint(tmp_path / "bad.pt")
 
 
+def test_a_file_that_is_not_a_sound_checkpoint_is_refused_in_words(tmp_path, target_model):
+    """`target serve --checkpoint` on a text file or an edited checkpoint was a traceback (KeyError, RuntimeError)."""
+    (tmp_path / "junk.pt").write_text("junk\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("junk.pt", "empty.pt"):
+        with pytest.raises(ConfigError, match=rf"{name}' is not a readable torch checkpoint \(\w+Error"):
+            load_checkpoint(tmp_path / name)
+    path = tmp_path / "t.pt"
+    save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 7, "image_size": 28})  # 10 outputs saved
+    with pytest.raises(ConfigError, match="do not fit its architecture 'lenet5' with 7 classes and 28-pixel images"):
+        load_checkpoint(path)
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, target_model):
     path = tmp_path / "t.pt"
     save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 10, "version": 1})
