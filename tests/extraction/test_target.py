@@ -166,7 +166,7 @@ def test_cli_target_train_defaults_to_a_third_of_a_small_dataset(tmp_path, capsy
 
     checkpoint = tmp_path / "digits.pt"
     assert main(["target", "train", "--data", "digits", "--out", str(checkpoint), "--steps", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)["train_size"] == 599
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["train_size"] == 599
     assert len(load_checkpoint(str(checkpoint))[1]["train_indices"]) == 599
     assert main(["target", "train", "--data", "digits", "--out", str(checkpoint), "--train-size", "1797"]) == 2
     assert "must be in 1..1796; got 1797. The default takes 599 here." in capsys.readouterr().err
