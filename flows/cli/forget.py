@@ -39,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_store_argument(parser)
     parser.add_argument("--ids", default=None, help="dataset sample ids, comma separated: 3,17,42")
     parser.add_argument(
-        "--data", default="digits", type=dataset_source, help="the dataset the ids index (as given to train --data)"
+        "--data",
+        default="digits",
+        type=dataset_source,
+        help="the dataset the ids index (the same name or file as train --data; a relative path may be spelled differently)",
     )
     parser.add_argument("--reason", default=None, help="free text kept in the ledger (ticket, legal basis)")
     parser.add_argument("--request-id", default=None, help="idempotency key; repeating it changes nothing")
