@@ -333,7 +333,13 @@ class ObjectStore:
         """Whether the bucket (S3) or folder (local) the store lives in exists."""
         with _translated(self._url):
             if self._protocol == "s3":
-                return bool(self._fs.exists(self._root.split("/", 1)[0]))
+                # s3fs's exists() says False for an endpoint it cannot reach: ask for the bucket, so that
+                # only "no such bucket" means missing and an outage is reported as one.
+                try:
+                    self._fs.info(self._root.split("/", 1)[0])
+                except FileNotFoundError:
+                    return False
+                return True
             return os.path.isdir(self._root)
 
     def ensure_container(self) -> None:

@@ -7,6 +7,7 @@ import os
 import pickle
 import socket
 import threading
+import uuid
 
 import numpy as np
 import pytest
@@ -214,3 +215,19 @@ def test_unreachable_s3_is_storage_unavailable(monkeypatch, moto_endpoint):
     assert isinstance(caught.value, ConnectionError)
     with pytest.raises(StorageUnavailable):
         store.get_bytes("k.bin")
+    # a reader asks whether the bucket exists first: s3fs's exists() said False, so `store check` and
+    # `target serve --run` answered "store does not exist" during an outage
+    with pytest.raises(StorageUnavailable, match="is unreachable"):
+        store.container_exists()
+
+
+def test_an_empty_bucket_exists_and_a_missing_one_does_not(s3_store):
+    """container_exists asks S3 for the bucket itself; an empty bucket must still count."""
+    import s3fs
+
+    bucket = s3_store.url.removeprefix("s3://").split("/", 1)[0]
+    empty = f"empty-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(empty)
+    assert ObjectStore(f"s3://{empty}/p").container_exists()
+    assert ObjectStore(f"s3://{bucket}/p").container_exists()
+    assert not ObjectStore(f"s3://missing-{uuid.uuid4().hex[:8]}/p").container_exists()
