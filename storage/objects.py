@@ -528,7 +528,17 @@ def _parse_url(url: str) -> tuple[str, str, str]:
         raise ConfigError(
             f"a store URL must be a non-empty string like file://./runs or s3://bucket/prefix; got {url!r}."
         )
-    url = url.strip().rstrip("/")
+    url = url.strip()
+    prefix = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?", url)
+    if prefix and not prefix.group(2):
+        # `s3:/bucket` or `file:runs` would otherwise be a local folder of that odd name, silently.
+        raise ConfigError(
+            f"a store URL is file://PATH or s3://bucket/prefix, with '//' after the scheme; got {url!r}. "
+            f"Write {prefix.group(1)}://{url[prefix.end() :].lstrip('/')} (or ./{url} for a local folder of that name)."
+        )
+    url = url.rstrip("/")
+    if url in ("s3:", "s3:/"):
+        raise ConfigError(f"an S3 store URL must name a bucket: s3://bucket[/prefix]; got {url + '//'!r}.")
     if url.startswith("s3://"):
         root = url[len("s3://") :].strip("/")
         if not root:

@@ -202,6 +202,13 @@ def test_bad_keys_and_urls_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="scheme"):
         ObjectStore("gs://bucket")
     assert ObjectStore("file://./runs").url == f"file://{os.path.abspath('runs')}"
+    # these became local folders named 's3:/bucket', 'file:relative' or 's3:', silently
+    for typo, fix in (("s3:/bucket", "Write s3://bucket"), ("file:relative", "Write file://relative")):
+        with pytest.raises(ValueError, match=f"with '//' after the scheme; got '{typo}'. {fix}"):
+            ObjectStore(typo)
+    with pytest.raises(ValueError, match="must name a bucket"):
+        ObjectStore("s3://")
+    assert ObjectStore("./a:b").url == f"file://{os.path.abspath('a:b')}"  # the way to name such a folder
 
 
 def test_unreachable_s3_is_storage_unavailable(monkeypatch, moto_endpoint):
