@@ -35,6 +35,7 @@ from typing import Any
 
 from flows.audit import audit_flow
 from flows.reconcile import reconcile_flow
+from flows.runtime import ui_url_of
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
 from obliviate.errors import ConfigError
@@ -258,6 +259,15 @@ class ServiceWatcher:
         }
 
     def _dispatch(self) -> None:
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+        # A new thread sees Prefect's settings as they were when prefect was imported, not the
+        # server `serve` pointed its main thread at: without this the flows run here started a
+        # temporary server of their own, and their runs never reached serve's dashboard.
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url, PREFECT_UI_URL: ui_url_of(self.api_url)}):
+            self._dispatch_until_stopped()
+
+    def _dispatch_until_stopped(self) -> None:
         if self.warm:
             self._guarded("warming the worker pool", self.keep_pool_warm)
         self._guarded("reconcile pass", self.reconcile_if_needed)

@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +192,53 @@ def test_serve_unlearns_in_its_own_process_on_a_warm_pool_and_the_runner_path_st
     assert entry["status"] == "done" and entry["details"]["runs"]["hot"]["to_version"] == 2
     holder_pid = int(_claim_holder(other, "runner-1").rsplit("-", 1)[1])
     assert holder_pid not in (runner.pid, os.getpid())  # a flow-run subprocess of the runner
+
+
+@pytest.mark.slow
+def test_serve_with_its_own_prefect_server_shows_the_unlearn_runs_it_dispatched(tmp_path, tiny):
+    """`serve` with no PREFECT_API_URL starts a server; its dispatcher thread then ran the `unlearn`
+    flow on a temporary server of its own (Prefect's settings as at import), so the runs never
+    reached serve's dashboard, and the first request waited for that server to start."""
+    import json
+    import urllib.request
+
+    from flows.unlearn import ENDPOINT_KEY
+
+    repo = Path(__file__).resolve().parents[3]
+
+    url = f"file://{tmp_path}/store"
+    ChainWorker(url).train(run_spec(run_id="own", **tiny))
+    block_ids = [int(i) for i in RunRegistry(ObjectStore(url)).entry("own")["block_sample_ids"][1]]
+    # A user's first `serve`: no Prefect server configured, a home of its own (the Prefect database and a
+    # local Ray runtime's token go there), so it starts its own server and Ray.
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "RAY_"))}
+    (tmp_path / "home").mkdir()
+    env |= {"HOME": str(tmp_path / "home"), "PYTHONPATH": str(repo)}
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "flows.cli", "serve", "--store", url, "--audit-cron", "off"]
+    command += ["--reconcile-cron", "0 0 1 1 *"]
+    process = subprocess.Popen(
+        command, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while not ObjectStore(url).exists(POOL_KEY) and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        api_url = ObjectStore(url).get_json(ENDPOINT_KEY)["api_url"]
+        _forget(url, block_ids[:2], "own-1", api_url=api_url)
+        assert wait_for_request(url, "own-1", timeout_s=120)["status"] == "done"
+        assert _claim_holder(url, "own-1").endswith(f"-{process.pid}")  # serve's dispatcher ran it
+        query = json.dumps({"flows": {"name": {"any_": ["unlearn"]}}}).encode()
+        request = urllib.request.Request(
+            f"{api_url}/flow_runs/filter", data=query, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            runs = json.load(answer)
+        assert [run["state_type"] for run in runs] == ["COMPLETED"], log.read_text()[-3000:]
+        assert "Starting temporary server" not in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=90)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # what serve's own Ray left behind, if anything
