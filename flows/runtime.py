@@ -92,7 +92,26 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
         os.environ.setdefault("RAY_worker_niceness", "0")
         if num_cpus is not None:
             options["num_cpus"] = num_cpus
-    ray.init(address=target, **options)
+    try:
+        ray.init(address=target, **options)
+    except (ray.exceptions.AuthenticationError, ConnectionError) as err:
+        # Ray 2.60 clusters want a token by default. ray.init raises the refusal bare, or as a
+        # ConnectionError whose cause holds it only as text (the GCS client's last error).
+        chain: list[BaseException] = []
+        link: BaseException | None = err
+        while link is not None and len(chain) < 10:
+            chain.append(link)
+            link = link.__cause__ or link.__context__
+        if any(isinstance(e, ray.exceptions.AuthenticationError) or "AuthenticationError" in str(e) for e in chain):
+            raise ConfigError(
+                f"the Ray cluster at {target} refused this process: its authentication token is missing or not the "
+                "cluster's. Ray reads it from ~/.ray/auth_token, the file RAY_AUTH_TOKEN_PATH names, or RAY_AUTH_TOKEN; "
+                "put the cluster's token there (`ray get-auth-token` on the head prints it)."
+            ) from err
+        raise ConfigError(
+            f"could not join the Ray cluster at {target} ({err}); check that it is up (`ray status --address "
+            f"{target}`) or fix --ray-address / RAY_ADDRESS."
+        ) from err
 
 
 #: What a client sends first on an HTTP/2 connection (RFC 9113 section 3.4): the connection preface,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -312,6 +313,33 @@ def test_a_ray_address_where_a_ray_head_listens_passes_the_check(ray_address):
     from flows.runtime import check_ray_address
 
     check_ray_address(ray_address)  # Ray's GCS answers the HTTP/2 preface: no error
+
+
+def test_a_ray_cluster_that_wants_a_token_this_process_lacks_is_named_without_a_traceback(tmp_path, ray_address):
+    """A home without Ray's auth token (another user, a fresh container) joining a cluster was a traceback."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+    (tmp_path / "home").mkdir()
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "RAY_ADDRESS": ray_address,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+    }
+    env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # never reached: Ray is joined first
+    command = [sys.executable, "-m", "flows.cli", "train", "--run-id", "r", "--data", "digits"]
+    done = subprocess.run(
+        [*command, "--store", f"file://{tmp_path}/runs"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        f"obliviate train: error: the Ray cluster at {ray_address} refused this process: its authentication token is missing"
+        in done.stderr
+    )
+    assert "Traceback" not in done.stderr
 
 
 def test_submit_refuses_a_job_that_is_not_an_obliviate_command_before_contacting_a_cluster(tmp_path, capsys):
