@@ -236,12 +236,27 @@ class ServiceWatcher:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, grace_s: float = 60.0) -> None:
+        """Stop taking work, end the pass under way, and return once its claims are handed back.
+
+        The pass under way is cut short by stopping the pool's workers (their stored checkpoints
+        are resumed by the next pass); its claims go back to ``pending`` without counting an
+        attempt (:data:`flows.settle.STOPPING`). It took a new claim while stopping before, and
+        counted the stop as a failed attempt.
+        """
+        from flows.settle import STOPPING
+
+        STOPPING.set()
         self._stop.set()
         self.wakeups.put(None)
         if self.listener is not None:
             self.listener.stop()
-        self._threads[0].join(timeout=10)
+        if self.warm:
+            from flows.train import shutdown_pools
+
+            self._guarded("stopping the worker pool", shutdown_pools)
+        for thread in self._threads:
+            thread.join(timeout=grace_s if thread.name == "serve-dispatcher" else 10)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from storage.lease import DEFAULT_LEASE_S, LeaseKeeper
 from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
+
+#: Set when this process stops serving (``serve`` got SIGTERM or Ctrl-C): passes claim nothing new,
+#: and a claim whose work the stop interrupted goes back to ``pending`` without counting an attempt.
+STOPPING = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ def run_pass(
     lost: list[str] = []
     with LeaseKeeper(object_store, lease_s=attempts.lease_s, holder=holder) as keeper:
         claimed: list[RequestStatus] = []
-        for entry in ledger.due_entries(lease_s=attempts.lease_s):
+        for entry in [] if STOPPING.is_set() else ledger.due_entries(lease_s=attempts.lease_s):
             try:
                 taken = ledger.claim(
                     entry.request_id, holder=holder, lease_s=attempts.lease_s, max_attempts=attempts.max_attempts
@@ -111,6 +116,22 @@ def run_pass(
         log.info("claimed %d request(s): %s", len(claimed), [c.request_id for c in claimed])
 
         def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
+            if STOPPING.is_set():
+                # the stop killed the workers: not a failed attempt; stored progress is resumed later
+                handed = ledger.hand_back(
+                    entry.request_id,
+                    claim_version=entry.version,
+                    reason=f"serve stopped during the work ({error[:300]})",
+                )
+                keeper.release(entry.request_id)
+                if handed is None:
+                    lost.append(entry.request_id)
+                else:
+                    settled[entry.request_id] = handed.status
+                    log.warning(
+                        "request %s handed back (serve is stopping); its attempt is not counted", entry.request_id
+                    )
+                return
             outcome = ledger.fail_attempt(
                 entry.request_id,
                 claim_version=entry.version,
@@ -160,7 +181,7 @@ def run_pass(
         split = {
             run_id: requests
             for run_id, requests in per_run.items()
-            if len(requests) > 1 and results.get(run_id, {}).get("status") == "failed"
+            if len(requests) > 1 and results.get(run_id, {}).get("status") == "failed" and not STOPPING.is_set()
         }
         alone: dict[tuple[str, str], dict[str, Any]] = {}
         for run_id, requests in split.items():
@@ -215,7 +236,7 @@ def run_until_quiet(
         merged["lost"] += result.get("lost", [])
         merged["fanout"] = result.get("fanout", merged.get("fanout"))
         retrying = [r for r, status in result.get("settled", {}).items() if status == PENDING]
-        if not retrying:
+        if not retrying or STOPPING.is_set():
             break
         soonest = min(float(ledger.get(r).details.get("next_attempt_at", 0.0)) for r in retrying)
         wait = soonest - time.time()

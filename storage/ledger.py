@@ -402,6 +402,24 @@ class DeletionLedger:
             }
         return self.settle(request_id, claim_version=claim_version, status=status, details={**(extra or {}), **details})
 
+    def hand_back(self, request_id: str, *, claim_version: int, reason: str) -> RequestStatus | None:
+        """Return a held claim to ``pending``, due at once, without counting its attempt.
+
+        For work its holder abandons on purpose (``serve`` stopping): the attempt did not fail, so
+        it must not bring the request closer to ``failed``. ``None`` if the claim was taken over.
+        """
+        current = self.get(request_id)
+        if current.status != CLAIMED or current.version != claim_version:
+            return None
+        attempt = int(current.details.get("attempt", 1))
+        details = {
+            "attempts": attempt - 1,
+            "errors": list(current.details.get("errors") or [])[-10:],
+            "next_attempt_at": 0.0,
+            "handed_back": {"attempt": attempt, "reason": reason, "at": time.time()},
+        }
+        return self.settle(request_id, claim_version=claim_version, status=PENDING, details=details)
+
     def cancel(self, request_id: str, *, applied_to: Sequence[str]) -> RequestStatus:
         """Withdraw a request that no run has applied yet (``pending`` or ``failed``).
 

@@ -242,3 +242,34 @@ def test_serve_with_its_own_prefect_server_shows_the_unlearn_runs_it_dispatched(
         process.wait(timeout=90)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # what serve's own Ray left behind, if anything
+
+
+@pytest.mark.slow
+def test_serve_stopped_during_a_retrain_hands_the_request_back_without_counting_an_attempt(
+    store_url, prefect_api_url, ray_address, serve, tiny_run
+):
+    """SIGTERM to `serve` mid-retrain counted the killed work as a failed attempt, then claimed the
+    request again while stopping and died holding that claim: 2 of 3 attempts gone, a false
+    "claimed" state until the lease lapsed."""
+    slow = tiny_run(epochs=600, split_seed=0)  # about 10 s to retrain from block 1 on this machine
+    ChainWorker(store_url).train(run_spec(run_id="slow", **slow))
+    block_ids = [int(i) for i in RunRegistry(ObjectStore(store_url)).entry("slow")["block_sample_ids"][1]]
+    process = serve(store_url, "--reconcile-cron", "0 0 1 1 *")
+    deadline = time.monotonic() + 120
+    while not ObjectStore(store_url).exists(POOL_KEY) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _forget(store_url, block_ids[:2], "stop-1", api_url=prefect_api_url)
+    ledger = DeletionLedger(ObjectStore(store_url))
+    deadline = time.monotonic() + 60
+    while ledger.get("stop-1").status != "claimed" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    process.terminate()
+    process.wait(timeout=120)
+    entry = ledger.get("stop-1")
+    assert entry.status == "pending" and entry.details["attempts"] == 0, entry.details
+    assert "serve stopped during the work" in entry.details["handed_back"]["reason"]
+    assert [h["status"] for h in ledger.history("stop-1")] == ["pending", "claimed", "pending"]
+    serve(store_url, "--reconcile-cron", "0 0 1 1 *")  # the next serve finishes it, on its first counted attempt
+    done = wait_for_request(store_url, "stop-1", timeout_s=180)
+    assert done["status"] == "done" and done["details"]["attempt"] == 1, done["details"]
