@@ -179,6 +179,20 @@ def _read_up_to(connection: socket.socket, size: int) -> bytes:
     return data
 
 
+def ray_gcs_answers(*, timeout_s: float = 1.0) -> bool:
+    """Whether the GCS of the Ray runtime this process joined still accepts connections."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def cluster_cpus() -> int:
     """CPUs of the Ray cluster this process is connected to."""
     import ray

@@ -101,6 +101,12 @@ def shutdown_pools() -> int:
     """Kill every pooled worker in this Ray runtime (``serve`` does this on exit); returns how many."""
     import ray
 
+    from flows.runtime import ray_gcs_answers
+
+    if not ray_gcs_answers():
+        # The runtime is gone (a SIGTERM to serve's process group stops its local Ray too), and its
+        # workers with it; asking it would wait 60 s for a GCS that never comes back.
+        return 0
     killed = 0
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == RAY_NAMESPACE and actor["name"].startswith("pool/"):

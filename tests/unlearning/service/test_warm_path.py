@@ -237,11 +237,15 @@ def test_serve_with_its_own_prefect_server_shows_the_unlearn_runs_it_dispatched(
             runs = json.load(answer)
         assert [run["state_type"] for run in runs] == ["COMPLETED"], log.read_text()[-3000:]
         assert "Starting temporary server" not in log.read_text()
+        # A SIGTERM to the whole group (systemd's default, a container stop) stops serve's own Ray too:
+        # serve then waited 60 s on the dead GCS and died on Ray's fatal error.
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=45)
+        assert "Failed to connect to GCS" not in log.read_text(), log.read_text()[-2000:]
     finally:
-        process.terminate()
-        process.wait(timeout=90)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # what serve's own Ray left behind, if anything
+        process.wait(timeout=30)
 
 
 @pytest.mark.slow
