@@ -119,7 +119,8 @@ def _num(value: Any, fmt: str = ".2f") -> str:
     return format(float(value), fmt) if isinstance(value, int | float) else "–"
 
 
-def _utc(stamp: Any) -> str:
+def utc_text(stamp: Any) -> str:
+    """A Unix time as people read it (``2026-12-01 00:53:39 UTC``); ``–`` when there is none."""
     if not isinstance(stamp, int | float):
         return "–"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(stamp)))
@@ -208,15 +209,15 @@ def ledger_markdown(entry: Mapping[str, Any], history: Sequence[Mapping[str, Any
         f"| dataset | `{entry.get('dataset')}` |",
         f"| ids | {shown or '–'} |",
         f"| reason | {entry.get('reason') or '–'} |",
-        f"| requested at | {_utc(requested)} |",
-        f"| settled at | {_utc(settled)} |",
+        f"| requested at | {utc_text(requested)} |",
+        f"| settled at | {utc_text(settled)} |",
         f"| request to settled (s) | {took} |",
         f"| runs changed | {', '.join(sorted(details.get('runs') or {})) or '–'} |",
     ]
     if details.get("reason"):
         lines.append(f"| rejected because | {details['reason']} |")
     lines += ["", "## Status history", "", "| version | status | at (UTC) |", "|---|---|---|"]
-    lines += [f"| {h['version']} | {h['status']} | {_utc(h.get('at'))} |" for h in history]
+    lines += [f"| {h['version']} | {h['status']} | {utc_text(h.get('at'))} |" for h in history]
     return "\n".join(lines)
 
 

@@ -133,13 +133,19 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     return out
 
 
-def batch_status(store: ObjectStore, request_id: str) -> dict[str, Any] | None:
-    """The open batch as seen by one request (``batched until T``), or ``None`` if it is not waiting in it."""
+def open_batch(store: ObjectStore) -> dict[str, Any] | None:
+    """The batch waiting to flush (its ``requests``, ``batched_until``, ``reason``), or ``None``."""
     try:
         batch = store.get_json(OPEN_BATCH_KEY)
     except ObjectNotFound:
         return None
-    if request_id not in batch.get("requests", []) or batch.get("flush"):
+    return None if batch.get("flush") else batch
+
+
+def batch_status(store: ObjectStore, request_id: str) -> dict[str, Any] | None:
+    """The open batch as seen by one request (``batched until T``), or ``None`` if it is not waiting in it."""
+    batch = open_batch(store)
+    if batch is None or request_id not in batch.get("requests", []):
         return None
     return {
         "batched_until": batch["batched_until"],

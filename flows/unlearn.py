@@ -39,7 +39,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.artifacts import publish_request_artifacts
+from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
 from flows.settle import AttemptPolicy, run_pass, run_until_quiet
 from flows.train import worker_pool
@@ -85,7 +85,10 @@ def process_open_requests(
     gate = batch_gate(object_store, ledger.due_entries(lease_s=attempts.lease_s))
     if gate["requests"] and not gate["flush"]:
         logger.info(
-            "%d request(s) batched until %s (%s rule)", len(gate["requests"]), gate["batched_until"], gate["reason"]
+            "%d request(s) batched until %s (%s rule)",
+            len(gate["requests"]),
+            utc_text(gate["batched_until"]),
+            gate["reason"],
         )
         return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
     batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
@@ -223,7 +226,7 @@ def served_endpoint(store: ObjectStore) -> tuple[str | None, str]:
         return None, "the serve announcement in the store is unreadable"
     api_url = str(body.get("api_url") or "") or None
     if body.get("stopped_at"):
-        return None, f"the `obliviate serve` that announced {api_url} stopped"
+        return None, f"the `obliviate serve` that served this store{f' through {api_url}' if api_url else ''} stopped"
     heartbeat = float(body.get("started_at", 0.0))
     with contextlib.suppress(ObjectNotFound, CorruptObject):  # no readable heartbeat: the start counts
         beat = store.get_json(HEARTBEAT_KEY)
@@ -231,7 +234,10 @@ def served_endpoint(store: ObjectStore) -> tuple[str | None, str]:
             heartbeat = max(heartbeat, float(beat.get("heartbeat_at", 0.0)))
     age = time.time() - heartbeat
     if age > ENDPOINT_STALE_S:
-        return None, f"the `obliviate serve` that announced {api_url} stopped renewing it {age:.0f} s ago"
+        return None, (
+            f"the `obliviate serve` that served this store{f' through {api_url}' if api_url else ''} stopped renewing "
+            f"its announcement {age:.0f} s ago"
+        )
     return api_url, "announced by a live `obliviate serve`"
 
 

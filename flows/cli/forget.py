@@ -62,8 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_forget)
 
 
-def describe(entry: dict[str, Any]) -> str:
-    """One line: the request's real state and what it is waiting for or why it ended."""
+def describe(entry: dict[str, Any], *, batch: dict[str, Any] | None = None) -> str:
+    """One line: the request's real state and what it is waiting for or why it ended.
+
+    ``batch``: the open batch as this request sees it (:func:`flows.batching.batch_status`).
+    """
+    from flows.artifacts import utc_text
+
     details = entry.get("details") or {}
     status = entry["status"]
     line = f"request {entry['request_id']}: {status}"
@@ -76,6 +81,13 @@ def describe(entry: dict[str, Any]) -> str:
             f" (attempt {details.get('attempts')} failed, retried after a back-off); last error: "
             f"{str(details['last_error'])[:300]}"
         )
+    elif status == "pending" and batch:
+        line += (
+            f", batched until {utc_text(batch['batched_until'])} ({batch['flush_rule']} rule; "
+            f"deadline {utc_text(batch.get('deadline'))}); `forget --now` flushes it sooner"
+        )
+    elif status == "pending" and details.get("handed_back"):
+        line += f" (handed back, attempt not counted: {details['handed_back'].get('reason')}; the next pass takes it)"
     elif status == "pending":
         line += " (not picked up yet: is `obliviate serve` running for this store?)"
     elif status == "claimed":
@@ -139,14 +151,23 @@ def run_forget(args: argparse.Namespace) -> int:
         forgotten_key = f"ledger/forgotten/{args.status}.json"  # rolled back (exact at once), issue 11
         shown["forgotten"] = ledger.store.get_json(forgotten_key) if ledger.store.exists(forgotten_key) else None
         print(json.dumps(shown, indent=2, default=str))
-        print(describe(entry.as_dict()), file=sys.stderr)
+        print(describe(entry.as_dict(), batch=shown["batch"]), file=sys.stderr)
         return EXIT_DONE
     if args.now:  # the next pass flushes the open batch (deadline-aware batching)
-        from flows.batching import request_flush
+        from flows.batching import open_batch, request_flush
 
+        waiting = (open_batch(ObjectStore(url)) or {}).get("requests", [])
+        if ids is None and not waiting:
+            # a flush request left now would cut short the next batch, whenever it opens
+            print("no request waits in a batch; nothing to flush", file=sys.stderr)
+            return EXIT_DONE
         request_flush(ObjectStore(url), reason=args.reason or "forget --now")
         if ids is None:
-            print("the open batch flushes on the next pass (event or reconcile)", file=sys.stderr)
+            print(
+                f"{len(waiting)} request(s) waiting in the open batch flush on the next pass (the next event, or "
+                f"serve's next tick): {', '.join(waiting[:10])}{' ...' if len(waiting) > 10 else ''}",
+                file=sys.stderr,
+            )
             return EXIT_DONE
     assert ids is not None  # refused above when neither --ids nor --now was given
     result = submit_deletion(
@@ -186,8 +207,14 @@ def _run_outcome(run_id: str, audit: dict) -> str:
         parts[0] += f" version {audit.get('from_version')} -> {to_version}"
     if audit.get("blocks_retrained") is not None:
         parts.append(f"blocks retrained {audit['blocks_retrained']}")
-    if isinstance(audit.get("speedup_vs_full_retrain"), (int, float)):
-        parts.append(f"{audit['speedup_vs_full_retrain']:.2f}x faster than retraining from scratch")
+    speedup = audit.get("speedup_vs_full_retrain")
+    if isinstance(speedup, (int, float)) and speedup > 0:
+        parts.append(
+            f"{speedup:.2f}x faster than retraining from scratch"
+            if speedup >= 1
+            else f"{1 / speedup:.2f}x slower than retraining from scratch (a deletion in an early block retrains "
+            "almost everything, plus the checks)"
+        )
     before, after = audit.get("previous_heldout_accuracy"), audit.get("heldout_accuracy")
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         parts.append(f"held-out accuracy {100 * before:.1f} % -> {100 * after:.1f} %")

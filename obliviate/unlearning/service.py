@@ -195,7 +195,7 @@ def block_holdings(spec: RunSpec, plan: BlockPlan) -> list[list[int]]:
 
 
 MAX_SAMPLE_ID = 2**63 - 1  # ids travel as int64 arrays; anything larger cannot index a dataset
-_ID_TOKEN = re.compile(r"^[0-9]{1,19}$")  # ASCII digits only: no '+5', '1_000', ' 5' or non-ASCII digits
+_ID_TOKEN = re.compile(r"^[0-9]+$")  # ASCII digits only: no '+5', '1_000', ' 5' or non-ASCII digits
 
 
 def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the dataset") -> tuple[int, ...]:

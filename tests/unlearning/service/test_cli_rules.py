@@ -60,11 +60,37 @@ def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         main(["forget", "--help"])
     assert "0 done, 3 rejected, 4 failed, 5 pending, 6 claimed, 7" in " ".join(capsys.readouterr().out.split())
-    assert main(["forget", "--now"]) == 0  # no ids: only asks the next pass to flush the open batch
-    assert "flushes on the next pass" in capsys.readouterr().err
     from flows.batching import FLUSH_PREFIX
 
-    assert len(ObjectStore(url).list(FLUSH_PREFIX)) == 1
+    # no batch waits: it said "the open batch flushes on the next pass" and left a flush request that
+    # would have cut short whatever batch opened next
+    assert main(["forget", "--now"]) == 0
+    assert "no request waits in a batch; nothing to flush" in capsys.readouterr().err
+    assert ObjectStore(url).list(FLUSH_PREFIX) == []
+
+
+def test_forget_status_and_now_speak_of_the_open_batch(tmp_path, capsys):
+    """`forget --status` on a batched request said "not picked up yet: is serve running?" next to a JSON
+    that said it was batched; `forget --now` did not say what it would flush."""
+    from flows.batching import FLUSH_PREFIX, batch_gate, save_policy
+    from obliviate.unlearning.batching import BatchPolicy
+
+    url = f"file://{tmp_path}/runs"
+    assert (
+        main(["forget", "--store", url, "--ids", "5,9", "--data", "digits", "--no-event", "--request-id", "b-1"]) == 0
+    )
+    store = ObjectStore(url)
+    save_policy(store, BatchPolicy(window_s=3600.0))
+    gate = batch_gate(store, DeletionLedger(store).due_entries(lease_s=60.0))
+    assert not gate["flush"] and gate["requests"] == ["b-1"]
+    capsys.readouterr()
+    assert main(["forget", "--store", url, "--status", "b-1"]) == 0
+    said = capsys.readouterr().err
+    assert said.startswith("request b-1: pending, batched until 20") and " UTC (window rule; deadline 20" in said
+    assert "not picked up yet" not in said
+    assert main(["forget", "--store", url, "--now"]) == 0
+    assert "1 request(s) waiting in the open batch flush on the next pass" in capsys.readouterr().err
+    assert len(store.list(FLUSH_PREFIX)) == 1
 
 
 def test_serve_refuses_a_floor_outside_0_to_100_before_touching_the_store(tmp_path, capsys):

@@ -238,3 +238,18 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
     assert again.healthy and again.corrupt == again.lineage == again.orphans == []
     DeletionLedger(store).retry(request_id)
     assert run_pass(store_url, unlearn_runs=in_process(store_url))["settled"] == {request_id: DONE}
+
+
+def test_the_words_for_a_slow_retrain_a_stopped_serve_and_an_id_past_int64(tmp_path):
+    """Seen by a user: "0.89x faster than retraining", "the `obliviate serve` that announced None
+    stopped", and "ASCII digits only" for an id that was all ASCII digits but too large."""
+    from flows.cli.forget import _run_outcome
+    from flows.unlearn import ENDPOINT_KEY, served_endpoint
+
+    slower = _run_outcome("a", {"status": "published", "speedup_vs_full_retrain": 0.8})
+    assert "1.25x slower than retraining from scratch" in slower and "faster" not in slower
+    store = ObjectStore(f"file://{tmp_path}")
+    store.put_json(ENDPOINT_KEY, {"stopped_at": time.time(), "pid": 1})
+    assert served_endpoint(store) == (None, "the `obliviate serve` that served this store stopped")
+    with pytest.raises(RequestError, match=r"a sample id is a row index of digits \(1797 rows: ids 0..1796\)"):
+        parse_ids("3,99999999999999999999", dataset_size=1797, dataset="digits")
