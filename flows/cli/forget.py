@@ -122,7 +122,16 @@ def run_forget(args: argparse.Namespace) -> int:
     url = prepare_store(store_url(args), write=not reading)
     ledger = DeletionLedger(ObjectStore(url))
     if request_id and not ledger.exists(request_id):
-        raise ConfigError(f"no request {request_id!r} in the ledger of {url}; list them with the Python API.")
+        known = ledger.request_ids()
+        raise ConfigError(
+            f"no request {request_id!r} in the ledger of {url}; "
+            + (
+                f"it holds {len(known)} (e.g. {', '.join(known[:5])})."
+                if known
+                else "this store has no requests at all: check --store / $OBLIVIATE_STORE (a mistyped prefix "
+                "names an empty store)."
+            )
+        )
     if args.cancel:
         registry = RunRegistry(ledger.store)
         applied = [r for r in registry.run_ids() if args.cancel in (registry.current(r) or _Nothing()).applied_requests]

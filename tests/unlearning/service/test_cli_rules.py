@@ -90,6 +90,12 @@ def test_forget_status_and_now_speak_of_the_open_batch(tmp_path, capsys):
     assert "not picked up yet" not in said
     assert main(["forget", "--store", url, "--now"]) == 0
     assert "1 request(s) waiting in the open batch flush on the next pass" in capsys.readouterr().err
+    # it said "list them with the Python API", which no command does
+    assert main(["forget", "--store", url, "--status", "b-2"]) == 2
+    assert "no request 'b-2' in the ledger of" in (said := capsys.readouterr().err) and "it holds 1 (e.g. b-1)" in said
+    ObjectStore(f"file://{tmp_path}/typo").ensure_container()
+    assert main(["forget", "--store", f"file://{tmp_path}/typo", "--status", "b-1"]) == 2
+    assert "this store has no requests at all: check --store" in capsys.readouterr().err
     assert len(store.list(FLUSH_PREFIX)) == 1
 
 
