@@ -59,6 +59,7 @@ def run_verify(args: argparse.Namespace) -> int:
         )
         for problem in result["problems"]:
             print(f"  {problem}", file=sys.stderr)
+        print(_served_note(url, result["run_id"], int(result["version"])), file=sys.stderr, end="")
     statuses = {result["status"] for result in results}
     status = "passed" if statuses == {"passed"} else "failed" if "failed" in statuses else "inconclusive"
     if len(results) == 1:
@@ -67,3 +68,19 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"verify {args.run} ({len(results)} shards): {status}", file=sys.stderr)
         print(json.dumps({"run_id": args.run, "status": status, "shards": results}, default=str))
     return {"passed": 0, "failed": 4}.get(status, 5)
+
+
+def _served_note(url: str, run_id: str, version: int) -> str:
+    """A line when the version verified is not the one served: it proves that version, not today's model."""
+    from storage import ObjectStore
+    from storage.registry import ModelVersion, RunRegistry
+
+    registry = RunRegistry(ObjectStore(url))
+    current = registry.current(run_id)
+    if current is None or current.version == version:
+        return ""
+    pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
+    verified = ModelVersion.from_pointer(run_id, pointer)
+    later = [r for r in current.applied_requests if r not in verified.applied_requests]
+    held = f"; it predates request(s) {', '.join(later[:5])} and still holds their ids" if later else ""
+    return f"  note: v{version} is not the version served (v{current.version}){held}\n"

@@ -42,6 +42,16 @@ def test_verify_passes_on_an_honest_store_and_records_the_result(unlearned_store
     assert first["status"] == "passed" and first["blocks_replayed"] == [2]
 
 
+def test_verify_of_a_version_no_longer_served_says_so(unlearned_store, capsys) -> None:
+    """`verify --version 1` passed with no word that v1 is not served and still holds the ids req-1 deleted."""
+    url, _ = unlearned_store
+    assert main(["verify", "--store", url, "--run", "v-run", "--version", "1", "--blocks", "4", "--no-prefect"]) == 0
+    err = capsys.readouterr().err
+    assert "note: v1 is not the version served (v2); it predates request(s) req-1 and still holds their ids" in err
+    assert main(["verify", "--store", url, "--run", "v-run", "--blocks", "4", "--no-prefect"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_verify_catches_a_flipped_checkpoint_byte(unlearned_store, tmp_path: Path, capsys) -> None:
     url, _ = unlearned_store
     registry = RunRegistry(ObjectStore(url))
