@@ -312,6 +312,8 @@ def train_flow(
             "shards": summaries,
             "group": group,
             "heldout_accuracy": accuracies,
+            "served_heldout_accuracy": served_heldout_accuracy(store, run_id),
+            "num_train": sum(s.get("num_train", 0) for s in summaries),
             "trained_blocks": sum(s.get("trained_blocks", 0) for s in summaries),
             "resumed_blocks": sum(s.get("resumed_blocks", 0) for s in summaries),
         }
@@ -326,6 +328,21 @@ def train_flow(
     for message in summary.get("sharp_drops") or []:  # issue 11: diverging settings are not accepted silently
         logger.warning("run %s: %s", run_id, message)
     return {**summary, "store": ObjectStore(store).url}
+
+
+def served_heldout_accuracy(store: str, run_id: str) -> float:
+    """Held-out accuracy of what run ``run_id`` serves now (a sharded run: its shards as one model)."""
+    import numpy as np
+
+    from flows.model_server import RunBackend
+    from obliviate.extraction.target import OutputMode
+
+    backend = RunBackend(store, run_id)
+    spec = RunRegistry(ObjectStore(store)).spec(backend.members[0])  # the shards share one held-out set
+    data = load_dataset(spec.dataset)
+    heldout = np.asarray(spec.heldout_ids, dtype=np.int64)
+    labels = backend.predict(data.images[heldout], output=OutputMode.LABELS)
+    return float(np.mean(labels == data.labels[heldout]))
 
 
 def accuracy_text(accuracy: float | list[float | None] | None) -> str:

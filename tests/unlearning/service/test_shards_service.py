@@ -52,6 +52,16 @@ def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
         == "per shard " + " / ".join(f"{100 * s['heldout_accuracy']:.1f}" for s in summary["shards"]) + " %"
     )
     assert accuracy_text(0.8766) == "87.7 %" and accuracy_text(None) == "unknown"
+    # the JSON said one shard's num_train, and nothing said what the shards score as the one model served
+    assert summary["num_train"] == options["train_size"] == sum(s["num_train"] for s in summary["shards"])
+    from flows.model_server import RunBackend
+    from obliviate.data import load_dataset
+    from obliviate.extraction.target import OutputMode
+
+    heldout = list(registry.spec("g3-s0of3").heldout_ids)
+    digits = load_dataset("digits")
+    served = RunBackend(url, "g3").predict(digits.images[heldout], output=OutputMode.LABELS)
+    assert summary["served_heldout_accuracy"] == pytest.approx(float((served == digits.labels[heldout]).mean()))
     with pytest.raises(
         ConfigError, match=r"already trained as 3 shards \(g3-s0of3, g3-s1of3, g3-s2of3\); this asks for 2"
     ):
