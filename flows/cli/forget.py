@@ -113,6 +113,12 @@ def run_forget(args: argparse.Namespace) -> int:
     if request_id:
         check_name(request_id, what="request id")
     ids: tuple[int, ...] | None = None
+    if request_id and (args.ids is not None or args.now):
+        given = "--ids" if args.ids is not None else "--now"
+        raise ConfigError(
+            f"{given} makes or flushes requests; --status, --cancel and --retry act on the one request named, so "
+            f"they take no {given}. Run them as two commands."
+        )
     if not request_id and args.ids is None and not args.now:
         raise ConfigError("forget needs --ids 3,17,42 (or --status / --cancel / --retry REQUEST_ID).")
     if not request_id and args.ids is not None:

@@ -57,6 +57,8 @@ def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, caps
     assert main(["forget", "--status", "del-none", "--store", f"file://{tmp_path}/elsewhere"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["forget"]) == 2 and "forget needs --ids" in capsys.readouterr().err
+    assert main(["forget", "--status", entry["request_id"], "--ids", "3"]) == 2  # --ids was silently ignored
+    assert "they take no --ids. Run them as two commands." in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["forget", "--help"])
     assert "0 done, 3 rejected, 4 failed, 5 pending, 6 claimed, 7" in " ".join(capsys.readouterr().out.split())
