@@ -132,7 +132,7 @@ def prepare_audit(
     oracle = Target(backend, budget=None)
     test_images, test_labels = data.images[test_idx], data.labels[test_idx]
     oracle_test = oracle.query(test_images)
-    logger.info("target accuracy on %d test images: %.4f", len(test_idx), accuracy(oracle_test, test_labels))
+    logger.info("target accuracy on %d test images: %.2f %%", len(test_idx), 100 * accuracy(oracle_test, test_labels))
     return AuditSetup(
         target=target,
         target_meta={k: v for k, v in meta.items() if k != "train_indices"},
@@ -204,13 +204,13 @@ def run_cells(
         cell = pending.pop(done[0])
         result = ray.get(done[0])
         logger.info(
-            "%s/%s k=%d seed=%d: accuracy %.4f agreement %.4f (%.1fs)",
+            "%s/%s k=%d seed=%d: accuracy %.2f %%, agreement with the target %.2f %% (%.1f s)",
             cell["attack"],
             cell["selector"],
             cell["budget"],
             cell["seed"],
-            result["accuracy"],
-            result["agreement"],
+            100 * result["accuracy"],
+            100 * result["agreement"],
             result["seconds"],
         )
         results.append(result)
