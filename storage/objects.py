@@ -350,7 +350,13 @@ class ObjectStore:
                 if not self._fs.exists(bucket):
                     self._fs.mkdir(bucket)
             else:
-                self._fs.makedirs(self._root, exist_ok=True)
+                try:
+                    os.makedirs(self._root, exist_ok=True)
+                except OSError as err:  # not "no object at": the folder itself cannot be made here
+                    raise WriteFailed(
+                        f"cannot create folder {self._root} ({err.strerror or err}); choose a path this process can "
+                        "write, or create the folder first."
+                    ) from err
 
     # ----- maintenance (storage.check: integrity checks and orphan collection) ----------------
 

@@ -43,6 +43,11 @@ def prepare_store(url: str, *, write: bool) -> str:
     from storage.errors import WriteFailed
 
     store = ObjectStore(url)
+    if store.is_local and os.path.isfile(store.url.removeprefix("file://")):
+        raise ConfigError(
+            f"store {store.url} is a file; a store is a folder (or an S3 bucket and prefix). Check --store / "
+            "$OBLIVIATE_STORE."
+        )
     if not store.container_exists():
         if not write:
             raise ConfigError(

@@ -71,6 +71,18 @@ def test_forget_exit_codes_store_variable_and_cancel(tmp_path, monkeypatch, caps
     assert ObjectStore(url).list(FLUSH_PREFIX) == []
 
 
+def test_a_store_path_that_is_a_file_or_cannot_be_made_is_named_so(tmp_path, capsys):
+    """A file as --store was "does not exist" to readers; an uncreatable folder was "no object at ...,
+    check the key, or that the write was committed"."""
+    (tmp_path / "afile").write_text("x")
+    for command in (["store", "check"], ["forget", "--ids", "3", "--no-event"]):
+        assert main([*command, "--store", f"file://{tmp_path}/afile"]) == 2
+        assert f"store file://{tmp_path}/afile is a file; a store is a folder" in capsys.readouterr().err
+    assert main(["forget", "--ids", "3", "--no-event", "--store", "file:///proc/obliviate-store"]) == 2
+    said = capsys.readouterr().err
+    assert "cannot create folder /proc/obliviate-store (No such file or directory)" in said and "no object" not in said
+
+
 def test_forget_status_and_now_speak_of_the_open_batch(tmp_path, capsys):
     """`forget --status` on a batched request said "not picked up yet: is serve running?" next to a JSON
     that said it was batched; `forget --now` did not say what it would flush."""
