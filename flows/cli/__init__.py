@@ -12,8 +12,10 @@ import argparse
 import contextlib
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
 from obliviate.errors import ObliviateError
 
@@ -35,8 +37,18 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the fix for a value that starts with '-' (``--batch-window -1h`` reads as an option)."""
+
+    def error(self, message: str) -> NoReturn:
+        needs_value = re.match(r"argument (--[\w-]+)(?:/[^:]*)?: expected one argument", message)
+        if needs_value:
+            message += f"; give it one, and write a value that starts with '-' with '=' ({needs_value.group(1)}=-VALUE)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="obliviate",
         description="Audit how cheaply a model can be stolen (DRMI) and forget data fast and safely.",
     )

@@ -257,6 +257,15 @@ def test_an_own_error_from_a_ray_worker_is_reported_in_its_own_words(ray_address
     assert message.startswith("num_blocks must be in 1..n=2") and "ray::" not in message and "File " not in message
 
 
+def test_an_option_value_that_starts_with_a_dash_is_given_the_equals_form(tmp_path, capsys):
+    """`serve --batch-window -1h` got argparse's bare "expected one argument": -1h reads as an option."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--store", f"file://{tmp_path}", "--batch-window", "-1h"])
+    assert "write a value that starts with '-' with '=' (--batch-window=-VALUE)" in capsys.readouterr().err
+    assert main(["serve", "--store", f"file://{tmp_path}", "--batch-window=-1h"]) == 2
+    assert "a duration is a number with an optional unit" in capsys.readouterr().err
+
+
 def test_store_check_refuses_a_negative_orphan_age(tmp_path, capsys):
     # a negative age would make every orphan, even one an attempt is writing now, old enough to collect
     assert main(["store", "check", "--store", f"file://{tmp_path}", "--repair", "--orphan-age", "-5"]) == 2
