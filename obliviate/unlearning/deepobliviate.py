@@ -213,6 +213,7 @@ def unlearn_deepobliviate(
     fit: PowerLawFit | None = None
     stop_block: int | None = None
     statistic: float | None = None
+    tested = applied = False  # whether the rule was evaluated at some block / could fire there (a decaying series)
     for block in range(d, num_blocks + 1):
         after = retrainer.advance_to(block)
         before = retrainer.checkpoints[block - 1]
@@ -225,6 +226,7 @@ def unlearn_deepobliviate(
             continue
         fit = fit_power_law(deltas, nonnegative_floor=options.nonnegative_floor)
         statistic = stop_rule_statistic(deltas, fit, rule=options.stop_rule)
+        tested, applied = True, applied or statistic is not None
         if statistic is not None and statistic < options.epsilon:
             stop_block = block
             break
@@ -233,7 +235,22 @@ def unlearn_deepobliviate(
     attempts: list[GuardrailAttempt] = []
     final_state: dict[str, torch.Tensor] | None = None
     last_used = num_blocks
-    if stop_block is None:
+    if stop_block is None and not tested:
+        stop_reason = (
+            f"too few blocks follow the last affected block {retrainer.last_affected} to apply stop rule "
+            f"{options.stop_rule.value} (it needs {options.min_points} Δ points before the last block): retrained "
+            "to the last block (the exact result)"
+        )
+        outcome = "not_needed"
+    elif stop_block is None and not applied:
+        # "never fell below eps=1e9" read as a broken rule: the series itself never decayed.
+        stop_reason = (
+            f"the residual Δ never decayed after the last affected block {retrainer.last_affected} (it grew or "
+            f"stayed flat, so stop rule {options.stop_rule.value} cannot fire at any eps): retrained to the last "
+            "block (the exact result)"
+        )
+        outcome = "not_needed"
+    elif stop_block is None:
         stop_reason = (
             f"stop rule {options.stop_rule.value} never fell below eps={options.epsilon} after the last affected "
             f"block {retrainer.last_affected}: retrained to the last block (the exact result)"

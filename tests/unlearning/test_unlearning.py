@@ -56,6 +56,23 @@ def test_second_deletion_works_from_the_current_chain(adam_chain: Chain, digits_
         unlearn(after_second, first, data=digits_data)
 
 
+def test_deepobliviate_says_why_its_rule_did_not_stop(adam_chain: Chain, digits_data: BlockData) -> None:
+    """With any ε it said "never fell below eps=1e9" where the rule could not be tried at all."""
+    num_blocks = adam_chain.config.num_blocks
+    late = unlearn_deepobliviate(
+        adam_chain, _ids(adam_chain, num_blocks - 1), data=digits_data, options=DeepObliviateOptions(epsilon=1e9)
+    )
+    assert late.record.stop_block is None and late.record.stop_reason.startswith(
+        f"too few blocks follow the last affected block {num_blocks - 1} to apply stop rule residual_ratio "
+        "(it needs 5 Δ points before the last block)"
+    )
+    # with ε this large the rule stops at the first block it can fire at; if it never can, it says why
+    early = unlearn_deepobliviate(
+        adam_chain, _ids(adam_chain, 1), data=digits_data, options=DeepObliviateOptions(epsilon=1e9)
+    )
+    assert "never fell below" not in early.record.stop_reason, early.record.stop_reason
+
+
 def test_deepobliviate_without_early_stop_equals_exact(adam_chain: Chain, digits_data: BlockData) -> None:
     ids = _ids(adam_chain, 5)
     never = DeepObliviateOptions(epsilon=1e-12)
