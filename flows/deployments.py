@@ -255,8 +255,18 @@ class ServiceWatcher:
             from flows.train import shutdown_pools
 
             self._guarded("stopping the worker pool", shutdown_pools)
-        for thread in self._threads:
-            thread.join(timeout=grace_s if thread.name == "serve-dispatcher" else 10)
+        heartbeat, dispatcher = self._threads
+        heartbeat.join(timeout=10)
+        from flows.runtime import ray_gcs_answers
+
+        # The pass under way ends once its workers are gone. When the Ray runtime itself is gone (a
+        # SIGTERM to serve's process group stops its local Ray too), a Ray call in that pass waits
+        # 60 s for the GCS: then serve does not wait for it, and the claim's lease lapses instead.
+        began = time.monotonic()
+        while dispatcher.is_alive() and time.monotonic() - began < grace_s:
+            dispatcher.join(timeout=1.0)
+            if time.monotonic() - began > 5.0 and not ray_gcs_answers():
+                break
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):

@@ -97,16 +97,28 @@ def warm_pool(store: str, *, size: int | None = None, run_ids: list[str] | None 
     return list(ray.get([actor.warm.remote(run_ids) for actor in actors]))
 
 
-def shutdown_pools() -> int:
-    """Kill every pooled worker in this Ray runtime (``serve`` does this on exit); returns how many."""
-    import ray
+def shutdown_pools(*, timeout_s: float = 10.0) -> int:
+    """Kill every pooled worker in this Ray runtime (``serve`` does this on exit); returns how many.
+
+    Gives up after ``timeout_s``: a SIGTERM to serve's process group stops its local Ray too, and a
+    call to a GCS that is going away waits 60 s for it to come back. Its workers go with it.
+    """
+    import threading
 
     from flows.runtime import ray_gcs_answers
 
     if not ray_gcs_answers():
-        # The runtime is gone (a SIGTERM to serve's process group stops its local Ray too), and its
-        # workers with it; asking it would wait 60 s for a GCS that never comes back.
         return 0
+    killed: list[int] = []
+    worker = threading.Thread(target=lambda: killed.append(_kill_pools()), name="stop-pools", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return killed[0] if killed else 0
+
+
+def _kill_pools() -> int:
+    import ray
+
     killed = 0
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if actor["namespace"] == RAY_NAMESPACE and actor["name"].startswith("pool/"):
