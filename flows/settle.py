@@ -116,34 +116,30 @@ def run_pass(
         log.info("claimed %d request(s): %s", len(claimed), [c.request_id for c in claimed])
 
         def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
-            if STOPPING.is_set():
+            stopping = STOPPING.is_set()
+            if stopping:
                 # the stop killed the workers: not a failed attempt; stored progress is resumed later
-                handed = ledger.hand_back(
+                outcome = ledger.hand_back(
                     entry.request_id,
                     claim_version=entry.version,
                     reason=f"serve stopped during the work ({error[:300]})",
                 )
-                keeper.release(entry.request_id)
-                if handed is None:
-                    lost.append(entry.request_id)
-                else:
-                    settled[entry.request_id] = handed.status
-                    log.warning(
-                        "request %s handed back (serve is stopping); its attempt is not counted", entry.request_id
-                    )
-                return
-            outcome = ledger.fail_attempt(
-                entry.request_id,
-                claim_version=entry.version,
-                error=error,
-                max_attempts=attempts.max_attempts,
-                first_backoff_s=attempts.first_backoff_s,
-                max_backoff_s=attempts.max_backoff_s,
-                extra=extra,
-            )
+            else:
+                outcome = ledger.fail_attempt(
+                    entry.request_id,
+                    claim_version=entry.version,
+                    error=error,
+                    max_attempts=attempts.max_attempts,
+                    first_backoff_s=attempts.first_backoff_s,
+                    max_backoff_s=attempts.max_backoff_s,
+                    extra=extra,
+                )
             keeper.release(entry.request_id)
             if outcome is None:
                 lost.append(entry.request_id)
+            elif stopping:
+                settled[entry.request_id] = outcome.status
+                log.warning("request %s handed back (serve is stopping); its attempt is not counted", entry.request_id)
             else:
                 settled[entry.request_id] = outcome.status
                 log.warning("request %s attempt failed (%s): %s", entry.request_id, outcome.status, error[:300])
