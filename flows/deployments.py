@@ -35,7 +35,9 @@ from typing import Any
 
 from flows.audit import audit_flow
 from flows.reconcile import reconcile_flow
-from flows.runtime import ui_url_of
+from flows.runtime import ray_gcs_answers, ui_url_of
+from flows.settle import STOPPING
+from flows.train import shutdown_pools
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
 from obliviate.errors import ConfigError
@@ -244,21 +246,15 @@ class ServiceWatcher:
         attempt (:data:`flows.settle.STOPPING`). It took a new claim while stopping before, and
         counted the stop as a failed attempt.
         """
-        from flows.settle import STOPPING
-
         STOPPING.set()
         self._stop.set()
         self.wakeups.put(None)
         if self.listener is not None:
             self.listener.stop()
-        if self.warm:
-            from flows.train import shutdown_pools
-
-            self._guarded("stopping the worker pool", shutdown_pools)
+        # the pool's workers, in both dispatch modes: runner flow runs start them in this Ray runtime too
+        self._guarded("stopping the worker pool", shutdown_pools)
         heartbeat, dispatcher = self._threads
         heartbeat.join(timeout=10)
-        from flows.runtime import ray_gcs_answers
-
         # The pass under way ends once its workers are gone. When the Ray runtime itself is gone (a
         # SIGTERM to serve's process group stops its local Ray too), a Ray call in that pass waits
         # 60 s for the GCS: then serve does not wait for it, and the claim's lease lapses instead.

@@ -131,10 +131,5 @@ def run_serve(args: argparse.Namespace) -> int:
 
         # Flow runs execute in subprocesses of the runner: they join this Ray runtime, not a new one.
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        from flows.train import shutdown_pools
-
-        try:
-            serve_deployments(options, api_url=api_url)
-        finally:
-            shutdown_pools()
+        serve_deployments(options, api_url=api_url)  # stops its worker pools as it stops
     return 0
