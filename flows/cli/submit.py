@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 
+from flows.cli._store import DEFAULT_STORE
 from obliviate.errors import ConfigError
 
 FORWARDED_ENV = (
@@ -66,38 +67,127 @@ def run_submit(args: argparse.Namespace) -> int:
             f"--working-dir {args.working_dir!r} is not a folder; pass the repository root (default '.') so the job "
             "can import obliviate."
         )
-    _check_job_command(job)
+    _check_outputs_outlive_the_job(_check_job_command(job))
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         client = JobSubmissionClient(args.address)
+        job_id = client.submit_job(
+            entrypoint="python -m flows.cli " + shlex.join(job), runtime_env=job_runtime_env(args.working_dir)
+        )
+    except AuthenticationError as err:
+        raise ConfigError(_refused_message(args.address)) from err
     except ConnectionError as err:
         raise ConfigError(
             f"no Ray cluster answers at --address {args.address} ({err}); start one (`ray start --head`, or "
             "`ray up cluster.yaml`) or pass its dashboard address, e.g. http://HEAD:8265."
         ) from err
-    entrypoint = "python -m flows.cli " + shlex.join(job)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(args.working_dir))
-    print(f"submitted {job_id} to {args.address}: obliviate {shlex.join(job)}")
+    print(f"submitted {job_id} to {args.address}: obliviate {shlex.join(job)}", flush=True)
     if args.no_wait:
         return 0
-    deadline = time.monotonic() + args.timeout
-    status = str(client.get_job_status(job_id))
-    while status.split(".")[-1] not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(1.0)
-        status = str(client.get_job_status(job_id))
-    sys.stdout.write(client.get_job_logs(job_id))
-    state = status.split(".")[-1]
+    try:
+        state = _follow(client, job_id, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        from flows.cli import EXIT_INTERRUPTED
+
+        print(
+            f"obliviate submit: stopped waiting; job {job_id} keeps running on the cluster. Follow it with "
+            f"`ray job logs --address {args.address} --follow {job_id}`, stop it with "
+            f"`ray job stop --address {args.address} {job_id}`.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if state not in TERMINAL:
+        print(
+            f"job {job_id}: still {state} after --timeout {args.timeout:g} s; it keeps running on the cluster. Follow "
+            f"it with `ray job logs --address {args.address} --follow {job_id}`, stop it with "
+            f"`ray job stop --address {args.address} {job_id}`."
+        )
+        return 1
     print(f"job {job_id}: {state}")
     return 0 if state == "SUCCEEDED" else 1
 
 
-def _check_job_command(job: list[str]) -> None:
+def _follow(client, job_id: str, *, timeout_s: float) -> str:
+    """Print the job's log as it grows until the job ends or ``timeout_s`` passes; returns its last state."""
+    deadline = time.monotonic() + timeout_s
+    printed = 0
+    while True:
+        state = str(client.get_job_status(job_id)).split(".")[-1]
+        logs = client.get_job_logs(job_id)
+        sys.stdout.write(logs[printed:])
+        sys.stdout.flush()
+        printed = len(logs)
+        if state in TERMINAL or time.monotonic() >= deadline:
+            return state
+        time.sleep(1.0)
+
+
+def _refused_message(address: str) -> str:
+    """Why a Ray 2.60 cluster refused the Jobs client, and the fix for this shell."""
+    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+    if mode != "token":
+        return (
+            f"the Ray cluster at {address} wants an authentication token (Ray 2.60's default), and this shell's "
+            f"Jobs client sends none (RAY_AUTH_MODE={mode}). Run `export RAY_AUTH_MODE=token` and submit again; the "
+            "client reads the cluster's token from ~/.ray/auth_token, the file RAY_AUTH_TOKEN_PATH names, or "
+            "RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it). Nothing was sent to the cluster."
+        )
+    return (
+        f"the Ray cluster at {address} refused this shell's authentication token: it is missing or not the "
+        "cluster's. Put the cluster's token (`ray get-auth-token` on the head prints it) in ~/.ray/auth_token, the "
+        "file RAY_AUTH_TOKEN_PATH names, or RAY_AUTH_TOKEN, and submit again. Nothing was sent to the cluster."
+    )
+
+
+def _check_outputs_outlive_the_job(job: argparse.Namespace) -> None:
+    """Refuse a job whose results would land in its uploaded working directory.
+
+    A job runs in a copy of ``--working-dir`` that Ray unpacks under its session folder on whichever
+    node runs the driver and deletes with the session, so a relative store or output path (the
+    default ``file://./runs`` among them) would lose every result the job writes.
+    """
+    for flag, where in _job_outputs(job):
+        path = where.removeprefix("file://")
+        if where.startswith("s3://") or os.path.isabs(os.path.expanduser(path)):
+            continue
+        fix = (
+            "pass --out an absolute path on a filesystem every node shares, e.g. --out /shared/obliviate/out"
+            if flag == "--out"
+            else "set OBLIVIATE_STORE=s3://bucket/prefix (or pass --store), or use an absolute path on a filesystem "
+            "every node shares, e.g. --store file:///shared/obliviate"
+        )
+        raise ConfigError(
+            f"the job would write to {where} ({flag}), a path relative to the job's working directory: Ray unpacks "
+            "that on the node running the job and deletes it when the job's session ends, so the results would be "
+            f"lost. To keep them, {fix}. Nothing was sent to the cluster."
+        )
+
+
+def _job_outputs(job: argparse.Namespace) -> list[tuple[str, str]]:
+    """Where the parsed job command would write: (the flag that says so, the store URL or path)."""
+    store = getattr(job, "store", None)
+    out = getattr(job, "out", None)
+    if store:
+        return [("--store", store)]
+    outputs: list[tuple[str, str]] = []
+    if out:
+        outputs.append(("--out", out))
+    elif hasattr(job, "out") and job.command == "demo":
+        outputs.append(("--out", "runs/demo"))
+    if hasattr(job, "store") and not (out and job.command == "reduce"):  # reduce's --out is its store
+        env_store = os.environ.get("OBLIVIATE_STORE")
+        outputs.append(("$OBLIVIATE_STORE", env_store) if env_store else ("the default store", DEFAULT_STORE))
+    return outputs
+
+
+def _check_job_command(job: list[str]) -> argparse.Namespace:
     """Parse the job's command line here, so a typo fails now rather than on the cluster after the upload."""
     from flows.cli import build_parser
 
     try:
-        build_parser().parse_args(job)
+        return build_parser().parse_args(job)
     except SystemExit as exit_:
         if exit_.code in (0, None):  # `-- train --help`: the help was printed here; nothing to run
             raise SystemExit(0) from None

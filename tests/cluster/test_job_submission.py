@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,17 +58,9 @@ def stop_process_group(process: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def start_ray_head(temp_dir: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """A Ray head on 127.0.0.1 with free ports; returns its ``ray start`` process and dashboard address."""
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every listener on 127.0.0.1
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    temp_dir = tmp_path_factory.mktemp("ray")
     # --block keeps `ray start` in the foreground as the parent of this head's processes, so the
     # teardown stops exactly this head (its process group), never another Ray on the machine.
     head = subprocess.Popen(
@@ -93,7 +88,19 @@ def ray_head(tmp_path_factory):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dashboard_port}"
+    return head, f"http://127.0.0.1:{dashboard_port}"
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every listener on 127.0.0.1
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    head, address = start_ray_head(tmp_path_factory.mktemp("ray"), env)
     previous_auth = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the SDK client in this process must match the head
     try:
@@ -195,6 +202,86 @@ def test_submit_to_an_address_nobody_answers_says_how_to_get_a_cluster(capsys):
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--no-wait", "--", "reduce", "--k", "5"]) == 2
+    job = ["reduce", "--k", "5", "--store", "s3://bucket/obliviate"]
+    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--no-wait", "--", *job]) == 2
     err = capsys.readouterr().err
     assert f"no Ray cluster answers at --address http://127.0.0.1:{port}" in err and "ray start --head" in err
+
+
+@pytest.mark.parametrize(
+    ("job", "store_env", "refused"),
+    [
+        (["reduce", "--k", "5"], None, "file://./runs (the default store)"),
+        (["reduce", "--k", "5"], "file://runs", "file://runs ($OBLIVIATE_STORE)"),
+        (["train", "--run-id", "r1", "--store", "file://relative/store"], None, "file://relative/store (--store)"),
+        (["steal", "--target", "/models/target.pt"], "s3://bucket/obliviate", "runs/steal (--out)"),
+        (["demo"], None, "runs/demo (--out)"),
+        (["reduce", "--k", "5", "--out", "/shared/out"], None, None),
+        (["reduce", "--k", "5"], "s3://bucket/obliviate", None),
+        (["train", "--run-id", "r1", "--store", "file:///shared/store"], None, None),
+    ],
+)
+def test_submit_refuses_a_job_whose_results_would_be_deleted_with_its_working_dir(
+    job, store_env, refused, capsys, monkeypatch
+) -> None:
+    from flows.cli import main
+
+    if store_env is None:
+        monkeypatch.delenv("OBLIVIATE_STORE", raising=False)
+    else:
+        monkeypatch.setenv("OBLIVIATE_STORE", store_env)
+    port = free_port()  # nothing listens there: a job that passes the check fails on the connection
+    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--no-wait", "--", *job]) == 2
+    err = capsys.readouterr().err
+    if refused is None:
+        assert "no Ray cluster answers" in err, err
+    else:
+        assert f"the job would write to {refused}" in err, err
+        assert "results would be lost" in err and "Nothing was sent to the cluster" in err
+
+
+@pytest.mark.slow
+def test_submit_to_a_token_cluster_says_how_to_authenticate(tmp_path, tmp_path_factory) -> None:
+    """Ray 2.60's default: the head wants a token; the Jobs client sends one only with RAY_AUTH_MODE=token."""
+    token_file = tmp_path / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_AUTH_TOKEN", None)
+    head, address = start_ray_head(tmp_path_factory.mktemp("ray"), env)  # short: Ray's socket paths
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the dashboard answers (401 without a token) once it is up
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                time.sleep(1)
+
+        def submit(**client_env: str) -> subprocess.CompletedProcess:
+            command = [str(BIN / "obliviate"), "submit", "--address", address, "--no-wait", "--working-dir"]
+            command += [str(tmp_path), "--", "reduce", "--data", "digits", "--k", "5", "--out", str(tmp_path / "out")]
+            return subprocess.run(
+                command, env={**env, **client_env}, capture_output=True, text=True, timeout=120, check=False
+            )
+
+        without_token = submit(RAY_AUTH_MODE="disabled")
+        assert without_token.returncode == 2, without_token.stdout + without_token.stderr
+        assert "export RAY_AUTH_MODE=token" in without_token.stderr
+        assert "Traceback" not in without_token.stderr
+        wrong_token = submit(RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_AUTH_TOKEN_PATH=str(tmp_path / "missing"))
+        assert wrong_token.returncode == 2, wrong_token.stdout + wrong_token.stderr
+        assert "refused this shell's authentication token" in wrong_token.stderr
+        with_token = submit()
+        assert with_token.returncode == 0, with_token.stdout + with_token.stderr
+        assert "submitted raysubmit_" in with_token.stdout
+    finally:
+        stop_process_group(head)
