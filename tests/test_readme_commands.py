@@ -89,6 +89,8 @@ def test_make_demo_tells_the_whole_story(tmp_path) -> None:
         served = rf"^  {run}(: none of the batch's ids is in its training data| served while the batch retrained: v\d)"
         assert re.search(served, out, flags=re.MULTILINE), out[-3000:]
     assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
+    reduce_report = re.search(r"^\| reduce \(DRMI\) \| ok \| \d+ \| (\S+) \|$", out, flags=re.MULTILINE)
+    assert reduce_report and Path(reduce_report.group(1)).is_file(), out[-3000:]  # the summary itself, not a pattern
     assert (tmp_path / "steal" / "steal.md").exists()
     assert "`make ui` (or `.venv/bin/obliviate ui`), then open http://127.0.0.1:4200" in out  # issue 15
 

@@ -140,7 +140,8 @@ def _run_steps(args: argparse.Namespace, root: Path) -> int:
     _banner("1/3 reduce: the k least mutually informative images (DRMI)")
     began = time.perf_counter()
     code = cli_main(["reduce", *settings["reduce"], "--store", store_url])
-    rows.append(_row("reduce (DRMI)", began, code, f"{store_url}/reduce-*/summary.json"))
+    summaries = sorted(root.glob("reduce-*/summary.json"), key=lambda path: path.stat().st_mtime)
+    rows.append(_row("reduce (DRMI)", began, code, str(summaries[-1]) if summaries else f"{store_url}/reduce-*"))
 
     _banner("2/3 extraction audit: how well k label queries steal a LeNet-5 target")
     began = time.perf_counter()
@@ -250,7 +251,7 @@ def _print_batch(batch: dict[str, Any]) -> None:
     )
     print(
         f"batch cost: one exact retrain of {batch['block_trainings']} block-training"
-        f"{'' if batch['block_trainings'] == 1 else 's'} ({batch['retrain_seconds']:.1f} s) "
+        f"{'' if batch['block_trainings'] == 1 else 's'} ({batch['retrain_seconds']:.2f} s) "
         f"for {n} requests = {per_blocks:.2f} block-trainings ({per_s:.2f} s) per request vs naive retraining "
         f"{naive_blocks:.1f} block-trainings ({naive_s:.2f} s) per request: {ratio}"
     )
