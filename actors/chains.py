@@ -34,7 +34,7 @@ from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData, Chain, Checkpoint
 from obliviate.unlearning.config import model_from_state
-from obliviate.unlearning.deepobliviate import DeepObliviateOptions
+from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON, DeepObliviateOptions
 from obliviate.unlearning.exact import validate_deletion
 from obliviate.unlearning.health import sharp_drops
 from obliviate.unlearning.judge import HeldoutJudge
@@ -217,7 +217,7 @@ class ChainWorker:
         *,
         policy: str = Policy.EXACT.value,
         verify: bool = False,
-        epsilon: float = 0.05,
+        epsilon: float = DEFAULT_EPSILON,
     ) -> dict[str, Any]:
         """Forget the dataset ids of ``requests`` (request id -> ids) from run ``run_id``.
 
@@ -360,6 +360,7 @@ class ChainWorker:
         audit = {
             **base,
             "policy": policy.value,
+            **({"epsilon": epsilon} if policy is Policy.DEEPOBLIVIATE else {}),
             "deleted_ids": spec.dataset_ids(new_positions),
             "first_affected_block": first,
             "last_affected_block": last,

@@ -41,6 +41,7 @@ from flows.train import shutdown_pools
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
 from obliviate.errors import ConfigError
+from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
@@ -56,6 +57,7 @@ class ServiceOptions:
     Attributes:
         store: the store of runs and ledger.
         policy: unlearning policy (``exact`` or ``deepobliviate``).
+        epsilon: DeepObliviate's stop threshold ε (``deepobliviate`` only).
         verify: compare each unlearned model with a naive retrain (slow; for audits).
         workers: Ray workers per fan-out (default: cluster CPUs).
         reconcile_cron: schedule of the reconciliation.
@@ -73,6 +75,7 @@ class ServiceOptions:
 
     store: str
     policy: str = "exact"
+    epsilon: float = DEFAULT_EPSILON
     verify: bool = False
     workers: int | None = None
     reconcile_cron: str = "*/5 * * * *"
@@ -109,19 +112,25 @@ def _check_cron(option: str, cron: str) -> None:
         ) from err
 
 
-def build_deployments(options: ServiceOptions) -> list[Any]:
-    """The runner deployments for one store (see the module docstring)."""
-    from prefect.events import DeploymentEventTrigger
-
-    store = ObjectStore(options.store).url
-    common = {
-        "store": store,
+def flow_parameters(options: ServiceOptions) -> dict[str, Any]:
+    """The parameters of serve's ``unlearn`` and ``reconcile`` runs, however they are dispatched."""
+    return {
+        "store": ObjectStore(options.store).url,
         "policy": options.policy,
+        "epsilon": options.epsilon,
         "verify": options.verify,
         "workers": options.workers,
         "lease_s": options.lease_s,
         "max_attempts": options.max_attempts,
     }
+
+
+def build_deployments(options: ServiceOptions) -> list[Any]:
+    """The runner deployments for one store (see the module docstring)."""
+    from prefect.events import DeploymentEventTrigger
+
+    store = ObjectStore(options.store).url
+    common = flow_parameters(options)
     trigger = DeploymentEventTrigger(
         name=f"deletion-requested-{options.suffix}",
         expect={EVENT_NAME},
@@ -270,14 +279,7 @@ class ServiceWatcher:
                 self.store.put_json(HEARTBEAT_KEY, {"pid": self.announcement["pid"], "heartbeat_at": time.time()})
 
     def _flow_options(self) -> dict[str, Any]:
-        return {
-            "store": self.store.url,
-            "policy": self.options.policy,
-            "verify": self.options.verify,
-            "workers": self.options.workers,
-            "lease_s": self.options.lease_s,
-            "max_attempts": self.options.max_attempts,
-        }
+        return flow_parameters(self.options)
 
     def _dispatch(self) -> None:
         from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings

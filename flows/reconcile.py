@@ -16,6 +16,7 @@ from prefect import flow
 
 from flows.settle import AttemptPolicy
 from flows.unlearn import process_open_requests
+from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from storage.lease import DEFAULT_LEASE_S
 
 
@@ -27,7 +28,10 @@ def reconcile_flow(
     workers: int | None = None,
     lease_s: float = DEFAULT_LEASE_S,
     max_attempts: int = 3,
+    epsilon: float = DEFAULT_EPSILON,
 ) -> dict[str, Any]:
     """Finish every due ledger entry (a lost event, a crashed pass, a retry): the cron safety net."""
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
-    return process_open_requests(store, policy=policy, verify=verify, workers=workers, attempts=attempts)
+    return process_open_requests(
+        store, policy=policy, epsilon=epsilon, verify=verify, workers=workers, attempts=attempts
+    )

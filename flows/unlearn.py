@@ -43,6 +43,7 @@ from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
 from flows.settle import AttemptPolicy, run_pass, run_until_quiet
 from flows.train import worker_pool
+from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError, parse_event_payload, parse_ids, request_id_for
 from storage import lease
 from storage.lease import DEFAULT_LEASE_S
@@ -54,6 +55,7 @@ def process_open_requests(
     store: str,
     *,
     policy: str = "exact",
+    epsilon: float = DEFAULT_EPSILON,
     verify: bool = False,
     workers: int | None = None,
     attempts: AttemptPolicy | None = None,
@@ -69,7 +71,9 @@ def process_open_requests(
     fanouts: list[dict[str, Any]] = []
 
     def unlearn_runs(per_run: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, Any]]:
-        results, fanout = fan_out_unlearning(store, per_run, policy=policy, verify=verify, workers=workers)
+        results, fanout = fan_out_unlearning(
+            store, per_run, policy=policy, epsilon=epsilon, verify=verify, workers=workers
+        )
         fanouts.append(fanout)
         logger.info(
             "fan-out of %d run(s) on %d worker(s) finished in %.1f s",
@@ -107,7 +111,13 @@ def process_open_requests(
 
 
 def fan_out_unlearning(
-    store: str, per_run: dict[str, dict[str, list[int]]], *, policy: str, verify: bool, workers: int | None
+    store: str,
+    per_run: dict[str, dict[str, list[int]]],
+    *,
+    policy: str,
+    epsilon: float = DEFAULT_EPSILON,
+    verify: bool,
+    workers: int | None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``."""
     import ray
@@ -119,7 +129,9 @@ def fan_out_unlearning(
     actors = worker_pool(store, pool_size)
     started = time.time()
     futures = {
-        run_id: actors[i % pool_size].unlearn.remote(run_id, per_run[run_id], policy=policy, verify=verify)
+        run_id: actors[i % pool_size].unlearn.remote(
+            run_id, per_run[run_id], policy=policy, verify=verify, epsilon=epsilon
+        )
         for i, run_id in enumerate(sorted(per_run))
     }
     results: dict[str, dict[str, Any]] = {}
@@ -142,6 +154,7 @@ def unlearn_flow(
     workers: int | None = None,
     lease_s: float = DEFAULT_LEASE_S,
     max_attempts: int = 3,
+    epsilon: float = DEFAULT_EPSILON,
 ) -> dict[str, Any]:
     """Handle one deletion event: check it, then settle every open request (merged).
 
@@ -154,6 +167,7 @@ def unlearn_flow(
         workers: Ray workers for the fan-out (default: cluster CPUs).
         lease_s: a claim whose lease was not renewed for this long is taken over.
         max_attempts: attempts per request before it becomes ``failed``.
+        epsilon: DeepObliviate's stop threshold ε (``policy="deepobliviate"`` only).
     """
     logger = get_run_logger()
     ledger = DeletionLedger(ObjectStore(store))
@@ -191,7 +205,9 @@ def unlearn_flow(
         return {"event_id": event_id, "outcome": "duplicate", "request_id": request_id, "status": entry.status}
     ledger.record_event(event_id, {"outcome": "processing", "request_id": request_id, "received_at": received_at})
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
-    result = process_open_requests(store, policy=policy, verify=verify, workers=workers, attempts=attempts)
+    result = process_open_requests(
+        store, policy=policy, epsilon=epsilon, verify=verify, workers=workers, attempts=attempts
+    )
     outcome = "processed" if request_id in result["claimed"] else "duplicate"
     return {"event_id": event_id, "outcome": outcome, "request_id": request_id, **result}
 

@@ -11,6 +11,7 @@ withdraws its announcement from the store; a clean stop withdraws it too.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import replace
@@ -26,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="exact",
         choices=["exact", "deepobliviate"],
         help="unlearning policy (default exact: bit-identical to retraining)",
+    )
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="with --policy deepobliviate: the stop rule's threshold ε (default 0.05; `obliviate tune unlearning` "
+        "sweeps it against consistency with naive retraining)",
     )
     parser.add_argument("--verify", action="store_true", help="also retrain naively and record consistency")
     parser.add_argument("--workers", type=int, default=None, help="Ray workers per fan-out (default: cluster CPUs)")
@@ -74,6 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.watchdog import start_watchdog
     from obliviate.errors import ConfigError
     from obliviate.unlearning.batching import DEFAULT_MARGIN_S, BatchPolicy, parse_duration
+    from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
     from storage.lease import DEFAULT_LEASE_S
     from storage.objects import ObjectStore
 
@@ -97,11 +106,23 @@ def run_serve(args: argparse.Namespace) -> int:
             f"--deadline must exceed the {DEFAULT_MARGIN_S / 3600:g} h kept back before each deadline for the retrain "
             f"to land; got {args.deadline!r}. Use a longer one such as 1d (default 30d)."
         )
+    if args.epsilon is not None and args.policy != "deepobliviate":
+        raise ConfigError(
+            f"--epsilon is DeepObliviate's stop threshold, so it needs --policy deepobliviate; got --epsilon "
+            f"{args.epsilon:g} with --policy {args.policy}. Add --policy deepobliviate, or drop --epsilon (exact "
+            "retraining has no threshold)."
+        )
+    if args.epsilon is not None and not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        raise ConfigError(
+            f"--epsilon is the stop rule's threshold, a finite number > 0 (default {DEFAULT_EPSILON:g}); got "
+            f"{args.epsilon:g}. Larger stops earlier (faster, further from exact)."
+        )
     # Every option is checked before the store is created or written.
     policy = BatchPolicy(window_s=window_s, batch_max=args.batch_max, deadline_s=deadline_s)
     options = ServiceOptions(
         store=store_url(args),
         policy=args.policy,
+        epsilon=DEFAULT_EPSILON if args.epsilon is None else args.epsilon,
         verify=args.verify,
         workers=args.workers,
         reconcile_cron=args.reconcile_cron,

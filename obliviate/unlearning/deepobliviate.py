@@ -44,6 +44,9 @@ from obliviate.unlearning.records import (
 )
 from obliviate.unlearning.trainer import heldout_accuracy
 
+#: ε of the stop rule when none is given (SPEC section 5).
+DEFAULT_EPSILON = 0.05
+
 
 class StopRule(str, Enum):
     """DeepObliviate termination rules (SPEC section 5)."""
@@ -67,7 +70,7 @@ class DeepObliviateOptions:
             :func:`fit_power_law`.
     """
 
-    epsilon: float = 0.05
+    epsilon: float = DEFAULT_EPSILON
     min_points: int = 5
     stop_rule: StopRule = StopRule.RESIDUAL_RATIO
     guardrail_tolerance: float = 0.01

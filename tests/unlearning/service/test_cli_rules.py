@@ -179,6 +179,42 @@ def test_serve_refuses_bad_workers_schedules_or_batching_before_touching_the_sto
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        (["--epsilon", "0.2"], "--epsilon is DeepObliviate's stop threshold, so it needs --policy deepobliviate"),
+        (["--policy", "deepobliviate", "--epsilon", "0"], "a finite number > 0 (default 0.05); got 0"),
+        (["--policy", "deepobliviate", "--epsilon=-1"], "a finite number > 0 (default 0.05); got -1"),
+        (["--policy", "deepobliviate", "--epsilon", "nan"], "a finite number > 0 (default 0.05); got nan"),
+    ],
+)
+def test_serve_refuses_an_epsilon_it_cannot_use_before_touching_the_store(tmp_path, capsys, options, rule):
+    assert main(["serve", "--store", f"file://{tmp_path}/runs", *options]) == 2
+    err = capsys.readouterr().err
+    assert rule in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_serve_hands_its_epsilon_to_every_unlearning(ray_address, prefect_api_url, store_url, tiny_run):
+    """`serve --policy deepobliviate --epsilon E` reaches the workers (it once ran every request at 0.05)."""
+    from actors.chains import ChainWorker
+    from flows.deployments import ServiceOptions, build_deployments, flow_parameters
+    from flows.reconcile import reconcile_flow
+    from flows.train import run_spec
+    from flows.unlearn import submit_deletion
+
+    spec = run_spec(run_id="eps", split_seed=0, **tiny_run(blocks=4))
+    ObjectStore(store_url).ensure_container()
+    ChainWorker(store_url).train(spec)
+    request = submit_deletion(store_url, spec["train_ids"][-1:], dataset="digits", emit=False)["request_id"]
+    options = ServiceOptions(store=store_url, policy="deepobliviate", epsilon=0.37, workers=1, audit_cron=None)
+    unlearn, reconcile = build_deployments(options)  # runner dispatch; warm dispatch uses flow_parameters
+    assert unlearn.parameters["epsilon"] == reconcile.parameters["epsilon"] == flow_parameters(options)["epsilon"]
+    assert reconcile_flow(**reconcile.parameters)["settled"] == {request: "done"}
+    audit = DeletionLedger(ObjectStore(store_url)).get(request).details["runs"]["eps"]
+    assert audit["policy"] == "deepobliviate" and audit["epsilon"] == 0.37, audit
+
+
 @pytest.fixture
 def run_on_npz(tmp_path, tiny_run):
     """A published run trained (in-process, as the flows' worker does) on an .npz copy of digits."""
