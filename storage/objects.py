@@ -542,6 +542,15 @@ def _parse_url(url: str) -> tuple[str, str, str]:
             f"a store URL is file://PATH or s3://bucket/prefix, with '//' after the scheme; got {url!r}. "
             f"Write {prefix.group(1)}://{url[prefix.end() :].lstrip('/')} (or ./{url} for a local folder of that name)."
         )
+    if url.startswith("file://"):
+        path = url[len("file://") :]
+        if not path:
+            raise ConfigError(
+                "a file store URL must name a folder: file://PATH, e.g. file://./runs or file:///srv/obliviate; "
+                "got 'file://'."
+            )
+        root = os.path.abspath(os.path.expanduser(path.rstrip("/") or "/"))
+        return f"file://{root}", "file", root
     url = url.rstrip("/")
     if url in ("s3:", "s3:/"):
         raise ConfigError(f"an S3 store URL must name a bucket: s3://bucket[/prefix]; got {url + '//'!r}.")
@@ -550,11 +559,10 @@ def _parse_url(url: str) -> tuple[str, str, str]:
         if not root:
             raise ConfigError(f"an S3 store URL must name a bucket: s3://bucket[/prefix]; got {url!r}.")
         return f"s3://{root}", "s3", root
-    if "://" in url and not url.startswith("file://"):
+    if "://" in url:
         scheme = url.split("://", 1)[0]
         raise ConfigError(f"store URL scheme {scheme!r} is not supported; use file://PATH or s3://bucket/prefix.")
-    path = url.removeprefix("file://")
-    root = os.path.abspath(os.path.expanduser(path or "."))
+    root = os.path.abspath(os.path.expanduser(url))
     return f"file://{root}", "file", root
 
 

@@ -208,6 +208,9 @@ def test_bad_keys_and_urls_are_rejected(tmp_path):
             ObjectStore(typo)
     with pytest.raises(ValueError, match="must name a bucket"):
         ObjectStore("s3://")
+    with pytest.raises(ValueError, match="a file store URL must name a folder"):  # it became a folder 'file:'
+        ObjectStore("file://")
+    assert ObjectStore(f"file://{tmp_path}/").url == f"file://{tmp_path}"
     assert ObjectStore("./a:b").url == f"file://{os.path.abspath('a:b')}"  # the way to name such a folder
 
 
