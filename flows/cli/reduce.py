@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.cli._types import seed
 from flows.progress import shown_progress
 from obliviate.data import ImageDataset, dataset_source, load_dataset
 from obliviate.errors import ConfigError
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bins", type=int, default=256, help="gray levels counted by MI (default 256: exact)")
     parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")
     parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for drawing start vertices")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for drawing start vertices")
     parser.add_argument(
         "--store",
         default=None,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows.cli._types import seed
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--split-seed",
-        type=int,
+        type=seed,
         default=None,
         help="seed of the pool/test split (default: the target's own, so `target train --seed S` gives the bench's split S)",
     )

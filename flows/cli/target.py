@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from flows.cli._types import seed
 from flows.runtime import writable_folder
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--steps", type=int, default=1500, help="Adam steps, batch 64 (default 1500)")
     train.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="seed of the split (draw_split: `steal` then uses the bench's split SEED), weights and batches",
     )

@@ -8,6 +8,7 @@ import os
 import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from flows.cli._types import seed
 from obliviate.data import dataset_source
 from obliviate.unlearning.config import DEFAULT_RECIPE
 
@@ -53,12 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=recipe["min_lr_fraction"],
         help=f"cosine: the last block's rate as a fraction of --lr (default {recipe['min_lr_fraction']})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="chain seed (init, block split, batch order)")
+    parser.add_argument("--seed", type=seed, default=0, help="chain seed (init, block split, batch order)")
     parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all not held out)")
     parser.add_argument(
         "--heldout-size", type=int, default=None, help="held-out samples (default 300, or 1/5 of under 1,500 images)"
     )
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/held-out split")
+    parser.add_argument("--split-seed", type=seed, default=0, help="seed of the train/held-out split")
     parser.add_argument(
         "--shards",
         type=int,

@@ -127,6 +127,8 @@ class BlockTrainingConfig:
         for name, value in positive_ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0 (numpy's generators refuse others); got {self.seed!r}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0; got {self.learning_rate!r}.")
         if not 0 < self.gamma <= 1:

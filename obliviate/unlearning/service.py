@@ -140,6 +140,8 @@ def plan_run(
         split_seed: seed of the split (independent of ``config.seed``).
         config: the chain's options; ``image_size``, ``levels`` and ``num_classes`` must match the data.
     """
+    if not isinstance(split_seed, int) or isinstance(split_seed, bool) or split_seed < 0:
+        raise ConfigError(f"split_seed (--split-seed) must be an integer >= 0; got {split_seed!r}.")
     n = len(dataset)
     heldout_size = default_heldout_size(n) if heldout_size is None else heldout_size
     train_size = n - heldout_size if train_size is None else train_size

@@ -302,6 +302,61 @@ def test_an_option_value_that_starts_with_a_dash_is_given_the_equals_form(tmp_pa
     assert "a duration is a number with an optional unit" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--run-id", "b", "--seed", "-1"],
+        ["train", "--run-id", "b", "--split-seed=-2"],
+        ["reduce", "--data", "digits", "--k", "5", "--seed", "-1"],
+        ["target", "train", "--seed", "-1"],
+        ["steal", "--target", "t.pt", "--split-seed", "-1"],
+    ],
+)
+def test_a_negative_seed_is_refused_before_anything_is_stored(tmp_path, capsys, command):
+    # `train --seed -1` once stored the run's spec, then failed in numpy on the worker: the run id
+    # could not be trained again with any options
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--store" if command[0] in ("train", "reduce") else "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2
+    assert "a seed is an integer >= 0; got -" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_training_recipe_and_the_split_refuse_a_negative_seed():
+    from flows.train import run_spec
+
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
+        run_spec(
+            run_id="r",
+            data="digits",
+            model="lenet5",
+            blocks=2,
+            epochs=1,
+            batch_size=32,
+            learning_rate=0.01,
+            schedule="constant",
+            seed=-1,
+            train_size=None,
+            heldout_size=None,
+            split_seed=0,
+        )
+    with pytest.raises(ConfigError, match=r"split_seed \(--split-seed\) must be an integer >= 0"):
+        run_spec(
+            run_id="r",
+            data="digits",
+            model="lenet5",
+            blocks=2,
+            epochs=1,
+            batch_size=32,
+            learning_rate=0.01,
+            schedule="constant",
+            seed=0,
+            train_size=None,
+            heldout_size=None,
+            split_seed=-1,
+        )
+
+
 def test_store_check_refuses_a_negative_orphan_age(tmp_path, capsys):
     # a negative age would make every orphan, even one an attempt is writing now, old enough to collect
     assert main(["store", "check", "--store", f"file://{tmp_path}", "--repair", "--orphan-age", "-5"]) == 2
