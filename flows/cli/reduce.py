@@ -90,9 +90,13 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
 
     n = len(dataset)
     check_subset_size(args.k, n)
-    workers = getattr(args, "workers", None)
-    if workers is not None and workers < 0:
-        raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset; got {workers}.")
+    workers = _checked_workers(args)
+    if workers == 0 and getattr(args, "tiles_only", False):
+        raise ConfigError(
+            "--tiles-only stops after storing the MI tiles, but --workers 0 computes the matrix in this process "
+            "without tiles (and would run every restart); drop --workers 0 to store tiles with Ray, or drop "
+            "--tiles-only."
+        )
     local_cpus = os.cpu_count() or 1
     if workers and not (getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS")) and workers > local_cpus:
         # A local runtime never grows: the reservation would wait its full timeout, then fail.
@@ -109,6 +113,13 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
     choose_starts(n, num_starts=args.starts, rng=np.random.default_rng(args.seed))
     plan = TilePlan(n=n, tile_size=args.tile_size)
     restart_memory_bytes(plan, k=args.k, limit_mb=getattr(args, "restart_memory_mb", None))
+
+
+def _checked_workers(args: argparse.Namespace) -> int | None:
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset; got {workers}.")
+    return workers
 
 
 def run_reduce(args: argparse.Namespace) -> int:
@@ -131,7 +142,12 @@ def print_plan(args: argparse.Namespace) -> int:
     """The reduction's sizes for ``--plan N`` images, without computing anything."""
     from obliviate.reduction.tiling import plan_report
 
-    workers = args.workers if args.workers else 1
+    check_subset_size(args.k, args.plan)
+    workers = _checked_workers(args)
+    if not workers:
+        workers = os.cpu_count() or 1
+        print(f"note: workers = this machine's {workers} CPUs; pass --workers for a cluster's.", file=sys.stderr)
+    TilePlan(n=args.plan, tile_size=args.tile_size)  # refuses a tile size outside its rule
     report = plan_report(n=args.plan, tile_size=args.tile_size, k=args.k, workers=workers)
     for name, value in report.items():
         if name.endswith("_bytes"):

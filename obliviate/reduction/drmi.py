@@ -479,6 +479,11 @@ def _first_bad_entry(matrix: np.ndarray) -> tuple[int, int]:
 
 def check_subset_size(k: int, n: int) -> None:
     """Raise :class:`ConfigError` unless the subset size ``k`` satisfies ``2 <= k < n`` (SPEC section 2)."""
+    if n < 3:
+        raise ConfigError(
+            f"a pool of n={n} image{'' if n == 1 else 's'} is too small to reduce: a subset needs 2 <= k < n, so the "
+            "pool needs at least 3 images. Use a larger pool."
+        )
     if k < 2:
         raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}. A subset has at least 2 images: raise k.")
     if k >= n:

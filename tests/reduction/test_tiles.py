@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -133,3 +136,37 @@ def test_cli_plan_for_60000_computes_nothing(capsys):
     assert main(["reduce", "--plan", "60000", "--tile-size", "2048", "--workers", "16"]) == 0
     out = capsys.readouterr().out
     assert "tiles: 465" in out and "dense_matrix_bytes: 14.400 GB" in out
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        (["--plan", "100", "--k", "600"], "k must satisfy 2 <= k < n=100; got k=600"),  # it printed a plan
+        (["--plan", "100", "--k", "6", "--workers", "-3"], "--workers must be 0 (in-process)"),  # 'workers: -3'
+        (["--plan", "1000", "--k", "6", "--tile-size", "0"], "tile_size must be positive; got 0"),
+        (["--data", "digits", "--k", "5", "--workers", "0", "--tiles-only"], "--tiles-only stops after storing"),
+    ],
+)
+def test_cli_plan_and_tiles_only_follow_the_run_rules(capsys, tmp_path, options, rule):
+    from flows.cli import main
+
+    assert main(["reduce", *options, "--out", str(tmp_path / "out")]) == 2
+    assert rule in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # --workers 0 --tiles-only ran every restart and stored no tile
+
+
+def test_cli_plan_without_workers_sizes_for_this_machines_cpus(capsys):
+    from flows.cli import main
+
+    assert main(["reduce", "--plan", "5000", "--k", "600"]) == 0  # it planned for 1 worker
+    captured = capsys.readouterr()
+    cpus = os.cpu_count() or 1
+    assert re.search(rf"^\s+workers: {cpus}$", captured.out, flags=re.MULTILINE), captured.out
+    assert f"this machine's {cpus} CPUs" in captured.err
+
+
+def test_a_pool_too_small_for_any_k_says_so():
+    from obliviate.reduction.drmi import check_subset_size
+
+    with pytest.raises(ConfigError, match="a pool of n=1 image is too small to reduce"):  # it said "choose a smaller k"
+        check_subset_size(2, 1)
