@@ -14,6 +14,7 @@ experiment state goes to local disk for ``file://`` stores and to the same bucke
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,20 @@ class SweepReport:
     table_uri: str
     plot_uri: str
     errors: int
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGUSR1) stopped the sweep before every trial ran; no report was written.
+
+    Ray Tune catches the first SIGINT itself and returns from ``fit()`` as if the sweep had
+    finished; this turns that back into an interruption.
+    """
+
+    def __init__(self, name: str, finished: int, planned: int, trials_uri: str) -> None:
+        super().__init__(
+            f"sweep {name} was interrupted after {finished} of {planned} trials; no report was written "
+            f"(the finished trials are under {trials_uri})."
+        )
 
 
 def unlearning_trainable(config: dict[str, Any]) -> None:
@@ -215,6 +230,13 @@ def run_sweep(
         run_config=tune.RunConfig(name=name, storage_path=_tune_storage_path(store), verbose=0),
     )
     results = tuner.fit()
+    planned = math.prod(len(values) for values in grid.values())
+    # On SIGINT (or SIGUSR1) Tune stops its running trials, marks them TERMINATED like finished ones and
+    # returns: a trial finished only if it failed or reported its grid point (each reports once, at its end).
+    outcomes = [results[i] for i in range(len(results))]
+    finished = sum(r.error is not None or all(key in (r.metrics or {}) for key in grid) for r in outcomes)
+    if finished < planned:
+        raise SweepInterrupted(name, finished, planned, store.uri(f"{prefix}/trials"))
     trials = [store.get_json(key) for key in sorted(store.list(f"{prefix}/trials")) if key.endswith(".json")]
     if kind == "unlearning":
         front = pareto_front(trials, maximize=("speedup", "consistency")) if trials else []

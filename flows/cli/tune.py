@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
 from obliviate.data import dataset_source
@@ -86,7 +87,7 @@ def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from flows.tune import check_trial_grid, describe, run_sweep
+    from flows.tune import SweepInterrupted, check_trial_grid, describe, run_sweep
 
     constants = {"data": args.data, "model": args.model, "seed": args.seed}
     if args.sweep == "unlearning":
@@ -108,13 +109,17 @@ def run_tune(args: argparse.Namespace) -> int:
             num_starts=args.starts,
         )
     check_trial_grid(args.sweep, grid=grid, constants=constants)  # before the store is touched
-    report = run_sweep(
-        args.sweep,
-        store_url=prepare_store(store_url(args), write=True),
-        grid=grid,
-        constants=constants,
-        workers=args.workers,
-        name=args.name,
-    )
+    try:
+        report = run_sweep(
+            args.sweep,
+            store_url=prepare_store(store_url(args), write=True),
+            grid=grid,
+            constants=constants,
+            workers=args.workers,
+            name=args.name,
+        )
+    except SweepInterrupted as stop:
+        print(stop, file=sys.stderr)  # then main() says the command was interrupted and exits 130
+        raise
     print(describe(report))
     return 0 if report.errors == 0 else 1

@@ -171,3 +171,37 @@ def test_a_dataset_too_small_for_the_default_split_gets_it_scaled_down(tmp_path,
         in said.out
     )
     assert "every k must satisfy 2 <= k < pool_size=718; got [718]" in said.err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_with_exit_130_and_no_report(tmp_path) -> None:
+    """Tune catches SIGINT itself: the CLI exited 0 and wrote the 2 trials done as the whole sweep's report."""
+    import glob
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "OBLIVIATE_STORE")}
+    command = [sys.executable, "-m", "flows.cli", "tune", "unlearning", "--data", "digits", "--blocks", "2,20"]
+    command += ["--epsilons", "0.1", "--train-size", "200", "--heldout-size", "50", "--deleted", "2", "--workers", "1"]
+    command += ["--store", f"file://{tmp_path}/store", "--name", "stopped"]
+    sweep = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not glob.glob(f"{tmp_path}/store/tune/stopped/trials/*.json") and sweep.poll() is None:
+            assert time.monotonic() < deadline, "no trial finished in 240 s"
+            time.sleep(0.2)
+        os.killpg(sweep.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+    assert sweep.returncode == 130, err.decode()[-2000:]
+    said = err.decode()
+    assert "sweep stopped was interrupted after 1 of 2 trials; no report was written" in said
+    assert "obliviate tune: interrupted." in said
+    assert "trials, 0 errors" not in out.decode()
+    for part in ("results.json", "table.md", "plot.png"):
+        assert not (tmp_path / "store/tune/stopped" / part).exists(), part
