@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,19 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
             raise ConfigError(f"every k must satisfy 2 <= k < pool_size={pool_size}; got {outside}.")
 
 
+def check_sweep_name(name: str) -> None:
+    """A sweep's name is one folder of the store and of Tune's state: plain characters, no path.
+
+    ``--name ../../escape`` made Ray write its experiment state outside the store before the
+    store's key check refused the name.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", "..") or name.startswith(".tmp-"):
+        raise ConfigError(
+            f"a sweep name (--name) is letters, digits, '-', '_' and '.', not '.' or '..' (it names one folder of the "
+            f"store, under tune/); got {name!r}. Choose a plain name such as 'unlearning-b40'."
+        )
+
+
 def _check_sizes_fit(dataset: str, available: int, sizes: dict[str, int]) -> None:
     """Each trial splits the dataset into these disjoint parts: each must hold an image, all must fit."""
     options = ", ".join(f"--{name.replace('_', '-')}" for name in sizes)
@@ -216,6 +230,8 @@ def run_sweep(
         raise ConfigError(f"sweep kind must be one of {', '.join(trainables)}; got {kind!r}.")
     if workers < 1:
         raise ConfigError(f"workers must be >= 1; got {workers}.")
+    if name is not None:
+        check_sweep_name(name)
     check_trial_grid(kind, grid=grid, constants=constants)
     store = ObjectStore(store_url)
     name = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
