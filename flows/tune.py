@@ -144,6 +144,10 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
 
     if constants.get("model") not in MODEL_BUILDERS:
         raise ConfigError(f"unknown model {constants.get('model')!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
+    if not isinstance(constants.get("seed"), int) or constants["seed"] < 0:
+        raise ConfigError(
+            f"the seed (--seed) must be an integer >= 0 (numpy seeds the split with it); got {constants.get('seed')!r}."
+        )
     data = load_dataset(constants["data"])  # every trial loads it: a bad --data fails here, once
     parts = ("train_size", "heldout_size") if kind == "unlearning" else ("target_size", "pool_size", "test_size")
     _check_sizes_fit(data.name, len(data), {part: int(constants[part]) for part in parts})
@@ -158,9 +162,9 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
             )
             if blocks > train_size:
                 raise ConfigError(f"B must be at most train_size={train_size} (a sample per block); got {blocks}.")
-        outside = [epsilon for epsilon in grid.get("epsilon", []) if not epsilon > 0]
+        outside = [epsilon for epsilon in grid.get("epsilon", []) if not (math.isfinite(epsilon) and epsilon > 0)]
         if outside:
-            raise ConfigError(f"every epsilon (the stop rule's threshold) must be > 0; got {outside}.")
+            raise ConfigError(f"every epsilon (the stop rule's threshold) must be finite and > 0; got {outside}.")
         if not 1 <= constants["num_deleted"] < train_size:
             raise ConfigError(
                 f"the samples deleted per trial must be in 1..train_size-1={train_size - 1}; "
@@ -173,6 +177,21 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
         outside = [k for k in grid.get("k", []) if not 2 <= k < pool_size]
         if outside:
             raise ConfigError(f"every k must satisfy 2 <= k < pool_size={pool_size}; got {outside}.")
+        if constants["steps"] < 1:
+            raise ConfigError(
+                f"steps (--steps, the target's and each substitute's gradient steps) must be >= 1; got {constants['steps']}."
+            )
+        if not 1 <= constants["num_starts"] <= pool_size:
+            raise ConfigError(
+                f"num_starts (--starts, seeded DRMI restarts, each from a pool image) must be in 1..pool_size={pool_size}; "
+                f"got {constants['num_starts']}."
+            )
+
+
+def check_workers(workers: int) -> None:
+    """Trials run at once: at least one."""
+    if workers < 1:
+        raise ConfigError(f"workers (--workers, trials at once, one CPU each) must be >= 1; got {workers}.")
 
 
 def check_sweep_name(name: str) -> None:
@@ -228,8 +247,7 @@ def run_sweep(
     trainables = {"unlearning": unlearning_trainable, "reduction": reduction_trainable}
     if kind not in trainables:
         raise ConfigError(f"sweep kind must be one of {', '.join(trainables)}; got {kind!r}.")
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1; got {workers}.")
+    check_workers(workers)
     if name is not None:
         check_sweep_name(name)
     check_trial_grid(kind, grid=grid, constants=constants)

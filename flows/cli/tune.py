@@ -87,8 +87,9 @@ def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from flows.tune import SweepInterrupted, check_sweep_name, check_trial_grid, describe, run_sweep
+    from flows.tune import SweepInterrupted, check_sweep_name, check_trial_grid, check_workers, describe, run_sweep
 
+    check_workers(args.workers)
     if args.name is not None:
         check_sweep_name(args.name)
     constants = {"data": args.data, "model": args.model, "seed": args.seed}

@@ -124,7 +124,12 @@ def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
     ("sweep", "option", "value", "rule"),
     [
         ("unlearning", "--blocks", "10,0", "num_blocks must be a positive integer; got 0"),
-        ("unlearning", "--epsilons", "0.1,-1", "every epsilon (the stop rule's threshold) must be > 0; got [-1.0]"),
+        (
+            "unlearning",
+            "--epsilons",
+            "0.1,-1",
+            "every epsilon (the stop rule's threshold) must be finite and > 0; got [-1.0]",
+        ),
         ("unlearning", "--deleted", "0", "the samples deleted per trial must be in 1..train_size-1"),
         ("unlearning", "--model", "vgg", "unknown model 'vgg'"),
         ("reduction", "--ks", "50,2000", "every k must satisfy 2 <= k < pool_size=2000; got [2000]"),

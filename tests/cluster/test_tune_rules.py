@@ -27,3 +27,39 @@ def test_a_sweep_name_that_is_not_one_plain_folder_is_refused(tmp_path, capsys, 
 def test_a_plain_sweep_name_passes_the_name_rule(tmp_path, capsys) -> None:
     err = refused(tmp_path, capsys, "reduction", "--data", "digits", "--name", "k-sweep_2.b", "--bins", "1")
     assert "bins must be in 2..256; got 1" in err  # the name passed; the next rule refused
+
+
+@pytest.mark.parametrize(
+    ("sweep", "option", "value", "rule"),
+    [
+        # these two failed inside every trial: a Ray traceback, "0 trials, 1 errors", an empty report, exit 1
+        (
+            "reduction",
+            "--steps",
+            "0",
+            "steps (--steps, the target's and each substitute's gradient steps) must be >= 1",
+        ),
+        (
+            "reduction",
+            "--starts",
+            "0",
+            "num_starts (--starts, seeded DRMI restarts, each from a pool image) must be in",
+        ),
+        ("reduction", "--starts", "800", "must be in 1..pool_size=718; got 800"),
+        ("reduction", "--seed", "-1", "the seed (--seed) must be an integer >= 0"),
+        ("unlearning", "--seed", "-1", "the seed (--seed) must be an integer >= 0"),
+        (
+            "unlearning",
+            "--epsilons",
+            "inf",
+            "every epsilon (the stop rule's threshold) must be finite and > 0; got [inf]",
+        ),
+        ("unlearning", "--epsilons", "nan", "must be finite and > 0; got [nan]"),
+        ("unlearning", "--local-epochs", "0", "local_epochs"),
+        ("unlearning", "--workers", "0", "workers (--workers, trials at once, one CPU each) must be >= 1; got 0"),
+        ("reduction", "--workers", "-2", "must be >= 1; got -2"),
+    ],
+)
+def test_every_numeric_option_is_checked_before_ray(tmp_path, capsys, sweep, option, value, rule) -> None:
+    err = refused(tmp_path, capsys, sweep, "--data", "digits", option, value)
+    assert rule in err
