@@ -43,8 +43,9 @@ from obliviate.errors import ConfigError
 from obliviate.reduction.drmi import Aggregate, check_subset_size, choose_starts
 from obliviate.reduction.mi import PreparedImages, prepare_images
 from obliviate.reduction.tiling import TilePlan, TileSpec
+from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectStore
-from storage.tiles import DIAGONAL, PLAN, TiledMatrix, matrix_prefix, place_tile, stored_tiles
+from storage.tiles import DIAGONAL, PLAN, TiledMatrix, matrix_prefix, place_tile, stored_tiles, tile_key
 
 DEFAULT_TILE_SIZE = 512
 DENSE_RESTART_LIMIT_BYTES = 2 * 1024**3
@@ -370,6 +371,41 @@ def publish_result(
     return store.uri(key)
 
 
+def _deleted_damaged_tiles(error: BaseException, store: ObjectStore, prefix: str, plan: TilePlan) -> bool:
+    """After a stage failed on a damaged object: delete every stored tile whose bytes fail their checksum.
+
+    Tiles are a cache of the MI matrix, so a damaged one is computed again rather than reported as
+    a dead end. Returns whether the failure was such damage and some tile was deleted.
+    """
+    cause: BaseException | None = error
+    for _ in range(10):  # a RayTaskError holds the worker's error as its cause
+        if cause is None or isinstance(cause, CorruptObject):
+            break
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    if not isinstance(cause, CorruptObject):
+        return False
+    damaged = []
+    for key in [tile_key(prefix, tile) for tile in plan.tiles()] + [f"{prefix}/{DIAGONAL}", f"{prefix}/{PLAN}"]:
+        try:
+            store.get_bytes(key)
+        except CorruptObject:
+            damaged.append(key)
+        except ObjectNotFound:
+            continue
+    if any(key.endswith((DIAGONAL, PLAN)) for key in damaged):
+        damaged += [f"{prefix}/{PLAN}"]  # without plan.json the tile stage writes the diagonal and plan again
+    for key in dict.fromkeys(damaged):
+        store.delete(key)
+    if damaged:
+        get_run_logger().warning(
+            "%d stored MI matrix object(s) under %s failed their checksum (%s); deleted and computed again",
+            len(set(damaged)),
+            store.uri(prefix),
+            ", ".join(sorted({key.rsplit("/", 1)[-1] for key in damaged})[:5]),
+        )
+    return bool(damaged)
+
+
 @flow(name="reduce")
 def reduce_flow(
     data: str = "mnist5k",
@@ -435,88 +471,94 @@ def reduce_flow(
         store.url,
     )
 
-    t_sched = time.perf_counter()
-    missing, has_meta = plan_tiles(store, prefix, plan)
-    start_vertices = choose_starts(n, num_starts=starts, rng=np.random.default_rng(seed))
-    memory = restart_memory_bytes(plan, k=k, limit_mb=restart_memory_mb)
-    dense_mode = not tiles_only and plan.dense_bytes <= memory
-    slots = WorkerSlots(pool_size, threads_per_worker)
-    scheduling = time.perf_counter() - t_sched
-    try:
-        t_pool = time.perf_counter()
-        actors, warm = WorkerPool.get(pool_size, threads_per_worker)
-        actor_start = time.perf_counter() - t_pool
-        t_prep = time.perf_counter()
-        meta = None if has_meta else {"fingerprint": dataset.fingerprint, "bins": bins, "normalize": normalize}
-        needs_images = bool(missing) or meta is not None
-        prepared = prepare_images(dataset.images, levels=dataset.levels, bins=bins) if needs_images else None
-        preparation = load_seconds + time.perf_counter() - t_prep
-        dense = np.zeros((n, n), dtype=np.float32) if dense_mode else None
-        tiles = compute_tiles(
-            prepared,
-            f"{dataset.fingerprint}-l{dataset.levels}-b{bins}",
-            store,
-            prefix,
-            plan,
-            missing,
-            normalize=normalize,
-            write_meta=meta,
-            actors=actors,
-            dense=dense,
-        )
-        stages: dict[str, float] = {
-            "scheduling": scheduling,
-            "actor_start": actor_start,
-            "data_preparation": preparation,
-            "object_store_transfer": tiles["transfer_seconds"],
-            "tile_compute_worker_seconds": tiles["compute_seconds"],
-            "storage_write_worker_seconds": tiles["write_seconds"],
-            "tile_stage_wall": tiles["seconds"],
-        }
-        if tiles_only:
-            return {
-                "data": dataset.name,
-                "fingerprint": dataset.fingerprint,
-                "n": n,
-                "tile_size": tile_size,
-                "tiles_total": plan.num_tiles,
-                "tiles_computed": tiles["computed"],
-                "tiles_reused": plan.num_tiles - tiles["computed"],
-                "tiles_url": store.uri(prefix),
-                "stored_bytes": plan.stored_bytes,
-                "workers": pool_size,
-                "warm_pool": warm,
-                "tile_seconds": round(tiles["seconds"], 3),
-                "tile_compute_seconds": round(tiles["compute_seconds"], 3),
-                "stages": {name: round(value, 3) for name, value in stages.items()},
-                "flow_seconds": round(time.perf_counter() - t_flow, 3),
+    for attempt in (1, 2):  # a second attempt only after deleting damaged stored tiles (a cache)
+        t_sched = time.perf_counter()
+        missing, has_meta = plan_tiles(store, prefix, plan)
+        start_vertices = choose_starts(n, num_starts=starts, rng=np.random.default_rng(seed))
+        memory = restart_memory_bytes(plan, k=k, limit_mb=restart_memory_mb)
+        dense_mode = not tiles_only and plan.dense_bytes <= memory
+        slots = WorkerSlots(pool_size, threads_per_worker)
+        scheduling = time.perf_counter() - t_sched
+        try:
+            t_pool = time.perf_counter()
+            actors, warm = WorkerPool.get(pool_size, threads_per_worker)
+            actor_start = time.perf_counter() - t_pool
+            t_prep = time.perf_counter()
+            meta = None if has_meta else {"fingerprint": dataset.fingerprint, "bins": bins, "normalize": normalize}
+            needs_images = bool(missing) or meta is not None
+            prepared = prepare_images(dataset.images, levels=dataset.levels, bins=bins) if needs_images else None
+            preparation = load_seconds + time.perf_counter() - t_prep
+            dense = np.zeros((n, n), dtype=np.float32) if dense_mode else None
+            tiles = compute_tiles(
+                prepared,
+                f"{dataset.fingerprint}-l{dataset.levels}-b{bins}",
+                store,
+                prefix,
+                plan,
+                missing,
+                normalize=normalize,
+                write_meta=meta,
+                actors=actors,
+                dense=dense,
+            )
+            stages: dict[str, float] = {
+                "scheduling": scheduling,
+                "actor_start": actor_start,
+                "data_preparation": preparation,
+                "object_store_transfer": tiles["transfer_seconds"],
+                "tile_compute_worker_seconds": tiles["compute_seconds"],
+                "storage_write_worker_seconds": tiles["write_seconds"],
+                "tile_stage_wall": tiles["seconds"],
             }
-        t_read = time.perf_counter()
-        if dense is not None:
-            stored = TiledMatrix(store, prefix, cache_bytes=0)
-            computed = set(missing)
-            for tile in plan.tiles():
-                if tile not in computed:
-                    place_tile(dense, tile, stored.read_tile(tile))
-            np.fill_diagonal(dense, stored.diagonal())
-        stages["storage_read"] = time.perf_counter() - t_read
-        restarts = run_restart_stage(
-            actors,
-            f"{prefix}#{uuid.uuid4().hex[:12]}",
-            dense,
-            start_vertices,
-            store=store,
-            prefix=prefix,
-            memory_bytes=memory,
-            k=k,
-            aggregate=aggregate,
-        )
-        del dense
-        stages["object_store_transfer"] += restarts["transfer_seconds"]
-        stages["restart_compute_worker_seconds"] = restarts["compute_seconds"]
-        stages["restart_stage_wall"] = restarts["seconds"]
-    finally:
-        slots.close()
+            if tiles_only:
+                return {
+                    "data": dataset.name,
+                    "fingerprint": dataset.fingerprint,
+                    "n": n,
+                    "tile_size": tile_size,
+                    "tiles_total": plan.num_tiles,
+                    "tiles_computed": tiles["computed"],
+                    "tiles_reused": plan.num_tiles - tiles["computed"],
+                    "tiles_url": store.uri(prefix),
+                    "stored_bytes": plan.stored_bytes,
+                    "workers": pool_size,
+                    "warm_pool": warm,
+                    "tile_seconds": round(tiles["seconds"], 3),
+                    "tile_compute_seconds": round(tiles["compute_seconds"], 3),
+                    "stages": {name: round(value, 3) for name, value in stages.items()},
+                    "flow_seconds": round(time.perf_counter() - t_flow, 3),
+                }
+            t_read = time.perf_counter()
+            if dense is not None:
+                stored = TiledMatrix(store, prefix, cache_bytes=0)
+                computed = set(missing)
+                for tile in plan.tiles():
+                    if tile not in computed:
+                        place_tile(dense, tile, stored.read_tile(tile))
+                np.fill_diagonal(dense, stored.diagonal())
+            stages["storage_read"] = time.perf_counter() - t_read
+            restarts = run_restart_stage(
+                actors,
+                f"{prefix}#{uuid.uuid4().hex[:12]}",
+                dense,
+                start_vertices,
+                store=store,
+                prefix=prefix,
+                memory_bytes=memory,
+                k=k,
+                aggregate=aggregate,
+            )
+            del dense
+            stages["object_store_transfer"] += restarts["transfer_seconds"]
+            stages["restart_compute_worker_seconds"] = restarts["compute_seconds"]
+            stages["restart_stage_wall"] = restarts["seconds"]
+        except Exception as err:
+            if attempt == 2 or not _deleted_damaged_tiles(err, store, prefix, plan):
+                raise
+            continue
+        finally:
+            slots.close()
+        break
 
     key = result_key(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, k=k, starts=starts, seed=seed)
     subset = np.asarray(restarts["subset"], dtype=np.int64)

@@ -97,6 +97,29 @@ def test_resumed_run_computes_only_missing_tiles(ray_runtime, prefect_harness, f
     assert resumed["h"] == in_process["sample"].h
 
 
+@pytest.mark.parametrize("restart_memory_mb", [None, 0.2])  # tiles read by the flow (dense), by the workers
+def test_a_damaged_stored_tile_is_computed_again(
+    ray_runtime, prefect_harness, file_store, mnist_pool, in_process, restart_memory_mb
+):
+    """Tiles are a cache: a flipped byte once stopped every later reduce with 'delete and rewrite it'."""
+    from flows.reduce import reduce_flow
+    from storage.tiles import DIAGONAL, matrix_prefix
+
+    pool, path = mnist_pool
+    options = {"data": path, "k": 30, "store_url": file_store.url, "workers": 2, "tile_size": 100}
+    reduce_flow(**options, starts=5, seed=1)
+    prefix = matrix_prefix(fingerprint=pool.fingerprint, bins=256, normalize=False, tile_size=100)
+    for key in (f"{prefix}/r0000000-c0000200.npy", f"{prefix}/{DIAGONAL}"):
+        local = file_store.url.removeprefix("file://") + "/" + key
+        with open(local, "r+b") as handle:
+            handle.seek(200)
+            handle.write(b"\x11" * 8)
+    out = reduce_flow(**options, starts=40, seed=7, restart_memory_mb=restart_memory_mb)
+    assert out["restart_mode"] == ("dense" if restart_memory_mb is None else "streaming")
+    assert out["tiles_computed"] == 1 and out["h"] == in_process["sample"].h
+    assert reduce_flow(**options, starts=40, seed=7)["tiles_computed"] == 0  # stored sound this time
+
+
 def test_flow_on_s3_with_streaming_restarts(ray_runtime, prefect_harness, s3_store, mnist_pool, in_process):
     from flows.reduce import reduce_flow
 
