@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
@@ -18,7 +19,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", default="mnist5k", type=dataset_source, help="mnist5k, digits, an .npz file or a dataset folder"
     )
     add_store_argument(common)
-    common.add_argument("--workers", type=int, default=2, help="trials at once, one CPU each (default 2)")
+    common.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="trials at once, one CPU each (default 2, at most this machine's CPUs)",
+    )
     common.add_argument("--model", default="lenet5", help="lenet5 or c3f2")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--name", default=None, help="sweep name (default: kind and time)")
@@ -61,7 +67,32 @@ def _values(text: str, cast: type, option: str) -> list:
         raise ConfigError(f"{option} takes comma-separated {cast.__name__} values; got {text!r}.") from None
     if not values:
         raise ConfigError(f"{option} needs at least one value; got {text!r}.")
+    # A trial is stored under its values (a float as format(value, "g")): two values that read alike there
+    # would run two trials into one result (the second overwrote the first and the report kept one).
+    seen: dict[str, object] = {}
+    for value in values:
+        shown = format(value, "g") if isinstance(value, float) else str(value)
+        if shown in seen:
+            same = "twice" if seen[shown] == value else f"as {seen[shown]!r} and {value!r}, which name the same trial"
+            raise ConfigError(f"{option} lists {shown} {same}; got {text!r}. Give each value once.")
+        seen[shown] = value
     return values
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """Trials at once: as given, else 2; a local Ray runtime has only this machine's CPUs (as for ``reduce``)."""
+    local_cpus = os.cpu_count() or 1
+    on_cluster = bool(os.environ.get("RAY_ADDRESS"))
+    if args.workers is None:
+        return 2 if on_cluster else min(2, local_cpus)
+    if args.workers >= 1 and not on_cluster and args.workers > local_cpus:
+        # A local runtime never grows: the trials beyond its CPUs would only wait.
+        raise ConfigError(
+            f"--workers {args.workers} needs {args.workers} CPUs (one per trial), but the local Ray runtime this "
+            f"command starts has this machine's {local_cpus}; lower --workers to at most {local_cpus}, or join a "
+            "cluster with RAY_ADDRESS."
+        )
+    return int(args.workers)
 
 
 def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str, int]:
@@ -89,7 +120,8 @@ def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str
 def run_tune(args: argparse.Namespace) -> int:
     from flows.tune import SweepInterrupted, check_sweep_name, check_trial_grid, check_workers, describe, run_sweep
 
-    check_workers(args.workers)
+    workers = _workers(args)
+    check_workers(workers)
     if args.name is not None:
         check_sweep_name(args.name)
     constants = {"data": args.data, "model": args.model, "seed": args.seed}
@@ -118,7 +150,7 @@ def run_tune(args: argparse.Namespace) -> int:
             store_url=prepare_store(store_url(args), write=True),
             grid=grid,
             constants=constants,
-            workers=args.workers,
+            workers=workers,
             name=args.name,
         )
     except SweepInterrupted as stop:

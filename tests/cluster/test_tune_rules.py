@@ -63,3 +63,31 @@ def test_a_plain_sweep_name_passes_the_name_rule(tmp_path, capsys) -> None:
 def test_every_numeric_option_is_checked_before_ray(tmp_path, capsys, sweep, option, value, rule) -> None:
     err = refused(tmp_path, capsys, sweep, "--data", "digits", option, value)
     assert rule in err
+
+
+@pytest.mark.parametrize(
+    ("sweep", "option", "value", "rule"),
+    [
+        # each ran both trials into one result file: '--blocks 2,2' ran 4 trials and the report kept 2
+        ("unlearning", "--blocks", "2,2", "--blocks lists 2 twice; got '2,2'. Give each value once."),
+        ("unlearning", "--epsilons", "0.1,0.05,0.1", "--epsilons lists 0.1 twice; got '0.1,0.05,0.1'."),
+        ("unlearning", "--epsilons", "0.1,0.1000001", "--epsilons lists 0.1 as 0.1 and 0.1000001, which name the same"),
+        ("reduction", "--ks", "5,5", "--ks lists 5 twice; got '5,5'."),
+        ("reduction", "--bins", "16,256,16", "--bins lists 16 twice"),
+    ],
+)
+def test_a_value_listed_twice_is_refused(tmp_path, capsys, sweep, option, value, rule) -> None:
+    assert rule in refused(tmp_path, capsys, sweep, "--data", "digits", option, value)
+
+
+def test_more_workers_than_a_local_runtime_has_cpus_is_refused_as_reduce_does(tmp_path, capsys, monkeypatch) -> None:
+    """`tune --workers 64` ran on a 2-CPU machine with no note while `reduce --workers 64` was refused."""
+    import os
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = os.cpu_count() or 1
+    err = refused(tmp_path, capsys, "unlearning", "--data", "digits", "--workers", str(cpus + 1))
+    assert (
+        f"--workers {cpus + 1} needs {cpus + 1} CPUs (one per trial), but the local Ray runtime this command starts has "
+        f"this machine's {cpus}; lower --workers to at most {cpus}, or join a cluster with RAY_ADDRESS."
+    ) in err
