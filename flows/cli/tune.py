@@ -10,6 +10,9 @@ from flows.cli._store import add_store_argument, prepare_store, store_url
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 
+# obliviate.models.MODEL_BUILDERS, spelled out so that building the parser does not import torch (a test keeps them equal)
+MODELS = ("lenet5", "c3f2", "resnet18")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tune", help="Ray Tune sweeps: unlearning (B, ε) or reduction (k, bins)")
@@ -25,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="trials at once, one CPU each (default 2, at most this machine's CPUs)",
     )
-    common.add_argument("--model", default="lenet5", help="lenet5 or c3f2")
+    common.add_argument("--model", default="lenet5", choices=MODELS, help="the trials' model (default lenet5)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--name", default=None, help="sweep name (default: kind and time)")
 

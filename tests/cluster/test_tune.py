@@ -131,7 +131,6 @@ def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
             "every epsilon (the stop rule's threshold) must be finite and > 0; got [-1.0]",
         ),
         ("unlearning", "--deleted", "0", "the samples deleted per trial must be in 1..train_size-1"),
-        ("unlearning", "--model", "vgg", "unknown model 'vgg'"),
         ("reduction", "--ks", "50,2000", "every k must satisfy 2 <= k < pool_size=2000; got [2000]"),
         ("reduction", "--bins", "1", "bins must be in 2..256; got 1"),
         # sizes given that do not fit mnist5k's 5,000 images with the others' defaults

@@ -91,3 +91,20 @@ def test_more_workers_than_a_local_runtime_has_cpus_is_refused_as_reduce_does(tm
         f"--workers {cpus + 1} needs {cpus + 1} CPUs (one per trial), but the local Ray runtime this command starts has "
         f"this machine's {cpus}; lower --workers to at most {cpus}, or join a cluster with RAY_ADDRESS."
     ) in err
+
+
+@pytest.mark.parametrize("sweep", ["unlearning", "reduction"])
+def test_help_lists_every_model_a_trial_can_build(capsys, sweep) -> None:
+    """The help said 'lenet5 or c3f2' while resnet18 ran and the error listed all three."""
+    from flows.cli.tune import MODELS
+    from obliviate.models import MODEL_BUILDERS
+
+    assert MODELS == tuple(MODEL_BUILDERS)
+    with pytest.raises(SystemExit):
+        main(["tune", sweep, "--help"])
+    assert "--model {lenet5,c3f2,resnet18}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refusal:
+        main(["tune", sweep, "--model", "vgg"])
+    assert refusal.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model: invalid choice: 'vgg' (choose from " in err and "resnet18" in err
