@@ -14,6 +14,8 @@ experiment state goes to local disk for ``file://`` stores and to the same bucke
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import math
 import re
 import time
@@ -52,7 +54,7 @@ class SweepInterrupted(KeyboardInterrupt):
     def __init__(self, name: str, finished: int, planned: int, trials_uri: str) -> None:
         super().__init__(
             f"sweep {name} was interrupted after {finished} of {planned} trials; no report was written "
-            f"(the finished trials are under {trials_uri})."
+            f"(the finished trials are under {trials_uri}; the same command, --name included, runs it again)."
         )
 
 
@@ -91,7 +93,7 @@ def unlearning_trainable(config: dict[str, Any]) -> None:
         num_deleted=config["num_deleted"],
         seed=config["seed"],
     )
-    _store_trial(config, f"B{config['num_blocks']}-eps{config['epsilon']:g}", result)
+    _store_trial(config, _trial_label("unlearning", config), result)
     tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool))})
 
 
@@ -127,7 +129,7 @@ def reduction_trainable(config: dict[str, Any]) -> None:
         num_starts=config["num_starts"],
         seed=config["seed"],
     )
-    _store_trial(config, f"k{config['k']}-bins{config['bins']}", result)
+    _store_trial(config, _trial_label("reduction", config), result)
     tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool))})
 
 
@@ -254,6 +256,7 @@ def run_sweep(
     store = ObjectStore(store_url)
     name = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     prefix = f"tune/{name}"
+    _claim_name(store, prefix, name, {"kind": kind, "grid": grid, "constants": constants})
     ensure_ray()
     param_space = {**constants, **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
     param_space.update({"store_url": store.url, "prefix": prefix})
@@ -271,7 +274,8 @@ def run_sweep(
     finished = sum(r.error is not None or all(key in (r.metrics or {}) for key in grid) for r in outcomes)
     if finished < planned:
         raise SweepInterrupted(name, finished, planned, store.uri(f"{prefix}/trials"))
-    trials = [store.get_json(key) for key in sorted(store.list(f"{prefix}/trials")) if key.endswith(".json")]
+    labels = {f"{prefix}/trials/{_trial_label(kind, point)}.json" for point in _grid_points(grid)}
+    trials = [store.get_json(key) for key in sorted(store.list(f"{prefix}/trials")) if key in labels]
     if kind == "unlearning":
         front = pareto_front(trials, maximize=("speedup", "consistency")) if trials else []
     else:
@@ -305,6 +309,55 @@ def run_sweep(
         plot_uri=store.uri(f"{prefix}/plot.png"),
         errors=len(results.errors),
     )
+
+
+def _claim_name(store: ObjectStore, prefix: str, name: str, settings: dict[str, Any]) -> None:
+    """Record the sweep's settings under its name; a name that holds a sweep of other settings is refused.
+
+    A rerun under the same name with other options mixed the old trials into the new report (a grid of
+    B=[3] reported a stale B=2 trial of another train size). As ``train --run-id`` does, a name keeps
+    one set of settings: rerunning it with the same options runs the sweep again (after Ctrl-C, say);
+    other options need another name.
+    """
+    settings = json.loads(json.dumps(settings))  # as stored: tuples read back as lists
+    key = f"{prefix}/sweep.json"
+    if store.exists(key):
+        recorded = store.get_json(key)
+        differ = (
+            []
+            if recorded.get("kind") == settings["kind"]
+            else [f"kind {recorded.get('kind')!r} -> {settings['kind']!r}"]
+        )
+        for part in ("grid", "constants"):
+            before, now = recorded.get(part, {}), settings[part]
+            differ += [
+                f"{field} {before.get(field)!r} -> {now.get(field)!r}"
+                for field in sorted(set(before) | set(now))
+                if before.get(field) != now.get(field)
+            ]
+        if differ:
+            raise ConfigError(
+                f"sweep name {name!r} (--name) already holds a sweep with other settings ({'; '.join(differ)}), and its "
+                f"report would mix both; choose another --name, or delete {store.uri(prefix)} to replace it."
+            )
+    elif store.list(prefix):
+        raise ConfigError(
+            f"sweep name {name!r} (--name) already holds trials of a sweep whose settings were not recorded, and its "
+            f"report would mix them with this one's; choose another --name, or delete {store.uri(prefix)} to replace it."
+        )
+    else:
+        store.put_json(key, settings)
+
+
+def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def _trial_label(kind: str, point: dict[str, Any]) -> str:
+    """The name a trial's result is stored under: its grid point."""
+    if kind == "unlearning":
+        return f"B{point['num_blocks']}-eps{point['epsilon']:g}"
+    return f"k{point['k']}-bins{point['bins']}"
 
 
 def _store_trial(config: dict[str, Any], label: str, result: dict[str, Any]) -> None:

@@ -209,3 +209,20 @@ def test_ctrl_c_stops_the_sweep_with_exit_130_and_no_report(tmp_path) -> None:
     assert "trials, 0 errors" not in out.decode()
     for part in ("results.json", "table.md", "plot.png"):
         assert not (tmp_path / "store/tune/stopped" / part).exists(), part
+
+
+@pytest.mark.slow
+def test_a_name_keeps_its_settings_a_rerun_with_others_is_refused(local_ray, tmp_path, capsys) -> None:
+    """A rerun of a name with other settings reported the old trials with the new grid."""
+    from flows.cli import main
+
+    store = ObjectStore(f"file://{tmp_path}/store")
+    tiny = ["--data", "digits", "--target-size", "100", "--pool-size", "100", "--test-size", "50", "--steps", "5"]
+    tiny += ["--starts", "1", "--bins", "256", "--workers", "1", "--name", "r", "--store", store.url]
+    assert main(["tune", "reduction", "--ks", "5", *tiny]) == 0
+    assert main(["tune", "reduction", "--ks", "6", *tiny[:9], "20", *tiny[10:]]) == 2
+    err = capsys.readouterr().err
+    assert "sweep name 'r' (--name) already holds a sweep with other settings (k [5] -> [6]; steps 5 -> 20)" in err
+    assert [t["k"] for t in store.get_json("tune/r/results.json")["trials"]] == [5]  # the first report stands
+    assert main(["tune", "reduction", "--ks", "5", *tiny]) == 0  # the same settings: the sweep runs again
+    assert [t["k"] for t in store.get_json("tune/r/results.json")["trials"]] == [5]

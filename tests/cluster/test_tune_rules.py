@@ -108,3 +108,22 @@ def test_help_lists_every_model_a_trial_can_build(capsys, sweep) -> None:
     assert refusal.value.code == 2
     err = capsys.readouterr().err
     assert "argument --model: invalid choice: 'vgg' (choose from " in err and "resnet18" in err
+
+
+def test_a_name_holding_trials_of_unrecorded_settings_is_refused_before_ray(tmp_path, capsys) -> None:
+    """A rerun under a used name mixed the old trials (other B, train size, epochs) into the new report."""
+    import ray
+
+    from storage import ObjectStore
+
+    store = ObjectStore(f"file://{tmp_path}/store")
+    store.put_json("tune/s1/trials/B2-eps0.1.json", {"num_blocks": 2, "epsilon": 0.1})  # what a sweep left before
+    argv = ["tune", "unlearning", "--data", "digits", "--blocks", "3", "--name", "s1", "--store", store.url]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        "sweep name 's1' (--name) already holds trials of a sweep whose settings were not recorded, and its report "
+        f"would mix them with this one's; choose another --name, or delete {store.uri('tune/s1')} to replace it."
+    ) in err
+    assert not ray.is_initialized()
+    assert store.list("tune/s1") == ["tune/s1/trials/B2-eps0.1.json"]  # nothing recorded, nothing removed
