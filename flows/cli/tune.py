@@ -99,25 +99,28 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str, int]:
-    """The trial's split sizes: those given, else the defaults, scaled down alike to a dataset too small for them."""
-    given = {part: getattr(args, part) for part in defaults}
-    if any(size is not None for size in given.values()):
-        return {part: defaults[part] if size is None else size for part, size in given.items()}
+    """The trial's split sizes: those given, the others by the help's rule for this dataset.
+
+    A part not given takes its default, or for a dataset smaller than all the defaults together
+    its share of the dataset (the defaults scaled down alike), whether or not other parts are given.
+    """
     from obliviate.data import load_dataset
 
     images = len(load_dataset(args.data))
-    if sum(defaults.values()) <= images:
-        return defaults
-    fitted = {part: size * images // sum(defaults.values()) for part, size in defaults.items()}
-    print(
-        f"{args.data} holds {images:,} images, fewer than the default split's {sum(defaults.values()):,}: "
-        + ", ".join(f"{part.replace('_', ' ')} {size:,}" for part, size in fitted.items())
-        + " ("
-        + ", ".join(f"--{part.replace('_', '-')}" for part in defaults)
-        + " choose others)",
-        flush=True,
-    )
-    return fitted
+    total = sum(defaults.values())
+    shares = defaults if total <= images else {part: size * images // total for part, size in defaults.items()}
+    given = {part: getattr(args, part) for part in defaults}
+    scaled = [part for part, size in given.items() if size is None and shares[part] != defaults[part]]
+    if scaled:
+        print(
+            f"{args.data} holds {images:,} images, fewer than the default split's {total:,}: "
+            + ", ".join(f"{part.replace('_', ' ')} {shares[part]:,}" for part in scaled)
+            + " ("
+            + ", ".join(f"--{part.replace('_', '-')}" for part in scaled)
+            + " choose others)",
+            flush=True,
+        )
+    return {part: shares[part] if size is None else size for part, size in given.items()}
 
 
 def run_tune(args: argparse.Namespace) -> int:

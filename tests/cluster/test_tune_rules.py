@@ -127,3 +127,16 @@ def test_a_name_holding_trials_of_unrecorded_settings_is_refused_before_ray(tmp_
     ) in err
     assert not ray.is_initialized()
     assert store.list("tune/s1") == ["tune/s1/trials/B2-eps0.1.json"]  # nothing recorded, nothing removed
+
+
+def test_the_sizes_not_given_follow_the_helps_rule_for_the_dataset(tmp_path, capsys) -> None:
+    """Giving one size put the others back to 2,000/500/1,000, which digits' 1,797 images cannot hold."""
+    assert main(["tune", "reduction", "--data", "digits", "--pool-size", "100", "--store", f"file://{tmp_path}/s"]) == 2
+    said = capsys.readouterr()
+    assert "does not fit" not in said.err  # it was: target_size 2000 + pool_size 100 + test_size 1000 = 3100
+    assert "every k must satisfy 2 <= k < pool_size=100; got [150, 300]" in said.err  # sizes passed; the ks did not
+    assert "target size 718, test size 359 (--target-size, --test-size choose others)" in said.out
+    assert not list(tmp_path.iterdir())
+    err = refused(tmp_path, capsys, "unlearning", "--data", "digits", "--train-size", "1400", "--deleted", "1400")
+    assert "does not fit" not in err  # it was: train_size 1400 + heldout_size 500 = 1900 (1/5 of digits is 359)
+    assert "the samples deleted per trial must be in 1..train_size-1=1399; got 1400" in err
