@@ -458,8 +458,12 @@ def describe(report: SweepReport) -> str:
 
 def _front_point(trial: dict[str, Any]) -> str:
     if "speedup" in trial:
+        speedup = trial["speedup"]
+        pace = (
+            f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower" if speedup > 0 else "no faster"
+        )
         return (
-            f"B={trial['num_blocks']}, ε={trial['epsilon']:g}: {trial['speedup']:.2f}x faster than naive retraining, "
+            f"B={trial['num_blocks']}, ε={trial['epsilon']:g}: {pace} than naive retraining, "
             f"consistency {trial['consistency']:.3f} (noise floor {trial['noise_floor_consistency']:.3f}), "
             f"held-out accuracy {100 * trial['accuracy']:.1f} %"
         )

@@ -140,3 +140,16 @@ def test_the_sizes_not_given_follow_the_helps_rule_for_the_dataset(tmp_path, cap
     err = refused(tmp_path, capsys, "unlearning", "--data", "digits", "--train-size", "1400", "--deleted", "1400")
     assert "does not fit" not in err  # it was: train_size 1400 + heldout_size 500 = 1900 (1/5 of digits is 359)
     assert "the samples deleted per trial must be in 1..train_size-1=1399; got 1400" in err
+
+
+def test_a_trial_slower_than_naive_retraining_is_called_slower() -> None:
+    """The front read '0.84x faster than naive retraining' for a trial that took longer than retraining."""
+    from flows.tune import SweepReport, describe
+
+    trial = {"num_blocks": 4, "epsilon": 0.1, "speedup": 0.84, "consistency": 0.99, "noise_floor_consistency": 0.9}
+    trial.update(accuracy=0.9, naive_accuracy=0.9, chance_accuracy=0.1)
+    faster = {**trial, "num_blocks": 8, "speedup": 1.5}
+    text = describe(SweepReport("s", [trial, faster], [0, 1], "r", "t", "p", errors=0))
+    assert "B=4, ε=0.1: 1.19x slower than naive retraining, consistency 0.990" in text
+    assert "B=8, ε=0.1: 1.50x faster than naive retraining" in text
+    assert "0.84x faster" not in text
