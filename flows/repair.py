@@ -26,6 +26,7 @@ from storage.check import StoreReport, check_store, collect_orphans
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
+from storage.tiles import DIAGONAL, MI_TILES, PLAN
 
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
 
@@ -46,6 +47,9 @@ def check_and_repair(store_url: str, *, repair: bool, min_orphan_age_s: float = 
     )
     registry = RunRegistry(store)
     for key in damaged:
+        if key.startswith(f"{MI_TILES}/"):
+            report.repaired.append(_drop_damaged_matrix_object(store, key))
+            continue
         try:
             report.repaired.append(rebuild_checkpoint(registry, key))
         except (CorruptObject, ObjectNotFound, ValueError, KeyError) as err:
@@ -55,6 +59,24 @@ def check_and_repair(store_url: str, *, repair: bool, min_orphan_age_s: float = 
     after = check_store(store, min_age_s=min_orphan_age_s)
     report.corrupt, report.lineage = after.corrupt, after.lineage
     return report
+
+
+def is_checkpoint(key: str) -> bool:
+    """Whether ``key`` is a chain checkpoint (or its timing record), the objects replay rebuilds."""
+    return bool(_CKPT.match(key))
+
+
+def _drop_damaged_matrix_object(store: ObjectStore, key: str) -> dict[str, Any]:
+    """Delete a damaged part of a stored MI matrix: a cache that the next ``reduce`` of its data computes again."""
+    prefix, name = key.rsplit("/", 1)
+    if name in (DIAGONAL, PLAN):  # without plan.json the tile stage writes the diagonal and the plan again
+        store.delete(f"{prefix}/{PLAN}")
+        store.delete(f"{prefix}/{DIAGONAL}")
+    store.delete(key)
+    return {
+        "key": key,
+        "how": "deleted (an MI matrix cache): the next `obliviate reduce` of that data computes it again",
+    }
 
 
 def _block_order(key: str) -> tuple[str, int, str]:
@@ -107,13 +129,14 @@ def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
 
 
 def _committed_sha256(store: ObjectStore, key: str, member: ObjectInfo | None) -> str:
-    """The checksum the rebuilt bytes must have: the commit record's, else (record lost) the manifest's."""
-    try:
-        return store.info(key).sha256
-    except ObjectNotFound:
-        if member is None or member.key != key:
-            raise
+    """The checksum the rebuilt bytes must have: the one the publishing manifest pinned, else the commit record's.
+
+    The manifest comes first: an object overwritten together with its commit record (another
+    checkpoint's bytes and record copied over it) has a record that agrees with the wrong bytes.
+    """
+    if member is not None and member.key == key:
         return member.sha256
+    return store.info(key).sha256
 
 
 def _serialised(checkpoint: Checkpoint) -> bytes:

@@ -35,6 +35,7 @@ _TMP_MARK = ".tmp-"
 # not damage; everything else (runs, manifests, registry, groups, the ledger's requests) is durable.
 _REWRITTEN_AND_DELETED = ("ledger/leases/", "ledger/open/", "ledger/flush/", "service/")
 _CHAIN_KEY = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(pt|json)$")
+_REGISTRY_KEY = re.compile(r"^registry/(?P<run>[^/]+)\.json$")
 _MANIFEST_KEY = re.compile(r"^runs/(?P<run>[^/]+)/manifests/v\d{6}-(?P<chain>[^/]+)\.json$")
 
 
@@ -135,6 +136,23 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
         run_id = pointer_key.split("/")[1]
         runs_with_versions.add(run_id)
         _check_run(store, run_id, pointer_key, report, referenced, dependents)
+    for key in keys:
+        registered = _REGISTRY_KEY.match(key)
+        if registered and registered.group("run") not in runs_with_versions:
+            run_id = registered.group("run")
+            report.lineage.append(
+                {
+                    "run": run_id,
+                    "version": None,
+                    "key": f"runs/{run_id}/current",
+                    "problem": f"run {run_id} is registered ({key}, written when it first published) but has no "
+                    "version pointer: runs/" + run_id + "/current was lost outside obliviate. Restore it from a "
+                    "backup; if the run never had a deletion applied, rerunning `obliviate train` with its options "
+                    "publishes version 1 again from the stored checkpoints",
+                }
+            )
+        if key.rsplit("/", 1)[-1] == "manifest.json" and not key.startswith("runs/"):
+            _check_result_manifest(store, key, report)
     for item in report.corrupt:
         item["needed_by"] = dependents.get(item["key"], [])
 
@@ -170,6 +188,11 @@ def _check_run(
 ) -> None:
     previous: dict[str, Any] | None = None
     for version in range(1, _latest_version(store, pointer_key) + 1):
+        # What every version of the run needs besides its manifest: the pointer version itself, the
+        # run's spec, block plan and registry entry (its data and block membership).
+        needs = (f"{pointer_key}/v{version:09d}.json", f"runs/{run_id}/spec.json", f"runs/{run_id}/plan.json")
+        for needed in (*needs, f"registry/{run_id}.json"):
+            dependents.setdefault(needed, []).append({"run": run_id, "version": version})
         try:
             target = store.read_pointer_version(pointer_key, version).target
         except (CorruptObject, ObjectNotFound):
@@ -230,6 +253,34 @@ def _check_run(
                     }
                 )
         previous = target
+
+
+def _check_result_manifest(store: ObjectStore, key: str, report: StoreReport) -> None:
+    """A result outside the runs (a reduction's subset): every member its manifest pins is committed, unchanged."""
+    result = key.rsplit("/", 1)[0]
+    try:
+        members = store.get_unverified_json(key).get("members", {})
+    except Exception:  # noqa: BLE001 -- a damaged manifest is already reported by its checksum
+        return
+    for name, member in members.items():
+        try:
+            committed = store.info(member["key"])
+        except ObjectNotFound:
+            problem = "its commit record is gone" if member["key"] in store.stored_names(result) else "it is gone"
+        except CorruptObject as err:
+            problem = f"its commit record is unreadable ({err})"
+        else:
+            if committed.sha256 == member["sha256"]:
+                continue
+            problem = f"it was rewritten after publication (sha256 {committed.sha256[:12]}... != manifest's "
+            problem += f"{member['sha256'][:12]}...)"
+        report.corrupt.append(
+            {
+                "key": member["key"],
+                "error": f"member {name} of the result, pinned by {key}, but {problem}",
+                "part_of": result,
+            }
+        )
 
 
 def _orphans(

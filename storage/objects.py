@@ -494,7 +494,7 @@ class ObjectStore:
                 raise CorruptObject(
                     f"{self.uri(key)} has sha256 {digest[:12]}... and {len(data)} bytes, but was committed with "
                     f"{record['sha256'][:12]}... and {record['size']} bytes (read {len(_REREAD_WAITS_S) + 1} "
-                    "times); the object is damaged: delete and rewrite it."
+                    "times); the object is damaged (`obliviate store check` says what needs it and how to mend it)."
                 )
             time.sleep(wait_s)
         if expected is not None and digest != expected:

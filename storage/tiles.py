@@ -23,13 +23,14 @@ from obliviate.errors import ConfigError
 from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.objects import ObjectStore
 
+MI_TILES = "mi-tiles"
 DIAGONAL = "diagonal.npy"
 PLAN = "plan.json"
 
 
 def matrix_prefix(*, fingerprint: str, bins: int, normalize: bool, tile_size: int) -> str:
     """Folder of one MI matrix's tiles; equal inputs give the equal folder."""
-    return f"mi-tiles/{fingerprint}-b{bins}-{'nmi' if normalize else 'raw'}-t{tile_size}"
+    return f"{MI_TILES}/{fingerprint}-b{bins}-{'nmi' if normalize else 'raw'}-t{tile_size}"
 
 
 def tile_key(prefix: str, tile: TileSpec) -> str:

@@ -16,6 +16,7 @@ import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
 from obliviate.errors import ConfigError
+from storage.tiles import MI_TILES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_store_check(args: argparse.Namespace) -> int:
-    from flows.repair import check_and_repair
+    from flows.repair import check_and_repair, is_checkpoint
 
     if not args.orphan_age >= 0:
         raise ConfigError(
@@ -52,12 +53,13 @@ def run_store_check(args: argparse.Namespace) -> int:
     for item in report.repaired:
         print(f"  repaired {item['key']}: {item['how']}", file=sys.stderr)
     for item in report.unrecoverable:
-        print(f"  UNRECOVERABLE {item['key']}: {item['error']}; {_needed_by(item)}", file=sys.stderr)
+        print(f"  UNRECOVERABLE {item['key']}: {item['error'].rstrip('.')}; {_needed_by(item)}", file=sys.stderr)
     for item in report.corrupt if not args.repair else []:
-        how = "rebuildable with --repair" if item.get("repairable_by_replay") else "not rebuildable"
-        print(f"  damaged {item['key']} ({how}); {_needed_by(item)}: {item['error']}", file=sys.stderr)
+        print(f"  damaged {item['key']} ({_how_to_mend(item)}); {_needed_by(item)}: {item['error']}", file=sys.stderr)
     for problem in report.lineage:
-        print(f"  lineage of run {problem['run']} version {problem['version']}: {problem['problem']}", file=sys.stderr)
+        version = "" if problem["version"] is None else f" version {problem['version']}"
+        mend = "; `store check --repair` rebuilds it by replay" if is_checkpoint(problem.get("key", "")) else ""
+        print(f"  lineage of run {problem['run']}{version}: {problem['problem']}{mend}", file=sys.stderr)
     if report.orphans_held_back:
         print(f"  orphans: {report.orphans_held_back}", file=sys.stderr)
     elif report.collected:
@@ -66,8 +68,25 @@ def run_store_check(args: argparse.Namespace) -> int:
     return 0 if report.healthy else 1
 
 
+def _how_to_mend(item: dict) -> str:
+    """What mends a damaged object, in words: replay, the command that wrote it, or a backup."""
+    if item.get("repairable_by_replay"):
+        return "rebuildable with --repair"
+    if item.get("part_of"):
+        return "rewritten by running the command that wrote the result again (the same `obliviate reduce`)"
+    if item["key"].startswith(f"{MI_TILES}/"):
+        return "an MI matrix cache: --repair deletes it, the next `obliviate reduce` of that data computes it again"
+    if item["key"].startswith("ledger/"):
+        return "not rebuildable: a ledger record; restore it from a backup"
+    return "not rebuildable by store check: restore it from a backup"
+
+
 def _needed_by(item: dict) -> str:
     """Which published versions need a damaged object, in words."""
+    if item.get("part_of"):
+        return f"part of result {item['part_of']}"
+    if item["key"].startswith(f"{MI_TILES}/"):
+        return "no model version needs it"
     versions = sorted({(str(n["run"]), int(n["version"])) for n in item.get("needed_by") or []})
     if not versions:
         return "no published version needs it"

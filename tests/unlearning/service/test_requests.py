@@ -240,6 +240,62 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
     assert run_pass(store_url, unlearn_runs=in_process(store_url))["settled"] == {request_id: DONE}
 
 
+def test_store_check_names_what_needs_each_object_and_how_to_mend_it(trained, tmp_path, capsys):
+    """Seen by a user: a checkpoint overwritten with its record was 'UNRECOVERABLE' though replay
+    reproduces it; a damaged spec or pointer read 'no published version needs it: delete and rewrite
+    it'; a reduce result's lost record and a lost version pointer read healthy."""
+    from flows.cli import main
+
+    store_url, _ = trained
+    store = ObjectStore(store_url)
+    registry = RunRegistry(store)
+    root = tmp_path / "store"
+    assert (
+        main(["reduce", "--data", "digits", "--k", "5", "--starts", "3", "--workers", "0", "--store", store_url]) == 0
+    )
+    result = next(key for key in store.list("") if key.startswith("reduce-") and key.endswith("/subset.npy"))
+    tile = "mi-tiles/ec49a20e6fc73398-b256-raw-t64/r0000000-c0000000.npy"  # as a Ray reduce stores them
+    store.put_bytes(tile, b"\x00" * 64)
+    capsys.readouterr()
+
+    last, before = registry.checkpoint_key("r1", TRAIN_CHAIN, 3), registry.checkpoint_key("r1", TRAIN_CHAIN, 2)
+    original = store.get_bytes(last)
+    for suffix in ("", ".sha256"):  # another checkpoint's bytes and commit record copied over M_3
+        (root / f"{last}{suffix}").write_bytes((root / f"{before}{suffix}").read_bytes())
+    (root / f"{result}.sha256").unlink()
+    (root / tile).write_bytes(b"\x01" * 64)
+
+    assert main(["store", "check", "--store", store_url]) == 1
+    said = capsys.readouterr().err
+    assert "lineage of run r1 version 1: member 3 was rewritten after publication" in said
+    assert "`store check --repair` rebuilds it by replay" in said
+    assert f"damaged {result} (rewritten by running the command that wrote the result again" in said
+    assert "but its commit record is gone" in said
+    assert f"damaged {tile} (an MI matrix cache: --repair deletes it" in said and "no model version needs it" in said
+    assert "delete and rewrite it" not in said
+
+    assert main(["store", "check", "--store", store_url, "--repair"]) == 1  # the result's record stays lost
+    said = capsys.readouterr().err
+    assert f"repaired {last}: replayed block 3 from checkpoint 2" in said and store.get_bytes(last) == original
+    assert f"repaired {tile}: deleted" in said and not store.exists(tile)
+
+    (root / "runs/r1/spec.json").write_text("{}")
+    assert main(["store", "check", "--store", store_url, "--repair"]) == 1
+    said = capsys.readouterr().err
+    assert "damaged runs/r1/spec.json" not in said  # --repair reports what it could not mend instead
+    assert "UNRECOVERABLE runs/r1/spec.json: " in said and "replay; needed by run r1 version 1" in said  # no '.;'
+    assert main(["store", "check", "--store", store_url]) == 1
+    assert (
+        "damaged runs/r1/spec.json (not rebuildable by store check: restore it from a backup); needed by run "
+        "r1 version 1" in capsys.readouterr().err
+    )
+
+    (root / "runs/r1/current/v000000001.json").unlink()  # the version pointer, lost outside obliviate
+    report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
+    lost = [problem for problem in report.lineage if problem["key"] == "runs/r1/current"]
+    assert lost and lost[0]["version"] is None and "has no version pointer" in lost[0]["problem"]
+
+
 def test_the_words_for_a_slow_retrain_a_stopped_serve_and_an_id_past_int64(tmp_path):
     """Seen by a user: "0.89x faster than retraining", "the `obliviate serve` that announced None
     stopped", and "ASCII digits only" for an id that was all ASCII digits but too large."""
