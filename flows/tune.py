@@ -103,7 +103,7 @@ def reduction_trainable(config: dict[str, Any]) -> None:
 
     from obliviate.data import load_dataset
     from obliviate.extraction.audit import audit_split, train_target
-    from obliviate.extraction.substitute import TrainConfig
+    from obliviate.extraction.substitute import TrainConfig, accuracy, predict_labels
     from obliviate.extraction.target import LocalTorchBackend
     from obliviate.sweeps import reduction_trial
 
@@ -129,6 +129,11 @@ def reduction_trainable(config: dict[str, Any]) -> None:
         num_starts=config["num_starts"],
         seed=config["seed"],
     )
+    # A target near chance answers with noise: a substitute "agrees" with it while learning nothing.
+    result["target_accuracy"] = accuracy(
+        predict_labels(target_model, data.images[test_idx], levels=data.levels), data.labels[test_idx]
+    )
+    result["chance_accuracy"] = 1.0 / data.num_classes
     _store_trial(config, _trial_label("reduction", config), result)
     tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool))})
 
@@ -453,6 +458,14 @@ def describe(report: SweepReport) -> str:
             f"{100 * untrained[0]['chance_accuracy']:.0f} %): those settings do not train, so their speed-up and "
             "consistency say nothing. Raise --local-epochs or --train-size."
         )
+    untrained = untrained_targets(report.trials)
+    if untrained:
+        seen = ", ".join(f"{100 * t['target_accuracy']:.1f} %" for t in untrained[:4])
+        lines.append(
+            f"warning: {len(untrained)} of {len(report.trials)} trials trained a target near chance (test accuracy "
+            f"{seen}; chance {100 * untrained[0]['chance_accuracy']:.0f} %): a substitute agrees with its noise, so "
+            "their agreement says nothing. Raise --steps or --target-size."
+        )
     return "\n".join(lines)
 
 
@@ -467,9 +480,10 @@ def _front_point(trial: dict[str, Any]) -> str:
             f"consistency {trial['consistency']:.3f} (noise floor {trial['noise_floor_consistency']:.3f}), "
             f"held-out accuracy {100 * trial['accuracy']:.1f} %"
         )
+    target = f" (target {100 * trial['target_accuracy']:.1f} %)" if trial.get("target_accuracy") is not None else ""
     return (
         f"k={trial['queries']}, {trial['bins']} bins: substitute accuracy {100 * trial['accuracy']:.1f} %, "
-        f"agreement {100 * trial['agreement']:.1f} %"
+        f"agreement {100 * trial['agreement']:.1f} %{target}"
     )
 
 
@@ -481,4 +495,15 @@ def untrained_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if t.get("naive_accuracy") is not None
         and t.get("chance_accuracy")
         and t["naive_accuracy"] < 1.5 * t["chance_accuracy"]
+    ]
+
+
+def untrained_targets(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reduction trials whose target stayed within 1.5x chance accuracy: agreement with it means nothing."""
+    return [
+        t
+        for t in trials
+        if t.get("target_accuracy") is not None
+        and t.get("chance_accuracy")
+        and t["target_accuracy"] < 1.5 * t["chance_accuracy"]
     ]

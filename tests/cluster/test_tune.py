@@ -107,6 +107,8 @@ def test_reduction_sweep_reports_accuracy_against_queries(local_ray, tmp_path) -
     assert sorted(t["queries"] for t in report.trials) == [20, 40]
     for trial in report.trials:
         assert 0.0 <= trial["accuracy"] <= 1.0 and sum(trial["class_histogram"]) == trial["queries"]
+        # the target's own test accuracy is recorded, so a target near chance can be flagged
+        assert 0.0 <= trial["target_accuracy"] <= 1.0 and trial["chance_accuracy"] == pytest.approx(0.1)
     assert len(ObjectStore(f"file://{tmp_path}").list("tune/tiny-reduction/trials")) == 2
 
 

@@ -153,3 +153,19 @@ def test_a_trial_slower_than_naive_retraining_is_called_slower() -> None:
     assert "B=4, ε=0.1: 1.19x slower than naive retraining, consistency 0.990" in text
     assert "B=8, ε=0.1: 1.50x faster than naive retraining" in text
     assert "0.84x faster" not in text
+
+
+def test_a_reduction_sweep_whose_target_is_near_chance_is_flagged() -> None:
+    """'agreement 100.0 %' against a target at chance (10 %) came with no warning."""
+    from flows.tune import SweepReport, describe
+
+    chance = {"k": 5, "queries": 5, "bins": 256, "accuracy": 0.1, "agreement": 1.0, "mean_entropy": 1.0}
+    chance.update(target_accuracy=0.1, chance_accuracy=0.1)
+    trained = {**chance, "k": 10, "queries": 10, "accuracy": 0.7, "agreement": 0.75, "target_accuracy": 0.9}
+    text = describe(SweepReport("small", [chance, trained], [0, 1], "r", "t", "p", errors=0))
+    assert "k=5, 256 bins: substitute accuracy 10.0 %, agreement 100.0 % (target 10.0 %)" in text
+    assert (
+        "warning: 1 of 2 trials trained a target near chance (test accuracy 10.0 %; chance 10 %): a substitute agrees "
+        "with its noise, so their agreement says nothing. Raise --steps or --target-size."
+    ) in text
+    assert "warning" not in describe(SweepReport("ok", [trained], [0], "r", "t", "p", errors=0))
