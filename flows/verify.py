@@ -74,8 +74,15 @@ def check_request(store_url: str, run_id: str, *, version: int | None, blocks: s
     check_name(run_id, what="run id")
     registry = RunRegistry(ObjectStore(store_url))
     chosen = _version(registry, run_id, version)
-    config = BlockTrainingConfig.from_dict(registry.manifest(chosen).metadata["chain"]["config"])
+    chain_meta = registry.manifest(chosen).metadata["chain"]
+    config = BlockTrainingConfig.from_dict(chain_meta["config"])
     choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=None)
+    if blocks == "retrained" and not chain_meta["deleted_ids"]:
+        raise ConfigError(
+            f"--blocks retrained replays the blocks retrained after a deletion, but run {run_id} version "
+            f"{chosen.version} has no deletion applied, so no block was retrained. Use --blocks all (or a block "
+            "number) to replay its training."
+        )
 
 
 def verify_run(store_url: str, run_id: str, *, version: int | None = None, blocks: str = "all") -> dict[str, Any]:
@@ -109,9 +116,8 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
             raw = store.get_member(manifest, str(index))
         except (CorruptObject, ObjectNotFound) as err:
             # an exact chain's checkpoint is a pure function of its predecessor: replay can rebuild it
-            unreadable[index] = (
-                f"{err} `obliviate store check --repair` rebuilds a damaged or lost checkpoint by replay"
-            )
+            fix = "" if "--repair" in str(err) else " `obliviate store check --repair` rebuilds it by replay."
+            unreadable[index] = f"{err}{fix}"
             continue
         stored_sha256[index] = hashlib.sha256(raw).hexdigest()
         checkpoints[index] = registry.load_checkpoint(member.key, expected=member)
@@ -152,7 +158,9 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         "verified_at": time.time(),
         **report.as_dict(),
     }
-    store.put_json(f"ledger/verifications/{run_id}-v{chosen.version:06d}-{int(result['verified_at'])}.json", result)
+    key = f"ledger/verifications/{run_id}-v{chosen.version:06d}-{int(result['verified_at'])}.json"
+    result["report"] = store.uri(key)
+    store.put_json(key, result)
     return result
 
 

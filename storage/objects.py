@@ -477,7 +477,16 @@ class ObjectStore:
         # A read caught between a rewrite's data and its commit record sees them disagree for the
         # moment the rewrite takes; damage stays. So a mismatch is read again before it is reported.
         for wait_s in (*_REREAD_WAITS_S, None):
-            record = self._read_commit_record(key)
+            try:
+                record = self._read_commit_record(key)
+            except ObjectNotFound:
+                if not self._fs.exists(self._path(key)):
+                    raise
+                raise ObjectNotFound(
+                    f"{self.uri(key)} has bytes but no commit record ({COMMIT_SUFFIX}): a write interrupted before "
+                    "it committed, or the record was lost outside obliviate. `obliviate store check` says whether "
+                    "anything needs it; `--repair` rebuilds a chain checkpoint by replay."
+                ) from None
             try:
                 with _translated(self.uri(key)):
                     data = self._fs.cat_file(self._path(key))

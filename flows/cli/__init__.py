@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(
             f"obliviate {args.command}: interrupted. Stores hold only whole objects, so nothing half-written was "
-            "kept; rerunning train or reduce resumes from what was stored.",
+            "kept; rerunning the same command resumes from whatever it had stored.",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED

@@ -62,6 +62,12 @@ def run_store_check(args: argparse.Namespace) -> int:
         print(f"  lineage of run {problem['run']}{version}: {problem['problem']}{mend}", file=sys.stderr)
     if report.orphans_held_back:
         print(f"  orphans: {report.orphans_held_back}", file=sys.stderr)
+    elif report.orphans and not args.repair:
+        more = f" (+{len(report.orphans) - 5} more)" if len(report.orphans) > 5 else ""
+        print(
+            f"  orphans (garbage, not damage; --repair deletes them): {', '.join(report.orphans[:5])}{more}",
+            file=sys.stderr,
+        )
     elif report.collected:
         print(f"  collected {len(report.collected)} orphan(s)", file=sys.stderr)
     print(json.dumps(report.as_dict(), default=str))

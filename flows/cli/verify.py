@@ -52,14 +52,17 @@ def run_verify(args: argparse.Namespace) -> int:
             ]
     for result in results:
         identical = sum(result["bit_identical"].values())
+        not_replayed = result.get("blocks_not_replayed") or []
+        unreplayable = f"; {len(not_replayed)} block(s) could not be replayed (below)" if not_replayed else ""
         print(
             f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
-            f"{len(result['bit_identical'])} replayed blocks bit-identical",
+            f"{len(result['bit_identical'])} replayed blocks bit-identical{unreplayable}",
             file=sys.stderr,
         )
         for problem in result["problems"]:
             print(f"  {problem}", file=sys.stderr)
         print(_served_note(url, result["run_id"], int(result["version"])), file=sys.stderr, end="")
+        print(f"  report: {result['report']}", file=sys.stderr)
     statuses = {result["status"] for result in results}
     status = "passed" if statuses == {"passed"} else "failed" if "failed" in statuses else "inconclusive"
     if len(results) == 1:

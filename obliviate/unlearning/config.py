@@ -109,11 +109,15 @@ class BlockTrainingConfig:
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
-            object.__setattr__(self, "schedule", ScheduleName(self.schedule))
-        except ValueError as err:
+        except ValueError:
             raise ConfigError(
-                f"{err}: optimizer must be one of {[o.value for o in OptimizerName]} and schedule one "
-                f"of {[s.value for s in ScheduleName]}."
+                f"optimizer must be one of {[o.value for o in OptimizerName]}; got {self.optimizer!r}."
+            ) from None
+        try:
+            object.__setattr__(self, "schedule", ScheduleName(self.schedule))
+        except ValueError:
+            raise ConfigError(
+                f"schedule must be one of {[s.value for s in ScheduleName]}; got {self.schedule!r}."
             ) from None
         positive_ints = {
             "num_blocks": self.num_blocks,

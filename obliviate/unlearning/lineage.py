@@ -107,6 +107,7 @@ class VerifyReport:
 
     status: str = PASSED
     blocks_replayed: list[int] = field(default_factory=list)
+    blocks_not_replayed: list[int] = field(default_factory=list)
     bit_identical: dict[int, bool] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     environment_differences: list[str] = field(default_factory=list)
@@ -119,6 +120,7 @@ class VerifyReport:
         return {
             "status": self.status,
             "blocks_replayed": self.blocks_replayed,
+            "blocks_not_replayed": self.blocks_not_replayed,
             "bit_identical": {str(k): v for k, v in self.bit_identical.items()},
             "problems": self.problems,
             "environment_differences": self.environment_differences,
@@ -208,6 +210,7 @@ def verify_replay(
     for block in blocks:
         if block - 1 not in checkpoints or block not in checkpoints:
             report.fail(f"block {block}: cannot replay without readable stored M_{block - 1} and M_{block}.")
+            report.blocks_not_replayed.append(block)
             continue
         replayed = next(iter(trainer.run(start=checkpoints[block - 1], last_block=block, excluded_ids=deleted_ids)))
         differing = _same_state(replayed.model_state, checkpoints[block].model_state)

@@ -63,6 +63,8 @@ def test_schedules_give_documented_rates() -> None:
     [
         ("num_blocks", 0, "num_blocks must be a positive integer"),
         ("optimizer", "rmsprop", "optimizer must be one of"),
+        ("schedule", "linear", "schedule must be one of ['constant'"),  # it named the optimizer too
+        ("seed", -1, "seed must be an integer >= 0"),
         ("gamma", 1.5, "gamma must be in (0, 1]"),
         ("learning_rate", 0.0, "learning_rate must be > 0"),
     ],

@@ -225,10 +225,11 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
     assert report.corrupt[0]["needed_by"] == [{"run": "r1", "version": 1, "member": "3"}]
     assert sorted(p["key"] for p in report.lineage) == sorted([first, sidecar]) and not report.healthy
     assert report.orphans == sorted([orphan, lease])
-    assert main(["store", "check", "--store", store_url]) == 1
+    assert main(["store", "check", "--store", store_url, "--orphan-age", "0"]) == 1
     said = capsys.readouterr().err
     assert f"damaged {final} (rebuildable with --repair); needed by run r1 version 1: " in said
     assert "lineage of run r1 version 1: member 2's timing record is not committed" in said
+    assert f"orphans (garbage, not damage; --repair deletes them): {lease}, {orphan}" in said  # "2 orphan(s)"
 
     repaired = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
     assert sorted(r["key"] for r in repaired.repaired) == sorted([first, sidecar, final])

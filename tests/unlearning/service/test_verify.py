@@ -6,6 +6,7 @@ The runs are trained and unlearned in-process with the worker the flows use, in 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,27 @@ def test_verify_catches_a_flipped_checkpoint_byte(unlearned_store, tmp_path: Pat
     assert code == 4
     err = capsys.readouterr().err
     assert "failed" in err and "M_3 cannot be read" in err and "`obliviate store check --repair` rebuilds" in err
+    # M_3 is neither a start nor an end to compare: blocks 3 and 4 are counted, not read as "2/2 identical"
+    assert "v-run v2: failed; 2/2 replayed blocks bit-identical; 2 block(s) could not be replayed (below)" in err
+    assert err.count("--repair") == 1  # the fix once (it was given twice in a row)
+    report = re.search(r"^  report: (file://\S+)$", err, flags=re.MULTILINE)
+    assert report and ObjectStore(url).exists(report.group(1).removeprefix(url + "/")), err
+
+
+def test_verify_a_record_lost_while_the_bytes_stay_says_so(unlearned_store, tmp_path: Path, capsys) -> None:
+    url, _ = unlearned_store
+    registry = RunRegistry(ObjectStore(url))
+    member = registry.manifest(registry.current("v-run")).members["2"]
+    (tmp_path / "store" / f"{member.key}.sha256").unlink()
+    assert main(["verify", "--store", url, "--run", "v-run", "--blocks", "1", "--no-prefect"]) == 4
+    assert "has bytes but no commit record (.sha256)" in capsys.readouterr().err  # it said "no object at"
+
+
+def test_verify_blocks_retrained_on_a_version_without_deletions_is_refused(unlearned_store, capsys) -> None:
+    url, _ = unlearned_store
+    assert main(["verify", "--store", url, "--run", "v-run", "--version", "1", "--blocks", "retrained"]) == 2
+    assert "has no deletion applied, so no block was retrained. Use --blocks all" in capsys.readouterr().err
+    assert main(["verify", "--store", url, "--run", "v-run", "--blocks", "retrained", "--no-prefect"]) == 0  # v2
 
 
 def test_verify_catches_an_applied_id_left_in_a_block_list(unlearned_store) -> None:
