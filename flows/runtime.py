@@ -69,6 +69,10 @@ def apply_prefect_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+class RayStartFailed(ObliviateError, RuntimeError):
+    """A local Ray runtime did not start (Ray's own start-up failed, e.g. its 30 s node registration)."""
+
+
 def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> None:
     """Start or join Ray once per process.
 
@@ -111,6 +115,16 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
         raise ConfigError(
             f"could not join the Ray cluster at {target} ({err}); check that it is up (`ray status --address "
             f"{target}`) or fix --ray-address / RAY_ADDRESS."
+        ) from err
+    except Exception as err:
+        if target != "local":
+            raise
+        # Ray gives a new local node a fixed 30 s to register; a loaded machine can miss it.
+        load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+        raise RayStartFailed(
+            f"could not start a local Ray runtime: {err} (load average {load} on {os.cpu_count()} CPUs). Nothing "
+            "was computed; run the command again when the machine is less busy, or join a running cluster with "
+            "--ray-address / RAY_ADDRESS."
         ) from err
 
 

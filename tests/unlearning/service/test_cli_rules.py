@@ -500,3 +500,20 @@ def test_submit_refuses_a_job_that_is_not_an_obliviate_command_before_contacting
     assert "--timeout is the most seconds to wait for the job and must be > 0" in capsys.readouterr().err
     assert main(["submit", "--working-dir", str(tmp_path / "nope"), "--", "train", "--run-id", "a"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_local_ray_runtime_that_fails_to_start_is_named_without_a_traceback(monkeypatch):
+    """Under load, Ray's fixed 30 s node registration ran out and `tune` ended in Ray's raw traceback."""
+    import ray
+
+    from flows.runtime import RayStartFailed, ensure_ray
+
+    def init(**options):
+        raise Exception("The current node timed out during startup. This could happen because ...")  # noqa: TRY002 -- Ray raises exactly this
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(RayStartFailed, match=r"could not start a local Ray runtime: The current node timed out") as e:
+        ensure_ray()
+    assert "load average" in str(e.value) and "run the command again" in str(e.value)
