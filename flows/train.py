@@ -19,13 +19,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from actors.chains import ChainWorker
+from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
 from storage.objects import ObjectStore
-from storage.registry import RunRegistry
+from storage.registry import TRAIN_CHAIN, RunRegistry
 from storage.serving import group_members
 
 RAY_NAMESPACE = "obliviate"
@@ -309,7 +310,10 @@ def train_flow(
         for k in range(min(len(specs), cluster_cpus()))
     ]
     try:
-        summaries = list(ActorPool(workers).map(lambda worker, spec: worker.train.remote(spec), specs))
+        pool = ActorPool(workers)
+        for spec in specs:
+            pool.submit(lambda worker, spec: worker.train.remote(spec), spec)
+        summaries = _results_with_progress(pool, ObjectStore(store), specs, logger=logger)
     finally:
         for worker in workers:
             ray.kill(worker, no_restart=True)
@@ -340,6 +344,35 @@ def train_flow(
     for message in summary.get("sharp_drops") or []:  # issue 11: diverging settings are not accepted silently
         logger.warning("run %s: %s", run_id, message)
     return {**summary, "store": ObjectStore(store).url}
+
+
+def _results_with_progress(pool: Any, store: ObjectStore, specs: list[dict[str, Any]], *, logger: Any) -> list[Any]:
+    """The pool's results in submission order; meanwhile the blocks committed so far, as a bar and a log line.
+
+    Blocks are counted from the store (the workers commit each checkpoint as it is trained), so
+    resumed blocks count as done at once and nothing extra travels through Ray.
+    """
+    registry = RunRegistry(store)
+    blocks = [int(spec["config"]["num_blocks"]) for spec in specs]
+    results: list[Any] = []
+    shown = -1
+    while pool.has_next():
+        try:
+            results.append(pool.get_next(timeout=2.0))
+        except TimeoutError:
+            pass
+        done = sum(blocks[: len(results)])
+        for spec, count in zip(specs[len(results) :], blocks[len(results) :], strict=True):
+            committed = set(store.list(f"runs/{spec['run_id']}/chains/{TRAIN_CHAIN}"))
+            done += sum(
+                registry.checkpoint_key(spec["run_id"], TRAIN_CHAIN, b) in committed for b in range(1, count + 1)
+            )
+        total = sum(blocks)
+        if done != shown:
+            report("blocks", done, total)
+            logger.info("blocks %d/%d trained", done, total)
+            shown = done
+    return results
 
 
 def served_heldout_accuracy(store: str, run_id: str) -> float:

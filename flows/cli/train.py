@@ -72,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from flows.progress import shown_progress
     from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api
     from flows.train import accuracy_text, run_spec, train_flow
     from obliviate.unlearning.service import check_name
@@ -101,7 +102,8 @@ def run_train(args: argparse.Namespace) -> int:
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=args.ray_address)
-        summary = train_flow(store=store, run_id=args.run_id, shards=args.shards, **options)
+        with shown_progress():
+            summary = train_flow(store=store, run_id=args.run_id, shards=args.shards, **options)
     served = summary.get("served_heldout_accuracy")
     served_text = "" if served is None else f", served as one model (mean of probabilities) {accuracy_text(served)}"
     print(

@@ -41,8 +41,15 @@ def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
     url = f"file://{tmp_path}/store"
     options = tiny_run(split_seed=0)
     options.pop("split_seed")
+    from flows.progress import progress_to
+
+    events: list[tuple[str, int, int]] = []
     # 3 shards on the session's 2-CPU Ray: one actor per shard used to wait forever for a third CPU
-    summary = train_flow(store=url, run_id="g3", shards=3, split_seed=0, **options)
+    with progress_to(lambda stage, done, total: events.append((stage, done, total))):
+        summary = train_flow(store=url, run_id="g3", shards=3, split_seed=0, **options)
+    # progress in blocks committed, over every shard (train said nothing until the end)
+    assert events[-1] == ("blocks", 12, 12) and all(total == 12 for _, _, total in events)
+    assert [done for _, done, _ in events] == sorted(done for _, done, _ in events)
     assert summary["group"]["members"] == ["g3-s0of3", "g3-s1of3", "g3-s2of3"]
     registry = RunRegistry(ObjectStore(url))
     assert all(registry.current(m).version == 1 for m in summary["group"]["members"])
