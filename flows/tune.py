@@ -489,21 +489,17 @@ def _front_point(trial: dict[str, Any]) -> str:
 
 def untrained_trials(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Unlearning trials whose naive retrain stayed within 1.5x chance accuracy: nothing was learned."""
-    return [
-        t
-        for t in trials
-        if t.get("naive_accuracy") is not None
-        and t.get("chance_accuracy")
-        and t["naive_accuracy"] < 1.5 * t["chance_accuracy"]
-    ]
+    return _near_chance(trials, "naive_accuracy")
 
 
 def untrained_targets(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Reduction trials whose target stayed within 1.5x chance accuracy: agreement with it means nothing."""
+    return _near_chance(trials, "target_accuracy")
+
+
+def _near_chance(trials: list[dict[str, Any]], accuracy: str) -> list[dict[str, Any]]:
     return [
         t
         for t in trials
-        if t.get("target_accuracy") is not None
-        and t.get("chance_accuracy")
-        and t["target_accuracy"] < 1.5 * t["chance_accuracy"]
+        if t.get(accuracy) is not None and t.get("chance_accuracy") and t[accuracy] < 1.5 * t["chance_accuracy"]
     ]

@@ -322,39 +322,13 @@ def test_a_negative_seed_is_refused_before_anything_is_stored(tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-def test_the_training_recipe_and_the_split_refuse_a_negative_seed():
+def test_the_training_recipe_and_the_split_refuse_a_negative_seed(tiny_run):
     from flows.train import run_spec
 
     with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
-        run_spec(
-            run_id="r",
-            data="digits",
-            model="lenet5",
-            blocks=2,
-            epochs=1,
-            batch_size=32,
-            learning_rate=0.01,
-            schedule="constant",
-            seed=-1,
-            train_size=None,
-            heldout_size=None,
-            split_seed=0,
-        )
+        run_spec(run_id="r", split_seed=0, **tiny_run(seed=-1))
     with pytest.raises(ConfigError, match=r"split_seed \(--split-seed\) must be an integer >= 0"):
-        run_spec(
-            run_id="r",
-            data="digits",
-            model="lenet5",
-            blocks=2,
-            epochs=1,
-            batch_size=32,
-            learning_rate=0.01,
-            schedule="constant",
-            seed=0,
-            train_size=None,
-            heldout_size=None,
-            split_seed=-1,
-        )
+        run_spec(run_id="r", split_seed=-1, **tiny_run())
 
 
 def test_store_check_refuses_a_negative_orphan_age(tmp_path, capsys):
