@@ -146,7 +146,7 @@ def test_demo_batch_accounts_for_a_run_the_batch_does_not_touch(capsys) -> None:
     out = capsys.readouterr().out
     assert "  run-a served while the batch retrained: v3 full (90.0 %)" in out
     assert "  run-b: none of the batch's ids is in its training data, so it keeps what it served" in out
-    assert "one exact retrain of 1 block-training (0.1 s)" in out
+    assert "one exact retrain of 1 block-training (0.10 s)" in out
 
 
 def test_ctrl_c_stops_a_command_with_a_sentence_and_no_half_written_file(tmp_path) -> None:
