@@ -224,9 +224,13 @@ def _check_sizes_fit(dataset: str, available: int, sizes: dict[str, int]) -> Non
         )
     if sum(sizes.values()) > available:
         shown = " + ".join(f"{name} {size}" for name, size in sizes.items())
+        total = sum(sizes.values())
+        fits = " ".join(
+            f"--{name.replace('_', '-')} {max(1, size * available // total)}" for name, size in sizes.items()
+        )
         raise ConfigError(
-            f"a trial splits the {available} images of {dataset} into disjoint parts, so {shown} = {sum(sizes.values())} "
-            f"does not fit; lower them ({options})."
+            f"a trial splits the {available} images of {dataset} into disjoint parts, so {shown} = {total} "
+            f"does not fit; lower them ({options}), e.g. in the same proportions: {fits}."
         )
 
 

@@ -142,7 +142,8 @@ def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
             "1500",
             (
                 "a trial splits the 5000 images of mnist5k into disjoint parts, so target_size 2000 + pool_size 2000 "
-                "+ test_size 1500 = 5500 does not fit; lower them (--target-size, --pool-size, --test-size)."
+                "+ test_size 1500 = 5500 does not fit; lower them (--target-size, --pool-size, --test-size), e.g. in "
+                "the same proportions: --target-size 1818 --pool-size 1818 --test-size 1363."
             ),
         ),
         ("unlearning", "--train-size", "4600", "train_size 4600 + heldout_size 500 = 5100 does not fit"),
