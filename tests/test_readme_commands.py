@@ -61,7 +61,7 @@ def test_make_demo_tells_the_whole_story(tmp_path) -> None:
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     out = completed.stdout
-    assert re.search(r"^H = [0-9.]+ over 40 restarts", out, flags=re.MULTILINE), out[-3000:]
+    assert re.search(r"^H = [0-9.]+ nats over 40 restarts", out, flags=re.MULTILINE), out[-3000:]
     for step in ("reduce (DRMI)", "extraction audit", "train + forget + unlearn"):
         assert re.search(rf"^\| {re.escape(step)} \| ok \|", out, flags=re.MULTILINE), out[-3000:]
     assert re.search(r"^\| story-a \| 1 → 2 \|.*\| yes \|$", out, flags=re.MULTILINE), out[-3000:]
@@ -116,6 +116,17 @@ def test_cli_reduce_on_digits_writes_subset(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "over 30 restarts" in out
     assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
+
+
+def test_cli_reduce_says_the_unit_of_its_objective(tmp_path, capsys) -> None:
+    # it said "H = 4.4769 over 1 restarts": no unit, and a plural for one
+    assert (
+        main(["reduce", "--data", "digits", "--k", "5", "--starts", "1", "--workers", "0", "--out", str(tmp_path)]) == 0
+    )
+    assert re.search(r"^H = [0-9.]+ nats over 1 restart \(best start \d+\)$", capsys.readouterr().out, re.MULTILINE)
+    options = ["--starts", "2", "--normalize", "--workers", "0", "--out", str(tmp_path)]
+    assert main(["reduce", "--data", "digits", "--k", "5", *options]) == 0
+    assert "(normalised MI, no unit) over 2 restarts" in capsys.readouterr().out
 
 
 def test_demo_batch_accounts_for_a_run_the_batch_does_not_touch(capsys) -> None:

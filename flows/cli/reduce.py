@@ -138,6 +138,12 @@ def run_reduce(args: argparse.Namespace) -> int:
     return run_reduce_flow(args)
 
 
+def _result_line(h: float, *, restarts: int, best: int, normalize: bool) -> str:
+    """The objective of the chosen subset with its unit (MI in nats; normalised MI has none), and its restarts."""
+    unit = "(normalised MI, no unit)" if normalize else "nats"
+    return f"H = {h:.4f} {unit} over {restarts} restart{'' if restarts == 1 else 's'} (best start {best})"
+
+
 def print_plan(args: argparse.Namespace) -> int:
     """The reduction's sizes for ``--plan N`` images, without computing anything."""
     from obliviate.reduction.tiling import plan_report
@@ -189,7 +195,9 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
             f"stored at {summary['tiles_url']}"
         )
         return 0
-    print(f"H = {summary['h']:.4f} over {summary['restarts']} restarts (best start {summary['best_start']})")
+    print(
+        _result_line(summary["h"], restarts=summary["restarts"], best=summary["best_start"], normalize=args.normalize)
+    )
     print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(summary["class_histogram"])))
     print(
         f"tiles: {summary['tiles_computed']} computed, {summary['tiles_reused']} reused ({summary['tiles_url']}); "
@@ -253,7 +261,7 @@ def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
         "summary": store.put_json(f"{key}/summary.json", summary),
     }
     store.commit_manifest(f"{key}/manifest.json", members, {"kind": "drmi-reduction", "h": result.h})
-    print(f"H = {result.h:.4f} over {len(result.restarts)} restarts (best start {result.best_start})")
+    print(_result_line(result.h, restarts=len(result.restarts), best=result.best_start, normalize=args.normalize))
     print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(histogram)))
     print(f"subset written to {store.uri(key)}/subset.npy (summary: {store.uri(key)}/summary.json)")
     return 0

@@ -169,7 +169,7 @@ def test_cli_reduce_against_s3(ray_runtime, prefect_harness, s3_store, mnist_poo
     )
     assert code == 0
     captured = capsys.readouterr()
-    assert f"H = {in_process['sample'].h:.4f} over 40 restarts" in captured.out
+    assert f"H = {in_process['sample'].h:.4f} nats over 40 restarts" in captured.out
     assert "subset written to s3://" in captured.out
     # stderr is not a terminal here, so no progress bar is drawn into it (tests/test_progress.py
     # checks the bars themselves on a terminal console)
@@ -185,7 +185,7 @@ def test_cli_in_process_path_matches(tmp_path, mnist_pool, in_process, capsys):
 
     _, path = mnist_pool
     assert main(["reduce", "--data", path, "--k", "30", "--workers", "0", "--out", str(tmp_path)]) == 0
-    assert f"H = {in_process['all'].h:.4f} over 300 restarts" in capsys.readouterr().out
+    assert f"H = {in_process['all'].h:.4f} nats over 300 restarts" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
