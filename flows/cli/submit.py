@@ -67,7 +67,9 @@ def run_submit(args: argparse.Namespace) -> int:
             f"--working-dir {args.working_dir!r} is not a folder; pass the repository root (default '.') so the job "
             "can import obliviate."
         )
-    _check_outputs_outlive_the_job(_check_job_command(job))
+    parsed = _check_job_command(job)
+    _check_outputs_outlive_the_job(parsed)
+    _check_inputs_are_uploaded(parsed, args.working_dir)
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -162,6 +164,27 @@ def _check_outputs_outlive_the_job(job: argparse.Namespace) -> None:
             f"the job would write to {where} ({flag}), a path relative to the job's working directory: Ray unpacks "
             "that on the node running the job and deletes it when the job's session ends, so the results would be "
             f"lost. To keep them, {fix}. Nothing was sent to the cluster."
+        )
+
+
+def _check_inputs_are_uploaded(job: argparse.Namespace, working_dir: str) -> None:
+    """Refuse a job that reads a file from a folder the upload leaves out (``runs/``, ``.venv``, ``.git``).
+
+    The job would fail on the cluster after the upload, with the file not found.
+    """
+    root = os.path.abspath(working_dir)
+    for flag in ("target", "data", "pool"):
+        value = getattr(job, flag, None)
+        if not isinstance(value, str) or "://" in value:
+            continue
+        path = os.path.relpath(value, root) if os.path.isabs(value) else os.path.normpath(value)
+        top = path.split(os.sep, 1)[0]
+        if path.startswith("..") or top == path or top not in {"runs", ".venv", ".git"}:
+            continue  # outside the upload (a path the nodes must have), a name, or a file that travels
+        raise ConfigError(
+            f"the job reads --{flag} {value}, inside {top}/, which submit does not upload (it leaves out "
+            f"{', '.join(UPLOAD_EXCLUDES[:3])}); the job would not find it. Copy the file elsewhere in the working "
+            "directory, or give a path or URL every node can read. Nothing was sent to the cluster."
         )
 
 

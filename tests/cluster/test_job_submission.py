@@ -285,3 +285,27 @@ def test_submit_to_a_token_cluster_says_how_to_authenticate(tmp_path, tmp_path_f
         assert "submitted raysubmit_" in with_token.stdout
     finally:
         stop_process_group(head)
+
+
+@pytest.mark.parametrize(
+    ("job", "flag"),
+    [
+        (["steal", "--target", "runs/target.pt", "--out", "/shared/audit"], "--target runs/target.pt"),
+        (["reduce", "--data", "runs/pool.npz", "--k", "5", "--out", "/shared/out"], "--data "),
+    ],
+)
+def test_submit_refuses_a_job_reading_a_file_the_upload_leaves_out(job, flag, capsys, tmp_path, monkeypatch):
+    """`steal --target runs/target.pt` was uploaded without runs/ and failed on the cluster, file not found."""
+    from flows.cli import main
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "pool.npz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert main(["submit", "--address", f"http://127.0.0.1:{free_port()}", "--no-wait", "--", *job]) == 2
+    err = capsys.readouterr().err
+    assert f"the job reads {flag}" in err and "inside runs/, which submit does not upload" in err, err
+    moved = [part.replace("runs/", "models/") for part in job]
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "pool.npz").write_bytes(b"")
+    assert main(["submit", "--address", f"http://127.0.0.1:{free_port()}", "--no-wait", "--", *moved]) == 2
+    assert "no Ray cluster answers" in capsys.readouterr().err  # past the check: it travels with the upload
