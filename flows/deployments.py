@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flows.audit import audit_flow
+from flows.batching import FLUSH_PREFIX, open_batch
 from flows.reconcile import reconcile_flow
 from flows.runtime import ray_gcs_answers, ui_url_of
 from flows.settle import STOPPING
@@ -352,11 +353,23 @@ class ServiceWatcher:
         )
 
     def needs_pass(self) -> bool:
-        """Whether a due request is orphaned: a lapsed claim, or pending longer than the grace period."""
+        """Whether a due request is orphaned: a lapsed claim, or pending longer than the grace period.
+
+        A request waiting in the open batch is not orphaned until the batch is due (or a flush is
+        asked for): a pass would only find it batched again (one reconcile run every tick, all window long).
+        """
         now = time.time()
         listening = self.listener is None or self.listener.connected.is_set()
         grace_s = self.grace_s if listening else 0.0
+        batch = open_batch(self.store)
+        waiting = (
+            set(batch.get("requests", []))
+            if batch is not None
+            and float(batch.get("batched_until") or 0.0) > now
+            and not self.store.list(FLUSH_PREFIX)
+            else set()
+        )
         for entry in DeletionLedger(self.store).due_entries(lease_s=self.options.lease_s, now=now):
-            if entry.status == CLAIMED or now - entry.updated_at >= grace_s:
+            if entry.status == CLAIMED or (entry.request_id not in waiting and now - entry.updated_at >= grace_s):
                 return True
         return False

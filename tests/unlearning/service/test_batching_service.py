@@ -44,3 +44,21 @@ def test_a_window_holds_requests_until_due_and_forget_now_flushes(tmp_path: Path
         ledger.append(request_id=rid, ids=[5], dataset="digits", reason=None)
     counted = batch_gate(store, ledger.open_entries(stale_after_s=600.0), now=requested + 60)
     assert counted["flush"] and counted["reason"] == "count"
+
+
+def test_serve_starts_no_pass_for_a_request_waiting_in_the_open_batch(tmp_path: Path) -> None:
+    """With --batch-window 1h, serve started a reconcile run every tick (13 in 80 s) for a batched request."""
+    from flows.deployments import ServiceOptions, ServiceWatcher
+
+    store = _store(tmp_path)
+    save_policy(store, BatchPolicy(window_s=3600.0))
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="a", ids=[1], dataset="digits", reason=None)
+    watcher = ServiceWatcher(ServiceOptions(store=store.url), announcement={"pid": 0}, api_url="http://127.0.0.1:9")
+    watcher.grace_s = 0.0  # the event was lost long ago: only the batch keeps the request waiting
+    assert watcher.needs_pass()  # not yet in any batch: a pass must put it there
+    assert not batch_gate(store, ledger.due_entries(lease_s=20.0))["flush"]  # the pass: batched for an hour
+    assert not watcher.needs_pass()
+    request_flush(store, reason="operator")  # `forget --now`
+    assert watcher.needs_pass()
+    assert batch_gate(store, ledger.due_entries(lease_s=20.0))["flush"]
