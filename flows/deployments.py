@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -188,11 +189,17 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}", flush=True)
         try:
             asyncio.run(runner.start())
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C is how serve is stopped (as `obliviate ui`): exit 0, said below
             pass
         finally:
             watcher.stop()
             withdraw_endpoint(store, pid=os.getpid())
+        print(
+            f"obliviate serve: stopped; {store.url} is no longer served. Requests not yet settled stay in its ledger "
+            "for the next `obliviate serve` (see `obliviate forget --status ID`).",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class ServiceWatcher:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,8 +162,9 @@ def run_serve(args: argparse.Namespace) -> int:
 def _serve(server) -> int:
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped (as `obliviate ui`): exit 0, said below
         pass
     finally:
         server.httpd.server_close()
+    print(f"obliviate target serve: stopped; {server.url} no longer answers.", file=sys.stderr, flush=True)
     return 0

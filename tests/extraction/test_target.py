@@ -158,6 +158,24 @@ def test_cli_target_refuses_an_unwritable_out_and_a_busy_port_in_words(tmp_path,
     assert main(["target", "serve", "--checkpoint", str(checkpoint), "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
 
+    # Ctrl-C is how a server stops (as `obliviate ui`): exit 0 and one sentence (it said nothing)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "flows.cli", "target", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stdout.readline()  # it answers now
+        time.sleep(0.5)
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=30)
+    finally:
+        server.kill()
+    err = server.stderr.read()
+    assert code == 0 and "obliviate target serve: stopped; http://127.0.0.1:" in err and "Traceback" not in err, err
+
 
 def test_cli_target_train_defaults_to_a_third_of_a_small_dataset(tmp_path, capsys):
     """`target train --data digits` failed with its default 2,000 training images (digits has 1,797)."""

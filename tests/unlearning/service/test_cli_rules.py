@@ -491,3 +491,26 @@ def test_a_local_ray_runtime_that_fails_to_start_is_named_without_a_traceback(mo
     with pytest.raises(RayStartFailed, match=r"could not start a local Ray runtime: The current node timed out") as e:
         ensure_ray()
     assert "load average" in str(e.value) and "run the command again" in str(e.value)
+
+
+def test_ctrl_c_stops_serve_with_one_sentence(tmp_path, prefect_api_url, ray_address):
+    """Ctrl-C is how serve is stopped (as `obliviate ui`): exit 0 and a sentence; it printed nothing."""
+    import signal
+    import time
+
+    url = f"file://{tmp_path}/store"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "RAY_ADDRESS": ray_address}
+    command = [sys.executable, "-m", "flows.cli", "serve", "--store", url, "--audit-cron", "off"]
+    serve = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (tmp_path / "store" / "service" / "endpoint.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(3)  # past the announcement: the runner is serving
+        serve.send_signal(signal.SIGINT)
+        code = serve.wait(timeout=60)
+    finally:
+        serve.kill()
+    err = serve.stderr.read()
+    assert code == 0 and f"obliviate serve: stopped; {url} is no longer served" in err, err[-3000:]
+    assert "Traceback" not in err
