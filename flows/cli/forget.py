@@ -62,10 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_forget)
 
 
-def describe(entry: dict[str, Any], *, batch: dict[str, Any] | None = None) -> str:
+def describe(
+    entry: dict[str, Any], *, batch: dict[str, Any] | None = None, forgotten: dict[str, Any] | None = None
+) -> str:
     """One line: the request's real state and what it is waiting for or why it ended.
 
-    ``batch``: the open batch as this request sees it (:func:`flows.batching.batch_status`).
+    ``batch``: the open batch as this request sees it (:func:`flows.batching.batch_status`);
+    ``forgotten``: its rollback record (``ledger/forgotten/<request>.json``), if it was rolled back.
     """
     from flows.artifacts import utc_text
 
@@ -86,6 +89,11 @@ def describe(entry: dict[str, Any], *, batch: dict[str, Any] | None = None) -> s
             f", batched until {utc_text(batch['batched_until'])} ({batch['flush_rule']} rule; "
             f"deadline {utc_text(batch.get('deadline'))}); `forget --now` flushes it sooner"
         )
+        if forgotten:
+            line += (
+                f"; forgotten already since {utc_text(forgotten.get('forgotten_at'))}: every affected run serves a "
+                "rolled-back version that never saw the ids, until the batch's exact retrain lands"
+            )
     elif status == "pending" and details.get("handed_back"):
         line += f" (handed back, attempt not counted: {details['handed_back'].get('reason')}; the next pass takes it)"
     elif status == "pending":
@@ -158,15 +166,10 @@ def run_forget(args: argparse.Namespace) -> int:
     if args.status:
         if args.wait > 0:
             return _waited(url, args.status, args.wait)
-        from flows.batching import batch_status  # "batched until T" (deadline-aware batching)
-
         entry = ledger.get(args.status)
-        shown = {**entry.as_dict(), "history": ledger.history(args.status)}
-        shown["batch"] = batch_status(ObjectStore(url), args.status)
-        forgotten_key = f"ledger/forgotten/{args.status}.json"  # rolled back (exact at once), issue 11
-        shown["forgotten"] = ledger.store.get_json(forgotten_key) if ledger.store.exists(forgotten_key) else None
+        shown = {**entry.as_dict(), "history": ledger.history(args.status), **_waiting_for(url, args.status)}
         print(json.dumps(shown, indent=2, default=str))
-        print(describe(entry.as_dict(), batch=shown["batch"]), file=sys.stderr)
+        print(describe(entry.as_dict(), batch=shown["batch"], forgotten=shown["forgotten"]), file=sys.stderr)
         return EXIT_DONE
     if args.now:  # the next pass flushes the open batch (deadline-aware batching)
         from flows.batching import open_batch, request_flush
@@ -179,7 +182,7 @@ def run_forget(args: argparse.Namespace) -> int:
         request_flush(ObjectStore(url), reason=args.reason or "forget --now")
         if ids is None:
             print(
-                f"{len(waiting)} request(s) waiting in the open batch flush on the next pass (the next event, or "
+                f"{len(waiting)} request(s) waiting in the open batch will flush on the next pass (the next event, or "
                 f"serve's next tick): {', '.join(waiting[:10])}{' ...' if len(waiting) > 10 else ''}",
                 file=sys.stderr,
             )
@@ -195,6 +198,17 @@ def run_forget(args: argparse.Namespace) -> int:
     return EXIT_DONE
 
 
+def _waiting_for(url: str, request_id: str) -> dict[str, Any]:
+    """What a pending request waits in (issue 11): ``batch`` (batched until T) and ``forgotten`` (rolled back)."""
+    from flows.batching import batch_status
+    from storage.objects import ObjectStore
+    from storage.serving import forgotten_key
+
+    store = ObjectStore(url)
+    key = forgotten_key(request_id)
+    return {"batch": batch_status(store, request_id), "forgotten": store.get_json(key) if store.exists(key) else None}
+
+
 class _Nothing:
     applied_requests: tuple[str, ...] = ()
 
@@ -206,7 +220,7 @@ def _waited(url: str, request_id: str, timeout_s: float) -> int:
     entry, settled = wait_outcome(url, request_id, timeout_s=timeout_s)
     for run_id, audit in (entry["details"].get("runs") or {}).items():
         print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
-    line = describe(entry)
+    line = describe(entry, **_waiting_for(url, request_id)) if entry["status"] == "pending" else describe(entry)
     if not settled:
         line = f"{line}; still not settled after {timeout_s:.0f} s (the request stays in the ledger)"
     print(line, file=sys.stderr)
@@ -224,11 +238,16 @@ def _run_outcome(run_id: str, audit: dict) -> str:
         parts.append(f"blocks retrained {audit['blocks_retrained']}")
     speedup = audit.get("speedup_vs_full_retrain")
     if isinstance(speedup, (int, float)) and speedup > 0:
+        retrained = audit.get("blocks_retrained") or []
+        why = (
+            "a deletion in block 1 retrains every block, plus the checks"
+            if audit.get("first_affected_block") == 1
+            else f"loading, checking and publishing cost more than the {len(retrained)} block(s) retrained saved"
+        )
         parts.append(
             f"{speedup:.2f}x faster than retraining from scratch"
             if speedup >= 1
-            else f"{1 / speedup:.2f}x slower than retraining from scratch (a deletion in an early block retrains "
-            "almost everything, plus the checks)"
+            else f"{1 / speedup:.2f}x slower than retraining from scratch ({why})"
         )
     before, after = audit.get("previous_heldout_accuracy"), audit.get("heldout_accuracy")
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):

@@ -305,6 +305,11 @@ def test_the_words_for_a_slow_retrain_a_stopped_serve_and_an_id_past_int64(tmp_p
 
     slower = _run_outcome("a", {"status": "published", "speedup_vs_full_retrain": 0.8})
     assert "1.25x slower than retraining from scratch" in slower and "faster" not in slower
+    # the reason was always "a deletion in an early block", also for the last block alone
+    last = {"status": "published", "speedup_vs_full_retrain": 0.8, "first_affected_block": 4, "blocks_retrained": [4]}
+    assert "(loading, checking and publishing cost more than the 1 block(s) retrained saved)" in _run_outcome("a", last)
+    first = {**last, "first_affected_block": 1, "blocks_retrained": [1, 2, 3, 4]}
+    assert "(a deletion in block 1 retrains every block, plus the checks)" in _run_outcome("a", first)
     store = ObjectStore(f"file://{tmp_path}")
     store.put_json(ENDPOINT_KEY, {"stopped_at": time.time(), "pid": 1})
     assert served_endpoint(store) == (None, "the `obliviate serve` that served this store stopped")
