@@ -83,6 +83,7 @@ class RunBackend:
             "train_indices": sorted({int(i) for m in self.members for i in self.registry.spec(m).train_ids}),
         }
         self._loaded: dict[str, tuple[int | None, nn.Module | None]] = {}
+        self._deleted: dict[str, frozenset[int]] = {}  # dataset ids each shard's served version forgot
         self._checked = float("-inf")
         self.lock = threading.Lock()
 
@@ -96,6 +97,7 @@ class RunBackend:
                 version = None if current is None else current.version
                 if member not in self._loaded or self._loaded[member][0] != version:
                     self._loaded[member] = (version, served_model(self.registry, member))
+                    self._deleted[member] = frozenset() if current is None else frozenset(current.deleted_ids)
             self._checked = time.monotonic()
 
     def served(self) -> dict[str, Any]:
@@ -103,6 +105,14 @@ class RunBackend:
         self.refresh()
         with self.lock:
             return {m: {"version": v, "in_vote": model is not None} for m, (v, model) in self._loaded.items()}
+
+    def training_data(self) -> dict[str, Any]:
+        """The dataset ids the served versions were trained on: the runs' training ids less those forgotten."""
+        self.refresh()
+        with self.lock:
+            deleted = frozenset().union(*self._deleted.values())
+        trained = {int(i) for m in self.members for i in self.registry.spec(m).train_ids} - deleted
+        return {"train_indices": sorted(trained), "forgotten_ids": len(deleted)}
 
     def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
         """Labels (argmax of the float64 mean probability, ties to the lowest class) or mean probabilities."""
@@ -134,8 +144,11 @@ class PredictHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         owner: TargetServer = self.server.target_server  # type: ignore[attr-defined]
         if self.path == "/info":
-            served = owner.backend.served() if isinstance(owner.backend, RunBackend) else None
-            self.send_json(200, {**owner.info, **({"served": served} if served is not None else {})})
+            if isinstance(owner.backend, RunBackend):  # what is served now: versions, and ids forgotten since
+                live = {"served": owner.backend.served(), **owner.backend.training_data()}
+                self.send_json(200, {**owner.info, **live})
+            else:
+                self.send_json(200, owner.info)
         elif self.path == "/health":
             self.send_json(200, {"ok": True})
         else:

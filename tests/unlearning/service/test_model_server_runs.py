@@ -77,3 +77,8 @@ def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_roll
         labels = remote.predict(images, output=OutputMode.LABELS)
         expected = predict_shards([chains[0].model(1), chain_of(url, "g-s1of2").model()], x).numpy()
         np.testing.assert_array_equal(labels, expected)
+        # /info listed the forgotten ids as training data long after the retrain forgot them
+        with urllib.request.urlopen(server.url.replace("/predict", "/info"), timeout=10) as reply:
+            info = json.loads(reply.read())
+        assert info["forgotten_ids"] == 2 and not set(ids_in(1, 1)) & set(info["train_indices"])
+        assert set(ids_in(0, 3)) <= set(info["train_indices"])
