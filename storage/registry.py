@@ -69,18 +69,27 @@ class RunRegistry:
 
     def put_spec(self, spec: RunSpec) -> None:
         """Store a run's spec; a restarted run must bring the identical spec."""
+        if not self.check_spec(spec):
+            self.store.put_json(f"runs/{spec.run_id}/spec.json", spec.to_dict())
+
+    def check_spec(self, spec: RunSpec) -> bool:
+        """Whether the run is stored already, with this very spec (read only).
+
+        Raises:
+            ConfigError: the run id is stored with another spec (a run id names one training).
+        """
         key = f"runs/{spec.run_id}/spec.json"
-        if self.store.exists(key):
-            # read back through RunSpec, so a field added since with its default still compares equal
-            stored = RunSpec.from_dict(self.store.get_json(key)).to_dict()
-            if stored != spec.to_dict():
-                raise ConfigError(
-                    f"run {spec.run_id!r} already exists in {self.store.uri()} with another dataset split or config "
-                    f"({_differences(stored, spec.to_dict())}); a run id names one training: choose a new --run-id, "
-                    "or repeat the original options to resume or reuse it."
-                )
-            return
-        self.store.put_json(key, spec.to_dict())
+        if not self.store.exists(key):
+            return False
+        # read back through RunSpec, so a field added since with its default still compares equal
+        stored = RunSpec.from_dict(self.store.get_json(key)).to_dict()
+        if stored != spec.to_dict():
+            raise ConfigError(
+                f"run {spec.run_id!r} already exists in {self.store.uri()} with another dataset split or config "
+                f"({_differences(stored, spec.to_dict())}); a run id names one training: choose a new --run-id, "
+                "or repeat the original options to resume or reuse it."
+            )
+        return True
 
     def spec(self, run_id: str) -> RunSpec:
         return RunSpec.from_dict(self.store.get_json(f"runs/{check_name(run_id, what='run id')}/spec.json"))

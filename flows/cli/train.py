@@ -74,8 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from flows.progress import shown_progress
     from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api
-    from flows.train import accuracy_text, run_spec, train_flow
-    from obliviate.unlearning.service import check_name
+    from flows.train import accuracy_text, check_run_shape, run_spec, train_flow
+    from obliviate.unlearning.service import RunSpec, check_name
+    from storage.objects import ObjectStore
+    from storage.registry import RunRegistry
 
     options = {
         "data": args.data,
@@ -99,6 +101,13 @@ def run_train(args: argparse.Namespace) -> int:
     check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))
     apply_prefect_defaults()
     store = prepare_store(store_url(args), write=True)
+    # A run id trained before with other options (or another shard count) is refused now, not by
+    # the worker after a server and Ray have started (that left a failed flow run behind).
+    specs = [run_spec(run_id=args.run_id, shards=args.shards, shard=k, **options) for k in range(max(args.shards, 1))]
+    check_run_shape(ObjectStore(store), args.run_id, [spec["run_id"] for spec in specs])
+    registry = RunRegistry(ObjectStore(store))
+    for spec in specs:
+        registry.check_spec(RunSpec.from_dict(spec))
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=args.ray_address)

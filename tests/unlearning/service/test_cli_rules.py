@@ -522,3 +522,25 @@ def test_ctrl_c_stops_serve_with_one_sentence(tmp_path, prefect_api_url, ray_add
     err = serve.stderr.read()
     assert code == 0 and f"obliviate serve: stopped; {url} is no longer served" in err, err[-3000:]
     assert "Traceback" not in err
+
+
+def test_train_refuses_a_run_id_trained_with_other_options_before_a_server_starts(
+    tmp_path, tiny_run, monkeypatch, capsys, caplog
+):
+    """It was refused by the worker, after Prefect and Ray had started, with a failed flow run left behind."""
+    from actors.chains import ChainWorker
+    from flows.train import run_spec
+
+    url = f"file://{tmp_path}/store"
+    ObjectStore(url).ensure_container()
+    ChainWorker(url).train(run_spec(run_id="r", split_seed=0, **tiny_run(blocks=2)))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: no server may be needed
+    caplog.set_level("INFO")
+    options = ["--train-size", "400", "--heldout-size", "200", "--epochs", "1", "--batch-size", "32"]
+    options += ["--lr", "0.01", "--schedule", "constant"]
+    assert main(["train", "--store", url, "--run-id", "r", "--data", "digits", "--blocks", "3", *options]) == 2
+    err = capsys.readouterr().err
+    assert "run 'r' already exists" in err and "config.num_blocks: 2 stored, 3 asked" in err, err
+    assert main(["train", "--store", url, "--run-id", "r", "--data", "digits", "--shards", "2", *options]) == 2
+    assert "run 'r' is already trained as a single chain; this asks for 2 shards" in capsys.readouterr().err
+    assert "Prefect API" not in err and not [r for r in caplog.records if r.name.startswith("prefect")]
