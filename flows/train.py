@@ -332,6 +332,9 @@ def train_flow(
             "num_train": sum(s.get("num_train", 0) for s in summaries),
             "trained_blocks": sum(s.get("trained_blocks", 0) for s in summaries),
             "resumed_blocks": sum(s.get("resumed_blocks", 0) for s in summaries),
+            # the shards' training time summed; the wall time of the slowest (they train side by side)
+            "train_seconds": sum(s.get("train_seconds", 0.0) for s in summaries),
+            "wall_seconds": max(s.get("wall_seconds", 0.0) for s in summaries),
         }
     logger.info(
         "run %s: version %s, held-out accuracy %s, %s blocks trained now, %s resumed from storage",

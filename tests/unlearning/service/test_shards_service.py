@@ -61,6 +61,9 @@ def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
     assert accuracy_text(0.8766) == "87.7 %" and accuracy_text(None) == "unknown"
     # the JSON said one shard's num_train, and nothing said what the shards score as the one model served
     assert summary["num_train"] == options["train_size"] == sum(s["num_train"] for s in summary["shards"])
+    # and shard 0's timings as the group's
+    assert summary["train_seconds"] == pytest.approx(sum(s["train_seconds"] for s in summary["shards"]))
+    assert summary["wall_seconds"] == max(s["wall_seconds"] for s in summary["shards"])
     from flows.model_server import RunBackend
     from obliviate.data import load_dataset
     from obliviate.extraction.target import OutputMode
