@@ -62,6 +62,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_forget)
 
 
+#: Why a batch was retrained before its window closed, in words (the ledger keeps the rule's name).
+_FLUSHED_BECAUSE = {
+    "count": "its batch was retrained once it held --batch-max requests",
+    "deadline": "its batch was retrained early to land before the earliest deadline in it",
+    "now": "its batch was retrained when `forget --now` asked",
+    "rollback_below_floor": "retrained at once: no rolled-back version of an affected run met the held-out "
+    "accuracy floor (--floor-points), so the model from before the deletion stayed served until the retrain landed",
+}
+
+
 def describe(
     entry: dict[str, Any], *, batch: dict[str, Any] | None = None, forgotten: dict[str, Any] | None = None
 ) -> str:
@@ -75,6 +85,8 @@ def describe(
     details = entry.get("details") or {}
     status = entry["status"]
     line = f"request {entry['request_id']}: {status}"
+    if status == "done" and details.get("batch") in _FLUSHED_BECAUSE:
+        line += f" ({_FLUSHED_BECAUSE[details['batch']]})"
     if status == "rejected":
         line += f"; reason: {details.get('reason')}"
     elif status == "failed":

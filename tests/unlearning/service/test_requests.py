@@ -310,6 +310,12 @@ def test_the_words_for_a_slow_retrain_a_stopped_serve_and_an_id_past_int64(tmp_p
     assert "(loading, checking and publishing cost more than the 1 block(s) retrained saved)" in _run_outcome("a", last)
     first = {**last, "first_affected_block": 1, "blocks_retrained": [1, 2, 3, 4]}
     assert "(a deletion in block 1 retrains every block, plus the checks)" in _run_outcome("a", first)
+    # why a batch was retrained before its window closed was only in the JSON ("rollback_below_floor")
+    from flows.cli.forget import describe
+
+    early = describe({"request_id": "x", "status": "done", "details": {"batch": "rollback_below_floor"}})
+    assert early.startswith("request x: done (retrained at once: no rolled-back version") and "floor" in early
+    assert describe({"request_id": "x", "status": "done", "details": {"batch": "window"}}) == "request x: done"
     store = ObjectStore(f"file://{tmp_path}")
     store.put_json(ENDPOINT_KEY, {"stopped_at": time.time(), "pid": 1})
     assert served_endpoint(store) == (None, "the `obliviate serve` that served this store stopped")
