@@ -218,14 +218,16 @@ def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the 
         if bad_tokens:
             raise RequestError(
                 f"rule: ids are comma-separated integers like 3,17,42 (ASCII digits only, no sign, '_' or "
-                f"exponent); got {bad_tokens[:5]!r} in {raw[:80]!r}."
+                f"exponent); got {bad_tokens[:5]!r} in {raw[:80]!r}. Write each id as plain digits, e.g. --ids 3,17,42."
             )
         raw = [int(p) for p in parts]
     if not isinstance(raw, (list, tuple)) or not raw:
-        raise RequestError(f"rule: a deletion names a non-empty list of sample ids; got {raw!r}.")
+        raise RequestError(f"rule: a deletion names a non-empty list of sample ids; got {raw!r}. Give at least one id.")
     bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0]
     if bad:
-        raise RequestError(f"rule: sample ids are non-negative integers (dataset row indices); got {bad[:5]!r}.")
+        raise RequestError(
+            f"rule: sample ids are non-negative integers (dataset row indices); got {bad[:5]!r}. Remove them."
+        )
     values = sorted(int(v) for v in raw)
     limit = MAX_SAMPLE_ID if dataset_size is None else int(dataset_size) - 1
     too_large = [v for v in values if v > limit]
@@ -236,7 +238,9 @@ def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the 
         )
     repeated = sorted({v for v, n in zip(values, np.diff(values, prepend=-1), strict=True) if n == 0})
     if repeated:
-        raise RequestError(f"rule: each sample id appears once per request; repeated: {repeated[:10]}.")
+        raise RequestError(
+            f"rule: each sample id appears once per request; repeated: {repeated[:10]}. Give each id once."
+        )
     return tuple(values)
 
 

@@ -56,6 +56,10 @@ def test_ids_are_checked_fully_at_the_boundary():
         with pytest.raises(RequestError, match="rule"):
             parse_ids(bad)
     assert parse_ids([MAX_SAMPLE_ID]) == (MAX_SAMPLE_ID,)
+    # each refusal ends with its fix (three named the rule and the value only)
+    for bad, fix in (("-1", "Write each id as plain digits"), ("5,5", "Give each id once"), ("", "at least one id")):
+        with pytest.raises(RequestError, match=fix):
+            parse_ids(bad)
     with pytest.raises(RequestError, match=r"1797 rows: ids 0\.\.1796"):
         parse_ids("5,1797", dataset_size=1797, dataset="digits")
     assert parse_ids(" 7, 3", dataset_size=1797) == (3, 7)
