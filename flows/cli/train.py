@@ -115,11 +115,12 @@ def run_train(args: argparse.Namespace) -> int:
             summary = train_flow(store=store, run_id=args.run_id, shards=args.shards, **options)
     served = summary.get("served_heldout_accuracy")
     served_text = "" if served is None else f", served as one model (mean of probabilities) {accuracy_text(served)}"
+    shards = len(summary.get("shards") or [])
+    each = f" ({shards} shards x {args.blocks} blocks)" if shards else ""
     print(
         f"run {summary['run_id']}: version {summary['version']} ({summary['status']}), held-out accuracy "
         f"{accuracy_text(summary.get('heldout_accuracy'))}{served_text}, {summary.get('trained_blocks', 0)} blocks "
-        "trained, "
-        f"{summary.get('resumed_blocks', 0)} resumed; store {summary['store']}"
+        f"trained{each}, {summary.get('resumed_blocks', 0)} resumed; store {summary['store']}"
     )
     for message in summary.get("sharp_drops") or []:
         print(f"warning: {message}", file=sys.stderr)
