@@ -43,7 +43,7 @@ from obliviate.unlearning.shards import MEAN, combine, shard_probabilities
 from storage.errors import StorageError
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
-from storage.serving import served_model
+from storage.serving import pointer_target, served_model
 
 
 class RunBackend:
@@ -84,6 +84,7 @@ class RunBackend:
         }
         self._loaded: dict[str, tuple[int | None, nn.Module | None]] = {}
         self._deleted: dict[str, frozenset[int]] = {}  # dataset ids each shard's served version forgot
+        self._serve_block: dict[str, Any] = {}  # "final", or the block M_s a rolled-back version serves
         self._checked = float("-inf")
         self.lock = threading.Lock()
 
@@ -93,18 +94,22 @@ class RunBackend:
             if not force and time.monotonic() - self._checked < self.refresh_s:
                 return
             for member in self.members:
-                current = self.registry.current(member)
+                current, target = pointer_target(self.registry, member)
                 version = None if current is None else current.version
                 if member not in self._loaded or self._loaded[member][0] != version:
                     self._loaded[member] = (version, served_model(self.registry, member))
                     self._deleted[member] = frozenset() if current is None else frozenset(current.deleted_ids)
+                    self._serve_block[member] = target.get("serve_block", "final")
             self._checked = time.monotonic()
 
     def served(self) -> dict[str, Any]:
         """Which version each shard serves and whether it is in the vote (``GET /info``)."""
         self.refresh()
         with self.lock:
-            return {m: {"version": v, "in_vote": model is not None} for m, (v, model) in self._loaded.items()}
+            return {
+                m: {"version": v, "in_vote": model is not None, "serve_block": self._serve_block.get(m, "final")}
+                for m, (v, model) in self._loaded.items()
+            }
 
     def training_data(self) -> dict[str, Any]:
         """The dataset ids the served versions were trained on: the runs' training ids less those forgotten."""

@@ -64,6 +64,8 @@ def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_roll
         with urllib.request.urlopen(server.url.replace("/predict", "/info"), timeout=10) as reply:
             served = json.loads(reply.read())["served"]
         assert served["g-s0of2"]["in_vote"] and not served["g-s1of2"]["in_vote"]
+        # which checkpoint each shard serves: shard 0 rolled back to M_1, shard 1 paused (it was not said)
+        assert served["g-s0of2"]["serve_block"] == 1 and served["g-s1of2"]["serve_block"] is None
         # shard 0 would have to pause too: no shard would vote, so that interim is not publishable (issue 11:
         # the group is judged as one model); nothing is published, the batch flushes now and r2 waits for it
         ledger.append(request_id="r2", ids=ids_in(0, 1), dataset="digits", reason=None)
@@ -81,4 +83,5 @@ def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_roll
         with urllib.request.urlopen(server.url.replace("/predict", "/info"), timeout=10) as reply:
             info = json.loads(reply.read())
         assert info["forgotten_ids"] == 2 and not set(ids_in(1, 1)) & set(info["train_indices"])
+        assert info["served"]["g-s1of2"]["serve_block"] == "final"  # its exact retrain landed
         assert set(ids_in(0, 3)) <= set(info["train_indices"])
