@@ -45,7 +45,16 @@ from obliviate.reduction.mi import PreparedImages, prepare_images
 from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectStore
-from storage.tiles import DIAGONAL, PLAN, TiledMatrix, matrix_prefix, place_tile, stored_tiles, tile_key
+from storage.tiles import (
+    DIAGONAL,
+    PLAN,
+    TiledMatrix,
+    drop_matrix_object,
+    matrix_prefix,
+    place_tile,
+    stored_tiles,
+    tile_key,
+)
 
 DEFAULT_TILE_SIZE = 512
 DENSE_RESTART_LIMIT_BYTES = 2 * 1024**3
@@ -392,14 +401,12 @@ def _deleted_damaged_tiles(error: BaseException, store: ObjectStore, prefix: str
             damaged.append(key)
         except ObjectNotFound:
             continue
-    if any(key.endswith((DIAGONAL, PLAN)) for key in damaged):
-        damaged += [f"{prefix}/{PLAN}"]  # without plan.json the tile stage writes the diagonal and plan again
-    for key in dict.fromkeys(damaged):
-        store.delete(key)
+    for key in damaged:
+        drop_matrix_object(store, key)
     if damaged:
         get_run_logger().warning(
             "%d stored MI matrix object(s) under %s failed their checksum (%s); deleted and computed again",
-            len(set(damaged)),
+            len(damaged),
             store.uri(prefix),
             ", ".join(sorted({key.rsplit("/", 1)[-1] for key in damaged})[:5]),
         )

@@ -26,7 +26,7 @@ from storage.check import StoreReport, check_store, collect_orphans
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
-from storage.tiles import DIAGONAL, MI_TILES, PLAN
+from storage.tiles import MI_TILES, drop_matrix_object
 
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
 
@@ -68,11 +68,7 @@ def is_checkpoint(key: str) -> bool:
 
 def _drop_damaged_matrix_object(store: ObjectStore, key: str) -> dict[str, Any]:
     """Delete a damaged part of a stored MI matrix: a cache that the next ``reduce`` of its data computes again."""
-    prefix, name = key.rsplit("/", 1)
-    if name in (DIAGONAL, PLAN):  # without plan.json the tile stage writes the diagonal and the plan again
-        store.delete(f"{prefix}/{PLAN}")
-        store.delete(f"{prefix}/{DIAGONAL}")
-    store.delete(key)
+    drop_matrix_object(store, key)
     return {
         "key": key,
         "how": "deleted (an MI matrix cache): the next `obliviate reduce` of that data computes it again",

@@ -28,6 +28,19 @@ DIAGONAL = "diagonal.npy"
 PLAN = "plan.json"
 
 
+def drop_matrix_object(store: ObjectStore, key: str) -> None:
+    """Delete a damaged object of a stored MI matrix, a cache that the tile stage computes again.
+
+    Without ``plan.json`` the tile stage writes the diagonal and the plan again, so a damaged
+    diagonal or plan takes both with it.
+    """
+    prefix, name = key.rsplit("/", 1)
+    if name in (DIAGONAL, PLAN):
+        store.delete(f"{prefix}/{PLAN}")
+        store.delete(f"{prefix}/{DIAGONAL}")
+    store.delete(key)
+
+
 def matrix_prefix(*, fingerprint: str, bins: int, normalize: bool, tile_size: int) -> str:
     """Folder of one MI matrix's tiles; equal inputs give the equal folder."""
     return f"{MI_TILES}/{fingerprint}-b{bins}-{'nmi' if normalize else 'raw'}-t{tile_size}"
