@@ -357,6 +357,7 @@ def _results_with_progress(pool: Any, store: ObjectStore, specs: list[dict[str, 
     """
     registry = RunRegistry(store)
     blocks = [int(spec["config"]["num_blocks"]) for spec in specs]
+    total = sum(blocks)
     results: list[Any] = []
     shown = -1
     while pool.has_next():
@@ -370,7 +371,6 @@ def _results_with_progress(pool: Any, store: ObjectStore, specs: list[dict[str, 
             done += sum(
                 registry.checkpoint_key(spec["run_id"], TRAIN_CHAIN, b) in committed for b in range(1, count + 1)
             )
-        total = sum(blocks)
         if done != shown:
             report("blocks", done, total)
             logger.info("blocks %d/%d trained", done, total)
