@@ -37,11 +37,11 @@ def check_and_repair(store_url: str, *, repair: bool, min_orphan_age_s: float = 
     report = check_store(store, min_age_s=min_orphan_age_s)
     if not repair:
         for item in report.corrupt:
-            item["repairable_by_replay"] = bool(_CKPT.match(item["key"]))
+            item["repairable_by_replay"] = is_checkpoint(item["key"])
         return report
     # A lost object nothing needs is garbage: collected below with the other orphans, not rebuilt.
     damaged = sorted(
-        ({item["key"] for item in report.corrupt} | {p["key"] for p in report.lineage if _CKPT.match(p["key"])})
+        ({item["key"] for item in report.corrupt} | {p["key"] for p in report.lineage if is_checkpoint(p["key"])})
         - set(report.orphans),
         key=_block_order,
     )
