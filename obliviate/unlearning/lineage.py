@@ -10,6 +10,9 @@ chosen blocks from their stored predecessors and checks:
 3. no id of an applied request is in any block's id list;
 4. re-training block i from stored M_{i-1} without the deleted ids reproduces stored M_i bit for bit.
 
+A version holding DeepObliviate's stitched checkpoints (SPEC 5) fails: they are estimates, not
+retrains, so no replay can reproduce them; :func:`verify_replay` names them and does not replay them.
+
 Exact retraining is bit-identical to naive retraining on the same CPU instruction set, torch build
 and thread count (SPEC 4). A replay on another machine type (e.g. AVX2 vs AVX-512 kernels) or
 torch version may differ in the last bits: :func:`verify_replay` then reports ``inconclusive`` and
@@ -205,9 +208,22 @@ def verify_replay(
         for key, value in here.items()
         if recorded.get(key) != value
     ]
+    # DeepObliviate's stitched checkpoints are estimates by design: a replay would retrain the exact
+    # block and "find" a mismatch, which reads as tampering. Say what they are instead.
+    stitched = sorted(i for i, checkpoint in checkpoints.items() if checkpoint.origin == "stitched")
+    if stitched:
+        report.fail(
+            f"M_{stitched[0]}..M_{stitched[-1]} are DeepObliviate estimates (stitched onto the retrained "
+            f"M_{stitched[0] - 1}), not retrains: replay proves exact retraining only, so nothing proves this "
+            "version forgot its deleted ids. For a version verify can prove, forget with the exact policy "
+            "(`obliviate serve --policy exact`, the default)."
+        )
     trainer = BlockTrainer(config=config, data=data, plan=plan)
     mismatched = []
     for block in blocks:
+        if block in stitched:
+            report.blocks_not_replayed.append(block)
+            continue
         if block - 1 not in checkpoints or block not in checkpoints:
             report.fail(f"block {block}: cannot replay without readable stored M_{block - 1} and M_{block}.")
             report.blocks_not_replayed.append(block)

@@ -195,3 +195,45 @@ def test_second_deletion_after_deepobliviate_starts_from_its_chain(adam_chain: C
         resume_from=first.checkpoints[:10],
     )
     assert _equal(second.chain.final.model_state, expected.final.model_state)
+
+
+def test_verify_names_stitched_checkpoints_as_estimates_not_tampering(
+    adam_chain: Chain, digits_data: BlockData
+) -> None:
+    """Replaying a stitched block retrains the exact block, so verify read DeepObliviate's estimate as a forgery."""
+    import hashlib
+    import io
+
+    from obliviate.unlearning.lineage import FAILED, lineage_manifest, verify_replay
+
+    ids = _ids(adam_chain, 4)
+    chain = unlearn_deepobliviate(adam_chain, ids, data=digits_data, options=EAGER).chain
+    stitched = [c.block_index for c in chain.checkpoints if c.origin == "stitched"]
+    assert stitched, "EAGER must stitch on this set-up for the test to mean anything"
+
+    def digest(checkpoint) -> str:
+        buffer = io.BytesIO()
+        torch.save(checkpoint.to_state(), buffer)
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+    sha = {c.block_index: digest(c) for c in chain.checkpoints}
+    report = verify_replay(
+        config=chain.config,
+        plan=chain.plan,
+        deleted_ids=chain.deleted_ids,
+        data=digits_data,
+        lineage=lineage_manifest(
+            config=chain.config, plan=chain.plan, deleted_ids=chain.deleted_ids, checkpoint_sha256=sha
+        ),
+        checkpoints=dict(enumerate(chain.checkpoints)),
+        stored_sha256=sha,
+        unreadable={},
+        applied_ids=ids,
+        blocks=list(range(1, chain.config.num_blocks + 1)),
+    )
+    assert report.status == FAILED
+    assert report.blocks_not_replayed == stitched
+    assert report.blocks_replayed == list(range(1, stitched[0])) and all(report.bit_identical.values())
+    assert len(report.problems) == 1, report.problems
+    assert f"M_{stitched[0]}..M_{stitched[-1]} are DeepObliviate estimates" in report.problems[0]
+    assert "--policy exact" in report.problems[0]
