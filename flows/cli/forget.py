@@ -246,6 +246,11 @@ def _run_outcome(run_id: str, audit: dict) -> str:
     parts = [f"run {run_id}: {audit.get('status')}"]
     if audit.get("from_version") is not None or to_version is not None:
         parts[0] += f" version {audit.get('from_version')} -> {to_version}"
+    batch = audit.get("requests") or []
+    if len(batch) > 1:  # one retrain applies every request of a batch: its blocks and ids are the batch's
+        ids = audit.get("deleted_ids")
+        held = f", {len(ids)} ids" if isinstance(ids, list) else ""
+        parts.append(f"one retrain for the {len(batch)} requests of its batch{held}")
     if audit.get("blocks_retrained") is not None:
         parts.append(f"blocks retrained {audit['blocks_retrained']}")
     speedup = audit.get("speedup_vs_full_retrain")

@@ -314,6 +314,10 @@ def test_the_words_for_a_slow_retrain_a_stopped_serve_and_an_id_past_int64(tmp_p
     assert "(loading, checking and publishing cost more than the 1 block(s) retrained saved)" in _run_outcome("a", last)
     first = {**last, "first_affected_block": 1, "blocks_retrained": [1, 2, 3, 4]}
     assert "(a deletion in block 1 retrains every block, plus the checks)" in _run_outcome("a", first)
+    # a request merged into a batch showed the batch's retrain as if it were its own
+    merged = {**last, "requests": ["r1", "r2", "r3"], "deleted_ids": [5, 6, 7, 8]}
+    assert "one retrain for the 3 requests of its batch, 4 ids, blocks retrained [4]" in _run_outcome("a", merged)
+    assert "batch" not in _run_outcome("a", {**last, "requests": ["r1"], "deleted_ids": [5]})
     # why a batch was retrained before its window closed was only in the JSON ("rollback_below_floor")
     from flows.cli.forget import describe
 
