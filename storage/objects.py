@@ -40,6 +40,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ class ObjectStore:
 
     def __init__(self, url: str = "file://./runs") -> None:
         self._url, self._protocol, self._root = _parse_url(url)
-        self._endpoint_url = os.environ.get("AWS_ENDPOINT_URL") if self._protocol == "s3" else None
+        self._endpoint_url = _endpoint_from_environment() if self._protocol == "s3" else None
         self._fs_cache: fsspec.AbstractFileSystem | None = None
 
     # The filesystem object is rebuilt after unpickling (stores travel to Ray actors); only the
@@ -535,6 +536,25 @@ class ObjectStore:
         return Pointer(
             key=key, version=int(body["version"]), target=body["target"], created_at=float(body["created_at"])
         )
+
+
+def _endpoint_from_environment() -> str | None:
+    """``AWS_ENDPOINT_URL`` checked before use: botocore refuses a bare host:port only deep inside a call.
+
+    Raises:
+        ConfigError: a value that is not an http(s) URL with a host.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
+    if not endpoint:
+        return None
+    parsed = urllib.parse.urlsplit(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        fix = f"http://{endpoint.split('://', 1)[-1]}" if parsed.scheme not in ("http", "https") else None
+        raise ConfigError(
+            f"AWS_ENDPOINT_URL must be an http(s) URL with a host, like http://127.0.0.1:9000; got {endpoint!r}. "
+            + (f"Write {fix}, or unset it to use AWS S3." if fix else "Unset it to use AWS S3.")
+        )
+    return endpoint
 
 
 def _parse_url(url: str) -> tuple[str, str, str]:

@@ -214,6 +214,20 @@ def test_bad_keys_and_urls_are_rejected(tmp_path):
     assert ObjectStore("./a:b").url == f"file://{os.path.abspath('a:b')}"  # the way to name such a folder
 
 
+def test_an_endpoint_without_a_scheme_is_refused_with_the_fix(monkeypatch):
+    """`AWS_ENDPOINT_URL=127.0.0.1:9000` was a botocore traceback ("Invalid endpoint") from deep inside a call."""
+    for typo, fix in (("127.0.0.1:9000", "Write http://127.0.0.1:9000"), ("notaurl", "Write http://notaurl")):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", typo)
+        with pytest.raises(ValueError, match=f"AWS_ENDPOINT_URL must be an http\\(s\\) URL .*got '{typo}'. {fix}"):
+            ObjectStore("s3://bucket/prefix")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://")
+    with pytest.raises(ValueError, match="with a host"):
+        ObjectStore("s3://bucket/prefix")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "")  # empty: AWS S3 itself, as when unset
+    ObjectStore("s3://bucket/prefix")
+    ObjectStore("file://./runs")  # a file store never reads it
+
+
 def test_unreachable_s3_is_storage_unavailable(monkeypatch, moto_endpoint):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
