@@ -27,6 +27,7 @@ Ray must be initialised once beforehand (:func:`flows.runtime.ensure_ray`).
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any, ClassVar
@@ -69,10 +70,11 @@ def result_key(*, fingerprint: str, bins: int, normalize: bool, k: int, starts: 
 
 def restart_memory_bytes(plan: TilePlan, *, k: int, limit_mb: float | None) -> int:
     """Matrix bytes a restart worker may hold: the whole matrix if it fits the limit, else O(n k)."""
-    if limit_mb is not None and not limit_mb > 0:
+    # inf passes "> 0" and nan fails every comparison: both must be refused before int() meets them.
+    if limit_mb is not None and not (math.isfinite(limit_mb) and limit_mb > 0):
         raise ConfigError(
-            f"restart_memory_mb is the MiB of matrix one restart worker may hold and must be positive; "
-            f"got {limit_mb}. Leave it unset for the whole matrix up to 2 GiB."
+            f"--restart-memory-mb is the MiB of matrix one restart worker may hold and must be a positive, finite "
+            f"number; got {limit_mb}. Pass a size such as 512, or leave it unset for the whole matrix up to 2 GiB."
         )
     if limit_mb is not None:
         return max(int(limit_mb * 1024**2), plan.band_bytes)

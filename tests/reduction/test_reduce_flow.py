@@ -194,7 +194,7 @@ def test_cli_in_process_path_matches(tmp_path, mnist_pool, in_process, capsys):
         ("--bins", "1", "bins must be in 2..256"),
         ("--tile-size", "0", "tile_size must be positive"),
         ("--starts", "0", "num_starts must be in 1..n=300"),
-        ("--restart-memory-mb", "-1", "restart_memory_mb is the MiB"),
+        ("--restart-memory-mb", "-1", "--restart-memory-mb is the MiB"),
     ],
 )
 def test_cli_refuses_a_bad_option_before_starting_anything(tmp_path, mnist_pool, capsys, option, value, rule):
