@@ -435,7 +435,7 @@ def reduce_flow(
 
     Args:
         data: dataset name or path (see :func:`obliviate.data.load_dataset`).
-        k: subset size.
+        k: subset size (not used, nor checked, with ``tiles_only``).
         store_url: ``file://...`` or ``s3://bucket/prefix``.
         bins: gray levels counted by MI (SPEC default 256).
         normalize: normalised MI.
@@ -460,7 +460,8 @@ def reduce_flow(
     dataset = load_dataset(data)
     load_seconds = time.perf_counter() - t_flow
     n = len(dataset)
-    check_subset_size(k, n)
+    if not tiles_only:  # k is a restart setting; storing tiles needs none
+        check_subset_size(k, n)
     if threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker must be at least 1; got {threads_per_worker}.")
     pool_size = workers if workers else max(1, cluster_cpus() // threads_per_worker)
@@ -469,10 +470,10 @@ def reduce_flow(
     plan = TilePlan(n=n, tile_size=tile_size)
     prefix = matrix_prefix(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, tile_size=tile_size)
     logger.info(
-        "reduce %s: n=%d, k=%d, bins=%d, normalize=%s, %d workers x %d threads, store %s",
+        "reduce %s: n=%d, %s, bins=%d, normalize=%s, %d workers x %d threads, store %s",
         dataset.name,
         n,
-        k,
+        "tiles only" if tiles_only else f"k={k}",
         bins,
         normalize,
         pool_size,

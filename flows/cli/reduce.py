@@ -23,13 +23,16 @@ from obliviate.reduction.drmi import check_subset_size, choose_starts, drmi_redu
 from obliviate.reduction.mi import check_bins, mi_matrix
 from obliviate.reduction.tiling import TilePlan
 
+DEFAULT_K = 600
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("reduce", help="choose k query images by DRMI (SPEC section 2)")
     parser.add_argument(
         "--data", default="mnist5k", type=dataset_source, help="mnist5k, digits, an .npz file or a dataset folder"
     )
-    parser.add_argument("--k", type=int, default=600, help="subset size (default 600)")
+    # None, not 600: a default that does not fit the pool is reported as the default, not as a choice.
+    parser.add_argument("--k", type=int, default=None, help=f"subset size (default {DEFAULT_K})")
     parser.add_argument("--bins", type=int, default=256, help="gray levels counted by MI (default 256: exact)")
     parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")
     parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
@@ -84,12 +87,32 @@ def _prepared_store_url(args: argparse.Namespace) -> str:
     return prepare_store(_store_url(args), write=True)
 
 
+def _subset_size(k: int | None, n: int) -> int:
+    """``--k`` as given, else the default, checked against a pool of ``n`` images."""
+    if k is not None or n < 3:  # a pool under 3 images fits no k: its own message says so
+        check_subset_size(DEFAULT_K if k is None else k, n)
+        return DEFAULT_K if k is None else k
+    if DEFAULT_K >= n:
+        raise ConfigError(
+            f"--k was not given, and its default {DEFAULT_K} does not fit this pool: k must satisfy 2 <= k < n={n}. "
+            f"Pass --k with a subset size below {n}, e.g. --k {max(2, n // 10)}."
+        )
+    return DEFAULT_K
+
+
 def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
-    """Every option's rule, checked before any server starts or any work is stored."""
+    """Every option's rule, checked before any server starts or any work is stored.
+
+    Resolves ``args.k`` to the subset size a run uses; ``--tiles-only`` uses none, so its k is
+    left unchecked (the flow gets the default, which it ignores).
+    """
     from flows.reduce import restart_memory_bytes
 
     n = len(dataset)
-    check_subset_size(args.k, n)
+    if getattr(args, "tiles_only", False):
+        args.k = DEFAULT_K if args.k is None else args.k
+    else:
+        args.k = _subset_size(args.k, n)
     workers = _checked_workers(args)
     if workers == 0 and getattr(args, "tiles_only", False):
         raise ConfigError(
@@ -148,13 +171,26 @@ def print_plan(args: argparse.Namespace) -> int:
     """The reduction's sizes for ``--plan N`` images, without computing anything."""
     from obliviate.reduction.tiling import plan_report
 
-    check_subset_size(args.k, args.plan)
+    if args.k is None and args.plan > DEFAULT_K:
+        k = DEFAULT_K
+    elif args.k is None:
+        # k only sizes a streaming restart worker's cache here; the largest k gives the upper bound.
+        check_subset_size(2, args.plan)  # a pool under 3 images fits no k at all
+        k = args.plan - 1
+        print(
+            f"note: --k not given and its default {DEFAULT_K} does not fit {args.plan} images; restart memory is "
+            f"sized for the largest subset, k = {k}. Pass --k to size it for yours.",
+            file=sys.stderr,
+        )
+    else:
+        check_subset_size(args.k, args.plan)
+        k = args.k
     workers = _checked_workers(args)
     if not workers:
         workers = os.cpu_count() or 1
         print(f"note: workers = this machine's {workers} CPUs; pass --workers for a cluster's.", file=sys.stderr)
     TilePlan(n=args.plan, tile_size=args.tile_size)  # refuses a tile size outside its rule
-    report = plan_report(n=args.plan, tile_size=args.tile_size, k=args.k, workers=workers)
+    report = plan_report(n=args.plan, tile_size=args.tile_size, k=k, workers=workers)
     for name, value in report.items():
         if name.endswith("_bytes"):
             shown = f"{value / 1e9:,.3f} GB"

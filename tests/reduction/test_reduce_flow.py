@@ -237,3 +237,34 @@ def test_prefect_server_helper_starts_and_stops(monkeypatch, tmp_path):
     assert "PREFECT_API_URL" not in os.environ
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{api_url}/health", timeout=2)
+
+
+def test_cli_tiles_only_on_a_pool_smaller_than_the_default_k(
+    ray_runtime, prefect_harness, file_store, tmp_path, capsys, monkeypatch
+):
+    """`--tiles-only` on a 60-image pool was refused with 'got k=600', a k it never uses."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.cli import main
+
+    data = load_dataset("digits")
+    path = tmp_path / "pool.npz"
+    np.savez(path, images=data.images[:60], labels=data.labels[:60])
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the harness's server
+    code = main(
+        [
+            "reduce",
+            "--data",
+            str(path),
+            "--tiles-only",
+            "--workers",
+            "1",
+            "--tile-size",
+            "32",
+            "--store",
+            file_store.url,
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "tiles: 3 computed, 0 reused" in captured.out
