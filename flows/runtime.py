@@ -148,8 +148,22 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
         ConfigError: the address is malformed, no server accepts a TCP connection there, or the
             server there does not speak gRPC.
     """
-    if address in (None, "", "local", "auto"):
+    if address in (None, "", "local"):
         return
+    shown = address
+    if address == "auto":
+        # Ray's "auto" is the cluster `ray start` last recorded on this machine; without one ray.init
+        # fails only after the command has started Prefect and prepared the store.
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+        if not address:
+            raise ConfigError(
+                "--ray-address auto (or RAY_ADDRESS=auto) joins the cluster `ray start --head` last started on this "
+                "machine, and none is running here. Start one with `ray start --head`, give the head's address "
+                "HOST:6379, or leave both unset for a local Ray runtime."
+            )
+        shown = f"{address} (the cluster 'auto' found, recorded by `ray start`)"
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ConfigError(
@@ -160,7 +174,7 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
     try:
         connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as err:
-        raise ConfigError(f"no Ray cluster answers at {address} ({err}); {fix}") from err
+        raise ConfigError(f"no Ray cluster answers at {shown} ({err}); {fix}") from err
     with connection:
         try:
             connection.sendall(_HTTP2_PREFACE)
@@ -176,7 +190,7 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
             else "it does not speak gRPC"
         )
         raise ConfigError(
-            f"a server listens at {address} but it is not a Ray cluster ({seen}); point --ray-address / RAY_ADDRESS "
+            f"a server listens at {shown} but it is not a Ray cluster ({seen}); point --ray-address / RAY_ADDRESS "
             "at a Ray head's GCS port, which `ray start --head` prints (6379 by default), or at ray://HOST:10001 "
             "for Ray Client."
         )

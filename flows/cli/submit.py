@@ -9,10 +9,12 @@ does is also possible with ``ray job submit --working-dir . --runtime-env-json .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 
 from flows.cli._store import DEFAULT_STORE
 from obliviate.errors import ConfigError
@@ -28,6 +30,9 @@ FORWARDED_ENV = (
 )
 UPLOAD_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+#: Ray's Jobs client lets these override the address it is given; ``submit`` reads them itself instead.
+_ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,8 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--address",
-        default=os.environ.get("RAY_JOBS_ADDRESS", "http://127.0.0.1:8265"),
-        help="Ray dashboard address of the cluster (default: $RAY_JOBS_ADDRESS or http://127.0.0.1:8265)",
+        default=None,
+        help="the cluster's dashboard URL http://HEAD:8265, or its head's GCS address HEAD:6379 (default: "
+        f"$RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else {DEFAULT_DASHBOARD})",
     )
     parser.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
@@ -53,8 +59,41 @@ def job_runtime_env(working_dir: str) -> dict:
     return {"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
 
 
+def jobs_address(given: str | None) -> str:
+    """The address ``submit`` sends the job to: ``--address``, else Ray's variables, else the local dashboard.
+
+    Raises:
+        ConfigError: a URL whose scheme is not http, https or ray, or a GCS address (``HOST:PORT``,
+            ``auto``) where no Ray cluster answers: Ray's Jobs client would wait about 40 s on it, then
+            fail with a traceback.
+    """
+    from flows.runtime import check_ray_address
+
+    address = (given or next((os.environ[n] for n in _ADDRESS_ENV if os.environ.get(n)), DEFAULT_DASHBOARD)).strip()
+    scheme = address.split("://", 1)[0].lower() if "://" in address else None
+    if scheme is None:
+        check_ray_address(address)  # a GCS address: the client finds the dashboard through it
+    elif scheme not in ("http", "https", "ray"):
+        raise ConfigError(
+            f"--address is the cluster's dashboard URL (http://HEAD:8265) or its head's GCS address (HEAD:6379); "
+            f"got {address!r}."
+        )
+    return address
+
+
+@contextlib.contextmanager
+def _address_env_set_aside() -> Iterator[None]:
+    """Hide the variables with which Ray's Jobs client would override the address ``submit`` chose."""
+    saved = {name: os.environ.pop(name) for name in _ADDRESS_ENV if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def run_submit(args: argparse.Namespace) -> int:
-    job = [part for part in args.job if part != "--"] if args.job else []
+    # only the separator: a job may pass "--" on to its own command
+    job = list(args.job[1:] if args.job[:1] == ["--"] else args.job) if args.job else []
     if not job:
         raise ConfigError(
             "submit needs the obliviate command to run after '--', e.g. "
@@ -70,17 +109,19 @@ def run_submit(args: argparse.Namespace) -> int:
     parsed = _check_job_command(job)
     _check_outputs_outlive_the_job(parsed)
     _check_inputs_are_uploaded(parsed, args.working_dir)
-    from ray.exceptions import AuthenticationError
+    args.address = jobs_address(args.address)
+    from ray.exceptions import AuthenticationError, RpcError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        client = JobSubmissionClient(args.address)
+        with _address_env_set_aside():
+            client = JobSubmissionClient(args.address)
         job_id = client.submit_job(
             entrypoint="python -m flows.cli " + shlex.join(job), runtime_env=job_runtime_env(args.working_dir)
         )
     except AuthenticationError as err:
         raise ConfigError(_refused_message(args.address)) from err
-    except ConnectionError as err:
+    except (ConnectionError, RpcError) as err:
         raise ConfigError(
             f"no Ray cluster answers at --address {args.address} ({err}); start one (`ray start --head`, or "
             "`ray up cluster.yaml`) or pass its dashboard address, e.g. http://HEAD:8265."

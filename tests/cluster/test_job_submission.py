@@ -178,7 +178,8 @@ def test_obliviate_submit_wrapper_waits_and_reports(ray_head, tmp_path) -> None:
             "--out",
             str(tmp_path),
         ],
-        env=env,
+        # Ray's Jobs client let RAY_ADDRESS override --address: the job went to another cluster, or nowhere
+        env={**env, "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"},
         check=False,
         capture_output=True,
         text=True,
@@ -206,6 +207,30 @@ def test_submit_to_an_address_nobody_answers_says_how_to_get_a_cluster(capsys):
     assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--no-wait", "--", *job]) == 2
     err = capsys.readouterr().err
     assert f"no Ray cluster answers at --address http://127.0.0.1:{port}" in err and "ray start --head" in err
+
+
+def test_submit_to_a_gcs_address_nobody_answers_is_refused_at_once(capsys, monkeypatch):
+    """`--address 127.0.0.1:1` (no http://) hung 42 s in Ray's GCS client, then printed an RpcError traceback."""
+    import time
+
+    from flows.cli import main
+    from flows.cli.submit import jobs_address
+
+    job = ["reduce", "--k", "5", "--store", "s3://bucket/obliviate"]
+    port = free_port()
+    began = time.monotonic()
+    assert main(["submit", "--address", f"127.0.0.1:{port}", "--no-wait", "--", *job]) == 2
+    assert time.monotonic() - began < 20
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["submit", "--address", "ftp://head:8265", "--no-wait", "--", *job]) == 2
+    assert "--address is the cluster's dashboard URL (http://HEAD:8265)" in capsys.readouterr().err
+    # Ray's client lets RAY_ADDRESS override the address it is given; submit reads it only as the default
+    monkeypatch.setenv("RAY_ADDRESS", "http://elsewhere:8265")
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert jobs_address("http://head:8265") == "http://head:8265"
+    assert jobs_address(None) == "http://elsewhere:8265"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert jobs_address(None) == "http://127.0.0.1:8265"
 
 
 @pytest.mark.parametrize(

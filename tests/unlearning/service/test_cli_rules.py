@@ -398,6 +398,18 @@ def test_a_ray_address_nothing_answers_at_is_refused_at_once(tmp_path, capsys, m
     monkeypatch.setenv("RAY_ADDRESS", "not-an-address")
     assert main([*command, "--store", f"file://{tmp_path}/runs"]) == 2
     assert "a Ray address is HOST:PORT" in capsys.readouterr().err
+    # "auto" was let through: the command started Prefect and prepared the store before ray.init failed
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # `ray start` records its cluster in $RAY_TMPDIR/ray
+    assert main([*command, "--store", f"file://{tmp_path}/runs", "--ray-address", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--ray-address auto (or RAY_ADDRESS=auto) joins the cluster `ray start --head` last started" in err
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")  # a head since stopped
+    assert main([*command, "--store", f"file://{tmp_path}/runs", "--ray-address", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert f"no Ray cluster answers at 127.0.0.1:{port} (the cluster 'auto' found, recorded by `ray start`)" in err
+    assert "Prefect API" not in err and not (tmp_path / "runs").exists()
 
 
 @pytest.fixture
@@ -437,10 +449,14 @@ def test_a_ray_address_where_another_server_listens_is_refused(tmp_path, capsys,
         check_ray_address(silent, timeout_s=1)
 
 
-def test_a_ray_address_where_a_ray_head_listens_passes_the_check(ray_address):
+def test_a_ray_address_where_a_ray_head_listens_passes_the_check(ray_address, tmp_path, monkeypatch):
     from flows.runtime import check_ray_address
 
     check_ray_address(ray_address)  # Ray's GCS answers the HTTP/2 preface: no error
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(ray_address)  # as `ray start --head` records it
+    check_ray_address("auto")
 
 
 def test_a_ray_cluster_that_wants_a_token_this_process_lacks_is_named_without_a_traceback(tmp_path, ray_address):
