@@ -60,6 +60,47 @@ from storage.tiles import (
 DEFAULT_TILE_SIZE = 512
 DENSE_RESTART_LIMIT_BYTES = 2 * 1024**3
 CHUNKS_PER_WORKER = 8
+# Below this side a tile's compute (about 500 pairs) costs less than storing it as an object
+# with its checksum and scheduling it on a worker: the run becomes overhead.
+MIN_TILE_SIZE = 32
+# Each tile is a store object plus its checksum and one worker call; past this count the store
+# listing and the scheduler, not MI, set the run's pace (60,000 images at 2,048 make 465).
+MAX_RUN_TILES = 100_000
+
+
+def check_tile_size(tile_size: int, *, n: int, run: bool = True) -> None:
+    """Refuse a ``--tile-size`` that is too small, or (for a run) that cuts ``n`` images into too many tiles.
+
+    Args:
+        tile_size: the tile side asked for.
+        n: pool size.
+        run: whether tiles will be stored; ``--plan`` only does arithmetic, so it is not held to
+            the tile count.
+    """
+    if tile_size < MIN_TILE_SIZE:
+        raise ConfigError(
+            f"--tile-size must be at least {MIN_TILE_SIZE}; got {tile_size}. A smaller tile costs more to store and "
+            f"schedule than to compute (side 1 would cut {n:,} images into {n * (n + 1) // 2:,} tiles). Pass "
+            f"--tile-size {MIN_TILE_SIZE} or more, or leave it unset for the default {DEFAULT_TILE_SIZE}."
+        )
+    tiles = TilePlan(n=n, tile_size=tile_size).num_tiles if n >= 2 else 1
+    if run and tiles > MAX_RUN_TILES:
+        most_blocks = int((math.isqrt(8 * MAX_RUN_TILES + 1) - 1) // 2)  # b (b + 1) / 2 <= MAX_RUN_TILES
+        smallest = -(-n // most_blocks)
+        raise ConfigError(
+            f"--tile-size {tile_size} cuts {n:,} images into {tiles:,} tiles; a run stores at most "
+            f"{MAX_RUN_TILES:,} (each is a store object with its checksum and a worker call, so more would spend the "
+            f"run on overhead). Raise --tile-size to at least {smallest}."
+        )
+
+
+def check_start_count(starts: int | None, *, n: int) -> None:
+    """Refuse a ``--starts`` outside ``1..n`` (one start vertex per image at most)."""
+    if starts is not None and not 1 <= starts <= n:
+        raise ConfigError(
+            f"--starts must be in 1..{n} (seeded start vertices, at most one per image of the pool); got {starts}. "
+            f"Pass a count in that range, or leave --starts unset for one restart from every image."
+        )
 
 
 def result_key(*, fingerprint: str, bins: int, normalize: bool, k: int, starts: int | None, seed: int) -> str:
@@ -462,6 +503,8 @@ def reduce_flow(
     n = len(dataset)
     if not tiles_only:  # k is a restart setting; storing tiles needs none
         check_subset_size(k, n)
+    check_tile_size(tile_size, n=n, run=True)
+    check_start_count(starts, n=n)
     if threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker must be at least 1; got {threads_per_worker}.")
     pool_size = workers if workers else max(1, cluster_cpus() // threads_per_worker)

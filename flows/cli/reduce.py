@@ -106,7 +106,7 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
     Resolves ``args.k`` to the subset size a run uses; ``--tiles-only`` uses none, so its k is
     left unchecked (the flow gets the default, which it ignores).
     """
-    from flows.reduce import restart_memory_bytes
+    from flows.reduce import check_start_count, check_tile_size, restart_memory_bytes
 
     n = len(dataset)
     if getattr(args, "tiles_only", False):
@@ -133,7 +133,9 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
 
         check_ray_address(getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS"))
     check_bins(levels=dataset.levels, bins=args.bins)
+    check_start_count(args.starts, n=n)
     choose_starts(n, num_starts=args.starts, rng=np.random.default_rng(args.seed))
+    check_tile_size(args.tile_size, n=n, run=True)
     plan = TilePlan(n=n, tile_size=args.tile_size)
     restart_memory_bytes(plan, k=args.k, limit_mb=getattr(args, "restart_memory_mb", None))
 
@@ -189,7 +191,9 @@ def print_plan(args: argparse.Namespace) -> int:
     if not workers:
         workers = os.cpu_count() or 1
         print(f"note: workers = this machine's {workers} CPUs; pass --workers for a cluster's.", file=sys.stderr)
-    TilePlan(n=args.plan, tile_size=args.tile_size)  # refuses a tile size outside its rule
+    from flows.reduce import check_tile_size
+
+    check_tile_size(args.tile_size, n=args.plan, run=False)  # a plan is arithmetic: no limit on the tile count
     report = plan_report(n=args.plan, tile_size=args.tile_size, k=k, workers=workers)
     for name, value in report.items():
         if name.endswith("_bytes"):

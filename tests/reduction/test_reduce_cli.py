@@ -53,3 +53,45 @@ def test_plan_without_k_sizes_a_small_pool_instead_of_refusing_the_default(capsy
 def test_plan_with_an_explicit_k_too_large_is_still_refused(capsys):
     assert main(["reduce", "--plan", "100", "--k", "600"]) == 2
     assert "got k=600" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        (
+            "--tile-size",
+            "0",
+            ["--tile-size must be at least 32", "got 0", "default 512"],
+        ),  # 'tile_size must be positive'
+        ("--tile-size", "1", ["--tile-size must be at least 32", "got 1"]),  # accepted: 1.6 M tiles for 1,797 images
+        ("--starts", "0", ["--starts must be in 1..1797", "got 0", "leave --starts unset"]),  # 'num_starts must be'
+        ("--starts", "5000", ["--starts must be in 1..1797", "got 5000"]),
+        ("--restart-memory-mb", "0", ["--restart-memory-mb is the MiB", "got 0.0"]),  # 'restart_memory_mb is'
+    ],
+)
+def test_a_bad_option_is_refused_by_its_flag_name_with_the_fix(tmp_path, capsys, option, value, said):
+    out = tmp_path / "out"
+    assert main(["reduce", "--data", "digits", "--k", "10", option, value, "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert all(part in err for part in said), err
+    assert "tile_size" not in err and "num_starts" not in err and "restart_memory_mb" not in err
+    assert not out.exists()
+
+
+def test_plan_refuses_a_tile_size_of_one(capsys):
+    """`--plan 1797 --tile-size 1` planned 1.6 M tiles (3.2 M store objects) without a word."""
+    assert main(["reduce", "--plan", "1797", "--k", "10", "--tile-size", "1"]) == 2
+    assert "--tile-size must be at least 32" in capsys.readouterr().err
+
+
+def test_a_run_of_too_many_tiles_names_the_smallest_tile_size_that_fits():
+    from flows.reduce import MAX_RUN_TILES, check_tile_size
+    from obliviate.errors import ConfigError
+    from obliviate.reduction.tiling import TilePlan
+
+    with pytest.raises(ConfigError, match=r"--tile-size 32 cuts 60,000 images into 1,758,750 tiles") as refused:
+        check_tile_size(32, n=60_000)
+    smallest = int(re.search(r"--tile-size to at least (\d+)", str(refused.value)).group(1))
+    assert TilePlan(n=60_000, tile_size=smallest).num_tiles <= MAX_RUN_TILES
+    assert TilePlan(n=60_000, tile_size=smallest - 1).num_tiles > MAX_RUN_TILES
+    check_tile_size(2048, n=60_000)  # the README's plan

@@ -143,7 +143,7 @@ def test_cli_plan_for_60000_computes_nothing(capsys):
     [
         (["--plan", "100", "--k", "600"], "k must satisfy 2 <= k < n=100; got k=600"),  # it printed a plan
         (["--plan", "100", "--k", "6", "--workers", "-3"], "--workers must be 0 (in-process)"),  # 'workers: -3'
-        (["--plan", "1000", "--k", "6", "--tile-size", "0"], "tile_size must be positive; got 0"),
+        (["--plan", "1000", "--k", "6", "--tile-size", "0"], "--tile-size must be at least 32; got 0"),
         (["--data", "digits", "--k", "5", "--workers", "0", "--tiles-only"], "--tiles-only stops after storing"),
     ],
 )
