@@ -9,7 +9,7 @@ Every loader returns an :class:`ImageDataset`: ``images`` of shape ``(n, H, W)``
 * a path to an ``.npz`` file with arrays ``images`` (or ``x``) and ``labels`` (or ``y``).
 * a path to a torchvision-style dataset folder: an ``ImageFolder`` tree
   (``root/<class>/<image>``) or the raw IDX files of torchvision's MNIST-family datasets
-  (``root/<Name>/raw/train-images-idx3-ubyte[.gz]``).
+  (``root/<Name>/raw/train-images-idx3-ubyte[.gz]``, or in ``root/raw`` or ``root`` itself).
 
 Colour images become gray by luma (ITU-R 601-2, the default) or by per-channel mean
 (SPEC section 1, "Colour images").
@@ -315,10 +315,26 @@ def _as_gray_levels(images: np.ndarray, *, source: str) -> np.ndarray:
 
 
 def _load_folder(root: Path, *, gray: GrayMode) -> ImageDataset:
-    idx_files = sorted(root.glob("**/raw/train-images-idx3-ubyte*")) or sorted(root.glob("**/train-images-idx3-ubyte*"))
-    if idx_files:
-        return _load_idx_folder(idx_files[0].parent, name=str(root))
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    try:
+        return _read_folder(root, gray=gray)
+    except DataError:
+        raise
+    except OSError as err:  # a folder that vanished or cannot be read while it was scanned
+        raise DataError(
+            f"could not read dataset folder {str(root)!r}: {err}. Check that it is complete and readable, and that "
+            "nothing changes it while the command runs."
+        ) from err
+
+
+def _read_folder(root: Path, *, gray: GrayMode) -> ImageDataset:
+    # IDX files only where torchvision puts them (root, root/raw, root/<Name>/raw): a search of the whole
+    # tree mistook an ImageFolder holding some unrelated IDX file for an IDX dataset, and `--data /` walked
+    # the whole filesystem.
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir())
+    for folder in (root, root / "raw", *(p / "raw" for p in subfolders)):
+        if folder.is_dir() and any(folder.glob("train-images-idx3-ubyte*")):
+            return _load_idx_folder(folder, name=str(root))
+    class_dirs = subfolders
     if not class_dirs:
         raise DataError(
             f"dataset folder {str(root)!r} has neither class sub-folders (ImageFolder layout "

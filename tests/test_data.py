@@ -91,6 +91,27 @@ def test_torchvision_mnist_raw_idx_folder(tmp_path) -> None:
     assert data.labels.tolist() == [7, 3]
 
 
+def test_idx_files_are_looked_for_where_torchvision_puts_them_not_in_the_whole_tree(tmp_path) -> None:
+    """An ImageFolder holding an unrelated IDX file deep inside was read as a broken IDX dataset."""
+    for label, name in enumerate(["cat", "dog"]):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((4, 4), 10 * label, dtype=np.uint8)).save(tmp_path / name / "0.png")
+    deep = tmp_path / "cat" / "notes" / "raw"
+    deep.mkdir(parents=True)
+    (deep / "train-images-idx3-ubyte").write_bytes(b"unrelated")
+    data = load_dataset(tmp_path)
+    assert data.labels.tolist() == [0, 1] and data.images.shape == (2, 4, 4)
+    for where in ("raw", "."):  # root/raw and root itself still hold an IDX dataset
+        folder = tmp_path / f"idx-{where.strip('.') or 'root'}"
+        raw = folder / where
+        raw.mkdir(parents=True, exist_ok=True)
+        with open(raw / "train-images-idx3-ubyte", "wb") as fh:
+            fh.write(struct.pack(">BBBBiii", 0, 0, 8, 3, 1, 2, 2) + bytes(4))
+        with open(raw / "train-labels-idx1-ubyte", "wb") as fh:
+            fh.write(struct.pack(">BBBBi", 0, 0, 8, 1, 1) + bytes([5]))
+        assert load_dataset(folder).labels.tolist() == [5]
+
+
 def test_an_unreadable_image_or_a_cut_idx_file_is_named_not_a_traceback(tmp_path) -> None:
     folder = tmp_path / "folder"
     for name in ("a", "b"):
