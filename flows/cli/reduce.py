@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from flows.cli._types import seed
-from flows.progress import shown_progress
+from flows.progress import report, shown_progress
 from obliviate.data import ImageDataset, dataset_source, load_dataset
 from obliviate.errors import ConfigError
 from obliviate.reduction.drmi import check_subset_size, choose_starts, drmi_reduce
@@ -194,8 +194,8 @@ def print_plan(args: argparse.Namespace) -> int:
     from flows.reduce import check_tile_size
 
     check_tile_size(args.tile_size, n=args.plan, run=False)  # a plan is arithmetic: no limit on the tile count
-    report = plan_report(n=args.plan, tile_size=args.tile_size, k=k, workers=workers)
-    for name, value in report.items():
+    sizes = plan_report(n=args.plan, tile_size=args.tile_size, k=k, workers=workers)
+    for name, value in sizes.items():
         if name.endswith("_bytes"):
             shown = f"{value / 1e9:,.3f} GB"
         else:
@@ -257,16 +257,23 @@ def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
     store = ObjectStore(_prepared_store_url(args))
     dataset = dataset if dataset is not None else load_dataset(args.data)
     t0 = time.perf_counter()
-    with shown_progress() as show:
+    # Both stages report as the flow's do (flows.progress.report), so the bars and any listener see them.
+    with shown_progress():
         matrix = mi_matrix(
             dataset.images,
             levels=dataset.levels,
             bins=args.bins,
             normalize=args.normalize,
-            on_tile=lambda done, total: show("MI tiles", done, total),
+            on_tile=lambda done, total: report("MI tiles", done, total),
         )
-    mi_seconds = time.perf_counter() - t0
-    result = drmi_reduce(matrix, k=args.k, num_starts=args.starts, rng=np.random.default_rng(args.seed))
+        mi_seconds = time.perf_counter() - t0
+        result = drmi_reduce(
+            matrix,
+            k=args.k,
+            num_starts=args.starts,
+            rng=np.random.default_rng(args.seed),
+            on_restarts=lambda done, total: report("restarts", done, total),
+        )
     key = result_key(
         fingerprint=dataset.fingerprint,
         bins=args.bins,

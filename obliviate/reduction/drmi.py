@@ -132,6 +132,7 @@ def drmi_reduce(
     num_starts: int | None = None,
     rng: np.random.Generator | None = None,
     aggregate: Aggregate | str = Aggregate.SUM,
+    on_restarts: Callable[[int, int], None] | None = None,
 ) -> ReductionResult:
     """Reduce a pool to the k least mutually informative items (seed Algorithms 1-3).
 
@@ -142,6 +143,8 @@ def drmi_reduce(
         num_starts: ``None`` for one restart per vertex (SPEC default), else this many seeded starts.
         rng: draws the starts when ``num_starts`` is given.
         aggregate: greedy's ``g``: ``"sum"`` (default) or ``"max"``.
+        on_restarts: called as ``on_restarts(done, total)`` as restarts finish, for progress
+            display; the result is the same with or without it.
 
     Returns:
         the subset with the lowest H over all restarts (ties: the lowest start vertex).
@@ -156,7 +159,7 @@ def drmi_reduce(
         else choose_starts(source.n, num_starts=num_starts, rng=rng)
     )
     t0 = time.perf_counter()
-    records = run_restarts(source, k=k, starts=start_vertices, aggregate=aggregate)
+    records = run_restarts(source, k=k, starts=start_vertices, aggregate=aggregate, on_restarts=on_restarts)
     best = min(records, key=lambda r: (r.h, r.start))
     return ReductionResult(subset=np.sort(best.subset), h=best.h, restarts=records, seconds=time.perf_counter() - t0)
 
@@ -167,8 +170,13 @@ def run_restarts(
     k: int,
     starts: Sequence[int] | np.ndarray,
     aggregate: Aggregate | str = Aggregate.SUM,
+    on_restarts: Callable[[int, int], None] | None = None,
 ) -> list[RestartRecord]:
-    """Greedy + replacement from each start vertex; dense matrices run in parallel threads."""
+    """Greedy + replacement from each start vertex; dense matrices run in parallel threads.
+
+    With ``on_restarts``, it is called as ``on_restarts(done, total)`` as restarts finish: after
+    each restart on the row-source path, after each chunk of about 1 % of them on the dense one.
+    """
     aggregate = Aggregate(aggregate)
     source = _as_source(matrix)
     check_subset_size(k, source.n)
@@ -179,12 +187,34 @@ def run_restarts(
         h_greedy = np.empty(start_vertices.shape[0], dtype=np.float64)
         h = np.empty(start_vertices.shape[0], dtype=np.float64)
         swaps = np.empty(start_vertices.shape[0], dtype=np.int64)
-        _dense_restarts(dense, start_vertices, k, aggregate is Aggregate.MAX, subsets, h_greedy, h, swaps)
+        total = int(start_vertices.shape[0])
+        # One parallel call cannot report from inside; with a listener, run chunks of about 1 % of the
+        # restarts, each still wide enough (4 per thread) to keep every thread busy.
+        chunk = total if on_restarts is None else max(4 * numba.get_num_threads(), -(-total // 100))
+        for lo in range(0, total, chunk):
+            hi = min(lo + chunk, total)
+            _dense_restarts(
+                dense,
+                start_vertices[lo:hi],
+                k,
+                aggregate is Aggregate.MAX,
+                subsets[lo:hi],
+                h_greedy[lo:hi],
+                h[lo:hi],
+                swaps[lo:hi],
+            )
+            if on_restarts is not None:
+                on_restarts(hi, total)
         return [
             RestartRecord(int(s), float(hg), float(hh), int(sw), sub)
             for s, hg, hh, sw, sub in zip(start_vertices, h_greedy, h, swaps, subsets)
         ]
-    return [restart_from_rows(source, start=int(s), k=k, aggregate=aggregate) for s in start_vertices]
+    records = []
+    for done, s in enumerate(start_vertices, start=1):
+        records.append(restart_from_rows(source, start=int(s), k=k, aggregate=aggregate))
+        if on_restarts is not None:
+            on_restarts(done, len(start_vertices))
+    return records
 
 
 def greedy_init(

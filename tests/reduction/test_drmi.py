@@ -184,3 +184,17 @@ def test_a_matrix_with_nan_or_asymmetry_is_refused_with_the_entry() -> None:
     tiny = matrix.copy()
     tiny[2, 5] += 1e-7  # rounding of a matrix built elsewhere is accepted
     assert drmi_reduce(tiny, k=3).subset.min() >= 0
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_restart_progress_is_reported_without_changing_the_result(streamed) -> None:
+    """drmi_reduce ran thousands of restarts with no way to show how far it was."""
+    matrix = random_symmetric(120, seed=3)
+    source = StreamedRows(matrix) if streamed else matrix
+    seen: list[tuple[int, int]] = []
+    result = drmi_reduce(source, k=10, on_restarts=lambda done, total: seen.append((done, total)))
+    plain = drmi_reduce(matrix, k=10)
+    assert result.h == plain.h and np.array_equal(result.subset, plain.subset)
+    assert [r.h for r in result.restarts] == [r.h for r in plain.restarts]
+    assert seen[-1] == (120, 120) and len(seen) > 1
+    assert all(total == 120 for _, total in seen) and [d for d, _ in seen] == sorted({d for d, _ in seen})

@@ -95,3 +95,16 @@ def test_a_run_of_too_many_tiles_names_the_smallest_tile_size_that_fits():
     assert TilePlan(n=60_000, tile_size=smallest).num_tiles <= MAX_RUN_TILES
     assert TilePlan(n=60_000, tile_size=smallest - 1).num_tiles > MAX_RUN_TILES
     check_tile_size(2048, n=60_000)  # the README's plan
+
+
+def test_in_process_run_reports_restart_progress(tmp_path, capsys):
+    """--workers 0 showed the 'MI tiles' bar, then nothing during every restart."""
+    from flows.progress import progress_to
+
+    seen: list[tuple[str, int, int]] = []
+    with progress_to(lambda stage, done, total: seen.append((stage, done, total))):
+        code = main(["reduce", "--data", "digits", "--k", "10", "--workers", "0", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err
+    restarts = [event for event in seen if event[0] == "restarts"]
+    assert restarts[-1] == ("restarts", 1797, 1797) and len(restarts) > 1
+    assert any(stage == "MI tiles" and done == total for stage, done, total in seen)
