@@ -4,7 +4,8 @@ Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out 
 
 1. ``prepare_audit``: open the target (checkpoint or URL), draw pool and test set from the pool
    dataset minus the target's training indices (with :func:`~obliviate.extraction.audit.draw_split`,
-   the bench's split, when the target declares its split seed), take the target's labels on the
+   the target's own split when it declares its split seed: the bench's on mnist5k with the default
+   sizes), take the target's labels on the
    test set once, and precompute what selectors need on the pool (MI matrices, features) so no
    cell repeats it.
 2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`).
@@ -56,6 +57,7 @@ from obliviate.extraction.audit import (
     check_pool_fits_target,
     draw_split,
     fit_split,
+    is_bench_split,
     markdown_report,
     seed_reference,
     summarize,
@@ -152,9 +154,10 @@ def prepare_audit(
 def _pool_and_test(
     data, meta: dict, *, exclude: list, pool_size: int, test_size: int, split_seed: int | None
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Pool and test indices. A target that declares its split (``split_seed``, ``train_size``:
-    ``obliviate target train``) gets the bench's split (:func:`draw_split`) when ``split_seed`` is
-    ``None`` or equal to it; otherwise the pool and test set are drawn from the images not in
+    """Pool and test indices, and how they were drawn. A target that declares its split
+    (``split_seed``, ``train_size``: ``obliviate target train``) gets the rest of its own
+    :func:`draw_split` when ``split_seed`` is ``None`` or equal to it (the bench's split when data
+    and sizes are the bench's); otherwise the pool and test set are drawn from the images not in
     ``exclude`` with seed ``split_seed`` (0 when ``None``)."""
     declared = meta.get("split_seed"), meta.get("train_size")
     if exclude and None not in declared and split_seed in (None, declared[0]):
@@ -164,11 +167,13 @@ def _pool_and_test(
                 data.labels, train_size=train_size, pool_size=pool_size, test_size=test_size, seed=int(declared[0])
             )
             if sorted(int(i) for i in train_idx) == sorted(int(i) for i in exclude):
-                return (
-                    pool_idx,
-                    test_idx,
-                    f"draw_split(seed={declared[0]}, train_size={train_size}) (the bench's split)",
+                said = f"draw_split(seed={declared[0]}, train_size={train_size})"
+                # The bench's only with the bench's data and all three of its sizes: the target's own
+                # split drawn with another pool or test size holds other pool and test images.
+                bench = is_bench_split(
+                    dataset=data.name, train_size=train_size, pool_size=pool_size, test_size=test_size
                 )
+                return pool_idx, test_idx, said + (f" (the bench's split {declared[0]})" if bench else "")
     seed = 0 if split_seed is None else split_seed
     pool_idx, test_idx = audit_split(data, exclude=exclude, pool_size=pool_size, test_size=test_size, seed=seed)
     return pool_idx, test_idx, f"audit_split(seed={seed}) of the images outside the target's training set"

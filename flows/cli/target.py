@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--train-size",
         type=int,
         default=None,
-        help="training images (stratified; default 2000, or a third of a dataset smaller than 6,000 images)",
+        help="training images (stratified; default 2000, the bench's, or a third of a dataset smaller than 5,000 images)",
     )
     train.add_argument("--steps", type=int, default=1500, help="Adam steps, batch 64 (default 1500)")
     train.add_argument(
