@@ -46,9 +46,20 @@ def check_and_repair(store_url: str, *, repair: bool, min_orphan_age_s: float = 
         key=_block_order,
     )
     registry = RunRegistry(store)
+    results = {item["key"]: item["part_of"] for item in report.corrupt if item.get("part_of")}
     for key in damaged:
         if key.startswith(f"{MI_TILES}/"):
             report.repaired.append(_drop_damaged_matrix_object(store, key))
+            continue
+        if key in results:  # a reduce result's file: not a replayable checkpoint, and the result is cheap to redo
+            report.unrecoverable.append(
+                {
+                    "key": key,
+                    "error": "a file of a reduce result, not rebuildable by replay: running the same `obliviate "
+                    "reduce` again rewrites the result",
+                    "part_of": results[key],
+                }
+            )
             continue
         try:
             report.repaired.append(rebuild_checkpoint(registry, key))

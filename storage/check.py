@@ -112,9 +112,9 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
             report.corrupt.append(
                 {
                     "key": key,
+                    # how to mend it depends on what it is (a checkpoint, a result's file, a record): said apart
                     "error": f"{store.uri(key)} was committed but its bytes are gone (deleted or lost outside "
-                    "obliviate; its commit record remains): rebuild it with `store check --repair`, or restore it "
-                    "from a backup.",
+                    "obliviate; its commit record remains)",
                 }
             )
     pointer_keys = store.list_pointers("")
@@ -262,7 +262,11 @@ def _check_result_manifest(store: ObjectStore, key: str, report: StoreReport) ->
         members = store.get_unverified_json(key).get("members", {})
     except Exception:  # noqa: BLE001 -- a damaged manifest is already reported by its checksum
         return
+    damaged = {item["key"]: item for item in report.corrupt}
     for name, member in members.items():
+        if member["key"] in damaged:  # its bytes fail their checksum or are gone: say what it belongs to
+            damaged[member["key"]]["part_of"] = result
+            continue
         try:
             committed = store.info(member["key"])
         except ObjectNotFound:

@@ -245,6 +245,43 @@ def test_store_check_finds_objects_or_records_lost_outside_obliviate_and_repair_
     assert run_pass(store_url, unlearn_runs=in_process(store_url))["settled"] == {request_id: DONE}
 
 
+def test_store_check_of_a_reduce_result_whose_bytes_are_gone_says_one_thing(tmp_path, capsys):
+    """A result file deleted with its record kept read "not rebuildable ... no published version needs it: ...
+    rebuild it with `store check --repair`", and --repair then called it UNRECOVERABLE, "not a chain checkpoint"."""
+    from flows.cli import main
+
+    store_url = f"file://{tmp_path / 'store'}"
+    assert (
+        main(["reduce", "--data", "digits", "--k", "5", "--starts", "3", "--workers", "0", "--store", store_url]) == 0
+    )
+    store = ObjectStore(store_url)
+    subset = next(key for key in store.list("") if key.endswith("/subset.npy"))
+    result = subset.rsplit("/", 1)[0]
+    (tmp_path / "store" / subset).unlink()  # its commit record stays
+    capsys.readouterr()
+    assert main(["store", "check", "--store", store_url]) == 1
+    said = capsys.readouterr().err
+    assert (
+        f"damaged {subset} (rewritten by running the command that wrote the result again (the same `obliviate "
+        f"reduce`)); part of result {result}: " in said
+    )
+    assert "bytes are gone" in said
+    assert "--repair" not in said and "no published version needs it" not in said
+    for flipped in ("summary.json",):  # a flipped byte in another member: the same answer
+        path = tmp_path / "store" / result / flipped
+        path.write_bytes(path.read_bytes().replace(b"{", b"[", 1))
+    assert main(["store", "check", "--store", store_url, "--repair"]) == 1
+    said = capsys.readouterr().err
+    assert f"UNRECOVERABLE {subset}: a file of a reduce result, not rebuildable by replay: running the same " in said
+    assert f"UNRECOVERABLE {result}/summary.json: a file of a reduce result" in said
+    assert f"part of result {result}" in said and "not a chain checkpoint" not in said
+    capsys.readouterr()
+    assert (
+        main(["reduce", "--data", "digits", "--k", "5", "--starts", "3", "--workers", "0", "--store", store_url]) == 0
+    )
+    assert main(["store", "check", "--store", store_url]) == 0  # as the message says: the same reduce mends it
+
+
 def test_store_check_names_what_needs_each_object_and_how_to_mend_it(trained, tmp_path, capsys):
     """Seen by a user: a checkpoint overwritten with its record was 'UNRECOVERABLE' though replay
     reproduces it; a damaged spec or pointer read 'no published version needs it: delete and rewrite
