@@ -21,6 +21,10 @@ def test_cluster_config_passes_ray_validation(name) -> None:
     assert prepared["head_node_type"] in prepared["available_node_types"]
     setup = " ".join(prepared["setup_commands"])
     assert "pip install" in setup and "-e ." in setup  # installs this project on every node
+    assert "sys.version_info >= (3, 11)" in setup  # pyproject's requires-python, checked before installing
+    for command in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]:
+        if " start " in f" {command} ":  # -n: open files for object transfers; cluster-local had -c (core dumps)
+            assert "ulimit -n 65536" in command, command
 
 
 def test_aws_config_bounds_autoscaling_and_keeps_secrets_out() -> None:
