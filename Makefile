@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean ui browser
+.PHONY: demo test lint bench install clean ui browser help
 
 install: $(STAMP)
 
@@ -43,3 +43,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+help:
+	@echo "make demo [DEMO_ARGS=--quick]   the main job on the embedded default (creates .venv on first use)"
+	@echo "make test                       every test (installs chromium for the dashboard test when missing)"
+	@echo "make ui [UI_ARGS='--port N']    the Prefect dashboard of the recorded runs, until Ctrl-C"
+	@echo "make lint                       ruff check, ruff format --check, mypy"
+	@echo "make install                    only create or update .venv"
+	@echo "make clean                      remove .venv and ./runs"
