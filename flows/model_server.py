@@ -27,8 +27,11 @@ Usage::
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self, cast
 
@@ -73,6 +76,7 @@ class RunBackend:
             raise ConfigError(f"run {run_id!r} has no published version in {self.store.uri()}; train it first.")
         spec = self.registry.spec(self.members[0])
         self.levels = int(spec.config.levels)
+        self.image_size = int(spec.config.image_size)
         self.spec_info = {
             "run_id": run_id,
             "members": self.members,
@@ -138,15 +142,47 @@ class RunBackend:
         return torch.stack(probabilities).mean(dim=0).numpy().astype(np.float32)
 
 
+REQUEST_FORM = '{"shape": [n, H, W], "dtype": "uint8", "data": "<base64 of the n*H*W gray levels>", "output": "labels"}'
+
+
 class PredictHandler(BaseHTTPRequestHandler):
-    """Request handler; ``self.server.target_server`` is the owning :class:`TargetServer`."""
+    """Request handler; ``self.server.target_server`` is the owning :class:`TargetServer`.
+
+    Every request gets an answer: a malformed one HTTP 4xx naming the rule, an unexpected failure HTTP 500
+    with the error (and its traceback on the server's stderr), never a dropped connection.
+    """
 
     protocol_version = "HTTP/1.1"
+    _answered = False
 
     def log_message(self, format: str, *args: object) -> None:
         return  # quiet: the Target's own query log is the audit trail
 
     def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _answer(self, handle: Callable[[], None]) -> None:
+        self._answered = False
+        try:
+            handle()
+        except Exception as err:  # noqa: BLE001 -- a bug in the server or model: the client still gets an answer
+            print(f"target server: {self.command} {self.path} failed:", file=sys.stderr, flush=True)
+            traceback.print_exc(file=sys.stderr)
+            if self._answered:  # the reply had started: a second one would corrupt it
+                self.close_connection = True
+                return
+            self.send_json(
+                500,
+                {
+                    "error": f"the server failed on this request ({err.__class__.__name__}: {str(err)[:300]}); "
+                    "that is a fault of the server or its model, not of the request: see the server's log."
+                },
+            )
+
+    def _get(self) -> None:
         owner: TargetServer = self.server.target_server  # type: ignore[attr-defined]
         if self.path == "/info":
             if isinstance(owner.backend, RunBackend):  # what is served now: versions, and ids forgotten since
@@ -159,21 +195,29 @@ class PredictHandler(BaseHTTPRequestHandler):
         else:
             self.send_json(404, {"error": f"no route {self.path}; use POST /predict, GET /info"})
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         owner: TargetServer = self.server.target_server  # type: ignore[attr-defined]
         if self.path != "/predict":
             self.send_json(404, {"error": f"no route {self.path}; use POST /predict"})
             return
+        length = int(self.headers.get("Content-Length", "0"))
         try:
-            length = int(self.headers.get("Content-Length", "0"))
             payload = json.loads(self.rfile.read(length))
-            images = decode_images(payload)
-            output = OutputMode(payload.get("output", "labels"))
-        except (ValueError, ConfigError, json.JSONDecodeError) as err:
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+            self.send_json(
+                400, {"error": f"the request body must be JSON like {REQUEST_FORM}; could not parse it ({err})."}
+            )
+            return
+        try:
+            images, output = _read_request(payload, image_size=owner.image_size)
+        except ConfigError as err:
             self.send_json(400, {"error": str(err)})
             return
         if output is OutputMode.PROBABILITIES and not owner.allow_probabilities:
             self.send_json(403, {"error": "this target answers labels only"})
+            return
+        if not len(images):  # nothing to predict (a client's probe of the path): no model call, no request counted
+            self.send_json(200, {output.value: []})
             return
         try:
             with owner.lock:
@@ -190,10 +234,34 @@ class PredictHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
+        self._answered = True
         try:
             self.wfile.write(raw)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (its timeout); nothing left to tell it
+
+
+def _read_request(payload: object, *, image_size: int | None) -> tuple[np.ndarray, OutputMode]:
+    """The images and output mode a ``POST /predict`` body asks for.
+
+    Raises:
+        ConfigError: the body is not the protocol's object, or its images are not ``image_size`` square.
+    """
+    if not isinstance(payload, dict):
+        raise ConfigError(f"the request body must be JSON like {REQUEST_FORM}; got a JSON {type(payload).__name__}.")
+    images = decode_images(payload)
+    output = payload.get("output", "labels")
+    if output not in {m.value for m in OutputMode}:
+        valid = " or ".join(repr(m.value) for m in OutputMode)
+        raise ConfigError(f"'output' must be {valid}; got {output!r}.")
+    height, width = images.shape[1:]
+    # The model would fail deep in a convolution (or, worse, answer for a resized view) on any other size.
+    if image_size is not None and (height, width) != (image_size, image_size):
+        raise ConfigError(
+            f"the target takes {image_size}x{image_size} images; got {height}x{width} (shape {list(images.shape)}). "
+            "Send shape (n, H, W): the number of images first, then rows and columns of one gray level each."
+        )
+    return images, OutputMode(output)
 
 
 class TargetServer:
@@ -208,6 +276,8 @@ class TargetServer:
         info: metadata served at ``GET /info``.
         allow_probabilities: answer probability requests (off: a label-only deployment).
         handler: request handler class (subclass :class:`PredictHandler` to change behaviour).
+        image_size: side of the square images the model takes; other sizes get HTTP 400. Default: ``info``'s
+            ``image_size``, else the backend's ``image_size`` attribute, else unchecked.
     """
 
     def __init__(
@@ -221,11 +291,16 @@ class TargetServer:
         info: dict | None = None,
         allow_probabilities: bool = True,
         handler: type[PredictHandler] = PredictHandler,
+        image_size: int | None = None,
     ) -> None:
         if (model is None) == (backend is None):
             raise ConfigError("TargetServer serves either a model or a backend; give exactly one.")
         self.backend: Backend = LocalTorchBackend(model, levels=levels) if model is not None else cast(Backend, backend)
         self.info = dict(info or {})
+        side = (
+            image_size if image_size is not None else self.info.get("image_size", getattr(backend, "image_size", None))
+        )
+        self.image_size = None if side is None else int(side)
         self.allow_probabilities = allow_probabilities
         self.lock = threading.Lock()
         self.requests = 0

@@ -279,15 +279,22 @@ def encode_images(images: np.ndarray) -> dict:
 
 def decode_images(payload: dict) -> np.ndarray:
     """Inverse of :func:`encode_images`; raises ``ConfigError`` on a malformed payload."""
+    if not isinstance(payload, dict):
+        raise ConfigError(f"payload must be a JSON object with 'shape' and 'data'; got a {type(payload).__name__}.")
+    shape = payload.get("shape")
+    # int() would truncate 1.7 to 1 and read a batch the client never meant; JSON true is an int to Python.
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise ConfigError(
+            f"payload 'shape' must be a list of whole numbers >= 0, [n, H, W]; got {shape!r}. Send the array's shape."
+        )
     try:
-        shape = tuple(int(s) for s in payload["shape"])
         raw = base64.b64decode(payload["data"], validate=True)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"payload needs 'shape' and base64 'data'; could not read it ({err}).") from err
     if payload.get("dtype", "uint8") != "uint8" or len(shape) != 3 or int(np.prod(shape)) != len(raw):
         raise ConfigError(
             f"payload must hold uint8 images of shape (n, H, W) matching its bytes; got dtype "
-            f"{payload.get('dtype')!r}, shape {shape}, {len(raw)} bytes."
+            f"{payload.get('dtype')!r}, shape {tuple(shape)}, {len(raw)} bytes."
         )
     return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 

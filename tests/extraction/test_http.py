@@ -147,3 +147,64 @@ def test_info_of_a_server_that_is_gone_says_so_and_one_without_info_declares_not
         assert HttpBackend(url.rsplit("/", 1)[0] + "/elsewhere/predict", timeout_s=5, retries=0).info() == {}  # 404
     with pytest.raises(TargetUnavailable, match=r"no server answers at http://127\.0\.0\.1:\d+/predict \("):
         HttpBackend(url, timeout_s=5, retries=0).info()
+
+
+def raw_post(url: str, body: bytes, *, headers: dict | None = None, length: bool = True, timeout: float = 10):
+    """POST ``body`` with exactly the headers given (``length``: add a true Content-Length); (status, JSON reply)."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.putrequest("POST", parts.path)
+        for key, value in ({"Content-Length": str(len(body))} if length else {}).items() | (headers or {}).items():
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def _images(shape: list, data: bytes | None = None, **extra) -> bytes:
+    import base64
+
+    raw = bytes(int(np.prod(shape))) if data is None else data
+    return json.dumps({"shape": shape, "dtype": "uint8", "data": base64.b64encode(raw).decode(), **extra}).encode()
+
+
+def test_requests_the_model_cannot_take_get_a_400_in_words_and_an_empty_batch_no_labels(target_model):
+    """Wrong image size, axis order or an empty batch dropped the connection (a RuntimeError in the model thread)."""
+    with TargetServer(target_model, info={"image_size": 28}) as server:
+        code, reply = raw_post(server.url, _images([1, 8, 8]))
+        assert code == 400 and "the target takes 28x28 images; got 8x8" in reply["error"]
+        code, reply = raw_post(server.url, _images([1, 28, 28]).replace(b"[1, 28, 28]", b"[28, 28, 1]"))
+        assert code == 400 and "got 28x1" in reply["error"] and "(n, H, W)" in reply["error"]
+        assert raw_post(server.url, _images([0, 28, 28])) == (200, {"labels": []})
+        code, reply = raw_post(server.url, b"nope")
+        assert code == 400 and "must be JSON like" in reply["error"] and "Expecting value" in reply["error"]
+        code, reply = raw_post(server.url, b"[1, 2]")
+        assert code == 400 and "must be JSON like" in reply["error"]
+        code, reply = raw_post(server.url, _images([1, 28, 28], output="logits"))
+        assert code == 400 and "'labels' or 'probabilities'" in reply["error"] and "'logits'" in reply["error"]
+        code, reply = raw_post(server.url, _images([1, 28, 28]).replace(b"[1, 28, 28]", b"[1.7, 28, 28]"))
+        assert code == 400 and "whole numbers" in reply["error"] and "1.7" in reply["error"]
+        code, reply = raw_post(server.url, _images([1, 28, 28]).replace(b"[1, 28, 28]", b"[-1, -28, 28]"))
+        assert code == 400 and "whole numbers" in reply["error"]
+        assert server.requests == 0  # nothing was predicted
+        code, reply = raw_post(server.url, _images([2, 28, 28]))  # and it still serves
+        assert code == 200 and len(reply["labels"]) == 2
+
+
+class Broken:
+    """A backend with a bug: every prediction raises."""
+
+    def predict(self, images, *, output):
+        raise RuntimeError("a bug in the model")
+
+
+def test_an_unexpected_failure_in_a_handler_is_a_500_with_json_not_a_dropped_connection():
+    with TargetServer(backend=Broken()) as server:
+        code, reply = raw_post(server.url, _images([1, 28, 28]))
+        assert code == 500 and "RuntimeError: a bug in the model" in reply["error"]
