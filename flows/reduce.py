@@ -42,7 +42,7 @@ from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.reduction.drmi import Aggregate, check_subset_size, choose_starts
-from obliviate.reduction.mi import PreparedImages, prepare_images
+from obliviate.reduction.mi import PreparedImages, check_bins, prepare_images
 from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectStore
@@ -58,6 +58,7 @@ from storage.tiles import (
 )
 
 DEFAULT_TILE_SIZE = 512
+DEFAULT_BINS = 256
 DENSE_RESTART_LIMIT_BYTES = 2 * 1024**3
 CHUNKS_PER_WORKER = 8
 # Below this side a tile's compute (about 500 pairs) costs less than storing it as an object
@@ -66,6 +67,16 @@ MIN_TILE_SIZE = 32
 # Each tile is a store object plus its checksum and one worker call; past this count the store
 # listing and the scheduler, not MI, set the run's pace (60,000 images at 2,048 make 465).
 MAX_RUN_TILES = 100_000
+
+
+def exact_bins(bins: int, *, levels: int) -> int:
+    """``bins``, or the default 256 when it is at least the data's ``levels``.
+
+    Counting at ``bins >= levels`` keeps every gray level apart, so MI is the same floats as at
+    256; using 256 then shares the default's stored tiles and result folder instead of keying the
+    same matrix under a second name and computing it again.
+    """
+    return DEFAULT_BINS if bins >= levels else bins
 
 
 def check_tile_size(tile_size: int, *, n: int, run: bool = True) -> None:
@@ -478,7 +489,8 @@ def reduce_flow(
         data: dataset name or path (see :func:`obliviate.data.load_dataset`).
         k: subset size (not used, nor checked, with ``tiles_only``).
         store_url: ``file://...`` or ``s3://bucket/prefix``.
-        bins: gray levels counted by MI (SPEC default 256).
+        bins: gray levels counted by MI (SPEC default 256); at or above the data's levels it is
+            exact and is run as 256 (see :func:`exact_bins`).
         normalize: normalised MI.
         starts: ``None`` for one restart per image, else this many seeded start vertices.
         seed: seeds the start sample (as ``np.random.default_rng(seed)`` in-process).
@@ -501,6 +513,8 @@ def reduce_flow(
     dataset = load_dataset(data)
     load_seconds = time.perf_counter() - t_flow
     n = len(dataset)
+    check_bins(levels=dataset.levels, bins=bins)
+    bins = exact_bins(bins, levels=dataset.levels)
     if not tiles_only:  # k is a restart setting; storing tiles needs none
         check_subset_size(k, n)
     check_tile_size(tile_size, n=n, run=True)

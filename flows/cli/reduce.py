@@ -150,12 +150,24 @@ def _checked_workers(args: argparse.Namespace) -> int | None:
 def run_reduce(args: argparse.Namespace) -> int:
     if getattr(args, "plan", None) is not None:
         return print_plan(args)
+    from flows.reduce import DEFAULT_BINS, exact_bins
+
     dataset = load_dataset(args.data)
     _check(args, dataset)
-    if args.bins < 256:
+    exact = exact_bins(args.bins, levels=dataset.levels)
+    if exact != args.bins:
         print(
-            f"note: MI at {args.bins} bins ranks pairs differently from exact 256 levels "
-            "(SPEC section 1: on MNIST 5k the k=600 subset scores +5.1 % worse at 32 bins).",
+            f"note: --bins {args.bins} is at least the {dataset.levels} gray levels of this data, so MI counts every "
+            f"level exactly, as the default does; running with the default --bins {DEFAULT_BINS}, whose stored tiles "
+            "and result folder it shares.",
+            file=sys.stderr,
+        )
+        args.bins = exact
+    elif args.bins < dataset.levels:
+        print(
+            f"note: MI at {args.bins} bins ranks pairs differently from exact counting of this data's "
+            f"{dataset.levels} gray levels (SPEC section 1: on MNIST 5k the k=600 subset scores +5.1 % worse at 32 "
+            "bins).",
             file=sys.stderr,
         )
     if getattr(args, "workers", None) == 0:

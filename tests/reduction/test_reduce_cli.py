@@ -108,3 +108,27 @@ def test_in_process_run_reports_restart_progress(tmp_path, capsys):
     restarts = [event for event in seen if event[0] == "restarts"]
     assert restarts[-1] == ("restarts", 1797, 1797) and len(restarts) > 1
     assert any(stage == "MI tiles" and done == total for stage, done, total in seen)
+
+
+@pytest.mark.parametrize("bins", ["17", "32"])
+def test_bins_at_or_above_the_datas_levels_are_the_exact_default(tmp_path, capsys, bins):
+    """digits has 17 gray levels: --bins 32 warned of '+5.1 % worse' and stored a second copy under -b32-."""
+    options = ["reduce", "--data", "digits", "--k", "10", "--starts", "5", "--workers", "0", "--out", str(tmp_path)]
+    assert main(options) == 0
+    default = capsys.readouterr()
+    assert main([*options, "--bins", bins]) == 0
+    asked = capsys.readouterr()
+    assert "ranks pairs differently" not in asked.err
+    assert f"--bins {bins} is at least the 17 gray levels" in asked.err and "default" in asked.err
+    assert asked.out.splitlines()[0] == default.out.splitlines()[0]  # the same H line
+    results = [path.name for path in tmp_path.iterdir() if path.name.startswith("reduce-")]
+    assert len(results) == 1 and "-b256-k10-" in results[0]  # one folder, the default's
+
+
+def test_bins_below_the_datas_levels_are_compared_with_its_levels(tmp_path, capsys):
+    options = ["reduce", "--data", "digits", "--k", "10", "--starts", "5", "--workers", "0", "--bins", "8"]
+    assert main([*options, "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "MI at 8 bins ranks pairs differently from exact counting of this data's 17 gray levels" in err
+    assert "256 levels" not in err
+    assert any("-b8-k10-" in path.name for path in tmp_path.iterdir())
