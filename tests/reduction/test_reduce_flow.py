@@ -62,6 +62,9 @@ def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, f
 
     stages = {"scheduling", "actor_start", "data_preparation", "object_store_transfer", "storage_write_publish"}
     assert stages <= set(first["stages"]) and first["restart_mode"] == "dense"
+    # The stored summary holds the timings too (they were added to the returned dict only, after the write).
+    stored = file_store.get_json(f"{first['result_key']}/summary.json")
+    assert stored["stages"] == first["stages"] and stored["flow_seconds"] == first["flow_seconds"] > 0
 
     second = reduce_flow(data=path, k=30, store_url=file_store.url, workers=2, tile_size=64)
     assert second["tiles_computed"] == 0 and second["tiles_reused"] == 15
