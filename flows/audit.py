@@ -9,8 +9,9 @@ Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out 
    test set once, and precompute what selectors need on the pool (MI matrices, features) so no
    cell repeats it.
 2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`).
-3. ``write_report``: JSON + Markdown table + PNG plot + a Prefect table artifact, all written
-   through :func:`write_output` (the one place that touches the output location). ``steal.md``
+3. ``write_report``: JSON + Markdown table + PNG plot + a Prefect table artifact. The three files are
+   rendered first, then replaced together through :func:`write_outputs` (the one place that touches
+   the output location); they carry the same run id. ``steal.md``
    leads with the queries at which the strongest attacker reaches 90 % and 95 % agreement.
 
 Call ``ray.init(address="local", num_cpus=...)`` once before the flow (the CLI does); the flow
@@ -29,9 +30,13 @@ import contextlib
 import functools
 import io
 import json
+import os
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +72,6 @@ from obliviate.extraction.headline import headline_sentence, queries_to_agreemen
 from obliviate.extraction.selectors import SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
 from obliviate.extraction.target import Target, open_backend, save_checkpoint
-from obliviate.files import write_whole
 from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
@@ -79,9 +83,52 @@ def prepare_output(location: str) -> Path:
     return writable_folder(location, what="the report folder (--out)")
 
 
-def write_output(location: str, name: str, data: bytes) -> str:
-    """Write one report file whole (beside its name, then renamed into place); returns where it went."""
-    return str(write_whole(prepare_output(location) / name, lambda partial: partial.write_bytes(data)))
+def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[str, str]:
+    """Replace the report's files together: every file is written beside its name first, then all are
+    renamed into place with Ctrl-C held off, so a reader finds the previous run's files or this run's,
+    never a mix, and no half-written file.
+
+    Args:
+        location: the report folder.
+        files: ``{key: (file name, content)}``, every content already rendered.
+
+    Returns:
+        ``{key: path}`` of the files written.
+    """
+    folder = prepare_output(location)
+    staged: dict[str, tuple[Path, Path]] = {}
+    try:
+        for key, (name, data) in files.items():
+            final = folder / name
+            partial = final.with_name(f".{name}.partial-{os.getpid()}")
+            staged[key] = (partial, final)
+            partial.write_bytes(data)
+        with sigint_deferred():  # the renames take microseconds; a Ctrl-C among them would leave a mix
+            for partial, final in staged.values():
+                os.replace(partial, final)
+    finally:
+        for partial, _ in staged.values():
+            partial.unlink(missing_ok=True)
+    return {key: str(final) for key, (_, final) in staged.items()}
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block until the block ends, then deliver it.
+
+    Only the main thread receives signals (and may set their handlers); elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
 
 
 @dataclass(frozen=True)
@@ -227,6 +274,8 @@ def run_cells(
 @task(cache_policy=NO_CACHE)
 def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: dict) -> dict:
     rows = summarize(results)
+    # One id in all three files: a reader can tell they come from the same run.
+    run_id = uuid.uuid4().hex[:12]
     best = strongest(results)
     reach = {
         level: queries_to_agreement(results, attacker=best[0], selector=best[1], level=level) for level in (0.9, 0.95)
@@ -244,7 +293,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
             f"Attackers: {', '.join(config['attackers'])}; selectors: {', '.join(config['selectors'])}. "
             f"Substitute: {config['substitute']}. FGSM{' (iterative)' if config['iterative'] else ''}. "
             f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. Seeds per cell: {config['seeds']}. "
-            f"Split: {setup.split}."
+            f"Split: {setup.split}. Run id: `{run_id}` (also in steal.json and steal.png)."
         ),
         "",
         threat_model(
@@ -264,6 +313,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         + markdown_report(rows, pool_histogram=setup.pool_histogram, pool_entropy=setup.pool_entropy)
     )
     doc = {
+        "run_id": run_id,
         "config": config,
         "target": setup.target,
         "target_meta": setup.target_meta,
@@ -278,11 +328,16 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         "cells": results,
         "seed_table": {"budgets": list(SEED_BUDGETS), **SEED_TABLE},
     }
-    paths = {
-        "json": write_output(out, "steal.json", json.dumps(doc, indent=1, default=float).encode()),
-        "markdown": write_output(out, "steal.md", report_md.encode()),
-        "png": write_output(out, "steal.png", plot_summary(rows, eps=config["eps"])),
-    }
+    # Every file is rendered before any is replaced: a failure or a Ctrl-C while the plot renders
+    # leaves the previous report whole.
+    paths = write_outputs(
+        out,
+        {
+            "json": ("steal.json", json.dumps(doc, indent=1, default=float).encode()),
+            "markdown": ("steal.md", report_md.encode()),
+            "png": ("steal.png", plot_summary(rows, eps=config["eps"], run_id=run_id)),
+        },
+    )
     table = []
     for r in rows:
         seed_acc, seed_tr = seed_reference(r.budget)
@@ -306,9 +361,10 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
     return paths
 
 
-def plot_summary(rows, *, eps: list[float]) -> bytes:
+def plot_summary(rows, *, eps: list[float], run_id: str | None = None) -> bytes:
     """PNG bytes: accuracy, agreement and transferability vs budget, one line per (attacker,
-    selector), the seed's DRMI numbers as a dashed reference."""
+    selector), the seed's DRMI numbers as a dashed reference; ``run_id`` goes in the PNG's
+    ``Description`` text chunk, as in steal.json and steal.md."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +391,7 @@ def plot_summary(rows, *, eps: list[float]) -> bytes:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=100, metadata={"Description": f"run id {run_id}"} if run_id else None)
     plt.close(fig)
     return buf.getvalue()
 

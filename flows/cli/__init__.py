@@ -100,12 +100,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"obliviate {args.command}: error: {error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"obliviate {args.command}: interrupted. Stores hold only whole objects, so nothing half-written was "
-            "kept; rerunning the same command resumes from whatever it had stored.",
-            file=sys.stderr,
-        )
+        print(interrupted_message(args), file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+#: What a Ctrl-C leaves behind, for commands that store nothing to resume from.
+_INTERRUPTED = {
+    "steal": (
+        "the report's files in --out are replaced together only when an audit ends, so --out holds the previous "
+        "report, whole, or none. An audit keeps nothing to resume from: rerunning the command starts it over."
+    ),
+    "target train": (
+        "the checkpoint (--out) is written whole only when training ends, so it was left as it was. Training "
+        "keeps nothing to resume from: rerunning the command starts it over."
+    ),
+}
+
+
+def interrupted_message(args: argparse.Namespace) -> str:
+    """The line a command stopped by Ctrl-C prints: what it left behind and what a rerun does."""
+    name = " ".join(str(part) for part in (args.command, getattr(args, "action", None)) if part)
+    left = _INTERRUPTED.get(name) or (
+        "stores hold only whole objects, so nothing half-written was kept; rerunning the same command resumes "
+        "from whatever it had stored."
+    )
+    return f"obliviate {name}: interrupted. {left[0].upper()}{left[1:]}"
 
 
 def error_message(err: ObliviateError) -> str:

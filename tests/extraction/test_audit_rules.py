@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from obliviate.data import load_dataset
 from obliviate.extraction.audit import draw_split
@@ -35,3 +36,99 @@ def test_target_train_on_mnist5k_keeps_the_benchs_split_and_only_it_is_called_so
         data, meta, exclude=meta["train_indices"], pool_size=200, test_size=100, split_seed=None
     )
     assert said == "draw_split(seed=3, train_size=2000)"
+
+
+def _setup(levels: int = 256):
+    from flows.audit import AuditSetup
+    from obliviate.extraction.selectors import Pool
+
+    images = np.zeros((4, 28, 28), np.uint8)
+    return AuditSetup(
+        target="t.pt",
+        target_meta={"arch": "lenet5"},
+        pool=Pool(images, levels=levels),
+        pool_indices=np.arange(4),
+        test_images=images,
+        test_labels=np.zeros(4, np.int64),
+        oracle_test_labels=np.zeros(4, np.int64),
+        pool_histogram=[4] + [0] * 9,
+        pool_entropy=0.0,
+        target_accuracy=1.0,
+        overlap_warning=None,
+        split="audit_split(seed=0)",
+    )
+
+
+def _cells(*rows: tuple[str, str, int, int, float]) -> list[dict]:
+    return [
+        {
+            "attacker": attacker,
+            "selector": selector,
+            "budget": budget,
+            "seed": seed,
+            "queries": budget,
+            "accuracy": agreement,
+            "agreement": agreement,
+            "transfer": {"0.3": 0.5},
+            "class_histogram": [budget] + [0] * 9,
+            "mean_entropy": 1.0,
+            "synthetic": 0,
+            "seconds": 1.0,
+            "substitute": "lenet5",
+        }
+        for attacker, selector, budget, seed, agreement in rows
+    ]
+
+
+def _config(**changes) -> dict:
+    return {
+        "attackers": ["basic"],
+        "selectors": ["random"],
+        "substitute": "lenet5",
+        "iterative": False,
+        "drmi_starts": 32,
+        "seeds": 1,
+        "eps": [0.3],
+    } | changes
+
+
+def test_a_report_that_fails_to_render_replaces_none_of_the_previous_runs_files(tmp_path):
+    """The report's files were replaced one by one, the plot rendered last: a Ctrl-C (or any failure)
+    while it rendered left steal.json and steal.md of the new run beside steal.png of the old one."""
+    from flows.audit import write_report
+
+    old = {name: f"old {name}".encode() for name in ("steal.json", "steal.md", "steal.png")}
+    for name, data in old.items():
+        (tmp_path / name).write_bytes(data)
+    cells = _cells(("basic", "random", 20, 0, 0.5))
+    # A radius the cells were not measured at: the plot fails after the table and the JSON are rendered.
+    with pytest.raises(KeyError):
+        write_report.fn(_setup(), cells, out=str(tmp_path), config=_config(eps=[0.3, 0.7]))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # nothing replaced, no partial file left
+
+
+def test_sigint_inside_the_rename_window_waits_for_its_end():
+    import os
+    import signal
+
+    from flows.audit import sigint_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), sigint_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("after the signal")
+    assert done == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_interrupted_steal_or_target_train_says_what_it_left_and_that_a_rerun_starts_over():
+    """Both said "rerunning the same command resumes from whatever it had stored", but they store
+    nothing to resume from; target train was named `obliviate target`."""
+    from flows.cli import build_parser, interrupted_message
+
+    steal = interrupted_message(build_parser().parse_args(["steal", "--demo"]))
+    assert steal.startswith("obliviate steal: interrupted. The report's files in --out are replaced together")
+    assert "starts it over" in steal and "resumes" not in steal
+    train = interrupted_message(build_parser().parse_args(["target", "train"]))
+    assert train.startswith("obliviate target train: interrupted. The checkpoint (--out) is written whole")
+    assert "starts it over" in train and "resumes" not in train

@@ -235,6 +235,12 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
     }
     assert "| basic | drmi | 20 | 1 |" in md and "| pool | 120 |" in md and "Threat model:" in md
     assert (out / "steal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the three files carry one run id, so a report mixed from two runs is visible
+    from PIL import Image
+
+    assert len(doc["run_id"]) == 12 and f"Run id: `{doc['run_id']}`" in md
+    assert Image.open(out / "steal.png").info["Description"] == f"run id {doc['run_id']}"
+    assert sorted(p.name for p in out.iterdir()) == ["steal.json", "steal.md", "steal.png"]  # no partial left
 
     import asyncio
 
