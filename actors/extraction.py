@@ -16,6 +16,8 @@ from obliviate.extraction.selectors import Pool
 from obliviate.extraction.substitute import TrainConfig
 from obliviate.extraction.target import OutputMode, Target, open_backend
 
+DEFAULT_CLASSES = 10  # run_cell's default, for a target that does not declare its classes
+
 
 class AuditWorker:
     """Holds one target connection and the audit's data; runs cells against them.
@@ -59,8 +61,11 @@ class AuditWorker:
         attack: str = "basic",
         attack_options: AttackOptions | None = None,
     ) -> dict:
-        attacker = Target(self.backend, budget=budget, output=OutputMode.LABELS)
-        oracle = Target(self.backend, budget=None)
+        # The substitute has this many outputs; a label past them is refused at the query, in words, instead
+        # of failing inside training ("IndexError: Target 10 is out of bounds").
+        num_classes = int(self.meta.get("num_classes", DEFAULT_CLASSES))
+        attacker = Target(self.backend, budget=budget, output=OutputMode.LABELS, num_classes=num_classes)
+        oracle = Target(self.backend, budget=None, num_classes=num_classes)
         cell = run_cell(
             selector=selector,
             budget=budget,
@@ -73,6 +78,7 @@ class AuditWorker:
             train=train,
             eps=eps,
             iterative=iterative,
+            num_classes=num_classes,
             oracle_test_labels=self.oracle_test_labels,
             attack=attack,
             attack_options=attack_options,

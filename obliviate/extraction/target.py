@@ -99,6 +99,8 @@ class Target:
         output: labels only (default) or probabilities.
         used: images queried so far.
         log: one :class:`QueryRecord` per call.
+        num_classes: the classes the target has, when known: a label outside ``0..num_classes-1`` is refused
+            (it would fail deep inside the substitute's training).
     """
 
     backend: Backend
@@ -106,6 +108,7 @@ class Target:
     output: OutputMode = OutputMode.LABELS
     used: int = 0
     log: list[QueryRecord] = field(default_factory=list)
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         self.output = OutputMode(self.output)
@@ -129,6 +132,8 @@ class Target:
 
         Raises:
             BudgetExceeded: the batch would pass the budget; nothing is answered or counted.
+            TargetRequestError: the backend answered something that is not one label (or one row of
+                probabilities) per image.
         """
         images = _check_batch(images)
         n = int(images.shape[0])
@@ -143,7 +148,7 @@ class Target:
         start = time.perf_counter()
         answer = self.backend.predict(images, output=self.output) if n else _empty_answer(self.output)
         seconds = time.perf_counter() - start
-        answer = _check_answer(answer, n=n, output=self.output)
+        answer = _check_answer(answer, n=n, output=self.output, num_classes=self.num_classes)
         self.used += n
         self.log.append(QueryRecord(len(self.log), n, self.used, digest, seconds))
         return answer
@@ -187,9 +192,19 @@ class HttpBackend:
         timeout_s: seconds to wait for each request.
         retries: extra attempts after a transient failure (connection error, timeout, 5xx).
         backoff_s: wait before the first retry; doubles after each further failure.
+        num_classes: the target's classes, when known; :meth:`info` learns them from the server's
+            ``num_classes``. Labels outside ``0..num_classes-1`` (and negative labels always) are refused.
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        num_classes: int | None = None,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"target URL must start with http:// or https://; got {url!r}.")
         if timeout_s <= 0 or retries < 0 or backoff_s < 0:
@@ -201,6 +216,7 @@ class HttpBackend:
         self.retries = retries
         self.backoff_s = backoff_s
         self.attempts = 0
+        self.num_classes = num_classes
 
     def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
         output = OutputMode(output)
@@ -209,9 +225,31 @@ class HttpBackend:
         key = output.value
         if key not in reply:
             raise TargetRequestError(f"endpoint {self.url} answered without {key!r}: keys {sorted(reply)}.")
+        values = reply[key]
         if output is OutputMode.LABELS:
-            return np.asarray(reply[key], dtype=np.int64)
-        return np.asarray(reply[key], dtype=np.float32)
+            # Checked before any cast: np.asarray(..., int64) would turn a label 1.5 into 1 without a word.
+            if not isinstance(values, list):
+                raise TargetRequestError(
+                    f"endpoint {self.url} answered {key!r} as a JSON {type(values).__name__}; it must be a list "
+                    "with one class number per image."
+                )
+            odd = [v for v in values if not isinstance(v, int) or isinstance(v, bool)]
+            if odd:
+                raise TargetRequestError(
+                    f"endpoint {self.url} answered labels that are not class numbers: labels must be whole numbers; "
+                    f"got {odd[:5]}. Fix the endpoint to answer the argmax class of each image."
+                )
+            labels = np.asarray([min(max(v, -1), 2**62) for v in values], dtype=np.int64)  # clipped: no overflow
+            why = f"its GET /info declares {self.num_classes} classes"
+            return _check_labels(
+                labels, n=len(images), num_classes=self.num_classes, why=why, who=f"endpoint {self.url}"
+            )
+        try:
+            return np.asarray(values, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise TargetRequestError(
+                f"endpoint {self.url} answered probabilities that are not an (n, C) array of numbers ({err})."
+            ) from err
 
     def info(self) -> dict:
         """The server's ``GET /info`` metadata (model name, training indices), or ``{}`` when it has none.
@@ -223,7 +261,9 @@ class HttpBackend:
         info_url = self.url.rsplit("/", 1)[0] + "/info"
         try:
             with urllib.request.urlopen(info_url, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
+                info = json.loads(resp.read())
+                self._learn_classes(info)
+                return info
         except urllib.error.HTTPError:
             return {}  # a server without /info: it answers, it just declares nothing
         except urllib.error.URLError as err:
@@ -236,6 +276,11 @@ class HttpBackend:
         except (TimeoutError, json.JSONDecodeError, ConnectionError, http.client.HTTPException):
             return {}
 
+    def _learn_classes(self, info: object) -> None:
+        declared = info.get("num_classes") if isinstance(info, dict) else None
+        if self.num_classes is None and isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+            self.num_classes = declared
+
     def _post(self, body: bytes) -> dict:
         failures: list[str] = []
         for attempt in range(self.retries + 1):
@@ -247,7 +292,7 @@ class HttpBackend:
             )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    return json.loads(resp.read())
+                    status, raw = resp.status, resp.read()
             except urllib.error.HTTPError as err:
                 detail = err.read()[:200].decode(errors="replace")
                 if err.code < 500:
@@ -265,10 +310,29 @@ class HttpBackend:
                     failures.append(f"connection error: {err.reason}")
             except (ConnectionError, http.client.HTTPException) as err:
                 failures.append(f"connection error: {err!r}")
+            else:
+                return self._json_object(status, raw)
         raise TargetUnavailable(
             f"endpoint {self.url} failed {len(failures)} times ({'; '.join(failures)}); transient "
             f"errors are retried {self.retries} times. Check the server, or raise timeout_s/retries."
         )
+
+    def _json_object(self, status: int, raw: bytes) -> dict:
+        """The JSON object of a successful answer; a body that is anything else is the endpoint's fault, not transient."""
+        try:
+            reply = json.loads(raw)
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+            raise TargetRequestError(
+                f"endpoint {self.url} answered HTTP {status} with a body that is not JSON ({err}): "
+                f'{raw[:200].decode(errors="replace")!r}. It must answer JSON like {{"labels": [3, 7, ...]}}; '
+                "check that the URL is the model's predict endpoint."
+            ) from err
+        if not isinstance(reply, dict):
+            raise TargetRequestError(
+                f"endpoint {self.url} answered a JSON {type(reply).__name__}, not an object like "
+                f'{{"labels": [3, 7, ...]}}: {raw[:200].decode(errors="replace")!r}.'
+            )
+        return reply
 
 
 def encode_images(images: np.ndarray) -> dict:
@@ -313,18 +377,46 @@ def _empty_answer(output: OutputMode) -> np.ndarray:
     return np.zeros(0, np.int64) if output is OutputMode.LABELS else np.zeros((0, 0), np.float32)
 
 
-def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode) -> np.ndarray:
+def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode, num_classes: int | None = None) -> np.ndarray:
     answer = np.asarray(answer)
     if output is OutputMode.LABELS:
-        if answer.shape != (n,) or not np.issubdtype(answer.dtype, np.integer):
+        if answer.ndim == 2 and answer.shape[0] == n:
             raise TargetRequestError(
-                f"a label-only target must answer {n} integer labels; got dtype {answer.dtype} shape "
-                f"{answer.shape}. The backend may be leaking probabilities."
+                f"a label-only target must answer {n} labels, one per image; it answered an array of shape "
+                f"{answer.shape}, one row per image. The backend may be leaking probabilities."
             )
-        return answer.astype(np.int64)
+        if answer.size and not np.issubdtype(answer.dtype, np.integer):
+            raise TargetRequestError(
+                f"a label-only target must answer whole class numbers; it answered dtype {answer.dtype} "
+                f"(e.g. {answer.ravel()[:3].tolist()}). Fix the backend to answer the argmax class of each image."
+            )
+        why = f"the target has {num_classes} classes"
+        return _check_labels(answer.astype(np.int64), n=n, num_classes=num_classes, why=why, who="the target")
     if answer.ndim != 2 or answer.shape[0] != n:
         raise TargetRequestError(f"probabilities must have shape ({n}, C); got {answer.shape}.")
     return answer.astype(np.float32)
+
+
+def _check_labels(labels: np.ndarray, *, n: int, num_classes: int | None, why: str, who: str) -> np.ndarray:
+    """``labels`` when they are ``n`` class numbers in ``0..num_classes-1`` (``0..`` when the classes are unknown).
+
+    Raises:
+        TargetRequestError: another count, shape or a label outside the classes; ``who`` answered it.
+    """
+    if labels.shape != (n,):
+        count = labels.shape[0] if labels.ndim == 1 else f"an array of shape {labels.shape} as"
+        raise TargetRequestError(
+            f"{who} answered {count} label{'' if count == 1 else 's'} for {n} images; it must answer one label "
+            "per image, in the order sent."
+        )
+    outside = labels[(labels < 0) | (labels >= (num_classes if num_classes is not None else np.iinfo(np.int64).max))]
+    if outside.size:
+        rule = "0 or more" if num_classes is None else f"0..{num_classes - 1} ({why})"
+        raise TargetRequestError(
+            f"{who} answered labels outside its classes: labels must be class numbers {rule}; got "
+            f"{', '.join(str(v) for v in outside[:5])}. Check that the endpoint serves this task's model."
+        )
+    return labels
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, meta: dict) -> None:

@@ -208,3 +208,41 @@ def test_an_unexpected_failure_in_a_handler_is_a_500_with_json_not_a_dropped_con
     with TargetServer(backend=Broken()) as server:
         code, reply = raw_post(server.url, _images([1, 28, 28]))
         assert code == 500 and "RuntimeError: a bug in the model" in reply["error"]
+
+
+class Answers(PredictHandler):
+    """Answers every prediction HTTP 200 with ``Answers.body`` (what a broken or hostile endpoint might send)."""
+
+    body = b""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(Answers.body)))
+        self.end_headers()
+        self.wfile.write(Answers.body)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"<html>hi</html>", r"answered HTTP 200 with a body that is not JSON \(.*\): b?'?<html>hi</html>"),
+        (b"[1, 2]", r"answered a JSON list, not an object"),
+        (b'{"labels": [1.5, 2.5]}', r"labels must be whole numbers; got \[1\.5, 2\.5\]"),
+        (b'{"labels": [-1, 3]}', r"labels must be class numbers 0\.\.9 .*; got -1"),
+        (b'{"labels": [10, 3]}', r"labels must be class numbers 0\.\.9 \(its GET /info declares 10 classes\); got 10"),
+        (b'{"labels": [3]}', r"answered 1 label for 2 images"),
+    ],
+)
+def test_a_200_answer_with_bad_content_is_a_request_error_naming_what_came_back(target_model, pool_images, body, words):
+    """`steal` crashed on such answers (IndexError in training, JSONDecodeError) or cast 1.5 to 1 silently."""
+    from obliviate.extraction.target import open_backend
+
+    Answers.body = body
+    with TargetServer(target_model, handler=Answers, info={"num_classes": 10}) as server:
+        backend, _ = open_backend(server.url, timeout_s=10, retries=2)
+        with pytest.raises(TargetRequestError, match=words) as info:
+            Target(backend, budget=10).query(pool_images[:2])
+        assert "leaking" not in str(info.value)
+        assert backend.attempts == 1  # a bad answer is not transient: not retried

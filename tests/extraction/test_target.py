@@ -188,3 +188,23 @@ def test_cli_target_train_defaults_to_a_third_of_a_small_dataset(tmp_path, capsy
     assert len(load_checkpoint(str(checkpoint))[1]["train_indices"]) == 599
     assert main(["target", "train", "--data", "digits", "--out", str(checkpoint), "--train-size", "1797"]) == 2
     assert "must be in 1..1796; got 1797. The default takes 599 here." in capsys.readouterr().err
+
+
+def test_labels_outside_the_classes_the_audit_trains_are_refused(pool_images):
+    """Labels past the substitute's classes reached training: IndexError 'Target 10 is out of bounds' in a Ray task."""
+    from obliviate.extraction.target import TargetRequestError
+
+    class Answering:
+        def __init__(self, labels):
+            self.labels = labels
+
+        def predict(self, images, *, output):
+            return np.asarray(self.labels)
+
+    with pytest.raises(TargetRequestError, match=r"class numbers 0\.\.9 \(the target has 10 classes\); got 10"):
+        Target(Answering([10, 1]), budget=5, num_classes=10).query(pool_images[:2])
+    with pytest.raises(TargetRequestError, match=r"class numbers 0 or more; got -1"):  # classes unknown
+        Target(Answering([-1, 1]), budget=5).query(pool_images[:2])
+    with pytest.raises(TargetRequestError, match=r"answered 3 labels for 2 images"):
+        Target(Answering([1, 1, 1]), budget=5).query(pool_images[:2])
+    assert Target(Answering([9, 0]), budget=5, num_classes=10).query(pool_images[:2]).tolist() == [9, 0]
