@@ -27,8 +27,19 @@ def add_store_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def store_url(args: argparse.Namespace) -> str:
-    """``--store``, else ``$OBLIVIATE_STORE``, else ``file://./runs``."""
-    return getattr(args, "store", None) or os.environ.get("OBLIVIATE_STORE") or DEFAULT_STORE
+    """``--store``, else ``$OBLIVIATE_STORE``, else ``file://./runs``.
+
+    Raises:
+        ConfigError: an empty ``--store`` (a shell variable that was unset, most likely), which would
+            otherwise fall back to another store without a word.
+    """
+    given = getattr(args, "store", None)
+    if given is not None and not given.strip():
+        raise ConfigError(
+            "--store is empty; give file://PATH or s3://bucket/prefix, or leave --store out for $OBLIVIATE_STORE "
+            "(else file://./runs)."
+        )
+    return given or os.environ.get("OBLIVIATE_STORE") or DEFAULT_STORE
 
 
 def prepare_store(url: str, *, write: bool) -> str:

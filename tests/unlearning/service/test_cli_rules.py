@@ -163,8 +163,14 @@ def test_store_check_command_on_an_empty_store(tmp_path, capsys):
     url = f"file://{tmp_path}/s"
     assert main(["store", "check", "--store", url]) == 2  # nothing to check: refused as a missing store
     assert main(["store", "check", "--store", url, "--repair"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
     assert report["healthy"] and report["objects_checked"] == 0
+    # an empty store (on S3, any mistyped prefix of an existing bucket) read as plainly healthy
+    assert f"note: the store holds nothing; check --store if you expected data at {url}" in captured.err
+    # `--store "$UNSET_VARIABLE"` fell back to $OBLIVIATE_STORE / ./runs without a word
+    assert main(["store", "check", "--store", ""]) == 2
+    assert "--store is empty; give file://PATH or s3://bucket/prefix" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
