@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from enum import Enum
@@ -207,6 +208,7 @@ class HttpBackend:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"target URL must start with http:// or https://; got {url!r}.")
+        _check_url(url)
         if timeout_s <= 0 or retries < 0 or backoff_s < 0:
             raise ConfigError(
                 f"need timeout_s > 0, retries >= 0, backoff_s >= 0; got {timeout_s}, {retries}, {backoff_s}."
@@ -258,7 +260,7 @@ class HttpBackend:
             TargetUnavailable: no server answers at the URL's host and port (refused, unknown host),
                 so the audit stops before it starts rather than at its first query.
         """
-        info_url = self.url.rsplit("/", 1)[0] + "/info"
+        info_url = urllib.parse.urljoin(self.url, "info")  # the predict endpoint's sibling: /api/predict -> /api/info
         try:
             with urllib.request.urlopen(info_url, timeout=self.timeout_s) as resp:
                 info = json.loads(resp.read())
@@ -333,6 +335,25 @@ class HttpBackend:
                 f'{{"labels": [3, 7, ...]}}: {raw[:200].decode(errors="replace")!r}.'
             )
         return reply
+
+
+def _check_url(url: str) -> None:
+    """Refuse a target URL that cannot name a predict endpoint (``ConfigError``, with the fix)."""
+    example = "http://127.0.0.1:8000/predict"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- parsed on access: raises on a port that is not a number in 0..65535
+    except ValueError as err:
+        raise ConfigError(f"target URL {url!r} is not a valid URL ({err}); write it like {example}.") from err
+    if not parts.hostname:
+        raise ConfigError(f"target URL {url!r} names no host; write it like {example}.")
+    if parts.path in ("", "/"):
+        # Without a path the requests would go to "/", and GET /info to the wrong place.
+        root = f"{parts.scheme}://{parts.netloc}"
+        raise ConfigError(
+            f"the target URL must name the predict endpoint, e.g. {root}/predict; got {url!r}. "
+            "`obliviate target serve` answers at /predict."
+        )
 
 
 def encode_images(images: np.ndarray) -> dict:

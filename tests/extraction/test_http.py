@@ -246,3 +246,30 @@ def test_a_200_answer_with_bad_content_is_a_request_error_naming_what_came_back(
             Target(backend, budget=10).query(pool_images[:2])
         assert "leaking" not in str(info.value)
         assert backend.attempts == 1  # a bad answer is not transient: not retried
+
+
+def test_malformed_target_urls_are_refused_with_the_rule_and_a_url_without_path_is_told_to_name_predict(
+    target_model, capsys
+):
+    """`http://[bad/predict` was a ValueError traceback; `http://host:port` (no path) claimed no server answers."""
+    from flows.cli import main
+    from obliviate.errors import ConfigError
+
+    for url, words in [
+        ("http://[bad/predict", r"'http://\[bad/predict' is not a valid URL \(Invalid IPv6 URL\)"),
+        ("http://127.0.0.1:99999/predict", r"is not a valid URL \(Port out of range"),
+        ("http:///predict", r"names no host"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            HttpBackend(url)
+    with TargetServer(target_model) as server:
+        root = server.url.removesuffix("/predict")
+        for url in (root, root + "/"):
+            with pytest.raises(ConfigError, match=rf"must name the predict endpoint, e\.g\. {root}/predict; got"):
+                HttpBackend(url)
+        assert main(["steal", "--target", root, "--pool", "digits"]) == 2
+        err = capsys.readouterr().err
+        assert f"must name the predict endpoint, e.g. {root}/predict" in err and "no server answers" not in err
+    assert main(["steal", "--target", "http://[bad/predict", "--pool", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a valid URL" in err and "Traceback" not in err
