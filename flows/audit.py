@@ -413,6 +413,12 @@ def check_audit_grid(
     unknown = [a for a in attackers if a not in ATTACKERS]
     if unknown or not attackers:
         raise ConfigError(f"unknown attackers {unknown or '(none given)'}: choose from {', '.join(ATTACKERS)}.")
+    # A value given twice runs its cells twice, and the report counts the copies as independent runs.
+    for name, values in (("budgets", budgets), ("selectors", selectors), ("attackers", attackers), ("eps", eps)):
+        shown = [format(v, "g") if isinstance(v, float) else str(v) for v in values]  # eps keys columns by "g"
+        twice = next((v for i, v in enumerate(shown) if v in shown[:i]), None)
+        if twice is not None:
+            raise ConfigError(f"{name} (--{name}) lists {twice} twice; got {list(values)}. Give each value once.")
     if not budgets or min(budgets) < 1 or seeds < 1:
         raise ConfigError(f"need budgets >= 1 and seeds >= 1; got budgets={list(budgets)}, seeds={seeds}.")
     if max(budgets) > pool_size:

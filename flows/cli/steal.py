@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.cli._types import seed
+from flows.cli._types import comma_list, seed
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR
@@ -126,22 +126,16 @@ def _split_sizes(args: argparse.Namespace, *, available: int | None) -> tuple[in
     return pool_size, test_size
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise ConfigError(f"{what} must be comma-separated integers; got {text!r}.") from err
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise ConfigError(f"{what} must be comma-separated numbers like 0.1,0.2; got {text!r}.") from err
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+def _grid_lists(args: argparse.Namespace) -> dict[str, list]:
+    """``--budgets``, ``--selectors``, ``--attackers`` and ``--eps`` as lists, each value once: a value
+    given twice would run its cells twice and report the copies as independent runs."""
+    return {
+        "budgets": comma_list(args.budgets, int, "--budgets", kind="integers"),
+        "selectors": comma_list(args.selectors, str, "--selectors"),
+        "attackers": comma_list(args.attackers, str, "--attackers"),
+        # transferability is reported per format(eps, "g"): 0.1 and 0.1000001 would share one column
+        "eps": comma_list(args.eps, float, "--eps", kind="numbers like 0.1,0.2", alike="transferability column"),
+    }
 
 
 DEMO_SETTINGS = {
@@ -160,21 +154,14 @@ def _checked_grid(args: argparse.Namespace) -> dict[str, Any]:
     """The audit grid's arguments of ``steal_flow``, once each is checked (before any work starts)."""
     from flows.audit import check_audit_grid, prepare_output
 
-    grid = {
-        "budgets": _ints(args.budgets, "--budgets"),
-        "selectors": _names(args.selectors),
-        "attackers": _names(args.attackers),
-        "seeds": args.seeds,
-        "pool_size": args.pool_size,
-        "substitute": args.substitute,
-        "eps": _floats(args.eps, "--eps"),
-    }
+    grid = _grid_lists(args) | {"seeds": args.seeds, "pool_size": args.pool_size, "substitute": args.substitute}
     check_audit_grid(**grid)
     prepare_output(args.out)
     return grid
 
 
 def run_steal(args: argparse.Namespace) -> int:
+    _grid_lists(args)  # the lists' own rules first: they need nothing loaded
     if args.demo:
         return run_steal_demo(args)
     if not args.target:

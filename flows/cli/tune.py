@@ -7,6 +7,7 @@ import os
 import sys
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
+from flows.cli._types import comma_list
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 
@@ -64,22 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _values(text: str, cast: type, option: str) -> list:
-    try:
-        values = [cast(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"{option} takes comma-separated {cast.__name__} values; got {text!r}.") from None
-    if not values:
-        raise ConfigError(f"{option} needs at least one value; got {text!r}.")
     # A trial is stored under its values (a float as format(value, "g")): two values that read alike there
     # would run two trials into one result (the second overwrote the first and the report kept one).
-    seen: dict[str, object] = {}
-    for value in values:
-        shown = format(value, "g") if isinstance(value, float) else str(value)
-        if shown in seen:
-            same = "twice" if seen[shown] == value else f"as {seen[shown]!r} and {value!r}, which name the same trial"
-            raise ConfigError(f"{option} lists {shown} {same}; got {text!r}. Give each value once.")
-        seen[shown] = value
-    return values
+    return comma_list(text, cast, option, alike="trial")
 
 
 def _workers(args: argparse.Namespace) -> int:

@@ -132,3 +132,38 @@ def test_an_interrupted_steal_or_target_train_says_what_it_left_and_that_a_rerun
     train = interrupted_message(build_parser().parse_args(["target", "train"]))
     assert train.startswith("obliviate target train: interrupted. The checkpoint (--out) is written whole")
     assert "starts it over" in train and "resumes" not in train
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "rule"),
+    [
+        # `--attackers basic,basic --selectors random,random --budgets 40,20,40` ran 12 cells instead of 2 and
+        # reported copies of one cell as 4 runs with std 0
+        ("--attackers", "basic,basic", "--attackers lists basic twice; got 'basic,basic'. Give each value once."),
+        ("--selectors", "random, random", "--selectors lists random twice; got 'random, random'."),
+        ("--budgets", "40,20,40", "--budgets lists 40 twice; got '40,20,40'. Give each value once."),
+        ("--eps", "0.1,0.1000001", "--eps lists 0.1 as 0.1 and 0.1000001, which name the same transferability column"),
+        ("--budgets", "50,x", "--budgets takes comma-separated integers; got '50,x'."),
+        ("--eps", "0.1,big", "--eps takes comma-separated numbers like 0.1,0.2; got '0.1,big'."),
+        ("--selectors", ",", "--selectors needs at least one value; got ','."),
+    ],
+)
+def test_steal_refuses_a_value_listed_twice_before_any_work(tmp_path, capsys, option, value, rule):
+    from flows.cli import main
+
+    out = tmp_path / "report"
+    assert main(["steal", "--target", str(tmp_path / "none.pt"), "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err
+    assert rule in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_the_audit_flow_refuses_duplicates_in_its_own_names():
+    from flows.audit import check_audit_grid
+    from obliviate.errors import ConfigError
+
+    grid = {"selectors": ["random"], "attackers": ["basic"], "seeds": 1, "pool_size": 100, "substitute": "lenet5"}
+    with pytest.raises(ConfigError, match=r"budgets \(--budgets\) lists 40 twice; got \[40, 20, 40\]"):
+        check_audit_grid(budgets=[40, 20, 40], eps=[0.3], **grid)
+    with pytest.raises(ConfigError, match=r"eps \(--eps\) lists 0.3 twice"):
+        check_audit_grid(budgets=[40], eps=[0.3, 0.3], **grid)

@@ -45,12 +45,12 @@ def checkpoint(tmp_path_factory):
     ("options", "rule"),
     [
         (["--budgets", "2500"], "at most pool_size=2000"),
-        (["--budgets", "50,x"], "--budgets must be comma-separated integers"),
+        (["--budgets", "50,x"], "--budgets takes comma-separated integers"),
         (["--attackers", "basic,nosuch"], "unknown attackers ['nosuch']"),
-        (["--selectors", ","], "unknown selectors (none given)"),
+        (["--selectors", ","], "--selectors needs at least one value"),
         (["--substitute", "vgg"], "unknown substitute 'vgg'"),
         (["--eps", "2"], "must be in (0, 1]; got [2.0]"),
-        (["--eps", "0.1,big"], "--eps must be comma-separated numbers"),
+        (["--eps", "0.1,big"], "--eps takes comma-separated numbers"),
         # settings of the attackers: checked in the options' names before a Prefect server starts (they
         # failed inside the flow run, as "batch_size, basic_steps, min_steps, ... must be >= 1")
         (
