@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -51,6 +52,14 @@ class TargetRequestError(ObliviateError):
 
 class TargetUnavailable(ObliviateError):
     """The target's endpoint kept failing transiently (5xx, timeout, connection) past all retries."""
+
+
+class _TransientFailures(Exception):
+    """Every attempt of an HTTP request failed transiently; ``failures`` says how, one entry per attempt."""
+
+    def __init__(self, failures: list[str], *, connection_only: bool) -> None:
+        super().__init__("; ".join(failures))
+        self.failures, self.connection_only = failures, connection_only
 
 
 class OutputMode(str, Enum):
@@ -256,27 +265,34 @@ class HttpBackend:
     def info(self) -> dict:
         """The server's ``GET /info`` metadata (model name, training indices), or ``{}`` when it has none.
 
+        Transient failures (connection errors, timeouts, 5xx) are retried as :meth:`predict`'s are: every audit
+        cell reads ``/info``, so one dropped connection must not end the audit.
+
         Raises:
-            TargetUnavailable: no server answers at the URL's host and port (refused, unknown host),
-                so the audit stops before it starts rather than at its first query.
+            TargetUnavailable: still no answer after the retries (nothing listens at the URL's host and
+                port, or it keeps failing), so the audit stops before it starts rather than at its first query.
         """
         info_url = urllib.parse.urljoin(self.url, "info")  # the predict endpoint's sibling: /api/predict -> /api/info
         try:
-            with urllib.request.urlopen(info_url, timeout=self.timeout_s) as resp:
-                info = json.loads(resp.read())
-                self._learn_classes(info)
-                return info
+            _, raw = self._send(lambda: urllib.request.Request(info_url), counted=False)
         except urllib.error.HTTPError:
-            return {}  # a server without /info: it answers, it just declares nothing
-        except urllib.error.URLError as err:
-            if isinstance(err.reason, (TimeoutError, socket.timeout)):
-                return {}
+            return {}  # a server without /info (4xx): it answers, it just declares nothing
+        except _TransientFailures as err:
+            if err.connection_only:
+                raise TargetUnavailable(
+                    f"no server answers at {self.url} ({err.failures[-1]}; {len(err.failures)} attempts); start the "
+                    "target's server (e.g. `obliviate target serve --checkpoint PATH`) or check the URL's host and port."
+                ) from err
             raise TargetUnavailable(
-                f"no server answers at {self.url} ({err.reason}); start the target's server (e.g. "
-                "`obliviate target serve --checkpoint PATH`) or check the URL's host and port."
+                f"GET {info_url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient errors are "
+                f"retried {self.retries} times. Check the server, or raise timeout_s/retries."
             ) from err
-        except (TimeoutError, json.JSONDecodeError, ConnectionError, http.client.HTTPException):
-            return {}
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            return {}  # not JSON: the server declares nothing readable
+        self._learn_classes(info)
+        return info if isinstance(info, dict) else {}
 
     def _learn_classes(self, info: object) -> None:
         declared = info.get("num_classes") if isinstance(info, dict) else None
@@ -284,40 +300,64 @@ class HttpBackend:
             self.num_classes = declared
 
     def _post(self, body: bytes) -> dict:
+        def request() -> urllib.request.Request:
+            return urllib.request.Request(
+                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+            )
+
+        try:
+            status, raw = self._send(request, counted=True)
+        except urllib.error.HTTPError as err:
+            detail = err.read()[:200].decode(errors="replace")
+            raise TargetRequestError(
+                f"endpoint {self.url} rejected the request with HTTP {err.code}: {detail}. "
+                "Client errors are not retried; fix the request or the URL."
+            ) from err
+        except _TransientFailures as err:
+            raise TargetUnavailable(
+                f"endpoint {self.url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient "
+                f"errors are retried {self.retries} times. Check the server, or raise timeout_s/retries."
+            ) from err
+        return self._json_object(status, raw)
+
+    def _send(self, request: Callable[[], urllib.request.Request], *, counted: bool) -> tuple[int, bytes]:
+        """Status and body of the first answer that is not a transient failure, retrying with backoff.
+
+        Args:
+            request: builds the request (a fresh one per attempt).
+            counted: count the attempts in :attr:`attempts` (the predictions' attempts, not ``/info``'s).
+
+        Raises:
+            urllib.error.HTTPError: a 4xx answer, at once (the caller's mistake: retrying cannot help).
+            _TransientFailures: every attempt failed with a connection error, a timeout or a 5xx.
+        """
         failures: list[str] = []
+        connection_only = True
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            self.attempts += 1
-            request = urllib.request.Request(
-                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-            )
+            if counted:
+                self.attempts += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    status, raw = resp.status, resp.read()
+                with urllib.request.urlopen(request(), timeout=self.timeout_s) as resp:
+                    return resp.status, resp.read()
             except urllib.error.HTTPError as err:
-                detail = err.read()[:200].decode(errors="replace")
                 if err.code < 500:
-                    raise TargetRequestError(
-                        f"endpoint {self.url} rejected the request with HTTP {err.code}: {detail}. "
-                        "Client errors are not retried; fix the request or the URL."
-                    ) from err
+                    raise
+                connection_only = False
                 failures.append(f"HTTP {err.code}")
             except TimeoutError as err:
+                connection_only = False
                 failures.append(f"timeout after {self.timeout_s}s ({err})")
             except urllib.error.URLError as err:
                 if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                    connection_only = False
                     failures.append(f"timeout after {self.timeout_s}s")
                 else:
                     failures.append(f"connection error: {err.reason}")
             except (ConnectionError, http.client.HTTPException) as err:
                 failures.append(f"connection error: {err!r}")
-            else:
-                return self._json_object(status, raw)
-        raise TargetUnavailable(
-            f"endpoint {self.url} failed {len(failures)} times ({'; '.join(failures)}); transient "
-            f"errors are retried {self.retries} times. Check the server, or raise timeout_s/retries."
-        )
+        raise _TransientFailures(failures, connection_only=connection_only)
 
     def _json_object(self, status: int, raw: bytes) -> dict:
         """The JSON object of a successful answer; a body that is anything else is the endpoint's fault, not transient."""

@@ -273,3 +273,46 @@ def test_malformed_target_urls_are_refused_with_the_rule_and_a_url_without_path_
     assert main(["steal", "--target", "http://[bad/predict", "--pool", "digits"]) == 2
     err = capsys.readouterr().err
     assert "is not a valid URL" in err and "Traceback" not in err
+
+
+def test_a_briefly_restarting_server_does_not_fail_the_info_request_or_an_audit_worker(target_model, pool_images):
+    """GET /info had no retry: every Ray cell's AuditWorker reads it, so a server restarting killed the whole audit."""
+    from actors.extraction import AuditWorker
+    from obliviate.extraction.selectors import Pool
+
+    first = TargetServer(target_model, info={"num_classes": 10, "train_indices": [1]}).start()
+    url, port = first.url, first.httpd.server_address[1]
+    first.stop()
+    restarted: list[TargetServer] = []
+
+    def restart() -> None:
+        time.sleep(0.3)
+        restarted.append(TargetServer(target_model, port=port, info={"num_classes": 10, "train_indices": [1]}).start())
+
+    try:
+        thread = threading.Thread(target=restart)
+        thread.start()
+        backend = HttpBackend(url, timeout_s=5, retries=4, backoff_s=0.1)  # waits 0.1, 0.2, 0.4, 0.8 s
+        assert backend.info()["train_indices"] == [1]
+        thread.join()
+        restarted.pop().stop()
+        thread = threading.Thread(target=restart)
+        thread.start()
+        worker = AuditWorker(
+            target=url,
+            pool=Pool(pool_images[:10]),
+            test_images=pool_images[10:12],
+            test_labels=np.zeros(2, np.int64),
+            oracle_test_labels=np.zeros(2, np.int64),
+            timeout_s=5,
+            retries=4,
+        )
+        assert worker.meta["num_classes"] == 10
+        thread.join()
+    finally:
+        for server in restarted:
+            server.stop()
+    # Retries end: a server that stays down is still reported as such, after them.
+    backend = HttpBackend(url, timeout_s=5, retries=1, backoff_s=0.01)
+    with pytest.raises(TargetUnavailable, match=r"no server answers at http://127\.0\.0\.1:\d+/predict \(.*2 attempts"):
+        backend.info()
