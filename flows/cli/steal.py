@@ -2,8 +2,8 @@
 
 By default it assumes the strongest attacker measured (``semi_supervised_ensemble``) buying the
 queries the audit's selector (``auto``: ``cluster_centers`` below 150 queries, adaptive rounds from
-150) picks, and its report leads with the fewest queries at which that attacker reaches 90 % and
-95 % agreement with the target.
+150) picks. Its report leads with the fewest queries at which any attacker and selector measured
+reaches 90 % and 95 % agreement with the target, naming the pair that does.
 """
 
 from __future__ import annotations

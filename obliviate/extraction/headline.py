@@ -3,6 +3,9 @@
 * :func:`queries_to_agreement`: the fewest queries on the budget grid at which an (attacker,
   selector) reaches an agreement level with the target, on the mean over all runs and per group
   (split or seed), so the spread is visible.
+* :func:`fewest_queries`: per level, the fewest queries at which *any* measured (attacker,
+  selector) reaches it, and which pair that is: the answer a model owner must plan for (the
+  pair strongest on average may need more queries at one level than another pair).
 * :func:`strongest`: the (attacker, selector) with the highest mean agreement over the budgets.
 * :func:`headline_sentence`: the line ``steal.md`` leads with.
 * :func:`threat_model`: what each row of the report assumes the attacker holds.
@@ -13,7 +16,7 @@ The grid answer is an upper bound: "reaches 95 % at 300" means somewhere in (pre
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,6 +35,8 @@ class QueriesTo:
         mean: budget where the mean agreement over all runs first reaches ``level`` (``None``: not on the grid).
         per_group: the same per group (split or seed); ``None`` where the group never reaches it.
         budgets: the grid.
+        pairs: how many (attacker, selector) pairs this is the fewest over (:func:`fewest_queries`); 1
+            for one pair's answer.
     """
 
     attacker: str
@@ -40,6 +45,7 @@ class QueriesTo:
     mean: int | None
     per_group: dict[str, int | None]
     budgets: list[int]
+    pairs: int = 1
 
     def spread(self) -> str:
         """Each group's answer, e.g. ``"150, 300, >600"`` (``>B``: never reached on the grid up to ``B``)."""
@@ -54,6 +60,7 @@ class QueriesTo:
             "mean": self.mean,
             "per_group": self.per_group,
             "budgets": self.budgets,
+            "pairs": self.pairs,
         }
 
 
@@ -76,6 +83,38 @@ def queries_to_agreement(
     return QueriesTo(attacker, selector, level, first(mine), per_group, budgets)
 
 
+def fewest_queries(cells: Sequence[dict], *, level: float, group: str = "seed") -> QueriesTo:
+    """The fewest queries on the grid at which any measured (attacker, selector) reaches ``level``.
+
+    Pairs reaching it at the same budget are told apart by their mean agreement there (higher wins).
+    When no pair reaches it, the answer is the closest pair's (the highest mean agreement at any one
+    budget), with ``mean`` ``None``.
+    """
+    pairs = list(dict.fromkeys((c.get("attacker", "basic"), c["selector"]) for c in cells))
+    if not pairs:
+        raise ValueError("no cells to rank")
+    answers = {
+        pair: queries_to_agreement(cells, attacker=pair[0], selector=pair[1], level=level, group=group)
+        for pair in pairs
+    }
+
+    def agreement_at(pair: tuple[str, str], budget: int) -> float:
+        at = [
+            c["agreement"]
+            for c in cells
+            if (c.get("attacker", "basic"), c["selector"]) == pair and int(c["budget"]) == budget
+        ]
+        return float(np.mean(at))
+
+    reached = [pair for pair, q in answers.items() if q.mean is not None]
+    if reached:
+        pick = min(reached, key=lambda p: (answers[p].mean, -agreement_at(p, answers[p].mean or 0)))
+    else:
+        pick = max(pairs, key=lambda p: max(agreement_at(p, b) for b in answers[p].budgets))
+    grid = sorted({int(c["budget"]) for c in cells})
+    return replace(answers[pick], budgets=grid, pairs=len(pairs))
+
+
 def strongest(cells: Sequence[dict], *, selector: str | None = None) -> tuple[str, str]:
     """The (attacker, selector) with the highest mean agreement averaged over its budgets.
 
@@ -95,20 +134,30 @@ def strongest(cells: Sequence[dict], *, selector: str | None = None) -> tuple[st
 
 
 def headline_sentence(at90: QueriesTo, at95: QueriesTo, *, group_name: str = "seeds") -> str:
-    """The line an audit report leads with."""
+    """The line an audit report leads with: per level, the pair that reaches it and at how many queries."""
 
-    def part(q: QueriesTo) -> str:
+    def part(q: QueriesTo, *, named: bool = True) -> str:
+        who = f"`{q.attacker}` (queries chosen by `{q.selector}`)" if named else "it"
         if q.mean is None:
+            closest = ", the closest," if q.pairs > 1 else ""
             return (
-                f"does not reach **{100 * q.level:g} % agreement within {max(q.budgets)} queries** "
+                f"{who}{closest} does not reach **{100 * q.level:g} % agreement within {max(q.budgets)} queries** "
                 f"({group_name}: {q.spread()})"
             )
-        return f"reaches **{100 * q.level:g} % agreement at {q.mean} queries** ({group_name}: {q.spread()})"
+        return f"{who} reaches **{100 * q.level:g} % agreement at {q.mean} queries** ({group_name}: {q.spread()})"
 
+    pairs = max(at90.pairs, at95.pairs)
+    over = (
+        f"the fewest queries over the {pairs} attacker / selector pairs measured"
+        if pairs > 1
+        else "the one attacker / selector pair measured"
+    )
+    # The same pair at both levels is named once.
+    same = (at90.attacker, at90.selector) == (at95.attacker, at95.selector)
     return (
-        f"Queries to steal: against the target, the strongest attacker measured (`{at90.attacker}`, queries "
-        f"chosen by `{at90.selector}`) {part(at90)} and {part(at95)}, on the budget grid "
-        f"{', '.join(map(str, at90.budgets))}."
+        f"Queries to steal: against the target ({over}), {part(at90)}{' and' if same else ';'} "
+        f"{part(at95, named=not same)}; on the budget grid "
+        f"{', '.join(map(str, sorted(set(at90.budgets) | set(at95.budgets))))}."
     )
 
 

@@ -167,3 +167,30 @@ def test_the_audit_flow_refuses_duplicates_in_its_own_names():
         check_audit_grid(budgets=[40, 20, 40], eps=[0.3], **grid)
     with pytest.raises(ConfigError, match=r"eps \(--eps\) lists 0.3 twice"):
         check_audit_grid(budgets=[40], eps=[0.3, 0.3], **grid)
+
+
+def test_the_headline_gives_the_fewest_queries_over_every_pair_measured_and_names_it():
+    """The headline read "queries to 90 %" off the pair with the highest mean agreement only: with
+    basic reaching 90 % at 50 and semi_supervised (higher on average) only at 150, it said 150."""
+    from obliviate.extraction.headline import fewest_queries, headline_sentence, strongest
+
+    cells = _cells(
+        ("basic", "random", 50, 0, 0.91),
+        ("basic", "random", 150, 0, 0.92),
+        ("semi_supervised", "auto", 50, 0, 0.88),
+        ("semi_supervised", "auto", 150, 0, 0.97),
+    )
+    assert strongest(cells) == ("semi_supervised", "auto")  # the pair the headline used to read
+    at90, at95 = fewest_queries(cells, level=0.9), fewest_queries(cells, level=0.95)
+    assert (at90.attacker, at90.selector, at90.mean) == ("basic", "random", 50)
+    assert (at95.attacker, at95.selector, at95.mean) == ("semi_supervised", "auto", 150)
+    line = headline_sentence(at90, at95)
+    assert "fewest queries over the 2 attacker / selector pairs measured" in line
+    assert "`basic` (queries chosen by `random`) reaches **90 % agreement at 50 queries** (seeds: 50)" in line
+    assert "`semi_supervised` (queries chosen by `auto`) reaches **95 % agreement at 150 queries**" in line
+    # A level no pair reaches is said of the closest pair (the highest mean agreement at a budget), with its spread.
+    at99 = fewest_queries(cells, level=0.99)
+    assert (at99.attacker, at99.mean) == ("semi_supervised", None)
+    assert "`semi_supervised` (queries chosen by `auto`), the closest, does not reach **99 % agreement within 150" in (
+        headline_sentence(at90, at99)
+    )

@@ -228,8 +228,11 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
     adaptive = [c for c in doc["cells"] if c["selector"] == "adaptive"]
     assert all(c["query_calls"] > 1 and c["synthetic"] == 0 for c in adaptive)  # rounds, pool images only
     md = (out / "steal.md").read_text()
-    assert md.splitlines()[2].startswith("Queries to steal: against the target, the strongest attacker measured")
+    assert md.splitlines()[2].startswith(
+        "Queries to steal: against the target (the fewest queries over the 8 attacker / selector pairs measured), "
+    )
     assert set(doc["queries_to_agreement"]) == {"0.9", "0.95"}
+    assert {q["pairs"] for q in doc["queries_to_agreement"].values()} == {8}
     assert (doc["strongest"]["attacker"], doc["strongest"]["selector"]) in {
         (c["attacker"], c["selector"]) for c in doc["cells"]
     }
