@@ -5,7 +5,9 @@ Service code, so it lives outside the pure package. It speaks the protocol of
 
 * ``POST /predict`` with ``{"shape", "dtype", "data", "output"}`` answers ``{"labels": [...]}``
   or, only when ``output`` is ``"probabilities"`` and the server allows it,
-  ``{"probabilities": [[...]]}``. A malformed request gets HTTP 400.
+  ``{"probabilities": [[...]]}``. A malformed request gets HTTP 400; a body without Content-Length 411, over
+  64 MiB (``max_body_bytes``) 413, shorter than its Content-Length 408; an unexpected failure 500, with a
+  JSON error in every case.
 * ``GET /info`` answers the metadata given at start (model name, training indices) so an
   auditor can keep its pool disjoint from the target's training data.
 * ``GET /health`` answers ``{"ok": true}``.
@@ -142,6 +144,7 @@ class RunBackend:
         return torch.stack(probabilities).mean(dim=0).numpy().astype(np.float32)
 
 
+MAX_BODY_BYTES = 64 * 2**20  # a batch of 10,000 28x28 images is about 10 MB of base64: generous, yet bounded
 REQUEST_FORM = '{"shape": [n, H, W], "dtype": "uint8", "data": "<base64 of the n*H*W gray levels>", "output": "labels"}'
 
 
@@ -200,9 +203,11 @@ class PredictHandler(BaseHTTPRequestHandler):
         if self.path != "/predict":
             self.send_json(404, {"error": f"no route {self.path}; use POST /predict"})
             return
-        length = int(self.headers.get("Content-Length", "0"))
+        body = self._body(owner)
+        if body is None:
+            return
         try:
-            payload = json.loads(self.rfile.read(length))
+            payload = json.loads(body)
         except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
             self.send_json(
                 400, {"error": f"the request body must be JSON like {REQUEST_FORM}; could not parse it ({err})."}
@@ -228,16 +233,67 @@ class PredictHandler(BaseHTTPRequestHandler):
         owner.requests += 1
         self.send_json(200, {output.value: answer.tolist()})
 
-    def send_json(self, code: int, body: dict) -> None:
+    def setup(self) -> None:
+        # A socket timeout bounds every read: a body shorter than its Content-Length (or a client gone silent)
+        # would otherwise hold this thread until the client itself gave up.
+        super().setup()
+        self.connection.settimeout(self.server.target_server.read_timeout_s)  # type: ignore[attr-defined]
+
+    def _body(self, owner: TargetServer) -> bytes | None:
+        """The request body, or ``None`` once a 4xx has answered a missing, malformed or oversized one."""
+        announced = self.headers.get("Content-Length")
+        if announced is None:
+            self.refuse_unread(
+                411,
+                "a POST /predict needs a Content-Length header (the body's size in bytes); send the JSON body whole.",
+            )
+            return None
+        try:
+            length = int(announced)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.refuse_unread(
+                400, f"Content-Length must be a whole number of bytes >= 0; got {announced!r}. Send the body's size."
+            )
+            return None
+        if length > owner.max_body_bytes:
+            self.refuse_unread(
+                413,
+                f"the request body may hold at most {owner.max_body_bytes} bytes ({owner.max_body_bytes / 2**20:g} MiB)"
+                f"; got Content-Length {length}. Send the images in smaller batches.",
+            )
+            return None
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            body = b""
+        if len(body) < length:
+            self.refuse_unread(
+                408,
+                f"the request announced {length} bytes but sent fewer before the connection went quiet for "
+                f"{owner.read_timeout_s:g} s (or closed); send a body as long as its Content-Length.",
+            )
+            return None
+        return body
+
+    def refuse_unread(self, code: int, error: str) -> None:
+        """Answer ``code`` and close: the body (or its rest) was not read, so the connection cannot carry another request."""
+        self.close_connection = True
+        self.send_json(code, {"error": error}, close=True)
+
+    def send_json(self, code: int, body: dict, *, close: bool = False) -> None:
         raw = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
         self._answered = True
         try:
             self.wfile.write(raw)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass  # the client gave up (its timeout); nothing left to tell it
 
 
@@ -276,6 +332,10 @@ class TargetServer:
         info: metadata served at ``GET /info``.
         allow_probabilities: answer probability requests (off: a label-only deployment).
         handler: request handler class (subclass :class:`PredictHandler` to change behaviour).
+        max_body_bytes: the largest request body read (default 64 MiB, about 60,000 28x28 images in base64);
+            a larger Content-Length gets HTTP 413 without being read.
+        read_timeout_s: how long a request may send nothing before the server gives up on it (HTTP 408 for a
+            body shorter than its Content-Length).
         image_size: side of the square images the model takes; other sizes get HTTP 400. Default: ``info``'s
             ``image_size``, else the backend's ``image_size`` attribute, else unchecked.
     """
@@ -292,6 +352,8 @@ class TargetServer:
         allow_probabilities: bool = True,
         handler: type[PredictHandler] = PredictHandler,
         image_size: int | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        read_timeout_s: float = 30.0,
     ) -> None:
         if (model is None) == (backend is None):
             raise ConfigError("TargetServer serves either a model or a backend; give exactly one.")
@@ -302,6 +364,7 @@ class TargetServer:
         )
         self.image_size = None if side is None else int(side)
         self.allow_probabilities = allow_probabilities
+        self.max_body_bytes, self.read_timeout_s = int(max_body_bytes), float(read_timeout_s)
         self.lock = threading.Lock()
         self.requests = 0
         self.httpd = ThreadingHTTPServer((host, port), handler)

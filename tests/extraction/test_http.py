@@ -316,3 +316,28 @@ def test_a_briefly_restarting_server_does_not_fail_the_info_request_or_an_audit_
     backend = HttpBackend(url, timeout_s=5, retries=1, backoff_s=0.01)
     with pytest.raises(TargetUnavailable, match=r"no server answers at http://127\.0\.0\.1:\d+/predict \(.*2 attempts"):
         backend.info()
+
+
+def test_a_body_without_a_sane_length_or_over_the_cap_is_refused_at_once(target_model):
+    """Content-Length -1 or past the body hung a server thread until the client gave up; 10 GB was accepted."""
+    body = _images([1, 28, 28])
+    with TargetServer(target_model, read_timeout_s=0.5) as server:
+        start = time.perf_counter()
+        code, reply = raw_post(server.url, body, headers={"Content-Length": "-1"}, length=False, timeout=5)
+        assert code == 400 and "Content-Length must be a whole number of bytes >= 0; got '-1'" in reply["error"]
+        code, reply = raw_post(server.url, body, headers={"Content-Length": "lots"}, length=False, timeout=5)
+        assert code == 400 and "got 'lots'" in reply["error"]
+        code, reply = raw_post(server.url, body, length=False, timeout=5)
+        assert code == 411 and "needs a Content-Length header" in reply["error"]
+        code, reply = raw_post(server.url, body, headers={"Content-Length": str(10**10)}, length=False, timeout=5)
+        assert code == 413 and "at most 67108864 bytes (64 MiB)" in reply["error"] and "10000000000" in reply["error"]
+        assert time.perf_counter() - start < 3
+        # Announced more than it sends: answered when the body stops arriving, not when the client gives up.
+        code, reply = raw_post(server.url, body, headers={"Content-Length": str(len(body) + 100)}, length=False)
+        assert code == 408 and f"announced {len(body) + 100} bytes" in reply["error"]
+        assert time.perf_counter() - start < 6
+        code, reply = raw_post(server.url, body)  # and it still serves
+        assert code == 200 and len(reply["labels"]) == 1
+    with TargetServer(target_model, max_body_bytes=1000) as server:
+        code, reply = raw_post(server.url, body, timeout=5)
+        assert code == 413 and "at most 1000 bytes" in reply["error"]
