@@ -294,6 +294,39 @@ class HttpBackend:
         self._learn_classes(info)
         return info if isinstance(info, dict) else {}
 
+    def check_endpoint(self, *, image_size: int = 28) -> None:
+        """POST an empty batch to the predict URL, so a wrong path is refused before any work.
+
+        It asks about no image: no query is spent and :attr:`attempts` does not count it. Only "no such
+        route" answers (404, 405) are refused; any other answer shows something listens there.
+
+        Raises:
+            TargetRequestError: the URL answers 404 or 405.
+            TargetUnavailable: transient failures past the retries.
+        """
+        body = json.dumps(encode_images(np.zeros((0, image_size, image_size), np.uint8)) | {"output": "labels"})
+
+        def request() -> urllib.request.Request:
+            return urllib.request.Request(
+                self.url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
+            )
+
+        try:
+            self._send(request, counted=False)
+        except urllib.error.HTTPError as err:
+            if err.code in (404, 405):
+                parts = urllib.parse.urlsplit(self.url)
+                raise TargetRequestError(
+                    f"endpoint {self.url} answered HTTP {err.code} to a POST (an empty batch: no query spent): "
+                    f"{err.read()[:200].decode(errors='replace')}. The URL must name the model's predict endpoint, "
+                    f"e.g. {parts.scheme}://{parts.netloc}/predict for `obliviate target serve`."
+                ) from err
+        except _TransientFailures as err:
+            raise TargetUnavailable(
+                f"endpoint {self.url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient "
+                f"errors are retried {self.retries} times. Check the server, or raise timeout_s/retries."
+            ) from err
+
     def _learn_classes(self, info: object) -> None:
         declared = info.get("num_classes") if isinstance(info, dict) else None
         if self.num_classes is None and isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
@@ -533,12 +566,18 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 def open_backend(target: str, *, timeout_s: float = 30.0, retries: int = 3) -> tuple[Backend, dict]:
     """A backend for ``target``: an ``http(s)://`` URL or a checkpoint path.
 
+    An HTTP target is checked up front: ``GET /info`` answers (with retries), and the predict URL takes a POST
+    (:meth:`HttpBackend.check_endpoint`, an empty batch: no query spent).
+
     Returns:
         the backend and the target's metadata (checkpoint ``meta``, or the server's ``GET /info``;
         ``{}`` when the server has none).
     """
     if target.startswith(("http://", "https://")):
         backend = HttpBackend(target, timeout_s=timeout_s, retries=retries)
-        return backend, backend.info()
+        info = backend.info()
+        side = info.get("image_size")
+        backend.check_endpoint(image_size=side if isinstance(side, int) and not isinstance(side, bool) else 28)
+        return backend, info
     model, meta = load_checkpoint(target)
     return LocalTorchBackend(model, levels=int(meta.get("levels", 256))), meta

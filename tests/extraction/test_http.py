@@ -341,3 +341,24 @@ def test_a_body_without_a_sane_length_or_over_the_cap_is_refused_at_once(target_
     with TargetServer(target_model, max_body_bytes=1000) as server:
         code, reply = raw_post(server.url, body, timeout=5)
         assert code == 413 and "at most 1000 bytes" in reply["error"]
+
+
+def test_a_wrong_predict_path_is_refused_up_front_by_a_probe_that_costs_no_query(target_model, pool_images, capsys):
+    """A 404 on the predict path surfaced only inside the flow, 15-20 s after Prefect and Ray had started."""
+    from flows.cli import main
+    from obliviate.extraction.target import open_backend
+
+    with TargetServer(target_model, info={"image_size": 28, "num_classes": 10}) as server:
+        wrong = server.url.replace("/predict", "/nope")
+        with pytest.raises(
+            TargetRequestError, match=r"endpoint .*/nope answered HTTP 404 .*e\.g\. http://127.*/predict"
+        ):
+            open_backend(wrong, timeout_s=5, retries=0)
+        start = time.perf_counter()
+        assert main(["steal", "--target", wrong, "--pool", "digits"]) == 2
+        err = capsys.readouterr().err
+        assert "answered HTTP 404" in err and "Prefect API" not in err and time.perf_counter() - start < 15
+        backend, _ = open_backend(server.url, timeout_s=5, retries=0)
+        assert backend.attempts == 0 and server.requests == 0  # the probe is no prediction and no query
+        target = Target(backend, budget=2)
+        assert len(target.query(pool_images[:2])) == 2 and target.used == 2
