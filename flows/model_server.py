@@ -28,7 +28,9 @@ Usage::
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import sys
 import threading
 import time
@@ -367,7 +369,16 @@ class TargetServer:
         self.max_body_bytes, self.read_timeout_s = int(max_body_bytes), float(read_timeout_s)
         self.lock = threading.Lock()
         self.requests = 0
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as err:
+            # Not this machine's address, or no such name: the host is wrong, and another port cannot help.
+            if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(
+                    f"cannot listen on host {host!r}: it is not an address of this machine ({err.strerror or err}); "
+                    "give --host 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its own addresses."
+                ) from err
+            raise  # e.g. the port is taken: the caller says which port
         self.httpd.daemon_threads = True
         self.httpd.target_server = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None

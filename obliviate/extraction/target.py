@@ -285,7 +285,7 @@ class HttpBackend:
                 ) from err
             raise TargetUnavailable(
                 f"GET {info_url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient errors are "
-                f"retried {self.retries} times. Check the server, or raise timeout_s/retries."
+                f"retried {self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
             ) from err
         try:
             info = json.loads(raw)
@@ -324,7 +324,7 @@ class HttpBackend:
         except _TransientFailures as err:
             raise TargetUnavailable(
                 f"endpoint {self.url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient "
-                f"errors are retried {self.retries} times. Check the server, or raise timeout_s/retries."
+                f"errors are retried {self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
             ) from err
 
     def _learn_classes(self, info: object) -> None:
@@ -349,7 +349,7 @@ class HttpBackend:
         except _TransientFailures as err:
             raise TargetUnavailable(
                 f"endpoint {self.url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient "
-                f"errors are retried {self.retries} times. Check the server, or raise timeout_s/retries."
+                f"errors are retried {self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
             ) from err
         return self._json_object(status, raw)
 

@@ -362,3 +362,12 @@ def test_a_wrong_predict_path_is_refused_up_front_by_a_probe_that_costs_no_query
         assert backend.attempts == 0 and server.requests == 0  # the probe is no prediction and no query
         target = Target(backend, budget=2)
         assert len(target.query(pool_images[:2])) == 2 and target.used == 2
+
+
+def test_the_retry_message_names_the_command_line_options(target_model, pool_images):
+    """It said 'raise timeout_s/retries', names the command line does not have (it has --timeout and --retries)."""
+    FailingFirst.seen, FailingFirst.failures = 0, 100
+    with TargetServer(target_model, handler=FailingFirst) as server:
+        backend = HttpBackend(server.url, timeout_s=10, retries=0)
+        with pytest.raises(TargetUnavailable, match=r"raise --timeout or --retries \(timeout_s, retries in the API\)"):
+            Target(backend, budget=10).query(pool_images[:1])

@@ -208,3 +208,16 @@ def test_labels_outside_the_classes_the_audit_trains_are_refused(pool_images):
     with pytest.raises(TargetRequestError, match=r"answered 3 labels for 2 images"):
         Target(Answering([1, 1, 1]), budget=5).query(pool_images[:2])
     assert Target(Answering([9, 0]), budget=5, num_classes=10).query(pool_images[:2]).tolist() == [9, 0]
+
+
+def test_cli_target_serve_on_a_host_this_machine_is_not_blames_the_host(tmp_path, target_model, capsys):
+    """`--host 8.8.8.8` said 'cannot listen on 8.8.8.8:0 ... pick another --port': the port was never the problem."""
+    from flows.cli import main
+
+    checkpoint = tmp_path / "t.pt"
+    save_checkpoint(checkpoint, target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28})
+    for host in ("8.8.8.8", "no-such-host.invalid"):
+        assert main(["target", "serve", "--checkpoint", str(checkpoint), "--host", host]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot listen on host {host!r}: it is not an address of this machine" in err, err
+        assert "--port" not in err and "Traceback" not in err
