@@ -551,14 +551,16 @@ def reduce_flow(
     plan = TilePlan(n=n, tile_size=tile_size)
     prefix = matrix_prefix(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, tile_size=tile_size)
     logger.info(
-        "reduce %s: n=%d, %s, bins=%d, normalize=%s, %d workers x %d threads, store %s",
+        "reduce %s: n=%d, %s, bins=%d, normalize=%s, %d worker%s x %d thread%s, store %s",
         dataset.name,
         n,
         "tiles only" if tiles_only else f"k={k}",
         bins,
         normalize,
         pool_size,
+        "" if pool_size == 1 else "s",
         threads_per_worker,
+        "" if threads_per_worker == 1 else "s",
         store.url,
     )
 

@@ -253,7 +253,7 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
     print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(summary["class_histogram"])))
     print(
         f"tiles: {summary['tiles_computed']} computed, {summary['tiles_reused']} reused ({summary['tiles_url']}); "
-        f"{summary['workers']} workers; tile stage {summary['tile_seconds']:.1f} s, "
+        f"{summary['workers']} worker{'' if summary['workers'] == 1 else 's'}; tile stage {summary['tile_seconds']:.1f} s, "
         f"restarts {summary['restart_seconds']:.1f} s, "
         f"total {time.perf_counter() - t0:.1f} s"
     )
@@ -269,23 +269,35 @@ def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
     store = ObjectStore(_prepared_store_url(args))
     dataset = dataset if dataset is not None else load_dataset(args.data)
     t0 = time.perf_counter()
-    # Both stages report as the flow's do (flows.progress.report), so the bars and any listener see them.
-    with shown_progress():
-        matrix = mi_matrix(
-            dataset.images,
-            levels=dataset.levels,
-            bins=args.bins,
-            normalize=args.normalize,
-            on_tile=lambda done, total: report("MI tiles", done, total),
+    try:
+        # Both stages report as the flow's do (flows.progress.report), so the bars and any listener see them.
+        with shown_progress():
+            matrix = mi_matrix(
+                dataset.images,
+                levels=dataset.levels,
+                bins=args.bins,
+                normalize=args.normalize,
+                on_tile=lambda done, total: report("MI tiles", done, total),
+            )
+            mi_seconds = time.perf_counter() - t0
+            result = drmi_reduce(
+                matrix,
+                k=args.k,
+                num_starts=args.starts,
+                rng=np.random.default_rng(args.seed),
+                on_restarts=lambda done, total: report("restarts", done, total),
+            )
+    except KeyboardInterrupt:
+        from flows.cli import EXIT_INTERRUPTED
+
+        # The generic message promises a resume from stored work; this path has none to resume from.
+        print(
+            "obliviate reduce: interrupted. --workers 0 keeps the MI matrix and the restarts in memory and stores "
+            "nothing until the end, so nothing was stored and rerunning starts over. Without --workers 0 the Ray "
+            "flow stores each MI tile as it goes, and a rerun reuses them.",
+            file=sys.stderr,
         )
-        mi_seconds = time.perf_counter() - t0
-        result = drmi_reduce(
-            matrix,
-            k=args.k,
-            num_starts=args.starts,
-            rng=np.random.default_rng(args.seed),
-            on_restarts=lambda done, total: report("restarts", done, total),
-        )
+        return EXIT_INTERRUPTED
     key = result_key(
         fingerprint=dataset.fingerprint,
         bins=args.bins,

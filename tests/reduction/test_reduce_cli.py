@@ -132,3 +132,23 @@ def test_bins_below_the_datas_levels_are_compared_with_its_levels(tmp_path, caps
     assert "MI at 8 bins ranks pairs differently from exact counting of this data's 17 gray levels" in err
     assert "256 levels" not in err
     assert any("-b8-k10-" in path.name for path in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("stage", ["MI tiles", "restarts"])
+def test_ctrl_c_in_process_says_nothing_was_stored(tmp_path, capsys, stage):
+    """--workers 0 stores nothing before the end, but a Ctrl-C said a rerun 'resumes from whatever it had stored'."""
+    from flows.cli import EXIT_INTERRUPTED
+    from flows.progress import progress_to
+
+    def interrupt(reported: str, done: int, total: int) -> None:
+        if reported == stage:  # a Ctrl-C arrives as KeyboardInterrupt wherever the main thread is
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with progress_to(interrupt):
+        code = main(["reduce", "--data", "digits", "--k", "10", "--workers", "0", "--out", str(out)])
+    assert code == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "stores nothing until" in err and "starts over" in err
+    assert "resumes from whatever it had stored" not in err
+    assert not [path for path in out.iterdir() if path.name.startswith("reduce-")]

@@ -271,3 +271,29 @@ def test_cli_tiles_only_on_a_pool_smaller_than_the_default_k(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "tiles: 3 computed, 0 reused" in captured.out
+    # A run on one worker reuses those tiles; its result line said "1 workers".
+    code = main(
+        ["reduce", "--data", str(path), "--k", "5", "--starts", "3", "--workers", "1", "--tile-size", "32"]
+        + ["--store", file_store.url]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "tiles: 0 computed, 3 reused" in captured.out and "; 1 worker;" in captured.out
+    opening = _newest_flow_log_line("k=5", ", store ")  # this run's opening line
+    assert "1 worker x 1 thread," in opening, opening  # it logged "1 workers x 1 threads"
+
+
+def _newest_flow_log_line(*parts: str) -> str:
+    """The newest log line the Prefect test server received that holds every part (logs arrive in batches: wait)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import LogSort
+
+    for _ in range(40):
+        with get_client(sync_client=True) as client:
+            for log in client.read_logs(limit=200, sort=LogSort.TIMESTAMP_DESC):
+                if all(part in log.message for part in parts):
+                    return log.message
+        time.sleep(0.5)
+    return ""
