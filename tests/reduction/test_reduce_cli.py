@@ -152,3 +152,25 @@ def test_ctrl_c_in_process_says_nothing_was_stored(tmp_path, capsys, stage):
     assert "interrupted" in err and "stores nothing until" in err and "starts over" in err
     assert "resumes from whatever it had stored" not in err
     assert not [path for path in out.iterdir() if path.name.startswith("reduce-")]
+
+
+def test_the_readme_names_result_folders_as_they_are_written(tmp_path, capsys):
+    """The README said `reduce-<fingerprint>-b<bins>-k<k>/`; folders carry `n` and `-s<starts>-seed<seed>` too."""
+    from pathlib import Path
+
+    from flows.reduce import result_key
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    pattern = re.search(r"`<store>/(reduce-[^`]+)/`", readme).group(1)
+    regex = re.escape(pattern).replace(re.escape("<fingerprint>"), "[0-9a-f]+")
+    for field in ("bins", "k", "starts", "seed"):
+        regex = regex.replace(re.escape(f"<{field}>"), r"\d+")
+    regex = regex.replace(re.escape("[n]"), "n?").replace(r"\[", "(?:").replace(r"\]", ")?")
+    for normalize in (False, True):
+        for starts in (None, 100):
+            key = result_key(fingerprint="ec49a20e6fc73398", bins=256, normalize=normalize, k=50, starts=starts, seed=0)
+            assert re.fullmatch(regex, key), (pattern, key)
+    example = re.search(r"`(reduce-[0-9a-f]+-[^`]+)/` for digits with `--k 50 --starts 100`", readme).group(1)
+    options = ["--data", "digits", "--k", "50", "--starts", "100", "--workers", "0", "--out", str(tmp_path)]
+    assert main(["reduce", *options]) == 0
+    assert (tmp_path / example / "summary.json").exists()
