@@ -283,10 +283,7 @@ class HttpBackend:
                     f"no server answers at {self.url} ({err.failures[-1]}; {len(err.failures)} attempts); start the "
                     "target's server (e.g. `obliviate target serve --checkpoint PATH`) or check the URL's host and port."
                 ) from err
-            raise TargetUnavailable(
-                f"GET {info_url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient errors are "
-                f"retried {self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
-            ) from err
+            raise self._kept_failing(f"GET {info_url}", err) from err
         try:
             info = json.loads(raw)
         except ValueError:
@@ -305,14 +302,8 @@ class HttpBackend:
             TargetUnavailable: transient failures past the retries.
         """
         body = json.dumps(encode_images(np.zeros((0, image_size, image_size), np.uint8)) | {"output": "labels"})
-
-        def request() -> urllib.request.Request:
-            return urllib.request.Request(
-                self.url, data=body.encode(), headers={"Content-Type": "application/json"}, method="POST"
-            )
-
         try:
-            self._send(request, counted=False)
+            self._send(self._posting(body.encode()), counted=False)
         except urllib.error.HTTPError as err:
             if err.code in (404, 405):
                 parts = urllib.parse.urlsplit(self.url)
@@ -322,24 +313,28 @@ class HttpBackend:
                     f"e.g. {parts.scheme}://{parts.netloc}/predict for `obliviate target serve`."
                 ) from err
         except _TransientFailures as err:
-            raise TargetUnavailable(
-                f"endpoint {self.url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient "
-                f"errors are retried {self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
-            ) from err
+            raise self._kept_failing(f"endpoint {self.url}", err) from err
 
     def _learn_classes(self, info: object) -> None:
         declared = info.get("num_classes") if isinstance(info, dict) else None
         if self.num_classes is None and isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
             self.num_classes = declared
 
-    def _post(self, body: bytes) -> dict:
-        def request() -> urllib.request.Request:
-            return urllib.request.Request(
-                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
-            )
+    def _posting(self, body: bytes) -> Callable[[], urllib.request.Request]:
+        """A fresh JSON POST of ``body`` to the predict URL for each attempt."""
+        return lambda: urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
 
+    def _kept_failing(self, what: str, err: _TransientFailures) -> TargetUnavailable:
+        return TargetUnavailable(
+            f"{what} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient errors are retried "
+            f"{self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
+        )
+
+    def _post(self, body: bytes) -> dict:
         try:
-            status, raw = self._send(request, counted=True)
+            status, raw = self._send(self._posting(body), counted=True)
         except urllib.error.HTTPError as err:
             detail = err.read()[:200].decode(errors="replace")
             raise TargetRequestError(
@@ -347,10 +342,7 @@ class HttpBackend:
                 "Client errors are not retried; fix the request or the URL."
             ) from err
         except _TransientFailures as err:
-            raise TargetUnavailable(
-                f"endpoint {self.url} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient "
-                f"errors are retried {self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
-            ) from err
+            raise self._kept_failing(f"endpoint {self.url}", err) from err
         return self._json_object(status, raw)
 
     def _send(self, request: Callable[[], urllib.request.Request], *, counted: bool) -> tuple[int, bytes]:
