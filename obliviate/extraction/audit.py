@@ -281,13 +281,16 @@ def _fmt(value: float | None, *, digits: int = 2) -> str:
 
 
 def check_pool_fits_target(*, pool: ImageDataset, target_meta: dict) -> None:
-    """Refuse a pool the target cannot be queried with: other image sides or other gray levels.
+    """Refuse a pool the target cannot be queried with (other image sides or gray levels), or whose
+    labels it cannot answer (a label outside the target's classes ``0..num_classes-1``: every answer
+    would score wrong, and the report's accuracy, transfer columns and histograms would be garbage).
 
     ``target_meta`` is what the target declares (checkpoint ``meta`` or the server's ``GET /info``);
     a figure it does not declare is not checked.
 
     Raises:
-        ConfigError: the pool's image side or gray levels differ from the target's.
+        ConfigError: the pool's image side or gray levels differ from the target's, or a label of the
+            pool lies outside the target's classes.
     """
     side, levels = target_meta.get("image_size"), target_meta.get("levels")
     trained_on = target_meta.get("dataset")
@@ -303,6 +306,17 @@ def check_pool_fits_target(*, pool: ImageDataset, target_meta: dict) -> None:
         raise ConfigError(
             f"the target reads images of {levels} gray levels, but pool {pool.name!r} has {pool.levels}; {fix}."
         )
+    classes = target_meta.get("num_classes")
+    if classes is not None and len(pool):
+        low, high = int(pool.labels.min()), int(pool.labels.max())
+        if low < 0 or high >= int(classes):
+            outside = int(((pool.labels < 0) | (pool.labels >= int(classes))).sum())
+            raise ConfigError(
+                f"the target answers classes 0..{int(classes) - 1}, but pool {pool.name!r} has labels {low}..{high} "
+                f"({outside} of its {len(pool)} images outside them): accuracy and transferability would be "
+                f"measured against labels the target cannot give. {fix[0].upper()}{fix[1:]}, or relabel it to "
+                f"0..{int(classes) - 1}."
+            )
 
 
 def target_training_indices(*, pool: ImageDataset, target_meta: dict) -> tuple[list[int], str | None]:

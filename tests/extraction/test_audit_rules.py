@@ -194,3 +194,34 @@ def test_the_headline_gives_the_fewest_queries_over_every_pair_measured_and_name
     assert "`semi_supervised` (queries chosen by `auto`), the closest, does not reach **99 % agreement within 150" in (
         headline_sentence(at90, at99)
     )
+
+
+@pytest.fixture(scope="module")
+def small_target(tmp_path_factory):
+    from flows.cli import main
+
+    path = tmp_path_factory.mktemp("target") / "target.pt"
+    assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", "5"]) == 0
+    return path
+
+
+def test_steal_refuses_a_pool_whose_labels_the_target_cannot_answer_before_any_work(small_target, tmp_path, capsys):
+    """mnist5k's images with labels + 100 were audited: exit 0, accuracy 0.00 %, nan transfer columns,
+    a 110-bin class histogram and `RuntimeWarning: Mean of empty slice`."""
+    from flows.cli import main
+    from obliviate.errors import ConfigError
+    from obliviate.extraction.audit import check_pool_fits_target
+    from obliviate.extraction.target import load_checkpoint
+
+    data = load_dataset("mnist5k")
+    shifted = tmp_path / "badlab.npz"
+    np.savez(shifted, images=data.images, labels=data.labels + 100)
+    with pytest.raises(ConfigError, match=r"labels 100\.\.109"):
+        check_pool_fits_target(pool=load_dataset(shifted), target_meta=load_checkpoint(str(small_target))[1])
+    out = tmp_path / "report"
+    tiny = ["--attackers", "basic", "--selectors", "random", "--budgets", "20", "--seeds", "1", "--steps", "5"]
+    assert main(["steal", "--target", str(small_target), "--pool", str(shifted), "--out", str(out), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "the target answers classes 0..9, but pool " in err and "badlab.npz' has labels 100..109 (5000 of" in err
+    assert "--pool mnist5k" in err and "Traceback" not in err
+    assert not out.exists()
