@@ -433,6 +433,11 @@ def check_audit_grid(
         raise ConfigError(f"FGSM radii are on [0, 1] inputs and must be in (0, 1]; got {outside}.")
 
 
+#: The fewest test images an audit reports agreement on (one image moves it by 1/30 = 3.3 points), for
+#: `obliviate steal` and the scheduled audit alike.
+MIN_AUDIT_TEST_IMAGES = 30
+
+
 def check_audit_settings(
     *,
     pool_size: int,
@@ -449,7 +454,16 @@ def check_audit_settings(
     """Raise :class:`ConfigError` naming every audit setting out of range, in the flow's and the CLI's names."""
     rules = [
         ("pool_size", "--pool-size", pool_size, pool_size >= 1, ">= 1"),
-        ("test_size", "--test-size", test_size, test_size >= 1, ">= 1"),
+        (
+            "test_size",
+            "--test-size",
+            test_size,
+            test_size >= MIN_AUDIT_TEST_IMAGES,
+            (
+                f">= {MIN_AUDIT_TEST_IMAGES} (one test image moves agreement by 1/test_size: "
+                f"{100 / MIN_AUDIT_TEST_IMAGES:.1f} points at {MIN_AUDIT_TEST_IMAGES})"
+            ),
+        ),
         ("steps", "--steps", steps, steps >= 1, ">= 1"),
         ("attack_steps", "--attack-steps", attack_steps, attack_steps >= 1, ">= 1"),
         ("rounds", "--rounds", rounds, rounds >= 0, ">= 0"),
@@ -694,10 +708,6 @@ def audit_flow(
 
 class AuditFailed(ObliviateError, RuntimeError):
     """At least one run's scheduled audit failed; the others were audited and stored."""
-
-
-#: The fewest test images an audit reports agreement on (one image moves it by 1/30 = 3.3 points).
-MIN_AUDIT_TEST_IMAGES = 30
 
 
 def _audit_run(

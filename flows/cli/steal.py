@@ -63,7 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "target when fewer are left)",
     )
     parser.add_argument(
-        "--test-size", type=int, default=None, help=f"test images (default {TEST_SIZE}, or the other 1/3 likewise)"
+        "--test-size",
+        type=int,
+        default=None,
+        help=f"test images, at least 30 (default {TEST_SIZE}, or the other 1/3 likewise)",
     )
     parser.add_argument(
         "--split-seed",

@@ -225,3 +225,17 @@ def test_steal_refuses_a_pool_whose_labels_the_target_cannot_answer_before_any_w
     assert "the target answers classes 0..9, but pool " in err and "badlab.npz' has labels 100..109 (5000 of" in err
     assert "--pool mnist5k" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_steal_refuses_fewer_test_images_than_the_scheduled_audit_accepts(small_target, tmp_path, capsys):
+    """`steal --test-size 1` ran (agreement 0 or 100 % on one image) while the scheduled audit skips a
+    run with fewer than 30 test images: one rule for both now."""
+    from flows.audit import MIN_AUDIT_TEST_IMAGES
+    from flows.cli import main
+
+    out = tmp_path / "report"
+    tiny = ["--attackers", "basic", "--selectors", "random", "--budgets", "20", "--seeds", "1", "--steps", "5"]
+    assert main(["steal", "--target", str(small_target), "--out", str(out), "--test-size", "29", *tiny]) == 2
+    err = capsys.readouterr().err
+    assert f"test_size (--test-size) must be >= {MIN_AUDIT_TEST_IMAGES}" in err and "got 29" in err
+    assert "one test image moves agreement by" in err and not out.exists()
