@@ -11,14 +11,23 @@ from obliviate.errors import ConfigError
 T = TypeVar("T")
 
 
+#: The largest seed: numpy's generators refuse negative seeds, torch.manual_seed anything past 64 bits, and
+#: seeds are offset (ensemble members take seed + i), so a signed 64-bit integer is the range all of them take.
+MAX_SEED = 2**63 - 1
+
+
 def seed(text: str) -> int:
-    """A random seed: an integer >= 0 (numpy's generators refuse negative seeds)."""
+    """A random seed: an integer in ``0..MAX_SEED``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a seed is an integer >= 0; got {text!r}.") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"a seed is an integer >= 0; got {value}. Use 0, 1, 2, ...")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"a seed is an integer in 0..{MAX_SEED} (what numpy and torch both take); got {value}. Use a smaller one."
+        )
     return value
 
 

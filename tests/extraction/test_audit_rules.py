@@ -239,3 +239,25 @@ def test_steal_refuses_fewer_test_images_than_the_scheduled_audit_accepts(small_
     err = capsys.readouterr().err
     assert f"test_size (--test-size) must be >= {MIN_AUDIT_TEST_IMAGES}" in err and "got 29" in err
     assert "one test image moves agreement by" in err and not out.exists()
+
+
+def test_a_seed_beyond_what_numpy_and_torch_take_is_refused_by_the_parser(tmp_path, capsys):
+    """`target train --seed 99999999999999999999` (also 2**64) ended in a traceback from torch.manual_seed:
+    `ValueError: Overflow when unpacking long long`."""
+    from flows.cli import main
+
+    out = tmp_path / "t.pt"
+    for big in ("99999999999999999999", str(2**64), str(2**63)):
+        with pytest.raises(SystemExit) as stopped:
+            main(["target", "train", "--out", str(out), "--seed", big])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert (
+            f"argument --seed: a seed is an integer in 0..{2**63 - 1} (what numpy and torch both take); got {big}"
+            in err
+        )
+        assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["steal", "--split-seed", str(2**64)])
+    assert "argument --split-seed: a seed is an integer in 0..9223372036854775807" in capsys.readouterr().err
+    assert not out.exists()
