@@ -240,9 +240,25 @@ def run_steal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_target_mismatch(checkpoint: Path, *, data: Any, train_size: int) -> str | None:
+    """What the checkpoint at ``checkpoint`` was trained on (e.g. ``"2,000 images of mnist5k"``) when that
+    is not ``train_size`` images of ``data``; ``None`` when it fits or there is none."""
+    if not checkpoint.exists():
+        return None
+    from obliviate.extraction.target import load_checkpoint
+
+    meta = load_checkpoint(str(checkpoint))[1]
+    fits = meta.get("dataset_fingerprint") == data.fingerprint and meta.get("train_size") == train_size
+    if fits:
+        return None
+    size = meta.get("train_size")
+    return f"{size:,} images of {meta.get('dataset', 'other data')}" if isinstance(size, int) else "other data"
+
+
 def run_steal_demo(args: argparse.Namespace) -> int:
     """Train a LeNet-5 target on 2,000 images of ``--pool`` (a third of a smaller dataset; once, kept
-    under ``--out``) and audit it on a small grid; prints where the report is."""
+    under ``--out``, and again when the one kept there was trained on other data) and audit it on a
+    small grid; prints where the report is."""
     from flows.cli.target import run_train
     from obliviate.data import load_dataset
     from obliviate.extraction.audit import default_target_train_size, fit_split
@@ -251,14 +267,19 @@ def run_steal_demo(args: argparse.Namespace) -> int:
     # The demo's small grid fills only what the user left at its default; an option given wins.
     small_grid = {k: v for k, v in DEMO_SETTINGS.items() if getattr(args, k) == args.option_defaults[k]}
     demo = argparse.Namespace(**(vars(args) | small_grid | {"target": str(checkpoint), "demo": False}))
-    size = len(load_dataset(args.pool))
+    data = load_dataset(args.pool)
+    size = len(data)
     target_size = default_target_train_size(size)
     if "pool_size" in small_grid and "test_size" in small_grid:  # digits (1,797) cannot hold 2,000 + 1,500
         demo.pool_size, demo.test_size = fit_split(
             available=size - target_size, pool_size=demo.pool_size, test_size=demo.test_size
         )
     _checked_grid(demo)
-    if not checkpoint.exists():
+    stale = _demo_target_mismatch(checkpoint, data=data, train_size=target_size)
+    if stale:
+        # The demo's own target, left by a demo on other data (or sizes): the audit would refuse it.
+        print(f"{checkpoint} was trained on {stale}, not the demo's {target_size:,} of {data.name}: replacing it")
+    if stale or not checkpoint.exists():
         print(f"training a LeNet-5 target on {target_size:,} {args.pool} images -> {checkpoint}", flush=True)
         run_train(
             argparse.Namespace(

@@ -157,14 +157,24 @@ def test_cli_steal_demo_keeps_the_options_given(tmp_path, capsys):
     assert not (out / "target.pt").exists()
 
 
-def test_cli_steal_demo_on_digits_fits_its_target_pool_and_test_set(prefect_and_ray, tmp_path, capsys):
-    """`steal --demo --pool digits` printed "training ... on 2,000 mnist5k images" and failed: digits has 1,797."""
+def test_cli_steal_demo_on_digits_fits_its_target_pool_and_test_set(prefect_and_ray, checkpoint, tmp_path, capsys):
+    """`steal --demo --pool digits` printed "training ... on 2,000 mnist5k images" and failed: digits has 1,797.
+    After a mnist5k demo in the same --out it reused that demo's target.pt and was refused ("pass the
+    pool the target was trained on (--pool mnist5k)"): the demo retrains a target that does not fit."""
+    import shutil
+
     from flows.cli import main
 
     out = tmp_path / "demo"
+    out.mkdir()
+    shutil.copy(checkpoint, out / "target.pt")  # a mnist5k target, as a mnist5k demo leaves it
     small = ["--attackers", "basic", "--selectors", "random", "--budgets", "20", "--steps", "20"]
     assert main(["steal", "--demo", "--pool", "digits", "--out", str(out), *small]) == 0
-    assert "training a LeNet-5 target on 599 digits images" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert (
+        f"{out / 'target.pt'} was trained on 300 images of mnist5k, not the demo's 599 of digits: replacing it" in said
+    )
+    assert "training a LeNet-5 target on 599 digits images" in said
     report = (out / "steal.md").read_text()
     assert "Pool: 798 images" in report and "accuracy on the 400 test images" in report
 
