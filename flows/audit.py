@@ -77,10 +77,28 @@ from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import group_members, served_model, sharded_runs
 
+_OUT = "the report folder (--out)"
+
+
+def check_output(location: str) -> None:
+    """Refuse a report folder that cannot be created or written into, before an audit spends its queries,
+    without creating it: a refused or failed audit leaves no empty folder behind."""
+    folder = Path(location).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{_OUT} {str(location)!r} is a file; give a folder path (the report is three files).")
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise ConfigError(
+            f"cannot create {_OUT} {str(location)!r}: {str(existing)!r} is a file, not a folder; choose another path."
+        )
+    # probes with a temporary file: os.access says yes to root where nothing can be created
+    writable_folder(existing, what=_OUT if existing == folder else f"the folder that would hold {_OUT}")
+
 
 def prepare_output(location: str) -> Path:
-    """The report folder, created and checked writable before an audit spends its queries."""
-    return writable_folder(location, what="the report folder (--out)")
+    """The report folder, created (when the report is written) and checked writable."""
+    check_output(location)
+    return writable_folder(location, what=_OUT)
 
 
 def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[str, str]:
@@ -280,11 +298,23 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
     # Per level, the fewest queries at which ANY pair measured reaches it: an owner must plan for the
     # cheapest theft, which need not come from the pair strongest on average.
     reach = {level: fewest_queries(results, level=level) for level in (0.9, 0.95)}
+    # Only the DRMI selectors restart; the setting means nothing to a report without one.
+    ran_drmi = any(name.startswith("drmi") for name in config["selectors"])
+    drmi = f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. " if ran_drmi else ""
+    top = max(int(c["budget"]) for c in results)
+    # A grid that never reaches 90 % does not show how many queries a theft needs, only that it needs more.
+    hint = (
+        f"**The budgets were too small to show the threat:** no attacker reached 90 % agreement within {top} "
+        f"queries, so a thief's cost is not measured. Rerun with larger --budgets (the default is "
+        f"{','.join(map(str, SEED_BUDGETS))})."
+    )
+    too_small = [hint, ""] if reach[0.9].mean is None else []
     md = [
         "# Model-extraction audit",
         "",
         headline_sentence(reach[0.9], reach[0.95]),
         "",
+        *too_small,
         (
             f"Target: `{setup.target}` (accuracy on the {len(setup.test_labels)} test images: "
             f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; label-only queries."
@@ -292,7 +322,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         (
             f"Attackers: {', '.join(config['attackers'])}; selectors: {', '.join(config['selectors'])}. "
             f"Substitute: {config['substitute']}. FGSM{' (iterative)' if config['iterative'] else ''}. "
-            f"DRMI restarts: {config['drmi_starts'] or 'one per pool image'}. Seeds per cell: {config['seeds']}. "
+            f"{drmi}Seeds per cell: {config['seeds']}. "
             f"Split: {setup.split}. Run id: `{run_id}` (also in steal.json and steal.png)."
         ),
         "",
@@ -419,12 +449,15 @@ def check_audit_grid(
         twice = next((v for i, v in enumerate(shown) if v in shown[:i]), None)
         if twice is not None:
             raise ConfigError(f"{name} (--{name}) lists {twice} twice; got {list(values)}. Give each value once.")
-    if not budgets or min(budgets) < 1 or seeds < 1:
-        raise ConfigError(f"need budgets >= 1 and seeds >= 1; got budgets={list(budgets)}, seeds={seeds}.")
+    if not budgets or min(budgets) < 1:
+        low = min(budgets) if budgets else "none"
+        raise ConfigError(f"--budgets must each be >= 1 (queries bought); got {low}. Give budgets like 50,150,300.")
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (seeds per budget); got {seeds}. Give 1 or more.")
     if max(budgets) > pool_size:
         raise ConfigError(
-            f"a budget buys that many images of the pool, so it can be at most pool_size={pool_size}; "
-            f"got {max(budgets)}. Lower the budget or raise the pool size."
+            f"a budget buys that many images of the pool, so it can be at most the pool size (--pool-size, "
+            f"{pool_size} here); got {max(budgets)}. Lower --budgets or raise --pool-size."
         )
     if substitute not in MODEL_BUILDERS:
         raise ConfigError(f"unknown substitute {substitute!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
@@ -556,7 +589,7 @@ def steal_flow(
         timeout_s=timeout_s,
         retries=retries,
     )
-    prepare_output(out)
+    check_output(out)  # created only when the report is written
     train = TrainConfig(arch=substitute, steps=steps)
     options = AttackOptions(
         arch=substitute,
@@ -614,7 +647,14 @@ def steal_flow(
         "drmi_starts": drmi_starts,
     }
     paths = write_report(setup, results, out=out, config=config)
-    get_run_logger().info("audit written to %s in %.0fs", paths["markdown"], time.perf_counter() - t0)
+    logger = get_run_logger()
+    logger.info("audit written to %s in %.0fs", paths["markdown"], time.perf_counter() - t0)
+    if fewest_queries(results, level=0.9).mean is None:
+        logger.warning(
+            "no attacker reached 90 %% agreement within %d queries: the budgets were too small to show the threat; "
+            "rerun with larger --budgets",
+            max(budgets),
+        )
     return paths
 
 

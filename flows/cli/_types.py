@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
+from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 
 T = TypeVar("T")
@@ -29,6 +30,16 @@ def seed(text: str) -> int:
             f"a seed is an integer in 0..{MAX_SEED} (what numpy and torch both take); got {value}. Use a smaller one."
         )
     return value
+
+
+def dataset(text: str) -> str:
+    """A dataset option's value (:func:`obliviate.data.dataset_source`); an empty one is refused, as it would
+    name the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"a dataset is needed (mnist5k, digits, an .npz file or a folder); got {text!r}. Give one, e.g. mnist5k."
+        )
+    return dataset_source(text)
 
 
 def comma_list(

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.cli._types import comma_list, seed
-from obliviate.data import dataset_source
+from flows.cli._types import comma_list, dataset, seed
 from obliviate.errors import ConfigError
 from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
@@ -35,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "options you give replace the grid's",
     )
     parser.add_argument(
-        "--pool", default="mnist5k", type=dataset_source, help="dataset for the attacker's pool and the test set"
+        "--pool", default="mnist5k", type=dataset, help="dataset for the attacker's pool and the test set"
     )
     parser.add_argument("--budgets", default="50,150,200,300,600", help="comma-separated query budgets")
     parser.add_argument(
@@ -155,11 +154,11 @@ DEMO_SETTINGS = {
 
 def _checked_grid(args: argparse.Namespace) -> dict[str, Any]:
     """The audit grid's arguments of ``steal_flow``, once each is checked (before any work starts)."""
-    from flows.audit import check_audit_grid, prepare_output
+    from flows.audit import check_audit_grid, check_output
 
     grid = _grid_lists(args) | {"seeds": args.seeds, "pool_size": args.pool_size, "substitute": args.substitute}
     check_audit_grid(**grid)
-    prepare_output(args.out)
+    check_output(args.out)
     return grid
 
 

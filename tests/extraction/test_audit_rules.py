@@ -261,3 +261,76 @@ def test_a_seed_beyond_what_numpy_and_torch_take_is_refused_by_the_parser(tmp_pa
         main(["steal", "--split-seed", str(2**64)])
     assert "argument --split-seed: a seed is an integer in 0..9223372036854775807" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        # said "need budgets >= 1 and seeds >= 1; got budgets=[0], seeds=2." (no flag, no fix)
+        (["--budgets", "0,50"], "--budgets must each be >= 1 (queries bought); got 0. Give budgets like 50,150,300."),
+        (["--seeds", "0"], "--seeds must be >= 1 (seeds per budget); got 0. Give 1 or more."),
+        # named pool_size=2000, the flow's argument, instead of the flag
+        (
+            ["--budgets", "50,2001"],
+            (
+                "a budget buys that many images of the pool, so it can be at most the pool size (--pool-size, "
+                "2000 here); got 2001. Lower --budgets or raise --pool-size."
+            ),
+        ),
+    ],
+)
+def test_steal_grid_errors_name_the_flag_and_the_fix(small_target, tmp_path, capsys, options, rule):
+    from flows.cli import main
+
+    out = tmp_path / "report"
+    assert main(["steal", "--target", str(small_target), "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err
+    assert rule in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_an_out_that_is_a_file_or_under_one_is_called_so(small_target, tmp_path, capsys):
+    """`steal --out /etc/passwd` said "cannot create the report folder (--out) '/etc/passwd' (File exists)"."""
+    from flows.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["steal", "--target", str(small_target), "--out", str(a_file)]) == 2
+    assert f"the report folder (--out) {str(a_file)!r} is a file; give a folder path" in capsys.readouterr().err
+    assert main(["steal", "--target", str(small_target), "--out", str(a_file / "report")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create the report folder (--out) {str(a_file / 'report')!r}: {str(a_file)!r} is a file" in err
+    assert main(["target", "train", "--out", str(a_file / "x.pt")]) == 2
+    assert f"cannot create the folder of --out {str(a_file)!r}: it is a file" in capsys.readouterr().err
+    assert a_file.read_text() == "x"
+
+
+def test_target_train_checks_every_option_before_creating_anything(tmp_path, capsys):
+    """`--train-size 0` left an empty runs/ folder (created before the check); `--steps 0` said "need steps >=
+    1, batch_size >= 1, lr > 0; got 0, 64, 0.001." (no flag); `--data ''` trained on the current folder."""
+    from flows.cli import main
+
+    out = tmp_path / "runs" / "t.pt"
+    assert main(["target", "train", "--out", str(out), "--train-size", "0"]) == 2
+    assert "--train-size must leave images" in capsys.readouterr().err
+    assert main(["target", "train", "--out", str(out), "--steps", "0"]) == 2
+    assert "--steps must be >= 1 (Adam steps); got 0." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["target", "train", "--out", str(out), "--data", ""])
+    assert "argument --data: a dataset is needed (mnist5k, digits, an .npz file or a folder); got ''" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main(["steal", "--demo", "--pool", " "])
+    assert "argument --pool: a dataset is needed" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_target_train_says_what_it_trains_before_it_starts(tmp_path, capsys):
+    """`target train` printed nothing for the 15-25 s it trained."""
+    from flows.cli import main
+
+    out = tmp_path / "t.pt"
+    assert main(["target", "train", "--out", str(out), "--train-size", "300", "--steps", "5"]) == 0
+    said = capsys.readouterr().err
+    assert "target train: training lenet5 on 300 images of mnist5k, 5 Adam steps (1,500 take about 20 s" in said

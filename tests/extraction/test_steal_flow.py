@@ -44,7 +44,7 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize(
     ("options", "rule"),
     [
-        (["--budgets", "2500"], "at most pool_size=2000"),
+        (["--budgets", "2500"], "at most the pool size (--pool-size, 2000 here)"),
         (["--budgets", "50,x"], "--budgets takes comma-separated integers"),
         (["--attackers", "basic,nosuch"], "unknown attackers ['nosuch']"),
         (["--selectors", ","], "--selectors needs at least one value"),
@@ -153,7 +153,7 @@ def test_cli_steal_demo_keeps_the_options_given(tmp_path, capsys):
     # the demo's target is trained.
     out = tmp_path / "demo"
     assert main(["steal", "--demo", "--out", str(out), "--budgets", "50,0"]) == 2
-    assert "got budgets=[50, 0]" in capsys.readouterr().err
+    assert "--budgets must each be >= 1 (queries bought); got 0." in capsys.readouterr().err
     assert not (out / "target.pt").exists()
 
 
@@ -247,6 +247,7 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
         (c["attacker"], c["selector"]) for c in doc["cells"]
     }
     assert "| basic | drmi | 20 | 1 |" in md and "| pool | 120 |" in md and "Threat model:" in md
+    assert "DRMI restarts: 4." in md
     assert (out / "steal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the three files carry one run id, so a report mixed from two runs is visible
     from PIL import Image
@@ -268,6 +269,22 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
 
     artifacts = asyncio.run(latest())
     assert artifacts and artifacts[0].type == "table"
+
+
+def test_a_failed_audit_leaves_no_empty_report_folder(prefect_and_ray, tmp_path):
+    """The flow created --out before it opened the target: a failed audit left an empty folder."""
+    import socket
+
+    from flows.audit import steal_flow
+    from obliviate.errors import ObliviateError
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = tmp_path / "report"
+    with pytest.raises(ObliviateError, match="no server answers"):
+        steal_flow(target=f"http://127.0.0.1:{port}/predict", budgets=[15], selectors=["random"], out=str(out))
+    assert not out.exists()
 
 
 def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoint, tmp_path):
@@ -292,6 +309,11 @@ def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoin
         requests = server.requests
     doc = json.loads(Path(paths["json"]).read_text())
     assert [c["queries_used"] for c in doc["cells"]] == [15, 15]
+    md = Path(paths["markdown"]).read_text()
+    # no DRMI selector ran (the report said "DRMI restarts: 32" all the same); 15 queries never reach 90 %
+    assert "DRMI restarts" not in md
+    assert "**The budgets were too small to show the threat:** no attacker reached 90 % agreement within 15" in md
+    assert "Rerun with larger --budgets" in md
     assert doc["overlap_warning"] is None  # /info told the auditor which images trained the target
     # 1 request for the test labels, then per cell: 1 query + 2 oracle calls for the transfer metric.
     assert requests == 1 + 2 * 3
