@@ -113,12 +113,17 @@ def test_sigint_inside_the_rename_window_waits_for_its_end():
 
     from flows.audit import sigint_deferred
 
-    done = []
-    with pytest.raises(KeyboardInterrupt), sigint_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        done.append("after the signal")
-    assert done == ["after the signal"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # as in the `obliviate` process; earlier tests in this one (Ray Tune's) may have left another handler
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+        assert done == ["after the signal"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_an_interrupted_steal_or_target_train_says_what_it_left_and_that_a_rerun_starts_over():
