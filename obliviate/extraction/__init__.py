@@ -31,7 +31,14 @@ from obliviate.extraction.audit import (
 )
 from obliviate.extraction.augment import AugmentOptions, random_affine
 from obliviate.extraction.ensemble import MeanOfSoftmax, semi_supervised_ensemble
-from obliviate.extraction.headline import QueriesTo, headline_sentence, queries_to_agreement, strongest, threat_model
+from obliviate.extraction.headline import (
+    QueriesTo,
+    fewest_queries,
+    headline_sentence,
+    queries_to_agreement,
+    strongest,
+    threat_model,
+)
 from obliviate.extraction.selectors import (
     DEFAULT_SELECTOR,
     SELECTORS,
@@ -140,6 +147,7 @@ __all__ = [
     "drmi_nmi",
     "encode_images",
     "facility_location",
+    "fewest_queries",
     "fgsm",
     "get_attacker",
     "get_selector",
