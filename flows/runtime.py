@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -325,18 +326,20 @@ def prefect_server(
             log_path = Path(handle.name)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "prefect",
-                "server",
-                "start",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--analytics-off",
-            ],
+            _dying_with_this_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--analytics-off",
+                ]
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -352,6 +355,28 @@ def prefect_server(
         yield PrefectServer(api_url=api_url, ui_url=ui_url_of(api_url), process=process, log_path=log_path)
     finally:
         _stop(process)
+
+
+def _dying_with_this_process(command: list[str]) -> list[str]:
+    """``command`` started so that it gets SIGTERM when this process dies (Linux), else as it is.
+
+    The server's own session keeps Ctrl-C away from it, so a command killed outright (``kill -9``, a CI
+    timeout) left its Prefect server running for good, port and all. A short launcher asks the kernel
+    for the parent-death signal, then execs the command (the setting survives exec). The signal fires
+    when the *thread* that started the child ends, so only the main thread asks for it.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return command
+    return [sys.executable, "-c", _PARENT_DEATH_LAUNCHER, str(os.getpid()), *command]
+
+
+#: prctl(PR_SET_PDEATHSIG = 1, SIGTERM); a parent already gone would never send it, so exit then.
+_PARENT_DEATH_LAUNCHER = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 @contextlib.contextmanager

@@ -242,6 +242,39 @@ def test_prefect_server_helper_starts_and_stops(monkeypatch, tmp_path):
         urllib.request.urlopen(f"{api_url}/health", timeout=2)
 
 
+def test_a_prefect_server_dies_with_the_command_that_started_it_even_when_killed(tmp_path):
+    """A command killed outright (kill -9, a CI timeout) left its Prefect server running for good: three were
+    found still holding their ports half an hour after the commands that started them were killed."""
+    import pathlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, signal\n"
+        "from flows.runtime import prefect_server\n"
+        f"with prefect_server(home={str(tmp_path / 'prefect')!r}) as server:\n"
+        "    print(server.process.pid, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    command = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, check=False)
+    assert command.returncode == -signal.SIGKILL, command.stderr[-2000:]
+    server_pid = int(command.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    stat = pathlib.Path(f"/proc/{server_pid}/stat")
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie its new parent has not reaped yet (a container's init may never)
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail(f"the Prefect server {server_pid} outlived the killed command by 30 s")
+
+
 def test_cli_tiles_only_on_a_pool_smaller_than_the_default_k(
     ray_runtime, prefect_harness, file_store, tmp_path, capsys, monkeypatch
 ):
