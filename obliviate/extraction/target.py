@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import socket
+import textwrap
 import time
 import urllib.error
 import urllib.parse
@@ -532,7 +533,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         ) from err
     except Exception as err:  # torch.load fails on other files with RuntimeError, KeyError, EOFError, pickle errors
         raise ConfigError(
-            f"{str(path)!r} is not a readable torch checkpoint ({err.__class__.__name__}: {str(err)[:120]}); point "
+            f"{str(path)!r} is not a readable torch checkpoint ({err.__class__.__name__}: {_gist(err)}); point "
             "at a file written by `obliviate target train`."
         ) from err
     if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
@@ -550,9 +551,15 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise ConfigError(
             f"the weights in {str(path)!r} do not fit its architecture {blob['arch']!r} with "
             f"{meta.get('num_classes', 10)} classes and {meta.get('image_size', 28)}-pixel images "
-            f"({str(err).splitlines()[0][:160]}); the checkpoint is damaged or was edited. Train it again."
+            f"({_gist(err)}); the checkpoint is damaged or was edited. Train it again."
         ) from err
     return model.eval(), meta | {"arch": blob["arch"]}
+
+
+def _gist(err: BaseException, *, width: int = 160) -> str:
+    """An error's first line, shortened at a word (torch's load errors run to paragraphs)."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    return textwrap.shorten(first, width=width, placeholder=" …") or err.__class__.__name__
 
 
 def open_backend(target: str, *, timeout_s: float = 30.0, retries: int = 3) -> tuple[Backend, dict]:

@@ -115,6 +115,14 @@ def test_a_file_that_is_not_a_sound_checkpoint_is_refused_in_words(tmp_path, tar
     for name in ("junk.pt", "empty.pt"):
         with pytest.raises(ConfigError, match=rf"{name}' is not a readable torch checkpoint \(\w+Error"):
             load_checkpoint(tmp_path / name)
+    whole = tmp_path / "whole.pt"
+    save_checkpoint(whole, target_model, arch="lenet5", meta={})
+    (tmp_path / "cut.pt").write_bytes(whole.read_bytes()[:2000])  # torch's error is a paragraph: it was cut mid-word
+    with pytest.raises(ConfigError) as cut:
+        load_checkpoint(tmp_path / "cut.pt")
+    gist = str(cut.value).split("(", 1)[1].rsplit(")", 1)[0]
+    assert len(gist) < 200 and (gist.endswith(" …") or "\n" not in gist), gist
+    assert not gist.endswith("If yo"), gist
     path = tmp_path / "t.pt"
     save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 7, "image_size": 28})  # 10 outputs saved
     with pytest.raises(ConfigError, match="do not fit its architecture 'lenet5' with 7 classes and 28-pixel images"):
