@@ -42,8 +42,10 @@ def store_url(args: argparse.Namespace) -> str:
     return given or os.environ.get("OBLIVIATE_STORE") or DEFAULT_STORE
 
 
-def prepare_store(url: str, *, write: bool) -> str:
+def prepare_store(url: str, *, write: bool, named_by: str = "--store / $OBLIVIATE_STORE") -> str:
     """Check the store before any work; returns its normalised URL.
+
+    ``named_by``: the option the user chose the store with, named in the refusals (``reduce --out``).
 
     Raises:
         ConfigError: a malformed URL, or (reading) a store that does not exist.
@@ -56,14 +58,13 @@ def prepare_store(url: str, *, write: bool) -> str:
     store = ObjectStore(url)
     if store.is_local and os.path.isfile(store.url.removeprefix("file://")):
         raise ConfigError(
-            f"store {store.url} is a file; a store is a folder (or an S3 bucket and prefix). Check --store / "
-            "$OBLIVIATE_STORE."
+            f"store {store.url} is a file; a store is a folder (or an S3 bucket and prefix). Check {named_by}."
         )
     if not store.container_exists():
         if not write:
             raise ConfigError(
-                f"store {store.url} does not exist (no bucket or folder there); nothing to read. Check --store / "
-                "$OBLIVIATE_STORE, or create it by writing to it (train, serve, forget)."
+                f"store {store.url} does not exist (no bucket or folder there); nothing to read. Check {named_by}, "
+                "or create it by writing to it (train, serve, forget)."
             )
         try:
             store.ensure_container()

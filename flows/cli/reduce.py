@@ -84,7 +84,8 @@ def _prepared_store_url(args: argparse.Namespace) -> str:
     """The store, checked reachable and writable before any work (README "Stores")."""
     from flows.cli._store import prepare_store
 
-    return prepare_store(_store_url(args), write=True)
+    named_by = "--out" if getattr(args, "out", None) else "--store / $OBLIVIATE_STORE"
+    return prepare_store(_store_url(args), write=True, named_by=named_by)
 
 
 def _subset_size(k: int | None, n: int) -> int:

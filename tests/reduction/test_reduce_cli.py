@@ -174,3 +174,12 @@ def test_the_readme_names_result_folders_as_they_are_written(tmp_path, capsys):
     options = ["--data", "digits", "--k", "50", "--starts", "100", "--workers", "0", "--out", str(tmp_path)]
     assert main(["reduce", *options]) == 0
     assert (tmp_path / example / "summary.json").exists()
+
+
+def test_an_out_that_is_a_file_is_named_as_out(tmp_path, capsys):
+    """`reduce --out /etc/passwd` said "Check --store / $OBLIVIATE_STORE", options the user had not given."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["reduce", "--data", "digits", "--k", "5", "--workers", "0", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert f"store file://{afile} is a file; a store is a folder (or an S3 bucket and prefix). Check --out." in err
