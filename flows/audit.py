@@ -241,7 +241,10 @@ def _pool_and_test(
                 return pool_idx, test_idx, said + (f" (the bench's split {declared[0]})" if bench else "")
     seed = 0 if split_seed is None else split_seed
     pool_idx, test_idx = audit_split(data, exclude=exclude, pool_size=pool_size, test_size=test_size, seed=seed)
-    return pool_idx, test_idx, f"audit_split(seed={seed}) of the images outside the target's training set"
+    # Nothing excluded: the target's training images are unknown here (or none fit this data), so the
+    # draw cannot be said to avoid them; the overlap warning says why.
+    drawn_from = "the images outside the target's training set" if exclude else "all images (none excluded)"
+    return pool_idx, test_idx, f"audit_split(seed={seed}) of {drawn_from}"
 
 
 @task(cache_policy=NO_CACHE)

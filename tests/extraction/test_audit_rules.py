@@ -338,4 +338,20 @@ def test_target_train_says_what_it_trains_before_it_starts(tmp_path, capsys):
     out = tmp_path / "t.pt"
     assert main(["target", "train", "--out", str(out), "--train-size", "300", "--steps", "5"]) == 0
     said = capsys.readouterr().err
-    assert "target train: training lenet5 on 300 images of mnist5k, 5 Adam steps (1,500 took 9 s end to end on a 2-core machine" in said
+    assert (
+        "target train: training lenet5 on 300 images of mnist5k, 5 Adam steps (1,500 took 9 s end to end on a 2-core machine"
+        in said
+    )
+
+
+def test_a_split_that_excludes_nothing_does_not_claim_to_avoid_the_targets_training_set():
+    """With a fingerprint mismatch the log warned that no training image was excluded, then said the pool
+    was drawn from "the images outside the target's training set"."""
+    from flows.audit import _pool_and_test
+    from obliviate.data import load_dataset
+
+    data = load_dataset("digits")
+    _, _, said = _pool_and_test(data, {}, exclude=[], pool_size=100, test_size=50, split_seed=None)
+    assert said == "audit_split(seed=0) of all images (none excluded)"
+    _, _, said = _pool_and_test(data, {}, exclude=[0, 1, 2], pool_size=100, test_size=50, split_seed=1)
+    assert said == "audit_split(seed=1) of the images outside the target's training set"
