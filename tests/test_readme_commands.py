@@ -171,7 +171,8 @@ def test_ctrl_c_stops_a_command_with_a_sentence_and_no_half_written_file(tmp_pat
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "obliviate steal: interrupted" in err and "Traceback" not in err
-    assert not [p.name for p in out.iterdir() if "partial" in p.name]  # no torn checkpoint left behind
+    # no torn checkpoint left behind (the folder itself is made only when something is written into it)
+    assert not out.exists() or not [p.name for p in out.iterdir() if "partial" in p.name]
 
 
 def test_the_quick_demo_keeps_apart_from_the_full_one_unless_told() -> None:
