@@ -275,7 +275,14 @@ def run_cells(
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         cell = pending.pop(done[0])
-        result = ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as err:
+            # A cell's own error (the target gone, a refused answer) in its own words: Prefect records the
+            # message as the flow run's state, which otherwise held Ray's coloured remote traceback.
+            if isinstance(err.cause, ObliviateError):
+                raise err.cause from None
+            raise
         logger.info(
             "%s/%s k=%d seed=%d: accuracy %.2f %%, agreement with the target %.2f %% (%.1f s)",
             cell["attack"],

@@ -287,6 +287,45 @@ def test_a_failed_audit_leaves_no_empty_report_folder(prefect_and_ray, tmp_path)
     assert not out.exists()
 
 
+def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ray, checkpoint, tmp_path):
+    """The flow run's state message (the dashboard's reason) held Ray's coloured remote traceback."""
+    from flows.audit import steal_flow
+    from flows.model_server import TargetServer
+    from obliviate.extraction.target import LocalTorchBackend, TargetUnavailable, load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+
+    class FailsAfterTheTestLabels(LocalTorchBackend):
+        """Answers the audit's one oracle call for the test labels, then fails like a broken server."""
+
+        calls = 0
+
+        def predict(self, images, *, output):
+            FailsAfterTheTestLabels.calls += 1
+            if FailsAfterTheTestLabels.calls > 1:
+                raise RuntimeError("the model server broke")
+            return super().predict(images, output=output)
+
+    backend = FailsAfterTheTestLabels(model, levels=256)
+    with TargetServer(backend=backend, info=meta) as server, pytest.raises(TargetUnavailable) as failed:
+        steal_flow(
+            target=server.url,
+            budgets=[15],
+            selectors=["random"],
+            attackers=["basic"],
+            seeds=1,
+            out=str(tmp_path),
+            pool_size=100,
+            test_size=80,
+            steps=10,
+            eps=[0.3],
+            retries=0,
+        )
+    assert type(failed.value) is TargetUnavailable, type(failed.value)  # not Ray's wrapper of it
+    assert "ray::" not in str(failed.value) and "\x1b[" not in str(failed.value), str(failed.value)
+    assert "HTTP 500" in str(failed.value)
+
+
 def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoint, tmp_path):
     from flows.audit import steal_flow
     from flows.model_server import TargetServer
