@@ -328,9 +328,11 @@ class HttpBackend:
         )
 
     def _kept_failing(self, what: str, err: _TransientFailures) -> TargetUnavailable:
+        failed = _times(len(err.failures))
+        retried = "not retried (--retries 0)" if not self.retries else f"retried {_times(self.retries)}"
         return TargetUnavailable(
-            f"{what} failed {len(err.failures)} times ({'; '.join(err.failures)}); transient errors are retried "
-            f"{self.retries} times. Check the server, or raise --timeout or --retries (timeout_s, retries in the API)."
+            f"{what} failed {failed} ({'; '.join(err.failures)}); transient errors are {retried}. Check the server, "
+            "or raise --timeout or --retries (timeout_s, retries in the API)."
         )
 
     def _post(self, body: bytes) -> dict:
@@ -554,6 +556,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             f"({_gist(err)}); the checkpoint is damaged or was edited. Train it again."
         ) from err
     return model.eval(), meta | {"arch": blob["arch"]}
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
 
 
 def _gist(err: BaseException, *, width: int = 160) -> str:

@@ -323,7 +323,7 @@ def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ra
         )
     assert type(failed.value) is TargetUnavailable, type(failed.value)  # not Ray's wrapper of it
     assert "ray::" not in str(failed.value) and "\x1b[" not in str(failed.value), str(failed.value)
-    assert "HTTP 500" in str(failed.value)
+    assert "failed once (HTTP 500); transient errors are not retried (--retries 0)" in str(failed.value)
 
 
 def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoint, tmp_path):
