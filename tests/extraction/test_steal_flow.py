@@ -287,6 +287,18 @@ def test_a_failed_audit_leaves_no_empty_report_folder(prefect_and_ray, tmp_path)
     assert not out.exists()
 
 
+#: One basic/random cell of 15 queries per seed on a small pool: an audit an HTTP target answers in seconds.
+TINY_HTTP_AUDIT = {
+    "budgets": [15],
+    "selectors": ["random"],
+    "attackers": ["basic"],
+    "pool_size": 100,
+    "test_size": 80,
+    "steps": 10,
+    "eps": [0.3],
+}
+
+
 def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ray, checkpoint, tmp_path):
     """The flow run's state message (the dashboard's reason) held Ray's coloured remote traceback."""
     from flows.audit import steal_flow
@@ -308,19 +320,7 @@ def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ra
 
     backend = FailsAfterTheTestLabels(model, levels=256)
     with TargetServer(backend=backend, info=meta) as server, pytest.raises(TargetUnavailable) as failed:
-        steal_flow(
-            target=server.url,
-            budgets=[15],
-            selectors=["random"],
-            attackers=["basic"],
-            seeds=1,
-            out=str(tmp_path),
-            pool_size=100,
-            test_size=80,
-            steps=10,
-            eps=[0.3],
-            retries=0,
-        )
+        steal_flow(target=server.url, seeds=1, out=str(tmp_path), retries=0, **TINY_HTTP_AUDIT)
     assert type(failed.value) is TargetUnavailable, type(failed.value)  # not Ray's wrapper of it
     assert "ray::" not in str(failed.value) and "\x1b[" not in str(failed.value), str(failed.value)
     assert "failed once (HTTP 500); transient errors are not retried (--retries 0)" in str(failed.value)
@@ -333,18 +333,7 @@ def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoin
 
     model, meta = load_checkpoint(checkpoint)
     with TargetServer(model, info=meta, allow_probabilities=False) as server:
-        paths = steal_flow(
-            target=server.url,
-            budgets=[15],
-            selectors=["random"],
-            attackers=["basic"],
-            seeds=2,
-            out=str(tmp_path),
-            pool_size=100,
-            test_size=80,
-            steps=10,
-            eps=[0.3],
-        )
+        paths = steal_flow(target=server.url, seeds=2, out=str(tmp_path), **TINY_HTTP_AUDIT)
         requests = server.requests
     doc = json.loads(Path(paths["json"]).read_text())
     assert [c["queries_used"] for c in doc["cells"]] == [15, 15]
