@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _own_errors_without_traceback():
             return int(args.handler(args) or 0)
     except ObliviateError as err:
-        print(f"obliviate {args.command}: error: {error_message(err)}", file=sys.stderr)
+        print(f"obliviate {command_name(args)}: error: {error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted_message(args), file=sys.stderr)
@@ -117,9 +117,15 @@ _INTERRUPTED = {
 }
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command with its action (``store check``, ``target train``); ``tune``'s sweep kind is its argument."""
+    action = next((getattr(args, dest) for dest in ("action", "store_action") if getattr(args, dest, None)), None)
+    return " ".join(str(part) for part in (args.command, action) if part)
+
+
 def interrupted_message(args: argparse.Namespace) -> str:
     """The line a command stopped by Ctrl-C prints: what it left behind and what a rerun does."""
-    name = " ".join(str(part) for part in (args.command, getattr(args, "action", None)) if part)
+    name = command_name(args)
     left = _INTERRUPTED.get(name) or (
         "stores hold only whole objects, so nothing half-written was kept; rerunning the same command resumes "
         "from whatever it had stored."

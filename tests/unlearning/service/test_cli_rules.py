@@ -170,7 +170,9 @@ def test_store_check_command_on_an_empty_store(tmp_path, capsys):
     assert f"note: the store holds nothing; check --store if you expected data at {url}" in captured.err
     # `--store "$UNSET_VARIABLE"` fell back to $OBLIVIATE_STORE / ./runs without a word
     assert main(["store", "check", "--store", ""]) == 2
-    assert "--store is empty; give file://PATH or s3://bucket/prefix" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--store is empty; give file://PATH or s3://bucket/prefix" in err
+    assert err.startswith("obliviate store check: error: "), err  # it said "obliviate store: error"
 
 
 @pytest.mark.parametrize(
