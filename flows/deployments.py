@@ -368,6 +368,12 @@ class ServiceWatcher:
         now = time.time()
         listening = self.listener is None or self.listener.connected.is_set()
         grace_s = self.grace_s if listening else 0.0
+        due = DeletionLedger(self.store).due_entries(lease_s=self.options.lease_s, now=now)
+        if any(entry.status == CLAIMED for entry in due):
+            return True
+        overdue = {entry.request_id for entry in due if now - entry.updated_at >= grace_s}
+        if not overdue:  # the usual tick: the open batch is read only when it could matter
+            return False
         batch = open_batch(self.store)
         waiting = (
             set(batch.get("requests", []))
@@ -376,7 +382,4 @@ class ServiceWatcher:
             and not self.store.list(FLUSH_PREFIX)
             else set()
         )
-        for entry in DeletionLedger(self.store).due_entries(lease_s=self.options.lease_s, now=now):
-            if entry.status == CLAIMED or (entry.request_id not in waiting and now - entry.updated_at >= grace_s):
-                return True
-        return False
+        return bool(overdue - waiting)
