@@ -104,8 +104,8 @@ def run_train(args: argparse.Namespace) -> int:
     # A run id trained before with other options (or another shard count) is refused now, not by
     # the worker after a server and Ray have started (that left a failed flow run behind).
     specs = [run_spec(run_id=args.run_id, shards=args.shards, shard=k, **options) for k in range(max(args.shards, 1))]
-    check_run_shape(ObjectStore(store), args.run_id, [spec["run_id"] for spec in specs])
     registry = RunRegistry(ObjectStore(store))
+    check_run_shape(registry.store, args.run_id, [spec["run_id"] for spec in specs])
     for spec in specs:
         registry.check_spec(RunSpec.from_dict(spec))
     with prefect_api() as api_url:
