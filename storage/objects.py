@@ -400,6 +400,22 @@ class ObjectStore:
         with _translated(self.uri(), writing=True), contextlib.suppress(FileNotFoundError):
             self._fs.rm_file(self._path(name))
 
+    def check_writable(self) -> None:
+        """Write and delete a temporary name at the store's root, to learn early that writes fail.
+
+        The name carries the temporary mark, so listings never show it and ``store check`` names
+        one left by a crash as a half-written temporary file; nothing else (no folder) is created.
+
+        Raises:
+            WriteFailed: the store cannot be written.
+            StorageUnavailable: the backend cannot be reached.
+        """
+        path = f"{self._root}/{_TMP_MARK}write-check-{uuid.uuid4().hex[:12]}"
+        with _translated(self.uri(), writing=True):
+            self._fs.pipe_file(path, b"write check")
+            with contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(path)
+
     # ----- internals ---------------------------------------------------------------------------
 
     def _names_under(self, prefix: str) -> builtins.list[str]:

@@ -4,7 +4,7 @@
   the command runs (never at import time).
 * Before any work: the store must be reachable. A command that writes (``train``, ``serve``,
   ``forget``, ``reduce``, ``tune``, ``store check --repair``) creates a missing bucket or folder and
-  proves it can write by committing and deleting a probe object; a command that only reads
+  proves it can write by writing and deleting a temporary name at its root (no folder is left); a command that only reads
   (``forget --status``, ``store check``) refuses a store that does not exist; ``verify`` refuses
   one too, then proves it can write its result there before replaying. A failure is
   reported before anything is computed, as what it is (unreachable, not writable, missing).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import uuid
 
 from obliviate.errors import ConfigError
 
@@ -73,10 +72,8 @@ def prepare_store(url: str, *, write: bool, named_by: str = "--store / $OBLIVIAT
         except StorageError as err:
             raise WriteFailed(f"could not create store {store.url}: {err}") from err
     if write:
-        probe = f"service/probe-{uuid.uuid4().hex[:12]}"
         try:
-            store.put_bytes(probe, b"probe")
-            store.delete(probe)
+            store.check_writable()
         except (WriteFailed, StorageUnavailable):
             raise
         except StorageError as err:

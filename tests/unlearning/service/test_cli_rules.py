@@ -568,3 +568,15 @@ def test_train_refuses_a_run_id_trained_with_other_options_before_a_server_start
     assert main(["train", "--store", url, "--run-id", "r", "--data", "digits", "--shards", "2", *options]) == 2
     assert "run 'r' is already trained as a single chain; this asks for 2 shards" in capsys.readouterr().err
     assert "Prefect API" not in err and not [r for r in caplog.records if r.name.startswith("prefect")]
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path, moto_endpoint):
+    local = tmp_path / "fresh"
+    assert prepare_store(f"file://{local}", write=True) == f"file://{local}"
+    assert list(local.iterdir()) == []  # no service/ folder, no probe object: the store is as created
+    import s3fs
+
+    bucket = f"fresh-{uuid.uuid4().hex[:10]}"
+    prepare_store(f"s3://{bucket}/runs", write=True)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}).find(bucket) == []
