@@ -47,12 +47,33 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def version_line() -> str:
+    """``obliviate 0.1.0 (torch 2.x, Python 3.11.y)``, read from the installed packages (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    python = ".".join(str(part) for part in sys.version_info[:3])
+    return f"obliviate {installed('obliviate')} (torch {installed('torch')}, Python {python})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="obliviate",
-        description="Audit how cheaply a model can be stolen (DRMI) and forget data fast and safely.",
+        description="Audit how cheaply a model can be stolen, and forget data fast, provably and safely.",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_line(),
+        help="show obliviate's version with torch's and Python's (replay needs the same torch) and exit",
+    )
+    # Not required: with no command, main prints this help (the list of commands), not argparse's terse error.
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
@@ -92,7 +113,15 @@ def _own_errors_without_traceback() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        print(
+            "\nobliviate: error: name a COMMAND (listed above); obliviate COMMAND --help shows its options.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         with _own_errors_without_traceback():
             return int(args.handler(args) or 0)
