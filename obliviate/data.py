@@ -120,14 +120,51 @@ class ImageDataset:
         return digest.hexdigest()[:16]
 
     def subset(self, indices: np.ndarray, *, name: str | None = None) -> ImageDataset:
-        """The images and labels at ``indices`` (in that order)."""
-        idx = np.asarray(indices, dtype=np.int64)
+        """The images and labels at ``indices`` (in that order).
+
+        Args:
+            indices: row indices in ``0 .. n-1`` (repeats allowed), or a boolean mask of length n
+                (as numpy indexes: the rows where it is True, in row order).
+            name: the subset's name; default ``"<name>[<count>]"``.
+
+        Returns:
+            a new dataset with the same levels.
+
+        Raises:
+            DataError: a mask of the wrong length, negative, too large or non-integer indices.
+        """
+        idx = self._row_indices(indices)
         return ImageDataset(
             name=name or f"{self.name}[{len(idx)}]",
             images=self.images[idx],
             labels=self.labels[idx],
             levels=self.levels,
         )
+
+    def _row_indices(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        n = len(self)
+        raw = np.asarray(indices)
+        if raw.dtype == np.bool_:
+            if raw.shape != (n,):
+                raise DataError(
+                    f"a boolean mask selecting rows of {self.name!r} must have shape ({n},); got {raw.shape}. "
+                    "Pass one True/False per image, or integer row indices."
+                )
+            return np.flatnonzero(raw)
+        if raw.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if not np.issubdtype(raw.dtype, np.integer):
+            raise DataError(
+                f"row indices of {self.name!r} must be integers in 0..{n - 1}; got dtype {raw.dtype}. "
+                "Pass integer indices (or a boolean mask of length n)."
+            )
+        low, high = int(raw.min()), int(raw.max())
+        if low < 0 or high >= n:
+            raise DataError(
+                f"row indices of {self.name!r} must be in 0..{n - 1} (negative indices do not wrap); got "
+                f"{low if low < 0 else high}. Pass indices of existing rows."
+            )
+        return raw.astype(np.int64, copy=False)
 
 
 def dataset_source(text: str) -> str:

@@ -1,0 +1,38 @@
+"""Bad inputs to the data helpers fail at the entrance with a DataError/ConfigError naming the rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from obliviate.data import ImageDataset
+from obliviate.errors import DataError
+
+
+def _tiny(n: int = 30) -> ImageDataset:
+    images = np.arange(n, dtype=np.uint8)[:, None, None] * np.ones((1, 4, 4), np.uint8)
+    return ImageDataset("tiny", images, np.arange(n, dtype=np.int64) % 3, 256)
+
+
+def test_subset_takes_a_boolean_mask_as_numpy_does() -> None:
+    ds = _tiny()
+    mask = np.arange(30) < 5
+    sub = ds.subset(mask)
+    assert len(sub) == 5
+    assert np.array_equal(sub.images, ds.images[mask])
+    assert np.array_equal(sub.labels, ds.labels[:5])
+    with pytest.raises(DataError, match=r"boolean mask .* shape \(30,\); got \(4,\)"):
+        ds.subset(np.array([True, False, True, True]))
+
+
+@pytest.mark.parametrize("indices", [[-1], [0, 30], np.array([1.0, 2.0])])
+def test_subset_refuses_negative_out_of_range_and_non_integer_indices(indices: object) -> None:
+    with pytest.raises(DataError, match=r"row indices of 'tiny' must be"):
+        _tiny().subset(indices)  # type: ignore[arg-type]
+
+
+def test_subset_with_valid_indices_is_unchanged() -> None:
+    ds = _tiny()
+    sub = ds.subset([3, 1, 1])
+    assert sub.images[:, 0, 0].tolist() == [3, 1, 1]
+    assert len(ds.subset([])) == 0
