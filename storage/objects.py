@@ -145,7 +145,15 @@ class ObjectStore:
     # ----- bytes -----------------------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes | bytearray | memoryview) -> ObjectInfo:
-        """Write ``data`` under ``key``, then its commit record; returns what was committed."""
+        """Write ``data`` under ``key``, then its commit record; returns what was committed.
+
+        Raises:
+            ConfigError: ``data`` is not bytes-like (a ``str``: encode it, or use :meth:`put_json`).
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ConfigError(
+                f"put_bytes stores bytes; got {type(data).__name__}. Encode text first (text.encode()) or use put_json."
+            )
         return self.put_chunks(key, [bytes(data)])
 
     def put_chunks(self, key: str, chunks: Iterable[bytes]) -> ObjectInfo:
@@ -210,13 +218,44 @@ class ObjectStore:
         return self.put_bytes(key, buffer.getvalue())
 
     def get_array(self, key: str) -> np.ndarray:
-        return np.load(io.BytesIO(self.get_bytes(key)), allow_pickle=False)
+        """The array stored by :meth:`put_array`.
+
+        Raises:
+            CorruptObject: the bytes are not a ``.npy`` array (another kind of object under this key).
+        """
+        data = self.get_bytes(key)
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise CorruptObject(
+                f"{self.uri(key)} is not a .npy array ({err}); it was written by something other than put_array."
+            ) from err
 
     def put_json(self, key: str, value: Any) -> ObjectInfo:
-        return self.put_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode())
+        """``value`` as JSON; numpy scalars are written as the Python numbers they hold.
+
+        Raises:
+            ConfigError: a value JSON cannot hold (an object, an array: convert it first).
+        """
+        try:
+            text = json.dumps(value, indent=2, sort_keys=True, default=_json_scalar)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{self.uri(key)}: the value cannot be stored as JSON ({err}).") from err
+        return self.put_bytes(key, text.encode())
 
     def get_json(self, key: str) -> Any:
-        return json.loads(self.get_bytes(key))
+        """The value stored by :meth:`put_json`.
+
+        Raises:
+            CorruptObject: the bytes are not UTF-8 JSON (another kind of object under this key).
+        """
+        data = self.get_bytes(key)
+        try:
+            return json.loads(data)
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+            raise CorruptObject(
+                f"{self.uri(key)} is not JSON ({str(err)[:120]}); it was written by something other than put_json."
+            ) from err
 
     def put_torch(self, key: str, state: Any) -> ObjectInfo:
         """Tensors / state dicts via ``torch.save``; read back with :meth:`get_torch`."""
@@ -594,6 +633,8 @@ def _parse_url(url: str) -> tuple[str, str, str]:
                 "a file store URL must name a folder: file://PATH, e.g. file://./runs or file:///srv/obliviate; "
                 "got 'file://'."
             )
+        if path == "localhost" or path.startswith("localhost/"):
+            path = path[len("localhost") :] or "/"  # RFC 8089: file://localhost/srv/x is /srv/x
         root = os.path.abspath(os.path.expanduser(path.rstrip("/") or "/"))
         return f"file://{root}", "file", root
     url = url.rstrip("/")
@@ -628,7 +669,18 @@ def _check_key(key: str, *, allow_empty: bool = False) -> str:
         )
     if key.endswith(COMMIT_SUFFIX):
         raise ConfigError(f"object key {key!r} ends with the reserved suffix {COMMIT_SUFFIX!r}.")
+    if "\\" in key or any(ord(char) < 32 for char in key):
+        # A backslash is a folder separator on some systems, a control character a broken name on all.
+        raise ConfigError(
+            f"object key {key!r} holds a backslash or a control character; use '/' between segments and plain text."
+        )
     return key
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 @contextlib.contextmanager

@@ -255,3 +255,28 @@ def test_an_empty_bucket_exists_and_a_missing_one_does_not(s3_store):
     assert ObjectStore(f"s3://{empty}/p").container_exists()
     assert ObjectStore(f"s3://{bucket}/p").container_exists()
     assert not ObjectStore(f"s3://missing-{uuid.uuid4().hex[:8]}/p").container_exists()
+
+
+def test_a_reader_of_the_wrong_kind_and_a_writer_of_the_wrong_type_get_clear_errors(store):
+    from obliviate.errors import ConfigError
+
+    store.put_json("cfg.json", {"count": np.int64(3), "rate": np.float32(0.5), "ok": np.bool_(True)})
+    assert store.get_json("cfg.json") == {"count": 3, "rate": 0.5, "ok": True}  # numpy scalars stored as numbers
+    store.put_array("m.npy", np.arange(3))
+    with pytest.raises(CorruptObject, match="not a .npy array"):
+        store.get_array("cfg.json")
+    with pytest.raises(CorruptObject, match="not JSON"):
+        store.get_json("m.npy")
+    with pytest.raises(ConfigError, match="cannot be stored as JSON"):
+        store.put_json("bad.json", {"model": object()})
+    with pytest.raises(ConfigError, match="stores bytes; got str"):
+        store.put_bytes("text.bin", "hello")
+    for key in ("a\\b.json", "a/b\x00.json", "line\nbreak"):
+        with pytest.raises(ConfigError, match="backslash or a control character"):
+            store.put_bytes(key, b"x")
+    assert store.list() == ["cfg.json", "m.npy"]
+
+
+def test_file_localhost_url_names_an_absolute_path(tmp_path):
+    assert ObjectStore(f"file://localhost{tmp_path}").url == f"file://{tmp_path}"
+    assert ObjectStore("file://localhost/").url == "file:///"
