@@ -44,7 +44,7 @@ class Pool:
 
     Attributes:
         images: ``(n, H, W)`` uint8 gray levels (disjoint from the target's training data).
-        levels: gray levels of the images.
+        levels: gray levels of the images, 2..256; every pixel must be below it (refused otherwise).
         drmi_starts: restarts of DRMI selectors: ``None`` for one per pool image (SPEC default,
             slow on large pools), or this many seeded start vertices.
         feature_dims: dimensions of the PCA feature space used by feature-based selectors.
@@ -63,6 +63,10 @@ class Pool:
                 f"pool images must be uint8 (n, H, W); got {getattr(self.images, 'dtype', None)} "
                 f"{getattr(self.images, 'shape', None)}."
             )
+        from obliviate.reduction.mi import check_gray_levels, check_levels
+
+        check_levels(self.levels)
+        check_gray_levels(self.images, levels=self.levels)
 
     @property
     def n(self) -> int:
@@ -140,19 +144,39 @@ def acquire(
     target: Target,
     train: TrainConfig = TrainConfig(),
 ) -> Acquisition:
-    """Run selector ``name`` with budget ``k`` and return the labelled images.
+    """Run selector ``name`` with budget ``k`` and return the labelled images (SPEC section 3, "Selectors").
 
     Label-free selectors choose ``k`` distinct pool indices (checked here), then the target is
-    queried once for all of them. Querying selectors spend the budget themselves.
+    queried once for all of them. Querying selectors spend the budget themselves. Every ``k`` in
+    ``1..pool.n`` is served: the DRMI selectors buy one random image at ``k = 1`` and the whole pool at
+    ``k = pool.n`` (DRMI itself needs ``2 <= k < n``, SPEC section 2).
+
+    Args:
+        name: a registered selector (:func:`get_selector`).
+        pool: the attacker's unlabeled pool.
+        k: the budget, a whole number of queries in ``1..pool.n``.
+        rng: the selector's only source of randomness, e.g. ``np.random.default_rng(seed)``.
+        target: the budgeted, label-only view of the target.
+        train: substitute training of the selectors that train one while they choose (``jacobian``).
+
+    Returns:
+        the bought images, the target's labels, their pool indices and the queries spent.
 
     Raises:
-        ConfigError: unknown selector, ``k`` outside ``1..pool.n``, or a selector that broke its
-            contract (wrong count, duplicates, out-of-range indices).
+        ConfigError: unknown selector, ``k`` not a whole number in ``1..pool.n``, ``rng`` not a
+            ``numpy.random.Generator``, or a selector that broke its contract (wrong count, duplicates,
+            out-of-range indices).
         BudgetExceeded: the target's budget is smaller than ``k``.
     """
     spec = get_selector(name)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ConfigError(f"budget k must be a whole number >= 1; got {type(k).__name__} {k!r}. Pass an int.")
     if not 1 <= k <= pool.n:
         raise ConfigError(f"budget k must be in 1..{pool.n} (the pool size); got {k}.")
+    if not isinstance(rng, np.random.Generator):
+        raise ConfigError(
+            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); got {type(rng).__name__}."
+        )
     if spec.needs_target:
         return spec.fn(pool, k=k, rng=rng, target=target, train=train)
     indices = check_indices(spec.fn(pool, k=k, rng=rng), k=k, n=pool.n, name=name)
@@ -163,6 +187,19 @@ def acquire(
 
 
 def get_selector(name: str) -> SelectorSpec:
+    """The registered selector ``name`` (SPEC section 3, "Selectors").
+
+    Args:
+        name: a key of :data:`SELECTORS` (``drmi`` and its variants, ``random``, ``kcenter``, ``facility``,
+            ``cluster_centers``, ``jacobian``, ``jacobian_r2``, ``adaptive``, ``auto``).
+
+    Returns:
+        its :class:`SelectorSpec`: the function, whether it queries the target or trains substitutes, and
+        its summary.
+
+    Raises:
+        ConfigError: no selector is registered under ``name``; the message lists those that are.
+    """
     if name not in SELECTORS:
         raise ConfigError(f"unknown selector {name!r}: choose from {', '.join(sorted(SELECTORS))}.")
     return SELECTORS[name]
@@ -199,6 +236,8 @@ def _drmi_subset(pool: Pool, *, k: int, rng: np.random.Generator, variant: str) 
         images, levels, bins, normalize = _variant_images(pool, variant)
         return mi_matrix(images, levels=levels, bins=bins, normalize=normalize)
 
+    if k >= pool.n:  # the whole pool: DRMI needs 2 <= k < n, and every subset of size n is the pool
+        return np.arange(pool.n, dtype=np.int64)
     matrix = pool.memo(("mi", variant), compute)
     if k < 2:
         return np.array([int(rng.integers(pool.n))])
@@ -264,7 +303,12 @@ def random_subset(pool: Pool, *, k: int, rng: np.random.Generator) -> np.ndarray
 
 
 def pool_features(pool: Pool) -> np.ndarray:
-    """``(n, d)`` float32 PCA coordinates of the pool's pixels (fit on the pool only, label-free)."""
+    """``(n, d)`` float32 PCA coordinates of the pool's pixels (fit on the pool only, label-free).
+
+    Raises:
+        ConfigError: ``pool.feature_dims`` is not a whole number >= 1.
+    """
+    check_feature_dims(pool.feature_dims)
 
     def compute() -> np.ndarray:
         x = pool.images.reshape(pool.n, -1).astype(np.float64) / (pool.levels - 1)
@@ -276,6 +320,15 @@ def pool_features(pool: Pool) -> np.ndarray:
     return pool.memo(("pca", pool.feature_dims), compute)
 
 
+def check_feature_dims(feature_dims: object) -> None:
+    """Refuse a PCA dimension below 1 (``ConfigError``): zero features make every pool image the same point."""
+    if isinstance(feature_dims, bool) or not isinstance(feature_dims, (int, np.integer)) or feature_dims < 1:
+        raise ConfigError(
+            f"Pool feature_dims must be a whole number >= 1 (PCA dimensions of the feature-based selectors); got "
+            f"{feature_dims!r}. Pass e.g. 50 (the default)."
+        )
+
+
 def _squared_distances(feats: np.ndarray) -> np.ndarray:
     sq = (feats.astype(np.float64) ** 2).sum(axis=1)
     d2 = sq[:, None] + sq[None, :] - 2.0 * feats.astype(np.float64) @ feats.T.astype(np.float64)
@@ -284,11 +337,16 @@ def _squared_distances(feats: np.ndarray) -> np.ndarray:
 
 @selector("kcenter")
 def kcenter(pool: Pool, *, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-center greedy (Sener & Savarese 2018) on PCA features: repeatedly add the farthest image."""
+    """k-center greedy (Sener & Savarese 2018) on PCA features: repeatedly add the farthest image.
+
+    Once every image left coincides with a chosen one in feature space (a pool with fewer than ``k``
+    distinct images), the next picks are the first images not chosen yet: the indices stay distinct.
+    """
     feats = pool_features(pool)
     chosen = [int(rng.integers(pool.n))]
     nearest = ((feats - feats[chosen[0]]) ** 2).sum(axis=1)
     for _ in range(k - 1):
+        nearest[chosen[-1]] = -1.0  # never picked again (a chosen image is at distance 0 from itself)
         nxt = int(np.argmax(nearest))
         chosen.append(nxt)
         nearest = np.minimum(nearest, ((feats - feats[nxt]) ** 2).sum(axis=1))
