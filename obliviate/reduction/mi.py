@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from obliviate.errors import ConfigError, DataError
+from obliviate.reduction._checks import whole_number
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,7 +189,12 @@ def mi_matrix(
         normalize: normalised MI.
         block: tile side.
         on_tile: called as ``on_tile(done, total)`` after each tile, for progress display.
+
+    Raises:
+        ConfigError: ``block`` is not a whole number >= 1, or ``levels`` / ``bins`` is outside 2..256.
+        DataError: the images are not uint8 or hold a gray level ``>= levels``.
     """
+    whole_number(block, name="block", minimum=1)
     prepared = prepare_images(images, levels=levels, bins=bins)
     n = prepared.n
     matrix = np.zeros((n, n), dtype=np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from obliviate.errors import DataError
+from obliviate.errors import ConfigError, DataError
 from obliviate.reduction.mi import mi_matrix, mutual_information, prepare_images, quantize
 
 
@@ -33,3 +33,10 @@ def test_gray_levels_below_levels_are_accepted_unchanged() -> None:
     imgs = _images(top=16)
     assert quantize(imgs, levels=16, bins=16).max() <= 15
     assert mi_matrix(imgs, levels=16).shape == (3, 3)
+
+
+@pytest.mark.parametrize("block", [-1, 0, 2.5, True])
+def test_mi_matrix_refuses_a_block_that_is_not_a_whole_number_from_1(block) -> None:
+    # block=-1 returned an all-zero off-diagonal matrix; block=0 raised a bare ValueError from range()
+    with pytest.raises(ConfigError, match=r"block must be a whole number >= 1; got"):
+        mi_matrix(_images(), block=block)
