@@ -24,6 +24,7 @@ from obliviate.unlearning.chain import (
     CheckpointSink,
     with_replaced,
 )
+from obliviate.unlearning.plan import check_sample_ids
 from obliviate.unlearning.records import DeletionError, GuardrailResult, Policy, UnlearningRecord, UnlearningResult
 from obliviate.unlearning.trainer import BlockTiming, BlockTrainer
 
@@ -37,24 +38,12 @@ def validate_deletion(chain: Chain, ids: Iterable[int]) -> np.ndarray:
     raw = list(ids)
     if not raw:
         raise DeletionError("rule: a deletion must name at least one sample id; got an empty set. Nothing changed.")
-    bad_type = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
-    if bad_type:
-        raise DeletionError(
-            f"rule: sample ids must be integers (training-set row indices); got {bad_type[:5]!r}. Nothing changed."
-        )
-    values = np.asarray([int(v) for v in raw], dtype=np.int64)
+    values = check_sample_ids(raw, num_samples=chain.plan.num_samples, error=DeletionError, tail="Nothing changed.")
     unique, counts = np.unique(values, return_counts=True)
     if (counts > 1).any():
         raise DeletionError(
             f"rule: each sample id may appear once per request; duplicated: {unique[counts > 1][:10].tolist()}. "
             "Remove the repeats. Nothing changed."
-        )
-    n = chain.plan.num_samples
-    unknown = unique[(unique < 0) | (unique >= n)]
-    if unknown.size:
-        raise DeletionError(
-            f"rule: sample ids must be in 0..{n - 1} (the chain's training set); unknown: {unknown[:10].tolist()}. "
-            "Nothing changed."
         )
     already = sorted(set(unique.tolist()) & chain.deleted_ids)
     if already:

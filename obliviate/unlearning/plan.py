@@ -7,7 +7,7 @@ resolves a deletion request to the blocks it touches.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,51 @@ from obliviate.data import stratified_split
 from obliviate.errors import ConfigError
 
 _PLAN_STREAM = 0xB10C  # separates the block-split stream from per-block training streams
+
+
+def check_sample_ids(
+    ids: Iterable[int] | np.ndarray,
+    *,
+    num_samples: int,
+    error: type[Exception] = ConfigError,
+    tail: str = "",
+) -> np.ndarray:
+    """Check training-sample ids: integers in ``0 .. num_samples-1``; return them as int64, in the given order.
+
+    The one rule for sample ids, shared by deletion requests (:func:`~obliviate.unlearning.exact.validate_deletion`),
+    training exclusions (:func:`~obliviate.unlearning.trainer.keep_mask`) and the plan's look-ups: a negative id
+    would silently wrap to the last rows of the training set, a too-large one fail deep inside torch.
+
+    Args:
+        ids: sample ids (any iterable of integers, or an integer numpy array of any shape).
+        num_samples: n, the size of the training set.
+        error: the exception type to raise (``DeletionError`` for requests).
+        tail: text appended to the message (e.g. "Nothing changed.").
+
+    Returns:
+        the ids as an int64 array of the input's shape (1-D for an iterable); repeats are kept.
+
+    Raises:
+        ConfigError: (or ``error``) a non-integer id, or one outside ``0 .. num_samples-1``.
+    """
+    end = f" {tail}" if tail else ""
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        ids = np.asarray(ids)
+    if isinstance(ids, np.ndarray) and np.issubdtype(ids.dtype, np.integer):
+        outside = ids[ids >= num_samples] if ids.dtype.kind == "u" else ids[(ids < 0) | (ids >= num_samples)]
+        unknown = np.unique(outside).tolist()
+    else:
+        flat = np.asarray(ids, dtype=object).ravel().tolist() if isinstance(ids, np.ndarray) else list(ids)
+        bad_type = [v for v in flat if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+        if bad_type:
+            raise error(f"rule: sample ids must be integers (training-set row indices); got {bad_type[:5]!r}.{end}")
+        unknown = sorted({int(v) for v in flat if not 0 <= int(v) < num_samples})
+        ids = np.asarray([int(v) for v in flat], dtype=np.int64) if not unknown else ids
+    if unknown:
+        raise error(
+            f"rule: sample ids must be in 0..{num_samples - 1} (training-set row indices); unknown: {unknown[:10]}.{end}"
+        )
+    return np.asarray(ids).astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,12 +89,26 @@ class BlockPlan:
         return len(self.blocks)
 
     def block_ids(self, block: int) -> np.ndarray:
-        """Sample ids of block ``block`` (1-based), in their stored order."""
+        """Sample ids of block ``block`` (1-based), in their stored order.
+
+        Raises:
+            ConfigError: ``block`` is not an integer in ``1 .. num_blocks`` (block 0 is M_0, which holds no data).
+        """
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 1 <= block <= self.num_blocks:
+            raise ConfigError(
+                f"rule: blocks are numbered 1..{self.num_blocks} (block 1 first); got {block!r}. "
+                "Pass a block number in that range."
+            )
         return self.blocks[block - 1]
 
     def block_of(self, ids: np.ndarray | Sequence[int]) -> np.ndarray:
-        """The 1-based block of each sample id (0 for ids held in no block)."""
-        return self._block_of[np.asarray(ids, dtype=np.int64)]  # type: ignore[attr-defined]
+        """The 1-based block of each sample id.
+
+        Raises:
+            ConfigError: an id that is not an integer in ``0 .. num_samples-1``.
+        """
+        values = check_sample_ids(ids, num_samples=self.num_samples)
+        return self._block_of[values]  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able mapping block -> sample ids."""

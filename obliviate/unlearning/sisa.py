@@ -26,6 +26,7 @@ from obliviate.data import stratified_split
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig, ScheduleName, model_from_state, new_model, schedule_rate
+from obliviate.unlearning.plan import check_sample_ids
 from obliviate.unlearning.records import DeletionError, UnlearningRecord
 from obliviate.unlearning.trainer import (
     block_seed,
@@ -167,11 +168,15 @@ def _train_shard(
 
 
 def train_sisa(config: SisaConfig, data: BlockData, *, excluded_ids: Iterable[int] = ()) -> SisaEnsemble:
-    """Train all S shard models from scratch (without ``excluded_ids``)."""
+    """Train all S shard models from scratch (without ``excluded_ids``).
+
+    Raises:
+        ConfigError: an excluded id that is not an integer in ``0 .. n-1``.
+    """
     slices = make_sisa_slices(
         data.train.labels, num_shards=config.num_shards, num_slices=config.num_slices, seed=config.base.seed
     )
-    excluded = frozenset(int(i) for i in excluded_ids)
+    excluded = frozenset(check_sample_ids(list(excluded_ids), num_samples=data.num_train).tolist())
     keep = keep_mask(data.num_train, excluded)
     states = []
     for k in range(config.num_shards):
@@ -238,16 +243,13 @@ def _validate(ensemble: SisaEnsemble, ids: Iterable[int]) -> np.ndarray:
     raw = list(ids)
     if not raw:
         raise DeletionError("rule: a deletion must name at least one sample id; got an empty set. Nothing changed.")
-    values = np.asarray([int(v) for v in raw], dtype=np.int64)
+    n = sum(len(s) for shard in ensemble.slices for s in shard)
+    values = check_sample_ids(raw, num_samples=n, error=DeletionError, tail="Nothing changed.")
     unique, counts = np.unique(values, return_counts=True)
     if (counts > 1).any():
         raise DeletionError(
             f"rule: each sample id may appear once per request; duplicated: {unique[counts > 1][:10].tolist()}."
         )
-    n = sum(len(s) for shard in ensemble.slices for s in shard)
-    unknown = unique[(unique < 0) | (unique >= n)]
-    if unknown.size:
-        raise DeletionError(f"rule: sample ids must be in 0..{n - 1}; unknown: {unknown[:10].tolist()}.")
     already = sorted(set(unique.tolist()) & ensemble.deleted_ids)
     if already:
         raise DeletionError(f"rule: a sample can be deleted once; already deleted: {already[:10]}.")

@@ -41,7 +41,7 @@ from obliviate.unlearning.chain import (
     check_checkpoint,
 )
 from obliviate.unlearning.config import BlockTrainingConfig, OptimizerName, model_from_state, new_model
-from obliviate.unlearning.plan import BlockPlan, make_block_plan
+from obliviate.unlearning.plan import BlockPlan, check_sample_ids, make_block_plan
 
 
 @contextlib.contextmanager
@@ -132,8 +132,21 @@ def train_block(
 
 
 def keep_mask(num_samples: int, excluded_ids: Sequence[int] | frozenset[int] | np.ndarray) -> torch.Tensor:
+    """Which training samples a chain trains on: everything but the excluded (deleted) ids (SPEC section 4).
+
+    Args:
+        num_samples: n, the size of the training set.
+        excluded_ids: sample ids never trained on (repeats allowed).
+
+    Returns:
+        a ``(n,)`` bool tensor, False at the excluded ids.
+
+    Raises:
+        ConfigError: an excluded id that is not an integer in ``0 .. n-1`` (a negative one would wrap to
+            the last rows and leave out the wrong sample).
+    """
     keep = torch.ones(num_samples, dtype=torch.bool)
-    excluded = np.fromiter((int(i) for i in excluded_ids), dtype=np.int64)
+    excluded = check_sample_ids(excluded_ids, num_samples=num_samples).ravel()
     if excluded.size:
         keep[torch.from_numpy(excluded)] = False
     return keep
@@ -311,9 +324,10 @@ def train_chain(
 
     Raises:
         ChainMismatchError: resumed checkpoints from another config or data, or out of order.
+        ConfigError: an excluded id that is not an integer in ``0 .. n-1``.
     """
     plan = plan or make_block_plan(data.train.labels, num_blocks=config.num_blocks, seed=config.seed)
-    excluded = frozenset(int(i) for i in excluded_ids)
+    excluded = frozenset(check_sample_ids(excluded_ids, num_samples=data.num_train).tolist())
     trainer = BlockTrainer(config=config, data=data, plan=plan)
     checkpoints = list(resume_from)
     for position, checkpoint in enumerate(checkpoints):

@@ -1,0 +1,66 @@
+"""Bad inputs to the unlearning API fail at the entrance with an error that names the rule and the value."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from obliviate.errors import ConfigError
+from obliviate.unlearning.chain import BlockData
+from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.exact import validate_deletion
+from obliviate.unlearning.plan import make_block_plan
+from obliviate.unlearning.records import DeletionError
+from obliviate.unlearning.sisa import SisaConfig, train_sisa
+from obliviate.unlearning.trainer import keep_mask, train_chain
+
+
+def _tiny_config(**overrides: object) -> BlockTrainingConfig:
+    values: dict[str, object] = {"image_size": 8, "levels": 17, "num_blocks": 2, "local_epochs": 1, "batch_size": 64}
+    values.update(overrides)
+    return BlockTrainingConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ids", [[-1], [5], [True], [1.5]])
+def test_keep_mask_refuses_ids_outside_the_training_set(ids: list[object]) -> None:
+    with pytest.raises(ConfigError, match=r"rule: sample ids must be"):
+        keep_mask(5, ids)  # type: ignore[arg-type]
+    assert keep_mask(5, [4, 4]).tolist() == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("ids", [[-1], [1000]])
+def test_train_chain_refuses_bad_excluded_ids_before_training(ids: list[int], digits_data: BlockData) -> None:
+    seen = []
+    with pytest.raises(ConfigError, match=rf"must be in 0..599 .*unknown: \[{ids[0]}\]"):
+        train_chain(config=_tiny_config(), data=digits_data, excluded_ids=ids, sink=seen.append)
+    assert seen == []
+
+
+def test_train_sisa_refuses_bad_excluded_ids(digits_data: BlockData) -> None:
+    config = SisaConfig(base=_tiny_config(), num_shards=2, num_slices=2)
+    with pytest.raises(ConfigError, match=r"unknown: \[999\]"):
+        train_sisa(config, digits_data, excluded_ids=[999])
+
+
+def test_plan_block_numbers_start_at_one_and_ids_do_not_wrap() -> None:
+    plan = make_block_plan(np.arange(20) % 2, num_blocks=4, seed=0)
+    with pytest.raises(ConfigError, match=r"blocks are numbered 1..4 \(block 1 first\); got 0"):
+        plan.block_ids(0)
+    with pytest.raises(ConfigError, match=r"got 5"):
+        plan.block_ids(5)
+    with pytest.raises(ConfigError, match=r"unknown: \[-1\]"):
+        plan.block_of([-1])
+    with pytest.raises(ConfigError, match=r"unknown: \[20\]"):
+        plan.block_of(np.array([3, 20]))
+    assert plan.block_of(plan.block_ids(4)).tolist() == [4] * 5
+    assert int(plan.block_of(np.int64(0))) >= 1
+
+
+def test_validate_deletion_keeps_its_rule_for_bad_ids() -> None:
+    adam_chain = SimpleNamespace(plan=SimpleNamespace(num_samples=600), deleted_ids=frozenset())
+    with pytest.raises(DeletionError, match=r"must be in 0..599 .*unknown: \[-1\]\. Nothing changed\."):
+        validate_deletion(adam_chain, [-1, 2])
+    with pytest.raises(DeletionError, match=r"must be integers .*Nothing changed\."):
+        validate_deletion(adam_chain, [2.0])
