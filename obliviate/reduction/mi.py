@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from obliviate.errors import ConfigError, DataError
-from obliviate.reduction._checks import whole_number
+from obliviate.reduction._checks import index_array, whole_number
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,6 +145,9 @@ def mi_tile(
         normalize: normalised MI (SPEC section 1 switch).
         upper_only: compute only entries with ``rows[a] < cols[b]`` and leave the rest 0;
             for diagonal tiles of a symmetric plan, which mirror them afterwards.
+
+    Raises:
+        ConfigError: ``rows`` or ``cols`` holds booleans, fractions, or indices outside ``0..n-1``.
     """
     rows = _check_indices(rows, prepared.n, "rows")
     cols = _check_indices(cols, prepared.n, "cols")
@@ -261,7 +264,7 @@ def _as_flat_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def _check_indices(idx: np.ndarray, n: int, what: str) -> np.ndarray:
-    arr = np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+    arr = index_array(idx, name=what)
     if arr.size and (arr.min() < 0 or arr.max() >= n):
         raise ConfigError(f"{what} must index the {n} prepared images; got values {arr.min()}..{arr.max()}.")
     return arr

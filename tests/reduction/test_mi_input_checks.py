@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from obliviate.errors import ConfigError, DataError
-from obliviate.reduction.mi import mi_matrix, mutual_information, prepare_images, quantize
+from obliviate.reduction.mi import mi_matrix, mi_tile, mutual_information, prepare_images, quantize
 
 
 def _images(n: int = 3, top: int = 256, seed: int = 0) -> np.ndarray:
@@ -40,3 +40,26 @@ def test_mi_matrix_refuses_a_block_that_is_not_a_whole_number_from_1(block) -> N
     # block=-1 returned an all-zero off-diagonal matrix; block=0 raised a bare ValueError from range()
     with pytest.raises(ConfigError, match=r"block must be a whole number >= 1; got"):
         mi_matrix(_images(), block=block)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (np.array([True, False]), "rows must be integer indices; got an array of dtype bool"),  # read as 1, 0
+        (np.array([0.7]), "rows must be integer indices; got an array of dtype float64"),  # truncated to 0
+        (np.array([-1]), r"rows must index the 3 prepared images; got values -1..-1"),
+        (np.array([3], dtype=np.uint64), r"rows must index the 3 prepared images; got values 3..3"),
+    ],
+)
+def test_mi_tile_refuses_rows_that_are_not_image_indices(rows, message) -> None:
+    prepared = prepare_images(_images())
+    with pytest.raises(ConfigError, match=message):
+        mi_tile(prepared, rows=rows, cols=np.array([0, 1]))
+    with pytest.raises(ConfigError, match=message.replace("rows", "cols")):
+        mi_tile(prepared, rows=np.array([0, 1]), cols=rows)
+
+
+def test_mi_tile_accepts_lists_and_numpy_integer_indices() -> None:
+    prepared = prepare_images(_images())
+    expected = mi_tile(prepared, rows=np.array([0, 1]), cols=np.array([2]))
+    assert np.array_equal(mi_tile(prepared, rows=[0, 1], cols=np.array([2], dtype=np.int32)), expected)
