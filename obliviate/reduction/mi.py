@@ -65,8 +65,8 @@ def quantize(images: np.ndarray, *, levels: int = 256, bins: int = 256) -> np.nd
     32 bins ranks pairs with Spearman rho 0.94 against 256 levels).
 
     Raises:
-        DataError: the images are not uint8, or hold a gray level ``>= levels`` (the counting
-            kernels index their histograms by level).
+        DataError: the images are not uint8, are empty (no image or no pixel), or hold a gray
+            level ``>= levels`` (the counting kernels index their histograms by level).
         ConfigError: ``levels`` or ``bins`` is outside 2..256.
     """
     check_bins(levels=levels, bins=bins)
@@ -260,6 +260,11 @@ def _as_flat_uint8(images: np.ndarray) -> np.ndarray:
         )
     if arr.ndim < 2:
         raise DataError(f"images must have shape (n, P) or (n, H, W); got {arr.shape}.")
+    if arr.size == 0:
+        raise DataError(
+            f"images must hold at least one image of at least one pixel; got shape {arr.shape}. "
+            "Pass a non-empty image set."
+        )
     return arr.reshape(arr.shape[0], -1)
 
 

@@ -63,3 +63,18 @@ def test_mi_tile_accepts_lists_and_numpy_integer_indices() -> None:
     prepared = prepare_images(_images())
     expected = mi_tile(prepared, rows=np.array([0, 1]), cols=np.array([2]))
     assert np.array_equal(mi_tile(prepared, rows=[0, 1], cols=np.array([2], dtype=np.int32)), expected)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: quantize(np.zeros((0, 8, 8), np.uint8)),  # numpy's "cannot reshape array of size 0"
+        lambda: prepare_images(np.zeros((0, 8, 8), np.uint8)),
+        lambda: mi_matrix(np.zeros((0, 8, 8), np.uint8)),
+        lambda: prepare_images(np.zeros((3, 0), np.uint8)),  # entropy nan
+        lambda: mutual_information(np.zeros(0, np.uint8), np.zeros(0, np.uint8)),  # returned nan
+    ],
+)
+def test_empty_image_sets_and_zero_pixel_images_are_refused(call) -> None:
+    with pytest.raises(DataError, match=r"images must hold at least one image of at least one pixel; got shape"):
+        call()
