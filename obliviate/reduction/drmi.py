@@ -33,6 +33,7 @@ import numba
 import numpy as np
 
 from obliviate.errors import ConfigError, DataError
+from obliviate.reduction._checks import index_array, whole_number
 
 
 class Aggregate(str, Enum):
@@ -107,8 +108,25 @@ class ReductionResult:
 
 
 def subset_cost(matrix: np.ndarray, subset: Sequence[int] | np.ndarray) -> float:
-    """``H(S)``, recomputed from scratch: the sum of ``I[u][v]`` over unordered pairs of S."""
-    idx = np.asarray(subset, dtype=np.int64)
+    """``H(S)``, recomputed from scratch: the sum of ``I[u][v]`` over unordered pairs of S (SPEC section 2).
+
+    The reference the incremental H of :func:`one_hot_replacement` and :func:`drmi_reduce` is tested against.
+
+    Args:
+        matrix: a square ``(n, n)`` MI matrix.
+        subset: distinct indices in ``0..n-1``.
+
+    Returns:
+        ``H(S)`` as a float (0.0 for fewer than two members).
+
+    Raises:
+        ConfigError: ``matrix`` is not square, or ``subset`` holds non-integers, repeats or indices
+            outside ``0..n-1``.
+    """
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ConfigError(f"the MI matrix must be square (n, n); got shape {matrix.shape}.")
+    idx = _check_members(subset, matrix.shape[0])
     block = np.asarray(matrix, dtype=np.float64)[np.ix_(idx, idx)]
     return float((block.sum() - np.trace(block)) / 2.0)
 
@@ -149,9 +167,7 @@ def drmi_reduce(
     Returns:
         the subset with the lowest H over all restarts (ties: the lowest start vertex).
     """
-    source = _as_source(matrix)
-    if isinstance(source, DenseRows):
-        _check_mi_matrix(source.matrix)
+    source = _checked_source(matrix)
     check_subset_size(k, source.n)
     start_vertices = (
         _check_starts(starts, source.n)
@@ -159,7 +175,7 @@ def drmi_reduce(
         else choose_starts(source.n, num_starts=num_starts, rng=rng)
     )
     t0 = time.perf_counter()
-    records = run_restarts(source, k=k, starts=start_vertices, aggregate=aggregate, on_restarts=on_restarts)
+    records = _run_restarts(source, k=k, starts=start_vertices, aggregate=aggregate, on_restarts=on_restarts)
     best = min(records, key=lambda r: (r.h, r.start))
     return ReductionResult(subset=np.sort(best.subset), h=best.h, restarts=records, seconds=time.perf_counter() - t0)
 
@@ -172,15 +188,43 @@ def run_restarts(
     aggregate: Aggregate | str = Aggregate.SUM,
     on_restarts: Callable[[int, int], None] | None = None,
 ) -> list[RestartRecord]:
-    """Greedy + replacement from each start vertex; dense matrices run in parallel threads.
+    """Greedy + replacement from each start vertex (seed Algorithms 1-3, SPEC section 2).
 
-    With ``on_restarts``, it is called as ``on_restarts(done, total)`` as restarts finish: after
-    each restart on the row-source path, after each chunk of about 1 % of them on the dense one.
+    Dense matrices run in parallel threads; a row source runs one restart after another.
+
+    Args:
+        matrix: a symmetric ``(n, n)`` MI matrix with finite entries, or a :class:`RowSource`.
+        k: subset size, ``2 <= k < n``.
+        starts: the start vertices, one restart each, in ``0..n-1``.
+        aggregate: greedy's ``g``: ``"sum"`` (default) or ``"max"``.
+        on_restarts: called as ``on_restarts(done, total)`` as restarts finish: after each restart
+            on the row-source path, after each chunk of about 1 % of them on the dense one.
+
+    Returns:
+        one :class:`RestartRecord` per start vertex, in the order of ``starts``.
+
+    Raises:
+        ConfigError: ``k`` or a start vertex breaks its rule, or the matrix is not square.
+        DataError: a dense matrix holds a non-finite entry or is not symmetric.
     """
-    aggregate = Aggregate(aggregate)
-    source = _as_source(matrix)
+    source = _checked_source(matrix)
     check_subset_size(k, source.n)
-    start_vertices = _check_starts(starts, source.n)
+    return _run_restarts(
+        source, k=k, starts=_check_starts(starts, source.n), aggregate=aggregate, on_restarts=on_restarts
+    )
+
+
+def _run_restarts(
+    source: RowSource,
+    *,
+    k: int,
+    starts: np.ndarray,
+    aggregate: Aggregate | str,
+    on_restarts: Callable[[int, int], None] | None,
+) -> list[RestartRecord]:
+    """:func:`run_restarts` on a source and starts already checked."""
+    aggregate = Aggregate(aggregate)
+    start_vertices = starts
     if isinstance(source, DenseRows):
         dense = np.ascontiguousarray(source.matrix, dtype=np.float32)
         subsets = np.empty((start_vertices.shape[0], k), dtype=np.int64)
@@ -220,8 +264,22 @@ def run_restarts(
 def greedy_init(
     matrix: np.ndarray | RowSource, *, start: int, k: int, aggregate: Aggregate | str = Aggregate.SUM
 ) -> np.ndarray:
-    """Greedy initialisation from ``start`` (seed Algorithm 2): the k members in order of joining."""
-    source = _as_source(matrix)
+    """Greedy initialisation from ``start`` (seed Algorithm 2, SPEC section 2).
+
+    Args:
+        matrix: a symmetric ``(n, n)`` MI matrix with finite entries, or a :class:`RowSource`.
+        start: the start vertex, in ``0..n-1``.
+        k: subset size, ``2 <= k < n``.
+        aggregate: how a new member's row folds into the score: ``"sum"`` (default) or ``"max"``.
+
+    Returns:
+        the k members in order of joining, ``start`` first.
+
+    Raises:
+        ConfigError: ``k`` or ``start`` breaks its rule, or the matrix is not square.
+        DataError: a dense matrix holds a non-finite entry or is not symmetric.
+    """
+    source = _checked_source(matrix)
     check_subset_size(k, source.n)
     members, _, _ = _greedy(source.row, source.n, start=start, k=k, use_max=Aggregate(aggregate) is Aggregate.MAX)
     return members
@@ -230,25 +288,28 @@ def greedy_init(
 def one_hot_replacement(
     matrix: np.ndarray | RowSource, *, subset: Sequence[int] | np.ndarray, max_swaps: int | None = None
 ) -> tuple[np.ndarray, float, int, np.ndarray]:
-    """One-hot replacement from ``subset`` (seed Algorithm 3).
+    """One-hot replacement from ``subset`` (seed Algorithm 3, SPEC section 2).
 
     Args:
-        matrix: the MI matrix or a row source.
-        subset: the starting members.
-        max_swaps: stop after this many swaps (for inspecting intermediate states); ``None`` runs
-            until no swap lowers H.
+        matrix: the MI matrix (symmetric, finite) or a row source.
+        subset: the starting members: distinct indices in ``0..n-1``, ``2 <= len(subset) < n``.
+        max_swaps: stop after this many swaps, a whole number >= 0 (for inspecting intermediate
+            states); ``None`` runs until no swap lowers H.
 
     Returns:
         ``(members, h, swaps, sums)``: the final members, their H, the number of swaps, and the
         incrementally maintained ``A[x] = sum_{j in S} I[x][j]`` (Out for non-members, In plus
         the diagonal for members).
+
+    Raises:
+        ConfigError: ``subset`` holds non-integers, repeats or indices outside ``0..n-1``, has a size
+            outside ``2..n-1``, or ``max_swaps`` is not ``None`` or a whole number >= 0.
+        DataError: a dense matrix holds a non-finite entry or is not symmetric.
     """
-    source = _as_source(matrix)
-    members = np.array(subset, dtype=np.int64)
-    if np.unique(members).shape[0] != members.shape[0]:
-        raise ConfigError(
-            f"subset must hold distinct indices; got {members.shape[0] - np.unique(members).shape[0]} repeats."
-        )
+    if max_swaps is not None:
+        whole_number(max_swaps, name="max_swaps", minimum=0)
+    source = _checked_source(matrix)
+    members = _check_members(subset, source.n)
     check_subset_size(members.shape[0], source.n)
     sums = np.zeros(source.n, dtype=np.float64)
     for m in members:
@@ -474,6 +535,14 @@ def _as_source(matrix: np.ndarray | RowSource) -> RowSource:
     return matrix
 
 
+def _checked_source(matrix: np.ndarray | RowSource) -> RowSource:
+    """:func:`_as_source`, with a dense matrix checked finite and symmetric (:func:`_check_mi_matrix`)."""
+    source = _as_source(matrix)
+    if isinstance(source, DenseRows):
+        _check_mi_matrix(source.matrix)
+    return source
+
+
 def _check_mi_matrix(matrix: np.ndarray) -> None:
     """Refuse a dense matrix with a non-finite entry or one that is not symmetric.
 
@@ -518,6 +587,19 @@ def check_subset_size(k: int, n: int) -> None:
         raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}. A subset has at least 2 images: raise k.")
     if k >= n:
         raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}. Choose a smaller subset or a larger pool.")
+
+
+def _check_members(subset: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    """``subset`` as a fresh int64 array of distinct indices in ``0..n-1``, or :class:`ConfigError`."""
+    members = index_array(subset, name="subset").copy()
+    if members.size and (members.min() < 0 or members.max() >= n):
+        raise ConfigError(
+            f"subset must hold indices in 0..{n - 1} (rows of the MI matrix); got {members.min()}..{members.max()}."
+        )
+    repeats = members.shape[0] - np.unique(members).shape[0]
+    if repeats:
+        raise ConfigError(f"subset must hold distinct indices; got {repeats} repeats.")
+    return members
 
 
 def _check_starts(starts: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
