@@ -68,7 +68,9 @@ def check_sample_ids(
 class BlockPlan:
     """The fixed assignment of training-sample ids to blocks (block 1 first).
 
-    Sample ids are global indices into the training set. This mapping is what a storage layer
+    Every sample id ``0 .. num_samples-1`` is in exactly one block (a plan that leaves ids out is
+    refused: a deletion of such an id could not be resolved to a block). Sample ids are global
+    indices into the training set. This mapping is what a storage layer
     must keep next to the checkpoints to resolve a deletion request to blocks.
     """
 
@@ -76,9 +78,21 @@ class BlockPlan:
     num_samples: int
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, (int, np.integer)):
+            raise ConfigError(f"num_samples must be a whole number >= 0; got {self.num_samples!r}.")
+        object.__setattr__(self, "num_samples", int(self.num_samples))
         every = np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int64)
         if every.size != np.unique(every).size or (every.size and (every.min() < 0 or every.max() >= self.num_samples)):
             raise ConfigError("a BlockPlan must assign distinct sample ids in 0..num_samples-1 to its blocks.")
+        if every.size != self.num_samples:
+            held = np.zeros(self.num_samples, dtype=bool)
+            held[every] = True
+            missing = np.flatnonzero(~held)
+            raise ConfigError(
+                f"rule: a BlockPlan must put every sample id 0..{self.num_samples - 1} in exactly one block (a deletion "
+                f"of an id held in no block could not be resolved); {missing.size} ids are in no block, e.g. "
+                f"{missing[:10].tolist()}. Add them to blocks, or lower num_samples to the ids the blocks hold."
+            )
         block_of = np.full(self.num_samples, 0, dtype=np.int64)
         for number, ids in enumerate(self.blocks, start=1):
             block_of[ids] = number

@@ -11,7 +11,7 @@ from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.exact import validate_deletion
-from obliviate.unlearning.plan import make_block_plan
+from obliviate.unlearning.plan import BlockPlan, make_block_plan
 from obliviate.unlearning.records import DeletionError
 from obliviate.unlearning.sisa import SisaConfig, train_sisa
 from obliviate.unlearning.trainer import keep_mask, train_chain
@@ -64,3 +64,12 @@ def test_validate_deletion_keeps_its_rule_for_bad_ids() -> None:
         validate_deletion(adam_chain, [-1, 2])
     with pytest.raises(DeletionError, match=r"must be integers .*Nothing changed\."):
         validate_deletion(adam_chain, [2.0])
+
+
+def test_a_plan_must_cover_every_sample_id() -> None:
+    blocks = (np.arange(50), np.arange(50, 100), np.arange(100, 150), np.arange(150, 190))
+    with pytest.raises(
+        ConfigError, match=r"every sample id 0..199 in exactly one block.* 10 ids are in no block, e.g\. \[190"
+    ):
+        BlockPlan(blocks=blocks, num_samples=200)
+    assert BlockPlan(blocks=blocks, num_samples=190).block_of([189]).tolist() == [4]
