@@ -70,8 +70,7 @@ def quantize(images: np.ndarray, *, levels: int = 256, bins: int = 256) -> np.nd
         ConfigError: ``levels`` or ``bins`` is outside 2..256.
     """
     check_bins(levels=levels, bins=bins)
-    flat = _as_flat_uint8(images)
-    check_gray_levels(flat, levels=levels)
+    flat = check_images(images, levels=levels)
     if bins >= levels:
         return flat
     return ((flat.astype(np.uint32) * bins) // levels).astype(np.uint8)
@@ -231,6 +230,24 @@ def check_bins(*, levels: int, bins: int) -> None:
     check_levels(levels)
     if not 2 <= bins <= 256:
         raise ConfigError(f"bins must be in 2..256; got {bins}. The spec default is 256.")
+
+
+def check_images(images: np.ndarray, *, levels: int) -> np.ndarray:
+    """``images`` as ``(n, P)`` uint8, refused unless non-empty with every gray level below ``levels``.
+
+    Args:
+        images: ``(n, H, W)`` or ``(n, P)`` uint8 gray levels.
+        levels: gray levels of the source.
+
+    Returns:
+        a flat ``(n, P)`` view of the images.
+
+    Raises:
+        DataError: the images are not uint8, have no image or no pixel, or hold a level ``>= levels``.
+    """
+    flat = _as_flat_uint8(images)
+    check_gray_levels(flat, levels=levels)
+    return flat
 
 
 def check_gray_levels(images: np.ndarray, *, levels: int) -> None:

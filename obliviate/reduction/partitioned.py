@@ -11,14 +11,16 @@ union's matrix, which holds every pair of the final subset.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from obliviate.errors import ConfigError
-from obliviate.reduction.drmi import ReductionResult, drmi_reduce
-from obliviate.reduction.mi import mi_matrix
+from obliviate.reduction._checks import is_whole
+from obliviate.reduction.drmi import ReductionResult, check_subset_size, drmi_reduce
+from obliviate.reduction.mi import check_bins, check_images, mi_matrix
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,31 @@ class PartitionedResult:
 
 
 def partition_budgets(part_sizes: list[int], *, k: int, oversample: float) -> list[int]:
-    """Each part's share of ``oversample * k``, in proportion to its size, at least 2 and below its size."""
+    """Each part's share of ``oversample * k``, in proportion to its size, at least 2 and below its size.
+
+    Part ``i`` of ``n_i`` images gets ``min(n_i - 1, max(2, ceil(oversample * k * n_i / n)))`` (SPEC section 2,
+    partitioned reduction).
+
+    Args:
+        part_sizes: images in each part, each a whole number >= 3 (a budget of 2 below its size).
+        k: the final subset size, ``2 <= k < sum(part_sizes)``.
+        oversample: how many times ``k`` the union should hold, a finite number > 1.
+
+    Returns:
+        one budget per part, in the order of ``part_sizes``.
+
+    Raises:
+        ConfigError: a part size, ``k`` or ``oversample`` breaks its rule.
+    """
+    for size in part_sizes:
+        if not is_whole(size) or size < 3:
+            raise ConfigError(
+                f"every part must hold a whole number >= 3 of images (a budget of at least 2 below its size); "
+                f"got part sizes {list(part_sizes)}. Use fewer parts."
+            )
     n = sum(part_sizes)
+    check_subset_size(k, n)
+    _check_oversample(oversample)
     return [min(size - 1, max(2, math.ceil(oversample * k * size / n))) for size in part_sizes]
 
 
@@ -74,14 +99,19 @@ def partitioned_reduce(
         bins: code levels for MI.
         normalize: normalised MI.
         num_starts: seeded starts per reduction (``None``: every vertex, SPEC default).
+
+    Raises:
+        ConfigError: ``parts``, ``oversample``, ``k``, ``levels`` or ``bins`` breaks its rule, or the
+            union of the part subsets is not larger than ``k``.
+        DataError: the images are not uint8, are empty, or hold a gray level ``>= levels``.
     """
+    check_bins(levels=levels, bins=bins)
+    check_images(images, levels=levels)
     n = images.shape[0]
-    if parts < 1 or n // parts <= 2:
+    if not is_whole(parts) or parts < 1 or n // parts <= 2:
         raise ConfigError(f"parts must be >= 1 and leave more than 2 images per part; got parts={parts} for n={n}.")
-    if oversample <= 1.0:
-        raise ConfigError(f"oversample must be > 1 so the union has something to reduce; got {oversample}.")
-    if not 2 <= k < n:
-        raise ConfigError(f"k must satisfy 2 <= k < n={n}; got k={k}.")
+    _check_oversample(oversample)
+    check_subset_size(k, n)
     t0 = time.perf_counter()
     split = np.array_split(rng.permutation(n), parts)
     budgets = partition_budgets([len(p) for p in split], k=k, oversample=oversample)
@@ -106,6 +136,15 @@ def partitioned_reduce(
         pairs_computed=pairs,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _check_oversample(oversample: float) -> None:
+    """Raise :class:`ConfigError` unless ``oversample`` is a finite number > 1 (NaN failed late, in ``ceil``)."""
+    if isinstance(oversample, bool) or not isinstance(oversample, numbers.Real) or not 1.0 < oversample < math.inf:
+        raise ConfigError(
+            f"oversample must be > 1 and finite so the union has something to reduce; got {oversample!r}. "
+            "The default is 2.0."
+        )
 
 
 def _reduce(matrix: np.ndarray, k: int, num_starts: int | None, rng: np.random.Generator) -> ReductionResult:

@@ -11,9 +11,13 @@ anything.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from obliviate.errors import ConfigError
+from obliviate.reduction._checks import is_whole, whole_number
+from obliviate.reduction.drmi import check_subset_size
 
 FLOAT32_BYTES = 4
 
@@ -55,6 +59,10 @@ class TilePlan:
     tile_size: int
 
     def __post_init__(self) -> None:
+        if not is_whole(self.n):
+            raise ConfigError(f"a tile plan needs a whole number of images; got n={self.n!r}. Pass an int.")
+        if not is_whole(self.tile_size):
+            raise ConfigError(f"tile_size must be a whole number >= 1; got {self.tile_size!r}. Pass an int.")
         if self.n < 2:
             raise ConfigError(f"a tile plan needs at least 2 images; got n={self.n}.")
         if self.tile_size < 1:
@@ -136,8 +144,22 @@ def plan_report(
     Returns:
         tile count, bytes stored, per-worker memory of both stages, and which restart mode
         (dense or streamed row bands) a given budget implies.
+
+    Raises:
+        ConfigError: ``n``, ``tile_size``, ``k``, ``workers`` or ``pixels`` is not a whole number in its
+            range (``2 <= k < n``, the others >= 1), ``nonzero_share`` is outside 0..1, or
+            ``pairs_per_second`` is not a positive finite number.
     """
     plan = TilePlan(n=n, tile_size=tile_size)
+    check_subset_size(k, n)
+    whole_number(workers, name="workers", minimum=1)
+    whole_number(pixels, name="pixels", minimum=1)
+    if not (isinstance(nonzero_share, numbers.Real) and 0.0 <= nonzero_share <= 1.0):
+        raise ConfigError(f"nonzero_share must be a share in 0..1 (about 0.19 on MNIST); got {nonzero_share!r}.")
+    if pairs_per_second is not None and not (
+        isinstance(pairs_per_second, numbers.Real) and math.isfinite(pairs_per_second) and pairs_per_second > 0
+    ):
+        raise ConfigError(f"pairs_per_second must be a positive finite throughput (or None); got {pairs_per_second!r}.")
     prepared = n * pixels + int(n * pixels * nonzero_share) * 5 + n * 8 * 3  # codes, (pos, code), ptr/entropy
     tile_worker = prepared + tile_size * tile_size * FLOAT32_BYTES * 2  # tile + its serialised copy
     # A streaming restart worker holds: O(n) float64 sums and flags, and a row-band cache sized
