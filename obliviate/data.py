@@ -61,6 +61,14 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         _check_images(self.images, source=self.name)
+        if not isinstance(self.labels, np.ndarray) or not np.issubdtype(self.labels.dtype, np.integer):
+            dtype = getattr(self.labels, "dtype", type(self.labels).__name__)
+            raise DataError(
+                f"labels of {self.name!r} must be an integer numpy array of class indices; got dtype {dtype}. "
+                "Pass np.asarray(labels, dtype=np.int64)."
+            )
+        if self.labels.dtype != np.int64:
+            object.__setattr__(self, "labels", self.labels.astype(np.int64))
         if self.labels.shape != (self.images.shape[0],):
             raise DataError(
                 f"labels must have shape (n,) = ({self.images.shape[0]},) to match the images of "

@@ -36,3 +36,11 @@ def test_subset_with_valid_indices_is_unchanged() -> None:
     sub = ds.subset([3, 1, 1])
     assert sub.images[:, 0, 0].tolist() == [3, 1, 1]
     assert len(ds.subset([])) == 0
+
+
+def test_labels_must_be_integers() -> None:
+    images = np.zeros((3, 4, 4), np.uint8)
+    with pytest.raises(DataError, match=r"labels of 'f' must be an integer numpy array .*got dtype float64"):
+        ImageDataset("f", images, np.array([0.0, 1.0, 2.0]), 256)
+    ds = ImageDataset("i", images, np.array([0, 1, 2], dtype=np.int32), 256)
+    assert ds.labels.dtype == np.int64

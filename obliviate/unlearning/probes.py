@@ -89,14 +89,35 @@ def pattern_attack_success(
 
 @torch.no_grad()
 def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
-    """Cross-entropy of every sample (eval mode; the module's mode is restored), float64."""
+    """Cross-entropy of every sample (eval mode; the module's mode is restored), float64.
+
+    Args:
+        model: the classifier.
+        x: ``(n, 1, H, W)`` inputs.
+        y: ``(n,)`` integer class labels in ``0 .. C-1`` (C: the model's outputs).
+        batch_size: samples per forward pass.
+
+    Returns:
+        ``(n,)`` float64 losses.
+
+    Raises:
+        ConfigError: labels of another count than the inputs, or outside the model's classes.
+    """
+    if y.shape != (len(x),):
+        raise ConfigError(f"y must hold one label per input, shape ({len(x)},); got {tuple(y.shape)}.")
+    low, high = (int(y.min()), int(y.max())) if len(y) else (0, 0)
     was_training = model.training
     model.eval()
-    out = torch.cat(
-        [
-            F.cross_entropy(model(x[i : i + batch_size]).double(), y[i : i + batch_size], reduction="none")
-            for i in range(0, len(x), batch_size)
-        ]
-    )
-    model.train(was_training)
-    return out
+    losses = []
+    try:
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i : i + batch_size]).double()
+            if low < 0 or high >= logits.shape[1]:
+                raise ConfigError(
+                    f"rule: labels must be class indices 0..{logits.shape[1] - 1} (the model has {logits.shape[1]} "
+                    f"outputs); got labels {low}..{high}. Pass the model's own label range."
+                )
+            losses.append(F.cross_entropy(logits, y[i : i + batch_size], reduction="none"))
+    finally:
+        model.train(was_training)
+    return torch.cat(losses)

@@ -30,6 +30,7 @@ from obliviate.unlearning.plan import check_sample_ids
 from obliviate.unlearning.records import DeletionError, UnlearningRecord
 from obliviate.unlearning.trainer import (
     block_seed,
+    check_data_fits,
     deterministic_torch,
     keep_mask,
     new_optimizer,
@@ -172,7 +173,9 @@ def train_sisa(config: SisaConfig, data: BlockData, *, excluded_ids: Iterable[in
 
     Raises:
         ConfigError: an excluded id that is not an integer in ``0 .. n-1``.
+        ChainMismatchError: data that does not fit ``config.base`` (image size, levels, labels).
     """
+    check_data_fits(config.base, data)
     slices = make_sisa_slices(
         data.train.labels, num_shards=config.num_shards, num_slices=config.num_slices, seed=config.base.seed
     )

@@ -218,6 +218,35 @@ class BlockTiming:
     evaluation_cpu_seconds: float = 0.0
 
 
+def check_data_fits(config: BlockTrainingConfig, data: BlockData) -> None:
+    """Check that ``data`` is what the config's model takes: image size, gray levels, one channel, labels.
+
+    One min/max over the labels; called once when a trainer is built, never per block.
+
+    Raises:
+        ChainMismatchError: images of another size or levels than the config's, a config with more than one
+            input channel (the images are gray), or labels outside ``0 .. config.num_classes-1``.
+    """
+    side = data.train.image_shape[0]
+    if config.image_size != side or config.levels != data.train.levels:
+        raise ChainMismatchError(
+            f"rule: the config's image_size and levels must be the data's; got image_size={config.image_size}, "
+            f"levels={config.levels} for {side}x{side} images with {data.train.levels} levels. Set "
+            f"image_size={side}, levels={data.train.levels}."
+        )
+    if config.in_channels != 1:
+        raise ChainMismatchError(
+            f"rule: the data's images are gray (one channel), so in_channels must be 1; got {config.in_channels}."
+        )
+    for what, labels in (("training", data.train.labels), ("held-out", data.heldout.labels)):
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= config.num_classes):
+            raise ChainMismatchError(
+                f"rule: labels must be class indices 0..{config.num_classes - 1} (num_classes={config.num_classes}); "
+                f"the {what} labels span {int(labels.min())}..{int(labels.max())}. Set num_classes="
+                f"{int(labels.max()) + 1} or higher."
+            )
+
+
 class BlockTrainer:
     """Trains blocks of one chain config on one data set, checkpoint by checkpoint.
 
@@ -226,6 +255,7 @@ class BlockTrainer:
     """
 
     def __init__(self, *, config: BlockTrainingConfig, data: BlockData, plan: BlockPlan) -> None:
+        check_data_fits(config, data)
         if plan.num_blocks != config.num_blocks or plan.num_samples != data.num_train:
             raise ChainMismatchError(
                 f"block plan ({plan.num_blocks} blocks over {plan.num_samples} samples) does not match config "
@@ -323,9 +353,11 @@ def train_chain(
             ``config.accuracy_every``-th; M_B always). Evaluation does not change training.
 
     Raises:
-        ChainMismatchError: resumed checkpoints from another config or data, or out of order.
+        ChainMismatchError: resumed checkpoints from another config or data, or out of order; data that does
+            not fit the config (image size, levels, labels outside 0..num_classes-1).
         ConfigError: an excluded id that is not an integer in ``0 .. n-1``.
     """
+    check_data_fits(config, data)
     plan = plan or make_block_plan(data.train.labels, num_blocks=config.num_blocks, seed=config.seed)
     excluded = frozenset(check_sample_ids(excluded_ids, num_samples=data.num_train).tolist())
     trainer = BlockTrainer(config=config, data=data, plan=plan)

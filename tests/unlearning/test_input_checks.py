@@ -6,12 +6,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from obliviate.errors import ConfigError
-from obliviate.unlearning.chain import BlockData
-from obliviate.unlearning.config import BlockTrainingConfig
+from obliviate.unlearning.chain import BlockData, ChainMismatchError
+from obliviate.unlearning.config import BlockTrainingConfig, new_model
 from obliviate.unlearning.exact import validate_deletion
 from obliviate.unlearning.plan import BlockPlan, make_block_plan
+from obliviate.unlearning.probes import per_sample_loss
 from obliviate.unlearning.records import DeletionError
 from obliviate.unlearning.sisa import SisaConfig, train_sisa
 from obliviate.unlearning.trainer import keep_mask, train_chain
@@ -73,3 +75,31 @@ def test_a_plan_must_cover_every_sample_id() -> None:
     ):
         BlockPlan(blocks=blocks, num_samples=200)
     assert BlockPlan(blocks=blocks, num_samples=190).block_of([189]).tolist() == [4]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"num_classes": 5}, r"labels must be class indices 0..4 .*span 0..9\. Set num_classes=10"),
+        ({"image_size": 28}, r"image_size=28, levels=17 for 8x8 images with 17 levels\. Set image_size=8"),
+        ({"levels": 256}, r"Set image_size=8, levels=17"),
+        ({"in_channels": 3}, r"in_channels must be 1; got 3"),
+    ],
+)
+def test_training_refuses_data_that_does_not_fit_the_config(
+    overrides: dict[str, object], fragment: str, digits_data: BlockData
+) -> None:
+    seen = []
+    with pytest.raises(ChainMismatchError, match=fragment):
+        train_chain(config=_tiny_config(**overrides), data=digits_data, sink=seen.append)
+    assert seen == []
+    with pytest.raises(ChainMismatchError, match=fragment):
+        train_sisa(SisaConfig(base=_tiny_config(**overrides), num_shards=2, num_slices=2), digits_data)
+
+
+def test_per_sample_loss_refuses_labels_outside_the_model() -> None:
+    model = new_model(_tiny_config(num_classes=10))
+    x = torch.zeros(3, 1, 8, 8)
+    with pytest.raises(ConfigError, match=r"class indices 0..9 .*got labels 12..12"):
+        per_sample_loss(model, x, torch.full((3,), 12))
+    assert per_sample_loss(model, x, torch.tensor([0, 9, 3])).shape == (3,)
