@@ -29,10 +29,29 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def stamp_trigger(images: np.ndarray, *, levels: int, size: int = 3, corner: str = "bottom_right") -> np.ndarray:
-    """A copy of ``(n, H, W)`` uint8 images with a white ``size``×``size`` patch in a corner."""
+    """A copy of ``(n, H, W)`` uint8 images with a white ``size``×``size`` patch in a corner.
+
+    Args:
+        images: ``(n, H, W)`` uint8 gray levels.
+        levels: gray levels of the data (the patch gets ``levels - 1``).
+        size: side of the patch, in ``1 .. min(H, W)``.
+        corner: ``bottom_right``, ``top_left``, ``top_right`` or ``bottom_left``.
+
+    Returns:
+        the stamped copy.
+
+    Raises:
+        ConfigError: an unknown corner, or a size outside ``1 .. min(H, W)``.
+    """
     if corner not in ("bottom_right", "top_left", "top_right", "bottom_left"):
         raise ConfigError(f"corner must be bottom_right, top_left, top_right or bottom_left; got {corner!r}.")
     out = np.array(images, dtype=np.uint8, copy=True)
+    side = min(out.shape[1:]) if out.ndim == 3 else 0
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= side:
+        raise ConfigError(
+            f"rule: the trigger size must be a whole number in 1..{side} (the images are "
+            f"{'x'.join(map(str, out.shape[1:]))}); got {size!r}. Pass a patch that fits the images."
+        )
     rows = slice(-size, None) if corner.startswith("bottom") else slice(0, size)
     cols = slice(-size, None) if corner.endswith("right") else slice(0, size)
     out[:, rows, cols] = levels - 1
@@ -74,7 +93,20 @@ def choose_backdoor_ids(
     """``count`` ids not of the target class, dealt evenly over blocks first_block..last_block.
 
     Spreading matters: poison packed into a few contiguous blocks is washed out by the later ones.
+
+    Raises:
+        ConfigError: a target class the labels do not hold, blocks outside ``1 .. B``, or a block with too
+            few samples outside the target class.
     """
+    labels = np.asarray(labels)
+    num_classes = int(labels.max()) + 1 if labels.size else 0
+    if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)):
+        raise ConfigError(f"target_class must be a class index (an integer); got {target_class!r}.")
+    if not 0 <= target_class < num_classes:
+        raise ConfigError(
+            f"rule: target_class must be one of the data's classes 0..{num_classes - 1}; got {target_class}. "
+            "Pick a class the labels hold."
+        )
     blocks = list(range(first_block, last_block + 1))
     if not 1 <= first_block <= last_block <= plan.num_blocks:
         raise ConfigError(f"need 1 <= first_block <= last_block <= {plan.num_blocks}; got {first_block}, {last_block}.")

@@ -17,6 +17,7 @@ from obliviate.unlearning.probes import per_sample_loss
 from obliviate.unlearning.records import DeletionError
 from obliviate.unlearning.sisa import SisaConfig, train_sisa
 from obliviate.unlearning.trainer import keep_mask, train_chain
+from obliviate.unlearning.verification import choose_backdoor_ids, stamp_trigger
 
 
 def _tiny_config(**overrides: object) -> BlockTrainingConfig:
@@ -103,3 +104,20 @@ def test_per_sample_loss_refuses_labels_outside_the_model() -> None:
     with pytest.raises(ConfigError, match=r"class indices 0..9 .*got labels 12..12"):
         per_sample_loss(model, x, torch.full((3,), 12))
     assert per_sample_loss(model, x, torch.tensor([0, 9, 3])).shape == (3,)
+
+
+@pytest.mark.parametrize("size", [0, -2, 9, 2.5])
+def test_stamp_trigger_refuses_a_size_that_does_not_fit(size: object) -> None:
+    images = np.zeros((2, 8, 8), np.uint8)
+    with pytest.raises(ConfigError, match=rf"trigger size must be a whole number in 1..8 .*got {size!r}"):
+        stamp_trigger(images, levels=17, size=size)  # type: ignore[arg-type]
+    assert int((stamp_trigger(images, levels=17, size=8) == 16).sum()) == 128
+
+
+def test_choose_backdoor_ids_refuses_a_target_class_the_labels_lack() -> None:
+    labels = np.arange(40) % 4
+    plan = make_block_plan(labels, num_blocks=4, seed=0)
+    with pytest.raises(ConfigError, match=r"target_class must be one of the data's classes 0..3; got 99"):
+        choose_backdoor_ids(
+            labels, plan, count=4, target_class=99, first_block=1, last_block=4, rng=np.random.default_rng(0)
+        )
