@@ -33,7 +33,7 @@ import numba
 import numpy as np
 
 from obliviate.errors import ConfigError, DataError
-from obliviate.reduction._checks import index_array, whole_number
+from obliviate.reduction._checks import index_array, is_whole, whole_number
 
 
 class Aggregate(str, Enum):
@@ -132,11 +132,28 @@ def subset_cost(matrix: np.ndarray, subset: Sequence[int] | np.ndarray) -> float
 
 
 def choose_starts(n: int, *, num_starts: int | None, rng: np.random.Generator | None) -> np.ndarray:
-    """Start vertices: all of ``0..n-1`` (default) or ``num_starts`` distinct ones drawn by ``rng``."""
+    """Start vertices of the restarts (seed Algorithm 1, SPEC section 2).
+
+    Args:
+        n: pool size, a whole number >= 1.
+        num_starts: ``None`` for every vertex ``0..n-1`` (SPEC default), else this many distinct
+            ones, a whole number in ``1..n``.
+        rng: draws the ``num_starts`` vertices; required with ``num_starts``.
+
+    Returns:
+        the start vertices as an ascending int64 array.
+
+    Raises:
+        ConfigError: ``n`` or ``num_starts`` is not a whole number in its range, or ``num_starts``
+            comes without an ``rng``.
+    """
+    whole_number(n, name="n (the pool size)", minimum=1)
     if num_starts is None:
         return np.arange(n, dtype=np.int64)
-    if not 1 <= num_starts <= n:
-        raise ConfigError(f"num_starts must be in 1..n={n}; got {num_starts}. Leave it unset for all n.")
+    if not is_whole(num_starts) or not 1 <= num_starts <= n:
+        raise ConfigError(
+            f"num_starts must be in 1..n={n} (a whole number); got {num_starts!r}. Leave it unset for all n."
+        )
     if rng is None:
         raise ConfigError("num_starts needs an explicit rng (np.random.default_rng(seed)) to draw starts.")
     return np.sort(rng.choice(n, size=num_starts, replace=False)).astype(np.int64)
@@ -155,8 +172,9 @@ def drmi_reduce(
     """Reduce a pool to the k least mutually informative items (seed Algorithms 1-3).
 
     Args:
-        matrix: a symmetric ``(n, n)`` float32 MI matrix, or a :class:`RowSource`.
-        k: subset size, ``2 <= k < n``.
+        matrix: a symmetric ``(n, n)`` float32 MI matrix (nested lists are converted), or a
+            :class:`RowSource`.
+        k: subset size, a whole number with ``2 <= k < n``.
         starts: explicit start vertices; overrides ``num_starts``.
         num_starts: ``None`` for one restart per vertex (SPEC default), else this many seeded starts.
         rng: draws the starts when ``num_starts`` is given.
@@ -166,6 +184,10 @@ def drmi_reduce(
 
     Returns:
         the subset with the lowest H over all restarts (ties: the lowest start vertex).
+
+    Raises:
+        ConfigError: ``k``, ``starts`` or ``num_starts`` breaks its rule, or the matrix is not square.
+        DataError: a dense matrix holds a non-finite entry or is not symmetric.
     """
     source = _checked_source(matrix)
     check_subset_size(k, source.n)
@@ -338,8 +360,8 @@ def restart_from_rows(
 def _greedy(
     row: Callable[[int], np.ndarray], n: int, *, start: int, k: int, use_max: bool
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    if not 0 <= start < n:
-        raise ConfigError(f"start vertex must be in 0..{n - 1}; got {start}.")
+    if not is_whole(start) or not 0 <= start < n:
+        raise ConfigError(f"start vertex must be a whole number in 0..{n - 1}; got {start!r}.")
     in_set = np.zeros(n, dtype=np.bool_)
     members = np.empty(k, dtype=np.int64)
     score = np.zeros(n, dtype=np.float64)
@@ -528,6 +550,15 @@ def _dense_restarts(
 
 
 def _as_source(matrix: np.ndarray | RowSource) -> RowSource:
+    """A :class:`RowSource` as it is; an array, or nested lists of numbers, as :class:`DenseRows`."""
+    if not isinstance(matrix, np.ndarray) and not all(hasattr(matrix, a) for a in ("n", "row", "diagonal")):
+        try:
+            matrix = np.asarray(matrix, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"the MI matrix must be an (n, n) array of numbers or a RowSource; got {type(matrix).__name__} "
+                f"({exc}). Pass np.asarray(matrix, dtype=np.float32)."
+            ) from exc
     if isinstance(matrix, np.ndarray):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ConfigError(f"the MI matrix must be square (n, n); got shape {matrix.shape}.")
@@ -577,7 +608,9 @@ def _first_bad_entry(matrix: np.ndarray) -> tuple[int, int]:
 
 
 def check_subset_size(k: int, n: int) -> None:
-    """Raise :class:`ConfigError` unless the subset size ``k`` satisfies ``2 <= k < n`` (SPEC section 2)."""
+    """Raise :class:`ConfigError` unless the subset size ``k`` is a whole number with ``2 <= k < n`` (SPEC section 2)."""
+    if not is_whole(k):
+        raise ConfigError(f"k must be a whole number with 2 <= k < n={n}; got {k!r} ({type(k).__name__}). Pass an int.")
     if n < 3:
         raise ConfigError(
             f"a pool of n={n} image{'' if n == 1 else 's'} is too small to reduce: a subset needs 2 <= k < n, so the "
@@ -603,7 +636,7 @@ def _check_members(subset: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 
 
 def _check_starts(starts: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
-    arr = np.asarray(starts, dtype=np.int64).reshape(-1)
+    arr = index_array(starts, name="starts")
     if arr.size == 0:
         raise ConfigError("starts must name at least one start vertex; got none.")
     if arr.min() < 0 or arr.max() >= n:

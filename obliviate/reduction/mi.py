@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from obliviate.errors import ConfigError, DataError
-from obliviate.reduction._checks import index_array, whole_number
+from obliviate.reduction._checks import index_array, is_whole, whole_number
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,14 +220,23 @@ def mi_matrix(
 
 
 def check_levels(levels: int) -> None:
-    """Raise :class:`ConfigError` unless ``levels`` (the source's gray levels) is in 2..256."""
+    """Raise :class:`ConfigError` unless ``levels`` (the source's gray levels) is a whole number in 2..256."""
+    if not is_whole(levels):
+        raise ConfigError(
+            f"levels must be a whole number in 2..256 (gray levels of the source); got {levels!r} "
+            f"({type(levels).__name__}). Pass an int, e.g. 256 for 8-bit data."
+        )
     if not 2 <= levels <= 256:
         raise ConfigError(f"levels must be in 2..256 (gray levels of the source); got {levels}.")
 
 
 def check_bins(*, levels: int, bins: int) -> None:
-    """Raise :class:`ConfigError` unless ``levels`` and ``bins`` are both in 2..256."""
+    """Raise :class:`ConfigError` unless ``levels`` and ``bins`` are both whole numbers in 2..256."""
     check_levels(levels)
+    if not is_whole(bins):
+        raise ConfigError(
+            f"bins must be a whole number in 2..256; got {bins!r} ({type(bins).__name__}). The spec default is 256."
+        )
     if not 2 <= bins <= 256:
         raise ConfigError(f"bins must be in 2..256; got {bins}. The spec default is 256.")
 
