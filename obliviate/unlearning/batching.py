@@ -20,6 +20,7 @@ same rules drive the service (wall clock) and the benchmark (simulated clock).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,18 +40,21 @@ def parse_duration(text: str | float) -> float:
     """Seconds in ``text``: a number of seconds or ``<number><s|m|h|d|w>`` (``90s``, ``1h``, ``30d``).
 
     Raises:
-        ConfigError: not a non-negative duration.
+        ConfigError: not a finite, non-negative duration (NaN and infinity are refused).
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise ConfigError(f"a duration must be >= 0 seconds; got {text!r}.")
+        if not math.isfinite(text) or text < 0:
+            raise ConfigError(f"a duration must be a finite number of seconds >= 0; got {text!r}.")
         return float(text)
     match = _DURATION.match(str(text))
     if not match:
         raise ConfigError(
             f"a duration is a number with an optional unit s, m, h, d or w (e.g. 90s, 1h, 1d, 30d); got {text!r}."
         )
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not math.isfinite(seconds):
+        raise ConfigError(f"a duration must be a finite number of seconds; got {text!r}. Give a shorter one.")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class BatchPolicy:
     margin_s: float = DEFAULT_MARGIN_S
 
     def __post_init__(self) -> None:
+        for name in ("window_s", "deadline_s", "margin_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number of seconds; got {value!r}.")
         if self.window_s < 0 or self.margin_s < 0:
             raise ConfigError(f"window_s and margin_s must be >= 0; got {self.window_s!r}, {self.margin_s!r}.")
         if self.batch_max is not None and (isinstance(self.batch_max, bool) or self.batch_max < 1):
@@ -104,9 +112,15 @@ def expected_retrain_seconds(block_seconds: Sequence[float | None], *, first_blo
     case) while the batch's earliest affected block is not known.
 
     Raises:
-        ConfigError: no recorded block time, or ``first_block`` outside 1..B.
+        ConfigError: no recorded block time, a negative or non-finite one, or ``first_block`` outside 1..B.
     """
     known = [float(s) for s in block_seconds if s is not None]
+    bad = [s for s in known if not math.isfinite(s) or s < 0]
+    if bad:
+        raise ConfigError(
+            f"rule: recorded block times are finite seconds >= 0; got {bad[:5]!r}. Pass the times the run recorded "
+            "(None for unknown ones)."
+        )
     if not known:
         raise ConfigError("need at least one recorded block time to predict a retrain; none was given.")
     if not 1 <= first_block <= len(block_seconds):
