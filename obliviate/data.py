@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from obliviate.errors import DataError
+from obliviate.errors import ConfigError, DataError
 
 BUILTIN_DATASETS = ("mnist5k", "digits")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
@@ -218,6 +218,19 @@ def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) ->
     return _load_folder(path, gray=gray)
 
 
+def require_generator(rng: object, *, what: str = "rng") -> np.random.Generator:
+    """``rng`` itself if it is a numpy Generator; otherwise a ConfigError that says how to make one.
+
+    Raises:
+        ConfigError: ``rng`` is not a :class:`numpy.random.Generator` (an int seed, None, a RandomState).
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise ConfigError(
+            f"{what} must be a numpy.random.Generator (np.random.default_rng(seed)); got {type(rng).__name__}."
+        )
+    return rng
+
+
 def stratified_split(labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """Split indices into disjoint parts of the given sizes, each stratified by class.
 
@@ -227,11 +240,16 @@ def stratified_split(labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.rand
     Args:
         labels: ``(n,)`` integer labels.
         sizes: the size of each part; their sum must not exceed n.
-        rng: source of randomness.
+        rng: source of randomness, a :class:`numpy.random.Generator`.
 
     Returns:
         one int64 index array per part.
+
+    Raises:
+        DataError: negative sizes, or sizes that sum to more than n.
+        ConfigError: ``rng`` is not a numpy Generator.
     """
+    rng = require_generator(rng)
     labels = np.asarray(labels)
     n = labels.shape[0]
     if any(s < 0 for s in sizes) or sum(sizes) > n:

@@ -124,14 +124,51 @@ def build_model(
         image_size: side of the square input.
         seed: initialisation seed; equal seeds give bit-identical weights.
 
+    Returns:
+        the model, in training mode, with its ``image_size`` as an attribute (a
+        :class:`~obliviate.extraction.target.LocalTorchBackend` refuses queries of another size).
+
     Raises:
-        ConfigError: unknown model name.
+        ConfigError: unknown model name, a size or class count that is not a whole number >= 1, or a
+            seed that is not a whole number.
     """
-    if name not in MODEL_BUILDERS:
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
+    check_arch(name)
+    for what, value, example in (
+        ("num_classes", num_classes, "10 for digits"),
+        ("in_channels", in_channels, "1 for gray images"),
+        ("image_size", image_size, "28 for MNIST"),
+    ):
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"{what} must be a whole number >= 1; got {value!r}. Pass an int, e.g. {example}.")
+    check_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODEL_BUILDERS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+        model = MODEL_BUILDERS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    setattr(model, "image_size", int(image_size))  # noqa: B010 -- nn.Module types __setattr__ for tensors and modules
+    return model
+
+
+def check_arch(name: object) -> None:
+    """Refuse a model name :func:`build_model` does not know (``ConfigError`` listing the valid names)."""
+    if not isinstance(name, str) or name not in MODEL_BUILDERS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODEL_BUILDERS)}.")
+
+
+def check_seed(seed: object, *, what: str = "seed") -> None:
+    """Refuse a seed that is not a whole number (``ConfigError``: rule, value, fix).
+
+    ``None`` or a ``numpy.random.Generator`` would otherwise fail deep inside ``torch.manual_seed``.
+    """
+    if not _is_int(seed):
+        raise ConfigError(
+            f"{what} must be an int; got {type(seed).__name__} {seed!r}. Pass a whole number such as 0 "
+            "(equal seeds give identical runs)."
+        )
+
+
+def _is_int(value: object) -> bool:
+    """A whole number: Python or numpy ints, not ``bool``."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def images_to_tensor(images: np.ndarray, *, levels: int = 256) -> torch.Tensor:

@@ -35,11 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, DataError
 from obliviate.extraction.augment import AugmentOptions, random_affine
 from obliviate.extraction.consistency import fixmatch
-from obliviate.extraction.substitute import TrainConfig, train_classifier
-from obliviate.models import build_model, images_to_tensor
+from obliviate.extraction.substitute import (
+    TrainConfig,
+    check_images,
+    check_labels,
+    check_training_seed,
+    train_classifier,
+)
+from obliviate.models import build_model, check_arch, images_to_tensor
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class AttackOptions:
     members: int = 3
 
     def __post_init__(self) -> None:
+        check_arch(self.arch)
         if min(self.batch_size, self.basic_steps, self.min_steps, self.eval_every, self.patience) < 1:
             raise ConfigError(
                 "batch_size, basic_steps, min_steps, eval_every and patience must be >= 1; got "
@@ -176,6 +183,18 @@ def attacker(name: str, *, assumes: str) -> Callable[[Attacker], Attacker]:
 
 
 def get_attacker(name: str) -> AttackerSpec:
+    """The registered attacker ``name`` (SPEC section 3b).
+
+    Args:
+        name: a key of :data:`ATTACKERS` (``basic``, ``augmented``, ``pseudo_label``, ``semi_supervised``,
+            ``semi_supervised_ensemble``).
+
+    Returns:
+        its :class:`AttackerSpec`: the training function, its summary and what it assumes the thief holds.
+
+    Raises:
+        ConfigError: no attacker is registered under ``name``; the message lists those that are.
+    """
     if name not in ATTACKERS:
         raise ConfigError(f"unknown attacker {name!r}: choose from {', '.join(ATTACKERS)}.")
     return ATTACKERS[name]
@@ -192,12 +211,44 @@ def train_substitute(
     num_classes: int = 10,
     levels: int = 256,
 ) -> Substitute:
-    """Run attacker ``name`` (see :data:`ATTACKERS`) on bought ``(images, labels)`` and the ``unlabeled`` rest."""
+    """Run attacker ``name`` (see :data:`ATTACKERS`) on bought ``(images, labels)`` and the ``unlabeled`` rest.
+
+    SPEC section 3b: attackers never hold the target; the budget was spent before they run.
+
+    Args:
+        name: a registered attacker (:func:`get_attacker`).
+        images: ``(n, H, W)`` uint8 bought images, ``n >= 1``.
+        labels: ``(n,)`` the target's classes for them, whole numbers in ``0..num_classes-1``.
+        unlabeled: ``(m, H, W)`` uint8 rest of the attacker's pool, the same ``H, W`` (``m`` may be 0).
+        options: how the attackers train.
+        seed: seed of weights, data order and augmentation, a whole number >= 0.
+        num_classes: classes of the task.
+        levels: gray levels of the images.
+
+    Returns:
+        the trained :class:`Substitute` (model in evaluation mode, training info).
+
+    Raises:
+        ConfigError: unknown attacker, no images or a label count that differs, ``num_classes`` below 1, or a
+            seed that is not a whole number >= 0.
+        DataError: images or unlabeled images that are not ``(n, H, W)`` uint8, unlabeled images of another size
+            than the bought ones, or labels that are not whole class numbers in ``0..num_classes-1``.
+    """
+    spec = get_attacker(name)
+    images = check_images(images, allow_empty=True)
     if len(images) == 0 or len(images) != len(labels):
         raise ConfigError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}.")
-    return get_attacker(name).fn(
+    labels = check_labels(labels, num_classes=num_classes)
+    unlabeled = check_images(unlabeled, what="unlabeled", allow_empty=True)
+    if unlabeled.shape[1:] != images.shape[1:]:
+        raise DataError(
+            f"unlabeled images must have the bought images' size {images.shape[1]}x{images.shape[2]}; got "
+            f"{unlabeled.shape[1]}x{unlabeled.shape[2]}. Pass the rest of the same pool (or pool.images[:0] for none)."
+        )
+    check_training_seed(seed)
+    return spec.fn(
         images=images,
-        labels=np.asarray(labels, dtype=np.int64),
+        labels=labels,
         unlabeled=unlabeled,
         options=options,
         seed=seed,

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from obliviate.errors import ConfigError
-from obliviate.models import build_model, images_to_tensor
+from obliviate.errors import ConfigError, DataError
+from obliviate.models import build_model, check_arch, check_seed, images_to_tensor
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        check_arch(self.arch)
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(
                 f"need steps >= 1, batch_size >= 1, lr > 0; got {self.steps}, {self.batch_size}, {self.lr}."
@@ -75,12 +76,21 @@ def train_classifier(
 
     Returns:
         the trained model in evaluation mode.
+
+    Raises:
+        ConfigError: no images, a label count that differs from the image count, ``num_classes`` below 1,
+            or a seed that is not a whole number >= 0.
+        DataError: images that are not ``(n, H, W)`` uint8, or labels that are not whole class numbers in
+            ``0..num_classes-1``.
     """
+    images = check_images(images, allow_empty=True)
     if len(images) == 0 or len(images) != len(labels):
         raise ConfigError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}.")
+    labels = check_labels(labels, num_classes=num_classes)
+    check_training_seed(seed)
     model = build_model(config.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed)
     x = images_to_tensor(images, levels=levels)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    y = torch.as_tensor(labels, dtype=torch.long)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     order = np.random.default_rng(seed)
     batch = min(config.batch_size, len(x))
@@ -91,6 +101,68 @@ def train_classifier(
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
     return model.eval()
+
+
+def check_images(images: np.ndarray, *, what: str = "images", allow_empty: bool = False) -> np.ndarray:
+    """``images`` when they are a ``(n, H, W)`` uint8 array of gray levels (``n >= 1`` unless ``allow_empty``).
+
+    Raises:
+        DataError: another type, dtype or number of axes, a zero side, or no image when one is needed.
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 3:
+        raise DataError(
+            f"{what} must be a uint8 numpy array of gray levels with shape (n, H, W); got {type(images).__name__} "
+            f"dtype {getattr(images, 'dtype', None)} shape {getattr(images, 'shape', None)}. Reshape flat rows to "
+            "(n, H, W) and convert with .astype(np.uint8)."
+        )
+    if min(images.shape[1:]) < 1 or (not allow_empty and len(images) == 0):
+        raise DataError(f"{what} must hold at least one image of at least 1x1 pixels; got shape {images.shape}.")
+    return images
+
+
+def check_labels(labels: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """``labels`` as int64 when they are ``(n,)`` whole class numbers in ``0..num_classes-1``.
+
+    Whole numbers stored as floats (``3.0``) are accepted; ``3.7`` is refused rather than truncated.
+
+    Raises:
+        ConfigError: ``num_classes`` is not a whole number >= 1.
+        DataError: labels of another shape, not numbers, with a fraction, or outside the classes.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a whole number >= 1; got {num_classes!r}. Pass e.g. 10 for digits.")
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise DataError(f"labels must be a 1-D array, one class number per image; got shape {y.shape}. Flatten it.")
+    if y.dtype.kind not in "iuf":
+        raise DataError(
+            f"labels must be whole class numbers 0..{num_classes - 1}; got dtype {y.dtype}. Pass an int array."
+        )
+    if not len(y):
+        return y.astype(np.int64)
+    if y.dtype.kind == "f":
+        fractional = y[~np.isfinite(y) | (y != np.floor(y))]
+        if fractional.size:
+            raise DataError(
+                f"labels must be whole class numbers 0..{num_classes - 1}; got {fractional[:3].tolist()} "
+                "(it would be truncated). Pass the class of each image as an int."
+            )
+    low, high = y.min(), y.max()
+    if low < 0 or high >= num_classes:
+        bad = y[(y < 0) | (y >= num_classes)]
+        raise DataError(
+            f"labels must be class numbers 0..{num_classes - 1} (num_classes={num_classes}); got "
+            f"{', '.join(str(v) for v in bad[:5].tolist())}. Map the labels to 0..{num_classes - 1} or pass the "
+            "task's num_classes."
+        )
+    return y.astype(np.int64, copy=False)
+
+
+def check_training_seed(seed: object) -> None:
+    """Refuse a training seed that is not a whole number >= 0 (numpy's generators take no negative seed)."""
+    check_seed(seed)
+    if seed < 0:  # type: ignore[operator]
+        raise ConfigError(f"seed must be a whole number >= 0; got {seed}. Pass e.g. 0.")
 
 
 def predict_labels(model: nn.Module, images: np.ndarray, *, levels: int = 256, batch_size: int = 1000) -> np.ndarray:

@@ -64,6 +64,17 @@ def check_sample_ids(
     return np.asarray(ids).astype(np.int64, copy=False)
 
 
+def check_seed(seed: object, *, what: str = "seed") -> int:
+    """``seed`` as an int if it is a whole number >= 0 (numpy's generators refuse others).
+
+    Raises:
+        ConfigError: a negative, boolean or non-integer seed.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"{what} must be an integer >= 0 (numpy's generators refuse others); got {seed!r}.")
+    return int(seed)
+
+
 @dataclass(frozen=True, eq=False)
 class BlockPlan:
     """The fixed assignment of training-sample ids to blocks (block 1 first).
@@ -148,9 +159,23 @@ def make_block_plan(labels: np.ndarray, *, num_blocks: int, seed: int) -> BlockP
     """Split sample ids 0..n-1 into ``num_blocks`` class-stratified blocks (SPEC section 4).
 
     Block sizes differ by at most one; the split depends only on ``labels`` and ``seed``.
+
+    Args:
+        labels: ``(n,)`` integer labels of the training set.
+        num_blocks: B, in ``1 .. n``.
+        seed: the chain's seed, an integer >= 0.
+
+    Returns:
+        the plan; every block's ids sorted.
+
+    Raises:
+        ConfigError: ``num_blocks`` outside ``1 .. n``, or a seed that is not an integer >= 0.
     """
+    check_seed(seed)
     labels = np.asarray(labels)
     n = int(labels.shape[0])
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)):
+        raise ConfigError(f"num_blocks must be a whole number; got {num_blocks!r}.")
     if not 1 <= num_blocks <= n:
         raise ConfigError(f"num_blocks must be in 1..n={n} (one sample per block at least); got {num_blocks}.")
     base, extra = divmod(n, num_blocks)

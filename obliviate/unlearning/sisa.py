@@ -26,7 +26,7 @@ from obliviate.data import stratified_split
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig, ScheduleName, model_from_state, new_model, schedule_rate
-from obliviate.unlearning.plan import check_sample_ids
+from obliviate.unlearning.plan import check_sample_ids, check_seed
 from obliviate.unlearning.records import DeletionError, UnlearningRecord
 from obliviate.unlearning.trainer import (
     block_seed,
@@ -116,6 +116,7 @@ class SisaEnsemble:
 def make_sisa_slices(
     labels: np.ndarray, *, num_shards: int, num_slices: int, seed: int
 ) -> tuple[tuple[np.ndarray, ...], ...]:
+    check_seed(seed)
     n = int(np.asarray(labels).shape[0])
     parts = num_shards * num_slices
     if parts > n:

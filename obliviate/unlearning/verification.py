@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from obliviate.data import ImageDataset
+from obliviate.data import ImageDataset, require_generator
 from obliviate.errors import ConfigError
 from obliviate.models import images_to_tensor
 from obliviate.unlearning.chain import state_l1
@@ -95,9 +95,10 @@ def choose_backdoor_ids(
     Spreading matters: poison packed into a few contiguous blocks is washed out by the later ones.
 
     Raises:
-        ConfigError: a target class the labels do not hold, blocks outside ``1 .. B``, or a block with too
+        ConfigError: ``rng`` is not a numpy Generator, a target class the labels do not hold, blocks outside ``1 .. B``, or a block with too
             few samples outside the target class.
     """
+    rng = require_generator(rng)
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1 if labels.size else 0
     if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)):

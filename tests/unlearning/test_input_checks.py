@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from obliviate.data import stratified_split
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData, ChainMismatchError
 from obliviate.unlearning.config import BlockTrainingConfig, new_model
@@ -15,7 +16,7 @@ from obliviate.unlearning.exact import validate_deletion
 from obliviate.unlearning.plan import BlockPlan, make_block_plan
 from obliviate.unlearning.probes import per_sample_loss
 from obliviate.unlearning.records import DeletionError
-from obliviate.unlearning.sisa import SisaConfig, train_sisa
+from obliviate.unlearning.sisa import SisaConfig, make_sisa_slices, train_sisa
 from obliviate.unlearning.trainer import keep_mask, train_chain
 from obliviate.unlearning.verification import choose_backdoor_ids, stamp_trigger
 
@@ -121,3 +122,22 @@ def test_choose_backdoor_ids_refuses_a_target_class_the_labels_lack() -> None:
         choose_backdoor_ids(
             labels, plan, count=4, target_class=99, first_block=1, last_block=4, rng=np.random.default_rng(0)
         )
+
+
+@pytest.mark.parametrize("rng", [0, None])
+def test_randomness_must_be_a_numpy_generator(rng: object) -> None:
+    labels = np.arange(40) % 4
+    expected = rf"rng must be a numpy.random.Generator \(np.random.default_rng\(seed\)\); got {type(rng).__name__}"
+    with pytest.raises(ConfigError, match=expected):
+        stratified_split(labels, sizes=(10, 10), rng=rng)  # type: ignore[arg-type]
+    plan = make_block_plan(labels, num_blocks=4, seed=0)
+    with pytest.raises(ConfigError, match=expected):
+        choose_backdoor_ids(labels, plan, count=4, target_class=0, first_block=1, last_block=4, rng=rng)  # type: ignore[arg-type]
+
+
+def test_plan_and_slice_seeds_must_be_non_negative_integers() -> None:
+    labels = np.arange(40) % 4
+    with pytest.raises(ConfigError, match=r"seed must be an integer >= 0 .*got -1"):
+        make_block_plan(labels, num_blocks=4, seed=-1)
+    with pytest.raises(ConfigError, match=r"seed must be an integer >= 0 .*got -1"):
+        make_sisa_slices(labels, num_shards=2, num_slices=2, seed=-1)

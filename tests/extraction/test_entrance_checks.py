@@ -1,0 +1,100 @@
+"""Public extraction functions refuse bad input at their entrance, in the house's words (rule, value, fix).
+
+Tiny random 8x8 images and 2-step training: each check fires before any real work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from obliviate.errors import ConfigError, DataError
+from obliviate.extraction.attackers import AttackOptions, train_substitute
+from obliviate.extraction.substitute import TrainConfig, train_classifier
+from obliviate.models import build_model
+
+TINY = AttackOptions(basic_steps=2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def bought():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (30, 8, 8), dtype=np.uint8), np.arange(30) % 10
+
+
+# -------------------- labels, images and seeds at the training entrance
+
+
+@pytest.mark.parametrize("shift", [10, -1])
+def test_train_substitute_refuses_labels_outside_the_classes(bought, shift):
+    images, labels = bought
+    with pytest.raises(DataError, match=r"labels must be class numbers 0\.\.9 \(num_classes=10\); got .*num_classes"):
+        train_substitute("basic", images=images, labels=labels + shift, unlabeled=images[:0], options=TINY, seed=0)
+
+
+def test_train_classifier_refuses_labels_outside_the_classes(bought):
+    images, labels = bought
+    with pytest.raises(DataError, match=r"0\.\.9 .*got 10, 11, 12"):
+        train_classifier(images % 17, labels + 10, config=TrainConfig(steps=2), seed=0, levels=17)
+
+
+def test_fractional_labels_are_refused_not_truncated(bought):
+    images, labels = bought
+    with pytest.raises(DataError, match="whole class numbers .*truncated"):
+        train_substitute("basic", images=images, labels=labels + 0.7, unlabeled=images[:0], options=TINY, seed=0)
+    with pytest.raises(DataError, match="whole class numbers"):
+        train_classifier(images, labels + 0.5, config=TrainConfig(steps=2), seed=0)
+    # whole numbers stored as floats still train, exactly as the int labels do
+    a = train_classifier(images, labels.astype(np.float64), config=TrainConfig(steps=2), seed=0)
+    b = train_classifier(images, labels, config=TrainConfig(steps=2), seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_train_substitute_refuses_flat_images_and_unlabeled_images_of_another_size(bought):
+    images, labels = bought
+    with pytest.raises(DataError, match=r"shape \(n, H, W\); got ndarray dtype uint8 shape \(30, 64\)"):
+        train_substitute("basic", images=images.reshape(30, 64), labels=labels, unlabeled=images[:0], seed=0)
+    with pytest.raises(DataError, match=r"must be a uint8 numpy array"):
+        train_substitute("basic", images=images.astype(np.float32), labels=labels, unlabeled=images[:0], seed=0)
+    with pytest.raises(DataError, match=r"unlabeled images must have the bought images' size 8x8; got 28x28"):
+        train_substitute(
+            "semi_supervised", images=images, labels=labels, unlabeled=np.zeros((10, 28, 28), np.uint8), seed=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"image_size": 0}, "image_size must be a whole number >= 1; got 0"),
+        ({"num_classes": -1}, "num_classes must be a whole number >= 1; got -1"),
+        ({"in_channels": 0}, "in_channels must be a whole number >= 1; got 0"),
+        ({"image_size": 28.0}, "image_size must be a whole number >= 1; got 28.0"),
+    ],
+)
+def test_build_model_refuses_sizes_below_one(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model("c3f2", seed=0, **kwargs)
+
+
+def test_unknown_architectures_are_refused_where_they_are_named():
+    valid = "choose one of lenet5, c3f2, resnet18"
+    with pytest.raises(ConfigError, match=f"unknown model 'vgg': {valid}"):
+        AttackOptions(arch="vgg")
+    with pytest.raises(ConfigError, match=f"unknown model 'vgg': {valid}"):
+        TrainConfig(arch="vgg")
+    with pytest.raises(ConfigError, match=f"unknown model 'vgg': {valid}"):
+        build_model("vgg", seed=0)
+
+
+@pytest.mark.parametrize(
+    ("seed", "seen"), [(None, "NoneType"), (np.random.default_rng(0), "Generator"), (1.0, "float")]
+)
+def test_seeds_that_are_not_ints_are_refused(bought, seed, seen):
+    images, labels = bought
+    with pytest.raises(ConfigError, match=f"seed must be an int; got {seen}"):
+        build_model("lenet5", seed=seed)
+    with pytest.raises(ConfigError, match=f"seed must be an int; got {seen}"):
+        train_substitute("basic", images=images, labels=labels, unlabeled=images[:0], options=TINY, seed=seed)
+    with pytest.raises(ConfigError, match="seed must be a whole number >= 0; got -1"):
+        train_substitute("basic", images=images, labels=labels, unlabeled=images[:0], options=TINY, seed=-1)
