@@ -123,8 +123,13 @@ class Target:
 
     def __post_init__(self) -> None:
         self.output = OutputMode(self.output)
-        if self.budget is not None and self.budget < 0:
-            raise ConfigError(f"budget must be a non-negative number of queries or None; got {self.budget}.")
+        if self.budget is not None and (
+            isinstance(self.budget, bool) or not isinstance(self.budget, (int, np.integer)) or self.budget < 0
+        ):
+            raise ConfigError(
+                f"budget must be a non-negative whole number of queries, or None for unlimited; got {self.budget!r}. "
+                "Pass an int."
+            )
 
     @property
     def remaining(self) -> int | None:
@@ -142,11 +147,14 @@ class Target:
             ``(n,)`` int64 labels in label mode; ``(n, C)`` float32 probabilities otherwise.
 
         Raises:
+            ConfigError: not a ``(n, H, W)`` uint8 batch, or images of another size than the backend's model
+                takes (when the backend knows it: ``image_size``); nothing is answered or counted.
             BudgetExceeded: the batch would pass the budget; nothing is answered or counted.
             TargetRequestError: the backend answered something that is not one label (or one row of
-                probabilities) per image.
+                finite probabilities) per image.
         """
         images = _check_batch(images)
+        _check_size(images, getattr(self.backend, "image_size", None))
         n = int(images.shape[0])
         digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
         if self.budget is not None and self.used + n > self.budget:
@@ -172,14 +180,34 @@ class LocalTorchBackend:
         model: a classifier mapping ``(n, 1, H, W)`` floats in ``[0, 1]`` to logits.
         levels: gray levels of the inputs (256 for 8-bit images).
         batch_size: images per forward pass.
+
+    Attributes:
+        image_size: the side of the square images the model takes, read from the model's own
+            ``image_size`` (set by :func:`obliviate.models.build_model`); ``None`` when the model does
+            not say. Batches of another size are refused before the model sees them.
     """
 
     def __init__(self, model: nn.Module, *, levels: int = 256, batch_size: int = 512) -> None:
         self.model = model.eval()
         self.levels = levels
         self.batch_size = batch_size
+        size = getattr(model, "image_size", None)
+        self.image_size: int | None = int(size) if isinstance(size, (int, np.integer)) else None
 
     def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
+        """The model's answers for a batch (SPEC section 3: the target's label-only oracle, or probabilities).
+
+        Args:
+            images: ``(n, H, W)`` uint8 gray levels, ``H = W = image_size`` when the model declares it.
+            output: labels (argmax of the softmax) or the softmax probabilities.
+
+        Returns:
+            ``(n,)`` int64 labels, or ``(n, C)`` float32 probabilities.
+
+        Raises:
+            ConfigError: not a ``(n, H, W)`` uint8 batch, or images of another size than the model takes.
+        """
+        _check_size(_check_batch(images), self.image_size)
         probs = []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
@@ -231,6 +259,23 @@ class HttpBackend:
         self.num_classes = num_classes
 
     def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
+        """POST a batch to the endpoint and return its checked answers (SPEC section 3: the black-box target).
+
+        Transient failures (connection errors, timeouts, 5xx) are retried ``retries`` times with backoff.
+
+        Args:
+            images: ``(n, H, W)`` uint8 gray levels.
+            output: labels or probabilities.
+
+        Returns:
+            ``(n,)`` int64 labels in ``0..num_classes-1`` (when known), or ``(n, C)`` float32 probabilities.
+
+        Raises:
+            ConfigError: not a ``(n, H, W)`` uint8 batch.
+            TargetRequestError: a 4xx answer, or an answer that is not JSON with one whole class number (or one
+                row of numbers) per image.
+            TargetUnavailable: transient failures past the retries.
+        """
         output = OutputMode(output)
         body = json.dumps(encode_images(images) | {"output": output.value}).encode()
         reply = self._post(body)
@@ -483,7 +528,23 @@ def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode, num_classes
         return _check_labels(answer.astype(np.int64), n=n, num_classes=num_classes, why=why, who="the target")
     if answer.ndim != 2 or answer.shape[0] != n:
         raise TargetRequestError(f"probabilities must have shape ({n}, C); got {answer.shape}.")
-    return answer.astype(np.float32)
+    answer = answer.astype(np.float32)
+    if not np.isfinite(answer).all():
+        bad = answer[~np.isfinite(answer)]
+        raise TargetRequestError(
+            f"the target answered probabilities that are not finite numbers: got {bad[:5].tolist()}. "
+            "Fix the backend to answer a softmax row per image (a model with NaN weights answers NaN)."
+        )
+    return answer
+
+
+def _check_size(images: np.ndarray, image_size: int | None) -> None:
+    """Refuse a batch whose images are not ``image_size`` square (``None``: the size is unknown, anything goes)."""
+    if image_size is not None and images.shape[1:] != (image_size, image_size):
+        raise ConfigError(
+            f"the target takes {image_size}x{image_size} images; got a batch of {images.shape[1]}x{images.shape[2]}. "
+            "Query images of the target's task and size (resize or crop them first)."
+        )
 
 
 def _check_labels(labels: np.ndarray, *, n: int, num_classes: int | None, why: str, who: str) -> np.ndarray:

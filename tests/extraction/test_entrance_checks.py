@@ -12,6 +12,7 @@ import torch
 from obliviate.errors import ConfigError, DataError
 from obliviate.extraction.attackers import AttackOptions, train_substitute
 from obliviate.extraction.substitute import TrainConfig, train_classifier
+from obliviate.extraction.target import LocalTorchBackend, OutputMode, Target, TargetRequestError
 from obliviate.models import build_model
 
 TINY = AttackOptions(basic_steps=2, batch_size=8)
@@ -98,3 +99,35 @@ def test_seeds_that_are_not_ints_are_refused(bought, seed, seen):
         train_substitute("basic", images=images, labels=labels, unlabeled=images[:0], options=TINY, seed=seed)
     with pytest.raises(ConfigError, match="seed must be a whole number >= 0; got -1"):
         train_substitute("basic", images=images, labels=labels, unlabeled=images[:0], options=TINY, seed=-1)
+
+
+# -------------------- the target's entrance and answers
+
+
+def test_a_query_batch_of_another_size_than_the_model_is_refused_before_it_counts():
+    target = Target(LocalTorchBackend(build_model("lenet5", image_size=8, seed=0)), budget=10)
+    with pytest.raises(ConfigError, match=r"takes 8x8 images; got a batch of 28x28"):
+        target.query(np.zeros((2, 28, 28), np.uint8))
+    assert target.used == 0 and not target.log
+    assert target.query(np.zeros((2, 8, 8), np.uint8)).shape == (2,)
+
+
+@pytest.mark.parametrize("budget", [2.5, True, "10"])
+def test_target_refuses_a_budget_that_is_not_a_whole_number(budget):
+    model = build_model("lenet5", image_size=8, seed=0)
+    with pytest.raises(ConfigError, match="budget must be a non-negative whole number of queries"):
+        Target(LocalTorchBackend(model), budget=budget)
+
+
+class _NanBackend:
+    def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
+        answer = np.full((len(images), 10), 0.1, np.float32)
+        answer[0, 3] = np.nan
+        return answer
+
+
+def test_target_refuses_nan_probabilities():
+    target = Target(_NanBackend(), budget=None, output=OutputMode.PROBABILITIES)
+    with pytest.raises(TargetRequestError, match=r"not finite numbers: got \[nan\]"):
+        target.query(np.zeros((2, 8, 8), np.uint8))
+    assert target.used == 0
