@@ -179,13 +179,49 @@ def predict_tensor(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000)
 
 
 def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
-    """Share of positions where ``predicted`` equals ``truth``."""
-    return float(np.mean(np.asarray(predicted) == np.asarray(truth))) if len(truth) else float("nan")
+    """Share of positions where ``predicted`` equals ``truth`` (SPEC section 3: accuracy).
+
+    Args:
+        predicted: ``(n,)`` predicted classes.
+        truth: ``(n,)`` true classes.
+
+    Returns:
+        the share in ``[0, 1]``.
+
+    Raises:
+        DataError: the two are not 1-D arrays of the same length, or are empty.
+    """
+    return _matching_share(predicted, truth, names=("predicted", "truth"))
 
 
 def agreement(substitute_labels: np.ndarray, target_labels: np.ndarray) -> float:
-    """Share of inputs on which substitute and target predict the same class."""
-    return accuracy(substitute_labels, target_labels)
+    """Share of inputs on which substitute and target predict the same class (SPEC section 3: agreement).
+
+    Args:
+        substitute_labels: ``(n,)`` the substitute's classes.
+        target_labels: ``(n,)`` the target's classes on the same inputs.
+
+    Returns:
+        the share in ``[0, 1]``.
+
+    Raises:
+        DataError: the two are not 1-D arrays of the same length, or are empty.
+    """
+    return _matching_share(substitute_labels, target_labels, names=("substitute_labels", "target_labels"))
+
+
+def _matching_share(a: np.ndarray, b: np.ndarray, *, names: tuple[str, str]) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 1 or b.ndim != 1 or len(a) != len(b):
+        raise DataError(
+            f"{names[0]} and {names[1]} must be 1-D arrays of the same length, one class per input; got shapes "
+            f"{a.shape} and {b.shape}. Pass the (n,) label arrays (e.g. predict_labels(...) and the true labels)."
+        )
+    if not len(a):
+        raise DataError(
+            f"{names[0]} and {names[1]} are empty: a share needs at least one input. Pass non-empty labels."
+        )
+    return float(np.mean(a == b))
 
 
 def fgsm(

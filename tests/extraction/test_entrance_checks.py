@@ -11,7 +11,7 @@ import torch
 
 from obliviate.errors import ConfigError, DataError
 from obliviate.extraction.attackers import AttackOptions, train_substitute
-from obliviate.extraction.substitute import TrainConfig, train_classifier
+from obliviate.extraction.substitute import TrainConfig, accuracy, agreement, train_classifier
 from obliviate.extraction.target import LocalTorchBackend, OutputMode, Target, TargetRequestError
 from obliviate.models import build_model
 
@@ -131,3 +131,17 @@ def test_target_refuses_nan_probabilities():
     with pytest.raises(TargetRequestError, match=r"not finite numbers: got \[nan\]"):
         target.query(np.zeros((2, 8, 8), np.uint8))
     assert target.used == 0
+
+
+# -------------------- metrics
+
+
+@pytest.mark.parametrize("share", [accuracy, agreement])
+def test_metrics_refuse_mismatched_shapes_and_empty_inputs(share):
+    assert share(np.array([0, 1, 2]), np.array([0, 1, 2])) == 1.0
+    with pytest.raises(DataError, match=r"1-D arrays of the same length.*got shapes \(3, 1\) and \(3,\)"):
+        share(np.array([[0], [1], [2]]), np.array([0, 1, 2]))
+    with pytest.raises(DataError, match=r"got shapes \(3,\) and \(4,\)"):
+        share(np.array([0, 1, 2]), np.array([0, 1, 2, 3]))
+    with pytest.raises(DataError, match="empty: a share needs at least one input"):
+        share(np.array([], np.int64), np.array([], np.int64))
