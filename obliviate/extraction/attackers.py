@@ -132,6 +132,11 @@ class AttackOptions:
                 f"consistency_weight >= 0, cutout >= 0; got {self.consistency_steps}, {self.unlabeled_ratio}, "
                 f"{self.consistency_threshold}, {self.consistency_weight}, {self.cutout}."
             )
+        if not self.steps_per_image >= 0 or self.tta < 0:
+            raise ConfigError(
+                f"need steps_per_image >= 0 and tta >= 0 (augmented views; 0: none); got {self.steps_per_image}, "
+                f"{self.tta}. The supervised phase trains min_steps + steps_per_image * n steps."
+            )
         if self.rounds < 0 or not 0 < self.threshold <= 1 or self.round_steps < 1 or self.members < 1:
             raise ConfigError(
                 f"need rounds >= 0, 0 < threshold <= 1, round_steps >= 1, members >= 1; got {self.rounds}, "

@@ -145,3 +145,14 @@ def test_metrics_refuse_mismatched_shapes_and_empty_inputs(share):
         share(np.array([0, 1, 2]), np.array([0, 1, 2, 3]))
     with pytest.raises(DataError, match="empty: a share needs at least one input"):
         share(np.array([], np.int64), np.array([], np.int64))
+
+
+# -------------------- attack options
+
+
+def test_attack_options_refuse_negative_steps_per_image_and_tta():
+    with pytest.raises(ConfigError, match="steps_per_image >= 0 and tta >= 0.*got -5"):
+        AttackOptions(steps_per_image=-5)
+    with pytest.raises(ConfigError, match="steps_per_image >= 0 and tta >= 0.*got 2.0, -1"):
+        AttackOptions(tta=-1)
+    assert AttackOptions(steps_per_image=0).supervised_steps(100) == 400
