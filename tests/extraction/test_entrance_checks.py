@@ -156,3 +156,58 @@ def test_attack_options_refuse_negative_steps_per_image_and_tta():
     with pytest.raises(ConfigError, match="steps_per_image >= 0 and tta >= 0.*got 2.0, -1"):
         AttackOptions(tta=-1)
     assert AttackOptions(steps_per_image=0).supervised_steps(100) == 400
+
+
+# -------------------- selectors
+
+
+def _pool_and_target(images: np.ndarray, **pool_options):
+    from obliviate.extraction.selectors import Pool
+
+    return Pool(images, drmi_starts=4, **pool_options), Target(
+        LocalTorchBackend(build_model("lenet5", image_size=8, seed=0)), budget=None
+    )
+
+
+def test_kcenter_on_a_pool_of_identical_images_returns_distinct_indices(bought):
+    from obliviate.extraction.selectors import acquire
+
+    pool, target = _pool_and_target(np.repeat(bought[0][:1], 12, axis=0))  # one image 12 times: features all 0
+    got = acquire("kcenter", pool, k=5, rng=np.random.default_rng(0), target=target)
+    assert len(np.unique(got.pool_indices)) == 5 and got.queries == 5
+
+
+def test_feature_selectors_refuse_zero_feature_dims(bought):
+    from obliviate.extraction.selectors import acquire
+
+    pool, target = _pool_and_target(bought[0], feature_dims=0)
+    for name in ("kcenter", "cluster_centers", "facility"):
+        with pytest.raises(ConfigError, match="feature_dims must be a whole number >= 1.*got 0"):
+            acquire(name, pool, k=5, rng=np.random.default_rng(0), target=target)
+
+
+@pytest.mark.parametrize("name", ["drmi", "drmi_nmi", "drmi_coarse"])
+def test_drmi_selectors_buy_the_whole_pool_at_k_equal_to_the_pool_size(bought, name):
+    from obliviate.extraction.selectors import acquire
+
+    pool, target = _pool_and_target(bought[0][:6])
+    got = acquire(name, pool, k=6, rng=np.random.default_rng(0), target=target)
+    np.testing.assert_array_equal(np.sort(got.pool_indices), np.arange(6))
+
+
+@pytest.mark.parametrize(("rng", "seen"), [(0, "int"), (None, "NoneType")])
+def test_acquire_refuses_an_rng_that_is_not_a_generator(bought, rng, seen):
+    from obliviate.extraction.selectors import Pool, acquire
+
+    target = Target(LocalTorchBackend(build_model("lenet5", image_size=8, seed=0)), budget=None)
+    message = rf"rng must be a numpy.random.Generator \(np.random.default_rng\(seed\)\); got {seen}"
+    with pytest.raises(ConfigError, match=message):
+        acquire("random", Pool(bought[0]), k=5, rng=rng, target=target)
+
+
+def test_acquire_refuses_a_budget_that_is_not_a_whole_number(bought):
+    from obliviate.extraction.selectors import Pool, acquire
+
+    target = Target(LocalTorchBackend(build_model("lenet5", image_size=8, seed=0)), budget=None)
+    with pytest.raises(ConfigError, match="budget k must be a whole number >= 1; got float 5.0. Pass an int"):
+        acquire("random", Pool(bought[0]), k=5.0, rng=np.random.default_rng(0), target=target)
