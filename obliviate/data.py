@@ -195,9 +195,14 @@ def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) ->
         gray: how colour images become gray (``"luma"`` or ``"mean"``).
 
     Raises:
-        DataError: unknown name, missing path, or data of the wrong shape or dtype.
+        DataError: unknown name or gray mode, missing path, or data of the wrong shape or dtype.
     """
-    gray = GrayMode(gray)
+    try:
+        gray = GrayMode(gray)
+    except ValueError:
+        raise DataError(
+            f"gray must be one of {[m.value for m in GrayMode]} (how colour images become gray); got {gray!r}."
+        ) from None
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return _load_mnist5k() if source == "mnist5k" else _load_digits()
     path = Path(source).expanduser()
@@ -270,8 +275,15 @@ def stratified_split(labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.rand
 
 
 def to_gray(rgb: np.ndarray, *, mode: GrayMode | str = GrayMode.LUMA) -> np.ndarray:
-    """``(..., 3)`` uint8 colour to ``(...)`` uint8 gray, by luma or channel mean."""
-    mode = GrayMode(mode)
+    """``(..., 3)`` uint8 colour to ``(...)`` uint8 gray, by luma or channel mean.
+
+    Raises:
+        ConfigError: ``mode`` is not ``luma`` or ``mean``.
+    """
+    try:
+        mode = GrayMode(mode)
+    except ValueError:
+        raise ConfigError(f"mode must be one of {[m.value for m in GrayMode]}; got {mode!r}.") from None
     weights = _LUMA if mode is GrayMode.LUMA else np.full(3, 1.0 / 3.0)
     return np.clip(np.rint(rgb[..., :3].astype(np.float64) @ weights), 0, 255).astype(np.uint8)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from obliviate.data import ImageDataset
-from obliviate.errors import DataError
+from obliviate.data import ImageDataset, load_dataset, to_gray
+from obliviate.errors import ConfigError, DataError
 
 
 def _tiny(n: int = 30) -> ImageDataset:
@@ -44,3 +44,10 @@ def test_labels_must_be_integers() -> None:
         ImageDataset("f", images, np.array([0.0, 1.0, 2.0]), 256)
     ds = ImageDataset("i", images, np.array([0, 1, 2], dtype=np.int32), 256)
     assert ds.labels.dtype == np.int64
+
+
+def test_unknown_gray_modes_list_the_valid_ones() -> None:
+    with pytest.raises(DataError, match=r"gray must be one of \['luma', 'mean'\] .*got 'red'"):
+        load_dataset("digits", gray="red")
+    with pytest.raises(ConfigError, match=r"mode must be one of \['luma', 'mean'\]; got 'red'"):
+        to_gray(np.zeros((1, 2, 2, 3), np.uint8), mode="red")

@@ -191,8 +191,14 @@ def schedule_rate(
 
     ``constant``: base. ``step``: base * gamma ** (position // step_every). ``exponential``:
     base * gamma ** position. ``cosine``: from base down to base * min_fraction along half a cosine.
+
+    Raises:
+        ConfigError: an unknown schedule name, or ``step_every`` < 1 for ``step``.
     """
-    schedule = ScheduleName(schedule)
+    try:
+        schedule = ScheduleName(schedule)
+    except ValueError:
+        raise ConfigError(f"schedule must be one of {[s.value for s in ScheduleName]}; got {schedule!r}.") from None
     if schedule is ScheduleName.CONSTANT:
         return float(base)
     if schedule is ScheduleName.STEP:

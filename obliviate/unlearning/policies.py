@@ -32,8 +32,28 @@ def unlearn(
     options: DeepObliviateOptions | None = None,
     sink: CheckpointSink | None = None,
 ) -> UnlearningResult:
-    """Forget ``ids`` with the chosen policy (``exact`` by default). See the module docstring."""
-    policy = Policy(policy)
+    """Forget ``ids`` with the chosen policy (``exact`` by default; SPEC section 5). See the module docstring.
+
+    Args:
+        chain: the current chain.
+        ids: training-sample ids to forget.
+        data: the chain's training and held-out data.
+        policy: ``exact`` (retrain from the first affected block) or ``deepobliviate`` (stop early and stitch).
+        options: DeepObliviate's options (``deepobliviate`` only; its defaults if omitted).
+        sink: receives the new checkpoints once the result is final.
+
+    Returns:
+        the new current chain and the record of what was done.
+
+    Raises:
+        ConfigError: an unknown policy, or options given to the exact policy.
+        DeletionError: a bad request (nothing changes).
+        ChainMismatchError: ``data`` is not the chain's data.
+    """
+    try:
+        policy = Policy(policy)
+    except ValueError:
+        raise ConfigError(f"policy must be one of {[p.value for p in Policy]}; got {policy!r}.") from None
     if policy is Policy.EXACT:
         if options is not None:
             raise ConfigError("options apply to the deepobliviate policy only; the exact policy takes none.")

@@ -63,7 +63,12 @@ class SisaConfig:
     schedule: ScheduleName = ScheduleName.CONSTANT
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "schedule", ScheduleName(self.schedule))
+        try:
+            object.__setattr__(self, "schedule", ScheduleName(self.schedule))
+        except ValueError:
+            raise ConfigError(
+                f"schedule must be one of {[s.value for s in ScheduleName]}; got {self.schedule!r}."
+            ) from None
         for name in ("num_shards", "num_slices", "epochs_per_slice"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

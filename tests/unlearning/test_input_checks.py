@@ -11,9 +11,10 @@ import torch
 from obliviate.data import stratified_split
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData, ChainMismatchError
-from obliviate.unlearning.config import BlockTrainingConfig, new_model
+from obliviate.unlearning.config import BlockTrainingConfig, new_model, schedule_rate
 from obliviate.unlearning.exact import validate_deletion
 from obliviate.unlearning.plan import BlockPlan, make_block_plan
+from obliviate.unlearning.policies import unlearn
 from obliviate.unlearning.probes import per_sample_loss
 from obliviate.unlearning.records import DeletionError
 from obliviate.unlearning.sisa import SisaConfig, make_sisa_slices, train_sisa
@@ -141,3 +142,12 @@ def test_plan_and_slice_seeds_must_be_non_negative_integers() -> None:
         make_block_plan(labels, num_blocks=4, seed=-1)
     with pytest.raises(ConfigError, match=r"seed must be an integer >= 0 .*got -1"):
         make_sisa_slices(labels, num_shards=2, num_slices=2, seed=-1)
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"policy must be one of \['exact', 'deepobliviate'\]; got 'fast'"):
+        unlearn(None, [1], data=None, policy="fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"schedule must be one of \['constant', 'step', 'cosine', 'exponential'\]"):
+        SisaConfig(base=_tiny_config(), schedule="linear")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"schedule must be one of .*got 'linear'"):
+        schedule_rate(schedule="linear", base=1.0, position=0, total=2, gamma=0.5, step_every=1, min_fraction=0.0)
