@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import get_attacker
 from obliviate.extraction.selectors import get_selector
 
@@ -89,10 +90,13 @@ def fewest_queries(cells: Sequence[dict], *, level: float, group: str = "seed") 
     Pairs reaching it at the same budget are told apart by their mean agreement there (higher wins).
     When no pair reaches it, the answer is the closest pair's (the highest mean agreement at any one
     budget), with ``mean`` ``None``.
+
+    Raises:
+        ConfigError: no cells (nothing was measured).
     """
     pairs = list(dict.fromkeys((c.get("attacker", "basic"), c["selector"]) for c in cells))
     if not pairs:
-        raise ValueError("no cells to rank")
+        raise ConfigError(_NO_CELLS)
     answers = {
         pair: queries_to_agreement(cells, attacker=pair[0], selector=pair[1], level=level, group=group)
         for pair in pairs
@@ -119,6 +123,9 @@ def strongest(cells: Sequence[dict], *, selector: str | None = None) -> tuple[st
     """The (attacker, selector) with the highest mean agreement averaged over its budgets.
 
     Only pairs run at every budget of the grid compete; ``selector`` restricts to one selector.
+
+    Raises:
+        ConfigError: no cells (or none of ``selector``).
     """
     pairs: dict[tuple[str, str], dict[int, list[float]]] = {}
     for c in cells:
@@ -127,10 +134,21 @@ def strongest(cells: Sequence[dict], *, selector: str | None = None) -> tuple[st
         key = (c.get("attacker", "basic"), c["selector"])
         pairs.setdefault(key, {}).setdefault(int(c["budget"]), []).append(c["agreement"])
     if not pairs:
-        raise ValueError("no cells to rank")
+        if selector is not None and cells:
+            raise ConfigError(
+                f"no cells of selector {selector!r} to rank: the cells hold selectors "
+                f"{', '.join(sorted({str(c['selector']) for c in cells}))}. Pass one of them, or None for all."
+            )
+        raise ConfigError(_NO_CELLS)
     grid = set().union(*(set(v) for v in pairs.values()))
     full = {k: v for k, v in pairs.items() if set(v) == grid} or pairs
     return max(full, key=lambda k: float(np.mean([np.mean(a) for a in full[k].values()])))
+
+
+_NO_CELLS = (
+    "no cells to rank: the answer needs at least one measured audit cell; got none. Pass the cells of an audit "
+    "(run_cell(...).to_dict() per cell, or the 'cells' of a steal report)."
+)
 
 
 def headline_sentence(at90: QueriesTo, at95: QueriesTo, *, group_name: str = "seeds") -> str:

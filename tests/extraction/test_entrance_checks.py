@@ -211,3 +211,18 @@ def test_acquire_refuses_a_budget_that_is_not_a_whole_number(bought):
     target = Target(LocalTorchBackend(build_model("lenet5", image_size=8, seed=0)), budget=None)
     with pytest.raises(ConfigError, match="budget k must be a whole number >= 1; got float 5.0. Pass an int"):
         acquire("random", Pool(bought[0]), k=5.0, rng=np.random.default_rng(0), target=target)
+
+
+# -------------------- the headline's ranking
+
+
+def test_ranking_no_cells_says_what_to_pass():
+    from obliviate.extraction.headline import fewest_queries, strongest
+
+    with pytest.raises(ConfigError, match=r"no cells to rank: .*got none\. Pass the cells of an audit"):
+        fewest_queries([], level=0.9)
+    with pytest.raises(ConfigError, match=r"no cells to rank: .*got none\. Pass the cells of an audit"):
+        strongest([])
+    cells = [{"selector": "random", "budget": 10, "agreement": 0.5}]
+    with pytest.raises(ConfigError, match="no cells of selector 'drmi' to rank: the cells hold selectors random"):
+        strongest(cells, selector="drmi")
