@@ -59,3 +59,12 @@ def test_valid_subsets_give_the_same_answers() -> None:
     assert subset_cost(m, np.array([0, 3, 5], dtype=np.int32)) == subset_cost(m, [0, 3, 5])
     members, h, swaps, _ = one_hot_replacement(m, subset=[0, 1, 2], max_swaps=0)
     assert swaps == 0 and list(members) == [0, 1, 2] and h == pytest.approx(subset_cost(m, [0, 1, 2]))
+
+
+def test_run_restarts_refuses_infinity_and_keeps_results_of_finite_matrices() -> None:
+    m = _symmetric()
+    expected = [(r.start, r.h) for r in run_restarts(m, k=3, starts=[0, 4])]
+    assert [(r.start, r.h) for r in run_restarts(m.tolist(), k=3, starts=[0, 4])] == expected
+    m[2, 5] = m[5, 2] = np.inf
+    with pytest.raises(DataError, match=r"entry \(2, 5\) is inf"):
+        run_restarts(m, k=3, starts=[0, 4])
