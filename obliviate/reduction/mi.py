@@ -83,6 +83,14 @@ def prepare_images(images: np.ndarray, *, levels: int = 256, bins: int = 256) ->
         images: ``(n, H, W)`` or ``(n, P)`` uint8 gray levels.
         levels: gray levels of the source (256 for 8-bit data).
         bins: code levels to count with (SPEC default 256).
+
+    Returns:
+        the codes, sparse non-zero lists and entropies every pair of :func:`mi_tile` reads.
+
+    Raises:
+        ConfigError: ``levels`` or ``bins`` is not a whole number in 2..256.
+        DataError: the images are not uint8, are empty (no image or no pixel), or hold a gray
+            level ``>= levels``.
     """
     codes = np.ascontiguousarray(quantize(images, levels=levels, bins=bins))
     n, pixels = codes.shape
@@ -116,6 +124,14 @@ def mutual_information(
         bins: code levels to count with.
         normalize: return ``2 MI / (H(u) + H(v))`` instead of raw MI (1.0 for two constant images,
             as ``sklearn.metrics.normalized_mutual_info_score``).
+
+    Returns:
+        ``MI(u, v)`` in nats (or the normalised value).
+
+    Raises:
+        ConfigError: ``levels`` or ``bins`` is not a whole number in 2..256.
+        DataError: the images differ in pixel count, are empty, are not uint8, or hold a gray
+            level ``>= levels``.
     """
     u_flat, v_flat = np.asarray(u).reshape(1, -1), np.asarray(v).reshape(1, -1)
     if u_flat.shape != v_flat.shape:
