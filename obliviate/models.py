@@ -172,7 +172,20 @@ def _is_int(value: object) -> bool:
 
 
 def images_to_tensor(images: np.ndarray, *, levels: int = 256) -> torch.Tensor:
-    """``(n, H, W)`` uint8 gray levels to a ``(n, 1, H, W)`` float32 tensor in ``[0, 1]``."""
+    """``(n, H, W)`` uint8 gray levels to a ``(n, 1, H, W)`` float32 tensor in ``[0, 1]``.
+
+    Args:
+        images: ``(n, H, W)`` gray levels in ``0..levels-1``.
+        levels: gray levels of the images (256 for 8-bit images).
+
+    Returns:
+        ``(n, 1, H, W)`` float32, each gray level divided by ``levels - 1``.
+
+    Raises:
+        ConfigError: ``levels`` is below 2 (one level would divide by zero).
+    """
+    if not levels >= 2:
+        raise ConfigError(f"levels must be >= 2 (gray levels of the images); got {levels!r}. Pass 256.")
     return torch.from_numpy(np.asarray(images, dtype=np.float32) / float(levels - 1)).unsqueeze(1)
 
 

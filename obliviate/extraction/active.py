@@ -72,7 +72,24 @@ class ActiveOptions:
 
 
 def round_sizes(k: int, rounds: int) -> list[int]:
-    """Queries per round: ``k`` split as evenly as possible over at most ``rounds`` non-empty rounds."""
+    """Queries per round: ``k`` split as evenly as possible over at most ``rounds`` non-empty rounds.
+
+    ActiveThief (Pal et al., AAAI 2020) spends the budget over rounds (SPEC section 3b); the first
+    ``k % rounds`` rounds buy one image more. With fewer images than rounds, each round buys one.
+
+    Args:
+        k: the budget, a whole number >= 1.
+        rounds: the most rounds, a whole number >= 1.
+
+    Returns:
+        ``min(k, rounds)`` positive sizes summing to ``k``, largest first.
+
+    Raises:
+        ConfigError: ``k`` or ``rounds`` is not a whole number >= 1.
+    """
+    for what, value in (("k", k), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{what} must be a whole number >= 1; got {value!r}. Pass an int.")
     r = max(1, min(rounds, k))
     return [k // r + (1 if i < k % r else 0) for i in range(r)]
 

@@ -226,3 +226,25 @@ def test_ranking_no_cells_says_what_to_pass():
     cells = [{"selector": "random", "budget": 10, "agreement": 0.5}]
     with pytest.raises(ConfigError, match="no cells of selector 'drmi' to rank: the cells hold selectors random"):
         strongest(cells, selector="drmi")
+
+
+# -------------------- round sizes and gray levels
+
+
+@pytest.mark.parametrize(
+    ("k", "rounds", "message"), [(10, 0, "rounds must be"), (0, 3, "k must be"), (2.0, 3, "k must be")]
+)
+def test_round_sizes_refuse_empty_rounds(k, rounds, message):
+    from obliviate.extraction.active import round_sizes
+
+    assert round_sizes(10, 3) == [4, 3, 3]
+    with pytest.raises(ConfigError, match=f"{message} a whole number >= 1; got {k if 'k' in message else rounds}"):
+        round_sizes(k, rounds)
+
+
+@pytest.mark.parametrize("levels", [1, 0])
+def test_images_to_tensor_refuses_fewer_than_two_levels(levels):
+    from obliviate.models import images_to_tensor
+
+    with pytest.raises(ConfigError, match=f"levels must be >= 2 .*got {levels}"):
+        images_to_tensor(np.zeros((1, 8, 8), np.uint8), levels=levels)
