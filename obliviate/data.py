@@ -275,15 +275,29 @@ def stratified_split(labels: np.ndarray, *, sizes: tuple[int, ...], rng: np.rand
 
 
 def to_gray(rgb: np.ndarray, *, mode: GrayMode | str = GrayMode.LUMA) -> np.ndarray:
-    """``(..., 3)`` uint8 colour to ``(...)`` uint8 gray, by luma or channel mean.
+    """``(..., H, W, C)`` uint8 colour to ``(..., H, W)`` uint8 gray, by luma or channel mean.
+
+    Args:
+        rgb: colour images with the channels last: C = 3 (RGB) or 4 (RGBA; alpha is ignored).
+        mode: ``luma`` (ITU-R 601-2) or ``mean``.
+
+    Returns:
+        the gray images, uint8.
 
     Raises:
         ConfigError: ``mode`` is not ``luma`` or ``mean``.
+        DataError: not at least ``(H, W, C)`` with C = 3 or 4 (a gray ``(H, W)`` image is already gray).
     """
     try:
         mode = GrayMode(mode)
     except ValueError:
         raise ConfigError(f"mode must be one of {[m.value for m in GrayMode]}; got {mode!r}.") from None
+    shape = getattr(rgb, "shape", ())
+    if len(shape) < 3 or shape[-1] not in (3, 4):
+        raise DataError(
+            f"to_gray takes colour images of shape (..., H, W, C) with C = 3 or 4 channels last; got shape {shape}. "
+            "Gray images need no conversion; move a leading channel axis last with np.moveaxis(x, 1, -1)."
+        )
     weights = _LUMA if mode is GrayMode.LUMA else np.full(3, 1.0 / 3.0)
     return np.clip(np.rint(rgb[..., :3].astype(np.float64) @ weights), 0, 255).astype(np.uint8)
 

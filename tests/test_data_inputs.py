@@ -51,3 +51,9 @@ def test_unknown_gray_modes_list_the_valid_ones() -> None:
         load_dataset("digits", gray="red")
     with pytest.raises(ConfigError, match=r"mode must be one of \['luma', 'mean'\]; got 'red'"):
         to_gray(np.zeros((1, 2, 2, 3), np.uint8), mode="red")
+
+
+def test_to_gray_needs_channels_last() -> None:
+    with pytest.raises(DataError, match=r"shape \(..., H, W, C\) with C = 3 or 4 .*got shape \(4, 4\)"):
+        to_gray(np.zeros((4, 4), np.uint8))
+    assert to_gray(np.full((2, 4, 4, 3), 100, np.uint8)).shape == (2, 4, 4)

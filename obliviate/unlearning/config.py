@@ -15,6 +15,7 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -129,10 +130,12 @@ class BlockTrainingConfig:
             "num_classes": self.num_classes,
         }
         for name, value in positive_ints.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON, fingerprint)
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0 (numpy's generators refuse others); got {self.seed!r}.")
+        object.__setattr__(self, "seed", int(self.seed))
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0; got {self.learning_rate!r}.")
         if not 0 < self.gamma <= 1:
@@ -202,6 +205,10 @@ def schedule_rate(
     if schedule is ScheduleName.CONSTANT:
         return float(base)
     if schedule is ScheduleName.STEP:
+        if isinstance(step_every, bool) or not isinstance(step_every, (int, np.integer)) or step_every < 1:
+            raise ConfigError(
+                f"step_every must be a whole number of steps >= 1 for the step schedule; got {step_every!r}."
+            )
         return float(base * gamma ** (position // step_every))
     if schedule is ScheduleName.EXPONENTIAL:
         return float(base * gamma**position)

@@ -71,8 +71,9 @@ class SisaConfig:
             ) from None
         for name in ("num_shards", "num_slices", "epochs_per_slice"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}.")
+            object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -121,7 +122,26 @@ class SisaEnsemble:
 def make_sisa_slices(
     labels: np.ndarray, *, num_shards: int, num_slices: int, seed: int
 ) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Split sample ids 0..n-1 into S shards of R class-stratified slices each (SISA; SPEC section 5).
+
+    Slice sizes differ by at most one; the split depends only on ``labels`` and ``seed``.
+
+    Args:
+        labels: ``(n,)`` integer labels of the training set.
+        num_shards: S >= 1.
+        num_slices: R >= 1; S * R must be at most n.
+        seed: the base config's seed, an integer >= 0.
+
+    Returns:
+        ``slices[k][r-1]``: the sorted sample ids of shard k (0-based), slice r (1-based).
+
+    Raises:
+        ConfigError: S or R not a positive integer, S * R > n, or a bad seed.
+    """
     check_seed(seed)
+    for name, value in (("num_shards", num_shards), ("num_slices", num_slices)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer; got {value!r}.")
     n = int(np.asarray(labels).shape[0])
     parts = num_shards * num_slices
     if parts > n:

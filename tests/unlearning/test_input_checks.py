@@ -151,3 +151,20 @@ def test_unknown_names_list_the_valid_ones() -> None:
         SisaConfig(base=_tiny_config(), schedule="linear")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"schedule must be one of .*got 'linear'"):
         schedule_rate(schedule="linear", base=1.0, position=0, total=2, gamma=0.5, step_every=1, min_fraction=0.0)
+
+
+def test_counts_accept_numpy_integers_and_refuse_bools() -> None:
+    config = _tiny_config(seed=np.int64(3), num_blocks=np.int64(2))
+    assert config.seed == 3 and type(config.seed) is int and type(config.num_blocks) is int
+    assert config.fingerprint == _tiny_config(seed=3).fingerprint
+    sisa = SisaConfig(base=config, num_shards=np.int64(2))
+    assert sisa.num_shards == 2 and type(sisa.num_shards) is int
+    with pytest.raises(ConfigError, match=r"num_shards must be a positive integer; got True"):
+        SisaConfig(base=config, num_shards=True)
+
+
+def test_zero_counts_fail_with_the_rule_not_a_zero_division() -> None:
+    with pytest.raises(ConfigError, match=r"num_shards must be a positive integer; got 0"):
+        make_sisa_slices(np.arange(40) % 4, num_shards=0, num_slices=2, seed=0)
+    with pytest.raises(ConfigError, match=r"step_every must be a whole number of steps >= 1 .*got 0"):
+        schedule_rate(schedule="step", base=1.0, position=3, total=5, gamma=0.5, step_every=0, min_fraction=0.0)
