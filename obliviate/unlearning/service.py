@@ -250,8 +250,21 @@ def retry_delay_s(attempt: int, *, first_s: float, max_s: float) -> float:
 
 
 def request_id_for(ids: Sequence[int], dataset: str, salt: str) -> str:
-    """A request id derived from its content and a caller-chosen salt (a time stamp, a ticket)."""
-    digest = hashlib.sha256(f"{dataset}|{','.join(map(str, ids))}|{salt}".encode()).hexdigest()
+    """A request id derived from its content and a caller-chosen salt (a time stamp, a ticket).
+
+    The content is the *set* of ids: their order and repeats do not change the id (the ids are
+    sorted and deduplicated first, which leaves the ids of :func:`parse_ids`' sorted output as they were).
+
+    Args:
+        ids: the request's sample ids.
+        dataset: the dataset they index.
+        salt: anything that tells two requests for the same ids apart.
+
+    Returns:
+        ``del-`` and 16 hex digits.
+    """
+    content = ",".join(str(i) for i in sorted({int(i) for i in ids}))
+    digest = hashlib.sha256(f"{dataset}|{content}|{salt}".encode()).hexdigest()
     return f"del-{digest[:16]}"
 
 
@@ -280,10 +293,11 @@ def parse_event_payload(payload: Any) -> str:
 def work_token(*, base_version: int, excluded_positions: Iterable[int], policy: str) -> str:
     """Name of the folder an unlearning writes new checkpoints to.
 
-    Depends only on what is computed (base model version, every excluded position, policy), so a
-    retried or restarted worker finds the checkpoints a killed one already wrote and resumes.
+    Depends only on what is computed (base model version, the set of excluded positions, policy), so a
+    retried or restarted worker finds the checkpoints a killed one already wrote and resumes. Order and
+    repeats of the positions do not matter (they are deduplicated; callers pass a set, whose token is
+    unchanged).
     """
-    digest = hashlib.sha256(
-        f"{base_version}|{policy}|{','.join(str(int(p)) for p in sorted(excluded_positions))}".encode()
-    ).hexdigest()
+    positions = sorted({int(p) for p in excluded_positions})
+    digest = hashlib.sha256(f"{base_version}|{policy}|{','.join(str(p) for p in positions)}".encode()).hexdigest()
     return f"u{base_version:06d}-{digest[:12]}"
