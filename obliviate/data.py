@@ -292,7 +292,7 @@ def to_gray(rgb: np.ndarray, *, mode: GrayMode | str = GrayMode.LUMA) -> np.ndar
         mode = GrayMode(mode)
     except ValueError:
         raise ConfigError(f"mode must be one of {[m.value for m in GrayMode]}; got {mode!r}.") from None
-    shape = getattr(rgb, "shape", ())
+    shape: tuple[int, ...] = tuple(getattr(rgb, "shape", ()))
     if len(shape) < 3 or shape[-1] not in (3, 4):
         raise DataError(
             f"to_gray takes colour images of shape (..., H, W, C) with C = 3 or 4 channels last; got shape {shape}. "
