@@ -218,6 +218,17 @@ def schedule_rate(
 
 
 def new_model(config: BlockTrainingConfig) -> nn.Module:
+    """M_0: the config's architecture, initialised from ``config.seed`` (SPEC section 4).
+
+    Args:
+        config: the chain's options (model, num_classes, in_channels, image_size, seed).
+
+    Returns:
+        a fresh module; equal configs give bit-identical initial weights.
+
+    Raises:
+        ConfigError: an unknown model name, or an image size too small for the network.
+    """
     return build_model(
         config.model,
         num_classes=config.num_classes,

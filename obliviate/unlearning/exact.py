@@ -30,7 +30,14 @@ from obliviate.unlearning.trainer import BlockTiming, BlockTrainer
 
 
 def validate_deletion(chain: Chain, ids: Iterable[int]) -> np.ndarray:
-    """Check a deletion request against the chain; return the ids as a sorted int64 array.
+    """Check a deletion request against the chain; return the ids as a sorted int64 array (SPEC section 5).
+
+    Args:
+        chain: the current chain.
+        ids: the requested training-sample ids.
+
+    Returns:
+        the distinct ids, sorted, int64.
 
     Raises:
         DeletionError: empty request, non-integer, duplicate, unknown or already deleted ids.
@@ -133,9 +140,21 @@ def unlearn_exact(
 ) -> UnlearningResult:
     """Retrain from M_{d-1} to M_B without ``ids`` (SPEC section 5); equals naive retraining bit for bit.
 
+    Args:
+        chain: the current chain.
+        ids: training-sample ids to forget.
+        data: the chain's training and held-out data.
+        sink: receives the new checkpoints M'_d..M'_B once the result is final.
+        retrainer: a :class:`ChainRetrainer` built for this chain and these ids, to share its retrained
+            blocks with another policy (default: a private one).
+
+    Returns:
+        the new current chain (M_0..M_{d-1} shared, M'_d..M'_B new) and the record of what was done.
+
     Raises:
         DeletionError: a bad request (nothing changes).
         ChainMismatchError: ``data`` is not the chain's data.
+        ConfigError: a shared ``retrainer`` built for another chain or other ids.
     """
     began = (time.perf_counter(), time.process_time())
     retrainer = _retrainer_for(chain, ids, data=data, retrainer=retrainer)

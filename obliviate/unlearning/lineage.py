@@ -167,7 +167,9 @@ def verify_replay(
     """Check a stored chain version against its lineage and by re-training ``blocks`` (SPEC 6, Proof).
 
     Args:
-        config, plan, deleted_ids: the version's chain (from its manifest).
+        config: the version's chain config (from its manifest).
+        plan: the version's block plan (from its manifest).
+        deleted_ids: the training positions the version has deleted (from its manifest).
         data: the run's training and held-out data.
         lineage: the version's lineage manifest.
         checkpoints: the readable stored checkpoints by block index.
@@ -175,6 +177,10 @@ def verify_replay(
         unreadable: block index -> why its checkpoint could not be read (corrupt, missing).
         applied_ids: training positions of every id of every applied request.
         blocks: the blocks to re-train (1-based).
+
+    Returns:
+        the report of every check: ``passed``, ``failed`` (with what failed) or ``inconclusive`` (a replay on
+        another machine type or torch build).
     """
     report = VerifyReport()
     if lineage.get("format") != LINEAGE_FORMAT:

@@ -65,6 +65,16 @@ def block_seed(seed: int, *stream: int) -> int:
 
 
 def new_optimizer(model: nn.Module, config: BlockTrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer carried across the whole chain (SPEC section 4): SGD with momentum or Adam.
+
+    Args:
+        model: the module whose parameters it updates.
+        config: optimizer, base learning rate, momentum and weight decay (the per-block rate is set by
+            :func:`train_block`).
+
+    Returns:
+        a fresh optimizer with empty state.
+    """
     if config.optimizer is OptimizerName.SGD:
         return torch.optim.SGD(
             model.parameters(), lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
@@ -73,6 +83,14 @@ def new_optimizer(model: nn.Module, config: BlockTrainingConfig) -> torch.optim.
 
 
 def snapshot_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the module's parameters and buffers, for a checkpoint.
+
+    Args:
+        model: the module.
+
+    Returns:
+        its ``state_dict`` with every tensor detached and cloned (later training does not change it).
+    """
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -87,6 +105,15 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> tor
 
 
 def heldout_accuracy(model: nn.Module, data: BlockData) -> float:
+    """Accuracy of ``model`` on the chain's held-out set, as every checkpoint records it (SPEC section 4).
+
+    Args:
+        model: the classifier (evaluated in eval mode; its mode is restored).
+        data: the chain's data; its held-out part is used.
+
+    Returns:
+        the share of held-out samples classified correctly, in ``[0, 1]``.
+    """
     return float((predict(model, data.x_heldout) == data.y_heldout).double().mean())
 
 

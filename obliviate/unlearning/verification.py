@@ -202,10 +202,18 @@ def verify(
     """Accuracy, consistency with naive, L1 distance to naive and deleted-sample loss, with floors.
 
     Args:
-        unlearned, naive, original: ``x -> predicted classes``.
-        x_test, y_test: the test set.
-        *_state: state dicts for the parameter distance (omit for ensembles).
+        unlearned: ``x -> predicted classes`` of the unlearned model.
+        naive: ``x -> predicted classes`` of the naive retrain without the deleted samples.
+        original: ``x -> predicted classes`` of the original (never-unlearned) model: the noise floor.
+        x_test: the test inputs.
+        y_test: the test labels.
+        unlearned_state: the unlearned model's state dict, for the parameter distance (omit for ensembles).
+        naive_state: the naive retrain's state dict (omit for ensembles).
+        original_state: the original model's state dict (omit for ensembles).
         losses: (unlearned, naive, original) mean loss on the deleted samples, if computed.
+
+    Returns:
+        every figure next to its floor (SPEC section 5, Metrics); distances ``None`` without all three states.
     """
     pu, pn, po = unlearned(x_test), naive(x_test), original(x_test)
     l1_to_naive = original_l1_to_naive = None
