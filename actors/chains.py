@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain,
 from obliviate.unlearning.verification import consistency
 from storage.background import BackgroundWriter
 from storage.errors import PointerConflict
+from storage.ledger import CLAIMED, DONE, PENDING, DeletionLedger
 from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
@@ -62,6 +64,34 @@ from storage.serving import (
 )
 
 _PUBLISH_ATTEMPTS = 5
+
+
+def exclusions_key(run_id: str) -> str:
+    """Where a run's training records the dataset positions it leaves out (deletion requests accepted before)."""
+    return f"runs/{run_id}/train-exclusions.json"
+
+
+def training_chain_name(positions: set[int] | frozenset[int]) -> str:
+    """The chain folder of a training that leaves ``positions`` out: ``train``, or ``train-x<hash of the set>``."""
+    if not positions:
+        return TRAIN_CHAIN
+    digest = hashlib.sha256(",".join(str(p) for p in sorted(positions)).encode()).hexdigest()
+    return f"{TRAIN_CHAIN}-x{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class TrainingExclusions:
+    """What a training leaves out: training positions, the requests they come from, the chain folder.
+
+    ``first_touched``: the first block that ids added since the last training attempt fall in;
+    checkpoints from M_b on must be retrained (``None``: nothing was added).
+    """
+
+    positions: frozenset[int]
+    requests: list[str]
+    chain: str
+    previous_chain: str
+    first_touched: int | None
 
 
 class ChainWorker:
@@ -146,21 +176,38 @@ class ChainWorker:
         if current is not None:
             self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan)))
             return {"run_id": run.run_id, "version": current.version, "status": "already_trained", **current.metrics}
-        stored = self._io(lambda: registry.stored_checkpoints(run.run_id, TRAIN_CHAIN, first=0))
-        members = {checkpoint.block_index: info for checkpoint, info, _ in stored}
-        seconds = {checkpoint.block_index: s for checkpoint, _, s in stored}
-        timings: list = []
         began = time.perf_counter()
-        with self._sink(run.run_id, TRAIN_CHAIN, timings, members) as sink:
-            chain = train_chain(
-                config=run.config,
-                data=data,
-                plan=plan,
-                sink=sink,
-                resume_from=[c for c, _, _ in stored],
-                timings=timings,
-            )
-        seconds.update({t.block_index: t.seconds for t in timings})
+        # A run trained after deletion requests were accepted on this store never trains on their
+        # ids: they are left out from the start (a served version 1 holding them would undo the
+        # deletion). Requests accepted while it trains are read again before publishing; a block
+        # they touch is retrained from the checkpoint before it, as an exact unlearning would.
+        chain: Chain | None = None
+        resumed_blocks = trained_blocks = 0
+        while True:
+            exclusions = self._training_exclusions(run, plan)
+            if chain is not None and exclusions.first_touched is None:
+                break
+            excluded, applied, chain_name = exclusions.positions, exclusions.requests, exclusions.chain
+            stored = self._io(lambda name=chain_name: registry.stored_checkpoints(run.run_id, name, first=0))
+            if not stored and exclusions.first_touched is not None:
+                stored = self._carry_over(run.run_id, exclusions)
+            if chain is None:
+                resumed_blocks = len(stored) - 1 if stored else 0
+            members = {checkpoint.block_index: info for checkpoint, info, _ in stored}
+            seconds = {checkpoint.block_index: s for checkpoint, _, s in stored}
+            timings: list = []
+            with self._sink(run.run_id, chain_name, timings, members) as sink:
+                chain = train_chain(
+                    config=run.config,
+                    data=data,
+                    plan=plan,
+                    excluded_ids=excluded,
+                    sink=sink,
+                    resume_from=[c for c, _, _ in stored],
+                    timings=timings,
+                )
+            seconds.update({t.block_index: t.seconds for t in timings})
+            trained_blocks += len(timings)
         block_seconds = [float(seconds.get(b, 0.0)) for b in range(1, run.config.num_blocks + 1)]
         metrics = {
             "heldout_accuracy": chain.final.heldout_accuracy,
@@ -170,9 +217,10 @@ class ChainWorker:
             "num_blocks": run.config.num_blocks,
             "num_train": data.num_train,
         }
+        forgotten = run.dataset_ids(sorted(chain.deleted_ids))
         version = self._publish(
             run.run_id,
-            chain_name=TRAIN_CHAIN,
+            chain_name=chain_name,
             members=members,
             metadata={
                 "chain": chain.manifest(),
@@ -181,19 +229,90 @@ class ChainWorker:
                 "record": None,
                 "lineage": _lineage(chain, members),  # issue 11: proof by replay (obliviate verify)
             },
-            target={"applied_requests": [], "deleted_ids": [], "metrics": metrics},
+            target={"applied_requests": applied, "deleted_ids": forgotten, "metrics": metrics},
             expected_version=0,
         )
         self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan)))
+        # A request accepted after the last read above may have been validated by a pass that did
+        # not see this run yet (it was not registered): apply what this version misses now.
+        late = {
+            request_id: ids
+            for request_id, ids in self._accepted_requests(run.dataset).items()
+            if request_id not in applied and run.positions(ids)[0].size
+        }
+        late_audit = self.unlearn(run.run_id, late) if late else None
         return {
             "run_id": run.run_id,
-            "version": version.version,
+            "version": int(late_audit.get("to_version") or late_audit.get("version") or version.version)
+            if late_audit
+            else version.version,
             "status": "trained",
-            "resumed_blocks": len(stored) - 1 if stored else 0,
-            "trained_blocks": len(timings),
+            "resumed_blocks": resumed_blocks,
+            "trained_blocks": trained_blocks,
+            "late_requests": sorted(late),
+            "left_out_ids": len(forgotten),
+            "left_out_for_requests": applied,
             "wall_seconds": time.perf_counter() - began,
             **metrics,
         }
+
+    def _accepted_requests(self, dataset: str) -> dict[str, list[int]]:
+        """Request id -> dataset ids of every deletion request on this store for ``dataset`` not refused.
+
+        Pending and claimed requests count with done ones: their ids will be forgotten, so a run
+        trained now leaves them out rather than learning them first.
+        """
+        entries = self._io(DeletionLedger(self.registry.store).entries)
+        return {
+            entry.request_id: [int(i) for i in entry.request.get("ids", [])]
+            for entry in entries
+            if entry.request.get("dataset") == dataset and entry.status in (PENDING, CLAIMED, DONE)
+        }
+
+    def _training_exclusions(self, run: RunSpec, plan: BlockPlan) -> TrainingExclusions:
+        """What a training leaves out, and where its checkpoints go (:class:`TrainingExclusions`).
+
+        The set only grows and is kept in ``runs/<run>/train-exclusions.json``. Checkpoints live in a
+        chain folder named by the set (``train`` when empty), so a folder only ever holds checkpoints
+        trained without exactly that set, and an interrupted training resumes only from those.
+        """
+        store, key = self.registry.store, exclusions_key(run.run_id)
+        known = self._io(lambda: store.exists(key))
+        before = self._io(lambda: store.get_json(key)) if known else {"positions": [], "requests": []}
+        previous = {int(p) for p in before["positions"]}
+        positions, requests = set(previous), set(before["requests"])
+        for request_id, ids in self._accepted_requests(run.dataset).items():
+            held, _ = run.positions(ids)
+            if held.size:
+                positions.update(held.tolist())
+                requests.add(request_id)
+        added = sorted(positions - previous)
+        chain = training_chain_name(positions)
+        if added or not known:
+            record = {"positions": sorted(positions), "requests": sorted(requests), "chain": chain}
+            self._io(lambda: store.put_json(key, record))
+        return TrainingExclusions(
+            positions=frozenset(positions),
+            requests=sorted(requests),
+            chain=chain,
+            previous_chain=training_chain_name(previous),
+            first_touched=int(plan.block_of(np.asarray(added, dtype=np.int64)).min()) if added else None,
+        )
+
+    def _carry_over(self, run_id: str, exclusions: TrainingExclusions) -> list[tuple[Checkpoint, ObjectInfo, float]]:
+        """Copy M_0..M_{b-1} of the previous set's chain (b: the first block the new ids touch) into the new one.
+
+        Those checkpoints never saw an id of block b or later, so they are valid for the larger set
+        too; the copy is what the new chain resumes from, and the old folder becomes an orphan.
+        """
+        old = self._io(lambda: self.registry.stored_checkpoints(run_id, exclusions.previous_chain, first=0))
+        valid = old[: exclusions.first_touched or 0]
+        timing = {checkpoint.block_index: s for checkpoint, _, s in valid}
+        written: dict[int, ObjectInfo] = {}
+        write = self.registry.checkpoint_sink(run_id, exclusions.chain, seconds_of=timing.get, written=written)
+        for checkpoint, _, _ in valid:
+            self._io(lambda checkpoint=checkpoint: write(checkpoint))
+        return [(checkpoint, written[checkpoint.block_index], s) for checkpoint, _, s in valid]
 
     def _fixed_plan(self, run: RunSpec, data: BlockData) -> BlockPlan:
         """The run's block plan, fixed at registration (issue 11): stored once, then always read back.

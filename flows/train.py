@@ -18,13 +18,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from actors.chains import ChainWorker
+from actors.chains import ChainWorker, exclusions_key
 from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
+from storage.errors import CorruptObject, StorageError
 from storage.objects import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry
 from storage.serving import group_members
@@ -367,15 +368,22 @@ def _results_with_progress(pool: Any, store: ObjectStore, specs: list[dict[str, 
             pass
         done = sum(blocks[: len(results)])
         for spec, count in zip(specs[len(results) :], blocks[len(results) :], strict=True):
-            committed = set(store.list(f"runs/{spec['run_id']}/chains/{TRAIN_CHAIN}"))
-            done += sum(
-                registry.checkpoint_key(spec["run_id"], TRAIN_CHAIN, b) in committed for b in range(1, count + 1)
-            )
+            chain = _training_chain(store, spec["run_id"])
+            committed = set(store.list(f"runs/{spec['run_id']}/chains/{chain}"))
+            done += sum(registry.checkpoint_key(spec["run_id"], chain, b) in committed for b in range(1, count + 1))
         if done != shown:
             report("blocks", done, total)
             logger.info("blocks %d/%d trained", done, total)
             shown = done
     return results
+
+
+def _training_chain(store: ObjectStore, run_id: str) -> str:
+    """The chain folder a run's training writes to: ``train``, or the one its left-out ids name."""
+    try:
+        return str(store.get_json(exclusions_key(run_id)).get("chain", TRAIN_CHAIN))
+    except (StorageError, CorruptObject):  # not written yet, or unreadable: the bar is a view, the worker decides
+        return TRAIN_CHAIN
 
 
 def served_heldout_accuracy(store: str, run_id: str) -> float:
