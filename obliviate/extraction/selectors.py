@@ -67,6 +67,7 @@ class Pool:
 
         check_levels(self.levels)
         check_gray_levels(self.images, levels=self.levels)
+        check_feature_dims(self.feature_dims)
 
     @property
     def n(self) -> int:

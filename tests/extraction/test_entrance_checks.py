@@ -177,13 +177,12 @@ def test_kcenter_on_a_pool_of_identical_images_returns_distinct_indices(bought):
     assert len(np.unique(got.pool_indices)) == 5 and got.queries == 5
 
 
-def test_feature_selectors_refuse_zero_feature_dims(bought):
-    from obliviate.extraction.selectors import acquire
+def test_a_pool_refuses_zero_feature_dims_when_it_is_built(bought):
+    from obliviate.extraction.selectors import Pool
 
-    pool, target = _pool_and_target(bought[0], feature_dims=0)
-    for name in ("kcenter", "cluster_centers", "facility"):
-        with pytest.raises(ConfigError, match="feature_dims must be a whole number >= 1.*got 0"):
-            acquire(name, pool, k=5, rng=np.random.default_rng(0), target=target)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="feature_dims must be a whole number >= 1"):
+            Pool(bought[0], feature_dims=bad)
 
 
 @pytest.mark.parametrize("name", ["drmi", "drmi_nmi", "drmi_coarse"])
