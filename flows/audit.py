@@ -14,8 +14,9 @@ Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out 
    the output location); they carry the same run id. ``steal.md`` leads with the fewest queries at
    which any attacker and selector measured reaches 90 % and 95 % agreement, naming the pair.
 
-Call ``ray.init(address="local", num_cpus=...)`` once before the flow (the CLI does); the flow
-reuses that runtime.
+Call ``ray.init(address="local", num_cpus=...)`` once before the ``steal`` flow (the CLI does); the
+flow reuses that runtime. The ``extraction-audit`` flow joins Ray itself (:func:`flows.runtime.ensure_ray`:
+``RAY_ADDRESS``, which ``obliviate serve`` exports to the runs its runner starts, else a local runtime).
 
 The scheduled ``extraction-audit`` flow (:func:`audit_flow`) asks the same question of the
 *current* model of each registered run: the current version's final model is exported as an audit
@@ -738,6 +739,13 @@ def audit_flow(
         consistency_steps=consistency_steps,
         drmi_starts=8,
     )
+    if runs:
+        # A run the Prefect runner starts (serve's 03:00 cron, `prefect deployment run`) is a fresh
+        # process: join serve's Ray runtime (RAY_ADDRESS, which serve exports) or start a local one,
+        # as the unlearn flow's fan-out does. It raised "Ray is not initialised" for every run.
+        from flows.runtime import ensure_ray
+
+        ensure_ray()
     reports: dict[str, Any] = {}
     for run in runs:
         try:

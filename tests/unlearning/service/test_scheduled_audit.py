@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from actors.chains import ChainWorker
@@ -10,6 +15,8 @@ from storage import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_each_run_is_audited_on_what_its_training_left_out_and_one_failure_blocks_no_other(
@@ -62,3 +69,19 @@ def test_a_sharded_run_is_audited_as_the_one_model_it_serves(store_url, tiny_run
     trained = set(RunBackend(store_url, "g").spec_info["train_indices"])
     assert len(trained) == options["train_size"] and "audit_split" in body["split"]
     assert body["overlap_warning"] is None  # the served group declared them and they were excluded
+
+
+def test_the_audit_flow_joins_ray_in_a_fresh_process(store_url, prefect_api_url, ray_address, tiny_run):
+    """serve's 03:00 audit (and `prefect deployment run 'extraction-audit/audit-<suffix>'`) failed for every
+    run: "Ray is not initialised". The runner starts the run as here: a new interpreter, RAY_ADDRESS set
+    by serve, Ray not initialised in it."""
+    ChainWorker(store_url).train(
+        run_spec(run_id="f", **tiny_run(blocks=3, train_size=300, heldout_size=100, split_seed=0))
+    )
+    grid = {"budgets": [10], "selectors": ["random"], "attackers": ["basic"], "steps": 20}
+    code = f"from flows.audit import audit_flow; print(audit_flow(store={store_url!r}, **{grid!r})['f']['status'])"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": prefect_api_url, "RAY_ADDRESS": ray_address}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("audited"), done.stderr[-3000:]
