@@ -23,17 +23,22 @@ Requests reach it through the ledger first, then a Prefect event (the Python API
 happens), then emits ``obliviate.deletion.requested`` for the store's resource id. An
 ``obliviate serve`` watching that store runs the ``unlearn`` flow on the event; if no event gets
 through (no server, network), the cron reconciliation finds the pending ledger entry later, so an
-acknowledged request is never lost.
+acknowledged request is never lost. Other systems may send the event with the ids instead
+(``{"ids": [...], "dataset": ...}``): the flow appends the request itself (:func:`event_request`;
+the contract is in ``docs/unlearning.md``, "Deletion events from other systems").
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import time
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -43,11 +48,12 @@ from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
 from flows.settle import AttemptPolicy, run_pass, run_until_quiet
 from flows.train import worker_pool
+from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
-from obliviate.unlearning.service import RequestError, parse_event_payload, parse_ids, request_id_for
+from obliviate.unlearning.service import RequestError, check_name, parse_event_payload, parse_ids, request_id_for
 from storage import lease
 from storage.lease import DEFAULT_LEASE_S
-from storage.ledger import CLAIMED, REJECTED, TERMINAL, DeletionLedger
+from storage.ledger import CLAIMED, FAILED, REJECTED, TERMINAL, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
 
 
@@ -158,9 +164,18 @@ def unlearn_flow(
 ) -> dict[str, Any]:
     """Handle one deletion event: check it, then settle every open request (merged).
 
+    The event's outcome is kept in ``ledger/events/<event id>.json``: ``rejected`` with the
+    reason, ``duplicate`` (the request was already settled or being worked on) or ``processed``,
+    each with the request's status after this run (``status``, and ``reason`` when it was
+    refused). A refused event, or one whose request ends ``rejected`` or ``failed``, ends the flow
+    run ``Failed`` with the reason as its message (a :class:`RequestError`, no traceback).
+
     Args:
         store: the store of runs and ledger.
-        payload: the event payload, ``{"request_id": ...}``.
+        payload: the event payload: ``{"request_id": ...}`` naming a ledger entry, or
+            ``{"ids": [...], "dataset": ..., "request_id"?: ..., "reason"?: ...}`` which appends the
+            request first (:func:`record_deletion`; the request id defaults to one derived from
+            the event id, so a redelivered event is one request).
         event_id: the event's id (for the ledger's event log).
         policy: ``exact`` (default) or ``deepobliviate``.
         verify: also retrain naively and report consistency (costs a full retrain per run).
@@ -168,25 +183,23 @@ def unlearn_flow(
         lease_s: a claim whose lease was not renewed for this long is taken over.
         max_attempts: attempts per request before it becomes ``failed``.
         epsilon: DeepObliviate's stop threshold ε (``policy="deepobliviate"`` only).
+
+    Raises:
+        RequestError: the event was refused, or the request it names ended ``rejected`` or ``failed``.
     """
     logger = get_run_logger()
     ledger = DeletionLedger(ObjectStore(store))
     event_id = event_id or f"manual-{uuid.uuid4().hex[:12]}"
     received_at = time.time()
     try:
-        request_id = parse_event_payload(payload)
-        if not ledger.exists(request_id):
-            raise RequestError(
-                f"rule: a deletion event names a request already in the ledger; {request_id!r} is not there. "
-                "Submit deletions with `obliviate forget`, which writes the ledger before emitting."
-            )
+        request_id = event_request(store, payload, event_id=event_id)
     except RequestError as err:
         logger.warning("deletion event %s rejected: %s", event_id, err)
         ledger.record_event(
             event_id,
             {"outcome": REJECTED, "reason": str(err), "payload": repr(payload)[:500], "received_at": received_at},
         )
-        return {"event_id": event_id, "outcome": REJECTED, "reason": str(err)}
+        raise RequestError(f"deletion event {event_id} refused, nothing changed: {err}") from None
     entry = ledger.get(request_id)
     live_claim = entry.status == CLAIMED and not lease.lapsed(
         ledger.store,
@@ -197,11 +210,9 @@ def unlearn_flow(
         now=received_at,
     )
     if entry.status in TERMINAL or live_claim:
-        ledger.record_event(
-            event_id,
-            {"outcome": "duplicate", "request_id": request_id, "status": entry.status, "received_at": received_at},
-        )
+        ledger.record_event(event_id, _event_record("duplicate", entry, received_at=received_at))
         logger.info("event %s: request %s is already %s; nothing to do", event_id, request_id, entry.status)
+        _fail_if_refused(event_id, entry)
         return {"event_id": event_id, "outcome": "duplicate", "request_id": request_id, "status": entry.status}
     ledger.record_event(event_id, {"outcome": "processing", "request_id": request_id, "received_at": received_at})
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
@@ -209,7 +220,74 @@ def unlearn_flow(
         store, policy=policy, epsilon=epsilon, verify=verify, workers=workers, attempts=attempts
     )
     outcome = "processed" if request_id in result["claimed"] else "duplicate"
-    return {"event_id": event_id, "outcome": outcome, "request_id": request_id, **result}
+    # The record said "processing" for good before: now it says what became of the request.
+    settled = ledger.get(request_id)
+    ledger.record_event(event_id, _event_record(outcome, settled, received_at=received_at))
+    _fail_if_refused(event_id, settled)
+    return {"event_id": event_id, "outcome": outcome, "request_id": request_id, "status": settled.status, **result}
+
+
+def _event_record(outcome: str, entry: RequestStatus, *, received_at: float) -> dict[str, Any]:
+    """The events record of an event whose request is in the ledger: the outcome and the request's status."""
+    body: dict[str, Any] = {
+        "outcome": outcome,
+        "request_id": entry.request_id,
+        "status": entry.status,
+        "received_at": received_at,
+    }
+    why = entry.details.get("reason") or entry.details.get("last_error")
+    if entry.status in (REJECTED, FAILED) and why:
+        body["reason"] = str(why)[:2000]
+    return body
+
+
+def _fail_if_refused(event_id: str, entry: RequestStatus) -> None:
+    """End the event's flow run ``Failed`` when its request was rejected or failed, with the reason."""
+    if entry.status not in (REJECTED, FAILED):
+        return
+    why = str(entry.details.get("reason") or entry.details.get("last_error") or "no reason recorded").rstrip(". ")
+    raise RequestError(
+        f"deletion event {event_id}: request {entry.request_id} is {entry.status}: {why}. "
+        f"`obliviate forget --status {entry.request_id}` shows its entry."
+    )
+
+
+def event_request(store: str, payload: Any, *, event_id: str) -> str:
+    """The ledger request a deletion event stands for; an ``ids`` payload is appended to the ledger first.
+
+    Raises:
+        RequestError: a payload of neither form, a ``request_id`` not in the ledger, or ids that
+            :func:`record_deletion` refuses (nothing written).
+    """
+    ledger = DeletionLedger(ObjectStore(store))
+    if isinstance(payload, Mapping) and "ids" in payload:
+        dataset = payload.get("dataset")
+        if not isinstance(dataset, str) or not dataset:
+            raise RequestError(
+                f"rule: a deletion event with 'ids' names the dataset they index in 'dataset' (as runs were trained "
+                f"with --data); got {dataset!r}. Send {{'ids': [...], 'dataset': 'digits'}}, or write the request "
+                "first and send {'request_id': ...}."
+            )
+        given = payload.get("request_id")
+        request_id = None if given is None else check_name(given, what="request id")
+        reason = payload.get("reason")
+        record = record_deletion(
+            store,
+            payload["ids"],
+            dataset=dataset,
+            reason=None if reason is None else str(reason)[:2000],
+            request_id=request_id,
+            salt=f"event-{event_id}",
+        )
+        return str(record["request_id"])
+    request_id = parse_event_payload(payload)
+    if not ledger.exists(request_id):
+        raise RequestError(
+            f"rule: a deletion event names a request already in the ledger; {request_id!r} is not there. "
+            "Write the ledger entry first (`obliviate forget --no-event`, or "
+            "flows.unlearn.submit_deletion(..., emit=False)), or send {'ids': [...], 'dataset': ...} instead."
+        )
+    return request_id
 
 
 EVENT_NAME = "obliviate.deletion.requested"
@@ -281,6 +359,69 @@ def emit_deletion_event(store_url: str, payload: dict[str, Any], *, api_url: str
     return str(event.id) if event is not None else None
 
 
+def dataset_rows(dataset: str) -> int | None:
+    """Rows of ``dataset``, or ``None`` when it does not load here (a path only serve's machine has).
+
+    Loaded once per process (a file or folder again when its modification time or size changes):
+    ``mnist5k`` takes 1-2 s to load, and a service submits many requests.
+    """
+    from obliviate.data import BUILTIN_DATASETS
+
+    path = Path(dataset).expanduser()
+    stamp: tuple[int, int] | None = None
+    if dataset not in BUILTIN_DATASETS and path.exists():
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    return _dataset_rows(dataset, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _dataset_rows(dataset: str, stamp: tuple[int, int] | None) -> int | None:
+    from obliviate.data import load_dataset
+
+    try:
+        return len(load_dataset(dataset))
+    except DataError:
+        return None
+
+
+def record_deletion(
+    store_url: str,
+    ids: Any,
+    *,
+    dataset: str,
+    reason: str | None = None,
+    request_id: str | None = None,
+    salt: str | None = None,
+) -> dict[str, Any]:
+    """Append a deletion request to the store's ledger, checked as ``obliviate forget`` checks it.
+
+    The ids are checked by :func:`obliviate.unlearning.service.parse_ids` against the dataset's
+    rows when the dataset loads here (:func:`dataset_rows`), else against int64. Idempotent on
+    ``request_id``: the same id with the same ids returns the stored entry.
+
+    Args:
+        store_url: the store holding the ledger.
+        ids: dataset sample ids, a list or ``"3,17,42"``.
+        dataset: the dataset the ids index.
+        reason: free text kept in the ledger.
+        request_id: idempotency key; default derived from the ids, the dataset and ``salt``.
+        salt: what makes a derived request id unique (default: the time and a random token).
+
+    Returns:
+        ``request_id``, ``status``, ``new`` (False for a repeat), ``ids`` (sorted) and ``dataset``.
+
+    Raises:
+        RequestError: malformed or out-of-range ids, or a request id reused for other ids (nothing written).
+    """
+    values = parse_ids(ids, dataset_size=dataset_rows(dataset), dataset=dataset)
+    ledger = DeletionLedger(ObjectStore(store_url))
+    salt = salt if salt is not None else f"{time.time_ns()}-{uuid.uuid4().hex}"
+    request_id = request_id or request_id_for(values, dataset, salt=salt)
+    entry, created = ledger.append(request_id=request_id, ids=values, dataset=dataset, reason=reason)
+    return {"request_id": request_id, "status": entry.status, "new": created, "ids": list(values), "dataset": dataset}
+
+
 def submit_deletion(
     store_url: str,
     ids: Any,
@@ -307,23 +448,16 @@ def submit_deletion(
         ``request_id``, ``status``, ``new`` (False for a repeat), ``event_id`` (or ``None``) and a note.
 
     Raises:
-        RequestError: malformed ids, or a request id reused for other ids (nothing written).
+        RequestError: malformed ids, ids past the dataset's rows (when ``dataset`` loads here, as
+            ``obliviate forget`` checks them), or a request id reused for other ids (nothing written).
     """
-    values = parse_ids(ids)
     store = ObjectStore(store_url)
-    ledger = DeletionLedger(store)
-    request_id = request_id or request_id_for(values, dataset, salt=f"{time.time_ns()}-{uuid.uuid4().hex}")
-    entry, created = ledger.append(request_id=request_id, ids=values, dataset=dataset, reason=reason)
-    out: dict[str, Any] = {
-        "request_id": request_id,
-        "status": entry.status,
-        "new": created,
-        "event_id": None,
-        "ids": list(values),
-        "dataset": dataset,
-    }
-    if not created and entry.status in TERMINAL:
-        out["note"] = f"request {request_id} was already {entry.status}; nothing changed."
+    record = record_deletion(store.url, ids, dataset=dataset, reason=reason, request_id=request_id)
+    request_id = record["request_id"]
+    out: dict[str, Any] = {**{k: record[k] for k in ("request_id", "status", "new")}, "event_id": None}
+    out |= {"ids": record["ids"], "dataset": dataset}
+    if not out["new"] and out["status"] in TERMINAL:
+        out["note"] = f"request {request_id} was already {out['status']}; nothing changed."
         return out
     if not emit:
         out["note"] = "recorded in the ledger; the reconciliation schedule will process it."

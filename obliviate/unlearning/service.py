@@ -271,21 +271,28 @@ def request_id_for(ids: Sequence[int], dataset: str, salt: str) -> str:
 def parse_event_payload(payload: Any) -> str:
     """The request id a deletion event refers to.
 
-    An event is only a notification: the ledger entry it names holds the request, so the only
-    field read is ``request_id``.
+    An event of this form is only a notification: the ledger entry it names holds the request, so
+    the only field read is ``request_id``. (The ``unlearn`` flow also takes a payload
+    ``{"ids": [...], "dataset": ...}``, which it appends to the ledger first:
+    :func:`flows.unlearn.event_request`.)
 
     Raises:
-        RequestError: the payload is not a mapping with a valid ``request_id``.
+        RequestError: the payload is not a mapping with a valid ``request_id``; the message says
+            which payloads are taken.
     """
+    forms = (
+        "Send {'request_id': ...} naming a ledger entry written first (`obliviate forget --no-event`, "
+        "flows.unlearn.submit_deletion(..., emit=False)), or {'ids': [...], 'dataset': ...}."
+    )
     if not isinstance(payload, Mapping):
         raise RequestError(
-            f"rule: a deletion event's payload is an object {{'request_id': ...}}; got {type(payload).__name__} "
-            f"{str(payload)[:80]!r}."
+            f"rule: a deletion event's payload is an object {{'request_id': ...}} or {{'ids': [...], "
+            f"'dataset': ...}}; got {type(payload).__name__} {str(payload)[:80]!r}. {forms}"
         )
     if "request_id" not in payload:
         raise RequestError(
-            f"rule: a deletion event's payload names the ledger entry in 'request_id'; got keys {sorted(payload)[:8]}. "
-            "Submit deletions with `obliviate forget` (or flows.unlearn.submit_deletion), which writes the ledger first."
+            f"rule: a deletion event's payload names the ledger entry in 'request_id', or the ids in 'ids'; got keys "
+            f"{sorted(payload)[:8]}. {forms}"
         )
     return check_name(payload["request_id"], what="request id")
 
