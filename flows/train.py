@@ -11,8 +11,10 @@ Call ``ray.init`` once before (``flows.runtime.ensure_ray``); the flow reuses th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +23,7 @@ from prefect import flow, get_run_logger
 from actors.chains import ChainWorker, exclusions_key
 from flows.progress import report
 from obliviate.data import load_dataset
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, ObliviateError
 from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
@@ -363,19 +365,51 @@ def _results_with_progress(pool: Any, store: ObjectStore, specs: list[dict[str, 
     shown = -1
     while pool.has_next():
         try:
-            results.append(pool.get_next(timeout=2.0))
+            with worker_errors_as_their_own():
+                results.append(pool.get_next(timeout=2.0))
         except TimeoutError:
             pass
         done = sum(blocks[: len(results)])
-        for spec, count in zip(specs[len(results) :], blocks[len(results) :], strict=True):
-            chain = _training_chain(store, spec["run_id"])
-            committed = set(store.list(f"runs/{spec['run_id']}/chains/{chain}"))
-            done += sum(registry.checkpoint_key(spec["run_id"], chain, b) in committed for b in range(1, count + 1))
+        try:
+            for spec, count in zip(specs[len(results) :], blocks[len(results) :], strict=True):
+                chain = _training_chain(store, spec["run_id"])
+                committed = set(store.list(f"runs/{spec['run_id']}/chains/{chain}"))
+                done += sum(registry.checkpoint_key(spec["run_id"], chain, b) in committed for b in range(1, count + 1))
+        except StorageError:
+            # The bar is a view: the workers retry outages up to their deadline, so a blip seen here
+            # must not end the training (it did: the flow killed workers that were still retrying).
+            continue
         if done != shown:
             report("blocks", done, total)
             logger.info("blocks %d/%d trained", done, total)
             shown = done
     return results
+
+
+@contextlib.contextmanager
+def worker_errors_as_their_own() -> Iterator[None]:
+    """Around a wait on Ray: a worker's own error raised as itself, a SIGTERM as Prefect's signal.
+
+    Ray raises a worker's exception as a ``RayTaskError`` whose text is the remote traceback, which
+    Prefect then records as the flow run's state message; the worker's :class:`ObliviateError` says
+    the rule and fix. A SIGTERM that lands inside Ray's wait comes out as a ``SystemError`` wrapping
+    Prefect's ``TerminationSignal``, which made the run Failed with a meaningless message; re-raised,
+    Prefect records the run as crashed by the signal.
+    """
+    import ray
+    from prefect.exceptions import TerminationSignal
+
+    try:
+        yield
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, ObliviateError):
+            raise err.cause from None
+        raise
+    except SystemError as err:
+        signal = err.__cause__ or err.__context__
+        if isinstance(signal, TerminationSignal):
+            raise signal from None
+        raise
 
 
 def _training_chain(store: ObjectStore, run_id: str) -> str:

@@ -29,13 +29,19 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Generic, TypeVar
 
+from storage.errors import StorageError
+
 T = TypeVar("T")
 
 _STOP = object()
 
 
-class BackgroundWriteError(RuntimeError):
-    """A background write failed; nothing after it was written."""
+class BackgroundWriteError(StorageError):
+    """A background write failed; nothing after it was written.
+
+    A storage error like the write's own, so a command reports it in one line (it surfaced as two
+    tracebacks from a Ray worker when a bucket vanished mid-training).
+    """
 
 
 class BackgroundWriter(Generic[T]):

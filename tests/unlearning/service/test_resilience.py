@@ -81,6 +81,28 @@ def test_killed_training_worker_resumes_after_the_last_checkpoint(tmp_path, pref
     assert all(torch.equal(chain.final.model_state[k], v) for k, v in naive.items())
 
 
+def test_an_s3_blip_seen_by_the_training_flow_does_not_end_the_training(s3_url, flaky_s3, prefect_api_url, ray_address):
+    # The flow's progress bar lists checkpoints itself; a refused connection there killed workers
+    # that were still retrying (train failed ~5 s into a 5 s outage). Here only the flow's process
+    # goes through the proxy: the Ray workers read their endpoint from the cluster's environment.
+    store = ObjectStore(s3_url)
+    previous = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = flaky_s3.endpoint
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_flow(store=s3_url, run_id="blip", **SLOW_BLOCKS)))
+    try:
+        thread.start()
+        _wait(lambda: store.exists(f"runs/blip/chains/{TRAIN_CHAIN}/ckpt-0001.pt"), 180, "checkpoint 1")
+        flaky_s3.down()
+        time.sleep(5)
+        flaky_s3.up()
+        thread.join(timeout=300)
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = previous
+    assert flaky_s3.refused > 0  # the flow did meet the outage
+    assert result.get("status") == "trained" and result["version"] == 1, result
+
+
 def test_killed_unlearning_worker_resumes_and_completes(tmp_path, prefect_api_url, ray_address):
     url = f"file://{tmp_path}/store"
     store = ObjectStore(url)

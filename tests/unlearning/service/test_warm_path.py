@@ -70,6 +70,14 @@ def test_background_writer_keeps_order_bounds_the_queue_and_surfaces_failures():
             writer(item)
             time.sleep(0.05)
     assert written == [0]  # nothing after the failed item is written
+    # A storage error, so a command reports it in one line ("obliviate train: error: ..."), not a traceback.
+    from obliviate.errors import ObliviateError
+
+    failed = BackgroundWriter(failing, depth=1)
+    with pytest.raises(ObliviateError, match="a background write failed .*disk full"), failed:
+        failed(0)
+        failed(1)
+        failed.close()
 
     with pytest.raises(ValueError, match="depth"):
         BackgroundWriter(failing, depth=0)
