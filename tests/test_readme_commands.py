@@ -175,6 +175,41 @@ def test_ctrl_c_stops_a_command_with_a_sentence_and_no_half_written_file(tmp_pat
     assert not out.exists() or not [p.name for p in out.iterdir() if "partial" in p.name]
 
 
+def test_sigterm_stops_a_command_with_a_sentence_like_ctrl_c(tmp_path) -> None:
+    # SIGTERM killed it with no word (exit -15), or inside a flow printed two tracebacks (exit 1)
+    command = [sys.executable, "-m", "flows.cli", "steal", "--demo", "--out", str(tmp_path / "demo")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith("training a LeNet-5 target")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "obliviate steal: stopped by SIGTERM." in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_training_flow_stops_it_with_a_sentence(tmp_path) -> None:
+    import os
+    import time
+
+    store = tmp_path / "store"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    command = [
+        sys.executable, "-m", "flows.cli", "train", "--store", f"file://{store}", "--run-id", "t", "--data",
+        "digits", "--blocks", "8", "--epochs", "20",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while not list(store.glob("runs/t/chains/*/ckpt-0002.pt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "obliviate train: stopped by SIGTERM." in err and "Traceback" not in err
+
+
 def test_the_quick_demo_keeps_apart_from_the_full_one_unless_told() -> None:
     from flows.cli import build_parser
     from flows.cli.demo import demo_folder

@@ -20,6 +20,7 @@ from typing import NoReturn
 from obliviate.errors import ObliviateError
 
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by SIGINT (128 + 2)
+EXIT_TERMINATED = 143  # ... and by SIGTERM (128 + 15)
 
 COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli.reduce",
@@ -83,11 +84,13 @@ class _WithoutTracebackOfOwnErrors(logging.Filter):
     """Drops the traceback from a flow or task run's failure log when the error is one of ours.
 
     Such an error states its rule and fix, and :func:`main` prints it as the command's error; the
-    traceback Prefect logs with it would only bury that line. The log line itself is kept.
+    traceback Prefect logs with it would only bury that line. The same for a stop by SIGTERM, which
+    :func:`main` says in a sentence. The log line itself is kept.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ObliviateError):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (isinstance(error, ObliviateError) or _caused_by_termination(error)):
             record.exc_info = None
             record.exc_text = None
         return True
@@ -123,14 +126,66 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        with _own_errors_without_traceback():
+        with _own_errors_without_traceback(), _sigterm_raises():
             return int(args.handler(args) or 0)
     except ObliviateError as err:
         print(f"obliviate {command_name(args)}: error: {error_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, _Terminated):
+            print(interrupted_message(args, how="stopped by SIGTERM"), file=sys.stderr)
+            return EXIT_TERMINATED
         print(interrupted_message(args), file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BaseException as err:
+        # Inside a flow run Prefect turns SIGTERM into its TerminationSignal (sometimes wrapped by a
+        # Ray call it interrupted, as a SystemError): the same stop, said the same way.
+        if not _caused_by_termination(err):
+            raise
+        print(interrupted_message(args, how="stopped by SIGTERM"), file=sys.stderr)
+        return EXIT_TERMINATED
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a flow run, raised like Ctrl-C so the same clean-up runs on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM stops the command like Ctrl-C (it killed the process without a word, exit -15).
+
+    Only where nobody else handles it: the main thread, and the default handler in place. A
+    command that handles SIGTERM itself (``serve``) installs its own handler inside, and Prefect
+    installs its own for the length of each flow run.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _caused_by_termination(err: BaseException) -> bool:
+    from prefect.exceptions import TerminationSignal
+
+    seen: BaseException | None = err
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, TerminationSignal):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 #: What a Ctrl-C leaves behind, for commands that store nothing to resume from.
@@ -152,14 +207,14 @@ def command_name(args: argparse.Namespace) -> str:
     return " ".join(str(part) for part in (args.command, action) if part)
 
 
-def interrupted_message(args: argparse.Namespace) -> str:
-    """The line a command stopped by Ctrl-C prints: what it left behind and what a rerun does."""
+def interrupted_message(args: argparse.Namespace, *, how: str = "interrupted") -> str:
+    """The line a command stopped by Ctrl-C (or SIGTERM: ``how``) prints: what it left behind and what a rerun does."""
     name = command_name(args)
     left = _INTERRUPTED.get(name) or (
         "stores hold only whole objects, so nothing half-written was kept; rerunning the same command resumes "
         "from whatever it had stored."
     )
-    return f"obliviate {name}: interrupted. {left[0].upper()}{left[1:]}"
+    return f"obliviate {name}: {how}. {left[0].upper()}{left[1:]}"
 
 
 def error_message(err: ObliviateError) -> str:
