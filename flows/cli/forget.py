@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import uuid
 from typing import Any
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
@@ -122,7 +124,8 @@ def run_forget(args: argparse.Namespace) -> int:
     from flows.unlearn import submit_deletion
     from obliviate.data import load_dataset
     from obliviate.errors import ConfigError
-    from obliviate.unlearning.service import check_name, parse_ids
+    from obliviate.unlearning.service import check_name, parse_ids, request_id_for
+    from storage.errors import StorageError
     from storage.ledger import DeletionLedger
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
@@ -200,9 +203,18 @@ def run_forget(args: argparse.Namespace) -> int:
             )
             return EXIT_DONE
     assert ids is not None  # refused above when neither --ids nor --now was given
-    result = submit_deletion(
-        url, list(ids), dataset=args.data, reason=args.reason, request_id=args.request_id, emit=not args.no_event
-    )
+    # Named here, not inside submit_deletion, so a failure can say which request to look up or repeat.
+    request_id = args.request_id or request_id_for(ids, args.data, salt=f"{time.time_ns()}-{uuid.uuid4().hex}")
+    try:
+        result = submit_deletion(
+            url, list(ids), dataset=args.data, reason=args.reason, request_id=request_id, emit=not args.no_event
+        )
+    except StorageError as err:
+        raise type(err)(
+            f"{err} Request {request_id} may or may not be recorded. Once the store answers, "
+            f"`obliviate forget --status {request_id}` tells; repeating this command with --request-id {request_id} "
+            "is safe (one request, applied once)."
+        ) from err
     print(f"request {result['request_id']}: {result['status']}; {result.get('note', '')}", file=sys.stderr)
     if args.wait > 0:
         return _waited(url, result["request_id"], args.wait)

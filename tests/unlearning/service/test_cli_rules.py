@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -580,3 +581,18 @@ def test_the_write_check_leaves_nothing_behind(tmp_path, moto_endpoint):
     prepare_store(f"s3://{bucket}/runs", write=True)
     s3fs.S3FileSystem.clear_instance_cache()
     assert s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint}).find(bucket) == []
+
+
+def test_a_forget_whose_ledger_write_fails_names_the_request_to_look_up_or_repeat(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    store = tmp_path / "store"
+    (store / "ledger").mkdir(parents=True)
+    (store / "ledger" / "requests").write_text("")  # a file where the ledger's folder goes: every write fails
+    args = ["forget", "--store", f"file://{store}", "--ids", "3", "--data", "digits", "--no-event"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    request = re.search(r"Request (del-[0-9a-f]{16}) may or may not be recorded", err)
+    assert request is not None, err
+    assert f"--request-id {request.group(1)} is safe" in err and f"forget --status {request.group(1)}" in err
+    assert main([*args, "--request-id", "ticket-77"]) == 2
+    assert "Request ticket-77 may or may not be recorded" in capsys.readouterr().err
