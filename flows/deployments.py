@@ -2,14 +2,21 @@
 
 :func:`build_deployments` returns what ``obliviate serve`` serves for one store:
 
-* ``unlearn-<store>``: the flow for ``obliviate.deletion.requested`` events whose resource is this
-  store (:func:`flows.unlearn.store_resource_id`); the event's payload and id become parameters.
-  With ``dispatch="warm"`` (the default) ``serve`` receives those events itself over Prefect's
-  event stream and runs the flow in its own process, on a warm Ray connection and worker pool
-  (:class:`ServiceWatcher`, issue 14); with ``dispatch="runner"`` the deployment carries an
-  event trigger and the Prefect runner starts each run in a fresh subprocess;
-* ``reconcile-<store>``: cron; finishes every ledger entry not done (lost events, crashes);
-* ``audit-<store>``: cron; extraction audit of every run's current model.
+* ``unlearn/unlearn-<suffix>``: the flow for ``obliviate.deletion.requested`` events whose
+  resource is this store (:func:`flows.unlearn.store_resource_id`); the event's payload and id
+  become parameters. With ``dispatch="warm"`` (the default) ``serve`` receives those events itself
+  over Prefect's event stream and runs the flow in its own process, on a warm Ray connection and
+  worker pool (:class:`ServiceWatcher`, issue 14), each run created for this deployment; with
+  ``dispatch="runner"`` the deployment carries an event trigger (the automation
+  ``deletion-requested-<suffix>``, removed when ``serve`` stops) and the Prefect runner starts
+  each run in a fresh subprocess;
+* ``reconcile/reconcile-<suffix>``: cron; finishes every ledger entry not done (lost events, crashes);
+* ``extraction-audit/audit-<suffix>``: cron; extraction audit of every run's current model (the
+  run joins ``serve``'s Ray runtime, which ``serve`` exports as ``RAY_ADDRESS``).
+
+``<suffix>`` is the first 10 hex digits of the SHA-256 of the store's URL
+(:attr:`ServiceOptions.suffix`, e.g. ``unlearn-f9ec09e3fd``): ``serve`` prints the full names when
+it starts, and ``prefect deployment ls`` lists them.
 
 :func:`serve_deployments` registers them, announces the Prefect API URL in the store (so
 ``obliviate forget`` finds where to send events), and runs them until interrupted. While it
@@ -33,6 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from flows.audit import audit_flow
 from flows.batching import FLUSH_PREFIX, open_batch
@@ -44,6 +52,7 @@ from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resourc
 from flows.watchdog import withdraw_endpoint
 from obliviate.errors import ConfigError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
+from obliviate.unlearning.service import RequestError
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
@@ -173,7 +182,9 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
     store = ObjectStore(options.store)
     with temporary_settings(updates={PREFECT_RUNNER_POLL_FREQUENCY: poll}):
         runner = Runner(name=f"obliviate-{options.suffix}", pause_on_shutdown=False)
-        ids = [str(runner.add_deployment(deployment)) for deployment in build_deployments(options)]
+        # build_deployments puts unlearn first: ids[0] is the deployment events run (and its trigger's owner)
+        deployments = build_deployments(options)
+        ids = [str(runner.add_deployment(deployment)) for deployment in deployments]
         announcement = {
             "api_url": api_url,
             "dispatch": options.dispatch,
@@ -186,7 +197,8 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         store.put_json(ENDPOINT_KEY, announcement)
         watcher = ServiceWatcher(options, announcement=announcement, api_url=api_url)
         watcher.start()
-        print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}", flush=True)
+        names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+        print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}: {names}", flush=True)
         try:
             asyncio.run(runner.start())
         except KeyboardInterrupt:  # Ctrl-C is how serve is stopped (as `obliviate ui`): exit 0, said below
@@ -194,9 +206,33 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         finally:
             watcher.stop()
             withdraw_endpoint(store, pid=os.getpid())
+            if options.dispatch == "runner":
+                remove_event_trigger(ids[0], api_url=api_url)
         print(
             f"obliviate serve: stopped; {store.url} is no longer served. Requests not yet settled stay in its ledger "
             "for the next `obliviate serve` (see `obliviate forget --status ID`).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def remove_event_trigger(deployment_id: str, *, api_url: str) -> None:
+    """Delete the automation ``deletion-requested-<suffix>`` that ``--dispatch runner`` gave a deployment.
+
+    Prefect's own way, as registering a deployment without triggers does (a later warm ``serve``):
+    the automations the deployment owns are deleted. Left enabled, it kept scheduling ``unlearn``
+    runs for every deletion event after ``serve`` stopped, runs no runner would start.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
+    except Exception as err:  # noqa: BLE001 -- stopping goes on; the next serve of the store replaces it
+        print(
+            f"obliviate serve: could not remove the event trigger of deployment {deployment_id} ({err}); the next "
+            "`obliviate serve` of this store replaces it.",
             file=sys.stderr,
             flush=True,
         )
@@ -323,8 +359,22 @@ class ServiceWatcher:
             print(f"obliviate serve: {what} failed: {type(err).__name__}: {err}", flush=True)
 
     def handle_event(self, event: Any) -> None:
-        """Run the ``unlearn`` flow for one deletion event, here (a Prefect flow run of this process)."""
-        result = unlearn_flow(payload=event.payload, event_id=event.event_id, **self._flow_options())
+        """Run the ``unlearn`` flow for one deletion event, here (a Prefect flow run of this process).
+
+        The run belongs to serve's ``unlearn-<suffix>`` deployment (it is listed on the deployment's
+        page, as a runner's run is) when the deployment is known; else it is a run of the flow alone.
+        A refused event ends its run ``Failed`` with the reason (:func:`flows.unlearn.unlearn_flow`);
+        serve logs that reason and goes on.
+        """
+        parameters = {"payload": event.payload, "event_id": event.event_id, **self._flow_options()}
+        try:
+            result = self._run_unlearn(parameters)
+        except RequestError as err:
+            print(f"obliviate serve: {err}", flush=True)
+            self.passes.append(
+                {"at": time.time(), "event_id": event.event_id, "outcome": "refused", "reason": str(err)}
+            )
+            return
         self.passes.append(
             {
                 "at": time.time(),
@@ -333,6 +383,27 @@ class ServiceWatcher:
                 "settled": result.get("settled", {}),
             }
         )
+
+    def _run_unlearn(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The ``unlearn`` flow, run in this process as a flow run of serve's ``unlearn`` deployment."""
+        from prefect.client.orchestration import get_client
+        from prefect.flow_engine import run_flow
+        from prefect.states import Pending
+
+        deployments = self.announcement.get("deployments") or []
+        flow_run = None
+        if deployments:
+            try:
+                with get_client(sync_client=True) as client:
+                    # Pending, not Scheduled: the runner starts Scheduled runs of its deployments itself.
+                    flow_run = client.create_flow_run_from_deployment(
+                        UUID(deployments[0]), parameters=parameters, state=Pending()
+                    )
+            except Exception as err:  # noqa: BLE001 -- the event is handled all the same, as a run of the flow
+                print(f"obliviate serve: running the event's pass outside its deployment: {err}", flush=True)
+        if flow_run is None:
+            return dict(unlearn_flow(**parameters))
+        return dict(run_flow(unlearn_flow, flow_run=flow_run, parameters=parameters))  # type: ignore[arg-type]
 
     def reconcile_if_needed(self) -> None:
         if self.needs_pass():
