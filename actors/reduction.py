@@ -15,12 +15,20 @@ What a worker needs arrives once through Ray's object store, read zero-copy:
 
 Each method is one call into :mod:`obliviate` plus storage I/O, and returns its own timings
 (compute, storage write, load) so the flow can report where the time went.
+
+Storage outages are waited out, as the training worker does (:mod:`storage.retry`): every store
+a worker is handed is used through a :class:`RetryingStore`, so a tile write or a streamed row
+read that meets an unreachable backend is retried with back-off for up to 300 s instead of
+failing the run. The reduction's writes are idempotent (a tile is the same bytes under the same
+key however often it is written), so repeating one is safe.
 """
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numba
@@ -29,8 +37,111 @@ import numpy as np
 from obliviate.reduction.drmi import Aggregate, run_restarts
 from obliviate.reduction.mi import PreparedImages, mi_tile
 from obliviate.reduction.tiling import TileSpec
-from storage.objects import ObjectStore
+from storage.objects import ObjectInfo, ObjectStore
+from storage.retry import RetryPolicy, retry_unavailable
 from storage.tiles import TiledRows, tile_key
+
+STORAGE_RETRY_DEADLINE_S = 300.0
+
+
+class RetryingStore(ObjectStore):
+    """An :class:`ObjectStore` whose reads, listings and writes wait out storage outages.
+
+    Each call that raises :class:`storage.errors.StorageUnavailable` is retried with back-off
+    (:func:`storage.retry.retry_unavailable`) for up to ``deadline_s``; missing or damaged
+    objects are answers and pass straight through. Only the calls that are safe to repeat are
+    retried: writes of whole objects (same key, same bytes: idempotent), reads, listings,
+    deletes and the container check. The deadline travels with the store to Ray workers; the
+    ``on_retry`` callback and the ``retries`` count stay in the process that holds it.
+
+    Args:
+        url: the store's URL, as :class:`ObjectStore`.
+        deadline_s: seconds an outage is retried before the call fails with its last error.
+        on_retry: called with ``(attempt, error)`` before each wait (to log the outage).
+    """
+
+    def __init__(
+        self,
+        url: str = "file://./runs",
+        *,
+        deadline_s: float = STORAGE_RETRY_DEADLINE_S,
+        on_retry: Callable[[int, Exception], None] | None = None,
+    ) -> None:
+        super().__init__(url)
+        self.policy = RetryPolicy(deadline_s=deadline_s)
+        self.retries = 0
+        self._on_retry = on_retry
+
+    @classmethod
+    def of(
+        cls,
+        store: ObjectStore,
+        *,
+        deadline_s: float | None = None,
+        on_retry: Callable[[int, Exception], None] | None = None,
+    ) -> RetryingStore:
+        """``store`` itself when it already retries (and nothing is to change), else a retrying copy of it.
+
+        The copy keeps ``store``'s URL and S3 endpoint (an endpoint is read from the environment of the
+        process that made the store, not of this one). Without ``deadline_s`` a retrying store keeps its
+        own, and a plain one gets :data:`STORAGE_RETRY_DEADLINE_S`.
+        """
+        if isinstance(store, RetryingStore) and deadline_s is None and on_retry is None:
+            return store
+        state = store.__getstate__()
+        if deadline_s is None:
+            deadline_s = store.policy.deadline_s if isinstance(store, RetryingStore) else STORAGE_RETRY_DEADLINE_S
+        copy = cls.__new__(cls)
+        copy.__setstate__({**state, "deadline_s": deadline_s})
+        copy._on_retry = on_retry
+        return copy
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "deadline_s": self.policy.deadline_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.policy = RetryPolicy(deadline_s=float(state.get("deadline_s", STORAGE_RETRY_DEADLINE_S)))
+        self.retries = 0
+        self._on_retry = None
+
+    def __repr__(self) -> str:
+        return f"RetryingStore({self.url!r}, deadline_s={self.policy.deadline_s:g})"
+
+    def _retried(self, call: Callable[[], Any]) -> Any:
+        def count(attempt: int, err: Exception) -> None:
+            self.retries += 1
+            if self._on_retry is not None:
+                self._on_retry(attempt, err)
+
+        return retry_unavailable(call, policy=self.policy, on_retry=count)
+
+    # Every typed read and write (arrays, JSON, manifests) goes through one of these.
+    def put_chunks(self, key: str, chunks: Iterable[bytes]) -> ObjectInfo:
+        data = b"".join(chunks)  # gathered once: a retry writes the same bytes again
+        info: ObjectInfo = self._retried(lambda: super(RetryingStore, self).put_chunks(key, [data]))
+        return info
+
+    def get_bytes(self, key: str) -> bytes:
+        data: bytes = self._retried(lambda: super(RetryingStore, self).get_bytes(key))
+        return data
+
+    def info(self, key: str) -> ObjectInfo:
+        info: ObjectInfo = self._retried(lambda: super(RetryingStore, self).info(key))
+        return info
+
+    def exists(self, key: str) -> bool:
+        return bool(self._retried(lambda: super(RetryingStore, self).exists(key)))
+
+    def list(self, prefix: str = "") -> builtins.list[str]:
+        keys: builtins.list[str] = self._retried(lambda: super(RetryingStore, self).list(prefix))
+        return keys
+
+    def delete(self, key: str) -> None:
+        self._retried(lambda: super(RetryingStore, self).delete(key))
+
+    def ensure_container(self) -> None:
+        self._retried(lambda: super(RetryingStore, self).ensure_container())
 
 
 class ReductionWorker:
@@ -105,7 +216,8 @@ class ReductionWorker:
             upper_only=tile.diagonal,
         )
         t1 = time.perf_counter()
-        info = store.put_array(tile_key(prefix, tile), values)
+        store = RetryingStore.of(store)
+        info = store.put_array(tile_key(prefix, tile), values)  # an outage is waited out
         t2 = time.perf_counter()
         return {
             "tile": tile,
@@ -114,6 +226,7 @@ class ReductionWorker:
             "bytes": info.size,
             "compute_seconds": t1 - t0,
             "write_seconds": t2 - t1,
+            "storage_retries": store.retries,
             "values": values if return_values else None,
         }
 
@@ -152,7 +265,7 @@ class ReductionWorker:
             self._matrix = (
                 np.array(matrix, dtype=np.float32, order="C", copy=True)
                 if matrix is not None
-                else TiledRows(store, prefix, cache_bytes=memory_bytes)
+                else TiledRows(RetryingStore.of(store), prefix, cache_bytes=memory_bytes)  # row reads wait out outages
             )
             self._matrix_key = key
         return {"mode": self._mode(), "seconds": time.perf_counter() - t0}

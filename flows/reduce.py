@@ -15,6 +15,11 @@ Stages:
 3. the best (lowest H, then lowest start) subset is written with H and every restart's summary,
    published by a manifest written last, and shown as a Prefect table artifact.
 
+Storage outages are waited out (:class:`actors.reduction.RetryingStore`, up to 300 s of
+back-off): the workers' tile writes and row reads and this flow's own reads and writes retry
+while the store is unreachable, and the flow logs a warning meanwhile, so one blip does not
+throw the tiles computed so far away.
+
 The summary's ``stages`` give the seconds of each part (scheduling, actor start, data
 preparation, object-store transfer, compute and storage write per worker, stage wall times).
 
@@ -36,7 +41,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from actors.reduction import ReductionWorker
+from actors.reduction import STORAGE_RETRY_DEADLINE_S, ReductionWorker, RetryingStore
 from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title
 from flows.progress import report
 from obliviate.data import load_dataset
@@ -322,6 +327,12 @@ def compute_tiles(
     for done, outcome in enumerate(fan_out(actors, call, ordered), start=1):
         compute_seconds += outcome["compute_seconds"]
         write_seconds += outcome["write_seconds"]
+        if outcome.get("storage_retries"):
+            logger.warning(
+                "tile %s: storage was unreachable; the worker retried its write %d time(s) and it is committed",
+                outcome["key"].rsplit("/", 1)[-1],
+                outcome["storage_retries"],
+            )
         if dense is not None:
             t_place = time.perf_counter()
             place_tile(dense, outcome["tile"], outcome["values"])
@@ -546,7 +557,12 @@ def reduce_flow(
     if threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker must be at least 1; got {threads_per_worker}.")
     pool_size = workers if workers else max(1, cluster_cpus() // threads_per_worker)
-    store = ObjectStore(store_url)
+
+    def outage(attempt: int, err: Exception) -> None:
+        if attempt == 1 or attempt % 5 == 0:
+            logger.warning("%s (retrying for up to %.0f s, attempt %d)", err, STORAGE_RETRY_DEADLINE_S, attempt)
+
+    store: ObjectStore = RetryingStore(store_url, on_retry=outage)  # every read and write waits out outages
     store.ensure_container()
     plan = TilePlan(n=n, tile_size=tile_size)
     prefix = matrix_prefix(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, tile_size=tile_size)
