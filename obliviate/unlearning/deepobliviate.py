@@ -107,8 +107,16 @@ def fit_power_law(deltas: Sequence[float], *, nonnegative_floor: bool = True) ->
     """
     y = np.asarray(deltas, dtype=np.float64)
     n = y.size
+    if y.ndim != 1:
+        raise ConfigError(f"a power-law fit needs a flat sequence of Δ values; got shape {y.shape}.")
     if n < 3:
         raise ConfigError(f"a power-law fit needs at least 3 points; got {n}.")
+    if not np.isfinite(y).all():
+        bad = int(np.flatnonzero(~np.isfinite(y))[0])
+        # NaN made every candidate fit equally bad, so it reported a=b=nan with r2 = 1.0 (a "perfect" fit).
+        raise ConfigError(
+            f"a power-law fit needs finite Δ values; Δ_{bad + 1} is {y[bad]}. Drop or recompute that block's Δ."
+        )
     log_t = np.log(np.arange(1, n + 1, dtype=np.float64))
 
     def solve(h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

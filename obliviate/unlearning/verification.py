@@ -157,7 +157,17 @@ def attack_success_rate(
 
 
 def consistency(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of inputs on which two prediction vectors agree."""
+    """Share of inputs on which two prediction vectors agree.
+
+    Raises:
+        ConfigError: vectors of different shapes (they broadcast or failed inside torch) or empty
+            ones (their share is undefined: it was nan).
+    """
+    if a.shape != b.shape or a.ndim != 1 or a.numel() == 0:
+        raise ConfigError(
+            f"consistency compares two non-empty prediction vectors of one length; got shapes {tuple(a.shape)} and "
+            f"{tuple(b.shape)}. Predict both models on the same inputs."
+        )
     return float((a == b).double().mean())
 
 

@@ -168,3 +168,29 @@ def test_zero_counts_fail_with_the_rule_not_a_zero_division() -> None:
         make_sisa_slices(np.arange(40) % 4, num_shards=0, num_slices=2, seed=0)
     with pytest.raises(ConfigError, match=r"step_every must be a whole number of steps >= 1 .*got 0"):
         schedule_rate(schedule="step", base=1.0, position=3, total=5, gamma=0.5, step_every=0, min_fraction=0.0)
+
+
+def test_power_law_fit_refuses_non_finite_deltas() -> None:
+    from obliviate.unlearning.deepobliviate import fit_power_law
+
+    for bad in ([1.0, float("nan"), 0.5, 0.3], [1.0, 0.5, float("inf"), 0.2]):
+        with pytest.raises(ConfigError, match="needs finite Δ values"):
+            fit_power_law(bad)  # it returned a = b = nan with r2 = 1.0
+    with pytest.raises(ConfigError, match="a flat sequence"):
+        fit_power_law([[1.0, 0.5, 0.2]])
+    assert fit_power_law([1.0, 0.5, 0.3, 0.25]).r2 > 0.9  # a finite decay still fits
+
+
+def test_consistency_refuses_vectors_of_different_shapes_or_none() -> None:
+    import torch
+
+    from obliviate.unlearning.verification import consistency
+
+    for a, b in (
+        (torch.zeros(3), torch.zeros(4)),
+        (torch.zeros(0), torch.zeros(0)),
+        (torch.zeros(3, 1), torch.zeros(3)),
+    ):
+        with pytest.raises(ConfigError, match="non-empty prediction vectors of one length"):
+            consistency(a, b)
+    assert consistency(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])) == pytest.approx(2 / 3)
