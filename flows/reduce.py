@@ -20,6 +20,10 @@ back-off): the workers' tile writes and row reads and this flow's own reads and 
 while the store is unreachable, and the flow logs a warning meanwhile, so one blip does not
 throw the tiles computed so far away.
 
+Progress: the tile and restart stages report ``tiles`` and ``restarts`` (done / total) through
+:func:`flows.progress.report` as each tile or chunk of restarts finishes, and log a line at
+every tenth of the work and at least every :data:`PROGRESS_LOG_SECONDS` while work finishes.
+
 The summary's ``stages`` give the seconds of each part (scheduling, actor start, data
 preparation, object-store transfer, compute and storage write per worker, stage wall times).
 
@@ -72,6 +76,30 @@ MIN_TILE_SIZE = 32
 # Each tile is a store object plus its checksum and one worker call; past this count the store
 # listing and the scheduler, not MI, set the run's pace (60,000 images at 2,048 make 465).
 MAX_RUN_TILES = 100_000
+# A progress line is logged at every tenth of a stage, and at least this often while work finishes.
+PROGRESS_LOG_SECONDS = 10.0
+
+
+class ProgressLines:
+    """Whether a stage's progress line is due after ``done`` of ``total`` units.
+
+    Due at every tenth of the work, at the end, and whenever :data:`PROGRESS_LOG_SECONDS` have
+    passed since the last line: a tenth of a big stage can take minutes.
+    """
+
+    def __init__(self, total: int, *, every_s: float | None = None, clock: Any = time.monotonic) -> None:
+        self.total = total
+        self.step = max(1, total // 10)
+        self.every_s = PROGRESS_LOG_SECONDS if every_s is None else every_s
+        self._clock = clock
+        self._last = clock()
+
+    def due(self, done: int) -> bool:
+        now = self._clock()
+        if done % self.step == 0 or done >= self.total or now - self._last >= self.every_s:
+            self._last = now
+            return True
+        return False
 
 
 def exact_bins(bins: int, *, levels: int) -> int:
@@ -315,8 +343,9 @@ def compute_tiles(
     # Largest tiles first, so the pool does not end waiting on one big straggler.
     ordered = sorted(tiles, key=lambda t: -t.pairs)
     compute_seconds = 0.0
-    step = max(1, len(ordered) // 10)
+    lines = ProgressLines(len(ordered))
     want_values = dense is not None
+    report("tiles", 0, len(ordered))  # the bar shows from the start, not after the first tile
 
     def call(actor: Any, tile: TileSpec) -> Any:
         return actor.compute.remote(
@@ -338,7 +367,7 @@ def compute_tiles(
             place_tile(dense, outcome["tile"], outcome["values"])
             place_seconds += time.perf_counter() - t_place
         report("tiles", done, len(ordered))
-        if done % step == 0 or done == len(ordered):
+        if lines.due(done):
             logger.info("tiles %d/%d committed (%.1f s)", done, len(ordered), time.perf_counter() - t0)
     return {
         "computed": len(ordered),
@@ -390,6 +419,7 @@ def run_restart_stage(
     chunks = [c.tolist() for c in np.array_split(starts, len(actors) * CHUNKS_PER_WORKER) if c.size]
     outcomes: list[dict[str, Any]] = []
     done = 0
+    report("restarts", 0, len(starts))
 
     def call(actor: Any, chunk: list[int]) -> Any:
         return actor.run.remote(chunk, key=matrix_key, k=k, aggregate=aggregate)
