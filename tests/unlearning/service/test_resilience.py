@@ -89,17 +89,21 @@ def test_an_s3_blip_seen_by_the_training_flow_does_not_end_the_training(s3_url, 
     previous = os.environ["AWS_ENDPOINT_URL"]
     os.environ["AWS_ENDPOINT_URL"] = flaky_s3.endpoint
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(train_flow(store=s3_url, run_id="blip", **SLOW_BLOCKS)))
+    long_enough = {
+        **SLOW_BLOCKS,
+        "blocks": 12,
+    }  # about 12 s of training: the flow polls (every 2 s) all through the outage
+    thread = threading.Thread(target=lambda: result.update(train_flow(store=s3_url, run_id="blip", **long_enough)))
     try:
         thread.start()
         _wait(lambda: store.exists(f"runs/blip/chains/{TRAIN_CHAIN}/ckpt-0001.pt"), 180, "checkpoint 1")
         flaky_s3.down()
-        time.sleep(5)
+        _wait(lambda: flaky_s3.refused > 0, 30, "the flow to meet the outage")
+        time.sleep(3)
         flaky_s3.up()
         thread.join(timeout=300)
     finally:
         os.environ["AWS_ENDPOINT_URL"] = previous
-    assert flaky_s3.refused > 0  # the flow did meet the outage
     assert result.get("status") == "trained" and result["version"] == 1, result
 
 
