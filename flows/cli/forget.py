@@ -121,7 +121,7 @@ def describe(
 
 
 def run_forget(args: argparse.Namespace) -> int:
-    from flows.unlearn import submit_deletion
+    from flows.unlearn import dataset_rows, submit_deletion
     from obliviate.data import load_dataset
     from obliviate.errors import ConfigError
     from obliviate.unlearning.service import check_name, parse_ids, request_id_for
@@ -146,7 +146,11 @@ def run_forget(args: argparse.Namespace) -> int:
         raise ConfigError("forget needs --ids 3,17,42 (or --status / --cancel / --retry REQUEST_ID).")
     if not request_id and args.ids is not None:
         # A new request's ids are checked before the store is created or written.
-        ids = parse_ids(args.ids, dataset_size=len(load_dataset(args.data)), dataset=args.data)
+        # The row count submit_deletion checks against too, loaded once per process (mnist5k: 1-2 s a load).
+        rows = dataset_rows(args.data)
+        ids = parse_ids(
+            args.ids, dataset_size=len(load_dataset(args.data)) if rows is None else rows, dataset=args.data
+        )
     reading = bool(args.status)
     url = prepare_store(store_url(args), write=not reading)
     ledger = DeletionLedger(ObjectStore(url))
