@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from obliviate.errors import ConfigError, DataError
+from obliviate.errors import ConfigError, DataError, named_choice
 
 BUILTIN_DATASETS = ("mnist5k", "digits")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
@@ -197,12 +197,7 @@ def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) ->
     Raises:
         DataError: unknown name or gray mode, missing path, or data of the wrong shape or dtype.
     """
-    try:
-        gray = GrayMode(gray)
-    except ValueError:
-        raise DataError(
-            f"gray must be one of {[m.value for m in GrayMode]} (how colour images become gray); got {gray!r}."
-        ) from None
+    gray = named_choice(GrayMode, gray, what="gray", error=DataError, means="how colour images become gray")
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return _load_mnist5k() if source == "mnist5k" else _load_digits()
     path = Path(source).expanduser()
@@ -288,10 +283,7 @@ def to_gray(rgb: np.ndarray, *, mode: GrayMode | str = GrayMode.LUMA) -> np.ndar
         ConfigError: ``mode`` is not ``luma`` or ``mean``.
         DataError: not at least ``(H, W, C)`` with C = 3 or 4 (a gray ``(H, W)`` image is already gray).
     """
-    try:
-        mode = GrayMode(mode)
-    except ValueError:
-        raise ConfigError(f"mode must be one of {[m.value for m in GrayMode]}; got {mode!r}.") from None
+    mode = named_choice(GrayMode, mode, what="mode")
     shape: tuple[int, ...] = tuple(getattr(rgb, "shape", ()))
     if len(shape) < 3 or shape[-1] not in (3, 4):
         raise DataError(

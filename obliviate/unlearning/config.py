@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, named_choice
 from obliviate.models import build_model
 
 DEFAULT_RECIPE: MappingProxyType[str, Any] = MappingProxyType(
@@ -108,18 +108,8 @@ class BlockTrainingConfig:
     accuracy_every: int = 1
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "optimizer", OptimizerName(self.optimizer))
-        except ValueError:
-            raise ConfigError(
-                f"optimizer must be one of {[o.value for o in OptimizerName]}; got {self.optimizer!r}."
-            ) from None
-        try:
-            object.__setattr__(self, "schedule", ScheduleName(self.schedule))
-        except ValueError:
-            raise ConfigError(
-                f"schedule must be one of {[s.value for s in ScheduleName]}; got {self.schedule!r}."
-            ) from None
+        object.__setattr__(self, "optimizer", named_choice(OptimizerName, self.optimizer, what="optimizer"))
+        object.__setattr__(self, "schedule", named_choice(ScheduleName, self.schedule, what="schedule"))
         positive_ints = {
             "num_blocks": self.num_blocks,
             "local_epochs": self.local_epochs,
@@ -198,10 +188,7 @@ def schedule_rate(
     Raises:
         ConfigError: an unknown schedule name, or ``step_every`` < 1 for ``step``.
     """
-    try:
-        schedule = ScheduleName(schedule)
-    except ValueError:
-        raise ConfigError(f"schedule must be one of {[s.value for s in ScheduleName]}; got {schedule!r}.") from None
+    schedule = named_choice(ScheduleName, schedule, what="schedule")
     if schedule is ScheduleName.CONSTANT:
         return float(base)
     if schedule is ScheduleName.STEP:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, named_choice
 from obliviate.unlearning.chain import (
     BlockData,
     Chain,
@@ -50,10 +50,7 @@ def unlearn(
         DeletionError: a bad request (nothing changes).
         ChainMismatchError: ``data`` is not the chain's data.
     """
-    try:
-        policy = Policy(policy)
-    except ValueError:
-        raise ConfigError(f"policy must be one of {[p.value for p in Policy]}; got {policy!r}.") from None
+    policy = named_choice(Policy, policy, what="policy")
     if policy is Policy.EXACT:
         if options is not None:
             raise ConfigError("options apply to the deepobliviate policy only; the exact policy takes none.")

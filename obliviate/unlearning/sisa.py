@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from obliviate.data import stratified_split
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, named_choice
 from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig, ScheduleName, model_from_state, new_model, schedule_rate
 from obliviate.unlearning.plan import check_sample_ids, check_seed
@@ -63,12 +63,7 @@ class SisaConfig:
     schedule: ScheduleName = ScheduleName.CONSTANT
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "schedule", ScheduleName(self.schedule))
-        except ValueError:
-            raise ConfigError(
-                f"schedule must be one of {[s.value for s in ScheduleName]}; got {self.schedule!r}."
-            ) from None
+        object.__setattr__(self, "schedule", named_choice(ScheduleName, self.schedule, what="schedule"))
         for name in ("num_shards", "num_slices", "epochs_per_slice"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
