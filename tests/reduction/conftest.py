@@ -3,6 +3,7 @@
 * ``s3_store``: a fresh bucket on the session's moto S3 server (``tests/conftest.py``), reset before each test.
 * ``ray_runtime``: one local Ray runtime for the session (``address="local"``, no dashboard).
 * ``prefect_harness``: Prefect's test harness (a temporary API server and database).
+* ``small_pool``: 150 real MNIST images as an ``.npz`` the reduce flow loads by path.
 
 Fake credentials and the endpoint are put in the environment before Ray starts, so Ray's
 worker processes inherit them as real deployments would.
@@ -13,8 +14,11 @@ from __future__ import annotations
 import os
 import uuid
 
+import numpy as np
 import pytest
 import requests
+
+from obliviate.data import load_dataset
 
 
 @pytest.fixture
@@ -65,3 +69,14 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory):
+    """150 real MNIST images (15 per class): 15 tiles of side 32."""
+    data = load_dataset("mnist5k")
+    idx = np.concatenate([np.flatnonzero(data.labels == c)[:15] for c in range(10)])
+    pool = data.subset(idx)
+    path = tmp_path_factory.mktemp("pool") / "mnist150.npz"
+    np.savez(path, images=pool.images, labels=pool.labels)
+    return pool, str(path)

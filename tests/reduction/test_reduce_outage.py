@@ -8,20 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from obliviate.data import load_dataset
 from obliviate.reduction.drmi import drmi_reduce
 from obliviate.reduction.mi import mi_matrix
-
-
-@pytest.fixture(scope="module")
-def small_pool(tmp_path_factory):
-    """150 real MNIST images (15 per class): 15 tiles of side 32."""
-    data = load_dataset("mnist5k")
-    idx = np.concatenate([np.flatnonzero(data.labels == c)[:15] for c in range(10)])
-    pool = data.subset(idx)
-    path = tmp_path_factory.mktemp("pool") / "mnist150.npz"
-    np.savez(path, images=pool.images, labels=pool.labels)
-    return pool, str(path)
 
 
 @pytest.mark.slow
