@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from obliviate.checks import is_whole
 from obliviate.errors import ConfigError
 
 
@@ -138,7 +139,7 @@ def build_model(
         ("in_channels", in_channels, "1 for gray images"),
         ("image_size", image_size, "28 for MNIST"),
     ):
-        if not _is_int(value) or value < 1:
+        if not is_whole(value) or value < 1:
             raise ConfigError(f"{what} must be a whole number >= 1; got {value!r}. Pass an int, e.g. {example}.")
     check_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -159,16 +160,11 @@ def check_seed(seed: object, *, what: str = "seed") -> None:
 
     ``None`` or a ``numpy.random.Generator`` would otherwise fail deep inside ``torch.manual_seed``.
     """
-    if not _is_int(seed):
+    if not is_whole(seed):
         raise ConfigError(
             f"{what} must be an int; got {type(seed).__name__} {seed!r}. Pass a whole number such as 0 "
             "(equal seeds give identical runs)."
         )
-
-
-def _is_int(value: object) -> bool:
-    """A whole number: Python or numpy ints, not ``bool``."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def images_to_tensor(images: np.ndarray, *, levels: int = 256) -> torch.Tensor:

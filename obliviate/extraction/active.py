@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from obliviate.checks import is_whole
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import AttackOptions, train_substitute
 from obliviate.extraction.selectors import (
@@ -88,7 +89,7 @@ def round_sizes(k: int, rounds: int) -> list[int]:
         ConfigError: ``k`` or ``rounds`` is not a whole number >= 1.
     """
     for what, value in (("k", k), ("rounds", rounds)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_whole(value) or value < 1:
             raise ConfigError(f"{what} must be a whole number >= 1; got {value!r}. Pass an int.")
     r = max(1, min(rounds, k))
     return [k // r + (1 if i < k % r else 0) for i in range(r)]

@@ -31,6 +31,7 @@ from typing import TypeVar, cast
 
 import numpy as np
 
+from obliviate.checks import is_whole
 from obliviate.errors import ConfigError
 from obliviate.extraction.substitute import TrainConfig, jacobian_augment, train_classifier
 from obliviate.extraction.target import Target
@@ -170,7 +171,7 @@ def acquire(
         BudgetExceeded: the target's budget is smaller than ``k``.
     """
     spec = get_selector(name)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    if not is_whole(k):
         raise ConfigError(f"budget k must be a whole number >= 1; got {type(k).__name__} {k!r}. Pass an int.")
     if not 1 <= k <= pool.n:
         raise ConfigError(f"budget k must be in 1..{pool.n} (the pool size); got {k}.")
@@ -323,7 +324,7 @@ def pool_features(pool: Pool) -> np.ndarray:
 
 def check_feature_dims(feature_dims: object) -> None:
     """Refuse a PCA dimension below 1 (``ConfigError``): zero features make every pool image the same point."""
-    if isinstance(feature_dims, bool) or not isinstance(feature_dims, (int, np.integer)) or feature_dims < 1:
+    if not is_whole(feature_dims) or feature_dims < 1:
         raise ConfigError(
             f"Pool feature_dims must be a whole number >= 1 (PCA dimensions of the feature-based selectors); got "
             f"{feature_dims!r}. Pass e.g. 50 (the default)."

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from obliviate.checks import is_whole
 from obliviate.errors import ConfigError, DataError
 from obliviate.models import build_model, check_arch, check_seed, images_to_tensor
 
@@ -129,7 +130,7 @@ def check_labels(labels: np.ndarray, *, num_classes: int) -> np.ndarray:
         ConfigError: ``num_classes`` is not a whole number >= 1.
         DataError: labels of another shape, not numbers, with a fraction, or outside the classes.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    if not is_whole(num_classes) or num_classes < 1:
         raise ConfigError(f"num_classes must be a whole number >= 1; got {num_classes!r}. Pass e.g. 10 for digits.")
     y = np.asarray(labels)
     if y.ndim != 1:

@@ -32,8 +32,8 @@ from typing import Protocol
 import numba
 import numpy as np
 
+from obliviate.checks import index_array, is_whole, whole_number
 from obliviate.errors import ConfigError, DataError
-from obliviate.reduction._checks import index_array, is_whole, whole_number
 
 
 class Aggregate(str, Enum):

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from obliviate.checks import index_array, is_whole, whole_number
 from obliviate.errors import ConfigError, DataError
-from obliviate.reduction._checks import index_array, is_whole, whole_number
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from obliviate.checks import is_whole
 from obliviate.errors import ConfigError
-from obliviate.reduction._checks import is_whole
 from obliviate.reduction.drmi import ReductionResult, check_subset_size, drmi_reduce
 from obliviate.reduction.mi import check_bins, check_images, mi_matrix
 

@@ -15,8 +15,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from obliviate.checks import is_whole, whole_number
 from obliviate.errors import ConfigError
-from obliviate.reduction._checks import is_whole, whole_number
 from obliviate.reduction.drmi import check_subset_size
 
 FLOAT32_BYTES = 4

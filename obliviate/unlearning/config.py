@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from obliviate.checks import is_whole
 from obliviate.errors import ConfigError, named_choice
 from obliviate.models import build_model
 
@@ -120,7 +121,7 @@ class BlockTrainingConfig:
             "num_classes": self.num_classes,
         }
         for name, value in positive_ints.items():
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}.")
             object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON, fingerprint)
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or self.seed < 0:
@@ -192,7 +193,7 @@ def schedule_rate(
     if schedule is ScheduleName.CONSTANT:
         return float(base)
     if schedule is ScheduleName.STEP:
-        if isinstance(step_every, bool) or not isinstance(step_every, (int, np.integer)) or step_every < 1:
+        if not is_whole(step_every) or step_every < 1:
             raise ConfigError(
                 f"step_every must be a whole number of steps >= 1 for the step schedule; got {step_every!r}."
             )

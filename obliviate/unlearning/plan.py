@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from obliviate.checks import is_whole
 from obliviate.data import stratified_split
 from obliviate.errors import ConfigError
 
@@ -45,14 +46,14 @@ def check_sample_ids(
         ConfigError: (or ``error``) a non-integer id, or one outside ``0 .. num_samples-1``.
     """
     end = f" {tail}" if tail else ""
-    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+    if is_whole(ids):
         ids = np.asarray(ids)
     if isinstance(ids, np.ndarray) and np.issubdtype(ids.dtype, np.integer):
         outside = ids[ids >= num_samples] if ids.dtype.kind == "u" else ids[(ids < 0) | (ids >= num_samples)]
         unknown = np.unique(outside).tolist()
     else:
         flat = np.asarray(ids, dtype=object).ravel().tolist() if isinstance(ids, np.ndarray) else list(ids)
-        bad_type = [v for v in flat if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+        bad_type = [v for v in flat if not is_whole(v)]
         if bad_type:
             raise error(f"rule: sample ids must be integers (training-set row indices); got {bad_type[:5]!r}.{end}")
         unknown = sorted({int(v) for v in flat if not 0 <= int(v) < num_samples})
@@ -64,13 +65,13 @@ def check_sample_ids(
     return np.asarray(ids).astype(np.int64, copy=False)
 
 
-def check_seed(seed: object, *, what: str = "seed") -> int:
+def check_numpy_seed(seed: object, *, what: str = "seed") -> int:
     """``seed`` as an int if it is a whole number >= 0 (numpy's generators refuse others).
 
     Raises:
         ConfigError: a negative, boolean or non-integer seed.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_whole(seed) or seed < 0:
         raise ConfigError(f"{what} must be an integer >= 0 (numpy's generators refuse others); got {seed!r}.")
     return int(seed)
 
@@ -119,7 +120,7 @@ class BlockPlan:
         Raises:
             ConfigError: ``block`` is not an integer in ``1 .. num_blocks`` (block 0 is M_0, which holds no data).
         """
-        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 1 <= block <= self.num_blocks:
+        if not is_whole(block) or not 1 <= block <= self.num_blocks:
             raise ConfigError(
                 f"rule: blocks are numbered 1..{self.num_blocks} (block 1 first); got {block!r}. "
                 "Pass a block number in that range."
@@ -171,10 +172,10 @@ def make_block_plan(labels: np.ndarray, *, num_blocks: int, seed: int) -> BlockP
     Raises:
         ConfigError: ``num_blocks`` outside ``1 .. n``, or a seed that is not an integer >= 0.
     """
-    check_seed(seed)
+    check_numpy_seed(seed)
     labels = np.asarray(labels)
     n = int(labels.shape[0])
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)):
+    if not is_whole(num_blocks):
         raise ConfigError(f"num_blocks must be a whole number; got {num_blocks!r}.")
     if not 1 <= num_blocks <= n:
         raise ConfigError(f"num_blocks must be in 1..n={n} (one sample per block at least); got {num_blocks}.")

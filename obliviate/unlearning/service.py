@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from obliviate.checks import is_whole
 from obliviate.data import ImageDataset, stratified_split
 from obliviate.errors import ConfigError, ObliviateError
 from obliviate.unlearning.chain import BlockData
@@ -223,7 +224,7 @@ def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the 
         raw = [int(p) for p in parts]
     if not isinstance(raw, (list, tuple)) or not raw:
         raise RequestError(f"rule: a deletion names a non-empty list of sample ids; got {raw!r}. Give at least one id.")
-    bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0]
+    bad = [v for v in raw if not is_whole(v) or v < 0]
     if bad:
         raise RequestError(
             f"rule: sample ids are non-negative integers (dataset row indices); got {bad[:5]!r}. Remove them."

@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from obliviate.checks import is_whole
 from obliviate.data import stratified_split
 from obliviate.errors import ConfigError, named_choice
 from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig, ScheduleName, model_from_state, new_model, schedule_rate
-from obliviate.unlearning.plan import check_sample_ids, check_seed
+from obliviate.unlearning.plan import check_numpy_seed, check_sample_ids
 from obliviate.unlearning.records import DeletionError, UnlearningRecord
 from obliviate.unlearning.trainer import (
     block_seed,
@@ -66,7 +67,7 @@ class SisaConfig:
         object.__setattr__(self, "schedule", named_choice(ScheduleName, self.schedule, what="schedule"))
         for name in ("num_shards", "num_slices", "epochs_per_slice"):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            if not is_whole(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}.")
             object.__setattr__(self, name, int(value))  # numpy integers become plain ints (JSON)
 
@@ -133,9 +134,9 @@ def make_sisa_slices(
     Raises:
         ConfigError: S or R not a positive integer, S * R > n, or a bad seed.
     """
-    check_seed(seed)
+    check_numpy_seed(seed)
     for name, value in (("num_shards", num_shards), ("num_slices", num_slices)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_whole(value) or value < 1:
             raise ConfigError(f"{name} must be a positive integer; got {value!r}.")
     n = int(np.asarray(labels).shape[0])
     parts = num_shards * num_slices

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from obliviate.checks import is_whole
 from obliviate.data import ImageDataset, require_generator
 from obliviate.errors import ConfigError
 from obliviate.models import images_to_tensor
@@ -47,7 +48,7 @@ def stamp_trigger(images: np.ndarray, *, levels: int, size: int = 3, corner: str
         raise ConfigError(f"corner must be bottom_right, top_left, top_right or bottom_left; got {corner!r}.")
     out = np.array(images, dtype=np.uint8, copy=True)
     side = min(out.shape[1:]) if out.ndim == 3 else 0
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= side:
+    if not is_whole(size) or not 1 <= size <= side:
         raise ConfigError(
             f"rule: the trigger size must be a whole number in 1..{side} (the images are "
             f"{'x'.join(map(str, out.shape[1:]))}); got {size!r}. Pass a patch that fits the images."
@@ -101,7 +102,7 @@ def choose_backdoor_ids(
     rng = require_generator(rng)
     labels = np.asarray(labels)
     num_classes = int(labels.max()) + 1 if labels.size else 0
-    if isinstance(target_class, bool) or not isinstance(target_class, (int, np.integer)):
+    if not is_whole(target_class):
         raise ConfigError(f"target_class must be a class index (an integer); got {target_class!r}.")
     if not 0 <= target_class < num_classes:
         raise ConfigError(

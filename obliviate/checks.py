@@ -1,4 +1,4 @@
-"""Argument checks shared by the reduction modules: whole numbers and index arrays.
+"""Argument checks shared by the domain package: whole numbers and index arrays.
 
 Each check is O(1) or one look at an array's dtype, so public functions call them at their
 entrance without slowing anything.
@@ -7,13 +7,14 @@ entrance without slowing anything.
 from __future__ import annotations
 
 import numbers
+from typing import TypeGuard
 
 import numpy as np
 
 from obliviate.errors import ConfigError
 
 
-def is_whole(value: object) -> bool:
+def is_whole(value: object) -> TypeGuard[int | np.integer]:
     """True for a Python or numpy integer, False for bools, floats, strings and everything else."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
