@@ -38,6 +38,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -238,6 +239,62 @@ def remove_event_trigger(deployment_id: str, *, api_url: str) -> None:
         )
 
 
+class RepeatedFailures:
+    """Says a failure that repeats every tick once, then a summary at growing intervals, then its recovery.
+
+    ``serve`` whose store was gone (a deleted bucket, an S3 endpoint restarted empty) printed the
+    same ``reconcile pass failed: ...`` line every 5 s for as long as it lasted. Now the first
+    failure of ``what`` is said in full; the same failure again is counted and said as ``still
+    failing since T (N passes): reason`` after ``first_repeat_s``, then after twice that, up to
+    ``max_repeat_s`` between lines; another reason is said in full at once; the first success
+    after failures says ``recovered``. Each ``what`` (``reconcile pass``, ``warming the worker
+    pool``) keeps its own count.
+    """
+
+    def __init__(
+        self,
+        *,
+        first_repeat_s: float = 60.0,
+        max_repeat_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.first_repeat_s, self.max_repeat_s, self.clock = first_repeat_s, max_repeat_s, clock
+        self.say = say or (lambda line: print(line, flush=True))
+        # what -> since, passes, reason, when last said, wait before the next summary
+        self._open: dict[str, dict[str, Any]] = {}
+
+    def failed(self, what: str, reason: str) -> None:
+        now = self.clock()
+        streak = self._open.get(what)
+        if streak is None:
+            self._open[what] = {"since": now, "passes": 1, "reason": reason, "said": now, "wait": self.first_repeat_s}
+            self.say(f"obliviate serve: {what} failed: {reason}")
+            return
+        streak["passes"] += 1
+        if reason != streak["reason"]:
+            streak.update(reason=reason, said=now, wait=self.first_repeat_s)
+            self.say(f"obliviate serve: {what} failed: {reason}")
+        elif now - streak["said"] >= streak["wait"]:
+            streak.update(said=now, wait=min(streak["wait"] * 2, self.max_repeat_s))
+            self.say(
+                f"obliviate serve: {what} still failing since {_clock_time(streak['since'])} "
+                f"({streak['passes']} passes): {reason}"
+            )
+
+    def succeeded(self, what: str) -> None:
+        streak = self._open.pop(what, None)
+        if streak is not None:
+            self.say(
+                f"obliviate serve: {what} recovered after {streak['passes']} failed passes since "
+                f"{_clock_time(streak['since'])}"
+            )
+
+
+def _clock_time(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
 class ServiceWatcher:
     """Renews ``serve``'s announcement, dispatches deletion events and finishes orphaned requests.
 
@@ -272,6 +329,7 @@ class ServiceWatcher:
             threading.Thread(target=self._dispatch, name="serve-dispatcher", daemon=True),
         ]
         self.passes: list[dict[str, Any]] = []
+        self.failures = RepeatedFailures()
 
     @property
     def warm(self) -> bool:
@@ -346,17 +404,24 @@ class ServiceWatcher:
             if self._stop.is_set():
                 return
             if event is not None:
-                self._guarded(f"event {event.event_id}", lambda e=event: self.handle_event(e))
+                self._guarded(f"event {event.event_id}", lambda e=event: self.handle_event(e), repeats=False)
             else:
                 self._guarded("reconcile pass", self.reconcile_if_needed)
                 if self.warm:
                     self._guarded("warming the worker pool", self.keep_pool_warm)
 
-    def _guarded(self, what: str, call: Any) -> None:
+    def _guarded(self, what: str, call: Any, *, repeats: bool = True) -> None:
+        """``call``, its failure said (once per streak where it ``repeats`` every tick: :class:`RepeatedFailures`)."""
         try:
             call()
         except Exception as err:  # noqa: BLE001 -- the dispatcher must outlive any one pass; next tick retries
-            print(f"obliviate serve: {what} failed: {type(err).__name__}: {err}", flush=True)
+            if repeats:
+                self.failures.failed(what, f"{type(err).__name__}: {err}")
+            else:
+                print(f"obliviate serve: {what} failed: {type(err).__name__}: {err}", flush=True)
+        else:
+            if repeats:
+                self.failures.succeeded(what)
 
     def handle_event(self, event: Any) -> None:
         """Run the ``unlearn`` flow for one deletion event, here (a Prefect flow run of this process).
