@@ -47,7 +47,7 @@ from flows.audit import audit_flow
 from flows.batching import FLUSH_PREFIX, open_batch
 from flows.reconcile import reconcile_flow
 from flows.runtime import ray_gcs_answers, ui_url_of
-from flows.settle import STOPPING
+from flows.settle import STOPPING, hand_back_open_claims
 from flows.train import shutdown_pools
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
@@ -217,6 +217,16 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         )
 
 
+def _disconnect_ray(timeout_s: float = 10.0) -> None:
+    """``ray.shutdown()`` in this process, given up after ``timeout_s`` (its runtime may be gone)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+
+
 def remove_event_trigger(deployment_id: str, *, api_url: str) -> None:
     """Delete the automation ``deletion-requested-<suffix>`` that ``--dispatch runner`` gave a deployment.
 
@@ -368,12 +378,26 @@ class ServiceWatcher:
         heartbeat.join(timeout=10)
         # The pass under way ends once its workers are gone. When the Ray runtime itself is gone (a
         # SIGTERM to serve's process group stops its local Ray too), a Ray call in that pass waits
-        # 60 s for the GCS: then serve does not wait for it, and the claim's lease lapses instead.
+        # 60 s for the GCS: then serve does not wait for it; it hands the pass's claims back itself
+        # (they stayed claimed until their leases lapsed).
         began = time.monotonic()
         while dispatcher.is_alive() and time.monotonic() - began < grace_s:
             dispatcher.join(timeout=1.0)
             if time.monotonic() - began > 5.0 and not ray_gcs_answers():
                 break
+        if dispatcher.is_alive():
+            # Ending this process's Ray connection ends the pass's wait (as a SystemExit, which a
+            # stopping pass takes as its workers' stop): the pass hands its claims back itself and
+            # its flow run ends as on a SIGTERM to serve alone, not ``Crashed`` at exit.
+            self._guarded("disconnecting from the stopped Ray runtime", _disconnect_ray, repeats=False)
+            dispatcher.join(timeout=10.0)
+        if dispatcher.is_alive():  # still stuck: hand its claims back from here
+            reason = "serve stopped during the work (its Ray runtime stopped with it)"
+            for request_id in hand_back_open_claims(reason):
+                print(
+                    f"obliviate serve: request {request_id} handed back (serve is stopping); its attempt is not counted",
+                    flush=True,
+                )
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):

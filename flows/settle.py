@@ -20,6 +20,7 @@ retries happen within one flow run instead of waiting for the next cron.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -37,6 +38,39 @@ from storage.registry import RunRegistry
 #: Set when this process stops serving (``serve`` got SIGTERM or Ctrl-C): passes claim nothing new,
 #: and a claim whose work the stop interrupted goes back to ``pending`` without counting an attempt.
 STOPPING = threading.Event()
+
+# The claims the passes of this process hold now: (store url, request id) -> (ledger, claim version, holder).
+# ``serve`` hands them back itself (:func:`hand_back_open_claims`) when a pass cannot end on its own.
+_OPEN_CLAIMS: dict[tuple[str, str], tuple[DeletionLedger, int, str]] = {}
+_OPEN_CLAIMS_LOCK = threading.Lock()
+
+
+def hand_back_open_claims(reason: str) -> list[str]:
+    """Hand back every claim a pass of this process still holds, attempts not counted; returns their ids.
+
+    For ``serve`` stopping while its pass is stuck: a SIGTERM to serve's process group stops its own
+    Ray runtime too, and the pass's wait on Ray then never returns, so the claims stayed ``claimed``
+    until their leases lapsed. A claim the pass settles meanwhile is left as it settled it.
+    """
+    with _OPEN_CLAIMS_LOCK:
+        open_claims = dict(_OPEN_CLAIMS)
+        _OPEN_CLAIMS.clear()
+    handed: list[str] = []
+    for (_, request_id), (ledger, version, _holder) in sorted(open_claims.items(), key=lambda item: item[0]):
+        with contextlib.suppress(Exception):  # a store that is gone too: the lease lapses, as before
+            if ledger.hand_back(request_id, claim_version=version, reason=reason) is not None:
+                handed.append(request_id)
+    return handed
+
+
+def _hold(ledger: DeletionLedger, entry: RequestStatus, holder: str) -> None:
+    with _OPEN_CLAIMS_LOCK:
+        _OPEN_CLAIMS[(ledger.store.url, entry.request_id)] = (ledger, entry.version, holder)
+
+
+def _drop(ledger: DeletionLedger, request_id: str) -> None:
+    with _OPEN_CLAIMS_LOCK:
+        _OPEN_CLAIMS.pop((ledger.store.url, request_id), None)
 
 
 @dataclass(frozen=True)
@@ -88,10 +122,28 @@ def run_pass(
         ``claimed`` request ids, ``runs`` (audits), ``settled`` (request id -> state) and ``lost``
         (claims taken over by another pass while this one worked).
     """
+    holder = holder or f"pass-{os.getpid()}-{time.time_ns()}"
+    try:
+        return _run_pass(store, unlearn_runs=unlearn_runs, attempts=attempts, holder=holder, logger=logger, batch=batch)
+    finally:  # a pass that ended, however, holds nothing for hand_back_open_claims
+        with _OPEN_CLAIMS_LOCK:
+            for key in [key for key, held in _OPEN_CLAIMS.items() if held[2] == holder]:
+                del _OPEN_CLAIMS[key]
+
+
+def _run_pass(
+    store: str,
+    *,
+    unlearn_runs: Callable[[dict[str, dict[str, list[int]]]], dict[str, dict[str, Any]]],
+    attempts: AttemptPolicy = AttemptPolicy(),
+    holder: str,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    batch: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_pass`, its claims noted for :func:`hand_back_open_claims` while it holds them."""
     log = logger or logging.getLogger(__name__)
     object_store = ObjectStore(store)
     ledger, registry = DeletionLedger(object_store), RunRegistry(object_store)
-    holder = holder or f"pass-{os.getpid()}-{time.time_ns()}"
     settled: dict[str, str] = {}
     lost: list[str] = []
     with LeaseKeeper(object_store, lease_s=attempts.lease_s, holder=holder) as keeper:
@@ -109,6 +161,7 @@ def run_pass(
                     continue
                 keeper.hold(entry.request_id, taken.version)
                 claimed.append(taken)
+                _hold(ledger, taken, holder)
             except Exception as err:  # noqa: BLE001 -- one unreadable entry must not stop the others
                 log.warning("request %s could not be claimed: %s", entry.request_id, _error_text(err))
         if not claimed:
@@ -116,6 +169,7 @@ def run_pass(
         log.info("claimed %d request(s): %s", len(claimed), [c.request_id for c in claimed])
 
         def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
+            _drop(ledger, entry.request_id)
             stopping = STOPPING.is_set()
             if stopping:
                 # the stop killed the workers: not a failed attempt; stored progress is resumed later
@@ -145,6 +199,7 @@ def run_pass(
                 log.warning("request %s attempt failed (%s): %s", entry.request_id, outcome.status, error[:300])
 
         def settle(entry: RequestStatus, status: str, details: dict[str, Any]) -> None:
+            _drop(ledger, entry.request_id)
             outcome = ledger.settle(entry.request_id, claim_version=entry.version, status=status, details=details)
             keeper.release(entry.request_id)
             if outcome is None:
@@ -251,6 +306,14 @@ def _guarded(
         return unlearn_runs(per_run)
     except Exception as err:  # noqa: BLE001 -- becomes a failed attempt of each request, never a stuck claim
         return {run_id: {"run_id": run_id, "status": "failed", "error": _error_text(err)} for run_id in per_run}
+    except SystemExit as err:
+        # serve stopping with its Ray runtime gone ends the wait on Ray by ray.shutdown(), which
+        # raises SystemExit here: a stop, so the claims are handed back (it crashed the flow run
+        # and left them claimed). Anywhere else SystemExit goes on as it is.
+        if not STOPPING.is_set():
+            raise
+        error = f"the Ray connection was shut down ({type(err).__name__})"
+        return {run_id: {"run_id": run_id, "status": "failed", "error": error} for run_id in per_run}
 
 
 def _load_specs(registry: RunRegistry) -> tuple[dict[str, RunSpec], dict[str, str]]:
