@@ -32,6 +32,7 @@ A request whose status pointer is missing (a crash between the two writes) reads
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any
 
 from obliviate.unlearning.service import RequestError, check_name, retry_delay_s
 from storage import lease
-from storage.errors import ObjectNotFound, PointerConflict
+from storage.errors import CorruptObject, ObjectNotFound, PointerConflict
 from storage.objects import ObjectStore
 
 PENDING, CLAIMED, DONE, REJECTED = "pending", "claimed", "done", "rejected"
@@ -260,11 +261,18 @@ class DeletionLedger:
         raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
 
     def record_event(self, event_id: str, body: Mapping[str, Any]) -> None:
-        """What was done with a deletion event (kept for the audit trail)."""
+        """What was done with a deletion event (kept for the audit trail).
+
+        A delivery that found the work done (``duplicate``) never replaces the record of the one
+        that did it (``processed``): a second delivery of the event overwrote it before.
+        """
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(event_id))[:80] or "unknown"
-        self.store.put_json(
-            f"ledger/events/{safe}.json", {**body, "event_id": str(event_id), "recorded_at": time.time()}
-        )
+        key = f"ledger/events/{safe}.json"
+        if body.get("outcome") == "duplicate":
+            with contextlib.suppress(ObjectNotFound, CorruptObject):
+                if self.store.get_json(key).get("outcome") == "processed":
+                    return
+        self.store.put_json(key, {**body, "event_id": str(event_id), "recorded_at": time.time()})
 
     def events(self) -> list[dict[str, Any]]:
         return [self.store.get_json(key) for key in self.store.list("ledger/events")]

@@ -209,3 +209,14 @@ def test_unlearning_applies_once_and_rejects_stale_bases(store_url, small_run):
         base_version=1, excluded_positions=[1, 3], policy="exact"
     )
     assert np.isfinite(current.metrics["heldout_accuracy"])
+
+
+def test_a_second_delivery_of_an_event_keeps_the_record_of_the_one_that_did_the_work(store_url):
+    # With two serves, the delivery that found the request done rewrote the record to "duplicate".
+    ledger = DeletionLedger(ObjectStore(store_url))
+    ledger.record_event("ev-1", {"outcome": "processed", "request_id": "r", "status": "done"})
+    ledger.record_event("ev-1", {"outcome": "duplicate", "request_id": "r", "status": "done"})
+    assert [(e["event_id"], e["outcome"]) for e in ledger.events()] == [("ev-1", "processed")]
+    ledger.record_event("ev-2", {"outcome": "duplicate", "request_id": "r", "status": "done"})
+    ledger.record_event("ev-2", {"outcome": "rejected", "reason": "x"})  # other outcomes are recorded as they come
+    assert {e["event_id"]: e["outcome"] for e in ledger.events()} == {"ev-1": "processed", "ev-2": "rejected"}
