@@ -439,9 +439,11 @@ class DeletionLedger:
         """
         current = self.get(request_id)
         if applied_to:
+            now = " (a pass is applying it now)" if current.status == CLAIMED else ""
             raise RequestError(
                 f"rule: only a request no model has applied can be cancelled; {request_id} is applied to runs "
-                f"{sorted(applied_to)}. Nothing changed; submit nothing, or retrain those runs."
+                f"{sorted(applied_to)}{now}. Nothing changed: a deletion a model applied is not undone by cancelling"
+                f" (`obliviate forget --status {request_id}` shows where it stands)."
             )
         if current.status not in (PENDING, FAILED):
             raise RequestError(

@@ -96,6 +96,10 @@ def test_attempts_back_off_then_fail_and_retry_and_cancel(store_url):
     claim = ledger.claim("r-1", holder="h", lease_s=30, max_attempts=2)
     with pytest.raises(RequestError, match="a pass is applying it now"):
         ledger.cancel("r-1", applied_to=[])
+    # part-way applied while claimed: it said "submit nothing, or retrain those runs", no action a user can take
+    with pytest.raises(RequestError, match=r"applied to runs \['run-a'\] \(a pass is applying it now\)") as refused:
+        ledger.cancel("r-1", applied_to=["run-a"])
+    assert "not undone by cancelling" in str(refused.value) and "retrain" not in str(refused.value)
     ledger.settle("r-1", claim_version=claim.version, status=PENDING, details={})
     with pytest.raises(RequestError, match="applied to runs"):
         ledger.cancel("r-1", applied_to=["run-a"])
