@@ -335,6 +335,51 @@ def served_endpoint(store: ObjectStore) -> tuple[str | None, str]:
     return api_url, "announced by a live `obliviate serve`"
 
 
+SERVE_CLAIM_KEY = "service/serve-claim"  # a pointer: moved by compare-and-swap, so two serves never both win
+SERVE_START_ALLOWANCE_S = 120.0  # a serve that claimed a store announces itself within this (Prefect, Ray start)
+
+
+def claim_serving(store: ObjectStore, *, pid: int, host: str) -> None:
+    """Become the one ``obliviate serve`` of ``store``, or raise naming the one that is.
+
+    Checking for a live announcement and then announcing let two serves started together both
+    run, each overwriting the other's announcement (the store then said nobody served it). The
+    claim is a compare-and-swap from the version read before the check: of two serves starting
+    together one wins. A claim whose serve never announced itself within
+    :data:`SERVE_START_ALLOWANCE_S`, or whose announcement went stale or stopped, is taken over.
+
+    Raises:
+        ConfigError: a live serve holds the store, one is starting, or another claimed it just now.
+    """
+    from obliviate.errors import ConfigError
+    from storage.errors import PointerConflict
+
+    fix = "one serve per store. Stop that one first (Ctrl-C), or serve another --store."
+    claim = store.read_pointer(SERVE_CLAIM_KEY)
+    live_api, _ = served_endpoint(store)
+    if live_api is not None:
+        raise ConfigError(
+            f"store {store.url} is already served by a live `obliviate serve` (announced through {live_api}); {fix}"
+        )
+    if claim is not None:
+        holder = claim.target
+        age = time.time() - float(holder.get("claimed_at", 0.0))
+        announced = False
+        with contextlib.suppress(Exception):  # no readable announcement: not announced
+            announced = int(store.get_json(ENDPOINT_KEY).get("pid", -1)) == int(holder.get("pid", -2))
+        if not announced and age < SERVE_START_ALLOWANCE_S:
+            raise ConfigError(
+                f"store {store.url} is being claimed by another `obliviate serve` that is starting (pid "
+                f"{holder.get('pid')} on {holder.get('host')}, {age:.0f} s ago); {fix} If that serve died while "
+                f"starting, the store is free {SERVE_START_ALLOWANCE_S - age:.0f} s from now."
+            )
+    target = {"pid": pid, "host": host, "claimed_at": time.time()}
+    try:
+        store.swap_pointer(SERVE_CLAIM_KEY, target, expected_version=claim.version if claim else 0)
+    except PointerConflict:
+        raise ConfigError(f"another `obliviate serve` claimed store {store.url} at the same moment; {fix}") from None
+
+
 def emit_deletion_event(store_url: str, payload: dict[str, Any], *, api_url: str) -> str | None:
     """Emit one deletion event to ``api_url`` and wait until it is sent; returns the event id."""
     from prefect.events import emit_event

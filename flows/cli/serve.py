@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 from dataclasses import replace
 
@@ -78,7 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from flows.deployments import ServiceOptions, serve_deployments
     from flows.rollback import save_rollback
     from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api, ui_url_of
-    from flows.unlearn import served_endpoint
+    from flows.unlearn import claim_serving
     from flows.watchdog import start_watchdog
     from obliviate.errors import ConfigError
     from obliviate.unlearning.batching import DEFAULT_MARGIN_S, BatchPolicy, parse_duration
@@ -134,14 +135,9 @@ def run_serve(args: argparse.Namespace) -> int:
     check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))
     store = prepare_store(options.store, write=True)
     options = replace(options, store=store)
-    live_api, _ = served_endpoint(ObjectStore(store))
-    if live_api is not None:
-        # The batching and rollback settings below are the store's: a second serve would change them
-        # under the first, and its announcement would replace the first's.
-        raise ConfigError(
-            f"store {store} is already served by a live `obliviate serve` (announced through {live_api}); one "
-            "serve per store. Stop that one first (Ctrl-C), or serve another --store."
-        )
+    # The batching and rollback settings below are the store's: a second serve would change them
+    # under the first, and its announcement would replace the first's.
+    claim_serving(ObjectStore(store), pid=os.getpid(), host=socket.gethostname())
     save_policy(ObjectStore(store), policy)
     save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
