@@ -241,8 +241,14 @@ def test_serve_with_its_own_prefect_server_shows_the_unlearn_runs_it_dispatched(
         request = urllib.request.Request(
             f"{api_url}/flow_runs/filter", data=query, headers={"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            runs = json.load(answer)
+        # The ledger says "done" before the run's final state reaches the server: wait for that state.
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                runs = json.load(answer)
+            if [run["state_type"] for run in runs] == ["COMPLETED"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert [run["state_type"] for run in runs] == ["COMPLETED"], log.read_text()[-3000:]
         assert "Starting temporary server" not in log.read_text()
         # A SIGTERM to the whole group (systemd's default, a container stop) stops serve's own Ray too:
