@@ -37,7 +37,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -430,6 +430,16 @@ def _dataset_rows(dataset: str, stamp: tuple[int, int] | None) -> int | None:
         return None
 
 
+def new_request_id(ids: Sequence[int], *, dataset: str, salt: str | None = None) -> str:
+    """The id a new deletion request gets when its sender names none.
+
+    Derived from the ids and the dataset, made unique by ``salt`` (default: the time and a random
+    token), so two requests for the same ids are two requests unless the sender reuses an id.
+    """
+    salt = salt if salt is not None else f"{time.time_ns()}-{uuid.uuid4().hex}"
+    return request_id_for(ids, dataset, salt=salt)
+
+
 def record_deletion(
     store_url: str,
     ids: Any,
@@ -461,8 +471,7 @@ def record_deletion(
     """
     values = parse_ids(ids, dataset_size=dataset_rows(dataset), dataset=dataset)
     ledger = DeletionLedger(ObjectStore(store_url))
-    salt = salt if salt is not None else f"{time.time_ns()}-{uuid.uuid4().hex}"
-    request_id = request_id or request_id_for(values, dataset, salt=salt)
+    request_id = request_id or new_request_id(values, dataset=dataset, salt=salt)
     entry, created = ledger.append(request_id=request_id, ids=values, dataset=dataset, reason=reason)
     return {"request_id": request_id, "status": entry.status, "new": created, "ids": list(values), "dataset": dataset}
 

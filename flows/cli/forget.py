@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-import uuid
 from typing import Any
 
 from flows.cli._store import add_store_argument, prepare_store, store_url
@@ -121,10 +119,10 @@ def describe(
 
 
 def run_forget(args: argparse.Namespace) -> int:
-    from flows.unlearn import dataset_rows, submit_deletion
+    from flows.unlearn import dataset_rows, new_request_id, submit_deletion
     from obliviate.data import load_dataset
     from obliviate.errors import ConfigError
-    from obliviate.unlearning.service import check_name, parse_ids, request_id_for
+    from obliviate.unlearning.service import check_name, parse_ids
     from storage.errors import StorageError
     from storage.ledger import DeletionLedger
     from storage.objects import ObjectStore
@@ -208,7 +206,7 @@ def run_forget(args: argparse.Namespace) -> int:
             return EXIT_DONE
     assert ids is not None  # refused above when neither --ids nor --now was given
     # Named here, not inside submit_deletion, so a failure can say which request to look up or repeat.
-    request_id = args.request_id or request_id_for(ids, args.data, salt=f"{time.time_ns()}-{uuid.uuid4().hex}")
+    request_id = args.request_id or new_request_id(ids, dataset=args.data)
     try:
         result = submit_deletion(
             url, list(ids), dataset=args.data, reason=args.reason, request_id=request_id, emit=not args.no_event
