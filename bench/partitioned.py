@@ -38,7 +38,7 @@ def main() -> None:
     for parts in (2, 4, 8):
         for seed in (0, 1, 2):
             result = partitioned_reduce(data.images, k=K, parts=parts, rng=np.random.default_rng(seed), oversample=2.0)
-            h_full = subset_cost(matrix, result.subset)
+            h_full = subset_cost(matrix, subset=result.subset)
             runs.append(
                 {
                     "parts": parts,

@@ -581,7 +581,7 @@ def reduce_flow(
     check_bins(levels=dataset.levels, bins=bins)
     bins = exact_bins(bins, levels=dataset.levels)
     if not tiles_only:  # k is a restart setting; storing tiles needs none
-        check_subset_size(k, n)
+        check_subset_size(k, n=n)
     check_tile_size(tile_size, n=n, run=True)
     check_start_count(starts, n=n)
     if threads_per_worker < 1:

@@ -137,11 +137,11 @@ class TiledMatrix:
         for other in range(self.plan.blocks):
             c0, c1 = self.plan.block_range(other)
             if other > block:
-                band[:, c0:c1] = self._read_tile(self.plan.tile(block, other))
+                band[:, c0:c1] = self._read_tile(self.plan.tile(row_block=block, col_block=other))
             elif other < block:
-                band[:, c0:c1] = self._read_tile(self.plan.tile(other, block)).T
+                band[:, c0:c1] = self._read_tile(self.plan.tile(row_block=other, col_block=block)).T
             else:
-                upper = np.triu(self._read_tile(self.plan.tile(block, block)), k=1)
+                upper = np.triu(self._read_tile(self.plan.tile(row_block=block, col_block=block)), k=1)
                 band[:, c0:c1] = upper + upper.T
         band[np.arange(r1 - r0), np.arange(r0, r1)] = self._diagonal[r0:r1]
         self.bands_loaded += 1
@@ -225,15 +225,19 @@ class TiledRows:
         for other in range(self.plan.blocks):
             c0, c1 = self.plan.block_range(other)
             if other > block:
-                row[c0:c1] = self._slice(self.plan.tile(block, other), row=r)
+                row[c0:c1] = self._slice(self.plan.tile(row_block=block, col_block=other), row=r)
             elif other < block:
-                row[c0:c1] = self._slice(self.plan.tile(other, block), col=r)
+                row[c0:c1] = self._slice(self.plan.tile(row_block=other, col_block=block), col=r)
             else:
                 # (triu(T, 1) + triu(T, 1).T)[r], element by element, as TiledMatrix's band.
                 width = r1 - r0
                 j = np.arange(width)
-                upper = np.where(j > r, self._slice(self.plan.tile(block, block), row=r), np.float32(0))
-                lower = np.where(j < r, self._slice(self.plan.tile(block, block), col=r), np.float32(0))
+                upper = np.where(
+                    j > r, self._slice(self.plan.tile(row_block=block, col_block=block), row=r), np.float32(0)
+                )
+                lower = np.where(
+                    j < r, self._slice(self.plan.tile(row_block=block, col_block=block), col=r), np.float32(0)
+                )
                 row[c0:c1] = upper.astype(np.float32) + lower.astype(np.float32)
         row[index] = self._diagonal[index]
         self.rows_loaded += 1

@@ -91,7 +91,7 @@ def _prepared_store_url(args: argparse.Namespace) -> str:
 def _subset_size(k: int | None, n: int) -> int:
     """``--k`` as given, else the default, checked against a pool of ``n`` images."""
     if k is not None or n < 3:  # a pool under 3 images fits no k: its own message says so
-        check_subset_size(DEFAULT_K if k is None else k, n)
+        check_subset_size(DEFAULT_K if k is None else k, n=n)
         return DEFAULT_K if k is None else k
     if DEFAULT_K >= n:
         raise ConfigError(
@@ -190,7 +190,7 @@ def print_plan(args: argparse.Namespace) -> int:
         k = DEFAULT_K
     elif args.k is None:
         # k only sizes a streaming restart worker's cache here; the largest k gives the upper bound.
-        check_subset_size(2, args.plan)  # a pool under 3 images fits no k at all
+        check_subset_size(2, n=args.plan)  # a pool under 3 images fits no k at all
         k = args.plan - 1
         print(
             f"note: --k not given and its default {DEFAULT_K} does not fit {args.plan} images; restart memory is "
@@ -198,7 +198,7 @@ def print_plan(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     else:
-        check_subset_size(args.k, args.plan)
+        check_subset_size(args.k, n=args.plan)
         k = args.k
     workers = _checked_workers(args)
     if not workers:

@@ -107,7 +107,7 @@ class ReductionResult:
         return min(self.restarts, key=lambda r: (r.h, r.start)).start
 
 
-def subset_cost(matrix: np.ndarray, subset: Sequence[int] | np.ndarray) -> float:
+def subset_cost(matrix: np.ndarray, *, subset: Sequence[int] | np.ndarray) -> float:
     """``H(S)``, recomputed from scratch: the sum of ``I[u][v]`` over unordered pairs of S (SPEC section 2).
 
     The reference the incremental H of :func:`one_hot_replacement` and :func:`drmi_reduce` is tested against.
@@ -190,7 +190,7 @@ def drmi_reduce(
         DataError: a dense matrix holds a non-finite entry or is not symmetric.
     """
     source = _checked_source(matrix)
-    check_subset_size(k, source.n)
+    check_subset_size(k, n=source.n)
     start_vertices = (
         _check_starts(starts, source.n)
         if starts is not None
@@ -232,7 +232,7 @@ def run_restarts(
             :func:`drmi_reduce`, not per call here).
     """
     source = _checked_source(matrix, symmetry=False)
-    check_subset_size(k, source.n)
+    check_subset_size(k, n=source.n)
     return _run_restarts(
         source, k=k, starts=_check_starts(starts, source.n), aggregate=aggregate, on_restarts=on_restarts
     )
@@ -304,7 +304,7 @@ def greedy_init(
         DataError: a dense matrix holds a non-finite entry or is not symmetric.
     """
     source = _checked_source(matrix)
-    check_subset_size(k, source.n)
+    check_subset_size(k, n=source.n)
     members, _, _ = _greedy(source.row, source.n, start=start, k=k, use_max=Aggregate(aggregate) is Aggregate.MAX)
     return members
 
@@ -334,7 +334,7 @@ def one_hot_replacement(
         whole_number(max_swaps, name="max_swaps", minimum=0)
     source = _checked_source(matrix)
     members = _check_members(subset, source.n)
-    check_subset_size(members.shape[0], source.n)
+    check_subset_size(members.shape[0], n=source.n)
     sums = np.zeros(source.n, dtype=np.float64)
     for m in members:
         _accumulate(sums, source.row(int(m)))
@@ -615,7 +615,7 @@ def _first_bad_entry(matrix: np.ndarray) -> tuple[int, int]:
     return -1, -1
 
 
-def check_subset_size(k: int, n: int) -> None:
+def check_subset_size(k: int, *, n: int) -> None:
     """Raise :class:`ConfigError` unless the subset size ``k`` is a whole number with ``2 <= k < n`` (SPEC section 2)."""
     if not is_whole(k):
         raise ConfigError(f"k must be a whole number with 2 <= k < n={n}; got {k!r} ({type(k).__name__}). Pass an int.")

@@ -113,7 +113,7 @@ def prepare_images(images: np.ndarray, *, levels: int = 256, bins: int = 256) ->
 
 
 def mutual_information(
-    u: np.ndarray, v: np.ndarray, *, levels: int = 256, bins: int = 256, normalize: bool = False
+    *, u: np.ndarray, v: np.ndarray, levels: int = 256, bins: int = 256, normalize: bool = False
 ) -> float:
     """MI of one image pair (SPEC section 1).
 

@@ -70,7 +70,7 @@ def partition_budgets(part_sizes: list[int], *, k: int, oversample: float) -> li
                 f"got part sizes {list(part_sizes)}. Use fewer parts."
             )
     n = sum(part_sizes)
-    check_subset_size(k, n)
+    check_subset_size(k, n=n)
     _check_oversample(oversample)
     return [min(size - 1, max(2, math.ceil(oversample * k * size / n))) for size in part_sizes]
 
@@ -111,7 +111,7 @@ def partitioned_reduce(
     if not is_whole(parts) or parts < 1 or n // parts <= 2:
         raise ConfigError(f"parts must be >= 1 and leave more than 2 images per part; got parts={parts} for n={n}.")
     _check_oversample(oversample)
-    check_subset_size(k, n)
+    check_subset_size(k, n=n)
     t0 = time.perf_counter()
     split = np.array_split(rng.permutation(n), parts)
     budgets = partition_budgets([len(p) for p in split], k=k, oversample=oversample)

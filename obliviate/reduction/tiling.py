@@ -79,7 +79,7 @@ class TilePlan:
     def block_of(self, index: int) -> int:
         return index // self.tile_size
 
-    def tile(self, row_block: int, col_block: int) -> TileSpec:
+    def tile(self, *, row_block: int, col_block: int) -> TileSpec:
         if not 0 <= row_block <= col_block < self.blocks:
             raise ConfigError(
                 f"tiles exist for 0 <= row block <= column block < {self.blocks}; got ({row_block}, {col_block})."
@@ -90,7 +90,7 @@ class TilePlan:
 
     def tiles(self) -> list[TileSpec]:
         """Every tile of the upper triangle, row block by row block."""
-        return [self.tile(r, c) for r in range(self.blocks) for c in range(r, self.blocks)]
+        return [self.tile(row_block=r, col_block=c) for r in range(self.blocks) for c in range(r, self.blocks)]
 
     @property
     def num_tiles(self) -> int:
@@ -151,7 +151,7 @@ def plan_report(
             ``pairs_per_second`` is not a positive finite number.
     """
     plan = TilePlan(n=n, tile_size=tile_size)
-    check_subset_size(k, n)
+    check_subset_size(k, n=n)
     whole_number(workers, name="workers", minimum=1)
     whole_number(pixels, name="pixels", minimum=1)
     if not (isinstance(nonzero_share, numbers.Real) and 0.0 <= nonzero_share <= 1.0):

@@ -60,9 +60,9 @@ def mnist_matrix() -> np.ndarray:
 def test_reported_h_equals_recomputed_h(mnist_matrix) -> None:
     result = drmi_reduce(mnist_matrix, k=30)
     assert len(result.restarts) == 300
-    assert result.h == pytest.approx(subset_cost(mnist_matrix, result.subset), rel=1e-9)
+    assert result.h == pytest.approx(subset_cost(mnist_matrix, subset=result.subset), rel=1e-9)
     for record in result.restarts[::37]:
-        assert record.h == pytest.approx(subset_cost(mnist_matrix, record.subset), rel=1e-9)
+        assert record.h == pytest.approx(subset_cost(mnist_matrix, subset=record.subset), rel=1e-9)
     assert result.h == min(r.h for r in result.restarts)
 
 
@@ -71,13 +71,13 @@ def test_in_out_match_recomputation_after_every_swap() -> None:
     start = np.arange(0, 60, 6)  # a deliberately poor subset, so many swaps happen
     _, _, total_swaps, _ = one_hot_replacement(matrix, subset=start)
     assert total_swaps >= 3
-    previous_h = subset_cost(matrix, start)
+    previous_h = subset_cost(matrix, subset=start)
     for swaps in range(1, total_swaps + 1):
         members, h, done, sums = one_hot_replacement(matrix, subset=start, max_swaps=swaps)
         assert done == swaps
         recomputed = matrix[:, members].astype(np.float64).sum(axis=1)
         np.testing.assert_allclose(sums, recomputed, rtol=1e-10, atol=1e-9)
-        assert h == pytest.approx(subset_cost(matrix, members), rel=1e-10)
+        assert h == pytest.approx(subset_cost(matrix, subset=members), rel=1e-10)
         assert h < previous_h  # every swap strictly lowers H
         previous_h = h
 
@@ -86,17 +86,17 @@ def test_replacement_never_worse_than_greedy(mnist_matrix) -> None:
     for record in run_restarts(mnist_matrix, k=40, starts=np.arange(0, 300, 10)):
         assert record.h <= record.h_greedy + 1e-9
         greedy = greedy_init(mnist_matrix, start=record.start, k=40)
-        assert record.h_greedy == pytest.approx(subset_cost(mnist_matrix, greedy), rel=1e-9)
+        assert record.h_greedy == pytest.approx(subset_cost(mnist_matrix, subset=greedy), rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_never_below_brute_force_optimum(seed) -> None:
     n, k = 11, 4
     matrix = random_symmetric(n, seed=seed)
-    optimum = min(subset_cost(matrix, combo) for combo in itertools.combinations(range(n), k))
+    optimum = min(subset_cost(matrix, subset=combo) for combo in itertools.combinations(range(n), k))
     result = drmi_reduce(matrix, k=k)
     assert result.h >= optimum - 1e-9
-    assert result.h == pytest.approx(subset_cost(matrix, result.subset), rel=1e-9)
+    assert result.h == pytest.approx(subset_cost(matrix, subset=result.subset), rel=1e-9)
 
 
 @settings(max_examples=40, deadline=None)
@@ -107,7 +107,7 @@ def test_properties_on_random_symmetric_matrices(n, seed, data) -> None:
     result = drmi_reduce(matrix, k=k, aggregate=data.draw(st.sampled_from(["sum", "max"])))
     assert result.subset.shape == (k,)
     assert np.unique(result.subset).shape == (k,)
-    assert result.h == pytest.approx(subset_cost(matrix, result.subset), rel=1e-9, abs=1e-9)
+    assert result.h == pytest.approx(subset_cost(matrix, subset=result.subset), rel=1e-9, abs=1e-9)
     for record in result.restarts:
         assert record.h <= record.h_greedy + 1e-9
 

@@ -38,13 +38,13 @@ def test_a_matrix_with_nan_is_refused_by_every_entry_point(call) -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda m: subset_cost(m, [0, 30]), r"subset must hold indices in 0..9 .*got 0..30"),  # IndexError
+        (lambda m: subset_cost(m, subset=[0, 30]), r"subset must hold indices in 0..9 .*got 0..30"),  # IndexError
         (lambda m: one_hot_replacement(m, subset=[0, 40]), r"subset must hold indices in 0..9 .*got 0..40"),
-        (lambda m: subset_cost(m, [-1, 2]), r"subset must hold indices in 0..9 .*got -1..2"),  # wrapped to 9
+        (lambda m: subset_cost(m, subset=[-1, 2]), r"subset must hold indices in 0..9 .*got -1..2"),  # wrapped to 9
         (lambda m: one_hot_replacement(m, subset=[-1, 2, 3]), r"subset must hold indices in 0..9"),
-        (lambda m: subset_cost(m, [1, 1, 2]), "subset must hold distinct indices; got 1 repeats"),
-        (lambda m: subset_cost(m, [0.5, 2]), "subset must be integer indices; got an array of dtype float64"),
-        (lambda m: subset_cost(m[:, :5], [0, 1]), "must be square"),
+        (lambda m: subset_cost(m, subset=[1, 1, 2]), "subset must hold distinct indices; got 1 repeats"),
+        (lambda m: subset_cost(m, subset=[0.5, 2]), "subset must be integer indices; got an array of dtype float64"),
+        (lambda m: subset_cost(m[:, :5], subset=[0, 1]), "must be square"),
         (lambda m: one_hot_replacement(m, subset=[0, 1, 2], max_swaps=-5), "max_swaps must be a whole number >= 0"),
         (lambda m: one_hot_replacement(m, subset=[0, 1, 2], max_swaps=1.5), "max_swaps must be a whole number >= 0"),
     ],
@@ -56,9 +56,9 @@ def test_subset_indices_and_max_swaps_are_checked(call, message) -> None:
 
 def test_valid_subsets_give_the_same_answers() -> None:
     m = _symmetric()
-    assert subset_cost(m, np.array([0, 3, 5], dtype=np.int32)) == subset_cost(m, [0, 3, 5])
+    assert subset_cost(m, subset=np.array([0, 3, 5], dtype=np.int32)) == subset_cost(m, subset=[0, 3, 5])
     members, h, swaps, _ = one_hot_replacement(m, subset=[0, 1, 2], max_swaps=0)
-    assert swaps == 0 and list(members) == [0, 1, 2] and h == pytest.approx(subset_cost(m, [0, 1, 2]))
+    assert swaps == 0 and list(members) == [0, 1, 2] and h == pytest.approx(subset_cost(m, subset=[0, 1, 2]))
 
 
 def test_run_restarts_refuses_infinity_and_keeps_results_of_finite_matrices() -> None:

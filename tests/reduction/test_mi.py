@@ -34,7 +34,7 @@ def _oracle(u: np.ndarray, v: np.ndarray, *, levels: int, bins: int, normalize: 
 def test_pairs_match_sklearn_on_real_mnist(mnist_sample, bins, normalize) -> None:
     for i in range(0, 40, 2):
         u, v = mnist_sample[i], mnist_sample[i + 1]
-        ours = mutual_information(u, v, bins=bins, normalize=normalize)
+        ours = mutual_information(u=u, v=v, bins=bins, normalize=normalize)
         assert ours == pytest.approx(_oracle(u, v, levels=256, bins=bins, normalize=normalize), abs=1e-5)
 
 
@@ -69,7 +69,7 @@ def test_joint_counts_beyond_16_bits_match_sklearn() -> None:
     rng = np.random.default_rng(6)
     u = np.where(rng.random(100_000) < 0.8, 1, rng.integers(2, 9, size=100_000)).astype(np.uint8)
     v = np.where(rng.random(100_000) < 0.9, u + 10, rng.integers(1, 256, size=100_000)).astype(np.uint8)
-    assert mutual_information(u, v) == pytest.approx(mutual_info_score(u, v), abs=1e-5)
+    assert mutual_information(u=u, v=v) == pytest.approx(mutual_info_score(u, v), abs=1e-5)
 
 
 def test_matrix_is_symmetric_with_entropy_diagonal(mnist_sample) -> None:
@@ -115,4 +115,4 @@ def test_bad_inputs_say_the_rule() -> None:
     with pytest.raises(ConfigError, match="rows must index the 3 prepared images"):
         mi_tile(prepare_images(images), rows=np.array([3]), cols=np.array([0]))
     with pytest.raises(DataError, match="same number of pixels"):
-        mutual_information(images[0], np.zeros((5, 5), np.uint8))
+        mutual_information(u=images[0], v=np.zeros((5, 5), np.uint8))

@@ -19,7 +19,7 @@ def _images(n: int = 3, top: int = 256, seed: int = 0) -> np.ndarray:
         lambda imgs: quantize(imgs, levels=16, bins=16),
         lambda imgs: prepare_images(imgs, levels=16, bins=16),  # codes up to 255 with bins 16 before
         lambda imgs: mi_matrix(imgs, levels=16),  # aborted with "corrupted size vs. prev_size"
-        lambda imgs: mutual_information(imgs[0], imgs[1], levels=16),  # segfaulted
+        lambda imgs: mutual_information(u=imgs[0], v=imgs[1], levels=16),  # segfaulted
     ],
 )
 def test_gray_levels_at_or_above_levels_are_refused(call) -> None:
@@ -72,7 +72,7 @@ def test_mi_tile_accepts_lists_and_numpy_integer_indices() -> None:
         lambda: prepare_images(np.zeros((0, 8, 8), np.uint8)),
         lambda: mi_matrix(np.zeros((0, 8, 8), np.uint8)),
         lambda: prepare_images(np.zeros((3, 0), np.uint8)),  # entropy nan
-        lambda: mutual_information(np.zeros(0, np.uint8), np.zeros(0, np.uint8)),  # returned nan
+        lambda: mutual_information(u=np.zeros(0, np.uint8), v=np.zeros(0, np.uint8)),  # returned nan
     ],
 )
 def test_empty_image_sets_and_zero_pixel_images_are_refused(call) -> None:

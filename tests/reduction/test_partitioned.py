@@ -23,7 +23,7 @@ def test_partitioned_returns_k_distinct_indices_and_exact_h(pool) -> None:
     assert result.subset.shape == (40,) and np.unique(result.subset).shape == (40,)
     assert set(result.subset) <= set(result.union)
     matrix = mi_matrix(pool)
-    assert result.h == pytest.approx(subset_cost(matrix, result.subset), rel=1e-6)
+    assert result.h == pytest.approx(subset_cost(matrix, subset=result.subset), rel=1e-6)
     exact = drmi_reduce(matrix, k=40)
     gap = result.h / exact.h
     assert gap >= 1.0 - 1e-9  # exact reduction over all starts is the reference

@@ -169,4 +169,4 @@ def test_a_pool_too_small_for_any_k_says_so():
     from obliviate.reduction.drmi import check_subset_size
 
     with pytest.raises(ConfigError, match="a pool of n=1 image is too small to reduce"):  # it said "choose a smaller k"
-        check_subset_size(2, 1)
+        check_subset_size(2, n=1)

@@ -47,13 +47,16 @@ def test_numpy_integer_k_gives_the_same_subset() -> None:
     ],
 )
 def test_levels_and_bins_must_be_whole_numbers(kwargs, message) -> None:
+    u, v = _pair()
     with pytest.raises(ConfigError, match=message):
-        mutual_information(*_pair(), **kwargs)
+        mutual_information(u=u, v=v, **kwargs)
 
 
 def test_numpy_integer_levels_and_bins_are_accepted() -> None:
     u, v = _pair()
-    assert mutual_information(u, v, levels=np.int64(256), bins=np.uint16(32)) == mutual_information(u, v, bins=32)
+    assert mutual_information(u=u, v=v, levels=np.int64(256), bins=np.uint16(32)) == mutual_information(
+        u=u, v=v, bins=32
+    )
 
 
 def test_a_matrix_given_as_nested_lists_is_accepted() -> None:
