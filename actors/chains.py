@@ -64,6 +64,8 @@ from storage.serving import (
 )
 
 _PUBLISH_ATTEMPTS = 5
+#: A run's audit entry on a request it applied by training without its ids (ledger ``details.runs``).
+TRAINED_WITHOUT_IDS = "trained_without_ids"
 
 
 def exclusions_key(run_id: str) -> str:
@@ -241,6 +243,7 @@ class ChainWorker:
             if request_id not in applied and run.positions(ids)[0].size
         }
         late_audit = self.unlearn(run.run_id, late) if late else None
+        self._record_training(run.run_id, version=version.version, applied=applied, late=sorted(late), audit=late_audit)
         return {
             "run_id": run.run_id,
             "version": int(late_audit.get("to_version") or late_audit.get("version") or version.version)
@@ -255,6 +258,40 @@ class ChainWorker:
             "wall_seconds": time.perf_counter() - began,
             **metrics,
         }
+
+    def _record_training(
+        self, run_id: str, *, version: int, applied: list[str], late: list[str], audit: dict[str, Any] | None
+    ) -> None:
+        """Put this run in the audit trail of every request its training applied (the ledger's ``details.runs``).
+
+        ``applied``: left out from the start, so version ``version`` never saw their ids; ``late``:
+        accepted while it trained, unlearned right after (``audit``, the unlearning's own audit).
+        """
+        ledger = DeletionLedger(self.registry.store)
+        at = time.time()
+        entries: dict[str, dict[str, Any]] = {
+            request_id: {
+                "run_id": run_id,
+                "status": TRAINED_WITHOUT_IDS,
+                "applied_by": "training",
+                "version": version,
+                "to_version": version,
+                "note": f"accepted before run {run_id} finished training: version {version} was trained without its ids",
+                "at": at,
+            }
+            for request_id in applied
+        }
+        for request_id in late if audit is not None else []:
+            entries[request_id] = {
+                **audit,
+                "applied_by": "training",
+                "merged_with": [r for r in late if r != request_id],
+                "note": f"accepted while run {run_id} trained: unlearned right after its version {version}, "
+                "before the training returned",
+                "at": at,
+            }
+        for request_id, entry in sorted(entries.items()):
+            self._io(lambda request_id=request_id, entry=entry: ledger.record_training(request_id, run_id, entry))
 
     def _accepted_requests(self, dataset: str) -> dict[str, list[int]]:
         """Request id -> dataset ids of every deletion request on this store for ``dataset`` not refused.

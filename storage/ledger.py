@@ -18,6 +18,11 @@ Layout under the store:
   - ``failed``: gave up after ``max_attempts`` attempts, with every error; ``--retry`` puts it
     back to ``pending``;
   - ``cancelled``: withdrawn before it was applied (``forget --cancel``).
+* ``ledger/trained/<request>/<run>.json``: a run that applied the request by training without its
+  ids (the request was accepted before or while it trained), with the version; written by the
+  training before it reads the request's status, and merged into a ``done`` request's
+  ``details.runs`` by :meth:`DeletionLedger.record_runs` (by the training, or by :meth:`settle`
+  when the request becomes ``done`` later), so the audit trail names every run that applied it.
 * ``ledger/events/<event>.json``: what happened to each deletion event received (processed, a
   duplicate, or rejected with the reason), the audit trail of the event side.
 * ``ledger/open/<request>.json``: a marker for every request not in a terminal state, so a pass
@@ -40,7 +45,7 @@ from typing import Any
 
 from obliviate.unlearning.service import RequestError, check_name, retry_delay_s
 from storage import lease
-from storage.errors import CorruptObject, ObjectNotFound, PointerConflict
+from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import ObjectStore
 
 PENDING, CLAIMED, DONE, REJECTED = "pending", "claimed", "done", "rejected"
@@ -48,6 +53,10 @@ FAILED, CANCELLED = "failed", "cancelled"
 TERMINAL = frozenset({DONE, REJECTED, FAILED, CANCELLED})
 _CAS_ATTEMPTS = 20
 _OPEN_PREFIX, _OPEN_INDEX_KEY = "ledger/open", "ledger/open-index.json"
+_TRAINED_PREFIX = "ledger/trained"
+#: A pass's audit of a run whose current version already listed the request: a training record of that
+#: run says how (trained without its ids, in which version) and replaces it.
+_ALREADY_APPLIED = "already_applied"
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,9 @@ class DeletionLedger:
 
     def _status_key(self, request_id: str) -> str:
         return f"ledger/status/{check_name(request_id, what='request id')}"
+
+    def _trained_key(self, request_id: str, run_id: str) -> str:
+        return f"{_TRAINED_PREFIX}/{check_name(request_id, what='request id')}/{check_name(run_id, what='run id')}.json"
 
     def _open_key(self, request_id: str) -> str:
         return f"{_OPEN_PREFIX}/{check_name(request_id, what='request id')}.json"
@@ -359,7 +371,11 @@ class DeletionLedger:
     def settle(
         self, request_id: str, *, claim_version: int, status: str, details: Mapping[str, Any]
     ) -> RequestStatus | None:
-        """Move a claim this caller holds to ``status``; ``None`` if the claim was taken over meanwhile."""
+        """Move a claim this caller holds to ``status``; ``None`` if the claim was taken over meanwhile.
+
+        A request becoming ``done`` also gets the runs that applied it by training without its ids
+        (:meth:`record_training`) in ``details.runs``; a pass may not have known those runs yet.
+        """
         current = self.get(request_id)
         if current.status != CLAIMED or current.version != claim_version:
             return None
@@ -369,7 +385,65 @@ class DeletionLedger:
             return None
         if status != CLAIMED:
             lease.drop(self.store, request_id)
+        if status == DONE:
+            # Best effort: the request is settled either way, and its training records stay readable
+            # (trained_runs, forget --status) until the next training or settle merges them.
+            with contextlib.suppress(StorageError, PointerConflict):
+                trained = self.trained_runs(request_id)
+                if trained:
+                    self.record_runs(request_id, trained)
         return self.get(request_id)
+
+    def trained_runs(self, request_id: str) -> dict[str, dict[str, Any]]:
+        """Run id -> record of each run that applied the request by training without its ids."""
+        found: dict[str, dict[str, Any]] = {}
+        for key in self.store.list(f"{_TRAINED_PREFIX}/{check_name(request_id, what='request id')}"):
+            with contextlib.suppress(ObjectNotFound, CorruptObject):  # one unreadable record hides only itself
+                body = self.store.get_json(key)
+                found[str(body["run_id"])] = body
+        return found
+
+    def record_training(self, request_id: str, run_id: str, entry: Mapping[str, Any]) -> RequestStatus | None:
+        """Record that run ``run_id`` applied the request by training without its ids (``entry``: how, which version).
+
+        The record (``ledger/trained/<request>/<run>.json``) is written before the status is read;
+        :meth:`settle` reads the records after it writes ``done``: whichever comes second puts the run
+        in ``details.runs`` (:meth:`record_runs`), so no run is missed however the two interleave.
+
+        Returns:
+            the request's status after, or ``None`` when it is not ``done`` yet (its pass records it).
+        """
+        self.store.put_json(self._trained_key(request_id, run_id), {**entry, "run_id": run_id})
+        return self.record_runs(request_id, {run_id: entry})
+
+    def record_runs(self, request_id: str, runs: Mapping[str, Mapping[str, Any]]) -> RequestStatus | None:
+        """Add per-run audit entries to a ``done`` request's ``details.runs`` (CAS, retried; status stays ``done``).
+
+        A run already listed keeps its entry, except a pass's ``already_applied``, which a record of
+        how the run applied the request replaces. Nothing is written when nothing is new.
+
+        Returns:
+            the request's status after, or ``None`` when it is not ``done`` (nothing written).
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.get(request_id)
+            if current.status != DONE:
+                return None
+            listed = dict(current.details.get("runs") or {})
+            fresh = {
+                run_id: dict(entry)
+                for run_id, entry in runs.items()
+                if run_id not in listed or listed[run_id].get("status") == _ALREADY_APPLIED
+            }
+            if not fresh:
+                return current
+            details = {**current.details, "runs": {**listed, **fresh}}
+            try:
+                self._swap_status(request_id, DONE, details, expected_version=current.version)
+            except PointerConflict:
+                continue
+            return self.get(request_id)
+        raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
 
     def fail_attempt(
         self,

@@ -184,8 +184,17 @@ def run_forget(args: argparse.Namespace) -> int:
         if args.wait > 0:
             return _waited(url, args.status, args.wait)
         entry = ledger.get(args.status)
-        shown = {**entry.as_dict(), "history": ledger.history(args.status), **_waiting_for(url, args.status)}
+        shown = {
+            **entry.as_dict(),
+            "history": ledger.history(args.status),
+            **_waiting_for(url, args.status),
+            # runs that applied it by training without its ids; a done request lists them in details.runs too
+            "applied_by_training": ledger.trained_runs(args.status),
+        }
         print(json.dumps(shown, indent=2, default=str))
+        runs = {**shown["applied_by_training"], **(entry.details.get("runs") or {})}
+        for run_id, audit in sorted(runs.items()):
+            print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
         print(describe(entry.as_dict(), batch=shown["batch"], forgotten=shown["forgotten"]), file=sys.stderr)
         return EXIT_DONE
     if args.now:  # the next pass flushes the open batch (deadline-aware batching)
@@ -257,7 +266,11 @@ def _waited(url: str, request_id: str, timeout_s: float) -> int:
 def _run_outcome(run_id: str, audit: dict) -> str:
     """One run's part of a settled request, in words: versions, blocks, speed-up, accuracy, verification."""
     to_version = audit.get("to_version", audit.get("version"))
+    if audit.get("status") == "trained_without_ids":
+        return f"run {run_id}: trained without its ids, version {to_version} never saw them"
     parts = [f"run {run_id}: {audit.get('status')}"]
+    if audit.get("applied_by") == "training":
+        parts[0] += " (accepted while the run trained; unlearned right after its training)"
     if audit.get("from_version") is not None or to_version is not None:
         parts[0] += f" version {audit.get('from_version')} -> {to_version}"
     batch = audit.get("requests") or []
