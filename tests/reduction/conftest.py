@@ -3,7 +3,8 @@
 * ``s3_store``: a fresh bucket on the session's moto S3 server (``tests/conftest.py``), reset before each test.
 * ``ray_runtime``: one local Ray runtime for the session (``address="local"``, no dashboard).
 * ``prefect_harness``: Prefect's test harness (a temporary API server and database).
-* ``small_pool``: 150 real MNIST images as an ``.npz`` the reduce flow loads by path.
+* ``make_mnist_pool``: real MNIST pools (n per class) as ``.npz`` files the reduce flow loads by path;
+  ``small_pool`` is the 150-image one.
 
 Fake credentials and the endpoint are put in the environment before Ray starts, so Ray's
 worker processes inherit them as real deployments would.
@@ -71,12 +72,22 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def make_mnist_pool(tmp_path_factory):
+    """Makes pools of the first ``per_class`` real MNIST images of each class, with the ``.npz`` the flow loads."""
+
+    def make(*, per_class: int):
+        data = load_dataset("mnist5k")
+        idx = np.concatenate([np.flatnonzero(data.labels == c)[:per_class] for c in range(10)])
+        pool = data.subset(idx)
+        path = tmp_path_factory.mktemp("pool") / f"mnist{10 * per_class}.npz"
+        np.savez(path, images=pool.images, labels=pool.labels)
+        return pool, str(path)
+
+    return make
+
+
 @pytest.fixture(scope="module")
-def small_pool(tmp_path_factory):
+def small_pool(make_mnist_pool):
     """150 real MNIST images (15 per class): 15 tiles of side 32."""
-    data = load_dataset("mnist5k")
-    idx = np.concatenate([np.flatnonzero(data.labels == c)[:15] for c in range(10)])
-    pool = data.subset(idx)
-    path = tmp_path_factory.mktemp("pool") / "mnist150.npz"
-    np.savez(path, images=pool.images, labels=pool.labels)
-    return pool, str(path)
+    return make_mnist_pool(per_class=15)

@@ -17,14 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def mnist_pool(tmp_path_factory):
+def mnist_pool(make_mnist_pool):
     """300 real MNIST images (30 per class) as an .npz the flow loads by path."""
-    data = load_dataset("mnist5k")
-    idx = np.concatenate([np.flatnonzero(data.labels == c)[:30] for c in range(10)])
-    pool = data.subset(idx)
-    path = tmp_path_factory.mktemp("pool") / "mnist300.npz"
-    np.savez(path, images=pool.images, labels=pool.labels)
-    return pool, str(path)
+    return make_mnist_pool(per_class=30)
 
 
 @pytest.fixture(scope="module")
