@@ -211,7 +211,7 @@ def run_split(data, split: int, budgets: list[int], configs, args, partial) -> t
     pool = Pool(data.images[setting.pool_idx], levels=data.levels)
     info = {
         "split": split,
-        "target_accuracy": accuracy(target_test, test_labels),
+        "target_accuracy": accuracy(predicted=target_test, truth=test_labels),
         "target_train_seconds": time.perf_counter() - t0,
     }
     print(f"[split {split}] target accuracy {info['target_accuracy']:.4f}", flush=True)
@@ -287,7 +287,7 @@ def art_cell(peer, target, pool, budget, split, test_images, test_labels, target
         attack = KnockoffNets(victim, sampling_strategy="random", verbose=False, **common)
     x = pool.images[:, None].astype(np.float32) / 255.0
     stolen = attack.extract(x, thieved_classifier=thief)
-    sub = predict_labels(stolen.model, test_images)
+    sub = predict_labels(stolen.model, images=test_images)
     return {
         "attacker": f"art_{peer}",
         "selector": "random",
@@ -295,8 +295,8 @@ def art_cell(peer, target, pool, budget, split, test_images, test_labels, target
         "seed": 1000 * split,
         "split": split,
         "queries": counted.used,
-        "accuracy": accuracy(sub, test_labels),
-        "agreement": accuracy(sub, target_test),
+        "accuracy": accuracy(predicted=sub, truth=test_labels),
+        "agreement": accuracy(predicted=sub, truth=target_test),
         "transfer": {},
         "class_histogram": [],
         "mean_entropy": float("nan"),

@@ -81,16 +81,16 @@ def run_split(data, split: int, args) -> tuple[dict, list[dict]]:
     pool_target = oracle.query(pool_images)
     info = {
         "split": split,
-        "target_accuracy": accuracy(target_test, test_labels),
+        "target_accuracy": accuracy(predicted=target_test, truth=test_labels),
         "target_train_seconds": time.perf_counter() - t0,
-        "target_pool_accuracy": accuracy(pool_target, data.labels[pool_idx]),
+        "target_pool_accuracy": accuracy(predicted=pool_target, truth=data.labels[pool_idx]),
     }
     print(f"[split {split}] target accuracy {info['target_accuracy']:.4f}", flush=True)
     rows: list[dict] = []
     twin_preds: list[np.ndarray] = []
 
     def measure(kind: str, seed: int, model: torch.nn.Module, start: float, extra: dict) -> None:
-        pred = predict_labels(model, test_images, levels=data.levels)
+        pred = predict_labels(model, images=test_images, levels=data.levels)
         if kind == "twin":
             twin_preds.append(pred)
         rows.append(
@@ -98,8 +98,8 @@ def run_split(data, split: int, args) -> tuple[dict, list[dict]]:
                 "kind": kind,
                 "split": split,
                 "seed": seed,
-                "agreement": accuracy(pred, target_test),
-                "accuracy": accuracy(pred, test_labels),
+                "agreement": accuracy(predicted=pred, truth=target_test),
+                "accuracy": accuracy(predicted=pred, truth=test_labels),
                 "seconds": time.perf_counter() - start,
                 **extra,
             }
@@ -133,7 +133,7 @@ def run_split(data, split: int, args) -> tuple[dict, list[dict]]:
     measure("whole_pool_augmented", seed, sub.model, start, {"queries": len(pool_images)})
     if len(twin_preds) > 1:
         pairs = [
-            accuracy(a, b) for i, a in enumerate(twin_preds) for b in twin_preds[i + 1 :]
+            accuracy(predicted=a, truth=b) for i, a in enumerate(twin_preds) for b in twin_preds[i + 1 :]
         ]  # twin-to-twin: the same quantity without the target
         info["twin_pairwise_agreement"] = float(np.mean(pairs))
     info["split_seconds"] = time.perf_counter() - t0
@@ -142,7 +142,7 @@ def run_split(data, split: int, args) -> tuple[dict, list[dict]]:
 
 def train_classifier_like_target(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, seed: int, data) -> torch.nn.Module:
     """The target's recipe (train_target calls train_classifier with these arguments), another seed."""
-    return train_classifier(x, y, config=cfg, seed=seed, num_classes=data.num_classes, levels=data.levels)
+    return train_classifier(images=x, labels=y, config=cfg, seed=seed, num_classes=data.num_classes, levels=data.levels)
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:

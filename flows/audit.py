@@ -200,7 +200,11 @@ def prepare_audit(
     oracle = Target(backend, budget=None)
     test_images, test_labels = data.images[test_idx], data.labels[test_idx]
     oracle_test = oracle.query(test_images)
-    logger.info("target accuracy on %d test images: %.2f %%", len(test_idx), 100 * accuracy(oracle_test, test_labels))
+    logger.info(
+        "target accuracy on %d test images: %.2f %%",
+        len(test_idx),
+        100 * accuracy(predicted=oracle_test, truth=test_labels),
+    )
     return AuditSetup(
         target=target,
         target_meta={k: v for k, v in meta.items() if k != "train_indices"},
@@ -211,7 +215,7 @@ def prepare_audit(
         oracle_test_labels=oracle_test,
         pool_histogram=np.bincount(data.labels[pool_idx], minlength=data.num_classes).tolist(),
         pool_entropy=float(image_entropy(pool.images, levels=data.levels).mean()),
-        target_accuracy=accuracy(oracle_test, test_labels),
+        target_accuracy=accuracy(predicted=oracle_test, truth=test_labels),
         overlap_warning=warning,
         split=split,
     )
@@ -323,7 +327,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
     md = [
         "# Model-extraction audit",
         "",
-        headline_sentence(reach[0.9], reach[0.95]),
+        headline_sentence(at90=reach[0.9], at95=reach[0.95]),
         "",
         *too_small,
         (
@@ -338,8 +342,8 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         ),
         "",
         threat_model(
-            config["attackers"],
-            config["selectors"],
+            attackers=config["attackers"],
+            selectors=config["selectors"],
             substitute=config["substitute"],
             target_arch=setup.target_meta.get("arch"),
         ),
@@ -692,7 +696,7 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
         "run_id": run_id,
         "version": current.version,
     }
-    save_checkpoint(path, model, arch=spec.config.model, meta=meta)
+    save_checkpoint(path, model=model, arch=spec.config.model, meta=meta)
     return meta
 
 

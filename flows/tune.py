@@ -131,7 +131,8 @@ def reduction_trainable(config: dict[str, Any]) -> None:
     )
     # A target near chance answers with noise: a substitute "agrees" with it while learning nothing.
     result["target_accuracy"] = accuracy(
-        predict_labels(target_model, data.images[test_idx], levels=data.levels), data.labels[test_idx]
+        predicted=predict_labels(target_model, images=data.images[test_idx], levels=data.levels),
+        truth=data.labels[test_idx],
     )
     result["chance_accuracy"] = 1.0 / data.num_classes
     _store_trial(config, _trial_label("reduction", config), result)

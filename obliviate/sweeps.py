@@ -130,16 +130,18 @@ def reduction_trial(
     attacker = Target(backend, budget=k)
     bought = pool_images[reduction.subset]
     labels = attacker.query(bought)
-    substitute = train_classifier(bought, labels, config=train, seed=seed, num_classes=num_classes, levels=levels)
-    predicted = predict_labels(substitute, test_images, levels=levels)
+    substitute = train_classifier(
+        images=bought, labels=labels, config=train, seed=seed, num_classes=num_classes, levels=levels
+    )
+    predicted = predict_labels(substitute, images=test_images, levels=levels)
     target_labels = Target(backend, budget=None).query(test_images)
     return {
         "k": k,
         "bins": bins,
         "queries": attacker.used,
         "h": reduction.h,
-        "accuracy": accuracy(predicted, test_labels),
-        "agreement": agreement(predicted, target_labels),
+        "accuracy": accuracy(predicted=predicted, truth=test_labels),
+        "agreement": agreement(substitute_labels=predicted, target_labels=target_labels),
         "mean_entropy": float(image_entropy(bought, levels=levels).mean()),
         "class_histogram": np.bincount(labels, minlength=num_classes).tolist(),
     }

@@ -85,10 +85,12 @@ def run_train(args: argparse.Namespace) -> int:
     model, meta = train_target(
         data, train_size=train_size, config=TrainConfig(arch=args.arch, steps=args.steps), seed=args.seed
     )
-    save_checkpoint(out, model, arch=args.arch, meta=meta)
+    save_checkpoint(out, model=model, arch=args.arch, meta=meta)
     # Its accuracy on every image it did not train on: what an audit's agreement will be measured beside.
     rest = np.setdiff1d(np.arange(len(data)), meta["train_indices"])
-    rest_accuracy = accuracy(predict_labels(model, data.images[rest], levels=data.levels), data.labels[rest])
+    rest_accuracy = accuracy(
+        predicted=predict_labels(model, images=data.images[rest], levels=data.levels), truth=data.labels[rest]
+    )
     print(
         f"target {out}: {args.arch} trained on {train_size:,} images of {data.name} ({args.steps} steps); accuracy "
         f"{100 * rest_accuracy:.1f} % on the other {len(rest):,} images. Audit it with `obliviate steal --target {out} "

@@ -72,7 +72,7 @@ class ActiveOptions:
             )
 
 
-def round_sizes(k: int, rounds: int) -> list[int]:
+def round_sizes(*, k: int, rounds: int) -> list[int]:
     """Queries per round: ``k`` split as evenly as possible over at most ``rounds`` non-empty rounds.
 
     ActiveThief (Pal et al., AAAI 2020) spends the budget over rounds (SPEC section 3b); the first
@@ -106,7 +106,7 @@ def adaptive(
     options: ActiveOptions = ActiveOptions(),
 ) -> Acquisition:
     """ActiveThief rounds: k-center seed, then margin uncertainty + k-center diversity on substitute features."""
-    sizes = round_sizes(k, options.rounds)
+    sizes = round_sizes(k=k, rounds=options.rounds)
     taken = np.zeros(pool.n, bool)
     if options.first_round == "kcenter":
         chosen = _kcenter(pool_features(pool), sizes[0], taken=taken, rng=rng)
@@ -161,7 +161,7 @@ def auto(pool: Pool, *, k: int, rng: np.random.Generator, target: Target, train:
     (``k < ADAPTIVE_FROM_BUDGET``) or ``adaptive`` (from it) would pick with the same seed.
     """
     if k < ADAPTIVE_FROM_BUDGET:
-        return acquire(DEFAULT_SELECTOR, pool, k=k, rng=rng, target=target, train=train)
+        return acquire(DEFAULT_SELECTOR, pool=pool, k=k, rng=rng, target=target, train=train)
     return adaptive(pool, k=k, rng=rng, target=target, train=train)
 
 

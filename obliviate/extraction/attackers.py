@@ -275,7 +275,9 @@ def basic(
 ) -> Substitute:
     """Fixed 300 Adam steps on the bought set, no augmentation (the weak reference)."""
     config = TrainConfig(arch=options.arch, steps=options.basic_steps, batch_size=options.batch_size, lr=1e-3)
-    model = train_classifier(images, labels, config=config, seed=seed, num_classes=num_classes, levels=levels)
+    model = train_classifier(
+        images=images, labels=labels, config=config, seed=seed, num_classes=num_classes, levels=levels
+    )
     return Substitute(model, {"steps": options.basic_steps})
 
 

@@ -118,7 +118,7 @@ def run_cell(
     """
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    bought = acquire(selector, pool, k=budget, rng=rng, target=attacker, train=train)
+    bought = acquire(selector, pool=pool, k=budget, rng=rng, target=attacker, train=train)
     options = attack_options or AttackOptions(arch=train.arch, basic_steps=train.steps)
     unbought = np.ones(pool.n, bool)
     unbought[bought.pool_indices[bought.pool_indices >= 0]] = False
@@ -133,11 +133,17 @@ def run_cell(
         levels=pool.levels,
     )
     substitute = trained.model
-    sub_labels = predict_labels(substitute, test_images, levels=pool.levels)
+    sub_labels = predict_labels(substitute, images=test_images, levels=pool.levels)
     target_labels = oracle.query(test_images) if oracle_test_labels is None else oracle_test_labels
     transfer = {
         f"{e:g}": transferability(
-            substitute, oracle.query, test_images, test_labels, eps=e, iterative=iterative, levels=pool.levels
+            substitute,
+            target_predict=oracle.query,
+            images=test_images,
+            labels=test_labels,
+            eps=e,
+            iterative=iterative,
+            levels=pool.levels,
         )
         for e in eps
     }
@@ -146,8 +152,8 @@ def run_cell(
         budget=budget,
         seed=seed,
         queries=bought.queries,
-        accuracy=accuracy(sub_labels, test_labels),
-        agreement=agreement(sub_labels, target_labels),
+        accuracy=accuracy(predicted=sub_labels, truth=test_labels),
+        agreement=agreement(substitute_labels=sub_labels, target_labels=target_labels),
         transfer=transfer,
         class_histogram=np.bincount(bought.labels, minlength=num_classes).tolist(),
         mean_entropy=float(image_entropy(bought.images, levels=pool.levels).mean()),
@@ -396,8 +402,8 @@ def train_target(
         raise ConfigError(f"train_size must be in 1..{len(data) - 1} (leave images for the pool); got {train_size}.")
     train_idx, _, _ = draw_split(data.labels, train_size=train_size, pool_size=0, test_size=0, seed=seed)
     model = train_classifier(
-        data.images[train_idx],
-        data.labels[train_idx],
+        images=data.images[train_idx],
+        labels=data.labels[train_idx],
         config=config,
         seed=seed,
         num_classes=data.num_classes,

@@ -151,7 +151,7 @@ _NO_CELLS = (
 )
 
 
-def headline_sentence(at90: QueriesTo, at95: QueriesTo, *, group_name: str = "seeds") -> str:
+def headline_sentence(*, at90: QueriesTo, at95: QueriesTo, group_name: str = "seeds") -> str:
     """The line an audit report leads with: per level, the pair that reaches it and at how many queries."""
 
     def part(q: QueriesTo, *, named: bool = True) -> str:
@@ -180,7 +180,7 @@ def headline_sentence(at90: QueriesTo, at95: QueriesTo, *, group_name: str = "se
 
 
 def threat_model(
-    attackers: Sequence[str], selectors: Sequence[str], *, substitute: str, target_arch: str | None
+    *, attackers: Sequence[str], selectors: Sequence[str], substitute: str, target_arch: str | None
 ) -> str:
     """Markdown: what the audit assumes the attacker holds, per attacker and selector."""
     arch = f"the substitute is `{substitute}`" + (

@@ -74,7 +74,7 @@ class Pool:
     def n(self) -> int:
         return int(self.images.shape[0])
 
-    def memo(self, key: tuple, compute: Callable[[], _Value]) -> _Value:
+    def memo(self, key: tuple, *, compute: Callable[[], _Value]) -> _Value:
         """``cache[key]``, computed once."""
         if key not in self.cache:
             self.cache[key] = compute()
@@ -139,8 +139,8 @@ def selector(
 
 def acquire(
     name: str,
-    pool: Pool,
     *,
+    pool: Pool,
     k: int,
     rng: np.random.Generator,
     target: Target,
@@ -240,7 +240,7 @@ def _drmi_subset(pool: Pool, *, k: int, rng: np.random.Generator, variant: str) 
 
     if k >= pool.n:  # the whole pool: DRMI needs 2 <= k < n, and every subset of size n is the pool
         return np.arange(pool.n, dtype=np.int64)
-    matrix = pool.memo(("mi", variant), compute)
+    matrix = pool.memo(("mi", variant), compute=compute)
     if k < 2:
         return np.array([int(rng.integers(pool.n))])
     return drmi_reduce(matrix, k=k, num_starts=pool.drmi_starts and min(pool.drmi_starts, pool.n), rng=rng).subset
@@ -319,7 +319,7 @@ def pool_features(pool: Pool) -> np.ndarray:
         d = min(pool.feature_dims, len(s))
         return (u[:, :d] * s[:d]).astype(np.float32)
 
-    return pool.memo(("pca", pool.feature_dims), compute)
+    return pool.memo(("pca", pool.feature_dims), compute=compute)
 
 
 def check_feature_dims(feature_dims: object) -> None:
@@ -368,8 +368,8 @@ def facility_location(pool: Pool, *, k: int, rng: np.random.Generator) -> np.nda
         scale = float(np.median(d2[np.triu_indices(pool.n, 1)])) or 1.0
         return np.exp(-d2 / scale).astype(np.float32)
 
-    sim = pool.memo(("facility_sim", pool.feature_dims), similarity)
-    order: list[int] = pool.memo(("facility_order", pool.feature_dims), list)
+    sim = pool.memo(("facility_sim", pool.feature_dims), compute=similarity)
+    order: list[int] = pool.memo(("facility_order", pool.feature_dims), compute=list)
     if len(order) < k:
         # Greedy is nested (the first k of a longer run are the k-run), so extend the memoised order.
         covered = sim[:, order].max(axis=1) if order else np.zeros(pool.n, np.float32)
@@ -449,10 +449,10 @@ def jacobian(
     substitute_seed = int(rng.integers(2**31 - 1))
     while len(images) < k:
         grown, labels = augmentation_round(
-            train,
-            images,
-            labels,
-            target,
+            train=train,
+            images=images,
+            labels=labels,
+            target=target,
             seed=substitute_seed,
             lam=lam,
             levels=pool.levels,
@@ -471,11 +471,11 @@ def jacobian_r2(pool: Pool, *, k: int, rng: np.random.Generator, target: Target,
 
 
 def augmentation_round(
+    *,
     train: TrainConfig,
     images: np.ndarray,
     labels: np.ndarray,
     target: Target,
-    *,
     seed: int,
     lam: float = 0.1,
     levels: int = 256,
@@ -490,8 +490,8 @@ def augmentation_round(
     Returns:
         the grown images and labels (old ones first).
     """
-    substitute = train_classifier(images, labels, config=train, seed=seed, levels=levels)
-    new = jacobian_augment(substitute, images, labels, lam=lam, levels=levels)
+    substitute = train_classifier(images=images, labels=labels, config=train, seed=seed, levels=levels)
+    new = jacobian_augment(substitute, images=images, labels=labels, lam=lam, levels=levels)
     if limit is not None and limit < len(new):
         if rng is None:
             raise ConfigError("a partial augmentation round (limit < set size) needs an rng to pick images.")

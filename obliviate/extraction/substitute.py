@@ -55,9 +55,9 @@ class TrainConfig:
 
 
 def train_classifier(
+    *,
     images: np.ndarray,
     labels: np.ndarray,
-    *,
     config: TrainConfig,
     seed: int,
     num_classes: int = 10,
@@ -166,12 +166,12 @@ def check_training_seed(seed: object) -> None:
         raise ConfigError(f"seed must be a whole number >= 0; got {seed}. Pass e.g. 0.")
 
 
-def predict_labels(model: nn.Module, images: np.ndarray, *, levels: int = 256, batch_size: int = 1000) -> np.ndarray:
+def predict_labels(model: nn.Module, *, images: np.ndarray, levels: int = 256, batch_size: int = 1000) -> np.ndarray:
     """``(n,)`` int64 argmax predictions of ``model`` on uint8 images."""
-    return predict_tensor(model, images_to_tensor(images, levels=levels), batch_size=batch_size)
+    return predict_tensor(model, x=images_to_tensor(images, levels=levels), batch_size=batch_size)
 
 
-def predict_tensor(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> np.ndarray:
+def predict_tensor(model: nn.Module, *, x: torch.Tensor, batch_size: int = 1000) -> np.ndarray:
     """``(n,)`` int64 argmax predictions of ``model`` on ``(n, 1, H, W)`` floats in ``[0, 1]``."""
     model.eval()
     with torch.no_grad():
@@ -179,7 +179,7 @@ def predict_tensor(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000)
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros(0, np.int64)
 
 
-def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
+def accuracy(*, predicted: np.ndarray, truth: np.ndarray) -> float:
     """Share of positions where ``predicted`` equals ``truth`` (SPEC section 3: accuracy).
 
     Args:
@@ -195,7 +195,7 @@ def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
     return _matching_share(predicted, truth, names=("predicted", "truth"))
 
 
-def agreement(substitute_labels: np.ndarray, target_labels: np.ndarray) -> float:
+def agreement(*, substitute_labels: np.ndarray, target_labels: np.ndarray) -> float:
     """Share of inputs on which substitute and target predict the same class (SPEC section 3: agreement).
 
     Args:
@@ -227,9 +227,9 @@ def _matching_share(a: np.ndarray, b: np.ndarray, *, names: tuple[str, str]) -> 
 
 def fgsm(
     model: nn.Module,
+    *,
     x: torch.Tensor,
     y: torch.Tensor,
-    *,
     eps: float,
     iterative: bool = False,
     iterations: int = 10,
@@ -268,10 +268,10 @@ def fgsm(
 
 def transferability(
     substitute: nn.Module,
+    *,
     target_predict: Callable[[np.ndarray], np.ndarray],
     images: np.ndarray,
     labels: np.ndarray,
-    *,
     eps: float,
     iterative: bool = False,
     levels: int = 256,
@@ -299,13 +299,13 @@ def transferability(
         return float("nan")
     x = images_to_tensor(images[correct], levels=levels)
     y = torch.as_tensor(labels[correct], dtype=torch.long)
-    adv = fgsm(substitute, x, y, eps=eps, iterative=iterative)
+    adv = fgsm(substitute, x=x, y=y, eps=eps, iterative=iterative)
     adv_images = tensor_to_images(adv, levels=levels)
     return float(np.mean(target_predict(adv_images) != labels[correct]))
 
 
 def jacobian_augment(
-    substitute: nn.Module, images: np.ndarray, labels: np.ndarray, *, lam: float = 0.1, levels: int = 256
+    substitute: nn.Module, *, images: np.ndarray, labels: np.ndarray, lam: float = 0.1, levels: int = 256
 ) -> np.ndarray:
     """Papernot et al. 2017's augmentation: ``x + lam * sign(d F_sub(x)[label(x)] / dx)``.
 

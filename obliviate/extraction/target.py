@@ -569,7 +569,7 @@ def _check_labels(labels: np.ndarray, *, n: int, num_classes: int | None, why: s
     return labels
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, meta: dict) -> None:
+def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, arch: str, meta: dict) -> None:
     """Save a target as ``{"arch", "state_dict", "meta"}`` with ``torch.save``.
 
     ``meta`` should hold plain values only (numbers, strings, lists): ``num_classes``,

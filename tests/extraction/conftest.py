@@ -33,7 +33,9 @@ def split(mnist):
 @pytest.fixture(scope="session")
 def target_model(mnist, split):
     train_idx = split[0]
-    return train_classifier(mnist.images[train_idx], mnist.labels[train_idx], config=TrainConfig(steps=60), seed=3)
+    return train_classifier(
+        images=mnist.images[train_idx], labels=mnist.labels[train_idx], config=TrainConfig(steps=60), seed=3
+    )
 
 
 @pytest.fixture(scope="session")

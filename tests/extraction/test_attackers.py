@@ -42,14 +42,16 @@ TINY = AttackOptions(
 def case(mnist):
     """A fixed small case: target on 1,000 real images (about 95 %), pool 800, test 300 (one draw_split)."""
     train_idx, pool_idx, test_idx = draw_split(mnist.labels, train_size=1000, pool_size=800, test_size=300, seed=5)
-    target = train_classifier(mnist.images[train_idx], mnist.labels[train_idx], config=TrainConfig(steps=500), seed=5)
+    target = train_classifier(
+        images=mnist.images[train_idx], labels=mnist.labels[train_idx], config=TrainConfig(steps=500), seed=5
+    )
     test = mnist.images[test_idx]
     return {
         "target": target,
         "pool": Pool(mnist.images[pool_idx]),
         "test_images": test,
         "test_labels": mnist.labels[test_idx],
-        "target_test": predict_labels(target, test),
+        "target_test": predict_labels(target, images=test),
     }
 
 
@@ -111,7 +113,7 @@ def test_semi_supervised_beats_basic_on_a_fixed_small_case(case):
 @pytest.mark.parametrize("attack", ["augmented", "pseudo_label", "semi_supervised", "semi_supervised_ensemble"])
 def test_attackers_are_deterministic_under_a_seed_and_leave_global_rng_alone(case, attack):
     pool = case["pool"]
-    kwargs = {"images": pool.images[:30], "labels": predict_labels(case["target"], pool.images[:30])}
+    kwargs = {"images": pool.images[:30], "labels": predict_labels(case["target"], images=pool.images[:30])}
     torch.manual_seed(1)
     before = torch.rand(1)
     torch.manual_seed(1)
@@ -125,7 +127,7 @@ def test_attackers_are_deterministic_under_a_seed_and_leave_global_rng_alone(cas
 
 def test_the_ensemble_is_the_mean_of_its_members_softmax_and_member_0_is_semi_supervised(case):
     pool = case["pool"]
-    bought = {"images": pool.images[:30], "labels": predict_labels(case["target"], pool.images[:30])}
+    bought = {"images": pool.images[:30], "labels": predict_labels(case["target"], images=pool.images[:30])}
     options = replace(TINY, members=2)
     ensemble = train_substitute(
         "semi_supervised_ensemble", **bought, unlabeled=pool.images[30:200], options=options, seed=3
@@ -177,7 +179,7 @@ def test_adaptive_selector_never_queries_an_image_twice_and_spends_exactly_k(cas
     assert target.used == bought.queries == 45 == len(backend.seen)
     assert len(set(backend.seen)) == 45  # no image asked twice (the pool has no duplicate images)
     assert len(np.unique(bought.pool_indices)) == 45 and bought.pool_indices.min() >= 0
-    assert [r.size for r in target.log] == round_sizes(45, 4) == [12, 11, 11, 11]
+    assert [r.size for r in target.log] == round_sizes(k=45, rounds=4) == [12, 11, 11, 11]
     assert np.array_equal(case["pool"].images[bought.pool_indices], bought.images)
     if first_round == "cluster_centers":  # round 0 is the one-shot selector's own choice, from the same generator
         one_shot = SELECTORS["cluster_centers"].fn(case["pool"], k=12, rng=np.random.default_rng(0))
@@ -198,7 +200,7 @@ def test_auto_buys_cluster_centers_below_its_threshold_and_adaptive_rounds_from_
     bought = auto(case["pool"], k=k, rng=np.random.default_rng(3), target=big, train=quick)
     rounds = adaptive(case["pool"], k=k, rng=np.random.default_rng(3), target=reference, train=quick)
     assert np.array_equal(bought.pool_indices, rounds.pool_indices)
-    assert [r.size for r in big.log] == round_sizes(k, ActiveOptions().rounds) and big.used == k
+    assert [r.size for r in big.log] == round_sizes(k=k, rounds=ActiveOptions().rounds) and big.used == k
     assert len(set(big.backend.seen)) == k
 
 
@@ -235,14 +237,14 @@ def test_queries_to_agreement_reads_the_grid_and_the_spread():
     assert (q95.mean, q95.per_group) == (None, {"0": 300, "1": None})  # mean at 300 is 0.945
     assert q95.spread() == "300, >300"
     assert strongest(cells) == ("semi_supervised", "cc")
-    line = headline_sentence(q90, q95, group_name="splits")
+    line = headline_sentence(at90=q90, at95=q95, group_name="splits")
     assert "reaches **90 % agreement at 150 queries** (splits: 150, 150)" in line
     assert "does not reach **95 % agreement within 300 queries** (splits: 300, >300)" in line
 
 
 def test_pool_attackers_use_the_unlabeled_pool_only_when_given_one(case):
     pool = case["pool"]
-    labels = predict_labels(case["target"], pool.images[:30])
+    labels = predict_labels(case["target"], images=pool.images[:30])
     opts = AttackOptions(
         min_steps=200, steps_per_image=0.0, max_steps=200, round_steps=200, rounds=1, consistency_steps=100
     )
@@ -251,7 +253,9 @@ def test_pool_attackers_use_the_unlabeled_pool_only_when_given_one(case):
     without = train_substitute("pseudo_label", **kw, unlabeled=pool.images[:0])
     assert with_pool.info["rounds"] and not without.info["rounds"]
     assert with_pool.info["rounds"][0]["pseudo_labels"] >= 1
-    assert accuracy(predict_labels(with_pool.model, case["test_images"]), case["target_test"]) > 0.5
+    assert (
+        accuracy(predicted=predict_labels(with_pool.model, images=case["test_images"]), truth=case["target_test"]) > 0.5
+    )
     fix = train_substitute("semi_supervised", **kw, unlabeled=pool.images[30:])
     fix_without = train_substitute("semi_supervised", **kw, unlabeled=pool.images[:0])
     assert fix.info["consistency"]["steps_run"] == 100 and fix_without.info["consistency"]["steps_run"] == 0

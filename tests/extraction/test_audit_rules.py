@@ -189,7 +189,7 @@ def test_the_headline_gives_the_fewest_queries_over_every_pair_measured_and_name
     at90, at95 = fewest_queries(cells, level=0.9), fewest_queries(cells, level=0.95)
     assert (at90.attacker, at90.selector, at90.mean) == ("basic", "random", 50)
     assert (at95.attacker, at95.selector, at95.mean) == ("semi_supervised", "auto", 150)
-    line = headline_sentence(at90, at95)
+    line = headline_sentence(at90=at90, at95=at95)
     assert "fewest queries over the 2 attacker / selector pairs measured" in line
     assert "`basic` (queries chosen by `random`) reaches **90 % agreement at 50 queries** (seeds: 50)" in line
     assert "`semi_supervised` (queries chosen by `auto`) reaches **95 % agreement at 150 queries**" in line
@@ -197,7 +197,7 @@ def test_the_headline_gives_the_fewest_queries_over_every_pair_measured_and_name
     at99 = fewest_queries(cells, level=0.99)
     assert (at99.attacker, at99.mean) == ("semi_supervised", None)
     assert "`semi_supervised` (queries chosen by `auto`), the closest, does not reach **99 % agreement within 150" in (
-        headline_sentence(at90, at99)
+        headline_sentence(at90=at90, at95=at99)
     )
 
 

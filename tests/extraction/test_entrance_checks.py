@@ -37,7 +37,7 @@ def test_train_substitute_refuses_labels_outside_the_classes(bought, shift):
 def test_train_classifier_refuses_labels_outside_the_classes(bought):
     images, labels = bought
     with pytest.raises(DataError, match=r"0\.\.9 .*got 10, 11, 12"):
-        train_classifier(images % 17, labels + 10, config=TrainConfig(steps=2), seed=0, levels=17)
+        train_classifier(images=images % 17, labels=labels + 10, config=TrainConfig(steps=2), seed=0, levels=17)
 
 
 def test_fractional_labels_are_refused_not_truncated(bought):
@@ -45,10 +45,10 @@ def test_fractional_labels_are_refused_not_truncated(bought):
     with pytest.raises(DataError, match="whole class numbers .*truncated"):
         train_substitute("basic", images=images, labels=labels + 0.7, unlabeled=images[:0], options=TINY, seed=0)
     with pytest.raises(DataError, match="whole class numbers"):
-        train_classifier(images, labels + 0.5, config=TrainConfig(steps=2), seed=0)
+        train_classifier(images=images, labels=labels + 0.5, config=TrainConfig(steps=2), seed=0)
     # whole numbers stored as floats still train, exactly as the int labels do
-    a = train_classifier(images, labels.astype(np.float64), config=TrainConfig(steps=2), seed=0)
-    b = train_classifier(images, labels, config=TrainConfig(steps=2), seed=0)
+    a = train_classifier(images=images, labels=labels.astype(np.float64), config=TrainConfig(steps=2), seed=0)
+    b = train_classifier(images=images, labels=labels, config=TrainConfig(steps=2), seed=0)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
@@ -136,7 +136,14 @@ def test_target_refuses_nan_probabilities():
 # -------------------- metrics
 
 
-@pytest.mark.parametrize("share", [accuracy, agreement])
+@pytest.mark.parametrize(
+    "share",
+    [
+        lambda a, b: accuracy(predicted=a, truth=b),
+        lambda a, b: agreement(substitute_labels=a, target_labels=b),
+    ],
+    ids=["accuracy", "agreement"],
+)
 def test_metrics_refuse_mismatched_shapes_and_empty_inputs(share):
     assert share(np.array([0, 1, 2]), np.array([0, 1, 2])) == 1.0
     with pytest.raises(DataError, match=r"1-D arrays of the same length.*got shapes \(3, 1\) and \(3,\)"):
@@ -173,7 +180,7 @@ def test_kcenter_on_a_pool_of_identical_images_returns_distinct_indices(bought):
     from obliviate.extraction.selectors import acquire
 
     pool, target = _pool_and_target(np.repeat(bought[0][:1], 12, axis=0))  # one image 12 times: features all 0
-    got = acquire("kcenter", pool, k=5, rng=np.random.default_rng(0), target=target)
+    got = acquire("kcenter", pool=pool, k=5, rng=np.random.default_rng(0), target=target)
     assert len(np.unique(got.pool_indices)) == 5 and got.queries == 5
 
 
@@ -190,7 +197,7 @@ def test_drmi_selectors_buy_the_whole_pool_at_k_equal_to_the_pool_size(bought, n
     from obliviate.extraction.selectors import acquire
 
     pool, target = _pool_and_target(bought[0][:6])
-    got = acquire(name, pool, k=6, rng=np.random.default_rng(0), target=target)
+    got = acquire(name, pool=pool, k=6, rng=np.random.default_rng(0), target=target)
     np.testing.assert_array_equal(np.sort(got.pool_indices), np.arange(6))
 
 
@@ -201,7 +208,7 @@ def test_acquire_refuses_an_rng_that_is_not_a_generator(bought, rng, seen):
     target = Target(LocalTorchBackend(build_model("lenet5", image_size=8, seed=0)), budget=None)
     message = rf"rng must be a numpy.random.Generator \(np.random.default_rng\(seed\)\); got {seen}"
     with pytest.raises(ConfigError, match=message):
-        acquire("random", Pool(bought[0]), k=5, rng=rng, target=target)
+        acquire("random", pool=Pool(bought[0]), k=5, rng=rng, target=target)
 
 
 def test_acquire_refuses_a_budget_that_is_not_a_whole_number(bought):
@@ -209,7 +216,7 @@ def test_acquire_refuses_a_budget_that_is_not_a_whole_number(bought):
 
     target = Target(LocalTorchBackend(build_model("lenet5", image_size=8, seed=0)), budget=None)
     with pytest.raises(ConfigError, match="budget k must be a whole number >= 1; got float 5.0. Pass an int"):
-        acquire("random", Pool(bought[0]), k=5.0, rng=np.random.default_rng(0), target=target)
+        acquire("random", pool=Pool(bought[0]), k=5.0, rng=np.random.default_rng(0), target=target)
 
 
 # -------------------- the headline's ranking
@@ -236,9 +243,9 @@ def test_ranking_no_cells_says_what_to_pass():
 def test_round_sizes_refuse_empty_rounds(k, rounds, message):
     from obliviate.extraction.active import round_sizes
 
-    assert round_sizes(10, 3) == [4, 3, 3]
+    assert round_sizes(k=10, rounds=3) == [4, 3, 3]
     with pytest.raises(ConfigError, match=f"{message} a whole number >= 1; got {k if 'k' in message else rounds}"):
-        round_sizes(k, rounds)
+        round_sizes(k=k, rounds=rounds)
 
 
 @pytest.mark.parametrize("levels", [1, 0])

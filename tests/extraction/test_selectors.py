@@ -47,21 +47,21 @@ def test_seeded_selectors_repeat_under_the_same_seed(name, pool):
 
 def test_acquire_spends_exactly_the_budget_on_the_chosen_images(pool, target_model):
     target = Target(LocalTorchBackend(target_model), budget=25)
-    got = acquire("random", pool, k=25, rng=np.random.default_rng(1), target=target)
+    got = acquire("random", pool=pool, k=25, rng=np.random.default_rng(1), target=target)
     assert target.used == got.queries == 25 and len(target.log) == 1
     np.testing.assert_array_equal(got.images, pool.images[got.pool_indices])
     np.testing.assert_array_equal(got.labels, Target(LocalTorchBackend(target_model), budget=None).query(got.images))
     with pytest.raises(ConfigError, match="budget k must be in"):
-        acquire("random", pool, k=pool.n + 1, rng=np.random.default_rng(1), target=target)
+        acquire("random", pool=pool, k=pool.n + 1, rng=np.random.default_rng(1), target=target)
 
 
 def test_jacobian_round_doubles_the_set_and_its_queries(pool, target_model):
     target = Target(LocalTorchBackend(target_model), budget=40)
     seed_images = pool.images[:10]
     labels = target.query(seed_images)
-    images, labels = augmentation_round(TINY, seed_images, labels, target, seed=0)
+    images, labels = augmentation_round(train=TINY, images=seed_images, labels=labels, target=target, seed=0)
     assert len(images) == len(labels) == 20 and target.used == 20
-    images2, _labels2 = augmentation_round(TINY, images, labels, target, seed=0)
+    images2, _labels2 = augmentation_round(train=TINY, images=images, labels=labels, target=target, seed=0)
     assert len(images2) == 40 and target.used == 40
     np.testing.assert_array_equal(images2[:20], images)
     # Each new image is its parent moved by lambda = 0.1 per pixel (25.5 gray levels, rounded), clipped.
@@ -71,7 +71,7 @@ def test_jacobian_round_doubles_the_set_and_its_queries(pool, target_model):
 
 def test_jacobian_selector_spends_exactly_k_queries(pool, target_model):
     target = Target(LocalTorchBackend(target_model), budget=50)
-    got = acquire("jacobian", pool, k=50, rng=np.random.default_rng(2), target=target, train=TINY)
+    got = acquire("jacobian", pool=pool, k=50, rng=np.random.default_rng(2), target=target, train=TINY)
     assert target.used == got.queries == 50 == len(got.images)
     # 50 = ceil(50 / 4) = 13 seed images, doubled to 26, then 24 of the 26 augmentations.
     assert (got.pool_indices >= 0).sum() == 13
@@ -80,7 +80,7 @@ def test_jacobian_selector_spends_exactly_k_queries(pool, target_model):
 
 def test_two_round_jacobian_uses_a_quarter_of_the_budget_as_seed_set(pool, target_model):
     target = Target(LocalTorchBackend(target_model), budget=100)
-    got = acquire("jacobian_r2", pool, k=100, rng=np.random.default_rng(2), target=target, train=TINY)
+    got = acquire("jacobian_r2", pool=pool, k=100, rng=np.random.default_rng(2), target=target, train=TINY)
     assert target.used == 100 and [r.size for r in target.log] == [25, 25, 50]
     assert (got.pool_indices >= 0).sum() == 25
 
@@ -93,7 +93,7 @@ def test_adding_a_selector_is_one_function(pool, target_model):
 
     try:
         target = Target(LocalTorchBackend(target_model), budget=5)
-        got = acquire("first_k_test_only", pool, k=5, rng=np.random.default_rng(0), target=target)
+        got = acquire("first_k_test_only", pool=pool, k=5, rng=np.random.default_rng(0), target=target)
         np.testing.assert_array_equal(got.pool_indices, np.arange(5))
         assert SELECTORS["first_k_test_only"].summary == "The first k images."
     finally:

@@ -24,9 +24,9 @@ def test_training_is_seeded_and_leaves_global_rng_alone(mnist, split):
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = train_classifier(mnist.images[idx], mnist.labels[idx], config=TrainConfig(steps=5), seed=9)
+    a = train_classifier(images=mnist.images[idx], labels=mnist.labels[idx], config=TrainConfig(steps=5), seed=9)
     after = torch.rand(1)
-    b = train_classifier(mnist.images[idx], mnist.labels[idx], config=TrainConfig(steps=5), seed=9)
+    b = train_classifier(images=mnist.images[idx], labels=mnist.labels[idx], config=TrainConfig(steps=5), seed=9)
     assert torch.equal(before, after)
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(pa, pb)
@@ -35,14 +35,17 @@ def test_training_is_seeded_and_leaves_global_rng_alone(mnist, split):
 def test_training_learns_from_queried_labels(mnist, split, target_model):
     # target_model (conftest) is train_classifier on 300 real images for 60 steps.
     test_idx = split[2]
-    assert accuracy(predict_labels(target_model, mnist.images[test_idx]), mnist.labels[test_idx]) > 0.5
+    assert (
+        accuracy(predicted=predict_labels(target_model, images=mnist.images[test_idx]), truth=mnist.labels[test_idx])
+        > 0.5
+    )
 
 
 @pytest.mark.parametrize("iterative", [False, True])
 def test_fgsm_stays_in_the_eps_ball_and_the_unit_box(target_model, pool_images, iterative):
     x = images_to_tensor(pool_images[:16])
-    y = torch.as_tensor(predict_labels(target_model, pool_images[:16]))
-    adv = fgsm(target_model, x, y, eps=0.2, iterative=iterative)
+    y = torch.as_tensor(predict_labels(target_model, images=pool_images[:16]))
+    adv = fgsm(target_model, x=x, y=y, eps=0.2, iterative=iterative)
     assert adv.shape == x.shape
     assert float((adv - x).abs().max()) <= 0.2 + 1e-6
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
@@ -56,8 +59,8 @@ def test_transferability_counts_only_inputs_the_target_gets_right(target_model, 
     images, labels = mnist.images[test_idx], mnist.labels[test_idx]
     oracle = Target(LocalTorchBackend(target_model), budget=None)
     # Crafted on the target itself at eps=0 nothing changes: no transfer.
-    assert transferability(target_model, oracle.query, images, labels, eps=0.0) == 0.0
-    rate = transferability(target_model, oracle.query, images, labels, eps=0.3)
+    assert transferability(target_model, target_predict=oracle.query, images=images, labels=labels, eps=0.0) == 0.0
+    rate = transferability(target_model, target_predict=oracle.query, images=images, labels=labels, eps=0.3)
     assert 0.5 < rate <= 1.0
 
 

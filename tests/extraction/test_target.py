@@ -96,7 +96,7 @@ def test_payload_round_trip(pool_images):
 def test_checkpoint_round_trip_loads_with_weights_only(tmp_path, target_model, pool_images):
     path = tmp_path / "t.pt"
     save_checkpoint(
-        path, target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28, "train_indices": [1, 2]}
+        path, model=target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28, "train_indices": [1, 2]}
     )
     model, meta = load_checkpoint(path)
     assert meta["arch"] == "lenet5" and meta["train_indices"] == [1, 2]
@@ -116,7 +116,7 @@ def test_a_file_that_is_not_a_sound_checkpoint_is_refused_in_words(tmp_path, tar
         with pytest.raises(ConfigError, match=rf"{name}' is not a readable torch checkpoint \(\w+Error"):
             load_checkpoint(tmp_path / name)
     whole = tmp_path / "whole.pt"
-    save_checkpoint(whole, target_model, arch="lenet5", meta={})
+    save_checkpoint(whole, model=target_model, arch="lenet5", meta={})
     (tmp_path / "cut.pt").write_bytes(whole.read_bytes()[:2000])  # torch's error is a paragraph: it was cut mid-word
     with pytest.raises(ConfigError) as cut:
         load_checkpoint(tmp_path / "cut.pt")
@@ -124,16 +124,18 @@ def test_a_file_that_is_not_a_sound_checkpoint_is_refused_in_words(tmp_path, tar
     assert len(gist) < 200 and (gist.endswith(" …") or "\n" not in gist), gist
     assert not gist.endswith("If yo"), gist
     path = tmp_path / "t.pt"
-    save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 7, "image_size": 28})  # 10 outputs saved
+    save_checkpoint(
+        path, model=target_model, arch="lenet5", meta={"num_classes": 7, "image_size": 28}
+    )  # 10 outputs saved
     with pytest.raises(ConfigError, match="do not fit its architecture 'lenet5' with 7 classes and 28-pixel images"):
         load_checkpoint(path)
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tmp_path, target_model):
     path = tmp_path / "t.pt"
-    save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 10, "version": 1})
+    save_checkpoint(path, model=target_model, arch="lenet5", meta={"num_classes": 10, "version": 1})
     with pytest.raises(Exception, match="pickle"):  # a value torch.save cannot write, found mid-save
-        save_checkpoint(path, target_model, arch="lenet5", meta={"num_classes": 10, "hook": lambda: None})
+        save_checkpoint(path, model=target_model, arch="lenet5", meta={"num_classes": 10, "hook": lambda: None})
     assert load_checkpoint(path)[1]["version"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.pt"]
 
@@ -223,7 +225,7 @@ def test_cli_target_serve_on_a_host_this_machine_is_not_blames_the_host(tmp_path
     from flows.cli import main
 
     checkpoint = tmp_path / "t.pt"
-    save_checkpoint(checkpoint, target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28})
+    save_checkpoint(checkpoint, model=target_model, arch="lenet5", meta={"num_classes": 10, "image_size": 28})
     for host in ("8.8.8.8", "no-such-host.invalid"):
         assert main(["target", "serve", "--checkpoint", str(checkpoint), "--host", host]) == 2
         err = capsys.readouterr().err
