@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -37,6 +38,28 @@ PREFECT_DEFAULTS = {
 
 class ServerStartError(ObliviateError, RuntimeError):
     """A helper server (Prefect API) did not become healthy."""
+
+
+class _ForeseenFailureFilter(logging.Filter):
+    """Drops the traceback Prefect logs with a flow's failure when the failure is one of ours.
+
+    Prefect's engine logs every exception that ends a flow run with its traceback. Ours
+    (:class:`ObliviateError`) are sentences that name the rule and the fix, and the run's state
+    message already holds them; a traceback under them only hides the sentence.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ObliviateError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_foreseen_tracebacks() -> None:
+    """Log our own flow failures as their sentence, without Prefect's traceback (idempotent)."""
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _ForeseenFailureFilter) for f in flow_runs.filters):
+        flow_runs.addFilter(_ForeseenFailureFilter())
 
 
 def writable_folder(location: str | Path, *, what: str) -> Path:

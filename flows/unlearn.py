@@ -46,6 +46,7 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
+from flows.runtime import quiet_foreseen_tracebacks
 from flows.settle import AttemptPolicy, run_pass, run_until_quiet
 from flows.train import worker_pool
 from obliviate.errors import DataError
@@ -187,6 +188,7 @@ def unlearn_flow(
     Raises:
         RequestError: the event was refused, or the request it names ended ``rejected`` or ``failed``.
     """
+    quiet_foreseen_tracebacks()  # a refused event is a sentence, also in a runner's subprocess log
     logger = get_run_logger()
     ledger = DeletionLedger(ObjectStore(store))
     event_id = event_id or f"manual-{uuid.uuid4().hex[:12]}"

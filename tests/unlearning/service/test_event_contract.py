@@ -81,3 +81,15 @@ def test_submit_deletion_refuses_ids_past_the_dataset_as_forget_does(store_url):
         submit_deletion(store_url, list(range(1797, 101797)), dataset="digits", emit=False)
     assert DeletionLedger(ObjectStore(store_url)).entries() == []
     assert submit_deletion(store_url, [1796], dataset="digits", emit=False)["new"] is True
+
+
+def test_a_refused_event_is_logged_as_its_sentence_without_a_traceback(store_url, prefect_api_url, caplog):
+    """Prefect's engine logged the refusal with its traceback (in a runner's subprocess log too)."""
+    with caplog.at_level("INFO", logger="prefect.flow_runs"):
+        state = _run(store_url, {}, "ev-quiet")
+    assert state.is_failed()
+    ended = [r for r in caplog.records if r.name == "prefect.flow_runs" and "Encountered exception" in r.getMessage()]
+    assert ended, [r.getMessage() for r in caplog.records]
+    assert all(r.exc_info is None for r in ended)
+    assert "refused, nothing changed" in ended[0].getMessage()
+    assert "Traceback" not in caplog.text
