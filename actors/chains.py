@@ -176,7 +176,7 @@ class ChainWorker:
         data = self._block_data(run)
         plan = self._fixed_plan(run, data)
         if current is not None:
-            self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan)))
+            self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
             return {"run_id": run.run_id, "version": current.version, "status": "already_trained", **current.metrics}
         began = time.perf_counter()
         # A run trained after deletion requests were accepted on this store never trains on their
@@ -234,7 +234,7 @@ class ChainWorker:
             target={"applied_requests": applied, "deleted_ids": forgotten, "metrics": metrics},
             expected_version=0,
         )
-        self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan)))
+        self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
         # A request accepted after the last read above may have been validated by a pass that did
         # not see this run yet (it was not registered): apply what this version misses now.
         late = {
@@ -450,7 +450,7 @@ class ChainWorker:
                 "version": current.version,
                 "note": "every requested id this run trained on was already forgotten",
             }
-        validate_deletion(chain, new_positions)
+        validate_deletion(chain, ids=new_positions)
         data = self._block_data(spec)
         excluded = frozenset(chain.deleted_ids | set(new_positions.tolist()))
         token = work_token(base_version=base_version, excluded_positions=excluded, policy=policy.value)
@@ -494,7 +494,7 @@ class ChainWorker:
             with self._sink(run_id, token, timings, members) as sink:
                 result = unlearn(
                     chain,
-                    new_positions.tolist(),
+                    ids=new_positions.tolist(),
                     data=data,
                     policy=policy,
                     options=DeepObliviateOptions(epsilon=epsilon),
@@ -549,7 +549,7 @@ class ChainWorker:
             held = {"serve_block": block, "holds": holds, "forgotten_requests": sorted(holds)}
             served = None if block is None else new_chain.checkpoints[block].heldout_accuracy
             if served is None and block is not None:  # a retrain records only what it serves (_retrain_exact)
-                served = heldout_accuracy(new_chain.model(block), data)
+                served = heldout_accuracy(new_chain.model(block), data=data)
             metrics = {**metrics, "served_accuracy": served}
         version = self._publish(
             run_id,
@@ -688,7 +688,7 @@ class ChainWorker:
                 if shard == position:
                     member = members[block]
                     return model_from_state(
-                        chain.config, registry.load_checkpoint(member.key, expected=member).model_state
+                        config=chain.config, state=registry.load_checkpoint(member.key, expected=member).model_state
                     )
                 return checkpoint_model(registry, others[shard].manifest, block)
 
@@ -785,7 +785,7 @@ class ChainWorker:
     def _block_data(self, spec: RunSpec, *, dataset: Any = None) -> BlockData:
         key = f"{spec.dataset_fingerprint}|{hash((spec.train_ids, spec.heldout_ids))}"
         if key not in self._data:
-            self._data[key] = block_data(spec, dataset if dataset is not None else load_dataset(spec.dataset))
+            self._data[key] = block_data(spec, dataset=dataset if dataset is not None else load_dataset(spec.dataset))
         return self._data[key]
 
 
@@ -804,13 +804,13 @@ def _verify(original: Chain, unlearned: Chain, data: BlockData, excluded: frozen
     naive = train_chain(config=original.config, data=data, plan=original.plan, excluded_ids=excluded)
     naive_seconds = time.perf_counter() - began
     x = data.x_heldout
-    naive_pred = predict(naive.model(), x)
+    naive_pred = predict(naive.model(), x=x)
     new_state, naive_state = unlearned.final.model_state, naive.final.model_state
     return {
-        "consistency_with_naive": consistency(predict(unlearned.model(), x), naive_pred),
-        "noise_floor_consistency": consistency(predict(original.model(), x), naive_pred),
+        "consistency_with_naive": consistency(a=predict(unlearned.model(), x=x), b=naive_pred),
+        "noise_floor_consistency": consistency(a=predict(original.model(), x=x), b=naive_pred),
         "bit_identical_to_naive": all(bool((new_state[k] == naive_state[k]).all()) for k in new_state),
-        "naive_heldout_accuracy": heldout_accuracy(naive.model(), data),
+        "naive_heldout_accuracy": heldout_accuracy(naive.model(), data=data),
         "naive_retrain_seconds": naive_seconds,
     }
 

@@ -109,14 +109,14 @@ def _data() -> dict:
     plan = make_block_plan(train.labels, num_blocks=B, seed=SEED)
     ids = choose_backdoor_ids(
         train.labels,
-        plan,
+        plan=plan,
         count=POISON_COUNT,
         target_class=TARGET,
         first_block=POISON_BLOCKS[0],
         last_block=POISON_BLOCKS[1],
         rng=np.random.default_rng(SEED + 1),
     )
-    poisoned, _ = poison(train, plan, ids, target_class=TARGET)
+    poisoned, _ = poison(train, plan=plan, ids=ids, target_class=TARGET)
     mask = test.labels != TARGET
     x_trig = images_to_tensor(stamp_trigger(test.images[mask], levels=test.levels), levels=test.levels)
     return {
@@ -157,7 +157,10 @@ def _probs(states, config, data_x):
     from obliviate.unlearning.config import model_from_state
 
     return np.stack(
-        [shard_probabilities(model_from_state(config, s), data_x).numpy().astype(np.float32) for s in states]
+        [
+            shard_probabilities(model_from_state(config=config, state=s), x=data_x).numpy().astype(np.float32)
+            for s in states
+        ]
     )
 
 
@@ -345,7 +348,7 @@ def block_tax(d: dict, *, skip: Sequence[str] = ()) -> list[dict]:
             ):
                 began = time.process_time()
                 chain = train_chain(config=cfg, data=data)
-                probs = shard_probabilities(chain.model(), x_eval)
+                probs = shard_probabilities(chain.model(), x=x_eval)
                 row.setdefault(f"{kind}_heldout_accuracy", []).append(float((probs.argmax(1).numpy() == y_eval).mean()))
                 row.setdefault(f"{kind}_cpu_seconds", []).append(time.process_time() - began)
                 if kind == "chain":
@@ -404,7 +407,7 @@ def _shard_costs(d: dict, *, config: BlockTrainingConfig, chains: bool, keep_blo
                         data=BlockData(train=d["train"].subset(p), heldout=d["val"]),
                         plan=None if block_plan is None else restrict_plan(block_plan, p, merge=merge),
                     ).model(),
-                    x_eval,
+                    x=x_eval,
                 ).numpy()
                 for p in make_shard_plan(d["train"].labels, num_shards=S, seed=seed).shards
             ]
@@ -441,7 +444,7 @@ def learning_rate_choice(d: dict) -> dict:
     for rate in LEARNING_RATES:
         config = replace(CONFIG, learning_rate=rate)
         poisoned = train_chain(config=config, data=BlockData(train=d["poisoned"], heldout=d["val"]), plan=d["plan"])
-        attack = shard_probabilities(poisoned.model(), d["x_trig"]).numpy().argmax(1) == TARGET
+        attack = shard_probabilities(poisoned.model(), x=d["x_trig"]).numpy().argmax(1) == TARGET
         rows[f"{rate:g}"] = {**shard_costs(d, config=config, chains=True), "asr_S1_untouched": float(attack.mean())}
         print(
             f"lr {rate:g}: S=2 cost {rows[f'{rate:g}']['cost_points_S2']:.2f}, ASR {attack.mean():.2f}", file=sys.stderr
@@ -483,7 +486,7 @@ def shard_cost_by_epochs(d: dict) -> dict:
     for epochs in EPOCH_SWEEP:
         config = replace(CONFIG, local_epochs=epochs)
         poisoned = train_chain(config=config, data=BlockData(train=d["poisoned"], heldout=d["val"]), plan=d["plan"])
-        attack = shard_probabilities(poisoned.model(), d["x_trig"]).numpy().argmax(1) == TARGET
+        attack = shard_probabilities(poisoned.model(), x=d["x_trig"]).numpy().argmax(1) == TARGET
         row = {
             "chains": shard_costs(d, config=config, chains=True),
             "plain": shard_costs(d, config=replace(config, num_blocks=1), chains=False),

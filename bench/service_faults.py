@@ -150,7 +150,7 @@ def _verdict(store_url: str, run_ids: list[str], expected: dict[str, str]) -> di
         spec = registry.spec(run_id)
         chain = registry.load_chain(current)[0]
         positions = set(spec.positions(current.deleted_ids)[0].tolist())
-        data = block_data(spec, load_dataset(spec.dataset))
+        data = block_data(spec, dataset=load_dataset(spec.dataset))
         naive = train_chain(config=spec.config, data=data, excluded_ids=frozenset(positions)).final.model_state
         exact = exact and all(torch.equal(chain.final.model_state[k], v) for k, v in naive.items())
     report = check_store(store, min_age_s=3600)

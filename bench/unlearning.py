@@ -111,10 +111,10 @@ def _time(fn):
 def _model_figures(predictor, state, *, naive_pred, naive_state, test, x_del, y_del, model_for_loss):
     pred = predictor(test["x"])
     return {
-        "accuracy": consistency(pred, test["y"]),
-        "consistency_with_naive": consistency(pred, naive_pred),
-        "l1_to_naive": state_l1(state, naive_state) if state is not None else None,
-        "deleted_loss": mean_loss(model_for_loss, x_del, y_del) if model_for_loss is not None else None,
+        "accuracy": consistency(a=pred, b=test["y"]),
+        "consistency_with_naive": consistency(a=pred, b=naive_pred),
+        "l1_to_naive": state_l1(a=state, b=naive_state) if state is not None else None,
+        "deleted_loss": mean_loss(model_for_loss, x=x_del, y=y_del) if model_for_loss is not None else None,
     }
 
 
@@ -150,7 +150,7 @@ def run_config(
     # draws of a given B are the same for both schedules: its training and unlearning are measured
     # once and reused.
     if "clean" not in _SISA_CACHE:
-        _SISA_CACHE["clean"] = _time(lambda: train_sisa(sisa_config, clean))
+        _SISA_CACHE["clean"] = _time(lambda: train_sisa(sisa_config, data=clean))
     sisa, sisa_seconds, _ = _SISA_CACHE["clean"]
     log(
         f"B={num_blocks} {schedule}: chain {chain_seconds:.1f}s acc {chain.final.heldout_accuracy:.3f}, SISA {sisa_seconds:.1f}s"
@@ -162,18 +162,18 @@ def run_config(
     if backdoor_count:
         ids = choose_backdoor_ids(
             train.labels,
-            chain.plan,
+            plan=chain.plan,
             count=backdoor_count,
             target_class=TARGET_CLASS,
             first_block=1,
             last_block=num_blocks,
             rng=rng,
         )
-        poisoned_train, backdoor = poison(train, chain.plan, ids, target_class=TARGET_CLASS)
+        poisoned_train, backdoor = poison(train, plan=chain.plan, ids=ids, target_class=TARGET_CLASS)
         poisoned = BlockData(train=poisoned_train, heldout=val)
         poisoned_chain = train_chain(config=config, data=poisoned, plan=chain.plan)
         if ("poisoned", num_blocks) not in _SISA_CACHE:
-            _SISA_CACHE[("poisoned", num_blocks)] = train_sisa(sisa_config, poisoned)
+            _SISA_CACHE[("poisoned", num_blocks)] = train_sisa(sisa_config, data=poisoned)
         poisoned_sisa = _SISA_CACHE[("poisoned", num_blocks)]
         contexts["backdoor"] = (poisoned, poisoned_chain, poisoned_sisa, backdoor)
         draws.append(
@@ -194,7 +194,7 @@ def run_config(
             functools.partial(train_chain, config=config, data=data, plan=base_chain.plan, excluded_ids=ids)
         )
         naive_model, original_model = naive.model(), base_chain.model()
-        naive_pred, _original_pred = predict(naive_model, test["x"]), predict(original_model, test["x"])
+        naive_pred, _original_pred = predict(naive_model, x=test["x"]), predict(original_model, x=test["x"])
         x_del, y_del = data.x_train[ids], data.y_train[ids]
         common = {
             "naive_pred": naive_pred,
@@ -213,11 +213,11 @@ def run_config(
             "naive_seconds": naive_seconds,
             "naive_cpu_seconds": naive_cpu,
             "naive": {
-                "accuracy": consistency(naive_pred, test["y"]),
-                "deleted_loss": mean_loss(naive_model, x_del, y_del),
+                "accuracy": consistency(a=naive_pred, b=test["y"]),
+                "deleted_loss": mean_loss(naive_model, x=x_del, y=y_del),
             },
             "original": _model_figures(
-                functools.partial(predict, original_model),
+                lambda x, model=original_model: predict(model, x=x),
                 base_chain.final.model_state,
                 model_for_loss=original_model,
                 **common,
@@ -227,21 +227,21 @@ def run_config(
         if backdoor is not None:
             row["placement"] = draw["placement"]
             row["naive"]["attack_success_rate"] = attack_success_rate(
-                functools.partial(predict, naive_model), test_ds, target_class=TARGET_CLASS
+                lambda x, model=naive_model: predict(model, x=x), test=test_ds, target_class=TARGET_CLASS
             )
             row["original"]["attack_success_rate"] = attack_success_rate(
-                functools.partial(predict, original_model), test_ds, target_class=TARGET_CLASS
+                lambda x, model=original_model: predict(model, x=x), test=test_ds, target_class=TARGET_CLASS
             )
 
         retrainer = ChainRetrainer(chain=base_chain, data=data, ids=ids)
-        results = {"exact": unlearn_exact(base_chain, ids, data=data, retrainer=retrainer)}
+        results = {"exact": unlearn_exact(base_chain, ids=ids, data=data, retrainer=retrainer)}
         for name, options in do_variants(epsilons).items():
-            results[name] = unlearn_deepobliviate(base_chain, ids, data=data, retrainer=retrainer, options=options)
+            results[name] = unlearn_deepobliviate(base_chain, ids=ids, data=data, retrainer=retrainer, options=options)
         for name, result in results.items():
             model = result.chain.model()
             record = result.record
             figures = _model_figures(
-                lambda x, m=model: predict(m, x), result.chain.final.model_state, model_for_loss=model, **common
+                lambda x, m=model: predict(m, x=x), result.chain.final.model_state, model_for_loss=model, **common
             )
             figures.update(
                 {
@@ -266,7 +266,7 @@ def run_config(
                 figures["fit"] = None if record.fit is None else vars(record.fit)
             if backdoor is not None:
                 figures["attack_success_rate"] = attack_success_rate(
-                    lambda x, m=model: predict(m, x), test_ds, target_class=TARGET_CLASS
+                    lambda x, m=model: predict(m, x=x), test=test_ds, target_class=TARGET_CLASS
                 )
             row["policies"][name] = figures
         exact_cpu = row["policies"]["exact"]["cpu_seconds"]
@@ -275,7 +275,7 @@ def run_config(
 
         key = ("unlearn", num_blocks, number)
         if key not in _SISA_CACHE:
-            _SISA_CACHE[key] = unlearn_sisa(base_sisa, ids, data=data)
+            _SISA_CACHE[key] = unlearn_sisa(base_sisa, ids=ids, data=data)
         new_sisa, sisa_record = _SISA_CACHE[key]
         sisa_figures = _model_figures(new_sisa.predict, None, model_for_loss=None, **common)
         sisa_figures.update(
@@ -287,15 +287,15 @@ def run_config(
                 "speedup_vs_exact": exact_cpu / sisa_record.cpu_seconds,
                 "shards_retrained": len(sisa_record.blocks_retrained),
                 "stop_reason": sisa_record.stop_reason,
-                "original_ensemble_accuracy": consistency(base_sisa.predict(test["x"]), test["y"]),
+                "original_ensemble_accuracy": consistency(a=base_sisa.predict(test["x"]), b=test["y"]),
             }
         )
         if backdoor is not None:
             sisa_figures["attack_success_rate"] = attack_success_rate(
-                new_sisa.predict, test_ds, target_class=TARGET_CLASS
+                new_sisa.predict, test=test_ds, target_class=TARGET_CLASS
             )
             sisa_figures["original_attack_success_rate"] = attack_success_rate(
-                base_sisa.predict, test_ds, target_class=TARGET_CLASS
+                base_sisa.predict, test=test_ds, target_class=TARGET_CLASS
             )
         row["policies"]["sisa"] = sisa_figures
         rows.append(row)
@@ -316,8 +316,8 @@ def run_config(
         "chain_seconds": chain_seconds,
         "sisa_train_seconds": sisa_seconds,
         "chain_accuracy_validation": chain.final.heldout_accuracy,
-        "chain_accuracy_test": consistency(predict(chain.model(), test["x"]), test["y"]),
-        "sisa_accuracy_test": consistency(sisa.predict(test["x"]), test["y"]),
+        "chain_accuracy_test": consistency(a=predict(chain.model(), x=test["x"]), b=test["y"]),
+        "sisa_accuracy_test": consistency(a=sisa.predict(test["x"]), b=test["y"]),
         "draws": rows,
     }
 

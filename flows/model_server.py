@@ -138,7 +138,7 @@ class RunBackend:
             )
         x = images_to_tensor(np.asarray(images), levels=self.levels)
         probabilities = [
-            torch.cat([shard_probabilities(m, x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+            torch.cat([shard_probabilities(m, x=x[i : i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
             for m in models
         ]
         if OutputMode(output) is OutputMode.LABELS:

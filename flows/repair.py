@@ -112,9 +112,9 @@ def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
     config = BlockTrainingConfig.from_dict(chain_meta["config"])
     plan = BlockPlan.from_dict(chain_meta["plan"])
     spec = registry.spec(run_id)
-    data = block_data(spec, load_dataset(spec.dataset))
+    data = block_data(spec, dataset=load_dataset(spec.dataset))
     if index == 0:
-        rebuilt = initial_checkpoint(config, data)
+        rebuilt = initial_checkpoint(config, data=data)
     else:
         predecessor = manifest.members.get(str(index - 1))
         if predecessor is None:

@@ -124,7 +124,7 @@ def _heldout(spec: RunSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """A run's held-out tensors, from its registered dataset (loaded once per process and held-out set)."""
     key = (spec.dataset, spec.dataset_fingerprint, hash(spec.heldout_ids))
     if key not in _HELDOUT:
-        data = block_data(spec, load_dataset(spec.dataset))
+        data = block_data(spec, dataset=load_dataset(spec.dataset))
         _HELDOUT.clear()  # one held-out set at a time: a service judges few datasets
         _HELDOUT[key] = (data.x_heldout, data.y_heldout)
     return _HELDOUT[key]

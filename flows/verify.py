@@ -132,7 +132,7 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         )
     applied_positions, _ = spec.positions(chosen.deleted_ids)
     first_deleted = int(plan.block_of(sorted(deleted)).min()) if deleted else None
-    data = block_data(spec, load_dataset(spec.dataset))
+    data = block_data(spec, dataset=load_dataset(spec.dataset))
     report = verify_replay(
         config=config,
         plan=plan,

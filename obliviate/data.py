@@ -197,7 +197,7 @@ def load_dataset(source: str | Path, *, gray: GrayMode | str = GrayMode.LUMA) ->
     Raises:
         DataError: unknown name or gray mode, missing path, or data of the wrong shape or dtype.
     """
-    gray = named_choice(GrayMode, gray, what="gray", error=DataError, means="how colour images become gray")
+    gray = named_choice(GrayMode, value=gray, what="gray", error=DataError, means="how colour images become gray")
     if isinstance(source, str) and source in BUILTIN_DATASETS:
         return _load_mnist5k() if source == "mnist5k" else _load_digits()
     path = Path(source).expanduser()
@@ -283,7 +283,7 @@ def to_gray(rgb: np.ndarray, *, mode: GrayMode | str = GrayMode.LUMA) -> np.ndar
         ConfigError: ``mode`` is not ``luma`` or ``mean``.
         DataError: not at least ``(H, W, C)`` with C = 3 or 4 (a gray ``(H, W)`` image is already gray).
     """
-    mode = named_choice(GrayMode, mode, what="mode")
+    mode = named_choice(GrayMode, value=mode, what="mode")
     shape: tuple[int, ...] = tuple(getattr(rgb, "shape", ()))
     if len(shape) < 3 or shape[-1] not in (3, 4):
         raise DataError(

@@ -24,7 +24,7 @@ class ConfigError(ObliviateError, ValueError):
 
 
 def named_choice(
-    kind: type[_Choice], value: object, *, what: str, error: type[ObliviateError] | None = None, means: str = ""
+    kind: type[_Choice], *, value: object, what: str, error: type[ObliviateError] | None = None, means: str = ""
 ) -> _Choice:
     """``kind(value)``; otherwise ``error`` (default :class:`ConfigError`) listing the valid names.
 

@@ -67,13 +67,13 @@ def unlearning_trial(
     naive_cpu = time.process_time() - cpu0
 
     cpu0 = time.process_time()
-    result = unlearn_deepobliviate(chain, ids, data=data, options=DeepObliviateOptions(epsilon=epsilon))
+    result = unlearn_deepobliviate(chain, ids=ids, data=data, options=DeepObliviateOptions(epsilon=epsilon))
     unlearn_cpu = time.process_time() - cpu0
 
     x, y = data.x_heldout, data.y_heldout
-    naive_pred = predict(naive.model(), x)
-    unlearned_pred = predict(result.chain.model(), x)
-    original_pred = predict(chain.model(), x)
+    naive_pred = predict(naive.model(), x=x)
+    unlearned_pred = predict(result.chain.model(), x=x)
+    original_pred = predict(chain.model(), x=x)
     record = result.record
     return {
         "num_blocks": num_blocks,
@@ -81,8 +81,8 @@ def unlearning_trial(
         "num_deleted": num_deleted,
         "first_affected_block": record.first_affected_block,
         "speedup": naive_cpu / unlearn_cpu if unlearn_cpu > 0 else float("inf"),
-        "consistency": consistency(unlearned_pred, naive_pred),
-        "noise_floor_consistency": consistency(original_pred, naive_pred),
+        "consistency": consistency(a=unlearned_pred, b=naive_pred),
+        "noise_floor_consistency": consistency(a=original_pred, b=naive_pred),
         "accuracy": _accuracy(unlearned_pred, y),
         "naive_accuracy": _accuracy(naive_pred, y),
         "chance_accuracy": 1.0 / chain_config.num_classes,

@@ -113,7 +113,7 @@ def served_model(registry: RunRegistry, run_id: str) -> nn.Module | None:
     if checkpoint is None:
         return None
     config = BlockTrainingConfig.from_dict(manifest.metadata["chain"]["config"])
-    return model_from_state(config, checkpoint.model_state)
+    return model_from_state(config=config, state=checkpoint.model_state)
 
 
 def first_blocks(
@@ -258,7 +258,9 @@ def checkpoint_model(registry: RunRegistry, manifest: Manifest, block: int) -> n
     """M_block of a version's chain as a module (checksum-verified; the version must keep it)."""
     member = manifest.members[str(block)]
     checkpoint = registry.load_checkpoint(member.key, expected=member)
-    return model_from_state(BlockTrainingConfig.from_dict(manifest.metadata["chain"]["config"]), checkpoint.model_state)
+    return model_from_state(
+        config=BlockTrainingConfig.from_dict(manifest.metadata["chain"]["config"]), state=checkpoint.model_state
+    )
 
 
 def full_chain(registry: RunRegistry, state: RunState) -> Manifest:

@@ -223,7 +223,7 @@ class Chain:
     def model(self, block_index: int | None = None) -> nn.Module:
         """A fresh module holding M_i (the final model M_B by default)."""
         checkpoint = self.final if block_index is None else self.checkpoints[block_index]
-        return model_from_state(self.config, checkpoint.model_state)
+        return model_from_state(config=self.config, state=checkpoint.model_state)
 
     def manifest(self) -> dict[str, Any]:
         """JSON-able description (no tensors): what the storage layer keeps next to checkpoints."""
@@ -274,6 +274,7 @@ def check_checkpoint(checkpoint: Checkpoint, *, config: BlockTrainingConfig, dat
 
 
 def state_difference_l1(
+    *,
     a_after: dict[str, torch.Tensor],
     a_before: dict[str, torch.Tensor],
     b_after: dict[str, torch.Tensor],
@@ -287,7 +288,7 @@ def state_difference_l1(
     return total
 
 
-def state_l1(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def state_l1(*, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """‖a − b‖_1 over every parameter and buffer."""
     return float(sum(float((a[k].double() - b[k].double()).abs().sum()) for k in a))
 

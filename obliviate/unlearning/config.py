@@ -109,8 +109,8 @@ class BlockTrainingConfig:
     accuracy_every: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "optimizer", named_choice(OptimizerName, self.optimizer, what="optimizer"))
-        object.__setattr__(self, "schedule", named_choice(ScheduleName, self.schedule, what="schedule"))
+        object.__setattr__(self, "optimizer", named_choice(OptimizerName, value=self.optimizer, what="optimizer"))
+        object.__setattr__(self, "schedule", named_choice(ScheduleName, value=self.schedule, what="schedule"))
         positive_ints = {
             "num_blocks": self.num_blocks,
             "local_epochs": self.local_epochs,
@@ -189,7 +189,7 @@ def schedule_rate(
     Raises:
         ConfigError: an unknown schedule name, or ``step_every`` < 1 for ``step``.
     """
-    schedule = named_choice(ScheduleName, schedule, what="schedule")
+    schedule = named_choice(ScheduleName, value=schedule, what="schedule")
     if schedule is ScheduleName.CONSTANT:
         return float(base)
     if schedule is ScheduleName.STEP:
@@ -226,7 +226,7 @@ def new_model(config: BlockTrainingConfig) -> nn.Module:
     )
 
 
-def model_from_state(config: BlockTrainingConfig, state: dict[str, torch.Tensor]) -> nn.Module:
+def model_from_state(*, config: BlockTrainingConfig, state: dict[str, torch.Tensor]) -> nn.Module:
     """A module of the config's architecture holding ``state`` (copied in)."""
     model = new_model(config)
     model.load_state_dict(state)

@@ -161,7 +161,7 @@ def fit_power_law(deltas: Sequence[float], *, nonnegative_floor: bool = True) ->
     )
 
 
-def stop_rule_statistic(deltas: Sequence[float], fit: PowerLawFit, *, rule: StopRule | str) -> float | None:
+def stop_rule_statistic(deltas: Sequence[float], *, fit: PowerLawFit, rule: StopRule | str) -> float | None:
     """The value the rule compares with ε at τ = len(deltas), or ``None`` where the rule cannot fire.
 
     A rule only fires on a decaying series: the fit must have a > 0 and the observed Δ_τ must be
@@ -183,6 +183,7 @@ def stop_rule_statistic(deltas: Sequence[float], fit: PowerLawFit, *, rule: Stop
 
 
 def stitch_state(
+    *,
     retrained: dict[str, torch.Tensor],
     original_final: dict[str, torch.Tensor],
     original_at_stop: dict[str, torch.Tensor],
@@ -193,8 +194,8 @@ def stitch_state(
 
 def unlearn_deepobliviate(
     chain: Chain,
-    ids: Iterable[int],
     *,
+    ids: Iterable[int],
     data: BlockData,
     options: DeepObliviateOptions = DeepObliviateOptions(),
     sink: CheckpointSink | None = None,
@@ -230,13 +231,16 @@ def unlearn_deepobliviate(
         before = retrainer.checkpoints[block - 1]
         deltas.append(
             state_difference_l1(
-                original[block].model_state, original[block - 1].model_state, after.model_state, before.model_state
+                a_after=original[block].model_state,
+                a_before=original[block - 1].model_state,
+                b_after=after.model_state,
+                b_before=before.model_state,
             )
         )
         if block < retrainer.last_affected or len(deltas) < options.min_points or block == num_blocks:
             continue
         fit = fit_power_law(deltas, nonnegative_floor=options.nonnegative_floor)
-        statistic = stop_rule_statistic(deltas, fit, rule=options.stop_rule)
+        statistic = stop_rule_statistic(deltas, fit=fit, rule=options.stop_rule)
         tested, applied = True, applied or statistic is not None
         if statistic is not None and statistic < options.epsilon:
             stop_block = block
@@ -277,9 +281,11 @@ def unlearn_deepobliviate(
         while candidate < num_blocks:
             retrained = retrainer.advance_to(candidate)
             state = stitch_state(
-                retrained.model_state, original[num_blocks].model_state, original[candidate].model_state
+                retrained=retrained.model_state,
+                original_final=original[num_blocks].model_state,
+                original_at_stop=original[candidate].model_state,
             )
-            accuracy = heldout_accuracy(model_from_state(config, state), data)
+            accuracy = heldout_accuracy(model_from_state(config=config, state=state), data=data)
             passed = reference is not None and accuracy >= reference - options.guardrail_tolerance - 1e-12
             attempts.append(
                 GuardrailAttempt(
@@ -299,10 +305,10 @@ def unlearn_deepobliviate(
     for block in range(d + len(deltas), last_used + 1):
         deltas.append(
             state_difference_l1(
-                original[block].model_state,
-                original[block - 1].model_state,
-                retrainer.checkpoints[block].model_state,
-                retrainer.checkpoints[block - 1].model_state,
+                a_after=original[block].model_state,
+                a_before=original[block - 1].model_state,
+                b_after=retrainer.checkpoints[block].model_state,
+                b_before=retrainer.checkpoints[block - 1].model_state,
             )
         )
 
@@ -344,7 +350,11 @@ def _stitched_checkpoints(
         state = (
             final_state
             if i == num_blocks
-            else stitch_state(retrained.model_state, original[i].model_state, original[j].model_state)
+            else stitch_state(
+                retrained=retrained.model_state,
+                original_final=original[i].model_state,
+                original_at_stop=original[j].model_state,
+            )
         )
         out.append(
             Checkpoint(
@@ -352,7 +362,7 @@ def _stitched_checkpoints(
                 model_state=state,
                 optimizer_state=original[i].optimizer_state,
                 schedule_position=i,
-                heldout_accuracy=heldout_accuracy(model_from_state(chain.config, state), data)
+                heldout_accuracy=heldout_accuracy(model_from_state(config=chain.config, state=state), data=data)
                 if i == num_blocks
                 else None,
                 config_fingerprint=retrained.config_fingerprint,

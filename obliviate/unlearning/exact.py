@@ -29,7 +29,7 @@ from obliviate.unlearning.records import DeletionError, GuardrailResult, Policy,
 from obliviate.unlearning.trainer import BlockTiming, BlockTrainer
 
 
-def validate_deletion(chain: Chain, ids: Iterable[int]) -> np.ndarray:
+def validate_deletion(chain: Chain, *, ids: Iterable[int]) -> np.ndarray:
     """Check a deletion request against the chain; return the ids as a sorted int64 array (SPEC section 5).
 
     Args:
@@ -81,7 +81,7 @@ class ChainRetrainer:
     def __init__(self, *, chain: Chain, data: BlockData, ids: Sequence[int]) -> None:
         _check_data(chain, data)
         self.chain, self.data = chain, data
-        self.ids = validate_deletion(chain, ids)
+        self.ids = validate_deletion(chain, ids=ids)
         blocks = chain.plan.block_of(self.ids)
         self.first_affected = int(blocks.min())
         self.last_affected = int(blocks.max())
@@ -132,8 +132,8 @@ class ChainRetrainer:
 
 def unlearn_exact(
     chain: Chain,
-    ids: Iterable[int],
     *,
+    ids: Iterable[int],
     data: BlockData,
     sink: CheckpointSink | None = None,
     retrainer: ChainRetrainer | None = None,

@@ -58,7 +58,7 @@ class HeldoutJudge:
                 f"{len(reference)} models, {len(x)} inputs, {len(y)} labels. Judge on the run's held-out set."
             )
         self.x, self.y, self.z, self._load = x, y.long(), z, load
-        self._reference = [shard_probabilities(m, x) for m in reference]
+        self._reference = [shard_probabilities(m, x=x) for m in reference]
         self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self.reference_predictions = combine(self._reference).numpy()
 
@@ -75,11 +75,11 @@ class HeldoutJudge:
         """Held-out accuracy of one shard's pre-deletion model alone."""
         return float((self._reference[shard].argmax(1) == self.y).double().mean())
 
-    def probabilities(self, shard: int, block: int) -> torch.Tensor:
+    def probabilities(self, *, shard: int, block: int) -> torch.Tensor:
         """Held-out softmax probabilities (float64) of M_block of ``shard`` (evaluated once)."""
         key = (shard, block)
         if key not in self._cache:
-            self._cache[key] = shard_probabilities(self._load(shard, block), self.x)
+            self._cache[key] = shard_probabilities(self._load(shard, block), x=self.x)
         return self._cache[key]
 
     def predictions(self, served: ServedBlocks) -> np.ndarray:
@@ -88,7 +88,7 @@ class HeldoutJudge:
         Raises:
             ConfigError: no shard in the vote.
         """
-        voting = [self.probabilities(k, b) for k, b in sorted(served.items()) if b is not None]
+        voting = [self.probabilities(shard=k, block=b) for k, b in sorted(served.items()) if b is not None]
         return combine(voting).numpy()
 
     def accuracy(self, served: ServedBlocks) -> float:

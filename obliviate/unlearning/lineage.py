@@ -46,7 +46,7 @@ def ids_sha256(ids: Iterable[int]) -> str:
     return hashlib.sha256(values.astype("<i8").tobytes()).hexdigest()
 
 
-def effective_block_ids(plan: BlockPlan, block: int, deleted: frozenset[int] | set[int]) -> np.ndarray:
+def effective_block_ids(plan: BlockPlan, *, block: int, deleted: frozenset[int] | set[int]) -> np.ndarray:
     """The ids block ``block`` trains on: its planned ids minus the deleted ones."""
     ids = plan.block_ids(block)
     return ids[~np.isin(ids, np.fromiter(deleted, dtype=np.int64, count=len(deleted)))]
@@ -96,8 +96,10 @@ def lineage_manifest(
             {
                 "block": i,
                 "checkpoint_sha256": checkpoint_sha256[i],
-                "ids_sha256": ids_sha256(effective_block_ids(plan, i, deleted_ids)) if i else ids_sha256([]),
-                "count": int(effective_block_ids(plan, i, deleted_ids).size) if i else 0,
+                "ids_sha256": ids_sha256(effective_block_ids(plan, block=i, deleted=deleted_ids))
+                if i
+                else ids_sha256([]),
+                "count": int(effective_block_ids(plan, block=i, deleted=deleted_ids).size) if i else 0,
             }
             for i in range(last + 1)
         ],
@@ -201,7 +203,7 @@ def verify_replay(
             )
     # A rolled-back version keeps (and its lineage lists) only M_0..M_s: ``through_block`` = s.
     for block in range(1, int(lineage.get("through_block", config.num_blocks)) + 1):
-        ids = effective_block_ids(plan, block, deleted_ids)
+        ids = effective_block_ids(plan, block=block, deleted=deleted_ids)
         if ids_sha256(ids) != by_block.get(block, {}).get("ids_sha256"):
             report.fail(f"block {block}: its id list after deletions does not hash to the lineage's entry.")
         left = sorted({int(i) for i in applied_ids} & set(ids.tolist()))

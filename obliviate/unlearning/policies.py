@@ -25,8 +25,8 @@ from obliviate.unlearning.records import Policy, UnlearningResult
 
 def unlearn(
     chain: Chain,
-    ids: Iterable[int],
     *,
+    ids: Iterable[int],
     data: BlockData,
     policy: Policy | str = Policy.EXACT,
     options: DeepObliviateOptions | None = None,
@@ -50,9 +50,9 @@ def unlearn(
         DeletionError: a bad request (nothing changes).
         ChainMismatchError: ``data`` is not the chain's data.
     """
-    policy = named_choice(Policy, policy, what="policy")
+    policy = named_choice(Policy, value=policy, what="policy")
     if policy is Policy.EXACT:
         if options is not None:
             raise ConfigError("options apply to the deepobliviate policy only; the exact policy takes none.")
-        return unlearn_exact(chain, ids, data=data, sink=sink)
-    return unlearn_deepobliviate(chain, ids, data=data, options=options or DeepObliviateOptions(), sink=sink)
+        return unlearn_exact(chain, ids=ids, data=data, sink=sink)
+    return unlearn_deepobliviate(chain, ids=ids, data=data, options=options or DeepObliviateOptions(), sink=sink)

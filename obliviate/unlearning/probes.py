@@ -62,7 +62,7 @@ def stamp_pattern(images: np.ndarray, *, pattern: np.ndarray, row: int, col: int
 
 
 def poison_with_pattern(
-    train: ImageDataset, ids: np.ndarray, *, pattern: np.ndarray, row: int, col: int, target_class: int
+    train: ImageDataset, *, ids: np.ndarray, pattern: np.ndarray, row: int, col: int, target_class: int
 ) -> ImageDataset:
     """The training set with ``pattern`` stamped on ``ids`` and their labels set to ``target_class``."""
     images, labels = train.images.copy(), train.labels.copy()
@@ -74,8 +74,8 @@ def poison_with_pattern(
 @torch.no_grad()
 def pattern_attack_success(
     predict: Callable[[torch.Tensor], torch.Tensor],
-    test: ImageDataset,
     *,
+    test: ImageDataset,
     pattern: np.ndarray,
     row: int,
     col: int,
@@ -88,7 +88,7 @@ def pattern_attack_success(
 
 
 @torch.no_grad()
-def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
+def per_sample_loss(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Cross-entropy of every sample (eval mode; the module's mode is restored), float64.
 
     Args:

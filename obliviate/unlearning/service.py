@@ -179,7 +179,7 @@ def plan_run(
     )
 
 
-def block_data(spec: RunSpec, dataset: ImageDataset) -> BlockData:
+def block_data(spec: RunSpec, *, dataset: ImageDataset) -> BlockData:
     """The run's :class:`BlockData`, after checking ``dataset`` is the one it was trained on."""
     if dataset.fingerprint != spec.dataset_fingerprint:
         raise ConfigError(
@@ -192,7 +192,7 @@ def block_data(spec: RunSpec, dataset: ImageDataset) -> BlockData:
     )
 
 
-def block_holdings(spec: RunSpec, plan: BlockPlan) -> list[list[int]]:
+def block_holdings(spec: RunSpec, *, plan: BlockPlan) -> list[list[int]]:
     """Dataset sample ids held by each block (block 1 first): what the registry records."""
     return [spec.dataset_ids(plan.block_ids(b)) for b in range(1, plan.num_blocks + 1)]
 

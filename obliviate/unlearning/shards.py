@@ -93,7 +93,7 @@ def make_shard_plan(labels: np.ndarray, *, num_shards: int, seed: int) -> ShardP
 
 
 @torch.no_grad()
-def shard_probabilities(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
+def shard_probabilities(model: nn.Module, *, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Softmax probabilities (float64) of one shard model in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
@@ -130,6 +130,6 @@ def combine(probabilities: Sequence[torch.Tensor], *, rule: str = MEAN) -> torch
     return torch.from_numpy(np.argmax(masked, axis=1).astype(np.int64))
 
 
-def predict_shards(models: Sequence[nn.Module], x: torch.Tensor, *, rule: str = MEAN) -> torch.Tensor:
+def predict_shards(models: Sequence[nn.Module], *, x: torch.Tensor, rule: str = MEAN) -> torch.Tensor:
     """Predicted classes of the sharded model whose shards in the vote are ``models``."""
-    return combine([shard_probabilities(m, x) for m in models], rule=rule)
+    return combine([shard_probabilities(m, x=x) for m in models], rule=rule)

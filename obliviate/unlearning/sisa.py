@@ -64,7 +64,7 @@ class SisaConfig:
     schedule: ScheduleName = ScheduleName.CONSTANT
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "schedule", named_choice(ScheduleName, self.schedule, what="schedule"))
+        object.__setattr__(self, "schedule", named_choice(ScheduleName, value=self.schedule, what="schedule"))
         for name in ("num_shards", "num_slices", "epochs_per_slice"):
             value = getattr(self, name)
             if not is_whole(value) or value < 1:
@@ -99,7 +99,7 @@ class SisaEnsemble:
         return pairs[:, 0], pairs[:, 1]
 
     def models(self) -> list[torch.nn.Module]:
-        return [model_from_state(self.config.base, shard[-1][0]) for shard in self.states]
+        return [model_from_state(config=self.config.base, state=shard[-1][0]) for shard in self.states]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
@@ -162,13 +162,13 @@ def _train_shard(
     base = config.base
     out = []
     with deterministic_torch(base.num_threads):
-        model = model_from_state(base, start_state[0])
-        optimizer = new_optimizer(model, base)
+        model = model_from_state(config=base, state=start_state[0])
+        optimizer = new_optimizer(model, config=base)
         optimizer.load_state_dict(copy.deepcopy(start_state[1]))
         for r in range(start_slice + 1, config.num_slices + 1):
             train_block(
                 model,
-                optimizer,
+                optimizer=optimizer,
                 x=data.x_train,
                 y=data.y_train,
                 block_ids=np.concatenate(slices[:r]),
@@ -190,23 +190,23 @@ def _train_shard(
     return out
 
 
-def train_sisa(config: SisaConfig, data: BlockData, *, excluded_ids: Iterable[int] = ()) -> SisaEnsemble:
+def train_sisa(config: SisaConfig, *, data: BlockData, excluded_ids: Iterable[int] = ()) -> SisaEnsemble:
     """Train all S shard models from scratch (without ``excluded_ids``).
 
     Raises:
         ConfigError: an excluded id that is not an integer in ``0 .. n-1``.
         ChainMismatchError: data that does not fit ``config.base`` (image size, levels, labels).
     """
-    check_data_fits(config.base, data)
+    check_data_fits(config.base, data=data)
     slices = make_sisa_slices(
         data.train.labels, num_shards=config.num_shards, num_slices=config.num_slices, seed=config.base.seed
     )
     excluded = frozenset(check_sample_ids(list(excluded_ids), num_samples=data.num_train).tolist())
-    keep = keep_mask(data.num_train, excluded)
+    keep = keep_mask(data.num_train, excluded_ids=excluded)
     states = []
     for k in range(config.num_shards):
         init_model = new_model(config.base)
-        init = (snapshot_state(init_model), copy.deepcopy(new_optimizer(init_model, config.base).state_dict()))
+        init = (snapshot_state(init_model), copy.deepcopy(new_optimizer(init_model, config=config.base).state_dict()))
         states.append(
             (init, *_train_shard(config, data, shard=k, slices=slices[k], start_slice=0, start_state=init, keep=keep))
         )
@@ -214,7 +214,7 @@ def train_sisa(config: SisaConfig, data: BlockData, *, excluded_ids: Iterable[in
 
 
 def unlearn_sisa(
-    ensemble: SisaEnsemble, ids: Iterable[int], *, data: BlockData
+    ensemble: SisaEnsemble, *, ids: Iterable[int], data: BlockData
 ) -> tuple[SisaEnsemble, UnlearningRecord]:
     """Retrain every affected shard from its first affected slice without ``ids``.
 
@@ -230,7 +230,7 @@ def unlearn_sisa(
         )
     shards, slices = ensemble.shard_and_slice(values)
     excluded = frozenset(ensemble.deleted_ids | set(values.tolist()))
-    keep = keep_mask(data.num_train, excluded)
+    keep = keep_mask(data.num_train, excluded_ids=excluded)
     states = list(ensemble.states)
     retrained = []
     for k in sorted(set(shards.tolist())):

@@ -64,7 +64,7 @@ def block_seed(seed: int, *stream: int) -> int:
     return int(np.random.default_rng((seed, *stream)).integers(2**63 - 1))
 
 
-def new_optimizer(model: nn.Module, config: BlockTrainingConfig) -> torch.optim.Optimizer:
+def new_optimizer(model: nn.Module, *, config: BlockTrainingConfig) -> torch.optim.Optimizer:
     """The optimizer carried across the whole chain (SPEC section 4): SGD with momentum or Adam.
 
     Args:
@@ -95,7 +95,7 @@ def snapshot_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
+def predict(model: nn.Module, *, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Predicted classes of ``x`` in eval mode (the module's mode is restored)."""
     was_training = model.training
     model.eval()
@@ -104,7 +104,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> tor
     return out
 
 
-def heldout_accuracy(model: nn.Module, data: BlockData) -> float:
+def heldout_accuracy(model: nn.Module, *, data: BlockData) -> float:
     """Accuracy of ``model`` on the chain's held-out set, as every checkpoint records it (SPEC section 4).
 
     Args:
@@ -114,13 +114,13 @@ def heldout_accuracy(model: nn.Module, data: BlockData) -> float:
     Returns:
         the share of held-out samples classified correctly, in ``[0, 1]``.
     """
-    return float((predict(model, data.x_heldout) == data.y_heldout).double().mean())
+    return float((predict(model, x=data.x_heldout) == data.y_heldout).double().mean())
 
 
 def train_block(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     *,
+    optimizer: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     block_ids: np.ndarray,
@@ -158,7 +158,7 @@ def train_block(
     return steps
 
 
-def keep_mask(num_samples: int, excluded_ids: Sequence[int] | frozenset[int] | np.ndarray) -> torch.Tensor:
+def keep_mask(num_samples: int, *, excluded_ids: Sequence[int] | frozenset[int] | np.ndarray) -> torch.Tensor:
     """Which training samples a chain trains on: everything but the excluded (deleted) ids (SPEC section 4).
 
     Args:
@@ -179,13 +179,13 @@ def keep_mask(num_samples: int, excluded_ids: Sequence[int] | frozenset[int] | n
     return keep
 
 
-def initial_checkpoint(config: BlockTrainingConfig, data: BlockData) -> Checkpoint:
+def initial_checkpoint(config: BlockTrainingConfig, *, data: BlockData) -> Checkpoint:
     """M_0: the seeded initial model and a fresh optimizer state."""
     model = new_model(config)
     return Checkpoint(
         block_index=0,
         model_state=snapshot_state(model),
-        optimizer_state=copy.deepcopy(new_optimizer(model, config).state_dict()),
+        optimizer_state=copy.deepcopy(new_optimizer(model, config=config).state_dict()),
         schedule_position=0,
         heldout_accuracy=None,
         config_fingerprint=config.fingerprint,
@@ -209,21 +209,21 @@ def warm_up(*, config: BlockTrainingConfig, data: BlockData, steps: int = 2) -> 
     began = time.perf_counter()
     with deterministic_torch(config.num_threads):
         model = new_model(config)
-        optimizer = new_optimizer(model, config)
+        optimizer = new_optimizer(model, config=config)
         ids = np.arange(min(data.num_train, config.batch_size * steps), dtype=np.int64)
         train_block(
             model,
-            optimizer,
+            optimizer=optimizer,
             x=data.x_train,
             y=data.y_train,
             block_ids=ids,
-            keep=keep_mask(data.num_train, ()),
+            keep=keep_mask(data.num_train, excluded_ids=()),
             learning_rate=config.learning_rate,
             epochs=1,
             batch_size=config.batch_size,
             seed=config.seed,
         )
-        heldout_accuracy(model, data)
+        heldout_accuracy(model, data=data)
         copy.deepcopy(optimizer.state_dict())
     return time.perf_counter() - began
 
@@ -245,7 +245,7 @@ class BlockTiming:
     evaluation_cpu_seconds: float = 0.0
 
 
-def check_data_fits(config: BlockTrainingConfig, data: BlockData) -> None:
+def check_data_fits(config: BlockTrainingConfig, *, data: BlockData) -> None:
     """Check that ``data`` is what the config's model takes: image size, gray levels, one channel, labels.
 
     One min/max over the labels; called once when a trainer is built, never per block.
@@ -282,7 +282,7 @@ class BlockTrainer:
     """
 
     def __init__(self, *, config: BlockTrainingConfig, data: BlockData, plan: BlockPlan) -> None:
-        check_data_fits(config, data)
+        check_data_fits(config, data=data)
         if plan.num_blocks != config.num_blocks or plan.num_samples != data.num_train:
             raise ChainMismatchError(
                 f"block plan ({plan.num_blocks} blocks over {plan.num_samples} samples) does not match config "
@@ -309,18 +309,18 @@ class BlockTrainer:
         check_checkpoint(start, config=config, data_fingerprint=self.data.fingerprint)
         if not start.block_index <= last_block <= config.num_blocks:
             raise ConfigError(f"last_block must be in {start.block_index}..{config.num_blocks}; got {last_block}.")
-        keep = keep_mask(self.data.num_train, excluded_ids)
+        keep = keep_mask(self.data.num_train, excluded_ids=excluded_ids)
         excluded_count = int((~keep).sum())
         with deterministic_torch(config.num_threads):
-            model = model_from_state(config, start.model_state)
-            optimizer = new_optimizer(model, config)
+            model = model_from_state(config=config, state=start.model_state)
+            optimizer = new_optimizer(model, config=config)
             # Deep copy: Optimizer.load_state_dict may alias the stored tensors and update them in place.
             optimizer.load_state_dict(copy.deepcopy(start.optimizer_state))
             for block in range(start.block_index + 1, last_block + 1):
                 began, began_cpu = time.perf_counter(), time.process_time()
                 steps = train_block(
                     model,
-                    optimizer,
+                    optimizer=optimizer,
                     x=self.data.x_train,
                     y=self.data.y_train,
                     block_ids=self.plan.block_ids(block),
@@ -332,7 +332,7 @@ class BlockTrainer:
                 )
                 evaluated = block == config.num_blocks or wanted(block)
                 trained_cpu = time.process_time()
-                accuracy = heldout_accuracy(model, self.data) if evaluated else None
+                accuracy = heldout_accuracy(model, data=self.data) if evaluated else None
                 evaluation_cpu = time.process_time() - trained_cpu
                 checkpoint = Checkpoint(
                     block_index=block,
@@ -384,7 +384,7 @@ def train_chain(
             not fit the config (image size, levels, labels outside 0..num_classes-1).
         ConfigError: an excluded id that is not an integer in ``0 .. n-1``.
     """
-    check_data_fits(config, data)
+    check_data_fits(config, data=data)
     plan = plan or make_block_plan(data.train.labels, num_blocks=config.num_blocks, seed=config.seed)
     excluded = frozenset(check_sample_ids(excluded_ids, num_samples=data.num_train).tolist())
     trainer = BlockTrainer(config=config, data=data, plan=plan)
@@ -396,7 +396,7 @@ def train_chain(
                 f"resume_from must hold M_0..M_k in order; position {position} holds block {checkpoint.block_index}."
             )
     if not checkpoints:
-        checkpoints.append(initial_checkpoint(config, data))
+        checkpoints.append(initial_checkpoint(config, data=data))
         if sink is not None:
             sink(checkpoints[0])
     for checkpoint in trainer.run(

@@ -83,8 +83,8 @@ class BackdoorSet:
 
 def choose_backdoor_ids(
     labels: np.ndarray,
-    plan: BlockPlan,
     *,
+    plan: BlockPlan,
     count: int,
     target_class: int,
     first_block: int,
@@ -126,9 +126,9 @@ def choose_backdoor_ids(
 
 def poison(
     train: ImageDataset,
+    *,
     plan: BlockPlan,
     ids: np.ndarray,
-    *,
     target_class: int,
     size: int = 3,
     corner: str = "bottom_right",
@@ -148,7 +148,7 @@ def _predict(predict: Predictor, x: torch.Tensor) -> torch.Tensor:
 
 
 def attack_success_rate(
-    predict: Predictor, test: ImageDataset, *, target_class: int, size: int = 3, corner: str = "bottom_right"
+    predict: Predictor, *, test: ImageDataset, target_class: int, size: int = 3, corner: str = "bottom_right"
 ) -> float:
     """Share of triggered test inputs (true class != target) classified as the target class."""
     mask = test.labels != target_class
@@ -157,7 +157,7 @@ def attack_success_rate(
     return float((predicted == target_class).double().mean())
 
 
-def consistency(a: torch.Tensor, b: torch.Tensor) -> float:
+def consistency(*, a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of inputs on which two prediction vectors agree.
 
     Raises:
@@ -173,7 +173,7 @@ def consistency(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def mean_loss(model: torch.nn.Module, *, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean cross-entropy of ``model`` (eval mode) on (x, y)."""
     was_training = model.training
     model.eval()
@@ -229,14 +229,14 @@ def verify(
     pu, pn, po = unlearned(x_test), naive(x_test), original(x_test)
     l1_to_naive = original_l1_to_naive = None
     if unlearned_state is not None and naive_state is not None and original_state is not None:
-        l1_to_naive = state_l1(unlearned_state, naive_state)
-        original_l1_to_naive = state_l1(original_state, naive_state)
+        l1_to_naive = state_l1(a=unlearned_state, b=naive_state)
+        original_l1_to_naive = state_l1(a=original_state, b=naive_state)
     return VerificationFigures(
-        accuracy=consistency(pu, y_test),
-        naive_accuracy=consistency(pn, y_test),
-        original_accuracy=consistency(po, y_test),
-        consistency_with_naive=consistency(pu, pn),
-        original_consistency_with_naive=consistency(po, pn),
+        accuracy=consistency(a=pu, b=y_test),
+        naive_accuracy=consistency(a=pn, b=y_test),
+        original_accuracy=consistency(a=po, b=y_test),
+        consistency_with_naive=consistency(a=pu, b=pn),
+        original_consistency_with_naive=consistency(a=po, b=pn),
         l1_to_naive=l1_to_naive,
         original_l1_to_naive=original_l1_to_naive,
         deleted_loss=losses[0] if losses else None,

@@ -90,10 +90,10 @@ def test_retraining_with_nothing_deleted_reproduces_the_chain_and_delta_is_zero(
     for i in range(1, chain.config.num_blocks + 1):
         assert _equal(again.checkpoints[i].model_state, chain.checkpoints[i].model_state)
         delta = state_difference_l1(
-            chain.checkpoints[i].model_state,
-            chain.checkpoints[i - 1].model_state,
-            again.checkpoints[i].model_state,
-            again.checkpoints[i - 1].model_state,
+            a_after=chain.checkpoints[i].model_state,
+            a_before=chain.checkpoints[i - 1].model_state,
+            b_after=again.checkpoints[i].model_state,
+            b_before=again.checkpoints[i - 1].model_state,
         )
         assert delta == 0.0
         assert again.checkpoints[i].heldout_accuracy == chain.checkpoints[i].heldout_accuracy

@@ -242,8 +242,8 @@ def test_shards_vote_deterministically_with_stated_tie_breaks() -> None:
 
 def test_predict_shards_runs_real_models(adam_chain: Chain, digits_data: BlockData) -> None:
     models = [adam_chain.model(), adam_chain.model(adam_chain.config.num_blocks - 1)]
-    first = predict_shards(models, digits_data.x_heldout)
-    assert torch.equal(first, predict_shards(list(reversed(models)), digits_data.x_heldout))
+    first = predict_shards(models, x=digits_data.x_heldout)
+    assert torch.equal(first, predict_shards(list(reversed(models)), x=digits_data.x_heldout))
     assert float((first == digits_data.y_heldout).double().mean()) > 0.5
 
 
@@ -262,7 +262,7 @@ def test_stamp_pattern_generalises_the_white_square_and_any_pattern() -> None:
 
 def test_per_sample_loss_matches_the_mean_loss(adam_chain: Chain, digits_data: BlockData) -> None:
     model = adam_chain.model()
-    losses = per_sample_loss(model, digits_data.x_heldout, digits_data.y_heldout, batch_size=64)
+    losses = per_sample_loss(model, x=digits_data.x_heldout, y=digits_data.y_heldout, batch_size=64)
     with torch.no_grad():
         full = torch.nn.functional.cross_entropy(model.eval()(digits_data.x_heldout).double(), digits_data.y_heldout)
     assert losses.shape == (len(digits_data.y_heldout),) and float(losses.mean()) == pytest.approx(float(full))

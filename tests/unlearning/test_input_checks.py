@@ -31,8 +31,8 @@ def _tiny_config(**overrides: object) -> BlockTrainingConfig:
 @pytest.mark.parametrize("ids", [[-1], [5], [True], [1.5]])
 def test_keep_mask_refuses_ids_outside_the_training_set(ids: list[object]) -> None:
     with pytest.raises(ConfigError, match=r"rule: sample ids must be"):
-        keep_mask(5, ids)  # type: ignore[arg-type]
-    assert keep_mask(5, [4, 4]).tolist() == [True, True, True, True, False]
+        keep_mask(5, excluded_ids=ids)  # type: ignore[arg-type]
+    assert keep_mask(5, excluded_ids=[4, 4]).tolist() == [True, True, True, True, False]
 
 
 @pytest.mark.parametrize("ids", [[-1], [1000]])
@@ -46,7 +46,7 @@ def test_train_chain_refuses_bad_excluded_ids_before_training(ids: list[int], di
 def test_train_sisa_refuses_bad_excluded_ids(digits_data: BlockData) -> None:
     config = SisaConfig(base=_tiny_config(), num_shards=2, num_slices=2)
     with pytest.raises(ConfigError, match=r"unknown: \[999\]"):
-        train_sisa(config, digits_data, excluded_ids=[999])
+        train_sisa(config, data=digits_data, excluded_ids=[999])
 
 
 def test_plan_block_numbers_start_at_one_and_ids_do_not_wrap() -> None:
@@ -66,9 +66,9 @@ def test_plan_block_numbers_start_at_one_and_ids_do_not_wrap() -> None:
 def test_validate_deletion_keeps_its_rule_for_bad_ids() -> None:
     adam_chain = SimpleNamespace(plan=SimpleNamespace(num_samples=600), deleted_ids=frozenset())
     with pytest.raises(DeletionError, match=r"must be in 0..599 .*unknown: \[-1\]\. Nothing changed\."):
-        validate_deletion(adam_chain, [-1, 2])
+        validate_deletion(adam_chain, ids=[-1, 2])
     with pytest.raises(DeletionError, match=r"must be integers .*Nothing changed\."):
-        validate_deletion(adam_chain, [2.0])
+        validate_deletion(adam_chain, ids=[2.0])
 
 
 def test_a_plan_must_cover_every_sample_id() -> None:
@@ -97,15 +97,15 @@ def test_training_refuses_data_that_does_not_fit_the_config(
         train_chain(config=_tiny_config(**overrides), data=digits_data, sink=seen.append)
     assert seen == []
     with pytest.raises(ChainMismatchError, match=fragment):
-        train_sisa(SisaConfig(base=_tiny_config(**overrides), num_shards=2, num_slices=2), digits_data)
+        train_sisa(SisaConfig(base=_tiny_config(**overrides), num_shards=2, num_slices=2), data=digits_data)
 
 
 def test_per_sample_loss_refuses_labels_outside_the_model() -> None:
     model = new_model(_tiny_config(num_classes=10))
     x = torch.zeros(3, 1, 8, 8)
     with pytest.raises(ConfigError, match=r"class indices 0..9 .*got labels 12..12"):
-        per_sample_loss(model, x, torch.full((3,), 12))
-    assert per_sample_loss(model, x, torch.tensor([0, 9, 3])).shape == (3,)
+        per_sample_loss(model, x=x, y=torch.full((3,), 12))
+    assert per_sample_loss(model, x=x, y=torch.tensor([0, 9, 3])).shape == (3,)
 
 
 @pytest.mark.parametrize("size", [0, -2, 9, 2.5])
@@ -121,7 +121,7 @@ def test_choose_backdoor_ids_refuses_a_target_class_the_labels_lack() -> None:
     plan = make_block_plan(labels, num_blocks=4, seed=0)
     with pytest.raises(ConfigError, match=r"target_class must be one of the data's classes 0..3; got 99"):
         choose_backdoor_ids(
-            labels, plan, count=4, target_class=99, first_block=1, last_block=4, rng=np.random.default_rng(0)
+            labels, plan=plan, count=4, target_class=99, first_block=1, last_block=4, rng=np.random.default_rng(0)
         )
 
 
@@ -133,7 +133,7 @@ def test_randomness_must_be_a_numpy_generator(rng: object) -> None:
         stratified_split(labels, sizes=(10, 10), rng=rng)  # type: ignore[arg-type]
     plan = make_block_plan(labels, num_blocks=4, seed=0)
     with pytest.raises(ConfigError, match=expected):
-        choose_backdoor_ids(labels, plan, count=4, target_class=0, first_block=1, last_block=4, rng=rng)  # type: ignore[arg-type]
+        choose_backdoor_ids(labels, plan=plan, count=4, target_class=0, first_block=1, last_block=4, rng=rng)  # type: ignore[arg-type]
 
 
 def test_plan_and_slice_seeds_must_be_non_negative_integers() -> None:
@@ -146,7 +146,7 @@ def test_plan_and_slice_seeds_must_be_non_negative_integers() -> None:
 
 def test_unknown_names_list_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match=r"policy must be one of \['exact', 'deepobliviate'\]; got 'fast'"):
-        unlearn(None, [1], data=None, policy="fast")  # type: ignore[arg-type]
+        unlearn(None, ids=[1], data=None, policy="fast")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"schedule must be one of \['constant', 'step', 'cosine', 'exponential'\]"):
         SisaConfig(base=_tiny_config(), schedule="linear")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"schedule must be one of .*got 'linear'"):
@@ -192,5 +192,5 @@ def test_consistency_refuses_vectors_of_different_shapes_or_none() -> None:
         (torch.zeros(3, 1), torch.zeros(3)),
     ):
         with pytest.raises(ConfigError, match="non-empty prediction vectors of one length"):
-            consistency(a, b)
-    assert consistency(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])) == pytest.approx(2 / 3)
+            consistency(a=a, b=b)
+    assert consistency(a=torch.tensor([1, 2, 3]), b=torch.tensor([1, 0, 3])) == pytest.approx(2 / 3)

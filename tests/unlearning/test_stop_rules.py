@@ -16,7 +16,9 @@ RULES = list(StopRule)
 def _first_stop(series, *, rule, epsilon, min_points=5, nonnegative_floor=True):
     for tau in range(min_points, len(series) + 1):
         prefix = series[:tau]
-        statistic = stop_rule_statistic(prefix, fit_power_law(prefix, nonnegative_floor=nonnegative_floor), rule=rule)
+        statistic = stop_rule_statistic(
+            prefix, fit=fit_power_law(prefix, nonnegative_floor=nonnegative_floor), rule=rule
+        )
         if statistic is not None and statistic < epsilon:
             return tau
     return None

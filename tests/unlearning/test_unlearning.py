@@ -32,7 +32,7 @@ def _ids(chain: Chain, *blocks: int, per_block: int = 1) -> list[int]:
 def test_exact_equals_naive_retraining_bit_for_bit(chain_name, digits_data: BlockData, request) -> None:
     chain: Chain = request.getfixturevalue(chain_name)
     ids = _ids(chain, 4, 7, per_block=3)
-    result = unlearn_exact(chain, ids, data=digits_data)
+    result = unlearn_exact(chain, ids=ids, data=digits_data)
     naive = train_chain(config=chain.config, data=digits_data, excluded_ids=ids)
     for i in range(chain.config.num_blocks + 1):
         assert _equal(result.chain.checkpoints[i].model_state, naive.checkpoints[i].model_state), f"block {i}"
@@ -47,20 +47,20 @@ def test_exact_equals_naive_retraining_bit_for_bit(chain_name, digits_data: Bloc
 
 def test_second_deletion_works_from_the_current_chain(adam_chain: Chain, digits_data: BlockData) -> None:
     first, second = _ids(adam_chain, 6), _ids(adam_chain, 3, 9)
-    after_first = unlearn(adam_chain, first, data=digits_data).chain
-    after_second = unlearn(after_first, second, data=digits_data).chain
+    after_first = unlearn(adam_chain, ids=first, data=digits_data).chain
+    after_second = unlearn(after_first, ids=second, data=digits_data).chain
     naive = train_chain(config=adam_chain.config, data=digits_data, excluded_ids=first + second)
     assert _equal(after_second.final.model_state, naive.final.model_state)
     assert after_second.deleted_ids == frozenset(first + second) and after_second.generation == 2
     with pytest.raises(DeletionError, match=rf"already deleted: \[{first[0]}\]"):
-        unlearn(after_second, first, data=digits_data)
+        unlearn(after_second, ids=first, data=digits_data)
 
 
 def test_deepobliviate_says_why_its_rule_did_not_stop(adam_chain: Chain, digits_data: BlockData) -> None:
     """With any ε it said "never fell below eps=1e9" where the rule could not be tried at all."""
     num_blocks = adam_chain.config.num_blocks
     late = unlearn_deepobliviate(
-        adam_chain, _ids(adam_chain, num_blocks - 1), data=digits_data, options=DeepObliviateOptions(epsilon=1e9)
+        adam_chain, ids=_ids(adam_chain, num_blocks - 1), data=digits_data, options=DeepObliviateOptions(epsilon=1e9)
     )
     assert late.record.stop_block is None and late.record.stop_reason.startswith(
         f"too few blocks follow the last affected block {num_blocks - 1} to apply stop rule residual_ratio "
@@ -68,7 +68,7 @@ def test_deepobliviate_says_why_its_rule_did_not_stop(adam_chain: Chain, digits_
     )
     # with ε this large the rule stops at the first block it can fire at; if it never can, it says why
     early = unlearn_deepobliviate(
-        adam_chain, _ids(adam_chain, 1), data=digits_data, options=DeepObliviateOptions(epsilon=1e9)
+        adam_chain, ids=_ids(adam_chain, 1), data=digits_data, options=DeepObliviateOptions(epsilon=1e9)
     )
     assert "never fell below" not in early.record.stop_reason, early.record.stop_reason
 
@@ -76,28 +76,35 @@ def test_deepobliviate_says_why_its_rule_did_not_stop(adam_chain: Chain, digits_
 def test_deepobliviate_without_early_stop_equals_exact(adam_chain: Chain, digits_data: BlockData) -> None:
     ids = _ids(adam_chain, 5)
     never = DeepObliviateOptions(epsilon=1e-12)
-    result = unlearn_deepobliviate(adam_chain, ids, data=digits_data, options=never)
-    exact = unlearn_exact(adam_chain, ids, data=digits_data)
+    result = unlearn_deepobliviate(adam_chain, ids=ids, data=digits_data, options=never)
+    exact = unlearn_exact(adam_chain, ids=ids, data=digits_data)
     assert result.record.stop_block is None and "never fell below" in result.record.stop_reason
     assert result.record.guardrail.outcome == "not_needed"
     assert _equal(result.chain.final.model_state, exact.chain.final.model_state)
     assert len(result.record.delta_series) == adam_chain.config.num_blocks - 5 + 1
     # Stitching at τ = B is the identity: M'_B + (M_B − M_B) = M'_B exactly.
     final = exact.chain.final.model_state
-    assert _equal(stitch_state(final, adam_chain.final.model_state, adam_chain.final.model_state), final)
+    assert _equal(
+        stitch_state(
+            retrained=final, original_final=adam_chain.final.model_state, original_at_stop=adam_chain.final.model_state
+        ),
+        final,
+    )
 
 
 def test_deepobliviate_stops_stitches_and_passes_guardrail(adam_chain: Chain, digits_data: BlockData) -> None:
     ids = _ids(adam_chain, 4)
     store = InMemoryChainStore()
-    result = unlearn_deepobliviate(adam_chain, ids, data=digits_data, options=EAGER, sink=store)
+    result = unlearn_deepobliviate(adam_chain, ids=ids, data=digits_data, options=EAGER, sink=store)
     record = result.record
     assert record.stop_block is not None and record.stop_block >= 4 + EAGER.min_points - 1
     assert len(record.delta_series) == record.stop_block - 4 + 1 and record.fit is not None
     if record.guardrail.outcome == "passed":
         j = record.stop_block
         expected = stitch_state(
-            result.chain.checkpoints[j].model_state, adam_chain.final.model_state, adam_chain.checkpoints[j].model_state
+            retrained=result.chain.checkpoints[j].model_state,
+            original_final=adam_chain.final.model_state,
+            original_at_stop=adam_chain.checkpoints[j].model_state,
         )
         assert _equal(result.chain.final.model_state, expected)
         assert result.chain.final.origin == "stitched" and result.chain.checkpoints[j].origin == "trained"
@@ -114,7 +121,7 @@ def test_deepobliviate_stops_stitches_and_passes_guardrail(adam_chain: Chain, di
 
 def test_never_stops_before_the_last_affected_block(adam_chain: Chain, digits_data: BlockData) -> None:
     ids = _ids(adam_chain, 2, 10)
-    result = unlearn_deepobliviate(adam_chain, ids, data=digits_data, options=EAGER)
+    result = unlearn_deepobliviate(adam_chain, ids=ids, data=digits_data, options=EAGER)
     assert result.record.stop_block is None or result.record.stop_block >= 10
     assert min(result.record.blocks_retrained) == 2 and max(result.record.blocks_retrained) >= 10
 
@@ -132,13 +139,13 @@ def test_guardrail_rejects_a_broken_stitched_model_and_falls_back_to_exact(
         adam_chain, checkpoints=adam_chain.checkpoints[:-1] + (replace(adam_chain.final, model_state=broken_state),)
     )
     ids = _ids(adam_chain, 4)
-    result = unlearn_deepobliviate(broken, ids, data=digits_data, options=EAGER)
+    result = unlearn_deepobliviate(broken, ids=ids, data=digits_data, options=EAGER)
     guardrail = result.record.guardrail
     assert result.record.stop_block is not None, "the eager rule must fire so that a stitched model is checked"
     assert guardrail.outcome == "fallback_exact"
     assert guardrail.attempts and not any(a.passed for a in guardrail.attempts)
     assert all(a.accuracy < a.reference - a.tolerance for a in guardrail.attempts)
-    exact = unlearn_exact(adam_chain, ids, data=digits_data)
+    exact = unlearn_exact(adam_chain, ids=ids, data=digits_data)
     assert _equal(result.chain.final.model_state, exact.chain.final.model_state)
     assert result.record.blocks_retrained == tuple(range(4, adam_chain.config.num_blocks + 1))
     assert all(c.origin != "stitched" for c in result.chain.checkpoints)
@@ -162,7 +169,7 @@ def test_bad_deletion_requests_are_refused_and_change_nothing(
     calls: list[int] = []
     for policy in ("exact", "deepobliviate"):
         with pytest.raises(DeletionError, match=message) as info:
-            unlearn(adam_chain, ids, data=digits_data, policy=policy, sink=lambda c: calls.append(c.block_index))
+            unlearn(adam_chain, ids=ids, data=digits_data, policy=policy, sink=lambda c: calls.append(c.block_index))
         assert "rule:" in str(info.value) and "Nothing changed" in str(info.value)
     assert calls == [] and adam_chain.deleted_ids == frozenset() and adam_chain.generation == 0
     assert all(a is b.model_state for a, b in zip(before, adam_chain.checkpoints, strict=True))
@@ -171,23 +178,23 @@ def test_bad_deletion_requests_are_refused_and_change_nothing(
 def test_data_of_another_set_is_refused(adam_chain: Chain, digits_data: BlockData) -> None:
     other = BlockData(train=digits_data.train, heldout=digits_data.heldout.subset(np.arange(100)))
     with pytest.raises(ChainMismatchError, match="fingerprint"):
-        unlearn(adam_chain, [1], data=other)
+        unlearn(adam_chain, ids=[1], data=other)
 
 
 def test_unknown_policy_and_bad_options_are_refused(adam_chain: Chain, digits_data: BlockData) -> None:
     with pytest.raises(
         ValueError, match=r"policy must be one of \['exact', 'deepobliviate'\]; got 'forget_everything'"
     ):
-        unlearn(adam_chain, [1], data=digits_data, policy="forget_everything")
+        unlearn(adam_chain, ids=[1], data=digits_data, policy="forget_everything")
     with pytest.raises(ValueError, match="min_points must be an integer >= 3"):
         DeepObliviateOptions(min_points=2)
     with pytest.raises(ValueError, match="options apply to the deepobliviate policy only"):
-        unlearn(adam_chain, [1], data=digits_data, policy="exact", options=DeepObliviateOptions())
+        unlearn(adam_chain, ids=[1], data=digits_data, policy="exact", options=DeepObliviateOptions())
 
 
 def test_second_deletion_after_deepobliviate_starts_from_its_chain(adam_chain: Chain, digits_data: BlockData) -> None:
-    first = unlearn_deepobliviate(adam_chain, _ids(adam_chain, 4), data=digits_data, options=EAGER).chain
-    second = unlearn(first, _ids(adam_chain, 10), data=digits_data)
+    first = unlearn_deepobliviate(adam_chain, ids=_ids(adam_chain, 4), data=digits_data, options=EAGER).chain
+    second = unlearn(first, ids=_ids(adam_chain, 10), data=digits_data)
     assert second.chain.checkpoints[9] is first.checkpoints[9]  # M_{d-1} of the current chain, not the original
     assert second.chain.deleted_ids == first.deleted_ids | {_ids(adam_chain, 10)[0]}
     expected = train_chain(
@@ -209,7 +216,7 @@ def test_verify_names_stitched_checkpoints_as_estimates_not_tampering(
     from obliviate.unlearning.lineage import FAILED, lineage_manifest, verify_replay
 
     ids = _ids(adam_chain, 4)
-    chain = unlearn_deepobliviate(adam_chain, ids, data=digits_data, options=EAGER).chain
+    chain = unlearn_deepobliviate(adam_chain, ids=ids, data=digits_data, options=EAGER).chain
     stitched = [c.block_index for c in chain.checkpoints if c.origin == "stitched"]
     assert stitched, "EAGER must stitch on this set-up for the test to mean anything"
 

@@ -45,7 +45,7 @@ def _naive_equal(registry: RunRegistry, run_id: str) -> bool:
     current = registry.current(run_id)
     chain = registry.load_chain(current)[0]
     positions = set(spec.positions(current.deleted_ids)[0].tolist())
-    data = block_data(spec, load_dataset(spec.dataset))
+    data = block_data(spec, dataset=load_dataset(spec.dataset))
     naive = train_chain(config=spec.config, data=data, excluded_ids=frozenset(positions)).final.model_state
     return all(torch.equal(chain.final.model_state[k], v) for k, v in naive.items())
 

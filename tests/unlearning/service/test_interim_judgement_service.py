@@ -36,7 +36,7 @@ GROUP, MEMBERS = "g", ["g-s0of2", "g-s1of2"]
 
 
 def _heldout(store: ObjectStore, run_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-    data = block_data(RunRegistry(store).spec(run_id), load_dataset("digits"))
+    data = block_data(RunRegistry(store).spec(run_id), dataset=load_dataset("digits"))
     return data.x_heldout, data.y_heldout
 
 
@@ -73,7 +73,7 @@ def group_store(store_url, tiny_run):
     x, y = _heldout(store, MEMBERS[0])
 
     def accuracy_of(served: dict[int, int]) -> tuple[float, np.ndarray]:
-        predicted = predict_shards([chains[k].model(b) for k, b in sorted(served.items())], x)
+        predicted = predict_shards([chains[k].model(b) for k, b in sorted(served.items())], x=x)
         return float((predicted == y).double().mean()), predicted.numpy()
 
     return store_url, store, chains, accuracy_of
@@ -87,7 +87,7 @@ def test_a_single_chain_interim_within_the_bare_floor_but_not_its_paired_margin_
     full, interim = chain.final.heldout_accuracy, chain.checkpoints[3].heldout_accuracy  # ids in block 4: M_3
     drop = 100.0 * (full - interim)
     margin = paired_margin_points(
-        reference=predict_shards([chain.model()], x).numpy(), candidate=predict_shards([chain.model(3)], x).numpy()
+        reference=predict_shards([chain.model()], x=x).numpy(), candidate=predict_shards([chain.model(3)], x=x).numpy()
     )
     assert margin > 1.0, "M_3 and M_4 must disagree on some held-out samples for the margin to matter"
     before = registry.current("rb").version
@@ -230,6 +230,6 @@ def test_a_group_rollback_measures_a_retrained_members_unrecorded_block(group_st
     done = roll_back_group(registry, GROUP, MEMBERS, {"part": part}, floor_points=100.0, judge_for=judge_for)
     assert done is not None and not done["flush_now"]
     x, y = _heldout(store, MEMBERS[1])
-    alone = float((predict_shards([retrained.model(2)], x) == y).double().mean())
+    alone = float((predict_shards([retrained.model(2)], x=x) == y).double().mean())
     member = done["runs"][MEMBERS[1]]
     assert member["serve_block"] == 2 and member["accuracy"] == pytest.approx(alone)  # judged, not left out unknown

@@ -50,17 +50,17 @@ def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_roll
     with TargetServer(backend=RunBackend(url, "g", refresh_s=0.0), info={"run": "g"}) as server:
         remote = HttpBackend(server.url, timeout_s=30, retries=0)
         labels = remote.predict(images, output=OutputMode.LABELS)
-        np.testing.assert_array_equal(labels, predict_shards([c.model() for c in chains], x).numpy())
+        np.testing.assert_array_equal(labels, predict_shards([c.model() for c in chains], x=x).numpy())
         # shard 0 rolls back to M_1 (ids in its block 2): served at once, shard 1 unchanged
         ledger.append(request_id="r0", ids=ids_in(0, 2), dataset="digits", reason=None)
         batch_gate(store, ledger.open_entries(stale_after_s=600.0))
         labels = remote.predict(images, output=OutputMode.LABELS)
-        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1), chains[1].model()], x).numpy())
+        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1), chains[1].model()], x=x).numpy())
         # shard 1 pauses (ids in its block 1): it leaves the vote
         ledger.append(request_id="r1", ids=ids_in(1, 1), dataset="digits", reason=None)
         batch_gate(store, ledger.open_entries(stale_after_s=600.0))
         labels = remote.predict(images, output=OutputMode.LABELS)
-        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1)], x).numpy())
+        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1)], x=x).numpy())
         with urllib.request.urlopen(server.url.replace("/predict", "/info"), timeout=10) as reply:
             served = json.loads(reply.read())["served"]
         assert served["g-s0of2"]["in_vote"] and not served["g-s1of2"]["in_vote"]
@@ -73,11 +73,11 @@ def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_roll
         assert gate["flush"] and gate["reason"] == "rollback_below_floor"
         assert not store.exists("ledger/forgotten/r2.json") and store.exists("ledger/forgotten/r1.json")
         labels = remote.predict(images, output=OutputMode.LABELS)
-        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1)], x).numpy())
+        np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1)], x=x).numpy())
         # the retrain of shard 1 lands: it votes again, next to shard 0's M_1
         ChainWorker(url).unlearn("g-s1of2", {"r1": ids_in(1, 1)})
         labels = remote.predict(images, output=OutputMode.LABELS)
-        expected = predict_shards([chains[0].model(1), chain_of(url, "g-s1of2").model()], x).numpy()
+        expected = predict_shards([chains[0].model(1), chain_of(url, "g-s1of2").model()], x=x).numpy()
         np.testing.assert_array_equal(labels, expected)
         # /info listed the forgotten ids as training data long after the retrain forgot them
         with urllib.request.urlopen(server.url.replace("/predict", "/info"), timeout=10) as reply:

@@ -65,7 +65,7 @@ def _assert_never_trained_on(manifest: Manifest, *, plan: BlockPlan, positions: 
         if block < first:
             continue
         assert set(positions) <= deleted, f"block {block} listed by a chain that kept the ids"
-        assert entry["ids_sha256"] == ids_sha256(effective_block_ids(plan, block, deleted))
+        assert entry["ids_sha256"] == ids_sha256(effective_block_ids(plan, block=block, deleted=deleted))
         assert entry["checkpoint_sha256"] != original.members[str(block)].sha256  # not the block that saw them
         assert manifest.members[str(block)].sha256 == entry["checkpoint_sha256"]
 
@@ -107,9 +107,9 @@ def test_a_batch_retrain_publishes_each_exact_block_as_it_lands(tmp_path, small_
     state = RunState("pg", version, pointer.target, registry.manifest(version))
     judge = heldout_judge(registry, [state])
     retrained, _ = registry.load_chain(registry.current("pg"))
-    assert torch.equal(judge.probabilities(0, 3), shard_probabilities(retrained.model(3), judge.x))
-    before = shard_probabilities(checkpoint_model(registry, original, 3), judge.x)
-    assert not torch.equal(judge.probabilities(0, 3), before)
+    assert torch.equal(judge.probabilities(shard=0, block=3), shard_probabilities(retrained.model(3), x=judge.x))
+    before = shard_probabilities(checkpoint_model(registry, original, 3), x=judge.x)
+    assert not torch.equal(judge.probabilities(shard=0, block=3), before)
 
 
 def _accept_mid_retrain(url: str, run_id: str, first: list[int], later: list[int]) -> dict:

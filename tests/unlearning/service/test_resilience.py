@@ -60,7 +60,7 @@ def _kill_actor(prefix: str) -> None:
 
 
 def _naive_final_state(spec: RunSpec, excluded_positions: set[int]):
-    data = block_data(spec, load_dataset(spec.dataset))
+    data = block_data(spec, dataset=load_dataset(spec.dataset))
     return train_chain(config=spec.config, data=data, excluded_ids=frozenset(excluded_positions)).final.model_state
 
 

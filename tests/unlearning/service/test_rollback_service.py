@@ -88,8 +88,8 @@ def test_a_retrain_evaluates_only_m_b_and_a_later_rollback_measures_the_block_it
     interim = batch_gate(store, ledger.open_entries(stale_after_s=600.0))["interim"]["runs"]["rb"]
     assert interim["published"] and interim["serve_block"] == 2
     spec = registry.spec("rb")
-    data = block_data(spec, load_dataset(spec.dataset))
-    assert interim["accuracy"] == pytest.approx(heldout_accuracy(retrained.model(2), data))
+    data = block_data(spec, dataset=load_dataset(spec.dataset))
+    assert interim["accuracy"] == pytest.approx(heldout_accuracy(retrained.model(2), data=data))
 
 
 def test_below_the_floor_nothing_is_published_and_the_batch_flushes_now(trained) -> None:
