@@ -48,6 +48,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+from fsspec.exceptions import FSTimeoutError
 
 from obliviate.errors import ConfigError, ObliviateError
 from storage.errors import (
@@ -58,6 +59,7 @@ from storage.errors import (
     StorageUnavailable,
     WriteFailed,
 )
+from storage.retry import current_limit_s, time_left_s, watched_call
 
 COMMIT_SUFFIX = ".sha256"
 _TMP_MARK = ".tmp-"
@@ -164,7 +166,7 @@ class ObjectStore:
         data = b"".join(chunks)
         info = ObjectInfo(key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
         record = json.dumps({"sha256": info.sha256, "size": info.size, "committed_at": time.time()}).encode()
-        with _translated(self.uri(key), writing=True):
+        with self._backend(self.uri(key), writing=True, payload_bytes=len(data)):
             self._write_atomic(self._path(key), data)
             self._write_atomic(self._path(key) + COMMIT_SUFFIX, record)
         return info
@@ -188,7 +190,7 @@ class ObjectStore:
     def exists(self, key: str) -> bool:
         """Whether ``key`` is committed (its commit record exists)."""
         key = _check_key(key)
-        with _translated(self.uri(key)):
+        with self._backend(self.uri(key)):
             return bool(self._fs.exists(self._path(key) + COMMIT_SUFFIX))
 
     def list(self, prefix: str = "") -> builtins.list[str]:
@@ -204,7 +206,7 @@ class ObjectStore:
     def delete(self, key: str) -> None:
         """Remove ``key``: its commit record first, so readers never see data without a record."""
         key = _check_key(key)
-        with _translated(self.uri(key)):
+        with self._backend(self.uri(key)):
             for path in (self._path(key) + COMMIT_SUFFIX, self._path(key)):
                 with contextlib.suppress(FileNotFoundError):
                     self._fs.rm_file(path)
@@ -350,7 +352,7 @@ class ObjectStore:
         payload = json.dumps(body, sort_keys=True)
         data = json.dumps({"body": body, "sha256": hashlib.sha256(payload.encode()).hexdigest()}).encode()
         path = self._path(f"{key}/v{version:09d}.json")
-        with _translated(self.uri(key), writing=True):
+        with self._backend(self.uri(key), writing=True):
             try:
                 self._create_exclusive(path, data)
             except FileExistsError as err:
@@ -371,7 +373,7 @@ class ObjectStore:
 
     def container_exists(self) -> bool:
         """Whether the bucket (S3) or folder (local) the store lives in exists."""
-        with _translated(self._url):
+        with self._backend(self._url):
             if self._protocol == "s3":
                 # s3fs's exists() says False for an endpoint it cannot reach: ask for the bucket, so that
                 # only "no such bucket" means missing and an outage is reported as one.
@@ -384,7 +386,7 @@ class ObjectStore:
 
     def ensure_container(self) -> None:
         """Create the bucket (S3) or folder (local) the store lives in, if missing."""
-        with _translated(self._url):
+        with self._backend(self._url):
             if self._protocol == "s3":
                 bucket = self._root.split("/", 1)[0]
                 if not self._fs.exists(bucket):
@@ -411,13 +413,13 @@ class ObjectStore:
     def get_unverified_json(self, key: str) -> Any:
         """JSON read *without* its checksum check: only to report what a damaged object referred to."""
         key = _check_key(key)
-        with _translated(self.uri(key)):
+        with self._backend(self.uri(key)):
             return json.loads(self._fs.cat_file(self._path(key)))
 
     def committed_at(self, key: str) -> float:
         """When ``key`` was committed (0.0 if its commit record does not say)."""
         key = _check_key(key)
-        with _translated(self.uri(key)):
+        with self._backend(self.uri(key)):
             raw = self._fs.cat_file(self._path(key) + COMMIT_SUFFIX)
         try:
             return float(json.loads(raw).get("committed_at", 0.0))
@@ -426,7 +428,7 @@ class ObjectStore:
 
     def stored_age_s(self, name: str) -> float:
         """Seconds since a stored name (e.g. a temporary file) was last modified."""
-        with _translated(self.uri()):
+        with self._backend(self.uri()):
             info = self._fs.info(self._path(name))
         value = info.get("mtime") or info.get("LastModified") or info.get("created")
         stamp = value.timestamp() if hasattr(value, "timestamp") else float(value or time.time())
@@ -436,7 +438,7 @@ class ObjectStore:
         """Delete a leftover temporary file of a crashed write (never a committed object)."""
         if _TMP_MARK not in name.rsplit("/", 1)[-1]:
             raise ConfigError(f"{name!r} is not a temporary file; delete committed objects with delete().")
-        with _translated(self.uri(), writing=True), contextlib.suppress(FileNotFoundError):
+        with self._backend(self.uri(), writing=True), contextlib.suppress(FileNotFoundError):
             self._fs.rm_file(self._path(name))
 
     def check_writable(self) -> None:
@@ -450,7 +452,7 @@ class ObjectStore:
             StorageUnavailable: the backend cannot be reached.
         """
         path = f"{self._root}/{_TMP_MARK}write-check-{uuid.uuid4().hex[:12]}"
-        with _translated(self.uri(), writing=True):
+        with self._backend(self.uri(), writing=True):
             self._fs.pipe_file(path, b"write check")
             with contextlib.suppress(FileNotFoundError):
                 self._fs.rm_file(path)
@@ -461,13 +463,32 @@ class ObjectStore:
         """Every stored name under ``prefix`` (objects, commit records, pointer versions), relative to the root."""
         prefix = _check_key(prefix, allow_empty=True)
         base = self._path(prefix) if prefix else self._root
-        with _translated(self.uri(prefix)):
+        with self._backend(self.uri(prefix), listing=True):
             try:
                 found = self._fs.find(base)
             except FileNotFoundError:
                 return []
         root = self._root.rstrip("/") + "/"
         return [p.removeprefix(root) for p in (_strip(p, self._protocol) for p in found)]
+
+    @contextlib.contextmanager
+    def _backend(
+        self, where: str, *, writing: bool = False, payload_bytes: int = 0, listing: bool = False
+    ) -> Iterator[None]:
+        """Around backend calls: errors translated (:func:`_translated`); on S3 also watched and time-limited.
+
+        A network call that goes unanswered is reported after a few seconds and abandoned as
+        :class:`StorageUnavailable` after :func:`storage.retry.call_limit_s` (see :mod:`storage.retry`).
+        """
+        if self._protocol != "s3":
+            with _translated(where, writing=writing):
+                yield
+            return
+        with (
+            watched_call(self._url, self._endpoint_url, payload_bytes=payload_bytes, listing=listing),
+            _translated(where, writing=writing, endpoint=self._endpoint_url),
+        ):
+            yield
 
     @property
     def _fs(self) -> fsspec.AbstractFileSystem:
@@ -484,6 +505,7 @@ class ObjectStore:
                     endpoint_url=self._endpoint_url,
                     config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
                 )
+                _limit_calls(self._fs_cache)
             else:
                 self._fs_cache = fsspec.filesystem("file")
         return self._fs_cache
@@ -521,7 +543,7 @@ class ObjectStore:
             os.remove(tmp)
 
     def _read_commit_record(self, key: str) -> dict[str, Any]:
-        with _translated(self.uri(key)):
+        with self._backend(self.uri(key)):
             raw = self._fs.cat_file(self._path(key) + COMMIT_SUFFIX)
         try:
             record = json.loads(raw)
@@ -536,7 +558,9 @@ class ObjectStore:
             try:
                 record = self._read_commit_record(key)
             except ObjectNotFound:
-                if not self._fs.exists(self._path(key)):
+                with self._backend(self.uri(key)):
+                    has_bytes = bool(self._fs.exists(self._path(key)))
+                if not has_bytes:
                     raise
                 raise ObjectNotFound(
                     f"{self.uri(key)} has bytes but no commit record ({COMMIT_SUFFIX}): a write interrupted before "
@@ -544,7 +568,7 @@ class ObjectStore:
                     "anything needs it; `--repair` rebuilds a chain checkpoint by replay."
                 ) from None
             try:
-                with _translated(self.uri(key)):
+                with self._backend(self.uri(key), payload_bytes=record["size"]):
                     data = self._fs.cat_file(self._path(key))
             except ObjectNotFound as err:
                 raise ObjectNotFound(
@@ -570,7 +594,7 @@ class ObjectStore:
         return data
 
     def _pointer_versions(self, key: str) -> builtins.list[int]:
-        with _translated(self.uri(key)):
+        with self._backend(self.uri(key), listing=True):
             try:
                 names = [p.rsplit("/", 1)[-1] for p in self._fs.ls(self._path(key), detail=False)]
             except FileNotFoundError:
@@ -578,7 +602,7 @@ class ObjectStore:
         return sorted(int(m.group(1)) for m in map(_POINTER_VERSION.match, names) if m)
 
     def _load_pointer(self, key: str, version: int) -> Pointer:
-        with _translated(self.uri(key)):
+        with self._backend(self.uri(key)):
             raw = self._fs.cat_file(self._path(f"{key}/v{version:09d}.json"))
         try:
             wrapped = json.loads(raw)
@@ -683,17 +707,47 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# The s3fs calls ObjectStore makes; each is given the time its watched call has left (fsspec's
+# ``timeout``: past it the request is cancelled and FSTimeoutError raised in the caller).
+_LIMITED_CALLS = ("cat_file", "pipe_file", "exists", "info", "ls", "find", "rm_file", "mkdir")
+
+
+def _limit_calls(fs: fsspec.AbstractFileSystem) -> None:
+    """Bound every blocking call on ``fs``: a frozen endpoint otherwise holds one for many minutes.
+
+    botocore waits ``read_timeout`` per attempt and s3fs repeats the attempts, so a frozen endpoint
+    held one call up to about 15 minutes; the watched call's limit ends it instead.
+    """
+    for name in _LIMITED_CALLS:
+        method = getattr(fs, name)
+
+        def limited(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", time_left_s())
+            return _method(*args, **kwargs)
+
+        setattr(fs, name, limited)
+
+
 @contextlib.contextmanager
-def _translated(where: str, *, writing: bool = False) -> Iterator[None]:
+def _translated(where: str, *, writing: bool = False, endpoint: str | None = None) -> Iterator[None]:
     """The single boundary where backend exceptions become :mod:`storage.errors` ones.
 
     ``writing``: the call writes, so a missing bucket / folder or a refusal is a failed write
-    (:class:`WriteFailed`), never a missing object.
+    (:class:`WriteFailed`), never a missing object. ``endpoint``: the S3 endpoint, for messages.
     """
     try:
         yield
     except ObliviateError:
         raise
+    except FSTimeoutError as err:
+        limit = current_limit_s()
+        within = f"within {limit:.0f} s" if limit is not None else "in time"
+        at = f" at {endpoint}" if endpoint else ""
+        raise StorageUnavailable(
+            f"storage at {where} did not answer {within}: the endpoint{at} takes requests but does not reply "
+            "(frozen, overloaded, or the network drops its packets). Check that the S3 service answers "
+            "(AWS_ENDPOINT_URL, network), then run the command again."
+        ) from err
     except FileNotFoundError as err:
         if writing:
             raise WriteFailed(

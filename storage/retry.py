@@ -1,21 +1,56 @@
-"""Retrying storage calls while the backend is unreachable.
+"""Retrying storage calls while the backend is unreachable, and saying so while it does not answer.
 
 Only :class:`storage.errors.StorageUnavailable` is retried (a network or endpoint outage);
 missing or corrupt objects and pointer conflicts are answers, not outages, and pass straight
 through. Every write in the store is idempotent from a reader's point of view (data first,
 commit record last; pointer versions are create-if-absent), so repeating a failed call is safe.
+
+A backend that accepts connections but never replies (a frozen endpoint, a network path that
+drops packets) used to keep a command silent for minutes. Two rules now hold for every call an
+:class:`storage.objects.ObjectStore` makes on a network store (:func:`watched_call`):
+
+* **It ends.** A call is abandoned as :class:`StorageUnavailable` after :func:`call_limit_s`
+  (:data:`CALL_LIMIT_S`, more for listings and for each byte sent or read), or, inside
+  :func:`retry_unavailable` during an outage, when the retry deadline comes.
+* **The user hears of it.** One watchdog thread per process (started at the first network call,
+  asleep while no call is in flight) reports a store that has not answered for
+  :data:`STALL_NOTICE_AFTER_S`, again every :data:`STALL_NOTICE_EVERY_S` while it lasts, and once
+  more when it answers again. Reports go to the callback given to :func:`set_stall_reporter` (the
+  CLI prints them on stderr), else to the ``storage`` logger as warnings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import itertools
+import logging
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from storage.errors import StorageUnavailable
 
 T = TypeVar("T")
+
+# Seconds without an answer before the user is told, and between further notices.
+STALL_NOTICE_AFTER_S = 10.0
+STALL_NOTICE_EVERY_S = 30.0
+# A write or read of N bytes is reported only after N / this rate more (bytes may still be flowing).
+STALL_NOTICE_BYTES_PER_S = 1024 * 1024
+# A backend call that has not finished after this long is abandoned as StorageUnavailable; a listing
+# (many pages, each answered) gets LISTING_LIMIT_S, and a transfer N / SLOWEST_BYTES_PER_S more.
+CALL_LIMIT_S = 120.0
+LISTING_LIMIT_S = 600.0
+SLOWEST_BYTES_PER_S = 64 * 1024  # 512 kbit/s: only a link slower than that would see a transfer cut
+# During an outage a call inside retry_unavailable ends at the retry deadline, but gets at least this.
+OUTAGE_CALL_MIN_S = 5.0
+# An outage is one while callers keep asking; after this long with nobody asking, a new wait starts afresh.
+_OUTAGE_GAP_S = 30.0
+
+_log = logging.getLogger("storage")
 
 
 @dataclass(frozen=True)
@@ -35,20 +70,262 @@ def retry_unavailable(
 ) -> T:
     """Run ``call``; while it raises :class:`StorageUnavailable`, wait and retry until the deadline.
 
+    While an outage lasts, each storage call ``call`` makes ends by the deadline at the latest (so
+    a frozen endpoint cannot hold the retries past it), and the stall notices name the deadline.
+
     Raises:
         StorageUnavailable: still unreachable after ``policy.deadline_s`` (the last error).
     """
     began = time.monotonic()
     wait = policy.first_wait_s
     attempt = 0
-    while True:
-        attempt += 1
+    retrying = _Retrying(deadline=began + policy.deadline_s)
+    stack = _retry_stack()
+    stack.append(retrying)
+    try:
+        while True:
+            attempt += 1
+            try:
+                return call()
+            except StorageUnavailable as err:
+                if time.monotonic() - began + wait > policy.deadline_s:
+                    raise
+                retrying.in_outage = True
+                if on_retry is not None:
+                    on_retry(attempt, err)
+                with _WATCH.backing_off():
+                    time.sleep(wait)
+                wait = min(wait * 2, policy.max_wait_s)
+    finally:
+        stack.remove(retrying)
+
+
+def call_limit_s(payload_bytes: int = 0, *, listing: bool = False) -> float:
+    """How long one backend call may take before it is abandoned as unavailable."""
+    return (LISTING_LIMIT_S if listing else CALL_LIMIT_S) + max(0, payload_bytes) / SLOWEST_BYTES_PER_S
+
+
+def time_left_s() -> float:
+    """Seconds the backend call being made in this thread has left (:func:`call_limit_s` outside a watched call)."""
+    deadline = getattr(_local, "deadline", None)
+    if deadline is None:
+        return call_limit_s()
+    return max(1.0, deadline - time.monotonic())
+
+
+def current_limit_s() -> float | None:
+    """The limit the watched call of this thread runs under (for the message when it runs out)."""
+    limit: float | None = getattr(_local, "limit", None)
+    return limit
+
+
+def set_stall_reporter(report: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Send stall notices to ``report(line)`` (``None``: the ``storage`` logger); returns the previous one."""
+    global _reporter
+    previous, _reporter = _reporter, report
+    return previous
+
+
+def watched_call(
+    store: str, endpoint: str | None, *, payload_bytes: int = 0, listing: bool = False
+) -> contextlib.AbstractContextManager[None]:
+    """Around one backend call on ``store``: limits its time and reports it if it goes unanswered.
+
+    ``payload_bytes``: bytes the call sends or reads (it gets more time, and is reported later);
+    ``listing``: a listing (many pages) gets :data:`LISTING_LIMIT_S`. An exception other than
+    :class:`StorageUnavailable` is an answer (a missing object is one); :class:`StorageUnavailable`
+    is not, and neither is an interruption.
+    """
+    return _WATCH.call(store, endpoint, payload_bytes=payload_bytes, listing=listing)
+
+
+# ----- internals -------------------------------------------------------------------------------
+
+_local = threading.local()
+_reporter: Callable[[str], None] | None = None
+
+
+@dataclass
+class _Retrying:
+    deadline: float
+    in_outage: bool = False
+
+
+def _retry_stack() -> list[_Retrying]:
+    stack: list[_Retrying] | None = getattr(_local, "retrying", None)
+    if stack is None:
+        stack = _local.retrying = []
+    return stack
+
+
+@dataclass
+class _Waiter:
+    began: float
+    notice_at: float  # not reported before this (a transfer may still be moving bytes)
+    gives_up_at: float
+    payload_bytes: int
+
+
+@dataclass
+class _Store:
+    label: str
+    since: float | None = None  # unanswered since
+    left_at: float = 0.0  # when the last waiter left without an answer
+    noticed_at: float | None = None
+    waiters: dict[int, _Waiter] = field(default_factory=dict)
+
+
+class _StallWatch:
+    """Calls in flight per store, and the one thread that reports those gone unanswered."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._stores: dict[tuple[str, str | None], _Store] = {}
+        self._in_flight = 0
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def call(self, store: str, endpoint: str | None, *, payload_bytes: int, listing: bool) -> Iterator[None]:
+        now = time.monotonic()
+        limit = call_limit_s(payload_bytes, listing=listing)
+        stack = _retry_stack()
+        gives_up_at = now + limit
+        if stack:
+            if stack[-1].in_outage:  # the retries end at their deadline: so does this call (plus its transfer time)
+                transfer = max(0, payload_bytes) / SLOWEST_BYTES_PER_S
+                limit = min(limit, max(stack[-1].deadline - now, OUTAGE_CALL_MIN_S) + transfer)
+            gives_up_at = max(now + limit, *(retrying.deadline for retrying in stack))
+        notice_after = STALL_NOTICE_AFTER_S + max(0, payload_bytes) / STALL_NOTICE_BYTES_PER_S
+        key = (store, endpoint)
+        token = self._enter(key, _Waiter(now, now + notice_after, gives_up_at, payload_bytes), now)
+        outer = (getattr(_local, "deadline", None), getattr(_local, "limit", None))
+        _local.deadline, _local.limit = now + limit, limit
+        answered: bool | None = None
         try:
-            return call()
-        except StorageUnavailable as err:
-            if time.monotonic() - began + wait > policy.deadline_s:
-                raise
-            if on_retry is not None:
-                on_retry(attempt, err)
-            time.sleep(wait)
-            wait = min(wait * 2, policy.max_wait_s)
+            yield
+            answered = True
+        except StorageUnavailable:
+            answered = False
+            _local.unavailable = key
+            raise
+        except Exception:
+            answered = True
+            raise
+        finally:
+            _local.deadline, _local.limit = outer
+            self._leave(key, token, answered)
+            if answered:
+                _local.unavailable = None
+                if stack:
+                    stack[-1].in_outage = False
+
+    @contextlib.contextmanager
+    def backing_off(self) -> Iterator[None]:
+        """A retry's wait counts as waiting on the store whose call just failed."""
+        key = getattr(_local, "unavailable", None)
+        stack = _retry_stack()
+        if key is None or not stack:
+            yield
+            return
+        now = time.monotonic()
+        gives_up_at = max(retrying.deadline for retrying in stack)
+        token = self._enter(key, _Waiter(now, now + STALL_NOTICE_AFTER_S, gives_up_at, 0), now)
+        try:
+            yield
+        finally:
+            self._leave(key, token, None)
+
+    def _enter(self, key: tuple[str, str | None], waiter: _Waiter, now: float) -> int:
+        token = next(self._tokens)
+        with self._lock:
+            entry = self._stores.get(key)
+            if entry is None:
+                entry = self._stores[key] = _Store(label=_label(*key))
+            if entry.since is None or (not entry.waiters and now - entry.left_at > _OUTAGE_GAP_S):
+                entry.since, entry.noticed_at = now, None
+            entry.waiters[token] = waiter
+            self._in_flight += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="storage-stall-watch", daemon=True)
+                self._thread.start()
+            if self._in_flight == 1:
+                self._lock.notify()
+        return token
+
+    def _leave(self, key: tuple[str, str | None], token: int, answered: bool | None) -> None:
+        now = time.monotonic()
+        line = None
+        with self._lock:
+            entry = self._stores[key]
+            entry.waiters.pop(token, None)
+            self._in_flight -= 1
+            if answered:
+                if entry.noticed_at is not None and entry.since is not None:
+                    line = f"storage {entry.label} answers again, after {now - entry.since:.0f} s without an answer."
+                # Calls still in flight wait for an answer from now on: the store has just given one.
+                entry.since, entry.noticed_at = (now if entry.waiters else None), None
+            elif not entry.waiters:
+                entry.left_at = now
+        if line is not None:
+            _report(line)
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                while self._in_flight == 0:
+                    self._lock.wait()
+                self._lock.wait(timeout=1.0)
+                lines = self._due(time.monotonic())
+            for line in lines:
+                _report(line)
+
+    def _due(self, now: float) -> list[str]:
+        lines = []
+        for entry in self._stores.values():
+            if not entry.waiters or entry.since is None:
+                continue
+            if not any(
+                now >= max(waiter.notice_at, entry.since + STALL_NOTICE_AFTER_S) for waiter in entry.waiters.values()
+            ):
+                continue
+            if entry.noticed_at is not None and now - entry.noticed_at < STALL_NOTICE_EVERY_S:
+                continue
+            entry.noticed_at = now
+            lines.append(_stall_line(entry, now))
+        return lines
+
+
+def _label(store: str, endpoint: str | None) -> str:
+    return f"{store} (endpoint {endpoint})" if endpoint else store
+
+
+def _stall_line(entry: _Store, now: float) -> str:
+    since = entry.since if entry.since is not None else now
+    gives_up_at = max(waiter.gives_up_at for waiter in entry.waiters.values())
+    left = max(0.0, gives_up_at - now)
+    clock = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=left)
+    moving = max(waiter.payload_bytes for waiter in entry.waiters.values())
+    transfer = (
+        f" (a transfer of {moving / 2**20:.0f} MiB is in flight: on a slow link its bytes may still be moving)"
+        if moving >= STALL_NOTICE_BYTES_PER_S
+        else ""
+    )
+    return (
+        f"storage {entry.label} has not answered for {now - since:.0f} s{transfer}; still waiting and retrying "
+        f"until {clock:%H:%M:%S} UTC at the latest (in {left:.0f} s), then the call fails. Ctrl-C stops it now."
+    )
+
+
+def _report(line: str) -> None:
+    report = _reporter
+    if report is None:
+        _log.warning(line)
+        return
+    try:
+        report(line)
+    except (OSError, ValueError):  # a closed or broken stderr must never break the call a notice is about
+        _log.warning(line)
+
+
+_WATCH = _StallWatch()

@@ -8,12 +8,16 @@
   (``forget --status``, ``store check``) refuses a store that does not exist; ``verify`` refuses
   one too, then proves it can write its result there before replaying. A failure is
   reported before anything is computed, as what it is (unreachable, not writable, missing).
+* While the command runs: a store that stops answering is said on stderr within about 10 s (which
+  store, for how long, until when it is waited for), every 30 s while it lasts and when it answers
+  again (:mod:`storage.retry`); a call it never answers ends as an unreachable store.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from obliviate.errors import ConfigError
 
@@ -53,7 +57,9 @@ def prepare_store(url: str, *, write: bool, named_by: str = "--store / $OBLIVIAT
     """
     from storage import ObjectStore, StorageError, StorageUnavailable
     from storage.errors import WriteFailed
+    from storage.retry import set_stall_reporter
 
+    set_stall_reporter(_say_on_stderr)  # from here on, a store that stops answering is said, not silent
     store = ObjectStore(url)
     if store.is_local and os.path.isfile(store.url.removeprefix("file://")):
         raise ConfigError(
@@ -79,3 +85,8 @@ def prepare_store(url: str, *, write: bool, named_by: str = "--store / $OBLIVIAT
         except StorageError as err:
             raise WriteFailed(f"store {store.url} is not writable: {err}") from err
     return store.url
+
+
+def _say_on_stderr(line: str) -> None:
+    """A storage notice as one plain line on stderr (above the progress bars when they are shown)."""
+    print(f"obliviate: {line}", file=sys.stderr, flush=True)
