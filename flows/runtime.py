@@ -457,7 +457,7 @@ def _pointed_at(api_url: str) -> Iterator[None]:
 def record_ui_server(home: Path, server: PrefectServer) -> Path:
     """Record ``server`` as the one ``obliviate ui`` keeps up on ``home`` (written atomically)."""
     text = json.dumps({"api_url": server.api_url, "pid": server.process.pid})
-    return write_whole(home / UI_SERVER_RECORD, lambda partial: partial.write_text(text))
+    return write_whole(home / UI_SERVER_RECORD, write=lambda partial: partial.write_text(text))
 
 
 def forget_ui_server(home: Path, server: PrefectServer) -> None:

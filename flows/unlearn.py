@@ -439,7 +439,7 @@ def new_request_id(ids: Sequence[int], *, dataset: str, salt: str | None = None)
     token), so two requests for the same ids are two requests unless the sender reuses an id.
     """
     salt = salt if salt is not None else f"{time.time_ns()}-{uuid.uuid4().hex}"
-    return request_id_for(ids, dataset, salt=salt)
+    return request_id_for(ids, dataset=dataset, salt=salt)
 
 
 def record_deletion(

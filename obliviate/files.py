@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_whole(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def write_whole(path: str | os.PathLike, *, write: Callable[[Path], object]) -> Path:
     """Run ``write`` on a file beside ``path``, then rename that file onto ``path``.
 
     The rename is atomic on one file system, so ``path`` holds the old content or the new, never a

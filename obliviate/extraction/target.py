@@ -577,7 +577,7 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, arch: str, met
     audit can keep its pool disjoint from the training data).
     """
     checkpoint = {"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}
-    write_whole(path, lambda partial: torch.save(checkpoint, partial))
+    write_whole(path, write=lambda partial: torch.save(checkpoint, partial))
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:

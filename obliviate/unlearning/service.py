@@ -250,7 +250,7 @@ def retry_delay_s(attempt: int, *, first_s: float, max_s: float) -> float:
     return float(min(max_s, first_s * 2 ** max(0, attempt - 1)))
 
 
-def request_id_for(ids: Sequence[int], dataset: str, salt: str) -> str:
+def request_id_for(ids: Sequence[int], *, dataset: str, salt: str) -> str:
     """A request id derived from its content and a caller-chosen salt (a time stamp, a ticket).
 
     The content is the *set* of ids: their order and repeats do not change the id (the ids are

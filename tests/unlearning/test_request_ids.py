@@ -8,9 +8,11 @@ from obliviate.unlearning.service import request_id_for, work_token
 
 
 def test_request_id_ignores_order_and_repeats_and_keeps_stored_ids() -> None:
-    assert request_id_for([2, 1], "digits", "s") == request_id_for([1, 2], "digits", "s")
-    assert request_id_for([1, 2, 2], "digits", "s") == request_id_for((1, 2), "digits", "s")
-    assert request_id_for((1, 2), "digits", "s") == "del-" + hashlib.sha256(b"digits|1,2|s").hexdigest()[:16]
+    assert request_id_for([2, 1], dataset="digits", salt="s") == request_id_for([1, 2], dataset="digits", salt="s")
+    assert request_id_for([1, 2, 2], dataset="digits", salt="s") == request_id_for((1, 2), dataset="digits", salt="s")
+    assert (
+        request_id_for((1, 2), dataset="digits", salt="s") == "del-" + hashlib.sha256(b"digits|1,2|s").hexdigest()[:16]
+    )
 
 
 def test_work_token_ignores_repeats_and_keeps_stored_tokens() -> None:
