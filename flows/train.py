@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from actors.chains import ChainWorker, exclusions_key
+from flows.artifacts import utc_text
 from flows.progress import report
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError, ObliviateError
@@ -28,6 +33,7 @@ from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
 from storage.errors import CorruptObject, StorageError
+from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, release_claim, take_claim
 from storage.objects import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry
 from storage.serving import group_members
@@ -233,6 +239,111 @@ def check_run_shape(store: ObjectStore, run_id: str, members: list[str]) -> None
         )
 
 
+def training_claim_key(run_id: str) -> str:
+    """The pointer whose compare-and-swap makes one process the trainer of run ``run_id`` (a group: its name)."""
+    return f"runs/{run_id}/train-claim"
+
+
+# The training claims this process takes or holds: (store url, run id) -> {thread: how many blocks deep}.
+_HELD_TRAININGS: dict[tuple[str, str], dict[int, int]] = {}
+_HELD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def training_claim(store: str, run_id: str, *, lease_s: float = DEFAULT_LEASE_S) -> Iterator[None]:
+    """Be the one process training run ``run_id`` into ``store`` for the length of the block, or refuse at once.
+
+    Two ``obliviate train`` of one run id started together both trained every block (each of its
+    workers found nothing stored yet), and the one that lost the publish said "0 blocks trained
+    now, 3 resumed". The claim is a compare-and-swap of ``runs/<run>/train-claim``
+    (:func:`storage.lease.take_claim`) whose lease this process renews while it trains; it is
+    released at the end, however the training ends. A claim whose holder died is taken over: at
+    once when it was a process of this host that is gone, else once its lease lapsed (``lease_s``
+    after its last renewal). Re-entrant within one thread (``obliviate train`` claims before its
+    servers start, and the flow it then runs, in the same thread, holds the same claim).
+
+    Raises:
+        ConfigError: another live process (or thread) trains that run id now (named, with the fix).
+    """
+    url = ObjectStore(store).url
+    held, me = (url, run_id), threading.get_ident()
+    with _HELD_LOCK:  # noted before claiming: to another thread of this process, the claim is live
+        threads = _HELD_TRAININGS.setdefault(held, {})
+        nested = threads.get(me, 0) > 0
+        threads[me] = threads.get(me, 0) + 1
+    try:
+        if nested:
+            yield
+            return
+        with _claimed(store, run_id, lease_s=lease_s, held=held):
+            yield
+    finally:
+        with _HELD_LOCK:
+            threads = _HELD_TRAININGS.get(held, {})
+            threads[me] = threads.get(me, 1) - 1
+            if threads[me] <= 0:
+                del threads[me]
+            if not threads:
+                _HELD_TRAININGS.pop(held, None)
+
+
+@contextlib.contextmanager
+def _claimed(store: str, run_id: str, *, lease_s: float, held: tuple[str, str]) -> Iterator[None]:
+    """:func:`training_claim`'s claim itself: taken (or refused), renewed while the block runs, released."""
+    object_store = ObjectStore(store)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "command": "obliviate train"}
+
+    def gone(other: dict[str, Any]) -> bool:
+        if other.get("host") == holder["host"] and other.get("pid") == holder["pid"]:
+            # this process: live while another of its threads takes or holds it; else a former process with its pid
+            with _HELD_LOCK:
+                return not set(_HELD_TRAININGS.get(held, {})) - {threading.get_ident()}
+        return _process_gone(other)
+
+    try:
+        claim = take_claim(object_store, training_claim_key(run_id), holder=holder, lease_s=lease_s, gone=gone)
+    except ClaimHeld as held_by:
+        other = held_by.holder
+        renewed = (
+            f"its lease renewed {max(time.time() - held_by.renewed_at, 0.0):.0f} s ago"
+            if held_by.renewed_at is not None
+            else "no lease renewal yet"
+        )
+        raise ConfigError(
+            f"one training per run id at a time: run {run_id!r} of store {object_store.url} is being trained now by "
+            f"{other.get('command', 'another process')} (pid {other.get('pid')} on host {other.get('host')}, since "
+            f"{utc_text(held_by.claimed_at)}; {renewed}). Wait for it to finish (then rerunning this command "
+            f"returns or resumes the run), or train under another --run-id. A training that died is taken over "
+            f"{float(other.get('lease_s', lease_s)):.0f} s after its last renewal (at once on its own host)."
+        ) from None
+    try:
+        with LeaseKeeper(object_store, lease_s=lease_s, holder=f"{holder['host']}:{holder['pid']}") as keeper:
+            keeper.hold(claim.key, claim.version, folder=claim.folder)
+            yield
+    finally:
+        with contextlib.suppress(StorageError):  # not released: taken over once its lease lapses
+            release_claim(object_store, claim)
+
+
+def _process_gone(holder: dict[str, Any]) -> bool:
+    """Whether a claim's holder was another process of this host that is no more."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
 def shard_run_ids(run_id: str, shards: int) -> list[str]:
     """The run ids of a sharded run's members."""
     return [f"{run_id}-s{k}of{shards}" for k in range(shards)] if shards > 1 else [run_id]
@@ -281,11 +392,6 @@ def train_flow(
         heldout_size: held-out samples (default 300, or a fifth of a dataset under 1,500 samples).
         split_seed: seed of the train/held-out split.
     """
-    import ray
-    from ray.util import ActorPool
-
-    from flows.runtime import cluster_cpus, ensure_ray
-
     logger = get_run_logger()
     options = {
         "data": data,
@@ -304,6 +410,17 @@ def train_flow(
     }
     ObjectStore(store).ensure_container()
     specs = [run_spec(run_id=run_id, shards=shards, shard=k, **options) for k in range(max(shards, 1))]
+    with training_claim(store, run_id):
+        return _train(store, run_id, specs, shards=shards, logger=logger)
+
+
+def _train(store: str, run_id: str, specs: list[dict[str, Any]], *, shards: int, logger: Any) -> dict[str, Any]:
+    """:func:`train_flow` once this process holds the run's training claim."""
+    import ray
+    from ray.util import ActorPool
+
+    from flows.runtime import cluster_cpus, ensure_ray
+
     check_run_shape(ObjectStore(store), run_id, [s["run_id"] for s in specs])
     ensure_ray()
     # At most one actor per cluster CPU, each training shards in turn: S actors of one CPU each on

@@ -7,6 +7,10 @@ successor's lease). A claim whose lease has lapsed belongs to a dead holder (a c
 a killed flow run) and may be taken over by the next pass: seconds to a minute after the crash,
 instead of a fixed 10-minute stale limit.
 
+The same leases keep a :class:`PointerClaim` alive: one process's claim on a pointer, such as a
+run's training (``runs/<run>/train-claim``, :func:`flows.train.training_claim`), taken by a
+compare-and-swap (:func:`take_claim`) and free again once released or once its lease lapsed.
+
 Clocks: the lease records the holder's wall time; holders and takers are expected to share a
 clock to within a fraction of the lease (NTP). :data:`DEFAULT_LEASE_S` leaves room for that.
 """
@@ -16,17 +20,19 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
-from storage.errors import CorruptObject, ObjectNotFound, StorageError
-from storage.objects import ObjectStore
+from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
+from storage.objects import ObjectStore, Pointer
 
 DEFAULT_LEASE_S = 20.0
 
 
-def lease_key(request_id: str, claim_version: int) -> str:
-    return f"ledger/leases/{request_id}/c{claim_version:09d}.json"
+def lease_key(request_id: str, claim_version: int, *, folder: str | None = None) -> str:
+    """Where a claim's lease lives: ``folder`` (default ``ledger/leases/<request>``) ``/c<claim version>.json``."""
+    return f"{folder or f'ledger/leases/{request_id}'}/c{claim_version:09d}.json"
 
 
 @dataclass(frozen=True)
@@ -51,17 +57,19 @@ class Lease:
         }
 
 
-def renew(store: ObjectStore, request_id: str, *, claim_version: int, holder: str, lease_s: float) -> Lease:
-    """Write (or extend) the lease of one claim."""
+def renew(
+    store: ObjectStore, request_id: str, *, claim_version: int, holder: str, lease_s: float, folder: str | None = None
+) -> Lease:
+    """Write (or extend) the lease of one claim (``folder``: see :func:`lease_key`)."""
     lease = Lease(holder=holder, claim_version=claim_version, renewed_at=time.time(), lease_s=float(lease_s))
-    store.put_json(lease_key(request_id, claim_version), lease.as_dict())
+    store.put_json(lease_key(request_id, claim_version, folder=folder), lease.as_dict())
     return lease
 
 
-def read(store: ObjectStore, request_id: str, *, claim_version: int) -> Lease | None:
+def read(store: ObjectStore, request_id: str, *, claim_version: int, folder: str | None = None) -> Lease | None:
     """The lease of a claim, or ``None`` if the holder never wrote one (or it is being rewritten)."""
     try:
-        body = store.get_json(lease_key(request_id, claim_version))
+        body = store.get_json(lease_key(request_id, claim_version, folder=folder))
     except (ObjectNotFound, CorruptObject):  # a rewrite in flight reads as damaged: the claim's own time counts
         return None
     return Lease(
@@ -73,10 +81,17 @@ def read(store: ObjectStore, request_id: str, *, claim_version: int) -> Lease | 
 
 
 def lapsed(
-    store: ObjectStore, request_id: str, *, claim_version: int, claimed_at: float, lease_s: float, now: float
+    store: ObjectStore,
+    request_id: str,
+    *,
+    claim_version: int,
+    claimed_at: float,
+    lease_s: float,
+    now: float,
+    folder: str | None = None,
 ) -> bool:
     """Whether a claim's holder stopped renewing: no renewal within its lease (or since the claim)."""
-    lease = read(store, request_id, claim_version=claim_version)
+    lease = read(store, request_id, claim_version=claim_version, folder=folder)
     expires = lease.expires_at if lease is not None else claimed_at + lease_s
     return now > expires
 
@@ -99,7 +114,7 @@ class LeaseKeeper:
 
     def __init__(self, store: ObjectStore, *, lease_s: float, holder: str) -> None:
         self.store, self.lease_s, self.holder = store, float(lease_s), holder
-        self._claims: dict[str, int] = {}
+        self._claims: dict[str, tuple[int, str | None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
@@ -113,11 +128,13 @@ class LeaseKeeper:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def hold(self, request_id: str, claim_version: int) -> None:
+    def hold(self, request_id: str, claim_version: int, *, folder: str | None = None) -> None:
         """Start renewing a claim (renewed once now, so it is never younger than its claim)."""
         with self._lock:
-            self._claims[request_id] = claim_version
-        renew(self.store, request_id, claim_version=claim_version, holder=self.holder, lease_s=self.lease_s)
+            self._claims[request_id] = (claim_version, folder)
+        renew(
+            self.store, request_id, claim_version=claim_version, holder=self.holder, lease_s=self.lease_s, folder=folder
+        )
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -132,9 +149,119 @@ class LeaseKeeper:
         while not self._stop.wait(self.lease_s / 4):
             with self._lock:
                 claims = dict(self._claims)
-            for request_id, version in claims.items():
+            for request_id, (version, folder) in claims.items():
                 try:
-                    renew(self.store, request_id, claim_version=version, holder=self.holder, lease_s=self.lease_s)
+                    renew(
+                        self.store,
+                        request_id,
+                        claim_version=version,
+                        holder=self.holder,
+                        lease_s=self.lease_s,
+                        folder=folder,
+                    )
                     self.renewals += 1
                 except StorageError:  # an outage: the next renewal tries again; the lease has slack
                     self.failures += 1
+
+
+# ----- claims of one thing by one process (a run's training), with the same leases ------------------------
+
+
+@dataclass(frozen=True)
+class PointerClaim:
+    """A claim on ``key`` (a pointer moved by compare-and-swap), held while its lease is renewed.
+
+    ``version``: the pointer version this claim wrote; its lease is ``<key>-leases/c<version>.json``
+    (:func:`lease_key`), so a former holder that wakes up late never renews its successor's claim.
+    """
+
+    key: str
+    version: int
+    holder: dict[str, Any]
+
+    @property
+    def folder(self) -> str:
+        return claim_leases(self.key)
+
+
+def claim_leases(key: str) -> str:
+    """The folder of the leases of the claims on pointer ``key``."""
+    return f"{key}-leases"
+
+
+class ClaimHeld(Exception):
+    """A live holder has the claim: ``holder`` (as it recorded itself), when it claimed and last renewed."""
+
+    def __init__(self, key: str, holder: dict[str, Any], *, claimed_at: float, renewed_at: float | None) -> None:
+        super().__init__(f"{key} is held by {holder}")
+        self.key, self.holder, self.claimed_at, self.renewed_at = key, holder, claimed_at, renewed_at
+
+
+def take_claim(
+    store: ObjectStore,
+    key: str,
+    *,
+    holder: dict[str, Any],
+    lease_s: float = DEFAULT_LEASE_S,
+    gone: Callable[[dict[str, Any]], bool] | None = None,
+) -> PointerClaim:
+    """Claim ``key`` for ``holder`` by a compare-and-swap from the version read, unless a live holder has it.
+
+    The claim is free when it was released, when its holder stopped renewing its lease (no
+    renewal for the lease it recorded: it died), or when ``gone(holder)`` says its process is no
+    more. Of two takers starting together one wins the swap; the other re-reads and finds it live.
+    The caller renews the lease (:class:`LeaseKeeper`, ``folder=claim.folder``) and releases it
+    (:func:`release_claim`).
+
+    Raises:
+        ClaimHeld: a live holder has it.
+    """
+    for _ in range(3):
+        current = store.read_pointer(key)
+        if current is not None and not _claim_free(store, current, gone=gone, now=time.time()):
+            renewal = read(store, key, claim_version=current.version, folder=claim_leases(key))
+            raise ClaimHeld(
+                key,
+                dict(current.target),
+                claimed_at=float(current.target.get("claimed_at", current.created_at)),
+                renewed_at=renewal.renewed_at if renewal is not None else None,
+            )
+        target = {**holder, "claimed_at": time.time(), "lease_s": float(lease_s)}
+        if current is not None and "released_at" not in current.target:
+            target["took_over"] = {k: v for k, v in current.target.items() if k != "took_over"}
+        try:
+            pointer = store.swap_pointer(key, target, expected_version=current.version if current else 0)
+        except PointerConflict:
+            continue  # another taker moved it: read again and judge its holder
+        name = " ".join(f"{k}={v}" for k, v in holder.items())
+        renew(store, key, claim_version=pointer.version, holder=name, lease_s=lease_s, folder=claim_leases(key))
+        return PointerClaim(key=key, version=pointer.version, holder=dict(target))
+    raise PointerConflict(f"claim {store.uri(key)} kept moving over 3 attempts; try again.")
+
+
+def _claim_free(
+    store: ObjectStore, current: Pointer, *, gone: Callable[[dict[str, Any]], bool] | None, now: float
+) -> bool:
+    target = dict(current.target)
+    if "released_at" in target:
+        return True
+    if gone is not None and gone(target):
+        return True
+    return lapsed(
+        store,
+        current.key,
+        claim_version=current.version,
+        claimed_at=float(target.get("claimed_at", current.created_at)),
+        lease_s=float(target.get("lease_s", DEFAULT_LEASE_S)),
+        now=now,
+        folder=claim_leases(current.key),
+    )
+
+
+def release_claim(store: ObjectStore, claim: PointerClaim) -> bool:
+    """Give a claim up (the next taker need not wait for its lease); ``False`` if it was taken over meanwhile."""
+    try:
+        store.swap_pointer(claim.key, {**claim.holder, "released_at": time.time()}, expected_version=claim.version)
+    except PointerConflict:
+        return False
+    return True

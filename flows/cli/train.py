@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from flows.progress import shown_progress
     from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api
-    from flows.train import accuracy_text, check_run_shape, run_spec, train_flow
+    from flows.train import accuracy_text, check_run_shape, run_spec, train_flow, training_claim
     from obliviate.unlearning.service import RunSpec, check_name
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
@@ -108,7 +108,8 @@ def run_train(args: argparse.Namespace) -> int:
     check_run_shape(registry.store, args.run_id, [spec["run_id"] for spec in specs])
     for spec in specs:
         registry.check_spec(RunSpec.from_dict(spec))
-    with prefect_api() as api_url:
+    # One training per run id at a time: a second one is refused here, before any server starts.
+    with training_claim(store, args.run_id), prefect_api() as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         ensure_ray(address=args.ray_address)
         with shown_progress():
