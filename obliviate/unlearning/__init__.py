@@ -6,6 +6,13 @@ Public names are importable from here; the modules hold them.
 """
 
 from obliviate.unlearning.batching import (
+    COUNT,
+    DAY_S,
+    DEADLINE,
+    DEFAULT_DEADLINE_S,
+    DEFAULT_MARGIN_S,
+    NOW,
+    WINDOW,
     BatchPolicy,
     FlushDecision,
     PendingRequest,
@@ -31,6 +38,7 @@ from obliviate.unlearning.chain import (
     with_replaced,
 )
 from obliviate.unlearning.config import (
+    DEFAULT_RECIPE,
     BlockTrainingConfig,
     OptimizerName,
     ScheduleName,
@@ -39,6 +47,7 @@ from obliviate.unlearning.config import (
     schedule_rate,
 )
 from obliviate.unlearning.deepobliviate import (
+    DEFAULT_EPSILON,
     DeepObliviateOptions,
     StopRule,
     fit_power_law,
@@ -51,16 +60,44 @@ from obliviate.unlearning.exact import (
     unlearn_exact,
     validate_deletion,
 )
-from obliviate.unlearning.health import SharpDrop, sharp_drops
-from obliviate.unlearning.lineage import VerifyReport, lineage_manifest, verify_replay
+from obliviate.unlearning.health import (
+    DEFAULT_DROP,
+    SharpDrop,
+    sharp_drops,
+)
+from obliviate.unlearning.judge import (
+    HeldoutJudge,
+)
+from obliviate.unlearning.lineage import (
+    FAILED,
+    INCONCLUSIVE,
+    LINEAGE_FORMAT,
+    PASSED,
+    VerifyReport,
+    choose_blocks,
+    effective_block_ids,
+    environment,
+    ids_sha256,
+    lineage_manifest,
+    verify_replay,
+)
 from obliviate.unlearning.plan import (
     BlockPlan,
+    check_numpy_seed,
+    check_sample_ids,
     make_block_plan,
 )
 from obliviate.unlearning.policies import (
     unlearn,
 )
-from obliviate.unlearning.probes import per_sample_loss, stamp_pattern
+from obliviate.unlearning.probes import (
+    checker_pattern,
+    pattern_attack_success,
+    per_sample_loss,
+    poison_with_pattern,
+    square_pattern,
+    stamp_pattern,
+)
 from obliviate.unlearning.records import (
     DeletionError,
     GuardrailAttempt,
@@ -70,8 +107,20 @@ from obliviate.unlearning.records import (
     UnlearningRecord,
     UnlearningResult,
 )
-from obliviate.unlearning.rollback import InterimPlan, ShardCheckpoints, plan_interim
+from obliviate.unlearning.rollback import (
+    InterimPlan,
+    ServedBlocks,
+    ShardCheckpoints,
+    advance_after_retrain,
+    heldout_margin_points,
+    paired_margin_points,
+    plan_interim,
+    rollback_block,
+    saw_deleted,
+    served_floor,
+)
 from obliviate.unlearning.service import (
+    MAX_SAMPLE_ID,
     REQUEST_ID_PATTERN,
     RUN_ID_PATTERN,
     RequestError,
@@ -79,13 +128,23 @@ from obliviate.unlearning.service import (
     block_data,
     block_holdings,
     check_name,
+    default_heldout_size,
     parse_event_payload,
     parse_ids,
     plan_run,
     request_id_for,
+    retry_delay_s,
     work_token,
 )
-from obliviate.unlearning.shards import ShardPlan, combine, make_shard_plan, predict_shards
+from obliviate.unlearning.shards import (
+    MEAN,
+    VOTE,
+    ShardPlan,
+    combine,
+    make_shard_plan,
+    predict_shards,
+    shard_probabilities,
+)
 from obliviate.unlearning.sisa import (
     SisaConfig,
     SisaEnsemble,
@@ -97,6 +156,7 @@ from obliviate.unlearning.trainer import (
     BlockTiming,
     BlockTrainer,
     block_seed,
+    check_data_fits,
     deterministic_torch,
     heldout_accuracy,
     initial_checkpoint,
@@ -106,6 +166,7 @@ from obliviate.unlearning.trainer import (
     snapshot_state,
     train_block,
     train_chain,
+    warm_up,
 )
 from obliviate.unlearning.verification import (
     BackdoorSet,
@@ -122,8 +183,25 @@ from obliviate.unlearning.verification import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "COUNT",
+    "DAY_S",
+    "DEADLINE",
+    "DEFAULT_DEADLINE_S",
+    "DEFAULT_DROP",
+    "DEFAULT_EPSILON",
+    "DEFAULT_MARGIN_S",
+    "DEFAULT_RECIPE",
+    "FAILED",
+    "INCONCLUSIVE",
+    "LINEAGE_FORMAT",
+    "MAX_SAMPLE_ID",
+    "MEAN",
+    "NOW",
+    "PASSED",
     "REQUEST_ID_PATTERN",
     "RUN_ID_PATTERN",
+    "VOTE",
+    "WINDOW",
     "BackdoorSet",
     "BatchPolicy",
     "BlockData",
@@ -141,6 +219,7 @@ __all__ = [
     "FlushDecision",
     "GuardrailAttempt",
     "GuardrailResult",
+    "HeldoutJudge",
     "InMemoryChainStore",
     "InterimPlan",
     "OptimizerName",
@@ -151,6 +230,7 @@ __all__ = [
     "RequestError",
     "RunSpec",
     "ScheduleName",
+    "ServedBlocks",
     "ShardCheckpoints",
     "ShardPlan",
     "SharpDrop",
@@ -161,22 +241,33 @@ __all__ = [
     "UnlearningResult",
     "VerificationFigures",
     "VerifyReport",
+    "advance_after_retrain",
     "amortised_fraction",
     "attack_success_rate",
     "block_data",
     "block_holdings",
     "block_seed",
     "check_checkpoint",
+    "check_data_fits",
     "check_name",
+    "check_numpy_seed",
+    "check_sample_ids",
+    "checker_pattern",
     "choose_backdoor_ids",
+    "choose_blocks",
     "combine",
     "consistency",
+    "default_heldout_size",
     "deterministic_torch",
+    "effective_block_ids",
+    "environment",
     "expected_retrain_seconds",
     "fit_power_law",
     "flush_decision",
     "flush_time",
     "heldout_accuracy",
+    "heldout_margin_points",
+    "ids_sha256",
     "initial_checkpoint",
     "keep_mask",
     "late_requests",
@@ -189,19 +280,28 @@ __all__ = [
     "new_model",
     "new_optimizer",
     "new_request",
+    "paired_margin_points",
     "parse_duration",
     "parse_event_payload",
     "parse_ids",
+    "pattern_attack_success",
     "per_sample_loss",
     "plan_interim",
     "plan_run",
     "poison",
+    "poison_with_pattern",
     "predict",
     "predict_shards",
     "request_id_for",
+    "retry_delay_s",
+    "rollback_block",
+    "saw_deleted",
     "schedule_rate",
+    "served_floor",
+    "shard_probabilities",
     "sharp_drops",
     "snapshot_state",
+    "square_pattern",
     "stamp_pattern",
     "stamp_trigger",
     "state_difference_l1",
@@ -218,6 +318,7 @@ __all__ = [
     "validate_deletion",
     "verify",
     "verify_replay",
+    "warm_up",
     "with_replaced",
     "work_token",
 ]
