@@ -563,7 +563,8 @@ def reduce_flow(
         tile_size: tile side.
         aggregate: greedy's fold, ``"sum"`` or ``"max"``.
         restart_memory_mb: matrix memory a restart worker may hold; default the whole matrix up
-            to 2 GiB, else O(n k) streamed row bands.
+            to 2 GiB, else an LRU cache of single rows read from the stored tiles (about k rows,
+            O(n k); at least one row band's bytes).
         threads_per_worker: numba threads (and Ray CPUs) per actor.
         tiles_only: stop after the tile stage (precompute or extend a stored matrix).
 

@@ -142,8 +142,9 @@ def plan_report(
         pairs_per_second: measured single-thread MI throughput, to estimate the tile stage time.
 
     Returns:
-        tile count, bytes stored, per-worker memory of both stages, and which restart mode
-        (dense or streamed row bands) a given budget implies.
+        tile count, bytes stored, and per-worker memory of both stages: a restart worker holds the
+        dense matrix, or (streaming, when it does not fit) an LRU cache of single rows of about k
+        rows (``row_cache_rows``, at least one row band's bytes) read from the stored tiles.
 
     Raises:
         ConfigError: ``n``, ``tile_size``, ``k``, ``workers`` or ``pixels`` is not a whole number in its
@@ -162,10 +163,14 @@ def plan_report(
         raise ConfigError(f"pairs_per_second must be a positive finite throughput (or None); got {pairs_per_second!r}.")
     prepared = n * pixels + int(n * pixels * nonzero_share) * 5 + n * 8 * 3  # codes, (pos, code), ptr/entropy
     tile_worker = prepared + tile_size * tile_size * FLOAT32_BYTES * 2  # tile + its serialised copy
-    # A streaming restart worker holds: O(n) float64 sums and flags, and a row-band cache sized
-    # to about k rows (O(n k)), the rows a restart touches most.
-    streaming_cache = max(plan.band_bytes, k * n * FLOAT32_BYTES)
-    restart_worker_streaming = streaming_cache + n * (8 * 2 + 1) + plan.band_bytes
+    # A streaming restart worker (storage.tiles.TiledRows) caches single rows of the matrix, LRU, in
+    # the byte budget the reduce flow gives it when the matrix does not fit: about k rows (O(n k)),
+    # at least one row band's bytes (flows.reduce.restart_memory_bytes). On top: the diagonal and the
+    # row being assembled (n float32 each; on a file:// store one tile slice at a time) and O(n)
+    # float64 sums and flags.
+    row_bytes = n * FLOAT32_BYTES
+    row_cache = max(plan.band_bytes, k * row_bytes)
+    restart_worker_streaming = row_cache + 2 * row_bytes + n * (8 * 2 + 1)
     report: dict[str, float | int | str] = {
         "n": n,
         "tile_size": tile_size,
@@ -176,9 +181,10 @@ def plan_report(
         "tiles_per_worker": -(-plan.num_tiles // max(workers, 1)),
         "stored_bytes": plan.stored_bytes,
         "dense_matrix_bytes": plan.dense_bytes,
-        "band_bytes": plan.band_bytes,
         "tile_worker_bytes": tile_worker,
         "restart_worker_dense_bytes": plan.dense_bytes + n * 17,
+        "row_cache_rows": row_cache // row_bytes,
+        "row_cache_bytes": row_cache,
         "restart_worker_streaming_bytes": restart_worker_streaming,
     }
     if pairs_per_second:

@@ -53,7 +53,7 @@ def test_n60000_is_plannable_without_computing():
     assert report["dense_matrix_bytes"] == 14_400_000_000
     assert report["tiles"] == 30 * 31 // 2
     assert report["stored_bytes"] < 1.1 * report["dense_matrix_bytes"] / 2 + 30 * 2048 * 2048 * 4
-    # A streaming restart worker holds O(n k) plus row bands: under 1 GB, about 7% of the matrix.
+    # A streaming restart worker holds an O(n k) cache of single rows: about 0.49 GB, 3% of the matrix.
     assert report["restart_worker_streaming_bytes"] < report["dense_matrix_bytes"] / 10
     assert report["tile_worker_bytes"] < 200e6
     with pytest.raises(ConfigError):
