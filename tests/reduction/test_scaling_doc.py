@@ -27,3 +27,25 @@ def test_reduce_scaling_rows_quote_reduce_scaling_json() -> None:
     flow = f"{derived['tile_efficiency_2w']} / {derived['restart_efficiency_2w']}"
     threads = f"{derived['inproc_tile_efficiency_2t']} / {derived['inproc_restart_efficiency_2t']}"
     assert f"| {flow} (in-process threads: {threads})" in efficiency, efficiency
+
+
+def _bench(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+
+
+def test_measured_intro_states_each_files_date_and_contention() -> None:
+    """The intro said every figure ran with no other load on 2026-11-25; mi.json is of 11-30, reduce_scaling.json contended."""
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    intro = " ".join(doc.split("## Measured on one 2-core machine")[0].split())
+    assert "no other load" not in intro
+    for name in ("restarts", "partitioned", "reduce_tiles_20k", "mi", "reduce_scaling"):
+        date = _bench(name)["date"][:10]
+        assert f"`{name}.json`" in intro and date in intro.split(f"`{name}.json`", 1)[1][:60], (name, date)
+    assert _bench("reduce_scaling")["contended"] is True and '`"contended": true`' in intro
+
+
+def test_cold_pool_row_quotes_service_latency_json() -> None:
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    bench = _bench("service_latency")
+    small, heavy = (bench[key]["cold"]["efficiency_median"] for key in ("fanout", "fanout_heavy"))
+    assert f"| the same on a cold pool | {small:.3f} / {heavy:.3f} |" in doc
