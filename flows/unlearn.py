@@ -101,6 +101,7 @@ def process_open_requests(
             utc_text(gate["batched_until"]),
             gate["reason"],
         )
+        finish_batched_events(object_store, logger=logger)  # e.g. a batched request cancelled meanwhile
         return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
     batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
     result = run_until_quiet(
@@ -114,6 +115,7 @@ def process_open_requests(
         publish_request_artifacts(object_store, ledger, result["settled"])
     except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
         logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(result["settled"]), err)
+    finish_batched_events(object_store, logger=logger)
     return {**result, "fanout": fanouts[0] if fanouts else {}, "fanouts": fanouts}
 
 
@@ -166,9 +168,10 @@ def unlearn_flow(
     """Handle one deletion event: check it, then settle every open request (merged).
 
     The event's outcome is kept in ``ledger/events/<event id>.json``: ``rejected`` with the
-    reason, ``duplicate`` (the request was already settled or being worked on) or ``processed``,
-    each with the request's status after this run (``status``, and ``reason`` when it was
-    refused). A refused event, or one whose request ends ``rejected`` or ``failed``, ends the flow
+    reason, ``duplicate`` (the request was already settled or being worked on), ``processed``, or
+    ``batched`` (the request waits in the open batch until ``batched_until``), each with the
+    request's status after this run (``status``, and ``reason`` when it was refused). A
+    ``batched`` record is finished by the pass that settles its request (:func:`finish_batched_events`). A refused event, or one whose request ends ``rejected`` or ``failed``, ends the flow
     run ``Failed`` with the reason as its message (a :class:`RequestError`, no traceback).
 
     Args:
@@ -221,6 +224,28 @@ def unlearn_flow(
     result = process_open_requests(
         store, policy=policy, epsilon=epsilon, verify=verify, workers=workers, attempts=attempts
     )
+    gate = result.get("batched") or {}
+    if request_id not in result["claimed"] and request_id in gate.get("requests", []):
+        # Waiting in the open batch (serve --batch-window): not a duplicate. The pass that settles the
+        # request later finishes this record with what became of it (finish_batched_events).
+        waiting = ledger.get(request_id)
+        record = {
+            **_event_record(BATCHED, waiting, received_at=received_at),
+            "batched_until": gate.get("batched_until"),
+            "flush_rule": gate.get("reason"),
+            "deadline": gate.get("deadlines", {}).get(request_id),
+        }
+        ledger.record_event(event_id, record)
+        final = _note_batched_event(ledger, event_id, record)
+        logger.info(
+            "event %s: request %s is batched until %s (%s rule)",
+            event_id,
+            request_id,
+            utc_text(gate["batched_until"]) if gate.get("batched_until") else "its batch flushes",
+            gate.get("reason"),
+        )
+        _fail_if_refused(event_id, final)
+        return {"event_id": event_id, "outcome": BATCHED, "request_id": request_id, "status": final.status, **result}
     outcome = "processed" if request_id in result["claimed"] else "duplicate"
     # The record said "processing" for good before: now it says what became of the request.
     settled = ledger.get(request_id)
@@ -241,6 +266,61 @@ def _event_record(outcome: str, entry: RequestStatus, *, received_at: float) -> 
     if entry.status in (REJECTED, FAILED) and why:
         body["reason"] = str(why)[:2000]
     return body
+
+
+BATCHED = "batched"
+BATCHED_EVENTS_PREFIX = "ledger/batch/events"  # one note per event whose request waits in a batch
+
+
+def _batched_note_key(event_id: str) -> str:
+    return f"{BATCHED_EVENTS_PREFIX}/{hashlib.sha256(str(event_id).encode()).hexdigest()[:24]}.json"
+
+
+def _note_batched_event(ledger: DeletionLedger, event_id: str, record: dict[str, Any]) -> RequestStatus:
+    """Note an event recorded ``batched`` for :func:`finish_batched_events`; returns its request's entry now.
+
+    The note is written before the request is read again: a pass that settled the request before
+    the note existed is seen here (and the record finished at once), one that settles it after
+    finds the note.
+    """
+    key = _batched_note_key(event_id)
+    ledger.store.put_json(key, {"event_id": str(event_id), "record": record})
+    entry = ledger.get(str(record["request_id"]))
+    if entry.status in TERMINAL:
+        _finish_batched_event(ledger, key, {"event_id": str(event_id), "record": record}, entry)
+    return entry
+
+
+def _finish_batched_event(ledger: DeletionLedger, key: str, note: Mapping[str, Any], entry: RequestStatus) -> None:
+    """Rewrite a ``batched`` event record with its settled request's final status, then drop its note."""
+    record = dict(note["record"])
+    final = _event_record(BATCHED, entry, received_at=float(record.get("received_at", 0.0)))
+    ledger.record_event(str(note["event_id"]), {**record, **final, "settled_at": entry.updated_at})
+    ledger.store.delete(key)
+
+
+def finish_batched_events(store: ObjectStore, *, logger: Any = None) -> list[str]:
+    """Finish the records of events whose request waited in a batch and is now settled; returns their event ids.
+
+    An event that found its request batched is recorded ``batched`` with ``status: pending``; the
+    pass that later settles the request (or any pass after a cancel) calls this, and the record
+    then says what became of the request (``status``, ``reason`` when rejected or failed,
+    ``settled_at``), keeping ``outcome: batched`` and ``batched_until``. Costs one listing of the
+    notes of events still waiting.
+    """
+    ledger = DeletionLedger(store)
+    finished: list[str] = []
+    for key in store.list(BATCHED_EVENTS_PREFIX):
+        try:
+            note = store.get_json(key)
+            entry = ledger.get(str(note["record"]["request_id"]))
+            if entry.status in TERMINAL:
+                _finish_batched_event(ledger, key, note, entry)
+                finished.append(str(note["event_id"]))
+        except Exception as err:  # noqa: BLE001 -- the requests are settled; an audit note must not undo that
+            if logger is not None:
+                logger.warning("batched event note %s could not be finished: %s", key, err)
+    return finished
 
 
 def _fail_if_refused(event_id: str, entry: RequestStatus) -> None:
