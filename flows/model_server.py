@@ -28,8 +28,10 @@ Usage::
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
+import signal
 import socket
 import sys
 import threading
@@ -173,6 +175,9 @@ class PredictHandler(BaseHTTPRequestHandler):
         self._answered = False
         try:
             handle()
+        except ConnectionError as err:  # the client reset or closed mid-request: nobody is left to answer
+            self.close_connection = True
+            client_gone(self.client_address, err)
         except Exception as err:  # noqa: BLE001 -- a bug in the server or model: the client still gets an answer
             print(f"target server: {self.command} {self.path} failed:", file=sys.stderr, flush=True)
             traceback.print_exc(file=sys.stderr)
@@ -322,6 +327,54 @@ def _read_request(payload: object, *, image_size: int | None) -> tuple[np.ndarra
     return images, OutputMode(output)
 
 
+def client_gone(client_address: Any, err: BaseException) -> None:
+    """One short line for a client that went away mid-request (no traceback: not a fault of the server)."""
+    where = ":".join(str(part) for part in tuple(client_address)[:2]) if client_address else "a client"
+    print(
+        f"target server: {where} disconnected mid-request ({type(err).__name__}); nothing answered.",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A :class:`ThreadingHTTPServer` that says a client's reset in one line instead of a traceback.
+
+    ``socketserver`` printed "Exception occurred during processing of request from ..." and a
+    ``ConnectionResetError`` traceback for a client that reset its connection while the request
+    line or headers were read; any other error keeps the standard report.
+    """
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, ConnectionError | TimeoutError):
+            client_gone(client_address, err)
+            return
+        super().handle_error(request, client_address)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore further Ctrl-C and SIGTERM once a server is stopping (main thread only; elsewhere nothing).
+
+    GNU ``timeout`` (and a terminal's Ctrl-C on the process group) can deliver a second SIGINT while
+    the process exits: it interrupted an exit handler (torch's ``atexit`` callback) and printed
+    "Exception ignored in atexit callback ... KeyboardInterrupt" after the stop sentence. The stop
+    is under way; another signal has nothing left to stop. Also registered with :mod:`atexit`
+    (run before the handlers registered earlier), as the command line's own SIGTERM handling is
+    undone on its way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _ignore_signals_now()
+    atexit.unregister(_ignore_signals_now)
+    atexit.register(_ignore_signals_now)
+
+
+def _ignore_signals_now() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class TargetServer:
     """Serve a torch classifier on ``host:port`` in a background thread.
 
@@ -370,7 +423,7 @@ class TargetServer:
         self.lock = threading.Lock()
         self.requests = 0
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
+            self.httpd = QuietHTTPServer((host, port), handler)
         except OSError as err:
             # Not this machine's address, or no such name: the host is wrong, and another port cannot help.
             if isinstance(err, socket.gaierror) or err.errno == errno.EADDRNOTAVAIL:

@@ -29,14 +29,17 @@ DEFAULT_K = 600
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("reduce", help="choose k query images by DRMI (SPEC section 2)")
     parser.add_argument(
-        "--data", default="mnist5k", type=dataset_source, help="mnist5k, digits, an .npz file or a dataset folder"
+        "--data",
+        default="mnist5k",
+        type=dataset_source,
+        help="mnist5k (default), digits, an .npz file or a dataset folder",
     )
     # None, not 600: a default that does not fit the pool is reported as the default, not as a choice.
     parser.add_argument("--k", type=int, default=None, help=f"subset size (default {DEFAULT_K})")
     parser.add_argument("--bins", type=int, default=256, help="gray levels counted by MI (default 256: exact)")
     parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")
     parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed for drawing start vertices")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for drawing start vertices (default 0)")
     parser.add_argument(
         "--store",
         default=None,

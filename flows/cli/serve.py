@@ -39,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--verify", action="store_true", help="also retrain naively and record consistency")
     parser.add_argument("--workers", type=int, default=None, help="Ray workers per fan-out (default: cluster CPUs)")
     parser.add_argument("--reconcile-cron", default="*/5 * * * *", help="reconciliation schedule (default every 5 min)")
-    parser.add_argument("--audit-cron", default="0 3 * * *", help="extraction audit schedule; 'off' disables it")
+    parser.add_argument(
+        "--audit-cron",
+        default="0 3 * * *",
+        help="extraction audit schedule, cron syntax (default '0 3 * * *'); 'off' disables it",
+    )
     parser.add_argument(
         "--lease",
         type=float,
@@ -60,7 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
     # issue 11: deadline-aware batching (flows/batching.py)
     parser.add_argument("--batch-window", default="0", help="hold requests this long in one batch: 1h, 1d (default 0)")
-    parser.add_argument("--batch-max", type=int, default=None, help="flush a batch once it holds this many requests")
+    parser.add_argument(
+        "--batch-max",
+        type=int,
+        default=None,
+        help="flush a batch once it holds this many requests (default none: no cap)",
+    )
     parser.add_argument("--deadline", default="30d", help="each request's deadline after receipt (default 30d)")
     parser.add_argument(
         "--rollback", action="store_true", help="on acceptance, serve M_{d-1} of each affected run (exact at once)"
@@ -69,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--floor-points",
         type=float,
         default=2.0,
-        help="with --rollback: publish M_{d-1} only if its held-out accuracy is within this many points of the model before the deletion, else keep serving and flush now (100 accepts any drop)",
+        help="with --rollback: publish M_{d-1} only if its held-out accuracy is within this many points of the model before the deletion, else keep serving and flush now (default 2; 100 accepts any drop)",
     )
     parser.set_defaults(handler=run_serve)
 

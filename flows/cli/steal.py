@@ -34,9 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "options you give replace the grid's",
     )
     parser.add_argument(
-        "--pool", default="mnist5k", type=dataset, help="dataset for the attacker's pool and the test set"
+        "--pool",
+        default="mnist5k",
+        type=dataset,
+        help="dataset for the attacker's pool and the test set (default mnist5k)",
     )
-    parser.add_argument("--budgets", default="50,150,200,300,600", help="comma-separated query budgets")
+    parser.add_argument(
+        "--budgets", default="50,150,200,300,600", help="comma-separated query budgets (default 50,150,200,300,600)"
+    )
     parser.add_argument(
         "--attackers",
         default=DEFAULT_ATTACKER,
@@ -52,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive rounds from "
         f"{ADAPTIVE_FROM_BUDGET})",
     )
-    parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="seeds per (selector, budget)")
+    parser.add_argument(
+        "--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per (selector, budget) (default {DEFAULT_SEEDS})"
+    )
     parser.add_argument("--out", default="runs/steal", help="output directory (default runs/steal)")
     parser.add_argument(
         "--pool-size",
@@ -81,7 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=AttackOptions().max_steps,
         help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {AttackOptions().max_steps})",
     )
-    parser.add_argument("--rounds", type=int, default=AttackOptions().rounds, help="pseudo_label self-training rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=AttackOptions().rounds,
+        help=f"pseudo_label self-training rounds (default {AttackOptions().rounds})",
+    )
     parser.add_argument(
         "--consistency-steps",
         type=int,
@@ -89,9 +101,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"semi_supervised FixMatch steps on the unlabeled pool (default {AttackOptions().consistency_steps})",
     )
     parser.add_argument(
-        "--round-steps", type=int, default=AttackOptions().round_steps, help="steps per self-training round"
+        "--round-steps",
+        type=int,
+        default=AttackOptions().round_steps,
+        help=f"steps per self-training round (default {AttackOptions().round_steps})",
     )
-    parser.add_argument("--eps", default="0.1,0.2,0.3", help="FGSM radii on [0,1] inputs")
+    parser.add_argument("--eps", default="0.1,0.2,0.3", help="FGSM radii on [0,1] inputs (default 0.1,0.2,0.3)")
     parser.add_argument("--ifgsm", action="store_true", help="iterative FGSM instead of FGSM")
     parser.add_argument(
         "--drmi-starts",
@@ -100,8 +115,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="seeded DRMI restarts (default 32; 0 = one per pool image, the SPEC default, slow)",
     )
     parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request, seconds")
-    parser.add_argument("--retries", type=int, default=3, help="HTTP retries on transient errors")
+    parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request, seconds (default 30)")
+    parser.add_argument("--retries", type=int, default=3, help="HTTP retries on transient errors (default 3)")
     parser.set_defaults(handler=run_steal, option_defaults={name: parser.get_default(name) for name in DEMO_SETTINGS})
 
 

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the cluster's dashboard URL http://HEAD:8265, or its head's GCS address HEAD:6379 (default: "
         f"$RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else {DEFAULT_DASHBOARD})",
     )
-    parser.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir")
+    parser.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default .)")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
     parser.add_argument("job", nargs=argparse.REMAINDER, help="the obliviate command to run, after --")

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = actions.add_parser("train", help="train a classifier on part of a dataset and save it")
     train.add_argument(
-        "--data", default="mnist5k", type=dataset, help="mnist5k, digits, an .npz file or a dataset folder"
+        "--data", default="mnist5k", type=dataset, help="mnist5k (default), digits, an .npz file or a dataset folder"
     )
     train.add_argument("--out", default="runs/target.pt", help="checkpoint path (default runs/target.pt)")
     train.add_argument("--arch", default="lenet5", help="lenet5 (default) or c3f2")
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--seed",
         type=seed,
         default=0,
-        help="seed of the split (draw_split: `steal` then uses the bench's split SEED), weights and batches",
+        help="seed of the split (draw_split: `steal` then uses the bench's split SEED), weights and batches (default 0)",
     )
     train.set_defaults(handler=run_train)
 
@@ -52,8 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--run", help="serve what this run of --store serves now (interim versions, sharded runs; issue 11)"
     )
     add_store_argument(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--probabilities", action="store_true", help="also answer probability requests")
     serve.set_defaults(handler=run_serve)
 
@@ -159,8 +161,7 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
         )
-        print(f"serving run {args.run} ({backend.rule}) at {server.url} (Ctrl-C stops)", flush=True)
-        return _serve(server)
+        return _serve(server, f"serving run {args.run} ({backend.rule}) at {server.url} (Ctrl-C stops)")
     if not Path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint!r} does not exist; make one with `obliviate target train`.")
     model, meta = load_checkpoint(args.checkpoint)
@@ -176,15 +177,17 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
     )
-    print(f"serving {args.checkpoint} at {server.url} (Ctrl-C stops)", flush=True)
-    return _serve(server)
+    return _serve(server, f"serving {args.checkpoint} at {server.url} (Ctrl-C stops)")
 
 
-def _serve(server) -> int:
-    try:
+def _serve(server, serving: str) -> int:
+    from flows.model_server import ignore_stop_signals
+
+    try:  # a Ctrl-C right after the "serving" line is a stop too (it said "interrupted", exit 130)
+        print(serving, flush=True)
         server.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C is how a server is stopped (as `obliviate ui`): exit 0, said below
-        pass
+        ignore_stop_signals()  # a second Ctrl-C or SIGTERM (GNU timeout sends two) must not interrupt the exit
     finally:
         server.httpd.server_close()
     print(f"obliviate target serve: stopped; {server.url} no longer answers.", file=sys.stderr, flush=True)

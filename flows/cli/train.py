@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=dataset_source,
         help="digits (default), mnist5k, an .npz file or a dataset folder",
     )
-    parser.add_argument("--model", default="lenet5", choices=["lenet5", "c3f2", "resnet18"])
+    parser.add_argument(
+        "--model", default="lenet5", choices=["lenet5", "c3f2", "resnet18"], help="architecture (default lenet5)"
+    )
     recipe = DEFAULT_RECIPE
     parser.add_argument(
         "--blocks", type=int, default=recipe["num_blocks"], help=f"B, number of blocks (default {recipe['num_blocks']})"
@@ -34,8 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=recipe["local_epochs"],
         help=f"E, local epochs per block (default {recipe['local_epochs']})",
     )
-    parser.add_argument("--batch-size", type=int, default=recipe["batch_size"])
-    parser.add_argument("--optimizer", default=recipe["optimizer"], choices=["adam", "sgd"])
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=recipe["batch_size"],
+        help=f"samples per batch (default {recipe['batch_size']})",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default=recipe["optimizer"],
+        choices=["adam", "sgd"],
+        help=f"optimizer (default {recipe['optimizer']})",
+    )
     parser.add_argument(
         "--lr",
         type=float,
@@ -54,18 +66,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=recipe["min_lr_fraction"],
         help=f"cosine: the last block's rate as a fraction of --lr (default {recipe['min_lr_fraction']})",
     )
-    parser.add_argument("--seed", type=seed, default=0, help="chain seed (init, block split, batch order)")
+    parser.add_argument("--seed", type=seed, default=0, help="chain seed (init, block split, batch order; default 0)")
     parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all not held out)")
     parser.add_argument(
         "--heldout-size", type=int, default=None, help="held-out samples (default 300, or 1/5 of under 1,500 images)"
     )
-    parser.add_argument("--split-seed", type=seed, default=0, help="seed of the train/held-out split")
+    parser.add_argument("--split-seed", type=seed, default=0, help="seed of the train/held-out split (default 0)")
     parser.add_argument(
         "--shards",
         type=int,
         default=1,
         help="S > 1: S chains on disjoint stratified shards, trained in parallel; --blocks counts each shard's "
-        "blocks, so B/S keeps the block size of an unsharded run of B blocks (smaller blocks cost accuracy)",
+        "blocks, so B/S keeps the block size of an unsharded run of B blocks (smaller blocks cost accuracy; default 1)",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
     parser.set_defaults(handler=run_train)

@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--data", default="mnist5k", type=dataset_source, help="mnist5k, digits, an .npz file or a dataset folder"
+        "--data",
+        default="mnist5k",
+        type=dataset_source,
+        help="mnist5k (default), digits, an .npz file or a dataset folder",
     )
     add_store_argument(common)
     common.add_argument(
@@ -30,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="trials at once, one CPU each (default 2, at most this machine's CPUs)",
     )
     common.add_argument("--model", default="lenet5", choices=MODELS, help="the trials' model (default lenet5)")
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=int, default=0, help="seed of every trial (default 0)")
     common.add_argument("--name", default=None, help="sweep name (default: kind and time)")
 
     unlearning = kinds.add_parser("unlearning", parents=[common], help="sweep (B, ε): speed-up vs consistency")
@@ -43,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     unlearning.add_argument(
         "--heldout-size", type=int, default=None, help="default 500, or 1/5 of a dataset under 2,500 images"
     )
-    unlearning.add_argument("--local-epochs", type=int, default=1)
-    unlearning.add_argument("--schedule", default="cosine", help="constant, step, cosine or exponential")
+    unlearning.add_argument("--local-epochs", type=int, default=1, help="E, local epochs per block (default 1)")
+    unlearning.add_argument("--schedule", default="cosine", help="constant, step, cosine (default) or exponential")
     unlearning.set_defaults(handler=run_tune)
 
     reduction = kinds.add_parser("reduction", parents=[common], help="sweep (k, bins): accuracy vs queries")
@@ -59,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reduction.add_argument(
         "--test-size", type=int, default=None, help="default 1000, or 1/5 of a dataset under 5,000 images"
     )
-    reduction.add_argument("--steps", type=int, default=300, help="substitute/target gradient steps")
+    reduction.add_argument("--steps", type=int, default=300, help="substitute/target gradient steps (default 300)")
     reduction.add_argument("--starts", type=int, default=50, help="seeded DRMI restarts (default 50)")
     reduction.set_defaults(handler=run_tune)
 

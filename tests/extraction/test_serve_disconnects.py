@@ -1,0 +1,69 @@
+"""`obliviate target serve` says a client's reset and a repeated stop signal in words, never a traceback."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from flows.model_server import TargetServer
+from obliviate.extraction.target import save_checkpoint
+from obliviate.models import build_model
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP RST (ConnectionResetError), not an orderly FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_client_that_resets_mid_request_costs_one_short_line_not_a_traceback(capfd):
+    """A reset printed 'Exception occurred during processing of request ... ConnectionResetError: [Errno 104]'."""
+    model = build_model("lenet5", image_size=28, seed=0).eval()
+    with TargetServer(model, info={"image_size": 28}) as server:
+        host, port = server.httpd.server_address[:2]
+        partial = [
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Le",  # reset while the headers are read
+            b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n{"shape": [1, 28',  # ... the body
+        ]
+        for sent in partial:
+            client = socket.create_connection((host, port))
+            client.sendall(sent)
+            time.sleep(0.3)  # the server is blocked reading the rest
+            _reset(client)
+            time.sleep(0.3)
+        check = http.client.HTTPConnection(host, port, timeout=10)
+        check.request("GET", "/health")
+        assert check.getresponse().status == 200  # still serving
+        check.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) <= len(partial) and all("disconnected mid-request" in line for line in lines), err
+
+
+def test_a_second_sigint_while_serve_stops_prints_no_traceback(tmp_path):
+    """GNU timeout forwards SIGINT twice: the second interrupted torch's atexit callback ('Exception ignored')."""
+    checkpoint = tmp_path / "t.pt"
+    model = build_model("lenet5", image_size=28, seed=0)
+    save_checkpoint(checkpoint, model=model, arch="lenet5", meta={"num_classes": 10, "image_size": 28})
+    command = [sys.executable, "-m", "flows.cli", "target", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        server.send_signal(signal.SIGINT)
+        stop = server.stderr.readline()  # the stop sentence is printed: the process is on its way out
+        assert "obliviate target serve: stopped" in stop, stop
+        while server.poll() is None:  # further signals while it exits (a burst, so one lands in its exit handlers)
+            server.send_signal(signal.SIGINT)
+            time.sleep(0.002)
+        code = server.wait(timeout=30)
+    finally:
+        server.kill()
+    rest = server.stderr.read()
+    assert code == 0, (code, stop + rest)
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest and "Exception ignored" not in rest, rest
