@@ -233,7 +233,8 @@ def verify_replay(
             report.blocks_not_replayed.append(block)
             continue
         if block - 1 not in checkpoints or block not in checkpoints:
-            report.fail(f"block {block}: cannot replay without readable stored M_{block - 1} and M_{block}.")
+            missing = " and ".join(f"M_{i}" for i in (block - 1, block) if i not in checkpoints)  # only those unread
+            report.fail(f"block {block}: cannot replay without readable stored {missing}.")
             report.blocks_not_replayed.append(block)
             continue
         replayed = next(iter(trainer.run(start=checkpoints[block - 1], last_block=block, excluded_ids=deleted_ids)))

@@ -72,6 +72,22 @@ def test_verify_catches_a_flipped_checkpoint_byte(unlearned_store, tmp_path: Pat
     assert report and ObjectStore(url).exists(report.group(1).removeprefix(url + "/")), err
 
 
+def test_verify_names_only_the_checkpoints_it_could_not_read(unlearned_store, tmp_path: Path, capsys) -> None:
+    """With only M_2 damaged it said "block 2: cannot replay without readable stored M_1 and M_2."."""
+    url, _ = unlearned_store
+    registry = RunRegistry(ObjectStore(url))
+    member = registry.manifest(registry.current("v-run")).members["2"]
+    path = tmp_path / "store" / member.key
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert main(["verify", "--store", url, "--run", "v-run", "--blocks", "all", "--no-prefect"]) == 4
+    err = capsys.readouterr().err
+    assert "block 2: cannot replay without readable stored M_2." in err
+    assert "block 3: cannot replay without readable stored M_2." in err
+    assert "M_1 and M_2" not in err and "M_2 and M_3" not in err, err
+
+
 def test_verify_a_record_lost_while_the_bytes_stay_says_so(unlearned_store, tmp_path: Path, capsys) -> None:
     url, _ = unlearned_store
     registry = RunRegistry(ObjectStore(url))
