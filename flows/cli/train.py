@@ -10,7 +10,38 @@ import sys
 from flows.cli._store import add_store_argument, prepare_store, store_url
 from flows.cli._types import seed
 from obliviate.data import dataset_source
+from obliviate.errors import ConfigError
 from obliviate.unlearning.config import DEFAULT_RECIPE
+
+# The option each run setting comes from, and its default: a ConfigError that names the setting
+# (obliviate's messages speak of the config, ``num_blocks``) is reported with the flag to change.
+CONFIG_FLAGS: dict[str, tuple[str, object]] = {
+    "num_blocks": ("--blocks", DEFAULT_RECIPE["num_blocks"]),
+    "local_epochs": ("--epochs", DEFAULT_RECIPE["local_epochs"]),
+    "batch_size": ("--batch-size", DEFAULT_RECIPE["batch_size"]),
+    "learning_rate": ("--lr", DEFAULT_RECIPE["learning_rate"]),
+    "optimizer": ("--optimizer", DEFAULT_RECIPE["optimizer"]),
+    "schedule": ("--schedule", DEFAULT_RECIPE["schedule"]),
+    "min_lr_fraction": ("--min-lr-fraction", DEFAULT_RECIPE["min_lr_fraction"]),
+    "seed": ("--seed", 0),
+    "split_seed": ("--split-seed", 0),
+    "shards": ("--shards", 1),
+}
+
+
+def flag_named(err: ConfigError) -> ConfigError:
+    """``err`` with the flag of the setting it names: ``num_blocks must be ...`` becomes ``--blocks (num_blocks)
+    must be ... Pass another --blocks (default 6).``; a message that names no setting, or already its flag, is kept.
+    """
+    message = str(err)
+    field, _, rest = message.partition(" ")
+    if field not in CONFIG_FLAGS or not rest:
+        return err
+    flag, default = CONFIG_FLAGS[field]
+    if flag in message:
+        return err
+    named = flag if flag == "--" + field.replace("_", "-") else f"{flag} ({field})"
+    return ConfigError(f"{named} {rest} Pass another {flag} (default {default}).")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +140,10 @@ def run_train(args: argparse.Namespace) -> int:
     # Every option's rule, checked by planning the run (each shard's, the most constrained) before
     # any server starts or the store is touched.
     check_name(args.run_id, what="run id")
-    run_spec(run_id=args.run_id, shards=args.shards, shard=max(args.shards, 1) - 1, **options)
+    try:
+        run_spec(run_id=args.run_id, shards=args.shards, shard=max(args.shards, 1) - 1, **options)
+    except ConfigError as err:
+        raise flag_named(err) from None
     check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))
     apply_prefect_defaults()
     store = prepare_store(store_url(args), write=True)
