@@ -71,3 +71,25 @@ def test_rendered_help_shows_the_serve_defaults(capsys) -> None:
         build_parser().parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default '0 3 * * *')" in text and "(default 2;" in text and "(default none: no cap)" in text
+
+
+def test_every_default_the_docs_quote_for_a_flag_is_in_its_help() -> None:
+    """README.md and docs/*.md write "`--flag` (default X" or "`--flag`, default X": some command's --flag says X."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    quoted = {
+        (match.group(1), match.group(2).strip("`"))
+        for doc in docs
+        for match in re.finditer(r"`(--[a-z][a-z-]*)`,? \(?default (`[^`]+`|[^\s;),]+)", doc.read_text())
+    }
+    assert quoted  # the pattern still finds the docs' defaults
+    helps: dict[str, list[str]] = {}
+    for _, action in _options(build_parser()):
+        for flag in action.option_strings:
+            helps.setdefault(flag, []).append(action.help or "")
+    wrong = []
+    for flag, default in sorted(quoted):
+        value = default.removeprefix("./")
+        said = [h for h in helps.get(flag, []) if "default" in h and (not value[0].isdigit() or value in h)]
+        if not said:
+            wrong.append(f"{flag} (docs: default {default}; help: {helps.get(flag)})")
+    assert not wrong, wrong
