@@ -27,12 +27,17 @@ serve's announcement and heartbeat) are read safely too: a read that lands betwe
 data and its commit record sees them disagree, so a mismatch is read again over about 1.5 s
 before it is reported as :class:`CorruptObject`; only damage outlasts that.
 
-All backend exceptions are translated in :func:`_translated`, the single boundary.
+All backend exceptions are translated in :func:`_translated`, the single boundary. On S3 every
+call is also watched there (:func:`storage.retry.watched_call`): a store that stops answering is
+reported within about 10 s, and a call it leaves unanswered for 120 s (more for a large transfer)
+fails as :class:`StorageUnavailable` instead of waiting out botocore's and s3fs's retries.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -59,7 +64,7 @@ from storage.errors import (
     StorageUnavailable,
     WriteFailed,
 )
-from storage.retry import current_limit_s, time_left_s, watched_call
+from storage.retry import call_overdue, heard_from, unanswered_s, watched_call
 
 COMMIT_SUFFIX = ".sha256"
 _TMP_MARK = ".tmp-"
@@ -463,7 +468,7 @@ class ObjectStore:
         """Every stored name under ``prefix`` (objects, commit records, pointer versions), relative to the root."""
         prefix = _check_key(prefix, allow_empty=True)
         base = self._path(prefix) if prefix else self._root
-        with self._backend(self.uri(prefix), listing=True):
+        with self._backend(self.uri(prefix)):
             try:
                 found = self._fs.find(base)
             except FileNotFoundError:
@@ -472,9 +477,7 @@ class ObjectStore:
         return [p.removeprefix(root) for p in (_strip(p, self._protocol) for p in found)]
 
     @contextlib.contextmanager
-    def _backend(
-        self, where: str, *, writing: bool = False, payload_bytes: int = 0, listing: bool = False
-    ) -> Iterator[None]:
+    def _backend(self, where: str, *, writing: bool = False, payload_bytes: int = 0) -> Iterator[None]:
         """Around backend calls: errors translated (:func:`_translated`); on S3 also watched and time-limited.
 
         A network call that goes unanswered is reported after a few seconds and abandoned as
@@ -485,7 +488,7 @@ class ObjectStore:
                 yield
             return
         with (
-            watched_call(self._url, self._endpoint_url, payload_bytes=payload_bytes, listing=listing),
+            watched_call(self._url, self._endpoint_url, payload_bytes=payload_bytes),
             _translated(where, writing=writing, endpoint=self._endpoint_url),
         ):
             yield
@@ -503,6 +506,7 @@ class ObjectStore:
                     # listing, and a cached listing would hide versions other processes wrote.
                     use_listings_cache=False,
                     endpoint_url=self._endpoint_url,
+                    session=_heard_by(self._url, self._endpoint_url),
                     config_kwargs={"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2}},
                 )
                 _limit_calls(self._fs_cache)
@@ -594,7 +598,7 @@ class ObjectStore:
         return data
 
     def _pointer_versions(self, key: str) -> builtins.list[int]:
-        with self._backend(self.uri(key), listing=True):
+        with self._backend(self.uri(key)):
             try:
                 names = [p.rsplit("/", 1)[-1] for p in self._fs.ls(self._path(key), detail=False)]
             except FileNotFoundError:
@@ -707,8 +711,8 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-# The s3fs calls ObjectStore makes; each is given the time its watched call has left (fsspec's
-# ``timeout``: past it the request is cancelled and FSTimeoutError raised in the caller).
+# The s3fs calls ObjectStore makes; each is run on s3fs's event loop and cancelled (FSTimeoutError
+# in the caller) once the store has left its watched call unanswered past the limit.
 _LIMITED_CALLS = ("cat_file", "pipe_file", "exists", "info", "ls", "find", "rm_file", "mkdir")
 
 
@@ -716,16 +720,35 @@ def _limit_calls(fs: fsspec.AbstractFileSystem) -> None:
     """Bound every blocking call on ``fs``: a frozen endpoint otherwise holds one for many minutes.
 
     botocore waits ``read_timeout`` per attempt and s3fs repeats the attempts, so a frozen endpoint
-    held one call up to about 15 minutes; the watched call's limit ends it instead.
+    held one call for more than 15 minutes; :func:`storage.retry.call_overdue` ends it instead.
     """
     for name in _LIMITED_CALLS:
-        method = getattr(fs, name)
+        coroutine = getattr(fs, f"_{name}")
 
-        def limited(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
-            kwargs.setdefault("timeout", time_left_s())
-            return _method(*args, **kwargs)
+        def limited(*args: Any, _coroutine: Any = coroutine, **kwargs: Any) -> Any:
+            future = asyncio.run_coroutine_threadsafe(_coroutine(*args, **kwargs), fs.loop)
+            try:
+                while not concurrent.futures.wait([future], timeout=0.5).done:
+                    if call_overdue():
+                        raise FSTimeoutError
+                return future.result()
+            finally:
+                future.cancel()  # nothing once it is done; a call abandoned or interrupted stops its request
 
         setattr(fs, name, limited)
+
+
+def _heard_by(store: str, endpoint: str | None) -> Any:
+    """An aiobotocore session that tells the stall watch of every answer the store gives."""
+    from aiobotocore.session import AioSession
+
+    session = AioSession()
+
+    def answered(**_: Any) -> None:
+        heard_from(store, endpoint)
+
+    session.register("after-call.s3", answered)
+    return session
 
 
 @contextlib.contextmanager
@@ -740,11 +763,11 @@ def _translated(where: str, *, writing: bool = False, endpoint: str | None = Non
     except ObliviateError:
         raise
     except FSTimeoutError as err:
-        limit = current_limit_s()
-        within = f"within {limit:.0f} s" if limit is not None else "in time"
+        waited = unanswered_s()
+        for_how_long = f"for {waited:.0f} s" if waited is not None else "in time"
         at = f" at {endpoint}" if endpoint else ""
         raise StorageUnavailable(
-            f"storage at {where} did not answer {within}: the endpoint{at} takes requests but does not reply "
+            f"storage at {where} has not answered {for_how_long}: the endpoint{at} takes requests but does not reply "
             "(frozen, overloaded, or the network drops its packets). Check that the S3 service answers "
             "(AWS_ENDPOINT_URL, network), then run the command again."
         ) from err

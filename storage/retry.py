@@ -9,9 +9,11 @@ A backend that accepts connections but never replies (a frozen endpoint, a netwo
 drops packets) used to keep a command silent for minutes. Two rules now hold for every call an
 :class:`storage.objects.ObjectStore` makes on a network store (:func:`watched_call`):
 
-* **It ends.** A call is abandoned as :class:`StorageUnavailable` after :func:`call_limit_s`
-  (:data:`CALL_LIMIT_S`, more for listings and for each byte sent or read), or, inside
-  :func:`retry_unavailable` during an outage, when the retry deadline comes.
+* **It ends.** A call the store has not answered for :func:`call_limit_s` (:data:`CALL_LIMIT_S`,
+  more for each byte it sends or reads) is abandoned as :class:`StorageUnavailable`; inside
+  :func:`retry_unavailable` during an outage, at the retry deadline. Every HTTP answer of the
+  store counts (:func:`heard_from`: each page of a listing, each part of an upload), so a long
+  call that keeps getting answers is not cut.
 * **The user hears of it.** One watchdog thread per process (started at the first network call,
   asleep while no call is in flight) reports a store that has not answered for
   :data:`STALL_NOTICE_AFTER_S`, again every :data:`STALL_NOTICE_EVERY_S` while it lasts, and once
@@ -40,10 +42,9 @@ STALL_NOTICE_AFTER_S = 10.0
 STALL_NOTICE_EVERY_S = 30.0
 # A write or read of N bytes is reported only after N / this rate more (bytes may still be flowing).
 STALL_NOTICE_BYTES_PER_S = 1024 * 1024
-# A backend call that has not finished after this long is abandoned as StorageUnavailable; a listing
-# (many pages, each answered) gets LISTING_LIMIT_S, and a transfer N / SLOWEST_BYTES_PER_S more.
+# A backend call the store has not answered for this long is abandoned as StorageUnavailable; a
+# transfer of N bytes gets N / SLOWEST_BYTES_PER_S more.
 CALL_LIMIT_S = 120.0
-LISTING_LIMIT_S = 600.0
 SLOWEST_BYTES_PER_S = 64 * 1024  # 512 kbit/s: only a link slower than that would see a transfer cut
 # During an outage a call inside retry_unavailable ends at the retry deadline, but gets at least this.
 OUTAGE_CALL_MIN_S = 5.0
@@ -100,23 +101,33 @@ def retry_unavailable(
         stack.remove(retrying)
 
 
-def call_limit_s(payload_bytes: int = 0, *, listing: bool = False) -> float:
-    """How long one backend call may take before it is abandoned as unavailable."""
-    return (LISTING_LIMIT_S if listing else CALL_LIMIT_S) + max(0, payload_bytes) / SLOWEST_BYTES_PER_S
+def call_limit_s(payload_bytes: int = 0) -> float:
+    """How long the store may leave one backend call unanswered before it is abandoned as unavailable."""
+    return CALL_LIMIT_S + max(0, payload_bytes) / SLOWEST_BYTES_PER_S
 
 
-def time_left_s() -> float:
-    """Seconds the backend call being made in this thread has left (:func:`call_limit_s` outside a watched call)."""
-    deadline = getattr(_local, "deadline", None)
-    if deadline is None:
-        return call_limit_s()
-    return max(1.0, deadline - time.monotonic())
+def call_overdue() -> bool:
+    """Whether the watched call of this thread has gone unanswered past its limit (never outside one)."""
+    current: tuple[_Store, _Waiter] | None = getattr(_local, "current", None)
+    if current is None:
+        return False
+    entry, waiter = current
+    return time.monotonic() > max(waiter.began, entry.heard_at) + waiter.limit
 
 
-def current_limit_s() -> float | None:
-    """The limit the watched call of this thread runs under (for the message when it runs out)."""
-    limit: float | None = getattr(_local, "limit", None)
-    return limit
+def unanswered_s() -> float | None:
+    """How long the store of this thread's watched call has not answered (for the message when it is abandoned)."""
+    current: tuple[_Store, _Waiter] | None = getattr(_local, "current", None)
+    if current is None:
+        return None
+    entry, waiter = current
+    since = entry.since if entry.since is not None else max(waiter.began, entry.heard_at)
+    return time.monotonic() - since
+
+
+def heard_from(store: str, endpoint: str | None) -> None:
+    """The store answered a request (any HTTP answer, an error status too): it is not stalled."""
+    _WATCH.heard(store, endpoint)
 
 
 def set_stall_reporter(report: Callable[[str], None] | None) -> Callable[[str], None] | None:
@@ -127,16 +138,15 @@ def set_stall_reporter(report: Callable[[str], None] | None) -> Callable[[str], 
 
 
 def watched_call(
-    store: str, endpoint: str | None, *, payload_bytes: int = 0, listing: bool = False
+    store: str, endpoint: str | None, *, payload_bytes: int = 0
 ) -> contextlib.AbstractContextManager[None]:
-    """Around one backend call on ``store``: limits its time and reports it if it goes unanswered.
+    """Around one backend call on ``store``: limits its time (:func:`call_overdue`) and reports it if unanswered.
 
-    ``payload_bytes``: bytes the call sends or reads (it gets more time, and is reported later);
-    ``listing``: a listing (many pages) gets :data:`LISTING_LIMIT_S`. An exception other than
-    :class:`StorageUnavailable` is an answer (a missing object is one); :class:`StorageUnavailable`
-    is not, and neither is an interruption.
+    ``payload_bytes``: bytes the call sends or reads (it gets more time, and is reported later).
+    An exception other than :class:`StorageUnavailable` is an answer (a missing object is one);
+    :class:`StorageUnavailable` is not, and neither is an interruption.
     """
-    return _WATCH.call(store, endpoint, payload_bytes=payload_bytes, listing=listing)
+    return _WATCH.call(store, endpoint, payload_bytes=payload_bytes)
 
 
 # ----- internals -------------------------------------------------------------------------------
@@ -162,7 +172,8 @@ def _retry_stack() -> list[_Retrying]:
 class _Waiter:
     began: float
     notice_at: float  # not reported before this (a transfer may still be moving bytes)
-    gives_up_at: float
+    limit: float  # abandoned once unanswered this long
+    retry_deadline: float  # the retries around it go on until then (0: none)
     payload_bytes: int
 
 
@@ -170,6 +181,7 @@ class _Waiter:
 class _Store:
     label: str
     since: float | None = None  # unanswered since
+    heard_at: float = 0.0  # its last answer
     left_at: float = 0.0  # when the last waiter left without an answer
     noticed_at: float | None = None
     waiters: dict[int, _Waiter] = field(default_factory=dict)
@@ -186,21 +198,22 @@ class _StallWatch:
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def call(self, store: str, endpoint: str | None, *, payload_bytes: int, listing: bool) -> Iterator[None]:
+    def call(self, store: str, endpoint: str | None, *, payload_bytes: int) -> Iterator[None]:
         now = time.monotonic()
-        limit = call_limit_s(payload_bytes, listing=listing)
+        limit = call_limit_s(payload_bytes)
         stack = _retry_stack()
-        gives_up_at = now + limit
+        retry_deadline = 0.0
         if stack:
             if stack[-1].in_outage:  # the retries end at their deadline: so does this call (plus its transfer time)
                 transfer = max(0, payload_bytes) / SLOWEST_BYTES_PER_S
                 limit = min(limit, max(stack[-1].deadline - now, OUTAGE_CALL_MIN_S) + transfer)
-            gives_up_at = max(now + limit, *(retrying.deadline for retrying in stack))
+            retry_deadline = max(retrying.deadline for retrying in stack)
         notice_after = STALL_NOTICE_AFTER_S + max(0, payload_bytes) / STALL_NOTICE_BYTES_PER_S
         key = (store, endpoint)
-        token = self._enter(key, _Waiter(now, now + notice_after, gives_up_at, payload_bytes), now)
-        outer = (getattr(_local, "deadline", None), getattr(_local, "limit", None))
-        _local.deadline, _local.limit = now + limit, limit
+        waiter = _Waiter(now, now + notice_after, limit, retry_deadline, payload_bytes)
+        token = self._enter(key, waiter, now)
+        outer = getattr(_local, "current", None)
+        _local.current = (self._stores[key], waiter)
         answered: bool | None = None
         try:
             yield
@@ -213,7 +226,7 @@ class _StallWatch:
             answered = True
             raise
         finally:
-            _local.deadline, _local.limit = outer
+            _local.current = outer
             self._leave(key, token, answered)
             if answered:
                 _local.unavailable = None
@@ -229,8 +242,8 @@ class _StallWatch:
             yield
             return
         now = time.monotonic()
-        gives_up_at = max(retrying.deadline for retrying in stack)
-        token = self._enter(key, _Waiter(now, now + STALL_NOTICE_AFTER_S, gives_up_at, 0), now)
+        deadline = max(retrying.deadline for retrying in stack)
+        token = self._enter(key, _Waiter(now, now + STALL_NOTICE_AFTER_S, 0.0, deadline, 0), now)
         try:
             yield
         finally:
@@ -252,6 +265,20 @@ class _StallWatch:
             if self._in_flight == 1:
                 self._lock.notify()
         return token
+
+    def heard(self, store: str, endpoint: str | None) -> None:
+        now = time.monotonic()
+        line = None
+        with self._lock:
+            entry = self._stores.get((store, endpoint))
+            if entry is None:
+                return
+            entry.heard_at = now
+            if entry.noticed_at is not None and entry.since is not None:
+                line = f"storage {entry.label} answers again, after {now - entry.since:.0f} s without an answer."
+            entry.since, entry.noticed_at = (now if entry.waiters else None), None
+        if line is not None:
+            _report(line)
 
     def _leave(self, key: tuple[str, str | None], token: int, answered: bool | None) -> None:
         now = time.monotonic()
@@ -302,7 +329,10 @@ def _label(store: str, endpoint: str | None) -> str:
 
 def _stall_line(entry: _Store, now: float) -> str:
     since = entry.since if entry.since is not None else now
-    gives_up_at = max(waiter.gives_up_at for waiter in entry.waiters.values())
+    gives_up_at = max(
+        max(max(waiter.began, entry.heard_at) + waiter.limit, waiter.retry_deadline)
+        for waiter in entry.waiters.values()
+    )
     left = max(0.0, gives_up_at - now)
     clock = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=left)
     moving = max(waiter.payload_bytes for waiter in entry.waiters.values())
