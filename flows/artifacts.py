@@ -221,24 +221,145 @@ def ledger_markdown(entry: Mapping[str, Any], history: Sequence[Mapping[str, Any
     return "\n".join(lines)
 
 
-def publish_request_artifacts(store: ObjectStore, ledger: DeletionLedger, request_ids: Iterable[str]) -> None:
-    """For each settled request: the deletion ledger entry (Markdown) and, when runs changed, the
-    unlearning record (a table, one row per run)."""
-    for request_id in request_ids:
-        entry = ledger.get(request_id).as_dict()
-        runs = (entry.get("details") or {}).get("runs") or {}
-        links = ledger_links(store, request_id, runs)
-        publish_markdown(
-            key="deletion-ledger",
-            title=f"Deletion request {request_id}: {entry['status']}",
-            body=ledger_markdown(entry, ledger.history(request_id)),
-            links=links,
+#: A pass that settled at most this many requests also gets one Markdown artifact per request (its
+#: status history) and one unlearning record per request; a bigger pass gets its tables only.
+PER_REQUEST_ARTIFACTS_UP_TO = 5
+#: Rows per deletion-pass table artifact: a pass of N requests makes ceil(N / this) of them.
+PASS_TABLE_ROWS = 500
+
+
+def pass_rows(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per settled request of a pass: status, what it asked, when it settled, why it was refused."""
+    rows = []
+    for entry in entries:
+        details = entry.get("details") or {}
+        reason = details.get("reason") or details.get("last_error") or ""
+        rows.append(
+            {
+                "request": entry.get("request_id"),
+                "status": entry.get("status"),
+                "dataset": entry.get("dataset"),
+                "ids": len(entry.get("ids") or []),
+                "runs changed": ", ".join(sorted(details.get("runs") or {})) or "–",
+                "requested at (UTC)": utc_text(entry.get("requested_at")),
+                "settled at (UTC)": utc_text(details.get("finished_at") or entry.get("updated_at")),
+                "why (rejected / failed)": str(reason)[:300] or "–",
+            }
         )
-        if runs:
-            publish_table(
-                key="unlearning-record",
-                title=f"Unlearning record of request {request_id}",
-                rows=unlearning_rows(runs),
-                lines=unlearning_lines(entry),
+    return rows
+
+
+def _pass_runs(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """The distinct run audits of a pass's requests, one per run and new version, and how many requests each served.
+
+    Named by run id; a run the pass changed twice (a retry pass) names its second version ``run (vN)``.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    served: dict[str, int] = {}
+    for entry in entries:
+        for run_id, audit in sorted(((entry.get("details") or {}).get("runs") or {}).items()):
+            name = run_id
+            if name in runs and _version(runs[name]) != _version(audit):
+                name = f"{run_id} (v{_version(audit)})"
+            runs.setdefault(name, {**audit, "run_id": run_id})
+            served[name] = served.get(name, 0) + 1
+    return runs, served
+
+
+def _version(audit: Mapping[str, Any]) -> Any:
+    return audit.get("to_version", audit.get("version"))
+
+
+def publish_request_artifacts(store: ObjectStore, ledger: DeletionLedger, request_ids: Iterable[str]) -> None:
+    """The dashboard artifacts of one pass's settled requests; their number follows the pass, not its requests.
+
+    A pass that settled at most :data:`PER_REQUEST_ARTIFACTS_UP_TO` requests publishes, per request,
+    its ``deletion-ledger`` entry (Markdown with its status history) and, when runs changed, its
+    ``unlearning-record`` (a table, one row per run). A bigger pass publishes ``deletion-pass``
+    tables (one row per request: status, dataset, ids, runs changed, times, why refused;
+    :data:`PASS_TABLE_ROWS` rows each) and one ``unlearning-record`` table (one row per run version
+    the pass made, with how many of its requests it served). Each request's ledger entry is read
+    once, each new version's manifest once.
+    """
+    ids = sorted(dict.fromkeys(request_ids))
+    if not ids:
+        return
+    entries: list[dict[str, Any]] = []
+    for request_id in ids:
+        status = ledger.get(request_id)
+        entries.append({**status.as_dict(), "updated_at": status.updated_at})
+    manifests: dict[tuple[str, int], str | None] = {}
+
+    def manifest_links(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+        links: dict[str, str] = {}
+        for name, audit in sorted(runs.items()):
+            run_id, version = str(audit.get("run_id") or name), _version(audit)
+            if not isinstance(version, int):
+                continue
+            if (run_id, version) not in manifests:
+                try:
+                    manifest = store.read_pointer_version(f"runs/{run_id}/current", version).target["manifest"]
+                    manifests[(run_id, version)] = store.uri(manifest)
+                except (ObjectNotFound, KeyError, OSError):
+                    manifests[(run_id, version)] = None  # a link is a convenience: leave it out rather than fail
+            url = manifests[(run_id, version)]
+            if url:
+                links[f"{run_id} v{version} manifest"] = url
+        return links
+
+    if len(entries) <= PER_REQUEST_ARTIFACTS_UP_TO:
+        for entry in entries:
+            request_id = str(entry["request_id"])
+            runs = (entry.get("details") or {}).get("runs") or {}
+            links = {
+                "ledger entry": store.uri(f"ledger/requests/{request_id}.json"),
+                "status history": store.uri(f"ledger/status/{request_id}"),
+                **manifest_links(runs),
+            }
+            publish_markdown(
+                key="deletion-ledger",
+                title=f"Deletion request {request_id}: {entry['status']}",
+                body=ledger_markdown(entry, ledger.history(request_id)),
                 links=links,
             )
+            if runs:
+                publish_table(
+                    key="unlearning-record",
+                    title=f"Unlearning record of request {request_id}",
+                    rows=unlearning_rows(runs),
+                    lines=unlearning_lines(entry),
+                    links=links,
+                )
+        return
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[str(entry.get("status"))] = counts.get(str(entry.get("status")), 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    rows = pass_rows(entries)
+    parts = -(-len(rows) // PASS_TABLE_ROWS)
+    for part in range(parts):
+        first = part * PASS_TABLE_ROWS
+        chunk = rows[first : first + PASS_TABLE_ROWS]
+        where = f", rows {first + 1}–{first + len(chunk)}" if parts > 1 else ""
+        publish_table(
+            key="deletion-pass",
+            title=f"Deletion pass: {len(rows)} requests settled ({summary}{where})",
+            rows=chunk,
+            lines=[
+                "One row per request. `obliviate forget --status <request>` prints a request's whole ledger entry "
+                + "with its status history."
+            ],
+            links={"ledger entries": store.uri("ledger/requests"), "status histories": store.uri("ledger/status")},
+        )
+    runs, served = _pass_runs(entries)
+    if runs:
+        table = unlearning_rows(runs)
+        for row in table:
+            row["requests served"] = served[str(row["run"])]
+        publish_table(
+            key="unlearning-record",
+            title=f"Unlearning record of a pass: {len(runs)} run version(s) for {len(rows)} requests",
+            rows=table,
+            lines=unlearning_lines({"ids": [], "details": {"runs": runs}, "status": summary})[1:],
+            links=manifest_links(runs),
+        )
