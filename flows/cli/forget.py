@@ -202,8 +202,20 @@ def run_forget(args: argparse.Namespace) -> int:
 
         waiting = (open_batch(ObjectStore(url)) or {}).get("requests", [])
         if ids is None and not waiting:
-            # a flush request left now would cut short the next batch, whenever it opens
-            print("no request waits in a batch; nothing to flush", file=sys.stderr)
+            # Requests no pass has gated yet (serve not running, or not since they arrived) are in no
+            # batch but wait all the same: the next pass takes them together, and --now flushes them.
+            unbatched = ledger.open_request_ids()
+            if not unbatched:
+                # a flush request left now would cut short the next batch, whenever it opens
+                print("no request waits in a batch; nothing to flush", file=sys.stderr)
+                return EXIT_DONE
+            request_flush(ObjectStore(url), reason=args.reason or "forget --now")
+            print(
+                f"{len(unbatched)} request(s) are open but in no batch yet (no pass has run since they arrived): "
+                "the next pass (the next event, or serve's next tick) takes them all at once, without waiting "
+                f"for a batch: {', '.join(unbatched[:10])}{' ...' if len(unbatched) > 10 else ''}",
+                file=sys.stderr,
+            )
             return EXIT_DONE
         request_flush(ObjectStore(url), reason=args.reason or "forget --now")
         if ids is None:
