@@ -419,16 +419,65 @@ def prefect_api(*, home: str | Path | None = None, startup_timeout: float = 90.0
     apply_prefect_defaults()
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
-        yield configured
+        with _api_must_answer(configured, configured=True):
+            yield configured
         return
     home_dir = prefect_home(home)
     running = running_ui_server(home_dir)
     if running is not None:
-        with _pointed_at(running):
+        with _pointed_at(running), _api_must_answer(running):
             yield running
         return
-    with prefect_server(home=home_dir, startup_timeout=startup_timeout) as server, _pointed_at(server.api_url):
+    with (
+        prefect_server(home=home_dir, startup_timeout=startup_timeout) as server,
+        _pointed_at(server.api_url),
+        _api_must_answer(server.api_url),
+    ):
         yield server.api_url
+
+
+class PrefectUnavailable(ObliviateError, ConnectionError):
+    """The Prefect API a command used stopped answering (or never answered) while it ran."""
+
+
+def _unreachable_api_cause(err: BaseException) -> BaseException | None:
+    """The httpx connection error in ``err``'s chain (Prefect wraps one in ``RuntimeError('Failed to reach API')``)."""
+    import httpx
+
+    seen: BaseException | None = err
+    for _ in range(10):
+        if seen is None:
+            return None
+        if isinstance(seen, httpx.TransportError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _api_must_answer(api_url: str, *, configured: bool = False) -> Iterator[None]:
+    """A connection error from a Prefect API that no longer answers becomes one sentence (:class:`PrefectUnavailable`).
+
+    It was a 100-line ``httpx.ConnectError`` traceback, e.g. when the ``obliviate ui`` server a
+    command found went away while the command ran. An error while the API still answers (another
+    HTTP service failed) goes on as it is.
+    """
+    try:
+        yield
+    except Exception as err:
+        cause = _unreachable_api_cause(err)
+        if cause is None or is_healthy(api_url):
+            raise
+        raise PrefectUnavailable(
+            f"the Prefect API at {api_url} must answer while the command runs; it does not "
+            f"({type(cause).__name__}: {str(cause)[:200] or 'no detail'}), so the command stopped. "
+            + (
+                "PREFECT_API_URL names it: start that server or unset PREFECT_API_URL (a command then starts "
+                "its own), and run the command again."
+                if configured
+                else "Run the command again: it uses an `obliviate ui` server that answers, else starts its own."
+            )
+        ) from None
 
 
 @contextlib.contextmanager
@@ -445,7 +494,8 @@ def _pointed_at(api_url: str) -> Iterator[None]:
             try:
                 yield
             finally:
-                _drain_prefect_workers()
+                if is_healthy(api_url):  # a server gone away drains nothing: its senders would retry for a minute
+                    _drain_prefect_workers()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         if previous_ui_url is None:
