@@ -47,7 +47,7 @@ from flows.audit import audit_flow
 from flows.batching import FLUSH_PREFIX, open_batch
 from flows.reconcile import reconcile_flow
 from flows.runtime import ray_gcs_answers, ui_url_of
-from flows.settle import STOPPING, hand_back_open_claims
+from flows.settle import STOPPING, hand_back_open_claims, held_pass
 from flows.train import shutdown_pools
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
@@ -524,7 +524,11 @@ class ServiceWatcher:
 
         A request waiting in the open batch is not orphaned until the batch is due (or a flush is
         asked for): a pass would only find it batched again (one reconcile run every tick, all window long).
+        Nor is anything while another pass holds the store (:func:`flows.settle.store_pass`: the cron
+        ``reconcile``, an event's run): one pass at a time; the next tick after it ends looks again.
         """
+        if held_pass(self.store) is not None:
+            return False
         now = time.time()
         listening = self.listener is None or self.listener.connected.is_set()
         grace_s = self.grace_s if listening else 0.0

@@ -23,14 +23,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from obliviate.unlearning.service import RequestError, RunSpec, parse_ids
-from storage.lease import DEFAULT_LEASE_S, LeaseKeeper
+from storage.errors import StorageError
+from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, release_claim, take_claim
 from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
@@ -61,6 +64,140 @@ def hand_back_open_claims(reason: str) -> list[str]:
             if ledger.hand_back(request_id, claim_version=version, reason=reason) is not None:
                 handed.append(request_id)
     return handed
+
+
+#: The pointer whose compare-and-swap makes one pass at a time the one working on a store's ledger.
+PASS_CLAIM_KEY = "service/pass-claim"
+# The pass claims this process takes or holds (their tokens): to its other threads they are live.
+_LIVE_PASSES: set[str] = set()
+_LIVE_PASSES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def store_pass(
+    store: ObjectStore, *, holder: str, lease_s: float = DEFAULT_LEASE_S, wait_s: float = 0.0
+) -> Iterator[dict[str, Any] | None]:
+    """Be the one pass working on ``store``'s ledger, or learn who is: yields ``None`` when this pass holds it.
+
+    The cron ``reconcile`` (a runner subprocess) and ``serve``'s own passes (its watcher, its event
+    runs) started together each claimed part of one flushed batch and each retrained every
+    affected run with its part: every run was retrained twice for one batch, and their writes of
+    the same records interleaved into a damaged store. Now a pass first takes ``service/pass-claim``
+    by a compare-and-swap (:func:`storage.lease.take_claim`), renews its lease while it works and
+    releases it at the end. A pass that finds a live holder waits up to ``wait_s`` for it, then
+    does nothing: the context yields that holder's record (``host``, ``pid``, ``holder``,
+    ``claimed_at``, ``renewed_at``). A holder that died is taken over: at once when it was a process
+    of this host that is gone (or a pass of this process that ended), else once its lease lapsed.
+    """
+    token = uuid.uuid4().hex
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "holder": holder, "token": token}
+
+    def gone(other: dict[str, Any]) -> bool:
+        if other.get("host") == me["host"] and other.get("pid") == me["pid"]:
+            with _LIVE_PASSES_LOCK:  # a pass of this process: live while it holds (or takes) the claim
+                return other.get("token") not in _LIVE_PASSES
+        return _process_gone(other)
+
+    with _LIVE_PASSES_LOCK:  # noted before claiming: to another thread of this process, the claim is live
+        _LIVE_PASSES.add(token)
+    try:
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            try:
+                claim = take_claim(store, PASS_CLAIM_KEY, holder=me, lease_s=lease_s, gone=gone)
+                break
+            except ClaimHeld as held:
+                if time.monotonic() >= deadline:
+                    with _LIVE_PASSES_LOCK:
+                        _LIVE_PASSES.discard(token)
+                    yield {**held.holder, "renewed_at": held.renewed_at}
+                    return
+                time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+        try:
+            with LeaseKeeper(store, lease_s=lease_s, holder=holder) as keeper:
+                keeper.hold(claim.key, claim.version, folder=claim.folder)
+                yield None
+        finally:
+            with contextlib.suppress(StorageError):  # not released: taken over once its lease lapses
+                release_claim(store, claim)
+    finally:
+        with _LIVE_PASSES_LOCK:
+            _LIVE_PASSES.discard(token)
+
+
+#: How long a pass waits for another pass of the store to end before it leaves the work to that one.
+PASS_WAIT_S = 2.0
+
+
+def busy_result(
+    ledger: DeletionLedger,
+    other: Mapping[str, Any],
+    *,
+    lease_s: float,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> dict[str, Any]:
+    """What a pass that found another pass holding the store returns: nothing claimed, the holder named.
+
+    The due requests wait for the next pass (``serve``'s watcher starts one once the holder is done):
+    ``batched`` says so with the rule ``pass_running``, so an event's record is finished when its
+    request settles (as for a request waiting in a batch).
+    """
+    log = logger or logging.getLogger(__name__)
+    waiting = sorted(e.request_id for e in ledger.due_entries(lease_s=lease_s))
+    log.info(
+        "another pass holds store %s (%s, pid %s on %s, since %s); this pass does nothing and %s wait for the next",
+        ledger.store.url,
+        other.get("holder"),
+        other.get("pid"),
+        other.get("host"),
+        time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(other.get("claimed_at") or 0.0))),
+        summarise_ids(waiting),
+    )
+    gate = {"flush": False, "reason": "pass_running", "batched_until": None, "requests": waiting, "deadlines": {}}
+    return {"claimed": [], "runs": {}, "settled": {}, "lost": [], "busy": dict(other), "batched": gate}
+
+
+def held_pass(store: ObjectStore) -> dict[str, Any] | None:
+    """The record of the pass holding ``store`` now (``None``: none, or its holder died: a new pass takes over)."""
+    from storage.lease import _claim_free
+
+    current = store.read_pointer(PASS_CLAIM_KEY)
+    if current is None:
+        return None
+    record = dict(current.target)
+    if record.get("host") == socket.gethostname() and record.get("pid") == os.getpid():
+        with _LIVE_PASSES_LOCK:
+            live = record.get("token") in _LIVE_PASSES and "released_at" not in record
+        return record if live else None
+    if _claim_free(store, current, gone=_process_gone, now=time.time()):
+        return None
+    return record
+
+
+def _process_gone(holder: Mapping[str, Any]) -> bool:
+    """Whether a claim's holder was another process of this host that is no more."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def summarise_ids(ids: Sequence[str], *, first: int = 5) -> str:
+    """``N request(s): a, b, c, ... (+K more)``: a log line's worth of ids, however many there are."""
+    shown = ", ".join(str(i) for i in list(ids)[:first])
+    more = f", ... (+{len(ids) - first} more)" if len(ids) > first else ""
+    return f"{len(ids)} request(s): {shown}{more}" if ids else "0 requests"
 
 
 def _hold(ledger: DeletionLedger, entry: RequestStatus, holder: str) -> None:

@@ -47,7 +47,7 @@ from prefect.runtime import flow_run
 from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
 from flows.runtime import quiet_foreseen_tracebacks
-from flows.settle import AttemptPolicy, run_pass, run_until_quiet
+from flows.settle import PASS_WAIT_S, AttemptPolicy, busy_result, run_pass, run_until_quiet, store_pass
 from flows.train import worker_pool
 from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
@@ -92,31 +92,35 @@ def process_open_requests(
 
     object_store = ObjectStore(store)
     ledger = DeletionLedger(object_store)
-    # Deadline-aware batching (flows/batching.py): due requests wait until their batch flushes.
-    gate = batch_gate(object_store, ledger.due_entries(lease_s=attempts.lease_s))
-    if gate["requests"] and not gate["flush"]:
-        logger.info(
-            "%d request(s) batched until %s (%s rule)",
-            len(gate["requests"]),
-            utc_text(gate["batched_until"]),
-            gate["reason"],
+    # One pass at a time per store (cron, serve's watcher, events): another pass's batch is its own.
+    with store_pass(object_store, holder=holder, lease_s=attempts.lease_s, wait_s=PASS_WAIT_S) as other:
+        if other is not None:
+            return busy_result(ledger, other, lease_s=attempts.lease_s, logger=logger)
+        # Deadline-aware batching (flows/batching.py): due requests wait until their batch flushes.
+        gate = batch_gate(object_store, ledger.due_entries(lease_s=attempts.lease_s))
+        if gate["requests"] and not gate["flush"]:
+            logger.info(
+                "%d request(s) batched until %s (%s rule)",
+                len(gate["requests"]),
+                utc_text(gate["batched_until"]),
+                gate["reason"],
+            )
+            finish_batched_events(object_store, logger=logger)  # e.g. a batched request cancelled meanwhile
+            return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
+        batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
+        result = run_until_quiet(
+            store,
+            attempts=attempts,
+            run_once=lambda: run_pass(
+                store, unlearn_runs=unlearn_runs, attempts=attempts, holder=holder, logger=logger, batch=batch
+            ),
         )
-        finish_batched_events(object_store, logger=logger)  # e.g. a batched request cancelled meanwhile
-        return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
-    batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
-    result = run_until_quiet(
-        store,
-        attempts=attempts,
-        run_once=lambda: run_pass(
-            store, unlearn_runs=unlearn_runs, attempts=attempts, holder=holder, logger=logger, batch=batch
-        ),
-    )
-    try:
-        publish_request_artifacts(object_store, ledger, result["settled"])
-    except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
-        logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(result["settled"]), err)
-    finish_batched_events(object_store, logger=logger)
-    return {**result, "fanout": fanouts[0] if fanouts else {}, "fanouts": fanouts}
+        try:
+            publish_request_artifacts(object_store, ledger, result["settled"])
+        except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
+            logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(result["settled"]), err)
+        finish_batched_events(object_store, logger=logger)
+        return {**result, "fanout": fanouts[0] if fanouts else {}, "fanouts": fanouts}
 
 
 def fan_out_unlearning(

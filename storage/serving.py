@@ -25,6 +25,7 @@ runs stays forgotten when that retrain lands; ``forgotten_requests`` lists what 
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,13 +62,41 @@ def forgotten_key(request_id: str) -> str:
     return f"ledger/forgotten/{request_id}.json"
 
 
+def forgotten_once_key(request_id: str) -> str:
+    """The pointer whose first version decides a request's forgotten record (one writer wins, the others copy it)."""
+    return f"ledger/forgotten-once/{request_id}"
+
+
 def record_forgotten(store: ObjectStore, request_ids: Sequence[str], *, runs: Mapping[str, Any]) -> None:
-    """Record when each request became forgotten (first time only): ``ledger/forgotten/<request>.json``."""
+    """Record when each request became forgotten (first time only): ``ledger/forgotten/<request>.json``.
+
+    Two writers of one request (two passes, a pass and a retrain) each checked that the record was
+    absent and then wrote their own (another ``forgotten_at``): their data and commit records
+    interleaved into an object whose bytes disagree with its checksum. Now the first writer's
+    record is decided by a create-once pointer (``ledger/forgotten-once/<request>``, version 1), and
+    every writer then writes exactly that record: identical bytes, whoever writes last.
+    """
     now = time.time()
     for request_id in request_ids:
         key = forgotten_key(request_id)
-        if not store.exists(key):
-            store.put_json(key, {"request_id": request_id, "forgotten_at": now, "runs": dict(runs)})
+        if store.exists(key):
+            continue
+        body = json.loads(
+            json.dumps({"request_id": request_id, "forgotten_at": now, "runs": dict(runs)}, default=_plain)
+        )
+        once = forgotten_once_key(request_id)
+        try:
+            decided = dict(store.swap_pointer(once, body, expected_version=0).target)
+        except PointerConflict:
+            decided = dict(store.read_pointer_version(once, 1).target)
+        store.put_json(key, decided)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (for JSON)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} cannot be stored as JSON")
 
 
 def pointer_target(registry: RunRegistry, run_id: str) -> tuple[ModelVersion | None, dict[str, Any]]:
