@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +201,18 @@ def summarise_ids(ids: Sequence[str], *, first: int = 5) -> str:
     return f"{len(ids)} request(s): {shown}{more}" if ids else "0 requests"
 
 
+def summarise_states(settled: Mapping[str, str], *, first: int = 5) -> str:
+    """``done 998, failed 2 (failed: a, b)``: counts by state, and the first ids of each state other than done."""
+    counts = Counter(settled.values())
+    parts = [f"{state} {counts[state]}" for state in sorted(counts)]
+    named = [
+        f"{state}: {summarise_ids([r for r, s in settled.items() if s == state], first=first)}"
+        for state in sorted(counts)
+        if state != DONE
+    ]
+    return ", ".join(parts) + (f" ({'; '.join(named)})" if named else "") if settled else "nothing"
+
+
 def _hold(ledger: DeletionLedger, entry: RequestStatus, holder: str) -> None:
     with _OPEN_CLAIMS_LOCK:
         _OPEN_CLAIMS[(ledger.store.url, entry.request_id)] = (ledger, entry.version, holder)
@@ -303,7 +316,7 @@ def _run_pass(
                 log.warning("request %s could not be claimed: %s", entry.request_id, _error_text(err))
         if not claimed:
             return {"claimed": [], "runs": {}, "settled": settled, "lost": lost}
-        log.info("claimed %d request(s): %s", len(claimed), [c.request_id for c in claimed])
+        log.info("claimed %s", summarise_ids([c.request_id for c in claimed]))
 
         def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
             _drop(ledger, entry.request_id)
@@ -405,7 +418,7 @@ def _run_pass(
                         **timing,
                     },
                 )
-    log.info("settled: %s", settled)
+    log.info("settled %d request(s): %s", len(settled), summarise_states(settled))
     return {"claimed": [c.request_id for c in claimed], "runs": results, "settled": settled, "lost": lost}
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import flows.unlearn as unlearn_module
 from actors.chains import ChainWorker
-from flows.settle import PASS_CLAIM_KEY, AttemptPolicy, busy_result, held_pass, store_pass
+from flows.settle import PASS_CLAIM_KEY, AttemptPolicy, busy_result, held_pass, run_pass, store_pass
 from flows.train import run_spec
 from flows.unlearn import process_open_requests, submit_deletion
 from storage import ObjectStore
@@ -144,3 +144,26 @@ def test_concurrent_writers_of_one_forgotten_record_never_damage_it(backend, req
         assert record["request_id"] == request_id and len(record["runs"]) == 1
     report = check_store(store, min_age_s=0)
     assert report.healthy and report.corrupt == [], report.as_dict()
+
+
+def test_a_pass_logs_a_summary_not_every_id(trained, caplog):
+    store_url, spec = trained
+    ids = spec["train_ids"]
+    for k in range(40):
+        submit_deletion(
+            store_url, [ids[k]], dataset="digits", request_id=f"a-rather-long-request-name-{k:03d}", emit=False
+        )
+    worker = ChainWorker(store_url)
+    with caplog.at_level(logging.INFO, logger="pass-log"):
+        result = run_pass(
+            store_url,
+            unlearn_runs=lambda per_run: {r: worker.unlearn(r, reqs) for r, reqs in per_run.items()},
+            logger=logging.getLogger("pass-log"),
+        )
+    assert len(result["settled"]) == 40
+    lines = [r.getMessage() for r in caplog.records if r.name == "pass-log"]
+    claimed = next(line for line in lines if line.startswith("claimed"))
+    settled = next(line for line in lines if line.startswith("settled"))
+    assert claimed.startswith("claimed 40 request(s): a-rather-long-request-name-000") and "(+35 more)" in claimed
+    assert settled == "settled 40 request(s): done 40"
+    assert max(len(line) for line in lines) < 400, max(lines, key=len)
