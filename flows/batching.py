@@ -17,6 +17,7 @@ request to be exact before its deadline.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -90,23 +91,36 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     now = time.time() if now is None else now
     policy = load_policy(store)
     forced = store.list(FLUSH_PREFIX)
+    rollback = load_rollback(store)
+    immediate = policy.window_s == 0 and not forced and not rollback["enabled"]
+    rejected: dict[str, str] = {}
+    if not immediate:  # a request no run can apply is refused as it joins the batch, not when the batch flushes
+        rejected = reject_at_gate(store, pending, now=now)
+        pending = [e for e in pending if e.request_id not in rejected]
     batch = [
         new_request(request_id=e.request_id, received_at=float(e.request.get("requested_at", now)), policy=policy)
         for e in pending
     ]
     deadlines = {r.request_id: r.deadline for r in batch}
-    rollback = load_rollback(store)
     if rollback["enabled"]:  # requests rejected or cancelled since their rollback hold nothing back any more
         release_refused(store)
     if not batch:
-        return {"flush": False, "reason": "empty", "batched_until": None, "requests": [], "deadlines": {}}
-    if policy.window_s == 0 and not forced and not rollback["enabled"]:  # immediate (default): no extra I/O
+        return {
+            "flush": False,
+            "reason": "empty",
+            "batched_until": None,
+            "requests": [],
+            "deadlines": {},
+            "rejected": rejected,
+        }
+    if immediate:  # immediate (default): no extra I/O; the pass itself rejects what no run can apply
         return {
             "flush": True,
             "reason": "window",
             "batched_until": now,
             "requests": sorted(deadlines),
             "deadlines": deadlines,
+            "rejected": rejected,
         }
     decision = flush_decision(
         batch, now=now, policy=policy, expected_retrain_s=expected_retrain(store), force=bool(forced)
@@ -123,6 +137,7 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         "batched_until": decision.at,
         "requests": sorted(deadlines),
         "deadlines": deadlines,
+        "rejected": rejected,
     }
     if due:
         for key in forced:
@@ -131,6 +146,70 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     else:
         store.put_json(OPEN_BATCH_KEY, {**out, "recorded_at": now})
     return out
+
+
+def reject_at_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None = None) -> dict[str, str]:
+    """Reject the requests joining the batch that no registered run can apply; returns request id -> reason.
+
+    The rules are the pass's (:func:`flows.settle._runs_of`: ids no registered run trained on, no
+    run of the dataset), so a request is refused when it arrives instead of when its batch flushes
+    (a day later with ``--batch-window 1d``). Only requests not yet in the open batch are checked:
+    one read of the batch record and of each run's spec per gate. A request whose runs cannot be
+    known now (an unreadable spec), or any request while no run is registered at all, stays in the
+    batch; the pass decides. One summary line is logged.
+    """
+    from flows.settle import _load_specs, _runs_of
+    from obliviate.unlearning.service import RequestError
+    from storage.ledger import PENDING, REJECTED, DeletionLedger
+
+    now = time.time() if now is None else now
+    try:
+        previous = store.get_json(OPEN_BATCH_KEY)
+        known = set() if previous.get("flush") else set(previous.get("requests") or [])
+    except ObjectNotFound:
+        known = set()
+    joining = [e for e in pending if e.request_id not in known and e.status == PENDING]
+    if not joining:
+        return {}
+    ledger = DeletionLedger(store)
+    specs, spec_errors = _load_specs(RunRegistry(store))
+    if not specs and not spec_errors:  # no run registered yet (a first training may be under way): they wait
+        return {}
+    rejected: dict[str, str] = {}
+    for entry in joining:
+        reason = ""
+        try:
+            _runs_of(entry, specs, spec_errors)
+        except RequestError as err:
+            reason = str(err)
+        except Exception:  # noqa: BLE001, S110 -- not known to be refusable now: it waits, and its pass decides
+            pass
+        if not reason:
+            continue
+        details = {"reason": reason, "rejected_at": "batch gate", "finished_at": now}
+        if ledger.transition(entry.request_id, status=REJECTED, details=details, allowed_from=(PENDING,)):
+            rejected[entry.request_id] = reason
+    if rejected:
+        shown = "; ".join(f"{request_id}: {reason}" for request_id, reason in list(rejected.items())[:3])
+        _logger().warning(
+            "%d request(s) rejected as they joined the batch (not batched): %s%s",
+            len(rejected),
+            shown,
+            f"; ... ({len(rejected) - 3} more; `obliviate forget --status <request>` gives each reason)"
+            if len(rejected) > 3
+            else "",
+        )
+    return rejected
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger inside a run (its log in the dashboard), else this module's."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 -- outside a flow or task run there is no run logger
+        return logging.getLogger(__name__)
 
 
 def open_batch(store: ObjectStore) -> dict[str, Any] | None:

@@ -1,0 +1,45 @@
+"""Requests for ids no run trained on sat "pending, batched until ..." and were rejected only when the
+batch flushed (421 of a 2,000 batch; a day later with --batch-window 1d), each with its own WARNING line.
+Now the batch gate rejects them as they join, with one summary line per gate."""
+
+from __future__ import annotations
+
+import logging
+
+from flows.batching import batch_gate, batch_status, save_policy
+from flows.train import run_spec
+from obliviate.unlearning.batching import BatchPolicy
+from obliviate.unlearning.service import RunSpec
+from storage import ObjectStore
+from storage.ledger import PENDING, REJECTED, DeletionLedger
+from storage.registry import RunRegistry
+
+
+def test_the_batch_gate_rejects_unknown_ids_as_they_join_with_one_line(tmp_path, tiny_run, caplog):
+    store = ObjectStore(f"file://{tmp_path / 'store'}")
+    store.ensure_container()
+    spec = RunSpec.from_dict(run_spec(run_id="r", **tiny_run(split_seed=0)))
+    registry = RunRegistry(store)
+    registry.put_spec(spec)
+    registry.register(spec, block_ids=[])
+    save_policy(store, BatchPolicy(window_s=86_400.0))  # serve --batch-window 1d
+    trained = {int(i) for i in spec.to_dict()["train_ids"]}
+    untrained = [i for i in range(1797) if i not in trained][:5]
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="good", ids=[min(trained)], dataset="digits", reason=None)
+    for n, i in enumerate(untrained):
+        ledger.append(request_id=f"bad-{n}", ids=[i], dataset="digits", reason=None)
+
+    with caplog.at_level(logging.WARNING, logger="flows.batching"):
+        gate = batch_gate(store, ledger.due_entries(lease_s=60.0))
+
+    assert not gate["flush"] and gate["requests"] == ["good"]  # only the good one waits a day
+    assert sorted(gate["rejected"]) == [f"bad-{n}" for n in range(5)]
+    for n, i in enumerate(untrained):
+        entry = ledger.get(f"bad-{n}")
+        assert entry.status == REJECTED and f"unknown ids [{i}]" in entry.details["reason"]
+        assert batch_status(store, f"bad-{n}") is None  # not "batched until" anything
+    assert ledger.get("good").status == PENDING
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("5 request(s) rejected as they joined the batch"), lines
+    assert ledger.open_request_ids() == ["good"]
