@@ -221,6 +221,24 @@ def open_batch(store: ObjectStore) -> dict[str, Any] | None:
     return None if batch.get("flush") else batch
 
 
+def batch_holds_every_open_request(store: ObjectStore, *, now: float | None = None) -> bool:
+    """Whether every open request waits in the open batch, not yet due and with no flush asked for.
+
+    serve's watcher asks this every tick before reading any request: while it holds, a pass would
+    only batch them again. It costs one read of the batch record and two listings (flush requests,
+    open markers), however many requests wait; a request new since the batch was recorded makes it
+    ``False`` (the caller then looks at the requests themselves).
+    """
+    from storage.ledger import DeletionLedger
+
+    now = time.time() if now is None else now
+    batch = open_batch(store)
+    if batch is None or float(batch.get("batched_until") or 0.0) <= now or store.list(FLUSH_PREFIX):
+        return False
+    open_ids = DeletionLedger(store).open_request_ids()
+    return bool(open_ids) and set(open_ids) <= set(batch.get("requests") or [])
+
+
 def batch_status(store: ObjectStore, request_id: str) -> dict[str, Any] | None:
     """The open batch as seen by one request (``batched until T``), or ``None`` if it is not waiting in it."""
     batch = open_batch(store)

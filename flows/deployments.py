@@ -44,7 +44,7 @@ from typing import Any
 from uuid import UUID
 
 from flows.audit import audit_flow
-from flows.batching import FLUSH_PREFIX, open_batch
+from flows.batching import FLUSH_PREFIX, batch_holds_every_open_request, open_batch
 from flows.reconcile import reconcile_flow
 from flows.runtime import ray_gcs_answers, ui_url_of
 from flows.settle import STOPPING, hand_back_open_claims, held_pass
@@ -528,6 +528,8 @@ class ServiceWatcher:
         ``reconcile``, an event's run): one pass at a time; the next tick after it ends looks again.
         """
         if held_pass(self.store) is not None:
+            return False
+        if batch_holds_every_open_request(self.store):  # a batch waits: no request read, however many
             return False
         now = time.time()
         listening = self.listener is None or self.listener.connected.is_set()
