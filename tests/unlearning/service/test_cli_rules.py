@@ -357,8 +357,8 @@ def test_store_check_refuses_a_negative_orphan_age(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("options", "rule"),
     [
-        (["--blocks", "0"], "num_blocks must be a positive integer; got 0"),
-        (["--lr", "nan"], "learning_rate must be > 0; got nan"),
+        (["--blocks", "0"], "--blocks (num_blocks) must be a positive integer; got 0"),
+        (["--lr", "nan"], "--lr (learning_rate) must be > 0; got nan"),
         (["--shards", "300"], "leave 4 per shard, fewer than --blocks 6"),
         (["--run-id", "a/b"], "rule: a run id is 1-64 characters"),
         (["--heldout-size", "1797"], "got train_size=0, heldout_size=1797. Sizes that fit: e.g. heldout_size=359"),
