@@ -390,9 +390,22 @@ def _run_pass(
             for request_id, ids in sorted(requests.items()):
                 alone[(run_id, request_id)] = _guarded(unlearn_runs, {run_id: {request_id: ids}}).get(run_id, {})
 
+        batch_id = _record_batch(ledger, results, affected_of, batch, holder=holder, log=log)
+        deleted_of = {run_id: {int(i) for i in audit.get("deleted_ids") or ()} for run_id, audit in results.items()}
         for request_id, (entry, affected) in affected_of.items():
+            ids = [int(i) for i in entry.request["ids"]]
             audits = {
-                run_id: _for_request(alone.get((run_id, request_id)) or results.get(run_id, {}), request_id)
+                run_id: _for_request(
+                    alone.get((run_id, request_id)) or results.get(run_id, {}),
+                    request_id,
+                    ids=ids,
+                    deleted=(
+                        {int(i) for i in alone[(run_id, request_id)].get("deleted_ids") or ()}
+                        if (run_id, request_id) in alone
+                        else deleted_of.get(run_id, set())
+                    ),
+                    batch_id=None if (run_id, request_id) in alone else batch_id,
+                )
                 for run_id in affected
             }
             failed = {run_id: a for run_id, a in audits.items() if a.get("status") in ("failed", None)}
@@ -415,6 +428,7 @@ def _run_pass(
                         "finished_at": exact_at,
                         "attempt": entry.details.get("attempt"),
                         "batch": (batch or {}).get("reason"),
+                        **({"batch_id": batch_id, "batch_requests": len(affected_of)} if batch_id else {}),
                         **timing,
                     },
                 )
@@ -515,6 +529,72 @@ def _runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[
     return affected
 
 
-def _for_request(audit: dict[str, Any], request_id: str) -> dict[str, Any]:
-    """A run's audit as seen by one of the requests it applied (merged requests share it)."""
-    return {**audit, "merged_with": [r for r in audit.get("requests", []) if r != request_id]}
+#: Lists of a run's audit that grow with its batch: stored once in the batch record, counted in each request's.
+_BATCH_LISTS = ("requests", "merged_with", "deleted_ids", "held_by", "not_held_below_floor")
+
+
+def _record_batch(
+    ledger: DeletionLedger,
+    results: Mapping[str, Mapping[str, Any]],
+    affected_of: Mapping[str, Any],
+    batch: Mapping[str, Any] | None,
+    *,
+    holder: str,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> str | None:
+    """Store the pass's batch once (``ledger/batches/<id>.json``: every run's full audit); returns its id.
+
+    ``None`` when there was no fan-out or the record could not be written (each request then keeps
+    its own part only; the settle goes on).
+    """
+    if not results:
+        return None
+    batch_id = f"b{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:10]}"
+    try:
+        ledger.record_batch(
+            batch_id,
+            {
+                "requests": sorted(affected_of),
+                "reason": (batch or {}).get("reason"),
+                "holder": holder,
+                "runs": {run_id: dict(audit) for run_id, audit in sorted(results.items())},
+            },
+        )
+    except StorageError as err:
+        log.warning(
+            "the record of batch %s could not be written (%s); its requests keep their own parts", batch_id, err
+        )
+        return None
+    return batch_id
+
+
+def _for_request(
+    audit: Mapping[str, Any],
+    request_id: str,
+    *,
+    ids: Sequence[int] = (),
+    deleted: set[int] | frozenset[int] = frozenset(),
+    batch_id: str | None = None,
+) -> dict[str, Any]:
+    """A run's audit as one of the requests it applied keeps it: its own part, of a size independent of the batch.
+
+    The batch's lists (its ``requests``, all its ``deleted_ids``, the ``held_by`` and
+    ``not_held_below_floor`` requests) are in the batch record (``batch_id``,
+    :meth:`storage.ledger.DeletionLedger.batch`); here they are counted (``batch_requests``,
+    ``merged_with_count``, ``batch_deleted_ids``, ``held_by_count``, ``not_held_below_floor_count``), and
+    ``deleted_ids`` lists this request's own ids that the run's retrain removed.
+    """
+    out = {key: value for key, value in audit.items() if key not in _BATCH_LISTS}
+    requests = audit.get("requests")
+    if isinstance(requests, list):
+        out["batch_requests"] = len(requests)
+        out["merged_with_count"] = len([r for r in requests if r != request_id])
+    if isinstance(audit.get("deleted_ids"), list):
+        out["batch_deleted_ids"] = len(audit["deleted_ids"])
+        out["deleted_ids"] = sorted({int(i) for i in ids} & deleted)
+    for key in ("held_by", "not_held_below_floor"):
+        if isinstance(audit.get(key), list):
+            out[f"{key}_count"] = len(audit[key])
+    if batch_id is not None:
+        out["batch_id"] = batch_id
+    return out

@@ -59,6 +59,11 @@ _TRAINED_PREFIX = "ledger/trained"
 _ALREADY_APPLIED = "already_applied"
 
 
+def batch_key(batch_id: str) -> str:
+    """Where a batch's record lives: ``ledger/batches/<batch id>.json``."""
+    return f"ledger/batches/{check_name(batch_id, what='batch id')}.json"
+
+
 @dataclass(frozen=True)
 class RequestStatus:
     """One request with its latest status (``version`` 0: no status written yet = pending)."""
@@ -288,6 +293,26 @@ class DeletionLedger:
 
     def events(self) -> list[dict[str, Any]]:
         return [self.store.get_json(key) for key in self.store.list("ledger/events")]
+
+    # ----- batches: what one retrain applied for many requests, stored once ----------------------
+
+    def record_batch(self, batch_id: str, body: Mapping[str, Any]) -> str:
+        """Store a batch's full record once (every run's audit with its request and id lists); returns its key.
+
+        Each request of the batch keeps only its own part and ``batch_id`` (:func:`flows.settle.run_pass`):
+        copying the batch's lists into each request made the ledger grow with the square of the batch.
+        """
+        key = batch_key(batch_id)
+        self.store.put_json(key, {**body, "batch_id": batch_id, "recorded_at": time.time()})
+        return key
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """The record of batch ``batch_id`` (``ledger/batches/<batch id>.json``).
+
+        Raises:
+            ObjectNotFound: no such batch.
+        """
+        return dict(self.store.get_json(batch_key(batch_id)))
 
     # ----- attempts, leases, terminal states (the pass in flows.settle uses these) -------------
 

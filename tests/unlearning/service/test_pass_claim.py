@@ -7,6 +7,7 @@ split one flushed batch, retrained every run twice and interleaved their writes 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -167,3 +168,50 @@ def test_a_pass_logs_a_summary_not_every_id(trained, caplog):
     assert claimed.startswith("claimed 40 request(s): a-rather-long-request-name-000") and "(+35 more)" in claimed
     assert settled == "settled 40 request(s): done 40"
     assert max(len(line) for line in lines) < 400, max(lines, key=len)
+
+
+def _largest_status_body(store: ObjectStore, request_id: str) -> int:
+    key = f"ledger/status/{request_id}"
+    return max(
+        len(json.dumps(store.read_pointer_version(key, v).target))
+        for v in range(1, store.read_pointer(key).version + 1)
+    )
+
+
+@pytest.mark.parametrize("n", [10, 60])
+def test_a_requests_ledger_record_keeps_its_own_part_and_the_batch_is_stored_once(trained, n):
+    store_url, spec = trained
+    store = ObjectStore(store_url)
+    ids = spec["train_ids"]
+    requests = [
+        submit_deletion(store_url, [ids[k]], dataset="digits", request_id=f"req-{k:03d}", emit=False)["request_id"]
+        for k in range(n)
+    ]
+    worker = ChainWorker(store_url)
+    result = run_pass(store_url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
+    assert result["settled"] == dict.fromkeys(requests, DONE)
+    ledger = DeletionLedger(store)
+    entry = ledger.get("req-001")
+    audit = entry.details["runs"]["r1"]
+    # its own facts, and counts of the batch's lists instead of copies of them
+    assert audit["deleted_ids"] == [ids[1]] and audit["batch_deleted_ids"] == n
+    assert audit["batch_requests"] == n and audit["merged_with_count"] == n - 1
+    assert "requests" not in audit and "merged_with" not in audit
+    assert audit["from_version"] == 1 and audit["to_version"] == 2 and audit["status"] == "published"
+    assert entry.details["batch_requests"] == n and entry.details["batch_id"] == audit["batch_id"]
+    # the batch's full lists, once
+    batch = ledger.batch(entry.details["batch_id"])
+    assert batch["requests"] == requests and batch["runs"]["r1"]["deleted_ids"] == sorted(ids[:n])
+    # a bound independent of the batch size: about 1.4 KB for 10 or 60 (60 copied 60 ids and 59 names: 2.8 KB)
+    assert max(_largest_status_body(store, r) for r in requests) < 2000
+    report = check_store(store, min_age_s=0)
+    assert report.healthy and report.corrupt == [], report.as_dict()
+
+
+def test_a_forgotten_record_counts_the_batchs_below_floor_requests(store_url):
+    store = ObjectStore(store_url)
+    below = [f"req-{k:04d}" for k in range(500)]
+    record_forgotten(store, ["kept"], runs={"r1": {"serve_block": 2, "published": True, "below_floor": below}})
+    record = store.get_json(forgotten_key("kept"))
+    assert record["runs"] == {"r1": {"serve_block": 2, "published": True, "below_floor_count": 500}}
+    assert len(json.dumps(record)) < 300
