@@ -11,7 +11,8 @@ drops packets) used to keep a command silent for minutes. Two rules now hold for
 
 * **It ends.** A call the store has not answered for :func:`call_limit_s` (:data:`CALL_LIMIT_S`,
   more for each byte it sends or reads) is abandoned as :class:`StorageUnavailable`; inside
-  :func:`retry_unavailable` during an outage, at the retry deadline. Every HTTP answer of the
+  :func:`retry_unavailable` during an outage, at the retry deadline; once the store has answered
+  nobody for :data:`CALL_LIMIT_S`, a new call gets :data:`KNOWN_OUTAGE_CALL_S`. Every HTTP answer of the
   store counts (:func:`heard_from`: each page of a listing, each part of an upload), so a long
   call that keeps getting answers is not cut.
 * **The user hears of it.** One watchdog thread per process (started at the first network call,
@@ -48,6 +49,9 @@ CALL_LIMIT_S = 120.0
 SLOWEST_BYTES_PER_S = 64 * 1024  # 512 kbit/s: only a link slower than that would see a transfer cut
 # During an outage a call inside retry_unavailable ends at the retry deadline, but gets at least this.
 OUTAGE_CALL_MIN_S = 5.0
+# A call made while the store has answered nobody for CALL_LIMIT_S (a known outage) gets this long:
+# the clean-up after a failure (releasing a claim, a lease) then ends in seconds, not minutes each.
+KNOWN_OUTAGE_CALL_S = 10.0
 # An outage is one while callers keep asking; after this long with nobody asking, a new wait starts afresh.
 _OUTAGE_GAP_S = 30.0
 
@@ -212,6 +216,9 @@ class _StallWatch:
         key = (store, endpoint)
         waiter = _Waiter(now, now + notice_after, limit, retry_deadline, payload_bytes)
         token = self._enter(key, waiter, now)
+        since = self._stores[key].since
+        if since is not None and now - since >= CALL_LIMIT_S:
+            waiter.limit = min(limit, KNOWN_OUTAGE_CALL_S + max(0, payload_bytes) / SLOWEST_BYTES_PER_S)
         outer = getattr(_local, "current", None)
         _local.current = (self._stores[key], waiter)
         answered: bool | None = None

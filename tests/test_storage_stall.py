@@ -221,3 +221,18 @@ def test_a_long_call_that_keeps_getting_answers_is_not_cut_or_reported(monkeypat
         time.sleep(1.3)  # then silence past the limit
         assert retry.call_overdue()
     assert all(at >= silent_from + 0.7 for at, line in notices if "has not answered" in line), notices
+
+
+def test_once_a_call_was_abandoned_the_next_ones_end_sooner(frozen_s3, monkeypatch, notices):
+    """A known outage (nobody answered for the call limit) is not waited out again in full by each later call."""
+    monkeypatch.setattr(retry, "CALL_LIMIT_S", 3.0)
+    monkeypatch.setattr(retry, "KNOWN_OUTAGE_CALL_S", 1.0, raising=False)
+    store = ObjectStore("s3://stall/p")
+    frozen_s3.freeze()
+    took = []
+    for _ in range(2):
+        began = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="has not answered for"):
+            store.exists("runs/a.json")
+        took.append(time.monotonic() - began)
+    assert 3.0 <= took[0] < 4.5 and took[1] < 2.0, took
