@@ -106,7 +106,13 @@ def process_open_requests(
                 gate["reason"],
             )
             finish_batched_events(object_store, logger=logger)  # e.g. a batched request cancelled meanwhile
-            return {"claimed": [], "runs": {}, "settled": {}, "batched": gate}
+            return {
+                "claimed": [],
+                "runs": {},
+                "settled": {},
+                "batched": gate,
+                "rejected_at_gate": gate.get("rejected", {}),
+            }
         batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
         result = run_until_quiet(
             store,
@@ -120,7 +126,8 @@ def process_open_requests(
         except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
             logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(result["settled"]), err)
         finish_batched_events(object_store, logger=logger)
-        return {**result, "fanout": fanouts[0] if fanouts else {}, "fanouts": fanouts}
+        fanout = fanouts[0] if fanouts else {}
+        return {**result, "fanout": fanout, "fanouts": fanouts, "rejected_at_gate": gate.get("rejected", {})}
 
 
 def fan_out_unlearning(
@@ -250,7 +257,8 @@ def unlearn_flow(
         )
         _fail_if_refused(event_id, final)
         return {"event_id": event_id, "outcome": BATCHED, "request_id": request_id, "status": final.status, **result}
-    outcome = "processed" if request_id in result["claimed"] else "duplicate"
+    handled = request_id in result["claimed"] or request_id in result.get("rejected_at_gate", {})
+    outcome = "processed" if handled else "duplicate"
     # The record said "processing" for good before: now it says what became of the request.
     settled = ledger.get(request_id)
     ledger.record_event(event_id, _event_record(outcome, settled, received_at=received_at))

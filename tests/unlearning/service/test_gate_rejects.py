@@ -43,3 +43,27 @@ def test_the_batch_gate_rejects_unknown_ids_as_they_join_with_one_line(tmp_path,
     lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("5 request(s) rejected as they joined the batch"), lines
     assert ledger.open_request_ids() == ["good"]
+
+
+def test_an_event_whose_request_the_gate_rejects_fails_at_once_as_processed(store_url, prefect_api_url, tiny_run):
+    """The sender of a request for untrained ids learns it when the event is handled, not when the batch flushes."""
+    from flows.unlearn import submit_deletion, unlearn_flow
+
+    store = ObjectStore(store_url)
+    store.ensure_container()
+    spec = RunSpec.from_dict(run_spec(run_id="r", **tiny_run(split_seed=0)))
+    RunRegistry(store).put_spec(spec)
+    RunRegistry(store).register(spec, block_ids=[])
+    save_policy(store, BatchPolicy(window_s=86_400.0))
+    trained = {int(i) for i in spec.to_dict()["train_ids"]}
+    waiting = submit_deletion(store_url, [min(trained)], dataset="digits", emit=False)["request_id"]
+    untrained = next(i for i in range(1797) if i not in trained)
+    bad = submit_deletion(store_url, [untrained], dataset="digits", emit=False)["request_id"]
+
+    state = unlearn_flow(store=store_url, payload={"request_id": bad}, event_id="ev-bad", return_state=True)
+
+    assert state.is_failed()
+    assert f"unknown ids [{untrained}]" in str(state.message)
+    record = store.get_json("ledger/events/ev-bad.json")
+    assert record["outcome"] == "processed" and record["status"] == REJECTED  # it said "duplicate"
+    assert DeletionLedger(store).get(waiting).status == PENDING  # the good one still waits in its batch
