@@ -3,7 +3,9 @@
 The safety net behind the event-triggered ``unlearn`` flow: a lost event, a crashed pass or a
 request waiting out its retry back-off loses nothing, because this pass processes every due
 ledger request the same way (:func:`flows.unlearn.process_open_requests`): pending ones past
-their back-off, and claims whose lease lapsed (their holder died). Run it by hand with
+their back-off, and claims whose lease lapsed (their holder died). One pass at a time per store:
+a pass that finds another (serve's watcher, an event's run, a cron run) holding the store's pass
+claim (:func:`flows.settle.store_pass`) does nothing and says which pass holds it. Run it by hand with
 ``python -c "from flows.reconcile import reconcile_flow; reconcile_flow(store='file://./runs')"``
 or ``prefect deployment run 'reconcile/reconcile-<suffix>'`` against a running ``serve``.
 """

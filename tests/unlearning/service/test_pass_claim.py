@@ -215,3 +215,28 @@ def test_a_forgotten_record_counts_the_batchs_below_floor_requests(store_url):
     record = store.get_json(forgotten_key("kept"))
     assert record["runs"] == {"r1": {"serve_block": 2, "published": True, "below_floor_count": 500}}
     assert len(json.dumps(record)) < 300
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_of_passes_started_together_exactly_one_holds_the_store(backend, request):
+    store = ObjectStore(request.getfixturevalue("store_url" if backend == "file" else "s3_url"))
+    takers = 4
+    start = threading.Barrier(takers)
+    outcomes: list[dict | None] = []
+    lock = threading.Lock()
+
+    def take(n: int) -> None:
+        start.wait()
+        with store_pass(store, holder=f"pass-{n}", lease_s=5) as other:
+            with lock:
+                outcomes.append(other)
+            if other is None:
+                time.sleep(1.0)  # the others find it held
+
+    threads = [threading.Thread(target=take, args=(n,)) for n in range(takers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(outcomes) == takers and sum(o is None for o in outcomes) == 1, outcomes
+    assert held_pass(store) is None
