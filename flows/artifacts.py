@@ -249,13 +249,18 @@ def pass_rows(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pass_runs(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """The distinct run audits of a pass's requests, one per run and new version, and how many requests each served.
+def _pass_runs(
+    entries: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, int], dict[str, int]]:
+    """The distinct run audits of a pass's requests, one per run and new version; how many requests each
+    served and how many ids it forgot (the batch's count where the audit has one, else its requests' ids).
 
     Named by run id; a run the pass changed twice (a retry pass) names its second version ``run (vN)``.
     """
     runs: dict[str, dict[str, Any]] = {}
     served: dict[str, int] = {}
+    ids: dict[str, set[int]] = {}
+    batch_ids: dict[str, int] = {}
     for entry in entries:
         for run_id, audit in sorted(((entry.get("details") or {}).get("runs") or {}).items()):
             name = run_id
@@ -263,7 +268,11 @@ def _pass_runs(entries: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str
                 name = f"{run_id} (v{_version(audit)})"
             runs.setdefault(name, {**audit, "run_id": run_id})
             served[name] = served.get(name, 0) + 1
-    return runs, served
+            ids.setdefault(name, set()).update(int(i) for i in audit.get("deleted_ids") or [])
+            if isinstance(audit.get("batch_deleted_ids"), int):
+                batch_ids[name] = max(batch_ids.get(name, 0), int(audit["batch_deleted_ids"]))
+    forgotten = {name: max(len(ids.get(name, ())), batch_ids.get(name, 0)) for name in runs}
+    return runs, served, forgotten
 
 
 def _version(audit: Mapping[str, Any]) -> Any:
@@ -351,10 +360,11 @@ def publish_request_artifacts(store: ObjectStore, ledger: DeletionLedger, reques
             ],
             links={"ledger entries": store.uri("ledger/requests"), "status histories": store.uri("ledger/status")},
         )
-    runs, served = _pass_runs(entries)
+    runs, served, forgotten = _pass_runs(entries)
     if runs:
         table = unlearning_rows(runs)
         for row in table:
+            row["ids forgotten"] = forgotten[str(row["run"])]
             row["requests served"] = served[str(row["run"])]
         publish_table(
             key="unlearning-record",

@@ -82,6 +82,7 @@ def test_a_pass_of_50_requests_makes_few_artifacts_and_reads_each_entry_once(tmp
     assert rows[9]["status"] == REJECTED and "unknown ids [9]" in rows[9]["why (rejected / failed)"]
     assert rows[0]["status"] == DONE and rows[0]["runs changed"] == "run-a"
     assert len(runs) == 1 and runs[0]["run"] == "run-a" and runs[0]["requests served"] == 45
+    assert runs[0]["ids forgotten"] == 45  # the pass's, not the first request's
     for request_id in ids:
         assert store.reads[f"ledger/requests/{request_id}.json"] == 1
         assert store.reads[f"ledger/status/{request_id}"] == 1
