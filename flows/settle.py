@@ -361,11 +361,12 @@ def _run_pass(
         specs, spec_errors = _load_specs(registry)
         per_run: dict[str, dict[str, list[int]]] = {}
         affected_of: dict[str, tuple[RequestStatus, list[str]]] = {}
+        refused: dict[str, str] = {}  # one log line for all of them (it was a WARNING per request)
         for entry in claimed:
             try:
                 affected = _runs_of(entry, specs, spec_errors)
             except RequestError as err:
-                log.warning("request %s rejected: %s", entry.request_id, err)
+                refused[entry.request_id] = str(err)
                 settle(entry, REJECTED, {"reason": str(err), "attempt": entry.details.get("attempt")})
                 continue
             except Exception as err:  # noqa: BLE001 -- anything else is a failed attempt of this request only
@@ -376,6 +377,13 @@ def _run_pass(
             for run_id in affected:
                 per_run.setdefault(run_id, {})[entry.request_id] = ids
 
+        if refused:
+            first = next(iter(refused))
+            log.warning(
+                "rejected %s (first: %s); `obliviate forget --status <request>` gives each reason",
+                summarise_ids(list(refused)),
+                refused[first],
+            )
         results = _guarded(unlearn_runs, per_run) if per_run else {}
         # A run that merged several requests and failed: each request alone on that run, so a poison
         # request only fails itself.

@@ -67,3 +67,27 @@ def test_an_event_whose_request_the_gate_rejects_fails_at_once_as_processed(stor
     record = store.get_json("ledger/events/ev-bad.json")
     assert record["outcome"] == "processed" and record["status"] == REJECTED  # it said "duplicate"
     assert DeletionLedger(store).get(waiting).status == PENDING  # the good one still waits in its batch
+
+
+def test_a_pass_logs_its_rejections_in_one_line(tmp_path, tiny_run, caplog):
+    """With no batch window the pass itself rejects: one WARNING per request before (645 in one serve log)."""
+    from flows.settle import AttemptPolicy, run_pass
+
+    store = ObjectStore(f"file://{tmp_path / 'store'}")
+    store.ensure_container()
+    spec = RunSpec.from_dict(run_spec(run_id="r", **tiny_run(split_seed=0)))
+    RunRegistry(store).put_spec(spec)
+    RunRegistry(store).register(spec, block_ids=[])
+    trained = {int(i) for i in spec.to_dict()["train_ids"]}
+    ledger = DeletionLedger(store)
+    for n, i in enumerate([i for i in range(1797) if i not in trained][:8]):
+        ledger.append(request_id=f"bad-{n}", ids=[i], dataset="digits", reason=None)
+
+    logger = logging.getLogger("test-pass")
+    with caplog.at_level(logging.WARNING, logger="test-pass"):
+        result = run_pass(store.url, unlearn_runs=lambda per_run: {}, attempts=AttemptPolicy(), logger=logger)
+
+    assert set(result["settled"].values()) == {REJECTED} and len(result["settled"]) == 8
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("rejected 8 request(s): bad-0"), lines
+    assert "unknown ids" in lines[0]
