@@ -212,7 +212,9 @@ class _StallWatch:
                 transfer = max(0, payload_bytes) / SLOWEST_BYTES_PER_S
                 limit = min(limit, max(stack[-1].deadline - now, OUTAGE_CALL_MIN_S) + transfer)
             retry_deadline = max(retrying.deadline for retrying in stack)
-        notice_after = STALL_NOTICE_AFTER_S + max(0, payload_bytes) / STALL_NOTICE_BYTES_PER_S
+        # A transfer may still be moving bytes: it is reported that much later. Any other call is due as soon as
+        # the store has not answered for STALL_NOTICE_AFTER_S (an outage that began before it counts).
+        notice_after = STALL_NOTICE_AFTER_S + payload_bytes / STALL_NOTICE_BYTES_PER_S if payload_bytes > 0 else 0.0
         key = (store, endpoint)
         waiter = _Waiter(now, now + notice_after, limit, retry_deadline, payload_bytes)
         token = self._enter(key, waiter, now)
@@ -250,7 +252,7 @@ class _StallWatch:
             return
         now = time.monotonic()
         deadline = max(retrying.deadline for retrying in stack)
-        token = self._enter(key, _Waiter(now, now + STALL_NOTICE_AFTER_S, 0.0, deadline, 0), now)
+        token = self._enter(key, _Waiter(now, now, 0.0, deadline, 0), now)
         try:
             yield
         finally:

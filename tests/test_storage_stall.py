@@ -227,12 +227,18 @@ def test_once_a_call_was_abandoned_the_next_ones_end_sooner(frozen_s3, monkeypat
     """A known outage (nobody answered for the call limit) is not waited out again in full by each later call."""
     monkeypatch.setattr(retry, "CALL_LIMIT_S", 3.0)
     monkeypatch.setattr(retry, "KNOWN_OUTAGE_CALL_S", 1.0, raising=False)
+    monkeypatch.setattr(retry, "STALL_NOTICE_AFTER_S", 1.5)  # longer than each short call
+    monkeypatch.setattr(retry, "STALL_NOTICE_EVERY_S", 2.0)
     store = ObjectStore("s3://stall/p")
     frozen_s3.freeze()
     took = []
-    for _ in range(2):
+    for _ in range(6):
         began = time.monotonic()
         with pytest.raises(StorageUnavailable, match="has not answered for"):
             store.exists("runs/a.json")
         took.append(time.monotonic() - began)
-    assert 3.0 <= took[0] < 4.5 and took[1] < 2.0, took
+        time.sleep(0.1)  # a caller between its calls (a progress poll)
+    assert 3.0 <= took[0] < 4.5 and max(took[1:]) < 2.0, took
+    # The short calls of the outage are still reported (every 2 s here): each is late into a long outage.
+    later = [line for at, line in notices if at > began - sum(took[1:]) and "has not answered" in line]
+    assert len(later) >= 2, notices
