@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         default="digits",
         type=dataset_source,
-        help="the dataset the ids index (the same name or file as train --data; a relative path may be spelled differently)",
+        help="the dataset the ids index (the same name or file as train --data; a relative path may be spelled "
+        "differently; default digits)",
     )
     parser.add_argument("--reason", default=None, help="free text kept in the ledger (ticket, legal basis)")
     parser.add_argument("--request-id", default=None, help="idempotency key; repeating it changes nothing")
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="wait up to SECONDS for the request to be settled; the exit code tells the outcome",
+        help="wait up to SECONDS for the request to be settled; the exit code tells the outcome (default 0: do not wait)",
     )
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--status", default=None, metavar="REQUEST_ID", help="print a request's ledger entry and exit")
@@ -275,6 +276,28 @@ def _waited(url: str, request_id: str, timeout_s: float) -> int:
     return EXIT_CODES.get(entry["status"], EXIT_TIMEOUT)
 
 
+def _speedup_words(audit: dict) -> list[str]:
+    """The audit's speed-up over a full retrain in words, as the audit obtained it (``speedup_basis``)."""
+    speedup = audit.get("speedup_vs_full_retrain")
+    if not isinstance(speedup, (int, float)) or speedup <= 0:
+        return []
+    if audit.get("speedup_basis"):  # since e183a84: the samples of all blocks over those retrained
+        if speedup < 1.005:
+            return ["no saving over retraining from scratch (a deletion in block 1 retrains every block)"]
+        return [f"about {speedup:.2f}x less training than retraining from scratch (estimated from this retrain)"]
+    retrained = audit.get("blocks_retrained") or []
+    why = (
+        "a deletion in block 1 retrains every block, plus the checks"
+        if audit.get("first_affected_block") == 1
+        else f"loading, checking and publishing cost more than the {len(retrained)} block(s) retrained saved"
+    )
+    return [
+        f"{speedup:.2f}x faster than retraining from scratch"
+        if speedup >= 1
+        else f"{1 / speedup:.2f}x slower than retraining from scratch ({why})"
+    ]
+
+
 def _run_outcome(run_id: str, audit: dict) -> str:
     """One run's part of a settled request, in words: versions, blocks, speed-up, accuracy, verification."""
     to_version = audit.get("to_version", audit.get("version"))
@@ -285,26 +308,18 @@ def _run_outcome(run_id: str, audit: dict) -> str:
         parts[0] += " (accepted while the run trained; unlearned right after its training)"
     if audit.get("from_version") is not None or to_version is not None:
         parts[0] += f" version {audit.get('from_version')} -> {to_version}"
-    batch = audit.get("requests") or []
-    if len(batch) > 1:  # one retrain applies every request of a batch: its blocks and ids are the batch's
-        ids = audit.get("deleted_ids")
-        held = f", {len(ids)} ids" if isinstance(ids, list) else ""
-        parts.append(f"one retrain for the {len(batch)} requests of its batch{held}")
+    # one retrain applies every request of a batch: its blocks and ids are the batch's (counted since
+    # 082d172; records written before keep the batch's lists)
+    listed = audit.get("requests")
+    batch = audit.get("batch_requests", len(listed) if isinstance(listed, list) else 0)
+    if isinstance(batch, int) and batch > 1:
+        deleted = audit.get("deleted_ids")
+        ids = audit.get("batch_deleted_ids", len(deleted) if isinstance(listed, list) and isinstance(deleted, list) else None)
+        held = f", {ids} ids" if isinstance(ids, int) else ""
+        parts.append(f"one retrain for the {batch} requests of its batch{held}")
     if audit.get("blocks_retrained") is not None:
         parts.append(f"blocks retrained {audit['blocks_retrained']}")
-    speedup = audit.get("speedup_vs_full_retrain")
-    if isinstance(speedup, (int, float)) and speedup > 0:
-        retrained = audit.get("blocks_retrained") or []
-        why = (
-            "a deletion in block 1 retrains every block, plus the checks"
-            if audit.get("first_affected_block") == 1
-            else f"loading, checking and publishing cost more than the {len(retrained)} block(s) retrained saved"
-        )
-        parts.append(
-            f"{speedup:.2f}x faster than retraining from scratch"
-            if speedup >= 1
-            else f"{1 / speedup:.2f}x slower than retraining from scratch ({why})"
-        )
+    parts.extend(_speedup_words(audit))
     before, after = audit.get("previous_heldout_accuracy"), audit.get("heldout_accuracy")
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         parts.append(f"held-out accuracy {100 * before:.1f} % -> {100 * after:.1f} %")

@@ -149,8 +149,9 @@ def test_forget_wait_says_what_each_run_did_in_words(trained, capsys):
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("  run r1:"))
     # it printed "speed-up 1.2922020945655124" and no accuracy
     assert re.fullmatch(
-        r"  run r1: published version 1 -> 2, blocks retrained \[\d(, \d)*\], \d+\.\d\dx faster than retraining "
-        r"from scratch, held-out accuracy \d+\.\d % -> \d+\.\d %",
+        r"  run r1: published version 1 -> 2, blocks retrained \[\d(, \d)*\], (about \d+\.\d\dx less training than "
+        r"retraining from scratch \(estimated from this retrain\)|no saving over retraining from scratch \(a deletion "
+        r"in block 1 retrains every block\)), held-out accuracy \d+\.\d % -> \d+\.\d %",
         line,
     ), line
 
@@ -358,6 +359,12 @@ def test_the_words_for_a_slow_retrain_a_stopped_serve_and_an_id_past_int64(tmp_p
     # a request merged into a batch showed the batch's retrain as if it were its own
     merged = {**last, "requests": ["r1", "r2", "r3"], "deleted_ids": [5, 6, 7, 8]}
     assert "one retrain for the 3 requests of its batch, 4 ids, blocks retrained [4]" in _run_outcome("a", merged)
+    # since 082d172 a request keeps the batch's counts, not its lists
+    counted = {**last, "batch_requests": 3, "merged_with_count": 2, "batch_deleted_ids": 4, "deleted_ids": [5]}
+    assert "one retrain for the 3 requests of its batch, 4 ids, blocks retrained [4]" in _run_outcome("a", counted)
+    alone = {**last, "batch_requests": 1, "deleted_ids": [5]}
+    assert "batch" not in _run_outcome("a", alone)
+
     assert "batch" not in _run_outcome("a", {**last, "requests": ["r1"], "deleted_ids": [5]})
     # why a batch was retrained before its window closed was only in the JSON ("rollback_below_floor")
     from flows.cli.forget import describe
@@ -370,3 +377,16 @@ def test_the_words_for_a_slow_retrain_a_stopped_serve_and_an_id_past_int64(tmp_p
     assert served_endpoint(store) == (None, "the `obliviate serve` that served this store stopped")
     with pytest.raises(RequestError, match=r"a sample id is a row index of digits \(1797 rows: ids 0..1796\)"):
         parse_ids("3,99999999999999999999", dataset_size=1797, dataset="digits")
+
+
+def test_the_speedup_is_said_as_the_estimate_it_is():
+    """Two identical retrains of every block printed "2.61x slower" and "1.32x faster than retraining from
+    scratch"; since e183a84 the audit estimates it from the retrain's own pace (speedup_basis)."""
+    from flows.cli.forget import _run_outcome
+
+    basis = {"status": "published", "speedup_basis": "estimate: ...", "blocks_retrained": [1, 2, 3]}
+    every = _run_outcome("a", {**basis, "speedup_vs_full_retrain": 1.0, "first_affected_block": 1})
+    assert "no saving over retraining from scratch (a deletion in block 1 retrains every block)" in every
+    assert "faster" not in every and "slower" not in every
+    last = _run_outcome("a", {**basis, "speedup_vs_full_retrain": 3.0, "blocks_retrained": [3]})
+    assert "about 3.00x less training than retraining from scratch (estimated from this retrain)" in last
