@@ -314,7 +314,9 @@ def _run_outcome(run_id: str, audit: dict) -> str:
     batch = audit.get("batch_requests", len(listed) if isinstance(listed, list) else 0)
     if isinstance(batch, int) and batch > 1:
         deleted = audit.get("deleted_ids")
-        ids = audit.get("batch_deleted_ids", len(deleted) if isinstance(listed, list) and isinstance(deleted, list) else None)
+        ids = audit.get(
+            "batch_deleted_ids", len(deleted) if isinstance(listed, list) and isinstance(deleted, list) else None
+        )
         held = f", {ids} ids" if isinstance(ids, int) else ""
         parts.append(f"one retrain for the {batch} requests of its batch{held}")
     if audit.get("blocks_retrained") is not None:
