@@ -34,7 +34,15 @@ from typing import Any
 
 from obliviate.unlearning.service import RequestError, RunSpec, parse_ids
 from storage.errors import StorageError
-from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, release_claim, take_claim
+from storage.lease import (
+    DEFAULT_LEASE_S,
+    ClaimHeld,
+    LeaseKeeper,
+    claim_free,
+    holder_process_gone,
+    release_claim,
+    take_claim,
+)
 from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
@@ -97,7 +105,7 @@ def store_pass(
         if other.get("host") == me["host"] and other.get("pid") == me["pid"]:
             with _LIVE_PASSES_LOCK:  # a pass of this process: live while it holds (or takes) the claim
                 return other.get("token") not in _LIVE_PASSES
-        return _process_gone(other)
+        return holder_process_gone(other)
 
     with _LIVE_PASSES_LOCK:  # noted before claiming: to another thread of this process, the claim is live
         _LIVE_PASSES.add(token)
@@ -160,8 +168,6 @@ def busy_result(
 
 def held_pass(store: ObjectStore) -> dict[str, Any] | None:
     """The record of the pass holding ``store`` now (``None``: none, or its holder died: a new pass takes over)."""
-    from storage.lease import _claim_free
-
     current = store.read_pointer(PASS_CLAIM_KEY)
     if current is None:
         return None
@@ -170,28 +176,9 @@ def held_pass(store: ObjectStore) -> dict[str, Any] | None:
         with _LIVE_PASSES_LOCK:
             live = record.get("token") in _LIVE_PASSES and "released_at" not in record
         return record if live else None
-    if _claim_free(store, current, gone=_process_gone, now=time.time()):
+    if claim_free(store, current, gone=holder_process_gone, now=time.time()):
         return None
     return record
-
-
-def _process_gone(holder: Mapping[str, Any]) -> bool:
-    """Whether a claim's holder was another process of this host that is no more."""
-    if holder.get("host") != socket.gethostname():
-        return False
-    try:
-        pid = int(holder.get("pid", -1))
-    except (TypeError, ValueError):
-        return False
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
 
 
 def summarise_ids(ids: Sequence[str], *, first: int = 5) -> str:

@@ -33,7 +33,7 @@ from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
 from storage.errors import CorruptObject, StorageError
-from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, release_claim, take_claim
+from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, holder_process_gone, release_claim, take_claim
 from storage.objects import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry
 from storage.serving import group_members
@@ -298,7 +298,7 @@ def _claimed(store: str, run_id: str, *, lease_s: float, held: tuple[str, str]) 
             # this process: live while another of its threads takes or holds it; else a former process with its pid
             with _HELD_LOCK:
                 return not set(_HELD_TRAININGS.get(held, {})) - {threading.get_ident()}
-        return _process_gone(other)
+        return holder_process_gone(other)
 
     try:
         claim = take_claim(object_store, training_claim_key(run_id), holder=holder, lease_s=lease_s, gone=gone)
@@ -323,25 +323,6 @@ def _claimed(store: str, run_id: str, *, lease_s: float, held: tuple[str, str]) 
     finally:
         with contextlib.suppress(StorageError):  # not released: taken over once its lease lapses
             release_claim(object_store, claim)
-
-
-def _process_gone(holder: dict[str, Any]) -> bool:
-    """Whether a claim's holder was another process of this host that is no more."""
-    if holder.get("host") != socket.gethostname():
-        return False
-    try:
-        pid = int(holder.get("pid", -1))
-    except (TypeError, ValueError):
-        return False
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
 
 
 def shard_run_ids(run_id: str, shards: int) -> list[str]:

@@ -18,9 +18,11 @@ clock to within a fraction of the lease (NTP). :data:`DEFAULT_LEASE_S` leaves ro
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -218,7 +220,7 @@ def take_claim(
     """
     for _ in range(3):
         current = store.read_pointer(key)
-        if current is not None and not _claim_free(store, current, gone=gone, now=time.time()):
+        if current is not None and not claim_free(store, current, gone=gone, now=time.time()):
             renewal = read(store, key, claim_version=current.version, folder=claim_leases(key))
             raise ClaimHeld(
                 key,
@@ -239,9 +241,10 @@ def take_claim(
     raise PointerConflict(f"claim {store.uri(key)} kept moving over 3 attempts; try again.")
 
 
-def _claim_free(
+def claim_free(
     store: ObjectStore, current: Pointer, *, gone: Callable[[dict[str, Any]], bool] | None, now: float
 ) -> bool:
+    """Whether the claim ``current`` is free to take: released, its holder ``gone``, or its lease lapsed."""
     target = dict(current.target)
     if "released_at" in target:
         return True
@@ -256,6 +259,25 @@ def _claim_free(
         now=now,
         folder=claim_leases(current.key),
     )
+
+
+def holder_process_gone(holder: Mapping[str, Any]) -> bool:
+    """Whether a claim's holder was another process of this host that is no more (a ``gone`` for :func:`take_claim`)."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
 
 
 def release_claim(store: ObjectStore, claim: PointerClaim) -> bool:
