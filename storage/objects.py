@@ -600,9 +600,15 @@ class ObjectStore:
     def _pointer_versions(self, key: str) -> builtins.list[int]:
         with self._backend(self.uri(key)):
             try:
-                names = [p.rsplit("/", 1)[-1] for p in self._fs.ls(self._path(key), detail=False)]
+                if self._protocol == "s3":
+                    # One listing limited to <key>/v: s3fs's ls() of a missing path lists its parent
+                    # too (all of ledger/status/ for a new request), a cost that grows with the store.
+                    found = self._fs.find(self._path(key), maxdepth=1, prefix="v")
+                else:
+                    found = self._fs.ls(self._path(key), detail=False)
             except FileNotFoundError:
                 return []
+        names = [p.rsplit("/", 1)[-1] for p in found]
         return sorted(int(m.group(1)) for m in map(_POINTER_VERSION.match, names) if m)
 
     def _load_pointer(self, key: str, version: int) -> Pointer:
