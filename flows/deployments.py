@@ -38,6 +38,7 @@ import queue
 import sys
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,8 @@ from storage.ledger import CLAIMED, DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
+#: How many of its latest passes serve keeps in memory (``ServiceWatcher.passes``); older ones are only counted.
+PASSES_KEPT = 50
 POOL_KEY = "service/pool.json"  # serve's warm worker pool: when it was warmed, each worker's runs
 
 
@@ -338,7 +341,10 @@ class ServiceWatcher:
             threading.Thread(target=self._heartbeat, name="serve-heartbeat", daemon=True),
             threading.Thread(target=self._dispatch, name="serve-dispatcher", daemon=True),
         ]
-        self.passes: list[dict[str, Any]] = []
+        # The latest passes only: serve runs for weeks, and a list of every pass grew with each one.
+        self.passes: deque[dict[str, Any]] = deque(maxlen=PASSES_KEPT)
+        self.pass_count = 0  # every pass since serve started
+        self.pass_outcomes: Counter[str] = Counter()  # every pass's outcome ("reconcile" for a watcher's pass)
         self.failures = RepeatedFailures()
 
     @property
@@ -460,11 +466,9 @@ class ServiceWatcher:
             result = self._run_unlearn(parameters)
         except RequestError as err:
             print(f"obliviate serve: {err}", flush=True)
-            self.passes.append(
-                {"at": time.time(), "event_id": event.event_id, "outcome": "refused", "reason": str(err)}
-            )
+            self._record_pass({"at": time.time(), "event_id": event.event_id, "outcome": "refused", "reason": str(err)})
             return
-        self.passes.append(
+        self._record_pass(
             {
                 "at": time.time(),
                 "event_id": event.event_id,
@@ -497,7 +501,13 @@ class ServiceWatcher:
     def reconcile_if_needed(self) -> None:
         if self.needs_pass():
             result = reconcile_flow(**self._flow_options())
-            self.passes.append({"at": time.time(), "settled": result.get("settled", {})})
+            self._record_pass({"at": time.time(), "settled": result.get("settled", {})})
+
+    def _record_pass(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` among the latest passes and count it in the totals."""
+        self.passes.append(record)
+        self.pass_count += 1
+        self.pass_outcomes[str(record.get("outcome", "reconcile"))] += 1
 
     def keep_pool_warm(self) -> None:
         """Warm the store's worker pool when the registered runs changed (cheap: one listing)."""
