@@ -25,7 +25,8 @@ import functools
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,8 +48,8 @@ from obliviate.unlearning.service import RunSpec, block_data, block_holdings, wo
 from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain, warm_up
 from obliviate.unlearning.verification import consistency
 from storage.background import BackgroundWriter
-from storage.errors import PointerConflict
-from storage.ledger import CLAIMED, DONE, PENDING, DeletionLedger
+from storage.errors import PointerConflict, StorageError
+from storage.ledger import CLAIMED, DONE, PENDING, DeletionLedger, request_part
 from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
@@ -243,7 +244,9 @@ class ChainWorker:
             if request_id not in applied and run.positions(ids)[0].size
         }
         late_audit = self.unlearn(run.run_id, late) if late else None
-        self._record_training(run.run_id, version=version.version, applied=applied, late=sorted(late), audit=late_audit)
+        self._record_training(
+            run.run_id, version=version.version, applied=applied, late=sorted(late), audit=late_audit, late_ids=late
+        )
         return {
             "run_id": run.run_id,
             "version": int(late_audit.get("to_version") or late_audit.get("version") or version.version)
@@ -260,15 +263,27 @@ class ChainWorker:
         }
 
     def _record_training(
-        self, run_id: str, *, version: int, applied: list[str], late: list[str], audit: dict[str, Any] | None
+        self,
+        run_id: str,
+        *,
+        version: int,
+        applied: list[str],
+        late: list[str],
+        audit: dict[str, Any] | None,
+        late_ids: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         """Put this run in the audit trail of every request its training applied (the ledger's ``details.runs``).
 
         ``applied``: left out from the start, so version ``version`` never saw their ids; ``late``:
-        accepted while it trained, unlearned right after (``audit``, the unlearning's own audit).
+        accepted while it trained, unlearned right after (``audit``, the unlearning's own audit, with
+        ``late_ids`` their ids). The audit's lists that grow with the late requests (all of them, all
+        their deleted ids) are stored once, as a batch record; each late request keeps its own part
+        (:func:`storage.ledger.request_part`): copied whole into each, they grew with the square.
         """
         ledger = DeletionLedger(self.registry.store)
         at = time.time()
+        batch_id = self._record_late_batch(ledger, run_id, late, audit) if late and audit is not None else None
+        deleted = {int(i) for i in (audit or {}).get("deleted_ids") or ()}
         entries: dict[str, dict[str, Any]] = {
             request_id: {
                 "run_id": run_id,
@@ -282,16 +297,36 @@ class ChainWorker:
             for request_id in applied
         }
         for request_id in late if audit is not None else []:
+            part = request_part(
+                audit, request_id, ids=(late_ids or {}).get(request_id, ()), deleted=deleted, batch_id=batch_id
+            )
+            part.setdefault("merged_with_count", len(late) - 1)
             entries[request_id] = {
-                **audit,
+                **part,
                 "applied_by": "training",
-                "merged_with": [r for r in late if r != request_id],
                 "note": f"accepted while run {run_id} trained: unlearned right after its version {version}, "
                 "before the training returned",
                 "at": at,
             }
         for request_id, entry in sorted(entries.items()):
             self._io(lambda request_id=request_id, entry=entry: ledger.record_training(request_id, run_id, entry))
+
+    def _record_late_batch(
+        self, ledger: DeletionLedger, run_id: str, late: list[str], audit: Mapping[str, Any]
+    ) -> str | None:
+        """Store the unlearning of a training's late requests once (a batch record); its id, or ``None`` if unwritten."""
+        batch_id = f"b{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:10]}"
+        body = {
+            "requests": sorted(late),
+            "reason": f"accepted while run {run_id} trained",
+            "holder": f"training of run {run_id}",
+            "runs": {run_id: dict(audit)},
+        }
+        try:
+            self._io(lambda: ledger.record_batch(batch_id, body))
+        except StorageError:
+            return None  # each late request then keeps its own part only
+        return batch_id
 
     def _accepted_requests(self, dataset: str) -> dict[str, list[int]]:
         """Request id -> dataset ids of every deletion request on this store for ``dataset`` not refused.

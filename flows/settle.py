@@ -44,6 +44,7 @@ from storage.lease import (
     take_claim,
 )
 from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus
+from storage.ledger import request_part as _for_request
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
@@ -524,10 +525,6 @@ def _runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[
     return affected
 
 
-#: Lists of a run's audit that grow with its batch: stored once in the batch record, counted in each request's.
-_BATCH_LISTS = ("requests", "merged_with", "deleted_ids", "held_by", "not_held_below_floor")
-
-
 def _record_batch(
     ledger: DeletionLedger,
     results: Mapping[str, Mapping[str, Any]],
@@ -561,35 +558,3 @@ def _record_batch(
         )
         return None
     return batch_id
-
-
-def _for_request(
-    audit: Mapping[str, Any],
-    request_id: str,
-    *,
-    ids: Sequence[int] = (),
-    deleted: set[int] | frozenset[int] = frozenset(),
-    batch_id: str | None = None,
-) -> dict[str, Any]:
-    """A run's audit as one of the requests it applied keeps it: its own part, of a size independent of the batch.
-
-    The batch's lists (its ``requests``, all its ``deleted_ids``, the ``held_by`` and
-    ``not_held_below_floor`` requests) are in the batch record (``batch_id``,
-    :meth:`storage.ledger.DeletionLedger.batch`); here they are counted (``batch_requests``,
-    ``merged_with_count``, ``batch_deleted_ids``, ``held_by_count``, ``not_held_below_floor_count``), and
-    ``deleted_ids`` lists this request's own ids that the run's retrain removed.
-    """
-    out = {key: value for key, value in audit.items() if key not in _BATCH_LISTS}
-    requests = audit.get("requests")
-    if isinstance(requests, list):
-        out["batch_requests"] = len(requests)
-        out["merged_with_count"] = len([r for r in requests if r != request_id])
-    if isinstance(audit.get("deleted_ids"), list):
-        out["batch_deleted_ids"] = len(audit["deleted_ids"])
-        out["deleted_ids"] = sorted({int(i) for i in ids} & deleted)
-    for key in ("held_by", "not_held_below_floor"):
-        if isinstance(audit.get(key), list):
-            out[f"{key}_count"] = len(audit[key])
-    if batch_id is not None:
-        out["batch_id"] = batch_id
-    return out
