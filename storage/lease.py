@@ -99,10 +99,13 @@ def lapsed(
 
 
 def drop(store: ObjectStore, request_id: str) -> None:
-    """Remove every lease object of a settled request (best effort: leftovers are orphans for `store check`)."""
+    """Remove every lease object of a settled request, and its folder on a file store (best effort: leftovers
+    are orphans for `store check`)."""
+    folder = f"ledger/leases/{request_id}"
     with contextlib.suppress(StorageError):
-        for key in store.list(f"ledger/leases/{request_id}"):
+        for key in store.list(folder):
             store.delete(key)
+        store.remove_empty_folder(folder)
 
 
 class LeaseKeeper:

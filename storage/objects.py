@@ -216,6 +216,17 @@ class ObjectStore:
                 with contextlib.suppress(FileNotFoundError):
                     self._fs.rm_file(path)
 
+    def remove_empty_folder(self, prefix: str) -> None:
+        """On a file store, remove the folder ``prefix`` if nothing is left in it; S3 has no folders to remove.
+
+        Best effort: a folder that is not empty (or already gone) stays as it is.
+        """
+        prefix = _check_key(prefix)
+        if self._protocol == "s3":
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(self._path(prefix))
+
     # ----- typed helpers ---------------------------------------------------------------------
 
     def put_array(self, key: str, array: np.ndarray) -> ObjectInfo:
