@@ -22,7 +22,7 @@ from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import block_data
 from obliviate.unlearning.trainer import BlockTrainer, initial_checkpoint
-from storage.check import StoreReport, check_store, collect_orphans
+from storage.check import StoreReport, check_store, collect_orphans, prune_versions
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
@@ -31,10 +31,19 @@ from storage.tiles import MI_TILES, drop_matrix_object
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
 
 
-def check_and_repair(store_url: str, *, repair: bool, min_orphan_age_s: float = 600.0) -> StoreReport:
-    """``obliviate store check [--repair]``: check; with ``repair``, rebuild and collect orphans, then re-check."""
+def check_and_repair(
+    store_url: str, *, repair: bool, min_orphan_age_s: float = 600.0, keep_versions: int | None = None
+) -> StoreReport:
+    """``obliviate store check [--repair] [--keep-versions N]``: check; with ``repair``, rebuild and collect orphans.
+
+    ``keep_versions``: retention (:func:`storage.check.prune_versions`): with ``repair`` the versions
+    of each run older than its newest N are pruned first (what only they used is deleted); without
+    it, the report says what would be. ``None`` (the default) keeps every version.
+    """
     store = ObjectStore(store_url)
+    pruned = None if keep_versions is None else prune_versions(store, keep=keep_versions, apply=repair)
     report = check_store(store, min_age_s=min_orphan_age_s)
+    report.pruned = pruned
     if not repair:
         for item in report.corrupt:
             item["repairable_by_replay"] = is_checkpoint(item["key"])
@@ -161,5 +170,5 @@ def _publishing_manifest(store: ObjectStore, run_id: str, chain_name: str):
             return store.read_manifest(key)
     raise ObjectNotFound(
         f"no published version of run {run_id} comes from chain {chain_name}: it is an orphan (a lost race or a "
-        "crashed attempt), not needed by any model; `store check --repair` collects it once nothing is open."
+        "crashed attempt), not needed by any model; `store check --repair` collects it."
     )

@@ -10,10 +10,14 @@
   damaged, a manifest member missing or not matching the checksum the manifest recorded, a
   version that dropped requests or deleted ids an earlier version had applied;
 * ``orphans``: objects nothing can reach: checkpoints and manifests of attempts that lost a
-  publish race or crashed, leases of settled requests, half-written temporary files. They are
-  listed only when no pointer refers to them, no open request could still publish them (no
-  request is ``pending`` or ``claimed``), their run has a current version (a training in
-  progress is never touched) and they are older than ``min_age_s``.
+  publish race or crashed, of versions pruned by retention, leases of settled requests,
+  half-written temporary files. They are listed only when no kept version refers to them, their
+  run has a current version (a training in progress is never touched), they are older than
+  ``min_age_s``, and no attempt may still write, publish or resume them (:func:`_in_flight`).
+
+Retention (:func:`prune_versions`, ``store check --repair --keep-versions N``) marks the versions of
+a run older than its newest N as pruned (``runs/<run>/pruned.json``, written first) and deletes what
+only they referenced; their pointer versions stay (the history, small JSON).
 
 Repair (rebuilding damaged checkpoints by replay) needs training, so it lives in
 :mod:`flows.repair`; :func:`collect_orphans` deletes what :func:`check_store` listed.
@@ -36,7 +40,9 @@ _TMP_MARK = ".tmp-"
 _REWRITTEN_AND_DELETED = ("ledger/leases/", "ledger/open/", "ledger/flush/", "service/")
 _CHAIN_KEY = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(pt|json)$")
 _REGISTRY_KEY = re.compile(r"^registry/(?P<run>[^/]+)\.json$")
-_MANIFEST_KEY = re.compile(r"^runs/(?P<run>[^/]+)/manifests/v\d{6}-(?P<chain>[^/]+)\.json$")
+_MANIFEST_KEY = re.compile(r"^runs/(?P<run>[^/]+)/manifests/v(?P<version>\d{6})-(?P<chain>[^/]+)\.json$")
+# The chain folder of an unlearning: ``u<base version>-<hash>`` (obliviate.unlearning.service.work_token).
+_TOKEN_CHAIN = re.compile(r"^u(?P<base>\d{6})-")
 
 
 @dataclass
@@ -53,6 +59,7 @@ class StoreReport:
     repaired: list[dict[str, Any]] = field(default_factory=list)
     unrecoverable: list[dict[str, Any]] = field(default_factory=list)
     collected: list[str] = field(default_factory=list)
+    pruned: dict[str, Any] | None = None
     seconds: float = 0.0
 
     @property
@@ -77,6 +84,7 @@ class StoreReport:
             "repaired": self.repaired,
             "unrecoverable": self.unrecoverable,
             "collected": self.collected,
+            "pruned": self.pruned,
             "seconds": self.seconds,
         }
 
@@ -129,13 +137,12 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
 
     referenced: set[str] = set()
     dependents: dict[str, list[dict[str, Any]]] = {}
-    runs_with_versions: set[str] = set()
+    runs_with_versions: dict[str, tuple[int, int]] = {}  # run -> (current version, version its chain comes from)
     for pointer_key in pointer_keys:
         if not (pointer_key.startswith("runs/") and pointer_key.endswith("/current")):
             continue
         run_id = pointer_key.split("/")[1]
-        runs_with_versions.add(run_id)
-        _check_run(store, run_id, pointer_key, report, referenced, dependents)
+        runs_with_versions[run_id] = _check_run(store, run_id, pointer_key, report, referenced, dependents)
     for key in keys:
         registered = _REGISTRY_KEY.match(key)
         if registered and registered.group("run") not in runs_with_versions:
@@ -185,9 +192,22 @@ def _check_run(
     report: StoreReport,
     referenced: set[str],
     dependents: dict[str, list[dict[str, Any]]],
-) -> None:
+) -> tuple[int, int]:
+    """Check one run's versions; returns (current version, the version its chain comes from; 0 if unknown)."""
+    from storage.registry import RunRegistry
+
     previous: dict[str, Any] | None = None
-    for version in range(1, _latest_version(store, pointer_key) + 1):
+    latest = _latest_version(store, pointer_key)
+    base = 0
+    try:
+        pruned = RunRegistry(store).pruned_versions(run_id)
+    except (CorruptObject, StorageError) as err:
+        report.lineage.append(
+            {"run": run_id, "version": None, "key": f"runs/{run_id}/pruned.json", "problem": f"unreadable: {err}"}
+        )
+        pruned = {}
+    pruned_manifests: list[str] = []
+    for version in range(1, latest + 1):
         # What every version of the run needs besides its manifest: the pointer version itself, the
         # run's spec, block plan and registry entry (its data and block membership).
         needs = (f"{pointer_key}/v{version:09d}.json", f"runs/{run_id}/spec.json", f"runs/{run_id}/plan.json")
@@ -198,6 +218,10 @@ def _check_run(
         except (CorruptObject, ObjectNotFound):
             continue  # already reported as corrupt
         manifest_key = str(target.get("manifest", ""))
+        if version in pruned:  # retention deleted what only it needed: nothing of it is checked or kept
+            pruned_manifests.append(manifest_key)
+            previous = target
+            continue
         referenced.add(manifest_key)
         dependents.setdefault(manifest_key, []).append({"run": run_id, "version": version})
         try:
@@ -207,6 +231,9 @@ def _check_run(
                 {"run": run_id, "version": version, "key": manifest_key, "problem": f"manifest unreadable: {err}"}
             )
             body = {"members": {}}
+        if version == latest:
+            source = (body.get("metadata") or {}).get("chain_of") or {}
+            base = int(source.get("version", version)) if isinstance(source, dict) else version
         for name, member in body.get("members", {}).items():
             key = member["key"]
             timing_sidecar = key[: -len(".pt")] + ".json" if key.endswith(".pt") else key
@@ -253,6 +280,16 @@ def _check_run(
                     }
                 )
         previous = target
+    # A pruned version's manifest that published a chain kept versions still use is replay's recipe for it.
+    kept_folders = {key.rsplit("/", 1)[0] for key in referenced if key.startswith(f"runs/{run_id}/chains/")}
+    referenced.update(key for key in pruned_manifests if _recipe_folder(key) in kept_folders)
+    return latest, base
+
+
+def _recipe_folder(manifest_key: str) -> str | None:
+    """The chain folder whose checkpoints the manifest ``manifest_key`` published (``None``: not a manifest)."""
+    match = _MANIFEST_KEY.match(manifest_key)
+    return f"runs/{match.group('run')}/chains/{match.group('chain')}" if match else None
 
 
 def _check_result_manifest(store: ObjectStore, key: str, report: StoreReport) -> None:
@@ -292,26 +329,30 @@ def _orphans(
     keys: list[str],
     names: list[str],
     referenced: set[str],
-    runs_with_versions: set[str],
+    runs_with_versions: dict[str, tuple[int, int]],
     min_age_s: float,
 ) -> tuple[list[str], str | None]:
+    """Unreferenced objects old enough to collect, and why some were kept (``None``: none were).
+
+    Open requests no longer hold everything back (with a batch window one nearly always is): only
+    what an attempt may still write, publish or resume is kept while a request is open
+    (:func:`_in_flight`); a pending request writes nothing, and everything else is garbage for good.
+    """
     from storage.ledger import CLAIMED, PENDING, DeletionLedger
 
-    ledger = DeletionLedger(store)
-    open_requests = [e.request_id for e in ledger.entries() if e.status in (PENDING, CLAIMED)]
-    if open_requests:
-        return [], (
-            f"{len(open_requests)} request(s) still open ({open_requests[:5]}): an attempt in progress may still "
-            "publish what looks unreferenced, so nothing is collected now."
-        )
+    entries = DeletionLedger(store).entries()
+    open_requests = [e.request_id for e in entries if e.status in (PENDING, CLAIMED)]
+    settled = {e.request_id for e in entries} - set(open_requests)
     now = time.time()
-    settled = {e.request_id for e in ledger.entries()}
-    found = []
+    found, kept = [], set()
     for key in keys:
         chain = _CHAIN_KEY.match(key) or _MANIFEST_KEY.match(key)
         lease_of = key.split("/")[2] if key.startswith("ledger/leases/") else None
         if chain is not None:
             if chain.group("run") not in runs_with_versions or key in referenced:
+                continue
+            if open_requests and _in_flight(key, runs_with_versions[chain.group("run")]):
+                kept.add(key)
                 continue
         elif lease_of is None or lease_of not in settled:
             continue
@@ -321,7 +362,37 @@ def _orphans(
         base = name.rsplit("/", 1)[-1]
         if base.startswith(_TMP_MARK) and store.stored_age_s(name) >= min_age_s:
             found.append(name)
-    return sorted(found), None
+    held = None
+    if kept:
+        runs = sorted({key.split("/")[1] for key in kept})
+        held = (
+            f"{len(kept)} unreferenced object(s) of run(s) {runs[:5]} kept while {len(open_requests)} request(s) are "
+            f"still open ({open_requests[:5]}): they belong to work from the version being served now, which an "
+            "attempt in progress may still publish or the next attempt resumes; they are collected once that "
+            "work publishes or no request is open. Everything else unreferenced is collected."
+        )
+    return sorted(found), held
+
+
+def _in_flight(key: str, run: tuple[int, int]) -> bool:
+    """Whether an unreferenced chain object or manifest of a run may still be written, published or resumed.
+
+    ``run``: (current version, the version the current one's chain comes from). Every attempt starts
+    from that chain (``chain_source``; it never moves back), so it writes to ``u<that version>-...``
+    (or a later one) and publishes manifests numbered above the current version. A chain folder
+    of an older base, a training folder of a run already published, or a manifest numbered at or
+    below the current version (its publish lost the compare-and-swap, or its version was pruned)
+    is garbage for good. An unknown folder name counts as in flight.
+    """
+    current, base = run
+    manifest = _MANIFEST_KEY.match(key)
+    if manifest is not None:
+        return int(manifest.group("version")) > current
+    chain = key.split("/")[3]
+    token = _TOKEN_CHAIN.match(chain)
+    if token is not None:
+        return int(token.group("base")) >= base
+    return not (chain == "train" or chain.startswith("train-x"))
 
 
 def _committed_at(store: ObjectStore, key: str) -> float:
@@ -342,3 +413,132 @@ def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:
         collected.append(name)
     report.collected = collected
     return collected
+
+
+def prune_versions(store: ObjectStore, *, keep: int, apply: bool) -> dict[str, Any]:
+    """Retention: the versions of each run older than its newest ``keep`` become pruned; ``apply`` deletes.
+
+    Kept: the newest ``keep`` versions (the current one always) and, transitively, the full version
+    each of them derives from (``chain_of``: what a rollback judges against, a release serves again
+    and a retrain starts from; a rollback itself serves checkpoints of the current version's own
+    manifest). A pruned version's checkpoints and manifest are deleted unless a kept version uses
+    them; its manifest also stays when it published a chain whose checkpoints kept versions share
+    (replay's recipe for rebuilding them). Its pointer version stays: the history of what was
+    applied. Order, so that an interruption never leaves a kept version missing anything: the
+    versions are recorded pruned first (``runs/<run>/pruned.json``), then only objects no kept
+    version references are deleted, checkpoints before the manifests that list them, each commit
+    record before its bytes; what an interruption leaves is an orphan the next ``--repair`` collects.
+    While a request is open, objects of work from the current version's chain are kept (see
+    :func:`_in_flight`). Without ``apply`` nothing is written: the result says what would go.
+
+    Returns:
+        ``{"keep_versions", "runs": {run: {"versions": [...], "objects", "bytes", "held"}}, "objects",
+        "bytes", "held", "deleted"}``: per run the versions pruned now and the objects (and their
+        bytes) deleted (or that would be), ``held`` those kept for work in flight, ``skipped`` runs
+        whose versions could not be read (damage: `store check` reports it; nothing of them is pruned).
+    """
+    from storage.ledger import CLAIMED, PENDING, DeletionLedger
+    from storage.registry import RunRegistry, pruned_key
+
+    registry = RunRegistry(store)
+    open_requests = any(e.status in (PENDING, CLAIMED) for e in DeletionLedger(store).entries())
+    out: dict[str, Any] = {"keep_versions": keep, "runs": {}, "objects": 0, "bytes": 0, "held": 0, "skipped": {}}
+    for pointer_key in store.list_pointers("runs"):
+        if not pointer_key.endswith("/current") or pointer_key.count("/") != 2:
+            continue
+        run_id = pointer_key.split("/")[1]
+        try:
+            plan = _retention_plan(store, registry, run_id, pointer_key, keep=keep)
+        except (CorruptObject, ObjectNotFound, StorageError, KeyError, ValueError, TypeError) as err:
+            out["skipped"][run_id] = f"{type(err).__name__}: {err}"[:300]
+            continue
+        if plan is None:
+            continue
+        versions, members, manifests, run_state = plan
+        held = [k for k in [*members, *manifests] if open_requests and _in_flight(k, run_state)]
+        doomed = [k for k in members if k not in held] + [k for k in manifests if k not in held]
+        sizes = {key: _size(store, key) for key in doomed}
+        if apply:
+            if versions:
+                record = registry.pruned_versions(run_id)
+                now = time.time()
+                record.update({v: {"pruned_at": now, "keep_versions": keep} for v in versions})
+                store.put_json(
+                    pruned_key(run_id),
+                    {"run_id": run_id, "versions": {str(v): record[v] for v in sorted(record)}},
+                )
+            for key in doomed:  # checkpoints first, manifests last (the order of ``doomed``)
+                store.delete(key)
+        run_bytes = sum(size for size in sizes.values() if size is not None)
+        gone = sum(size is not None for size in sizes.values())
+        out["runs"][run_id] = {"versions": versions, "objects": gone, "bytes": run_bytes, "held": len(held)}
+        out["objects"] += gone
+        out["bytes"] += run_bytes
+        out["held"] += len(held)
+    out["deleted"] = apply
+    return out
+
+
+def _retention_plan(
+    store: ObjectStore, registry: Any, run_id: str, pointer_key: str, *, keep: int
+) -> tuple[list[int], list[str], list[str], tuple[int, int]] | None:
+    """(versions to prune now, objects only pruned versions use, their manifests to delete, (current, base))."""
+    latest = _latest_version(store, pointer_key)
+    if latest == 0:
+        return None
+    already = registry.pruned_versions(run_id)
+    manifest_of = {v: str(store.read_pointer_version(pointer_key, v).target["manifest"]) for v in range(1, latest + 1)}
+    kept = set(range(max(1, latest - keep + 1), latest + 1))
+    bodies: dict[int, dict[str, Any]] = {}
+    todo = sorted(kept)
+    while todo:  # the full versions kept versions derive from, transitively
+        version = todo.pop()
+        bodies[version] = store.get_json(manifest_of[version])
+        source = (bodies[version].get("metadata") or {}).get("chain_of")
+        if source and int(source["version"]) not in kept:
+            kept.add(int(source["version"]))
+            todo.append(int(source["version"]))
+    latest_source = (bodies[latest].get("metadata") or {}).get("chain_of")
+    base = int(latest_source["version"]) if latest_source else latest
+    used: set[str] = set()
+    for version in kept:
+        used.add(manifest_of[version])
+        used.update(_member_keys(bodies[version]))
+    versions = [v for v in range(1, latest + 1) if v not in kept and v not in already]
+    members: list[str] = []
+    manifests: list[str] = []
+    kept_folders = {key.rsplit("/", 1)[0] for key in used if key.startswith(f"runs/{run_id}/chains/")}
+    present = set(store.list(f"runs/{run_id}"))
+    for version in sorted(set(versions) | {v for v in already if v not in kept}):
+        key = manifest_of[version]
+        if key not in present:  # deleted before (or lost: nothing to delete)
+            continue
+        try:
+            body = store.get_unverified_json(key)
+        except (CorruptObject, ObjectNotFound):
+            body = {}
+        members.extend(k for k in _member_keys(body) if k not in used and k in present and k not in members)
+        if key not in used and _recipe_folder(key) not in kept_folders and key not in manifests:
+            manifests.append(key)
+    return versions, members, manifests, (latest, base)
+
+
+def _member_keys(body: dict[str, Any]) -> list[str]:
+    """A manifest's member keys with each checkpoint's timing record."""
+    keys = []
+    for member in (body.get("members") or {}).values():
+        key = str(member["key"])
+        keys.append(key)
+        if key.endswith(".pt"):
+            keys.append(key[: -len(".pt")] + ".json")
+    return keys
+
+
+def _size(store: ObjectStore, key: str) -> int | None:
+    """An object's size in bytes, or ``None`` if it is gone already."""
+    try:
+        return store.info(key).size
+    except ObjectNotFound:
+        return None
+    except CorruptObject:  # an unreadable commit record: the object is still deleted
+        return 0

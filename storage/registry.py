@@ -14,6 +14,9 @@ Layout under the store (all through :class:`storage.objects.ObjectStore`):
   member and the manifest are committed, so readers always find a complete version.
 * ``registry/<run>.json``: the registry entry (dataset, which sample ids each block holds),
   written once the first version is current.
+* ``runs/<run>/pruned.json``: the versions retention pruned (``store check --repair
+  --keep-versions N``): their pointer versions stay, their checkpoints and manifests are deleted
+  (a manifest another kept version's checkpoints were published by stays, as replay's recipe).
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import Manifest, ObjectInfo, ObjectStore, Pointer
 
 TRAIN_CHAIN = "train"
+
+
+def pruned_key(run_id: str) -> str:
+    """Where retention records the versions of a run it pruned: ``runs/<run>/pruned.json``."""
+    return f"runs/{run_id}/pruned.json"
 
 
 @dataclass(frozen=True)
@@ -218,6 +226,18 @@ class RunRegistry:
             self.pointer_key(run_id), {**pointer_target, "manifest": manifest_key}, expected_version=expected_version
         )
         return ModelVersion.from_pointer(run_id, pointer)
+
+    def pruned_versions(self, run_id: str) -> dict[int, dict[str, Any]]:
+        """Versions retention pruned (version -> when and by which ``--keep-versions``); empty if none.
+
+        A pruned version keeps its pointer version (applied requests, deleted ids, metrics) but not
+        its checkpoints, so it can no longer be served, rolled back to or replayed by ``verify``.
+        """
+        try:
+            body = self.store.get_json(pruned_key(check_name(run_id, what="run id")))
+        except ObjectNotFound:
+            return {}
+        return {int(v): dict(info) for v, info in body.get("versions", {}).items()}
 
     def history(self, run_id: str) -> list[int]:
         """Versions the pointer has had (1 = trained)."""

@@ -4,8 +4,10 @@ Checks every committed object's checksum and every run's version lineage
 (:func:`storage.check.check_store`). ``--repair`` rebuilds damaged chain checkpoints by
 deterministic replay from their predecessor (:mod:`flows.repair`), reports what cannot be
 rebuilt with the runs and versions that need it, and deletes orphans (attempts that lost a
-publish race or crashed) once no pointer or open request refers to them. Exit code 0: healthy
-(after repair); 1: damage remains; 2: the store could not be checked.
+publish race or crashed) once no kept version refers to them and no attempt may still publish or
+resume them. ``--keep-versions N`` is retention: with ``--repair`` the versions of each run older
+than its newest N are pruned and what only they used is deleted; without it, what would be is
+said. Exit code 0: healthy (after repair); 1: damage remains; 2: the store could not be checked.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="collect only orphans older than this (default 600)",
     )
+    check.add_argument(
+        "--keep-versions",
+        default=None,
+        metavar="N",
+        help="retention: with --repair, prune the versions of each run older than its newest N (the current one "
+        "and what it derives from are always kept) and delete the checkpoints and manifests only they used; "
+        "without --repair, say what would be deleted (default: keep every version)",
+    )
     check.set_defaults(handler=run_store_check)
 
 
@@ -42,8 +52,9 @@ def run_store_check(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--orphan-age is the least age (seconds) of an orphan to collect and must be >= 0; got {args.orphan_age:g}."
         )
+    keep = _keep_versions(args.keep_versions)
     url = prepare_store(store_url(args), write=args.repair)
-    report = check_and_repair(url, repair=args.repair, min_orphan_age_s=args.orphan_age)
+    report = check_and_repair(url, repair=args.repair, min_orphan_age_s=args.orphan_age, keep_versions=keep)
     print(
         f"store {report.url}: {report.objects_checked} objects and {report.pointers_checked} pointer versions checked "
         f"in {report.seconds:.1f} s; {len(report.corrupt)} damaged, {len(report.lineage)} lineage problem(s), "
@@ -73,8 +84,55 @@ def run_store_check(args: argparse.Namespace) -> int:
         )
     elif report.collected:
         print(f"  collected {len(report.collected)} orphan(s)", file=sys.stderr)
+    if report.pruned is not None:
+        _say_pruned(report.pruned)
     print(json.dumps(report.as_dict(), default=str))
     return 0 if report.healthy else 1
+
+
+def _keep_versions(value: str | None) -> int | None:
+    """``--keep-versions``: a whole number >= 1, or ``None`` (keep everything)."""
+    if value is None:
+        return None
+    try:
+        keep = int(value)
+    except ValueError:
+        keep = 0
+    if keep < 1 or str(keep) != value.strip():
+        raise ConfigError(
+            f"--keep-versions is how many of each run's newest versions keep their checkpoints and must be a whole "
+            f"number >= 1 (the current version is always kept); got {value!r}. Pass e.g. --keep-versions 3."
+        )
+    return keep
+
+
+def _say_pruned(pruned: dict) -> None:
+    """What retention deleted (or would delete), per run, and what it means for ``verify``."""
+    verb = "deleted" if pruned["deleted"] else "would delete (add --repair to do it)"
+    runs = {run: r for run, r in pruned["runs"].items() if r["versions"] or r["objects"] or r["held"]}
+    print(
+        f"  retention (--keep-versions {pruned['keep_versions']}): {verb} {pruned['objects']} object(s), "
+        f"{_megabytes(pruned['bytes'])}, of {sum(len(r['versions']) for r in runs.values())} version(s) "
+        f"of {len(runs)} run(s)",
+        file=sys.stderr,
+    )
+    for run_id, run in sorted(runs.items()):
+        versions = run["versions"]
+        shown = ", ".join(map(str, versions[:10])) + (f" (+{len(versions) - 10} more)" if len(versions) > 10 else "")
+        held = f"; {run['held']} kept for work in flight (collected later)" if run["held"] else ""
+        what = f"versions {shown} pruned" if versions else "finishing an earlier pruning"
+        print(
+            f"  run {run_id}: {what}, {run['objects']} object(s), {_megabytes(run['bytes'])}{held}; "
+            "their pointer versions stay (history), but they can no longer be served, rolled back to or replayed "
+            "by `obliviate verify --version`",
+            file=sys.stderr,
+        )
+    for run_id, error in sorted(pruned.get("skipped", {}).items()):
+        print(f"  run {run_id}: not pruned, its versions could not be read ({error})", file=sys.stderr)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def _how_to_mend(item: dict) -> str:
