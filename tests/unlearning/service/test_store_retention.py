@@ -181,3 +181,32 @@ def test_a_live_claimed_attempt_keeps_its_checkpoints_in_progress(trained):
     assert all(store.exists(key) for key in in_progress)
     assert report.collected == [crashed_tmp] and not store.exists(crashed_tmp)
     assert "still open" in (report.orphans_held_back or "") and report.healthy
+
+
+def test_an_interrupted_pruning_leaves_every_kept_version_whole_and_the_next_repair_finishes_it(trained, monkeypatch):
+    """Versions are recorded pruned before anything is deleted, and only what no kept version uses is
+    deleted: a pruning cut off after its first deletion leaves a healthy store whose leftovers are
+    orphans, and the next `--repair` collects them."""
+    store_url, spec = trained
+    _forget(store_url, spec, batches=2)
+    store = ObjectStore(store_url)
+    deletes = {"n": 0}
+    real_delete = ObjectStore.delete
+
+    def delete_then_crash(self, key):
+        if deletes["n"] == 1:
+            raise KeyboardInterrupt("killed mid-pruning")
+        deletes["n"] += 1
+        real_delete(self, key)
+
+    monkeypatch.setattr(ObjectStore, "delete", delete_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        check_and_repair(store_url, repair=True, min_orphan_age_s=0, keep_versions=1)
+    monkeypatch.setattr(ObjectStore, "delete", real_delete)
+
+    report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
+    assert report.healthy and report.lineage == [] and report.orphans, report.as_dict()
+    assert RunRegistry(store).pruned_versions("r1")  # recorded first
+    finished = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    assert finished.collected == report.orphans and finished.healthy
+    assert check_and_repair(store_url, repair=False, min_orphan_age_s=0).orphans == []
