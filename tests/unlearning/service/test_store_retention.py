@@ -210,3 +210,19 @@ def test_an_interrupted_pruning_leaves_every_kept_version_whole_and_the_next_rep
     finished = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
     assert finished.collected == report.orphans and finished.healthy
     assert check_and_repair(store_url, repair=False, min_orphan_age_s=0).orphans == []
+
+
+def test_retention_and_orphans_on_s3(s3_url, tiny_run):
+    """The same on S3 (moto): pruning finds every run's versions and objects, orphans go with a request open."""
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
+    ChainWorker(s3_url).train(spec)
+    _forget(s3_url, spec, batches=2)
+    store = ObjectStore(s3_url)
+    orphan = "runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt"  # older base than the current v3
+    store.put_bytes(orphan, b"left behind")
+    submit_deletion(s3_url, spec["train_ids"][:1], dataset="digits", request_id="open-1", emit=False)
+    report = check_and_repair(s3_url, repair=True, min_orphan_age_s=0, keep_versions=1)
+    assert report.pruned is not None and report.pruned["runs"]["r1"]["versions"] == [1, 2]
+    assert report.pruned["objects"] > 0 and report.healthy, report.as_dict()
+    assert orphan in report.collected and not store.exists(orphan)
+    assert check_and_repair(s3_url, repair=False, min_orphan_age_s=0).orphans == []
