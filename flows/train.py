@@ -32,13 +32,16 @@ from obliviate.errors import ConfigError, ObliviateError
 from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
-from storage.errors import CorruptObject, StorageError
+from storage.errors import CorruptObject, StorageError, StorageUnavailable
 from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, holder_process_gone, release_claim, take_claim
 from storage.objects import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry
+from storage.retry import RetryPolicy, retry_unavailable
 from storage.serving import group_members
 
 RAY_NAMESPACE = "obliviate"
+#: How the training workers (:class:`actors.chains.ChainWorker`, its default ``retry_deadline_s``) retry outages.
+WORKER_RETRY_POLICY = RetryPolicy(deadline_s=300.0)
 
 
 def remote_worker(store: str, *, name: str, retries: int = 2):
@@ -461,27 +464,77 @@ def _results_with_progress(pool: Any, store: ObjectStore, specs: list[dict[str, 
     total = sum(blocks)
     results: list[Any] = []
     shown = -1
+    failed: list[BaseException] = []  # a worker's error met while the store did not answer
     while pool.has_next():
         try:
             with worker_errors_as_their_own():
                 results.append(pool.get_next(timeout=2.0))
         except TimeoutError:
             pass
-        done = sum(blocks[: len(results)])
         try:
-            for spec, count in zip(specs[len(results) :], blocks[len(results) :], strict=True):
-                chain = _training_chain(store, spec["run_id"])
-                committed = set(store.list(f"runs/{spec['run_id']}/chains/{chain}"))
-                done += sum(registry.checkpoint_key(spec["run_id"], chain, b) in committed for b in range(1, count + 1))
+            # Retried as the workers retry (their policy): during an outage the stall notice then names
+            # the run's real deadline, not the few seconds left to one unretried poll.
+            polled = retry_unavailable(
+                lambda: _progress_or_result(pool, store, registry, specs, blocks, results, failed),
+                policy=WORKER_RETRY_POLICY,
+            )
         except StorageError:
             # The bar is a view: the workers retry outages up to their deadline, so a blip seen here
             # must not end the training (it did: the flow killed workers that were still retrying).
             continue
+        if failed:
+            raise failed[0]
+        if polled is None:
+            continue  # a result came in while the store did not answer
+        done = polled
         if done != shown:
             report("blocks", done, total)
             logger.info("blocks %d/%d trained", done, total)
             shown = done
     return results
+
+
+def _progress_or_result(
+    pool: Any,
+    store: ObjectStore,
+    registry: RunRegistry,
+    specs: list[dict[str, Any]],
+    blocks: list[int],
+    results: list[Any],
+    failed: list[BaseException],
+) -> int | None:
+    """Blocks done so far; ``None`` once a result (in ``results``) or a worker's error (in ``failed``) came in.
+
+    While the store does not answer, a worker's result is taken as soon as it is ready, so a poll
+    retried through an outage never holds one back.
+    """
+    try:
+        return sum(blocks[: len(results)]) + _committed_blocks(
+            store, registry, specs[len(results) :], blocks[len(results) :]
+        )
+    except StorageUnavailable:
+        if pool.has_next():
+            try:
+                with worker_errors_as_their_own():
+                    results.append(pool.get_next(timeout=0))
+            except TimeoutError:
+                pass
+            except BaseException as err:  # noqa: BLE001 -- the worker's error, raised by the caller, not retried here
+                failed.append(err)
+                return None
+            else:
+                return None
+        raise
+
+
+def _committed_blocks(store: ObjectStore, registry: RunRegistry, specs: list[dict[str, Any]], blocks: list[int]) -> int:
+    """How many blocks of these runs have a committed checkpoint in the store."""
+    done = 0
+    for spec, count in zip(specs, blocks, strict=True):
+        chain = _training_chain(store, spec["run_id"])
+        committed = set(store.list(f"runs/{spec['run_id']}/chains/{chain}"))
+        done += sum(registry.checkpoint_key(spec["run_id"], chain, b) in committed for b in range(1, count + 1))
+    return done
 
 
 @contextlib.contextmanager
