@@ -42,6 +42,14 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
         return current
     if not 1 <= version <= current.version:
         raise ConfigError(f"--version must be in 1..{current.version} for run {run_id!r}; got {version}.")
+    pruned = registry.pruned_versions(run_id)
+    if version in pruned:
+        kept = [v for v in range(1, current.version + 1) if v not in pruned]
+        raise ConfigError(
+            f"version {version} of run {run_id!r} was pruned by `obliviate store check --repair --keep-versions "
+            f"{pruned[version].get('keep_versions')}`: its checkpoints are deleted, so it can no longer be replayed. "
+            f"Verify a kept version ({', '.join(map(str, kept[-5:]))}), e.g. --version {current.version}."
+        )
     pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
     return ModelVersion.from_pointer(run_id, pointer)
 

@@ -226,3 +226,20 @@ def test_retention_and_orphans_on_s3(s3_url, tiny_run):
     assert report.pruned["objects"] > 0 and report.healthy, report.as_dict()
     assert orphan in report.collected and not store.exists(orphan)
     assert check_and_repair(s3_url, repair=False, min_orphan_age_s=0).orphans == []
+
+
+def test_verify_of_a_pruned_version_says_it_was_pruned(trained, capsys):
+    """verify --version V of a pruned version exited 4 ("failed"), saying `store check --repair` would
+    rebuild a checkpoint that retention had deleted on purpose."""
+    from flows.cli import main
+
+    store_url, spec = trained
+    _forget(store_url, spec, batches=2)
+    assert main(["store", "check", "--store", store_url, "--repair", "--keep-versions", "1"]) == 0
+    current = RunRegistry(ObjectStore(store_url)).current("r1")
+    assert current is not None
+    capsys.readouterr()
+    assert main(["verify", "--store", store_url, "--run", "r1", "--version", "1", "--no-prefect"]) == 2
+    err = capsys.readouterr().err
+    assert "version 1 of run 'r1' was pruned by `obliviate store check --repair --keep-versions 1`" in err
+    assert f"e.g. --version {current.version}" in err and "rebuilds" not in err
