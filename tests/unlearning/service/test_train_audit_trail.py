@@ -23,6 +23,17 @@ def _in_process(worker: ChainWorker):
     return unlearn_runs
 
 
+def _run_and_a_request(tmp_path: Path, tiny_run) -> tuple[str, ChainWorker, dict, str]:
+    """A store with run "before" trained and a pending request for two of its training ids."""
+    url = f"file://{tmp_path / 'store'}"
+    ObjectStore(url).ensure_container()
+    worker = ChainWorker(url)
+    first = run_spec(run_id="before", **tiny_run(split_seed=0, blocks=2))
+    worker.train(first)
+    ids = [int(first["train_ids"][i]) for i in (10, 300)]
+    return url, worker, first, submit_deletion(url, ids, dataset="digits", emit=False)["request_id"]
+
+
 def _status_output(url: str, request_id: str, capsys) -> tuple[dict, str]:
     capsys.readouterr()
     assert main(["forget", "--store", url, "--status", request_id]) == 0
@@ -31,13 +42,7 @@ def _status_output(url: str, request_id: str, capsys) -> tuple[dict, str]:
 
 
 def test_a_run_trained_after_a_request_was_done_is_named_in_its_audit_trail(tmp_path: Path, tiny_run, capsys) -> None:
-    url = f"file://{tmp_path / 'store'}"
-    ObjectStore(url).ensure_container()
-    worker = ChainWorker(url)
-    first = run_spec(run_id="before", **tiny_run(split_seed=0, blocks=2))
-    worker.train(first)
-    ids = [int(first["train_ids"][i]) for i in (10, 300)]
-    request_id = submit_deletion(url, ids, dataset="digits", emit=False)["request_id"]
+    url, worker, _, request_id = _run_and_a_request(tmp_path, tiny_run)
     assert run_pass(url, unlearn_runs=_in_process(worker))["settled"] == {request_id: DONE}
 
     worker.train(run_spec(run_id="after", **tiny_run(split_seed=0, seed=1, blocks=2)))
@@ -55,13 +60,7 @@ def test_a_run_trained_after_a_request_was_done_is_named_in_its_audit_trail(tmp_
 
 
 def test_a_pending_request_a_run_trained_without_names_that_run_once_done(tmp_path: Path, tiny_run, capsys) -> None:
-    url = f"file://{tmp_path / 'store'}"
-    ObjectStore(url).ensure_container()
-    worker = ChainWorker(url)
-    first = run_spec(run_id="before", **tiny_run(split_seed=0, blocks=2))
-    worker.train(first)
-    ids = [int(first["train_ids"][i]) for i in (10, 300)]
-    request_id = submit_deletion(url, ids, dataset="digits", emit=False)["request_id"]
+    url, worker, _, request_id = _run_and_a_request(tmp_path, tiny_run)
 
     worker.train(run_spec(run_id="after", **tiny_run(split_seed=0, seed=1, blocks=2)))
     ledger = DeletionLedger(ObjectStore(url))
@@ -80,13 +79,7 @@ def test_a_pending_request_a_run_trained_without_names_that_run_once_done(tmp_pa
 
 
 def test_a_request_accepted_while_a_run_trained_names_its_version_2(tmp_path: Path, tiny_run, monkeypatch) -> None:
-    url = f"file://{tmp_path / 'store'}"
-    ObjectStore(url).ensure_container()
-    worker = ChainWorker(url)
-    first = run_spec(run_id="before", **tiny_run(split_seed=0, blocks=2))
-    worker.train(first)
-    ids = [int(first["train_ids"][i]) for i in (10, 300)]
-    request_id = submit_deletion(url, ids, dataset="digits", emit=False)["request_id"]
+    url, worker, first, request_id = _run_and_a_request(tmp_path, tiny_run)
     assert run_pass(url, unlearn_runs=_in_process(worker))["settled"] == {request_id: DONE}
 
     # A second request arrives after the training's last look at the ledger, before it publishes.
