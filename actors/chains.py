@@ -53,7 +53,7 @@ from storage.ledger import CLAIMED, DONE, PENDING, DeletionLedger, request_part
 from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
-from storage.retry import RetryPolicy, retry_unavailable
+from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
 from storage.serving import (
     chain_source,
     checkpoint_model,
@@ -110,7 +110,12 @@ class ChainWorker:
     """
 
     def __init__(
-        self, store_url: str, *, retry_deadline_s: float = 300.0, threads: int = 1, write_depth: int = 2
+        self,
+        store_url: str,
+        *,
+        retry_deadline_s: float = DEFAULT_RETRY_DEADLINE_S,
+        threads: int = 1,
+        write_depth: int = 2,
     ) -> None:
         import torch
 

@@ -38,10 +38,10 @@ from obliviate.reduction.drmi import Aggregate, run_restarts
 from obliviate.reduction.mi import PreparedImages, mi_tile
 from obliviate.reduction.tiling import TileSpec
 from storage.objects import ObjectInfo, ObjectStore
-from storage.retry import RetryPolicy, retry_unavailable
+from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
 from storage.tiles import TiledRows, tile_key
 
-STORAGE_RETRY_DEADLINE_S = 300.0
+STORAGE_RETRY_DEADLINE_S = DEFAULT_RETRY_DEADLINE_S
 
 
 class RetryingStore(ObjectStore):

@@ -36,12 +36,12 @@ from storage.errors import CorruptObject, StorageError, StorageUnavailable
 from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, holder_process_gone, release_claim, take_claim
 from storage.objects import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry
-from storage.retry import RetryPolicy, retry_unavailable
+from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
 from storage.serving import group_members
 
 RAY_NAMESPACE = "obliviate"
 #: How the training workers (:class:`actors.chains.ChainWorker`, its default ``retry_deadline_s``) retry outages.
-WORKER_RETRY_POLICY = RetryPolicy(deadline_s=300.0)
+WORKER_RETRY_POLICY = RetryPolicy(deadline_s=DEFAULT_RETRY_DEADLINE_S)
 
 
 def remote_worker(store: str, *, name: str, retries: int = 2):

@@ -57,12 +57,15 @@ _OUTAGE_GAP_S = 30.0
 
 _log = logging.getLogger("storage")
 
+#: How long an outage is retried before a call fails, unless a caller chooses otherwise.
+DEFAULT_RETRY_DEADLINE_S = 300.0
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential back-off: waits ``first_wait_s``, doubling up to ``max_wait_s``, for ``deadline_s`` in all."""
 
-    deadline_s: float = 300.0
+    deadline_s: float = DEFAULT_RETRY_DEADLINE_S
     first_wait_s: float = 0.25
     max_wait_s: float = 5.0
 
