@@ -151,14 +151,14 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
 def reject_at_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None = None) -> dict[str, str]:
     """Reject the requests joining the batch that no registered run can apply; returns request id -> reason.
 
-    The rules are the pass's (:func:`flows.settle._runs_of`: ids no registered run trained on, no
+    The rules are the pass's (:func:`flows.settle.runs_of`: ids no registered run trained on, no
     run of the dataset), so a request is refused when it arrives instead of when its batch flushes
     (a day later with ``--batch-window 1d``). Only requests not yet in the open batch are checked:
     one read of the batch record and of each run's spec per gate. A request whose runs cannot be
     known now (an unreadable spec), or any request while no run is registered at all, stays in the
     batch; the pass decides. One summary line is logged.
     """
-    from flows.settle import _load_specs, _runs_of
+    from flows.settle import load_specs, runs_of
     from obliviate.unlearning.service import RequestError
     from storage.ledger import PENDING, REJECTED, DeletionLedger
 
@@ -172,14 +172,14 @@ def reject_at_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | N
     if not joining:
         return {}
     ledger = DeletionLedger(store)
-    specs, spec_errors = _load_specs(RunRegistry(store))
+    specs, spec_errors = load_specs(RunRegistry(store))
     if not specs and not spec_errors:  # no run registered yet (a first training may be under way): they wait
         return {}
     rejected: dict[str, str] = {}
     for entry in joining:
         reason = ""
         try:
-            _runs_of(entry, specs, spec_errors)
+            runs_of(entry, specs, spec_errors)
         except RequestError as err:
             reason = str(err)
         except Exception:  # noqa: BLE001, S110 -- not known to be refusable now: it waits, and its pass decides

@@ -43,8 +43,7 @@ from storage.lease import (
     release_claim,
     take_claim,
 )
-from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus
-from storage.ledger import request_part as _for_request
+from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus, request_part
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
@@ -346,13 +345,13 @@ def _run_pass(
             else:
                 settled[entry.request_id] = status
 
-        specs, spec_errors = _load_specs(registry)
+        specs, spec_errors = load_specs(registry)
         per_run: dict[str, dict[str, list[int]]] = {}
         affected_of: dict[str, tuple[RequestStatus, list[str]]] = {}
         refused: dict[str, str] = {}  # one log line for all of them (it was a WARNING per request)
         for entry in claimed:
             try:
-                affected = _runs_of(entry, specs, spec_errors)
+                affected = runs_of(entry, specs, spec_errors)
             except RequestError as err:
                 refused[entry.request_id] = str(err)
                 settle(entry, REJECTED, {"reason": str(err), "attempt": entry.details.get("attempt")})
@@ -391,7 +390,7 @@ def _run_pass(
         for request_id, (entry, affected) in affected_of.items():
             ids = [int(i) for i in entry.request["ids"]]
             audits = {
-                run_id: _for_request(
+                run_id: request_part(
                     alone.get((run_id, request_id)) or results.get(run_id, {}),
                     request_id,
                     ids=ids,
@@ -476,7 +475,7 @@ def _guarded(
         return {run_id: {"run_id": run_id, "status": "failed", "error": error} for run_id in per_run}
 
 
-def _load_specs(registry: RunRegistry) -> tuple[dict[str, RunSpec], dict[str, str]]:
+def load_specs(registry: RunRegistry) -> tuple[dict[str, RunSpec], dict[str, str]]:
     """Every registered run's spec; an unreadable one is noted, not fatal (its requests retry later)."""
     specs: dict[str, RunSpec] = {}
     errors: dict[str, str] = {}
@@ -488,7 +487,7 @@ def _load_specs(registry: RunRegistry) -> tuple[dict[str, RunSpec], dict[str, st
     return specs, errors
 
 
-def _runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[str, str]) -> list[str]:
+def runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[str, str]) -> list[str]:
     """The runs a request affects, after re-checking its ids (a ledger entry may predate the rules).
 
     Raises:
