@@ -174,23 +174,6 @@ def unlearning_lines(entry: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def ledger_links(store: ObjectStore, request_id: str, runs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """Store URLs of a request's ledger entry, its status history and each new model version's manifest."""
-    links = {
-        "ledger entry": store.uri(f"ledger/requests/{request_id}.json"),
-        "status history": store.uri(f"ledger/status/{request_id}"),
-    }
-    for run_id, audit in sorted(runs.items()):
-        version = audit.get("to_version")
-        if isinstance(version, int):
-            try:
-                manifest = store.read_pointer_version(f"runs/{run_id}/current", version).target["manifest"]
-            except (ObjectNotFound, KeyError, OSError):
-                continue  # a link is a convenience: leave it out rather than fail
-            links[f"{run_id} v{version} manifest"] = store.uri(manifest)
-    return links
-
-
 def ledger_markdown(entry: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> str:
     """The ledger entry as Markdown: the request, then its status history (a table, times in UTC)."""
     ids = [int(i) for i in entry.get("ids") or []]
