@@ -38,7 +38,9 @@ def test_a_client_that_resets_mid_request_costs_one_short_line_not_a_traceback(c
             time.sleep(0.3)
         check = http.client.HTTPConnection(host, port, timeout=10)
         check.request("GET", "/health")
-        assert check.getresponse().status == 200  # still serving
+        answer = check.getresponse()
+        assert answer.status == 200  # still serving
+        answer.read()  # closing with the body unread sends an RST: the server would report a third reset
         check.close()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception occurred" not in err, err
