@@ -98,7 +98,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     for key in keys:
         report.objects_checked += 1
         try:
-            store.get_bytes(key)
+            store.verify(key)
         except CorruptObject as err:
             report.corrupt.append({"key": key, "error": str(err)})
     lost = []
@@ -112,7 +112,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
         try:
             # Read again: a listing in pages can pass an object's name before a concurrent write
             # stores it and reach its commit record after; such an object is whole by now.
-            store.get_bytes(key)
+            store.verify(key)
         except CorruptObject as err:
             report.corrupt.append({"key": key, "error": str(err)})
         except ObjectNotFound:

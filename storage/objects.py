@@ -72,6 +72,8 @@ _POINTER_VERSION = re.compile(r"^v(\d{9})\.json$")
 # Waits before reading a mismatched object again (1.55 s in all): a rewrite in flight settles in
 # milliseconds, so only damage outlasts them.
 _REREAD_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
+# :meth:`ObjectStore.verify` hashes a local object in pieces of this size, never holding it whole.
+_VERIFY_CHUNK_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,19 @@ class ObjectStore:
             StorageUnavailable: the backend cannot be reached.
         """
         return self._get_verified(_check_key(key), expected=None)
+
+    def verify(self, key: str) -> None:
+        """Check the committed bytes of ``key`` against their checksum, as :meth:`get_bytes` does, without keeping them.
+
+        On a file store the bytes are hashed in pieces (1 MiB), so checking a store holds one piece,
+        not its largest object; on S3 they are read in one call, as :meth:`get_bytes` reads them.
+
+        Raises:
+            ObjectNotFound: nothing committed under ``key``, or its bytes are gone.
+            CorruptObject: the bytes differ from what was committed.
+            StorageUnavailable: the backend cannot be reached.
+        """
+        self._get_verified(_check_key(key), expected=None, keep=False)
 
     def info(self, key: str) -> ObjectInfo:
         """Checksum and size recorded when ``key`` was committed."""
@@ -566,9 +581,11 @@ class ObjectStore:
         except (ValueError, KeyError, TypeError) as err:
             raise CorruptObject(f"commit record of {self.uri(key)} is unreadable ({err}); rewrite the object.") from err
 
-    def _get_verified(self, key: str, *, expected: str | None) -> bytes:
+    def _get_verified(self, key: str, *, expected: str | None, keep: bool = True) -> bytes:
+        """``key``'s verified bytes; ``keep=False``: only checked (``b""`` returned), a local file hashed in pieces."""
         # A read caught between a rewrite's data and its commit record sees them disagree for the
         # moment the rewrite takes; damage stays. So a mismatch is read again before it is reported.
+        data = b""
         for wait_s in (*_REREAD_WAITS_S, None):
             try:
                 record = self._read_commit_record(key)
@@ -584,19 +601,24 @@ class ObjectStore:
                 ) from None
             try:
                 with self._backend(self.uri(key), payload_bytes=record["size"]):
-                    data = self._fs.cat_file(self._path(key))
+                    if keep or self._protocol == "s3":
+                        data = self._fs.cat_file(self._path(key))
+                        digest, size = hashlib.sha256(data).hexdigest(), len(data)
+                        if not keep:
+                            data = b""
+                    else:
+                        digest, size = _hash_file(self._path(key))
             except ObjectNotFound as err:
                 raise ObjectNotFound(
                     f"{self.uri(key)} is committed ({record['size']} bytes) but its bytes are missing: deleted while "
                     "being read, or lost outside obliviate. `obliviate store check` lists such objects; `--repair` "
                     "rebuilds a chain checkpoint by replay."
                 ) from err
-            digest = hashlib.sha256(data).hexdigest()
-            if digest == record["sha256"] and len(data) == record["size"]:
+            if digest == record["sha256"] and size == record["size"]:
                 break
             if wait_s is None:
                 raise CorruptObject(
-                    f"{self.uri(key)} has sha256 {digest[:12]}... and {len(data)} bytes, but was committed with "
+                    f"{self.uri(key)} has sha256 {digest[:12]}... and {size} bytes, but was committed with "
                     f"{record['sha256'][:12]}... and {record['size']} bytes (read {len(_REREAD_WAITS_S) + 1} "
                     "times); the object is damaged (`obliviate store check` says what needs it and how to mend it)."
                 )
@@ -636,6 +658,16 @@ class ObjectStore:
         return Pointer(
             key=key, version=int(body["version"]), target=body["target"], created_at=float(body["created_at"])
         )
+
+
+def _hash_file(path: str) -> tuple[str, int]:
+    """SHA-256 hex digest and size of a local file, read in pieces of :data:`_VERIFY_CHUNK_BYTES`."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_VERIFY_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def _endpoint_from_environment() -> str | None:
