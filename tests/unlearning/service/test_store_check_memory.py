@@ -91,3 +91,18 @@ def test_verify_finds_what_get_bytes_finds(store_url, monkeypatch):
         with pytest.raises(error) as by_verify:
             store.verify(key)
         assert str(by_verify.value) == str(by_get.value), key
+
+
+def test_verify_on_s3_reads_as_get_bytes(s3_url, monkeypatch):
+    """On S3 an object is read in one watched call either way; verify() reports damage in get_bytes()'s words."""
+    monkeypatch.setattr("storage.objects._REREAD_WAITS_S", (0.0,))
+    store = ObjectStore(s3_url)
+    store.put_bytes("a.bin", b"abc" * 1000)
+    assert store.verify("a.bin") is None
+    store._fs.pipe_file(store._path("a.bin"), b"xyz")  # the bytes replaced behind their commit record
+    for key, error in {"a.bin": CorruptObject, "gone.bin": ObjectNotFound}.items():
+        with pytest.raises(error) as by_get:
+            store.get_bytes(key)
+        with pytest.raises(error) as by_verify:
+            store.verify(key)
+        assert str(by_verify.value) == str(by_get.value), key
