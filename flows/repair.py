@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
 from obliviate.data import load_dataset
@@ -131,7 +132,8 @@ def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
         start = registry.load_checkpoint(predecessor.key, expected=predecessor)
         excluded = frozenset(int(i) for i in chain_meta.get("deleted_ids", []))
         trainer = BlockTrainer(config=config, data=data, plan=plan)
-        rebuilt = list(trainer.run(start=start, last_block=index, excluded_ids=excluded))[-1]
+        evaluate = _as_recorded(chain_meta, index)
+        rebuilt = list(trainer.run(start=start, last_block=index, excluded_ids=excluded, evaluate=evaluate))[-1]
     payload = _serialised(rebuilt)
     digest = hashlib.sha256(payload).hexdigest()
     if digest != expected:
@@ -142,6 +144,22 @@ def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
         )
     store.put_bytes(key, payload)
     return {"key": key, "how": f"replayed block {index} from checkpoint {index - 1}" if index else "re-initialised M_0"}
+
+
+def _as_recorded(chain_meta: dict[str, Any], index: int) -> Callable[[int], bool] | None:
+    """Whether the replay of block ``index`` evaluates held-out accuracy: as the chain recorded it.
+
+    The accuracy is in the checkpoint's bytes, so the replay must evaluate exactly when the chain
+    did: an exact retrain evaluates only the blocks it serves and M_B (``actors.chains``), a
+    training every ``accuracy_every``-th block. The publishing manifest's chain lists each
+    checkpoint's ``heldout_accuracy`` (``None``: not evaluated). ``None`` here (nothing recorded
+    for the block): the trainer's default.
+    """
+    for entry in chain_meta.get("checkpoints") or ():
+        if int(entry.get("block_index", -1)) == index and "heldout_accuracy" in entry:
+            evaluated = entry["heldout_accuracy"] is not None
+            return lambda _block: evaluated
+    return None
 
 
 def _committed_sha256(store: ObjectStore, key: str, member: ObjectInfo | None) -> str:
