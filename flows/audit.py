@@ -73,12 +73,17 @@ from obliviate.extraction.headline import fewest_queries, headline_sentence, str
 from obliviate.extraction.selectors import SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
 from obliviate.extraction.target import Target, open_backend, save_checkpoint
+from obliviate.files import write_failed
 from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import group_members, served_model, sharded_runs
 
 _OUT = "the report folder (--out)"
+_REPORT_LOST = (
+    "No file of the report was replaced: --out holds the previous report, whole, or none. This audit's results "
+    "were not saved anywhere else; a rerun starts it over."
+)
 
 
 def check_output(location: str) -> None:
@@ -105,7 +110,8 @@ def prepare_output(location: str) -> Path:
 def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[str, str]:
     """Replace the report's files together: every file is written beside its name first, then all are
     renamed into place with Ctrl-C held off, so a reader finds the previous run's files or this run's,
-    never a mix, and no half-written file.
+    never a mix, and no half-written file. A write the system refuses (a full disk) is raised as
+    :class:`~obliviate.files.OutputWriteFailed`, naming the file, the reason and the fix.
 
     Args:
         location: the report folder.
@@ -114,8 +120,11 @@ def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[st
     Returns:
         ``{key: path}`` of the files written.
     """
+    existed = Path(location).expanduser().is_dir()
     folder = prepare_output(location)
     staged: dict[str, tuple[Path, Path]] = {}
+    final = folder
+    written = False
     try:
         for key, (name, data) in files.items():
             final = folder / name
@@ -125,9 +134,15 @@ def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[st
         with sigint_deferred():  # the renames take microseconds; a Ctrl-C among them would leave a mix
             for partial, final in staged.values():
                 os.replace(partial, final)
+        written = True
+    except OSError as err:  # a full disk, a read-only one: the file, the reason and the fix in one line
+        raise write_failed(final, err, option="--out", after=_REPORT_LOST) from err
     finally:
         for partial, _ in staged.values():
             partial.unlink(missing_ok=True)
+        if not written and not existed:  # a failed write leaves no empty report folder behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return {key: str(final) for key, (_, final) in staged.items()}
 
 

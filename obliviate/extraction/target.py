@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import io
 import json
 import os
 import socket
@@ -32,6 +33,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -577,7 +579,23 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, arch: str, met
     audit can keep its pool disjoint from the training data).
     """
     checkpoint = {"arch": arch, "state_dict": model.state_dict(), "meta": dict(meta)}
-    write_whole(path, write=lambda partial: torch.save(checkpoint, partial))
+
+    def write(partial: Path) -> None:
+        try:
+            torch.save(checkpoint, partial)
+        except RuntimeError:
+            # torch reports a write the disk refused (full: "unexpected pos ...") as a RuntimeError that has
+            # lost the OS's reason. Writing the same checkpoint plainly raises that reason (an OSError, which
+            # write_whole puts in words); if the plain write succeeds, the failure was torch's own: re-raise it.
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            partial.write_bytes(buffer.getvalue())
+            raise
+
+    # The caller chose the path with target train's --out (an audit's export writes to a temporary folder).
+    write_whole(
+        path, write=write, option="--out", lost="The model was not saved anywhere else: a rerun computes it again."
+    )
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
