@@ -28,10 +28,37 @@ from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.lineage import choose_blocks, lineage_manifest, verify_replay
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import block_data, check_name
-from storage.errors import CorruptObject, ObjectNotFound
+from storage.errors import CorruptObject, ObjectNotFound, StorageError, WriteFailed
 from storage.objects import ObjectStore
 from storage.registry import ModelVersion, RunRegistry
 from storage.serving import chain_source, group_members
+
+#: Where verify records its results: next to the deletion ledger (the audit trail).
+VERIFICATIONS = "ledger/verifications"
+
+
+def check_report_writable(store_url: str) -> None:
+    """Write and delete a temporary file where verify records its result (``ledger/verifications/``).
+
+    Called before any replay: the store's root can take writes while that folder cannot (a read-only
+    ledger mount, a bucket policy on the prefix, a file in its place), and a replay that cannot record
+    its result is work lost. On a file store the folder is created, as the first report would create it.
+
+    Raises:
+        WriteFailed: nothing can be written there.
+        StorageUnavailable: the backend cannot be reached.
+    """
+    reports = ObjectStore(store_url).child(VERIFICATIONS)
+    try:
+        if reports.is_local:
+            reports.ensure_container()
+        reports.check_writable()
+    except WriteFailed as err:
+        said = str(err).rstrip(".")
+        raise WriteFailed(
+            f"verify records its result under {reports.url}, and that cannot be written: {said}. Nothing was "
+            "replayed; make that folder writable (or free space on its disk), then run verify again."
+        ) from err
 
 
 def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion:
@@ -73,11 +100,12 @@ def runs_to_verify(store_url: str, run_id: str, *, version: int | None) -> list[
 
 
 def check_request(store_url: str, run_id: str, *, version: int | None, blocks: str) -> None:
-    """Refuse what :func:`verify_run` would refuse, from a few registry reads, before any work starts.
+    """Refuse what :func:`verify_run` would refuse, from a few registry reads and a write probe, before any work starts.
 
     Raises:
         ConfigError: a malformed run id, a run with no published version, a version outside
             1..current, or a ``blocks`` choice that names no block of the run.
+        WriteFailed: the result could not be recorded (:func:`check_report_writable`).
     """
     check_name(run_id, what="run id")
     registry = RunRegistry(ObjectStore(store_url))
@@ -91,6 +119,7 @@ def check_request(store_url: str, run_id: str, *, version: int | None, blocks: s
             f"{chosen.version} has no deletion applied, so no block was retrained. Use --blocks all (or a block "
             "number) to replay its training."
         )
+    check_report_writable(store_url)
 
 
 def verify_run(store_url: str, run_id: str, *, version: int | None = None, blocks: str = "all") -> dict[str, Any]:
@@ -98,12 +127,15 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
 
     Raises:
         ConfigError: unknown run or version, or a bad ``blocks`` choice.
+        WriteFailed: the result cannot be recorded: found before the replay, or (a disk filled
+            meanwhile) after it, with the replay's verdict in the message.
     """
     began = time.perf_counter()
     store = ObjectStore(store_url)
     registry = RunRegistry(store)
     check_name(run_id, what="run id")
     chosen = _version(registry, run_id, version)
+    check_report_writable(store_url)  # before the replay: a result that cannot be recorded is work lost
     spec = registry.spec(run_id)
     manifest = registry.manifest(chosen)
     chain_meta = manifest.metadata["chain"]
@@ -166,10 +198,26 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         "verified_at": time.time(),
         **report.as_dict(),
     }
-    key = f"ledger/verifications/{run_id}-v{chosen.version:06d}-{int(result['verified_at'])}.json"
+    key = f"{VERIFICATIONS}/{run_id}-v{chosen.version:06d}-{int(result['verified_at'])}.json"
     result["report"] = store.uri(key)
-    store.put_json(key, result)
+    try:
+        store.put_json(key, result)
+    except StorageError as err:  # writable before the replay, not now (a disk filled): say the verdict, not lose it
+        raise type(err)(
+            f"{str(err).rstrip('.')}. The replay's result was not recorded: {_verdict(result)}. Run verify again once the "
+            "store takes writes, to record it."
+        ) from err
     return result
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    """One line: the status, the blocks bit-identical and the problems (for a result that could not be recorded)."""
+    identical = sum(result["bit_identical"].values())
+    problems = "".join(f"; {problem}" for problem in result["problems"])
+    return (
+        f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
+        f"{len(result['bit_identical'])} replayed blocks bit-identical{problems}"
+    )
 
 
 def _markdown(result: dict[str, Any]) -> str:
