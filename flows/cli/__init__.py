@@ -1,22 +1,24 @@
-"""The ``obliviate`` command line.
+"""The ``obliviate`` command line, on typer (click underneath).
 
-Each sub-command lives in its own module under :mod:`flows.cli` and exposes
-``register(subparsers)``, which adds its parser and sets ``handler`` to a function taking the
-parsed arguments and returning an exit code. Parsers are built when :func:`main` runs, never
-at import time.
+Each sub-command lives in its own module under :mod:`flows.cli` and exposes ``register(app)``, which
+adds its command (or group of commands) to the ``obliviate`` :class:`typer.Typer` app. A command only
+parses: it returns its options as :class:`flows.cli._types.Args`, with ``handler``, a function taking
+them and returning an exit code, which :func:`main` runs, so that every command's errors, Ctrl-C and
+SIGTERM are said the same way. The app is built when :func:`main` runs, never at import time.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import logging
-import re
 import sys
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
+import typer
+
+from flows.cli._types import Args, new_app
 from obliviate.errors import ObliviateError
 
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by SIGINT (128 + 2)
@@ -36,16 +38,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flows.cli.verify",
     "flows.cli.ui",
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with the fix for a value that starts with '-' (``--batch-window -1h`` reads as an option)."""
-
-    def error(self, message: str) -> NoReturn:
-        needs_value = re.match(r"argument (--[\w-]+)(?:/[^:]*)?: expected one argument", message)
-        if needs_value:
-            message += f"; give it one, and write a value that starts with '-' with '=' ({needs_value.group(1)}=-VALUE)"
-        super().error(message)
+DESCRIPTION = "Audit how cheaply a model can be stolen, and forget data fast, provably and safely."
 
 
 def version_line() -> str:
@@ -62,22 +55,61 @@ def version_line() -> str:
     return f"obliviate {installed('obliviate')} (torch {installed('torch')}, Python {python})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="obliviate",
-        description="Audit how cheaply a model can be stolen, and forget data fast, provably and safely.",
-    )
-    parser.add_argument(
-        "--version",
-        action="version",
-        version=version_line(),
-        help="show obliviate's version with torch's and Python's (replay needs the same torch) and exit",
-    )
-    # Not required: with no command, main prints this help (the list of commands), not argparse's terse error.
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _show_version(value: bool) -> None:
+    if value:
+        print(version_line())
+        raise typer.Exit(0)
+
+
+def _no_command(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_show_version,
+            help="show obliviate's version with torch's and Python's (replay needs the same torch) and exit",
+        ),
+    ] = False,
+) -> Args | None:
+    # Not required: with no command, main prints this help (the list of commands), not a terse error.
+    if ctx.invoked_subcommand is None:
+        return Args(command=None, help=ctx.get_help())
+    return None
+
+
+def build_app() -> typer.Typer:
+    """The ``obliviate`` app: every command of :data:`COMMAND_MODULES`, in that order."""
+    app = new_app(name="obliviate", help=DESCRIPTION, subcommand_metavar="COMMAND [ARGS]...")
+    app.callback(invoke_without_command=True)(_no_command)
     for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
-    return parser
+        importlib.import_module(module_name).register(app)
+    return app
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Args:
+    """``argv`` (default ``sys.argv[1:]``) parsed into the command's :class:`Args`; ``command`` is None without one.
+
+    Raises:
+        SystemExit: 0 after ``--help`` or ``--version`` printed what they print; 2 for a command line the parser
+            refuses (an unknown command or option, a bad value), said on stderr with the command's usage.
+    """
+    command = typer.main.get_command(build_app())
+    try:
+        result = command.main(
+            args=list(sys.argv[1:] if argv is None else argv), prog_name="obliviate", standalone_mode=False
+        )
+    except typer.TyperException as err:  # click's UsageError and BadParameter (typer vendors click)
+        ctx = getattr(err, "ctx", None)
+        name = ctx.command_path if ctx is not None else "obliviate"
+        if ctx is not None:
+            print(f"{ctx.get_usage()}\nTry '{name} --help' for help.", file=sys.stderr)
+        print(f"{name}: error: {err.format_message()}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    if not isinstance(result, Args):  # --help or --version printed, or a Ctrl-C while parsing: its exit code
+        raise SystemExit(result)
+    return result
 
 
 class _WithoutTracebackOfOwnErrors(logging.Filter):
@@ -116,10 +148,9 @@ def _own_errors_without_traceback() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        print(args.help, file=sys.stderr)
         print(
             "\nobliviate: error: name a COMMAND (listed above); obliviate COMMAND --help shows its options.",
             file=sys.stderr,
@@ -218,13 +249,13 @@ _INTERRUPTED = {
 }
 
 
-def command_name(args: argparse.Namespace) -> str:
+def command_name(args: Args) -> str:
     """The command with its action (``store check``, ``target train``); ``tune``'s sweep kind is its argument."""
     action = next((getattr(args, dest) for dest in ("action", "store_action") if getattr(args, dest, None)), None)
     return " ".join(str(part) for part in (args.command, action) if part)
 
 
-def interrupted_message(args: argparse.Namespace, *, how: str = "interrupted") -> str:
+def interrupted_message(args: Args, *, how: str = "interrupted") -> str:
     """The line a command stopped by Ctrl-C (or SIGTERM: ``how``) prints: what it left behind and what a rerun does."""
     name = command_name(args)
     left = _INTERRUPTED.get(name) or (

@@ -15,21 +15,22 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Annotated
 
+from flows.cli._types import Args, option
 from obliviate.errors import ConfigError
 
 DEFAULT_STORE = "file://./runs"
 STORE_HELP = "file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)"
 
 
-def add_store_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=None, help=STORE_HELP)
+#: The ``--store`` option of a command's signature: ``store: StoreOption = None``.
+StoreOption = Annotated[str | None, option("--store", help=STORE_HELP)]
 
 
-def store_url(args: argparse.Namespace) -> str:
+def store_url(args: Args) -> str:
     """``--store``, else ``$OBLIVIATE_STORE``, else ``file://./runs``.
 
     Raises:

@@ -1,15 +1,102 @@
-"""Option value types shared by the commands: a bad value is refused by the parser, before any work."""
+"""What the commands share to declare their options on typer: the apps' settings, option helpers and value types.
+
+A value type is a function from the option's text to its value, given to ``typer.Option(parser=...)``;
+a bad value raises :class:`typer.BadParameter`, so the parser refuses it before any work, as
+``obliviate CMD: error: Invalid value for '--seed': a seed is ...``.
+"""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
-from typing import TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import typer
 
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class Args(SimpleNamespace):
+    """A command line, parsed: ``command`` (``train``), its action where it has one (``action``: ``target train``;
+    ``store_action``; ``sweep``), ``handler`` (a function of these arguments returning the exit code) and one
+    attribute per option, named as the option without its dashes (``--batch-size``: ``batch_size``)."""
+
+
+#: Every app and sub-app: plain help (no rich markup: the same text on every terminal and in tests), no shell
+#: completion options, no rich tracebacks (main prints our errors as one line), and ``-h`` as well as ``--help``.
+APP_SETTINGS: dict[str, Any] = {
+    "add_completion": False,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": None,
+    "context_settings": {"help_option_names": ["-h", "--help"]},
+}
+
+
+def new_app(**settings: Any) -> typer.Typer:
+    """A typer app (a command group) with :data:`APP_SETTINGS`."""
+    return typer.Typer(**(APP_SETTINGS | settings))
+
+
+def parsed(ctx: typer.Context, handler: Callable[[Args], int], **extra: Any) -> Args:
+    """The command line of ``ctx`` (a command's context) as :class:`Args`: its options' values by name."""
+    command = ctx.command_path.split()[1]  # "obliviate target train": target
+    return Args(command=command, handler=handler, **extra, **ctx.params)
+
+
+def usage_error(ctx: typer.Context, message: str) -> typer.TyperException:
+    """A usage error of the command of ``ctx`` (two options that exclude each other, say): exit 2, like a bad value."""
+    from typer._click.exceptions import UsageError  # typer's vendored click; typer exports only BadParameter
+
+    return UsageError(message, ctx=ctx)
+
+
+def option(*flags: str, help: str, metavar: str | None = None, parser: Callable[[str], Any] | None = None) -> Any:
+    """An option that takes a value; its help states its default itself (typer's ``[default: ...]`` is not added).
+
+    The value is shown as argparse did: ``--run-id RUN_ID``, unless ``metavar`` says otherwise.
+    """
+    shown = metavar or flags[0].lstrip("-").replace("-", "_").upper()
+    return typer.Option(*flags, help=help, metavar=shown, parser=parser, show_default=False)
+
+
+def flag(name: str, *, help: str) -> Any:
+    """An option without a value, off unless given (``--quick``; no ``--no-quick`` twin)."""
+    return typer.Option(name, help=help, show_default=False)
+
+
+def integer(text: str) -> int:
+    """An integer option's value, as ``int()`` reads it."""
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a valid integer.") from None
+
+
+def number(text: str) -> float:
+    """A number option's value, as ``float()`` reads it (``1e-3``, ``inf``)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a valid number.") from None
+
+
+def choice(*values: str) -> Callable[[str], str]:
+    """The value type of an option that takes one of ``values``."""
+
+    def one_of(text: str) -> str:
+        if text not in values:
+            raise typer.BadParameter(f"{text!r} is not one of {', '.join(map(repr, values))}.")
+        return text
+
+    return one_of
+
+
+def choices(*values: str) -> str:
+    """How an option of :func:`choice` shows its value in ``--help``: ``{lenet5,c3f2,resnet18}``."""
+    return "{" + ",".join(values) + "}"
 
 
 #: The largest seed: numpy's generators refuse negative seeds, torch.manual_seed anything past 64 bits, and
@@ -22,11 +109,11 @@ def seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a seed is an integer >= 0; got {text!r}.") from None
+        raise typer.BadParameter(f"a seed is an integer >= 0; got {text!r}.") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed is an integer >= 0; got {value}. Use 0, 1, 2, ...")
+        raise typer.BadParameter(f"a seed is an integer >= 0; got {value}. Use 0, 1, 2, ...")
     if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(
+        raise typer.BadParameter(
             f"a seed is an integer in 0..{MAX_SEED} (what numpy and torch both take); got {value}. Use a smaller one."
         )
     return value
@@ -36,7 +123,7 @@ def dataset(text: str) -> str:
     """A dataset option's value (:func:`obliviate.data.dataset_source`); an empty one is refused, as it would
     name the current folder."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(
+        raise typer.BadParameter(
             f"a dataset is needed (mnist5k, digits, an .npz file or a folder); got {text!r}. Give one, e.g. mnist5k."
         )
     return dataset_source(text)

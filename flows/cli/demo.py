@@ -9,12 +9,14 @@ naive retraining), then a summary table and where each report lies. Local Ray, a
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from flows.cli import main as cli_main
+from flows.cli._types import Args, flag, option, parsed
 
 FULL = {
     "reduce": ["--data", "mnist5k", "--k", "600", "--workers", "2"],
@@ -86,18 +88,23 @@ QUICK = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="the whole story on the embedded default: reduce, audit, train, forget, unlearn, verify"
-    )
-    parser.add_argument(
-        "--out", default=None, help="folder for every artefact (default ./runs/demo; with --quick ./runs/demo-quick)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a small version of every step (about a minute)")
-    parser.set_defaults(handler=run_demo)
+def demo_command(
+    ctx: typer.Context,
+    out: Annotated[
+        str | None,
+        option("--out", help="folder for every artefact (default ./runs/demo; with --quick ./runs/demo-quick)"),
+    ] = None,
+    quick: Annotated[bool, flag("--quick", help="a small version of every step (about a minute)")] = False,
+) -> Args:
+    return parsed(ctx, run_demo)
 
 
-def demo_folder(args: argparse.Namespace) -> str:
+def register(app: typer.Typer) -> None:
+    help = "the whole story on the embedded default: reduce, audit, train, forget, unlearn, verify"
+    app.command("demo", help=help, short_help=help)(demo_command)
+
+
+def demo_folder(args: Args) -> str:
     """``--out``, else ``runs/demo`` (``runs/demo-quick`` with ``--quick``).
 
     Apart by default: the quick demo trains its runs and target with other options, and a run id
@@ -106,7 +113,7 @@ def demo_folder(args: argparse.Namespace) -> str:
     return args.out or ("runs/demo-quick" if args.quick else "runs/demo")
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(args: Args) -> int:
     from flows.runtime import prefect_api, writable_folder
 
     root = writable_folder(Path(demo_folder(args)).expanduser().resolve(), what="the demo's folder (--out)")
@@ -132,7 +139,7 @@ def _print_dashboard_hint(api_url: str) -> None:
     )
 
 
-def _run_steps(args: argparse.Namespace, root: Path) -> int:
+def _run_steps(args: Args, root: Path) -> int:
     store_url = f"file://{root}"
     settings = QUICK if args.quick else FULL
     rows: list[dict[str, Any]] = []

@@ -9,12 +9,14 @@ shows an entry, ``--cancel`` withdraws one before any model applied it, ``--retr
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from typing import Any
+from typing import Annotated, Any
 
-from flows.cli._store import add_store_argument, prepare_store, store_url
+import typer
+
+from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._types import Args, flag, number, option, parsed, usage_error
 from obliviate.data import dataset_source
 
 # Exit codes of `forget --wait` (and of --status when asked with --wait 0): one per outcome.
@@ -29,38 +31,58 @@ EXIT_CODES = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def forget_command(
+    ctx: typer.Context,
+    store: StoreOption = None,
+    ids: Annotated[str | None, option("--ids", help="dataset sample ids, comma separated: 3,17,42")] = None,
+    data: Annotated[
+        str,
+        option(
+            "--data",
+            parser=dataset_source,
+            help="the dataset the ids index (the same name or file as train --data; a relative path may be spelled "
+            "differently; default digits)",
+        ),
+    ] = "digits",
+    reason: Annotated[str | None, option("--reason", help="free text kept in the ledger (ticket, legal basis)")] = None,
+    request_id: Annotated[
+        str | None, option("--request-id", help="idempotency key; repeating it changes nothing")
+    ] = None,
+    no_event: Annotated[bool, flag("--no-event", help="only record it; reconciliation will process it")] = False,
+    wait: Annotated[
+        float,
+        option(
+            "--wait",
+            parser=number,
+            metavar="SECONDS",
+            help="wait up to SECONDS for the request to be settled; the exit code tells the outcome (default 0: do "
+            "not wait)",
+        ),
+    ] = 0.0,
+    status: Annotated[
+        str | None, option("--status", metavar="REQUEST_ID", help="print a request's ledger entry and exit")
+    ] = None,
+    cancel: Annotated[
+        str | None, option("--cancel", metavar="REQUEST_ID", help="withdraw a request no model applied yet")
+    ] = None,
+    retry: Annotated[str | None, option("--retry", metavar="REQUEST_ID", help="queue a failed request again")] = None,
+    now: Annotated[bool, flag("--now", help="flush the open batch now instead of waiting for it")] = False,
+) -> Args:
+    given = [f"--{name}" for name in ("status", "cancel", "retry") if ctx.params[name] is not None]
+    if len(given) > 1:
+        raise usage_error(ctx, f"option {given[1]} not allowed with option {given[0]}")
+    return parsed(ctx, run_forget)
+
+
+def register(app: typer.Typer) -> None:
     codes = ", ".join(f"{code} {status}" for status, code in EXIT_CODES.items())
-    parser = subparsers.add_parser(
+    help = "request deletion of sample ids from every registered run"
+    app.command(
         "forget",
-        help="request deletion of sample ids from every registered run",
+        help=help,
+        short_help=help,
         epilog=f"exit codes with --wait: {codes}, {EXIT_ERROR} refused (the error says why)",
-    )
-    add_store_argument(parser)
-    parser.add_argument("--ids", default=None, help="dataset sample ids, comma separated: 3,17,42")
-    parser.add_argument(
-        "--data",
-        default="digits",
-        type=dataset_source,
-        help="the dataset the ids index (the same name or file as train --data; a relative path may be spelled "
-        "differently; default digits)",
-    )
-    parser.add_argument("--reason", default=None, help="free text kept in the ledger (ticket, legal basis)")
-    parser.add_argument("--request-id", default=None, help="idempotency key; repeating it changes nothing")
-    parser.add_argument("--no-event", action="store_true", help="only record it; reconciliation will process it")
-    parser.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="wait up to SECONDS for the request to be settled; the exit code tells the outcome (default 0: do not wait)",
-    )
-    action = parser.add_mutually_exclusive_group()
-    action.add_argument("--status", default=None, metavar="REQUEST_ID", help="print a request's ledger entry and exit")
-    action.add_argument("--cancel", default=None, metavar="REQUEST_ID", help="withdraw a request no model applied yet")
-    action.add_argument("--retry", default=None, metavar="REQUEST_ID", help="queue a failed request again")
-    parser.add_argument("--now", action="store_true", help="flush the open batch now instead of waiting for it")
-    parser.set_defaults(handler=run_forget)
+    )(forget_command)
 
 
 #: Why a batch was retrained before its window closed, in words (the ledger keeps the rule's name).
@@ -119,7 +141,7 @@ def describe(
     return line
 
 
-def run_forget(args: argparse.Namespace) -> int:
+def run_forget(args: Args) -> int:
     from flows.unlearn import dataset_rows, new_request_id, submit_deletion
     from obliviate.data import load_dataset
     from obliviate.errors import ConfigError

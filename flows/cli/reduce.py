@@ -7,15 +7,17 @@ pure functions (:func:`run_reduce_in_process`); both give the same subset and th
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+import typer
 
-from flows.cli._types import seed
+from flows.cli._types import Args, flag, integer, number, option, parsed
+from flows.cli._types import seed as seed_type
 from flows.progress import report, shown_progress
 from obliviate.data import ImageDataset, dataset_source, load_dataset
 from obliviate.errors import ConfigError
@@ -26,52 +28,68 @@ from obliviate.reduction.tiling import TilePlan
 DEFAULT_K = 600
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("reduce", help="choose k query images by DRMI (SPEC section 2)")
-    parser.add_argument(
-        "--data",
-        default="mnist5k",
-        type=dataset_source,
-        help="mnist5k (default), digits, an .npz file or a dataset folder",
-    )
+def reduce_command(
+    ctx: typer.Context,
+    data: Annotated[
+        str,
+        option("--data", parser=dataset_source, help="mnist5k (default), digits, an .npz file or a dataset folder"),
+    ] = "mnist5k",
     # None, not 600: a default that does not fit the pool is reported as the default, not as a choice.
-    parser.add_argument("--k", type=int, default=None, help=f"subset size (default {DEFAULT_K})")
-    parser.add_argument("--bins", type=int, default=256, help="gray levels counted by MI (default 256: exact)")
-    parser.add_argument("--normalize", action="store_true", help="normalised MI 2·MI/(H(u)+H(v))")
-    parser.add_argument("--starts", type=int, default=None, help="seeded start vertices (default: all n)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed for drawing start vertices (default 0)")
-    parser.add_argument(
-        "--store",
-        default=None,
-        help="store URL: file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)",
-    )
-    parser.add_argument("--out", default=None, help="local folder for results (same as --store file://OUT)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="Ray actors per stage (default: the cluster's CPUs); 0 runs in this process without Ray/Prefect",
-    )
-    parser.add_argument("--tile-size", type=int, default=512, help="MI tile side (default 512)")
-    parser.add_argument(
-        "--restart-memory-mb",
-        type=float,
-        default=None,
-        help="matrix memory per restart worker (default: whole matrix up to 2 GiB, else O(n k))",
-    )
-    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default RAY_ADDRESS, else local)")
-    parser.add_argument("--tiles-only", action="store_true", help="stop after computing and storing the MI tiles")
-    parser.add_argument(
-        "--plan",
-        type=int,
-        default=None,
-        metavar="N",
-        help="print tile count, bytes and per-worker memory for a pool of N images, computing nothing",
-    )
-    parser.set_defaults(handler=run_reduce)
+    k: Annotated[int | None, option("--k", parser=integer, help=f"subset size (default {DEFAULT_K})")] = None,
+    bins: Annotated[int, option("--bins", parser=integer, help="gray levels counted by MI (default 256: exact)")] = 256,
+    normalize: Annotated[bool, flag("--normalize", help="normalised MI 2·MI/(H(u)+H(v))")] = False,
+    starts: Annotated[
+        int | None, option("--starts", parser=integer, help="seeded start vertices (default: all n)")
+    ] = None,
+    seed: Annotated[int, option("--seed", parser=seed_type, help="seed for drawing start vertices (default 0)")] = 0,
+    store: Annotated[
+        str | None,
+        option(
+            "--store",
+            help="store URL: file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)",
+        ),
+    ] = None,
+    out: Annotated[str | None, option("--out", help="local folder for results (same as --store file://OUT)")] = None,
+    workers: Annotated[
+        int | None,
+        option(
+            "--workers",
+            parser=integer,
+            help="Ray actors per stage (default: the cluster's CPUs); 0 runs in this process without Ray/Prefect",
+        ),
+    ] = None,
+    tile_size: Annotated[int, option("--tile-size", parser=integer, help="MI tile side (default 512)")] = 512,
+    restart_memory_mb: Annotated[
+        float | None,
+        option(
+            "--restart-memory-mb",
+            parser=number,
+            help="matrix memory per restart worker (default: whole matrix up to 2 GiB, else O(n k))",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None, option("--ray-address", help="join this Ray cluster (default RAY_ADDRESS, else local)")
+    ] = None,
+    tiles_only: Annotated[bool, flag("--tiles-only", help="stop after computing and storing the MI tiles")] = False,
+    plan: Annotated[
+        int | None,
+        option(
+            "--plan",
+            parser=integer,
+            metavar="N",
+            help="print tile count, bytes and per-worker memory for a pool of N images, computing nothing",
+        ),
+    ] = None,
+) -> Args:
+    return parsed(ctx, run_reduce)
 
 
-def _store_url(args: argparse.Namespace) -> str:
+def register(app: typer.Typer) -> None:
+    help = "choose k query images by DRMI (SPEC section 2)"
+    app.command("reduce", help=help, short_help=help)(reduce_command)
+
+
+def _store_url(args: Args) -> str:
     store = getattr(args, "store", None)
     out = getattr(args, "out", None)
     if store and out:
@@ -83,7 +101,7 @@ def _store_url(args: argparse.Namespace) -> str:
     return os.environ.get("OBLIVIATE_STORE") or f"file://{Path('runs').resolve()}"
 
 
-def _prepared_store_url(args: argparse.Namespace) -> str:
+def _prepared_store_url(args: Args) -> str:
     """The store, checked reachable and writable before any work (README "Stores")."""
     from flows.cli._store import prepare_store
 
@@ -104,7 +122,7 @@ def _subset_size(k: int | None, n: int) -> int:
     return DEFAULT_K
 
 
-def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
+def _check(args: Args, dataset: ImageDataset) -> None:
     """Every option's rule, checked before any server starts or any work is stored.
 
     Resolves ``args.k`` to the subset size a run uses; ``--tiles-only`` uses none, so its k is
@@ -144,14 +162,14 @@ def _check(args: argparse.Namespace, dataset: ImageDataset) -> None:
     restart_memory_bytes(plan, k=args.k, limit_mb=getattr(args, "restart_memory_mb", None))
 
 
-def _checked_workers(args: argparse.Namespace) -> int | None:
+def _checked_workers(args: Args) -> int | None:
     workers = getattr(args, "workers", None)
     if workers is not None and workers < 0:
         raise ConfigError(f"--workers must be 0 (in-process), a positive count, or unset; got {workers}.")
     return workers
 
 
-def run_reduce(args: argparse.Namespace) -> int:
+def run_reduce(args: Args) -> int:
     if getattr(args, "plan", None) is not None:
         return print_plan(args)
     from flows.reduce import DEFAULT_BINS, exact_bins
@@ -185,7 +203,7 @@ def _result_line(h: float, *, restarts: int, best: int, normalize: bool) -> str:
     return f"H = {h:.4f} {unit} over {restarts} restart{'' if restarts == 1 else 's'} (best start {best})"
 
 
-def print_plan(args: argparse.Namespace) -> int:
+def print_plan(args: Args) -> int:
     """The reduction's sizes for ``--plan N`` images, without computing anything."""
     from obliviate.reduction.tiling import plan_report
 
@@ -220,7 +238,7 @@ def print_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_reduce_flow(args: argparse.Namespace) -> int:
+def run_reduce_flow(args: Args) -> int:
     """Run the ``reduce`` flow on Ray, with a Prefect server of our own when none is configured."""
     from flows.reduce import reduce_flow
     from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
@@ -265,7 +283,7 @@ def run_reduce_flow(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_reduce_in_process(args: argparse.Namespace, dataset=None) -> int:
+def run_reduce_in_process(args: Args, dataset=None) -> int:
     """The whole reduction in this process with the pure functions (no Ray, no Prefect)."""
     from flows.reduce import result_key
     from storage.objects import ObjectStore

@@ -10,80 +10,113 @@ withdraws its announcement from the store; a clean stop withdraws it too.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import socket
 import sys
 from dataclasses import replace
+from typing import Annotated
 
-from flows.cli._store import add_store_argument, prepare_store, store_url
+import typer
+
+from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._types import Args, choice, choices, flag, integer, number, option, parsed
+
+POLICIES = ("exact", "deepobliviate")
+DISPATCHES = ("warm", "runner")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="serve event-triggered unlearning + scheduled reconcile and audit")
-    add_store_argument(parser)
-    parser.add_argument(
-        "--policy",
-        default="exact",
-        choices=["exact", "deepobliviate"],
-        help="unlearning policy (default exact: bit-identical to retraining)",
-    )
-    parser.add_argument(
-        "--epsilon",
-        type=float,
-        default=None,
-        help="with --policy deepobliviate: the stop rule's threshold ε (default 0.05; `obliviate tune unlearning` "
-        "sweeps it against consistency with naive retraining)",
-    )
-    parser.add_argument("--verify", action="store_true", help="also retrain naively and record consistency")
-    parser.add_argument("--workers", type=int, default=None, help="Ray workers per fan-out (default: cluster CPUs)")
-    parser.add_argument("--reconcile-cron", default="*/5 * * * *", help="reconciliation schedule (default every 5 min)")
-    parser.add_argument(
-        "--audit-cron",
-        default="0 3 * * *",
-        help="extraction audit schedule, cron syntax (default '0 3 * * *'); 'off' disables it",
-    )
-    parser.add_argument(
-        "--lease",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="a claim not renewed for this long belongs to a dead worker and is taken over (default 20)",
-    )
-    parser.add_argument(
-        "--max-attempts", type=int, default=3, help="attempts per request before it is marked failed (default 3)"
-    )
-    parser.add_argument(
-        "--dispatch",
-        default="warm",
-        choices=["warm", "runner"],
-        help="warm (default): serve receives deletion events and unlearns on its warm worker pool; "
-        "runner: each event triggers a deployment run in a fresh subprocess",
-    )
-    parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
+def serve_command(
+    ctx: typer.Context,
+    store: StoreOption = None,
+    policy: Annotated[
+        str,
+        option(
+            "--policy",
+            parser=choice(*POLICIES),
+            metavar=choices(*POLICIES),
+            help="unlearning policy (default exact: bit-identical to retraining)",
+        ),
+    ] = "exact",
+    epsilon: Annotated[
+        float | None,
+        option(
+            "--epsilon",
+            parser=number,
+            help="with --policy deepobliviate: the stop rule's threshold ε (default 0.05; `obliviate tune unlearning` "
+            "sweeps it against consistency with naive retraining)",
+        ),
+    ] = None,
+    verify: Annotated[bool, flag("--verify", help="also retrain naively and record consistency")] = False,
+    workers: Annotated[
+        int | None, option("--workers", parser=integer, help="Ray workers per fan-out (default: cluster CPUs)")
+    ] = None,
+    reconcile_cron: Annotated[
+        str, option("--reconcile-cron", help="reconciliation schedule (default every 5 min)")
+    ] = "*/5 * * * *",
+    audit_cron: Annotated[
+        str,
+        option("--audit-cron", help="extraction audit schedule, cron syntax (default '0 3 * * *'); 'off' disables it"),
+    ] = "0 3 * * *",
+    lease: Annotated[
+        float | None,
+        option(
+            "--lease",
+            parser=number,
+            metavar="SECONDS",
+            help="a claim not renewed for this long belongs to a dead worker and is taken over (default 20)",
+        ),
+    ] = None,
+    max_attempts: Annotated[
+        int,
+        option("--max-attempts", parser=integer, help="attempts per request before it is marked failed (default 3)"),
+    ] = 3,
+    dispatch: Annotated[
+        str,
+        option(
+            "--dispatch",
+            parser=choice(*DISPATCHES),
+            metavar=choices(*DISPATCHES),
+            help="warm (default): serve receives deletion events and unlearns on its warm worker pool; "
+            "runner: each event triggers a deployment run in a fresh subprocess",
+        ),
+    ] = "warm",
+    ray_address: Annotated[
+        str | None, option("--ray-address", help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
+    ] = None,
     # issue 11: deadline-aware batching (flows/batching.py)
-    parser.add_argument("--batch-window", default="0", help="hold requests this long in one batch: 1h, 1d (default 0)")
-    parser.add_argument(
-        "--batch-max",
-        type=int,
-        default=None,
-        help="flush a batch once it holds this many requests (default none: no cap)",
-    )
-    parser.add_argument("--deadline", default="30d", help="each request's deadline after receipt (default 30d)")
-    parser.add_argument(
-        "--rollback", action="store_true", help="on acceptance, serve M_{d-1} of each affected run (exact at once)"
-    )
-    parser.add_argument(
-        "--floor-points",
-        type=float,
-        default=2.0,
-        help="with --rollback: publish M_{d-1} only if its held-out accuracy is within this many points of the model before the deletion, else keep serving and flush now (default 2; 100 accepts any drop)",
-    )
-    parser.set_defaults(handler=run_serve)
+    batch_window: Annotated[
+        str, option("--batch-window", help="hold requests this long in one batch: 1h, 1d (default 0)")
+    ] = "0",
+    batch_max: Annotated[
+        int | None,
+        option(
+            "--batch-max", parser=integer, help="flush a batch once it holds this many requests (default none: no cap)"
+        ),
+    ] = None,
+    deadline: Annotated[str, option("--deadline", help="each request's deadline after receipt (default 30d)")] = "30d",
+    rollback: Annotated[
+        bool, flag("--rollback", help="on acceptance, serve M_{d-1} of each affected run (exact at once)")
+    ] = False,
+    floor_points: Annotated[
+        float,
+        option(
+            "--floor-points",
+            parser=number,
+            help="with --rollback: publish M_{d-1} only if its held-out accuracy is within this many points of the "
+            "model before the deletion, else keep serving and flush now (default 2; 100 accepts any drop)",
+        ),
+    ] = 2.0,
+) -> Args:
+    return parsed(ctx, run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def register(app: typer.Typer) -> None:
+    help = "serve event-triggered unlearning + scheduled reconcile and audit"
+    app.command("serve", help=help, short_help=help)(serve_command)
+
+
+def run_serve(args: Args) -> int:
     from flows.batching import save_policy
     from flows.deployments import ServiceOptions, serve_deployments
     from flows.rollback import save_rollback

@@ -8,122 +8,147 @@ reaches 90 % and 95 % agreement with the target, naming the pair that does.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from flows.cli._types import comma_list, dataset, seed
+import typer
+
+from flows.cli._types import Args, comma_list, dataset, flag, integer, number, option, parsed, seed
 from obliviate.errors import ConfigError
 from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR
 from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
 from obliviate.extraction.audit import DEFAULT_SEEDS
 from obliviate.extraction.selectors import DEFAULT_SELECTOR
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "steal", help="audit how well a black-box target can be extracted with k label queries"
-    )
-    parser.add_argument("--target", help="checkpoint path (obliviate target train) or http(s)://.../predict")
-    parser.add_argument(
-        "--demo",
-        action="store_true",
-        help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores); "
-        "options you give replace the grid's",
-    )
-    parser.add_argument(
-        "--pool",
-        default="mnist5k",
-        type=dataset,
-        help="dataset for the attacker's pool and the test set (default mnist5k)",
-    )
-    parser.add_argument(
-        "--budgets", default="50,150,200,300,600", help="comma-separated query budgets (default 50,150,200,300,600)"
-    )
-    parser.add_argument(
-        "--attackers",
-        default=DEFAULT_ATTACKER,
-        help=(
-            "comma-separated attackers: basic, augmented, pseudo_label, semi_supervised, semi_supervised_ensemble "
-            f"(default {DEFAULT_ATTACKER}, the strongest)"
-        ),
-    )
-    parser.add_argument(
-        "--selectors",
-        default=AUDIT_SELECTOR,
-        help=f"comma-separated selector names, e.g. {AUDIT_SELECTOR},{DEFAULT_SELECTOR},random,drmi,jacobian,adaptive "
-        f"(default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive rounds from "
-        f"{ADAPTIVE_FROM_BUDGET})",
-    )
-    parser.add_argument(
-        "--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds per (selector, budget) (default {DEFAULT_SEEDS})"
-    )
-    parser.add_argument("--out", default="runs/steal", help="output directory (default runs/steal)")
-    parser.add_argument(
-        "--pool-size",
-        type=int,
-        default=None,
-        help=f"the attacker's unlabeled pool (default {POOL_SIZE}, or 2/3 of the images that did not train the "
-        "target when fewer are left)",
-    )
-    parser.add_argument(
-        "--test-size",
-        type=int,
-        default=None,
-        help=f"test images, at least 30 (default {TEST_SIZE}, or the other 1/3 likewise)",
-    )
-    parser.add_argument(
-        "--split-seed",
-        type=seed,
-        default=None,
-        help="seed of the pool/test split (default: the target's own, so `target train --seed S` gives the bench's split S)",
-    )
-    parser.add_argument("--substitute", default="lenet5", help="lenet5 (default) or c3f2")
-    parser.add_argument("--steps", type=int, default=300, help="the basic attacker's training steps (default 300)")
-    parser.add_argument(
-        "--attack-steps",
-        type=int,
-        default=AttackOptions().max_steps,
-        help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {AttackOptions().max_steps})",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=AttackOptions().rounds,
-        help=f"pseudo_label self-training rounds (default {AttackOptions().rounds})",
-    )
-    parser.add_argument(
-        "--consistency-steps",
-        type=int,
-        default=AttackOptions().consistency_steps,
-        help=f"semi_supervised FixMatch steps on the unlabeled pool (default {AttackOptions().consistency_steps})",
-    )
-    parser.add_argument(
-        "--round-steps",
-        type=int,
-        default=AttackOptions().round_steps,
-        help=f"steps per self-training round (default {AttackOptions().round_steps})",
-    )
-    parser.add_argument("--eps", default="0.1,0.2,0.3", help="FGSM radii on [0,1] inputs (default 0.1,0.2,0.3)")
-    parser.add_argument("--ifgsm", action="store_true", help="iterative FGSM instead of FGSM")
-    parser.add_argument(
-        "--drmi-starts",
-        type=int,
-        default=32,
-        help="seeded DRMI restarts (default 32; 0 = one per pool image, the SPEC default, slow)",
-    )
-    parser.add_argument("--num-cpus", type=int, default=None, help="Ray CPUs (default: all)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout per request, seconds (default 30)")
-    parser.add_argument("--retries", type=int, default=3, help="HTTP retries on transient errors (default 3)")
-    parser.set_defaults(handler=run_steal, option_defaults={name: parser.get_default(name) for name in DEMO_SETTINGS})
-
-
 POOL_SIZE, TEST_SIZE = 2000, 1000
+_ATTACK = AttackOptions()
 
 
-def _split_sizes(args: argparse.Namespace, *, available: int | None) -> tuple[int, int]:
+def steal_command(
+    ctx: typer.Context,
+    target: Annotated[
+        str | None, option("--target", help="checkpoint path (obliviate target train) or http(s)://.../predict")
+    ] = None,
+    demo: Annotated[
+        bool,
+        flag(
+            "--demo",
+            help="train a small target under --out and audit it on a small grid (a few minutes on 2 cores); "
+            "options you give replace the grid's",
+        ),
+    ] = False,
+    pool: Annotated[
+        str,
+        option("--pool", parser=dataset, help="dataset for the attacker's pool and the test set (default mnist5k)"),
+    ] = "mnist5k",
+    budgets: Annotated[
+        str, option("--budgets", help="comma-separated query budgets (default 50,150,200,300,600)")
+    ] = "50,150,200,300,600",
+    attackers: Annotated[
+        str,
+        option(
+            "--attackers",
+            help="comma-separated attackers: basic, augmented, pseudo_label, semi_supervised, "
+            f"semi_supervised_ensemble (default {DEFAULT_ATTACKER}, the strongest)",
+        ),
+    ] = DEFAULT_ATTACKER,
+    selectors: Annotated[
+        str,
+        option(
+            "--selectors",
+            help=f"comma-separated selector names, e.g. {AUDIT_SELECTOR},{DEFAULT_SELECTOR},random,drmi,jacobian,"
+            f"adaptive (default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive "
+            f"rounds from {ADAPTIVE_FROM_BUDGET})",
+        ),
+    ] = AUDIT_SELECTOR,
+    seeds: Annotated[
+        int, option("--seeds", parser=integer, help=f"seeds per (selector, budget) (default {DEFAULT_SEEDS})")
+    ] = DEFAULT_SEEDS,
+    out: Annotated[str, option("--out", help="output directory (default runs/steal)")] = "runs/steal",
+    pool_size: Annotated[
+        int | None,
+        option(
+            "--pool-size",
+            parser=integer,
+            help=f"the attacker's unlabeled pool (default {POOL_SIZE}, or 2/3 of the images that did not train the "
+            "target when fewer are left)",
+        ),
+    ] = None,
+    test_size: Annotated[
+        int | None,
+        option(
+            "--test-size",
+            parser=integer,
+            help=f"test images, at least 30 (default {TEST_SIZE}, or the other 1/3 likewise)",
+        ),
+    ] = None,
+    split_seed: Annotated[
+        int | None,
+        option(
+            "--split-seed",
+            parser=seed,
+            help="seed of the pool/test split (default: the target's own, so `target train --seed S` gives the "
+            "bench's split S)",
+        ),
+    ] = None,
+    substitute: Annotated[str, option("--substitute", help="lenet5 (default) or c3f2")] = "lenet5",
+    steps: Annotated[
+        int, option("--steps", parser=integer, help="the basic attacker's training steps (default 300)")
+    ] = 300,
+    attack_steps: Annotated[
+        int,
+        option(
+            "--attack-steps",
+            parser=integer,
+            help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {_ATTACK.max_steps})",
+        ),
+    ] = _ATTACK.max_steps,
+    rounds: Annotated[
+        int, option("--rounds", parser=integer, help=f"pseudo_label self-training rounds (default {_ATTACK.rounds})")
+    ] = _ATTACK.rounds,
+    consistency_steps: Annotated[
+        int,
+        option(
+            "--consistency-steps",
+            parser=integer,
+            help=f"semi_supervised FixMatch steps on the unlabeled pool (default {_ATTACK.consistency_steps})",
+        ),
+    ] = _ATTACK.consistency_steps,
+    round_steps: Annotated[
+        int,
+        option("--round-steps", parser=integer, help=f"steps per self-training round (default {_ATTACK.round_steps})"),
+    ] = _ATTACK.round_steps,
+    eps: Annotated[str, option("--eps", help="FGSM radii on [0,1] inputs (default 0.1,0.2,0.3)")] = "0.1,0.2,0.3",
+    ifgsm: Annotated[bool, flag("--ifgsm", help="iterative FGSM instead of FGSM")] = False,
+    drmi_starts: Annotated[
+        int,
+        option(
+            "--drmi-starts",
+            parser=integer,
+            help="seeded DRMI restarts (default 32; 0 = one per pool image, the SPEC default, slow)",
+        ),
+    ] = 32,
+    num_cpus: Annotated[int | None, option("--num-cpus", parser=integer, help="Ray CPUs (default: all)")] = None,
+    timeout: Annotated[
+        float, option("--timeout", parser=number, help="HTTP timeout per request, seconds (default 30)")
+    ] = 30.0,
+    retries: Annotated[
+        int, option("--retries", parser=integer, help="HTTP retries on transient errors (default 3)")
+    ] = 3,
+) -> Args:
+    # The demo's small grid fills only the options left at their defaults: it needs to know them.
+    defaults = {param.name: param.get_default(ctx) for param in ctx.command.params if param.name in DEMO_SETTINGS}
+    return parsed(ctx, run_steal, option_defaults=defaults)
+
+
+def register(app: typer.Typer) -> None:
+    help = "audit how well a black-box target can be extracted with k label queries"
+    app.command("steal", help=help, short_help=help)(steal_command)
+
+
+def _split_sizes(args: Args, *, available: int | None) -> tuple[int, int]:
     """``--pool-size`` and ``--test-size``; left unset on a pool too small for the defaults, 2/3 and
     1/3 of the ``available`` images that did not train the target (``None``: not known)."""
     from obliviate.extraction.audit import check_split_fits, fit_split
@@ -143,7 +168,7 @@ def _split_sizes(args: argparse.Namespace, *, available: int | None) -> tuple[in
     return pool_size, test_size
 
 
-def _grid_lists(args: argparse.Namespace) -> dict[str, list]:
+def _grid_lists(args: Args) -> dict[str, list]:
     """``--budgets``, ``--selectors``, ``--attackers`` and ``--eps`` as lists, each value once: a value
     given twice would run its cells twice and report the copies as independent runs."""
     return {
@@ -167,7 +192,7 @@ DEMO_SETTINGS = {
 }
 
 
-def _checked_grid(args: argparse.Namespace) -> dict[str, Any]:
+def _checked_grid(args: Args) -> dict[str, Any]:
     """The audit grid's arguments of ``steal_flow``, once each is checked (before any work starts)."""
     from flows.audit import check_audit_grid, check_output
 
@@ -177,7 +202,7 @@ def _checked_grid(args: argparse.Namespace) -> dict[str, Any]:
     return grid
 
 
-def run_steal(args: argparse.Namespace) -> int:
+def run_steal(args: Args) -> int:
     _grid_lists(args)  # the lists' own rules first: they need nothing loaded
     if args.demo:
         return run_steal_demo(args)
@@ -269,7 +294,7 @@ def _demo_target_mismatch(checkpoint: Path, *, data: Any, train_size: int) -> st
     return f"{size:,} images of {meta.get('dataset', 'other data')}" if isinstance(size, int) else "other data"
 
 
-def run_steal_demo(args: argparse.Namespace) -> int:
+def run_steal_demo(args: Args) -> int:
     """Train a LeNet-5 target on 2,000 images of ``--pool`` (a third of a smaller dataset; once, kept
     under ``--out``, and again when the one kept there was trained on other data) and audit it on a
     small grid; prints where the report is."""
@@ -280,7 +305,7 @@ def run_steal_demo(args: argparse.Namespace) -> int:
     checkpoint = Path(args.out) / "target.pt"
     # The demo's small grid fills only what the user left at its default; an option given wins.
     small_grid = {k: v for k, v in DEMO_SETTINGS.items() if getattr(args, k) == args.option_defaults[k]}
-    demo = argparse.Namespace(**(vars(args) | small_grid | {"target": str(checkpoint), "demo": False}))
+    demo = Args(**(vars(args) | small_grid | {"target": str(checkpoint), "demo": False}))
     data = load_dataset(args.pool)
     size = len(data)
     target_size = default_target_train_size(size)
@@ -295,9 +320,5 @@ def run_steal_demo(args: argparse.Namespace) -> int:
         print(f"{checkpoint} was trained on {stale}, not the demo's {target_size:,} of {data.name}: replacing it")
     if stale or not checkpoint.exists():
         print(f"training a LeNet-5 target on {target_size:,} {args.pool} images -> {checkpoint}", flush=True)
-        run_train(
-            argparse.Namespace(
-                data=args.pool, out=str(checkpoint), arch="lenet5", train_size=target_size, steps=600, seed=0
-            )
-        )
+        run_train(Args(data=args.pool, out=str(checkpoint), arch="lenet5", train_size=target_size, steps=600, seed=0))
     return run_steal(demo)

@@ -12,40 +12,54 @@ said. Exit code 0: healthy (after repair); 1: damage remains; 2: the store could
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from typing import Annotated
 
-from flows.cli._store import add_store_argument, prepare_store, store_url
+import typer
+
+from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._types import Args, flag, new_app, number, option, parsed
 from obliviate.errors import ConfigError
 from storage.tiles import MI_TILES
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("store", help="check a store's integrity; --repair rebuilds and collects")
-    actions = parser.add_subparsers(dest="store_action", required=True, metavar="ACTION")
-    check = actions.add_parser("check", help="verify checksums and lineage; --repair rebuilds and collects orphans")
-    add_store_argument(check)
-    check.add_argument("--repair", action="store_true", help="rebuild damaged checkpoints, collect orphans")
-    check.add_argument(
-        "--orphan-age",
-        type=float,
-        default=600.0,
-        metavar="SECONDS",
-        help="collect only orphans older than this (default 600)",
-    )
-    check.add_argument(
-        "--keep-versions",
-        default=None,
-        metavar="N",
-        help="retention: with --repair, prune the versions of each run older than its newest N (the current one "
-        "and what it derives from are always kept) and delete the checkpoints and manifests only they used; "
-        "without --repair, say what would be deleted (default: keep every version)",
-    )
-    check.set_defaults(handler=run_store_check)
+def check_command(
+    ctx: typer.Context,
+    store: StoreOption = None,
+    repair: Annotated[bool, flag("--repair", help="rebuild damaged checkpoints, collect orphans")] = False,
+    orphan_age: Annotated[
+        float,
+        option(
+            "--orphan-age",
+            parser=number,
+            metavar="SECONDS",
+            help="collect only orphans older than this (default 600)",
+        ),
+    ] = 600.0,
+    keep_versions: Annotated[
+        str | None,
+        option(
+            "--keep-versions",
+            metavar="N",
+            help="retention: with --repair, prune the versions of each run older than its newest N (the current one "
+            "and what it derives from are always kept) and delete the checkpoints and manifests only they used; "
+            "without --repair, say what would be deleted (default: keep every version)",
+        ),
+    ] = None,
+) -> Args:
+    return parsed(ctx, run_store_check, store_action="check")
 
 
-def run_store_check(args: argparse.Namespace) -> int:
+def register(app: typer.Typer) -> None:
+    actions = new_app(subcommand_metavar="ACTION")
+    help = "verify checksums and lineage; --repair rebuilds and collects orphans"
+    actions.command("check", help=help, short_help=help)(check_command)
+    help = "check a store's integrity; --repair rebuilds and collects"
+    app.add_typer(actions, name="store", help=help, short_help=help)
+
+
+def run_store_check(args: Args) -> int:
     from flows.repair import check_and_repair, is_checkpoint
 
     if not args.orphan_age >= 0:

@@ -8,15 +8,19 @@ does is also possible with ``ray job submit --working-dir . --runtime-env-json .
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shlex
 import sys
 import time
 from collections.abc import Iterator
+from typing import Annotated
+
+import typer
 
 from flows.cli._store import DEFAULT_STORE
+from flows.cli._types import Args, number, option, parsed
+from flows.cli._types import flag as flag_option
 from obliviate.errors import ConfigError
 
 FORWARDED_ENV = (
@@ -35,22 +39,36 @@ DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 _ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "submit",
-        help="run an obliviate command as a Ray job (e.g. obliviate submit -- reduce --k 600)",
-    )
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="the cluster's dashboard URL http://HEAD:8265, or its head's GCS address HEAD:6379 (default: "
-        f"$RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else {DEFAULT_DASHBOARD})",
-    )
-    parser.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir (default .)")
-    parser.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
-    parser.add_argument("job", nargs=argparse.REMAINDER, help="the obliviate command to run, after --")
-    parser.set_defaults(handler=run_submit)
+def submit_command(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None,
+        option(
+            "--address",
+            help="the cluster's dashboard URL http://HEAD:8265, or its head's GCS address HEAD:6379 (default: "
+            f"$RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else {DEFAULT_DASHBOARD})",
+        ),
+    ] = None,
+    working_dir: Annotated[
+        str, option("--working-dir", help="directory uploaded as the job's working dir (default .)")
+    ] = ".",
+    no_wait: Annotated[bool, flag_option("--no-wait", help="print the job id and return at once")] = False,
+    timeout: Annotated[
+        float, option("--timeout", parser=number, help="seconds to wait for the job (default 3600)")
+    ] = 3600.0,
+    job: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="-- JOB ...", help="the obliviate command to run, after --", show_default=False),
+    ] = None,
+) -> Args:
+    return parsed(ctx, run_submit)
+
+
+def register(app: typer.Typer) -> None:
+    help = "run an obliviate command as a Ray job (e.g. obliviate submit -- reduce --k 600)"
+    # Everything from the job's command on is the job's, options included: they are its to parse.
+    settings = {"allow_interspersed_args": False, "ignore_unknown_options": True}
+    app.command("submit", help=help, short_help=help, context_settings=settings)(submit_command)
 
 
 def job_runtime_env(working_dir: str) -> dict:
@@ -91,9 +109,9 @@ def _address_env_set_aside() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def run_submit(args: argparse.Namespace) -> int:
-    # only the separator: a job may pass "--" on to its own command
-    job = list(args.job[1:] if args.job[:1] == ["--"] else args.job) if args.job else []
+def run_submit(args: Args) -> int:
+    # the parser took the separator "--" (a job may pass another on to its own command)
+    job = list(args.job or [])
     if not job:
         raise ConfigError(
             "submit needs the obliviate command to run after '--', e.g. "
@@ -184,7 +202,7 @@ def _refused_message(address: str) -> str:
     )
 
 
-def _check_outputs_outlive_the_job(job: argparse.Namespace) -> None:
+def _check_outputs_outlive_the_job(job: Args) -> None:
     """Refuse a job whose results would land in its uploaded working directory.
 
     A job runs in a copy of ``--working-dir`` that Ray unpacks under its session folder on whichever
@@ -208,7 +226,7 @@ def _check_outputs_outlive_the_job(job: argparse.Namespace) -> None:
         )
 
 
-def _check_inputs_are_uploaded(job: argparse.Namespace, working_dir: str) -> None:
+def _check_inputs_are_uploaded(job: Args, working_dir: str) -> None:
     """Refuse a job that reads a file from a folder the upload leaves out (``runs/``, ``.venv``, ``.git``).
 
     The job would fail on the cluster after the upload, with the file not found.
@@ -229,7 +247,7 @@ def _check_inputs_are_uploaded(job: argparse.Namespace, working_dir: str) -> Non
         )
 
 
-def _job_outputs(job: argparse.Namespace) -> list[tuple[str, str]]:
+def _job_outputs(job: Args) -> list[tuple[str, str]]:
     """Where the parsed job command would write: (the flag that says so, the store URL or path)."""
     store = getattr(job, "store", None)
     out = getattr(job, "out", None)
@@ -246,12 +264,12 @@ def _job_outputs(job: argparse.Namespace) -> list[tuple[str, str]]:
     return outputs
 
 
-def _check_job_command(job: list[str]) -> argparse.Namespace:
+def _check_job_command(job: list[str]) -> Args:
     """Parse the job's command line here, so a typo fails now rather than on the cluster after the upload."""
-    from flows.cli import build_parser
+    from flows.cli import parse_args
 
     try:
-        return build_parser().parse_args(job)
+        return parse_args(job)
     except SystemExit as exit_:
         if exit_.code in (0, None):  # `-- train --help`: the help was printed here; nothing to run
             raise SystemExit(0) from None

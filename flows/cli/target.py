@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
+import typer
 
-from flows.cli._store import add_store_argument, prepare_store, store_url
-from flows.cli._types import dataset, seed
+from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._types import Args, dataset, flag, integer, new_app, option, parsed, usage_error
+from flows.cli._types import seed as seed_type
 from flows.runtime import writable_folder
 from obliviate.errors import ConfigError
 
@@ -20,47 +21,68 @@ if TYPE_CHECKING:
     from flows.model_server import TargetServer
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("target", help="train a target checkpoint or serve one over HTTP")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-
-    train = actions.add_parser("train", help="train a classifier on part of a dataset and save it")
-    train.add_argument(
-        "--data", default="mnist5k", type=dataset, help="mnist5k (default), digits, an .npz file or a dataset folder"
-    )
-    train.add_argument("--out", default="runs/target.pt", help="checkpoint path (default runs/target.pt)")
-    train.add_argument("--arch", default="lenet5", help="lenet5 (default) or c3f2")
-    train.add_argument(
-        "--train-size",
-        type=int,
-        default=None,
-        help="training images (stratified; default 2000, the bench's, or a third of a dataset smaller than 5,000 images)",
-    )
-    train.add_argument("--steps", type=int, default=1500, help="Adam steps, batch 64 (default 1500)")
-    train.add_argument(
-        "--seed",
-        type=seed,
-        default=0,
-        help="seed of the split (draw_split: `steal` then uses the bench's split SEED), weights and batches (default 0)",
-    )
-    train.set_defaults(handler=run_train)
-
-    serve = actions.add_parser("serve", help="serve a checkpoint at http://HOST:PORT/predict (label-only by default)")
-    source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="path written by `obliviate target train`")
-    source.add_argument(
-        "--run", help="serve what this run of --store serves now (interim versions, sharded runs; issue 11)"
-    )
-    add_store_argument(serve)
-    serve.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
-    )
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    serve.add_argument("--probabilities", action="store_true", help="also answer probability requests")
-    serve.set_defaults(handler=run_serve)
+def train_command(
+    ctx: typer.Context,
+    data: Annotated[
+        str, option("--data", parser=dataset, help="mnist5k (default), digits, an .npz file or a dataset folder")
+    ] = "mnist5k",
+    out: Annotated[str, option("--out", help="checkpoint path (default runs/target.pt)")] = "runs/target.pt",
+    arch: Annotated[str, option("--arch", help="lenet5 (default) or c3f2")] = "lenet5",
+    train_size: Annotated[
+        int | None,
+        option(
+            "--train-size",
+            parser=integer,
+            help="training images (stratified; default 2000, the bench's, or a third of a dataset smaller than 5,000 "
+            "images)",
+        ),
+    ] = None,
+    steps: Annotated[int, option("--steps", parser=integer, help="Adam steps, batch 64 (default 1500)")] = 1500,
+    seed: Annotated[
+        int,
+        option(
+            "--seed",
+            parser=seed_type,
+            help="seed of the split (draw_split: `steal` then uses the bench's split SEED), weights and batches "
+            "(default 0)",
+        ),
+    ] = 0,
+) -> Args:
+    return parsed(ctx, run_train, action="train")
 
 
-def run_train(args: argparse.Namespace) -> int:
+def serve_command(
+    ctx: typer.Context,
+    checkpoint: Annotated[str | None, option("--checkpoint", help="path written by `obliviate target train`")] = None,
+    run: Annotated[
+        str | None,
+        option("--run", help="serve what this run of --store serves now (interim versions, sharded runs; issue 11)"),
+    ] = None,
+    store: StoreOption = None,
+    host: Annotated[
+        str, option("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    ] = "127.0.0.1",
+    port: Annotated[int, option("--port", parser=integer, help="port to listen on (default 8000)")] = 8000,
+    probabilities: Annotated[bool, flag("--probabilities", help="also answer probability requests")] = False,
+) -> Args:
+    if checkpoint is None and run is None:
+        raise usage_error(ctx, "one of the options --checkpoint --run is required")
+    if checkpoint is not None and run is not None:
+        raise usage_error(ctx, "option --run not allowed with option --checkpoint")
+    return parsed(ctx, run_serve, action="serve")
+
+
+def register(app: typer.Typer) -> None:
+    actions = new_app(subcommand_metavar="ACTION")
+    help = "train a classifier on part of a dataset and save it"
+    actions.command("train", help=help, short_help=help)(train_command)
+    help = "serve a checkpoint at http://HOST:PORT/predict (label-only by default)"
+    actions.command("serve", help=help, short_help=help)(serve_command)
+    help = "train a target checkpoint or serve one over HTTP"
+    app.add_typer(actions, name="target", help=help, short_help=help)
+
+
+def run_train(args: Args) -> int:
     from obliviate.data import load_dataset
     from obliviate.extraction.audit import default_target_train_size, train_target
     from obliviate.extraction.substitute import TrainConfig, accuracy, predict_labels
@@ -144,7 +166,7 @@ def _listening(make_server: Callable[[], TargetServer], *, host: str, port: int)
         ) from err
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: Args) -> int:
     from flows.model_server import RunBackend, TargetServer
     from obliviate.extraction.target import load_checkpoint
 

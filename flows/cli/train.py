@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from typing import Annotated
 
-from flows.cli._store import add_store_argument, prepare_store, store_url
-from flows.cli._types import seed
+import typer
+
+from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._types import Args, choice, choices, integer, number, option, parsed
+from flows.cli._types import seed as seed_type
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 from obliviate.unlearning.config import DEFAULT_RECIPE
+
+MODELS = ("lenet5", "c3f2", "resnet18")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "step", "cosine", "exponential")
 
 # The option each run setting comes from, and its default: a ConfigError that names the setting
 # (obliviate's messages speak of the config, ``num_blocks``) is reported with the flag to change.
@@ -44,77 +51,93 @@ def flag_named(err: ConfigError) -> ConfigError:
     return ConfigError(f"{named} {rest} Pass another {flag} (default {default}).")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a run block by block, checkpoints in the store (SPEC 4)")
-    add_store_argument(parser)
-    parser.add_argument("--run-id", required=True, help="the run's name; rerun with the same options to resume")
-    parser.add_argument(
-        "--data",
-        default="digits",
-        type=dataset_source,
-        help="digits (default), mnist5k, an .npz file or a dataset folder",
-    )
-    parser.add_argument(
-        "--model", default="lenet5", choices=["lenet5", "c3f2", "resnet18"], help="architecture (default lenet5)"
-    )
-    recipe = DEFAULT_RECIPE
-    parser.add_argument(
-        "--blocks", type=int, default=recipe["num_blocks"], help=f"B, number of blocks (default {recipe['num_blocks']})"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=recipe["local_epochs"],
-        help=f"E, local epochs per block (default {recipe['local_epochs']})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=recipe["batch_size"],
-        help=f"samples per batch (default {recipe['batch_size']})",
-    )
-    parser.add_argument(
-        "--optimizer",
-        default=recipe["optimizer"],
-        choices=["adam", "sgd"],
-        help=f"optimizer (default {recipe['optimizer']})",
-    )
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=recipe["learning_rate"],
-        help=f"block 1's learning rate (default {recipe['learning_rate']})",
-    )
-    parser.add_argument(
-        "--schedule",
-        default=recipe["schedule"],
-        choices=["constant", "step", "cosine", "exponential"],
-        help=f"learning rate across blocks (default {recipe['schedule']})",
-    )
-    parser.add_argument(
-        "--min-lr-fraction",
-        type=float,
-        default=recipe["min_lr_fraction"],
-        help=f"cosine: the last block's rate as a fraction of --lr (default {recipe['min_lr_fraction']})",
-    )
-    parser.add_argument("--seed", type=seed, default=0, help="chain seed (init, block split, batch order; default 0)")
-    parser.add_argument("--train-size", type=int, default=None, help="training samples (default: all not held out)")
-    parser.add_argument(
-        "--heldout-size", type=int, default=None, help="held-out samples (default 300, or 1/5 of under 1,500 images)"
-    )
-    parser.add_argument("--split-seed", type=seed, default=0, help="seed of the train/held-out split (default 0)")
-    parser.add_argument(
-        "--shards",
-        type=int,
-        default=1,
-        help="S > 1: S chains on disjoint stratified shards, trained in parallel; --blocks counts each shard's "
-        "blocks, so B/S keeps the block size of an unsharded run of B blocks (smaller blocks cost accuracy; default 1)",
-    )
-    parser.add_argument("--ray-address", default=None, help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
-    parser.set_defaults(handler=run_train)
+RECIPE = DEFAULT_RECIPE
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_command(
+    ctx: typer.Context,
+    store: StoreOption = None,
+    run_id: Annotated[str, option("--run-id", help="the run's name; rerun with the same options to resume")] = ...,
+    data: Annotated[
+        str, option("--data", parser=dataset_source, help="digits (default), mnist5k, an .npz file or a dataset folder")
+    ] = "digits",
+    model: Annotated[
+        str, option("--model", parser=choice(*MODELS), metavar=choices(*MODELS), help="architecture (default lenet5)")
+    ] = "lenet5",
+    blocks: Annotated[
+        int, option("--blocks", parser=integer, help=f"B, number of blocks (default {RECIPE['num_blocks']})")
+    ] = RECIPE["num_blocks"],
+    epochs: Annotated[
+        int, option("--epochs", parser=integer, help=f"E, local epochs per block (default {RECIPE['local_epochs']})")
+    ] = RECIPE["local_epochs"],
+    batch_size: Annotated[
+        int, option("--batch-size", parser=integer, help=f"samples per batch (default {RECIPE['batch_size']})")
+    ] = RECIPE["batch_size"],
+    optimizer: Annotated[
+        str,
+        option(
+            "--optimizer",
+            parser=choice(*OPTIMIZERS),
+            metavar=choices(*OPTIMIZERS),
+            help=f"optimizer (default {RECIPE['optimizer']})",
+        ),
+    ] = RECIPE["optimizer"],
+    lr: Annotated[
+        float, option("--lr", parser=number, help=f"block 1's learning rate (default {RECIPE['learning_rate']})")
+    ] = RECIPE["learning_rate"],
+    schedule: Annotated[
+        str,
+        option(
+            "--schedule",
+            parser=choice(*SCHEDULES),
+            metavar=choices(*SCHEDULES),
+            help=f"learning rate across blocks (default {RECIPE['schedule']})",
+        ),
+    ] = RECIPE["schedule"],
+    min_lr_fraction: Annotated[
+        float,
+        option(
+            "--min-lr-fraction",
+            parser=number,
+            help=f"cosine: the last block's rate as a fraction of --lr (default {RECIPE['min_lr_fraction']})",
+        ),
+    ] = RECIPE["min_lr_fraction"],
+    seed: Annotated[
+        int, option("--seed", parser=seed_type, help="chain seed (init, block split, batch order; default 0)")
+    ] = 0,
+    train_size: Annotated[
+        int | None, option("--train-size", parser=integer, help="training samples (default: all not held out)")
+    ] = None,
+    heldout_size: Annotated[
+        int | None,
+        option("--heldout-size", parser=integer, help="held-out samples (default 300, or 1/5 of under 1,500 images)"),
+    ] = None,
+    split_seed: Annotated[
+        int, option("--split-seed", parser=seed_type, help="seed of the train/held-out split (default 0)")
+    ] = 0,
+    shards: Annotated[
+        int,
+        option(
+            "--shards",
+            parser=integer,
+            help="S > 1: S chains on disjoint stratified shards, trained in parallel; --blocks counts each shard's "
+            "blocks, so B/S keeps the block size of an unsharded run of B blocks (smaller blocks cost accuracy; "
+            "default 1)",
+        ),
+    ] = 1,
+    ray_address: Annotated[
+        str | None, option("--ray-address", help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
+    ] = None,
+) -> Args:
+    return parsed(ctx, run_train)
+
+
+def register(app: typer.Typer) -> None:
+    help = "train a run block by block, checkpoints in the store (SPEC 4)"
+    app.command("train", help=help, short_help=help)(train_command)
+
+
+def run_train(args: Args) -> int:
     from flows.progress import shown_progress
     from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api
     from flows.train import accuracy_text, check_run_shape, run_spec, train_flow, training_claim

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Annotated
 
-from flows.cli._store import add_store_argument, prepare_store, store_url
-from flows.cli._types import comma_list
+import typer
+
+from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._types import Args, choice, choices, comma_list, integer, new_app, option, parsed
 from obliviate.data import dataset_source
 from obliviate.errors import ConfigError
 
@@ -15,56 +17,87 @@ from obliviate.errors import ConfigError
 MODELS = ("lenet5", "c3f2", "resnet18")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("tune", help="Ray Tune sweeps: unlearning (B, ε) or reduction (k, bins)")
-    kinds = parser.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--data",
-        default="mnist5k",
-        type=dataset_source,
-        help="mnist5k (default), digits, an .npz file or a dataset folder",
-    )
-    add_store_argument(common)
-    common.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="trials at once, one CPU each (default 2, at most this machine's CPUs)",
-    )
-    common.add_argument("--model", default="lenet5", choices=MODELS, help="the trials' model (default lenet5)")
-    common.add_argument("--seed", type=int, default=0, help="seed of every trial (default 0)")
-    common.add_argument("--name", default=None, help="sweep name (default: kind and time)")
+# The options both sweeps take.
+DataOption = Annotated[
+    str, option("--data", parser=dataset_source, help="mnist5k (default), digits, an .npz file or a dataset folder")
+]
+WorkersOption = Annotated[
+    int | None,
+    option("--workers", parser=integer, help="trials at once, one CPU each (default 2, at most this machine's CPUs)"),
+]
+ModelOption = Annotated[
+    str,
+    option("--model", parser=choice(*MODELS), metavar=choices(*MODELS), help="the trials' model (default lenet5)"),
+]
+SeedOption = Annotated[int, option("--seed", parser=integer, help="seed of every trial (default 0)")]
+NameOption = Annotated[str | None, option("--name", help="sweep name (default: kind and time)")]
 
-    unlearning = kinds.add_parser("unlearning", parents=[common], help="sweep (B, ε): speed-up vs consistency")
-    unlearning.add_argument("--blocks", default="10,20,40", help="values of B (default 10,20,40)")
-    unlearning.add_argument("--epsilons", default="0.1,0.05", help="values of ε (default 0.1,0.05)")
-    unlearning.add_argument("--deleted", type=int, default=10, help="samples deleted per trial (default 10)")
-    unlearning.add_argument(
-        "--train-size", type=int, default=None, help="default 2000, or 4/5 of a dataset under 2,500 images"
-    )
-    unlearning.add_argument(
-        "--heldout-size", type=int, default=None, help="default 500, or 1/5 of a dataset under 2,500 images"
-    )
-    unlearning.add_argument("--local-epochs", type=int, default=1, help="E, local epochs per block (default 1)")
-    unlearning.add_argument("--schedule", default="cosine", help="constant, step, cosine (default) or exponential")
-    unlearning.set_defaults(handler=run_tune)
 
-    reduction = kinds.add_parser("reduction", parents=[common], help="sweep (k, bins): accuracy vs queries")
-    reduction.add_argument("--ks", default="50,150,300", help="values of k (default 50,150,300)")
-    reduction.add_argument("--bins", default="256,32,16", help="values of bins (default 256,32,16)")
-    reduction.add_argument(
-        "--target-size", type=int, default=None, help="default 2000, or 2/5 of a dataset under 5,000 images"
-    )
-    reduction.add_argument(
-        "--pool-size", type=int, default=None, help="default 2000, or 2/5 of a dataset under 5,000 images"
-    )
-    reduction.add_argument(
-        "--test-size", type=int, default=None, help="default 1000, or 1/5 of a dataset under 5,000 images"
-    )
-    reduction.add_argument("--steps", type=int, default=300, help="substitute/target gradient steps (default 300)")
-    reduction.add_argument("--starts", type=int, default=50, help="seeded DRMI restarts (default 50)")
-    reduction.set_defaults(handler=run_tune)
+def unlearning_command(
+    ctx: typer.Context,
+    data: DataOption = "mnist5k",
+    store: StoreOption = None,
+    workers: WorkersOption = None,
+    model: ModelOption = "lenet5",
+    seed: SeedOption = 0,
+    name: NameOption = None,
+    blocks: Annotated[str, option("--blocks", help="values of B (default 10,20,40)")] = "10,20,40",
+    epsilons: Annotated[str, option("--epsilons", help="values of ε (default 0.1,0.05)")] = "0.1,0.05",
+    deleted: Annotated[int, option("--deleted", parser=integer, help="samples deleted per trial (default 10)")] = 10,
+    train_size: Annotated[
+        int | None,
+        option("--train-size", parser=integer, help="default 2000, or 4/5 of a dataset under 2,500 images"),
+    ] = None,
+    heldout_size: Annotated[
+        int | None,
+        option("--heldout-size", parser=integer, help="default 500, or 1/5 of a dataset under 2,500 images"),
+    ] = None,
+    local_epochs: Annotated[
+        int, option("--local-epochs", parser=integer, help="E, local epochs per block (default 1)")
+    ] = 1,
+    schedule: Annotated[str, option("--schedule", help="constant, step, cosine (default) or exponential")] = "cosine",
+) -> Args:
+    return parsed(ctx, run_tune, sweep="unlearning")
+
+
+def reduction_command(
+    ctx: typer.Context,
+    data: DataOption = "mnist5k",
+    store: StoreOption = None,
+    workers: WorkersOption = None,
+    model: ModelOption = "lenet5",
+    seed: SeedOption = 0,
+    name: NameOption = None,
+    ks: Annotated[str, option("--ks", help="values of k (default 50,150,300)")] = "50,150,300",
+    bins: Annotated[str, option("--bins", help="values of bins (default 256,32,16)")] = "256,32,16",
+    target_size: Annotated[
+        int | None,
+        option("--target-size", parser=integer, help="default 2000, or 2/5 of a dataset under 5,000 images"),
+    ] = None,
+    pool_size: Annotated[
+        int | None,
+        option("--pool-size", parser=integer, help="default 2000, or 2/5 of a dataset under 5,000 images"),
+    ] = None,
+    test_size: Annotated[
+        int | None,
+        option("--test-size", parser=integer, help="default 1000, or 1/5 of a dataset under 5,000 images"),
+    ] = None,
+    steps: Annotated[
+        int, option("--steps", parser=integer, help="substitute/target gradient steps (default 300)")
+    ] = 300,
+    starts: Annotated[int, option("--starts", parser=integer, help="seeded DRMI restarts (default 50)")] = 50,
+) -> Args:
+    return parsed(ctx, run_tune, sweep="reduction")
+
+
+def register(app: typer.Typer) -> None:
+    kinds = new_app(subcommand_metavar="SWEEP")
+    help = "sweep (B, ε): speed-up vs consistency"
+    kinds.command("unlearning", help=help, short_help=help)(unlearning_command)
+    help = "sweep (k, bins): accuracy vs queries"
+    kinds.command("reduction", help=help, short_help=help)(reduction_command)
+    help = "Ray Tune sweeps: unlearning (B, ε) or reduction (k, bins)"
+    app.add_typer(kinds, name="tune", help=help, short_help=help)
 
 
 def _values(text: str, cast: type, option: str) -> list:
@@ -73,7 +106,7 @@ def _values(text: str, cast: type, option: str) -> list:
     return comma_list(text, cast, option, alike="trial")
 
 
-def _workers(args: argparse.Namespace) -> int:
+def _workers(args: Args) -> int:
     """Trials at once: as given, else 2; a local Ray runtime has only this machine's CPUs (as for ``reduce``)."""
     local_cpus = os.cpu_count() or 1
     on_cluster = bool(os.environ.get("RAY_ADDRESS"))
@@ -89,7 +122,7 @@ def _workers(args: argparse.Namespace) -> int:
     return int(args.workers)
 
 
-def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str, int]:
+def _split_sizes(args: Args, defaults: dict[str, int]) -> dict[str, int]:
     """The trial's split sizes: those given, the others by the help's rule for this dataset.
 
     A part not given takes its default, or for a dataset smaller than all the defaults together
@@ -114,7 +147,7 @@ def _split_sizes(args: argparse.Namespace, defaults: dict[str, int]) -> dict[str
     return {part: shares[part] if size is None else size for part, size in given.items()}
 
 
-def run_tune(args: argparse.Namespace) -> int:
+def run_tune(args: Args) -> int:
     from flows.tune import SweepInterrupted, check_sweep_name, check_trial_grid, check_workers, describe, run_sweep
 
     workers = _workers(args)

@@ -9,31 +9,41 @@ so the "View at" links they print stay live. Ctrl-C (or SIGTERM) stops it cleanl
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Annotated
+
+import typer
+
+from flows.cli._types import Args, integer, option, parsed
 
 DEFAULT_PORT = 4200
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "ui", help="browse flow runs, logs and artifacts in the Prefect dashboard (until Ctrl-C)"
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"port on 127.0.0.1 (default {DEFAULT_PORT}, Prefect's usual one; 0 picks a free port)",
-    )
-    parser.set_defaults(handler=run_ui)
+def ui_command(
+    ctx: typer.Context,
+    port: Annotated[
+        int,
+        option(
+            "--port",
+            parser=integer,
+            help=f"port on 127.0.0.1 (default {DEFAULT_PORT}, Prefect's usual one; 0 picks a free port)",
+        ),
+    ] = DEFAULT_PORT,
+) -> Args:
+    return parsed(ctx, run_ui)
 
 
-def run_ui(args: argparse.Namespace) -> int:
+def register(app: typer.Typer) -> None:
+    help = "browse flow runs, logs and artifacts in the Prefect dashboard (until Ctrl-C)"
+    app.command("ui", help=help, short_help=help)(ui_command)
+
+
+def run_ui(args: Args) -> int:
     from flows.runtime import ServerStartError, prefect_home, running_ui_server, ui_url_of
 
     if not 0 <= args.port <= 65535:

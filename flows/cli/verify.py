@@ -8,26 +8,38 @@ bit-identity is only promised on the lineage's environment).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from typing import Annotated
 
-from flows.cli._store import add_store_argument, prepare_store, store_url
+import typer
 
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("verify", help="re-train blocks from stored checkpoints and check bit-identity")
-    add_store_argument(parser)
-    parser.add_argument("--run", required=True, help="the run id, or a sharded run's name (each shard is verified)")
-    parser.add_argument("--version", type=int, default=None, help="a published version (default: the current one)")
-    parser.add_argument(
-        "--blocks", default="all", help="all (default), retrained (from the earliest deletion on) or one block number"
-    )
-    parser.add_argument("--no-prefect", action="store_true", help="run without Prefect (no artifact)")
-    parser.set_defaults(handler=run_verify)
+from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._types import Args, flag, integer, option, parsed
 
 
-def run_verify(args: argparse.Namespace) -> int:
+def verify_command(
+    ctx: typer.Context,
+    store: StoreOption = None,
+    run: Annotated[str, option("--run", help="the run id, or a sharded run's name (each shard is verified)")] = ...,
+    version: Annotated[
+        int | None, option("--version", parser=integer, help="a published version (default: the current one)")
+    ] = None,
+    blocks: Annotated[
+        str,
+        option("--blocks", help="all (default), retrained (from the earliest deletion on) or one block number"),
+    ] = "all",
+    no_prefect: Annotated[bool, flag("--no-prefect", help="run without Prefect (no artifact)")] = False,
+) -> Args:
+    return parsed(ctx, run_verify)
+
+
+def register(app: typer.Typer) -> None:
+    help = "re-train blocks from stored checkpoints and check bit-identity"
+    app.command("verify", help=help, short_help=help)(verify_command)
+
+
+def run_verify(args: Args) -> int:
     from flows.verify import check_request, runs_to_verify
 
     # Read-only rule: a store that does not exist holds nothing to verify. The run, version and
