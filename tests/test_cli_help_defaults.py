@@ -2,44 +2,53 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import pytest
+import typer
 
-from flows.cli import build_parser
+from flows.cli import build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_CHECKED_HERE: set[tuple[str, ...]] = set()
 
 
-def _options(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _options(sub, (*path, name))
-        elif action.option_strings and action.help != argparse.SUPPRESS:
-            yield path, action
+def _options(command=None, path: tuple[str, ...] = ()):
+    """(the command's words, an option) for every option of every command: click's parameters, walked."""
+    command = command or typer.main.get_command(build_app())
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _options(sub, (*path, name))
+    for param in command.params:
+        if param.param_type_name == "option" and not param.hidden:
+            yield path, param
 
 
-def _valued(action: argparse.Action) -> bool:
-    silent = (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._VersionAction)
-    return not isinstance(action, silent) and action.default is not None
+def _valued(option) -> bool:
+    # a flag (--quick, --version; --help is not among a command's params) says nothing but itself
+    return not option.is_flag and option.default is not None
 
 
 def _help_of(path: tuple[str, ...], flag: str) -> str | None:
-    for where, action in _options(build_parser()):
-        if where == path and flag in action.option_strings:
-            return action.help or ""
+    for where, option in _options():
+        if where == path and flag in option.opts:
+            return option.help or ""
     return None
+
+
+def test_the_walk_sees_every_command_and_option() -> None:
+    """The walk below must not pass by seeing nothing: nested commands and their options are there."""
+    seen = {(path, flag) for path, option in _options() for flag in option.opts}
+    assert {(("train",), "--seed"), (("target", "serve"), "--port"), (("tune", "reduction"), "--ks")} <= seen
+    assert {(("store", "check"), "--keep-versions"), ((), "--version")} <= seen
+    assert len(seen) > 120
 
 
 def test_every_option_with_a_default_states_it_in_help() -> None:
     missing = [
-        f"obliviate {' '.join(path)} {action.option_strings[-1]} (default {action.default!r})"
-        for path, action in _options(build_parser())
-        if _valued(action) and path not in NOT_CHECKED_HERE and "default" not in (action.help or "").lower()
+        f"obliviate {' '.join(path)} {option.opts[-1]} (default {option.default!r})"
+        for path, option in _options()
+        if _valued(option) and path not in NOT_CHECKED_HERE and "default" not in (option.help or "").lower()
     ]
     assert not missing, "options whose --help does not give their default: " + "; ".join(missing)
 
@@ -66,8 +75,10 @@ def test_defaults_the_docs_state_are_in_help(path: tuple[str, ...], flag: str, d
 
 
 def test_rendered_help_shows_the_serve_defaults(capsys) -> None:
+    from flows.cli import parse_args
+
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["serve", "--help"])
+        parse_args(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default '0 3 * * *')" in text and "(default 2;" in text and "(default none: no cap)" in text
 
@@ -82,9 +93,9 @@ def test_every_default_the_docs_quote_for_a_flag_is_in_its_help() -> None:
     }
     assert quoted  # the pattern still finds the docs' defaults
     helps: dict[str, list[str]] = {}
-    for _, action in _options(build_parser()):
-        for flag in action.option_strings:
-            helps.setdefault(flag, []).append(action.help or "")
+    for _, option in _options():
+        for flag in option.opts:
+            helps.setdefault(flag, []).append(option.help or "")
     wrong = []
     for flag, default in sorted(quoted):
         value = default.removeprefix("./")

@@ -230,7 +230,7 @@ def _mkdir(path):
 def test_a_dataset_path_is_named_absolutely_so_other_folders_find_it(tmp_path, monkeypatch) -> None:
     """`tune --data pool.npz` failed every trial (Ray Tune runs trials in their own folders), and a run
     trained on `./pool.npz` stored a name `serve` elsewhere, or a `forget --data pool.npz`, did not match."""
-    from flows.cli import build_parser
+    from flows.cli import parse_args
     from obliviate.data import dataset_source
 
     _npz(tmp_path / "pool.npz", images=np.zeros((4, 3, 3), np.uint8), labels=np.arange(4))
@@ -238,7 +238,7 @@ def test_a_dataset_path_is_named_absolutely_so_other_folders_find_it(tmp_path, m
     absolute = str(tmp_path.resolve() / "pool.npz")
     assert dataset_source("pool.npz") == dataset_source("./pool.npz") == absolute
     assert dataset_source("digits") == "digits" and dataset_source("mnist6k") == "mnist6k"  # named, not a path
-    parse = build_parser().parse_args
+    parse = parse_args
     assert parse(["train", "--run-id", "r", "--data", "pool.npz"]).data == absolute
     assert parse(["forget", "--data", "./pool.npz", "--ids", "1"]).data == absolute
     assert parse(["tune", "unlearning", "--data", "pool.npz"]).data == absolute

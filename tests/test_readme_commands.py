@@ -211,10 +211,9 @@ def test_sigterm_during_a_training_flow_stops_it_with_a_sentence(tmp_path) -> No
 
 
 def test_the_quick_demo_keeps_apart_from_the_full_one_unless_told() -> None:
-    from flows.cli import build_parser
+    from flows.cli import parse_args as parse
     from flows.cli.demo import demo_folder
 
-    parse = build_parser().parse_args
     assert demo_folder(parse(["demo"])) == "runs/demo"
     assert demo_folder(parse(["demo", "--quick"])) == "runs/demo-quick"
     assert demo_folder(parse(["demo", "--quick", "--out", "x"])) == "x"

@@ -140,9 +140,9 @@ def test_a_frozen_store_is_said_within_10_s_and_the_command_ends_after_the_thaw(
 @pytest.mark.parametrize("command", [["store", "check"], ["forget", "--status", "del-0123456789abcdef"]])
 def test_a_store_frozen_past_the_limit_ends_the_command_with_a_storage_error(frozen_s3, monkeypatch, capsys, command):
     """Past the call limit a frozen endpoint ends the command with exit 2 and the error's sentence."""
-    from flows.cli import build_parser, main
+    from flows.cli import build_app, main
 
-    build_parser()  # the commands' imports, before the clock starts
+    build_app()  # the commands' imports, before the clock starts
     monkeypatch.setattr(retry, "CALL_LIMIT_S", 3.0, raising=False)
     monkeypatch.setattr(retry, "LISTING_LIMIT_S", 3.0, raising=False)
     monkeypatch.setattr(retry, "STALL_NOTICE_AFTER_S", 1.0, raising=False)

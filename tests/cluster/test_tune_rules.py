@@ -107,7 +107,7 @@ def test_help_lists_every_model_a_trial_can_build(capsys, sweep) -> None:
         main(["tune", sweep, "--model", "vgg"])
     assert refusal.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --model: invalid choice: 'vgg' (choose from " in err and "resnet18" in err
+    assert "Invalid value for '--model': 'vgg' is not one of " in err and "resnet18" in err
 
 
 def test_a_name_holding_trials_of_unrecorded_settings_is_refused_before_ray(tmp_path, capsys) -> None:

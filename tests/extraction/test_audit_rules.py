@@ -129,12 +129,12 @@ def test_sigint_inside_the_rename_window_waits_for_its_end():
 def test_an_interrupted_steal_or_target_train_says_what_it_left_and_that_a_rerun_starts_over():
     """Both said "rerunning the same command resumes from whatever it had stored", but they store
     nothing to resume from; target train was named `obliviate target`."""
-    from flows.cli import build_parser, interrupted_message
+    from flows.cli import interrupted_message, parse_args
 
-    steal = interrupted_message(build_parser().parse_args(["steal", "--demo"]))
+    steal = interrupted_message(parse_args(["steal", "--demo"]))
     assert steal.startswith("obliviate steal: interrupted. The report's files in --out are replaced together")
     assert "starts it over" in steal and "resumes" not in steal
-    train = interrupted_message(build_parser().parse_args(["target", "train"]))
+    train = interrupted_message(parse_args(["target", "train"]))
     assert train.startswith("obliviate target train: interrupted. The checkpoint (--out) is written whole")
     assert "starts it over" in train and "resumes" not in train
 
@@ -258,13 +258,13 @@ def test_a_seed_beyond_what_numpy_and_torch_take_is_refused_by_the_parser(tmp_pa
         assert stopped.value.code == 2
         err = capsys.readouterr().err
         assert (
-            f"argument --seed: a seed is an integer in 0..{2**63 - 1} (what numpy and torch both take); got {big}"
+            f"Invalid value for '--seed': a seed is an integer in 0..{2**63 - 1} (what numpy and torch both take); got {big}"
             in err
         )
         assert "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["steal", "--split-seed", str(2**64)])
-    assert "argument --split-seed: a seed is an integer in 0..9223372036854775807" in capsys.readouterr().err
+    assert "Invalid value for '--split-seed': a seed is an integer in 0..9223372036854775807" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -322,12 +322,12 @@ def test_target_train_checks_every_option_before_creating_anything(tmp_path, cap
     assert "--steps must be >= 1 (Adam steps); got 0." in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["target", "train", "--out", str(out), "--data", ""])
-    assert "argument --data: a dataset is needed (mnist5k, digits, an .npz file or a folder); got ''" in (
+    assert "Invalid value for '--data': a dataset is needed (mnist5k, digits, an .npz file or a folder); got ''" in (
         capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
         main(["steal", "--demo", "--pool", " "])
-    assert "argument --pool: a dataset is needed" in capsys.readouterr().err
+    assert "Invalid value for '--pool': a dataset is needed" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
