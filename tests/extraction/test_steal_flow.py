@@ -107,17 +107,16 @@ def test_cli_steal_refuses_a_pool_the_target_cannot_read_before_any_work(checkpo
 def test_cli_steal_fits_its_default_pool_and_test_set_to_the_images_left(capsys):
     """digits has 1,797 images: beside a target trained on 300 the defaults (2,000 + 1,000) cannot
     fit, and `steal --pool digits` ended in a flow run failure; sizes given are kept and checked."""
-    import argparse
-
+    from flows.cli._types import Args
     from flows.cli.steal import _split_sizes
     from obliviate.errors import ConfigError
 
-    left = argparse.Namespace(pool="digits", pool_size=None, test_size=None)
+    left = Args(pool="digits", pool_size=None, test_size=None)
     assert _split_sizes(left, available=1497) == (998, 499)
     assert "digits leaves 1497 images outside the target's training set: pool 998, test 499" in capsys.readouterr().err
     assert _split_sizes(left, available=4700) == (2000, 1000)
     assert _split_sizes(left, available=None) == (2000, 1000)  # an HTTP target: the flow checks what it declares
-    given = argparse.Namespace(pool="digits", pool_size=1200, test_size=None)
+    given = Args(pool="digits", pool_size=1200, test_size=None)
     with pytest.raises(ConfigError, match=r"at most 1497; got 1200 \+ 1000 = 2200\. .* e\.g\. 998 and 499"):
         _split_sizes(given, available=1497)
 

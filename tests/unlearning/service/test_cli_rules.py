@@ -497,7 +497,10 @@ def test_a_ray_cluster_that_wants_a_token_this_process_lacks_is_named_without_a_
 def test_submit_refuses_a_job_that_is_not_an_obliviate_command_before_contacting_a_cluster(tmp_path, capsys):
     # no cluster runs at this address: a refusal naming the job proves the check came first
     nowhere = ["submit", "--address", "http://127.0.0.1:9", "--working-dir", str(tmp_path)]
-    for job, said in ((["nosuch"], "No such command 'nosuch'"), (["train", "--blocks", "x"], "'x' is not a valid integer")):
+    for job, said in (
+        (["nosuch"], "No such command 'nosuch'"),
+        (["train", "--blocks", "x"], "'x' is not a valid integer"),
+    ):
         assert main([*nowhere, "--", *job]) == 2
         err = capsys.readouterr().err
         assert said in err and "the job after '--' must be an obliviate command line" in err
