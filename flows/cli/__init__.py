@@ -96,13 +96,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
             refuses (an unknown command or option, a bad value), said on stderr with the command's usage.
     """
     command = typer.main.get_command(build_app())
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = command.main(
-            args=list(sys.argv[1:] if argv is None else argv), prog_name="obliviate", standalone_mode=False
-        )
+        result = command.main(args=words, prog_name="obliviate", standalone_mode=False)
     except typer.TyperException as err:  # click's UsageError and BadParameter (typer vendors click)
-        ctx = getattr(err, "ctx", None)
-        name = ctx.command_path if ctx is not None else "obliviate"
+        ctx = getattr(err, "ctx", None)  # none for an option given without its value
+        name = ctx.command_path if ctx is not None else _command_path(command, words)
         if ctx is not None:
             print(f"{ctx.get_usage()}\nTry '{name} --help' for help.", file=sys.stderr)
         print(f"{name}: error: {err.format_message()}", file=sys.stderr)
@@ -110,6 +109,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     if not isinstance(result, Args):  # --help or --version printed, or a Ctrl-C while parsing: its exit code
         raise SystemExit(result)
     return result
+
+
+def _command_path(command: object, words: list[str]) -> str:
+    """``obliviate target train``: the commands ``words`` name before their options."""
+    path = ["obliviate"]
+    for word in words:
+        command = getattr(command, "commands", {}).get(word)
+        if command is None:
+            break
+        path.append(word)
+    return " ".join(path)
 
 
 class _WithoutTracebackOfOwnErrors(logging.Filter):

@@ -58,7 +58,8 @@ def submit_command(
     ] = 3600.0,
     job: Annotated[
         list[str] | None,
-        typer.Argument(metavar="-- JOB ...", help="the obliviate command to run, after --", show_default=False),
+        # hidden: typer would list it as "JOB <list[str]>"; the epilog says what it is
+        typer.Argument(metavar="JOB", help="the obliviate command to run, after --", show_default=False, hidden=True),
     ] = None,
 ) -> Args:
     return parsed(ctx, run_submit)
@@ -68,7 +69,8 @@ def register(app: typer.Typer) -> None:
     help = "run an obliviate command as a Ray job (e.g. obliviate submit -- reduce --k 600)"
     # Everything from the job's command on is the job's, options included: they are its to parse.
     settings = {"allow_interspersed_args": False, "ignore_unknown_options": True}
-    app.command("submit", help=help, short_help=help, context_settings=settings)(submit_command)
+    epilog = "JOB, after --: the obliviate command to run, e.g. obliviate submit -- reduce --data mnist5k --k 600"
+    app.command("submit", help=help, short_help=help, epilog=epilog, context_settings=settings)(submit_command)
 
 
 def job_runtime_env(working_dir: str) -> dict:
