@@ -168,7 +168,14 @@ class ChainWorker:
     # ----- training ------------------------------------------------------------------------------
 
     def train(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Train a run block by block (resuming stored checkpoints), publish version 1, register it.
+        """Train a run block by block (resuming stored checkpoints), register it, publish version 1.
+
+        The run is registered before its version 1 is published: once a model is served, a deletion
+        request for its ids finds the run (a served but unregistered run had them rejected for good).
+        A registered run with no version yet serves nothing; a pass records its requests as done
+        with ``not_trained`` for it, and its training leaves their ids out or unlearns them before
+        returning. A rerun of a trained run whose registration is missing (a store written before
+        this order) registers it and applies the accepted requests its current version misses.
 
         Returns:
             a summary: run id, version, held-out accuracy, blocks trained now and resumed.
@@ -182,8 +189,20 @@ class ChainWorker:
         data = self._block_data(run)
         plan = self._fixed_plan(run, data)
         if current is not None:
+            registered = self._io(lambda: registry.is_registered(run.run_id))
             self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
-            return {"run_id": run.run_id, "version": current.version, "status": "already_trained", **current.metrics}
+            summary = {"run_id": run.run_id, "version": current.version, "status": "already_trained", **current.metrics}
+            if registered:
+                return summary
+            # Served but not registered (its registration failed after publishing, before this order):
+            # a pass could not see it, so the accepted requests for its ids it misses are applied now.
+            late, late_audit = self._apply_late(run, current.applied_requests)
+            if late:
+                self._record_training(
+                    run.run_id, version=current.version, applied=[], late=sorted(late), audit=late_audit, late_ids=late
+                )
+                summary["version"] = int(late_audit.get("to_version") or late_audit.get("version") or current.version)
+            return {**summary, "late_requests": sorted(late)}
         began = time.perf_counter()
         # A run trained after deletion requests were accepted on this store never trains on their
         # ids: they are left out from the start (a served version 1 holding them would undo the
@@ -226,6 +245,9 @@ class ChainWorker:
             "num_train": data.num_train,
         }
         forgotten = run.dataset_ids(sorted(chain.deleted_ids))
+        # Registered first: were it registered after publishing, a failed registration would leave
+        # version 1 served while passes reject every request for its ids (no registered run).
+        self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
         version = self._publish(
             run.run_id,
             chain_name=chain_name,
@@ -240,15 +262,9 @@ class ChainWorker:
             target={"applied_requests": applied, "deleted_ids": forgotten, "metrics": metrics},
             expected_version=0,
         )
-        self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
-        # A request accepted after the last read above may have been validated by a pass that did
-        # not see this run yet (it was not registered): apply what this version misses now.
-        late = {
-            request_id: ids
-            for request_id, ids in self._accepted_requests(run.dataset).items()
-            if request_id not in applied and run.positions(ids)[0].size
-        }
-        late_audit = self.unlearn(run.run_id, late) if late else None
+        # A request accepted after the last read above may have been settled by a pass while this
+        # run had no version yet (``not_trained``): apply what this version misses now.
+        late, late_audit = self._apply_late(run, applied)
         self._record_training(
             run.run_id, version=version.version, applied=applied, late=sorted(late), audit=late_audit, late_ids=late
         )
@@ -266,6 +282,15 @@ class ChainWorker:
             "wall_seconds": time.perf_counter() - began,
             **metrics,
         }
+
+    def _apply_late(self, run: RunSpec, applied: Sequence[str]) -> tuple[dict[str, list[int]], dict[str, Any] | None]:
+        """Unlearn from run ``run`` the accepted requests for its ids not in ``applied``; returns them and the audit."""
+        late = {
+            request_id: ids
+            for request_id, ids in self._accepted_requests(run.dataset).items()
+            if request_id not in applied and run.positions(ids)[0].size
+        }
+        return late, (self.unlearn(run.run_id, late) if late else None)
 
     def _record_training(
         self,
@@ -432,7 +457,13 @@ class ChainWorker:
         for _ in range(_PUBLISH_ATTEMPTS):
             current = self._io(lambda: registry.current(run_id))
             if current is None:
-                return {"run_id": run_id, "status": "not_trained", "started_at": started_at}
+                return {
+                    "run_id": run_id,
+                    "status": "not_trained",
+                    "started_at": started_at,
+                    "note": "registered with no version yet: its training leaves these ids out, or unlearns them "
+                    "before it returns",
+                }
             todo = {rid: ids for rid, ids in requests.items() if rid not in current.applied_requests}
             if not todo:
                 return {

@@ -152,10 +152,11 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
                     "run": run_id,
                     "version": None,
                     "key": f"runs/{run_id}/current",
-                    "problem": f"run {run_id} is registered ({key}, written when it first published) but has no "
-                    "version pointer: runs/" + run_id + "/current was lost outside obliviate. Restore it from a "
-                    "backup; if the run never had a deletion applied, rerunning `obliviate train` with its options "
-                    "publishes version 1 again from the stored checkpoints",
+                    "problem": f"run {run_id} is registered ({key}, written just before version 1 is published) "
+                    "but has no version pointer: its training stopped between the two (it serves nothing; rerun "
+                    "`obliviate train` with its options, which resumes the stored checkpoints and publishes), or "
+                    "runs/" + run_id + "/current was lost outside obliviate (restore it from a backup; if the run "
+                    "never had a deletion applied, rerunning `obliviate train` publishes version 1 again)",
                 }
             )
         if key.rsplit("/", 1)[-1] == "manifest.json" and not key.startswith("runs/"):

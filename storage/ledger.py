@@ -57,6 +57,9 @@ _TRAINED_PREFIX = "ledger/trained"
 #: A pass's audit of a run whose current version already listed the request: a training record of that
 #: run says how (trained without its ids, in which version) and replaces it.
 _ALREADY_APPLIED = "already_applied"
+#: A pass's audit of a registered run with no version yet (its training had not published): the
+#: training leaves the request's ids out, and its record replaces this one too.
+_NOT_TRAINED = "not_trained"
 
 #: Lists of a run's audit that grow with its batch: stored once in the batch record, counted in each request's.
 BATCH_LISTS = ("requests", "merged_with", "deleted_ids", "held_by", "not_held_below_floor")
@@ -447,8 +450,8 @@ class DeletionLedger:
     def record_runs(self, request_id: str, runs: Mapping[str, Mapping[str, Any]]) -> RequestStatus | None:
         """Add per-run audit entries to a ``done`` request's ``details.runs`` (CAS, retried; status stays ``done``).
 
-        A run already listed keeps its entry, except a pass's ``already_applied``, which a record of
-        how the run applied the request replaces. Nothing is written when nothing is new.
+        A run already listed keeps its entry, except a pass's ``already_applied`` or ``not_trained``,
+        which a record of how the run applied the request replaces. Nothing is written when nothing is new.
 
         Returns:
             the request's status after, or ``None`` when it is not ``done`` (nothing written).
@@ -461,7 +464,7 @@ class DeletionLedger:
             fresh = {
                 run_id: dict(entry)
                 for run_id, entry in runs.items()
-                if run_id not in listed or listed[run_id].get("status") == _ALREADY_APPLIED
+                if run_id not in listed or listed[run_id].get("status") in (_ALREADY_APPLIED, _NOT_TRAINED)
             }
             if not fresh:
                 return current

@@ -13,7 +13,8 @@ Layout under the store (all through :class:`storage.objects.ObjectStore`):
 * ``runs/<run>/current``: the version pointer. It moves (compare-and-swap) only after every
   member and the manifest are committed, so readers always find a complete version.
 * ``registry/<run>.json``: the registry entry (dataset, which sample ids each block holds),
-  written once the first version is current.
+  written just before the first version is published (so no served run is unregistered; a run
+  whose training stopped between the two is registered with no version and serves nothing).
 * ``runs/<run>/pruned.json``: the versions retention pruned (``store check --repair
   --keep-versions N``): their pointer versions stay, their checkpoints and manifests are deleted
   (a manifest another kept version's checkpoints were published by stays, as replay's recipe).
@@ -120,8 +121,12 @@ class RunRegistry:
             },
         )
 
+    def is_registered(self, run_id: str) -> bool:
+        """Whether run ``run_id`` has its registry entry."""
+        return self.store.exists(f"registry/{check_name(run_id, what='run id')}.json")
+
     def run_ids(self) -> list[str]:
-        """Registered runs (those with a published first version)."""
+        """Registered runs: registered just before their version 1 is published, so one may have no version yet."""
         return sorted(key.rsplit("/", 1)[-1][: -len(".json")] for key in self.store.list("registry"))
 
     def entry(self, run_id: str) -> dict[str, Any]:
