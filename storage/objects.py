@@ -68,6 +68,8 @@ from storage.retry import call_overdue, heard_from, unanswered_s, watched_call
 
 COMMIT_SUFFIX = ".sha256"
 _TMP_MARK = ".tmp-"
+#: The name :meth:`ObjectStore.check_writable` writes at a store's root (and removes at once).
+WRITE_CHECK_MARK = f"{_TMP_MARK}write-check-"
 _POINTER_VERSION = re.compile(r"^v(\d{9})\.json$")
 # Waits before reading a mismatched object again (1.55 s in all): a rewrite in flight settles in
 # milliseconds, so only damage outlasts them.
@@ -475,16 +477,23 @@ class ObjectStore:
     def check_writable(self) -> None:
         """Write and delete a temporary name at the store's root, to learn early that writes fail.
 
-        The name carries the temporary mark, so listings never show it and ``store check`` names
-        one left by a crash as a half-written temporary file; nothing else (no folder) is created.
+        The name carries the temporary mark, so listings never show it; it is removed whether the
+        write succeeds or fails, and one a crash left is a temporary file ``store check --repair``
+        collects. Nothing else (no folder) is created.
 
         Raises:
             WriteFailed: the store cannot be written.
             StorageUnavailable: the backend cannot be reached.
         """
-        path = f"{self._root}/{_TMP_MARK}write-check-{uuid.uuid4().hex[:12]}"
+        path = f"{self._root}/{WRITE_CHECK_MARK}{uuid.uuid4().hex[:12]}"
         with self._backend(self.uri(), writing=True):
-            self._fs.pipe_file(path, b"write check")
+            try:
+                self._fs.pipe_file(path, b"write check")
+            except BaseException:
+                # A failed write (a full disk) can still leave the name, empty: removed too, best effort.
+                with contextlib.suppress(Exception):
+                    self._fs.rm_file(path)
+                raise
             with contextlib.suppress(FileNotFoundError):
                 self._fs.rm_file(path)
 
@@ -565,12 +574,13 @@ class ObjectStore:
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{os.path.dirname(path)}/{_TMP_MARK}{uuid.uuid4().hex}"
-        with open(tmp, "wb") as handle:
-            handle.write(data)
         try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
             os.link(tmp, path)  # fails with FileExistsError if another writer got there first
-        finally:
-            os.remove(tmp)
+        finally:  # a write that fails (a full disk) leaves no temporary file either
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
 
     def _read_commit_record(self, key: str) -> dict[str, Any]:
         with self._backend(self.uri(key)):
