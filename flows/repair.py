@@ -57,9 +57,15 @@ def check_and_repair(
     )
     registry = RunRegistry(store)
     results = {item["key"]: item["part_of"] for item in report.corrupt if item.get("part_of")}
+    damage = {item["key"]: item for item in report.corrupt}
     for key in damaged:
         if key.startswith(f"{MI_TILES}/"):
             report.repaired.append(_drop_damaged_matrix_object(store, key))
+            continue
+        if key.startswith("ledger/"):
+            # a ledger record: not replayable; the check said what it loses and how to mend it
+            said = damage[key]
+            report.unrecoverable.append({"key": key, "error": said["error"], "needed_by": said.get("needed_by", [])})
             continue
         if key in results:  # a reduce result's file: not a replayable checkpoint, and the result is cheap to redo
             report.unrecoverable.append(

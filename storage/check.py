@@ -5,7 +5,9 @@
 * ``corrupt``: committed objects whose bytes fail their commit record or are gone (a commit record
   left without its object: deleted or lost outside obliviate, since a write commits its bytes
   first and a delete removes the record first), and pointer versions that fail their own
-  checksum; each with the ``(run, version)`` pairs whose manifests need it;
+  checksum; each with the ``(run, version)`` pairs whose manifests need it. A damaged ledger
+  record (a request or one of its status versions) is one such item, said with what it loses and
+  how to mend it (:func:`_explain_ledger_damage`); the rest is checked all the same;
 * ``lineage``: per run, problems of the version history: a version whose manifest is missing or
   damaged, a manifest member missing or not matching the checksum the manifest recorded, a
   version that dropped requests or deleted ids an earlier version had applied;
@@ -43,6 +45,12 @@ _REGISTRY_KEY = re.compile(r"^registry/(?P<run>[^/]+)\.json$")
 _MANIFEST_KEY = re.compile(r"^runs/(?P<run>[^/]+)/manifests/v(?P<version>\d{6})-(?P<chain>[^/]+)\.json$")
 # The chain folder of an unlearning: ``u<base version>-<hash>`` (obliviate.unlearning.service.work_token).
 _TOKEN_CHAIN = re.compile(r"^u(?P<base>\d{6})-")
+_REQUEST_KEY = re.compile(r"^ledger/requests/(?P<request>[^/]+)\.json$")
+_STATUS_VERSION_KEY = re.compile(r"^ledger/status/(?P<request>[^/]+)/v(?P<version>\d{9})\.json$")
+# A ledger request whose record or latest status cannot be read: counted as open (what it may still need is kept).
+_UNREADABLE = "unreadable"
+# How a damaged object's error (storage.objects) ends outside store check.
+_SEE_STORE_CHECK = "; the object is damaged (`obliviate store check` says what needs it and how to mend it)."
 
 
 @dataclass
@@ -163,6 +171,9 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
             _check_result_manifest(store, key, report)
     for item in report.corrupt:
         item["needed_by"] = dependents.get(item["key"], [])
+        # a damaged object's own error sends its reader here; here it is said what needs it and how to mend it
+        item["error"] = str(item["error"]).replace(_SEE_STORE_CHECK, ".")
+    _explain_ledger_damage(store, report)
 
     report.orphans, report.orphans_held_back = _orphans(
         store, keys + lost, names, referenced, runs_with_versions, min_age_s
@@ -179,6 +190,74 @@ def _records_alone(names: list[str]) -> list[str]:
         for name in names
         if name.endswith(COMMIT_SUFFIX) and _TMP_MARK not in name and name[: -len(COMMIT_SUFFIX)] not in present
     )
+
+
+def _explain_ledger_damage(store: ObjectStore, report: StoreReport) -> None:
+    """Say, for each damaged ledger request record or status version, what it loses and how to mend it."""
+    from storage.ledger import TERMINAL, current_status_mend, request_record_mend
+
+    for item in report.corrupt:
+        request = _REQUEST_KEY.match(item["key"])
+        status = _STATUS_VERSION_KEY.match(item["key"])
+        if request is None and status is None:
+            continue
+        request_id = (request or status).group("request")  # type: ignore[union-attr]
+        history = _readable_history(store, request_id)
+        latest = max(history) if history else 0
+        versions = store.pointer_versions(f"ledger/status/{request_id}")
+        newest = versions[-1] if versions else 0
+        error = str(item["error"]).rstrip(".")
+        if request is not None:
+            ids = sorted(
+                {
+                    int(i)
+                    for details in history.values()
+                    for run in ((details.get("details") or {}).get("runs") or {}).values()
+                    if isinstance(run, dict)
+                    for i in run.get("deleted_ids") or []
+                }
+            )
+            said = (
+                f"its status history (ledger/status/{request_id}) is readable up to version {latest} of {newest}, "
+                f"latest status {history[latest]['status']!r}" + (f", naming ids {ids[:20]}" if ids else "")
+                if history
+                else "it has no readable status history"
+            )
+            settled = bool(history) and history[latest]["status"] in TERMINAL
+            fails = "fails" if settled else "and a pass that takes it fail"
+            item["error"] = (
+                f"{error}. It is the record of deletion request {request_id}: the ids, dataset and reason it was "
+                f"filed with cannot be read, so `obliviate forget --status {request_id}` {fails}; {said}. To "
+                f"mend: {request_record_mend(request_id)}"
+            )
+            continue
+        version = int(status.group("version"))  # type: ignore[union-attr]
+        if version < newest:
+            item["error"] = (
+                f"{error}. Version {version} of deletion request {request_id}'s status history is lost (its current "
+                f"status, version {newest}, is intact and `obliviate forget --status {request_id}` shows the version "
+                f"as unreadable). To mend: restore {item['key']} from a backup"
+            )
+            continue
+        before = history.get(version - 1)
+        then = f" (version {version - 1} says {before['status']!r})" if before else ""
+        item["error"] = (
+            f"{error}. It is the current status of deletion request {request_id}, now unknown{then}: "
+            f"`obliviate forget --status {request_id}` and a pass that takes it fail. To mend: "
+            f"{current_status_mend(request_id, version)}"
+        )
+
+
+def _readable_history(store: ObjectStore, request_id: str) -> dict[int, dict[str, Any]]:
+    """``version -> status target`` of the readable versions of a request's status history."""
+    key = f"ledger/status/{request_id}"
+    found = {}
+    for version in store.pointer_versions(key):
+        try:
+            found[version] = dict(store.read_pointer_version(key, version).target)
+        except (CorruptObject, ObjectNotFound):
+            continue
+    return found
 
 
 def _latest_version(store: ObjectStore, pointer_key: str) -> int:
@@ -342,7 +421,7 @@ def _orphans(
     from storage.ledger import CLAIMED, PENDING
 
     states = _request_states(store)
-    open_requests = [request_id for request_id, status in states if status in (PENDING, CLAIMED)]
+    open_requests = [request_id for request_id, status in states if status in (PENDING, CLAIMED, _UNREADABLE)]
     settled = {request_id for request_id, _ in states} - set(open_requests)
     now = time.time()
     found, kept = [], set()
@@ -380,6 +459,8 @@ def _request_states(store: ObjectStore) -> list[tuple[str, str]]:
 
     Read one request at a time and only its status kept: ``entries()`` holds every request with its
     details (a done request's audit of every run; 140 MB of Python objects for 5,000 requests on 11 runs).
+    A request whose record or latest status is damaged is listed as :data:`_UNREADABLE` (first;
+    ``store check`` reports the damage), counted as open by its callers.
     """
     from storage.ledger import DeletionLedger
 
@@ -389,6 +470,9 @@ def _request_states(store: ObjectStore) -> list[tuple[str, str]]:
         try:
             entry = ledger.get(request_id)
         except ObjectNotFound:  # as entries(): a request being appended (or never was) is not yet a request
+            continue
+        except CorruptObject:
+            found.append((0.0, request_id, _UNREADABLE))
             continue
         found.append((entry.request.get("requested_at", 0.0), entry.request_id, entry.status))
     found.sort(key=lambda item: (item[0], item[1]))
@@ -462,7 +546,7 @@ def prune_versions(store: ObjectStore, *, keep: int, apply: bool) -> dict[str, A
     from storage.registry import RunRegistry, pruned_key
 
     registry = RunRegistry(store)
-    open_requests = any(status in (PENDING, CLAIMED) for _, status in _request_states(store))
+    open_requests = any(status in (PENDING, CLAIMED, _UNREADABLE) for _, status in _request_states(store))
     out: dict[str, Any] = {"keep_versions": keep, "runs": {}, "objects": 0, "bytes": 0, "held": 0, "skipped": {}}
     for pointer_key in store.list_pointers("runs"):
         if not pointer_key.endswith("/current") or pointer_key.count("/") != 2:

@@ -176,9 +176,18 @@ class DeletionLedger:
 
         Raises:
             ObjectNotFound: no such request in the ledger.
+            CorruptObject: its record or its current status is damaged (the message says how to mend it).
         """
-        request = self.store.get_json(self._request_key(request_id))
-        pointer = self.store.read_pointer(self._status_key(request_id))
+        key = self._request_key(request_id)
+        try:
+            request = self.store.get_json(key)
+        except CorruptObject as err:
+            raise CorruptObject(f"{damaged_request_record(request_id, err)}.") from err
+        try:
+            pointer = self.store.read_pointer(self._status_key(request_id))
+        except CorruptObject as err:
+            versions = self.store.pointer_versions(self._status_key(request_id))
+            raise CorruptObject(f"{damaged_current_status(request_id, versions[-1], err)}.") from err
         if pointer is None:
             return RequestStatus(request, PENDING, {}, 0, float(request["requested_at"]))
         return RequestStatus(
@@ -197,14 +206,21 @@ class DeletionLedger:
         return self.exists(request_id) and self.get(request_id).status in (REJECTED, CANCELLED)
 
     def history(self, request_id: str) -> list[dict[str, Any]]:
-        """Every status the request went through, oldest first."""
+        """Every status the request went through, oldest first.
+
+        A damaged version is listed with status ``unreadable`` and, in its details, the error and how
+        to mend it: the rest of the history stays readable.
+        """
         key = self._status_key(request_id)
-        current = self.store.read_pointer(key)
-        if current is None:
-            return []
-        out = []
-        for version in range(1, current.version + 1):
-            raw = self.store.read_pointer_version(key, version)
+        versions = self.store.pointer_versions(key)
+        out: list[dict[str, Any]] = []
+        for version in range(1, (versions[-1] if versions else 0) + 1):
+            try:
+                raw = self.store.read_pointer_version(key, version)
+            except CorruptObject as err:
+                error = f"{str(err).rstrip('.')}; restore {key}/v{version:09d}.json from a backup"
+                out.append({"version": version, "status": "unreadable", "at": None, "details": {"error": error}})
+                continue
             out.append(
                 {
                     "version": version,
@@ -590,6 +606,45 @@ class DeletionLedger:
         if moved is None:
             raise RequestError(f"request {request_id} changed status while retrying; look again with --status.")
         return moved
+
+
+def request_record_mend(request_id: str) -> str:
+    """How to mend a damaged or lost request record (``ledger/requests/<request>.json``), in words."""
+    key = f"ledger/requests/{request_id}.json"
+    return (
+        f"restore {key} and {key}.sha256 from a backup; or remove both and file the request again with the ids it "
+        f"was filed with, `obliviate forget --ids IDS --data DATASET --request-id {request_id} --no-event`, which "
+        "rewrites the record and keeps the status history"
+    )
+
+
+def current_status_mend(request_id: str, version: int) -> str:
+    """How to mend a request's damaged current status version, in words."""
+    key = f"ledger/status/{request_id}/v{version:09d}.json"
+    back = f"makes version {version - 1} current again" if version > 1 else "leaves no status (pending)"
+    return (
+        f"restore {key} from a backup; without one, removing it {back} and the next pass takes the request up from "
+        "there (a request already applied is found applied and settles done; one cancelled in the lost version would "
+        "be applied after all)"
+    )
+
+
+def damaged_request_record(request_id: str, err: Exception | str) -> str:
+    """What a damaged request record loses and how to mend it, in words (``err``: the checksum failure)."""
+    said = str(err).rstrip(".").split(" (`obliviate store check`", 1)[0].removesuffix("; the object is damaged")
+    return (
+        f"the record of deletion request {request_id} is damaged ({said}): the ids, dataset and reason it was filed "
+        f"with cannot be read; its status history (ledger/status/{request_id}) is kept. To mend: "
+        f"{request_record_mend(request_id)} (`obliviate store check` lists every damaged record)"
+    )
+
+
+def damaged_current_status(request_id: str, version: int, err: Exception | str) -> str:
+    """What a request's damaged current status version loses and how to mend it, in words."""
+    return (
+        f"the current status of deletion request {request_id} is damaged ({str(err).rstrip('.')}), so where the "
+        f"request stands is unknown. To mend: {current_status_mend(request_id, version)}"
+    )
 
 
 def request_part(
