@@ -4,18 +4,24 @@
 
 * ``corrupt``: committed objects whose bytes fail their commit record or are gone (a commit record
   left without its object: deleted or lost outside obliviate, since a write commits its bytes
-  first and a delete removes the record first), and pointer versions that fail their own
-  checksum; each with the ``(run, version)`` pairs whose manifests need it. A damaged ledger
-  record (a request or one of its status versions) is one such item, said with what it loses and
-  how to mend it (:func:`_explain_ledger_damage`); the rest is checked all the same;
+  first and a delete removes the record first), objects something needs (a version, a result, a
+  request's status history) whose commit record is gone and bytes left, and pointer versions that
+  fail their own checksum; each with the ``(run, version)`` pairs whose manifests need it. A
+  damaged ledger record (a request or one of its status versions) is one such item, said with
+  what it loses and how to mend it (:func:`_explain_ledger_damage`); the rest is checked all the same;
 * ``lineage``: per run, problems of the version history: a version whose manifest is missing or
   damaged, a manifest member missing or not matching the checksum the manifest recorded, a
   version that dropped requests or deleted ids an earlier version had applied;
 * ``orphans``: objects nothing can reach: checkpoints and manifests of attempts that lost a
   publish race or crashed, of versions pruned by retention, leases of settled requests,
-  half-written temporary files. They are listed only when no kept version refers to them, their
-  run has a current version (a training in progress is never touched), they are older than
-  ``min_age_s``, and no attempt may still write, publish or resume them (:func:`_in_flight`).
+  half-written temporary files, bytes a write left under their final name without committing them
+  (``uncommitted``: a crash or a full disk between the bytes and their commit record; nothing
+  needs them), half-filed requests (``half_filed``: an open marker whose request was never
+  committed, so never acknowledged; a re-run of the same ``forget --request-id`` completes it). They
+  are listed only when no kept version refers to them, their run has a current version (a training
+  in progress is never touched), they are older than ``min_age_s``, and no attempt may still write,
+  publish or resume them (:func:`_in_flight`). A write check's leftover (:meth:`ObjectStore.check_writable`)
+  is listed whatever its age: nothing reads it, and its writer tolerates its removal.
 
 Retention (:func:`prune_versions`, ``store check --repair --keep-versions N``) marks the versions of
 a run older than its newest N as pruned (``runs/<run>/pruned.json``, written first) and deletes what
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.errors import CorruptObject, ObjectNotFound, StorageError
-from storage.objects import COMMIT_SUFFIX, ObjectStore
+from storage.objects import COMMIT_SUFFIX, WRITE_CHECK_MARK, ObjectStore
 
 _TMP_MARK = ".tmp-"
 # Short-lived objects that one writer rewrites while another may delete them: leases, open-request
@@ -46,7 +52,11 @@ _MANIFEST_KEY = re.compile(r"^runs/(?P<run>[^/]+)/manifests/v(?P<version>\d{6})-
 # The chain folder of an unlearning: ``u<base version>-<hash>`` (obliviate.unlearning.service.work_token).
 _TOKEN_CHAIN = re.compile(r"^u(?P<base>\d{6})-")
 _REQUEST_KEY = re.compile(r"^ledger/requests/(?P<request>[^/]+)\.json$")
+_OPEN_KEY = re.compile(r"^ledger/open/(?P<request>[^/]+)\.json$")
 _STATUS_VERSION_KEY = re.compile(r"^ledger/status/(?P<request>[^/]+)/v(?P<version>\d{9})\.json$")
+_POINTER_VERSION_NAME = re.compile(r"^v\d{9}\.json$")
+# Folders of a store that hold no obliviate objects: Ray Tune's own state (flows.tune).
+_FOREIGN = ("tune-state/",)
 # A ledger request whose record or latest status cannot be read: counted as open (what it may still need is kept).
 _UNREADABLE = "unreadable"
 # How a damaged object's error (storage.objects) ends outside store check.
@@ -69,6 +79,9 @@ class StoreReport:
     collected: list[str] = field(default_factory=list)
     pruned: dict[str, Any] | None = None
     seconds: float = 0.0
+    uncommitted: list[str] = field(default_factory=list)
+    half_filed: list[str] = field(default_factory=list)
+    min_age_s: float = 600.0
 
     @property
     def healthy(self) -> bool:
@@ -93,6 +106,8 @@ class StoreReport:
             "unrecoverable": self.unrecoverable,
             "collected": self.collected,
             "pruned": self.pruned,
+            "uncommitted": self.uncommitted,
+            "half_filed": self.half_filed,
             "seconds": self.seconds,
         }
 
@@ -100,7 +115,7 @@ class StoreReport:
 def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     """Verify every committed object and pointer version, every run's lineage; list orphans."""
     began = time.monotonic()
-    report = StoreReport(url=store.url)
+    report = StoreReport(url=store.url, min_age_s=min_age_s)
     names = store.stored_names("")
     keys = store.list("")
     for key in keys:
@@ -169,6 +184,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
             )
         if key.rsplit("/", 1)[-1] == "manifest.json" and not key.startswith("runs/"):
             _check_result_manifest(store, key, report)
+    alone = _bytes_alone(store, report, names, keys, pointer_keys, referenced, dependents)
     for item in report.corrupt:
         item["needed_by"] = dependents.get(item["key"], [])
         # a damaged object's own error sends its reader here; here it is said what needs it and how to mend it
@@ -176,7 +192,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     _explain_ledger_damage(store, report)
 
     report.orphans, report.orphans_held_back = _orphans(
-        store, keys + lost, names, referenced, runs_with_versions, min_age_s
+        store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report
     )
     report.seconds = time.monotonic() - began
     return report
@@ -190,6 +206,81 @@ def _records_alone(names: list[str]) -> list[str]:
         for name in names
         if name.endswith(COMMIT_SUFFIX) and _TMP_MARK not in name and name[: -len(COMMIT_SUFFIX)] not in present
     )
+
+
+def _bytes_alone(
+    store: ObjectStore,
+    report: StoreReport,
+    names: list[str],
+    keys: list[str],
+    pointer_keys: list[str],
+    referenced: set[str],
+    dependents: dict[str, list[dict[str, Any]]],
+) -> list[str]:
+    """Bytes under a final name without a commit record: damage when something needs them, else returned.
+
+    A write stores its bytes, then their commit record; a crash or a full disk in between leaves the
+    bytes alone, never acknowledged (an orphan, returned here). Their record lost outside obliviate
+    looks the same: when a version, a result or a request's status history needs the object, it is
+    damage (added to ``report.corrupt``; a version's member already reported as missing is not
+    repeated). A request whose status history exists needs its record; one without (its record
+    alone, or only its open marker) is half-filed: ``report.half_filed`` (its marker and bytes are
+    orphans). A status history whose request is gone entirely is damage too.
+    """
+    present = set(names)
+    pointers = set(pointer_keys)
+    statuses = {key.split("/")[2] for key in pointer_keys if key.startswith("ledger/status/") and key.count("/") == 2}
+    said = {item["key"] for item in report.corrupt} | {problem.get("key") for problem in report.lineage}
+    found: list[str] = []
+    requests_with_bytes: set[str] = set()
+    for name in names:
+        parent, _, base = name.rpartition("/")
+        if (
+            name.endswith(COMMIT_SUFFIX)
+            or _TMP_MARK in name
+            or name + COMMIT_SUFFIX in present
+            or not parent  # nothing of obliviate is stored at the root but its temporary files
+            or name.startswith(_FOREIGN)
+            or (parent in pointers and _POINTER_VERSION_NAME.match(base))
+        ):
+            continue
+        request = _REQUEST_KEY.match(name)
+        if request is not None:
+            requests_with_bytes.add(request.group("request"))
+        if name in said:
+            continue
+        if name in dependents or name in referenced or (request is not None and request.group("request") in statuses):
+            report.objects_checked += 1
+            report.corrupt.append(
+                {
+                    "key": name,
+                    "error": f"{store.uri(name)} has bytes but no commit record ({COMMIT_SUFFIX}): its record was "
+                    "lost outside obliviate (or a write of it was interrupted), and it is needed",
+                }
+            )
+        elif request is not None:
+            report.half_filed.append(request.group("request"))
+        else:
+            found.append(name)
+    committed = set(keys)
+    for request_id in sorted(statuses):
+        key = f"ledger/requests/{request_id}.json"
+        if key not in committed and request_id not in requests_with_bytes and key not in said:
+            report.corrupt.append(
+                {
+                    "key": key,
+                    "error": f"{store.uri(key)} is gone (bytes and commit record, deleted or lost outside obliviate) "
+                    f"while the request's status history ledger/status/{request_id} remains",
+                }
+            )
+    for key in keys:  # an open marker of a request never committed (the write of its record failed or never came)
+        marker = _OPEN_KEY.match(key)
+        opened = marker.group("request") if marker is not None else ""
+        if opened and f"ledger/requests/{opened}.json" not in committed and opened not in statuses:
+            report.half_filed.append(opened)
+    report.half_filed = sorted(set(report.half_filed))
+    report.uncommitted = sorted(found)
+    return report.uncommitted
 
 
 def _explain_ledger_damage(store: ObjectStore, report: StoreReport) -> None:
@@ -411,8 +502,14 @@ def _orphans(
     referenced: set[str],
     runs_with_versions: dict[str, tuple[int, int]],
     min_age_s: float,
+    alone: list[str],
+    report: StoreReport,
 ) -> tuple[list[str], str | None]:
     """Unreferenced objects old enough to collect, and why some were kept (``None``: none were).
+
+    ``alone``: bytes without a commit record that nothing needs (:func:`_bytes_alone`), judged like
+    committed objects by the time their bytes were written. ``report.half_filed``: requests never
+    committed; their marker and bytes go once both are older than ``min_age_s``.
 
     Open requests no longer hold everything back (with a batch window one nearly always is): only
     what an attempt may still write, publish or resume is kept while a request is open
@@ -425,7 +522,8 @@ def _orphans(
     settled = {request_id for request_id, _ in states} - set(open_requests)
     now = time.time()
     found, kept = [], set()
-    for key in keys:
+    uncommitted = set(alone)
+    for key in [*keys, *alone]:
         chain = _CHAIN_KEY.match(key) or _MANIFEST_KEY.match(key)
         lease_of = key.split("/")[2] if key.startswith("ledger/leases/") else None
         if chain is not None:
@@ -434,14 +532,26 @@ def _orphans(
             if open_requests and _in_flight(key, runs_with_versions[chain.group("run")]):
                 kept.add(key)
                 continue
+        elif key in uncommitted:
+            pass  # nothing committed it, nothing needs it: garbage once old enough
         elif lease_of is None or lease_of not in settled:
             continue
-        if now - _committed_at(store, key) >= min_age_s:
+        age = _stored_age_s(store, key) if key in uncommitted else now - _committed_at(store, key)
+        if age >= min_age_s:
             found.append(key)
+    for request_id in report.half_filed:
+        marker, record = f"ledger/open/{request_id}.json", f"ledger/requests/{request_id}.json"
+        parts = [key for key in (marker,) if key in keys] + [key for key in (record,) if key in names]
+        ages = [now - _committed_at(store, marker) if key == marker else _stored_age_s(store, key) for key in parts]
+        if parts and min(ages) >= min_age_s:
+            found.extend(parts)
     for name in names:
         base = name.rsplit("/", 1)[-1]
-        if base.startswith(_TMP_MARK) and store.stored_age_s(name) >= min_age_s:
+        if base.startswith(WRITE_CHECK_MARK) and "/" not in name:
+            found.append(name)  # a write check's leftover: nothing reads it, its writer tolerates its removal
+        elif base.startswith(_TMP_MARK) and store.stored_age_s(name) >= min_age_s:
             found.append(name)
+    found = list(set(found))
     held = None
     if kept:
         runs = sorted({key.split("/")[1] for key in kept})
@@ -451,6 +561,14 @@ def _orphans(
             "attempt in progress may still publish or the next attempt resumes; they are collected once that "
             "work publishes or no request is open. Everything else unreferenced is collected."
         )
+    young = [r for r in report.half_filed if not {f"ledger/open/{r}.json", f"ledger/requests/{r}.json"} & set(found)]
+    if young:
+        note = (
+            f"{len(young)} half-filed request(s) {young[:5]}: an open marker without a committed request record, "
+            "as a `forget` that failed part way leaves it (never acknowledged); repeating that `forget` with its "
+            "--request-id completes the request, else --repair collects the leftovers once older than --orphan-age."
+        )
+        held = f"{held} {note}" if held else note
     return sorted(found), held
 
 
@@ -500,6 +618,14 @@ def _in_flight(key: str, run: tuple[int, int]) -> bool:
     return not (chain == "train" or chain.startswith("train-x"))
 
 
+def _stored_age_s(store: ObjectStore, name: str) -> float:
+    """Seconds since ``name``'s bytes were written (0.0 if they are gone by now: nothing to collect)."""
+    try:
+        return store.stored_age_s(name)
+    except StorageError:
+        return 0.0
+
+
 def _committed_at(store: ObjectStore, key: str) -> float:
     try:
         return store.committed_at(key)
@@ -508,16 +634,42 @@ def _committed_at(store: ObjectStore, key: str) -> float:
 
 
 def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:
-    """Delete the orphans ``report`` listed (commit record first, as every delete); returns them."""
+    """Delete the orphans ``report`` listed (commit record first, as every delete); returns those deleted.
+
+    Bytes without a commit record go only if still uncommitted and old (a write may have come
+    back since the check); a half-filed request's marker only if its request is still uncommitted
+    and the marker was not written again (a re-run of its ``forget``), and put back if the request
+    got committed while it was deleted (an open request always has its marker).
+    """
     collected = []
+    uncommitted = set(report.uncommitted) | {f"ledger/requests/{r}.json" for r in report.half_filed}
+    half_filed = {f"ledger/open/{r}.json": r for r in report.half_filed}
     for name in report.orphans:
         if name.rsplit("/", 1)[-1].startswith(_TMP_MARK):
             store.remove_temporary(name)
+        elif name in uncommitted:
+            if not store.remove_uncommitted(name, older_than_s=report.min_age_s):
+                continue
+        elif name in half_filed:
+            if not _drop_half_filed_marker(store, half_filed[name], min_age_s=report.min_age_s):
+                continue
         else:
             store.delete(name)
         collected.append(name)
     report.collected = collected
     return collected
+
+
+def _drop_half_filed_marker(store: ObjectStore, request_id: str, *, min_age_s: float) -> bool:
+    """Delete the open marker of a request never committed; whether it was deleted (see :func:`collect_orphans`)."""
+    marker, record = f"ledger/open/{request_id}.json", f"ledger/requests/{request_id}.json"
+    if store.exists(record) or time.time() - _committed_at(store, marker) < min_age_s:
+        return False
+    store.delete(marker)
+    if store.exists(record):  # a re-run committed it meanwhile: it is open, so it keeps its marker
+        store.put_json(marker, {"at": time.time()})
+        return False
+    return True
 
 
 def prune_versions(store: ObjectStore, *, keep: int, apply: bool) -> dict[str, Any]:

@@ -474,12 +474,33 @@ class ObjectStore:
         with self._backend(self.uri(), writing=True), contextlib.suppress(FileNotFoundError):
             self._fs.rm_file(self._path(name))
 
+    def remove_uncommitted(self, name: str, *, older_than_s: float) -> bool:
+        """Delete bytes stored under ``name`` that no commit record commits (a write interrupted before it committed).
+
+        Checked again just before: nothing is removed if ``name`` is committed by now, or its bytes
+        were written within ``older_than_s`` seconds (a write in flight commits them next).
+
+        Returns:
+            whether the bytes were removed.
+        """
+        name = _check_key(name)
+        if self.exists(name):
+            return False
+        try:
+            if self.stored_age_s(name) < older_than_s:
+                return False
+        except ObjectNotFound:
+            return False
+        with self._backend(self.uri(name), writing=True), contextlib.suppress(FileNotFoundError):
+            self._fs.rm_file(self._path(name))
+        return True
+
     def check_writable(self) -> None:
         """Write and delete a temporary name at the store's root, to learn early that writes fail.
 
         The name carries the temporary mark, so listings never show it; it is removed whether the
-        write succeeds or fails, and one a crash left is a temporary file ``store check --repair``
-        collects. Nothing else (no folder) is created.
+        write succeeds or fails, and ``store check --repair`` collects one a crash left, whatever its
+        age (nothing reads it). Nothing else (no folder) is created.
 
         Raises:
             WriteFailed: the store cannot be written.

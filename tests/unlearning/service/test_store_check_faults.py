@@ -1,12 +1,14 @@
 """`store check` on a store a fault left behind (fast; a local store, a tiny run, faults made by hand
 or by a file-size limit in a child process): a damaged ledger record is one damaged object, not the
-end of the check; write checks and failed writes leave nothing."""
+end of the check; write checks and failed writes leave nothing; bytes a write left without their
+commit record are reported, as damage when something needs them, else as orphans `--repair` collects."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,12 @@ from flows.cli import main
 from flows.repair import check_and_repair
 from flows.train import run_spec
 from storage import ObjectStore
-from storage.check import check_store
+from storage.check import check_store, collect_orphans
 from storage.errors import CorruptObject, WriteFailed
 from storage.ledger import DeletionLedger
 
 REPO = Path(__file__).resolve().parents[3]
+AN_HOUR_AGO = time.time() - 3600
 
 
 @pytest.fixture
@@ -158,10 +161,10 @@ def test_a_damaged_status_version_is_damage_with_its_mend_and_the_history_stays_
 # ----- write checks and failed writes leave nothing (probe defect 6a) ---------------------------
 
 
-def test_a_failed_write_check_leaves_nothing(store_url):
+def test_a_failed_write_check_leaves_nothing_and_a_leftover_is_collected_at_once(store_url):
     """A write check that failed (a full disk) left an empty `.tmp-write-check-<hex>` at the store's
-    root (forget, verify and store check --repair each left one); now nothing is left, nor does a
-    pointer version whose write fails leave its temporary file."""
+    root, collected only after --orphan-age; now nothing is left, and one a crash left is collected
+    at once (nothing reads it)."""
     store = ObjectStore(store_url)
     store.ensure_container()
     said = _with_file_size_limit(store_url, 0, "store.check_writable()")
@@ -171,3 +174,83 @@ def test_a_failed_write_check_leaves_nothing(store_url):
     said = _with_file_size_limit(store_url, 40, "store.swap_pointer('p', {'x': 'y' * 100}, expected_version=0)")
     assert said.startswith(WriteFailed.__name__), said
     assert [name for name in store.stored_names("") if ".tmp-" in name] == []  # the pointer's temporary file
+
+    leftover = _root(store_url) / ".tmp-write-check-0123456789ab"
+    leftover.write_bytes(b"")
+    report = check_store(store, min_age_s=3600)
+    assert report.orphans == [".tmp-write-check-0123456789ab"] and report.healthy
+    assert collect_orphans(store, report) == [".tmp-write-check-0123456789ab"] and not leftover.exists()
+
+
+# ----- half-filed requests (probe defect 6b) ------------------------------------------------------
+
+
+def test_a_half_filed_request_is_an_orphan_and_a_rerun_completes_it(store_url):
+    """`forget` failing part-way (a full disk) left the request's open marker committed and its record's
+    bytes without a commit record: `store check` said healthy and `--repair --orphan-age 0` never
+    collected them. Now they are orphans (never acknowledged), collected past --orphan-age; a re-run
+    of the same request id completes the request instead."""
+    store = ObjectStore(store_url)
+    store.ensure_container()
+    root = _root(store_url)
+    (root / "ledger/requests").mkdir(parents=True)
+    for request_id in ("half-1", "half-2"):
+        store.put_json(f"ledger/open/{request_id}.json", {"at": time.time()})  # as DeletionLedger.append, first
+        (root / f"ledger/requests/{request_id}.json").write_bytes(b'{"request_id": "' + request_id.encode() + b'"}')
+    said = _with_file_size_limit(
+        store_url, 60, "DeletionLedger(store).append(request_id='half-3', ids=[1], dataset='digits', reason=None)"
+    )
+    assert said.startswith(WriteFailed.__name__), said  # its marker's bytes alone: even the marker did not commit
+
+    old = check_store(store, min_age_s=0).orphans
+    assert {"ledger/open/half-1.json", "ledger/requests/half-1.json", "ledger/open/half-3.json"} <= set(old), old
+    young = check_store(store, min_age_s=3600)
+    assert young.half_filed == ["half-1", "half-2"] and young.orphans == [] and young.healthy, young.as_dict()
+    assert young.uncommitted == ["ledger/open/half-3.json"]
+    assert "half-filed request(s) ['half-1', 'half-2']" in (young.orphans_held_back or "")
+
+    _file_request(store, "half-2", [5])  # the re-run the error message advised
+    assert DeletionLedger(store).get("half-2").status == "pending"
+    report = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    assert sorted(report.collected) == [
+        "ledger/open/half-1.json",
+        "ledger/open/half-3.json",
+        "ledger/requests/half-1.json",
+    ], report.as_dict()
+    assert report.healthy and sorted(os.listdir(root / "ledger/requests")) == ["half-2.json", "half-2.json.sha256"]
+    assert DeletionLedger(store).open_request_ids() == ["half-2"]
+
+
+# ----- bytes without a commit record under final names (probe defect 6c) ---------------------------
+
+
+def test_bytes_without_a_commit_record_are_orphans_or_damage(trained, capsys):
+    """Stray bytes under final names with no commit record (a write cut off between its bytes and its
+    record) were never reported nor collected. Now those nothing needs are orphans `--repair` collects
+    past --orphan-age; one something needs (a run's spec, a request with a status history) is damage;
+    files of Ray Tune's state are not the store's objects and are left alone."""
+    store_url, _ = trained
+    store = ObjectStore(store_url)
+    root = _root(store_url)
+    stray = ["runs/r1/chains/train/ckpt-0009.pt", "runs/r1/manifests/v000009-train.json", "registry/gone.json"]
+    for name in stray:
+        (root / name).write_bytes(b"")
+        os.utime(root / name, (AN_HOUR_AGO, AN_HOUR_AGO))
+    (root / "tune-state/exp").mkdir(parents=True)
+    (root / "tune-state/exp/state.json").write_text("{}")
+    os.remove(root / "runs/r1/spec.json.sha256")
+    _file_request(store, "req-1", [1])
+    os.remove(root / "ledger/requests/req-1.json.sha256")
+
+    report = check_store(store, min_age_s=600)
+    assert report.orphans == sorted(stray), report.as_dict()
+    young = check_store(store, min_age_s=2 * 3600)
+    assert young.uncommitted == sorted(stray) and young.orphans == [], young.as_dict()
+    assert {item["key"] for item in report.corrupt} == {"runs/r1/spec.json", "ledger/requests/req-1.json"}
+    assert main(["store", "check", "--store", store_url]) == 1
+    assert "ckpt-0009.pt" in capsys.readouterr().err
+
+    report = check_and_repair(store_url, repair=True, min_orphan_age_s=600)
+    assert report.collected == sorted(stray) and not any((root / name).exists() for name in stray)
+    assert (root / "tune-state/exp/state.json").exists() and (root / "runs/r1/spec.json").exists()
+    assert "runs/r1/spec.json" in {item["key"] for item in report.corrupt}
