@@ -142,7 +142,7 @@ def describe(
 
 
 def run_forget(args: Args) -> int:
-    from flows.unlearn import dataset_rows, new_request_id, submit_deletion
+    # flows.unlearn (Prefect) is imported where a request is made or announced: --status and --cancel do neither.
     from obliviate.data import load_dataset
     from obliviate.errors import ConfigError
     from obliviate.unlearning.service import check_name, parse_ids
@@ -168,6 +168,8 @@ def run_forget(args: Args) -> int:
     if not request_id and args.ids is not None:
         # A new request's ids are checked before the store is created or written.
         # The row count submit_deletion checks against too, loaded once per process (mnist5k: 1-2 s a load).
+        from flows.unlearn import dataset_rows
+
         rows = dataset_rows(args.data)
         ids = parse_ids(
             args.ids, dataset_size=len(load_dataset(args.data)) if rows is None else rows, dataset=args.data
@@ -200,6 +202,8 @@ def run_forget(args: Args) -> int:
         entry = ledger.retry(args.retry)
         print(describe(entry.as_dict()), file=sys.stderr)
         if not args.no_event:  # announce it again; the ledger entry is the same request
+            from flows.unlearn import submit_deletion
+
             stored = entry.request
             submit_deletion(url, stored["ids"], dataset=stored["dataset"], request_id=args.retry)
         return _waited(url, args.retry, args.wait) if args.wait > 0 else EXIT_DONE
@@ -249,6 +253,8 @@ def run_forget(args: Args) -> int:
             )
             return EXIT_DONE
     assert ids is not None  # refused above when neither --ids nor --now was given
+    from flows.unlearn import new_request_id, submit_deletion
+
     # Named here, not inside submit_deletion, so a failure can say which request to look up or repeat.
     request_id = args.request_id or new_request_id(ids, dataset=args.data)
     try:

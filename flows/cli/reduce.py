@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -19,11 +19,14 @@ import typer
 from flows.cli._types import Args, flag, integer, number, option, parsed
 from flows.cli._types import seed as seed_type
 from flows.progress import report, shown_progress
-from obliviate.data import ImageDataset, dataset_source, load_dataset
+from obliviate.data import dataset_source, load_dataset
 from obliviate.errors import ConfigError
-from obliviate.reduction.drmi import check_subset_size, choose_starts, drmi_reduce
-from obliviate.reduction.mi import check_bins, mi_matrix
-from obliviate.reduction.tiling import TilePlan
+
+if TYPE_CHECKING:
+    from obliviate.data import ImageDataset
+
+# obliviate.reduction (numba, scipy) is imported by the functions that run a reduction, not here: building the
+# command line, for any command's --help or parsing, must not load it.
 
 DEFAULT_K = 600
 
@@ -111,6 +114,8 @@ def _prepared_store_url(args: Args) -> str:
 
 def _subset_size(k: int | None, n: int) -> int:
     """``--k`` as given, else the default, checked against a pool of ``n`` images."""
+    from obliviate.reduction.drmi import check_subset_size
+
     if k is not None or n < 3:  # a pool under 3 images fits no k: its own message says so
         check_subset_size(DEFAULT_K if k is None else k, n=n)
         return DEFAULT_K if k is None else k
@@ -129,6 +134,9 @@ def _check(args: Args, dataset: ImageDataset) -> None:
     left unchecked (the flow gets the default, which it ignores).
     """
     from flows.reduce import check_start_count, check_tile_size, restart_memory_bytes
+    from obliviate.reduction.drmi import choose_starts
+    from obliviate.reduction.mi import check_bins
+    from obliviate.reduction.tiling import TilePlan
 
     n = len(dataset)
     if getattr(args, "tiles_only", False):
@@ -205,6 +213,7 @@ def _result_line(h: float, *, restarts: int, best: int, normalize: bool) -> str:
 
 def print_plan(args: Args) -> int:
     """The reduction's sizes for ``--plan N`` images, without computing anything."""
+    from obliviate.reduction.drmi import check_subset_size
     from obliviate.reduction.tiling import plan_report
 
     if args.k is None and args.plan > DEFAULT_K:
@@ -286,6 +295,8 @@ def run_reduce_flow(args: Args) -> int:
 def run_reduce_in_process(args: Args, dataset=None) -> int:
     """The whole reduction in this process with the pure functions (no Ray, no Prefect)."""
     from flows.reduce import result_key
+    from obliviate.reduction.drmi import drmi_reduce
+    from obliviate.reduction.mi import mi_matrix
     from storage.objects import ObjectStore
 
     store = ObjectStore(_prepared_store_url(args))

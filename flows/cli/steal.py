@@ -16,14 +16,23 @@ from typing import Annotated, Any
 import typer
 
 from flows.cli._types import Args, comma_list, dataset, flag, integer, number, option, parsed, seed
+
+# From obliviate.defaults, not their homes in obliviate.extraction, which import torch: building the command line
+# (any command's --help and parsing) must not.
+from obliviate.defaults import (
+    ADAPTIVE_FROM_BUDGET,
+    ATTACK_CONSISTENCY_STEPS,
+    ATTACK_MAX_STEPS,
+    ATTACK_ROUND_STEPS,
+    ATTACK_ROUNDS,
+    AUDIT_SELECTOR,
+    DEFAULT_ATTACKER,
+    DEFAULT_SEEDS,
+    DEFAULT_SELECTOR,
+)
 from obliviate.errors import ConfigError
-from obliviate.extraction.active import ADAPTIVE_FROM_BUDGET, AUDIT_SELECTOR
-from obliviate.extraction.attackers import DEFAULT_ATTACKER, AttackOptions
-from obliviate.extraction.audit import DEFAULT_SEEDS
-from obliviate.extraction.selectors import DEFAULT_SELECTOR
 
 POOL_SIZE, TEST_SIZE = 2000, 1000
-_ATTACK = AttackOptions()
 
 
 def steal_command(
@@ -102,24 +111,24 @@ def steal_command(
         option(
             "--attack-steps",
             parser=integer,
-            help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {_ATTACK.max_steps})",
+            help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {ATTACK_MAX_STEPS})",
         ),
-    ] = _ATTACK.max_steps,
+    ] = ATTACK_MAX_STEPS,
     rounds: Annotated[
-        int, option("--rounds", parser=integer, help=f"pseudo_label self-training rounds (default {_ATTACK.rounds})")
-    ] = _ATTACK.rounds,
+        int, option("--rounds", parser=integer, help=f"pseudo_label self-training rounds (default {ATTACK_ROUNDS})")
+    ] = ATTACK_ROUNDS,
     consistency_steps: Annotated[
         int,
         option(
             "--consistency-steps",
             parser=integer,
-            help=f"semi_supervised FixMatch steps on the unlabeled pool (default {_ATTACK.consistency_steps})",
+            help=f"semi_supervised FixMatch steps on the unlabeled pool (default {ATTACK_CONSISTENCY_STEPS})",
         ),
-    ] = _ATTACK.consistency_steps,
+    ] = ATTACK_CONSISTENCY_STEPS,
     round_steps: Annotated[
         int,
-        option("--round-steps", parser=integer, help=f"steps per self-training round (default {_ATTACK.round_steps})"),
-    ] = _ATTACK.round_steps,
+        option("--round-steps", parser=integer, help=f"steps per self-training round (default {ATTACK_ROUND_STEPS})"),
+    ] = ATTACK_ROUND_STEPS,
     eps: Annotated[str, option("--eps", help="FGSM radii on [0,1] inputs (default 0.1,0.2,0.3)")] = "0.1,0.2,0.3",
     ifgsm: Annotated[bool, flag("--ifgsm", help="iterative FGSM instead of FGSM")] = False,
     drmi_starts: Annotated[

@@ -21,7 +21,6 @@ import typer
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, flag, new_app, number, option, parsed
 from obliviate.errors import ConfigError
-from storage.tiles import MI_TILES
 
 
 def check_command(
@@ -151,6 +150,8 @@ def _megabytes(size: int) -> str:
 
 def _how_to_mend(item: dict) -> str:
     """What mends a damaged object, in words: replay, the command that wrote it, or a backup."""
+    from storage.tiles import MI_TILES  # here, not at the top: storage.tiles imports numba
+
     if item.get("repairable_by_replay"):
         return "rebuildable with --repair"
     if item.get("part_of"):
@@ -164,6 +165,8 @@ def _how_to_mend(item: dict) -> str:
 
 def _needed_by(item: dict) -> str:
     """Which published versions need a damaged object, in words."""
+    from storage.tiles import MI_TILES  # here, not at the top: storage.tiles imports numba
+
     if item.get("part_of"):
         return f"part of result {item['part_of']}"
     if item["key"].startswith(f"{MI_TILES}/"):

@@ -13,8 +13,8 @@ from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, choice, choices, integer, number, option, parsed
 from flows.cli._types import seed as seed_type
 from obliviate.data import dataset_source
+from obliviate.defaults import DEFAULT_RECIPE  # not obliviate.unlearning.config's: that imports torch
 from obliviate.errors import ConfigError
-from obliviate.unlearning.config import DEFAULT_RECIPE
 
 MODELS = ("lenet5", "c3f2", "resnet18")
 OPTIMIZERS = ("adam", "sgd")

@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 from obliviate.checks import is_whole
+from obliviate.defaults import (
+    ADAPTIVE_FROM_BUDGET,
+    AUDIT_SELECTOR,  # noqa: F401 (re-exported from its old home)
+)
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import AttackOptions, train_substitute
 from obliviate.extraction.selectors import (
@@ -141,16 +145,9 @@ def adaptive(
     return Acquisition(pool.images[chosen], labels, chosen, len(chosen))
 
 
-#: What ``obliviate steal`` runs by default: of the selectors measured with the default attacker on
-#: 6 splits (``cluster_centers``, ``adaptive``), the stronger at each budget (bench/results/extraction.md).
-AUDIT_SELECTOR = "auto"
-
-#: The smallest budget at which :func:`auto` runs adaptive rounds. Below it a round buys so few
-#: images (13 at k = 50) that round 0 can miss a class, and the substitute then collapses: on
-#: bench/extraction.py's split 2 the default attacker fell to 83.8 % agreement at k = 50 with
-#: ``adaptive`` and stayed at 94.2 % with ``cluster_centers``; from 150 (rounds of 37-38 images)
-#: adaptive was ahead on the mean, and on every split at 600.
-ADAPTIVE_FROM_BUDGET = 150
+# AUDIT_SELECTOR (what ``obliviate steal`` runs by default) and ADAPTIVE_FROM_BUDGET (the smallest budget at
+# which auto runs adaptive rounds) are held, with why, in obliviate.defaults: building the command line
+# reads them without importing torch.
 
 
 @selector("auto", needs_target=True, needs_substitute=True)

@@ -35,6 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from obliviate.defaults import (
+    ATTACK_CONSISTENCY_STEPS,
+    ATTACK_MAX_STEPS,
+    ATTACK_ROUND_STEPS,
+    ATTACK_ROUNDS,
+    DEFAULT_ATTACKER,  # noqa: F401 (re-exported from its old home)
+)
 from obliviate.errors import ConfigError, DataError
 from obliviate.extraction.augment import AugmentOptions, random_affine
 from obliviate.extraction.consistency import fixmatch
@@ -87,12 +94,12 @@ class AttackOptions:
     basic_steps: int = 300
     min_steps: int = 400
     steps_per_image: float = 2.0
-    max_steps: int = 1200
+    max_steps: int = ATTACK_MAX_STEPS
     holdout: float = 0.1
     eval_every: int = 50
     patience: int = 6
     augment: AugmentOptions = field(default_factory=AugmentOptions)
-    consistency_steps: int = 1200
+    consistency_steps: int = ATTACK_CONSISTENCY_STEPS
     unlabeled_ratio: int = 2
     consistency_threshold: float = 0.95
     consistency_weight: float = 1.0
@@ -101,9 +108,9 @@ class AttackOptions:
     # the weak ranges, and tied at k = 600; MNIST digits do not survive heavy distortion unchanged.
     strong: AugmentOptions = field(default_factory=AugmentOptions)
     cutout: int = 0
-    rounds: int = 2
+    rounds: int = ATTACK_ROUNDS
     threshold: float = 0.9
-    round_steps: int = 600
+    round_steps: int = ATTACK_ROUND_STEPS
     fresh_student: bool = True
     tta: int = 0
     members: int = 3
@@ -170,8 +177,7 @@ class AttackerSpec:
 
 ATTACKERS: dict[str, AttackerSpec] = {}
 
-#: The attacker the audit assumes by default: the strongest measured (bench/results/extraction.md).
-DEFAULT_ATTACKER = "semi_supervised_ensemble"
+# DEFAULT_ATTACKER, the attacker the audit assumes by default, is held in obliviate.defaults (re-exported here).
 
 
 def attacker(name: str, *, assumes: str) -> Callable[[Attacker], Attacker]:

@@ -32,6 +32,7 @@ from typing import TypeVar, cast
 import numpy as np
 
 from obliviate.checks import is_whole
+from obliviate.defaults import DEFAULT_SELECTOR  # noqa: F401 (re-exported from its old home)
 from obliviate.errors import ConfigError
 from obliviate.extraction.substitute import TrainConfig, jacobian_augment, train_classifier
 from obliviate.extraction.target import Target
@@ -114,12 +115,7 @@ class SelectorSpec:
 
 SELECTORS: dict[str, SelectorSpec] = {}
 
-#: The label-free selector the audit recommends, and what the audit's default (``auto`` in
-#: :mod:`obliviate.extraction.active`) buys below 150 queries. bench/extraction.py (MNIST 5k, 6 splits):
-#: cluster_centers beat random's mean agreement in 24 of 30 (split, budget) cells, facility
-#: (registered as default before the run) in 21 of 30; neither wins every cell (see
-#: bench/results/extraction.md). Both win by 6-11 points at k = 50 and by about 0-2 above.
-DEFAULT_SELECTOR = "cluster_centers"
+# DEFAULT_SELECTOR (the label-free selector the audit recommends) is held, with why, in obliviate.defaults.
 
 
 def selector(
