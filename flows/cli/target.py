@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -99,6 +100,7 @@ def run_train(args: Args) -> int:
             f"{default_target_train_size(len(data))} here."
         )
     # Last of the checks, as it creates the folder; before training, which takes a while.
+    created = _missing_folders(Path(args.out).parent)
     out = _writable_checkpoint_path(args.out)
     print(
         f"target train: training {args.arch} on {train_size:,} images of {data.name}, {args.steps} Adam steps "
@@ -109,7 +111,14 @@ def run_train(args: Args) -> int:
     model, meta = train_target(
         data, train_size=train_size, config=TrainConfig(arch=args.arch, steps=args.steps), seed=args.seed
     )
-    save_checkpoint(out, model=model, arch=args.arch, meta=meta)
+    try:
+        save_checkpoint(out, model=model, arch=args.arch, meta=meta)
+    except OSError:
+        # The checkpoint is not there, so neither are the folders made for it (a full disk left an empty one).
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     # Its accuracy on every image it did not train on: what an audit's agreement will be measured beside.
     rest = np.setdiff1d(np.arange(len(data)), meta["train_indices"])
     rest_accuracy = accuracy(
@@ -137,6 +146,16 @@ def run_train(args: Args) -> int:
 #: How long training takes, said before it starts: `time obliviate target train --data mnist5k` (2,000 images,
 #: 1,500 steps) took 8.6 s on the idle 2-core machine of 2026-12-01, 12 s in bench/extraction_audit_e2e.py.
 TRAIN_SECONDS_NOTE = "1,500 took 9 s end to end on a 2-core machine"
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist yet, deepest first (those that creating it makes)."""
+    missing = []
+    for part in (folder, *folder.parents):
+        if part.exists():
+            break
+        missing.append(part)
+    return missing
 
 
 def _writable_checkpoint_path(out: str) -> Path:

@@ -69,3 +69,26 @@ def test_a_steal_report_on_a_full_disk_is_refused_in_words_and_the_previous_repo
     assert "choose another path (--out)" in said and "results were not saved anywhere else" in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["steal.json", "steal.md", "steal.png"]
     assert all((tmp_path / name).read_bytes() == b"old" for name, _ in files.values())
+
+
+def test_cli_target_train_that_cannot_write_leaves_no_folder_it_made(tmp_path):
+    """The checkpoint's folder is made before training (so a bad --out fails in seconds); a write that then
+    fails took it away again. The fault is real: a file size limit (RLIMIT_FSIZE) lets folders be made and
+    the checkpoint's bytes fail (EFBIG)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "new" / "deeper" / "t.pt"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "from flows.cli import main\n"
+        f"sys.exit(main(['target', 'train', '--data', 'digits', '--out', {str(out)!r}, '--steps', '1',"
+        " '--train-size', '50']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert f"obliviate target train: error: could not write {out}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == []
