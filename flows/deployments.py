@@ -55,8 +55,9 @@ from flows.watchdog import withdraw_endpoint
 from obliviate.errors import ConfigError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError
+from storage.errors import CorruptObject, StorageError
 from storage.lease import DEFAULT_LEASE_S
-from storage.ledger import CLAIMED, DeletionLedger
+from storage.ledger import CLAIMED, PENDING, DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
@@ -346,6 +347,7 @@ class ServiceWatcher:
         self.pass_count = 0  # every pass since serve started
         self.pass_outcomes: Counter[str] = Counter()  # every pass's outcome ("reconcile" for a watcher's pass)
         self.failures = RepeatedFailures()
+        self.unreadable_said: set[str] = set()  # open requests that cannot be read, said once (needs_pass)
 
     @property
     def warm(self) -> bool:
@@ -529,6 +531,19 @@ class ServiceWatcher:
             },
         )
 
+    def _recordable(self, ledger: DeletionLedger, request_id: str, error: str) -> bool:
+        """Whether a pass would record an open request that cannot be read as ``failed`` (its status is readable).
+
+        One whose status is damaged too cannot be recorded: said once here, and a pass would only say it again.
+        """
+        try:
+            return ledger.current_status(request_id) in (PENDING, CLAIMED)
+        except (CorruptObject, StorageError):
+            if request_id not in self.unreadable_said:
+                self.unreadable_said.add(request_id)
+                print(f"obliviate serve: request {request_id} cannot be read and is left as it is: {error}", flush=True)
+            return False
+
     def needs_pass(self) -> bool:
         """Whether a due request is orphaned: a lapsed claim, or pending longer than the grace period.
 
@@ -536,6 +551,8 @@ class ServiceWatcher:
         asked for): a pass would only find it batched again (one reconcile run every tick, all window long).
         Nor is anything while another pass holds the store (:func:`flows.settle.store_pass`: the cron
         ``reconcile``, an event's run): one pass at a time; the next tick after it ends looks again.
+        An open request that cannot be read (its record damaged) needs a pass too: the pass records it
+        ``failed`` with how to mend it, once.
         """
         if held_pass(self.store) is not None:
             return False
@@ -544,8 +561,11 @@ class ServiceWatcher:
         now = time.time()
         listening = self.listener is None or self.listener.connected.is_set()
         grace_s = self.grace_s if listening else 0.0
-        due = DeletionLedger(self.store).due_entries(lease_s=self.options.lease_s, now=now)
-        if any(entry.status == CLAIMED for entry in due):
+        ledger, unreadable = DeletionLedger(self.store), {}
+        due = ledger.due_entries(lease_s=self.options.lease_s, now=now, unreadable=unreadable)
+        if any(entry.status == CLAIMED for entry in due) or any(
+            self._recordable(ledger, r, e) for r, e in unreadable.items()
+        ):
             return True
         overdue = {entry.request_id for entry in due if now - entry.updated_at >= grace_s}
         if not overdue:  # the usual tick: the open batch is read only when it could matter

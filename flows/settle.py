@@ -233,6 +233,46 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+#: The state a pass reports for a request it could neither read nor record (its status is damaged too).
+UNREADABLE = "unreadable"
+
+
+def settle_unreadable(
+    ledger: DeletionLedger,
+    unreadable: Mapping[str, str],
+    *,
+    lease_s: float,
+    log: logging.Logger | logging.LoggerAdapter,
+) -> dict[str, dict[str, str]]:
+    """Record each open request that cannot be read as ``failed`` and say so loudly; the others are not held up.
+
+    ``unreadable``: request id -> what :meth:`~storage.ledger.DeletionLedger.get` said (from
+    ``due_entries(unreadable=...)``). A request whose record is damaged becomes ``failed`` with the
+    error and the mend as its reason (:meth:`~storage.ledger.DeletionLedger.fail_unreadable`);
+    nothing is applied for it. One whose current status is damaged (as well) cannot be recorded:
+    the log says so and it is reported ``unreadable``, left as it is.
+
+    Returns:
+        request id -> ``{"status": "failed" | "unreadable", "reason": ...}`` for each request this
+        call recorded or could not record (a live claim or a settled request is left out).
+    """
+    out: dict[str, dict[str, str]] = {}
+    for request_id, error in sorted(unreadable.items()):
+        try:
+            failed = ledger.fail_unreadable(request_id, error, lease_s=lease_s)
+        except Exception as err:  # noqa: BLE001 -- its status cannot be recorded: said, and the pass goes on
+            reason = f"{str(error).rstrip('.')}; and no status can be recorded: {err}"
+            out[request_id] = {"status": UNREADABLE, "reason": reason}
+            log.error(
+                "request %s cannot be read and is left as it is (the other requests go on): %s", request_id, reason
+            )
+            continue
+        if failed is not None:
+            out[request_id] = {"status": FAILED, "reason": str(failed["reason"])}
+            log.error("request %s failed (the other requests go on): %s", request_id, failed["reason"])
+    return out
+
+
 def run_pass(
     store: str,
     *,
@@ -256,8 +296,11 @@ def run_pass(
             against its deadline (``exact_at``, ``deadline``, ``late``).
 
     Returns:
-        ``claimed`` request ids, ``runs`` (audits), ``settled`` (request id -> state) and ``lost``
-        (claims taken over by another pass while this one worked).
+        ``claimed`` request ids, ``runs`` (audits), ``settled`` (request id -> state), ``lost``
+        (claims taken over by another pass while this one worked) and ``unreadable`` (open requests
+        whose record or status is damaged, each ``failed`` with the mend in its reason or, its
+        status damaged too, left as it is: :func:`settle_unreadable`; a ``failed`` one is in
+        ``settled`` too). One damaged request never stops the others.
     """
     holder = holder or f"pass-{os.getpid()}-{time.time_ns()}"
     try:
@@ -283,9 +326,13 @@ def _run_pass(
     ledger, registry = DeletionLedger(object_store), RunRegistry(object_store)
     settled: dict[str, str] = {}
     lost: list[str] = []
+    found: dict[str, str] = {}
+    due = [] if STOPPING.is_set() else ledger.due_entries(lease_s=attempts.lease_s, unreadable=found)
+    unreadable = settle_unreadable(ledger, found, lease_s=attempts.lease_s, log=log)
+    settled.update({r: u["status"] for r, u in unreadable.items() if u["status"] == FAILED})
     with LeaseKeeper(object_store, lease_s=attempts.lease_s, holder=holder) as keeper:
         claimed: list[RequestStatus] = []
-        for entry in [] if STOPPING.is_set() else ledger.due_entries(lease_s=attempts.lease_s):
+        for entry in due:
             try:
                 taken = ledger.claim(
                     entry.request_id, holder=holder, lease_s=attempts.lease_s, max_attempts=attempts.max_attempts
@@ -302,7 +349,7 @@ def _run_pass(
             except Exception as err:  # noqa: BLE001 -- one unreadable entry must not stop the others
                 log.warning("request %s could not be claimed: %s", entry.request_id, _error_text(err))
         if not claimed:
-            return {"claimed": [], "runs": {}, "settled": settled, "lost": lost}
+            return {"claimed": [], "runs": {}, "settled": settled, "lost": lost, "unreadable": unreadable}
         log.info("claimed %s", summarise_ids([c.request_id for c in claimed]))
 
         def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
@@ -428,7 +475,19 @@ def _run_pass(
                     },
                 )
     log.info("settled %d request(s): %s", len(settled), summarise_states(settled))
-    return {"claimed": [c.request_id for c in claimed], "runs": results, "settled": settled, "lost": lost}
+    if unreadable:
+        log.error(
+            "%s could not be read (`obliviate forget --status <request>` says how to mend each): %s",
+            summarise_ids(sorted(unreadable)),
+            summarise_states({r: u["status"] for r, u in unreadable.items()}),
+        )
+    return {
+        "claimed": [c.request_id for c in claimed],
+        "runs": results,
+        "settled": settled,
+        "lost": lost,
+        "unreadable": unreadable,
+    }
 
 
 def run_until_quiet(
@@ -436,7 +495,7 @@ def run_until_quiet(
 ) -> dict[str, Any]:
     """Run passes while a retry is due within ``attempts.retry_window_s``; merge their results."""
     ledger = DeletionLedger(ObjectStore(store))
-    merged: dict[str, Any] = {"claimed": [], "runs": {}, "settled": {}, "lost": [], "passes": 0}
+    merged: dict[str, Any] = {"claimed": [], "runs": {}, "settled": {}, "lost": [], "unreadable": {}, "passes": 0}
     for _ in range(max_passes or attempts.max_attempts + 1):
         result = run_once()
         merged["passes"] += 1
@@ -444,6 +503,7 @@ def run_until_quiet(
         merged["runs"].update(result.get("runs", {}))
         merged["settled"].update(result.get("settled", {}))
         merged["lost"] += result.get("lost", [])
+        merged["unreadable"].update(result.get("unreadable", {}))
         merged["fanout"] = result.get("fanout", merged.get("fanout"))
         retrying = [r for r, status in result.get("settled", {}).items() if status == PENDING]
         if not retrying or STOPPING.is_set():

@@ -47,7 +47,15 @@ from prefect.runtime import flow_run
 from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
 from flows.runtime import quiet_foreseen_tracebacks
-from flows.settle import PASS_WAIT_S, AttemptPolicy, busy_result, run_pass, run_until_quiet, store_pass
+from flows.settle import (
+    PASS_WAIT_S,
+    AttemptPolicy,
+    busy_result,
+    run_pass,
+    run_until_quiet,
+    settle_unreadable,
+    store_pass,
+)
 from flows.train import worker_pool
 from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
@@ -96,8 +104,13 @@ def process_open_requests(
     with store_pass(object_store, holder=holder, lease_s=attempts.lease_s, wait_s=PASS_WAIT_S) as other:
         if other is not None:
             return busy_result(ledger, other, lease_s=attempts.lease_s, logger=logger)
+        # A request that cannot be read is failed with how to mend it (or, its status damaged too, named), before
+        # the gate: it never joins a batch nor stops the others.
+        found: dict[str, str] = {}
+        due = ledger.due_entries(lease_s=attempts.lease_s, unreadable=found)
+        unreadable = settle_unreadable(ledger, found, lease_s=attempts.lease_s, log=logger)
         # Deadline-aware batching (flows/batching.py): due requests wait until their batch flushes.
-        gate = batch_gate(object_store, ledger.due_entries(lease_s=attempts.lease_s))
+        gate = batch_gate(object_store, due)
         if gate["requests"] and not gate["flush"]:
             logger.info(
                 "%d request(s) batched until %s (%s rule)",
@@ -109,7 +122,8 @@ def process_open_requests(
             return {
                 "claimed": [],
                 "runs": {},
-                "settled": {},
+                "settled": {r: u["status"] for r, u in unreadable.items() if u["status"] == FAILED},
+                "unreadable": unreadable,
                 "batched": gate,
                 "rejected_at_gate": gate.get("rejected", {}),
             }
@@ -121,8 +135,14 @@ def process_open_requests(
                 store, unlearn_runs=unlearn_runs, attempts=attempts, holder=holder, logger=logger, batch=batch
             ),
         )
-        try:
-            publish_request_artifacts(object_store, ledger, result["settled"])
+        result["unreadable"] = {**unreadable, **result.get("unreadable", {})}
+        result["settled"] = {
+            **{r: u["status"] for r, u in unreadable.items() if u["status"] == FAILED},
+            **result["settled"],
+        }
+        try:  # a request that cannot be read has no entry to show
+            readable = {r: state for r, state in result["settled"].items() if r not in result["unreadable"]}
+            publish_request_artifacts(object_store, ledger, readable)
         except Exception as err:  # noqa: BLE001 -- the ledger is settled; a dashboard artifact must not undo that
             logger.warning("could not publish the dashboard artifacts of %s: %s", sorted(result["settled"]), err)
         finish_batched_events(object_store, logger=logger)

@@ -38,6 +38,7 @@ A request whose status pointer is missing (a crash between the two writes) reads
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,9 +49,13 @@ from storage import lease
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import ObjectStore
 
+_log = logging.getLogger(__name__)
+
 PENDING, CLAIMED, DONE, REJECTED = "pending", "claimed", "done", "rejected"
 FAILED, CANCELLED = "failed", "cancelled"
 TERMINAL = frozenset({DONE, REJECTED, FAILED, CANCELLED})
+#: In a ``failed`` request's details: failed because its record cannot be read (:meth:`DeletionLedger.fail_unreadable`).
+DAMAGED_RECORD = "damaged_record"
 _CAS_ATTEMPTS = 20
 _OPEN_PREFIX, _OPEN_INDEX_KEY = "ledger/open", "ledger/open-index.json"
 _TRAINED_PREFIX = "ledger/trained"
@@ -117,9 +122,12 @@ class DeletionLedger:
         self.store.put_json(self._open_key(request_id), {"at": time.time()})
 
     def _unmark_open(self, request_id: str) -> None:
-        """Drop a terminal request's marker; put it back if the request was reopened meanwhile (``--retry``)."""
+        """Drop a terminal request's marker; put it back if the request was reopened meanwhile (``--retry``).
+
+        Only the status is read (not the request's record), so a request whose record is damaged can be settled too.
+        """
         self.store.delete(self._open_key(request_id))
-        if self.get(request_id).status not in TERMINAL:
+        if self.current_status(request_id) not in TERMINAL:
             self._mark_open(request_id)
 
     def _swap_status(self, request_id: str, status: str, details: Mapping[str, Any], *, expected_version: int) -> None:
@@ -139,9 +147,12 @@ class DeletionLedger:
         if self._indexed or self.store.exists(_OPEN_INDEX_KEY):
             self._indexed = True
             return
-        for entry in self.entries():
+        unreadable: dict[str, str] = {}
+        for entry in self.entries(unreadable=unreadable):
             if entry.status not in TERMINAL:
                 self._mark_open(entry.request_id)
+        for request_id in unreadable:  # a request that cannot be read counts as open: a pass says what it is
+            self._mark_open(request_id)
         self.store.put_json(_OPEN_INDEX_KEY, {"built_at": time.time()})
         self._indexed = True
 
@@ -159,7 +170,10 @@ class DeletionLedger:
         key = self._request_key(request_id)
         body = {"request_id": request_id, "ids": [int(i) for i in ids], "dataset": dataset, "reason": reason or ""}
         if self.store.exists(key):
-            stored = self.store.get_json(key)
+            try:
+                stored = self.store.get_json(key)
+            except CorruptObject as err:
+                raise CorruptObject(f"{damaged_request_record(request_id, err)}.") from err
             if stored["ids"] != body["ids"] or stored["dataset"] != dataset:
                 raise RequestError(
                     f"rule: a request id names one request; {request_id!r} already holds {len(stored['ids'])} ids of "
@@ -169,6 +183,11 @@ class DeletionLedger:
         self._mark_open(request_id)
         self.store.put_json(key, {**body, "requested_at": time.time()})
         self.transition(request_id, status=PENDING, details={}, allowed_from=(PENDING,))
+        current = self.get(request_id)
+        if current.status == FAILED and current.details.get(DAMAGED_RECORD):
+            # filed again after a pass failed it for its damaged record (the mend): due at the next pass
+            details = {"attempts": 0, "refiled_at": time.time(), "errors": current.details.get("errors") or []}
+            self.transition(request_id, status=PENDING, details=details, allowed_from=(FAILED,))
         return self.get(request_id), True
 
     def get(self, request_id: str) -> RequestStatus:
@@ -197,6 +216,15 @@ class DeletionLedger:
             pointer.version,
             pointer.created_at,
         )
+
+    def current_status(self, request_id: str) -> str:
+        """The request's status from its status pointer alone (its record is not read; none yet: ``pending``).
+
+        Raises:
+            CorruptObject: its current status version is damaged.
+        """
+        pointer = self.store.read_pointer(self._status_key(request_id))
+        return PENDING if pointer is None else str(pointer.target["status"])
 
     def exists(self, request_id: str) -> bool:
         return self.store.exists(self._request_key(request_id))
@@ -239,17 +267,26 @@ class DeletionLedger:
         self._ensure_open_index()
         return [key.rsplit("/", 1)[-1][: -len(".json")] for key in self.store.list(_OPEN_PREFIX)]
 
-    def entries(self, *, open_only: bool = False) -> list[RequestStatus]:
+    def entries(self, *, open_only: bool = False, unreadable: dict[str, str] | None = None) -> list[RequestStatus]:
         """Every request with its status, oldest request first; ``open_only``: pending and claimed ones only.
 
         ``open_only`` reads only the open markers, so its cost follows the open requests, not the
-        ledger's whole history.
+        ledger's whole history. A request whose record or current status is damaged is left out,
+        never the end of the listing: it goes into ``unreadable`` (request id -> what is damaged and
+        how to mend it) for the caller to report (a pass records it ``failed``:
+        :meth:`fail_unreadable`), or is logged as a warning when no ``unreadable`` is given.
         """
         found = []
         for request_id in self.open_request_ids() if open_only else self.request_ids():
             try:
                 entry = self.get(request_id)
             except ObjectNotFound:  # a marker whose request is being appended (or never was): not yet a request
+                continue
+            except CorruptObject as err:  # one damaged request hides only itself
+                if unreadable is None:
+                    _log.warning("deletion request %s left out: %s", request_id, err)
+                else:
+                    unreadable[request_id] = str(err)
                 continue
             if open_only and entry.status in TERMINAL:  # a marker a crash left behind
                 self._unmark_open(request_id)
@@ -338,11 +375,16 @@ class DeletionLedger:
 
     # ----- attempts, leases, terminal states (the pass in flows.settle uses these) -------------
 
-    def due_entries(self, *, lease_s: float, now: float | None = None) -> list[RequestStatus]:
-        """Requests a pass should take now: pending ones past their back-off, claims whose lease lapsed."""
+    def due_entries(
+        self, *, lease_s: float, now: float | None = None, unreadable: dict[str, str] | None = None
+    ) -> list[RequestStatus]:
+        """Requests a pass should take now: pending ones past their back-off, claims whose lease lapsed.
+
+        An open request that cannot be read is left out and named in ``unreadable`` (:meth:`entries`).
+        """
         now = time.time() if now is None else now
         due = []
-        for entry in self.entries(open_only=True):
+        for entry in self.entries(open_only=True, unreadable=unreadable):
             if (
                 entry.status == PENDING
                 and float(entry.details.get("next_attempt_at", 0.0)) <= now
@@ -358,6 +400,73 @@ class DeletionLedger:
             ):
                 due.append(entry)
         return due
+
+    def fail_unreadable(
+        self, request_id: str, error: str, *, lease_s: float, now: float | None = None
+    ) -> dict[str, Any] | None:
+        """Record ``failed`` on an open request whose record cannot be read (``error``: what :meth:`get` said).
+
+        No pass can apply a request whose ids cannot be read, and none may guess them: it is failed
+        (``details.damaged_record``, the error and how to mend it in ``reason``), nothing applied,
+        and its status history kept. Filed again under its id (:meth:`append`, the mend) it is
+        ``pending`` at once; a record restored from a backup is taken up by ``forget --retry``.
+        Only the status pointer is read and written.
+
+        Returns:
+            the ``failed`` details written, or ``None`` when the request is settled already (a
+            stale open marker, then removed) or claimed by a holder whose lease is live.
+
+        Raises:
+            CorruptObject: its current status cannot be read either (nothing written).
+        """
+        now = time.time() if now is None else now
+        key = self._status_key(request_id)
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                pointer = self.store.read_pointer(key)
+            except CorruptObject as err:
+                versions = self.store.pointer_versions(key)
+                raise CorruptObject(f"{damaged_current_status(request_id, versions[-1], err)}.") from err
+            status = PENDING if pointer is None else str(pointer.target["status"])
+            details = {} if pointer is None else dict(pointer.target.get("details") or {})
+            version = 0 if pointer is None else pointer.version
+            if status in TERMINAL:
+                self._unmark_open(request_id)
+                return None
+            if (
+                pointer is not None
+                and status == CLAIMED
+                and not lease.lapsed(
+                    self.store,
+                    request_id,
+                    claim_version=version,
+                    claimed_at=pointer.created_at,
+                    lease_s=lease_s,
+                    now=now,
+                )
+            ):
+                return None
+            attempts = int(details.get("attempt", 0) if status == CLAIMED else details.get("attempts", 0))
+            text = str(error).rstrip(".")
+            failed = {
+                "attempts": attempts,
+                "errors": [*(details.get("errors") or []), {"attempt": attempts, "error": text[:2000], "at": now}][
+                    -10:
+                ],
+                "last_error": text[:2000],
+                DAMAGED_RECORD: True,
+                "reason": f"{text}. Its ids cannot be read, so no pass can apply it: failed, nothing applied, its status "
+                "history kept. Filed again as said above, it is pending for the next pass; its record restored from a "
+                f"backup, `obliviate forget --retry {request_id}` takes it up.",
+            }
+            try:
+                self._swap_status(request_id, FAILED, failed, expected_version=version)
+            except PointerConflict:
+                continue
+            if status == CLAIMED:
+                lease.drop(self.store, request_id)
+            return failed
+        return None
 
     def claim(
         self, request_id: str, *, holder: str, lease_s: float, max_attempts: int, now: float | None = None
