@@ -14,7 +14,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -98,6 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     command = typer.main.get_command(build_app())
     words = list(sys.argv[1:] if argv is None else argv)
     try:
+        _refuse_an_option_as_a_value(command, words)
         result = command.main(args=words, prog_name="obliviate", standalone_mode=False)
     except typer.TyperException as err:  # click's UsageError and BadParameter (typer vendors click)
         ctx = getattr(err, "ctx", None)  # none for an option given without its value
@@ -109,6 +110,54 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     if not isinstance(result, Args):  # --help or --version printed, or a Ctrl-C while parsing: its exit code
         raise SystemExit(result)
     return result
+
+
+def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
+    """A usage error for an option whose value is missing, the next word being another option (``--data --blocks 3``).
+
+    click takes the word after an option as its value, even another option: ``--reason --no-event`` kept
+    "--no-event" as the reason and sent the event, and ``--data --blocks 3`` ended in "unexpected extra argument
+    (3)". argparse refused both; so does this, before click parses. A value given with ``=`` (``--reason=--now``)
+    is a value whatever it looks like.
+    """
+    from typer._click.core import Context
+    from typer._click.exceptions import UsageError
+    from typer.core import TyperGroup, TyperOption
+
+    command: Any = root
+    ctx = Context(command, info_name="obliviate")
+    rest = iter(words)
+    while isinstance(command, TyperGroup):  # the command's words (`target train`); the app's own options take no value
+        word = next(rest, None)
+        if word is None:
+            return
+        if word.startswith("-"):
+            continue
+        sub = command.commands.get(word)
+        if sub is None:
+            return  # click says it is no command
+        command, ctx = sub, Context(sub, info_name=word, parent=ctx)
+    if isinstance(command, TyperGroup):
+        return
+    names = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
+    names |= set(ctx.help_option_names)
+    takes_value = {
+        name: param
+        for param in command.params
+        if isinstance(param, TyperOption) and not param.is_flag and not param.count
+        for name in param.opts
+    }
+    for word in rest:
+        if word == "--":
+            return
+        param = takes_value.get(word)
+        if param is None:
+            if not word.startswith("-") and not ctx.allow_interspersed_args:
+                return  # submit: the job's words from here on are the job's
+            continue
+        value = next(rest, None)
+        if value is not None and value.split("=", 1)[0] in names:
+            raise UsageError(f"option {param.opts[0]} needs a value; got the option {value} after it", ctx=ctx)
 
 
 def _command_path(command: object, words: list[str]) -> str:

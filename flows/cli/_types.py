@@ -43,13 +43,7 @@ def new_app(**settings: Any) -> typer.Typer:
 def parsed(ctx: typer.Context, handler: Callable[[Args], int], **extra: Any) -> Args:
     """The command line of ``ctx`` (a command's context) as :class:`Args`: its options' values by name."""
     command = ctx.command_path.split()[1]  # "obliviate target train": target
-    # click takes the word after an option as its value, even another option: `--reason --no-event` would keep
-    # "--no-event" as the reason and send the event. argparse refused that; so does this.
-    names = {name for param in ctx.command.params for name in (*param.opts, *param.secondary_opts)} | {"-h", "--help"}
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name or "")
-        if param.param_type_name == "option" and isinstance(value, str) and value.split("=", 1)[0] in names:
-            raise usage_error(ctx, f"option {param.opts[0]} needs a value; got the option {value} after it")
+    # An option given another option as its value (`--reason --no-event`) is refused before: flows.cli.parse_args.
     return Args(command=command, handler=handler, **extra, **ctx.params)
 
 

@@ -1,0 +1,44 @@
+"""Edges of the typer command line that argparse handled and the first typer version did not."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import parse_args
+
+
+def refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(argv)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["train", "--run-id", "x2", "--data", "--blocks", "3"],
+            "obliviate train: error: option --data needs a value; got the option --blocks after it",
+        ),
+        (
+            ["train", "--run-id", "--blocks", "3"],
+            "obliviate train: error: option --run-id needs a value; got the option --blocks after it",
+        ),
+        (
+            ["target", "train", "--out", "--seed", "1"],
+            "obliviate target train: error: option --out needs a value; got the option --seed after it",
+        ),
+    ],
+)
+def test_an_option_without_its_value_before_an_option_that_takes_one_is_named(capsys, argv, said):
+    """`--data --blocks 3` took --blocks as the data and ended in "Got unexpected extra argument(s) (3)"."""
+    err = refused(capsys, argv)
+    assert said in err
+    assert "unexpected extra argument" not in err
+
+
+def test_a_value_given_with_equals_may_look_like_an_option():
+    """`--reason='--now'` was refused as an option without its value; the old CLI's own error advised that form."""
+    args = parse_args(["forget", "--ids", "5", "--data", "digits", "--reason=--now", "--no-event"])
+    assert args.reason == "--now"
