@@ -42,3 +42,22 @@ def test_a_value_given_with_equals_may_look_like_an_option():
     """`--reason='--now'` was refused as an option without its value; the old CLI's own error advised that form."""
     args = parse_args(["forget", "--ids", "5", "--data", "digits", "--reason=--now", "--no-event"])
     assert args.reason == "--now"
+
+
+def help_of(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([*argv, "--help"])
+    assert stopped.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_is_as_wide_as_the_terminal_and_breaks_no_word(capsys, monkeypatch):
+    """click's help stopped at 80 columns whatever COLUMNS said, and broke `auto,cluster_centers,...` mid-word."""
+    monkeypatch.setenv("COLUMNS", "80")
+    narrow = help_of(capsys, ["steal"])
+    assert max(map(len, narrow.splitlines())) <= 80
+    for name in ("cluster_centers", "jacobian", "adaptive"):
+        assert name in narrow
+    monkeypatch.setenv("COLUMNS", "200")
+    wide = help_of(capsys, ["steal"])
+    assert max(map(len, wide.splitlines())) > 100

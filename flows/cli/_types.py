@@ -26,12 +26,13 @@ class Args(SimpleNamespace):
 
 
 #: Every app and sub-app: plain help (no rich markup: the same text on every terminal and in tests), no shell
-#: completion options, no rich tracebacks (main prints our errors as one line), and ``-h`` as well as ``--help``.
+#: completion options, no rich tracebacks (main prints our errors as one line), ``-h`` as well as ``--help``, and help
+#: as wide as the terminal ($COLUMNS), like argparse's (click's stops at 80 columns).
 APP_SETTINGS: dict[str, Any] = {
     "add_completion": False,
     "pretty_exceptions_enable": False,
     "rich_markup_mode": None,
-    "context_settings": {"help_option_names": ["-h", "--help"]},
+    "context_settings": {"help_option_names": ["-h", "--help"], "max_content_width": 10_000},
 }
 
 

@@ -67,8 +67,8 @@ def steal_command(
         str,
         option(
             "--selectors",
-            help=f"comma-separated selector names, e.g. {AUDIT_SELECTOR},{DEFAULT_SELECTOR},random,drmi,jacobian,"
-            f"adaptive (default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive "
+            help=f"comma-separated selector names ({AUDIT_SELECTOR}, {DEFAULT_SELECTOR}, random, drmi, jacobian, "
+            f"adaptive), e.g. {DEFAULT_SELECTOR},random (default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive "
             f"rounds from {ADAPTIVE_FROM_BUDGET})",
         ),
     ] = AUDIT_SELECTOR,
