@@ -61,3 +61,17 @@ def test_help_is_as_wide_as_the_terminal_and_breaks_no_word(capsys, monkeypatch)
     monkeypatch.setenv("COLUMNS", "200")
     wide = help_of(capsys, ["steal"])
     assert max(map(len, wide.splitlines())) > 100
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["foo"], "obliviate: error: No such command 'foo'. Choose one of: reduce, demo, submit, train, forget,"),
+        (["store"], "obliviate store: error: name an ACTION: check."),
+        (["target"], "obliviate target: error: name an ACTION: train, serve."),
+        (["tune"], "obliviate tune: error: name a SWEEP: unlearning, reduction."),
+    ],
+)
+def test_a_missing_or_unknown_command_lists_the_commands(capsys, argv, said):
+    """`obliviate foo` said only "No such command 'foo'." and `obliviate store` "Missing command."."""
+    assert said in refused(capsys, argv)

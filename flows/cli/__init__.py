@@ -105,11 +105,27 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
         name = ctx.command_path if ctx is not None else _command_path(command, words)
         if ctx is not None:
             print(f"{ctx.get_usage()}\nTry '{name} --help' for help.", file=sys.stderr)
-        print(f"{name}: error: {err.format_message()}", file=sys.stderr)
+        print(f"{name}: error: {_said(err, ctx)}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     if not isinstance(result, Args):  # --help or --version printed, or a Ctrl-C while parsing: its exit code
         raise SystemExit(result)
     return result
+
+
+def _said(err: Any, ctx: Any) -> str:
+    """click's message for ``err``; for a missing or unknown command, with the commands there are to choose from."""
+    from typer.core import TyperGroup
+
+    message = str(err.format_message())
+    if ctx is None or not isinstance(ctx.command, TyperGroup):
+        return message
+    names = ", ".join(name for name, command in ctx.command.commands.items() if not command.hidden)
+    if message == "Missing command.":
+        kind = (ctx.command.subcommand_metavar or "COMMAND").split()[0]  # ACTION, SWEEP
+        return f"name a{'n' if kind[0] in 'AEIOU' else ''} {kind}: {names}."
+    if message.startswith("No such command"):
+        return f"{message} Choose one of: {names}."
+    return message
 
 
 def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
