@@ -75,3 +75,16 @@ def test_help_is_as_wide_as_the_terminal_and_breaks_no_word(capsys, monkeypatch)
 def test_a_missing_or_unknown_command_lists_the_commands(capsys, argv, said):
     """`obliviate foo` said only "No such command 'foo'." and `obliviate store` "Missing command."."""
     assert said in refused(capsys, argv)
+
+
+@pytest.mark.parametrize("bogus", ["--bogus", "--bogus=2"])
+def test_an_unknown_option_of_submit_before_the_job_is_refused_alone(capsys, bogus):
+    """submit passed `--bogus` on to its job, and the error then blamed the job `--bogus train --run-id r`."""
+    err = refused(capsys, ["submit", "--timeout", "1", bogus, "--", "train", "--run-id", "r"])
+    assert "obliviate submit: error: No such option: --bogus" in err
+    assert "job" not in err
+
+
+def test_the_options_of_the_job_after_the_separator_stay_the_jobs():
+    args = parse_args(["submit", "--timeout", "1", "--", "train", "--run-id", "r", "--data", "digits"])
+    assert args.job == ["train", "--run-id", "r", "--data", "digits"]

@@ -137,11 +137,11 @@ def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
     is a value whatever it looks like.
     """
     from typer._click.core import Context
-    from typer._click.exceptions import UsageError
+    from typer._click.exceptions import NoSuchOption, UsageError
     from typer.core import TyperGroup, TyperOption
 
     command: Any = root
-    ctx = Context(command, info_name="obliviate")
+    ctx = Context(command, info_name="obliviate", **command.context_settings)
     rest = iter(words)
     while isinstance(command, TyperGroup):  # the command's words (`target train`); the app's own options take no value
         word = next(rest, None)
@@ -152,7 +152,7 @@ def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
         sub = command.commands.get(word)
         if sub is None:
             return  # click says it is no command
-        command, ctx = sub, Context(sub, info_name=word, parent=ctx)
+        command, ctx = sub, Context(sub, info_name=word, parent=ctx, **sub.context_settings)
     if isinstance(command, TyperGroup):
         return
     names = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}
@@ -170,6 +170,9 @@ def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
         if param is None:
             if not word.startswith("-") and not ctx.allow_interspersed_args:
                 return  # submit: the job's words from here on are the job's
+            if ctx.ignore_unknown_options and word.startswith("--") and word.split("=", 1)[0] not in names:
+                # submit passes unknown options on to its job, but one before the job's command is no job's
+                raise NoSuchOption(word.split("=", 1)[0], ctx=ctx)
             continue
         value = next(rest, None)
         if value is not None and value.split("=", 1)[0] in names:
