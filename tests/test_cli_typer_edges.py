@@ -88,3 +88,18 @@ def test_an_unknown_option_of_submit_before_the_job_is_refused_alone(capsys, bog
 def test_the_options_of_the_job_after_the_separator_stay_the_jobs():
     args = parse_args(["submit", "--timeout", "1", "--", "train", "--run-id", "r", "--data", "digits"])
     assert args.job == ["train", "--run-id", "r", "--data", "digits"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--run-id", "r", "--data", ""],
+        ["reduce", "--data", ""],
+        ["forget", "--ids", "1", "--data", "", "--no-event"],
+        ["tune", "unlearning", "--data", " "],
+    ],
+)
+def test_an_empty_dataset_is_refused_by_every_command(capsys, argv):
+    """train, reduce, forget and tune took `--data ''` as the current folder; target train and steal refused it."""
+    err = refused(capsys, argv)
+    assert "Invalid value for '--data': a dataset is needed (mnist5k, digits, an .npz file or a folder)" in err

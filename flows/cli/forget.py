@@ -17,7 +17,7 @@ import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, flag, number, option, parsed, usage_error
-from obliviate.data import dataset_source
+from flows.cli._types import dataset as dataset_type
 
 # Exit codes of `forget --wait` (and of --status when asked with --wait 0): one per outcome.
 EXIT_DONE, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_PENDING, EXIT_TIMEOUT, EXIT_CANCELLED = 0, 2, 3, 4, 5, 6, 7
@@ -39,7 +39,7 @@ def forget_command(
         str,
         option(
             "--data",
-            parser=dataset_source,
+            parser=dataset_type,
             help="the dataset the ids index (the same name or file as train --data; a relative path may be spelled "
             "differently; default digits)",
         ),

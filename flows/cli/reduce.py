@@ -17,9 +17,10 @@ import numpy as np
 import typer
 
 from flows.cli._types import Args, flag, integer, number, option, parsed
+from flows.cli._types import dataset as dataset_type
 from flows.cli._types import seed as seed_type
 from flows.progress import report, shown_progress
-from obliviate.data import dataset_source, load_dataset
+from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def reduce_command(
     ctx: typer.Context,
     data: Annotated[
         str,
-        option("--data", parser=dataset_source, help="mnist5k (default), digits, an .npz file or a dataset folder"),
+        option("--data", parser=dataset_type, help="mnist5k (default), digits, an .npz file or a dataset folder"),
     ] = "mnist5k",
     # None, not 600: a default that does not fit the pool is reported as the default, not as a choice.
     k: Annotated[int | None, option("--k", parser=integer, help=f"subset size (default {DEFAULT_K})")] = None,

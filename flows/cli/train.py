@@ -11,8 +11,8 @@ import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, choice, choices, integer, number, option, parsed
+from flows.cli._types import dataset as dataset_type
 from flows.cli._types import seed as seed_type
-from obliviate.data import dataset_source
 from obliviate.defaults import DEFAULT_RECIPE  # not obliviate.unlearning.config's: that imports torch
 from obliviate.errors import ConfigError
 
@@ -59,7 +59,7 @@ def train_command(
     store: StoreOption = None,
     run_id: Annotated[str, option("--run-id", help="the run's name; rerun with the same options to resume")] = ...,
     data: Annotated[
-        str, option("--data", parser=dataset_source, help="digits (default), mnist5k, an .npz file or a dataset folder")
+        str, option("--data", parser=dataset_type, help="digits (default), mnist5k, an .npz file or a dataset folder")
     ] = "digits",
     model: Annotated[
         str, option("--model", parser=choice(*MODELS), metavar=choices(*MODELS), help="architecture (default lenet5)")

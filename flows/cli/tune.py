@@ -10,7 +10,7 @@ import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, choice, choices, comma_list, integer, new_app, option, parsed
-from obliviate.data import dataset_source
+from flows.cli._types import dataset as dataset_type
 from obliviate.errors import ConfigError
 
 # obliviate.models.MODEL_BUILDERS, spelled out so that building the parser does not import torch (a test keeps them equal)
@@ -19,7 +19,7 @@ MODELS = ("lenet5", "c3f2", "resnet18")
 
 # The options both sweeps take.
 DataOption = Annotated[
-    str, option("--data", parser=dataset_source, help="mnist5k (default), digits, an .npz file or a dataset folder")
+    str, option("--data", parser=dataset_type, help="mnist5k (default), digits, an .npz file or a dataset folder")
 ]
 WorkersOption = Annotated[
     int | None,
