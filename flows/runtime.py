@@ -158,7 +158,7 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 
 _HTTP2_SETTINGS_FRAME = 4
 
 
-def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
+def check_ray_address(address: str | None, *, timeout_s: float = 5.0, option: str = "--ray-address") -> None:
     """Refuse a Ray cluster address no Ray cluster answers at, before ``ray.init`` waits on it for good.
 
     ``ray.init`` on an address where no cluster runs retries its GCS connection without end (Ray
@@ -167,6 +167,9 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
     where some other server listens (a web server, the Prefect API), so the check also opens an
     HTTP/2 connection: Ray's GCS and its client server speak gRPC and answer it with a SETTINGS
     frame; anything else is not a Ray cluster.
+
+    ``option`` is the option of the calling command that gives the address (``submit``'s is ``--address``), named
+    in the errors' fix.
 
     Raises:
         ConfigError: the address is malformed, no server accepts a TCP connection there, or the
@@ -183,7 +186,7 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
         address = read_ray_address()
         if not address:
             raise ConfigError(
-                "--ray-address auto (or RAY_ADDRESS=auto) joins the cluster `ray start --head` last started on this "
+                f"{option} auto (or RAY_ADDRESS=auto) joins the cluster `ray start --head` last started on this "
                 "machine, and none is running here. Start one with `ray start --head`, give the head's address "
                 "HOST:6379, or leave both unset for a local Ray runtime."
             )
@@ -194,7 +197,7 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
             f"a Ray address is HOST:PORT (the head's GCS, e.g. 10.0.0.5:6379), ray://HOST:PORT, 'auto' or 'local'; "
             f"got {address!r}."
         )
-    fix = "start one (`ray start --head`, or `ray up cluster.yaml`) or fix --ray-address / RAY_ADDRESS."
+    fix = f"start one (`ray start --head`, or `ray up cluster.yaml`) or fix {option} / RAY_ADDRESS."
     try:
         connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except OSError as err:
@@ -214,7 +217,7 @@ def check_ray_address(address: str | None, *, timeout_s: float = 5.0) -> None:
             else "it does not speak gRPC"
         )
         raise ConfigError(
-            f"a server listens at {shown} but it is not a Ray cluster ({seen}); point --ray-address / RAY_ADDRESS "
+            f"a server listens at {shown} but it is not a Ray cluster ({seen}); point {option} / RAY_ADDRESS "
             "at a Ray head's GCS port, which `ray start --head` prints (6379 by default), or at ray://HOST:10001 "
             "for Ray Client."
         )

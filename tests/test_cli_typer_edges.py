@@ -103,3 +103,15 @@ def test_an_empty_dataset_is_refused_by_every_command(capsys, argv):
     """train, reduce, forget and tune took `--data ''` as the current folder; target train and steal refused it."""
     err = refused(capsys, argv)
     assert "Invalid value for '--data': a dataset is needed (mnist5k, digits, an .npz file or a folder)" in err
+
+
+def test_a_ray_address_nobody_answers_at_names_the_option_of_the_command():
+    """submit's error told its user to fix --ray-address, an option submit does not have (its own is --address)."""
+    from flows.cli.submit import jobs_address
+    from flows.runtime import check_ray_address
+    from obliviate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no Ray cluster answers at 127.0.0.1:9 .*fix --address / RAY_ADDRESS"):
+        jobs_address("127.0.0.1:9")
+    with pytest.raises(ConfigError, match="fix --ray-address / RAY_ADDRESS"):
+        check_ray_address("127.0.0.1:9")

@@ -92,7 +92,7 @@ def jobs_address(given: str | None) -> str:
     address = (given or next((os.environ[n] for n in _ADDRESS_ENV if os.environ.get(n)), DEFAULT_DASHBOARD)).strip()
     scheme = address.split("://", 1)[0].lower() if "://" in address else None
     if scheme is None:
-        check_ray_address(address)  # a GCS address: the client finds the dashboard through it
+        check_ray_address(address, option="--address")  # a GCS address: the client finds the dashboard through it
     elif scheme not in ("http", "https", "ray"):
         raise ConfigError(
             f"--address is the cluster's dashboard URL (http://HEAD:8265) or its head's GCS address (HEAD:6379); "
