@@ -115,3 +115,19 @@ def test_a_ray_address_nobody_answers_at_names_the_option_of_the_command():
         jobs_address("127.0.0.1:9")
     with pytest.raises(ConfigError, match="fix --ray-address / RAY_ADDRESS"):
         check_ray_address("127.0.0.1:9")
+
+
+def test_an_unknown_option_is_offered_only_a_close_name(capsys):
+    """`--bogus` got "(Possible options: --blocks)": click's difflib counted the two leading dashes as alike."""
+    err = refused(capsys, ["train", "--bogus"])
+    assert "obliviate train: error: No such option: --bogus" in err
+    assert "Possible options" not in err
+    assert "No such option: --blokcs (Possible options: --blocks)" in refused(capsys, ["train", "--blokcs", "3"])
+
+
+def test_no_shell_completion_answers(capsys, monkeypatch):
+    """typer's completion hook answered `_OBLIVIATE_COMPLETE=bash_source obliviate` ("Shell source not supported.")
+    though the command line offers no completion."""
+    monkeypatch.setenv("_OBLIVIATE_COMPLETE", "bash_source")
+    assert parse_args([]).command is None
+    assert "Shell source" not in capsys.readouterr().out

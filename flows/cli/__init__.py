@@ -99,7 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
     words = list(sys.argv[1:] if argv is None else argv)
     try:
         _refuse_an_option_as_a_value(command, words)
-        result = command.main(args=words, prog_name="obliviate", standalone_mode=False)
+        # complete_var "": no shell completion (typer's hook answered _OBLIVIATE_COMPLETE though none is offered)
+        result = command.main(args=words, prog_name="obliviate", complete_var="", standalone_mode=False)
     except typer.TyperException as err:  # click's UsageError and BadParameter (typer vendors click)
         ctx = getattr(err, "ctx", None)  # none for an option given without its value
         name = ctx.command_path if ctx is not None else _command_path(command, words)
@@ -114,8 +115,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
 
 def _said(err: Any, ctx: Any) -> str:
     """click's message for ``err``; for a missing or unknown command, with the commands there are to choose from."""
+    from typer._click.exceptions import NoSuchOption
     from typer.core import TyperGroup
 
+    if isinstance(err, NoSuchOption) and err.possibilities:
+        # click offers any option difflib finds close, `--` included: `--bogus` got "(Possible options: --blocks)"
+        bare = err.option_name.lstrip("-")
+        err.possibilities = [name for name in err.possibilities if _alike(bare, name.lstrip("-"))]
     message = str(err.format_message())
     if ctx is None or not isinstance(ctx.command, TyperGroup):
         return message
@@ -126,6 +132,13 @@ def _said(err: Any, ctx: Any) -> str:
     if message.startswith("No such command"):
         return f"{message} Choose one of: {names}."
     return message
+
+
+def _alike(typed: str, name: str) -> bool:
+    """Whether ``name`` is close enough to ``typed`` to suggest: difflib's default cutoff, 0.6, on the names alone."""
+    from difflib import SequenceMatcher
+
+    return SequenceMatcher(None, typed, name).ratio() >= 0.6
 
 
 def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
