@@ -557,10 +557,26 @@ def worker_errors_as_their_own() -> Iterator[None]:
             raise err.cause from None
         raise
     except SystemError as err:
-        signal = err.__cause__ or err.__context__
+        signal = termination_behind(err)
         if isinstance(signal, TerminationSignal):
             raise signal from None
         raise
+
+
+def termination_behind(err: BaseException) -> BaseException | None:
+    """Prefect's ``TerminationSignal`` that ``err`` stands for, else ``None``.
+
+    A SIGTERM that lands while Ray waits for a worker runs Prefect's handler inside Ray's C code,
+    which returns as if nothing happened: the signal comes out of ``ray.get`` as a ``SystemError``
+    ("<built-in method __new__ of type object ...> returned a result with an exception set") whose
+    cause is the signal. The worker's own outcome was never received.
+    """
+    from prefect.exceptions import TerminationSignal
+
+    if not isinstance(err, SystemError):
+        return None
+    signal = err.__cause__ or err.__context__
+    return signal if isinstance(signal, TerminationSignal) else None
 
 
 def _training_chain(store: ObjectStore, run_id: str) -> str:

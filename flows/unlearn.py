@@ -56,7 +56,7 @@ from flows.settle import (
     settle_unreadable,
     store_pass,
 )
-from flows.train import worker_pool
+from flows.train import termination_behind, worker_pool
 from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError, check_name, parse_event_payload, parse_ids, request_id_for
@@ -179,6 +179,11 @@ def fan_out_unlearning(
         try:
             results[run_id] = ray.get(future)
         except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
+            signal = termination_behind(err)
+            if signal is not None:
+                # a SIGTERM during the wait: a stop of the pass, not this run's failure (recorded, it used
+                # up an attempt with a meaningless SystemError as the request's reason)
+                raise signal from None
             cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the worker's own exception
             results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(cause).__name__}: {cause}"[:4000]}
     return results, {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
