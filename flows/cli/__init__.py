@@ -297,21 +297,48 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def _sigterm_raises() -> Iterator[None]:
     """SIGTERM stops the command like Ctrl-C (it killed the process without a word, exit -15).
 
-    Only where nobody else handles it: the main thread, and the default handler in place. A
-    command that handles SIGTERM itself (``serve``) installs its own handler inside, and Prefect
-    installs its own for the length of each flow run.
+    Only where nobody else handles it: the main thread, and the default handler in place (or the console script's,
+    :mod:`flows._entry`, which also hands Ctrl-C over to Python's KeyboardInterrupt here). A command that handles
+    SIGTERM itself (``serve``) installs its own handler inside, and Prefect installs its own for the length of each
+    flow run. On the way out the handlers found are put back; where one names what should follow the command
+    (``after_command``: the console script's), that.
     """
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    found = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    raising = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+    taken = [
+        signum
+        for signum, handler in found.items()
+        if hasattr(handler, "after_command") or (signum == signal.SIGTERM and handler == signal.SIG_DFL)
+    ]
+    for signum in taken:
+        signal.signal(signum, raising[signum])
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _put_back([(signum, _after_command(found[signum], signum)) for signum in taken])
+
+
+def _after_command(handler: Any, signum: int) -> Any:
+    """What to put back once the command has ended: ``handler``, or what it names (the console script's)."""
+    follow = getattr(handler, "after_command", None)
+    return handler if follow is None else follow(signum)
+
+
+def _put_back(handlers: list[tuple[int, Any]]) -> None:
+    """Installs each of ``handlers`` (signal, handler), all of them even if a signal raises on the way."""
+    import signal
+
+    if handlers:
+        try:
+            signal.signal(*handlers[0])
+        finally:
+            _put_back(handlers[1:])
 
 
 def _caused_by_termination(err: BaseException) -> bool:

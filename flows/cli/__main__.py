@@ -1,5 +1,9 @@
-"""``python -m flows.cli``: the ``obliviate`` command line, for Ray jobs that run without the console script."""
+"""``python -m flows.cli``: the ``obliviate`` command line, for Ray jobs that run without the console script.
 
-from flows.cli import run
+Python imports :mod:`flows.cli` (its package) before this line, so a Ctrl-C in that time is Python's own
+KeyboardInterrupt; from here on Ctrl-C and SIGTERM end the command as the console script's do (:mod:`flows._entry`).
+"""
+
+from flows._entry import run
 
 run()
