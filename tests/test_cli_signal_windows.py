@@ -1,11 +1,13 @@
 """Ctrl-C and SIGTERM outside the command itself: while ``obliviate`` starts, and once the command has ended.
 
 Python takes about 0.3 s to import the command line before :func:`flows.cli.main` handles the signals; a Ctrl-C then
-printed a KeyboardInterrupt traceback (exit -2) and a SIGTERM ended the process with -15. Now the console script
-(:mod:`flows._entry`) handles both from its first lines: 130 or 143 and one line.
+printed a KeyboardInterrupt traceback (exit -2) and a SIGTERM ended the process with -15. And main put SIGTERM's
+default back on its way out, so a SIGTERM while the process exited (Ray's shutdown, the clean-up at exit) ended it
+with -15 too. Now the console script (:mod:`flows._entry`) handles both from its first lines: 130 or 143 and one line.
 
-Each process is held at a chosen point (a ``sitecustomize`` on PYTHONPATH: an import hook) and signalled once it
-says it is there: no timing race.
+Each process is held at a chosen point (a ``sitecustomize`` on PYTHONPATH: an import hook, or a wrapped
+``gc.freeze``, which :func:`flows.cli.run` calls once the command has returned) and signalled once it says it is
+there: no timing race.
 """
 
 from __future__ import annotations
@@ -106,6 +108,26 @@ def test_a_signal_while_the_console_script_starts_ends_it_with_one_line(tmp_path
 def test_python_m_flows_cli_says_a_ctrl_c_while_parsing_the_same_way(tmp_path):
     code, err = _run_held(tmp_path, [sys.executable, "-m", "flows.cli", "train", "--help"], "import flows.cli.train", 2)
     assert (code, err.strip()) == STARTING[signal.SIGINT]
+
+
+@pytest.mark.parametrize(
+    ("at", "signum", "said"),
+    [
+        ("after the command", signal.SIGTERM, "stopped by SIGTERM"),
+        ("after the command", signal.SIGINT, "interrupted"),
+        ("at exit", signal.SIGTERM, "stopped by SIGTERM"),
+    ],
+)
+def test_a_signal_once_the_command_has_ended_still_ends_it_with_130_or_143(tmp_path, at, signum, said):
+    """main put SIGTERM's default back on its way out: a SIGTERM then ended the process with -15 (a Ctrl-C
+    printed a KeyboardInterrupt traceback). The command's own error is said first; the exit code is the signal's."""
+    command = [str(SCRIPT), "store", "check", "--store", str(tmp_path / "no-store")]
+    code, err = _run_held(tmp_path, command, at, signum)
+    lines = err.strip().splitlines()
+    assert code == 128 + signum, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("obliviate store check: error: store ") and "does not exist" in lines[0]
+    assert lines[1:] == [f"obliviate: {said} while exiting, after the command had ended."]
 
 
 def test_main_in_process_puts_back_the_handlers_it_found(tmp_path, capsys):

@@ -301,7 +301,8 @@ def _sigterm_raises() -> Iterator[None]:
     :mod:`flows._entry`, which also hands Ctrl-C over to Python's KeyboardInterrupt here). A command that handles
     SIGTERM itself (``serve``) installs its own handler inside, and Prefect installs its own for the length of each
     flow run. On the way out the handlers found are put back; where one names what should follow the command
-    (``after_command``: the console script's), that.
+    (``after_command``: the console script's, which exits 130 or 143 once the process has cleaned up), that. So a
+    SIGTERM after the command still ends the console script with 143 (the default put back ended it with -15).
     """
     import signal
     import threading
