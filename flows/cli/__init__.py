@@ -115,6 +115,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Args:
 
 def _said(err: Any, ctx: Any) -> str:
     """click's message for ``err``; for a missing or unknown command, with the commands there are to choose from."""
+    # typer's own copy of click: typer 0.29 exports BadParameter, Context, Exit and Abort, not NoSuchOption (nor
+    # UsageError), hence the pin typer<0.30 in pyproject.toml
     from typer._click.exceptions import NoSuchOption
     from typer.core import TyperGroup
 
@@ -149,12 +151,11 @@ def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
     (3)". argparse refused both; so does this, before click parses. A value given with ``=`` (``--reason=--now``)
     is a value whatever it looks like.
     """
-    from typer._click.core import Context
-    from typer._click.exceptions import NoSuchOption, UsageError
+    from typer._click.exceptions import NoSuchOption, UsageError  # typer 0.29 exports neither (see _said)
     from typer.core import TyperGroup, TyperOption
 
     command: Any = root
-    ctx = Context(command, info_name="obliviate", **command.context_settings)
+    ctx = typer.Context(command, info_name="obliviate", **command.context_settings)
     rest = iter(words)
     while isinstance(command, TyperGroup):  # the command's words (`target train`); the app's own options take no value
         word = next(rest, None)
@@ -165,7 +166,7 @@ def _refuse_an_option_as_a_value(root: object, words: list[str]) -> None:
         sub = command.commands.get(word)
         if sub is None:
             return  # click says it is no command
-        command, ctx = sub, Context(sub, info_name=word, parent=ctx, **sub.context_settings)
+        command, ctx = sub, typer.Context(sub, info_name=word, parent=ctx, **sub.context_settings)
     if isinstance(command, TyperGroup):
         return
     names = {name for param in command.params for name in (*param.opts, *param.secondary_opts)}

@@ -50,7 +50,9 @@ def parsed(ctx: typer.Context, handler: Callable[[Args], int], **extra: Any) -> 
 
 def usage_error(ctx: typer.Context, message: str) -> typer.TyperException:
     """A usage error of the command of ``ctx`` (two options that exclude each other, say): exit 2, like a bad value."""
-    from typer._click.exceptions import UsageError  # typer's vendored click; typer exports only BadParameter
+    # typer's own copy of click (hence the pin typer<0.30): typer 0.29 exports BadParameter, a UsageError whose
+    # message reads "Invalid value: ...", not UsageError itself
+    from typer._click.exceptions import UsageError
 
     return UsageError(message, ctx=ctx)
 
