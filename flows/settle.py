@@ -152,7 +152,9 @@ def busy_result(
     request settles (as for a request waiting in a batch).
     """
     log = logger or logging.getLogger(__name__)
-    waiting = sorted(e.request_id for e in ledger.due_entries(lease_s=lease_s))
+    # one that cannot be read waits too (the next pass records it failed), said by that pass, not here
+    unreadable: dict[str, str] = {}
+    waiting = sorted([*(e.request_id for e in ledger.due_entries(lease_s=lease_s, unreadable=unreadable)), *unreadable])
     log.info(
         "another pass holds store %s (%s, pid %s on %s, since %s); this pass does nothing and %s wait for the next",
         ledger.store.url,

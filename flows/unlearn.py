@@ -38,6 +38,7 @@ import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from flows.batching import batch_gate
 from flows.runtime import quiet_foreseen_tracebacks
 from flows.settle import (
     PASS_WAIT_S,
+    UNREADABLE,
     AttemptPolicy,
     busy_result,
     run_pass,
@@ -61,8 +63,9 @@ from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError, check_name, parse_event_payload, parse_ids, request_id_for
 from storage import lease
+from storage.errors import CorruptObject
 from storage.lease import DEFAULT_LEASE_S
-from storage.ledger import CLAIMED, FAILED, REJECTED, TERMINAL, DeletionLedger, RequestStatus
+from storage.ledger import CLAIMED, FAILED, PENDING, REJECTED, TERMINAL, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
 
 
@@ -210,6 +213,14 @@ def unlearn_flow(
     ``batched`` record is finished by the pass that settles its request (:func:`finish_batched_events`). A refused event, or one whose request ends ``rejected`` or ``failed``, ends the flow
     run ``Failed`` with the reason as its message (a :class:`RequestError`, no traceback).
 
+    An event for a request whose ledger record is damaged is handled like any other: the pass
+    records the request ``failed`` with how to mend it (:func:`flows.settle.settle_unreadable`) and
+    settles the other requests, the event's record says so, and the run ends ``Failed`` with that
+    reason, as for any request that ended ``failed``. One whose current status is damaged too is
+    recorded ``unreadable`` in the event's record (the ledger cannot take a status for it), and the
+    run ends ``Failed`` with what is damaged and how to mend it. The damage never ends the run as
+    an error of its own, and never stops the pass: an event of another request ends ``Completed``.
+
     Args:
         store: the store of runs and ledger.
         payload: the event payload: ``{"request_id": ...}`` naming a ledger entry, or
@@ -241,7 +252,7 @@ def unlearn_flow(
             {"outcome": REJECTED, "reason": str(err), "payload": repr(payload)[:500], "received_at": received_at},
         )
         raise RequestError(f"deletion event {event_id} refused, nothing changed: {err}") from None
-    entry = ledger.get(request_id)
+    entry = request_entry(ledger, request_id)
     live_claim = entry.status == CLAIMED and not lease.lapsed(
         ledger.store,
         request_id,
@@ -264,7 +275,7 @@ def unlearn_flow(
     if request_id not in result["claimed"] and request_id in gate.get("requests", []):
         # Waiting in the open batch (serve --batch-window): not a duplicate. The pass that settles the
         # request later finishes this record with what became of it (finish_batched_events).
-        waiting = ledger.get(request_id)
+        waiting = request_entry(ledger, request_id)
         record = {
             **_event_record(BATCHED, waiting, received_at=received_at),
             "batched_until": gate.get("batched_until"),
@@ -282,10 +293,17 @@ def unlearn_flow(
         )
         _fail_if_refused(event_id, final)
         return {"event_id": event_id, "outcome": BATCHED, "request_id": request_id, "status": final.status, **result}
-    handled = request_id in result["claimed"] or request_id in result.get("rejected_at_gate", {})
+    unreadable = result.get("unreadable", {})
+    handled = (
+        request_id in result["claimed"]
+        or request_id in result.get("rejected_at_gate", {})
+        or (request_id in unreadable)
+    )
     outcome = "processed" if handled else "duplicate"
     # The record said "processing" for good before: now it says what became of the request.
-    settled = ledger.get(request_id)
+    settled = request_entry(ledger, request_id)
+    if settled.status == UNREADABLE and request_id in unreadable:  # the pass said what it could not record
+        settled = replace(settled, details={"reason": unreadable[request_id]["reason"]})
     ledger.record_event(event_id, _event_record(outcome, settled, received_at=received_at))
     _fail_if_refused(event_id, settled)
     return {"event_id": event_id, "outcome": outcome, "request_id": request_id, "status": settled.status, **result}
@@ -300,9 +318,33 @@ def _event_record(outcome: str, entry: RequestStatus, *, received_at: float) -> 
         "received_at": received_at,
     }
     why = entry.details.get("reason") or entry.details.get("last_error")
-    if entry.status in (REJECTED, FAILED) and why:
+    if entry.status in (REJECTED, FAILED, UNREADABLE) and why:
         body["reason"] = str(why)[:2000]
     return body
+
+
+def request_entry(ledger: DeletionLedger, request_id: str) -> RequestStatus:
+    """The request's entry (:meth:`~storage.ledger.DeletionLedger.get`), also when it cannot be read.
+
+    An event may name a request whose record is damaged; reading it raised ``CorruptObject`` and
+    the event's run ended as a crash, before any pass recorded the request. Here such a request is
+    its status history alone: its latest status (``failed`` with the mend once a pass recorded it),
+    with ``{"request_id": ..., "unreadable": <what get said>}`` as its request; a request whose
+    current status is damaged too is :data:`~flows.settle.UNREADABLE`, with what ``get`` said as
+    its reason.
+    """
+    try:
+        return ledger.get(request_id)
+    except CorruptObject as err:
+        damaged = str(err)
+    request = {"request_id": request_id, UNREADABLE: damaged}
+    history = ledger.history(request_id)
+    if not history:  # no status written yet: pending
+        return RequestStatus(request, PENDING, {}, 0, time.time())
+    last = history[-1]
+    if last["status"] == UNREADABLE:
+        return RequestStatus(request, UNREADABLE, {"reason": damaged}, int(last["version"]), time.time())
+    return RequestStatus(request, str(last["status"]), dict(last["details"]), int(last["version"]), float(last["at"]))
 
 
 BATCHED = "batched"
@@ -322,7 +364,7 @@ def _note_batched_event(ledger: DeletionLedger, event_id: str, record: dict[str,
     """
     key = _batched_note_key(event_id)
     ledger.store.put_json(key, {"event_id": str(event_id), "record": record})
-    entry = ledger.get(str(record["request_id"]))
+    entry = request_entry(ledger, str(record["request_id"]))
     if entry.status in TERMINAL:
         _finish_batched_event(ledger, key, {"event_id": str(event_id), "record": record}, entry)
     return entry
@@ -350,7 +392,7 @@ def finish_batched_events(store: ObjectStore, *, logger: Any = None) -> list[str
     for key in store.list(BATCHED_EVENTS_PREFIX):
         try:
             note = store.get_json(key)
-            entry = ledger.get(str(note["record"]["request_id"]))
+            entry = request_entry(ledger, str(note["record"]["request_id"]))
             if entry.status in TERMINAL:
                 _finish_batched_event(ledger, key, note, entry)
                 finished.append(str(note["event_id"]))
@@ -361,8 +403,8 @@ def finish_batched_events(store: ObjectStore, *, logger: Any = None) -> list[str
 
 
 def _fail_if_refused(event_id: str, entry: RequestStatus) -> None:
-    """End the event's flow run ``Failed`` when its request was rejected or failed, with the reason."""
-    if entry.status not in (REJECTED, FAILED):
+    """End the event's flow run ``Failed`` when its request was rejected or failed (or cannot be read), with the reason."""
+    if entry.status not in (REJECTED, FAILED, UNREADABLE):
         return
     why = str(entry.details.get("reason") or entry.details.get("last_error") or "no reason recorded").rstrip(". ")
     raise RequestError(
@@ -373,6 +415,9 @@ def _fail_if_refused(event_id: str, entry: RequestStatus) -> None:
 
 def event_request(store: str, payload: Any, *, event_id: str) -> str:
     """The ledger request a deletion event stands for; an ``ids`` payload is appended to the ledger first.
+
+    An ``ids`` payload naming a request whose record is damaged stands for that request (its
+    record cannot be compared with the ids): the event's pass records it ``failed`` with how to mend it.
 
     Raises:
         RequestError: a payload of neither form, a ``request_id`` not in the ledger, or ids that
@@ -390,14 +435,22 @@ def event_request(store: str, payload: Any, *, event_id: str) -> str:
         given = payload.get("request_id")
         request_id = None if given is None else check_name(given, what="request id")
         reason = payload.get("reason")
-        record = record_deletion(
-            store,
-            payload["ids"],
-            dataset=dataset,
-            reason=None if reason is None else str(reason)[:2000],
-            request_id=request_id,
-            salt=f"event-{event_id}",
-        )
+        try:
+            record = record_deletion(
+                store,
+                payload["ids"],
+                dataset=dataset,
+                reason=None if reason is None else str(reason)[:2000],
+                request_id=request_id,
+                salt=f"event-{event_id}",
+            )
+        except CorruptObject:
+            # The request is in the ledger, its record damaged (it cannot be compared with these ids): the event
+            # stands for it, and its pass records it failed with how to mend it (refiling it is the mend).
+            if request_id is None:
+                values = parse_ids(payload["ids"], dataset_size=dataset_rows(dataset), dataset=dataset)
+                request_id = new_request_id(values, dataset=dataset, salt=f"event-{event_id}")
+            return request_id
         return str(record["request_id"])
     request_id = parse_event_payload(payload)
     if not ledger.exists(request_id):
