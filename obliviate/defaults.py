@@ -26,10 +26,10 @@ DEFAULT_RECIPE: MappingProxyType[str, Any] = MappingProxyType(
 """The recipe ``obliviate train`` uses unless told otherwise (issue 11, "block training that trains well").
 
 Block tax (held-out accuracy of plain training minus the chain's, same data and epochs, mnist5k,
-4,000 train / 1,000 held-out, 5 seeds; ``bench/deletion_stream.py``): -0.88 points (chain 95.1 %),
-against 0.62 for the earlier default (Adam 1e-2 constant; chain 93.6 %) and -0.32 for Adam 3e-3
-with the same decay (chain 94.5 %). The cosine decay across blocks to 30 % keeps late blocks from
-overwriting early ones; starting at 1e-2 keeps short chains (few blocks, small data) learning.
+4,000 train / 1,000 held-out, 5 seeds; ``bench/deletion_stream.py``, its ``block_tax`` rows): -0.88 points
+(chain 95.1 %), against 0.62 for the earlier default (Adam 1e-2 constant; chain 93.6 %). The cosine
+decay across blocks to 30 % keeps late blocks from overwriting early ones; starting at 1e-2 keeps short
+chains (few blocks, small data) learning.
 """
 
 #: What ``obliviate steal`` runs by default: of the selectors measured with the default attacker on
@@ -39,7 +39,7 @@ AUDIT_SELECTOR = "auto"
 #: The smallest budget at which :func:`obliviate.extraction.active.auto` runs adaptive rounds. Below it a
 #: round buys so few images (13 at k = 50) that round 0 can miss a class, and the substitute then collapses:
 #: on bench/extraction.py's split 2 the default attacker fell to 83.8 % agreement at k = 50 with
-#: ``adaptive`` and stayed at 94.2 % with ``cluster_centers``; from 150 (rounds of 37-38 images)
+#: ``adaptive`` and stayed at 94.4 % with ``cluster_centers``; from 150 (rounds of 37-38 images)
 #: adaptive was ahead on the mean, and on every split at 600.
 ADAPTIVE_FROM_BUDGET = 150
 
