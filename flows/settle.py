@@ -245,28 +245,39 @@ def settle_unreadable(
     *,
     lease_s: float,
     log: logging.Logger | logging.LoggerAdapter,
-) -> dict[str, dict[str, str]]:
+) -> dict[str, dict[str, Any]]:
     """Record each open request that cannot be read as ``failed`` and say so loudly; the others are not held up.
 
     ``unreadable``: request id -> what :meth:`~storage.ledger.DeletionLedger.get` said (from
     ``due_entries(unreadable=...)``). A request whose record is damaged becomes ``failed`` with the
     error and the mend as its reason (:meth:`~storage.ledger.DeletionLedger.fail_unreadable`);
     nothing is applied for it. One whose current status is damaged (as well) cannot be recorded:
-    the log says so and it is reported ``unreadable``, left as it is.
+    it is reported ``unreadable``, left as it is, and the log says so once: it stays open, so every
+    later pass meets it again, and only the first to meet that damage says it as an error (noted on
+    the request, :meth:`~storage.ledger.DeletionLedger.report_unreadable`; the others at debug level).
 
     Returns:
         request id -> ``{"status": "failed" | "unreadable", "reason": ...}`` for each request this
-        call recorded or could not record (a live claim or a settled request is left out).
+        call recorded or could not record (a live claim or a settled request is left out); an
+        ``unreadable`` one also has ``said_before``: whether an earlier pass said it already.
     """
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for request_id, error in sorted(unreadable.items()):
         try:
             failed = ledger.fail_unreadable(request_id, error, lease_s=lease_s)
         except Exception as err:  # noqa: BLE001 -- its status cannot be recorded: said, and the pass goes on
             reason = f"{str(error).rstrip('.')}; and no status can be recorded: {err}"
-            out[request_id] = {"status": UNREADABLE, "reason": reason}
-            log.error(
-                "request %s cannot be read and is left as it is (the other requests go on): %s", request_id, reason
+            try:
+                news = ledger.report_unreadable(request_id, reason)
+            except Exception:  # noqa: BLE001 -- the note is only what keeps the log quiet: say it
+                news = True
+            out[request_id] = {"status": UNREADABLE, "reason": reason, "said_before": not news}
+            log.log(
+                logging.ERROR if news else logging.DEBUG,
+                "request %s cannot be read and is left as it is (the other requests go on)%s: %s",
+                request_id,
+                "" if news else "; said when a pass first met it",
+                reason,
             )
             continue
         if failed is not None:
@@ -477,11 +488,12 @@ def _run_pass(
                     },
                 )
     log.info("settled %d request(s): %s", len(settled), summarise_states(settled))
-    if unreadable:
+    news = {r: u for r, u in unreadable.items() if not u.get("said_before")}  # each said once, not every pass
+    if news:
         log.error(
             "%s could not be read (`obliviate forget --status <request>` says how to mend each): %s",
-            summarise_ids(sorted(unreadable)),
-            summarise_states({r: u["status"] for r, u in unreadable.items()}),
+            summarise_ids(sorted(news)),
+            summarise_states({r: u["status"] for r, u in news.items()}),
         )
     return {
         "claimed": [c.request_id for c in claimed],
@@ -505,7 +517,8 @@ def run_until_quiet(
         merged["runs"].update(result.get("runs", {}))
         merged["settled"].update(result.get("settled", {}))
         merged["lost"] += result.get("lost", [])
-        merged["unreadable"].update(result.get("unreadable", {}))
+        for request_id, said in result.get("unreadable", {}).items():  # as the first pass that met it said
+            merged["unreadable"].setdefault(request_id, said)
         merged["fanout"] = result.get("fanout", merged.get("fanout"))
         retrying = [r for r, status in result.get("settled", {}).items() if status == PENDING]
         if not retrying or STOPPING.is_set():

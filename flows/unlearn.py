@@ -138,7 +138,7 @@ def process_open_requests(
                 store, unlearn_runs=unlearn_runs, attempts=attempts, holder=holder, logger=logger, batch=batch
             ),
         )
-        result["unreadable"] = {**unreadable, **result.get("unreadable", {})}
+        result["unreadable"] = {**result.get("unreadable", {}), **unreadable}  # as said when first met
         result["settled"] = {
             **{r: u["status"] for r, u in unreadable.items() if u["status"] == FAILED},
             **result["settled"],

@@ -468,6 +468,37 @@ class DeletionLedger:
             return failed
         return None
 
+    def report_unreadable(self, request_id: str, reason: str, *, now: float | None = None) -> bool:
+        """Note that a pass reported this open request as unreadable for ``reason``; whether that is news.
+
+        A request whose current status is damaged cannot be recorded ``failed``
+        (:meth:`fail_unreadable`), so it stays open and every pass met it again: each one logged it
+        as an error, every cron tick, until it was mended. The note is kept in the request's open
+        marker (``ledger/open/<id>.json``, ``unreadable_reported``: the reason and when it was first
+        said), which exists exactly while the request is open and is written afresh by every status
+        written for it. Only the pass that first meets the damage, or meets another damage of the
+        same request, is told to say it; ``store check`` and ``forget --status`` still show it with
+        its mend. A note that cannot be read or written counts as none (said again: never silenced
+        by a fault).
+
+        Returns:
+            ``True`` when ``reason`` was not noted yet for this request (the caller says it).
+        """
+        key = self._open_key(request_id)
+        try:
+            marker = self.store.get_json(key)
+        except ObjectNotFound:  # not open (settled meanwhile): nothing to note it on
+            return True
+        except (CorruptObject, StorageError):
+            marker = {"at": time.time()}
+        noted = marker.get("unreadable_reported")
+        if isinstance(noted, Mapping) and noted.get("reason") == reason:
+            return False
+        now = time.time() if now is None else now
+        with contextlib.suppress(StorageError):  # a read-only store: said again next time
+            self.store.put_json(key, {**marker, "unreadable_reported": {"reason": reason, "at": now}})
+        return True
+
     def claim(
         self, request_id: str, *, holder: str, lease_s: float, max_attempts: int, now: float | None = None
     ) -> RequestStatus | None:
