@@ -538,10 +538,16 @@ class ServiceWatcher:
         """
         try:
             return ledger.current_status(request_id) in (PENDING, CLAIMED)
-        except (CorruptObject, StorageError):
+        except (CorruptObject, StorageError) as err:
             if request_id not in self.unreadable_said:
                 self.unreadable_said.add(request_id)
-                print(f"obliviate serve: request {request_id} cannot be read and is left as it is: {error}", flush=True)
+                said = str(error).rstrip(".")
+                if "current status of deletion request" not in said:  # it named the damaged record alone
+                    said += (
+                        f"; and its current status cannot be read either ({str(err).rstrip('.')}), so no pass can "
+                        "record it: `obliviate store check` says how to mend both"
+                    )
+                print(f"obliviate serve: request {request_id} cannot be read and is left as it is: {said}", flush=True)
             return False
 
     def needs_pass(self) -> bool:
