@@ -95,7 +95,8 @@ def reduction_lines(summary: Mapping[str, Any]) -> list[str]:
         ),
         (
             f"{summary['bins']} gray-level bins, {'normalised' if summary['normalize'] else 'raw'} MI, greedy fold "
-            f"{summary['aggregate']}, seed {summary['seed']}. The seed reported no H to compare with."
+            f"{summary['aggregate']}, colour to gray by {summary.get('gray', 'luma')}, seed {summary['seed']}. "
+            "The seed reported no H to compare with."
         ),
         "Images per class in the subset: " + ", ".join(f"{c}: {count}" for c, count in enumerate(histogram))
         if histogram

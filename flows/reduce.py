@@ -48,8 +48,8 @@ from prefect.cache_policies import NO_CACHE
 from actors.reduction import STORAGE_RETRY_DEADLINE_S, ReductionWorker, RetryingStore
 from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title
 from flows.progress import report
-from obliviate.data import load_dataset
-from obliviate.errors import ConfigError
+from obliviate.data import GrayMode, load_dataset
+from obliviate.errors import ConfigError, named_choice
 from obliviate.reduction.drmi import Aggregate, check_subset_size, choose_starts
 from obliviate.reduction.mi import PreparedImages, check_bins, prepare_images
 from obliviate.reduction.tiling import TilePlan, TileSpec
@@ -147,10 +147,18 @@ def check_start_count(starts: int | None, *, n: int) -> None:
         )
 
 
-def result_key(*, fingerprint: str, bins: int, normalize: bool, k: int, starts: int | None, seed: int) -> str:
-    """Folder of one reduction's result inside the store."""
+def result_key(
+    *, fingerprint: str, bins: int, normalize: bool, k: int, starts: int | None, seed: int, aggregate: str = "sum"
+) -> str:
+    """Folder of one reduction's result inside the store.
+
+    ``-gmax`` is appended for greedy's ``max`` fold, so its subset does not overwrite the default's
+    (``sum`` keeps the folder name it always had). The gray mode needs no part: it changes the images
+    of colour data, hence the fingerprint, and changes nothing for gray data.
+    """
     sample = "" if starts is None else f"-s{starts}-seed{seed}"
-    return f"reduce-{fingerprint}-b{bins}{'n' if normalize else ''}-k{k}{sample}"
+    fold = "" if Aggregate(aggregate) is Aggregate.SUM else f"-g{Aggregate(aggregate).value}"
+    return f"reduce-{fingerprint}-b{bins}{'n' if normalize else ''}-k{k}{sample}{fold}"
 
 
 def restart_memory_bytes(plan: TilePlan, *, k: int, limit_mb: float | None) -> int:
@@ -547,6 +555,7 @@ def reduce_flow(
     restart_memory_mb: float | None = None,
     threads_per_worker: int = 1,
     tiles_only: bool = False,
+    gray: str = "luma",
 ) -> dict[str, Any]:
     """Choose the k least mutually informative images of ``data`` on Ray, results in ``store_url``.
 
@@ -567,6 +576,7 @@ def reduce_flow(
             O(n k); at least one row band's bytes).
         threads_per_worker: numba threads (and Ray CPUs) per actor.
         tiles_only: stop after the tile stage (precompute or extend a stored matrix).
+        gray: how colour images become gray, ``"luma"`` or ``"mean"`` (SPEC section 1).
 
     Returns:
         the summary written to storage, plus ``result_url``.
@@ -575,8 +585,9 @@ def reduce_flow(
 
     logger = get_run_logger()
     t_flow = time.perf_counter()
-    aggregate = Aggregate(aggregate).value
-    dataset = load_dataset(data)
+    aggregate = named_choice(Aggregate, value=aggregate, what="aggregate", means="greedy's fold").value
+    gray = named_choice(GrayMode, value=gray, what="gray", means="how colour images become gray").value
+    dataset = load_dataset(data, gray=gray)
     load_seconds = time.perf_counter() - t_flow
     n = len(dataset)
     check_bins(levels=dataset.levels, bins=bins)
@@ -598,12 +609,14 @@ def reduce_flow(
     plan = TilePlan(n=n, tile_size=tile_size)
     prefix = matrix_prefix(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, tile_size=tile_size)
     logger.info(
-        "reduce %s: n=%d, %s, bins=%d, normalize=%s, %d worker%s x %d thread%s, store %s",
+        "reduce %s: n=%d, %s, bins=%d, normalize=%s, gray=%s, aggregate=%s, %d worker%s x %d thread%s, store %s",
         dataset.name,
         n,
         "tiles only" if tiles_only else f"k={k}",
         bins,
         normalize,
+        gray,
+        aggregate,
         pool_size,
         "" if pool_size == 1 else "s",
         threads_per_worker,
@@ -655,6 +668,7 @@ def reduce_flow(
                     "data": dataset.name,
                     "fingerprint": dataset.fingerprint,
                     "n": n,
+                    "gray": gray,
                     "tile_size": tile_size,
                     "tiles_total": plan.num_tiles,
                     "tiles_computed": tiles["computed"],
@@ -700,7 +714,15 @@ def reduce_flow(
             slots.close()
         break
 
-    key = result_key(fingerprint=dataset.fingerprint, bins=bins, normalize=normalize, k=k, starts=starts, seed=seed)
+    key = result_key(
+        fingerprint=dataset.fingerprint,
+        bins=bins,
+        normalize=normalize,
+        k=k,
+        starts=starts,
+        seed=seed,
+        aggregate=aggregate,
+    )
     subset = np.asarray(restarts["subset"], dtype=np.int64)
     histogram = np.bincount(dataset.labels[subset], minlength=dataset.num_classes)
     summary = {
@@ -710,6 +732,7 @@ def reduce_flow(
         "k": k,
         "bins": bins,
         "normalize": normalize,
+        "gray": gray,
         "aggregate": aggregate,
         "seed": seed,
         "restarts": len(start_vertices),

@@ -63,3 +63,9 @@ ATTACK_MAX_STEPS = 1200
 ATTACK_ROUNDS = 2
 ATTACK_CONSISTENCY_STEPS = 1200
 ATTACK_ROUND_STEPS = 600
+
+# ``obliviate reduce``'s switches of SPEC sections 1-2 (their home modules import numpy and numba).
+#: How colour images become gray: ``luma`` (ITU-R 601-2) or ``mean`` (per-channel mean); see obliviate.data.GrayMode.
+DEFAULT_GRAY = "luma"
+#: Greedy initialisation's fold g: ``sum`` (f is then exactly the growth of H) or ``max``; see drmi.Aggregate.
+DEFAULT_AGGREGATE = "sum"

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 import typer
 
-from flows.cli._types import Args, flag, integer, number, option, parsed
+from flows.cli._types import Args, choice, choices, flag, integer, number, option, parsed
 from flows.cli._types import dataset as dataset_type
 from flows.cli._types import seed as seed_type
 from flows.progress import report, shown_progress
 from obliviate.data import load_dataset
+from obliviate.defaults import DEFAULT_AGGREGATE, DEFAULT_GRAY
 from obliviate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 # command line, for any command's --help or parsing, must not load it.
 
 DEFAULT_K = 600
+GRAY_MODES = ("luma", "mean")  # obliviate.data.GrayMode, named here so --help imports nothing heavy
+AGGREGATES = ("sum", "max")  # obliviate.reduction.drmi.Aggregate
 
 
 def reduce_command(
@@ -42,6 +45,24 @@ def reduce_command(
     k: Annotated[int | None, option("--k", parser=integer, help=f"subset size (default {DEFAULT_K})")] = None,
     bins: Annotated[int, option("--bins", parser=integer, help="gray levels counted by MI (default 256: exact)")] = 256,
     normalize: Annotated[bool, flag("--normalize", help="normalised MI 2·MI/(H(u)+H(v))")] = False,
+    gray: Annotated[
+        str,
+        option(
+            "--gray",
+            parser=choice(*GRAY_MODES),
+            metavar=choices(*GRAY_MODES),
+            help=f"how colour images become gray: luma (ITU-R 601-2) or per-channel mean (default {DEFAULT_GRAY})",
+        ),
+    ] = DEFAULT_GRAY,
+    aggregate: Annotated[
+        str,
+        option(
+            "--aggregate",
+            parser=choice(*AGGREGATES),
+            metavar=choices(*AGGREGATES),
+            help=f"greedy initialisation's fold of a new member's MI row: sum or max (default {DEFAULT_AGGREGATE})",
+        ),
+    ] = DEFAULT_AGGREGATE,
     starts: Annotated[
         int | None, option("--starts", parser=integer, help="seeded start vertices (default: all n)")
     ] = None,
@@ -183,7 +204,7 @@ def run_reduce(args: Args) -> int:
         return print_plan(args)
     from flows.reduce import DEFAULT_BINS, exact_bins
 
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, gray=getattr(args, "gray", DEFAULT_GRAY))
     _check(args, dataset)
     exact = exact_bins(args.bins, levels=dataset.levels)
     if exact != args.bins:
@@ -269,6 +290,8 @@ def run_reduce_flow(args: Args) -> int:
                 starts=args.starts,
                 seed=args.seed,
                 workers=getattr(args, "workers", None),
+                gray=getattr(args, "gray", DEFAULT_GRAY),
+                aggregate=getattr(args, "aggregate", DEFAULT_AGGREGATE),
                 tile_size=getattr(args, "tile_size", 512),
                 restart_memory_mb=getattr(args, "restart_memory_mb", None),
                 tiles_only=getattr(args, "tiles_only", False),
@@ -301,7 +324,9 @@ def run_reduce_in_process(args: Args, dataset=None) -> int:
     from storage.objects import ObjectStore
 
     store = ObjectStore(_prepared_store_url(args))
-    dataset = dataset if dataset is not None else load_dataset(args.data)
+    gray = getattr(args, "gray", DEFAULT_GRAY)
+    aggregate = getattr(args, "aggregate", DEFAULT_AGGREGATE)
+    dataset = dataset if dataset is not None else load_dataset(args.data, gray=gray)
     t0 = time.perf_counter()
     try:
         # Both stages report as the flow's do (flows.progress.report), so the bars and any listener see them.
@@ -319,6 +344,7 @@ def run_reduce_in_process(args: Args, dataset=None) -> int:
                 k=args.k,
                 num_starts=args.starts,
                 rng=np.random.default_rng(args.seed),
+                aggregate=aggregate,
                 on_restarts=lambda done, total: report("restarts", done, total),
             )
     except KeyboardInterrupt:
@@ -339,6 +365,7 @@ def run_reduce_in_process(args: Args, dataset=None) -> int:
         k=args.k,
         starts=args.starts,
         seed=args.seed,
+        aggregate=aggregate,
     )
     histogram = np.bincount(dataset.labels[result.subset], minlength=dataset.num_classes)
     summary = {
@@ -348,6 +375,8 @@ def run_reduce_in_process(args: Args, dataset=None) -> int:
         "k": args.k,
         "bins": args.bins,
         "normalize": args.normalize,
+        "gray": gray,
+        "aggregate": aggregate,
         "seed": args.seed,
         "restarts": len(result.restarts),
         "best_start": result.best_start,
