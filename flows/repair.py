@@ -15,19 +15,20 @@ import hashlib
 import io
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from obliviate.data import load_dataset
-from obliviate.unlearning.chain import Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import block_data
-from obliviate.unlearning.trainer import BlockTrainer, initial_checkpoint
 from storage.check import StoreReport, check_store, collect_orphans, prune_versions
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
 from storage.tiles import MI_TILES, drop_matrix_object
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is replayed: `store check` alone needs none
+    from obliviate.unlearning.chain import Checkpoint
 
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
 
@@ -114,6 +115,8 @@ def rebuild_checkpoint(registry: RunRegistry, key: str) -> dict[str, Any]:
         CorruptObject: the replay does not reproduce the committed bytes, or its inputs are damaged.
         ObjectNotFound: no published version uses the chain this checkpoint belongs to.
     """
+    from obliviate.unlearning.trainer import BlockTrainer, initial_checkpoint
+
     store = registry.store
     match = _CKPT.match(key)
     if match is None:

@@ -39,13 +39,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
-from obliviate.unlearning.judge import HeldoutJudge
 from obliviate.unlearning.service import RunSpec, block_data
 from storage.ledger import DeletionLedger
 from storage.objects import ObjectStore
@@ -67,6 +64,11 @@ from storage.serving import (
     served_model,
     sharded_runs,
 )
+
+if TYPE_CHECKING:  # torch is imported where a judgement loads models: `forget --cancel` of an unheld request needs none
+    import torch
+
+    from obliviate.unlearning.judge import HeldoutJudge
 
 __all__ = [
     "ROLLBACK_KEY",
@@ -96,6 +98,8 @@ def heldout_judge(registry: RunRegistry, states: Sequence[RunState], *, z: float
     Raises:
         ConfigError: members that do not share one held-out set (a sharded run always does).
     """
+    from obliviate.unlearning.judge import HeldoutJudge
+
     specs = [registry.spec(s.run_id) for s in states]
     first = specs[0]
     for spec in specs[1:]:

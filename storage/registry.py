@@ -26,13 +26,15 @@ import io
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from obliviate.errors import ConfigError
-from obliviate.unlearning.chain import Chain, Checkpoint
 from obliviate.unlearning.service import RunSpec, check_name
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import Manifest, ObjectInfo, ObjectStore, Pointer
+
+if TYPE_CHECKING:  # chain imports torch: imported where a checkpoint is loaded, so reading the store needs none
+    from obliviate.unlearning.chain import Chain, Checkpoint
 
 TRAIN_CHAIN = "train"
 
@@ -173,6 +175,8 @@ class RunRegistry:
         """A checkpoint read with ``torch.load(weights_only=True)``; code in the pickle is refused."""
         import torch
 
+        from obliviate.unlearning.chain import Checkpoint
+
         data = self.store.get_member(_single(key, expected), "m") if expected else self.store.get_bytes(key)
         try:
             state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -200,6 +204,8 @@ class RunRegistry:
 
     def load_chain(self, version: ModelVersion) -> tuple[Chain, Manifest]:
         """The chain of a published version, every checkpoint verified against the manifest."""
+        from obliviate.unlearning.chain import Chain
+
         manifest = self.manifest(version)
 
         def load(index: int) -> Checkpoint:

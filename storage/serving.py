@@ -29,18 +29,19 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import nn
-
-from obliviate.unlearning.chain import Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig, model_from_state
-from obliviate.unlearning.lineage import lineage_manifest
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim, rollback_block, served_floor
 from storage.errors import ObjectNotFound, PointerConflict
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
+
+if TYPE_CHECKING:  # torch is imported where a model or a lineage is made: reading holds and records needs none
+    from torch import nn
+
+    from obliviate.unlearning.chain import Checkpoint
 
 ROLLBACK_KEY = "service/rollback.json"
 _CAS_ATTEMPTS = 8
@@ -181,6 +182,8 @@ def partial_lineage(
     *, config: BlockTrainingConfig, plan: BlockPlan, deleted_ids: frozenset[int], members: Mapping[int, ObjectInfo]
 ) -> dict[str, Any]:
     """The lineage manifest (:func:`obliviate.unlearning.lineage.lineage_manifest`) of M_0..M_s only."""
+    from obliviate.unlearning.lineage import lineage_manifest
+
     return lineage_manifest(
         config=config,
         plan=plan,

@@ -16,12 +16,15 @@ for callers that checked it fits. Both give exactly the floats of
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from obliviate.errors import ConfigError
-from obliviate.reduction.tiling import TilePlan, TileSpec
 from storage.objects import ObjectStore
+
+if TYPE_CHECKING:  # obliviate.reduction imports numba and scipy: imported where a matrix is read, not by `store check`
+    from obliviate.reduction.tiling import TilePlan, TileSpec
 
 MI_TILES = "mi-tiles"
 DIAGONAL = "diagonal.npy"
@@ -82,6 +85,8 @@ class TiledMatrix:
     """
 
     def __init__(self, store: ObjectStore, prefix: str, *, cache_bytes: int) -> None:
+        from obliviate.reduction.tiling import TilePlan
+
         self._store = store
         self._prefix = prefix
         meta = store.get_json(f"{prefix}/{PLAN}")
@@ -179,6 +184,8 @@ class TiledRows:
     """
 
     def __init__(self, store: ObjectStore, prefix: str, *, cache_bytes: int) -> None:
+        from obliviate.reduction.tiling import TilePlan
+
         self._store = store
         self._prefix = prefix
         meta = store.get_json(f"{prefix}/{PLAN}")

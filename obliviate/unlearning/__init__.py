@@ -3,183 +3,336 @@ checkpoints and chains, the trainer, the exact and DeepObliviate policies, SISA,
 the deletion service's pure rules.
 
 Public names are importable from here; the modules hold them.
+
+The names are loaded on first use (PEP 562): ``from obliviate.unlearning import RunSpec`` imports the module that
+holds it, no other. Commands that only read the ledger or the store (``forget --status``, ``store check``) import
+no torch through this package.
 """
 
-from obliviate.unlearning.batching import (
-    COUNT,
-    DAY_S,
-    DEADLINE,
-    DEFAULT_DEADLINE_S,
-    DEFAULT_MARGIN_S,
-    NOW,
-    WINDOW,
-    BatchPolicy,
-    FlushDecision,
-    PendingRequest,
-    amortised_fraction,
-    expected_retrain_seconds,
-    flush_decision,
-    flush_time,
-    late_requests,
-    new_request,
-    parse_duration,
-)
-from obliviate.unlearning.chain import (
-    CHECKPOINT_FORMAT,
-    BlockData,
-    Chain,
-    ChainMismatchError,
-    Checkpoint,
-    CheckpointSink,
-    InMemoryChainStore,
-    check_checkpoint,
-    state_difference_l1,
-    state_l1,
-    with_replaced,
-)
-from obliviate.unlearning.config import (
-    DEFAULT_RECIPE,
-    BlockTrainingConfig,
-    OptimizerName,
-    ScheduleName,
-    model_from_state,
-    new_model,
-    schedule_rate,
-)
-from obliviate.unlearning.deepobliviate import (
-    DEFAULT_EPSILON,
-    DeepObliviateOptions,
-    StopRule,
-    fit_power_law,
-    stitch_state,
-    stop_rule_statistic,
-    unlearn_deepobliviate,
-)
-from obliviate.unlearning.exact import (
-    ChainRetrainer,
-    unlearn_exact,
-    validate_deletion,
-)
-from obliviate.unlearning.health import (
-    DEFAULT_DROP,
-    SharpDrop,
-    sharp_drops,
-)
-from obliviate.unlearning.judge import (
-    HeldoutJudge,
-)
-from obliviate.unlearning.lineage import (
-    FAILED,
-    INCONCLUSIVE,
-    LINEAGE_FORMAT,
-    PASSED,
-    VerifyReport,
-    choose_blocks,
-    effective_block_ids,
-    environment,
-    ids_sha256,
-    lineage_manifest,
-    verify_replay,
-)
-from obliviate.unlearning.plan import (
-    BlockPlan,
-    check_numpy_seed,
-    check_sample_ids,
-    make_block_plan,
-)
-from obliviate.unlearning.policies import (
-    unlearn,
-)
-from obliviate.unlearning.probes import (
-    checker_pattern,
-    pattern_attack_success,
-    per_sample_loss,
-    poison_with_pattern,
-    square_pattern,
-    stamp_pattern,
-)
-from obliviate.unlearning.records import (
-    DeletionError,
-    GuardrailAttempt,
-    GuardrailResult,
-    Policy,
-    PowerLawFit,
-    UnlearningRecord,
-    UnlearningResult,
-)
-from obliviate.unlearning.rollback import (
-    InterimPlan,
-    ServedBlocks,
-    ShardCheckpoints,
-    advance_after_retrain,
-    heldout_margin_points,
-    paired_margin_points,
-    plan_interim,
-    rollback_block,
-    saw_deleted,
-    served_floor,
-)
-from obliviate.unlearning.service import (
-    MAX_SAMPLE_ID,
-    REQUEST_ID_PATTERN,
-    RUN_ID_PATTERN,
-    RequestError,
-    RunSpec,
-    block_data,
-    block_holdings,
-    check_name,
-    default_heldout_size,
-    parse_event_payload,
-    parse_ids,
-    plan_run,
-    request_id_for,
-    retry_delay_s,
-    work_token,
-)
-from obliviate.unlearning.shards import (
-    MEAN,
-    VOTE,
-    ShardPlan,
-    combine,
-    make_shard_plan,
-    predict_shards,
-    shard_probabilities,
-)
-from obliviate.unlearning.sisa import (
-    SisaConfig,
-    SisaEnsemble,
-    make_sisa_slices,
-    train_sisa,
-    unlearn_sisa,
-)
-from obliviate.unlearning.trainer import (
-    BlockTiming,
-    BlockTrainer,
-    block_seed,
-    check_data_fits,
-    deterministic_torch,
-    heldout_accuracy,
-    initial_checkpoint,
-    keep_mask,
-    new_optimizer,
-    predict,
-    snapshot_state,
-    train_block,
-    train_chain,
-    warm_up,
-)
-from obliviate.unlearning.verification import (
-    BackdoorSet,
-    Predictor,
-    VerificationFigures,
-    attack_success_rate,
-    choose_backdoor_ids,
-    consistency,
-    mean_loss,
-    poison,
-    stamp_trigger,
-    verify,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from obliviate.unlearning.batching import (
+        COUNT,
+        DAY_S,
+        DEADLINE,
+        DEFAULT_DEADLINE_S,
+        DEFAULT_MARGIN_S,
+        NOW,
+        WINDOW,
+        BatchPolicy,
+        FlushDecision,
+        PendingRequest,
+        amortised_fraction,
+        expected_retrain_seconds,
+        flush_decision,
+        flush_time,
+        late_requests,
+        new_request,
+        parse_duration,
+    )
+    from obliviate.unlearning.chain import (
+        CHECKPOINT_FORMAT,
+        BlockData,
+        Chain,
+        ChainMismatchError,
+        Checkpoint,
+        CheckpointSink,
+        InMemoryChainStore,
+        check_checkpoint,
+        state_difference_l1,
+        state_l1,
+        with_replaced,
+    )
+    from obliviate.unlearning.config import (
+        DEFAULT_RECIPE,
+        BlockTrainingConfig,
+        OptimizerName,
+        ScheduleName,
+        model_from_state,
+        new_model,
+        schedule_rate,
+    )
+    from obliviate.unlearning.deepobliviate import (
+        DEFAULT_EPSILON,
+        DeepObliviateOptions,
+        StopRule,
+        fit_power_law,
+        stitch_state,
+        stop_rule_statistic,
+        unlearn_deepobliviate,
+    )
+    from obliviate.unlearning.exact import (
+        ChainRetrainer,
+        unlearn_exact,
+        validate_deletion,
+    )
+    from obliviate.unlearning.health import (
+        DEFAULT_DROP,
+        SharpDrop,
+        sharp_drops,
+    )
+    from obliviate.unlearning.judge import (
+        HeldoutJudge,
+    )
+    from obliviate.unlearning.lineage import (
+        FAILED,
+        INCONCLUSIVE,
+        LINEAGE_FORMAT,
+        PASSED,
+        VerifyReport,
+        choose_blocks,
+        effective_block_ids,
+        environment,
+        ids_sha256,
+        lineage_manifest,
+        verify_replay,
+    )
+    from obliviate.unlearning.plan import (
+        BlockPlan,
+        check_numpy_seed,
+        check_sample_ids,
+        make_block_plan,
+    )
+    from obliviate.unlearning.policies import (
+        unlearn,
+    )
+    from obliviate.unlearning.probes import (
+        checker_pattern,
+        pattern_attack_success,
+        per_sample_loss,
+        poison_with_pattern,
+        square_pattern,
+        stamp_pattern,
+    )
+    from obliviate.unlearning.records import (
+        DeletionError,
+        GuardrailAttempt,
+        GuardrailResult,
+        Policy,
+        PowerLawFit,
+        UnlearningRecord,
+        UnlearningResult,
+    )
+    from obliviate.unlearning.rollback import (
+        InterimPlan,
+        ServedBlocks,
+        ShardCheckpoints,
+        advance_after_retrain,
+        heldout_margin_points,
+        paired_margin_points,
+        plan_interim,
+        rollback_block,
+        saw_deleted,
+        served_floor,
+    )
+    from obliviate.unlearning.service import (
+        MAX_SAMPLE_ID,
+        REQUEST_ID_PATTERN,
+        RUN_ID_PATTERN,
+        RequestError,
+        RunSpec,
+        block_data,
+        block_holdings,
+        check_name,
+        default_heldout_size,
+        parse_event_payload,
+        parse_ids,
+        plan_run,
+        request_id_for,
+        retry_delay_s,
+        work_token,
+    )
+    from obliviate.unlearning.shards import (
+        MEAN,
+        VOTE,
+        ShardPlan,
+        combine,
+        make_shard_plan,
+        predict_shards,
+        shard_probabilities,
+    )
+    from obliviate.unlearning.sisa import (
+        SisaConfig,
+        SisaEnsemble,
+        make_sisa_slices,
+        train_sisa,
+        unlearn_sisa,
+    )
+    from obliviate.unlearning.trainer import (
+        BlockTiming,
+        BlockTrainer,
+        block_seed,
+        check_data_fits,
+        deterministic_torch,
+        heldout_accuracy,
+        initial_checkpoint,
+        keep_mask,
+        new_optimizer,
+        predict,
+        snapshot_state,
+        train_block,
+        train_chain,
+        warm_up,
+    )
+    from obliviate.unlearning.verification import (
+        BackdoorSet,
+        Predictor,
+        VerificationFigures,
+        attack_success_rate,
+        choose_backdoor_ids,
+        consistency,
+        mean_loss,
+        poison,
+        stamp_trigger,
+        verify,
+    )
+
+# public name -> the module of this package that holds it
+_HOME: dict[str, str] = {
+    "COUNT": "batching",
+    "DAY_S": "batching",
+    "DEADLINE": "batching",
+    "DEFAULT_DEADLINE_S": "batching",
+    "DEFAULT_MARGIN_S": "batching",
+    "NOW": "batching",
+    "WINDOW": "batching",
+    "BatchPolicy": "batching",
+    "FlushDecision": "batching",
+    "PendingRequest": "batching",
+    "amortised_fraction": "batching",
+    "expected_retrain_seconds": "batching",
+    "flush_decision": "batching",
+    "flush_time": "batching",
+    "late_requests": "batching",
+    "new_request": "batching",
+    "parse_duration": "batching",
+    "CHECKPOINT_FORMAT": "chain",
+    "BlockData": "chain",
+    "Chain": "chain",
+    "ChainMismatchError": "chain",
+    "Checkpoint": "chain",
+    "CheckpointSink": "chain",
+    "InMemoryChainStore": "chain",
+    "check_checkpoint": "chain",
+    "state_difference_l1": "chain",
+    "state_l1": "chain",
+    "with_replaced": "chain",
+    "DEFAULT_RECIPE": "config",
+    "BlockTrainingConfig": "config",
+    "OptimizerName": "config",
+    "ScheduleName": "config",
+    "model_from_state": "config",
+    "new_model": "config",
+    "schedule_rate": "config",
+    "DEFAULT_EPSILON": "deepobliviate",
+    "DeepObliviateOptions": "deepobliviate",
+    "StopRule": "deepobliviate",
+    "fit_power_law": "deepobliviate",
+    "stitch_state": "deepobliviate",
+    "stop_rule_statistic": "deepobliviate",
+    "unlearn_deepobliviate": "deepobliviate",
+    "ChainRetrainer": "exact",
+    "unlearn_exact": "exact",
+    "validate_deletion": "exact",
+    "DEFAULT_DROP": "health",
+    "SharpDrop": "health",
+    "sharp_drops": "health",
+    "HeldoutJudge": "judge",
+    "FAILED": "lineage",
+    "INCONCLUSIVE": "lineage",
+    "LINEAGE_FORMAT": "lineage",
+    "PASSED": "lineage",
+    "VerifyReport": "lineage",
+    "choose_blocks": "lineage",
+    "effective_block_ids": "lineage",
+    "environment": "lineage",
+    "ids_sha256": "lineage",
+    "lineage_manifest": "lineage",
+    "verify_replay": "lineage",
+    "BlockPlan": "plan",
+    "check_numpy_seed": "plan",
+    "check_sample_ids": "plan",
+    "make_block_plan": "plan",
+    "unlearn": "policies",
+    "checker_pattern": "probes",
+    "pattern_attack_success": "probes",
+    "per_sample_loss": "probes",
+    "poison_with_pattern": "probes",
+    "square_pattern": "probes",
+    "stamp_pattern": "probes",
+    "DeletionError": "records",
+    "GuardrailAttempt": "records",
+    "GuardrailResult": "records",
+    "Policy": "records",
+    "PowerLawFit": "records",
+    "UnlearningRecord": "records",
+    "UnlearningResult": "records",
+    "InterimPlan": "rollback",
+    "ServedBlocks": "rollback",
+    "ShardCheckpoints": "rollback",
+    "advance_after_retrain": "rollback",
+    "heldout_margin_points": "rollback",
+    "paired_margin_points": "rollback",
+    "plan_interim": "rollback",
+    "rollback_block": "rollback",
+    "saw_deleted": "rollback",
+    "served_floor": "rollback",
+    "MAX_SAMPLE_ID": "service",
+    "REQUEST_ID_PATTERN": "service",
+    "RUN_ID_PATTERN": "service",
+    "RequestError": "service",
+    "RunSpec": "service",
+    "block_data": "service",
+    "block_holdings": "service",
+    "check_name": "service",
+    "default_heldout_size": "service",
+    "parse_event_payload": "service",
+    "parse_ids": "service",
+    "plan_run": "service",
+    "request_id_for": "service",
+    "retry_delay_s": "service",
+    "work_token": "service",
+    "MEAN": "shards",
+    "VOTE": "shards",
+    "ShardPlan": "shards",
+    "combine": "shards",
+    "make_shard_plan": "shards",
+    "predict_shards": "shards",
+    "shard_probabilities": "shards",
+    "SisaConfig": "sisa",
+    "SisaEnsemble": "sisa",
+    "make_sisa_slices": "sisa",
+    "train_sisa": "sisa",
+    "unlearn_sisa": "sisa",
+    "BlockTiming": "trainer",
+    "BlockTrainer": "trainer",
+    "block_seed": "trainer",
+    "check_data_fits": "trainer",
+    "deterministic_torch": "trainer",
+    "heldout_accuracy": "trainer",
+    "initial_checkpoint": "trainer",
+    "keep_mask": "trainer",
+    "new_optimizer": "trainer",
+    "predict": "trainer",
+    "snapshot_state": "trainer",
+    "train_block": "trainer",
+    "train_chain": "trainer",
+    "warm_up": "trainer",
+    "BackdoorSet": "verification",
+    "Predictor": "verification",
+    "VerificationFigures": "verification",
+    "attack_success_rate": "verification",
+    "choose_backdoor_ids": "verification",
+    "consistency": "verification",
+    "mean_loss": "verification",
+    "poison": "verification",
+    "stamp_trigger": "verification",
+    "verify": "verification",
+}
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -322,3 +475,16 @@ __all__ = [
     "with_replaced",
     "work_token",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -12,16 +12,17 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from obliviate.checks import is_whole
 from obliviate.defaults import DEFAULT_RECIPE  # noqa: F401 (re-exported from its old home)
 from obliviate.errors import ConfigError, named_choice
-from obliviate.models import build_model
+
+if TYPE_CHECKING:  # torch is imported where a model is built: a run's spec and its config are read without it
+    import torch
+    from torch import nn
 
 # The recipe ``obliviate train`` uses unless told otherwise; held in obliviate.defaults so that building the
 # command line imports no torch.
@@ -200,6 +201,8 @@ def new_model(config: BlockTrainingConfig) -> nn.Module:
     Raises:
         ConfigError: an unknown model name, or an image size too small for the network.
     """
+    from obliviate.models import build_model
+
     return build_model(
         config.model,
         num_classes=config.num_classes,

@@ -16,16 +16,18 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from obliviate.checks import is_whole
 from obliviate.data import ImageDataset, stratified_split
 from obliviate.errors import ConfigError, ObliviateError
-from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.plan import BlockPlan
+
+if TYPE_CHECKING:  # chain imports torch: the ledger and the store's readers use this module without it
+    from obliviate.unlearning.chain import BlockData
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REQUEST_ID_PATTERN = RUN_ID_PATTERN
@@ -181,6 +183,8 @@ def plan_run(
 
 def block_data(spec: RunSpec, *, dataset: ImageDataset) -> BlockData:
     """The run's :class:`BlockData`, after checking ``dataset`` is the one it was trained on."""
+    from obliviate.unlearning.chain import BlockData
+
     if dataset.fingerprint != spec.dataset_fingerprint:
         raise ConfigError(
             f"run {spec.run_id} was trained on dataset {spec.dataset!r} with fingerprint {spec.dataset_fingerprint}, "

@@ -1,0 +1,148 @@
+"""``forget --status``, ``forget --cancel`` and ``store check`` run without torch (nor numba, scipy, sklearn, ray or
+prefect): they only read (and, for --cancel, write) the ledger and the store's objects.
+
+They used to import torch all the same (663-727 MB max RSS, seconds before the first line): the ledger and the
+registry imported :mod:`obliviate.unlearning.service`, whose package ``__init__`` imported every module (torch
+among them), ``service`` and ``config`` imported torch through ``chain`` and ``models``, and the handlers' other
+helpers (``flows.rollback``, ``flows.repair``, ``storage.serving``, ``storage.tiles``) imported torch or numba at
+their top. The package now loads a name's module on first use, and torch is imported where a model or a
+checkpoint is made or loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "numba", "scipy", "sklearn", "ray", "prefect")
+
+_PROBE = """
+import contextlib, io, json, sys
+from flows.cli import main
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    rc = main({argv!r})
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}))
+print(json.dumps({{"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "heavy": heavy}}))
+"""
+
+
+def _run(argv: list[str]) -> dict:
+    code = _PROBE.format(argv=argv, heavy=HEAVY)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory) -> Path:
+    """A store with one tiny trained run (digits, 2 blocks of 1 epoch; about 2 s), copied by each test."""
+    from actors.chains import ChainWorker
+    from flows.train import run_spec
+
+    folder = tmp_path_factory.mktemp("light") / "store"
+    spec = run_spec(
+        run_id="r1",
+        split_seed=0,
+        data="digits",
+        model="lenet5",
+        blocks=2,
+        epochs=1,
+        batch_size=32,
+        learning_rate=0.01,
+        schedule="constant",
+        train_size=100,
+        heldout_size=50,
+        seed=0,
+    )
+    ChainWorker(f"file://{folder}").train(spec)
+    return folder
+
+
+@pytest.fixture
+def store(trained_store: Path, tmp_path: Path) -> str:
+    """A copy of the trained store with one pending request, ``req-1``."""
+    from storage.ledger import DeletionLedger
+    from storage.objects import ObjectStore
+
+    folder = tmp_path / "store"
+    shutil.copytree(trained_store, folder)
+    url = f"file://{folder}"
+    DeletionLedger(ObjectStore(url)).append(request_id="req-1", ids=[3, 5], dataset="digits", reason="asked")
+    return url
+
+
+def test_forget_status_imports_no_torch(store: str) -> None:
+    result = _run(["forget", "--status", "req-1", "--store", store])
+    assert result["rc"] == 0, result["err"]
+    shown = json.loads(result["out"])
+    assert shown["request_id"] == "req-1" and shown["status"] == "pending" and shown["ids"] == [3, 5]
+    assert [h["status"] for h in shown["history"]] == ["pending"] and shown["batch"] is None
+    assert "request req-1: pending (not picked up yet" in result["err"]
+    assert result["heavy"] == []
+
+
+def test_forget_cancel_imports_no_torch(store: str) -> None:
+    result = _run(["forget", "--cancel", "req-1", "--store", store])
+    assert result["rc"] == 0, result["err"]
+    assert result["err"].strip() == "request req-1: cancelled (withdrawn while pending)"
+    assert result["heavy"] == []
+
+    from storage.ledger import DeletionLedger
+    from storage.objects import ObjectStore
+
+    assert DeletionLedger(ObjectStore(store)).get("req-1").status == "cancelled"
+
+
+def test_store_check_imports_no_torch(store: str) -> None:
+    result = _run(["store", "check", "--store", store])
+    assert result["rc"] == 0, result["err"]
+    report = json.loads(result["out"])
+    assert report["healthy"] is True and report["corrupt"] == [] and report["lineage"] == []
+    assert report["objects_checked"] >= 10  # the run's spec, plan, checkpoints and manifest, and the request
+    assert "0 damaged, 0 lineage problem(s), 0 orphan(s)" in result["err"]
+    assert result["heavy"] == []
+
+
+def test_the_unlearning_package_loads_a_names_module_on_first_use() -> None:
+    code = (
+        "import sys; import obliviate.unlearning as u; before = 'torch' in sys.modules; "
+        "from obliviate.unlearning import RunSpec, check_name; after_service = 'torch' in sys.modules; "
+        "from obliviate.unlearning import Checkpoint; "
+        "print(before, after_service, 'torch' in sys.modules, Checkpoint.__module__, RunSpec.__module__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "False",
+        "False",
+        "True",
+        "obliviate.unlearning.chain",
+        "obliviate.unlearning.service",
+    ]
+
+
+def test_the_packages_lazy_table_matches_its_typed_imports_and_all() -> None:
+    import obliviate.unlearning as package
+
+    tree = ast.parse(Path(package.__file__).read_text())
+    typed: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("obliviate.unlearning."):
+            typed.update({alias.name: node.module.rsplit(".", 1)[1] for alias in node.names})
+    assert typed == package._HOME
+    assert sorted(package._HOME) == sorted(package.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = package.nope
+    assert "RunSpec" in dir(package)
