@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from obliviate.data import load_dataset
+from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData, Chain, Checkpoint
 from obliviate.unlearning.config import model_from_state
@@ -439,8 +440,13 @@ class ChainWorker:
         policy: str = Policy.EXACT.value,
         verify: bool = False,
         epsilon: float = DEFAULT_EPSILON,
+        stop_rule: str = DEFAULT_STOP_RULE,
+        min_points: int = DEFAULT_MIN_POINTS,
     ) -> dict[str, Any]:
         """Forget the dataset ids of ``requests`` (request id -> ids) from run ``run_id``.
+
+        ``epsilon``, ``stop_rule`` and ``min_points`` are DeepObliviate's switches (SPEC section 5;
+        ``policy="deepobliviate"`` only), recorded in the audit of the version they made.
 
         Requests the current version already applied are skipped; the rest are merged into one
         unlearning from the current version, published by compare-and-swap. On a lost race the
@@ -476,7 +482,12 @@ class ChainWorker:
                 }
             try:
                 audit = self._unlearn_from(
-                    current, todo, policy=Policy(policy), verify=verify, epsilon=epsilon, started_at=started_at
+                    current,
+                    todo,
+                    policy=Policy(policy),
+                    verify=verify,
+                    options=DeepObliviateOptions(epsilon=epsilon, stop_rule=stop_rule, min_points=min_points),
+                    started_at=started_at,
                 )
                 return {
                     **audit,
@@ -500,7 +511,7 @@ class ChainWorker:
         *,
         policy: Policy,
         verify: bool,
-        epsilon: float,
+        options: DeepObliviateOptions,
         started_at: float,
     ) -> dict[str, Any]:
         registry, run_id = self.registry, current.run_id
@@ -568,7 +579,7 @@ class ChainWorker:
                     ids=new_positions.tolist(),
                     data=data,
                     policy=policy,
-                    options=DeepObliviateOptions(epsilon=epsilon),
+                    options=options,
                     sink=sink,
                 )
             new_chain, record, resumed_from = result.chain, result.record, 0
@@ -587,7 +598,11 @@ class ChainWorker:
         audit = {
             **base,
             "policy": policy.value,
-            **({"epsilon": epsilon} if policy is Policy.DEEPOBLIVIATE else {}),
+            **(
+                {"epsilon": options.epsilon, "stop_rule": options.stop_rule.value, "min_points": options.min_points}
+                if policy is Policy.DEEPOBLIVIATE
+                else {}
+            ),
             "deleted_ids": spec.dataset_ids(new_positions),
             "first_affected_block": first,
             "last_affected_block": last,

@@ -52,6 +52,7 @@ from flows.settle import STOPPING, hand_back_open_claims, held_pass
 from flows.train import shutdown_pools
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
+from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.errors import ConfigError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError
@@ -74,6 +75,8 @@ class ServiceOptions:
         store: the store of runs and ledger.
         policy: unlearning policy (``exact`` or ``deepobliviate``).
         epsilon: DeepObliviate's stop threshold ε (``deepobliviate`` only).
+        stop_rule: DeepObliviate's stop rule, ``residual_ratio``, ``ratio`` or ``slope`` (``deepobliviate`` only).
+        min_points: DeepObliviate's m, the fewest Δ points before the fit (``deepobliviate`` only).
         verify: compare each unlearned model with a naive retrain (slow; for audits).
         workers: Ray workers per fan-out (default: cluster CPUs).
         reconcile_cron: schedule of the reconciliation.
@@ -92,6 +95,8 @@ class ServiceOptions:
     store: str
     policy: str = "exact"
     epsilon: float = DEFAULT_EPSILON
+    stop_rule: str = DEFAULT_STOP_RULE
+    min_points: int = DEFAULT_MIN_POINTS
     verify: bool = False
     workers: int | None = None
     reconcile_cron: str = "*/5 * * * *"
@@ -134,6 +139,8 @@ def flow_parameters(options: ServiceOptions) -> dict[str, Any]:
         "store": ObjectStore(options.store).url,
         "policy": options.policy,
         "epsilon": options.epsilon,
+        "stop_rule": options.stop_rule,
+        "min_points": options.min_points,
         "verify": options.verify,
         "workers": options.workers,
         "lease_s": options.lease_s,

@@ -18,6 +18,7 @@ from prefect import flow
 
 from flows.settle import AttemptPolicy
 from flows.unlearn import process_open_requests
+from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from storage.lease import DEFAULT_LEASE_S
 
@@ -31,9 +32,18 @@ def reconcile_flow(
     lease_s: float = DEFAULT_LEASE_S,
     max_attempts: int = 3,
     epsilon: float = DEFAULT_EPSILON,
+    stop_rule: str = DEFAULT_STOP_RULE,
+    min_points: int = DEFAULT_MIN_POINTS,
 ) -> dict[str, Any]:
     """Finish every due ledger entry (a lost event, a crashed pass, a retry): the cron safety net."""
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
     return process_open_requests(
-        store, policy=policy, epsilon=epsilon, verify=verify, workers=workers, attempts=attempts
+        store,
+        policy=policy,
+        epsilon=epsilon,
+        verify=verify,
+        workers=workers,
+        attempts=attempts,
+        stop_rule=stop_rule,
+        min_points=min_points,
     )

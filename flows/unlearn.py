@@ -59,6 +59,7 @@ from flows.settle import (
     store_pass,
 )
 from flows.train import termination_behind, worker_pool
+from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError, check_name, parse_event_payload, parse_ids, request_id_for
@@ -78,6 +79,8 @@ def process_open_requests(
     workers: int | None = None,
     attempts: AttemptPolicy | None = None,
     holder: str | None = None,
+    stop_rule: str = DEFAULT_STOP_RULE,
+    min_points: int = DEFAULT_MIN_POINTS,
 ) -> dict[str, Any]:
     """Claim, validate, fan out and settle every due request of ``store``, retrying soon-due failures.
 
@@ -90,7 +93,14 @@ def process_open_requests(
 
     def unlearn_runs(per_run: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, Any]]:
         results, fanout = fan_out_unlearning(
-            store, per_run, policy=policy, epsilon=epsilon, verify=verify, workers=workers
+            store,
+            per_run,
+            policy=policy,
+            epsilon=epsilon,
+            verify=verify,
+            workers=workers,
+            stop_rule=stop_rule,
+            min_points=min_points,
         )
         fanouts.append(fanout)
         logger.info(
@@ -161,6 +171,8 @@ def fan_out_unlearning(
     epsilon: float = DEFAULT_EPSILON,
     verify: bool,
     workers: int | None,
+    stop_rule: str = DEFAULT_STOP_RULE,
+    min_points: int = DEFAULT_MIN_POINTS,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``."""
     import ray
@@ -173,7 +185,13 @@ def fan_out_unlearning(
     started = time.time()
     futures = {
         run_id: actors[i % pool_size].unlearn.remote(
-            run_id, per_run[run_id], policy=policy, verify=verify, epsilon=epsilon
+            run_id,
+            per_run[run_id],
+            policy=policy,
+            verify=verify,
+            epsilon=epsilon,
+            stop_rule=stop_rule,
+            min_points=min_points,
         )
         for i, run_id in enumerate(sorted(per_run))
     }
@@ -203,6 +221,8 @@ def unlearn_flow(
     lease_s: float = DEFAULT_LEASE_S,
     max_attempts: int = 3,
     epsilon: float = DEFAULT_EPSILON,
+    stop_rule: str = DEFAULT_STOP_RULE,
+    min_points: int = DEFAULT_MIN_POINTS,
 ) -> dict[str, Any]:
     """Handle one deletion event: check it, then settle every open request (merged).
 
@@ -234,6 +254,8 @@ def unlearn_flow(
         lease_s: a claim whose lease was not renewed for this long is taken over.
         max_attempts: attempts per request before it becomes ``failed``.
         epsilon: DeepObliviate's stop threshold ε (``policy="deepobliviate"`` only).
+        stop_rule: DeepObliviate's stop rule, ``residual_ratio`` (default), ``ratio`` or ``slope``.
+        min_points: DeepObliviate's m, the fewest Δ points before the fit and the rule are tried (default 5).
 
     Raises:
         RequestError: the event was refused, or the request it names ended ``rejected`` or ``failed``.
@@ -269,7 +291,14 @@ def unlearn_flow(
     ledger.record_event(event_id, {"outcome": "processing", "request_id": request_id, "received_at": received_at})
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
     result = process_open_requests(
-        store, policy=policy, epsilon=epsilon, verify=verify, workers=workers, attempts=attempts
+        store,
+        policy=policy,
+        epsilon=epsilon,
+        verify=verify,
+        workers=workers,
+        attempts=attempts,
+        stop_rule=stop_rule,
+        min_points=min_points,
     )
     gate = result.get("batched") or {}
     if request_id not in result["claimed"] and request_id in gate.get("requests", []):

@@ -69,3 +69,10 @@ ATTACK_ROUND_STEPS = 600
 DEFAULT_GRAY = "luma"
 #: Greedy initialisation's fold g: ``sum`` (f is then exactly the growth of H) or ``max``; see drmi.Aggregate.
 DEFAULT_AGGREGATE = "sum"
+
+# DeepObliviate's switches of SPEC section 5 that ``obliviate serve`` has options for (their home,
+# obliviate.unlearning.deepobliviate, imports torch). The default rule: (Δ_τ − b̂)/(Δ_1 − b̂) < ε.
+#: The stop rule: ``residual_ratio`` (default), ``ratio`` (Δ_τ/Δ_1 < ε) or ``slope`` (|a·h·τ^(−h−1)| < ε).
+DEFAULT_STOP_RULE = "residual_ratio"
+#: m: the fewest Δ points before the power-law fit and the stop rule are tried.
+DEFAULT_MIN_POINTS = 5

@@ -21,8 +21,11 @@ import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, choice, choices, flag, integer, number, option, parsed
+from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 
 POLICIES = ("exact", "deepobliviate")
+STOP_RULES = ("residual_ratio", "ratio", "slope")  # obliviate.unlearning.deepobliviate.StopRule
+MIN_POINTS_FLOOR = 3  # a power-law fit has three parameters (DeepObliviateOptions)
 DISPATCHES = ("warm", "runner")
 
 
@@ -45,6 +48,25 @@ def serve_command(
             parser=number,
             help="with --policy deepobliviate: the stop rule's threshold ε (default 0.05; `obliviate tune unlearning` "
             "sweeps it against consistency with naive retraining)",
+        ),
+    ] = None,
+    stop_rule: Annotated[
+        str | None,
+        option(
+            "--stop-rule",
+            parser=choice(*STOP_RULES),
+            metavar=choices(*STOP_RULES),
+            help=f"with --policy deepobliviate: when to stop retraining (SPEC section 5): residual_ratio "
+            f"(Δ_τ−b̂)/(Δ_1−b̂) < ε, ratio Δ_τ/Δ_1 < ε, or slope |a·h·τ^(−h−1)| < ε (default {DEFAULT_STOP_RULE})",
+        ),
+    ] = None,
+    min_points: Annotated[
+        int | None,
+        option(
+            "--min-points",
+            parser=integer,
+            help=f"with --policy deepobliviate: m, the fewest Δ points before the power-law fit and the stop rule "
+            f"are tried, at least {MIN_POINTS_FLOOR} (default {DEFAULT_MIN_POINTS})",
         ),
     ] = None,
     verify: Annotated[bool, flag("--verify", help="also retrain naively and record consistency")] = False,
@@ -160,12 +182,27 @@ def run_serve(args: Args) -> int:
             f"--epsilon is the stop rule's threshold, a finite number > 0 (default {DEFAULT_EPSILON:g}); got "
             f"{args.epsilon:g}. Larger stops earlier (faster, further from exact)."
         )
+    for flag_name, value in (("--stop-rule", args.stop_rule), ("--min-points", args.min_points)):
+        if value is not None and args.policy != "deepobliviate":
+            raise ConfigError(
+                f"{flag_name} is a switch of DeepObliviate's stop rule, so it needs --policy deepobliviate; got "
+                f"{flag_name} {value} with --policy {args.policy}. Add --policy deepobliviate, or drop {flag_name} "
+                "(exact retraining never stops early)."
+            )
+    if args.min_points is not None and args.min_points < MIN_POINTS_FLOOR:
+        raise ConfigError(
+            f"--min-points is m, the fewest Δ points before the stop rule's power-law fit Δ_t ≈ a·t^(−h) + b is tried, "
+            f"so it must be at least {MIN_POINTS_FLOOR} (three parameters are fitted); got {args.min_points}. Pass "
+            f"{MIN_POINTS_FLOOR} or more, or leave it unset for the default {DEFAULT_MIN_POINTS}."
+        )
     # Every option is checked before the store is created or written.
     policy = BatchPolicy(window_s=window_s, batch_max=args.batch_max, deadline_s=deadline_s)
     options = ServiceOptions(
         store=store_url(args),
         policy=args.policy,
         epsilon=DEFAULT_EPSILON if args.epsilon is None else args.epsilon,
+        stop_rule=DEFAULT_STOP_RULE if args.stop_rule is None else args.stop_rule,
+        min_points=DEFAULT_MIN_POINTS if args.min_points is None else args.min_points,
         verify=args.verify,
         workers=args.workers,
         reconcile_cron=args.reconcile_cron,

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from obliviate.errors import ConfigError
+from obliviate.defaults import DEFAULT_MIN_POINTS
+from obliviate.errors import ConfigError, named_choice
 from obliviate.unlearning.chain import (
     BlockData,
     Chain,
@@ -71,18 +72,20 @@ class DeepObliviateOptions:
     """
 
     epsilon: float = DEFAULT_EPSILON
-    min_points: int = 5
-    stop_rule: StopRule = StopRule.RESIDUAL_RATIO
+    min_points: int = DEFAULT_MIN_POINTS
+    stop_rule: StopRule = StopRule.RESIDUAL_RATIO  # DEFAULT_STOP_RULE (tests hold them equal)
     guardrail_tolerance: float = 0.01
     nonnegative_floor: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_rule", StopRule(self.stop_rule))
+        rule = named_choice(StopRule, value=self.stop_rule, what="stop_rule", means="DeepObliviate's stop rule")
+        object.__setattr__(self, "stop_rule", rule)
         if not self.epsilon > 0:
             raise ConfigError(f"epsilon must be > 0; got {self.epsilon!r}.")
         if not isinstance(self.min_points, int) or self.min_points < 3:
             raise ConfigError(
-                f"min_points must be an integer >= 3 (three parameters are fitted); got {self.min_points!r}."
+                f"min_points must be an integer >= 3 (three parameters are fitted); got {self.min_points!r}. "
+                f"Pass 3 or more (default {DEFAULT_MIN_POINTS})."
             )
         if not 0 <= self.guardrail_tolerance < 1:
             raise ConfigError(f"guardrail_tolerance must be in [0, 1); got {self.guardrail_tolerance!r}.")
