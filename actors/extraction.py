@@ -7,6 +7,7 @@ call into :func:`obliviate.extraction.audit.run_cell`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from obliviate.extraction.attackers import AttackOptions
 from obliviate.extraction.audit import run_cell
 from obliviate.extraction.selectors import Pool
 from obliviate.extraction.substitute import TrainConfig
-from obliviate.extraction.target import OutputMode, Target, open_backend
+from obliviate.extraction.target import BudgetExceeded, OutputMode, Target, open_backend
 
 DEFAULT_CLASSES = 10  # run_cell's default, for a target that does not declare its classes
 
@@ -66,24 +67,42 @@ class AuditWorker:
         num_classes = int(self.meta.get("num_classes", DEFAULT_CLASSES))
         attacker = Target(self.backend, budget=budget, output=OutputMode.LABELS, num_classes=num_classes)
         oracle = Target(self.backend, budget=None, num_classes=num_classes)
-        cell = run_cell(
-            selector=selector,
-            budget=budget,
-            seed=seed,
-            pool=self.pool,
-            attacker=attacker,
-            oracle=oracle,
-            test_images=self.test_images,
-            test_labels=self.test_labels,
-            train=train,
-            eps=eps,
-            iterative=iterative,
-            num_classes=num_classes,
-            oracle_test_labels=self.oracle_test_labels,
-            attack=attack,
-            attack_options=attack_options,
-        )
-        return cell.to_dict() | {"query_calls": len(attacker.log), "queries_used": attacker.used}
+        try:
+            cell = run_cell(
+                selector=selector,
+                budget=budget,
+                seed=seed,
+                pool=self.pool,
+                attacker=attacker,
+                oracle=oracle,
+                test_images=self.test_images,
+                test_labels=self.test_labels,
+                train=train,
+                eps=eps,
+                iterative=iterative,
+                num_classes=num_classes,
+                oracle_test_labels=self.oracle_test_labels,
+                attack=attack,
+                attack_options=attack_options,
+            )
+        except BudgetExceeded as err:
+            # The refused batch is in the log too: the error says what the cell asked before it.
+            raise BudgetExceeded(
+                f"{err} Cell {attack}/{selector} k={budget} seed={seed}; its queries (digest, size, refused): "
+                f"{[list(q.values()) for q in query_log(attacker)]}."
+            ) from None
+        # SPEC 3: every query is logged; the log goes into the cell's record (steal.json), one entry per batch.
+        return cell.to_dict() | {
+            "query_calls": len(attacker.log),
+            "queries_used": attacker.used,
+            "target_output": attacker.output.value,
+            "queries": query_log(attacker),
+        }
+
+
+def query_log(target: Target) -> list[dict[str, Any]]:
+    """The target's log, compact: per query batch its digest (SHA-256 of the images, 16 hex), size and refusal."""
+    return [{"digest": q.digest, "size": q.size, "refused": q.refused} for q in target.log]
 
 
 def run_cell_task(worker: dict, cell: dict) -> dict:
