@@ -472,6 +472,7 @@ class ChainWorker:
                 }
             todo = {rid: ids for rid, ids in requests.items() if rid not in current.applied_requests}
             if not todo:
+                # A crash between an attempt's publish and its purge: this attempt finishes the purge.
                 return {
                     "run_id": run_id,
                     "status": "already_applied",
@@ -479,6 +480,7 @@ class ChainWorker:
                     "requests": sorted(requests),
                     "started_at": started_at,
                     "lost_races": lost_races,
+                    **self._purge_superseded(run_id),
                 }
             try:
                 audit = self._unlearn_from(
@@ -489,6 +491,8 @@ class ChainWorker:
                     options=DeepObliviateOptions(epsilon=epsilon, stop_rule=stop_rule, min_points=min_points),
                     started_at=started_at,
                 )
+                if audit.get("status") == "published":
+                    audit.update(self._purge_superseded(run_id))
                 return {
                     **audit,
                     "storage_retries": self.storage_retries - retries_before,
@@ -503,6 +507,58 @@ class ChainWorker:
                 lost_races.append({"base_version": current.version, "at": time.time(), "error": str(err)[:300]})
                 continue
         raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_PUBLISH_ATTEMPTS} attempts.")
+
+    def _purge_superseded(self, run_id: str) -> dict[str, Any]:
+        """SPEC 5: once a deletion's version is published, the superseded versions' checkpoints trained on its ids go.
+
+        :func:`storage.check.purge_superseded` (the machinery of ``store check --keep-versions``,
+        idempotent, safe to interrupt). A failure never fails or un-applies the deletion: the audit
+        (each request's ledger record) says the purge is pending and why, ``store check`` reports the
+        run and ``store check --repair`` (or the run's next deletion) finishes it.
+
+        Returns:
+            ``{"superseded_versions": {"status": "purged" | "kept" | "pending" | "none", ...}, "purged_at"}``:
+            ``purged_at`` is when the data left storage (``None`` while kept or pending; absent with
+            ``none``: the run applied no deletion, so nothing it stores saw a deleted id).
+        """
+        from storage.check import KEEP_SUPERSEDED_OPTION, purge_superseded
+
+        try:
+            result = purge_superseded(self.registry.store, apply=True, runs=[run_id])
+            failed = result["skipped"].get(run_id)
+        except Exception as err:  # noqa: BLE001 -- a failed purge is recorded, never the deletion's failure
+            failed = f"{type(err).__name__}: {err}"[:300]
+        if failed:
+            return {
+                "superseded_versions": {
+                    "status": "pending",
+                    "reason": f"the purge of superseded versions failed ({failed}); `obliviate store check` reports "
+                    "the run and `obliviate store check --repair` (or the run's next deletion) finishes it",
+                },
+                "purged_at": None,
+            }
+        if result["kept_by_option"]:
+            return {
+                "superseded_versions": {
+                    "status": "kept",
+                    "reason": f"the store keeps superseded versions ({KEEP_SUPERSEDED_OPTION}): checkpoints trained "
+                    "on the deleted ids remain stored, for audit (SPEC 5's invariant does not hold)",
+                },
+                "purged_at": None,
+            }
+        run = result["runs"].get(run_id)
+        if run is None:  # no deletion applied to the run (nothing superseded saw a deleted id)
+            return {"superseded_versions": {"status": "none"}}
+        return {
+            "superseded_versions": {
+                "status": "purged",
+                "versions": run["versions"],
+                "objects": run["objects"],
+                "bytes": run["bytes"],
+                "held": run["held"],
+            },
+            "purged_at": run["purged_at"],
+        }
 
     def _unlearn_from(
         self,

@@ -470,8 +470,12 @@ def _run_pass(
             else:
                 exact_at = time.time()
                 deadline = (batch or {}).get("deadlines", {}).get(request_id)
+                purged = [a["purged_at"] for a in audits.values() if "purged_at" in a]
                 timing = {
                     "exact_at": exact_at,
+                    # when its data left storage: every run's superseded versions purged (SPEC 5); None while
+                    # a purge is pending or the store keeps them (each run's audit says which and why)
+                    "purged_at": max(purged) if purged and None not in purged else None,
                     "deadline": deadline,
                     "late": deadline is not None and exact_at > deadline,
                 }

@@ -82,12 +82,18 @@ class StoreReport:
     uncommitted: list[str] = field(default_factory=list)
     half_filed: list[str] = field(default_factory=list)
     min_age_s: float = 600.0
+    superseded: list[dict[str, Any]] = field(default_factory=list)
+    purged: dict[str, Any] | None = None
 
     @property
     def healthy(self) -> bool:
         """No damage left (orphans are garbage, not damage)."""
         fixed = {r["key"] for r in self.repaired}
-        return not [c for c in self.corrupt if c["key"] not in fixed] and not self.lineage_unfixed(fixed)
+        return (
+            not [c for c in self.corrupt if c["key"] not in fixed]
+            and not self.lineage_unfixed(fixed)
+            and not self.superseded
+        )
 
     def lineage_unfixed(self, fixed: set[str]) -> list[dict[str, Any]]:
         return [problem for problem in self.lineage if problem.get("key") not in fixed]
@@ -108,6 +114,8 @@ class StoreReport:
             "pruned": self.pruned,
             "uncommitted": self.uncommitted,
             "half_filed": self.half_filed,
+            "superseded": self.superseded,
+            "purged": self.purged,
             "seconds": self.seconds,
         }
 
@@ -194,8 +202,38 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     report.orphans, report.orphans_held_back = _orphans(
         store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report
     )
+    report.superseded = _superseded_left(store)
     report.seconds = time.monotonic() - began
     return report
+
+
+def _superseded_left(store: ObjectStore) -> list[dict[str, Any]]:
+    """Runs whose superseded versions still hold checkpoints trained on ids a later version deleted (SPEC 5).
+
+    What :func:`purge_superseded` would delete now: a purge cut off after its version's publish (a
+    crash, an outage), or a store written before purging was the default. Nothing while the store
+    opted out (``serve --keep-superseded-versions``).
+    """
+    found = []
+    would = purge_superseded(store, apply=False)
+    for run_id, run in sorted(would["runs"].items()):
+        if not run["versions"] and not run["objects"]:
+            continue
+        versions = run["versions"] or "already recorded pruned"
+        found.append(
+            {
+                "run": run_id,
+                "versions": run["versions"],
+                "objects": run["objects"],
+                "problem": f"run {run_id}: superseded version(s) {versions} still hold {run['objects']} object(s) "
+                "(checkpoints, manifests) of chains trained on ids the current version deleted: their purge after "
+                "the deletion's publish did not finish (a crash or an outage in between), or the store was written "
+                "before purging was the default (SPEC 5: no stored checkpoint trained on a deleted id remains). "
+                "`obliviate store check --repair` deletes them (their pointer versions stay as the record); "
+                f"`obliviate {KEEP_SUPERSEDED_OPTION}` keeps them on purpose instead",
+            }
+        )
+    return found
 
 
 def _records_alone(names: list[str]) -> list[str]:
@@ -636,11 +674,17 @@ def _committed_at(store: ObjectStore, key: str) -> float:
 def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:
     """Delete the orphans ``report`` listed (commit record first, as every delete); returns those deleted.
 
-    Bytes without a commit record go only if still uncommitted and old (a write may have come
+    First the purge of superseded versions ``report.superseded`` names is finished
+    (:func:`purge_superseded`; ``report.purged`` says what it deleted). Bytes without a commit record go only if still uncommitted and old (a write may have come
     back since the check); a half-filed request's marker only if its request is still uncommitted
     and the marker was not written again (a re-run of its ``forget``), and put back if the request
     got committed while it was deleted (an open request always has its marker).
     """
+    if report.superseded:  # SPEC 5: finish the purge a deletion's publish began (or never ran)
+        runs = [item["run"] for item in report.superseded]
+        report.purged = purge_superseded(store, apply=True, runs=runs)
+        left = set(report.purged["skipped"])
+        report.superseded = [item for item in report.superseded if item["run"] in left]
     collected = []
     uncommitted = set(report.uncommitted) | {f"ledger/requests/{r}.json" for r in report.half_filed}
     half_filed = {f"ledger/open/{r}.json": r for r in report.half_filed}
@@ -695,16 +739,116 @@ def prune_versions(store: ObjectStore, *, keep: int, apply: bool) -> dict[str, A
         whose versions could not be read (damage: `store check` reports it; nothing of them is pruned).
     """
     from storage.ledger import CLAIMED, PENDING
+
+    open_requests = any(status in (PENDING, CLAIMED, _UNREADABLE) for _, status in _request_states(store))
+    return _prune_runs(
+        store, keep=keep, apply=apply, runs=None, open_requests=open_requests, note={"keep_versions": keep}
+    )
+
+
+# SPEC 5: once a deletion is published, no stored checkpoint trained on its ids remains (:func:`purge_superseded`).
+# ``serve --keep-superseded-versions`` records the store's opt-out here (like serve's rollback and batch settings).
+SUPERSEDED_KEY = "service/superseded.json"
+KEEP_SUPERSEDED_OPTION = "serve --keep-superseded-versions"
+
+
+def save_keep_superseded(store: ObjectStore, *, keep: bool) -> None:
+    """Record whether this store keeps superseded versions (``serve --keep-superseded-versions``; default not)."""
+    store.put_json(SUPERSEDED_KEY, {"keep": bool(keep), "set_at": time.time(), "by": KEEP_SUPERSEDED_OPTION})
+
+
+def keeps_superseded(store: ObjectStore) -> bool:
+    """Whether the store opted out of purging superseded versions (``serve --keep-superseded-versions``)."""
+    try:
+        return bool(store.get_json(SUPERSEDED_KEY).get("keep", False))
+    except ObjectNotFound:
+        return False
+
+
+def purge_superseded(
+    store: ObjectStore, *, apply: bool, runs: list[str] | None = None, open_requests: bool = True
+) -> dict[str, Any]:
+    """SPEC 5: delete what versions superseded by a deletion's version still hold (trained on its ids).
+
+    A run whose current version applied deletions (its pointer's ``deleted_ids``) keeps, as
+    ``--keep-versions 1`` does, only the current version and the full version it derives from
+    (``chain_of``: an interim rollback's chain, which a release serves again and the retrain in
+    flight starts from); every other version is superseded: each one before the newest full
+    version saw ids it deleted, and the others' checkpoints are shared with the kept ones. The
+    same machinery as retention (:func:`prune_versions`): recorded pruned first in
+    ``runs/<run>/pruned.json`` (``"superseded": true``), then only objects no kept version uses are
+    deleted, checkpoints before manifests; the pointer versions stay (the audit record). Idempotent;
+    an interruption leaves a state :func:`check_store` reports (``superseded``) and the next purge
+    (a pass, ``store check --repair``) finishes. ``open_requests``: keep what work in flight may
+    still use (:func:`_in_flight`; conservative, and never a superseded chain after a full publish).
+    Nothing is purged when the store opted out (:func:`keeps_superseded`); ``runs``: only these.
+
+    Returns:
+        as :func:`prune_versions`, plus ``"kept_by_option"`` (the opt-out) and per run ``"purged_at"``.
+    """
+    if keeps_superseded(store):
+        return {
+            "keep_versions": None,
+            "runs": {},
+            "objects": 0,
+            "bytes": 0,
+            "held": 0,
+            "skipped": {},
+            "deleted": False,
+            "kept_by_option": KEEP_SUPERSEDED_OPTION,
+        }
+    out = _prune_runs(
+        store,
+        keep=1,
+        apply=apply,
+        runs=runs,
+        open_requests=open_requests,
+        note={"superseded": True},
+        due=_applied_deletions,
+    )
+    out["kept_by_option"] = None
+    return out
+
+
+def _applied_deletions(target: dict[str, Any]) -> bool:
+    """Whether a version pointer's target says deletions were applied (its superseded versions saw those ids)."""
+    return bool(target.get("deleted_ids"))
+
+
+def _prune_runs(
+    store: ObjectStore,
+    *,
+    keep: int,
+    apply: bool,
+    runs: list[str] | None,
+    open_requests: bool,
+    note: dict[str, Any],
+    due: Any = None,
+) -> dict[str, Any]:
+    """:func:`prune_versions`'s work for ``runs`` (all if ``None``); ``due(target)``: whether a run's current
+    pointer target asks for it (all if ``None``); ``note``: what ``pruned.json`` records with each version."""
     from storage.registry import RunRegistry, pruned_key
 
     registry = RunRegistry(store)
-    open_requests = any(status in (PENDING, CLAIMED, _UNREADABLE) for _, status in _request_states(store))
-    out: dict[str, Any] = {"keep_versions": keep, "runs": {}, "objects": 0, "bytes": 0, "held": 0, "skipped": {}}
+    out: dict[str, Any] = {
+        "keep_versions": note.get("keep_versions"),
+        "runs": {},
+        "objects": 0,
+        "bytes": 0,
+        "held": 0,
+        "skipped": {},
+    }
     for pointer_key in store.list_pointers("runs"):
         if not pointer_key.endswith("/current") or pointer_key.count("/") != 2:
             continue
         run_id = pointer_key.split("/")[1]
+        if runs is not None and run_id not in runs:
+            continue
         try:
+            if due is not None:
+                latest = _latest_version(store, pointer_key)
+                if latest == 0 or not due(dict(store.read_pointer_version(pointer_key, latest).target)):
+                    continue
             plan = _retention_plan(store, registry, run_id, pointer_key, keep=keep)
         except (CorruptObject, ObjectNotFound, StorageError, KeyError, ValueError, TypeError) as err:
             out["skipped"][run_id] = f"{type(err).__name__}: {err}"[:300]
@@ -715,11 +859,11 @@ def prune_versions(store: ObjectStore, *, keep: int, apply: bool) -> dict[str, A
         held = [k for k in [*members, *manifests] if open_requests and _in_flight(k, run_state)]
         doomed = [k for k in members if k not in held] + [k for k in manifests if k not in held]
         sizes = {key: _size(store, key) for key in doomed}
+        now = time.time()
         if apply:
             if versions:
                 record = registry.pruned_versions(run_id)
-                now = time.time()
-                record.update({v: {"pruned_at": now, "keep_versions": keep} for v in versions})
+                record.update({v: {"pruned_at": now, **note} for v in versions})
                 store.put_json(
                     pruned_key(run_id),
                     {"run_id": run_id, "versions": {str(v): record[v] for v in sorted(record)}},
@@ -729,6 +873,8 @@ def prune_versions(store: ObjectStore, *, keep: int, apply: bool) -> dict[str, A
         run_bytes = sum(size for size in sizes.values() if size is not None)
         gone = sum(size is not None for size in sizes.values())
         out["runs"][run_id] = {"versions": versions, "objects": gone, "bytes": run_bytes, "held": len(held)}
+        if apply:
+            out["runs"][run_id]["purged_at"] = now
         out["objects"] += gone
         out["bytes"] += run_bytes
         out["held"] += len(held)

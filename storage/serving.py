@@ -407,6 +407,20 @@ def _chain_margin(
     return margin_of
 
 
+def _moved(registry: RunRegistry, states: Sequence[RunState]) -> bool:
+    """Whether a run's pointer moved since ``states`` were read (a checkpoint they name may be purged by now).
+
+    A retrain that publishes purges the versions it superseded (SPEC 5, :func:`storage.check.purge_superseded`),
+    so a plan judging the checkpoints of a version read before meets them gone: like a lost
+    compare-and-swap, the plan starts again on the newer version.
+    """
+    for state in states:
+        current = registry.current(state.run_id)
+        if current is None or current.version != state.version.version:
+            return True
+    return False
+
+
 def roll_back(
     registry: RunRegistry,
     run_id: str,
@@ -458,20 +472,25 @@ def roll_back(
         first = min(firsts.values())
         # one judge for the measured accuracy and the margin, built only if either is needed
         judged = None if judge_for is None else functools.cache(functools.partial(judge_for, [state]))
-        accuracies = with_measured(
-            accuracies,
-            rollback_block(served_block=served_now, first_affected_block=first),
-            None if judged is None else functools.partial(_accuracy_alone, judged, 0),
-        )
-        margins: dict[int, float] = {}
-        margin_of = _chain_margin(judged, accuracies, floor=floor, seen=margins)
-        interim = plan_interim(
-            shards=[ShardCheckpoints(0, accuracies, served_now)],
-            affected={0: first},
-            served_floor=floor,
-            shard_floor=0.0,
-            margin_of=margin_of,
-        )
+        try:
+            accuracies = with_measured(
+                accuracies,
+                rollback_block(served_block=served_now, first_affected_block=first),
+                None if judged is None else functools.partial(_accuracy_alone, judged, 0),
+            )
+            margins: dict[int, float] = {}
+            margin_of = _chain_margin(judged, accuracies, floor=floor, seen=margins)
+            interim = plan_interim(
+                shards=[ShardCheckpoints(0, accuracies, served_now)],
+                affected={0: first},
+                served_floor=floor,
+                shard_floor=0.0,
+                margin_of=margin_of,
+            )
+        except ObjectNotFound:
+            if _moved(registry, [state]):  # a retrain published meanwhile and purged what was judged: re-plan
+                continue
+            raise
         block = interim.served[0]
         margin = None if block is None else margins.get(block)
         if not interim.publish:
@@ -573,26 +592,31 @@ def roll_back_group(
                 "flush_now": False,
                 "below_floor": [],
             }
-        judged = functools.cache(functools.partial(judge_for, ready))
-        judge = judged()
-        floor = served_floor(pre_deletion_accuracy=judge.reference_accuracy, floor_points=floor_points)
-        shard_floor = min(judge.reference_shard_accuracy(k) for k in range(len(ready))) - shard_floor_points / 100
-        affected = {k: min(found.values()) for k, found in firsts.items()}
-        accuracies = [s.accuracies for s in ready]
-        for k, first in affected.items():
-            accuracies[k] = with_measured(
-                accuracies[k],
-                rollback_block(served_block=ready[k].served_block, first_affected_block=first),
-                functools.partial(_accuracy_alone, judged, k),
+        try:
+            judged = functools.cache(functools.partial(judge_for, ready))
+            judge = judged()
+            floor = served_floor(pre_deletion_accuracy=judge.reference_accuracy, floor_points=floor_points)
+            shard_floor = min(judge.reference_shard_accuracy(k) for k in range(len(ready))) - shard_floor_points / 100
+            affected = {k: min(found.values()) for k, found in firsts.items()}
+            accuracies = [s.accuracies for s in ready]
+            for k, first in affected.items():
+                accuracies[k] = with_measured(
+                    accuracies[k],
+                    rollback_block(served_block=ready[k].served_block, first_affected_block=first),
+                    functools.partial(_accuracy_alone, judged, k),
+                )
+            interim = plan_interim(
+                shards=[ShardCheckpoints(k, accuracies[k], s.served_block) for k, s in enumerate(ready)],
+                affected=affected,
+                served_floor=floor,
+                shard_floor=shard_floor,
+                ensemble_accuracy=judge.accuracy,
+                margin_of=judge.margin,
             )
-        interim = plan_interim(
-            shards=[ShardCheckpoints(k, accuracies[k], s.served_block) for k, s in enumerate(ready)],
-            affected=affected,
-            served_floor=floor,
-            shard_floor=shard_floor,
-            ensemble_accuracy=judge.accuracy,
-            margin_of=judge.margin,
-        )
+        except ObjectNotFound:
+            if _moved(registry, ready):  # a retrain published meanwhile and purged what was judged: re-plan
+                continue
+            raise
         margin = judge.margin(interim.served) if interim.accuracy is not None else None
         summary = {"accuracy": interim.accuracy, "margin_points": margin, "floor": floor, "shard_floor": shard_floor}
         if not interim.publish:

@@ -129,6 +129,15 @@ def serve_command(
             "model before the deletion, else keep serving and flush now (default 2; 100 accepts any drop)",
         ),
     ] = 2.0,
+    keep_superseded_versions: Annotated[
+        bool,
+        flag(
+            "--keep-superseded-versions",
+            help="keep the checkpoints of versions a deletion superseded (for audit: `verify --version`, serving them "
+            "again). Breaks SPEC 5's invariant: checkpoints trained on deleted ids stay stored. Default: purged once "
+            "the deletion's version is published",
+        ),
+    ] = False,
 ) -> Args:
     return parsed(ctx, run_serve)
 
@@ -148,6 +157,7 @@ def run_serve(args: Args) -> int:
     from obliviate.errors import ConfigError
     from obliviate.unlearning.batching import DEFAULT_MARGIN_S, BatchPolicy, parse_duration
     from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
+    from storage.check import save_keep_superseded
     from storage.lease import DEFAULT_LEASE_S
     from storage.objects import ObjectStore
 
@@ -219,6 +229,7 @@ def run_serve(args: Args) -> int:
     claim_serving(ObjectStore(store), pid=os.getpid(), host=socket.gethostname())
     save_policy(ObjectStore(store), policy)
     save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
+    save_keep_superseded(ObjectStore(store), keep=args.keep_superseded_versions)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
     with prefect_api() as api_url:
         print(f"Prefect API: {api_url} (dashboard: {ui_url_of(api_url)})", file=sys.stderr)

@@ -87,6 +87,15 @@ def run_store_check(args: Args) -> int:
         version = "" if problem["version"] is None else f" version {problem['version']}"
         mend = "; `store check --repair` rebuilds it by replay" if is_checkpoint(problem.get("key", "")) else ""
         print(f"  lineage of run {problem['run']}{version}: {problem['problem']}{mend}", file=sys.stderr)
+    for item in report.superseded:
+        print(f"  superseded versions left: {item['problem']}", file=sys.stderr)
+    if report.purged is not None and report.purged["objects"]:
+        runs = {r: run for r, run in report.purged["runs"].items() if run["versions"] or run["objects"]}
+        print(
+            f"  purged {report.purged['objects']} object(s), {_megabytes(report.purged['bytes'])}, of versions "
+            f"superseded by deletions in run(s) {sorted(runs)} (SPEC 5); their pointer versions stay (history)",
+            file=sys.stderr,
+        )
     if report.orphans_held_back:
         print(f"  orphans: {report.orphans_held_back}", file=sys.stderr)
     elif report.orphans and not args.repair:

@@ -19,6 +19,7 @@ from obliviate.unlearning.lineage import effective_block_ids, ids_sha256
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.shards import shard_probabilities
 from storage import ObjectStore
+from storage.check import save_keep_superseded
 from storage.ledger import DeletionLedger
 from storage.objects import Manifest
 from storage.registry import ModelVersion, RunRegistry
@@ -39,6 +40,7 @@ def _setup(url: str, run_id: str, options: dict, *, floor_points: float = 100.0)
     plan = BlockPlan.from_dict(store.get_json(f"runs/{run_id}/plan.json"))
     save_policy(store, BatchPolicy(window_s=DAY_S))  # requests wait in the batch: only rollback forgets them now
     save_rollback(store, enabled=True, floor_points=floor_points)  # 100: any checkpoint meets this floor
+    save_keep_superseded(store, keep=True)  # the tests read every version published (by default they are purged)
 
     def ids_in(block: int, count: int = 2) -> tuple[list[int], list[int]]:
         positions = [int(p) for p in plan.block_ids(block)[:count]]

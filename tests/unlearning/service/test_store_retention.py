@@ -1,5 +1,8 @@
 """Store growth over months of use (fast; a local store, a tiny run): retention of old versions
-(``store check --repair --keep-versions N``) and orphans collected while requests are open."""
+(``store check --repair --keep-versions N``) and orphans collected while requests are open.
+
+Retention is for stores that keep superseded versions (``serve --keep-superseded-versions``): by
+default a deletion's publish purges them (SPEC 5; tests/unlearning/service/test_purge_superseded.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from flows.unlearn import submit_deletion
 from obliviate.unlearning.service import work_token
 from storage import ObjectStore
 from storage import lease as leases
+from storage.check import save_keep_superseded
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.registry import RunRegistry
 
@@ -23,6 +27,7 @@ from storage.registry import RunRegistry
 def trained(store_url, tiny_run):
     spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
     ChainWorker(store_url).train(spec)
+    save_keep_superseded(ObjectStore(store_url), keep=True)  # retention is what prunes here
     return store_url, spec
 
 
@@ -216,6 +221,7 @@ def test_retention_and_orphans_on_s3(s3_url, tiny_run):
     """The same on S3 (moto): pruning finds every run's versions and objects, orphans go with a request open."""
     spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
     ChainWorker(s3_url).train(spec)
+    save_keep_superseded(ObjectStore(s3_url), keep=True)
     _forget(s3_url, spec, batches=2)
     store = ObjectStore(s3_url)
     orphan = "runs/r1/chains/u000001-deadbeef0000/ckpt-0003.pt"  # older base than the current v3

@@ -16,6 +16,7 @@ from flows.cli import main
 from flows.train import run_spec
 from flows.verify import verify_run
 from storage import ObjectStore
+from storage.check import save_keep_superseded
 from storage.registry import RunRegistry
 
 
@@ -23,6 +24,7 @@ from storage.registry import RunRegistry
 def unlearned_store(tmp_path: Path, tiny_run) -> tuple[str, list[int]]:
     url = f"file://{tmp_path / 'store'}"
     ObjectStore(url).ensure_container()
+    save_keep_superseded(ObjectStore(url), keep=True)  # v1 stays to be verified (by default a deletion purges it)
     worker = ChainWorker(url)
     spec = run_spec(run_id="v-run", **tiny_run(split_seed=0))
     worker.train(spec)
