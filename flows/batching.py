@@ -5,7 +5,8 @@ store next to the ledger:
 
 * ``service/batch_policy.json``: the policy ``obliviate serve --batch-window/--batch-max/--deadline``
   runs with (absent: every request is processed at once, as before batching);
-* ``ledger/batch/open.json``: the open batch: its requests, each one's deadline, and
+* ``ledger/batch/open.json``: the open batch: its requests, each one's deadline (as the ledger
+  recorded it when the request was accepted), and
   ``batched_until`` (when it flushes and which rule decides it) -- what ``forget --status`` shows;
 * ``ledger/flush/<time>.json``: a forced flush (``forget --now``), consumed by the next pass.
 
@@ -19,17 +20,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flows.rollback import load_rollback, publish_interim, release_refused
 from obliviate.errors import ConfigError
-from obliviate.unlearning.batching import BatchPolicy, expected_retrain_seconds, flush_decision, new_request
+from obliviate.unlearning.batching import (
+    BatchPolicy,
+    PendingRequest,
+    expected_retrain_seconds,
+    flush_decision,
+    new_request,
+)
 from storage.errors import ObjectNotFound
+from storage.ledger import BATCH_POLICY_KEY
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
-POLICY_KEY = "service/batch_policy.json"
+POLICY_KEY = BATCH_POLICY_KEY  # the ledger reads its deadline_s when it accepts a request
 OPEN_BATCH_KEY = "ledger/batch/open.json"
 FLUSH_PREFIX = "ledger/flush"
 
@@ -77,6 +85,23 @@ def expected_retrain(store: ObjectStore) -> float:
     return worst
 
 
+def pending_request(request: Mapping[str, Any], *, policy: BatchPolicy, now: float) -> PendingRequest:
+    """A ledger request record as the batching rules see it, with the deadline it was given when accepted.
+
+    A record written before the ledger recorded deadlines (no ``deadline``) gets its receipt +
+    ``policy.deadline_s``, as every request did then; one without a receipt time counts as received ``now``.
+
+    Raises:
+        ConfigError: its recorded deadline is not a number (the message names the request).
+    """
+    return new_request(
+        request_id=str(request["request_id"]),
+        received_at=float(request.get("requested_at", now)),
+        policy=policy,
+        deadline=request.get("deadline"),
+    )
+
+
 def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None = None) -> dict[str, Any]:
     """Whether the pending ledger entries flush now; records the open batch when they wait.
 
@@ -86,7 +111,10 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         now: the current time (default: the clock).
 
     Returns:
-        ``{"flush": bool, "reason", "batched_until", "requests", "deadlines"}``.
+        ``{"flush": bool, "reason", "batched_until", "requests", "deadlines"}``; each deadline is
+        the one the ledger recorded when it accepted the request (:func:`pending_request`), so a
+        policy changed since (``serve --deadline``) moves none, and the deadline rule flushes by
+        the earliest of them.
     """
     now = time.time() if now is None else now
     policy = load_policy(store)
@@ -97,10 +125,7 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     if not immediate:  # a request no run can apply is refused as it joins the batch, not when the batch flushes
         rejected = reject_at_gate(store, pending, now=now)
         pending = [e for e in pending if e.request_id not in rejected]
-    batch = [
-        new_request(request_id=e.request_id, received_at=float(e.request.get("requested_at", now)), policy=policy)
-        for e in pending
-    ]
+    batch = [pending_request(e.request, policy=policy, now=now) for e in pending]
     deadlines = {r.request_id: r.deadline for r in batch}
     if rollback["enabled"]:  # requests rejected or cancelled since their rollback hold nothing back any more
         release_refused(store)

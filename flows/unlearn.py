@@ -649,6 +649,7 @@ def record_deletion(
     reason: str | None = None,
     request_id: str | None = None,
     salt: str | None = None,
+    deadline_s: float | None = None,
 ) -> dict[str, Any]:
     """Append a deletion request to the store's ledger, checked as ``obliviate forget`` checks it.
 
@@ -663,6 +664,8 @@ def record_deletion(
         reason: free text kept in the ledger.
         request_id: idempotency key; default derived from the ids, the dataset and ``salt``.
         salt: what makes a derived request id unique (default: the time and a random token).
+        deadline_s: seconds from receipt the request must be exact by (default: the store's batch
+            policy's, ``serve --deadline``); recorded as its ``deadline`` and kept through policy changes.
 
     Returns:
         ``request_id``, ``status``, ``new`` (False for a repeat), ``ids`` (sorted) and ``dataset``.
@@ -673,7 +676,9 @@ def record_deletion(
     values = parse_ids(ids, dataset_size=dataset_rows(dataset), dataset=dataset)
     ledger = DeletionLedger(ObjectStore(store_url))
     request_id = request_id or new_request_id(values, dataset=dataset, salt=salt)
-    entry, created = ledger.append(request_id=request_id, ids=values, dataset=dataset, reason=reason)
+    entry, created = ledger.append(
+        request_id=request_id, ids=values, dataset=dataset, reason=reason, deadline_s=deadline_s
+    )
     return {"request_id": request_id, "status": entry.status, "new": created, "ids": list(values), "dataset": dataset}
 
 
@@ -686,6 +691,7 @@ def submit_deletion(
     request_id: str | None = None,
     emit: bool = True,
     api_url: str | None = None,
+    deadline_s: float | None = None,
 ) -> dict[str, Any]:
     """Record a deletion request in the ledger, then announce it with a Prefect event.
 
@@ -698,6 +704,8 @@ def submit_deletion(
         emit: emit the event (``False``: leave it to the reconciliation).
         api_url: Prefect API to emit to; default ``PREFECT_API_URL``, else the one the store's
             ``obliviate serve`` announced.
+        deadline_s: seconds from receipt the request must be exact by (default: the store's batch
+            policy's, ``serve --deadline``; see :func:`record_deletion`).
 
     Returns:
         ``request_id``, ``status``, ``new`` (False for a repeat), ``event_id`` (or ``None``) and a note.
@@ -707,7 +715,9 @@ def submit_deletion(
             ``obliviate forget`` checks them), or a request id reused for other ids (nothing written).
     """
     store = ObjectStore(store_url)
-    record = record_deletion(store.url, ids, dataset=dataset, reason=reason, request_id=request_id)
+    record = record_deletion(
+        store.url, ids, dataset=dataset, reason=reason, request_id=request_id, deadline_s=deadline_s
+    )
     request_id = record["request_id"]
     out: dict[str, Any] = {**{k: record[k] for k in ("request_id", "status", "new")}, "event_id": None}
     out |= {"ids": record["ids"], "dataset": dataset}

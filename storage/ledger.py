@@ -2,8 +2,11 @@
 
 Layout under the store:
 
-* ``ledger/requests/<request>.json``: the request as received (ids, dataset, reason, time);
-  written once, before any event is emitted, so nothing acknowledged can be lost.
+* ``ledger/requests/<request>.json``: the request as received (ids, dataset, reason, time) and its
+  ``deadline`` (an absolute time: receipt + the batch policy's ``deadline_s`` then, see
+  :func:`policy_deadline_s`); written once, before any event is emitted, so nothing acknowledged
+  can be lost. A record written before deadlines were recorded has none: the batch gate gives it
+  receipt + the current policy's deadline (:func:`flows.batching.batch_gate`).
 * ``ledger/status/<request>``: a pointer whose versions are the request's status history.
   Every transition is a compare-and-swap, so two flow runs can never both claim or both finish
   one request. The states (README "Request states"):
@@ -39,11 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from obliviate.unlearning.batching import DEFAULT_DEADLINE_S, BatchPolicy
 from obliviate.unlearning.service import RequestError, check_name, retry_delay_s
 from storage import lease
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
@@ -66,8 +71,22 @@ _ALREADY_APPLIED = "already_applied"
 #: training leaves the request's ids out, and its record replaces this one too.
 _NOT_TRAINED = "not_trained"
 
+#: Where ``serve`` records its batch policy (:data:`flows.batching.POLICY_KEY`); its ``deadline_s`` dates new requests.
+BATCH_POLICY_KEY = "service/batch_policy.json"
+
 #: Lists of a run's audit that grow with its batch: stored once in the batch record, counted in each request's.
 BATCH_LISTS = ("requests", "merged_with", "deleted_ids", "held_by", "not_held_below_floor")
+
+
+def policy_deadline_s(store: ObjectStore) -> float:
+    """Seconds from receipt a request accepted now must be exact by: the store's batch policy's ``deadline_s``.
+
+    That is ``serve --deadline`` (default 30 days; 30 days too while no ``serve`` set a policy).
+    """
+    try:
+        return BatchPolicy(**store.get_json(BATCH_POLICY_KEY)).deadline_s
+    except ObjectNotFound:
+        return DEFAULT_DEADLINE_S
 
 
 def batch_key(batch_id: str) -> str:
@@ -157,16 +176,36 @@ class DeletionLedger:
         self._indexed = True
 
     def append(
-        self, *, request_id: str, ids: Sequence[int], dataset: str, reason: str | None
+        self,
+        *,
+        request_id: str,
+        ids: Sequence[int],
+        dataset: str,
+        reason: str | None,
+        deadline_s: float | None = None,
     ) -> tuple[RequestStatus, bool]:
         """Record a request durably; returns ``(its status, whether it is new)``.
 
-        Repeating a request id with the same ids is a no-op (the existing entry comes back);
-        reusing it for other ids is refused.
+        The record carries the request's ``deadline``: receipt + ``deadline_s`` (default: the
+        store's batch policy's, :func:`policy_deadline_s`), fixed now, so restarting ``serve`` with
+        another ``--deadline`` moves no deadline already given. Repeating a request id with the
+        same ids is a no-op (the existing entry, with its deadline, comes back); reusing it for
+        other ids is refused.
 
         Raises:
-            RequestError: the request id already names a different request.
+            RequestError: the request id already names a different request, or ``deadline_s`` is
+                not a finite number of seconds > 0.
         """
+        if deadline_s is not None and (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or not math.isfinite(deadline_s)
+            or deadline_s <= 0
+        ):
+            raise RequestError(
+                f"rule: a request's deadline is a finite number of seconds > 0 after receipt; got {deadline_s!r}. "
+                "Give one such as 86400 (1 day), or none for the batch policy's (serve --deadline). Nothing written."
+            )
         key = self._request_key(request_id)
         body = {"request_id": request_id, "ids": [int(i) for i in ids], "dataset": dataset, "reason": reason or ""}
         if self.store.exists(key):
@@ -180,8 +219,10 @@ class DeletionLedger:
                     f"{stored['dataset']!r}. Use a new request id (or omit it to get one). Nothing changed."
                 )
             return self.get(request_id), False
+        allowed_s = policy_deadline_s(self.store) if deadline_s is None else float(deadline_s)
         self._mark_open(request_id)
-        self.store.put_json(key, {**body, "requested_at": time.time()})
+        requested_at = time.time()
+        self.store.put_json(key, {**body, "requested_at": requested_at, "deadline": requested_at + allowed_s})
         self.transition(request_id, status=PENDING, details={}, allowed_from=(PENDING,))
         current = self.get(request_id)
         if current.status == FAILED and current.details.get(DAMAGED_RECORD):

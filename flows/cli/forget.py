@@ -138,6 +138,8 @@ def describe(
         line += f" (attempt {details.get('attempt')} in progress by {holder})"
     elif status == "cancelled":
         line += f" (withdrawn while {details.get('previous')})"
+    if status in ("pending", "claimed") and not batch and entry.get("deadline") is not None:
+        line += f"; deadline {utc_text(entry['deadline'])}"  # fixed when the request was accepted
     return line
 
 

@@ -2,8 +2,9 @@
 
 N requests applied in one exact retrain from the earliest affected block d_min cost
 (B - d_min + 1)/B of a naive retrain, so batching is the cheap way to stay exact. Every request
-carries a deadline (receipt + ``deadline_s``, GDPR Art. 12(3): one month by default). The open
-batch flushes at the first of:
+carries a deadline (receipt + ``deadline_s``, GDPR Art. 12(3): one month by default), fixed when the
+request is accepted: a later policy moves no deadline already given. The open batch flushes at the
+first of:
 
 * ``window``: the batch's window closes (``window_s`` after its first request; 0 = immediately);
 * ``count``: it holds ``batch_max`` requests;
@@ -100,9 +101,31 @@ class PendingRequest:
     ids: tuple[int, ...] = ()
 
 
-def new_request(*, request_id: str, received_at: float, policy: BatchPolicy, ids: Sequence[int] = ()) -> PendingRequest:
-    """A request with its deadline (receipt + ``policy.deadline_s``)."""
-    return PendingRequest(request_id, float(received_at), float(received_at) + policy.deadline_s, tuple(ids))
+def new_request(
+    *,
+    request_id: str,
+    received_at: float,
+    policy: BatchPolicy,
+    ids: Sequence[int] = (),
+    deadline: float | None = None,
+) -> PendingRequest:
+    """A request with its deadline: ``deadline`` when given, else receipt + ``policy.deadline_s``.
+
+    The service passes the deadline the ledger recorded when it accepted the request, so a later
+    policy (``serve`` restarted with another ``--deadline``) moves no promise already made; a
+    request recorded before deadlines were (an older ledger) gets receipt + the policy's, as then.
+
+    Raises:
+        ConfigError: ``deadline`` is not a finite number of seconds.
+    """
+    if deadline is None:
+        return PendingRequest(request_id, float(received_at), float(received_at) + policy.deadline_s, tuple(ids))
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline):
+        raise ConfigError(
+            f"rule: a request's deadline is a finite time in seconds; request {request_id!r} has {deadline!r}. "
+            "Give a number (or none: receipt + the policy's deadline)."
+        )
+    return PendingRequest(request_id, float(received_at), float(deadline), tuple(ids))
 
 
 def expected_retrain_seconds(block_seconds: Sequence[float | None], *, first_block: int = 1) -> float:
