@@ -2,10 +2,11 @@
 
 :func:`verify_run` reads a published version of a run (its manifest, lineage and checkpoints,
 each checkpoint hashed as stored), maps the ids of every request the version applied to training
-positions, and calls :func:`obliviate.unlearning.lineage.verify_replay`, which re-trains the
-chosen blocks from their stored predecessors and checks bit-identity. The result is written to the
-store under ``ledger/verifications/`` (next to the deletion ledger; the audit trail) and, in
-:func:`verify_flow`, as a Prefect markdown artifact.
+positions, and calls :func:`obliviate.unlearning.lineage.verify_replay`, which checks that stored
+M_0 is the recipe's seeded initial model, re-trains the chosen blocks from their stored predecessors
+and checks bit-identity of everything training carries (model, optimizer state, schedule position).
+The result is written to the store under ``ledger/verifications/`` (next to the deletion ledger;
+the audit trail) and, in :func:`verify_flow`, as a Prefect markdown artifact.
 
 A version published before lineage manifests existed is checked against a lineage derived from its
 manifest (the checksums the store committed); the report says so.
@@ -216,17 +217,29 @@ def _verdict(result: dict[str, Any]) -> str:
     problems = "".join(f"; {problem}" for problem in result["problems"])
     return (
         f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
-        f"{len(result['bit_identical'])} replayed blocks bit-identical{problems}"
+        f"{len(result['bit_identical'])} replayed blocks bit-identical{initial_model_words(result)}{problems}"
     )
 
 
+def initial_model_words(result: dict[str, Any]) -> str:
+    """``; M_0 is the seeded initial model`` (or is NOT), empty where M_0 could not be read (its problem says so)."""
+    seeded = result.get("initial_model_seeded")
+    if seeded is None:
+        return ""
+    return "; M_0 is the seeded initial model" if seeded else "; M_0 is NOT the seeded initial model (below)"
+
+
 def _markdown(result: dict[str, Any]) -> str:
+    identical = f"{sum(result['bit_identical'].values())}/{len(result['bit_identical'])}"
+    seeded = result.get("initial_model_seeded")
+    initial = "not readable" if seeded is None else f"{'' if seeded else 'NOT '}the seeded initial model of this recipe"
     lines = [
         f"# verify {result['run_id']} v{result['version']}: **{result['status']}**",
         "",
         f"- requests applied: {len(result['applied_requests'])} ({result['applied_ids']} ids)",
         f"- blocks replayed: {result['blocks_replayed']}",
-        f"- bit-identical: {sum(result['bit_identical'].values())}/{len(result['bit_identical'])}",
+        f"- bit-identical (model, optimizer state, schedule position): {identical}",
+        f"- M_0: {initial}",
         f"- lineage: {result['lineage']}",
     ]
     lines += [f"- problem: {p}" for p in result["problems"]]
@@ -236,7 +249,7 @@ def _markdown(result: dict[str, Any]) -> str:
 
 @flow(name="verify", log_prints=False)
 def verify_flow(store: str, run_id: str, version: int | None = None, blocks: str = "all") -> dict[str, Any]:
-    """Re-train a published version's blocks from stored predecessors and check bit-identity (SPEC 6)."""
+    """Check M_0 is the seeded initial model, re-train blocks from stored predecessors, check bit-identity (SPEC 6)."""
     result = verify_run(store, run_id, version=version, blocks=blocks)
     create_markdown_artifact(
         key=f"verify-{run_id.lower().replace('_', '-').replace('.', '-')}", markdown=_markdown(result)

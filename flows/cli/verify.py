@@ -1,9 +1,10 @@
 """``obliviate verify``: prove by replay that a published model never trained on deleted ids (SPEC 6).
 
-Re-trains the chosen blocks from their stored predecessors, checks bit-identity with the stored
-checkpoints, the lineage hashes, and that no id of an applied request remains in any block's id
-list. Exit code 0: passed; 4: failed; 5: inconclusive (another CPU capability or torch build:
-bit-identity is only promised on the lineage's environment).
+Checks that stored M_0 is the recipe's seeded initial model (always, whatever ``--blocks``),
+re-trains the chosen blocks from their stored predecessors, checks bit-identity with the stored
+checkpoints (model, optimizer state and schedule position), the lineage hashes, and that no id of
+an applied request remains in any block's id list. Exit code 0: passed; 4: failed; 5: inconclusive
+(another CPU capability or torch build: bit-identity is only promised on the lineage's environment).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def verify_command(
 
 
 def register(app: typer.Typer) -> None:
-    help = "re-train blocks from stored checkpoints and check bit-identity"
+    help = "check M_0 is the seeded initial model, re-train blocks from stored checkpoints, check bit-identity"
     app.command("verify", help=help, short_help=help)(verify_command)
 
 
 def run_verify(args: Args) -> int:
-    from flows.verify import check_request, runs_to_verify
+    from flows.verify import check_request, initial_model_words, runs_to_verify
 
     # Read-only rule: a store that does not exist holds nothing to verify. The run, version and
     # blocks are checked here too, so a typo is answered before a Prefect server starts.
@@ -68,7 +69,7 @@ def run_verify(args: Args) -> int:
         unreplayable = f"; {len(not_replayed)} block(s) could not be replayed (below)" if not_replayed else ""
         print(
             f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
-            f"{len(result['bit_identical'])} replayed blocks bit-identical{unreplayable}",
+            f"{len(result['bit_identical'])} replayed blocks bit-identical{unreplayable}{initial_model_words(result)}",
             file=sys.stderr,
         )
         for problem in result["problems"]:

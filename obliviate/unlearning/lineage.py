@@ -8,7 +8,13 @@ chosen blocks from their stored predecessors and checks:
 1. every stored checkpoint's bytes hash to the lineage's sha256 (a flipped byte is caught);
 2. every block's id list (plan minus deleted ids) hashes to the lineage's entry;
 3. no id of an applied request is in any block's id list;
-4. re-training block i from stored M_{i-1} without the deleted ids reproduces stored M_i bit for bit.
+4. stored M_0 is the seeded initial checkpoint of the recipe (:func:`~obliviate.unlearning.trainer.initial_checkpoint`
+   of the version's config: its model and its fresh optimizer state, bit for bit), whatever ``blocks`` says (it
+   costs one model initialisation): a chain started from a model that saw the deleted ids replays bit for bit;
+5. re-training block i from stored M_{i-1} without the deleted ids reproduces all the state block
+   training carries in stored M_i bit for bit: the model, the optimizer state (every moment tensor,
+   step count and param group) and the schedule position. Moments carried from a model trained on
+   the deleted ids reproduce the next block's model; only this check catches them.
 
 A version holding DeepObliviate's stitched checkpoints (SPEC 5) fails: they are estimates, not
 retrains, so no replay can reproduce them; :func:`verify_replay` names them and does not replay them.
@@ -16,7 +22,8 @@ retrains, so no replay can reproduce them; :func:`verify_replay` names them and 
 Exact retraining is bit-identical to naive retraining on the same CPU instruction set, torch build
 and thread count (SPEC 4). A replay on another machine type (e.g. AVX2 vs AVX-512 kernels) or
 torch version may differ in the last bits: :func:`verify_replay` then reports ``inconclusive`` and
-names the difference instead of ``failed``; checks 1-3 do not depend on the machine.
+names the difference instead of ``failed``; the same holds for the M_0 check (4), as initialisation can differ
+between torch builds; checks 1-3 do not depend on the machine.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import BlockData, Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.plan import BlockPlan
-from obliviate.unlearning.trainer import BlockTrainer
+from obliviate.unlearning.trainer import BlockTrainer, initial_checkpoint
 
 LINEAGE_FORMAT = "obliviate.lineage/1"
 PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
@@ -116,6 +123,7 @@ class VerifyReport:
     bit_identical: dict[int, bool] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     environment_differences: list[str] = field(default_factory=list)
+    initial_model_seeded: bool | None = None  # stored M_0 is the recipe's seeded M_0 (None: M_0 unreadable)
 
     def fail(self, message: str) -> None:
         self.status = FAILED
@@ -129,6 +137,7 @@ class VerifyReport:
             "bit_identical": {str(k): v for k, v in self.bit_identical.items()},
             "problems": self.problems,
             "environment_differences": self.environment_differences,
+            "initial_model_seeded": self.initial_model_seeded,
         }
 
 
@@ -151,6 +160,63 @@ def _same_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) ->
     if set(a) != set(b):
         return sorted(set(a) ^ set(b))
     return [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as stored checkpoints hold it after JSON (tuples as lists, keys as strings)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    return bool(_plain(a) == _plain(b))
+
+
+def _optimizer_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The optimizer-state entries that differ, named as stored (``optimizer/<param id>/<key>``, ``param_groups``)."""
+
+    def entries(state: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            f"optimizer/{param}/{key}": value
+            for param, values in state.get("state", {}).items()
+            for key, value in values.items()
+        }
+
+    ea, eb = entries(a), entries(b)
+    differing = [
+        name for name in {**ea, **eb} if name not in ea or name not in eb or not _same_value(ea[name], eb[name])
+    ]
+    if _plain(a.get("param_groups", [])) != _plain(b.get("param_groups", [])):
+        differing.append("optimizer/param_groups")
+    return differing
+
+
+def _checkpoint_differences(replayed: Checkpoint, stored: Checkpoint) -> list[tuple[str, str]]:
+    """(part, how) for each part of the state training carries from block to block that differs (empty: none).
+
+    The parts: the model, the optimizer state (moments, step counts, param groups), the schedule position.
+    """
+    found = []
+    model = _same_state(replayed.model_state, stored.model_state)
+    if model:
+        found.append(("model", f"{len(model)} tensors differ, e.g. {model[0]}"))
+    optimizer = _optimizer_differences(replayed.optimizer_state, stored.optimizer_state)
+    if optimizer:
+        found.append(("optimizer state", f"{len(optimizer)} entries differ, e.g. {optimizer[0]}"))
+    if replayed.schedule_position != stored.schedule_position:
+        found.append(("schedule position", f"stored {stored.schedule_position}, replayed {replayed.schedule_position}"))
+    return found
 
 
 def verify_replay(
@@ -178,7 +244,9 @@ def verify_replay(
         stored_sha256: sha256 of the stored bytes by block index (as read now).
         unreadable: block index -> why its checkpoint could not be read (corrupt, missing).
         applied_ids: training positions of every id of every applied request.
-        blocks: the blocks to re-train (1-based).
+        blocks: the blocks to re-train (1-based); a subset (``verify --blocks N``) replays only those, while
+            stored M_0 is checked against the recipe's seeded initial checkpoint whatever the subset (it costs
+            one model initialisation, and a chain that did not start there proves nothing).
 
     Returns:
         the report of every check: ``passed``, ``failed`` (with what failed) or ``inconclusive`` (a replay on
@@ -226,6 +294,17 @@ def verify_replay(
             "version forgot its deleted ids. For a version verify can prove, forget with the exact policy "
             "(`obliviate serve --policy exact`, the default)."
         )
+    if 0 in checkpoints:  # whatever ``blocks`` says: one model initialisation
+        initial = _checkpoint_differences(initial_checkpoint(config, data=data), checkpoints[0])
+        report.initial_model_seeded = not initial
+        if initial:
+            _unreproduced(
+                report,
+                f"M_0 is not the seeded initial model of this recipe ({config.model}, seed {config.seed}): its "
+                + "; ".join(f"{part} differs from a fresh initialisation ({how})" for part, how in initial),
+                consequence="the chain did not start from the recipe's M_0 (one that saw deleted ids replays bit "
+                "for bit), so replaying its blocks proves nothing",
+            )
     trainer = BlockTrainer(config=config, data=data, plan=plan)
     mismatched = []
     for block in blocks:
@@ -238,20 +317,28 @@ def verify_replay(
             report.blocks_not_replayed.append(block)
             continue
         replayed = next(iter(trainer.run(start=checkpoints[block - 1], last_block=block, excluded_ids=deleted_ids)))
-        differing = _same_state(replayed.model_state, checkpoints[block].model_state)
+        differing = _checkpoint_differences(replayed, checkpoints[block])
         report.blocks_replayed.append(block)
         report.bit_identical[block] = not differing
-        if differing:
-            mismatched.append(f"block {block} ({len(differing)} tensors differ, e.g. {differing[0]})")
+        mismatched += [f"{part} of block {block} differs from replay ({how})" for part, how in differing]
     if mismatched:
-        message = "re-training did not reproduce the stored checkpoints: " + "; ".join(mismatched[:5])
-        if report.environment_differences and report.status == PASSED:
-            report.status = INCONCLUSIVE
-            report.problems.append(
-                message + ". Bit-identity is promised only on the same CPU capability, torch build and thread count; "
-                "this machine differs (" + "; ".join(report.environment_differences) + "). Re-run verify on a "
-                "machine matching the lineage's environment."
-            )
-        else:
-            report.fail(message + " on a matching environment: the stored model was not produced by this chain.")
+        _unreproduced(
+            report,
+            "re-training did not reproduce the stored checkpoints: " + "; ".join(mismatched[:5]),
+            consequence="the stored model was not produced by this chain",
+        )
     return report
+
+
+def _unreproduced(report: VerifyReport, message: str, *, consequence: str) -> None:
+    """A state that should be bit-identical is not: failed on the lineage's environment, else inconclusive."""
+    if not report.environment_differences:
+        report.fail(f"{message} on a matching environment: {consequence}.")
+        return
+    if report.status == PASSED:
+        report.status = INCONCLUSIVE
+    report.problems.append(
+        message + ". Bit-identity is promised only on the same CPU capability, torch build and thread count; "
+        "this machine differs (" + "; ".join(report.environment_differences) + "). Re-run verify on a "
+        "machine matching the lineage's environment."
+    )
