@@ -10,6 +10,7 @@ a tiny run; no mocks of obliviate's components (a crash is a failing store delet
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -198,3 +199,33 @@ def test_serve_offers_the_opt_out(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--keep-superseded-versions" in capsys.readouterr().out
+
+
+def test_an_interim_keeps_the_full_chain_it_derives_from_until_its_retrain_lands(store_url, tiny_run):
+    """A rolled-back (interim) version serves M_0..M_s of the full version it names (``chain_of``): a release
+    serves that chain again and the retrain starts from it, so the purge keeps it; the retrain's publish
+    then purges both."""
+    from flows.rollback import heldout_judge
+    from storage.serving import roll_back
+
+    victim = _trained(store_url, tiny_run)
+    store = ObjectStore(store_url)
+    registry = RunRegistry(store)
+    worker = ChainWorker(store_url)
+    assert worker.unlearn("r1", {"req-1": [victim]})["superseded_versions"]["versions"] == [1]
+    chain, _ = registry.load_chain(registry.current("r1"))
+    held = int(registry.spec("r1").train_ids[int(chain.plan.blocks[2][0])])  # block 3, still in v2
+    judge_for = functools.partial(heldout_judge, registry)  # measures M_2, which the retrain did not record
+    rolled = roll_back(registry, "r1", {"held-1": [held]}, floor_points=100.0, judge_for=judge_for)
+    assert rolled is not None and rolled["published"], rolled
+    assert registry.current("r1").version == 3
+    report = check_store(store, min_age_s=0)
+    assert report.healthy and report.superseded == [], report.as_dict()  # v2 is what v3 derives from
+    v2 = store.read_pointer_version("runs/r1/current", 2).target["manifest"]
+    assert all(store.exists(m["key"]) for m in store.get_json(v2)["members"].values())
+
+    result = worker.unlearn("r1", {"held-1": [held]})
+    assert result["status"] == "published"  # with progressive versions on the way when the run served an interim
+    assert result["superseded_versions"]["versions"] == list(range(2, result["to_version"]))
+    assert _trained_on(store, victim) == [] and _trained_on(store, held) == []
+    assert check_store(store, min_age_s=0).healthy
