@@ -356,6 +356,11 @@ def _run_outcome(run_id: str, audit: dict) -> str:
     if isinstance(before, (int, float)) and isinstance(after, (int, float)):
         parts.append(f"held-out accuracy {100 * before:.1f} % -> {100 * after:.1f} %")
     verification = audit.get("verification") or {}
+    before, after = verification.get("previous_heldout_top5_accuracy"), verification.get("heldout_top5_accuracy")
+    if isinstance(before, (int, float)) and isinstance(after, (int, float)):  # serve --verify records top-5 (SPEC 5)
+        naive = verification.get("naive_heldout_top5_accuracy")
+        by_naive = f" (naive retrain {100 * naive:.1f} %)" if isinstance(naive, (int, float)) else ""
+        parts.append(f"held-out top-5 accuracy {100 * before:.1f} % -> {100 * after:.1f} %{by_naive}")
     if "bit_identical_to_naive" in verification:
         same = "bit-identical to" if verification["bit_identical_to_naive"] else "NOT bit-identical to"
         parts.append(f"{same} a naive retrain")

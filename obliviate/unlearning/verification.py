@@ -172,6 +172,31 @@ def consistency(*, a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a == b).double().mean())
 
 
+def _top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, *, k: int = 5) -> float:
+    """Share of inputs whose true class is among the ``k`` highest logits (SPEC section 5: top-1 / top-5).
+
+    With ``k`` at least the number of classes every input counts (the true class is always among them).
+
+    Args:
+        logits: ``(n, C)`` scores, one row per input.
+        labels: ``(n,)`` true classes in ``0 .. C-1``.
+        k: how many of the highest scores count, a whole number >= 1 (1 is plain accuracy).
+
+    Raises:
+        ConfigError: ``k`` not a whole number >= 1, logits that are not ``(n, C)`` with n >= 1 rows, or
+            labels that are not one per row.
+    """
+    if not is_whole(k) or k < 1:
+        raise ConfigError(f"k must be a whole number >= 1; got {k!r}. Pass an int, e.g. 5 for top-5 accuracy.")
+    if logits.ndim != 2 or logits.shape[0] == 0 or labels.shape != logits.shape[:1]:
+        raise ConfigError(
+            f"top-k accuracy takes (n, C) logits with n >= 1 and n labels; got logits {tuple(logits.shape)} and "
+            f"labels {tuple(labels.shape)}. Pass the model's raw outputs on the inputs the labels belong to."
+        )
+    top = logits.topk(min(int(k), logits.shape[1]), dim=1).indices
+    return float((top == labels.reshape(-1, 1)).any(dim=1).double().mean())
+
+
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, *, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean cross-entropy of ``model`` (eval mode) on (x, y)."""
@@ -196,6 +221,9 @@ class VerificationFigures:
     deleted_loss: float | None
     naive_deleted_loss: float | None
     original_deleted_loss: float | None
+    top5_accuracy: float | None = None  # None where the predictors give classes, not logits (ensembles)
+    naive_top5_accuracy: float | None = None
+    original_top5_accuracy: float | None = None
 
 
 def verify(
@@ -210,12 +238,16 @@ def verify(
     original_state: dict[str, torch.Tensor] | None = None,
     losses: tuple[float, float, float] | None = None,
 ) -> VerificationFigures:
-    """Accuracy, consistency with naive, L1 distance to naive and deleted-sample loss, with floors.
+    """Top-1 (and top-5) accuracy, consistency with naive, L1 distance to naive and deleted-sample loss, with floors.
+
+    A predictor may give ``(n,)`` predicted classes or ``(n, C)`` logits (its classes are then their
+    argmax; a module in eval mode will do); top-5 accuracy is computed where all three give logits, else
+    it is ``None``. Predictors run without autograd.
 
     Args:
-        unlearned: ``x -> predicted classes`` of the unlearned model.
-        naive: ``x -> predicted classes`` of the naive retrain without the deleted samples.
-        original: ``x -> predicted classes`` of the original (never-unlearned) model: the noise floor.
+        unlearned: ``x -> predicted classes`` (or logits) of the unlearned model.
+        naive: ``x -> predicted classes`` (or logits) of the naive retrain without the deleted samples.
+        original: ``x -> predicted classes`` (or logits) of the original (never-unlearned) model: the noise floor.
         x_test: the test inputs.
         y_test: the test labels.
         unlearned_state: the unlearned model's state dict, for the parameter distance (omit for ensembles).
@@ -224,9 +256,14 @@ def verify(
         losses: (unlearned, naive, original) mean loss on the deleted samples, if computed.
 
     Returns:
-        every figure next to its floor (SPEC section 5, Metrics); distances ``None`` without all three states.
+        every figure next to its floor (SPEC section 5, Metrics); distances ``None`` without all three states,
+        top-5 accuracy ``None`` without all three logits.
     """
-    pu, pn, po = unlearned(x_test), naive(x_test), original(x_test)
+    outputs = _predict(unlearned, x_test), _predict(naive, x_test), _predict(original, x_test)
+    pu, pn, po = (out.argmax(1) if out.ndim == 2 else out for out in outputs)
+    top5: list[float | None] = [None, None, None]
+    if all(out.ndim == 2 for out in outputs):
+        top5 = [_top_k_accuracy(out, y_test, k=5) for out in outputs]
     l1_to_naive = original_l1_to_naive = None
     if unlearned_state is not None and naive_state is not None and original_state is not None:
         l1_to_naive = state_l1(a=unlearned_state, b=naive_state)
@@ -242,4 +279,7 @@ def verify(
         deleted_loss=losses[0] if losses else None,
         naive_deleted_loss=losses[1] if losses else None,
         original_deleted_loss=losses[2] if losses else None,
+        top5_accuracy=top5[0],
+        naive_top5_accuracy=top5[1],
+        original_top5_accuracy=top5[2],
     )
