@@ -73,10 +73,15 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
     pruned = registry.pruned_versions(run_id)
     if version in pruned:
         kept = [v for v in range(1, current.version + 1) if v not in pruned]
+        how = (
+            "purged after a later version applied deletions (SPEC 5: no stored checkpoint trained on a deleted id "
+            "remains; `obliviate serve --keep-superseded-versions` keeps them)"
+            if pruned[version].get("superseded")
+            else f"pruned by `obliviate store check --repair --keep-versions {pruned[version].get('keep_versions')}`"
+        )
         raise ConfigError(
-            f"version {version} of run {run_id!r} was pruned by `obliviate store check --repair --keep-versions "
-            f"{pruned[version].get('keep_versions')}`: its checkpoints are deleted, so it can no longer be replayed. "
-            f"Verify a kept version ({', '.join(map(str, kept[-5:]))}), e.g. --version {current.version}."
+            f"version {version} of run {run_id!r} was {how}: its checkpoints are deleted, so it can no longer be "
+            f"replayed. Verify a kept version ({', '.join(map(str, kept[-5:]))}), e.g. --version {current.version}."
         )
     pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
     return ModelVersion.from_pointer(run_id, pointer)
