@@ -469,7 +469,9 @@ def _run_pass(
                 fail(entry, error, {"runs": audits})
             else:
                 exact_at = time.time()
-                deadline = (batch or {}).get("deadlines", {}).get(request_id)
+                # the deadline recorded when the request was accepted (an older record has none: the gate's,
+                # receipt + the policy's deadline)
+                deadline = entry.request.get("deadline", (batch or {}).get("deadlines", {}).get(request_id))
                 purged = [a["purged_at"] for a in audits.values() if "purged_at" in a]
                 timing = {
                     "exact_at": exact_at,

@@ -103,3 +103,25 @@ def test_a_record_without_a_deadline_gets_receipt_plus_the_policy(tmp_path: Path
     assert "(not picked up yet" in said and said.rstrip().endswith(" UTC") and "; deadline 20" in said
     assert main(["forget", "--store", store.url, "--status", "old"]) == 0
     assert "deadline" not in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_pass_judges_late_against_the_recorded_deadline(store_url, tiny_run) -> None:
+    """A done request records the deadline it was given and whether it became exact after it."""
+    from actors.chains import ChainWorker
+    from flows.settle import run_pass
+    from flows.train import run_spec
+
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=2, train_size=200, heldout_size=50))
+    ChainWorker(store_url).train(spec)
+    store = ObjectStore(store_url)
+    save_policy(store, BatchPolicy(deadline_s=90 * DAY_S))
+    ledger = DeletionLedger(store)
+    ids = spec["train_ids"]
+    ledger.append(request_id="due", ids=[ids[0]], dataset="digits", reason=None, deadline_s=0.001)
+    ledger.append(request_id="ok", ids=[ids[1]], dataset="digits", reason=None)
+    worker = ChainWorker(store_url)
+    result = run_pass(store_url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
+    assert result["settled"] == {"due": "done", "ok": "done"}
+    due, ok = ledger.get("due"), ledger.get("ok")
+    assert due.details["deadline"] == due.request["deadline"] and due.details["late"] is True
+    assert ok.details["deadline"] == ok.request["requested_at"] + 90 * DAY_S and ok.details["late"] is False
