@@ -50,7 +50,7 @@ from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain,
 from obliviate.unlearning.verification import consistency
 from obliviate.unlearning.verification import verify as verification_figures
 from storage.background import BackgroundWriter
-from storage.errors import PointerConflict, StorageError
+from storage.errors import ObjectNotFound, PointerConflict, StorageError
 from storage.ledger import CLAIMED, DONE, PENDING, DeletionLedger, request_part
 from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
@@ -505,6 +505,14 @@ class ChainWorker:
             except PointerConflict as err:
                 # Another publisher won: recompute from the newer version. The chain written for the
                 # stale base is an orphan now; `obliviate store check --repair` collects it.
+                lost_races.append({"base_version": current.version, "at": time.time(), "error": str(err)[:300]})
+                continue
+            except ObjectNotFound as err:
+                # Another publisher won and purged the superseded checkpoints this attempt shares (SPEC 5):
+                # a lost race too, met before the compare-and-swap. Unless the pointer moved, it is damage.
+                latest = self._io(lambda: registry.current(run_id))
+                if latest is None or latest.version == current.version:
+                    raise
                 lost_races.append({"base_version": current.version, "at": time.time(), "error": str(err)[:300]})
                 continue
         raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_PUBLISH_ATTEMPTS} attempts.")
