@@ -152,9 +152,19 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     )
     due, reason, interim = decision.due, decision.reason, None
     if rollback["enabled"]:  # exact at once: every affected run serves a checkpoint that never saw the ids
+        # a damaged checkpoint an interim needs publishes nothing for that run and flushes now (never raises
+        # out of the gate: every pass failed before claiming, and no request was ever attempted nor failed)
         interim = publish_interim(store, pending, floor_points=float(rollback["floor_points"]))
         if interim["flush_now"] and not due:
-            due, reason = True, "rollback_below_floor"
+            due, reason = True, "rollback_damaged" if interim["failed"] else "rollback_below_floor"
+        for name, failure in interim["failed"].items():
+            _logger().warning(
+                "no interim version for %s (requests %s): %s. %s",
+                name,
+                ", ".join(failure["requests"]),
+                failure["error"],
+                failure["mend"],
+            )
     out = {
         "flush": due,
         "reason": reason,

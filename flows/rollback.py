@@ -26,7 +26,11 @@ milliseconds for LeNet-5). An interim version's pointer target carries ``serve_b
 When the interim is not publishable (below the floor plus margin, or a deletion in block 1 of a
 single chain: M_0 is no model; ``serve --floor-points 100`` accepts any drop but still needs a
 model), nothing is published, the run keeps serving its version and the batch flushes now: those
-requests become forgotten when their retrain lands. The batch's retrain starts from the full chain
+requests become forgotten when their retrain lands. The same holds when the interim cannot be judged or
+published because a checkpoint it needs is damaged or missing: the run keeps serving its version, each
+affected request records the damage and its mend (``interim_error``, ``interim_mend`` on its pending status),
+and the batch flushes now; its exact retrain fails on the damage only if it needs that checkpoint too (then
+the request ends ``failed`` after its attempts, as without rollback). The batch's retrain starts from the full chain
 the interim derives from (``chain_of``), publishes each retrained block as it lands (progressive
 versions, :mod:`actors.chains`), and finally the full model, whose ``serve_block`` is absent unless
 a request accepted meanwhile still holds it back (held only where the block it leaves served meets
@@ -44,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.unlearning.service import RunSpec, block_data
-from storage.ledger import DeletionLedger
+from storage.errors import CorruptObject, ObjectNotFound
+from storage.ledger import PENDING, DeletionLedger
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import (
@@ -141,13 +146,29 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
     (:func:`storage.serving.roll_back_group`), both by the bench's rule with the paired margin
     against the pre-deletion model on the run's held-out set (:func:`heldout_judge`).
 
+    A run (or sharded run) whose interim needs a damaged or missing checkpoint (:class:`CorruptObject`,
+    :class:`ObjectNotFound`) publishes nothing and keeps serving its version; its requests stay unforgotten,
+    record the damage and its mend on their pending status, and the batch flushes now, so their exact retrain
+    is not held back; the other runs' interims are published as usual.
+
     Returns:
         ``{"flush_now": bool, "runs": {run_id: {"serve_block", "accuracy", "version", "published"}},
-        "groups": {group: {"accuracy", "margin_points", "floor", ...}}}``.
+        "groups": {group: {"accuracy", "margin_points", "floor", ...}},
+        "failed": {run_id or group: {"error", "mend", "requests"}}}``.
     """
     registry = RunRegistry(store)
-    out: dict[str, Any] = {"flush_now": False, "runs": {}, "groups": {}}
+    out: dict[str, Any] = {"flush_now": False, "runs": {}, "groups": {}, "failed": {}}
     unforgotten: set[str] = set()
+
+    def damaged(name: str, requests: dict[str, list[int]], err: Exception) -> None:
+        out["flush_now"] = True  # their exact retrain starts now instead of waiting for the batch
+        unforgotten.update(requests)  # the run still serves a version that saw their ids
+        out["failed"][name] = {
+            "error": f"{type(err).__name__}: {err}"[:2000],
+            "mend": "`obliviate store check --repair` rebuilds the damaged checkpoint by replay; meanwhile the run "
+            "keeps serving its version and the requests' batch flushes now for their exact retrain",
+            "requests": sorted(requests),
+        }
 
     def judge_for(states: Sequence[RunState]) -> HeldoutJudge:
         return heldout_judge(registry, states)
@@ -164,15 +185,19 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
         requests = requests_of(shards[0]) if shards and set(shards) <= set(registered) else {}
         if not requests:
             continue
-        done = roll_back_group(
-            registry,
-            group,
-            shards,
-            requests,
-            floor_points=floor_points,
-            judge_for=judge_for,
-            shard_floor_points=SHARD_FLOOR_POINTS,
-        )
+        try:
+            done = roll_back_group(
+                registry,
+                group,
+                shards,
+                requests,
+                floor_points=floor_points,
+                judge_for=judge_for,
+                shard_floor_points=SHARD_FLOOR_POINTS,
+            )
+        except (CorruptObject, ObjectNotFound) as err:
+            damaged(group, requests, err)
+            continue
         if done is not None:
             out["flush_now"] = out["flush_now"] or done["flush_now"]
             unforgotten.update(done["below_floor"])
@@ -186,14 +211,35 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
         requests = requests_of(run_id)
         if not requests:
             continue
-        done = roll_back(registry, run_id, requests, floor_points=floor_points, judge_for=judge_for)
+        try:
+            done = roll_back(registry, run_id, requests, floor_points=floor_points, judge_for=judge_for)
+        except (CorruptObject, ObjectNotFound) as err:
+            damaged(run_id, requests, err)
+            continue
         if done is not None:
             out["flush_now"] = out["flush_now"] or done.pop("flush_now")
             unforgotten.update(done.get("below_floor", ()))
             out["runs"][run_id] = done
     forgotten = [e.request_id for e in pending if e.request_id not in unforgotten]
     record_forgotten(store, forgotten, runs=out["runs"])
+    if out["failed"]:
+        _record_interim_failures(store, pending, out["failed"])
     return out
+
+
+def _record_interim_failures(store: ObjectStore, pending: Sequence[Any], failed: dict[str, dict[str, Any]]) -> None:
+    """Note on each pending request whose interim could not be published why, and how to mend it (once per error)."""
+    ledger = DeletionLedger(store)
+    for entry in pending:
+        named = [(name, f) for name, f in failed.items() if entry.request_id in f["requests"]]
+        if not named or getattr(entry, "status", None) != PENDING:
+            continue
+        error = "; ".join(f"{name}: {f['error']}" for name, f in named)[:2000]
+        details = dict(getattr(entry, "details", None) or {})
+        if details.get("interim_error") == error:  # already noted by an earlier pass
+            continue
+        note = {**details, "interim_error": error, "interim_mend": named[0][1]["mend"]}
+        ledger.transition(entry.request_id, status=PENDING, details=note, allowed_from=(PENDING,))
 
 
 def release_refused(store: ObjectStore) -> dict[str, list[str]]:
