@@ -158,7 +158,9 @@ def test_a_store_frozen_past_the_limit_ends_the_command_with_a_storage_error(fro
     assert codes == [2], f"after {elapsed:.0f} s: exit {codes}; stderr: {err}"
     assert f"obliviate {command[0]}" in err and ": error: storage at s3://stall/p" in err, err
     assert re.search(r"has not answered for [34] s: the endpoint at http", err) and frozen_s3.endpoint in err, err
-    assert "has not answered for 1 s" in err, err  # the notice came first
+    # the notice came first, about 1 s in (its watcher ticks late on a loaded machine: 2 s seen in CI)
+    notice = re.search(r"has not answered for [12] s; still waiting", err)
+    assert notice and notice.start() < err.index(": error: storage at"), err
     assert "Traceback" not in err
     print(f"{' '.join(command)}: exit 2 after {elapsed:.1f} s; {err}")
 
