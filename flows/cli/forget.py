@@ -92,6 +92,8 @@ _FLUSHED_BECAUSE = {
     "now": "its batch was retrained when `forget --now` asked",
     "rollback_below_floor": "retrained at once: no rolled-back version of an affected run met the held-out "
     "accuracy floor (--floor-points), so the model from before the deletion stayed served until the retrain landed",
+    "rollback_damaged": "retrained at once: a checkpoint the rolled-back version needed was damaged or missing, so "
+    "nothing was rolled back and the model from before the deletion stayed served until the retrain landed",
 }
 
 
@@ -138,6 +140,11 @@ def describe(
         line += f" (attempt {details.get('attempt')} in progress by {holder})"
     elif status == "cancelled":
         line += f" (withdrawn while {details.get('previous')})"
+    if status in ("pending", "claimed") and details.get("interim_error"):
+        line += (
+            f"; not forgotten yet: no rolled-back version could be published ({str(details['interim_error'])[:300]}), "
+            f"so its batch is retrained at once; mend: {details.get('interim_mend')}"
+        )
     if status in ("pending", "claimed") and not batch and entry.get("deadline") is not None:
         line += f"; deadline {utc_text(entry['deadline'])}"  # fixed when the request was accepted
     return line

@@ -14,6 +14,7 @@ from typing import Any
 
 from actors.chains import ChainWorker
 from flows.batching import batch_gate, save_policy
+from flows.cli.forget import describe
 from flows.rollback import save_rollback
 from flows.settle import AttemptPolicy, run_pass
 from flows.train import run_spec
@@ -58,6 +59,9 @@ def test_a_damaged_checkpoint_the_interim_needs_does_not_stall_the_pass(tmp_path
     assert "store check --repair" in noted.details["interim_mend"]
     again = batch_gate(store, ledger.open_entries(stale_after_s=600.0))  # a later pass: noted once only
     assert again["interim"]["failed"]["rb"]["requests"] == ["c"] and len(ledger.history("c")) == 2
+    said = describe(ledger.get("c").as_dict())  # what `forget --status c` says of it
+    assert "not forgotten yet: no rolled-back version could be published (rb: CorruptObject" in said
+    assert "mend: " in said and "store check --repair" in said
 
     def unlearn_runs(per_run: dict[str, dict[str, list[int]]]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -74,3 +78,8 @@ def test_a_damaged_checkpoint_the_interim_needs_does_not_stall_the_pass(tmp_path
     assert final.details["attempts"] == 1 and "CorruptObject" in final.details["reason"]
     assert "forget --retry c" in final.details["reason"]
     assert registry.current("rb") == before
+
+
+def test_forget_status_says_why_a_batch_was_retrained_at_once_after_a_damaged_interim() -> None:
+    said = describe({"request_id": "x", "status": "done", "details": {"batch": "rollback_damaged"}})
+    assert said.startswith("request x: done (retrained at once: a checkpoint the rolled-back version needed")
