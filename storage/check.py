@@ -773,8 +773,10 @@ def purge_superseded(
     A run whose current version applied deletions (its pointer's ``deleted_ids``) keeps, as
     ``--keep-versions 1`` does, only the current version and the full version it derives from
     (``chain_of``: an interim rollback's chain, which a release serves again and the retrain in
-    flight starts from); every other version is superseded: each one before the newest full
-    version saw ids it deleted, and the others' checkpoints are shared with the kept ones. The
+    flight starts from); every other version that had not applied some id the current version
+    deleted is superseded (:func:`_superseded_by`: it may have trained on it); the interims and
+    releases published since the last retrain carry its deleted ids, so they stay until the next
+    retrain lands (and what they serve is shared with the kept versions anyway). The
     same machinery as retention (:func:`prune_versions`): recorded pruned first in
     ``runs/<run>/pruned.json`` (``"superseded": true``), then only objects no kept version uses are
     deleted, checkpoints before manifests; the pointer versions stay (the audit record). Idempotent;
@@ -805,9 +807,21 @@ def purge_superseded(
         open_requests=open_requests,
         note={"superseded": True},
         due=_applied_deletions,
+        superseded=True,
     )
     out["kept_by_option"] = None
     return out
+
+
+def _superseded_by(deleted_now: set[int], target: Any) -> bool:
+    """Whether a deletion superseded a version (pointer ``target``): it had not applied some id the current
+    version deleted (``deleted_now``), so its chains may have trained on it.
+
+    Only a published retrain (or unlearning) adds deleted ids; an interim rollback or a release
+    carries the deleted ids of the full version it derives from, so the versions published since that
+    retrain (earlier interims of the same open batch, a release's) are not due until the next one lands.
+    """
+    return not deleted_now <= {int(i) for i in target.get("deleted_ids") or []}
 
 
 def _applied_deletions(target: dict[str, Any]) -> bool:
@@ -824,9 +838,11 @@ def _prune_runs(
     open_requests: bool,
     note: dict[str, Any],
     due: Any = None,
+    superseded: bool = False,
 ) -> dict[str, Any]:
     """:func:`prune_versions`'s work for ``runs`` (all if ``None``); ``due(target)``: whether a run's current
-    pointer target asks for it (all if ``None``); ``note``: what ``pruned.json`` records with each version."""
+    pointer target asks for it (all if ``None``); ``note``: what ``pruned.json`` records with each version;
+    ``superseded``: only versions a deletion superseded go (:func:`_superseded_by`), the others are kept."""
     from storage.registry import RunRegistry, pruned_key
 
     registry = RunRegistry(store)
@@ -849,7 +865,7 @@ def _prune_runs(
                 latest = _latest_version(store, pointer_key)
                 if latest == 0 or not due(dict(store.read_pointer_version(pointer_key, latest).target)):
                     continue
-            plan = _retention_plan(store, registry, run_id, pointer_key, keep=keep)
+            plan = _retention_plan(store, registry, run_id, pointer_key, keep=keep, superseded=superseded)
         except (CorruptObject, ObjectNotFound, StorageError, KeyError, ValueError, TypeError) as err:
             out["skipped"][run_id] = f"{type(err).__name__}: {err}"[:300]
             continue
@@ -883,20 +899,42 @@ def _prune_runs(
 
 
 def _retention_plan(
-    store: ObjectStore, registry: Any, run_id: str, pointer_key: str, *, keep: int
+    store: ObjectStore, registry: Any, run_id: str, pointer_key: str, *, keep: int, superseded: bool = False
 ) -> tuple[list[int], list[str], list[str], tuple[int, int]] | None:
-    """(versions to prune now, objects only pruned versions use, their manifests to delete, (current, base))."""
+    """(versions to prune now, objects only pruned versions use, their manifests to delete, (current, base)).
+
+    ``superseded``: a version no deletion superseded (:func:`_superseded_by`) is kept too
+    (an interim of the batch still open, a release), unless recorded pruned already.
+    """
     latest = _latest_version(store, pointer_key)
     if latest == 0:
         return None
     already = registry.pruned_versions(run_id)
-    manifest_of = {v: str(store.read_pointer_version(pointer_key, v).target["manifest"]) for v in range(1, latest + 1)}
+    current = dict(store.read_pointer_version(pointer_key, latest).target)
+    deleted_now = {int(i) for i in current.get("deleted_ids") or []}
+    manifest_of: dict[int, str] = {}
+    due: set[int] = set()  # only what is needed of each pointer version is kept (a run may have many)
+    for v in range(1, latest + 1):
+        target = store.read_pointer_version(pointer_key, v).target if v < latest else current
+        manifest_of[v] = str(target["manifest"])
+        if superseded and _superseded_by(deleted_now, target):
+            due.add(v)
     kept = set(range(max(1, latest - keep + 1), latest + 1))
+    not_due: set[int] = set()
+    if superseded:
+        not_due = {v for v in range(1, latest) if v not in due and v not in already} - kept
+        kept |= not_due
     bodies: dict[int, dict[str, Any]] = {}
     todo = sorted(kept)
     while todo:  # the full versions kept versions derive from, transitively
         version = todo.pop()
-        bodies[version] = store.get_json(manifest_of[version])
+        try:
+            bodies[version] = store.get_json(manifest_of[version])
+        except ObjectNotFound:
+            if version not in not_due:  # a version kept only as not due may have been pruned by retention
+                raise
+            bodies[version] = {}
+            continue
         source = (bodies[version].get("metadata") or {}).get("chain_of")
         if source and int(source["version"]) not in kept:
             kept.add(int(source["version"]))

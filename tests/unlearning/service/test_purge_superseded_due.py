@@ -1,0 +1,73 @@
+"""SPEC 5's purge touches only versions a published retrain superseded.
+
+``store check`` reported an ordinary rollback state as damage (exit 1, "their purge after the
+deletion's publish did not finish"): after one applied deletion, every version other than the
+current one and its full chain counted as superseded, so the first interim of an open batch (and
+a release's predecessors) was due, and ``--repair`` deleted its manifest. Real stores, a tiny run;
+no mocks of obliviate's components.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from actors.chains import ChainWorker
+from flows.train import run_spec
+from storage import ObjectStore
+from storage.check import check_store, purge_superseded
+from storage.registry import RunRegistry
+
+
+def _trained(url: str, tiny_run) -> tuple[ObjectStore, RunRegistry, list[int]]:
+    """Train run r1 (3 blocks); the dataset id each block's first training sample has."""
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
+    ChainWorker(url).train(spec)
+    store = ObjectStore(url)
+    registry = RunRegistry(store)
+    chain, _ = registry.load_chain(registry.current("r1"))
+    return store, registry, [int(spec["train_ids"][int(block[0])]) for block in chain.plan.blocks]
+
+
+def _two_interims(url: str, tiny_run) -> tuple[ObjectStore, RunRegistry, dict[str, list[int]]]:
+    """One deletion applied (v2), then two requests held by interims of one open batch (v3 serves M_2, v4 M_1)."""
+    from flows.rollback import heldout_judge
+    from storage.serving import roll_back
+
+    store, registry, firsts = _trained(url, tiny_run)
+    spec = registry.spec("r1")
+    assert ChainWorker(url).unlearn("r1", {"z": [firsts[0]]})["status"] == "published"  # v2: deleted_ids
+    chain, _ = registry.load_chain(registry.current("r1"))
+    held = {"a": [int(spec.train_ids[int(chain.plan.blocks[2][0])])]}  # block 3
+    judge_for = functools.partial(heldout_judge, registry)
+    assert roll_back(registry, "r1", held, floor_points=100.0, judge_for=judge_for)["published"]
+    held["b"] = [int(spec.train_ids[int(chain.plan.blocks[1][0])])]  # block 2
+    assert roll_back(registry, "r1", held, floor_points=100.0, judge_for=judge_for)["published"]
+    assert registry.current("r1").version == 4
+    return store, registry, held
+
+
+def test_interims_of_an_open_batch_are_not_superseded_and_the_purge_keeps_them(store_url, tiny_run):
+    store, _, held = _two_interims(store_url, tiny_run)
+    first_interim = str(store.read_pointer_version("runs/r1/current", 3).target["manifest"])
+
+    report = check_store(store, min_age_s=0)
+    assert report.healthy and report.superseded == [], report.as_dict()
+    purged = purge_superseded(store, apply=True)  # what `store check --repair` or a later attempt runs
+    assert purged["objects"] == 0 and purged["runs"]["r1"]["versions"] == [], purged
+    assert store.exists(first_interim)
+
+    result = ChainWorker(store_url).unlearn("r1", held)  # the batch's retrain lands: now they are superseded
+    assert result["status"] == "published", result
+    assert {2, 3, 4} <= set(result["superseded_versions"]["versions"]), result["superseded_versions"]
+    assert not store.exists(first_interim)
+    assert check_store(store, min_age_s=0).healthy
+
+
+def test_a_release_after_interims_is_not_reported_as_an_unfinished_purge(store_url, tiny_run):
+    from storage.serving import release
+
+    store, registry, held = _two_interims(store_url, tiny_run)
+    assert release(registry, "r1", set(held)) is not None  # forget --cancel of both: v5 serves v2's chain again
+    assert registry.current("r1").version == 5
+    report = check_store(store, min_age_s=0)
+    assert report.healthy and report.superseded == [], report.as_dict()
