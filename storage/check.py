@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.errors import CorruptObject, ObjectNotFound, StorageError
+from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import COMMIT_SUFFIX, WRITE_CHECK_MARK, ObjectStore
 
 _TMP_MARK = ".tmp-"
@@ -786,7 +786,9 @@ def purge_superseded(
     Nothing is purged when the store opted out (:func:`keeps_superseded`); ``runs``: only these.
 
     Returns:
-        as :func:`prune_versions`, plus ``"kept_by_option"`` (the opt-out) and per run ``"purged_at"``.
+        as :func:`prune_versions`, plus ``"kept_by_option"`` (the opt-out) and per run ``"purged_at"``
+        and, where something was deleted, ``"requests"``: those whose ledger entry said the purge was kept
+        or pending and now says purged (:func:`_record_purged`).
     """
     if keeps_superseded(store):
         return {
@@ -810,7 +812,39 @@ def purge_superseded(
         superseded=True,
     )
     out["kept_by_option"] = None
+    for run_id, run in out["runs"].items():
+        unpurged = run.pop("_unpurged_requests", [])
+        if apply and (run["versions"] or run["objects"]):
+            run["requests"] = _record_purged(store, run_id, run, unpurged)
     return out
+
+
+def _record_purged(store: ObjectStore, run_id: str, run: dict[str, Any], requests: list[str]) -> list[str]:
+    """Tell ``requests`` (applied to ``run_id`` after a version purged now) whose ledger entry says the purge
+    was kept or pending that it is done (only these are read: a long-lived run applied many requests).
+
+    Written after the objects are gone (an interruption leaves the entry saying kept or pending, as
+    it was); idempotent (:meth:`storage.ledger.DeletionLedger.record_purge`). A ledger that cannot be
+    read or written never fails the purge: the entry keeps saying what it said. Returns those updated.
+    """
+    from storage.ledger import DeletionLedger
+
+    ledger = DeletionLedger(store)
+    purged = {
+        "status": "purged",
+        "versions": run["versions"],
+        "objects": run["objects"],
+        "bytes": run["bytes"],
+        "held": run["held"],
+    }
+    updated = []
+    for request_id in requests:
+        try:
+            if ledger.record_purge(request_id, run_id, purged, purged_at=float(run["purged_at"])):
+                updated.append(request_id)
+        except (CorruptObject, StorageError, PointerConflict, ValueError):  # ValueError: a bad request id
+            continue
+    return updated
 
 
 def _superseded_by(deleted_now: set[int], target: Any) -> bool:
@@ -871,7 +905,7 @@ def _prune_runs(
             continue
         if plan is None:
             continue
-        versions, members, manifests, run_state = plan
+        versions, members, manifests, run_state, unpurged = plan
         held = [k for k in [*members, *manifests] if open_requests and _in_flight(k, run_state)]
         doomed = [k for k in members if k not in held] + [k for k in manifests if k not in held]
         sizes = {key: _size(store, key) for key in doomed}
@@ -889,6 +923,8 @@ def _prune_runs(
         run_bytes = sum(size for size in sizes.values() if size is not None)
         gone = sum(size is not None for size in sizes.values())
         out["runs"][run_id] = {"versions": versions, "objects": gone, "bytes": run_bytes, "held": len(held)}
+        if superseded:
+            out["runs"][run_id]["_unpurged_requests"] = unpurged
         if apply:
             out["runs"][run_id]["purged_at"] = now
         out["objects"] += gone
@@ -900,8 +936,9 @@ def _prune_runs(
 
 def _retention_plan(
     store: ObjectStore, registry: Any, run_id: str, pointer_key: str, *, keep: int, superseded: bool = False
-) -> tuple[list[int], list[str], list[str], tuple[int, int]] | None:
-    """(versions to prune now, objects only pruned versions use, their manifests to delete, (current, base)).
+) -> tuple[list[int], list[str], list[str], tuple[int, int], list[str]] | None:
+    """(versions to prune now, objects only pruned versions use, their manifests to delete, (current, base),
+    requests applied by the current version that a version with something left to delete had not applied).
 
     ``superseded``: a version no deletion superseded (:func:`_superseded_by`) is kept too
     (an interim of the batch still open, a release), unless recorded pruned already.
@@ -950,10 +987,15 @@ def _retention_plan(
     manifests: list[str] = []
     kept_folders = {key.rsplit("/", 1)[0] for key in used if key.startswith(f"runs/{run_id}/chains/")}
     present = set(store.list(f"runs/{run_id}"))
+    applied_now = {str(r) for r in current.get("applied_requests") or []}
+    unpurged: set[str] = set()
     for version in sorted(set(versions) | {v for v in already if v not in kept}):
         key = manifest_of[version]
         if key not in present:  # deleted before (or lost: nothing to delete)
             continue
+        if superseded:  # the requests whose ledger entries a purge of this version may finish
+            applied = store.read_pointer_version(pointer_key, version).target.get("applied_requests") or []
+            unpurged |= applied_now - {str(r) for r in applied}
         try:
             body = store.get_unverified_json(key)
         except (CorruptObject, ObjectNotFound):
@@ -961,7 +1003,7 @@ def _retention_plan(
         members.extend(k for k in _member_keys(body) if k not in used and k in present and k not in members)
         if key not in used and _recipe_folder(key) not in kept_folders and key not in manifests:
             manifests.append(key)
-    return versions, members, manifests, (latest, base)
+    return versions, members, manifests, (latest, base), sorted(unpurged)
 
 
 def _member_keys(body: dict[str, Any]) -> list[str]:

@@ -673,6 +673,37 @@ class DeletionLedger:
             return self.get(request_id)
         raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
 
+    def record_purge(
+        self, request_id: str, run_id: str, purged: Mapping[str, Any], *, purged_at: float
+    ) -> RequestStatus | None:
+        """A later purge finished what a ``done`` request's run entry said was ``kept`` or ``pending`` (SPEC 5).
+
+        Sets the run's ``superseded_versions`` (``purged``) and ``purged_at``, and the request's
+        ``purged_at`` once every run that records one has it (CAS, retried). Nothing is written when
+        the request is not ``done`` or its run entry says nothing is left to purge.
+
+        Returns:
+            the request's status after, or ``None`` when nothing was written.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            current = self.get(request_id)
+            runs = dict(current.details.get("runs") or {})
+            entry = runs.get(run_id)
+            if current.status != DONE or not isinstance(entry, Mapping):
+                return None
+            if (entry.get("superseded_versions") or {}).get("status") not in ("kept", "pending"):
+                return None
+            runs[run_id] = {**entry, "superseded_versions": dict(purged), "purged_at": purged_at}
+            times = [run.get("purged_at") for run in runs.values() if isinstance(run, Mapping) and "purged_at" in run]
+            done = [float(t) for t in times if t is not None]
+            details = {**current.details, "runs": runs, "purged_at": max(done) if len(done) == len(times) else None}
+            try:
+                self._swap_status(request_id, DONE, details, expected_version=current.version)
+            except PointerConflict:
+                continue
+            return self.get(request_id)
+        raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
+
     def fail_attempt(
         self,
         request_id: str,

@@ -1,10 +1,12 @@
-"""SPEC 5's purge touches only versions a published retrain superseded.
+"""SPEC 5's purge touches only versions a published retrain superseded, and the ledger hears of a later purge.
 
 ``store check`` reported an ordinary rollback state as damage (exit 1, "their purge after the
 deletion's publish did not finish"): after one applied deletion, every version other than the
 current one and its full chain counted as superseded, so the first interim of an open batch (and
-a release's predecessors) was due, and ``--repair`` deleted its manifest. Real stores, a tiny run;
-no mocks of obliviate's components.
+a release's predecessors) was due, and ``--repair`` deleted its manifest. A purge that
+``store check --repair`` (or a later deletion) finished left each request's ledger entry saying
+``kept`` or ``pending`` with ``purged_at`` null. Real stores, a tiny run; no mocks of obliviate's
+components (a failed purge is a failing store delete).
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from __future__ import annotations
 import functools
 
 from actors.chains import ChainWorker
+from flows.repair import check_and_repair
+from flows.settle import run_pass
 from flows.train import run_spec
+from flows.unlearn import submit_deletion
 from storage import ObjectStore
-from storage.check import check_store, purge_superseded
+from storage.check import check_store, purge_superseded, save_keep_superseded
+from storage.errors import StorageError
+from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 
 
@@ -71,3 +78,50 @@ def test_a_release_after_interims_is_not_reported_as_an_unfinished_purge(store_u
     assert registry.current("r1").version == 5
     report = check_store(store, min_age_s=0)
     assert report.healthy and report.superseded == [], report.as_dict()
+
+
+def _settle(url: str, victim: int) -> dict:
+    worker = ChainWorker(url)
+    submit_deletion(url, [victim], dataset="digits", request_id="req-1", emit=False)
+    result = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
+    assert result["settled"] == {"req-1": "done"}
+    return DeletionLedger(ObjectStore(url)).get("req-1").details
+
+
+def _purged_in_ledger(url: str, versions: list[int]) -> None:
+    details = DeletionLedger(ObjectStore(url)).get("req-1").details
+    run = details["runs"]["r1"]
+    said = run["superseded_versions"]
+    assert said["status"] == "purged" and said["versions"] == versions and said["objects"] > 0, run
+    assert isinstance(run["purged_at"], float) and details["purged_at"] == run["purged_at"], details
+
+
+def test_a_kept_purge_finished_by_repair_reaches_the_ledger(store_url, tiny_run):
+    store, _, firsts = _trained(store_url, tiny_run)
+    save_keep_superseded(store, keep=True)  # serve --keep-superseded-versions
+    details = _settle(store_url, firsts[1])
+    assert details["runs"]["r1"]["superseded_versions"]["status"] == "kept" and details["purged_at"] is None
+    save_keep_superseded(store, keep=False)  # a serve without the option
+    repaired = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    assert repaired.healthy and repaired.purged["runs"]["r1"]["requests"] == ["req-1"], repaired.as_dict()
+    _purged_in_ledger(store_url, [1])
+    again = check_and_repair(store_url, repair=True, min_orphan_age_s=0)  # idempotent: nothing more written
+    assert again.healthy and again.purged is None
+    _purged_in_ledger(store_url, [1])
+
+
+def test_a_pending_purge_finished_by_repair_reaches_the_ledger(store_url, tiny_run, monkeypatch):
+    _, _, firsts = _trained(store_url, tiny_run)
+    real_delete = ObjectStore.delete
+
+    def delete_fails(self, key):  # the run's objects only: the ledger's own deletes (leases, markers) go on
+        if key.startswith("runs/"):
+            raise StorageError(f"could not delete {key}: the store is read-only")
+        real_delete(self, key)
+
+    monkeypatch.setattr(ObjectStore, "delete", delete_fails)
+    details = _settle(store_url, firsts[1])
+    monkeypatch.undo()
+    assert details["runs"]["r1"]["superseded_versions"]["status"] == "pending" and details["purged_at"] is None
+    assert check_and_repair(store_url, repair=True, min_orphan_age_s=0).healthy
+    _purged_in_ledger(store_url, [])  # v1 was recorded pruned by the failed purge; the repair deleted its objects
