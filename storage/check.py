@@ -754,7 +754,8 @@ KEEP_SUPERSEDED_OPTION = "serve --keep-superseded-versions"
 
 def save_keep_superseded(store: ObjectStore, *, keep: bool) -> None:
     """Record whether this store keeps superseded versions (``serve --keep-superseded-versions``; default not)."""
-    store.put_json(SUPERSEDED_KEY, {"keep": bool(keep), "set_at": time.time(), "by": KEEP_SUPERSEDED_OPTION})
+    by = KEEP_SUPERSEDED_OPTION if keep else "serve"  # what wrote it: serve without the option purges them
+    store.put_json(SUPERSEDED_KEY, {"keep": bool(keep), "set_at": time.time(), "by": by})
 
 
 def keeps_superseded(store: ObjectStore) -> bool:

@@ -19,7 +19,7 @@ from flows.settle import run_pass
 from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
-from storage.check import check_store, purge_superseded, save_keep_superseded
+from storage.check import SUPERSEDED_KEY, check_store, purge_superseded, save_keep_superseded
 from storage.errors import StorageError
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
@@ -125,3 +125,11 @@ def test_a_pending_purge_finished_by_repair_reaches_the_ledger(store_url, tiny_r
     assert details["runs"]["r1"]["superseded_versions"]["status"] == "pending" and details["purged_at"] is None
     assert check_and_repair(store_url, repair=True, min_orphan_age_s=0).healthy
     _purged_in_ledger(store_url, [])  # v1 was recorded pruned by the failed purge; the repair deleted its objects
+
+
+def test_the_setting_says_what_wrote_it(store_url):
+    store = ObjectStore(store_url)
+    save_keep_superseded(store, keep=True)
+    assert store.get_json(SUPERSEDED_KEY)["by"] == "serve --keep-superseded-versions"
+    save_keep_superseded(store, keep=False)
+    assert store.get_json(SUPERSEDED_KEY)["by"] == "serve"
