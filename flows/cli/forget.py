@@ -67,6 +67,17 @@ def forget_command(
     ] = None,
     retry: Annotated[str | None, option("--retry", metavar="REQUEST_ID", help="queue a failed request again")] = None,
     now: Annotated[bool, flag("--now", help="flush the open batch now instead of waiting for it")] = False,
+    deadline: Annotated[
+        str | None,
+        option(
+            "--deadline",
+            metavar="DURATION",
+            help="this request must be forgotten within DURATION of receipt: 90s, 12h, 7d, 2w (default: the store's "
+            "deadline, serve --deadline, 30d unless serve set another). It may be shorter than the store's, not "
+            "longer: a longer one is refused (the service promises no more). Recorded when the request is accepted; "
+            "repeating a --request-id keeps the deadline first given",
+        ),
+    ] = None,
 ) -> Args:
     given = [f"--{name}" for name in ("status", "cancel", "retry") if ctx.params[name] is not None]
     if len(given) > 1:
@@ -174,6 +185,7 @@ def run_forget(args: Args) -> int:
         )
     if not request_id and args.ids is None and not args.now:
         raise ConfigError("forget needs --ids 3,17,42 (or --status / --cancel / --retry REQUEST_ID).")
+    deadline_s = _requested_deadline(args.deadline, ids_given=args.ids is not None)
     if not request_id and args.ids is not None:
         # A new request's ids are checked before the store is created or written.
         # The row count submit_deletion checks against too, loaded once per process (mnist5k: 1-2 s a load).
@@ -186,6 +198,8 @@ def run_forget(args: Args) -> int:
     reading = bool(args.status)
     url = prepare_store(store_url(args), write=not reading)
     ledger = DeletionLedger(ObjectStore(url))
+    if deadline_s is not None:  # before --now leaves a flush request: a refused request changes nothing
+        _check_within_policy(ledger.store, deadline_s, given=str(args.deadline))
     if request_id and not ledger.exists(request_id):
         known = ledger.request_ids()
         raise ConfigError(
@@ -268,7 +282,13 @@ def run_forget(args: Args) -> int:
     request_id = args.request_id or new_request_id(ids, dataset=args.data)
     try:
         result = submit_deletion(
-            url, list(ids), dataset=args.data, reason=args.reason, request_id=request_id, emit=not args.no_event
+            url,
+            list(ids),
+            dataset=args.data,
+            reason=args.reason,
+            request_id=request_id,
+            emit=not args.no_event,
+            deadline_s=deadline_s,
         )
     except StorageError as err:
         raise type(err)(
@@ -281,6 +301,62 @@ def run_forget(args: Args) -> int:
         return _waited(url, result["request_id"], args.wait)
     print(json.dumps(result, default=str))
     return EXIT_DONE
+
+
+def _requested_deadline(given: str | None, *, ids_given: bool) -> float | None:
+    """``--deadline`` in seconds (``None``: not given, the store's policy decides), checked before anything is written.
+
+    Raises:
+        ConfigError: given without ``--ids`` (a deadline is fixed when a request is accepted), not a
+            duration, or not > 0.
+    """
+    from obliviate.errors import ConfigError
+    from obliviate.unlearning.batching import parse_duration
+
+    if given is None:
+        return None
+    if not ids_given:
+        raise ConfigError(
+            f"--deadline dates a new request, so it needs --ids; got --deadline {given!r} without --ids. A request's "
+            "deadline is fixed when it is accepted: file a new request with --ids, or drop --deadline."
+        )
+    try:
+        seconds = parse_duration(given)
+    except ConfigError as err:
+        raise ConfigError(f"--deadline: {err} Nothing written.") from err
+    if seconds <= 0:
+        raise ConfigError(
+            f"--deadline is how long after receipt the request must be forgotten, so it must be > 0; got {given!r}. "
+            "Give one such as 7d, or leave it out for the store's (serve --deadline, default 30d). Nothing written."
+        )
+    return seconds
+
+
+def _duration_text(seconds: float) -> str:
+    """``seconds`` as ``--deadline`` spells it: 30d, 12h, 90s."""
+    for unit, size in (("w", 604_800.0), ("d", 86_400.0), ("h", 3_600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _check_within_policy(store: Any, deadline_s: float, *, given: str) -> None:
+    """Refuse a ``--deadline`` longer than the store's: the service promises every request its policy's deadline.
+
+    Raises:
+        ConfigError: ``deadline_s`` exceeds the store's batch policy's ``deadline_s`` (nothing written).
+    """
+    from obliviate.errors import ConfigError
+    from storage.ledger import policy_deadline_s
+
+    allowed = policy_deadline_s(store)
+    if deadline_s > allowed:
+        raise ConfigError(
+            f"forget --deadline may shorten the store's deadline, not lengthen it: this store promises every request "
+            f"within {_duration_text(allowed)} (serve --deadline); got --deadline {given!r} "
+            f"({_duration_text(deadline_s)}). Give {_duration_text(allowed)} or less, or leave --deadline out for the "
+            "store's; a longer promise needs serve restarted with a longer --deadline. Nothing written."
+        )
 
 
 def _waiting_for(url: str, request_id: str) -> dict[str, Any]:
