@@ -42,6 +42,7 @@ The time each request became forgotten is kept in ``ledger/forgotten/<request>.j
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +251,12 @@ def release_refused(store: ObjectStore) -> dict[str, list[str]]:
     judgement as an interim at acceptance (:func:`judged_block`; a sharded run's vote as a whole);
     when none does, the block served now stays. Run by the batch gate of every pass and by
     ``forget --cancel``.
+
+    A run whose release needs a damaged or missing checkpoint (:class:`CorruptObject`, :class:`ObjectNotFound`)
+    is skipped and keeps serving its version (rolled back below every hold, so it saw no open request's ids):
+    each refused request it holds records the error and its mend (``release_failed``: run -> error,
+    ``release_mend``; shown by ``forget --status``), the other runs are released, and the next call retries it
+    (the note is dropped once that run's release goes through, e.g. after ``store check --repair``).
     """
     registry, ledger = RunRegistry(store), DeletionLedger(store)
     floor_points = float(load_rollback(store)["floor_points"])
@@ -261,9 +268,53 @@ def release_refused(store: ObjectStore) -> dict[str, list[str]]:
         if not refused:
             continue
         acceptable = judged_block(registry, run_id, group_of.get(run_id, [run_id]), floor_points=floor_points)
-        if release(registry, run_id, refused, acceptable=acceptable) is not None:
+        try:
+            released = release(registry, run_id, refused, acceptable=acceptable)
+        except (CorruptObject, ObjectNotFound) as err:  # the run keeps serving its version; the next pass retries
+            _note_release(ledger, run_id, refused, err)
+            continue
+        _note_release(ledger, run_id, refused, None)
+        if released is not None:
             out[run_id] = sorted(refused)
     return out
+
+
+_RELEASE_MEND = (
+    "`obliviate store check --repair` rebuilds the damaged checkpoint by replay; meanwhile the run keeps serving "
+    "the version rolled back for this request (it saw no open request's ids) and the next pass retries the release"
+)
+
+
+def _note_release(ledger: DeletionLedger, run_id: str, request_ids: set[str], err: Exception | None) -> None:
+    """Record on each refused request why ``run_id``'s release of its hold failed (once per error), or clear it.
+
+    ``forget --status`` shows it in the request's details: ``release_failed`` (run -> error) and ``release_mend``.
+    """
+    for request_id in sorted(request_ids):
+        entry = ledger.get(request_id)
+        details = dict(entry.details or {})
+        failed = dict(details.get("release_failed") or {})
+        if err is None:
+            if run_id not in failed:
+                continue
+            failed.pop(run_id)
+        else:
+            error = f"{type(err).__name__}: {str(err).rstrip('.')}"[:2000]
+            if failed.get(run_id) == error:  # already noted by an earlier pass
+                continue
+            failed[run_id] = error
+            _rollback_logger().warning(
+                "run %s: the rollback held for %s was not released: %s. %s", run_id, request_id, error, _RELEASE_MEND
+            )
+        details.pop("release_failed", None)
+        details.pop("release_mend", None)
+        if failed:
+            details.update(release_failed=failed, release_mend=_RELEASE_MEND)
+        ledger.transition(request_id, status=entry.status, details=details, allowed_from=(entry.status,))
+
+
+def _rollback_logger() -> logging.Logger:
+    return logging.getLogger(__name__)
 
 
 def judged_block(
