@@ -49,10 +49,13 @@ from obliviate.errors import ConfigError
 from obliviate.extraction.target import Backend, LocalTorchBackend, OutputMode, decode_images
 from obliviate.models import images_to_tensor
 from obliviate.unlearning.shards import MEAN, combine, shard_probabilities
-from storage.errors import StorageError
+from storage.errors import ObjectNotFound, StorageError
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import pointer_target, served_model
+
+#: Reloads of a shard whose served version's objects vanished because its pointer moved meanwhile (a purge).
+_MOVED_RELOADS = 3
 
 
 class RunBackend:
@@ -99,17 +102,35 @@ class RunBackend:
         self.lock = threading.Lock()
 
     def refresh(self, *, force: bool = False) -> None:
-        """Reload every shard whose version pointer moved (at most every ``refresh_s`` unless forced)."""
+        """Reload every shard whose version pointer moved (at most every ``refresh_s`` unless forced).
+
+        A version whose objects were purged between the pointer read and the load (a deletion published
+        meanwhile supersedes it) is not an error: the pointer is read again and the new version loaded (at most
+        ``_MOVED_RELOADS`` times); :class:`ObjectNotFound` is raised only when the pointer did not move.
+        """
         with self.lock:
             if not force and time.monotonic() - self._checked < self.refresh_s:
                 return
             for member in self.members:
                 current, target = pointer_target(self.registry, member)
-                version = None if current is None else current.version
-                if member not in self._loaded or self._loaded[member][0] != version:
-                    self._loaded[member] = (version, served_model(self.registry, member))
+                for attempt in range(_MOVED_RELOADS + 1):
+                    version = None if current is None else current.version
+                    if member in self._loaded and self._loaded[member][0] == version:
+                        break
+                    try:
+                        model = served_model(self.registry, member)
+                    except ObjectNotFound:
+                        # a deletion published since the pointer was read purges the version read (SPEC 5): serve
+                        # the new one; a pointer that did not move means the object is missing (raised as such)
+                        moved, moved_target = pointer_target(self.registry, member)
+                        if attempt == _MOVED_RELOADS or (None if moved is None else moved.version) == version:
+                            raise
+                        current, target = moved, moved_target
+                        continue
+                    self._loaded[member] = (version, model)
                     self._deleted[member] = frozenset() if current is None else frozenset(current.deleted_ids)
                     self._serve_block[member] = target.get("serve_block", "final")
+                    break
             self._checked = time.monotonic()
 
     def served(self) -> dict[str, Any]:
