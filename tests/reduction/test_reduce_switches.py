@@ -93,56 +93,41 @@ def test_an_unknown_value_is_refused_naming_the_choices(tmp_path, capsys, flag, 
     assert not out.exists()
 
 
-def test_the_ray_path_gets_both_switches(monkeypatch, colour_pool, tmp_path, capsys):
-    """The CLI hands --gray and --aggregate to the reduce flow (stopped at its load, before Ray)."""
-    import flows.reduce as flow_module
+@pytest.fixture
+def shared_prefect_api(prefect_harness, monkeypatch):
+    """The harness's server as a user's ``PREFECT_API_URL``: the command uses it instead of starting its own."""
+    from prefect.settings import PREFECT_API_URL
 
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_flow(**kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(flow_module, "reduce_flow", fake_flow)
-    monkeypatch.setattr("flows.runtime.ensure_ray", lambda **_: None)
-    monkeypatch.setattr("flows.runtime.apply_prefect_defaults", lambda: None)
-
-    from contextlib import contextmanager
-
-    @contextmanager
-    def no_server():
-        yield "http://test"
-
-    monkeypatch.setattr("flows.runtime.prefect_api", no_server)
-    options = ["--k", "4", "--workers", "1", "--gray", "mean", "--aggregate", "max", "--out", str(tmp_path / "o")]
-    with pytest.raises(Stop):
-        from flows.cli import parse_args
-        from flows.cli.reduce import run_reduce_flow
-
-        run_reduce_flow(parse_args(["reduce", "--data", colour_pool, *options]))
-    assert seen["gray"] == "mean" and seen["aggregate"] == "max"
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    return PREFECT_API_URL.value()
 
 
-def test_the_flow_loads_the_data_with_its_gray_mode(monkeypatch, colour_pool):
-    import flows.reduce as flow_module
+@pytest.mark.slow
+def test_the_ray_path_uses_and_records_both_switches(ray_runtime, shared_prefect_api, colour_pool, tmp_path, capsys):
+    """``reduce --workers 1 --gray mean --aggregate max``: the flow on Ray loads, greedily folds and records as asked."""
+    out = tmp_path / "o"
+    options = ["--k", "4", "--workers", "1", "--gray", "mean", "--aggregate", "max", "--out", str(out)]
+    assert main(["reduce", "--data", colour_pool, *options]) == 0
+    assert f"Prefect API: {shared_prefect_api}" in capsys.readouterr().err  # the Ray flow ran, not the in-process path
+    summary = _summary(out)
+    folder = out / summary["folder"]
 
-    seen = {}
+    mean = load_dataset(colour_pool, gray="mean")
+    luma = load_dataset(colour_pool, gray=DEFAULT_GRAY)
+    asked = drmi_reduce(mi_matrix(mean.images, levels=mean.levels), k=4, aggregate="max")
+    mean_summed = drmi_reduce(mi_matrix(mean.images, levels=mean.levels), k=4, aggregate=DEFAULT_AGGREGATE)
+    defaults = drmi_reduce(mi_matrix(luma.images, levels=luma.levels), k=4, aggregate=DEFAULT_AGGREGATE)
+    # This pool tells the switches apart: luma and mean choose other subsets; max and sum start restarts elsewhere.
+    assert defaults.h != asked.h and not np.array_equal(np.sort(defaults.subset), np.sort(asked.subset))
+    assert [r.h_greedy for r in mean_summed.restarts] != [r.h_greedy for r in asked.restarts]
 
-    class Stop(Exception):
-        pass
-
-    def fake_load(data, *, gray):
-        seen["gray"] = gray
-        raise Stop
-
-    monkeypatch.setattr(flow_module, "load_dataset", fake_load)
-    monkeypatch.setattr(flow_module, "get_run_logger", lambda: None)
-    with pytest.raises(Stop):
-        flow_module.reduce_flow.fn(data=colour_pool, k=4, gray="mean", aggregate="max")
-    assert seen["gray"] == "mean"
+    assert (summary["gray"], summary["aggregate"]) == ("mean", "max") and summary["workers"] == 1
+    assert summary["fingerprint"] == mean.fingerprint != luma.fingerprint
+    assert summary["folder"].endswith("-gmax")
+    assert summary["h"] == asked.h
+    assert np.array_equal(np.load(folder / "subset.npy"), asked.subset)
+    restarts = json.loads((folder / "restarts.json").read_text())
+    assert [r["h_greedy"] for r in restarts] == [r.h_greedy for r in asked.restarts]
 
 
 def test_result_keys_keep_sum_names_and_mark_max():
