@@ -4,7 +4,8 @@
   uses). Fake credentials and the endpoint go into the environment before any Ray runtime that
   needs them starts, so worker processes inherit them as real deployments would.
 * ``flaky_s3``: a :class:`FlakyProxy` in front of that server, which a test takes down and brings
-  back up to stage a real network outage (point ``AWS_ENDPOINT_URL`` at ``flaky_s3.endpoint``).
+  back up to stage a real network outage (point ``AWS_ENDPOINT_URL`` at ``flaky_s3.endpoint``), or
+  in which it holds one request in flight (:meth:`FlakyProxy.hold`) to stage a race at a known point.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class FlakyProxy:
     """A TCP proxy on 127.0.0.1 in front of a server that the test can take down and bring back.
 
     While down, every open connection is cut and new ones are closed at once: the client sees a
-    real network failure, not a simulated exception.
+    real network failure, not a simulated exception. A held request (:meth:`hold`) is a slow network:
+    it reaches the server, unchanged, once the test releases it.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -67,6 +69,7 @@ class FlakyProxy:
         self.refused = 0
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._holds: list[Hold] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -87,6 +90,31 @@ class FlakyProxy:
     def up(self) -> None:
         self.is_up = True
 
+    def hold(self, *markers: str) -> Hold:
+        """Hold the next request whose request line (``PUT /bucket/key HTTP/1.1``) names all ``markers``.
+
+        It stays in the proxy, not yet sent on to the server, until :meth:`Hold.release`; the
+        client waits for its answer as on a slow link, and every other request passes meanwhile.
+        A test thereby does something between a component's earlier requests and that one, the
+        way a concurrent writer would, deterministically.
+        """
+        held = Hold([m.encode() for m in markers])
+        with self._lock:
+            self._holds.append(held)
+        return held
+
+    def _held(self, chunk: bytes) -> Hold | None:
+        line = chunk.split(b"\r\n", 1)[0]
+        if not line.endswith((b"HTTP/1.1", b"HTTP/1.0")):
+            return None
+        with self._lock:
+            for held in self._holds:
+                if not held.arrived.is_set() and all(m in line for m in held.markers):
+                    held.request_line = line.decode(errors="replace")
+                    held.arrived.set()
+                    return held
+        return None
+
     def _accept(self) -> None:
         import threading
 
@@ -102,12 +130,15 @@ class FlakyProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._open.update({client, upstream})
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, to_server in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(source, sink, to_server), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool = False) -> None:
         try:
             while chunk := source.recv(65536):
+                held = self._held(chunk) if to_server and self._holds else None
+                if held is not None:
+                    held.released.wait(120)
                 sink.sendall(chunk)
         except OSError:
             pass
@@ -120,7 +151,34 @@ class FlakyProxy:
 
     def close(self) -> None:
         self.listener.close()
+        with self._lock:
+            for held in self._holds:
+                held.release()
         self.down()
+
+
+class Hold:
+    """One request :meth:`FlakyProxy.hold` keeps in flight: ``wait()`` until it arrives, then ``release()`` it."""
+
+    def __init__(self, markers: list[bytes]) -> None:
+        import threading
+
+        self.markers = markers
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+        self.request_line = ""
+
+    def wait(self, timeout: float = 60.0) -> str:
+        """Block until the request is held; returns its request line.
+
+        Raises:
+            AssertionError: no such request came within ``timeout`` seconds.
+        """
+        assert self.arrived.wait(timeout), f"no request naming {self.markers} reached the proxy in {timeout} s"
+        return self.request_line
+
+    def release(self) -> None:
+        self.released.set()
 
 
 @pytest.fixture

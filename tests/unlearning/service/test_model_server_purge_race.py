@@ -3,17 +3,19 @@
 ``RunBackend.refresh`` read the run's pointer, then loaded the version it named; a deletion published
 meanwhile purges the superseded version's objects right after its publish (SPEC 5), so the load met
 ObjectNotFound and the prediction got HTTP 503 once. Now the pointer is read again and, as it moved,
-the new version is loaded; a pointer that did not move still raises. Real store, tiny run, real
-publish and purge.
+the new version is loaded; a pointer that did not move still raises. Real store (moto S3), tiny run,
+real publish and purge; the race is staged in the network, not in our code.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
-import storage.serving
 from actors.chains import ChainWorker
 from flows.model_server import RunBackend
 from flows.train import run_spec
@@ -21,6 +23,7 @@ from storage import ObjectStore
 from storage.check import purge_superseded, save_keep_superseded
 from storage.errors import ObjectNotFound
 from storage.registry import RunRegistry
+from storage.serving import served_block
 
 
 def _trained(url: str, tiny_run) -> int:
@@ -32,47 +35,67 @@ def _trained(url: str, tiny_run) -> int:
     return int(spec["train_ids"][int(chain.plan.blocks[1][0])])
 
 
-def test_a_purge_between_the_pointer_read_and_the_load_serves_the_new_version(store_url, tiny_run, monkeypatch):
-    """The wrapper injects the interleaving, it does not replace our code.
+@contextmanager
+def _endpoint(url: str) -> Iterator[None]:
+    """Stores made inside read ``url`` as their S3 endpoint (a store reads it once, when made)."""
+    previous = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = url
+    try:
+        yield
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = previous
 
-    Its first call, made by ``served_model`` after it read the pointer (version 1), publishes the deletion
-    (version 2, its superseded versions kept as under ``serve --keep-superseded-versions``) and then purges
-    version 1 as a serve without the option does; then it calls the real ``served_checkpoint`` with version 1.
+
+def test_a_purge_between_the_pointer_read_and_the_load_serves_the_new_version(s3_url, flaky_s3, tiny_run):
+    """The server reaches S3 through a proxy that holds its first request for version 1's served checkpoint.
+
+    By then it has read the pointer (version 1) and that version's manifest. While that request is in flight the deletion is
+    published (version 2, superseded versions kept as under ``serve --keep-superseded-versions``) and
+    version 1 purged as a serve without the option does, straight against the store; then the held
+    request goes on and finds version 1 gone.
     """
-    victim = _trained(store_url, tiny_run)
-    store = ObjectStore(store_url)
+    victim = _trained(s3_url, tiny_run)
+    store = ObjectStore(s3_url)
     registry = RunRegistry(store)
-    backend = RunBackend(store_url, "r1", refresh_s=0.0)
-    real = storage.serving.served_checkpoint
-    calls: list[int] = []
+    v1_manifest = registry.manifest(registry.current("r1"))
+    v1_served = v1_manifest.members[str(served_block(v1_manifest))].key
+    with _endpoint(flaky_s3.endpoint):
+        backend = RunBackend(s3_url, "r1", refresh_s=0.0)
+    held = flaky_s3.hold(v1_served)
+    outcome: dict = {}
 
-    def racing(registry_: RunRegistry, current: Any) -> Any:
-        calls.append(current.version)
-        if len(calls) == 1:
-            save_keep_superseded(store, keep=True)
-            assert ChainWorker(store_url).unlearn("r1", {"req-1": [victim]})["to_version"] == 2
-            save_keep_superseded(store, keep=False)
-            assert purge_superseded(store, apply=True)["runs"]["r1"]["versions"] == [1]
-        return real(registry_, current)
+    def refresh() -> None:
+        try:
+            backend.refresh(force=True)
+            outcome["served"] = backend.served()
+        except Exception as err:  # noqa: BLE001 -- the assertion below says what was raised
+            outcome["error"] = err
 
-    monkeypatch.setattr(storage.serving, "served_checkpoint", racing)
-    backend.refresh(force=True)  # raised ObjectNotFound (HTTP 503) before
-    assert calls == [1, 2]
-    assert backend.served() == {"r1": {"version": 2, "in_vote": True, "serve_block": "final"}}
+    server = threading.Thread(target=refresh)
+    server.start()
+    try:
+        assert v1_served in held.wait()  # the server read the pointer and is loading version 1
+        save_keep_superseded(store, keep=True)
+        assert ChainWorker(s3_url).unlearn("r1", {"req-1": [victim]})["to_version"] == 2
+        save_keep_superseded(store, keep=False)
+        assert purge_superseded(store, apply=True)["runs"]["r1"]["versions"] == [1]
+        assert not store.exists(v1_served)
+    finally:
+        held.release()
+        server.join(60)
+    assert "error" not in outcome, f"the load of the purged version 1 raised {outcome.get('error')!r}"  # HTTP 503
+    assert outcome["served"] == {"r1": {"version": 2, "in_vote": True, "serve_block": "final"}}
     assert victim in backend._deleted["r1"] and registry.current("r1").version == 2
 
 
-def test_a_missing_checkpoint_of_an_unmoved_pointer_still_raises(store_url, tiny_run, monkeypatch):
+def test_a_missing_checkpoint_of_an_unmoved_pointer_still_raises(store_url, tiny_run):
     _trained(store_url, tiny_run)
     store = ObjectStore(store_url)
-    backend = RunBackend(store_url, "r1", refresh_s=0.0)
-    real = storage.serving.served_checkpoint
-
-    def vanished(registry_: RunRegistry, current: Any) -> Any:
-        for key in [k for k in store.list("runs/r1/chains/") if k.endswith(".pt")]:
-            store.delete(key)
-        return real(registry_, current)
-
-    monkeypatch.setattr(storage.serving, "served_checkpoint", vanished)
+    backend = RunBackend(store_url, "r1", refresh_s=0.0)  # reads the pointer, loads nothing yet
+    checkpoints = [k for k in store.list("runs/r1/chains/") if k.endswith(".pt")]
+    assert checkpoints
+    for key in checkpoints:
+        store.delete(key)
     with pytest.raises(ObjectNotFound):
         backend.refresh(force=True)
+    assert RunRegistry(store).current("r1").version == 1
