@@ -511,21 +511,34 @@ def test_submit_refuses_a_job_that_is_not_an_obliviate_command_before_contacting
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_a_local_ray_runtime_that_fails_to_start_is_named_without_a_traceback(monkeypatch):
-    """Under load, Ray's fixed 30 s node registration ran out and `tune` ended in Ray's raw traceback."""
-    import ray
+def test_a_local_ray_runtime_that_fails_to_start_is_named_without_a_traceback(tmp_path):
+    """Under load, Ray's fixed 30 s node registration ran out and `tune` ended in Ray's raw traceback.
 
-    from flows.runtime import RayStartFailed, ensure_ray
-
-    def init(**options):
-        raise Exception("The current node timed out during startup. This could happen because ...")  # noqa: TRY002 -- Ray raises exactly this
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    with pytest.raises(RayStartFailed, match=r"could not start a local Ray runtime: The current node timed out") as e:
-        ensure_ray()
-    assert "load average" in str(e.value) and "run the command again" in str(e.value)
+    Here Ray's own start-up fails for real, at once: the folder it keeps its sessions under is a file.
+    """
+    not_a_folder = tmp_path / "ray-tmp"
+    not_a_folder.write_text("")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local runtime, started here
+    env |= {
+        "RAY_TMPDIR": str(not_a_folder),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",  # nothing listens: never reached, Ray fails first
+    }
+    command = [sys.executable, "-m", "flows.cli", "train", "--run-id", "r", "--data", "digits"]
+    done = subprocess.run(
+        [*command, "--store", f"file://{tmp_path}/runs"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    [said] = [line for line in done.stderr.splitlines() if line.startswith("obliviate train: error: ")]
+    assert said.startswith("obliviate train: error: could not start a local Ray runtime: ")
+    assert str(not_a_folder) in said  # Ray's own reason, passed on
+    assert "load average" in said and "run the command again" in said and "--ray-address / RAY_ADDRESS" in said
+    assert "Traceback" not in done.stderr
 
 
 def test_ctrl_c_stops_serve_with_one_sentence(tmp_path, prefect_api_url, ray_address):
