@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -89,6 +91,19 @@ class FlakyProxy:
 
     def up(self) -> None:
         self.is_up = True
+
+    @contextlib.contextmanager
+    def routed(self) -> Iterator[None]:
+        """Stores made inside reach S3 through this proxy (a store reads ``AWS_ENDPOINT_URL`` once, when made)."""
+        previous = os.environ.get("AWS_ENDPOINT_URL")
+        os.environ["AWS_ENDPOINT_URL"] = self.endpoint
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop("AWS_ENDPOINT_URL", None)
+            else:
+                os.environ["AWS_ENDPOINT_URL"] = previous
 
     def hold(self, *markers: str) -> Hold:
         """Hold the next request whose request line (``PUT /bucket/key HTTP/1.1``) names all ``markers``.

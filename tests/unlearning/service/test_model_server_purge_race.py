@@ -9,10 +9,7 @@ real publish and purge; the race is staged in the network, not in our code.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -35,31 +32,20 @@ def _trained(url: str, tiny_run) -> int:
     return int(spec["train_ids"][int(chain.plan.blocks[1][0])])
 
 
-@contextmanager
-def _endpoint(url: str) -> Iterator[None]:
-    """Stores made inside read ``url`` as their S3 endpoint (a store reads it once, when made)."""
-    previous = os.environ["AWS_ENDPOINT_URL"]
-    os.environ["AWS_ENDPOINT_URL"] = url
-    try:
-        yield
-    finally:
-        os.environ["AWS_ENDPOINT_URL"] = previous
-
-
 def test_a_purge_between_the_pointer_read_and_the_load_serves_the_new_version(s3_url, flaky_s3, tiny_run):
     """The server reaches S3 through a proxy that holds its first request for version 1's served checkpoint.
 
-    By then it has read the pointer (version 1) and that version's manifest. While that request is in flight the deletion is
-    published (version 2, superseded versions kept as under ``serve --keep-superseded-versions``) and
-    version 1 purged as a serve without the option does, straight against the store; then the held
-    request goes on and finds version 1 gone.
+    By then it has read the pointer (version 1) and that version's manifest. While that request is in
+    flight the deletion is published (version 2, superseded versions kept as under ``serve
+    --keep-superseded-versions``) and version 1 purged as a serve without the option does, straight
+    against the store; then the held request goes on and finds version 1's checkpoint gone.
     """
     victim = _trained(s3_url, tiny_run)
     store = ObjectStore(s3_url)
     registry = RunRegistry(store)
     v1_manifest = registry.manifest(registry.current("r1"))
     v1_served = v1_manifest.members[str(served_block(v1_manifest))].key
-    with _endpoint(flaky_s3.endpoint):
+    with flaky_s3.routed():
         backend = RunBackend(s3_url, "r1", refresh_s=0.0)
     held = flaky_s3.hold(v1_served)
     outcome: dict = {}
