@@ -6,7 +6,9 @@ now, with counts; the lists are stored once, in a batch record."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import threading
+
+import pytest
 
 from actors.chains import ChainWorker
 from flows.settle import run_pass
@@ -16,29 +18,31 @@ from storage import ObjectStore
 from storage.ledger import DONE, DeletionLedger
 
 
-def test_late_requests_of_a_training_keep_records_of_bounded_size(tmp_path: Path, tiny_run, monkeypatch) -> None:
-    url = f"file://{tmp_path / 'store'}"
-    ObjectStore(url).ensure_container()
-    worker = ChainWorker(url)
+@pytest.mark.slow
+def test_late_requests_of_a_training_keep_records_of_bounded_size(s3_url, flaky_s3, tiny_run) -> None:
+    """Four requests are filed after the training's last look at the ledger, before it publishes.
+
+    The training reaches moto S3 through a proxy that holds its first request for its version 1's
+    manifest; meanwhile the requests are filed straight against the store, as concurrent ``forget``
+    commands would, so the training finds them late and unlearns them right after publishing.
+    """
+    url = s3_url
+    with flaky_s3.routed():
+        worker = ChainWorker(url)
     spec = run_spec(run_id="after", **tiny_run(split_seed=0, blocks=2))
     late_ids = {n: [int(spec["train_ids"][i]) for i in (20 + n, 310 + n)] for n in range(4)}
-    reads = {"n": 0}
-    original = ChainWorker._training_exclusions
-
-    def exclusions_then_requests(self, run, plan):
-        found = original(self, run, plan)
-        reads["n"] += 1
-        if reads["n"] == 2:  # after the last block, before it publishes: these requests are late
-            reads["late"] = {
-                submit_deletion(url, ids, dataset="digits", emit=False)["request_id"]: ids for ids in late_ids.values()
-            }
-        return found
-
-    monkeypatch.setattr(ChainWorker, "_training_exclusions", exclusions_then_requests)
-    summary = worker.train(spec)
-    monkeypatch.undo()
-    late = reads["late"]
+    held = flaky_s3.hold("/runs/after/manifests/v000001")
+    summary: dict = {}
+    training = threading.Thread(target=lambda: summary.update(worker.train(spec)))
+    training.start()
+    try:
+        held.wait(120)
+        late = {submit_deletion(url, ids, dataset="digits", emit=False)["request_id"]: ids for ids in late_ids.values()}
+    finally:
+        held.release()
+        training.join(120)
     assert sorted(summary["late_requests"]) == sorted(late)
+    assert summary["left_out_for_requests"] == [] and summary["version"] == 2
 
     store = ObjectStore(url)
     ledger = DeletionLedger(store)
