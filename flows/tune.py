@@ -2,8 +2,10 @@
 
 * ``unlearning``: (B, ε) grid; each trial sets DeepObliviate's speed-up over naive retraining
   against its consistency with the naive model; the report marks the Pareto front.
-* ``reduction``: (k, bins) grid; each trial buys k DRMI-chosen labels at that MI resolution and
-  reports the substitute's accuracy and agreement against the queries spent.
+* ``reduction``: (k, bins, gray, aggregate) grid; each trial buys k DRMI-chosen labels at that MI
+  resolution, colour-to-gray mode and greedy fold, and reports the substitute's accuracy and agreement
+  against the queries spent. ``gray`` and ``aggregate`` may be left out of the grid: a trial then uses
+  ``reduce``'s defaults (luma, sum).
 
 Every trial writes its result to object storage (``file://`` or ``s3://``) under
 ``tune/<sweep>/trials/``; the sweep then reads them back from storage, so the report shows only
@@ -26,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from flows.runtime import ensure_ray
-from obliviate.errors import ConfigError
+from obliviate.defaults import DEFAULT_AGGREGATE, DEFAULT_GRAY
+from obliviate.errors import ConfigError, named_choice
 from obliviate.sweeps import pareto_front
 from storage import ObjectStore
 
@@ -98,7 +101,7 @@ def unlearning_trainable(config: dict[str, Any]) -> None:
 
 
 def reduction_trainable(config: dict[str, Any]) -> None:
-    """One (k, bins) trial: train (or reuse) the target, reduce the pool, buy labels, train a substitute."""
+    """One (k, bins, gray, aggregate) trial: train the target, reduce the pool, buy labels, train a substitute."""
     from ray import tune
 
     from obliviate.data import load_dataset
@@ -107,7 +110,10 @@ def reduction_trainable(config: dict[str, Any]) -> None:
     from obliviate.extraction.target import LocalTorchBackend
     from obliviate.sweeps import reduction_trial
 
-    data = load_dataset(config["data"])
+    gray = config.get("gray", DEFAULT_GRAY)
+    aggregate = config.get("aggregate", DEFAULT_AGGREGATE)
+    # The whole trial sees the images in this gray mode (as `reduce --gray` does): target, pool and test alike.
+    data = load_dataset(config["data"], gray=gray)
     train = TrainConfig(arch=config["model"], steps=config["steps"])
     target_model, meta = train_target(data, train_size=config["target_size"], config=train, seed=config["seed"])
     pool_idx, test_idx = audit_split(
@@ -128,7 +134,9 @@ def reduction_trainable(config: dict[str, Any]) -> None:
         train=train,
         num_starts=config["num_starts"],
         seed=config["seed"],
+        aggregate=aggregate,
     )
+    result.update(gray=gray, aggregate=aggregate)
     # A target near chance answers with noise: a substitute "agrees" with it while learning nothing.
     result["target_accuracy"] = accuracy(
         predicted=predict_labels(target_model, images=data.images[test_idx], levels=data.levels),
@@ -136,7 +144,8 @@ def reduction_trainable(config: dict[str, Any]) -> None:
     )
     result["chance_accuracy"] = 1.0 / data.num_classes
     _store_trial(config, _trial_label("reduction", config), result)
-    tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool))})
+    # str too: run_sweep counts a trial finished once it reported every grid key, gray and aggregate among them.
+    tune.report({key: value for key, value in result.items() if isinstance(value, (int, float, bool, str))})
 
 
 def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[str, Any]) -> None:
@@ -145,8 +154,9 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
     A trial that fails at run time is recorded as an error and the sweep goes on; a value that
     breaks a rule would only fail every trial it is in, so it is refused up front.
     """
-    from obliviate.data import load_dataset
+    from obliviate.data import GrayMode, load_dataset
     from obliviate.models import MODEL_BUILDERS
+    from obliviate.reduction.drmi import Aggregate
     from obliviate.reduction.mi import check_bins
     from obliviate.unlearning.config import BlockTrainingConfig
 
@@ -181,6 +191,12 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
     else:
         for bins in grid.get("bins", []):
             check_bins(levels=data.levels, bins=bins)
+        for gray in _setting_values(grid, constants, "gray"):
+            named_choice(GrayMode, value=gray, what="gray (--gray)", means="how colour images become gray")
+        for aggregate in _setting_values(grid, constants, "aggregate"):
+            named_choice(
+                Aggregate, value=aggregate, what="aggregate (--aggregate)", means="greedy initialisation's fold"
+            )
         pool_size = constants["pool_size"]
         outside = [k for k in grid.get("k", []) if not 2 <= k < pool_size]
         if outside:
@@ -194,6 +210,13 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
                 f"num_starts (--starts, seeded DRMI restarts, each from a pool image) must be in 1..pool_size={pool_size}; "
                 f"got {constants['num_starts']}."
             )
+
+
+def _setting_values(grid: dict[str, list[Any]], constants: dict[str, Any], key: str) -> list[Any]:
+    """The values a sweep gives ``key``: its grid's, or the one of its constants."""
+    if key in grid:
+        return list(grid[key])
+    return [constants[key]] if key in constants else []
 
 
 def check_workers(workers: int) -> None:
@@ -284,7 +307,8 @@ def run_sweep(
     finished = sum(r.error is not None or all(key in (r.metrics or {}) for key in grid) for r in outcomes)
     if finished < planned:
         raise SweepInterrupted(name, finished, planned, store.uri(f"{prefix}/trials"))
-    labels = {f"{prefix}/trials/{_trial_label(kind, point)}.json" for point in _grid_points(grid)}
+    # A trial names itself from its whole config (reduction_trainable), so its label here is read the same way.
+    labels = {f"{prefix}/trials/{_trial_label(kind, {**constants, **point})}.json" for point in _grid_points(grid)}
     trials = [store.get_json(key) for key in sorted(store.list(f"{prefix}/trials")) if key in labels]
     if kind == "unlearning":
         front = pareto_front(trials, maximize=("speedup", "consistency")) if trials else []
@@ -333,6 +357,9 @@ def _claim_name(store: ObjectStore, prefix: str, name: str, settings: dict[str, 
     key = f"{prefix}/sweep.json"
     if store.exists(key):
         recorded = store.get_json(key)
+        if recorded.get("kind") == "reduction":
+            # Recorded before gray and aggregate were settings: its trials ran at reduce's defaults.
+            recorded["grid"] = {"gray": [DEFAULT_GRAY], "aggregate": [DEFAULT_AGGREGATE], **recorded.get("grid", {})}
         differ = (
             []
             if recorded.get("kind") == settings["kind"]
@@ -364,10 +391,20 @@ def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def _trial_label(kind: str, point: dict[str, Any]) -> str:
-    """The name a trial's result is stored under: its grid point."""
+    """The name a trial's result is stored under: its grid point.
+
+    A reduction trial at ``reduce``'s defaults (gray luma, aggregate sum) keeps the name it had before
+    those were settings; another gray mode adds ``-gray<mode>``, the max fold ``-gmax`` (as reduce's folder).
+    """
     if kind == "unlearning":
         return f"B{point['num_blocks']}-eps{point['epsilon']:g}"
-    return f"k{point['k']}-bins{point['bins']}"
+    gray = point.get("gray", DEFAULT_GRAY)
+    aggregate = point.get("aggregate", DEFAULT_AGGREGATE)
+    return (
+        f"k{point['k']}-bins{point['bins']}"
+        + ("" if gray == DEFAULT_GRAY else f"-gray{gray}")
+        + ("" if aggregate == DEFAULT_AGGREGATE else f"-g{aggregate}")
+    )
 
 
 def _store_trial(config: dict[str, Any], label: str, result: dict[str, Any]) -> None:
@@ -392,9 +429,13 @@ def _table(kind: str, trials: list[dict[str, Any]], front: list[int]) -> str:
             for i, t in enumerate(trials)
         ]
     else:
-        header = "| k (queries) | bins | accuracy | agreement | mean entropy | Pareto |\n|---|---|---|---|---|---|\n"
+        header = (
+            "| k (queries) | bins | gray | aggregate | accuracy | agreement | mean entropy | Pareto |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+        )
         rows = [
-            f"| {t['queries']} | {t['bins']} | {t['accuracy']:.3f} | {t['agreement']:.3f} | {t['mean_entropy']:.2f} | {'★' if i in front else ''} |"
+            f"| {t['queries']} | {t['bins']} | {t.get('gray', DEFAULT_GRAY)} | {t.get('aggregate', DEFAULT_AGGREGATE)} | "
+            f"{t['accuracy']:.3f} | {t['agreement']:.3f} | {t['mean_entropy']:.2f} | {'★' if i in front else ''} |"
             for i, t in enumerate(trials)
         ]
     return header + "\n".join(rows) + "\n"
@@ -425,9 +466,20 @@ def _plot(kind: str, trials: list[dict[str, Any]], front: list[int]) -> bytes:
         ax.set_ylabel("consistency with naive retrain")
         ax.set_title("DeepObliviate: speed-up vs consistency")
     else:
-        for bins in sorted({t["bins"] for t in trials}):
-            pts = sorted((t["queries"], t["accuracy"]) for t in trials if t["bins"] == bins)
-            ax.plot(*zip(*pts), marker="o", label=f"DRMI at {bins} bins")
+        # One line per (bins, gray, aggregate); gray and aggregate are named only when the sweep varies them.
+        settings = {(t["bins"], t.get("gray", DEFAULT_GRAY), t.get("aggregate", DEFAULT_AGGREGATE)) for t in trials}
+        grays = {gray for _, gray, _ in settings}
+        folds = {fold for _, _, fold in settings}
+        for bins, gray, fold in sorted(settings):
+            pts = sorted(
+                (t["queries"], t["accuracy"])
+                for t in trials
+                if (t["bins"], t.get("gray", DEFAULT_GRAY), t.get("aggregate", DEFAULT_AGGREGATE)) == (bins, gray, fold)
+            )
+            label = f"DRMI at {bins} bins"
+            label += f", {gray} gray" if len(grays) > 1 else ""
+            label += f", {fold} fold" if len(folds) > 1 else ""
+            ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xlabel("label queries (k)")
         ax.set_ylabel("substitute accuracy")
         ax.set_title("Reduction sweep: substitute accuracy vs queries")
@@ -486,8 +538,10 @@ def _front_point(trial: dict[str, Any]) -> str:
             f"held-out accuracy {100 * trial['accuracy']:.1f} %"
         )
     target = f" (target {100 * trial['target_accuracy']:.1f} %)" if trial.get("target_accuracy") is not None else ""
+    # Trials stored before gray and aggregate were settings do not name them (they ran at luma, sum).
+    settings = "".join(f", {key} {trial[key]}" for key in ("gray", "aggregate") if key in trial)
     return (
-        f"k={trial['queries']}, {trial['bins']} bins: substitute accuracy {100 * trial['accuracy']:.1f} %, "
+        f"k={trial['queries']}, {trial['bins']} bins{settings}: substitute accuracy {100 * trial['accuracy']:.1f} %, "
         f"agreement {100 * trial['agreement']:.1f} %{target}"
     )
 

@@ -24,7 +24,7 @@ from obliviate.errors import ConfigError
 from obliviate.extraction.selectors import image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy, agreement, predict_labels, train_classifier
 from obliviate.extraction.target import Backend, Target
-from obliviate.reduction.drmi import drmi_reduce
+from obliviate.reduction.drmi import Aggregate, drmi_reduce
 from obliviate.reduction.mi import mi_matrix
 from obliviate.unlearning.chain import BlockData
 from obliviate.unlearning.config import BlockTrainingConfig
@@ -108,6 +108,7 @@ def reduction_trial(
     num_starts: int | None,
     seed: int,
     num_classes: int = 10,
+    aggregate: Aggregate | str = Aggregate.SUM,
 ) -> dict[str, Any]:
     """One (k, bins) point: substitute accuracy and agreement after k DRMI-chosen label queries.
 
@@ -123,10 +124,11 @@ def reduction_trial(
         num_starts: seeded DRMI restarts (``None``: one per pool image).
         seed: seeds the starts and the substitute.
         num_classes: classes of the task.
+        aggregate: greedy initialisation's fold (SPEC section 2; ``reduce --aggregate``).
     """
     rng = np.random.default_rng(seed)
     matrix = mi_matrix(pool_images, levels=levels, bins=bins)
-    reduction = drmi_reduce(matrix, k=k, num_starts=num_starts, rng=rng)
+    reduction = drmi_reduce(matrix, k=k, num_starts=num_starts, rng=rng, aggregate=aggregate)
     attacker = Target(backend, budget=k)
     bought = pool_images[reduction.subset]
     labels = attacker.query(bought)

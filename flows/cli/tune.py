@@ -11,6 +11,8 @@ import typer
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, choice, choices, comma_list, integer, new_app, option, parsed
 from flows.cli._types import dataset as dataset_type
+from flows.cli.reduce import AGGREGATES, GRAY_MODES
+from obliviate.defaults import DEFAULT_AGGREGATE, DEFAULT_GRAY
 from obliviate.errors import ConfigError
 
 # obliviate.models.MODEL_BUILDERS, spelled out so that building the parser does not import torch (a test keeps them equal)
@@ -31,6 +33,23 @@ ModelOption = Annotated[
 ]
 SeedOption = Annotated[int, option("--seed", parser=integer, help="seed of every trial (default 0)")]
 NameOption = Annotated[str | None, option("--name", help="sweep name (default: kind and time)")]
+
+
+def choice_list(*values: str):
+    """The value type of an option that takes comma-separated values, each one of ``values``.
+
+    Each part is refused as :func:`flows.cli._types.choice` refuses a single value, so ``tune reduction --gray``
+    says what ``reduce --gray`` says; duplicates and an empty list are left to :func:`_values`.
+    """
+    one = choice(*values)
+
+    def parts(text: str) -> str:
+        for part in text.split(","):
+            if part.strip():
+                one(part.strip())
+        return text
+
+    return parts
 
 
 def unlearning_command(
@@ -70,6 +89,24 @@ def reduction_command(
     name: NameOption = None,
     ks: Annotated[str, option("--ks", help="values of k (default 50,150,300)")] = "50,150,300",
     bins: Annotated[str, option("--bins", help="values of bins (default 256,32,16)")] = "256,32,16",
+    gray: Annotated[
+        str,
+        option(
+            "--gray",
+            parser=choice_list(*GRAY_MODES),
+            metavar="{" + "|".join(GRAY_MODES) + "},...",
+            help=f"values of how colour images become gray: luma (ITU-R 601-2), mean (per channel) (default {DEFAULT_GRAY})",
+        ),
+    ] = DEFAULT_GRAY,
+    aggregate: Annotated[
+        str,
+        option(
+            "--aggregate",
+            parser=choice_list(*AGGREGATES),
+            metavar="{" + "|".join(AGGREGATES) + "},...",
+            help=f"values of greedy initialisation's fold of a new member's MI row: sum, max (default {DEFAULT_AGGREGATE})",
+        ),
+    ] = DEFAULT_AGGREGATE,
     target_size: Annotated[
         int | None,
         option("--target-size", parser=integer, help="default 2000, or 2/5 of a dataset under 5,000 images"),
@@ -167,7 +204,12 @@ def run_tune(args: Args) -> int:
             schedule=args.schedule,
         )
     else:
-        grid = {"k": _values(args.ks, int, "--ks"), "bins": _values(args.bins, int, "--bins")}
+        grid = {
+            "k": _values(args.ks, int, "--ks"),
+            "bins": _values(args.bins, int, "--bins"),
+            "gray": _values(args.gray, str, "--gray"),
+            "aggregate": _values(args.aggregate, str, "--aggregate"),
+        }
         constants.update(
             _split_sizes(args, {"target_size": 2000, "pool_size": 2000, "test_size": 1000}),
             steps=args.steps,

@@ -229,3 +229,92 @@ def test_a_name_keeps_its_settings_a_rerun_with_others_is_refused(local_ray, tmp
     assert [t["k"] for t in store.get_json("tune/r/results.json")["trials"]] == [5]  # the first report stands
     assert main(["tune", "reduction", "--ks", "5", *tiny]) == 0  # the same settings: the sweep runs again
     assert [t["k"] for t in store.get_json("tune/r/results.json")["trials"]] == [5]
+
+
+def test_reduction_sweep_sweeps_gray_and_aggregate_as_reduce_offers_them(local_ray, tmp_path, capsys) -> None:
+    """`tune reduction` had no --gray nor --aggregate: a sweep could neither vary nor fix what `reduce` offers."""
+    import numpy as np
+
+    from flows.cli import main
+    from obliviate.data import load_dataset
+    from obliviate.extraction.audit import audit_split, draw_split
+    from obliviate.reduction.drmi import drmi_reduce
+    from obliviate.reduction.mi import mi_matrix
+
+    digits = load_dataset("digits")
+    rng = np.random.default_rng(0)
+    levels = digits.images[:300].astype(np.int64) * 15  # 0..240
+    # colour whose luma and channel mean differ, so the gray mode changes the pool's MI
+    colour = np.stack([levels, 255 - levels, rng.integers(0, 256, size=levels.shape)], axis=-1).astype(np.uint8)
+    np.savez(tmp_path / "colour.npz", images=colour, labels=digits.labels[:300])
+    data = str(tmp_path / "colour.npz")
+    store = ObjectStore(f"file://{tmp_path}/store")
+    sizes = ["--target-size", "100", "--pool-size", "60", "--test-size", "40", "--steps", "5", "--starts", "2"]
+    argv = ["tune", "reduction", "--data", data, "--ks", "5", "--bins", "256", *sizes, "--workers", "1"]
+    argv += ["--gray", "luma,mean", "--aggregate", "sum,max", "--name", "gs", "--store", store.url]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+
+    def expected_h(gray: str, aggregate: str) -> float:
+        """H of the trial's reduction, computed here with reduce's functions on the same pool."""
+        images = load_dataset(data, gray=gray)
+        train_idx, _, _ = draw_split(images.labels, train_size=100, pool_size=0, test_size=0, seed=0)
+        pool_idx, _ = audit_split(images, exclude=train_idx.tolist(), pool_size=60, test_size=40, seed=0)
+        matrix = mi_matrix(images.images[pool_idx], levels=images.levels, bins=256)
+        return drmi_reduce(matrix, k=5, num_starts=2, rng=np.random.default_rng(0), aggregate=aggregate).h
+
+    results = store.get_json("tune/gs/results.json")
+    assert results["grid"]["gray"] == ["luma", "mean"] and results["grid"]["aggregate"] == ["sum", "max"]
+    trials = {(t["gray"], t["aggregate"]): t for t in results["trials"]}
+    assert sorted(trials) == [("luma", "max"), ("luma", "sum"), ("mean", "max"), ("mean", "sum")]
+    for (gray, aggregate), trial in trials.items():
+        assert trial["h"] == pytest.approx(expected_h(gray, aggregate), rel=1e-6), (gray, aggregate)
+    assert expected_h("luma", "sum") != pytest.approx(
+        expected_h("mean", "sum"), rel=1e-6
+    )  # the test can tell them apart
+    # each trial under its own name; luma/sum keeps the name it had before the switches existed
+    assert sorted(store.list("tune/gs/trials")) == sorted(
+        f"tune/gs/trials/k5-bins256{suffix}.json" for suffix in ("", "-gmax", "-graymean", "-graymean-gmax")
+    )
+    table = store.get_bytes("tune/gs/table.md").decode()
+    assert "| k (queries) | bins | gray | aggregate |" in table and "| 5 | 256 | mean | max |" in table
+    assert "k=5, 256 bins, gray" in out and ", aggregate " in out  # the front names both
+
+
+def test_a_bad_gray_or_aggregate_is_refused_as_reduce_refuses_it(tmp_path, capsys) -> None:
+    from flows.cli import main
+
+    for option, value, shown in (("--gray", "luma,foo", "'foo'"), ("--aggregate", "max,avg", "'avg'")):
+        rule = f"Invalid value for '{option}': {shown} is not one of "
+        with pytest.raises(SystemExit) as refusal:
+            main(["reduce", "--data", "digits", option, value.split(",")[1], "--store", f"file://{tmp_path}/r"])
+        assert refusal.value.code == 2 and rule in capsys.readouterr().err  # what reduce says
+        with pytest.raises(SystemExit) as refusal:
+            main(["tune", "reduction", "--data", "digits", option, value, "--store", f"file://{tmp_path}/s"])
+        assert refusal.value.code == 2 and rule in capsys.readouterr().err
+    assert (
+        main(["tune", "reduction", "--data", "digits", "--aggregate", "sum,sum", "--store", f"file://{tmp_path}/s"])
+        == 2
+    )
+    assert "--aggregate lists sum twice; got 'sum,sum'. Give each value once." in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    # the Python API holds a grid to the same rule before the store or Ray
+    constants = {"data": "digits", "model": "lenet5", "seed": 0, "target_size": 100, "pool_size": 60}
+    constants.update(test_size=40, steps=5, num_starts=2)
+    with pytest.raises(ConfigError, match=r"gray \(--gray\) must be one of \['luma', 'mean'\] .*; got 'foo'"):
+        run_sweep(
+            "reduction",
+            store_url=f"file://{tmp_path}/s",
+            grid={"k": [5], "bins": [256], "gray": ["foo"]},
+            constants=constants,
+            workers=1,
+        )
+    with pytest.raises(ConfigError, match=r"aggregate \(--aggregate\) must be one of \['sum', 'max'\] .*; got 'avg'"):
+        run_sweep(
+            "reduction",
+            store_url=f"file://{tmp_path}/s",
+            grid={"k": [5], "bins": [256]},
+            constants={**constants, "aggregate": "avg"},
+            workers=1,
+        )
+    assert not list(tmp_path.iterdir())

@@ -169,3 +169,18 @@ def test_a_reduction_sweep_whose_target_is_near_chance_is_flagged() -> None:
         "with its noise, so their agreement says nothing. Raise --steps or --target-size."
     ) in text
     assert "warning" not in describe(SweepReport("ok", [trained], [0], "r", "t", "p", errors=0))
+
+
+def test_a_reduction_sweep_recorded_before_gray_and_aggregate_runs_again_under_its_name(tmp_path) -> None:
+    """A name recorded without gray and aggregate ran at luma and sum: the same command still matches it."""
+    from flows.tune import _claim_name
+    from obliviate.errors import ConfigError
+    from storage import ObjectStore
+
+    store = ObjectStore(f"file://{tmp_path}/store")
+    constants = {"data": "digits", "seed": 0}
+    store.put_json("tune/old/sweep.json", {"kind": "reduction", "grid": {"k": [5]}, "constants": constants})
+    now = {"kind": "reduction", "grid": {"k": [5], "gray": ["luma"], "aggregate": ["sum"]}, "constants": constants}
+    _claim_name(store, "tune/old", "old", now)  # not refused
+    with pytest.raises(ConfigError, match=r"other settings \(aggregate \['sum'\] -> \['max'\]\)"):
+        _claim_name(store, "tune/old", "old", {**now, "grid": {**now["grid"], "aggregate": ["max"]}})
