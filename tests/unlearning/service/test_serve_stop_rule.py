@@ -55,6 +55,7 @@ def test_an_unknown_rule_is_refused_naming_the_rules(tmp_path, capsys):
     assert "--stop-rule" in err and "'steep'" in err and "'residual_ratio', 'ratio', 'slope'" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
@@ -62,22 +63,22 @@ def test_an_unknown_rule_is_refused_naming_the_rules(tmp_path, capsys):
         (["--policy", "deepobliviate"], (DEFAULT_STOP_RULE, DEFAULT_MIN_POINTS)),
     ],
 )
-def test_serve_puts_the_switches_into_its_service_options(tmp_path, monkeypatch, options, expected):
-    from flows import deployments
+def test_serve_puts_the_switches_into_its_service_options(serve, store_url, prefect_api_url, options, expected):
+    """The deployments serve registers on the Prefect server carry the switches to every run they start."""
+    from uuid import UUID
 
-    seen = {}
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    class Stop(Exception):
-        pass
-
-    def options_of(**kwargs):
-        seen.update(kwargs)
-        raise Stop
-
-    monkeypatch.setattr(deployments, "ServiceOptions", options_of)
-    with pytest.raises(Stop):
-        main(["serve", "--store", f"file://{tmp_path}/runs", *options])
-    assert (seen["stop_rule"], seen["min_points"]) == expected
+    serve(store_url, *options)
+    announced = ObjectStore(store_url).get_json("service/endpoint.json")["deployments"]
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api_url}), get_client(sync_client=True) as client:
+        deployments = [client.read_deployment(UUID(deployment_id)) for deployment_id in announced]
+        flows = {client.read_flow(d.flow_id).name: d.parameters for d in deployments}
+    assert set(flows) == {"unlearn", "reconcile"}  # --audit-cron off: no audit deployment
+    for parameters in flows.values():
+        assert parameters["policy"] == "deepobliviate" and parameters["store"] == ObjectStore(store_url).url
+        assert (parameters["stop_rule"], parameters["min_points"]) == expected
 
 
 def test_every_run_serve_starts_gets_the_switches(tmp_path):
