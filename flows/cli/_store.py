@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from flows.cli._types import Args, option
 from obliviate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from storage import ObjectStore
 
 DEFAULT_STORE = "file://./runs"
 STORE_HELP = "file://PATH or s3://bucket/prefix (default: $OBLIVIATE_STORE, else file://./runs)"
@@ -46,6 +49,28 @@ def store_url(args: Args) -> str:
     return given or os.environ.get("OBLIVIATE_STORE") or DEFAULT_STORE
 
 
+def probe_store(url: str, *, named_by: str = "--store / $OBLIVIATE_STORE") -> tuple[ObjectStore, bool]:
+    """The store and whether its bucket or folder exists, creating and writing nothing.
+
+    A command whose rules read the store (``forget --deadline`` reads its policy) checks them on this
+    before :func:`prepare_store` creates a missing store, so a refused command leaves no folder behind.
+
+    Raises:
+        ConfigError: a malformed URL, or a local store that is a file.
+        storage.StorageUnavailable: the backend cannot be reached.
+    """
+    from storage import ObjectStore
+    from storage.retry import set_stall_reporter
+
+    set_stall_reporter(_say_on_stderr)  # from here on, a store that stops answering is said, not silent
+    store = ObjectStore(url)
+    if store.is_local and os.path.isfile(store.url.removeprefix("file://")):
+        raise ConfigError(
+            f"store {store.url} is a file; a store is a folder (or an S3 bucket and prefix). Check {named_by}."
+        )
+    return store, store.container_exists()
+
+
 def prepare_store(url: str, *, write: bool, named_by: str = "--store / $OBLIVIATE_STORE") -> str:
     """Check the store before any work; returns its normalised URL.
 
@@ -56,17 +81,11 @@ def prepare_store(url: str, *, write: bool, named_by: str = "--store / $OBLIVIAT
         storage.StorageUnavailable: the backend cannot be reached.
         storage.errors.WriteFailed: (writing) the store cannot be created or written.
     """
-    from storage import ObjectStore, StorageError, StorageUnavailable
+    from storage import StorageError, StorageUnavailable
     from storage.errors import WriteFailed
-    from storage.retry import set_stall_reporter
 
-    set_stall_reporter(_say_on_stderr)  # from here on, a store that stops answering is said, not silent
-    store = ObjectStore(url)
-    if store.is_local and os.path.isfile(store.url.removeprefix("file://")):
-        raise ConfigError(
-            f"store {store.url} is a file; a store is a folder (or an S3 bucket and prefix). Check {named_by}."
-        )
-    if not store.container_exists():
+    store, exists = probe_store(url, named_by=named_by)
+    if not exists:
         if not write:
             raise ConfigError(
                 f"store {store.url} does not exist (no bucket or folder there); nothing to read. Check {named_by}, "

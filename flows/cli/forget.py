@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._store import StoreOption, prepare_store, probe_store, store_url
 from flows.cli._types import Args, flag, number, option, parsed, usage_error
 from flows.cli._types import dataset as dataset_type
 
@@ -196,21 +196,20 @@ def run_forget(args: Args) -> int:
             args.ids, dataset_size=len(load_dataset(args.data)) if rows is None else rows, dataset=args.data
         )
     reading = bool(args.status)
-    url = prepare_store(store_url(args), write=not reading)
+    # The rules that read the store are checked before prepare_store creates a missing one (and before --now
+    # leaves a flush request): a refused command leaves nothing behind, not even an empty folder.
+    store, exists = probe_store(store_url(args))
+    if deadline_s is not None:
+        _check_within_policy(store, deadline_s, given=str(args.deadline), exists=exists)
+    if not exists and (args.cancel or args.retry):
+        raise _unknown_request(request_id, store.url, known=[])
+    if not exists and args.now and ids is None:
+        print("no request waits in a batch (the store does not exist yet); nothing to flush", file=sys.stderr)
+        return EXIT_DONE
+    url = prepare_store(store.url, write=not reading)
     ledger = DeletionLedger(ObjectStore(url))
-    if deadline_s is not None:  # before --now leaves a flush request: a refused request changes nothing
-        _check_within_policy(ledger.store, deadline_s, given=str(args.deadline))
     if request_id and not ledger.exists(request_id):
-        known = ledger.request_ids()
-        raise ConfigError(
-            f"no request {request_id!r} in the ledger of {url}; "
-            + (
-                f"it holds {len(known)} (e.g. {', '.join(known[:5])})."
-                if known
-                else "this store has no requests at all: check --store / $OBLIVIATE_STORE (a mistyped prefix "
-                "names an empty store)."
-            )
-        )
+        raise _unknown_request(request_id, url, known=ledger.request_ids())
     if args.cancel:
         registry = RunRegistry(ledger.store)
         applied = [r for r in registry.run_ids() if args.cancel in (registry.current(r) or _Nothing()).applied_requests]
@@ -340,16 +339,38 @@ def _duration_text(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _check_within_policy(store: Any, deadline_s: float, *, given: str) -> None:
+def _unknown_request(request_id: str, url: str, *, known: list[str]) -> Exception:
+    """The refusal of ``--status`` / ``--cancel`` / ``--retry`` of a request the ledger at ``url`` lacks."""
+    from obliviate.errors import ConfigError
+
+    return ConfigError(
+        f"no request {request_id!r} in the ledger of {url}; "
+        + (
+            f"it holds {len(known)} (e.g. {', '.join(known[:5])})."
+            if known
+            else "this store has no requests at all: check --store / $OBLIVIATE_STORE (a mistyped prefix "
+            "names an empty store)."
+        )
+    )
+
+
+def _check_within_policy(store: Any, deadline_s: float, *, given: str, exists: bool = True) -> None:
     """Refuse a ``--deadline`` longer than the store's: the service promises every request its policy's deadline.
+
+    Args:
+        store: the store the request is for.
+        deadline_s: the deadline asked for, in seconds after receipt.
+        given: ``--deadline`` as typed.
+        exists: whether the store exists; a missing one has no policy yet, so the default applies (nothing is read).
 
     Raises:
         ConfigError: ``deadline_s`` exceeds the store's batch policy's ``deadline_s`` (nothing written).
     """
     from obliviate.errors import ConfigError
+    from obliviate.unlearning.batching import DEFAULT_DEADLINE_S
     from storage.ledger import policy_deadline_s
 
-    allowed = policy_deadline_s(store)
+    allowed = policy_deadline_s(store) if exists else DEFAULT_DEADLINE_S
     if deadline_s > allowed:
         raise ConfigError(
             f"forget --deadline may shorten the store's deadline, not lengthen it: this store promises every request "

@@ -74,3 +74,44 @@ def test_forget_deadline_needs_ids(url, capsys):
     capsys.readouterr()
     assert main(["forget", "--store", url, "--retry", "r", "--deadline", "1d"]) == 2
     assert "--deadline dates a new request, so it needs --ids" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # the first left an empty folder behind: the store was created before the deadline was judged
+        (["--ids", "1", "--deadline", "999d"], "may shorten the store's deadline, not lengthen it"),
+        (["--ids", "1", "--deadline", "999d", "--now"], "may shorten the store's deadline, not lengthen it"),
+        (["--cancel", "nosuch"], "no request 'nosuch' in the ledger of"),
+        (["--retry", "nosuch"], "no request 'nosuch' in the ledger of"),
+        (["--status", "nosuch"], "does not exist"),
+        (["--ids", "abc"], "ids are comma-separated integers"),
+        (["--ids", "-1"], "ids are comma-separated integers"),
+        (["--deadline", "7d"], "forget needs --ids"),
+        (["--ids", "1", "--deadline", "soon"], "a duration is a number with an optional unit"),
+        (["--ids", "1", "--deadline", "0s"], "must be > 0"),
+    ],
+)
+def test_a_refused_forget_leaves_no_store_behind(tmp_path, capsys, argv, said):
+    store = tmp_path / "nonexistent"
+    assert main(["forget", "--store", f"file://{store}", "--data", "digits", *argv]) == 2
+    assert said in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_forget_now_on_a_store_that_does_not_exist_creates_none(tmp_path, capsys):
+    store = tmp_path / "nonexistent"
+    assert main(["forget", "--store", f"file://{store}", "--now"]) == 0
+    assert "nothing to flush" in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_a_deadline_past_a_stored_policy_is_refused(url, capsys):
+    store = ObjectStore(url)
+    store.ensure_container()
+    save_policy(store, BatchPolicy(deadline_s=90 * DAY_S))  # serve --deadline 90d
+    assert _forget(url, "too-long", "--no-event", "--deadline", "91d") == 2
+    assert "this store promises every request within 90d (serve --deadline); got --deadline '91d'" in (
+        capsys.readouterr().err
+    )
+    assert DeletionLedger(store).request_ids() == []
