@@ -44,7 +44,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +160,62 @@ class DeletionLedger:
         )
         if status in TERMINAL:
             self._unmark_open(request_id)
+
+    def _update_status(
+        self,
+        request_id: str,
+        compute: Callable[[RequestStatus], tuple[str, Mapping[str, Any]] | None],
+        *,
+        read: Callable[[str], RequestStatus] | None = None,
+    ) -> tuple[RequestStatus, tuple[str, Mapping[str, Any]] | None]:
+        """Write ``compute(current)`` as the request's next status by compare-and-swap, retried from a fresh read.
+
+        Two writers never both move one status: each reads it, decides, and swaps from the version it
+        read; the loser reads again and decides again.
+
+        Args:
+            compute: the ``(status, details)`` to write over the status read, or ``None`` to write nothing.
+            read: how the status is read (default :meth:`get`; :meth:`_status_alone` skips the request's record).
+
+        Returns:
+            the status read last and the ``(status, details)`` written over it, or ``None`` when ``compute``
+            wrote nothing.
+
+        Raises:
+            PointerConflict: the status moved under every one of the attempts (the message says to retry).
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            current = (read or self.get)(request_id)
+            target = compute(current)
+            if target is None:
+                return current, None
+            try:
+                self._swap_status(request_id, target[0], target[1], expected_version=current.version)
+            except PointerConflict:
+                continue
+            return current, target
+        raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
+
+    def _status_alone(self, request_id: str) -> RequestStatus:
+        """The request's current status from its pointer alone: its record (maybe damaged) is not read.
+
+        The :class:`RequestStatus` carries only the request id as its ``request``.
+
+        Raises:
+            CorruptObject: its current status version is damaged (the message says how to mend it).
+        """
+        key = self._status_key(request_id)
+        try:
+            pointer = self.store.read_pointer(key)
+        except CorruptObject as err:
+            versions = self.store.pointer_versions(key)
+            raise CorruptObject(f"{damaged_current_status(request_id, versions[-1], err)}.") from err
+        if pointer is None:
+            return RequestStatus({"request_id": request_id}, PENDING, {}, 0, 0.0)
+        details = dict(pointer.target.get("details") or {})
+        return RequestStatus(
+            {"request_id": request_id}, str(pointer.target["status"]), details, pointer.version, pointer.created_at
+        )
 
     def _ensure_open_index(self) -> None:
         """Index a ledger written before the open markers existed (once per store)."""
@@ -361,21 +417,17 @@ class DeletionLedger:
             the new status, or ``None`` when the request was in another status (someone else
             claimed or settled it): the caller must then leave it alone.
         """
-        for _ in range(_CAS_ATTEMPTS):
-            current = self.get(request_id)
+
+        def moved(current: RequestStatus) -> tuple[str, Mapping[str, Any]] | None:
             movable = current.status in allowed_from or (
                 current.status == CLAIMED
                 and stale_claim_after_s is not None
                 and time.time() - current.updated_at > stale_claim_after_s
             )
-            if not movable:
-                return None
-            try:
-                self._swap_status(request_id, status, details, expected_version=current.version)
-            except PointerConflict:
-                continue
-            return self.get(request_id)
-        raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
+            return (status, details) if movable else None
+
+        _, written = self._update_status(request_id, moved)
+        return self.get(request_id) if written else None
 
     def record_event(self, event_id: str, body: Mapping[str, Any]) -> None:
         """What was done with a deletion event (kept for the audit trail).
@@ -461,35 +513,23 @@ class DeletionLedger:
             CorruptObject: its current status cannot be read either (nothing written).
         """
         now = time.time() if now is None else now
-        key = self._status_key(request_id)
-        for _ in range(_CAS_ATTEMPTS):
-            try:
-                pointer = self.store.read_pointer(key)
-            except CorruptObject as err:
-                versions = self.store.pointer_versions(key)
-                raise CorruptObject(f"{damaged_current_status(request_id, versions[-1], err)}.") from err
-            status = PENDING if pointer is None else str(pointer.target["status"])
-            details = {} if pointer is None else dict(pointer.target.get("details") or {})
-            version = 0 if pointer is None else pointer.version
+
+        def failed(current: RequestStatus) -> tuple[str, Mapping[str, Any]] | None:
+            status, details = current.status, current.details
             if status in TERMINAL:
-                self._unmark_open(request_id)
                 return None
-            if (
-                pointer is not None
-                and status == CLAIMED
-                and not lease.lapsed(
-                    self.store,
-                    request_id,
-                    claim_version=version,
-                    claimed_at=pointer.created_at,
-                    lease_s=lease_s,
-                    now=now,
-                )
+            if status == CLAIMED and not lease.lapsed(
+                self.store,
+                request_id,
+                claim_version=current.version,
+                claimed_at=current.updated_at,
+                lease_s=lease_s,
+                now=now,
             ):
                 return None
             attempts = int(details.get("attempt", 0) if status == CLAIMED else details.get("attempts", 0))
             text = str(error).rstrip(".")
-            failed = {
+            return FAILED, {
                 "attempts": attempts,
                 "errors": [*(details.get("errors") or []), {"attempt": attempts, "error": text[:2000], "at": now}][
                     -10:
@@ -500,14 +540,18 @@ class DeletionLedger:
                 "history kept. Filed again as said above, it is pending for the next pass; its record restored from a "
                 f"backup, `obliviate forget --retry {request_id}` takes it up.",
             }
-            try:
-                self._swap_status(request_id, FAILED, failed, expected_version=version)
-            except PointerConflict:
-                continue
-            if status == CLAIMED:
-                lease.drop(self.store, request_id)
-            return failed
-        return None
+
+        try:
+            current, written = self._update_status(request_id, failed, read=self._status_alone)
+        except PointerConflict:  # it kept moving: someone else is settling it
+            return None
+        if written is None:
+            if current.status in TERMINAL:  # a stale marker
+                self._unmark_open(request_id)
+            return None
+        if current.status == CLAIMED:
+            lease.drop(self.store, request_id)
+        return dict(written[1])
 
     def report_unreadable(self, request_id: str, reason: str, *, now: float | None = None) -> bool:
         """Note that a pass reported this open request as unreadable for ``reason``; whether that is news.
@@ -549,8 +593,8 @@ class DeletionLedger:
         attempts becomes ``failed`` instead (returned, so the caller sees it was settled).
         """
         now = time.time() if now is None else now
-        for _ in range(_CAS_ATTEMPTS):
-            current = self.get(request_id)
+
+        def claimed(current: RequestStatus) -> tuple[str, Mapping[str, Any]] | None:
             details = current.details
             errors = list(details.get("errors") or [])
             if current.status == PENDING:
@@ -577,7 +621,7 @@ class DeletionLedger:
             else:
                 return None
             if attempt > max_attempts:
-                target = (
+                return (
                     FAILED,
                     {
                         "attempts": attempt - 1,
@@ -587,14 +631,13 @@ class DeletionLedger:
                         f"`obliviate forget --retry {request_id}`.",
                     },
                 )
-            else:
-                target = (CLAIMED, {"holder": holder, "claimed_at": now, "attempt": attempt, "errors": errors[-10:]})
-            try:
-                self._swap_status(request_id, target[0], target[1], expected_version=current.version)
-            except PointerConflict:
-                continue
-            return self.get(request_id)
-        return None
+            return CLAIMED, {"holder": holder, "claimed_at": now, "attempt": attempt, "errors": errors[-10:]}
+
+        try:
+            _, written = self._update_status(request_id, claimed)
+        except PointerConflict:  # it kept moving: others are claiming it
+            return None
+        return self.get(request_id) if written else None
 
     def settle(
         self, request_id: str, *, claim_version: int, status: str, details: Mapping[str, Any]
@@ -653,8 +696,8 @@ class DeletionLedger:
         Returns:
             the request's status after, or ``None`` when it is not ``done`` (nothing written).
         """
-        for _ in range(_CAS_ATTEMPTS):
-            current = self.get(request_id)
+
+        def merged(current: RequestStatus) -> tuple[str, Mapping[str, Any]] | None:
             if current.status != DONE:
                 return None
             listed = dict(current.details.get("runs") or {})
@@ -663,15 +706,12 @@ class DeletionLedger:
                 for run_id, entry in runs.items()
                 if run_id not in listed or listed[run_id].get("status") in (_ALREADY_APPLIED, _NOT_TRAINED)
             }
-            if not fresh:
-                return current
-            details = {**current.details, "runs": {**listed, **fresh}}
-            try:
-                self._swap_status(request_id, DONE, details, expected_version=current.version)
-            except PointerConflict:
-                continue
+            return (DONE, {**current.details, "runs": {**listed, **fresh}}) if fresh else None
+
+        current, written = self._update_status(request_id, merged)
+        if written:
             return self.get(request_id)
-        raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
+        return current if current.status == DONE else None
 
     def record_purge(
         self, request_id: str, run_id: str, purged: Mapping[str, Any], *, purged_at: float
@@ -685,8 +725,8 @@ class DeletionLedger:
         Returns:
             the request's status after, or ``None`` when nothing was written.
         """
-        for _ in range(_CAS_ATTEMPTS):
-            current = self.get(request_id)
+
+        def finished(current: RequestStatus) -> tuple[str, Mapping[str, Any]] | None:
             runs = dict(current.details.get("runs") or {})
             entry = runs.get(run_id)
             if current.status != DONE or not isinstance(entry, Mapping):
@@ -696,13 +736,10 @@ class DeletionLedger:
             runs[run_id] = {**entry, "superseded_versions": dict(purged), "purged_at": purged_at}
             times = [run.get("purged_at") for run in runs.values() if isinstance(run, Mapping) and "purged_at" in run]
             done = [float(t) for t in times if t is not None]
-            details = {**current.details, "runs": runs, "purged_at": max(done) if len(done) == len(times) else None}
-            try:
-                self._swap_status(request_id, DONE, details, expected_version=current.version)
-            except PointerConflict:
-                continue
-            return self.get(request_id)
-        raise PointerConflict(f"request {request_id}: status kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
+            return DONE, {**current.details, "runs": runs, "purged_at": max(done) if len(done) == len(times) else None}
+
+        _, written = self._update_status(request_id, finished)
+        return self.get(request_id) if written else None
 
     def fail_attempt(
         self,
