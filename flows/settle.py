@@ -43,7 +43,16 @@ from storage.lease import (
     release_claim,
     take_claim,
 )
-from storage.ledger import DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus, request_part
+from storage.ledger import (
+    DONE,
+    FAILED,
+    PENDING,
+    REJECTED,
+    DeletionLedger,
+    RequestStatus,
+    request_part,
+    request_purged_at,
+)
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
 
@@ -472,12 +481,11 @@ def _run_pass(
                 # the deadline recorded when the request was accepted (an older record has none: the gate's,
                 # receipt + the policy's deadline)
                 deadline = entry.request.get("deadline", (batch or {}).get("deadlines", {}).get(request_id))
-                purged = [a["purged_at"] for a in audits.values() if "purged_at" in a]
                 timing = {
                     "exact_at": exact_at,
                     # when its data left storage: every run's superseded versions purged (SPEC 5); None while
                     # a purge is pending or the store keeps them (each run's audit says which and why)
-                    "purged_at": max(purged) if purged and None not in purged else None,
+                    "purged_at": request_purged_at(audits),
                     "deadline": deadline,
                     "late": deadline is not None and exact_at > deadline,
                 }

@@ -734,9 +734,7 @@ class DeletionLedger:
             if (entry.get("superseded_versions") or {}).get("status") not in ("kept", "pending"):
                 return None
             runs[run_id] = {**entry, "superseded_versions": dict(purged), "purged_at": purged_at}
-            times = [run.get("purged_at") for run in runs.values() if isinstance(run, Mapping) and "purged_at" in run]
-            done = [float(t) for t in times if t is not None]
-            return DONE, {**current.details, "runs": runs, "purged_at": max(done) if len(done) == len(times) else None}
+            return DONE, {**current.details, "runs": runs, "purged_at": request_purged_at(runs)}
 
         _, written = self._update_status(request_id, finished)
         return self.get(request_id) if written else None
@@ -894,6 +892,21 @@ def damaged_current_status(request_id: str, version: int, err: Exception | str) 
         f"the current status of deletion request {request_id} is damaged ({str(err).rstrip('.')}), so where the "
         f"request stands is unknown. To mend: {current_status_mend(request_id, version)}"
     )
+
+
+def request_purged_at(runs: Mapping[str, Any]) -> float | None:
+    """When a request's data left storage (SPEC 5), from its per-run audits (``details.runs``).
+
+    A run's audit records ``purged_at`` when the run stored something trained on the deleted ids:
+    the time its superseded versions were purged, or ``None`` while that purge is pending or the
+    store keeps them. The request's is the latest of those once every run that records one has it;
+    ``None`` while one has not, and ``None`` too when no run records one (nothing says its data left:
+    e.g. every run had forgotten the ids for an earlier request, whose own entry says when).
+    """
+    times = [run["purged_at"] for run in runs.values() if isinstance(run, Mapping) and "purged_at" in run]
+    if not times or any(at is None for at in times):
+        return None
+    return max(float(at) for at in times)
 
 
 def request_part(
