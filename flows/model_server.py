@@ -5,7 +5,8 @@ Service code, so it lives outside the pure package. It speaks the protocol of
 
 * ``POST /predict`` with ``{"shape", "dtype", "data", "output"}`` answers ``{"labels": [...]}``
   or, only when ``output`` is ``"probabilities"`` and the server allows it,
-  ``{"probabilities": [[...]]}``. A malformed request gets HTTP 400; a body without Content-Length 411, over
+  ``{"probabilities": [[...]]}``. An empty batch (shape ``[0, H, W]``, any H and W) is answered at once,
+  ``{"labels": []}`` or ``{"probabilities": []}``, without a model call. A malformed request gets HTTP 400; a body without Content-Length 411, over
   64 MiB (``max_body_bytes``) 413, shorter than its Content-Length 408; an unexpected failure 500, with a
   JSON error in every case.
 * ``GET /info`` answers the metadata given at start (model name, training indices) so an
@@ -340,7 +341,8 @@ def _read_request(payload: object, *, image_size: int | None) -> tuple[np.ndarra
         raise ConfigError(f"'output' must be {valid}; got {output!r}.")
     height, width = images.shape[1:]
     # The model would fail deep in a convolution (or, worse, answer for a resized view) on any other size.
-    if image_size is not None and (height, width) != (image_size, image_size):
+    # An empty batch holds no image of any size: a batching client's empty batch (even [0, 0, 0]) gets no answers.
+    if image_size is not None and len(images) and (height, width) != (image_size, image_size):
         raise ConfigError(
             f"the target takes {image_size}x{image_size} images; got {height}x{width} (shape {list(images.shape)}). "
             "Send shape (n, H, W): the number of images first, then rows and columns of one gray level each."

@@ -4,6 +4,7 @@ interim versions the moment they are published (issue 11)."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -85,3 +86,47 @@ def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_roll
         assert info["forgotten_ids"] == 2 and not set(ids_in(1, 1)) & set(info["train_indices"])
         assert info["served"]["g-s1of2"]["serve_block"] == "final"  # its exact retrain landed
         assert set(ids_in(0, 3)) <= set(info["train_indices"])
+
+
+def test_an_empty_batch_gets_an_empty_answer_under_the_same_key_from_a_run_server(tmp_path, tiny_run) -> None:
+    """A batching client's empty batch is valid input: 200 and no answers, whatever its (H, W), with no model call.
+
+    [0, 0, 0] (an empty array built without the image size) got HTTP 400 'the target takes 8x8 images; got 0x0'.
+    """
+    import base64
+
+    url = f"file://{tmp_path / 'store'}"
+    ObjectStore(url).ensure_container()
+    ChainWorker(url).train(run_spec(run_id="r", **tiny_run(blocks=2, split_seed=0)))
+    backend = RunBackend(url, "r", refresh_s=0.0)
+
+    def post(server: TargetServer, shape: list[int], output: str) -> tuple[int, dict]:
+        raw = bytes(int(np.prod(shape)))
+        body = {"shape": shape, "dtype": "uint8", "data": base64.b64encode(raw).decode(), "output": output}
+        request = urllib.request.Request(server.url, data=json.dumps(body).encode(), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    # as `obliviate target serve --run r --probabilities` starts it
+    with TargetServer(backend=backend, info=backend.spec_info, allow_probabilities=True) as server:
+        assert server.image_size == 8
+        for output in ("labels", "probabilities"):
+            code, full = post(server, [2, 8, 8], output)
+            assert code == 200 and len(full[output]) == 2
+            answered = server.requests
+            for shape in ([0, 8, 8], [0, 0, 0], [0, 28, 28]):
+                code, empty = post(server, shape, output)
+                assert (code, empty) == (200, {output: []}), (shape, output)
+                assert set(empty) == set(full)  # the keys of a non-empty answer
+            assert server.requests == answered  # no model call for no images
+        code, reply = post(server, [0], "labels")  # not (n, H, W): still malformed
+        assert code == 400 and "shape (n, H, W)" in reply["error"]
+        code, reply = post(server, [1, 28, 28], "labels")  # a real image of the wrong size: still refused
+        assert code == 400 and "the target takes 8x8 images; got 28x28" in reply["error"]
+        labels = HttpBackend(server.url, timeout_s=30, retries=0).predict(
+            np.zeros((0, 8, 8), np.uint8), output=OutputMode.LABELS
+        )
+        assert labels.shape == (0,)
