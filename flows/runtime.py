@@ -143,13 +143,26 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
     except Exception as err:
         if target != "local":
             raise
-        # Ray gives a new local node a fixed 30 s to register; a loaded machine can miss it.
         load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
         raise RayStartFailed(
             f"could not start a local Ray runtime: {err} (load average {load} on {os.cpu_count()} CPUs). Nothing "
-            "was computed; run the command again when the machine is less busy, or join a running cluster with "
-            "--ray-address / RAY_ADDRESS."
+            f"was computed; {_local_start_fix(err)}, or join a running cluster with --ray-address / RAY_ADDRESS."
         ) from err
+
+
+def _local_start_fix(err: Exception) -> str:
+    """What mends a failed local Ray start, judged from Ray's own error."""
+    if isinstance(err, OSError) and not isinstance(err, (TimeoutError, ConnectionError)):
+        # Ray writes its session folder (sockets, logs) under RAY_TMPDIR before anything starts.
+        folder = os.environ.get("RAY_TMPDIR") or "/tmp"
+        return (
+            f"Ray keeps its session folder under {folder} (RAY_TMPDIR, default /tmp): make it a writable folder "
+            "with free space, then run the command again"
+        )
+    if "timed out" in str(err).lower() or isinstance(err, TimeoutError):
+        # Ray gives a new local node a fixed 30 s to register; a loaded machine can miss it.
+        return "run the command again when the machine is less busy"
+    return "mend what Ray's reason above names, then run the command again"
 
 
 #: What a client sends first on an HTTP/2 connection (RFC 9113 section 3.4): the connection preface,

@@ -538,7 +538,19 @@ def test_a_local_ray_runtime_that_fails_to_start_is_named_without_a_traceback(tm
     assert said.startswith("obliviate train: error: could not start a local Ray runtime: ")
     assert str(not_a_folder) in said  # Ray's own reason, passed on
     assert "load average" in said and "run the command again" in said and "--ray-address / RAY_ADDRESS" in said
+    # the fix fits the cause: a session folder Ray cannot write, not a busy machine
+    assert f"under {not_a_folder} (RAY_TMPDIR, default /tmp): make it a writable folder" in said
+    assert "less busy" not in said
     assert "Traceback" not in done.stderr
+
+
+def test_what_mends_a_failed_local_ray_start_follows_ray_s_error():
+    from flows.runtime import _local_start_fix
+
+    assert "less busy" in _local_start_fix(Exception("The current node timed out during startup."))
+    assert "RAY_TMPDIR" in _local_start_fix(NotADirectoryError(20, "Not a directory"))
+    assert "less busy" not in _local_start_fix(RuntimeError("port 6379 is taken"))
+    assert "mend what Ray's reason above names" in _local_start_fix(RuntimeError("port 6379 is taken"))
 
 
 def test_ctrl_c_stops_serve_with_one_sentence(tmp_path, prefect_api_url, ray_address):
