@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
+from obliviate.unlearning.rollback import served_floor
 from obliviate.unlearning.service import RunSpec, block_data
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.ledger import PENDING, DeletionLedger
@@ -56,6 +57,7 @@ from storage.registry import RunRegistry
 from storage.serving import (
     ROLLBACK_KEY,
     RunState,
+    chain_source,
     checkpoint_model,
     full_chain,
     load_rollback,
@@ -336,8 +338,59 @@ def judged_block(
         ready = [s for s in states if s is not None]
         return heldout_judge(registry, ready), {k: s.served_block for k, s in enumerate(ready)}
 
+    @functools.cache
+    def recorded() -> dict[int, tuple[float, float, float]]:
+        if list(members) != [run_id]:  # a sharded run is judged as one vote: no single interim records that
+            return {}
+        state = run_state(registry, run_id)
+        return {} if state is None else recorded_judgements(registry, state)
+
     def acceptable(block: int) -> bool:
+        # A block an interim of the same chain was published at was judged then: its figures decide it again at
+        # today's floor without loading a model (forget --cancel stays torch-free); any other is judged now.
+        if block in recorded():
+            accuracy, reference, margin = recorded()[block]
+            return accuracy >= served_floor(pre_deletion_accuracy=reference, floor_points=floor_points) + margin / 100
         judge, served = judged()
         return judge.meets_floor({**served, position: block}, floor_points=floor_points)
 
     return acceptable
+
+
+def recorded_judgements(registry: RunRegistry, state: RunState) -> dict[int, tuple[float, float, float]]:
+    """``block -> (held-out accuracy, pre-deletion accuracy, paired margin points)`` as the interims recorded them.
+
+    Only interims that judged the very candidate :func:`heldout_judge` would load for ``state`` now count: published
+    by a rollback from the full chain ``state`` derives from (so against the same pre-deletion model), holding the
+    same checkpoint at that block, with its margin and accuracy recorded. The figures are those the interim's own
+    judgement used (the checkpoint's recorded held-out accuracy, the reference's, the margin of their predictions),
+    so :meth:`HeldoutJudge.meets_floor` would compute the same. A manifest that cannot be read is skipped.
+    """
+    _, full_key = chain_source(state.version, state.manifest)
+    full = full_chain(registry, state)
+    out: dict[int, tuple[float, float, float]] = {}
+    for key in registry.store.list(f"runs/{state.run_id}/manifests"):
+        if "-interim-" not in key.rsplit("/", 1)[-1]:
+            continue
+        try:
+            manifest = registry.store.read_manifest(key)
+        except (CorruptObject, ObjectNotFound):
+            continue
+        meta = manifest.metadata
+        block, margin, reference = (
+            meta.get("serve_block"),
+            meta.get("interim_margin_points"),
+            meta.get("reference_accuracy"),
+        )
+        if meta.get("published_for") != "rollback" or (meta.get("chain_of") or {}).get("manifest") != full_key:
+            continue
+        if block is None or margin is None or reference is None:
+            continue
+        candidate = state.manifest.members.get(str(block)) or full.members.get(str(block))
+        if candidate is None or manifest.members.get(str(block)) != candidate:
+            continue
+        accuracies = {int(c["block_index"]): c.get("heldout_accuracy") for c in meta["chain"]["checkpoints"]}
+        if accuracies.get(int(block)) is None:
+            continue
+        out[int(block)] = (float(accuracies[int(block)]), float(reference), float(margin))
+    return out

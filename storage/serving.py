@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from obliviate.unlearning.config import BlockTrainingConfig, model_from_state
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim, rollback_block, served_floor
-from storage.errors import ObjectNotFound, PointerConflict
+from storage.errors import CorruptObject, ObjectNotFound, PointerConflict
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
 
@@ -179,9 +179,26 @@ def serve_cap(holds: Mapping[str, int]) -> int | None:
 
 
 def partial_lineage(
-    *, config: BlockTrainingConfig, plan: BlockPlan, deleted_ids: frozenset[int], members: Mapping[int, ObjectInfo]
+    *,
+    config: BlockTrainingConfig,
+    plan: BlockPlan,
+    deleted_ids: frozenset[int],
+    members: Mapping[int, ObjectInfo],
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The lineage manifest (:func:`obliviate.unlearning.lineage.lineage_manifest`) of M_0..M_s only."""
+    """The lineage manifest (:func:`obliviate.unlearning.lineage.lineage_manifest`) of M_0..M_s only.
+
+    ``source``: the metadata of the full chain's manifest the version derives from. When the version keeps that
+    chain's own checkpoints M_0..M_s under the same config, plan and deleted ids (an interim or a release), its
+    lineage is the chain's first s + 1 blocks, environment included: those checkpoints were made where the chain
+    was trained, not where this version is published (computing it here would record the publisher's torch build
+    and CPU, and load torch: ``forget --cancel`` publishes releases).
+    """
+    through = max(members)
+    recorded = _recorded_lineage(source, config=config, plan=plan, deleted_ids=deleted_ids, members=members)
+    if recorded is not None:
+        blocks = [dict(b) for b in recorded["blocks"][: through + 1]]
+        return {**{k: v for k, v in recorded.items() if k != "blocks"}, "through_block": through, "blocks": blocks}
     from obliviate.unlearning.lineage import lineage_manifest
 
     return lineage_manifest(
@@ -189,8 +206,36 @@ def partial_lineage(
         plan=plan,
         deleted_ids=deleted_ids,
         checkpoint_sha256={i: info.sha256 for i, info in members.items()},
-        through_block=max(members),
+        through_block=through,
     )
+
+
+def _recorded_lineage(
+    source: Mapping[str, Any] | None,
+    *,
+    config: BlockTrainingConfig,
+    plan: BlockPlan,
+    deleted_ids: frozenset[int],
+    members: Mapping[int, ObjectInfo],
+) -> Mapping[str, Any] | None:
+    """``source``'s lineage if it is the lineage of ``members`` (same recipe, plan, deleted ids and checkpoints), else None."""
+    if source is None:
+        return None
+    lineage, chain = source.get("lineage"), source.get("chain")
+    if not isinstance(lineage, Mapping) or not isinstance(chain, Mapping) or "environment" not in lineage:
+        return None
+    blocks = lineage.get("blocks") or []
+    same_chain = (
+        frozenset(int(i) for i in chain.get("deleted_ids", ())) == deleted_ids
+        and lineage.get("config_fingerprint") == config.fingerprint
+        and lineage.get("plan_fingerprint") == plan.fingerprint
+        and lineage.get("deleted_count") == len(deleted_ids)
+    )
+    same_checkpoints = set(members) == set(range(max(members) + 1)) and all(
+        i < len(blocks) and blocks[i].get("block") == i and blocks[i].get("checkpoint_sha256") == info.sha256
+        for i, info in members.items()
+    )
+    return lineage if same_chain and same_checkpoints else None
 
 
 def publish_served(
@@ -216,6 +261,10 @@ def publish_served(
     plan = BlockPlan.from_dict(chain_meta["plan"])
     deleted = frozenset(int(i) for i in chain_meta["deleted_ids"])
     partial_chain = {**chain_meta, "checkpoints": [c for c in chain_meta["checkpoints"] if c["block_index"] in keep]}
+    try:
+        source = registry.store.read_manifest(str(chain_of["manifest"])).metadata
+    except (KeyError, ObjectNotFound, CorruptObject):
+        source = None  # the lineage is then computed afresh, as before
     return registry.publish(
         run_id,
         chain_name=chain_name,
@@ -225,7 +274,7 @@ def publish_served(
             "chain": partial_chain,
             "chain_of": dict(chain_of),
             "serve_block": serve,
-            "lineage": partial_lineage(config=config, plan=plan, deleted_ids=deleted, members=keep),
+            "lineage": partial_lineage(config=config, plan=plan, deleted_ids=deleted, members=keep, source=source),
         },
         pointer_target={**target, "serve_block": serve},
         expected_version=expected_version,

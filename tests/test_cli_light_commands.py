@@ -146,3 +146,106 @@ def test_the_packages_lazy_table_matches_its_typed_imports_and_all() -> None:
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = package.nope
     assert "RunSpec" in dir(package)
+
+
+@pytest.fixture(scope="module")
+def held_store(tmp_path_factory) -> Path:
+    """A run an interim rollback holds for two requests: req-3 (block 3; serves M_2), then req-1 (block 2; serves M_1)."""
+    from actors.chains import ChainWorker
+    from flows.batching import batch_gate, save_policy
+    from flows.rollback import save_rollback
+    from flows.train import run_spec
+    from obliviate.unlearning.batching import DAY_S, BatchPolicy
+    from obliviate.unlearning.plan import BlockPlan
+    from storage.ledger import DeletionLedger
+    from storage.objects import ObjectStore
+
+    folder = tmp_path_factory.mktemp("held") / "store"
+    url = f"file://{folder}"
+    store = ObjectStore(url)
+    store.ensure_container()
+    spec = run_spec(
+        run_id="r1",
+        split_seed=0,
+        data="digits",
+        model="lenet5",
+        blocks=3,
+        epochs=1,
+        batch_size=32,
+        learning_rate=0.01,
+        schedule="constant",
+        train_size=150,
+        heldout_size=50,
+        seed=0,
+    )
+    ChainWorker(url).train(spec)
+    save_policy(store, BatchPolicy(window_s=DAY_S))
+    save_rollback(store, enabled=True, floor_points=100.0)
+    plan = BlockPlan.from_dict(store.get_json("runs/r1/plan.json"))
+    ledger = DeletionLedger(store)
+    for request_id, block in (("req-3", 3), ("req-1", 2)):  # one pass each: each publishes its own interim
+        ids = [int(spec["train_ids"][p]) for p in plan.block_ids(block)[:2]]
+        ledger.append(request_id=request_id, ids=ids, dataset="digits", reason=None)
+        assert batch_gate(store, ledger.open_entries(stale_after_s=600.0))["interim"]["runs"]["r1"]["published"]
+    return folder
+
+
+def _judge_verdict(url: str, block: int, floor_points: float) -> bool:
+    """What the held-out judge (models loaded, torch) says of serving ``block`` of r1 now."""
+    from flows.rollback import heldout_judge
+    from storage.objects import ObjectStore
+    from storage.registry import RunRegistry
+    from storage.serving import run_state
+
+    registry = RunRegistry(ObjectStore(url))
+    state = run_state(registry, "r1")
+    assert state is not None
+    return heldout_judge(registry, [state]).meets_floor({0: block}, floor_points=floor_points)
+
+
+@pytest.mark.parametrize("floor", ["accepting", "refusing"])
+def test_forget_cancel_of_a_request_a_rollback_holds_imports_no_torch(held_store: Path, tmp_path: Path, floor) -> None:
+    """It loaded torch, scipy and sklearn (863 MB, 6.8 s) to judge the block to serve again and to write the
+    release's lineage; both come from what the interims recorded, and decide as the judge does."""
+    from flows.rollback import save_rollback
+    from storage.objects import ObjectStore
+    from storage.registry import RunRegistry
+    from storage.serving import pointer_target
+
+    folder = tmp_path / "store"
+    shutil.copytree(held_store, folder)
+    url = f"file://{folder}"
+    store = ObjectStore(url)
+    if floor == "refusing":  # a floor block 2 no longer meets (its recorded figures: accuracy, reference, margin)
+        meta = store.read_manifest("runs/r1/manifests/v000002-interim-000001-2.json").metadata
+        accuracy = meta["chain"]["checkpoints"][2]["heldout_accuracy"]
+        floor_points = 100 * (meta["reference_accuracy"] + meta["interim_margin_points"] / 100 - accuracy) - 1
+        assert 0 <= floor_points <= 100
+        save_rollback(store, enabled=True, floor_points=floor_points)
+    else:
+        floor_points = 100.0
+    expected = 2 if _judge_verdict(url, 2, floor_points) else 1  # else the block served now stays
+    assert expected == (2 if floor == "accepting" else 1)
+
+    result = _run(["forget", "--cancel", "req-1", "--store", url])
+    assert result["rc"] == 0, result["err"]
+    assert "run r1: released the rollback held for ['req-1']" in result["err"]
+    assert result["heavy"] == []
+
+    registry = RunRegistry(store)
+    current, target = pointer_target(registry, "r1")
+    assert target["holds"] == {"req-3": 3} and target["serve_block"] == expected
+    # the release's lineage is what lineage_manifest computes for M_0..M_s on this machine, where the run trained
+    from obliviate.unlearning.config import BlockTrainingConfig
+    from obliviate.unlearning.lineage import lineage_manifest
+    from obliviate.unlearning.plan import BlockPlan
+
+    manifest = registry.manifest(current)
+    chain = manifest.metadata["chain"]
+    assert manifest.metadata["lineage"] == lineage_manifest(
+        config=BlockTrainingConfig.from_dict(chain["config"]),
+        plan=BlockPlan.from_dict(chain["plan"]),
+        deleted_ids=frozenset(chain["deleted_ids"]),
+        checkpoint_sha256={int(k): info.sha256 for k, info in manifest.members.items()},
+        through_block=expected,
+    )
