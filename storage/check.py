@@ -680,9 +680,11 @@ def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:
     and the marker was not written again (a re-run of its ``forget``), and put back if the request
     got committed while it was deleted (an open request always has its marker).
     """
-    if report.superseded:  # SPEC 5: finish the purge a deletion's publish began (or never ran)
-        runs = [item["run"] for item in report.superseded]
-        report.purged = purge_superseded(store, apply=True, runs=runs)
+    # SPEC 5: finish the purge a deletion's publish began (or never ran), and tell the ledger of one whose deletes
+    # finished but whose ledger entries were never told
+    runs = {item["run"] for item in report.superseded} | set(runs_with_purge_left(store))
+    if runs:
+        report.purged = purge_superseded(store, apply=True, runs=sorted(runs))
         left = set(report.purged["skipped"])
         report.superseded = [item for item in report.superseded if item["run"] in left]
     collected = []
@@ -788,8 +790,9 @@ def purge_superseded(
 
     Returns:
         as :func:`prune_versions`, plus ``"kept_by_option"`` (the opt-out) and per run ``"purged_at"``
-        and, where something was deleted, ``"requests"``: those whose ledger entry said the purge was kept
-        or pending and now says purged (:func:`_record_purged`).
+        and, where something was deleted or requests were told, ``"requests"``: those whose ledger entry said
+        the purge was kept or pending and now says purged (:func:`_record_purged`; also for a purge an
+        interruption kept from telling them).
     """
     if keeps_superseded(store):
         return {
@@ -815,37 +818,154 @@ def purge_superseded(
     out["kept_by_option"] = None
     for run_id, run in out["runs"].items():
         unpurged = run.pop("_unpurged_requests", [])
-        if apply and (run["versions"] or run["objects"]):
-            run["requests"] = _record_purged(store, run_id, run, unpurged)
+        if apply:
+            told = _record_purged(store, run_id, run, unpurged)
+            if told or run["versions"] or run["objects"]:
+                run["requests"] = told
     return out
 
 
-def _record_purged(store: ObjectStore, run_id: str, run: dict[str, Any], requests: list[str]) -> list[str]:
-    """Tell ``requests`` (applied to ``run_id`` after a version purged now) whose ledger entry says the purge
-    was kept or pending that it is done (only these are read: a long-lived run applied many requests).
+#: On a version in ``runs/<run>/pruned.json``: when every request applied to the run since that version was told its
+#: purge (:func:`_record_purged`). A pruned version without it still has ledger entries a purge may have to finish.
+REQUESTS_TOLD = "requests_told_at"
+_FOUND_PURGED = (
+    "found already deleted by a later purge: the purge that deleted them stopped before it told this entry (or ran "
+    "before the ledger heard of purges); purged_at is when that purge recorded them pruned"
+)
 
-    Written after the objects are gone (an interruption leaves the entry saying kept or pending, as
-    it was); idempotent (:meth:`storage.ledger.DeletionLedger.record_purge`). A ledger that cannot be
-    read or written never fails the purge: the entry keeps saying what it said. Returns those updated.
+
+def runs_with_purge_left(store: ObjectStore) -> list[str]:
+    """Runs a purge pass has work on (:func:`purge_superseded`), found without planning a purge of each run.
+
+    A run whose current version applied deletions, and that has a version superseded by it not yet
+    recorded pruned, or a pruned version whose requests were not told yet (:data:`REQUESTS_TOLD`: a
+    purge cut off between its deletes and the ledger, or one done before the ledger heard of
+    purges). Reads per run its pointer's version list, its current version, its ``pruned.json`` and
+    the versions not recorded pruned (the current one's source and interims of an open batch), not
+    every version it had. None while the store keeps superseded versions (:func:`keeps_superseded`).
+    A run whose versions cannot be read is left out: ``store check`` reports that damage.
     """
-    from storage.ledger import DeletionLedger
+    from storage.registry import RunRegistry
 
-    ledger = DeletionLedger(store)
-    purged = {
-        "status": "purged",
-        "versions": run["versions"],
-        "objects": run["objects"],
-        "bytes": run["bytes"],
-        "held": run["held"],
-    }
-    updated = []
-    for request_id in requests:
+    if keeps_superseded(store):
+        return []
+    registry = RunRegistry(store)
+    due = []
+    for run_id in registry.run_ids():
+        pointer_key = f"runs/{run_id}/current"
         try:
-            if ledger.record_purge(request_id, run_id, purged, purged_at=float(run["purged_at"])):
-                updated.append(request_id)
-        except (CorruptObject, StorageError, PointerConflict, ValueError):  # ValueError: a bad request id
+            versions = store.pointer_versions(pointer_key)
+            if not versions:
+                continue
+            current = dict(store.read_pointer_version(pointer_key, versions[-1]).target)
+            if not _applied_deletions(current):
+                continue
+            record = registry.pruned_versions(run_id)
+            deleted_now = {int(i) for i in current.get("deleted_ids") or []}
+            if any(REQUESTS_TOLD not in info for info in record.values()) or any(
+                _superseded_by(deleted_now, store.read_pointer_version(pointer_key, v).target)
+                for v in versions[:-1]
+                if v not in record
+            ):
+                due.append(run_id)
+        except (CorruptObject, ObjectNotFound, KeyError, ValueError, TypeError):
             continue
+    return due
+
+
+def _record_purged(store: ObjectStore, run_id: str, run: dict[str, Any], unpurged: list[str]) -> list[str]:
+    """Tell the ledger entries of requests applied to ``run_id`` that say the purge was kept or pending that it is
+    done (SPEC 5), once a purge of the run went through (every object its pruned versions held is deleted).
+
+    Two kinds of request are told, and only these are read (a long-lived run applied many):
+
+    * ``unpurged``, those applied after a version whose objects this purge deleted: what was deleted now
+      and the run's ``purged_at`` (now);
+    * those applied after a version recorded pruned but not told (no :data:`REQUESTS_TOLD`: a purge cut
+      off between its deletes and the ledger, or done before the ledger heard of purges): the versions
+      and, as ``purged_at``, when the record says they were pruned.
+
+    Then those versions are marked told, so no later purge reads their requests again; unless a
+    request is still open (its pass settles it later, maybe saying ``pending``) or its entry could not
+    be read or written: then the next purge tells them again (idempotent:
+    :meth:`storage.ledger.DeletionLedger.record_purge`). Written after the objects are gone, so an
+    interruption leaves an entry saying what it said. A ledger or record that cannot be read or
+    written never fails the purge. Returns the requests updated.
+    """
+    from storage.ledger import TERMINAL, DeletionLedger
+
+    now = float(run["purged_at"])
+    todo: dict[str, tuple[dict[str, Any], float]] = {}
+    try:
+        untold, since = _untold_versions(store, run_id)
+    except (CorruptObject, StorageError, KeyError, ValueError, TypeError):
+        untold, since = {}, {}
+    for request_id, versions in since.items():
+        times = [
+            float(untold[v]["pruned_at"]) for v in versions if isinstance(untold[v].get("pruned_at"), (int, float))
+        ]
+        found = {"status": "purged", "versions": versions, "note": _FOUND_PURGED}
+        todo[request_id] = (found, max(times) if times else now)
+    if run["versions"] or run["objects"]:
+        deleted = {key: run[key] for key in ("versions", "objects", "bytes", "held")}
+        todo.update({request_id: ({"status": "purged", **deleted}, now) for request_id in unpurged})
+    ledger = DeletionLedger(store)
+    updated, retell = [], False
+    for request_id, (purged, purged_at) in sorted(todo.items()):
+        try:
+            if ledger.record_purge(request_id, run_id, purged, purged_at=purged_at):
+                updated.append(request_id)
+            elif ledger.current_status(request_id) not in TERMINAL:
+                retell = True  # its pass may still settle it saying the purge is pending
+        except ObjectNotFound:  # applied to the run without a ledger request (a direct unlearn): nobody to tell
+            continue
+        except CorruptObject:  # damaged (store check says how to mend it): told once mended
+            retell = True
+        except ValueError:  # not a request id
+            continue
+        except (StorageError, PointerConflict):
+            retell = True
+    if untold and not retell:
+        _mark_told(store, run_id, sorted(untold))
     return updated
+
+
+def _untold_versions(store: ObjectStore, run_id: str) -> tuple[dict[int, dict[str, Any]], dict[str, list[int]]]:
+    """The run's pruned versions not told yet (version -> its ``pruned.json`` entry) and, for each request the
+    current version applied that one of them had not, those versions."""
+    from storage.registry import RunRegistry
+
+    untold = {v: info for v, info in RunRegistry(store).pruned_versions(run_id).items() if REQUESTS_TOLD not in info}
+    if not untold:
+        return {}, {}
+    pointer_key = f"runs/{run_id}/current"
+    latest = _latest_version(store, pointer_key)
+    applied_now = [str(r) for r in store.read_pointer_version(pointer_key, latest).target.get("applied_requests") or []]
+    since: dict[str, list[int]] = {}
+    for version in sorted(v for v in untold if v < latest):
+        applied = {
+            str(r) for r in store.read_pointer_version(pointer_key, version).target.get("applied_requests") or []
+        }
+        for request_id in applied_now:
+            if request_id not in applied:
+                since.setdefault(request_id, []).append(version)
+    return untold, since
+
+
+def _mark_told(store: ObjectStore, run_id: str, versions: list[int]) -> None:
+    """Record in ``runs/<run>/pruned.json`` that the requests of these pruned versions were told (:data:`REQUESTS_TOLD`).
+
+    Read afresh and rewritten, as retention writes it; a write that fails leaves them to be told again (idempotent).
+    """
+    from storage.registry import RunRegistry, pruned_key
+
+    try:
+        record = RunRegistry(store).pruned_versions(run_id)
+        at = time.time()
+        record.update({v: {**record[v], REQUESTS_TOLD: at} for v in versions if v in record})
+        store.put_json(pruned_key(run_id), {"run_id": run_id, "versions": {str(v): record[v] for v in sorted(record)}})
+    except (CorruptObject, StorageError):
+        return
 
 
 def _superseded_by(deleted_now: set[int], target: Any) -> bool:
