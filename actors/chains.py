@@ -523,7 +523,7 @@ class ChainWorker:
         :func:`storage.check.purge_superseded` (the machinery of ``store check --keep-versions``,
         idempotent, safe to interrupt). A failure never fails or un-applies the deletion: the audit
         (each request's ledger record) says the purge is pending and why, ``store check`` reports the
-        run and ``store check --repair`` (or the run's next deletion) finishes it.
+        run and serve's next ``reconcile`` pass (or ``store check --repair``, or the run's next deletion) finishes it.
 
         Returns:
             ``{"superseded_versions": {"status": "purged" | "kept" | "pending" | "none", ...}, "purged_at"}``:
@@ -542,7 +542,8 @@ class ChainWorker:
                 "superseded_versions": {
                     "status": "pending",
                     "reason": f"the purge of superseded versions failed ({failed}); `obliviate store check` reports "
-                    "the run and `obliviate store check --repair` (or the run's next deletion) finishes it",
+                    "the run and serve's next reconcile pass (or `obliviate store check --repair`, or the run's next "
+                    "deletion) finishes it",
                 },
                 "purged_at": None,
             }

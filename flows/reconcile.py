@@ -1,26 +1,31 @@
-"""The ``reconcile`` flow (cron, or by hand): finish every ledger entry that is not done.
+"""The ``reconcile`` flow (cron, or by hand): finish every ledger entry that is not done, and every purge.
 
 The safety net behind the event-triggered ``unlearn`` flow: a lost event, a crashed pass or a
 request waiting out its retry back-off loses nothing, because this pass processes every due
 ledger request the same way (:func:`flows.unlearn.process_open_requests`): pending ones past
 their back-off, and claims whose lease lapsed (their holder died). One pass at a time per store:
 a pass that finds another (serve's watcher, an event's run, a cron run) holding the store's pass
-claim (:func:`flows.settle.store_pass`) does nothing and says which pass holds it. Run it by hand with
+claim (:func:`flows.settle.store_pass`) does nothing and says which pass holds it. Then it finishes
+the purges of superseded versions (SPEC 5) that a crash or an outage cut off (:func:`finish_purges`),
+so none waits for someone to run ``store check --repair``. Run it by hand with
 ``python -c "from flows.reconcile import reconcile_flow; reconcile_flow(store='file://./runs')"``
 or ``prefect deployment run 'reconcile/reconcile-<suffix>'`` against a running ``serve``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.settle import AttemptPolicy
 from flows.unlearn import process_open_requests
 from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
+from storage.check import purge_superseded, runs_with_purge_left
 from storage.lease import DEFAULT_LEASE_S
+from storage.objects import ObjectStore
 
 
 @flow(name="reconcile")
@@ -35,9 +40,14 @@ def reconcile_flow(
     stop_rule: str = DEFAULT_STOP_RULE,
     min_points: int = DEFAULT_MIN_POINTS,
 ) -> dict[str, Any]:
-    """Finish every due ledger entry (a lost event, a crashed pass, a retry): the cron safety net."""
+    """Finish every due ledger entry (a lost event, a crashed pass, a retry) and every pending purge: the cron safety net.
+
+    Returns:
+        the pass's result (:func:`flows.unlearn.process_open_requests`) with ``"purge"``: what
+        :func:`finish_purges` did.
+    """
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
-    return process_open_requests(
+    result = process_open_requests(
         store,
         policy=policy,
         epsilon=epsilon,
@@ -47,3 +57,52 @@ def reconcile_flow(
         stop_rule=stop_rule,
         min_points=min_points,
     )
+    return {**result, "purge": finish_purges(store, logger=get_run_logger())}
+
+
+def finish_purges(store: str, *, logger: logging.Logger | logging.LoggerAdapter[Any]) -> dict[str, Any] | None:
+    """SPEC 5: finish the purges of superseded versions a crash or an outage cut off, and tell the ledger.
+
+    :func:`storage.check.purge_superseded` on the runs that have work left
+    (:func:`storage.check.runs_with_purge_left`: superseded versions not purged yet, or purged ones
+    whose requests' ledger entries were not told): idempotent, it keeps what work in flight may
+    use and purges nothing while the store keeps superseded versions (``serve
+    --keep-superseded-versions``). The requests applied to those runs whose entries say the purge is
+    ``pending`` (or ``kept``) then say ``purged`` with when. A purge that fails never fails the pass:
+    it is said once in the pass's log, the entries keep saying ``pending`` and the next pass (or
+    ``obliviate store check --repair``) tries again.
+
+    Returns:
+        what the purge did (``purge_superseded``'s result), ``None`` when no run had work left, or
+        ``{"error": ...}`` when it failed.
+    """
+    object_store = ObjectStore(store)
+    try:
+        runs = runs_with_purge_left(object_store)
+        if not runs:
+            return None
+        result = purge_superseded(object_store, apply=True, runs=runs)
+    except Exception as err:  # noqa: BLE001 -- a purge left pending is finished by a later pass, never this one's failure
+        error = f"{type(err).__name__}: {err}"[:300]
+        logger.warning(
+            "could not finish the purge of superseded versions (%s); the requests' entries keep saying pending, and "
+            "the next pass (or `obliviate store check --repair`) tries again",
+            error,
+        )
+        return {"error": error}
+    if result["skipped"]:
+        logger.warning(
+            "could not purge the superseded versions of run(s) %s (first: %s); `obliviate store check` says what is "
+            "damaged and how to mend it",
+            sorted(result["skipped"]),
+            next(iter(result["skipped"].values())),
+        )
+    told = sorted({request for run in result["runs"].values() for request in run.get("requests") or []})
+    if result["objects"] or told:
+        logger.info(
+            "finished the purge of superseded versions of run(s) %s: %d object(s) deleted, %d request(s) told",
+            sorted(result["runs"]),
+            result["objects"],
+            len(told),
+        )
+    return result

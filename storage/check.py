@@ -229,8 +229,8 @@ def _superseded_left(store: ObjectStore) -> list[dict[str, Any]]:
                 "(checkpoints, manifests) of chains trained on ids the current version deleted: their purge after "
                 "the deletion's publish did not finish (a crash or an outage in between), or the store was written "
                 "before purging was the default (SPEC 5: no stored checkpoint trained on a deleted id remains). "
-                "`obliviate store check --repair` deletes them (their pointer versions stay as the record); "
-                f"`obliviate {KEEP_SUPERSEDED_OPTION}` keeps them on purpose instead",
+                "`obliviate store check --repair` deletes them (their pointer versions stay as the record), as does "
+                f"serve's next reconcile pass; `obliviate {KEEP_SUPERSEDED_OPTION}` keeps them on purpose instead",
             }
         )
     return found

@@ -1,22 +1,35 @@
-"""A purge cut off between its deletes and the ledger is told to the ledger by the next purge (SPEC 5).
+"""A purge of superseded versions cut off is finished by serve's next reconcile pass, and the ledger says so (SPEC 5).
 
-A purge interrupted between deleting the superseded objects and telling the ledger (or one done
-before the ledger heard of purges) left the requests' entries saying ``kept`` or ``pending`` with
-``purged_at`` null for good: the next purge found nothing to delete, so it told nobody. Now the next
-purge tells them (with the time the purge recorded), and reads their requests once. Real stores, a
-tiny run; no mocks of obliviate's components.
+Two gaps: a purge interrupted between deleting the superseded objects and telling the ledger (or one
+done before the ledger heard of purges) left the requests' entries saying ``kept`` or ``pending`` with
+``purged_at`` null for good: the next purge found nothing to delete, so it told nobody. And a purge
+cut off by a crash or an outage waited for someone to run ``store check --repair``: the reconcile
+pass (the cron) did not sweep it. Now each reconcile pass finishes what is left and tells the
+entries (with the time the purge recorded, when it is known), never purges while the store keeps
+superseded versions, and a purge that fails is said in its log, never the pass's failure.
+
+Real stores (file:// and moto's s3://), a tiny run, a real Prefect server; no mocks of obliviate's
+components (a failed purge is a failing store delete, as in ``test_purge_superseded_due.py``).
 """
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
 from actors.chains import ChainWorker
+from flows.reconcile import reconcile_flow
 from flows.settle import run_pass
 from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import check_store, purge_superseded, save_keep_superseded
+from storage.errors import StorageError
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry, pruned_key
+
+_FAILED_PURGE = "could not finish the purge of superseded versions"
 
 
 def _trained(url: str, tiny_run) -> int:
@@ -64,6 +77,87 @@ def _cut_off_before_the_ledger(store: ObjectStore) -> float:
     store.put_json(pruned_key("r1"), {"run_id": "r1", "versions": versions})
     assert _v1_alone(store) == []
     return float(versions["1"]["pruned_at"])
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_a_purge_cut_off_before_the_ledger_is_told_by_the_next_reconcile_pass(
+    where, request, tiny_run, prefect_api_url
+):
+    url = request.getfixturevalue("store_url" if where == "file" else "s3_url")
+    store = ObjectStore(url)
+    victim = _trained(url, tiny_run)
+    save_keep_superseded(store, keep=True)  # serve --keep-superseded-versions: the entry says kept
+    assert _settle(url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
+    save_keep_superseded(store, keep=False)  # a serve without it; its purge is cut off before the ledger
+    pruned_at = _cut_off_before_the_ledger(store)
+
+    result = reconcile_flow(store=url)
+
+    details = DeletionLedger(store).get("req-1").details
+    run = details["runs"]["r1"]
+    assert run["superseded_versions"]["status"] == "purged" and run["superseded_versions"]["versions"] == [1], run
+    assert run["purged_at"] == pruned_at and details["purged_at"] == pruned_at  # when the purge recorded it, not now
+    assert result["purge"]["runs"]["r1"]["requests"] == ["req-1"], result["purge"]
+    report = check_store(store, min_age_s=0)
+    assert report.healthy and report.superseded == [], report.as_dict()
+
+    told = len(DeletionLedger(store).history("req-1"))
+    again = reconcile_flow(store=url)  # nothing left: no purge, nothing written
+    assert again["purge"] is None and len(DeletionLedger(store).history("req-1")) == told
+
+
+def test_a_purge_that_failed_is_finished_by_the_next_reconcile_pass_and_a_failure_never_fails_it(
+    store_url, tiny_run, prefect_api_url, monkeypatch, caplog
+):
+    store = ObjectStore(store_url)
+    victim = _trained(store_url, tiny_run)
+    real_delete = ObjectStore.delete
+
+    def delete_fails(self, key):  # the run's objects only: the ledger's own deletes (leases, markers) go on
+        if key.startswith("runs/"):
+            raise StorageError(f"could not delete {key}: the store is read-only")
+        real_delete(self, key)
+
+    monkeypatch.setattr(ObjectStore, "delete", delete_fails)
+    details = _settle(store_url, victim)
+    pending = details["runs"]["r1"]["superseded_versions"]
+    assert pending["status"] == "pending" and details["purged_at"] is None
+    assert "serve's next reconcile pass" in pending["reason"], pending  # what forget --status tells the user
+
+    with caplog.at_level(logging.INFO):
+        failed = reconcile_flow(store=store_url)  # still read-only
+    said = [r.getMessage() for r in caplog.records if _FAILED_PURGE in r.getMessage()]
+    assert len(said) == 1 and "could not delete runs/r1/" in said[0] and "pending" in said[0], said
+    assert "could not delete" in failed["purge"]["error"], failed["purge"]
+    assert DeletionLedger(store).get("req-1").details["runs"]["r1"]["superseded_versions"]["status"] == "pending"
+    assert _v1_alone(store) != []
+
+    monkeypatch.undo()  # writable again: the next pass finishes it
+    result = reconcile_flow(store=store_url)
+    assert result["purge"]["objects"] > 0 and result["purge"]["runs"]["r1"]["requests"] == ["req-1"], result["purge"]
+    assert _v1_alone(store) == []
+    details = DeletionLedger(store).get("req-1").details
+    said = details["runs"]["r1"]["superseded_versions"]
+    assert said["status"] == "purged" and said["objects"] > 0, said
+    assert isinstance(details["purged_at"], float) and details["purged_at"] == details["runs"]["r1"]["purged_at"]
+    report = check_store(store, min_age_s=0)
+    assert report.healthy and report.superseded == [], report.as_dict()
+
+
+def test_a_store_that_keeps_superseded_versions_is_not_purged_by_the_reconcile_pass(
+    store_url, tiny_run, prefect_api_url
+):
+    store = ObjectStore(store_url)
+    victim = _trained(store_url, tiny_run)
+    save_keep_superseded(store, keep=True)
+    assert _settle(store_url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
+    history = DeletionLedger(store).history("req-1")
+
+    result = reconcile_flow(store=store_url)
+
+    assert result.get("purge") is None
+    assert _v1_alone(store) != []  # kept on purpose
+    assert DeletionLedger(store).history("req-1") == history  # the entry untouched: it says kept
 
 
 def test_store_check_repair_tells_the_ledger_of_a_purge_cut_off_before_it(store_url, tiny_run):
