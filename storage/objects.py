@@ -730,9 +730,15 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     prefix = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(//)?", url)
     if prefix and not prefix.group(2):
         # `s3:/bucket` or `file:runs` would otherwise be a local folder of that odd name, silently.
+        scheme, rest = prefix.group(1), url[prefix.end() :]
+        if scheme.lower() == "file" and rest.startswith("/"):
+            # file://tmp/x is the relative ./tmp/x: an absolute folder keeps its slash after the '//'
+            fix = f"file://{'/' + rest.lstrip('/')} for the folder {'/' + rest.lstrip('/')}"
+        else:
+            fix = f"{scheme}://{rest.lstrip('/')}"
         raise ConfigError(
             f"a store URL is file://PATH or s3://bucket/prefix, with '//' after the scheme; got {url!r}. "
-            f"Write {prefix.group(1)}://{url[prefix.end() :].lstrip('/')} (or ./{url} for a local folder of that name)."
+            f"Write {fix} (or ./{url} for a local folder of that name)."
         )
     if url.startswith("file://"):
         path = url[len("file://") :]

@@ -206,6 +206,13 @@ def test_bad_keys_and_urls_are_rejected(tmp_path):
     for typo, fix in (("s3:/bucket", "Write s3://bucket"), ("file:relative", "Write file://relative")):
         with pytest.raises(ValueError, match=f"with '//' after the scheme; got '{typo}'. {fix}"):
             ObjectStore(typo)
+    # `file:/tmp/x` was told "Write file://tmp/x", which is the relative ./tmp/x, another folder
+    with pytest.raises(ValueError) as refused:
+        ObjectStore("file:/tmp/obliviate-x")
+    assert "Write file:///tmp/obliviate-x for the folder /tmp/obliviate-x (or ./file:/tmp/obliviate-x " in str(
+        refused.value
+    )
+    assert "file://tmp/" not in str(refused.value)
     with pytest.raises(ValueError, match="must name a bucket"):
         ObjectStore("s3://")
     with pytest.raises(ValueError, match="a file store URL must name a folder"):  # it became a folder 'file:'
