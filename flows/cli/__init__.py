@@ -362,6 +362,7 @@ _INTERRUPTED = {
         "the report's files in --out are replaced together only when an audit ends, so --out holds the previous "
         "report, whole, or none. An audit keeps nothing to resume from: rerunning the command starts it over."
     ),
+    "forget": "no request was filed yet, so the ledger is as it was; rerunning the command files it.",
     "target train": (
         "the checkpoint (--out) is written whole only when training ends, so it was left as it was. Training "
         "keeps nothing to resume from: rerunning the command starts it over."
@@ -376,11 +377,20 @@ def command_name(args: Args) -> str:
 
 
 def interrupted_message(args: Args, *, how: str = "interrupted") -> str:
-    """The line a command stopped by Ctrl-C (or SIGTERM: ``how``) prints: what it left behind and what a rerun does."""
+    """The line a command stopped by Ctrl-C (or SIGTERM: ``how``) prints: what it left behind and what a rerun does.
+
+    A command whose state at the stop decides that sets ``args.interrupted_note`` as it goes (``forget``: once its
+    request is filed, rerunning it would file a second one).
+    """
     name = command_name(args)
-    left = _INTERRUPTED.get(name) or (
-        "stores hold only whole objects, so nothing half-written was kept; rerunning the same command resumes "
-        "from whatever it had stored."
+    # a command whose state at the stop decides what a rerun does says it as it goes (``forget``: filed or not)
+    left = (
+        getattr(args, "interrupted_note", None)
+        or _INTERRUPTED.get(name)
+        or (
+            "stores hold only whole objects, so nothing half-written was kept; rerunning the same command resumes "
+            "from whatever it had stored."
+        )
     )
     return f"obliviate {name}: {how}. {left[0].upper()}{left[1:]}"
 

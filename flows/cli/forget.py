@@ -82,7 +82,9 @@ def forget_command(
     given = [f"--{name}" for name in ("status", "cancel", "retry") if ctx.params[name] is not None]
     if len(given) > 1:
         raise usage_error(ctx, f"option {given[1]} not allowed with option {given[0]}")
-    return parsed(ctx, run_forget)
+    args = parsed(ctx, run_forget)
+    args.interrupted_note = _interrupted_note(args)  # a Ctrl-C before the command changed anything
+    return args
 
 
 def register(app: typer.Typer) -> None:
@@ -214,6 +216,10 @@ def run_forget(args: Args) -> int:
         registry = RunRegistry(ledger.store)
         applied = [r for r in registry.run_ids() if args.cancel in (registry.current(r) or _Nothing()).applied_requests]
         print(describe(ledger.cancel(args.cancel, applied_to=applied).as_dict()), file=sys.stderr)
+        args.interrupted_note = (
+            f"request {args.cancel} is cancelled (recorded in the ledger); a run it rolled back that was not "
+            "released yet serves its model again at the next pass. Nothing to resume."
+        )
         from flows.rollback import release_refused
 
         # a withdrawn request forgets nothing: the runs it rolled back serve their model again now, not at the next pass
@@ -222,6 +228,7 @@ def run_forget(args: Args) -> int:
         return EXIT_DONE
     if args.retry:
         entry = ledger.retry(args.retry)
+        args.interrupted_note = _filed_note(args.retry, "queued again", retried=True)
         print(describe(entry.as_dict()), file=sys.stderr)
         if not args.no_event:  # announce it again; the ledger entry is the same request
             from flows.unlearn import submit_deletion
@@ -279,6 +286,11 @@ def run_forget(args: Args) -> int:
 
     # Named here, not inside submit_deletion, so a failure can say which request to look up or repeat.
     request_id = args.request_id or new_request_id(ids, dataset=args.data)
+    args.interrupted_note = (
+        f"request {request_id} may or may not be recorded: `obliviate forget --status {request_id}` tells. "
+        f"Repeating this command with --request-id {request_id} is safe (one request, applied once); without it, "
+        "a rerun files a second request for the same ids."
+    )
     try:
         result = submit_deletion(
             url,
@@ -295,11 +307,57 @@ def run_forget(args: Args) -> int:
             f"`obliviate forget --status {request_id}` tells; repeating this command with --request-id {request_id} "
             "is safe (one request, applied once)."
         ) from err
+    args.interrupted_note = _filed_note(result["request_id"], result["status"])
     print(f"request {result['request_id']}: {result['status']}; {result.get('note', '')}", file=sys.stderr)
     if args.wait > 0:
         return _waited(url, result["request_id"], args.wait)
     print(json.dumps(result, default=str))
     return EXIT_DONE
+
+
+def _interrupted_note(args: Args) -> str | None:
+    """What a Ctrl-C leaves, said before the command changes anything (``None``: no request filed yet)."""
+    request_id = args.status or args.cancel or args.retry
+    if args.status:
+        return (
+            f"--status only reads the ledger, so request {args.status} is as it was and there is nothing to resume; "
+            f"`obliviate forget --status {args.status}` shows it again (add --wait SECONDS to wait for it)."
+        )
+    if args.cancel:
+        return (
+            f"the cancel of request {request_id} may or may not be recorded: `obliviate forget --status "
+            f"{request_id}` tells (cancelled, or as it was); if it is not cancelled, run --cancel again."
+        )
+    if args.retry:
+        return (
+            f"request {request_id} may or may not be queued again: `obliviate forget --status {request_id}` tells "
+            "(pending, or still failed); if it is still failed, run --retry again."
+        )
+    if args.ids is None:  # --now alone
+        return (
+            "forget --now files no request: it asks the next pass to flush the open batch, and that ask may or may "
+            "not be left. Running it again asks again; the requests waiting are as they were."
+        )
+    return None
+
+
+def _filed_note(request_id: str, status: str, *, retried: bool = False) -> str:
+    """What a Ctrl-C leaves once ``request_id`` is in the ledger: rerunning the command would not resume it."""
+    again = (
+        "rerunning --retry is not needed"
+        if retried
+        else "do not rerun forget --ids: that files a second request for the same ids"
+    )
+    applied = (
+        "; `obliviate serve` applies it whether or not this command waits"
+        if status in ("pending", "claimed", "queued again")
+        else ""
+    )
+    return (
+        f"request {request_id} is recorded in the ledger ({status}) and stays there{applied}. Ctrl-C stopped only "
+        f"the waiting; follow the request with `obliviate forget --status {request_id}` (add --wait SECONDS to wait "
+        f"again), and {again}."
+    )
 
 
 def _requested_deadline(given: str | None, *, ids_given: bool) -> float | None:
