@@ -109,6 +109,18 @@ _FLUSHED_BECAUSE = {
     "nothing was rolled back and the model from before the deletion stayed served until the retrain landed",
 }
 
+#: A run's outcomes in which this pass retrained nothing (every id already forgotten; no version to retrain yet).
+_NOT_RETRAINED = frozenset({"nothing_to_forget", "not_trained", "trained_without_ids"})
+
+
+def _flushed_words(rule: str, runs: dict[str, Any]) -> str:
+    """Why the request's batch ended early; a batch whose ids every run had already forgotten retrained nothing."""
+    outcomes = [audit.get("status") for audit in runs.values() if isinstance(audit, dict)]
+    if outcomes and all(outcome in _NOT_RETRAINED for outcome in outcomes) and rule in ("count", "deadline", "now"):
+        when = _FLUSHED_BECAUSE[rule].removeprefix("its batch was retrained ")
+        return f"its batch was flushed {when}; every id in it was already forgotten, so no run was retrained"
+    return _FLUSHED_BECAUSE[rule]
+
 
 def describe(
     entry: dict[str, Any], *, batch: dict[str, Any] | None = None, forgotten: dict[str, Any] | None = None
@@ -124,7 +136,7 @@ def describe(
     status = entry["status"]
     line = f"request {entry['request_id']}: {status}"
     if status == "done" and details.get("batch") in _FLUSHED_BECAUSE:
-        line += f" ({_FLUSHED_BECAUSE[details['batch']]})"
+        line += f" ({_flushed_words(details['batch'], details.get('runs') or {})})"
     if status == "rejected":
         line += f"; reason: {details.get('reason')}"
     elif status == "failed":
@@ -495,6 +507,11 @@ def _run_outcome(run_id: str, audit: dict) -> str:
     to_version = audit.get("to_version", audit.get("version"))
     if audit.get("status") == "trained_without_ids":
         return f"run {run_id}: trained without its ids, version {to_version} never saw them"
+    if audit.get("status") == "nothing_to_forget":  # a batch of ids forgotten before: it carried no retrain
+        version = f", version stays {to_version}" if to_version is not None else ""
+        return (
+            f"run {run_id}: nothing left to forget (every id it trained on was already forgotten): no retrain{version}"
+        )
     parts = [f"run {run_id}: {audit.get('status')}"]
     if audit.get("applied_by") == "training":
         parts[0] += " (accepted while the run trained; unlearned right after its training)"
@@ -509,7 +526,7 @@ def _run_outcome(run_id: str, audit: dict) -> str:
         ids = audit.get(
             "batch_deleted_ids", len(deleted) if isinstance(listed, list) and isinstance(deleted, list) else None
         )
-        held = f", {ids} ids" if isinstance(ids, int) else ""
+        held = f", {ids} id{'' if ids == 1 else 's'}" if isinstance(ids, int) else ""
         parts.append(f"one retrain for the {batch} requests of its batch{held}")
     if audit.get("blocks_retrained") is not None:
         parts.append(f"blocks retrained {audit['blocks_retrained']}")
