@@ -47,6 +47,7 @@ def run_verify(args: Args) -> int:
     # blocks are checked here too, so a typo is answered before a Prefect server starts.
     url = prepare_store(store_url(args), write=False)
     runs = runs_to_verify(url, args.run, version=args.version)  # a sharded run: every shard
+    _refuse_unpublished(url, args.run, runs)
     for run_id in runs:
         check_request(url, run_id, version=args.version, blocks=args.blocks)
     prepare_store(url, write=True)  # the result goes to the store's ledger: prove it can, before replaying
@@ -100,3 +101,32 @@ def _served_note(url: str, run_id: str, version: int) -> str:
     later = [r for r in current.applied_requests if r not in verified.applied_requests]
     held = f"; it predates request(s) {', '.join(later[:5])} and still holds their ids" if later else ""
     return f"  note: v{version} is not the version served (v{current.version}){held}\n"
+
+
+def _refuse_unpublished(url: str, asked: str, runs: list[str]) -> None:
+    """Refuse a ``--run`` with no published version, naming a few runs the store has (a typo is seen at once).
+
+    Raises:
+        ConfigError: a run of ``runs`` has no published version.
+    """
+    from obliviate.errors import ConfigError
+    from storage import ObjectStore
+    from storage.registry import RunRegistry
+    from storage.serving import sharded_runs
+
+    store = ObjectStore(url)
+    registry = RunRegistry(store)
+    missing = [run_id for run_id in runs if registry.current(run_id) is None]
+    if not missing:
+        return
+    groups = sharded_runs(store)
+    shards = {member for members in groups.values() for member in members}
+    known = sorted(groups) + [r for r in registry.run_ids() if r not in shards and registry.current(r) is not None]
+    holds = (
+        f"it holds {len(known)} published run(s): {', '.join(known[:5])}{' ...' if len(known) > 5 else ''}. Check --run"
+        if known
+        else "it holds no published run at all: check --store / $OBLIVIATE_STORE (a mistyped prefix names an empty "
+        "store)"
+    )
+    what = f"run {asked!r}" if missing == [asked] else f"shard(s) {', '.join(missing)} of run {asked!r}"
+    raise ConfigError(f"{what} has no published version in {url}; {holds}, or train it first.")
