@@ -5,7 +5,9 @@
   needs them starts, so worker processes inherit them as real deployments would.
 * ``flaky_s3``: a :class:`FlakyProxy` in front of that server, which a test takes down and brings
   back up to stage a real network outage (point ``AWS_ENDPOINT_URL`` at ``flaky_s3.endpoint``), or
-  in which it holds one request in flight (:meth:`FlakyProxy.hold`) to stage a race at a known point.
+  in which it holds one request in flight (:meth:`FlakyProxy.hold`) to stage a race at a known point,
+  refuses some requests as S3 does (:meth:`FlakyProxy.fail`: a read-only store) or goes down at a
+  known request (:meth:`FlakyProxy.down_at`: a crash mid-operation).
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ class FlakyProxy:
 
     While down, every open connection is cut and new ones are closed at once: the client sees a
     real network failure, not a simulated exception. A held request (:meth:`hold`) is a slow network:
-    it reaches the server, unchanged, once the test releases it.
+    it reaches the server, unchanged, once the test releases it. A refused request (:meth:`fail`) is
+    answered as S3 answers a request it denies, and a crash (:meth:`down_at`) is the store lost at a
+    known request; every other request passes unchanged.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -72,6 +76,7 @@ class FlakyProxy:
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._holds: list[Hold] = []
+        self._faults: list[Fault] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -118,9 +123,35 @@ class FlakyProxy:
             self._holds.append(held)
         return held
 
+    def fail(self, *markers: str, status: int = 403, times: int | None = None) -> Fault:
+        """Answer requests whose request line names all ``markers`` with S3's error for ``status``, unsent.
+
+        403 is ``AccessDenied`` (a bucket policy or read-only credentials: s3fs raises PermissionError
+        at once, no retry), 503 ``SlowDown`` (which botocore and s3fs retry). The first ``times``
+        such requests are refused (``None``: every one until :meth:`Fault.stop`); the server never
+        sees them, so what it stores is what a refusal leaves.
+        """
+        if status not in _S3_ERRORS:
+            raise ValueError(f"FlakyProxy.fail answers {sorted(_S3_ERRORS)}; got status {status}")
+        fault = Fault([m.encode() for m in markers], status=status, times=times)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def down_at(self, *markers: str, after: int = 0) -> Fault:
+        """Let ``after`` requests naming all ``markers`` through, then go :meth:`down` as the next one arrives.
+
+        That request never reaches the server, nor does any later one until :meth:`up`: the store as
+        a process killed at that request left it (its later calls fail as on a lost connection).
+        """
+        fault = Fault([m.encode() for m in markers], after=after)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
     def _held(self, chunk: bytes) -> Hold | None:
-        line = chunk.split(b"\r\n", 1)[0]
-        if not line.endswith((b"HTTP/1.1", b"HTTP/1.0")):
+        line = _request_line(chunk)
+        if line is None:
             return None
         with self._lock:
             for held in self._holds:
@@ -128,6 +159,16 @@ class FlakyProxy:
                     held.request_line = line.decode(errors="replace")
                     held.arrived.set()
                     return held
+        return None
+
+    def _faulted(self, chunk: bytes) -> Fault | None:
+        line = _request_line(chunk)
+        if line is None:
+            return None
+        with self._lock:
+            for fault in self._faults:
+                if fault.applies(line):
+                    return fault
         return None
 
     def _accept(self) -> None:
@@ -149,8 +190,22 @@ class FlakyProxy:
                 threading.Thread(target=self._pump, args=(source, sink, to_server), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, to_server: bool = False) -> None:
+        unsent = 0  # body bytes still to come of a request answered here, dropped as they arrive
         try:
             while chunk := source.recv(65536):
+                if unsent:
+                    dropped = min(unsent, len(chunk))
+                    unsent, chunk = unsent - dropped, chunk[dropped:]
+                    if not chunk:
+                        continue
+                fault = self._faulted(chunk) if to_server and self._faults else None
+                if fault is not None and fault.status is None:
+                    self.down()
+                    return
+                if fault is not None:
+                    unsent = max(0, _body_length(chunk) - len(chunk.partition(b"\r\n\r\n")[2]))
+                    source.sendall(fault.answer(chunk))
+                    continue
                 held = self._held(chunk) if to_server and self._holds else None
                 if held is not None:
                     held.released.wait(120)
@@ -170,6 +225,78 @@ class FlakyProxy:
             for held in self._holds:
                 held.release()
         self.down()
+
+
+def _request_line(chunk: bytes) -> bytes | None:
+    """The request line a chunk sent to the server starts with, if it starts a request."""
+    line = chunk.split(b"\r\n", 1)[0]
+    return line if line.endswith((b"HTTP/1.1", b"HTTP/1.0")) else None
+
+
+def _body_length(chunk: bytes) -> int:
+    head = chunk.split(b"\r\n\r\n", 1)[0]
+    for header in head.split(b"\r\n")[1:]:
+        name, _, value = header.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return 0
+
+
+# What S3 answers with each status (reason phrase, error code, message): botocore and s3fs key on the code.
+_S3_ERRORS = {
+    403: ("Forbidden", "AccessDenied", "Access Denied"),
+    500: ("Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
+    503: ("Service Unavailable", "SlowDown", "Please reduce your request rate."),
+}
+
+
+class Fault:
+    """Requests :meth:`FlakyProxy.fail` refuses, or the one at which :meth:`FlakyProxy.down_at` goes down.
+
+    ``refused`` lists the request lines it answered (or the one it went down at); ``stop()`` lets
+    matching requests through again.
+    """
+
+    def __init__(
+        self, markers: list[bytes], *, status: int | None = None, times: int | None = None, after: int = 0
+    ) -> None:
+        self.markers = markers
+        self.status = status
+        self.times = times
+        self.after = after
+        self.passed = 0
+        self.refused: list[str] = []
+        self.stopped = False
+
+    def applies(self, line: bytes) -> bool:
+        """Whether the request ``line`` is refused; counts it (call under the proxy's lock)."""
+        if self.stopped or not all(m in line for m in self.markers):
+            return False
+        if self.passed < self.after:
+            self.passed += 1
+            return False
+        if self.times is not None and len(self.refused) >= self.times:
+            return False
+        self.refused.append(line.decode(errors="replace"))
+        if self.status is None:  # a crash happens once
+            self.stopped = True
+        return True
+
+    def answer(self, request: bytes) -> bytes:
+        """S3's XML error response for ``status`` (headers only to a HEAD, as HTTP says)."""
+        reason, code, message = _S3_ERRORS[self.status or 500]
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{code}</Code><Message>{message}</Message><RequestId>flaky-proxy</RequestId></Error>"
+        ).encode()
+        head = (
+            f"HTTP/1.1 {self.status} {reason}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nx-amz-request-id: flaky-proxy\r\n\r\n"
+        ).encode()
+        return head if request.startswith(b"HEAD ") else head + body
+
+    def stop(self) -> None:
+        self.stopped = True
 
 
 class Hold:

@@ -19,6 +19,7 @@ from obliviate.unlearning.service import work_token
 from storage import ObjectStore
 from storage import lease as leases
 from storage.check import save_keep_superseded
+from storage.errors import StorageUnavailable
 from storage.ledger import CLAIMED, DeletionLedger
 from storage.registry import RunRegistry
 
@@ -188,33 +189,33 @@ def test_a_live_claimed_attempt_keeps_its_checkpoints_in_progress(trained):
     assert "still open" in (report.orphans_held_back or "") and report.healthy
 
 
-def test_an_interrupted_pruning_leaves_every_kept_version_whole_and_the_next_repair_finishes_it(trained, monkeypatch):
+def test_an_interrupted_pruning_leaves_every_kept_version_whole_and_the_next_repair_finishes_it(
+    s3_url, flaky_s3, tiny_run
+):
     """Versions are recorded pruned before anything is deleted, and only what no kept version uses is
     deleted: a pruning cut off after its first deletion leaves a healthy store whose leftovers are
-    orphans, and the next `--repair` collects them."""
-    store_url, spec = trained
-    _forget(store_url, spec, batches=2)
-    store = ObjectStore(store_url)
-    deletes = {"n": 0}
-    real_delete = ObjectStore.delete
+    orphans, and the next `--repair` collects them.
 
-    def delete_then_crash(self, key):
-        if deletes["n"] == 1:
-            raise KeyboardInterrupt("killed mid-pruning")
-        deletes["n"] += 1
-        real_delete(self, key)
+    The pruning reaches moto S3 through a proxy that goes down once it has deleted one object (two
+    DELETEs: its commit record, then its bytes): what it left on the server is what a process killed
+    there leaves. No local store has such a fault (root deletes whatever the permissions say).
+    """
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
+    ChainWorker(s3_url).train(spec)
+    store = ObjectStore(s3_url)
+    save_keep_superseded(store, keep=True)
+    _forget(s3_url, spec, batches=2)
+    crash = flaky_s3.down_at("DELETE", f"/{s3_url.removeprefix('s3://')}/runs/r1/", after=2)
+    with flaky_s3.routed(), pytest.raises(StorageUnavailable):
+        check_and_repair(s3_url, repair=True, min_orphan_age_s=0, keep_versions=1)
+    assert len(crash.refused) == 1, "the pruning never reached its second deletion"
 
-    monkeypatch.setattr(ObjectStore, "delete", delete_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        check_and_repair(store_url, repair=True, min_orphan_age_s=0, keep_versions=1)
-    monkeypatch.setattr(ObjectStore, "delete", real_delete)
-
-    report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
+    report = check_and_repair(s3_url, repair=False, min_orphan_age_s=0)  # straight to the server
     assert report.healthy and report.lineage == [] and report.orphans, report.as_dict()
     assert RunRegistry(store).pruned_versions("r1")  # recorded first
-    finished = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    finished = check_and_repair(s3_url, repair=True, min_orphan_age_s=0)
     assert finished.collected == report.orphans and finished.healthy
-    assert check_and_repair(store_url, repair=False, min_orphan_age_s=0).orphans == []
+    assert check_and_repair(s3_url, repair=False, min_orphan_age_s=0).orphans == []
 
 
 def test_retention_and_orphans_on_s3(s3_url, tiny_run):
