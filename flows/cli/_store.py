@@ -3,9 +3,10 @@
 * Which store: ``--store URL``, else ``$OBLIVIATE_STORE``, else ``file://./runs``, resolved when
   the command runs (never at import time).
 * Before any work: the store must be reachable. A command that writes (``train``, ``serve``,
-  ``forget``, ``reduce``, ``tune``, ``store check --repair``) creates a missing bucket or folder and
+  ``reduce``, ``tune``, ``store check --repair``) creates a missing bucket or folder and
   proves it can write by writing and deleting a temporary name at its root (no folder is left); a command that only reads
-  (``forget --status``, ``store check``) refuses a store that does not exist; ``verify`` refuses
+  (``forget --status``, ``store check``) refuses a store that does not exist, and so does ``forget --ids`` (a request
+  filed in a store no run and no serve know of would never be applied: a mistyped store loses it); ``verify`` refuses
   one too, then proves it can write its result there before replaying. A failure is
   reported before anything is computed, as what it is (unreachable, not writable, missing).
 * While the command runs: a store that stops answering is said on stderr within about 10 s (which
@@ -89,7 +90,7 @@ def prepare_store(url: str, *, write: bool, named_by: str = "--store / $OBLIVIAT
         if not write:
             raise ConfigError(
                 f"store {store.url} does not exist (no bucket or folder there); nothing to read. Check {named_by}, "
-                "or create it by writing to it (train, serve, forget)."
+                "or create it by writing to it (train, serve)."
             )
         try:
             store.ensure_container()

@@ -215,6 +215,14 @@ def run_forget(args: Args) -> int:
     store, exists = probe_store(store_url(args))
     if deadline_s is not None:
         _check_within_policy(store, deadline_s, given=str(args.deadline), exists=exists)
+    if not exists and ids is not None:
+        # Created here, the request would sit in a store no run and no serve know of: a typo would lose it.
+        raise ConfigError(
+            f"a deletion request is filed in the store that holds the runs trained on its ids, and store {store.url} "
+            "does not exist (no bucket or folder there): no run is registered there and no serve would ever apply a "
+            "request filed in it. Nothing written. Check --store / $OBLIVIATE_STORE (a mistyped prefix names an "
+            "empty store); a store is created by `obliviate train` or `obliviate serve`."
+        )
     if not exists and (args.cancel or args.retry):
         raise _unknown_request(request_id, store.url, known=[])
     if not exists and args.now and ids is None:
@@ -298,6 +306,7 @@ def run_forget(args: Args) -> int:
 
     # Named here, not inside submit_deletion, so a failure can say which request to look up or repeat.
     request_id = args.request_id or new_request_id(ids, dataset=args.data)
+    unheard = _unheard_warning(ObjectStore(url), args.data)
     args.interrupted_note = (
         f"request {request_id} may or may not be recorded: `obliviate forget --status {request_id}` tells. "
         f"Repeating this command with --request-id {request_id} is safe (one request, applied once); without it, "
@@ -321,10 +330,41 @@ def run_forget(args: Args) -> int:
         ) from err
     args.interrupted_note = _filed_note(result["request_id"], result["status"])
     print(f"request {result['request_id']}: {result['status']}; {result.get('note', '')}", file=sys.stderr)
+    if unheard:
+        print(unheard, file=sys.stderr)
     if args.wait > 0:
         return _waited(url, result["request_id"], args.wait)
     print(json.dumps(result, default=str))
     return EXIT_DONE
+
+
+def _unheard_warning(store: Any, dataset: str) -> str | None:
+    """A warning when no registered run trained on ``dataset`` and no ``serve`` ever announced itself for ``store``.
+
+    Such a request is filed all the same (a run may be trained on the store later, and it leaves those ids out),
+    but a mistyped --store looks just like this, and there nothing would ever apply it.
+    """
+    from flows.unlearn import ENDPOINT_KEY
+    from storage.registry import RunRegistry
+
+    if store.exists(ENDPOINT_KEY):  # a serve has served this store: it applies what is filed here
+        return None
+    registry = RunRegistry(store)
+    runs = registry.run_ids()
+    of_dataset = [run_id for run_id in runs if registry.spec(run_id).dataset == dataset]
+    if of_dataset:
+        return None
+    others = (
+        f"its runs ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}) trained on other data"
+        if runs
+        else ("it holds no registered run")
+    )
+    return (
+        f"warning: store {store.url} has no registered run of --data {dataset} ({others}) and no `obliviate serve` "
+        "ever announced itself there, so nothing will apply this request unless a run of that data is trained or "
+        "served on this store. Check the URL (--store / $OBLIVIATE_STORE) and --data; if either was mistyped, "
+        "file the request again on the right store."
+    )
 
 
 def _interrupted_note(args: Args) -> str | None:

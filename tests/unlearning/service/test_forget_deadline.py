@@ -19,7 +19,9 @@ from storage.ledger import DeletionLedger
 @pytest.fixture
 def url(tmp_path, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the event path finds no API: recorded, announced later
-    return f"file://{tmp_path}/runs"
+    url = f"file://{tmp_path}/runs"
+    ObjectStore(url).ensure_container()  # forget files requests only in a store that exists
+    return url
 
 
 def _forget(url: str, request_id: str, *extra: str) -> int:
@@ -82,6 +84,9 @@ def test_forget_deadline_needs_ids(url, capsys):
         # the first left an empty folder behind: the store was created before the deadline was judged
         (["--ids", "1", "--deadline", "999d"], "may shorten the store's deadline, not lengthen it"),
         (["--ids", "1", "--deadline", "999d", "--now"], "may shorten the store's deadline, not lengthen it"),
+        # it created the store and filed the request there, where no run and no serve would ever apply it
+        (["--ids", "1"], "does not exist (no bucket or folder there): no run is registered there"),
+        (["--ids", "1", "--now", "--no-event"], "does not exist (no bucket or folder there): no run is registered"),
         (["--cancel", "nosuch"], "no request 'nosuch' in the ledger of"),
         (["--retry", "nosuch"], "no request 'nosuch' in the ledger of"),
         (["--status", "nosuch"], "does not exist"),
