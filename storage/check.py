@@ -21,7 +21,12 @@
   are listed only when no kept version refers to them, their run has a current version (a training
   in progress is never touched), they are older than ``min_age_s``, and no attempt may still write,
   publish or resume them (:func:`_in_flight`). A write check's leftover (:meth:`ObjectStore.check_writable`)
-  is listed whatever its age: nothing reads it, and its writer tolerates its removal.
+  is listed whatever its age: nothing reads it, and its writer tolerates its removal;
+* ``nested``: folders that are stores of their own (the demo's ./runs/demo inside the default store
+  ./runs): skipped whole, to be checked with their own ``--store``; their manifests pin keys of their
+  own root, and their files are not this store's garbage;
+* ``foreign``: files outside the key families obliviate writes (:meth:`_Scope.own`; a steal report or
+  a target checkpoint kept under the store's folder): never collected, said only as a count.
 
 Retention (:func:`prune_versions`, ``store check --repair --keep-versions N``) marks the versions of
 a run older than its newest N as pruned (``runs/<run>/pruned.json``, written first) and deletes what
@@ -57,6 +62,18 @@ _STATUS_VERSION_KEY = re.compile(r"^ledger/status/(?P<request>[^/]+)/v(?P<versio
 _POINTER_VERSION_NAME = re.compile(r"^v\d{9}\.json$")
 # Folders of a store that hold no obliviate objects: Ray Tune's own state (flows.tune).
 _FOREIGN = ("tune-state/",)
+# The first folders of the keys obliviate writes (besides ``reduce-*`` results and temporaries at the root). A name
+# elsewhere is not the store's: store check never collects it (a user's steal report or target checkpoint kept
+# under the store's folder, the default ./runs). storage.tiles.MI_TILES is "mi-tiles"; not imported (numpy).
+_OWN_TOP = ("runs", "registry", "ledger", "service", "groups", "tune", "mi-tiles")
+_RESULT_TOP = "reduce-"
+# What only a store's root holds (a run's version pointer, a registry entry, a ledger request, a reduce result, an
+# MI tile): a folder holding one of these, under a name that is not one of the outer store's own keys, is a store
+# of its own (the demo's ./runs/demo inside the default store ./runs, and its deletion story's store at service/).
+_STORE_MARK = re.compile(
+    r"^(?P<root>.+?)/(?:runs/[^/]+/current/v\d{9}\.json|registry/[^/]+\.json\.sha256"
+    r"|ledger/requests/[^/]+\.json\.sha256|reduce-[^/]+/manifest\.json\.sha256|mi-tiles/[^/]+/[^/]+\.sha256)$"
+)
 # A ledger request whose record or latest status cannot be read: counted as open (what it may still need is kept).
 _UNREADABLE = "unreadable"
 # How a damaged object's error (storage.objects) ends outside store check.
@@ -84,6 +101,8 @@ class StoreReport:
     min_age_s: float = 600.0
     superseded: list[dict[str, Any]] = field(default_factory=list)
     purged: dict[str, Any] | None = None
+    nested: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -116,6 +135,8 @@ class StoreReport:
             "half_filed": self.half_filed,
             "superseded": self.superseded,
             "purged": self.purged,
+            "nested": self.nested,
+            "foreign": self.foreign,
             "seconds": self.seconds,
         }
 
@@ -124,8 +145,11 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     """Verify every committed object and pointer version, every run's lineage; list orphans."""
     began = time.monotonic()
     report = StoreReport(url=store.url, min_age_s=min_age_s)
-    names = store.stored_names("")
-    keys = store.list("")
+    everything = store.stored_names("")
+    scope = _scope(everything)
+    report.nested = list(scope.nested)
+    names = [name for name in everything if scope.checked(name)]
+    keys = [key for key in store.list("") if scope.checked(key)]
     for key in keys:
         report.objects_checked += 1
         try:
@@ -156,7 +180,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
                     "obliviate; its commit record remains)",
                 }
             )
-    pointer_keys = store.list_pointers("")
+    pointer_keys = [key for key in store.list_pointers("") if scope.checked(key)]
     for pointer_key in pointer_keys:
         latest = _latest_version(store, pointer_key)
         for version in range(1, latest + 1):
@@ -192,7 +216,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
             )
         if key.rsplit("/", 1)[-1] == "manifest.json" and not key.startswith("runs/"):
             _check_result_manifest(store, key, report)
-    alone = _bytes_alone(store, report, names, keys, pointer_keys, referenced, dependents)
+    alone = _bytes_alone(store, report, names, keys, pointer_keys, referenced, dependents, scope)
     for item in report.corrupt:
         item["needed_by"] = dependents.get(item["key"], [])
         # a damaged object's own error sends its reader here; here it is said what needs it and how to mend it
@@ -200,7 +224,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     _explain_ledger_damage(store, report)
 
     report.orphans, report.orphans_held_back = _orphans(
-        store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report
+        store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report, scope
     )
     report.superseded = _superseded_left(store)
     report.seconds = time.monotonic() - began
@@ -236,6 +260,56 @@ def _superseded_left(store: ObjectStore) -> list[dict[str, Any]]:
     return found
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """Which stored names are this store's own (:func:`_scope`)."""
+
+    nested: tuple[str, ...]  # folders ("demo/") that are stores of their own
+    runs: frozenset[str]  # run folders (runs/<run>/) holding something obliviate committed
+
+    def own(self, name: str) -> bool:
+        """Whether ``name`` is in a key family obliviate writes: its objects, commit records, pointers, temporaries.
+
+        Only these are ever collected. A run's folder is one holding a commit record or a pointer version
+        (runs/steal/ with steal's plain files is not, on a store at ./).
+        """
+        parts = name.split("/")
+        top = parts[0]
+        if len(parts) == 1:
+            return top.startswith(_TMP_MARK)  # at the root only temporaries (write checks)
+        if top == "runs":
+            return len(parts) >= 3 and parts[1] in self.runs
+        if top in ("registry", "groups") or top.startswith(_RESULT_TOP):
+            return len(parts) == 2
+        if top == "service":  # its records, and the pass claim's pointer versions
+            last = parts[-1]
+            return len(parts) == 2 or (
+                len(parts) == 3 and (_POINTER_VERSION_NAME.match(last) is not None or last.startswith(_TMP_MARK))
+            )
+        return top in _OWN_TOP
+
+    def checked(self, name: str) -> bool:
+        """Whether store check reads ``name``: not inside a nested store, unless it is one of this store's own keys."""
+        return self.own(name) or not name.startswith(self.nested)
+
+
+def _scope(names: list[str]) -> _Scope:
+    """This store's own names and the folders in it that are stores of their own (shallowest first kept)."""
+    runs = frozenset(
+        parts[1]
+        for parts in (name.split("/") for name in names if name.startswith("runs/"))
+        if len(parts) >= 3 and (parts[-1].endswith(COMMIT_SUFFIX) or _POINTER_VERSION_NAME.match(parts[-1]))
+    )
+    own = _Scope(nested=(), runs=runs)
+    roots = set()
+    for name in names:
+        mark = _STORE_MARK.match(name)
+        if mark is not None and not own.own(name):
+            roots.add(mark.group("root") + "/")
+    nested = tuple(sorted(root for root in roots if not any(root != o and root.startswith(o) for o in roots)))
+    return _Scope(nested=nested, runs=runs)
+
+
 def _records_alone(names: list[str]) -> list[str]:
     """Keys whose commit record was listed without the object it commits."""
     present = set(names)
@@ -254,6 +328,7 @@ def _bytes_alone(
     pointer_keys: list[str],
     referenced: set[str],
     dependents: dict[str, list[dict[str, Any]]],
+    scope: _Scope,
 ) -> list[str]:
     """Bytes under a final name without a commit record: damage when something needs them, else returned.
 
@@ -263,7 +338,9 @@ def _bytes_alone(
     damage (added to ``report.corrupt``; a version's member already reported as missing is not
     repeated). A request whose status history exists needs its record; one without (its record
     alone, or only its open marker) is half-filed: ``report.half_filed`` (its marker and bytes are
-    orphans). A status history whose request is gone entirely is damage too.
+    orphans). A status history whose request is gone entirely is damage too. A file outside the key
+    families obliviate writes (:meth:`_Scope.own`) that nothing needs is not an orphan: obliviate did not
+    write it (a user's file kept under the store's folder), so it goes to ``report.foreign``, left alone.
     """
     present = set(names)
     pointers = set(pointer_keys)
@@ -277,7 +354,6 @@ def _bytes_alone(
             name.endswith(COMMIT_SUFFIX)
             or _TMP_MARK in name
             or name + COMMIT_SUFFIX in present
-            or not parent  # nothing of obliviate is stored at the root but its temporary files
             or name.startswith(_FOREIGN)
             or (parent in pointers and _POINTER_VERSION_NAME.match(base))
         ):
@@ -298,6 +374,8 @@ def _bytes_alone(
             )
         elif request is not None:
             report.half_filed.append(request.group("request"))
+        elif not scope.own(name):
+            report.foreign.append(name)
         else:
             found.append(name)
     committed = set(keys)
@@ -317,6 +395,7 @@ def _bytes_alone(
         if opened and f"ledger/requests/{opened}.json" not in committed and opened not in statuses:
             report.half_filed.append(opened)
     report.half_filed = sorted(set(report.half_filed))
+    report.foreign = sorted(report.foreign)
     report.uncommitted = sorted(found)
     return report.uncommitted
 
@@ -542,6 +621,7 @@ def _orphans(
     min_age_s: float,
     alone: list[str],
     report: StoreReport,
+    scope: _Scope,
 ) -> tuple[list[str], str | None]:
     """Unreferenced objects old enough to collect, and why some were kept (``None``: none were).
 
@@ -587,7 +667,7 @@ def _orphans(
         base = name.rsplit("/", 1)[-1]
         if base.startswith(WRITE_CHECK_MARK) and "/" not in name:
             found.append(name)  # a write check's leftover: nothing reads it, its writer tolerates its removal
-        elif base.startswith(_TMP_MARK) and store.stored_age_s(name) >= min_age_s:
+        elif base.startswith(_TMP_MARK) and scope.own(name) and store.stored_age_s(name) >= min_age_s:
             found.append(name)
     found = list(set(found))
     held = None

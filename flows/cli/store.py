@@ -106,6 +106,19 @@ def run_store_check(args: Args) -> int:
         )
     elif report.collected:
         print(f"  collected {len(report.collected)} orphan(s)", file=sys.stderr)
+    for folder in report.nested:
+        print(
+            f"  skipped nested store {folder} (a store of its own: check it with --store {report.url}/"
+            f"{folder.rstrip('/')})",
+            file=sys.stderr,
+        )
+    if report.foreign:
+        more = f" (+{len(report.foreign) - 5} more)" if len(report.foreign) > 5 else ""
+        print(
+            f"  {len(report.foreign)} file(s) not written by obliviate left alone (not checked, never collected): "
+            f"{', '.join(report.foreign[:5])}{more}",
+            file=sys.stderr,
+        )
     if report.pruned is not None:
         _say_pruned(report.pruned)
     print(json.dumps(report.as_dict(), default=str))

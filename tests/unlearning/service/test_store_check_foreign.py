@@ -1,0 +1,123 @@
+"""`store check` on the README's default store after the demo and steal ran (probe 68, D-d): the demo's own
+store (./runs/demo, with the deletion story's store at ./runs/demo/service) and steal's plain files
+(./runs/steal, ./runs/demo/steal) live inside the default store ./runs. A nested store is not the outer
+store's: skipped and said; a file obliviate did not write is left alone; our own crash leftovers are still
+collected."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from actors.chains import ChainWorker
+from flows.cli import main
+from flows.train import run_spec
+from obliviate.extraction.target import save_checkpoint
+from storage import ObjectStore
+from storage.check import check_store
+
+AN_HOUR_AGO = time.time() - 3600
+# steal's outputs (--out runs/steal, the demo's runs/demo/steal) and target train's checkpoint: plain files
+USER_FILES = ["steal/target.pt", "steal/steal.json", "steal/steal.md", "steal/steal.png", "target.pt"]
+DEMO_USER_FILES = ["demo/steal/target.pt", "demo/steal/steal.json", "demo/steal/steal.md", "demo/steal/steal.png"]
+
+
+def _old(path: Path) -> None:
+    os.utime(path, (AN_HOUR_AGO, AN_HOUR_AGO))
+
+
+def _user_files(root: Path, names: list[str]) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".pt"):  # target train's own writer
+            save_checkpoint(path, model=nn.Linear(4, 2), arch="linear", meta={"num_classes": 2})
+        elif name.endswith(".json"):
+            path.write_text(json.dumps({"queries_to_90": 120}))
+        else:
+            path.write_bytes(b"# extraction audit\n" if name.endswith(".md") else b"\x89PNG\r\n\x1a\n")
+        _old(path)
+
+
+@pytest.fixture
+def default_store(tmp_path, tiny_run, capsys):
+    """./runs as the README leaves it: a run, the demo's store inside (a reduce result and the deletion story's
+    store with a run), steal's plain files in both, and our own crash leftovers in the outer store."""
+    root = tmp_path / "runs"
+    url = f"file://{root}"
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=2, train_size=200, heldout_size=100))
+    ChainWorker(url).train(spec)
+    demo = root / "demo"
+    assert main(["reduce", "--data", "digits", "--k", "10", "--workers", "0", "--out", str(demo)]) == 0
+    ChainWorker(f"file://{demo}/service").train(spec)
+    capsys.readouterr()
+    _user_files(root, USER_FILES + DEMO_USER_FILES)
+    # our own leftovers of a crash: a write's temporary file and bytes whose commit record never came
+    chain = root / "runs/r1/chains/train"
+    ours = [chain / ".tmp-0123456789abcdef-ckpt-0001.pt", chain / "ckpt-0009.pt"]
+    for path in ours:
+        path.write_bytes(b"half a checkpoint")
+        _old(path)
+    # the nested store's own leftover: its check's business, not the outer one's
+    (nested_leftover,) = demo.glob("reduce-*")
+    nested_tmp = nested_leftover / ".tmp-fedcba9876543210-summary.json"
+    nested_tmp.write_bytes(b"{")
+    _old(nested_tmp)
+    return url, root, [str(p.relative_to(root)) for p in ours], nested_tmp
+
+
+def test_a_nested_store_is_skipped_and_plain_files_are_left_alone(default_store, capsys):
+    """The outer check reported the demo's reduce result as damaged ('... but it is gone', exit 1 for good,
+    --repair UNRECOVERABLE) and listed steal's report and target checkpoints as orphans, which --repair deleted.
+    Now the nested store is skipped (said in one line, with how to check it), the plain files are counted as
+    not written by obliviate and left alone, the store is healthy (exit 0), and --repair collects only our own
+    crash leftovers."""
+    url, root, ours, nested_tmp = default_store
+    store = ObjectStore(url)
+
+    report = check_store(store, min_age_s=600)
+    assert report.corrupt == [] and report.lineage == [] and report.healthy, report.as_dict()
+    assert report.nested == ["demo/"], report.as_dict()
+    assert report.orphans == sorted(ours), report.as_dict()
+    assert sorted(report.foreign) == sorted(USER_FILES), report.as_dict()
+
+    assert main(["store", "check", "--store", url]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped nested store demo/ (a store of its own: check it with --store {url}/demo)" in err, err
+    assert f"{len(USER_FILES)} file(s) not written by obliviate left alone" in err, err
+    assert "damaged" not in err.replace("0 damaged", ""), err
+
+    assert main(["store", "check", "--repair", "--store", url]) == 0
+    err = capsys.readouterr().err
+    assert "UNRECOVERABLE" not in err and f"collected {len(ours)} orphan(s)" in err, err
+    for name in USER_FILES + DEMO_USER_FILES:
+        assert (root / name).exists(), f"--repair deleted the user's {name}"
+    assert not any((root / name).exists() for name in ours)
+    assert nested_tmp.exists()  # the nested store's leftover waits for its own check
+
+    # the nested stores are checked on their own: healthy, the deletion story's store skipped in turn
+    nested = check_store(ObjectStore(f"{url}/demo"), min_age_s=600)
+    assert nested.healthy and nested.nested == ["service/"], nested.as_dict()
+    assert sorted(nested.foreign) == sorted(name.removeprefix("demo/") for name in DEMO_USER_FILES)
+    assert nested.orphans == [str(nested_tmp.relative_to(root / "demo"))], nested.as_dict()
+    assert check_store(ObjectStore(f"{url}/demo/service"), min_age_s=600).healthy
+
+
+def test_a_run_named_like_a_store_folder_is_not_a_nested_store(store_url, tiny_run):
+    """A run whose id is a store folder's name (runs/registry/spec.json looks like a store rooted at runs/) is the
+    store's own run: checked, and its crash leftovers collected."""
+    root = Path(store_url.removeprefix("file://"))
+    spec = run_spec(run_id="registry", split_seed=0, **tiny_run(blocks=2, train_size=200, heldout_size=100))
+    ChainWorker(store_url).train(spec)
+    leftover = root / "runs/registry/chains/train/ckpt-0009.pt"
+    leftover.write_bytes(b"half a checkpoint")
+    _old(leftover)
+    report = check_store(ObjectStore(store_url), min_age_s=600)
+    assert report.nested == [] and report.healthy, report.as_dict()
+    assert report.orphans == ["runs/registry/chains/train/ckpt-0009.pt"], report.as_dict()
+    assert report.objects_checked >= 6
