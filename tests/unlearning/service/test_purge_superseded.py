@@ -5,7 +5,8 @@ Every version was kept by default: after unlearning an id of block 2, v2 was exa
 supersedes are purged with retention's machinery (pointer versions stay as the record), a purge cut
 off is reported by ``store check`` and finished by ``--repair`` (or the next attempt), and
 ``serve --keep-superseded-versions`` keeps them on purpose. Real stores (file:// and moto's s3://),
-a tiny run; no mocks of obliviate's components (a crash is a failing store delete).
+a tiny run; no mocks of obliviate's components (a crash or a refused delete is staged in the network
+between the worker and moto S3, by tests/conftest.py's FlakyProxy).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import check_store, keeps_superseded, save_keep_superseded
-from storage.errors import StorageError
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 
@@ -120,50 +120,50 @@ def test_a_pass_records_when_the_data_left_storage(store_url, tiny_run):
     assert _trained_on(ObjectStore(store_url), victim) == []
 
 
-def test_a_crash_between_publish_and_purge_is_reported_and_repaired(store_url, tiny_run, monkeypatch):
-    victim = _trained(store_url, tiny_run)
-    store = ObjectStore(store_url)
-    real_delete = ObjectStore.delete
-    deletes = {"n": 0}
+def _runs_of(url: str) -> str:
+    """What the request line of an S3 request on the store's ``runs/`` objects holds (``/bucket/prefix/runs/``)."""
+    return f"/{url.removeprefix('s3://')}/runs/"
 
-    def delete_then_crash(self, key):
-        if deletes["n"] == 1:
-            raise KeyboardInterrupt("killed mid-purge")
-        deletes["n"] += 1
-        real_delete(self, key)
 
-    monkeypatch.setattr(ObjectStore, "delete", delete_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        ChainWorker(store_url).unlearn("r1", {"req-1": [victim]})
-    monkeypatch.setattr(ObjectStore, "delete", real_delete)
+def test_a_crash_between_publish_and_purge_is_reported_and_repaired(s3_url, flaky_s3, tiny_run):
+    """The worker reaches moto S3 through a proxy that goes down once its purge has deleted one object
+    (two DELETEs: its commit record, then its bytes): the server keeps what a worker killed there leaves.
+    No local store has such a fault (root deletes whatever the permissions say)."""
+    victim = _trained(s3_url, tiny_run)
+    store = ObjectStore(s3_url)
+    with flaky_s3.routed():
+        worker = ChainWorker(s3_url)
+    crash = flaky_s3.down_at("DELETE", _runs_of(s3_url), after=2)
+    result = worker.unlearn("r1", {"req-1": [victim]})
+    assert len(crash.refused) == 1, "the purge never reached its second deletion"
+    assert result["status"] == "published" and result["superseded_versions"]["status"] == "pending", result
     assert RunRegistry(store).current("r1").version == 2  # published, purge cut off
     assert _trained_on(store, victim) != []
 
-    report = check_and_repair(store_url, repair=False, min_orphan_age_s=0)
+    report = check_and_repair(s3_url, repair=False, min_orphan_age_s=0)
     assert not report.healthy and [item["run"] for item in report.superseded] == ["r1"], report.as_dict()
     assert "store check --repair" in report.superseded[0]["problem"]
-    repaired = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
+    repaired = check_and_repair(s3_url, repair=True, min_orphan_age_s=0)
     assert repaired.healthy and repaired.purged is not None and repaired.purged["objects"] > 0, repaired.as_dict()
     assert _trained_on(store, victim) == []
-    assert check_and_repair(store_url, repair=False, min_orphan_age_s=0).healthy
+    assert check_and_repair(s3_url, repair=False, min_orphan_age_s=0).healthy
 
 
-def test_the_next_attempt_finishes_a_purge_and_a_failed_purge_never_fails_the_deletion(
-    store_url, tiny_run, monkeypatch
-):
-    victim = _trained(store_url, tiny_run)
-    store = ObjectStore(store_url)
-
-    def delete_fails(self, key):
-        raise StorageError(f"could not delete {key}: the store is read-only")
-
-    monkeypatch.setattr(ObjectStore, "delete", delete_fails)
-    worker = ChainWorker(store_url)
+def test_the_next_attempt_finishes_a_purge_and_a_failed_purge_never_fails_the_deletion(s3_url, flaky_s3, tiny_run):
+    """The worker reaches moto S3 through a proxy that answers every DELETE with S3's AccessDenied, as a
+    bucket policy that forbids deleting does (a local store has no such refusal: root deletes anyway)."""
+    victim = _trained(s3_url, tiny_run)
+    store = ObjectStore(s3_url)
+    with flaky_s3.routed():
+        worker = ChainWorker(s3_url)
+    read_only = flaky_s3.fail("DELETE", status=403)
     result = worker.unlearn("r1", {"req-1": [victim]})
-    monkeypatch.undo()
+    read_only.stop()
+    assert read_only.refused and all(_runs_of(s3_url) in line for line in read_only.refused), read_only.refused
     assert result["status"] == "published" and result["purged_at"] is None
     assert result["superseded_versions"]["status"] == "pending"
-    assert "read-only" in result["superseded_versions"]["reason"]
+    reason = result["superseded_versions"]["reason"]
+    assert f"permission denied at {s3_url}/runs/r1/" in reason and "Access Denied" in reason, reason
     assert not check_store(store, min_age_s=0).healthy
 
     again = worker.unlearn("r1", {"req-1": [victim]})  # the request's next attempt (a crash before settling)
