@@ -241,7 +241,8 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# verify {result['run_id']} v{result['version']}: **{result['status']}**",
         "",
-        f"- requests applied: {len(result['applied_requests'])} ({result['applied_ids']} ids)",
+        f"- requests applied: {len(result['applied_requests'])} ({result['applied_ids']} "
+        f"{'id' if result['applied_ids'] == 1 else 'ids'})",
         f"- blocks replayed: {result['blocks_replayed']}",
         f"- bit-identical (model, optimizer state, schedule position): {identical}",
         f"- M_0: {initial}",

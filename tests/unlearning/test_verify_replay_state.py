@@ -198,5 +198,7 @@ def test_the_report_words_say_what_was_checked() -> None:
     markdown = _markdown(result)
     assert "- M_0: NOT the seeded initial model of this recipe" in markdown
     assert "- bit-identical (model, optimizer state, schedule position): 1/1" in markdown
+    assert "- requests applied: 1 (1 id)" in markdown
+    assert "- requests applied: 1 (3 ids)" in _markdown({**result, "applied_ids": 3})
     assert initial_model_words({**result, "initial_model_seeded": True}) == "; M_0 is the seeded initial model"
     assert initial_model_words({**result, "initial_model_seeded": None}) == ""
