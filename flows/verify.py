@@ -236,13 +236,13 @@ def initial_model_words(result: dict[str, Any]) -> str:
 
 def _markdown(result: dict[str, Any]) -> str:
     identical = f"{sum(result['bit_identical'].values())}/{len(result['bit_identical'])}"
+    ids = result["applied_ids"]
     seeded = result.get("initial_model_seeded")
     initial = "not readable" if seeded is None else f"{'' if seeded else 'NOT '}the seeded initial model of this recipe"
     lines = [
         f"# verify {result['run_id']} v{result['version']}: **{result['status']}**",
         "",
-        f"- requests applied: {len(result['applied_requests'])} ({result['applied_ids']} "
-        f"{'id' if result['applied_ids'] == 1 else 'ids'})",
+        f"- requests applied: {len(result['applied_requests'])} ({ids} {'id' if ids == 1 else 'ids'})",
         f"- blocks replayed: {result['blocks_replayed']}",
         f"- bit-identical (model, optimizer state, schedule position): {identical}",
         f"- M_0: {initial}",
