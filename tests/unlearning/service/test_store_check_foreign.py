@@ -121,3 +121,17 @@ def test_a_run_named_like_a_store_folder_is_not_a_nested_store(store_url, tiny_r
     assert report.nested == [] and report.healthy, report.as_dict()
     assert report.orphans == ["runs/registry/chains/train/ckpt-0009.pt"], report.as_dict()
     assert report.objects_checked >= 6
+
+
+def test_a_store_holding_only_a_nested_store_is_not_said_empty(tmp_path, capsys):
+    """./runs after only the demo's first step: `store check` said 'the store holds nothing; check --store if you
+    expected data', as for a mistyped store. Now it names the nested store and how to check it, and nothing else."""
+    root = tmp_path / "runs"
+    assert main(["reduce", "--data", "digits", "--k", "10", "--workers", "0", "--out", str(root / "demo")]) == 0
+    capsys.readouterr()
+    assert main(["store", "check", "--store", f"file://{root}"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "holds nothing" not in err
+        and f"skipped nested store demo/ (a store of its own: check it with --store file://{root}/demo)" in err
+    ), err
