@@ -6,7 +6,7 @@ current one and its full chain counted as superseded, so the first interim of an
 a release's predecessors) was due, and ``--repair`` deleted its manifest. A purge that
 ``store check --repair`` (or a later deletion) finished left each request's ledger entry saying
 ``kept`` or ``pending`` with ``purged_at`` null. Real stores, a tiny run; no mocks of obliviate's
-components (a failed purge is a failing store delete).
+components (a failed purge is moto S3's delete refused in the network, by tests/conftest.py's FlakyProxy).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import SUPERSEDED_KEY, check_store, purge_superseded, save_keep_superseded
-from storage.errors import StorageError
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 
@@ -110,21 +109,20 @@ def test_a_kept_purge_finished_by_repair_reaches_the_ledger(store_url, tiny_run)
     _purged_in_ledger(store_url, [1])
 
 
-def test_a_pending_purge_finished_by_repair_reaches_the_ledger(store_url, tiny_run, monkeypatch):
-    _, _, firsts = _trained(store_url, tiny_run)
-    real_delete = ObjectStore.delete
-
-    def delete_fails(self, key):  # the run's objects only: the ledger's own deletes (leases, markers) go on
-        if key.startswith("runs/"):
-            raise StorageError(f"could not delete {key}: the store is read-only")
-        real_delete(self, key)
-
-    monkeypatch.setattr(ObjectStore, "delete", delete_fails)
-    details = _settle(store_url, firsts[1])
-    monkeypatch.undo()
+def test_a_pending_purge_finished_by_repair_reaches_the_ledger(s3_url, flaky_s3, tiny_run):
+    """The pass reaches moto S3 through a proxy that answers each DELETE of the run's objects with S3's
+    AccessDenied (a bucket policy that forbids deleting them); the ledger's own deletes (leases, markers)
+    go on. A local store has no such refusal (root deletes anyway), so this runs on S3."""
+    _, _, firsts = _trained(s3_url, tiny_run)
+    denied = flaky_s3.fail("DELETE", f"/{s3_url.removeprefix('s3://')}/runs/", status=403)
+    with flaky_s3.routed():
+        details = _settle(s3_url, firsts[1])
+    denied.stop()
+    assert denied.refused, "the purge never tried to delete"
     assert details["runs"]["r1"]["superseded_versions"]["status"] == "pending" and details["purged_at"] is None
-    assert check_and_repair(store_url, repair=True, min_orphan_age_s=0).healthy
-    _purged_in_ledger(store_url, [])  # v1 was recorded pruned by the failed purge; the repair deleted its objects
+    assert "permission denied" in details["runs"]["r1"]["superseded_versions"]["reason"], details["runs"]["r1"]
+    assert check_and_repair(s3_url, repair=True, min_orphan_age_s=0).healthy
+    _purged_in_ledger(s3_url, [])  # v1 was recorded pruned by the failed purge; the repair deleted its objects
 
 
 def test_the_setting_says_what_wrote_it(store_url):
