@@ -8,11 +8,14 @@ Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out 
    sizes), take the target's labels on the
    test set once, and precompute what selectors need on the pool (MI matrices, features) so no
    cell repeats it.
-2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`).
+2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`), as many at once as Ray
+   has CPUs. Each cell logs a line when it ends; a cell takes minutes, so off a terminal (no bars) the
+   log also names the cells running at least every ``progress_every_s`` (:class:`flows.progress.ProgressLines`).
 3. ``write_report``: JSON + Markdown table + PNG plot + a Prefect table artifact. The three files are
    rendered first, then replaced together through :func:`write_outputs` (the one place that touches
    the output location); they carry the same run id. ``steal.md`` leads with the fewest queries at
-   which any attacker and selector measured reaches 90 % and 95 % agreement, naming the pair.
+   which any attacker and selector measured reaches 90 % and 95 % agreement, naming the pair; the flow
+   returns that line too (``headline``), which ``obliviate steal`` prints.
 
 Call ``ray.init(address="local", num_cpus=...)`` once before the ``steal`` flow (the CLI does); the
 flow reuses that runtime. The ``extraction-audit`` flow joins Ray itself (:func:`flows.runtime.ensure_ray`:
@@ -49,7 +52,7 @@ from prefect.cache_policies import NO_CACHE
 
 from actors.extraction import run_cell_task
 from flows.artifacts import publish_table
-from flows.progress import report
+from flows.progress import ProgressLines, bars_drawn, report
 from flows.runtime import writable_folder
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError, ObliviateError
@@ -274,6 +277,7 @@ def run_cells(
     *,
     timeout_s: float,
     retries: int,
+    progress_every_s: float | None = None,
 ) -> list[dict]:
     logger = get_run_logger()
     if not ray.is_initialized():
@@ -290,11 +294,37 @@ def run_cells(
         }
     )
     remote = ray.remote(num_cpus=1)(run_cell_task)
-    pending = {remote.remote(worker, cell): cell for cell in cells}
-    results = []
+    # As many cells in flight as Ray has CPUs (each takes one): the cells in flight are the ones
+    # running, so the heartbeat can name them; the next cell starts as soon as one ends.
+    width = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    queue = list(reversed(cells))
+    pending: dict[Any, tuple[dict, float]] = {}
+
+    def start_next() -> None:
+        cell = queue.pop()
+        pending[remote.remote(worker, cell)] = (cell, time.perf_counter())
+
+    t0 = time.perf_counter()
+    lines = ProgressLines(len(cells), every_s=progress_every_s)
+    results: list[dict] = []
+    report("cells", 0, len(cells))  # the bar shows from the start, not after the first cell (minutes)
+    while queue and len(pending) < width:
+        start_next()
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        cell = pending.pop(done[0])
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.05, lines.seconds_to_next()))
+        if not done:
+            # A cell takes minutes: off a terminal (no bars) the log says what runs at least every every_s.
+            if lines.quiet_too_long() and not bars_drawn():
+                now = time.perf_counter()
+                logger.info(
+                    "cells %d/%d done (%.1f s); running %s",
+                    len(results),
+                    len(cells),
+                    now - t0,
+                    ", ".join(f"{_cell_name(c)} (for {now - began:.0f} s)" for c, began in pending.values()),
+                )
+            continue
+        cell, _ = pending.pop(done[0])
         try:
             result = ray.get(done[0])
         except ray.exceptions.RayTaskError as err:
@@ -303,24 +333,31 @@ def run_cells(
             if isinstance(err.cause, ObliviateError):
                 raise err.cause from None
             raise
+        if queue:
+            start_next()
         logger.info(
-            "%s/%s k=%d seed=%d: accuracy %.2f %%, agreement with the target %.2f %% (%.1f s)",
-            cell["attack"],
-            cell["selector"],
-            cell["budget"],
-            cell["seed"],
+            "%s: accuracy %.2f %%, agreement with the target %.2f %% (%.1f s)",
+            _cell_name(cell),
             100 * result["accuracy"],
             100 * result["agreement"],
             result["seconds"],
         )
+        lines.logged()
         results.append(result)
         report("cells", len(results), len(cells))
     order = {(c["attack"], c["selector"], c["budget"], c["seed"]): i for i, c in enumerate(cells)}
     return sorted(results, key=lambda r: order[(r["attacker"], r["selector"], r["budget"], r["seed"])])
 
 
+def _cell_name(cell: dict) -> str:
+    """A cell as the log names it, e.g. ``semi_supervised/auto k=150 seed=0``."""
+    return f"{cell['attack']}/{cell['selector']} k={cell['budget']} seed={cell['seed']}"
+
+
 @task(cache_policy=NO_CACHE)
 def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: dict) -> dict:
+    """Write steal.json, steal.md and steal.png; returns their paths (``json``, ``markdown``, ``png``) and
+    ``headline``, the line steal.md leads with (the answer a caller prints)."""
     rows = summarize(results)
     # One id in all three files: a reader can tell they come from the same run.
     run_id = uuid.uuid4().hex[:12]
@@ -339,10 +376,11 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         f"{','.join(map(str, SEED_BUDGETS))})."
     )
     too_small = [hint, ""] if reach[0.9].mean is None else []
+    headline = headline_sentence(at90=reach[0.9], at95=reach[0.95])
     md = [
         "# Model-extraction audit",
         "",
-        headline_sentence(at90=reach[0.9], at95=reach[0.95]),
+        headline,
         "",
         *too_small,
         (
@@ -418,7 +456,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         lines=[line for line in md[1:] if line],
         links=paths,
     )
-    return paths
+    return paths | {"headline": headline}
 
 
 def plot_summary(rows, *, eps: list[float], run_id: str | None = None) -> bytes:
@@ -515,6 +553,7 @@ def check_audit_settings(
     drmi_starts: int | None,
     timeout_s: float,
     retries: int,
+    progress_every_s: float | None = None,
 ) -> None:
     """Raise :class:`ConfigError` naming every audit setting out of range, in the flow's and the CLI's names."""
     rules = [
@@ -543,6 +582,13 @@ def check_audit_settings(
         ),
         ("timeout_s", "--timeout", timeout_s, timeout_s > 0, "> 0 seconds"),
         ("retries", "--retries", retries, retries >= 0, ">= 0"),
+        (
+            "progress_every_s",
+            "--progress-every",
+            progress_every_s,
+            progress_every_s is None or progress_every_s > 0,
+            "> 0 seconds",
+        ),
     ]
     broken = [f"{name} ({option}) must be {rule}; got {value}" for name, option, value, ok, rule in rules if not ok]
     if broken:
@@ -572,8 +618,9 @@ def steal_flow(
     drmi_starts: int | None = 32,
     timeout_s: float = 30.0,
     retries: int = 3,
+    progress_every_s: float | None = None,
 ) -> dict:
-    """Audit ``target`` with every (attacker, selector, budget, seed) cell; returns the report's paths.
+    """Audit ``target`` with every (attacker, selector, budget, seed) cell; returns the report's paths and headline.
 
     Args:
         target: checkpoint path (``obliviate target train``) or ``http(s)://.../predict`` URL.
@@ -599,6 +646,11 @@ def steal_flow(
         drmi_starts: seeded DRMI restarts (``None``: one per pool image, the SPEC default).
         timeout_s: HTTP timeout.
         retries: HTTP retries on transient errors.
+        progress_every_s: while cells run and no terminal shows bars, the log says which cells run at least
+            this often (``None``: :data:`flows.progress.PROGRESS_LOG_SECONDS`).
+
+    Returns:
+        ``json``, ``markdown``, ``png``: the report's files; ``headline``: the line steal.md leads with.
     """
     check_audit_grid(
         budgets=budgets,
@@ -620,6 +672,7 @@ def steal_flow(
         drmi_starts=drmi_starts,
         timeout_s=timeout_s,
         retries=retries,
+        progress_every_s=progress_every_s,
     )
     check_output(out)  # created only when the report is written
     train = TrainConfig(arch=substitute, steps=steps)
@@ -660,7 +713,7 @@ def steal_flow(
         for b in budgets
         for seed in range(seeds)
     ]
-    results = run_cells(setup, cells, timeout_s=timeout_s, retries=retries)
+    results = run_cells(setup, cells, timeout_s=timeout_s, retries=retries, progress_every_s=progress_every_s)
     config = {
         "target": target,
         "pool": pool,

@@ -4,19 +4,74 @@ Flows call :func:`report` as work completes (tiles, restarts, audit cells); a co
 to show it wraps the flow call in ``with shown_progress():``. The display is a :mod:`rich`
 progress panel (rich is installed with Prefect, and Prefect's own log lines go through rich), so
 log lines print above the bars instead of through them. When stderr is not a terminal (CI, a
-pipe, a log file) nothing is drawn: the flows' log lines already say what finished.
+pipe, a log file) nothing is drawn: the flows' log lines say what finished, and
+:class:`ProgressLines` says when a flow owes one, at every tenth of the work and at least every
+:data:`PROGRESS_LOG_SECONDS`, also while slow units (an audit cell: minutes) are still running.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
 ProgressCallback = Callable[[str, int, int], None]
 _listeners: list[ProgressCallback] = []
+# Terminal displays open in this process: while one is, the bars already say that work goes on.
+_drawing: list[Progress] = []
+
+# A progress line is logged at every tenth of a stage, and at least this often while work runs.
+PROGRESS_LOG_SECONDS = 10.0
+
+
+class ProgressLines:
+    """Whether a stage's progress line is due after ``done`` of ``total`` units.
+
+    Due at every tenth of the work, at the end, and whenever :data:`PROGRESS_LOG_SECONDS` have
+    passed since the last line: a tenth of a big stage can take minutes. A stage whose units each
+    take longer than that asks :meth:`quiet_too_long` while it waits, so its log is never silent
+    for longer (the heartbeat).
+    """
+
+    def __init__(self, total: int, *, every_s: float | None = None, clock: Any = time.monotonic) -> None:
+        self.total = total
+        self.step = max(1, total // 10)
+        self.every_s = PROGRESS_LOG_SECONDS if every_s is None else every_s
+        self._clock = clock
+        self._last = clock()
+
+    def due(self, done: int) -> bool:
+        now = self._clock()
+        if done % self.step == 0 or done >= self.total or now - self._last >= self.every_s:
+            self._last = now
+            return True
+        return False
+
+    def logged(self) -> None:
+        """A line was logged now (a stage that logs every unit): the next heartbeat counts from here."""
+        self._last = self._clock()
+
+    def quiet_too_long(self) -> bool:
+        """Whether :attr:`every_s` have passed with no line: a heartbeat is due (and counted as logged)."""
+        now = self._clock()
+        if now - self._last >= self.every_s:
+            self._last = now
+            return True
+        return False
+
+    def seconds_to_next(self) -> float:
+        """How long a stage can wait for its next unit before a heartbeat is due."""
+        return max(0.0, self.every_s - (self._clock() - self._last))
+
+
+def bars_drawn() -> bool:
+    """Whether a terminal display (:func:`shown_progress` on a tty) is drawing bars in this process now."""
+    return bool(_drawing)
 
 
 @contextlib.contextmanager
@@ -57,6 +112,11 @@ def shown_progress(*, console: Console | None = None) -> Iterator[ProgressCallba
     Yields the callback too, so code that is not a flow (an in-process loop) can feed the same
     display directly.
     """
+    # rich is imported here, not with the module: a command line that reads PROGRESS_LOG_SECONDS for its
+    # help must not pay for it.
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     console = console if console is not None else Console(stderr=True)
     if not console.is_terminal:
         with progress_to(_ignore):
@@ -70,8 +130,12 @@ def shown_progress(*, console: Console | None = None) -> Iterator[ProgressCallba
     )
     with Progress(*columns, console=console, redirect_stdout=True, redirect_stderr=True) as progress:
         bars = StageBars(progress)
-        with progress_to(bars):
-            yield bars
+        _drawing.append(progress)
+        try:
+            with progress_to(bars):
+                yield bars
+        finally:
+            _drawing.remove(progress)
 
 
 def _ignore(stage: str, done: int, total: int) -> None:

@@ -22,7 +22,7 @@ throw the tiles computed so far away.
 
 Progress: the tile and restart stages report ``tiles`` and ``restarts`` (done / total) through
 :func:`flows.progress.report` as each tile or chunk of restarts finishes, and log a line at
-every tenth of the work and at least every :data:`PROGRESS_LOG_SECONDS` while work finishes.
+every tenth of the work and at least every :data:`flows.progress.PROGRESS_LOG_SECONDS` while work finishes.
 
 The summary's ``stages`` give the seconds of each part (scheduling, actor start, data
 preparation, object-store transfer, compute and storage write per worker, stage wall times).
@@ -47,7 +47,7 @@ from prefect.cache_policies import NO_CACHE
 
 from actors.reduction import STORAGE_RETRY_DEADLINE_S, ReductionWorker, RetryingStore
 from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title
-from flows.progress import report
+from flows.progress import ProgressLines, report
 from obliviate.data import GrayMode, load_dataset
 from obliviate.errors import ConfigError, named_choice
 from obliviate.reduction.drmi import Aggregate, check_subset_size, choose_starts
@@ -76,30 +76,6 @@ MIN_TILE_SIZE = 32
 # Each tile is a store object plus its checksum and one worker call; past this count the store
 # listing and the scheduler, not MI, set the run's pace (60,000 images at 2,048 make 465).
 MAX_RUN_TILES = 100_000
-# A progress line is logged at every tenth of a stage, and at least this often while work finishes.
-PROGRESS_LOG_SECONDS = 10.0
-
-
-class ProgressLines:
-    """Whether a stage's progress line is due after ``done`` of ``total`` units.
-
-    Due at every tenth of the work, at the end, and whenever :data:`PROGRESS_LOG_SECONDS` have
-    passed since the last line: a tenth of a big stage can take minutes.
-    """
-
-    def __init__(self, total: int, *, every_s: float | None = None, clock: Any = time.monotonic) -> None:
-        self.total = total
-        self.step = max(1, total // 10)
-        self.every_s = PROGRESS_LOG_SECONDS if every_s is None else every_s
-        self._clock = clock
-        self._last = clock()
-
-    def due(self, done: int) -> bool:
-        now = self._clock()
-        if done % self.step == 0 or done >= self.total or now - self._last >= self.every_s:
-            self._last = now
-            return True
-        return False
 
 
 def exact_bins(bins: int, *, levels: int) -> int:

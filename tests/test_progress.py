@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from flows.progress import progress_to, report, shown_progress
+from flows.progress import ProgressLines, bars_drawn, progress_to, report, shown_progress
 
 
 def test_reported_stages_reach_every_listener_only_while_attached() -> None:
@@ -36,3 +36,29 @@ def test_not_a_terminal_draws_nothing() -> None:
         report("restarts", 40, 40)
         show("MI tiles", 1, 1)
     assert out.getvalue() == ""
+
+
+def test_bars_are_drawn_only_on_a_terminal_and_only_while_shown() -> None:
+    """A flow logs its heartbeat only where no bars say that work goes on."""
+    assert not bars_drawn()
+    with shown_progress(console=Console(file=io.StringIO(), force_terminal=True)):
+        assert bars_drawn()
+    assert not bars_drawn()
+    with shown_progress(console=Console(file=io.StringIO(), force_terminal=False)):
+        assert not bars_drawn()
+
+
+def test_a_heartbeat_is_due_after_the_interval_without_a_line() -> None:
+    """Units that take minutes (audit cells): the log is never quiet longer than the interval."""
+    now = [0.0]
+    lines = ProgressLines(6, every_s=10.0, clock=lambda: now[0])
+    now[0] = 9.0
+    assert not lines.quiet_too_long() and lines.seconds_to_next() == 1.0
+    now[0] = 10.0
+    assert lines.quiet_too_long() and not lines.quiet_too_long()  # counted as logged
+    now[0] = 15.0
+    lines.logged()  # a unit ended and said so
+    now[0] = 24.0
+    assert not lines.quiet_too_long()
+    now[0] = 25.0
+    assert lines.quiet_too_long()

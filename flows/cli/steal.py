@@ -3,7 +3,9 @@
 By default it assumes the strongest attacker measured (``semi_supervised_ensemble``) buying the
 queries the audit's selector (``auto``: ``cluster_centers`` below 150 queries, adaptive rounds from
 150) picks. Its report leads with the fewest queries at which any attacker and selector measured
-reaches 90 % and 95 % agreement with the target, naming the pair that does.
+reaches 90 % and 95 % agreement with the target, naming the pair that does; the command prints that
+line before the report's path. Off a terminal the log names the cells done and running at least every
+``--progress-every`` seconds (a cell takes minutes); on one, a bar counts them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from flows.cli._types import Args, comma_list, dataset, flag, integer, number, option, parsed, seed
+from flows.progress import PROGRESS_LOG_SECONDS
 
 # From obliviate.defaults, not their homes in obliviate.extraction, which import torch: building the command line
 # (any command's --help and parsing) must not.
@@ -146,6 +149,15 @@ def steal_command(
     retries: Annotated[
         int, option("--retries", parser=integer, help="HTTP retries on transient errors (default 3)")
     ] = 3,
+    progress_every: Annotated[
+        float,
+        option(
+            "--progress-every",
+            parser=number,
+            help=f"off a terminal (a CI log, a pipe), log the cells done and running at least this often, "
+            f"seconds (default {PROGRESS_LOG_SECONDS:g}); a terminal shows bars instead",
+        ),
+    ] = PROGRESS_LOG_SECONDS,
 ) -> Args:
     # The demo's small grid fills only the options left at their defaults: it needs to know them.
     defaults = {param.name: param.get_default(ctx) for param in ctx.command.params if param.name in DEMO_SETTINGS}
@@ -237,6 +249,7 @@ def run_steal(args: Args) -> int:
         drmi_starts=args.drmi_starts,
         timeout_s=args.timeout,
         retries=args.retries,
+        progress_every_s=args.progress_every,
     )
     # What the target declares (a checkpoint's meta, a server's GET /info), read before any work: the
     # pool must fit its images, and the pool and test set the images that did not train it. The flow
@@ -280,10 +293,13 @@ def run_steal(args: Args) -> int:
                     drmi_starts=args.drmi_starts or None,
                     timeout_s=args.timeout,
                     retries=args.retries,
+                    progress_every_s=args.progress_every,
                 )
         finally:
             if started_ray:
                 ray.shutdown()
+    # The answer the audit is run for, as steal.md leads with it, before where the report lies.
+    print(paths["headline"])
     print(f"audit report: {paths['markdown']} (also {paths['json']}, {paths['png']})")
     return 0
 

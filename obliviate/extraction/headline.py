@@ -152,17 +152,24 @@ _NO_CELLS = (
 
 
 def headline_sentence(*, at90: QueriesTo, at95: QueriesTo, group_name: str = "seeds") -> str:
-    """The line an audit report leads with: per level, the pair that reaches it and at how many queries."""
+    """The line an audit report leads with: per level, the pair that reaches it and at how many queries.
 
-    def part(q: QueriesTo, *, named: bool = True) -> str:
-        who = f"`{q.attacker}` (queries chosen by `{q.selector}`)" if named else "it"
-        if q.mean is None:
-            closest = ", the closest," if q.pairs > 1 else ""
-            return (
-                f"{who}{closest} does not reach **{100 * q.level:g} % agreement within {max(q.budgets)} queries** "
-                f"({group_name}: {q.spread()})"
-            )
-        return f"{who} reaches **{100 * q.level:g} % agreement at {q.mean} queries** ({group_name}: {q.spread()})"
+    A level no pair reaches is said of the pair that came closest (:func:`fewest_queries`), e.g. "`a`
+    (queries chosen by `s`) comes closest to **95 % agreement**, which no pair reaches within 600
+    queries"; the same pair at both levels is named once.
+    """
+
+    def outcome(q: QueriesTo) -> str:
+        level = f"{100 * q.level:g} % agreement"
+        spread = f"({group_name}: {q.spread()})"
+        if q.mean is not None:
+            return f"reaches **{level} at {q.mean} queries** {spread}"
+        if q.pairs > 1:
+            return f"comes closest to **{level}**, which no pair reaches within {max(q.budgets)} queries {spread}"
+        return f"does not reach **{level} within {max(q.budgets)} queries** {spread}"
+
+    def who(q: QueriesTo) -> str:
+        return f"`{q.attacker}` (queries chosen by `{q.selector}`)"
 
     pairs = max(at90.pairs, at95.pairs)
     over = (
@@ -170,13 +177,19 @@ def headline_sentence(*, at90: QueriesTo, at95: QueriesTo, group_name: str = "se
         if pairs > 1
         else "the one attacker / selector pair measured"
     )
-    # The same pair at both levels is named once.
     same = (at90.attacker, at90.selector) == (at95.attacker, at95.selector)
-    return (
-        f"Queries to steal: against the target ({over}), {part(at90)}{' and' if same else ';'} "
-        f"{part(at95, named=not same)}; on the budget grid "
-        f"{', '.join(map(str, sorted(set(at90.budgets) | set(at95.budgets))))}."
-    )
+    if same and at90.mean is None and at95.mean is None and at90.pairs > 1:
+        answer = (
+            f"{who(at90)} comes closest to **{100 * at90.level:g} % agreement** ({group_name}: {at90.spread()}) and "
+            f"to **{100 * at95.level:g} % agreement** ({group_name}: {at95.spread()}), which no pair reaches within "
+            f"{max(at95.budgets)} queries"
+        )
+    elif same:
+        answer = f"{who(at90)} {outcome(at90)} and {outcome(at95)}"
+    else:
+        answer = f"{who(at90)} {outcome(at90)}; {who(at95)} {outcome(at95)}"
+    grid = ", ".join(map(str, sorted(set(at90.budgets) | set(at95.budgets))))
+    return f"Queries to steal: against the target ({over}), {answer}; on the budget grid {grid}."
 
 
 def threat_model(

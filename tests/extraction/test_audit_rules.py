@@ -196,9 +196,45 @@ def test_the_headline_gives_the_fewest_queries_over_every_pair_measured_and_name
     # A level no pair reaches is said of the closest pair (the highest mean agreement at a budget), with its spread.
     at99 = fewest_queries(cells, level=0.99)
     assert (at99.attacker, at99.mean) == ("semi_supervised", None)
-    assert "`semi_supervised` (queries chosen by `auto`), the closest, does not reach **99 % agreement within 150" in (
-        headline_sentence(at90=at90, at95=at99)
+    assert (
+        "`semi_supervised` (queries chosen by `auto`) comes closest to **99 % agreement**, which no pair reaches "
+        "within 150 queries (seeds: >150)" in headline_sentence(at90=at90, at95=at99)
     )
+
+
+def test_the_headline_names_a_pair_once_and_says_plainly_what_no_pair_reaches():
+    """The same pair at both levels, one level unreached, read "... and it, the closest, does not reach **95 %
+    agreement within 150 queries**"."""
+    from obliviate.extraction.headline import fewest_queries, headline_sentence
+
+    cells = _cells(
+        ("basic", "random", 50, 0, 0.81),
+        ("basic", "random", 150, 0, 0.85),
+        ("semi_supervised", "auto", 50, 0, 0.79),
+        ("semi_supervised", "auto", 150, 0, 0.93),
+    )
+    at90, at95 = fewest_queries(cells, level=0.9), fewest_queries(cells, level=0.95)
+    line = headline_sentence(at90=at90, at95=at95)
+    assert line == (
+        "Queries to steal: against the target (the fewest queries over the 2 attacker / selector pairs measured), "
+        "`semi_supervised` (queries chosen by `auto`) reaches **90 % agreement at 150 queries** (seeds: 150) and "
+        "comes closest to **95 % agreement**, which no pair reaches within 150 queries (seeds: >150); "
+        "on the budget grid 50, 150."
+    )
+    at80 = fewest_queries(cells, level=0.8)
+    assert "`basic` (queries chosen by `random`) reaches **80 % agreement at 50 queries** (seeds: 50); " in (
+        headline_sentence(at90=at80, at95=at95)
+    )
+    at97, at99 = fewest_queries(cells, level=0.97), fewest_queries(cells, level=0.99)
+    assert (
+        "`semi_supervised` (queries chosen by `auto`) comes closest to **97 % agreement** (seeds: >150) and to **99 % "
+        "agreement** (seeds: >150), which no pair reaches within 150 queries; on the budget grid 50, 150."
+    ) in headline_sentence(at90=at97, at95=at99)
+    one = [c for c in cells if c["attacker"] == "semi_supervised"]
+    assert (
+        "(the one attacker / selector pair measured), `semi_supervised` (queries chosen by `auto`) reaches **90 % "
+        "agreement at 150 queries** (seeds: 150) and does not reach **95 % agreement within 150 queries** (seeds: >150)"
+    ) in headline_sentence(at90=fewest_queries(one, level=0.9), at95=fewest_queries(one, level=0.95))
 
 
 @pytest.fixture(scope="module")

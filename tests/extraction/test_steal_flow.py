@@ -344,3 +344,32 @@ def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoin
     assert doc["overlap_warning"] is None  # /info told the auditor which images trained the target
     # 1 request for the test labels, then per cell: 1 query + 2 oracle calls for the transfer metric.
     assert requests == 1 + 2 * 3
+
+
+def test_cli_steal_off_a_terminal_logs_the_cells_running_and_prints_the_headline(prefect_and_ray, checkpoint, tmp_path):
+    """Off a terminal (a CI log, cron, `| tee`) the log said nothing from the set-up until the first cell ended
+    (a cell takes minutes), and stdout held only the report's path: the answer was only in steal.md. The
+    command runs as a user's does, its stdout and stderr pipes (the Prefect server is the session's)."""
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "report"
+    grid = ["--budgets", "20,40", "--attackers", "basic", "--selectors", "random", "--seeds", "1", "--eps", "0.3"]
+    sizes = ["--pool-size", "120", "--test-size", "100", "--steps", "15", "--num-cpus", "2"]
+    command = ["steal", "--target", str(checkpoint), "--out", str(out), *grid, *sizes, "--progress-every", "0.2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *command], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # While both cells ran (2 CPUs), before either ended: what is done, what runs, for how long.
+    running = re.search(r"cells 0/2 done \(\d+\.\d s\); running (.*)", done.stderr)
+    assert running, done.stderr[-3000:]
+    assert "basic/random k=20 seed=0 (for " in running[1] and "basic/random k=40 seed=0 (for " in running[1]
+    # The answer, as steal.md leads with it, then where the report lies.
+    headline = (out / "steal.md").read_text().splitlines()[2]
+    assert headline.startswith("Queries to steal: against the target (the one attacker / selector pair measured), ")
+    assert done.stdout.splitlines() == [
+        headline,
+        f"audit report: {out / 'steal.md'} (also {out / 'steal.json'}, {out / 'steal.png'})",
+    ], done.stdout
