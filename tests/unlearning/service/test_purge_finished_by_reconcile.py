@@ -9,7 +9,8 @@ entries (with the time the purge recorded, when it is known), never purges while
 superseded versions, and a purge that fails is said in its log, never the pass's failure.
 
 Real stores (file:// and moto's s3://), a tiny run, a real Prefect server; no mocks of obliviate's
-components (a failed purge is a failing store delete, as in ``test_purge_superseded_due.py``).
+components (a failed purge is moto S3's delete refused in the network by tests/conftest.py's FlakyProxy,
+as in ``test_purge_superseded_due.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import check_store, purge_superseded, save_keep_superseded
-from storage.errors import StorageError
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry, pruned_key
 
@@ -107,33 +107,36 @@ def test_a_purge_cut_off_before_the_ledger_is_told_by_the_next_reconcile_pass(
 
 
 def test_a_purge_that_failed_is_finished_by_the_next_reconcile_pass_and_a_failure_never_fails_it(
-    store_url, tiny_run, prefect_api_url, monkeypatch, caplog
+    s3_url, flaky_s3, tiny_run, prefect_api_url, caplog
 ):
-    store = ObjectStore(store_url)
-    victim = _trained(store_url, tiny_run)
-    real_delete = ObjectStore.delete
-
-    def delete_fails(self, key):  # the run's objects only: the ledger's own deletes (leases, markers) go on
-        if key.startswith("runs/"):
-            raise StorageError(f"could not delete {key}: the store is read-only")
-        real_delete(self, key)
-
-    monkeypatch.setattr(ObjectStore, "delete", delete_fails)
-    details = _settle(store_url, victim)
+    """The pass and the first reconcile pass reach moto S3 through a proxy that answers each DELETE of the
+    run's objects with S3's AccessDenied (a bucket policy that forbids deleting them); the ledger's own
+    deletes (leases, markers) go on. A local store has no such refusal (root deletes anyway), so this runs
+    on S3."""
+    store = ObjectStore(s3_url)
+    victim = _trained(s3_url, tiny_run)
+    runs = f"/{s3_url.removeprefix('s3://')}/runs/r1/"
+    denied = flaky_s3.fail("DELETE", runs, status=403)
+    with flaky_s3.routed():
+        details = _settle(s3_url, victim)
     pending = details["runs"]["r1"]["superseded_versions"]
-    assert pending["status"] == "pending" and details["purged_at"] is None
+    assert denied.refused and pending["status"] == "pending" and details["purged_at"] is None
+    assert "permission denied" in pending["reason"], pending
     assert "serve's next reconcile pass" in pending["reason"], pending  # what forget --status tells the user
 
-    with caplog.at_level(logging.INFO):
-        failed = reconcile_flow(store=store_url)  # still read-only
+    refused_before = len(denied.refused)
+    with caplog.at_level(logging.INFO), flaky_s3.routed():
+        failed = reconcile_flow(store=s3_url)  # still refused
+    assert len(denied.refused) > refused_before, "the reconcile pass never tried to delete"
     said = [r.getMessage() for r in caplog.records if _FAILED_PURGE in r.getMessage()]
-    assert len(said) == 1 and "could not delete runs/r1/" in said[0] and "pending" in said[0], said
-    assert "could not delete" in failed["purge"]["error"], failed["purge"]
+    assert len(said) == 1 and f"permission denied at {s3_url}/runs/r1/" in said[0] and "pending" in said[0], said
+    assert "permission denied" in failed["purge"]["error"], failed["purge"]
     assert DeletionLedger(store).get("req-1").details["runs"]["r1"]["superseded_versions"]["status"] == "pending"
     assert _v1_alone(store) != []
 
-    monkeypatch.undo()  # writable again: the next pass finishes it
-    result = reconcile_flow(store=store_url)
+    denied.stop()  # deletes allowed again: the next pass finishes it
+    with flaky_s3.routed():
+        result = reconcile_flow(store=s3_url)
     assert result["purge"]["objects"] > 0 and result["purge"]["runs"]["r1"]["requests"] == ["req-1"], result["purge"]
     assert _v1_alone(store) == []
     details = DeletionLedger(store).get("req-1").details
