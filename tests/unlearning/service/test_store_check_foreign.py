@@ -135,3 +135,22 @@ def test_a_store_holding_only_a_nested_store_is_not_said_empty(tmp_path, capsys)
         "holds nothing" not in err
         and f"skipped nested store demo/ (a store of its own: check it with --store file://{root}/demo)" in err
     ), err
+
+
+def test_on_s3_a_nested_store_and_plain_objects_are_left_alone(s3_url, moto_endpoint, capsys):
+    """The same on S3 (moto): a nested store under the prefix is skipped, an object put there without obliviate's
+    commit record is left alone by --repair, whatever its age."""
+    import s3fs
+
+    from flows.repair import check_and_repair
+
+    assert main(["reduce", "--data", "digits", "--k", "10", "--workers", "0", "--store", f"{s3_url}/demo"]) == 0
+    capsys.readouterr()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_endpoint})  # a user's upload, not obliviate's
+    bucket_path = s3_url.removeprefix("s3://")
+    for name in ("steal/steal.json", "demo/steal/steal.md"):
+        fs.pipe_file(f"{bucket_path}/{name}", b"{}")
+    report = check_and_repair(s3_url, repair=True, min_orphan_age_s=0)
+    assert report.healthy and report.nested == ["demo/"] and report.foreign == ["steal/steal.json"], report.as_dict()
+    assert report.collected == [] and report.unrecoverable == [], report.as_dict()
+    assert fs.exists(f"{bucket_path}/steal/steal.json") and fs.exists(f"{bucket_path}/demo/steal/steal.md")
