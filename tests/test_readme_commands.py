@@ -92,6 +92,8 @@ def test_make_demo_tells_the_whole_story(tmp_path) -> None:
     reduce_report = re.search(r"^\| reduce \(DRMI\) \| ok \| \d+ \| (\S+) \|$", out, flags=re.MULTILINE)
     assert reduce_report and Path(reduce_report.group(1)).is_file(), out[-3000:]  # the summary itself, not a pattern
     assert (tmp_path / "steal" / "steal.md").exists()
+    # step 2 prints the audit's answer, the line steal.md leads with, not only where the report lies
+    assert (tmp_path / "steal" / "steal.md").read_text().splitlines()[2] in out.splitlines(), out[-3000:]
     assert "`make ui` (or `.venv/bin/obliviate ui`), then open http://127.0.0.1:4200" in out  # issue 15
 
 
