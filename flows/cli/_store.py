@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -48,6 +49,23 @@ def store_url(args: Args) -> str:
             "(else file://./runs)."
         )
     return given or os.environ.get("OBLIVIATE_STORE") or DEFAULT_STORE
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def local_path(value: str, *, flag: str, what: str, instead: str) -> str:
+    """``value`` of an option that takes a local path, refused when it is a URL (``s3://b/p``, ``file:///x``).
+
+    Taken as a path, ``s3://bucket/p`` is the folder ``./s3:/bucket/p``: the command would write there, under the
+    current folder, and say it wrote to ``s3:/bucket/p``.
+
+    Raises:
+        ConfigError: the rule, the value seen and ``instead`` (what to give for a URL).
+    """
+    if _URL_SCHEME.match(value):
+        raise ConfigError(f"{flag} is {what}, a path on this machine, not a URL; got {value!r}. {instead}")
+    return value
 
 
 def probe_store(url: str, *, named_by: str = "--store / $OBLIVIATE_STORE") -> tuple[ObjectStore, bool]:

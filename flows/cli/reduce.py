@@ -122,7 +122,12 @@ def _store_url(args: Args) -> str:
     if store:
         return store
     if out:
-        return f"file://{Path(out).expanduser().resolve()}"
+        from flows.cli._store import local_path
+
+        folder = local_path(
+            out, flag="--out", what="a local folder for results", instead=f"For object storage give --store {out}."
+        )
+        return f"file://{Path(folder).expanduser().resolve()}"
     return os.environ.get("OBLIVIATE_STORE") or f"file://{Path('runs').resolve()}"
 
 

@@ -224,7 +224,10 @@ def _checked_grid(args: Args) -> dict[str, Any]:
 
 
 def run_steal(args: Args) -> int:
+    from flows.cli._store import local_path
+
     _grid_lists(args)  # the lists' own rules first: they need nothing loaded
+    local_path(args.out, flag="--out", what="the report's folder", instead="Write the report to a local folder.")
     if args.demo:
         return run_steal_demo(args)
     if not args.target:

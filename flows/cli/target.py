@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 import typer
 
-from flows.cli._store import StoreOption, prepare_store, store_url
+from flows.cli._store import StoreOption, local_path, prepare_store, store_url
 from flows.cli._types import Args, dataset, flag, integer, new_app, option, parsed, usage_error
 from flows.cli._types import seed as seed_type
 from flows.runtime import writable_folder
@@ -91,6 +91,12 @@ def run_train(args: Args) -> int:
 
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1 (Adam steps); got {args.steps}. The default is 1500.")
+    local_path(
+        args.out,
+        flag="--out",
+        what="the checkpoint's file",
+        instead="Train to a local path (default runs/target.pt) and copy it to object storage afterwards.",
+    )
     data = load_dataset(args.data)
     train_size = default_target_train_size(len(data)) if args.train_size is None else args.train_size
     if not 1 <= train_size < len(data):
