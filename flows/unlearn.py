@@ -275,14 +275,7 @@ def unlearn_flow(
         )
         raise RequestError(f"deletion event {event_id} refused, nothing changed: {err}") from None
     entry = request_entry(ledger, request_id)
-    live_claim = entry.status == CLAIMED and not lease.lapsed(
-        ledger.store,
-        request_id,
-        claim_version=entry.version,
-        claimed_at=entry.updated_at,
-        lease_s=lease_s,
-        now=received_at,
-    )
+    live_claim = entry.status == CLAIMED and not ledger.claim_lapsed(entry, lease_s=lease_s, now=received_at)
     if entry.status in TERMINAL or live_claim:
         ledger.record_event(event_id, _event_record("duplicate", entry, received_at=received_at))
         logger.info("event %s: request %s is already %s; nothing to do", event_id, request_id, entry.status)

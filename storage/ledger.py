@@ -468,6 +468,17 @@ class DeletionLedger:
 
     # ----- attempts, leases, terminal states (the pass in flows.settle uses these) -------------
 
+    def claim_lapsed(self, entry: RequestStatus, *, lease_s: float, now: float) -> bool:
+        """Whether ``entry`` is a claim whose lease lapsed (its holder died): a pass may take it over."""
+        return entry.status == CLAIMED and lease.lapsed(
+            self.store,
+            entry.request_id,
+            claim_version=entry.version,
+            claimed_at=entry.updated_at,
+            lease_s=lease_s,
+            now=now,
+        )
+
     def due_entries(
         self, *, lease_s: float, now: float | None = None, unreadable: dict[str, str] | None = None
     ) -> list[RequestStatus]:
@@ -481,15 +492,7 @@ class DeletionLedger:
             if (
                 entry.status == PENDING
                 and float(entry.details.get("next_attempt_at", 0.0)) <= now
-                or entry.status == CLAIMED
-                and lease.lapsed(
-                    self.store,
-                    entry.request_id,
-                    claim_version=entry.version,
-                    claimed_at=entry.updated_at,
-                    lease_s=lease_s,
-                    now=now,
-                )
+                or self.claim_lapsed(entry, lease_s=lease_s, now=now)
             ):
                 due.append(entry)
         return due
@@ -518,14 +521,7 @@ class DeletionLedger:
             status, details = current.status, current.details
             if status in TERMINAL:
                 return None
-            if status == CLAIMED and not lease.lapsed(
-                self.store,
-                request_id,
-                claim_version=current.version,
-                claimed_at=current.updated_at,
-                lease_s=lease_s,
-                now=now,
-            ):
+            if status == CLAIMED and not self.claim_lapsed(current, lease_s=lease_s, now=now):
                 return None
             attempts = int(details.get("attempt", 0) if status == CLAIMED else details.get("attempts", 0))
             text = str(error).rstrip(".")
@@ -601,14 +597,7 @@ class DeletionLedger:
                 if float(details.get("next_attempt_at", 0.0)) > now:
                     return None
                 attempt = int(details.get("attempts", 0)) + 1
-            elif current.status == CLAIMED and lease.lapsed(
-                self.store,
-                request_id,
-                claim_version=current.version,
-                claimed_at=current.updated_at,
-                lease_s=lease_s,
-                now=now,
-            ):
+            elif self.claim_lapsed(current, lease_s=lease_s, now=now):
                 attempt = int(details.get("attempt", 1)) + 1
                 errors.append(
                     {
