@@ -94,6 +94,7 @@ class RunBackend:
             "dataset": spec.dataset,
             "arch": spec.config.model,
             "levels": self.levels,
+            "num_classes": int(spec.config.num_classes),  # an HttpBackend's (0, C) answer to an empty batch needs C
             "train_indices": sorted({int(i) for m in self.members for i in self.registry.spec(m).train_ids}),
         }
         self._loaded: dict[str, tuple[int | None, nn.Module | None]] = {}

@@ -212,7 +212,8 @@ class LocalTorchBackend:
         _check_size(_check_batch(images), self.image_size)
         probs = []
         with torch.no_grad():
-            for start in range(0, len(images), self.batch_size):
+            # An empty batch runs the model once on no image: its (0, C) answer says C (torch.cat of none fails).
+            for start in range(0, len(images) or 1, self.batch_size):
                 x = images_to_tensor(images[start : start + self.batch_size], levels=self.levels)
                 probs.append(torch.softmax(self.model(x), dim=1))
         p = torch.cat(probs).numpy().astype(np.float32)
@@ -270,12 +271,13 @@ class HttpBackend:
             output: labels or probabilities.
 
         Returns:
-            ``(n,)`` int64 labels in ``0..num_classes-1`` (when known), or ``(n, C)`` float32 probabilities.
+            ``(n,)`` int64 labels in ``0..num_classes-1`` (when known), or ``(n, C)`` float32 probabilities;
+            ``(0, C)`` for an empty batch, ``C`` being :attr:`num_classes` (given, or learned from ``GET /info``).
 
         Raises:
             ConfigError: not a ``(n, H, W)`` uint8 batch.
             TargetRequestError: a 4xx answer, or an answer that is not JSON with one whole class number (or one
-                row of numbers) per image.
+                row of numbers) per image; an empty batch's probabilities when the classes are not known.
             TargetUnavailable: transient failures past the retries.
         """
         output = OutputMode(output)
@@ -304,11 +306,31 @@ class HttpBackend:
                 labels, n=len(images), num_classes=self.num_classes, why=why, who=f"endpoint {self.url}"
             )
         try:
-            return np.asarray(values, dtype=np.float32)
+            probabilities = np.asarray(values, dtype=np.float32)
         except (TypeError, ValueError) as err:
             raise TargetRequestError(
                 f"endpoint {self.url} answered probabilities that are not an (n, C) array of numbers ({err})."
             ) from err
+        if len(images) or probabilities.size:
+            return probabilities
+        # JSON's [] has no row length: an empty batch's (0, C) takes C from what the server declared.
+        return np.zeros((0, self._classes_of_empty_answer()), np.float32)
+
+    def _classes_of_empty_answer(self) -> int:
+        """The classes C of an empty batch's ``(0, C)`` probabilities: given, or from ``GET /info`` (no query spent).
+
+        Raises:
+            TargetRequestError: neither the caller nor the server's ``GET /info`` says how many classes there are.
+        """
+        if self.num_classes is None:
+            self.info()  # learns the server's num_classes; open_backend has usually asked already
+        if self.num_classes is None:
+            raise TargetRequestError(
+                f"endpoint {self.url} answered an empty batch's probabilities as [], and its GET /info declares no "
+                "num_classes, so the (0, C) answer's C is unknown. Give HttpBackend(num_classes=C), or have the "
+                'server\'s GET /info declare {"num_classes": C}.'
+            )
+        return self.num_classes
 
     def info(self) -> dict:
         """The server's ``GET /info`` metadata (model name, training indices), or ``{}`` when it has none.

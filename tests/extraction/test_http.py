@@ -15,6 +15,7 @@ from obliviate.extraction.target import (
     BudgetExceeded,
     HttpBackend,
     LocalTorchBackend,
+    OutputMode,
     Target,
     TargetRequestError,
     TargetUnavailable,
@@ -195,6 +196,27 @@ def test_requests_the_model_cannot_take_get_a_400_in_words_and_an_empty_batch_no
         assert server.requests == 0  # nothing was predicted
         code, reply = raw_post(server.url, _images([2, 28, 28]))  # and it still serves
         assert code == 200 and len(reply["labels"]) == 2
+
+
+def test_an_empty_batch_gets_probabilities_of_shape_0_by_classes_like_a_full_one(target_model, pool_images):
+    """It answered shape (0,): JSON's [] has no row length, so np.concatenate with a (k, C) batch failed."""
+    empty = np.zeros((0, 28, 28), np.uint8)
+    with TargetServer(target_model, info={"image_size": 28, "num_classes": 10}) as server:
+        backend = HttpBackend(server.url, timeout_s=10, retries=0)  # C learned from GET /info, as open_backend asks
+        full = backend.predict(pool_images[:3], output=OutputMode.PROBABILITIES)
+        answer = backend.predict(empty, output=OutputMode.PROBABILITIES)
+        assert full.shape == (3, 10) and answer.shape == (0, 10) and answer.dtype == full.dtype == np.float32
+        assert np.concatenate([full, answer]).shape == (3, 10)
+        local = LocalTorchBackend(target_model).predict(empty, output=OutputMode.PROBABILITIES)  # it raised ValueError
+        assert local.shape == answer.shape and local.dtype == answer.dtype
+        given = HttpBackend(server.url, timeout_s=10, retries=0, num_classes=10)
+        assert given.predict(empty, output=OutputMode.PROBABILITIES).shape == (0, 10)
+        assert backend.predict(empty, output=OutputMode.LABELS).shape == (0,)  # labels were right already
+        assert server.requests == 1  # only the full batch reached the model
+    with TargetServer(target_model) as server:  # declares no classes: C is unknown, said in words, not guessed
+        anonymous = HttpBackend(server.url, timeout_s=10, retries=0)
+        with pytest.raises(TargetRequestError, match=r"declares no num_classes.*HttpBackend\(num_classes=C\)"):
+            anonymous.predict(empty, output=OutputMode.PROBABILITIES)
 
 
 class Broken:

@@ -130,3 +130,9 @@ def test_an_empty_batch_gets_an_empty_answer_under_the_same_key_from_a_run_serve
             np.zeros((0, 8, 8), np.uint8), output=OutputMode.LABELS
         )
         assert labels.shape == (0,)
+        # GET /info declares the run's classes, so an empty batch's probabilities are (0, C) like a full batch's
+        client = HttpBackend(server.url, timeout_s=30, retries=0)
+        full = client.predict(np.zeros((2, 8, 8), np.uint8), output=OutputMode.PROBABILITIES)
+        empty = client.predict(np.zeros((0, 8, 8), np.uint8), output=OutputMode.PROBABILITIES)
+        assert empty.shape == (0, full.shape[1]) == (0, backend.spec_info["num_classes"])
+        assert empty.dtype == full.dtype
