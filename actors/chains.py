@@ -26,7 +26,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -481,7 +481,7 @@ class ChainWorker:
                     "requests": sorted(requests),
                     "started_at": started_at,
                     "lost_races": lost_races,
-                    **self._purge_superseded(run_id),
+                    **self._purge_superseded(run_id, settling=requests),
                 }
             try:
                 audit = self._unlearn_from(
@@ -493,7 +493,7 @@ class ChainWorker:
                     started_at=started_at,
                 )
                 if audit.get("status") == "published":
-                    audit.update(self._purge_superseded(run_id))
+                    audit.update(self._purge_superseded(run_id, settling=requests))
                 return {
                     **audit,
                     "storage_retries": self.storage_retries - retries_before,
@@ -517,13 +517,15 @@ class ChainWorker:
                 continue
         raise PointerConflict(f"run {run_id}: the version pointer kept moving over {_PUBLISH_ATTEMPTS} attempts.")
 
-    def _purge_superseded(self, run_id: str) -> dict[str, Any]:
+    def _purge_superseded(self, run_id: str, *, settling: Collection[str]) -> dict[str, Any]:
         """SPEC 5: once a deletion's version is published, the superseded versions' checkpoints trained on its ids go.
 
         :func:`storage.check.purge_superseded` (the machinery of ``store check --keep-versions``,
         idempotent, safe to interrupt). A failure never fails or un-applies the deletion: the audit
         (each request's ledger record) says the purge is pending and why, ``store check`` reports the
         run and serve's next ``reconcile`` pass (or ``store check --repair``, or the run's next deletion) finishes it.
+        ``settling``: the requests this call applies, which its pass settles with this result (so the purge
+        leaves no ledger entry of theirs for a later pass to tell).
 
         Returns:
             ``{"superseded_versions": {"status": "purged" | "kept" | "pending" | "none", ...}, "purged_at"}``:
@@ -533,7 +535,7 @@ class ChainWorker:
         from storage.check import KEEP_SUPERSEDED_OPTION, purge_superseded
 
         try:
-            result = purge_superseded(self.registry.store, apply=True, runs=[run_id])
+            result = purge_superseded(self.registry.store, apply=True, runs=[run_id], settling=settling)
             failed = result["skipped"].get(run_id)
         except Exception as err:  # noqa: BLE001 -- a failed purge is recorded, never the deletion's failure
             failed = f"{type(err).__name__}: {err}"[:300]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -849,7 +850,12 @@ def keeps_superseded(store: ObjectStore) -> bool:
 
 
 def purge_superseded(
-    store: ObjectStore, *, apply: bool, runs: list[str] | None = None, open_requests: bool = True
+    store: ObjectStore,
+    *,
+    apply: bool,
+    runs: list[str] | None = None,
+    open_requests: bool = True,
+    settling: Collection[str] = (),
 ) -> dict[str, Any]:
     """SPEC 5: delete what versions superseded by a deletion's version still hold (trained on its ids).
 
@@ -867,6 +873,8 @@ def purge_superseded(
     (a pass, ``store check --repair``) finishes. ``open_requests``: keep what work in flight may
     still use (:func:`_in_flight`; conservative, and never a superseded chain after a full publish).
     Nothing is purged when the store opted out (:func:`keeps_superseded`); ``runs``: only these.
+    ``settling``: requests the caller settles itself with this purge's result (the pass that applied them:
+    ``actors.chains.ChainWorker``); still claimed, they cannot be told now, and need not be told later.
 
     Returns:
         as :func:`prune_versions`, plus ``"kept_by_option"`` (the opt-out) and per run ``"purged_at"``
@@ -899,7 +907,7 @@ def purge_superseded(
     for run_id, run in out["runs"].items():
         unpurged = run.pop("_unpurged_requests", [])
         if apply:
-            told = _record_purged(store, run_id, run, unpurged)
+            told = _record_purged(store, run_id, run, unpurged, settling=settling)
             if told or run["versions"] or run["objects"]:
                 run["requests"] = told
     return out
@@ -953,7 +961,9 @@ def runs_with_purge_left(store: ObjectStore) -> list[str]:
     return due
 
 
-def _record_purged(store: ObjectStore, run_id: str, run: dict[str, Any], unpurged: list[str]) -> list[str]:
+def _record_purged(
+    store: ObjectStore, run_id: str, run: dict[str, Any], unpurged: list[str], *, settling: Collection[str] = ()
+) -> list[str]:
     """Tell the ledger entries of requests applied to ``run_id`` that say the purge was kept or pending that it is
     done (SPEC 5), once a purge of the run went through (every object its pruned versions held is deleted).
 
@@ -966,7 +976,8 @@ def _record_purged(store: ObjectStore, run_id: str, run: dict[str, Any], unpurge
       and, as ``purged_at``, when the record says they were pruned.
 
     Then those versions are marked told, so no later purge reads their requests again; unless a
-    request is still open (its pass settles it later, maybe saying ``pending``) or its entry could not
+    request is still open (its pass settles it later, maybe saying ``pending``; not one in ``settling``,
+    whose pass is this purge's caller and settles it saying ``purged``) or its entry could not
     be read or written: then the next purge tells them again (idempotent:
     :meth:`storage.ledger.DeletionLedger.record_purge`). Written after the objects are gone, so an
     interruption leaves an entry saying what it said. A ledger or record that cannot be read or
@@ -995,8 +1006,10 @@ def _record_purged(store: ObjectStore, run_id: str, run: dict[str, Any], unpurge
         try:
             if ledger.record_purge(request_id, run_id, purged, purged_at=purged_at):
                 updated.append(request_id)
-            elif ledger.current_status(request_id) not in TERMINAL:
-                retell = True  # its pass may still settle it saying the purge is pending
+            elif request_id not in settling and ledger.current_status(request_id) not in TERMINAL:
+                # its pass may still settle it saying the purge is pending; one in ``settling`` is settled by
+                # the caller with this very purge's result, which went through
+                retell = True
         except ObjectNotFound:  # applied to the run without a ledger request (a direct unlearn): nobody to tell
             continue
         except CorruptObject:  # damaged (store check says how to mend it): told once mended

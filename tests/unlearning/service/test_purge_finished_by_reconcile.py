@@ -223,3 +223,20 @@ def test_once_told_a_purge_pass_reads_no_request_again(store_url, tiny_run):
         "purged_at": again["runs"]["r1"]["purged_at"],
     }
     assert counting.ledger_reads == [], counting.ledger_reads
+
+
+def test_a_normal_deletion_leaves_the_next_reconcile_pass_no_purge_to_plan(store_url, tiny_run):
+    """The pass that applies a request purges the versions it superseded and settles the request with that purge
+    (``purged``). That purge told nobody (the request was still claimed, so it could not be told) and left the
+    pruned versions untold: every run a deletion touched was planned once more by the next reconcile pass. Now
+    the purge knows which requests its caller settles with its result: nothing is left for a later pass."""
+    from storage.check import REQUESTS_TOLD, runs_with_purge_left
+
+    store = ObjectStore(store_url)
+    victim = _trained(store_url, tiny_run)
+    details = _settle(store_url, victim)
+    said = details["runs"]["r1"]["superseded_versions"]
+    assert said["status"] == "purged" and said["versions"] == [1], said
+    record = RunRegistry(store).pruned_versions("r1")
+    assert sorted(record) == [1] and all(REQUESTS_TOLD in info for info in record.values()), record
+    assert runs_with_purge_left(store) == []  # what a reconcile pass asks first: no run has work left
