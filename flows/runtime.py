@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,6 +337,7 @@ def prefect_server(
     port: int | None = None,
     startup_timeout: float = 90.0,
     log_path: Path | None = None,
+    while_starting: Callable[[], None] | None = None,
 ) -> Iterator[PrefectServer]:
     """Run ``prefect server start`` on 127.0.0.1 with its database under ``home`` meanwhile.
 
@@ -345,6 +346,8 @@ def prefect_server(
         port: the port (default or 0: a free one).
         startup_timeout: seconds to wait for ``/health``.
         log_path: the server's log (default: a new temporary file).
+        while_starting: work done once the server's process is started, before waiting for it to
+            answer (the server takes 5-15 s to come up; the work overlaps that wait).
 
     Raises:
         ServerStartError: the port is taken, or the server did not become healthy.
@@ -386,6 +389,8 @@ def prefect_server(
             start_new_session=True,  # Ctrl-C reaches the command, which stops the server in order
         )
     try:
+        if while_starting is not None:
+            while_starting()
         try:
             wait_healthy(api_url, timeout=startup_timeout, process=process)
         except ServerStartError as err:
@@ -419,7 +424,12 @@ _PARENT_DEATH_LAUNCHER = (
 
 
 @contextlib.contextmanager
-def prefect_api(*, home: str | Path | None = None, startup_timeout: float = 90.0) -> Iterator[str]:
+def prefect_api(
+    *,
+    home: str | Path | None = None,
+    startup_timeout: float = 90.0,
+    while_starting: Callable[[], None] | None = None,
+) -> Iterator[str]:
     """Use the configured Prefect API, or run ``prefect server start`` on 127.0.0.1 meanwhile.
 
     In order: ``PREFECT_API_URL`` when set (nothing started); the server an ``obliviate ui``
@@ -429,6 +439,15 @@ def prefect_api(*, home: str | Path | None = None, startup_timeout: float = 90.0
     Meanwhile ``PREFECT_API_URL`` and ``PREFECT_UI_URL`` point every later process (Ray workers
     included) at it.
 
+    Args:
+        home: the Prefect home.
+        startup_timeout: seconds to wait for a server started here to answer.
+        while_starting: work to do before the API is used, e.g. ``ensure_ray``. When a server is
+            started here it runs while the server comes up, so the two start-ups overlap (a tiny
+            ``train`` waited 5 s for Ray after 5 s for the server). It runs with ``PREFECT_API_URL``
+            already pointing at the API, so the processes it starts (a local Ray runtime's
+            workers) inherit it.
+
     Yields:
         the API URL in use.
     """
@@ -436,20 +455,27 @@ def prefect_api(*, home: str | Path | None = None, startup_timeout: float = 90.0
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
         with _api_must_answer(configured, configured=True):
+            if while_starting is not None:
+                while_starting()
             yield configured
         return
     home_dir = prefect_home(home)
     running = running_ui_server(home_dir)
     if running is not None:
         with _pointed_at(running), _api_must_answer(running):
+            if while_starting is not None:
+                while_starting()
             yield running
         return
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
     with (
-        prefect_server(home=home_dir, startup_timeout=startup_timeout) as server,
-        _pointed_at(server.api_url),
-        _api_must_answer(server.api_url),
+        _environment_pointed_at(api_url),
+        prefect_server(home=home_dir, port=port, startup_timeout=startup_timeout, while_starting=while_starting),
+        _pointed_at(api_url),
+        _api_must_answer(api_url),
     ):
-        yield server.api_url
+        yield api_url
 
 
 class PrefectUnavailable(ObliviateError, ConnectionError):
@@ -502,22 +528,31 @@ def _pointed_at(api_url: str) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     ui_url = ui_url_of(api_url)
-    previous_ui_url = os.environ.get("PREFECT_UI_URL")
+    with (
+        _environment_pointed_at(api_url),
+        temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_URL: ui_url}),
+    ):
+        try:
+            yield
+        finally:
+            if is_healthy(api_url):  # a server gone away drains nothing: its senders would retry for a minute
+                _drain_prefect_workers()
+
+
+@contextlib.contextmanager
+def _environment_pointed_at(api_url: str) -> Iterator[None]:
+    """``PREFECT_API_URL`` and ``PREFECT_UI_URL`` in this process's environment meanwhile (children inherit them)."""
+    previous = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_UI_URL")}
     os.environ["PREFECT_API_URL"] = api_url
-    os.environ["PREFECT_UI_URL"] = ui_url
+    os.environ["PREFECT_UI_URL"] = ui_url_of(api_url)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_URL: ui_url}):
-            try:
-                yield
-            finally:
-                if is_healthy(api_url):  # a server gone away drains nothing: its senders would retry for a minute
-                    _drain_prefect_workers()
+        yield
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        if previous_ui_url is None:
-            os.environ.pop("PREFECT_UI_URL", None)
-        else:
-            os.environ["PREFECT_UI_URL"] = previous_ui_url
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def record_ui_server(home: Path, server: PrefectServer) -> Path:

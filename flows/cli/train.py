@@ -178,9 +178,12 @@ def run_train(args: Args) -> int:
     for spec in specs:
         registry.check_spec(RunSpec.from_dict(spec))
     # One training per run id at a time: a second one is refused here, before any server starts.
-    with training_claim(store, args.run_id), prefect_api() as api_url:
+    # Ray starts while the Prefect server comes up (each took about 5 s, one after the other).
+    with (
+        training_claim(store, args.run_id),
+        prefect_api(while_starting=lambda: ensure_ray(address=args.ray_address)) as api_url,
+    ):
         print(f"Prefect API: {api_url}", file=sys.stderr)
-        ensure_ray(address=args.ray_address)
         with shown_progress():
             summary = train_flow(store=store, run_id=args.run_id, shards=args.shards, **options)
     served = summary.get("served_heldout_accuracy")
