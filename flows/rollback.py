@@ -52,9 +52,10 @@ from obliviate.unlearning.rollback import served_floor
 from obliviate.unlearning.service import RunSpec, block_data
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.ledger import PENDING, DeletionLedger
-from storage.objects import ObjectStore
+from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import (
+    RELEASE_JUDGEMENTS,
     ROLLBACK_KEY,
     RunState,
     chain_source,
@@ -339,22 +340,41 @@ def judged_block(
         return heldout_judge(registry, ready), {k: s.served_block for k, s in enumerate(ready)}
 
     @functools.cache
+    def alone() -> RunState | None:
+        # a sharded run is judged as one vote: no single interim records that
+        return run_state(registry, run_id) if list(members) == [run_id] else None
+
+    @functools.cache
     def recorded() -> dict[int, tuple[float, float, float]]:
-        if list(members) != [run_id]:  # a sharded run is judged as one vote: no single interim records that
-            return {}
-        state = run_state(registry, run_id)
+        state = alone()
         return {} if state is None else recorded_judgements(registry, state)
 
     def acceptable(block: int) -> bool:
-        # A block an interim of the same chain was published at was judged then: its figures decide it again at
-        # today's floor without loading a model (forget --cancel stays torch-free); any other is judged now.
+        # A block an interim of the same chain judged (served, or judged for this release) is decided again by its
+        # figures at today's floor without loading a model (forget --cancel stays torch-free); any other is judged now.
         if block in recorded():
+            _verify_candidate(registry, alone(), block)
             accuracy, reference, margin = recorded()[block]
             return accuracy >= served_floor(pre_deletion_accuracy=reference, floor_points=floor_points) + margin / 100
         judge, served = judged()
         return judge.meets_floor({**served, position: block}, floor_points=floor_points)
 
     return acceptable
+
+
+def _verify_candidate(registry: RunRegistry, state: RunState | None, block: int) -> None:
+    """Check the bytes of the checkpoint a release would serve at ``block``, as the judge's load of it did.
+
+    Raises:
+        CorruptObject, ObjectNotFound: it is damaged or gone; the release is skipped and noted (release_refused).
+    """
+    if state is None:
+        return
+    candidate = state.manifest.members.get(str(block)) or full_chain(registry, state).members.get(str(block))
+    if candidate is not None:
+        registry.store.get_member(
+            Manifest(key=candidate.key, members={"m": candidate}, metadata={}, created_at=0.0), "m"
+        )
 
 
 def recorded_judgements(registry: RunRegistry, state: RunState) -> dict[int, tuple[float, float, float]]:
@@ -364,11 +384,19 @@ def recorded_judgements(registry: RunRegistry, state: RunState) -> dict[int, tup
     by a rollback from the full chain ``state`` derives from (so against the same pre-deletion model), holding the
     same checkpoint at that block, with its margin and accuracy recorded. The figures are those the interim's own
     judgement used (the checkpoint's recorded held-out accuracy, the reference's, the margin of their predictions),
-    so :meth:`HeldoutJudge.meets_floor` would compute the same. A manifest that cannot be read is skipped.
+    so :meth:`HeldoutJudge.meets_floor` would compute the same. Blocks above an interim's own come from the
+    judgements it made for a later release (:func:`storage.serving.release_judgements`: holds placed in one pass
+    left no interim at the block a release serves), each for the checkpoint it judged. A manifest that cannot be
+    read is skipped.
     """
     _, full_key = chain_source(state.version, state.manifest)
     full = full_chain(registry, state)
+
+    def candidate(block: int) -> ObjectInfo | None:
+        return state.manifest.members.get(str(block)) or full.members.get(str(block))
+
     out: dict[int, tuple[float, float, float]] = {}
+    ahead: dict[int, tuple[float, float, float]] = {}
     for key in registry.store.list(f"runs/{state.run_id}/manifests"):
         if "-interim-" not in key.rsplit("/", 1)[-1]:
             continue
@@ -377,20 +405,36 @@ def recorded_judgements(registry: RunRegistry, state: RunState) -> dict[int, tup
         except (CorruptObject, ObjectNotFound):
             continue
         meta = manifest.metadata
+        if meta.get("published_for") != "rollback" or (meta.get("chain_of") or {}).get("manifest") != full_key:
+            continue
+        ahead.update(_judged_ahead(meta.get(RELEASE_JUDGEMENTS), candidate))
         block, margin, reference = (
             meta.get("serve_block"),
             meta.get("interim_margin_points"),
             meta.get("reference_accuracy"),
         )
-        if meta.get("published_for") != "rollback" or (meta.get("chain_of") or {}).get("manifest") != full_key:
-            continue
         if block is None or margin is None or reference is None:
             continue
-        candidate = state.manifest.members.get(str(block)) or full.members.get(str(block))
-        if candidate is None or manifest.members.get(str(block)) != candidate:
+        if candidate(int(block)) is None or manifest.members.get(str(block)) != candidate(int(block)):
             continue
         accuracies = {int(c["block_index"]): c.get("heldout_accuracy") for c in meta["chain"]["checkpoints"]}
         if accuracies.get(int(block)) is None:
             continue
         out[int(block)] = (float(accuracies[int(block)]), float(reference), float(margin))
+    return {**ahead, **out}
+
+
+def _judged_ahead(records: Any, candidate: Callable[[int], ObjectInfo | None]) -> dict[int, tuple[float, float, float]]:
+    """The blocks an interim judged for a later release (:func:`storage.serving.release_judgements`) whose checkpoint
+    is still the candidate a judge would load now; a record of another shape is skipped."""
+    out: dict[int, tuple[float, float, float]] = {}
+    for record in records if isinstance(records, list) else []:
+        try:
+            block = int(record["block"])
+            judged = ObjectInfo(**record["checkpoint"])
+            figures = (float(record["accuracy"]), float(record["reference_accuracy"]), float(record["margin_points"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if candidate(block) == judged:
+            out[block] = figures
     return out

@@ -456,6 +456,53 @@ def _chain_margin(
     return margin_of
 
 
+RELEASE_JUDGEMENTS = "release_judgements"
+"""Interim manifest metadata: the judgement of each block a release of its holds may serve (:func:`release_judgements`)."""
+
+
+def release_judgements(
+    registry: RunRegistry,
+    state: RunState,
+    judged: Callable[[], InterimJudge],
+    *,
+    served: int,
+    holds: Mapping[str, int],
+) -> list[dict[str, Any]]:
+    """The held-out judgement of every block a release of some of ``holds`` may serve, made while the judge is loaded.
+
+    A release (``forget --cancel``, a refused request) serves the newest block in (``served``, cap] the floor
+    accepts, cap below the earliest remaining hold: a block in ``served + 1 .. max(holds) - 1``. An interim
+    that places several holds at once serves below all of them, so no interim was published at those blocks and
+    the release had to load the models to judge them. Each record is what ``HeldoutJudge.meets_floor`` weighs,
+    independent of the floor: the candidate's held-out accuracy (the same checkpoint the judge loads then: the
+    version's own, else the full chain's), the pre-deletion model's, and their paired margin; with the checkpoint
+    it judged, so a release reads it only for that very checkpoint. The floor is applied when the release reads
+    them (``flows.rollback.recorded_judgements``). A block whose checkpoint is damaged or missing is left out: the
+    release judges it with the models, and meets the damage, as before.
+    """
+    top = max(holds.values(), default=served + 1) - 1
+    full = full_chain(registry, state) if top > served else state.manifest
+    out: list[dict[str, Any]] = []
+    for block in range(served + 1, top + 1):
+        candidate = state.manifest.members.get(str(block)) or full.members.get(str(block))
+        if candidate is None:
+            continue
+        alone = {0: block}
+        try:
+            judge = judged()
+            record = {
+                "block": block,
+                "checkpoint": candidate.as_dict(),
+                "accuracy": float(judge.accuracy(alone)),
+                "reference_accuracy": float(judge.reference_accuracy),
+                "margin_points": float(judge.margin(alone)),
+            }
+        except (CorruptObject, ObjectNotFound):
+            continue
+        out.append(record)
+    return out
+
+
 def _moved(registry: RunRegistry, states: Sequence[RunState]) -> bool:
     """Whether a run's pointer moved since ``states`` were read (a checkpoint they name may be purged by now).
 
@@ -555,6 +602,11 @@ def roll_back(
                 "published": False,
                 "below_floor": sorted(firsts),
             }
+        ahead = (
+            []
+            if judged is None or block is None
+            else release_judgements(registry, state, judged, served=block, holds={**state.holds, **firsts})
+        )
         try:
             version = _publish_interim(
                 registry,
@@ -563,7 +615,7 @@ def roll_back(
                 firsts=firsts,
                 accuracy=interim.accuracy,
                 reference=reference,
-                extra={"interim_margin_points": margin},
+                extra={"interim_margin_points": margin, RELEASE_JUDGEMENTS: ahead},
             )
         except PointerConflict:
             continue

@@ -249,3 +249,90 @@ def test_forget_cancel_of_a_request_a_rollback_holds_imports_no_torch(held_store
         checkpoint_sha256={int(k): info.sha256 for k, info in manifest.members.items()},
         through_block=expected,
     )
+
+
+@pytest.fixture(scope="module")
+def held_in_one_pass(tmp_path_factory) -> Path:
+    """A run one interim holds for two requests accepted in one pass: req-3 (block 3) and req-1 (block 2); it serves
+    M_1, so no interim was ever published at M_2, the block to serve again once req-1 is cancelled."""
+    from actors.chains import ChainWorker
+    from flows.batching import batch_gate, save_policy
+    from flows.rollback import save_rollback
+    from flows.train import run_spec
+    from obliviate.unlearning.batching import DAY_S, BatchPolicy
+    from obliviate.unlearning.plan import BlockPlan
+    from storage.ledger import DeletionLedger
+    from storage.objects import ObjectStore
+
+    folder = tmp_path_factory.mktemp("one-pass") / "store"
+    url = f"file://{folder}"
+    store = ObjectStore(url)
+    store.ensure_container()
+    spec = run_spec(
+        run_id="r1",
+        split_seed=0,
+        data="digits",
+        model="lenet5",
+        blocks=3,
+        epochs=1,
+        batch_size=32,
+        learning_rate=0.01,
+        schedule="constant",
+        train_size=150,
+        heldout_size=50,
+        seed=0,
+    )
+    ChainWorker(url).train(spec)
+    save_policy(store, BatchPolicy(window_s=DAY_S))
+    save_rollback(store, enabled=True, floor_points=100.0)
+    plan = BlockPlan.from_dict(store.get_json("runs/r1/plan.json"))
+    ledger = DeletionLedger(store)
+    for request_id, block in (("req-3", 3), ("req-1", 2)):
+        ids = [int(spec["train_ids"][p]) for p in plan.block_ids(block)[:2]]
+        ledger.append(request_id=request_id, ids=ids, dataset="digits", reason=None)
+    interim = batch_gate(store, ledger.open_entries(stale_after_s=600.0))["interim"]["runs"]["r1"]
+    assert interim["published"] and interim["serve_block"] == 1
+    return folder
+
+
+@pytest.mark.parametrize("floor", ["accepting", "refusing"])
+def test_forget_cancel_of_a_hold_placed_in_the_same_pass_as_another_imports_no_torch(
+    held_in_one_pass: Path, tmp_path: Path, floor
+) -> None:
+    """The block to serve again (M_2) was never judged by an interim, so the release loaded torch, scipy and sklearn
+    to judge it. The interim now records the judgement of every block a release of its holds could serve, and the
+    release decides from it as the judge does."""
+    from flows.rollback import heldout_judge, save_rollback
+    from storage.objects import ObjectStore
+    from storage.registry import RunRegistry
+    from storage.serving import RELEASE_JUDGEMENTS, pointer_target, run_state
+
+    folder = tmp_path / "store"
+    shutil.copytree(held_in_one_pass, folder)
+    url = f"file://{folder}"
+    store = ObjectStore(url)
+    registry = RunRegistry(store)
+    state = run_state(registry, "r1")
+    assert state is not None and state.holds == {"req-3": 3, "req-1": 2} and state.served_block == 1
+    judge = heldout_judge(registry, [state])  # what the release loaded; the interim recorded its figures for M_2
+    recorded = [
+        (r["block"], r["accuracy"], r["reference_accuracy"], r["margin_points"])
+        for r in state.manifest.metadata[RELEASE_JUDGEMENTS]
+    ]
+    assert recorded == [(2, judge.accuracy({0: 2}), judge.reference_accuracy, judge.margin({0: 2}))]
+    if floor == "refusing":  # a floor M_2 does not meet by the judge's own figures
+        short = judge.reference_accuracy + judge.margin({0: 2}) / 100 - judge.accuracy({0: 2})
+        floor_points = 100 * short - 1
+        assert 0 <= floor_points <= 100
+        save_rollback(store, enabled=True, floor_points=floor_points)
+    else:
+        floor_points = 100.0
+    expected = 2 if _judge_verdict(url, 2, floor_points) else 1  # else the block served now stays
+    assert expected == (2 if floor == "accepting" else 1)
+
+    result = _run(["forget", "--cancel", "req-1", "--store", url])
+    assert result["rc"] == 0, result["err"]
+    assert "run r1: released the rollback held for ['req-1']" in result["err"]
+    assert result["heavy"] == []
+    _, target = pointer_target(registry, "r1")
+    assert target["holds"] == {"req-3": 3} and target["serve_block"] == expected
