@@ -29,7 +29,7 @@
   a target checkpoint kept under the store's folder): never collected, said only as a count.
 
 Retention (:func:`prune_versions`, ``store check --repair --keep-versions N``) marks the versions of
-a run older than its newest N as pruned (``runs/<run>/pruned.json``, written first) and deletes what
+a run older than its newest N as pruned (``runs/<run>/pruned``, written first) and deletes what
 only they referenced; their pointer versions stay (the history, small JSON).
 
 Repair (rebuilding damaged checkpoints by replay) needs training, so it lives in
@@ -483,7 +483,7 @@ def _check_run(
     dependents: dict[str, list[dict[str, Any]]],
 ) -> tuple[int, int]:
     """Check one run's versions; returns (current version, the version its chain comes from; 0 if unknown)."""
-    from storage.registry import RunRegistry
+    from storage.registry import RunRegistry, pruned_key
 
     previous: dict[str, Any] | None = None
     latest = _latest_version(store, pointer_key)
@@ -492,7 +492,7 @@ def _check_run(
         pruned = RunRegistry(store).pruned_versions(run_id)
     except (CorruptObject, StorageError) as err:
         report.lineage.append(
-            {"run": run_id, "version": None, "key": f"runs/{run_id}/pruned.json", "problem": f"unreadable: {err}"}
+            {"run": run_id, "version": None, "key": pruned_key(run_id), "problem": f"unreadable: {err}"}
         )
         pruned = {}
     pruned_manifests: list[str] = []
@@ -809,7 +809,7 @@ def prune_versions(store: ObjectStore, *, keep: int, apply: bool) -> dict[str, A
     them; its manifest also stays when it published a chain whose checkpoints kept versions share
     (replay's recipe for rebuilding them). Its pointer version stays: the history of what was
     applied. Order, so that an interruption never leaves a kept version missing anything: the
-    versions are recorded pruned first (``runs/<run>/pruned.json``), then only objects no kept
+    versions are recorded pruned first (``runs/<run>/pruned``), then only objects no kept
     version references are deleted, checkpoints before the manifests that list them, each commit
     record before its bytes; what an interruption leaves is an orphan the next ``--repair`` collects.
     While a request is open, objects of work from the current version's chain are kept (see
@@ -867,7 +867,7 @@ def purge_superseded(
     releases published since the last retrain carry its deleted ids, so they stay until the next
     retrain lands (and what they serve is shared with the kept versions anyway). The
     same machinery as retention (:func:`prune_versions`): recorded pruned first in
-    ``runs/<run>/pruned.json`` (``"superseded": true``), then only objects no kept version uses are
+    ``runs/<run>/pruned`` (``"superseded": true``), then only objects no kept version uses are
     deleted, checkpoints before manifests; the pointer versions stay (the audit record). Idempotent;
     an interruption leaves a state :func:`check_store` reports (``superseded``) and the next purge
     (a pass, ``store check --repair``) finishes. ``open_requests``: keep what work in flight may
@@ -913,8 +913,9 @@ def purge_superseded(
     return out
 
 
-#: On a version in ``runs/<run>/pruned.json``: when every request applied to the run since that version was told its
-#: purge (:func:`_record_purged`). A pruned version without it still has ledger entries a purge may have to finish.
+#: On a version in a run's pruned record (``runs/<run>/pruned``): when every request applied to the run since that
+#: version was told its purge (:func:`_record_purged`). A pruned version without it still has ledger entries a purge
+#: may have to finish.
 REQUESTS_TOLD = "requests_told_at"
 _FOUND_PURGED = (
     "found already deleted by a later purge: the purge that deleted them stopped before it told this entry (or ran "
@@ -928,7 +929,7 @@ def runs_with_purge_left(store: ObjectStore) -> list[str]:
     A run whose current version applied deletions, and that has a version superseded by it not yet
     recorded pruned, or a pruned version whose requests were not told yet (:data:`REQUESTS_TOLD`: a
     purge cut off between its deletes and the ledger, or one done before the ledger heard of
-    purges). Reads per run its pointer's version list, its current version, its ``pruned.json`` and
+    purges). Reads per run its pointer's version list, its current version, its pruned record and
     the versions not recorded pruned (the current one's source and interims of an open batch), not
     every version it had. None while the store keeps superseded versions (:func:`keeps_superseded`).
     A run whose versions cannot be read is left out: ``store check`` reports that damage.
@@ -1024,7 +1025,7 @@ def _record_purged(
 
 
 def _untold_versions(store: ObjectStore, run_id: str) -> tuple[dict[int, dict[str, Any]], dict[str, list[int]]]:
-    """The run's pruned versions not told yet (version -> its ``pruned.json`` entry) and, for each request the
+    """The run's pruned versions not told yet (version -> its entry in the run's pruned record) and, for each request the
     current version applied that one of them had not, those versions."""
     from storage.registry import RunRegistry
 
@@ -1046,19 +1047,42 @@ def _untold_versions(store: ObjectStore, run_id: str) -> tuple[dict[int, dict[st
 
 
 def _mark_told(store: ObjectStore, run_id: str, versions: list[int]) -> None:
-    """Record in ``runs/<run>/pruned.json`` that the requests of these pruned versions were told (:data:`REQUESTS_TOLD`).
+    """Record in the run's pruned record that the requests of these pruned versions were told (:data:`REQUESTS_TOLD`).
 
-    Read afresh and rewritten, as retention writes it; a write that fails leaves them to be told again (idempotent).
+    By compare-and-swap (:meth:`storage.registry.RunRegistry.update_pruned`): a purge or a retention pass
+    recording other versions meanwhile keeps this mark. A write that fails leaves them to be told again
+    (idempotent).
     """
-    from storage.registry import RunRegistry, pruned_key
+    from storage.registry import RunRegistry
+
+    at = time.time()
+
+    def told(record: dict[str, Any]) -> dict[str, Any] | None:
+        entries = record["versions"]
+        fresh = [v for v in versions if v in entries and REQUESTS_TOLD not in entries[v]]
+        if not fresh:
+            return None
+        entries.update({v: {**entries[v], REQUESTS_TOLD: at} for v in fresh})
+        return record
 
     try:
-        record = RunRegistry(store).pruned_versions(run_id)
-        at = time.time()
-        record.update({v: {**record[v], REQUESTS_TOLD: at} for v in versions if v in record})
-        store.put_json(pruned_key(run_id), {"run_id": run_id, "versions": {str(v): record[v] for v in sorted(record)}})
-    except (CorruptObject, StorageError):
+        RunRegistry(store).update_pruned(run_id, told)
+    except (CorruptObject, StorageError, PointerConflict):
         return
+
+
+def _recording(versions: list[int], entry: dict[str, Any]) -> Any:
+    """A change of a run's pruned record (:meth:`storage.registry.RunRegistry.update_pruned`) that records
+    ``versions`` pruned with ``entry``; a version recorded meanwhile keeps its own entry (and its told mark)."""
+
+    def recorded(record: dict[str, Any]) -> dict[str, Any] | None:
+        fresh = [v for v in versions if v not in record["versions"]]
+        if not fresh:
+            return None
+        record["versions"].update({v: dict(entry) for v in fresh})
+        return record
+
+    return recorded
 
 
 def _superseded_by(deleted_now: set[int], target: Any) -> bool:
@@ -1089,9 +1113,9 @@ def _prune_runs(
     superseded: bool = False,
 ) -> dict[str, Any]:
     """:func:`prune_versions`'s work for ``runs`` (all if ``None``); ``due(target)``: whether a run's current
-    pointer target asks for it (all if ``None``); ``note``: what ``pruned.json`` records with each version;
+    pointer target asks for it (all if ``None``); ``note``: what the pruned record records with each version;
     ``superseded``: only versions a deletion superseded go (:func:`_superseded_by`), the others are kept."""
-    from storage.registry import RunRegistry, pruned_key
+    from storage.registry import RunRegistry
 
     registry = RunRegistry(store)
     out: dict[str, Any] = {
@@ -1126,12 +1150,7 @@ def _prune_runs(
         now = time.time()
         if apply:
             if versions:
-                record = registry.pruned_versions(run_id)
-                record.update({v: {"pruned_at": now, **note} for v in versions})
-                store.put_json(
-                    pruned_key(run_id),
-                    {"run_id": run_id, "versions": {str(v): record[v] for v in sorted(record)}},
-                )
+                registry.update_pruned(run_id, _recording(versions, {"pruned_at": now, **note}))
             for key in doomed:  # checkpoints first, manifests last (the order of ``doomed``)
                 store.delete(key)
         run_bytes = sum(size for size in sizes.values() if size is not None)

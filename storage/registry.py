@@ -15,13 +15,18 @@ Layout under the store (all through :class:`storage.objects.ObjectStore`):
 * ``registry/<run>.json``: the registry entry (dataset, which sample ids each block holds),
   written just before the first version is published (so no served run is unregistered; a run
   whose training stopped between the two is registered with no version and serves nothing).
-* ``runs/<run>/pruned.json``: the versions retention pruned (``store check --repair
-  --keep-versions N``): their pointer versions stay, their checkpoints and manifests are deleted
-  (a manifest another kept version's checkpoints were published by stays, as replay's recipe).
+* ``runs/<run>/pruned``: a pointer whose current version records the versions retention (``store check
+  --repair --keep-versions N``) and the purge of superseded versions pruned: their pointer versions stay,
+  their checkpoints and manifests are deleted (a manifest another kept version's checkpoints were
+  published by stays, as replay's recipe), and when their requests were told. Every change is a
+  compare-and-swap from the version read (:meth:`RunRegistry.update_pruned`), as a request's status
+  is, so two purges of one run never lose each other's marks. A store written before kept the record
+  in ``runs/<run>/pruned.json``: read while the pointer has no version, removed once it has one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from collections.abc import Callable, Mapping
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from obliviate.errors import ConfigError
 from obliviate.unlearning.service import RunSpec, check_name
-from storage.errors import CorruptObject, ObjectNotFound
+from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import Manifest, ObjectInfo, ObjectStore, Pointer
 
 if TYPE_CHECKING:  # chain imports torch: imported where a checkpoint is loaded, so reading the store needs none
@@ -40,8 +45,21 @@ TRAIN_CHAIN = "train"
 
 
 def pruned_key(run_id: str) -> str:
-    """Where retention records the versions of a run it pruned: ``runs/<run>/pruned.json``."""
+    """The pointer whose current version records the versions of a run pruned: ``runs/<run>/pruned``."""
+    return f"runs/{run_id}/pruned"
+
+
+def legacy_pruned_key(run_id: str) -> str:
+    """Where a store written before the pointer (:func:`pruned_key`) recorded them: ``runs/<run>/pruned.json``."""
     return f"runs/{run_id}/pruned.json"
+
+
+# Compare-and-swaps of one run's pruned record before giving up (as the ledger's statuses: _CAS_ATTEMPTS).
+_PRUNED_CAS_ATTEMPTS = 20
+
+#: A change of a run's pruned record (:meth:`RunRegistry.update_pruned`): the record read -> the record to
+#: write, or ``None`` to write nothing. The record: ``{"versions": {version: entry}, ...}``.
+PrunedChange = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 @dataclass(frozen=True)
@@ -244,11 +262,64 @@ class RunRegistry:
         A pruned version keeps its pointer version (applied requests, deleted ids, metrics) but not
         its checkpoints, so it can no longer be served, rolled back to or replayed by ``verify``.
         """
-        try:
-            body = self.store.get_json(pruned_key(check_name(run_id, what="run id")))
-        except ObjectNotFound:
-            return {}
-        return {int(v): dict(info) for v, info in body.get("versions", {}).items()}
+        return dict(self.pruned_record(run_id)[1]["versions"])
+
+    def pruned_record(self, run_id: str) -> tuple[int, dict[str, Any]]:
+        """The run's pruned record and the pointer version it was read from (0: none yet, or the legacy file's).
+
+        The record is ``{"versions": {version (int): entry}, ...}`` (other keys as :meth:`update_pruned` wrote them).
+
+        Raises:
+            CorruptObject: the record's current version (or the legacy file) is damaged.
+        """
+        key = pruned_key(check_name(run_id, what="run id"))
+        pointer = self.store.read_pointer(key)
+        if pointer is not None:
+            body, version = dict(pointer.target), pointer.version
+        else:
+            try:
+                body, version = dict(self.store.get_json(legacy_pruned_key(run_id))), 0
+            except ObjectNotFound:
+                body, version = {}, 0
+        body.pop("run_id", None)
+        body["versions"] = {int(v): dict(info) for v, info in (body.get("versions") or {}).items()}
+        return version, body
+
+    def update_pruned(self, run_id: str, change: PrunedChange) -> dict[str, Any] | None:
+        """Write ``change(record)`` as the run's pruned record by compare-and-swap, retried from a fresh read.
+
+        Two purges (a pass's, a reconcile pass's, ``store check --repair``) may change one run's record at
+        once: each reads it, decides, and swaps from the version it read; the loser reads again and decides
+        again, so no version recorded pruned and no told mark is lost (a lost mark told its requests twice).
+        The legacy ``pruned.json`` goes once the pointer holds what it held.
+
+        Returns:
+            the record written, or ``None`` when ``change`` wrote nothing.
+
+        Raises:
+            PointerConflict: the record moved under every attempt (the message says to retry).
+            CorruptObject: the record's current version is damaged (nothing written).
+        """
+        key = pruned_key(check_name(run_id, what="run id"))
+        for _ in range(_PRUNED_CAS_ATTEMPTS):
+            version, record = self.pruned_record(run_id)
+            changed = change(record)
+            if changed is None:
+                return None
+            versions = changed.get("versions") or {}
+            body = {**changed, "run_id": run_id, "versions": {str(v): versions[v] for v in sorted(versions)}}
+            try:
+                self.store.swap_pointer(key, body, expected_version=version)
+            except PointerConflict:
+                continue
+            if version == 0:  # the pointer holds what the legacy file held now
+                with contextlib.suppress(StorageError):
+                    self.store.delete(legacy_pruned_key(run_id))
+            return changed
+        raise PointerConflict(
+            f"the pruned record of run {run_id} ({self.store.uri(key)}) kept moving under {_PRUNED_CAS_ATTEMPTS} "
+            "attempts; retry later."
+        )
 
     def history(self, run_id: str) -> list[int]:
         """Versions the pointer has had (1 = trained)."""

@@ -27,7 +27,7 @@ from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import check_store, purge_superseded, save_keep_superseded
 from storage.ledger import DeletionLedger
-from storage.registry import RunRegistry, pruned_key
+from storage.registry import RunRegistry
 
 _FAILED_PURGE = "could not finish the purge of superseded versions"
 
@@ -72,11 +72,17 @@ def _cut_off_before_the_ledger(store: ObjectStore) -> float:
     for version in range(before + 1, len(ledger.history("req-1")) + 1):
         store.delete(f"ledger/status/req-1/v{version:09d}.json")
     assert ledger.get("req-1").details["runs"]["r1"]["superseded_versions"]["status"] == "kept"
-    record = store.get_json(pruned_key("r1"))
-    versions = {v: {"pruned_at": info["pruned_at"], "superseded": True} for v, info in record["versions"].items()}
-    store.put_json(pruned_key("r1"), {"run_id": "r1", "versions": versions})
+    registry = RunRegistry(store)
+
+    def before_the_ledger(record: dict) -> dict:
+        record["versions"] = {
+            v: {"pruned_at": e["pruned_at"], "superseded": True} for v, e in record["versions"].items()
+        }
+        return record
+
+    registry.update_pruned("r1", before_the_ledger)
     assert _v1_alone(store) == []
-    return float(versions["1"]["pruned_at"])
+    return float(registry.pruned_versions("r1")[1]["pruned_at"])
 
 
 @pytest.mark.parametrize("where", ["file", "s3"])
