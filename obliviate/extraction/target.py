@@ -167,7 +167,12 @@ class Target:
                 "or audit with a larger budget."
             )
         start = time.perf_counter()
-        answer = self.backend.predict(images, output=self.output) if n else _empty_answer(self.output)
+        if n or self.output is OutputMode.PROBABILITIES:
+            # An empty batch still goes to the backend for probabilities: only it knows the C of the (0, C) answer,
+            # and the backends answer it without spending a query.
+            answer = self.backend.predict(images, output=self.output)
+        else:
+            answer = np.zeros(0, np.int64)
         seconds = time.perf_counter() - start
         answer = _check_answer(answer, n=n, output=self.output, num_classes=self.num_classes)
         self.used += n
@@ -529,10 +534,6 @@ def _check_batch(images: np.ndarray) -> np.ndarray:
             f"{getattr(images, 'shape', None)}. Wrap one image as images[None]."
         )
     return images
-
-
-def _empty_answer(output: OutputMode) -> np.ndarray:
-    return np.zeros(0, np.int64) if output is OutputMode.LABELS else np.zeros((0, 0), np.float32)
 
 
 def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode, num_classes: int | None = None) -> np.ndarray:

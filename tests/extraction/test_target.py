@@ -65,6 +65,10 @@ def test_probabilities_only_behind_the_switch(target_model, pool_images):
     assert probs.shape == (5, 10) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert target.used == 5
+    empty = target.query(pool_images[:0])  # it answered (0, 0), so np.concatenate with a (k, 10) answer failed
+    assert empty.shape == (0, 10) and empty.dtype == np.float32 and target.used == 5
+    assert np.concatenate([probs, empty]).shape == (5, 10)
+    assert Target(LocalTorchBackend(target_model), budget=5).query(pool_images[:0]).shape == (0,)
 
 
 def test_a_backend_leaking_probabilities_is_caught_in_label_mode(pool_images):
