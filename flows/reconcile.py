@@ -68,7 +68,8 @@ def finish_purges(store: str, *, logger: logging.Logger | logging.LoggerAdapter[
     whose requests' ledger entries were not told): idempotent, it keeps what work in flight may
     use and purges nothing while the store keeps superseded versions (``serve
     --keep-superseded-versions``). The requests applied to those runs whose entries say the purge is
-    ``pending`` (or ``kept``) then say ``purged`` with when. A purge that fails never fails the pass:
+    ``pending`` (or ``kept``) then say ``purged`` with when; one whose status is damaged is said once in
+    the log with its mend and told by the first pass after it is mended. A purge that fails never fails the pass:
     it is said once in the pass's log, the entries keep saying ``pending`` and the next pass (or
     ``obliviate store check --repair``) tries again.
 
@@ -96,6 +97,19 @@ def finish_purges(store: str, *, logger: logging.Logger | logging.LoggerAdapter[
             "damaged and how to mend it",
             sorted(result["skipped"]),
             next(iter(result["skipped"].values())),
+        )
+    untold = {
+        request: reason for run in result["runs"].values() for request, reason in (run.get("untold") or {}).items()
+    }
+    if untold:
+        logger.warning(
+            "the purge of superseded versions of run(s) %s went through, but %d request(s) could not be told, their "
+            "status being damaged: %s. Each is noted in its run's pruned record (runs/<run>/pruned, untold_damaged) "
+            "and said here once; no pass plans the run again for it until it is mended, and the first pass after "
+            "that tells it",
+            sorted(run_id for run_id, run in result["runs"].items() if run.get("untold")),
+            len(untold),
+            "; ".join(f"{request}: {reason}" for request, reason in sorted(untold.items())),
         )
     told = sorted({request for run in result["runs"].values() for request in run.get("requests") or []})
     if result["objects"] or told:

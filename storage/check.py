@@ -917,6 +917,11 @@ def purge_superseded(
 #: version was told its purge (:func:`_record_purged`). A pruned version without it still has ledger entries a purge
 #: may have to finish.
 REQUESTS_TOLD = "requests_told_at"
+#: In a run's pruned record: requests a purge went through for but could not tell because their current status is
+#: damaged (request -> what to tell it, ``purged`` and ``purged_at``; the damage and its mend, ``reason``; when it was
+#: first met, ``noted_at``). Noted once, so no pass plans the run again for them; the first pass that finds one's
+#: status readable again (mended) tells it (:func:`runs_with_purge_left`).
+UNTOLD_DAMAGED = "untold_damaged"
 _FOUND_PURGED = (
     "found already deleted by a later purge: the purge that deleted them stopped before it told this entry (or ran "
     "before the ledger heard of purges); purged_at is when that purge recorded them pruned"
@@ -932,13 +937,17 @@ def runs_with_purge_left(store: ObjectStore) -> list[str]:
     purges). Reads per run its pointer's version list, its current version, its pruned record and
     the versions not recorded pruned (the current one's source and interims of an open batch), not
     every version it had. None while the store keeps superseded versions (:func:`keeps_superseded`).
-    A run whose versions cannot be read is left out: ``store check`` reports that damage.
+    A run whose versions cannot be read is left out: ``store check`` reports that damage. A request a
+    purge could not tell for its damaged status (:data:`UNTOLD_DAMAGED`) lists its run again only once
+    its status reads again (one read of its status pointer), not on every pass.
     """
+    from storage.ledger import DeletionLedger
     from storage.registry import RunRegistry
 
     if keeps_superseded(store):
         return []
     registry = RunRegistry(store)
+    ledger = DeletionLedger(store)
     due = []
     for run_id in registry.run_ids():
         pointer_key = f"runs/{run_id}/current"
@@ -949,17 +958,31 @@ def runs_with_purge_left(store: ObjectStore) -> list[str]:
             current = dict(store.read_pointer_version(pointer_key, versions[-1]).target)
             if not _applied_deletions(current):
                 continue
-            record = registry.pruned_versions(run_id)
+            _, body = registry.pruned_record(run_id)
+            record = body["versions"]
             deleted_now = {int(i) for i in current.get("deleted_ids") or []}
-            if any(REQUESTS_TOLD not in info for info in record.values()) or any(
-                _superseded_by(deleted_now, store.read_pointer_version(pointer_key, v).target)
-                for v in versions[:-1]
-                if v not in record
+            if (
+                any(REQUESTS_TOLD not in info for info in record.values())
+                or any(
+                    _superseded_by(deleted_now, store.read_pointer_version(pointer_key, v).target)
+                    for v in versions[:-1]
+                    if v not in record
+                )
+                or any(_status_readable(ledger, request_id) for request_id in body.get(UNTOLD_DAMAGED) or {})
             ):
                 due.append(run_id)
         except (CorruptObject, ObjectNotFound, KeyError, ValueError, TypeError):
             continue
     return due
+
+
+def _status_readable(ledger: Any, request_id: str) -> bool:
+    """Whether a request's current status reads (mended, after a purge noted it damaged: :data:`UNTOLD_DAMAGED`)."""
+    try:
+        ledger.current_status(request_id)
+    except (CorruptObject, StorageError, ValueError):
+        return False
+    return True
 
 
 def _record_purged(
@@ -982,16 +1005,24 @@ def _record_purged(
     be read or written: then the next purge tells them again (idempotent:
     :meth:`storage.ledger.DeletionLedger.record_purge`). Written after the objects are gone, so an
     interruption leaves an entry saying what it said. A ledger or record that cannot be read or
-    written never fails the purge. Returns the requests updated.
+    written never fails the purge. A request whose current status is damaged holds nothing back: it
+    is noted in the run's pruned record with what to tell it and the damage's mend
+    (:data:`UNTOLD_DAMAGED`; newly noted ones in ``run["untold"]``, request -> reason, which the
+    reconcile pass says), and told by the first purge after its status reads again. Returns the requests
+    updated.
     """
     from storage.ledger import TERMINAL, DeletionLedger
+    from storage.registry import RunRegistry
 
     now = float(run["purged_at"])
     todo: dict[str, tuple[dict[str, Any], float]] = {}
     try:
         untold, since = _untold_versions(store, run_id)
-    except (CorruptObject, StorageError, KeyError, ValueError, TypeError):
-        untold, since = {}, {}
+        noted = {
+            str(r): dict(e) for r, e in (RunRegistry(store).pruned_record(run_id)[1].get(UNTOLD_DAMAGED) or {}).items()
+        }
+    except (CorruptObject, StorageError, KeyError, ValueError, TypeError, AttributeError):
+        untold, since, noted = {}, {}, {}
     for request_id, versions in since.items():
         times = [
             float(untold[v]["pruned_at"]) for v in versions if isinstance(untold[v].get("pruned_at"), (int, float))
@@ -1001,8 +1032,12 @@ def _record_purged(
     if run["versions"] or run["objects"]:
         deleted = {key: run[key] for key in ("versions", "objects", "bytes", "held")}
         todo.update({request_id: ({"status": "purged", **deleted}, now) for request_id in unpurged})
+    for request_id, entry in noted.items():  # noted damaged before: told now if mended
+        if request_id not in todo and isinstance(entry.get("purged"), dict):
+            todo[request_id] = (dict(entry["purged"]), float(entry.get("purged_at") or now))
     ledger = DeletionLedger(store)
-    updated, retell = [], False
+    updated, retell, open_noted = [], False, set()
+    damaged: dict[str, dict[str, Any]] = {}
     for request_id, (purged, purged_at) in sorted(todo.items()):
         try:
             if ledger.record_purge(request_id, run_id, purged, purged_at=purged_at):
@@ -1011,16 +1046,24 @@ def _record_purged(
                 # its pass may still settle it saying the purge is pending; one in ``settling`` is settled by
                 # the caller with this very purge's result, which went through
                 retell = True
+                open_noted.add(request_id)
         except ObjectNotFound:  # applied to the run without a ledger request (a direct unlearn): nobody to tell
             continue
-        except CorruptObject:  # damaged (store check says how to mend it): told once mended
-            retell = True
+        except CorruptObject as err:  # its status is damaged: noted with its mend, told once mended
+            reason = str(err).rstrip(".")[:1000]
+            first = noted.get(request_id, {})
+            at = first.get("noted_at") if first.get("reason") == reason else None
+            damaged[request_id] = {"purged": purged, "purged_at": purged_at, "reason": reason, "noted_at": at or now}
         except ValueError:  # not a request id
             continue
         except (StorageError, PointerConflict):
             retell = True
-    if untold and not retell:
-        _mark_told(store, run_id, sorted(untold))
+            open_noted.add(request_id)
+    waiting = {**{r: noted[r] for r in noted if r in open_noted}, **damaged}
+    _mark_told(store, run_id, [] if retell else sorted(untold), dropped=set(noted), noted=waiting)
+    fresh = {r: d["reason"] for r, d in damaged.items() if noted.get(r, {}).get("reason") != d["reason"]}
+    if fresh:
+        run["untold"] = fresh
     return updated
 
 
@@ -1046,8 +1089,17 @@ def _untold_versions(store: ObjectStore, run_id: str) -> tuple[dict[int, dict[st
     return untold, since
 
 
-def _mark_told(store: ObjectStore, run_id: str, versions: list[int]) -> None:
-    """Record in the run's pruned record that the requests of these pruned versions were told (:data:`REQUESTS_TOLD`).
+def _mark_told(
+    store: ObjectStore,
+    run_id: str,
+    versions: list[int],
+    *,
+    dropped: Collection[str] = (),
+    noted: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Record in the run's pruned record that the requests of these pruned versions were told (:data:`REQUESTS_TOLD`),
+    and which requests wait to be told once their damaged status is mended (:data:`UNTOLD_DAMAGED`: ``dropped``
+    leave it, ``noted`` join it).
 
     By compare-and-swap (:meth:`storage.registry.RunRegistry.update_pruned`): a purge or a retention pass
     recording other versions meanwhile keeps this mark. A write that fails leaves them to be told again
@@ -1060,9 +1112,14 @@ def _mark_told(store: ObjectStore, run_id: str, versions: list[int]) -> None:
     def told(record: dict[str, Any]) -> dict[str, Any] | None:
         entries = record["versions"]
         fresh = [v for v in versions if v in entries and REQUESTS_TOLD not in entries[v]]
-        if not fresh:
-            return None
         entries.update({v: {**entries[v], REQUESTS_TOLD: at} for v in fresh})
+        before = dict(record.get(UNTOLD_DAMAGED) or {})
+        after = {**{r: e for r, e in before.items() if r not in dropped}, **(noted or {})}
+        if not fresh and after == before:
+            return None
+        record[UNTOLD_DAMAGED] = after
+        if not after:
+            del record[UNTOLD_DAMAGED]
         return record
 
     try:

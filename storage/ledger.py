@@ -709,10 +709,17 @@ class DeletionLedger:
 
         Sets the run's ``superseded_versions`` (``purged``) and ``purged_at``, and the request's
         ``purged_at`` once every run that records one has it (CAS, retried). Nothing is written when
-        the request is not ``done`` or its run entry says nothing is left to purge.
+        the request is not ``done`` or its run entry says nothing is left to purge. Only the status is
+        read and written (the run entries live there): a request whose record is damaged is told too,
+        so its damage (which ``store check`` reports with its mend) holds no purge back.
 
         Returns:
-            the request's status after, or ``None`` when nothing was written.
+            the request's status after (its ``request`` holds only the request id), or ``None`` when
+            nothing was written.
+
+        Raises:
+            ObjectNotFound: no such request in the ledger (neither a record nor a status).
+            CorruptObject: its current status is damaged (the message says how to mend it).
         """
 
         def finished(current: RequestStatus) -> tuple[str, Mapping[str, Any]] | None:
@@ -725,8 +732,14 @@ class DeletionLedger:
             runs[run_id] = {**entry, "superseded_versions": dict(purged), "purged_at": purged_at}
             return DONE, {**current.details, "runs": runs, "purged_at": request_purged_at(runs)}
 
-        _, written = self._update_status(request_id, finished)
-        return self.get(request_id) if written else None
+        def status_alone(request_id: str) -> RequestStatus:
+            current = self._status_alone(request_id)
+            if current.version == 0 and not self.exists(request_id):
+                raise ObjectNotFound(f"no deletion request {request_id} in the ledger of {self.store.uri()}.")
+            return current
+
+        _, written = self._update_status(request_id, finished, read=status_alone)
+        return self._status_alone(request_id) if written else None
 
     def fail_attempt(
         self,

@@ -16,11 +16,12 @@ as in ``test_purge_superseded_due.py``).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from actors.chains import ChainWorker
-from flows.reconcile import reconcile_flow
+from flows.reconcile import finish_purges, reconcile_flow
 from flows.settle import run_pass
 from flows.train import run_spec
 from flows.unlearn import submit_deletion
@@ -246,3 +247,76 @@ def test_a_normal_deletion_leaves_the_next_reconcile_pass_no_purge_to_plan(store
     record = RunRegistry(store).pruned_versions("r1")
     assert sorted(record) == [1] and all(REQUESTS_TOLD in info for info in record.values()), record
     assert runs_with_purge_left(store) == []  # what a reconcile pass asks first: no run has work left
+
+
+GARBAGE = b"\0garbage{{{"
+
+
+def _kept_then_purgeable(url: str, tiny_run) -> ObjectStore:
+    """req-1 applied while the store kept superseded versions (its entry says ``kept``); then a serve without it."""
+    store = ObjectStore(url)
+    victim = _trained(url, tiny_run)
+    save_keep_superseded(store, keep=True)
+    assert _settle(url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
+    save_keep_superseded(store, keep=False)
+    return store
+
+
+def _said_by_status(store: ObjectStore) -> dict:
+    """req-1's run entry for r1, read from its status pointer alone (its record may be damaged)."""
+    return store.read_pointer("ledger/status/req-1").target["details"]["runs"]["r1"]
+
+
+def test_a_request_whose_record_is_damaged_is_told_its_purge_and_leaves_nothing_to_plan(store_url, tiny_run):
+    """A purge told a request by reading its record, so a damaged record kept its run untold and every pass
+    planned the run's purge again until the record was mended. The run entries live in the request's status:
+    now the purge reads and writes only that, and the record's damage (store check's business) holds nothing."""
+    from storage.check import runs_with_purge_left
+
+    store = _kept_then_purgeable(store_url, tiny_run)
+    (Path(store_url.removeprefix("file://")) / "ledger/requests/req-1.json").write_bytes(GARBAGE)
+
+    result = finish_purges(store_url, logger=logging.getLogger("test-reconcile"))
+
+    assert result["runs"]["r1"]["versions"] == [1] and result["runs"]["r1"]["requests"] == ["req-1"], result
+    said = _said_by_status(store)
+    assert said["superseded_versions"]["status"] == "purged" and isinstance(said["purged_at"], float), said
+    assert runs_with_purge_left(store) == []  # nothing for the next pass to plan
+
+
+def test_a_request_whose_status_is_damaged_is_noted_once_and_told_once_mended(store_url, tiny_run, caplog):
+    """Its status damaged, a request cannot be told: its run stayed untold and was planned on every pass. Now the
+    purge notes it once in the run's pruned record with the damage and its mend, says it once in the pass's log,
+    plans the run no more, and the first pass after the status is mended tells it."""
+    from storage.check import UNTOLD_DAMAGED, runs_with_purge_left
+
+    store = _kept_then_purgeable(store_url, tiny_run)
+    status = max((Path(store_url.removeprefix("file://")) / "ledger/status/req-1").glob("v*.json"))
+    backup = status.read_bytes()
+    status.write_bytes(GARBAGE)
+    logger = logging.getLogger("test-reconcile")
+
+    with caplog.at_level(logging.WARNING):
+        first = finish_purges(store_url, logger=logger)
+    run = first["runs"]["r1"]
+    assert run["versions"] == [1] and first["objects"] > 0 and run["requests"] == [], first
+    assert list(run["untold"]) == ["req-1"] and "To mend: restore ledger/status/req-1/" in run["untold"]["req-1"]
+    said = [r.getMessage() for r in caplog.records if "could not be told" in r.getMessage()]
+    assert len(said) == 1 and "req-1" in said[0] and "To mend" in said[0], said
+    noted = RunRegistry(store).pruned_record("r1")[1][UNTOLD_DAMAGED]
+    assert list(noted) == ["req-1"] and noted["req-1"]["reason"] == run["untold"]["req-1"], noted
+    assert runs_with_purge_left(store) == []  # the damage is noted: no pass plans the run for it again
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert finish_purges(store_url, logger=logger) is None
+    assert not [r for r in caplog.records if "could not be told" in r.getMessage()]  # said once
+
+    status.write_bytes(backup)  # the mend: restored from a backup
+    assert runs_with_purge_left(store) == ["r1"]
+    mended = finish_purges(store_url, logger=logger)
+    assert mended["runs"]["r1"]["requests"] == ["req-1"], mended
+    said = _said_by_status(store)
+    assert said["superseded_versions"]["status"] == "purged" and said["superseded_versions"]["versions"] == [1]
+    assert UNTOLD_DAMAGED not in RunRegistry(store).pruned_record("r1")[1]
+    assert runs_with_purge_left(store) == []
