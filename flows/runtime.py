@@ -10,10 +10,12 @@ its own API (``PREFECT_UI_API_URL``), so the "View at" links of flow logs open.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -121,7 +123,7 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
         if num_cpus is not None:
             options["num_cpus"] = num_cpus
     try:
-        ray.init(address=target, **options)
+        context = ray.init(address=target, **options)
     except (ray.exceptions.AuthenticationError, ConnectionError) as err:
         # Ray 2.60 clusters want a token by default. ray.init raises the refusal bare, or as a
         # ConnectionError whose cause holds it only as text (the GCS client's last error).
@@ -148,6 +150,46 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
             f"could not start a local Ray runtime: {err} (load average {load} on {os.cpu_count()} CPUs). Nothing "
             f"was computed; {_local_start_fix(err)}, or join a running cluster with --ray-address / RAY_ADDRESS."
         ) from err
+    global _local_session_dir
+    _local_session_dir = context.address_info.get("session_dir") if target == "local" else None
+
+
+#: The session folder (logs, sockets) of the local Ray runtime this process started last; None after joining a cluster.
+_local_session_dir: str | None = None
+_session_removal_registered = False
+
+
+def remove_local_ray_session_at_exit() -> None:
+    """Remove the session folder of the local Ray runtime this process started, once Ray has shut down at exit.
+
+    Ray keeps one folder per ``ray.init`` that starts a runtime (``/tmp/ray/session_*``: its processes' logs and
+    sockets) and never removes it; its documentation leaves that to the user, so every command added one. A command
+    calls this once it has succeeded: a failed one keeps its folder, logs and all. Nothing is removed after joining
+    an existing cluster (its session belongs to it), nor while Ray still runs.
+    """
+    global _session_removal_registered
+    if _local_session_dir is None or _session_removal_registered:
+        return
+    _session_removal_registered = True
+    atexit.register(_remove_local_session)  # runs before Ray's own shutdown at exit, registered at its import
+
+
+def _remove_local_session() -> None:
+    session = _local_session_dir
+    if session is None:  # joined a cluster since
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # its processes are gone (or killed) when it returns: nothing writes there any more
+    folder = Path(session)
+    for _ in range(2):  # a worker ending meanwhile may add a log file under a folder being removed
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            break
+    latest = folder.parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if os.readlink(latest) == str(folder):
+            latest.unlink()
 
 
 def _local_start_fix(err: Exception) -> str:

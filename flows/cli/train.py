@@ -139,7 +139,13 @@ def register(app: typer.Typer) -> None:
 
 def run_train(args: Args) -> int:
     from flows.progress import shown_progress
-    from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api
+    from flows.runtime import (
+        apply_prefect_defaults,
+        check_ray_address,
+        ensure_ray,
+        prefect_api,
+        remove_local_ray_session_at_exit,
+    )
     from flows.train import accuracy_text, check_run_shape, run_spec, train_flow, training_claim
     from obliviate.unlearning.service import RunSpec, check_name
     from storage.objects import ObjectStore
@@ -198,4 +204,5 @@ def run_train(args: Args) -> int:
     for message in summary.get("sharp_drops") or []:
         print(f"warning: {message}", file=sys.stderr)
     print(json.dumps(summary, default=str))
+    remove_local_ray_session_at_exit()  # a failed training keeps Ray's logs
     return 0
