@@ -26,7 +26,8 @@
   ./runs): skipped whole, to be checked with their own ``--store``; their manifests pin keys of their
   own root, and their files are not this store's garbage;
 * ``foreign``: files outside the key families obliviate writes (:meth:`_Scope.own`; a steal report or
-  a target checkpoint kept under the store's folder): never collected, said only as a count.
+  a target checkpoint kept under the store's folder): never verified (even with a ``.sha256`` of their
+  own beside them, which is not our commit record) nor collected, said only as a count.
 
 Retention (:func:`prune_versions`, ``store check --repair --keep-versions N``) marks the versions of
 a run older than its newest N as pruned (``runs/<run>/pruned``, written first) and deletes what
@@ -67,6 +68,24 @@ _FOREIGN = ("tune-state/",)
 # elsewhere is not the store's: store check never collects it (a user's steal report or target checkpoint kept
 # under the store's folder, the default ./runs). storage.tiles.MI_TILES is "mi-tiles"; not imported (numpy).
 _OWN_TOP = ("runs", "registry", "ledger", "service", "groups", "tune", "mi-tiles")
+# The names our writers put right under a run's folder runs/<run>/ (storage.registry, actors.chains, flows.train,
+# flows.audit). Only these are a run's: a user's file there (with a .sha256 of its own or not) is not checked.
+_RUN_LAYOUT = frozenset(
+    {
+        "chains",
+        "manifests",
+        "current",
+        "pruned",
+        "pruned.json",
+        "spec.json",
+        "plan.json",
+        "train-claim",
+        "train-exclusions.json",
+        "audits",
+    }
+)
+# A temporary file of an atomic write (storage.objects: ``.tmp-<hex>-<final name>`` beside the final name).
+_TMP_OF = re.compile(r"^\.tmp-[0-9a-f]+-(?P<final>.+)$")
 _RESULT_TOP = "reduce-"
 # What only a store's root holds (a run's version pointer, a registry entry, a ledger request, a reduce result, an
 # MI tile): a folder holding one of these, under a name that is not one of the outer store's own keys, is a store
@@ -150,7 +169,8 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     scope = _scope(everything)
     report.nested = list(scope.nested)
     names = [name for name in everything if scope.checked(name)]
-    keys = [key for key in store.list("") if scope.checked(key)]
+    # only what our layout owns is verified: a user's file with a .sha256 of its own is not our commit
+    keys = [key for key in store.list("") if scope.own(key)]
     for key in keys:
         report.objects_checked += 1
         try:
@@ -158,7 +178,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
         except CorruptObject as err:
             report.corrupt.append({"key": key, "error": str(err)})
     lost = []
-    for key in _records_alone(names):
+    for key in _records_alone([name for name in names if scope.own(name)]):
         if key.startswith(_REWRITTEN_AND_DELETED):
             # A renewal racing its own delete (a lease renewed while the settled request drops it)
             # can leave such a record alone; it is garbage, collected below like other leases.
@@ -181,7 +201,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
                     "obliviate; its commit record remains)",
                 }
             )
-    pointer_keys = [key for key in store.list_pointers("") if scope.checked(key)]
+    pointer_keys = [key for key in store.list_pointers("") if scope.own(key)]
     for pointer_key in pointer_keys:
         latest = _latest_version(store, pointer_key)
         for version in range(1, latest + 1):
@@ -271,15 +291,16 @@ class _Scope:
     def own(self, name: str) -> bool:
         """Whether ``name`` is in a key family obliviate writes: its objects, commit records, pointers, temporaries.
 
-        Only these are ever collected. A run's folder is one holding a commit record or a pointer version
-        (runs/steal/ with steal's plain files is not, on a store at ./).
+        Only these are ever verified or collected. A run's folder is one holding a commit record or a pointer
+        version under a name of a run's layout (:data:`_RUN_LAYOUT`; runs/steal/ with steal's plain files is not,
+        on a store at ./), and in it only those names are the run's.
         """
         parts = name.split("/")
         top = parts[0]
         if len(parts) == 1:
             return top.startswith(_TMP_MARK)  # at the root only temporaries (write checks)
         if top == "runs":
-            return len(parts) >= 3 and parts[1] in self.runs
+            return len(parts) >= 3 and parts[1] in self.runs and _in_run_layout(parts[2])
         if top in ("registry", "groups") or top.startswith(_RESULT_TOP):
             return len(parts) == 2
         if top == "service":  # its records, and the pass claim's pointer versions
@@ -299,7 +320,12 @@ def _scope(names: list[str]) -> _Scope:
     runs = frozenset(
         parts[1]
         for parts in (name.split("/") for name in names if name.startswith("runs/"))
-        if len(parts) >= 3 and (parts[-1].endswith(COMMIT_SUFFIX) or _POINTER_VERSION_NAME.match(parts[-1]))
+        if (
+            len(parts) >= 4
+            and parts[2] in _RUN_LAYOUT
+            and (parts[-1].endswith(COMMIT_SUFFIX) or _POINTER_VERSION_NAME.match(parts[-1]))
+        )
+        or (len(parts) == 3 and parts[2].endswith(COMMIT_SUFFIX) and _in_run_layout(parts[2]))
     )
     own = _Scope(nested=(), runs=runs)
     roots = set()
@@ -309,6 +335,12 @@ def _scope(names: list[str]) -> _Scope:
             roots.add(mark.group("root") + "/")
     nested = tuple(sorted(root for root in roots if not any(root != o and root.startswith(o) for o in roots)))
     return _Scope(nested=nested, runs=runs)
+
+
+def _in_run_layout(first: str) -> bool:
+    """Whether ``first``, a name right under a run's folder, is one our writers use there (its temporary, its record)."""
+    temporary = _TMP_OF.match(first)
+    return (temporary.group("final") if temporary else first).removesuffix(COMMIT_SUFFIX) in _RUN_LAYOUT
 
 
 def _records_alone(names: list[str]) -> list[str]:
@@ -341,7 +373,8 @@ def _bytes_alone(
     alone, or only its open marker) is half-filed: ``report.half_filed`` (its marker and bytes are
     orphans). A status history whose request is gone entirely is damage too. A file outside the key
     families obliviate writes (:meth:`_Scope.own`) that nothing needs is not an orphan: obliviate did not
-    write it (a user's file kept under the store's folder), so it goes to ``report.foreign``, left alone.
+    write it (a user's file kept under the store's folder), so it goes to ``report.foreign``, left alone; so
+    does one there with a ``.sha256`` of its own beside it (and that ``.sha256``): not our commit, never verified.
     """
     present = set(names)
     pointers = set(pointer_keys)
@@ -351,6 +384,14 @@ def _bytes_alone(
     requests_with_bytes: set[str] = set()
     for name in names:
         parent, _, base = name.rpartition("/")
+        if (
+            not scope.own(name)
+            and _TMP_MARK not in name
+            and not name.startswith(_FOREIGN)
+            and (name.endswith(COMMIT_SUFFIX) or name + COMMIT_SUFFIX in present)
+        ):
+            report.foreign.append(name)  # a user's file with a .sha256 of its own (or that .sha256): not our commit
+            continue
         if (
             name.endswith(COMMIT_SUFFIX)
             or _TMP_MARK in name

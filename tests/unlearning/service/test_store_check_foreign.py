@@ -154,3 +154,45 @@ def test_on_s3_a_nested_store_and_plain_objects_are_left_alone(s3_url, moto_endp
     assert report.healthy and report.nested == ["demo/"] and report.foreign == ["steal/steal.json"], report.as_dict()
     assert report.collected == [] and report.unrecoverable == [], report.as_dict()
     assert fs.exists(f"{bucket_path}/steal/steal.json") and fs.exists(f"{bucket_path}/demo/steal/steal.md")
+
+
+# a user's files, each with a checksum file of its own that does not match it: sha256sum's format, and one that
+# reads like our commit record; outside our folders (the root, steal/, and runs/steal/, which no run's layout holds)
+USER_CHECKSUMMED = {
+    "steal/model.pt": f"{'0' * 64}  model.pt\n",
+    "notes.txt": f"{'1' * 64}  notes.txt\n",
+    "runs/steal/target.pt": json.dumps({"sha256": "2" * 64, "size": 3, "committed_at": AN_HOUR_AGO}),
+}
+
+
+def test_a_users_file_with_its_own_sha256_is_left_alone_and_our_damage_still_reported(tmp_path, capsys):
+    """A user's file with a .sha256 of its own beside it, outside our folders, was verified as ours and reported
+    damaged when it did not match (and --repair's exit said the store was broken). Now only what our layout owns is
+    verified: the user's files are counted as not ours and left alone by --repair, while a damaged object of ours
+    is still reported."""
+    root = tmp_path / "store"
+    url = f"file://{root}"
+    store = ObjectStore(url)
+    store.put_json("groups/g1.json", {"runs": ["r1", "r2"]})
+    store.put_json("groups/g2.json", {"runs": ["r3"]})
+    (root / "groups/g1.json").write_bytes(b'{"runs": ["r1"]}')  # ours, damaged
+    for name, checksum in USER_CHECKSUMMED.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"the user's own bytes")
+        Path(f"{path}.sha256").write_text(checksum)
+        _old(path)
+        _old(Path(f"{path}.sha256"))
+    before = {name: (root / name).read_bytes() for name in USER_CHECKSUMMED}
+
+    report = check_store(store, min_age_s=0)
+    assert [item["key"] for item in report.corrupt] == ["groups/g1.json"], report.as_dict()
+    assert report.objects_checked == 2 and report.orphans == [], report.as_dict()
+    assert sorted(report.foreign) == sorted([*USER_CHECKSUMMED, *(f"{n}.sha256" for n in USER_CHECKSUMMED)])
+
+    assert main(["store", "check", "--repair", "--orphan-age", "0", "--store", url]) == 1  # ours is still damaged
+    err = capsys.readouterr().err
+    assert "damaged groups/g1.json" in err or "UNRECOVERABLE groups/g1.json" in err, err
+    assert not [line for line in err.splitlines() if "damaged" in line and "steal" in line], err
+    for name, checksum in USER_CHECKSUMMED.items():
+        assert (root / name).read_bytes() == before[name] and Path(f"{root / name}.sha256").read_text() == checksum
