@@ -16,7 +16,7 @@
   publish race or crashed, of versions pruned by retention, leases of settled requests,
   half-written temporary files, bytes a write left under their final name without committing them
   (``uncommitted``: a crash or a full disk between the bytes and their commit record; nothing
-  needs them), half-filed requests (``half_filed``: an open marker whose request was never
+  needs them; a brand-new run's first write too, known by our writer's names: :data:`_FIRST_WRITE`), half-filed requests (``half_filed``: an open marker whose request was never
   committed, so never acknowledged; a re-run of the same ``forget --request-id`` completes it). They
   are listed only when no kept version refers to them, their run has a current version (a training
   in progress is never touched), they are older than ``min_age_s``, and no attempt may still write,
@@ -86,6 +86,13 @@ _RUN_LAYOUT = frozenset(
 )
 # A temporary file of an atomic write (storage.objects: ``.tmp-<hex>-<final name>`` beside the final name).
 _TMP_OF = re.compile(r"^\.tmp-[0-9a-f]+-(?P<final>.+)$")
+# What a run's training writes first, before any commit record of its run exists (actors.chains: the block plan,
+# then each block's checkpoint; storage.registry: the spec, the manifest): named so exactly that bytes left under
+# such a name (or its temporary) by a crash are ours even in a run folder holding nothing committed yet.
+_FIRST_WRITE = re.compile(
+    r"^runs/[^/]+/(?:plan\.json|spec\.json|train-exclusions\.json|chains/[^/]+/ckpt-\d{4}\.(?:pt|json)"
+    r"|manifests/v\d{6}-[^/]+\.json)$"
+)
 _RESULT_TOP = "reduce-"
 # What only a store's root holds (a run's version pointer, a registry entry, a ledger request, a reduce result, an
 # MI tile): a folder holding one of these, under a name that is not one of the outer store's own keys, is a store
@@ -300,7 +307,11 @@ class _Scope:
         if len(parts) == 1:
             return top.startswith(_TMP_MARK)  # at the root only temporaries (write checks)
         if top == "runs":
-            return len(parts) >= 3 and parts[1] in self.runs and _in_run_layout(parts[2])
+            return (
+                len(parts) >= 3
+                and _in_run_layout(parts[2])
+                and (parts[1] in self.runs or _interrupted_first_write(name))
+            )
         if top in ("registry", "groups") or top.startswith(_RESULT_TOP):
             return len(parts) == 2
         if top == "service":  # its records, and the pass claim's pointer versions
@@ -341,6 +352,17 @@ def _in_run_layout(first: str) -> bool:
     """Whether ``first``, a name right under a run's folder, is one our writers use there (its temporary, its record)."""
     temporary = _TMP_OF.match(first)
     return (temporary.group("final") if temporary else first).removesuffix(COMMIT_SUFFIX) in _RUN_LAYOUT
+
+
+def _interrupted_first_write(name: str) -> bool:
+    """Whether ``name`` is what a run's training writes (:data:`_FIRST_WRITE`), or the temporary of one.
+
+    A brand-new run's first write cut off before its commit record leaves its run folder with nothing
+    committed, so its folder alone does not say it is ours: the name does.
+    """
+    parent, _, base = name.rpartition("/")
+    temporary = _TMP_OF.match(base)
+    return _FIRST_WRITE.match(f"{parent}/{temporary.group('final') if temporary else base}") is not None
 
 
 def _records_alone(names: list[str]) -> list[str]:
@@ -686,7 +708,9 @@ def _orphans(
     for key in [*keys, *alone]:
         chain = _CHAIN_KEY.match(key) or _MANIFEST_KEY.match(key)
         lease_of = key.split("/")[2] if key.startswith("ledger/leases/") else None
-        if chain is not None:
+        if chain is not None and key in uncommitted and chain.group("run") not in runs_with_versions:
+            pass  # an interrupted write of a run not yet published: nothing reads uncommitted bytes, a resume rewrites
+        elif chain is not None:
             if chain.group("run") not in runs_with_versions or key in referenced:
                 continue
             if open_requests and _in_flight(key, runs_with_versions[chain.group("run")]):

@@ -96,6 +96,15 @@ def run_store_check(args: Args) -> int:
             f"superseded by deletions in run(s) {sorted(runs)} (SPEC 5); their pointer versions stay (history)",
             file=sys.stderr,
         )
+    interrupted = [n for n in report.orphans if n in report.uncommitted or n.rsplit("/", 1)[-1].startswith(".tmp-")]
+    if interrupted and not args.repair:
+        more = f" (+{len(interrupted) - 5} more)" if len(interrupted) > 5 else ""
+        print(
+            f"  {len(interrupted)} interrupted write(s) (bytes a crash or a full disk left before their commit "
+            f"record; nothing reads them, a rerun writes them again; among the orphans): "
+            f"{', '.join(interrupted[:5])}{more}",
+            file=sys.stderr,
+        )
     if report.orphans_held_back:
         print(f"  orphans: {report.orphans_held_back}", file=sys.stderr)
     elif report.orphans and not args.repair:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from flows.train import run_spec
 from obliviate.extraction.target import save_checkpoint
 from storage import ObjectStore
 from storage.check import check_store
+from storage.errors import StorageError
 
 AN_HOUR_AGO = time.time() - 3600
 # steal's outputs (--out runs/steal, the demo's runs/demo/steal) and target train's checkpoint: plain files
@@ -196,3 +198,50 @@ def test_a_users_file_with_its_own_sha256_is_left_alone_and_our_damage_still_rep
     assert not [line for line in err.splitlines() if "damaged" in line and "steal" in line], err
     for name, checksum in USER_CHECKSUMMED.items():
         assert (root / name).read_bytes() == before[name] and Path(f"{root / name}.sha256").read_text() == checksum
+
+
+def _write_cut_before_its_commit_record(store: ObjectStore, root: Path, key: str, data: bytes) -> None:
+    """Our real write of ``key``, cut off between its bytes and its commit record (a full disk: here a folder where
+    the record goes)."""
+    blocker = root / f"{key}.sha256"
+    blocker.mkdir(parents=True)
+    with pytest.raises(StorageError):
+        store.put_bytes(key, data)
+    blocker.rmdir()
+    assert (root / key).read_bytes() == data and not store.exists(key)
+
+
+def test_a_brand_new_runs_interrupted_first_write_is_ours_and_collected_once_old(tmp_path, capsys):
+    """Bytes of a brand-new run's first write cut off before any commit record were counted as a user's files
+    (its run folder held nothing committed), never collected. Their names are our writer's (the block plan, a
+    block's checkpoint, a temporary of one): now reported as interrupted writes and collected by --repair once
+    older than --orphan-age; a write in flight (young) is kept, and a user's plain file there still left alone."""
+    root = tmp_path / "store"
+    url = f"file://{root}"
+    store = ObjectStore(url)
+    ours = ["runs/fresh/plan.json", "runs/fresh/chains/train/ckpt-0001.pt"]
+    for key in ours:
+        _write_cut_before_its_commit_record(store, root, key, b"half written")
+    # a writer killed while writing a checkpoint's temporary (storage.objects' atomic write names it so)
+    temporary = f"runs/fresh/chains/train/.tmp-{uuid.uuid4().hex}-ckpt-0002.pt"
+    (root / temporary).write_bytes(b"half")
+    ours.append(temporary)
+    (root / "runs/steal").mkdir(parents=True)
+    (root / "runs/steal/steal.json").write_text("{}")  # a user's plain file: not our writer's name
+    for name in [*ours, "runs/steal/steal.json"]:
+        _old(root / name)
+    _write_cut_before_its_commit_record(store, root, "runs/young/plan.json", b"in flight")  # just now
+
+    report = check_store(store, min_age_s=600)
+    assert report.healthy and report.orphans == sorted(ours), report.as_dict()
+    assert report.foreign == ["runs/steal/steal.json"], report.as_dict()
+    assert "runs/young/plan.json" in report.uncommitted and "runs/young/plan.json" not in report.orphans
+
+    assert main(["store", "check", "--store", url]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(ours)} interrupted write(s)" in err and "runs/fresh/plan.json" in err, err
+    assert main(["store", "check", "--repair", "--store", url]) == 0
+    err = capsys.readouterr().err
+    assert f"collected {len(ours)} orphan(s)" in err, err
+    assert not any((root / name).exists() for name in ours)
+    assert (root / "runs/young/plan.json").exists() and (root / "runs/steal/steal.json").exists()
