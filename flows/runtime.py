@@ -10,7 +10,6 @@ its own API (``PREFECT_UI_API_URL``), so the "View at" links of flow logs open.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -150,46 +149,40 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
             f"could not start a local Ray runtime: {err} (load average {load} on {os.cpu_count()} CPUs). Nothing "
             f"was computed; {_local_start_fix(err)}, or join a running cluster with --ray-address / RAY_ADDRESS."
         ) from err
-    global _local_session_dir
-    _local_session_dir = context.address_info.get("session_dir") if target == "local" else None
+    session = context.address_info.get("session_dir") if target == "local" else None
+    if session:
+        _local_session_dirs.append(session)
 
 
-#: The session folder (logs, sockets) of the local Ray runtime this process started last; None after joining a cluster.
-_local_session_dir: str | None = None
-_session_removal_registered = False
+#: The session folders (logs, sockets) of the local Ray runtimes this process started, in order. A runtime joined
+#: (a cluster's) is not listed: its session belongs to it.
+_local_session_dirs: list[str] = []
 
 
-def remove_local_ray_session_at_exit() -> None:
-    """Remove the session folder of the local Ray runtime this process started, once Ray has shut down at exit.
+def remove_local_ray_sessions() -> None:
+    """Shut Ray down, then remove the session folder of every local Ray runtime this process started.
 
     Ray keeps one folder per ``ray.init`` that starts a runtime (``/tmp/ray/session_*``: its processes' logs and
-    sockets) and never removes it; its documentation leaves that to the user, so every command added one. A command
-    calls this once it has succeeded: a failed one keeps its folder, logs and all. Nothing is removed after joining
-    an existing cluster (its session belongs to it), nor while Ray still runs.
+    sockets) and never removes it; its documentation leaves that to the user, so every command added one. The
+    console script (:func:`flows.cli.run`) calls this once its command has succeeded, after the command (and every
+    command it ran in-process, as ``demo`` does) is done with Ray: a failed or interrupted one keeps its folders,
+    logs and all. Nothing is removed after joining an existing cluster (its session belongs to it).
     """
-    global _session_removal_registered
-    if _local_session_dir is None or _session_removal_registered:
-        return
-    _session_removal_registered = True
-    atexit.register(_remove_local_session)  # runs before Ray's own shutdown at exit, registered at its import
-
-
-def _remove_local_session() -> None:
-    session = _local_session_dir
-    if session is None:  # joined a cluster since
+    if not _local_session_dirs:
         return
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()  # its processes are gone (or killed) when it returns: nothing writes there any more
-    folder = Path(session)
-    for _ in range(2):  # a worker ending meanwhile may add a log file under a folder being removed
-        shutil.rmtree(folder, ignore_errors=True)
-        if not folder.exists():
-            break
-    latest = folder.parent / "session_latest"
-    with contextlib.suppress(OSError):
-        if os.readlink(latest) == str(folder):
-            latest.unlink()
+    while _local_session_dirs:
+        folder = Path(_local_session_dirs.pop(0))
+        for _ in range(2):  # a worker ending meanwhile may add a log file under a folder being removed
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                break
+        latest = folder.parent / "session_latest"
+        with contextlib.suppress(OSError):
+            if os.readlink(latest) == str(folder):
+                latest.unlink()
 
 
 def _local_start_fix(err: Exception) -> str:
@@ -517,6 +510,24 @@ def prefect_api(
         _pointed_at(api_url),
         _api_must_answer(api_url),
     ):
+        yield api_url
+
+
+@contextlib.contextmanager
+def prefect_api_and_ray(*, ray_address: str | None = None, num_cpus: int | None = None) -> Iterator[str]:
+    """:func:`prefect_api` with Ray started (or joined, :func:`ensure_ray`) while its server comes up.
+
+    Every command that runs flows on Ray starts both here: one after the other they took about 5 s each. Ray starts
+    with ``PREFECT_API_URL`` already set, so a local runtime's workers inherit it.
+
+    Args:
+        ray_address: as :func:`ensure_ray`'s ``address``.
+        num_cpus: as :func:`ensure_ray`'s.
+
+    Yields:
+        the API URL in use.
+    """
+    with prefect_api(while_starting=lambda: ensure_ray(address=ray_address, num_cpus=num_cpus)) as api_url:
         yield api_url
 
 

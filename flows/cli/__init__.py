@@ -275,6 +275,9 @@ def run() -> NoReturn:
     A command that used Ray took about 6 s to exit after its last line: Ray's shutdown at exit,
     then the interpreter walking every object it still held. Ray is shut down here, and the
     objects left are frozen out of the collector's way (tests call :func:`main`, which does neither).
+    A command that succeeded (exit 0) also removes the session folder of each local Ray runtime it
+    started (Ray never does, so every command left one in /tmp/ray); a failed or interrupted one keeps
+    them, logs and all. Here, once the whole command is done with Ray: ``demo`` runs others in-process.
     """
     import gc
 
@@ -282,6 +285,9 @@ def run() -> NoReturn:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+    runtime = sys.modules.get("flows.runtime")  # not imported: no Ray runtime was started through it
+    if code == 0 and runtime is not None:
+        runtime.remove_local_ray_sessions()
     gc.freeze()
     sys.exit(code)
 

@@ -114,11 +114,12 @@ def demo_folder(args: Args) -> str:
 
 
 def run_demo(args: Args) -> int:
-    from flows.runtime import prefect_api, writable_folder
+    from flows.runtime import prefect_api_and_ray, writable_folder
 
     root = writable_folder(Path(demo_folder(args)).expanduser().resolve(), what="the demo's folder (--out)")
-    # One Prefect server for every step (started here when PREFECT_API_URL is unset).
-    with prefect_api() as api_url:
+    # One Prefect server and one Ray runtime for every step (the server started here when PREFECT_API_URL is unset),
+    # both coming up at once; the steps run in this process and use them.
+    with prefect_api_and_ray() as api_url:
         print(f"Prefect API: {api_url}", flush=True)
         code = _run_steps(args, root)
     _print_dashboard_hint(api_url)

@@ -277,14 +277,13 @@ def print_plan(args: Args) -> int:
 def run_reduce_flow(args: Args) -> int:
     """Run the ``reduce`` flow on Ray, with a Prefect server of our own when none is configured."""
     from flows.reduce import reduce_flow
-    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+    from flows.runtime import apply_prefect_defaults, prefect_api_and_ray
 
     apply_prefect_defaults()
     t0 = time.perf_counter()
     store_url = _prepared_store_url(args)
-    with prefect_api() as api_url:
+    with prefect_api_and_ray(ray_address=getattr(args, "ray_address", None)) as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
-        ensure_ray(address=getattr(args, "ray_address", None))
         with shown_progress():
             summary = reduce_flow(
                 data=args.data,

@@ -151,7 +151,7 @@ def run_serve(args: Args) -> int:
     from flows.batching import save_policy
     from flows.deployments import ServiceOptions, serve_deployments
     from flows.rollback import save_rollback
-    from flows.runtime import apply_prefect_defaults, check_ray_address, ensure_ray, prefect_api, ui_url_of
+    from flows.runtime import apply_prefect_defaults, check_ray_address, prefect_api_and_ray, ui_url_of
     from flows.unlearn import claim_serving
     from flows.watchdog import start_watchdog
     from obliviate.errors import ConfigError
@@ -231,9 +231,8 @@ def run_serve(args: Args) -> int:
     save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     save_keep_superseded(ObjectStore(store), keep=args.keep_superseded_versions)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
-    with prefect_api() as api_url:
+    with prefect_api_and_ray(ray_address=args.ray_address) as api_url:
         print(f"Prefect API: {api_url} (dashboard: {ui_url_of(api_url)})", file=sys.stderr)
-        ensure_ray(address=args.ray_address)
         import ray
 
         # Flow runs execute in subprocesses of the runner: they join this Ray runtime, not a new one.

@@ -270,14 +270,13 @@ def run_steal(args: Args) -> int:
 
     from flows.audit import steal_flow
     from flows.progress import shown_progress
-    from flows.runtime import ensure_ray, prefect_api
+    from flows.runtime import prefect_api_and_ray
 
+    started_ray = not ray.is_initialized()
     # The Prefect server every command shares (its database is what `obliviate ui` browses), not
     # Prefect's temporary one, whose flow runs land in a database no command shows.
-    with prefect_api() as api_url:
+    with prefect_api_and_ray(ray_address="local", num_cpus=args.num_cpus or os.cpu_count()) as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
-        started_ray = not ray.is_initialized()
-        ensure_ray(address="local", num_cpus=args.num_cpus or os.cpu_count())
         try:
             with shown_progress():
                 paths = steal_flow(

@@ -159,7 +159,7 @@ def deletion_story(
     """
     import ray
 
-    from flows.runtime import apply_prefect_defaults, ensure_ray, prefect_api
+    from flows.runtime import apply_prefect_defaults, prefect_api_and_ray
     from flows.train import train_flow
 
     apply_prefect_defaults()
@@ -167,8 +167,7 @@ def deletion_story(
     store.ensure_container()
     registry = RunRegistry(store)
     began = time.perf_counter()
-    with prefect_api() as api_url:
-        ensure_ray()
+    with prefect_api_and_ray() as api_url:
         os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
         trained = {}
         for number, run_id in enumerate(run_ids):

@@ -139,13 +139,7 @@ def register(app: typer.Typer) -> None:
 
 def run_train(args: Args) -> int:
     from flows.progress import shown_progress
-    from flows.runtime import (
-        apply_prefect_defaults,
-        check_ray_address,
-        ensure_ray,
-        prefect_api,
-        remove_local_ray_session_at_exit,
-    )
+    from flows.runtime import apply_prefect_defaults, check_ray_address, prefect_api_and_ray
     from flows.train import accuracy_text, check_run_shape, run_spec, train_flow, training_claim
     from obliviate.unlearning.service import RunSpec, check_name
     from storage.objects import ObjectStore
@@ -184,11 +178,7 @@ def run_train(args: Args) -> int:
     for spec in specs:
         registry.check_spec(RunSpec.from_dict(spec))
     # One training per run id at a time: a second one is refused here, before any server starts.
-    # Ray starts while the Prefect server comes up (each took about 5 s, one after the other).
-    with (
-        training_claim(store, args.run_id),
-        prefect_api(while_starting=lambda: ensure_ray(address=args.ray_address)) as api_url,
-    ):
+    with training_claim(store, args.run_id), prefect_api_and_ray(ray_address=args.ray_address) as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         with shown_progress():
             summary = train_flow(store=store, run_id=args.run_id, shards=args.shards, **options)
@@ -204,5 +194,4 @@ def run_train(args: Args) -> int:
     for message in summary.get("sharp_drops") or []:
         print(f"warning: {message}", file=sys.stderr)
     print(json.dumps(summary, default=str))
-    remove_local_ray_session_at_exit()  # a failed training keeps Ray's logs
     return 0

@@ -1,6 +1,7 @@
 """Every `obliviate train` left a Ray session folder (`/tmp/ray/session_*`, logs and sockets) behind: Ray never removes
 them. Now a train that succeeded on a local Ray runtime it started removes that runtime's folder at exit; a train that
-failed keeps it (its logs), and a train that joined a cluster leaves the cluster's alone."""
+failed keeps it (its logs), and a train that joined a cluster leaves the cluster's alone. So do the other commands that
+start Ray (`reduce`, `steal`, ... all through `flows.cli.run`): checked here on `reduce` and `steal`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = ["--data", "digits", "--blocks", "2", "--epochs", "1", "--train-size", "200", "--heldout-size", "100"]
+TINY_REDUCE = ["reduce", "--data", "digits", "--k", "10", "--starts", "2", "--workers", "2"]
+# the smallest audit: one attacker, one selector, one budget, a few steps (tests/extraction/test_steal_flow.py's sizes)
+TINY_STEAL = ["--pool", "mnist5k", "--budgets", "20", "--attackers", "basic", "--selectors", "random", "--seeds", "1"]
+TINY_STEAL += ["--pool-size", "120", "--test-size", "100", "--steps", "15", "--attack-steps", "20", "--rounds", "0"]
+TINY_STEAL += ["--consistency-steps", "0", "--num-cpus", "2"]
+
+
+@pytest.fixture(scope="module")
+def target_checkpoint(tmp_path_factory) -> Path:
+    from flows.cli import main
+
+    path = tmp_path_factory.mktemp("target") / "target.pt"
+    assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", "60"]) == 0
+    return path
+
+
+def _command(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[str]:
+    """The words of a tiny ``obliviate <name>`` that starts Ray, storing under ``tmp_path``."""
+    if name == "reduce":
+        return [*TINY_REDUCE, "--store", f"file://{tmp_path}/store"]
+    checkpoint = request.getfixturevalue("target_checkpoint")
+    return ["steal", "--target", str(checkpoint), "--out", str(tmp_path / "report"), *TINY_STEAL]
 
 
 @pytest.fixture
@@ -97,3 +120,48 @@ def test_a_train_that_joined_a_cluster_leaves_the_cluster_session_alone(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert session.is_dir() and (session / "logs").is_dir()
     assert ray.cluster_resources().get("CPU") == 2
+
+
+@pytest.mark.parametrize("name", ["reduce", "steal"])
+def test_another_command_that_succeeded_on_its_own_ray_runtime_leaves_no_session_folder(
+    name, tmp_path, prefect_api_url, ray_tmpdir, request
+):
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *_command(name, tmp_path, request)],
+        cwd=REPO,
+        env=_env(prefect_api_url, RAY_TMPDIR=str(ray_tmpdir)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (ray_tmpdir / "ray").is_dir(), "Ray ran under RAY_TMPDIR"
+    assert _sessions(ray_tmpdir) == []
+    assert not (ray_tmpdir / "ray" / "session_latest").is_symlink(), "no link left pointing at the folder removed"
+
+
+@pytest.mark.parametrize("name", ["reduce", "steal"])
+def test_another_command_stopped_midway_keeps_its_session_folder(name, tmp_path, prefect_api_url, ray_tmpdir, request):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *_command(name, tmp_path, request)],
+        cwd=REPO,
+        env=_env(prefect_api_url, RAY_TMPDIR=str(ray_tmpdir)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # printed once Ray has started
+            seen.append(line)
+            if line.startswith("Prefect API:"):
+                process.send_signal(signal.SIGINT)
+                break
+        rest = process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
+    assert len(_sessions(ray_tmpdir)) == 1
