@@ -468,6 +468,7 @@ def _explain_ledger_damage(store: ObjectStore, report: StoreReport) -> None:
     """Say, for each damaged ledger request record or status version, what it loses and how to mend it."""
     from storage.ledger import TERMINAL, current_status_mend, request_record_mend
 
+    waiting: dict[str, list[dict[str, Any]]] | None = None
     for item in report.corrupt:
         request = _REQUEST_KEY.match(item["key"])
         status = _STATUS_VERSION_KEY.match(item["key"])
@@ -518,6 +519,40 @@ def _explain_ledger_damage(store: ObjectStore, report: StoreReport) -> None:
             f"`obliviate forget --status {request_id}` and a pass that takes it fail. To mend: "
             f"{current_status_mend(request_id, version)}"
         )
+        if waiting is None:
+            waiting = _purges_waiting(store)
+        if waiting.get(request_id):
+            item["purge_waiting"] = waiting[request_id]
+            runs = "; ".join(
+                f"run {w['run']}" + (f" (superseded version(s) {w['versions']} deleted)" if w["versions"] else "")
+                for w in waiting[request_id]
+            )
+            item["error"] += (
+                f". A purge waits to tell this request (noted in the run's pruned record, {UNTOLD_DAMAGED}): {runs}; "
+                "it could not be told while this status is damaged, and once it is mended the next reconcile pass "
+                "(or `obliviate store check --repair`) tells it"
+            )
+
+
+def _purges_waiting(store: ObjectStore) -> dict[str, list[dict[str, Any]]]:
+    """Request -> the purges noted in runs' pruned records as waiting to tell it (:data:`UNTOLD_DAMAGED`).
+
+    A run whose pruned record cannot be read is passed over (its damage is reported on its own).
+    """
+    from storage.registry import RunRegistry
+
+    registry = RunRegistry(store)
+    found: dict[str, list[dict[str, Any]]] = {}
+    for run_id in registry.run_ids():
+        try:
+            notes = registry.pruned_record(run_id)[1].get(UNTOLD_DAMAGED) or {}
+            for request_id, note in sorted(notes.items()):
+                purged = note.get("purged") if isinstance(note, dict) else None
+                versions = sorted(purged.get("versions") or []) if isinstance(purged, dict) else []
+                found.setdefault(str(request_id), []).append({"run": run_id, "versions": versions})
+        except (CorruptObject, StorageError, ValueError, TypeError, AttributeError):
+            continue
+    return found
 
 
 def _readable_history(store: ObjectStore, request_id: str) -> dict[int, dict[str, Any]]:

@@ -320,3 +320,35 @@ def test_a_request_whose_status_is_damaged_is_noted_once_and_told_once_mended(st
     assert said["superseded_versions"]["status"] == "purged" and said["superseded_versions"]["versions"] == [1]
     assert UNTOLD_DAMAGED not in RunRegistry(store).pruned_record("r1")[1]
     assert runs_with_purge_left(store) == []
+
+
+def test_store_check_says_a_purge_waits_on_a_damaged_status(store_url, tiny_run, capsys):
+    """store check reported a request's damaged status with its mend, but not that a purge noted in its run's pruned
+    record waits on it (untold_damaged): the user could not know that mending it also lets the purge tell the
+    request. Now the damage's line says which run's purge waits and that the next pass after the mend tells it."""
+    from flows.cli import main
+
+    store = _kept_then_purgeable(store_url, tiny_run)
+    status = max((Path(store_url.removeprefix("file://")) / "ledger/status/req-1").glob("v*.json"))
+    status.write_bytes(GARBAGE)
+
+    def said() -> dict:
+        (item,) = [i for i in check_store(store).corrupt if i["key"].startswith("ledger/status/req-1/")]
+        return item
+
+    before = said()  # damaged, but no purge noted yet: nothing waits
+    assert "To mend" in before["error"] and "purge_waiting" not in before and "A purge waits" not in before["error"]
+
+    finish_purges(store_url, logger=logging.getLogger("test-reconcile"))
+    after = said()
+    assert after["purge_waiting"] == [{"run": "r1", "versions": [1]}], after
+    assert (
+        "A purge waits to tell this request" in after["error"]
+        and "run r1 (superseded version(s) [1]" in (after["error"])
+    ), after["error"]
+    assert after["error"].index("To mend") < after["error"].index("A purge waits")
+
+    assert main(["store", "check", "--store", store_url]) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "damaged ledger/status/req-1/" in line]
+    assert "A purge waits to tell this request" in line and "next reconcile pass" in line, line
