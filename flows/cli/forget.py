@@ -276,7 +276,10 @@ def run_forget(args: Args) -> int:
     if args.now:  # the next pass flushes the open batch (deadline-aware batching)
         from flows.batching import open_batch, request_flush
 
-        waiting = (open_batch(ObjectStore(url)) or {}).get("requests", [])
+        # The batch record lists what it held when the last pass gated it; one cancelled (or settled) since is
+        # no longer taken by the pass, so only those still pending are said to wait.
+        batched = (open_batch(ObjectStore(url)) or {}).get("requests", [])
+        waiting = [request for request in batched if _still_pending(ledger, request)]
         if ids is None and not waiting:
             # Requests no pass has gated yet (serve not running, or not since they arrived) are in no
             # batch but wait all the same: the next pass takes them together, and --now flushes them.
@@ -499,6 +502,17 @@ def _waiting_for(url: str, request_id: str) -> dict[str, Any]:
     store = ObjectStore(url)
     key = forgotten_key(request_id)
     return {"batch": batch_status(store, request_id), "forgotten": store.get_json(key) if store.exists(key) else None}
+
+
+def _still_pending(ledger: Any, request_id: str) -> bool:
+    """Whether the next pass would take ``request_id`` from the open batch (pending now; a damaged status: no)."""
+    from storage.errors import CorruptObject
+    from storage.ledger import PENDING
+
+    try:
+        return ledger.current_status(request_id) == PENDING
+    except CorruptObject:
+        return False
 
 
 class _Nothing:

@@ -32,3 +32,30 @@ def test_forget_now_names_the_pending_requests_no_batch_holds_yet_and_flushes_th
     assert len(store.list(FLUSH_PREFIX)) == 1
     gate = batch_gate(store, DeletionLedger(store).due_entries(lease_s=60.0))
     assert gate["flush"] and gate["requests"] == ["p-0", "p-1", "p-2"]  # not batched for the hour
+
+
+def test_forget_now_names_only_the_batched_requests_still_pending(tmp_path, capsys, monkeypatch):
+    """A request cancelled after it joined the open batch was still listed as waiting to flush."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    url = f"file://{tmp_path}/runs"
+    store = ObjectStore(url)
+    store.ensure_container()
+    for request_id in ("again", "c1"):
+        argv = ["forget", "--store", url, "--ids", "4", "--data", "digits", "--no-event", "--request-id", request_id]
+        assert main(argv) == 0
+    save_policy(store, BatchPolicy(window_s=3600.0))
+    gate = batch_gate(store, DeletionLedger(store).due_entries(lease_s=60.0))
+    assert not gate["flush"] and gate["requests"] == ["again", "c1"]  # both wait in the open batch
+    assert main(["forget", "--store", url, "--cancel", "c1"]) == 0
+    capsys.readouterr()
+
+    assert main(["forget", "--store", url, "--now"]) == 0
+    said = capsys.readouterr().err
+    assert "1 request(s) waiting in the open batch will flush on the next pass" in said, said
+    assert said.rstrip().endswith(": again"), said
+
+    assert main(["forget", "--store", url, "--cancel", "again"]) == 0
+    capsys.readouterr()
+    assert main(["forget", "--store", url, "--now"]) == 0  # every batched request withdrawn: none waits
+    said = capsys.readouterr().err
+    assert "no request waits in a batch; nothing to flush" in said, said
