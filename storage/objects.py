@@ -742,6 +742,7 @@ def _parse_url(url: str) -> tuple[str, str, str]:
         )
     if url.startswith("file://"):
         path = url[len("file://") :]
+        _refuse_empty_segment(url, "file://", path.rstrip("/"))
         if not path:
             raise ConfigError(
                 "a file store URL must name a folder: file://PATH, e.g. file://./runs or file:///srv/obliviate; "
@@ -755,6 +756,7 @@ def _parse_url(url: str) -> tuple[str, str, str]:
     if url in ("s3:", "s3:/"):
         raise ConfigError(f"an S3 store URL must name a bucket: s3://bucket[/prefix]; got {url + '//'!r}.")
     if url.startswith("s3://"):
+        _refuse_empty_segment(url, "s3://", url[len("s3://") :])
         root = url[len("s3://") :].strip("/")
         if not root:
             raise ConfigError(f"an S3 store URL must name a bucket: s3://bucket[/prefix]; got {url!r}.")
@@ -764,6 +766,32 @@ def _parse_url(url: str) -> tuple[str, str, str]:
         raise ConfigError(f"store URL scheme {scheme!r} is not supported; use file://PATH or s3://bucket/prefix.")
     root = os.path.abspath(os.path.expanduser(url))
     return f"file://{root}", "file", root
+
+
+def _refuse_empty_segment(url: str, scheme: str, path: str) -> None:
+    """Refuse ``//`` inside a store URL's path (``path``: what follows ``scheme``, trailing slashes removed).
+
+    On S3 an empty segment is part of every key (``s3://b//p`` writes ``/p/...``), so listings see the store
+    under one name and reads look under another; a local path would be normalised, so two spellings would
+    name one folder. Either way the URL is refused, never silently rewritten.
+
+    Raises:
+        ConfigError: the rule, the URL seen and the URL with the empty segment removed.
+    """
+    # file:///srv/x keeps the one '/' that makes its path absolute; any other '//' is an empty segment
+    inner = path[1:] if scheme == "file://" and path.startswith("/") else path
+    if "//" not in inner and not inner.startswith("/"):
+        return
+    lead = "/" if scheme == "file://" and path.startswith("/") else ""
+    fixed = scheme + lead + "/".join(part for part in path.split("/") if part)
+    why = (
+        "S3 would keep it in every key, so the store written would not be the one read"
+        if scheme == "s3://"
+        else "the folder would be another spelling of one without it"
+    )
+    raise ConfigError(
+        f"a store URL must not have an empty path segment ('//' inside it): {why}; got {url!r}. Write {fixed}."
+    )
 
 
 def _strip(path: str, protocol: str) -> str:
