@@ -151,7 +151,15 @@ def describe(
             f", batched until {utc_text(batch['batched_until'])} ({batch['flush_rule']} rule; "
             f"deadline {utc_text(batch.get('deadline'))}); `forget --now` flushes it sooner"
         )
-        if forgotten:
+        if forgotten and not forgotten.get("runs"):
+            # The pass recorded it forgotten with no run rolled back (flows.rollback.publish_interim: no run needed
+            # one), so no rollback is served for it and no retrain is due for it; only the flush settles it.
+            line += (
+                f"; forgotten already since {utc_text(forgotten.get('forgotten_at'))}: no run's served version "
+                "holds its ids (an earlier request forgot them, or no run of its data has a trained version yet), "
+                "so nothing is rolled back or retrained for it; its batch's flush settles it"
+            )
+        elif forgotten:
             line += (
                 f"; forgotten already since {utc_text(forgotten.get('forgotten_at'))}: every affected run serves a "
                 "rolled-back version that never saw the ids, until the batch's exact retrain lands"

@@ -108,7 +108,7 @@ def test_forget_status_and_now_speak_of_the_open_batch(tmp_path, capsys):
     # --wait blamed a missing serve for a request waiting in its batch, even one already rolled back
     from storage.serving import record_forgotten
 
-    record_forgotten(store, ["b-1"], runs={})
+    record_forgotten(store, ["b-1"], runs={"a": {"serve_block": 1, "version": 3, "published": True}})
     assert main(["forget", "--store", url, "--status", "b-1", "--wait", "0.5"]) == 5
     said = capsys.readouterr().err
     assert said.startswith("request b-1: pending, batched until 20") and "not picked up yet" not in said

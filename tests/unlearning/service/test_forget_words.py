@@ -37,3 +37,34 @@ def test_a_batch_of_ids_forgotten_before_is_not_said_to_be_retrained(store_url, 
 def test_one_id_is_not_counted_as_ids():
     said = _run_outcome("a", {"status": "published", "batch_requests": 2, "batch_deleted_ids": 1})
     assert "one retrain for the 2 requests of its batch, 1 id" in said and "1 ids" not in said
+
+
+def test_a_batched_request_whose_ids_were_forgotten_before_is_not_said_to_be_rolled_back(store_url, tiny_run, capsys):
+    """`forget --status again` said "every affected run serves a rolled-back version that never saw the ids, until
+    the batch's exact retrain lands" though its forgotten record held no run: nothing was rolled back nor due."""
+    from flows.batching import batch_gate, save_policy
+    from flows.cli import main
+    from obliviate.unlearning.batching import BatchPolicy
+    from storage.ledger import DeletionLedger
+    from storage.serving import forgotten_key, save_rollback
+
+    store = ObjectStore(store_url)
+    store.ensure_container()
+    worker = ChainWorker(store_url)
+    worker.train(run_spec(run_id="a", split_seed=0, **tiny_run(blocks=2)))
+    ids = [int(i) for i in RunRegistry(store).spec("a").train_ids[:1]]
+    assert worker.unlearn("a", {"first": ids})["status"] != "nothing_to_forget"  # ids gone from version 2
+    save_policy(store, BatchPolicy(window_s=3600.0))  # serve --batch-window 1h --rollback
+    save_rollback(store, enabled=True)
+    argv = ["forget", "--store", store_url, "--ids", str(ids[0]), "--data", "digits", "--no-event"]
+    assert main([*argv, "--request-id", "again"]) == 0
+    gate = batch_gate(store, DeletionLedger(store).due_entries(lease_s=60.0))  # the pass's gate, rollback on
+    assert not gate["flush"] and gate["requests"] == ["again"]
+    assert store.get_json(forgotten_key("again"))["runs"] == {}  # recorded forgotten, no run rolled back
+    capsys.readouterr()
+
+    assert main(["forget", "--store", store_url, "--status", "again"]) == 0
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.startswith("request again: pending, batched until 20"), said
+    assert "rolled-back version" not in said and "exact retrain lands" not in said, said
+    assert "no run's served version holds its ids" in said and "its batch's flush settles it" in said, said
