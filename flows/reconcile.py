@@ -19,11 +19,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.runtime import quiet_foreseen_tracebacks
 from flows.settle import AttemptPolicy
 from flows.unlearn import process_open_requests
 from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from storage.check import purge_superseded, runs_with_purge_left
+from storage.errors import StorageUnavailable
 from storage.lease import DEFAULT_LEASE_S
 from storage.objects import ObjectStore
 
@@ -45,18 +47,30 @@ def reconcile_flow(
     Returns:
         the pass's result (:func:`flows.unlearn.process_open_requests`) with ``"purge"``: what
         :func:`finish_purges` did.
+
+    Raises:
+        StorageUnavailable: the store stayed unreachable; the run ends ``Failed`` with that sentence (no
+            traceback in the log) and the requests keep their status for the next pass.
     """
+    # serve's runner runs this in a subprocess: without the filter an outage there logged Prefect's traceback.
+    quiet_foreseen_tracebacks()
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
-    result = process_open_requests(
-        store,
-        policy=policy,
-        epsilon=epsilon,
-        verify=verify,
-        workers=workers,
-        attempts=attempts,
-        stop_rule=stop_rule,
-        min_points=min_points,
-    )
+    try:
+        result = process_open_requests(
+            store,
+            policy=policy,
+            epsilon=epsilon,
+            verify=verify,
+            workers=workers,
+            attempts=attempts,
+            stop_rule=stop_rule,
+            min_points=min_points,
+        )
+    except StorageUnavailable as err:
+        raise StorageUnavailable(
+            f"the reconcile pass stopped: {err} Every request keeps the status it had; the next reconcile pass "
+            "(serve's --reconcile-cron) tries again."
+        ) from err
     return {**result, "purge": finish_purges(store, logger=get_run_logger())}
 
 
