@@ -26,11 +26,12 @@ from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import Chain, Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig
-from obliviate.unlearning.lineage import choose_blocks, lineage_manifest, verify_replay
+from obliviate.unlearning.lineage import FAILED, VerifyReport, choose_blocks, lineage_manifest, verify_replay
 from obliviate.unlearning.plan import BlockPlan
-from obliviate.unlearning.service import block_data, check_name
+from obliviate.unlearning.service import RunSpec, block_data, check_name
+from storage.check import _SEE_STORE_CHECK
 from storage.errors import CorruptObject, ObjectNotFound, StorageError, WriteFailed
-from storage.objects import ObjectStore
+from storage.objects import Manifest, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
 from storage.serving import chain_source, group_members
 
@@ -116,7 +117,12 @@ def check_request(store_url: str, run_id: str, *, version: int | None, blocks: s
     check_name(run_id, what="run id")
     registry = RunRegistry(ObjectStore(store_url))
     chosen = _version(registry, run_id, version)
-    chain_meta = registry.manifest(chosen).metadata["chain"]
+    try:
+        chain_meta = registry.manifest(chosen).metadata["chain"]
+    except (CorruptObject, ObjectNotFound):
+        # a damaged manifest is verify's finding, not a refusal: verify_run records it in a report
+        check_report_writable(store_url)
+        return
     config = BlockTrainingConfig.from_dict(chain_meta["config"])
     choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=None)
     if blocks == "retrained" and not chain_meta["deleted_ids"]:
@@ -142,8 +148,10 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
     check_name(run_id, what="run id")
     chosen = _version(registry, run_id, version)
     check_report_writable(store_url)  # before the replay: a result that cannot be recorded is work lost
-    spec = registry.spec(run_id)
-    manifest = registry.manifest(chosen)
+    records = _read_records(registry, chosen)
+    if isinstance(records, dict):
+        return _record(store, _unreadable_result(chosen, blocks=blocks, unreadable=records, began=began))
+    spec, manifest = records
     chain_meta = manifest.metadata["chain"]
     config = BlockTrainingConfig.from_dict(chain_meta["config"])
     plan = BlockPlan.from_dict(chain_meta["plan"])
@@ -204,7 +212,74 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         "verified_at": time.time(),
         **report.as_dict(),
     }
-    key = f"{VERIFICATIONS}/{run_id}-v{chosen.version:06d}-{int(result['verified_at'])}.json"
+    return _record(store, result)
+
+
+def _read_records(registry: RunRegistry, chosen: ModelVersion) -> tuple[RunSpec, Manifest] | dict[str, str]:
+    """The run's spec and the version's manifest (its lineage, recipe and checkpoints), or why they cannot be read.
+
+    A record that fails its checksum or is gone is a verdict, not a refusal: nothing can be replayed
+    without it, and the report says which record and how to mend it (store check cannot rebuild either).
+
+    Returns:
+        Both records, or each unreadable record's key -> why it cannot be read and how to mend it.
+    """
+    problems: dict[str, str] = {}
+    spec: RunSpec | None = None
+    manifest: Manifest | None = None
+    spec_key = f"runs/{chosen.run_id}/spec.json"
+    try:
+        spec = registry.spec(chosen.run_id)
+    except (CorruptObject, ObjectNotFound) as err:
+        problems[spec_key] = _unreadable(f"the run's spec (its data and split, {spec_key})", err)
+    try:
+        manifest = registry.manifest(chosen)
+    except (CorruptObject, ObjectNotFound) as err:
+        what = f"the manifest of version {chosen.version} (its lineage, recipe and checkpoints, {chosen.manifest_key})"
+        problems[chosen.manifest_key] = _unreadable(what, err)
+    if spec is None or manifest is None:
+        return problems
+    return spec, manifest
+
+
+def _unreadable(what: str, err: Exception) -> str:
+    """A problem line: ``what`` cannot be read, the error, and the mend (``store check`` says the same for it)."""
+    said = str(err).replace(_SEE_STORE_CHECK, "").rstrip(".")
+    return (
+        f"{what} cannot be read, so no block was replayed: {said}. It is not rebuildable by store check: restore it "
+        "from a backup (`obliviate store check` reports it too, with the versions that need it), then run verify "
+        "again."
+    )
+
+
+def _unreadable_result(
+    chosen: ModelVersion, *, blocks: str, unreadable: dict[str, str], began: float
+) -> dict[str, Any]:
+    """The report of a version whose records cannot be read: failed, nothing replayed, each record's problem."""
+    return {
+        "run_id": chosen.run_id,
+        "version": chosen.version,
+        "applied_requests": list(chosen.applied_requests),
+        "applied_ids": len(chosen.deleted_ids),
+        "blocks": blocks,
+        "lineage": "unreadable (the manifest that records it cannot be read)"
+        if chosen.manifest_key in unreadable
+        else "not checked (nothing replayed)",
+        "seconds": time.perf_counter() - began,
+        "verified_at": time.time(),
+        "records_unreadable": sorted(unreadable),
+        **VerifyReport(status=FAILED, problems=list(unreadable.values())).as_dict(),  # initial_model_seeded: None
+    }
+
+
+def _record(store: ObjectStore, result: dict[str, Any]) -> dict[str, Any]:
+    """Write ``result`` under ``ledger/verifications/`` (the audit trail); returns it with its ``report`` URL.
+
+    Raises:
+        StorageError: the store took writes before the replay and not now (a disk filled): the verdict is in the
+            message.
+    """
+    key = f"{VERIFICATIONS}/{result['run_id']}-v{result['version']:06d}-{int(result['verified_at'])}.json"
     result["report"] = store.uri(key)
     try:
         store.put_json(key, result)

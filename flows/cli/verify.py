@@ -3,7 +3,8 @@
 Checks that stored M_0 is the recipe's seeded initial model (always, whatever ``--blocks``),
 re-trains the chosen blocks from their stored predecessors, checks bit-identity with the stored
 checkpoints (model, optimizer state and schedule position), the lineage hashes, and that no id of
-an applied request remains in any block's id list. Exit code 0: passed; 4: failed; 5: inconclusive
+an applied request remains in any block's id list. Exit code 0: passed; 4: failed (a damaged or lost
+checkpoint, manifest or spec included: recorded in a report like any failure); 5: inconclusive
 (another CPU capability or torch build: bit-identity is only promised on the lineage's environment).
 """
 
@@ -68,9 +69,14 @@ def run_verify(args: Args) -> int:
         identical = sum(result["bit_identical"].values())
         not_replayed = result.get("blocks_not_replayed") or []
         unreplayable = f"; {len(not_replayed)} block(s) could not be replayed (below)" if not_replayed else ""
+        replayed = (
+            f"{identical}/{len(result['bit_identical'])} replayed blocks bit-identical{unreplayable}"
+            if not result.get("records_unreadable")
+            else "no block replayed: a record it needs cannot be read (below)"
+        )
         print(
-            f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
-            f"{len(result['bit_identical'])} replayed blocks bit-identical{unreplayable}{initial_model_words(result)}",
+            f"verify {result['run_id']} v{result['version']}: {result['status']}; {replayed}"
+            f"{initial_model_words(result)}",
             file=sys.stderr,
         )
         for problem in result["problems"]:

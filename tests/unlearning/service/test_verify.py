@@ -162,3 +162,30 @@ def test_verify_a_sharded_run_by_its_name_checks_every_shard(tmp_path: Path, tin
     path.write_bytes(bytes(raw))  # one shard tampered with: the sharded run fails
     assert main(["verify", "--store", url, "--run", "g", "--no-prefect"]) == 4
     assert "g-s1of2 v1: failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record", ["manifest", "spec"])
+def test_verify_of_a_version_whose_manifest_or_spec_is_damaged_reports_it(
+    unlearned_store, tmp_path: Path, record: str, capsys
+) -> None:
+    """A flipped manifest byte exited 2 (a usage error, by README) with the checksum error and no report."""
+    url, _ = unlearned_store
+    registry = RunRegistry(ObjectStore(url))
+    key = registry.current("v-run").manifest_key if record == "manifest" else "runs/v-run/spec.json"
+    path = tmp_path / "store" / key
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert main(["verify", "--store", url, "--run", "v-run", "--blocks", "2", "--no-prefect"]) == 4
+    err = capsys.readouterr().err
+    assert "v-run v2: failed; no block replayed: a record it needs cannot be read (below)" in err, err
+    what = (
+        "the manifest of version 2 (its lineage, recipe and checkpoints" if record == "manifest" else "the run's spec"
+    )
+    assert f"  {what}" in err and f"{key}) cannot be read, so no block was replayed: " in err, err
+    assert "but was committed with" in err and "restore it from a backup" in err, err
+    report = re.search(r"^  report: (file://\S+)$", err, flags=re.MULTILINE)
+    assert report, err
+    recorded = ObjectStore(url).get_json(report.group(1).removeprefix(url + "/"))
+    assert recorded["status"] == "failed" and recorded["records_unreadable"] == [key]
+    assert any("restore it from a backup" in p for p in recorded["problems"]), recorded
