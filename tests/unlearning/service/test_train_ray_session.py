@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,29 @@ def test_another_command_stopped_midway_keeps_its_session_folder(name, tmp_path,
             process.kill()
     assert process.returncode == 130, "".join(seen)[-2000:] + rest[-2000:]
     assert len(_sessions(ray_tmpdir)) == 1
+
+
+@pytest.mark.slow
+def test_a_serve_stopped_by_ctrl_c_exits_0_and_leaves_no_session_folder(tmp_path, prefect_api_url, ray_tmpdir):
+    """serve's Ctrl-C is its normal stop (exit 0, "stopped;"), so it counts as a success: its folder goes too."""
+    (tmp_path / "home").mkdir()
+    env = _env(
+        prefect_api_url, RAY_TMPDIR=str(ray_tmpdir), HOME=str(tmp_path / "home")
+    )  # a local Ray's token goes there
+    command = [sys.executable, "-m", "flows.cli", "serve", "--store", f"file://{tmp_path}/store", "--workers", "1"]
+    command += ["--audit-cron", "off", "--reconcile-cron", "0 0 1 1 *"]
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 150
+        while "deployments of" not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert _sessions(ray_tmpdir), "serve runs on a local Ray runtime of its own"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "obliviate serve: stopped;" in log.read_text()
+    assert _sessions(ray_tmpdir) == []
