@@ -26,7 +26,14 @@ from obliviate.data import load_dataset
 from obliviate.errors import ConfigError
 from obliviate.unlearning.chain import Chain, Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig
-from obliviate.unlearning.lineage import FAILED, VerifyReport, choose_blocks, lineage_manifest, verify_replay
+from obliviate.unlearning.lineage import (
+    FAILED,
+    VerifyReport,
+    check_blocks_choice,
+    choose_blocks,
+    lineage_manifest,
+    verify_replay,
+)
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import RunSpec, block_data, check_name
 from storage.check import _SEE_STORE_CHECK
@@ -69,8 +76,7 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
         raise ConfigError(f"run {run_id!r} has no published version in {registry.store.uri()}; train it first.")
     if version is None or version == current.version:
         return current
-    if not 1 <= version <= current.version:
-        raise ConfigError(f"--version must be in 1..{current.version} for run {run_id!r}; got {version}.")
+    check_version_choice(version, current=current.version, run_id=run_id)
     pruned = registry.pruned_versions(run_id)
     if version in pruned:
         kept = [v for v in range(1, current.version + 1) if v not in pruned]
@@ -86,6 +92,31 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
         )
     pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
     return ModelVersion.from_pointer(run_id, pointer)
+
+
+def check_version_choice(version: int | None, *, current: int | None = None, run_id: str = "") -> None:
+    """Refuse a ``--version`` outside 1..``current`` (``current`` unknown, the store not read yet: below 1).
+
+    Raises:
+        ConfigError: the rule, with the run's versions where known.
+    """
+    if version is None or (1 <= version and (current is None or version <= current)):
+        return
+    rule = f"in 1..{current} for run {run_id!r}" if current is not None else "a version number, 1 or more"
+    raise ConfigError(f"--version must be {rule}; got {version}.")
+
+
+def check_choices(*, version: int | None, blocks: str) -> None:
+    """Refuse a ``--version`` or ``--blocks`` that names no version or block of any run, before the store is opened.
+
+    The same rules as once the run is read (:func:`check_version_choice`, :func:`check_blocks_choice`), less
+    the run's own bounds: a typo is answered at once, not after the store (and S3) answers.
+
+    Raises:
+        ConfigError: the rule and the value seen.
+    """
+    check_blocks_choice(blocks)
+    check_version_choice(version)
 
 
 def runs_to_verify(store_url: str, run_id: str, *, version: int | None) -> list[str]:

@@ -42,8 +42,9 @@ def register(app: typer.Typer) -> None:
 
 
 def run_verify(args: Args) -> int:
-    from flows.verify import check_request, initial_model_words, runs_to_verify
+    from flows.verify import check_choices, check_request, initial_model_words, runs_to_verify
 
+    check_choices(version=args.version, blocks=args.blocks)  # their syntax: before the store is opened
     # Read-only rule: a store that does not exist holds nothing to verify. The run, version and
     # blocks are checked here too, so a typo is answered before a Prefect server starts.
     url = prepare_store(store_url(args), write=False)

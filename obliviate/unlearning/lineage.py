@@ -141,19 +141,40 @@ class VerifyReport:
         }
 
 
-def choose_blocks(spec: str | int, *, num_blocks: int, deleted_from: int | None) -> list[int]:
-    """Blocks to replay: ``all``, one block number, or ``retrained`` (blocks from the earliest deletion on)."""
-    if spec == "all":
-        return list(range(1, num_blocks + 1))
-    if spec == "retrained":
-        return list(range(deleted_from or num_blocks + 1, num_blocks + 1))
+def check_blocks_choice(spec: str | int, *, num_blocks: int | None = None) -> int | None:
+    """The block number ``spec`` names (``None`` for ``all`` or ``retrained``), refusing any other choice.
+
+    With ``num_blocks`` unknown (the run not read yet: ``verify`` checks the syntax before it opens the
+    store) a number is only checked to be 1 or more; :func:`choose_blocks` checks it against the run.
+
+    Raises:
+        ConfigError: not ``all``, ``retrained`` nor a block number (1..``num_blocks``).
+    """
+    if spec in ("all", "retrained"):
+        return None
+    upto = f"1..{num_blocks}" if num_blocks is not None else "(1..the run's number of blocks)"
+    rule = f"--blocks must be all, retrained or a block number {upto}; got {spec!r}."
     try:
         block = int(spec)
     except ValueError:
-        raise ConfigError(f"--blocks must be all, retrained or a block number 1..{num_blocks}; got {spec!r}.") from None
-    if not 1 <= block <= num_blocks:
-        raise ConfigError(f"--blocks must be all, retrained or a block number 1..{num_blocks}; got {spec!r}.")
-    return [block]
+        raise ConfigError(rule) from None
+    if block < 1 or (num_blocks is not None and block > num_blocks):
+        raise ConfigError(rule)
+    return block
+
+
+def choose_blocks(spec: str | int, *, num_blocks: int, deleted_from: int | None) -> list[int]:
+    """Blocks to replay: ``all``, one block number, or ``retrained`` (blocks from the earliest deletion on).
+
+    Raises:
+        ConfigError: another choice, or a block number outside 1..``num_blocks`` (:func:`check_blocks_choice`).
+    """
+    block = check_blocks_choice(spec, num_blocks=num_blocks)
+    if block is not None:
+        return [block]
+    if spec == "all":
+        return list(range(1, num_blocks + 1))
+    return list(range(deleted_from or num_blocks + 1, num_blocks + 1))
 
 
 def _same_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> list[str]:

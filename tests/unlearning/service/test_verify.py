@@ -189,3 +189,27 @@ def test_verify_of_a_version_whose_manifest_or_spec_is_damaged_reports_it(
     recorded = ObjectStore(url).get_json(report.group(1).removeprefix(url + "/"))
     assert recorded["status"] == "failed" and recorded["records_unreadable"] == [key]
     assert any("restore it from a backup" in p for p in recorded["problems"]), recorded
+
+
+@pytest.mark.parametrize(
+    ("argv", "rule"),
+    [
+        (
+            ["--blocks", "abc"],
+            "--blocks must be all, retrained or a block number (1..the run's number of blocks); got 'abc'.",
+        ),
+        (
+            ["--blocks", "0"],
+            "--blocks must be all, retrained or a block number (1..the run's number of blocks); got '0'.",
+        ),
+        (["--version", "0"], "--version must be a version number, 1 or more; got 0."),
+        (["--version", "-2", "--blocks", "2"], "--version must be a version number, 1 or more; got -2."),
+    ],
+)
+def test_verify_refuses_a_malformed_choice_before_it_opens_the_store(tmp_path: Path, argv, rule, capsys) -> None:
+    """`verify --blocks abc` was refused only once the store was open (16-21 s under load); a missing store said so."""
+    missing = f"file://{tmp_path / 'nowhere'}"  # opened, it would be refused as a store that does not exist
+    assert main(["verify", "--store", missing, "--run", "v-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"obliviate verify: error: {rule}" in err and "does not exist" not in err, err
+    assert not (tmp_path / "nowhere").exists()
