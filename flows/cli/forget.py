@@ -431,7 +431,7 @@ def _requested_deadline(given: str | None, *, ids_given: bool) -> float | None:
             duration, or not > 0.
     """
     from obliviate.errors import ConfigError
-    from obliviate.unlearning.batching import parse_duration
+    from obliviate.unlearning.batching import parse_option_duration
 
     if given is None:
         return None
@@ -441,9 +441,9 @@ def _requested_deadline(given: str | None, *, ids_given: bool) -> float | None:
             "deadline is fixed when it is accepted: file a new request with --ids, or drop --deadline."
         )
     try:
-        seconds = parse_duration(given)
+        seconds = parse_option_duration("--deadline", given)
     except ConfigError as err:
-        raise ConfigError(f"--deadline: {err} Nothing written.") from err
+        raise ConfigError(f"{err} Nothing written.") from err
     if seconds <= 0:
         raise ConfigError(
             f"--deadline is how long after receipt the request must be forgotten, so it must be > 0; got {given!r}. "

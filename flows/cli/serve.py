@@ -155,7 +155,7 @@ def run_serve(args: Args) -> int:
     from flows.unlearn import claim_serving
     from flows.watchdog import start_watchdog
     from obliviate.errors import ConfigError
-    from obliviate.unlearning.batching import DEFAULT_MARGIN_S, BatchPolicy, parse_duration
+    from obliviate.unlearning.batching import DEFAULT_MARGIN_S, BatchPolicy, parse_option_duration
     from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
     from storage.check import save_keep_superseded
     from storage.lease import DEFAULT_LEASE_S
@@ -175,7 +175,8 @@ def run_serve(args: Args) -> int:
             f"--batch-max is the most requests one batch holds, so it must be >= 1; got {args.batch_max}. "
             "Leave it out for no cap."
         )
-    window_s, deadline_s = parse_duration(args.batch_window), parse_duration(args.deadline)
+    window_s = parse_option_duration("--batch-window", args.batch_window)
+    deadline_s = parse_option_duration("--deadline", args.deadline)
     if deadline_s <= DEFAULT_MARGIN_S:
         raise ConfigError(
             f"--deadline must exceed the {DEFAULT_MARGIN_S / 3600:g} h kept back before each deadline for the retrain "

@@ -58,6 +58,18 @@ def parse_duration(text: str | float) -> float:
     return seconds
 
 
+def parse_option_duration(option: str, text: str | float) -> float:
+    """:func:`parse_duration` of ``option``'s value; a refusal names the option (``--deadline: a duration is ...``).
+
+    Raises:
+        ConfigError: :func:`parse_duration`'s rule and the value seen, after ``<option>: ``.
+    """
+    try:
+        return parse_duration(text)
+    except ConfigError as err:
+        raise ConfigError(f"{option}: {err}") from err
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     """When the open batch of deletion requests flushes (SPEC section 6).

@@ -186,7 +186,11 @@ def test_store_check_command_on_an_empty_store(tmp_path, capsys):
         ("--audit-cron", "61 * * * *", "--audit-cron must be a five-field cron expression"),
         ("--batch-max", "0", "--batch-max is the most requests one batch holds, so it must be >= 1"),
         ("--deadline", "30m", "--deadline must exceed the 1 h kept back before each deadline"),
-        ("--batch-window", "1x", "a duration is a number with an optional unit"),
+        # each duration's refusal names its option (it said only "a duration is ...", leaving the user to guess which)
+        ("--batch-window", "1x", "--batch-window: a duration is a number with an optional unit"),
+        ("--batch-window", "9" * 400, "--batch-window: a duration must be a finite number of seconds"),
+        ("--deadline", "2x", "--deadline: a duration is a number with an optional unit"),
+        ("--deadline", "9" * 400 + "d", "--deadline: a duration must be a finite number of seconds"),
     ],
 )
 def test_serve_refuses_bad_workers_schedules_or_batching_before_touching_the_store(
