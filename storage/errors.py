@@ -18,6 +18,10 @@ class ObjectNotFound(StorageError, FileNotFoundError):
     """No committed object under this key (it was never written, or its write never finished)."""
 
 
+class ObjectExists(StorageError, FileExistsError):
+    """An object created only if absent (:meth:`storage.objects.ObjectStore.put_json_once`) was already stored."""
+
+
 class StorageUnavailable(StorageError, ConnectionError):
     """The backend could not be reached or refused the request; retrying later may succeed."""
 

@@ -41,6 +41,7 @@ A request whose status pointer is missing (a crash between the two writes) reads
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -51,7 +52,7 @@ from typing import Any
 from obliviate.unlearning.batching import DEFAULT_DEADLINE_S, BatchPolicy
 from obliviate.unlearning.service import RequestError, check_name, retry_delay_s
 from storage import lease
-from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
+from storage.errors import CorruptObject, ObjectExists, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import ObjectStore
 
 _log = logging.getLogger(__name__)
@@ -228,7 +229,9 @@ class DeletionLedger:
                 self._mark_open(entry.request_id)
         for request_id in unreadable:  # a request that cannot be read counts as open: a pass says what it is
             self._mark_open(request_id)
-        self.store.put_json(_OPEN_INDEX_KEY, {"built_at": time.time()})
+        # created once: two first uses indexing at once could interleave their writes into a damaged object
+        with contextlib.suppress(ObjectExists):
+            self.store.put_json_once(_OPEN_INDEX_KEY, {"built_at": time.time()})
         self._indexed = True
 
     def append(
@@ -265,20 +268,16 @@ class DeletionLedger:
         key = self._request_key(request_id)
         body = {"request_id": request_id, "ids": [int(i) for i in ids], "dataset": dataset, "reason": reason or ""}
         if self.store.exists(key):
-            try:
-                stored = self.store.get_json(key)
-            except CorruptObject as err:
-                raise CorruptObject(f"{damaged_request_record(request_id, err)}.") from err
-            if stored["ids"] != body["ids"] or stored["dataset"] != dataset:
-                raise RequestError(
-                    f"rule: a request id names one request; {request_id!r} already holds {len(stored['ids'])} ids of "
-                    f"{stored['dataset']!r}. Use a new request id (or omit it to get one). Nothing changed."
-                )
-            return self.get(request_id), False
+            return self._repeated(request_id, body)
         allowed_s = policy_deadline_s(self.store) if deadline_s is None else float(deadline_s)
         self._mark_open(request_id)
         requested_at = time.time()
-        self.store.put_json(key, {**body, "requested_at": requested_at, "deadline": requested_at + allowed_s})
+        try:
+            # created only if absent: of two filings of one request id racing past the check above, one
+            # files it and the other is answered as a repeat, never both acknowledged with one lost
+            self.store.put_json_once(key, {**body, "requested_at": requested_at, "deadline": requested_at + allowed_s})
+        except ObjectExists:
+            return self._repeated(request_id, body)
         self.transition(request_id, status=PENDING, details={}, allowed_from=(PENDING,))
         current = self.get(request_id)
         if current.status == FAILED and current.details.get(DAMAGED_RECORD):
@@ -286,6 +285,27 @@ class DeletionLedger:
             details = {"attempts": 0, "refiled_at": time.time(), "errors": current.details.get("errors") or []}
             self.transition(request_id, status=PENDING, details=details, allowed_from=(FAILED,))
         return self.get(request_id), True
+
+    def _repeated(self, request_id: str, body: Mapping[str, Any]) -> tuple[RequestStatus, bool]:
+        """A request id filed again: the stored request if ``body`` names the same ids, else the refusal.
+
+        Raises:
+            RequestError: the request id holds other ids or another dataset.
+            CorruptObject: its stored record is damaged (the message says how to mend it).
+        """
+        try:
+            stored = self.store.get_json(self._request_key(request_id))
+        except CorruptObject as err:
+            raise CorruptObject(f"{damaged_request_record(request_id, err)}.") from err
+        if not isinstance(stored, dict) or not isinstance(stored.get("ids"), list) or "dataset" not in stored:
+            said = f"it holds no ids and dataset: {json.dumps(stored)[:120]}"
+            raise CorruptObject(f"{damaged_request_record(request_id, said)}.")
+        if stored["ids"] != body["ids"] or stored["dataset"] != body["dataset"]:
+            raise RequestError(
+                f"rule: a request id names one request; {request_id!r} already holds {len(stored['ids'])} ids of "
+                f"{stored['dataset']!r}. Use a new request id (or omit it to get one). Nothing changed."
+            )
+        return self.get(request_id), False
 
     def get(self, request_id: str) -> RequestStatus:
         """The request and its latest status.

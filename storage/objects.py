@@ -20,6 +20,9 @@ Visibility rule (atomic from a reader's point of view):
   ``expected_version=0`` doubles as an exactly-once record (e.g. one per request id: a repeat
   gets :class:`PointerConflict`), and its later versions as that record's status transitions;
   :meth:`list_pointers` enumerates them.
+* an object that must be written once (a deletion request's record, a run's spec) uses
+  :meth:`put_json_once`: its bytes are created by the same create-if-absent write, so of two writers
+  exactly one stores it and the other gets :class:`ObjectExists`, never an object replaced.
 
 Objects other than pointers are meant to be written once (or rewritten with identical
 content, as deterministic tiles are). Small documents that a process rewrites in place (a
@@ -58,6 +61,7 @@ from fsspec.exceptions import FSTimeoutError
 from obliviate.errors import ConfigError, ObliviateError
 from storage.errors import (
     CorruptObject,
+    ObjectExists,
     ObjectNotFound,
     PointerConflict,
     StorageError,
@@ -174,10 +178,9 @@ class ObjectStore:
         # the data (a crash, a serialisation error) therefore never reaches storage.
         data = b"".join(chunks)
         info = ObjectInfo(key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-        record = json.dumps({"sha256": info.sha256, "size": info.size, "committed_at": time.time()}).encode()
         with self._backend(self.uri(key), writing=True, payload_bytes=len(data)):
             self._write_atomic(self._path(key), data)
-            self._write_atomic(self._path(key) + COMMIT_SUFFIX, record)
+            self._write_atomic(self._path(key) + COMMIT_SUFFIX, _commit_record(data))
         return info
 
     def get_bytes(self, key: str) -> bytes:
@@ -272,11 +275,47 @@ class ObjectStore:
         Raises:
             ConfigError: a value JSON cannot hold (an object, an array: convert it first).
         """
+        return self.put_bytes(key, self._json_bytes(key, value))
+
+    def put_json_once(self, key: str, value: Any) -> ObjectInfo:
+        """``value`` as JSON under ``key`` only if nothing is stored there: of two writers exactly one creates it.
+
+        A check with :meth:`exists` before :meth:`put_json` lets two writers both find the key absent and
+        both write (the last one wins, the first one's object is lost). Here the bytes are created
+        if absent, as :meth:`swap_pointer`'s versions are (``O_EXCL`` locally, ``If-None-Match: *`` on
+        S3), then committed. A writer that finds bytes already there writes none of its own: if they
+        are not committed yet (their writer's commit record is in flight, or that writer died before
+        writing it) it commits them as found, the same record whoever writes it, so that what it is
+        refused for can be read.
+
+        Raises:
+            ObjectExists: something is stored under ``key``; read it (:meth:`get_json`) to decide.
+            ConfigError: a value JSON cannot hold.
+        """
+        key = _check_key(key)
+        data = self._json_bytes(key, value)
+        info = ObjectInfo(key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        path = self._path(key)
+        with self._backend(self.uri(key), writing=True, payload_bytes=len(data)):
+            try:
+                self._create_exclusive(path, data)
+            except FileExistsError:
+                if not self._fs.exists(path + COMMIT_SUFFIX):
+                    found = self._fs.cat_file(path)
+                    self._write_atomic(path + COMMIT_SUFFIX, _commit_record(found))
+                raise ObjectExists(
+                    f"{self.uri(key)} is already stored; it is created once (by whoever writes it first), "
+                    "so read it and decide from what it holds."
+                ) from None
+            self._write_atomic(path + COMMIT_SUFFIX, _commit_record(data))
+        return info
+
+    def _json_bytes(self, key: str, value: Any) -> bytes:
         try:
             text = json.dumps(value, indent=2, sort_keys=True, default=_json_scalar)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{self.uri(key)}: the value cannot be stored as JSON ({err}).") from err
-        return self.put_bytes(key, text.encode())
+        return text.encode()
 
     def get_json(self, key: str) -> Any:
         """The value stored by :meth:`put_json`.
@@ -689,6 +728,13 @@ class ObjectStore:
         return Pointer(
             key=key, version=int(body["version"]), target=body["target"], created_at=float(body["created_at"])
         )
+
+
+def _commit_record(data: bytes) -> bytes:
+    """The commit record of ``data``: its SHA-256, its size and when it was committed."""
+    return json.dumps(
+        {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "committed_at": time.time()}
+    ).encode()
 
 
 def _hash_file(path: str) -> tuple[str, int]:

@@ -5,6 +5,7 @@ commit record are reported, as damage when something needs them, else as orphans
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -196,7 +197,9 @@ def test_a_half_filed_request_is_an_orphan_and_a_rerun_completes_it(store_url):
     (root / "ledger/requests").mkdir(parents=True)
     for request_id in ("half-1", "half-2"):
         store.put_json(f"ledger/open/{request_id}.json", {"at": time.time()})  # as DeletionLedger.append, first
-        (root / f"ledger/requests/{request_id}.json").write_bytes(b'{"request_id": "' + request_id.encode() + b'"}')
+        # the record's bytes as append writes them, cut off before their commit record
+        record = {"request_id": request_id, "ids": [5], "dataset": "digits", "reason": "", "requested_at": time.time()}
+        (root / f"ledger/requests/{request_id}.json").write_text(json.dumps({**record, "deadline": time.time() + 60}))
     said = _with_file_size_limit(
         store_url, 60, "DeletionLedger(store).append(request_id='half-3', ids=[1], dataset='digits', reason=None)"
     )
@@ -209,7 +212,7 @@ def test_a_half_filed_request_is_an_orphan_and_a_rerun_completes_it(store_url):
     assert young.uncommitted == ["ledger/open/half-3.json"]
     assert "half-filed request(s) ['half-1', 'half-2']" in (young.orphans_held_back or "")
 
-    _file_request(store, "half-2", [5])  # the re-run the error message advised
+    _file_request(store, "half-2", [5])  # the re-run the error message advised: it commits the record cut off
     assert DeletionLedger(store).get("half-2").status == "pending"
     report = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
     assert sorted(report.collected) == [
