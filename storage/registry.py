@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from obliviate.errors import ConfigError
 from obliviate.unlearning.service import RunSpec, check_name
-from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
+from storage.errors import CorruptObject, ObjectExists, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import Manifest, ObjectInfo, ObjectStore, Pointer
 
 if TYPE_CHECKING:  # chain imports torch: imported where a checkpoint is loaded, so reading the store needs none
@@ -98,8 +98,13 @@ class RunRegistry:
 
     def put_spec(self, spec: RunSpec) -> None:
         """Store a run's spec; a restarted run must bring the identical spec."""
-        if not self.check_spec(spec):
-            self.store.put_json(f"runs/{spec.run_id}/spec.json", spec.to_dict())
+        if self.check_spec(spec):
+            return
+        try:
+            self.store.put_json_once(f"runs/{spec.run_id}/spec.json", spec.to_dict())
+        except ObjectExists:
+            # another training of this run id stored its spec first: the same spec passes, another is refused
+            self.check_spec(spec)
 
     def check_spec(self, spec: RunSpec) -> bool:
         """Whether the run is stored already, with this very spec (read only).
@@ -128,18 +133,21 @@ class RunRegistry:
         key = f"registry/{spec.run_id}.json"
         if self.store.exists(key):
             return
-        self.store.put_json(
-            key,
-            {
-                "run_id": spec.run_id,
-                "dataset": spec.dataset,
-                "dataset_fingerprint": spec.dataset_fingerprint,
-                "model": spec.config.model,
-                "num_blocks": spec.config.num_blocks,
-                "block_sample_ids": block_ids,
-                "registered_at": time.time(),
-            },
-        )
+        # created once: two writers of one run's entry could interleave their bytes and commit records into an
+        # entry whose checksum disagrees; the one that comes second keeps the first's (of the same spec)
+        with contextlib.suppress(ObjectExists):
+            self.store.put_json_once(
+                key,
+                {
+                    "run_id": spec.run_id,
+                    "dataset": spec.dataset,
+                    "dataset_fingerprint": spec.dataset_fingerprint,
+                    "model": spec.config.model,
+                    "num_blocks": spec.config.num_blocks,
+                    "block_sample_ids": block_ids,
+                    "registered_at": time.time(),
+                },
+            )
 
     def is_registered(self, run_id: str) -> bool:
         """Whether run ``run_id`` has its registry entry."""

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from obliviate.unlearning.service import RequestError
+from obliviate.unlearning.service import RequestError, RunSpec
 from storage import ObjectStore
 from storage.check import check_store
 from storage.errors import ObjectExists
@@ -94,3 +94,36 @@ def test_put_json_once_creates_once_and_commits_bytes_it_finds_uncommitted(where
     with pytest.raises(ObjectExists):
         store.put_json_once("once/b.json", {"n": 4})
     assert store.get_json("once/b.json") == {"n": 3}
+
+
+def test_two_trainings_of_one_run_id_storing_other_specs_at_once_keep_one(s3_url, flaky_s3, tiny_run):
+    """``RunRegistry.put_spec`` checked that the spec was absent, then wrote it: two trainings of one run id
+    with other options both stored theirs, and the one whose spec was replaced trained on unrefused."""
+    from flows.train import run_spec
+    from obliviate.errors import ConfigError
+    from storage.registry import RunRegistry
+
+    specs = {seed: RunSpec.from_dict(run_spec(run_id="r1", split_seed=0, **tiny_run(seed=seed))) for seed in (1, 2)}
+    with flaky_s3.routed():
+        first = RunRegistry(ObjectStore(s3_url))
+    second = RunRegistry(ObjectStore(s3_url))
+    hold = flaky_s3.hold("PUT", "/runs/r1/spec.json")
+    results: dict = {}
+
+    def put(registry: RunRegistry, seed: int) -> None:
+        try:
+            registry.put_spec(specs[seed])
+            results[seed] = "stored"
+        except ConfigError as err:
+            results[seed] = str(err)
+
+    storing = threading.Thread(target=put, args=(first, 1))
+    storing.start()
+    try:
+        hold.wait(60)
+        put(second, 2)
+    finally:
+        hold.release()
+    storing.join(120)
+    assert results[2] == "stored" and "run 'r1' already exists" in results[1], results
+    assert second.spec("r1").to_dict() == specs[2].to_dict()
