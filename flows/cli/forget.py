@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Annotated, Any
 
 import typer
@@ -21,6 +22,8 @@ from flows.cli._types import dataset as dataset_type
 
 # Exit codes of `forget --wait` (and of --status when asked with --wait 0): one per outcome.
 EXIT_DONE, EXIT_ERROR, EXIT_REJECTED, EXIT_FAILED, EXIT_PENDING, EXIT_TIMEOUT, EXIT_CANCELLED = 0, 2, 3, 4, 5, 6, 7
+# The wait ended with the store unreachable: the request is recorded, its state unknown (not a refusal: that is 2).
+EXIT_UNREACHABLE = 8
 EXIT_CODES = {
     "done": EXIT_DONE,
     "rejected": EXIT_REJECTED,
@@ -94,7 +97,8 @@ def register(app: typer.Typer) -> None:
         "forget",
         help=help,
         short_help=help,
-        epilog=f"exit codes with --wait: {codes}, {EXIT_ERROR} refused (the error says why)",
+        epilog=f"exit codes with --wait: {codes}, {EXIT_UNREACHABLE} the store stayed unreachable until the wait "
+        f"ended (the request is recorded), {EXIT_ERROR} refused (the error says why)",
     )(forget_command)
 
 
@@ -263,7 +267,9 @@ def run_forget(args: Args) -> int:
 
             stored = entry.request
             submit_deletion(url, stored["ids"], dataset=stored["dataset"], request_id=args.retry)
-        return _waited(url, args.retry, args.wait) if args.wait > 0 else EXIT_DONE
+        if args.wait > 0:
+            return _waited(url, args.retry, args.wait, again="rerunning --retry is not needed")
+        return EXIT_DONE
     if args.status:
         if args.wait > 0:
             return _waited(url, args.status, args.wait)
@@ -344,7 +350,9 @@ def run_forget(args: Args) -> int:
     if unheard:
         print(unheard, file=sys.stderr)
     if args.wait > 0:
-        return _waited(url, result["request_id"], args.wait)
+        return _waited(
+            url, result["request_id"], args.wait, again="do not rerun forget --ids: that files a second request"
+        )
     print(json.dumps(result, default=str))
     return EXIT_DONE
 
@@ -527,14 +535,48 @@ class _Nothing:
     applied_requests: tuple[str, ...] = ()
 
 
-def _waited(url: str, request_id: str, timeout_s: float) -> int:
-    """Wait, print the real state (stderr: one line; stdout: the entry as JSON), return its exit code."""
-    from flows.unlearn import wait_outcome
+#: The longest pause between two looks at an unreachable store while waiting: the wait gives up at most this early.
+_OUTAGE_LOOK_EVERY_S = 2.0
 
-    entry, settled = wait_outcome(url, request_id, timeout_s=timeout_s)
+
+def _waited(url: str, request_id: str, timeout_s: float, *, again: str = "") -> int:
+    """Wait, print the real state (stderr: one line; stdout: the entry as JSON), return its exit code.
+
+    The request is in the ledger before the wait starts, so a store that stops answering meanwhile is retried
+    (its stall notices say so) until the wait ends; if it still does not answer, the command says the request is
+    recorded and how to follow it, and exits :data:`EXIT_UNREACHABLE`, not the refusal's code.
+
+    Args:
+        again: what not to rerun, said when the wait ends with the store unreachable.
+    """
+    from flows.unlearn import wait_outcome
+    from storage.errors import StorageUnavailable
+    from storage.retry import RetryPolicy, retry_unavailable
+
+    ends = time.monotonic() + timeout_s
+
+    def look() -> tuple[dict[str, Any], bool, dict[str, Any]]:
+        entry, settled = wait_outcome(url, request_id, timeout_s=max(0.0, ends - time.monotonic()))
+        return entry, settled, _waiting_for(url, request_id) if entry["status"] == "pending" else {}
+
+    policy = RetryPolicy(deadline_s=timeout_s, max_wait_s=_OUTAGE_LOOK_EVERY_S)
+    try:
+        entry, settled, waiting = retry_unavailable(look, policy=policy)
+    except StorageUnavailable as err:
+        cause = str(err).split(". Check ", 1)[0].rstrip(".")  # its advice ends "retry": rerunning may file again
+        print(
+            f"storage stayed unreachable until the wait ended ({timeout_s:.0f} s): {cause}. Check that the S3 service "
+            f"answers (AWS_ENDPOINT_URL, network). Request {request_id} is "
+            "recorded in the ledger and stays there; `obliviate serve` applies it whether or not this command "
+            f"waits. Once the store answers, `obliviate forget --status {request_id}` tells its state (add --wait "
+            f"SECONDS to wait again){'; ' + again if again else ''}.",
+            file=sys.stderr,
+        )
+        print(json.dumps({"request_id": request_id, "settled": False, "store_unreachable": str(err)}))
+        return EXIT_UNREACHABLE
     for run_id, audit in (entry["details"].get("runs") or {}).items():
         print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
-    line = describe(entry, **_waiting_for(url, request_id)) if entry["status"] == "pending" else describe(entry)
+    line = describe(entry, **waiting) if entry["status"] == "pending" else describe(entry)
     if not settled:
         line = f"{line}; still not settled after {timeout_s:.0f} s (the request stays in the ledger)"
     print(line, file=sys.stderr)

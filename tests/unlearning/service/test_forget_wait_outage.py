@@ -1,0 +1,79 @@
+"""`forget --wait` met a store outage after it had filed the request: it exited 2 ("refused") within seconds,
+said "retry" and not that the request was recorded, so a rerun without --request-id filed a duplicate."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from flows.cli import main
+from flows.cli.forget import EXIT_PENDING, EXIT_UNREACHABLE
+from storage import ObjectStore
+from storage.ledger import DeletionLedger
+
+
+def _forget_waiting(
+    s3_url, flaky_s3, monkeypatch, *, wait_s: float, back_after_s: float | None = None
+) -> tuple[int, float]:
+    """``forget --ids 3 --wait`` through the proxy, which goes down at the wait's second look at the status.
+
+    ``back_after_s``: the store answers again that long after it went down (``None``: not before the command ends).
+    """
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # the submission reads the status it wrote 3 times (each test checks it printed "pending" before the outage),
+    # then the wait looks every 0.5 s: the store goes down at its second look
+    crash = flaky_s3.down_at("GET", "ledger/status/r1/v000000001.json", after=4)
+    done = threading.Event()
+
+    def bring_back() -> None:
+        while not crash.refused and not done.wait(0.05):
+            pass
+        if not done.wait(back_after_s):
+            flaky_s3.up()
+
+    if back_after_s is not None:
+        threading.Thread(target=bring_back, daemon=True).start()
+    argv = ["forget", "--store", s3_url, "--ids", "3", "--request-id", "r1", "--no-event", "--wait", str(wait_s)]
+    began = time.monotonic()
+    try:
+        with flaky_s3.routed():
+            code = main(argv)
+    finally:
+        done.set()
+    return code, time.monotonic() - began
+
+
+def test_a_store_down_until_the_wait_ends_says_the_request_is_recorded(s3_url, flaky_s3, capsys, monkeypatch):
+    code, took = _forget_waiting(s3_url, flaky_s3, monkeypatch, wait_s=13)
+    out = capsys.readouterr()
+    assert flaky_s3.refused > 0  # the wait did meet the outage
+    assert code == EXIT_UNREACHABLE, out.err
+    assert 10 < took < 60, (took, out.err)  # retried while the wait lasted, not given up in seconds
+    assert out.err.startswith("request r1: pending; recorded in the ledger"), out.err
+    assert "has not answered for 1" in out.err and "s; still waiting and retrying until" in out.err, out.err
+    last = out.err.strip().splitlines()[-1]
+    assert last.startswith("storage stayed unreachable until the wait ended (13 s): storage at "), last
+    assert "Request r1 is recorded in the ledger and stays there" in last, last
+    assert "`obliviate forget --status r1` tells its state" in last and "do not rerun forget --ids" in last, last
+    assert "error:" not in out.err and "network and retry" not in out.err and "Traceback" not in out.err
+    assert json.loads(out.out) == {
+        "request_id": "r1",
+        "settled": False,
+        "store_unreachable": json.loads(out.out)["store_unreachable"],
+    }
+    flaky_s3.up()
+    assert DeletionLedger(ObjectStore(s3_url)).request_ids() == ["r1"]  # one request, filed before the outage
+
+
+def test_a_store_back_before_the_wait_ends_is_waited_on_as_usual(s3_url, flaky_s3, capsys, monkeypatch):
+    # one call to a store that is down fails after about 11 s of s3fs's own retries: back after 14 s, the wait
+    # has met a failed call and must look again
+    code, _ = _forget_waiting(s3_url, flaky_s3, monkeypatch, wait_s=22, back_after_s=14)
+    out = capsys.readouterr()
+    assert flaky_s3.refused > 0
+    assert code == EXIT_PENDING, out.err  # no serve: still pending when the wait ended, as without the outage
+    assert out.err.strip().endswith("still not settled after 22 s (the request stays in the ledger)"), out.err
+    assert out.err.startswith("request r1: pending; recorded in the ledger"), out.err
+    assert "answers again, after 1" in out.err, out.err
+    assert json.loads(out.out)["status"] == "pending" and "error:" not in out.err
