@@ -150,8 +150,11 @@ def run_train(args: Args) -> int:
 
 
 #: How long training takes, said before it starts: `time obliviate target train --data mnist5k` (2,000 images,
-#: 1,500 steps) took 8.6 s on the idle 2-core machine of 2026-12-01, 12 s in bench/extraction_audit_e2e.py.
-TRAIN_SECONDS_NOTE = "1,500 took 9 s end to end on a 2-core machine"
+#: 1,500 steps) took 8.6 s on the idle 2-core machine of 2026-12-01, 12 s in bench/extraction_audit_e2e.py, and 39.5 s
+#: wall (40 s CPU: torch's two threads wait on each other while a core is taken) at load 3 on 2026-12-02.
+TRAIN_SECONDS_NOTE = (
+    "1,500 took 9 s end to end on an idle 2-core machine; other work on its cores slows it, 40 s at load 3"
+)
 
 
 def _missing_folders(folder: Path) -> list[Path]:

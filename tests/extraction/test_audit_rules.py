@@ -375,7 +375,7 @@ def test_target_train_says_what_it_trains_before_it_starts(tmp_path, capsys):
     assert main(["target", "train", "--out", str(out), "--train-size", "300", "--steps", "5"]) == 0
     said = capsys.readouterr().err
     assert (
-        "target train: training lenet5 on 300 images of mnist5k, 5 Adam steps (1,500 took 9 s end to end on a 2-core machine"
+        "target train: training lenet5 on 300 images of mnist5k, 5 Adam steps (1,500 took 9 s end to end on an idle 2-core machine; "
         in said
     )
 
