@@ -94,6 +94,43 @@ def apply_prefect_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+#: The settings of this shell a cluster's processes need and do not have: the store, the Prefect API, the S3
+#: credentials and endpoint. A joined cluster's workers (and a submitted job) start from the environment of the
+#: node they run on, not from this shell's, so both pass these on in their runtime environment.
+FORWARDED_ENV = (
+    "OBLIVIATE_STORE",
+    "PREFECT_API_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+)
+#: Set by Ray in the driver of a submitted job: the job's own config, its runtime environment included.
+_JOB_CONFIG_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def forwarded_env() -> dict[str, str]:
+    """The :data:`FORWARDED_ENV` variables this process has, by name."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+
+
+def cluster_runtime_env() -> dict[str, object]:
+    """The runtime environment a driver joining a cluster gives its tasks and actors: :func:`forwarded_env`.
+
+    Inside a job ``obliviate submit`` started, the job's runtime environment already holds them, and Ray
+    refuses a ``ray.init`` that names one of the job's variables again ("Failed to merge the Job's runtime
+    env"): only the variables the job's lacks are passed.
+    """
+    env_vars = forwarded_env()
+    job_config = os.environ.get(_JOB_CONFIG_VARIABLE)
+    if job_config:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+            env_vars = {name: value for name, value in env_vars.items() if name not in job_env}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
 class RayStartFailed(ObliviateError, RuntimeError):
     """A local Ray runtime did not start (Ray's own start-up failed, e.g. its 30 s node registration)."""
 
@@ -121,6 +158,12 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
         os.environ.setdefault("RAY_worker_niceness", "0")
         if num_cpus is not None:
             options["num_cpus"] = num_cpus
+    else:
+        # A local runtime's workers inherit this process's environment; a cluster's do not (its nodes started
+        # them), so the S3 credentials and endpoint, the store and the Prefect API travel in the runtime env.
+        runtime_env = cluster_runtime_env()
+        if runtime_env:
+            options["runtime_env"] = runtime_env
     try:
         context = ray.init(address=target, **options)
     except (ray.exceptions.AuthenticationError, ConnectionError) as err:

@@ -21,17 +21,9 @@ import typer
 from flows.cli._store import DEFAULT_STORE
 from flows.cli._types import Args, number, option, parsed
 from flows.cli._types import flag as flag_option
+from flows.runtime import forwarded_env
 from obliviate.errors import ConfigError
 
-FORWARDED_ENV = (
-    "OBLIVIATE_STORE",
-    "PREFECT_API_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-)
 UPLOAD_EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -75,8 +67,7 @@ def register(app: typer.Typer) -> None:
 
 def job_runtime_env(working_dir: str) -> dict:
     """The runtime environment of a submitted job: code upload plus forwarded settings."""
-    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    return {"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES, "env_vars": env_vars}
+    return {"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES, "env_vars": forwarded_env()}
 
 
 def jobs_address(given: str | None) -> str:
