@@ -6,6 +6,7 @@ call into :func:`obliviate.extraction.audit.run_cell`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from obliviate.extraction.attackers import AttackOptions
 from obliviate.extraction.audit import run_cell
 from obliviate.extraction.selectors import Pool
 from obliviate.extraction.substitute import TrainConfig
-from obliviate.extraction.target import BudgetExceeded, OutputMode, Target, open_backend
+from obliviate.extraction.target import DEFAULT_TARGET_WAIT_S, BudgetExceeded, OutputMode, Target, open_backend
 
 DEFAULT_CLASSES = 10  # run_cell's default, for a target that does not declare its classes
 
@@ -31,6 +32,7 @@ class AuditWorker:
         oracle_test_labels: the target's labels on the test images (computed once by the driver).
         timeout_s: HTTP timeout per request.
         retries: HTTP retries on transient errors.
+        wait_s: how long an unreachable HTTP target is retried (a restart); its waiting lines go to stderr.
     """
 
     def __init__(
@@ -43,8 +45,11 @@ class AuditWorker:
         oracle_test_labels: np.ndarray,
         timeout_s: float = 30.0,
         retries: int = 3,
+        wait_s: float = DEFAULT_TARGET_WAIT_S,
     ) -> None:
-        self.backend, self.meta = open_backend(target, timeout_s=timeout_s, retries=retries)
+        self.backend, self.meta = open_backend(
+            target, timeout_s=timeout_s, retries=retries, wait_s=wait_s, on_wait=_say_on_stderr
+        )
         self.pool = pool
         self.test_images = test_images
         self.test_labels = test_labels
@@ -111,3 +116,7 @@ def run_cell_task(worker: dict, cell: dict) -> dict:
 
     torch.set_num_threads(1)
     return AuditWorker(**worker).run_cell(**cell)
+
+
+def _say_on_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

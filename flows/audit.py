@@ -75,7 +75,7 @@ from obliviate.extraction.audit import (
 from obliviate.extraction.headline import fewest_queries, headline_sentence, strongest, threat_model
 from obliviate.extraction.selectors import SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
-from obliviate.extraction.target import Target, open_backend, save_checkpoint
+from obliviate.extraction.target import DEFAULT_TARGET_WAIT_S, Target, open_backend, save_checkpoint
 from obliviate.files import write_failed
 from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
@@ -196,9 +196,12 @@ def prepare_audit(
     drmi_starts: int | None,
     timeout_s: float,
     retries: int,
+    target_wait_s: float = DEFAULT_TARGET_WAIT_S,
 ) -> AuditSetup:
     logger = get_run_logger()
-    backend, meta = open_backend(target, timeout_s=timeout_s, retries=retries)
+    backend, meta = open_backend(
+        target, timeout_s=timeout_s, retries=retries, wait_s=target_wait_s, on_wait=logger.warning
+    )
     data = load_dataset(pool_source)
     check_pool_fits_target(pool=data, target_meta=meta)
     exclude, warning = target_training_indices(pool=data, target_meta=meta)
@@ -278,6 +281,7 @@ def run_cells(
     timeout_s: float,
     retries: int,
     progress_every_s: float | None = None,
+    target_wait_s: float = DEFAULT_TARGET_WAIT_S,
 ) -> list[dict]:
     logger = get_run_logger()
     if not ray.is_initialized():
@@ -291,6 +295,7 @@ def run_cells(
             "oracle_test_labels": setup.oracle_test_labels,
             "timeout_s": timeout_s,
             "retries": retries,
+            "wait_s": target_wait_s,
         }
     )
     remote = ray.remote(num_cpus=1)(run_cell_task)
@@ -331,6 +336,12 @@ def run_cells(
             # A cell's own error (the target gone, a refused answer) in its own words: Prefect records the
             # message as the flow run's state, which otherwise held Ray's coloured remote traceback.
             if isinstance(err.cause, ObliviateError):
+                # The report needs every cell: the finished ones are lost with the audit, and the user is told.
+                discarded = (
+                    f" The audit stops: {len(results)} of its {len(cells)} cells had finished, and they are "
+                    "discarded (the report needs every cell; a rerun starts over)."
+                )
+                err.cause.args = (f"{err.cause}{discarded}",)
                 raise err.cause from None
             raise
         if queue:
@@ -554,6 +565,7 @@ def check_audit_settings(
     timeout_s: float,
     retries: int,
     progress_every_s: float | None = None,
+    target_wait_s: float = DEFAULT_TARGET_WAIT_S,
 ) -> None:
     """Raise :class:`ConfigError` naming every audit setting out of range, in the flow's and the CLI's names."""
     rules = [
@@ -582,6 +594,7 @@ def check_audit_settings(
         ),
         ("timeout_s", "--timeout", timeout_s, timeout_s > 0, "> 0 seconds"),
         ("retries", "--retries", retries, retries >= 0, ">= 0"),
+        ("target_wait_s", "--target-wait", target_wait_s, target_wait_s >= 0, ">= 0 seconds"),
         (
             "progress_every_s",
             "--progress-every",
@@ -619,6 +632,7 @@ def steal_flow(
     timeout_s: float = 30.0,
     retries: int = 3,
     progress_every_s: float | None = None,
+    target_wait_s: float = DEFAULT_TARGET_WAIT_S,
 ) -> dict:
     """Audit ``target`` with every (attacker, selector, budget, seed) cell; returns the report's paths and headline.
 
@@ -648,6 +662,8 @@ def steal_flow(
         retries: HTTP retries on transient errors.
         progress_every_s: while cells run and no terminal shows bars, the log says which cells run at least
             this often (``None``: :data:`flows.progress.PROGRESS_LOG_SECONDS`).
+        target_wait_s: how long an unreachable HTTP target (connection refused, HTTP 502/503/504: a restart)
+            is retried before the audit fails, seconds (``0``: only ``retries``).
 
     Returns:
         ``json``, ``markdown``, ``png``: the report's files; ``headline``: the line steal.md leads with.
@@ -673,6 +689,7 @@ def steal_flow(
         timeout_s=timeout_s,
         retries=retries,
         progress_every_s=progress_every_s,
+        target_wait_s=target_wait_s,
     )
     check_output(out)  # created only when the report is written
     train = TrainConfig(arch=substitute, steps=steps)
@@ -696,6 +713,7 @@ def steal_flow(
         drmi_starts=drmi_starts,
         timeout_s=timeout_s,
         retries=retries,
+        target_wait_s=target_wait_s,
     )
     cells = [
         {
@@ -713,7 +731,14 @@ def steal_flow(
         for b in budgets
         for seed in range(seeds)
     ]
-    results = run_cells(setup, cells, timeout_s=timeout_s, retries=retries, progress_every_s=progress_every_s)
+    results = run_cells(
+        setup,
+        cells,
+        timeout_s=timeout_s,
+        retries=retries,
+        progress_every_s=progress_every_s,
+        target_wait_s=target_wait_s,
+    )
     config = {
         "target": target,
         "pool": pool,

@@ -147,8 +147,23 @@ def steal_command(
         float, option("--timeout", parser=number, help="HTTP timeout per request, seconds (default 30)")
     ] = 30.0,
     retries: Annotated[
-        int, option("--retries", parser=integer, help="HTTP retries on transient errors (default 3)")
+        int,
+        option(
+            "--retries",
+            parser=integer,
+            help="HTTP retries on timeouts and server errors (default 3); an unreachable target is retried for "
+            "--target-wait",
+        ),
     ] = 3,
+    target_wait: Annotated[
+        float,
+        option(
+            "--target-wait",
+            parser=number,
+            help="how long an HTTP target that cannot be reached (connection refused, HTTP 502/503/504: a restart, "
+            "a redeploy) is retried mid-audit before the audit fails, seconds (default 120; 0: only --retries)",
+        ),
+    ] = 120.0,
     progress_every: Annotated[
         float,
         option(
@@ -253,6 +268,7 @@ def run_steal(args: Args) -> int:
         timeout_s=args.timeout,
         retries=args.retries,
         progress_every_s=args.progress_every,
+        target_wait_s=args.target_wait,
     )
     # What the target declares (a checkpoint's meta, a server's GET /info), read before any work: the
     # pool must fit its images, and the pool and test set the images that did not train it. The flow
@@ -261,7 +277,11 @@ def run_steal(args: Args) -> int:
     from obliviate.extraction.audit import check_pool_fits_target, target_training_indices
     from obliviate.extraction.target import open_backend
 
-    data, meta = load_dataset(args.pool), open_backend(args.target, timeout_s=args.timeout, retries=args.retries)[1]
+    # Nothing is done yet, so a target not there is said at once (a mistyped port), not waited for.
+    data, meta = (
+        load_dataset(args.pool),
+        open_backend(args.target, timeout_s=args.timeout, retries=args.retries, wait_s=0)[1],
+    )
     check_pool_fits_target(pool=data, target_meta=meta)
     available = len(data) - len(set(target_training_indices(pool=data, target_meta=meta)[0]))
     args.pool_size, args.test_size = _split_sizes(args, available=available)
@@ -296,6 +316,7 @@ def run_steal(args: Args) -> int:
                     timeout_s=args.timeout,
                     retries=args.retries,
                     progress_every_s=args.progress_every,
+                    target_wait_s=args.target_wait,
                 )
         finally:
             if started_ray:

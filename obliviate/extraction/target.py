@@ -11,7 +11,10 @@ Two backends answer the queries:
 * :class:`LocalTorchBackend`: a ``torch.nn.Module`` in this process.
 * :class:`HttpBackend`: a model behind an HTTP endpoint, JSON in and out (stdlib ``urllib``),
   with a per-request timeout and retries on transient failures only (connection errors,
-  timeouts, HTTP 5xx); a 4xx answer is the caller's mistake and is raised at once.
+  timeouts, HTTP 5xx); a 4xx answer is the caller's mistake and is raised at once. A target that
+  cannot be reached (connection refused or reset, HTTP 502/503/504: a server restarting or being
+  redeployed) is retried for a time window (``wait_s``, the CLI's ``--target-wait``), so an ordinary
+  restart does not end an audit that has minutes of work done.
 
 Images travel as ``(n, H, W)`` uint8 gray levels, the same arrays :mod:`obliviate.data` loads.
 """
@@ -26,10 +29,12 @@ import json
 import os
 import socket
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -57,12 +62,71 @@ class TargetUnavailable(ObliviateError):
     """The target's endpoint kept failing transiently (5xx, timeout, connection) past all retries."""
 
 
-class _TransientFailures(Exception):
-    """Every attempt of an HTTP request failed transiently; ``failures`` says how, one entry per attempt."""
+# How long an unreachable target (connection refused or reset, HTTP 502/503/504) is retried: long enough for a
+# model server to restart or be redeployed, short enough that a target gone for good ends the audit.
+DEFAULT_TARGET_WAIT_S = 120.0
+# The longest pause between two attempts while the target is unreachable: it is noticed back within seconds.
+MAX_BACKOFF_S = 4.0
+# A request not answered for this long is said (through ``on_wait``), then again every WAIT_NOTICE_EVERY_S.
+WAIT_NOTICE_AFTER_S = 10.0
+WAIT_NOTICE_EVERY_S = 30.0
+# What a restarting server or its proxy answers: the server is not there yet, not failing on the request.
+_UNREACHABLE_STATUS = (502, 503, 504)
 
-    def __init__(self, failures: list[str], *, connection_only: bool) -> None:
+
+class _TransientFailures(Exception):
+    """Every attempt of an HTTP request failed transiently; ``failures`` says how, one entry per attempt.
+
+    ``connection_only``: every attempt found no server (a refused or reset connection); ``unreachable``: some
+    attempt found the target unreachable (that or HTTP 502/503/504); ``timeouts_only``: every attempt was
+    accepted but not answered in time; ``seconds``: how long the attempts took in all.
+    """
+
+    def __init__(self, failures: list[str], *, connection_only: bool, unreachable: bool, seconds: float) -> None:
         super().__init__("; ".join(failures))
-        self.failures, self.connection_only = failures, connection_only
+        self.failures, self.connection_only, self.unreachable = failures, connection_only, unreachable
+        self.timeouts_only = all(f.startswith("timeout") for f in failures)
+        self.seconds = seconds
+
+    def summary(self) -> str:
+        """The failures, each kind once with how often it happened (a 2-minute outage fails dozens of times)."""
+        kinds = Counter(f if not f.startswith("timeout") else f.split(" (")[0] for f in self.failures)
+        return "; ".join(kind if count == 1 else f"{kind} (x{count})" for kind, count in kinds.items())
+
+
+class _WaitNotices:
+    """Says through ``say`` that ``url`` has not answered: after WAIT_NOTICE_AFTER_S, then every
+    WAIT_NOTICE_EVERY_S, from a timer thread (a single attempt may block for the whole timeout); once more
+    when it answers after a notice. Without ``say`` it does nothing."""
+
+    def __init__(self, say: Callable[[str], None] | None, url: str, *, until_s: float) -> None:
+        self.say, self.url, self.until_s = say, url, until_s
+        self.start = time.monotonic()
+        self.said = False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="target-wait-notices", daemon=True) if say else None
+        if self.thread:
+            self.thread.start()
+
+    def _run(self) -> None:
+        assert self.say is not None
+        pause = WAIT_NOTICE_AFTER_S
+        until = time.strftime("%H:%M:%S", time.gmtime(time.time() - (time.monotonic() - self.start) + self.until_s))
+        while not self.done.wait(pause):
+            self.said = True
+            self.say(
+                f"target {self.url} has not answered for {time.monotonic() - self.start:.0f} s; retrying until "
+                f"{until} UTC (--target-wait)"
+            )
+            pause = WAIT_NOTICE_EVERY_S
+
+    def end(self, *, answered: bool) -> None:
+        if self.thread is None:
+            return
+        self.done.set()
+        self.thread.join()
+        if answered and self.said and self.say:
+            self.say(f"target {self.url} answers again, after {time.monotonic() - self.start:.0f} s without an answer")
 
 
 class OutputMode(str, Enum):
@@ -238,7 +302,13 @@ class HttpBackend:
         url: the prediction endpoint, e.g. ``http://127.0.0.1:8000/predict``.
         timeout_s: seconds to wait for each request.
         retries: extra attempts after a transient failure (connection error, timeout, 5xx).
-        backoff_s: wait before the first retry; doubles after each further failure.
+        backoff_s: wait before the first retry; doubles after each further failure, up to :data:`MAX_BACKOFF_S`.
+        wait_s: how long a request keeps being retried while the target is unreachable (connection refused or
+            reset, HTTP 502/503/504: a restart, a redeploy), counted from its first attempt; ``retries`` still
+            applies when it allows more. ``0``: only ``retries``.
+        on_wait: called with a line when a request has not been answered for :data:`WAIT_NOTICE_AFTER_S`, then
+            every :data:`WAIT_NOTICE_EVERY_S`, and once when it is answered after such a line (from a timer
+            thread); ``None``: nothing is said.
         num_classes: the target's classes, when known; :meth:`info` learns them from the server's
             ``num_classes``. Labels outside ``0..num_classes-1`` (and negative labels always) are refused.
     """
@@ -250,26 +320,32 @@ class HttpBackend:
         timeout_s: float = 30.0,
         retries: int = 3,
         backoff_s: float = 0.2,
+        wait_s: float = DEFAULT_TARGET_WAIT_S,
+        on_wait: Callable[[str], None] | None = None,
         num_classes: int | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"target URL must start with http:// or https://; got {url!r}.")
         _check_url(url)
-        if timeout_s <= 0 or retries < 0 or backoff_s < 0:
+        if timeout_s <= 0 or retries < 0 or backoff_s < 0 or wait_s < 0:
             raise ConfigError(
-                f"need timeout_s > 0, retries >= 0, backoff_s >= 0; got {timeout_s}, {retries}, {backoff_s}."
+                f"need timeout_s > 0, retries >= 0, backoff_s >= 0, wait_s >= 0; got {timeout_s}, {retries}, "
+                f"{backoff_s}, {wait_s}."
             )
         self.url = url
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+        self.wait_s = wait_s
+        self.on_wait = on_wait
         self.attempts = 0
         self.num_classes = num_classes
 
     def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
         """POST a batch to the endpoint and return its checked answers (SPEC section 3: the black-box target).
 
-        Transient failures (connection errors, timeouts, 5xx) are retried ``retries`` times with backoff.
+        Transient failures (connection errors, timeouts, 5xx) are retried ``retries`` times with backoff, an
+        unreachable target for ``wait_s`` seconds; a batch is sent again only when it was not answered.
 
         Args:
             images: ``(n, H, W)`` uint8 gray levels.
@@ -355,8 +431,9 @@ class HttpBackend:
         except _TransientFailures as err:
             if err.connection_only:
                 raise TargetUnavailable(
-                    f"no server answers at {self.url} ({err.failures[-1]}; {len(err.failures)} attempts); start the "
-                    "target's server (e.g. `obliviate target serve --checkpoint PATH`) or check the URL's host and port."
+                    f"no server answers at {self.url} ({err.failures[-1]}; {len(err.failures)} attempts in "
+                    f"{err.seconds:.0f} s{self._window()}); start the target's server (e.g. `obliviate target serve "
+                    "--checkpoint PATH`) or check the URL's host and port."
                 ) from err
             raise self._kept_failing(f"GET {info_url}", err) from err
         try:
@@ -401,11 +478,21 @@ class HttpBackend:
             self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
         )
 
+    def _window(self) -> str:
+        """How long an unreachable target was retried, as the error names it (``""`` with no window)."""
+        return f", retried for --target-wait {self.wait_s:g} s (wait_s in the API)" if self.wait_s else ""
+
     def _kept_failing(self, what: str, err: _TransientFailures) -> TargetUnavailable:
         failed = _times(len(err.failures))
+        if err.unreachable and self.wait_s:
+            return TargetUnavailable(
+                f"{what} has not answered for {err.seconds:.0f} s ({err.summary()}; {len(err.failures)} attempts), "
+                f"retried for --target-wait {self.wait_s:g} s (wait_s in the API). Check that the target's server is "
+                "running, or give --target-wait more seconds to outlast a longer restart."
+            )
         retried = "not retried (--retries 0)" if not self.retries else f"retried {_times(self.retries)}"
         return TargetUnavailable(
-            f"{what} failed {failed} ({'; '.join(err.failures)}); transient errors are {retried}. Check the server, "
+            f"{what} failed {failed} ({err.summary()}); transient errors are {retried}. Check the server, "
             "or raise --timeout or --retries (timeout_s, retries in the API)."
         )
 
@@ -434,32 +521,58 @@ class HttpBackend:
             _TransientFailures: every attempt failed with a connection error, a timeout or a 5xx.
         """
         failures: list[str] = []
-        connection_only = True
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            if counted:
-                self.attempts += 1
-            try:
-                with urllib.request.urlopen(request(), timeout=self.timeout_s) as resp:
-                    return resp.status, resp.read()
-            except urllib.error.HTTPError as err:
-                if err.code < 500:
-                    raise
-                connection_only = False
-                failures.append(f"HTTP {err.code}")
-            except TimeoutError as err:
-                connection_only = False
-                failures.append(f"timeout after {self.timeout_s}s ({err})")
-            except urllib.error.URLError as err:
-                if isinstance(err.reason, (TimeoutError, socket.timeout)):
+        connection_only, unreachable = True, False
+        start = time.monotonic()
+        notices = _WaitNotices(self.on_wait, self.url, until_s=max(self.wait_s, self._retries_span_s()))
+        answered = False
+        try:
+            while True:
+                if counted:
+                    self.attempts += 1
+                reached = False  # the server took the request: an unreachable target's window does not apply
+                try:
+                    with urllib.request.urlopen(request(), timeout=self.timeout_s) as resp:
+                        status, body = resp.status, resp.read()
+                    answered = True
+                    return status, body
+                except urllib.error.HTTPError as err:
+                    if err.code < 500:
+                        answered = True
+                        raise
                     connection_only = False
-                    failures.append(f"timeout after {self.timeout_s}s")
-                else:
-                    failures.append(f"connection error: {err.reason}")
-            except (ConnectionError, http.client.HTTPException) as err:
-                failures.append(f"connection error: {err!r}")
-        raise _TransientFailures(failures, connection_only=connection_only)
+                    reached = err.code not in _UNREACHABLE_STATUS
+                    failures.append(f"HTTP {err.code}")
+                except TimeoutError as err:
+                    connection_only, reached = False, True
+                    failures.append(f"timeout after {self.timeout_s}s ({err})")
+                except urllib.error.URLError as err:
+                    if isinstance(err.reason, (TimeoutError, socket.timeout)):
+                        connection_only, reached = False, True
+                        failures.append(f"timeout after {self.timeout_s}s")
+                    else:
+                        failures.append(f"connection error: {err.reason}")
+                except (ConnectionError, http.client.HTTPException) as err:
+                    failures.append(f"connection error: {err!r}")
+                unreachable = unreachable or not reached
+                left_s = start + self.wait_s - time.monotonic()
+                in_window = not reached and left_s > 0
+                if len(failures) > self.retries and not in_window:
+                    raise _TransientFailures(
+                        failures,
+                        connection_only=connection_only,
+                        unreachable=unreachable,
+                        seconds=time.monotonic() - start,
+                    )
+                pause = min(self.backoff_s * 2 ** (len(failures) - 1), MAX_BACKOFF_S)
+                # Past the retries only the window keeps it going: one last attempt at its end, none after.
+                time.sleep(min(pause, left_s) if len(failures) > self.retries else pause)
+        finally:
+            notices.end(answered=answered)
+
+    def _retries_span_s(self) -> float:
+        """The longest the ``retries`` take when every attempt times out (pauses included)."""
+        pauses = sum(min(self.backoff_s * 2**i, MAX_BACKOFF_S) for i in range(self.retries))
+        return (self.retries + 1) * self.timeout_s + pauses
 
     def _json_object(self, status: int, raw: bytes) -> dict:
         """The JSON object of a successful answer; a body that is anything else is the endpoint's fault, not transient."""
@@ -670,18 +783,27 @@ def _gist(err: BaseException, *, width: int = 160) -> str:
     return textwrap.shorten(first, width=width, placeholder=" …") or err.__class__.__name__
 
 
-def open_backend(target: str, *, timeout_s: float = 30.0, retries: int = 3) -> tuple[Backend, dict]:
+def open_backend(
+    target: str,
+    *,
+    timeout_s: float = 30.0,
+    retries: int = 3,
+    wait_s: float = DEFAULT_TARGET_WAIT_S,
+    on_wait: Callable[[str], None] | None = None,
+) -> tuple[Backend, dict]:
     """A backend for ``target``: an ``http(s)://`` URL or a checkpoint path.
 
     An HTTP target is checked up front: ``GET /info`` answers (with retries), and the predict URL takes a POST
     (:meth:`HttpBackend.check_endpoint`, an empty batch: no query spent).
+
+    ``timeout_s``, ``retries``, ``wait_s`` and ``on_wait`` are :class:`HttpBackend`'s.
 
     Returns:
         the backend and the target's metadata (checkpoint ``meta``, or the server's ``GET /info``;
         ``{}`` when the server has none).
     """
     if target.startswith(("http://", "https://")):
-        backend = HttpBackend(target, timeout_s=timeout_s, retries=retries)
+        backend = HttpBackend(target, timeout_s=timeout_s, retries=retries, wait_s=wait_s, on_wait=on_wait)
         info = backend.info()
         side = info.get("image_size")
         backend.check_endpoint(image_size=side if isinstance(side, int) and not isinstance(side, bool) else 28)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -108,9 +109,9 @@ def test_server_errors_are_retried_then_succeed(target_model, pool_images):
 def test_persistent_server_errors_raise_after_the_retries(target_model, pool_images):
     FailingFirst.seen, FailingFirst.failures = 0, 100
     with TargetServer(target_model, handler=FailingFirst) as server:
-        backend = HttpBackend(server.url, timeout_s=10, retries=2, backoff_s=0.01)
+        backend = HttpBackend(server.url, timeout_s=10, retries=2, backoff_s=0.01, wait_s=0)
         target = Target(backend, budget=10)
-        with pytest.raises(TargetUnavailable, match="failed 3 times .*HTTP 503"):
+        with pytest.raises(TargetUnavailable, match=r"failed 3 times \(HTTP 503 \(x3\)\)"):
             target.query(pool_images[:5])
         assert backend.attempts == 3
         assert target.used == 0  # nothing answered, nothing counted
@@ -135,7 +136,7 @@ def test_connection_refused_is_transient(pool_images):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    backend = HttpBackend(f"http://127.0.0.1:{port}/predict", timeout_s=2, retries=2, backoff_s=0.01)
+    backend = HttpBackend(f"http://127.0.0.1:{port}/predict", timeout_s=2, retries=2, backoff_s=0.01, wait_s=0)
     with pytest.raises(TargetUnavailable, match="connection error"):
         Target(backend, budget=10).query(pool_images[:1])
     assert backend.attempts == 3
@@ -147,7 +148,7 @@ def test_info_of_a_server_that_is_gone_says_so_and_one_without_info_declares_not
         url = server.url
         assert HttpBackend(url.rsplit("/", 1)[0] + "/elsewhere/predict", timeout_s=5, retries=0).info() == {}  # 404
     with pytest.raises(TargetUnavailable, match=r"no server answers at http://127\.0\.0\.1:\d+/predict \("):
-        HttpBackend(url, timeout_s=5, retries=0).info()
+        HttpBackend(url, timeout_s=5, retries=0, wait_s=0).info()
 
 
 def raw_post(url: str, body: bytes, *, headers: dict | None = None, length: bool = True, timeout: float = 10):
@@ -335,7 +336,7 @@ def test_a_briefly_restarting_server_does_not_fail_the_info_request_or_an_audit_
         for server in restarted:
             server.stop()
     # Retries end: a server that stays down is still reported as such, after them.
-    backend = HttpBackend(url, timeout_s=5, retries=1, backoff_s=0.01)
+    backend = HttpBackend(url, timeout_s=5, retries=1, backoff_s=0.01, wait_s=0)
     with pytest.raises(TargetUnavailable, match=r"no server answers at http://127\.0\.0\.1:\d+/predict \(.*2 attempts"):
         backend.info()
 
@@ -390,6 +391,77 @@ def test_the_retry_message_names_the_command_line_options(target_model, pool_ima
     """It said 'raise timeout_s/retries', names the command line does not have (it has --timeout and --retries)."""
     FailingFirst.seen, FailingFirst.failures = 0, 100
     with TargetServer(target_model, handler=FailingFirst) as server:
-        backend = HttpBackend(server.url, timeout_s=10, retries=0)
+        backend = HttpBackend(server.url, timeout_s=10, retries=0, wait_s=0)
         with pytest.raises(TargetUnavailable, match=r"raise --timeout or --retries \(timeout_s, retries in the API\)"):
             Target(backend, budget=10).query(pool_images[:1])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1]
+
+
+def test_a_target_down_past_the_retries_but_back_within_the_wait_answers_the_batch_once(
+    target_model, pool_images, monkeypatch
+):
+    """A target restarting for more than ~1.4 s (retries 0.2+0.4+0.8 s) ended the audit and lost its finished cells."""
+    import obliviate.extraction.target as target_module
+
+    monkeypatch.setattr(target_module, "WAIT_NOTICE_AFTER_S", 0.5)
+    first = TargetServer(target_model, info={"num_classes": 10}).start()
+    url, port = first.url, first.httpd.server_address[1]
+    first.stop()  # the target goes down
+    restarted: list[TargetServer] = []
+
+    def restart() -> None:
+        time.sleep(2.0)  # longer than the retries' 1.4 s
+        restarted.append(TargetServer(target_model, port=port, info={"num_classes": 10}).start())
+
+    lines: list[str] = []
+    backend = HttpBackend(url, timeout_s=5, retries=3, backoff_s=0.2, wait_s=30, on_wait=lines.append)
+    target = Target(backend, budget=10)
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        labels = target.query(pool_images[:5])
+        thread.join()
+        np.testing.assert_array_equal(
+            labels, Target(LocalTorchBackend(target_model), budget=None).query(pool_images[:5])
+        )
+        assert target.used == 5 and len(target.log) == 1  # the batch sent again is one query batch, counted once
+        assert restarted[0].requests == 1 and backend.attempts > 4
+        assert re.fullmatch(
+            rf"target {re.escape(url)} has not answered for \d+ s; retrying until \d\d:\d\d:\d\d UTC \(--target-wait\)",
+            lines[0],
+        ), lines
+        assert re.fullmatch(rf"target {re.escape(url)} answers again, after \d+ s without an answer", lines[-1]), lines
+        assert len(lines) == 2  # said once while waiting (the next would come 30 s on), once when back
+    finally:
+        thread.join()
+        for server in restarted:
+            server.stop()
+
+
+def test_a_target_down_past_the_wait_fails_naming_the_wait_and_the_endpoint(pool_images):
+    url = f"http://127.0.0.1:{_free_port()}/predict"
+    backend = HttpBackend(url, timeout_s=2, retries=1, backoff_s=0.1, wait_s=1.5)
+    target = Target(backend, budget=10)
+    start = time.perf_counter()
+    with pytest.raises(TargetUnavailable) as failed:
+        target.query(pool_images[:2])
+    took = time.perf_counter() - start
+    assert 1.5 <= took < 4, took
+    said = str(failed.value)
+    assert re.match(
+        rf"endpoint {re.escape(url)} has not answered for \d s \(connection error: .*\(x\d+\); \d+ attempts\)", said
+    )
+    assert "retried for --target-wait 1.5 s (wait_s in the API). Check that the target's server is running" in said
+    assert "give --target-wait more seconds" in said
+    assert backend.attempts > 2 and target.used == 0
+    with pytest.raises(
+        TargetUnavailable, match=rf"no server answers at {re.escape(url)} \(.*retried for --target-wait"
+    ):
+        HttpBackend(url, timeout_s=2, retries=0, backoff_s=0.1, wait_s=0.5).info()

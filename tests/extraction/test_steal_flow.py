@@ -282,7 +282,9 @@ def test_a_failed_audit_leaves_no_empty_report_folder(prefect_and_ray, tmp_path)
         port = free.getsockname()[1]
     out = tmp_path / "report"
     with pytest.raises(ObliviateError, match="no server answers"):
-        steal_flow(target=f"http://127.0.0.1:{port}/predict", budgets=[15], selectors=["random"], out=str(out))
+        steal_flow(
+            target=f"http://127.0.0.1:{port}/predict", budgets=[15], selectors=["random"], out=str(out), target_wait_s=0
+        )
     assert not out.exists()
 
 
@@ -323,6 +325,11 @@ def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ra
     assert type(failed.value) is TargetUnavailable, type(failed.value)  # not Ray's wrapper of it
     assert "ray::" not in str(failed.value) and "\x1b[" not in str(failed.value), str(failed.value)
     assert "failed once (HTTP 500); transient errors are not retried (--retries 0)" in str(failed.value)
+    # The finished cells are lost with the audit: the error counts them.
+    assert str(failed.value).endswith(
+        "The audit stops: 0 of its 1 cells had finished, and they are discarded (the report needs every cell; "
+        "a rerun starts over)."
+    ), str(failed.value)
 
 
 def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoint, tmp_path):
