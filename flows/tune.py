@@ -47,6 +47,20 @@ class SweepReport:
     errors: int
 
 
+class SweepFailed(Exception):
+    """No trial of the sweep finished: every one failed, so no report was written.
+
+    A sweep whose trials all errored wrote ``results.json``, ``table.md`` and ``plot.png`` with no
+    trial in them, which read like a finished sweep that found nothing.
+    """
+
+    def __init__(self, name: str, failed: int, first_error: str, prefix_uri: str) -> None:
+        super().__init__(
+            f"sweep {name}: all {failed} trials failed, so no report was written (nothing under {prefix_uri} "
+            f"reads as a result); the first trial's error: {first_error}. Fix it and run the same command again."
+        )
+
+
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGUSR1) stopped the sweep before every trial ran; no report was written.
 
@@ -289,8 +303,12 @@ def run_sweep(
     store = ObjectStore(store_url)
     name = name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     prefix = f"tune/{name}"
-    _claim_name(store, prefix, name, {"kind": kind, "grid": grid, "constants": constants})
+    settings = {"kind": kind, "grid": grid, "constants": constants}
+    _claim_name(store, prefix, name, settings, record=False)  # a name taken by other settings: refused before Ray
+    # A cluster that does not answer is refused before the name records anything: a sweep that never ran
+    # must not lock its name to the settings it was refused with.
     ensure_ray()
+    _claim_name(store, prefix, name, settings)
     param_space = {**constants, **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
     param_space.update({"store_url": store.url, "prefix": prefix})
     tuner = tune.Tuner(
@@ -310,6 +328,9 @@ def run_sweep(
     # A trial names itself from its whole config (reduction_trainable), so its label here is read the same way.
     labels = {f"{prefix}/trials/{_trial_label(kind, {**constants, **point})}.json" for point in _grid_points(grid)}
     trials = [store.get_json(key) for key in sorted(store.list(f"{prefix}/trials")) if key in labels]
+    if not trials:
+        first = next((r.error for r in outcomes if r.error is not None), None)
+        raise SweepFailed(name, len(outcomes), _first_line(first), store.uri(prefix))
     if kind == "unlearning":
         front = pareto_front(trials, maximize=("speedup", "consistency")) if trials else []
     else:
@@ -345,8 +366,19 @@ def run_sweep(
     )
 
 
-def _claim_name(store: ObjectStore, prefix: str, name: str, settings: dict[str, Any]) -> None:
+def _first_line(error: BaseException | None) -> str:
+    """A trial's error as one line: Ray wraps it in a RayTaskError whose text starts with a traceback."""
+    if error is None:
+        return "none recorded (see Tune's state)"
+    cause = getattr(error, "cause", None) or error
+    text = f"{type(cause).__name__}: {cause}".strip()
+    return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]
+
+
+def _claim_name(store: ObjectStore, prefix: str, name: str, settings: dict[str, Any], *, record: bool = True) -> None:
     """Record the sweep's settings under its name; a name that holds a sweep of other settings is refused.
+
+    ``record=False`` only checks: nothing is written.
 
     A rerun under the same name with other options mixed the old trials into the new report (a grid of
     B=[3] reported a stale B=2 trial of another train size). As ``train --run-id`` does, a name keeps
@@ -382,7 +414,7 @@ def _claim_name(store: ObjectStore, prefix: str, name: str, settings: dict[str, 
             f"sweep name {name!r} (--name) already holds trials of a sweep whose settings were not recorded, and its "
             f"report would mix them with this one's; choose another --name, or delete {store.uri(prefix)} to replace it."
         )
-    else:
+    elif record:
         store.put_json(key, settings)
 
 

@@ -185,7 +185,16 @@ def _split_sizes(args: Args, defaults: dict[str, int]) -> dict[str, int]:
 
 
 def run_tune(args: Args) -> int:
-    from flows.tune import SweepInterrupted, check_sweep_name, check_trial_grid, check_workers, describe, run_sweep
+    from flows.runtime import check_ray_address
+    from flows.tune import (
+        SweepFailed,
+        SweepInterrupted,
+        check_sweep_name,
+        check_trial_grid,
+        check_workers,
+        describe,
+        run_sweep,
+    )
 
     workers = _workers(args)
     check_workers(workers)
@@ -216,6 +225,7 @@ def run_tune(args: Args) -> int:
             num_starts=args.starts,
         )
     check_trial_grid(args.sweep, grid=grid, constants=constants)  # before the store is touched
+    check_ray_address(os.environ.get("RAY_ADDRESS"))  # so is a cluster that does not answer
     try:
         report = run_sweep(
             args.sweep,
@@ -228,5 +238,8 @@ def run_tune(args: Args) -> int:
     except SweepInterrupted as stop:
         print(stop, file=sys.stderr)  # then main() says the command was interrupted and exits 130
         raise
+    except SweepFailed as failed:
+        print(f"obliviate tune: error: {failed}", file=sys.stderr)
+        return 1  # as a sweep with some failed trials: the trials failed, the command's options were fine
     print(describe(report))
     return 0 if report.errors == 0 else 1

@@ -318,3 +318,23 @@ def test_a_bad_gray_or_aggregate_is_refused_as_reduce_refuses_it(tmp_path, capsy
             workers=1,
         )
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_every_trial_failed_writes_no_report(local_ray, tmp_path, capsys) -> None:
+    """All trials errored, yet results.json, table.md and plot.png were written as a finished sweep's report."""
+    store = ObjectStore(f"file://{tmp_path}/store")
+    grid = {"k": [5, 6], "bins": [256], "gray": ["luma"], "aggregate": ["sum"]}
+    constants = {"data": "digits", "model": "lenet5", "seed": 0, "target_size": 100, "pool_size": 100}
+    constants.update(test_size=50, steps=5, num_starts=1)
+    store.put_json("tune/dead/sweep.json", {"kind": "reduction", "grid": grid, "constants": constants})
+    store.put_bytes("tune/dead/trials", b"")  # a file where each trial's folder goes: every trial fails to store
+    try:
+        run_sweep("reduction", store_url=store.url, grid=grid, constants=constants, workers=1, name="dead")
+        outcome: BaseException | None = None
+    except Exception as failed:  # noqa: BLE001 -- the old code raised nothing; its report is what this checks first
+        outcome = failed
+    assert sorted(store.list("tune/dead")) == ["tune/dead/sweep.json", "tune/dead/trials"]  # no report
+    assert type(outcome).__name__ == "SweepFailed", outcome
+    said = str(outcome)
+    assert said.startswith("sweep dead: all 2 trials failed, so no report was written") and "Error" in said, said

@@ -184,3 +184,43 @@ def test_a_reduction_sweep_recorded_before_gray_and_aggregate_runs_again_under_i
     _claim_name(store, "tune/old", "old", now)  # not refused
     with pytest.raises(ConfigError, match=r"other settings \(aggregate \['sum'\] -> \['max'\]\)"):
         _claim_name(store, "tune/old", "old", {**now, "grid": {**now["grid"], "aggregate": ["max"]}})
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_cluster_that_does_not_answer_is_refused_before_the_store_is_touched(tmp_path, capsys, monkeypatch) -> None:
+    """RAY_ADDRESS where nothing answered: exit 2, yet tune/<name>/sweep.json was written and locked the name."""
+    import ray
+
+    address = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    err = refused(tmp_path, capsys, "reduction", "--data", "digits", "--ks", "5", "--bins", "256", "--name", "zz")
+    assert f"no Ray cluster answers at {address}" in err
+    assert not ray.is_initialized()
+
+
+def test_a_sweep_refused_by_ray_records_nothing_under_its_name(tmp_path, monkeypatch) -> None:
+    """run_sweep recorded the name's settings before it joined Ray: the retry with other values was refused."""
+    import ray
+
+    from flows.tune import run_sweep
+    from obliviate.errors import ConfigError
+    from storage import ObjectStore
+
+    assert not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_closed_port()}")
+    store = ObjectStore(f"file://{tmp_path}/store")
+    store.ensure_container()
+    constants = {"data": "digits", "model": "lenet5", "seed": 0, "target_size": 100, "pool_size": 100}
+    constants.update(test_size=50, steps=5, num_starts=1)
+    with pytest.raises(ConfigError, match="no Ray cluster answers at"):
+        run_sweep(
+            "reduction", store_url=store.url, grid={"k": [5], "bins": [256]}, constants=constants, workers=1, name="zz"
+        )
+    assert store.list("tune") == []  # the name is free for the retry, with any values
