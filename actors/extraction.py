@@ -7,7 +7,9 @@ call into :func:`obliviate.extraction.audit.run_cell`.
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,11 +113,23 @@ def query_log(target: Target) -> list[dict[str, Any]]:
 
 
 def run_cell_task(worker: dict, cell: dict) -> dict:
-    """One cell as a Ray task: ``worker`` holds :class:`AuditWorker`'s arguments, ``cell`` :meth:`run_cell`'s."""
+    """One cell as a Ray task: ``worker`` holds :class:`AuditWorker`'s arguments, ``cell`` :meth:`run_cell`'s.
+
+    ``worker["checkpoint"]``, when not ``None``, is the target checkpoint's bytes: a cluster's node cannot read
+    the driver's file, so the target is opened from a copy of them here.
+    """
     import torch
 
     torch.set_num_threads(1)
-    return AuditWorker(**worker).run_cell(**cell)
+    options = dict(worker)
+    checkpoint = options.pop("checkpoint", None)
+    if checkpoint is None:
+        return AuditWorker(**options).run_cell(**cell)
+    with tempfile.TemporaryDirectory(prefix="obliviate-target-") as folder:
+        copy = Path(folder) / "target.pt"
+        copy.write_bytes(checkpoint)
+        audit_worker = AuditWorker(**options | {"target": str(copy)})  # the model is loaded: the copy can go
+    return audit_worker.run_cell(**cell)
 
 
 def _say_on_stderr(line: str) -> None:

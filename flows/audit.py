@@ -273,6 +273,10 @@ def _pool_and_test(
     return pool_idx, test_idx, f"audit_split(seed={seed}) of {drawn_from}"
 
 
+def _is_url(target: str) -> bool:
+    return target.startswith(("http://", "https://"))
+
+
 @task(cache_policy=NO_CACHE)
 def run_cells(
     setup: AuditSetup,
@@ -289,6 +293,8 @@ def run_cells(
     worker = ray.put(
         {
             "target": setup.target,
+            # A cluster's workers cannot read a checkpoint on this machine: its bytes travel with the data.
+            "checkpoint": None if _is_url(setup.target) else Path(setup.target).read_bytes(),
             "pool": setup.pool,
             "test_images": setup.test_images,
             "test_labels": setup.test_labels,

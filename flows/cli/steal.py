@@ -142,7 +142,12 @@ def steal_command(
             help="seeded DRMI restarts (default 32; 0 = one per pool image, the SPEC default, slow)",
         ),
     ] = 32,
-    num_cpus: Annotated[int | None, option("--num-cpus", parser=integer, help="Ray CPUs (default: all)")] = None,
+    num_cpus: Annotated[
+        int | None, option("--num-cpus", parser=integer, help="CPUs of a local Ray runtime (default: all)")
+    ] = None,
+    ray_address: Annotated[
+        str | None, option("--ray-address", help="Ray cluster (default RAY_ADDRESS, else a local runtime)")
+    ] = None,
     timeout: Annotated[
         float, option("--timeout", parser=number, help="HTTP timeout per request, seconds (default 30)")
     ] = 30.0,
@@ -256,6 +261,10 @@ def run_steal(args: Args) -> int:
 
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus is the Ray CPUs to start and must be >= 1; got {args.num_cpus}.")
+    from flows.runtime import check_ray_address
+
+    ray_address = getattr(args, "ray_address", None)
+    check_ray_address(ray_address or os.environ.get("RAY_ADDRESS"))  # a mistyped address, before any work
     check_audit_settings(
         pool_size=POOL_SIZE if args.pool_size is None else args.pool_size,
         test_size=TEST_SIZE if args.test_size is None else args.test_size,
@@ -295,7 +304,8 @@ def run_steal(args: Args) -> int:
     started_ray = not ray.is_initialized()
     # The Prefect server every command shares (its database is what `obliviate ui` browses), not
     # Prefect's temporary one, whose flow runs land in a database no command shows.
-    with prefect_api_and_ray(ray_address="local", num_cpus=args.num_cpus or os.cpu_count()) as api_url:
+    # A cluster (--ray-address, RAY_ADDRESS: a submitted job's own) runs the cells; else a local runtime.
+    with prefect_api_and_ray(ray_address=ray_address, num_cpus=args.num_cpus or os.cpu_count()) as api_url:
         print(f"Prefect API: {api_url}", file=sys.stderr)
         try:
             with shown_progress():

@@ -7,6 +7,7 @@ here is started by ``ray start --head`` with those variables removed, as such a 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -128,3 +129,57 @@ def test_submit_forwards_the_variables_joined_drivers_forward(monkeypatch):
     for name in FORWARDED_ENV:
         monkeypatch.setenv(name, f"v-{name}")
     assert job_runtime_env(".")["env_vars"] == {name: f"v-{name}" for name in FORWARDED_ENV}
+
+
+def _cluster_jobs(address: str) -> list[dict]:
+    """The drivers the cluster has seen (Ray's job table), read by a driver of its own."""
+    script = (
+        f"import json, ray; ray.init(address={address!r}); print(json.dumps(ray._private.state.jobs(), default=str))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_driver_env(address),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_steal_runs_its_cells_on_the_cluster_ray_address_names(bare_cluster, prefect_api_url, tmp_path):
+    """`RAY_ADDRESS=... steal` started a local Ray runtime; `steal --ray-address` did not exist."""
+    from flows.cli import main
+
+    target = tmp_path / "target.pt"
+    assert main(["target", "train", "--out", str(target), "--train-size", "300", "--steps", "5"]) == 0
+    tiny = ["--attackers", "basic", "--selectors", "random", "--budgets", "20", "--seeds", "1", "--steps", "5"]
+    small = ["--pool-size", "200", "--test-size", "100"]
+    env = _driver_env(bare_cluster) | {"PREFECT_API_URL": prefect_api_url}
+    env.pop("RAY_ADDRESS")
+    # relative to the driver's folder, which the cluster's workers do not run in: they get the checkpoint's bytes
+    steal = [sys.executable, "-m", "flows.cli", "steal", "--target", "target.pt", *tiny, *small]
+    by_option = subprocess.Popen(
+        [*steal, "--out", str(tmp_path / "a"), "--ray-address", bare_cluster],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = by_option.communicate(timeout=600)
+    assert by_option.returncode == 0, err[-3000:]
+    assert "audit report:" in out and (tmp_path / "a" / "steal.json").exists()
+    by_variable = subprocess.Popen(
+        [*steal, "--out", str(tmp_path / "b")],
+        env=env | {"RAY_ADDRESS": bare_cluster},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = by_variable.communicate(timeout=600)
+    assert by_variable.returncode == 0, err[-3000:]
+    drivers = {int(job["DriverPid"]) for job in _cluster_jobs(bare_cluster) if str(job.get("DriverPid", "")).isdigit()}
+    assert {by_option.pid, by_variable.pid} <= drivers
