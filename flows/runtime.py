@@ -175,11 +175,7 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
             chain.append(link)
             link = link.__cause__ or link.__context__
         if any(isinstance(e, ray.exceptions.AuthenticationError) or "AuthenticationError" in str(e) for e in chain):
-            raise ConfigError(
-                f"the Ray cluster at {target} refused this process: its authentication token is missing or not the "
-                "cluster's. Ray reads it from ~/.ray/auth_token, the file RAY_AUTH_TOKEN_PATH names, or RAY_AUTH_TOKEN; "
-                "put the cluster's token there (`ray get-auth-token` on the head prints it)."
-            ) from err
+            raise ConfigError(ray_token_refusal(target, who="this process", again="run the command again")) from err
         raise ConfigError(
             f"could not join the Ray cluster at {target} ({err}); check that it is up (`ray status --address "
             f"{target}`) or fix --ray-address / RAY_ADDRESS."
@@ -195,6 +191,55 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
     session = context.address_info.get("session_dir") if target == "local" else None
     if session:
         _local_session_dirs.append(session)
+
+
+def _ray_token_source() -> str | None:
+    """Where Ray would read this process's authentication token from, as said to the user; ``None``: nowhere."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        return f"{named} (RAY_AUTH_TOKEN_PATH)" if Path(named).expanduser().is_file() else None
+    default = Path("~/.ray/auth_token").expanduser()
+    return "~/.ray/auth_token" if default.is_file() else None
+
+
+def ray_token_refusal(address: str, *, who: str, again: str) -> str:
+    """Why a token-authenticating Ray cluster refused ``who``, and the fix, from this process's actual settings.
+
+    Ray (2.60) sends a token to an address given explicitly only when ``RAY_AUTH_MODE=token``: with the variable
+    unset (or ``disabled``) the right token in ~/.ray/auth_token is never sent, so the fix is the variable, not
+    the file. With ``token`` set, the token is missing or not the cluster's.
+
+    Args:
+        address: the cluster's address, as given.
+        who: what was refused, e.g. ``"this process"``.
+        again: what to do once mended, e.g. ``"run the command again"``.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    source = _ray_token_source()
+    where = "~/.ray/auth_token, the file RAY_AUTH_TOKEN_PATH names, or RAY_AUTH_TOKEN"
+    get_token = "`ray get-auth-token` on the head prints it"
+    if mode is None or mode.lower() != "token":
+        state = "RAY_AUTH_MODE is not set" if mode is None else f"RAY_AUTH_MODE={mode}"
+        token = (
+            f"Ray then sends the token in {source}"
+            if source
+            else f"Ray then reads the cluster's token from {where}, and none holds one here: put it there ({get_token})"
+        )
+        return (
+            f"the Ray cluster at {address} wants an authentication token, and {who} sent none: {state}, and Ray "
+            f"sends a token only with RAY_AUTH_MODE=token. Run `export RAY_AUTH_MODE=token` and {again}; {token}."
+        )
+    if source is None:
+        return (
+            f"the Ray cluster at {address} wants an authentication token, and {who} has none: RAY_AUTH_MODE=token, "
+            f"but {where} hold no token. Put the cluster's token there ({get_token}) and {again}."
+        )
+    return (
+        f"the Ray cluster at {address} refused the authentication token of {who} (from {source}): it is not the "
+        f"cluster's. Replace it with the cluster's token ({get_token}) and {again}."
+    )
 
 
 #: The session folders (logs, sockets) of the local Ray runtimes this process started, in order. A runtime joined

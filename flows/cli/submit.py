@@ -180,19 +180,10 @@ def _follow(client, job_id: str, *, timeout_s: float) -> str:
 
 def _refused_message(address: str) -> str:
     """Why a Ray 2.60 cluster refused the Jobs client, and the fix for this shell."""
-    mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-    if mode != "token":
-        return (
-            f"the Ray cluster at {address} wants an authentication token (Ray 2.60's default), and this shell's "
-            f"Jobs client sends none (RAY_AUTH_MODE={mode}). Run `export RAY_AUTH_MODE=token` and submit again; the "
-            "client reads the cluster's token from ~/.ray/auth_token, the file RAY_AUTH_TOKEN_PATH names, or "
-            "RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it). Nothing was sent to the cluster."
-        )
-    return (
-        f"the Ray cluster at {address} refused this shell's authentication token: it is missing or not the "
-        "cluster's. Put the cluster's token (`ray get-auth-token` on the head prints it) in ~/.ray/auth_token, the "
-        "file RAY_AUTH_TOKEN_PATH names, or RAY_AUTH_TOKEN, and submit again. Nothing was sent to the cluster."
-    )
+    from flows.runtime import ray_token_refusal
+
+    refusal = ray_token_refusal(address, who="this shell's Jobs client", again="submit again")
+    return f"{refusal} Nothing was sent to the cluster."
 
 
 def _check_outputs_outlive_the_job(job: Args) -> None:

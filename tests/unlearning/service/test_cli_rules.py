@@ -474,30 +474,68 @@ def test_a_ray_address_where_a_ray_head_listens_passes_the_check(ray_address, tm
 
 
 def test_a_ray_cluster_that_wants_a_token_this_process_lacks_is_named_without_a_traceback(tmp_path, ray_address):
-    """A home without Ray's auth token (another user, a fresh container) joining a cluster was a traceback."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
-    (tmp_path / "home").mkdir()
-    env |= {
-        "HOME": str(tmp_path / "home"),
-        "RAY_ADDRESS": ray_address,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
-    }
-    env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # never reached: Ray is joined first
-    command = [sys.executable, "-m", "flows.cli", "train", "--run-id", "r", "--data", "digits"]
-    done = subprocess.run(
-        [*command, "--store", f"file://{tmp_path}/runs"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert (
-        f"obliviate train: error: the Ray cluster at {ray_address} refused this process: its authentication token is missing"
-        in done.stderr
-    )
-    assert "Traceback" not in done.stderr
+    """A home without Ray's auth token (another user, a fresh container) joining a cluster was a traceback.
+
+    With the cluster's token in ~/.ray/auth_token and RAY_AUTH_MODE unset, the message said to put the token
+    there; the fix is `export RAY_AUTH_MODE=token` (Ray sends no token to an explicit address otherwise).
+    """
+    token = (Path.home() / ".ray" / "auth_token").read_text()  # the fixture's runtime wants this one
+
+    def join(home: str, *, token_file: str | None, mode: str | None) -> str:
+        (tmp_path / home / ".ray").mkdir(parents=True)
+        if token_file is not None:
+            (tmp_path / home / ".ray" / "auth_token").write_text(token_file)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")}
+        env |= {
+            "HOME": str(tmp_path / home),
+            "RAY_ADDRESS": ray_address,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+        }
+        if mode is not None:
+            env["RAY_AUTH_MODE"] = mode
+        env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # never reached: Ray is joined first
+        command = [sys.executable, "-m", "flows.cli", "train", "--run-id", "r", "--data", "digits"]
+        done = subprocess.run(
+            [*command, "--store", f"file://{tmp_path}/{home}/runs"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        prefix = f"obliviate train: error: the Ray cluster at {ray_address} "
+        assert prefix in done.stderr, done.stderr[-2000:]
+        return done.stderr.split(prefix, 1)[1]
+
+    said = join("unset-right-file", token_file=token, mode=None)
+    assert "this process sent none: RAY_AUTH_MODE is not set" in said
+    assert "Run `export RAY_AUTH_MODE=token`" in said and "the token in ~/.ray/auth_token" in said
+    assert "put it there" not in said
+    said = join("unset-no-file", token_file=None, mode=None)
+    assert "RAY_AUTH_MODE is not set" in said and "`export RAY_AUTH_MODE=token`" in said and "put it there" in said
+    said = join("disabled", token_file=token, mode="disabled")
+    assert "this process sent none: RAY_AUTH_MODE=disabled" in said and "`export RAY_AUTH_MODE=token`" in said
+    said = join("token-wrong-file", token_file="0" * len(token.strip()), mode="token")
+    assert "refused the authentication token of this process (from ~/.ray/auth_token): it is not the cluster's" in said
+    assert "export RAY_AUTH_MODE" not in said
+    said = join("token-no-file", token_file=None, mode="token")
+    assert "has none: RAY_AUTH_MODE=token, but ~/.ray/auth_token" in said and "Put the cluster's token there" in said
+
+
+def test_submit_names_the_ray_auth_mode_it_has(monkeypatch, tmp_path):
+    """submit said "(RAY_AUTH_MODE=disabled)" when the variable was not set at all."""
+    from flows.cli.submit import _refused_message
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    said = _refused_message("http://h:8265")
+    assert "RAY_AUTH_MODE is not set" in said and "disabled" not in said and "`export RAY_AUTH_MODE=token`" in said
+    assert said.endswith("Nothing was sent to the cluster.")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert "this shell's Jobs client sent none: RAY_AUTH_MODE=disabled" in _refused_message("http://h:8265")
 
 
 def test_submit_refuses_a_job_that_is_not_an_obliviate_command_before_contacting_a_cluster(tmp_path, capsys):
