@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import sys
 import time
@@ -141,7 +142,7 @@ def run_submit(args: Args) -> int:
     if args.no_wait:
         return 0
     try:
-        state = _follow(client, job_id, timeout_s=args.timeout)
+        state, logs = _follow(client, job_id, timeout_s=args.timeout)
     except KeyboardInterrupt:
         from flows.cli import EXIT_INTERRUPTED
 
@@ -160,11 +161,36 @@ def run_submit(args: Args) -> int:
         )
         return 1
     print(f"job {job_id}: {state}")
+    if state == "FAILED" and _missing_import(logs):
+        print(_MISSING_DEPENDENCIES, file=sys.stderr)
     return 0 if state == "SUCCEEDED" else 1
 
 
-def _follow(client, job_id: str, *, timeout_s: float) -> str:
-    """Print the job's log as it grows until the job ends or ``timeout_s`` passes; returns its last state."""
+#: Said under a failed job whose log shows an import that failed: the job runs the cluster's own ``python``.
+_MISSING_DEPENDENCIES = (
+    "obliviate submit: the job's log shows an import that failed: the cluster's python (the job runs `python -m "
+    "flows.cli` there) lacks obliviate's dependencies. Install them on every node (cluster.yaml setup_commands, e.g. "
+    "`pip install -e .`), or run the job with a python that has them (the runtime env's py_executable)."
+)
+
+
+#: The packages the upload carries (the working dir): one of these missing is not the python's fault.
+_UPLOADED_PACKAGES = {"flows", "obliviate", "storage", "actors"}
+
+
+def _missing_import(logs: str) -> bool:
+    """Whether a job's log shows a failed import of a dependency (``ModuleNotFoundError`` / ``ImportError``)."""
+    for line in (raw.strip() for raw in logs.splitlines()):
+        if line.startswith("ImportError:"):
+            return True
+        missing = re.match(r"ModuleNotFoundError: No module named '([\w.]+)'", line)
+        if missing and missing.group(1).split(".")[0] not in _UPLOADED_PACKAGES:
+            return True
+    return False
+
+
+def _follow(client, job_id: str, *, timeout_s: float) -> tuple[str, str]:
+    """Print the job's log as it grows until the job ends or ``timeout_s`` passes; returns its last state and log."""
     deadline = time.monotonic() + timeout_s
     printed = 0
     while True:
@@ -174,7 +200,7 @@ def _follow(client, job_id: str, *, timeout_s: float) -> str:
         sys.stdout.flush()
         printed = len(logs)
         if state in TERMINAL or time.monotonic() >= deadline:
-            return state
+            return state, logs
         time.sleep(1.0)
 
 

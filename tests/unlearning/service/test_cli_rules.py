@@ -667,3 +667,16 @@ def test_a_forget_whose_ledger_write_fails_names_the_request_to_look_up_or_repea
     assert f"--request-id {request.group(1)} is safe" in err and f"forget --status {request.group(1)}" in err
     assert main([*args, "--request-id", "ticket-77"]) == 2
     assert "Request ticket-77 may or may not be recorded" in capsys.readouterr().err
+
+
+def test_a_failed_job_whose_python_lacks_a_dependency_is_said_so():
+    """submit -- ... on a cluster whose python lacks typer ended in 'job ...: FAILED' after the traceback only."""
+    from flows.cli.submit import _MISSING_DEPENDENCIES, _missing_import
+
+    traceback = 'Traceback (most recent call last):\n  File "<frozen runpy>", line 198\n'
+    assert _missing_import(traceback + "ModuleNotFoundError: No module named 'typer'\n")
+    assert _missing_import(traceback + "ImportError: cannot import name 'x' from 'torch'\n")
+    assert not _missing_import(traceback + "ModuleNotFoundError: No module named 'flows'\n")  # the upload's own
+    assert not _missing_import("obliviate reduce: error: --k must be >= 1\n")
+    assert "lacks obliviate's dependencies" in _MISSING_DEPENDENCIES and "py_executable" in _MISSING_DEPENDENCIES
+    assert "setup_commands" in _MISSING_DEPENDENCIES
