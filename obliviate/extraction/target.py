@@ -99,8 +99,8 @@ class _WaitNotices:
     WAIT_NOTICE_EVERY_S, from a timer thread (a single attempt may block for the whole timeout); once more
     when it answers after a notice. Without ``say`` it does nothing."""
 
-    def __init__(self, say: Callable[[str], None] | None, url: str, *, until_s: float) -> None:
-        self.say, self.url, self.until_s = say, url, until_s
+    def __init__(self, say: Callable[[str], None] | None, url: str, *, until: Callable[[], tuple[float, str]]) -> None:
+        self.say, self.url, self.until = say, url, until
         self.start = time.monotonic()
         self.said = False
         self.done = threading.Event()
@@ -111,12 +111,14 @@ class _WaitNotices:
     def _run(self) -> None:
         assert self.say is not None
         pause = WAIT_NOTICE_AFTER_S
-        until = time.strftime("%H:%M:%S", time.gmtime(time.time() - (time.monotonic() - self.start) + self.until_s))
+        started = time.time() - (time.monotonic() - self.start)
         while not self.done.wait(pause):
             self.said = True
+            until_s, limit = self.until()  # asked each time: what failed so far decides which limit applies
+            until = time.strftime("%H:%M:%S", time.gmtime(started + until_s))
             self.say(
                 f"target {self.url} has not answered for {time.monotonic() - self.start:.0f} s; retrying until "
-                f"{until} UTC (--target-wait)"
+                f"{until} UTC ({limit})"
             )
             pause = WAIT_NOTICE_EVERY_S
 
@@ -490,6 +492,14 @@ class HttpBackend:
                 f"retried for --target-wait {self.wait_s:g} s (wait_s in the API). Check that the target's server is "
                 "running, or give --target-wait more seconds to outlast a longer restart."
             )
+        if err.timeouts_only:
+            # More time or more attempts only make the wait longer: the server is there and does not answer.
+            host = urllib.parse.urlsplit(self.url).netloc
+            return TargetUnavailable(
+                f"{what} failed {failed} ({err.summary()}, {err.seconds:.0f} s in all): the server at {host} accepts "
+                "connections but answers none of them; it is up but not answering (stuck or overloaded). Check the "
+                "server: its log, its load, and that its model answers."
+            )
         retried = "not retried (--retries 0)" if not self.retries else f"retried {_times(self.retries)}"
         return TargetUnavailable(
             f"{what} failed {failed} ({err.summary()}); transient errors are {retried}. Check the server, "
@@ -523,7 +533,15 @@ class HttpBackend:
         failures: list[str] = []
         connection_only, unreachable = True, False
         start = time.monotonic()
-        notices = _WaitNotices(self.on_wait, self.url, until_s=max(self.wait_s, self._retries_span_s()))
+        span_s = self._retries_span_s()
+
+        def until() -> tuple[float, str]:
+            # A target not reached is retried for the window; one that takes requests and answers none, --retries.
+            if unreachable and self.wait_s > span_s:
+                return self.wait_s, "--target-wait"
+            return span_s, "--timeout, --retries"
+
+        notices = _WaitNotices(self.on_wait, self.url, until=until)
         answered = False
         try:
             while True:

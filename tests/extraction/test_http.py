@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -465,3 +466,62 @@ def test_a_target_down_past_the_wait_fails_naming_the_wait_and_the_endpoint(pool
         TargetUnavailable, match=rf"no server answers at {re.escape(url)} \(.*retried for --target-wait"
     ):
         HttpBackend(url, timeout_s=2, retries=0, backoff_s=0.1, wait_s=0.5).info()
+
+
+def test_a_target_that_accepts_but_never_answers_is_said_while_waited_for_and_the_server_is_to_be_checked(
+    pool_images, monkeypatch
+):
+    """Silent for 127 s, then 'failed 4 times (timeout ...) ... raise --timeout or --retries': both only made it longer."""
+    import socket
+
+    import obliviate.extraction.target as target_module
+
+    monkeypatch.setattr(target_module, "WAIT_NOTICE_AFTER_S", 0.4)
+    monkeypatch.setattr(target_module, "WAIT_NOTICE_EVERY_S", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_read_but_never_answer() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(0.1)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
+            held.append(conn)
+
+    thread = threading.Thread(target=accept_and_read_but_never_answer, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}/predict"
+    lines: list[str] = []
+    try:
+        backend = HttpBackend(url, timeout_s=0.5, retries=2, backoff_s=0.05, wait_s=60, on_wait=lines.append)
+        start = time.perf_counter()
+        with pytest.raises(TargetUnavailable) as failed:
+            backend.info()
+        took = time.perf_counter() - start
+        with pytest.raises(TargetUnavailable) as failed_predict:
+            Target(backend, budget=10).query(pool_images[:2])
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert took < 5, took  # timeouts are retried --retries times: the window is for a target that cannot be reached
+    for said in (str(failed.value), str(failed_predict.value)):
+        assert "failed 3 times (timeout after 0.5s (x3)" in said, said
+        assert f"the server at 127.0.0.1:{port} accepts connections but answers none of them" in said, said
+        assert "up but not answering" in said and "Check the server" in said, said
+        assert "--timeout" not in said and "--retries" not in said, said
+    assert lines and re.fullmatch(
+        rf"target {re.escape(url)} has not answered for \d+ s; retrying until \d\d:\d\d:\d\d UTC "
+        r"\(--timeout, --retries\)",
+        lines[0],
+    ), lines
+    assert not any("answers again" in line for line in lines), lines
