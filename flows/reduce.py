@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,6 +49,7 @@ from prefect.cache_policies import NO_CACHE
 from actors.reduction import STORAGE_RETRY_DEADLINE_S, ReductionWorker, RetryingStore
 from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title
 from flows.progress import ProgressLines, report
+from flows.runtime import _local_session_dirs
 from obliviate.data import GrayMode, load_dataset
 from obliviate.errors import ConfigError, named_choice
 from obliviate.reduction.drmi import Aggregate, check_subset_size, choose_starts
@@ -152,6 +154,12 @@ def restart_memory_bytes(plan: TilePlan, *, k: int, limit_mb: float | None) -> i
     return max(plan.band_bytes, k * plan.n * 4)
 
 
+#: How long a run waits for the Ray cluster to reserve its workers' CPUs (an autoscaling cluster adds nodes meanwhile).
+SLOT_WAIT_S = 120.0
+#: How often that wait says what it waits for.
+SLOT_NOTICE_EVERY_S = 15.0
+
+
 class WorkerSlots:
     """``size`` CPU slots of ``threads`` CPUs each, reserved as one Ray placement group.
 
@@ -159,22 +167,62 @@ class WorkerSlots:
     start of a run and returned at its end, so other Ray work waits for those CPUs meanwhile
     instead of oversubscribing them. The warm workers themselves (:class:`WorkerPool`) hold no
     CPUs between runs.
+
+    Args:
+        size: workers.
+        threads: CPUs per worker.
+        timeout: seconds to wait for the reservation (default :data:`SLOT_WAIT_S`).
+        grows: whether the cluster may add CPUs while the run waits; a local runtime never does, so a
+            reservation beyond its CPUs is refused at once instead of after ``timeout``.
+        say: where the wait's notices go, every :data:`SLOT_NOTICE_EVERY_S` (the run's log).
     """
 
-    def __init__(self, size: int, threads: int, *, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        size: int,
+        threads: int,
+        *,
+        timeout: float | None = None,
+        grows: bool = True,
+        say: Callable[[str], object] | None = None,
+    ) -> None:
         import ray
         from ray.util.placement_group import placement_group
 
         self.size = size
         self.threads = threads
-        self._group = placement_group([{"CPU": threads}] * size, strategy="SPREAD")
-        ready, _ = ray.wait([self._group.ready()], timeout=timeout)
-        if not ready:
-            self.close()
+        timeout = SLOT_WAIT_S if timeout is None else timeout
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if not grows and size * threads > cpus:
             raise ConfigError(
-                f"the Ray cluster could not reserve {size} workers x {threads} CPUs within {timeout:.0f} s "
-                f"(it has {ray.cluster_resources().get('CPU', 0):.0f} CPUs); lower --workers."
+                f"the Ray cluster could not reserve {size} workers x {threads} CPUs: it has {cpus:.0f} CPUs and, a "
+                "local runtime, never grows, so this was refused at once; lower --workers."
             )
+        self._group = placement_group([{"CPU": threads}] * size, strategy="SPREAD")
+        ready_ref = self._group.ready()
+        started = time.monotonic()
+        gives_up = time.strftime("%H:%M:%S UTC", time.gmtime(time.time() + timeout))
+        while True:
+            waited = time.monotonic() - started
+            ready, _ = ray.wait([ready_ref], timeout=max(0.0, min(SLOT_NOTICE_EVERY_S, timeout - waited)))
+            if ready:
+                return
+            waited = time.monotonic() - started
+            if waited >= timeout:
+                break
+            if say is not None:
+                # A placement group is placed whole: until then none of its workers is.
+                say(
+                    f"waiting for the Ray cluster to reserve {size} workers x {threads} CPUs: 0 of {size} placed "
+                    f"after {waited:.0f} s (it has {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
+                    f"{ray.available_resources().get('CPU', 0):.0f} free); waiting for more CPUs (an autoscaling "
+                    f"cluster adds nodes) until {gives_up} ({timeout:.0f} s), then giving up."
+                )
+        self.close()
+        raise ConfigError(
+            f"the Ray cluster could not reserve {size} workers x {threads} CPUs within {timeout:.0f} s "
+            f"(it has {ray.cluster_resources().get('CPU', 0):.0f} CPUs); lower --workers."
+        )
 
     def close(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -606,7 +654,8 @@ def reduce_flow(
         start_vertices = choose_starts(n, num_starts=starts, rng=np.random.default_rng(seed))
         memory = restart_memory_bytes(plan, k=k, limit_mb=restart_memory_mb)
         dense_mode = not tiles_only and plan.dense_bytes <= memory
-        slots = WorkerSlots(pool_size, threads_per_worker)
+        # A local runtime this process started never grows; a joined cluster may (its autoscaler is not visible here).
+        slots = WorkerSlots(pool_size, threads_per_worker, grows=not _local_session_dirs, say=logger.info)
         scheduling = time.perf_counter() - t_sched
         try:
             t_pool = time.perf_counter()
