@@ -15,12 +15,15 @@ experiment state goes to local disk for ``file://`` stores and to the same bucke
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
+import logging
 import math
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,7 +320,8 @@ def run_sweep(
         tune_config=tune.TuneConfig(max_concurrent_trials=workers),
         run_config=tune.RunConfig(name=name, storage_path=_tune_storage_path(store), verbose=0),
     )
-    results = tuner.fit()
+    with _without_tunes_resume_advice():
+        results = tuner.fit()
     planned = math.prod(len(values) for values in grid.values())
     # On SIGINT (or SIGUSR1) Tune stops its running trials, marks them TERMINATED like finished ones and
     # returns: a trial finished only if it failed or reported its grid point (each reports once, at its end).
@@ -373,6 +377,36 @@ def _first_line(error: BaseException | None) -> str:
     cause = getattr(error, "cause", None) or error
     text = f"{type(cause).__name__}: {cause}".strip()
     return text.splitlines()[-1] if "Traceback" in text else text.splitlines()[0]
+
+
+class _TunesResumeAdvice(logging.Filter):
+    """Tune's own lines on an interruption, which contradict obliviate's.
+
+    After Ctrl-C Tune logged "Resume experiment with: Tuner.restore(...)" (obliviate resumes by running the
+    same command) and, per stopped trial, "Failed to fetch metrics ... FileNotFoundError" (obliviate reads
+    the trials from the store, not Tune's files). Tune's other lines pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "Resume experiment with:" not in message and "Failed to fetch metrics for" not in message
+
+
+#: The loggers those lines come from (ray.tune.tune and ray.tune.analysis.experiment_analysis, Ray 2.60).
+_TUNE_RESUME_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+
+@contextlib.contextmanager
+def _without_tunes_resume_advice() -> Iterator[None]:
+    quiet = _TunesResumeAdvice()
+    loggers = [logging.getLogger(name) for name in _TUNE_RESUME_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _claim_name(store: ObjectStore, prefix: str, name: str, settings: dict[str, Any], *, record: bool = True) -> None:

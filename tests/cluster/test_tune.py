@@ -209,6 +209,9 @@ def test_ctrl_c_stops_the_sweep_with_exit_130_and_no_report(tmp_path) -> None:
     said = err.decode()
     assert "sweep stopped was interrupted after 1 of 2 trials; no report was written" in said
     assert "obliviate tune: interrupted." in said
+    # Tune's own advice contradicted obliviate's (rerun the same command), and its FileNotFoundError read as a fault.
+    assert "Resume experiment with" not in said and "Tuner.restore" not in said, said
+    assert "Could not fetch metrics" not in said and "Failed to fetch metrics" not in said, said
     assert "trials, 0 errors" not in out.decode()
     for part in ("results.json", "table.md", "plot.png"):
         assert not (tmp_path / "store/tune/stopped" / part).exists(), part
