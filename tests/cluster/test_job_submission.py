@@ -304,7 +304,9 @@ def test_submit_to_a_token_cluster_says_how_to_authenticate(tmp_path, tmp_path_f
         assert "Traceback" not in without_token.stderr
         wrong_token = submit(RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_AUTH_TOKEN_PATH=str(tmp_path / "missing"))
         assert wrong_token.returncode == 2, wrong_token.stdout + wrong_token.stderr
-        assert "refused this shell's authentication token" in wrong_token.stderr
+        said = wrong_token.stderr
+        assert "refused the authentication token of this shell's" in said and "it is not the cluster's" in said
+        assert "from RAY_AUTH_TOKEN" in said and "ray get-auth-token" in said and "Traceback" not in said
         with_token = submit()
         assert with_token.returncode == 0, with_token.stdout + with_token.stderr
         assert "submitted raysubmit_" in with_token.stdout
