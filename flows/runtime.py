@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,23 +54,6 @@ class _ForeseenFailureFilter(logging.Filter):
             record.exc_info = None
             record.exc_text = None
         return True
-
-
-@contextlib.contextmanager
-def logger_filter(names: Sequence[str], record_filter: logging.Filter) -> Iterator[None]:
-    """``record_filter`` on each logger of ``names`` while the block runs, removed after it.
-
-    A logger's filter sees every record created there before any handler does, and logging set-ups that run
-    later (Prefect's, at the first flow) replace handlers but keep filters.
-    """
-    loggers = [logging.getLogger(name) for name in names]
-    for logger in loggers:
-        logger.addFilter(record_filter)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(record_filter)
 
 
 def quiet_foreseen_tracebacks() -> None:

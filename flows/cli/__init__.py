@@ -19,7 +19,6 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from flows.cli._types import Args, new_app
-from flows.runtime import logger_filter
 from obliviate.errors import ObliviateError
 
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by SIGINT (128 + 2)
@@ -221,9 +220,23 @@ class _WithoutTracebackOfOwnErrors(logging.Filter):
         return True
 
 
-# The loggers whose records Prefect's engine creates for a run's failure (filtered before any handler sees them,
-# also after Prefect's logging set-up, which may run later, when the first flow starts).
+# The loggers whose records Prefect's engine creates for a run's failure. A logger's filter sees
+# every record created there before any handler does, and Prefect's logging set-up (which may
+# run later, when the first flow starts) replaces handlers but keeps filters.
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+@contextlib.contextmanager
+def _own_errors_without_traceback() -> Iterator[None]:
+    quiet = _WithoutTracebackOfOwnErrors()
+    loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        with logger_filter(_RUN_LOGGERS, _WithoutTracebackOfOwnErrors()), _sigterm_raises():
+        with _own_errors_without_traceback(), _sigterm_raises():
             return int(args.handler(args) or 0)
     except ObliviateError as err:
         print(f"obliviate {command_name(args)}: error: {error_message(err)}", file=sys.stderr)
