@@ -133,10 +133,12 @@ def _kill_pools() -> int:
     import ray
 
     killed = 0
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == RAY_NAMESPACE and actor["name"].startswith("pool/"):
-            ray.kill(ray.get_actor(actor["name"], namespace=RAY_NAMESPACE), no_restart=True)
-            killed += 1
+    # Ray stopping with serve's process group cancels these calls (RpcError CANCELLED): its workers go with it.
+    with contextlib.suppress(Exception):
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["namespace"] == RAY_NAMESPACE and actor["name"].startswith("pool/"):
+                ray.kill(ray.get_actor(actor["name"], namespace=RAY_NAMESPACE), no_restart=True)
+                killed += 1
     return killed
 
 
