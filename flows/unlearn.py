@@ -31,12 +31,10 @@ the contract is in ``docs/unlearning.md``, "Deletion events from other systems")
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import hashlib
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -49,7 +47,6 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
-from flows.progress import PROGRESS_LOG_SECONDS, ProgressLines
 from flows.runtime import quiet_foreseen_tracebacks
 from flows.settle import (
     PASS_WAIT_S,
@@ -66,8 +63,8 @@ from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError, check_name, parse_event_payload, parse_ids, request_id_for
-from storage import lease, retry
-from storage.errors import CorruptObject, StorageUnavailable
+from storage import lease
+from storage.errors import CorruptObject
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, FAILED, PENDING, REJECTED, TERMINAL, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
@@ -104,7 +101,6 @@ def process_open_requests(
             workers=workers,
             stop_rule=stop_rule,
             min_points=min_points,
-            logger=logger,
         )
         fanouts.append(fanout)
         logger.info(
@@ -167,13 +163,6 @@ def process_open_requests(
         return {**result, "fanout": fanout, "fanouts": fanouts, "rejected_at_gate": gate.get("rejected", {})}
 
 
-# While a fan-out waits on its runs, what it waits on (and whether the store answers) is said this often.
-FAN_OUT_LOG_S = PROGRESS_LOG_SECONDS
-# A heartbeat's question to the store that is unanswered after this long counts as the store not answering
-# (a refused connection is answered in 1-2 s; botocore's connect timeout is 5 s, tried twice).
-STORE_PROBE_WAIT_S = 12.0
-
-
 def fan_out_unlearning(
     store: str,
     per_run: dict[str, dict[str, list[int]]],
@@ -184,14 +173,8 @@ def fan_out_unlearning(
     workers: int | None,
     stop_rule: str = DEFAULT_STOP_RULE,
     min_points: int = DEFAULT_MIN_POINTS,
-    logger: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``.
-
-    While the runs unlearn, ``logger`` (default: this module's) hears every :data:`FAN_OUT_LOG_S` which runs
-    are still waited on and, when the store does not answer, that it is unreachable and until when the
-    workers retry it (:class:`_StoreWatch`); and when it answers again.
-    """
+    """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``."""
     import ray
 
     from flows.runtime import cluster_cpus, ensure_ray
@@ -213,136 +196,18 @@ def fan_out_unlearning(
         for i, run_id in enumerate(sorted(per_run))
     }
     results: dict[str, dict[str, Any]] = {}
-    waiting = {future: run_id for run_id, future in futures.items()}
-    # The workers' storage retries are silent here (Ray does not forward their logs): while they run, this
-    # wait says what it waits on and, by asking the store itself, whether the store answers.
-    lines = ProgressLines(len(futures), every_s=FAN_OUT_LOG_S)
-    watch = _StoreWatch(store, logger or logging.getLogger(__name__))
-    while waiting:
+    for run_id, future in futures.items():
         try:
-            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=lines.seconds_to_next())
-        except SystemError as err:  # a SIGTERM during the wait (termination_behind): a stop of the pass
+            results[run_id] = ray.get(future)
+        except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
             signal = termination_behind(err)
-            if signal is None:
-                raise
-            raise signal from None
-        for future in ready:
-            run_id = waiting.pop(future)
-            results[run_id] = _unlearned(run_id, future)
-        if waiting and lines.quiet_too_long():
-            watch.heartbeat(sorted(waiting.values()), waited_s=time.time() - started, done=len(results))
-            lines.logged()  # asking the store took a while: the next line is due a full interval after this one
-    watch.finish()
+            if signal is not None:
+                # a SIGTERM during the wait: a stop of the pass, not this run's failure (recorded, it used
+                # up an attempt with a meaningless SystemError as the request's reason)
+                raise signal from None
+            cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the worker's own exception
+            results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(cause).__name__}: {cause}"[:4000]}
     return results, {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
-
-
-def _unlearned(run_id: str, future: Any) -> dict[str, Any]:
-    """The outcome of one run's unlearning (ready): its result, or the run ``failed`` with the worker's error."""
-    import ray
-
-    try:
-        return dict(ray.get(future))
-    except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
-        signal = termination_behind(err)
-        if signal is not None:
-            # a SIGTERM during the wait: a stop of the pass, not this run's failure (recorded, it used
-            # up an attempt with a meaningless SystemError as the request's reason)
-            raise signal from None
-        cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the worker's own exception
-        return {"run_id": run_id, "status": "failed", "error": f"{type(cause).__name__}: {cause}"[:4000]}
-
-
-class _StoreWatch:
-    """What a fan-out waits on, said every :data:`FAN_OUT_LOG_S`; and whether the store answers meanwhile.
-
-    Each heartbeat asks the store one cheap question (does its bucket or folder exist) on a thread of
-    its own, waiting at most :data:`STORE_PROBE_WAIT_S` for the answer: a store that refuses it, or
-    leaves it unanswered, is said to be unreachable, with until when the workers retry it; a store
-    that answers again after that is said to. A question still unanswered is waited on again, not asked again.
-    """
-
-    def __init__(self, store: str, logger: Any) -> None:
-        self._store = ObjectStore(store)
-        self._logger = logger
-        self._probe: threading.Thread | None = None
-        self._outcome: list[str | None] = []
-        self._asked_at = self._asked_wall = 0.0
-        self._down_since: float | None = None
-
-    def heartbeat(self, run_ids: list[str], *, waited_s: float, done: int) -> None:
-        runs = f"run{'s' if len(run_ids) > 1 else ''} {', '.join(run_ids)}"
-        failure = self._ask()
-        now = time.time()
-        if failure is not None:
-            if self._down_since is None:
-                self._down_since = self._asked_wall  # it has not answered since the question that found it down
-            deadline_s = retry.DEFAULT_RETRY_DEADLINE_S
-            self._logger.warning(
-                "storage %s is unreachable (%s), for %.0f s now; the unlearning of %s (waited on for %.0f s) retries "
-                "its storage calls until about %s UTC (%.0f s after the outage was first seen), then that run fails "
-                "and its requests' attempt is recorded",
-                self._store.url,
-                failure,
-                now - self._down_since,
-                runs,
-                waited_s,
-                _utc_clock(self._down_since + deadline_s),
-                deadline_s,
-            )
-            return
-        if self._down_since is not None:
-            self._logger.info(
-                "storage %s answers again, after %.0f s unreachable; the unlearning of %s goes on",
-                self._store.url,
-                now - self._down_since,
-                runs,
-            )
-            self._down_since = None
-        self._logger.info(
-            "waiting on the unlearning of %s for %.0f s (%d of %d run(s) done)",
-            runs,
-            waited_s,
-            done,
-            done + len(run_ids),
-        )
-
-    def finish(self) -> None:
-        """The fan-out is over: a store seen unreachable and not since is said to have answered (its runs did)."""
-        if self._down_since is not None and self._probe is not None:
-            self._probe.join(STORE_PROBE_WAIT_S)  # a question asked during the outage: ask afresh
-        if self._down_since is not None and self._ask() is None:
-            self._logger.info(
-                "storage %s answers again, after %.0f s unreachable", self._store.url, time.time() - self._down_since
-            )
-        self._down_since = None
-
-    def _ask(self) -> str | None:
-        """Why the store did not answer a cheap question (``None``: it answered); a question in flight is waited on."""
-        if self._probe is None or not self._probe.is_alive():
-            self._outcome = []
-            self._asked_at, self._asked_wall = time.monotonic(), time.time()
-            self._probe = threading.Thread(
-                target=self._question, args=(self._outcome,), name="fan-out-store-probe", daemon=True
-            )
-            self._probe.start()
-        self._probe.join(STORE_PROBE_WAIT_S)
-        if self._outcome:
-            return self._outcome[0]
-        return f"it has not answered a question asked {time.monotonic() - self._asked_at:.0f} s ago"
-
-    def _question(self, outcome: list[str | None]) -> None:
-        try:
-            self._store.container_exists()
-            outcome.append(None)
-        except StorageUnavailable as err:
-            cause = err.__cause__ or err
-            outcome.append(f"{type(cause).__name__}: {cause}"[:300])
-        except Exception:  # noqa: BLE001 -- any other answer is an answer: the store is reachable
-            outcome.append(None)
-
-
-def _utc_clock(at: float) -> str:
-    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%H:%M:%S")
 
 
 @flow(name="unlearn")
