@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -39,7 +39,7 @@ from obliviate.unlearning.service import RunSpec, block_data, check_name
 from storage.check import _SEE_STORE_CHECK
 from storage.errors import CorruptObject, ObjectNotFound, StorageError, WriteFailed
 from storage.objects import Manifest, ObjectStore
-from storage.registry import ModelVersion, RunRegistry
+from storage.registry import ModelVersion, RunRegistry, legacy_pruned_key, pruned_key
 from storage.serving import chain_source, group_members
 
 #: Where verify records its results: next to the deletion ledger (the audit trail).
@@ -70,16 +70,52 @@ def check_report_writable(store_url: str) -> None:
         ) from err
 
 
-def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion:
-    current = registry.current(run_id)
-    if current is None:
-        raise ConfigError(f"run {run_id!r} has no published version in {registry.store.uri()}; train it first.")
-    if version is None or version == current.version:
-        return current
-    check_version_choice(version, current=current.version, run_id=run_id)
-    pruned = registry.pruned_versions(run_id)
+@dataclass(frozen=True)
+class UnreadableVersion:
+    """A version whose records verify cannot find: a record read to find them is damaged or gone.
+
+    The version pointer (which manifest the version serves, which requests and ids it applied) or,
+    for a past version, the run's pruned record (whether its checkpoints were deleted on purpose).
+    Like a damaged manifest, it is verify's finding (a failed report), not a refusal.
+    """
+
+    run_id: str
+    version: int
+    key: str  # the record that cannot be read
+    problem: str  # why, and how to mend it
+
+
+def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion | UnreadableVersion:
+    """The version to verify (default: the current one), or the record that keeps verify from finding it.
+
+    Raises:
+        ConfigError: the run has no version, or ``version`` is outside 1..current or was pruned.
+    """
+    pointer_key = registry.pointer_key(run_id)
+    try:
+        current = registry.current(run_id)
+    except (CorruptObject, ObjectNotFound) as err:
+        versions = registry.store.pointer_versions(pointer_key)
+        if not versions:
+            raise
+        newest = versions[-1]
+        if version is None or version == newest:
+            return _unreadable_pointer(registry, run_id, newest, err)
+        check_version_choice(version, current=newest, run_id=run_id)
+        current_version = newest
+    else:
+        if current is None:
+            raise ConfigError(f"run {run_id!r} has no published version in {registry.store.uri()}; train it first.")
+        if version is None or version == current.version:
+            return current
+        check_version_choice(version, current=current.version, run_id=run_id)
+        current_version = current.version
+    try:
+        pruned = registry.pruned_versions(run_id)
+    except (CorruptObject, ObjectNotFound) as err:
+        return _unreadable_pruned_record(registry, run_id, version, err)
     if version in pruned:
-        kept = [v for v in range(1, current.version + 1) if v not in pruned]
+        kept = [v for v in range(1, current_version + 1) if v not in pruned]
         how = (
             "purged after a later version applied deletions (SPEC 5: no stored checkpoint trained on a deleted id "
             "remains; `obliviate serve --keep-superseded-versions` keeps them)"
@@ -88,10 +124,38 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
         )
         raise ConfigError(
             f"version {version} of run {run_id!r} was {how}: its checkpoints are deleted, so it can no longer be "
-            f"replayed. Verify a kept version ({', '.join(map(str, kept[-5:]))}), e.g. --version {current.version}."
+            f"replayed. Verify a kept version ({', '.join(map(str, kept[-5:]))}), e.g. --version {current_version}."
         )
-    pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
+    try:
+        pointer = registry.store.read_pointer_version(pointer_key, version)
+    except (CorruptObject, ObjectNotFound) as err:
+        return _unreadable_pointer(registry, run_id, version, err)
     return ModelVersion.from_pointer(run_id, pointer)
+
+
+def _unreadable_pointer(registry: RunRegistry, run_id: str, version: int, err: Exception) -> UnreadableVersion:
+    """Version ``version``'s pointer version cannot be read: which record, and how to mend it."""
+    key = f"{registry.pointer_key(run_id)}/v{version:09d}.json"
+    what = (
+        f"the version pointer of version {version} of run {run_id} (which manifest the version serves and which "
+        f"requests and ids it applied, {registry.store.uri(key)})"
+    )
+    return UnreadableVersion(run_id=run_id, version=version, key=key, problem=_unreadable(what, err))
+
+
+def _unreadable_pruned_record(registry: RunRegistry, run_id: str, version: int, err: Exception) -> UnreadableVersion:
+    """The run's pruned record cannot be read, so whether past version ``version`` was pruned is unknown."""
+    record = pruned_key(run_id)
+    versions = registry.store.pointer_versions(record)
+    key = f"{record}/v{versions[-1]:09d}.json" if versions else legacy_pruned_key(run_id)
+    what = (
+        f"the pruned record of run {run_id} (which of its versions retention or a purge deleted the checkpoints of, "
+        f"{registry.store.uri(key)})"
+    )
+    problem = _unreadable(what, err, checked="").removesuffix(".") + (
+        "; verifying the current version (without --version) does not read it."
+    )
+    return UnreadableVersion(run_id=run_id, version=version, key=key, problem=problem)
 
 
 def check_version_choice(version: int | None, *, current: int | None = None, run_id: str = "") -> None:
@@ -148,6 +212,9 @@ def check_request(store_url: str, run_id: str, *, version: int | None, blocks: s
     check_name(run_id, what="run id")
     registry = RunRegistry(ObjectStore(store_url))
     chosen = _version(registry, run_id, version)
+    if isinstance(chosen, UnreadableVersion):  # verify's finding too: verify_run records it in a report
+        check_report_writable(store_url)
+        return
     try:
         chain_meta = registry.manifest(chosen).metadata["chain"]
     except (CorruptObject, ObjectNotFound):
@@ -179,6 +246,10 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
     check_name(run_id, what="run id")
     chosen = _version(registry, run_id, version)
     check_report_writable(store_url)  # before the replay: a result that cannot be recorded is work lost
+    if isinstance(chosen, UnreadableVersion):
+        return _record(
+            store, _unreadable_result(chosen, blocks=blocks, unreadable={chosen.key: chosen.problem}, began=began)
+        )
     records = _read_records(registry, chosen)
     if isinstance(records, dict):
         return _record(store, _unreadable_result(chosen, blocks=blocks, unreadable=records, began=began))
@@ -273,28 +344,32 @@ def _read_records(registry: RunRegistry, chosen: ModelVersion) -> tuple[RunSpec,
     return spec, manifest
 
 
-def _unreadable(what: str, err: Exception) -> str:
+def _unreadable(what: str, err: Exception, *, checked: str = ", with the versions that need it") -> str:
     """A problem line: ``what`` cannot be read, the error, and the mend (``store check`` says the same for it)."""
     said = str(err).replace(_SEE_STORE_CHECK, "").rstrip(".")
     return (
         f"{what} cannot be read, so no block was replayed: {said}. It is not rebuildable by store check: restore it "
-        "from a backup (`obliviate store check` reports it too, with the versions that need it), then run verify "
-        "again."
+        f"from a backup (`obliviate store check` reports it too{checked}), then run verify again."
     )
 
 
 def _unreadable_result(
-    chosen: ModelVersion, *, blocks: str, unreadable: dict[str, str], began: float
+    chosen: ModelVersion | UnreadableVersion, *, blocks: str, unreadable: dict[str, str], began: float
 ) -> dict[str, Any]:
-    """The report of a version whose records cannot be read: failed, nothing replayed, each record's problem."""
+    """The report of a version whose records cannot be read: failed, nothing replayed, each record's problem.
+
+    Of an :class:`UnreadableVersion` what the version applied was not read: ``applied_requests`` and ``applied_ids``
+    are ``None`` then.
+    """
+    known = isinstance(chosen, ModelVersion)
     return {
         "run_id": chosen.run_id,
         "version": chosen.version,
-        "applied_requests": list(chosen.applied_requests),
-        "applied_ids": len(chosen.deleted_ids),
+        "applied_requests": list(chosen.applied_requests) if known else None,
+        "applied_ids": len(chosen.deleted_ids) if known else None,
         "blocks": blocks,
         "lineage": "unreadable (the manifest that records it cannot be read)"
-        if chosen.manifest_key in unreadable
+        if known and chosen.manifest_key in unreadable
         else "not checked (nothing replayed)",
         "seconds": time.perf_counter() - began,
         "verified_at": time.time(),
@@ -345,10 +420,15 @@ def _markdown(result: dict[str, Any]) -> str:
     ids = result["applied_ids"]
     seeded = result.get("initial_model_seeded")
     initial = "not readable" if seeded is None else f"{'' if seeded else 'NOT '}the seeded initial model of this recipe"
+    applied = (
+        f"{len(result['applied_requests'])} ({ids} {'id' if ids == 1 else 'ids'})"
+        if result["applied_requests"] is not None
+        else "unknown (not read: a record verify reads first cannot be read, below)"
+    )
     lines = [
         f"# verify {result['run_id']} v{result['version']}: **{result['status']}**",
         "",
-        f"- requests applied: {len(result['applied_requests'])} ({ids} {'id' if ids == 1 else 'ids'})",
+        f"- requests applied: {applied}",
         f"- blocks replayed: {result['blocks_replayed']}",
         f"- bit-identical (model, optimizer state, schedule position): {identical}",
         f"- M_0: {initial}",

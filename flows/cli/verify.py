@@ -4,7 +4,8 @@ Checks that stored M_0 is the recipe's seeded initial model (always, whatever ``
 re-trains the chosen blocks from their stored predecessors, checks bit-identity with the stored
 checkpoints (model, optimizer state and schedule position), the lineage hashes, and that no id of
 an applied request remains in any block's id list. Exit code 0: passed; 4: failed (a damaged or lost
-checkpoint, manifest or spec included: recorded in a report like any failure); 5: inconclusive
+checkpoint, manifest, spec, version pointer or pruned record included: recorded in a report like any
+failure); 5: inconclusive
 (another CPU capability or torch build: bit-identity is only promised on the lineage's environment).
 """
 
@@ -97,13 +98,26 @@ def run_verify(args: Args) -> int:
 def _served_note(url: str, run_id: str, version: int) -> str:
     """A line when the version verified is not the one served: it proves that version, not today's model."""
     from storage import ObjectStore
+    from storage.errors import CorruptObject, ObjectNotFound
     from storage.registry import ModelVersion, RunRegistry
 
     registry = RunRegistry(ObjectStore(url))
-    current = registry.current(run_id)
+    try:
+        current = registry.current(run_id)
+    except (CorruptObject, ObjectNotFound):
+        versions = registry.store.pointer_versions(registry.pointer_key(run_id))
+        if versions and versions[-1] == version:
+            return ""  # the verified version's own pointer: its damage is the verdict, said above
+        return (
+            f"  note: the pointer of run {run_id}'s current version (v{versions[-1] if versions else '?'}) cannot be "
+            f"read, so whether v{version} is the version served is unknown (`obliviate store check` names the damage)\n"
+        )
     if current is None or current.version == version:
         return ""
-    pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
+    try:
+        pointer = registry.store.read_pointer_version(registry.pointer_key(run_id), version)
+    except (CorruptObject, ObjectNotFound):
+        return ""  # the verified version's own pointer: its damage is the verdict, said above
     verified = ModelVersion.from_pointer(run_id, pointer)
     later = [r for r in current.applied_requests if r not in verified.applied_requests]
     held = f"; it predates request(s) {', '.join(later[:5])} and still holds their ids" if later else ""
@@ -123,12 +137,17 @@ def _refuse_unpublished(url: str, asked: str, runs: list[str]) -> None:
 
     store = ObjectStore(url)
     registry = RunRegistry(store)
-    missing = [run_id for run_id in runs if registry.current(run_id) is None]
+
+    def published(run_id: str) -> bool:
+        # its pointer's versions listed, none read: a damaged current version is verify's finding, not a refusal
+        return bool(store.pointer_versions(registry.pointer_key(run_id)))
+
+    missing = [run_id for run_id in runs if not published(run_id)]
     if not missing:
         return
     groups = sharded_runs(store)
     shards = {member for members in groups.values() for member in members}
-    known = sorted(groups) + [r for r in registry.run_ids() if r not in shards and registry.current(r) is not None]
+    known = sorted(groups) + [r for r in registry.run_ids() if r not in shards and published(r)]
     holds = (
         f"it holds {len(known)} published run(s): {', '.join(known[:5])}{' ...' if len(known) > 5 else ''}. Check --run"
         if known
