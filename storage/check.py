@@ -16,7 +16,8 @@
   publish race or crashed, of versions pruned by retention, leases of settled requests,
   half-written temporary files, bytes a write left under their final name without committing them
   (``uncommitted``: a crash or a full disk between the bytes and their commit record; nothing
-  needs them; a brand-new run's first write too, known by our writer's names: :data:`_FIRST_WRITE`), half-filed requests (``half_filed``: an open marker whose request was never
+  needs them; a brand-new run's first write too, its training claim's temporary included, known by our writer's
+  names: :data:`_FIRST_WRITE`), half-filed requests (``half_filed``: an open marker whose request was never
   committed, so never acknowledged; a re-run of the same ``forget --request-id`` completes it). They
   are listed only when no kept version refers to them, their run has a current version (a training
   in progress is never touched), they are older than ``min_age_s``, and no attempt may still write,
@@ -80,18 +81,21 @@ _RUN_LAYOUT = frozenset(
         "spec.json",
         "plan.json",
         "train-claim",
+        "train-claim-leases",
         "train-exclusions.json",
         "audits",
     }
 )
 # A temporary file of an atomic write (storage.objects: ``.tmp-<hex>-<final name>`` beside the final name).
 _TMP_OF = re.compile(r"^\.tmp-[0-9a-f]+-(?P<final>.+)$")
-# What a run's training writes first, before any commit record of its run exists (actors.chains: the block plan,
-# then each block's checkpoint; storage.registry: the spec, the manifest): named so exactly that bytes left under
-# such a name (or its temporary) by a crash are ours even in a run folder holding nothing committed yet.
+# What a run's training writes first, before any commit record of its run exists (flows.train: the training claim,
+# a pointer whose version is written as ``.tmp-<uuid hex>`` then linked to ``v<version>.json``, storage.objects;
+# actors.chains: the block plan, then each block's checkpoint; storage.registry: the spec, the manifest): named so
+# exactly that bytes left under such a name (or its temporary) by a crash are ours even in a run folder holding
+# nothing committed yet.
 _FIRST_WRITE = re.compile(
     r"^runs/[^/]+/(?:plan\.json|spec\.json|train-exclusions\.json|chains/[^/]+/ckpt-\d{4}\.(?:pt|json)"
-    r"|manifests/v\d{6}-[^/]+\.json)$"
+    r"|manifests/v\d{6}-[^/]+\.json|train-claim/\.tmp-[0-9a-f]{32})$"
 )
 _RESULT_TOP = "reduce-"
 # What only a store's root holds (a run's version pointer, a registry entry, a ledger request, a reduce result, an

@@ -74,8 +74,8 @@ def run_store_check(args: Args) -> int:
         f"{len(report.orphans)} orphan(s)",
         file=sys.stderr,
     )
-    if report.objects_checked == 0 and report.pointers_checked == 0 and not report.nested:
-        # an S3 prefix needs no folder, so a mistyped one is a valid, empty store
+    if report.objects_checked == 0 and report.pointers_checked == 0 and not report.nested and not report.orphans:
+        # an S3 prefix needs no folder, so a mistyped one is a valid, empty store (not one where a crash left bytes)
         print(f"  note: the store holds nothing; check --store if you expected data at {report.url}", file=sys.stderr)
     for item in report.repaired:
         print(f"  repaired {item['key']}: {item['how']}", file=sys.stderr)

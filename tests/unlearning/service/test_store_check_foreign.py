@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,11 +21,13 @@ from torch import nn
 
 from actors.chains import ChainWorker
 from flows.cli import main
-from flows.train import run_spec
+from flows.train import run_spec, training_claim
 from obliviate.extraction.target import save_checkpoint
 from storage import ObjectStore
 from storage.check import check_store
 from storage.errors import StorageError
+
+REPO = Path(__file__).resolve().parents[3]
 
 AN_HOUR_AGO = time.time() - 3600
 # steal's outputs (--out runs/steal, the demo's runs/demo/steal) and target train's checkpoint: plain files
@@ -245,3 +251,62 @@ def test_a_brand_new_runs_interrupted_first_write_is_ours_and_collected_once_old
     assert f"collected {len(ours)} orphan(s)" in err, err
     assert not any((root / name).exists() for name in ours)
     assert (root / "runs/young/plan.json").exists() and (root / "runs/steal/steal.json").exists()
+
+
+# `obliviate train`'s claim on a brand-new run (flows.train.training_claim), its writer killed (SIGKILL) between the
+# write of the claim's first pointer version (a temporary in runs/<run>/train-claim/) and the link that commits it
+_KILLED_WHILE_CLAIMING = """
+import os, signal, sys
+from flows.train import training_claim
+os.link = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+with training_claim(sys.argv[1], sys.argv[2]):
+    raise SystemExit("the claim was committed: the writer was not killed before it")
+"""
+
+
+def test_a_brand_new_runs_training_claim_temporary_left_by_a_killed_writer_is_collected_once_old(tmp_path, capsys):
+    """A writer killed while taking `obliviate train`'s claim on a brand-new run left the claim's temporary
+    (runs/<run>/train-claim/.tmp-<hex>), the only thing in its run folder: store check saw nothing ('the store holds
+    nothing') and --repair never collected it. Now it is an interrupted write, collected once older than
+    --orphan-age; one written just now (a writer that may still link it) is kept."""
+    root = tmp_path / "store"
+    url = f"file://{root}"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _KILLED_WHILE_CLAIMING, url, run_id], cwd=REPO, env=env)
+        for run_id in ("fresh", "young")
+    ]
+    assert [writer.wait(120) for writer in writers] == [-signal.SIGKILL] * 2
+    (old,) = (root / "runs/fresh/train-claim").iterdir()
+    (young,) = (root / "runs/young/train-claim").iterdir()
+    assert re.fullmatch(r"\.tmp-[0-9a-f]{32}", old.name) and re.fullmatch(r"\.tmp-[0-9a-f]{32}", young.name)
+    _old(old)
+    leftover = str(old.relative_to(root))
+
+    report = check_store(ObjectStore(url), min_age_s=600)
+    assert report.healthy and report.orphans == [leftover] and report.foreign == [], report.as_dict()
+
+    assert main(["store", "check", "--store", url]) == 0
+    err = capsys.readouterr().err
+    assert "1 interrupted write(s)" in err and leftover in err and "holds nothing" not in err, err
+    assert main(["store", "check", "--repair", "--store", url]) == 0
+    assert "collected 1 orphan(s)" in capsys.readouterr().err
+    assert not old.exists() and young.exists()
+
+
+def test_the_leases_of_a_training_claim_are_the_runs_not_a_users(tmp_path):
+    """Every `obliviate train` left its claim's lease (runs/<run>/train-claim-leases/c<version>.json and its commit
+    record), and store check counted both among 'file(s) not written by obliviate': never verified, and a killed
+    renewal's leftovers never collected. Now they are the run's: verified, and the leftovers collected once old."""
+    root = tmp_path / "store"
+    url = f"file://{root}"
+    with training_claim(url, "r1"):
+        pass
+    leases = root / "runs/r1/train-claim-leases"
+    assert sorted(p.name for p in leases.iterdir()) == ["c000000001.json", "c000000001.json.sha256"]
+    leftover = leases / f".tmp-{uuid.uuid4().hex}-c000000001.json"  # a renewal killed before its rename
+    leftover.write_bytes(b"{")
+    _old(leftover)
+    report = check_store(ObjectStore(url), min_age_s=600)
+    assert report.healthy and report.foreign == [] and report.objects_checked == 1, report.as_dict()
+    assert report.orphans == [str(leftover.relative_to(root))], report.as_dict()
