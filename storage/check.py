@@ -20,8 +20,9 @@
   names: :data:`_FIRST_WRITE`), half-filed requests (``half_filed``: an open marker whose request was never
   committed, so never acknowledged; a re-run of the same ``forget --request-id`` completes it). They
   are listed only when no kept version refers to them, their run has a current version (a training
-  in progress is never touched), they are older than ``min_age_s``, and no attempt may still write,
-  publish or resume them (:func:`_in_flight`). A write check's leftover (:meth:`ObjectStore.check_writable`)
+  in progress is never touched) and every version pointer of it reads (a damaged one may use any of
+  them), they are older than ``min_age_s``, and no attempt may still write, publish or resume them
+  (:func:`_in_flight`). A write check's leftover (:meth:`ObjectStore.check_writable`)
   is listed whatever its age: nothing reads it, and its writer tolerates its removal;
 * ``nested``: folders that are stores of their own (the demo's ./runs/demo inside the default store
   ./runs): skipped whole, to be checked with their own ``--store``; their manifests pin keys of their
@@ -213,6 +214,8 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
                 }
             )
     pointer_keys = [key for key in store.list_pointers("") if scope.own(key)]
+    # runs a version pointer of which cannot be read: what that version uses is unknown, so none of it is an orphan
+    blind_runs: set[str] = set()
     for pointer_key in pointer_keys:
         latest = _latest_version(store, pointer_key)
         for version in range(1, latest + 1):
@@ -221,6 +224,8 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
                 store.read_pointer_version(pointer_key, version)
             except (CorruptObject, ObjectNotFound) as err:
                 report.corrupt.append({"key": f"{pointer_key}/v{version:09d}.json", "error": str(err)})
+                if pointer_key.startswith("runs/") and pointer_key.endswith("/current"):
+                    blind_runs.add(pointer_key.split("/")[1])
 
     referenced: set[str] = set()
     dependents: dict[str, list[dict[str, Any]]] = {}
@@ -256,7 +261,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     _explain_ledger_damage(store, report)
 
     report.orphans, report.orphans_held_back = _orphans(
-        store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report, scope
+        store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report, scope, blind_runs
     )
     report.superseded = _superseded_left(store)
     report.seconds = time.monotonic() - began
@@ -725,12 +730,15 @@ def _orphans(
     alone: list[str],
     report: StoreReport,
     scope: _Scope,
+    blind_runs: Collection[str] = (),
 ) -> tuple[list[str], str | None]:
     """Unreferenced objects old enough to collect, and why some were kept (``None``: none were).
 
     ``alone``: bytes without a commit record that nothing needs (:func:`_bytes_alone`), judged like
     committed objects by the time their bytes were written. ``report.half_filed``: requests never
-    committed; their marker and bytes go once both are older than ``min_age_s``.
+    committed; their marker and bytes go once both are older than ``min_age_s``. ``blind_runs``: runs
+    a version pointer of which cannot be read; their checkpoints and manifests are all kept, as that
+    version may use any of them (restored from a backup, it finds them still there).
 
     Open requests no longer hold everything back (with a batch window one nearly always is): only
     what an attempt may still write, publish or resume is kept while a request is open
@@ -742,7 +750,7 @@ def _orphans(
     open_requests = [request_id for request_id, status in states if status in (PENDING, CLAIMED, _UNREADABLE)]
     settled = {request_id for request_id, _ in states} - set(open_requests)
     now = time.time()
-    found, kept = [], set()
+    found, kept, kept_blind = [], set(), set()
     uncommitted = set(alone)
     for key in [*keys, *alone]:
         chain = _CHAIN_KEY.match(key) or _MANIFEST_KEY.match(key)
@@ -751,6 +759,9 @@ def _orphans(
             pass  # an interrupted write of a run not yet published: nothing reads uncommitted bytes, a resume rewrites
         elif chain is not None:
             if chain.group("run") not in runs_with_versions or key in referenced:
+                continue
+            if chain.group("run") in blind_runs:
+                kept_blind.add(key)
                 continue
             if open_requests and _in_flight(key, runs_with_versions[chain.group("run")]):
                 kept.add(key)
@@ -784,6 +795,14 @@ def _orphans(
             "attempt in progress may still publish or the next attempt resumes; they are collected once that "
             "work publishes or no request is open. Everything else unreferenced is collected."
         )
+    if kept_blind:
+        runs = sorted({key.split("/")[1] for key in kept_blind})
+        note = (
+            f"{len(kept_blind)} unreferenced checkpoint(s) and manifest(s) of run(s) {runs[:5]} kept: a version "
+            "pointer of theirs cannot be read (damaged, above), so what that version uses is unknown; once it is "
+            "restored from a backup, --repair collects what no version uses."
+        )
+        held = f"{held} {note}" if held else note
     young = [r for r in report.half_filed if not {f"ledger/open/{r}.json", f"ledger/requests/{r}.json"} & set(found)]
     if young:
         note = (

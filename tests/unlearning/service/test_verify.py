@@ -231,6 +231,27 @@ def test_verify_of_a_version_whose_pointer_or_pruned_record_is_damaged_reports_i
     assert "- requests applied: unknown" in _markdown(recorded)  # the Prefect artifact of the same report
 
 
+def test_a_damaged_version_pointer_restored_from_a_backup_after_store_check_repair_verifies(
+    unlearned_store, tmp_path: Path, capsys
+) -> None:
+    """verify's mend for a damaged version pointer is a backup; but `store check --repair` deleted the manifest and
+    checkpoints only that version used (nothing readable referenced them), so the restored pointer named a manifest
+    that was gone. Now they are kept while a version pointer of the run cannot be read, and said so."""
+    url, _ = unlearned_store
+    registry = RunRegistry(ObjectStore(url))
+    manifest_key = registry.current("v-run").manifest_key
+    path = tmp_path / "store/runs/v-run/current/v000000002.json"
+    backup = path.read_bytes()
+    path.write_bytes(backup.replace(b'"version": 2', b'"version": 3'))
+    assert main(["store", "check", "--repair", "--orphan-age", "0", "--store", url]) == 1
+    err = capsys.readouterr().err
+    assert "kept: a version pointer of theirs cannot be read (damaged, above)" in err, err
+    assert (tmp_path / "store" / manifest_key).exists()
+    path.write_bytes(backup)  # restored from a backup
+    assert main(["verify", "--store", url, "--run", "v-run", "--blocks", "2", "--no-prefect"]) == 0
+    assert main(["store", "check", "--store", url]) == 0
+
+
 @pytest.mark.parametrize(
     ("argv", "rule"),
     [
