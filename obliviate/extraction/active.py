@@ -10,7 +10,9 @@ substitute's penultimate-layer features (Sener & Savarese 2018), farthest from e
 The selector is registered like the one-shot ones, flagged ``needs_target`` (it queries while
 it chooses) and ``needs_substitute`` (it trains substitutes between rounds, so a cell costs R
 trainings more). It never queries an image twice: each round draws only from pool images not
-bought yet, and the total is exactly ``k``.
+bought yet, and the total is exactly ``k``. A target answering class probabilities (SPEC section 3's
+switch) costs the same per image; the in-loop substitute then trains on them (the attacker's one
+``targets`` form), and its uncertainty scores are its own softmax, as with labels.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from obliviate.extraction.selectors import (
     pool_features,
     selector,
 )
-from obliviate.extraction.substitute import TrainConfig
+from obliviate.extraction.substitute import TrainConfig, answer_classes
 from obliviate.extraction.target import Target
 from obliviate.models import images_to_tensor
 
@@ -131,6 +133,7 @@ def adaptive(
             unlabeled=pool.images[rest],
             options=attack,
             seed=seed,
+            num_classes=answer_classes(labels, default=10),  # train_substitute's default: label mode as before
             levels=pool.levels,
         ).model
         probs, feats = _probs_and_features(sub, images_to_tensor(pool.images, levels=pool.levels))

@@ -1,9 +1,16 @@
 """Attackers: how a thief turns bought labels into a substitute (SPEC section 3b).
 
 An attacker is a pure function ``fn(*, images, labels, unlabeled, options, seed, num_classes,
-levels) -> Substitute``: the bought images and the target's labels for them, the rest of the
+levels) -> Substitute``: the bought images and the target's answers for them, the rest of the
 attacker's pool (unlabeled), typed options and a seed. Attackers never hold the target, so they
 cannot spend a query: the budget is spent by the selector before they run.
+
+The answers are labels ``(n,)`` by default, or class probabilities ``(n, C)`` when the target
+answers them (SPEC section 3's probabilities switch). Every attacker trains on them through the one
+loss, ``F.cross_entropy``, which takes class indices or class probabilities as its target
+(:func:`obliviate.extraction.substitute.targets_tensor`): given probabilities, the bought images'
+term is the cross-entropy to the target's soft answers; pseudo-labels of the unlabeled pool stay
+hard classes (as one-hot rows beside soft ones).
 
 * ``basic``: :func:`obliviate.extraction.substitute.train_classifier`, a fixed 300 Adam steps on
   the bought set: the weak reference the audit used before issue 13.
@@ -48,8 +55,9 @@ from obliviate.extraction.consistency import fixmatch
 from obliviate.extraction.substitute import (
     TrainConfig,
     check_images,
-    check_labels,
+    check_targets,
     check_training_seed,
+    targets_tensor,
     train_classifier,
 )
 from obliviate.models import build_model, check_arch, images_to_tensor
@@ -229,7 +237,8 @@ def train_substitute(
     Args:
         name: a registered attacker (:func:`get_attacker`).
         images: ``(n, H, W)`` uint8 bought images, ``n >= 1``.
-        labels: ``(n,)`` the target's classes for them, whole numbers in ``0..num_classes-1``.
+        labels: the target's answers for them: ``(n,)`` classes, whole numbers in ``0..num_classes-1``, or
+            ``(n, num_classes)`` class probabilities (the target's probabilities switch), trained on as soft targets.
         unlabeled: ``(m, H, W)`` uint8 rest of the attacker's pool, the same ``H, W`` (``m`` may be 0).
         options: how the attackers train.
         seed: seed of weights, data order and augmentation, a whole number >= 0.
@@ -243,13 +252,14 @@ def train_substitute(
         ConfigError: unknown attacker, no images or a label count that differs, ``num_classes`` below 1, or a
             seed that is not a whole number >= 0.
         DataError: images or unlabeled images that are not ``(n, H, W)`` uint8, unlabeled images of another size
-            than the bought ones, or labels that are not whole class numbers in ``0..num_classes-1``.
+            than the bought ones, or answers that are neither whole class numbers in ``0..num_classes-1`` nor rows
+            of ``num_classes`` probabilities.
     """
     spec = get_attacker(name)
     images = check_images(images, allow_empty=True)
     if len(images) == 0 or len(images) != len(labels):
         raise ConfigError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}.")
-    labels = check_labels(labels, num_classes=num_classes)
+    labels = check_targets(labels, num_classes=num_classes)
     unlabeled = check_images(unlabeled, what="unlabeled", allow_empty=True)
     if unlabeled.shape[1:] != images.shape[1:]:
         raise DataError(
@@ -399,7 +409,7 @@ class _Fit:
     ) -> _Fit:
         model = build_model(options.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed)
         x = images_to_tensor(images, levels=levels)
-        y = torch.as_tensor(labels, dtype=torch.long)
+        y = targets_tensor(labels)  # class indices, or class probabilities: cross_entropy takes either
         n_val = round(options.holdout * len(x)) if len(x) >= 10 else 0
         order = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)))
         val, train = order[:n_val], order[n_val:]
@@ -426,7 +436,7 @@ class _Fit:
                 # As many pseudo-labelled images as labelled ones at most: a few confident pool images
                 # must not outweigh the bought labels.
                 pidx = torch.randint(len(pseudo[0]), (min(o.batch_size, len(pseudo[0])),), generator=self.generator)
-                xb, yb = torch.cat([xb, pseudo[0][pidx]]), torch.cat([yb, pseudo[1][pidx]])
+                xb, yb = torch.cat([xb, pseudo[0][pidx]]), torch.cat([yb, _like(pseudo[1][pidx], yb)])
             xb = random_affine(xb, options=o.augment, generator=self.generator)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(self.model(xb), yb).backward()
@@ -452,6 +462,14 @@ class _Fit:
             return float("inf")
         with torch.no_grad():
             return float(F.cross_entropy(_logits(self.model, self.val_x), self.val_y))
+
+
+def _like(classes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Hard ``classes`` in the form of ``targets``: themselves beside labels, one-hot rows beside probabilities
+    (cross-entropy to a one-hot row is cross-entropy to its class, so a pseudo-label weighs the same either way)."""
+    if targets.ndim == 1:
+        return classes
+    return F.one_hot(classes, num_classes=targets.shape[1]).to(targets.dtype)
 
 
 def _logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:

@@ -13,7 +13,10 @@ unlabeled rest of the pool, and measures
   the queried images, next to the pool's (the failure mode of raw-MI DRMI is visible here).
 
 The target is seen twice: the attacker's budgeted :class:`~obliviate.extraction.target.Target` and an
-evaluation oracle (``budget=None``) that only the metrics use.
+evaluation oracle (``budget=None``) that only the metrics use. The attacker's view answers labels
+(the default) or class probabilities (SPEC section 3's switch: each image costs one query either
+way, and the attackers train on the probabilities as soft targets); agreement, accuracy,
+transferability and the class histograms are measured on classes (a probability row's argmax).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from obliviate.extraction.substitute import (
     TrainConfig,
     accuracy,
     agreement,
+    hard_labels,
     predict_labels,
     train_classifier,
     transferability,
@@ -102,8 +106,9 @@ def run_cell(
         budget: queries the attacker may spend (``attacker.budget`` must allow it).
         seed: seeds the selector's generator and the substitute's initialisation.
         pool: the attacker's unlabeled pool.
-        attacker: the budgeted, label-only view of the target.
-        oracle: an unbudgeted view used only for measuring (agreement, transferability).
+        attacker: the budgeted view of the target: label-only (the default), or answering class probabilities
+            (its ``output``), which the attacker then trains on.
+        oracle: an unbudgeted view used only for measuring (agreement, transferability), on classes.
         test_images: ``(m, H, W)`` uint8 held-out images, disjoint from pool and target training.
         test_labels: their true labels.
         train: substitute architecture and training.
@@ -133,11 +138,15 @@ def run_cell(
     )
     substitute = trained.model
     sub_labels = predict_labels(substitute, images=test_images, levels=pool.levels)
-    target_labels = oracle.query(test_images) if oracle_test_labels is None else oracle_test_labels
+
+    def target_classes(images: np.ndarray) -> np.ndarray:
+        return hard_labels(oracle.query(images))  # the metrics compare classes, whatever the oracle answers
+
+    target_labels = target_classes(test_images) if oracle_test_labels is None else oracle_test_labels
     transfer = {
         f"{e:g}": transferability(
             substitute,
-            target_predict=oracle.query,
+            target_predict=target_classes,
             images=test_images,
             labels=test_labels,
             eps=e,
@@ -154,7 +163,7 @@ def run_cell(
         accuracy=accuracy(predicted=sub_labels, truth=test_labels),
         agreement=agreement(substitute_labels=sub_labels, target_labels=target_labels),
         transfer=transfer,
-        class_histogram=np.bincount(bought.labels, minlength=num_classes).tolist(),
+        class_histogram=np.bincount(hard_labels(bought.labels), minlength=num_classes).tolist(),
         mean_entropy=float(image_entropy(bought.images, levels=pool.levels).mean()),
         synthetic=int((bought.pool_indices < 0).sum()),
         seconds=time.perf_counter() - start,

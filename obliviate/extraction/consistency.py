@@ -15,6 +15,10 @@ Model extraction with the attacker's unlabeled pool is Jagielski et al., "High a
 high fidelity extraction of neural networks", USENIX Security 2020 (they used MixMatch,
 Berthelot et al., NeurIPS 2019; FixMatch is its simpler successor). The target's labels on
 bought images are the ground truth of *agreement*, so they stay in every step's loss.
+
+When the target answers class probabilities (SPEC section 3's switch), ``y`` holds them and the
+bought term is the cross-entropy to those soft targets (``F.cross_entropy`` takes either form);
+the pool term keeps FixMatch's hard, thresholded guesses.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ def fixmatch(
     Args:
         model: the substitute (warm-started by the supervised phase).
         x: ``(n, 1, H, W)`` bought images in ``[0, 1]``.
-        y: the target's labels for them.
+        y: the target's answers for them: ``(n,)`` int64 labels, or ``(n, C)`` float class probabilities
+            (:func:`obliviate.extraction.substitute.targets_tensor`).
         pool: ``(m, 1, H, W)`` unlabeled pool images in ``[0, 1]`` (never queried).
         options: batch size, learning rate, ratio, threshold, weight, augmentation ranges.
         generator: the only source of randomness.

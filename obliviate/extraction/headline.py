@@ -23,6 +23,7 @@ import numpy as np
 from obliviate.errors import ConfigError
 from obliviate.extraction.attackers import get_attacker
 from obliviate.extraction.selectors import get_selector
+from obliviate.extraction.target import OutputMode, output_mode
 
 
 @dataclass(frozen=True)
@@ -193,9 +194,24 @@ def headline_sentence(*, at90: QueriesTo, at95: QueriesTo, group_name: str = "se
 
 
 def threat_model(
-    *, attackers: Sequence[str], selectors: Sequence[str], substitute: str, target_arch: str | None
+    *,
+    attackers: Sequence[str],
+    selectors: Sequence[str],
+    substitute: str,
+    target_arch: str | None,
+    output: str = "labels",
 ) -> str:
-    """Markdown: what the audit assumes the attacker holds, per attacker and selector."""
+    """Markdown: what the audit assumes the attacker holds, per attacker and selector.
+
+    ``output`` is what the target answered (SPEC section 3): ``labels`` (the default) or ``probabilities``.
+    """
+    labels_only = output_mode(output) is OutputMode.LABELS
+    answers = (
+        "label-only queries (the target answers labels only)"
+        if labels_only
+        else "queries the target answers with class probabilities (its whole softmax row per image, which the "
+        "attackers train on)"
+    )
     arch = f"the substitute is `{substitute}`" + (
         ", the target's own architecture (the attacker is assumed to know or guess it)"
         if target_arch == substitute
@@ -203,9 +219,10 @@ def threat_model(
     )
     lines = [
         (
-            "Threat model: the attacker sees the target only through label-only queries, counted against the "
+            f"Threat model: the attacker sees the target only through {answers}, counted against the "
             "budget; the attacker's pool and the test set are disjoint from the target's training data (when "
-            f"the target declares it); {arch}. What each row assumes besides the bought labels:"
+            f"the target declares it); {arch}. What each row assumes besides the bought "
+            f"{'labels' if labels_only else 'probabilities'}:"
         ),
         "",
     ]

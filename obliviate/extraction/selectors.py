@@ -34,7 +34,7 @@ import numpy as np
 from obliviate.checks import is_whole
 from obliviate.defaults import DEFAULT_SELECTOR  # noqa: F401 (re-exported from its old home)
 from obliviate.errors import ConfigError
-from obliviate.extraction.substitute import TrainConfig, jacobian_augment, train_classifier
+from obliviate.extraction.substitute import TrainConfig, answer_classes, jacobian_augment, train_classifier
 from obliviate.extraction.target import Target
 
 _Value = TypeVar("_Value")
@@ -88,7 +88,7 @@ class Acquisition:
 
     Attributes:
         images: ``(m, H, W)`` uint8 images that were queried.
-        labels: ``(m,)`` the target's answers.
+        labels: the target's answers: ``(m,)`` labels, or ``(m, C)`` class probabilities (its probabilities switch).
         pool_indices: ``(m,)`` pool index of each image, ``-1`` for synthetic ones (jacobian).
         queries: queries spent.
     """
@@ -154,7 +154,7 @@ def acquire(
         pool: the attacker's unlabeled pool.
         k: the budget, a whole number of queries in ``1..pool.n``.
         rng: the selector's only source of randomness, e.g. ``np.random.default_rng(seed)``.
-        target: the budgeted, label-only view of the target.
+        target: the budgeted view of the target (label-only by default; probabilities when it answers them).
         train: substitute training of the selectors that train one while they choose (``jacobian``).
 
     Returns:
@@ -484,9 +484,13 @@ def augmentation_round(
     ``limit`` augmentations drawn by ``rng`` is queried (the budget's last, partial round).
 
     Returns:
-        the grown images and labels (old ones first).
+        the grown images and the target's answers (old ones first): labels, or probability rows when the target
+        answers them (the substitute trains on them; each step follows the argmax class).
     """
-    substitute = train_classifier(images=images, labels=labels, config=train, seed=seed, levels=levels)
+    classes = answer_classes(labels, default=10)  # train_classifier's default: label mode as before
+    substitute = train_classifier(
+        images=images, labels=labels, config=train, seed=seed, num_classes=classes, levels=levels
+    )
     new = jacobian_augment(substitute, images=images, labels=labels, lam=lam, levels=levels)
     if limit is not None and limit < len(new):
         if rng is None:

@@ -2,6 +2,10 @@
 
 * :func:`train_classifier`: a seeded, fixed-number-of-steps trainer (Adam, minibatches drawn
   with a seeded generator), used for substitutes and for targets.
+* :func:`check_targets` / :func:`targets_tensor` / :func:`hard_labels`: the one form of what a
+  substitute learns from, the target's answers: ``(n,)`` class labels (label-only, the default) or
+  ``(n, C)`` class probabilities (SPEC section 3's probabilities switch). ``F.cross_entropy`` takes
+  either as its target, so every training loop serves both without a second code path.
 * :func:`accuracy` / :func:`agreement`: against true labels / against the target's labels.
 * :func:`fgsm`: FGSM (Goodfellow et al. 2015) or I-FGSM (Kurakin et al. 2017) on ``[0, 1]`` inputs.
 * :func:`transferability`: the share of adversarial examples crafted on the substitute, from
@@ -25,6 +29,7 @@ from torch import nn
 
 from obliviate.checks import is_whole
 from obliviate.errors import ConfigError, DataError
+from obliviate.extraction.target import PROBABILITY_SUM_TOLERANCE
 from obliviate.models import build_model, check_arch, check_seed, images_to_tensor
 
 
@@ -69,7 +74,8 @@ def train_classifier(
 
     Args:
         images: ``(n, H, W)`` uint8 gray levels.
-        labels: ``(n,)`` integer labels (the target's answers for a substitute).
+        labels: the target's answers for them (:func:`check_targets`): ``(n,)`` class labels, or ``(n, num_classes)``
+            class probabilities (trained on as soft targets).
         config: architecture and optimiser settings.
         seed: seed of initial weights and minibatch order.
         num_classes: output classes.
@@ -81,17 +87,17 @@ def train_classifier(
     Raises:
         ConfigError: no images, a label count that differs from the image count, ``num_classes`` below 1,
             or a seed that is not a whole number >= 0.
-        DataError: images that are not ``(n, H, W)`` uint8, or labels that are not whole class numbers in
-            ``0..num_classes-1``.
+        DataError: images that are not ``(n, H, W)`` uint8, or answers that are neither whole class numbers in
+            ``0..num_classes-1`` nor rows of ``num_classes`` probabilities.
     """
     images = check_images(images, allow_empty=True)
     if len(images) == 0 or len(images) != len(labels):
         raise ConfigError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}.")
-    labels = check_labels(labels, num_classes=num_classes)
+    targets = check_targets(labels, num_classes=num_classes)
     check_training_seed(seed)
     model = build_model(config.arch, num_classes=num_classes, in_channels=1, image_size=images.shape[1], seed=seed)
     x = images_to_tensor(images, levels=levels)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    y = targets_tensor(targets)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     order = np.random.default_rng(seed)
     batch = min(config.batch_size, len(x))
@@ -157,6 +163,70 @@ def check_labels(labels: np.ndarray, *, num_classes: int) -> np.ndarray:
             "task's num_classes."
         )
     return y.astype(np.int64, copy=False)
+
+
+def check_targets(answers: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """The target's answers as a substitute trains on them (SPEC section 3: labels by default, probabilities switch).
+
+    Args:
+        answers: ``(n,)`` whole class numbers (:func:`check_labels`), or ``(n, num_classes)`` class probabilities:
+            finite, ``>= 0``, each row summing to 1 within :data:`PROBABILITY_SUM_TOLERANCE`.
+        num_classes: classes of the task.
+
+    Returns:
+        ``(n,)`` int64 labels, or ``(n, num_classes)`` float32 probabilities with each row rescaled to sum to 1.
+
+    Raises:
+        ConfigError: ``num_classes`` is not a whole number >= 1.
+        DataError: labels :func:`check_labels` refuses, rows of another width than ``num_classes``, or rows that
+            are not probabilities (negative, not finite, or not summing to 1: logits, say).
+    """
+    y = np.asarray(answers)
+    if y.ndim != 2:
+        return check_labels(y, num_classes=num_classes)
+    if not is_whole(num_classes) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a whole number >= 1; got {num_classes!r}. Pass e.g. 10 for digits.")
+    if y.shape[1] != num_classes or y.dtype.kind not in "iuf":
+        raise DataError(
+            f"class probabilities must be a numeric (n, num_classes) array, one row of {num_classes} per image "
+            f"(num_classes={num_classes}); got dtype {y.dtype}, shape {y.shape}. Pass the target's softmax rows, or "
+            "the task's num_classes."
+        )
+    p = y.astype(np.float64)
+    sums = p.sum(axis=1) if len(p) else np.ones(0)
+    bad = ~np.isfinite(p).all(axis=1) | (p < 0).any(axis=1) | (np.abs(sums - 1) > PROBABILITY_SUM_TOLERANCE)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"class probabilities must be finite, >= 0 and sum to 1 in each row (within {PROBABILITY_SUM_TOLERANCE:g}); "
+            f"{int(bad.sum())} of {len(p)} rows are not, e.g. row {row}: {np.round(p[row][:5], 4).tolist()} "
+            f"(sum {sums[row]:.4g}). Pass the target's softmax probabilities, not its logits or scores."
+        )
+    return (p / sums[:, None]).astype(np.float32) if len(p) else p.astype(np.float32)
+
+
+def targets_tensor(targets: np.ndarray) -> torch.Tensor:
+    """Checked answers (:func:`check_targets`) as ``F.cross_entropy``'s target: class indices (int64) for labels,
+    class probabilities (float32) for probability rows; the loss is the same function of either."""
+    if targets.ndim == 2:
+        return torch.as_tensor(targets, dtype=torch.float32)
+    return torch.as_tensor(targets, dtype=torch.long)
+
+
+def hard_labels(answers: np.ndarray) -> np.ndarray:
+    """``(n,)`` int64 classes of the target's answers: the labels themselves, or each probability row's argmax.
+
+    What is measured and counted (agreement, class histograms, the class a Jacobian step follows) is a class,
+    whatever the target answered.
+    """
+    y = np.asarray(answers)
+    return (y.argmax(axis=1) if y.ndim == 2 else y).astype(np.int64, copy=False)
+
+
+def answer_classes(answers: np.ndarray, *, default: int) -> int:
+    """The classes a substitute needs for the target's answers: the width of probability rows, else ``default``."""
+    y = np.asarray(answers)
+    return int(y.shape[1]) if y.ndim == 2 else default
 
 
 def check_training_seed(seed: object) -> None:
@@ -312,7 +382,7 @@ def jacobian_augment(
     Args:
         substitute: the current substitute F_sub.
         images: ``(n, H, W)`` uint8 images already queried.
-        labels: the target's labels for them.
+        labels: the target's answers for them: labels, or probability rows (their argmax class is followed).
         lam: step size on ``[0, 1]`` inputs (0.1 in the paper).
         levels: gray levels.
 
@@ -324,7 +394,7 @@ def jacobian_augment(
     # F is the substitute's softmax output, as in the paper. grad log F_y = grad F_y / F_y has the
     # same sign per pixel and does not underflow to 0 when the substitute is saturated (F_y = 1.0).
     log_probs = torch.log_softmax(substitute(x), dim=1)
-    picked = log_probs.gather(1, torch.as_tensor(labels, dtype=torch.long)[:, None]).sum()
+    picked = log_probs.gather(1, torch.as_tensor(hard_labels(labels), dtype=torch.long)[:, None]).sum()
     (grad,) = torch.autograd.grad(picked, x)
     return tensor_to_images((x + lam * grad.sign()).clamp(0.0, 1.0).detach(), levels=levels)
 

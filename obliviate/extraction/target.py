@@ -49,6 +49,10 @@ from obliviate.errors import ConfigError, ObliviateError
 from obliviate.files import write_whole
 from obliviate.models import images_to_tensor
 
+#: How far a row of class probabilities may sum from 1: a float32 softmax, or a server rounding each to 4 decimals,
+#: stays well inside it; logits and scores do not (the substitutes' check of their targets uses the same figure).
+PROBABILITY_SUM_TOLERANCE = 1e-2
+
 
 class BudgetExceeded(ObliviateError):
     """A query batch would take the target past its query budget."""
@@ -138,6 +142,29 @@ class OutputMode(str, Enum):
     PROBABILITIES = "probabilities"
 
 
+def output_mode(value: object, *, option: str = "output") -> OutputMode:
+    """``value`` as an :class:`OutputMode` (SPEC section 3: label-only by default, a probabilities switch).
+
+    Raises:
+        ConfigError: not ``"labels"`` or ``"probabilities"``; the message names ``option`` and the fix.
+    """
+    try:
+        return OutputMode(value)
+    except ValueError:
+        raise ConfigError(
+            f"{option} is what the target answers: 'labels' (the default, SPEC section 3's label-only oracle) or "
+            f"'probabilities' (class probabilities, when its API returns them); got {value!r}. Give one of the two."
+        ) from None
+
+
+#: What a target server that answers labels only was asked for, and what to do (:meth:`HttpBackend.predict`).
+_PROBABILITIES_REFUSED = (
+    "the target at {url} answers labels only: it refused a request for class probabilities (HTTP {code}: {detail}). "
+    "Audit it with --target-output labels (the default), or serve it with probabilities allowed (`obliviate target "
+    "serve --probabilities`; TargetServer(allow_probabilities=True))."
+)
+
+
 class Backend(Protocol):
     """Something that answers a batch of gray-level images."""
 
@@ -157,6 +184,7 @@ class QueryRecord:
         digest: SHA-256 (first 16 hex chars) of the batch's bytes, to audit what was asked.
         seconds: wall time the backend took (0 when refused).
         refused: True when the budget refused the batch.
+        output: what the batch asked for: labels, or class probabilities (it costs the same either way).
     """
 
     call: int
@@ -165,6 +193,7 @@ class QueryRecord:
     digest: str
     seconds: float
     refused: bool = False
+    output: OutputMode = OutputMode.LABELS
 
 
 @dataclass
@@ -190,7 +219,7 @@ class Target:
     num_classes: int | None = None
 
     def __post_init__(self) -> None:
-        self.output = OutputMode(self.output)
+        self.output = output_mode(self.output)
         if self.budget is not None and (
             isinstance(self.budget, bool) or not isinstance(self.budget, (int, np.integer)) or self.budget < 0
         ):
@@ -205,7 +234,7 @@ class Target:
         return None if self.budget is None else self.budget - self.used
 
     def query(self, images: np.ndarray) -> np.ndarray:
-        """Ask the target about a batch; each image costs one query.
+        """Ask the target about a batch; each image costs one query, whether it answers labels or probabilities.
 
         Args:
             images: ``(n, H, W)`` uint8 gray levels (a single ``(H, W)`` image is not accepted:
@@ -219,14 +248,14 @@ class Target:
                 takes (when the backend knows it: ``image_size``); nothing is answered or counted.
             BudgetExceeded: the batch would pass the budget; nothing is answered or counted.
             TargetRequestError: the backend answered something that is not one label (or one row of
-                finite probabilities) per image.
+                probabilities: finite, >= 0, summing to 1, ``num_classes`` wide when known) per image.
         """
         images = _check_batch(images)
         _check_size(images, getattr(self.backend, "image_size", None))
         n = int(images.shape[0])
         digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
         if self.budget is not None and self.used + n > self.budget:
-            self.log.append(QueryRecord(len(self.log), n, self.used, digest, 0.0, refused=True))
+            self.log.append(QueryRecord(len(self.log), n, self.used, digest, 0.0, refused=True, output=self.output))
             raise BudgetExceeded(
                 f"query budget is {self.budget} images and {self.used} are used; a batch of {n} "
                 f"would need {self.used + n}. Query at most {self.budget - self.used} more images, "
@@ -242,7 +271,7 @@ class Target:
         seconds = time.perf_counter() - start
         answer = _check_answer(answer, n=n, output=self.output, num_classes=self.num_classes)
         self.used += n
-        self.log.append(QueryRecord(len(self.log), n, self.used, digest, seconds))
+        self.log.append(QueryRecord(len(self.log), n, self.used, digest, seconds, output=self.output))
         return answer
 
 
@@ -359,13 +388,14 @@ class HttpBackend:
 
         Raises:
             ConfigError: not a ``(n, H, W)`` uint8 batch.
-            TargetRequestError: a 4xx answer, or an answer that is not JSON with one whole class number (or one
-                row of numbers) per image; an empty batch's probabilities when the classes are not known.
+            TargetRequestError: a 4xx answer (a label-only server's refusal of probabilities in words), or an answer
+                that is not JSON with one whole class number (or one row of numbers) per image; an empty batch's
+                probabilities when the classes are not known.
             TargetUnavailable: transient failures past the retries.
         """
         output = OutputMode(output)
         body = json.dumps(encode_images(images) | {"output": output.value}).encode()
-        reply = self._post(body)
+        reply = self._post(body, output=output)
         key = output.value
         if key not in reply:
             raise TargetRequestError(f"endpoint {self.url} answered without {key!r}: keys {sorted(reply)}.")
@@ -445,20 +475,29 @@ class HttpBackend:
         self._learn_classes(info)
         return info if isinstance(info, dict) else {}
 
-    def check_endpoint(self, *, image_size: int = 28) -> None:
-        """POST an empty batch to the predict URL, so a wrong path is refused before any work.
+    def check_endpoint(self, *, image_size: int = 28, output: OutputMode = OutputMode.LABELS) -> None:
+        """POST an empty batch to the predict URL, so a wrong path (or a refused output) is refused before any work.
 
         It asks about no image: no query is spent and :attr:`attempts` does not count it. Only "no such
-        route" answers (404, 405) are refused; any other answer shows something listens there.
+        route" answers (404, 405) are refused, and, asking for probabilities, a server's refusal of them (403);
+        any other answer shows something listens there.
+
+        Args:
+            image_size: the side of the empty batch's images.
+            output: what the audit will ask for (``obliviate target serve`` refuses probabilities unless started
+                with ``--probabilities``, with HTTP 403, empty batch or not).
 
         Raises:
-            TargetRequestError: the URL answers 404 or 405.
+            TargetRequestError: the URL answers 404 or 405, or refuses probabilities asked for.
             TargetUnavailable: transient failures past the retries.
         """
-        body = json.dumps(encode_images(np.zeros((0, image_size, image_size), np.uint8)) | {"output": "labels"})
+        output = output_mode(output)
+        body = json.dumps(encode_images(np.zeros((0, image_size, image_size), np.uint8)) | {"output": output.value})
         try:
             self._send(self._posting(body.encode()), counted=False)
         except urllib.error.HTTPError as err:
+            if err.code == 403 and output is OutputMode.PROBABILITIES:
+                raise self._probabilities_refused(err) from err
             if err.code in (404, 405):
                 parts = urllib.parse.urlsplit(self.url)
                 raise TargetRequestError(
@@ -506,10 +545,23 @@ class HttpBackend:
             "or raise --timeout or --retries (timeout_s, retries in the API)."
         )
 
-    def _post(self, body: bytes) -> dict:
+    def _probabilities_refused(self, err: urllib.error.HTTPError) -> TargetRequestError:
+        """A server's 403 to a request for probabilities, as the sentence of :data:`_PROBABILITIES_REFUSED`."""
+        raw = err.read()[:300]
+        try:
+            detail = json.loads(raw).get("error") or raw.decode(errors="replace")
+        except (ValueError, AttributeError):
+            detail = raw.decode(errors="replace")
+        return TargetRequestError(
+            _PROBABILITIES_REFUSED.format(url=self.url, code=err.code, detail=str(detail).rstrip("."))
+        )
+
+    def _post(self, body: bytes, *, output: OutputMode = OutputMode.LABELS) -> dict:
         try:
             status, raw = self._send(self._posting(body), counted=True)
         except urllib.error.HTTPError as err:
+            if err.code == 403 and output is OutputMode.PROBABILITIES:
+                raise self._probabilities_refused(err) from err
             detail = err.read()[:200].decode(errors="replace")
             raise TargetRequestError(
                 f"endpoint {self.url} rejected the request with HTTP {err.code}: {detail}. "
@@ -691,6 +743,20 @@ def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode, num_classes
             f"the target answered probabilities that are not finite numbers: got {bad[:5].tolist()}. "
             "Fix the backend to answer a softmax row per image (a model with NaN weights answers NaN)."
         )
+    if num_classes is not None and answer.shape[1] != num_classes:
+        raise TargetRequestError(
+            f"the target has {num_classes} classes, so each row of probabilities must hold {num_classes}; it answered "
+            f"rows of {answer.shape[1]}. Check that the endpoint serves this task's model."
+        )
+    sums = answer.astype(np.float64).sum(axis=1)
+    off = (answer < 0).any(axis=1) | (np.abs(sums - 1) > PROBABILITY_SUM_TOLERANCE)
+    if off.any():
+        row = int(np.flatnonzero(off)[0])
+        raise TargetRequestError(
+            f"the target answered rows that are not probabilities (each must be >= 0 and sum to 1 within "
+            f"{PROBABILITY_SUM_TOLERANCE:g}): {int(off.sum())} of {n}, e.g. {np.round(answer[row][:5], 4).tolist()} "
+            f"(sum {sums[row]:.4g}). The backend may be answering logits: fix it to answer the softmax of each image."
+        )
     return answer
 
 
@@ -808,11 +874,13 @@ def open_backend(
     retries: int = 3,
     wait_s: float = DEFAULT_TARGET_WAIT_S,
     on_wait: Callable[[str], None] | None = None,
+    output: OutputMode = OutputMode.LABELS,
 ) -> tuple[Backend, dict]:
     """A backend for ``target``: an ``http(s)://`` URL or a checkpoint path.
 
     An HTTP target is checked up front: ``GET /info`` answers (with retries), and the predict URL takes a POST
-    (:meth:`HttpBackend.check_endpoint`, an empty batch: no query spent).
+    asking for ``output`` (:meth:`HttpBackend.check_endpoint`, an empty batch: no query spent), so a server that
+    answers labels only refuses probabilities here, in words, before any work.
 
     ``timeout_s``, ``retries``, ``wait_s`` and ``on_wait`` are :class:`HttpBackend`'s.
 
@@ -824,7 +892,8 @@ def open_backend(
         backend = HttpBackend(target, timeout_s=timeout_s, retries=retries, wait_s=wait_s, on_wait=on_wait)
         info = backend.info()
         side = info.get("image_size")
-        backend.check_endpoint(image_size=side if isinstance(side, int) and not isinstance(side, bool) else 28)
+        side = side if isinstance(side, int) and not isinstance(side, bool) else 28
+        backend.check_endpoint(image_size=side, output=output_mode(output))
         return backend, info
     model, meta = load_checkpoint(target)
     return LocalTorchBackend(model, levels=int(meta.get("levels", 256))), meta
