@@ -18,7 +18,14 @@ from obliviate.extraction.attackers import AttackOptions
 from obliviate.extraction.audit import run_cell
 from obliviate.extraction.selectors import Pool
 from obliviate.extraction.substitute import TrainConfig
-from obliviate.extraction.target import DEFAULT_TARGET_WAIT_S, BudgetExceeded, OutputMode, Target, open_backend
+from obliviate.extraction.target import (
+    DEFAULT_TARGET_WAIT_S,
+    BudgetExceeded,
+    OutputMode,
+    Target,
+    open_backend,
+    output_mode,
+)
 
 DEFAULT_CLASSES = 10  # run_cell's default, for a target that does not declare its classes
 
@@ -35,6 +42,8 @@ class AuditWorker:
         timeout_s: HTTP timeout per request.
         retries: HTTP retries on transient errors.
         wait_s: how long an unreachable HTTP target is retried (a restart); its waiting lines go to stderr.
+        output: what the attacker's queries ask the target for: ``labels`` (SPEC section 3's default) or
+            ``probabilities``; the metrics' oracle asks for labels either way.
     """
 
     def __init__(
@@ -48,9 +57,11 @@ class AuditWorker:
         timeout_s: float = 30.0,
         retries: int = 3,
         wait_s: float = DEFAULT_TARGET_WAIT_S,
+        output: str = OutputMode.LABELS.value,
     ) -> None:
+        self.output = output_mode(output, option="target_output (--target-output)")
         self.backend, self.meta = open_backend(
-            target, timeout_s=timeout_s, retries=retries, wait_s=wait_s, on_wait=_say_on_stderr
+            target, timeout_s=timeout_s, retries=retries, wait_s=wait_s, on_wait=_say_on_stderr, output=self.output
         )
         self.pool = pool
         self.test_images = test_images
@@ -72,7 +83,7 @@ class AuditWorker:
         # The substitute has this many outputs; a label past them is refused at the query, in words, instead
         # of failing inside training ("IndexError: Target 10 is out of bounds").
         num_classes = int(self.meta.get("num_classes", DEFAULT_CLASSES))
-        attacker = Target(self.backend, budget=budget, output=OutputMode.LABELS, num_classes=num_classes)
+        attacker = Target(self.backend, budget=budget, output=self.output, num_classes=num_classes)
         oracle = Target(self.backend, budget=None, num_classes=num_classes)
         try:
             cell = run_cell(

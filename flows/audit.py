@@ -2,7 +2,8 @@
 
 Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out as Ray tasks:
 
-1. ``prepare_audit``: open the target (checkpoint or URL), draw pool and test set from the pool
+1. ``prepare_audit``: open the target (checkpoint or URL; a server is asked up front whether it answers
+   what ``target_output`` asks for, so one that answers labels only refuses probabilities before any work), draw pool and test set from the pool
    dataset minus the target's training indices (with :func:`~obliviate.extraction.audit.draw_split`,
    the target's own split when it declares its split seed: the bench's on mnist5k with the default
    sizes), take the target's labels on the
@@ -75,7 +76,14 @@ from obliviate.extraction.audit import (
 from obliviate.extraction.headline import fewest_queries, headline_sentence, strongest, threat_model
 from obliviate.extraction.selectors import SELECTORS, Pool, get_selector, image_entropy
 from obliviate.extraction.substitute import TrainConfig, accuracy
-from obliviate.extraction.target import DEFAULT_TARGET_WAIT_S, Target, open_backend, save_checkpoint
+from obliviate.extraction.target import (
+    DEFAULT_TARGET_WAIT_S,
+    OutputMode,
+    Target,
+    open_backend,
+    output_mode,
+    save_checkpoint,
+)
 from obliviate.files import write_failed
 from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
@@ -197,10 +205,16 @@ def prepare_audit(
     timeout_s: float,
     retries: int,
     target_wait_s: float = DEFAULT_TARGET_WAIT_S,
+    target_output: str = OutputMode.LABELS.value,
 ) -> AuditSetup:
     logger = get_run_logger()
     backend, meta = open_backend(
-        target, timeout_s=timeout_s, retries=retries, wait_s=target_wait_s, on_wait=logger.warning
+        target,
+        timeout_s=timeout_s,
+        retries=retries,
+        wait_s=target_wait_s,
+        on_wait=logger.warning,
+        output=output_mode(target_output),
     )
     data = load_dataset(pool_source)
     check_pool_fits_target(pool=data, target_meta=meta)
@@ -286,6 +300,7 @@ def run_cells(
     retries: int,
     progress_every_s: float | None = None,
     target_wait_s: float = DEFAULT_TARGET_WAIT_S,
+    target_output: str = OutputMode.LABELS.value,
 ) -> list[dict]:
     logger = get_run_logger()
     if not ray.is_initialized():
@@ -302,6 +317,7 @@ def run_cells(
             "timeout_s": timeout_s,
             "retries": retries,
             "wait_s": target_wait_s,
+            "output": target_output,
         }
     )
     remote = ray.remote(num_cpus=1)(run_cell_task)
@@ -402,7 +418,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         *too_small,
         (
             f"Target: `{setup.target}` (accuracy on the {len(setup.test_labels)} test images: "
-            f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; label-only queries."
+            f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; {_answers(config)}."
         ),
         (
             f"Attackers: {', '.join(config['attackers'])}; selectors: {', '.join(config['selectors'])}. "
@@ -416,6 +432,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
             selectors=config["selectors"],
             substitute=config["substitute"],
             target_arch=setup.target_meta.get("arch"),
+            output=config.get("target_output", OutputMode.LABELS.value),
         ),
         "Rates are percent, mean ± std over seeds; the seed's DRMI numbers (MNIST, LeNet-5) beside them.",
         "",
@@ -474,6 +491,13 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         links=paths,
     )
     return paths | {"headline": headline}
+
+
+def _answers(config: dict) -> str:
+    """What the target answered the attacker, as the report's first lines say it."""
+    if config.get("target_output", OutputMode.LABELS.value) == OutputMode.LABELS.value:
+        return "label-only queries"
+    return "queries answered with class probabilities (--target-output probabilities)"
 
 
 def plot_summary(rows, *, eps: list[float], run_id: str | None = None) -> bytes:
@@ -572,6 +596,7 @@ def check_audit_settings(
     retries: int,
     progress_every_s: float | None = None,
     target_wait_s: float = DEFAULT_TARGET_WAIT_S,
+    target_output: str = OutputMode.LABELS.value,
 ) -> None:
     """Raise :class:`ConfigError` naming every audit setting out of range, in the flow's and the CLI's names."""
     rules = [
@@ -608,6 +633,16 @@ def check_audit_settings(
             progress_every_s is None or progress_every_s > 0,
             "> 0 seconds",
         ),
+        (
+            "target_output",
+            "--target-output",
+            repr(target_output),
+            target_output in {m.value for m in OutputMode},
+            (
+                "'labels' (the default: SPEC section 3's label-only oracle) or 'probabilities' (for a target whose "
+                "API returns class probabilities)"
+            ),
+        ),
     ]
     broken = [f"{name} ({option}) must be {rule}; got {value}" for name, option, value, ok, rule in rules if not ok]
     if broken:
@@ -639,6 +674,7 @@ def steal_flow(
     retries: int = 3,
     progress_every_s: float | None = None,
     target_wait_s: float = DEFAULT_TARGET_WAIT_S,
+    target_output: str = OutputMode.LABELS.value,
 ) -> dict:
     """Audit ``target`` with every (attacker, selector, budget, seed) cell; returns the report's paths and headline.
 
@@ -670,6 +706,9 @@ def steal_flow(
             this often (``None``: :data:`flows.progress.PROGRESS_LOG_SECONDS`).
         target_wait_s: how long an unreachable HTTP target (connection refused, HTTP 502/503/504: a restart)
             is retried before the audit fails, seconds (``0``: only ``retries``).
+        target_output: what the attacker's queries ask the target for (SPEC section 3): ``labels`` (the default,
+            the label-only oracle) or ``probabilities`` (an API that returns class probabilities; the attackers
+            train on them). Each image costs one query either way; the metrics compare classes.
 
     Returns:
         ``json``, ``markdown``, ``png``: the report's files; ``headline``: the line steal.md leads with.
@@ -696,6 +735,7 @@ def steal_flow(
         retries=retries,
         progress_every_s=progress_every_s,
         target_wait_s=target_wait_s,
+        target_output=target_output,
     )
     check_output(out)  # created only when the report is written
     train = TrainConfig(arch=substitute, steps=steps)
@@ -720,6 +760,7 @@ def steal_flow(
         timeout_s=timeout_s,
         retries=retries,
         target_wait_s=target_wait_s,
+        target_output=target_output,
     )
     cells = [
         {
@@ -744,6 +785,7 @@ def steal_flow(
         retries=retries,
         progress_every_s=progress_every_s,
         target_wait_s=target_wait_s,
+        target_output=target_output,
     )
     config = {
         "target": target,
@@ -761,6 +803,7 @@ def steal_flow(
         "eps": list(eps),
         "iterative": iterative,
         "drmi_starts": drmi_starts,
+        "target_output": target_output,
     }
     paths = write_report(setup, results, out=out, config=config)
     logger = get_run_logger()

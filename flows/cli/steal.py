@@ -6,6 +6,10 @@ queries the audit's selector (``auto``: ``cluster_centers`` below 150 queries, a
 reaches 90 % and 95 % agreement with the target, naming the pair that does; the command prints that
 line before the report's path. Off a terminal the log names the cells done and running at least every
 ``--progress-every`` seconds (a cell takes minutes); on one, a bar counts them.
+
+``--target-output probabilities`` audits a target whose API returns class probabilities (SPEC
+section 3's switch; label-only is the default): the attackers train on them, each image still costs
+one query, and the report's threat model says so.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ from obliviate.defaults import (
 from obliviate.errors import ConfigError
 
 POOL_SIZE, TEST_SIZE = 2000, 1000
+#: What ``--target-output`` takes: ``obliviate.extraction.target.OutputMode``'s values (that module imports torch).
+TARGET_OUTPUTS = ("labels", "probabilities")
+
+
+def target_output(text: str) -> str:
+    """``--target-output``'s value: what the target answers the attacker's queries."""
+    if text not in TARGET_OUTPUTS:
+        raise typer.BadParameter(
+            "what the target answers is 'labels' (the default: SPEC section 3's label-only oracle) or 'probabilities' "
+            f"(for a target whose API returns class probabilities); got {text!r}. Give --target-output labels or "
+            "--target-output probabilities."
+        )
+    return text
 
 
 def steal_command(
@@ -55,6 +72,17 @@ def steal_command(
         str,
         option("--pool", parser=dataset, help="dataset for the attacker's pool and the test set (default mnist5k)"),
     ] = "mnist5k",
+    target_output: Annotated[
+        str,
+        option(
+            "--target-output",
+            parser=target_output,
+            metavar="{labels,probabilities}",
+            help="what the target answers each query: labels (default; SPEC section 3's label-only oracle) or "
+            "probabilities (an API that returns class probabilities: the attackers train on them, each image still "
+            "costs one query; an HTTP target must allow them, `target serve --probabilities`)",
+        ),
+    ] = "labels",
     budgets: Annotated[
         str, option("--budgets", help="comma-separated query budgets (default 50,150,200,300,600)")
     ] = "50,150,200,300,600",
@@ -278,18 +306,21 @@ def run_steal(args: Args) -> int:
         retries=args.retries,
         progress_every_s=args.progress_every,
         target_wait_s=args.target_wait,
+        target_output=args.target_output,
     )
     # What the target declares (a checkpoint's meta, a server's GET /info), read before any work: the
     # pool must fit its images, and the pool and test set the images that did not train it. The flow
     # checks again for callers of its API.
     from obliviate.data import load_dataset
     from obliviate.extraction.audit import check_pool_fits_target, target_training_indices
-    from obliviate.extraction.target import open_backend
+    from obliviate.extraction.target import open_backend, output_mode
 
-    # Nothing is done yet, so a target not there is said at once (a mistyped port), not waited for.
+    # Nothing is done yet, so a target not there is said at once (a mistyped port), not waited for; a server that
+    # answers labels only refuses --target-output probabilities here, in words.
+    output = output_mode(args.target_output, option="--target-output")
     data, meta = (
         load_dataset(args.pool),
-        open_backend(args.target, timeout_s=args.timeout, retries=args.retries, wait_s=0)[1],
+        open_backend(args.target, timeout_s=args.timeout, retries=args.retries, wait_s=0, output=output)[1],
     )
     check_pool_fits_target(pool=data, target_meta=meta)
     available = len(data) - len(set(target_training_indices(pool=data, target_meta=meta)[0]))
@@ -327,6 +358,7 @@ def run_steal(args: Args) -> int:
                     retries=args.retries,
                     progress_every_s=args.progress_every,
                     target_wait_s=args.target_wait,
+                    target_output=args.target_output,
                 )
         finally:
             if started_ray:
