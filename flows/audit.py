@@ -2,13 +2,13 @@
 
 Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out as Ray tasks:
 
-1. ``prepare_audit``: open the target (checkpoint or URL; a server is asked up front whether it answers
-   what ``target_output`` asks for, so one that answers labels only refuses probabilities before any work), draw pool and test set from the pool
-   dataset minus the target's training indices (with :func:`~obliviate.extraction.audit.draw_split`,
-   the target's own split when it declares its split seed: the bench's on mnist5k with the default
-   sizes), take the target's labels on the
-   test set once, and precompute what selectors need on the pool (MI matrices, features) so no
-   cell repeats it.
+1. ``prepare_audit``: open the target (checkpoint or URL; a server is asked up front whether it
+   answers what ``target_output`` asks for, so one that answers labels only refuses probabilities
+   before any work), draw pool and test set from the pool dataset minus the target's training
+   indices (with :func:`~obliviate.extraction.audit.draw_split`, the target's own split when it
+   declares its split seed: the bench's on mnist5k with the default sizes), take the target's labels
+   on the test set once, and precompute what selectors need on the pool (MI matrices, features) so
+   no cell repeats it.
 2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`), as many at once as Ray
    has CPUs. Each cell logs a line when it ends; a cell takes minutes, so off a terminal (no bars) the
    log also names the cells running at least every ``progress_every_s`` (:class:`flows.progress.ProgressLines`).
