@@ -87,6 +87,9 @@ _RUN_LAYOUT = frozenset(
         "audits",
     }
 )
+# Where a pass's claim on the store (flows.settle.PASS_CLAIM_KEY, service/pass-claim) keeps its leases
+# (storage.lease.claim_leases): service/pass-claim-leases/c<claim version>.json. Not imported: flows is above storage.
+_PASS_CLAIM_LEASES = "pass-claim-leases"
 # A temporary file of an atomic write (storage.objects: ``.tmp-<hex>-<final name>`` beside the final name).
 _TMP_OF = re.compile(r"^\.tmp-[0-9a-f]+-(?P<final>.+)$")
 # What a run's training writes first, before any commit record of its run exists (flows.train: the training claim,
@@ -323,10 +326,15 @@ class _Scope:
             )
         if top in ("registry", "groups") or top.startswith(_RESULT_TOP):
             return len(parts) == 2
-        if top == "service":  # its records, and the pass claim's pointer versions
+        if top == "service":  # its records, the pass claim's pointer versions and the leases of its claims
             last = parts[-1]
             return len(parts) == 2 or (
-                len(parts) == 3 and (_POINTER_VERSION_NAME.match(last) is not None or last.startswith(_TMP_MARK))
+                len(parts) == 3
+                and (
+                    _POINTER_VERSION_NAME.match(last) is not None
+                    or last.startswith(_TMP_MARK)
+                    or parts[1] == _PASS_CLAIM_LEASES
+                )
             )
         return top in _OWN_TOP
 

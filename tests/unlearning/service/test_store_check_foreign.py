@@ -21,6 +21,7 @@ from torch import nn
 
 from actors.chains import ChainWorker
 from flows.cli import main
+from flows.settle import store_pass
 from flows.train import run_spec, training_claim
 from obliviate.extraction.target import save_checkpoint
 from storage import ObjectStore
@@ -294,19 +295,25 @@ def test_a_brand_new_runs_training_claim_temporary_left_by_a_killed_writer_is_co
     assert not old.exists() and young.exists()
 
 
-def test_the_leases_of_a_training_claim_are_the_runs_not_a_users(tmp_path):
+def test_the_leases_of_a_training_or_pass_claim_are_ours_not_a_users(tmp_path):
     """Every `obliviate train` left its claim's lease (runs/<run>/train-claim-leases/c<version>.json and its commit
-    record), and store check counted both among 'file(s) not written by obliviate': never verified, and a killed
-    renewal's leftovers never collected. Now they are the run's: verified, and the leftovers collected once old."""
+    record), every pass of serve or reconcile its store claim's (service/pass-claim-leases/), and store check counted
+    them among 'file(s) not written by obliviate': never verified, and a killed renewal's leftovers never collected.
+    Now they are ours: verified, and the leftovers collected once old."""
     root = tmp_path / "store"
     url = f"file://{root}"
     with training_claim(url, "r1"):
         pass
-    leases = root / "runs/r1/train-claim-leases"
-    assert sorted(p.name for p in leases.iterdir()) == ["c000000001.json", "c000000001.json.sha256"]
-    leftover = leases / f".tmp-{uuid.uuid4().hex}-c000000001.json"  # a renewal killed before its rename
-    leftover.write_bytes(b"{")
-    _old(leftover)
+    with store_pass(ObjectStore(url), holder="a reconcile pass") as held_by:
+        assert held_by is None
+    leftovers = []
+    for folder in ("runs/r1/train-claim-leases", "service/pass-claim-leases"):
+        leases = root / folder
+        assert sorted(p.name for p in leases.iterdir()) == ["c000000001.json", "c000000001.json.sha256"]
+        leftover = leases / f".tmp-{uuid.uuid4().hex}-c000000001.json"  # a renewal killed before its rename
+        leftover.write_bytes(b"{")
+        _old(leftover)
+        leftovers.append(str(leftover.relative_to(root)))
     report = check_store(ObjectStore(url), min_age_s=600)
-    assert report.healthy and report.foreign == [] and report.objects_checked == 1, report.as_dict()
-    assert report.orphans == [str(leftover.relative_to(root))], report.as_dict()
+    assert report.healthy and report.foreign == [] and report.objects_checked == 2, report.as_dict()
+    assert report.orphans == sorted(leftovers), report.as_dict()
