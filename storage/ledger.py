@@ -26,8 +26,11 @@ Layout under the store:
   training before it reads the request's status, and merged into a ``done`` request's
   ``details.runs`` by :meth:`DeletionLedger.record_runs` (by the training, or by :meth:`settle`
   when the request becomes ``done`` later), so the audit trail names every run that applied it.
-* ``ledger/events/<event>.json``: what happened to each deletion event received (processed, a
-  duplicate, or rejected with the reason), the audit trail of the event side.
+* ``ledger/events/<event>``: a pointer whose current version says what happened to each deletion
+  event received (processed, a duplicate, or rejected with the reason), the audit trail of the
+  event side; every change is a compare-and-swap (:meth:`DeletionLedger.record_event`). A store
+  written before kept it in ``ledger/events/<event>.json``: read while the pointer has no version,
+  removed once it has one.
 * ``ledger/open/<request>.json``: a marker for every request not in a terminal state, so a pass
   (and a retrain polling for new holds after every block) reads the open requests only, not a
   month of settled history. Written *before* a request or a non-terminal status is stored, and
@@ -64,6 +67,7 @@ TERMINAL = frozenset({DONE, REJECTED, FAILED, CANCELLED})
 DAMAGED_RECORD = "damaged_record"
 _CAS_ATTEMPTS = 20
 _OPEN_PREFIX, _OPEN_INDEX_KEY = "ledger/open", "ledger/open-index.json"
+_EVENTS_PREFIX = "ledger/events"
 _TRAINED_PREFIX = "ledger/trained"
 #: A pass's audit of a run whose current version already listed the request: a training record of that
 #: run says how (trained without its ids, in which version) and replaces it.
@@ -449,22 +453,101 @@ class DeletionLedger:
         _, written = self._update_status(request_id, moved)
         return self.get(request_id) if written else None
 
-    def record_event(self, event_id: str, body: Mapping[str, Any]) -> None:
-        """What was done with a deletion event (kept for the audit trail).
+    def record_event(self, event_id: str, body: Mapping[str, Any]) -> bool:
+        """Record what was done with a deletion event (kept for the audit trail), by compare-and-swap.
 
-        A delivery that found the work done (``duplicate``) never replaces the record of the one
-        that did it (``processed``): a second delivery of the event overwrote it before.
+        Rule: the first ``processed`` record is final. It names the delivery that did the work; every
+        later record of the event comes from another delivery of it, which found the work done
+        (``duplicate``), started after it (``processing``), or processed the request again after a
+        ``forget --retry`` (the request's status history says so), and replaces it no more. Any other
+        record replaces the one before it, so a ``processed`` one replaces ``duplicate`` and
+        ``processing``. Each delivery reads the record, decides, and swaps from the version it read; a
+        writer that loses the swap reads again and decides again, so two deliveries racing can no more
+        lose the ``processed`` record (a read-then-write let one that had read nothing overwrite it). A
+        damaged record is replaced, as any record but a ``processed`` one is.
+
+        Returns:
+            whether ``body`` was written (``False``: a ``processed`` record was there).
+
+        Raises:
+            PointerConflict: the record kept moving under every attempt (the message says to retry).
         """
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(event_id))[:80] or "unknown"
-        key = f"ledger/events/{safe}.json"
-        if body.get("outcome") == "duplicate":
-            with contextlib.suppress(ObjectNotFound, CorruptObject):
-                if self.store.get_json(key).get("outcome") == "processed":
-                    return
-        self.store.put_json(key, {**body, "event_id": str(event_id), "recorded_at": time.time()})
+        key, legacy = self._event_key(event_id), self._legacy_event_key(event_id)
+        record = {**body, "event_id": str(event_id)}
+        for _ in range(_CAS_ATTEMPTS):
+            version, current, plain = self._event_record(key, legacy, damaged_ok=True)
+            if current is not None and current.get("outcome") == "processed":
+                return False
+            try:
+                self.store.swap_pointer(key, {**record, "recorded_at": time.time()}, expected_version=version)
+            except PointerConflict:
+                continue
+            if plain:  # the pointer holds what the plain record held now (or replaces its damage)
+                with contextlib.suppress(StorageError):
+                    self.store.delete(legacy)
+            return True
+        raise PointerConflict(f"event {event_id}: its record kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
+
+    def event(self, event_id: str) -> dict[str, Any] | None:
+        """The record of a deletion event (:meth:`record_event`), or ``None`` if none was written.
+
+        Raises:
+            CorruptObject: its current version (or its plain record, on a store written before) is damaged.
+        """
+        return self._event_record(self._event_key(event_id), self._legacy_event_key(event_id))[1]
 
     def events(self) -> list[dict[str, Any]]:
-        return [self.store.get_json(key) for key in self.store.list("ledger/events")]
+        """Every deletion event's record, by event key; a store's plain records of before are read too.
+
+        Raises:
+            CorruptObject: a record is damaged.
+        """
+        names = {key.rsplit("/", 1)[-1] for key in self.store.list_pointers(_EVENTS_PREFIX)}
+        names |= {key.rsplit("/", 1)[-1].removesuffix(".json") for key in self.store.list(_EVENTS_PREFIX)}
+        found = []
+        for name in sorted(names):
+            key = f"{_EVENTS_PREFIX}/{name}"
+            _, record, _ = self._event_record(key, f"{key}.json")
+            if record is not None:  # moved to its pointer (and its plain record removed) since the listing
+                found.append(record)
+        return found
+
+    def _event_key(self, event_id: str) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(event_id))[:80] or "unknown"
+        return f"{_EVENTS_PREFIX}/{safe}"
+
+    def _legacy_event_key(self, event_id: str) -> str:
+        return f"{self._event_key(event_id)}.json"
+
+    def _event_record(
+        self, key: str, legacy: str, *, damaged_ok: bool = False
+    ) -> tuple[int, dict[str, Any] | None, bool]:
+        """An event's record, the pointer version it was read from, and whether it is a plain record of before.
+
+        Version 0: no record yet, or the plain record of a store written before the pointer.
+        ``damaged_ok``: a damaged record reads as none, at the version it damaged, for a new record to replace it
+        (as one replaced it before the pointer).
+
+        Raises:
+            CorruptObject: the record is damaged (unless ``damaged_ok``).
+        """
+        try:
+            pointer = self.store.read_pointer(key)
+        except CorruptObject:
+            if not damaged_ok:
+                raise
+            return self.store.pointer_versions(key)[-1], None, False
+        if pointer is not None:
+            return pointer.version, dict(pointer.target), False
+        try:
+            return 0, dict(self.store.get_json(legacy)), True
+        except ObjectNotFound:
+            pointer = self.store.read_pointer(key)  # moved to the pointer between the two reads
+            return (pointer.version, dict(pointer.target), False) if pointer is not None else (0, None, False)
+        except CorruptObject:
+            if not damaged_ok:
+                raise
+            return 0, None, True
 
     # ----- batches: what one retrain applied for many requests, stored once ----------------------
 

@@ -13,8 +13,8 @@ from storage import ObjectStore
 from storage.ledger import DeletionLedger
 
 
-def _record(store: ObjectStore, event_id: str) -> dict:
-    return store.get_json(f"ledger/events/{event_id}.json")
+def _record(store: ObjectStore, event_id: str) -> dict | None:
+    return DeletionLedger(store).event(event_id)
 
 
 def test_a_batched_event_names_batched_until_and_ends_with_what_became_of_its_request(store_url, prefect_api_url):

@@ -16,8 +16,8 @@ def _run(store_url: str, payload: object, event_id: str):
     return unlearn_flow(store=store_url, payload=payload, event_id=event_id, return_state=True)
 
 
-def _record(store_url: str, event_id: str) -> dict:
-    return ObjectStore(store_url).get_json(f"ledger/events/{event_id}.json")
+def _record(store_url: str, event_id: str) -> dict | None:
+    return DeletionLedger(ObjectStore(store_url)).event(event_id)
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,7 @@ def test_an_event_whose_request_the_gate_rejects_fails_at_once_as_processed(stor
 
     assert state.is_failed()
     assert f"unknown ids [{untrained}]" in str(state.message)
-    record = store.get_json("ledger/events/ev-bad.json")
+    record = DeletionLedger(store).event("ev-bad")
     assert record["outcome"] == "processed" and record["status"] == REJECTED  # it said "duplicate"
     assert DeletionLedger(store).get(waiting).status == PENDING  # the good one still waits in its batch
 

@@ -79,13 +79,13 @@ def test_runner_serve_audits_on_its_cron_deployment_refuses_bad_events_and_remov
     good = emit_deletion_event(store.url, {"ids": block_ids[:2], "dataset": "digits"}, api_url=prefect_api_url)
     refused = _event_run(prefect_api_url, bad)
     assert refused.state.is_failed() and "names the dataset they index in 'dataset'" in refused.state.message
-    record = store.get_json(f"ledger/events/{bad}.json")
+    record = DeletionLedger(store).event(bad)
     assert record["outcome"] == "rejected" and "'dataset'" in record["reason"]
     applied = _event_run(prefect_api_url, good)
     assert applied.state.is_completed(), applied.state
     (entry,) = DeletionLedger(store).entries()
     assert entry.status == "done" and entry.request["ids"] == sorted(block_ids[:2])
-    record = store.get_json(f"ledger/events/{good}.json")
+    record = DeletionLedger(store).event(good)
     assert record["status"] == "done" and record["request_id"] == entry.request_id
 
     trigger = f"deletion-requested-{suffix}"
