@@ -19,7 +19,8 @@ Visibility rule (atomic from a reader's point of view):
   version exactly one wins and the other gets :class:`PointerConflict`. A pointer created with
   ``expected_version=0`` doubles as an exactly-once record (e.g. one per request id: a repeat
   gets :class:`PointerConflict`), and its later versions as that record's status transitions;
-  :meth:`list_pointers` enumerates them.
+  :meth:`list_pointers` enumerates them. A pointer each version of which holds its whole state may
+  drop its old versions (:meth:`drop_pointer_versions`), never its newest.
 * an object that must be written once (a deletion request's record, a run's spec) uses
   :meth:`put_json_once`: its bytes are created by the same create-if-absent write, so of two writers
   exactly one stores it and the other gets :class:`ObjectExists`, never an object replaced.
@@ -75,6 +76,8 @@ _TMP_MARK = ".tmp-"
 #: The name :meth:`ObjectStore.check_writable` writes at a store's root (and removes at once).
 WRITE_CHECK_MARK = f"{_TMP_MARK}write-check-"
 _POINTER_VERSION = re.compile(r"^v(\d{9})\.json$")
+# Listings of a pointer's versions before a read gives up: a version listed can be dropped before it is read.
+_POINTER_READ_ATTEMPTS = 3
 # Waits before reading a mismatched object again (1.55 s in all): a rewrite in flight settles in
 # milliseconds, so only damage outlasts them.
 _REREAD_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
@@ -391,11 +394,22 @@ class ObjectStore:
         return self._get_verified(member.key, expected=member.sha256)
 
     def read_pointer(self, key: str) -> Pointer | None:
-        """The newest version of pointer ``key``, or ``None`` if it was never set."""
-        versions = self._pointer_versions(_check_key(key))
-        if not versions:
-            return None
-        return self._load_pointer(key, versions[-1])
+        """The newest version of pointer ``key``, or ``None`` if it was never set.
+
+        A version listed as the newest can be gone when it is read, only if :meth:`drop_pointer_versions`
+        dropped it after newer ones were written: the versions are then listed again.
+        """
+        key = _check_key(key)
+        for attempt in range(_POINTER_READ_ATTEMPTS):
+            versions = self._pointer_versions(key)
+            if not versions:
+                return None
+            try:
+                return self._load_pointer(key, versions[-1])
+            except ObjectNotFound:
+                if attempt == _POINTER_READ_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def read_pointer_version(self, key: str, version: int) -> Pointer:
         """One past (or the current) version of pointer ``key``: its history, for audit trails."""
@@ -407,20 +421,42 @@ class ObjectStore:
         Use ``expected_version=0`` to create it. The new version is written with
         create-if-absent semantics, so concurrent swaps from the same version cannot both win.
 
+        Each version records which one it replaced (``after``: that version's identity as listed, its
+        ETag on S3, the hash of its bytes locally). That is what keeps the swap a compare-and-swap on a
+        pointer whose old versions :meth:`drop_pointer_versions` deletes: a writer stalled between
+        listing the versions and writing its own could re-create a number dropped meanwhile, below
+        versions written since. It finds them when it lists again after its write, and the version
+        above its own not written after it (or gone while its own is there, as no drop leaves it); it
+        then removes its own and loses the swap.
+
         Raises:
             PointerConflict: the pointer is at another version; re-read it and decide again.
         """
         key = _check_key(key)
-        current = self._pointer_versions(key)
-        seen = current[-1] if current else 0
+        listed = self._pointer_listing(key)
+        seen = max(listed, default=0)
         if seen != expected_version:
             raise PointerConflict(
                 f"pointer {self.uri(key)} is at version {seen}, not the expected {expected_version}; "
                 "read it again with read_pointer() and retry from the current version."
             )
         version = expected_version + 1
+        moved = PointerConflict(
+            f"pointer {self.uri(key)} moved to version {version} while this swap ran; "
+            "re-read it and retry from the current version."
+        )
+        try:
+            after = self._version_identity(key, expected_version, listed) if expected_version else None
+        except ObjectNotFound:  # the version read was dropped: newer ones were written meanwhile
+            raise moved from None
         created_at = time.time()
-        body = {"version": version, "target": dict(target), "created_at": created_at}
+        body = {
+            "version": version,
+            "target": dict(target),
+            "created_at": created_at,
+            "after": after,
+            "nonce": uuid.uuid4().hex,  # two writers' versions differ, even of one target at one time
+        }
         payload = json.dumps(body, sort_keys=True)
         data = json.dumps({"body": body, "sha256": hashlib.sha256(payload.encode()).hexdigest()}).encode()
         path = self._path(f"{key}/v{version:09d}.json")
@@ -428,11 +464,42 @@ class ObjectStore:
             try:
                 self._create_exclusive(path, data)
             except FileExistsError as err:
-                raise PointerConflict(
-                    f"pointer {self.uri(key)} moved to version {version} while this swap ran; "
-                    "re-read it and retry from the current version."
-                ) from err
+                raise moved from err
+        if self._written_in_a_gap(key, version, data):
+            with self._backend(self.uri(key), writing=True), contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(path)  # below the newest: no reader takes it for the current version
+            raise moved
         return Pointer(key=key, version=version, target=dict(target), created_at=created_at)
+
+    def drop_pointer_versions(self, key: str, *, keep_last: int = 2) -> builtins.list[int]:
+        """Delete the oldest versions of pointer ``key``, keeping its newest ``keep_last``; returns those deleted.
+
+        For a pointer each version of which holds its whole state (a run's pruned record), the older
+        versions are copies nobody reads, and keeping them all makes its folder grow with the square of
+        its changes. A pointer whose history is read (a request's status history) must keep them all.
+
+        The newest version is never deleted (``keep_last`` >= 1): :meth:`swap_pointer` decides by the
+        newest version there is, so deleting it would let a writer that read the version below swap
+        again from there, and two writers would both win. Deleting older ones leaves that decision as
+        it was: versions are deleted oldest first, and a writer that re-creates a deleted number (it
+        listed the versions before they were written and deleted) loses its swap (:meth:`swap_pointer`).
+        Keeping more than the newest lets a reader that listed the versions just before a swap still
+        read the one it listed (:meth:`read_pointer` lists again if that one is gone).
+
+        Raises:
+            ConfigError: ``keep_last`` is not a whole number >= 1.
+        """
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+            raise ConfigError(
+                f"drop_pointer_versions keeps at least the newest version (keep_last >= 1), which decides every "
+                f"compare-and-swap of the pointer; got keep_last={keep_last!r}."
+            )
+        key = _check_key(key)
+        dropped = self._pointer_versions(key)[:-keep_last]
+        for version in dropped:  # oldest first: swap_pointer's check of a re-created number relies on it
+            with self._backend(self.uri(key), writing=True), contextlib.suppress(FileNotFoundError):
+                self._fs.rm_file(self._path(f"{key}/v{version:09d}.json"))
+        return dropped
 
     def list_pointers(self, prefix: str = "") -> builtins.list[str]:
         """Keys of the pointers under ``prefix`` (e.g. one per ledger entry), sorted."""
@@ -701,18 +768,69 @@ class ObjectStore:
         return data
 
     def _pointer_versions(self, key: str) -> builtins.list[int]:
+        return sorted(self._pointer_listing(key))
+
+    def _pointer_listing(self, key: str) -> dict[int, dict[str, Any]]:
+        """Version -> what the listing says of its file (on S3 its ``ETag``; locally its name), for every version of ``key``."""
         with self._backend(self.uri(key)):
             try:
                 if self._protocol == "s3":
                     # One listing limited to <key>/v: s3fs's ls() of a missing path lists its parent
                     # too (all of ledger/status/ for a new request), a cost that grows with the store.
-                    found = self._fs.find(self._path(key), maxdepth=1, prefix="v")
-                else:
-                    found = self._fs.ls(self._path(key), detail=False)
+                    found = self._fs.find(self._path(key), maxdepth=1, prefix="v", detail=True)
+                    entries = builtins.list(found.values())
+                else:  # a local version's identity is read from its bytes: names are enough (no stat each)
+                    entries = [{"name": name} for name in self._fs.ls(self._path(key), detail=False)]
             except FileNotFoundError:
-                return []
-        names = [p.rsplit("/", 1)[-1] for p in found]
-        return sorted(int(m.group(1)) for m in map(_POINTER_VERSION.match, names) if m)
+                return {}
+        listing = {}
+        for entry in entries:
+            match = _POINTER_VERSION.match(str(entry["name"]).rsplit("/", 1)[-1])
+            if match:
+                listing[int(match.group(1))] = entry
+        return listing
+
+    def _version_identity(self, key: str, version: int, listing: Mapping[int, Mapping[str, Any]]) -> str:
+        """What tells this written version of pointer ``key`` from any other written under its number.
+
+        On S3 the ``ETag`` its listing gave (no extra call); locally the SHA-256 of its bytes.
+
+        Raises:
+            ObjectNotFound: the version is gone (dropped since the listing).
+        """
+        if self._protocol == "s3":
+            return str(listing[version].get("ETag", "")).strip('"')
+        with self._backend(self.uri(key)):
+            return hashlib.sha256(self._fs.cat_file(self._path(f"{key}/v{version:09d}.json"))).hexdigest()
+
+    def _written_in_a_gap(self, key: str, version: int, data: bytes) -> bool:
+        """Whether ``version`` of pointer ``key``, just written as ``data``, re-created a number a drop had deleted.
+
+        Versions above it mean either writers built on it since (its swap won) or they were there before
+        it, their own ``version`` deleted by :meth:`drop_pointer_versions` (it lost). The version right
+        above it tells: it records the identity of the one it replaced. With that one gone while this
+        one is still there, it was there before: drops delete oldest first.
+        """
+        for _ in range(_POINTER_READ_ATTEMPTS):
+            listing = self._pointer_listing(key)
+            if max(listing, default=0) <= version or version not in listing:
+                return False  # the newest; or replaced since and dropped in turn, as only a won swap is
+            if version + 1 not in listing:
+                return True
+            identity = (
+                str(listing[version].get("ETag", "")).strip('"')
+                if self._protocol == "s3"
+                else hashlib.sha256(data).hexdigest()
+            )
+            try:
+                with self._backend(self.uri(key)):
+                    above = json.loads(self._fs.cat_file(self._path(f"{key}/v{version + 1:09d}.json")))["body"]
+            except ObjectNotFound:
+                continue  # dropped since the listing: list again
+            except (ValueError, KeyError, TypeError):
+                return False  # damaged: nothing tells, and no swap is refused on a guess
+            return "after" in above and above["after"] != identity  # none recorded: written before they were
+        return False
 
     def _load_pointer(self, key: str, version: int) -> Pointer:
         with self._backend(self.uri(key)):
