@@ -310,6 +310,11 @@ def _sigterm_raises() -> Iterator[None]:
     flow run. On the way out the handlers found are put back; where one names what should follow the command
     (``after_command``: the console script's, which exits 130 or 143 once the process has cleaned up), that. So a
     SIGTERM after the command still ends the console script with 143 (the default put back ended it with -15).
+
+    A signal the command ignores by then stays ignored: a server stopped by Ctrl-C ignores further ones
+    (:func:`flows.model_server.ignore_stop_signals`), for a stop has nothing left to stop, and GNU ``timeout`` sends a
+    second. Putting the console script's handler back over that reopened them until the clean-up at exit ignored
+    them again: one landing in between ended ``target serve`` with "interrupted while exiting" and 130, not 0.
     """
     import signal
     import threading
@@ -329,7 +334,13 @@ def _sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        _put_back([(signum, _after_command(found[signum], signum)) for signum in taken])
+        _put_back(
+            [
+                (signum, _after_command(found[signum], signum))
+                for signum in taken
+                if signal.getsignal(signum) != signal.SIG_IGN
+            ]
+        )
 
 
 def _after_command(handler: Any, signum: int) -> Any:
