@@ -25,8 +25,9 @@ flow reuses that runtime. The ``extraction-audit`` flow joins Ray itself (:func:
 The scheduled ``extraction-audit`` flow (:func:`audit_flow`) asks the same question of the
 *current* model of each registered run: the current version's final model is exported as an audit
 target checkpoint (``{"arch", "state_dict", "meta"}`` with the run's training ids, so the
-attacker's pool excludes them) and :func:`steal_flow` audits it. The report's JSON is copied next
-to the run in the store: ``runs/<run>/audits/v<version>/report.json``.
+attacker's pool excludes them) and :func:`steal_flow` audits it, asking for what ``target_output``
+says (labels by default, as ``steal``). The report's JSON is copied next to the run in the store:
+``runs/<run>/audits/v<version>/report.json``.
 """
 
 from __future__ import annotations
@@ -842,6 +843,12 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
     return meta
 
 
+#: The scheduled audit's DRMI restarts (steal_flow's default is 32).
+AUDIT_DRMI_STARTS = 8
+#: The scheduled audit's HTTP settings (a sharded run is queried over 127.0.0.1): steal_flow's defaults.
+AUDIT_TIMEOUT_S, AUDIT_RETRIES = 30.0, 3
+
+
 @flow(name="extraction-audit")
 def audit_flow(
     store: str,
@@ -857,6 +864,7 @@ def audit_flow(
     rounds: int = 1,
     round_steps: int = 300,
     consistency_steps: int = 300,
+    target_output: str = OutputMode.LABELS.value,
 ) -> dict[str, Any]:
     """Audit the current model of every registered run (or ``run_id``); returns where reports lie.
 
@@ -864,7 +872,41 @@ def audit_flow(
     them (2 : 1), and budgets that no longer fit below the pool are dropped. A run with too few
     such images is skipped with its reason; a run whose audit fails is recorded with its error
     and the others are still audited; the flow run fails at the end, naming them.
+
+    Args:
+        store: the store of runs; each report goes to ``runs/<run>/audits/v<version>/report.json``.
+        run_id: audit this run only (``None``: every registered run).
+        target_output: what the attacker's queries ask each run's model for, as :func:`steal_flow`'s
+            ``target_output`` (SPEC section 3): ``labels`` (the default, the label-only oracle) or
+            ``probabilities`` (for a service whose API returns class probabilities). Each report's
+            ``config.target_output`` and each audited run's entry name it.
+
+    The other arguments are :func:`steal_flow`'s (pool size, test size and budgets fitted to each run
+    as above). What :func:`check_audit_settings` rules on (``target_output`` among them) is checked
+    by it, as ``steal_flow`` checks its own, before any run is touched.
+
+    Raises:
+        ConfigError: a setting out of range, named with its rule.
+        AuditFailed: at least one run's audit failed (the others were audited and stored).
     """
+    # The settings every run is audited with: a bad one would fail each run alike, after exporting
+    # its model, so it is refused here once, by steal_flow's own rule.
+    settings = {
+        "steps": steps,
+        "attack_steps": attack_steps,
+        "rounds": rounds,
+        "round_steps": round_steps,
+        "consistency_steps": consistency_steps,
+        "drmi_starts": AUDIT_DRMI_STARTS,
+        "target_output": target_output,
+    }
+    check_audit_settings(
+        pool_size=pool_size,
+        test_size=test_size,
+        timeout_s=AUDIT_TIMEOUT_S,
+        retries=AUDIT_RETRIES,
+        **settings,
+    )
     logger = get_run_logger()
     object_store = ObjectStore(store)
     registry = RunRegistry(object_store)
@@ -877,13 +919,10 @@ def audit_flow(
         steal_flow,
         selectors=list(selectors),
         seeds=seeds,
-        steps=steps,
         attackers=list(attackers),
-        attack_steps=attack_steps,
-        rounds=rounds,
-        round_steps=round_steps,
-        consistency_steps=consistency_steps,
-        drmi_starts=8,
+        timeout_s=AUDIT_TIMEOUT_S,
+        retries=AUDIT_RETRIES,
+        **settings,
     )
     if runs:
         # A run the Prefect runner starts (serve's 03:00 cron, `prefect deployment run`) is a fresh
@@ -905,7 +944,14 @@ def audit_flow(
             if reports[run]["status"] == "skipped":
                 logger.warning("run %s not audited: %s", run, reports[run]["reason"])
             else:
-                logger.info("run %s version %s audited: %s", run, reports[run]["version"], reports[run]["report"])
+                reports[run]["target_output"] = target_output
+                logger.info(
+                    "run %s version %s audited (%s): %s",
+                    run,
+                    reports[run]["version"],
+                    _answers({"target_output": target_output}),
+                    reports[run]["report"],
+                )
     failed = {run: r["reason"] for run, r in reports.items() if r["status"] == "failed"}
     if failed:
         raise AuditFailed(f"{len(failed)} of {len(reports)} run(s) could not be audited: {failed}")

@@ -12,7 +12,9 @@
   each run in a fresh subprocess;
 * ``reconcile/reconcile-<suffix>``: cron; finishes every ledger entry not done (lost events, crashes);
 * ``extraction-audit/audit-<suffix>``: cron; extraction audit of every run's current model (the
-  run joins ``serve``'s Ray runtime, which ``serve`` exports as ``RAY_ADDRESS``).
+  run joins ``serve``'s Ray runtime, which ``serve`` exports as ``RAY_ADDRESS``); its parameters
+  are the store and ``target_output`` (``serve --target-output``: what the audit's queries ask
+  for, ``labels`` by default or ``probabilities``).
 
 ``<suffix>`` is the first 10 hex digits of the SHA-256 of the store's URL
 (:attr:`ServiceOptions.suffix`, e.g. ``unlearn-f9ec09e3fd``): ``serve`` prints the full names when
@@ -54,6 +56,7 @@ from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resourc
 from flows.watchdog import withdraw_endpoint
 from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.errors import ConfigError
+from obliviate.extraction.target import OutputMode, output_mode
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError
 from storage.errors import CorruptObject, StorageError
@@ -81,6 +84,9 @@ class ServiceOptions:
         workers: Ray workers per fan-out (default: cluster CPUs).
         reconcile_cron: schedule of the reconciliation.
         audit_cron: schedule of the extraction audit (``None``: no audit deployment).
+        audit_target_output: what the scheduled audit's queries ask each run's model for (the audit
+            deployment's ``target_output``, as ``steal --target-output``): ``labels`` (SPEC section 3's
+            label-only default) or ``probabilities`` (for a service whose API returns class probabilities).
         lease_s: a claim whose lease is not renewed for this long is taken over.
         max_attempts: attempts per request before it becomes ``failed``.
         watch_s: how often ``serve`` renews its announcement and looks for due requests nobody
@@ -101,6 +107,7 @@ class ServiceOptions:
     workers: int | None = None
     reconcile_cron: str = "*/5 * * * *"
     audit_cron: str | None = "0 3 * * *"
+    audit_target_output: str = OutputMode.LABELS.value
     lease_s: float = DEFAULT_LEASE_S
     max_attempts: int = 3
     watch_s: float = 5.0
@@ -115,6 +122,7 @@ class ServiceOptions:
         for option, cron in (("--reconcile-cron", self.reconcile_cron), ("--audit-cron", self.audit_cron)):
             if cron is not None:
                 _check_cron(option, cron)
+        output_mode(self.audit_target_output, option="--target-output")  # a bad one would fail every audit run
 
     @property
     def suffix(self) -> str:
@@ -171,7 +179,9 @@ def build_deployments(options: ServiceOptions) -> list[Any]:
     if options.audit_cron:
         deployments.append(
             audit_flow.to_deployment(
-                name=f"audit-{options.suffix}", parameters={"store": store}, cron=options.audit_cron
+                name=f"audit-{options.suffix}",
+                parameters={"store": store, "target_output": options.audit_target_output},
+                cron=options.audit_cron,
             )
         )
     return deployments

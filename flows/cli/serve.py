@@ -21,6 +21,7 @@ import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, choice, choices, flag, integer, number, option, parsed
+from flows.cli.steal import target_output
 from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 
 POLICIES = ("exact", "deepobliviate")
@@ -80,6 +81,17 @@ def serve_command(
         str,
         option("--audit-cron", help="extraction audit schedule, cron syntax (default '0 3 * * *'); 'off' disables it"),
     ] = "0 3 * * *",
+    audit_target_output: Annotated[
+        str | None,
+        option(
+            "--target-output",
+            parser=target_output,
+            metavar="{labels,probabilities}",
+            help="what each run's model answers the scheduled extraction audit's queries, as `steal --target-output`: "
+            "labels (default; SPEC section 3's label-only oracle) or probabilities (a service whose API returns class "
+            "probabilities: the attackers train on them, each image still costs one query)",
+        ),
+    ] = None,
     lease: Annotated[
         float | None,
         option(
@@ -206,6 +218,12 @@ def run_serve(args: Args) -> int:
             f"so it must be at least {MIN_POINTS_FLOOR} (three parameters are fitted); got {args.min_points}. Pass "
             f"{MIN_POINTS_FLOOR} or more, or leave it unset for the default {DEFAULT_MIN_POINTS}."
         )
+    if args.audit_target_output is not None and args.audit_cron == "off":
+        raise ConfigError(
+            f"--target-output is what the scheduled extraction audit asks for, so it needs the audit; got "
+            f"--target-output {args.audit_target_output} with --audit-cron off. Give --audit-cron a schedule, or drop "
+            "--target-output."
+        )
     # Every option is checked before the store is created or written.
     policy = BatchPolicy(window_s=window_s, batch_max=args.batch_max, deadline_s=deadline_s)
     options = ServiceOptions(
@@ -218,6 +236,7 @@ def run_serve(args: Args) -> int:
         workers=args.workers,
         reconcile_cron=args.reconcile_cron,
         audit_cron=None if args.audit_cron == "off" else args.audit_cron,
+        audit_target_output=args.audit_target_output or "labels",
         lease_s=lease_s,
         max_attempts=args.max_attempts,
         dispatch=args.dispatch,
