@@ -15,7 +15,6 @@ experiment state goes to local disk for ``file://`` stores and to the same bucke
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
@@ -23,13 +22,13 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flows._logging_filter import logger_filter
 from flows.runtime import ensure_ray
 from obliviate.defaults import DEFAULT_AGGREGATE, DEFAULT_GRAY
 from obliviate.errors import ConfigError, named_choice
@@ -320,7 +319,7 @@ def run_sweep(
         tune_config=tune.TuneConfig(max_concurrent_trials=workers),
         run_config=tune.RunConfig(name=name, storage_path=_tune_storage_path(store), verbose=0),
     )
-    with _without_tunes_resume_advice():
+    with logger_filter(_TUNE_RESUME_LOGGERS, _TunesResumeAdvice()):
         results = tuner.fit()
     planned = math.prod(len(values) for values in grid.values())
     # On SIGINT (or SIGUSR1) Tune stops its running trials, marks them TERMINATED like finished ones and
@@ -394,19 +393,6 @@ class _TunesResumeAdvice(logging.Filter):
 
 #: The loggers those lines come from (ray.tune.tune and ray.tune.analysis.experiment_analysis, Ray 2.60).
 _TUNE_RESUME_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
-
-
-@contextlib.contextmanager
-def _without_tunes_resume_advice() -> Iterator[None]:
-    quiet = _TunesResumeAdvice()
-    loggers = [logging.getLogger(name) for name in _TUNE_RESUME_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(quiet)
 
 
 def _claim_name(store: ObjectStore, prefix: str, name: str, settings: dict[str, Any], *, record: bool = True) -> None:

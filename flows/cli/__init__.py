@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from flows._logging_filter import logger_filter
 from flows.cli._types import Args, new_app
 from obliviate.errors import ObliviateError
 
@@ -220,23 +221,8 @@ class _WithoutTracebackOfOwnErrors(logging.Filter):
         return True
 
 
-# The loggers whose records Prefect's engine creates for a run's failure. A logger's filter sees
-# every record created there before any handler does, and Prefect's logging set-up (which may
-# run later, when the first flow starts) replaces handlers but keeps filters.
+# The loggers whose records Prefect's engine creates for a run's failure.
 _RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
-
-
-@contextlib.contextmanager
-def _own_errors_without_traceback() -> Iterator[None]:
-    quiet = _WithoutTracebackOfOwnErrors()
-    loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
-    for logger in loggers:
-        logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        with _own_errors_without_traceback(), _sigterm_raises():
+        with logger_filter(_RUN_LOGGERS, _WithoutTracebackOfOwnErrors()), _sigterm_raises():
             return int(args.handler(args) or 0)
     except ObliviateError as err:
         print(f"obliviate {command_name(args)}: error: {error_message(err)}", file=sys.stderr)
