@@ -383,9 +383,10 @@ def ignore_stop_signals() -> None:
     GNU ``timeout`` (and a terminal's Ctrl-C on the process group) can deliver a second SIGINT while
     the process exits: it interrupted an exit handler (torch's ``atexit`` callback) and printed
     "Exception ignored in atexit callback ... KeyboardInterrupt" after the stop sentence. The stop
-    is under way; another signal has nothing left to stop. Also registered with :mod:`atexit`
-    (run before the handlers registered earlier), as the command line's own SIGTERM handling is
-    undone on its way out.
+    is under way; another signal has nothing left to stop. The command line leaves an ignored
+    signal ignored on its way out (``flows.cli``'s ``_sigterm_raises``); the :mod:`atexit`
+    registration (run before the handlers registered earlier) is a backstop for callers that
+    restore their own handlers after the server returns.
     """
     if threading.current_thread() is not threading.main_thread():
         return
