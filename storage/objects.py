@@ -78,6 +78,9 @@ WRITE_CHECK_MARK = f"{_TMP_MARK}write-check-"
 _POINTER_VERSION = re.compile(r"^v(\d{9})\.json$")
 # Listings of a pointer's versions before a read gives up: a version listed can be dropped before it is read.
 _POINTER_READ_ATTEMPTS = 3
+# How many of the versions it descends from each pointer version names (ObjectStore.swap_pointer): the version
+# above a writer's tells whether it descends from the writer's unless that many swaps came between them.
+_CHAIN = 32
 # Waits before reading a mismatched object again (1.55 s in all): a rewrite in flight settles in
 # milliseconds, so only damage outlasts them.
 _REREAD_WAITS_S = (0.05, 0.1, 0.2, 0.4, 0.8)
@@ -421,20 +424,21 @@ class ObjectStore:
         Use ``expected_version=0`` to create it. The new version is written with
         create-if-absent semantics, so concurrent swaps from the same version cannot both win.
 
-        Each version records which one it replaced (``after``: that version's identity as listed, its
-        ETag on S3, the hash of its bytes locally). That is what keeps the swap a compare-and-swap on a
-        pointer whose old versions :meth:`drop_pointer_versions` deletes: a writer stalled between
-        listing the versions and writing its own could re-create a number dropped meanwhile, below
-        versions written since. It finds them when it lists again after its write, and the version
-        above its own not written after it (or gone while its own is there, as no drop leaves it); it
-        then removes its own and loses the swap.
+        A pointer whose old versions :meth:`drop_pointer_versions` deletes needs one more step: a writer
+        stalled between listing the versions and writing its own could re-create a number dropped
+        meanwhile, below versions written since, and its change would be lost. So each version carries
+        the nonces of the versions it descends from (``chain``: the one it replaced and, from that one's
+        chain, those before, the newest :data:`_CHAIN` of them), and after its write a swap lists the
+        versions again: if a newer one is there, the lowest of them must descend from this very version,
+        else the swap loses (its version removed when that one descends from another under its number;
+        kept when its chain no longer reaches down this far, as only a burst of swaps and drops in the
+        moment since the write leaves it). On a pointer nobody drops versions of it always descends.
 
         Raises:
             PointerConflict: the pointer is at another version; re-read it and decide again.
         """
         key = _check_key(key)
-        listed = self._pointer_listing(key)
-        seen = max(listed, default=0)
+        seen = max(self._pointer_versions(key), default=0)
         if seen != expected_version:
             raise PointerConflict(
                 f"pointer {self.uri(key)} is at version {seen}, not the expected {expected_version}; "
@@ -445,18 +449,16 @@ class ObjectStore:
             f"pointer {self.uri(key)} moved to version {version} while this swap ran; "
             "re-read it and retry from the current version."
         )
-        try:
-            after = self._version_identity(key, expected_version, listed) if expected_version else None
-        except ObjectNotFound:  # the version read was dropped: newer ones were written meanwhile
-            raise moved from None
+        chain: dict[str, str] = {}
+        if expected_version:
+            try:
+                replaced = self._raw_pointer_body(key, expected_version)
+            except ObjectNotFound:  # dropped: newer versions were written since it was listed
+                raise moved from None
+            chain = _descent(replaced, expected_version)
         created_at = time.time()
-        body = {
-            "version": version,
-            "target": dict(target),
-            "created_at": created_at,
-            "after": after,
-            "nonce": uuid.uuid4().hex,  # two writers' versions differ, even of one target at one time
-        }
+        nonce = uuid.uuid4().hex[:16]  # 64 random bits: two writers never draw the same
+        body = {"version": version, "target": dict(target), "created_at": created_at, "nonce": nonce, "chain": chain}
         payload = json.dumps(body, sort_keys=True)
         data = json.dumps({"body": body, "sha256": hashlib.sha256(payload.encode()).hexdigest()}).encode()
         path = self._path(f"{key}/v{version:09d}.json")
@@ -465,9 +467,11 @@ class ObjectStore:
                 self._create_exclusive(path, data)
             except FileExistsError as err:
                 raise moved from err
-        if self._written_in_a_gap(key, version, data):
-            with self._backend(self.uri(key), writing=True), contextlib.suppress(FileNotFoundError):
-                self._fs.rm_file(path)  # below the newest: no reader takes it for the current version
+        above = self._descent_above(key, version)
+        if above is not None and above != nonce:
+            if above:  # the versions above descend from another one under this number: this one is below the newest
+                with self._backend(self.uri(key), writing=True), contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(path)
             raise moved
         return Pointer(key=key, version=version, target=dict(target), created_at=created_at)
 
@@ -768,69 +772,53 @@ class ObjectStore:
         return data
 
     def _pointer_versions(self, key: str) -> builtins.list[int]:
-        return sorted(self._pointer_listing(key))
-
-    def _pointer_listing(self, key: str) -> dict[int, dict[str, Any]]:
-        """Version -> what the listing says of its file (on S3 its ``ETag``; locally its name), for every version of ``key``."""
         with self._backend(self.uri(key)):
             try:
                 if self._protocol == "s3":
                     # One listing limited to <key>/v: s3fs's ls() of a missing path lists its parent
                     # too (all of ledger/status/ for a new request), a cost that grows with the store.
-                    found = self._fs.find(self._path(key), maxdepth=1, prefix="v", detail=True)
-                    entries = builtins.list(found.values())
-                else:  # a local version's identity is read from its bytes: names are enough (no stat each)
-                    entries = [{"name": name} for name in self._fs.ls(self._path(key), detail=False)]
+                    found = self._fs.find(self._path(key), maxdepth=1, prefix="v")
+                else:
+                    found = self._fs.ls(self._path(key), detail=False)
             except FileNotFoundError:
-                return {}
-        listing = {}
-        for entry in entries:
-            match = _POINTER_VERSION.match(str(entry["name"]).rsplit("/", 1)[-1])
-            if match:
-                listing[int(match.group(1))] = entry
-        return listing
+                return []
+        names = [p.rsplit("/", 1)[-1] for p in found]
+        return sorted(int(m.group(1)) for m in map(_POINTER_VERSION.match, names) if m)
 
-    def _version_identity(self, key: str, version: int, listing: Mapping[int, Mapping[str, Any]]) -> str:
-        """What tells this written version of pointer ``key`` from any other written under its number.
-
-        On S3 the ``ETag`` its listing gave (no extra call); locally the SHA-256 of its bytes.
+    def _raw_pointer_body(self, key: str, version: int) -> Any:
+        """The body of one version of pointer ``key`` as stored, unchecked (``None`` if it is not a pointer version's).
 
         Raises:
-            ObjectNotFound: the version is gone (dropped since the listing).
+            ObjectNotFound: the version is not there (never written, or dropped).
         """
-        if self._protocol == "s3":
-            return str(listing[version].get("ETag", "")).strip('"')
         with self._backend(self.uri(key)):
-            return hashlib.sha256(self._fs.cat_file(self._path(f"{key}/v{version:09d}.json"))).hexdigest()
+            raw = self._fs.cat_file(self._path(f"{key}/v{version:09d}.json"))
+        try:
+            return json.loads(raw)["body"]
+        except (ValueError, KeyError, TypeError):
+            return None
 
-    def _written_in_a_gap(self, key: str, version: int, data: bytes) -> bool:
-        """Whether ``version`` of pointer ``key``, just written as ``data``, re-created a number a drop had deleted.
+    def _descent_above(self, key: str, version: int) -> str | None:
+        """The nonce of ``version`` of pointer ``key`` that the lowest version above it descends from (see :meth:`swap_pointer`).
 
-        Versions above it mean either writers built on it since (its swap won) or they were there before
-        it, their own ``version`` deleted by :meth:`drop_pointer_versions` (it lost). The version right
-        above it tells: it records the identity of the one it replaced. With that one gone while this
-        one is still there, it was there before: drops delete oldest first.
+        Returns:
+            ``None`` when nothing tells: no version is above it, or the one above is damaged or was
+            written before versions carried their chain. ``""`` when its chain does not reach down to
+            ``version``.
         """
         for _ in range(_POINTER_READ_ATTEMPTS):
-            listing = self._pointer_listing(key)
-            if max(listing, default=0) <= version or version not in listing:
-                return False  # the newest; or replaced since and dropped in turn, as only a won swap is
-            if version + 1 not in listing:
-                return True
-            identity = (
-                str(listing[version].get("ETag", "")).strip('"')
-                if self._protocol == "s3"
-                else hashlib.sha256(data).hexdigest()
-            )
+            above = [v for v in self._pointer_versions(key) if v > version]
+            if not above:
+                return None
             try:
-                with self._backend(self.uri(key)):
-                    above = json.loads(self._fs.cat_file(self._path(f"{key}/v{version + 1:09d}.json")))["body"]
+                body = self._raw_pointer_body(key, min(above))
             except ObjectNotFound:
                 continue  # dropped since the listing: list again
-            except (ValueError, KeyError, TypeError):
-                return False  # damaged: nothing tells, and no swap is refused on a guess
-            return "after" in above and above["after"] != identity  # none recorded: written before they were
-        return False
+            chain = body.get("chain") if isinstance(body, dict) else None
+            if not isinstance(chain, dict):
+                return None
+            return str(chain.get(str(version), ""))
+        return ""
 
     def _load_pointer(self, key: str, version: int) -> Pointer:
         with self._backend(self.uri(key)):
@@ -846,6 +834,22 @@ class ObjectStore:
         return Pointer(
             key=key, version=int(body["version"]), target=body["target"], created_at=float(body["created_at"])
         )
+
+
+def _descent(replaced: Any, version: int) -> dict[str, str]:
+    """The chain a pointer version replacing ``version`` (whose body is ``replaced``) carries: its nonce and its chain's.
+
+    Version (as text) -> nonce, the newest :data:`_CHAIN`; a version whose body cannot be read (damaged,
+    or written before versions had nonces) adds nothing.
+    """
+    if not isinstance(replaced, dict):
+        return {}
+    inherited = replaced.get("chain")
+    chain = {str(v): str(n) for v, n in inherited.items() if str(v).isdigit()} if isinstance(inherited, dict) else {}
+    if replaced.get("nonce"):
+        chain[str(version)] = str(replaced["nonce"])
+    newest = sorted(chain, key=int, reverse=True)[:_CHAIN]
+    return {v: chain[v] for v in sorted(newest, key=int)}
 
 
 def _commit_record(data: bytes) -> bytes:
