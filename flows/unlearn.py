@@ -31,10 +31,12 @@ the contract is in ``docs/unlearning.md``, "Deletion events from other systems")
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -47,9 +49,11 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
+from flows.progress import PROGRESS_LOG_SECONDS
 from flows.runtime import quiet_foreseen_tracebacks
 from flows.settle import (
     PASS_WAIT_S,
+    STOPPING,
     UNREADABLE,
     AttemptPolicy,
     busy_result,
@@ -63,8 +67,8 @@ from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError, check_name, parse_event_payload, parse_ids, request_id_for
-from storage import lease
-from storage.errors import CorruptObject
+from storage import lease, retry
+from storage.errors import CorruptObject, StorageUnavailable
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, FAILED, PENDING, REJECTED, TERMINAL, DeletionLedger, RequestStatus
 from storage.objects import ObjectStore
@@ -101,6 +105,7 @@ def process_open_requests(
             workers=workers,
             stop_rule=stop_rule,
             min_points=min_points,
+            logger=logger,
         )
         fanouts.append(fanout)
         logger.info(
@@ -163,6 +168,13 @@ def process_open_requests(
         return {**result, "fanout": fanout, "fanouts": fanouts, "rejected_at_gate": gate.get("rejected", {})}
 
 
+# While a fan-out waits on its runs, what it waits on (and whether the store answers) is said this often.
+FAN_OUT_LOG_S = PROGRESS_LOG_SECONDS
+# A heartbeat's question to the store that is unanswered after this long counts as the store not answering
+# (a refused connection is answered in 1-2 s; botocore's connect timeout is 5 s, tried twice).
+STORE_PROBE_WAIT_S = 12.0
+
+
 def fan_out_unlearning(
     store: str,
     per_run: dict[str, dict[str, list[int]]],
@@ -173,8 +185,14 @@ def fan_out_unlearning(
     workers: int | None,
     stop_rule: str = DEFAULT_STOP_RULE,
     min_points: int = DEFAULT_MIN_POINTS,
+    logger: Any = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``."""
+    """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``.
+
+    While the runs unlearn, ``logger`` (default: this module's) hears every :data:`FAN_OUT_LOG_S` which runs
+    are still waited on and, when the store does not answer, that it is unreachable and until when the
+    workers retry it; and when it answers again (:class:`_FanOutWatch`).
+    """
     import ray
 
     from flows.runtime import cluster_cpus, ensure_ray
@@ -196,18 +214,155 @@ def fan_out_unlearning(
         for i, run_id in enumerate(sorted(per_run))
     }
     results: dict[str, dict[str, Any]] = {}
-    for run_id, future in futures.items():
-        try:
-            results[run_id] = ray.get(future)
-        except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
-            signal = termination_behind(err)
-            if signal is not None:
-                # a SIGTERM during the wait: a stop of the pass, not this run's failure (recorded, it used
-                # up an attempt with a meaningless SystemError as the request's reason)
-                raise signal from None
-            cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the worker's own exception
-            results[run_id] = {"run_id": run_id, "status": "failed", "error": f"{type(cause).__name__}: {cause}"[:4000]}
+    # The workers' storage retries are silent here (Ray does not forward their logs), so a thread of its own
+    # says what this wait waits on. The wait itself stays one blocking ray.get per run: how a stop ends it
+    # (a SIGTERM raised out of ray.get, ray.shutdown() by a stopping serve) depends on that. A wait with a
+    # timeout in a loop came back empty once serve's Ray was gone, and its next call started a new Ray runtime.
+    watch = _FanOutWatch(store, logger or logging.getLogger(__name__), list(futures), started=started)
+    try:
+        for run_id, future in futures.items():
+            try:
+                results[run_id] = ray.get(future)
+            except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
+                signal = termination_behind(err)
+                if signal is not None:
+                    # a SIGTERM during the wait: a stop of the pass, not this run's failure (recorded, it used
+                    # up an attempt with a meaningless SystemError as the request's reason)
+                    raise signal from None
+                cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the worker's own exception
+                results[run_id] = {
+                    "run_id": run_id,
+                    "status": "failed",
+                    "error": f"{type(cause).__name__}: {cause}"[:4000],
+                }
+            watch.done(run_id)
+    except BaseException:
+        watch.stop()  # a stop of the pass: not a word more, and nothing waited on
+        raise
+    watch.finish()
     return results, {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
+
+
+class _FanOutWatch:
+    """What a fan-out waits on, said every :data:`FAN_OUT_LOG_S` from a thread; and whether the store answers.
+
+    Each heartbeat asks the store one cheap question (does its bucket or folder exist) on a thread of
+    its own, waiting at most :data:`STORE_PROBE_WAIT_S` for the answer: a store that refuses it, or
+    leaves it unanswered, is said to be unreachable, with until when the workers retry it; a store
+    that answers again after that is said to. A question still unanswered is waited on again, not asked again.
+    The heartbeat says nothing once :meth:`stop` or :meth:`finish` was called, nor while ``serve`` stops
+    (:data:`flows.settle.STOPPING`): that stop ends the wait, and nothing of this class may stand in its way
+    (no lock the fan-out's thread takes is held while a line is said). Only :meth:`finish` says, then, that a
+    store seen unreachable answers again.
+    """
+
+    def __init__(self, store: str, logger: Any, run_ids: list[str], *, started: float) -> None:
+        self._store = ObjectStore(store)
+        self._logger = logger
+        self._waiting = list(run_ids)
+        self._total = len(run_ids)
+        self._started = started
+        self._lock = threading.Lock()  # guards the runs still waited on, never held while a line is said
+        self._stopped = threading.Event()
+        self._probe: threading.Thread | None = None
+        self._outcome: list[str | None] = []
+        self._asked_at = self._asked_wall = 0.0
+        self._down_since: float | None = None
+        self._thread = threading.Thread(target=self._beat, name="fan-out-watch", daemon=True)
+        self._thread.start()
+
+    def done(self, run_id: str) -> None:
+        with self._lock:
+            self._waiting.remove(run_id)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def finish(self) -> None:
+        """The fan-out is over: a store seen unreachable and not since is said to have answered (its runs did)."""
+        self._stopped.set()
+        self._thread.join(STORE_PROBE_WAIT_S + 1.0)  # a heartbeat under way ends first
+        if self._down_since is not None and self._probe is not None:
+            self._probe.join(STORE_PROBE_WAIT_S)  # a question asked during the outage: ask afresh
+        if self._down_since is not None and self._ask() is None:
+            self._logger.info(
+                "storage %s answers again, after %.0f s unreachable", self._store.url, time.time() - self._down_since
+            )
+        self._down_since = None
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(FAN_OUT_LOG_S) and not STOPPING.is_set():
+            try:
+                self._heartbeat()
+            except Exception:  # a heartbeat that cannot be said must never touch the fan-out
+                logging.getLogger(__name__).debug("fan-out heartbeat failed", exc_info=True)
+
+    def _heartbeat(self) -> None:
+        failure = self._ask()
+        now = time.time()
+        with self._lock:
+            run_ids = sorted(self._waiting)
+        if self._stopped.is_set() or STOPPING.is_set() or not run_ids:
+            return
+        done = self._total - len(run_ids)
+        runs = f"run{'s' if len(run_ids) > 1 else ''} {', '.join(run_ids)}"
+        waited_s = now - self._started
+        if failure is not None:
+            if self._down_since is None:
+                self._down_since = self._asked_wall  # it has not answered since the question that found it down
+            deadline_s = retry.DEFAULT_RETRY_DEADLINE_S
+            self._logger.warning(
+                "storage %s is unreachable (%s), for %.0f s now; the unlearning of %s (waited on for %.0f s) "
+                "retries its storage calls until about %s UTC (%.0f s after the outage was first seen), then that "
+                "run fails and its requests' attempt is recorded",
+                self._store.url,
+                failure,
+                now - self._down_since,
+                runs,
+                waited_s,
+                _utc_clock(self._down_since + deadline_s),
+                deadline_s,
+            )
+            return
+        if self._down_since is not None:
+            self._logger.info(
+                "storage %s answers again, after %.0f s unreachable; the unlearning of %s goes on",
+                self._store.url,
+                now - self._down_since,
+                runs,
+            )
+            self._down_since = None
+        self._logger.info(
+            "waiting on the unlearning of %s for %.0f s (%d of %d run(s) done)", runs, waited_s, done, self._total
+        )
+
+    def _ask(self) -> str | None:
+        """Why the store did not answer a cheap question (``None``: it answered); a question in flight is waited on."""
+        if self._probe is None or not self._probe.is_alive():
+            self._outcome = []
+            self._asked_at, self._asked_wall = time.monotonic(), time.time()
+            self._probe = threading.Thread(
+                target=self._question, args=(self._outcome,), name="fan-out-store-probe", daemon=True
+            )
+            self._probe.start()
+        self._probe.join(STORE_PROBE_WAIT_S)
+        if self._outcome:
+            return self._outcome[0]
+        return f"it has not answered a question asked {time.monotonic() - self._asked_at:.0f} s ago"
+
+    def _question(self, outcome: list[str | None]) -> None:
+        try:
+            self._store.container_exists()
+            outcome.append(None)
+        except StorageUnavailable as err:
+            cause = err.__cause__ or err
+            outcome.append(f"{type(cause).__name__}: {cause}"[:300])
+        except Exception:  # noqa: BLE001 -- any other answer is an answer: the store is reachable
+            outcome.append(None)
+
+
+def _utc_clock(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%H:%M:%S")
 
 
 @flow(name="unlearn")
