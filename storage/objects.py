@@ -76,10 +76,11 @@ _TMP_MARK = ".tmp-"
 #: The name :meth:`ObjectStore.check_writable` writes at a store's root (and removes at once).
 WRITE_CHECK_MARK = f"{_TMP_MARK}write-check-"
 _POINTER_VERSION = re.compile(r"^v(\d{9})\.json$")
-# Listings of a pointer's versions before a read gives up: a version listed can be dropped before it is read.
-_POINTER_READ_ATTEMPTS = 3
-# How many of the versions it descends from each pointer version names (ObjectStore.swap_pointer): the version
-# above a writer's tells whether it descends from the writer's unless that many swaps came between them.
+# Listings of a pointer's versions before a read gives up: a version listed can be dropped before it is read
+# (by a burst of swaps and drops from other writers each time).
+_POINTER_READ_ATTEMPTS = 10
+# How many of the versions it descends from each pointer version names (ObjectStore.swap_pointer): the newest
+# version tells whether it descends from a writer's unless that many swaps came after the writer's.
 _CHAIN = 32
 # Waits before reading a mismatched object again (1.55 s in all): a rewrite in flight settles in
 # milliseconds, so only damage outlasts them.
@@ -429,10 +430,12 @@ class ObjectStore:
         meanwhile, below versions written since, and its change would be lost. So each version carries
         the nonces of the versions it descends from (``chain``: the one it replaced and, from that one's
         chain, those before, the newest :data:`_CHAIN` of them), and after its write a swap lists the
-        versions again: if a newer one is there, the lowest of them must descend from this very version,
-        else the swap loses (its version removed when that one descends from another under its number;
-        kept when its chain no longer reaches down this far, as only a burst of swaps and drops in the
-        moment since the write leaves it). On a pointer nobody drops versions of it always descends.
+        versions again: if a newer one is there, the newest must descend from this very version, else
+        the swap loses (its version removed when the newest descends from another under its number;
+        kept when its chain no longer reaches down this far, as only a burst of swaps in the moment
+        since the write leaves it). The newest, not the next one up: a version above this one may be
+        another stalled writer's, itself about to lose. On a pointer nobody drops versions of the
+        newest always descends.
 
         Raises:
             PointerConflict: the pointer is at another version; re-read it and decide again.
@@ -469,7 +472,7 @@ class ObjectStore:
                 raise moved from err
         above = self._descent_above(key, version)
         if above is not None and above != nonce:
-            if above:  # the versions above descend from another one under this number: this one is below the newest
+            if above:  # the newest descends from another version under this number: this one is below the newest
                 with self._backend(self.uri(key), writing=True), contextlib.suppress(FileNotFoundError):
                     self._fs.rm_file(path)
             raise moved
@@ -799,21 +802,21 @@ class ObjectStore:
             return None
 
     def _descent_above(self, key: str, version: int) -> str | None:
-        """The nonce of ``version`` of pointer ``key`` that the lowest version above it descends from (see :meth:`swap_pointer`).
+        """The nonce of ``version`` of pointer ``key`` that its newest version descends from (see :meth:`swap_pointer`).
 
         Returns:
-            ``None`` when nothing tells: no version is above it, or the one above is damaged or was
-            written before versions carried their chain. ``""`` when its chain does not reach down to
+            ``None`` when nothing tells: ``version`` is the newest, or the newest is damaged or was written
+            before versions carried their chain. ``""`` when the newest's chain does not reach down to
             ``version``.
         """
         for _ in range(_POINTER_READ_ATTEMPTS):
-            above = [v for v in self._pointer_versions(key) if v > version]
-            if not above:
+            newest = max(self._pointer_versions(key), default=0)
+            if newest <= version:
                 return None
             try:
-                body = self._raw_pointer_body(key, min(above))
+                body = self._raw_pointer_body(key, newest)
             except ObjectNotFound:
-                continue  # dropped since the listing: list again
+                continue  # newer ones were written and this one dropped since the listing: list again
             chain = body.get("chain") if isinstance(body, dict) else None
             if not isinstance(chain, dict):
                 return None

@@ -121,3 +121,53 @@ def test_a_reader_whose_newest_version_is_dropped_before_it_reads_it_reads_the_n
         fetched.release()
         thread.join(60)
     assert outcome["pointer"].version == 4 and outcome["pointer"].target == {"n": 4}
+
+
+def test_a_stalled_swap_is_not_judged_by_another_stalled_swap_above_it(s3_url, flaky_s3):
+    """Two writers re-create dropped numbers 2 and 3, the second on top of the first's: neither wins.
+
+    The version right above the first one's is the second one's, which descends from it; only the
+    newest version tells that neither is in the pointer's history.
+    """
+    store = ObjectStore(s3_url)
+    store.swap_pointer("p", {"n": 1}, expected_version=0)
+    bucket_key = f"/{s3_url.removeprefix('s3://')}/p"
+    with flaky_s3.routed():
+        first, second = ObjectStore(s3_url), ObjectStore(s3_url)
+    outcome: dict = {}
+
+    def swap(name: str, slow: ObjectStore, expected: int) -> None:
+        try:
+            outcome[name] = slow.swap_pointer("p", {"n": name}, expected_version=expected)
+        except PointerConflict as err:
+            outcome[name] = err
+
+    holds = [flaky_s3.hold("PUT", f"{bucket_key}/v000000002.json")]
+    threads = [threading.Thread(target=swap, args=("first", first, 1))]
+    try:
+        threads[0].start()
+        holds[0].wait()  # the first listed version 1 as the newest and is writing version 2
+        store.swap_pointer("p", {"n": 2}, expected_version=1)
+        holds.append(flaky_s3.hold("GET", f"{bucket_key}/v000000002.json"))
+        threads.append(threading.Thread(target=swap, args=("second", second, 2)))
+        threads[1].start()
+        holds[1].wait()  # the second listed version 2 as the newest and is reading it
+        for version in range(2, 5):
+            store.swap_pointer("p", {"n": version + 1}, expected_version=version)
+        assert store.drop_pointer_versions("p") == [1, 2, 3]
+        holds.append(flaky_s3.hold("GET", "list-type=2"))
+        holds[0].release()  # the first writes version 2 in the gap, and is held looking again
+        holds[2].wait()
+        holds.append(flaky_s3.hold("GET", "list-type=2"))
+        holds[1].release()  # the second reads the first's version 2, writes 3 on it, and is held looking again
+        holds[3].wait()
+        holds[2].release()  # the first looks while the second's version 3 is there
+        threads[0].join(60)
+    finally:
+        for held in holds:
+            held.release()
+        for thread in threads:
+            thread.join(60)
+    assert isinstance(outcome["first"], PointerConflict), outcome
+    assert isinstance(outcome["second"], PointerConflict), outcome
+    assert store.pointer_versions("p") == [4, 5] and store.read_pointer("p").target == {"n": 5}
