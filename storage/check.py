@@ -49,6 +49,7 @@ from typing import Any
 
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import COMMIT_SUFFIX, WRITE_CHECK_MARK, ObjectStore
+from storage.registry import keeps_newest_versions_only
 
 _TMP_MARK = ".tmp-"
 # Short-lived objects that one writer rewrites while another may delete them: leases, open-request
@@ -220,8 +221,11 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     # runs a version pointer of which cannot be read: what that version uses is unknown, so none of it is an orphan
     blind_runs: set[str] = set()
     for pointer_key in pointer_keys:
-        latest = _latest_version(store, pointer_key)
-        for version in range(1, latest + 1):
+        versions = store.pointer_versions(pointer_key)
+        latest = versions[-1] if versions else 0
+        # a run's pruned record keeps only its newest versions, each holding the whole record (storage.registry)
+        first = versions[0] if versions and keeps_newest_versions_only(pointer_key) else 1
+        for version in range(first, latest + 1):
             report.pointers_checked += 1
             try:
                 store.read_pointer_version(pointer_key, version)

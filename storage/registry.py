@@ -20,8 +20,10 @@ Layout under the store (all through :class:`storage.objects.ObjectStore`):
   their checkpoints and manifests are deleted (a manifest another kept version's checkpoints were
   published by stays, as replay's recipe), and when their requests were told. Every change is a
   compare-and-swap from the version read (:meth:`RunRegistry.update_pruned`), as a request's status
-  is, so two purges of one run never lose each other's marks. A store written before kept the record
-  in ``runs/<run>/pruned.json``: read while the pointer has no version, removed once it has one.
+  is, so two purges of one run never lose each other's marks. Each version holds the whole record, so
+  only the newest :data:`PRUNED_VERSIONS_KEPT` are kept (:meth:`storage.objects.ObjectStore.drop_pointer_versions`):
+  all of them made a run's folder grow with the square of its deletions. A store written before kept
+  the record in ``runs/<run>/pruned.json``: read while the pointer has no version, removed once it has one.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ def pruned_key(run_id: str) -> str:
     return f"runs/{run_id}/pruned"
 
 
+def keeps_newest_versions_only(pointer_key: str) -> bool:
+    """Whether pointer ``pointer_key`` keeps only its newest versions (:data:`PRUNED_VERSIONS_KEPT`): a run's pruned record.
+
+    Each of its versions holds the whole record, so the older ones are dropped after each change
+    (:meth:`RunRegistry.update_pruned`): a version missing below the oldest one kept is not damage.
+    """
+    parts = pointer_key.split("/")
+    return len(parts) == 3 and parts[0] == "runs" and parts[2] == "pruned"
+
+
 def legacy_pruned_key(run_id: str) -> str:
     """Where a store written before the pointer (:func:`pruned_key`) recorded them: ``runs/<run>/pruned.json``."""
     return f"runs/{run_id}/pruned.json"
@@ -56,6 +68,9 @@ def legacy_pruned_key(run_id: str) -> str:
 
 # Compare-and-swaps of one run's pruned record before giving up (as the ledger's statuses: _CAS_ATTEMPTS).
 _PRUNED_CAS_ATTEMPTS = 20
+#: Versions of a run's pruned record kept after each change: the current one, and the one before for a reader
+#: that listed the versions just before the change.
+PRUNED_VERSIONS_KEPT = 2
 
 #: A change of a run's pruned record (:meth:`RunRegistry.update_pruned`): the record read -> the record to
 #: write, or ``None`` to write nothing. The record: ``{"versions": {version: entry}, ...}``.
@@ -299,7 +314,8 @@ class RunRegistry:
         Two purges (a pass's, a reconcile pass's, ``store check --repair``) may change one run's record at
         once: each reads it, decides, and swaps from the version it read; the loser reads again and decides
         again, so no version recorded pruned and no told mark is lost (a lost mark told its requests twice).
-        The legacy ``pruned.json`` goes once the pointer holds what it held.
+        The legacy ``pruned.json`` goes once the pointer holds what it held, and the record's versions but the
+        newest :data:`PRUNED_VERSIONS_KEPT` after each change (each holds the whole record).
 
         Returns:
             the record written, or ``None`` when ``change`` wrote nothing.
@@ -323,6 +339,8 @@ class RunRegistry:
             if version == 0:  # the pointer holds what the legacy file held now
                 with contextlib.suppress(StorageError):
                     self.store.delete(legacy_pruned_key(run_id))
+            with contextlib.suppress(StorageError):  # housekeeping: the next change drops what this one leaves
+                self.store.drop_pointer_versions(key, keep_last=PRUNED_VERSIONS_KEPT)
             return changed
         raise PointerConflict(
             f"the pruned record of run {run_id} ({self.store.uri(key)}) kept moving under {_PRUNED_CAS_ATTEMPTS} "
