@@ -719,6 +719,17 @@ def _check_batch(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def rows_not_probabilities(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of ``(n, C)`` numbers are not probabilities (a negative entry, or a sum off 1 by more than
+    :data:`PROBABILITY_SUM_TOLERANCE`), and each row's sum in float64; rows holding NaN or inf are not flagged here.
+
+    One rule for a target's answers (:func:`_check_answer`) and a caller's own rows
+    (:func:`obliviate.extraction.substitute.check_targets`), each of which says it in its own error.
+    """
+    sums = rows.astype(np.float64).sum(axis=1)
+    return (rows < 0).any(axis=1) | (np.abs(sums - 1) > PROBABILITY_SUM_TOLERANCE), sums
+
+
 def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode, num_classes: int | None = None) -> np.ndarray:
     answer = np.asarray(answer)
     if output is OutputMode.LABELS:
@@ -748,8 +759,7 @@ def _check_answer(answer: np.ndarray, *, n: int, output: OutputMode, num_classes
             f"the target has {num_classes} classes, so each row of probabilities must hold {num_classes}; it answered "
             f"rows of {answer.shape[1]}. Check that the endpoint serves this task's model."
         )
-    sums = answer.astype(np.float64).sum(axis=1)
-    off = (answer < 0).any(axis=1) | (np.abs(sums - 1) > PROBABILITY_SUM_TOLERANCE)
+    off, sums = rows_not_probabilities(answer)
     if off.any():
         row = int(np.flatnonzero(off)[0])
         raise TargetRequestError(
