@@ -92,7 +92,7 @@ from obliviate.extraction.audit import (
 from obliviate.extraction.headline import queries_to_agreement
 from obliviate.extraction.selectors import DEFAULT_SELECTOR, SELECTORS, Pool
 from obliviate.extraction.substitute import TrainConfig, accuracy, predict_labels
-from obliviate.extraction.target import LocalTorchBackend, Target
+from obliviate.extraction.target import LocalTorchBackend, OutputMode, Target
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: What ``obliviate steal`` runs by default: the headline rows.
@@ -206,7 +206,7 @@ def split_setting(data, split: int, *, target_steps: int) -> SplitSetting:
 def run_split(data, split: int, budgets: list[int], configs, args, partial) -> tuple[dict, list[dict]]:
     t0 = time.perf_counter()
     setting = split_setting(data, split, target_steps=args.target_steps)
-    target, oracle, target_test = setting.target, setting.oracle, setting.target_test
+    target, target_test = setting.target, setting.target_test
     test_images, test_labels = setting.test_images, setting.test_labels
     pool = Pool(data.images[setting.pool_idx], levels=data.levels)
     info = {
@@ -216,30 +216,9 @@ def run_split(data, split: int, budgets: list[int], configs, args, partial) -> t
     }
     print(f"[split {split}] target accuracy {info['target_accuracy']:.4f}", flush=True)
     cells = []
-    options = AttackOptions()
     for budget in budgets:  # budget-major: a run cut short still has every configuration at small budgets
         for attack, sel in configs:
-            attacker = Target(LocalTorchBackend(target), budget=budget)
-            cpu0 = time.process_time()
-            cell = run_cell(
-                selector=sel,
-                budget=budget,
-                seed=1000 * split,
-                pool=pool,
-                attacker=attacker,
-                oracle=oracle,
-                test_images=test_images,
-                test_labels=test_labels,
-                train=TrainConfig(arch="lenet5", steps=options.basic_steps),
-                eps=(0.3,),
-                oracle_test_labels=target_test,
-                attack=attack,
-                attack_options=options,
-            )
-            if attacker.used != budget:
-                raise RuntimeError(f"{attack}/{sel} spent {attacker.used} queries, not its budget {budget}")
-            # CPU seconds of the process (one torch thread): the cell's cost on an idle core.
-            cells.append(cell.to_dict() | {"split": split, "cpu_seconds": time.process_time() - cpu0})
+            cells.append(measure_cell(setting, pool, split=split, budget=budget, attack=attack, selector=sel))
             _log(split, cells[-1])
         for peer in [p for p in args.art.split(",") if p]:
             cells.append(art_cell(peer, target, pool, budget, split, test_images, test_labels, target_test, args))
@@ -247,6 +226,50 @@ def run_split(data, split: int, budgets: list[int], configs, args, partial) -> t
         partial(info, cells)
     info["split_seconds"] = time.perf_counter() - t0
     return info, cells
+
+
+def measure_cell(
+    setting: SplitSetting,
+    pool: Pool,
+    *,
+    split: int,
+    budget: int,
+    attack: str,
+    selector: str,
+    output: OutputMode = OutputMode.LABELS,
+) -> dict:
+    """One bench cell: ``attack`` with ``selector`` buys ``budget`` queries of split ``split``'s target, answered
+    as ``output`` (labels, the label-only threat of issue 13, or class probabilities), seeded by the split.
+
+    Returns:
+        the cell's record plus ``split``, ``target_output`` and ``cpu_seconds``.
+    """
+    options = AttackOptions()
+    attacker = Target(LocalTorchBackend(setting.target), budget=budget, output=output)
+    cpu0 = time.process_time()
+    cell = run_cell(
+        selector=selector,
+        budget=budget,
+        seed=1000 * split,
+        pool=pool,
+        attacker=attacker,
+        oracle=setting.oracle,
+        test_images=setting.test_images,
+        test_labels=setting.test_labels,
+        train=TrainConfig(arch="lenet5", steps=options.basic_steps),
+        eps=(0.3,),
+        oracle_test_labels=setting.target_test,
+        attack=attack,
+        attack_options=options,
+    )
+    if attacker.used != budget:
+        raise RuntimeError(f"{attack}/{selector} spent {attacker.used} queries, not its budget {budget}")
+    # CPU seconds of the process (one torch thread): the cell's cost on an idle core.
+    return cell.to_dict() | {
+        "split": split,
+        "target_output": attacker.output.value,
+        "cpu_seconds": time.process_time() - cpu0,
+    }
 
 
 def art_cell(peer, target, pool, budget, split, test_images, test_labels, target_test, args) -> dict:
