@@ -106,7 +106,7 @@ class AuditWorker:
         except BudgetExceeded as err:
             # The refused batch is in the log too: the error says what the cell asked before it.
             raise BudgetExceeded(
-                f"{err} Cell {attack}/{selector} k={budget} seed={seed}; its queries (digest, size, refused): "
+                f"{err} Cell {attack}/{selector} k={budget} seed={seed}; its queries (digest, size, refused, output): "
                 f"{[list(q.values()) for q in query_log(attacker)]}."
             ) from None
         # SPEC 3: every query is logged; the log goes into the cell's record (steal.json), one entry per batch.
@@ -119,8 +119,13 @@ class AuditWorker:
 
 
 def query_log(target: Target) -> list[dict[str, Any]]:
-    """The target's log, compact: per query batch its digest (SHA-256 of the images, 16 hex), size and refusal."""
-    return [{"digest": q.digest, "size": q.size, "refused": q.refused} for q in target.log]
+    """The target's log, compact: per query batch its digest (SHA-256 of the images, 16 hex), size, refusal and
+    what it asked for (``output``: ``labels`` or ``probabilities``; a refused batch asked and was not answered).
+
+    The answers themselves stay out: a probabilities cell would carry a row of class probabilities per image
+    (600 x 10 floats at budget 600), and what they amount to is in the cell's class histogram and metrics.
+    """
+    return [{"digest": q.digest, "size": q.size, "refused": q.refused, "output": q.output.value} for q in target.log]
 
 
 def run_cell_task(worker: dict, cell: dict) -> dict:

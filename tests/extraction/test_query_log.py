@@ -27,8 +27,9 @@ def pool_images():
     return np.random.default_rng(5).integers(0, 256, size=(7, SIDE, SIDE), dtype=np.uint8)
 
 
-@pytest.fixture
-def worker(tmp_path, pool_images):
+@pytest.fixture(params=["labels", "probabilities"])
+def worker(request, tmp_path, pool_images):
+    """An audit worker whose attacker asks for labels or for class probabilities (SPEC section 3's switch)."""
     from obliviate.extraction.selectors import Pool
 
     path = tmp_path / "target.pt"
@@ -41,6 +42,7 @@ def worker(tmp_path, pool_images):
         test_images=test_images,
         test_labels=np.zeros(4, np.int64),
         oracle_test_labels=np.zeros(4, np.int64),
+        output=request.param,
     )
 
 
@@ -83,12 +85,13 @@ def _digest(images: np.ndarray) -> str:
 
 def test_each_cell_record_holds_its_query_log_with_a_refused_batch(worker, overspending_selector, pool_images):
     record = _cell(worker)
+    output = worker.output.value  # each batch says what it bought: an auditor reads one entry without the cell's
     assert record["queries"] == [
-        {"digest": _digest(pool_images[:3]), "size": 3, "refused": False},
-        {"digest": _digest(pool_images[3:7]), "size": 4, "refused": True},
-        {"digest": _digest(pool_images[3:5]), "size": 2, "refused": False},
+        {"digest": _digest(pool_images[:3]), "size": 3, "refused": False, "output": output},
+        {"digest": _digest(pool_images[3:7]), "size": 4, "refused": True, "output": output},
+        {"digest": _digest(pool_images[3:5]), "size": 2, "refused": False, "output": output},
     ]
-    assert (record["query_calls"], record["queries_used"], record["target_output"]) == (3, 5, "labels")
+    assert (record["query_calls"], record["queries_used"], record["target_output"]) == (3, 5, output)
     assert record["selector"] == "test-overspend" and sum(record["class_histogram"]) == 5  # the cell ran to its end
 
 
@@ -99,4 +102,9 @@ def test_a_cell_ended_by_a_refusal_names_its_queries(worker, overspending_select
     said = str(refused.value)
     assert "query budget is 5 images and 3 are used" in said
     assert "Cell basic/test-overspend k=5 seed=0" in said
-    assert f"['{_digest(pool_images[:3])}', 3, False], ['{_digest(pool_images[3:6])}', 3, True]]" in said
+    output = worker.output.value
+    assert "its queries (digest, size, refused, output)" in said
+    assert (
+        f"['{_digest(pool_images[:3])}', 3, False, '{output}'], ['{_digest(pool_images[3:6])}', 3, True, '{output}']]"
+        in said
+    )
