@@ -85,8 +85,68 @@ class UnreadableVersion:
     problem: str  # why, and how to mend it
 
 
-def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVersion | UnreadableVersion:
-    """The version to verify (default: the current one), or the record that keeps verify from finding it.
+@dataclass(frozen=True)
+class DamagedPrunedRecord:
+    """The run's pruned record cannot be read, when verify read it to know whether a past version was pruned.
+
+    Not a verdict on its own: the record only says whether a version's checkpoints were deleted on purpose
+    (retention, a purge of superseded versions), so a version whose manifest and checkpoints are all there
+    is replayed as usual; the report names the record and its mend, and a checkpoint found missing says that
+    whether it was deleted on purpose is unknown.
+    """
+
+    run_id: str
+    key: str  # the record's version (or legacy file) that cannot be read
+    url: str
+    error: str  # why it cannot be read, as the store said
+
+    def missing_words(self, version: int) -> str:
+        """Appended to the problem of a record of version ``version`` found missing."""
+        return (
+            f"; it is missing, and whether it was deleted on purpose (retention or a purge pruned version {version}) "
+            f"is unknown: the run's pruned record, which says so, cannot be read ({self.url}, note below)"
+        )
+
+    def note(self, *, version: int, missing: list[str] | None) -> str:
+        """The report's note: the record, why it cannot be read, what it leaves unknown and its mend.
+
+        Args:
+            version: the version verified.
+            missing: what of it was found gone (its manifest, checkpoints ``M_i``); ``None``: not looked for (a
+                record read before them cannot be read).
+        """
+        said = self.error.replace(_SEE_STORE_CHECK, "").rstrip(".")
+        what = (
+            f"the pruned record of run {self.run_id} (which of its versions retention or a purge deleted the "
+            f"checkpoints of, {self.url}) cannot be read: {said}."
+        )
+        if missing:
+            unknown = (
+                f" So whether {', '.join(missing)} of version {version} {'was' if len(missing) == 1 else 'were'} "
+                f"deleted on purpose (then version {version} can no longer be replayed) or lost (`obliviate store "
+                "check --repair` rebuilds a lost checkpoint by replay) is unknown until the record is restored."
+            )
+        elif missing is None:
+            unknown = f" Whether version {version} was pruned (its checkpoints deleted on purpose) is unknown too."
+        else:
+            unknown = (
+                f" The result above does not rest on it: it only tells whether a version's checkpoints were deleted "
+                f"on purpose, and none of version {version}'s was found missing."
+            )
+        return (
+            f"{what}{unknown} It is not rebuildable by store check: restore it from a backup (`obliviate store check` "
+            "reports it too)."
+        )
+
+
+def _version(
+    registry: RunRegistry, run_id: str, version: int | None
+) -> tuple[ModelVersion | UnreadableVersion, DamagedPrunedRecord | None]:
+    """The version to verify (default: the current one), or the record that keeps verify from finding it; and the
+    run's pruned record when it was read (for a past version) and cannot be.
+
+    A damaged pruned record does not keep verify from a past version: whether that version was pruned is then
+    unknown, and its records, read as usual, tell whether it can be replayed.
 
     Raises:
         ConfigError: the run has no version, or ``version`` is outside 1..current or was pruned.
@@ -100,20 +160,21 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
             raise
         newest = versions[-1]
         if version is None or version == newest:
-            return _unreadable_pointer(registry, run_id, newest, err)
+            return _unreadable_pointer(registry, run_id, newest, err), None
         check_version_choice(version, current=newest, run_id=run_id)
         current_version = newest
     else:
         if current is None:
             raise ConfigError(f"run {run_id!r} has no published version in {registry.store.uri()}; train it first.")
         if version is None or version == current.version:
-            return current
+            return current, None  # the current version is never pruned: its pruned record is not read
         check_version_choice(version, current=current.version, run_id=run_id)
         current_version = current.version
+    damage = None
     try:
         pruned = registry.pruned_versions(run_id)
     except (CorruptObject, ObjectNotFound) as err:
-        return _unreadable_pruned_record(registry, run_id, version, err)
+        damage, pruned = _damaged_pruned_record(registry, run_id, err), {}
     if version in pruned:
         kept = [v for v in range(1, current_version + 1) if v not in pruned]
         how = (
@@ -129,8 +190,8 @@ def _version(registry: RunRegistry, run_id: str, version: int | None) -> ModelVe
     try:
         pointer = registry.store.read_pointer_version(pointer_key, version)
     except (CorruptObject, ObjectNotFound) as err:
-        return _unreadable_pointer(registry, run_id, version, err)
-    return ModelVersion.from_pointer(run_id, pointer)
+        return _unreadable_pointer(registry, run_id, version, err), damage
+    return ModelVersion.from_pointer(run_id, pointer), damage
 
 
 def _unreadable_pointer(registry: RunRegistry, run_id: str, version: int, err: Exception) -> UnreadableVersion:
@@ -143,19 +204,12 @@ def _unreadable_pointer(registry: RunRegistry, run_id: str, version: int, err: E
     return UnreadableVersion(run_id=run_id, version=version, key=key, problem=_unreadable(what, err))
 
 
-def _unreadable_pruned_record(registry: RunRegistry, run_id: str, version: int, err: Exception) -> UnreadableVersion:
-    """The run's pruned record cannot be read, so whether past version ``version`` was pruned is unknown."""
+def _damaged_pruned_record(registry: RunRegistry, run_id: str, err: Exception) -> DamagedPrunedRecord:
+    """The run's pruned record cannot be read: which of its versions (or the legacy file), and why."""
     record = pruned_key(run_id)
     versions = registry.store.pointer_versions(record)
     key = f"{record}/v{versions[-1]:09d}.json" if versions else legacy_pruned_key(run_id)
-    what = (
-        f"the pruned record of run {run_id} (which of its versions retention or a purge deleted the checkpoints of, "
-        f"{registry.store.uri(key)})"
-    )
-    problem = _unreadable(what, err, checked="").removesuffix(".") + (
-        "; verifying the current version (without --version) does not read it."
-    )
-    return UnreadableVersion(run_id=run_id, version=version, key=key, problem=problem)
+    return DamagedPrunedRecord(run_id=run_id, key=key, url=registry.store.uri(key), error=str(err))
 
 
 def check_version_choice(version: int | None, *, current: int | None = None, run_id: str = "") -> None:
@@ -211,7 +265,7 @@ def check_request(store_url: str, run_id: str, *, version: int | None, blocks: s
     """
     check_name(run_id, what="run id")
     registry = RunRegistry(ObjectStore(store_url))
-    chosen = _version(registry, run_id, version)
+    chosen, _ = _version(registry, run_id, version)  # a damaged pruned record: said in verify_run's report
     if isinstance(chosen, UnreadableVersion):  # verify's finding too: verify_run records it in a report
         check_report_writable(store_url)
         return
@@ -244,15 +298,15 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
     store = ObjectStore(store_url)
     registry = RunRegistry(store)
     check_name(run_id, what="run id")
-    chosen = _version(registry, run_id, version)
+    chosen, damage = _version(registry, run_id, version)
     check_report_writable(store_url)  # before the replay: a result that cannot be recorded is work lost
     if isinstance(chosen, UnreadableVersion):
-        return _record(
-            store, _unreadable_result(chosen, blocks=blocks, unreadable={chosen.key: chosen.problem}, began=began)
-        )
-    records = _read_records(registry, chosen)
-    if isinstance(records, dict):
-        return _record(store, _unreadable_result(chosen, blocks=blocks, unreadable=records, began=began))
+        result = _unreadable_result(chosen, blocks=blocks, unreadable={chosen.key: chosen.problem}, began=began)
+        return _record(store, _with_damage(result, damage, missing=None))
+    records = _read_records(registry, chosen, damage)
+    if isinstance(records, UnreadRecords):
+        result = _unreadable_result(chosen, blocks=blocks, unreadable=records.problems, began=began)
+        return _record(store, _with_damage(result, damage, missing=records.missing or None))
     spec, manifest = records
     chain_meta = manifest.metadata["chain"]
     config = BlockTrainingConfig.from_dict(chain_meta["config"])
@@ -261,6 +315,7 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
     checkpoints: dict[int, Checkpoint] = {}
     stored_sha256: dict[int, str] = {}
     unreadable: dict[int, str] = {}
+    missing: list[str] = []  # checkpoints gone while the pruned record, which may say why, cannot be read
     # a rolled-back (interim or progressive) version keeps only M_0..M_s (issue 11): verify those
     last = max(int(k) for k in manifest.members) if "serve_block" in manifest.metadata else config.num_blocks
     for index in range(last + 1):
@@ -271,6 +326,10 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         try:
             raw = store.get_member(manifest, str(index))
         except (CorruptObject, ObjectNotFound) as err:
+            if damage is not None and isinstance(err, ObjectNotFound):  # pruned on purpose, or lost: unknown
+                missing.append(f"M_{index}")
+                unreadable[index] = f"{str(err).rstrip('.')}{damage.missing_words(chosen.version)}."
+                continue
             # an exact chain's checkpoint is a pure function of its predecessor: replay can rebuild it
             fix = "" if "--repair" in str(err) else " `obliviate store check --repair` rebuilds it by replay."
             unreadable[index] = f"{err}{fix}"
@@ -314,19 +373,46 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         "verified_at": time.time(),
         **report.as_dict(),
     }
-    return _record(store, result)
+    return _record(store, _with_damage(result, damage, missing=missing))
 
 
-def _read_records(registry: RunRegistry, chosen: ModelVersion) -> tuple[RunSpec, Manifest] | dict[str, str]:
+def _with_damage(
+    result: dict[str, Any], damage: DamagedPrunedRecord | None, *, missing: list[str] | None
+) -> dict[str, Any]:
+    """``result`` with ``records_damaged`` (records that cannot be read but are no verdict: the run's pruned record)
+    and a ``notes`` line for each, its status (and so verify's exit code) unchanged.
+
+    ``missing``: what of the version was found gone, which the pruned record may say was deleted on purpose
+    (``None``: not looked for).
+    """
+    result["records_damaged"] = [damage.key] if damage is not None else []
+    result["notes"] = [damage.note(version=int(result["version"]), missing=missing)] if damage is not None else []
+    return result
+
+
+@dataclass(frozen=True)
+class UnreadRecords:
+    """Records of a version verify cannot read (:func:`_read_records`)."""
+
+    problems: dict[str, str]  # each record's key -> why it cannot be read and how to mend it
+    missing: list[str]  # those found gone while the run's pruned record, which may say why, is damaged
+
+
+def _read_records(
+    registry: RunRegistry, chosen: ModelVersion, damage: DamagedPrunedRecord | None = None
+) -> tuple[RunSpec, Manifest] | UnreadRecords:
     """The run's spec and the version's manifest (its lineage, recipe and checkpoints), or why they cannot be read.
 
     A record that fails its checksum or is gone is a verdict, not a refusal: nothing can be replayed
     without it, and the report says which record and how to mend it (store check cannot rebuild either).
+    A manifest gone while the run's pruned record (``damage``) cannot be read may have been pruned on purpose:
+    its problem says so.
 
     Returns:
-        Both records, or each unreadable record's key -> why it cannot be read and how to mend it.
+        Both records, or what cannot be read.
     """
     problems: dict[str, str] = {}
+    missing: list[str] = []
     spec: RunSpec | None = None
     manifest: Manifest | None = None
     spec_key = f"runs/{chosen.run_id}/spec.json"
@@ -338,18 +424,26 @@ def _read_records(registry: RunRegistry, chosen: ModelVersion) -> tuple[RunSpec,
         manifest = registry.manifest(chosen)
     except (CorruptObject, ObjectNotFound) as err:
         what = f"the manifest of version {chosen.version} (its lineage, recipe and checkpoints, {chosen.manifest_key})"
-        problems[chosen.manifest_key] = _unreadable(what, err)
+        gone = damage is not None and isinstance(err, ObjectNotFound)
+        if gone:
+            missing.append(f"its manifest ({chosen.manifest_key})")
+        problems[chosen.manifest_key] = _unreadable(
+            what, err, missing=damage.missing_words(chosen.version) if damage is not None and gone else ""
+        )
     if spec is None or manifest is None:
-        return problems
+        return UnreadRecords(problems=problems, missing=missing)
     return spec, manifest
 
 
-def _unreadable(what: str, err: Exception, *, checked: str = ", with the versions that need it") -> str:
-    """A problem line: ``what`` cannot be read, the error, and the mend (``store check`` says the same for it)."""
+def _unreadable(
+    what: str, err: Exception, *, checked: str = ", with the versions that need it", missing: str = ""
+) -> str:
+    """A problem line: ``what`` cannot be read, the error (and ``missing``: why it may be gone), and the mend
+    (``store check`` says the same for it)."""
     said = str(err).replace(_SEE_STORE_CHECK, "").rstrip(".")
     return (
-        f"{what} cannot be read, so no block was replayed: {said}. It is not rebuildable by store check: restore it "
-        f"from a backup (`obliviate store check` reports it too{checked}), then run verify again."
+        f"{what} cannot be read, so no block was replayed: {said}{missing}. It is not rebuildable by store check: "
+        f"restore it from a backup (`obliviate store check` reports it too{checked}), then run verify again."
     )
 
 
@@ -400,7 +494,7 @@ def _record(store: ObjectStore, result: dict[str, Any]) -> dict[str, Any]:
 def _verdict(result: dict[str, Any]) -> str:
     """One line: the status, the blocks bit-identical and the problems (for a result that could not be recorded)."""
     identical = sum(result["bit_identical"].values())
-    problems = "".join(f"; {problem}" for problem in result["problems"])
+    problems = "".join(f"; {problem}" for problem in [*result["problems"], *result.get("notes", [])])
     return (
         f"verify {result['run_id']} v{result['version']}: {result['status']}; {identical}/"
         f"{len(result['bit_identical'])} replayed blocks bit-identical{initial_model_words(result)}{problems}"
@@ -435,6 +529,7 @@ def _markdown(result: dict[str, Any]) -> str:
         f"- lineage: {result['lineage']}",
     ]
     lines += [f"- problem: {p}" for p in result["problems"]]
+    lines += [f"- note: {n}" for n in result.get("notes", [])]
     lines += [f"- environment: {d}" for d in result["environment_differences"]]
     return "\n".join(lines)
 

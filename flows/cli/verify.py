@@ -4,9 +4,11 @@ Checks that stored M_0 is the recipe's seeded initial model (always, whatever ``
 re-trains the chosen blocks from their stored predecessors, checks bit-identity with the stored
 checkpoints (model, optimizer state and schedule position), the lineage hashes, and that no id of
 an applied request remains in any block's id list. Exit code 0: passed; 4: failed (a damaged or lost
-checkpoint, manifest, spec, version pointer or pruned record included: recorded in a report like any
-failure); 5: inconclusive
+checkpoint, manifest, spec or version pointer included: recorded in a report like any failure); 5: inconclusive
 (another CPU capability or torch build: bit-identity is only promised on the lineage's environment).
+A damaged pruned record (read for a past ``--version``, to know whether its checkpoints were deleted on
+purpose) changes no exit code: the proof does not rest on it. It is named in a note with its mend, and a
+checkpoint found missing says that whether it was deleted on purpose is unknown (exit 4 then).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ def run_verify(args: Args) -> int:
         )
         for problem in result["problems"]:
             print(f"  {problem}", file=sys.stderr)
+        for note in result.get("notes", []):  # a damaged record the result does not rest on: no change of exit code
+            print(f"  note: {note}", file=sys.stderr)
         print(_served_note(url, result["run_id"], int(result["version"])), file=sys.stderr, end="")
         print(f"  report: {result['report']}", file=sys.stderr)
     statuses = {result["status"] for result in results}

@@ -16,7 +16,7 @@ from flows.cli import main
 from flows.train import run_spec
 from flows.verify import _markdown, verify_run
 from storage import ObjectStore
-from storage.check import prune_versions, save_keep_superseded
+from storage.check import save_keep_superseded
 from storage.registry import RunRegistry
 
 
@@ -196,17 +196,15 @@ def test_verify_of_a_version_whose_manifest_or_spec_is_damaged_reports_it(
     [
         ("runs/v-run/current/v000000002.json", []),  # the current version's pointer: what verify reads first
         ("runs/v-run/current/v000000001.json", ["--version", "1"]),
-        ("runs/v-run/pruned/v000000001.json", ["--version", "1"]),  # read to know whether v1 was pruned
     ],
 )
-def test_verify_of_a_version_whose_pointer_or_pruned_record_is_damaged_reports_it(
+def test_verify_of_a_version_whose_pointer_is_damaged_reports_it(
     unlearned_store, tmp_path: Path, damaged: str, argv: list[str], capsys
 ) -> None:
-    """A damaged version pointer or pruned record exited 2 with the bare checksum error and no report, while a damaged
-    manifest or spec gave exit 4 and a recorded report saying what is damaged and how to mend it. Now the same."""
+    """A damaged version pointer exited 2 with the bare checksum error and no report, while a damaged manifest or
+    spec gave exit 4 and a recorded report saying what is damaged and how to mend it. Now the same. (A damaged pruned
+    record: test_verify_damaged_pruned_record.py.)"""
     url, _ = unlearned_store
-    if "pruned" in damaged:
-        prune_versions(ObjectStore(url), keep=1, apply=True)  # v1 recorded pruned in runs/v-run/pruned
     path = tmp_path / "store" / damaged
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -215,13 +213,9 @@ def test_verify_of_a_version_whose_pointer_or_pruned_record_is_damaged_reports_i
     err = capsys.readouterr().err
     version = 1 if argv else 2
     assert f"v-run v{version}: failed; no block replayed: a record it needs cannot be read (below)" in err, err
-    what = (
-        "the pruned record of run v-run" if "pruned" in damaged else f"the version pointer of version {version} of run"
-    )
+    what = f"the version pointer of version {version} of run"
     assert f"  {what} " in err and f"{url}/{damaged}) cannot be read, so no block was replayed: " in err, err
     assert "fails its checksum; it was damaged" in err and "restore it from a backup" in err, err
-    if "pruned" in damaged:
-        assert "verifying the current version (without --version) does not read it" in err, err
     report = re.search(r"^  report: (file://\S+)$", err, flags=re.MULTILINE)
     assert report, err
     recorded = ObjectStore(url).get_json(report.group(1).removeprefix(url + "/"))
