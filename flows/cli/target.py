@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -234,11 +234,49 @@ def _serve(server, serving: str) -> int:
     from flows.model_server import ignore_stop_signals
 
     try:  # a Ctrl-C right after the "serving" line is a stop too (it said "interrupted", exit 130)
-        print(serving, flush=True)
-        server.serve_forever()
+        with _stop_signals_stop_once():
+            print(serving, flush=True)
+            server.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C is how a server is stopped (as `obliviate ui`): exit 0, said below
-        ignore_stop_signals()  # a second Ctrl-C or SIGTERM (GNU timeout sends two) must not interrupt the exit
+        ignore_stop_signals()  # done already by the stop's handler, unless the signal came before it was installed
     finally:
         server.httpd.server_close()
     print(f"obliviate target serve: stopped; {server.url} no longer answers.", file=sys.stderr, flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _stop_signals_stop_once() -> Iterator[None]:
+    """While serving, the first Ctrl-C or SIGTERM stops the server, and every later one is ignored.
+
+    Further stop signals were ignored only once the first one's KeyboardInterrupt had come out of
+    ``serve_forever`` into ``_serve``'s ``except``: a second one (GNU ``timeout`` and a terminal's Ctrl-C
+    on the process group send two) landing on the way there ended the command with "interrupted" and 130.
+    Here the signal's own handler ignores them before it raises, so no bytecode of the way out is exposed.
+    A signal landing inside the handler itself, before the ignoring, runs the handler again: the same stop.
+    A signal the caller ignores (SIGINT in a job a script started in the background) stays ignored; outside
+    the main thread nothing changes (Python runs signal handlers only there). Any other way out puts the handlers back.
+    """
+    import signal
+    import threading
+
+    from flows import model_server
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        model_server.ignore_stop_signals()
+        raise KeyboardInterrupt
+
+    found = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    taken = [signum for signum, handler in found.items() if handler != signal.SIG_IGN]
+    for signum in taken:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum in taken:
+            if signal.getsignal(signum) is stop and found[signum] is not None:  # no stop came (a stop ignores both)
+                signal.signal(signum, found[signum])

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from flows.model_server import TargetServer
 from obliviate.extraction.target import save_checkpoint
 from obliviate.models import build_model
@@ -105,3 +107,52 @@ def test_a_second_sigint_right_after_serve_returned_still_exits_0(tmp_path):
     assert "obliviate target serve: stopped" in said, said
     assert code == 0, (code, said)
     assert "interrupted" not in said and "Traceback" not in said, said
+
+
+# `python -m flows.cli`'s handling of Ctrl-C, then the command; the first time serve comes to ignore further stop signals
+# (flows.model_server.ignore_stop_signals), the process sends itself a second signal just before: the end of the way
+# from serve_forever's KeyboardInterrupt to the ignoring, which a signal from outside hits only by chance.
+_SECOND_SIGNAL_JUST_BEFORE_THE_IGNORING = """
+import signal, sys
+import flows._entry
+from flows import model_server
+from flows.cli import main
+
+second = signal.Signals[sys.argv[1]]
+ignore, sent = model_server.ignore_stop_signals, []
+
+def ignore_after_a_second_signal():
+    if not sent:
+        sent.append(second)
+        print(f"second signal {second.name} sent", file=sys.stderr, flush=True)
+        signal.raise_signal(second)
+    ignore()
+
+model_server.ignore_stop_signals = ignore_after_a_second_signal
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_on_serves_way_out_of_serve_forever_still_exits_0(tmp_path, second):
+    """Serve ignored further stop signals only once the first Ctrl-C's KeyboardInterrupt had reached its ``except``.
+
+    A second SIGINT or SIGTERM on the way there ended the stop with "interrupted" (130) or "stopped by SIGTERM" (143).
+    """
+    checkpoint = tmp_path / "t.pt"
+    model = build_model("lenet5", image_size=28, seed=0)
+    save_checkpoint(checkpoint, model=model, arch="lenet5", meta={"num_classes": 10, "image_size": 28})
+    words = ["target", "serve", "--checkpoint", str(checkpoint), "--port", "0"]
+    command = [sys.executable, "-c", _SECOND_SIGNAL_JUST_BEFORE_THE_IGNORING, second.name, *words]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stdout.readline()
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=60)
+    finally:
+        server.kill()
+    said = server.stderr.read()
+    assert f"second signal {second.name} sent" in said, said  # the window was hit
+    assert "obliviate target serve: stopped;" in said, said
+    assert code == 0, (code, said)
+    assert "interrupted" not in said and "stopped by SIGTERM" not in said and "Traceback" not in said, said
