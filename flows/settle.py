@@ -102,10 +102,12 @@ def store_pass(
     affected run with its part: every run was retrained twice for one batch, and their writes of
     the same records interleaved into a damaged store. Now a pass first takes ``service/pass-claim``
     by a compare-and-swap (:func:`storage.lease.take_claim`), renews its lease while it works and
-    releases it at the end. A pass that finds a live holder waits up to ``wait_s`` for it, then
-    does nothing: the context yields that holder's record (``host``, ``pid``, ``holder``,
-    ``claimed_at``, ``renewed_at``). A holder that died is taken over: at once when it was a process
-    of this host that is gone (or a pass of this process that ended), else once its lease lapsed.
+    releases it at the end (the release drops the claim's older pointer versions and leases,
+    :func:`storage.lease.tidy_claim`, so a pass every 5 minutes leaves a bounded folder). A pass
+    that finds a live holder waits up to ``wait_s`` for it, then does nothing: the context yields
+    that holder's record (``host``, ``pid``, ``holder``, ``claimed_at``, ``renewed_at``). A holder
+    that died is taken over: at once when it was a process of this host that is gone (or a pass of
+    this process that ended), else once its lease lapsed.
     """
     token = uuid.uuid4().hex
     me = {"host": socket.gethostname(), "pid": os.getpid(), "holder": holder, "token": token}

@@ -262,7 +262,8 @@ def training_claim(store: str, run_id: str, *, lease_s: float = DEFAULT_LEASE_S)
     workers found nothing stored yet), and the one that lost the publish said "0 blocks trained
     now, 3 resumed". The claim is a compare-and-swap of ``runs/<run>/train-claim``
     (:func:`storage.lease.take_claim`) whose lease this process renews while it trains; it is
-    released at the end, however the training ends. A claim whose holder died is taken over: at
+    released at the end, however the training ends (the release drops the claim's older pointer versions and
+    leases: :func:`storage.lease.tidy_claim`). A claim whose holder died is taken over: at
     once when it was a process of this host that is gone, else once its lease lapsed (``lease_s``
     after its last renewal). Re-entrant within one thread (``obliviate train`` claims before its
     servers start, and the flow it then runs, in the same thread, holds the same claim).

@@ -91,6 +91,10 @@ _RUN_LAYOUT = frozenset(
 # Where a pass's claim on the store (flows.settle.PASS_CLAIM_KEY, service/pass-claim) keeps its leases
 # (storage.lease.claim_leases): service/pass-claim-leases/c<claim version>.json. Not imported: flows is above storage.
 _PASS_CLAIM_LEASES = "pass-claim-leases"
+# The pointers of claims (storage.lease.PointerClaim: flows.train.training_claim_key, flows.settle.PASS_CLAIM_KEY): each
+# release and take-over drops their versions but the newest (storage.lease.tidy_claim), so they are checked from the
+# oldest one kept.
+_CLAIM_POINTER = re.compile(r"^(?:runs/[^/]+/train-claim|service/pass-claim)$")
 # A temporary file of an atomic write (storage.objects: ``.tmp-<hex>-<final name>`` beside the final name).
 _TMP_OF = re.compile(r"^\.tmp-[0-9a-f]+-(?P<final>.+)$")
 # What a run's training writes first, before any commit record of its run exists (flows.train: the training claim,
@@ -223,8 +227,9 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     for pointer_key in pointer_keys:
         versions = store.pointer_versions(pointer_key)
         latest = versions[-1] if versions else 0
-        # a run's pruned record keeps only its newest versions, each holding the whole record (storage.registry)
-        first = versions[0] if versions and keeps_newest_versions_only(pointer_key) else 1
+        # a run's pruned record keeps only its newest versions, each holding the whole record (storage.registry), and
+        # so does a claim's pointer (storage.lease.tidy_claim); a version lost above the oldest kept is still damage
+        first = versions[0] if versions and _keeps_newest_only(pointer_key) else 1
         for version in range(first, latest + 1):
             report.pointers_checked += 1
             try:
@@ -273,6 +278,11 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     report.superseded = _superseded_left(store)
     report.seconds = time.monotonic() - began
     return report
+
+
+def _keeps_newest_only(pointer_key: str) -> bool:
+    """Whether pointer ``pointer_key`` drops its old versions: a run's pruned record, a claim (a missing older one is no damage)."""
+    return keeps_newest_versions_only(pointer_key) or _CLAIM_POINTER.match(pointer_key) is not None
 
 
 def _superseded_left(store: ObjectStore) -> list[dict[str, Any]]:

@@ -9,7 +9,10 @@ instead of a fixed 10-minute stale limit.
 
 The same leases keep a :class:`PointerClaim` alive: one process's claim on a pointer, such as a
 run's training (``runs/<run>/train-claim``, :func:`flows.train.training_claim`), taken by a
-compare-and-swap (:func:`take_claim`) and free again once released or once its lease lapsed.
+compare-and-swap (:func:`take_claim`) and free again once released or once its lease lapsed. Each
+take and release adds a version to that pointer and each take a lease, so a release (and a take-over)
+drops the versions but the newest :data:`CLAIM_VERSIONS_KEPT` and the leases of the claims below them
+(:func:`tidy_claim`): serve's cron alone takes the store's pass claim every 5 minutes, forever.
 
 Clocks: the lease records the holder's wall time; holders and takers are expected to share a
 clock to within a fraction of the lease (NTP). :data:`DEFAULT_LEASE_S` leaves room for that.
@@ -18,7 +21,9 @@ clock to within a fraction of the lease (NTP). :data:`DEFAULT_LEASE_S` leaves ro
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -30,6 +35,17 @@ from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, Stora
 from storage.objects import ObjectStore, Pointer
 
 DEFAULT_LEASE_S = 20.0
+#: Versions of a claim's pointer kept when :func:`tidy_claim` drops the older ones: the newest (which every
+#: compare-and-swap of the claim is decided by) and the one before, for a reader that listed just before a swap.
+CLAIM_VERSIONS_KEPT = 2
+# Deletes one tidy_claim makes at most, of versions and of leases each: a store written before claims were tidied holds
+# two versions and a lease per claim ever taken (about 200,000 after a year of serve's cron), which later releases
+# then drop this many at a time (a few seconds on S3) instead of one release spending an hour on them.
+_TIDY_MOST = 200
+# A claim's lease in its folder (lease_key): c<claim version>.json.
+_CLAIM_LEASE = re.compile(r"^c(?P<version>\d{9})\.json$")
+
+_log = logging.getLogger(__name__)
 
 
 def lease_key(request_id: str, claim_version: int, *, folder: str | None = None) -> str:
@@ -240,6 +256,8 @@ def take_claim(
             continue  # another taker moved it: read again and judge its holder
         name = " ".join(f"{k}={v}" for k, v in holder.items())
         renew(store, key, claim_version=pointer.version, holder=name, lease_s=lease_s, folder=claim_leases(key))
+        if "took_over" in target:  # a holder that died released nothing: holders that always die grow it too
+            _tidy_after(store, key, "take-over")
         return PointerClaim(key=key, version=pointer.version, holder=dict(target))
     raise PointerConflict(f"claim {store.uri(key)} kept moving over 3 attempts; try again.")
 
@@ -284,9 +302,72 @@ def holder_process_gone(holder: Mapping[str, Any]) -> bool:
 
 
 def release_claim(store: ObjectStore, claim: PointerClaim) -> bool:
-    """Give a claim up (the next taker need not wait for its lease); ``False`` if it was taken over meanwhile."""
+    """Give a claim up (the next taker need not wait for its lease); ``False`` if it was taken over meanwhile.
+
+    Once released, the pointer's old versions and the leases of old claims are dropped (:func:`tidy_claim`);
+    a failure of that is logged and left to the next release, never raised.
+    """
     try:
         store.swap_pointer(claim.key, {**claim.holder, "released_at": time.time()}, expected_version=claim.version)
     except PointerConflict:
         return False
+    _tidy_after(store, claim.key, "release")
     return True
+
+
+def tidy_claim(store: ObjectStore, key: str, *, keep_last: int = CLAIM_VERSIONS_KEPT) -> tuple[list[int], list[str]]:
+    """Drop claim pointer ``key``'s versions but its newest ``keep_last``, and the leases of the claims below them.
+
+    Each version of a claim's pointer holds its whole state (the holder, or its release) and only the
+    newest is read (:func:`take_claim`, :func:`claim_free`), so the older ones go as a run's pruned record's
+    do (:meth:`storage.objects.ObjectStore.drop_pointer_versions`: oldest first, never the newest; a taker
+    stalled meanwhile loses its swap and reads again). A lease (``c<version>.json``) goes when its claim
+    version is below the oldest kept one, as listed after the drop: the newest version then was at or above
+    it and only versions above are written later, so that claim was released or taken over before; no live
+    holder holds it. A holder that was taken over while stalled and still renews writes its lease again,
+    and a later tidy deletes it. A listing that meets a stalled taker's re-created low number starts lower,
+    so deletes less. ``store check`` checks such a pointer from its oldest kept version. At most
+    :data:`_TIDY_MOST` versions and as many leases go in one tidy (the oldest), the rest in the next ones.
+
+    Returns:
+        the versions dropped and the lease keys deleted.
+
+    Raises:
+        StorageError: a listing or a delete failed (what is left stays for the next tidy).
+    """
+    listed = store.pointer_versions(key)
+    dropped = store.drop_pointer_versions(key, keep_last=max(keep_last, len(listed) - _TIDY_MOST))
+    kept = store.pointer_versions(key)
+    if not kept:
+        return dropped, []
+    deleted: list[str] = []
+    for lease in store.list(claim_leases(key)):  # sorted: the oldest claims' first
+        named = _CLAIM_LEASE.match(lease.rsplit("/", 1)[-1])
+        if named is not None and int(named.group("version")) < kept[0] and len(deleted) < _TIDY_MOST:
+            store.delete(lease)
+            deleted.append(lease)
+    return dropped, deleted
+
+
+def _tidy_after(store: ObjectStore, key: str, what: str) -> None:
+    """:func:`tidy_claim` after a claim's ``what`` (a release, a take-over), its failure logged: never the caller's."""
+    try:
+        dropped, deleted = tidy_claim(store, key)
+    except Exception as err:  # noqa: BLE001 -- housekeeping: the claim itself is done, the next tidy retries
+        _log.warning(
+            "after the %s of claim %s, its old pointer versions and leases could not be dropped (%s: %s); "
+            "they stay until the next release drops them",
+            what,
+            store.uri(key),
+            type(err).__name__,
+            err,
+        )
+        return
+    if dropped or deleted:
+        _log.debug(
+            "after the %s of claim %s: dropped pointer version(s) %s and %d lease(s)",
+            what,
+            store.uri(key),
+            dropped,
+            len(deleted),
+        )
