@@ -1,0 +1,131 @@
+"""steal and tune as Ray jobs, reduce and tune joined to a running cluster, on a Ray head on 127.0.0.1.
+
+The jobs run what the README's cluster section shows (`obliviate submit -- steal ...`, `obliviate submit -- tune
+...`), at the smallest sizes the commands accept, against the same kind of head as test_job_submission.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.test_job_submission import start_ray_head, stop_process_group, wait_until_jobs_accepted
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A 2-CPU Ray head started by `ray start` without an autoscaling config: (dashboard URL, GCS address, env)."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every listener on 127.0.0.1
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    }
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "OBLIVIATE_STORE", "PREFECT_API_URL"):
+        env.pop(name, None)
+    temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths live under it
+    head, address = start_ray_head(temp_dir, env)
+    previous_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the SDK client in this process must match the head
+    try:
+        wait_until_jobs_accepted(address, env)
+        # `ray start` records the head's GCS address in its temp dir: what --ray-address / RAY_ADDRESS take
+        gcs = (temp_dir / "ray_current_cluster").read_text().strip()
+        yield address, gcs, env
+    finally:
+        if previous_auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = previous_auth
+        stop_process_group(head)
+
+
+def run(command: list[str], env: dict, *, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def said(completed: subprocess.CompletedProcess) -> str:
+    return completed.stdout[-4000:] + completed.stderr[-4000:]
+
+
+#: The smallest audit `steal` accepts: one cell (one attacker, one selector, one budget, one seed), few steps.
+TINY_STEAL = [
+    "--pool", "digits", "--attackers", "basic", "--selectors", "random", "--budgets", "20", "--seeds", "1",
+    "--steps", "5", "--pool-size", "200", "--test-size", "30", "--eps", "0.1",
+]  # fmt: skip
+#: The smallest reduction sweep `tune` accepts: one trial.
+TINY_TUNE = [
+    "--data", "digits", "--ks", "5", "--bins", "16", "--target-size", "100", "--pool-size", "100",
+    "--test-size", "50", "--steps", "5", "--starts", "2", "--workers", "1",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_submit_steal_runs_the_audit_on_the_cluster_and_the_report_lands_in_out(ray_head, tmp_path) -> None:
+    address, _, env = ray_head
+    target = tmp_path / "target.pt"  # outside the upload's working dir: the job reads it where it lies
+    trained = run(
+        [str(BIN / "obliviate"), "target", "train", "--data", "digits", "--out", str(target), "--train-size", "300"]
+        + ["--steps", "20"],
+        env,
+    )
+    assert trained.returncode == 0, said(trained)
+    out = tmp_path / "steal"
+    submitted = run(
+        [str(BIN / "obliviate"), "submit", "--address", address, "--working-dir", str(ROOT), "--", "steal"]
+        + ["--target", str(target), "--out", str(out), *TINY_STEAL],
+        env,
+    )
+    assert submitted.returncode == 0, said(submitted)
+    assert "SUCCEEDED" in submitted.stdout, said(submitted)
+    report = json.loads((out / "steal.json").read_text())
+    assert [(c["attacker"], c["selector"], c["budget"]) for c in report["cells"]] == [("basic", "random", 20)]
+    assert (out / "steal.md").is_file() and (out / "steal.png").is_file()
+
+
+@pytest.mark.slow
+def test_submit_tune_runs_the_sweep_on_the_cluster_and_the_report_lands_in_the_store(ray_head, tmp_path) -> None:
+    address, _, env = ray_head
+    store = tmp_path / "store"
+    submitted = run(
+        [str(BIN / "obliviate"), "submit", "--address", address, "--working-dir", str(ROOT), "--", "tune"]
+        + ["reduction", *TINY_TUNE, "--name", "on-cluster", "--store", f"file://{store}"],
+        env,
+    )
+    assert submitted.returncode == 0, said(submitted)
+    assert "SUCCEEDED" in submitted.stdout, said(submitted)
+    results = json.loads((store / "tune" / "on-cluster" / "results.json").read_text())
+    assert len(results["trials"]) == 1 and results["trials"][0]["k"] == 5, results
+    assert (store / "tune" / "on-cluster" / "table.md").is_file()
+
+
+@pytest.mark.slow
+def test_reduce_and_tune_joined_to_the_cluster_by_its_address_run_there(ray_head, tmp_path) -> None:
+    _, gcs, env = ray_head
+    reduced = run(
+        [str(BIN / "obliviate"), "reduce", "--data", "digits", "--k", "10", "--starts", "4", "--workers", "2"]
+        + ["--ray-address", gcs, "--out", str(tmp_path / "reduce")],
+        env,
+    )
+    assert reduced.returncode == 0, said(reduced)
+    assert "over 4 restarts" in reduced.stdout, said(reduced)
+    summary = json.loads(next((tmp_path / "reduce").glob("reduce-*/summary.json")).read_text())
+    assert summary["k"] == 10 and summary["workers"] == 2
+    store = tmp_path / "store"
+    tuned = run(
+        [str(BIN / "obliviate"), "tune", "reduction", *TINY_TUNE, "--name", "joined", "--store", f"file://{store}"],
+        {**env, "RAY_ADDRESS": gcs},
+    )
+    assert tuned.returncode == 0, said(tuned)
+    assert len(json.loads((store / "tune" / "joined" / "results.json").read_text())["trials"]) == 1
