@@ -172,8 +172,10 @@ class WorkerSlots:
         size: workers.
         threads: CPUs per worker.
         timeout: seconds to wait for the reservation (default :data:`SLOT_WAIT_S`).
-        grows: whether the cluster may add CPUs while the run waits; a local runtime never does, so a
-            reservation beyond its CPUs is refused at once instead of after ``timeout``.
+        grows: whether the cluster may add CPUs while the run waits; a local runtime never does, nor a joined
+            cluster without an autoscaler, so a reservation beyond its CPUs is refused at once instead of after
+            ``timeout``.
+        joined: the cluster is one this process joined (said in the refusal with its fix), not a local runtime.
         say: where the wait's notices go, every :data:`SLOT_NOTICE_EVERY_S` (the run's log).
     """
 
@@ -184,6 +186,7 @@ class WorkerSlots:
         *,
         timeout: float | None = None,
         grows: bool = True,
+        joined: bool = False,
         say: Callable[[str], object] | None = None,
     ) -> None:
         import ray
@@ -193,6 +196,15 @@ class WorkerSlots:
         self.threads = threads
         timeout = SLOT_WAIT_S if timeout is None else timeout
         cpus = ray.cluster_resources().get("CPU", 0)
+        if not grows and size * threads > cpus and joined:
+            fits = int(cpus) // threads
+            fewer = f"lower --workers to at most {fits}" if fits else f"use fewer than {threads} threads per worker"
+            raise ConfigError(
+                f"the Ray cluster could not reserve {size} workers x {threads} CPUs ({size * threads} CPUs): it has "
+                f"{cpus:.0f} CPUs and no autoscaler (it was started by `ray start` without an autoscaling config), so "
+                f"it never grows and this was refused at once instead of after {timeout:.0f} s of waiting; {fewer}, "
+                "or run on a cluster that autoscales (`ray up cluster.yaml`)."
+            )
         if not grows and size * threads > cpus:
             raise ConfigError(
                 f"the Ray cluster could not reserve {size} workers x {threads} CPUs: it has {cpus:.0f} CPUs and, a "
@@ -605,7 +617,7 @@ def reduce_flow(
     Returns:
         the summary written to storage, plus ``result_url``.
     """
-    from flows.runtime import cluster_cpus
+    from flows.runtime import cluster_autoscales, cluster_cpus
 
     logger = get_run_logger()
     t_flow = time.perf_counter()
@@ -654,8 +666,11 @@ def reduce_flow(
         start_vertices = choose_starts(n, num_starts=starts, rng=np.random.default_rng(seed))
         memory = restart_memory_bytes(plan, k=k, limit_mb=restart_memory_mb)
         dense_mode = not tiles_only and plan.dense_bytes <= memory
-        # A local runtime this process started never grows; a joined cluster may (its autoscaler is not visible here).
-        slots = WorkerSlots(pool_size, threads_per_worker, grows=not _local_session_dirs, say=logger.info)
+        # A local runtime this process started never grows; a joined cluster does only if it runs an autoscaler
+        # (unknown counts as may: waiting SLOT_WAIT_S is then the cost of an honest "don't know").
+        joined = not _local_session_dirs
+        grows = joined and cluster_autoscales() is not False
+        slots = WorkerSlots(pool_size, threads_per_worker, grows=grows, joined=joined, say=logger.info)
         scheduling = time.perf_counter() - t_sched
         try:
             t_pool = time.perf_counter()

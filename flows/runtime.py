@@ -391,6 +391,33 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def cluster_autoscales() -> bool | None:
+    """Whether the Ray cluster this process joined has an autoscaler that can add nodes; ``None``: Ray does not say.
+
+    Ray 2.60 has no public call for it. The head's monitor (Ray's v1 autoscaler, the default) publishes its status
+    in the GCS key-value store (what ``ray status`` prints). On a cluster started by hand (``ray start`` without an
+    autoscaling config) it runs Ray's read-only provider, which only mirrors the nodes that joined, naming each one's
+    type ``node_<node id>`` (``ray.autoscaler._private.util.format_readonly_node_type``); an autoscaler started by
+    ``ray up`` or KubeRay names the node types of its config instead. Anything else (no status yet, autoscaler v2,
+    Ray Client) is ``None``: the caller must assume the cluster may grow.
+    """
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.autoscaler._private.util import format_readonly_node_type
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if is_autoscaler_v2(fetch_from_server=True):  # v2 publishes no such status
+            return None
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        mapping = json.loads(status)["autoscaler_report"]["node_type_mapping"] if status else None
+    except Exception:  # noqa: BLE001 - Ray's internals moved or the status is not there: Ray does not say
+        return None
+    if not isinstance(mapping, dict) or not mapping:
+        return None
+    return not all(node_type == format_readonly_node_type(node) for node, node_type in mapping.items())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

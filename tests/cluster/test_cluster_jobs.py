@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,26 @@ def test_reduce_and_tune_joined_to_the_cluster_by_its_address_run_there(ray_head
     )
     assert tuned.returncode == 0, said(tuned)
     assert len(json.loads((store / "tune" / "joined" / "results.json").read_text())["trials"]) == 1
+
+
+@pytest.mark.slow
+def test_reduce_asking_more_cpus_than_a_cluster_without_autoscaler_has_is_refused_at_once(ray_head, tmp_path) -> None:
+    """`reduce --workers 3` joined to a 2-CPU head started by `ray start` waited SLOT_WAIT_S (120 s), then failed."""
+    _, gcs, env = ray_head
+    began = time.monotonic()
+    try:
+        refused = run(
+            [str(BIN / "obliviate"), "reduce", "--data", "digits", "--k", "10", "--starts", "4", "--workers", "3"]
+            + ["--ray-address", gcs, "--out", str(tmp_path / "reduce")],
+            env,
+            timeout=100,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("reduce was still waiting for 3 CPUs of a 2-CPU cluster without autoscaler after 100 s")
+    elapsed = time.monotonic() - began
+    assert refused.returncode == 2, said(refused)
+    err = refused.stderr
+    assert "could not reserve 3 workers x 1 CPUs (3 CPUs): it has 2 CPUs and no autoscaler" in err, said(refused)
+    assert "refused at once instead of after 120 s of waiting; lower --workers to at most 2, or run on a " in err
+    assert "cluster that autoscales (`ray up cluster.yaml`)" in err and "Traceback" not in err, said(refused)
+    assert elapsed < 90, f"refused only after {elapsed:.0f} s"  # a Prefect server and a Ray join take about 30
