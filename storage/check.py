@@ -65,6 +65,8 @@ _REQUEST_KEY = re.compile(r"^ledger/requests/(?P<request>[^/]+)\.json$")
 _OPEN_KEY = re.compile(r"^ledger/open/(?P<request>[^/]+)\.json$")
 _STATUS_VERSION_KEY = re.compile(r"^ledger/status/(?P<request>[^/]+)/v(?P<version>\d{9})\.json$")
 _POINTER_VERSION_NAME = re.compile(r"^v\d{9}\.json$")
+# A version of a run's version pointer (storage.registry.RunRegistry.pointer_key).
+_RUN_VERSION_KEY = re.compile(r"^runs/(?P<run>[^/]+)/current/v(?P<version>\d{9})\.json$")
 # Folders of a store that hold no obliviate objects: Ray Tune's own state (flows.tune).
 _FOREIGN = ("tune-state/",)
 # The first folders of the keys obliviate writes (besides ``reduce-*`` results and temporaries at the root). A name
@@ -271,6 +273,7 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
         # a damaged object's own error sends its reader here; here it is said what needs it and how to mend it
         item["error"] = str(item["error"]).replace(_SEE_STORE_CHECK, ".")
     _explain_ledger_damage(store, report)
+    _explain_version_pointer_damage(store, report)
 
     report.orphans, report.orphans_held_back = _orphans(
         store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report, scope, blind_runs
@@ -584,6 +587,62 @@ def _purges_waiting(store: ObjectStore) -> dict[str, list[dict[str, Any]]]:
         except (CorruptObject, StorageError, ValueError, TypeError, AttributeError):
             continue
     return found
+
+
+def _explain_version_pointer_damage(store: ObjectStore, report: StoreReport) -> None:
+    """Say, for each damaged or lost version of a run's version pointer, what it loses and exactly how to mend it.
+
+    Such a version is not rebuilt (not by ``--repair`` either): it records what the version served (its
+    manifest), the requests it applied, the ids it deleted, its metrics and serving state (held requests,
+    the block served), and the manifests do not record all of that: the applied requests and holds are
+    carried from version to version in the pointer only, a release or an interim version's target copies
+    its predecessor's, and one version number can have several manifests when publishes raced. Only a
+    backup holds it.
+    """
+    for item in report.corrupt:
+        damaged = _RUN_VERSION_KEY.match(item["key"])
+        if damaged is None:
+            continue
+        run_id, version = damaged.group("run"), int(damaged.group("version"))
+        key = item["key"]
+        latest = _latest_version(store, f"runs/{run_id}/current")
+        if version >= latest:
+            until = (
+                f"run {run_id}'s current version cannot be read: serving it and unlearning from it fail (every "
+                "deletion request for its ids fails its attempts on it), retention (--keep-versions) and the purge of "
+                "superseded versions skip it, and store check keeps all its checkpoints and manifests"
+            )
+            deleting = (
+                f"that would make version {version - 1} current again, which may serve a model trained on the ids "
+                f"version {version} deleted"
+                if version > 1
+                else f"run {run_id} would then have no version at all"
+            )
+            without = (
+                f"Without a backup nothing in obliviate can mend run {run_id}: train its data under a new --run-id "
+                "and serve that run; the training leaves out the ids of every pending, claimed or done request, not "
+                f"those of a request that failed on run {run_id} meanwhile: file those ids again with `obliviate "
+                "forget` before training"
+            )
+        else:
+            until = (
+                f"run {run_id} still serves version {latest} and takes deletions, but retention (--keep-versions) and "
+                "the purge of superseded versions skip it (checkpoints of versions a deletion superseded stay, SPEC 5) "
+                "and store check keeps all its checkpoints and manifests"
+            )
+            deleting = "a missing version is reported and skipped just the same"
+            without = (
+                f"Without a backup the run keeps serving as it is; the record of version {version}, and the pruning "
+                f"and purge of run {run_id}'s old versions, stay lost"
+            )
+        item["error"] = (
+            f"{str(item['error']).rstrip('.')}. It is version {version} of run {run_id}'s version pointer: the "
+            "manifest it served, the requests it applied, the ids it deleted, its metrics and serving state. "
+            "`store check --repair` cannot rebuild it: the manifests do not record all of that (applied requests and "
+            f"holds live in the pointer only). Until it is mended {until}. To mend: restore exactly {key} from a "
+            "backup of the store (a snapshot, or the bucket's object versioning), then run `obliviate store check` "
+            f"again. Do not delete it: {deleting}. {without}"
+        )
 
 
 def _readable_history(store: ObjectStore, request_id: str) -> dict[int, dict[str, Any]]:
