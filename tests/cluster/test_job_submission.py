@@ -58,8 +58,11 @@ def stop_process_group(process: subprocess.Popen) -> None:
             continue
 
 
-def start_ray_head(temp_dir: Path, env: dict) -> tuple[subprocess.Popen, str]:
-    """A Ray head on 127.0.0.1 with free ports; returns its ``ray start`` process and dashboard address."""
+def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """A Ray head on 127.0.0.1 with free ports; returns its ``ray start`` process and dashboard address.
+
+    ``extra``: more ``ray start`` options, e.g. ``--autoscaling-config=FILE``.
+    """
     gcs_port, dashboard_port = free_port(), free_port()
     # --block keeps `ray start` in the foreground as the parent of this head's processes, so the
     # teardown stops exactly this head (its process group), never another Ray on the machine.
@@ -81,9 +84,11 @@ def start_ray_head(temp_dir: Path, env: dict) -> tuple[subprocess.Popen, str]:
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
+            *extra,
             "--block",
         ],
-        env=env,
+        # Ray 2.60 drains a head for 30 s on SIGTERM (for Serve); nothing here needs it, and every teardown waited
+        env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
