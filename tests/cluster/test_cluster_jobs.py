@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -153,3 +154,69 @@ def test_reduce_asking_more_cpus_than_a_cluster_without_autoscaler_has_is_refuse
     assert "refused at once instead of after 120 s of waiting; lower --workers to at most 2, or run on a " in err
     assert "cluster that autoscales (`ray up cluster.yaml`)" in err and "Traceback" not in err, said(refused)
     assert elapsed < 90, f"refused only after {elapsed:.0f} s"  # a Prefect server and a Ray join take about 30
+
+
+#: An autoscaling config for Ray's fake multi-node provider (RAY_FAKE_CLUSTER=1), the way Ray's docs test autoscaling
+#: on one machine ("Testing Autoscaling Locally"): the head plus up to one 1-CPU worker, none started unless asked.
+FAKE_AUTOSCALING_CONFIG = """\
+cluster_name: fake_autoscaling
+max_workers: 1
+provider: {type: fake_multinode, use_node_id_as_ip: true, disable_node_updaters: true, disable_launch_config_check: true}
+available_node_types:
+  ray.head.default: {resources: {CPU: 2}, node_config: {}, max_workers: 0}
+  ray.worker.cpu: {resources: {CPU: 1}, node_config: {}, min_workers: 0, max_workers: 1}
+head_node_type: ray.head.default
+auth: {}
+upscaling_speed: 1.0
+idle_timeout_minutes: 1
+docker: {}
+initialization_commands: []
+setup_commands: []
+head_setup_commands: []
+worker_setup_commands: []
+head_start_ray_commands: []
+worker_start_ray_commands: []
+file_mounts: {}
+cluster_synced_files: []
+file_mounts_sync_continuously: false
+rsync_exclude: []
+rsync_filter: []
+"""
+
+
+def autoscales_says(gcs: str, env: dict) -> str:
+    """What cluster_autoscales() answers in a driver joined to ``gcs``, once the head's monitor has reported."""
+    driver = textwrap.dedent(
+        f"""
+        import time, ray
+        from flows.runtime import cluster_autoscales
+        ray.init(address={gcs!r}, log_to_driver=False)
+        deadline = time.monotonic() + 30  # the monitor reports a few seconds after the head starts
+        while (answer := cluster_autoscales()) is None and time.monotonic() < deadline:
+            time.sleep(1)
+        print(answer)
+        """
+    )
+    completed = run([sys.executable, "-c", driver], env, timeout=120)
+    assert completed.returncode == 0, said(completed)
+    return completed.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_whether_a_joined_cluster_can_grow_is_read_from_its_autoscaler(ray_head, tmp_path_factory) -> None:
+    _, gcs, env = ray_head
+    assert autoscales_says(gcs, env) == "False"  # `ray start` without a config: Ray only mirrors its nodes
+    temp_dir = tmp_path_factory.mktemp("ray")
+    config = temp_dir / "autoscaling.yaml"
+    config.write_text(FAKE_AUTOSCALING_CONFIG)
+    fake_env = {**env, "RAY_FAKE_CLUSTER": "1"}
+    head, _ = start_ray_head(temp_dir, fake_env, extra=(f"--autoscaling-config={config}",))
+    try:
+        recorded = temp_dir / "ray_current_cluster"
+        deadline = time.monotonic() + 60
+        while not recorded.is_file() and time.monotonic() < deadline and head.poll() is None:
+            time.sleep(0.5)
+        assert recorded.is_file(), f"the autoscaling head did not start (exit {head.poll()})"
+        assert autoscales_says(recorded.read_text().strip(), fake_env) == "True"
+    finally:
+        stop_process_group(head)
