@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is replayed: `store ch
     from obliviate.unlearning.chain import Checkpoint
 
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
+_VERSION_POINTER = re.compile(r"^runs/[^/]+/current/v\d+\.json$")  # storage.registry: runs/<run>/current
 
 
 def check_and_repair(
@@ -63,8 +64,9 @@ def check_and_repair(
         if key.startswith(f"{MI_TILES}/"):
             report.repaired.append(_drop_damaged_matrix_object(store, key))
             continue
-        if key.startswith("ledger/"):
-            # a ledger record: not replayable; the check said what it loses and how to mend it
+        if key.startswith("ledger/") or _VERSION_POINTER.match(key):
+            # a ledger record or a version of a run's version pointer: not replayable; the check said what it
+            # loses and exactly how to mend it, which replay's "not a chain checkpoint" would replace
             said = damage[key]
             report.unrecoverable.append({"key": key, "error": said["error"], "needed_by": said.get("needed_by", [])})
             continue

@@ -76,3 +76,12 @@ def test_the_newest_version_says_the_run_cannot_be_read_and_not_to_delete_it(two
     main(["store", "check", "--store", store.url])
     printed = capsys.readouterr().err
     assert "damaged runs/r1/current/v000000002.json" in printed and "make version 1 current again" in printed
+
+
+def test_repair_keeps_the_checks_advice_for_a_damaged_version_rather_than_replays_words(two_versions, tmp_path, capsys):
+    store = _copy_with(two_versions, tmp_path, 2, "damaged")
+    main(["store", "check", "--store", store.url, "--repair", "--orphan-age", "0"])
+    printed = capsys.readouterr().err
+    assert "runs/r1/current/v000000002.json" in printed
+    assert "make version 1 current again" in printed, printed
+    assert "not a chain checkpoint" not in printed, printed
