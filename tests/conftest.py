@@ -8,6 +8,10 @@
   in which it holds one request in flight (:meth:`FlakyProxy.hold`) to stage a race at a known point,
   refuses some requests as S3 does (:meth:`FlakyProxy.fail`: a read-only store) or goes down at a
   known request (:meth:`FlakyProxy.down_at`: a crash mid-operation).
+
+And the set-up tests in several folders share: ``train_target`` / ``target_checkpoint`` (a tiny target
+from ``obliviate target train``), ``child_env`` / ``run_python`` (a ``python -c`` child that imports this
+repository) and ``fake_aws_credentials`` (for a test's own moto server).
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ import contextlib
 import logging
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAKE_AWS_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -27,6 +36,60 @@ FAKE_AWS_CREDENTIALS = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+@pytest.fixture(scope="session")
+def fake_aws_credentials() -> dict[str, str]:
+    """The fake AWS credentials a test's own moto server is reached with (a copy: changing it changes no other test)."""
+    return dict(FAKE_AWS_CREDENTIALS)
+
+
+@pytest.fixture(scope="session")
+def train_target(tmp_path_factory):
+    """``train_target(steps=...)``: a new folder's checkpoint by ``obliviate target train`` on 300 mnist5k images."""
+
+    def train(*, steps: int) -> Path:
+        from flows.cli import main
+
+        path = tmp_path_factory.mktemp("target") / "target.pt"
+        assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", str(steps)]) == 0
+        return path
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def target_checkpoint(train_target) -> Path:
+    """One test module's tiny target: ``obliviate target train`` on 300 mnist5k images, 60 steps."""
+    return train_target(steps=60)
+
+
+@pytest.fixture
+def child_env():
+    """``child_env(*names)``: this process's environment now, less ``names``, with the repository on ``PYTHONPATH``."""
+
+    def env(*without: str) -> dict[str, str]:
+        return {name: value for name, value in os.environ.items() if name not in without} | {"PYTHONPATH": str(REPO)}
+
+    return env
+
+
+@pytest.fixture
+def run_python():
+    """``run_python(script, *args, env=..., timeout=...)``: ``python -c script`` run in the repository, output kept."""
+
+    def run(script: str, *args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", script, *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,8 @@ processes it starts still inherit the server's ``PREFECT_API_URL``."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 from flows.runtime import is_healthy, prefect_api
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_work_given_to_prefect_api_runs_while_its_server_starts_and_sees_its_url(tmp_path, monkeypatch):
@@ -51,18 +46,9 @@ ray.shutdown()
 """
 
 
-def test_ray_started_while_the_server_starts_gives_its_workers_the_api_url(tmp_path):
-    env = {name: value for name, value in os.environ.items() if name not in ("PREFECT_API_URL", "RAY_ADDRESS")}
-    env["PYTHONPATH"] = str(REPO)
-    done = subprocess.run(
-        [sys.executable, "-c", RAY_WORKER_SEES, str(tmp_path / "prefect")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def test_ray_started_while_the_server_starts_gives_its_workers_the_api_url(tmp_path, child_env, run_python):
+    env = child_env("PREFECT_API_URL", "RAY_ADDRESS")
+    done = run_python(RAY_WORKER_SEES, str(tmp_path / "prefect"), env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     api_url, worker_url = done.stdout.split()[-2:]
     assert api_url.startswith("http://127.0.0.1:") and worker_url == api_url

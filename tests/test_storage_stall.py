@@ -22,13 +22,6 @@ from storage import ObjectStore, StorageUnavailable, retry
 from storage.retry import RetryPolicy, retry_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SECURITY_TOKEN": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 NOTICE = re.compile(r"has not answered for (\d+) s; still waiting and retrying until \d\d:\d\d:\d\d UTC")
 
 
@@ -74,9 +67,9 @@ class FreezableS3:
 
 
 @pytest.fixture
-def frozen_s3(monkeypatch):
+def frozen_s3(monkeypatch, fake_aws_credentials):
     server = FreezableS3()
-    for name, value in {**FAKE_AWS, "AWS_ENDPOINT_URL": server.endpoint}.items():
+    for name, value in {**fake_aws_credentials, "AWS_ENDPOINT_URL": server.endpoint}.items():
         monkeypatch.setenv(name, value)
     store = ObjectStore("s3://stall/p")
     store.ensure_container()

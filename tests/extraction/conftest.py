@@ -1,6 +1,8 @@
-"""Shared fixtures of the extraction-audit tests: a small real MNIST slice and a tiny target."""
+"""Shared fixtures of the extraction-audit tests: a small real MNIST slice, a tiny target, Prefect and Ray."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -41,3 +43,22 @@ def target_model(mnist, split):
 @pytest.fixture(scope="session")
 def pool_images(mnist, split):
     return mnist.images[split[1]]
+
+
+@pytest.fixture(scope="module")
+def prefect_and_ray():
+    """One test module's Prefect test server, named by ``PREFECT_API_URL``, and a local Ray runtime of 2 CPUs."""
+    import ray
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        from prefect.settings import PREFECT_API_URL
+
+        # the CLI uses a configured server, as a user's PREFECT_API_URL, instead of starting its own
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            os.environ.pop("PREFECT_API_URL", None)

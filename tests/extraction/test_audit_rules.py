@@ -238,12 +238,9 @@ def test_the_headline_names_a_pair_once_and_says_plainly_what_no_pair_reaches():
 
 
 @pytest.fixture(scope="module")
-def small_target(tmp_path_factory):
-    from flows.cli import main
-
-    path = tmp_path_factory.mktemp("target") / "target.pt"
-    assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", "5"]) == 0
-    return path
+def small_target(train_target):
+    """A 5-step target: each of its tests is refused before any query, so how well it learned does not matter."""
+    return train_target(steps=5)
 
 
 def test_steal_refuses_a_pool_whose_labels_the_target_cannot_answer_before_any_work(small_target, tmp_path, capsys):

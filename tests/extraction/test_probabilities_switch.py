@@ -255,22 +255,13 @@ def test_a_server_allowing_probabilities_answers_them_counted_like_labels(target
 # -------------------- the command line
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from flows.cli import main
-
-    path = tmp_path_factory.mktemp("target") / "target.pt"
-    assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", "60"]) == 0
-    return path
-
-
-def test_cli_steal_refuses_an_unknown_target_output_with_the_rule(checkpoint, tmp_path, capsys):
+def test_cli_steal_refuses_an_unknown_target_output_with_the_rule(target_checkpoint, tmp_path, capsys):
     from flows.audit import check_audit_settings
     from flows.cli import main
 
     out = tmp_path / "report"
     with pytest.raises(SystemExit) as stopped:  # a value the option's parser refuses: a usage error, exit 2
-        main(["steal", "--target", str(checkpoint), "--target-output", "soft", "--out", str(out)])
+        main(["steal", "--target", str(target_checkpoint), "--target-output", "soft", "--out", str(out)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert (
@@ -286,12 +277,14 @@ def test_cli_steal_refuses_an_unknown_target_output_with_the_rule(checkpoint, tm
         check_audit_settings(**settings, target_output="soft")
 
 
-def test_cli_steal_with_probabilities_against_a_label_only_server_says_so_before_any_work(checkpoint, tmp_path, capsys):
+def test_cli_steal_with_probabilities_against_a_label_only_server_says_so_before_any_work(
+    target_checkpoint, tmp_path, capsys
+):
     from flows.cli import main
     from flows.model_server import TargetServer
     from obliviate.extraction.target import load_checkpoint
 
-    model, meta = load_checkpoint(checkpoint)
+    model, meta = load_checkpoint(target_checkpoint)
     out = tmp_path / "report"
     with TargetServer(model, info=meta, allow_probabilities=False) as server:
         code = main(["steal", "--target", server.url, "--target-output", "probabilities", "--out", str(out)])
@@ -303,33 +296,18 @@ def test_cli_steal_with_probabilities_against_a_label_only_server_says_so_before
     assert requests == 0 and not out.exists()
 
 
-@pytest.fixture(scope="module")
-def prefect_and_ray():
-    import ray
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        from prefect.settings import PREFECT_API_URL
-
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            os.environ.pop("PREFECT_API_URL", None)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_cli_steal_with_probabilities_writes_a_report_naming_the_mode(prefect_and_ray, checkpoint, tmp_path, capsys):
+def test_cli_steal_with_probabilities_writes_a_report_naming_the_mode(
+    prefect_and_ray, target_checkpoint, tmp_path, capsys
+):
     from flows.cli import main
 
     out = tmp_path / "report"
     grid = ["--budgets", "20", "--attackers", "basic,semi_supervised", "--selectors", "random", "--seeds", "1"]
     sizes = ["--pool-size", "120", "--test-size", "100", "--steps", "15", "--attack-steps", "20", "--eps", "0.3"]
     small = ["--rounds", "1", "--round-steps", "10", "--consistency-steps", "10"]
-    command = ["steal", "--target", str(checkpoint), "--target-output", "probabilities", "--out", str(out)]
+    command = ["steal", "--target", str(target_checkpoint), "--target-output", "probabilities", "--out", str(out)]
     assert main([*command, *grid, *sizes, *small]) == 0, capsys.readouterr().err[-3000:]
     md = (out / "steal.md").read_text()
     assert "Pool: 120 images; queries answered with class probabilities (--target-output probabilities)." in md

@@ -14,33 +14,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
-@pytest.fixture(scope="module")
-def prefect_and_ray():
-    import ray
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        from prefect.settings import PREFECT_API_URL
-
-        # the CLI uses a configured server, as a user's PREFECT_API_URL, instead of starting its own
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            os.environ.pop("PREFECT_API_URL", None)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from flows.cli import main
-
-    path = tmp_path_factory.mktemp("target") / "target.pt"
-    assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", "60"]) == 0
-    return path
-
-
 @pytest.mark.parametrize(
     ("options", "rule"),
     [
@@ -68,23 +41,23 @@ def checkpoint(tmp_path_factory):
         ),
     ],
 )
-def test_cli_steal_refuses_a_grid_that_cannot_run_before_any_work(checkpoint, tmp_path, capsys, options, rule):
+def test_cli_steal_refuses_a_grid_that_cannot_run_before_any_work(target_checkpoint, tmp_path, capsys, options, rule):
     from flows.cli import main
 
     out = tmp_path / "report"
-    assert main(["steal", "--target", str(checkpoint), "--out", str(out), *options]) == 2
+    assert main(["steal", "--target", str(target_checkpoint), "--out", str(out), *options]) == 2
     err = capsys.readouterr().err
     assert rule in err and "Traceback" not in err
     assert not out.exists()  # nothing queried, trained or written
 
 
-def test_cli_steal_refuses_a_pool_the_target_cannot_read_before_any_work(checkpoint, tmp_path, capsys):
+def test_cli_steal_refuses_a_pool_the_target_cannot_read_before_any_work(target_checkpoint, tmp_path, capsys):
     import numpy as np
 
     from flows.cli import main
 
     out = tmp_path / "report"
-    assert main(["steal", "--target", str(checkpoint), "--pool", "digits", "--out", str(out)]) == 2
+    assert main(["steal", "--target", str(target_checkpoint), "--pool", "digits", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "the target takes 28x28 images, but pool 'digits' holds 8x8 images" in err and "--pool mnist5k" in err
     # Same side, other gray levels: 8-bit 8x8 images read by a target of digits' 17 levels (0..16).
@@ -136,12 +109,12 @@ def test_cli_steal_refuses_a_target_server_that_is_not_there_before_any_work(tmp
     assert "Starting temporary server" not in err and not out.exists()
 
 
-def test_cli_steal_refuses_an_unwritable_report_folder_before_any_query(checkpoint, tmp_path, capsys):
+def test_cli_steal_refuses_an_unwritable_report_folder_before_any_query(target_checkpoint, tmp_path, capsys):
     from flows.cli import main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert main(["steal", "--target", str(checkpoint), "--out", str(blocker / "report")]) == 2
+    assert main(["steal", "--target", str(target_checkpoint), "--out", str(blocker / "report")]) == 2
     assert "cannot create the report folder" in capsys.readouterr().err
 
 
@@ -156,7 +129,9 @@ def test_cli_steal_demo_keeps_the_options_given(tmp_path, capsys):
     assert not (out / "target.pt").exists()
 
 
-def test_cli_steal_demo_on_digits_fits_its_target_pool_and_test_set(prefect_and_ray, checkpoint, tmp_path, capsys):
+def test_cli_steal_demo_on_digits_fits_its_target_pool_and_test_set(
+    prefect_and_ray, target_checkpoint, tmp_path, capsys
+):
     """`steal --demo --pool digits` printed "training ... on 2,000 mnist5k images" and failed: digits has 1,797.
     After a mnist5k demo in the same --out it reused that demo's target.pt and was refused ("pass the
     pool the target was trained on (--pool mnist5k)"): the demo retrains a target that does not fit."""
@@ -166,7 +141,7 @@ def test_cli_steal_demo_on_digits_fits_its_target_pool_and_test_set(prefect_and_
 
     out = tmp_path / "demo"
     out.mkdir()
-    shutil.copy(checkpoint, out / "target.pt")  # a mnist5k target, as a mnist5k demo leaves it
+    shutil.copy(target_checkpoint, out / "target.pt")  # a mnist5k target, as a mnist5k demo leaves it
     small = ["--attackers", "basic", "--selectors", "random", "--budgets", "20", "--steps", "20"]
     assert main(["steal", "--demo", "--pool", "digits", "--out", str(out), *small]) == 0
     said = capsys.readouterr().out
@@ -178,7 +153,7 @@ def test_cli_steal_demo_on_digits_fits_its_target_pool_and_test_set(prefect_and_
     assert "Pool: 798 images" in report and "accuracy on the 400 test images" in report
 
 
-def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, checkpoint, tmp_path, capsys):
+def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, target_checkpoint, tmp_path, capsys):
     from flows.cli import main
 
     out = tmp_path / "report"
@@ -186,7 +161,7 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, che
         [
             "steal",
             "--target",
-            str(checkpoint),
+            str(target_checkpoint),
             "--pool",
             "mnist5k",
             "--budgets",
@@ -300,13 +275,13 @@ TINY_HTTP_AUDIT = {
 }
 
 
-def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ray, checkpoint, tmp_path):
+def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ray, target_checkpoint, tmp_path):
     """The flow run's state message (the dashboard's reason) held Ray's coloured remote traceback."""
     from flows.audit import steal_flow
     from flows.model_server import TargetServer
     from obliviate.extraction.target import LocalTorchBackend, TargetUnavailable, load_checkpoint
 
-    model, meta = load_checkpoint(checkpoint)
+    model, meta = load_checkpoint(target_checkpoint)
 
     class FailsAfterTheTestLabels(LocalTorchBackend):
         """Answers the audit's one oracle call for the test labels, then fails like a broken server."""
@@ -332,12 +307,12 @@ def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ra
     ), str(failed.value)
 
 
-def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoint, tmp_path):
+def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, target_checkpoint, tmp_path):
     from flows.audit import steal_flow
     from flows.model_server import TargetServer
     from obliviate.extraction.target import load_checkpoint
 
-    model, meta = load_checkpoint(checkpoint)
+    model, meta = load_checkpoint(target_checkpoint)
     with TargetServer(model, info=meta, allow_probabilities=False) as server:
         paths = steal_flow(target=server.url, seeds=2, out=str(tmp_path), **TINY_HTTP_AUDIT)
         requests = server.requests
@@ -353,7 +328,9 @@ def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, checkpoin
     assert requests == 1 + 2 * 3
 
 
-def test_cli_steal_off_a_terminal_logs_the_cells_running_and_prints_the_headline(prefect_and_ray, checkpoint, tmp_path):
+def test_cli_steal_off_a_terminal_logs_the_cells_running_and_prints_the_headline(
+    prefect_and_ray, target_checkpoint, tmp_path
+):
     """Off a terminal (a CI log, cron, `| tee`) the log said nothing from the set-up until the first cell ended
     (a cell takes minutes), and stdout held only the report's path: the answer was only in steal.md. The
     command runs as a user's does, its stdout and stderr pipes (the Prefect server is the session's)."""
@@ -364,7 +341,7 @@ def test_cli_steal_off_a_terminal_logs_the_cells_running_and_prints_the_headline
     out = tmp_path / "report"
     grid = ["--budgets", "20,40", "--attackers", "basic", "--selectors", "random", "--seeds", "1", "--eps", "0.3"]
     sizes = ["--pool-size", "120", "--test-size", "100", "--steps", "15", "--num-cpus", "2"]
-    command = ["steal", "--target", str(checkpoint), "--out", str(out), *grid, *sizes, "--progress-every", "0.2"]
+    command = ["steal", "--target", str(target_checkpoint), "--out", str(out), *grid, *sizes, "--progress-every", "0.2"]
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", *command], capture_output=True, text=True, timeout=300, check=False
     )

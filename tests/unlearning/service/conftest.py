@@ -6,6 +6,7 @@
 * ``ray_address``: one local Ray runtime (``address="local"``); its address is exported so
   ``obliviate serve`` subprocesses and their flow runs join it instead of starting their own.
 * ``serve``: starts ``python -m flows.cli serve`` for a store and stops it afterwards.
+* ``train_r1`` / ``settle_req1``: run r1 trained into a store, and request req-1 filed and applied in one pass.
 
 Credentials and endpoint are in the environment before Ray starts, so workers inherit them.
 """
@@ -44,6 +45,45 @@ def tiny_run():
         } | changes
 
     return options
+
+
+@pytest.fixture
+def train_r1(tiny_run):
+    """``train_r1(url)``: train run r1 (``tiny_run``: 3 blocks, 300 images) in a store; each block's 1st dataset id."""
+
+    def train(url: str) -> list[int]:
+        from actors.chains import ChainWorker
+        from flows.train import run_spec
+        from storage import ObjectStore
+        from storage.registry import RunRegistry
+
+        spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
+        ChainWorker(url).train(spec)
+        registry = RunRegistry(ObjectStore(url))
+        chain, _ = registry.load_chain(registry.current("r1"))
+        return [int(spec["train_ids"][int(block[0])]) for block in chain.plan.blocks]
+
+    return train
+
+
+@pytest.fixture
+def settle_req1():
+    """``settle_req1(url, victim)``: file req-1 for ``victim`` and apply it in one pass (done); its ledger details."""
+
+    def settle(url: str, victim: int) -> dict:
+        from actors.chains import ChainWorker
+        from flows.settle import run_pass
+        from flows.unlearn import submit_deletion
+        from storage import ObjectStore
+        from storage.ledger import DeletionLedger
+
+        worker = ChainWorker(url)
+        submit_deletion(url, [victim], dataset="digits", request_id="req-1", emit=False)
+        result = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
+        assert result["settled"] == {"req-1": "done"}
+        return DeletionLedger(ObjectStore(url)).get("req-1").details
+
+    return settle
 
 
 @pytest.fixture

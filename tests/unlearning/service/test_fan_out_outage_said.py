@@ -16,21 +16,13 @@ that runtime starts in (the session's runtime, shared with other tests, points a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
-from actors.chains import ChainWorker
-from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
-from storage.registry import RunRegistry
 
-REPO = Path(__file__).resolve().parents[3]
 OUTAGE_S = 8.0
 
 # The pass, as serve runs it, with the fan-out's lines on stderr (flows.unlearn's logger, the fan-out's default;
@@ -62,21 +54,11 @@ print(json.dumps({"settled": result["settled"]}))
 """
 
 
-def _trained(url: str, tiny_run) -> int:
-    """Train run r1 (3 blocks); a dataset id its block 2 trained on."""
-    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
-    ChainWorker(url).train(spec)
-    registry = RunRegistry(ObjectStore(url))
-    chain, _ = registry.load_chain(registry.current("r1"))
-    return int(spec["train_ids"][int(chain.plan.blocks[1][0])])
-
-
-def test_a_store_outage_during_the_fan_out_is_said_and_so_is_its_end(s3_url, flaky_s3, tiny_run):
-    victim = _trained(s3_url, tiny_run)
+def test_a_store_outage_during_the_fan_out_is_said_and_so_is_its_end(s3_url, flaky_s3, train_r1, child_env, run_python):
+    victim = train_r1(s3_url)[1]  # a dataset id block 2 trained on
     with flaky_s3.routed():
         submit_deletion(s3_url, [victim], dataset="digits", request_id="req-1", emit=False)
-        env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO)
+        env = child_env("RAY_ADDRESS")
     crash = flaky_s3.down_at("PUT", f"/{s3_url.removeprefix('s3://')}/runs/r1/")  # the retrain's first write
     back: list[float] = []
 
@@ -89,15 +71,7 @@ def test_a_store_outage_during_the_fan_out_is_said_and_so_is_its_end(s3_url, fla
 
     restorer = threading.Thread(target=bring_back, daemon=True)
     restorer.start()
-    done = subprocess.run(
-        [sys.executable, "-c", PASS, s3_url],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    done = run_python(PASS, s3_url, env=env, timeout=240)
     flaky_s3.up()
     assert done.returncode == 0, done.stderr[-3000:]
     said = [line.split(" ", 2)[2] for line in done.stderr.splitlines() if line.startswith("LINE ")]

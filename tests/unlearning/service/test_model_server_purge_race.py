@@ -15,7 +15,6 @@ import pytest
 
 from actors.chains import ChainWorker
 from flows.model_server import RunBackend
-from flows.train import run_spec
 from storage import ObjectStore
 from storage.check import purge_superseded, save_keep_superseded
 from storage.errors import ObjectNotFound
@@ -23,16 +22,7 @@ from storage.registry import RunRegistry
 from storage.serving import served_block
 
 
-def _trained(url: str, tiny_run) -> int:
-    """Train run r1 (3 blocks); a dataset id its block 2 trained on."""
-    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
-    ChainWorker(url).train(spec)
-    registry = RunRegistry(ObjectStore(url))
-    chain, _ = registry.load_chain(registry.current("r1"))
-    return int(spec["train_ids"][int(chain.plan.blocks[1][0])])
-
-
-def test_a_purge_between_the_pointer_read_and_the_load_serves_the_new_version(s3_url, flaky_s3, tiny_run):
+def test_a_purge_between_the_pointer_read_and_the_load_serves_the_new_version(s3_url, flaky_s3, train_r1):
     """The server reaches S3 through a proxy that holds its first request for version 1's served checkpoint.
 
     By then it has read the pointer (version 1) and that version's manifest. While that request is in
@@ -40,7 +30,7 @@ def test_a_purge_between_the_pointer_read_and_the_load_serves_the_new_version(s3
     --keep-superseded-versions``) and version 1 purged as a serve without the option does, straight
     against the store; then the held request goes on and finds version 1's checkpoint gone.
     """
-    victim = _trained(s3_url, tiny_run)
+    victim = train_r1(s3_url)[1]
     store = ObjectStore(s3_url)
     registry = RunRegistry(store)
     v1_manifest = registry.manifest(registry.current("r1"))
@@ -74,8 +64,8 @@ def test_a_purge_between_the_pointer_read_and_the_load_serves_the_new_version(s3
     assert victim in backend._deleted["r1"] and registry.current("r1").version == 2
 
 
-def test_a_missing_checkpoint_of_an_unmoved_pointer_still_raises(store_url, tiny_run):
-    _trained(store_url, tiny_run)
+def test_a_missing_checkpoint_of_an_unmoved_pointer_still_raises(store_url, train_r1):
+    train_r1(store_url)
     store = ObjectStore(store_url)
     backend = RunBackend(store_url, "r1", refresh_s=0.0)  # reads the pointer, loads nothing yet
     checkpoints = [k for k in store.list("runs/r1/chains/") if k.endswith(".pt")]

@@ -20,35 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from actors.chains import ChainWorker
 from flows.reconcile import finish_purges, reconcile_flow
-from flows.settle import run_pass
-from flows.train import run_spec
-from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import check_store, purge_superseded, save_keep_superseded
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 
 _FAILED_PURGE = "could not finish the purge of superseded versions"
-
-
-def _trained(url: str, tiny_run) -> int:
-    """Train run r1 (3 blocks); a dataset id its block 2 trained on."""
-    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
-    ChainWorker(url).train(spec)
-    registry = RunRegistry(ObjectStore(url))
-    chain, _ = registry.load_chain(registry.current("r1"))
-    return int(spec["train_ids"][int(chain.plan.blocks[1][0])])
-
-
-def _settle(url: str, victim: int) -> dict:
-    """File req-1 for ``victim`` and apply it in one pass; its ledger details."""
-    worker = ChainWorker(url)
-    submit_deletion(url, [victim], dataset="digits", request_id="req-1", emit=False)
-    result = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
-    assert result["settled"] == {"req-1": "done"}
-    return DeletionLedger(ObjectStore(url)).get("req-1").details
 
 
 def _v1_alone(store: ObjectStore) -> list[str]:
@@ -88,13 +66,13 @@ def _cut_off_before_the_ledger(store: ObjectStore) -> float:
 
 @pytest.mark.parametrize("where", ["file", "s3"])
 def test_a_purge_cut_off_before_the_ledger_is_told_by_the_next_reconcile_pass(
-    where, request, tiny_run, prefect_api_url
+    where, request, train_r1, settle_req1, prefect_api_url
 ):
     url = request.getfixturevalue("store_url" if where == "file" else "s3_url")
     store = ObjectStore(url)
-    victim = _trained(url, tiny_run)
+    victim = train_r1(url)[1]
     save_keep_superseded(store, keep=True)  # serve --keep-superseded-versions: the entry says kept
-    assert _settle(url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
+    assert settle_req1(url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
     save_keep_superseded(store, keep=False)  # a serve without it; its purge is cut off before the ledger
     pruned_at = _cut_off_before_the_ledger(store)
 
@@ -114,18 +92,18 @@ def test_a_purge_cut_off_before_the_ledger_is_told_by_the_next_reconcile_pass(
 
 
 def test_a_purge_that_failed_is_finished_by_the_next_reconcile_pass_and_a_failure_never_fails_it(
-    s3_url, flaky_s3, tiny_run, prefect_api_url, caplog
+    s3_url, flaky_s3, train_r1, settle_req1, prefect_api_url, caplog
 ):
     """The pass and the first reconcile pass reach moto S3 through a proxy that answers each DELETE of the
     run's objects with S3's AccessDenied (a bucket policy that forbids deleting them); the ledger's own
     deletes (leases, markers) go on. A local store has no such refusal (root deletes anyway), so this runs
     on S3."""
     store = ObjectStore(s3_url)
-    victim = _trained(s3_url, tiny_run)
+    victim = train_r1(s3_url)[1]
     runs = f"/{s3_url.removeprefix('s3://')}/runs/r1/"
     denied = flaky_s3.fail("DELETE", runs, status=403)
     with flaky_s3.routed():
-        details = _settle(s3_url, victim)
+        details = settle_req1(s3_url, victim)
     pending = details["runs"]["r1"]["superseded_versions"]
     assert denied.refused and pending["status"] == "pending" and details["purged_at"] is None
     assert "permission denied" in pending["reason"], pending
@@ -155,12 +133,12 @@ def test_a_purge_that_failed_is_finished_by_the_next_reconcile_pass_and_a_failur
 
 
 def test_a_store_that_keeps_superseded_versions_is_not_purged_by_the_reconcile_pass(
-    store_url, tiny_run, prefect_api_url
+    store_url, train_r1, settle_req1, prefect_api_url
 ):
     store = ObjectStore(store_url)
-    victim = _trained(store_url, tiny_run)
+    victim = train_r1(store_url)[1]
     save_keep_superseded(store, keep=True)
-    assert _settle(store_url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
+    assert settle_req1(store_url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
     history = DeletionLedger(store).history("req-1")
 
     result = reconcile_flow(store=store_url)
@@ -170,13 +148,13 @@ def test_a_store_that_keeps_superseded_versions_is_not_purged_by_the_reconcile_p
     assert DeletionLedger(store).history("req-1") == history  # the entry untouched: it says kept
 
 
-def test_store_check_repair_tells_the_ledger_of_a_purge_cut_off_before_it(store_url, tiny_run):
+def test_store_check_repair_tells_the_ledger_of_a_purge_cut_off_before_it(store_url, train_r1, settle_req1):
     from flows.repair import check_and_repair
 
     store = ObjectStore(store_url)
-    victim = _trained(store_url, tiny_run)
+    victim = train_r1(store_url)[1]
     save_keep_superseded(store, keep=True)
-    _settle(store_url, victim)
+    settle_req1(store_url, victim)
     save_keep_superseded(store, keep=False)
     pruned_at = _cut_off_before_the_ledger(store)
     assert check_store(store, min_age_s=0).healthy  # nothing left to delete: only the ledger is behind
@@ -207,13 +185,13 @@ class CountingStore(ObjectStore):
         return super().read_pointer(key)
 
 
-def test_once_told_a_purge_pass_reads_no_request_again(store_url, tiny_run):
+def test_once_told_a_purge_pass_reads_no_request_again(store_url, train_r1, settle_req1):
     from storage.check import runs_with_purge_left
 
     store = ObjectStore(store_url)
-    victim = _trained(store_url, tiny_run)
+    victim = train_r1(store_url)[1]
     save_keep_superseded(store, keep=True)
-    _settle(store_url, victim)
+    settle_req1(store_url, victim)
     save_keep_superseded(store, keep=False)
     _cut_off_before_the_ledger(store)
     assert runs_with_purge_left(store) == ["r1"]
@@ -232,7 +210,7 @@ def test_once_told_a_purge_pass_reads_no_request_again(store_url, tiny_run):
     assert counting.ledger_reads == [], counting.ledger_reads
 
 
-def test_a_normal_deletion_leaves_the_next_reconcile_pass_no_purge_to_plan(store_url, tiny_run):
+def test_a_normal_deletion_leaves_the_next_reconcile_pass_no_purge_to_plan(store_url, train_r1, settle_req1):
     """The pass that applies a request purges the versions it superseded and settles the request with that purge
     (``purged``). That purge told nobody (the request was still claimed, so it could not be told) and left the
     pruned versions untold: every run a deletion touched was planned once more by the next reconcile pass. Now
@@ -240,8 +218,8 @@ def test_a_normal_deletion_leaves_the_next_reconcile_pass_no_purge_to_plan(store
     from storage.check import REQUESTS_TOLD, runs_with_purge_left
 
     store = ObjectStore(store_url)
-    victim = _trained(store_url, tiny_run)
-    details = _settle(store_url, victim)
+    victim = train_r1(store_url)[1]
+    details = settle_req1(store_url, victim)
     said = details["runs"]["r1"]["superseded_versions"]
     assert said["status"] == "purged" and said["versions"] == [1], said
     record = RunRegistry(store).pruned_versions("r1")
@@ -252,12 +230,12 @@ def test_a_normal_deletion_leaves_the_next_reconcile_pass_no_purge_to_plan(store
 GARBAGE = b"\0garbage{{{"
 
 
-def _kept_then_purgeable(url: str, tiny_run) -> ObjectStore:
+def _kept_then_purgeable(url: str, train_r1, settle_req1) -> ObjectStore:
     """req-1 applied while the store kept superseded versions (its entry says ``kept``); then a serve without it."""
     store = ObjectStore(url)
-    victim = _trained(url, tiny_run)
+    victim = train_r1(url)[1]
     save_keep_superseded(store, keep=True)
-    assert _settle(url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
+    assert settle_req1(url, victim)["runs"]["r1"]["superseded_versions"]["status"] == "kept"
     save_keep_superseded(store, keep=False)
     return store
 
@@ -267,13 +245,15 @@ def _said_by_status(store: ObjectStore) -> dict:
     return store.read_pointer("ledger/status/req-1").target["details"]["runs"]["r1"]
 
 
-def test_a_request_whose_record_is_damaged_is_told_its_purge_and_leaves_nothing_to_plan(store_url, tiny_run):
+def test_a_request_whose_record_is_damaged_is_told_its_purge_and_leaves_nothing_to_plan(
+    store_url, train_r1, settle_req1
+):
     """A purge told a request by reading its record, so a damaged record kept its run untold and every pass
     planned the run's purge again until the record was mended. The run entries live in the request's status:
     now the purge reads and writes only that, and the record's damage (store check's business) holds nothing."""
     from storage.check import runs_with_purge_left
 
-    store = _kept_then_purgeable(store_url, tiny_run)
+    store = _kept_then_purgeable(store_url, train_r1, settle_req1)
     (Path(store_url.removeprefix("file://")) / "ledger/requests/req-1.json").write_bytes(GARBAGE)
 
     result = finish_purges(store_url, logger=logging.getLogger("test-reconcile"))
@@ -284,13 +264,13 @@ def test_a_request_whose_record_is_damaged_is_told_its_purge_and_leaves_nothing_
     assert runs_with_purge_left(store) == []  # nothing for the next pass to plan
 
 
-def test_a_request_whose_status_is_damaged_is_noted_once_and_told_once_mended(store_url, tiny_run, caplog):
+def test_a_request_whose_status_is_damaged_is_noted_once_and_told_once_mended(store_url, train_r1, settle_req1, caplog):
     """Its status damaged, a request cannot be told: its run stayed untold and was planned on every pass. Now the
     purge notes it once in the run's pruned record with the damage and its mend, says it once in the pass's log,
     plans the run no more, and the first pass after the status is mended tells it."""
     from storage.check import UNTOLD_DAMAGED, runs_with_purge_left
 
-    store = _kept_then_purgeable(store_url, tiny_run)
+    store = _kept_then_purgeable(store_url, train_r1, settle_req1)
     status = max((Path(store_url.removeprefix("file://")) / "ledger/status/req-1").glob("v*.json"))
     backup = status.read_bytes()
     status.write_bytes(GARBAGE)
@@ -322,13 +302,13 @@ def test_a_request_whose_status_is_damaged_is_noted_once_and_told_once_mended(st
     assert runs_with_purge_left(store) == []
 
 
-def test_store_check_says_a_purge_waits_on_a_damaged_status(store_url, tiny_run, capsys):
+def test_store_check_says_a_purge_waits_on_a_damaged_status(store_url, train_r1, settle_req1, capsys):
     """store check reported a request's damaged status with its mend, but not that a purge noted in its run's pruned
     record waits on it (untold_damaged): the user could not know that mending it also lets the purge tell the
     request. Now the damage's line says which run's purge waits and that the next pass after the mend tells it."""
     from flows.cli import main
 
-    store = _kept_then_purgeable(store_url, tiny_run)
+    store = _kept_then_purgeable(store_url, train_r1, settle_req1)
     status = max((Path(store_url.removeprefix("file://")) / "ledger/status/req-1").glob("v*.json"))
     status.write_bytes(GARBAGE)
 

@@ -19,22 +19,11 @@ import pytest
 from actors.chains import ChainWorker
 from flows.repair import check_and_repair
 from flows.settle import run_pass
-from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import check_store, keeps_superseded, save_keep_superseded
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
-
-
-def _trained(url: str, tiny_run) -> int:
-    """Train run r1 (3 blocks); a dataset id that its block 2 trained on."""
-    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
-    ChainWorker(url).train(spec)
-    registry = RunRegistry(ObjectStore(url))
-    chain, _ = registry.load_chain(registry.current("r1"))
-    position = int(chain.plan.blocks[1][0])
-    return int(spec["train_ids"][position])
 
 
 def _trained_on(store: ObjectStore, victim: int) -> list[str]:
@@ -69,9 +58,9 @@ def _trained_on(store: ObjectStore, victim: int) -> list[str]:
 
 
 @pytest.mark.parametrize("where", ["file", "s3"])
-def test_a_deletion_leaves_no_stored_checkpoint_trained_on_its_ids(where, request, tiny_run):
+def test_a_deletion_leaves_no_stored_checkpoint_trained_on_its_ids(where, request, train_r1):
     url = request.getfixturevalue("store_url" if where == "file" else "s3_url")
-    victim = _trained(url, tiny_run)
+    victim = train_r1(url)[1]
     store = ObjectStore(url)
     assert _trained_on(store, victim) != []  # v1's M_2, M_3
 
@@ -92,10 +81,10 @@ def test_a_deletion_leaves_no_stored_checkpoint_trained_on_its_ids(where, reques
     assert report.healthy and report.superseded == [] and report.orphans == [], report.as_dict()
 
 
-def test_the_current_version_verifies_and_a_purged_one_says_so(store_url, tiny_run, capsys):
+def test_the_current_version_verifies_and_a_purged_one_says_so(store_url, train_r1, capsys):
     from flows.cli import main
 
-    victim = _trained(store_url, tiny_run)
+    victim = train_r1(store_url)[1]
     ChainWorker(store_url).unlearn("r1", {"req-1": [victim]})
     assert main(["verify", "--store", store_url, "--run", "r1"]) == 0
     said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -106,8 +95,8 @@ def test_the_current_version_verifies_and_a_purged_one_says_so(store_url, tiny_r
     assert "its checkpoints are deleted" in err and "keep-versions" not in err and "Traceback" not in err
 
 
-def test_a_pass_records_when_the_data_left_storage(store_url, tiny_run):
-    victim = _trained(store_url, tiny_run)
+def test_a_pass_records_when_the_data_left_storage(store_url, train_r1):
+    victim = train_r1(store_url)[1]
     worker = ChainWorker(store_url)
     submit_deletion(store_url, [victim], dataset="digits", request_id="req-1", emit=False)
     result = run_pass(store_url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
@@ -125,11 +114,11 @@ def _runs_of(url: str) -> str:
     return f"/{url.removeprefix('s3://')}/runs/"
 
 
-def test_a_crash_between_publish_and_purge_is_reported_and_repaired(s3_url, flaky_s3, tiny_run):
+def test_a_crash_between_publish_and_purge_is_reported_and_repaired(s3_url, flaky_s3, train_r1):
     """The worker reaches moto S3 through a proxy that goes down once its purge has deleted one object
     (two DELETEs: its commit record, then its bytes): the server keeps what a worker killed there leaves.
     No local store has such a fault (root deletes whatever the permissions say)."""
-    victim = _trained(s3_url, tiny_run)
+    victim = train_r1(s3_url)[1]
     store = ObjectStore(s3_url)
     with flaky_s3.routed():
         worker = ChainWorker(s3_url)
@@ -149,10 +138,10 @@ def test_a_crash_between_publish_and_purge_is_reported_and_repaired(s3_url, flak
     assert check_and_repair(s3_url, repair=False, min_orphan_age_s=0).healthy
 
 
-def test_the_next_attempt_finishes_a_purge_and_a_failed_purge_never_fails_the_deletion(s3_url, flaky_s3, tiny_run):
+def test_the_next_attempt_finishes_a_purge_and_a_failed_purge_never_fails_the_deletion(s3_url, flaky_s3, train_r1):
     """The worker reaches moto S3 through a proxy that answers every DELETE with S3's AccessDenied, as a
     bucket policy that forbids deleting does (a local store has no such refusal: root deletes anyway)."""
-    victim = _trained(s3_url, tiny_run)
+    victim = train_r1(s3_url)[1]
     store = ObjectStore(s3_url)
     with flaky_s3.routed():
         worker = ChainWorker(s3_url)
@@ -171,10 +160,10 @@ def test_the_next_attempt_finishes_a_purge_and_a_failed_purge_never_fails_the_de
     assert _trained_on(store, victim) == [] and check_store(store, min_age_s=0).healthy
 
 
-def test_keep_superseded_versions_keeps_them_and_says_so(store_url, tiny_run, capsys):
+def test_keep_superseded_versions_keeps_them_and_says_so(store_url, train_r1, capsys):
     from flows.cli import main
 
-    victim = _trained(store_url, tiny_run)
+    victim = train_r1(store_url)[1]
     store = ObjectStore(store_url)
     save_keep_superseded(store, keep=True)  # what `serve --keep-superseded-versions` records
     assert keeps_superseded(store)
@@ -201,14 +190,14 @@ def test_serve_offers_the_opt_out(capsys):
     assert "--keep-superseded-versions" in capsys.readouterr().out
 
 
-def test_an_interim_keeps_the_full_chain_it_derives_from_until_its_retrain_lands(store_url, tiny_run):
+def test_an_interim_keeps_the_full_chain_it_derives_from_until_its_retrain_lands(store_url, train_r1):
     """A rolled-back (interim) version serves M_0..M_s of the full version it names (``chain_of``): a release
     serves that chain again and the retrain starts from it, so the purge keeps it; the retrain's publish
     then purges both."""
     from flows.rollback import heldout_judge
     from storage.serving import roll_back
 
-    victim = _trained(store_url, tiny_run)
+    victim = train_r1(store_url)[1]
     store = ObjectStore(store_url)
     registry = RunRegistry(store)
     worker = ChainWorker(store_url)

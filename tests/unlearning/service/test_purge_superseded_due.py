@@ -15,31 +15,20 @@ import functools
 
 from actors.chains import ChainWorker
 from flows.repair import check_and_repair
-from flows.settle import run_pass
-from flows.train import run_spec
-from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import SUPERSEDED_KEY, check_store, purge_superseded, save_keep_superseded
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 
 
-def _trained(url: str, tiny_run) -> tuple[ObjectStore, RunRegistry, list[int]]:
-    """Train run r1 (3 blocks); the dataset id each block's first training sample has."""
-    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
-    ChainWorker(url).train(spec)
-    store = ObjectStore(url)
-    registry = RunRegistry(store)
-    chain, _ = registry.load_chain(registry.current("r1"))
-    return store, registry, [int(spec["train_ids"][int(block[0])]) for block in chain.plan.blocks]
-
-
-def _two_interims(url: str, tiny_run) -> tuple[ObjectStore, RunRegistry, dict[str, list[int]]]:
+def _two_interims(url: str, train_r1) -> tuple[ObjectStore, RunRegistry, dict[str, list[int]]]:
     """One deletion applied (v2), then two requests held by interims of one open batch (v3 serves M_2, v4 M_1)."""
     from flows.rollback import heldout_judge
     from storage.serving import roll_back
 
-    store, registry, firsts = _trained(url, tiny_run)
+    firsts = train_r1(url)
+    store = ObjectStore(url)
+    registry = RunRegistry(store)
     spec = registry.spec("r1")
     assert ChainWorker(url).unlearn("r1", {"z": [firsts[0]]})["status"] == "published"  # v2: deleted_ids
     chain, _ = registry.load_chain(registry.current("r1"))
@@ -52,8 +41,8 @@ def _two_interims(url: str, tiny_run) -> tuple[ObjectStore, RunRegistry, dict[st
     return store, registry, held
 
 
-def test_interims_of_an_open_batch_are_not_superseded_and_the_purge_keeps_them(store_url, tiny_run):
-    store, _, held = _two_interims(store_url, tiny_run)
+def test_interims_of_an_open_batch_are_not_superseded_and_the_purge_keeps_them(store_url, train_r1):
+    store, _, held = _two_interims(store_url, train_r1)
     first_interim = str(store.read_pointer_version("runs/r1/current", 3).target["manifest"])
 
     report = check_store(store, min_age_s=0)
@@ -69,22 +58,14 @@ def test_interims_of_an_open_batch_are_not_superseded_and_the_purge_keeps_them(s
     assert check_store(store, min_age_s=0).healthy
 
 
-def test_a_release_after_interims_is_not_reported_as_an_unfinished_purge(store_url, tiny_run):
+def test_a_release_after_interims_is_not_reported_as_an_unfinished_purge(store_url, train_r1):
     from storage.serving import release
 
-    store, registry, held = _two_interims(store_url, tiny_run)
+    store, registry, held = _two_interims(store_url, train_r1)
     assert release(registry, "r1", set(held)) is not None  # forget --cancel of both: v5 serves v2's chain again
     assert registry.current("r1").version == 5
     report = check_store(store, min_age_s=0)
     assert report.healthy and report.superseded == [], report.as_dict()
-
-
-def _settle(url: str, victim: int) -> dict:
-    worker = ChainWorker(url)
-    submit_deletion(url, [victim], dataset="digits", request_id="req-1", emit=False)
-    result = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
-    assert result["settled"] == {"req-1": "done"}
-    return DeletionLedger(ObjectStore(url)).get("req-1").details
 
 
 def _purged_in_ledger(url: str, versions: list[int]) -> None:
@@ -95,10 +76,11 @@ def _purged_in_ledger(url: str, versions: list[int]) -> None:
     assert isinstance(run["purged_at"], float) and details["purged_at"] == run["purged_at"], details
 
 
-def test_a_kept_purge_finished_by_repair_reaches_the_ledger(store_url, tiny_run):
-    store, _, firsts = _trained(store_url, tiny_run)
+def test_a_kept_purge_finished_by_repair_reaches_the_ledger(store_url, train_r1, settle_req1):
+    firsts = train_r1(store_url)
+    store = ObjectStore(store_url)
     save_keep_superseded(store, keep=True)  # serve --keep-superseded-versions
-    details = _settle(store_url, firsts[1])
+    details = settle_req1(store_url, firsts[1])
     assert details["runs"]["r1"]["superseded_versions"]["status"] == "kept" and details["purged_at"] is None
     save_keep_superseded(store, keep=False)  # a serve without the option
     repaired = check_and_repair(store_url, repair=True, min_orphan_age_s=0)
@@ -109,14 +91,14 @@ def test_a_kept_purge_finished_by_repair_reaches_the_ledger(store_url, tiny_run)
     _purged_in_ledger(store_url, [1])
 
 
-def test_a_pending_purge_finished_by_repair_reaches_the_ledger(s3_url, flaky_s3, tiny_run):
+def test_a_pending_purge_finished_by_repair_reaches_the_ledger(s3_url, flaky_s3, train_r1, settle_req1):
     """The pass reaches moto S3 through a proxy that answers each DELETE of the run's objects with S3's
     AccessDenied (a bucket policy that forbids deleting them); the ledger's own deletes (leases, markers)
     go on. A local store has no such refusal (root deletes anyway), so this runs on S3."""
-    _, _, firsts = _trained(s3_url, tiny_run)
+    firsts = train_r1(s3_url)
     denied = flaky_s3.fail("DELETE", f"/{s3_url.removeprefix('s3://')}/runs/", status=403)
     with flaky_s3.routed():
-        details = _settle(s3_url, firsts[1])
+        details = settle_req1(s3_url, firsts[1])
     denied.stop()
     assert denied.refused, "the purge never tried to delete"
     assert details["runs"]["r1"]["superseded_versions"]["status"] == "pending" and details["purged_at"] is None

@@ -75,7 +75,7 @@ def _driver_env(address: str) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
 
 
-def test_a_task_on_a_joined_cluster_reads_s3_with_this_shells_credentials(bare_cluster, s3_url):
+def test_a_task_on_a_joined_cluster_reads_s3_with_this_shells_credentials(bare_cluster, s3_url, run_python):
     """`reduce` joined to a cluster with an s3:// store failed "no usable credentials" (credentials set in the shell)."""
     from storage import ObjectStore
 
@@ -93,15 +93,7 @@ def test_a_task_on_a_joined_cluster_reads_s3_with_this_shells_credentials(bare_c
         print("READ", ray.get(ray.remote(read).remote({s3_url!r})))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env=_driver_env(bare_cluster),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    done = run_python(script, env=_driver_env(bare_cluster), timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "READ {'seen': 'from the shell'}" in done.stdout
 

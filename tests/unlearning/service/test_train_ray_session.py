@@ -25,15 +25,6 @@ TINY_STEAL += ["--pool-size", "120", "--test-size", "100", "--steps", "15", "--a
 TINY_STEAL += ["--consistency-steps", "0", "--num-cpus", "2"]
 
 
-@pytest.fixture(scope="module")
-def target_checkpoint(tmp_path_factory) -> Path:
-    from flows.cli import main
-
-    path = tmp_path_factory.mktemp("target") / "target.pt"
-    assert main(["target", "train", "--out", str(path), "--train-size", "300", "--steps", "60"]) == 0
-    return path
-
-
 def _command(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> list[str]:
     """The words of a tiny ``obliviate <name>`` that starts Ray, storing under ``tmp_path``."""
     if name == "reduce":
