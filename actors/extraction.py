@@ -1,14 +1,14 @@
 """Ray-side work of the extraction audit: one (attacker, selector, budget, seed) cell per call.
 
-Plain code, made remote at the call site (``ray.remote(run_cell_task)``); each call is one
-call into :func:`obliviate.extraction.audit.run_cell`.
+Plain code, made remote at the call site (``ray.remote(run_cell_task)``, ``ray.remote(WaitLines)``); each call
+is one call into :func:`obliviate.extraction.audit.run_cell`.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ from obliviate.extraction.target import (
 )
 
 DEFAULT_CLASSES = 10  # run_cell's default, for a target that does not declare its classes
+# How long a cell that said it waited holds its result back for those lines to reach the driver's WaitLines.
+WAIT_LINES_FLUSH_S = 5.0
+#: The keys of a cell that name it in a waiting line (the driver names it from them, as its other lines do).
+CELL_KEYS = ("attack", "selector", "budget", "seed")
 
 
 class AuditWorker:
@@ -41,7 +45,9 @@ class AuditWorker:
         oracle_test_labels: the target's labels on the test images (computed once by the driver).
         timeout_s: HTTP timeout per request.
         retries: HTTP retries on transient errors.
-        wait_s: how long an unreachable HTTP target is retried (a restart); its waiting lines go to stderr.
+        wait_s: how long an unreachable HTTP target is retried (a restart).
+        on_wait: what is done with each waiting line of the HTTP target ("has not answered for N s");
+            by default it goes to stderr (on a Ray worker: the worker's log only).
         output: what the attacker's queries ask the target for: ``labels`` (SPEC section 3's default) or
             ``probabilities``; the metrics' oracle asks for labels either way.
     """
@@ -57,11 +63,17 @@ class AuditWorker:
         timeout_s: float = 30.0,
         retries: int = 3,
         wait_s: float = DEFAULT_TARGET_WAIT_S,
+        on_wait: Callable[[str], None] | None = None,
         output: str = OutputMode.LABELS.value,
     ) -> None:
         self.output = output_mode(output, option="target_output (--target-output)")
         self.backend, self.meta = open_backend(
-            target, timeout_s=timeout_s, retries=retries, wait_s=wait_s, on_wait=_say_on_stderr, output=self.output
+            target,
+            timeout_s=timeout_s,
+            retries=retries,
+            wait_s=wait_s,
+            on_wait=on_wait or _say_on_stderr,
+            output=self.output,
         )
         self.pool = pool
         self.test_images = test_images
@@ -128,24 +140,69 @@ def query_log(target: Target) -> list[dict[str, Any]]:
     return [{"digest": q.digest, "size": q.size, "refused": q.refused, "output": q.output.value} for q in target.log]
 
 
-def run_cell_task(worker: dict, cell: dict) -> dict:
+def run_cell_task(worker: dict, cell: dict, wait_lines: Any = None) -> dict:
     """One cell as a Ray task: ``worker`` holds :class:`AuditWorker`'s arguments, ``cell`` :meth:`run_cell`'s.
 
     ``worker["checkpoint"]``, when not ``None``, is the target checkpoint's bytes: a cluster's node cannot read
     the driver's file, so the target is opened from a copy of them here.
+
+    ``wait_lines``, when not ``None``, is the handle of the driver's :class:`WaitLines` actor: each waiting line
+    of the HTTP target goes to it with the cell's :data:`CELL_KEYS`, for the driver to log while the cell waits
+    (the driver's Ray runs with ``log_to_driver=False``: a worker's stderr reaches only its log file).
     """
     import torch
 
     torch.set_num_threads(1)
-    options = dict(worker)
+    said = _SayToDriver(wait_lines, {key: cell[key] for key in CELL_KEYS if key in cell})
+    options = dict(worker) | {"on_wait": said}
     checkpoint = options.pop("checkpoint", None)
-    if checkpoint is None:
-        return AuditWorker(**options).run_cell(**cell)
-    with tempfile.TemporaryDirectory(prefix="obliviate-target-") as folder:
-        copy = Path(folder) / "target.pt"
-        copy.write_bytes(checkpoint)
-        audit_worker = AuditWorker(**options | {"target": str(copy)})  # the model is loaded: the copy can go
-    return audit_worker.run_cell(**cell)
+    try:
+        if checkpoint is None:
+            return AuditWorker(**options).run_cell(**cell)
+        with tempfile.TemporaryDirectory(prefix="obliviate-target-") as folder:
+            copy = Path(folder) / "target.pt"
+            copy.write_bytes(checkpoint)
+            audit_worker = AuditWorker(**options | {"target": str(copy)})  # the model is loaded: the copy can go
+        return audit_worker.run_cell(**cell)
+    finally:
+        said.flush()
+
+
+class WaitLines:
+    """The waiting lines of the cells running on Ray, kept until the driver takes them (a Ray actor, made
+    remote by the driver with ``num_cpus=0``: it must be placed while every CPU runs a cell)."""
+
+    def __init__(self) -> None:
+        self._lines: list[tuple[dict, str]] = []
+
+    def say(self, cell: dict, line: str) -> None:
+        self._lines.append((cell, line))
+
+    def take(self) -> list[tuple[dict, str]]:
+        """The lines said since the last call, oldest first: ``(cell keys, line)``."""
+        lines, self._lines = self._lines, []
+        return lines
+
+
+class _SayToDriver:
+    """A cell's ``on_wait`` on a Ray worker: each line to the worker's stderr and, without waiting for it (the
+    cell goes on retrying), to the driver's :class:`WaitLines`."""
+
+    def __init__(self, wait_lines: Any, cell: dict) -> None:
+        self.wait_lines, self.cell = wait_lines, cell
+        self.sent: list[Any] = []
+
+    def __call__(self, line: str) -> None:
+        _say_on_stderr(line)
+        if self.wait_lines is not None:
+            self.sent.append(self.wait_lines.say.remote(self.cell, line))
+
+    def flush(self) -> None:
+        """Wait (a little) until the lines sent are kept: the driver takes them before the cell's result, in order."""
+        if self.sent:
+            import ray
+
+            ray.wait(self.sent, num_returns=len(self.sent), timeout=WAIT_LINES_FLUSH_S)
 
 
 def _say_on_stderr(line: str) -> None:

@@ -12,6 +12,9 @@ Prefect wires three steps; the (attacker, selector, budget, seed) cells fan out 
 2. ``run_cells``: one Ray task per cell (:func:`actors.extraction.run_cell_task`), as many at once as Ray
    has CPUs. Each cell logs a line when it ends; a cell takes minutes, so off a terminal (no bars) the
    log also names the cells running at least every ``progress_every_s`` (:class:`flows.progress.ProgressLines`).
+   A cell waiting on an HTTP target says so ("has not answered for N s") in the flow run's log within
+   :data:`WAIT_LINES_EVERY_S`, naming the cell: the lines travel through a
+   :class:`~actors.extraction.WaitLines` actor (Ray runs with ``log_to_driver=False``).
 3. ``write_report``: JSON + Markdown table + PNG plot + a Prefect table artifact. The three files are
    rendered first, then replaced together through :func:`write_outputs` (the one place that touches
    the output location); they carry the same run id. ``steal.md`` leads with the fewest queries at
@@ -52,7 +55,7 @@ import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from actors.extraction import run_cell_task
+from actors.extraction import WaitLines, run_cell_task
 from flows.artifacts import publish_table
 from flows.progress import ProgressLines, bars_drawn, report
 from flows.runtime import writable_folder
@@ -292,6 +295,47 @@ def _is_url(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 
 
+#: How often, at most, the driver takes the waiting lines of the cells from their WaitLines actor while it waits.
+WAIT_LINES_EVERY_S = 2.0
+# How long the driver waits for the WaitLines actor to hand its lines over before it gives up on it.
+WAIT_LINES_TAKE_S = 10.0
+
+
+class _CellWaits:
+    """The driver's end of the cells' waiting lines: a :class:`~actors.extraction.WaitLines` actor the cells say
+    into; :meth:`log` puts what they said in the flow run's log (hence the terminal and Prefect), naming each cell.
+
+    Only an HTTP target is waited for: for a checkpoint no actor (a process of its own) is started.
+    """
+
+    def __init__(self, logger: Any, *, http: bool) -> None:
+        self.logger = logger
+        # num_cpus=0: an actor takes 1 CPU to be placed by default, and every CPU may be running a cell.
+        self.actor: Any = ray.remote(num_cpus=0)(WaitLines).remote() if http else None
+
+    def log(self) -> None:
+        if self.actor is None:
+            return
+        try:
+            said = ray.get(self.actor.take.remote(), timeout=WAIT_LINES_TAKE_S)
+        except ray.exceptions.RayError as err:  # its node lost, say: the cells go on, their lines stay in their logs
+            self.logger.warning(
+                "the cells' lines about a target that does not answer can no longer be shown here (%s); they are "
+                "still in the Ray workers' logs",
+                err.__class__.__name__,
+            )
+            self.actor = None
+            return
+        for cell, line in said:
+            self.logger.warning("%s: %s", _cell_name(cell), line)
+
+    def close(self) -> None:
+        if self.actor is not None:
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(self.actor)
+            self.actor = None
+
+
 @task(cache_policy=NO_CACHE)
 def run_cells(
     setup: AuditSetup,
@@ -328,57 +372,66 @@ def run_cells(
     queue = list(reversed(cells))
     pending: dict[Any, tuple[dict, float]] = {}
 
+    waits = _CellWaits(logger, http=_is_url(setup.target))
+
     def start_next() -> None:
         cell = queue.pop()
-        pending[remote.remote(worker, cell)] = (cell, time.perf_counter())
+        pending[remote.remote(worker, cell, waits.actor)] = (cell, time.perf_counter())
 
     t0 = time.perf_counter()
     lines = ProgressLines(len(cells), every_s=progress_every_s)
     results: list[dict] = []
     report("cells", 0, len(cells))  # the bar shows from the start, not after the first cell (minutes)
-    while queue and len(pending) < width:
-        start_next()
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.05, lines.seconds_to_next()))
-        if not done:
-            # A cell takes minutes: off a terminal (no bars) the log says what runs at least every every_s.
-            if lines.quiet_too_long() and not bars_drawn():
-                now = time.perf_counter()
-                logger.info(
-                    "cells %d/%d done (%.1f s); running %s",
-                    len(results),
-                    len(cells),
-                    now - t0,
-                    ", ".join(f"{_cell_name(c)} (for {now - began:.0f} s)" for c, began in pending.values()),
-                )
-            continue
-        cell, _ = pending.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except ray.exceptions.RayTaskError as err:
-            # A cell's own error (the target gone, a refused answer) in its own words: Prefect records the
-            # message as the flow run's state, which otherwise held Ray's coloured remote traceback.
-            if isinstance(err.cause, ObliviateError):
-                # The report needs every cell: the finished ones are lost with the audit, and the user is told.
-                discarded = (
-                    f" The audit stops: {len(results)} of its {len(cells)} cells had finished, and they are "
-                    "discarded (the report needs every cell; a rerun starts over)."
-                )
-                err.cause.args = (f"{err.cause}{discarded}",)
-                raise err.cause from None
-            raise
-        if queue:
+    try:
+        while queue and len(pending) < width:
             start_next()
-        logger.info(
-            "%s: accuracy %.2f %%, agreement with the target %.2f %% (%.1f s)",
-            _cell_name(cell),
-            100 * result["accuracy"],
-            100 * result["agreement"],
-            result["seconds"],
-        )
-        lines.logged()
-        results.append(result)
-        report("cells", len(results), len(cells))
+        while pending:
+            # Woken at least every WAIT_LINES_EVERY_S: a cell's waiting lines are logged while it waits.
+            done, _ = ray.wait(
+                list(pending), num_returns=1, timeout=max(0.05, min(lines.seconds_to_next(), WAIT_LINES_EVERY_S))
+            )
+            waits.log()  # before a cell's end or error: what it said while it waited comes first
+            if not done:
+                # A cell takes minutes: off a terminal (no bars) the log says what runs at least every every_s.
+                if lines.quiet_too_long() and not bars_drawn():
+                    now = time.perf_counter()
+                    logger.info(
+                        "cells %d/%d done (%.1f s); running %s",
+                        len(results),
+                        len(cells),
+                        now - t0,
+                        ", ".join(f"{_cell_name(c)} (for {now - began:.0f} s)" for c, began in pending.values()),
+                    )
+                continue
+            cell, _ = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayTaskError as err:
+                # A cell's own error (the target gone, a refused answer) in its own words: Prefect records the
+                # message as the flow run's state, which otherwise held Ray's coloured remote traceback.
+                if isinstance(err.cause, ObliviateError):
+                    # The report needs every cell: the finished ones are lost with the audit, and the user is told.
+                    discarded = (
+                        f" The audit stops: {len(results)} of its {len(cells)} cells had finished, and they are "
+                        "discarded (the report needs every cell; a rerun starts over)."
+                    )
+                    err.cause.args = (f"{err.cause}{discarded}",)
+                    raise err.cause from None
+                raise
+            if queue:
+                start_next()
+            logger.info(
+                "%s: accuracy %.2f %%, agreement with the target %.2f %% (%.1f s)",
+                _cell_name(cell),
+                100 * result["accuracy"],
+                100 * result["agreement"],
+                result["seconds"],
+            )
+            lines.logged()
+            results.append(result)
+            report("cells", len(results), len(cells))
+    finally:
+        waits.close()
     order = {(c["attack"], c["selector"], c["budget"], c["seed"]): i for i, c in enumerate(cells)}
     return sorted(results, key=lambda r: order[(r["attacker"], r["selector"], r["budget"], r["seed"])])
 
