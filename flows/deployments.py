@@ -238,14 +238,33 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         )
 
 
-def _disconnect_ray(timeout_s: float = 10.0) -> None:
-    """``ray.shutdown()`` in this process, given up after ``timeout_s`` (its runtime may be gone)."""
+#: How long serve's stop waits, once it has begun ``ray.shutdown()`` on a daemon thread, for the pass under way to end
+#: (Ray's shutdown ends the pass's wait on Ray) and for the shutdown itself; then it goes on without either.
+RAY_SHUTDOWN_WAIT_S = 20.0
+#: How much longer a stop whose pass Ray's shutdown still holds waits for that shutdown, once the pass's requests are
+#: handed back (its exit would wait for it all the same); a stop takes at most about 5 + 20 + 40 s.
+RAY_SHUTDOWN_LATE_WAIT_S = 40.0
+
+
+def _disconnect_ray() -> threading.Thread | None:
+    """``ray.shutdown()`` in this process, begun on a daemon thread (its runtime may be gone: it may never return)."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
-        return
+        return None
     worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
     worker.start()
-    worker.join(timeout_s)
+    return worker
+
+
+def _say_ray_shutdown_stuck(worker: threading.Thread, *, waited_s: float, pass_stuck: bool) -> None:
+    """Say once that Ray's shutdown has not returned, and where it waits (a stop otherwise silent that long)."""
+    frame = sys._current_frames().get(worker.ident or -1)
+    where = f" (it waits in {frame.f_code.co_name}, {frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
+    then = "serve hands the requests of the pass under way back itself" if pass_stuck else "serve goes on without it"
+    print(
+        f"obliviate serve: Ray's shutdown has not returned after {waited_s:.0f} s{where}; {then}",
+        flush=True,
+    )
 
 
 def remove_event_trigger(deployment_id: str, *, api_url: str) -> None:
@@ -410,12 +429,25 @@ class ServiceWatcher:
             dispatcher.join(timeout=1.0)
             if time.monotonic() - began > 5.0 and not ray_gcs_answers():
                 break
+        worker = None
         if dispatcher.is_alive():
             # Ending this process's Ray connection ends the pass's wait (as a SystemExit, which a
             # stopping pass takes as its workers' stop): the pass hands its claims back itself and
-            # its flow run ends as on a SIGTERM to serve alone, not ``Crashed`` at exit.
-            self._guarded("disconnecting from the stopped Ray runtime", _disconnect_ray, repeats=False)
-            dispatcher.join(timeout=10.0)
+            # its flow run ends as on a SIGTERM to serve alone, not ``Crashed`` at exit. With the GCS
+            # gone Ray's shutdown first spends up to its task-event flush timeout (5 s by default,
+            # 1 s under serve: flows.cli.serve) on the GCS; the pass's wait ends after that, and the
+            # shutdown returns about 1.5 s later (its processes reaped). One deadline bounds both.
+            deadline = time.monotonic() + RAY_SHUTDOWN_WAIT_S
+            shutting: list[threading.Thread | None] = []
+            self._guarded(
+                "disconnecting from the stopped Ray runtime", lambda: shutting.append(_disconnect_ray()), repeats=False
+            )
+            dispatcher.join(timeout=max(0.0, deadline - time.monotonic()))
+            worker = shutting[0] if shutting else None
+            if worker is not None:
+                worker.join(timeout=max(0.0, deadline - time.monotonic()))
+                if worker.is_alive():
+                    _say_ray_shutdown_stuck(worker, waited_s=RAY_SHUTDOWN_WAIT_S, pass_stuck=dispatcher.is_alive())
         if dispatcher.is_alive():  # still stuck: hand its claims back from here
             reason = "serve stopped during the work (its Ray runtime stopped with it)"
             for request_id in hand_back_open_claims(reason):
@@ -423,6 +455,12 @@ class ServiceWatcher:
                     f"obliviate serve: request {request_id} handed back (serve is stopping); its attempt is not counted",
                     flush=True,
                 )
+            if worker is not None and worker.is_alive():
+                # Ray's clean-up at exit waits for this shutdown anyway (it takes the lock the stuck one holds), and
+                # the pass it let go then ran with the interpreter half torn down: "--- Logging error ---" tracebacks,
+                # its flow run's final state lost. Waiting here instead, the pass still ends its flow run.
+                worker.join(timeout=RAY_SHUTDOWN_LATE_WAIT_S)
+                dispatcher.join(timeout=10.0)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):

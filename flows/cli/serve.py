@@ -251,6 +251,10 @@ def run_serve(args: Args) -> int:
     save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
     save_keep_superseded(ObjectStore(store), keep=args.keep_superseded_versions)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
+    # Stopped with its Ray runtime gone (a SIGTERM to serve's process group), serve ends the pass under way by
+    # ray.shutdown(), which first waits this long on the dead GCS for a last flush of task events (Ray's default
+    # 5000 ms: the pass was let go about 6 s after the shutdown began, now about 2 s). A live GCS answers it in ms.
+    os.environ.setdefault("RAY_task_events_shutdown_flush_timeout_ms", "1000")
     with prefect_api_and_ray(ray_address=args.ray_address) as api_url:
         print(f"Prefect API: {api_url} (dashboard: {ui_url_of(api_url)})", file=sys.stderr)
         import ray
