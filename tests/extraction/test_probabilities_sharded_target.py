@@ -28,24 +28,6 @@ SHARDS = 2
 
 
 @pytest.fixture(scope="module")
-def prefect_and_ray():
-    """This module's Prefect test server (``PREFECT_API_URL``, which the CLI then uses) and a local Ray of 2 CPUs."""
-    import ray
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        from prefect.settings import PREFECT_API_URL
-
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            os.environ.pop("PREFECT_API_URL", None)
-
-
-@pytest.fixture(scope="module")
 def sharded_store(prefect_and_ray, tmp_path_factory) -> str:
     """A store holding run ``g``: 2 shards of a tiny digits run (LeNet-5, 3 blocks of 1 epoch), trained by train_flow."""
     from flows.train import train_flow
