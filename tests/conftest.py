@@ -11,11 +11,13 @@
 
 And the set-up tests in several folders share: ``train_target`` / ``target_checkpoint`` (a tiny target
 from ``obliviate target train``), ``child_env`` / ``run_python`` (a ``python -c`` child that imports this
-repository) and ``fake_aws_credentials`` (for a test's own moto server).
+repository), ``fake_aws_credentials`` (for a test's own moto server) and ``public_names`` (a module's public
+names, which a package's ``__all__`` is held to).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import logging
 import os
@@ -62,6 +64,26 @@ def train_target(tmp_path_factory):
 def target_checkpoint(train_target) -> Path:
     """One test module's tiny target: ``obliviate target train`` on 300 mnist5k images, 60 steps."""
     return train_target(steps=60)
+
+
+def _public_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                elements = target.elts if isinstance(target, ast.Tuple) else [target]
+                names.update(e.id for e in elements if isinstance(e, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return {name for name in names if not name.startswith("_")}
+
+
+@pytest.fixture(scope="session")
+def public_names():
+    """``public_names(path)``: top-level functions, classes and assigned names of a module not starting with ``_``."""
+    return _public_names
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ The jobs run what the README's cluster section shows (`obliviate submit -- steal
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.test_job_submission import start_ray_head, stop_process_group, wait_until_jobs_accepted
+from tests.cluster.test_job_submission import jobs_head, ray_head_env, start_ray_head, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -25,32 +24,18 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A 2-CPU Ray head started by `ray start` without an autoscaling config: (dashboard URL, GCS address, env)."""
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every listener on 127.0.0.1
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    }
+    env = ray_head_env(
+        RAY_AUTH_MODE="disabled",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    )
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "OBLIVIATE_STORE", "PREFECT_API_URL"):
         env.pop(name, None)
     temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths live under it
-    head, address = start_ray_head(temp_dir, env)
-    previous_auth = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the SDK client in this process must match the head
-    try:
-        wait_until_jobs_accepted(address, env)
+    with jobs_head(temp_dir, env) as address:
         # `ray start` records the head's GCS address in its temp dir: what --ray-address / RAY_ADDRESS take
         gcs = (temp_dir / "ray_current_cluster").read_text().strip()
         yield address, gcs, env
-    finally:
-        if previous_auth is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = previous_auth
-        stop_process_group(head)
 
 
 def run(command: list[str], env: dict, *, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,27 +98,39 @@ def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) ->
     return head, f"http://127.0.0.1:{dashboard_port}"
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    env = {
+def ray_head_env(**settings: str) -> dict[str, str]:
+    """This environment for a ``ray start`` head on 127.0.0.1: the venv's ``ray`` first on PATH, no usage stats."""
+    return {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "disabled",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every listener on 127.0.0.1
         "RAY_USAGE_STATS_ENABLED": "0",
+        **settings,
     }
-    head, address = start_ray_head(tmp_path_factory.mktemp("ray"), env)
+
+
+@contextlib.contextmanager
+def jobs_head(temp_dir: Path, env: dict) -> Iterator[str]:
+    """A head without auth that accepts jobs (this process's SDK client without auth too): its dashboard address."""
+    head, address = start_ray_head(temp_dir, env)
     previous_auth = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the SDK client in this process must match the head
     try:
         wait_until_jobs_accepted(address, env)
-        yield address, env
+        yield address
     finally:
         if previous_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth
         stop_process_group(head)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    env = ray_head_env(RAY_AUTH_MODE="disabled")
+    with jobs_head(tmp_path_factory.mktemp("ray"), env) as address:
+        yield address, env
 
 
 @pytest.mark.slow
@@ -275,14 +289,7 @@ def test_submit_to_a_token_cluster_says_how_to_authenticate(tmp_path, tmp_path_f
     """Ray 2.60's default: the head wants a token; the Jobs client sends one only with RAY_AUTH_MODE=token."""
     token_file = tmp_path / "auth_token"
     token_file.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_file),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    env = ray_head_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     env.pop("RAY_AUTH_TOKEN", None)
     head, address = start_ray_head(tmp_path_factory.mktemp("ray"), env)  # short: Ray's socket paths
     try:

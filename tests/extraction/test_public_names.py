@@ -5,7 +5,6 @@ probabilities switch's ``check_targets`` / ``targets_tensor`` / ``hard_labels`` 
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import obliviate.extraction as package
@@ -49,39 +48,24 @@ PROBABILITIES_SWITCH = {
 }
 
 
-def _public_names(path: Path) -> set[str]:
-    """Top-level functions, classes and assigned names of a module that do not start with ``_``."""
-    names: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            for target in node.targets:
-                elements = target.elts if isinstance(target, ast.Tuple) else [target]
-                names.update(e.id for e in elements if isinstance(e, ast.Name))
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
-    return {name for name in names if not name.startswith("_")}
-
-
-def test_every_public_name_of_every_module_is_exported_or_named_module_only() -> None:
+def test_every_public_name_of_every_module_is_exported_or_named_module_only(public_names) -> None:
     missing = {}
     for path in sorted(PACKAGE_DIR.glob("*.py")):
         if path.name == "__init__.py":
             continue
-        left = _public_names(path) - MODULE_ONLY.get(path.stem, set())
+        left = public_names(path) - MODULE_ONLY.get(path.stem, set())
         absent = sorted(n for n in left if not hasattr(package, n) or n not in package.__all__)
         if absent:
             missing[path.stem] = absent
     assert not missing, f"public names not exported by obliviate.extraction: {missing}"
 
 
-def test_module_only_names_exist() -> None:
+def test_module_only_names_exist(public_names) -> None:
     """A name renamed or removed leaves the list above, so the list cannot hide a later name of the same spelling."""
     stale = {
-        module: sorted(names - _public_names(PACKAGE_DIR / f"{module}.py"))
+        module: sorted(names - public_names(PACKAGE_DIR / f"{module}.py"))
         for module, names in MODULE_ONLY.items()
-        if names - _public_names(PACKAGE_DIR / f"{module}.py")
+        if names - public_names(PACKAGE_DIR / f"{module}.py")
     }
     assert not stale, f"MODULE_ONLY names that are no longer public names of their module: {stale}"
 
