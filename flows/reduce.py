@@ -196,16 +196,16 @@ class WorkerSlots:
         self.threads = threads
         timeout = SLOT_WAIT_S if timeout is None else timeout
         cpus = ray.cluster_resources().get("CPU", 0)
-        if not grows and size * threads > cpus and joined:
-            fits = int(cpus) // threads
-            fewer = f"lower --workers to at most {fits}" if fits else f"use fewer than {threads} threads per worker"
-            raise ConfigError(
-                f"the Ray cluster could not reserve {size} workers x {threads} CPUs ({size * threads} CPUs): it has "
-                f"{cpus:.0f} CPUs and no autoscaler (it was started by `ray start` without an autoscaling config), so "
-                f"it never grows and this was refused at once instead of after {timeout:.0f} s of waiting; {fewer}, "
-                "or run on a cluster that autoscales (`ray up cluster.yaml`)."
-            )
         if not grows and size * threads > cpus:
+            if joined:
+                fits = int(cpus) // threads
+                fewer = f"lower --workers to at most {fits}" if fits else f"use fewer than {threads} threads per worker"
+                raise ConfigError(
+                    f"the Ray cluster could not reserve {size} workers x {threads} CPUs ({size * threads} CPUs): it "
+                    f"has {cpus:.0f} CPUs and no autoscaler (it was started by `ray start` without an autoscaling "
+                    f"config), so it never grows and this was refused at once instead of after {timeout:.0f} s of "
+                    f"waiting; {fewer}, or run on a cluster that autoscales (`ray up cluster.yaml`)."
+                )
             raise ConfigError(
                 f"the Ray cluster could not reserve {size} workers x {threads} CPUs: it has {cpus:.0f} CPUs and, a "
                 "local runtime, never grows, so this was refused at once; lower --workers."
