@@ -381,11 +381,12 @@ def unlearn_flow(
 ) -> dict[str, Any]:
     """Handle one deletion event: check it, then settle every open request (merged).
 
-    The event's outcome is kept in ``ledger/events/<event id>.json``: ``rejected`` with the
-    reason, ``duplicate`` (the request was already settled or being worked on), ``processed``, or
-    ``batched`` (the request waits in the open batch until ``batched_until``), each with the
-    request's status after this run (``status``, and ``reason`` when it was refused). A
-    ``batched`` record is finished by the pass that settles its request (:func:`finish_batched_events`). A refused event, or one whose request ends ``rejected`` or ``failed``, ends the flow
+    The event's outcome is kept in ``ledger/events/<event id>`` (:meth:`~storage.ledger.DeletionLedger.record_event`):
+    ``rejected`` with the reason, ``duplicate`` (the request was already settled or being worked on),
+    ``processed``, or ``batched`` (the request waits in the open batch until ``batched_until``), each
+    with the request's status after this run (``status``, ``status_version``, and ``reason`` when it
+    was refused). This delivery is one entry of the record's ``deliveries``, named by its flow run's
+    id. A ``batched`` record is finished by the pass that settles its request (:func:`finish_batched_events`). A refused event, or one whose request ends ``rejected`` or ``failed``, ends the flow
     run ``Failed`` with the reason as its message (a :class:`RequestError`, no traceback).
 
     An event for a request whose ledger record is damaged is handled like any other: the pass
@@ -420,23 +421,34 @@ def unlearn_flow(
     ledger = DeletionLedger(ObjectStore(store))
     event_id = event_id or f"manual-{uuid.uuid4().hex[:12]}"
     received_at = time.time()
+    # Names this delivery in the event's record: its flow run, so the record leads to its logs.
+    delivery = str(flow_run.get_id() or f"local-{uuid.uuid4().hex[:12]}")
     try:
         request_id = event_request(store, payload, event_id=event_id)
     except RequestError as err:
         logger.warning("deletion event %s rejected: %s", event_id, err)
         ledger.record_event(
             event_id,
-            {"outcome": REJECTED, "reason": str(err), "payload": repr(payload)[:500], "received_at": received_at},
+            {
+                "outcome": REJECTED,
+                "reason": str(err),
+                "payload": repr(payload)[:500],
+                "received_at": received_at,
+                "delivery": delivery,
+            },
         )
         raise RequestError(f"deletion event {event_id} refused, nothing changed: {err}") from None
     entry = request_entry(ledger, request_id)
     live_claim = entry.status == CLAIMED and not ledger.claim_lapsed(entry, lease_s=lease_s, now=received_at)
     if entry.status in TERMINAL or live_claim:
-        ledger.record_event(event_id, _event_record("duplicate", entry, received_at=received_at))
+        ledger.record_event(event_id, _event_record("duplicate", entry, received_at=received_at, delivery=delivery))
         logger.info("event %s: request %s is already %s; nothing to do", event_id, request_id, entry.status)
         _fail_if_refused(event_id, entry)
         return {"event_id": event_id, "outcome": "duplicate", "request_id": request_id, "status": entry.status}
-    ledger.record_event(event_id, {"outcome": "processing", "request_id": request_id, "received_at": received_at})
+    ledger.record_event(
+        event_id,
+        {"outcome": "processing", "request_id": request_id, "received_at": received_at, "delivery": delivery},
+    )
     attempts = AttemptPolicy(lease_s=lease_s, max_attempts=max_attempts)
     result = process_open_requests(
         store,
@@ -454,7 +466,7 @@ def unlearn_flow(
         # request later finishes this record with what became of it (finish_batched_events).
         waiting = request_entry(ledger, request_id)
         record = {
-            **_event_record(BATCHED, waiting, received_at=received_at),
+            **_event_record(BATCHED, waiting, received_at=received_at, delivery=delivery),
             "batched_until": gate.get("batched_until"),
             "flush_rule": gate.get("reason"),
             "deadline": gate.get("deadlines", {}).get(request_id),
@@ -481,18 +493,24 @@ def unlearn_flow(
     settled = request_entry(ledger, request_id)
     if settled.status == UNREADABLE and request_id in unreadable:  # the pass said what it could not record
         settled = replace(settled, details={"reason": unreadable[request_id]["reason"]})
-    ledger.record_event(event_id, _event_record(outcome, settled, received_at=received_at))
+    ledger.record_event(event_id, _event_record(outcome, settled, received_at=received_at, delivery=delivery))
     _fail_if_refused(event_id, settled)
     return {"event_id": event_id, "outcome": outcome, "request_id": request_id, "status": settled.status, **result}
 
 
-def _event_record(outcome: str, entry: RequestStatus, *, received_at: float) -> dict[str, Any]:
-    """The events record of an event whose request is in the ledger: the outcome and the request's status."""
+def _event_record(outcome: str, entry: RequestStatus, *, received_at: float, delivery: str | None) -> dict[str, Any]:
+    """One delivery's record of an event whose request is in the ledger: the outcome and the request's status.
+
+    ``status_version`` (the request's status version read) tells a delivery that took the request up
+    after a ``forget --retry`` from one that met the same pass (:meth:`~storage.ledger.DeletionLedger.record_event`).
+    """
     body: dict[str, Any] = {
         "outcome": outcome,
         "request_id": entry.request_id,
         "status": entry.status,
+        "status_version": entry.version,
         "received_at": received_at,
+        "delivery": delivery,
     }
     why = entry.details.get("reason") or entry.details.get("last_error")
     if entry.status in (REJECTED, FAILED, UNREADABLE) and why:
@@ -550,7 +568,9 @@ def _note_batched_event(ledger: DeletionLedger, event_id: str, record: dict[str,
 def _finish_batched_event(ledger: DeletionLedger, key: str, note: Mapping[str, Any], entry: RequestStatus) -> None:
     """Rewrite a ``batched`` event record with its settled request's final status, then drop its note."""
     record = dict(note["record"])
-    final = _event_record(BATCHED, entry, received_at=float(record.get("received_at", 0.0)))
+    final = _event_record(
+        BATCHED, entry, received_at=float(record.get("received_at", 0.0)), delivery=record.get("delivery")
+    )
     ledger.record_event(str(note["event_id"]), {**record, **final, "settled_at": entry.updated_at})
     ledger.store.delete(key)
 

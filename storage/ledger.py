@@ -27,8 +27,9 @@ Layout under the store:
   ``details.runs`` by :meth:`DeletionLedger.record_runs` (by the training, or by :meth:`settle`
   when the request becomes ``done`` later), so the audit trail names every run that applied it.
 * ``ledger/events/<event>``: a pointer whose current version says what happened to each deletion
-  event received (processed, a duplicate, or rejected with the reason), the audit trail of the
-  event side; every change is a compare-and-swap (:meth:`DeletionLedger.record_event`). A store
+  event received (processed, a duplicate, or rejected with the reason) and lists each of its
+  deliveries with its outcome, the audit trail of the event side; every change is a
+  compare-and-swap (:meth:`DeletionLedger.record_event`). A store
   written before kept it in ``ledger/events/<event>.json``: read while the pointer has no version,
   removed once it has one.
 * ``ledger/open/<request>.json``: a marker for every request not in a terminal state, so a pass
@@ -68,6 +69,9 @@ DAMAGED_RECORD = "damaged_record"
 _CAS_ATTEMPTS = 20
 _OPEN_PREFIX, _OPEN_INDEX_KEY = "ledger/open", "ledger/open-index.json"
 _EVENTS_PREFIX = "ledger/events"
+#: The most deliveries one event's record lists (:meth:`DeletionLedger.record_event`): the first and the latest.
+#: A sender that redelivers one event id without end must not grow its record, rewritten at each delivery, without end.
+MAX_EVENT_DELIVERIES = 50
 _TRAINED_PREFIX = "ledger/trained"
 #: A pass's audit of a run whose current version already listed the request: a training record of that
 #: run says how (trained without its ids, in which version) and replaces it.
@@ -454,38 +458,49 @@ class DeletionLedger:
         return self.get(request_id) if written else None
 
     def record_event(self, event_id: str, body: Mapping[str, Any]) -> bool:
-        """Record what was done with a deletion event (kept for the audit trail), by compare-and-swap.
+        """Record what one delivery of a deletion event did with it (kept for the audit trail), by compare-and-swap.
 
-        Rule: the first ``processed`` record is final. It names the delivery that did the work; every
-        later record of the event comes from another delivery of it, which found the work done
-        (``duplicate``), started after it (``processing``), or processed the request again after a
-        ``forget --retry`` (the request's status history says so), and replaces it no more. Any other
-        record replaces the one before it, so a ``processed`` one replaces ``duplicate`` and
-        ``processing``. Each delivery reads the record, decides, and swaps from the version it read; a
-        writer that loses the swap reads again and decides again, so two deliveries racing can no more
-        lose the ``processed`` record (a read-then-write let one that had read nothing overwrite it). A
-        damaged record is replaced, as any record but a ``processed`` one is.
+        Every delivery is kept: ``deliveries`` lists them in the order they were first recorded, each
+        with what its last record said and ``recorded_at`` (``body["delivery"]`` names the delivery: a
+        record naming one already listed replaces that entry, as a delivery's ``processing`` becomes
+        its outcome; a record naming none is listed as a delivery of its own). The first delivery and
+        the latest ``MAX_EVENT_DELIVERIES - 1`` are kept; ``deliveries_dropped`` counts those between.
+
+        The record's own fields are those of the delivery that speaks for the event. Rule: a
+        ``processed`` record speaks until a later delivery takes the request up again after a
+        ``forget --retry``: a ``processed`` or ``batched`` record that saw a newer status of the
+        request (``body["status_version"]``, greater than the one speaking). A delivery that found the
+        work done (``duplicate``), started after it (``processing``) or was batched beside the pass that
+        did it replaces it no more. Any other record replaces the one before it, so a ``processed`` one
+        replaces ``duplicate`` and ``processing``. Each delivery reads the record, decides, and swaps
+        from the version it read; a writer that loses the swap reads again and decides again, so two
+        deliveries racing can no more lose the ``processed`` record or a delivery's entry. A damaged
+        record is replaced (its deliveries are lost with it).
 
         Returns:
-            whether ``body`` was written (``False``: a ``processed`` record was there).
+            whether ``body`` now speaks for the event (``False``: it was only listed in ``deliveries``).
 
         Raises:
             PointerConflict: the record kept moving under every attempt (the message says to retry).
         """
         key, legacy = self._event_key(event_id), self._legacy_event_key(event_id)
-        record = {**body, "event_id": str(event_id)}
         for _ in range(_CAS_ATTEMPTS):
             version, current, plain = self._event_record(key, legacy, damaged_ok=True)
-            if current is not None and current.get("outcome") == "processed":
-                return False
+            delivery = {**_event_fields(body), "recorded_at": time.time()}
+            deliveries, dropped = _listed_delivery(current, delivery)
+            speaks = current is None or _speaks_over(delivery, current)
+            fields = delivery if speaks else _event_fields(current or {})
+            record = {**fields, "event_id": str(event_id), "deliveries": deliveries}
+            if dropped:
+                record["deliveries_dropped"] = dropped
             try:
-                self.store.swap_pointer(key, {**record, "recorded_at": time.time()}, expected_version=version)
+                self.store.swap_pointer(key, record, expected_version=version)
             except PointerConflict:
                 continue
             if plain:  # the pointer holds what the plain record held now (or replaces its damage)
                 with contextlib.suppress(StorageError):
                     self.store.delete(legacy)
-            return True
+            return speaks
         raise PointerConflict(f"event {event_id}: its record kept moving under {_CAS_ATTEMPTS} attempts; retry later.")
 
     def event(self, event_id: str) -> dict[str, Any] | None:
@@ -958,6 +973,46 @@ class DeletionLedger:
         if moved is None:
             raise RequestError(f"request {request_id} changed status while retrying; look again with --status.")
         return moved
+
+
+def _event_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What one delivery said of an event: ``record`` without the fields the event's record keeps of them all."""
+    return {k: v for k, v in record.items() if k not in ("event_id", "deliveries", "deliveries_dropped")}
+
+
+def _listed_delivery(current: Mapping[str, Any] | None, delivery: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """The event's deliveries with ``delivery`` in its place (its entry replaced, or appended), and how many are dropped.
+
+    A record written before deliveries were listed is the one delivery it tells of.
+    """
+    if current is None:
+        listed: list[dict[str, Any]] = []
+    elif "deliveries" in current:
+        listed = [dict(entry) for entry in current["deliveries"]]
+    else:
+        listed = [_event_fields(current)]
+    dropped = int((current or {}).get("deliveries_dropped", 0))
+    name = delivery.get("delivery")
+    at = next((i for i, entry in enumerate(listed) if name is not None and entry.get("delivery") == name), None)
+    if at is None:
+        listed.append(delivery)
+    else:
+        listed[at] = delivery
+    if len(listed) > MAX_EVENT_DELIVERIES:  # the first tells how the event began; the latest, where it stands
+        over = len(listed) - MAX_EVENT_DELIVERIES
+        listed = listed[:1] + listed[1 + over :]
+        dropped += over
+    return listed, dropped
+
+
+def _speaks_over(delivery: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether ``delivery``'s record replaces the fields of the event's record ``current`` (:meth:`DeletionLedger.record_event`)."""
+    if current.get("outcome") != "processed":
+        return True
+    if delivery.get("outcome") not in ("processed", "batched"):
+        return False
+    # Only a pass that took the request up after the one speaking saw a newer status of it (a retried request).
+    return int(delivery.get("status_version", -1)) > int(current.get("status_version", -1))
 
 
 def request_record_mend(request_id: str) -> str:
