@@ -135,7 +135,7 @@ def store_pass(
                 time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
         try:
             with LeaseKeeper(store, lease_s=lease_s, holder=holder) as keeper:
-                keeper.hold(claim.key, claim.version, folder=claim.folder)
+                keeper.hold_claim(claim)
                 yield None
         finally:
             with contextlib.suppress(StorageError):  # not released: taken over once its lease lapses

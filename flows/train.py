@@ -324,7 +324,7 @@ def _claimed(store: str, run_id: str, *, lease_s: float, held: tuple[str, str]) 
         ) from None
     try:
         with LeaseKeeper(object_store, lease_s=lease_s, holder=f"{holder['host']}:{holder['pid']}") as keeper:
-            keeper.hold(claim.key, claim.version, folder=claim.folder)
+            keeper.hold_claim(claim)
             yield
     finally:
         with contextlib.suppress(StorageError):  # not released: taken over once its lease lapses

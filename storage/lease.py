@@ -9,7 +9,9 @@ instead of a fixed 10-minute stale limit.
 
 The same leases keep a :class:`PointerClaim` alive: one process's claim on a pointer, such as a
 run's training (``runs/<run>/train-claim``, :func:`flows.train.training_claim`), taken by a
-compare-and-swap (:func:`take_claim`) and free again once released or once its lease lapsed. Each
+compare-and-swap (:func:`take_claim`) and free again once released or once its lease lapsed. A holder that
+stalled past its lease and was taken over learns so at its next renewal (:func:`renew_claim`): it writes no lease
+and removes its own, and its :class:`LeaseKeeper` stops renewing and says so (:attr:`LeaseKeeper.lost`). Each
 take and release adds a version to that pointer and each take a lease, so a release (and a take-over)
 drops the versions but the newest :data:`CLAIM_VERSIONS_KEPT` and the leases of the claims below them
 (:func:`tidy_claim`): serve's cron alone takes the store's pass claim every 5 minutes, forever.
@@ -127,6 +129,10 @@ def drop(store: ObjectStore, request_id: str) -> None:
 class LeaseKeeper:
     """Renews the leases of the claims a pass holds, from a daemon thread, until :meth:`stop`.
 
+    A claim on a pointer (:meth:`hold_claim`) is renewed only while it is still this holder's: once another
+    process took it over (this one stalled past its lease), the keeper stops renewing it, its key goes to
+    :attr:`lost` and a warning names the new holder; :func:`release_claim` then returns ``False`` for it.
+
     Args:
         store: the ledger's store.
         lease_s: lease length; renewals happen every ``lease_s / 4``.
@@ -135,12 +141,14 @@ class LeaseKeeper:
 
     def __init__(self, store: ObjectStore, *, lease_s: float, holder: str) -> None:
         self.store, self.lease_s, self.holder = store, float(lease_s), holder
-        self._claims: dict[str, tuple[int, str | None]] = {}
+        self._claims: dict[str, tuple[int, str | None, PointerClaim | None]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
         self.renewals = 0
         self.failures = 0
+        #: Keys of the pointer claims found taken over by another holder at a renewal (no longer renewed).
+        self.lost: list[str] = []
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -152,10 +160,16 @@ class LeaseKeeper:
     def hold(self, request_id: str, claim_version: int, *, folder: str | None = None) -> None:
         """Start renewing a claim (renewed once now, so it is never younger than its claim)."""
         with self._lock:
-            self._claims[request_id] = (claim_version, folder)
+            self._claims[request_id] = (claim_version, folder, None)
         renew(
             self.store, request_id, claim_version=claim_version, holder=self.holder, lease_s=self.lease_s, folder=folder
         )
+
+    def hold_claim(self, claim: PointerClaim) -> bool:
+        """Start renewing a claim on a pointer (renewed once now); ``False`` if it was taken over already."""
+        with self._lock:
+            self._claims[claim.key] = (claim.version, claim.folder, claim)
+        return self._renew_claim(claim)
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -166,20 +180,34 @@ class LeaseKeeper:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
+    def _renew_claim(self, claim: PointerClaim) -> bool:
+        lease = renew_claim(self.store, claim, holder=self.holder, lease_s=self.lease_s)
+        if lease is not None:
+            return True
+        with self._lock:
+            if self._claims.get(claim.key, (None, None, None))[2] == claim:
+                del self._claims[claim.key]
+            self.lost.append(claim.key)
+        return False
+
     def _loop(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
             with self._lock:
                 claims = dict(self._claims)
-            for request_id, (version, folder) in claims.items():
+            for request_id, (version, folder, claim) in claims.items():
                 try:
-                    renew(
-                        self.store,
-                        request_id,
-                        claim_version=version,
-                        holder=self.holder,
-                        lease_s=self.lease_s,
-                        folder=folder,
-                    )
+                    if claim is not None:
+                        if not self._renew_claim(claim):
+                            continue
+                    else:
+                        renew(
+                            self.store,
+                            request_id,
+                            claim_version=version,
+                            holder=self.holder,
+                            lease_s=self.lease_s,
+                            folder=folder,
+                        )
                     self.renewals += 1
                 except StorageError:  # an outage: the next renewal tries again; the lease has slack
                     self.failures += 1
@@ -231,7 +259,7 @@ def take_claim(
     The claim is free when it was released, when its holder stopped renewing its lease (no
     renewal for the lease it recorded: it died), or when ``gone(holder)`` says its process is no
     more. Of two takers starting together one wins the swap; the other re-reads and finds it live.
-    The caller renews the lease (:class:`LeaseKeeper`, ``folder=claim.folder``) and releases it
+    The caller renews the lease (:meth:`LeaseKeeper.hold_claim`) and releases it
     (:func:`release_claim`).
 
     Raises:
@@ -301,6 +329,68 @@ def holder_process_gone(holder: Mapping[str, Any]) -> bool:
     return False
 
 
+def renew_claim(store: ObjectStore, claim: PointerClaim, *, holder: str, lease_s: float) -> Lease | None:
+    """Renew ``claim``'s lease if the claim is still this holder's; ``None`` if it was taken over (or released).
+
+    A holder that stalled past its lease may have been taken over (:func:`take_claim`) meanwhile: its claim
+    is then no longer the pointer's newest version, and its lease must not be written again. The pointer is
+    read before the write, and again after it, since a take-over can land between the two: found moved
+    either time, the holder's own lease (``c<its version>.json``) is deleted, as nobody judges a claim the
+    pointer moved past (a taker that read that version loses its compare-and-swap), and ``None`` returned.
+
+    Raises:
+        StorageError: the pointer could not be read or the lease written (an outage: try again later).
+    """
+    if _claim_current(store, claim):
+        lease = renew(
+            store, claim.key, claim_version=claim.version, holder=holder, lease_s=lease_s, folder=claim.folder
+        )
+        if _claim_current(store, claim):
+            return lease
+    _claim_lost(store, claim)
+    return None
+
+
+def _claim_current(store: ObjectStore, claim: PointerClaim) -> bool:
+    """Whether ``claim`` is its pointer's newest version: a number only the swap that wrote it can hold there.
+
+    (A stalled writer may re-create a dropped lower number, never the newest one: :meth:`ObjectStore.swap_pointer`.)
+    """
+    current = store.read_pointer(claim.key)
+    return current is not None and current.version == claim.version
+
+
+def _claim_lost(store: ObjectStore, claim: PointerClaim) -> None:
+    """Say that ``claim`` was taken over, and delete its lease (a failure of that left to :func:`tidy_claim`)."""
+    try:
+        store.delete(lease_key(claim.key, claim.version, folder=claim.folder))
+    except StorageError as err:
+        _log.debug("lease of lost claim %s (version %d) not deleted: %s", store.uri(claim.key), claim.version, err)
+    try:
+        current = store.read_pointer(claim.key)
+    except StorageError:
+        current = None
+    now = "unknown"
+    if current is not None:
+        target = current.target
+        who = target.get("holder") or target.get("command") or "another process"
+        state = (
+            "released" if "released_at" in target else f"held by {who}, pid {target.get('pid')} on {target.get('host')}"
+        )
+        now = f"at version {current.version}: {state}"
+    _log.warning(
+        "claim %s version %d (pid %s on %s) was taken over: its holder did not renew its %.0f s lease in time (a "
+        "stalled process) and the claim is now %s. This holder stops renewing it and removed its lease; a longer "
+        "lease keeps a holder that stalls this long",
+        store.uri(claim.key),
+        claim.version,
+        claim.holder.get("pid"),
+        claim.holder.get("host"),
+        float(claim.holder.get("lease_s", DEFAULT_LEASE_S)),
+        now,
+    )
+
+
 def release_claim(store: ObjectStore, claim: PointerClaim) -> bool:
     """Give a claim up (the next taker need not wait for its lease); ``False`` if it was taken over meanwhile.
 
@@ -324,10 +414,11 @@ def tidy_claim(store: ObjectStore, key: str, *, keep_last: int = CLAIM_VERSIONS_
     stalled meanwhile loses its swap and reads again). A lease (``c<version>.json``) goes when its claim
     version is below the oldest kept one, as listed after the drop: the newest version then was at or above
     it and only versions above are written later, so that claim was released or taken over before; no live
-    holder holds it. A holder that was taken over while stalled and still renews writes its lease again,
-    and a later tidy deletes it. A listing that meets a stalled taker's re-created low number starts lower,
-    so deletes less. ``store check`` checks such a pointer from its oldest kept version. At most
-    :data:`_TIDY_MOST` versions and as many leases go in one tidy (the oldest), the rest in the next ones.
+    holder holds it. A holder that was taken over while stalled writes no lease again (:func:`renew_claim`);
+    one that died mid-renewal leaves its lease to a later tidy. A listing that meets a stalled taker's
+    re-created low number starts lower, so deletes less. ``store check`` checks such a pointer from its oldest
+    kept version. At most :data:`_TIDY_MOST` versions and as many leases go in one tidy (the oldest), the rest
+    in the next ones.
 
     Returns:
         the versions dropped and the lease keys deleted.
