@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import queue
 import sys
@@ -221,12 +222,15 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         watcher.start()
         names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
         print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}: {names}", flush=True)
+        stop_signals = StopSignals(watcher.stopping_line)
         try:
-            asyncio.run(runner.start())
+            asyncio.run(_start_stopping_once(runner, stop_signals))
         except KeyboardInterrupt:  # Ctrl-C is how serve is stopped (as `obliviate ui`): exit 0, said below
             pass
         finally:
+            stop_signals.stopping()
             watcher.stop()
+            watcher.stop_step = ("its announcement is withdrawn", None)
             withdraw_endpoint(store, pid=os.getpid())
             if options.dispatch == "runner":
                 remove_event_trigger(ids[0], api_url=api_url)
@@ -236,8 +240,88 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
             file=sys.stderr,
             flush=True,
         )
+        stop_signals.stopped()
 
 
+async def _start_stopping_once(runner: Any, stop_signals: StopSignals) -> None:
+    """``runner.start()``, its stop signals taken by ``stop_signals`` once they are in place.
+
+    ``asyncio.run`` has put in its Ctrl-C handler by now, and ``runner.start()`` puts in Prefect's SIGTERM handler
+    before it first waits: the callback runs then.
+    """
+    task = asyncio.current_task()
+
+    def began() -> bool:  # a signal in the moment before: Prefect's handler stops the runner, asyncio's cancels
+        return bool(getattr(runner, "stopping", False)) or (task is not None and task.cancelling() > 0)
+
+    asyncio.get_running_loop().call_soon(stop_signals.take, began)
+    await runner.start()
+
+
+class StopSignals:
+    """serve's first Ctrl-C or SIGTERM stops it as before; a later one says the stop is under way and changes nothing.
+
+    A second signal during the stop (a second Ctrl-C, GNU ``timeout``'s second SIGTERM, a terminal's Ctrl-C on the
+    process group) cut the stop short: Ctrl-C raised KeyboardInterrupt out of the wait for the pass under way
+    ("interrupted", exit 130, the requests not handed back, the flow run never Completed), and Prefect's SIGTERM
+    handler exited on the spot. Here the handlers found (asyncio's Ctrl-C handler, which cancels the runner; Prefect's
+    SIGTERM handler, which stops it) get the first signal as before; every later one, and any during a stop that came
+    another way, is answered by one line from :meth:`ServiceWatcher.stopping_line`, written straight to the file
+    descriptor (a handler that prints to a stream the main thread is writing to can raise "reentrant call").
+    Once serve has stopped both signals are ignored (:func:`flows.model_server.ignore_stop_signals`) for the rest of
+    the exit. A signal the caller ignores stays ignored; outside the main thread nothing changes.
+    """
+
+    def __init__(self, line: Callable[[], str]) -> None:
+        self.line = line
+        self.found: dict[int, Any] = {}
+        self.stop_began = False
+
+    def take(self, began: Callable[[], bool] = lambda: False) -> None:
+        """Answer SIGINT and SIGTERM from here on (main thread only); ``began``: a stop came before this."""
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not self and handler not in (signal.SIG_IGN, None):
+                self.found[signum] = handler
+                signal.signal(signum, self)
+        if began():
+            self.stop_began = True
+
+    def stopping(self) -> None:
+        """The stop is under way, whether a signal began it or not: every signal from here on is a later one."""
+        self.take()
+        self.stop_began = True
+
+    def stopped(self) -> None:
+        """serve has stopped: a signal has nothing left to stop, and must not turn the exit into an interruption."""
+        from flows.model_server import ignore_stop_signals
+
+        if self.found:
+            ignore_stop_signals()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if not self.stop_began:
+            self.stop_began = True
+            first = self.found.get(signum)
+            if callable(first):
+                first(signum, frame)
+            else:  # the default action (SIGTERM's: the end of the process), as before
+                signal.signal(signum, first if first is not None else signal.SIG_DFL)
+                signal.raise_signal(signum)
+            return
+        # stderr closed, or its reader gone: nothing to tell
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.write(sys.stderr.fileno(), (self.line() + "\n").encode())
+
+
+#: What serve's stop does until the pass under way has ended (ServiceWatcher.stopping_line).
+HANDING_BACK = "any pass under way is stopped and its open requests handed back"
 #: How long serve's stop waits, once it has begun ``ray.shutdown()`` on a daemon thread, for the pass under way to end
 #: (Ray's shutdown ends the pass's wait on Ray) and for the shutdown itself; then it goes on without either.
 RAY_SHUTDOWN_WAIT_S = 20.0
@@ -384,6 +468,8 @@ class ServiceWatcher:
         self.pass_outcomes: Counter[str] = Counter()  # every pass's outcome ("reconcile" for a watcher's pass)
         self.failures = RepeatedFailures()
         self.unreadable_said: set[str] = set()  # open requests that cannot be read, said once (needs_pass)
+        # While stopping: what the stop is doing, and when (time.monotonic()) it is done at the latest, if bounded.
+        self.stop_step: tuple[str, float | None] | None = None
 
     @property
     def warm(self) -> bool:
@@ -411,6 +497,10 @@ class ServiceWatcher:
         attempt (:data:`flows.settle.STOPPING`). It took a new claim while stopping before, and
         counted the stop as a failed attempt.
         """
+        began = time.monotonic()
+        # listener.stop and heartbeat.join: 10 s each; shutdown_pools: 1 s for the GCS, 10 s for the kill
+        pass_ends_by = began + 31.0 + grace_s + 2.0 + RAY_SHUTDOWN_WAIT_S
+        self.stop_step = (HANDING_BACK, pass_ends_by)
         STOPPING.set()
         self._stop.set()
         self.wakeups.put(None)
@@ -425,6 +515,8 @@ class ServiceWatcher:
         # 60 s for the GCS: then serve does not wait for it; it hands the pass's claims back itself
         # (they stayed claimed until their leases lapsed).
         began = time.monotonic()
+        # a join and a GCS check, 1 s each, may run past grace_s: 2 s
+        self.stop_step = (HANDING_BACK, began + grace_s + 2.0 + RAY_SHUTDOWN_WAIT_S)
         while dispatcher.is_alive() and time.monotonic() - began < grace_s:
             dispatcher.join(timeout=1.0)
             if time.monotonic() - began > 5.0 and not ray_gcs_answers():
@@ -438,6 +530,7 @@ class ServiceWatcher:
             # 1 s under serve: flows.cli.serve) on the GCS; the pass's wait ends after that, and the
             # shutdown returns about 1.5 s later (its processes reaped). One deadline bounds both.
             deadline = time.monotonic() + RAY_SHUTDOWN_WAIT_S
+            self.stop_step = (HANDING_BACK, deadline)
             shutting: list[threading.Thread | None] = []
             self._guarded(
                 "disconnecting from the stopped Ray runtime", lambda: shutting.append(_disconnect_ray()), repeats=False
@@ -449,6 +542,7 @@ class ServiceWatcher:
                 if worker.is_alive():
                     _say_ray_shutdown_stuck(worker, waited_s=RAY_SHUTDOWN_WAIT_S, pass_stuck=dispatcher.is_alive())
         if dispatcher.is_alive():  # still stuck: hand its claims back from here
+            self.stop_step = ("serve hands the requests of the pass under way back itself", None)
             reason = "serve stopped during the work (its Ray runtime stopped with it)"
             for request_id in hand_back_open_claims(reason):
                 print(
@@ -459,8 +553,23 @@ class ServiceWatcher:
                 # Ray's clean-up at exit waits for this shutdown anyway (it takes the lock the stuck one holds), and
                 # the pass it let go then ran with the interpreter half torn down: "--- Logging error ---" tracebacks,
                 # its flow run's final state lost. Waiting here instead, the pass still ends its flow run.
+                late_by = time.monotonic() + RAY_SHUTDOWN_LATE_WAIT_S + 10.0
+                self.stop_step = (
+                    "its requests are handed back; serve waits for Ray's shutdown to end the pass",
+                    late_by,
+                )
                 worker.join(timeout=RAY_SHUTDOWN_LATE_WAIT_S)
                 dispatcher.join(timeout=10.0)
+
+    def stopping_line(self) -> str:
+        """What serve says to a stop signal while it is stopping already: the step under way, and its bound."""
+        said = "obliviate serve: already stopping"
+        if self.stop_step is not None:
+            step, ends_by = self.stop_step
+            said += f"; {step}"
+            if ends_by is not None:
+                said += f" within {max(0, math.ceil(ends_by - time.monotonic()))} s"
+        return f"{said}. Another Ctrl-C or SIGTERM does not cut the stop short."
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):

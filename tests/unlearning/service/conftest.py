@@ -7,19 +7,24 @@
   ``obliviate serve`` subprocesses and their flow runs join it instead of starting their own.
 * ``serve``: starts ``python -m flows.cli serve`` for a store and stops it afterwards.
 * ``train_r1`` / ``settle_req1``: run r1 trained into a store, and request req-1 filed and applied in one pass.
+* ``serve_stopped_by_a_group_sigterm``: serve stopped mid-retrain by a SIGTERM to its process group (and a second
+  signal, if asked); its log and the request's entry.
 
 Credentials and endpoint are in the environment before Ray starts, so workers inherit them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,3 +195,97 @@ def serve(prefect_api_url, ray_address, tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+#: What serve says when it hands a request back itself or its pass does (flows.settle, flows.deployments).
+HANDED_BACK = "handed back (serve is stopping); its attempt is not counted"
+
+
+@dataclass
+class GroupStop:
+    """One serve stopped by a SIGTERM to its process group (``serve_stopped_by_a_group_sigterm``)."""
+
+    text: str  # serve's log, stdout and stderr
+    entry: Any  # request group-1's ledger entry after the stop
+    history: list[str]  # its statuses, in order
+    handed_back_s: float | None  # from the SIGTERM to the hand-back line (None: not seen)
+    exited_s: float  # from the SIGTERM to serve's exit
+    second_s: float | None  # from the SIGTERM to the second signal (None: none sent, serve had exited)
+
+
+@pytest.fixture
+def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run):
+    """``serve_stopped_by_a_group_sigterm(ray_env=None, second=None)``: serve, working on request group-1, stopped by
+    a SIGTERM to its process group (systemd's default ``KillMode=control-group``, ``kill -TERM -- -PGID``), which
+    stops its own local Ray runtime too. ``second``: a signal sent to the group again ``second_after_s`` later, while
+    serve stops (a second Ctrl-C, GNU ``timeout``'s second SIGTERM)."""
+    from actors.chains import ChainWorker
+    from flows.deployments import POOL_KEY
+    from flows.train import run_spec
+    from storage.ledger import DeletionLedger
+    from storage.objects import ObjectStore
+    from storage.registry import RunRegistry
+
+    def forget(url: str, ids: list[int], request_id: str) -> None:
+        env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+        command = [sys.executable, "-m", "flows.cli", "forget", "--store", url, "--data", "digits"]
+        command += ["--ids", ",".join(map(str, ids)), "--request-id", request_id]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def stop(
+        *, ray_env: dict[str, str] | None = None, second: signal.Signals | None = None, second_after_s: float = 3.0
+    ) -> GroupStop:
+        store_url = f"file://{tmp_path}/store"
+        slow = tiny_run(epochs=1500, split_seed=0)  # about 20 s to retrain from block 1: the stop lands mid-retrain
+        ChainWorker(store_url).train(run_spec(run_id="slow", **slow))
+        block_ids = [int(i) for i in RunRegistry(ObjectStore(store_url)).entry("slow")["block_sample_ids"][1]]
+        # serve starts its own local Ray runtime (no RAY_ADDRESS): its processes are in serve's group.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")} | (ray_env or {})
+        env |= {"PYTHONPATH": str(REPO), "PREFECT_API_URL": prefect_api_url, "PYTHONUNBUFFERED": "1"}
+        (tmp_path / "home").mkdir()
+        env["HOME"] = str(tmp_path / "home")  # a local Ray runtime's token goes there
+        log = tmp_path / "serve.log"
+        command = [sys.executable, "-m", "flows.cli", "serve", "--store", store_url, "--audit-cron", "off"]
+        command += ["--reconcile-cron", "0 0 1 1 *", "--workers", "1"]
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        store = ObjectStore(store_url)
+        ledger = DeletionLedger(store)
+        handed_back_s = second_s = None
+        try:
+            deadline = time.monotonic() + 150
+            while not store.exists(POOL_KEY) and time.monotonic() < deadline:
+                assert process.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+            forget(store_url, block_ids[:2], "group-1")
+            deadline = time.monotonic() + 60
+            while ledger.get("group-1").status != "claimed" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(2)  # the retrain is under way on serve's own Ray workers
+            os.killpg(process.pid, signal.SIGTERM)
+            signalled = time.monotonic()
+            while process.poll() is None and time.monotonic() - signalled < 90:
+                if handed_back_s is None and HANDED_BACK in log.read_text():
+                    handed_back_s = time.monotonic() - signalled
+                if second is not None and second_s is None and time.monotonic() - signalled >= second_after_s:
+                    with contextlib.suppress(ProcessLookupError):  # serve (its group) is gone: nothing was sent
+                        os.killpg(process.pid, second)
+                        second_s = time.monotonic() - signalled
+                time.sleep(0.1)
+            code = process.wait(timeout=1)
+            exited_s = time.monotonic() - signalled
+            assert code == 0, (code, log.read_text()[-3000:])
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # what serve's own Ray left behind, if anything
+            process.wait(timeout=30)
+        text = log.read_text()
+        if handed_back_s is None and HANDED_BACK in text:  # said in its last 0.1 s
+            handed_back_s = exited_s
+        entry = ledger.get("group-1")
+        history = [h["status"] for h in ledger.history("group-1")]
+        return GroupStop(text, entry, history, handed_back_s, exited_s, second_s)
+
+    return stop
