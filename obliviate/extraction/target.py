@@ -586,11 +586,13 @@ class HttpBackend:
         connection_only, unreachable = True, False
         start = time.monotonic()
         span_s = self._retries_span_s()
+        pauses_s = self._retry_pauses_s()
 
         def until() -> tuple[float, str]:
-            # A target not reached is retried for the window; one that takes requests and answers none, --retries.
-            if unreachable and self.wait_s > span_s:
-                return self.wait_s, "--target-wait"
+            # A target not reached fails each attempt at once: its retries take only their pauses, so the window
+            # decides unless those pauses outlast it. One that takes requests and answers none: --timeout, --retries.
+            if unreachable and self.wait_s:
+                return (self.wait_s, "--target-wait") if self.wait_s >= pauses_s else (pauses_s, "--retries")
             return span_s, "--timeout, --retries"
 
         notices = _WaitNotices(self.on_wait, self.url, until=until)
@@ -641,8 +643,11 @@ class HttpBackend:
 
     def _retries_span_s(self) -> float:
         """The longest the ``retries`` take when every attempt times out (pauses included)."""
-        pauses = sum(min(self.backoff_s * 2**i, MAX_BACKOFF_S) for i in range(self.retries))
-        return (self.retries + 1) * self.timeout_s + pauses
+        return (self.retries + 1) * self.timeout_s + self._retry_pauses_s()
+
+    def _retry_pauses_s(self) -> float:
+        """The pauses between the ``retries``' attempts, in all: how long they take when each fails at once."""
+        return sum(min(self.backoff_s * 2**i, MAX_BACKOFF_S) for i in range(self.retries))
 
     def _json_object(self, status: int, raw: bytes) -> dict:
         """The JSON object of a successful answer; a body that is anything else is the endpoint's fault, not transient."""
