@@ -411,11 +411,12 @@ def run_cells(
                 # message as the flow run's state, which otherwise held Ray's coloured remote traceback.
                 if isinstance(err.cause, ObliviateError):
                     # The report needs every cell: the finished ones are lost with the audit, and the user is told.
+                    # The cell is named as its waiting lines name it, which come before this error.
                     discarded = (
                         f" The audit stops: {len(results)} of its {len(cells)} cells had finished, and they are "
                         "discarded (the report needs every cell; a rerun starts over)."
                     )
-                    err.cause.args = (f"{err.cause}{discarded}",)
+                    err.cause.args = (f"{_cell_name(cell)}: {err.cause}{discarded}",)
                     raise err.cause from None
                 raise
             if queue:
