@@ -442,6 +442,7 @@ def _train(store: str, run_id: str, specs: list[dict[str, Any]], *, shards: int,
             # the shards' training time summed; the wall time of the slowest (they train side by side)
             "train_seconds": sum(s.get("train_seconds", 0.0) for s in summaries),
             "wall_seconds": max(s.get("wall_seconds", 0.0) for s in summaries),
+            **deletions_over_shards(summaries),
         }
     logger.info(
         "run %s: version %s, held-out accuracy %s, %s blocks trained now, %s resumed from storage",
@@ -454,6 +455,36 @@ def _train(store: str, run_id: str, specs: list[dict[str, Any]], *, shards: int,
     for message in summary.get("sharp_drops") or []:  # issue 11: diverging settings are not accepted silently
         logger.warning("run %s: %s", run_id, message)
     return {**summary, "store": ObjectStore(store).url}
+
+
+def deletions_over_shards(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a sharded run's summary says of deletions and sharp drops: over every shard, not shard 0's alone.
+
+    Shard 0's values used to stand for the run: a request whose ids all lie in another shard looked
+    ignored, and a sharp drop in another shard was never warned about.
+
+    Args:
+        summaries: the shards' summaries, in shard order.
+
+    Returns:
+        ``left_out_ids`` (ids left out by any shard; the shards are disjoint, so their counts add up),
+        ``left_out_for_requests`` and ``late_requests`` (sorted unions) and ``sharp_drops`` (each
+        message naming its shard). A key no shard reported (a resumed, already trained shard has no
+        ``left_out_ids``) is left out.
+    """
+    out: dict[str, Any] = {}
+    if any("left_out_ids" in s for s in summaries):
+        out["left_out_ids"] = sum(int(s.get("left_out_ids") or 0) for s in summaries)
+    for key in ("left_out_for_requests", "late_requests"):
+        if any(key in s for s in summaries):
+            out[key] = sorted({request for s in summaries for request in s.get(key) or []})
+    if any("sharp_drops" in s for s in summaries):
+        out["sharp_drops"] = [
+            f"shard {k} ({s.get('run_id')}): {message}"
+            for k, s in enumerate(summaries)
+            for message in s.get("sharp_drops") or []
+        ]
+    return out
 
 
 def _results_with_progress(pool: Any, store: ObjectStore, specs: list[dict[str, Any]], *, logger: Any) -> list[Any]:

@@ -82,3 +82,52 @@ def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
     with pytest.raises(ConfigError, match="'one' is already trained as a single chain; this asks for 2 shards"):
         train_flow(store=url, run_id="one", shards=2, split_seed=0, **options)
     assert not ObjectStore(url).exists("groups/one.json") and registry.current("one-s0of2") is None
+
+
+def test_a_sharded_runs_summary_counts_the_deletions_of_every_shard(
+    tmp_path, tiny_run, prefect_api_url, ray_address
+) -> None:
+    from flows.train import train_flow
+    from flows.unlearn import submit_deletion
+    from storage import ObjectStore
+
+    url = f"file://{tmp_path}/store"
+    ObjectStore(url).ensure_container()
+    options = tiny_run(split_seed=0)
+    shard_ids = [run_spec(run_id="g", shards=2, shard=k, **options)["train_ids"] for k in range(2)]
+    only_0 = submit_deletion(url, [shard_ids[0][5]], dataset="digits", emit=False)["request_id"]
+    only_1 = submit_deletion(url, [shard_ids[1][7], shard_ids[1][9]], dataset="digits", emit=False)["request_id"]
+    both = submit_deletion(url, [shard_ids[0][11], shard_ids[1][13]], dataset="digits", emit=False)["request_id"]
+    options.pop("split_seed")
+    summary = train_flow(store=url, run_id="g", shards=2, split_seed=0, **options)
+    first, second = summary["shards"]
+    assert (first["left_out_ids"], second["left_out_ids"]) == (2, 3)
+    assert first["left_out_for_requests"] == sorted([only_0, both])
+    # the run's summary said shard 0's 2 ids for 2 requests: only_1 looked ignored
+    assert summary["left_out_ids"] == 5
+    assert summary["left_out_for_requests"] == sorted([only_0, only_1, both])
+    assert summary["late_requests"] == []
+
+
+def test_sharp_drops_and_late_requests_of_every_shard_reach_the_runs_summary_naming_their_shard() -> None:
+    from flows.train import deletions_over_shards
+
+    drop = "block 2: held-out accuracy 22.7 % is 6.3 points below the best before it (29.0 %); ..."
+    shards = [
+        {"run_id": "g-s0of2", "left_out_ids": 0, "left_out_for_requests": [], "late_requests": ["r2"]},
+        {
+            "run_id": "g-s1of2",
+            "left_out_ids": 1,
+            "left_out_for_requests": ["r1"],
+            "late_requests": ["r2", "r0"],
+            "sharp_drops": [drop],
+        },
+    ]
+    assert deletions_over_shards(shards) == {
+        "left_out_ids": 1,
+        "left_out_for_requests": ["r1"],
+        "late_requests": ["r0", "r2"],
+        "sharp_drops": [f"shard 1 (g-s1of2): {drop}"],
+    }
+    # shards resumed as already trained report no ids left out: none is invented
+    assert deletions_over_shards([{"run_id": "g-s0of2", "sharp_drops": []}]) == {"sharp_drops": []}
