@@ -210,7 +210,8 @@ def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the 
 
     Accepts a list of non-negative integers (or a string ``"3,17,42"`` from a CLI). Each CLI token
     is plain ASCII digits (Python's ``int`` would also take ``+5``, ``1_000`` and other
-    scripts' digits: refused here, so what the user typed is what is deleted). Every id fits in
+    scripts' digits: refused here, so what the user typed is what is deleted); an empty element between
+    commas (``3,,4``, ``3,``) is refused too, as it may be an id dropped while typing. Every id fits in
     int64 and, when ``dataset_size`` is known, indexes a row of the dataset (SPEC 5: a deletion
     names training samples by dataset row).
 
@@ -218,7 +219,22 @@ def parse_ids(raw: Any, *, dataset_size: int | None = None, dataset: str = "the 
         RequestError: empty, non-integer, negative, too large, out of range or repeated ids.
     """
     if isinstance(raw, str):
-        parts = [p.strip() for p in raw.replace(" ", ",").split(",") if p.strip()]
+        elements = raw.split(",")
+        empty = [n for n, element in enumerate(elements, 1) if not element.strip()]
+        if raw.strip() and empty:  # "3,,4" or "3,": an id may have been dropped, so nothing is guessed
+            raise RequestError(
+                f"rule: ids are comma-separated integers like 3,17,42, with an id between every two commas; got "
+                f"{'an empty element' if len(empty) == 1 else f'{len(empty)} empty elements'} (element "
+                f"{', '.join(map(str, empty[:5]))} of {len(elements)}) in {raw[:80]!r}, so an "
+                "id may be missing. Write the missing id, or remove the extra comma"
+                + (
+                    f": --ids {','.join(e.strip() for e in elements if e.strip())}"
+                    if len(empty) < len(elements)
+                    else ""
+                )
+                + "."
+            )
+        parts = [p for element in elements for p in element.split()]  # spaces separate ids too: "3 17, 42"
         bad_tokens = [p for p in parts if not _ID_TOKEN.match(p)]
         if bad_tokens:
             raise RequestError(
