@@ -193,7 +193,7 @@ def run_forget(args: Args) -> int:
     from obliviate.errors import ConfigError
     from obliviate.unlearning.service import check_name, parse_ids
     from storage.errors import StorageError
-    from storage.ledger import DeletionLedger
+    from storage.ledger import TERMINAL, DeletionLedger
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
 
@@ -346,6 +346,8 @@ def run_forget(args: Args) -> int:
             "is safe (one request, applied once)."
         ) from err
     args.interrupted_note = _filed_note(result["request_id"], result["status"])
+    if args.no_event and not (not result["new"] and result["status"] in TERMINAL):
+        result["note"] = _unannounced_note(ObjectStore(url))
     print(f"request {result['request_id']}: {result['status']}; {result.get('note', '')}", file=sys.stderr)
     if unheard:
         print(unheard, file=sys.stderr)
@@ -355,6 +357,27 @@ def run_forget(args: Args) -> int:
         )
     print(json.dumps(result, default=str))
     return EXIT_DONE
+
+
+def _unannounced_note(store: Any) -> str:
+    """What becomes of a request filed with ``--no-event``: the live serve's reconciliation takes it, or none will yet.
+
+    Checked as a request with an event is (:func:`flows.unlearn.served_endpoint`), so the note says whether a serve
+    is there to reconcile rather than promising a schedule that may not run.
+    """
+    from flows.unlearn import served_endpoint
+
+    served, why = served_endpoint(store)
+    if served is not None or why.startswith("announced"):
+        through = f" (through {served})" if served else ""
+        return (
+            f"recorded in the ledger; no event sent (--no-event), so the live `obliviate serve` of this store{through} "
+            "takes it at its next reconciliation tick."
+        )
+    return (
+        f"recorded in the ledger; no event sent (--no-event), and {why}, so it waits for the next serve's "
+        "reconciliation (start `obliviate serve` on this store)."
+    )
 
 
 def _unheard_warning(store: Any, dataset: str) -> str | None:
