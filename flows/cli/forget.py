@@ -69,7 +69,15 @@ def forget_command(
         str | None, option("--cancel", metavar="REQUEST_ID", help="withdraw a request no model applied yet")
     ] = None,
     retry: Annotated[str | None, option("--retry", metavar="REQUEST_ID", help="queue a failed request again")] = None,
-    now: Annotated[bool, flag("--now", help="flush the open batch now instead of waiting for it")] = False,
+    now: Annotated[
+        bool,
+        flag(
+            "--now",
+            help="flush the open batch now instead of waiting for it; with --wait SECONDS, wait for the requests it "
+            "flushes (exit code: the first of failed, rejected, claimed, pending, cancelled that any of them has; 0 "
+            "when every one is done)",
+        ),
+    ] = False,
     deadline: Annotated[
         str | None,
         option(
@@ -309,7 +317,7 @@ def run_forget(args: Args) -> int:
                 f"for a batch: {', '.join(unbatched[:10])}{' ...' if len(unbatched) > 10 else ''}",
                 file=sys.stderr,
             )
-            return EXIT_DONE
+            return _waited_flush(args, url, [r for r in unbatched if _still_open(ledger, r)])
         request_flush(ObjectStore(url), reason=args.reason or "forget --now")
         if ids is None:
             print(
@@ -317,7 +325,7 @@ def run_forget(args: Args) -> int:
                 f"serve's next tick): {', '.join(waiting[:10])}{' ...' if len(waiting) > 10 else ''}",
                 file=sys.stderr,
             )
-            return EXIT_DONE
+            return _waited_flush(args, url, waiting)
     assert ids is not None  # refused above when neither --ids nor --now was given
     from flows.unlearn import new_request_id, submit_deletion
 
@@ -543,6 +551,17 @@ def _waiting_for(url: str, request_id: str) -> dict[str, Any]:
     return {"batch": batch_status(store, request_id), "forgotten": store.get_json(key) if store.exists(key) else None}
 
 
+def _still_open(ledger: Any, request_id: str) -> bool:
+    """Whether ``request_id`` is pending or claimed now (an open marker may outlive its request's settling)."""
+    from storage.errors import CorruptObject, ObjectNotFound
+    from storage.ledger import CLAIMED, PENDING
+
+    try:
+        return ledger.current_status(request_id) in (PENDING, CLAIMED)
+    except (CorruptObject, ObjectNotFound):
+        return False
+
+
 def _still_pending(ledger: Any, request_id: str) -> bool:
     """Whether the next pass would take ``request_id`` from the open batch (pending now; a damaged status: no)."""
     from storage.errors import CorruptObject
@@ -605,6 +624,82 @@ def _waited(url: str, request_id: str, timeout_s: float, *, again: str = "") -> 
     print(line, file=sys.stderr)
     print(json.dumps({**entry, "settled": settled}, default=str))
     return EXIT_CODES.get(entry["status"], EXIT_TIMEOUT)
+
+
+#: ``forget --now --wait``: the exit code of the flushed requests together is that of the first outcome in this order
+#: that any of them has (what needs the user's hand first); 0 only when every one is done.
+FLUSH_EXIT_ORDER = ("failed", "rejected", "claimed", "pending", "cancelled")
+
+
+def _flush_exit_code(statuses: list[str]) -> int:
+    """The exit code of a waited flush: :data:`FLUSH_EXIT_ORDER`'s first outcome present, else done's."""
+    for status in FLUSH_EXIT_ORDER:
+        if status in statuses:
+            return EXIT_CODES[status]
+    unknown = [s for s in statuses if s not in EXIT_CODES]
+    return EXIT_TIMEOUT if unknown else EXIT_DONE
+
+
+def _waited_flush(args: Args, url: str, request_ids: list[str]) -> int:
+    """``forget --now --wait SECONDS``: wait for the requests the flush takes, as ``--ids ... --wait`` waits for one.
+
+    Each request gets the lines a single wait prints (its runs' outcomes, then its state) on stderr; stdout gets
+    ``{"requests": [entry, ...], "settled": bool}``. All share one wait of ``args.wait`` seconds. The exit code is
+    :func:`_flush_exit_code`'s; a store that stops answering meanwhile is retried until the wait ends, then
+    :data:`EXIT_UNREACHABLE` (the requests and the flush ask stay recorded). Without ``--wait`` nothing is waited for.
+    """
+    from flows.unlearn import wait_outcome
+    from storage.errors import StorageUnavailable
+    from storage.retry import RetryPolicy, retry_unavailable
+
+    if args.wait <= 0 or not request_ids:
+        return EXIT_DONE
+    shown = f"{', '.join(request_ids[:10])}{' ...' if len(request_ids) > 10 else ''}"
+    args.interrupted_note = (
+        f"the flush is asked (it stays recorded for the next pass) and the {len(request_ids)} request(s) it takes stay "
+        "in the ledger; `obliviate serve` applies them whether or not this command waits. Ctrl-C stopped only the "
+        "waiting; follow each with `obliviate forget --status ID` (add --wait SECONDS to wait again); running "
+        "--now again only asks again."
+    )
+    print(
+        f"waiting up to {args.wait:g} s for the {len(request_ids)} request(s) the flush takes: {shown}", file=sys.stderr
+    )
+    ends = time.monotonic() + args.wait
+    looked: dict[str, tuple[dict[str, Any], bool, dict[str, Any]]] = {}
+
+    def look() -> None:
+        # one shared wait: each request gets what is left of it; after an outage the next look resumes where it was
+        for request_id in request_ids:
+            if request_id in looked:
+                continue
+            entry, settled = wait_outcome(url, request_id, timeout_s=max(0.0, ends - time.monotonic()))
+            looked[request_id] = entry, settled, _waiting_for(url, request_id) if entry["status"] == "pending" else {}
+
+    try:
+        retry_unavailable(look, policy=RetryPolicy(deadline_s=args.wait, max_wait_s=_OUTAGE_LOOK_EVERY_S))
+    except StorageUnavailable as err:
+        cause = str(err).split(". Check ", 1)[0].rstrip(".")
+        print(
+            f"storage stayed unreachable until the wait ended ({args.wait:.0f} s): {cause}. Check that the S3 service "
+            f"answers (AWS_ENDPOINT_URL, network). The flush is asked and the requests ({shown}) are recorded in the "
+            "ledger and stay there; `obliviate serve` applies them whether or not this command waits. Once the store "
+            "answers, `obliviate forget --status ID` tells each one's state (add --wait SECONDS to wait again).",
+            file=sys.stderr,
+        )
+        print(json.dumps({"requests": request_ids, "settled": False, "store_unreachable": str(err)}))
+        return EXIT_UNREACHABLE
+    entries = []
+    for request_id in request_ids:
+        entry, settled, waiting = looked[request_id]
+        for run_id, audit in (entry["details"].get("runs") or {}).items():
+            print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
+        line = describe(entry, **waiting) if entry["status"] == "pending" else describe(entry)
+        if not settled:
+            line = f"{line}; still not settled after {args.wait:.0f} s (the request stays in the ledger)"
+        print(line, file=sys.stderr)
+        entries.append({**entry, "settled": settled})
+    print(json.dumps({"requests": entries, "settled": all(e["settled"] for e in entries)}, default=str))
+    return _flush_exit_code([e["status"] for e in entries])
 
 
 def _speedup_words(audit: dict) -> list[str]:

@@ -58,3 +58,86 @@ def test_the_no_event_note_says_whether_a_serve_will_reconcile(tmp_path, capsys,
     assert main(["forget", "--store", url, "--ids", "112", "--data", "digits", "--no-event"]) == 0
     note = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["note"]
     assert "the live `obliviate serve` of this store (through http://127.0.0.1:4999/api) takes it" in note
+
+
+def _file_and_batch(url: str, request_ids: list[str]) -> DeletionLedger:
+    """File requests with --no-event and let a gate put them in an open batch (a 1 h window)."""
+    from flows.batching import FLUSH_PREFIX, batch_gate, save_policy
+    from obliviate.unlearning.batching import BatchPolicy
+
+    for n, request_id in enumerate(request_ids):
+        args = ["forget", "--store", url, "--ids", str(5 + n), "--data", "digits", "--no-event"]
+        assert main([*args, "--request-id", request_id]) == 0
+    store = ObjectStore(url)
+    save_policy(store, BatchPolicy(window_s=3600.0))
+    for key in store.list(FLUSH_PREFIX):  # an earlier --now's ask, which a pass that flushed would have consumed
+        store.delete(key)
+    ledger = DeletionLedger(store)
+    gate = batch_gate(store, ledger.due_entries(lease_s=60.0))
+    assert not gate["flush"] and gate["requests"] == sorted(request_ids)
+    return ledger
+
+
+def test_now_with_wait_waits_for_the_flushed_requests(tmp_path, capsys, monkeypatch) -> None:
+    """`forget --now --wait 60` returned at once with exit 0, ignoring --wait: now it waits, as --ids --wait does."""
+    import json
+    import threading
+    import time
+
+    from flows.batching import FLUSH_PREFIX
+    from storage.ledger import DONE, FAILED
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    url = f"file://{tmp_path}/runs"
+    ObjectStore(url).ensure_container()
+    ledger = _file_and_batch(url, ["b-1", "b-2"])
+    capsys.readouterr()
+    # no serve: both stay pending; the wait lasts its time and says so, exit 5 as for one request
+    began = time.monotonic()
+    assert main(["forget", "--store", url, "--now", "--wait", "1.5"]) == 5
+    assert time.monotonic() - began >= 1.5
+    out, err = capsys.readouterr()
+    assert "waiting up to 1.5 s for the 2 request(s) the flush takes: b-1, b-2" in err
+    assert err.count("still not settled after 2 s") == 2 and "request b-1: pending" in err
+    shown = json.loads(out.strip().splitlines()[-1])
+    assert [e["request_id"] for e in shown["requests"]] == ["b-1", "b-2"] and shown["settled"] is False
+    assert len(ObjectStore(url).list(FLUSH_PREFIX)) == 1  # the flush is asked all the same
+
+    def settle_later(outcomes: dict[str, str]) -> None:
+        time.sleep(1.0)
+        for request_id, status in outcomes.items():
+            claim = ledger.claim(request_id, holder="a pass", lease_s=60.0, max_attempts=3)
+            assert claim is not None
+            ledger.settle(request_id, claim_version=claim.version, status=status, details={"reason": "its cause"})
+
+    # a pass settles them while the command waits: one failed -> the failed code (4), before the wait's end
+    worker = threading.Thread(target=settle_later, args=({"b-1": DONE, "b-2": FAILED},))
+    worker.start()
+    began = time.monotonic()
+    assert main(["forget", "--store", url, "--now", "--wait", "60"]) == 4
+    worker.join()
+    assert time.monotonic() - began < 30
+    out, err = capsys.readouterr()
+    assert "request b-1: done" in err and "request b-2: failed; its cause" in err
+    assert json.loads(out.strip().splitlines()[-1])["settled"] is True
+    # every one done: 0
+    ledger = _file_and_batch(url, ["c-1", "c-2"])
+    worker = threading.Thread(target=settle_later, args=({"c-1": DONE, "c-2": DONE},))
+    worker.start()
+    assert main(["forget", "--store", url, "--now", "--wait", "60"]) == 0
+    worker.join()
+    assert "request c-2: done" in capsys.readouterr().err
+
+
+def test_now_with_wait_waits_for_open_requests_no_pass_batched(tmp_path, capsys, monkeypatch) -> None:
+    """The other --now branch (open requests in no batch yet) waits too."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    url = f"file://{tmp_path}/runs"
+    ObjectStore(url).ensure_container()
+    args = ["forget", "--store", url, "--ids", "7", "--data", "digits", "--no-event", "--request-id", "u-1"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["forget", "--store", url, "--now", "--wait", "0.5"]) == 5
+    err = capsys.readouterr().err
+    assert "open but in no batch yet" in err and "waiting up to 0.5 s for the 1 request(s) the flush takes: u-1" in err
+    assert "request u-1: pending" in err and "still not settled after" in err
