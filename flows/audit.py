@@ -27,8 +27,8 @@ flow reuses that runtime. The ``extraction-audit`` flow joins Ray itself (:func:
 
 The scheduled ``extraction-audit`` flow (:func:`audit_flow`) asks the same question of the
 *current* model of each registered run: the current version's final model is exported as an audit
-target checkpoint (``{"arch", "state_dict", "meta"}`` with the run's training ids, so the
-attacker's pool excludes them) and :func:`steal_flow` audits it, asking for what ``target_output``
+target checkpoint (``{"arch", "state_dict", "meta"}`` with the run's training ids and the ids it
+forgot, so the attacker's pool excludes both: a forgotten id is an erased row, not audit data) and :func:`steal_flow` audits it, asking for what ``target_output``
 says (labels by default, as ``steal``). The report's JSON is copied next to the run in the store:
 ``runs/<run>/audits/v<version>/report.json``.
 """
@@ -71,6 +71,7 @@ from obliviate.extraction.audit import (
     check_pool_fits_target,
     draw_split,
     fit_split,
+    forgotten_rows,
     is_bench_split,
     markdown_report,
     seed_reference,
@@ -194,6 +195,8 @@ class AuditSetup:
     target_accuracy: float
     overlap_warning: str | None
     split: str
+    #: rows left out of the pool and test set only because the target forgot them (deleted ids it declares)
+    forgotten_left_out: int = 0
 
 
 @task(cache_policy=NO_CACHE)
@@ -225,6 +228,9 @@ def prepare_audit(
     exclude, warning = target_training_indices(pool=data, target_meta=meta)
     if warning:
         logger.warning(warning)
+    forgotten = forgotten_rows(pool=data, target_meta=meta) if exclude else 0
+    if forgotten:
+        logger.info("left out of the pool and test set: %d row(s) the target forgot (applied deletions)", forgotten)
     pool_idx, test_idx, split = _pool_and_test(
         data, meta, exclude=exclude, pool_size=pool_size, test_size=test_size, split_seed=split_seed
     )
@@ -246,7 +252,8 @@ def prepare_audit(
     )
     return AuditSetup(
         target=target,
-        target_meta={k: v for k, v in meta.items() if k != "train_indices"},
+        # the id lists stay out of the report: the forgotten ones are counted (forgotten_left_out), not copied
+        target_meta={k: v for k, v in meta.items() if k not in ("train_indices", "forgotten_indices")},
         pool=pool,
         pool_indices=pool_idx,
         test_images=test_images,
@@ -257,6 +264,7 @@ def prepare_audit(
         target_accuracy=accuracy(predicted=oracle_test, truth=test_labels),
         overlap_warning=warning,
         split=split,
+        forgotten_left_out=forgotten,
     )
 
 
@@ -479,7 +487,8 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
             f"Attackers: {', '.join(config['attackers'])}; selectors: {', '.join(config['selectors'])}. "
             f"Substitute: {config['substitute']}. FGSM{' (iterative)' if config['iterative'] else ''}. "
             f"{drmi}Seeds per cell: {config['seeds']}. "
-            f"Split: {setup.split}. Run id: `{run_id}` (also in steal.json and steal.png)."
+            f"Split: {setup.split}.{_forgotten_said(setup.forgotten_left_out)} "
+            f"Run id: `{run_id}` (also in steal.json and steal.png)."
         ),
         "",
         threat_model(
@@ -509,6 +518,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         "pool_mean_entropy": setup.pool_entropy,
         "overlap_warning": setup.overlap_warning,
         "split": setup.split,
+        "forgotten_rows_left_out": setup.forgotten_left_out,
         "strongest": {"attacker": best[0], "selector": best[1]},
         "queries_to_agreement": {f"{level:g}": q.to_dict() for level, q in reach.items()},
         "summary": [asdict(r) for r in rows],
@@ -546,6 +556,17 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         links=paths,
     )
     return paths | {"headline": headline}
+
+
+def _forgotten_said(count: int) -> str:
+    """The report's words for the rows left out because the target forgot them (nothing when none were)."""
+    if not count:
+        return ""
+    rows = "1 row" if count == 1 else f"{count} rows"
+    return (
+        f" Also left out of the pool and test set: {rows} the target forgot (ids of applied deletion requests); "
+        "erased rows are not audit data."
+    )
 
 
 def _answers(config: dict) -> str:
@@ -883,13 +904,16 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
         raise ConfigError(
             f"run {run_id!r} is paused: its rollback left no checkpoint to serve until the retrain lands."
         )
+    # as a run server's GET /info says them: the forgotten ids are erased rows, left out of the audit as well
+    forgotten = set(current.deleted_ids) & set(spec.train_ids)
     meta = {
         "num_classes": spec.config.num_classes,
         "image_size": spec.config.image_size,
         "levels": spec.config.levels,
         "dataset": spec.dataset,
         "dataset_fingerprint": spec.dataset_fingerprint,
-        "train_indices": list(spec.train_ids),
+        "train_indices": [i for i in spec.train_ids if i not in forgotten],
+        "forgotten_indices": sorted(forgotten),
         "run_id": run_id,
         "version": current.version,
     }

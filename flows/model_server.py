@@ -10,7 +10,9 @@ Service code, so it lives outside the pure package. It speaks the protocol of
   64 MiB (``max_body_bytes``) 413, shorter than its Content-Length 408; an unexpected failure 500, with a
   JSON error in every case.
 * ``GET /info`` answers the metadata given at start (model name, training indices) so an
-  auditor can keep its pool disjoint from the target's training data.
+  auditor can keep its pool disjoint from the target's training data; for a run
+  (:class:`RunBackend`) also what is served now and the ids forgotten since
+  (:meth:`RunBackend.training_data` says what each field means).
 * ``GET /health`` answers ``{"ok": true}``.
 
 It serves a torch model, or (issue 11) what a run of a store serves now (:class:`RunBackend`):
@@ -145,12 +147,27 @@ class RunBackend:
             }
 
     def training_data(self) -> dict[str, Any]:
-        """The dataset ids the served versions were trained on: the runs' training ids less those forgotten."""
+        """What ``GET /info`` says of the run's training data now.
+
+        * ``train_indices``: the dataset ids of the run's training set (a sharded run: the union of its
+          shards') less the ids the served versions forgot. It is the set an audit keeps out of its pool,
+          not exactly what the served model saw: a version rolled back to M_s (``served``: ``serve_block``
+          s) was trained on blocks 1..s of it only, a paused shard (``serve_block`` null) on none, and the
+          ids of a request it holds back stay listed until the retrain that forgets them lands.
+        * ``forgotten_indices``: the ids the served versions forgot (applied deletion requests). These are
+          erased rows, not images "outside the training set": an auditor leaves them out of its pool and
+          test set too (``obliviate steal`` does, and its report says how many).
+        * ``forgotten_ids``: how many ids ``forgotten_indices`` lists.
+        """
         self.refresh()
         with self.lock:
             deleted = frozenset().union(*self._deleted.values())
         trained = {int(i) for m in self.members for i in self.registry.spec(m).train_ids} - deleted
-        return {"train_indices": sorted(trained), "forgotten_ids": len(deleted)}
+        return {
+            "train_indices": sorted(trained),
+            "forgotten_ids": len(deleted),
+            "forgotten_indices": sorted(int(i) for i in deleted),
+        }
 
     def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:
         """Labels (argmax of the float64 mean probability, ties to the lowest class) or mean probabilities."""

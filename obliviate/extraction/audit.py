@@ -336,11 +336,16 @@ def check_pool_fits_target(*, pool: ImageDataset, target_meta: dict) -> None:
 def target_training_indices(*, pool: ImageDataset, target_meta: dict) -> tuple[list[int], str | None]:
     """The images that trained the target, to keep out of the attacker's pool and test set (SPEC 3b).
 
+    The ids the target declares it forgot (``forgotten_indices``: a run server's ``GET /info``, a scheduled
+    audit's checkpoint) are left out too: they are data subjects' erased rows, which a deletion service must
+    not go on querying and training substitutes with, not images "outside the training set".
+
     Returns:
         The indices into ``pool`` (empty when the target does not declare them, or declares them
         for other data), and a warning saying why none could be excluded, else ``None``.
     """
-    exclude = [int(i) for i in target_meta.get("train_indices", [])]
+    declared = [*target_meta.get("train_indices", []), *target_meta.get("forgotten_indices", [])]
+    exclude = sorted({int(i) for i in declared})
     if not exclude:
         return [], "the target did not say which images trained it: the pool may overlap its training data."
     if target_meta.get("dataset_fingerprint") not in (None, pool.fingerprint):
@@ -349,6 +354,16 @@ def target_training_indices(*, pool: ImageDataset, target_meta: dict) -> tuple[l
             f"{pool.fingerprint}; its training indices were not excluded from the pool."
         )
     return exclude, None
+
+
+def forgotten_rows(*, pool: ImageDataset, target_meta: dict) -> int:
+    """How many rows of ``pool`` :func:`target_training_indices` leaves out only because the target forgot them
+    (declared in ``forgotten_indices``, not in ``train_indices``); 0 when the target declares other data."""
+    if target_meta.get("dataset_fingerprint") not in (None, pool.fingerprint):
+        return 0
+    trained = {int(i) for i in target_meta.get("train_indices", [])}
+    forgotten = {int(i) for i in target_meta.get("forgotten_indices", [])} - trained
+    return sum(1 for i in forgotten if 0 <= i < len(pool))
 
 
 #: The bench's split (``bench/extraction.py``, ``SIZES``): :func:`draw_split` of mnist5k into target

@@ -25,6 +25,7 @@ MODULE_ONLY = {
         "check_split_fits",
         "default_target_train_size",
         "fit_split",
+        "forgotten_rows",
         "is_bench_split",
         "target_training_indices",
     },
