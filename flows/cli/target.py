@@ -13,13 +13,26 @@ import numpy as np
 import typer
 
 from flows.cli._store import StoreOption, local_path, prepare_store, store_url
-from flows.cli._types import Args, dataset, flag, integer, new_app, option, parsed, usage_error
+from flows.cli._types import Args, choices, dataset, flag, integer, new_app, option, parsed, usage_error
 from flows.cli._types import seed as seed_type
 from flows.runtime import writable_folder
 from obliviate.errors import ConfigError
 
 if TYPE_CHECKING:
     from flows.model_server import TargetServer
+
+#: What `--arch` takes: the audit's small digit classifiers, those steal's substitutes take. build_model's resnet18
+#: was taken too and ran past 120 s on 2,000 images, while the start line quoted LeNet-5's 9 s.
+ARCHITECTURES = ("lenet5", "c3f2")
+
+
+def _architecture(text: str) -> str:
+    if text not in ARCHITECTURES:
+        raise typer.BadParameter(
+            f"a target is lenet5 or c3f2, the architectures steal's substitutes take; got {text!r}. Give --arch c3f2, "
+            "or leave --arch out for lenet5."
+        )
+    return text
 
 
 def train_command(
@@ -28,7 +41,15 @@ def train_command(
         str, option("--data", parser=dataset, help="mnist5k (default), digits, an .npz file or a dataset folder")
     ] = "mnist5k",
     out: Annotated[str, option("--out", help="checkpoint path (default runs/target.pt)")] = "runs/target.pt",
-    arch: Annotated[str, option("--arch", help="lenet5 (default) or c3f2")] = "lenet5",
+    arch: Annotated[
+        str,
+        option(
+            "--arch",
+            parser=_architecture,
+            metavar=choices(*ARCHITECTURES),
+            help="lenet5 (default) or c3f2, the architectures steal's substitutes take",
+        ),
+    ] = "lenet5",
     train_size: Annotated[
         int | None,
         option(
@@ -110,7 +131,7 @@ def run_train(args: Args) -> int:
     out = _writable_checkpoint_path(args.out)
     print(
         f"target train: training {args.arch} on {train_size:,} images of {data.name}, {args.steps} Adam steps "
-        f"({TRAIN_SECONDS_NOTE}) -> {out}",
+        f"({TRAIN_SECONDS_NOTES[args.arch]}) -> {out}",
         file=sys.stderr,
         flush=True,
     )
@@ -151,10 +172,13 @@ def run_train(args: Args) -> int:
 
 #: How long training takes, said before it starts: `time obliviate target train --data mnist5k` (2,000 images,
 #: 1,500 steps) took 8.6 s on the idle 2-core machine of 2026-12-01, 12 s in bench/extraction_audit_e2e.py, and 39.5 s
-#: wall (40 s CPU: torch's two threads wait on each other while a core is taken) at load 3 on 2026-12-02.
-TRAIN_SECONDS_NOTE = (
-    "1,500 took 9 s end to end on an idle 2-core machine; other work on its cores slows it, 40 s at load 3"
-)
+#: wall (40 s CPU: torch's two threads wait on each other while a core is taken) at load 3 on 2026-12-02. C3F2's
+#: convolutions cost more: `--arch c3f2` took 385 s where `--arch lenet5` took 43 s, one after the other at load 6
+#: on the same machine (2026-12-02).
+TRAIN_SECONDS_NOTES = {
+    "lenet5": "1,500 took 9 s end to end on an idle 2-core machine; other work on its cores slows it, 40 s at load 3",
+    "c3f2": "1,500 took 385 s end to end on a 2-core machine at load 6, where lenet5 took 43 s: about 9 times as long",
+}
 
 
 def _missing_folders(folder: Path) -> list[Path]:

@@ -1,0 +1,26 @@
+"""`obliviate target train`'s --arch and --out rules (probe107 item 9)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_an_architecture_the_help_does_not_name_is_refused_and_c3f2_is_not_given_lenets_time(tmp_path, capsys):
+    """`--arch resnet18` was taken though --help says lenet5 or c3f2; it ran past 120 s while its start line
+    quoted LeNet-5's 9 s."""
+    from flows.cli import main
+
+    out = tmp_path / "t.pt"
+    with pytest.raises(SystemExit) as stopped:
+        main(["target", "train", "--arch", "resnet18", "--out", str(out), "--steps", "1"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "Invalid value for '--arch': a target is lenet5 or c3f2, the architectures steal's substitutes take; got "
+        "'resnet18'. Give --arch c3f2, or leave --arch out for lenet5." in err
+    )
+    assert "Traceback" not in err and not out.exists()
+    assert main(["target", "train", "--arch", "c3f2", "--out", str(out), "--train-size", "50", "--steps", "1"]) == 0
+    said = capsys.readouterr().err
+    assert "training c3f2 on 50 images of mnist5k, 1 Adam steps (1,500 took 385 s end to end" in said
+    assert "took 9 s" not in said
