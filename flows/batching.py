@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flows.rollback import load_rollback, publish_interim, release_refused
+from flows.rollback import load_rollback, publish_interim, refusal_words, release_refused
 from obliviate.errors import ConfigError
 from obliviate.unlearning.batching import (
     BatchPolicy,
@@ -156,7 +156,13 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         # out of the gate: every pass failed before claiming, and no request was ever attempted nor failed)
         interim = publish_interim(store, pending, floor_points=float(rollback["floor_points"]))
         if interim["flush_now"] and not due:
-            due, reason = True, "rollback_damaged" if interim["failed"] else "rollback_below_floor"
+            due, reason = True, interim["flush_reason"]
+        for name, refusal in interim["refused"].items():
+            _logger().warning(
+                "no interim version for %s; request(s) %s are retrained at once and stay unforgotten until it lands",
+                refusal_words(f"run {name}", refusal),
+                ", ".join(refusal["requests"]),
+            )
         for name, failure in interim["failed"].items():
             _logger().warning(
                 "no interim version for %s (requests %s): %s. %s",
@@ -169,6 +175,8 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         "flush": due,
         "reason": reason,
         "interim": interim,
+        # the figures of every interim not published (why, accuracy, floor, margin), kept in ledger/batch/open.json
+        "rollback_refused": None if interim is None else interim["refused"] or None,
         "batched_until": decision.at,
         "requests": sorted(deadlines),
         "deadlines": deadlines,

@@ -26,7 +26,10 @@ milliseconds for LeNet-5). An interim version's pointer target carries ``serve_b
 When the interim is not publishable (below the floor plus margin, or a deletion in block 1 of a
 single chain: M_0 is no model; ``serve --floor-points 100`` accepts any drop but still needs a
 model), nothing is published, the run keeps serving its version and the batch flushes now: those
-requests become forgotten when their retrain lands. The same holds when the interim cannot be judged or
+requests become forgotten when their retrain lands. Why is kept (:func:`flush_reason`: ``rollback_below_floor``,
+or ``rollback_no_earlier_model`` when every refused run had only M_0 before its earliest affected block, so no
+floor would have helped) with each run's figures (:func:`_refusal`: the candidate's held-out accuracy, the floor,
+the paired margin, the points short), logged by the gate and noted on each pending request (``interim_refused``). The same holds when the interim cannot be judged or
 published because a checkpoint it needs is damaged or missing: the run keeps serving its version, each
 affected request records the damage and its mend (``interim_error``, ``interim_mend`` on its pending status),
 and the batch flushes now; its exact retrain fails on the damage only if it needs that checkpoint too (then
@@ -55,6 +58,8 @@ from storage.ledger import PENDING, DeletionLedger
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
 from storage.serving import (
+    BELOW_FLOOR,
+    NO_EARLIER_MODEL,
     RELEASE_JUDGEMENTS,
     ROLLBACK_KEY,
     RunState,
@@ -161,7 +166,7 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
         "failed": {run_id or group: {"error", "mend", "requests"}}}``.
     """
     registry = RunRegistry(store)
-    out: dict[str, Any] = {"flush_now": False, "runs": {}, "groups": {}, "failed": {}}
+    out: dict[str, Any] = {"flush_now": False, "runs": {}, "groups": {}, "failed": {}, "refused": {}}
     unforgotten: set[str] = set()
 
     def damaged(name: str, requests: dict[str, list[int]], err: Exception) -> None:
@@ -205,6 +210,8 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
         if done is not None:
             out["flush_now"] = out["flush_now"] or done["flush_now"]
             unforgotten.update(done["below_floor"])
+            if done["flush_now"]:
+                out["refused"][group] = _refusal(done, floor_points=floor_points, requests=done["below_floor"])
             for run_id, result in done.pop("runs").items():
                 result.pop("flush_now", None)
                 out["runs"][run_id] = result
@@ -224,11 +231,108 @@ def publish_interim(store: ObjectStore, pending: Sequence[Any], *, floor_points:
             out["flush_now"] = out["flush_now"] or done.pop("flush_now")
             unforgotten.update(done.get("below_floor", ()))
             out["runs"][run_id] = done
+            if done.get("below_floor"):
+                out["refused"][run_id] = _refusal(done, floor_points=floor_points, requests=done["below_floor"])
     forgotten = [e.request_id for e in pending if e.request_id not in unforgotten]
     record_forgotten(store, forgotten, runs=out["runs"])
     if out["failed"]:
         _record_interim_failures(store, pending, out["failed"])
+    if out["refused"]:
+        _record_refusals(store, pending, out["refused"])
+    out["flush_reason"] = flush_reason(out) if out["flush_now"] else None
     return out
+
+
+#: The batch gate's reasons for flushing at once under ``--rollback`` (the ledger's ``batch``; ``forget --status``).
+ROLLBACK_DAMAGED, ROLLBACK_BELOW_FLOOR, ROLLBACK_NO_EARLIER_MODEL = (
+    "rollback_damaged",
+    "rollback_below_floor",
+    "rollback_no_earlier_model",
+)
+
+
+def flush_reason(interim: dict[str, Any]) -> str:
+    """Why a batch flushes at once after :func:`publish_interim`: a damaged checkpoint first, then the floor.
+
+    :data:`ROLLBACK_NO_EARLIER_MODEL` only when no affected run was refused by the floor: every one had nothing
+    before its earliest affected block but M_0 (a deletion in block 1), so no ``--floor-points`` would have helped.
+    """
+    if interim.get("failed"):
+        return ROLLBACK_DAMAGED
+    causes = {refusal.get("cause") for refusal in (interim.get("refused") or {}).values()}
+    return ROLLBACK_NO_EARLIER_MODEL if causes == {NO_EARLIER_MODEL} else ROLLBACK_BELOW_FLOOR
+
+
+def _refusal(done: dict[str, Any], *, floor_points: float, requests: Sequence[str]) -> dict[str, Any]:
+    """The figures of an interim that was not published: why, its held-out accuracy, the floor and the margin.
+
+    ``accuracy``, ``floor`` and ``reference_accuracy`` are fractions; ``margin_points`` and ``short_points`` are
+    points (``short_points``: how far the candidate fell below the floor plus its margin; ``None`` when not judged).
+    """
+    accuracy, floor, margin = done.get("accuracy"), done.get("floor"), done.get("margin_points")
+    needed = None if floor is None else float(floor) + float(margin or 0.0) / 100
+    return {
+        "cause": done.get("cause", BELOW_FLOOR),
+        "candidate_block": done.get("candidate_block"),
+        "first_affected_block": done.get("first_affected_block"),
+        "accuracy": accuracy,
+        "reference_accuracy": done.get("reference_accuracy"),
+        "floor_points": floor_points,
+        "floor": floor,
+        "margin_points": margin,
+        "needed": needed,
+        "short_points": None if accuracy is None or needed is None else round(100 * (needed - float(accuracy)), 4),
+        "requests": sorted(requests),
+    }
+
+
+def refusal_words(name: str, refusal: dict[str, Any]) -> str:
+    """One run's (or sharded run's) refused interim in words, with its figures (serve's log, ``forget --status``)."""
+    if refusal.get("cause") == NO_EARLIER_MODEL:
+        first = refusal.get("first_affected_block")
+        return (
+            f"{name}: no checkpoint before the earliest affected block{'' if first is None else f' ({first})'} is "
+            "a model (M_0 is no model), so nothing could be rolled back whatever --floor-points allows"
+        )
+
+    def pct(value: Any) -> str:
+        return "not measured" if value is None else f"{100 * float(value):.1f} %"
+
+    block = refusal.get("candidate_block")
+    candidate = "its rolled-back version" if block is None else f"its rolled-back M_{block}"
+    margin = refusal.get("margin_points")
+    short = refusal.get("short_points")
+    return (
+        f"{name}: {candidate} has held-out accuracy {pct(refusal.get('accuracy'))}, below the floor "
+        f"{pct(refusal.get('floor'))} (pre-deletion {pct(refusal.get('reference_accuracy'))} minus --floor-points "
+        f"{float(refusal.get('floor_points') or 0.0):g}) plus the paired margin "
+        + ("(not measured: below the bare floor already)" if margin is None else f"{float(margin):.2f} points")
+        + f" = {pct(refusal.get('needed'))} needed"
+        + ("" if short is None else f", {float(short):.2f} points short")
+    )
+
+
+def _record_refusals(store: ObjectStore, pending: Sequence[Any], refused: dict[str, dict[str, Any]]) -> None:
+    """Note on each pending request no interim was published for why, with the figures (``interim_refused``).
+
+    ``forget --status`` shows it while the request waits, and from its history once the retrain settled it (a
+    settled status replaces the details; the history keeps this note).
+    """
+    ledger = DeletionLedger(store)
+    for entry in pending:
+        named = {name: {k: v for k, v in r.items() if k != "requests"} for name, r in refused.items()}
+        named = {name: r for name, r in named.items() if entry.request_id in refused[name]["requests"]}
+        if not named or getattr(entry, "status", None) != PENDING:
+            continue
+        details = dict(getattr(entry, "details", None) or {})
+        if details.get("interim_refused") == named:  # already noted by an earlier pass
+            continue
+        ledger.transition(
+            entry.request_id,
+            status=PENDING,
+            details={**details, "interim_refused": named},
+            allowed_from=(PENDING,),
+        )
 
 
 def _record_interim_failures(store: ObjectStore, pending: Sequence[Any], failed: dict[str, dict[str, Any]]) -> None:

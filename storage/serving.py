@@ -45,6 +45,10 @@ if TYPE_CHECKING:  # torch is imported where a model or a lineage is made: readi
 
 ROLLBACK_KEY = "service/rollback.json"
 _CAS_ATTEMPTS = 8
+#: Why an interim was not published (``cause`` in :func:`roll_back`'s and :func:`roll_back_group`'s result): the
+#: candidate was judged below the served floor plus its margin, or no checkpoint before the earliest affected block
+#: is a model (only M_0, as for a deletion in block 1 of a single chain), so no floor could have let one through.
+BELOW_FLOOR, NO_EARLIER_MODEL = "below_floor", "no_earlier_model"
 
 
 def save_rollback(store: ObjectStore, *, enabled: bool, floor_points: float = 2.0) -> None:
@@ -540,9 +544,11 @@ def roll_back(
 
     Returns:
         ``None`` if no request touches the run, else ``{"serve_block", "accuracy", "margin_points",
-        "version", "flush_now", "published"}`` (``flush_now``: the interim is below the floor; then
-        nothing is published and ``below_floor`` lists the requests that stay unforgotten until
-        their retrain lands).
+        "version", "flush_now", "published"}`` (``flush_now``: the interim is not publishable; then
+        nothing is published, ``below_floor`` lists the requests that stay unforgotten until
+        their retrain lands, ``cause`` says why (:data:`BELOW_FLOOR`, or :data:`NO_EARLIER_MODEL`
+        when the candidate would be M_0), with ``candidate_block``, ``first_affected_block``,
+        ``floor`` and ``reference_accuracy`` beside ``accuracy`` and ``margin_points``).
     """
     for _ in range(_CAS_ATTEMPTS):
         state = run_state(registry, run_id)
@@ -592,7 +598,9 @@ def roll_back(
         if not interim.publish:
             # The issue-11 floor: a below-floor interim is never served; the run keeps its version
             # (which still holds the ids) and the batch flushes now, so the request is forgotten
-            # when its retrain lands rather than at acceptance.
+            # when its retrain lands rather than at acceptance. With no checkpoint before the earliest
+            # affected block but M_0 (a deletion in block 1), no floor is why: M_0 is no model.
+            target = rollback_block(served_block=served_now, first_affected_block=first)
             return {
                 "serve_block": served_now,
                 "accuracy": interim.accuracy,
@@ -601,6 +609,11 @@ def roll_back(
                 "flush_now": True,
                 "published": False,
                 "below_floor": sorted(firsts),
+                "cause": NO_EARLIER_MODEL if target in (None, 0) else BELOW_FLOOR,
+                "candidate_block": target,
+                "first_affected_block": first,
+                "floor": floor,
+                "reference_accuracy": reference,
             }
         ahead = (
             []
@@ -662,7 +675,8 @@ def roll_back_group(
     Returns:
         ``None`` if no request touches the group (or a member is untrained), else ``{"runs": {member:
         {"serve_block", "accuracy", "version", "flush_now", "published"}}, "accuracy", "margin_points",
-        "floor", "flush_now", "below_floor"}`` (``accuracy``: the group's interim held-out accuracy).
+        "floor", "flush_now", "below_floor"}`` (``accuracy``: the group's interim held-out accuracy; when not
+        publishable also ``cause``, as :func:`roll_back`'s, and ``reference_accuracy``).
     """
     for _ in range(_CAS_ATTEMPTS):
         states = [run_state(registry, m) for m in members]
@@ -719,8 +733,21 @@ def roll_back_group(
                 continue
             raise
         margin = judge.margin(interim.served) if interim.accuracy is not None else None
-        summary = {"accuracy": interim.accuracy, "margin_points": margin, "floor": floor, "shard_floor": shard_floor}
+        summary: dict[str, Any] = {
+            "accuracy": interim.accuracy,
+            "margin_points": margin,
+            "floor": floor,
+            "shard_floor": shard_floor,
+        }
         if not interim.publish:
+            targets = [
+                rollback_block(served_block=s.served_block, first_affected_block=affected[k])
+                if k in affected
+                else s.served_block
+                for k, s in enumerate(ready)
+            ]
+            summary["cause"] = NO_EARLIER_MODEL if all(t in (None, 0) for t in targets) else BELOW_FLOOR
+            summary["reference_accuracy"] = judge.reference_accuracy
             undone = _undo_partial_publish(registry, ready, requests_here)
             return {
                 "undone": undone,

@@ -225,8 +225,14 @@ def _print_batch(batch: dict[str, Any]) -> None:
         f"\nbatch of {n} deletion requests (serve --batch-window {batch['window_s'] / 3600:g}h --rollback, "
         f"floor {batch['floor_points']:g} points): {flushed_by}"
     )
+    from flows.rollback import refusal_words
+
     if batch.get("flushed_by_rule") == "rollback_below_floor":
         print("  (a run's checkpoint before the ids is below the served-accuracy floor, so the batch retrains now)")
+    elif batch.get("flushed_by_rule") == "rollback_no_earlier_model":
+        print("  (the ids lie in a run's first block: no checkpoint before them is a model, so the batch retrains now)")
+    for name, refusal in sorted((batch.get("rollback_refused") or {}).items()):
+        print(f"  no rolled-back version for {refusal_words(f'run {name}', refusal)}")
     for run_id, interim in batch["interim"].items():
         block = interim["serve_block"]
         served = "nothing (paused)" if block is None else f"M_{block}"

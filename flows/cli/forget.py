@@ -117,6 +117,9 @@ _FLUSHED_BECAUSE = {
     "now": "its batch was retrained when `forget --now` asked",
     "rollback_below_floor": "retrained at once: no rolled-back version of an affected run met the held-out "
     "accuracy floor (--floor-points), so the model from before the deletion stayed served until the retrain landed",
+    "rollback_no_earlier_model": "retrained at once: the ids lie in the first block of an affected run, and no "
+    "checkpoint before it is a model (M_0 is no model), so nothing could be rolled back whatever --floor-points "
+    "allows and the model from before the deletion stayed served until the retrain landed",
     "rollback_damaged": "retrained at once: a checkpoint the rolled-back version needed was damaged or missing, so "
     "nothing was rolled back and the model from before the deletion stayed served until the retrain landed",
 }
@@ -135,20 +138,29 @@ def _flushed_words(rule: str, runs: dict[str, Any]) -> str:
 
 
 def describe(
-    entry: dict[str, Any], *, batch: dict[str, Any] | None = None, forgotten: dict[str, Any] | None = None
+    entry: dict[str, Any],
+    *,
+    batch: dict[str, Any] | None = None,
+    forgotten: dict[str, Any] | None = None,
+    refused: dict[str, Any] | None = None,
 ) -> str:
     """One line: the request's real state and what it is waiting for or why it ended.
 
     ``batch``: the open batch as this request sees it (:func:`flows.batching.batch_status`);
-    ``forgotten``: its rollback record (``ledger/forgotten/<request>.json``), if it was rolled back.
+    ``forgotten``: its rollback record (``ledger/forgotten/<request>.json``), if it was rolled back;
+    ``refused``: the interims not published for it, run -> figures (:func:`_refusals`), if its batch flushed so.
     """
     from flows.artifacts import utc_text
+    from flows.rollback import refusal_words
 
     details = entry.get("details") or {}
     status = entry["status"]
     line = f"request {entry['request_id']}: {status}"
+    refused = refused if refused is not None else details.get("interim_refused")
+    figures = "; ".join(refusal_words(f"run {name}", r) for name, r in sorted((refused or {}).items()))
     if status == "done" and details.get("batch") in _FLUSHED_BECAUSE:
-        line += f" ({_flushed_words(details['batch'], details.get('runs') or {})})"
+        line += f" ({_flushed_words(details['batch'], details.get('runs') or {})}"
+        line += f": {figures})" if figures and str(details["batch"]).startswith("rollback_") else ")"
     if status == "rejected":
         line += f"; reason: {details.get('reason')}"
     elif status == "failed":
@@ -185,6 +197,10 @@ def describe(
         line += f" (attempt {details.get('attempt')} in progress by {holder})"
     elif status == "cancelled":
         line += f" (withdrawn while {details.get('previous')})"
+    if status in ("pending", "claimed") and figures:
+        line += (
+            f"; not forgotten yet: no rolled-back version was published ({figures}), so its batch is retrained at once"
+        )
     if status in ("pending", "claimed") and details.get("interim_error"):
         line += (
             f"; not forgotten yet: no rolled-back version could be published ({str(details['interim_error'])[:300]}), "
@@ -293,7 +309,11 @@ def run_forget(args: Args) -> int:
         runs = {**shown["applied_by_training"], **(entry.details.get("runs") or {})}
         for run_id, audit in sorted(runs.items()):
             print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
-        print(describe(entry.as_dict(), batch=shown["batch"], forgotten=shown["forgotten"]), file=sys.stderr)
+        refused = _refusals(url, entry.as_dict(), shown["history"])
+        print(
+            describe(entry.as_dict(), batch=shown["batch"], forgotten=shown["forgotten"], refused=refused),
+            file=sys.stderr,
+        )
         return EXIT_DONE
     if args.now:  # the next pass flushes the open batch (deadline-aware batching)
         from flows.batching import open_batch, request_flush
@@ -551,6 +571,30 @@ def _waiting_for(url: str, request_id: str) -> dict[str, Any]:
     return {"batch": batch_status(store, request_id), "forgotten": store.get_json(key) if store.exists(key) else None}
 
 
+def _refusals(url: str, entry: dict[str, Any], history: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The interims not published for a request (run -> why, with the figures), as the batch gate noted them.
+
+    A pending request carries the note (``interim_refused``); a settled status replaces the details, so for a
+    done request whose batch flushed because of the rollback it is read back from the request's history (the
+    latest note).
+    """
+    from storage.ledger import DeletionLedger
+    from storage.objects import ObjectStore
+
+    details = entry.get("details") or {}
+    if details.get("interim_refused"):
+        return dict(details["interim_refused"])
+    if entry.get("status") != "done" or not str(details.get("batch") or "").startswith("rollback_"):
+        return None
+    if history is None:
+        history = DeletionLedger(ObjectStore(url)).history(entry["request_id"])
+    for version in reversed(history):
+        noted = (version.get("details") or {}).get("interim_refused")
+        if noted:
+            return dict(noted)
+    return None
+
+
 def _still_open(ledger: Any, request_id: str) -> bool:
     """Whether ``request_id`` is pending or claimed now (an open marker may outlive its request's settling)."""
     from storage.errors import CorruptObject, ObjectNotFound
@@ -618,7 +662,7 @@ def _waited(url: str, request_id: str, timeout_s: float, *, again: str = "") -> 
         return EXIT_UNREACHABLE
     for run_id, audit in (entry["details"].get("runs") or {}).items():
         print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
-    line = describe(entry, **waiting) if entry["status"] == "pending" else describe(entry)
+    line = describe(entry, **waiting, refused=_refusals(url, entry))  # waiting: {} unless it is pending
     if not settled:
         line = f"{line}; still not settled after {timeout_s:.0f} s (the request stays in the ledger)"
     print(line, file=sys.stderr)
@@ -693,7 +737,8 @@ def _waited_flush(args: Args, url: str, request_ids: list[str]) -> int:
         entry, settled, waiting = looked[request_id]
         for run_id, audit in (entry["details"].get("runs") or {}).items():
             print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
-        line = describe(entry, **waiting) if entry["status"] == "pending" else describe(entry)
+        refused = _refusals(url, entry)
+        line = describe(entry, **waiting, refused=refused)
         if not settled:
             line = f"{line}; still not settled after {args.wait:.0f} s (the request stays in the ledger)"
         print(line, file=sys.stderr)

@@ -362,6 +362,8 @@ def batch_story(
         "batched_rule": gated.get("reason"),
         "interim": interim,
         "flushed_by_rule": flushed_by_rule,
+        # why no interim was published for a run, with its figures (accuracy, floor, margin), when that flushed it
+        "rollback_refused": gated.get("rollback_refused") if flushed_by_rule else None,
         "runs_retrained": sorted(audits),
         "block_trainings": block_trainings,
         "retrain_seconds": retrain_seconds,
