@@ -38,6 +38,7 @@ from obliviate.extraction.headline import (
     queries_to_agreement,
     strongest,
     threat_model,
+    unreached_note,
 )
 from obliviate.extraction.selectors import (
     DEFAULT_SELECTOR,
@@ -202,4 +203,5 @@ __all__ = [
     "train_substitute",
     "train_target",
     "transferability",
+    "unreached_note",
 ]

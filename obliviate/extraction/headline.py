@@ -8,6 +8,8 @@
   pair strongest on average may need more queries at one level than another pair).
 * :func:`strongest`: the (attacker, selector) with the highest mean agreement over the budgets.
 * :func:`headline_sentence`: the line ``steal.md`` leads with.
+* :func:`unreached_note`: why a thief's cost is not measured when no pair's mean reaches 90 %, naming any
+  single seed (or split) that did.
 * :func:`threat_model`: what each row of the report assumes the attacker holds.
 
 The grid answer is an upper bound: "reaches 95 % at 300" means somewhere in (previous budget, 300].
@@ -118,6 +120,45 @@ def fewest_queries(cells: Sequence[dict], *, level: float, group: str = "seed") 
         pick = max(pairs, key=lambda p: max(agreement_at(p, b) for b in answers[p].budgets))
     grid = sorted({int(c["budget"]) for c in cells})
     return replace(answers[pick], budgets=grid, pairs=len(pairs))
+
+
+def unreached_note(
+    cells: Sequence[dict], *, level: float = 0.9, group: str = "seed", group_name: str = "seeds", shown: int = 3
+) -> str | None:
+    """Why a thief's cost is not measured, when no pair's mean over groups reaches ``level`` on the grid.
+
+    The answer is about the mean over groups (seeds or splits); a single group that did reach ``level`` is
+    named with its budget, fewest queries first (at most ``shown`` of them, then how many more): a security
+    audit must not say flatly that no attacker reached it when one seed did. ``None`` when some pair's mean
+    reaches ``level`` (the headline then measures the cost).
+
+    Raises:
+        ConfigError: no cells (nothing was measured).
+    """
+    if fewest_queries(cells, level=level, group=group).mean is not None:
+        return None
+    top = max(int(c["budget"]) for c in cells)
+    pairs = list(dict.fromkeys((c.get("attacker", "basic"), c["selector"]) for c in cells))
+    groups = {c.get(group, 0) for c in cells}
+    one = group_name.removesuffix("s")
+    over = f"on the mean over {group_name}, " if len(groups) > 1 else ""
+    note = (
+        f"{over}no attacker reached {100 * level:g} % agreement within {top} queries, so a thief's cost is not measured"
+    )
+    reached = sorted(
+        (budget, attacker, selector, name)
+        for attacker, selector in pairs
+        for name, budget in queries_to_agreement(
+            cells, attacker=attacker, selector=selector, level=level, group=group
+        ).per_group.items()
+        if budget is not None
+    )
+    if not reached:
+        return note
+    said = [f"`{a}` (queries chosen by `{s}`) {one} {g} at {b} queries" for b, a, s, g in reached[:shown]]
+    more = f", and {len(reached) - shown} more" if len(reached) > shown else ""
+    single = f"a single {one} did" if len(reached) == 1 else f"single {group_name} did"
+    return f"{note}; {single}: {'; '.join(said)}{more}"
 
 
 def strongest(cells: Sequence[dict], *, selector: str | None = None) -> tuple[str, str]:

@@ -4,6 +4,7 @@ declares, the grid's options, the headline, the pool's labels, the report's file
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,47 @@ def test_a_report_that_fails_to_render_replaces_none_of_the_previous_runs_files(
     with pytest.raises(KeyError):
         write_report.fn(_setup(), cells, out=str(tmp_path), config=_config(eps=[0.3, 0.7]))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # nothing replaced, no partial file left
+
+
+def test_the_too_small_warning_is_said_of_the_mean_over_seeds_and_names_a_seed_that_reached_90(tmp_path):
+    """steal.md said flatly "no attacker reached 90 % agreement within 100 queries" when the mean over the seeds
+    (88.9 %) did not but seed 1 did (90.0 % at 100 queries): a security audit understated the threat."""
+    from flows.audit import write_report
+
+    pair = ("augmented", "cluster_centers")
+    cells = _cells((*pair, 50, 0, 0.80), (*pair, 50, 1, 0.82), (*pair, 100, 0, 0.878), (*pair, 100, 1, 0.90))
+    config = _config(attackers=["augmented"], selectors=["cluster_centers"], seeds=2)
+    md = Path(write_report.fn(_setup(), cells, out=str(tmp_path / "two"), config=config)["markdown"]).read_text()
+    assert (
+        "**The budgets were too small to show the threat:** on the mean over seeds, no attacker reached 90 % "
+        "agreement within 100 queries, so a thief's cost is not measured; a single seed did: `augmented` (queries "
+        "chosen by `cluster_centers`) seed 1 at 100 queries. Rerun with larger --budgets"
+    ) in md
+    # one seed: its curve is the mean, and nothing reached 90 %
+    one = [c for c in cells if c["seed"] == 0]
+    md = Path(write_report.fn(_setup(), one, out=str(tmp_path / "one"), config=config)["markdown"]).read_text()
+    assert (
+        "**The budgets were too small to show the threat:** no attacker reached 90 % agreement within 100 queries, "
+        "so a thief's cost is not measured. Rerun with larger --budgets"
+    ) in md
+
+
+def test_the_unreached_note_names_the_fewest_single_seeds_first_and_counts_the_rest():
+    from obliviate.extraction.headline import unreached_note
+
+    cells = _cells(
+        ("basic", "random", 50, 0, 0.91),
+        ("basic", "random", 50, 1, 0.70),
+        ("basic", "random", 50, 2, 0.70),
+        ("augmented", "drmi", 50, 0, 0.60),
+        ("augmented", "drmi", 50, 1, 0.95),
+        ("augmented", "drmi", 50, 2, 0.60),
+    )
+    assert unreached_note(cells, shown=1) == (
+        "on the mean over seeds, no attacker reached 90 % agreement within 50 queries, so a thief's cost is not "
+        "measured; single seeds did: `augmented` (queries chosen by `drmi`) seed 1 at 50 queries, and 1 more"
+    )
+    assert unreached_note(_cells(("basic", "random", 50, 0, 0.92))) is None  # the mean reaches it: cost measured
 
 
 def test_sigint_inside_the_rename_window_waits_for_its_end():

@@ -321,7 +321,11 @@ def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, target_ch
     md = Path(paths["markdown"]).read_text()
     # no DRMI selector ran (the report said "DRMI restarts: 32" all the same); 15 queries never reach 90 %
     assert "DRMI restarts" not in md
-    assert "**The budgets were too small to show the threat:** no attacker reached 90 % agreement within 15" in md
+    # two seeds: the warning is about their mean (a single seed that reached 90 % would be named)
+    assert (
+        "**The budgets were too small to show the threat:** on the mean over seeds, no attacker reached 90 % "
+        "agreement within 15"
+    ) in md
     assert "Rerun with larger --budgets" in md
     assert doc["overlap_warning"] is None  # /info told the auditor which images trained the target
     # 1 request for the test labels, then per cell: 1 query + 2 oracle calls for the transfer metric.
