@@ -69,6 +69,7 @@ def train_command(
             "(default 0)",
         ),
     ] = 0,
+    overwrite: Annotated[bool, flag("--overwrite", help="replace the checkpoint if --out already holds one")] = False,
 ) -> Args:
     return parsed(ctx, run_train, action="train")
 
@@ -128,7 +129,7 @@ def run_train(args: Args) -> int:
         )
     # Last of the checks, as it creates the folder; before training, which takes a while.
     created = _missing_folders(Path(args.out).parent)
-    out = _writable_checkpoint_path(args.out)
+    out = _writable_checkpoint_path(args.out, overwrite=args.overwrite)
     print(
         f"target train: training {args.arch} on {train_size:,} images of {data.name}, {args.steps} Adam steps "
         f"({TRAIN_SECONDS_NOTES[args.arch]}) -> {out}",
@@ -191,11 +192,17 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _writable_checkpoint_path(out: str) -> Path:
+def _writable_checkpoint_path(out: str, *, overwrite: bool) -> Path:
     path = Path(out)
     if path.is_dir():
         raise ConfigError(
             f"--out is the checkpoint's file path, but {out!r} is a folder; add a file name like target.pt."
+        )
+    # A rerun with other options replaced a trained target (and the split steal reads from it) without a word.
+    if path.exists() and not overwrite:
+        raise ConfigError(
+            f"--out {out!r} already exists; target train does not replace a file unless told to. Add --overwrite to "
+            "replace it, or give another --out."
         )
     # The nearest existing folder above: a file there (/dev/null/x.pt) cannot hold a folder.
     above = next(p for p in path.parents if p.exists() or p == p.parent)
