@@ -22,11 +22,13 @@ Images travel as ``(n, H, W)`` uint8 gray levels, the same arrays :mod:`obliviat
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import io
 import json
 import os
+import re
 import socket
 import textwrap
 import threading
@@ -853,10 +855,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             "at a file written by `obliviate target train`."
         ) from err
     if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
-        raise ConfigError(
-            f"{str(path)!r} is not a target checkpoint: expected a dict with 'arch' and 'state_dict'. "
-            "Save targets with obliviate.extraction.target.save_checkpoint."
-        )
+        raise ConfigError(f"{str(path)!r} is not a target checkpoint: {_not_a_target_fix(path, blob)}")
     meta = dict(blob.get("meta", {}))
     model = build_model(
         blob["arch"], num_classes=int(meta.get("num_classes", 10)), image_size=int(meta.get("image_size", 28)), seed=0
@@ -870,6 +869,37 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             f"({_gist(err)}); the checkpoint is damaged or was edited. Train it again."
         ) from err
     return model.eval(), meta | {"arch": blob["arch"]}
+
+
+#: Where a run's block checkpoint lies in a file store: ``<store>/runs/<run>/chains/<chain>/ckpt-<i>.pt``.
+_CHAIN_CHECKPOINT = re.compile(r"^(?P<store>.*)/runs/(?P<run>[^/]+)/chains/[^/]+/ckpt-\d{4}\.pt$")
+
+
+def _not_a_target_fix(path: str | os.PathLike, blob: object) -> str:
+    """What the file is instead of a target, and what to run: a run's block checkpoint (``obliviate train``)
+    is audited through ``target serve --run``, the README's path; another file gets the API's hint."""
+    from obliviate.unlearning.chain import CHECKPOINT_FORMAT
+
+    if not (isinstance(blob, dict) and blob.get("format") == CHECKPOINT_FORMAT):
+        return (
+            "expected a dict with 'arch' and 'state_dict'. Point at a file written by `obliviate target train`, "
+            "or save targets with obliviate.extraction.target.save_checkpoint."
+        )
+    found = _CHAIN_CHECKPOINT.match(Path(path).expanduser().resolve().as_posix())
+    run, store, pool = "RUN", "file://STORE", "DATASET"
+    if found:
+        run, store = found["run"], f"file://{found['store']}"
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # only to name the pool; the hint stands without
+            pool = str(json.loads((Path(found["store"]) / "runs" / run / "spec.json").read_text())["dataset"])
+    meta = blob.get("meta")
+    block = meta.get("block_index") if isinstance(meta, dict) else None
+    which = f" (M_{block})" if isinstance(block, int) else ""
+    return (
+        f"it is a block checkpoint{which} of an `obliviate train` run, which serves only through its run. To audit "
+        f"what the run serves now, serve it over HTTP and point steal at that: `obliviate target serve --run {run} "
+        f"--store {store}` (port 8000 by default), then `obliviate steal --target http://127.0.0.1:8000/predict "
+        f"--pool {pool}`."
+    )
 
 
 def _times(count: int) -> str:
