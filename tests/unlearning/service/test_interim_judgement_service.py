@@ -97,6 +97,14 @@ def test_a_single_chain_interim_within_the_bare_floor_but_not_its_paired_margin_
     assert gate["flush"] and gate["reason"] == "rollback_below_floor"
     done = gate["interim"]["runs"]["rb"]
     assert done["published"] is False and done["margin_points"] == pytest.approx(margin)
+    # the figures of the refusal, as serve logs them and forget --status shows them (probe107)
+    refused = gate["rollback_refused"]["rb"]
+    assert refused["cause"] == "below_floor" and refused["candidate_block"] == 3
+    assert refused["accuracy"] == pytest.approx(interim) and refused["reference_accuracy"] == pytest.approx(full)
+    assert refused["floor"] == pytest.approx(full - (drop + margin / 2) / 100)
+    assert refused["margin_points"] == pytest.approx(margin) and refused["short_points"] == pytest.approx(
+        margin / 2, abs=1e-3
+    )
     assert registry.current("rb").version == before  # the run keeps serving its full model
     assert not store.exists("ledger/forgotten/late.json")  # forgotten when its retrain lands
 
@@ -126,9 +134,27 @@ def test_a_group_whose_rolled_back_ensemble_misses_the_floor_publishes_nothing_f
     judged = gate["interim"]["groups"][GROUP]
     assert judged["accuracy"] == pytest.approx(alone) and judged["margin_points"] == pytest.approx(margin)
     assert judged["below_floor"] == ["early"]
+    refused = gate["rollback_refused"][GROUP]
+    assert refused["cause"] == "below_floor" and refused["accuracy"] == pytest.approx(alone)
+    assert refused["reference_accuracy"] == pytest.approx(reference)
+    assert refused["floor"] == pytest.approx(reference - 0.02) and refused["margin_points"] == pytest.approx(margin)
     assert {m: registry.current(m).version for m in MEMBERS} == before  # no member published anything
     assert all("holds" not in registry.store.read_pointer(registry.pointer_key(m)).target for m in MEMBERS)
     assert not store.exists("ledger/forgotten/early.json")
+
+
+def test_a_group_whose_every_shard_is_hit_in_block_1_flushes_for_no_earlier_model(group_store):
+    """Every shard rolled back to M_0 leaves no model to vote: no floor is why (probe107), even at 100 points."""
+    _url, store, _chains, _accuracy_of = group_store
+    save_rollback(store, enabled=True, floor_points=100.0)
+    gate = _gate(store, "both-first", _ids_in(store, MEMBERS[0], 1) + _ids_in(store, MEMBERS[1], 1))
+    assert gate["flush"] and gate["reason"] == "rollback_no_earlier_model"
+    assert gate["rollback_refused"][GROUP]["cause"] == "no_earlier_model"
+    # one shard hit in block 1 leaves the other voting: a model remains, judged by the floor (at 100 it passes)
+    DeletionLedger(store).cancel("both-first", applied_to=[])
+    gate = _gate(store, "one-first", _ids_in(store, MEMBERS[0], 1))
+    assert not gate["flush"] and gate["rollback_refused"] is None
+    assert gate["interim"]["groups"][GROUP]["flush_now"] is False
 
 
 def test_a_group_whose_ensemble_meets_the_floor_publishes_each_members_block_before_the_ids(group_store):
