@@ -66,7 +66,9 @@ from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOp
 from obliviate.extraction.audit import (
     DEFAULT_SEEDS,
     SEED_BUDGETS,
+    SEED_COLUMNS,
     SEED_TABLE,
+    SEED_TRANSFER_EPS,
     audit_split,
     check_pool_fits_target,
     draw_split,
@@ -545,7 +547,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
             "agreement %": f"{100 * r.agreement_mean:.2f} ± {100 * r.agreement_std:.2f}",
         }
         row |= {f"transfer ε={e} %": f"{100 * r.transfer_mean[e]:.2f}" for e in r.transfer_mean}
-        row |= {"seed DRMI acc %": seed_acc, "seed DRMI transfer %": seed_tr}
+        row |= dict(zip(SEED_COLUMNS, (seed_acc, seed_tr), strict=True))
         table.append(row)
     publish_table(
         key="steal-audit",
@@ -578,7 +580,12 @@ def _answers(config: dict) -> str:
 def plot_summary(rows, *, eps: list[float], run_id: str | None = None) -> bytes:
     """PNG bytes: accuracy, agreement and transferability vs budget, one line per (attacker,
     selector), the seed's DRMI numbers as a dashed reference; ``run_id`` goes in the PNG's
-    ``Description`` text chunk, as in steal.json and steal.md."""
+    ``Description`` text chunk, as in steal.json and steal.md.
+
+    The agreement panel marks the headline's levels (90 % and 95 %). The budget axis spans the audit's
+    budgets: the seed's curves, measured up to 600 queries, are cut at its edges and their legend says how
+    far they go, so a small grid (50, 100) is not squeezed into a tenth of the panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,8 +593,12 @@ def plot_summary(rows, *, eps: list[float], run_id: str | None = None) -> bytes:
 
     panels = [("accuracy", "substitute accuracy %"), ("agreement", "agreement with target %")]
     panels += [(f"{e:g}", f"transferability ε={e:g} %") for e in eps]
-    # one budget axis for all panels: the seed's reference lines stretched some to 600, the agreement panel
-    # (no reference line) spanned the grid alone, so the same budget sat at different places across a row
+    budgets = sorted({int(r.budget) for r in rows})
+    low, high = (budgets[0], budgets[-1]) if budgets else (min(SEED_BUDGETS), max(SEED_BUDGETS))
+    margin = 0.05 * (high - low) if high > low else 0.1 * high
+    beyond = min(SEED_BUDGETS) < low or max(SEED_BUDGETS) > high
+    seed = "seed's DRMI" + (f" ({min(SEED_BUDGETS)}-{max(SEED_BUDGETS)} queries, cut at this axis)" if beyond else "")
+    # one budget axis for all panels, the audit's: the same budget sits at the same place across a row
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False, sharex=True)
     for ax, (key, title) in zip(axes[0], panels):
         for name in dict.fromkeys(r.label for r in rows):
@@ -598,12 +609,22 @@ def plot_summary(rows, *, eps: list[float], run_id: str | None = None) -> bytes:
                 y = [100 * r.transfer_mean[key] for r in rs]
             ax.plot([r.budget for r in rs], y, marker="o", ms=3, label=name)
         if key == "accuracy":
-            ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["accuracy"], "k--", label="seed's DRMI")
-        elif key == "0.3":  # the seed's transferability is at ε = 0.3: on another ε's panel it compares nothing
-            ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["transferability"], "k--", label="seed's DRMI (ε=0.3)")
+            ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["accuracy"], "k--", label=seed)
+        elif key == "agreement":  # the levels the headline answers for; the pairs' names are in the first legend
+            levels = [
+                ax.axhline(level, color="0.35", linestyle=style, linewidth=1, label=f"{level} % agreement")
+                for level, style in ((90, ":"), (95, "-."))
+            ]
+            ax.legend(handles=levels, fontsize=7)
+        elif key == f"{SEED_TRANSFER_EPS:g}":  # the seed's transferability is at one ε: elsewhere it compares nothing
+            ax.legend(
+                handles=ax.plot(SEED_BUDGETS, SEED_TABLE["drmi"]["transferability"], "k--", label=f"{seed}, ε={key}"),
+                fontsize=7,
+            )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("query budget")
         ax.grid(alpha=0.3)
+    axes[0][0].set_xlim(low - margin, high + margin)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()

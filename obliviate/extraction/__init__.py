@@ -18,7 +18,9 @@ from obliviate.extraction.attackers import (
 )
 from obliviate.extraction.audit import (
     SEED_BUDGETS,
+    SEED_COLUMNS,
     SEED_TABLE,
+    SEED_TRANSFER_EPS,
     CellResult,
     SummaryRow,
     audit_split,
@@ -116,7 +118,9 @@ __all__ = [
     "DEFAULT_TARGET_WAIT_S",
     "PROBABILITY_SUM_TOLERANCE",
     "SEED_BUDGETS",
+    "SEED_COLUMNS",
     "SEED_TABLE",
+    "SEED_TRANSFER_EPS",
     "SELECTORS",
     "Acquisition",
     "ActiveOptions",

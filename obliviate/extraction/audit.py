@@ -56,6 +56,10 @@ SEED_TABLE: dict[str, dict[str, tuple[float, ...]]] = {
     "practical": {"accuracy": (65, 81.2, 85, 87, 90), "transferability": (19, 27, 28, 33, 39)},
     "prada": {"accuracy": (75, 89, 90, 91, 94), "transferability": ()},  # the seed reports none
 }
+#: The FGSM radius of the seed's transferability figures (SEED_TABLE's "transferability").
+SEED_TRANSFER_EPS = 0.3
+#: The seed's DRMI columns of a report, named with what they measure (the transfer column is at one radius only).
+SEED_COLUMNS = ("seed DRMI acc %", f"seed DRMI transfer ε={SEED_TRANSFER_EPS:g} %")
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,7 @@ def markdown_report(
     head = ["attacker", "selector", "budget", "runs", "accuracy %", "agreement %"] + [
         f"transfer ε={e} %" for e in eps_keys
     ]
-    head += ["seconds / cell", "seed DRMI acc %", "seed DRMI transfer %"]
+    head += ["seconds / cell", *SEED_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         seed_acc, seed_tr = seed_reference(r.budget)

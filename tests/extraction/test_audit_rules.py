@@ -149,6 +149,37 @@ def test_the_unreached_note_names_the_fewest_single_seeds_first_and_counts_the_r
     assert unreached_note(_cells(("basic", "random", 50, 0, 0.92))) is None  # the mean reaches it: cost measured
 
 
+def test_the_plot_marks_the_headlines_levels_and_spans_the_audits_budgets(tmp_path, monkeypatch):
+    """steal.png's agreement panel had no 90 % / 95 % lines though the headline is about them, and with budgets
+    50,100 the budget axis ran to 600 for the seed's DRMI curve, leaving the panels mostly empty; steal.md's
+    "seed DRMI transfer %" column did not say at which ε the seed measured it."""
+    from matplotlib.figure import Figure
+
+    from flows.audit import write_report
+
+    drawn: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(figure, *args, **kwargs):  # matplotlib's own savefig, the figure kept to read its axes
+        drawn.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    cells = _cells(("basic", "random", 50, 0, 0.7), ("basic", "random", 100, 0, 0.8))
+    paths = write_report.fn(_setup(), cells, out=str(tmp_path), config=_config())
+    accuracy, agreement, transfer = drawn[-1].axes
+    levels = {line.get_ydata()[0] for line in agreement.get_lines() if len(set(line.get_ydata())) == 1}
+    assert {90, 95} <= levels
+    assert 45 <= agreement.get_xlim()[0] < 50 and 100 < agreement.get_xlim()[1] <= 110
+    assert accuracy.get_xlim() == agreement.get_xlim() == transfer.get_xlim()
+    # the seed's curve goes on past the axis: its legend says so
+    said = [t.get_text() for t in accuracy.get_legend().get_texts()]
+    assert "seed's DRMI (50-600 queries, cut at this axis)" in said, said
+    assert {t.get_text() for t in agreement.get_legend().get_texts()} == {"90 % agreement", "95 % agreement"}
+    md = Path(paths["markdown"]).read_text()
+    assert "| seed DRMI acc % | seed DRMI transfer ε=0.3 % |" in md
+
+
 def test_sigint_inside_the_rename_window_waits_for_its_end():
     import os
     import signal
