@@ -160,7 +160,10 @@ def describe(
     figures = "; ".join(refusal_words(f"run {name}", r) for name, r in sorted((refused or {}).items()))
     if status == "done" and details.get("batch") in _FLUSHED_BECAUSE:
         line += f" ({_flushed_words(details['batch'], details.get('runs') or {})}"
-        line += f": {figures})" if figures and str(details["batch"]).startswith("rollback_") else ")"
+        if details["batch"] == "rollback_no_earlier_model":  # the words above say why; name the runs only
+            line += f": {', '.join(f'run {name}' for name in sorted(refused or {}))})" if refused else ")"
+        else:
+            line += f": {figures})" if figures and str(details["batch"]).startswith("rollback_") else ")"
     if status == "rejected":
         line += f"; reason: {details.get('reason')}"
     elif status == "failed":

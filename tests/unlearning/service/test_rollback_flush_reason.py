@@ -75,6 +75,7 @@ def test_a_block_1_deletion_flushes_for_no_earlier_model_not_the_floor(trained, 
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("request first-block: done (retrained at once: the ids lie in the first block")
     assert "(M_0 is no model)" in line and "met the held-out accuracy floor" not in line
+    assert line.endswith("stayed served until the retrain landed: run rb)")  # said once, the run named
     assert main(["forget", "--store", url, "--status", "first-block", "--wait", "1"]) == 0  # the --wait line too
     assert "whatever --floor-points allows" in capsys.readouterr().err
 
