@@ -77,3 +77,30 @@ def test_a_store_back_before_the_wait_ends_is_waited_on_as_usual(s3_url, flaky_s
     assert out.err.startswith("request r1: pending; recorded in the ledger"), out.err
     assert "answers again, after 1" in out.err, out.err
     assert json.loads(out.out)["status"] == "pending" and "error:" not in out.err
+
+
+def test_now_with_wait_meets_an_outage_as_a_wait_for_one_request_does(s3_url, flaky_s3, capsys, monkeypatch):
+    """`forget --now --wait` (probe107) waits for the requests it flushes: an outage while it waits is retried
+    until the wait ends, then exit 8 saying the flush and the requests stay recorded, as for --ids --wait."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    filed = ["forget", "--store", s3_url, "--ids", "3", "--request-id", "r1", "--no-event"]
+    assert main(filed) == 0
+    capsys.readouterr()
+    # --now reads the request's record (and its checksum) once before the wait, the wait once per look: the store
+    # goes down at the wait's second look
+    crash = flaky_s3.down_at("GET", "ledger/requests/r1.json", after=4)
+    began = time.monotonic()
+    with flaky_s3.routed():
+        code = main(["forget", "--store", s3_url, "--now", "--wait", "13"])
+    took = time.monotonic() - began
+    out = capsys.readouterr()
+    assert crash.refused and code == EXIT_UNREACHABLE, out.err
+    assert 10 < took < 60, (took, out.err)
+    assert "waiting up to 13 s for the 1 request(s) the flush takes: r1" in out.err
+    last = out.err.strip().splitlines()[-1]
+    assert last.startswith("storage stayed unreachable until the wait ended (13 s): storage at "), last
+    assert "The flush is asked and the requests (r1) are recorded in the ledger and stay there" in last, last
+    assert "Traceback" not in out.err and "error:" not in out.err
+    assert json.loads(out.out)["settled"] is False and json.loads(out.out)["requests"] == ["r1"]
+    flaky_s3.up()
+    assert DeletionLedger(ObjectStore(s3_url)).current_status("r1") == "pending"
