@@ -51,7 +51,14 @@ def forget_command(
     request_id: Annotated[
         str | None, option("--request-id", help="idempotency key; repeating it changes nothing")
     ] = None,
-    no_event: Annotated[bool, flag("--no-event", help="only record it; reconciliation will process it")] = False,
+    no_event: Annotated[
+        bool,
+        flag(
+            "--no-event",
+            help="only record it, send no event: a running `obliviate serve` takes it at its next reconciliation "
+            "tick (the note says whether one is running)",
+        ),
+    ] = False,
     wait: Annotated[
         float,
         option(

@@ -58,6 +58,11 @@ def test_the_no_event_note_says_whether_a_serve_will_reconcile(tmp_path, capsys,
     assert main(["forget", "--store", url, "--ids", "112", "--data", "digits", "--no-event"]) == 0
     note = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["note"]
     assert "the live `obliviate serve` of this store (through http://127.0.0.1:4999/api) takes it" in note
+    # nor does the option's help promise a reconciliation regardless
+    with pytest.raises(SystemExit):
+        main(["forget", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert "reconciliation will process it" not in helped and "a running `obliviate serve` takes it" in helped
 
 
 def _file_and_batch(url: str, request_ids: list[str]) -> DeletionLedger:
