@@ -175,8 +175,17 @@ def run_serve(args: Args) -> int:
 
     apply_prefect_defaults()
     lease_s = DEFAULT_LEASE_S if args.lease is None else args.lease
-    if lease_s < 2 or args.max_attempts < 1:
-        raise ConfigError(f"need --lease >= 2 s and --max-attempts >= 1; got {lease_s} and {args.max_attempts}.")
+    if not (math.isfinite(lease_s) and lease_s >= 2):
+        raise ConfigError(
+            f"--lease is how long a claimed request may go unrenewed before its worker counts as dead and the request "
+            f"is taken over; its worker renews it every quarter of it, so it must be a finite number >= 2 (seconds); "
+            f"got {lease_s:g}. The default is {DEFAULT_LEASE_S:g}: leave --lease out for it, or give 2 or more."
+        )
+    if args.max_attempts < 1:
+        raise ConfigError(
+            f"--max-attempts is how many times a request is tried before it is marked failed, so it must be >= 1; got "
+            f"{args.max_attempts}. The default is 3: leave --max-attempts out for it, or give 1 or more."
+        )
     if not 0 <= args.floor_points <= 100:
         raise ConfigError(
             f"--floor-points is the largest held-out accuracy drop (points) a rolled-back version may serve, so it "
@@ -193,6 +202,16 @@ def run_serve(args: Args) -> int:
         raise ConfigError(
             f"--deadline must exceed the {DEFAULT_MARGIN_S / 3600:g} h kept back before each deadline for the retrain "
             f"to land; got {args.deadline!r}. Use a longer one such as 1d (default 30d)."
+        )
+    # forget --deadline may only shorten a request's deadline, so no batch of a request this serve accepts outlives
+    # its first request's deadline less the margin: a window that long never closes before the deadline flushes it.
+    if window_s >= deadline_s - DEFAULT_MARGIN_S:
+        raise ConfigError(
+            f"--batch-window is how long a batch waits for more requests, but a batch is flushed "
+            f"{DEFAULT_MARGIN_S / 3600:g} h before its first request's deadline (--deadline) at the latest, so a window "
+            f"must be shorter than the deadline less {DEFAULT_MARGIN_S / 3600:g} h: a longer one never closes, the "
+            f"deadline always flushes first. Got --batch-window {args.batch_window!r} with --deadline {args.deadline!r} "
+            "(default 30d). Give a shorter --batch-window, or a longer --deadline."
         )
     if args.epsilon is not None and args.policy != "deepobliviate":
         raise ConfigError(

@@ -191,6 +191,13 @@ def test_store_check_command_on_an_empty_store(tmp_path, capsys):
         ("--batch-window", "9" * 400, "--batch-window: a duration must be a finite number of seconds"),
         ("--deadline", "2x", "--deadline: a duration is a number with an optional unit"),
         ("--deadline", "9" * 400 + "d", "--deadline: a duration must be a finite number of seconds"),
+        # said "need --lease >= 2 s and --max-attempts >= 1; got 0.0 and 3.": no default, no fix; nan was taken
+        ("--lease", "0", "must be a finite number >= 2 (seconds); got 0. The default is 20: leave --lease out for it"),
+        ("--lease", "nan", "must be a finite number >= 2 (seconds); got nan. The default is 20"),
+        ("--max-attempts", "0", "so it must be >= 1; got 0. The default is 3: leave --max-attempts out for it"),
+        # a window past the default 30d deadline was taken without a word, though the deadline always flushes first
+        ("--batch-window", "40d", "a window must be shorter than the deadline less 1 h: a longer one never closes"),
+        ("--batch-window", "30d", "Got --batch-window '30d' with --deadline '30d' (default 30d). Give a shorter"),
     ],
 )
 def test_serve_refuses_bad_workers_schedules_or_batching_before_touching_the_store(
