@@ -68,10 +68,11 @@ def test_a_sharded_run_is_served_as_the_mean_of_its_shards_and_follows_each_roll
         # which checkpoint each shard serves: shard 0 rolled back to M_1, shard 1 paused (it was not said)
         assert served["g-s0of2"]["serve_block"] == 1 and served["g-s1of2"]["serve_block"] is None
         # shard 0 would have to pause too: no shard would vote, so that interim is not publishable (issue 11:
-        # the group is judged as one model); nothing is published, the batch flushes now and r2 waits for it
+        # the group is judged as one model); nothing is published, the batch flushes now and r2 waits for it.
+        # Both shards are hit in their block 1, so the reason is that no earlier model exists, not the floor
         ledger.append(request_id="r2", ids=ids_in(0, 1), dataset="digits", reason=None)
         gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
-        assert gate["flush"] and gate["reason"] == "rollback_below_floor"
+        assert gate["flush"] and gate["reason"] == "rollback_no_earlier_model"
         assert not store.exists("ledger/forgotten/r2.json") and store.exists("ledger/forgotten/r1.json")
         labels = remote.predict(images, output=OutputMode.LABELS)
         np.testing.assert_array_equal(labels, predict_shards([chains[0].model(1)], x=x).numpy())
