@@ -366,6 +366,12 @@ _INTERRUPTED = {
         "report, whole, or none. An audit keeps nothing to resume from: rerunning the command starts it over."
     ),
     "forget": "no request was filed yet, so the ledger is as it was; rerunning the command files it.",
+    "verify": (
+        "a replay's result is recorded (ledger/verifications/) only when it ends, so the replay under way left "
+        "nothing, and the models are untouched (verify only reads them); of a sharded run, the shards already "
+        "verified have their results recorded. A replay keeps nothing to resume from: rerunning the command replays "
+        "every block asked for again."
+    ),
     "target train": (
         "the checkpoint (--out) is written whole only when training ends, so it was left as it was. Training "
         "keeps nothing to resume from: rerunning the command starts it over."

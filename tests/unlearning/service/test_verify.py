@@ -268,3 +268,14 @@ def test_verify_refuses_a_malformed_choice_before_it_opens_the_store(tmp_path: P
     err = capsys.readouterr().err
     assert f"obliviate verify: error: {rule}" in err and "does not exist" not in err, err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_an_interrupted_verify_says_it_keeps_nothing_to_resume_from() -> None:
+    """A Ctrl-C said "rerunning the same command resumes from whatever it had stored": verify stores only each
+    replay's result, once it ends, so a rerun replays again."""
+    from flows.cli import interrupted_message, parse_args
+
+    said = interrupted_message(parse_args(["verify", "--run", "r"]))
+    assert said.startswith("obliviate verify: interrupted. A replay's result is recorded (ledger/verifications/) only")
+    assert "rerunning the command replays every block asked for again" in said
+    assert "resumes" not in said
