@@ -88,6 +88,7 @@ def check_and_repair(
     collect_orphans(store, report)
     after = check_store(store, min_age_s=min_orphan_age_s)
     report.corrupt, report.lineage = after.corrupt, after.lineage
+    report.deleted_ids_held, report.unfinished_trainings = after.deleted_ids_held, after.unfinished_trainings
     return report
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from obliviate.unlearning.service import RequestError, RunSpec, parse_ids
+from storage.erasure import InterruptedTrainings
 from storage.errors import StorageError
 from storage.lease import (
     DEFAULT_LEASE_S,
@@ -457,6 +458,9 @@ def _run_pass(
                 alone[(run_id, request_id)] = _guarded(unlearn_runs, {run_id: {request_id: ids}}).get(run_id, {})
 
         batch_id = _record_batch(ledger, results, affected_of, batch, holder=holder, log=log)
+        # SPEC 5 reaches the checkpoints of trainings that stopped before publishing (so before registering
+        # their run): only registered runs were unlearned above, and those chains kept the ids for good.
+        interrupted = InterruptedTrainings(object_store, command=f"obliviate deletion pass {holder}")
         deleted_of = {run_id: {int(i) for i in audit.get("deleted_ids") or ()} for run_id, audit in results.items()}
         for request_id, (entry, affected) in affected_of.items():
             ids = [int(i) for i in entry.request["ids"]]
@@ -475,10 +479,17 @@ def _run_pass(
                 for run_id in affected
             }
             failed = {run_id: a for run_id, a in audits.items() if a.get("status") in ("failed", None)}
+            erased: dict[str, Any] = {}
+            if not failed:
+                try:
+                    erased = interrupted.erase(request_id, str(entry.request["dataset"]), ids)
+                except StorageError as err:
+                    failed = {"(interrupted trainings)": {"error": f"their checkpoints could not be listed: {err}"}}
             if failed:
                 error = "; ".join(f"run {r}: {a.get('error', 'no result')}" for r, a in sorted(failed.items()))
                 fail(entry, error, {"runs": audits})
             else:
+                _say_erased(request_id, erased, log)
                 exact_at = time.time()
                 # the deadline recorded when the request was accepted (an older record has none: the gate's,
                 # receipt + the policy's deadline)
@@ -500,6 +511,7 @@ def _run_pass(
                         "attempt": entry.details.get("attempt"),
                         "batch": (batch or {}).get("reason"),
                         **({"batch_id": batch_id, "batch_requests": len(affected_of)} if batch_id else {}),
+                        **({"interrupted_trainings": erased} if erased else {}),
                         **timing,
                     },
                 )
@@ -518,6 +530,33 @@ def _run_pass(
         "lost": lost,
         "unreadable": unreadable,
     }
+
+
+def _say_erased(request_id: str, erased: Mapping[str, Any], log: logging.Logger | logging.LoggerAdapter) -> None:
+    """Log what a request's settle deleted of interrupted trainings' checkpoints, and what it left to a live one."""
+    for run_id, chains in sorted(erased.get("purged", {}).items()):
+        for chain, what in sorted(chains.items()):
+            log.info(
+                "request %s: deleted checkpoints %s of run %s (an interrupted training, not published), chain %s: "
+                "trained on %d of its ids (SPEC 5); the checkpoints before block %d never saw them, and a rerun of "
+                "`obliviate train` resumes from them",
+                request_id,
+                ", ".join(str(b) for b in what["blocks"]),
+                run_id,
+                chain,
+                what["ids_count"],
+                what["first_block"],
+            )
+    for run_id in sorted(erased.get("left_to_training", {})):
+        log.info("request %s: run %s is being trained now; that training leaves its ids out", request_id, run_id)
+    for run_id, error in sorted(erased.get("unreadable", {}).items()):
+        log.warning(
+            "request %s: what run %s (an interrupted training) holds of its ids is unknown: %s; "
+            "`obliviate store check` reports the damage",
+            request_id,
+            run_id,
+            error,
+        )
 
 
 def run_until_quiet(

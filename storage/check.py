@@ -145,6 +145,9 @@ class StoreReport:
     purged: dict[str, Any] | None = None
     nested: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
+    deleted_ids_held: list[dict[str, Any]] = field(default_factory=list)
+    unfinished_trainings: list[dict[str, Any]] = field(default_factory=list)
+    erased: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -154,6 +157,7 @@ class StoreReport:
             not [c for c in self.corrupt if c["key"] not in fixed]
             and not self.lineage_unfixed(fixed)
             and not self.superseded
+            and not self.deleted_ids_held
         )
 
     def lineage_unfixed(self, fixed: set[str]) -> list[dict[str, Any]]:
@@ -179,6 +183,9 @@ class StoreReport:
             "purged": self.purged,
             "nested": self.nested,
             "foreign": self.foreign,
+            "deleted_ids_held": self.deleted_ids_held,
+            "unfinished_trainings": self.unfinished_trainings,
+            "erased": self.erased,
             "seconds": self.seconds,
         }
 
@@ -279,8 +286,156 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
         store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report, scope, blind_runs
     )
     report.superseded = _superseded_left(store)
+    report.deleted_ids_held, report.unfinished_trainings = _training_chains_left(
+        store, keys, referenced, runs_with_versions, blind_runs
+    )
     report.seconds = time.monotonic() - began
     return report
+
+
+def _training_chains_left(
+    store: ObjectStore,
+    keys: list[str],
+    referenced: set[str],
+    runs_with_versions: Collection[str],
+    blind_runs: Collection[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training checkpoints holding ids of settled deletion requests (SPEC 5), and unfinished trainings.
+
+    Every training chain (``runs/<run>/chains/train[-x<hash>]``) is judged: of a run with no version
+    (a training interrupted before it published, registered or not) all its checkpoints, of a
+    published run those no stored manifest lists (what a version lists, kept or recorded pruned, is
+    the superseded purge's and retention's: :func:`_superseded_left`, which also tells the ledger). A checkpoint M_b holds a deleted id when the run's block plan puts
+    the id in a block up to b and the chain did not leave it out (:func:`storage.erasure.held_ids`).
+    One whose run is being trained now is left to that training (it leaves the ids out before it
+    publishes): said on its unfinished training, not as a breach.
+
+    Returns:
+        ``(held, unfinished)``: ``held`` one item per chain (run, chain, first block, blocks, ids,
+        requests, bytes, ``registered``, ``published``); ``unfinished`` one per training chain of a
+        run with no version (run, chain, blocks, bytes, ``registered``, ``training_now``, and the
+        held item's ``holds_deleted_ids`` count while a live training holds it).
+    """
+    from storage.erasure import checkpoint_key, held_ids, live_training, settled_deletions, training_chains
+
+    chains: dict[tuple[str, str], list[int]] = {}
+    listed: dict[str, set[str]] = {}
+    for (run_id, chain), blocks in training_chains(keys).items():
+        if run_id in blind_runs:
+            continue  # a version pointer of it cannot be read: what its versions use is unknown (reported above)
+        if run_id in runs_with_versions:
+            blocks = [b for b in blocks if checkpoint_key(run_id, chain, b) not in referenced]
+            if blocks and run_id not in listed:
+                listed[run_id] = _listed_by_any_manifest(store, run_id, keys)
+            # a version recorded pruned but whose objects are still there: the superseded purge's (it tells the ledger)
+            blocks = [b for b in blocks if checkpoint_key(run_id, chain, b) not in listed.get(run_id, set())]
+        if blocks:
+            chains[(run_id, chain)] = blocks
+    if not chains:  # the usual store: every training chain is what versions use (the ledger is not read again)
+        return [], []
+    deleted = settled_deletions(store)
+    registered = {match.group("run") for key in keys if (match := _REGISTRY_KEY.match(key))}
+    live: dict[str, dict[str, Any] | None] = {}
+    held_items: list[dict[str, Any]] = []
+    unfinished: list[dict[str, Any]] = []
+    for (run_id, chain), blocks in chains.items():
+        published = run_id in runs_with_versions
+        if run_id not in live:
+            live[run_id] = live_training(store, run_id)
+        try:
+            held = held_ids(store, run_id, chain, blocks, deleted)
+            unreadable = None
+        except (StorageError, KeyError, ValueError, TypeError) as err:
+            held, unreadable = None, f"{type(err).__name__}: {err}"[:300]
+        training_now = live[run_id] is not None
+        if not published:
+            size = 0
+            for block in blocks:
+                try:
+                    size += store.info(checkpoint_key(run_id, chain, block)).size
+                except StorageError:
+                    pass  # its record is damaged (reported above) or it went meanwhile
+            item: dict[str, Any] = {
+                "run": run_id,
+                "chain": chain,
+                "blocks": blocks,
+                "bytes": size,
+                "registered": run_id in registered,
+                "training_now": training_now,
+            }
+            if unreadable is not None:
+                item["unreadable"] = unreadable
+            if held is not None and training_now:
+                item["holds_deleted_ids"] = len(held.ids)
+            unfinished.append(item)
+        if held is None or training_now:
+            continue
+        held.extra = {"registered": run_id in registered, "published": published}
+        held_items.append(held.as_dict())
+    return held_items, unfinished
+
+
+def _listed_by_any_manifest(store: ObjectStore, run_id: str, keys: list[str]) -> set[str]:
+    """The checkpoints that any stored manifest of ``run_id`` lists (kept or pruned versions; unreadable ones skipped)."""
+    listed: set[str] = set()
+    for key in keys:
+        manifest = _MANIFEST_KEY.match(key)
+        if manifest is None or manifest.group("run") != run_id:
+            continue
+        try:
+            listed.update(member.key for member in store.read_manifest(key).members.values())
+        except (StorageError, KeyError, ValueError, TypeError):
+            continue  # a damaged manifest is reported above
+    return listed
+
+
+def erase_deleted_ids_held(store: ObjectStore, report: StoreReport) -> list[dict[str, Any]]:
+    """Delete the checkpoints ``report.deleted_ids_held`` names, from each one's first block on (``--repair``).
+
+    Each run's training claim is held while its chain goes (:func:`storage.erasure.erase_held`): a
+    run whose training started since the check is left to it, and what a published run's versions
+    use is never deleted. Returns what was deleted; ``report.deleted_ids_held`` keeps what was not.
+    """
+    from storage.erasure import HeldIds, TrainingLive, erase_held, settled_deletions
+
+    if not report.deleted_ids_held:
+        return []
+    deleted = settled_deletions(store)
+    erased, left = [], []
+    for item in report.deleted_ids_held:
+        held = HeldIds(
+            run=item["run"],
+            chain=item["chain"],
+            first_block=int(item["first_block"]),
+            blocks=[int(b) for b in item["blocks"]],
+            ids=[int(i) for i in item["ids"]],
+            requests=list(item["requests"]),
+            exclusions_known=bool(item["exclusions_known"]),
+        )
+        try:
+            done = erase_held(
+                store,
+                held,
+                deleted,
+                command="obliviate store check --repair",
+                unpublished_only=not item["published"],
+                within=held.blocks if item["published"] else None,
+            )
+        except TrainingLive as live:
+            left.append({**item, "left_to_training": live.holder})
+            continue
+        if done is None:
+            continue  # published or emptied meanwhile: the next check judges it again
+        done.extra = {"registered": item["registered"], "published": item["published"]}
+        erased.append(done.as_dict())
+    gone = {key for item in erased for key in HeldIds(**_held_fields(item)).object_keys()}
+    report.orphans = [name for name in report.orphans if name not in gone]
+    report.deleted_ids_held = left
+    return erased
+
+
+def _held_fields(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: item[k] for k in ("run", "chain", "first_block", "blocks", "ids", "requests", "exclusions_known")}
 
 
 def _keeps_newest_only(pointer_key: str) -> bool:
@@ -972,6 +1127,8 @@ def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:
         report.purged = purge_superseded(store, apply=True, runs=sorted(runs))
         left = set(report.purged["skipped"])
         report.superseded = [item for item in report.superseded if item["run"] in left]
+    # after the purge, which deletes what superseded versions used and tells the ledger: what is left is no version's
+    report.erased = erase_deleted_ids_held(store, report)
     collected = []
     uncommitted = set(report.uncommitted) | {f"ledger/requests/{r}.json" for r in report.half_filed}
     half_filed = {f"ledger/open/{r}.json": r for r in report.half_filed}

@@ -71,7 +71,12 @@ def run_store_check(args: Args) -> int:
     print(
         f"store {report.url}: {report.objects_checked} objects and {report.pointers_checked} pointer versions checked "
         f"in {report.seconds:.1f} s; {len(report.corrupt)} damaged, {len(report.lineage)} lineage problem(s), "
-        f"{len(report.orphans)} orphan(s)",
+        f"{len(report.orphans)} orphan(s)"
+        + (
+            f", {len(report.deleted_ids_held)} training chain(s) holding ids of settled deletions (SPEC 5)"
+            if report.deleted_ids_held
+            else ""
+        ),
         file=sys.stderr,
     )
     if report.objects_checked == 0 and report.pointers_checked == 0 and not report.nested and not report.orphans:
@@ -96,6 +101,17 @@ def run_store_check(args: Args) -> int:
             f"superseded by deletions in run(s) {sorted(runs)} (SPEC 5); their pointer versions stay (history)",
             file=sys.stderr,
         )
+    for item in report.erased:
+        print(f"  deleted (SPEC 5): {_held_text(item)}", file=sys.stderr)
+    for item in report.deleted_ids_held:
+        print(
+            f"  SPEC 5: {_held_text(item)}: no stored checkpoint trained on a deleted id may remain; --repair deletes "
+            f"them from block {item['first_block']} on (the checkpoints before it never saw the ids"
+            f"{', and a rerun of `obliviate train` resumes from them' if not item['published'] else ''})",
+            file=sys.stderr,
+        )
+    for item in report.unfinished_trainings:
+        print(f"  {_unfinished_text(item)}", file=sys.stderr)
     interrupted = [n for n in report.orphans if n in report.uncommitted or n.rsplit("/", 1)[-1].startswith(".tmp-")]
     if interrupted and not args.repair:
         more = f" (+{len(interrupted) - 5} more)" if len(interrupted) > 5 else ""
@@ -173,6 +189,55 @@ def _say_pruned(pruned: dict) -> None:
         )
     for run_id, error in sorted(pruned.get("skipped", {}).items()):
         print(f"  run {run_id}: not pruned, its versions could not be read ({error})", file=sys.stderr)
+
+
+def _held_text(item: dict) -> str:
+    """A training chain's checkpoints that hold ids of settled deletion requests, in words."""
+    if item["published"]:
+        what = "(a training chain no version uses)"
+    elif item["registered"]:
+        what = "(registered, never published: an interrupted training)"
+    else:
+        what = "(not registered: an interrupted first training)"
+    blocks = item["blocks"]
+    requests = item["requests"]
+    shown = ", ".join(requests[:3]) + (f" (+{len(requests) - 3} more)" if len(requests) > 3 else "")
+    unknown = "" if item["exclusions_known"] else " (what this older chain left out is not recorded: taken as nothing)"
+    return (
+        f"run {item['run']} {what}, chain {item['chain']}: {len(blocks)} checkpoint(s) ({_blocks_text(blocks)}, "
+        f"{_megabytes(item['bytes'])}) trained on {item['ids_count']} id(s) of settled deletion "
+        f"request(s) {shown}, the first in block {item['first_block']}{unknown}"
+    )
+
+
+def _unfinished_text(item: dict) -> str:
+    """An unfinished training (a run with no version) and its size, in words."""
+    blocks = item["blocks"]
+    what = "registered, never published" if item["registered"] else "not registered"
+    now = (
+        "being trained now"
+        + (
+            f"; it holds {item['holds_deleted_ids']} deleted id(s), which it leaves out before it publishes"
+            if item.get("holds_deleted_ids")
+            else ""
+        )
+        if item["training_now"]
+        else "rerun `obliviate train` with its options to resume it from its stored checkpoints"
+    )
+    unreadable = f"; what it holds is unknown: {item['unreadable']}" if item.get("unreadable") else ""
+    return (
+        f"unfinished training: run {item['run']} ({what}), chain {item['chain']}, {len(blocks)} checkpoint(s) "
+        f"({_blocks_text(blocks)}), {_megabytes(item['bytes'])}: {now}{unreadable}"
+    )
+
+
+def _blocks_text(blocks: list[int]) -> str:
+    """``block 0``, ``blocks 1-2``, ``blocks 0, 2``: stored blocks as people read them."""
+    if len(blocks) == 1:
+        return f"block {blocks[0]}"
+    if blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"blocks {blocks[0]}-{blocks[-1]}"
+    return "blocks " + ", ".join(str(b) for b in blocks)
 
 
 def _megabytes(size: int) -> str:
