@@ -677,6 +677,7 @@ def _record_batch(
             {
                 "requests": sorted(affected_of),
                 "reason": (batch or {}).get("reason"),
+                **({"rollback_refused": batch["rollback_refused"]} if (batch or {}).get("rollback_refused") else {}),
                 "holder": holder,
                 "runs": {run_id: dict(audit) for run_id, audit in sorted(results.items())},
             },

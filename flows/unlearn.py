@@ -145,7 +145,12 @@ def process_open_requests(
                 "batched": gate,
                 "rejected_at_gate": gate.get("rejected", {}),
             }
-        batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
+        # rollback_refused: why no interim was published for a run, with its figures (the batch record keeps them)
+        batch = {
+            "reason": gate["reason"],
+            "deadlines": gate["deadlines"],
+            "rollback_refused": gate.get("rollback_refused"),
+        }
         result = run_until_quiet(
             store,
             attempts=attempts,

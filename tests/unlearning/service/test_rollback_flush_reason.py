@@ -52,7 +52,8 @@ def _gate_then_pass(url: str, store: ObjectStore, request_id: str, ids: list[int
     with caplog.at_level(logging.WARNING, logger="flows.batching"):
         gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
     assert gate["flush"]
-    batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}  # what flows.unlearn hands the pass
+    # what flows.unlearn hands the pass
+    batch = {"reason": gate["reason"], "deadlines": gate["deadlines"], "rollback_refused": gate["rollback_refused"]}
     run_pass(url, unlearn_runs=_unlearn_in_process(url), attempts=AttemptPolicy(max_attempts=1), batch=batch)
     assert ledger.get(request_id).status == "done"
     return gate
@@ -106,8 +107,12 @@ def test_below_the_floor_the_figures_are_logged_recorded_and_shown(trained, caps
     said = capsys.readouterr().err
     assert "not forgotten yet: no rolled-back version was published (run rb: " + figures in said
     # settled by its pass: the done line keeps the figures (from the request's history)
-    batch = {"reason": gate["reason"], "deadlines": gate["deadlines"]}
+    batch = {"reason": gate["reason"], "deadlines": gate["deadlines"], "rollback_refused": gate["rollback_refused"]}
     run_pass(url, unlearn_runs=_unlearn_in_process(url), attempts=AttemptPolicy(max_attempts=1), batch=batch)
+    # the batch record keeps the reason and the figures
+    batch_id = ledger.get("late-block").details["batch_id"]
+    record = ledger.batch(batch_id)
+    assert record["reason"] == "rollback_below_floor" and record["rollback_refused"]["rb"] == refused
     assert main(["forget", "--store", url, "--status", "late-block"]) == 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("request late-block: done (retrained at once: no rolled-back version of an affected run")
