@@ -35,7 +35,7 @@ from obliviate.unlearning.shards import make_shard_plan
 from storage.errors import CorruptObject, StorageError, StorageUnavailable
 from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, holder_process_gone, release_claim, take_claim
 from storage.objects import ObjectStore
-from storage.registry import TRAIN_CHAIN, RunRegistry
+from storage.registry import TRAIN_CHAIN, RunRegistry, training_claim_key
 from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
 from storage.serving import group_members
 
@@ -242,11 +242,6 @@ def check_run_shape(store: ObjectStore, run_id: str, members: list[str]) -> None
             f"run {run_id!r} is already trained as a single chain; this asks for {len(members)} shards. A run id "
             "names one training: choose a new --run-id, or leave out --shards."
         )
-
-
-def training_claim_key(run_id: str) -> str:
-    """The pointer whose compare-and-swap makes one process the trainer of run ``run_id`` (a group: its name)."""
-    return f"runs/{run_id}/train-claim"
 
 
 # The training claims this process takes or holds: (store url, run id) -> {thread: how many blocks deep}.

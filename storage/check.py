@@ -49,7 +49,7 @@ from typing import Any
 
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import COMMIT_SUFFIX, WRITE_CHECK_MARK, ObjectStore
-from storage.registry import keeps_newest_versions_only
+from storage.registry import checkpoint_key, keeps_newest_versions_only
 
 _TMP_MARK = ".tmp-"
 # Short-lived objects that one writer rewrites while another may delete them: leases, open-request
@@ -93,7 +93,7 @@ _RUN_LAYOUT = frozenset(
 # Where a pass's claim on the store (flows.settle.PASS_CLAIM_KEY, service/pass-claim) keeps its leases
 # (storage.lease.claim_leases): service/pass-claim-leases/c<claim version>.json. Not imported: flows is above storage.
 _PASS_CLAIM_LEASES = "pass-claim-leases"
-# The pointers of claims (storage.lease.PointerClaim: flows.train.training_claim_key, flows.settle.PASS_CLAIM_KEY): each
+# The pointers of claims (storage.lease.PointerClaim: storage.registry.training_claim_key, flows.settle.PASS_CLAIM_KEY): each
 # release and take-over drops their versions but the newest (storage.lease.tidy_claim), so they are checked from the
 # oldest one kept.
 _CLAIM_POINTER = re.compile(r"^(?:runs/[^/]+/train-claim|service/pass-claim)$")
@@ -316,7 +316,7 @@ def _training_chains_left(
         run with no version (run, chain, blocks, bytes, ``registered``, ``training_now``, and the
         held item's ``holds_deleted_ids`` count while a live training holds it).
     """
-    from storage.erasure import checkpoint_key, held_ids, live_training, settled_deletions, training_chains
+    from storage.erasure import held_ids, live_training, settled_deletions, training_chains
 
     chains: dict[tuple[str, str], list[int]] = {}
     listed: dict[str, set[str]] = {}

@@ -35,20 +35,11 @@ from typing import Any
 from storage.errors import CorruptObject, ObjectNotFound, StorageError
 from storage.lease import ClaimHeld, claim_free, holder_process_gone, release_claim, take_claim
 from storage.objects import ObjectStore
+from storage.registry import checkpoint_key, training_claim_key
 
 # storage.registry.TRAIN_CHAIN and actors.chains.training_chain_name: ``train`` or ``train-x<12 hex>``.
 _TRAINING_CHAIN = re.compile(r"^train(?:-x[0-9a-f]{12})?$")
 _CHECKPOINT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.pt$")
-
-
-def training_claim_key(run_id: str) -> str:
-    """``flows.train.training_claim_key`` (flows is above storage): the pointer a training of ``run_id`` holds."""
-    return f"runs/{run_id}/train-claim"
-
-
-def checkpoint_key(run_id: str, chain: str, block: int) -> str:
-    """``storage.registry.RunRegistry.checkpoint_key``."""
-    return f"runs/{run_id}/chains/{chain}/ckpt-{block:04d}.pt"
 
 
 def training_chains(keys: Iterable[str]) -> dict[tuple[str, str], list[int]]:

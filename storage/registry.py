@@ -46,6 +46,16 @@ if TYPE_CHECKING:  # chain imports torch: imported where a checkpoint is loaded,
 TRAIN_CHAIN = "train"
 
 
+def checkpoint_key(run_id: str, chain: str, block_index: int) -> str:
+    """Where checkpoint M_``block_index`` of ``run_id``'s chain ``chain`` is stored."""
+    return f"runs/{run_id}/chains/{chain}/ckpt-{block_index:04d}.pt"
+
+
+def training_claim_key(run_id: str) -> str:
+    """The pointer whose compare-and-swap makes one process the trainer of run ``run_id`` (a group: its name)."""
+    return f"runs/{run_id}/train-claim"
+
+
 def pruned_key(run_id: str) -> str:
     """The pointer whose current version records the versions of a run pruned: ``runs/<run>/pruned``."""
     return f"runs/{run_id}/pruned"
@@ -184,7 +194,7 @@ class RunRegistry:
     # ----- checkpoints -------------------------------------------------------------------------
 
     def checkpoint_key(self, run_id: str, chain: str, block_index: int) -> str:
-        return f"runs/{run_id}/chains/{chain}/ckpt-{block_index:04d}.pt"
+        return checkpoint_key(run_id, chain, block_index)
 
     def checkpoint_sink(
         self, run_id: str, chain: str, *, seconds_of: Callable[[int], float | None], written: dict[int, ObjectInfo]
