@@ -40,15 +40,6 @@ OPTIONS = {"blocks": 3, "train_size": 300, "heldout_size": 100}
 SLOW_EPOCHS = 600
 
 
-@pytest.fixture(params=["file", "s3"])
-def any_store(request, tmp_path):
-    if request.param == "file":
-        url = f"file://{tmp_path}/store"
-        ObjectStore(url).ensure_container()
-        return url
-    return request.getfixturevalue("s3_url")
-
-
 def _env(prefect_api_url: str) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     return env | {"PYTHONPATH": str(REPO), "PREFECT_API_URL": prefect_api_url, "PYTHONUNBUFFERED": "1"}

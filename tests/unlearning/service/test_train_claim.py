@@ -21,15 +21,6 @@ from storage.lease import ClaimHeld, LeaseKeeper, release_claim, take_claim
 REPO = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(params=["file", "s3"])
-def any_store(request, tmp_path):
-    if request.param == "file":
-        url = f"file://{tmp_path}/store"
-        ObjectStore(url).ensure_container()
-        return url
-    return request.getfixturevalue("s3_url")
-
-
 def _someone_else(store: str, run_id: str, *, pid: int, host: str | None = None, lease_s: float = 20.0):
     """A claim of another process, as its ``training_claim`` leaves it."""
     holder = {"host": host or socket.gethostname(), "pid": pid, "command": "obliviate train"}
