@@ -7,6 +7,7 @@
   ``obliviate serve`` subprocesses and their flow runs join it instead of starting their own.
 * ``serve``: starts ``python -m flows.cli serve`` for a store and stops it afterwards.
 * ``train_r1`` / ``settle_req1``: run r1 trained into a store, and request req-1 filed and applied in one pass.
+* ``train_rb``: run rb trained under a one-day batch window, and two ids of any block.
 * ``serve_stopped_by_a_group_sigterm``: serve stopped mid-retrain by a SIGTERM to its process group (and a second
   signal, if asked); its log and the request's entry.
 
@@ -67,6 +68,36 @@ def train_r1(tiny_run):
         registry = RunRegistry(ObjectStore(url))
         chain, _ = registry.load_chain(registry.current("r1"))
         return [int(spec["train_ids"][int(block[0])]) for block in chain.plan.blocks]
+
+    return train
+
+
+@pytest.fixture
+def train_rb(tmp_path, tiny_run):
+    """``train_rb(**changes)``: train run rb (``tiny_run(split_seed=0, **changes)``) in ``tmp_path/store`` under a
+    one-day batch window; ``(url, store, ids_in)``, where ``ids_in(block, start=0)`` gives two dataset ids of that
+    block from position ``start``."""
+
+    def train(**changes):
+        from actors.chains import ChainWorker
+        from flows.batching import save_policy
+        from flows.train import run_spec
+        from obliviate.unlearning.batching import DAY_S, BatchPolicy
+        from obliviate.unlearning.plan import BlockPlan
+        from storage import ObjectStore
+
+        url = f"file://{tmp_path / 'store'}"
+        store = ObjectStore(url)
+        store.ensure_container()
+        spec = run_spec(run_id="rb", **tiny_run(split_seed=0, **changes))
+        ChainWorker(url).train(spec)
+        plan = BlockPlan.from_dict(store.get_json("runs/rb/plan.json"))
+
+        def ids_in(block: int, start: int = 0) -> list[int]:
+            return [int(spec["train_ids"][p]) for p in plan.block_ids(block)[start : start + 2]]
+
+        save_policy(store, BatchPolicy(window_s=DAY_S))
+        return url, store, ids_in
 
     return train
 

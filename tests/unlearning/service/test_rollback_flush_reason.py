@@ -8,36 +8,21 @@ request's status line nor the batch record gave the candidate's accuracy, the fl
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 
 from actors.chains import ChainWorker
-from flows.batching import batch_gate, save_policy
+from flows.batching import batch_gate
 from flows.cli import main
 from flows.rollback import save_rollback
 from flows.settle import AttemptPolicy, run_pass
-from flows.train import run_spec
-from obliviate.unlearning.batching import DAY_S, BatchPolicy
-from obliviate.unlearning.plan import BlockPlan
 from storage import ObjectStore
 from storage.ledger import DeletionLedger
 
 
 @pytest.fixture
-def trained(tmp_path: Path, tiny_run):
-    url = f"file://{tmp_path / 'store'}"
-    store = ObjectStore(url)
-    store.ensure_container()
-    spec = run_spec(run_id="rb", **tiny_run(split_seed=0))
-    ChainWorker(url).train(spec)
-    plan = BlockPlan.from_dict(store.get_json("runs/rb/plan.json"))
-
-    def ids_in(block: int) -> list[int]:
-        return [int(spec["train_ids"][p]) for p in plan.block_ids(block)[:2]]
-
-    save_policy(store, BatchPolicy(window_s=DAY_S))
-    return url, store, ids_in
+def trained(train_rb):
+    return train_rb()
 
 
 def _unlearn_in_process(url: str):

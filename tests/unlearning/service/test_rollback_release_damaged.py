@@ -12,29 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actors.chains import ChainWorker
-from flows.batching import batch_gate, save_policy
+from flows.batching import batch_gate
 from flows.rollback import save_rollback
-from flows.train import run_spec
-from obliviate.unlearning.batching import DAY_S, BatchPolicy
-from obliviate.unlearning.plan import BlockPlan
-from storage import ObjectStore
 from storage.ledger import CANCELLED, DeletionLedger
 from storage.registry import RunRegistry
 
 
-def test_a_damaged_checkpoint_the_release_needs_does_not_stall_the_pass(tmp_path: Path, tiny_run) -> None:
-    url = f"file://{tmp_path / 'store'}"
-    store = ObjectStore(url)
-    store.ensure_container()
-    spec = run_spec(run_id="rb", **tiny_run(split_seed=0))
-    ChainWorker(url).train(spec)
-    plan = BlockPlan.from_dict(store.get_json("runs/rb/plan.json"))
-
-    def ids_in(block: int, start: int = 0) -> list[int]:
-        return [int(spec["train_ids"][p]) for p in plan.block_ids(block)[start : start + 2]]
-
-    save_policy(store, BatchPolicy(window_s=DAY_S))
+def test_a_damaged_checkpoint_the_release_needs_does_not_stall_the_pass(tmp_path: Path, train_rb) -> None:
+    _url, store, ids_in = train_rb()
     save_rollback(store, enabled=True, floor_points=100.0)  # any checkpoint meets this floor
     registry, ledger = RunRegistry(store), DeletionLedger(store)
 

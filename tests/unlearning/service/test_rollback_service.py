@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,38 +12,20 @@ from flows.audit import export_target
 from flows.batching import batch_gate, save_policy
 from flows.cli import main
 from flows.rollback import heldout_judge, release_refused, save_rollback, served_model
-from flows.train import run_spec
 from flows.verify import chain_of
 from obliviate.data import load_dataset
-from obliviate.unlearning.batching import DAY_S, BatchPolicy
-from obliviate.unlearning.plan import BlockPlan
+from obliviate.unlearning.batching import BatchPolicy
 from obliviate.unlearning.rollback import saw_deleted
 from obliviate.unlearning.service import block_data
 from obliviate.unlearning.trainer import heldout_accuracy
-from storage import ObjectStore
 from storage.ledger import DeletionLedger
 from storage.registry import RunRegistry
 from storage.serving import run_state
 
 
 @pytest.fixture
-def trained(tmp_path: Path, tiny_run):
-    return _train(tmp_path, tiny_run(split_seed=0))
-
-
-def _train(tmp_path: Path, options: dict):
-    url = f"file://{tmp_path / 'store'}"
-    store = ObjectStore(url)
-    store.ensure_container()
-    spec = run_spec(run_id="rb", **options)
-    ChainWorker(url).train(spec)
-    plan = BlockPlan.from_dict(store.get_json("runs/rb/plan.json"))
-
-    def ids_in(block: int) -> list[int]:
-        return [int(spec["train_ids"][p]) for p in plan.block_ids(block)[:2]]
-
-    save_policy(store, BatchPolicy(window_s=DAY_S))
-    return url, store, ids_in
+def trained(train_rb):
+    return train_rb()
 
 
 def _states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -158,9 +139,9 @@ def test_forget_cancel_releases_the_rollback_at_once(trained, capsys) -> None:
     assert final is not None and served is not None and _states_equal(served, final)
 
 
-def test_a_cancel_that_leaves_other_holds_serves_only_what_the_floor_vouches_for(tmp_path, tiny_run) -> None:
+def test_a_cancel_that_leaves_other_holds_serves_only_what_the_floor_vouches_for(train_rb) -> None:
     # Trained long enough that its blocks differ (held-out accuracy 0.23 / 0.45 / 0.60 / 0.72 after blocks 1-4).
-    url, store, ids_in = _train(tmp_path, tiny_run(epochs=2, train_size=600, split_seed=0))
+    url, store, ids_in = train_rb(epochs=2, train_size=600)
     registry, ledger = RunRegistry(store), DeletionLedger(store)
 
     def served_now() -> tuple[int | None, dict]:
