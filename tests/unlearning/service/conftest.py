@@ -273,10 +273,10 @@ class GroupStop:
 
 @pytest.fixture
 def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run):
-    """``serve_stopped_by_a_group_sigterm(ray_env=None, second=None)``: serve, working on request group-1, stopped by
+    """``serve_stopped_by_a_group_sigterm(ray_env=None, second=None, epochs=1500)``: serve, working on request group-1, stopped by
     a SIGTERM to its process group (systemd's default ``KillMode=control-group``, ``kill -TERM -- -PGID``), which
     stops its own local Ray runtime too. ``second``: a signal sent to the group again ``second_after_s`` later, while
-    serve stops (a second Ctrl-C, GNU ``timeout``'s second SIGTERM)."""
+    serve stops (a second Ctrl-C, GNU ``timeout``'s second SIGTERM). ``epochs``: of the run, so of its retrain."""
     from actors.chains import ChainWorker
     from flows.deployments import POOL_KEY
     from flows.train import run_spec
@@ -292,10 +292,16 @@ def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run):
         assert done.returncode == 0, done.stdout + done.stderr
 
     def stop(
-        *, ray_env: dict[str, str] | None = None, second: signal.Signals | None = None, second_after_s: float = 3.0
+        *,
+        ray_env: dict[str, str] | None = None,
+        second: signal.Signals | None = None,
+        second_after_s: float = 3.0,
+        epochs: int = 1500,
     ) -> GroupStop:
         store_url = f"file://{tmp_path}/store"
-        slow = tiny_run(epochs=1500, split_seed=0)  # about 20 s to retrain from block 1: the stop lands mid-retrain
+        slow = tiny_run(
+            epochs=epochs, split_seed=0
+        )  # 1500: about 20 s to retrain from block 1, so the stop lands mid-retrain
         ChainWorker(store_url).train(run_spec(run_id="slow", **slow))
         block_ids = [int(i) for i in RunRegistry(ObjectStore(store_url)).entry("slow")["block_sample_ids"][1]]
         # serve starts its own local Ray runtime (no RAY_ADDRESS): its processes are in serve's group.

@@ -33,10 +33,10 @@ def test_serve_whose_ray_shutdown_outlasts_its_bound_says_where_it_waits(serve_s
     waits, hands the request back, then waits for the shutdown itself: the flow run ends Completed before the exit.
     """
     ray_env = {"RAY_task_events_shutdown_flush_timeout_ms": "30000"}
-    stopped = serve_stopped_by_a_group_sigterm(ray_env=ray_env)
+    # A retrain of about a minute: Ray's workers may outlive the group signal (see the fixture), and a 20 s retrain then
+    # finished before serve's 20 s bound in one CI run, so the request was settled and this test had nothing to check.
+    stopped = serve_stopped_by_a_group_sigterm(ray_env=ray_env, epochs=4500)
     text, entry, history, handed_back_s = stopped.text, stopped.entry, stopped.history, stopped.handed_back_s
-    if entry.status == "done":  # the retrain outran the stop (see above): nothing waited on Ray
-        pytest.skip("the retrain finished before the stop reached it")
     assert entry.status == "pending" and entry.details["attempts"] == 0, (entry.details, text[-3000:])
     assert history == ["pending", "claimed", "pending"]
     said = [line for line in text.splitlines() if "Ray's shutdown has not returned after 20 s" in line]
