@@ -50,6 +50,7 @@ from prefect.runtime import flow_run
 from flows.artifacts import publish_request_artifacts, utc_text
 from flows.batching import batch_gate
 from flows.progress import PROGRESS_LOG_SECONDS
+from flows.request_wait import wait_outcome  # noqa: F401 -- its home until forget --wait stopped importing Prefect
 from flows.runtime import quiet_foreseen_tracebacks
 from flows.settle import (
     PASS_WAIT_S,
@@ -67,7 +68,7 @@ from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.errors import DataError
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError, check_name, parse_event_payload, parse_ids, request_id_for
-from storage import lease, retry
+from storage import retry
 from storage.errors import CorruptObject, StorageUnavailable
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, FAILED, PENDING, REJECTED, TERMINAL, DeletionLedger, RequestStatus
@@ -943,29 +944,4 @@ def wait_for_request(store_url: str, request_id: str, *, timeout_s: float, poll_
                 f"request {request_id} is still {entry.status!r} after {timeout_s:.0f} s; is `obliviate serve` running "
                 "for this store? The entry stays in the ledger and will be processed."
             )
-        time.sleep(poll_s)
-
-
-def wait_outcome(
-    store_url: str, request_id: str, *, timeout_s: float, poll_s: float = 0.5
-) -> tuple[dict[str, Any], bool]:
-    """Poll the ledger until the request is settled or ``timeout_s`` passes; never raises on a timeout.
-
-    Returns:
-        ``(its entry, whether it is settled)``: the entry holds the real state, ``attempts``,
-        ``last_error`` / ``reason`` and, for a claim, the holder and its lease.
-    """
-    store = ObjectStore(store_url)
-    ledger = DeletionLedger(store)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        entry = ledger.get(request_id)
-        if entry.status in TERMINAL:
-            return entry.as_dict(), True
-        if time.monotonic() > deadline:
-            out = entry.as_dict()
-            if entry.status == CLAIMED:
-                held = lease.read(store, request_id, claim_version=entry.version)
-                out["lease"] = held.as_dict() if held else None
-            return out, False
         time.sleep(poll_s)

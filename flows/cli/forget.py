@@ -66,7 +66,8 @@ def forget_command(
             parser=number,
             metavar="SECONDS",
             help="wait up to SECONDS for the request to be settled; the exit code tells the outcome (default 0: do "
-            "not wait)",
+            "not wait). The SECONDS count from when the request is in the ledger: with --ids, that is after the "
+            "command has loaded its libraries and filed it (a few seconds, more on a busy machine)",
         ),
     ] = 0.0,
     status: Annotated[
@@ -645,7 +646,7 @@ def _waited(url: str, request_id: str, timeout_s: float, *, again: str = "") -> 
     Args:
         again: what not to rerun, said when the wait ends with the store unreachable.
     """
-    from flows.unlearn import wait_outcome
+    from flows.request_wait import wait_outcome
     from storage.errors import StorageUnavailable
     from storage.retry import RetryPolicy, retry_unavailable
 
@@ -702,7 +703,7 @@ def _waited_flush(args: Args, url: str, request_ids: list[str]) -> int:
     :func:`_flush_exit_code`'s; a store that stops answering meanwhile is retried until the wait ends, then
     :data:`EXIT_UNREACHABLE` (the requests and the flush ask stay recorded). Without ``--wait`` nothing is waited for.
     """
-    from flows.unlearn import wait_outcome
+    from flows.request_wait import wait_outcome
     from storage.errors import StorageUnavailable
     from storage.retry import RetryPolicy, retry_unavailable
 
