@@ -320,6 +320,8 @@ def run_forget(args: Args) -> int:
         runs = {**shown["applied_by_training"], **(entry.details.get("runs") or {})}
         for run_id, audit in sorted(runs.items()):
             print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
+        for line in _interrupted_training_lines(entry.details):
+            print(f"  {line}", file=sys.stderr)
         refused = _refusals(url, entry.as_dict(), shown["history"])
         print(
             describe(entry.as_dict(), batch=shown["batch"], forgotten=shown["forgotten"], refused=refused),
@@ -673,6 +675,8 @@ def _waited(url: str, request_id: str, timeout_s: float, *, again: str = "") -> 
         return EXIT_UNREACHABLE
     for run_id, audit in (entry["details"].get("runs") or {}).items():
         print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
+    for said in _interrupted_training_lines(entry["details"]):
+        print(f"  {said}", file=sys.stderr)
     line = describe(entry, **waiting, refused=_refusals(url, entry))  # waiting: {} unless it is pending
     if not settled:
         line = f"{line}; still not settled after {timeout_s:.0f} s (the request stays in the ledger)"
@@ -748,6 +752,8 @@ def _waited_flush(args: Args, url: str, request_ids: list[str]) -> int:
         entry, settled, waiting = looked[request_id]
         for run_id, audit in (entry["details"].get("runs") or {}).items():
             print(f"  {_run_outcome(run_id, audit)}", file=sys.stderr)
+        for said in _interrupted_training_lines(entry["details"]):
+            print(f"  {said}", file=sys.stderr)
         refused = _refusals(url, entry)
         line = describe(entry, **waiting, refused=refused)
         if not settled:
@@ -824,3 +830,39 @@ def _run_outcome(run_id: str, audit: dict) -> str:
     if audit.get("error"):
         parts.append(str(audit["error"]))
     return ", ".join(parts)
+
+
+def _interrupted_training_lines(details: dict[str, Any]) -> list[str]:
+    """What settling the request did to trainings that never published (``details.interrupted_trainings``).
+
+    A run interrupted before its first version is no registered run, so its outcome is not among ``runs``: this is
+    where a user asking whether the ids are gone from storage reads that its checkpoints holding them were deleted,
+    left to a training still running, or could not be read.
+    """
+    from flows.cli.store import _blocks_text, _megabytes  # store check says the same checkpoints in these words
+
+    erased = details.get("interrupted_trainings") or {}
+    lines = []
+    for run_id, chains in sorted((erased.get("purged") or {}).items()):
+        for chain, what in sorted(chains.items()):
+            blocks = [int(b) for b in what.get("blocks") or []]
+            count = what.get("ids_count")
+            lines.append(
+                f"run {run_id} (an interrupted training, never published), chain {chain}: deleted {len(blocks)} "
+                f"checkpoint(s) ({_blocks_text(blocks)}, {_megabytes(int(what.get('bytes') or 0))}) trained on "
+                f"{count} of its id{'' if count == 1 else 's'}; the checkpoints before block {what.get('first_block')} "
+                "never saw them, and rerunning its `obliviate train` resumes from them"
+            )
+    for run_id, left in sorted((erased.get("left_to_training") or {}).items()):
+        holder = (left or {}).get("holder") or {}
+        by = f" ({holder.get('command')}, pid {holder.get('pid')} on {holder.get('host')})" if holder else ""
+        lines.append(
+            f"run {run_id} (not published): was being trained when the request settled{by}; that training leaves "
+            "its ids out before it publishes"
+        )
+    for run_id, error in sorted((erased.get("unreadable") or {}).items()):
+        lines.append(
+            f"run {run_id} (an interrupted training, never published): whether its checkpoints hold any of its ids "
+            f"is unknown ({error}); `obliviate store check` reports the damage"
+        )
+    return lines
