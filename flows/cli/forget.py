@@ -850,7 +850,7 @@ def _interrupted_training_lines(details: dict[str, Any]) -> list[str]:
             lines.append(
                 f"run {run_id} (an interrupted training, never published), chain {chain}: deleted {len(blocks)} "
                 f"checkpoint(s) ({_blocks_text(blocks)}, {_megabytes(int(what.get('bytes') or 0))}) trained on "
-                f"{count} of its id{'' if count == 1 else 's'}; the checkpoints before block {what.get('first_block')} "
+                f"{count} of its ids; the checkpoints before block {what.get('first_block')} "
                 "never saw them, and rerunning its `obliviate train` resumes from them"
             )
     for run_id, left in sorted((erased.get("left_to_training") or {}).items()):

@@ -72,7 +72,7 @@ def test_status_says_what_was_deleted_of_interrupted_trainings(settled, capsys, 
     assert any(line.startswith("run r1: published") for line in lines), err  # the registered run, as before
     [purged] = [line for line in lines if line.startswith("run r-y")]
     assert "chain train-x6ffce3a1ee88" in purged and "deleted 2 checkpoint(s) (blocks 1-2, 2.4 MB)" in purged, purged
-    assert "trained on 1 of its id;" in purged and "before block 1 never saw them" in purged, purged
+    assert "trained on 1 of its ids;" in purged and "before block 1 never saw them" in purged, purged
     [live] = [line for line in lines if line.startswith("run r-live")]
     assert "was being trained when the request settled (obliviate train, pid 4242 on node-1)" in live, live
     assert "leaves its ids out" in live, live
