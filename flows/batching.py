@@ -194,8 +194,9 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
 def reject_at_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None = None) -> dict[str, str]:
     """Reject the requests joining the batch that no registered run can apply; returns request id -> reason.
 
-    The rules are the pass's (:func:`flows.settle.runs_of`: ids no registered run trained on, no
-    run of the dataset), so a request is refused when it arrives instead of when its batch flushes
+    The rules are the pass's (:func:`flows.settle.runs_of`: ids that are no row of the dataset, no
+    run of the dataset; ids of its rows no run trained on are accepted and wait in the batch like the
+    others), so a request is refused when it arrives instead of when its batch flushes
     (a day later with ``--batch-window 1d``). Only requests not yet in the open batch are checked:
     one read of the batch record and of each run's spec per gate. A request whose runs cannot be
     known now (an unreadable spec), or any request while no run is registered at all, stays in the

@@ -420,10 +420,11 @@ def _run_pass(
         specs, spec_errors = load_specs(registry)
         per_run: dict[str, dict[str, list[int]]] = {}
         affected_of: dict[str, tuple[RequestStatus, list[str]]] = {}
+        not_trained_of: dict[str, list[int]] = {}  # ids no registered run trained on: accepted, nothing to forget now
         refused: dict[str, str] = {}  # one log line for all of them (it was a WARNING per request)
         for entry in claimed:
             try:
-                affected = runs_of(entry, specs, spec_errors)
+                request_runs = runs_of(entry, specs, spec_errors)
             except RequestError as err:
                 refused[entry.request_id] = str(err)
                 settle(entry, REJECTED, {"reason": str(err), "attempt": entry.details.get("attempt")})
@@ -431,7 +432,10 @@ def _run_pass(
             except Exception as err:  # noqa: BLE001 -- anything else is a failed attempt of this request only
                 fail(entry, _error_text(err))
                 continue
+            affected = request_runs.runs
             affected_of[entry.request_id] = (entry, affected)
+            if request_runs.not_trained_on:
+                not_trained_of[entry.request_id] = request_runs.not_trained_on
             ids = [int(i) for i in entry.request["ids"]]
             for run_id in affected:
                 per_run.setdefault(run_id, {})[entry.request_id] = ids
@@ -490,6 +494,9 @@ def _run_pass(
                 fail(entry, error, {"runs": audits})
             else:
                 _say_erased(request_id, erased, log)
+                not_trained_on = not_trained_of.get(request_id, [])
+                if not_trained_on:
+                    _say_not_trained_on(entry, not_trained_on, retrained=bool(affected), log=log)
                 exact_at = time.time()
                 # the deadline recorded when the request was accepted (an older record has none: the gate's,
                 # receipt + the policy's deadline)
@@ -512,6 +519,7 @@ def _run_pass(
                         "batch": (batch or {}).get("reason"),
                         **({"batch_id": batch_id, "batch_requests": len(affected_of)} if batch_id else {}),
                         **({"interrupted_trainings": erased} if erased else {}),
+                        **({"not_trained_on": not_trained_on} if not_trained_on else {}),
                         **timing,
                     },
                 )
@@ -557,6 +565,25 @@ def _say_erased(request_id: str, erased: Mapping[str, Any], log: logging.Logger 
             run_id,
             error,
         )
+
+
+def _say_not_trained_on(
+    entry: RequestStatus, ids: Sequence[int], *, retrained: bool, log: logging.Logger | logging.LoggerAdapter
+) -> None:
+    """Log a done request's ids no registered run trained on: accepted with nothing to forget now."""
+    dataset = entry.request["dataset"]
+    which = f"{len(ids)} of its ids" if retrained else f"any of its {len(ids)} id(s)"
+    outcome = "nothing to forget for them now" if retrained else "done with nothing to forget now, no run retrained"
+    log.info(
+        "request %s: no registered run of dataset %r trained on %s %s (held out or never used): %s; every later "
+        "training of %r leaves them out",
+        entry.request_id,
+        dataset,
+        which,
+        _some(ids),
+        outcome,
+        dataset,
+    )
 
 
 def run_until_quiet(
@@ -617,12 +644,32 @@ def load_specs(registry: RunRegistry) -> tuple[dict[str, RunSpec], dict[str, str
     return specs, errors
 
 
-def runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[str, str]) -> list[str]:
-    """The runs a request affects, after re-checking its ids (a ledger entry may predate the rules).
+@dataclass(frozen=True)
+class RequestRuns:
+    """What a request asks of the registered runs of its dataset (:func:`runs_of`).
+
+    Attributes:
+        runs: the runs that trained on at least one of its ids (each retrains without them).
+        not_trained_on: its ids that are rows of the dataset no registered run trained on (a run's held-out
+            set, or never used): nothing to forget now. The request still stands for them: every later training
+            of the dataset leaves out the ids of every pending, claimed and done request
+            (:meth:`actors.chains.ChainWorker._accepted_requests`), these included.
+    """
+
+    runs: list[str]
+    not_trained_on: list[int]
+
+
+def runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[str, str]) -> RequestRuns:
+    """The runs a request affects and its ids none trained on, after re-checking its ids (an entry may predate the rules).
+
+    A data subject's erasure covers a row no run trained on too (SPEC 5): such an id is accepted, not a
+    reason to refuse the whole request; only an id that is no row of the dataset is refused.
 
     Raises:
-        RequestError: the request breaks a rule or names ids no run trained on (reject it).
-        RuntimeError: a run spec could not be read, so the answer is unknown (retry later).
+        RequestError: the request breaks a rule: an id past the dataset's rows, or no run of its dataset (reject it).
+        RuntimeError: a run spec could not be read, or the dataset's row count is unknown here for an id past every
+            row its runs name, so the answer is unknown (retry later).
     """
     ids = list(parse_ids(list(entry.request["ids"])))
     dataset = entry.request["dataset"]
@@ -637,6 +684,14 @@ def runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[s
             f"no registered run was trained on dataset {dataset!r} (registered datasets: "
             f"{sorted({s.dataset for s in specs.values()})}); nothing changed."
         )
+    rows = _dataset_rows(dataset)
+    outside = [i for i in ids if rows is not None and i >= rows]
+    if outside:
+        raise RequestError(
+            f"rule: a sample id is a row index of dataset {dataset!r} ({rows} rows: ids 0..{rows - 1}); got "
+            f"{_some(outside)}, no row of it. The request is rejected as a whole and nothing changed. "
+            "Resubmit without them."
+        )
     known: set[int] = set()
     affected = []
     for spec in runs:
@@ -644,14 +699,31 @@ def runs_of(entry: RequestStatus, specs: dict[str, RunSpec], spec_errors: dict[s
         if positions.size:
             affected.append(spec.run_id)
             known.update(spec.dataset_ids(positions))
-    unknown = sorted(set(ids) - known)
-    if unknown:
-        raise RequestError(
-            f"unknown ids {unknown[:20]}{' ...' if len(unknown) > 20 else ''}: no registered run "
-            f"of dataset {dataset!r} trained on them (held-out, out of range, or never used); the request "
-            "is rejected as a whole and nothing changed. Resubmit without them."
-        )
-    return affected
+    not_trained_on = sorted(set(ids) - known)
+    if rows is None and not_trained_on:
+        # Without the row count, only the rows some run names (trained on or held out) are known to exist.
+        named = max(max(spec.train_ids + spec.heldout_ids, default=-1) for spec in runs)
+        unsure = [i for i in not_trained_on if i > named]
+        if unsure:
+            raise RuntimeError(
+                f"dataset {dataset!r} does not load where this pass runs, so whether ids {_some(unsure)} are rows of "
+                f"it is unknown (no registered run trained on them, and its runs name rows up to {named} only). "
+                "Make the dataset load where `obliviate serve` runs (the --data its runs were trained with), or "
+                "resubmit without them."
+            )
+    return RequestRuns(runs=affected, not_trained_on=not_trained_on)
+
+
+def _dataset_rows(dataset: str) -> int | None:
+    """Rows of ``dataset`` where this pass runs, or ``None`` when it does not load here."""
+    from flows.unlearn import dataset_rows  # flows.unlearn runs these passes: imported when first needed
+
+    return dataset_rows(dataset)
+
+
+def _some(ids: Sequence[int]) -> str:
+    """Up to 20 ids as a list, with ``...`` when there are more."""
+    return f"{list(ids[:20])}{' ...' if len(ids) > 20 else ''}"
 
 
 def _record_batch(

@@ -145,6 +145,18 @@ def _flushed_words(rule: str, runs: dict[str, Any]) -> str:
     return _FLUSHED_BECAUSE[rule]
 
 
+def _not_trained_words(ids: list[int], *, dataset: str | None, retrained: bool) -> str:
+    """What a done request did for its ids no registered run trained on (``details.not_trained_on``)."""
+    shown = f"{ids[:10]}{' ...' if len(ids) > 10 else ''}"
+    which = f"{len(ids)} of its ids {shown}" if retrained else f"any of its ids {shown}"
+    of = f"dataset {dataset!r}" if dataset else "its dataset"
+    outcome = "nothing to forget for them" if retrained else "nothing was retrained"
+    return (
+        f"; no registered run trained on {which} (held out or never used): {outcome}, and every later training "
+        f"of {of} leaves them out"
+    )
+
+
 def describe(
     entry: dict[str, Any],
     *,
@@ -172,6 +184,10 @@ def describe(
             line += f": {', '.join(f'run {name}' for name in sorted(refused or {}))})" if refused else ")"
         else:
             line += f": {figures})" if figures and str(details["batch"]).startswith("rollback_") else ")"
+    if status == "done" and details.get("not_trained_on"):
+        line += _not_trained_words(
+            details["not_trained_on"], dataset=entry.get("dataset"), retrained=bool(details.get("runs"))
+        )
     if status == "rejected":
         line += f"; reason: {details.get('reason')}"
     elif status == "failed":

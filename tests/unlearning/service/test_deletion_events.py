@@ -87,14 +87,16 @@ def test_deletion_event_unlearns_every_affected_run_exactly_once(
     assert "request_id" in reasons and "not there" in reasons
     assert [s["status"] for s in ledger.history(submitted["request_id"])] == ["pending", "claimed", "done"]
 
-    # Unknown ids: out of range, refused up front (as `forget` refuses them); held out of every run,
-    # rejected with the reason, nothing changed.
+    # Out of range: refused up front (as `forget` refuses them). Held out of every run: a row all the same,
+    # so the request is done with nothing to forget now (no run retrained) and the id recorded for later trainings.
     held_out_everywhere = sorted(set.intersection(*(set(s.heldout_ids) for s in specs.values())))
     with pytest.raises(RequestError, match=r"digits \(1797 rows: ids 0..1796\); got \[99999\]"):
         submit_deletion(s3_url, [held_out_everywhere[0], 99999], dataset="digits")
-    unknown = submit_deletion(s3_url, held_out_everywhere[:1], dataset="digits")
-    rejected = wait_for_request(s3_url, unknown["request_id"], timeout_s=90)
-    assert rejected["status"] == "rejected" and "unknown ids" in rejected["details"]["reason"]
+    held_out = submit_deletion(s3_url, held_out_everywhere[:1], dataset="digits")
+    accepted = wait_for_request(s3_url, held_out["request_id"], timeout_s=90)
+    assert accepted["status"] == "done" and accepted["details"]["not_trained_on"] == held_out_everywhere[:1]
+    assert accepted["details"]["runs"] == {}
+    assert {r: registry.current(r).version for r in specs} == {"run-a": 2, "run-b": 2, "run-c": 1}
 
     # Two requests back to back for the same run: both applied, in order, none lost or stale.
     only_a = sorted(set(specs["run-a"].train_ids) - set(specs["run-b"].train_ids) - set(specs["run-c"].train_ids))

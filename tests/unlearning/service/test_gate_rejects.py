@@ -1,6 +1,8 @@
-"""Requests for ids no run trained on sat "pending, batched until ..." and were rejected only when the
+"""Requests for ids the pass rejects sat "pending, batched until ..." and were rejected only when the
 batch flushed (421 of a 2,000 batch; a day later with --batch-window 1d), each with its own WARNING line.
-Now the batch gate rejects them as they join, with one summary line per gate."""
+Now the batch gate rejects them as they join, with one summary line per gate. The ids the pass rejects are
+those past the dataset's rows (ids of rows no run trained on are accepted: test_held_out_ids_accepted); such
+a request is written with DeletionLedger.append, as one filed where the dataset does not load would be."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from storage.ledger import PENDING, REJECTED, DeletionLedger
 from storage.registry import RunRegistry
 
 
-def test_the_batch_gate_rejects_unknown_ids_as_they_join_with_one_line(tmp_path, tiny_run, caplog):
+def test_the_batch_gate_rejects_ids_past_the_rows_as_they_join_with_one_line(tmp_path, tiny_run, caplog):
     store = ObjectStore(f"file://{tmp_path / 'store'}")
     store.ensure_container()
     spec = RunSpec.from_dict(run_spec(run_id="r", **tiny_run(split_seed=0)))
@@ -24,10 +26,10 @@ def test_the_batch_gate_rejects_unknown_ids_as_they_join_with_one_line(tmp_path,
     registry.register(spec, block_ids=[])
     save_policy(store, BatchPolicy(window_s=86_400.0))  # serve --batch-window 1d
     trained = {int(i) for i in spec.to_dict()["train_ids"]}
-    untrained = [i for i in range(1797) if i not in trained][:5]
+    past_rows = [1797 + n for n in range(5)]  # digits has rows 0..1796
     ledger = DeletionLedger(store)
     ledger.append(request_id="good", ids=[min(trained)], dataset="digits", reason=None)
-    for n, i in enumerate(untrained):
+    for n, i in enumerate(past_rows):
         ledger.append(request_id=f"bad-{n}", ids=[i], dataset="digits", reason=None)
 
     with caplog.at_level(logging.WARNING, logger="flows.batching"):
@@ -35,9 +37,9 @@ def test_the_batch_gate_rejects_unknown_ids_as_they_join_with_one_line(tmp_path,
 
     assert not gate["flush"] and gate["requests"] == ["good"]  # only the good one waits a day
     assert sorted(gate["rejected"]) == [f"bad-{n}" for n in range(5)]
-    for n, i in enumerate(untrained):
+    for n, i in enumerate(past_rows):
         entry = ledger.get(f"bad-{n}")
-        assert entry.status == REJECTED and f"unknown ids [{i}]" in entry.details["reason"]
+        assert entry.status == REJECTED and f"(1797 rows: ids 0..1796); got [{i}]" in entry.details["reason"]
         assert batch_status(store, f"bad-{n}") is None  # not "batched until" anything
     assert ledger.get("good").status == PENDING
     lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
@@ -46,7 +48,7 @@ def test_the_batch_gate_rejects_unknown_ids_as_they_join_with_one_line(tmp_path,
 
 
 def test_an_event_whose_request_the_gate_rejects_fails_at_once_as_processed(store_url, prefect_api_url, tiny_run):
-    """The sender of a request for untrained ids learns it when the event is handled, not when the batch flushes."""
+    """The sender of a request for ids past the rows learns it when the event is handled, not when the batch flushes."""
     from flows.unlearn import submit_deletion, unlearn_flow
 
     store = ObjectStore(store_url)
@@ -57,13 +59,14 @@ def test_an_event_whose_request_the_gate_rejects_fails_at_once_as_processed(stor
     save_policy(store, BatchPolicy(window_s=86_400.0))
     trained = {int(i) for i in spec.to_dict()["train_ids"]}
     waiting = submit_deletion(store_url, [min(trained)], dataset="digits", emit=False)["request_id"]
-    untrained = next(i for i in range(1797) if i not in trained)
-    bad = submit_deletion(store_url, [untrained], dataset="digits", emit=False)["request_id"]
+    past_rows = 1797  # submit_deletion refuses it up front where digits loads; filed where it did not
+    bad = "bad"
+    DeletionLedger(store).append(request_id=bad, ids=[past_rows], dataset="digits", reason=None)
 
     state = unlearn_flow(store=store_url, payload={"request_id": bad}, event_id="ev-bad", return_state=True)
 
     assert state.is_failed()
-    assert f"unknown ids [{untrained}]" in str(state.message)
+    assert f"got [{past_rows}], no row of it" in str(state.message)
     record = DeletionLedger(store).event("ev-bad")
     assert record["outcome"] == "processed" and record["status"] == REJECTED  # it said "duplicate"
     assert DeletionLedger(store).get(waiting).status == PENDING  # the good one still waits in its batch
@@ -78,9 +81,8 @@ def test_a_pass_logs_its_rejections_in_one_line(tmp_path, tiny_run, caplog):
     spec = RunSpec.from_dict(run_spec(run_id="r", **tiny_run(split_seed=0)))
     RunRegistry(store).put_spec(spec)
     RunRegistry(store).register(spec, block_ids=[])
-    trained = {int(i) for i in spec.to_dict()["train_ids"]}
     ledger = DeletionLedger(store)
-    for n, i in enumerate([i for i in range(1797) if i not in trained][:8]):
+    for n, i in enumerate(range(1797, 1797 + 8)):  # past digits' rows
         ledger.append(request_id=f"bad-{n}", ids=[i], dataset="digits", reason=None)
 
     logger = logging.getLogger("test-pass")
@@ -90,4 +92,4 @@ def test_a_pass_logs_its_rejections_in_one_line(tmp_path, tiny_run, caplog):
     assert set(result["settled"].values()) == {REJECTED} and len(result["settled"]) == 8
     lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("rejected 8 request(s): bad-0"), lines
-    assert "unknown ids" in lines[0]
+    assert "row index of dataset 'digits'" in lines[0]
