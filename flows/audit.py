@@ -27,10 +27,11 @@ flow reuses that runtime. The ``extraction-audit`` flow joins Ray itself (:func:
 
 The scheduled ``extraction-audit`` flow (:func:`audit_flow`) asks the same question of the
 *current* model of each registered run: the current version's final model is exported as an audit
-target checkpoint (``{"arch", "state_dict", "meta"}`` with the run's training ids and the ids it
-forgot, so the attacker's pool excludes both: a forgotten id is an erased row, not audit data) and :func:`steal_flow` audits it, asking for what ``target_output``
-says (labels by default, as ``steal``). The report's JSON is copied next to the run in the store:
-``runs/<run>/audits/v<version>/report.json``.
+target checkpoint (``{"arch", "state_dict", "meta"}`` with the run's training ids and the erased rows of
+its dataset, the ids it forgot and those of every done or accepted deletion request of the dataset, so the
+attacker's pool excludes both: an erased row is not audit data) and :func:`steal_flow` audits it, asking
+for what ``target_output`` says (labels by default, as ``steal``). The report's JSON is copied next to the
+run in the store: ``runs/<run>/audits/v<version>/report.json``.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ from obliviate.files import write_failed
 from obliviate.models import MODEL_BUILDERS
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
-from storage.serving import group_members, served_model, sharded_runs
+from storage.serving import DatasetErasures, group_members, served_model, sharded_runs
 
 _OUT = "the report folder (--out)"
 _REPORT_LOST = (
@@ -197,7 +198,7 @@ class AuditSetup:
     target_accuracy: float
     overlap_warning: str | None
     split: str
-    #: rows left out of the pool and test set only because the target forgot them (deleted ids it declares)
+    #: rows left out of the pool and test set only because they are erased (``forgotten_indices``, not trained on)
     forgotten_left_out: int = 0
 
 
@@ -232,7 +233,7 @@ def prepare_audit(
         logger.warning(warning)
     forgotten = forgotten_rows(pool=data, target_meta=meta) if exclude else 0
     if forgotten:
-        logger.info("left out of the pool and test set: %d row(s) the target forgot (applied deletions)", forgotten)
+        logger.info("left out of the pool and test set: %d erased row(s) (ids of deletion requests)", forgotten)
     pool_idx, test_idx, split = _pool_and_test(
         data, meta, exclude=exclude, pool_size=pool_size, test_size=test_size, split_seed=split_seed
     )
@@ -560,13 +561,13 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
 
 
 def _forgotten_said(count: int) -> str:
-    """The report's words for the rows left out because the target forgot them (nothing when none were)."""
+    """The report's words for the rows left out because they are erased (nothing when none were)."""
     if not count:
         return ""
     rows = "1 row" if count == 1 else f"{count} rows"
     return (
-        f" Also left out of the pool and test set: {rows} the target forgot (ids of applied deletion requests); "
-        "erased rows are not audit data."
+        f" Also left out of the pool and test set: {rows} erased by deletion requests of its dataset (ids the "
+        "target forgot, or never trained on); erased rows are not audit data."
     )
 
 
@@ -921,8 +922,10 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
         raise ConfigError(
             f"run {run_id!r} is paused: its rollback left no checkpoint to serve until the retrain lands."
         )
-    # as a run server's GET /info says them: the forgotten ids are erased rows, left out of the audit as well
+    # as a run server's GET /info says them: the forgotten ids, and every id of the dataset's done or accepted
+    # deletion requests (one this run never trained on too), are erased rows, left out of the audit as well
     forgotten = set(current.deleted_ids) & set(spec.train_ids)
+    erased = forgotten | DatasetErasures(registry.store, spec.dataset).ids()
     meta = {
         "num_classes": spec.config.num_classes,
         "image_size": spec.config.image_size,
@@ -930,7 +933,7 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
         "dataset": spec.dataset,
         "dataset_fingerprint": spec.dataset_fingerprint,
         "train_indices": [i for i in spec.train_ids if i not in forgotten],
-        "forgotten_indices": sorted(forgotten),
+        "forgotten_indices": sorted(erased),
         "run_id": run_id,
         "version": current.version,
     }

@@ -11,8 +11,9 @@ Service code, so it lives outside the pure package. It speaks the protocol of
   JSON error in every case.
 * ``GET /info`` answers the metadata given at start (model name, training indices) so an
   auditor can keep its pool disjoint from the target's training data; for a run
-  (:class:`RunBackend`) also what is served now and the ids forgotten since
-  (:meth:`RunBackend.training_data` says what each field means).
+  (:class:`RunBackend`) also what is served now and the erased rows of its dataset, the ids it forgot
+  and those of every other deletion request of the dataset (:meth:`RunBackend.training_data` says what
+  each field means).
 * ``GET /health`` answers ``{"ok": true}``.
 
 It serves a torch model, or (issue 11) what a run of a store serves now (:class:`RunBackend`):
@@ -55,7 +56,7 @@ from obliviate.unlearning.shards import MEAN, combine, shard_probabilities
 from storage.errors import ObjectNotFound, StorageError
 from storage.objects import ObjectStore
 from storage.registry import RunRegistry
-from storage.serving import pointer_target, served_model
+from storage.serving import DatasetErasures, pointer_target, served_model
 
 #: Reloads of a shard whose served version's objects vanished because its pointer moved meanwhile (a purge).
 _MOVED_RELOADS = 3
@@ -99,6 +100,7 @@ class RunBackend:
             "num_classes": int(spec.config.num_classes),  # an HttpBackend's (0, C) answer to an empty batch needs C
             "train_indices": sorted({int(i) for m in self.members for i in self.registry.spec(m).train_ids}),
         }
+        self.erasures = DatasetErasures(self.store, spec.dataset)  # rows erased from the dataset, any run's
         self._loaded: dict[str, tuple[int | None, nn.Module | None]] = {}
         self._deleted: dict[str, frozenset[int]] = {}  # dataset ids each shard's served version forgot
         self._serve_block: dict[str, Any] = {}  # "final", or the block M_s a rolled-back version serves
@@ -154,10 +156,15 @@ class RunBackend:
           not exactly what the served model saw: a version rolled back to M_s (``served``: ``serve_block``
           s) was trained on blocks 1..s of it only, a paused shard (``serve_block`` null) on none, and the
           ids of a request it holds back stay listed until the retrain that forgets them lands.
-        * ``forgotten_indices``: the ids the served versions forgot (applied deletion requests). These are
-          erased rows, not images "outside the training set": an auditor leaves them out of its pool and
-          test set too (``obliviate steal`` does, and its report says how many).
-        * ``forgotten_ids``: how many ids ``forgotten_indices`` lists.
+        * ``forgotten_indices``: the erased rows of the run's dataset, read now: the ids the served versions
+          forgot (applied deletion requests), and every id of every deletion request of the dataset the
+          ledger holds done or accepted (:class:`storage.serving.DatasetErasures`), whether or not this run
+          trained on it (a row held out of it, or deleted from another run of the dataset). These are not
+          images "outside the training set": an auditor leaves them out of its pool and test set too
+          (``obliviate steal`` does, and its report says how many). An id of a request not yet applied to
+          this run is in ``train_indices`` as well.
+        * ``forgotten_ids``: how many ids the served versions forgot (those of ``forgotten_indices`` this
+          run's versions applied).
         """
         self.refresh()
         with self.lock:
@@ -166,7 +173,7 @@ class RunBackend:
         return {
             "train_indices": sorted(trained),
             "forgotten_ids": len(deleted),
-            "forgotten_indices": sorted(int(i) for i in deleted),
+            "forgotten_indices": sorted(int(i) for i in deleted | self.erasures.ids()),
         }
 
     def predict(self, images: np.ndarray, *, output: OutputMode) -> np.ndarray:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from obliviate.unlearning.config import BlockTrainingConfig, model_from_state
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim, rollback_block, served_floor
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict
+from storage.ledger import CANCELLED, CLAIMED, DONE, FAILED, PENDING, REJECTED, DeletionLedger
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
 
@@ -42,6 +45,8 @@ if TYPE_CHECKING:  # torch is imported where a model or a lineage is made: readi
     from torch import nn
 
     from obliviate.unlearning.chain import Checkpoint
+
+_log = logging.getLogger(__name__)
 
 ROLLBACK_KEY = "service/rollback.json"
 _CAS_ATTEMPTS = 8
@@ -161,6 +166,62 @@ def served_model(registry: RunRegistry, run_id: str) -> nn.Module | None:
         return None
     config = BlockTrainingConfig.from_dict(manifest.metadata["chain"]["config"])
     return model_from_state(config=config, state=checkpoint.model_state)
+
+
+class DatasetErasures:
+    """The dataset ids whose erasure is requested: every id of every standing deletion request of one dataset.
+
+    The one rule of which rows nothing may use again but the deletion itself, audits included (``GET /info``'s
+    ``forgotten_indices`` of a run server, the scheduled audit's target, so ``obliviate steal`` leaves them out
+    of its pool and test set): a request the ledger holds ``done``, or accepted and not yet done (``pending``,
+    ``claimed``, ``failed``, which ``--retry`` puts back), whether or not the audited run trained on its ids: a
+    row held out of that run, or deleted from another run of the dataset, is erased all the same. A ``rejected``
+    or ``cancelled`` request erased nothing. Read from the ledger at each :meth:`ids`; a request in a final
+    state is read once and remembered, so a long history costs one listing per call.
+
+    Args:
+        store: the store holding the ledger.
+        dataset: the dataset the runs were trained on (requests name it, ``forget --data``).
+    """
+
+    #: Request states whose ids are erased rows.
+    STANDING = frozenset({PENDING, CLAIMED, DONE, FAILED})
+    #: States a request never leaves (README "Request states"): its ids are read once.
+    _FINAL = frozenset({DONE, REJECTED, CANCELLED})
+
+    def __init__(self, store: ObjectStore, dataset: str) -> None:
+        self.ledger, self.dataset = DeletionLedger(store), dataset
+        self._final: dict[str, frozenset[int]] = {}
+        self._unreadable_said: set[str] = set()
+        self._lock = threading.Lock()
+
+    def ids(self) -> frozenset[int]:
+        """Every id of every standing request of the dataset, now.
+
+        A request whose record or status cannot be read is left out (its ids are unknown here), with one
+        warning naming it; ``obliviate store check`` reports the damage and how to mend it.
+        """
+        erased: set[int] = set()
+        for request_id in self.ledger.request_ids():
+            with self._lock:
+                known = self._final.get(request_id)
+            if known is not None:
+                erased |= known
+                continue
+            try:
+                entry = self.ledger.get(request_id)
+            except (ObjectNotFound, CorruptObject) as err:
+                if isinstance(err, CorruptObject) and request_id not in self._unreadable_said:
+                    self._unreadable_said.add(request_id)
+                    _log.warning("deletion request %s: its ids cannot be read to leave them out (%s)", request_id, err)
+                continue
+            mine = str(entry.request.get("dataset")) == self.dataset and entry.status in self.STANDING
+            held = frozenset(int(i) for i in entry.request.get("ids", [])) if mine else frozenset()
+            if entry.status in self._FINAL:
+                with self._lock:
+                    self._final[request_id] = held
+            erased |= held
+        return frozenset(erased)
 
 
 def first_blocks(

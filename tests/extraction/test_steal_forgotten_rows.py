@@ -105,8 +105,8 @@ def test_steal_of_a_served_run_says_how_many_forgotten_rows_it_left_out(
     assert "forgotten_indices" not in doc["target_meta"]  # counted, not copied into the report
     md = Path(paths["markdown"]).read_text()
     assert (
-        f"Also left out of the pool and test set: {len(forgotten)} rows the target forgot (ids of applied "
-        "deletion requests)"
+        f"Also left out of the pool and test set: {len(forgotten)} rows erased by deletion requests of its "
+        "dataset (ids the target forgot, or never trained on)"
     ) in md
 
 
