@@ -7,7 +7,9 @@ their back-off, and claims whose lease lapsed (their holder died). One pass at a
 a pass that finds another (serve's watcher, an event's run, a cron run) holding the store's pass
 claim (:func:`flows.settle.store_pass`) does nothing and says which pass holds it. Then it finishes
 the purges of superseded versions (SPEC 5) that a crash or an outage cut off (:func:`finish_purges`),
-so none waits for someone to run ``store check --repair``. Run it by hand with
+so none waits for someone to run ``store check --repair``, and deletes what the checkpoints of a
+training that died before it published hold of settled requests' ids (:func:`sweep_dead_trainings`:
+the pass that settled them left that run to the training, then alive). Run it by hand with
 ``python -c "from flows.reconcile import reconcile_flow; reconcile_flow(store='file://./runs')"``
 or ``prefect deployment run 'reconcile/reconcile-<suffix>'`` against a running ``serve``.
 """
@@ -25,6 +27,7 @@ from flows.unlearn import process_open_requests
 from obliviate.defaults import DEFAULT_MIN_POINTS, DEFAULT_STOP_RULE
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from storage.check import purge_superseded, runs_with_purge_left
+from storage.erasure import sweep_dead_trainings
 from storage.errors import StorageUnavailable
 from storage.lease import DEFAULT_LEASE_S
 from storage.objects import ObjectStore
@@ -46,7 +49,7 @@ def reconcile_flow(
 
     Returns:
         the pass's result (:func:`flows.unlearn.process_open_requests`) with ``"purge"``: what
-        :func:`finish_purges` did.
+        :func:`finish_purges` did, and ``"dead_trainings"``: what :func:`sweep_dead` did.
 
     Raises:
         StorageUnavailable: the store stayed unreachable; the run ends ``Failed`` with that sentence (no
@@ -71,7 +74,8 @@ def reconcile_flow(
             f"the reconcile pass stopped: {err} Every request keeps the status it had; the next reconcile pass "
             "(serve's --reconcile-cron) tries again."
         ) from err
-    return {**result, "purge": finish_purges(store, logger=get_run_logger())}
+    logger = get_run_logger()
+    return {**result, "purge": finish_purges(store, logger=logger), "dead_trainings": sweep_dead(store, logger=logger)}
 
 
 def finish_purges(store: str, *, logger: logging.Logger | logging.LoggerAdapter[Any]) -> dict[str, Any] | None:
@@ -134,3 +138,52 @@ def finish_purges(store: str, *, logger: logging.Logger | logging.LoggerAdapter[
             len(told),
         )
     return result
+
+
+def sweep_dead(store: str, *, logger: logging.Logger | logging.LoggerAdapter[Any]) -> dict[str, Any] | None:
+    """SPEC 5: delete what trainings that died before publishing hold of settled requests' ids, and tell the requests.
+
+    :func:`storage.erasure.sweep_dead_trainings`; said in the pass's log. A sweep that fails never fails
+    the pass: it is said once, and the next pass (or ``obliviate store check --repair``) tries again.
+
+    Returns:
+        what the sweep did, ``None`` when it found nothing, or ``{"error": ...}`` when it failed.
+    """
+    try:
+        result = sweep_dead_trainings(ObjectStore(store), command="obliviate reconcile")
+    except Exception as err:  # noqa: BLE001 -- left for the next pass, never this one's failure
+        error = f"{type(err).__name__}: {err}"[:300]
+        logger.warning(
+            "could not sweep the checkpoints of trainings that died before publishing (%s); the next pass (or "
+            "`obliviate store check --repair`) tries again",
+            error,
+        )
+        return {"error": error}
+    for run_id, chains in sorted(result.get("purged", {}).items()):
+        for chain, what in sorted(chains.items()):
+            logger.info(
+                "deleted checkpoints %s of run %s, chain %s (its training died before it published): trained on %d "
+                "id(s) of settled request(s) %s (SPEC 5); the checkpoints before block %d never saw them, and a rerun "
+                "of `obliviate train` resumes from them",
+                ", ".join(str(b) for b in what["blocks"]),
+                run_id,
+                chain,
+                what["ids_count"],
+                ", ".join(what["requests"]),
+                what["first_block"],
+            )
+    for run_id, error in sorted(result.get("unreadable", {}).items()):
+        logger.warning(
+            "what run %s (a training that never published) holds of settled requests' ids is unknown: %s; "
+            "`obliviate store check` reports the damage",
+            run_id,
+            error,
+        )
+    for request_id, error in sorted(result.get("untold", {}).items()):
+        logger.warning(
+            "request %s: the checkpoints holding its ids were deleted, but its record could not say so: %s; "
+            "`obliviate store check` says how to mend it",
+            request_id,
+            error,
+        )
+    return result or None

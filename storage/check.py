@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,44 +286,57 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
         store, keys + lost, names, referenced, runs_with_versions, min_age_s, alone, report, scope, blind_runs
     )
     report.superseded = _superseded_left(store)
-    report.deleted_ids_held, report.unfinished_trainings = _training_chains_left(
+    report.deleted_ids_held, report.unfinished_trainings = _chains_left(
         store, keys, referenced, runs_with_versions, blind_runs
     )
     report.seconds = time.monotonic() - began
     return report
 
 
-def _training_chains_left(
+def _chains_left(
     store: ObjectStore,
     keys: list[str],
     referenced: set[str],
-    runs_with_versions: Collection[str],
+    runs_with_versions: Mapping[str, tuple[int, int]],
     blind_runs: Collection[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Training checkpoints holding ids of settled deletion requests (SPEC 5), and unfinished trainings.
+    """Checkpoints holding ids of settled deletion requests (SPEC 5), and unfinished trainings.
 
-    Every training chain (``runs/<run>/chains/train[-x<hash>]``) is judged: of a run with no version
-    (a training interrupted before it published, registered or not) all its checkpoints, of a
-    published run those no stored manifest lists (what a version lists, kept or recorded pruned, is
-    the superseded purge's and retention's: :func:`_superseded_left`, which also tells the ledger). A checkpoint M_b holds a deleted id when the run's block plan puts
-    the id in a block up to b and the chain did not leave it out (:func:`storage.erasure.held_ids`).
-    One whose run is being trained now is left to that training (it leaves the ids out before it
-    publishes): said on its unfinished training, not as a breach.
+    Every chain folder is judged, a training's (``runs/<run>/chains/train[-x<hash>]``) or an
+    unlearning's (``u<base>-<hash>``): of a run with no version (a training interrupted before it
+    published, registered or not) all its checkpoints, of a published run those no stored manifest
+    lists (what a version lists, kept or recorded pruned, is the superseded purge's and retention's:
+    :func:`_superseded_left`, which also tells the ledger), such as the chain of an unlearning retrain
+    that stopped half-way or lost its publish, and an old training chain. An unlearning chain that
+    work in flight may still write, publish or resume (:func:`_in_flight`: one started from the chain
+    the current version comes from) is left to it: it left out every id that chain had. A checkpoint
+    M_b holds a deleted id when the run's block plan puts the id in a block up to b and the chain did
+    not leave it out (:func:`storage.erasure.held_ids`). One whose run is being trained now is left to
+    that training (it leaves the ids out before it publishes): said on its unfinished training, not
+    as a breach.
 
     Returns:
-        ``(held, unfinished)``: ``held`` one item per chain (run, chain, first block, blocks, ids,
-        requests, bytes, ``registered``, ``published``); ``unfinished`` one per training chain of a
+        ``(held, unfinished)``: ``held`` one item per chain (run, chain, ``kind``, first block, blocks,
+        ids, requests, bytes, ``registered``, ``published``); ``unfinished`` one per training chain of a
         run with no version (run, chain, blocks, bytes, ``registered``, ``training_now``, and the
         held item's ``holds_deleted_ids`` count while a live training holds it).
     """
-    from storage.erasure import held_ids, live_training, settled_deletions, training_chains
+    from storage.erasure import (
+        held_ids,
+        is_training_chain,
+        live_training,
+        settled_deletions,
+        stored_chains,
+    )
 
     chains: dict[tuple[str, str], list[int]] = {}
     listed: dict[str, set[str]] = {}
-    for (run_id, chain), blocks in training_chains(keys).items():
+    for (run_id, chain), blocks in stored_chains(keys).items():
         if run_id in blind_runs:
             continue  # a version pointer of it cannot be read: what its versions use is unknown (reported above)
         if run_id in runs_with_versions:
+            if _in_flight(checkpoint_key(run_id, chain, blocks[0]), runs_with_versions[run_id]):
+                continue
             blocks = [b for b in blocks if checkpoint_key(run_id, chain, b) not in referenced]
             if blocks and run_id not in listed:
                 listed[run_id] = _listed_by_any_manifest(store, run_id, keys)
@@ -331,7 +344,7 @@ def _training_chains_left(
             blocks = [b for b in blocks if checkpoint_key(run_id, chain, b) not in listed.get(run_id, set())]
         if blocks:
             chains[(run_id, chain)] = blocks
-    if not chains:  # the usual store: every training chain is what versions use (the ledger is not read again)
+    if not chains:  # the usual store: every chain is what versions use or may (the ledger is not read again)
         return [], []
     deleted = settled_deletions(store)
     registered = {match.group("run") for key in keys if (match := _REGISTRY_KEY.match(key))}
@@ -348,7 +361,7 @@ def _training_chains_left(
         except (StorageError, KeyError, ValueError, TypeError) as err:
             held, unreadable = None, f"{type(err).__name__}: {err}"[:300]
         training_now = live[run_id] is not None
-        if not published:
+        if not published and is_training_chain(chain):
             size = 0
             for block in blocks:
                 try:

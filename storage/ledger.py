@@ -820,6 +820,39 @@ class DeletionLedger:
             return self.get(request_id)
         return current if current.status == DONE else None
 
+    def record_interrupted_training(
+        self, request_id: str, run_id: str, chain: str, purged: Mapping[str, Any]
+    ) -> RequestStatus | None:
+        """Say on a ``done`` request that a later sweep deleted what run ``run_id``'s chain ``chain`` held of its ids.
+
+        The pass that settled it left the run to a live training (``details.interrupted_trainings``,
+        ``left_to_training``), and that training died before it published (SPEC 5;
+        :func:`storage.erasure.sweep_dead_trainings`): ``purged[run][chain]`` says it as the pass
+        does, and the run leaves ``left_to_training`` (CAS, retried; the status stays ``done``).
+        Nothing is written when the request is not ``done`` or already says it.
+
+        Returns:
+            the request's status after, or ``None`` when nothing was written.
+
+        Raises:
+            ObjectNotFound: no such request in the ledger.
+            CorruptObject: its record or current status is damaged (the message says how to mend it).
+        """
+
+        def noted(current: RequestStatus) -> tuple[str, Mapping[str, Any]] | None:
+            said = dict(current.details.get("interrupted_trainings") or {})
+            purged_runs = {run: dict(chains) for run, chains in (said.get("purged") or {}).items()}
+            if current.status != DONE or chain in purged_runs.get(run_id, {}):
+                return None
+            purged_runs.setdefault(run_id, {})[chain] = dict(purged)
+            left = {run: holder for run, holder in (said.get("left_to_training") or {}).items() if run != run_id}
+            said = {**said, "purged": purged_runs, "left_to_training": left}
+            said = {key: value for key, value in said.items() if value}
+            return DONE, {**current.details, "interrupted_trainings": said}
+
+        _, written = self._update_status(request_id, noted)
+        return self.get(request_id) if written else None
+
     def record_purge(
         self, request_id: str, run_id: str, purged: Mapping[str, Any], *, purged_at: float
     ) -> RequestStatus | None:

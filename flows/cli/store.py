@@ -73,7 +73,7 @@ def run_store_check(args: Args) -> int:
         f"in {report.seconds:.1f} s; {len(report.corrupt)} damaged, {len(report.lineage)} lineage problem(s), "
         f"{len(report.orphans)} orphan(s)"
         + (
-            f", {len(report.deleted_ids_held)} training chain(s) holding ids of settled deletions (SPEC 5)"
+            f", {len(report.deleted_ids_held)} chain(s) holding ids of settled deletions (SPEC 5)"
             if report.deleted_ids_held
             else ""
         ),
@@ -193,8 +193,13 @@ def _say_pruned(pruned: dict) -> None:
 
 def _held_text(item: dict) -> str:
     """A training chain's checkpoints that hold ids of settled deletion requests, in words."""
+    unlearning = item.get("kind") == "unlearning"
     if item["published"]:
-        what = "(a training chain no version uses)"
+        what = (
+            "(an unlearning chain no version uses: a retrain that stopped, lost its publish or was redone)"
+            if unlearning
+            else "(a training chain no version uses)"
+        )
     elif item["registered"]:
         what = "(registered, never published: an interrupted training)"
     else:
@@ -202,7 +207,13 @@ def _held_text(item: dict) -> str:
     blocks = item["blocks"]
     requests = item["requests"]
     shown = ", ".join(requests[:3]) + (f" (+{len(requests) - 3} more)" if len(requests) > 3 else "")
-    unknown = "" if item["exclusions_known"] else " (what this older chain left out is not recorded: taken as nothing)"
+    unknown = (
+        ""
+        if item["exclusions_known"]
+        else " (what this unlearning chain left out is not recorded: taken as what its base version had deleted)"
+        if unlearning
+        else " (what this older chain left out is not recorded: taken as nothing)"
+    )
     return (
         f"run {item['run']} {what}, chain {item['chain']}: {len(blocks)} checkpoint(s) ({_blocks_text(blocks)}, "
         f"{_megabytes(item['bytes'])}) trained on {item['ids_count']} id(s) of settled deletion "
