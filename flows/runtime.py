@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows._logging_filter import logger_filter
 from obliviate.errors import ConfigError, ObliviateError
 from obliviate.files import write_whole
 
@@ -131,6 +132,26 @@ def cluster_runtime_env() -> dict[str, object]:
     return {"env_vars": env_vars} if env_vars else {}
 
 
+class _RayStartNoise(logging.Filter):
+    """Drops the two lines Ray 2.60 logs on every start of a local runtime, which tell an obliviate user nothing.
+
+    "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out" is Ray announcing
+    its own default (a local runtime with a token), and "Started a local Ray instance." what every command that
+    trains or unlearns does. Every other record passes: a warning of real trouble, the token's first creation
+    (~/.ray/auth_token), joining a cluster. Setting RAY_AUTH_MODE=token instead would silence the warning only where
+    Ray had not yet read its settings in this process; where it had, the local start failed (InvalidAuthToken).
+    """
+
+    NOISE = ("Token authentication is enabled for this Ray cluster.", "Started a local Ray instance.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOISE)
+
+
+#: Where Ray logs those lines (a logger's filter sees only the records created there).
+_RAY_START_LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray._private.worker")
+
+
 class RayStartFailed(ObliviateError, RuntimeError):
     """A local Ray runtime did not start (Ray's own start-up failed, e.g. its 30 s node registration)."""
 
@@ -165,7 +186,8 @@ def ensure_ray(*, address: str | None = None, num_cpus: int | None = None) -> No
         if runtime_env:
             options["runtime_env"] = runtime_env
     try:
-        context = ray.init(address=target, **options)
+        with logger_filter(_RAY_START_LOGGERS, _RayStartNoise()):
+            context = ray.init(address=target, **options)
     except (ray.exceptions.AuthenticationError, ConnectionError) as err:
         # Ray 2.60 clusters want a token by default. ray.init raises the refusal bare, or as a
         # ConnectionError whose cause holds it only as text (the GCS client's last error).

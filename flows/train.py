@@ -411,12 +411,25 @@ def _train(store: str, run_id: str, specs: list[dict[str, Any]], *, shards: int,
         remote_worker(store, name=f"train/{run_id}/{k}/{uuid.uuid4().hex[:8]}")
         for k in range(min(len(specs), cluster_cpus()))
     ]
+    calls: list[Any] = []
+
+    def train_call(worker: Any, spec: dict[str, Any]) -> Any:
+        calls.append(worker.train.remote(spec))
+        return calls[-1]
+
     try:
         pool = ActorPool(workers)
         for spec in specs:
-            pool.submit(lambda worker, spec: worker.train.remote(spec), spec)
+            pool.submit(train_call, spec)
         summaries = _results_with_progress(pool, ObjectStore(store), specs, logger=logger)
     finally:
+        # A worker killed in the middle of a call has Ray retry the call (max_task_retries) and print "(raylet) Task
+        # ChainWorker.train failed. There are 2 retries remaining, so the task will be retried. Error: The actor is
+        # dead because it was killed by `ray.kill`" before the command's own sentence (Ctrl-C, SIGTERM, another
+        # shard's error). A cancelled call is never retried, and cancelling one that ended does nothing (ray.cancel).
+        for call in calls:
+            with contextlib.suppress(Exception):
+                ray.cancel(call)
         for worker in workers:
             ray.kill(worker, no_restart=True)
     summary = summaries[0]
