@@ -36,8 +36,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from obliviate.unlearning.records import Policy
-from obliviate.unlearning.service import work_token
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.lease import ClaimHeld, claim_free, holder_process_gone, release_claim, take_claim
 from storage.objects import ObjectStore
@@ -217,6 +215,11 @@ def _unlearning_left_out(
         for request_id in wanted.get(dataset_id, ()):
             by_request.setdefault(request_id, set()).add(at)
     candidates = [surely, *(surely | p for _, p in sorted(by_request.items())), surely | set(position_of.values())]
+    # Imported here, not at the top: both modules load torch, and `store check` (which imports this module)
+    # stays torch-free until it meets an unlearning chain no version names.
+    from obliviate.unlearning.records import Policy
+    from obliviate.unlearning.service import work_token
+
     for candidate in candidates:
         for policy in Policy:
             if work_token(base_version=base, excluded_positions=candidate, policy=policy.value) == chain:
