@@ -194,7 +194,9 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     """Verify every committed object and pointer version, every run's lineage; list orphans."""
     began = time.monotonic()
     report = StoreReport(url=store.url, min_age_s=min_age_s)
-    everything = store.stored_names("")
+    # A folder marker (an empty key ending in "/", as Ray Tune and S3 consoles write them; the store's own prefix
+    # reads as "") is no file at all: neither ours nor a user's, so not "foreign" either.
+    everything = [name for name in store.stored_names("") if name and not name.endswith("/")]
     scope = _scope(everything)
     report.nested = list(scope.nested)
     names = [name for name in everything if scope.checked(name)]

@@ -1060,7 +1060,7 @@ def _translated(where: str, *, writing: bool = False, endpoint: str | None = Non
         if writing:
             raise WriteFailed(
                 f"could not write {where}: {err}. The bucket or folder of the store does not exist (any more); "
-                "create it, or run a command that prepares the store (train, serve, forget)."
+                "create it, or run a command that creates a missing store (`obliviate train` or `obliviate serve`)."
             ) from err
         raise ObjectNotFound(f"no object at {where} ({err}); check the key, or that the write was committed.") from err
     except FileExistsError as err:

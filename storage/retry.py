@@ -341,10 +341,9 @@ def _label(store: str, endpoint: str | None) -> str:
 
 def _stall_line(entry: _Store, now: float) -> str:
     since = entry.since if entry.since is not None else now
-    gives_up_at = max(
-        max(max(waiter.began, entry.heard_at) + waiter.limit, waiter.retry_deadline)
-        for waiter in entry.waiters.values()
-    )
+    call_ends_at = max(max(waiter.began, entry.heard_at) + waiter.limit for waiter in entry.waiters.values())
+    retries_end_at = max(waiter.retry_deadline for waiter in entry.waiters.values())
+    gives_up_at = max(call_ends_at, retries_end_at)
     left = max(0.0, gives_up_at - now)
     clock = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=left)
     moving = max(waiter.payload_bytes for waiter in entry.waiters.values())
@@ -353,10 +352,19 @@ def _stall_line(entry: _Store, now: float) -> str:
         if moving >= STALL_NOTICE_BYTES_PER_S
         else ""
     )
-    return (
-        f"storage {entry.label} has not answered for {now - since:.0f} s{transfer}; still waiting and retrying "
-        f"until {clock:%H:%M:%S} UTC at the latest (in {left:.0f} s), then the call fails. Ctrl-C stops it now."
-    )
+    if retries_end_at >= call_ends_at:
+        bound = (
+            f"still waiting and retrying until {clock:%H:%M:%S} UTC at the latest (in {left:.0f} s), "
+            "then the call fails"
+        )
+    else:
+        # No retry around the call (serve's own checks, a command's single try): the time is this one call's bound;
+        # a flow retrying its work on the same store says its own, later one, which this must not pass for.
+        bound = (
+            f"still waiting until {clock:%H:%M:%S} UTC at the latest (in {left:.0f} s), this one call's bound, "
+            "then it fails"
+        )
+    return f"storage {entry.label} has not answered for {now - since:.0f} s{transfer}; {bound}. Ctrl-C stops it now."
 
 
 def _report(line: str) -> None:

@@ -22,7 +22,7 @@ from storage import ObjectStore, StorageUnavailable, retry
 from storage.retry import RetryPolicy, retry_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTICE = re.compile(r"has not answered for (\d+) s; still waiting and retrying until \d\d:\d\d:\d\d UTC")
+NOTICE = re.compile(r"has not answered for (\d+) s; still waiting (?:and retrying )?until \d\d:\d\d:\d\d UTC")
 
 
 class FreezableS3:

@@ -217,11 +217,15 @@ def _check_outputs_outlive_the_job(job: Args) -> None:
 
     A job runs in a copy of ``--working-dir`` that Ray unpacks under its session folder on whichever
     node runs the driver and deletes with the session, so a relative store or output path (the
-    default ``file://./runs`` among them) would lose every result the job writes.
+    default ``file://./runs`` among them) would lose every result the job writes. A job that only reads its
+    store (:func:`_reads_only`) loses nothing there: its store need only travel with the upload.
     """
     for flag, where in _job_outputs(job):
         path = where.removeprefix("file://")
         if where.startswith("s3://") or os.path.isabs(os.path.expanduser(path)):
+            continue
+        if _reads_only(job):
+            _check_store_is_uploaded(flag, where, path)
             continue
         fix = (
             "pass --out an absolute path on a filesystem every node shares, e.g. --out /shared/obliviate/out"
@@ -234,6 +238,30 @@ def _check_outputs_outlive_the_job(job: Args) -> None:
             "that on the node running the job and deletes it when the job's session ends, so the results would be "
             f"lost. To keep them, {fix}. Nothing was sent to the cluster."
         )
+
+
+def _reads_only(job: Args) -> bool:
+    """Whether the job only reads its store: ``store check`` without ``--repair``, ``forget --status``."""
+    if job.command == "store":
+        return not getattr(job, "repair", True)
+    return job.command == "forget" and bool(getattr(job, "status", None))
+
+
+def _check_store_is_uploaded(flag: str, where: str, path: str) -> None:
+    """Refuse a read-only job whose relative store is in a folder the upload leaves out (``runs/``: the default).
+
+    The job reads the copy of its store unpacked with the working directory; a store the upload leaves out is not
+    there, and the job would fail on the cluster, finding no store. A relative store elsewhere travels with it.
+    """
+    top = os.path.normpath(os.path.expanduser(path)).split(os.sep, 1)[0]
+    if top not in {"runs", ".venv", ".git"}:
+        return
+    raise ConfigError(
+        f"the job reads the store {where} ({flag}), inside {top}/, which submit does not upload (it leaves out "
+        f"{', '.join(UPLOAD_EXCLUDES[:3])}): the job would find no store there. Point it at a store every node can "
+        "read: set OBLIVIATE_STORE=s3://bucket/prefix (or pass --store), or use an absolute path on a filesystem "
+        "every node shares, e.g. --store file:///shared/obliviate. Nothing was sent to the cluster."
+    )
 
 
 def _check_inputs_are_uploaded(job: Args, working_dir: str) -> None:
