@@ -31,6 +31,7 @@ the contract is in ``docs/unlearning.md``, "Deletion events from other systems")
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import functools
 import hashlib
@@ -274,7 +275,7 @@ class _FanOutWatch:
         self._outcome: list[str | None] = []
         self._asked_at = self._asked_wall = 0.0
         self._down_since: float | None = None
-        self._thread = threading.Thread(target=self._beat, name="fan-out-watch", daemon=True)
+        self._thread = _thread_of_this_context(self._beat, name="fan-out-watch")
         self._thread.start()
 
     def done(self, run_id: str) -> None:
@@ -347,9 +348,7 @@ class _FanOutWatch:
         if self._probe is None or not self._probe.is_alive():
             self._outcome = []
             self._asked_at, self._asked_wall = time.monotonic(), time.time()
-            self._probe = threading.Thread(
-                target=self._question, args=(self._outcome,), name="fan-out-store-probe", daemon=True
-            )
+            self._probe = _thread_of_this_context(self._question, self._outcome, name="fan-out-store-probe")
             self._probe.start()
         self._probe.join(STORE_PROBE_WAIT_S)
         if self._outcome:
@@ -365,6 +364,17 @@ class _FanOutWatch:
             outcome.append(f"{type(cause).__name__}: {cause}"[:300])
         except Exception:  # noqa: BLE001 -- any other answer is an answer: the store is reachable
             outcome.append(None)
+
+
+def _thread_of_this_context(target: Any, *args: Any, name: str) -> threading.Thread:
+    """A daemon thread running ``target(*args)`` in a copy of the calling thread's context variables.
+
+    Prefect keeps its settings (the API URL among them) and the flow run in context variables, and a new
+    thread starts without them: a Prefect logger called there saw the settings of import time, so under
+    ``serve`` (its own server, no ``PREFECT_API_URL``) each of its lines started a temporary Prefect server
+    whose log lines never reached serve's dashboard (probe 113).
+    """
+    return threading.Thread(target=contextvars.copy_context().run, args=(target, *args), name=name, daemon=True)
 
 
 def _utc_clock(at: float) -> str:
