@@ -94,7 +94,16 @@ def demo_command(
         str | None,
         option("--out", help="folder for every artefact (default ./runs/demo; with --quick ./runs/demo-quick)"),
     ] = None,
-    quick: Annotated[bool, flag("--quick", help="a small version of every step (about a minute)")] = False,
+    quick: Annotated[
+        bool,
+        flag(
+            "--quick",
+            # Measured by probe 113 (end to end, with the Prefect server and Ray runtime it starts): 160 s, 114 of
+            # them the extraction audit, on a 2-core host at load average 14.
+            help="a small version of every step (about 3 min on a busy 2-core machine: 160 s measured at load "
+            "average 14; less on an idle one)",
+        ),
+    ] = False,
 ) -> Args:
     return parsed(ctx, run_demo)
 
@@ -162,7 +171,7 @@ def _run_steps(args: Args, root: Path) -> int:
         code_steal = cli_main(["steal", "--target", str(checkpoint), "--out", str(steal_out), *settings["steal"]])
     rows.append(_row("extraction audit", began, code_steal, str(steal_out / "steal.md")))
 
-    _banner("3/3 train two runs block by block, request a deletion, unlearn on the event, verify; then a batch")
+    _banner(story_banner(settings["story"]))
     from flows.cli.story import deletion_story
 
     began = time.perf_counter()
@@ -177,6 +186,13 @@ def _run_steps(args: Args, root: Path) -> int:
         _print_batch(story["batch"])
     _print_summary(rows)
     return 0 if all(row["ok"] for row in rows) else 1
+
+
+def story_banner(story: dict[str, Any]) -> str:
+    """Step 3's banner: how many runs the story's settings train (the quick demo trains one, the full two)."""
+    count = len(story["run_ids"])
+    runs = {1: "one run", 2: "two runs"}.get(count, f"{count} runs")
+    return f"3/3 train {runs} block by block, request a deletion, unlearn on the event, verify; then a batch"
 
 
 def _banner(text: str) -> None:

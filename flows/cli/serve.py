@@ -28,6 +28,7 @@ POLICIES = ("exact", "deepobliviate")
 STOP_RULES = ("residual_ratio", "ratio", "slope")  # obliviate.unlearning.deepobliviate.StopRule
 MIN_POINTS_FLOOR = 3  # a power-law fit has three parameters (DeepObliviateOptions)
 DISPATCHES = ("warm", "runner")
+DEFAULT_FLOOR_POINTS = 2.0
 
 
 def serve_command(
@@ -133,14 +134,14 @@ def serve_command(
         bool, flag("--rollback", help="on acceptance, serve M_{d-1} of each affected run (exact at once)")
     ] = False,
     floor_points: Annotated[
-        float,
+        float | None,
         option(
             "--floor-points",
             parser=number,
             help="with --rollback: publish M_{d-1} only if its held-out accuracy is within this many points of the "
             "model before the deletion, else keep serving and flush now (default 2; 100 accepts any drop)",
         ),
-    ] = 2.0,
+    ] = None,
     keep_superseded_versions: Annotated[
         bool,
         flag(
@@ -186,10 +187,18 @@ def run_serve(args: Args) -> int:
             f"--max-attempts is how many times a request is tried before it is marked failed, so it must be >= 1; got "
             f"{args.max_attempts}. The default is 3: leave --max-attempts out for it, or give 1 or more."
         )
-    if not 0 <= args.floor_points <= 100:
+    # Given without --rollback it would be stored and never read: the user believes a floor guards what is served.
+    if args.floor_points is not None and not args.rollback:
+        raise ConfigError(
+            f"--floor-points is the accuracy floor of a rolled-back version, so it needs --rollback; got --floor-points "
+            f"{args.floor_points:g} without --rollback. Add --rollback, or drop --floor-points (without rollback the "
+            "model before the deletion stays served until the retrain lands)."
+        )
+    floor_points = DEFAULT_FLOOR_POINTS if args.floor_points is None else args.floor_points
+    if not 0 <= floor_points <= 100:
         raise ConfigError(
             f"--floor-points is the largest held-out accuracy drop (points) a rolled-back version may serve, so it "
-            f"must be in 0..100; got {args.floor_points:g}. Use 0 to serve no drop at all, 100 to accept any."
+            f"must be in 0..100; got {floor_points:g}. Use 0 to serve no drop at all, 100 to accept any."
         )
     if args.batch_max is not None and args.batch_max < 1:
         raise ConfigError(
@@ -267,7 +276,7 @@ def run_serve(args: Args) -> int:
     # under the first, and its announcement would replace the first's.
     claim_serving(ObjectStore(store), pid=os.getpid(), host=socket.gethostname())
     save_policy(ObjectStore(store), policy)
-    save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=args.floor_points)
+    save_rollback(ObjectStore(store), enabled=args.rollback, floor_points=floor_points)
     save_keep_superseded(ObjectStore(store), keep=args.keep_superseded_versions)
     start_watchdog(store)  # outlives this process by design: it reaps what serve leaves behind
     # Stopped with its Ray runtime gone (a SIGTERM to serve's process group), serve ends the pass under way by
