@@ -50,6 +50,25 @@ ADAPTIVE_FROM_BUDGET = 150
 #: bench/results/extraction.md). Both win by 6-11 points at k = 50 and by about 0-2 above.
 DEFAULT_SELECTOR = "cluster_centers"
 
+#: Every selector ``obliviate steal --selectors`` accepts, in the order its help lists them: the names registered in
+#: obliviate.extraction.selectors.SELECTORS (by obliviate.extraction.selectors and .active, which import torch).
+#: tests/extraction/test_steal_selectors_listed.py holds the two equal.
+STEAL_SELECTORS = (
+    "auto",
+    "cluster_centers",
+    "adaptive",
+    "random",
+    "drmi",
+    "drmi_nmi",
+    "drmi_bins16",
+    "drmi_binary",
+    "drmi_coarse",
+    "kcenter",
+    "facility",
+    "jacobian",
+    "jacobian_r2",
+)
+
 #: The attacker the audit assumes by default: the strongest measured (bench/results/extraction.md).
 DEFAULT_ATTACKER = "semi_supervised_ensemble"
 

@@ -36,6 +36,7 @@ from obliviate.defaults import (
     DEFAULT_ATTACKER,
     DEFAULT_SEEDS,
     DEFAULT_SELECTOR,
+    STEAL_SELECTORS,
 )
 from obliviate.errors import ConfigError
 
@@ -98,9 +99,9 @@ def steal_command(
         str,
         option(
             "--selectors",
-            help=f"comma-separated selector names ({AUDIT_SELECTOR}, {DEFAULT_SELECTOR}, random, drmi, jacobian, "
-            f"adaptive), e.g. {DEFAULT_SELECTOR},random (default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive "
-            f"rounds from {ADAPTIVE_FROM_BUDGET})",
+            help=f"comma-separated selectors, any of {', '.join(STEAL_SELECTORS)}; e.g. {DEFAULT_SELECTOR},random "
+            f"(default {AUDIT_SELECTOR}: {DEFAULT_SELECTOR} below {ADAPTIVE_FROM_BUDGET} queries, adaptive rounds from "
+            f"{ADAPTIVE_FROM_BUDGET})",
         ),
     ] = AUDIT_SELECTOR,
     seeds: Annotated[
