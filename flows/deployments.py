@@ -27,6 +27,9 @@ for :data:`flows.unlearn.ENDPOINT_STALE_S` is stale, so ``forget`` never reports
 dead ``serve``) and runs the ``reconcile`` flow in-process for due requests nobody works on: a
 claim whose holder died (its lease lapsed), a retry past its back-off, a request whose event was
 lost.
+Each tick the heartbeat also checks ``serve``'s claim on the store and its announcement, written once at
+the start: where the store lost them (an S3 server restarted empty, a bucket made again) it writes them
+back, and where another ``serve`` holds the store now it stops, saying so (one serve per store).
 On exit the announcement is withdrawn.
 """
 
@@ -38,6 +41,7 @@ import hashlib
 import math
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -60,7 +64,7 @@ from obliviate.errors import ConfigError
 from obliviate.extraction.target import OutputMode, output_mode
 from obliviate.unlearning.deepobliviate import DEFAULT_EPSILON
 from obliviate.unlearning.service import RequestError
-from storage.errors import CorruptObject, StorageError
+from storage.errors import CorruptObject, PointerConflict, StorageError
 from storage.lease import DEFAULT_LEASE_S
 from storage.ledger import CLAIMED, PENDING, DeletionLedger
 from storage.objects import ObjectStore
@@ -188,11 +192,15 @@ def build_deployments(options: ServiceOptions) -> list[Any]:
     return deployments
 
 
-def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
+def serve_deployments(options: ServiceOptions, *, api_url: str) -> str | None:
     """Register the deployments, announce the API URL in the store, and serve until interrupted.
 
     With ``options.dispatch == "warm"`` the watcher also warms the store's worker pool
     (:func:`flows.train.warm_pool`) and listens for deletion events (:mod:`flows.listener`).
+
+    Returns:
+        ``None`` once stopped by a signal; why serve stopped on its own when another serve took its store
+        (:attr:`ServiceWatcher.store_lost`).
     """
     from prefect.runner import Runner
     from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY, temporary_settings
@@ -224,9 +232,12 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
         print(f"obliviate serve: {len(ids)} deployments of {store.url} served through {api_url}: {names}", flush=True)
         stop_signals = StopSignals(watcher.stopping_line)
         try:
-            asyncio.run(_start_stopping_once(runner, stop_signals))
+            asyncio.run(_start_stopping_once(runner, stop_signals, watcher))
         except KeyboardInterrupt:  # Ctrl-C is how serve is stopped (as `obliviate ui`): exit 0, said below
             pass
+        except asyncio.CancelledError:  # the watcher found another serve holding the store: said below
+            if watcher.store_lost is None:
+                raise
         finally:
             stop_signals.stopping()
             watcher.stop()
@@ -234,6 +245,15 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
             withdraw_endpoint(store, pid=os.getpid())
             if options.dispatch == "runner":
                 remove_event_trigger(ids[0], api_url=api_url)
+        if watcher.store_lost is not None:  # the store is served, by the other serve: "no longer served" is false
+            print(
+                f"obliviate serve: stopped; {store.url} is served by another `obliviate serve` now, not by this one. "
+                "Requests not yet settled stay in its ledger for that serve (see `obliviate forget --status ID`).",
+                file=sys.stderr,
+                flush=True,
+            )
+            stop_signals.stopped()
+            return watcher.store_lost
         print(
             f"obliviate serve: stopped; {store.url} is no longer served. Requests not yet settled stay in its ledger "
             "for the next `obliviate serve` (see `obliviate forget --status ID`).",
@@ -241,15 +261,22 @@ def serve_deployments(options: ServiceOptions, *, api_url: str) -> None:
             flush=True,
         )
         stop_signals.stopped()
+    return None
 
 
-async def _start_stopping_once(runner: Any, stop_signals: StopSignals) -> None:
+async def _start_stopping_once(runner: Any, stop_signals: StopSignals, watcher: ServiceWatcher) -> None:
     """``runner.start()``, its stop signals taken by ``stop_signals`` once they are in place.
 
     ``asyncio.run`` has put in its Ctrl-C handler by now, and ``runner.start()`` puts in Prefect's SIGTERM handler
-    before it first waits: the callback runs then.
+    before it first waits: the callback runs then. ``watcher`` stops the runner as Ctrl-C does (the task cancelled)
+    once another serve holds the store.
     """
     task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        watcher.on_store_lost = lambda: loop.call_soon_threadsafe(task.cancel)
+        if watcher.store_lost is not None:  # lost before the callback was in place
+            task.cancel()
 
     def began() -> bool:  # a signal in the moment before: Prefect's handler stops the runner, asyncio's cancels
         return bool(getattr(runner, "stopping", False)) or (task is not None and task.cancelling() > 0)
@@ -470,6 +497,12 @@ class ServiceWatcher:
         self.unreadable_said: set[str] = set()  # open requests that cannot be read, said once (needs_pass)
         # While stopping: what the stop is doing, and when (time.monotonic()) it is done at the latest, if bounded.
         self.stop_step: tuple[str, float | None] | None = None
+        self.host = socket.gethostname()  # serve's claim names its pid and host (flows.unlearn.claim_serving)
+        # Why serve stops on its own: another serve holds its store now (set by the heartbeat, which then calls
+        # on_store_lost: serve_deployments stops the runner there, as Ctrl-C does).
+        self.store_lost: str | None = None
+        self.on_store_lost: Callable[[], Any] | None = None
+        self._renewal_error_said = False
 
     @property
     def warm(self) -> bool:
@@ -573,8 +606,40 @@ class ServiceWatcher:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.options.watch_s):
+            # The claim and announcement first: a heartbeat written over another serve's would make its look stale.
+            if self.renew_serving() == "lost":
+                return
             with contextlib.suppress(Exception):  # an outage: try again next tick; staleness takes 30 s
                 self.store.put_json(HEARTBEAT_KEY, {"pid": self.announcement["pid"], "heartbeat_at": time.time()})
+
+    def renew_serving(self) -> str:
+        """Write serve's claim and announcement back where the store lost them; stop serve if another serve holds it.
+
+        Both were written once, at the start: a store that lost its objects while serve ran (an S3 server restarted
+        empty, a bucket made again) left a serve that still worked but that ``forget`` said did not run, and a second
+        serve was let claim the store (:func:`flows.unlearn.renew_serving`). Returns that function's outcome, or
+        ``"unknown"`` when the store did not answer (the next tick tries again).
+        """
+        from flows.unlearn import renew_serving
+
+        try:
+            outcome, line = renew_serving(self.store, announcement=self.announcement, host=self.host)
+        except (StorageError, CorruptObject, PointerConflict):  # an outage, a claim moving: the next tick decides
+            return "unknown"
+        except Exception as err:  # noqa: BLE001 -- the heartbeat must outlive it; said once
+            if not self._renewal_error_said:
+                self._renewal_error_said = True
+                said = f"obliviate serve: renewing its claim on the store failed: {type(err).__name__}: {err}"
+                print(said, flush=True)
+            return "unknown"
+        if outcome == "restored":
+            print(f"obliviate serve: {line}", flush=True)
+        elif outcome == "lost":
+            self.store_lost = line  # said in full once serve has stopped (flows.cli.serve)
+            print("obliviate serve: another `obliviate serve` holds the store now; this one stops.", flush=True)
+            if self.on_store_lost is not None:
+                self.on_store_lost()
+        return outcome
 
     def _flow_options(self) -> dict[str, Any]:
         return flow_parameters(self.options)

@@ -765,6 +765,77 @@ def claim_serving(store: ObjectStore, *, pid: int, host: str) -> None:
         raise ConfigError(f"another `obliviate serve` claimed store {store.url} at the same moment; {fix}") from None
 
 
+def renew_serving(store: ObjectStore, *, announcement: Mapping[str, Any], host: str) -> tuple[str, str]:
+    """Keep a running serve's claim and announcement in ``store``, or learn that another serve holds the store now.
+
+    A store that lost its objects while serve ran (an S3 server restarted empty, its bucket or ``service/`` folder
+    deleted and made again) lost serve's claim and announcement with them: ``forget`` then said that no serve ran
+    while this one still worked, and a second serve was let claim the store. serve's heartbeat calls this each tick.
+    The claim (:data:`SERVE_CLAIM_KEY`) decides, as in :func:`claim_serving`: a claim another serve took after this
+    one started is that serve's while it is live or starting; any other claim (none, a dead serve's, one older than
+    this serve) is taken back by a compare-and-swap, and the announcement is written back when it is missing,
+    unreadable or names another process.
+
+    Args:
+        store: the served store.
+        announcement: this serve's announcement (its ``pid`` and ``started_at`` identify it).
+        host: this serve's host name (a claim names ``pid`` and ``host``).
+
+    Returns:
+        ``("kept", "")``: nothing was missing; ``("restored", line)``: the claim or the announcement was written
+        back (``line`` says which, for serve's log); ``("lost", line)``: another serve holds the store now (``line``
+        names it); this serve must stop.
+
+    Raises:
+        StorageError: the store did not answer; the next tick tries again.
+        PointerConflict: another process moved the claim during this call; the next tick decides again.
+    """
+    from storage.errors import ObjectNotFound
+
+    pid, started_at = int(announcement["pid"]), float(announcement.get("started_at", 0.0))
+    claim = store.read_pointer(SERVE_CLAIM_KEY)
+    holder = claim.target if claim is not None else {}
+    claim_is_mine = claim is not None and int(holder.get("pid", -1)) == pid and holder.get("host") == host
+    if claim is not None and not claim_is_mine and float(holder.get("claimed_at", 0.0)) >= started_at:
+        live_api, _ = served_endpoint(store)
+        announced_by_holder = False
+        with contextlib.suppress(Exception):  # no readable announcement: not announced
+            announced_by_holder = int(store.get_json(ENDPOINT_KEY).get("pid", -1)) == int(holder.get("pid", -2))
+        live = announced_by_holder and live_api is not None
+        claim_age = time.time() - float(holder.get("claimed_at", 0.0))
+        starting = not announced_by_holder and claim_age < SERVE_START_ALLOWANCE_S
+        if live or starting:
+            through = f", announced through {live_api}" if live else ", starting"
+            return "lost", (
+                f"store {store.url} is held by another `obliviate serve` now (pid {holder.get('pid')} on "
+                f"{holder.get('host')}{through}), which claimed it at {utc_text(float(holder.get('claimed_at', 0.0)))} "
+                "while this serve's claim or announcement was gone or stale (store reset? outage?); one serve per "
+                "store, so this one stops"
+            )
+    if not claim_is_mine:  # none (lost with the store), a dead serve's, or one from before this serve started
+        target = {"pid": pid, "host": host, "claimed_at": time.time()}
+        store.swap_pointer(SERVE_CLAIM_KEY, target, expected_version=claim.version if claim else 0)
+    try:
+        body: dict[str, Any] | None = store.get_json(ENDPOINT_KEY)
+        state = "missing (store reset?)" if body is None else ""
+    except ObjectNotFound:
+        body, state = None, "missing (store reset?)"
+    except CorruptObject:
+        body, state = None, "unreadable"
+    if body is not None and int(body.get("pid", -1)) != pid:
+        state = f"another process's (pid {body.get('pid')}), though this serve holds the store's claim"
+    elif body is not None and body.get("stopped_at"):
+        state = "marked stopped"
+    if state:
+        # the heartbeat first: an announcement read before it would look as old as serve's start
+        store.put_json(HEARTBEAT_KEY, {"pid": pid, "heartbeat_at": time.time()})
+        store.put_json(ENDPOINT_KEY, dict(announcement))
+        return "restored", f"the store's serve announcement was {state}; announced again"
+    if claim is None:
+        return "restored", "the store's serve claim (service/serve-claim) was missing (store reset?); claimed again"
+    return "kept", ""
+
+
 def emit_deletion_event(store_url: str, payload: dict[str, Any], *, api_url: str) -> str | None:
     """Emit one deletion event to ``api_url`` and wait until it is sent; returns the event id."""
     from prefect.events import emit_event

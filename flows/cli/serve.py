@@ -289,5 +289,10 @@ def run_serve(args: Args) -> int:
 
         # Flow runs execute in subprocesses of the runner: they join this Ray runtime, not a new one.
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        serve_deployments(options, api_url=api_url)  # stops its worker pools as it stops
+        lost = serve_deployments(options, api_url=api_url)  # stops its worker pools as it stops
+    if lost is not None:  # another serve holds the store now: this one stopped, a broken rule (exit 2)
+        raise ConfigError(
+            f"{lost}. This serve has stopped. Stop that one first (Ctrl-C) to serve the store from here, or serve "
+            "another --store."
+        )
     return 0
