@@ -49,8 +49,9 @@ from obliviate.unlearning.service import RunSpec, block_data, block_holdings, wo
 from obliviate.unlearning.trainer import heldout_accuracy, predict, train_chain, warm_up
 from obliviate.unlearning.verification import consistency
 from obliviate.unlearning.verification import verify as verification_figures
-from storage.background import BackgroundWriter
+from storage.background import BackgroundWriteError, BackgroundWriter
 from storage.errors import ObjectNotFound, PointerConflict, StorageError
+from storage.lease import ClaimGuard, ClaimLost, PointerClaim
 from storage.ledger import CLAIMED, DONE, PENDING, DeletionLedger, request_part
 from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
@@ -127,6 +128,8 @@ class ChainWorker:
         self.retry_policy = RetryPolicy(deadline_s=retry_deadline_s)
         self.storage_retries = 0
         self._data: dict[str, BlockData] = {}
+        # The training claim of the train() running now, checked before each of its writes (None: unguarded).
+        self._claim_guard: ClaimGuard | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -169,8 +172,14 @@ class ChainWorker:
 
     # ----- training ------------------------------------------------------------------------------
 
-    def train(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def train(self, spec: dict[str, Any], claim: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Train a run block by block (resuming stored checkpoints), register it, publish version 1.
+
+        ``claim``: the run's training claim (``key``, ``version``, ``holder``: :func:`flows.train.training_claim`,
+        held by the process that asked). Before each write of the training (each checkpoint, the registration, the
+        publish, the late unlearning) the worker reads that claim's pointer through the store: the driver that
+        renews the claim may have stalled past its lease and been taken over, and only the store can tell this
+        worker so. Found taken over, the training stops there, between blocks, and writes nothing more.
 
         The run is registered before its version 1 is published: once a model is served, a deletion
         request for its ids finds the run (a served but unregistered run had them rejected for good).
@@ -181,8 +190,35 @@ class ChainWorker:
 
         Returns:
             a summary: run id, version, held-out accuracy, blocks trained now and resumed.
+
+        Raises:
+            ClaimLost: ``claim`` was taken over by another training (the message is the one line to say).
         """
         run = RunSpec.from_dict(spec)
+        if claim is None:
+            return self._train(run)
+        guard = ClaimGuard(
+            self.registry.store,
+            PointerClaim(key=str(claim["key"]), version=int(claim["version"]), holder=dict(claim.get("holder") or {})),
+            what=f"the training of run {run.run_id}",
+        )
+        self._claim_guard = guard
+        try:
+            return self._train(run)
+        except BackgroundWriteError as err:
+            if isinstance(err.__cause__, ClaimLost):  # found by the checkpoint writer's own check
+                raise err.__cause__ from None
+            raise
+        finally:
+            self._claim_guard = None
+
+    def _still_claimed(self) -> None:
+        """The safe-point check of the training running now (:meth:`train`'s ``claim``)."""
+        if self._claim_guard is not None:
+            self._claim_guard.check()
+
+    def _train(self, run: RunSpec) -> dict[str, Any]:
+        """:meth:`train`, its claim (if any) checked before each write."""
         registry = self.registry
         # Before anything else: a run id names one training, so other options for it are refused even
         # once it is trained (they used to be answered "already_trained" with the stored model).
@@ -219,6 +255,7 @@ class ChainWorker:
             excluded, applied, chain_name = exclusions.positions, exclusions.requests, exclusions.chain
             stored = self._io(lambda name=chain_name: registry.stored_checkpoints(run.run_id, name, first=0))
             if not stored and exclusions.first_touched is not None:
+                self._still_claimed()
                 stored = self._carry_over(run.run_id, exclusions)
             if chain is None:
                 resumed_blocks = len(stored) - 1 if stored else 0
@@ -249,6 +286,7 @@ class ChainWorker:
         forgotten = run.dataset_ids(sorted(chain.deleted_ids))
         # Registered first: were it registered after publishing, a failed registration would leave
         # version 1 served while passes reject every request for its ids (no registered run).
+        self._still_claimed()
         self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
         version = self._publish(
             run.run_id,
@@ -266,6 +304,7 @@ class ChainWorker:
         )
         # A request accepted after the last read above may have been settled by a pass while this
         # run had no version yet (``not_trained``): apply what this version misses now.
+        self._still_claimed()
         late, late_audit = self._apply_late(run, applied)
         self._record_training(
             run.run_id, version=version.version, applied=applied, late=sorted(late), audit=late_audit, late_ids=late
@@ -889,6 +928,7 @@ class ChainWorker:
         write = self.registry.checkpoint_sink(run_id, chain_name, seconds_of=seconds.get, written=members)
 
         def put(checkpoint: Checkpoint) -> None:
+            self._still_claimed()  # between blocks: a training whose claim was taken over writes no more
             self._io(lambda: write(checkpoint))
             if after_write is not None:
                 after_write(checkpoint)
@@ -917,6 +957,7 @@ class ChainWorker:
         self, run_id: str, *, chain_name: str, members, metadata, target, expected_version: int
     ) -> ModelVersion:
         def attempt() -> ModelVersion:
+            self._still_claimed()
             try:
                 return self.registry.publish(
                     run_id,

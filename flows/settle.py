@@ -34,13 +34,15 @@ from typing import Any
 
 from obliviate.unlearning.service import RequestError, RunSpec, parse_ids
 from storage.erasure import InterruptedTrainings
-from storage.errors import StorageError
+from storage.errors import PointerConflict, StorageError
 from storage.lease import (
     DEFAULT_LEASE_S,
     ClaimHeld,
     LeaseKeeper,
+    PointerClaim,
     claim_free,
     holder_process_gone,
+    lost_text,
     release_claim,
     take_claim,
 )
@@ -61,9 +63,10 @@ from storage.registry import RunRegistry
 #: and a claim whose work the stop interrupted goes back to ``pending`` without counting an attempt.
 STOPPING = threading.Event()
 
-# The claims the passes of this process hold now: (store url, request id) -> (ledger, claim version, holder).
-# ``serve`` hands them back itself (:func:`hand_back_open_claims`) when a pass cannot end on its own.
-_OPEN_CLAIMS: dict[tuple[str, str], tuple[DeletionLedger, int, str]] = {}
+# The claims the passes of this process hold now: (store url, request id) -> (ledger, claim version, holder, how its
+# keeper stops renewing it). ``serve`` hands them back itself (:func:`hand_back_open_claims`) when a pass cannot end
+# on its own.
+_OPEN_CLAIMS: dict[tuple[str, str], tuple[DeletionLedger, int, str, Callable[[], None]]] = {}
 _OPEN_CLAIMS_LOCK = threading.Lock()
 
 
@@ -78,7 +81,8 @@ def hand_back_open_claims(reason: str) -> list[str]:
         open_claims = dict(_OPEN_CLAIMS)
         _OPEN_CLAIMS.clear()
     handed: list[str] = []
-    for (_, request_id), (ledger, version, _holder) in sorted(open_claims.items(), key=lambda item: item[0]):
+    for (_, request_id), (ledger, version, _holder, unkeep) in sorted(open_claims.items(), key=lambda item: item[0]):
+        unkeep()  # its own hand-back moves the claim: not a claim lost to another pass
         with contextlib.suppress(Exception):  # a store that is gone too: the lease lapses, as before
             if ledger.hand_back(request_id, claim_version=version, reason=reason) is not None:
                 handed.append(request_id)
@@ -90,6 +94,10 @@ PASS_CLAIM_KEY = "service/pass-claim"
 # The pass claims this process takes or holds (their tokens): to its other threads they are live.
 _LIVE_PASSES: set[str] = set()
 _LIVE_PASSES_LOCK = threading.Lock()
+# The pass claim this thread holds now (store_pass): (store url, its keeper, the claim). run_pass checks it at each
+# safe point, so a pass that stalled past its lease and was taken over stops there (a thread's own: serve runs passes
+# of several stores, and other threads' work, side by side).
+_HELD_PASS = threading.local()
 
 
 @contextlib.contextmanager
@@ -137,7 +145,12 @@ def store_pass(
         try:
             with LeaseKeeper(store, lease_s=lease_s, holder=holder) as keeper:
                 keeper.hold_claim(claim)
-                yield None
+                outer = getattr(_HELD_PASS, "held", None)
+                _HELD_PASS.held = (store.url, keeper, claim)
+                try:
+                    yield None
+                finally:
+                    _HELD_PASS.held = outer
         finally:
             with contextlib.suppress(StorageError):  # not released: taken over once its lease lapses
                 release_claim(store, claim)
@@ -214,9 +227,9 @@ def summarise_states(settled: Mapping[str, str], *, first: int = 5) -> str:
     return ", ".join(parts) + (f" ({'; '.join(named)})" if named else "") if settled else "nothing"
 
 
-def _hold(ledger: DeletionLedger, entry: RequestStatus, holder: str) -> None:
+def _hold(ledger: DeletionLedger, entry: RequestStatus, holder: str, unkeep: Callable[[], None]) -> None:
     with _OPEN_CLAIMS_LOCK:
-        _OPEN_CLAIMS[(ledger.store.url, entry.request_id)] = (ledger, entry.version, holder)
+        _OPEN_CLAIMS[(ledger.store.url, entry.request_id)] = (ledger, entry.version, holder, unkeep)
 
 
 def _drop(ledger: DeletionLedger, request_id: str) -> None:
@@ -320,9 +333,17 @@ def run_pass(
             :func:`flows.batching.batch_gate`); each done request records when it became exact
             against its deadline (``exact_at``, ``deadline``, ``late``).
 
+    A pass run inside :func:`store_pass` checks, at each safe point (before it claims each request, before its
+    fan-out, before each retry alone, before its batch record, before each request's erasure and settle), that the
+    store's pass claim is still its own: one that stalled past its lease and was taken over stops there, writes
+    nothing more, hands its request claims back (``pending``, due at once, attempt not counted) and says so in one
+    line (``claim_lost``). Each request's own claim is renewed and checked the same way
+    (:meth:`storage.ledger.DeletionLedger.request_claim`): one taken over is left to its new holder (``lost``).
+
     Returns:
         ``claimed`` request ids, ``runs`` (audits), ``settled`` (request id -> state), ``lost``
-        (claims taken over by another pass while this one worked) and ``unreadable`` (open requests
+        (claims taken over by another pass while this one worked), ``claim_lost`` (the line said when this
+        pass lost the store's pass claim and stopped; absent otherwise) and ``unreadable`` (open requests
         whose record or status is damaged, each ``failed`` with the mend in its reason or, its
         status damaged too, left as it is: :func:`settle_unreadable`; a ``failed`` one is in
         ``settled`` too). One damaged request never stops the others.
@@ -355,9 +376,54 @@ def _run_pass(
     due = [] if STOPPING.is_set() else ledger.due_entries(lease_s=attempts.lease_s, unreadable=found)
     unreadable = settle_unreadable(ledger, found, lease_s=attempts.lease_s, log=log)
     settled.update({r: u["status"] for r, u in unreadable.items() if u["status"] == FAILED})
+    held_pass = getattr(_HELD_PASS, "held", None)
+    if held_pass is not None and held_pass[0] != object_store.url:
+        held_pass = None
+    claim_lost: list[str] = []  # the line said, once this pass found the store's pass claim taken over
     with LeaseKeeper(object_store, lease_s=attempts.lease_s, holder=holder) as keeper:
         claimed: list[RequestStatus] = []
+        claims: dict[str, PointerClaim] = {}  # request id -> this pass's claim on it, while held
+
+        def pass_claim_lost(where: str) -> bool:
+            """The safe-point check: whether this pass lost the store's pass claim (said once, claims handed back)."""
+            if claim_lost:
+                return True
+            if held_pass is None or held_pass[1].check(held_pass[2]):
+                return False
+            handed: list[str] = []
+            for request_id in list(claims):
+                entry = next(c for c in claimed if c.request_id == request_id)
+                _drop(ledger, request_id)
+                keeper.release(claims.pop(request_id).key)
+                with contextlib.suppress(StorageError, PointerConflict):
+                    reason = f"the pass {holder} lost its claim on the store {where}"
+                    outcome = ledger.hand_back(request_id, claim_version=entry.version, reason=reason)
+                    if outcome is not None:
+                        handed.append(request_id)
+                        settled[request_id] = outcome.status
+                if request_id not in handed:
+                    lost.append(request_id)
+            line = lost_text(object_store, held_pass[2], f"deletion pass {holder} ({where})")
+            if handed:
+                line += f"; it handed its {summarise_ids(handed)} back to pending (attempt not counted)"
+            claim_lost.append(line)
+            log.warning("%s", line)
+            return True
+
+        def request_claim_lost(entry: RequestStatus, what: str) -> bool:
+            """Whether this pass's claim on ``entry`` was taken over by another pass (said, and left to it)."""
+            claim = claims.get(entry.request_id)
+            if claim is None or keeper.check(claim):
+                return False
+            _drop(ledger, entry.request_id)
+            del claims[entry.request_id]
+            lost.append(entry.request_id)
+            log.warning("%s", lost_text(object_store, claim, f"{what} of request {entry.request_id}"))
+            return True
+
         for entry in due:
+            if pass_claim_lost("before claiming more requests"):
+                break
             try:
                 taken = ledger.claim(
                     entry.request_id, holder=holder, lease_s=attempts.lease_s, max_attempts=attempts.max_attempts
@@ -368,17 +434,35 @@ def _run_pass(
                     settled[entry.request_id] = FAILED
                     log.warning("request %s failed: %s", entry.request_id, taken.details.get("reason"))
                     continue
-                keeper.hold(entry.request_id, taken.version)
+                claim = ledger.request_claim(taken, lease_s=attempts.lease_s)
+                claims[entry.request_id] = claim
                 claimed.append(taken)
-                _hold(ledger, taken, holder)
+                _hold(ledger, taken, holder, lambda key=claim.key: keeper.release(key))
+                keeper.hold_claim(claim)
             except Exception as err:  # noqa: BLE001 -- one unreadable entry must not stop the others
                 log.warning("request %s could not be claimed: %s", entry.request_id, _error_text(err))
-        if not claimed:
-            return {"claimed": [], "runs": {}, "settled": settled, "lost": lost, "unreadable": unreadable}
+        if not claimed or claim_lost:
+            return {
+                "claimed": [c.request_id for c in claimed],
+                "runs": {},
+                "settled": settled,
+                "lost": lost,
+                "unreadable": unreadable,
+                **({"claim_lost": claim_lost[0]} if claim_lost else {}),
+            }
         log.info("claimed %s", summarise_ids([c.request_id for c in claimed]))
 
-        def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
+        def unkeep(entry: RequestStatus) -> None:
+            """Stop renewing ``entry``'s claim before this pass's own write moves it (never then called lost)."""
             _drop(ledger, entry.request_id)
+            claim = claims.pop(entry.request_id, None)
+            if claim is not None:
+                keeper.release(claim.key)
+
+        def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
+            if pass_claim_lost("before recording a failed attempt") or entry.request_id not in claims:
+                return
+            unkeep(entry)
             stopping = STOPPING.is_set()
             if stopping:
                 # the stop killed the workers: not a failed attempt; stored progress is resumed later
@@ -397,7 +481,6 @@ def _run_pass(
                     max_backoff_s=attempts.max_backoff_s,
                     extra=extra,
                 )
-            keeper.release(entry.request_id)
             if outcome is None:
                 lost.append(entry.request_id)
             elif stopping:
@@ -408,9 +491,10 @@ def _run_pass(
                 log.warning("request %s attempt failed (%s): %s", entry.request_id, outcome.status, error[:300])
 
         def settle(entry: RequestStatus, status: str, details: dict[str, Any]) -> None:
-            _drop(ledger, entry.request_id)
+            if pass_claim_lost(f"before settling request {entry.request_id}") or entry.request_id not in claims:
+                return
+            unkeep(entry)
             outcome = ledger.settle(entry.request_id, claim_version=entry.version, status=status, details=details)
-            keeper.release(entry.request_id)
             if outcome is None:
                 lost.append(entry.request_id)
                 log.warning("request %s: claim taken over by another pass; its result is left to it", entry.request_id)
@@ -447,26 +531,38 @@ def _run_pass(
                 summarise_ids(list(refused)),
                 refused[first],
             )
+        if pass_claim_lost("before its fan-out"):
+            per_run = {}
         results = _guarded(unlearn_runs, per_run) if per_run else {}
         # A run that merged several requests and failed: each request alone on that run, so a poison
         # request only fails itself.
         split = {
             run_id: requests
             for run_id, requests in per_run.items()
-            if len(requests) > 1 and results.get(run_id, {}).get("status") == "failed" and not STOPPING.is_set()
+            if len(requests) > 1
+            and results.get(run_id, {}).get("status") == "failed"
+            and not STOPPING.is_set()
+            and not pass_claim_lost("before retrying a run's requests alone")
         }
         alone: dict[tuple[str, str], dict[str, Any]] = {}
         for run_id, requests in split.items():
             log.warning("run %s failed with %d merged requests; retrying each alone", run_id, len(requests))
             for request_id, ids in sorted(requests.items()):
+                if pass_claim_lost(f"before retrying run {run_id} with request {request_id} alone"):
+                    break
                 alone[(run_id, request_id)] = _guarded(unlearn_runs, {run_id: {request_id: ids}}).get(run_id, {})
 
-        batch_id = _record_batch(ledger, results, affected_of, batch, holder=holder, log=log)
+        lost_now = pass_claim_lost("before recording its batch")
+        batch_id = None if lost_now else _record_batch(ledger, results, affected_of, batch, holder=holder, log=log)
         # SPEC 5 reaches the checkpoints of trainings that stopped before publishing (so before registering
         # their run): only registered runs were unlearned above, and those chains kept the ids for good.
         interrupted = InterruptedTrainings(object_store, command=f"obliviate deletion pass {holder}")
         deleted_of = {run_id: {int(i) for i in audit.get("deleted_ids") or ()} for run_id, audit in results.items()}
         for request_id, (entry, affected) in affected_of.items():
+            if pass_claim_lost(f"before settling request {request_id}"):
+                break
+            if request_claim_lost(entry, "the erasure and settle"):
+                continue
             ids = [int(i) for i in entry.request["ids"]]
             audits = {
                 run_id: request_part(
@@ -537,6 +633,7 @@ def _run_pass(
         "settled": settled,
         "lost": lost,
         "unreadable": unreadable,
+        **({"claim_lost": claim_lost[0]} if claim_lost else {}),
     }
 
 
@@ -599,6 +696,9 @@ def run_until_quiet(
         merged["runs"].update(result.get("runs", {}))
         merged["settled"].update(result.get("settled", {}))
         merged["lost"] += result.get("lost", [])
+        if result.get("claim_lost"):  # this pass lost the store to another: it does nothing more
+            merged["claim_lost"] = result["claim_lost"]
+            break
         for request_id, said in result.get("unreadable", {}).items():  # as the first pass that met it said
             merged["unreadable"].setdefault(request_id, said)
         merged["fanout"] = result.get("fanout", merged.get("fanout"))

@@ -33,7 +33,15 @@ from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 from obliviate.unlearning.service import RunSpec, plan_run
 from obliviate.unlearning.shards import make_shard_plan
 from storage.errors import CorruptObject, StorageError, StorageUnavailable
-from storage.lease import DEFAULT_LEASE_S, ClaimHeld, LeaseKeeper, holder_process_gone, release_claim, take_claim
+from storage.lease import (
+    DEFAULT_LEASE_S,
+    ClaimHeld,
+    LeaseKeeper,
+    PointerClaim,
+    holder_process_gone,
+    release_claim,
+    take_claim,
+)
 from storage.objects import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry, training_claim_key
 from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
@@ -247,6 +255,20 @@ def check_run_shape(store: ObjectStore, run_id: str, members: list[str]) -> None
 # The training claims this process takes or holds: (store url, run id) -> {thread: how many blocks deep}.
 _HELD_TRAININGS: dict[tuple[str, str], dict[int, int]] = {}
 _HELD_LOCK = threading.Lock()
+# The training claims this process holds now: (store url, run id) -> the claim (its workers check it: held_claim).
+_HELD_CLAIMS: dict[tuple[str, str], PointerClaim] = {}
+
+
+def held_claim(store: str, run_id: str) -> dict[str, Any] | None:
+    """The training claim this process holds on ``run_id`` (``key``, ``version``, ``holder``), for its workers.
+
+    A worker given it (:meth:`actors.chains.ChainWorker.train`) reads the claim's pointer before each write and stops
+    between blocks once another training took the claim over (this process stalled past its lease): the workers
+    write, and only the store can tell them, as the process that renews the claim may be the one that stalled.
+    """
+    with _HELD_LOCK:
+        claim = _HELD_CLAIMS.get((ObjectStore(store).url, run_id))
+    return None if claim is None else {"key": claim.key, "version": claim.version, "holder": dict(claim.holder)}
 
 
 @contextlib.contextmanager
@@ -317,11 +339,15 @@ def _claimed(store: str, run_id: str, *, lease_s: float, held: tuple[str, str]) 
             f"returns or resumes the run), or train under another --run-id. A training that died is taken over "
             f"{float(other.get('lease_s', lease_s)):.0f} s after its last renewal (at once on its own host)."
         ) from None
+    with _HELD_LOCK:
+        _HELD_CLAIMS[held] = claim
     try:
         with LeaseKeeper(object_store, lease_s=lease_s, holder=f"{holder['host']}:{holder['pid']}") as keeper:
             keeper.hold_claim(claim)
             yield
     finally:
+        with _HELD_LOCK:
+            _HELD_CLAIMS.pop(held, None)
         with contextlib.suppress(StorageError):  # not released: taken over once its lease lapses
             release_claim(object_store, claim)
 
@@ -411,10 +437,11 @@ def _train(store: str, run_id: str, specs: list[dict[str, Any]], *, shards: int,
         remote_worker(store, name=f"train/{run_id}/{k}/{uuid.uuid4().hex[:8]}")
         for k in range(min(len(specs), cluster_cpus()))
     ]
+    claim = held_claim(store, run_id)  # each worker checks it before each write (a stalled driver cannot)
     calls: list[Any] = []
 
     def train_call(worker: Any, spec: dict[str, Any]) -> Any:
-        calls.append(worker.train.remote(spec))
+        calls.append(worker.train.remote(spec, claim))
         return calls[-1]
 
     try:

@@ -165,6 +165,8 @@ def process_open_requests(
             **{r: u["status"] for r, u in unreadable.items() if u["status"] == FAILED},
             **result["settled"],
         }
+        if result.get("claim_lost"):  # another pass holds the store now: its artifacts and events are its own
+            return {**result, "fanout": fanouts[0] if fanouts else {}, "fanouts": fanouts}
         try:  # a request that cannot be read has no entry to show
             readable = {r: state for r, state in result["settled"].items() if r not in result["unreadable"]}
             publish_request_artifacts(object_store, ledger, readable)

@@ -11,7 +11,11 @@ The same leases keep a :class:`PointerClaim` alive: one process's claim on a poi
 run's training (``runs/<run>/train-claim``, :func:`flows.train.training_claim`), taken by a
 compare-and-swap (:func:`take_claim`) and free again once released or once its lease lapsed. A holder that
 stalled past its lease and was taken over learns so at its next renewal (:func:`renew_claim`): it writes no lease
-and removes its own, and its :class:`LeaseKeeper` stops renewing and says so (:attr:`LeaseKeeper.lost`). Each
+and removes its own, and its :class:`LeaseKeeper` stops renewing and says so (:attr:`LeaseKeeper.lost`). Its work
+learns it at its next safe point (:meth:`LeaseKeeper.check`, :class:`ClaimGuard`: :class:`ClaimLost`) and stops
+there, writing nothing more of what the new holder now owns. A claim on a deletion request (a ``claimed`` status
+version) is a :class:`PointerClaim` too (its pointer ``ledger/status/<request>``, its leases in
+``ledger/leases/<request>``), renewed and checked the same way. Each
 take and release adds a version to that pointer and each take a lease, so a release (and a take-over)
 drops the versions but the newest :data:`CLAIM_VERSIONS_KEPT` and the leases of the claims below them
 (:func:`tidy_claim`): serve's cron alone takes the store's pass claim every 5 minutes, forever.
@@ -33,6 +37,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
+from obliviate.errors import ObliviateError
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import ObjectStore, Pointer
 
@@ -126,12 +131,86 @@ def drop(store: ObjectStore, request_id: str) -> None:
         store.remove_empty_folder(folder)
 
 
+class ClaimLost(ObliviateError):
+    """This holder's claim was taken over (it stalled past its lease): its work stops, writing nothing more.
+
+    The message is the one line said where the work stopped: ``claim on <pointer> (version v) was lost to <new
+    holder> at <when it took it>; <what> stopped without writing``. One argument only, so it crosses Ray as itself.
+    """
+
+
+def lost_text(store: ObjectStore, claim: PointerClaim, what: str) -> str:
+    """The line a holder says when it stops because ``claim`` was taken over (reads the pointer once, best effort)."""
+    try:
+        current = store.read_pointer(claim.key)
+    except (StorageError, CorruptObject):
+        current = None
+    who, when = "another holder", "an unknown time"
+    if current is not None:
+        who = f"{_holder_text(current.target)} (version {current.version})"
+        when = _utc(float(current.target.get("claimed_at") or current.created_at))
+    return f"claim on {store.uri(claim.key)} (version {claim.version}) was lost to {who} at {when}; {what} stopped without writing"
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def _holder_text(target: Mapping[str, Any]) -> str:
+    """Who holds a claim pointer's version now, as its target records it (a request's status names its holder)."""
+    if "status" in target:  # a deletion request's status: claimed by another pass, or moved on
+        details = target.get("details") or {}
+        if target["status"] == "claimed":
+            return f"pass {details.get('holder')!r}"
+        return f"its status {target['status']!r}"
+    if "released_at" in target:
+        return "nobody (released)"
+    who = target.get("holder") or target.get("command") or "another process"
+    return f"{who}, pid {target.get('pid')} on {target.get('host')}"
+
+
+class ClaimGuard:
+    """A holder's check, at each safe point of its work, that its claim is still its own (one pointer read each).
+
+    For a worker that holds no :class:`LeaseKeeper` itself, such as the Ray actor training a run for
+    ``obliviate train`` (whose process renews the claim): it reads the claim's pointer through the store, so a
+    stalled driver cannot keep it writing. Once lost, every later check raises at once.
+
+    Args:
+        store: the claim's store.
+        claim: the claim (its ``key`` and ``version`` matter).
+        what: the work, as the stop line names it (``training of run r1``).
+    """
+
+    def __init__(self, store: ObjectStore, claim: PointerClaim, *, what: str) -> None:
+        self.store, self.claim, self.what = store, claim, what
+        self.lost: ClaimLost | None = None
+
+    def check(self) -> None:
+        """Raise :class:`ClaimLost` if the claim was taken over; an unreadable pointer (an outage) lets work go on.
+
+        Raises:
+            ClaimLost: the claim's pointer moved past it.
+        """
+        if self.lost is None:
+            try:
+                current = _claim_current(self.store, self.claim)
+            except (StorageError, CorruptObject):  # its writes meet the outage too; the lease has slack
+                return
+            if current:
+                return
+            self.lost = ClaimLost(lost_text(self.store, self.claim, self.what))
+            _log.warning("%s", self.lost)
+        raise self.lost
+
+
 class LeaseKeeper:
     """Renews the leases of the claims a pass holds, from a daemon thread, until :meth:`stop`.
 
-    A claim on a pointer (:meth:`hold_claim`) is renewed only while it is still this holder's: once another
-    process took it over (this one stalled past its lease), the keeper stops renewing it, its key goes to
-    :attr:`lost` and a warning names the new holder; :func:`release_claim` then returns ``False`` for it.
+    A claim on a pointer (:meth:`hold_claim`: the store's pass claim, a run's train-claim, a deletion request's
+    claim) is renewed only while it is still this holder's: once another process took it over (this one stalled
+    past its lease), the keeper stops renewing it, its key goes to :attr:`lost` and a warning names the new holder;
+    :func:`release_claim` then returns ``False`` for it. The holder's work asks :meth:`check` at each safe point.
 
     Args:
         store: the ledger's store.
@@ -142,6 +221,8 @@ class LeaseKeeper:
     def __init__(self, store: ObjectStore, *, lease_s: float, holder: str) -> None:
         self.store, self.lease_s, self.holder = store, float(lease_s), holder
         self._claims: dict[str, tuple[int, str | None, PointerClaim | None]] = {}
+        # claim key -> wall time of its newest lease found still its own after the write
+        self._confirmed: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
@@ -149,6 +230,8 @@ class LeaseKeeper:
         self.failures = 0
         #: Keys of the pointer claims found taken over by another holder at a renewal (no longer renewed).
         self.lost: list[str] = []
+        #: Set once any claim of :attr:`lost` was found lost.
+        self.lost_event = threading.Event()
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -158,7 +241,11 @@ class LeaseKeeper:
         self.stop()
 
     def hold(self, request_id: str, claim_version: int, *, folder: str | None = None) -> None:
-        """Start renewing a claim (renewed once now, so it is never younger than its claim)."""
+        """Start renewing a claim, unchecked (renewed once now, so it is never younger than its claim).
+
+        A claim with a pointer is held with :meth:`hold_claim` instead, whose renewals check it is still this
+        holder's.
+        """
         with self._lock:
             self._claims[request_id] = (claim_version, folder, None)
         renew(
@@ -166,12 +253,18 @@ class LeaseKeeper:
         )
 
     def hold_claim(self, claim: PointerClaim) -> bool:
-        """Start renewing a claim on a pointer (renewed once now); ``False`` if it was taken over already."""
+        """Start renewing a claim on a pointer (renewed once now); ``False`` if it was taken over already.
+
+        Raises:
+            StorageError: the first renewal could not be made (an outage).
+        """
         with self._lock:
             self._claims[claim.key] = (claim.version, claim.folder, claim)
         return self._renew_claim(claim)
 
     def release(self, request_id: str) -> None:
+        """Stop renewing a claim: before the holder's own write that moves its pointer (a settle), not after, else a
+        renewal in between would find it moved and call it lost."""
         with self._lock:
             self._claims.pop(request_id, None)
 
@@ -180,15 +273,44 @@ class LeaseKeeper:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
 
-    def _renew_claim(self, claim: PointerClaim) -> bool:
-        lease = renew_claim(self.store, claim, holder=self.holder, lease_s=self.lease_s)
-        if lease is not None:
-            return True
+    def check(self, claim: PointerClaim) -> bool:
+        """Whether ``claim``, held here, is still this holder's: the safe-point check of its work.
+
+        No read while its newest lease is younger than half the lease (no taker can have judged it lapsed, clocks
+        agreeing to within that); else the pointer is read once. A claim found lost goes to :attr:`lost`, as at a
+        renewal. An unreadable pointer (an outage) answers ``True``: the work's own writes meet the outage too.
+        """
         with self._lock:
-            if self._claims.get(claim.key, (None, None, None))[2] == claim:
-                del self._claims[claim.key]
+            if claim.key in self.lost and self._claims.get(claim.key, (None, None, None))[2] != claim:
+                return False
+            if time.time() - self._confirmed.get(claim.key, float("-inf")) < self.lease_s / 2:
+                return True
+        try:
+            if _claim_current(self.store, claim):
+                return True
+        except (StorageError, CorruptObject):
+            return True
+        return not self._lose(claim)
+
+    def _renew_claim(self, claim: PointerClaim) -> bool:
+        lease = _renew_if_current(self.store, claim, holder=self.holder, lease_s=self.lease_s)
+        if lease is not None:
+            with self._lock:
+                self._confirmed[claim.key] = lease.renewed_at
+            return True
+        return not self._lose(claim)
+
+    def _lose(self, claim: PointerClaim) -> bool:
+        """Note ``claim`` lost, unless this holder released it meanwhile (then its own write moved the pointer)."""
+        with self._lock:
+            if self._claims.get(claim.key, (None, None, None))[2] != claim:
+                return False
+            del self._claims[claim.key]
+            self._confirmed.pop(claim.key, None)
             self.lost.append(claim.key)
-        return False
+            self.lost_event.set()
+        _claim_lost(self.store, claim)
+        return True
 
     def _loop(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
@@ -209,7 +331,7 @@ class LeaseKeeper:
                             folder=folder,
                         )
                     self.renewals += 1
-                except StorageError:  # an outage: the next renewal tries again; the lease has slack
+                except (StorageError, CorruptObject):  # an outage: the next renewal tries again; the lease has slack
                     self.failures += 1
 
 
@@ -222,15 +344,17 @@ class PointerClaim:
 
     ``version``: the pointer version this claim wrote; its lease is ``<key>-leases/c<version>.json``
     (:func:`lease_key`), so a former holder that wakes up late never renews its successor's claim.
+    ``leases``: another folder of its leases (a deletion request's: ``ledger/leases/<request>``).
     """
 
     key: str
     version: int
     holder: dict[str, Any]
+    leases: str | None = None
 
     @property
     def folder(self) -> str:
-        return claim_leases(self.key)
+        return self.leases or claim_leases(self.key)
 
 
 def claim_leases(key: str) -> str:
@@ -341,13 +465,20 @@ def renew_claim(store: ObjectStore, claim: PointerClaim, *, holder: str, lease_s
     Raises:
         StorageError: the pointer could not be read or the lease written (an outage: try again later).
     """
+    lease = _renew_if_current(store, claim, holder=holder, lease_s=lease_s)
+    if lease is None:
+        _claim_lost(store, claim)
+    return lease
+
+
+def _renew_if_current(store: ObjectStore, claim: PointerClaim, *, holder: str, lease_s: float) -> Lease | None:
+    """:func:`renew_claim` without what follows a loss."""
     if _claim_current(store, claim):
         lease = renew(
             store, claim.key, claim_version=claim.version, holder=holder, lease_s=lease_s, folder=claim.folder
         )
         if _claim_current(store, claim):
             return lease
-    _claim_lost(store, claim)
     return None
 
 
@@ -374,9 +505,12 @@ def _claim_lost(store: ObjectStore, claim: PointerClaim) -> None:
     if current is not None:
         target = current.target
         who = target.get("holder") or target.get("command") or "another process"
-        state = (
-            "released" if "released_at" in target else f"held by {who}, pid {target.get('pid')} on {target.get('host')}"
-        )
+        if "status" in target:  # a deletion request's status
+            state = _holder_text(target)
+        elif "released_at" in target:
+            state = "released"
+        else:
+            state = f"held by {who}, pid {target.get('pid')} on {target.get('host')}"
         now = f"at version {current.version}: {state}"
     _log.warning(
         "claim %s version %d (pid %s on %s) was taken over: its holder did not renew its %.0f s lease in time (a "

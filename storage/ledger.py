@@ -48,6 +48,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -745,6 +747,25 @@ class DeletionLedger:
         except PointerConflict:  # it kept moving: others are claiming it
             return None
         return self.get(request_id) if written else None
+
+    def request_claim(self, claimed: RequestStatus, *, lease_s: float) -> lease.PointerClaim:
+        """A claim this caller took (:meth:`claim`) as a pointer claim: its status pointer and its leases' folder.
+
+        Held with :meth:`storage.lease.LeaseKeeper.hold_claim`, its renewals check that its ``claimed`` status is
+        still the newest (another pass takes it over once its lease lapsed), as those of every other claim do.
+        """
+        request_id = claimed.request_id
+        return lease.PointerClaim(
+            key=self._status_key(request_id),
+            version=claimed.version,
+            holder={
+                "holder": claimed.details.get("holder"),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "lease_s": float(lease_s),
+            },
+            leases=f"ledger/leases/{request_id}",
+        )
 
     def settle(
         self, request_id: str, *, claim_version: int, status: str, details: Mapping[str, Any]

@@ -1,0 +1,285 @@
+"""A holder whose claim was taken over (it stalled past its lease) stops its work at the next safe point.
+
+c1ee851 made a taken-over holder stop renewing its lease, but its work went on until its release (which returned
+``False``): a deletion pass wrote its batch record and settled, a training wrote its next checkpoints and published,
+while the new holder did the same. Now the work checks its claim at each safe point (a pass: before claiming each
+request, before its fan-out, its batch record and each settle; a training: before each checkpoint write, the
+registration and the publish, in the Ray worker itself) and stops there, writing nothing more, with one line:
+``claim on <pointer> (version v) was lost to <new holder> at <time>; <work> stopped without writing``.
+The claims a pass takes on deletion requests are renewed the same checked way (they were renewed blindly).
+
+Each holder is a real process, SIGSTOPped past its lease, taken over, then SIGCONTinued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.chains import ChainWorker
+from flows.settle import PASS_CLAIM_KEY
+from flows.train import run_spec
+from flows.unlearn import submit_deletion
+from storage import ObjectStore
+from storage.lease import LeaseKeeper, claim_free, claim_leases, lease_key, renew, take_claim
+from storage.ledger import CLAIMED, PENDING, DeletionLedger
+from storage.registry import RunRegistry, training_claim_key
+
+REPO = Path(__file__).resolve().parents[3]
+
+# One deletion pass with a 1 s lease, inside the store's pass claim ("pass") or alone ("request"), whose fan-out
+# (the real in-process unlearning) says "fanning" and waits for the test's go before it unlearns.
+_PASS = """
+import json, logging, os, sys, time
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+from actors.chains import ChainWorker
+from flows.settle import AttemptPolicy, run_pass, store_pass
+from storage import ObjectStore
+url, mode, go = sys.argv[1], sys.argv[2], sys.argv[3]
+worker = ChainWorker(url)
+
+def unlearn_runs(per_run):
+    print("fanning", flush=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {run: worker.unlearn(run, requests) for run, requests in per_run.items()}
+
+attempts = AttemptPolicy(lease_s=1.0, first_backoff_s=60.0)
+if mode == "pass":
+    with store_pass(ObjectStore(url), holder="stalled-pass", lease_s=1.0) as other:
+        assert other is None, other
+        result = run_pass(url, unlearn_runs=unlearn_runs, attempts=attempts, holder="stalled-pass")
+else:
+    result = run_pass(url, unlearn_runs=unlearn_runs, attempts=attempts, holder="stalled-pass")
+print(json.dumps(result, default=str), flush=True)
+"""
+
+
+@pytest.fixture
+def filed(any_store, tiny_run):
+    """Run r1 trained and registered in ``any_store``, and request req-1 for one of its ids filed."""
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=3, train_size=300, heldout_size=100))
+    ChainWorker(any_store).train(spec)
+    submit_deletion(any_store, [int(spec["train_ids"][0])], dataset="digits", request_id="req-1", emit=False)
+    return any_store
+
+
+def _stalled_pass(url: str, mode: str, tmp_path: Path, take_over) -> tuple[dict, str, object]:
+    """Run the pass, SIGSTOP it while it fans out, let its 1 s lease lapse, ``take_over()``, SIGCONT, let it end."""
+    go = tmp_path / "go"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _PASS, url, mode, str(go)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "fanning", holder.stderr.read()
+        os.kill(holder.pid, signal.SIGSTOP)
+        time.sleep(1.6)  # past its 1 s lease
+        taken = take_over()
+        os.kill(holder.pid, signal.SIGCONT)
+        time.sleep(1.5)  # six renewal periods of the woken holder before its fan-out returns
+        go.touch()
+        out, err = holder.communicate(timeout=180)
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.kill()
+            holder.wait()
+    assert holder.returncode == 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), err, taken
+
+
+def test_a_pass_whose_store_claim_was_taken_over_stops_before_its_batch_record_and_hands_its_requests_back(
+    filed, tmp_path
+):
+    url, store = filed, ObjectStore(filed)
+    ledger = DeletionLedger(store)
+    before = {}
+
+    def take_over():
+        before["claim"] = store.read_pointer(PASS_CLAIM_KEY)
+        assert before["claim"].target["holder"] == "stalled-pass"
+        return take_claim(store, PASS_CLAIM_KEY, holder={"host": "elsewhere", "pid": 4242, "holder": "the taker"})
+
+    result, err, taker = _stalled_pass(url, "pass", tmp_path, take_over)
+    # nothing written after the fan-out: no batch record, the request not settled but handed back (attempt not counted)
+    assert store.list("ledger/batches") == []
+    status = ledger.get("req-1")
+    assert status.status == PENDING and int(status.details["attempts"]) == 0, status
+    assert "lost its claim on the store" in status.details["handed_back"]["reason"]
+    assert result["settled"] == {"req-1": PENDING} and "req-1" not in result["lost"]
+    # said in one line, also the pass's result
+    said = [line for line in err.splitlines() if "stopped without writing" in line]
+    assert len(said) == 1, err
+    assert said[0].endswith(result["claim_lost"]), (said, result)
+    assert (
+        f"claim on {store.uri(PASS_CLAIM_KEY)} (version {before['claim'].version}) was lost to the taker, pid 4242 on "
+        f"elsewhere (version {taker.version}) at " in said[0]
+    )
+    assert "deletion pass stalled-pass (before recording its batch) stopped without writing" in said[0]
+    # the taker's claim untouched
+    current = store.read_pointer(PASS_CLAIM_KEY)
+    assert current.version == taker.version and current.target == taker.holder
+    assert store.list(claim_leases(PASS_CLAIM_KEY)) == [lease_key(PASS_CLAIM_KEY, taker.version, folder=taker.folder)]
+
+
+def test_a_request_claim_taken_over_while_its_pass_stalled_is_renewed_no_more_and_left_to_its_taker(filed, tmp_path):
+    url, store = filed, ObjectStore(filed)
+    ledger = DeletionLedger(store)
+    before = {}
+
+    def take_over():
+        before["status"] = ledger.get("req-1")
+        assert before["status"].status == CLAIMED and before["status"].details["holder"] == "stalled-pass"
+        taken = ledger.claim("req-1", holder="the taker", lease_s=1.0, max_attempts=3)
+        assert taken is not None and taken.version > before["status"].version
+        renew(store, "req-1", claim_version=taken.version, holder="the taker", lease_s=60.0)
+        return taken
+
+    result, err, taken = _stalled_pass(url, "request", tmp_path, take_over)
+    mine = before["status"].version
+    # no lease of the lost claim: neither renewed after the wake nor left behind
+    assert store.list("ledger/leases/req-1") == [lease_key("req-1", taken.version)]
+    now = ledger.get("req-1")
+    assert (now.status, now.version, now.details["holder"]) == (CLAIMED, taken.version, "the taker")
+    assert result["lost"] == ["req-1"] and result["settled"] == {} and "claim_lost" not in result
+    said = [line for line in err.splitlines() if "stopped without writing" in line]
+    assert len(said) == 1, err
+    status_uri = store.uri("ledger/status/req-1")
+    assert (
+        f"claim on {status_uri} (version {mine}) was lost to pass 'the taker' (version {taken.version}) at " in said[0]
+    )
+    assert "the erasure and settle of request req-1 stopped without writing" in said[0]
+    renewal = [line for line in err.splitlines() if "was taken over: its holder did not renew" in line]
+    assert len(renewal) == 1 and f"claim {status_uri} version {mine}" in renewal[0], err
+
+
+def test_a_request_claims_renewal_checks_the_claim_is_still_its_own(filed, caplog):
+    """The keeper of a pass's request claims: a claim taken over is noticed at its renewal, never renewed again."""
+    store = ObjectStore(filed)
+    ledger = DeletionLedger(store)
+    taken = ledger.claim("req-1", holder="a", lease_s=0.5, max_attempts=3)
+    mine = ledger.request_claim(taken, lease_s=0.5)
+    keeper = LeaseKeeper(store, lease_s=0.5, holder="a")  # not started: a pass whose renewals stalled
+    assert keeper.hold_claim(mine) and keeper.check(mine)
+    assert store.list("ledger/leases/req-1") == [lease_key("req-1", taken.version)]
+    time.sleep(0.7)
+    taker = ledger.claim("req-1", holder="b", lease_s=0.5, max_attempts=3)
+    assert taker is not None and taker.version > taken.version
+    with caplog.at_level(logging.WARNING, logger="storage.lease"), keeper:
+        deadline = time.monotonic() + 10
+        while not keeper.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert keeper.lost == [mine.key] and keeper.lost_event.is_set()
+        renewals = keeper.renewals
+        time.sleep(0.5)
+        assert keeper.renewals == renewals
+    assert not keeper.check(mine)
+    assert store.list("ledger/leases/req-1") == []
+    said = [r.getMessage() for r in caplog.records if "was taken over" in r.getMessage()]
+    assert len(said) == 1 and f"now at version {taker.version}: pass 'b'" in said[0], said
+    # a claim released by its own holder before its own write moves it is not lost
+    own = ledger.claim("req-1", holder="c", lease_s=0.5, max_attempts=3)  # b renewed nothing: lapsed
+    assert own is not None
+    keeper2 = LeaseKeeper(store, lease_s=0.4, holder="c")
+    with keeper2:
+        claim = ledger.request_claim(own, lease_s=0.4)
+        assert keeper2.hold_claim(claim)
+        keeper2.release(claim.key)
+        assert ledger.settle("req-1", claim_version=own.version, status=PENDING, details={}) is not None
+        time.sleep(0.5)
+    assert keeper2.lost == [] and keeper2.check(claim)
+
+
+# ----- a training: the Ray worker stops writing once the claim it trains under was taken over --------------------
+
+# epochs that make one block of 50 digits take a few seconds, so blocks remain to be trained after a 20 s stall
+SLOW_EPOCHS = 500
+BLOCKS = 12
+
+
+def _chain_blocks(store: ObjectStore, run_id: str) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for key in store.list(f"runs/{run_id}/chains"):
+        if key.endswith(".pt"):
+            out.setdefault(key.split("/")[3], []).append(int(key[-7:-3]))
+    return {chain: sorted(blocks) for chain, blocks in out.items()}
+
+
+@pytest.mark.slow
+def test_a_training_whose_driver_stalled_and_was_taken_over_writes_no_further_checkpoint(
+    any_store, prefect_api_url, tiny_run
+):
+    """A real `obliviate train`: its process (which renews the claim) SIGSTOPped, its Ray worker training on."""
+    url, store = any_store, ObjectStore(any_store)
+    options = tiny_run(blocks=BLOCKS, train_size=600, heldout_size=100)
+    words = ["--data", options["data"], "--model", options["model"], "--blocks", str(BLOCKS)]
+    words += ["--epochs", str(SLOW_EPOCHS), "--batch-size", str(options["batch_size"])]
+    words += ["--lr", str(options["learning_rate"]), "--schedule", options["schedule"]]
+    words += ["--train-size", str(options["train_size"]), "--heldout-size", str(options["heldout_size"])]
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    env |= {"PYTHONPATH": str(REPO), "PREFECT_API_URL": prefect_api_url, "PYTHONUNBUFFERED": "1"}
+    train = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "train", "--store", url, "--run-id", "rt", *words],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    key = training_claim_key("rt")
+    try:
+        deadline = time.monotonic() + 300
+        while not any(1 in blocks for blocks in _chain_blocks(store, "rt").values()):
+            assert train.poll() is None, train.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint 1 of rt in 300 s"
+            time.sleep(0.2)
+        os.kill(train.pid, signal.SIGSTOP)  # the driver stalls; its Ray worker trains and writes on
+        stalled = store.read_pointer(key)
+        deadline = time.monotonic() + 60
+        while not claim_free(store, stalled, gone=None, now=time.time()):  # its 20 s lease, unrenewed, lapses
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        taker = take_claim(store, key, holder={"host": "elsewhere", "pid": 4242, "command": "the taker"})
+        at_take_over = _chain_blocks(store, "rt")
+        time.sleep(15)  # the worker, alone, would write several more blocks meanwhile
+        after = _chain_blocks(store, "rt")
+        os.kill(train.pid, signal.SIGCONT)
+        _, err = train.communicate(timeout=180)
+    finally:
+        if train.poll() is None:
+            os.kill(train.pid, signal.SIGCONT)
+            train.kill()
+            train.wait()
+    (chain,) = at_take_over
+    # at most the checkpoint whose write was under way at the take-over lands after it; nothing later, no version
+    assert after == _chain_blocks(store, "rt"), (after, _chain_blocks(store, "rt"))
+    assert len(after[chain]) <= len(at_take_over[chain]) + 1, (at_take_over, after)
+    assert after[chain][-1] < BLOCKS, after
+    assert RunRegistry(store).current("rt") is None and not RunRegistry(store).is_registered("rt")
+    current = store.read_pointer(key)
+    assert current.version == taker.version and current.target == taker.holder  # its release refused
+    assert train.returncode != 0 and "Traceback" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if "stopped without writing" in line]
+    assert said, err[-3000:]
+    assert all(
+        f"claim on {store.uri(key)} (version {stalled.version}) was lost to the taker, pid 4242 on elsewhere "
+        f"(version {taker.version}) at "
+        in line
+        and "the training of run rt stopped without writing" in line
+        for line in said
+    ), said
