@@ -63,7 +63,7 @@ from flows.runtime import writable_folder
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError, ObliviateError
 from obliviate.extraction.active import AUDIT_SELECTOR
-from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOptions
+from obliviate.extraction.attackers import ATTACKERS, DEFAULT_ATTACKER, AttackOptions, step_cap_shortfall
 from obliviate.extraction.audit import (
     DEFAULT_SEEDS,
     SEED_BUDGETS,
@@ -453,6 +453,16 @@ def _cell_name(cell: dict) -> str:
     return f"{cell['attack']}/{cell['selector']} k={cell['budget']} seed={cell['seed']}"
 
 
+def _cut_short(config: dict) -> str | None:
+    """:func:`step_cap_shortfall` of the audit ``config`` (its ``attack_options.max_steps`` is ``--attack-steps``)."""
+    attack = config.get("attack_options") or {}
+    if "max_steps" not in attack:
+        return None
+    return step_cap_shortfall(
+        attackers=config["attackers"], budgets=config["budgets"], attack_steps=int(attack["max_steps"])
+    )
+
+
 @task(cache_policy=NO_CACHE)
 def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: dict) -> dict:
     """Write steal.json, steal.md and steal.png; returns their paths (``json``, ``markdown``, ``png``) and
@@ -474,6 +484,8 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
     too_small = (
         [] if unreached is None else [f"**The budgets were too small to show the threat:** {unreached}. {rerun}", ""]
     )
+    cut_short = _cut_short(config)
+    starved = [] if cut_short is None else [f"**Attackers cut short:** {cut_short}.", ""]
     headline = headline_sentence(at90=reach[0.9], at95=reach[0.95])
     md = [
         "# Model-extraction audit",
@@ -481,6 +493,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         headline,
         "",
         *too_small,
+        *starved,
         (
             f"Target: `{setup.target}` (accuracy on the {len(setup.test_labels)} test images: "
             f"{100 * setup.target_accuracy:.2f} %). Pool: {setup.pool.n} images; {_answers(config)}."
@@ -519,6 +532,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
         "pool_class_histogram": setup.pool_histogram,
         "pool_mean_entropy": setup.pool_entropy,
         "overlap_warning": setup.overlap_warning,
+        "attackers_cut_short": cut_short,
         "split": setup.split,
         "forgotten_rows_left_out": setup.forgotten_left_out,
         "strongest": {"attacker": best[0], "selector": best[1]},
@@ -835,6 +849,9 @@ def steal_flow(
         target_output=target_output,
     )
     check_output(out)  # created only when the report is written
+    cut_short = step_cap_shortfall(attackers=attackers, budgets=budgets, attack_steps=attack_steps)
+    if cut_short is not None:  # said before the cells run (minutes), and again in steal.md and steal.json
+        get_run_logger().warning("attackers cut short: %s.", cut_short)
     train = TrainConfig(arch=substitute, steps=steps)
     options = AttackOptions(
         arch=substitute,

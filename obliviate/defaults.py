@@ -79,6 +79,9 @@ DEFAULT_SEEDS = 2
 # The defaults of obliviate.extraction.attackers.AttackOptions that ``obliviate steal`` has options for
 # (the dataclass takes its defaults from here).
 ATTACK_MAX_STEPS = 1200
+#: The least supervised steps the attackers' own schedule trains (AttackOptions.min_steps: min_steps + 2 per bought
+#: image, at most max_steps): an --attack-steps below it cuts that schedule at every budget, and steal warns.
+ATTACK_MIN_STEPS = 400
 ATTACK_ROUNDS = 2
 ATTACK_CONSISTENCY_STEPS = 1200
 ATTACK_ROUND_STEPS = 600

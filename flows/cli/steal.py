@@ -30,6 +30,7 @@ from obliviate.defaults import (
     ADAPTIVE_FROM_BUDGET,
     ATTACK_CONSISTENCY_STEPS,
     ATTACK_MAX_STEPS,
+    ATTACK_MIN_STEPS,
     ATTACK_ROUND_STEPS,
     ATTACK_ROUNDS,
     AUDIT_SELECTOR,
@@ -145,7 +146,9 @@ def steal_command(
         option(
             "--attack-steps",
             parser=integer,
-            help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {ATTACK_MAX_STEPS})",
+            help=f"most supervised steps of augmented / pseudo_label / semi_supervised (default {ATTACK_MAX_STEPS}); "
+            f"below {ATTACK_MIN_STEPS}, the least their own schedule trains, they are cut short and the log and "
+            "steal.md say so",
         ),
     ] = ATTACK_MAX_STEPS,
     rounds: Annotated[

@@ -14,6 +14,7 @@ from obliviate.extraction.attackers import (
     Substitute,
     attacker,
     get_attacker,
+    step_cap_shortfall,
     train_substitute,
 )
 from obliviate.extraction.audit import (
@@ -198,6 +199,7 @@ __all__ = [
     "seed_reference",
     "selector",
     "semi_supervised_ensemble",
+    "step_cap_shortfall",
     "strongest",
     "summarize",
     "targets_tensor",
