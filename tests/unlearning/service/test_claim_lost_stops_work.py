@@ -32,6 +32,7 @@ from storage import ObjectStore
 from storage.lease import LeaseKeeper, claim_free, claim_leases, lease_key, renew, take_claim
 from storage.ledger import CLAIMED, PENDING, DeletionLedger
 from storage.registry import RunRegistry, training_claim_key
+from tests.unlearning.service.chain_files import chain_blocks
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -212,14 +213,6 @@ SLOW_EPOCHS = 500
 BLOCKS = 12
 
 
-def _chain_blocks(store: ObjectStore, run_id: str) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for key in store.list(f"runs/{run_id}/chains"):
-        if key.endswith(".pt"):
-            out.setdefault(key.split("/")[3], []).append(int(key[-7:-3]))
-    return {chain: sorted(blocks) for chain, blocks in out.items()}
-
-
 @pytest.mark.slow
 def test_a_training_whose_driver_stalled_and_was_taken_over_writes_no_further_checkpoint(
     any_store, prefect_api_url, tiny_run
@@ -244,7 +237,7 @@ def test_a_training_whose_driver_stalled_and_was_taken_over_writes_no_further_ch
     key = training_claim_key("rt")
     try:
         deadline = time.monotonic() + 300
-        while not any(1 in blocks for blocks in _chain_blocks(store, "rt").values()):
+        while not any(1 in blocks for blocks in chain_blocks(store, "rt").values()):
             assert train.poll() is None, train.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no checkpoint 1 of rt in 300 s"
             time.sleep(0.2)
@@ -255,9 +248,9 @@ def test_a_training_whose_driver_stalled_and_was_taken_over_writes_no_further_ch
             assert time.monotonic() < deadline
             time.sleep(0.2)
         taker = take_claim(store, key, holder={"host": "elsewhere", "pid": 4242, "command": "the taker"})
-        at_take_over = _chain_blocks(store, "rt")
+        at_take_over = chain_blocks(store, "rt")
         time.sleep(15)  # the worker, alone, would write several more blocks meanwhile
-        after = _chain_blocks(store, "rt")
+        after = chain_blocks(store, "rt")
         os.kill(train.pid, signal.SIGCONT)
         _, err = train.communicate(timeout=180)
     finally:
@@ -267,7 +260,7 @@ def test_a_training_whose_driver_stalled_and_was_taken_over_writes_no_further_ch
             train.wait()
     (chain,) = at_take_over
     # at most the checkpoint whose write was under way at the take-over lands after it; nothing later, no version
-    assert after == _chain_blocks(store, "rt"), (after, _chain_blocks(store, "rt"))
+    assert after == chain_blocks(store, "rt"), (after, chain_blocks(store, "rt"))
     assert len(after[chain]) <= len(at_take_over[chain]) + 1, (at_take_over, after)
     assert after[chain][-1] < BLOCKS, after
     assert RunRegistry(store).current("rt") is None and not RunRegistry(store).is_registered("rt")

@@ -14,15 +14,11 @@ The interrupted training is a real `obliviate train` subprocess stopped by SIGIN
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 from actors.chains import ChainWorker
 from flows.settle import run_pass
@@ -31,6 +27,7 @@ from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.ledger import DONE, DeletionLedger
 from storage.registry import RunRegistry
+from tests.unlearning.service.chain_files import chain_blocks, id_in_block, store_check_cli, wait_for_block
 
 REPO = Path(__file__).resolve().parents[3]
 # r1 (registered, trained in-process) and r-y (the interrupted CLI training) share the split and the block plan,
@@ -63,30 +60,6 @@ def _start_interrupted_training(url: str, prefect_api_url: str, tiny_run) -> sub
     )
 
 
-def _chain_blocks(store: ObjectStore, run_id: str = "r-y") -> dict[str, list[int]]:
-    """chain folder -> stored checkpoint blocks of ``run_id``."""
-    out: dict[str, list[int]] = {}
-    for key in store.list(f"runs/{run_id}/chains"):
-        if key.endswith(".pt"):
-            chain = key.split("/")[3]
-            out.setdefault(chain, []).append(int(key[-7:-3]))
-    return {chain: sorted(blocks) for chain, blocks in out.items()}
-
-
-def _wait_for_block(store: ObjectStore, process: subprocess.Popen, block: int, *, timeout: float = 240.0) -> str:
-    """Wait until r-y's chain holds checkpoint ``block``; its chain folder."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for chain, blocks in _chain_blocks(store).items():
-            if block in blocks:
-                return chain
-        if process.poll() is not None:
-            pytest.fail(f"the training ended before block {block}: {process.communicate()[1][-3000:]}")
-        time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"no checkpoint {block} of r-y within {timeout} s")
-
-
 def _interrupt(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
@@ -98,27 +71,6 @@ def _pass(url: str) -> dict:
     return run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
 
 
-def _id_in_block(store: ObjectStore, block: int, run_id: str = "r-y") -> int:
-    """A dataset id that ``run_id``'s stored block plan puts in ``block``."""
-    plan = store.get_json(f"runs/{run_id}/plan.json")
-    spec = store.get_json(f"runs/{run_id}/spec.json")
-    return int(spec["train_ids"][int(plan["blocks"][block - 1][0])])
-
-
-def _store_check(url: str, *extra: str) -> tuple[int, str, dict]:
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "store", "check", "--store", url, *extra],
-        cwd=REPO,
-        env=_env("http://127.0.0.1:9/api"),  # store check needs no Prefect
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done.returncode, done.stderr, json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_a_settled_request_deletes_what_an_interrupted_training_holds_of_its_ids(
     any_store, prefect_api_url, tiny_run
 ) -> None:
@@ -126,26 +78,26 @@ def test_a_settled_request_deletes_what_an_interrupted_training_holds_of_its_ids
     ChainWorker(url).train(run_spec(run_id="r1", split_seed=0, **tiny_run(**OPTIONS)))
     process = _start_interrupted_training(url, prefect_api_url, tiny_run)
     try:
-        chain = _wait_for_block(store, process, 2)
+        chain = wait_for_block(store, process, 2, "r-y")
         _interrupt(process)
     finally:
         if process.poll() is None:
             process.kill()
     assert not RunRegistry(store).is_registered("r-y")
-    stored = _chain_blocks(store)[chain]
+    stored = chain_blocks(store, "r-y")[chain]
     assert stored[:3] == [0, 1, 2], stored
 
     # No deleted id held yet: store check says the unfinished training as what it is, and the store is healthy.
-    code, said, report = _store_check(url)
+    code, said, report = store_check_cli(url)
     assert code == 0, said
     assert [(u["run"], u["chain"]) for u in report["unfinished_trainings"]] == [("r-y", chain)]
     assert "unfinished training: run r-y (not registered" in said and "MB" in said
 
-    victim = _id_in_block(store, 1)
+    victim = id_in_block(store, 1, "r-y")
     request = submit_deletion(url, [victim], dataset="digits", emit=False)["request_id"]
     assert _pass(url)["settled"] == {request: DONE}
 
-    left = _chain_blocks(store).get(chain, [])
+    left = chain_blocks(store, "r-y").get(chain, [])
     assert left == [0], f"checkpoints from block 1 on were trained on {victim}; left: {left}"
     details = DeletionLedger(store).get(request).details
     purged = details["interrupted_trainings"]["purged"]["r-y"][chain]
@@ -153,7 +105,7 @@ def test_a_settled_request_deletes_what_an_interrupted_training_holds_of_its_ids
     assert purged["ids_count"] == 1 and purged["bytes"] > 0
     assert "r1" in details["runs"]  # the registered run was unlearned as before
 
-    code, said, report = _store_check(url)
+    code, said, report = store_check_cli(url)
     assert code == 0, said
     assert report["deleted_ids_held"] == []
 
@@ -175,21 +127,21 @@ def test_store_check_reports_and_repairs_a_checkpoint_holding_a_deleted_id(
     ChainWorker(url).train(run_spec(run_id="r1", split_seed=0, **tiny_run(**OPTIONS)))
     process = _start_interrupted_training(url, prefect_api_url, tiny_run)
     try:
-        chain = _wait_for_block(store, process, 1)
-        victim = _id_in_block(store, 1)
+        chain = wait_for_block(store, process, 1, "r-y")
+        victim = id_in_block(store, 1, "r-y")
         request = submit_deletion(url, [victim], dataset="digits", emit=False)["request_id"]
         assert _pass(url)["settled"] == {request: DONE}
         details = DeletionLedger(store).get(request).details
         assert "r-y" in details["interrupted_trainings"]["left_to_training"]  # its claim was live: left to it
-        _wait_for_block(store, process, 2)
+        wait_for_block(store, process, 2, "r-y")
         _interrupt(process)
     finally:
         if process.poll() is None:
             process.kill()
-    stored = _chain_blocks(store)[chain]
+    stored = chain_blocks(store, "r-y")[chain]
     assert stored[:3] == [0, 1, 2], stored
 
-    code, said, report = _store_check(url)
+    code, said, report = store_check_cli(url)
     assert code == 1, said
     [held] = report["deleted_ids_held"]
     assert (held["run"], held["chain"], held["first_block"], held["ids_count"]) == ("r-y", chain, 1, 1)
@@ -197,9 +149,9 @@ def test_store_check_reports_and_repairs_a_checkpoint_holding_a_deleted_id(
     assert "SPEC 5: run r-y (not registered" in said and f"chain {chain}" in said and request in said
     assert "from block 1" in said
 
-    code, said, report = _store_check(url, "--repair")
+    code, said, report = store_check_cli(url, "--repair")
     assert code == 0, said
     assert [(e["run"], e["chain"], e["first_block"]) for e in report["erased"]] == [("r-y", chain, 1)]
-    assert _chain_blocks(store)[chain] == [0]
+    assert chain_blocks(store, "r-y")[chain] == [0]
     assert report["deleted_ids_held"] == []
     assert [(u["run"], u["chain"], u["blocks"]) for u in report["unfinished_trainings"]] == [("r-y", chain, [0])]

@@ -20,10 +20,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 from actors.chains import ChainWorker
 from flows.reconcile import reconcile_flow
@@ -33,32 +30,13 @@ from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.check import check_store
 from storage.ledger import DONE, DeletionLedger
+from tests.unlearning.service.chain_files import chain_blocks, id_in_block, wait_for_block
 
 REPO = Path(__file__).resolve().parents[3]
 # r1 (trained in-process, registered) and r-y (the training that dies) share the split and the block plan, so an id
 # of r-y's block 1 is one r1 trained on too: a request for it is accepted and becomes done.
 OPTIONS = {"blocks": 3, "train_size": 300, "heldout_size": 100}
 SLOW_EPOCHS = 100  # a block of 100 digits takes a second or more: the kill lands before block 3 is stored
-
-
-def _chain_blocks(store: ObjectStore) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
-    for key in store.list("runs/r-y/chains"):
-        if key.endswith(".pt"):
-            out.setdefault(key.split("/")[3], []).append(int(key[-7:-3]))
-    return {chain: sorted(blocks) for chain, blocks in out.items()}
-
-
-def _wait_for_block(store: ObjectStore, process: subprocess.Popen, block: int) -> str:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        for chain, blocks in _chain_blocks(store).items():
-            if block in blocks:
-                return chain
-        if process.poll() is not None:
-            pytest.fail(f"the training ended before block {block}: {process.communicate()[1][-3000:]}")
-        time.sleep(0.1)
-    pytest.fail(f"no checkpoint {block} of r-y within 240 s")
 
 
 def _training(url: str, tiny_run) -> subprocess.Popen:
@@ -83,12 +61,6 @@ def _training(url: str, tiny_run) -> subprocess.Popen:
     return process
 
 
-def _id_in_block(store: ObjectStore, block: int) -> int:
-    plan = store.get_json("runs/r-y/plan.json")
-    spec = store.get_json("runs/r-y/spec.json")
-    return int(spec["train_ids"][int(plan["blocks"][block - 1][0])])
-
-
 def test_reconcile_deletes_what_a_dead_training_left_to_holds_of_a_settled_request(
     any_store, prefect_api_url, tiny_run
 ) -> None:
@@ -97,27 +69,27 @@ def test_reconcile_deletes_what_a_dead_training_left_to_holds_of_a_settled_reque
     worker.train(run_spec(run_id="r1", split_seed=0, **tiny_run(**OPTIONS)))
     process = _training(url, tiny_run)
     try:
-        chain = _wait_for_block(store, process, 1)
-        victim = _id_in_block(store, 1)
+        chain = wait_for_block(store, process, 1, "r-y")
+        victim = id_in_block(store, 1, "r-y")
         request = submit_deletion(url, [victim], dataset="digits", emit=False)["request_id"]
         settled = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
         assert settled["settled"] == {request: DONE}
         said = DeletionLedger(store).get(request).details["interrupted_trainings"]
         assert "r-y" in said["left_to_training"] and "purged" not in said  # its claim was live: left to it
-        _wait_for_block(store, process, 2)
+        wait_for_block(store, process, 2, "r-y")
         process.send_signal(signal.SIGKILL)  # the training dies: no release of its claim, nothing published
         process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=60)
-    stored = _chain_blocks(store)[chain]
+    stored = chain_blocks(store, "r-y")[chain]
     assert stored[:3] == [0, 1, 2], stored
     assert not store.exists("runs/r-y/current")
 
     result = reconcile_flow(store=url)
 
-    assert _chain_blocks(store).get(chain, []) == [0], "checkpoints from block 1 on were trained on the id"
+    assert chain_blocks(store, "r-y").get(chain, []) == [0], "checkpoints from block 1 on were trained on the id"
     swept = result["dead_trainings"]["purged"]["r-y"][chain]
     assert (swept["first_block"], swept["blocks"], swept["requests"]) == (1, [b for b in stored if b >= 1], [request])
     said = DeletionLedger(store).get(request).details["interrupted_trainings"]

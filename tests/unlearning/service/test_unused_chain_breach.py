@@ -14,7 +14,6 @@ The half-way retrain is a real ``ChainWorker.unlearn`` in a subprocess killed by
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -31,26 +30,12 @@ from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.ledger import DONE
 from storage.registry import RunRegistry
+from tests.unlearning.service.chain_files import chain_blocks, id_in_block, store_check_cli
 
 REPO = Path(__file__).resolve().parents[3]
 OPTIONS = {"blocks": 3, "train_size": 300, "heldout_size": 100}
 # epochs that make one block of 100 digits take a second or more, so the SIGKILL lands before block 3 is stored
 SLOW_EPOCHS = 100
-
-
-def _chain_blocks(store: ObjectStore, run_id: str = "r1") -> dict[str, list[int]]:
-    """chain folder -> stored checkpoint blocks of ``run_id``."""
-    out: dict[str, list[int]] = {}
-    for key in store.list(f"runs/{run_id}/chains"):
-        if key.endswith(".pt"):
-            out.setdefault(key.split("/")[3], []).append(int(key[-7:-3]))
-    return {chain: sorted(blocks) for chain, blocks in out.items()}
-
-
-def _id_in_block(store: ObjectStore, block: int, run_id: str = "r1") -> int:
-    plan = store.get_json(f"runs/{run_id}/plan.json")
-    spec = store.get_json(f"runs/{run_id}/spec.json")
-    return int(spec["train_ids"][int(plan["blocks"][block - 1][0])])
 
 
 def _retrain_killed_half_way(url: str, store: ObjectStore, request_id: str, victim: int) -> str:
@@ -63,7 +48,7 @@ def _retrain_killed_half_way(url: str, store: ObjectStore, request_id: str, vict
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            unlearning = [c for c, blocks in _chain_blocks(store).items() if c.startswith("u") and 2 in blocks]
+            unlearning = [c for c, blocks in chain_blocks(store, "r1").items() if c.startswith("u") and 2 in blocks]
             if unlearning:
                 process.send_signal(signal.SIGKILL)
                 process.communicate(timeout=60)
@@ -79,29 +64,14 @@ def _retrain_killed_half_way(url: str, store: ObjectStore, request_id: str, vict
     raise AssertionError  # unreachable
 
 
-def _store_check(url: str, *extra: str) -> tuple[int, str, dict]:
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "store", "check", "--store", url, *extra],
-        cwd=REPO,
-        env=env | {"PYTHONPATH": str(REPO), "PREFECT_API_URL": "http://127.0.0.1:9/api"},  # it needs no Prefect
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    return done.returncode, done.stderr, json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def test_store_check_reports_and_repairs_an_unlearning_chain_no_version_uses(any_store, tiny_run) -> None:
     url, store = any_store, ObjectStore(any_store)
     worker = ChainWorker(url)
     worker.train(run_spec(run_id="r1", split_seed=0, **tiny_run(**OPTIONS, epochs=SLOW_EPOCHS)))
-    first, second = _id_in_block(store, 1), _id_in_block(store, 2)
+    first, second = id_in_block(store, 1, "r1"), id_in_block(store, 2, "r1")
     submit_deletion(url, [first], dataset="digits", request_id="req-a", emit=False)
     stopped = _retrain_killed_half_way(url, store, "req-a", first)
-    assert _chain_blocks(store)[stopped][:2] == [1, 2]
+    assert chain_blocks(store, "r1")[stopped][:2] == [1, 2]
 
     # req-b comes in meanwhile: the next pass retrains from the same base without both ids, into another folder
     submit_deletion(url, [second], dataset="digits", request_id="req-b", emit=False)
@@ -110,9 +80,9 @@ def test_store_check_reports_and_repairs_an_unlearning_chain_no_version_uses(any
     registry = RunRegistry(store)
     used = {m.key for m in registry.manifest(registry.current("r1")).members.values()}
     assert not any(f"/chains/{stopped}/" in key for key in used), "the stopped retrain's chain is no version's"
-    stored = _chain_blocks(store)[stopped]
+    stored = chain_blocks(store, "r1")[stopped]
 
-    code, said, report = _store_check(url)
+    code, said, report = store_check_cli(url)
     assert code == 1, said
     [held] = report["deleted_ids_held"]
     # it left req-a's id out (its name is the hash of that set) and holds req-b's, stored from block 2 on
@@ -122,11 +92,11 @@ def test_store_check_reports_and_repairs_an_unlearning_chain_no_version_uses(any
     assert "SPEC 5: run r1 (an unlearning chain no version uses" in said and f"chain {stopped}" in said, said
     assert "req-b" in said and "from block 2" in said
 
-    code, said, report = _store_check(url, "--repair")
+    code, said, report = store_check_cli(url, "--repair")
     assert code == 0, said
     assert [(e["run"], e["chain"], e["first_block"]) for e in report["erased"]] == [("r1", stopped, 2)]
     assert report["deleted_ids_held"] == []
-    assert _chain_blocks(store).get(stopped, []) == [1]  # block 1 never saw req-b's id (a young orphan, kept)
+    assert chain_blocks(store, "r1").get(stopped, []) == [1]  # block 1 never saw req-b's id (a young orphan, kept)
     assert all(store.exists(key) for key in used)  # what the published version uses is untouched
     chain, _ = registry.load_chain(registry.current("r1"))
     assert chain.deleted_ids == {int(p) for p in registry.spec("r1").positions([first, second])[0]}
