@@ -62,3 +62,31 @@ def prefect_and_ray():
         finally:
             ray.shutdown()
             os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture
+def steal_served_run(prefect_and_ray, tmp_path):
+    """``steal_served_run(store_url, run_id)``: a tiny audit (random queries, basic attacker, budget 15 of a 100-image
+    pool) of ``run_id`` served by ``target serve``'s backend; the report's paths (json, markdown, ...)."""
+
+    def audit(store_url: str, run_id: str) -> dict:
+        from flows.audit import steal_flow
+        from flows.model_server import RunBackend, TargetServer
+
+        backend = RunBackend(store_url, run_id, refresh_s=0.0)
+        with TargetServer(backend=backend, info=backend.spec_info) as server:
+            return steal_flow(
+                target=server.url,
+                pool="digits",
+                seeds=1,
+                budgets=[15],
+                selectors=["random"],
+                attackers=["basic"],
+                pool_size=100,
+                test_size=80,
+                steps=10,
+                eps=[0.3],
+                out=str(tmp_path),
+            )
+
+    return audit

@@ -95,26 +95,9 @@ def test_info_of_the_other_run_declares_the_datasets_erased_rows(two_runs_one_da
     assert not set(erased) & {int(i) for i in [*pool, *test]}
 
 
-def test_steal_of_the_other_run_counts_the_datasets_erased_rows(two_runs_one_dataset, prefect_and_ray, tmp_path):
-    from flows.audit import steal_flow
-    from flows.model_server import RunBackend, TargetServer
-
+def test_steal_of_the_other_run_counts_the_datasets_erased_rows(two_runs_one_dataset, steal_served_run):
     url, erased, _ = two_runs_one_dataset
-    backend = RunBackend(url, "b", refresh_s=0.0)
-    with TargetServer(backend=backend, info=backend.spec_info) as server:
-        paths = steal_flow(
-            target=server.url,
-            pool="digits",
-            seeds=1,
-            budgets=[15],
-            selectors=["random"],
-            attackers=["basic"],
-            pool_size=100,
-            test_size=80,
-            steps=10,
-            eps=[0.3],
-            out=str(tmp_path),
-        )
+    paths = steal_served_run(url, "b")
     doc = json.loads(Path(paths["json"]).read_text())
     assert doc["forgotten_rows_left_out"] == len(erased)
     md = Path(paths["markdown"]).read_text()

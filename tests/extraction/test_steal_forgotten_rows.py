@@ -79,27 +79,10 @@ def test_info_declares_the_forgotten_ids_and_the_audit_split_leaves_them_out(ser
 
 
 def test_steal_of_a_served_run_says_how_many_forgotten_rows_it_left_out(
-    served_run_with_deletions, prefect_and_ray, tmp_path
+    served_run_with_deletions, steal_served_run
 ) -> None:
-    from flows.audit import steal_flow
-    from flows.model_server import RunBackend, TargetServer
-
     url, forgotten = served_run_with_deletions
-    backend = RunBackend(url, "r", refresh_s=0.0)
-    with TargetServer(backend=backend, info=backend.spec_info) as server:
-        paths = steal_flow(
-            target=server.url,
-            pool="digits",
-            seeds=1,
-            budgets=[15],
-            selectors=["random"],
-            attackers=["basic"],
-            pool_size=100,
-            test_size=80,
-            steps=10,
-            eps=[0.3],
-            out=str(tmp_path),
-        )
+    paths = steal_served_run(url, "r")
     doc = json.loads(Path(paths["json"]).read_text())
     assert doc["forgotten_rows_left_out"] == len(forgotten)
     assert "forgotten_indices" not in doc["target_meta"]  # counted, not copied into the report
