@@ -863,10 +863,19 @@ def _interrupted_training_lines(details: dict[str, Any]) -> list[str]:
         for chain, what in sorted(chains.items()):
             blocks = [int(b) for b in what.get("blocks") or []]
             count = what.get("ids_count")
+            swept_at = what.get("swept_at")
+            # A sweep deletes after the request settled (its training died later): say when, or the user reads
+            # a request "done" whose checkpoints were still stored until then as if they had gone at settle.
+            swept = (
+                f" (deleted by the reconcile sweep at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(swept_at))}, "
+                "after its training died)"
+                if isinstance(swept_at, (int, float))
+                else ""
+            )
             lines.append(
                 f"run {run_id} (an interrupted training, never published), chain {chain}: deleted {len(blocks)} "
                 f"checkpoint(s) ({_blocks_text(blocks)}, {_megabytes(int(what.get('bytes') or 0))}) trained on "
-                f"{count} of its ids; the checkpoints before block {what.get('first_block')} "
+                f"{count} of its ids{swept}; the checkpoints before block {what.get('first_block')} "
                 "never saw them, and rerunning its `obliviate train` resumes from them"
             )
     for run_id, left in sorted((erased.get("left_to_training") or {}).items()):

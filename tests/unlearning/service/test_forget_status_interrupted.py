@@ -9,6 +9,7 @@ read nothing of those checkpoints (probe 107, small items).
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -29,7 +30,19 @@ ERASED = {
                 "exclusions_known": True,
                 "bytes": 2_400_000,
             }
-        }
+        },
+        # deleted by a reconcile sweep after the request settled (storage.erasure.sweep_dead_trainings)
+        "r-z": {
+            "train": {
+                "chain": "train",
+                "first_block": 2,
+                "blocks": [2],
+                "ids_count": 1,
+                "exclusions_known": True,
+                "bytes": 1_200_000,
+                "swept_at": 1_764_700_000.0,
+            }
+        },
     },
     "left_to_training": {
         "r-live": {
@@ -73,6 +86,10 @@ def test_status_says_what_was_deleted_of_interrupted_trainings(settled, capsys, 
     [purged] = [line for line in lines if line.startswith("run r-y")]
     assert "chain train-x6ffce3a1ee88" in purged and "deleted 2 checkpoint(s) (blocks 1-2, 2.4 MB)" in purged, purged
     assert "trained on 1 of its ids;" in purged and "before block 1 never saw them" in purged, purged
+    assert "reconcile sweep" not in purged, purged  # deleted as the request settled
+    [swept] = [line for line in lines if line.startswith("run r-z")]
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_764_700_000.0))
+    assert f"trained on 1 of its ids (deleted by the reconcile sweep at {when}, after its training died);" in swept
     [live] = [line for line in lines if line.startswith("run r-live")]
     assert "was being trained when the request settled (obliviate train, pid 4242 on node-1)" in live, live
     assert "leaves its ids out" in live, live
