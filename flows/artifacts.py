@@ -198,6 +198,13 @@ def ledger_markdown(entry: Mapping[str, Any], history: Sequence[Mapping[str, Any
         f"| request to settled (s) | {took} |",
         f"| runs changed | {', '.join(sorted(details.get('runs') or {})) or '–'} |",
     ]
+    not_trained_on = [int(i) for i in details.get("not_trained_on") or []]
+    if not_trained_on:
+        # A request done with no run changed reads as "forgot nothing" unless the table says why (3786ebe).
+        held = ", ".join(map(str, not_trained_on[:20])) + (
+            f" … ({len(not_trained_on)} in all)" if len(not_trained_on) > 20 else ""
+        )
+        lines.append(f"| ids no run trained on (left out of every later training) | {held} |")
     if details.get("reason"):
         lines.append(f"| rejected because | {details['reason']} |")
     lines += ["", "## Status history", "", "| version | status | at (UTC) |", "|---|---|---|"]
@@ -224,6 +231,7 @@ def pass_rows(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "status": entry.get("status"),
                 "dataset": entry.get("dataset"),
                 "ids": len(entry.get("ids") or []),
+                "ids no run trained on": len(details.get("not_trained_on") or []),
                 "runs changed": ", ".join(sorted(details.get("runs") or {})) or "–",
                 "requested at (UTC)": utc_text(entry.get("requested_at")),
                 "settled at (UTC)": utc_text(details.get("finished_at") or entry.get("updated_at")),

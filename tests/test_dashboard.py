@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.artifacts import as_url, describe, ledger_markdown, publish_table, unlearning_rows
+from flows.artifacts import as_url, describe, ledger_markdown, pass_rows, publish_table, unlearning_rows
 from storage.ledger import CLAIMED, DONE, DeletionLedger
 from storage.objects import ObjectStore
 
@@ -186,6 +186,16 @@ def test_unlearning_record_and_ledger_entry_read_well(tmp_path):
     assert "| status | **done** |" in markdown and "| ids | 3, 5 |" in markdown
     for version, status in enumerate(("pending", "claimed", "done"), start=1):
         assert f"| {version} | {status} | 20" in markdown  # the status history, with UTC times
+    assert "no run trained on" not in markdown  # every id was trained on
+
+    # a request whose ids were held out of every run: done with no run changed, and the entry says why
+    ledger.append(request_id="req-2", ids=[7, 9], dataset="digits", reason="user asked")
+    ledger.transition("req-2", status=CLAIMED, details={"holder": "test"}, allowed_from=("pending",))
+    ledger.transition("req-2", status=DONE, details={"runs": {}, "not_trained_on": [7, 9]}, allowed_from=(CLAIMED,))
+    held_out = ledger.get("req-2").as_dict()
+    markdown = ledger_markdown(held_out, ledger.history("req-2"))
+    assert "| ids no run trained on (left out of every later training) | 7, 9 |" in markdown, markdown
+    assert [row["ids no run trained on"] for row in pass_rows([entry, held_out])] == [0, 2]
 
     text = describe(title="Unlearning record", lines=["one", ""], links={"ledger": store.uri("ledger")})
     assert text.startswith("# Unlearning record\n\none\n\n**Full reports:**\n\n- [ledger](file://")
