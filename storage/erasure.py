@@ -63,6 +63,17 @@ def training_chains(keys: Iterable[str]) -> dict[tuple[str, str], list[int]]:
     return {where: blocks for where, blocks in stored_chains(keys).items() if is_training_chain(where[1])}
 
 
+def unpublished_training_chains(store: ObjectStore) -> dict[tuple[str, str], list[int]]:
+    """:func:`training_chains` of the runs with no published version (interrupted first trainings).
+
+    One listing of ``runs/`` gives both the versions' pointers and the checkpoints: a pass and its sweep each
+    walk every stored checkpoint of every run once, not twice.
+    """
+    keys, pointers = store.list_keys_and_pointers("runs")
+    published = {key.split("/")[1] for key in pointers if key.endswith("/current")}
+    return {where: blocks for where, blocks in training_chains(keys).items() if where[0] not in published}
+
+
 def is_training_chain(chain: str) -> bool:
     """Whether chain folder ``chain`` is a training's (``train``, ``train-x<hash>``), not an unlearning's."""
     return _TRAINING_CHAIN.match(chain) is not None
@@ -347,12 +358,7 @@ class InterruptedTrainings:
 
     def chains(self) -> dict[tuple[str, str], list[int]]:
         if self._chains is None:
-            published = {key.split("/")[1] for key in self.store.list_pointers("runs") if key.endswith("/current")}
-            self._chains = {
-                where: blocks
-                for where, blocks in training_chains(self.store.list("runs")).items()
-                if where[0] not in published
-            }
+            self._chains = unpublished_training_chains(self.store)
         return self._chains
 
     def erase(self, request_id: str, dataset: str, ids: Iterable[int]) -> dict[str, Any]:
@@ -410,8 +416,7 @@ def sweep_dead_trainings(store: ObjectStore, *, command: str) -> dict[str, Any]:
     """
     from storage.ledger import DeletionLedger
 
-    published = {key.split("/")[1] for key in store.list_pointers("runs") if key.endswith("/current")}
-    chains = {where: b for where, b in training_chains(store.list("runs")).items() if where[0] not in published}
+    chains = unpublished_training_chains(store)
     if not chains:
         return {}
     deleted = settled_deletions(store)

@@ -227,13 +227,12 @@ class ObjectStore:
 
     def list(self, prefix: str = "") -> builtins.list[str]:
         """Committed keys under ``prefix`` (a folder-like prefix), sorted; half-written ones are hidden."""
-        names: set[str] = set(self._names_under(prefix))
-        keys = [
-            name[: -len(COMMIT_SUFFIX)]
-            for name in names
-            if name.endswith(COMMIT_SUFFIX) and _TMP_MARK not in name and name[: -len(COMMIT_SUFFIX)] in names
-        ]
-        return sorted(keys)
+        return _committed_keys(self._names_under(prefix))
+
+    def list_keys_and_pointers(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[str]]:
+        """:meth:`list` and :meth:`list_pointers` of ``prefix`` from one listing (one walk of a large folder)."""
+        names = self._names_under(prefix)
+        return _committed_keys(names), _pointer_keys(names)
 
     def delete(self, key: str) -> None:
         """Remove ``key``: its commit record first, so readers never see data without a record."""
@@ -510,12 +509,7 @@ class ObjectStore:
 
     def list_pointers(self, prefix: str = "") -> builtins.list[str]:
         """Keys of the pointers under ``prefix`` (e.g. one per ledger entry), sorted."""
-        keys: set[str] = set()
-        for relative in self._names_under(prefix):
-            parent, _, name = relative.rpartition("/")
-            if parent and _POINTER_VERSION.match(name):
-                keys.add(parent)
-        return sorted(keys)
+        return _pointer_keys(self._names_under(prefix))
 
     def container_exists(self) -> bool:
         """Whether the bucket (S3) or folder (local) the store lives in exists."""
@@ -963,6 +957,26 @@ def _refuse_empty_segment(url: str, scheme: str, path: str) -> None:
     raise ConfigError(
         f"a store URL must not have an empty path segment ('//' inside it): {why}; got {url!r}. Write {fixed}."
     )
+
+
+def _committed_keys(names: Iterable[str]) -> list[str]:
+    """The committed keys among stored ``names``, sorted: a key with its commit record, no temporary file."""
+    stored = set(names)
+    return sorted(
+        name[: -len(COMMIT_SUFFIX)]
+        for name in stored
+        if name.endswith(COMMIT_SUFFIX) and _TMP_MARK not in name and name[: -len(COMMIT_SUFFIX)] in stored
+    )
+
+
+def _pointer_keys(names: Iterable[str]) -> list[str]:
+    """The pointer keys among stored ``names`` (the folders of their ``vNNNNNNNNN.json`` versions), sorted."""
+    keys: set[str] = set()
+    for relative in names:
+        parent, _, name = relative.rpartition("/")
+        if parent and _POINTER_VERSION.match(name):
+            keys.add(parent)
+    return sorted(keys)
 
 
 def _strip(path: str, protocol: str) -> str:
