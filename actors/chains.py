@@ -52,7 +52,7 @@ from obliviate.unlearning.verification import verify as verification_figures
 from storage.background import BackgroundWriteError, BackgroundWriter
 from storage.errors import ObjectNotFound, PointerConflict, StorageError
 from storage.lease import ClaimGuard, ClaimLost, PointerClaim
-from storage.ledger import CLAIMED, DONE, PENDING, DeletionLedger, request_part
+from storage.ledger import DeletionLedger, request_part
 from storage.objects import ObjectInfo, ObjectStore
 from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
@@ -400,17 +400,14 @@ class ChainWorker:
         return batch_id
 
     def _accepted_requests(self, dataset: str) -> dict[str, list[int]]:
-        """Request id -> dataset ids of every deletion request on this store for ``dataset`` not refused.
+        """Request id -> dataset ids of every standing deletion request on this store for ``dataset``.
 
-        Pending and claimed requests count with done ones: their ids will be forgotten, so a run
-        trained now leaves them out rather than learning them first.
+        The ledger's one rule (:func:`storage.ledger.erased_ids`): pending, claimed and failed requests count
+        with done ones, since their ids will be forgotten, so a run trained now leaves them out rather than
+        learning them first.
         """
-        entries = self._io(DeletionLedger(self.registry.store).entries)
-        return {
-            entry.request_id: [int(i) for i in entry.request.get("ids", [])]
-            for entry in entries
-            if entry.request.get("dataset") == dataset and entry.status in (PENDING, CLAIMED, DONE)
-        }
+        ledger = DeletionLedger(self.registry.store)
+        return self._io(lambda: ledger.standing_requests(dataset))
 
     def _training_exclusions(self, run: RunSpec, plan: BlockPlan) -> TrainingExclusions:
         """What a training leaves out, and where its checkpoints go (:class:`TrainingExclusions`).

@@ -752,8 +752,8 @@ class RequestRuns:
         runs: the runs that trained on at least one of its ids (each retrains without them).
         not_trained_on: its ids that are rows of the dataset no registered run trained on (a run's held-out
             set, or never used): nothing to forget now. The request still stands for them: every later training
-            of the dataset leaves out the ids of every pending, claimed and done request
-            (:meth:`actors.chains.ChainWorker._accepted_requests`), these included.
+            of the dataset leaves out the ids of every pending, claimed, failed and done request
+            (:func:`storage.ledger.erased_ids`), these included.
     """
 
     runs: list[str]

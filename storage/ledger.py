@@ -66,6 +66,10 @@ _log = logging.getLogger(__name__)
 PENDING, CLAIMED, DONE, REJECTED = "pending", "claimed", "done", "rejected"
 FAILED, CANCELLED = "failed", "cancelled"
 TERMINAL = frozenset({DONE, REJECTED, FAILED, CANCELLED})
+#: States of a request whose ids are erased rows of its dataset (:func:`erased_ids`): ``done``, or accepted and not
+#: yet done (``pending``, ``claimed``, and ``failed``, which ``forget --retry`` puts back). A ``rejected`` or
+#: ``cancelled`` request erased nothing.
+STANDING = frozenset({PENDING, CLAIMED, DONE, FAILED})
 #: In a ``failed`` request's details: failed because its record cannot be read (:meth:`DeletionLedger.fail_unreadable`).
 DAMAGED_RECORD = "damaged_record"
 _CAS_ATTEMPTS = 20
@@ -127,6 +131,19 @@ class RequestStatus:
             "details": self.details,
             "updated_at": self.updated_at,
         }
+
+
+def erased_ids(entry: RequestStatus, dataset: str) -> list[int]:
+    """The dataset ids request ``entry`` erases from ``dataset``: its ids when it names it and stands, else none.
+
+    The one rule of which rows nothing may use again but the deletion itself (SPEC 5): no training learns them
+    (:meth:`actors.chains.ChainWorker._training_exclusions`), no audit queries them
+    (:class:`storage.serving.DatasetErasures`). A ``failed`` request stands: its unlearning failed, not its
+    erasure, so a training started before its retry must not learn the ids the retry then deletes.
+    """
+    if str(entry.request.get("dataset")) != dataset or entry.status not in STANDING:
+        return []
+    return [int(i) for i in entry.request.get("ids", [])]
 
 
 class DeletionLedger:
@@ -420,6 +437,15 @@ class DeletionLedger:
                 continue
             found.append(entry)
         return sorted(found, key=lambda entry: (entry.request.get("requested_at", 0.0), entry.request_id))
+
+    def standing_requests(self, dataset: str) -> dict[str, list[int]]:
+        """Request id -> the ids it erases from ``dataset`` (:func:`erased_ids`), for every standing request of it.
+
+        A request whose record cannot be read is left out with a warning (its ids are unknown here); ``obliviate
+        store check`` reports the damage and how to mend it.
+        """
+        standing = {entry.request_id: erased_ids(entry, dataset) for entry in self.entries()}
+        return {request_id: ids for request_id, ids in standing.items() if ids}
 
     def open_entries(self, *, stale_after_s: float) -> list[RequestStatus]:
         """Requests not settled: pending ones, and claims older than ``stale_after_s`` (a crashed worker)."""

@@ -37,7 +37,7 @@ from obliviate.unlearning.config import BlockTrainingConfig, model_from_state
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.rollback import ShardCheckpoints, plan_interim, rollback_block, served_floor
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict
-from storage.ledger import CANCELLED, CLAIMED, DONE, FAILED, PENDING, REJECTED, DeletionLedger
+from storage.ledger import CANCELLED, DONE, REJECTED, DeletionLedger, erased_ids
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
 
@@ -171,7 +171,8 @@ def served_model(registry: RunRegistry, run_id: str) -> nn.Module | None:
 class DatasetErasures:
     """The dataset ids whose erasure is requested: every id of every standing deletion request of one dataset.
 
-    The one rule of which rows nothing may use again but the deletion itself, audits included (``GET /info``'s
+    The ledger's one rule of which rows nothing may use again but the deletion itself
+    (:func:`storage.ledger.erased_ids`, the rule trainings leave out by too), audits included (``GET /info``'s
     ``forgotten_indices`` of a run server, the scheduled audit's target, so ``obliviate steal`` leaves them out
     of its pool and test set): a request the ledger holds ``done``, or accepted and not yet done (``pending``,
     ``claimed``, ``failed``, which ``--retry`` puts back), whether or not the audited run trained on its ids: a
@@ -184,8 +185,6 @@ class DatasetErasures:
         dataset: the dataset the runs were trained on (requests name it, ``forget --data``).
     """
 
-    #: Request states whose ids are erased rows.
-    STANDING = frozenset({PENDING, CLAIMED, DONE, FAILED})
     #: States a request never leaves (README "Request states"): its ids are read once.
     _FINAL = frozenset({DONE, REJECTED, CANCELLED})
 
@@ -215,8 +214,7 @@ class DatasetErasures:
                     self._unreadable_said.add(request_id)
                     _log.warning("deletion request %s: its ids cannot be read to leave them out (%s)", request_id, err)
                 continue
-            mine = str(entry.request.get("dataset")) == self.dataset and entry.status in self.STANDING
-            held = frozenset(int(i) for i in entry.request.get("ids", [])) if mine else frozenset()
+            held = frozenset(erased_ids(entry, self.dataset))
             if entry.status in self._FINAL:
                 with self._lock:
                     self._final[request_id] = held
