@@ -90,6 +90,12 @@ def live_training(store: ObjectStore, run_id: str) -> dict[str, Any] | None:
 def settled_deletions(store: ObjectStore) -> dict[str, dict[int, list[str]]]:
     """``dataset -> {dataset id -> [request ids]}`` of every ``done`` deletion request (read one at a time).
 
+    Narrower than the rows a training or an audit leaves out (:func:`storage.ledger.erased_ids`: pending, claimed
+    and failed requests too) on purpose: these are the ids a stored checkpoint must no longer hold, so a
+    checkpoint holding them is a breach (``store check``'s ``deleted_ids_held``) or a dead training's leftover to
+    delete (:func:`sweep_dead_trainings`). A request not yet ``done`` is still being deleted (or waits for
+    ``forget --retry``): its deletion pass, not a breach report, removes what the checkpoints hold of its ids.
+
     A request whose record cannot be read is skipped here; ``store check`` reports its damage.
     """
     from storage.ledger import DONE, DeletionLedger

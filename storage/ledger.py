@@ -136,10 +136,19 @@ class RequestStatus:
 def erased_ids(entry: RequestStatus, dataset: str) -> list[int]:
     """The dataset ids request ``entry`` erases from ``dataset``: its ids when it names it and stands, else none.
 
-    The one rule of which rows nothing may use again but the deletion itself (SPEC 5): no training learns them
+    The one rule of which rows nothing may use again but the deletion itself (SPEC 5: once X is deleted, no
+    stored checkpoint trained on X remains): no training learns them
     (:meth:`actors.chains.ChainWorker._training_exclusions`), no audit queries them
     (:class:`storage.serving.DatasetErasures`). A ``failed`` request stands: its unlearning failed, not its
     erasure, so a training started before its retry must not learn the ids the retry then deletes.
+    Which checkpoints are a breach is narrower (``done`` requests only: :func:`storage.erasure.settled_deletions`).
+
+    Args:
+        entry: one request of the ledger, as :meth:`DeletionLedger.get` reads it.
+        dataset: the dataset whose rows are asked about (requests name it, ``forget --data``).
+
+    Returns:
+        the request's ids when it names ``dataset`` and its status is in :data:`STANDING`, else ``[]``.
     """
     if str(entry.request.get("dataset")) != dataset or entry.status not in STANDING:
         return []
@@ -443,6 +452,15 @@ class DeletionLedger:
 
         A request whose record cannot be read is left out with a warning (its ids are unknown here); ``obliviate
         store check`` reports the damage and how to mend it.
+
+        Args:
+            dataset: the dataset (requests name it, ``forget --data``).
+
+        Returns:
+            request id -> its dataset ids, for each request in a :data:`STANDING` state that names ``dataset``.
+
+        Raises:
+            StorageError: the ledger could not be listed.
         """
         standing = {entry.request_id: erased_ids(entry, dataset) for entry in self.entries()}
         return {request_id: ids for request_id, ids in standing.items() if ids}

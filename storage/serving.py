@@ -172,7 +172,7 @@ class DatasetErasures:
     """The dataset ids whose erasure is requested: every id of every standing deletion request of one dataset.
 
     The ledger's one rule of which rows nothing may use again but the deletion itself
-    (:func:`storage.ledger.erased_ids`, the rule trainings leave out by too), audits included (``GET /info``'s
+    (:func:`storage.ledger.erased_ids`, the rule trainings follow too), audits included (``GET /info``'s
     ``forgotten_indices`` of a run server, the scheduled audit's target, so ``obliviate steal`` leaves them out
     of its pool and test set): a request the ledger holds ``done``, or accepted and not yet done (``pending``,
     ``claimed``, ``failed``, which ``--retry`` puts back), whether or not the audited run trained on its ids: a

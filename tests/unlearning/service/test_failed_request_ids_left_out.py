@@ -12,21 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from actors.chains import ChainWorker
+import storage.ledger as ledger_module
+from actors.chains import ChainWorker, exclusions_key
 from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
-from storage.ledger import (
-    CANCELLED,
-    CLAIMED,
-    DONE,
-    FAILED,
-    PENDING,
-    REJECTED,
-    DeletionLedger,
-    RequestStatus,
-    erased_ids,
-)
+from storage.ledger import CANCELLED, CLAIMED, DONE, FAILED, PENDING, REJECTED, DeletionLedger, RequestStatus
 from storage.registry import RunRegistry
 from storage.serving import DatasetErasures
 
@@ -43,8 +34,10 @@ def test_which_requests_erase_their_ids(status: str, erased: bool) -> None:
         version=1,
         updated_at=0.0,
     )
-    assert erased_ids(entry, "digits") == ([4, 9] if erased else [])
-    assert erased_ids(entry, "mnist") == []  # another dataset's rows
+    # read through the module: on code without the one rule only this test fails, not the training one below
+    assert (status in ledger_module.STANDING) is erased
+    assert ledger_module.erased_ids(entry, "digits") == ([4, 9] if erased else [])
+    assert ledger_module.erased_ids(entry, "mnist") == []  # another dataset's rows
 
 
 def test_a_training_leaves_out_a_failed_requests_ids(tmp_path: Path, tiny_run) -> None:
@@ -68,5 +61,7 @@ def test_a_training_leaves_out_a_failed_requests_ids(tmp_path: Path, tiny_run) -
     )
 
     assert later["left_out_for_requests"] == [request_id] and later["left_out_ids"] == 2, later
+    exclusions = store.get_json(exclusions_key("after"))
+    assert exclusions["requests"] == [request_id] and exclusions["positions"] == [10, 150], exclusions
     current = RunRegistry(store).current("after")
     assert current is not None and sorted(current.deleted_ids) == sorted(ids)
