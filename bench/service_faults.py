@@ -317,7 +317,7 @@ def serve_cases(work: Path, api_url: str, repeats: int, lease_s: float, log) -> 
             )
     finally:
         _stop_serve(process)
-        shutdown_pools()
+        shutdown_pools(url)
     verdict = _verdict(url, ["run-a"], expected)
     for case in cases:
         case.update(verdict)
@@ -376,7 +376,7 @@ def local_cases(work: Path, repeats: int, moto_port: int, log) -> list[dict[str,
         }
         case.update(_verdict(url, ["run-a"], {request: DONE}))
         cases.append(case)
-        shutdown_pools()
+        shutdown_pools(url)
 
     for repeat in range(repeats):
         url = _trained_copy(template, work, f"flip-{repeat}")
@@ -410,7 +410,7 @@ def local_cases(work: Path, repeats: int, moto_port: int, log) -> list[dict[str,
         }
         case.update(_verdict(url, ["run-a"], {request: DONE}))
         cases.append(case)
-        shutdown_pools()
+        shutdown_pools(url)
 
     for repeat in range(repeats):
         url = _trained_copy(template, work, f"race-{repeat}")

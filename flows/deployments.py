@@ -539,8 +539,9 @@ class ServiceWatcher:
         self.wakeups.put(None)
         if self.listener is not None:
             self.listener.stop()
-        # the pool's workers, in both dispatch modes: runner flow runs start them in this Ray runtime too
-        self._guarded("stopping the worker pool", shutdown_pools)
+        # the pool's workers, in both dispatch modes: runner flow runs start them in this Ray runtime too.
+        # Only this store's: other stores' serves on a shared Ray cluster keep theirs warm.
+        self._guarded("stopping the worker pool", lambda: shutdown_pools(self.store.url))
         heartbeat, dispatcher = self._threads
         heartbeat.join(timeout=10)
         # The pass under way ends once its workers are gone. When the Ray runtime itself is gone (a

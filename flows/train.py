@@ -60,10 +60,15 @@ def remote_worker(store: str, *, name: str, retries: int = 2):
     return worker_class.options(name=name, namespace=RAY_NAMESPACE, lifetime=None).remote(store)
 
 
+def pool_name_prefix(store: str) -> str:
+    """What the names of ``store``'s pooled workers start with: ``pool/<first 10 hex of sha256(store URL)>/``."""
+    digest = hashlib.sha256(ObjectStore(store).url.encode()).hexdigest()[:10]
+    return f"pool/{digest}/"
+
+
 def pool_actor_name(store: str, index: int) -> str:
     """Name of the ``index``-th pooled unlearning worker of ``store``."""
-    digest = hashlib.sha256(ObjectStore(store).url.encode()).hexdigest()[:10]
-    return f"pool/{digest}/{index}"
+    return f"{pool_name_prefix(store)}{index}"
 
 
 def worker_pool(store: str, size: int) -> list:
@@ -118,33 +123,42 @@ def warm_pool(store: str, *, size: int | None = None, run_ids: list[str] | None 
     return list(ray.get([actor.warm.remote(run_ids) for actor in actors]))
 
 
-def shutdown_pools(*, timeout_s: float = 10.0) -> int:
-    """Kill every pooled worker in this Ray runtime (``serve`` does this on exit); returns how many.
+def shutdown_pools(store: str, *, timeout_s: float = 10.0) -> int:
+    """Kill ``store``'s pooled workers in this Ray runtime (``serve`` does this on exit); returns how many.
+
+    Only that store's pool: on a shared Ray cluster (``RAY_ADDRESS``) the serves of other stores
+    keep their warm pools (they killed them before, and their next unlearning paid the actor start
+    and torch warm-up again, or a call under way on a killed worker was retried or failed).
 
     Gives up after ``timeout_s``: a SIGTERM to serve's process group stops its local Ray too, and a
     call to a GCS that is going away waits 60 s for it to come back. Its workers go with it.
+
+    Args:
+        store: the store whose pool is stopped.
+        timeout_s: how long to wait for the kills.
     """
     import threading
 
     from flows.runtime import ray_gcs_answers
 
+    prefix = pool_name_prefix(store)
     if not ray_gcs_answers():
         return 0
     killed: list[int] = []
-    worker = threading.Thread(target=lambda: killed.append(_kill_pools()), name="stop-pools", daemon=True)
+    worker = threading.Thread(target=lambda: killed.append(_kill_pools(prefix)), name="stop-pools", daemon=True)
     worker.start()
     worker.join(timeout_s)
     return killed[0] if killed else 0
 
 
-def _kill_pools() -> int:
+def _kill_pools(prefix: str) -> int:
     import ray
 
     killed = 0
     # Ray stopping with serve's process group cancels these calls (RpcError CANCELLED): its workers go with it.
     with contextlib.suppress(Exception):
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["namespace"] == RAY_NAMESPACE and actor["name"].startswith("pool/"):
+            if actor["namespace"] == RAY_NAMESPACE and actor["name"].startswith(prefix):
                 ray.kill(ray.get_actor(actor["name"], namespace=RAY_NAMESPACE), no_restart=True)
                 killed += 1
     return killed

@@ -182,14 +182,18 @@ def ray_address(moto_endpoint):
 
 @pytest.fixture(autouse=True)
 def _no_pooled_workers_left():
-    """Pooled unlearning workers are detached: stop each test's pool so the next starts clean."""
+    """Pooled unlearning workers are detached: stop each test's pools so the next starts clean.
+
+    Every store's pool (prefix ``pool/``), not one store's as :func:`flows.train.shutdown_pools` does:
+    a test's stores (tmp_path, fresh buckets) are not known here, and this session's Ray runtime is its own.
+    """
     yield
     import ray
 
     if ray.is_initialized():
-        from flows.train import shutdown_pools
+        from flows.train import _kill_pools
 
-        shutdown_pools()
+        _kill_pools("pool/")
 
 
 @pytest.fixture
