@@ -28,13 +28,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_jobs_accepted(address: str, env: dict) -> None:
-    """The dashboard answers before its job agent is up; a trivial job tells when jobs run."""
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: held open together, so two of them can never be the same port."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+class HeadDied(RuntimeError):
+    """The ``ray start`` head exited while starting (e.g. its dashboard agent lost a port race)."""
+
+
+def wait_until_jobs_accepted(address: str, env: dict, head: subprocess.Popen | None = None) -> None:
+    """The dashboard answers before its job agent is up; a trivial job tells when jobs run.
+
+    Raises :class:`HeadDied` as soon as ``head`` exits: waiting out the 150 s for a dead head only hides why.
+    """
     from ray.job_submission import JobSubmissionClient
 
     deadline = time.monotonic() + 150
     last_error: Exception | None = None
     while time.monotonic() < deadline:
+        if head is not None and head.poll() is not None:
+            raise HeadDied(f"the Ray head at {address} exited with {head.returncode} while starting: {last_error}")
         try:
             client = JobSubmissionClient(address)
             job_id = client.submit_job(entrypoint="true")
@@ -65,7 +83,7 @@ def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) ->
 
     ``extra``: more ``ray start`` options, e.g. ``--autoscaling-config=FILE``.
     """
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, agent_port, agent_grpc_port, runtime_env_port, metrics_port, client_port = free_ports(7)
     # --block keeps `ray start` in the foreground as the parent of this head's processes, so the
     # teardown stops exactly this head (its process group), never another Ray on the machine.
     head = subprocess.Popen(
@@ -78,11 +96,11 @@ def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) ->
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
             # Ray's fixed default agent ports collide with any other Ray on the machine.
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={agent_port}",
+            f"--dashboard-agent-grpc-port={agent_grpc_port}",
+            f"--runtime-env-agent-port={runtime_env_port}",
+            f"--metrics-export-port={metrics_port}",
+            f"--ray-client-server-port={client_port}",
             "--num-cpus=2",
             f"--temp-dir={temp_dir}",
             "--disable-usage-stats",
@@ -111,19 +129,33 @@ def ray_head_env(**settings: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def jobs_head(temp_dir: Path, env: dict) -> Iterator[str]:
-    """A head without auth that accepts jobs (this process's SDK client without auth too): its dashboard address."""
-    head, address = start_ray_head(temp_dir, env)
+    """A head without auth that accepts jobs (this process's SDK client without auth too): its dashboard address.
+
+    A head that dies while starting is started again on fresh ports, twice at most: a port picked free can be
+    taken by another process before Ray binds it (CI once saw the dashboard agent fail to bind, the raylet exit,
+    and the start wait out its 150 s).
+    """
     previous_auth = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the SDK client in this process must match the head
+    head: subprocess.Popen | None = None
     try:
-        wait_until_jobs_accepted(address, env)
+        for attempt in range(3):
+            head, address = start_ray_head(temp_dir, env)
+            try:
+                wait_until_jobs_accepted(address, env, head)
+                break
+            except HeadDied:
+                stop_process_group(head)
+                if attempt == 2:
+                    raise
         yield address
     finally:
         if previous_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth
-        stop_process_group(head)
+        if head is not None:
+            stop_process_group(head)
 
 
 @pytest.fixture(scope="module")
