@@ -209,7 +209,7 @@ def test_a_request_claims_renewal_checks_the_claim_is_still_its_own(filed, caplo
 # ----- a training: the Ray worker stops writing once the claim it trains under was taken over --------------------
 
 # epochs that make one block of 50 digits take a few seconds, so blocks remain to be trained after a 20 s stall
-SLOW_EPOCHS = 500
+SLOW_EPOCHS = 1500  # CI once stored all 12 blocks at 500 before the lease lapsed
 BLOCKS = 12
 
 
