@@ -175,10 +175,15 @@ def unlearning_lines(entry: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _first_ids(ids: Sequence[Any]) -> str:
+    """Ids as a table cell: the first 20, then how many in all."""
+    shown = [int(i) for i in ids]
+    return ", ".join(map(str, shown[:20])) + (f" … ({len(shown)} in all)" if len(shown) > 20 else "")
+
+
 def ledger_markdown(entry: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> str:
     """The ledger entry as Markdown: the request, then its status history (a table, times in UTC)."""
-    ids = [int(i) for i in entry.get("ids") or []]
-    shown = ", ".join(map(str, ids[:20])) + (f" … ({len(ids)} in all)" if len(ids) > 20 else "")
+    shown = _first_ids(entry.get("ids") or [])
     details = entry.get("details") or {}
     requested = entry.get("requested_at")
     settled = details.get("finished_at")
@@ -198,12 +203,9 @@ def ledger_markdown(entry: Mapping[str, Any], history: Sequence[Mapping[str, Any
         f"| request to settled (s) | {took} |",
         f"| runs changed | {', '.join(sorted(details.get('runs') or {})) or '–'} |",
     ]
-    not_trained_on = [int(i) for i in details.get("not_trained_on") or []]
-    if not_trained_on:
+    if details.get("not_trained_on"):
         # A request done with no run changed reads as "forgot nothing" unless the table says why (3786ebe).
-        held = ", ".join(map(str, not_trained_on[:20])) + (
-            f" … ({len(not_trained_on)} in all)" if len(not_trained_on) > 20 else ""
-        )
+        held = _first_ids(details["not_trained_on"])
         lines.append(f"| ids no run trained on (left out of every later training) | {held} |")
     if details.get("reason"):
         lines.append(f"| rejected because | {details['reason']} |")
