@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -45,7 +45,7 @@ from storage.lease import (
 from storage.objects import ObjectStore
 from storage.registry import TRAIN_CHAIN, RunRegistry, training_claim_key
 from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
-from storage.serving import group_members
+from storage.serving import DatasetErasures, group_members
 
 RAY_NAMESPACE = "obliviate"
 #: How the training workers (:class:`actors.chains.ChainWorker`, its default ``retry_deadline_s``) retry outages.
@@ -182,8 +182,11 @@ def run_spec(
     split_seed: int,
     shards: int = 1,
     shard: int = 0,
+    erased_ids: Iterable[int] = (),
 ) -> dict[str, Any]:
     """Plan a run from CLI-like options (image size, levels and classes come from the data).
+
+    ``erased_ids``: the dataset's erased rows, none of which is held out (:func:`planning_erasures` says which).
 
     With ``shards`` S > 1 (issue 11, SPEC 6 Sharding) the run is shard ``shard`` of S: its training
     ids are that shard of a class-stratified split of the training set into S disjoint shards
@@ -215,10 +218,25 @@ def run_spec(
         heldout_size=heldout_size,
         split_seed=split_seed,
         config=config,
+        erased_ids=erased_ids,
     )
     if shards > 1:
         spec = shard_spec(spec, labels=dataset.labels, shards=shards, shard=shard)
     return spec.to_dict()
+
+
+def planning_erasures(store: ObjectStore, *, run_id: str, data: str, shards: int) -> frozenset[int]:
+    """The erased rows to plan run ``run_id`` with (:func:`run_spec`'s ``erased_ids``).
+
+    Those of every standing deletion request of ``data`` (:class:`storage.serving.DatasetErasures`), for a run not
+    stored yet; for one stored already, those it was planned with (its spec's ``erased_at_planning``), so that
+    repeating the options resumes or returns it, as before any request came, instead of drawing another split.
+    """
+    first = f"{run_id}-s0of{shards}" if shards > 1 else run_id
+    key = f"runs/{first}/spec.json"
+    if store.exists(key):
+        return frozenset(RunSpec.from_dict(store.get_json(key)).erased_at_planning)
+    return DatasetErasures(store, data).ids()
 
 
 def shard_spec(spec: RunSpec, *, labels: Any, shards: int, shard: int) -> RunSpec:
@@ -431,7 +449,10 @@ def train_flow(
         "split_seed": split_seed,
     }
     ObjectStore(store).ensure_container()
-    specs = [run_spec(run_id=run_id, shards=shards, shard=k, **options) for k in range(max(shards, 1))]
+    erased = planning_erasures(ObjectStore(store), run_id=run_id, data=data, shards=shards)
+    specs = [
+        run_spec(run_id=run_id, shards=shards, shard=k, erased_ids=erased, **options) for k in range(max(shards, 1))
+    ]
     with training_claim(store, run_id):
         return _train(store, run_id, specs, shards=shards, logger=logger)
 

@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
 def run_train(args: Args) -> int:
     from flows.progress import shown_progress
     from flows.runtime import apply_prefect_defaults, check_ray_address, prefect_api_and_ray
-    from flows.train import accuracy_text, check_run_shape, run_spec, train_flow, training_claim
+    from flows.train import accuracy_text, check_run_shape, planning_erasures, run_spec, train_flow, training_claim
     from obliviate.unlearning.service import RunSpec, check_name
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
@@ -172,8 +172,12 @@ def run_train(args: Args) -> int:
     store = prepare_store(store_url(args), write=True)
     # A run id trained before with other options (or another shard count) is refused now, not by
     # the worker after a server and Ray have started (that left a failed flow run behind).
-    specs = [run_spec(run_id=args.run_id, shards=args.shards, shard=k, **options) for k in range(max(args.shards, 1))]
     registry = RunRegistry(ObjectStore(store))
+    erased = planning_erasures(registry.store, run_id=args.run_id, data=args.data, shards=args.shards)
+    specs = [
+        run_spec(run_id=args.run_id, shards=args.shards, shard=k, erased_ids=erased, **options)
+        for k in range(max(args.shards, 1))
+    ]
     check_run_shape(registry.store, args.run_id, [spec["run_id"] for spec in specs])
     for spec in specs:
         registry.check_spec(RunSpec.from_dict(spec))

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # chain imports torch: the ledger and the store's readers use
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REQUEST_ID_PATTERN = RUN_ID_PATTERN
 _SPLIT_STREAM = 0x5E1F  # keeps the train/held-out split independent of the block split
+_HELDOUT_SWAP_STREAM = 0x5E20  # the replacements of erased held-out rows: the split itself does not move
 
 
 class RequestError(ObliviateError, ValueError):
@@ -61,6 +62,9 @@ class RunSpec:
         heldout_ids: dataset row ids of the held-out set (accuracy, guardrail, consistency).
         config: the chain's :class:`BlockTrainingConfig`.
         split_seed: seed of the train/held-out split.
+        erased_at_planning: the run's dataset ids whose erasure was requested when it was planned
+            (:func:`plan_run`'s ``erased_ids``): none of them is held out. Kept so that planning the run
+            again with its options draws the very same split, whatever was requested since.
     """
 
     run_id: str
@@ -70,12 +74,18 @@ class RunSpec:
     heldout_ids: tuple[int, ...]
     config: BlockTrainingConfig
     split_seed: int
+    erased_at_planning: tuple[int, ...] = ()
     _position: dict[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_name(self.run_id, what="run id")
         if set(self.train_ids) & set(self.heldout_ids):
             raise ConfigError("a run's training and held-out ids must be disjoint.")
+        if set(self.erased_at_planning) & set(self.heldout_ids):
+            raise ConfigError(
+                "rule: a run's held-out set holds no row whose erasure was requested when it was planned; got "
+                f"{sorted(set(self.erased_at_planning) & set(self.heldout_ids))[:5]} in both. Plan the run again."
+            )
         object.__setattr__(self, "_position", {int(d): p for p, d in enumerate(self.train_ids)})
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +97,8 @@ class RunSpec:
             "heldout_ids": list(self.heldout_ids),
             "config": self.config.to_dict(),
             "split_seed": self.split_seed,
+            # only when there were any, so a spec stored before the field compares equal to its re-planning
+            **({"erased_at_planning": list(self.erased_at_planning)} if self.erased_at_planning else {}),
         }
 
     @classmethod
@@ -99,6 +111,7 @@ class RunSpec:
             heldout_ids=tuple(int(i) for i in values["heldout_ids"]),
             config=BlockTrainingConfig.from_dict(dict(values["config"])),
             split_seed=int(values["split_seed"]),
+            erased_at_planning=tuple(int(i) for i in values.get("erased_at_planning", ())),
         )
 
     def positions(self, dataset_ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +144,15 @@ def plan_run(
     heldout_size: int | None,
     split_seed: int,
     config: BlockTrainingConfig,
+    erased_ids: Iterable[int] = (),
 ) -> RunSpec:
     """Draw a run's class-stratified train/held-out split and check the config fits the data (SPEC 4).
+
+    No row whose erasure is requested is held out: the held-out set is used for as long as the run serves
+    (accuracies, the interim judge, verification), so an erased row drawn into it would be used after its
+    erasure. Each one the draw put there changes places with a training row of its class that is not erased
+    (:func:`heldout_without`); in the training set, the training leaves it out as it leaves out every erased
+    row. The sizes and class proportions stay those asked for.
 
     Args:
         run_id: the run's name.
@@ -142,6 +162,12 @@ def plan_run(
         heldout_size: held-out samples (default :func:`default_heldout_size`).
         split_seed: seed of the split (independent of ``config.seed``).
         config: the chain's options; ``image_size``, ``levels`` and ``num_classes`` must match the data.
+        erased_ids: dataset ids whose erasure is requested now (every standing deletion request of the
+            dataset); stored with the run as ``erased_at_planning``, and given again to re-plan it.
+
+    Raises:
+        ConfigError: sizes or a config that do not fit the data, or too few rows that are not erased to fill
+            the held-out set.
     """
     if not isinstance(split_seed, int) or isinstance(split_seed, bool) or split_seed < 0:
         raise ConfigError(f"split_seed (--split-seed) must be an integer >= 0; got {split_seed!r}.")
@@ -170,6 +196,15 @@ def plan_run(
     train_idx, heldout_idx = stratified_split(
         dataset.labels, sizes=(train_size, heldout_size), rng=np.random.default_rng((split_seed, _SPLIT_STREAM))
     )
+    drawn = {int(i) for i in train_idx} | {int(i) for i in heldout_idx}
+    erased = sorted({int(i) for i in erased_ids} & drawn)
+    train_idx, heldout_idx = heldout_without(
+        erased,
+        train=train_idx,
+        heldout=heldout_idx,
+        labels=dataset.labels,
+        rng=np.random.default_rng((split_seed, _HELDOUT_SWAP_STREAM)),
+    )
     return RunSpec(
         run_id=check_name(run_id, what="run id"),
         dataset=source,
@@ -178,7 +213,41 @@ def plan_run(
         heldout_ids=tuple(int(i) for i in heldout_idx),
         config=config,
         split_seed=split_seed,
+        erased_at_planning=tuple(erased),
     )
+
+
+def heldout_without(
+    erased: Sequence[int], *, train: np.ndarray, heldout: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, heldout)`` with every ``erased`` id of ``heldout`` swapped for a training id that is not erased.
+
+    The replacement is drawn by ``rng`` among the training ids of the same class not erased and not yet drawn
+    (any class when that class has none left); it takes the erased id's place, and the erased id takes its place
+    in ``train``, so sizes and positions stay, and so do the class counts where the class had a replacement.
+
+    Raises:
+        ConfigError: the training ids hold too few rows that are not erased to replace every erased held-out row.
+    """
+    train, heldout = np.array(train, dtype=np.int64), np.array(heldout, dtype=np.int64)
+    excluded = {int(i) for i in erased}
+    swap_out = [p for p, i in enumerate(heldout.tolist()) if i in excluded]
+    if not swap_out:
+        return train, heldout
+    taken: set[int] = set()
+    for place in swap_out:
+        free = [p for p, i in enumerate(train.tolist()) if i not in excluded and p not in taken]
+        same = [p for p in free if labels[train[p]] == labels[heldout[place]]]
+        if not free:
+            raise ConfigError(
+                f"rule: no row whose erasure is requested is held out, and {len(swap_out)} of the {len(heldout)} "
+                f"held-out rows drawn are erased, with only {len(taken)} training rows not erased to take their "
+                "place. Lower --heldout-size, or raise --train-size."
+            )
+        chosen = int(rng.choice(same or free))
+        taken.add(chosen)
+        train[chosen], heldout[place] = heldout[place], train[chosen]
+    return train, heldout
 
 
 def block_data(spec: RunSpec, *, dataset: ImageDataset) -> BlockData:
