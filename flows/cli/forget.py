@@ -855,6 +855,7 @@ def _interrupted_training_lines(details: dict[str, Any]) -> list[str]:
     where a user asking whether the ids are gone from storage reads that its checkpoints holding them were deleted,
     left to a training still running, or could not be read.
     """
+    from flows.artifacts import utc_text
     from flows.cli.store import _blocks_text, _megabytes  # store check says the same checkpoints in these words
 
     erased = details.get("interrupted_trainings") or {}
@@ -867,8 +868,7 @@ def _interrupted_training_lines(details: dict[str, Any]) -> list[str]:
             # A sweep deletes after the request settled (its training died later): say when, or the user reads
             # a request "done" whose checkpoints were still stored until then as if they had gone at settle.
             swept = (
-                f" (deleted by the reconcile sweep at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(swept_at))}, "
-                "after its training died)"
+                f" (deleted by the reconcile sweep at {utc_text(swept_at)}, after its training died)"
                 if isinstance(swept_at, (int, float))
                 else ""
             )
