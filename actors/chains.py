@@ -228,12 +228,15 @@ class ChainWorker:
         plan = self._fixed_plan(run, data)
         if current is not None:
             registered = self._io(lambda: registry.is_registered(run.run_id))
-            self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
             summary = {"run_id": run.run_id, "version": current.version, "status": "already_trained", **current.metrics}
             if registered:
                 return summary
             # Served but not registered (its registration failed after publishing, before this order):
-            # a pass could not see it, so the accepted requests for its ids it misses are applied now.
+            # a pass could not see it, so the accepted requests for its ids it misses are applied now, by the
+            # training that holds the claim only, as every write of a training is.
+            self._still_claimed()
+            self._io(lambda: registry.register(run, block_ids=block_holdings(run, plan=plan)))
+            self._still_claimed()
             late, late_audit = self._apply_late(run, current.applied_requests)
             if late:
                 self._record_training(

@@ -29,7 +29,7 @@ from flows.settle import PASS_CLAIM_KEY
 from flows.train import run_spec
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
-from storage.lease import LeaseKeeper, claim_free, claim_leases, lease_key, renew, take_claim
+from storage.lease import ClaimLost, LeaseKeeper, claim_free, claim_leases, lease_key, renew, take_claim
 from storage.ledger import CLAIMED, PENDING, DeletionLedger
 from storage.registry import RunRegistry, training_claim_key
 from tests.unlearning.service.chain_files import chain_blocks
@@ -276,3 +276,33 @@ def test_a_training_whose_driver_stalled_and_was_taken_over_writes_no_further_ch
         and "the training of run rt stopped without writing" in line
         for line in said
     ), said
+
+
+def test_a_training_that_finds_its_run_served_but_unregistered_registers_it_only_while_it_holds_the_claim(
+    any_store, tiny_run
+) -> None:
+    # A run served but not registered (its registration failed after its publish) is registered, and its missed
+    # requests unlearned, by the next training of it: that branch wrote without reading the claim first.
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=2, train_size=200, heldout_size=100))
+    worker = ChainWorker(any_store)
+    worker.train(spec)
+    store = ObjectStore(any_store)
+    store.delete("registry/r1.json")
+    key = training_claim_key("r1")
+    stalled = take_claim(store, key, holder={"host": "here", "pid": 1, "command": "obliviate train"})
+    taker = take_claim(
+        store, key, holder={"host": "elsewhere", "pid": 4242, "command": "obliviate train"}, gone=lambda _: True
+    )
+    assert taker.version > stalled.version
+    submit_deletion(any_store, [int(spec["train_ids"][0])], dataset="digits", request_id="req-late", emit=False)
+
+    with pytest.raises(ClaimLost, match=r"was lost to .*; the training of run r1 stopped without writing"):
+        worker.train(spec, {"key": stalled.key, "version": stalled.version, "holder": stalled.holder})
+
+    registry = RunRegistry(store)
+    assert not registry.is_registered("r1") and registry.current("r1").version == 1  # nothing written
+    assert DeletionLedger(store).get("req-late").status == PENDING
+    # its holder's training does the same work
+    summary = worker.train(spec, {"key": taker.key, "version": taker.version, "holder": taker.holder})
+    assert summary["status"] == "already_trained" and summary["late_requests"] == ["req-late"], summary
+    assert registry.is_registered("r1") and registry.current("r1").version == 2
