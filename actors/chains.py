@@ -195,25 +195,37 @@ class ChainWorker:
             ClaimLost: ``claim`` was taken over by another training (the message is the one line to say).
         """
         run = RunSpec.from_dict(spec)
-        if claim is None:
+        with self._held_by(claim, what=f"the training of run {run.run_id}"):
             return self._train(run)
+
+    @contextlib.contextmanager
+    def _held_by(self, claim: Mapping[str, Any] | None, *, what: str) -> Iterator[None]:
+        """Check ``claim`` (``key``, ``version``, ``holder``) at every safe point of the work inside (``None``: the
+        claim checked already, if any: the late unlearning of a training is that training's work).
+
+        Raises:
+            ClaimLost: found taken over, also by the checkpoint writer's own check.
+        """
+        if claim is None:
+            yield
+            return
         guard = ClaimGuard(
             self.registry.store,
             PointerClaim(key=str(claim["key"]), version=int(claim["version"]), holder=dict(claim.get("holder") or {})),
-            what=f"the training of run {run.run_id}",
+            what=what,
         )
-        self._claim_guard = guard
+        outer, self._claim_guard = self._claim_guard, guard
         try:
-            return self._train(run)
+            yield
         except BackgroundWriteError as err:
             if isinstance(err.__cause__, ClaimLost):  # found by the checkpoint writer's own check
                 raise err.__cause__ from None
             raise
         finally:
-            self._claim_guard = None
+            self._claim_guard = outer
 
     def _still_claimed(self) -> None:
-        """The safe-point check of the training running now (:meth:`train`'s ``claim``)."""
+        """The safe-point check of the work running now (:meth:`train`'s or :meth:`unlearn`'s ``claim``)."""
         if self._claim_guard is not None:
             self._claim_guard.check()
 
@@ -482,11 +494,17 @@ class ChainWorker:
         epsilon: float = DEFAULT_EPSILON,
         stop_rule: str = DEFAULT_STOP_RULE,
         min_points: int = DEFAULT_MIN_POINTS,
+        claim: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Forget the dataset ids of ``requests`` (request id -> ids) from run ``run_id``.
 
         ``epsilon``, ``stop_rule`` and ``min_points`` are DeepObliviate's switches (SPEC section 5;
         ``policy="deepobliviate"`` only), recorded in the audit of the version they made.
+
+        ``claim``: the store's pass claim of the deletion pass that fans this out (``key``, ``version``,
+        ``holder``: :func:`flows.settle.held_pass_claim`). As a training does, the worker reads its pointer before
+        each checkpoint write and each publish (the purge of superseded versions, idempotent, is not held back): a pass that stalled past its lease was taken over, and
+        its taker retrains the same runs, so this unlearning stops there and writes nothing more.
 
         Requests the current version already applied are skipped; the rest are merged into one
         unlearning from the current version, published by compare-and-swap. On a lost race the
@@ -495,7 +513,28 @@ class ChainWorker:
         Returns:
             the audit trail: versions, requests applied, blocks retrained, Δ series, speed-up,
             held-out accuracy, consistency with a naive retrain when ``verify``.
+
+        Raises:
+            ClaimLost: ``claim`` was taken over by another pass (the message is the one line to say).
         """
+        with self._held_by(claim, what=f"the unlearning of run {run_id}"):
+            return self._unlearn(
+                run_id, requests, policy=policy, verify=verify, epsilon=epsilon, stop_rule=stop_rule,
+                min_points=min_points,
+            )  # fmt: skip
+
+    def _unlearn(
+        self,
+        run_id: str,
+        requests: dict[str, list[int]],
+        *,
+        policy: str,
+        verify: bool,
+        epsilon: float,
+        stop_rule: str,
+        min_points: int,
+    ) -> dict[str, Any]:
+        """:meth:`unlearn`, its claim (if any) checked before each write."""
         started_at, cpu_before = time.time(), time.process_time()
         retries_before = self.storage_retries
         registry = self.registry

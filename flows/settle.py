@@ -100,6 +100,20 @@ _LIVE_PASSES_LOCK = threading.Lock()
 _HELD_PASS = threading.local()
 
 
+def held_pass_claim(store: str) -> dict[str, Any] | None:
+    """The pass claim on ``store`` this thread holds (``key``, ``version``, ``holder``), for the workers of its fan-out.
+
+    Given to :meth:`actors.chains.ChainWorker.unlearn`, which reads the claim's pointer before each write: a pass
+    that stalled past its lease and was taken over stops its runs' unlearning there, as its own safe points stop
+    the pass. ``None`` outside :func:`store_pass`.
+    """
+    held = getattr(_HELD_PASS, "held", None)
+    if held is None or held[0] != ObjectStore(store).url:
+        return None
+    claim = held[2]
+    return {"key": claim.key, "version": claim.version, "holder": dict(claim.holder)}
+
+
 @contextlib.contextmanager
 def store_pass(
     store: ObjectStore, *, holder: str, lease_s: float = DEFAULT_LEASE_S, wait_s: float = 0.0

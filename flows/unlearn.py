@@ -59,6 +59,7 @@ from flows.settle import (
     UNREADABLE,
     AttemptPolicy,
     busy_result,
+    held_pass_claim,
     run_pass,
     run_until_quiet,
     settle_unreadable,
@@ -108,6 +109,7 @@ def process_open_requests(
             stop_rule=stop_rule,
             min_points=min_points,
             logger=logger,
+            claim=held_pass_claim(store),  # called by the pass, in the thread that holds the store's pass claim
         )
         fanouts.append(fanout)
         logger.info(
@@ -195,8 +197,13 @@ def fan_out_unlearning(
     stop_rule: str = DEFAULT_STOP_RULE,
     min_points: int = DEFAULT_MIN_POINTS,
     logger: Any = None,
+    claim: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """One unlearning per run on pooled Ray actors in parallel; a run that raised is reported ``failed``.
+
+    ``claim``: the pass claim of the pass fanning out (:func:`flows.settle.held_pass_claim`), checked by each worker
+    before each write; a run whose worker found it taken over is ``failed`` with the :class:`ClaimLost` line, and
+    the pass, finding its claim lost too, hands its requests back.
 
     While the runs unlearn, ``logger`` (default: this module's) hears every :data:`FAN_OUT_LOG_S` which runs
     are still waited on and, when the store does not answer, that it is unreachable and until when the
@@ -219,6 +226,7 @@ def fan_out_unlearning(
             epsilon=epsilon,
             stop_rule=stop_rule,
             min_points=min_points,
+            claim=claim,
         )
         for i, run_id in enumerate(sorted(per_run))
     }

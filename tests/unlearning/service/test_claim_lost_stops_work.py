@@ -42,20 +42,28 @@ _PASS = """
 import json, logging, os, sys, time
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
 from actors.chains import ChainWorker
-from flows.settle import AttemptPolicy, run_pass, store_pass
+from flows.settle import AttemptPolicy, held_pass_claim, run_pass, store_pass
 from storage import ObjectStore
+from storage.lease import ClaimLost
 url, mode, go = sys.argv[1], sys.argv[2], sys.argv[3]
 worker = ChainWorker(url)
 
 def unlearn_runs(per_run):
     print("fanning", flush=True)
+    claim = held_pass_claim(url) if mode == "pass-guarded" else None  # as flows.unlearn's fan-out gives it
     deadline = time.monotonic() + 60
     while not os.path.exists(go) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return {run: worker.unlearn(run, requests) for run, requests in per_run.items()}
+    results = {}
+    for run, requests in per_run.items():
+        try:
+            results[run] = worker.unlearn(run, requests, claim=claim)
+        except ClaimLost as err:  # as the fan-out records a run whose worker raised
+            results[run] = {"run_id": run, "status": "failed", "error": f"ClaimLost: {err}"}
+    return results
 
 attempts = AttemptPolicy(lease_s=1.0, first_backoff_s=60.0)
-if mode == "pass":
+if mode in ("pass", "pass-guarded"):
     with store_pass(ObjectStore(url), holder="stalled-pass", lease_s=1.0) as other:
         assert other is None, other
         result = run_pass(url, unlearn_runs=unlearn_runs, attempts=attempts, holder="stalled-pass")
@@ -136,6 +144,28 @@ def test_a_pass_whose_store_claim_was_taken_over_stops_before_its_batch_record_a
     current = store.read_pointer(PASS_CLAIM_KEY)
     assert current.version == taker.version and current.target == taker.holder
     assert store.list(claim_leases(PASS_CLAIM_KEY)) == [lease_key(PASS_CLAIM_KEY, taker.version, folder=taker.folder)]
+
+
+def test_a_fan_out_whose_pass_was_taken_over_before_it_unlearned_writes_no_checkpoint(filed, tmp_path):
+    # The fan-out's workers are given the pass claim (flows.settle.held_pass_claim): the unlearning of a stalled
+    # pass ran in full, writing a retrained chain beside its taker's, and was stopped only at the pass's next safe
+    # point. It stops now before its first write.
+    url, store = filed, ObjectStore(filed)
+    before: dict = {}
+
+    def take_over():
+        before["keys"] = set(store.list("runs/r1"))
+        return take_claim(store, PASS_CLAIM_KEY, holder={"host": "elsewhere", "pid": 4242, "holder": "the taker"})
+
+    result, err, _taker = _stalled_pass(url, "pass-guarded", tmp_path, take_over)
+    assert set(store.list("runs/r1")) == before["keys"]  # no checkpoint, manifest or pointer version written
+    assert RunRegistry(store).current("r1").version == 1
+    assert result["settled"] == {"req-1": PENDING}, result  # handed back, attempt not counted
+    status = DeletionLedger(store).get("req-1")
+    assert status.status == PENDING and int(status.details["attempts"]) == 0, status
+    worker_line = [line for line in err.splitlines() if "the unlearning of run r1 stopped without writing" in line]
+    assert len(worker_line) == 1 and f"claim on {store.uri(PASS_CLAIM_KEY)}" in worker_line[0], err
+    assert "deletion pass stalled-pass (before recording its batch) stopped without writing" in err, err
 
 
 def test_a_request_claim_taken_over_while_its_pass_stalled_is_renewed_no_more_and_left_to_its_taker(filed, tmp_path):
