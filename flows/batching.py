@@ -114,8 +114,28 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         ``{"flush": bool, "reason", "batched_until", "requests", "deadlines"}``; each deadline is
         the one the ledger recorded when it accepted the request (:func:`pending_request`), so a
         policy changed since (``serve --deadline``) moves none, and the deadline rule flushes by
-        the earliest of them.
+        the earliest of them. Run by a pass inside :func:`flows.settle.store_pass`, the gate checks the
+        store's pass claim before each of its writes (rejecting requests, publishing interim versions, recording
+        the batch): found taken over (the pass stalled past its lease), it writes nothing more and returns
+        ``{"flush": False, "reason": "claim_lost", "claim_lost": <the line said>, ...}``.
     """
+    from flows.settle import lost_pass_claim
+
+    def lost(where: str) -> dict[str, Any] | None:
+        line = lost_pass_claim(store, where=where)
+        if line is None:
+            return None
+        _logger().warning("%s", line)
+        return {
+            "flush": False,
+            "reason": "claim_lost",
+            "claim_lost": line,
+            "batched_until": None,
+            "requests": [],
+            "deadlines": {},
+            "rejected": rejected,
+        }
+
     now = time.time() if now is None else now
     policy = load_policy(store)
     forced = store.list(FLUSH_PREFIX)
@@ -123,11 +143,15 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     immediate = policy.window_s == 0 and not forced and not rollback["enabled"]
     rejected: dict[str, str] = {}
     if not immediate:  # a request no run can apply is refused as it joins the batch, not when the batch flushes
+        if stop := lost("before rejecting requests at its batch gate"):
+            return stop
         rejected = reject_at_gate(store, pending, now=now)
         pending = [e for e in pending if e.request_id not in rejected]
     batch = [pending_request(e.request, policy=policy, now=now) for e in pending]
     deadlines = {r.request_id: r.deadline for r in batch}
     if rollback["enabled"]:  # requests rejected or cancelled since their rollback hold nothing back any more
+        if stop := lost("before releasing the holds of refused requests"):
+            return stop
         release_refused(store)
     if not batch:
         return {
@@ -154,6 +178,8 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     if rollback["enabled"]:  # exact at once: every affected run serves a checkpoint that never saw the ids
         # a damaged checkpoint an interim needs publishes nothing for that run and flushes now (never raises
         # out of the gate: every pass failed before claiming, and no request was ever attempted nor failed)
+        if stop := lost("before publishing interim versions"):
+            return stop
         interim = publish_interim(store, pending, floor_points=float(rollback["floor_points"]))
         if interim["flush_now"] and not due:
             due, reason = True, interim["flush_reason"]
@@ -182,6 +208,8 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
         "deadlines": deadlines,
         "rejected": rejected,
     }
+    if stop := lost("before recording its batch at the gate"):
+        return stop
     if due:
         for key in forced:
             store.delete(key)

@@ -114,6 +114,19 @@ def held_pass_claim(store: str) -> dict[str, Any] | None:
     return {"key": claim.key, "version": claim.version, "holder": dict(claim.holder)}
 
 
+def lost_pass_claim(store: ObjectStore, *, where: str) -> str | None:
+    """The line to say when the pass claim this thread holds on ``store`` was taken over; ``None`` while it is its
+    own, or outside :func:`store_pass`.
+
+    The safe-point check of a pass's work before :func:`run_pass`, such as its batch gate's writes
+    (:func:`flows.batching.batch_gate`); ``where`` names the point, as :func:`run_pass`'s own lines do.
+    """
+    held = getattr(_HELD_PASS, "held", None)
+    if held is None or held[0] != store.url or held[1].check(held[2]):
+        return None
+    return lost_text(store, held[2], f"deletion pass {held[1].holder} ({where})")
+
+
 @contextlib.contextmanager
 def store_pass(
     store: ObjectStore, *, holder: str, lease_s: float = DEFAULT_LEASE_S, wait_s: float = 0.0

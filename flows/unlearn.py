@@ -133,6 +133,16 @@ def process_open_requests(
         unreadable = settle_unreadable(ledger, found, lease_s=attempts.lease_s, log=logger)
         # Deadline-aware batching (flows/batching.py): due requests wait until their batch flushes.
         gate = batch_gate(object_store, due)
+        if gate.get("claim_lost"):  # another pass holds the store now (said by the gate): the batch is its own
+            return {
+                "claimed": [],
+                "runs": {},
+                "settled": {r: u["status"] for r, u in unreadable.items() if u["status"] == FAILED},
+                "lost": [],
+                "unreadable": unreadable,
+                "claim_lost": gate["claim_lost"],
+                "rejected_at_gate": gate.get("rejected", {}),
+            }
         if gate["requests"] and not gate["flush"]:
             logger.info(
                 "%d request(s) batched until %s (%s rule)",

@@ -336,3 +336,44 @@ def test_a_training_that_finds_its_run_served_but_unregistered_registers_it_only
     summary = worker.train(spec, {"key": taker.key, "version": taker.version, "holder": taker.holder})
     assert summary["status"] == "already_trained" and summary["late_requests"] == ["req-late"], summary
     assert registry.is_registered("r1") and registry.current("r1").version == 2
+
+
+@pytest.mark.parametrize("taken_over", [False, True])
+def test_a_batch_gate_whose_pass_claim_was_taken_over_records_no_batch_and_rolls_nothing_back(
+    filed, taken_over: bool
+) -> None:
+    # The gate of a pass (serve --batch-window --rollback) wrote the open batch and published interim versions
+    # without reading the pass claim: a pass taken over while it stalled wrote them beside its taker's.
+    from flows.batching import OPEN_BATCH_KEY, batch_gate, save_policy
+    from flows.settle import lost_pass_claim, store_pass
+    from obliviate.unlearning.batching import BatchPolicy
+    from storage.serving import save_rollback
+
+    store = ObjectStore(filed)
+    save_policy(store, BatchPolicy(window_s=3600.0))
+    save_rollback(store, enabled=True, floor_points=100.0)  # any interim meets the floor: r1 would roll back
+    with store_pass(store, holder="stalled-pass", lease_s=1.0) as other:
+        assert other is None
+        if taken_over:
+            # as a taker does once the stalled pass's lease lapsed (this one is live: it is told it is gone)
+            take_claim(
+                store,
+                PASS_CLAIM_KEY,
+                holder={"host": "elsewhere", "pid": 4242, "holder": "the taker"},
+                gone=lambda _: True,
+            )
+            deadline = time.monotonic() + 10  # its keeper finds the claim moved at its next renewal (every 0.25 s)
+            while lost_pass_claim(store, where="waiting") is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        gate = batch_gate(store, DeletionLedger(store).due_entries(lease_s=60.0))
+
+    current = RunRegistry(store).current("r1")
+    if not taken_over:  # the same gate, its claim its own: the batch recorded, r1 rolled back
+        assert gate["requests"] == ["req-1"] and not gate["flush"], gate
+        assert store.exists(OPEN_BATCH_KEY) and current.version == 2, current
+        return
+    assert gate["reason"] == "claim_lost" and not gate["flush"] and gate["requests"] == [], gate
+    assert "deletion pass" in gate["claim_lost"], gate
+    assert "(before rejecting requests at its batch gate) stopped without writing" in gate["claim_lost"], gate
+    assert not store.exists(OPEN_BATCH_KEY) and current.version == 1, current
+    assert DeletionLedger(store).get("req-1").status == PENDING
