@@ -58,6 +58,7 @@ from storage.progressive import ProgressivePublisher
 from storage.registry import TRAIN_CHAIN, ModelVersion, RunRegistry
 from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
 from storage.serving import (
+    DatasetErasures,
     chain_source,
     checkpoint_model,
     record_forgotten,
@@ -130,6 +131,7 @@ class ChainWorker:
         self._data: dict[str, BlockData] = {}
         # The training claim of the train() running now, checked before each of its writes (None: unguarded).
         self._claim_guard: ClaimGuard | None = None
+        self._erasures: dict[str, DatasetErasures] = {}  # dataset -> the ledger's standing requests of it
 
     def pid(self) -> int:
         return os.getpid()
@@ -421,8 +423,10 @@ class ChainWorker:
         with done ones, since their ids will be forgotten, so a run trained now leaves them out rather than
         learning them first.
         """
-        ledger = DeletionLedger(self.registry.store)
-        return self._io(lambda: ledger.standing_requests(dataset))
+        erasures = self._erasures.get(dataset)
+        if erasures is None:  # one per dataset for the worker's life: a final request is read once
+            erasures = self._erasures[dataset] = DatasetErasures(self.registry.store, dataset)
+        return self._io(erasures.requests)
 
     def _training_exclusions(self, run: RunSpec, plan: BlockPlan) -> TrainingExclusions:
         """What a training leaves out, and where its checkpoints go (:class:`TrainingExclusions`).

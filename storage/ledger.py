@@ -447,24 +447,6 @@ class DeletionLedger:
             found.append(entry)
         return sorted(found, key=lambda entry: (entry.request.get("requested_at", 0.0), entry.request_id))
 
-    def standing_requests(self, dataset: str) -> dict[str, list[int]]:
-        """Request id -> the ids it erases from ``dataset`` (:func:`erased_ids`), for every standing request of it.
-
-        A request whose record cannot be read is left out with a warning (its ids are unknown here); ``obliviate
-        store check`` reports the damage and how to mend it.
-
-        Args:
-            dataset: the dataset (requests name it, ``forget --data``).
-
-        Returns:
-            request id -> its dataset ids, for each request in a :data:`STANDING` state that names ``dataset``.
-
-        Raises:
-            StorageError: the ledger could not be listed.
-        """
-        standing = {entry.request_id: erased_ids(entry, dataset) for entry in self.entries()}
-        return {request_id: ids for request_id, ids in standing.items() if ids}
-
     def open_entries(self, *, stale_after_s: float) -> list[RequestStatus]:
         """Requests not settled: pending ones, and claims older than ``stale_after_s`` (a crashed worker)."""
         now = time.time()

@@ -190,36 +190,49 @@ class DatasetErasures:
 
     def __init__(self, store: ObjectStore, dataset: str) -> None:
         self.ledger, self.dataset = DeletionLedger(store), dataset
-        self._final: dict[str, frozenset[int]] = {}
+        self._final: dict[str, tuple[int, ...]] = {}
         self._unreadable_said: set[str] = set()
         self._lock = threading.Lock()
 
     def ids(self) -> frozenset[int]:
-        """Every id of every standing request of the dataset, now.
-
-        A request whose record or status cannot be read is left out (its ids are unknown here), with one
-        warning naming it; ``obliviate store check`` reports the damage and how to mend it.
-        """
+        """Every id of every standing request of the dataset, now (the union of :meth:`requests`)."""
         erased: set[int] = set()
+        for ids in self.requests().values():
+            erased.update(ids)
+        return frozenset(erased)
+
+    def requests(self) -> dict[str, list[int]]:
+        """Request id -> the dataset ids it erases, for every standing request of the dataset that names any, now.
+
+        What a training leaves out (:meth:`actors.chains.ChainWorker.train`): a worker keeps one of these per
+        dataset, so each training and each re-read before its publish lists the ledger and reads only the requests
+        not yet final. A request whose record or status cannot be read is left out (its ids are unknown here),
+        with one warning naming it; ``obliviate store check`` reports the damage and how to mend it.
+
+        Raises:
+            StorageError: the ledger could not be listed or a request read.
+        """
+        standing: dict[str, list[int]] = {}
         for request_id in self.ledger.request_ids():
             with self._lock:
                 known = self._final.get(request_id)
-            if known is not None:
-                erased |= known
-                continue
-            try:
-                entry = self.ledger.get(request_id)
-            except (ObjectNotFound, CorruptObject) as err:
-                if isinstance(err, CorruptObject) and request_id not in self._unreadable_said:
-                    self._unreadable_said.add(request_id)
-                    _log.warning("deletion request %s: its ids cannot be read to leave them out (%s)", request_id, err)
-                continue
-            held = frozenset(erased_ids(entry, self.dataset))
-            if entry.status in self._FINAL:
-                with self._lock:
-                    self._final[request_id] = held
-            erased |= held
-        return frozenset(erased)
+            if known is None:
+                try:
+                    entry = self.ledger.get(request_id)
+                except (ObjectNotFound, CorruptObject) as err:
+                    if isinstance(err, CorruptObject) and request_id not in self._unreadable_said:
+                        self._unreadable_said.add(request_id)
+                        _log.warning(
+                            "deletion request %s: its ids cannot be read to leave them out (%s)", request_id, err
+                        )
+                    continue
+                known = tuple(erased_ids(entry, self.dataset))
+                if entry.status in self._FINAL:
+                    with self._lock:
+                        self._final[request_id] = known
+            if known:
+                standing[request_id] = list(known)
+        return standing
 
 
 def first_blocks(

@@ -65,3 +65,26 @@ def test_a_training_leaves_out_a_failed_requests_ids(tmp_path: Path, tiny_run) -
     assert exclusions["requests"] == [request_id] and exclusions["positions"] == [10, 150], exclusions
     current = RunRegistry(store).current("after")
     assert current is not None and sorted(current.deleted_ids) == sorted(ids)
+
+
+def test_a_workers_erasures_read_a_final_request_once_and_an_open_one_each_time(tmp_path: Path) -> None:
+    # Each training read every request of the ledger in full, twice (before it trained and before it published);
+    # a worker now keeps one DatasetErasures per dataset, which reads a request in a final state once.
+    url = f"file://{tmp_path / 'store'}"
+    store = ObjectStore(url)
+    store.ensure_container()
+    ledger = DeletionLedger(store)
+    for request_id, ids in (("done-1", [4, 9]), ("refused-1", [5]), ("open-1", [11])):
+        submit_deletion(url, ids, dataset="digits", request_id=request_id, emit=False)
+    for request_id, status in (("done-1", DONE), ("refused-1", REJECTED)):
+        claim = ledger.claim(request_id, holder="a pass", lease_s=60.0, max_attempts=1)
+        ledger.settle(request_id, claim_version=claim.version, status=status, details={})
+    erasures = DatasetErasures(store, "digits")
+    assert erasures.requests() == {"done-1": [4, 9], "open-1": [11]}
+
+    # damaged afterwards: the final request's ids are known already, the open one's are read again and lost
+    for request_id in ("done-1", "open-1"):
+        store.put_bytes(f"ledger/requests/{request_id}.json", b"{damaged")
+    assert erasures.requests() == {"done-1": [4, 9]}
+    assert erasures.ids() == frozenset({4, 9})
+    assert DatasetErasures(store, "digits").requests() == {}  # a fresh reader reads both, and loses both
