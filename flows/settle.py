@@ -119,11 +119,13 @@ def lost_pass_claim(store: ObjectStore, *, where: str) -> str | None:
     own, or outside :func:`store_pass`.
 
     The safe-point check of a pass's work before :func:`run_pass`, such as its batch gate's writes
-    (:func:`flows.batching.batch_gate`); ``where`` names the point, as :func:`run_pass`'s own lines do.
+    (:func:`flows.batching.batch_gate`); ``where`` names the point, as :func:`run_pass`'s own lines do. The caller
+    says the line: it is the one line of the loss (the keeper's own is not said).
     """
     held = getattr(_HELD_PASS, "held", None)
     if held is None or held[0] != store.url or held[1].check(held[2]):
         return None
+    held[1].said_lost(held[2].key)
     return lost_text(store, held[2], f"deletion pass {held[1].holder} ({where})")
 
 
@@ -171,7 +173,7 @@ def store_pass(
                 time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
         try:
             with LeaseKeeper(store, lease_s=lease_s, holder=holder) as keeper:
-                keeper.hold_claim(claim)
+                keeper.hold_claim(claim, loss_said_by_holder=True)  # run_pass's stop line says it
                 outer = getattr(_HELD_PASS, "held", None)
                 _HELD_PASS.held = (store.url, keeper, claim)
                 try:
@@ -435,6 +437,7 @@ def _run_pass(
                 line += f"; it handed its {summarise_ids(handed)} back to pending (attempt not counted)"
             claim_lost.append(line)
             log.warning("%s", line)
+            held_pass[1].said_lost(held_pass[2].key)  # the one line of this loss
             return True
 
         def request_claim_lost(entry: RequestStatus, what: str) -> bool:
@@ -446,6 +449,7 @@ def _run_pass(
             del claims[entry.request_id]
             lost.append(entry.request_id)
             log.warning("%s", lost_text(object_store, claim, f"{what} of request {entry.request_id}"))
+            keeper.said_lost(claim.key)  # the one line of this loss
             return True
 
         for entry in due:
@@ -465,7 +469,7 @@ def _run_pass(
                 claims[entry.request_id] = claim
                 claimed.append(taken)
                 _hold(ledger, taken, holder, lambda key=claim.key: keeper.release(key))
-                keeper.hold_claim(claim)
+                keeper.hold_claim(claim, loss_said_by_holder=True)  # said where the pass finds it lost
             except Exception as err:  # noqa: BLE001 -- one unreadable entry must not stop the others
                 log.warning("request %s could not be claimed: %s", entry.request_id, _error_text(err))
         if not claimed or claim_lost:
@@ -489,6 +493,7 @@ def _run_pass(
         def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
             if pass_claim_lost("before recording a failed attempt") or entry.request_id not in claims:
                 return
+            key = claims[entry.request_id].key
             unkeep(entry)
             stopping = STOPPING.is_set()
             if stopping:
@@ -510,6 +515,8 @@ def _run_pass(
                 )
             if outcome is None:
                 lost.append(entry.request_id)
+                log.warning("request %s: claim taken over by another pass; its attempt is left to it", entry.request_id)
+                keeper.said_lost(key)
             elif stopping:
                 settled[entry.request_id] = outcome.status
                 log.warning("request %s handed back (serve is stopping); its attempt is not counted", entry.request_id)
@@ -520,11 +527,13 @@ def _run_pass(
         def settle(entry: RequestStatus, status: str, details: dict[str, Any]) -> None:
             if pass_claim_lost(f"before settling request {entry.request_id}") or entry.request_id not in claims:
                 return
+            key = claims[entry.request_id].key
             unkeep(entry)
             outcome = ledger.settle(entry.request_id, claim_version=entry.version, status=status, details=details)
             if outcome is None:
                 lost.append(entry.request_id)
                 log.warning("request %s: claim taken over by another pass; its result is left to it", entry.request_id)
+                keeper.said_lost(key)
             else:
                 settled[entry.request_id] = status
 

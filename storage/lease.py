@@ -232,6 +232,8 @@ class LeaseKeeper:
         self.lost: list[str] = []
         #: Set once any claim of :attr:`lost` was found lost.
         self.lost_event = threading.Event()
+        self._holder_says: set[str] = set()  # keys held with loss_said_by_holder
+        self._unsaid: dict[str, PointerClaim] = {}  # of those, lost and not yet said by their holder
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -252,15 +254,27 @@ class LeaseKeeper:
             self.store, request_id, claim_version=claim_version, holder=self.holder, lease_s=self.lease_s, folder=folder
         )
 
-    def hold_claim(self, claim: PointerClaim) -> bool:
+    def hold_claim(self, claim: PointerClaim, *, loss_said_by_holder: bool = False) -> bool:
         """Start renewing a claim on a pointer (renewed once now); ``False`` if it was taken over already.
+
+        ``loss_said_by_holder``: the holder's work says the claim's loss in its own line, which names what stopped
+        (a deletion pass: :func:`flows.settle.run_pass`), and acknowledges it with :meth:`said_lost`; the keeper's
+        line, found at a renewal, is then said only if the keeper stops with the loss unacknowledged, so the user
+        reads one line per lost claim, not two.
 
         Raises:
             StorageError: the first renewal could not be made (an outage).
         """
         with self._lock:
             self._claims[claim.key] = (claim.version, claim.folder, claim)
+            if loss_said_by_holder:
+                self._holder_says.add(claim.key)
         return self._renew_claim(claim)
+
+    def said_lost(self, key: str) -> None:
+        """The holder said the loss of its claim on ``key`` in its own line: the keeper says nothing of it at stop."""
+        with self._lock:
+            self._unsaid.pop(key, None)
 
     def release(self, request_id: str) -> None:
         """Stop renewing a claim: before the holder's own write that moves its pointer (a settle), not after, else a
@@ -269,9 +283,14 @@ class LeaseKeeper:
             self._claims.pop(request_id, None)
 
     def stop(self) -> None:
+        """Stop renewing; say the loss of every claim held with ``loss_said_by_holder`` whose holder never did."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        with self._lock:
+            unsaid, self._unsaid = list(self._unsaid.values()), {}
+        for claim in unsaid:
+            _log.warning("%s", _taken_over_line(self.store, claim))
 
     def check(self, claim: PointerClaim) -> bool:
         """Whether ``claim``, held here, is still this holder's: the safe-point check of its work.
@@ -309,7 +328,10 @@ class LeaseKeeper:
             self._confirmed.pop(claim.key, None)
             self.lost.append(claim.key)
             self.lost_event.set()
-        _claim_lost(self.store, claim)
+            deferred = claim.key in self._holder_says
+            if deferred:
+                self._unsaid[claim.key] = claim
+        _claim_lost(self.store, claim, say=not deferred)
         return True
 
     def _loop(self) -> None:
@@ -491,12 +513,21 @@ def _claim_current(store: ObjectStore, claim: PointerClaim) -> bool:
     return current is not None and current.version == claim.version
 
 
-def _claim_lost(store: ObjectStore, claim: PointerClaim) -> None:
-    """Say that ``claim`` was taken over, and delete its lease (a failure of that left to :func:`tidy_claim`)."""
+def _claim_lost(store: ObjectStore, claim: PointerClaim, *, say: bool = True) -> None:
+    """Delete the lease of ``claim``, taken over (a failure of that left to :func:`tidy_claim`), and say so.
+
+    ``say``: ``False`` when the holder's work says the loss in its own line (:meth:`LeaseKeeper.hold_claim`'s
+    ``loss_said_by_holder``): then only the debug log hears it here.
+    """
     try:
         store.delete(lease_key(claim.key, claim.version, folder=claim.folder))
     except StorageError as err:
         _log.debug("lease of lost claim %s (version %d) not deleted: %s", store.uri(claim.key), claim.version, err)
+    _log.log(logging.WARNING if say else logging.DEBUG, "%s", _taken_over_line(store, claim))
+
+
+def _taken_over_line(store: ObjectStore, claim: PointerClaim) -> str:
+    """What a keeper says of ``claim`` found taken over at a renewal (reads the pointer once, best effort)."""
     try:
         current = store.read_pointer(claim.key)
     except StorageError:
@@ -512,16 +543,12 @@ def _claim_lost(store: ObjectStore, claim: PointerClaim) -> None:
         else:
             state = f"held by {who}, pid {target.get('pid')} on {target.get('host')}"
         now = f"at version {current.version}: {state}"
-    _log.warning(
-        "claim %s version %d (pid %s on %s) was taken over: its holder did not renew its %.0f s lease in time (a "
-        "stalled process) and the claim is now %s. This holder stops renewing it and removed its lease; a longer "
-        "lease keeps a holder that stalls this long",
-        store.uri(claim.key),
-        claim.version,
-        claim.holder.get("pid"),
-        claim.holder.get("host"),
-        float(claim.holder.get("lease_s", DEFAULT_LEASE_S)),
-        now,
+    return (
+        f"claim {store.uri(claim.key)} version {claim.version} (pid {claim.holder.get('pid')} on "
+        f"{claim.holder.get('host')}) was taken over: its holder did not renew its "
+        f"{float(claim.holder.get('lease_s', DEFAULT_LEASE_S)):.0f} s lease in time (a stalled process) and the claim "
+        f"is now {now}. This holder stops renewing it and removed its lease; a longer lease keeps a holder that "
+        "stalls this long"
     )
 
 
