@@ -386,6 +386,133 @@ def run_pass(
                 del _OPEN_CLAIMS[key]
 
 
+class _PassWork:
+    """What one deletion pass holds while it works, and its writes that need a claim (:func:`run_pass`).
+
+    The store's pass claim, when the pass runs inside :func:`store_pass` (``held_pass``: the store's url, its
+    keeper, the claim), the claims on the requests it took (renewed by ``keeper``), and the outcomes so far, shared
+    with the caller (``settled``: request id -> state; ``lost``: requests whose claim another pass took). Each
+    write of a request's state first checks the claims (:meth:`pass_lost`), so a pass that stalled past its lease
+    and was taken over writes nothing more; each loss is said in one line.
+    """
+
+    def __init__(
+        self,
+        ledger: DeletionLedger,
+        keeper: LeaseKeeper,
+        *,
+        holder: str,
+        attempts: AttemptPolicy,
+        log: logging.Logger | logging.LoggerAdapter,
+        held_pass: tuple[str, LeaseKeeper, PointerClaim] | None,
+        settled: dict[str, str],
+        lost: list[str],
+    ) -> None:
+        self.ledger, self.keeper, self.holder, self.attempts, self.log = ledger, keeper, holder, attempts, log
+        self.held_pass, self.settled, self.lost = held_pass, settled, lost
+        self.claimed: list[RequestStatus] = []
+        self.claims: dict[str, PointerClaim] = {}  # request id -> this pass's claim on it, while held
+        self.claim_lost: list[str] = []  # the line said, once this pass found the store's pass claim taken over
+
+    def pass_lost(self, where: str) -> bool:
+        """The safe-point check: whether this pass lost the store's pass claim (said once, claims handed back)."""
+        if self.claim_lost:
+            return True
+        held = self.held_pass
+        if held is None or held[1].check(held[2]):
+            return False
+        handed: list[str] = []
+        for request_id in list(self.claims):
+            entry = next(c for c in self.claimed if c.request_id == request_id)
+            _drop(self.ledger, request_id)
+            self.keeper.release(self.claims.pop(request_id).key)
+            with contextlib.suppress(StorageError, PointerConflict):
+                reason = f"the pass {self.holder} lost its claim on the store {where}"
+                outcome = self.ledger.hand_back(request_id, claim_version=entry.version, reason=reason)
+                if outcome is not None:
+                    handed.append(request_id)
+                    self.settled[request_id] = outcome.status
+            if request_id not in handed:
+                self.lost.append(request_id)
+        line = lost_text(self.ledger.store, held[2], f"deletion pass {self.holder} ({where})")
+        if handed:
+            line += f"; it handed its {summarise_ids(handed)} back to pending (attempt not counted)"
+        self.claim_lost.append(line)
+        self.log.warning("%s", line)
+        held[1].said_lost(held[2].key)  # the one line of this loss
+        return True
+
+    def request_lost(self, entry: RequestStatus, what: str) -> bool:
+        """Whether this pass's claim on ``entry`` was taken over by another pass (said, and left to it)."""
+        claim = self.claims.get(entry.request_id)
+        if claim is None or self.keeper.check(claim):
+            return False
+        _drop(self.ledger, entry.request_id)
+        del self.claims[entry.request_id]
+        self.lost.append(entry.request_id)
+        self.log.warning("%s", lost_text(self.ledger.store, claim, f"{what} of request {entry.request_id}"))
+        self.keeper.said_lost(claim.key)  # the one line of this loss
+        return True
+
+    def unkeep(self, entry: RequestStatus) -> None:
+        """Stop renewing ``entry``'s claim before this pass's own write moves it (never then called lost)."""
+        _drop(self.ledger, entry.request_id)
+        claim = self.claims.pop(entry.request_id, None)
+        if claim is not None:
+            self.keeper.release(claim.key)
+
+    def fail(self, entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
+        """Record a failed attempt of ``entry`` (handed back instead while serve stops), if its claims still hold."""
+        if self.pass_lost("before recording a failed attempt") or entry.request_id not in self.claims:
+            return
+        key = self.claims[entry.request_id].key
+        self.unkeep(entry)
+        stopping = STOPPING.is_set()
+        if stopping:
+            # the stop killed the workers: not a failed attempt; stored progress is resumed later
+            outcome = self.ledger.hand_back(
+                entry.request_id,
+                claim_version=entry.version,
+                reason=f"serve stopped during the work ({error[:300]})",
+            )
+        else:
+            outcome = self.ledger.fail_attempt(
+                entry.request_id,
+                claim_version=entry.version,
+                error=error,
+                max_attempts=self.attempts.max_attempts,
+                first_backoff_s=self.attempts.first_backoff_s,
+                max_backoff_s=self.attempts.max_backoff_s,
+                extra=extra,
+            )
+        if outcome is None:
+            self.lost.append(entry.request_id)
+            self.log.warning(
+                "request %s: claim taken over by another pass; its attempt is left to it", entry.request_id
+            )
+            self.keeper.said_lost(key)
+        elif stopping:
+            self.settled[entry.request_id] = outcome.status
+            self.log.warning("request %s handed back (serve is stopping); its attempt is not counted", entry.request_id)
+        else:
+            self.settled[entry.request_id] = outcome.status
+            self.log.warning("request %s attempt failed (%s): %s", entry.request_id, outcome.status, error[:300])
+
+    def settle(self, entry: RequestStatus, status: str, details: dict[str, Any]) -> None:
+        """Settle ``entry`` as ``status``, if its claims still hold."""
+        if self.pass_lost(f"before settling request {entry.request_id}") or entry.request_id not in self.claims:
+            return
+        key = self.claims[entry.request_id].key
+        self.unkeep(entry)
+        outcome = self.ledger.settle(entry.request_id, claim_version=entry.version, status=status, details=details)
+        if outcome is None:
+            self.lost.append(entry.request_id)
+            self.log.warning("request %s: claim taken over by another pass; its result is left to it", entry.request_id)
+            self.keeper.said_lost(key)
+        else:
+            self.settled[entry.request_id] = status
+
+
 def _run_pass(
     store: str,
     *,
@@ -408,52 +535,12 @@ def _run_pass(
     held_pass = getattr(_HELD_PASS, "held", None)
     if held_pass is not None and held_pass[0] != object_store.url:
         held_pass = None
-    claim_lost: list[str] = []  # the line said, once this pass found the store's pass claim taken over
     with LeaseKeeper(object_store, lease_s=attempts.lease_s, holder=holder) as keeper:
-        claimed: list[RequestStatus] = []
-        claims: dict[str, PointerClaim] = {}  # request id -> this pass's claim on it, while held
-
-        def pass_claim_lost(where: str) -> bool:
-            """The safe-point check: whether this pass lost the store's pass claim (said once, claims handed back)."""
-            if claim_lost:
-                return True
-            if held_pass is None or held_pass[1].check(held_pass[2]):
-                return False
-            handed: list[str] = []
-            for request_id in list(claims):
-                entry = next(c for c in claimed if c.request_id == request_id)
-                _drop(ledger, request_id)
-                keeper.release(claims.pop(request_id).key)
-                with contextlib.suppress(StorageError, PointerConflict):
-                    reason = f"the pass {holder} lost its claim on the store {where}"
-                    outcome = ledger.hand_back(request_id, claim_version=entry.version, reason=reason)
-                    if outcome is not None:
-                        handed.append(request_id)
-                        settled[request_id] = outcome.status
-                if request_id not in handed:
-                    lost.append(request_id)
-            line = lost_text(object_store, held_pass[2], f"deletion pass {holder} ({where})")
-            if handed:
-                line += f"; it handed its {summarise_ids(handed)} back to pending (attempt not counted)"
-            claim_lost.append(line)
-            log.warning("%s", line)
-            held_pass[1].said_lost(held_pass[2].key)  # the one line of this loss
-            return True
-
-        def request_claim_lost(entry: RequestStatus, what: str) -> bool:
-            """Whether this pass's claim on ``entry`` was taken over by another pass (said, and left to it)."""
-            claim = claims.get(entry.request_id)
-            if claim is None or keeper.check(claim):
-                return False
-            _drop(ledger, entry.request_id)
-            del claims[entry.request_id]
-            lost.append(entry.request_id)
-            log.warning("%s", lost_text(object_store, claim, f"{what} of request {entry.request_id}"))
-            keeper.said_lost(claim.key)  # the one line of this loss
-            return True
-
+        work = _PassWork(
+            ledger, keeper, holder=holder, attempts=attempts, log=log, held_pass=held_pass, settled=settled, lost=lost
+        )
         for entry in due:
-            if pass_claim_lost("before claiming more requests"):
+            if work.pass_lost("before claiming more requests"):
                 break
             try:
                 taken = ledger.claim(
@@ -466,91 +553,37 @@ def _run_pass(
                     log.warning("request %s failed: %s", entry.request_id, taken.details.get("reason"))
                     continue
                 claim = ledger.request_claim(taken, lease_s=attempts.lease_s)
-                claims[entry.request_id] = claim
-                claimed.append(taken)
+                work.claims[entry.request_id] = claim
+                work.claimed.append(taken)
                 _hold(ledger, taken, holder, lambda key=claim.key: keeper.release(key))
                 keeper.hold_claim(claim, loss_said_by_holder=True)  # said where the pass finds it lost
             except Exception as err:  # noqa: BLE001 -- one unreadable entry must not stop the others
                 log.warning("request %s could not be claimed: %s", entry.request_id, _error_text(err))
-        if not claimed or claim_lost:
+        if not work.claimed or work.claim_lost:
             return {
-                "claimed": [c.request_id for c in claimed],
+                "claimed": [c.request_id for c in work.claimed],
                 "runs": {},
                 "settled": settled,
                 "lost": lost,
                 "unreadable": unreadable,
-                **({"claim_lost": claim_lost[0]} if claim_lost else {}),
+                **({"claim_lost": work.claim_lost[0]} if work.claim_lost else {}),
             }
-        log.info("claimed %s", summarise_ids([c.request_id for c in claimed]))
-
-        def unkeep(entry: RequestStatus) -> None:
-            """Stop renewing ``entry``'s claim before this pass's own write moves it (never then called lost)."""
-            _drop(ledger, entry.request_id)
-            claim = claims.pop(entry.request_id, None)
-            if claim is not None:
-                keeper.release(claim.key)
-
-        def fail(entry: RequestStatus, error: str, extra: dict[str, Any] | None = None) -> None:
-            if pass_claim_lost("before recording a failed attempt") or entry.request_id not in claims:
-                return
-            key = claims[entry.request_id].key
-            unkeep(entry)
-            stopping = STOPPING.is_set()
-            if stopping:
-                # the stop killed the workers: not a failed attempt; stored progress is resumed later
-                outcome = ledger.hand_back(
-                    entry.request_id,
-                    claim_version=entry.version,
-                    reason=f"serve stopped during the work ({error[:300]})",
-                )
-            else:
-                outcome = ledger.fail_attempt(
-                    entry.request_id,
-                    claim_version=entry.version,
-                    error=error,
-                    max_attempts=attempts.max_attempts,
-                    first_backoff_s=attempts.first_backoff_s,
-                    max_backoff_s=attempts.max_backoff_s,
-                    extra=extra,
-                )
-            if outcome is None:
-                lost.append(entry.request_id)
-                log.warning("request %s: claim taken over by another pass; its attempt is left to it", entry.request_id)
-                keeper.said_lost(key)
-            elif stopping:
-                settled[entry.request_id] = outcome.status
-                log.warning("request %s handed back (serve is stopping); its attempt is not counted", entry.request_id)
-            else:
-                settled[entry.request_id] = outcome.status
-                log.warning("request %s attempt failed (%s): %s", entry.request_id, outcome.status, error[:300])
-
-        def settle(entry: RequestStatus, status: str, details: dict[str, Any]) -> None:
-            if pass_claim_lost(f"before settling request {entry.request_id}") or entry.request_id not in claims:
-                return
-            key = claims[entry.request_id].key
-            unkeep(entry)
-            outcome = ledger.settle(entry.request_id, claim_version=entry.version, status=status, details=details)
-            if outcome is None:
-                lost.append(entry.request_id)
-                log.warning("request %s: claim taken over by another pass; its result is left to it", entry.request_id)
-                keeper.said_lost(key)
-            else:
-                settled[entry.request_id] = status
+        log.info("claimed %s", summarise_ids([c.request_id for c in work.claimed]))
 
         specs, spec_errors = load_specs(registry)
         per_run: dict[str, dict[str, list[int]]] = {}
         affected_of: dict[str, tuple[RequestStatus, list[str]]] = {}
         not_trained_of: dict[str, list[int]] = {}  # ids no registered run trained on: accepted, nothing to forget now
         refused: dict[str, str] = {}  # one log line for all of them (it was a WARNING per request)
-        for entry in claimed:
+        for entry in work.claimed:
             try:
                 request_runs = runs_of(entry, specs, spec_errors)
             except RequestError as err:
                 refused[entry.request_id] = str(err)
-                settle(entry, REJECTED, {"reason": str(err), "attempt": entry.details.get("attempt")})
+                work.settle(entry, REJECTED, {"reason": str(err), "attempt": entry.details.get("attempt")})
                 continue
             except Exception as err:  # noqa: BLE001 -- anything else is a failed attempt of this request only
-                fail(entry, _error_text(err))
+                work.fail(entry, _error_text(err))
                 continue
             affected = request_runs.runs
             affected_of[entry.request_id] = (entry, affected)
@@ -567,7 +600,7 @@ def _run_pass(
                 summarise_ids(list(refused)),
                 refused[first],
             )
-        if pass_claim_lost("before its fan-out"):
+        if work.pass_lost("before its fan-out"):
             per_run = {}
         results = _guarded(unlearn_runs, per_run) if per_run else {}
         # A run that merged several requests and failed: each request alone on that run, so a poison
@@ -578,26 +611,26 @@ def _run_pass(
             if len(requests) > 1
             and results.get(run_id, {}).get("status") == "failed"
             and not STOPPING.is_set()
-            and not pass_claim_lost("before retrying a run's requests alone")
+            and not work.pass_lost("before retrying a run's requests alone")
         }
         alone: dict[tuple[str, str], dict[str, Any]] = {}
         for run_id, requests in split.items():
             log.warning("run %s failed with %d merged requests; retrying each alone", run_id, len(requests))
             for request_id, ids in sorted(requests.items()):
-                if pass_claim_lost(f"before retrying run {run_id} with request {request_id} alone"):
+                if work.pass_lost(f"before retrying run {run_id} with request {request_id} alone"):
                     break
                 alone[(run_id, request_id)] = _guarded(unlearn_runs, {run_id: {request_id: ids}}).get(run_id, {})
 
-        lost_now = pass_claim_lost("before recording its batch")
+        lost_now = work.pass_lost("before recording its batch")
         batch_id = None if lost_now else _record_batch(ledger, results, affected_of, batch, holder=holder, log=log)
         # SPEC 5 reaches the checkpoints of trainings that stopped before publishing (so before registering
         # their run): only registered runs were unlearned above, and those chains kept the ids for good.
         interrupted = InterruptedTrainings(object_store, command=f"obliviate deletion pass {holder}")
         deleted_of = {run_id: {int(i) for i in audit.get("deleted_ids") or ()} for run_id, audit in results.items()}
         for request_id, (entry, affected) in affected_of.items():
-            if pass_claim_lost(f"before settling request {request_id}"):
+            if work.pass_lost(f"before settling request {request_id}"):
                 break
-            if request_claim_lost(entry, "the erasure and settle"):
+            if work.request_lost(entry, "the erasure and settle"):
                 continue
             ids = [int(i) for i in entry.request["ids"]]
             audits = {
@@ -623,7 +656,7 @@ def _run_pass(
                     failed = {"(interrupted trainings)": {"error": f"their checkpoints could not be listed: {err}"}}
             if failed:
                 error = "; ".join(f"run {r}: {a.get('error', 'no result')}" for r, a in sorted(failed.items()))
-                fail(entry, error, {"runs": audits})
+                work.fail(entry, error, {"runs": audits})
             else:
                 _say_erased(request_id, erased, log)
                 not_trained_on = not_trained_of.get(request_id, [])
@@ -641,7 +674,7 @@ def _run_pass(
                     "deadline": deadline,
                     "late": deadline is not None and exact_at > deadline,
                 }
-                settle(
+                work.settle(
                     entry,
                     DONE,
                     {
@@ -664,12 +697,12 @@ def _run_pass(
             summarise_states({r: u["status"] for r, u in news.items()}),
         )
     return {
-        "claimed": [c.request_id for c in claimed],
+        "claimed": [c.request_id for c in work.claimed],
         "runs": results,
         "settled": settled,
         "lost": lost,
         "unreadable": unreadable,
-        **({"claim_lost": claim_lost[0]} if claim_lost else {}),
+        **({"claim_lost": work.claim_lost[0]} if work.claim_lost else {}),
     }
 
 
