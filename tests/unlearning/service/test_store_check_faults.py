@@ -24,7 +24,6 @@ from storage.errors import CorruptObject, WriteFailed
 from storage.ledger import DeletionLedger
 
 REPO = Path(__file__).resolve().parents[3]
-AN_HOUR_AGO = time.time() - 3600
 
 
 @pytest.fixture
@@ -236,9 +235,10 @@ def test_bytes_without_a_commit_record_are_orphans_or_damage(trained, capsys):
     store = ObjectStore(store_url)
     root = _root(store_url)
     stray = ["runs/r1/chains/train/ckpt-0009.pt", "runs/r1/manifests/v000009-train.json", "registry/gone.json"]
+    an_hour_ago = time.time() - 3600  # now, not at import: CI imported this module over an hour before the test ran
     for name in stray:
         (root / name).write_bytes(b"")
-        os.utime(root / name, (AN_HOUR_AGO, AN_HOUR_AGO))
+        os.utime(root / name, (an_hour_ago, an_hour_ago))
     (root / "tune-state/exp").mkdir(parents=True)
     (root / "tune-state/exp/state.json").write_text("{}")
     os.remove(root / "runs/r1/spec.json.sha256")
