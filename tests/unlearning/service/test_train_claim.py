@@ -122,10 +122,11 @@ def test_a_released_or_dead_holder_is_taken_over(any_store) -> None:
 
 def test_a_renewed_claim_stays_held_and_a_nested_claim_is_the_same(any_store) -> None:
     store = ObjectStore(any_store)
-    claim = _someone_else(any_store, "r", pid=1, host="elsewhere", lease_s=2.0)
-    with LeaseKeeper(store, lease_s=2.0, holder="elsewhere:1") as keeper:
+    # a 4 s lease renewed every 1 s: a renewal that S3 answers 3 s late still keeps it (a 2 s one lapsed once in CI)
+    claim = _someone_else(any_store, "r", pid=1, host="elsewhere", lease_s=4.0)
+    with LeaseKeeper(store, lease_s=4.0, holder="elsewhere:1") as keeper:
         keeper.hold(claim.key, claim.version, folder=claim.folder)
-        time.sleep(2.5)  # past the first lease: only its renewals keep it
+        time.sleep(4.5)  # past the first lease: only its renewals keep it
         with pytest.raises(ConfigError, match="lease renewed"), training_claim(any_store, "r"):
             pass
     assert release_claim(store, claim)
