@@ -507,9 +507,9 @@ class ChainWorker:
 
         ``claim``: the store's pass claim of the deletion pass that fans this out (``key``, ``version``,
         ``holder``: :func:`flows.settle.held_pass_claim`). As a training does, the worker reads its pointer before
-        each checkpoint write and each publish (the purge of superseded versions, idempotent, is not held back): a pass that stalled past its lease was taken over, and
-        its taker retrains the same runs, so this unlearning stops there and writes nothing more.
-
+        each checkpoint write and each publish (the idempotent purge of superseded versions is not held back): a
+        pass that stalled past its lease was taken over, and its taker retrains the same runs, so this unlearning
+        stops there and writes nothing more.
         Requests the current version already applied are skipped; the rest are merged into one
         unlearning from the current version, published by compare-and-swap. On a lost race the
         pointer is re-read and the remaining requests are applied to the newer version.
