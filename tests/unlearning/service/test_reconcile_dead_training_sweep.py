@@ -46,7 +46,9 @@ def _training(url: str, tiny_run) -> subprocess.Popen:
         "import json, sys\n"
         "from actors.chains import ChainWorker\n"
         "from flows.train import training_claim\n"
-        f"with training_claim({url!r}, 'r-y'):\n"
+        # a long lease: the training, paused while the pass runs, still holds its claim (a gone process's claim is
+        # taken over at once, whatever its lease)
+        f"with training_claim({url!r}, 'r-y', lease_s=600.0):\n"
         f"    ChainWorker({url!r}).train(json.loads(sys.argv[1]))\n"
     )
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
@@ -72,7 +74,13 @@ def test_reconcile_deletes_what_a_dead_training_left_to_holds_of_a_settled_reque
         chain = wait_for_block(store, process, 1, "r-y")
         victim = id_in_block(store, 1, "r-y")
         request = submit_deletion(url, [victim], dataset="digits", emit=False)["request_id"]
-        settled = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
+        # paused while the pass runs, so it is still training (unpublished) when the pass looks, however slow the
+        # pass is on a loaded machine
+        process.send_signal(signal.SIGSTOP)
+        try:
+            settled = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
+        finally:
+            process.send_signal(signal.SIGCONT)
         assert settled["settled"] == {request: DONE}
         said = DeletionLedger(store).get(request).details["interrupted_trainings"]
         assert "r-y" in said["left_to_training"] and "purged" not in said  # its claim was live: left to it
