@@ -55,7 +55,7 @@ from flows.audit import audit_flow
 from flows.batching import FLUSH_PREFIX, batch_holds_every_open_request, open_batch
 from flows.reconcile import reconcile_flow
 from flows.runtime import ray_gcs_answers, ui_url_of
-from flows.settle import STOPPING, hand_back_open_claims, held_pass
+from flows.settle import RAY_DISCONNECTING, STOPPING, hand_back_open_claims, held_pass
 from flows.train import shutdown_pools
 from flows.unlearn import ENDPOINT_KEY, EVENT_NAME, HEARTBEAT_KEY, store_resource_id, unlearn_flow
 from flows.watchdog import withdraw_endpoint
@@ -353,7 +353,8 @@ HANDING_BACK = "any pass under way is stopped and its open requests handed back"
 #: (Ray's shutdown ends the pass's wait on Ray) and for the shutdown itself; then it goes on without either.
 RAY_SHUTDOWN_WAIT_S = 20.0
 #: How much longer a stop whose pass Ray's shutdown still holds waits for that shutdown, once the pass's requests are
-#: handed back (its exit would wait for it all the same); a stop takes at most about 5 + 20 + 40 s.
+#: handed back (its exit would wait for it all the same); with 10 s more for the pass to end, a stop takes at most
+#: about 5 + 20 + 50 s.
 RAY_SHUTDOWN_LATE_WAIT_S = 40.0
 
 
@@ -362,15 +363,21 @@ def _disconnect_ray() -> threading.Thread | None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return None
+    RAY_DISCONNECTING.set()  # the pass's wait on Ray ends now, not (perhaps never) after the shutdown
     worker = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
     worker.start()
     return worker
 
 
+def _where_it_waits(thread: threading.Thread) -> str:
+    """`` (it waits in F, FILE:LINE)``: the innermost Python frame of a live ``thread`` ('' when it has none)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return f" (it waits in {frame.f_code.co_name}, {frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
+
+
 def _say_ray_shutdown_stuck(worker: threading.Thread, *, waited_s: float, pass_stuck: bool) -> None:
     """Say once that Ray's shutdown has not returned, and where it waits (a stop otherwise silent that long)."""
-    frame = sys._current_frames().get(worker.ident or -1)
-    where = f" (it waits in {frame.f_code.co_name}, {frame.f_code.co_filename}:{frame.f_lineno})" if frame else ""
+    where = _where_it_waits(worker)
     then = "serve hands the requests of the pass under way back itself" if pass_stuck else "serve goes on without it"
     print(
         f"obliviate serve: Ray's shutdown has not returned after {waited_s:.0f} s{where}; {then}",
@@ -593,7 +600,18 @@ class ServiceWatcher:
                     late_by,
                 )
                 worker.join(timeout=RAY_SHUTDOWN_LATE_WAIT_S)
-                dispatcher.join(timeout=10.0)
+                # One bound for both: a shutdown that returned early leaves the pass the rest of it to end its flow
+                # run (a loaded CI host once took more than the 10 s it had after the shutdown, and its final state
+                # was lost), never less than 10 s.
+                dispatcher.join(timeout=max(10.0, late_by - time.monotonic()))
+                if dispatcher.is_alive():
+                    shutdown = "had not returned either" if worker.is_alive() else "had returned"
+                    print(
+                        "obliviate serve: the pass under way had not ended when serve's stop gave up waiting for it"
+                        f"{_where_it_waits(dispatcher)}; Ray's shutdown {shutdown}. Its requests are handed back, but "
+                        "its flow run may show no final state.",
+                        flush=True,
+                    )
 
     def stopping_line(self) -> str:
         """What serve says to a stop signal while it is stopping already: the step under way, and its bound."""

@@ -62,12 +62,18 @@ from storage.registry import RunRegistry
 #: Set when this process stops serving (``serve`` got SIGTERM or Ctrl-C): passes claim nothing new,
 #: and a claim whose work the stop interrupted goes back to ``pending`` without counting an attempt.
 STOPPING = threading.Event()
+#: Set by a stopping ``serve`` before it ends this process's Ray connection (its Ray runtime gone): a pass's wait on
+#: Ray ends then (:func:`flows.unlearn.fan_out_unlearning`), where a blocking ``ray.get`` could wait forever.
+RAY_DISCONNECTING = threading.Event()
 
 # The claims the passes of this process hold now: (store url, request id) -> (ledger, claim version, holder, how its
 # keeper stops renewing it). ``serve`` hands them back itself (:func:`hand_back_open_claims`) when a pass cannot end
 # on its own.
 _OPEN_CLAIMS: dict[tuple[str, str], tuple[DeletionLedger, int, str, Callable[[], None]]] = {}
 _OPEN_CLAIMS_LOCK = threading.Lock()
+# The requests serve's stop handed back itself: (store url, request id). The pass it let go finds their claims moved,
+# and says so as a hand-back, not as a claim another pass took over.
+_HANDED_BACK_BY_STOP: set[tuple[str, str]] = set()
 
 
 def hand_back_open_claims(reason: str) -> list[str]:
@@ -86,6 +92,8 @@ def hand_back_open_claims(reason: str) -> list[str]:
         with contextlib.suppress(Exception):  # a store that is gone too: the lease lapses, as before
             if ledger.hand_back(request_id, claim_version=version, reason=reason) is not None:
                 handed.append(request_id)
+                with _OPEN_CLAIMS_LOCK:
+                    _HANDED_BACK_BY_STOP.add((ledger.store.url, request_id))
     return handed
 
 
@@ -485,7 +493,12 @@ class _PassWork:
                 max_backoff_s=self.attempts.max_backoff_s,
                 extra=extra,
             )
-        if outcome is None:
+        if outcome is None and self.handed_back_by_stop(entry):
+            self.settled[entry.request_id] = PENDING
+            self.log.warning(
+                "request %s was handed back by serve's stop already; its attempt is not counted", entry.request_id
+            )
+        elif outcome is None:
             self.lost.append(entry.request_id)
             self.log.warning(
                 "request %s: claim taken over by another pass; its attempt is left to it", entry.request_id
@@ -505,12 +518,23 @@ class _PassWork:
         key = self.claims[entry.request_id].key
         self.unkeep(entry)
         outcome = self.ledger.settle(entry.request_id, claim_version=entry.version, status=status, details=details)
-        if outcome is None:
+        if outcome is None and self.handed_back_by_stop(entry):
+            self.settled[entry.request_id] = PENDING
+            self.log.warning(
+                "request %s was handed back by serve's stop before this pass settled it; the next pass does it again",
+                entry.request_id,
+            )
+        elif outcome is None:
             self.lost.append(entry.request_id)
             self.log.warning("request %s: claim taken over by another pass; its result is left to it", entry.request_id)
             self.keeper.said_lost(key)
         else:
             self.settled[entry.request_id] = status
+
+    def handed_back_by_stop(self, entry: RequestStatus) -> bool:
+        """Whether serve's stop handed ``entry`` back itself while this pass was stuck (its claim moved by that)."""
+        with _OPEN_CLAIMS_LOCK:
+            return (self.ledger.store.url, entry.request_id) in _HANDED_BACK_BY_STOP
 
 
 def _run_pass(

@@ -55,6 +55,7 @@ from flows.request_wait import wait_outcome  # noqa: F401 -- its home until forg
 from flows.runtime import quiet_foreseen_tracebacks
 from flows.settle import (
     PASS_WAIT_S,
+    RAY_DISCONNECTING,
     STOPPING,
     UNREADABLE,
     AttemptPolicy,
@@ -242,14 +243,15 @@ def fan_out_unlearning(
     }
     results: dict[str, dict[str, Any]] = {}
     # The workers' storage retries are silent here (Ray does not forward their logs), so a thread of its own
-    # says what this wait waits on. The wait itself stays one blocking ray.get per run: how a stop ends it
-    # (a SIGTERM raised out of ray.get, ray.shutdown() by a stopping serve) depends on that. A wait with a
-    # timeout in a loop came back empty once serve's Ray was gone, and its next call started a new Ray runtime.
+    # says what this wait waits on. A stop ends the wait: a SIGTERM comes out of Ray's wait, and a stopping serve
+    # whose Ray runtime is gone says it disconnects (RAY_DISCONNECTING) before its ray.shutdown(); a blocking
+    # ray.get then waited on after the shutdown returned, for ever in one of two runs, and the flow run had no
+    # final state. The flag is looked at before each call: a call after the shutdown would start a new runtime.
     watch = _FanOutWatch(store, logger or logging.getLogger(__name__), list(futures), started=started)
     try:
         for run_id, future in futures.items():
             try:
-                results[run_id] = ray.get(future)
+                results[run_id] = _result_of(ray, future)
             except Exception as err:  # noqa: BLE001 -- any failure of one run is recorded on it; the others go on
                 signal = termination_behind(err)
                 if signal is not None:
@@ -268,6 +270,21 @@ def fan_out_unlearning(
         raise
     watch.finish()
     return results, {"workers": pool_size, "runs": len(per_run), "seconds": time.time() - started}
+
+
+#: How long one wait on a worker lasts before the fan-out looks again whether serve disconnects from Ray.
+RESULT_WAIT_STEP_S = 1.0
+
+
+def _result_of(ray: Any, future: Any) -> Any:
+    """``ray.get(future)``, ended by a ``SystemExit`` (a stop: :func:`flows.settle._guarded`) once a stopping
+    serve disconnects from its gone Ray runtime (:data:`flows.settle.RAY_DISCONNECTING`)."""
+    while True:
+        if RAY_DISCONNECTING.is_set():
+            raise SystemExit("serve is stopping and disconnects from its Ray runtime")
+        ready, _ = ray.wait([future], timeout=RESULT_WAIT_STEP_S)
+        if ready:
+            return ray.get(future)
 
 
 class _FanOutWatch:

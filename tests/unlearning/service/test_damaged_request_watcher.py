@@ -20,7 +20,7 @@ import pytest
 
 from flows.deployments import ServiceOptions, ServiceWatcher
 from flows.listener import DeletionEvent
-from flows.settle import STOPPING
+from flows.settle import RAY_DISCONNECTING, STOPPING
 from flows.unlearn import submit_deletion
 from storage import ObjectStore
 from storage.ledger import DAMAGED_RECORD, FAILED, PENDING, REJECTED, DeletionLedger
@@ -48,6 +48,7 @@ def watch(prefect_api_url):
             watcher.stop(grace_s=10.0)
     finally:
         STOPPING.clear()  # stop() tells every pass of this process to stop; the next test's passes run again
+        RAY_DISCONNECTING.clear()
 
 
 def _until(check, *, timeout_s: float = 90.0, what: str) -> None:
