@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -60,6 +62,7 @@ from actors.extraction import WaitLines, run_cell_task
 from flows.artifacts import publish_table
 from flows.progress import ProgressLines, bars_drawn, report
 from flows.runtime import writable_folder
+from obliviate import __version__
 from obliviate.data import load_dataset
 from obliviate.errors import ConfigError, ObliviateError
 from obliviate.extraction.active import AUDIT_SELECTOR
@@ -100,9 +103,11 @@ from storage.serving import DatasetErasures, group_members, served_model, sharde
 
 _OUT = "the report folder (--out)"
 _REPORT_LOST = (
-    "No file of the report was replaced: --out holds the previous report, whole, or none. This audit's results "
-    "were not saved anywhere else; a rerun starts it over."
+    "No file of the report was replaced: --out holds the previous report, whole, or none. The cells that finished "
+    "are kept beside it where they could be written (.cells-*): the same command again runs only the others."
 )
+#: The folders in a report folder that keep an unfinished audit's finished cells (:class:`FinishedCells`).
+KEPT_CELLS_PREFIX = ".cells-"
 
 
 def check_output(location: str) -> None:
@@ -163,6 +168,78 @@ def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[st
             with contextlib.suppress(OSError):
                 folder.rmdir()
     return {key: str(final) for key, (_, final) in staged.items()}
+
+
+class FinishedCells:
+    """The finished cells of one audit, kept in its report folder until its report is written.
+
+    An audit whose target went away for good in its last cell lost every finished cell with it (minutes each:
+    "a rerun starts over"). Each cell is written here as it finishes, one JSON file, whole or not at all; the same
+    audit run again (same target, answers, pool, split and settings: :func:`audit_fingerprint`) takes them and runs
+    only the others. A cell is seeded, so a kept cell is the one a rerun would measure. Writing the report clears
+    every kept audit of the folder, as it replaces the report they would have made.
+
+    A cell that cannot be written here (a full disk) is said once and the audit goes on: only the resumption is lost.
+    """
+
+    def __init__(self, out: str, *, fingerprint: str) -> None:
+        self.folder = Path(out).expanduser() / f"{KEPT_CELLS_PREFIX}{fingerprint[:16]}"
+        self.unwritable: str | None = None
+
+    @staticmethod
+    def file_name(cell: dict) -> str:
+        name = f"{cell['attack']}-{cell['selector']}-k{cell['budget']}-seed{cell['seed']}"
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) + ".json"
+
+    def load(self, cells: Sequence[dict]) -> dict[int, dict]:
+        """The kept results of ``cells``: position in ``cells`` -> result. An unreadable file is run again."""
+        kept: dict[int, dict] = {}
+        for i, cell in enumerate(cells):
+            path = self.folder / self.file_name(cell)
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, ValueError):  # absent, or not JSON: the cell runs again
+                continue
+            same = (result.get("attacker"), result.get("selector"), result.get("budget"), result.get("seed"))
+            if same == (cell["attack"], cell["selector"], cell["budget"], cell["seed"]):
+                kept[i] = result
+        return kept
+
+    def keep(self, cell: dict, result: dict) -> str | None:
+        """Write ``result``; returns why it could not be (said once by the caller), or ``None``."""
+        if self.unwritable is not None:
+            return None
+        final = self.folder / self.file_name(cell)
+        partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(result, default=float))
+            os.replace(partial, final)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            self.unwritable = f"{err.strerror or err} ({final})"
+            return self.unwritable
+        return None
+
+    @staticmethod
+    def clear(out: str) -> None:
+        """Remove every kept audit of the report folder ``out`` (its report was just written)."""
+        folder = Path(out).expanduser()
+        for kept in folder.glob(f"{KEPT_CELLS_PREFIX}*") if folder.is_dir() else ():
+            shutil.rmtree(kept, ignore_errors=True)
+
+
+def audit_fingerprint(setup: AuditSetup, config: dict) -> str:
+    """What makes two runs of an audit the same one (their cells alike): the settings, the target (a checkpoint's
+    bytes, a URL's declared metadata and its answers on the test set), the pool and test set, and this version."""
+    digest = hashlib.sha256(__version__.encode())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(setup.target_meta, sort_keys=True, default=str).encode())
+    if not _is_url(setup.target):
+        digest.update(Path(setup.target).read_bytes())
+    for array in (setup.pool_indices, setup.test_labels, setup.oracle_test_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -357,7 +434,9 @@ def run_cells(
     progress_every_s: float | None = None,
     target_wait_s: float = DEFAULT_TARGET_WAIT_S,
     target_output: str = OutputMode.LABELS.value,
+    kept: FinishedCells | None = None,
 ) -> list[dict]:
+    """Run ``cells`` on Ray; ``kept``: where finished cells are kept (and taken from, by a rerun of the audit)."""
     logger = get_run_logger()
     if not ray.is_initialized():
         raise ConfigError("Ray is not initialised: call ray.init(address='local', num_cpus=N) before the flow.")
@@ -380,7 +459,16 @@ def run_cells(
     # As many cells in flight as Ray has CPUs (each takes one): the cells in flight are the ones
     # running, so the heartbeat can name them; the next cell starts as soon as one ends.
     width = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    queue = list(reversed(cells))
+    taken = kept.load(cells) if kept is not None else {}
+    if taken:
+        logger.info(
+            "%d of the %d cells were finished by an earlier run of this audit (same target, pool, split and "
+            "settings): taken from %s, not run again",
+            len(taken),
+            len(cells),
+            kept.folder if kept is not None else "",
+        )
+    queue = [cell for i, cell in reversed(list(enumerate(cells))) if i not in taken]
     pending: dict[Any, tuple[dict, float]] = {}
 
     waits = _CellWaits(logger, http=_is_url(setup.target))
@@ -391,8 +479,8 @@ def run_cells(
 
     t0 = time.perf_counter()
     lines = ProgressLines(len(cells), every_s=progress_every_s)
-    results: list[dict] = []
-    report("cells", 0, len(cells))  # the bar shows from the start, not after the first cell (minutes)
+    results: list[dict] = list(taken.values())
+    report("cells", len(results), len(cells))  # the bar shows from the start, not after the first cell (minutes)
     try:
         while queue and len(pending) < width:
             start_next()
@@ -421,13 +509,9 @@ def run_cells(
                 # A cell's own error (the target gone, a refused answer) in its own words: Prefect records the
                 # message as the flow run's state, which otherwise held Ray's coloured remote traceback.
                 if isinstance(err.cause, ObliviateError):
-                    # The report needs every cell: the finished ones are lost with the audit, and the user is told.
+                    # The report needs every cell: the user is told where the finished ones are kept, if anywhere.
                     # The cell is named as its waiting lines name it, which come before this error.
-                    discarded = (
-                        f" The audit stops: {len(results)} of its {len(cells)} cells had finished, and they are "
-                        "discarded (the report needs every cell; a rerun starts over)."
-                    )
-                    err.cause.args = (f"{_cell_name(cell)}: {err.cause}{discarded}",)
+                    err.cause.args = (f"{_cell_name(cell)}: {err.cause}{_stop_said(kept, len(results), cells)}",)
                     raise err.cause from None
                 raise
             if queue:
@@ -441,11 +525,31 @@ def run_cells(
             )
             lines.logged()
             results.append(result)
+            unwritable = kept.keep(cell, result) if kept is not None else None
+            if unwritable is not None:
+                logger.warning(
+                    "finished cells cannot be kept for a rerun (%s); the audit goes on, and a rerun after a failure "
+                    "would run every cell again",
+                    unwritable,
+                )
             report("cells", len(results), len(cells))
     finally:
         waits.close()
     order = {(c["attack"], c["selector"], c["budget"], c["seed"]): i for i, c in enumerate(cells)}
     return sorted(results, key=lambda r: order[(r["attacker"], r["selector"], r["budget"], r["seed"])])
+
+
+def _stop_said(kept: FinishedCells | None, finished: int, cells: Sequence[dict]) -> str:
+    """What the error that stops an audit adds about its finished cells: kept for the same command, or lost."""
+    said = f" The audit stops: {finished} of its {len(cells)} cells had finished"
+    if finished == 0:
+        return said + "."
+    if kept is None or kept.unwritable is not None:
+        return said + ", and they are discarded (the report needs every cell; a rerun starts over)."
+    return (
+        f"{said}; they are kept in {kept.folder}, and the same command again runs only the other "
+        f"{len(cells) - finished}."
+    )
 
 
 def _cell_name(cell: dict) -> str:
@@ -892,15 +996,6 @@ def steal_flow(
         for b in budgets
         for seed in range(seeds)
     ]
-    results = run_cells(
-        setup,
-        cells,
-        timeout_s=timeout_s,
-        retries=retries,
-        progress_every_s=progress_every_s,
-        target_wait_s=target_wait_s,
-        target_output=target_output,
-    )
     config = {
         "target": target,
         "pool": pool,
@@ -919,7 +1014,18 @@ def steal_flow(
         "drmi_starts": drmi_starts,
         "target_output": target_output,
     }
+    results = run_cells(
+        setup,
+        cells,
+        timeout_s=timeout_s,
+        retries=retries,
+        progress_every_s=progress_every_s,
+        target_wait_s=target_wait_s,
+        target_output=target_output,
+        kept=FinishedCells(out, fingerprint=audit_fingerprint(setup, config)),
+    )
     paths = write_report(setup, results, out=out, config=config)
+    FinishedCells.clear(out)
     logger = get_run_logger()
     logger.info("audit written to %s in %.0fs", paths["markdown"], time.perf_counter() - t0)
     unreached = unreached_note(results, level=0.9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -300,11 +301,65 @@ def test_a_cell_that_fails_in_ray_fails_the_flow_in_its_own_words(prefect_and_ra
     assert type(failed.value) is TargetUnavailable, type(failed.value)  # not Ray's wrapper of it
     assert "ray::" not in str(failed.value) and "\x1b[" not in str(failed.value), str(failed.value)
     assert "failed once (HTTP 500); transient errors are not retried (--retries 0)" in str(failed.value)
-    # The finished cells are lost with the audit: the error counts them.
-    assert str(failed.value).endswith(
-        "The audit stops: 0 of its 1 cells had finished, and they are discarded (the report needs every cell; "
-        "a rerun starts over)."
-    ), str(failed.value)
+    # The error counts the finished cells (none: nothing is kept).
+    assert str(failed.value).endswith("The audit stops: 0 of its 1 cells had finished."), str(failed.value)
+    assert not list(tmp_path.glob(".cells-*"))
+
+
+def test_an_audit_stopped_by_its_target_keeps_its_finished_cells_and_its_rerun_runs_only_the_others(
+    prefect_and_ray, target_checkpoint, tmp_path
+):
+    """A target that went away for good in an audit's last cell lost every finished cell with it (minutes each):
+    "they are discarded ... a rerun starts over". Here the target refuses every batch of 16 images, so the k=16 cell
+    fails while the k=15 cell finishes; the same audit again, against the mended target, runs only the k=16 cell."""
+    from flows.audit import steal_flow
+    from flows.model_server import TargetServer
+    from obliviate.extraction.target import LocalTorchBackend, TargetUnavailable, load_checkpoint
+
+    model, meta = load_checkpoint(target_checkpoint)
+
+    class RefusesBatchesOf16(LocalTorchBackend):
+        broken = True
+        sizes: ClassVar[list[int]] = []
+
+        def predict(self, images, *, output):
+            RefusesBatchesOf16.sizes.append(len(images))
+            if RefusesBatchesOf16.broken and len(images) == 16:
+                raise RuntimeError("the model server broke")
+            return super().predict(images, output=output)
+
+    audit = TINY_HTTP_AUDIT | {"budgets": [15, 16]}
+    out = tmp_path / "report"
+    with TargetServer(backend=RefusesBatchesOf16(model, levels=256), info=meta) as server:
+        with pytest.raises(TargetUnavailable) as failed:
+            steal_flow(target=server.url, seeds=1, out=str(out), retries=0, **audit)
+        kept = list(out.glob(".cells-*/*.json"))
+        assert [path.name for path in kept] == ["basic-random-k15-seed0.json"], kept
+        said = str(failed.value)
+        assert said.startswith("basic/random k=16 seed=0: "), said
+        assert said.endswith(
+            f"The audit stops: 1 of its 2 cells had finished; they are kept in {kept[0].parent}, and the same command "
+            "again runs only the other 1."
+        ), said
+        assert not (out / "steal.json").exists()  # no report of half an audit
+        first = json.loads(kept[0].read_text())
+
+        RefusesBatchesOf16.broken, RefusesBatchesOf16.sizes = False, []
+        paths = steal_flow(target=server.url, seeds=1, out=str(out), retries=0, **audit)
+        # The kept cell spent no query again: no batch of its 15 images, and its figures are the first run's.
+        assert 16 in RefusesBatchesOf16.sizes and 15 not in RefusesBatchesOf16.sizes, RefusesBatchesOf16.sizes
+        doc = json.loads(Path(paths["json"]).read_text())
+        assert [(c["budget"], c["queries_used"]) for c in doc["cells"]] == [(15, 15), (16, 16)]
+        assert doc["cells"][0]["agreement"] == first["agreement"] and doc["cells"][0]["queries"] == first["queries"]
+        assert not list(out.glob(".cells-*")), list(out.iterdir())  # the report written, nothing is kept any more
+
+        # An audit with other settings does not take another's kept cells: its cells are its own.
+        RefusesBatchesOf16.broken = True
+        with pytest.raises(TargetUnavailable):
+            steal_flow(target=server.url, seeds=1, out=str(out), retries=0, **audit)
+        RefusesBatchesOf16.broken, RefusesBatchesOf16.sizes = False, []
+        steal_flow(target=server.url, seeds=1, out=str(out), retries=0, **audit | {"steps": 11})
+        assert 15 in RefusesBatchesOf16.sizes and 16 in RefusesBatchesOf16.sizes, RefusesBatchesOf16.sizes
 
 
 def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, target_checkpoint, tmp_path):
