@@ -102,10 +102,7 @@ from storage.registry import RunRegistry
 from storage.serving import DatasetErasures, group_members, served_model, sharded_runs
 
 _OUT = "the report folder (--out)"
-_REPORT_LOST = (
-    "No file of the report was replaced: --out holds the previous report, whole, or none. The cells that finished "
-    "are kept beside it where they could be written (.cells-*): the same command again runs only the others."
-)
+_REPORT_NOT_REPLACED = "No file of the report was replaced: --out holds the previous report, whole, or none."
 #: The folders in a report folder that keep an unfinished audit's finished cells (:class:`FinishedCells`).
 KEPT_CELLS_PREFIX = ".cells-"
 
@@ -131,7 +128,9 @@ def prepare_output(location: str) -> Path:
     return writable_folder(location, what=_OUT)
 
 
-def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[str, str]:
+def write_outputs(
+    location: str, files: dict[str, tuple[str, bytes]], *, kept: FinishedCells | None = None
+) -> dict[str, str]:
     """Replace the report's files together: every file is written beside its name first, then all are
     renamed into place with Ctrl-C held off, so a reader finds the previous run's files or this run's,
     never a mix, and no half-written file. A write the system refuses (a full disk) is raised as
@@ -140,6 +139,8 @@ def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[st
     Args:
         location: the report folder.
         files: ``{key: (file name, content)}``, every content already rendered.
+        kept: where the audit's finished cells are kept, if anywhere: a failed write says whether a rerun
+            takes them or starts over.
 
     Returns:
         ``{key: path}`` of the files written.
@@ -160,7 +161,7 @@ def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[st
                 os.replace(partial, final)
         written = True
     except OSError as err:  # a full disk, a read-only one: the file, the reason and the fix in one line
-        raise write_failed(final, err, option="--out", after=_REPORT_LOST) from err
+        raise write_failed(final, err, option="--out", after=_report_lost(kept)) from err
     finally:
         for partial, _ in staged.values():
             partial.unlink(missing_ok=True)
@@ -168,6 +169,13 @@ def write_outputs(location: str, files: dict[str, tuple[str, bytes]]) -> dict[st
             with contextlib.suppress(OSError):
                 folder.rmdir()
     return {key: str(final) for key, (_, final) in staged.items()}
+
+
+def _report_lost(kept: FinishedCells | None) -> str:
+    """What a report that could not be written leaves: its cells kept for the same command, or nothing."""
+    if kept is None or kept.unwritable is not None or not kept.folder.is_dir():
+        return f"{_REPORT_NOT_REPLACED} This audit's results were not saved anywhere else; a rerun starts it over."
+    return f"{_REPORT_NOT_REPLACED} Its finished cells are kept in {kept.folder}: the same command again takes them."
 
 
 class FinishedCells:
@@ -568,9 +576,12 @@ def _cut_short(config: dict) -> str | None:
 
 
 @task(cache_policy=NO_CACHE)
-def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: dict) -> dict:
+def write_report(
+    setup: AuditSetup, results: list[dict], *, out: str, config: dict, kept: FinishedCells | None = None
+) -> dict:
     """Write steal.json, steal.md and steal.png; returns their paths (``json``, ``markdown``, ``png``) and
-    ``headline``, the line steal.md leads with (the answer a caller prints)."""
+    ``headline``, the line steal.md leads with (the answer a caller prints). ``kept``: where the audit's finished
+    cells are kept, said if the report cannot be written."""
     rows = summarize(results)
     # One id in all three files: a reader can tell they come from the same run.
     run_id = uuid.uuid4().hex[:12]
@@ -654,6 +665,7 @@ def write_report(setup: AuditSetup, results: list[dict], *, out: str, config: di
             "markdown": ("steal.md", report_md.encode()),
             "png": ("steal.png", plot_summary(rows, eps=config["eps"], run_id=run_id)),
         },
+        kept=kept,
     )
     table = []
     for r in rows:
@@ -1014,6 +1026,7 @@ def steal_flow(
         "drmi_starts": drmi_starts,
         "target_output": target_output,
     }
+    kept = FinishedCells(out, fingerprint=audit_fingerprint(setup, config))
     results = run_cells(
         setup,
         cells,
@@ -1022,9 +1035,9 @@ def steal_flow(
         progress_every_s=progress_every_s,
         target_wait_s=target_wait_s,
         target_output=target_output,
-        kept=FinishedCells(out, fingerprint=audit_fingerprint(setup, config)),
+        kept=kept,
     )
-    paths = write_report(setup, results, out=out, config=config)
+    paths = write_report(setup, results, out=out, config=config, kept=kept)
     FinishedCells.clear(out)
     logger = get_run_logger()
     logger.info("audit written to %s in %.0fs", paths["markdown"], time.perf_counter() - t0)

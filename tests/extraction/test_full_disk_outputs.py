@@ -71,6 +71,21 @@ def test_a_steal_report_on_a_full_disk_is_refused_in_words_and_the_previous_repo
     assert all((tmp_path / name).read_bytes() == b"old" for name, _ in files.values())
 
 
+def test_a_steal_report_on_a_full_disk_says_where_its_finished_cells_are_kept(tmp_path):
+    """The error said the audit's results were kept beside the report even when none had been written there."""
+    from flows.audit import FinishedCells, write_outputs
+
+    kept = FinishedCells(str(tmp_path), fingerprint="f" * 64)
+    assert kept.keep({"attack": "basic", "selector": "random", "budget": 15, "seed": 0}, {"accuracy": 0.9}) is None
+    files = {"json": ("steal.json", b"{}"), "markdown": ("steal.md", b"# new")}
+    _full_disk_under(tmp_path / "steal.md")
+    with pytest.raises(OutputWriteFailed) as caught:
+        write_outputs(str(tmp_path), files, kept=kept)
+    said = str(caught.value)
+    assert said.endswith(f"Its finished cells are kept in {kept.folder}: the same command again takes them."), said
+    assert "not saved anywhere else" not in said
+
+
 def test_cli_target_train_that_cannot_write_leaves_no_folder_it_made(tmp_path):
     """The checkpoint's folder is made before training (so a bad --out fails in seconds); a write that then
     fails took it away again. The fault is real: a file size limit (RLIMIT_FSIZE) lets folders be made and
