@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -516,18 +517,30 @@ def test_a_ray_cluster_that_wants_a_token_this_process_lacks_is_named_without_a_
         assert prefix in done.stderr, done.stderr[-2000:]
         return done.stderr.split(prefix, 1)[1]
 
-    said = join("unset-right-file", token_file=token, mode=None)
+    homes = {
+        "unset-right-file": (token, None),
+        "unset-no-file": (None, None),
+        "disabled": (token, "disabled"),
+        "token-wrong-file": ("0" * len(token.strip()), "token"),
+        "token-no-file": (None, "token"),
+    }
+    # Each process mostly waits for the cluster's refusal: side by side, not one after another (about 100 s).
+    with ThreadPoolExecutor(max_workers=len(homes)) as pool:
+        told = dict(
+            zip(homes, pool.map(lambda h: join(h, token_file=homes[h][0], mode=homes[h][1]), homes), strict=True)
+        )
+    said = told["unset-right-file"]
     assert "this process sent none: RAY_AUTH_MODE is not set" in said
     assert "Run `export RAY_AUTH_MODE=token`" in said and "the token in ~/.ray/auth_token" in said
     assert "put it there" not in said
-    said = join("unset-no-file", token_file=None, mode=None)
+    said = told["unset-no-file"]
     assert "RAY_AUTH_MODE is not set" in said and "`export RAY_AUTH_MODE=token`" in said and "put it there" in said
-    said = join("disabled", token_file=token, mode="disabled")
+    said = told["disabled"]
     assert "this process sent none: RAY_AUTH_MODE=disabled" in said and "`export RAY_AUTH_MODE=token`" in said
-    said = join("token-wrong-file", token_file="0" * len(token.strip()), mode="token")
+    said = told["token-wrong-file"]
     assert "refused the authentication token of this process (from ~/.ray/auth_token): it is not the cluster's" in said
     assert "export RAY_AUTH_MODE" not in said
-    said = join("token-no-file", token_file=None, mode="token")
+    said = told["token-no-file"]
     assert "has none: RAY_AUTH_MODE=token, but ~/.ray/auth_token" in said and "Put the cluster's token there" in said
 
 
