@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,8 +276,15 @@ class GroupStop:
         assert "Logging error" not in text and "Traceback" not in text, text[-3000:]
 
 
+@pytest.fixture(scope="session")
+def trained_slow_runs(tmp_path_factory):
+    """``epochs -> folder`` of a file store holding run "slow" trained at those epochs, shared by the session's tests
+    (a copy each): training it takes about 45 s per 1500 epochs, and the training is deterministic."""
+    return {"root": tmp_path_factory.mktemp("slow-runs")}
+
+
 @pytest.fixture
-def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run):
+def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run, trained_slow_runs):
     """``serve_stopped_by_a_group_sigterm(ray_env=None, second=None, epochs=1500)``: serve, working on request group-1, stopped by
     a SIGTERM to its process group (systemd's default ``KillMode=control-group``, ``kill -TERM -- -PGID``), which
     stops its own local Ray runtime too. ``second``: a signal sent to the group again ``second_after_s`` later, while
@@ -303,10 +311,16 @@ def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run):
         epochs: int = 1500,
     ) -> GroupStop:
         store_url = f"file://{tmp_path}/store"
-        slow = tiny_run(
-            epochs=epochs, split_seed=0
-        )  # 1500: about 20 s to retrain from block 1, so the stop lands mid-retrain
-        ChainWorker(store_url).train(run_spec(run_id="slow", **slow))
+        trained = trained_slow_runs["root"] / f"epochs-{epochs}"
+        if not trained.is_dir():
+            slow = tiny_run(
+                epochs=epochs, split_seed=0
+            )  # 1500: about 20 s to retrain from block 1, so the stop lands mid-retrain
+            partial = trained.with_name(f"{trained.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)  # a training that failed in an earlier test is not taken
+            ChainWorker(f"file://{partial}").train(run_spec(run_id="slow", **slow))
+            partial.rename(trained)
+        shutil.copytree(trained, tmp_path / "store")
         block_ids = [int(i) for i in RunRegistry(ObjectStore(store_url)).entry("slow")["block_sample_ids"][1]]
         # serve starts its own local Ray runtime (no RAY_ADDRESS): its processes are in serve's group.
         env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")} | (ray_env or {})
