@@ -278,20 +278,38 @@ class GroupStop:
 
 @pytest.fixture(scope="session")
 def trained_slow_runs(tmp_path_factory):
-    """``epochs -> folder`` of a file store holding run "slow" trained at those epochs, shared by the session's tests
-    (a copy each): training it takes about 45 s per 1500 epochs, and the training is deterministic."""
-    return {"root": tmp_path_factory.mktemp("slow-runs")}
+    """The folder that keeps, per epochs, a file store holding run "slow" trained at those epochs."""
+    return tmp_path_factory.mktemp("slow-runs")
 
 
 @pytest.fixture
-def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run, trained_slow_runs):
+def slow_run_store(trained_slow_runs, tiny_run):
+    """``slow_run_store(folder, epochs=1500)``: a file store at ``folder`` holding run "slow" (``tiny_run`` at
+    ``epochs``, split seed 0), returned as its URL. Trained once per session and epochs, then copied: the training is
+    deterministic and takes about 45 s per 1500 epochs."""
+    from actors.chains import ChainWorker
+    from flows.train import run_spec
+
+    def copy(folder: Path, *, epochs: int = 1500) -> str:
+        trained = trained_slow_runs / f"epochs-{epochs}"
+        if not trained.is_dir():
+            partial = trained.with_name(f"{trained.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)  # a training that failed in an earlier test is not taken
+            ChainWorker(f"file://{partial}").train(run_spec(run_id="slow", **tiny_run(epochs=epochs, split_seed=0)))
+            partial.rename(trained)
+        shutil.copytree(trained, folder)
+        return f"file://{folder}"
+
+    return copy
+
+
+@pytest.fixture
+def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, slow_run_store):
     """``serve_stopped_by_a_group_sigterm(ray_env=None, second=None, epochs=1500)``: serve, working on request group-1, stopped by
     a SIGTERM to its process group (systemd's default ``KillMode=control-group``, ``kill -TERM -- -PGID``), which
     stops its own local Ray runtime too. ``second``: a signal sent to the group again ``second_after_s`` later, while
     serve stops (a second Ctrl-C, GNU ``timeout``'s second SIGTERM). ``epochs``: of the run, so of its retrain."""
-    from actors.chains import ChainWorker
     from flows.deployments import POOL_KEY
-    from flows.train import run_spec
     from storage.ledger import DeletionLedger
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
@@ -310,17 +328,8 @@ def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, tiny_run, traine
         second_after_s: float = 3.0,
         epochs: int = 1500,
     ) -> GroupStop:
-        store_url = f"file://{tmp_path}/store"
-        trained = trained_slow_runs["root"] / f"epochs-{epochs}"
-        if not trained.is_dir():
-            slow = tiny_run(
-                epochs=epochs, split_seed=0
-            )  # 1500: about 20 s to retrain from block 1, so the stop lands mid-retrain
-            partial = trained.with_name(f"{trained.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)  # a training that failed in an earlier test is not taken
-            ChainWorker(f"file://{partial}").train(run_spec(run_id="slow", **slow))
-            partial.rename(trained)
-        shutil.copytree(trained, tmp_path / "store")
+        # 1500: about 20 s to retrain from block 1, so the stop lands mid-retrain
+        store_url = slow_run_store(tmp_path / "store", epochs=epochs)
         block_ids = [int(i) for i in RunRegistry(ObjectStore(store_url)).entry("slow")["block_sample_ids"][1]]
         # serve starts its own local Ray runtime (no RAY_ADDRESS): its processes are in serve's group.
         env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")} | (ray_env or {})

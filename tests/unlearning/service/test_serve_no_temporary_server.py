@@ -25,17 +25,14 @@ WAITING = "waiting on the unlearning of run slow for"
 
 
 @pytest.mark.slow
-def test_a_long_unlearning_logs_to_serves_own_server_and_starts_no_temporary_one(tmp_path, tiny_run):
-    from actors.chains import ChainWorker
+def test_a_long_unlearning_logs_to_serves_own_server_and_starts_no_temporary_one(tmp_path, slow_run_store):
     from flows.deployments import ENDPOINT_KEY, POOL_KEY
-    from flows.train import run_spec
     from storage.ledger import DeletionLedger
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
 
-    store_url = f"file://{tmp_path}/store"
     # 1500 epochs a block: retraining blocks 1-3 takes about 20 s on a quiet 2-core machine, past the 10 s heartbeat
-    ChainWorker(store_url).train(run_spec(run_id="slow", **tiny_run(epochs=1500, split_seed=0)))
+    store_url = slow_run_store(tmp_path / "store", epochs=1500)
     block_ids = [int(i) for i in RunRegistry(ObjectStore(store_url)).entry("slow")["block_sample_ids"][1]]
 
     # A new user's setting: no Prefect API configured (serve starts its own server), no Ray address, a fresh HOME.
