@@ -756,9 +756,10 @@ class ObjectStore:
                 break
             # The data may be the rewrite whose record landed after this read's: a whole version, if that
             # record says so. Read at once, it spares the wait of a reader racing a rewrite.
-            later = self._read_commit_record(key)
-            if digest == later["sha256"] and size == later["size"]:
-                break
+            with contextlib.suppress(ObjectNotFound):  # deleted meanwhile: the next read says so in its words
+                later = self._read_commit_record(key)
+                if digest == later["sha256"] and size == later["size"]:
+                    break
             if wait_s is None:
                 raise CorruptObject(
                     f"{self.uri(key)} has sha256 {digest[:12]}... and {size} bytes, but was committed with "
