@@ -72,18 +72,23 @@ def test_reconcile_deletes_what_a_dead_training_left_to_holds_of_a_settled_reque
     process = _training(url, tiny_run)
     try:
         chain = wait_for_block(store, process, 1, "r-y")
-        victim = id_in_block(store, 1, "r-y")
-        request = submit_deletion(url, [victim], dataset="digits", emit=False)["request_id"]
-        # paused while the pass runs, so it is still training (unpublished) when the pass looks, however slow the
-        # pass is on a loaded machine
+        # Paused from the moment block 1 is seen until the pass is done, so it is still training (unpublished)
+        # when the pass looks, however slow the request and the pass are on a loaded machine. Paused only after
+        # the request was sent, a training that finished its blocks meanwhile read the request before publishing,
+        # left the id out itself and published, so the pass had no interrupted training to leave it to (CI).
         process.send_signal(signal.SIGSTOP)
         try:
+            victim = id_in_block(store, 1, "r-y")
+            request = submit_deletion(url, [victim], dataset="digits", emit=False)["request_id"]
             settled = run_pass(url, unlearn_runs=lambda per_run: {r: worker.unlearn(r, q) for r, q in per_run.items()})
         finally:
             process.send_signal(signal.SIGCONT)
         assert settled["settled"] == {request: DONE}
-        said = DeletionLedger(store).get(request).details["interrupted_trainings"]
-        assert "r-y" in said["left_to_training"] and "purged" not in said  # its claim was live: left to it
+        assert not store.exists("runs/r-y/current"), "r-y published before the pass: nothing was left to its training"
+        details = DeletionLedger(store).get(request).details
+        said = details.get("interrupted_trainings", {})
+        assert "r-y" in said.get("left_to_training", {}), details  # its claim was live: left to it
+        assert "purged" not in said, said
         wait_for_block(store, process, 2, "r-y")
         process.send_signal(signal.SIGKILL)  # the training dies: no release of its claim, nothing published
         process.communicate(timeout=60)
