@@ -413,3 +413,44 @@ def flaky_s3(moto_endpoint):
     proxy = FlakyProxy(int(moto_endpoint.rsplit(":", 1)[1]))
     yield proxy
     proxy.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop what in-process tests left running while pytest's streams are still open.
+
+    A flow run in this process with no Prefect API configured makes Prefect start a temporary server,
+    stopped by an ``atexit`` hook that logs to a stream pytest has closed by then; a Ray runtime left
+    initialised is shut down by its own hook during interpreter finalisation. Both are done here first.
+    """
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is not None:
+        for server in list(server_module.SubprocessASGIServer._instances.values()):
+            if server.server_process is not None:
+                print(f"\nstopping the temporary Prefect server a test left running on {server.address}")
+                server.stop()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    session.config._obliviate_exit_status = int(exitstatus)  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave with pytest's exit status once the ``atexit`` hooks have run, without interpreter finalisation.
+
+    A full run of the suite once died with a segmentation fault after pytest's summary (every test had
+    passed): finalisation tears down the C++ threads of torch, Ray and gRPC in no fixed order. The hooks
+    still run (temporary folders, servers), under ``faulthandler`` so a crash in one of them prints
+    every thread's stack instead of a bare "Segmentation fault".
+    """
+    import atexit
+    import faulthandler
+
+    status = getattr(config, "_obliviate_exit_status", None)
+    if status is None:
+        return
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
