@@ -1077,6 +1077,46 @@ def export_target(registry: RunRegistry, run_id: str, path: Path) -> dict[str, A
     return meta
 
 
+#: Where a scheduled audit that stopped part-way keeps its finished cells for the next one (``audit_flow``'s
+#: ``cells_dir``).
+DEFAULT_AUDIT_CELLS_DIR = "~/.obliviate/audits"
+
+
+def _audit_work_folder(cells_root: Path, store_url: str, run: str, *, fallback: Path) -> Path:
+    """The folder of ``cells_root`` where the audits of ``run`` of store ``store_url`` work.
+
+    Named by a digest of the two (a run id is any text a store key admits; one store's run never meets
+    another's cells). Cells of different versions or settings never mix: each audit keeps its own
+    (:func:`audit_fingerprint`), and a report written clears them all. ``fallback`` when ``cells_root``
+    cannot be written (said as a warning).
+    """
+    digest = hashlib.sha256(json.dumps([store_url, run]).encode()).hexdigest()[:20]
+    folder = cells_root / digest
+    try:
+        check_output(str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, OSError) as err:
+        get_run_logger().warning(
+            "the audit of run %s keeps no finished cells for a rerun: %s (audit_flow's cells_dir); it works in %s",
+            run,
+            err,
+            fallback,
+        )
+        return fallback
+    return folder
+
+
+def _leave_work_folder(work: Path, cells_root: Path) -> None:
+    """Remove an audit's work folder unless it keeps finished cells for the next audit, and then ``cells_root``
+    if nothing else is left in it. A stored report cleared its cells; an audit that stopped before a cell
+    finished has none to keep."""
+    if any((work / "report").glob(f"{KEPT_CELLS_PREFIX}*/*.json")):
+        return
+    shutil.rmtree(work, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        cells_root.rmdir()
+
+
 #: The scheduled audit's DRMI restarts (steal_flow's default is 32).
 AUDIT_DRMI_STARTS = 8
 #: The scheduled audit's HTTP settings (a sharded run is queried over 127.0.0.1): steal_flow's defaults.
@@ -1099,6 +1139,7 @@ def audit_flow(
     round_steps: int = 300,
     consistency_steps: int = 300,
     target_output: str = OutputMode.LABELS.value,
+    cells_dir: str | None = None,
 ) -> dict[str, Any]:
     """Audit the current model of every registered run (or ``run_id``); returns where reports lie.
 
@@ -1114,6 +1155,10 @@ def audit_flow(
             ``target_output`` (SPEC section 3): ``labels`` (the default, the label-only oracle) or
             ``probabilities`` (for a service whose API returns class probabilities). Each report's
             ``config.target_output`` and each audited run's entry name it.
+        cells_dir: where a run's audit that stops part-way (its process killed, a failed cell) keeps its
+            finished cells, for the next audit of the same version with the same settings to take
+            (:class:`FinishedCells`); default ``~/.obliviate/audits``. Emptied of each run once its
+            report is stored. Not writable: the audit runs in a temporary folder and says so.
 
     The other arguments are :func:`steal_flow`'s (pool size, test size and budgets fitted to each run
     as above). What :func:`check_audit_settings` rules on (``target_output`` among them) is checked
@@ -1158,6 +1203,7 @@ def audit_flow(
         retries=AUDIT_RETRIES,
         **settings,
     )
+    cells_root = Path(cells_dir or DEFAULT_AUDIT_CELLS_DIR).expanduser()
     if runs:
         # A run the Prefect runner starts (serve's 03:00 cron, `prefect deployment run`) is a fresh
         # process: join serve's Ray runtime (RAY_ADDRESS, which serve exports) or start a local one,
@@ -1169,7 +1215,13 @@ def audit_flow(
     for run in runs:
         try:
             reports[run] = _audit_run(
-                registry, run, steal=steal, budgets=list(budgets), pool_size=pool_size, test_size=test_size
+                registry,
+                run,
+                steal=steal,
+                budgets=list(budgets),
+                pool_size=pool_size,
+                test_size=test_size,
+                cells_root=cells_root,
             )
         except ObliviateError as err:
             reports[run] = {"status": "failed", "reason": str(err)}
@@ -1204,11 +1256,18 @@ def _audit_run(
     budgets: Sequence[int],
     pool_size: int,
     test_size: int,
+    cells_root: Path,
 ) -> dict[str, Any]:
     """One run's audit on the images its training left out; ``skipped`` with a reason when too few are left.
 
     A sharded run is queried as it is served, through a :class:`flows.model_server.TargetServer`
     on 127.0.0.1 answering with its shards' mean probability; its training set is the shards' union.
+
+    A single-chain run's audit works in a folder of ``cells_root`` named by the store and the run, which
+    holds its exported target and its report: an audit that stopped part-way leaves its finished cells
+    there, and the next one of the same version takes them (the same target path and bytes make the
+    same audit). A sharded run's target is a server on a new port each time, so its
+    audit always starts over. The folder is removed once the report is stored.
     """
     from flows.model_server import RunBackend, TargetServer
 
@@ -1226,6 +1285,7 @@ def _audit_run(
             "--heldout-size or audit it with `obliviate steal` on other data",
         }
     with tempfile.TemporaryDirectory(prefix="obliviate-audit-") as tmp, contextlib.ExitStack() as serving:
+        work = Path(tmp)
         if len(members) > 1:
             backend = RunBackend(registry.store.url, run)
             server = serving.enter_context(TargetServer(backend=backend, info=backend.spec_info))
@@ -1233,7 +1293,10 @@ def _audit_run(
             target, versions = server.url, [0 if c is None else c.version for c in current]
             version_tag = "-".join(f"v{v:06d}" for v in versions)
         else:
-            target = str(Path(tmp) / "target.pt")
+            work = _audit_work_folder(cells_root, registry.store.url, run, fallback=work)
+            if work.is_relative_to(cells_root):
+                serving.callback(_leave_work_folder, work, cells_root)  # on success and on failure alike
+            target = str(work / "target.pt")
             versions = [export_target(registry, run, Path(target))["version"]]
             version_tag = f"v{versions[0]:06d}"
         paths = steal(
@@ -1242,7 +1305,7 @@ def _audit_run(
             budgets=fitting,
             pool_size=pool,
             test_size=test,
-            out=str(Path(tmp) / "report"),
+            out=str(work / "report"),
         )
         report_key = f"runs/{run}/audits/{version_tag}/report.json"
         json_path = next((Path(p) for p in paths.values() if str(p).endswith(".json")), None)
