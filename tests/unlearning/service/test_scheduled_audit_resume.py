@@ -49,14 +49,20 @@ def _kept_cell(cells: Path, process: subprocess.Popen, *, timeout: float = 300.0
     pytest.fail(f"no basic cell kept within {timeout} s")
 
 
-def test_a_scheduled_audit_killed_part_way_leaves_its_finished_cells_to_the_next(
-    store_url, tmp_path, tiny_run, prefect_api_url, ray_address
-) -> None:
-    from flows.audit import audit_flow
-
+@pytest.fixture
+def run_f(store_url, tiny_run) -> str:
+    """Run "f" trained and published in ``store_url`` (a 100-image held-out part: a pool and test set to audit on)."""
     ChainWorker(store_url).train(
         run_spec(run_id="f", **tiny_run(blocks=3, train_size=300, heldout_size=100, split_seed=0))
     )
+    return "f"
+
+
+def test_a_scheduled_audit_killed_part_way_leaves_its_finished_cells_to_the_next(
+    store_url, run_f, tmp_path, prefect_api_url, ray_address
+) -> None:
+    from flows.audit import audit_flow
+
     cells = tmp_path / "cells"
     code = (
         f"from flows.audit import audit_flow\naudit_flow(store={store_url!r}, cells_dir={str(cells)!r}, **{GRID!r})\n"
@@ -89,13 +95,10 @@ def test_a_scheduled_audit_killed_part_way_leaves_its_finished_cells_to_the_next
 
 
 def test_a_scheduled_audit_whose_cells_folder_cannot_be_written_still_audits(
-    store_url, tmp_path, tiny_run, prefect_api_url, ray_address
+    store_url, run_f, tmp_path, prefect_api_url, ray_address
 ) -> None:
     from flows.audit import audit_flow
 
-    ChainWorker(store_url).train(
-        run_spec(run_id="f", **tiny_run(blocks=3, train_size=300, heldout_size=100, split_seed=0))
-    )
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     grid = {"budgets": [10], "selectors": ["random"], "attackers": ["basic"], "steps": 20}
