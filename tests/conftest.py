@@ -415,6 +415,25 @@ def flaky_s3(moto_endpoint):
     proxy.close()
 
 
+_TEMPORARY_SERVERS_FIRST_SEEN: dict[tuple[int, int | None], str] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """Note the first test after whose teardown each temporary Prefect server was running.
+
+    A server a fixture starts and stops (``prefect_test_harness``) is gone by then once its scope ends;
+    one still running at session end was started by the test noted here (or by one sharing its fixture).
+    """
+    yield
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
+        if server.server_process is not None:
+            _TEMPORARY_SERVERS_FIRST_SEEN.setdefault((id(server), server.port), item.nodeid)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Stop what in-process tests left running while pytest's streams are still open.
 
@@ -426,7 +445,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if server_module is not None:
         for server in list(server_module.SubprocessASGIServer._instances.values()):
             if server.server_process is not None:
-                print(f"\nstopping the temporary Prefect server a test left running on {server.address}")
+                first_seen = _TEMPORARY_SERVERS_FIRST_SEEN.get((id(server), server.port), "no test's teardown")
+                print(
+                    f"\nstopping the temporary Prefect server a test left running on {server.address}"
+                    f" (first seen running after {first_seen})"
+                )
                 server.stop()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
