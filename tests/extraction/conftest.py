@@ -46,9 +46,12 @@ def pool_images(mnist, split):
 
 
 @pytest.fixture(scope="module")
-def prefect_and_ray():
-    """One test module's Prefect test server, named by ``PREFECT_API_URL``, and a local Ray runtime of 2 CPUs."""
-    import ray
+def prefect_server():
+    """One test module's Prefect test server, named by ``PREFECT_API_URL``.
+
+    Also for a test that calls a task's ``.fn`` which creates an artifact: with no API configured, Prefect would
+    start a temporary server of its own for it and leave it running until the test session ends.
+    """
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=90):
@@ -56,12 +59,22 @@ def prefect_and_ray():
 
         # the CLI uses a configured server, as a user's PREFECT_API_URL, instead of starting its own
         os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            yield
+            yield PREFECT_API_URL.value()
         finally:
-            ray.shutdown()
             os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="module")
+def prefect_and_ray(prefect_server):
+    """:func:`prefect_server` and a local Ray runtime of 2 CPUs."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture

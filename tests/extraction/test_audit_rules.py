@@ -1,5 +1,6 @@
-"""Rules of the extraction audit's CLI and report that need no Prefect server: the split a target
-declares, the grid's options, the headline, the pool's labels, the report's files."""
+"""Rules of the extraction audit's CLI and report, checked without running an audit: the split a target
+declares, the grid's options, the headline, the pool's labels, the report's files (and its artifact, on the
+module's Prefect test server)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,19 @@ def _cells(*rows: tuple[str, str, int, int, float]) -> list[dict]:
     ]
 
 
+def _report_in_a_flow_run(cells: list[dict], *, out: Path, config: dict) -> dict:
+    """``write_report`` as the audit runs it, inside a flow run: its table artifact belongs to that run."""
+    from prefect import flow
+
+    from flows.audit import write_report
+
+    @flow(name="report-rules")
+    def report() -> dict:
+        return write_report(_setup(), cells, out=str(out), config=config)
+
+    return report()
+
+
 def _config(**changes) -> dict:
     return {
         "attackers": ["basic"],
@@ -108,23 +122,31 @@ def test_a_report_that_fails_to_render_replaces_none_of_the_previous_runs_files(
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # nothing replaced, no partial file left
 
 
-def test_the_too_small_warning_is_said_of_the_mean_over_seeds_and_names_a_seed_that_reached_90(tmp_path):
+def test_the_too_small_warning_is_said_of_the_mean_over_seeds_and_names_a_seed_that_reached_90(
+    tmp_path, prefect_server
+):
     """steal.md said flatly "no attacker reached 90 % agreement within 100 queries" when the mean over the seeds
     (88.9 %) did not but seed 1 did (90.0 % at 100 queries): a security audit understated the threat."""
-    from flows.audit import write_report
-
     pair = ("augmented", "cluster_centers")
     cells = _cells((*pair, 50, 0, 0.80), (*pair, 50, 1, 0.82), (*pair, 100, 0, 0.878), (*pair, 100, 1, 0.90))
     config = _config(attackers=["augmented"], selectors=["cluster_centers"], seeds=2)
-    md = Path(write_report.fn(_setup(), cells, out=str(tmp_path / "two"), config=config)["markdown"]).read_text()
+    md = Path(_report_in_a_flow_run(cells, out=tmp_path / "two", config=config)["markdown"]).read_text()
     assert (
         "**The budgets were too small to show the threat:** on the mean over seeds, no attacker reached 90 % "
         "agreement within 100 queries, so a thief's cost is not measured; a single seed did: `augmented` (queries "
         "chosen by `cluster_centers`) seed 1 at 100 queries. Rerun with larger --budgets"
     ) in md
+    # the report's table artifact says it too, where the Prefect UI shows the run's outcome
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["steal-audit"])))
+    said = "a single seed did: `augmented` (queries chosen by `cluster_centers`) seed 1"
+    assert [a.type for a in artifacts if said in (a.description or "")] == ["table"], artifacts
     # one seed: its curve is the mean, and nothing reached 90 %
     one = [c for c in cells if c["seed"] == 0]
-    md = Path(write_report.fn(_setup(), one, out=str(tmp_path / "one"), config=config)["markdown"]).read_text()
+    md = Path(_report_in_a_flow_run(one, out=tmp_path / "one", config=config)["markdown"]).read_text()
     assert (
         "**The budgets were too small to show the threat:** no attacker reached 90 % agreement within 100 queries, "
         "so a thief's cost is not measured. Rerun with larger --budgets"
@@ -149,13 +171,11 @@ def test_the_unreached_note_names_the_fewest_single_seeds_first_and_counts_the_r
     assert unreached_note(_cells(("basic", "random", 50, 0, 0.92))) is None  # the mean reaches it: cost measured
 
 
-def test_the_plot_marks_the_headlines_levels_and_spans_the_audits_budgets(tmp_path, monkeypatch):
+def test_the_plot_marks_the_headlines_levels_and_spans_the_audits_budgets(tmp_path, monkeypatch, prefect_server):
     """steal.png's agreement panel had no 90 % / 95 % lines though the headline is about them, and with budgets
     50,100 the budget axis ran to 600 for the seed's DRMI curve, leaving the panels mostly empty; steal.md's
     "seed DRMI transfer %" column did not say at which ε the seed measured it."""
     from matplotlib.figure import Figure
-
-    from flows.audit import write_report
 
     drawn: list[Figure] = []
     savefig = Figure.savefig
@@ -166,7 +186,7 @@ def test_the_plot_marks_the_headlines_levels_and_spans_the_audits_budgets(tmp_pa
 
     monkeypatch.setattr(Figure, "savefig", keep)
     cells = _cells(("basic", "random", 50, 0, 0.7), ("basic", "random", 100, 0, 0.8))
-    paths = write_report.fn(_setup(), cells, out=str(tmp_path), config=_config())
+    paths = _report_in_a_flow_run(cells, out=tmp_path, config=_config())
     accuracy, agreement, transfer = drawn[-1].axes
     levels = {line.get_ydata()[0] for line in agreement.get_lines() if len(set(line.get_ydata())) == 1}
     assert {90, 95} <= levels
