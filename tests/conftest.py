@@ -26,6 +26,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -418,6 +419,16 @@ def flaky_s3(moto_endpoint):
 _TEMPORARY_SERVERS_FIRST_SEEN: dict[tuple[int, int | None], str] = {}
 
 
+def _running_prefect_servers() -> list[tuple[tuple[int, int | None], Any]]:
+    """Prefect's in-process ``SubprocessASGIServer`` instances whose server process runs, each with its key
+    in :data:`_TEMPORARY_SERVERS_FIRST_SEEN` (none before Prefect's server module is imported)."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return []
+    servers = server_module.SubprocessASGIServer._instances.values()
+    return [((id(server), server.port), server) for server in list(servers) if server.server_process is not None]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     """Note the first test after whose teardown each temporary Prefect server was running.
@@ -426,12 +437,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     one still running at session end was started by the test noted here (or by one sharing its fixture).
     """
     yield
-    server_module = sys.modules.get("prefect.server.api.server")
-    if server_module is None:
-        return
-    for server in list(server_module.SubprocessASGIServer._instances.values()):
-        if server.server_process is not None:
-            _TEMPORARY_SERVERS_FIRST_SEEN.setdefault((id(server), server.port), item.nodeid)
+    for key, _server in _running_prefect_servers():
+        _TEMPORARY_SERVERS_FIRST_SEEN.setdefault(key, item.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -441,16 +448,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     stopped by an ``atexit`` hook that logs to a stream pytest has closed by then; a Ray runtime left
     initialised is shut down by its own hook during interpreter finalisation. Both are done here first.
     """
-    server_module = sys.modules.get("prefect.server.api.server")
-    if server_module is not None:
-        for server in list(server_module.SubprocessASGIServer._instances.values()):
-            if server.server_process is not None:
-                first_seen = _TEMPORARY_SERVERS_FIRST_SEEN.get((id(server), server.port), "no test's teardown")
-                print(
-                    f"\nstopping the temporary Prefect server a test left running on {server.address}"
-                    f" (first seen running after {first_seen})"
-                )
-                server.stop()
+    for key, server in _running_prefect_servers():
+        first_seen = _TEMPORARY_SERVERS_FIRST_SEEN.get(key, "no test's teardown")
+        print(
+            f"\nstopping the temporary Prefect server a test left running on {server.address}"
+            f" (first seen running after {first_seen})"
+        )
+        server.stop()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
