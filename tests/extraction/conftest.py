@@ -49,8 +49,8 @@ def pool_images(mnist, split):
 def prefect_server():
     """One test module's Prefect test server, named by ``PREFECT_API_URL``.
 
-    Also for a test that calls a task's ``.fn`` which creates an artifact: with no API configured, Prefect would
-    start a temporary server of its own for it and leave it running until the test session ends.
+    Also for a test that runs a flow or creates an artifact without Ray: with no API configured, Prefect would
+    start a temporary server of its own and leave it running until the test session ends.
     """
     from prefect.testing.utilities import prefect_test_harness
 

@@ -12,6 +12,7 @@ import pytest
 
 from obliviate.data import load_dataset
 from obliviate.extraction.audit import draw_split
+from tests.prefect_artifacts import artifacts_mentioning
 
 
 def test_target_train_on_mnist5k_keeps_the_benchs_split_and_only_it_is_called_so(tmp_path, capsys):
@@ -137,13 +138,8 @@ def test_the_too_small_warning_is_said_of_the_mean_over_seeds_and_names_a_seed_t
         "chosen by `cluster_centers`) seed 1 at 100 queries. Rerun with larger --budgets"
     ) in md
     # the report's table artifact says it too, where the Prefect UI shows the run's outcome
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["steal-audit"])))
     said = "a single seed did: `augmented` (queries chosen by `cluster_centers`) seed 1"
-    assert [a.type for a in artifacts if said in (a.description or "")] == ["table"], artifacts
+    assert [a.type for a in artifacts_mentioning(key="steal-audit", text=said)] == ["table"]
     # one seed: its curve is the mean, and nothing reached 90 %
     one = [c for c in cells if c["seed"] == 0]
     md = Path(_report_in_a_flow_run(one, out=tmp_path / "one", config=config)["markdown"]).read_text()

@@ -12,6 +12,7 @@ import pytest
 from obliviate.data import load_dataset
 from obliviate.reduction.drmi import drmi_reduce
 from obliviate.reduction.mi import mi_matrix
+from tests.prefect_artifacts import artifacts_mentioning
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, f
     assert set(manifest.members) == {"subset", "restarts", "summary"}
     assert first["tiles_computed"] == first["tiles_total"] == 15 and first["tiles_reused"] == 0
     assert ("tiles", 15, 15) in events and ("restarts", 300, 300) in events
-    assert _artifact_mentions(first["result_url"])
+    assert "table" in [a.type for a in artifacts_mentioning(key="drmi-reduction", text=first["result_url"])]
 
     stages = {"scheduling", "actor_start", "data_preparation", "object_store_transfer", "storage_write_publish"}
     assert stages <= set(first["stages"]) and first["restart_mode"] == "dense"
@@ -67,17 +68,6 @@ def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, f
     # The second run found the worker pool warm: no worker process was started for it.
     assert second["warm_pool"] is True
     assert second["stages"]["actor_start"] < first["stages"]["actor_start"] or not first["warm_pool"]
-
-
-def _artifact_mentions(text: str) -> bool:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["drmi-reduction"]))
-        )
-    return any(a.type == "table" and text in (a.description or "") for a in artifacts)
 
 
 def test_resumed_run_computes_only_missing_tiles(ray_runtime, prefect_harness, file_store, mnist_pool, in_process):
