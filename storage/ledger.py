@@ -60,6 +60,7 @@ from obliviate.unlearning.service import RequestError, check_name, retry_delay_s
 from storage import lease
 from storage.errors import CorruptObject, ObjectExists, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import ObjectStore
+from storage.retry import swap_attempts
 
 _log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class DeletionLedger:
         Raises:
             PointerConflict: the status moved under every one of the attempts (the message says to retry).
         """
-        for _ in range(_CAS_ATTEMPTS):
+        for _ in swap_attempts(_CAS_ATTEMPTS):
             current = (read or self.get)(request_id)
             target = compute(current)
             if target is None:
@@ -512,7 +513,7 @@ class DeletionLedger:
             PointerConflict: the record kept moving under every attempt (the message says to retry).
         """
         key, legacy = self._event_key(event_id), self._legacy_event_key(event_id)
-        for _ in range(_CAS_ATTEMPTS):
+        for _ in swap_attempts(_CAS_ATTEMPTS):
             version, current, plain = self._event_record(key, legacy, damaged_ok=True)
             delivery = {**_event_fields(body), "recorded_at": time.time()}
             deliveries, dropped = _listed_delivery(current, delivery)

@@ -39,6 +39,7 @@ from obliviate.errors import ConfigError
 from obliviate.unlearning.service import RunSpec, check_name
 from storage.errors import CorruptObject, ObjectExists, ObjectNotFound, PointerConflict, StorageError
 from storage.objects import Manifest, ObjectInfo, ObjectStore, Pointer
+from storage.retry import swap_attempts
 
 if TYPE_CHECKING:  # chain imports torch: imported where a checkpoint is loaded, so reading the store needs none
     from obliviate.unlearning.chain import Chain, Checkpoint
@@ -335,7 +336,7 @@ class RunRegistry:
             CorruptObject: the record's current version is damaged (nothing written).
         """
         key = pruned_key(check_name(run_id, what="run id"))
-        for _ in range(_PRUNED_CAS_ATTEMPTS):
+        for _ in swap_attempts(_PRUNED_CAS_ATTEMPTS):
             version, record = self.pruned_record(run_id)
             changed = change(record)
             if changed is None:

@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import itertools
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +60,14 @@ _log = logging.getLogger("storage")
 
 #: How long an outage is retried before a call fails, unless a caller chooses otherwise.
 DEFAULT_RETRY_DEADLINE_S = 300.0
+
+# A writer that lost a compare-and-swap waits a random time up to this, doubling per loss up to the cap,
+# before it reads again ("full jitter"): losers that retried at once met the same writers again, and
+# one of four could lose 20 swaps in a row (CI of a78bd8b, a run's pruned record).
+SWAP_FIRST_WAIT_S = 0.005
+SWAP_MAX_WAIT_S = 0.25
+# Jitter only spreads writers apart; it draws from the OS, so no seeded state anywhere is touched.
+_swap_jitter = random.SystemRandom()
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,19 @@ def retry_unavailable(
                 wait = min(wait * 2, policy.max_wait_s)
     finally:
         stack.remove(retrying)
+
+
+def swap_attempts(count: int) -> Iterator[int]:
+    """The attempt numbers ``0 .. count - 1`` of a compare-and-swap loop, with a random pause before each retry.
+
+    The pause before attempt ``n`` is drawn uniformly from ``[0, min(SWAP_MAX_WAIT_S, SWAP_FIRST_WAIT_S * 2**(n-1)))``,
+    so writers that collided spread apart instead of colliding again; ``count`` attempts wait at most about
+    ``count * SWAP_MAX_WAIT_S`` in all. The first attempt does not wait.
+    """
+    for attempt in range(count):
+        if attempt:
+            time.sleep(_swap_jitter.uniform(0.0, min(SWAP_MAX_WAIT_S, SWAP_FIRST_WAIT_S * 2 ** (attempt - 1))))
+        yield attempt
 
 
 def call_limit_s(payload_bytes: int = 0) -> float:

@@ -40,6 +40,7 @@ from storage.errors import CorruptObject, ObjectNotFound, PointerConflict
 from storage.ledger import CANCELLED, DONE, REJECTED, DeletionLedger, erased_ids
 from storage.objects import Manifest, ObjectInfo, ObjectStore
 from storage.registry import ModelVersion, RunRegistry
+from storage.retry import swap_attempts
 
 if TYPE_CHECKING:  # torch is imported where a model or a lineage is made: reading holds and records needs none
     from torch import nn
@@ -622,7 +623,7 @@ def roll_back(
         when the candidate would be M_0), with ``candidate_block``, ``first_affected_block``,
         ``floor`` and ``reference_accuracy`` beside ``accuracy`` and ``margin_points``).
     """
-    for _ in range(_CAS_ATTEMPTS):
+    for _ in swap_attempts(_CAS_ATTEMPTS):
         state = run_state(registry, run_id)
         if state is None:
             return None
@@ -750,7 +751,7 @@ def roll_back_group(
         "floor", "flush_now", "below_floor"}`` (``accuracy``: the group's interim held-out accuracy; when not
         publishable also ``cause``, as :func:`roll_back`'s, and ``reference_accuracy``).
     """
-    for _ in range(_CAS_ATTEMPTS):
+    for _ in swap_attempts(_CAS_ATTEMPTS):
         states = [run_state(registry, m) for m in members]
         if not states or any(s is None for s in states):
             return None
@@ -914,7 +915,7 @@ def release(
     Returns:
         the published version, or ``None`` if nothing was held by these requests.
     """
-    for _ in range(_CAS_ATTEMPTS):
+    for _ in swap_attempts(_CAS_ATTEMPTS):
         current, target = pointer_target(registry, run_id)
         if current is None or "retraining" in target:
             return None
