@@ -205,17 +205,22 @@ def _command_path(command: object, words: list[str]) -> str:
     return " ".join(path)
 
 
-class _WithoutTracebackOfOwnErrors(logging.Filter):
-    """Drops the traceback from a flow or task run's failure log when the error is one of ours.
+class _OwnErrorsSaidOnce(logging.Filter):
+    """Drops a flow or task run's "encountered an exception" record when the error is one of ours.
 
-    Such an error states its rule and fix, and :func:`main` prints it as the command's error; the
-    traceback Prefect logs with it would only bury that line. The same for a stop by SIGTERM, which
-    :func:`main` says in a sentence. The log line itself is kept.
+    Such an error states its rule and fix, and it was said three times on stderr: by Prefect's
+    "Encountered exception during execution" line, by the run's "Finished in state Failed(...)" line
+    that follows it, and by :func:`main` as the command's error. The state line stays (it says how the
+    run ended, in the UI's log too, and holds the sentence where no command prints it, as under
+    ``serve``); the record before it, with its traceback, goes. A stop by SIGTERM, which :func:`main`
+    says in a sentence, keeps its line but loses the traceback.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and (isinstance(error, ObliviateError) or _caused_by_termination(error)):
+        if isinstance(error, ObliviateError):
+            return False
+        if error is not None and _caused_by_termination(error):
             record.exc_info = None
             record.exc_text = None
         return True
@@ -235,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        with logger_filter(_RUN_LOGGERS, _WithoutTracebackOfOwnErrors()), _sigterm_raises():
+        with logger_filter(_RUN_LOGGERS, _OwnErrorsSaidOnce()), _sigterm_raises():
             return int(args.handler(args) or 0)
     except ObliviateError as err:
         print(f"obliviate {command_name(args)}: error: {error_message(err)}", file=sys.stderr)
