@@ -902,6 +902,7 @@ def steal_flow(
     progress_every_s: float | None = None,
     target_wait_s: float = DEFAULT_TARGET_WAIT_S,
     target_output: str = OutputMode.LABELS.value,
+    target_key: str | None = None,
 ) -> dict:
     """Audit ``target`` with every (attacker, selector, budget, seed) cell; returns the report's paths and headline.
 
@@ -936,6 +937,10 @@ def steal_flow(
         target_output: what the attacker's queries ask the target for (SPEC section 3): ``labels`` (the default,
             the label-only oracle) or ``probabilities`` (an API that returns class probabilities; the attackers
             train on them). Each image costs one query either way; the metrics compare classes.
+        target_key: names the target, in place of ``target``, in what makes a rerun the same audit (its finished
+            cells kept, :class:`FinishedCells`), for a target whose address changes between runs of one audit: the
+            scheduled audit's server for a sharded run listens on a new port each time. ``None``: ``target``. The
+            target's answers on the test set are part of that identity either way.
 
     Returns:
         ``json``, ``markdown``, ``png``: the report's files; ``headline``: the line steal.md leads with.
@@ -964,6 +969,10 @@ def steal_flow(
         target_wait_s=target_wait_s,
         target_output=target_output,
     )
+    if target_key is not None and (not isinstance(target_key, str) or not target_key.strip()):
+        raise ConfigError(
+            f"target_key must be a non-empty text naming the target, or None for the target itself; got {target_key!r}."
+        )
     check_output(out)  # created only when the report is written
     cut_short = step_cap_shortfall(attackers=attackers, budgets=budgets, attack_steps=attack_steps)
     if cut_short is not None:  # said before the cells run (minutes), and again in steal.md and steal.json
@@ -1026,7 +1035,8 @@ def steal_flow(
         "drmi_starts": drmi_starts,
         "target_output": target_output,
     }
-    kept = FinishedCells(out, fingerprint=audit_fingerprint(setup, config))
+    same_audit = config if target_key is None else {**config, "target": target_key}
+    kept = FinishedCells(out, fingerprint=audit_fingerprint(setup, same_audit))
     results = run_cells(
         setup,
         cells,
@@ -1263,11 +1273,12 @@ def _audit_run(
     A sharded run is queried as it is served, through a :class:`flows.model_server.TargetServer`
     on 127.0.0.1 answering with its shards' mean probability; its training set is the shards' union.
 
-    A single-chain run's audit works in a folder of ``cells_root`` named by the store and the run, which
-    holds its exported target and its report: an audit that stopped part-way leaves its finished cells
-    there, and the next one of the same version takes them (the same target path and bytes make the
-    same audit). A sharded run's target is a server on a new port each time, so its
-    audit always starts over. The folder is removed once the report is stored.
+    The audit works in a folder of ``cells_root`` named by the store and the run, which holds the
+    exported target (a single-chain run) and the report: an audit that stopped part-way leaves its
+    finished cells there, and the next one of the same version takes them. A single-chain run's target
+    is its checkpoint there (the same path and bytes make the same audit); a sharded run's server
+    listens on a new port each time, so its audit is named by the run and its shards' versions instead
+    (``steal_flow``'s ``target_key``). The folder is removed once the report is stored.
     """
     from flows.model_server import RunBackend, TargetServer
 
@@ -1285,22 +1296,23 @@ def _audit_run(
             "--heldout-size or audit it with `obliviate steal` on other data",
         }
     with tempfile.TemporaryDirectory(prefix="obliviate-audit-") as tmp, contextlib.ExitStack() as serving:
-        work = Path(tmp)
+        work = _audit_work_folder(cells_root, registry.store.url, run, fallback=Path(tmp))
+        if work.is_relative_to(cells_root):
+            serving.callback(_leave_work_folder, work, cells_root)  # on success and on failure alike
         if len(members) > 1:
             backend = RunBackend(registry.store.url, run)
             server = serving.enter_context(TargetServer(backend=backend, info=backend.spec_info))
             current = [registry.current(m) for m in members]
             target, versions = server.url, [0 if c is None else c.version for c in current]
             version_tag = "-".join(f"v{v:06d}" for v in versions)
+            target_key: str | None = f"{registry.store.uri(f'groups/{run}.json')} serving {version_tag}"
         else:
-            work = _audit_work_folder(cells_root, registry.store.url, run, fallback=work)
-            if work.is_relative_to(cells_root):
-                serving.callback(_leave_work_folder, work, cells_root)  # on success and on failure alike
             target = str(work / "target.pt")
             versions = [export_target(registry, run, Path(target))["version"]]
-            version_tag = f"v{versions[0]:06d}"
+            version_tag, target_key = f"v{versions[0]:06d}", None
         paths = steal(
             target=target,
+            target_key=target_key,
             pool=spec.dataset,
             budgets=fitting,
             pool_size=pool,

@@ -264,6 +264,18 @@ def test_a_failed_audit_leaves_no_empty_report_folder(prefect_and_ray, tmp_path)
     assert not out.exists()
 
 
+def test_a_blank_target_key_is_refused_before_the_target_is_opened(prefect_and_ray, tmp_path):
+    """``target_key`` names the audit's target for a rerun's kept cells; a blank one would name every target alike."""
+    from flows.audit import steal_flow
+    from obliviate.errors import ConfigError
+
+    out = tmp_path / "report"
+    for blank in ("", "  "):
+        with pytest.raises(ConfigError, match=r"target_key must be a non-empty text naming the target.*got '\s*'"):
+            steal_flow(target="http://127.0.0.1:9/predict", target_key=blank, budgets=[15], out=str(out))
+    assert not out.exists()
+
+
 #: One basic/random cell of 15 queries per seed on a small pool: an audit an HTTP target answers in seconds.
 TINY_HTTP_AUDIT = {
     "budgets": [15],

@@ -58,11 +58,28 @@ def run_f(store_url, tiny_run) -> str:
     return "f"
 
 
+@pytest.fixture(params=["single chain", "sharded"])
+def audited_run(request, store_url, tiny_run) -> tuple[str, str]:
+    """A run to audit, and its report's key. The sharded run "g" is queried through a server on a new port each
+    audit: its audit was named by that address, so the next one took none of its cells and started over.
+    """
+    if request.param == "single chain":
+        return request.getfixturevalue("run_f"), "runs/f/audits/v000001/report.json"
+    options = tiny_run(blocks=3, train_size=300, heldout_size=100, split_seed=0)
+    for shard in range(2):
+        ChainWorker(store_url).train(run_spec(run_id="g", shards=2, shard=shard, **options))
+    ObjectStore(store_url).put_json(
+        "groups/g.json", {"run_id": "g", "members": ["g-s0of2", "g-s1of2"], "rule": "mean_probability"}
+    )
+    return "g", "runs/g/audits/v000001-v000001/report.json"
+
+
 def test_a_scheduled_audit_killed_part_way_leaves_its_finished_cells_to_the_next(
-    store_url, run_f, tmp_path, prefect_api_url, ray_address
+    store_url, audited_run, tmp_path, prefect_api_url, ray_address
 ) -> None:
     from flows.audit import audit_flow
 
+    run, report_key = audited_run
     cells = tmp_path / "cells"
     code = (
         f"from flows.audit import audit_flow\naudit_flow(store={store_url!r}, cells_dir={str(cells)!r}, **{GRID!r})\n"
@@ -80,12 +97,12 @@ def test_a_scheduled_audit_killed_part_way_leaves_its_finished_cells_to_the_next
             process.kill()
             process.communicate(timeout=60)
     measured = json.loads(kept.read_text())
-    assert not ObjectStore(store_url).exists("runs/f/audits/v000001/report.json")
+    assert not ObjectStore(store_url).exists(report_key)
 
     reports = audit_flow(store=store_url, cells_dir=str(cells), **GRID)
 
-    assert reports["f"]["status"] == "audited", reports
-    body = ObjectStore(store_url).get_json("runs/f/audits/v000001/report.json")
+    assert reports[run]["status"] == "audited", reports
+    body = ObjectStore(store_url).get_json(report_key)
     basic = [c for c in body["cells"] if c["attacker"] == "basic"]
     augmented = [c for c in body["cells"] if c["attacker"] == "augmented"]
     assert len(basic) == 1 and len(augmented) == 1, body["cells"]
