@@ -824,8 +824,10 @@ def check_audit_settings(
     progress_every_s: float | None = None,
     target_wait_s: float = DEFAULT_TARGET_WAIT_S,
     target_output: str = OutputMode.LABELS.value,
+    target_key: str | None = None,
 ) -> None:
-    """Raise :class:`ConfigError` naming every audit setting out of range, in the flow's and the CLI's names."""
+    """Raise :class:`ConfigError` naming every audit setting out of range, in the flow's and the CLI's names
+    (``target_key`` is the flow's only: it has no option)."""
     rules = [
         ("pool_size", "--pool-size", pool_size, pool_size >= 1, ">= 1"),
         (
@@ -870,8 +872,19 @@ def check_audit_settings(
                 "API returns class probabilities)"
             ),
         ),
+        (
+            "target_key",
+            None,
+            repr(target_key),
+            target_key is None or (isinstance(target_key, str) and bool(target_key.strip())),
+            "a non-empty text naming the target, or None for the target itself",
+        ),
     ]
-    broken = [f"{name} ({option}) must be {rule}; got {value}" for name, option, value, ok, rule in rules if not ok]
+    broken = [
+        f"{name}{f' ({option})' if option else ''} must be {rule}; got {value}"
+        for name, option, value, ok, rule in rules
+        if not ok
+    ]
     if broken:
         raise ConfigError("; ".join(broken) + ".")
 
@@ -968,11 +981,8 @@ def steal_flow(
         progress_every_s=progress_every_s,
         target_wait_s=target_wait_s,
         target_output=target_output,
+        target_key=target_key,
     )
-    if target_key is not None and (not isinstance(target_key, str) or not target_key.strip()):
-        raise ConfigError(
-            f"target_key must be a non-empty text naming the target, or None for the target itself; got {target_key!r}."
-        )
     check_output(out)  # created only when the report is written
     cut_short = step_cap_shortfall(attackers=attackers, budgets=budgets, attack_steps=attack_steps)
     if cut_short is not None:  # said before the cells run (minutes), and again in steal.md and steal.json
