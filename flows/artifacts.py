@@ -9,14 +9,21 @@ are fixed per kind, so the dashboard lists each kind once with its history as ve
 
 from __future__ import annotations
 
+import io
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from storage.errors import ObjectNotFound
 from storage.ledger import DeletionLedger
 from storage.objects import ObjectStore
+
+if TYPE_CHECKING:
+    from obliviate.data import ImageDataset
 
 #: The seed's unlearning speed-up on MNIST (SPEC section 5): DeepObliviate's early-stopped
 #: retraining, not the exact retraining our default policy runs.
@@ -107,6 +114,98 @@ def reduction_lines(summary: Mapping[str, Any]) -> list[str]:
             f"{summary['workers']} Ray worker(s)."
         ),
     ]
+
+
+#: The most chosen images :func:`subset_plot` draws: beyond a 10 x 10 grid they are too small to see.
+SUBSET_PLOT_IMAGES = 100
+
+
+def subset_plot_images(*, labels: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """The chosen images :func:`subset_plot` draws, in its order: the subset sorted by class (stable), all of it up
+    to :data:`SUBSET_PLOT_IMAGES` images, else that many evenly spaced over it, so each class keeps its share."""
+    chosen = np.asarray(subset, dtype=np.int64)
+    by_class = chosen[np.argsort(labels[chosen], kind="stable")]
+    if len(by_class) <= SUBSET_PLOT_IMAGES:
+        return by_class
+    return by_class[np.linspace(0, len(by_class) - 1, SUBSET_PLOT_IMAGES).round().astype(np.int64)]
+
+
+def subset_plot(*, pool: ImageDataset, subset: np.ndarray, restart_h: Sequence[float], title: str) -> bytes:
+    """PNG bytes of a reduction's ``subset.png``: the chosen images, their classes against the pool's, H per restart.
+
+    The left panel shows the chosen images sorted by class, each with its class in the corner: all of them up to
+    :data:`SUBSET_PLOT_IMAGES`, else that many evenly spaced (:func:`subset_plot_images`). The middle panel compares
+    each class's share of the subset with its share of the pool: raw MI favours low-entropy images (MI(u, v) <=
+    min(H(u), H(v))), which shows as one class far above its pool share (SPEC section 2). The right panel is H of
+    every restart, best first, so how much the start vertex matters is seen.
+    ``title`` is the figure's title and the PNG's ``Description`` text chunk.
+
+    Args:
+        pool: the images the subset was chosen from, with their labels.
+        subset: indices of the chosen images into the pool.
+        restart_h: the objective H of each restart.
+        title: what the figure shows, in words.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    images, labels, levels = pool.images, pool.labels, pool.levels
+    chosen = np.asarray(subset, dtype=np.int64)
+    by_class = subset_plot_images(labels=labels, subset=chosen)
+    columns = math.ceil(math.sqrt(len(by_class)))
+    rows = math.ceil(len(by_class) / columns)
+    height, width = images.shape[1:]
+    grid = np.full((rows * (height + 1) + 1, columns * (width + 1) + 1), np.nan)  # NaN: the gaps, drawn blank
+    for place, index in enumerate(by_class):
+        top, left = 1 + (place // columns) * (height + 1), 1 + (place % columns) * (width + 1)
+        grid[top : top + height, left : left + width] = images[index]
+
+    fig, (pictures, shares, restarts) = plt.subplots(
+        1, 3, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1.15, 1, 1]}
+    )
+    pictures.imshow(np.ma.masked_invalid(grid), cmap="gray", vmin=0, vmax=levels - 1, interpolation="nearest")
+    pictures.set_facecolor("white")
+    for place, index in enumerate(by_class):
+        top, left = 1 + (place // columns) * (height + 1), 1 + (place % columns) * (width + 1)
+        pictures.text(left, top, str(int(labels[index])), color="#ffcc00", fontsize=6, va="top", ha="left")
+    shown = "" if len(by_class) == len(chosen) else f" ({len(by_class)} of {len(chosen)}, evenly spaced)"
+    pictures.set_title(f"the chosen images by class{shown}", fontsize=10)
+    pictures.set_xticks([])
+    pictures.set_yticks([])
+
+    classes = np.arange(int(labels.max()) + 1 if len(labels) else 1)
+    subset_share = 100 * np.bincount(labels[chosen], minlength=len(classes)) / max(1, len(chosen))
+    pool_share = 100 * np.bincount(labels, minlength=len(classes)) / max(1, len(labels))
+    shares.bar(classes - 0.2, subset_share, width=0.4, label=f"subset ({len(chosen)} images)")
+    shares.bar(classes + 0.2, pool_share, width=0.4, color="0.65", label=f"pool ({len(labels)} images)")
+    shares.set_xlabel("class")
+    shares.set_ylabel("share of images %")
+    shares.set_title("class shares: subset vs pool", fontsize=10)
+    if len(classes) <= 20:
+        shares.set_xticks(classes)
+    shares.legend(fontsize=8)
+    shares.grid(axis="y", alpha=0.3)
+
+    ordered = np.sort(np.asarray(restart_h, dtype=np.float64))
+    restarts.plot(np.arange(1, len(ordered) + 1), ordered, marker="." if len(ordered) <= 200 else None)
+    if len(ordered):
+        restarts.plot([1], ordered[:1], "r*", ms=10, label=f"best: H = {ordered[0]:.4f}")
+        restarts.legend(fontsize=8)
+    restarts.xaxis.set_major_locator(MaxNLocator(integer=True))
+    restarts.set_xlabel("restart, best first")
+    restarts.set_ylabel("H (lower is better)")
+    restarts.set_title(f"H of each of the {len(ordered)} restarts", fontsize=10)
+    restarts.grid(alpha=0.3)
+
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Description": title})
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 # --- Unlearning record and deletion ledger entry (SPEC sections 5 and 6) ----------------------------

@@ -47,7 +47,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from actors.reduction import STORAGE_RETRY_DEADLINE_S, ReductionWorker, RetryingStore
-from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title
+from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title, subset_plot
 from flows.progress import ProgressLines, report
 from flows.runtime import _local_session_dirs
 from obliviate.data import GrayMode, load_dataset
@@ -78,6 +78,8 @@ MIN_TILE_SIZE = 32
 # Each tile is a store object plus its checksum and one worker call; past this count the store
 # listing and the scheduler, not MI, set the run's pace (60,000 images at 2,048 make 465).
 MAX_RUN_TILES = 100_000
+#: A reduction's picture (:func:`flows.artifacts.subset_plot`), next to its ``subset.npy``.
+SUBSET_PLOT = "subset.png"
 
 
 def exact_bins(bins: int, *, levels: int) -> int:
@@ -502,10 +504,12 @@ def publish_result(
     summary: dict[str, Any],
     restarts: list[dict[str, Any]],
     *,
+    plot: bytes,
     stages: dict[str, float],
     t_flow: float,
 ) -> tuple[str, dict[str, Any]]:
-    """Write subset, per-restart summary and summary, then the manifest that publishes them.
+    """Write subset, per-restart summary, plot (``subset.png``, :func:`flows.artifacts.subset_plot`) and summary,
+    then the manifest that publishes them.
 
     The stored summary gets ``stages`` (with ``storage_write_publish``: the subset and per-restart
     records, the bulk of the write) and ``flow_seconds`` (from ``t_flow``, a ``time.perf_counter()``
@@ -517,6 +521,7 @@ def publish_result(
     t_publish = time.perf_counter()
     subset_member = store.put_array(f"{key}/subset.npy", np.asarray(subset, dtype=np.int64))
     restarts_member = store.put_json(f"{key}/restarts.json", restarts)
+    plot_member = store.put_bytes(f"{key}/{SUBSET_PLOT}", plot)
     stages = {**stages, "storage_write_publish": time.perf_counter() - t_publish}
     summary = {
         **summary,
@@ -526,6 +531,7 @@ def publish_result(
     members = {
         "subset": subset_member,
         "restarts": restarts_member,
+        "plot": plot_member,
         "summary": store.put_json(f"{key}/summary.json", summary),
     }
     store.commit_manifest(f"{key}/manifest.json", members, {"kind": "drmi-reduction", "h": summary["h"]})
@@ -537,7 +543,10 @@ def publish_result(
         lines=reduction_lines(summary),
         links={
             "result": store.uri(key),
-            **{name: store.uri(f"{key}/{name}") for name in ("summary.json", "subset.npy", "restarts.json")},
+            **{
+                name: store.uri(f"{key}/{name}")
+                for name in ("summary.json", "subset.npy", SUBSET_PLOT, "restarts.json")
+            },
         },
     )
     return store.uri(key), summary
@@ -793,7 +802,11 @@ def reduce_flow(
         "tile_seconds": round(tiles["seconds"], 3),
         "restart_seconds": round(restarts["seconds"], 3),
     }
-    url, summary = publish_result(store, key, subset, summary, restarts["restarts"], stages=stages, t_flow=t_flow)
+    restart_h = [r["h"] for r in restarts["restarts"]]
+    plot = subset_plot(pool=dataset, subset=subset, restart_h=restart_h, title=reduction_title(summary))
+    url, summary = publish_result(
+        store, key, subset, summary, restarts["restarts"], plot=plot, stages=stages, t_flow=t_flow
+    )
     logger.info(
         "H = %.4f over %d restarts (best start %d); result at %s",
         summary["h"],

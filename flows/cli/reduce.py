@@ -238,6 +238,16 @@ def _result_line(h: float, *, restarts: int, best: int, normalize: bool) -> str:
     return f"H = {h:.4f} {unit} over {restarts} restart{'' if restarts == 1 else 's'} (best start {best})"
 
 
+def _written_line(result_url: str) -> str:
+    """Where the result lies: the subset, its summary and its picture (``subset.png``)."""
+    from flows.reduce import SUBSET_PLOT
+
+    return (
+        f"subset written to {result_url}/subset.npy (summary: {result_url}/summary.json; "
+        f"the chosen images, class shares and H per restart: {result_url}/{SUBSET_PLOT})"
+    )
+
+
 def print_plan(args: Args) -> int:
     """The reduction's sizes for ``--plan N`` images, without computing anything."""
     from obliviate.reduction.drmi import check_subset_size
@@ -316,13 +326,14 @@ def run_reduce_flow(args: Args) -> int:
         f"restarts {summary['restart_seconds']:.1f} s, "
         f"total {time.perf_counter() - t0:.1f} s"
     )
-    print(f"subset written to {summary['result_url']}/subset.npy (summary: {summary['result_url']}/summary.json)")
+    print(_written_line(summary["result_url"]))
     return 0
 
 
 def run_reduce_in_process(args: Args, dataset=None) -> int:
     """The whole reduction in this process with the pure functions (no Ray, no Prefect)."""
-    from flows.reduce import result_key
+    from flows.artifacts import reduction_title, subset_plot
+    from flows.reduce import SUBSET_PLOT, result_key
     from obliviate.reduction.drmi import drmi_reduce
     from obliviate.reduction.mi import mi_matrix
     from storage.objects import ObjectStore
@@ -396,10 +407,19 @@ def run_reduce_in_process(args: Args, dataset=None) -> int:
             f"{key}/restarts.json",
             [{"start": r.start, "h_greedy": r.h_greedy, "h": r.h, "swaps": r.swaps} for r in result.restarts],
         ),
+        "plot": store.put_bytes(
+            f"{key}/{SUBSET_PLOT}",
+            subset_plot(
+                pool=dataset,
+                subset=result.subset,
+                restart_h=[r.h for r in result.restarts],
+                title=reduction_title(summary),
+            ),
+        ),
         "summary": store.put_json(f"{key}/summary.json", summary),
     }
     store.commit_manifest(f"{key}/manifest.json", members, {"kind": "drmi-reduction", "h": result.h})
     print(_result_line(result.h, restarts=len(result.restarts), best=result.best_start, normalize=args.normalize))
     print("class histogram: " + "  ".join(f"{c}:{int(v)}" for c, v in enumerate(histogram)))
-    print(f"subset written to {store.uri(key)}/subset.npy (summary: {store.uri(key)}/summary.json)")
+    print(_written_line(store.uri(key)))
     return 0

@@ -9,6 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from flows.artifacts import reduction_title, subset_plot
 from obliviate.data import load_dataset
 from obliviate.reduction.drmi import drmi_reduce
 from obliviate.reduction.mi import mi_matrix
@@ -51,7 +52,11 @@ def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, f
     assert [r["h"] for r in restarts] == [r.h for r in expected.restarts]
     assert [r["start"] for r in restarts] == list(range(300))
     manifest = file_store.read_manifest(f"{first['result_key']}/manifest.json")
-    assert set(manifest.members) == {"subset", "restarts", "summary"}
+    assert set(manifest.members) == {"subset", "restarts", "plot", "summary"}
+    pool, _ = mnist_pool
+    restart_h = [r.h for r in expected.restarts]
+    picture = subset_plot(pool=pool, subset=expected.subset, restart_h=restart_h, title=reduction_title(first))
+    assert file_store.get_member(manifest, "plot") == picture  # the same picture as --workers 0 draws
     assert first["tiles_computed"] == first["tiles_total"] == 15 and first["tiles_reused"] == 0
     assert ("tiles", 15, 15) in events and ("restarts", 300, 300) in events
     assert "table" in [a.type for a in artifacts_mentioning(key="drmi-reduction", text=first["result_url"])]
@@ -126,6 +131,8 @@ def test_flow_on_s3_with_streaming_restarts(ray_runtime, prefect_harness, s3_sto
     assert out["restart_mode"] == "streaming"
     assert out["h"] == expected.h
     assert np.array_equal(s3_store.get_array(f"{out['result_key']}/subset.npy"), expected.subset)
+    manifest = s3_store.read_manifest(f"{out['result_key']}/manifest.json")
+    assert s3_store.get_member(manifest, "plot").startswith(b"\x89PNG\r\n\x1a\n")
     assert out["result_url"].startswith("s3://")
 
 
