@@ -116,6 +116,8 @@ def reduction_lines(summary: Mapping[str, Any]) -> list[str]:
     ]
 
 
+#: A reduction's picture (:func:`subset_plot`), next to its ``subset.npy``.
+SUBSET_PLOT = "subset.png"
 #: The most chosen images :func:`subset_plot` draws: beyond a 10 x 10 grid they are too small to see.
 SUBSET_PLOT_IMAGES = 100
 

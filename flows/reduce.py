@@ -47,7 +47,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from actors.reduction import STORAGE_RETRY_DEADLINE_S, ReductionWorker, RetryingStore
-from flows.artifacts import publish_table, reduction_lines, reduction_rows, reduction_title, subset_plot
+from flows.artifacts import SUBSET_PLOT, publish_table, reduction_lines, reduction_rows, reduction_title, subset_plot
 from flows.progress import ProgressLines, report
 from flows.runtime import _local_session_dirs
 from obliviate.data import GrayMode, load_dataset
@@ -78,8 +78,6 @@ MIN_TILE_SIZE = 32
 # Each tile is a store object plus its checksum and one worker call; past this count the store
 # listing and the scheduler, not MI, set the run's pace (60,000 images at 2,048 make 465).
 MAX_RUN_TILES = 100_000
-#: A reduction's picture (:func:`flows.artifacts.subset_plot`), next to its ``subset.npy``.
-SUBSET_PLOT = "subset.png"
 
 
 def exact_bins(bins: int, *, levels: int) -> int:

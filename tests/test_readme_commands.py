@@ -90,7 +90,8 @@ def test_make_demo_tells_the_whole_story(tmp_path) -> None:
         assert re.search(served, out, flags=re.MULTILINE), out[-3000:]
     assert len(list(tmp_path.glob("reduce-*/subset.npy"))) == 1
     reduce_report = re.search(r"^\| reduce \(DRMI\) \| ok \| \d+ \| (\S+) \|$", out, flags=re.MULTILINE)
-    assert reduce_report and Path(reduce_report.group(1)).is_file(), out[-3000:]  # the summary itself, not a pattern
+    assert reduce_report and Path(reduce_report.group(1)).is_file(), out[-3000:]  # the report itself, not a pattern
+    assert Path(reduce_report.group(1)).name == "subset.png"  # the picture a person reads, not summary.json
     assert (tmp_path / "steal" / "steal.md").exists()
     # step 2 prints the audit's answer, the line steal.md leads with, not only where the report lies
     assert (tmp_path / "steal" / "steal.md").read_text().splitlines()[2] in out.splitlines(), out[-3000:]

@@ -150,6 +150,8 @@ def _print_dashboard_hint(api_url: str) -> None:
 
 
 def _run_steps(args: Args, root: Path) -> int:
+    from flows.artifacts import SUBSET_PLOT
+
     store_url = f"file://{root}"
     settings = QUICK if args.quick else FULL
     rows: list[dict[str, Any]] = []
@@ -157,8 +159,9 @@ def _run_steps(args: Args, root: Path) -> int:
     _banner("1/3 reduce: the k least mutually informative images (DRMI)")
     began = time.perf_counter()
     code = cli_main(["reduce", *settings["reduce"], "--store", store_url])
-    summaries = sorted(root.glob("reduce-*/summary.json"), key=lambda path: path.stat().st_mtime)
-    rows.append(_row("reduce (DRMI)", began, code, str(summaries[-1]) if summaries else f"{store_url}/reduce-*"))
+    # its picture is the report a person reads (flows.artifacts.subset_plot); summary.json lies beside it
+    pictures = sorted(root.glob(f"reduce-*/{SUBSET_PLOT}"), key=lambda path: path.stat().st_mtime)
+    rows.append(_row("reduce (DRMI)", began, code, str(pictures[-1]) if pictures else f"{store_url}/reduce-*"))
 
     _banner("2/3 extraction audit: how well k label queries steal a LeNet-5 target")
     began = time.perf_counter()

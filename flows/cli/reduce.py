@@ -240,7 +240,7 @@ def _result_line(h: float, *, restarts: int, best: int, normalize: bool) -> str:
 
 def _written_line(result_url: str) -> str:
     """Where the result lies: the subset, its summary and its picture (``subset.png``)."""
-    from flows.reduce import SUBSET_PLOT
+    from flows.artifacts import SUBSET_PLOT
 
     return (
         f"subset written to {result_url}/subset.npy (summary: {result_url}/summary.json; "
@@ -332,8 +332,8 @@ def run_reduce_flow(args: Args) -> int:
 
 def run_reduce_in_process(args: Args, dataset=None) -> int:
     """The whole reduction in this process with the pure functions (no Ray, no Prefect)."""
-    from flows.artifacts import reduction_title, subset_plot
-    from flows.reduce import SUBSET_PLOT, result_key
+    from flows.artifacts import SUBSET_PLOT, reduction_title, subset_plot
+    from flows.reduce import result_key
     from obliviate.reduction.drmi import drmi_reduce
     from obliviate.reduction.mi import mi_matrix
     from storage.objects import ObjectStore
