@@ -15,13 +15,16 @@ experiment state goes to local disk for ``file://`` stores and to the same bucke
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
 import logging
 import math
+import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,13 +316,20 @@ def run_sweep(
     _claim_name(store, prefix, name, settings)
     param_space = {**constants, **{key: tune.grid_search(list(values)) for key, values in grid.items()}}
     param_space.update({"store_url": store.url, "prefix": prefix})
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     tuner = tune.Tuner(
         tune.with_resources(trainables[kind], {"cpu": 1}),
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=workers),
-        run_config=tune.RunConfig(name=name, storage_path=_tune_storage_path(store), verbose=0),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=_tune_storage_path(store),
+            verbose=0,
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],  # Tune's own logs, without TensorBoard's
+        ),
     )
-    with logger_filter(_TUNE_RESUME_LOGGERS, _TunesResumeAdvice()):
+    with logger_filter(_TUNE_RESUME_LOGGERS, _TunesResumeAdvice()), _no_tensorboard_logger():
         results = tuner.fit()
     planned = math.prod(len(values) for values in grid.values())
     # On SIGINT (or SIGUSR1) Tune stops its running trials, marks them TERMINATED like finished ones and
@@ -392,6 +402,28 @@ class _TunesResumeAdvice(logging.Filter):
 
 
 #: The loggers those lines come from (ray.tune.tune and ray.tune.analysis.experiment_analysis, Ray 2.60).
+@contextlib.contextmanager
+def _no_tensorboard_logger() -> Iterator[None]:
+    """Tune adds no logger of its own while the block runs: the sweep passes the CSV and JSON ones it keeps.
+
+    Tune adds a TensorBoard logger wherever tensorboardX imports (ray[tune] installs it) and then prints "To visualize
+    your results with TensorBoard, run: `tensorboard --logdir /tmp/ray/session_.../driver_artifacts`": a folder the
+    command deletes when it succeeds (:func:`flows.cli.run`), for a program this project does not install. The
+    sweep's report is its ``table.md`` and ``plot.png``. Tune reads ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` when
+    ``fit`` starts; the value found before is put back after it.
+    """
+    before = os.environ.get(_TUNE_AUTO_LOGGERS)
+    os.environ[_TUNE_AUTO_LOGGERS] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_TUNE_AUTO_LOGGERS, None)
+        else:
+            os.environ[_TUNE_AUTO_LOGGERS] = before
+
+
+_TUNE_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 _TUNE_RESUME_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
 

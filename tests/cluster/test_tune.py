@@ -282,6 +282,10 @@ def test_reduction_sweep_sweeps_gray_and_aggregate_as_reduce_offers_them(local_r
     table = store.get_bytes("tune/gs/table.md").decode()
     assert "| k (queries) | bins | gray | aggregate |" in table and "| 5 | 256 | mean | max |" in table
     assert "k=5, 256 bins, gray" in out and ", aggregate " in out  # the front names both
+    # Tune's hint named a Ray session folder the command deletes, for a TensorBoard this project does not install
+    assert "TensorBoard" not in out, out
+    logs = {path.name for path in (tmp_path / "store/tune-state/gs").glob("*/*")}
+    assert {"progress.csv", "result.json"} <= logs and not [name for name in logs if "tfevents" in name], logs
 
 
 def test_a_bad_gray_or_aggregate_is_refused_as_reduce_refuses_it(tmp_path, capsys) -> None:
