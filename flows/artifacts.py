@@ -160,9 +160,11 @@ def subset_plot(*, pool: ImageDataset, subset: np.ndarray, restart_h: Sequence[f
     columns = math.ceil(math.sqrt(len(by_class)))
     rows = math.ceil(len(by_class) / columns)
     height, width = images.shape[1:]
+    corners = [
+        (1 + (place // columns) * (height + 1), 1 + (place % columns) * (width + 1)) for place in range(rows * columns)
+    ]
     grid = np.full((rows * (height + 1) + 1, columns * (width + 1) + 1), np.nan)  # NaN: the gaps, drawn blank
-    for place, index in enumerate(by_class):
-        top, left = 1 + (place // columns) * (height + 1), 1 + (place % columns) * (width + 1)
+    for (top, left), index in zip(corners, by_class):
         grid[top : top + height, left : left + width] = images[index]
 
     fig, (pictures, shares, restarts) = plt.subplots(
@@ -170,8 +172,7 @@ def subset_plot(*, pool: ImageDataset, subset: np.ndarray, restart_h: Sequence[f
     )
     pictures.imshow(np.ma.masked_invalid(grid), cmap="gray", vmin=0, vmax=levels - 1, interpolation="nearest")
     pictures.set_facecolor("white")
-    for place, index in enumerate(by_class):
-        top, left = 1 + (place // columns) * (height + 1), 1 + (place % columns) * (width + 1)
+    for (top, left), index in zip(corners, by_class):
         pictures.text(left, top, str(int(labels[index])), color="#ffcc00", fontsize=6, va="top", ha="left")
     shown = "" if len(by_class) == len(chosen) else f" ({len(by_class)} of {len(chosen)}, evenly spaced)"
     pictures.set_title(f"the chosen images by class{shown}", fontsize=10)

@@ -509,8 +509,8 @@ def publish_result(
     """Write subset, per-restart summary, plot (``subset.png``, :func:`flows.artifacts.subset_plot`) and summary,
     then the manifest that publishes them.
 
-    The stored summary gets ``stages`` (with ``storage_write_publish``: the subset and per-restart
-    records, the bulk of the write) and ``flow_seconds`` (from ``t_flow``, a ``time.perf_counter()``
+    The stored summary gets ``stages`` (with ``storage_write_publish``: the subset, per-restart
+    records and plot, the bulk of the write) and ``flow_seconds`` (from ``t_flow``, a ``time.perf_counter()``
     at the flow's start, to the summary's write), so the file holds the timings the run returns.
 
     Returns:
