@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -730,11 +730,11 @@ def _pointed_at(api_url: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _environment_pointed_at(api_url: str) -> Iterator[None]:
-    """``PREFECT_API_URL`` and ``PREFECT_UI_URL`` in this process's environment meanwhile (children inherit them)."""
-    previous = {name: os.environ.get(name) for name in ("PREFECT_API_URL", "PREFECT_UI_URL")}
-    os.environ["PREFECT_API_URL"] = api_url
-    os.environ["PREFECT_UI_URL"] = ui_url_of(api_url)
+def environment_set(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment while the block runs (children inherit them); each variable's
+    value from before is put back after it, however it ends, and one that was unset is unset again."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -743,6 +743,11 @@ def _environment_pointed_at(api_url: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _environment_pointed_at(api_url: str) -> contextlib.AbstractContextManager[None]:
+    """``PREFECT_API_URL`` and ``PREFECT_UI_URL`` in this process's environment meanwhile (children inherit them)."""
+    return environment_set({"PREFECT_API_URL": api_url, "PREFECT_UI_URL": ui_url_of(api_url)})
 
 
 def record_ui_server(home: Path, server: PrefectServer) -> Path:

@@ -21,10 +21,8 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from flows._logging_filter import logger_filter
-from flows.runtime import ensure_ray
+from flows.runtime import ensure_ray, environment_set
 from obliviate.defaults import DEFAULT_AGGREGATE, DEFAULT_GRAY
 from obliviate.errors import ConfigError, named_choice
 from obliviate.sweeps import pareto_front
@@ -401,9 +399,7 @@ class _TunesResumeAdvice(logging.Filter):
         return "Resume experiment with:" not in message and "Failed to fetch metrics for" not in message
 
 
-#: The loggers those lines come from (ray.tune.tune and ray.tune.analysis.experiment_analysis, Ray 2.60).
-@contextlib.contextmanager
-def _no_tensorboard_logger() -> Iterator[None]:
+def _no_tensorboard_logger() -> contextlib.AbstractContextManager[None]:
     """Tune adds no logger of its own while the block runs: the sweep passes the CSV and JSON ones it keeps.
 
     Tune adds a TensorBoard logger wherever tensorboardX imports (ray[tune] installs it) and then prints "To visualize
@@ -412,18 +408,10 @@ def _no_tensorboard_logger() -> Iterator[None]:
     sweep's report is its ``table.md`` and ``plot.png``. Tune reads ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS`` when
     ``fit`` starts; the value found before is put back after it.
     """
-    before = os.environ.get(_TUNE_AUTO_LOGGERS)
-    os.environ[_TUNE_AUTO_LOGGERS] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(_TUNE_AUTO_LOGGERS, None)
-        else:
-            os.environ[_TUNE_AUTO_LOGGERS] = before
+    return environment_set({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"})
 
 
-_TUNE_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+#: The loggers those lines come from (ray.tune.tune and ray.tune.analysis.experiment_analysis, Ray 2.60).
 _TUNE_RESUME_LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
 
 
