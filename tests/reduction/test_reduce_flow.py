@@ -72,7 +72,8 @@ def test_flow_equals_in_process_and_reuses_tiles(ray_runtime, prefect_harness, f
     assert second["h"] == expected.h and second["best_start"] == first["best_start"]
     # The second run found the worker pool warm: no worker process was started for it.
     assert second["warm_pool"] is True
-    assert second["stages"]["actor_start"] < first["stages"]["actor_start"] or not first["warm_pool"]
+    # Faster than the first run's start only if that one started workers: an earlier test may have left them warm.
+    assert first["warm_pool"] or second["stages"]["actor_start"] < first["stages"]["actor_start"]
 
 
 def test_resumed_run_computes_only_missing_tiles(ray_runtime, prefect_harness, file_store, mnist_pool, in_process):
