@@ -5,7 +5,8 @@ to show it wraps the flow call in ``with shown_progress():``. The display is a :
 progress panel (rich is installed with Prefect, and Prefect's own log lines go through rich), so
 log lines print above the bars instead of through them. When stderr is not a terminal (CI, a
 pipe, a log file) nothing is drawn: the flows' log lines say what finished, and
-:class:`ProgressLines` says when a flow owes one, at every tenth of the work and at least every
+:class:`ProgressLines` says when a flow owes one: at every tenth of the work (but not within
+:data:`PROGRESS_MIN_GAP_SECONDS` of the last line), at the end, and at least every
 :data:`PROGRESS_LOG_SECONDS`, also while slow units (an audit cell: minutes) are still running.
 """
 
@@ -27,28 +28,44 @@ _drawing: list[Progress] = []
 
 # A progress line is logged at every tenth of a stage, and at least this often while work runs.
 PROGRESS_LOG_SECONDS = 10.0
+# Tenths closer than this to the last line are not logged: they would only repeat it.
+PROGRESS_MIN_GAP_SECONDS = 1.0
 
 
 class ProgressLines:
     """Whether a stage's progress line is due after ``done`` of ``total`` units.
 
-    Due at every tenth of the work, at the end, and whenever :data:`PROGRESS_LOG_SECONDS` have
-    passed since the last line: a tenth of a big stage can take minutes. A stage whose units each
-    take longer than that asks :meth:`quiet_too_long` while it waits, so its log is never silent
-    for longer (the heartbeat).
+    Due at the end, when ``done`` passes a tenth of the work not yet said (units may finish in
+    chunks, so a tenth is passed rather than hit) at least :attr:`min_gap_s` after the last line,
+    and whenever :attr:`every_s` have passed since the last line: a tenth of a big stage can take
+    minutes. A stage of milliseconds thus says only that it ended, instead of ten lines in the same
+    second. A stage whose units each take longer than :attr:`every_s` asks :meth:`quiet_too_long`
+    while it waits, so its log is never silent for longer (the heartbeat).
     """
 
-    def __init__(self, total: int, *, every_s: float | None = None, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        every_s: float | None = None,
+        min_gap_s: float = PROGRESS_MIN_GAP_SECONDS,
+        clock: Any = time.monotonic,
+    ) -> None:
         self.total = total
         self.step = max(1, total // 10)
         self.every_s = PROGRESS_LOG_SECONDS if every_s is None else every_s
+        self.min_gap_s = min_gap_s
         self._clock = clock
         self._last = clock()
+        self._tenths_said = 0
 
     def due(self, done: int) -> bool:
         now = self._clock()
-        if done % self.step == 0 or done >= self.total or now - self._last >= self.every_s:
+        since = now - self._last
+        tenths = done // self.step
+        if done >= self.total or since >= self.every_s or (tenths > self._tenths_said and since >= self.min_gap_s):
             self._last = now
+            self._tenths_said = tenths
             return True
         return False
 

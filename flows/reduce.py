@@ -22,7 +22,9 @@ throw the tiles computed so far away.
 
 Progress: the tile and restart stages report ``tiles`` and ``restarts`` (done / total) through
 :func:`flows.progress.report` as each tile or chunk of restarts finishes, and log a line at
-every tenth of the work and at least every :data:`flows.progress.PROGRESS_LOG_SECONDS` while work finishes.
+every tenth of the work (:class:`flows.progress.ProgressLines`: not within a second of the last line, so
+a stage of milliseconds logs only its end) and at least every :data:`flows.progress.PROGRESS_LOG_SECONDS`
+while work finishes.
 
 The summary's ``stages`` give the seconds of each part (scheduling, actor start, data
 preparation, object-store transfer, compute and storage write per worker, stage wall times).
@@ -463,6 +465,7 @@ def run_restart_stage(
     chunks = [c.tolist() for c in np.array_split(starts, len(actors) * CHUNKS_PER_WORKER) if c.size]
     outcomes: list[dict[str, Any]] = []
     done = 0
+    lines = ProgressLines(len(starts))
     report("restarts", 0, len(starts))
 
     def call(actor: Any, chunk: list[int]) -> Any:
@@ -473,9 +476,15 @@ def run_restart_stage(
             outcomes.append(outcome)
             done += len(outcome["restarts"])
             report("restarts", done, len(starts))
-            logger.info(
-                "restarts %d/%d done (%s rows, %.1f s)", done, len(starts), outcome["mode"], time.perf_counter() - t0
-            )
+            # One chunk per line would be workers x CHUNKS_PER_WORKER lines: hundreds on a cluster.
+            if lines.due(done):
+                logger.info(
+                    "restarts %d/%d done (%s rows, %.1f s)",
+                    done,
+                    len(starts),
+                    outcome["mode"],
+                    time.perf_counter() - t0,
+                )
     finally:
         ray.get([a.release.remote() for a in actors])
     best = min(outcomes, key=lambda o: (o["best_h"], o["best_start"]))
