@@ -80,6 +80,8 @@ from obliviate.extraction.audit import (
     forgotten_rows,
     is_bench_split,
     markdown_report,
+    rate_cell,
+    rates_said,
     seed_reference,
     summarize,
     target_training_indices,
@@ -628,7 +630,7 @@ def write_report(
             target_arch=setup.target_meta.get("arch"),
             output=config.get("target_output", OutputMode.LABELS.value),
         ),
-        "Rates are percent, mean ± std over seeds; the seed's DRMI numbers (MNIST, LeNet-5) beside them.",
+        f"{rates_said(rows)}; the seed's DRMI numbers (MNIST, LeNet-5) beside them.",
         "",
     ]
     if setup.overlap_warning:
@@ -674,8 +676,8 @@ def write_report(
             "attacker": r.attacker,
             "selector": r.selector,
             "budget": r.budget,
-            "accuracy %": f"{100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f}",
-            "agreement %": f"{100 * r.agreement_mean:.2f} ± {100 * r.agreement_std:.2f}",
+            "accuracy %": rate_cell(r.accuracy_mean, r.accuracy_std, runs=r.runs),
+            "agreement %": rate_cell(r.agreement_mean, r.agreement_std, runs=r.runs),
         }
         row |= {f"transfer ε={e} %": f"{100 * r.transfer_mean[e]:.2f}" for e in r.transfer_mean}
         row |= dict(zip(SEED_COLUMNS, (seed_acc, seed_tr), strict=True))

@@ -240,8 +240,9 @@ def markdown_report(
     pool_histogram: Sequence[int] | None = None,
     pool_entropy: float | None = None,
 ) -> str:
-    """A Markdown report: the metrics table (percent, mean ± std over seeds) with the seed's DRMI
-    numbers beside it, then what each selector bought (class histogram, mean entropy) next to the pool's."""
+    """A Markdown report: the metrics table (percent, mean ± std over seeds, :func:`rate_cell`) with the
+    seed's DRMI numbers beside it, then what each selector bought (class histogram, mean entropy) next to
+    the pool's."""
     eps_keys = list(rows[0].transfer_mean) if rows else []
     head = ["attacker", "selector", "budget", "runs", "accuracy %", "agreement %"] + [
         f"transfer ε={e} %" for e in eps_keys
@@ -255,10 +256,10 @@ def markdown_report(
             r.selector,
             str(r.budget),
             str(r.runs),
-            f"{100 * r.accuracy_mean:.2f} ± {100 * r.accuracy_std:.2f}",
-            f"{100 * r.agreement_mean:.2f} ± {100 * r.agreement_std:.2f}",
+            rate_cell(r.accuracy_mean, r.accuracy_std, runs=r.runs),
+            rate_cell(r.agreement_mean, r.agreement_std, runs=r.runs),
         ]
-        cells += [f"{100 * r.transfer_mean[e]:.2f} ± {100 * r.transfer_std[e]:.2f}" for e in eps_keys]
+        cells += [rate_cell(r.transfer_mean[e], r.transfer_std[e], runs=r.runs) for e in eps_keys]
         cells += [f"{r.seconds_mean:.1f}", _fmt(seed_acc), _fmt(seed_tr)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -284,6 +285,23 @@ def markdown_report(
         hist = " ".join(f"{v:g}" for v in r.class_histogram)
         lines.append(f"| {r.selector} | {r.budget} | {hist} | {r.mean_entropy:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def rate_cell(mean: float, std: float, *, runs: int) -> str:
+    """A rate (a fraction) as a report's table cell in percent: ``mean ± std`` over ``runs`` seeds.
+
+    From a single seed it is the value alone: ``± 0.00`` would claim that the rate does not vary
+    with the seed, when one seed cannot say.
+    """
+    value = f"{100 * mean:.2f}"
+    return value if runs < 2 else f"{value} ± {100 * std:.2f}"
+
+
+def rates_said(rows: Sequence[SummaryRow]) -> str:
+    """The report's sentence on what its rates are: a mean ± std, or one seed's value (see :func:`rate_cell`)."""
+    if rows and all(r.runs < 2 for r in rows):
+        return "Rates are percent, from one seed per cell (no spread: `--seeds N` measures a mean ± std)"
+    return "Rates are percent, mean ± std over seeds"
 
 
 def seed_reference(budget: int) -> tuple[float | None, float | None]:

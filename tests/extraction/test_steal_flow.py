@@ -218,6 +218,9 @@ def test_cli_steal_writes_json_markdown_png_and_an_artifact(prefect_and_ray, tar
     )
     assert set(doc["queries_to_agreement"]) == {"0.9", "0.95"}
     assert {q["pairs"] for q in doc["queries_to_agreement"].values()} == {8}
+    # One seed per cell: its rates stand alone (they read "63.67 ± 0.00", a spread one seed cannot measure).
+    assert "±" not in md.split("(MNIST, LeNet-5) beside them.", 1)[1], md
+    assert "Rates are percent, from one seed per cell (no spread: `--seeds N` measures a mean ± std)" in md
     assert (doc["strongest"]["attacker"], doc["strongest"]["selector"]) in {
         (c["attacker"], c["selector"]) for c in doc["cells"]
     }
@@ -401,6 +404,9 @@ def test_flow_against_an_http_target_from_ray_workers(prefect_and_ray, target_ch
         "agreement within 15"
     ) in md
     assert "Rerun with larger --budgets" in md
+    assert "Rates are percent, mean ± std over seeds" in md
+    table = [line for line in md.splitlines() if line.startswith("| basic | random | 15 | 2 | ")]
+    assert len(table) == 1 and table[0].count(" ± ") == 2 + len(doc["config"]["eps"]), table
     assert doc["overlap_warning"] is None  # /info told the auditor which images trained the target
     # 1 request for the test labels, then per cell: 1 query + 2 oracle calls for the transfer metric.
     assert requests == 1 + 2 * 3
