@@ -380,7 +380,7 @@ def run_forget(args: Args) -> int:
 
     # Named here, not inside submit_deletion, so a failure can say which request to look up or repeat.
     request_id = args.request_id or new_request_id(ids, dataset=args.data)
-    unheard = _unheard_warning(ObjectStore(url), args.data)
+    no_run_of_data = _no_run_of_data_warning(ObjectStore(url), args.data)
     args.interrupted_note = (
         f"request {request_id} may or may not be recorded: `obliviate forget --status {request_id}` tells. "
         f"Repeating this command with --request-id {request_id} is safe (one request, applied once); without it, "
@@ -406,8 +406,8 @@ def run_forget(args: Args) -> int:
     if args.no_event and not (not result["new"] and result["status"] in TERMINAL):
         result["note"] = _unannounced_note(ObjectStore(url))
     print(f"request {result['request_id']}: {result['status']}; {result.get('note', '')}", file=sys.stderr)
-    if unheard:
-        print(unheard, file=sys.stderr)
+    if no_run_of_data:
+        print(no_run_of_data, file=sys.stderr)
     if args.wait > 0:
         return _waited(
             url, result["request_id"], args.wait, again="do not rerun forget --ids: that files a second request"
@@ -437,22 +437,38 @@ def _unannounced_note(store: Any) -> str:
     )
 
 
-def _unheard_warning(store: Any, dataset: str) -> str | None:
-    """A warning when no registered run trained on ``dataset`` and no ``serve`` ever announced itself for ``store``.
+def _no_run_of_data_warning(store: Any, dataset: str) -> str | None:
+    """A warning when no registered run of ``store`` trained on ``dataset``: nothing there applies the request yet.
 
-    Such a request is filed all the same (a run may be trained on the store later, and it leaves those ids out),
-    but a mistyped --store looks just like this, and there nothing would ever apply it.
+    Such a request is filed all the same: a run may be trained on the store later, and while the request is
+    pending every training of its data leaves its ids out. Where no ``serve`` ever announced itself, a mistyped
+    --store looks just like this, and there nothing would ever apply it. Where one did, that serve rejects the
+    request at its next pass unless a run of its data registers first (:func:`flows.settle.runs_of`), which is
+    what a mistyped --data (default digits) looks like.
     """
     from flows.unlearn import ENDPOINT_KEY
     from storage.registry import RunRegistry
 
-    if store.exists(ENDPOINT_KEY):  # a serve has served this store: it applies what is filed here
-        return None
     registry = RunRegistry(store)
     runs = registry.run_ids()
-    of_dataset = [run_id for run_id in runs if registry.spec(run_id).dataset == dataset]
-    if of_dataset:
-        return None
+    seen: set[str] = set()
+    for run_id in runs:  # one read a run, so stop at the first of its data
+        seen.add(registry.spec(run_id).dataset)
+        if dataset in seen:
+            return None
+    datasets = sorted(seen)
+    if store.exists(ENDPOINT_KEY):  # a serve has served this store: it takes the request, and rejects it
+        if not datasets:
+            return (
+                f"warning: store {store.url} holds no registered run, so its `obliviate serve` rejects this request "
+                f"unless a run of {dataset} registers first (`obliviate train --data {dataset}`)."
+            )
+        retry = f"--data {datasets[0]}" if len(datasets) == 1 else f"one of --data {', '.join(datasets)}"
+        return (
+            f"warning: store {store.url} has no registered run of --data {dataset} (its runs trained on "
+            f"{', '.join(datasets)}), so its `obliviate serve` rejects this request unless a run of {dataset} "
+            f"registers first. If --data was mistyped (the default is digits), file it again with {retry}."
+        )
     others = (
         f"its runs ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}) trained on other data"
         if runs

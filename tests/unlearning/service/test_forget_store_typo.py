@@ -37,3 +37,38 @@ def test_forget_on_a_store_no_run_of_its_data_and_no_serve_know_files_it_with_a_
     ChainWorker(store_url).train(run_spec(run_id="digits-a", split_seed=0, **tiny_run(blocks=2)))
     assert main([*argv, "known"]) == 0  # a run of digits is registered: it will be applied
     assert "warning" not in capsys.readouterr().err
+
+
+def test_forget_of_data_no_registered_run_trained_on_warns_that_the_serve_will_reject_it(
+    store_url, tiny_run, capsys, monkeypatch
+):
+    """With a serve on the store, a request of data no run trained on (a forgotten --data: the default is digits)
+    said only "pending; recorded in the ledger" and exited 0; the serve rejected it a second later."""
+    import time
+
+    from flows.unlearn import ENDPOINT_KEY
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    store = ObjectStore(store_url)
+    store.ensure_container()
+    announced = {"api_url": None, "pid": 1, "started_at": time.time(), "stopped_at": time.time()}
+    store.put_json(ENDPOINT_KEY, announced)
+    argv = ["forget", "--store", store_url, "--ids", "5", "--request-id"]
+    assert main([*argv, "none-yet", "--data", "digits"]) == 0
+    said = capsys.readouterr().err
+    assert (
+        f"warning: store {store_url} holds no registered run, so its `obliviate serve` rejects this request unless "
+        "a run of digits registers first (`obliviate train --data digits`)."
+    ) in said, said
+    ChainWorker(store_url).train(run_spec(run_id="digits-a", split_seed=0, **tiny_run(blocks=2)))
+    assert main([*argv, "other-data", "--data", "mnist5k"]) == 0
+    said = capsys.readouterr().err
+    assert (
+        f"warning: store {store_url} has no registered run of --data mnist5k (its runs trained on digits), so its "
+        "`obliviate serve` rejects this request unless a run of mnist5k registers first. If --data was mistyped "
+        "(the default is digits), file it again with --data digits."
+    ) in said, said
+    assert "ever announced itself" not in said
+    assert DeletionLedger(store).request_ids() == ["none-yet", "other-data"]  # filed all the same
+    assert main([*argv, "known", "--data", "digits"]) == 0  # a run of digits is registered: it will be applied
+    assert "warning" not in capsys.readouterr().err
