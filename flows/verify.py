@@ -6,7 +6,9 @@ positions, and calls :func:`obliviate.unlearning.lineage.verify_replay`, which c
 M_0 is the recipe's seeded initial model, re-trains the chosen blocks from their stored predecessors
 and checks bit-identity of everything training carries (model, optimizer state, schedule position).
 The result is written to the store under ``ledger/verifications/`` (next to the deletion ledger;
-the audit trail) and, in :func:`verify_flow`, as a Prefect markdown artifact.
+the audit trail) and, in :func:`verify_flow`, as a Prefect markdown artifact. The shards of a sharded
+run are replayed side by side as Ray tasks, one CPU each (:func:`verify_runs_on_ray`,
+:func:`verify_shards_flow`).
 
 A version published before lineage manifests existed is checked against a lineage derived from its
 manifest (the checksums the store committed); the report says so.
@@ -14,8 +16,12 @@ manifest (the checksums the store committed); the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,7 +29,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from obliviate.data import load_dataset
-from obliviate.errors import ConfigError
+from obliviate.errors import ConfigError, ObliviateError
 from obliviate.unlearning.chain import Chain, Checkpoint
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.lineage import (
@@ -371,6 +377,9 @@ def verify_run(store_url: str, run_id: str, *, version: int | None = None, block
         "lineage": "derived from the manifest (version predates lineage manifests)" if derived else "recorded",
         "seconds": time.perf_counter() - began,
         "verified_at": time.time(),
+        # where the replay ran: bit-identity is promised on the lineage's CPU capability and torch build, and a
+        # sharded run's shards are replayed in Ray tasks, on any node of the cluster
+        "replayed_on": {"host": socket.gethostname(), "pid": os.getpid()},
         **report.as_dict(),
     }
     return _record(store, _with_damage(result, damage, missing=missing))
@@ -528,21 +537,93 @@ def _markdown(result: dict[str, Any]) -> str:
         f"- M_0: {initial}",
         f"- lineage: {result['lineage']}",
     ]
+    if "replayed_on" in result:
+        lines.append(f"- replayed on: {result['replayed_on']['host']} (process {result['replayed_on']['pid']})")
     lines += [f"- problem: {p}" for p in result["problems"]]
     lines += [f"- note: {n}" for n in result.get("notes", [])]
     lines += [f"- environment: {d}" for d in result["environment_differences"]]
     return "\n".join(lines)
 
 
+#: How long the fan-out waits on Ray at a time: a Ctrl-C or SIGTERM is acted on between waits.
+_WAIT_S = 1.0
+
+
+def verify_runs_on_ray(
+    store_url: str,
+    run_ids: list[str],
+    *,
+    version: int | None = None,
+    blocks: str = "all",
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Verify the shards of a sharded run side by side on Ray, one CPU each (SPEC 6: each shard is its own chain).
+
+    Each shard's replay is :func:`verify_run` in a Ray task: bit-identity does not depend on the process, since the
+    replay fixes torch's thread count from the recipe. Ray must be started (:func:`flows.runtime.ensure_ray`).
+
+    Args:
+        on_result: called with each shard's report as it ends (in the order they end).
+
+    Returns:
+        the reports, in the order of ``run_ids``.
+
+    Raises:
+        ObliviateError: a shard's own error (the store stopped taking writes, a run gone since it was checked),
+            once every other shard's replay has ended and recorded its report.
+    """
+    import ray
+
+    from flows.train import worker_errors_as_their_own
+
+    replay = ray.remote(num_cpus=1)(verify_run)
+    pending = {replay.remote(store_url, run_id, version=version, blocks=blocks): run_id for run_id in run_ids}
+    results: dict[str, dict[str, Any]] = {}
+    errors: list[ObliviateError] = []
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_S)
+            if not done:
+                continue
+            run_id = pending.pop(done[0])
+            try:
+                with worker_errors_as_their_own():
+                    results[run_id] = ray.get(done[0])
+            except ObliviateError as err:  # the others go on: their reports are each a verdict of its own
+                errors.append(err)
+                continue
+            if on_result is not None:
+                on_result(results[run_id])
+    finally:
+        for ref in pending:  # interrupted, or an error not ours: no replay goes on unseen
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+    if errors:
+        raise errors[0]
+    return [results[run_id] for run_id in run_ids]
+
+
+def _artifact_and_log(result: dict[str, Any]) -> None:
+    """A verified version's Prefect artifact (its markdown report) and log line."""
+    key = f"verify-{result['run_id'].lower().replace('_', '-').replace('.', '-')}"
+    create_markdown_artifact(key=key, markdown=_markdown(result))
+    get_run_logger().info("verify %s v%s: %s", result["run_id"], result["version"], result["status"])
+
+
 @flow(name="verify", log_prints=False)
 def verify_flow(store: str, run_id: str, version: int | None = None, blocks: str = "all") -> dict[str, Any]:
     """Check M_0 is the seeded initial model, re-train blocks from stored predecessors, check bit-identity (SPEC 6)."""
     result = verify_run(store, run_id, version=version, blocks=blocks)
-    create_markdown_artifact(
-        key=f"verify-{run_id.lower().replace('_', '-').replace('.', '-')}", markdown=_markdown(result)
-    )
-    get_run_logger().info("verify %s v%s: %s", run_id, result["version"], result["status"])
+    _artifact_and_log(result)
     return result
+
+
+@flow(name="verify-shards", log_prints=False)
+def verify_shards_flow(
+    store: str, run_id: str, shards: list[str], version: int | None = None, blocks: str = "all"
+) -> list[dict[str, Any]]:
+    """:func:`verify_flow` of each shard of sharded run ``run_id``, side by side on Ray; one artifact per shard."""
+    return verify_runs_on_ray(store, shards, version=version, blocks=blocks, on_result=_artifact_and_log)
 
 
 def chain_of(store_url: str, run_id: str) -> Chain:

@@ -14,6 +14,7 @@ checkpoint found missing says that whether it was deleted on purpose is unknown 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated
 
@@ -34,6 +35,14 @@ def verify_command(
         str,
         option("--blocks", help="all (default), retrained (from the earliest deletion on) or one block number"),
     ] = "all",
+    ray_address: Annotated[
+        str | None,
+        option(
+            "--ray-address",
+            help="Ray cluster that replays a sharded run's shards side by side (default RAY_ADDRESS, else a local "
+            "runtime)",
+        ),
+    ] = None,
     no_prefect: Annotated[bool, flag("--no-prefect", help="run without Prefect (no artifact)")] = False,
 ) -> Args:
     return parsed(ctx, run_verify)
@@ -56,19 +65,34 @@ def run_verify(args: Args) -> int:
     for run_id in runs:
         check_request(url, run_id, version=args.version, blocks=args.blocks)
     prepare_store(url, write=True)  # the result goes to the store's ledger: prove it can, before replaying
-    if args.no_prefect:
-        from flows.verify import verify_run
+    sharded = len(runs) > 1  # its shards are replayed side by side on Ray, one CPU each
+    if sharded:
+        from flows.runtime import check_ray_address
 
-        results = [verify_run(url, run_id, version=args.version, blocks=args.blocks) for run_id in runs]
+        check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))  # a typo: before anything starts
+    if args.no_prefect:
+        from flows.verify import verify_run, verify_runs_on_ray
+
+        if sharded:
+            from flows.runtime import ensure_ray
+
+            ensure_ray(address=args.ray_address)
+            results = verify_runs_on_ray(url, runs, version=args.version, blocks=args.blocks)
+        else:
+            results = [verify_run(url, runs[0], version=args.version, blocks=args.blocks)]
     else:
-        from flows.runtime import apply_prefect_defaults, prefect_api
-        from flows.verify import verify_flow
+        from flows.runtime import apply_prefect_defaults, prefect_api, prefect_api_and_ray
+        from flows.verify import verify_flow, verify_shards_flow
 
         apply_prefect_defaults()
-        with prefect_api():
-            results = [
-                verify_flow(store=url, run_id=run_id, version=args.version, blocks=args.blocks) for run_id in runs
-            ]
+        if sharded:
+            with prefect_api_and_ray(ray_address=args.ray_address):
+                results = verify_shards_flow(
+                    store=url, run_id=args.run, shards=runs, version=args.version, blocks=args.blocks
+                )
+        else:
+            with prefect_api():
+                results = [verify_flow(store=url, run_id=runs[0], version=args.version, blocks=args.blocks)]
     for result in results:
         identical = sum(result["bit_identical"].values())
         not_replayed = result.get("blocks_not_replayed") or []

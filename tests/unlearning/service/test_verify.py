@@ -138,32 +138,6 @@ def test_block_plan_is_fixed_at_registration_and_read_back(unlearned_store) -> N
     assert ChainWorker(url)._fixed_plan(registry.spec("v-run"), None).to_dict()["blocks"][0] == stored["blocks"][-1]  # type: ignore[arg-type]
 
 
-def test_verify_a_sharded_run_by_its_name_checks_every_shard(tmp_path: Path, tiny_run, capsys) -> None:
-    import json
-
-    url = f"file://{tmp_path / 'store'}"
-    store = ObjectStore(url)
-    store.ensure_container()
-    members = ["g-s0of2", "g-s1of2"]
-    for k in range(2):
-        ChainWorker(url).train(run_spec(run_id="g", shards=2, shard=k, **tiny_run(split_seed=0, blocks=2)))
-    store.put_json("groups/g.json", {"run_id": "g", "members": members, "rule": "mean_probability"})
-    assert main(["verify", "--store", url, "--run", "g", "--no-prefect"]) == 0
-    captured = capsys.readouterr()
-    report = json.loads(captured.out.strip().splitlines()[-1])
-    assert report["status"] == "passed" and [r["run_id"] for r in report["shards"]] == members
-    assert "verify g (2 shards): passed" in captured.err
-    assert main(["verify", "--store", url, "--run", "g", "--version", "1", "--no-prefect"]) == 2
-    assert "each shard has its own versions; verify one shard's version with --run g-s0of2" in capsys.readouterr().err
-    registry = RunRegistry(store)
-    path = tmp_path / "store" / registry.manifest(registry.current(members[1])).members["2"].key
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x01
-    path.write_bytes(bytes(raw))  # one shard tampered with: the sharded run fails
-    assert main(["verify", "--store", url, "--run", "g", "--no-prefect"]) == 4
-    assert "g-s1of2 v1: failed" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("record", ["manifest", "spec"])
 def test_verify_of_a_version_whose_manifest_or_spec_is_damaged_reports_it(
     unlearned_store, tmp_path: Path, record: str, capsys
