@@ -200,8 +200,10 @@ def test_sigterm_during_a_training_flow_stops_it_with_a_sentence(tmp_path) -> No
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
     command = [
         sys.executable, "-m", "flows.cli", "train", "--store", f"file://{store}", "--run-id", "t", "--data",
-        "digits", "--blocks", "8", "--epochs", "20",
+        "digits", "--blocks", "8", "--epochs", "300",
     ]  # fmt: skip
+    # 300 epochs: about 4 s a block here. At 20 epochs (0.25 s a block) the whole training ended before the
+    # signal on a loaded CI machine, and the command exited 0 with a completed run.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 180
     while not list(store.glob("runs/t/chains/*/ckpt-0002.pt")) and time.monotonic() < deadline:
