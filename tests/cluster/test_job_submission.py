@@ -81,9 +81,11 @@ def stop_process_group(process: subprocess.Popen) -> None:
 def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """A Ray head on 127.0.0.1 with free ports; returns its ``ray start`` process and dashboard address.
 
-    ``extra``: more ``ray start`` options, e.g. ``--autoscaling-config=FILE``.
+    ``extra``: more ``ray start`` options, e.g. ``--autoscaling-config=FILE``. What ``ray start`` prints is appended
+    to ``temp_dir``'s ray_start.log (:func:`start_log_tail`), so a head that dies while starting says why.
     """
     gcs_port, dashboard_port, agent_port, agent_grpc_port, runtime_env_port, metrics_port, client_port = free_ports(7)
+    log = (temp_dir / START_LOG).open("ab")
     # --block keeps `ray start` in the foreground as the parent of this head's processes, so the
     # teardown stops exactly this head (its process group), never another Ray on the machine.
     head = subprocess.Popen(
@@ -109,11 +111,21 @@ def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) ->
         ],
         # Ray 2.60 drains a head for 30 s on SIGTERM (for Serve); nothing here needs it, and every teardown waited
         env={**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    log.close()  # the head holds its own copy
     return head, f"http://127.0.0.1:{dashboard_port}"
+
+
+START_LOG = "ray_start.log"
+
+
+def start_log_tail(temp_dir: Path, *, chars: int = 2000) -> str:
+    """The last ``chars`` characters ``ray start`` printed into ``temp_dir`` (see :func:`start_ray_head`)."""
+    path = temp_dir / START_LOG
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else "(nothing printed)"
 
 
 def ray_head_env(**settings: str) -> dict[str, str]:
@@ -144,10 +156,10 @@ def jobs_head(temp_dir: Path, env: dict) -> Iterator[str]:
             try:
                 wait_until_jobs_accepted(address, env, head)
                 break
-            except HeadDied:
+            except HeadDied as died:
                 stop_process_group(head)
                 if attempt == 2:
-                    raise
+                    raise HeadDied(f"{died}; ray start printed: {start_log_tail(temp_dir)}") from died
         yield address
     finally:
         if previous_auth is None:
