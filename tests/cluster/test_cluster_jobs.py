@@ -6,23 +6,23 @@ The jobs run what the README's cluster section shows (`obliviate submit -- steal
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster.test_job_submission import (
+    CURRENT_CLUSTER,
+    HeadDied,
     jobs_head,
     ray_head_env,
     start_log_tail,
-    start_ray_head,
-    stop_process_group,
+    started_head,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths live under it
     with jobs_head(temp_dir, env) as address:
         # `ray start` records the head's GCS address in its temp dir: what --ray-address / RAY_ADDRESS take
-        gcs = (temp_dir / "ray_current_cluster").read_text().strip()
+        gcs = (temp_dir / CURRENT_CLUSTER).read_text().strip()
         yield address, gcs, env
 
 
@@ -200,34 +200,20 @@ def test_whether_a_joined_cluster_can_grow_is_read_from_its_autoscaler(ray_head,
     _, gcs, env = ray_head
     assert autoscales_says(gcs, env) == "False"  # `ray start` without a config: Ray only mirrors its nodes
     fake_env = {**env, "RAY_FAKE_CLUSTER": "1"}
-    with autoscaling_head(tmp_path_factory, fake_env) as autoscaling_gcs:
-        assert autoscales_says(autoscaling_gcs, fake_env) == "True"
+    config = tmp_path_factory.mktemp("config") / "autoscaling.yaml"
+    config.write_text(FAKE_AUTOSCALING_CONFIG)
+    temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths live under it
+    ready = functools.partial(wait_until_address_recorded, temp_dir)
+    with started_head(temp_dir, fake_env, ready=ready, extra=(f"--autoscaling-config={config}",)):
+        assert autoscales_says((temp_dir / CURRENT_CLUSTER).read_text().strip(), fake_env) == "True"
 
 
-@contextlib.contextmanager
-def autoscaling_head(tmp_path_factory, env: dict) -> Iterator[str]:
-    """A head started with FAKE_AUTOSCALING_CONFIG: its GCS address, once ``ray start`` has recorded it.
-
-    A head that exits while starting is started again on fresh ports and a fresh temp dir, twice at most (a port
-    picked free can be taken before Ray binds it: the full CI of 0b1c988 saw this head exit 1 while starting).
-    """
-    for attempt in range(3):
-        temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's socket paths live under it
-        config = temp_dir / "autoscaling.yaml"
-        config.write_text(FAKE_AUTOSCALING_CONFIG)
-        head, _ = start_ray_head(temp_dir, env, extra=(f"--autoscaling-config={config}",))
-        try:
-            recorded = temp_dir / "ray_current_cluster"
-            deadline = time.monotonic() + 60
-            while not recorded.is_file() and time.monotonic() < deadline and head.poll() is None:
-                time.sleep(0.5)
-            if recorded.is_file():
-                yield recorded.read_text().strip()
-                return
-            if head.poll() is None or attempt == 2:
-                raise AssertionError(
-                    f"the autoscaling head did not start (exit {head.poll()}); ray start printed: "
-                    f"{start_log_tail(temp_dir)}"
-                )
-        finally:
-            stop_process_group(head)
+def wait_until_address_recorded(temp_dir: Path, head: subprocess.Popen, address: str) -> None:
+    """Until ``ray start`` has recorded the head's GCS address in ``temp_dir`` (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while not (temp_dir / CURRENT_CLUSTER).is_file():
+        if head.poll() is not None:
+            raise HeadDied(f"the Ray head at {address} exited with {head.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Ray head at {address} recorded no address in 60 s: {start_log_tail(temp_dir)}")
+        time.sleep(0.5)

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -85,6 +85,9 @@ def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) ->
     to ``temp_dir``'s ray_start.log (:func:`start_log_tail`), so a head that dies while starting says why.
     """
     gcs_port, dashboard_port, agent_port, agent_grpc_port, runtime_env_port, metrics_port, client_port = free_ports(7)
+    # `ray start` records the head's GCS address here once it is up: one left by an earlier head that died would
+    # name a dead head.
+    (temp_dir / CURRENT_CLUSTER).unlink(missing_ok=True)
     log = (temp_dir / START_LOG).open("ab")
     # --block keeps `ray start` in the foreground as the parent of this head's processes, so the
     # teardown stops exactly this head (its process group), never another Ray on the machine.
@@ -120,6 +123,8 @@ def start_ray_head(temp_dir: Path, env: dict, *, extra: tuple[str, ...] = ()) ->
 
 
 START_LOG = "ray_start.log"
+#: The file in its temp dir where `ray start` records the head's GCS address (what --ray-address takes).
+CURRENT_CLUSTER = "ray_current_cluster"
 
 
 def start_log_tail(temp_dir: Path, *, chars: int = 2000) -> str:
@@ -140,21 +145,26 @@ def ray_head_env(**settings: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def jobs_head(temp_dir: Path, env: dict) -> Iterator[str]:
-    """A head without auth that accepts jobs (this process's SDK client without auth too): its dashboard address.
+def started_head(
+    temp_dir: Path,
+    env: dict,
+    *,
+    ready: Callable[[subprocess.Popen, str], None],
+    extra: tuple[str, ...] = (),
+) -> Iterator[str]:
+    """A head of :func:`start_ray_head` once ``ready(head, dashboard address)`` returns: its dashboard address.
 
-    A head that dies while starting is started again on fresh ports, twice at most: a port picked free can be
-    taken by another process before Ray binds it (CI once saw the dashboard agent fail to bind, the raylet exit,
-    and the start wait out its 150 s).
+    ``ready`` waits until the head is usable and raises :class:`HeadDied` if it exits meanwhile. A head that dies
+    while starting is started again on fresh ports, twice at most: a port picked free can be taken by another
+    process before Ray binds it (CI once saw the dashboard agent fail to bind, the raylet exit, and the start wait
+    out its 150 s; the CI of 0b1c988 saw an autoscaling head exit 1 while starting).
     """
-    previous_auth = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # the SDK client in this process must match the head
     head: subprocess.Popen | None = None
     try:
         for attempt in range(3):
-            head, address = start_ray_head(temp_dir, env)
+            head, address = start_ray_head(temp_dir, env, extra=extra)
             try:
-                wait_until_jobs_accepted(address, env, head)
+                ready(head, address)
                 break
             except HeadDied as died:
                 stop_process_group(head)
@@ -162,12 +172,25 @@ def jobs_head(temp_dir: Path, env: dict) -> Iterator[str]:
                     raise HeadDied(f"{died}; ray start printed: {start_log_tail(temp_dir)}") from died
         yield address
     finally:
+        if head is not None:
+            stop_process_group(head)
+
+
+@contextlib.contextmanager
+def jobs_head(temp_dir: Path, env: dict) -> Iterator[str]:
+    """A head without auth that accepts jobs (this process's SDK client without auth too): its dashboard address."""
+    previous_auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the SDK client in this process must match the head
+    try:
+        with started_head(
+            temp_dir, env, ready=lambda head, address: wait_until_jobs_accepted(address, env, head)
+        ) as address:
+            yield address
+    finally:
         if previous_auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth
-        if head is not None:
-            stop_process_group(head)
 
 
 @pytest.fixture(scope="module")
