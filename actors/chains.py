@@ -202,11 +202,17 @@ class ChainWorker:
 
     @contextlib.contextmanager
     def _held_by(self, claim: Mapping[str, Any] | None, *, what: str) -> Iterator[None]:
-        """Check ``claim`` (``key``, ``version``, ``holder``) at every safe point of the work inside (``None``: the
-        claim checked already, if any: the late unlearning of a training is that training's work).
+        """Check ``claim`` (``key``, ``version``, ``holder``) before the work inside writes anything and at every
+        safe point of it (``None``: the claim checked already, if any: the late unlearning of a training is that
+        training's work).
+
+        The first check, before any write, also stops a worker whose node does not see its driver's store (a
+        ``file://`` folder only the driver's machine has): there the claim is missing, and the work would otherwise
+        write its run's spec and first checkpoint to that node's own disk before saying a misleading take-over.
 
         Raises:
-            ClaimLost: found taken over, also by the checkpoint writer's own check.
+            ClaimLost: found taken over or missing (:func:`storage.lease.missing_claim_text`), also by the
+                checkpoint writer's own check.
         """
         if claim is None:
             yield
@@ -216,6 +222,7 @@ class ChainWorker:
             PointerClaim(key=str(claim["key"]), version=int(claim["version"]), holder=dict(claim.get("holder") or {})),
             what=what,
         )
+        guard.check()
         outer, self._claim_guard = self._claim_guard, guard
         try:
             yield

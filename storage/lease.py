@@ -140,16 +140,45 @@ class ClaimLost(ObliviateError):
 
 
 def lost_text(store: ObjectStore, claim: PointerClaim, what: str) -> str:
-    """The line a holder says when it stops because ``claim`` was taken over (reads the pointer once, best effort)."""
+    """The line a holder says when it stops because ``claim`` was taken over (reads the pointer once, best effort).
+
+    A claim's pointer that has no version at all was never taken in the store this process reads: a claim keeps
+    its newest versions whoever releases or takes it (:func:`tidy_claim`). That is said as such
+    (:func:`missing_claim_text`), not as a take-over by an unknown holder.
+    """
     try:
         current = store.read_pointer(claim.key)
     except (StorageError, CorruptObject):
         current = None
+    else:
+        if current is None:
+            return missing_claim_text(store, claim, what)
     who, when = "another holder", "an unknown time"
     if current is not None:
         who = f"{_holder_text(current.target)} (version {current.version})"
         when = _utc(float(current.target.get("claimed_at") or current.created_at))
     return f"claim on {store.uri(claim.key)} (version {claim.version}) was lost to {who} at {when}; {what} stopped without writing"
+
+
+def missing_claim_text(store: ObjectStore, claim: PointerClaim, what: str) -> str:
+    """The line a holder says when its claim's pointer is not in the store at all, as this process reads it.
+
+    On a cluster of several machines that is a worker whose node does not see the driver's store: a ``file://``
+    folder that only the driver's machine has (the worker's node reads an empty or another folder at that path),
+    or an S3 endpoint or bucket other than the driver's.
+    """
+    where = f"{store.uri(claim.key)} (version {claim.version})"
+    if store.is_local:
+        fix = (
+            "on a cluster of more than one machine a file:// store must be a folder every node mounts at the same "
+            "path (NFS, EFS); otherwise use an s3:// store"
+        )
+    else:
+        fix = "every node must reach the same S3 endpoint (AWS_ENDPOINT_URL) and bucket as the process that took it"
+    return (
+        f"claim on {where} is not in the store as this process (pid {os.getpid()} on {socket.gethostname()}) reads "
+        f"it, so this store is not the one the claim was taken in: {fix}; {what} stopped without writing"
+    )
 
 
 def _utc(at: float) -> str:

@@ -13,6 +13,7 @@ Each holder is a real process, SIGSTOPped past its lease, taken over, then SIGCO
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -417,3 +419,47 @@ def test_a_loss_its_holder_says_is_said_once_and_the_keeper_says_one_its_holder_
         assert said == []
     else:  # the holder never said it: the keeper does, once, as it stops
         assert len(said) == 1 and f"version {mine.version}" in said[0] and "pass 'b'" in said[0], said
+
+
+# ----- a worker on a node that does not see its driver's store ----------------------------------------------------
+
+
+@pytest.mark.parametrize("work", ["train", "unlearn"])
+def test_a_worker_whose_node_reads_another_store_at_its_url_stops_before_writing_and_says_the_store_is_not_shared(
+    any_store, tiny_run, tmp_path, work: str
+) -> None:
+    # On a joined cluster a file:// store that only the driver's machine has is, to a worker on another node, an
+    # empty (or another) folder at the same path; a worker reaching another S3 endpoint sees another bucket. A
+    # training worker there wrote its run's spec and first checkpoint to that node's disk, then said its claim "was
+    # lost to another holder at an unknown time". The worker is given the other node's view of the store's URL.
+    store = ObjectStore(any_store)
+    if store.is_local:
+        node_url = f"file://{tmp_path}/other-node/store"
+    else:
+        node_url = f"s3://node-{uuid.uuid4().hex[:10]}/store"
+        ObjectStore(node_url).ensure_container()
+    node_store = ObjectStore(node_url)
+    spec = run_spec(run_id="r1", split_seed=0, **tiny_run(blocks=2, train_size=200, heldout_size=100))
+    worker = ChainWorker(node_url)
+    if work == "train":
+        claim = take_claim(store, training_claim_key("r1"), holder={"host": "driver", "pid": 1, "command": "train"})
+        given = {"key": claim.key, "version": claim.version, "holder": claim.holder}
+        call, what = functools.partial(worker.train, spec, given), "the training of run r1"
+    else:
+        ChainWorker(store.url).train(spec)
+        claim = take_claim(store, PASS_CLAIM_KEY, holder={"host": "driver", "pid": 1, "holder": "the pass"})
+        given = {"key": claim.key, "version": claim.version, "holder": claim.holder}
+        requests = {"req-1": [int(spec["train_ids"][0])]}
+        call, what = functools.partial(worker.unlearn, "r1", requests, claim=given), "the unlearning of run r1"
+
+    with pytest.raises(ClaimLost) as raised:
+        call()
+
+    said = str(raised.value)
+    assert said.startswith(
+        f"claim on {node_store.uri(claim.key)} (version {claim.version}) is not in the store as this process (pid "
+    ), said
+    assert said.endswith(f"; {what} stopped without writing"), said
+    assert ("a folder every node mounts at the same path (NFS, EFS)" if store.is_local else "AWS_ENDPOINT_URL") in said
+    assert node_store.list("") == [] and node_store.list_pointers("") == []  # nothing written on that node
+    assert not (tmp_path / "other-node").exists()  # not even the folder
