@@ -202,12 +202,19 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
     names = [name for name in everything if scope.checked(name)]
     # only what our layout owns is verified: a user's file with a .sha256 of its own is not our commit
     keys = [key for key in store.list("") if scope.own(key)]
+    gone: set[str] = set()
     for key in keys:
-        report.objects_checked += 1
         try:
             store.verify(key)
         except CorruptObject as err:
             report.corrupt.append({"key": key, "error": str(err)})
+        except ObjectNotFound:
+            if store.exists(key):  # still committed: its bytes went, which only damage does (a delete ends with them)
+                raise
+            gone.add(key)  # deleted since the listing (a running serve drops leases and released claims): not damaged
+            continue
+        report.objects_checked += 1
+    keys = [key for key in keys if key not in gone]
     lost = []
     for key in _records_alone([name for name in names if scope.own(name)]):
         if key.startswith(_REWRITTEN_AND_DELETED):
@@ -246,6 +253,9 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
             try:
                 store.read_pointer_version(pointer_key, version)
             except (CorruptObject, ObjectNotFound) as err:
+                if isinstance(err, ObjectNotFound) and _dropped_since_listed(store, pointer_key, version):
+                    report.pointers_checked -= 1
+                    continue
                 report.corrupt.append({"key": f"{pointer_key}/v{version:09d}.json", "error": str(err)})
                 if pointer_key.startswith("runs/") and pointer_key.endswith("/current"):
                     blind_runs.add(pointer_key.split("/")[1])
@@ -451,6 +461,15 @@ def erase_deleted_ids_held(store: ObjectStore, report: StoreReport) -> list[dict
 
 def _held_fields(item: dict[str, Any]) -> dict[str, Any]:
     return {k: item[k] for k in ("run", "chain", "first_block", "blocks", "ids", "requests", "exclusions_known")}
+
+
+def _dropped_since_listed(store: ObjectStore, pointer_key: str, version: int) -> bool:
+    """Whether ``version`` of a pointer that keeps only its newest versions was dropped after the check listed it (a
+    release by a running serve, :func:`storage.lease.tidy_claim`): it is below the oldest version kept now."""
+    if not _keeps_newest_only(pointer_key):
+        return False
+    kept = store.pointer_versions(pointer_key)
+    return bool(kept) and version < kept[0]
 
 
 def _keeps_newest_only(pointer_key: str) -> bool:
@@ -1034,7 +1053,7 @@ def _orphans(
         base = name.rsplit("/", 1)[-1]
         if base.startswith(WRITE_CHECK_MARK) and "/" not in name:
             found.append(name)  # a write check's leftover: nothing reads it, its writer tolerates its removal
-        elif base.startswith(_TMP_MARK) and scope.own(name) and store.stored_age_s(name) >= min_age_s:
+        elif base.startswith(_TMP_MARK) and scope.own(name) and _stored_age_s(store, name) >= min_age_s:
             found.append(name)
     found = list(set(found))
     held = None
