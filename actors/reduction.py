@@ -37,9 +37,9 @@ import numpy as np
 from obliviate.reduction.drmi import Aggregate, run_restarts
 from obliviate.reduction.mi import PreparedImages, mi_tile
 from obliviate.reduction.tiling import TileSpec
-from storage.objects import ObjectInfo, ObjectStore
+from storage.objects import ObjectInfo, ObjectStore, check_shared
 from storage.retry import DEFAULT_RETRY_DEADLINE_S, RetryPolicy, retry_unavailable
-from storage.tiles import TiledRows, tile_key
+from storage.tiles import PLAN, TiledRows, tile_key
 
 STORAGE_RETRY_DEADLINE_S = DEFAULT_RETRY_DEADLINE_S
 
@@ -161,6 +161,7 @@ class ReductionWorker:
         self._prepared: PreparedImages | None = None
         self._matrix_key: str | None = None
         self._matrix: np.ndarray | TiledRows | None = None
+        self._shared_stores: set[tuple[str, str]] = set()  # (store URL, matrix folder) found to hold the flow's plan
         # Load the compiled restart kernels now (numba's on-disk cache), not on the first real call.
         warm = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]], dtype=np.float32)
         run_restarts(warm, k=2, starts=np.array([0]))
@@ -207,6 +208,8 @@ class ReductionWorker:
         a flow that assembles the whole matrix in memory.
         """
         prepared = self._images(key)
+        store = RetryingStore.of(store)
+        self._check_store_shared(store, prefix, what=f"tile {tile.name}")
         t0 = time.perf_counter()
         values = mi_tile(
             prepared,
@@ -216,7 +219,6 @@ class ReductionWorker:
             upper_only=tile.diagonal,
         )
         t1 = time.perf_counter()
-        store = RetryingStore.of(store)
         info = store.put_array(tile_key(prefix, tile), values)  # an outage is waited out
         t2 = time.perf_counter()
         return {
@@ -229,6 +231,26 @@ class ReductionWorker:
             "storage_retries": store.retries,
             "values": values if return_values else None,
         }
+
+    def _check_store_shared(self, store: ObjectStore, prefix: str, *, what: str) -> None:
+        """Refuse a store that is not the flow's: the flow writes the matrix's plan before it hands out any work.
+
+        Checked once per store and matrix folder for the life of the worker (one ``exists`` per run, not per tile).
+
+        Raises:
+            StoreNotShared: ``prefix``'s plan is not in ``store`` as this worker reads it (its node has another
+                folder at a ``file://`` URL, or reaches another S3 endpoint or bucket).
+        """
+        if (store.url, prefix) in self._shared_stores:
+            return
+        check_shared(
+            store,
+            f"{prefix}/{PLAN}",
+            described="the MI matrix's plan",
+            written_in="the reduce flow wrote it in before handing out this work",
+            what=what,
+        )
+        self._shared_stores.add((store.url, prefix))
 
     def _images(self, key: str | None = None) -> PreparedImages:
         if self._prepared is None or (key is not None and key != self._images_key):
@@ -262,6 +284,8 @@ class ReductionWorker:
         t0 = time.perf_counter()
         if self._matrix_key != key:
             self._matrix = None  # drop the previous one before taking the next
+            if matrix is None:
+                self._check_store_shared(RetryingStore.of(store), prefix, what="the restart stage")
             self._matrix = (
                 np.array(matrix, dtype=np.float32, order="C", copy=True)
                 if matrix is not None

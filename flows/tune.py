@@ -35,6 +35,7 @@ from obliviate.defaults import DEFAULT_AGGREGATE, DEFAULT_GRAY
 from obliviate.errors import ConfigError, named_choice
 from obliviate.sweeps import pareto_front
 from storage import ObjectStore
+from storage.objects import check_shared
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def unlearning_trainable(config: dict[str, Any]) -> None:
     from obliviate.unlearning.chain import BlockData
     from obliviate.unlearning.config import DEFAULT_RECIPE, BlockTrainingConfig
 
+    _check_store_shared(config, _trial_label("unlearning", config))
     data = load_dataset(config["data"])
     train_idx, heldout_idx = stratified_split(
         data.labels, sizes=(config["train_size"], config["heldout_size"]), rng=np.random.default_rng(config["seed"])
@@ -127,6 +129,7 @@ def reduction_trainable(config: dict[str, Any]) -> None:
     from obliviate.extraction.target import LocalTorchBackend
     from obliviate.sweeps import reduction_trial
 
+    _check_store_shared(config, _trial_label("reduction", config))
     gray = config.get("gray", DEFAULT_GRAY)
     aggregate = config.get("aggregate", DEFAULT_AGGREGATE)
     # The whole trial sees the images in this gray mode (as `reduce --gray` does): target, pool and test alike.
@@ -476,6 +479,23 @@ def _trial_label(kind: str, point: dict[str, Any]) -> str:
         f"k{point['k']}-bins{point['bins']}"
         + ("" if gray == DEFAULT_GRAY else f"-gray{gray}")
         + ("" if aggregate == DEFAULT_AGGREGATE else f"-g{aggregate}")
+    )
+
+
+def _check_store_shared(config: dict[str, Any], label: str) -> None:
+    """Refuse, before a trial's work, a store that is not the sweep's: the sweep records its settings before any trial.
+
+    Raises:
+        StoreNotShared: the sweep's settings are not in the store as this trial's process reads it (its node has
+            another folder at a ``file://`` URL, or reaches another S3 endpoint or bucket), so its result would be
+            written where the sweep never reads it.
+    """
+    check_shared(
+        ObjectStore(config["store_url"]),
+        f"{config['prefix']}/sweep.json",
+        described="the sweep's settings",
+        written_in="the tune command recorded them in before starting its trials",
+        what=f"trial {label}",
     )
 
 

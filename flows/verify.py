@@ -21,7 +21,7 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,8 +43,8 @@ from obliviate.unlearning.lineage import (
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import RunSpec, block_data, check_name
 from storage.check import _SEE_STORE_CHECK
-from storage.errors import CorruptObject, ObjectNotFound, StorageError, WriteFailed
-from storage.objects import Manifest, ObjectStore
+from storage.errors import CorruptObject, ObjectNotFound, StorageError, StoreNotShared, WriteFailed
+from storage.objects import Manifest, ObjectStore, not_shared_text
 from storage.registry import ModelVersion, RunRegistry, legacy_pruned_key, pruned_key
 from storage.serving import chain_source, group_members
 
@@ -576,8 +576,11 @@ def verify_runs_on_ray(
 
     from flows.train import worker_errors_as_their_own
 
-    replay = ray.remote(num_cpus=1)(verify_run)
-    pending = {replay.remote(store_url, run_id, version=version, blocks=blocks): run_id for run_id in run_ids}
+    replay = ray.remote(num_cpus=1)(replay_shard)
+    pending = {
+        replay.remote(store_url, run_id, published=run_ids, version=version, blocks=blocks): run_id
+        for run_id in run_ids
+    }
     results: dict[str, dict[str, Any]] = {}
     errors: list[ObliviateError] = []
     try:
@@ -601,6 +604,34 @@ def verify_runs_on_ray(
     if errors:
         raise errors[0]
     return [results[run_id] for run_id in run_ids]
+
+
+def replay_shard(
+    store_url: str, run_id: str, *, published: Sequence[str], version: int | None = None, blocks: str = "all"
+) -> dict[str, Any]:
+    """:func:`verify_run` of a shard in a Ray task that may run on another node than the command's.
+
+    Args:
+        published: the shards the command found published (``run_id`` among them).
+
+    Raises:
+        StoreNotShared: none of ``published`` has a version in the store as this task reads it, so its node does
+            not see the command's store (a run's versions are never deleted: pruning and purging keep its pointer's
+            history). Verify's own line, "has no published version; train it first", sent the user to train it.
+    """
+    store = ObjectStore(store_url)
+    registry = RunRegistry(store)
+    if not any(store.pointer_versions(registry.pointer_key(shard)) for shard in dict.fromkeys([run_id, *published])):
+        pointer_key = registry.pointer_key(run_id)
+        raise StoreNotShared(
+            not_shared_text(
+                store,
+                missing=f"the version pointer {store.uri(pointer_key)} of shard {run_id}",
+                written_in="the verify command found it published in",
+                what=f"the replay of {run_id}",
+            )
+        )
+    return verify_run(store_url, run_id, version=version, blocks=blocks)
 
 
 def _artifact_and_log(result: dict[str, Any]) -> None:

@@ -34,5 +34,14 @@ class PointerConflict(ObliviateError, RuntimeError):
     """A compare-and-swap on a pointer found a different version than the caller expected."""
 
 
+class StoreNotShared(StorageError):
+    """A worker's node reads another store at the URL it was handed than the process that handed out the work.
+
+    A ``file://`` folder that only the driver's machine has, or another S3 endpoint or bucket: what the driver
+    wrote before handing the work out is not there. The worker stopped before writing
+    (:func:`storage.objects.not_shared_text` says what was missing and the fix).
+    """
+
+
 class WriteFailed(StorageError):
     """A write did not happen (missing bucket or folder, no permission, read-only store): nothing was stored."""

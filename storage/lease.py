@@ -39,7 +39,7 @@ from typing import Any, Self
 
 from obliviate.errors import ObliviateError
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
-from storage.objects import ObjectStore, Pointer
+from storage.objects import ObjectStore, Pointer, not_shared_text
 
 DEFAULT_LEASE_S = 20.0
 #: Versions of a claim's pointer kept when :func:`tidy_claim` drops the older ones: the newest (which every
@@ -163,21 +163,14 @@ def lost_text(store: ObjectStore, claim: PointerClaim, what: str) -> str:
 def missing_claim_text(store: ObjectStore, claim: PointerClaim, what: str) -> str:
     """The line a holder says when its claim's pointer is not in the store at all, as this process reads it.
 
-    On a cluster of several machines that is a worker whose node does not see the driver's store: a ``file://``
-    folder that only the driver's machine has (the worker's node reads an empty or another folder at that path),
-    or an S3 endpoint or bucket other than the driver's.
+    A claim keeps its newest versions whoever releases or takes it, so none at all is not a take-over: this
+    process's node does not see the store the claim was taken in (:func:`storage.objects.not_shared_text`).
     """
-    where = f"{store.uri(claim.key)} (version {claim.version})"
-    if store.is_local:
-        fix = (
-            "on a cluster of more than one machine a file:// store must be a folder every node mounts at the same "
-            "path (NFS, EFS); otherwise use an s3:// store"
-        )
-    else:
-        fix = "every node must reach the same S3 endpoint (AWS_ENDPOINT_URL) and bucket as the process that took it"
-    return (
-        f"claim on {where} is not in the store as this process (pid {os.getpid()} on {socket.gethostname()}) reads "
-        f"it, so this store is not the one the claim was taken in: {fix}; {what} stopped without writing"
+    return not_shared_text(
+        store,
+        missing=f"claim on {store.uri(claim.key)} (version {claim.version})",
+        written_in="the claim was taken in",
+        what=what,
     )
 
 

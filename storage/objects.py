@@ -48,6 +48,7 @@ import io
 import json
 import os
 import re
+import socket
 import time
 import urllib.parse
 import uuid
@@ -67,6 +68,7 @@ from storage.errors import (
     PointerConflict,
     StorageError,
     StorageUnavailable,
+    StoreNotShared,
     WriteFailed,
 )
 from storage.retry import call_overdue, heard_from, unanswered_s, watched_call
@@ -836,6 +838,50 @@ class ObjectStore:
             raise CorruptObject(f"pointer {self.uri(key)} version {version} fails its checksum; it was damaged.")
         return Pointer(
             key=key, version=int(body["version"]), target=body["target"], created_at=float(body["created_at"])
+        )
+
+
+def not_shared_text(store: ObjectStore, *, missing: str, written_in: str, what: str) -> str:
+    """The line a worker says when what its driver wrote before handing out the work is not in ``store`` as it reads it.
+
+    On a cluster of several machines that is a worker whose node does not see the driver's store: a ``file://``
+    folder that only the driver's machine has (the worker's node reads an empty or another folder at that path),
+    or an S3 endpoint or bucket other than the driver's.
+
+    Args:
+        store: the store as the worker reads it.
+        missing: what is not there, with its URL (``claim on s3://b/runs/... (version 3)``).
+        written_in: whose store it was written in (``the claim was taken in``).
+        what: the work that stopped (``the training of run r1``).
+    """
+    if store.is_local:
+        fix = (
+            "on a cluster of more than one machine a file:// store must be a folder every node mounts at the same "
+            "path (NFS, EFS); otherwise use an s3:// store"
+        )
+    else:
+        fix = "every node must reach the same S3 endpoint (AWS_ENDPOINT_URL) and bucket as the process that handed out the work"
+    return (
+        f"{missing} is not in the store as this process (pid {os.getpid()} on {socket.gethostname()}) reads it, so "
+        f"this store is not the one {written_in}: {fix}; {what} stopped without writing"
+    )
+
+
+def check_shared(store: ObjectStore, key: str, *, described: str, written_in: str, what: str) -> None:
+    """Refuse to work on ``store`` unless ``key``, which the process handing out the work wrote first, is in it.
+
+    Args:
+        key: what that process wrote before handing out the work.
+        described: what ``key`` is, said before its URL (``the sweep's settings``).
+        written_in: as :func:`not_shared_text`.
+        what: as :func:`not_shared_text`.
+
+    Raises:
+        StoreNotShared: ``key`` is not committed in ``store`` as this process reads it.
+    """
+    if not store.exists(key):
+        raise StoreNotShared(
+            not_shared_text(store, missing=f"{described} {store.uri(key)}", written_in=written_in, what=what)
         )
 
 

@@ -224,3 +224,31 @@ def test_a_sweep_refused_by_ray_records_nothing_under_its_name(tmp_path, monkeyp
             "reduction", store_url=store.url, grid={"k": [5], "bins": [256]}, constants=constants, workers=1, name="zz"
         )
     assert store.list("tune") == []  # the name is free for the retry, with any values
+
+
+@pytest.mark.parametrize("kind", ["reduction", "unlearning"])
+def test_a_trial_on_a_node_without_the_sweeps_store_stops_before_its_work_and_says_why(tmp_path, kind) -> None:
+    """A trial on a node whose folder at the store's URL is another one ran its whole trial and wrote its result
+    there, where the sweep never reads it; the sweep then reported without it."""
+    from flows.tune import reduction_trainable, unlearning_trainable
+    from storage import ObjectStore
+    from storage.errors import StoreNotShared
+
+    node = ObjectStore(f"file://{tmp_path}/other-node/store")  # the sweep recorded tune/s1/sweep.json in its own
+    config = {"store_url": node.url, "prefix": "tune/s1", "data": "digits", "model": "lenet5", "seed": 0}
+    if kind == "reduction":
+        config.update(k=5, bins=256, target_size=100, pool_size=100, test_size=50, steps=5, num_starts=1)
+        trainable, label = reduction_trainable, "k5-bins256"
+    else:
+        config.update(num_blocks=2, epsilon=0.1, local_epochs=1, schedule="constant", num_deleted=1)
+        config.update(train_size=100, heldout_size=50)
+        trainable, label = unlearning_trainable, "B2-eps0.1"
+
+    with pytest.raises(StoreNotShared) as raised:
+        trainable(config)
+
+    said = str(raised.value)
+    assert said.startswith(f"the sweep's settings {node.uri('tune/s1/sweep.json')} is not in the store as this"), said
+    assert "a folder every node mounts at the same path (NFS, EFS)" in said, said
+    assert said.endswith(f"; trial {label} stopped without writing"), said
+    assert not (tmp_path / "other-node").exists()  # nothing written there
