@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from obliviate.data import load_dataset
+from obliviate.errors import ConfigError
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import block_data
@@ -34,6 +35,36 @@ _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index
 _VERSION_POINTER = re.compile(r"^runs/[^/]+/current/v\d+\.json$")  # storage.registry: runs/<run>/current
 
 
+#: Beside a running serve, an orphan younger than this may be one of its writes in flight: a temporary file not yet
+#: linked, or bytes not yet committed (a claim's or lease's, a checkpoint's). Collecting it fails that write.
+MIN_ORPHAN_AGE_BESIDE_SERVE_S = 60.0
+
+
+def refuse_young_orphans_beside_serve(store: ObjectStore, *, min_orphan_age_s: float) -> None:
+    """Refuse ``--repair --orphan-age`` below :data:`MIN_ORPHAN_AGE_BESIDE_SERVE_S` on a store a live serve writes.
+
+    ``--orphan-age 0`` beside a running serve deleted the temporary files of its pass claim's writes between their
+    write and their link, and serve's pass failed with "could not write ... does not exist (any more)". Only a
+    serve announces itself; a ``train`` or ``forget`` writing meanwhile is not seen (the default age keeps theirs).
+
+    Raises:
+        ConfigError: a live serve announced itself for ``store`` and ``min_orphan_age_s`` is below the floor.
+    """
+    from flows.unlearn import SERVE_LIVE, served_endpoint
+
+    if min_orphan_age_s >= MIN_ORPHAN_AGE_BESIDE_SERVE_S:
+        return
+    api_url, why = served_endpoint(store)
+    if why != SERVE_LIVE:
+        return
+    raise ConfigError(
+        f"--orphan-age {min_orphan_age_s:g} would collect writes in flight of the live `obliviate serve` of "
+        f"{store.url}{f' (announced through {api_url})' if api_url else ''}: beside a running serve, orphans must "
+        f"be at least {MIN_ORPHAN_AGE_BESIDE_SERVE_S:g} s old to be collected (a write in flight is younger). Pass "
+        f"--orphan-age {MIN_ORPHAN_AGE_BESIDE_SERVE_S:g} or more, or stop serve first."
+    )
+
+
 def check_and_repair(
     store_url: str, *, repair: bool, min_orphan_age_s: float = 600.0, keep_versions: int | None = None
 ) -> StoreReport:
@@ -44,6 +75,8 @@ def check_and_repair(
     it, the report says what would be. ``None`` (the default) keeps every version.
     """
     store = ObjectStore(store_url)
+    if repair:
+        refuse_young_orphans_beside_serve(store, min_orphan_age_s=min_orphan_age_s)
     pruned = None if keep_versions is None else prune_versions(store, keep=keep_versions, apply=repair)
     report = check_store(store, min_age_s=min_orphan_age_s)
     report.pruned = pruned

@@ -723,6 +723,7 @@ def store_resource_id(store_url: str) -> str:
 
 
 ENDPOINT_STALE_S = 30.0  # serve renews its announcement every few seconds; older means it is gone
+SERVE_LIVE = "announced by a live `obliviate serve`"  # served_endpoint's reason when a serve is live
 
 
 def served_api_url(store: ObjectStore) -> str | None:
@@ -754,7 +755,7 @@ def served_endpoint(store: ObjectStore) -> tuple[str | None, str]:
             f"the `obliviate serve` that served this store{f' through {api_url}' if api_url else ''} stopped renewing "
             f"its announcement {age:.0f} s ago"
         )
-    return api_url, "announced by a live `obliviate serve`"
+    return api_url, SERVE_LIVE
 
 
 SERVE_CLAIM_KEY = "service/serve-claim"  # a pointer: moved by compare-and-swap, so two serves never both win

@@ -33,7 +33,7 @@ def check_command(
             "--orphan-age",
             parser=number,
             metavar="SECONDS",
-            help="collect only orphans older than this (default 600)",
+            help="collect only orphans older than this (default 600; at least 60 while a serve runs on the store)",
         ),
     ] = 600.0,
     keep_versions: Annotated[
