@@ -284,13 +284,12 @@ class ReductionWorker:
         t0 = time.perf_counter()
         if self._matrix_key != key:
             self._matrix = None  # drop the previous one before taking the next
-            if matrix is None:
-                self._check_store_shared(RetryingStore.of(store), prefix, what="the restart stage")
-            self._matrix = (
-                np.array(matrix, dtype=np.float32, order="C", copy=True)
-                if matrix is not None
-                else TiledRows(RetryingStore.of(store), prefix, cache_bytes=memory_bytes)  # row reads wait out outages
-            )
+            if matrix is not None:
+                self._matrix = np.array(matrix, dtype=np.float32, order="C", copy=True)
+            else:
+                rows_store = RetryingStore.of(store)  # row reads wait out outages
+                self._check_store_shared(rows_store, prefix, what="the restart stage")
+                self._matrix = TiledRows(rows_store, prefix, cache_bytes=memory_bytes)
             self._matrix_key = key
         return {"mode": self._mode(), "seconds": time.perf_counter() - t0}
 

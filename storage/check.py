@@ -249,16 +249,15 @@ def check_store(store: ObjectStore, *, min_age_s: float = 600.0) -> StoreReport:
         # so does a claim's pointer (storage.lease.tidy_claim); a version lost above the oldest kept is still damage
         first = versions[0] if versions and _keeps_newest_only(pointer_key) else 1
         for version in range(first, latest + 1):
-            report.pointers_checked += 1
             try:
                 store.read_pointer_version(pointer_key, version)
             except (CorruptObject, ObjectNotFound) as err:
                 if isinstance(err, ObjectNotFound) and _dropped_since_listed(store, pointer_key, version):
-                    report.pointers_checked -= 1
-                    continue
+                    continue  # not there to check, and not damaged
                 report.corrupt.append({"key": f"{pointer_key}/v{version:09d}.json", "error": str(err)})
                 if pointer_key.startswith("runs/") and pointer_key.endswith("/current"):
                     blind_runs.add(pointer_key.split("/")[1])
+            report.pointers_checked += 1
 
     referenced: set[str] = set()
     dependents: dict[str, list[dict[str, Any]]] = {}
