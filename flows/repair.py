@@ -22,7 +22,7 @@ from obliviate.errors import ConfigError
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import block_data
-from storage.check import StoreReport, check_store, collect_orphans, prune_versions
+from storage.check import StoreReport, check_store, collect_orphans, live_claims, prune_versions
 from storage.errors import CorruptObject, ObjectNotFound
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
@@ -33,35 +33,59 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is replayed: `store ch
 
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
 _VERSION_POINTER = re.compile(r"^runs/[^/]+/current/v\d+\.json$")  # storage.registry: runs/<run>/current
+_TRAINING_CLAIM = re.compile(r"^runs/(?P<run>[^/]+)/train-claim$")  # storage.registry.training_claim_key
 
 
-#: Beside a running serve, an orphan younger than this may be one of its writes in flight: a temporary file not yet
-#: linked, or bytes not yet committed (a claim's or lease's, a checkpoint's). Collecting it fails that write.
-MIN_ORPHAN_AGE_BESIDE_SERVE_S = 60.0
+#: Beside a live writer (a running serve, a training, a deletion pass), an orphan younger than this may be one of its
+#: writes in flight: a temporary file not yet linked, or bytes not yet committed (a checkpoint's, a claim's or lease's).
+#: Collecting it fails that write.
+MIN_ORPHAN_AGE_BESIDE_WRITERS_S = 60.0
 
 
-def refuse_young_orphans_beside_serve(store: ObjectStore, *, min_orphan_age_s: float) -> None:
-    """Refuse ``--repair --orphan-age`` below :data:`MIN_ORPHAN_AGE_BESIDE_SERVE_S` on a store a live serve writes.
+def live_writers(store: ObjectStore) -> list[str]:
+    """Who writes ``store`` now, as far as the store says: a serve that announced itself, each claim held live.
 
-    ``--orphan-age 0`` beside a running serve deleted the temporary files of its pass claim's writes between their
-    write and their link, and serve's pass failed with "could not write ... does not exist (any more)". Only a
-    serve announces itself; a ``train`` or ``forget`` writing meanwhile is not seen (the default age keeps theirs).
-
-    Raises:
-        ConfigError: a live serve announced itself for ``store`` and ``min_orphan_age_s`` is below the floor.
+    A ``train`` holds its run's training claim and a deletion pass the store's pass claim (:func:`live_claims`) on
+    this host or any other that shares the store; a ``forget`` filing requests holds none, and is not seen.
     """
     from flows.unlearn import SERVE_LIVE, served_endpoint
 
-    if min_orphan_age_s >= MIN_ORPHAN_AGE_BESIDE_SERVE_S:
-        return
+    writers = []
     api_url, why = served_endpoint(store)
-    if why != SERVE_LIVE:
+    if why == SERVE_LIVE:
+        writers.append(
+            f"the live `obliviate serve` of {store.url}{f' (announced through {api_url})' if api_url else ''}"
+        )
+    for claim in live_claims(store):
+        holder = claim.target
+        who = f"{holder.get('command') or holder.get('holder') or 'a process'} (pid {holder.get('pid')} on {holder.get('host')})"
+        run = _TRAINING_CLAIM.match(claim.key)
+        writers.append(f"the training of run {run.group('run')!r} by {who}" if run else f"the deletion pass of {who}")
+    return writers
+
+
+def refuse_young_orphans_beside_writers(store: ObjectStore, *, min_orphan_age_s: float) -> None:
+    """Refuse ``--repair --orphan-age`` below :data:`MIN_ORPHAN_AGE_BESIDE_WRITERS_S` while :func:`live_writers` write.
+
+    ``--orphan-age 0`` beside a running serve deleted the temporary files of its pass claim's writes between their
+    write and their link, and serve's pass failed with "could not write ... does not exist (any more)"; beside a
+    running ``obliviate train`` it deleted a checkpoint's temporary before its rename, and the training failed the
+    same way.
+
+    Raises:
+        ConfigError: someone writes ``store`` now and ``min_orphan_age_s`` is below the floor.
+    """
+    if min_orphan_age_s >= MIN_ORPHAN_AGE_BESIDE_WRITERS_S:
         return
+    writers = live_writers(store)
+    if not writers:
+        return
+    shown = "; ".join(writers[:3]) + (f"; and {len(writers) - 3} more" if len(writers) > 3 else "")
     raise ConfigError(
-        f"--orphan-age {min_orphan_age_s:g} would collect writes in flight of the live `obliviate serve` of "
-        f"{store.url}{f' (announced through {api_url})' if api_url else ''}: beside a running serve, orphans must "
-        f"be at least {MIN_ORPHAN_AGE_BESIDE_SERVE_S:g} s old to be collected (a write in flight is younger). Pass "
-        f"--orphan-age {MIN_ORPHAN_AGE_BESIDE_SERVE_S:g} or more, or stop serve first."
+        f"--orphan-age {min_orphan_age_s:g} would collect writes in flight of {shown}: while a command writes the "
+        f"store, orphans must be at least {MIN_ORPHAN_AGE_BESIDE_WRITERS_S:g} s old to be collected (a write in "
+        f"flight is younger). Pass --orphan-age {MIN_ORPHAN_AGE_BESIDE_WRITERS_S:g} or more, or repair once they "
+        "finished (stop serve first)."
     )
 
 
@@ -76,7 +100,7 @@ def check_and_repair(
     """
     store = ObjectStore(store_url)
     if repair:
-        refuse_young_orphans_beside_serve(store, min_orphan_age_s=min_orphan_age_s)
+        refuse_young_orphans_beside_writers(store, min_orphan_age_s=min_orphan_age_s)
     pruned = None if keep_versions is None else prune_versions(store, keep=keep_versions, apply=repair)
     report = check_store(store, min_age_s=min_orphan_age_s)
     report.pruned = pruned

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.errors import CorruptObject, ObjectNotFound, PointerConflict, StorageError
-from storage.objects import COMMIT_SUFFIX, WRITE_CHECK_MARK, ObjectStore
+from storage.lease import claim_free, holder_process_gone
+from storage.objects import COMMIT_SUFFIX, WRITE_CHECK_MARK, ObjectStore, Pointer
 from storage.registry import checkpoint_key, keeps_newest_versions_only
 
 _TMP_MARK = ".tmp-"
@@ -1142,6 +1143,27 @@ def _committed_at(store: ObjectStore, key: str) -> float:
         return store.committed_at(key)
     except StorageError:  # unreadable record: treat as old; the object is unreferenced anyway
         return 0.0
+
+
+def live_claims(store: ObjectStore) -> list[Pointer]:
+    """The claims held now on ``store``: each run's training claim and the store's pass claim whose holder is live.
+
+    Their holders write while they hold them (a ``train``'s checkpoints, a deletion pass's retrains and statuses),
+    so an orphan younger than a write takes may be one of theirs in flight. Live as :func:`storage.lease.take_claim`
+    judges it: not released, its lease renewed in time, and its process not known gone (one of this host).
+    """
+    now = time.time()
+    held = []
+    for key in [*store.list_pointers("runs"), *store.list_pointers("service")]:
+        if not _CLAIM_POINTER.match(key):
+            continue
+        try:
+            current = store.read_pointer(key)
+            if current is not None and not claim_free(store, current, gone=holder_process_gone, now=now):
+                held.append(current)
+        except (ObjectNotFound, CorruptObject):
+            continue  # released and tidied since the listing, or damaged: check_store reports a damaged one
+    return held
 
 
 def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:

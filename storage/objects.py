@@ -1123,6 +1123,13 @@ def _translated(where: str, *, writing: bool = False, endpoint: str | None = Non
             "(AWS_ENDPOINT_URL, network), then run the command again."
         ) from err
     except FileNotFoundError as err:
+        if writing and _temporary_taken(err):
+            raise WriteFailed(
+                f"could not write {where}: its temporary file {os.path.basename(str(err.filename))} was deleted by "
+                "another process after it was written and before it was renamed into place (`obliviate store check "
+                "--repair` with a short --orphan-age collects such files). Run the command again; give --orphan-age "
+                "60 or more (the default is 600) to a repair while commands write the store."
+            ) from err
         if writing:
             raise WriteFailed(
                 f"could not write {where}: {err}. The bucket or folder of the store does not exist (any more); "
@@ -1148,6 +1155,20 @@ def _translated(where: str, *, writing: bool = False, endpoint: str | None = Non
                 raise WriteFailed(f"could not write {where}: {err}") from err
             raise StorageError(f"storage error at {where}: {err}") from err
         raise
+
+
+def _temporary_taken(err: FileNotFoundError) -> bool:
+    """Whether a local write failed because its own temporary file vanished from a folder that still exists.
+
+    ``os.replace`` / ``os.link`` of the temporary name it had just written (``err.filename``) found nothing: another
+    process deleted it in between. A missing folder (the store deleted) fails on the folder, and says so instead.
+    """
+    name = str(err.filename or "")
+    return (
+        os.path.basename(name).startswith(_TMP_MARK)
+        and err.filename2 is not None
+        and os.path.isdir(os.path.dirname(name))
+    )
 
 
 def _is_unavailable(err: BaseException) -> bool:

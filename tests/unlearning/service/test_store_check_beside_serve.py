@@ -6,6 +6,9 @@ failed with "no object at .../service/pass-claim-leases/c000000003.json": serve'
 the store's pass claim, and each release drops the claim's old pointer versions and leases (storage.lease.tidy_claim),
 so a lease listed by the check was deleted before the check verified it, and the check raised instead of reporting.
 Here a thread takes and releases the pass claim as serve does, on a real store, while the check runs again and again.
+
+A repair with a short --orphan-age beside a live writer (a serve, a `train`, a deletion pass) is refused, since it would
+collect their writes in flight; a write whose temporary another process deleted says so.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
     # and the writes failed ("could not write ... does not exist (any more)"): seen on file:// with repairs at age 0
     # looping beside a thread that takes and releases the pass claim as the test above does.
     from flows.cli import main
-    from flows.repair import MIN_ORPHAN_AGE_BESIDE_SERVE_S, check_and_repair
+    from flows.repair import MIN_ORPHAN_AGE_BESIDE_WRITERS_S, check_and_repair
     from obliviate.errors import ConfigError
 
     url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue("s3_url")
@@ -95,12 +98,15 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
     assert said.startswith(
         f"--orphan-age 0 would collect writes in flight of the live `obliviate serve` of {store.url}"
     )
-    assert f"Pass --orphan-age {MIN_ORPHAN_AGE_BESIDE_SERVE_S:g} or more, or stop serve first." in said, said
+    assert (
+        f"Pass --orphan-age {MIN_ORPHAN_AGE_BESIDE_WRITERS_S:g} or more, or repair once they finished (stop serve first)."
+        in said
+    ), said
     assert main(["store", "check", "--repair", "--orphan-age", "5", "--store", url]) == 2
     assert "--orphan-age 5 would collect writes in flight" in capsys.readouterr().err
     assert store._fs.exists(store._path(leftover))  # nothing collected
     # At the floor the repair runs; the young temporary is kept as an in-flight write.
-    assert check_and_repair(url, repair=True, min_orphan_age_s=MIN_ORPHAN_AGE_BESIDE_SERVE_S).collected == []
+    assert check_and_repair(url, repair=True, min_orphan_age_s=MIN_ORPHAN_AGE_BESIDE_WRITERS_S).collected == []
     assert store._fs.exists(store._path(leftover))
     # Once serve said it stopped, age 0 is the user's to choose again: the temporary is collected.
     from flows.unlearn import ENDPOINT_KEY
@@ -108,3 +114,115 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
     store.put_json(ENDPOINT_KEY, {**store.get_json(ENDPOINT_KEY), "stopped_at": time.time()})
     assert leftover in check_and_repair(url, repair=True, min_orphan_age_s=0).collected
     assert not store._fs.exists(store._path(leftover))
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
+    backend: str, tmp_path, request
+) -> None:
+    # `store check --repair --orphan-age 0` beside a running `obliviate train` deleted a checkpoint's temporary file
+    # before its rename, and the training failed with WriteFailed "could not write .../ckpt-0001.pt: [Errno 2] ..."
+    # (seen with repairs at age 0 looping beside `obliviate train --blocks 30`): only a serve was looked for.
+    import socket
+
+    from flows.repair import check_and_repair
+    from obliviate.errors import ConfigError
+    from storage.registry import training_claim_key
+
+    url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue("s3_url")
+    store = ObjectStore(url)
+    store.ensure_container()
+    leftover = "runs/r1/chains/train/.tmp-0123456789abcdef0123456789abcdef-ckpt-0001.pt"
+    if store.is_local:
+        os.makedirs(os.path.dirname(store._path(leftover)), exist_ok=True)
+    store._fs.pipe_file(store._path(leftover), b"x")
+    here = {"host": socket.gethostname(), "pid": os.getpid(), "command": "obliviate train"}
+    claim = take_claim(store, training_claim_key("r1"), holder=here)  # this process: live
+    with pytest.raises(ConfigError) as raised:
+        check_and_repair(url, repair=True, min_orphan_age_s=0)
+    said = str(raised.value)
+    assert said.startswith(
+        f"--orphan-age 0 would collect writes in flight of the training of run 'r1' by obliviate train (pid "
+        f"{os.getpid()} on {socket.gethostname()})"
+    ), said
+    assert store._fs.exists(store._path(leftover))  # nothing collected
+    # A deletion pass holding the store's pass claim on another host, renewing its lease, is a writer too.
+    other = take_claim(store, PASS_CLAIM_KEY, holder={"host": "elsewhere", "pid": 7, "holder": "pass p1"})
+    with pytest.raises(ConfigError, match=r"; the deletion pass of pass p1 \(pid 7 on elsewhere\):"):
+        check_and_repair(url, repair=True, min_orphan_age_s=59)
+    release_claim(store, other)
+    release_claim(store, claim)
+    # A training claim whose process on this host is gone (a crashed train) writes nothing: age 0 is allowed.
+    dead = subprocess_pid_gone()
+    crashed = take_claim(store, training_claim_key("r2"), holder={**here, "pid": dead})
+    assert leftover in check_and_repair(url, repair=True, min_orphan_age_s=0).collected
+    assert not store._fs.exists(store._path(leftover))
+    assert store.read_pointer(training_claim_key("r2")).version == crashed.version  # the repair takes no claim
+
+
+def subprocess_pid_gone() -> int:
+    """The pid of a process of this host that has exited (a crashed holder's)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
+def test_a_train_beside_repairs_at_age_0_is_not_broken_by_them(tmp_path) -> None:
+    # The end-to-end case: `obliviate train` while `store check --repair --orphan-age 0` runs again and again.
+    import subprocess
+    import sys
+
+    from flows.repair import check_and_repair
+    from obliviate.errors import ConfigError
+
+    url = f"file://{tmp_path}/store"
+    env = {**os.environ, "PREFECT_API_URL": ""}
+    argv = [sys.executable, "-m", "flows.cli", "train", "--store", url, "--run-id", "r1", "--blocks", "30"]
+    training = subprocess.Popen(
+        [*argv, "--epochs", "1", "--train-size", "600"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    refused, collected = 0, []
+    while training.poll() is None:
+        try:
+            collected += check_and_repair(url, repair=True, min_orphan_age_s=0).collected
+        except ConfigError as err:
+            assert "would collect writes in flight of the training of run 'r1' by obliviate train" in str(err)
+            refused += 1
+            time.sleep(0.05)
+    said = training.stdout.read()
+    assert training.returncode == 0, said[-3000:]
+    assert refused > 0, said[-3000:]  # the repairs met the training's claim
+    assert not [name for name in collected if "/chains/" in name], collected
+
+
+@pytest.mark.parametrize("step", ["replace", "link"])
+def test_a_write_whose_temporary_another_process_deleted_says_so(step: str, tmp_path, monkeypatch) -> None:
+    # Said before: "... No such file or directory: '.../.tmp-<hex>-ckpt-0001.pt' -> '.../ckpt-0001.pt'. The bucket or
+    # folder of the store does not exist (any more); create it, ...", while the folder was there all along.
+    from storage.errors import WriteFailed
+
+    store = ObjectStore(f"file://{tmp_path}/store")
+    store.ensure_container()
+    real = getattr(os, step)
+
+    def deleted_first(source, target, *args, **kwargs):  # another process deletes the temporary before the rename
+        os.remove(source)
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, step, deleted_first)
+    with pytest.raises(WriteFailed) as raised:
+        if step == "replace":  # an atomic overwrite (a checkpoint, a JSON object)
+            store.put_bytes("runs/r1/chains/train/ckpt-0001.pt", b"weights")
+        else:  # a create-once (a pointer version, a claim)
+            take_claim(store, "service/pass-claim", holder={"host": "here", "pid": 1})
+    said = str(raised.value)
+    assert "was deleted by another process after it was written and before it was renamed into place" in said, said
+    assert "give --orphan-age 60 or more" in said and "does not exist (any more)" not in said, said
