@@ -27,13 +27,26 @@ from storage.lease import release_claim, take_claim
 CHECKS = 60
 
 
+def _new_store(backend: str, tmp_path, request) -> tuple[str, ObjectStore]:
+    """A fresh store on ``backend`` (a folder, or a bucket of the test's moto server) and its URL."""
+    url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue("s3_url")
+    store = ObjectStore(url)
+    store.ensure_container()
+    return url, store
+
+
+def _crashed_write_left(store: ObjectStore, name: str, data: bytes) -> None:
+    """Leave ``data`` at ``name`` as a crashed write leaves its temporary file: raw bytes, no commit record."""
+    if store.is_local:
+        os.makedirs(os.path.dirname(store._path(name)), exist_ok=True)
+    store._fs.pipe_file(store._path(name), data)
+
+
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_a_check_while_the_pass_claim_is_taken_and_released_reports_a_healthy_store(
     backend: str, tmp_path, request
 ) -> None:
-    url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue("s3_url")
-    store = ObjectStore(url)
-    store.ensure_container()
+    _, store = _new_store(backend, tmp_path, request)
     stop, churned, errors = threading.Event(), [0], []
 
     def serve_like_passes() -> None:
@@ -81,15 +94,11 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
     from flows.repair import MIN_ORPHAN_AGE_BESIDE_WRITERS_S, check_and_repair
     from obliviate.errors import ConfigError
 
-    url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue("s3_url")
-    store = ObjectStore(url)
-    store.ensure_container()
+    url, store = _new_store(backend, tmp_path, request)
     claim = take_claim(store, PASS_CLAIM_KEY, holder={"host": "here", "pid": 1, "holder": "a pass"})
     release_claim(store, claim)
     leftover = "runs/r1/.tmp-0123456789abcdef0123456789abcdef-spec.json"  # a crashed write's temporary
-    if store.is_local:
-        os.makedirs(os.path.dirname(store._path(leftover)), exist_ok=True)
-    store._fs.pipe_file(store._path(leftover), b"{}")
+    _crashed_write_left(store, leftover, b"{}")
     _announce_live_serve(store)
 
     with pytest.raises(ConfigError) as raised:
@@ -129,13 +138,9 @@ def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
     from obliviate.errors import ConfigError
     from storage.registry import training_claim_key
 
-    url = f"file://{tmp_path}/store" if backend == "file" else request.getfixturevalue("s3_url")
-    store = ObjectStore(url)
-    store.ensure_container()
+    url, store = _new_store(backend, tmp_path, request)
     leftover = "runs/r1/chains/train/.tmp-0123456789abcdef0123456789abcdef-ckpt-0001.pt"
-    if store.is_local:
-        os.makedirs(os.path.dirname(store._path(leftover)), exist_ok=True)
-    store._fs.pipe_file(store._path(leftover), b"x")
+    _crashed_write_left(store, leftover, b"x")
     here = {"host": socket.gethostname(), "pid": os.getpid(), "command": "obliviate train"}
     claim = take_claim(store, training_claim_key("r1"), holder=here)  # this process: live
     with pytest.raises(ConfigError) as raised:
