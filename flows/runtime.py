@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows._logging_filter import logger_filter
+from flows._logging_filter import drop_traceback, logger_filter
 from obliviate.errors import ConfigError, ObliviateError
 from obliviate.files import write_whole
 
@@ -52,8 +52,7 @@ class _ForeseenFailureFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], ObliviateError):
-            record.exc_info = None
-            record.exc_text = None
+            drop_traceback(record)
         return True
 
 

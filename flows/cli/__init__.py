@@ -18,7 +18,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from flows._logging_filter import logger_filter
+from flows._logging_filter import drop_traceback, logger_filter, record_error
 from flows.cli._types import Args, new_app
 from obliviate.errors import ObliviateError
 
@@ -210,19 +210,34 @@ class _OwnErrorsSaidOnce(logging.Filter):
 
     Such an error states its rule and fix, and it was said three times on stderr: by Prefect's
     "Encountered exception during execution" line, by the run's "Finished in state Failed(...)" line
-    that follows it, and by :func:`main` as the command's error. The state line stays (it says how the
-    run ended, in the UI's log too, and holds the sentence where no command prints it, as under
-    ``serve``); the record before it, with its traceback, goes. A stop by SIGTERM, which :func:`main`
-    says in a sentence, keeps its line but loses the traceback.
+    that follows it, and by :func:`main` as the command's error. The flow run's state line stays (it
+    says how the run ended, in the UI's log too, and holds the sentence where no command prints it, as
+    under ``serve``); the record before it, with its traceback, goes. A task run's state line goes too
+    once its own error was dropped: the flow that called the task says the same sentence in its state
+    line (or, where it goes on, in its own warning), and the task run's state keeps it in the UI. A stop
+    by SIGTERM, which :func:`main` says in a sentence, keeps its line but loses the traceback.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._task_runs_failed_with_own_error: set[str] = set()
+
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
+        # The error also when flows.runtime's filter, on prefect.flow_runs for good after an earlier command in
+        # this process, took the traceback off first.
+        error = record_error(record)
+        task_run = getattr(record, "task_run_id", None)
         if isinstance(error, ObliviateError):
+            if task_run is not None:
+                self._task_runs_failed_with_own_error.add(task_run)
+            return False
+        if task_run in self._task_runs_failed_with_own_error and record.getMessage().startswith(
+            "Finished in state Failed("
+        ):
+            self._task_runs_failed_with_own_error.discard(task_run)
             return False
         if error is not None and _caused_by_termination(error):
-            record.exc_info = None
-            record.exc_text = None
+            drop_traceback(record)
         return True
 
 

@@ -128,6 +128,8 @@ def test_a_cell_whose_target_stays_down_says_it_waited_then_fails_the_audit_in_w
     assert failed_cell is not None, reason  # the cell that failed, as its waiting lines name it
     assert url in reason and f"--target-wait {TARGET_WAIT_S} s" in reason, reason
     assert reason.endswith(f"The audit stops: 0 of its {SEEDS} cells had finished."), reason
+    # Said by the flow run's state line and by the command; the failing task's own state line said it a third time.
+    assert sum(f"The audit stops: 0 of its {SEEDS} cells" in line for line in said) == 2, log[-4000:]
     assert not any("accuracy" in line and "agreement with the target" in line for line in said), log[-4000:]
     # The first waiting line comes 10 s into a cell's wait, the error when its --target-wait has run out: about
     # 6 s on. The cells still running, and the one queued behind them, hold it up no further (the queued cell's own

@@ -306,6 +306,70 @@ def test_an_own_error_inside_a_flow_prints_its_rule_without_a_traceback(run_on_n
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("tracebacks_quieted_first", [False, True], ids=["alone", "after-runtime-filter"])
+@pytest.mark.parametrize("raised", ["own", "foreign"])
+def test_an_own_error_of_a_task_is_said_by_its_flow_not_by_the_task_too(
+    raised, tracebacks_quieted_first, prefect_api_url
+):
+    # Under a command, a task's own error was said three times: by the task run's "Finished in state Failed(...)" line,
+    # by its flow run's, and by the command. The task's line goes once its error, ours, was dropped; the flow's stays.
+    # A foreign error (a bug) keeps every line. flows.runtime's filter, which an earlier command in the process leaves
+    # on prefect.flow_runs, takes an own error's traceback off first: the flow's record must still be seen as ours.
+    import contextlib
+    import logging
+
+    from prefect import flow, task
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows._logging_filter import logger_filter
+    from flows.cli import _RUN_LOGGERS, _OwnErrorsSaidOnce
+    from flows.runtime import _ForeseenFailureFilter
+
+    rule = f"the rule of this test, and its fix ({uuid.uuid4().hex[:8]})"
+
+    @task(name="fails")
+    def fails() -> None:
+        raise ConfigError(rule) if raised == "own" else ValueError(rule)
+
+    @flow(name="calls-a-failing-task")
+    def calls() -> None:
+        fails()
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    loggers = [logging.getLogger(name) for name in _RUN_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: prefect_api_url}),
+            logger_filter(["prefect.flow_runs"], _ForeseenFailureFilter())
+            if tracebacks_quieted_first
+            else contextlib.nullcontext(),
+            logger_filter(_RUN_LOGGERS, _OwnErrorsSaidOnce()),
+            pytest.raises(ConfigError if raised == "own" else ValueError),
+        ):
+            calls()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
+    said = [
+        (r.name, r.getMessage()) for r in seen if rule in r.getMessage() or (r.exc_info and rule in str(r.exc_info[1]))
+    ]
+    flow_state = [m for name, m in said if name == "prefect.flow_runs" and m.startswith("Finished in state Failed(")]
+    task_state = [m for name, m in said if name == "prefect.task_runs" and m.startswith("Finished in state Failed(")]
+    assert len(flow_state) == 1, said  # the flow run's state line says it in every case
+    if raised == "own":
+        assert not task_state and len(said) == 1, said
+    else:
+        assert len(task_state) == 1 and len(said) == 4, said  # and each run's traceback record
+
+
 def test_an_own_error_from_a_ray_worker_is_reported_in_its_own_words(ray_address, store_url, tiny_run):
     import ray
 
