@@ -22,8 +22,17 @@ from obliviate.errors import ConfigError
 from obliviate.unlearning.config import BlockTrainingConfig
 from obliviate.unlearning.plan import BlockPlan
 from obliviate.unlearning.service import block_data
-from storage.check import StoreReport, check_store, collect_orphans, live_claims, prune_versions
+from storage.check import (
+    StoreReport,
+    check_store,
+    claim_of_training,
+    collect_orphans,
+    filings_in_flight,
+    live_claims,
+    prune_versions,
+)
 from storage.errors import CorruptObject, ObjectNotFound
+from storage.lease import holder_text
 from storage.objects import ObjectInfo, ObjectStore
 from storage.registry import RunRegistry
 from storage.tiles import MI_TILES, drop_matrix_object
@@ -33,7 +42,6 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is replayed: `store ch
 
 _CKPT = re.compile(r"^runs/(?P<run>[^/]+)/chains/(?P<chain>[^/]+)/ckpt-(?P<index>\d{4})\.(?P<ext>pt|json)$")
 _VERSION_POINTER = re.compile(r"^runs/[^/]+/current/v\d+\.json$")  # storage.registry: runs/<run>/current
-_TRAINING_CLAIM = re.compile(r"^runs/(?P<run>[^/]+)/train-claim$")  # storage.registry.training_claim_key
 
 
 #: Beside a live writer (a running serve, a training, a deletion pass), an orphan younger than this may be one of its
@@ -43,10 +51,13 @@ MIN_ORPHAN_AGE_BESIDE_WRITERS_S = 60.0
 
 
 def live_writers(store: ObjectStore) -> list[str]:
-    """Who writes ``store`` now, as far as the store says: a serve that announced itself, each claim held live.
+    """Who writes ``store`` now, as far as the store says: a serve that announced itself, each claim held live, each
+    request being filed.
 
     A ``train`` holds its run's training claim and a deletion pass the store's pass claim (:func:`live_claims`) on
-    this host or any other that shares the store; a ``forget`` filing requests holds none, and is not seen.
+    this host or any other that shares the store. A ``forget`` holds none: a request it is filing shows as a
+    half-filed one whose open marker is younger than :data:`MIN_ORPHAN_AGE_BESIDE_WRITERS_S`
+    (:func:`storage.check.filings_in_flight`).
     """
     from flows.unlearn import SERVE_LIVE, served_endpoint
 
@@ -57,10 +68,13 @@ def live_writers(store: ObjectStore) -> list[str]:
             f"the live `obliviate serve` of {store.url}{f' (announced through {api_url})' if api_url else ''}"
         )
     for claim in live_claims(store):
-        holder = claim.target
-        who = f"{holder.get('command') or holder.get('holder') or 'a process'} (pid {holder.get('pid')} on {holder.get('host')})"
-        run = _TRAINING_CLAIM.match(claim.key)
-        writers.append(f"the training of run {run.group('run')!r} by {who}" if run else f"the deletion pass of {who}")
+        who, run = holder_text(claim.target), claim_of_training(claim.key)
+        writers.append(f"the training of run {run!r} by {who}" if run else f"the deletion pass of {who}")
+    for request_id, age_s in filings_in_flight(store, younger_than_s=MIN_ORPHAN_AGE_BESIDE_WRITERS_S):
+        writers.append(
+            f"the filing of request {request_id!r} by a `forget` (its open marker is {age_s:.0f} s old, its record "
+            "not committed yet)"
+        )
     return writers
 
 

@@ -97,7 +97,7 @@ _PASS_CLAIM_LEASES = "pass-claim-leases"
 # The pointers of claims (storage.lease.PointerClaim: storage.registry.training_claim_key, flows.settle.PASS_CLAIM_KEY): each
 # release and take-over drops their versions but the newest (storage.lease.tidy_claim), so they are checked from the
 # oldest one kept.
-_CLAIM_POINTER = re.compile(r"^(?:runs/[^/]+/train-claim|service/pass-claim)$")
+_CLAIM_POINTER = re.compile(r"^(?:runs/(?P<run>[^/]+)/train-claim|service/pass-claim)$")
 # A temporary file of an atomic write (storage.objects: ``.tmp-<hex>-<final name>`` beside the final name).
 _TMP_OF = re.compile(r"^\.tmp-[0-9a-f]+-(?P<final>.+)$")
 # What a run's training writes first, before any commit record of its run exists (flows.train: the training claim,
@@ -1164,6 +1164,35 @@ def live_claims(store: ObjectStore) -> list[Pointer]:
         except (ObjectNotFound, CorruptObject):
             continue  # released and tidied since the listing, or damaged: check_store reports a damaged one
     return held
+
+
+def claim_of_training(key: str) -> str | None:
+    """The run whose training claim ``key`` is (``runs/<run>/train-claim``); None for the store's pass claim."""
+    match = _CLAIM_POINTER.match(key)
+    return match.group("run") if match is not None else None
+
+
+def filings_in_flight(store: ObjectStore, *, younger_than_s: float) -> list[tuple[str, float]]:
+    """Requests a ``forget`` is filing now, as far as the store says: ``(request id, seconds since its marker)``.
+
+    A filing writes the request's open marker, then its record's bytes, then their commit record
+    (:meth:`storage.ledger.DeletionLedger.append`); a filing holds no claim, so what shows it is a half-filed
+    request (a marker without a committed record) whose marker is younger than ``younger_than_s``. One that
+    crashed that recently looks the same.
+    """
+    markers = store.list("ledger/open")
+    if not markers:
+        return []
+    committed = set(store.list("ledger/requests"))
+    now, filing = time.time(), []
+    for key in markers:
+        opened = _OPEN_KEY.match(key)
+        if opened is None or f"ledger/requests/{opened.group('request')}.json" in committed:
+            continue
+        age_s = now - _committed_at(store, key)
+        if age_s < younger_than_s:
+            filing.append((opened.group("request"), max(0.0, age_s)))
+    return filing
 
 
 def collect_orphans(store: ObjectStore, report: StoreReport) -> list[str]:

@@ -155,7 +155,7 @@ def lost_text(store: ObjectStore, claim: PointerClaim, what: str) -> str:
             return missing_claim_text(store, claim, what)
     who, when = "another holder", "an unknown time"
     if current is not None:
-        who = f"{_holder_text(current.target)} (version {current.version})"
+        who = f"{holder_text(current.target)} (version {current.version})"
         when = _utc(float(current.target.get("claimed_at") or current.created_at))
     return f"claim on {store.uri(claim.key)} (version {claim.version}) was lost to {who} at {when}; {what} stopped without writing"
 
@@ -178,7 +178,7 @@ def _utc(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
-def _holder_text(target: Mapping[str, Any]) -> str:
+def holder_text(target: Mapping[str, Any]) -> str:
     """Who holds a claim pointer's version now, as its target records it (a request's status names its holder)."""
     if "status" in target:  # a deletion request's status: claimed by another pass, or moved on
         details = target.get("details") or {}
@@ -557,13 +557,12 @@ def _taken_over_line(store: ObjectStore, claim: PointerClaim) -> str:
     now = "unknown"
     if current is not None:
         target = current.target
-        who = target.get("holder") or target.get("command") or "another process"
         if "status" in target:  # a deletion request's status
-            state = _holder_text(target)
+            state = holder_text(target)
         elif "released_at" in target:
             state = "released"
         else:
-            state = f"held by {who}, pid {target.get('pid')} on {target.get('host')}"
+            state = f"held by {holder_text(target)}"
         now = f"at version {current.version}: {state}"
     return (
         f"claim {store.uri(claim.key)} version {claim.version} (pid {claim.holder.get('pid')} on "

@@ -33,8 +33,8 @@ def check_command(
             "--orphan-age",
             parser=number,
             metavar="SECONDS",
-            help="collect only orphans older than this (default 600; at least 60 while a serve, a train or a deletion pass "
-            "writes the store)",
+            help="collect only orphans older than this (default 600; at least 60 while a serve, a train, a deletion pass "
+            "or a forget writes the store)",
         ),
     ] = 600.0,
     keep_versions: Annotated[

@@ -14,6 +14,7 @@ collect their writes in flight; a write whose temporary another process deleted 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -147,13 +148,13 @@ def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
         check_and_repair(url, repair=True, min_orphan_age_s=0)
     said = str(raised.value)
     assert said.startswith(
-        f"--orphan-age 0 would collect writes in flight of the training of run 'r1' by obliviate train (pid "
-        f"{os.getpid()} on {socket.gethostname()})"
+        f"--orphan-age 0 would collect writes in flight of the training of run 'r1' by obliviate train, pid "
+        f"{os.getpid()} on {socket.gethostname()}"
     ), said
     assert store._fs.exists(store._path(leftover))  # nothing collected
     # A deletion pass holding the store's pass claim on another host, renewing its lease, is a writer too.
     other = take_claim(store, PASS_CLAIM_KEY, holder={"host": "elsewhere", "pid": 7, "holder": "pass p1"})
-    with pytest.raises(ConfigError, match=r"; the deletion pass of pass p1 \(pid 7 on elsewhere\):"):
+    with pytest.raises(ConfigError, match=r"; the deletion pass of pass p1, pid 7 on elsewhere:"):
         check_and_repair(url, repair=True, min_orphan_age_s=59)
     release_claim(store, other)
     release_claim(store, claim)
@@ -163,6 +164,40 @@ def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
     assert leftover in check_and_repair(url, repair=True, min_orphan_age_s=0).collected
     assert not store._fs.exists(store._path(leftover))
     assert store.read_pointer(training_claim_key("r2")).version == crashed.version  # the repair takes no claim
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_repair_with_a_young_orphan_age_beside_a_request_being_filed_is_refused(
+    backend: str, tmp_path, request
+) -> None:
+    # A `forget` holds no claim: `--repair --orphan-age 0` beside one filing a request collected what it had written so
+    # far, its open marker and its record's bytes before their commit record, and the request it acknowledged next had
+    # lost its record. A filing shows in the store as a half-filed request whose marker is young.
+    from flows.repair import check_and_repair
+    from obliviate.errors import ConfigError
+    from storage.check import filings_in_flight
+    from storage.ledger import DeletionLedger
+
+    url, store = _new_store(backend, tmp_path, request)
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="filed", ids=[1], dataset="digits", reason=None)  # open, and committed: no filing
+    assert check_and_repair(url, repair=True, min_orphan_age_s=0).collected == []
+    store.put_json("ledger/open/filing.json", {"at": time.time()})  # what DeletionLedger.append writes first
+    with pytest.raises(ConfigError) as raised:
+        check_and_repair(url, repair=True, min_orphan_age_s=30)
+    said = str(raised.value)
+    assert re.match(
+        r"--orphan-age 30 would collect writes in flight of the filing of request 'filing' by a `forget` \(its open "
+        r"marker is \d s old, its record not committed yet\): ",
+        said,
+    ), said
+    assert store.exists("ledger/open/filing.json")  # nothing collected
+    assert [request_id for request_id, _ in filings_in_flight(store, younger_than_s=60)] == ["filing"]
+    assert filings_in_flight(store, younger_than_s=0) == []  # a marker older than the floor: a crashed forget's
+    # Once its record is committed the request is open, not being filed: the repair goes on, and keeps both.
+    ledger.append(request_id="filing", ids=[2], dataset="digits", reason=None)
+    assert check_and_repair(url, repair=True, min_orphan_age_s=0).collected == []
+    assert ledger.get("filing").status == "pending" and store.exists("ledger/open/filing.json")
 
 
 def subprocess_pid_gone() -> int:
