@@ -70,10 +70,10 @@ def live_writers(store: ObjectStore) -> list[str]:
     for claim in live_claims(store):
         who, run = holder_text(claim.target), claim_of_training(claim.key)
         writers.append(f"the training of run {run!r} by {who}" if run else f"the deletion pass of {who}")
-    for request_id, age_s in filings_in_flight(store, younger_than_s=MIN_ORPHAN_AGE_BESIDE_WRITERS_S):
+    for request_id, age_s, who in filings_in_flight(store, younger_than_s=MIN_ORPHAN_AGE_BESIDE_WRITERS_S):
         writers.append(
-            f"the filing of request {request_id!r} by a `forget` (its open marker is {age_s:.0f} s old, its record "
-            "not committed yet)"
+            f"the filing of request {request_id!r} by a `forget`{f', {who}' if who else ''} (its open marker is "
+            f"{age_s:.0f} s old, its record not committed yet)"
         )
     return writers
 

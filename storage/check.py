@@ -1172,13 +1172,15 @@ def claim_of_training(key: str) -> str | None:
     return match.group("run") if match is not None else None
 
 
-def filings_in_flight(store: ObjectStore, *, younger_than_s: float) -> list[tuple[str, float]]:
-    """Requests a ``forget`` is filing now, as far as the store says: ``(request id, seconds since its marker)``.
+def filings_in_flight(store: ObjectStore, *, younger_than_s: float) -> list[tuple[str, float, str | None]]:
+    """Requests a ``forget`` is filing now, as far as the store says: ``(request id, seconds since its marker, who)``.
 
     A filing writes the request's open marker, then its record's bytes, then their commit record
     (:meth:`storage.ledger.DeletionLedger.append`); a filing holds no claim, so what shows it is a half-filed
-    request (a marker without a committed record) whose marker is younger than ``younger_than_s``. One that
-    crashed that recently looks the same.
+    request (a marker without a committed record) whose marker is younger than ``younger_than_s``. The marker
+    names its writer (``pid P on H``, ``who``; None in a marker written before it did): one whose process of this
+    host is gone (a ``forget`` that failed part way) is no filing. One that crashed on another host that recently
+    looks the same as one in flight.
     """
     markers = store.list("ledger/open")
     if not markers:
@@ -1190,8 +1192,17 @@ def filings_in_flight(store: ObjectStore, *, younger_than_s: float) -> list[tupl
         if opened is None or f"ledger/requests/{opened.group('request')}.json" in committed:
             continue
         age_s = now - _committed_at(store, key)
-        if age_s < younger_than_s:
-            filing.append((opened.group("request"), max(0.0, age_s)))
+        if age_s >= younger_than_s:
+            continue
+        try:
+            marker = store.get_json(key)
+        except (ObjectNotFound, CorruptObject):
+            continue  # gone since the listing (its request settled), or damaged: check_store reports it
+        writer = marker if isinstance(marker, Mapping) and "pid" in marker else None
+        if writer is not None and holder_process_gone(writer):
+            continue
+        who = f"pid {writer.get('pid')} on {writer.get('host')}" if writer is not None else None
+        filing.append((opened.group("request"), max(0.0, age_s), who))
     return filing
 
 

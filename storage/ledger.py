@@ -176,7 +176,10 @@ class DeletionLedger:
         return f"{_OPEN_PREFIX}/{check_name(request_id, what='request id')}.json"
 
     def _mark_open(self, request_id: str) -> None:
-        self.store.put_json(self._open_key(request_id), {"at": time.time()})
+        # who wrote it: a request half-filed by a process of this host that is gone is no filing in flight
+        # (storage.check.filings_in_flight), and `store check --repair` need not wait for its marker to age
+        mark = {"at": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+        self.store.put_json(self._open_key(request_id), mark)
 
     def _unmark_open(self, request_id: str) -> None:
         """Drop a terminal request's marker; put it back if the request was reopened meanwhile (``--retry``).

@@ -123,6 +123,15 @@ def settle_req1():
     return settle
 
 
+@pytest.fixture(scope="session")
+def exited_pid() -> int:
+    """The pid of a process of this host that has exited: what a crashed holder of a claim or writer of a marker left."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    return int(done.stdout)
+
+
 @pytest.fixture
 def store_url(tmp_path):
     return f"file://{tmp_path}/store"

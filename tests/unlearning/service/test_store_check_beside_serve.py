@@ -128,7 +128,7 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
-    backend: str, tmp_path, request
+    backend: str, tmp_path, request, exited_pid
 ) -> None:
     # `store check --repair --orphan-age 0` beside a running `obliviate train` deleted a checkpoint's temporary file
     # before its rename, and the training failed with WriteFailed "could not write .../ckpt-0001.pt: [Errno 2] ..."
@@ -159,8 +159,7 @@ def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
     release_claim(store, other)
     release_claim(store, claim)
     # A training claim whose process on this host is gone (a crashed train) writes nothing: age 0 is allowed.
-    dead = subprocess_pid_gone()
-    crashed = take_claim(store, training_claim_key("r2"), holder={**here, "pid": dead})
+    crashed = take_claim(store, training_claim_key("r2"), holder={**here, "pid": exited_pid})
     assert leftover in check_and_repair(url, repair=True, min_orphan_age_s=0).collected
     assert not store._fs.exists(store._path(leftover))
     assert store.read_pointer(training_claim_key("r2")).version == crashed.version  # the repair takes no claim
@@ -168,11 +167,13 @@ def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
 
 @pytest.mark.parametrize("backend", ["file", "s3"])
 def test_repair_with_a_young_orphan_age_beside_a_request_being_filed_is_refused(
-    backend: str, tmp_path, request
+    backend: str, tmp_path, request, exited_pid
 ) -> None:
-    # A `forget` holds no claim: `--repair --orphan-age 0` beside one filing a request collected what it had written so
-    # far, its open marker and its record's bytes before their commit record, and the request it acknowledged next had
-    # lost its record. A filing shows in the store as a half-filed request whose marker is young.
+    # A `forget` holds no claim: `--repair --orphan-age 0` beside one filing a request could collect what it had
+    # written so far (its open marker, its record's bytes before their commit record), and the request it acknowledged
+    # next would have lost its record. A filing shows in the store as a half-filed request whose marker is young.
+    import socket
+
     from flows.repair import check_and_repair
     from obliviate.errors import ConfigError
     from storage.check import filings_in_flight
@@ -182,33 +183,32 @@ def test_repair_with_a_young_orphan_age_beside_a_request_being_filed_is_refused(
     ledger = DeletionLedger(store)
     ledger.append(request_id="filed", ids=[1], dataset="digits", reason=None)  # open, and committed: no filing
     assert check_and_repair(url, repair=True, min_orphan_age_s=0).collected == []
-    store.put_json("ledger/open/filing.json", {"at": time.time()})  # what DeletionLedger.append writes first
+    assert store.get_json("ledger/open/filed.json")["pid"] == os.getpid()  # the marker names its writer
+    here = {"host": socket.gethostname(), "pid": os.getpid()}
+    store.put_json("ledger/open/filing.json", {"at": time.time(), **here})  # what DeletionLedger.append writes first
     with pytest.raises(ConfigError) as raised:
         check_and_repair(url, repair=True, min_orphan_age_s=30)
     said = str(raised.value)
     assert re.match(
-        r"--orphan-age 30 would collect writes in flight of the filing of request 'filing' by a `forget` \(its open "
-        r"marker is \d s old, its record not committed yet\): ",
+        rf"--orphan-age 30 would collect writes in flight of the filing of request 'filing' by a `forget`, pid "
+        rf"{os.getpid()} on {re.escape(socket.gethostname())} \(its open marker is \d s old, its record not committed "
+        r"yet\): ",
         said,
     ), said
     assert store.exists("ledger/open/filing.json")  # nothing collected
-    assert [request_id for request_id, _ in filings_in_flight(store, younger_than_s=60)] == ["filing"]
+    assert [request_id for request_id, _, _ in filings_in_flight(store, younger_than_s=60)] == ["filing"]
     assert filings_in_flight(store, younger_than_s=0) == []  # a marker older than the floor: a crashed forget's
+    # A marker from before markers named their writer: young, so a filing all the same.
+    store.put_json("ledger/open/filing.json", {"at": time.time()})
+    assert [(r, who) for r, _, who in filings_in_flight(store, younger_than_s=60)] == [("filing", None)]
     # Once its record is committed the request is open, not being filed: the repair goes on, and keeps both.
     ledger.append(request_id="filing", ids=[2], dataset="digits", reason=None)
     assert check_and_repair(url, repair=True, min_orphan_age_s=0).collected == []
     assert ledger.get("filing").status == "pending" and store.exists("ledger/open/filing.json")
-
-
-def subprocess_pid_gone() -> int:
-    """The pid of a process of this host that has exited (a crashed holder's)."""
-    import subprocess
-    import sys
-
-    done = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
-    )
-    return int(done.stdout)
+    # A forget of this host that failed part way (its process gone) files nothing: its half-filed marker goes at once.
+    store.put_json("ledger/open/failed.json", {"at": time.time(), **here, "pid": exited_pid})
+    assert filings_in_flight(store, younger_than_s=60) == []
+    assert check_and_repair(url, repair=True, min_orphan_age_s=0).collected == ["ledger/open/failed.json"]
 
 
 def test_a_train_beside_repairs_at_age_0_is_not_broken_by_them(tmp_path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -185,7 +186,7 @@ def test_a_failed_write_check_leaves_nothing_and_a_leftover_is_collected_at_once
 # ----- half-filed requests (probe defect 6b) ------------------------------------------------------
 
 
-def test_a_half_filed_request_is_an_orphan_and_a_rerun_completes_it(store_url):
+def test_a_half_filed_request_is_an_orphan_and_a_rerun_completes_it(store_url, exited_pid):
     """`forget` failing part-way (a full disk) left the request's open marker committed and its record's
     bytes without a commit record: `store check` said healthy and `--repair --orphan-age 0` never
     collected them. Now they are orphans (never acknowledged), collected past --orphan-age; a re-run
@@ -195,12 +196,18 @@ def test_a_half_filed_request_is_an_orphan_and_a_rerun_completes_it(store_url):
     root = _root(store_url)
     (root / "ledger/requests").mkdir(parents=True)
     for request_id in ("half-1", "half-2"):
-        store.put_json(f"ledger/open/{request_id}.json", {"at": time.time()})  # as DeletionLedger.append, first
+        # as DeletionLedger.append writes it first, by a forget of this host that failed part way (its process gone)
+        marker = {"at": time.time(), "host": socket.gethostname(), "pid": exited_pid}
+        store.put_json(f"ledger/open/{request_id}.json", marker)
         # the record's bytes as append writes them, cut off before their commit record
         record = {"request_id": request_id, "ids": [5], "dataset": "digits", "reason": "", "requested_at": time.time()}
         (root / f"ledger/requests/{request_id}.json").write_text(json.dumps({**record, "deadline": time.time() + 60}))
+    # room for the marker's bytes (its host's name, the longest pid and time) but never for their commit record
+    marker_room = len(json.dumps({"at": 1796504766.8965535, "host": socket.gethostname(), "pid": 4194304}, indent=2))
     said = _with_file_size_limit(
-        store_url, 60, "DeletionLedger(store).append(request_id='half-3', ids=[1], dataset='digits', reason=None)"
+        store_url,
+        marker_room,
+        "DeletionLedger(store).append(request_id='half-3', ids=[1], dataset='digits', reason=None)",
     )
     assert said.startswith(WriteFailed.__name__), said  # its marker's bytes alone: even the marker did not commit
 
