@@ -48,6 +48,8 @@ _VERSION_POINTER = re.compile(r"^runs/[^/]+/current/v\d+\.json$")  # storage.reg
 #: writes in flight: a temporary file not yet linked, or bytes not yet committed (a checkpoint's, a claim's or lease's).
 #: Collecting it fails that write.
 MIN_ORPHAN_AGE_BESIDE_WRITERS_S = 60.0
+# How live_writers names a running serve: the one writer that does not finish by itself.
+_SERVE_WRITER = "the live `obliviate serve` of "
 
 
 def live_writers(store: ObjectStore) -> list[str]:
@@ -64,9 +66,7 @@ def live_writers(store: ObjectStore) -> list[str]:
     writers = []
     api_url, why = served_endpoint(store)
     if why == SERVE_LIVE:
-        writers.append(
-            f"the live `obliviate serve` of {store.url}{f' (announced through {api_url})' if api_url else ''}"
-        )
+        writers.append(f"{_SERVE_WRITER}{store.url}{f' (announced through {api_url})' if api_url else ''}")
     for claim in live_claims(store):
         who, run = holder_text(claim.target), claim_of_training(claim.key)
         writers.append(f"the training of run {run!r} by {who}" if run else f"the deletion pass of {who}")
@@ -94,12 +94,14 @@ def refuse_young_orphans_beside_writers(store: ObjectStore, *, min_orphan_age_s:
     writers = live_writers(store)
     if not writers:
         return
+    serving = any(writer.startswith(_SERVE_WRITER) for writer in writers)
+    until_serve_stops = " (a serve writes for as long as it runs: stop it first)" if serving else ""
     shown = "; ".join(writers[:3]) + (f"; and {len(writers) - 3} more" if len(writers) > 3 else "")
     raise ConfigError(
         f"--orphan-age {min_orphan_age_s:g} would collect writes in flight of {shown}: while a command writes the "
         f"store, orphans must be at least {MIN_ORPHAN_AGE_BESIDE_WRITERS_S:g} s old to be collected (a write in "
         f"flight is younger). Pass --orphan-age {MIN_ORPHAN_AGE_BESIDE_WRITERS_S:g} or more, or repair once they "
-        "finished (stop serve first)."
+        f"finished{until_serve_stops}."
     )
 
 

@@ -109,8 +109,8 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
         f"--orphan-age 0 would collect writes in flight of the live `obliviate serve` of {store.url}"
     )
     assert (
-        f"Pass --orphan-age {MIN_ORPHAN_AGE_BESIDE_WRITERS_S:g} or more, or repair once they finished (stop serve first)."
-        in said
+        f"Pass --orphan-age {MIN_ORPHAN_AGE_BESIDE_WRITERS_S:g} or more, or repair once they finished (a serve writes "
+        "for as long as it runs: stop it first)." in said
     ), said
     assert main(["store", "check", "--repair", "--orphan-age", "5", "--store", url]) == 2
     assert "--orphan-age 5 would collect writes in flight" in capsys.readouterr().err
@@ -195,6 +195,7 @@ def test_repair_with_a_young_orphan_age_beside_a_request_being_filed_is_refused(
         r"yet\): ",
         said,
     ), said
+    assert said.endswith("or repair once they finished."), said  # no serve to stop
     assert store.exists("ledger/open/filing.json")  # nothing collected
     assert [request_id for request_id, _, _ in filings_in_flight(store, younger_than_s=60)] == ["filing"]
     assert filings_in_flight(store, younger_than_s=0) == []  # a marker older than the floor: a crashed forget's
