@@ -36,6 +36,16 @@ def _new_store(backend: str, tmp_path, request) -> tuple[str, ObjectStore]:
     return url, store
 
 
+def _repair_refusal(url: str, *, orphan_age_s: float) -> str:
+    """What `store check --repair --orphan-age orphan_age_s` of ``url`` says when it refuses (it must refuse)."""
+    from flows.repair import check_and_repair
+    from obliviate.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        check_and_repair(url, repair=True, min_orphan_age_s=orphan_age_s)
+    return str(raised.value)
+
+
 def _crashed_write_left(store: ObjectStore, name: str, data: bytes) -> None:
     """Leave ``data`` at ``name`` as a crashed write leaves its temporary file: raw bytes, no commit record."""
     if store.is_local:
@@ -93,7 +103,6 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
     # looping beside a thread that takes and releases the pass claim as the test above does.
     from flows.cli import main
     from flows.repair import MIN_ORPHAN_AGE_BESIDE_WRITERS_S, check_and_repair
-    from obliviate.errors import ConfigError
 
     url, store = _new_store(backend, tmp_path, request)
     claim = take_claim(store, PASS_CLAIM_KEY, holder={"host": "here", "pid": 1, "holder": "a pass"})
@@ -102,9 +111,7 @@ def test_repair_with_a_young_orphan_age_beside_a_live_serve_is_refused_and_colle
     _crashed_write_left(store, leftover, b"{}")
     _announce_live_serve(store)
 
-    with pytest.raises(ConfigError) as raised:
-        check_and_repair(url, repair=True, min_orphan_age_s=0)
-    said = str(raised.value)
+    said = _repair_refusal(url, orphan_age_s=0)
     assert said.startswith(
         f"--orphan-age 0 would collect writes in flight of the live `obliviate serve` of {store.url}"
     )
@@ -144,9 +151,7 @@ def test_repair_with_a_young_orphan_age_beside_a_live_training_claim_is_refused(
     _crashed_write_left(store, leftover, b"x")
     here = {"host": socket.gethostname(), "pid": os.getpid(), "command": "obliviate train"}
     claim = take_claim(store, training_claim_key("r1"), holder=here)  # this process: live
-    with pytest.raises(ConfigError) as raised:
-        check_and_repair(url, repair=True, min_orphan_age_s=0)
-    said = str(raised.value)
+    said = _repair_refusal(url, orphan_age_s=0)
     assert said.startswith(
         f"--orphan-age 0 would collect writes in flight of the training of run 'r1' by obliviate train, pid "
         f"{os.getpid()} on {socket.gethostname()}"
@@ -175,7 +180,6 @@ def test_repair_with_a_young_orphan_age_beside_a_request_being_filed_is_refused(
     import socket
 
     from flows.repair import check_and_repair
-    from obliviate.errors import ConfigError
     from storage.check import filings_in_flight
     from storage.ledger import DeletionLedger
 
@@ -186,9 +190,7 @@ def test_repair_with_a_young_orphan_age_beside_a_request_being_filed_is_refused(
     assert store.get_json("ledger/open/filed.json")["pid"] == os.getpid()  # the marker names its writer
     here = {"host": socket.gethostname(), "pid": os.getpid()}
     store.put_json("ledger/open/filing.json", {"at": time.time(), **here})  # what DeletionLedger.append writes first
-    with pytest.raises(ConfigError) as raised:
-        check_and_repair(url, repair=True, min_orphan_age_s=30)
-    said = str(raised.value)
+    said = _repair_refusal(url, orphan_age_s=30)
     assert re.match(
         rf"--orphan-age 30 would collect writes in flight of the filing of request 'filing' by a `forget`, pid "
         rf"{os.getpid()} on {re.escape(socket.gethostname())} \(its open marker is \d s old, its record not committed "
