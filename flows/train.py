@@ -246,13 +246,16 @@ def shard_spec(spec: RunSpec, *, labels: Any, shards: int, shard: int) -> RunSpe
     if not 0 <= shard < shards:
         raise ConfigError(f"shard must be in 0..{shards - 1}; got {shard}.")
     train = np.asarray(spec.train_ids, dtype=np.int64)
-    plan = make_shard_plan(np.asarray(labels)[train], num_shards=shards, seed=spec.split_seed)
-    smallest = min(len(part) for part in plan.shards)
+    # Shard sizes differ by at most one, so the smallest is known before planning; checked first, a
+    # shard count above the sample count gets this rule too, not the planner's bare range.
+    smallest = len(train) // shards
     if smallest < spec.config.num_blocks:
         raise ConfigError(
             f"each shard needs at least one training sample per block: {len(train)} samples in {shards} shards "
-            f"leave {smallest} per shard, fewer than --blocks {spec.config.num_blocks}. Lower --shards or --blocks."
+            f"leave {smallest} per shard, fewer than --blocks {spec.config.num_blocks}. Lower --shards to at most "
+            f"{len(train) // spec.config.num_blocks}, or lower --blocks."
         )
+    plan = make_shard_plan(np.asarray(labels)[train], num_shards=shards, seed=spec.split_seed)
     return replace(
         spec,
         run_id=f"{spec.run_id}-s{shard}of{shards}",

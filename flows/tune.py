@@ -199,14 +199,20 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
                 schedule=constants["schedule"],
             )
             if blocks > train_size:
-                raise ConfigError(f"B must be at most train_size={train_size} (a sample per block); got {blocks}.")
+                raise ConfigError(
+                    f"every B (--blocks) must be at most the trial's training samples, train_size={train_size} "
+                    f"(a sample per block); got {blocks}. Lower --blocks or raise --train-size."
+                )
         outside = [epsilon for epsilon in grid.get("epsilon", []) if not (math.isfinite(epsilon) and epsilon > 0)]
         if outside:
-            raise ConfigError(f"every epsilon (the stop rule's threshold) must be finite and > 0; got {outside}.")
+            raise ConfigError(
+                f"every epsilon (--epsilons, the stop rule's threshold) must be finite and > 0; got {outside}. "
+                "Pass thresholds such as --epsilons 0.1,0.05."
+            )
         if not 1 <= constants["num_deleted"] < train_size:
             raise ConfigError(
-                f"the samples deleted per trial must be in 1..train_size-1={train_size - 1}; "
-                f"got {constants['num_deleted']}."
+                f"the samples deleted per trial (--deleted) must be in 1..train_size-1={train_size - 1}; "
+                f"got {constants['num_deleted']}. Pass another --deleted, or raise --train-size."
             )
     else:
         for bins in grid.get("bins", []):
@@ -220,7 +226,10 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
         pool_size = constants["pool_size"]
         outside = [k for k in grid.get("k", []) if not 2 <= k < pool_size]
         if outside:
-            raise ConfigError(f"every k must satisfy 2 <= k < pool_size={pool_size}; got {outside}.")
+            raise ConfigError(
+                f"every k (--ks) must satisfy 2 <= k < pool_size={pool_size}; got {outside}. "
+                "Pass smaller --ks, or raise --pool-size."
+            )
         if constants["steps"] < 1:
             raise ConfigError(
                 f"steps (--steps, the target's and each substitute's gradient steps) must be >= 1; got {constants['steps']}."

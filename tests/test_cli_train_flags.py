@@ -37,3 +37,18 @@ def test_a_message_that_already_names_its_flag_is_kept(tmp_path, capsys) -> None
     )
     err = capsys.readouterr().err
     assert code == 2 and "train_size (--train-size)" in err and "Pass another" not in err
+
+
+@pytest.mark.parametrize("shards", ["300", "2000"])
+def test_too_many_shards_names_the_most_the_data_allows(tmp_path, capsys, shards: str) -> None:
+    """2,000 shards of digits' 1,497 training samples got the planner's bare "num_shards must be in 1..1497"."""
+    store = f"file://{tmp_path}/store"
+    code = main(["train", "--data", "digits", "--run-id", "flags", "--store", store, "--shards", shards])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (
+        f"each shard needs at least one training sample per block: 1497 samples in {shards} shards leave "
+        f"{1497 // int(shards)} per shard, fewer than --blocks 6. Lower --shards to at most 249, or lower --blocks."
+    ) in err, err
+    assert "num_shards" not in err
+    assert not (tmp_path / "store").exists()

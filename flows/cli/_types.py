@@ -7,7 +7,7 @@ a bad value raises :class:`typer.BadParameter`, so the parser refuses it before 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -105,6 +105,24 @@ def choices(*values: str) -> str:
 
 #: The largest seed: numpy's generators refuse negative seeds, torch.manual_seed anything past 64 bits, and
 #: seeds are offset (ensemble members take seed + i), so a signed 64-bit integer is the range all of them take.
+def flag_named(err: ConfigError, *, flags: Mapping[str, tuple[str, object]]) -> ConfigError:
+    """``err`` with the flag of the setting it names, from ``flags`` (setting: (flag, default)).
+
+    obliviate's messages speak of the config (``num_blocks must be ...``); a command reports them as
+    ``--blocks (num_blocks) must be ... Pass another --blocks (default 6).``. A message that names no
+    setting of ``flags``, or already its flag, is kept.
+    """
+    message = str(err)
+    field, _, rest = message.partition(" ")
+    if field not in flags or not rest:
+        return err
+    flag, default = flags[field]
+    if flag in message:
+        return err
+    named = flag if flag == "--" + field.replace("_", "-") else f"{flag} ({field})"
+    return ConfigError(f"{named} {rest} Pass another {flag} (default {default}).")
+
+
 MAX_SEED = 2**63 - 1
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
-from flows.cli._types import Args, choice, choices, integer, number, option, parsed
+from flows.cli._types import Args, choice, choices, flag_named, integer, number, option, parsed
 from flows.cli._types import dataset as dataset_type
 from flows.cli._types import seed as seed_type
 from obliviate.defaults import DEFAULT_RECIPE  # not obliviate.unlearning.config's: that imports torch
@@ -34,21 +34,6 @@ CONFIG_FLAGS: dict[str, tuple[str, object]] = {
     "split_seed": ("--split-seed", 0),
     "shards": ("--shards", 1),
 }
-
-
-def flag_named(err: ConfigError) -> ConfigError:
-    """``err`` with the flag of the setting it names: ``num_blocks must be ...`` becomes ``--blocks (num_blocks)
-    must be ... Pass another --blocks (default 6).``; a message that names no setting, or already its flag, is kept.
-    """
-    message = str(err)
-    field, _, rest = message.partition(" ")
-    if field not in CONFIG_FLAGS or not rest:
-        return err
-    flag, default = CONFIG_FLAGS[field]
-    if flag in message:
-        return err
-    named = flag if flag == "--" + field.replace("_", "-") else f"{flag} ({field})"
-    return ConfigError(f"{named} {rest} Pass another {flag} (default {default}).")
 
 
 RECIPE = DEFAULT_RECIPE
@@ -166,7 +151,7 @@ def run_train(args: Args) -> int:
     try:
         run_spec(run_id=args.run_id, shards=args.shards, shard=max(args.shards, 1) - 1, **options)
     except ConfigError as err:
-        raise flag_named(err) from None
+        raise flag_named(err, flags=CONFIG_FLAGS) from None
     check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))
     apply_prefect_defaults()
     store = prepare_store(store_url(args), write=True)

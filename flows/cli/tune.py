@@ -9,15 +9,25 @@ from typing import Annotated
 import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
-from flows.cli._types import Args, choice, choices, comma_list, integer, new_app, option, parsed
+from flows.cli._types import Args, choice, choices, comma_list, flag_named, integer, new_app, option, parsed
 from flows.cli._types import dataset as dataset_type
 from flows.cli.reduce import AGGREGATES, GRAY_MODES
+from flows.cli.train import SCHEDULES
 from obliviate.defaults import DEFAULT_AGGREGATE, DEFAULT_GRAY
 from obliviate.errors import ConfigError
 
 # obliviate.models.MODEL_BUILDERS, spelled out so that building the parser does not import torch (a test keeps them equal)
 MODELS = ("lenet5", "c3f2", "resnet18")
 
+
+# The option each trial setting comes from, and its default: a rule broken in obliviate's words
+# (``num_blocks must be ...``) is reported with the flag to change.
+SWEEP_FLAGS: dict[str, tuple[str, object]] = {
+    "num_blocks": ("--blocks", "10,20,40"),
+    "local_epochs": ("--local-epochs", 1),
+    "schedule": ("--schedule", "cosine"),
+    "bins": ("--bins", "256,32,16"),
+}
 
 # The options both sweeps take.
 DataOption = Annotated[
@@ -74,7 +84,15 @@ def unlearning_command(
     local_epochs: Annotated[
         int, option("--local-epochs", parser=integer, help="E, local epochs per block (default 1)")
     ] = 1,
-    schedule: Annotated[str, option("--schedule", help="constant, step, cosine (default) or exponential")] = "cosine",
+    schedule: Annotated[
+        str,
+        option(
+            "--schedule",
+            parser=choice(*SCHEDULES),
+            metavar=choices(*SCHEDULES),
+            help="the learning-rate schedule (default cosine)",
+        ),
+    ] = "cosine",
 ) -> Args:
     return parsed(ctx, run_tune, sweep="unlearning")
 
@@ -224,7 +242,10 @@ def run_tune(args: Args) -> int:
             steps=args.steps,
             num_starts=args.starts,
         )
-    check_trial_grid(args.sweep, grid=grid, constants=constants)  # before the store is touched
+    try:
+        check_trial_grid(args.sweep, grid=grid, constants=constants)  # before the store is touched
+    except ConfigError as err:
+        raise flag_named(err, flags=SWEEP_FLAGS) from None
     check_ray_address(os.environ.get("RAY_ADDRESS"))  # so is a cluster that does not answer
     try:
         report = run_sweep(

@@ -83,7 +83,10 @@ def make_shard_plan(labels: np.ndarray, *, num_shards: int, seed: int) -> ShardP
     labels = np.asarray(labels)
     n = int(labels.shape[0])
     if not 1 <= num_shards <= n:
-        raise ConfigError(f"num_shards must be in 1..{n}; got {num_shards}.")
+        raise ConfigError(
+            f"num_shards must be in 1..{n} (a shard holds at least one of the {n} samples); got {num_shards}. "
+            "Pass a shard count in that range."
+        )
     base, extra = divmod(n, num_shards)
     sizes = tuple(base + (1 if k < extra else 0) for k in range(num_shards))
     if num_shards == 1:

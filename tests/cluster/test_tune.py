@@ -125,16 +125,30 @@ def test_unknown_sweep_kind_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("sweep", "option", "value", "rule"),
     [
-        ("unlearning", "--blocks", "10,0", "num_blocks must be a positive integer; got 0"),
+        (
+            "unlearning",
+            "--blocks",
+            "10,0",
+            "--blocks (num_blocks) must be a positive integer; got 0. Pass another --blocks (default 10,20,40).",
+        ),
+        (
+            "unlearning",
+            "--blocks",
+            "10,5000",
+            (
+                "every B (--blocks) must be at most the trial's training samples, train_size=2000 (a sample per "
+                "block); got 5000. Lower --blocks or raise --train-size."
+            ),
+        ),
         (
             "unlearning",
             "--epsilons",
             "0.1,-1",
-            "every epsilon (the stop rule's threshold) must be finite and > 0; got [-1.0]",
+            "every epsilon (--epsilons, the stop rule's threshold) must be finite and > 0; got [-1.0]",
         ),
-        ("unlearning", "--deleted", "0", "the samples deleted per trial must be in 1..train_size-1"),
-        ("reduction", "--ks", "50,2000", "every k must satisfy 2 <= k < pool_size=2000; got [2000]"),
-        ("reduction", "--bins", "1", "bins must be in 2..256; got 1"),
+        ("unlearning", "--deleted", "0", "the samples deleted per trial (--deleted) must be in 1..train_size-1"),
+        ("reduction", "--ks", "50,2000", "every k (--ks) must satisfy 2 <= k < pool_size=2000; got [2000]"),
+        ("reduction", "--bins", "1", "--bins must be in 2..256; got 1."),
         # sizes given that do not fit mnist5k's 5,000 images with the others' defaults
         (
             "reduction",
@@ -160,6 +174,17 @@ def test_a_grid_no_trial_could_run_is_refused_before_the_store_or_ray(tmp_path, 
     assert not (tmp_path / "store").exists()
 
 
+def test_an_unknown_schedule_is_a_usage_error_of_its_option(tmp_path, capsys) -> None:
+    """It was refused by the trial config, in its words: "schedule must be one of [...]; got 'linear'."."""
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["tune", "unlearning", "--schedule", "linear", "--store", f"file://{tmp_path}/store"])
+    assert stopped.value.code == 2
+    assert "Invalid value for '--schedule': 'linear' is not one of 'constant', 'step'" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
 def test_a_dataset_too_small_for_the_default_split_gets_it_scaled_down(tmp_path, capsys):
     """`tune unlearning --data digits` was refused with its defaults (2,000 + 500 of 1,797 images)."""
     from flows.cli import main
@@ -170,14 +195,16 @@ def test_a_dataset_too_small_for_the_default_split_gets_it_scaled_down(tmp_path,
         "digits holds 1,797 images, fewer than the default split's 2,500: train size 1,437, heldout size 359"
         in said.out
     )
-    assert "the samples deleted per trial must be in 1..train_size-1=1436" in said.err  # the scaled sizes were used
+    assert (
+        "the samples deleted per trial (--deleted) must be in 1..train_size-1=1436" in said.err
+    )  # the scaled sizes were used
     assert main(["tune", "reduction", "--data", "digits", "--ks", "718", "--store", f"file://{tmp_path}/s"]) == 2
     said = capsys.readouterr()
     assert (
         "target size 718, pool size 718, test size 359 (--target-size, --pool-size, --test-size choose others)"
         in said.out
     )
-    assert "every k must satisfy 2 <= k < pool_size=718; got [718]" in said.err
+    assert "every k (--ks) must satisfy 2 <= k < pool_size=718; got [718]" in said.err
 
 
 @pytest.mark.slow

@@ -52,10 +52,15 @@ def test_a_plain_sweep_name_passes_the_name_rule(tmp_path, capsys) -> None:
             "unlearning",
             "--epsilons",
             "inf",
-            "every epsilon (the stop rule's threshold) must be finite and > 0; got [inf]",
+            "every epsilon (--epsilons, the stop rule's threshold) must be finite and > 0; got [inf]",
         ),
         ("unlearning", "--epsilons", "nan", "must be finite and > 0; got [nan]"),
-        ("unlearning", "--local-epochs", "0", "local_epochs"),
+        (
+            "unlearning",
+            "--local-epochs",
+            "0",
+            "--local-epochs must be a positive integer; got 0. Pass another --local-epochs (default 1).",
+        ),
         ("unlearning", "--workers", "0", "workers (--workers, trials at once, one CPU each) must be >= 1; got 0"),
         ("reduction", "--workers", "-2", "must be >= 1; got -2"),
     ],
@@ -134,12 +139,14 @@ def test_the_sizes_not_given_follow_the_helps_rule_for_the_dataset(tmp_path, cap
     assert main(["tune", "reduction", "--data", "digits", "--pool-size", "100", "--store", f"file://{tmp_path}/s"]) == 2
     said = capsys.readouterr()
     assert "does not fit" not in said.err  # it was: target_size 2000 + pool_size 100 + test_size 1000 = 3100
-    assert "every k must satisfy 2 <= k < pool_size=100; got [150, 300]" in said.err  # sizes passed; the ks did not
+    assert (
+        "every k (--ks) must satisfy 2 <= k < pool_size=100; got [150, 300]" in said.err
+    )  # sizes passed; the ks did not
     assert "target size 718, test size 359 (--target-size, --test-size choose others)" in said.out
     assert not list(tmp_path.iterdir())
     err = refused(tmp_path, capsys, "unlearning", "--data", "digits", "--train-size", "1400", "--deleted", "1400")
     assert "does not fit" not in err  # it was: train_size 1400 + heldout_size 500 = 1900 (1/5 of digits is 359)
-    assert "the samples deleted per trial must be in 1..train_size-1=1399; got 1400" in err
+    assert "the samples deleted per trial (--deleted) must be in 1..train_size-1=1399; got 1400" in err
 
 
 def test_a_trial_slower_than_naive_retraining_is_called_slower() -> None:
