@@ -110,7 +110,7 @@ def flag_named(err: ConfigError, *, flags: Mapping[str, tuple[str, object]]) -> 
 
     obliviate's messages speak of the config (``num_blocks must be ...``); a command reports them as
     ``--blocks (num_blocks) must be ... Pass another --blocks (default 6).``. A message that names no
-    setting of ``flags``, or already its flag, is kept.
+    setting of ``flags``, or already its flag, is kept; one that says its default gets only the flag.
     """
     message = str(err)
     field, _, rest = message.partition(" ")
@@ -120,6 +120,8 @@ def flag_named(err: ConfigError, *, flags: Mapping[str, tuple[str, object]]) -> 
     if flag in message:
         return err
     named = flag if flag == "--" + field.replace("_", "-") else f"{flag} ({field})"
+    if "default" in rest:  # the message says its default already ("The spec default is 256.")
+        return ConfigError(f"{named} {rest}")
     return ConfigError(f"{named} {rest} Pass another {flag} (default {default}).")
 
 

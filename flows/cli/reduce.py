@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 import typer
 
-from flows.cli._types import Args, choice, choices, flag, integer, number, option, parsed
+from flows.cli._types import Args, choice, choices, flag, flag_named, integer, number, option, parsed
 from flows.cli._types import dataset as dataset_type
 from flows.cli._types import seed as seed_type
 from flows.progress import report, shown_progress
@@ -189,7 +189,10 @@ def _check(args: Args, dataset: ImageDataset) -> None:
         from flows.runtime import check_ray_address
 
         check_ray_address(getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS"))
-    check_bins(levels=dataset.levels, bins=args.bins)
+    try:
+        check_bins(levels=dataset.levels, bins=args.bins)
+    except ConfigError as err:
+        raise flag_named(err, flags={"bins": ("--bins", 256)}) from None
     check_start_count(args.starts, n=n)
     choose_starts(n, num_starts=args.starts, rng=np.random.default_rng(args.seed))
     check_tile_size(args.tile_size, n=n, run=True)

@@ -26,7 +26,7 @@ def test_a_sweep_name_that_is_not_one_plain_folder_is_refused(tmp_path, capsys, 
 
 def test_a_plain_sweep_name_passes_the_name_rule(tmp_path, capsys) -> None:
     err = refused(tmp_path, capsys, "reduction", "--data", "digits", "--name", "k-sweep_2.b", "--bins", "1")
-    assert "bins must be in 2..256; got 1" in err  # the name passed; the next rule refused
+    assert "--bins must be in 2..256; got 1" in err  # the name passed; the next rule refused
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ def test_cli_in_process_path_matches(tmp_path, mnist_pool, in_process, capsys):
 @pytest.mark.parametrize(
     ("option", "value", "rule"),
     [
-        ("--bins", "1", "bins must be in 2..256"),
+        ("--bins", "1", "--bins must be in 2..256; got 1. The spec default is 256."),
         ("--tile-size", "0", "--tile-size must be at least 32"),
         ("--starts", "0", "--starts must be in 1..300"),
         ("--restart-memory-mb", "-1", "--restart-memory-mb is the MiB"),
