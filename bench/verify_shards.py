@@ -1,14 +1,13 @@
-"""Verify of a sharded run: shards replayed side by side on Ray against one after another in the driver.
+"""Verify of a sharded run: shards replayed side by side on Ray against one after another in the command.
 
-``obliviate verify --run G`` of a sharded run (``train --shards S``) replays each shard's chain (SPEC 6). It
-replays them as Ray tasks of one CPU each (:func:`flows.verify.verify_runs_on_ray`); before, the driver replayed
-them one after another. Both are timed here, as a user runs them, in fresh processes, interleaved:
+``obliviate verify --run G`` of a sharded run (``train --shards S``) replays each shard's chain (SPEC 6). By
+default it replays them as Ray tasks of one CPU each (:func:`flows.verify.verify_runs_on_ray`); with
+``--in-process`` one after another in its own process, without Ray (:func:`flows.verify.verify_runs_in_process`).
+Both are timed here, as a user runs them, in fresh processes, interleaved:
 
 * ``fan_out``: ``obliviate verify --run G`` (a Prefect server started by the command, a local Ray runtime started
   alongside it, one Ray task per shard), and ``fan_out_no_prefect``: the same with ``--no-prefect`` (Ray alone);
-* ``sequential`` and ``sequential_no_prefect`` (the peers): what verify did before, in a fresh Python process: the
-  command's checks, then :func:`flows.verify.verify_flow` (under a Prefect server started there) or
-  :func:`flows.verify.verify_run` of each shard in turn.
+* ``in_process`` and ``in_process_no_prefect`` (the peers): the same commands with ``--in-process``.
 
 Setup (not timed): ``obliviate train --shards S`` of mnist5k (LeNet-5, B blocks per shard, E epochs per block) in a
 fresh ``file://`` store. Each side must pass (every replayed block bit-identical) or the bench stops.
@@ -38,29 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OBLIVIATE = [sys.executable, "-m", "flows.cli"]
 
 
-def sequential(store_url: str, run_id: str, *, prefect: bool) -> int:
-    """The peer, in its own process: what ``verify`` did before the fan-out, each shard in turn (JSON out).
-
-    The same checks as the command, then :func:`flows.verify.verify_run` of each shard in this process, or with
-    ``prefect`` :func:`flows.verify.verify_flow` of each under a Prefect server started here (a flow run each).
-    """
-    from flows.verify import check_request, runs_to_verify, verify_flow, verify_run
-
-    members = runs_to_verify(store_url, run_id, version=None)
-    for member in members:
-        check_request(store_url, member, version=None, blocks="all")
-    if prefect:
-        from flows.runtime import apply_prefect_defaults, prefect_api
-
-        apply_prefect_defaults()
-        with prefect_api():
-            results = [verify_flow(store=store_url, run_id=member) for member in members]
-    else:
-        results = [verify_run(store_url, member) for member in members]
-    print(json.dumps({"shards": results}, default=str))
-    return 0
-
-
 def _timed(command: list[str]) -> tuple[float, dict[str, Any]]:
     """Wall seconds of ``command`` and the JSON of its last stdout line; stops the bench if it fails."""
     began = time.perf_counter()
@@ -82,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--result", default="verify_shards", help="written to bench/results/RESULT.json")
-    parser.add_argument("--sequential", nargs=3, metavar=("STORE", "RUN", "PREFECT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.sequential:
-        store_url, run_id, prefect = args.sequential
-        return sequential(store_url, run_id, prefect=prefect == "prefect")
     started = machine()
     with tempfile.TemporaryDirectory(prefix="bench-verify-shards-") as folder:
         url = f"file://{folder}/store"
@@ -110,13 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(train, cwd=ROOT, capture_output=True, text=True, check=True)
         train_s = time.perf_counter() - began
         print(f"trained {args.shards} shards in {train_s:.1f} s", file=sys.stderr)
-        peer = [sys.executable, str(Path(__file__).resolve()), "--sequential", url, "g"]
         verify = [*OBLIVIATE, "verify", "--store", url, "--run", "g"]
         sides = {
             "fan_out": verify,  # a Prefect server started by the command, Ray started alongside it
-            "sequential": [*peer, "prefect"],
+            "in_process": [*verify, "--in-process"],
             "fan_out_no_prefect": [*verify, "--no-prefect"],
-            "sequential_no_prefect": [*peer, "no-prefect"],
+            "in_process_no_prefect": [*verify, "--no-prefect", "--in-process"],
         }
         seconds: dict[str, list[float]] = {side: [] for side in sides}
         replay_s: dict[str, list[list[float]]] = {side: [] for side in sides}
@@ -134,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     headlines = []
     for fan_out, peer, how in [
-        ("fan_out", "sequential", "with Prefect (a flow run, artifacts)"),
-        ("fan_out_no_prefect", "sequential_no_prefect", "--no-prefect"),
+        ("fan_out", "in_process", "with Prefect (a flow run, artifacts)"),
+        ("fan_out_no_prefect", "in_process_no_prefect", "--no-prefect"),
     ]:
         headlines += [
             headline(
@@ -145,15 +116,15 @@ def main(argv: list[str] | None = None) -> int:
                 target=None,
                 better="lower",
                 unit="s",
-                peer=f"shards one after another in the command's process: {median[peer]:.2f} s",
+                peer=f"--in-process, shards one after another in the command's process: {median[peer]:.2f} s",
             ),
             headline(
-                f"speed-up of verify {how} over replaying the shards one after another",
+                f"speed-up of verify {how} on Ray over --in-process (the shards one after another)",
                 round(median[peer] / median[fan_out], 3),
                 target=None,
                 better="higher",
                 unit="x",
-                peer=f"sequential replay: 1.0 ({os.cpu_count()} CPUs)",
+                peer=f"--in-process: 1.0 ({os.cpu_count()} CPUs)",
             ),
         ]
     path = write_result(

@@ -22,6 +22,7 @@ import typer
 
 from flows.cli._store import StoreOption, prepare_store, store_url
 from flows.cli._types import Args, flag, integer, option, parsed
+from obliviate.errors import ConfigError
 
 
 def verify_command(
@@ -44,6 +45,14 @@ def verify_command(
         ),
     ] = None,
     no_prefect: Annotated[bool, flag("--no-prefect", help="run without Prefect (no artifact)")] = False,
+    in_process: Annotated[
+        bool,
+        flag(
+            "--in-process",
+            help="replay a sharded run's shards one after another in this process, without Ray (a small run on a "
+            "small machine: no Ray start)",
+        ),
+    ] = False,
 ) -> Args:
     return parsed(ctx, run_verify)
 
@@ -57,6 +66,11 @@ def run_verify(args: Args) -> int:
     from flows.verify import check_choices, check_request, initial_model_words, runs_to_verify
 
     check_choices(version=args.version, blocks=args.blocks)  # their syntax: before the store is opened
+    if args.in_process and args.ray_address:
+        raise ConfigError(
+            f"--in-process replays the shards in this process, --ray-address {args.ray_address} on a Ray cluster; "
+            "give one of them."
+        )
     # Read-only rule: a store that does not exist holds nothing to verify. The run, version and
     # blocks are checked here too, so a typo is answered before a Prefect server starts.
     url = prepare_store(store_url(args), write=False)
@@ -65,19 +79,22 @@ def run_verify(args: Args) -> int:
     for run_id in runs:
         check_request(url, run_id, version=args.version, blocks=args.blocks)
     prepare_store(url, write=True)  # the result goes to the store's ledger: prove it can, before replaying
-    sharded = len(runs) > 1  # its shards are replayed side by side on Ray, one CPU each
-    if sharded:
+    sharded = len(runs) > 1  # its shards are replayed side by side on Ray, one CPU each (or here: --in-process)
+    on_ray = sharded and not args.in_process
+    if on_ray:
         from flows.runtime import check_ray_address
 
         check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))  # a typo: before anything starts
     if args.no_prefect:
-        from flows.verify import verify_run, verify_runs_on_ray
+        from flows.verify import verify_run, verify_runs_in_process, verify_runs_on_ray
 
-        if sharded:
+        if on_ray:
             from flows.runtime import ensure_ray
 
             ensure_ray(address=args.ray_address)
             results = verify_runs_on_ray(url, runs, version=args.version, blocks=args.blocks)
+        elif sharded:
+            results = verify_runs_in_process(url, runs, version=args.version, blocks=args.blocks)
         else:
             results = [verify_run(url, runs[0], version=args.version, blocks=args.blocks)]
     else:
@@ -85,10 +102,15 @@ def run_verify(args: Args) -> int:
         from flows.verify import verify_flow, verify_shards_flow
 
         apply_prefect_defaults()
-        if sharded:
+        if on_ray:
             with prefect_api_and_ray(ray_address=args.ray_address):
                 results = verify_shards_flow(
                     store=url, run_id=args.run, shards=runs, version=args.version, blocks=args.blocks
+                )
+        elif sharded:
+            with prefect_api():
+                results = verify_shards_flow(
+                    store=url, run_id=args.run, shards=runs, version=args.version, blocks=args.blocks, in_process=True
                 )
         else:
             with prefect_api():
@@ -158,7 +180,6 @@ def _refuse_unpublished(url: str, asked: str, runs: list[str]) -> None:
     Raises:
         ConfigError: a run of ``runs`` has no published version.
     """
-    from obliviate.errors import ConfigError
     from storage import ObjectStore
     from storage.registry import RunRegistry
     from storage.serving import sharded_runs
