@@ -140,7 +140,15 @@ def batch_gate(store: ObjectStore, pending: Sequence[Any], *, now: float | None 
     policy = load_policy(store)
     forced = store.list(FLUSH_PREFIX)
     rollback = load_rollback(store)
-    immediate = policy.window_s == 0 and not forced and not rollback["enabled"]
+    # Without a window or rollback every pass flushes what is open: a `forget --now` asks for nothing more,
+    # so its flush request is consumed and the batch keeps the window's rule (it was said to flush "when
+    # `forget --now` asked", requests that came after it included).
+    immediate = policy.window_s == 0 and not rollback["enabled"]
+    if immediate and forced:
+        if stop := lost("before consuming flush requests"):
+            return stop
+        for key in forced:
+            store.delete(key)
     rejected: dict[str, str] = {}
     if not immediate:  # a request no run can apply is refused as it joins the batch, not when the batch flushes
         if stop := lost("before rejecting requests at its batch gate"):

@@ -26,6 +26,22 @@ def test_without_a_policy_every_request_flushes_at_once(tmp_path: Path) -> None:
     assert gate["deadlines"]["a"] == ledger.get("a").request["requested_at"] + 30 * DAY_S
 
 
+def test_forget_now_under_the_immediate_policy_is_consumed_and_the_window_rule_stays(tmp_path: Path) -> None:
+    """A flush request under the default policy marked the next batch "now": a request filed after `forget --now`
+    ended "done (its batch was retrained when `forget --now` asked)"; and it lingered with no request open."""
+    store = _store(tmp_path)
+    ledger = DeletionLedger(store)
+    ledger.append(request_id="a", ids=[1], dataset="digits", reason=None)
+    request_flush(store, reason="operator")
+    ledger.append(request_id="b", ids=[2], dataset="digits", reason=None)  # after the --now
+    gate = batch_gate(store, ledger.open_entries(stale_after_s=600.0))
+    assert gate["flush"] and gate["reason"] == "window" and gate["requests"] == ["a", "b"]
+    assert store.list("ledger/flush") == []
+    request_flush(store, reason="operator")
+    empty = batch_gate(store, [])
+    assert not empty["flush"] and empty["reason"] == "empty" and store.list("ledger/flush") == []
+
+
 def test_a_window_holds_requests_until_due_and_forget_now_flushes(tmp_path: Path) -> None:
     store = _store(tmp_path)
     save_policy(store, BatchPolicy(window_s=DAY_S, batch_max=3))
