@@ -76,6 +76,14 @@ def check_report_writable(store_url: str) -> None:
         ) from err
 
 
+class NothingRetrained(ConfigError):
+    """``--blocks retrained`` of a version with no deletion applied: no block of it was retrained.
+
+    A sharded run's deletions usually touch some of its shards only: a shard without one is verified with
+    no block replayed, and the choice is refused only when no shard has a deletion.
+    """
+
+
 @dataclass(frozen=True)
 class UnreadableVersion:
     """A version whose records verify cannot find: a record read to find them is damaged or gone.
@@ -267,6 +275,7 @@ def check_request(store_url: str, run_id: str, *, version: int | None, blocks: s
     Raises:
         ConfigError: a malformed run id, a run with no published version, a version outside
             1..current, or a ``blocks`` choice that names no block of the run.
+        NothingRetrained: ``blocks`` is ``retrained`` and the version has no deletion applied.
         WriteFailed: the result could not be recorded (:func:`check_report_writable`).
     """
     check_name(run_id, what="run id")
@@ -284,7 +293,7 @@ def check_request(store_url: str, run_id: str, *, version: int | None, blocks: s
     config = BlockTrainingConfig.from_dict(chain_meta["config"])
     choose_blocks(blocks, num_blocks=config.num_blocks, deleted_from=None)
     if blocks == "retrained" and not chain_meta["deleted_ids"]:
-        raise ConfigError(
+        raise NothingRetrained(
             f"--blocks retrained replays the blocks retrained after a deletion, but run {run_id} version "
             f"{chosen.version} has no deletion applied, so no block was retrained. Use --blocks all (or a block "
             "number) to replay its training."

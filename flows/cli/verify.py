@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
 
 
 def run_verify(args: Args) -> int:
-    from flows.verify import check_choices, check_request, initial_model_words, runs_to_verify
+    from flows.verify import NothingRetrained, check_choices, check_request, initial_model_words, runs_to_verify
 
     check_choices(version=args.version, blocks=args.blocks)  # their syntax: before the store is opened
     if args.in_process and args.ray_address:
@@ -76,8 +76,20 @@ def run_verify(args: Args) -> int:
     url = prepare_store(store_url(args), write=False)
     runs = runs_to_verify(url, args.run, version=args.version)  # a sharded run: every shard
     _refuse_unpublished(url, args.run, runs)
+    untouched = []  # shards no deletion reached: verified with no block replayed
     for run_id in runs:
-        check_request(url, run_id, version=args.version, blocks=args.blocks)
+        try:
+            check_request(url, run_id, version=args.version, blocks=args.blocks)
+        except NothingRetrained:
+            if len(runs) == 1:
+                raise
+            untouched.append(run_id)
+    if untouched and len(untouched) == len(runs):
+        raise ConfigError(
+            f"--blocks retrained replays the blocks retrained after a deletion, but no shard of {args.run} "
+            f"({', '.join(runs)}) has a deletion applied, so no block was retrained. Use --blocks all (or a block "
+            "number) to replay their training."
+        )
     prepare_store(url, write=True)  # the result goes to the store's ledger: prove it can, before replaying
     sharded = len(runs) > 1  # its shards are replayed side by side on Ray, one CPU each (or here: --in-process)
     on_ray = sharded and not args.in_process
@@ -119,11 +131,12 @@ def run_verify(args: Args) -> int:
         identical = sum(result["bit_identical"].values())
         not_replayed = result.get("blocks_not_replayed") or []
         unreplayable = f"; {len(not_replayed)} block(s) could not be replayed (below)" if not_replayed else ""
-        replayed = (
-            f"{identical}/{len(result['bit_identical'])} replayed blocks bit-identical{unreplayable}"
-            if not result.get("records_unreadable")
-            else "no block replayed: a record it needs cannot be read (below)"
-        )
+        if result.get("records_unreadable"):
+            replayed = "no block replayed: a record it needs cannot be read (below)"
+        elif result["run_id"] in untouched:
+            replayed = "no deletion applied to this shard, so no block was retrained or replayed"
+        else:
+            replayed = f"{identical}/{len(result['bit_identical'])} replayed blocks bit-identical{unreplayable}"
         print(
             f"verify {result['run_id']} v{result['version']}: {result['status']}; {replayed}"
             f"{initial_model_words(result)}",

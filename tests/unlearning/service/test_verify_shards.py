@@ -159,3 +159,33 @@ def test_in_process_with_a_ray_address_is_refused(sharded_store: str, capsys) ->
         "give one of them." in capsys.readouterr().err
     )
     assert ObjectStore(sharded_store).list(VERIFICATIONS) == []
+
+
+def test_blocks_retrained_of_a_sharded_run_replays_the_shards_a_deletion_reached(sharded_store: str, capsys) -> None:
+    """A deletion reaching shard 0 only: `verify --run g --blocks retrained` was refused outright ("run g-s1of2
+    version 1 has no deletion applied"), so the retrained shard could not be verified by its group's name."""
+    url = sharded_store
+    args = ["verify", "--store", url, "--run", "g", "--blocks", "retrained", "--no-prefect", "--in-process"]
+    assert main(args) == 2  # no shard has a deletion yet: refused, for the group
+    said = capsys.readouterr().err
+    assert "no shard of g (g-s0of2, g-s1of2) has a deletion applied, so no block was retrained" in said
+    assert ObjectStore(url).list(VERIFICATIONS) == []
+    spec = RunRegistry(ObjectStore(url)).spec(MEMBERS[0])
+    audit = ChainWorker(url).unlearn(MEMBERS[0], {"req-1": [int(spec.train_ids[-1])]})
+    assert audit["status"] == "published"
+    retrained = list(range(audit["first_affected_block"], 3))
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    replayed = {r["run_id"]: r["blocks_replayed"] for r in report["shards"]}
+    assert replayed == {MEMBERS[0]: retrained, MEMBERS[1]: []} and retrained
+    assert f"verify {MEMBERS[0]} v2: passed; {len(retrained)}/{len(retrained)} replayed blocks bit-identical" in (
+        captured.err
+    )
+    assert (
+        f"verify {MEMBERS[1]} v1: passed; no deletion applied to this shard, so no block was retrained or replayed"
+        in captured.err
+    )
+    # one shard asked for by its own id is still refused: nothing of it was retrained
+    assert main([*args[:4], MEMBERS[1], *args[5:]]) == 2
+    assert f"run {MEMBERS[1]} version 1 has no deletion applied" in capsys.readouterr().err
