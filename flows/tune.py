@@ -228,7 +228,7 @@ def check_trial_grid(kind: str, *, grid: dict[str, list[Any]], constants: dict[s
         if outside:
             raise ConfigError(
                 f"every k (--ks) must satisfy 2 <= k < pool_size={pool_size}; got {outside}. "
-                "Pass smaller --ks, or raise --pool-size."
+                "Pass values in that range such as --ks 50,150,300, or raise --pool-size."
             )
         if constants["steps"] < 1:
             raise ConfigError(

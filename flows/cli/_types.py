@@ -103,8 +103,6 @@ def choices(*values: str) -> str:
     return "{" + ",".join(values) + "}"
 
 
-#: The largest seed: numpy's generators refuse negative seeds, torch.manual_seed anything past 64 bits, and
-#: seeds are offset (ensemble members take seed + i), so a signed 64-bit integer is the range all of them take.
 def flag_named(err: ConfigError, *, flags: Mapping[str, tuple[str, object]]) -> ConfigError:
     """``err`` with the flag of the setting it names, from ``flags`` (setting: (flag, default)).
 
@@ -125,6 +123,8 @@ def flag_named(err: ConfigError, *, flags: Mapping[str, tuple[str, object]]) -> 
     return ConfigError(f"{named} {rest} Pass another {flag} (default {default}).")
 
 
+#: The largest seed: numpy's generators refuse negative seeds, torch.manual_seed anything past 64 bits, and
+#: seeds are offset (ensemble members take seed + i), so a signed 64-bit integer is the range all of them take.
 MAX_SEED = 2**63 - 1
 
 

@@ -25,7 +25,6 @@ MODELS = ("lenet5", "c3f2", "resnet18")
 SWEEP_FLAGS: dict[str, tuple[str, object]] = {
     "num_blocks": ("--blocks", "10,20,40"),
     "local_epochs": ("--local-epochs", 1),
-    "schedule": ("--schedule", "cosine"),
     "bins": ("--bins", "256,32,16"),
 }
 
