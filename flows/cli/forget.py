@@ -470,7 +470,7 @@ def _no_run_of_data_warning(store: Any, dataset: str) -> str | None:
             f"registers first. If --data was mistyped (the default is digits), file it again with {retry}."
         )
     others = (
-        f"its runs ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}) trained on other data"
+        f"its runs ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}) trained on {', '.join(datasets)}"
         if runs
         else ("it holds no registered run")
     )

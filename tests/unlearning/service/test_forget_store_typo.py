@@ -37,6 +37,13 @@ def test_forget_on_a_store_no_run_of_its_data_and_no_serve_know_files_it_with_a_
     ChainWorker(store_url).train(run_spec(run_id="digits-a", split_seed=0, **tiny_run(blocks=2)))
     assert main([*argv, "known"]) == 0  # a run of digits is registered: it will be applied
     assert "warning" not in capsys.readouterr().err
+    # it said "(its runs (digits-a) trained on other data)", where a serve's warning names the data
+    assert main([*argv[:-3], "--data", "mnist5k", "--request-id", "other-data"]) == 0
+    said = capsys.readouterr().err
+    assert (
+        f"warning: store {store_url} has no registered run of --data mnist5k (its runs (digits-a) trained on "
+        "digits) and no `obliviate serve` ever announced itself there"
+    ) in said, said
 
 
 def test_forget_of_data_no_registered_run_trained_on_warns_that_the_serve_will_reject_it(
