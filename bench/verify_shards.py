@@ -1,8 +1,8 @@
 """Verify of a sharded run: shards replayed side by side on Ray against one after another in the command.
 
 ``obliviate verify --run G`` of a sharded run (``train --shards S``) replays each shard's chain (SPEC 6). By
-default it replays them as Ray tasks of one CPU each (:func:`flows.verify.verify_runs_on_ray`); with
-``--in-process`` one after another in its own process, without Ray (:func:`flows.verify.verify_runs_in_process`).
+default it replays them as Ray tasks of one CPU each (:func:`flows.verify.verify_shards`); with
+``--in-process`` one after another in its own process, without Ray (``verify_shards(in_process=True)``).
 Both are timed here, as a user runs them, in fresh processes, interleaved:
 
 * ``fan_out``: ``obliviate verify --run G`` (a Prefect server started by the command, a local Ray runtime started

@@ -7,7 +7,7 @@ M_0 is the recipe's seeded initial model, re-trains the chosen blocks from their
 and checks bit-identity of everything training carries (model, optimizer state, schedule position).
 The result is written to the store under ``ledger/verifications/`` (next to the deletion ledger;
 the audit trail) and, in :func:`verify_flow`, as a Prefect markdown artifact. The shards of a sharded
-run are replayed side by side as Ray tasks, one CPU each (:func:`verify_runs_on_ray`,
+run are replayed side by side as Ray tasks, one CPU each (:func:`verify_shards`,
 :func:`verify_shards_flow`).
 
 A version published before lineage manifests existed is checked against a lineage derived from its
@@ -17,11 +17,12 @@ manifest (the checksums the store committed); the report says so.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -558,20 +559,24 @@ def _markdown(result: dict[str, Any]) -> str:
 _WAIT_S = 1.0
 
 
-def verify_runs_on_ray(
+def verify_shards(
     store_url: str,
     run_ids: list[str],
     *,
+    in_process: bool = False,
     version: int | None = None,
     blocks: str = "all",
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Verify the shards of a sharded run side by side on Ray, one CPU each (SPEC 6: each shard is its own chain).
+    """Verify the shards of a sharded run: side by side on Ray, one CPU each (SPEC 6: each shard is its own chain),
+    or with ``in_process`` one after another in this process, without Ray.
 
-    Each shard's replay is :func:`verify_run` in a Ray task: bit-identity does not depend on the process, since the
-    replay fixes torch's thread count from the recipe. Ray must be started (:func:`flows.runtime.ensure_ray`).
+    Each shard's replay is :func:`verify_run`, in a Ray task or here: bit-identity does not depend on the process,
+    since the replay fixes torch's thread count from the recipe. For a small run on a small machine the replay takes
+    less than starting Ray does. On Ray, Ray must be started (:func:`flows.runtime.ensure_ray`).
 
     Args:
+        in_process: replay here, one shard after another, instead of as Ray tasks.
         on_result: called with each shard's report as it ends (in the order they end).
 
     Returns:
@@ -581,77 +586,59 @@ def verify_runs_on_ray(
         ObliviateError: a shard's own error (the store stopped taking writes, a run gone since it was checked),
             once every other shard's replay has ended and recorded its report.
     """
+    finished = (
+        _replays_in_process(store_url, run_ids, version=version, blocks=blocks)
+        if in_process
+        else _replays_on_ray(store_url, run_ids, version=version, blocks=blocks)
+    )
+    results: dict[str, dict[str, Any]] = {}
+    errors: list[ObliviateError] = []
+    with contextlib.closing(finished):  # interrupted, or an error not ours: no replay goes on unseen
+        for run_id, report in finished:
+            try:
+                results[run_id] = report()
+            except ObliviateError as err:  # the others go on: their reports are each a verdict of its own
+                errors.append(err)
+                continue
+            if on_result is not None:
+                on_result(results[run_id])
+    if errors:
+        raise errors[0]
+    return [results[run_id] for run_id in run_ids]
+
+
+# Each shard as its replay ends: its id and the call that returns its report or raises its own error.
+_FinishedReplays = Generator[tuple[str, Callable[[], dict[str, Any]]], None, None]
+
+
+def _replays_in_process(store_url: str, run_ids: list[str], *, version: int | None, blocks: str) -> _FinishedReplays:
+    for run_id in run_ids:
+        yield run_id, functools.partial(verify_run, store_url, run_id, version=version, blocks=blocks)
+
+
+def _replays_on_ray(store_url: str, run_ids: list[str], *, version: int | None, blocks: str) -> _FinishedReplays:
     import ray
 
     from flows.train import worker_errors_as_their_own
+
+    def report_of(ref: ray.ObjectRef) -> dict[str, Any]:
+        with worker_errors_as_their_own():
+            return ray.get(ref)
 
     replay = ray.remote(num_cpus=1)(replay_shard)
     pending = {
         replay.remote(store_url, run_id, published=run_ids, version=version, blocks=blocks): run_id
         for run_id in run_ids
     }
-    results: dict[str, dict[str, Any]] = {}
-    errors: list[ObliviateError] = []
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=_WAIT_S)
-            if not done:
-                continue
-            run_id = pending.pop(done[0])
-            try:
-                with worker_errors_as_their_own():
-                    results[run_id] = ray.get(done[0])
-            except ObliviateError as err:  # the others go on: their reports are each a verdict of its own
-                errors.append(err)
-                continue
-            if on_result is not None:
-                on_result(results[run_id])
+            if done:
+                yield pending.pop(done[0]), functools.partial(report_of, done[0])
     finally:
-        for ref in pending:  # interrupted, or an error not ours: no replay goes on unseen
+        for ref in pending:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
-    if errors:
-        raise errors[0]
-    return [results[run_id] for run_id in run_ids]
-
-
-def verify_runs_in_process(
-    store_url: str,
-    run_ids: list[str],
-    *,
-    version: int | None = None,
-    blocks: str = "all",
-    on_result: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Verify the shards of a sharded run one after another in this process, without Ray.
-
-    For a small run on a small machine the replay takes less than starting Ray does; the reports are
-    those of :func:`verify_runs_on_ray` (each is :func:`verify_run`, whose replay fixes torch's thread
-    count from the recipe), and so is the rule on errors.
-
-    Args:
-        on_result: called with each shard's report as it ends.
-
-    Returns:
-        the reports, in the order of ``run_ids``.
-
-    Raises:
-        ObliviateError: a shard's own error, once every other shard's replay has ended and recorded its report.
-    """
-    results: list[dict[str, Any]] = []
-    errors: list[ObliviateError] = []
-    for run_id in run_ids:
-        try:
-            result = verify_run(store_url, run_id, version=version, blocks=blocks)
-        except ObliviateError as err:  # the others go on: their reports are each a verdict of its own
-            errors.append(err)
-            continue
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def replay_shard(
@@ -708,8 +695,9 @@ def verify_shards_flow(
 ) -> list[dict[str, Any]]:
     """:func:`verify_flow` of each shard of sharded run ``run_id``, side by side on Ray (``in_process``: one after
     another in the flow's process); one artifact per shard."""
-    verify_shards = verify_runs_in_process if in_process else verify_runs_on_ray
-    return verify_shards(store, shards, version=version, blocks=blocks, on_result=_artifact_and_log)
+    return verify_shards(
+        store, shards, in_process=in_process, version=version, blocks=blocks, on_result=_artifact_and_log
+    )
 
 
 def chain_of(store_url: str, run_id: str) -> Chain:

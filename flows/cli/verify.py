@@ -98,15 +98,15 @@ def run_verify(args: Args) -> int:
 
         check_ray_address(args.ray_address or os.environ.get("RAY_ADDRESS"))  # a typo: before anything starts
     if args.no_prefect:
-        from flows.verify import verify_run, verify_runs_in_process, verify_runs_on_ray
+        from flows.verify import verify_run, verify_shards
 
         if on_ray:
             from flows.runtime import ensure_ray
 
             ensure_ray(address=args.ray_address)
-            results = verify_runs_on_ray(url, runs, version=args.version, blocks=args.blocks)
+            results = verify_shards(url, runs, version=args.version, blocks=args.blocks)
         elif sharded:
-            results = verify_runs_in_process(url, runs, version=args.version, blocks=args.blocks)
+            results = verify_shards(url, runs, in_process=True, version=args.version, blocks=args.blocks)
         else:
             results = [verify_run(url, runs[0], version=args.version, blocks=args.blocks)]
     else:

@@ -15,7 +15,7 @@ import pytest
 from actors.chains import ChainWorker
 from flows.cli import main
 from flows.train import run_spec
-from flows.verify import VERIFICATIONS, verify_runs_in_process, verify_runs_on_ray
+from flows.verify import VERIFICATIONS, verify_shards
 from obliviate.errors import ConfigError
 from storage import ObjectStore
 from storage.registry import RunRegistry
@@ -59,33 +59,42 @@ def test_verify_a_sharded_run_by_its_name_replays_every_shard_on_ray(
     assert "g-s1of2 v1: failed" in err and "g-s0of2 v1: passed" in err
 
 
-def test_a_shard_that_raises_leaves_the_others_replayed_and_recorded(sharded_store: str, ray_address: str) -> None:
+@pytest.mark.parametrize("in_process", [False, True], ids=["ray", "in-process"])
+def test_a_shard_that_raises_leaves_the_others_replayed_and_recorded(
+    sharded_store: str, in_process: bool, request
+) -> None:
     """A shard's own error comes out as itself (not Ray's remote traceback), once the other shards have ended."""
+    if not in_process:
+        request.getfixturevalue("ray_address")
     url = sharded_store
     with pytest.raises(ConfigError, match="run 'g-s9of2' has no published version") as raised:
-        verify_runs_on_ray(url, [MEMBERS[0], "g-s9of2", MEMBERS[1]])
+        verify_shards(url, [MEMBERS[0], "g-s9of2", MEMBERS[1]], in_process=in_process)
     assert "Traceback" not in str(raised.value)
     recorded = ObjectStore(url).list(VERIFICATIONS)
     assert sorted({Path(key).name.split("-v0")[0] for key in recorded}) == MEMBERS
 
 
+@pytest.mark.parametrize("in_process", [False, True], ids=["ray", "in-process"])
 def test_verify_of_a_sharded_run_under_prefect_is_one_flow_run_with_an_artifact_per_shard(
-    sharded_store: str, prefect_api_url: str, ray_address: str, monkeypatch, capsys
+    sharded_store: str, prefect_api_url: str, in_process: bool, request, monkeypatch, capsys
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName
 
+    if not in_process:
+        request.getfixturevalue("ray_address")
     monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
-    assert main(["verify", "--store", sharded_store, "--run", "g"]) == 0
+    assert main(["verify", "--store", sharded_store, "--run", "g", *(["--in-process"] if in_process else [])]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["status"] for r in report["shards"]] == ["passed", "passed"]
+    assert [r["replayed_on"]["pid"] == os.getpid() for r in report["shards"]] == [in_process, in_process]
     keys = [f"verify-{member}" for member in MEMBERS]
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["verify-shards"])))
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     ours = [run for run in runs if run.parameters.get("store") == sharded_store]
     assert len(ours) == 1 and ours[0].state is not None and ours[0].state.is_completed()
-    assert ours[0].parameters["shards"] == MEMBERS
+    assert ours[0].parameters["shards"] == MEMBERS and ours[0].parameters["in_process"] is in_process
     by_key = {artifact.key: artifact for artifact in artifacts if artifact.flow_run_id == ours[0].id}
     assert sorted(by_key) == keys
     assert all(
@@ -120,35 +129,6 @@ def test_in_process_replays_every_shard_here_one_after_another(sharded_store: st
     assert main(["verify", "--store", url, "--run", "g", "--no-prefect", "--in-process"]) == 4
     err = capsys.readouterr().err
     assert "g-s0of2 v1: failed" in err and "g-s1of2 v1: passed" in err
-
-
-def test_a_shard_that_raises_in_process_leaves_the_others_replayed_and_recorded(sharded_store: str) -> None:
-    url = sharded_store
-    with pytest.raises(ConfigError, match="run 'g-s9of2' has no published version"):
-        verify_runs_in_process(url, [MEMBERS[0], "g-s9of2", MEMBERS[1]])
-    recorded = ObjectStore(url).list(VERIFICATIONS)
-    assert sorted({Path(key).name.split("-v0")[0] for key in recorded}) == MEMBERS
-
-
-def test_in_process_under_prefect_is_one_flow_run_with_an_artifact_per_shard(
-    sharded_store: str, prefect_api_url: str, monkeypatch, capsys
-) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowFilter, FlowFilterName
-
-    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
-    assert main(["verify", "--store", sharded_store, "--run", "g", "--in-process"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [r["status"] for r in report["shards"]] == ["passed", "passed"]
-    assert all(r["replayed_on"]["pid"] == os.getpid() for r in report["shards"])
-    keys = [f"verify-{member}" for member in MEMBERS]
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["verify-shards"])))
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    ours = [run for run in runs if run.parameters.get("store") == sharded_store]
-    assert len(ours) == 1 and ours[0].state is not None and ours[0].state.is_completed()
-    assert ours[0].parameters["in_process"] is True
-    assert sorted(a.key for a in artifacts if a.flow_run_id == ours[0].id) == keys
 
 
 def test_in_process_with_a_ray_address_is_refused(sharded_store: str, capsys) -> None:

@@ -1,6 +1,6 @@
 """A shard's replay on a node that does not see the driver's store says so, not "train it first".
 
-``verify`` of a sharded run replays each shard in a Ray task (:func:`flows.verify.verify_runs_on_ray`), which may run
+``verify`` of a sharded run replays each shard in a Ray task (:func:`flows.verify.verify_shards`), which may run
 on any node. On a node whose ``file://`` folder at the store's URL is another (or which reaches another S3 endpoint
 or bucket) the shard had no version, and the replay said "run 'g.s0' has no published version in ...; train it
 first": the user was sent to train a run that is published.
