@@ -314,7 +314,8 @@ def slow_run_store(trained_slow_runs, tiny_run):
 
 @pytest.fixture
 def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, slow_run_store):
-    """``serve_stopped_by_a_group_sigterm(ray_env=None, second=None, epochs=1500)``: serve, working on request group-1, stopped by
+    """``serve_stopped_by_a_group_sigterm(ray_env=None, second=None, epochs=1500, deleted_block=1)``: serve, working on
+    request group-1 (ids of block ``deleted_block``, so its retrain is of the blocks from there on), stopped by
     a SIGTERM to its process group (systemd's default ``KillMode=control-group``, ``kill -TERM -- -PGID``), which
     stops its own local Ray runtime too. ``second``: a signal sent to the group again ``second_after_s`` later, while
     serve stops (a second Ctrl-C, GNU ``timeout``'s second SIGTERM). ``epochs``: of the run, so of its retrain."""
@@ -336,10 +337,12 @@ def serve_stopped_by_a_group_sigterm(tmp_path, prefect_api_url, slow_run_store):
         second: signal.Signals | None = None,
         second_after_s: float = 3.0,
         epochs: int = 1500,
+        deleted_block: int = 1,
     ) -> GroupStop:
-        # 1500: about 20 s to retrain from block 1, so the stop lands mid-retrain
+        # 1500: about 20 s to retrain from block 1 (3 blocks of 4), so the stop lands mid-retrain
         store_url = slow_run_store(tmp_path / "store", epochs=epochs)
-        block_ids = [int(i) for i in RunRegistry(ObjectStore(store_url)).entry("slow")["block_sample_ids"][1]]
+        entry = RunRegistry(ObjectStore(store_url)).entry("slow")
+        block_ids = [int(i) for i in entry["block_sample_ids"][deleted_block]]
         # serve starts its own local Ray runtime (no RAY_ADDRESS): its processes are in serve's group.
         env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")} | (ray_env or {})
         env |= {"PYTHONPATH": str(REPO), "PREFECT_API_URL": prefect_api_url, "PYTHONUNBUFFERED": "1"}

@@ -35,9 +35,11 @@ def test_serve_whose_ray_shutdown_outlasts_its_bound_says_where_it_waits(serve_s
     itself and its flow run ends Completed; serve says where Ray's shutdown waits and goes on without it.
     """
     ray_env = {"RAY_task_events_shutdown_flush_timeout_ms": "30000"}
-    # A retrain of about a minute: Ray's workers may outlive the group signal (see the fixture), and a 20 s retrain then
-    # finished before serve's 20 s bound in one CI run, so the request was settled and this test had nothing to check.
-    stopped = serve_stopped_by_a_group_sigterm(ray_env=ray_env, epochs=4500)
+    # A retrain of about 45 s (4 blocks of 2500 epochs): Ray's workers may outlive the group signal (see the fixture), and
+    # a 20 s retrain then finished before serve's 20 s bound in one CI run, so the request was settled and this test had
+    # nothing to check. Deleting from block 0 makes the retrain as long as the training (3 blocks of 4500 epochs from
+    # block 1 made a 135 s training for a 60 s retrain: 168 s, the suite's slowest test).
+    stopped = serve_stopped_by_a_group_sigterm(ray_env=ray_env, epochs=2500, deleted_block=0)
     text, entry, history, handed_back_s = stopped.text, stopped.entry, stopped.history, stopped.handed_back_s
     assert entry.status == "pending" and entry.details["attempts"] == 0, (entry.details, text[-3000:])
     assert history == ["pending", "claimed", "pending"]
