@@ -100,13 +100,12 @@ def run_verify(args: Args) -> int:
     if args.no_prefect:
         from flows.verify import verify_run, verify_shards
 
-        if on_ray:
-            from flows.runtime import ensure_ray
+        if sharded:
+            if on_ray:
+                from flows.runtime import ensure_ray
 
-            ensure_ray(address=args.ray_address)
-            results = verify_shards(url, runs, version=args.version, blocks=args.blocks)
-        elif sharded:
-            results = verify_shards(url, runs, in_process=True, version=args.version, blocks=args.blocks)
+                ensure_ray(address=args.ray_address)
+            results = verify_shards(url, runs, in_process=not on_ray, version=args.version, blocks=args.blocks)
         else:
             results = [verify_run(url, runs[0], version=args.version, blocks=args.blocks)]
     else:
