@@ -501,26 +501,15 @@ def _train(store: str, run_id: str, specs: list[dict[str, Any]], *, shards: int,
     if shards > 1:
         group = {"run_id": run_id, "members": [s["run_id"] for s in summaries], "rule": "mean_probability"}
         ObjectStore(store).put_json(f"groups/{run_id}.json", group)
-        accuracies = [s.get("heldout_accuracy") for s in summaries]
         summary = {
-            **summary,
-            "run_id": run_id,
-            "shards": summaries,
+            **group_summary(run_id, summaries),
             "group": group,
-            "heldout_accuracy": accuracies,
             "served_heldout_accuracy": served_heldout_accuracy(store, run_id),
-            "num_train": sum(s.get("num_train", 0) for s in summaries),
-            "trained_blocks": sum(s.get("trained_blocks", 0) for s in summaries),
-            "resumed_blocks": sum(s.get("resumed_blocks", 0) for s in summaries),
-            # the shards' training time summed; the wall time of the slowest (they train side by side)
-            "train_seconds": sum(s.get("train_seconds", 0.0) for s in summaries),
-            "wall_seconds": max(s.get("wall_seconds", 0.0) for s in summaries),
-            **deletions_over_shards(summaries),
         }
     logger.info(
-        "run %s: version %s, held-out accuracy %s, %s blocks trained now, %s resumed from storage",
+        "run %s: %s, held-out accuracy %s, %s blocks trained now, %s resumed from storage",
         run_id,
-        summary["version"],
+        version_text(summary["version"]),
         accuracy_text(summary.get("heldout_accuracy")),
         summary.get("trained_blocks", 0),
         summary.get("resumed_blocks", 0),
@@ -528,6 +517,46 @@ def _train(store: str, run_id: str, specs: list[dict[str, Any]], *, shards: int,
     for message in summary.get("sharp_drops") or []:  # issue 11: diverging settings are not accepted silently
         logger.warning("run %s: %s", run_id, message)
     return {**summary, "store": ObjectStore(store).url}
+
+
+def group_summary(run_id: str, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """A sharded run's summary, from its shards' summaries (in shard order), each shard counted.
+
+    Each shard has its own versions (a deletion retrains only the shards it touches), so
+    ``version`` lists them per shard, as ``heldout_accuracy`` does, and the run is ``trained`` when
+    any shard trained now. What only one shard can say (its accuracy before its last unlearning,
+    the seconds that took) stays in ``shards``: shard 0's values used to stand for the run's.
+
+    Args:
+        run_id: the sharded run.
+        summaries: the shards' summaries, in shard order.
+
+    Returns:
+        The run's summary: its shards' summaries under ``shards``, counts and training time summed,
+        the wall time of the slowest shard (they train side by side), and
+        :func:`deletions_over_shards`.
+    """
+    return {
+        "run_id": run_id,
+        "version": [s.get("version") for s in summaries],
+        "status": "already_trained" if all(s.get("status") == "already_trained" for s in summaries) else "trained",
+        "heldout_accuracy": [s.get("heldout_accuracy") for s in summaries],
+        "num_blocks": summaries[0].get("num_blocks"),
+        "num_train": sum(s.get("num_train", 0) for s in summaries),
+        "trained_blocks": sum(s.get("trained_blocks", 0) for s in summaries),
+        "resumed_blocks": sum(s.get("resumed_blocks", 0) for s in summaries),
+        "train_seconds": sum(s.get("train_seconds", 0.0) for s in summaries),
+        "wall_seconds": max(s.get("wall_seconds", 0.0) for s in summaries),
+        "shards": summaries,
+        **deletions_over_shards(summaries),
+    }
+
+
+def version_text(version: int | list[int | None] | None) -> str:
+    """A run's version (or one per shard) as people read it: ``version 2``, ``versions per shard 2 / 1``."""
+    if isinstance(version, list):
+        return "versions per shard " + " / ".join("?" if v is None else str(v) for v in version)
+    return f"version {version}"
 
 
 def deletions_over_shards(summaries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -125,7 +125,15 @@ def register(app: typer.Typer) -> None:
 def run_train(args: Args) -> int:
     from flows.progress import shown_progress
     from flows.runtime import apply_prefect_defaults, check_ray_address, prefect_api_and_ray
-    from flows.train import accuracy_text, check_run_shape, planning_erasures, run_spec, train_flow, training_claim
+    from flows.train import (
+        accuracy_text,
+        check_run_shape,
+        planning_erasures,
+        run_spec,
+        train_flow,
+        training_claim,
+        version_text,
+    )
     from obliviate.unlearning.service import RunSpec, check_name
     from storage.objects import ObjectStore
     from storage.registry import RunRegistry
@@ -176,7 +184,7 @@ def run_train(args: Args) -> int:
     shards = len(summary.get("shards") or [])
     each = f" ({shards} shards x {args.blocks} blocks)" if shards else ""
     print(
-        f"run {summary['run_id']}: version {summary['version']} ({summary['status']}), held-out accuracy "
+        f"run {summary['run_id']}: {version_text(summary['version'])} ({summary['status']}), held-out accuracy "
         f"{accuracy_text(summary.get('heldout_accuracy'))}{served_text}, {summary.get('trained_blocks', 0)} blocks "
         f"trained{each}, {summary.get('resumed_blocks', 0)} resumed; store {summary['store']}"
     )

@@ -53,6 +53,7 @@ def test_more_shards_than_cluster_cpus_train_and_a_run_id_keeps_its_shape(
     assert summary["group"]["members"] == ["g3-s0of3", "g3-s1of3", "g3-s2of3"]
     registry = RunRegistry(ObjectStore(url))
     assert all(registry.current(m).version == 1 for m in summary["group"]["members"])
+    assert summary["version"] == [1, 1, 1] and summary["status"] == "trained"
     assert summary["trained_blocks"] == 3 * options["blocks"] == sum(s["trained_blocks"] for s in summary["shards"])
     assert (
         accuracy_text(summary["heldout_accuracy"])
@@ -107,6 +108,33 @@ def test_a_sharded_runs_summary_counts_the_deletions_of_every_shard(
     assert summary["left_out_ids"] == 5
     assert summary["left_out_for_requests"] == sorted([only_0, only_1, both])
     assert summary["late_requests"] == []
+
+
+def test_a_sharded_runs_summary_says_each_shards_version_not_shard_0s_as_the_runs() -> None:
+    from flows.train import group_summary, version_text
+
+    unlearned = {  # shard 0 retrained by a deletion: its accuracy before that is its own
+        "run_id": "g-s0of2",
+        "version": 2,
+        "status": "already_trained",
+        "heldout_accuracy": 0.207,
+        "previous_heldout_accuracy": 0.21,
+        "unlearn_seconds": 0.08,
+        "num_blocks": 3,
+        "num_train": 749,
+        "train_seconds": 0.09,
+    }
+    untouched = {"run_id": "g-s1of2", "version": 1, "status": "already_trained", "heldout_accuracy": 0.42}
+    untouched |= {"num_blocks": 3, "num_train": 748, "train_seconds": 0.1, "sharp_drops": []}
+    summary = group_summary("g", [unlearned, untouched])
+    # train's line said "run g: version 2" and the JSON held shard 0's accuracy before unlearning as the run's
+    assert summary["version"] == [2, 1] and version_text(summary["version"]) == "versions per shard 2 / 1"
+    assert "previous_heldout_accuracy" not in summary and "unlearn_seconds" not in summary
+    assert summary["shards"] == [unlearned, untouched] and summary["heldout_accuracy"] == [0.207, 0.42]
+    assert summary["status"] == "already_trained" and summary["num_train"] == 1497
+    resumed = {**untouched, "status": "trained", "trained_blocks": 2, "resumed_blocks": 1}
+    assert group_summary("g", [unlearned, resumed])["status"] == "trained"  # this command trained shard 1
+    assert version_text(3) == "version 3" and version_text([None, 1]) == "versions per shard ? / 1"
 
 
 def test_sharp_drops_and_late_requests_of_every_shard_reach_the_runs_summary_naming_their_shard() -> None:
